@@ -1,0 +1,80 @@
+"""Causal self-attention: multi-head, grouped-query and multi-query."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from heron.core.config import ModelConfig
+from heron.core.hooks import HookPoint
+from heron.core.kv_cache import KVCache
+from heron.core.rope import apply_rope
+
+
+class Attention(nn.Module):
+    """Self-attention through `scaled_dot_product_attention`.
+
+    q, k and v come from one fused `qkv` linear. Query heads share key/value
+    heads in groups of n_heads // n_kv_heads (Ainslie et al. 2023, GQA);
+    n_kv_heads == 1 is multi-query attention (Shazeer 2019).
+    """
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.resolved_kv_heads
+        self.head_dim = config.resolved_head_dim
+        self.use_rope = config.positions == "rope"
+        q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.split = (q_width, kv_width, kv_width)
+        self.qkv = nn.Linear(config.d_model, q_width + 2 * kv_width, bias=config.qkv_bias)
+        self.out = nn.Linear(q_width, config.d_model, bias=config.out_bias)
+        self.hook_q = HookPoint()  # (B, n_heads, T, hd), before RoPE
+        self.hook_k = HookPoint()  # (B, n_kv_heads, T, hd), before RoPE
+        self.hook_v = HookPoint()  # (B, n_kv_heads, T, hd)
+        self.hook_pattern = HookPoint()  # (B, n_heads, T, S): computed only when hooked
+        self.hook_z = HookPoint()  # (B, T, n_heads * hd): heads' outputs before `out`
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, d)
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,  # (B, 1, T, S) bool, True = may attend; None = causal
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(self.split, dim=-1)
+        q = self.hook_q(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2))  # (B, nh, T, hd)
+        k = self.hook_k(k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2))  # (B, nkv, T, hd)
+        v = self.hook_v(v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2))  # (B, nkv, T, hd)
+        if self.use_rope:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd)
+        if self.hook_pattern.active:
+            y = self._explicit_attention(q, k, v, mask)
+        else:
+            # A single new query with no padding sees every cached key: no mask at all.
+            is_causal = mask is None and cache is None
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_heads
+            )  # (B, nh, T, hd)
+        y = self.hook_z(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return self.out(y)  # (B, T, d)
+
+    def _explicit_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Attention with the probabilities materialised, for the pattern hook."""
+        groups = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, nh, S, hd)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, nh, T, S)
+        if mask is None:
+            T, S = scores.shape[-2:]
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        pattern = self.hook_pattern(scores.masked_fill(~mask, float("-inf")).softmax(dim=-1))
+        return pattern @ v  # (B, nh, T, hd)

@@ -1,0 +1,52 @@
+"""Rotary position embeddings (Su et al. 2021, "RoFormer").
+
+Uses the rotate-half layout of Hugging Face's LLaMA, so weights imported from
+those checkpoints need no permutation.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from heron.core.config import RopeScaling
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
+    """Inverse frequencies, shape (head_dim // 2,), float64 for exact tables."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if scaling is None:
+        return inv_freq
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    return _llama3_scaling(inv_freq, scaling)
+
+
+def _llama3_scaling(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
+    """Meta's Llama 3.1 `apply_scaling`: keep high frequencies, divide low ones
+    by `factor`, and interpolate smoothly in between."""
+    low_freq_wavelen = s.original_max_seq_len / s.low_freq_factor
+    high_freq_wavelen = s.original_max_seq_len / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (s.original_max_seq_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    interpolated = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+    between = (wavelen <= low_freq_wavelen) & (wavelen >= high_freq_wavelen)
+    return torch.where(between, interpolated, scaled)
+
+
+def rope_tables(
+    max_seq_len: int, head_dim: int, theta: float, scaling: RopeScaling | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each (max_seq_len, head_dim), in float32."""
+    inv_freq = rope_frequencies(head_dim, theta, scaling)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)  # (L, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (L, hd)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, hd) by cos/sin broadcastable to it."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin

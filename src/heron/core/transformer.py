@@ -1,0 +1,162 @@
+"""The decoder-only Transformer every Heron model is an instance of."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from heron.core.attention import Attention
+from heron.core.config import ModelConfig
+from heron.core.hooks import HookFn, HookPoint, attach_hooks
+from heron.core.kv_cache import KVCache
+from heron.core.mlp import MLP
+from heron.core.norms import make_norm
+from heron.core.rope import rope_tables
+
+
+@dataclass
+class TransformerOutput:
+    logits: torch.Tensor  # (B, T, V), or (B, 1, V) with last_only
+    aux_loss: torch.Tensor  # scalar: auxiliary losses (MoE load balance), zero for dense models
+    cache: KVCache | None
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.attn_norm = make_norm(config)
+        self.attn = Attention(config, layer)
+        self.mlp_norm = make_norm(config)
+        self.mlp = MLP(config)
+        self.hook_resid_pre = HookPoint()  # (B, T, d)
+        self.hook_attn_out = HookPoint()  # (B, T, d)
+        self.hook_resid_mid = HookPoint()  # (B, T, d)
+        self.hook_mlp_out = HookPoint()  # (B, T, d)
+        self.hook_resid_post = HookPoint()  # (B, T, d)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        x = self.hook_resid_pre(x)
+        x = self.hook_resid_mid(x + self.hook_attn_out(self.attn(self.attn_norm(x), rope, mask, cache)))
+        return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.mlp_norm(x))))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_embed = nn.Embedding(config.max_seq_len, config.d_model) if config.positions == "learned" else None
+        self.hook_embed = HookPoint()  # (B, T, d): token (+ position) embeddings
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = make_norm(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        if config.positions == "rope":
+            cos, sin = rope_tables(config.max_seq_len, config.resolved_head_dim, config.rope_theta, config.rope_scaling)
+            self.register_buffer("rope_cos", cos, persistent=False)  # (L, hd)
+            self.register_buffer("rope_sin", sin, persistent=False)  # (L, hd)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, std), with the projections that write to
+        the residual stream scaled by 1/sqrt(2 * n_layers) (Radford et al. 2019)."""
+        std = self.config.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                scale = (2 * self.config.n_layers) ** -0.5 if name.endswith(("attn.out", "mlp.down")) else 1.0
+                nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+
+    def hooks(self, fns: Mapping[str, HookFn] | list[tuple[str, HookFn]]) -> AbstractContextManager[None]:
+        """`with model.hooks({"blocks.0.hook_resid_post": fn}): ...`"""
+        return attach_hooks(self, fns)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,  # (B, T) long
+        *,
+        input_embeds: torch.Tensor | None = None,  # (B, T, d): e.g. image or audio prefixes
+        positions: torch.Tensor | None = None,  # (T,) or (B, T) long
+        attention_mask: torch.Tensor | None = None,  # (B, T) bool, False = padding
+        cache: KVCache | None = None,
+        last_only: bool = False,  # logits for the final position only
+    ) -> TransformerOutput:
+        x = self._embed_tokens(input_ids, input_embeds)  # (B, T, d)
+        B, T, _ = x.shape
+        past = cache.length if cache is not None else 0
+        if cache is not None:
+            cache.check_room(T)
+            cache.record_mask(attention_mask, T)
+        key_mask = cache.key_mask[:, : past + T] if cache is not None and cache.key_mask is not None else attention_mask
+        if positions is None:
+            positions = self._default_positions(past, T, key_mask, x.device)
+        if past + T > self.config.max_seq_len or int(positions.max()) >= self.config.max_seq_len:
+            raise ValueError(f"sequence of {past + T} tokens exceeds max_seq_len {self.config.max_seq_len}")
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions)
+        x = self.hook_embed(x)
+        rope = self._rope(positions)
+        mask = _attention_mask(past, T, key_mask, x.device) if (cache is not None and T > 1) or key_mask is not None else None
+        for block in self.blocks:
+            x = block(x, rope, mask, cache)
+        if cache is not None:
+            cache.advance(T)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        return TransformerOutput(logits=logits, aux_loss=logits.new_zeros(()), cache=cache)
+
+    def _embed_tokens(self, input_ids: torch.Tensor | None, input_embeds: torch.Tensor | None) -> torch.Tensor:
+        if (input_ids is None) == (input_embeds is None):
+            raise ValueError("pass exactly one of input_ids or input_embeds")
+        if input_embeds is not None:
+            if input_embeds.dim() != 3 or input_embeds.shape[-1] != self.config.d_model:
+                raise ValueError(f"input_embeds: expected (B, T, {self.config.d_model}), got {tuple(input_embeds.shape)}")
+            return input_embeds
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected (B, T), got {tuple(input_ids.shape)}")
+        return self.embed(input_ids)
+
+    @staticmethod
+    def _default_positions(past: int, T: int, key_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+        """0, 1, 2, ... counted over real tokens only, so left padding shifts nothing."""
+        if key_mask is None:
+            return torch.arange(past, past + T, device=device)  # (T,)
+        return (key_mask.long().cumsum(-1)[:, past:] - 1).clamp(min=0)  # (B, T)
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.config.positions != "rope":
+            return None
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, hd) or (B, T, hd)
+        if positions.dim() == 2:
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd): broadcast over heads
+        return cos, sin
+
+
+def _attention_mask(past: int, T: int, key_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """(B or 1, 1, T, past + T) bool: causal, and padding keys hidden.
+
+    A query may always see its own key, so a padding row attends to itself
+    instead of to nothing (an all-masked row would turn into NaN).
+    """
+    S = past + T
+    query_pos = torch.arange(past, S, device=device).unsqueeze(-1)  # (T, 1)
+    key_pos = torch.arange(S, device=device)  # (S,)
+    causal = key_pos <= query_pos  # (T, S)
+    if key_mask is None:
+        return causal[None, None]
+    visible = causal & (key_mask[:, None, :] | (key_pos == query_pos))  # (B, T, S)
+    return visible.unsqueeze(1)

@@ -1,0 +1,240 @@
+"""Byte-level BPE tokenizer with Heron's special tokens and chat template.
+
+A thin wrapper around a Hugging Face `tokenizers.Tokenizer`, so the saved
+`tokenizer.json` loads in any tool that reads that format. Byte-level means
+every string round-trips exactly: the ByteLevel pre-tokenizer maps each byte to
+a printable symbol before BPE (GPT-2, Radford et al. 2019), and no normalizer
+runs, so whitespace, indentation and unicode survive untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+# Short name -> token text. The order fixes the ids of a trained tokenizer:
+# BpeTrainer gives special tokens the first ids, so bos=0, eos=1, pad=2, ...
+SPECIAL_TOKENS: dict[str, str] = {
+    "bos": "<|bos|>",
+    "eos": "<|eos|>",
+    "pad": "<|pad|>",
+    "system": "<|system|>",
+    "user": "<|user|>",
+    "assistant": "<|assistant|>",
+    "end": "<|end|>",
+}
+CHAT_ROLES: tuple[str, ...] = ("system", "user", "assistant")
+TOKENIZER_FILE = "tokenizer.json"
+
+# The same template as `apply_chat_template`, in the Jinja form that Hugging
+# Face `transformers` reads from `tokenizer_config.json["chat_template"]`, for
+# the interop layer to write next to an exported tokenizer.json.
+CHAT_TEMPLATE_JINJA = (
+    "{{ '<|bos|>' }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+def validate_messages(messages: object) -> list[dict[str, str]]:
+    """Check a chat: a non-empty list of {"role", "content"} dicts.
+
+    Roles are system/user/assistant; a system turn may only come first.
+    Raises ValueError naming the message index and field at fault.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"messages[{i}] must be a dict, got {type(message).__name__}")
+        unknown = sorted(set(message) - {"role", "content"})
+        if unknown:
+            raise ValueError(f"messages[{i}] has unknown key(s) {unknown}; expected 'role' and 'content'")
+        for key in ("role", "content"):
+            if key not in message:
+                raise ValueError(f"messages[{i}] is missing '{key}'")
+            if not isinstance(message[key], str):
+                raise ValueError(f"messages[{i}]['{key}'] must be a string, got {type(message[key]).__name__}")
+        role = message["role"]
+        if role not in CHAT_ROLES:
+            raise ValueError(f"messages[{i}]['role'] is {role!r}; expected one of {list(CHAT_ROLES)}")
+        if role == "system" and i != 0:
+            raise ValueError(f"messages[{i}]['role'] is 'system'; a system message may only come first")
+    return messages
+
+
+class HeronTokenizer:
+    """Byte-level BPE with bos/eos/pad and chat-role special tokens."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        missing = [t for t in SPECIAL_TOKENS.values() if tokenizer.token_to_id(t) is None]
+        if missing:
+            raise ValueError(f"tokenizer lacks Heron's special tokens {missing}")
+        self._tok = tokenizer
+        # A second copy that reads "<|eos|>" in text as plain characters, so
+        # document text can never forge a control token (like tiktoken's
+        # disallowed_special). Toggling one shared object would not be thread-safe.
+        self._plain = Tokenizer.from_str(tokenizer.to_str())
+        self._plain.encode_special_tokens = True
+        self._special_ids = {name: tokenizer.token_to_id(t) for name, t in SPECIAL_TOKENS.items()}
+
+    # ----- properties -------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        """Short name ("bos", "eos", "pad", "system", "user", "assistant", "end") -> id."""
+        return dict(self._special_ids)
+
+    @property
+    def bos_id(self) -> int:
+        return self._special_ids["bos"]
+
+    @property
+    def eos_id(self) -> int:
+        return self._special_ids["eos"]
+
+    @property
+    def pad_id(self) -> int:
+        return self._special_ids["pad"]
+
+    @property
+    def end_id(self) -> int:
+        """Closes every chat turn: generation of an assistant reply stops here."""
+        return self._special_ids["end"]
+
+    @property
+    def backend(self) -> Tokenizer:
+        """The underlying Hugging Face tokenizer (special tokens in text are parsed)."""
+        return self._tok
+
+    # ----- encode / decode --------------------------------------------------
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False, allow_special: bool = True) -> list[int]:
+        """Text -> ids. With allow_special=False, special-token text is encoded as plain bytes."""
+        backend = self._tok if allow_special else self._plain
+        ids = backend.encode(text, add_special_tokens=False).ids
+        return [self.bos_id] * add_bos + ids + [self.eos_id] * add_eos
+
+    def encode_batch(self, texts: Sequence[str], allow_special: bool = True) -> list[list[int]]:
+        """Many texts at once on the Rust side, in parallel over all cores."""
+        backend = self._tok if allow_special else self._plain
+        return [e.ids for e in backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special)
+
+    # ----- chat -------------------------------------------------------------
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        """Render a chat as `<|bos|><|role|>\\ncontent<|end|>\\n...` (+ `<|assistant|>\\n`)."""
+        validate_messages(messages)
+        parts = [SPECIAL_TOKENS["bos"]]
+        for m in messages:
+            parts.append(f"{SPECIAL_TOKENS[m['role']]}\n{m['content']}{SPECIAL_TOKENS['end']}\n")
+        if add_generation_prompt:
+            parts.append(f"{SPECIAL_TOKENS['assistant']}\n")
+        return "".join(parts)
+
+    def encode_chat(
+        self, messages: list[dict[str, str]], add_generation_prompt: bool = False
+    ) -> tuple[list[int], list[bool]]:
+        """Ids of the chat template plus a mask that is True on assistant content and its `<|end|>`.
+
+        Each piece is encoded on its own (content as plain text), so the
+        newline after `<|assistant|>` is always its own token, exactly as at the
+        end of a generation prompt; use this, not `encode(apply_chat_template())`,
+        for both training and prompting. The two agree unless content starts
+        with whitespace (then BPE may merge it with the newline).
+        """
+        validate_messages(messages)
+        newline = self.encode("\n", allow_special=False)
+        ids, mask = [self.bos_id], [False]
+        for m in messages:
+            content = self.encode(m["content"], allow_special=False) + [self.end_id]
+            head = [self._special_ids[m["role"]]] + newline
+            ids += head + content + newline
+            mask += [False] * len(head) + [m["role"] == "assistant"] * len(content) + [False] * len(newline)
+        if add_generation_prompt:
+            head = [self._special_ids["assistant"]] + newline
+            ids += head
+            mask += [False] * len(head)
+        return ids, mask
+
+    # ----- persistence ------------------------------------------------------
+
+    def to_json(self) -> str:
+        """The Hugging Face tokenizer.json text (special tokens included)."""
+        return self._tok.to_str()
+
+    @classmethod
+    def from_json(cls, text: str) -> HeronTokenizer:
+        return cls(Tokenizer.from_str(text))
+
+    def fingerprint(self) -> str:
+        """sha256 of the tokenizer.json text; recorded in shard metadata and lineage."""
+        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write tokenizer.json atomically; `path` is a .json file or a folder. Returns the file."""
+        target = Path(path)
+        if target.suffix != ".json":
+            target = target / TOKENIZER_FILE
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tokenizer.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(self.to_json())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return target
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> HeronTokenizer:
+        """Read a tokenizer.json, given the file or the folder that holds it."""
+        file = Path(path)
+        if file.is_dir():
+            file = file / TOKENIZER_FILE
+        if not file.is_file():
+            raise FileNotFoundError(f"no tokenizer file at {file}")
+        try:
+            text = file.read_text(encoding="utf-8")
+            json.loads(text)  # a clearer message than the Rust parser's for broken JSON
+            return cls.from_json(text)
+        except Exception as exc:
+            raise ValueError(f"{file} is not a valid Heron tokenizer.json: {exc}") from exc
+
+
+def train_tokenizer(
+    texts: Iterable[str], vocab_size: int, min_frequency: int = 2, show_progress: bool = True
+) -> HeronTokenizer:
+    """Learn a byte-level BPE vocabulary of `vocab_size` tokens (specials included) from texts."""
+    floor = len(pre_tokenizers.ByteLevel.alphabet()) + len(SPECIAL_TOKENS)
+    if vocab_size < floor:
+        raise ValueError(f"vocab_size must be at least {floor} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        # Every byte is in the vocabulary from the start, so no text is ever unknown.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return HeronTokenizer(tok)

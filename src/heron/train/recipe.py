@@ -1,0 +1,234 @@
+"""Training recipes: a YAML file validated into one frozen `TrainRecipe`.
+
+Every section is a pydantic model with `extra="forbid"`, so a misspelt key is
+an error, and every error names the dotted field it is about
+(`train.stepz: unknown field`). `load_recipe` applies `--set a.b=value`
+overrides to the raw YAML before validation, and then checks what pydantic
+cannot see alone: that the model config builds, and that the global batch
+splits evenly over processes and micro-batches. All of it happens before any
+weights are allocated.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from heron.core.config import ModelConfig
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message names the dotted field."""
+
+
+class _Section(BaseModel):
+    # Frozen and strict about keys; lax about scalar types on purpose: YAML 1.1
+    # reads `3e-4` (no dot) as a string, and "3e-4" -> 0.0003 is what the user meant.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Section):
+    """A preset from `heron.models.presets` plus field overrides.
+
+    `vocab_size` follows the data's tokenizer unless an override pins it.
+    """
+
+    preset: str = "test"
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+class SyntheticData(_Section):
+    """Generated tokens with a known answer, for tests and smoke runs.
+
+    kind="permutation": a fixed random permutation of the vocabulary, repeated;
+    each token determines the next, so a model that learns it reaches ~0 loss.
+    """
+
+    kind: Literal["permutation"] = "permutation"
+    vocab_size: int = Field(default=64, gt=1)
+    n_tokens: int = Field(default=65536, gt=0)
+    seed: int = 0
+
+
+class DataSection(_Section):
+    """Where tokens come from: exactly one of `shards` or `synthetic`."""
+
+    shards: str | None = None  # a folder written by the data layer, read with load_shards
+    synthetic: SyntheticData | None = None
+    seq_len: int = Field(default=256, gt=0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSection:
+        if (self.shards is None) == (self.synthetic is None):
+            raise ValueError("set exactly one of data.shards or data.synthetic")
+        return self
+
+
+class OptimSection(_Section):
+    """AdamW (Loshchilov & Hutter 2019); see optim.py for parameter groups."""
+
+    lr: float = Field(default=3e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(default=0.1, ge=0)
+    eps: float = Field(default=1e-8, gt=0)
+    fused: bool | None = None  # None: fused kernel where torch supports it
+
+
+class ScheduleSection(_Section):
+    """Linear warm-up, then cosine decay to `min_lr_ratio * lr` (or constant)."""
+
+    kind: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = Field(default=100, ge=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+
+
+class TrainSection(_Section):
+    """Loop settings. `batch_size` is global, in sequences, per optimizer step."""
+
+    steps: int = Field(default=1000, gt=0)
+    batch_size: int = Field(default=32, gt=0)
+    micro_batch: int | None = Field(default=None, gt=0)  # sequences per forward per process
+    grad_accum: int | None = Field(default=None, gt=0)  # forwards per step per process
+    clip_norm: float | None = Field(default=1.0, gt=0)
+    aux_loss_coef: float = Field(default=0.01, ge=0)  # MoE load-balancing loss weight
+    precision: Literal["fp32", "bf16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    parallel: Literal["none", "ddp", "fsdp"] = "none"
+    seed: int = 0
+    eval_every: int = Field(default=100, ge=0)  # 0: only at the end
+    eval_batches: int = Field(default=8, gt=0)
+    ckpt_every: int = Field(default=200, ge=0)  # 0: only at the end
+    keep_last: int = Field(default=3, gt=0)
+    log_every: int = Field(default=10, gt=0)
+    progress: bool = True
+
+
+class TrainRecipe(_Section):
+    """A whole training run."""
+
+    name: str = "run"
+    out_dir: str = "runs/run"
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection
+    optim: OptimSection = Field(default_factory=OptimSection)
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data; `TrainRecipe.model_validate` reads it back."""
+        return self.model_dump(mode="json")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
+                *, world_size: int | None = None) -> TrainRecipe:
+    """Read a YAML recipe, apply `a.b=value` overrides, validate everything.
+
+    world_size defaults to $WORLD_SIZE (set by torchrun), else 1.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise RecipeError(f"{path}: cannot read recipe: {err}") from err
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item)
+    return recipe_from_dict(raw, world_size=world_size)
+
+
+def recipe_from_dict(raw: dict[str, Any], *, world_size: int | None = None) -> TrainRecipe:
+    """Validate a raw mapping into a recipe; errors name the dotted field."""
+    try:
+        recipe = TrainRecipe.model_validate(raw)
+    except ValidationError as err:
+        raise RecipeError(_describe(err)) from None
+    check_recipe(recipe, world_size=world_size)
+    return recipe
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set `a.b.c=value` in a raw recipe mapping; the value is read as YAML."""
+    path, sep, text = item.partition("=")
+    keys = path.strip().split(".")
+    if not sep or not all(keys):
+        raise RecipeError(f"--set {item!r}: expected dotted.path=value")
+    node = raw
+    for depth, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
+        if child is None:  # an unset optional section, e.g. data.synthetic
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            where = ".".join(keys[: depth + 1])
+            raise RecipeError(f"{path}: {where} is a value, not a section")
+        node = child
+    node[keys[-1]] = yaml.safe_load(text)
+
+
+def check_recipe(recipe: TrainRecipe, *, world_size: int | None = None,
+                 vocab_size: int | None = None) -> None:
+    """Cross-field checks: the model builds and the batch splits evenly."""
+    model_config(recipe, vocab_size)
+    batch_plan(recipe.train, world_size)
+
+
+def model_config(recipe: TrainRecipe, vocab_size: int | None = None) -> ModelConfig:
+    """The recipe's ModelConfig; `vocab_size` (from the data) fills the preset's
+    unless the recipe overrides it, in which case it must cover the data."""
+    from heron.models import preset_config  # models sits above core; imported late
+
+    overrides = dict(recipe.model.overrides)
+    pinned = overrides.get("vocab_size")
+    if vocab_size is not None and pinned is None:
+        overrides["vocab_size"] = vocab_size
+    if vocab_size is not None and isinstance(pinned, int) and pinned < vocab_size:
+        raise RecipeError(f"model.overrides.vocab_size: {pinned} is smaller than the data's vocabulary ({vocab_size})")
+    try:
+        return preset_config(recipe.model.preset, **overrides)
+    except KeyError as err:
+        raise RecipeError(f"model.preset: {err.args[0] if err.args else recipe.model.preset}") from None
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"model.overrides.{err}") from None
+
+
+def batch_plan(train: TrainSection, world_size: int | None = None) -> tuple[int, int, int]:
+    """(world_size, micro_batch, grad_accum) with micro * accum * world == batch_size."""
+    world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    if train.parallel == "none" and world > 1:
+        raise RecipeError(f"train.parallel: 'none' but {world} processes were launched; use ddp or fsdp")
+    if train.batch_size % world:
+        raise RecipeError(f"train.batch_size: {train.batch_size} does not split over {world} processes")
+    per_rank = train.batch_size // world
+    micro, accum = train.micro_batch, train.grad_accum
+    if micro is None:
+        micro = per_rank // (accum or 1)
+    if accum is None:
+        accum = per_rank // micro if micro and per_rank % micro == 0 else 0
+    if micro * accum != per_rank:
+        raise RecipeError(
+            f"train.batch_size: {train.batch_size} != micro_batch {micro} x grad_accum {accum}"
+            f" x {world} processes"
+        )
+    return world, micro, accum
+
+
+def _describe(err: ValidationError) -> str:
+    """One line per problem, each starting with the dotted field name."""
+    lines = []
+    for problem in err.errors():
+        field = ".".join(str(part) for part in problem["loc"])
+        message = "unknown field" if problem["type"] == "extra_forbidden" else problem["msg"]
+        if "input" in problem and problem["type"] != "extra_forbidden":
+            message += f" (got {problem['input']!r})"
+        lines.append(f"{field or 'recipe'}: {message}")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "DataSection", "ModelSection", "OptimSection", "RecipeError", "ScheduleSection",
+    "SyntheticData", "TrainRecipe", "TrainSection", "apply_override", "batch_plan",
+    "check_recipe", "load_recipe", "model_config", "recipe_from_dict",
+]
