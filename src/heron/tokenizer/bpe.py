@@ -133,7 +133,8 @@ class HeronTokenizer:
         return [e.ids for e in backend.encode_batch_fast(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=skip_special)
+        # int() accepts tensor and numpy elements, which the Rust side would reject.
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
 
     # ----- chat -------------------------------------------------------------
 

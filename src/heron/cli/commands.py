@@ -1,0 +1,94 @@
+"""The CLI's verbs, one function each: arguments in, library calls, exit code out."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from heron.data import Corpus, default_corpus, load_shards, prepare_shards
+from heron.generate import Generator, SamplingParams, perplexity
+from heron.tokenizer import HeronTokenizer, train_tokenizer
+from heron.train import CheckpointError, RecipeError, load_model_folder, load_recipe, train
+
+# Errors that mean "the input was wrong": shown as one line, not a traceback.
+USER_ERRORS = (RecipeError, CheckpointError, FileNotFoundError, ValueError, KeyError)
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """A recipe file, or the name of one shipped with Heron (`tiny`)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = RECIPES_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+    raise FileNotFoundError(f"no recipe file {name_or_path!r} and no shipped recipe of that name ({names})")
+
+
+def corpus_from(sources: list[str], extensions: list[str] | None) -> Corpus:
+    if not sources:
+        return default_corpus()
+    return Corpus(sources, extensions=extensions)
+
+
+def tokenizer_train(args: argparse.Namespace) -> int:
+    corpus = corpus_from(args.sources, args.ext)
+    print(f"training a {args.vocab_size}-token BPE on {len(corpus)} files")
+    tokenizer = train_tokenizer(corpus, args.vocab_size)
+    print(f"tokenizer: {tokenizer.save(args.out)} ({tokenizer.vocab_size} tokens)")
+    return 0
+
+
+def data_prepare(args: argparse.Namespace) -> int:
+    tokenizer = HeronTokenizer.load(args.tokenizer)
+    shards = prepare_shards(corpus_from(args.sources, args.ext), tokenizer, args.out,
+                            val_fraction=args.val_fraction, seed=args.seed)
+    print(f"shards: {shards.path} ({len(shards.train):,} train / {len(shards.val):,} validation tokens)")
+    return 0
+
+
+def train_recipe(args: argparse.Namespace) -> int:
+    recipe = load_recipe(recipe_path(args.recipe), args.overrides)
+    result = train(recipe, resume=not args.no_resume)
+    if result.checkpoint is not None:
+        print(f"run folder: {result.out_dir}\ncheckpoint: {result.checkpoint}")
+    return 0
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop),
+                          seed=args.seed)
+
+
+def generate(args: argparse.Namespace) -> int:
+    model, tokenizer = load_model_folder(args.checkpoint)
+    if tokenizer is None:
+        raise CheckpointError(f"{args.checkpoint}: no tokenizer.json, so text cannot be generated")
+    prompts = args.prompt or [sys.stdin.read()]
+    if args.chat:
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+                   for p in prompts]
+    params = sampling_params(args)
+    generator = Generator(model, tokenizer)
+    if len(prompts) == 1 and not args.no_stream:
+        print(prompts[0], end="", flush=True)
+        for piece in generator.stream(prompts[0], params):
+            print(piece, end="", flush=True)
+        print()
+        return 0
+    for prompt, text in zip(prompts, generator.generate(prompts, params)):
+        print(f"{prompt}{text}\n{'-' * 40}")
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    model, _ = load_model_folder(args.checkpoint)
+    shards = load_shards(args.shards)
+    ppl = perplexity(model, shards.val, seq_len=args.seq_len, batch_size=args.batch_size,
+                     max_batches=args.max_batches, progress=True)
+    print(f"validation perplexity: {ppl:.3f}")
+    return 0

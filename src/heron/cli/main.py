@@ -1,0 +1,95 @@
+"""`heron <verb> ...`: parses arguments and calls the layers below.
+
+Each verb is one small function; the work lives in the library, so everything
+the CLI does is also a Python call away.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from heron.cli import commands, demo
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _add_sampling(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--seed", type=int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="heron", description="An open workbench for language models.")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    tok = verbs.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True)
+    p = tok.add_parser("train", help="train a byte-level BPE tokenizer on a corpus")
+    p.add_argument("sources", nargs="*", help="files, folders or globs (default: the Python standard library)")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--ext", action="append", default=None, help="file extensions to read, e.g. .py (repeatable)")
+    p.add_argument("--out", type=Path, required=True, help="where to write tokenizer.json")
+    p.set_defaults(handler=commands.tokenizer_train)
+
+    data = verbs.add_parser("data", help="data tools").add_subparsers(dest="action", required=True)
+    p = data.add_parser("prepare", help="tokenise a corpus into memory-mapped shards")
+    p.add_argument("sources", nargs="*", help="files, folders or globs (default: the Python standard library)")
+    p.add_argument("--tokenizer", type=Path, required=True, help="tokenizer.json or a folder holding it")
+    p.add_argument("--ext", action="append", default=None, help="file extensions to read (repeatable)")
+    p.add_argument("--val-fraction", type=float, default=0.02)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="shard folder to write")
+    p.set_defaults(handler=commands.data_prepare)
+
+    p = verbs.add_parser("train", help="train from a recipe (a YAML file or a shipped name: test, tiny, small)")
+    p.add_argument("recipe")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field, e.g. --set train.steps=100 (repeatable)")
+    p.add_argument("--no-resume", action="store_true", help="start over instead of resuming the run folder")
+    p.set_defaults(handler=commands.train_recipe)
+
+    p = verbs.add_parser("generate", help="continue a prompt with a checkpoint")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--prompt", action="append", default=None, help="prompt text (repeatable: a batch)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat template")
+    p.add_argument("--no-stream", action="store_true", help="print whole completions instead of streaming")
+    _add_sampling(p)
+    p.set_defaults(handler=commands.generate)
+
+    p = verbs.add_parser("eval", help="validation perplexity of a checkpoint")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--shards", type=Path, required=True, help="shard folder (its validation split is used)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-batches", type=int, default=None)
+    p.set_defaults(handler=commands.evaluate)
+
+    p = verbs.add_parser("demo", help="the whole life of a small model on the Python standard library")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the demo's recipe (e.g. --set train.steps=50)")
+    p.add_argument("--fresh", action="store_true", help="start the training over instead of resuming")
+    p.set_defaults(handler=demo.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except commands.USER_ERRORS as err:
+        print(f"heron {args.verb}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"heron {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

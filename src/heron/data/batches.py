@@ -1,0 +1,103 @@
+"""Packed next-token batches from one long token stream.
+
+Training windows are drawn at random offsets (as in nanoGPT's `get_batch`),
+but the offsets of step s come from a generator seeded with (seed, s) alone:
+any step's batch can be recomputed without replaying earlier ones, so a
+resumed run sees exactly the batches an unbroken run would have.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+import numpy as np
+import torch
+
+
+class TokenStream(Protocol):
+    """What batching needs from tokens: a length and contiguous slices (np.ndarray, np.memmap, ShardedTokens)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: slice) -> np.ndarray: ...
+
+
+def _check_length(tokens: TokenStream, seq_len: int) -> None:
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    if len(tokens) < seq_len + 1:
+        raise ValueError(
+            f"need at least seq_len + 1 = {seq_len + 1} tokens for one (x, y) window, got {len(tokens)}"
+        )
+
+
+def rank_slice(batch_size: int, rank: int, world_size: int) -> slice:
+    """Rank r's contiguous share of a global batch; the shares of ranks 0..world_size-1 tile it in order."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+    if batch_size % world_size:
+        raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size}")
+    per_rank = batch_size // world_size
+    return slice(rank * per_rank, (rank + 1) * per_rank)
+
+
+def windows_to_xy(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T+1) token windows -> inputs x and targets y, each (B, T) int64; y[:, t] = x[:, t+1]."""
+    w = torch.from_numpy(windows.astype(np.int64))  # (B, T+1)
+    return w[:, :-1], w[:, 1:]
+
+
+class PackedBatches:
+    """Random-access training batches: `batch(step)` depends only on (seed, step).
+
+    batch_size is the *global* batch. With data parallelism each rank calls
+    `batch(step, rank, world_size)` and gets a contiguous block of rows of the
+    same global batch. Gradient accumulation composes the same way: micro-batch
+    m of rank r is `batch(step, rank=r * accum + m, world_size=world_size * accum)`.
+    """
+
+    def __init__(self, tokens: TokenStream, batch_size: int, seq_len: int, seed: int = 0) -> None:
+        _check_length(tokens, seq_len)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.tokens, self.batch_size, self.seq_len, self.seed = tokens, batch_size, seq_len, seed
+
+    def offsets(self, step: int) -> np.ndarray:
+        """Start offsets of the global batch of `step`, shape (batch_size,)."""
+        if step < 0:
+            raise ValueError(f"step must be non-negative, got {step}")
+        rng = np.random.default_rng([self.seed, step])
+        # A window holds seq_len + 1 tokens, so the last valid start is len - seq_len - 1.
+        return rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
+
+    def batch(self, step: int, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of shape (batch_size // world_size, seq_len), int64."""
+        rows = self.offsets(step)[rank_slice(self.batch_size, rank, world_size)]
+        windows = np.stack([self.tokens[o : o + self.seq_len + 1] for o in rows])  # (B_rank, T+1)
+        return windows_to_xy(windows)
+
+
+def eval_batches(
+    tokens: TokenStream,
+    batch_size: int,
+    seq_len: int,
+    max_batches: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Non-overlapping windows in order, so every target token is scored exactly once.
+
+    Window i covers tokens[i*T : i*T + T + 1]; the last batch may be smaller.
+    With world_size > 1, rank r takes windows r, r + world_size, ... .
+    """
+    _check_length(tokens, seq_len)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    rank_slice(world_size, rank, world_size)  # validates rank / world_size
+    starts = np.arange(0, len(tokens) - seq_len, seq_len)[rank::world_size]
+    for n, first in enumerate(range(0, len(starts), batch_size)):
+        if max_batches is not None and n >= max_batches:
+            return
+        windows = np.stack([tokens[s : s + seq_len + 1] for s in starts[first : first + batch_size]])
+        yield windows_to_xy(windows)

@@ -1,0 +1,155 @@
+"""Text corpora from files, folders and glob patterns on the local disk.
+
+Every document has a *key*: its path relative to the source that named it
+(a folder, a glob's fixed prefix, or just the file name). Keys, not absolute
+paths, decide the train/validation split and enter the fingerprint, so a
+corpus copied to another machine splits and hashes the same.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import sysconfig
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+_GLOB_CHARS = frozenset("*?[")
+# Folders in the standard library that are not the library itself.
+_STDLIB_JUNK = frozenset({"site-packages", "dist-packages", "__pycache__"})
+_STDLIB_TESTS = frozenset({"test", "tests", "idle_test"})
+
+
+@dataclass(frozen=True)
+class Document:
+    key: str  # posix path relative to its source; stable across machines
+    path: Path
+
+
+class Corpus:
+    """An ordered, deduplicated set of text files.
+
+    `sources` are files, folders (walked recursively, hidden entries skipped)
+    and glob patterns (`**` allowed). `extensions` filters the files found by
+    walking a folder (None keeps all); files named directly or by a glob are
+    taken as named. Undecodable (non-UTF-8) files are skipped while iterating;
+    `skipped` lists those seen in the latest pass.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[str | os.PathLike[str]],
+        extensions: Sequence[str] | None = None,
+        exclude_dirs: Sequence[str] = (),
+    ) -> None:
+        if isinstance(sources, (str, os.PathLike)):
+            sources = [sources]
+        if not sources:
+            raise ValueError("a corpus needs at least one source path or pattern")
+        self.extensions = None if extensions is None else tuple(e if e.startswith(".") else f".{e}" for e in extensions)
+        self.exclude_dirs = frozenset(exclude_dirs)
+        seen: dict[Path, Document] = {}
+        for source in sources:
+            for doc in self._expand(str(source)):
+                seen.setdefault(doc.path.resolve(), doc)
+        self.documents = sorted(seen.values(), key=lambda d: (d.key, str(d.path)))
+        self.skipped: list[Path] = []
+
+    # ----- discovery --------------------------------------------------------
+
+    def _expand(self, source: str) -> list[Document]:
+        if _GLOB_CHARS & set(source):
+            root = _glob_root(source)
+            found: list[Document] = []
+            for match in sorted(glob.glob(source, recursive=True)):
+                path = Path(match)
+                found += self._walk(path, root) if path.is_dir() else [_document(path, root)]
+        elif Path(source).is_dir():
+            found = self._walk(Path(source), Path(source))
+        elif Path(source).is_file():
+            found = [_document(Path(source), Path(source).parent)]
+        else:
+            raise FileNotFoundError(f"corpus source {source!r} does not exist")
+        if not found:
+            wanted = f" with extensions {list(self.extensions)}" if self.extensions else ""
+            raise FileNotFoundError(f"corpus source {source!r} matched no files{wanted}")
+        return found
+
+    def _walk(self, folder: Path, root: Path) -> list[Document]:
+        found = []
+        for dirpath, dirnames, filenames in os.walk(folder):
+            # Pruning in place stops os.walk from descending; sorted for a stable walk.
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in self.exclude_dirs)
+            for name in sorted(filenames):
+                if name.startswith(".") or (self.extensions and not name.endswith(self.extensions)):
+                    continue
+                found.append(_document(Path(dirpath) / name, root))
+        return found
+
+    # ----- access -----------------------------------------------------------
+
+    @property
+    def paths(self) -> list[Path]:
+        return [d.path for d in self.documents]
+
+    @property
+    def keys(self) -> list[str]:
+        return [d.key for d in self.documents]
+
+    def __len__(self) -> int:
+        return len(self.documents)
+
+    def items(self) -> Iterator[tuple[str, str]]:
+        """(key, text) for every decodable document, in order."""
+        self.skipped = []
+        for doc in self.documents:
+            try:
+                text = doc.path.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                self.skipped.append(doc.path)
+                continue
+            yield doc.key, text
+
+    def __iter__(self) -> Iterator[str]:
+        return (text for _, text in self.items())
+
+    def fingerprint(self) -> str:
+        """sha256 over every document's key, size and content bytes (streamed)."""
+        digest = hashlib.sha256()
+        for doc in self.documents:
+            digest.update(f"{doc.key}\0{doc.path.stat().st_size}\0".encode("utf-8"))
+            with open(doc.path, "rb") as f:
+                digest.update(hashlib.file_digest(f, "sha256").digest())
+        return digest.hexdigest()
+
+    def __repr__(self) -> str:
+        return f"Corpus({len(self)} documents)"
+
+
+def _document(path: Path, root: Path) -> Document:
+    return Document(key=path.relative_to(root).as_posix(), path=path)
+
+
+def _glob_root(pattern: str) -> Path:
+    """The fixed folder in front of a glob's first wildcard: keys are taken relative to it."""
+    parts = Path(pattern).parts
+    fixed = []
+    for part in parts[:-1]:
+        if _GLOB_CHARS & set(part):
+            break
+        fixed.append(part)
+    return Path(*fixed) if fixed else Path(".")
+
+
+def default_corpus(include_tests: bool = False) -> Corpus:
+    """The running Python's standard library source (`.py` files), present on every machine.
+
+    Installed packages are left out. The test suite (about 60% of the bytes)
+    is left out by default: it holds deliberately mis-encoded and
+    mis-formatted files, and the rest is ample for a small model.
+    """
+    stdlib = sysconfig.get_paths()["stdlib"]
+    exclude = _STDLIB_JUNK if include_tests else _STDLIB_JUNK | _STDLIB_TESTS
+    return Corpus([stdlib], extensions=[".py"], exclude_dirs=sorted(exclude))

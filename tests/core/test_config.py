@@ -1,0 +1,49 @@
+import pytest
+
+from heron.core.config import ModelConfig, RopeScaling
+
+BASE = dict(vocab_size=100, d_model=64, n_layers=2, n_heads=4)
+
+
+def test_json_round_trip_keeps_every_field():
+    config = ModelConfig(**BASE, n_kv_heads=2, rope_scaling=RopeScaling(kind="llama3", factor=8.0))
+    assert ModelConfig.from_json(config.to_json()) == config
+
+
+def test_unknown_field_is_named():
+    with pytest.raises(ValueError, match="n_layerz: unknown ModelConfig field"):
+        ModelConfig.from_dict({**BASE, "n_layerz": 3})
+
+
+def test_unknown_rope_scaling_field_is_named():
+    with pytest.raises(ValueError, match="rope_scaling.fator"):
+        ModelConfig.from_dict({**BASE, "rope_scaling": {"kind": "linear", "fator": 2.0}})
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"n_kv_heads": 3}, "n_kv_heads"),
+        ({"d_model": 66}, "n_heads"),
+        ({"norm": "batchnorm"}, "norm"),
+        ({"mlp": "relu"}, "mlp"),
+        ({"positions": "alibi"}, "positions"),
+        ({"vocab_size": 0}, "vocab_size"),
+        ({"head_dim": 7}, "head_dim"),
+        ({"positions": "learned", "rope_scaling": {"kind": "linear", "factor": 2.0}}, "rope_scaling"),
+        ({"d_model": "64"}, "d_model"),
+        ({"tie_embeddings": 1}, "tie_embeddings"),
+    ],
+)
+def test_inconsistent_fields_are_named(change, field):
+    with pytest.raises(ValueError, match=f"^{field}"):
+        ModelConfig.from_dict({**BASE, **change})
+
+
+def test_derived_sizes():
+    config = ModelConfig(**BASE, n_kv_heads=1)
+    assert config.resolved_head_dim == 16
+    assert config.resolved_kv_heads == 1
+    # LLaMA's rule: 8/3 * d rounded up to a multiple of 64.
+    assert config.resolved_d_ff == 192
+    assert config.replace(mlp="gelu").resolved_d_ff == 256

@@ -1,0 +1,79 @@
+import pytest
+import torch
+
+from heron.core import ModelConfig, Transformer, hook_points
+
+
+def make_model(**overrides) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, **overrides)).eval()
+
+
+def test_hooks_with_nothing_attached_change_nothing_bit_for_bit():
+    model = make_model()
+    ids = torch.randint(0, 50, (2, 12))
+    plain = model(ids).logits
+    with model.hooks({}):
+        hooked = model(ids).logits
+    assert torch.equal(plain, hooked)
+
+
+def test_hook_names_and_shapes():
+    model = make_model()
+    names = set(hook_points(model))
+    for expected in [
+        "hook_embed",
+        "blocks.0.hook_resid_pre",
+        "blocks.0.hook_attn_out",
+        "blocks.0.hook_resid_mid",
+        "blocks.0.hook_mlp_out",
+        "blocks.1.hook_resid_post",
+        "blocks.1.attn.hook_q",
+        "blocks.1.attn.hook_k",
+        "blocks.1.attn.hook_v",
+        "blocks.1.attn.hook_pattern",
+        "blocks.1.attn.hook_z",
+        "blocks.1.mlp.hook_post",
+    ]:
+        assert expected in names
+    seen = {}
+    record = lambda x, name: seen.__setitem__(name, x.shape)  # noqa: E731
+    with model.hooks({n: record for n in ["blocks.0.attn.hook_q", "blocks.0.attn.hook_k", "blocks.0.attn.hook_pattern"]}):
+        model(torch.randint(0, 50, (2, 7)))
+    assert seen == {
+        "blocks.0.attn.hook_q": (2, 4, 7, 8),
+        "blocks.0.attn.hook_k": (2, 2, 7, 8),
+        "blocks.0.attn.hook_pattern": (2, 4, 7, 7),
+    }
+
+
+def test_pattern_hook_sees_causal_probabilities_and_output_is_unchanged():
+    model = make_model()
+    ids = torch.randint(0, 50, (1, 6))
+    plain = model(ids).logits
+    patterns = []
+    with model.hooks({"blocks.1.attn.hook_pattern": lambda x, _: patterns.append(x)}):
+        hooked = model(ids).logits
+    pattern = patterns[0][0]  # (nh, T, S)
+    assert torch.allclose(pattern.sum(-1), torch.ones(4, 6))
+    assert (pattern.triu(1) == 0).all()
+    assert torch.allclose(plain, hooked, atol=1e-5)
+
+
+def test_hook_can_replace_activation_and_is_removed_after_the_block():
+    model = make_model()
+    ids = torch.randint(0, 50, (1, 5))
+    plain = model(ids).logits
+    with model.hooks({"blocks.1.hook_resid_post": lambda x, _: torch.zeros_like(x)}):
+        zeroed = model(ids).logits
+    # With a zero residual, final RMSNorm gives zeros and the logits vanish.
+    assert torch.allclose(zeroed, torch.zeros_like(zeroed))
+    assert torch.equal(model(ids).logits, plain)
+    assert not any(point.active for point in hook_points(model).values())
+
+
+def test_unknown_hook_name_suggests_close_ones():
+    model = make_model()
+    with pytest.raises(KeyError, match="did you mean blocks.0.hook_resid_post"):
+        with model.hooks({"blocks.0.hook_resid_pst": lambda x, _: None}):
+            pass

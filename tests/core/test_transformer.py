@@ -1,0 +1,101 @@
+"""Core invariants: cached decoding equals the full forward, padding changes
+nothing, hooks with nothing attached change nothing."""
+import pytest
+import torch
+
+from heron.core import KVCache, ModelConfig, RopeScaling, Transformer
+
+VARIANTS = {
+    "mha": dict(),
+    "gqa": dict(n_kv_heads=2),
+    "mqa": dict(n_kv_heads=1),
+    "learned_layernorm_gelu": dict(positions="learned", norm="layernorm", mlp="gelu", qkv_bias=True, out_bias=True, mlp_bias=True),
+    "untied_gelu_tanh": dict(tie_embeddings=False, mlp="gelu_tanh"),
+    "rope_linear": dict(rope_scaling=RopeScaling(kind="linear", factor=4.0)),
+    "rope_llama3": dict(rope_scaling=RopeScaling(kind="llama3", factor=8.0, original_max_seq_len=16)),
+    "no_positions": dict(positions="none"),
+    "head_dim": dict(head_dim=8, n_kv_heads=2),
+}
+
+
+def make_model(seed: int = 0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, max_seq_len=64, **overrides)
+    model = Transformer(config).eval()
+    with torch.no_grad():  # non-zero biases so they are exercised
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.02)
+    return model
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cached_decoding_equals_full_forward(variant):
+    model = make_model(**VARIANTS[variant])
+    ids = torch.randint(0, 97, (3, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids).logits  # (3, 20, V)
+        cache = KVCache.allocate(model.config, batch_size=3, max_len=24)
+        pieces = [model(ids[:, :7], cache=cache).logits, model(ids[:, 7:11], cache=cache).logits]
+        pieces += [model(ids[:, t : t + 1], cache=cache).logits for t in range(11, 20)]
+    stepwise = torch.cat(pieces, dim=1)
+    assert (stepwise - full).abs().max().item() <= 1e-5
+    assert cache.length == 20
+
+
+@pytest.mark.parametrize("variant", ["mha", "gqa", "learned_layernorm_gelu"])
+def test_left_padding_changes_nothing(variant):
+    model = make_model(**VARIANTS[variant])
+    short = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(2))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), short], dim=1)
+    mask = torch.tensor([[False] * 3 + [True] * 5])
+    with torch.no_grad():
+        alone = model(short).logits
+        with_pad = model(padded, attention_mask=mask).logits[:, 3:]
+        # And through the cache: prefill padded, then decode one token.
+        cache = KVCache.allocate(model.config, 1, 16)
+        model(padded, attention_mask=mask, cache=cache)
+        nxt = torch.tensor([[11]])
+        stepped = model(nxt, cache=cache).logits
+        reference = model(torch.cat([short, nxt], dim=1)).logits[:, -1:]
+    assert torch.isfinite(with_pad).all()
+    assert (with_pad - alone).abs().max().item() <= 1e-5
+    assert (stepped - reference).abs().max().item() <= 1e-5
+
+
+def test_input_embeds_equal_token_ids():
+    model = make_model()
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(model(input_embeds=model.embed(ids)).logits, model(ids).logits)
+
+
+def test_last_only_equals_last_position():
+    model = make_model()
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(model(ids, last_only=True).logits, model(ids).logits[:, -1:], atol=1e-6)
+
+
+def test_tied_embeddings_share_storage():
+    model = make_model()
+    assert model.lm_head.weight.data_ptr() == model.embed.weight.data_ptr()
+    untied = make_model(tie_embeddings=False)
+    assert untied.lm_head.weight.data_ptr() != untied.embed.weight.data_ptr()
+
+
+def test_too_long_sequence_fails_clearly():
+    model = make_model()
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+    cache = KVCache.allocate(model.config, 1, 8)
+    with pytest.raises(ValueError, match="KV cache full"):
+        model(torch.zeros(1, 9, dtype=torch.long), cache=cache)
+
+
+def test_bad_inputs_fail_clearly():
+    model = make_model()
+    with pytest.raises(ValueError, match="exactly one"):
+        model()
+    with pytest.raises(ValueError, match="input_ids"):
+        model(torch.zeros(5, dtype=torch.long))

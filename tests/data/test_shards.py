@@ -1,0 +1,137 @@
+import json
+
+import numpy as np
+import pytest
+
+from heron.data import Corpus, ShardedTokens, load_shards, prepare_shards
+from heron.data.shards import split_value, token_dtype, validation_keys
+from heron.tokenizer import HeronTokenizer, train_tokenizer
+
+
+def write_docs(root, n: int, start: int = 0) -> None:
+    for i in range(start, start + n):
+        body = "".join(f"    x{j} = {i * j} + value_{i % 5}\n" for j in range(i % 9 + 1))
+        (root / f"mod_{i:03d}.py").write_text(f"def f{i}():\n{body}    return <|eos|> 'é'\n", encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory) -> HeronTokenizer:
+    root = tmp_path_factory.mktemp("tok")
+    write_docs(root, 30)
+    return train_tokenizer(Corpus([root]), vocab_size=320, show_progress=False)
+
+
+def direct_streams(corpus: Corpus, tok: HeronTokenizer, val: set[str]) -> dict[str, list[int]]:
+    """The reference: each document encoded on its own, eos appended, joined per split in order."""
+    streams = {"train": [], "val": []}
+    for key, text in corpus.items():
+        streams["val" if key in val else "train"] += tok.encode(text, allow_special=False) + [tok.eos_id]
+    return streams
+
+
+def test_shards_equal_direct_encoding(tmp_path, tok) -> None:
+    (tmp_path / "src").mkdir()
+    write_docs(tmp_path / "src", 40)
+    corpus = Corpus([tmp_path / "src"])
+    shards = prepare_shards(corpus, tok, tmp_path / "out", val_fraction=0.2, shard_tokens=500, show_progress=False)
+    expected = direct_streams(corpus, tok, validation_keys(corpus.keys, 0.2, seed=0))
+    assert 0 < len(expected["val"]) < len(expected["train"])
+    for split in ("train", "val"):
+        tokens = getattr(shards, split)
+        assert np.array_equal(np.asarray(tokens), expected[split])
+        assert shards.meta[split]["tokens"] == len(expected[split])
+    assert len(shards.train.shards) == -(-len(expected["train"]) // 500)  # ceil: several shards of 500
+    assert shards.meta["train"]["documents"] + shards.meta["val"]["documents"] == 40
+    assert shards.meta["dtype"] == "uint16" and shards.train.dtype == np.uint16
+    assert shards.meta["tokenizer_sha256"] == tok.fingerprint()
+    assert shards.meta["corpus_fingerprint"] == corpus.fingerprint()
+    assert not shards.reused
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.endswith(".bin")) == ["meta.json"]
+
+
+def test_sharded_tokens_slice_across_shards() -> None:
+    parts = [np.arange(0, 5), np.arange(5, 7), np.arange(7, 20)]
+    tokens = ShardedTokens(parts)
+    whole = np.arange(20)
+    assert len(tokens) == 20
+    for a, b in [(0, 20), (3, 9), (4, 5), (5, 7), (6, 18), (19, 20), (10, 10), (-3, None)]:
+        assert np.array_equal(tokens[a:b], whole[a:b])
+    assert tokens[7] == 7 and tokens[-1] == 19
+    with pytest.raises(IndexError):
+        tokens[20]
+
+
+def test_split_is_deterministic_and_stable_when_files_are_added() -> None:
+    keys = [f"pkg/mod_{i}.py" for i in range(200)]
+    val = validation_keys(keys, 0.1, seed=0)
+    assert val == validation_keys(list(reversed(keys)), 0.1, seed=0)
+    assert 5 < len(val) < 40
+    grown = validation_keys(keys + [f"new_{i}.py" for i in range(50)], 0.1, seed=0)
+    assert grown & set(keys) == val  # old documents keep their split
+    assert validation_keys(keys, 0.1, seed=1) != val  # the seed picks another split
+    assert split_value("a.py", 0) == split_value("a.py", 0)
+
+
+def test_tiny_corpus_still_gets_one_validation_document() -> None:
+    keys = ["a.py", "b.py", "c.py"]
+    val = validation_keys(keys, 1e-9, seed=0)
+    assert val == {min(keys, key=lambda k: split_value(k, 0))}
+    assert validation_keys(keys, 0.0, seed=0) == set()
+
+
+def test_split_on_disk_is_stable_when_a_file_is_added(tmp_path, tok) -> None:
+    (tmp_path / "src").mkdir()
+    write_docs(tmp_path / "src", 30)
+    first = prepare_shards(Corpus([tmp_path / "src"]), tok, tmp_path / "out", val_fraction=0.2, show_progress=False)
+    val_before = np.asarray(first.val).copy()
+    # Add one file that hashes into train: validation must not change by a single token.
+    start = next(i for i in range(500, 600) if split_value(f"mod_{i:03d}.py", 0) >= 0.2)
+    write_docs(tmp_path / "src", 1, start=start)
+    second = prepare_shards(Corpus([tmp_path / "src"]), tok, tmp_path / "out", val_fraction=0.2, show_progress=False)
+    assert not second.reused
+    assert second.meta["train"]["documents"] == first.meta["train"]["documents"] + 1
+    assert np.array_equal(np.asarray(second.val), val_before)
+
+
+def test_rerun_reuses_matching_shards_and_rebuild_drops_stale_ones(tmp_path, tok) -> None:
+    (tmp_path / "src").mkdir()
+    write_docs(tmp_path / "src", 20)
+    corpus = Corpus([tmp_path / "src"])
+    first = prepare_shards(corpus, tok, tmp_path / "out", shard_tokens=200, show_progress=False)
+    stamp = (tmp_path / "out" / "train_000000.bin").stat().st_mtime_ns
+    again = prepare_shards(Corpus([tmp_path / "src"]), tok, tmp_path / "out", shard_tokens=200, show_progress=False)
+    assert again.reused and again.meta == first.meta
+    assert (tmp_path / "out" / "train_000000.bin").stat().st_mtime_ns == stamp
+    rebuilt = prepare_shards(corpus, tok, tmp_path / "out", shard_tokens=10**6, show_progress=False)
+    assert not rebuilt.reused
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.bin")) == ["train_000000.bin", "val_000000.bin"]
+    assert np.array_equal(np.asarray(rebuilt.train), np.asarray(first.train))
+
+
+def test_load_errors(tmp_path, tok) -> None:
+    with pytest.raises(FileNotFoundError, match="meta.json"):
+        load_shards(tmp_path)
+    (tmp_path / "src").mkdir()
+    write_docs(tmp_path / "src", 5)
+    prepare_shards(Corpus([tmp_path / "src"]), tok, tmp_path / "out", show_progress=False)
+    shard = tmp_path / "out" / "train_000000.bin"
+    shard.write_bytes(shard.read_bytes()[:-2])
+    with pytest.raises(ValueError, match="train_000000.bin"):
+        load_shards(tmp_path / "out")
+    (tmp_path / "out" / "meta.json").write_text("[1, 2")
+    with pytest.raises(ValueError, match="not valid shard metadata"):
+        load_shards(tmp_path / "out")
+
+
+def test_token_dtype_boundary() -> None:
+    assert token_dtype(65536) == np.uint16  # ids 0..65535 fit
+    assert token_dtype(65537) == np.uint32
+
+
+def test_meta_is_plain_json(tmp_path, tok) -> None:
+    (tmp_path / "src").mkdir()
+    write_docs(tmp_path / "src", 3)
+    prepare_shards(Corpus([tmp_path / "src"]), tok, tmp_path / "out", show_progress=False)
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["split"]["val_fraction"] == 0.02 and meta["split"]["seed"] == 0
+    assert meta["vocab_size"] == tok.vocab_size and meta["eos_id"] == tok.eos_id
