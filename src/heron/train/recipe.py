@@ -54,9 +54,19 @@ class SyntheticData(_Section):
 
 
 class DataSection(_Section):
-    """Where tokens come from: exactly one of `shards` or `synthetic`."""
+    """Where tokens come from: exactly one of `shards` or `synthetic`.
 
-    shards: str | None = None  # a folder written by the data layer, read with load_shards
+    With `corpus` set, a `shards` folder without shards is prepared first:
+    the corpus ("default" = the Python standard library, or a list of files,
+    folders and globs) is tokenised with `tokenizer` (default
+    <shards>/tokenizer.json), which is trained with `vocab_size` if missing.
+    """
+
+    shards: str | None = None  # a folder written by heron.data.shards.prepare_shards
+    corpus: Literal["default"] | list[str] | None = None
+    tokenizer: str | None = None
+    vocab_size: int = Field(default=8192, gt=0)  # only for training a missing tokenizer
+    split_seed: int = 0  # the data layer's train/val split seed
     synthetic: SyntheticData | None = None
     seq_len: int = Field(default=256, gt=0)
 
@@ -64,6 +74,8 @@ class DataSection(_Section):
     def _one_source(self) -> DataSection:
         if (self.shards is None) == (self.synthetic is None):
             raise ValueError("set exactly one of data.shards or data.synthetic")
+        if self.corpus is not None and self.shards is None:
+            raise ValueError("data.corpus needs data.shards: the folder to tokenise it into")
         return self
 
 
@@ -97,6 +109,7 @@ class TrainSection(_Section):
     precision: Literal["fp32", "bf16"] = "fp32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     parallel: Literal["none", "ddp", "fsdp"] = "none"
+    threads: int | None = Field(default=None, gt=0)  # CPU threads for torch; None: torch's default
     seed: int = 0
     eval_every: int = Field(default=100, ge=0)  # 0: only at the end
     eval_batches: int = Field(default=8, gt=0)
@@ -170,8 +183,14 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 
 def check_recipe(recipe: TrainRecipe, *, world_size: int | None = None,
                  vocab_size: int | None = None) -> None:
-    """Cross-field checks: the model builds and the batch splits evenly."""
-    model_config(recipe, vocab_size)
+    """Cross-field checks: the model builds, fits the sequence length, and the
+    batch splits evenly over processes and micro-batches."""
+    config = model_config(recipe, vocab_size)
+    if recipe.data.seq_len > config.max_seq_len:
+        raise RecipeError(
+            f"data.seq_len: {recipe.data.seq_len} exceeds the model's max_seq_len {config.max_seq_len}"
+            " (set model.overrides.max_seq_len)"
+        )
     batch_plan(recipe.train, world_size)
 
 
@@ -190,12 +209,15 @@ def model_config(recipe: TrainRecipe, vocab_size: int | None = None) -> ModelCon
         return preset_config(recipe.model.preset, **overrides)
     except KeyError as err:
         raise RecipeError(f"model.preset: {err.args[0] if err.args else recipe.model.preset}") from None
-    except (TypeError, ValueError) as err:
+    except ValueError as err:  # ModelConfig's messages start with the field name
         raise RecipeError(f"model.overrides.{err}") from None
 
 
 def batch_plan(train: TrainSection, world_size: int | None = None) -> tuple[int, int, int]:
-    """(world_size, micro_batch, grad_accum) with micro * accum * world == batch_size."""
+    """(world_size, micro_batch, grad_accum) with micro * accum * world == batch_size.
+
+    world_size defaults to $WORLD_SIZE (set by torchrun), else 1.
+    """
     world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
     if train.parallel == "none" and world > 1:
         raise RecipeError(f"train.parallel: 'none' but {world} processes were launched; use ddp or fsdp")
@@ -203,15 +225,17 @@ def batch_plan(train: TrainSection, world_size: int | None = None) -> tuple[int,
         raise RecipeError(f"train.batch_size: {train.batch_size} does not split over {world} processes")
     per_rank = train.batch_size // world
     micro, accum = train.micro_batch, train.grad_accum
-    if micro is None:
-        micro = per_rank // (accum or 1)
-    if accum is None:
-        accum = per_rank // micro if micro and per_rank % micro == 0 else 0
+    if micro is not None and per_rank % micro:
+        raise RecipeError(f"train.micro_batch: {micro} does not divide the {per_rank} sequences per process"
+                          f" (train.batch_size {train.batch_size} over {world} processes)")
+    if accum is not None and per_rank % accum:
+        raise RecipeError(f"train.grad_accum: {accum} does not divide the {per_rank} sequences per process"
+                          f" (train.batch_size {train.batch_size} over {world} processes)")
+    micro = micro or per_rank // (accum or 1)
+    accum = accum or per_rank // micro
     if micro * accum != per_rank:
-        raise RecipeError(
-            f"train.batch_size: {train.batch_size} != micro_batch {micro} x grad_accum {accum}"
-            f" x {world} processes"
-        )
+        raise RecipeError(f"train.batch_size: {train.batch_size} != micro_batch {micro} x grad_accum {accum}"
+                          f" x {world} processes")
     return world, micro, accum
 
 

@@ -1,0 +1,411 @@
+"""Checkpoints: folders written atomically, verified on load.
+
+A model folder holds
+
+    config.json          ModelConfig.to_json()
+    model.safetensors    weights (a tied alias such as lm_head.weight is stored once)
+    tokenizer.json       Hugging Face tokenizers format (absent for synthetic-data runs)
+    lineage.json         recipe, data hashes, seed, step, metrics, versions, and the
+                         sha256 and size of every other file in the folder
+
+and a training checkpoint adds `trainer_state.pt` (optimizer state keyed by
+parameter name, step, RNG states, metrics history) for resuming.
+
+Atomicity: everything is written into a hidden temp sibling, each file and the
+folder are fsynced, and only then is the folder renamed into place (rename is
+atomic on POSIX). A crash mid-save leaves a `.tmp-*` folder that is never read
+and is swept away by the next save; a visible `step_*` folder is always
+complete. `latest` is a symlink to the newest checkpoint, replaced atomically.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from heron.core.config import ModelConfig
+from heron.core.transformer import Transformer
+from heron.tokenizer.bpe import TOKENIZER_FILE, HeronTokenizer
+
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.safetensors"
+LINEAGE_FILE = "lineage.json"
+STATE_FILE = "trainer_state.pt"
+LATEST_FILE = "latest"
+CHECKPOINTS_DIR = "checkpoints"
+REQUIRED_FILES = (CONFIG_FILE, MODEL_FILE, LINEAGE_FILE)
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder that is missing, truncated, corrupted or mismatched."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A verified checkpoint read into memory."""
+
+    path: Path
+    config: ModelConfig
+    state_dict: dict[str, torch.Tensor]  # full: tied aliases filled back in
+    lineage: dict[str, Any]
+    trainer_state: dict[str, Any] | None  # None for a model-only folder
+
+
+# ----- writing --------------------------------------------------------------
+
+
+def save_model_folder(
+    path: str | Path,
+    model: nn.Module,
+    *,
+    tokenizer: HeronTokenizer | None = None,
+    lineage: dict[str, Any] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    trainer_state: dict[str, Any] | None = None,
+) -> Path:
+    """Write a model folder atomically and return its path.
+
+    `model` supplies the config and the tied-weight structure; `state_dict`
+    (default: the model's own) supplies the values, so distributed callers can
+    pass a gathered full state dict.
+    """
+    target = Path(path)
+    config: ModelConfig = model.config
+    values = state_dict if state_dict is not None else model.state_dict()
+    with _atomic_folder(target) as tmp:
+        _write_bytes(tmp / CONFIG_FILE, config.to_json().encode())
+        _write_with(tmp / MODEL_FILE, lambda f: _save_weights(values, model, f))
+        if tokenizer is not None:
+            _write_bytes(tmp / TOKENIZER_FILE, tokenizer.to_json().encode())
+        if trainer_state is not None:
+            _write_with(tmp / STATE_FILE, lambda f: torch.save(trainer_state, f))
+        record = {**base_lineage(), **(lineage or {}), "files": _manifest(tmp)}
+        _write_bytes(tmp / LINEAGE_FILE, json.dumps(record, indent=2, sort_keys=True).encode())
+    return target
+
+
+def base_lineage() -> dict[str, Any]:
+    """Versions every lineage records."""
+    return {
+        "format": FORMAT_VERSION,
+        "heron_version": _heron_version(),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+    }
+
+
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """{alias: source} for parameters registered under more than one name
+    (tied embeddings: lm_head.weight -> embed.weight)."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases
+
+
+def _save_weights(values: dict[str, torch.Tensor], model: nn.Module, file) -> None:
+    # safetensors refuses tensors that share memory; a tied alias is the same
+    # parameter, so store it once and re-tie on load (see `_fill_aliases`).
+    aliases = tied_aliases(model)
+    kept = {k: v.detach().to("cpu").contiguous() for k, v in values.items() if k not in aliases}
+    file.write(safetensors.torch.save(kept, metadata={"format": "pt"}))
+
+
+def _manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    return {
+        f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+        for f in sorted(folder.iterdir()) if f.is_file() and f.name != LINEAGE_FILE
+    }
+
+
+@contextmanager
+def _atomic_folder(target: Path) -> Iterator[Path]:
+    """Yield a temp sibling folder; on success fsync it and rename it to `target`."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_dir(tmp)
+        if target.exists():  # replacing: move the old one aside atomically first
+            remove_folder(target)
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    _write_with(path, lambda f: f.write(data))
+
+
+def _write_with(path: Path, write: Callable[[Any], Any]) -> None:
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_folder(path: Path) -> None:
+    """Delete a folder so that a crash midway never leaves a half-folder under
+    its real name: rename to a hidden trash name first, then delete."""
+    trash = path.parent / f".trash-{path.name}-{uuid.uuid4().hex[:8]}"
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace a small file atomically (temp file, fsync, rename)."""
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        _write_bytes(tmp, text.encode())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ----- reading and verifying -------------------------------------------------
+
+
+def verify_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Check that a folder is a complete, uncorrupted checkpoint; return its lineage.
+
+    Every file the lineage lists must exist with the recorded size and sha256,
+    so truncation and bit flips are both caught, naming the file.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no checkpoint folder here")
+    for name in REQUIRED_FILES:
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{folder / name}: missing; not a complete checkpoint")
+    lineage = _read_json(folder / LINEAGE_FILE)
+    files = lineage.get("files")
+    if not isinstance(files, dict) or MODEL_FILE not in files:
+        raise CheckpointError(f"{folder / LINEAGE_FILE}: has no file hashes (\"files\") for {MODEL_FILE}")
+    for name, record in files.items():
+        _verify_file(folder / name, record)
+    return lineage
+
+
+def _verify_file(file: Path, record: dict[str, Any]) -> None:
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing, but listed in {LINEAGE_FILE}")
+    size = file.stat().st_size
+    if size != record.get("bytes"):
+        raise CheckpointError(
+            f"{file}: {size} bytes, but {LINEAGE_FILE} records {record.get('bytes')} (truncated or replaced)"
+        )
+    if sha256_file(file) != record.get("sha256"):
+        raise CheckpointError(f"{file}: sha256 does not match {LINEAGE_FILE} (corrupted)")
+
+
+def load_checkpoint(path: str | Path, *, trainer_state: bool = True) -> Checkpoint:
+    """Verify and read a checkpoint (weights on CPU)."""
+    folder = resolve_checkpoint(path)
+    lineage = verify_checkpoint(folder)
+    config = read_config(folder)
+    weights = _load_weights(folder / MODEL_FILE)
+    _fill_aliases(weights, config)
+    state = None
+    if trainer_state and (folder / STATE_FILE).is_file():
+        try:
+            state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing here
+            raise CheckpointError(f"{folder / STATE_FILE}: unreadable ({err})") from err
+    return Checkpoint(path=folder, config=config, state_dict=weights, lineage=lineage, trainer_state=state)
+
+
+def load_model_folder(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[Transformer, HeronTokenizer | None]:
+    """(model in eval mode, tokenizer or None) from a model folder or a run folder.
+
+    The model is rebuilt from config.json alone (`ModelConfig.from_dict` then
+    `Transformer`), so nothing about the code that trained it is needed.
+    """
+    ckpt = load_checkpoint(path, trainer_state=False)
+    model = Transformer(ckpt.config)
+    load_weights(model, ckpt.state_dict, source=ckpt.path / MODEL_FILE)
+    tokenizer = None
+    if (ckpt.path / TOKENIZER_FILE).is_file():
+        tokenizer = HeronTokenizer.load(ckpt.path / TOKENIZER_FILE)
+    return model.to(device).eval(), tokenizer
+
+
+def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], *, source: Path | str = "state dict") -> None:
+    """Copy weights into a model, requiring every key and shape to match."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: keys do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    for name, value in weights.items():
+        if value.shape != expected[name].shape:
+            raise CheckpointError(f"{source}: {name} has shape {tuple(value.shape)}, model expects {tuple(expected[name].shape)}")
+    model.load_state_dict(weights, strict=True)
+
+
+def read_config(folder: Path) -> ModelConfig:
+    try:
+        return ModelConfig.from_dict(_read_json(folder / CONFIG_FILE))
+    except ValueError as err:
+        raise CheckpointError(f"{folder / CONFIG_FILE}: {err}") from err
+
+
+def _load_weights(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return safetensors.torch.load_file(file, device="cpu")
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+        raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from err
+
+
+def _fill_aliases(weights: dict[str, torch.Tensor], config: ModelConfig) -> None:
+    """Put tied aliases back (they were stored once), using the structure of a
+    model built from the config on the meta device (no memory, no init)."""
+    with torch.device("meta"):
+        skeleton = Transformer(config)
+    for alias, source in tied_aliases(skeleton).items():
+        if alias not in weights and source in weights:
+            weights[alias] = weights[source]
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{file}: not readable JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    return data
+
+
+def sha256_file(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ----- checkpoints of a run --------------------------------------------------
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, *, keep_last: int, **folder_kwargs: Any) -> Path:
+    """Write out_dir/checkpoints/step_N atomically, point `latest` at it, and
+    delete all but the newest `keep_last` checkpoints."""
+    root = Path(out_dir) / CHECKPOINTS_DIR
+    sweep_partial(root)
+    folder = save_model_folder(root / checkpoint_name(step), model, **folder_kwargs)
+    point_latest(root, folder.name)
+    for old in list_checkpoints(out_dir)[:-keep_last]:
+        remove_folder(old)
+    return folder
+
+
+def point_latest(root: Path, name: str) -> None:
+    """Make root/latest a relative symlink to root/name, replaced atomically, so
+    `runs/x/checkpoints/latest` works as a folder path anywhere; a one-line
+    pointer file where the filesystem has no symlinks."""
+    tmp = root / f".tmp-latest-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.symlink_to(name, target_is_directory=True)
+    except OSError:
+        write_text_atomic(root / LATEST_FILE, name + "\n")
+        return
+    os.replace(tmp, root / LATEST_FILE)
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temp folders are never listed)."""
+    root = Path(out_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None.
+
+    Found by listing, not through the `latest` pointer: a crash between the
+    folder's rename and the pointer's update must not lose that checkpoint.
+    """
+    found = list_checkpoints(out_dir)
+    return found[-1] if found else None
+
+
+def sweep_partial(root: Path) -> None:
+    """Delete what interrupted saves and deletions left behind."""
+    if root.is_dir():
+        for leftover in root.iterdir():
+            if leftover.name.startswith((".tmp-", ".trash-")):
+                if leftover.is_dir() and not leftover.is_symlink():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink()
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A model folder given itself, a run folder, a checkpoints folder, or `latest`."""
+    path = Path(path)
+    if (path / CONFIG_FILE).exists() or not path.exists():
+        return path
+    if path.name == LATEST_FILE and path.is_file():  # a pointer file
+        return path.parent / path.read_text().strip()
+    for root in (path, path / CHECKPOINTS_DIR):
+        pointer = root / LATEST_FILE
+        if pointer.is_symlink():
+            return root / os.readlink(pointer)  # name the step folder itself
+        if pointer.is_file():
+            return root / pointer.read_text().strip()
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise CheckpointError(f"{path / CONFIG_FILE}: missing, and {path} holds no checkpoints")
+    return latest
+
+
+def _heron_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("heron")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+__all__ = [
+    "Checkpoint", "CheckpointError", "base_lineage", "checkpoint_name", "latest_checkpoint",
+    "list_checkpoints", "load_checkpoint", "load_model_folder", "load_weights", "point_latest", "remove_folder",
+    "resolve_checkpoint",
+    "save_checkpoint", "save_model_folder", "sha256_file", "sweep_partial", "tied_aliases",
+    "verify_checkpoint", "write_text_atomic",
+]

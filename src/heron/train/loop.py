@@ -1,0 +1,353 @@
+"""The one training loop.
+
+Plain on purpose: one function per concern, no trainer class hierarchy.
+Invariants the tests hold it to:
+
+- gradient accumulation splits the same global batch: 1 x 8 equals 8 x 1;
+- N processes (DDP or FSDP) each take a slice of that batch: equals 1 process;
+- a run killed at any moment and resumed equals the unbroken run, bit for bit
+  on CPU: batches are a pure function of the step (PackedBatches), the LR a
+  pure function of the step (optim.lr_at), and the checkpoint holds weights,
+  optimizer state and RNG states.
+"""
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from tqdm import tqdm
+
+from heron.core.transformer import Transformer
+from heron.data.batches import PackedBatches, eval_batches
+from heron.train import distributed as dist_
+from heron.train.checkpoint import (
+    CHECKPOINTS_DIR,
+    STATE_FILE,
+    Checkpoint,
+    CheckpointError,
+    checkpoint_name,
+    latest_checkpoint,
+    load_checkpoint,
+    load_weights,
+    remove_folder,
+    save_checkpoint,
+)
+from heron.train.optim import build_optimizer, recipe_lr, set_lr
+from heron.train.recipe import RecipeError, TrainRecipe, batch_plan, model_config
+from heron.train.report import METRICS_FILE, PLOT_FILE, append_metrics, plot_losses, write_metrics
+from heron.train.sources import TrainData, resolve_data
+
+IGNORE_INDEX = -100  # targets to skip, as F.cross_entropy's default
+STATE_FORMAT = 1
+
+# Called after every step on every process with that step's row of history.
+Callback = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    out_dir: Path
+    checkpoint: Path | None  # the last checkpoint (written by rank 0; the same path on every rank)
+    step: int
+    history: list[dict[str, Any]]  # one row per step: step, loss, lr, grad_norm, tokens[, val_loss]
+
+    @property
+    def losses(self) -> list[float]:
+        return [row["loss"] for row in self.history]
+
+    @property
+    def val_losses(self) -> list[tuple[int, float]]:
+        return [(row["step"], row["val_loss"]) for row in self.history if "val_loss" in row]
+
+
+@dataclass
+class _Run:
+    """Everything one training run holds while it runs."""
+
+    recipe: TrainRecipe
+    ctx: dist_.DistContext
+    data: TrainData
+    model: nn.Module  # possibly DDP-wrapped or FSDP-sharded
+    optimizer: torch.optim.Optimizer
+    micro_batch: int
+    grad_accum: int
+    out_dir: Path
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    last_checkpoint: Path | None = None
+
+
+def train(recipe: TrainRecipe, *, resume: bool = True, data: TrainData | None = None,
+          callbacks: Sequence[Callback] = ()) -> TrainResult:
+    """Train as the recipe says; return the history and the last checkpoint.
+
+    resume=True continues from the newest complete checkpoint in
+    `recipe.out_dir` if there is one; resume=False starts over, deleting the
+    earlier run's checkpoints and metrics there. `data` replaces the recipe's
+    data section (tests, notebooks). Launch under torchrun for ddp/fsdp.
+    """
+    ctx = dist_.setup(recipe.train.parallel, recipe.train.device)
+    try:
+        run = _start(recipe, ctx, resume, data)
+        _loop(run, callbacks)
+        return TrainResult(run.out_dir, run.last_checkpoint, run.step, run.history)
+    finally:
+        dist_.teardown(ctx)
+
+
+# ----- setting up -------------------------------------------------------------
+
+
+def _start(recipe: TrainRecipe, ctx: dist_.DistContext, resume: bool, data: TrainData | None) -> _Run:
+    """Validate, load data, build (or restore) model and optimizer."""
+    # Under parallel=none, $WORLD_SIZE catches a torchrun launch that would train N copies.
+    _, micro, accum = batch_plan(recipe.train, ctx.world_size if ctx.parallel != "none" else None)
+    data = data or resolve_data(recipe.data, is_main=ctx.is_main, barrier=lambda: dist_.barrier(ctx))
+    _check_data_fits(recipe, data)
+    config = model_config(recipe, data.vocab_size)
+    out_dir = Path(recipe.out_dir)
+    if ctx.is_main:
+        _prepare_out_dir(out_dir, recipe, resume)
+    dist_.barrier(ctx)
+    found = latest_checkpoint(out_dir) if resume else None
+    ckpt = load_checkpoint(found) if found is not None else None
+    if ckpt is not None:
+        _check_resumable(ckpt, recipe, data)
+    if recipe.train.threads is not None:
+        torch.set_num_threads(recipe.train.threads)
+    _seed_everything(recipe.train.seed)
+    model = Transformer(config)
+    if ckpt is not None:
+        load_weights(model, ckpt.state_dict, source=ckpt.path)
+    model = dist_.wrap_model(model.to(ctx.device), ctx)
+    optimizer = build_optimizer(model, recipe.optim)
+    run = _Run(recipe, ctx, data, model, optimizer, micro, accum, out_dir)
+    if ckpt is not None:
+        _restore(run, ckpt)
+    elif ctx.is_main:  # rows a run that died before its first checkpoint logged
+        write_metrics(out_dir, [])
+    return run
+
+
+def _check_data_fits(recipe: TrainRecipe, data: TrainData) -> None:
+    need = recipe.data.seq_len + 1  # one (x, y) window
+    for split, tokens in (("train", data.train), ("validation", data.val)):
+        if len(tokens) < need:
+            raise RecipeError(f"data.seq_len: {recipe.data.seq_len} needs {need} tokens, the {split} split has {len(tokens)}")
+
+
+def _prepare_out_dir(out_dir: Path, recipe: TrainRecipe, resume: bool) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        if (out_dir / CHECKPOINTS_DIR).exists():
+            remove_folder(out_dir / CHECKPOINTS_DIR)
+        for name in (METRICS_FILE, PLOT_FILE):
+            (out_dir / name).unlink(missing_ok=True)
+    (out_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+
+
+def _check_resumable(ckpt: Checkpoint, recipe: TrainRecipe, data: TrainData) -> None:
+    """Refuse to continue a run whose model, data or batch stream would differ."""
+    then = TrainRecipe.model_validate(ckpt.lineage["recipe"])
+    fields = {
+        "model": (then.model, recipe.model),
+        "data.seq_len": (then.data.seq_len, recipe.data.seq_len),
+        "train.batch_size": (then.train.batch_size, recipe.train.batch_size),
+        "train.seed": (then.train.seed, recipe.train.seed),
+        "data": (_data_identity(ckpt.lineage.get("data", {})), _data_identity(data.meta)),
+    }
+    for name, (old, new) in fields.items():
+        if old != new:
+            raise RecipeError(
+                f"{name}: {recipe.out_dir} holds a run with {name}={old!r}, this recipe has {new!r}; "
+                "choose another out_dir or pass resume=False (--no-resume) to start over"
+            )
+
+
+def _data_identity(meta: dict[str, Any]) -> dict[str, Any]:
+    """The parts of data metadata that decide the token stream (not where it lies)."""
+    return {k: v for k, v in meta.items() if k != "path"}
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def _restore(run: _Run, ckpt: Checkpoint) -> None:
+    state = ckpt.trainer_state
+    if state is None or state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{ckpt.path / STATE_FILE}: missing or of an unknown format; cannot resume from it")
+    dist_.load_optimizer_state(run.model, run.optimizer, state["optimizer"])
+    _set_rng_states(state["rng"])
+    run.step, run.history, run.last_checkpoint = state["step"], list(state["history"]), ckpt.path
+    if run.ctx.is_main:  # drop rows logged after the checkpoint by the run that died
+        write_metrics(run.out_dir, [row for row in run.history if _logged(row, run.recipe)])
+
+
+def _rng_states() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    states = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    kind, keys, *rest = states["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+# ----- the loop ---------------------------------------------------------------
+
+
+def _loop(run: _Run, callbacks: Sequence[Callback]) -> None:
+    t = run.recipe.train
+    batches = PackedBatches(run.data.train, t.batch_size, run.recipe.data.seq_len, seed=t.seed)
+    bar = tqdm(total=t.steps, initial=run.step, unit="step", dynamic_ncols=True,
+               disable=not (run.ctx.is_main and t.progress))
+    tokens_per_step = t.batch_size * run.recipe.data.seq_len
+    while run.step < t.steps:
+        started = time.perf_counter()
+        loss, grad_norm, lr = _train_step(run, batches)
+        run.step += 1
+        row = {"step": run.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+               "tokens": run.step * tokens_per_step}
+        if _due(run.step, t.eval_every, t.steps):
+            row["val_loss"] = evaluate(run)
+        run.history.append(row)
+        speed = tokens_per_step / (time.perf_counter() - started)
+        _record(run, row, speed, bar)
+        if _due(run.step, t.ckpt_every, t.steps):
+            _checkpoint(run)
+        for callback in callbacks:
+            callback(row)
+    bar.close()
+
+
+def _due(step: int, every: int, last: int) -> bool:
+    return step == last or (every > 0 and step % every == 0)
+
+
+def _logged(row: dict[str, Any], recipe: TrainRecipe) -> bool:
+    """Which history rows go to metrics.jsonl (the same rule on resume)."""
+    return "val_loss" in row or _due(row["step"], recipe.train.log_every, recipe.train.steps)
+
+
+def _record(run: _Run, row: dict[str, Any], tokens_per_s: float, bar: tqdm) -> None:
+    bar.update(1)
+    bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+    if run.ctx.is_main and _logged(row, run.recipe):
+        append_metrics(run.out_dir, {**row, "tokens_per_s": round(tokens_per_s, 1)})
+
+
+def _train_step(run: _Run, batches: PackedBatches) -> tuple[float, float, float]:
+    """One optimizer step over the global batch: (mean loss, grad norm, lr)."""
+    t, ctx = run.recipe.train, run.ctx
+    lr = recipe_lr(run.step, run.recipe.optim, run.recipe.schedule, t.steps)
+    set_lr(run.optimizer, lr)
+    run.optimizer.zero_grad(set_to_none=True)
+    # Micro-batch m of rank r is row block r*accum+m of the global batch, so any
+    # split of the same batch_size over processes and accumulation sees the same rows.
+    parts = [batches.batch(run.step, ctx.rank * run.grad_accum + m, ctx.world_size * run.grad_accum)
+             for m in range(run.grad_accum)]
+    counted = torch.stack([(y != IGNORE_INDEX).sum() for _, y in parts]).sum().to(ctx.device)
+    n_tokens = dist_.all_reduce_sum(counted, ctx)  # targets in the global batch
+    loss_sum = torch.zeros((), device=ctx.device)
+    for m, (x, y) in enumerate(parts):
+        with dist_.gradient_sync(run.model, enabled=m == run.grad_accum - 1):
+            token_loss, aux = _forward_loss(run, x, y)
+            # Sum over tokens / tokens in the global batch: the global mean whatever the
+            # split. x world undoes the mean over ranks that DDP and FSDP apply to gradients.
+            (token_loss * ctx.world_size / n_tokens + t.aux_loss_coef * aux / run.grad_accum).backward()
+        loss_sum += token_loss.detach()
+    norm = nn.utils.clip_grad_norm_(run.model.parameters(), t.clip_norm or float("inf"))
+    run.optimizer.step()
+    loss = dist_.all_reduce_sum(loss_sum, ctx) / n_tokens
+    return float(loss), dist_.grad_norm_value(norm), lr
+
+
+def _forward_loss(run: _Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed token cross-entropy, aux loss) for one micro-batch x, y: (b, T)."""
+    device = run.ctx.device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.recipe.train.precision == "bf16"):
+        out = run.model(x.to(device))
+    logits = out.logits.float()  # (b, T, V); loss in fp32 even under bf16 autocast
+    loss = F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, out.aux_loss.float()
+
+
+@torch.no_grad()
+def evaluate(run: _Run) -> float:
+    """Mean validation loss over the first `eval_batches` global batches of
+    non-overlapping windows; the same windows whatever the process layout."""
+    t, ctx = run.recipe.train, run.ctx
+    run.model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # (loss sum, tokens)
+    for x, y in eval_batches(run.data.val, t.batch_size, run.recipe.data.seq_len, max_batches=t.eval_batches):
+        if x.shape[0] < ctx.world_size:  # too few rows to give every process one; the same on all ranks
+            break
+        x, y = x.tensor_split(ctx.world_size)[ctx.rank], y.tensor_split(ctx.world_size)[ctx.rank]
+        for xm, ym in zip(x.split(run.micro_batch), y.split(run.micro_batch)):
+            loss, _ = _forward_loss(run, xm, ym)
+            total += torch.stack([loss.double(), (ym != IGNORE_INDEX).sum().double()])
+    run.model.train()
+    total = dist_.all_reduce_sum(total, run.ctx)
+    return float(total[0] / total[1])
+
+
+# ----- checkpoints --------------------------------------------------------------
+
+
+def _checkpoint(run: _Run) -> None:
+    """Gather full state on every rank (a collective), write from rank 0 only."""
+    model_state, optim_state = dist_.full_state_dicts(run.model, run.optimizer)
+    run.last_checkpoint = run.out_dir / CHECKPOINTS_DIR / checkpoint_name(run.step)
+    if run.ctx.is_main:
+        t = run.recipe.train
+        trainer_state = {"format": STATE_FORMAT, "step": run.step, "optimizer": optim_state,
+                         "rng": _rng_states(), "history": run.history}
+        save_checkpoint(
+            run.out_dir, run.step, dist_.unwrap(run.model), keep_last=t.keep_last,
+            tokenizer=run.data.tokenizer, lineage=_lineage(run), state_dict=model_state,
+            trainer_state=trainer_state,
+        )
+        plot_losses(run.history, run.out_dir / PLOT_FILE, title=run.recipe.name)
+    dist_.barrier(run.ctx)
+
+
+def _lineage(run: _Run) -> dict[str, Any]:
+    last = run.history[-1] if run.history else {}
+    val = [row["val_loss"] for row in run.history if "val_loss" in row]
+    return {
+        "kind": "pretrain",
+        "recipe": run.recipe.to_dict(),
+        "seed": run.recipe.train.seed,
+        "step": run.step,
+        "tokens_seen": last.get("tokens", 0),
+        "data": run.data.meta,
+        "metrics": {"train_loss": last.get("loss"), "val_loss": val[-1] if val else None},
+        "world_size": run.ctx.world_size,
+        "parallel": run.ctx.parallel,
+    }
+
+
+__all__ = ["Callback", "TrainResult", "evaluate", "train"]

@@ -1,0 +1,53 @@
+"""What a run leaves for people to read: metrics.jsonl and a loss-curve PNG."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from heron.train.checkpoint import write_text_atomic
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+
+
+def append_metrics(out_dir: Path, row: dict[str, Any]) -> None:
+    """Add one JSON line. A crash mid-write can leave a torn last line; resuming
+    rewrites the file from the checkpoint's history (`write_metrics`)."""
+    with open(out_dir / METRICS_FILE, "a") as f:
+        f.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def write_metrics(out_dir: Path, rows: list[dict[str, Any]]) -> None:
+    text = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows)
+    write_text_atomic(out_dir / METRICS_FILE, text)
+
+
+def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
+    file = Path(out_dir) / METRICS_FILE
+    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()] if file.exists() else []
+
+
+def plot_losses(history: list[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """Train loss per step and validation loss where measured, on one axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers; must precede pyplot's import
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in history], [r["loss"] for r in history], label="train", linewidth=1)
+    val = [r for r in history if "val_loss" in r]
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    tmp = path.parent / f".{path.name}.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+__all__ = ["METRICS_FILE", "PLOT_FILE", "append_metrics", "plot_losses", "read_metrics", "write_metrics"]

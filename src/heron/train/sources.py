@@ -1,0 +1,104 @@
+"""Token streams for a recipe's `data` section: shards on disk or synthetic.
+
+Shards come from the data layer (`prepare_shards` / `load_shards`); when the
+recipe names a corpus and the shard folder is empty, they are prepared here
+first (tokenizer included), so `heron train tiny` runs on a
+fresh machine. Synthetic streams have a known answer and need no disk.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from heron.data.batches import TokenStream
+from heron.data.corpus import Corpus, default_corpus
+from heron.data.shards import META_FILE, load_shards, prepare_shards
+from heron.tokenizer.bpe import TOKENIZER_FILE, HeronTokenizer, train_tokenizer
+from heron.train.recipe import DataSection, RecipeError, SyntheticData
+
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """What the loop trains on, and what lineage records about it."""
+
+    train: TokenStream
+    val: TokenStream
+    vocab_size: int  # ids are < vocab_size
+    tokenizer: HeronTokenizer | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_data(section: DataSection, *, is_main: bool = True,
+                 barrier: Callable[[], None] = lambda: None) -> TrainData:
+    """Load (preparing first if needed, on the main process only) the recipe's data."""
+    if section.synthetic is not None:
+        return synthetic_data(section.synthetic)
+    folder = Path(section.shards)
+    if is_main and not (folder / META_FILE).is_file() and section.corpus is not None:
+        _prepare(section, folder)
+    barrier()  # the other processes wait for the main one to finish preparing
+    return _load(section, folder)
+
+
+def synthetic_data(spec: SyntheticData) -> TrainData:
+    """A fixed random permutation of the vocabulary, repeated (kind="permutation").
+
+    Every token has exactly one successor, so the achievable loss is ~0: a
+    known answer for "the loop learns". Validation is the same cycle from a
+    different starting token.
+    """
+    perm = np.random.default_rng(spec.seed).permutation(spec.vocab_size).astype(np.int64)
+    train = np.resize(perm, spec.n_tokens)
+    val = np.resize(np.roll(perm, spec.vocab_size // 2), max(spec.n_tokens // 8, 2 * spec.vocab_size))
+    digest = hashlib.sha256(train.tobytes() + val.tobytes()).hexdigest()
+    meta = {"source": "synthetic", **spec.model_dump(), "sha256": digest}
+    return TrainData(train=train, val=val, vocab_size=spec.vocab_size, meta=meta)
+
+
+def _load(section: DataSection, folder: Path) -> TrainData:
+    try:
+        shards = load_shards(folder)
+    except (FileNotFoundError, ValueError) as err:
+        raise RecipeError(f"data.shards: {err}") from None
+    tokenizer = _tokenizer(section, folder)
+    if tokenizer is not None and tokenizer.fingerprint() != shards.meta.get("tokenizer_sha256"):
+        raise RecipeError(f"data.tokenizer: {_tokenizer_path(section, folder)} is not the tokenizer these shards were made with")
+    meta = {"source": "shards", "path": str(folder), **{k: v for k, v in shards.meta.items() if k not in ("train", "val")},
+            "train_tokens": len(shards.train), "val_tokens": len(shards.val)}
+    return TrainData(train=shards.train, val=shards.val, vocab_size=int(shards.meta["vocab_size"]),
+                     tokenizer=tokenizer, meta=meta)
+
+
+def _prepare(section: DataSection, folder: Path) -> None:
+    """Tokenise the named corpus into `folder`, training a tokenizer if none exists."""
+    corpus = default_corpus() if section.corpus == "default" else Corpus(list(section.corpus))
+    tokenizer = _tokenizer(section, folder)
+    if tokenizer is None:
+        tokenizer = train_tokenizer(corpus, section.vocab_size)
+        tokenizer.save(_tokenizer_path(section, folder))
+    prepare_shards(corpus, tokenizer, folder, seed=section.split_seed)
+
+
+def _tokenizer(section: DataSection, folder: Path) -> HeronTokenizer | None:
+    path = _tokenizer_path(section, folder)
+    if not path.is_file():
+        if section.tokenizer is not None:
+            raise RecipeError(f"data.tokenizer: no tokenizer file at {path}")
+        return None
+    try:
+        return HeronTokenizer.load(path)
+    except ValueError as err:
+        raise RecipeError(f"data.tokenizer: {err}") from None
+
+
+def _tokenizer_path(section: DataSection, folder: Path) -> Path:
+    return Path(section.tokenizer) if section.tokenizer is not None else folder / TOKENIZER_FILE
+
+
+__all__ = ["TOKENIZER_FILE", "TrainData", "resolve_data", "synthetic_data"]

@@ -1,0 +1,143 @@
+"""Checkpoint folders: round trips, atomic writes, and clear failures on damage."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from heron.models import build_model
+from heron.tokenizer.bpe import train_tokenizer
+from heron.train import checkpoint as ckpt
+from heron.train.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_model_folder,
+    save_checkpoint,
+    save_model_folder,
+    verify_checkpoint,
+)
+
+SMALL = dict(vocab_size=300, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=32)
+IDS = torch.tensor([[1, 5, 9, 200, 7, 3]])
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(["def f(x):\n    return x + 1\n"] * 20, vocab_size=300, show_progress=False)
+
+
+def small_model(seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    return build_model("test", **{**SMALL, **overrides})
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_round_trip_gives_the_same_logits(tmp_path: Path, tokenizer, tied: bool) -> None:
+    model = small_model(tie_embeddings=tied)
+    folder = save_model_folder(tmp_path / "m", model, tokenizer=tokenizer, lineage={"step": 3})
+    loaded, loaded_tok = load_model_folder(folder)
+    assert loaded.config == model.config
+    torch.testing.assert_close(loaded(IDS).logits, model.eval()(IDS).logits, rtol=0, atol=0)
+    assert (loaded.lm_head.weight is loaded.embed.weight) == tied  # re-tied, not two copies
+    assert loaded_tok.encode("def f(x):") == tokenizer.encode("def f(x):")
+    lineage = verify_checkpoint(folder)
+    assert lineage["step"] == 3 and lineage["torch_version"] == torch.__version__
+    assert lineage["files"]["model.safetensors"]["sha256"] == ckpt.sha256_file(folder / "model.safetensors")
+
+
+def test_folder_layout(tmp_path: Path, tokenizer) -> None:
+    folder = save_model_folder(tmp_path / "m", small_model(), tokenizer=tokenizer, trainer_state={"step": 1})
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json", "lineage.json", "model.safetensors", "tokenizer.json", "trainer_state.pt"]
+    assert json.loads((folder / "config.json").read_text())["d_model"] == 32
+    assert load_checkpoint(folder).trainer_state == {"step": 1}
+
+
+def damage_truncate(folder: Path) -> None:
+    file = folder / "model.safetensors"
+    file.write_bytes(file.read_bytes()[:-100])
+
+
+def damage_flip(folder: Path) -> None:
+    file = folder / "model.safetensors"
+    data = bytearray(file.read_bytes())
+    data[-10] ^= 0xFF
+    file.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (damage_truncate, r"model\.safetensors: \d+ bytes, but lineage\.json records \d+ \(truncated"),
+    (damage_flip, r"model\.safetensors: sha256 does not match lineage\.json \(corrupted\)"),
+    (lambda f: (f / "config.json").unlink(), r"config\.json: missing"),
+    (lambda f: (f / "lineage.json").unlink(), r"lineage\.json: missing"),
+    (lambda f: (f / "lineage.json").write_text("{"), r"lineage\.json: not readable JSON"),
+    (lambda f: (f / "tokenizer.json").unlink(), r"tokenizer\.json: missing, but listed in lineage\.json"),
+])
+def test_damaged_checkpoint_fails_naming_the_file(tmp_path: Path, tokenizer, damage, message: str) -> None:
+    folder = save_model_folder(tmp_path / "m", small_model(), tokenizer=tokenizer)
+    damage(folder)
+    with pytest.raises(CheckpointError, match=message):
+        load_model_folder(folder)
+
+
+def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    model = small_model()
+    first = save_checkpoint(tmp_path, 1, model, keep_last=3)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed while writing weights")
+
+    monkeypatch.setattr(ckpt.safetensors.torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 2, small_model(seed=1), keep_last=3)
+    assert list_checkpoints(tmp_path) == [first] and latest_checkpoint(tmp_path) == first
+    assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "checkpoints").iterdir())
+    verify_checkpoint(first)
+
+
+def test_folder_left_by_a_killed_save_is_ignored_then_swept(tmp_path: Path) -> None:
+    first = save_checkpoint(tmp_path, 1, small_model(), keep_last=3)
+    # What SIGKILL mid-save leaves: a hidden temp folder with some of the files.
+    partial = tmp_path / "checkpoints" / ".tmp-step_00000002-deadbeef"
+    partial.mkdir()
+    shutil.copy(first / "config.json", partial / "config.json")
+    (partial / "model.safetensors").write_bytes((first / "model.safetensors").read_bytes()[:50])
+    assert latest_checkpoint(tmp_path) == first
+    second = save_checkpoint(tmp_path, 2, small_model(), keep_last=3)
+    assert not partial.exists() and latest_checkpoint(tmp_path) == second
+
+
+def test_keep_last_and_latest_pointer(tmp_path: Path) -> None:
+    model = small_model()
+    for step in (2, 4, 6, 8):
+        save_checkpoint(tmp_path, step, model, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000006", "step_00000008"]
+    latest = tmp_path / "checkpoints" / "latest"
+    assert latest.is_symlink() and latest.resolve().name == "step_00000008"
+    assert load_checkpoint(latest).path == latest  # usable as a folder path
+    assert load_checkpoint(tmp_path).path.name == "step_00000008"  # a run folder resolves to its latest
+    loaded, tokenizer = load_model_folder(tmp_path)
+    assert tokenizer is None
+    torch.testing.assert_close(loaded(IDS).logits, model.eval()(IDS).logits, rtol=0, atol=0)
+
+
+def test_weights_that_do_not_fit_the_config_fail(tmp_path: Path) -> None:
+    folder = save_model_folder(tmp_path / "m", small_model())
+    lineage = json.loads((folder / "lineage.json").read_text())
+    config = json.loads((folder / "config.json").read_text()) | {"d_model": 64, "n_heads": 4}
+    (folder / "config.json").write_text(json.dumps(config))
+    lineage["files"]["config.json"] = {"sha256": ckpt.sha256_file(folder / "config.json"),
+                                       "bytes": (folder / "config.json").stat().st_size}
+    (folder / "lineage.json").write_text(json.dumps(lineage))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: .*weight has shape \(32, 32\), model expects \(64, 64\)"):
+        load_model_folder(folder)
+
+
+def test_not_a_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="holds no checkpoints"):
+        load_model_folder(tmp_path)

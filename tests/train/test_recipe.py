@@ -1,0 +1,109 @@
+"""Recipes: every shipped YAML validates; every mistake names its field."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from heron.train.recipe import RecipeError, batch_plan, load_recipe, model_config, recipe_from_dict
+
+RECIPES = sorted((Path(__file__).parents[2] / "src" / "heron" / "recipes").glob("*.yaml"))
+MINIMAL = "data:\n  synthetic: {vocab_size: 16}\n  seq_len: 8\n"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_shipped_recipe_loads_and_builds_its_model(path: Path) -> None:
+    recipe = load_recipe(path, world_size=1)
+    config = model_config(recipe, vocab_size=recipe.data.synthetic.vocab_size if recipe.data.synthetic else None)
+    assert config.n_layers > 0
+    assert batch_plan(recipe.train, 1)[1] * batch_plan(recipe.train, 1)[2] == recipe.train.batch_size
+
+
+def test_shipped_recipes_include_the_demo() -> None:
+    assert {"test.yaml", "tiny.yaml", "small.yaml"} <= {p.name for p in RECIPES}
+
+
+def test_overrides_are_parsed_as_yaml_values(tmp_path: Path) -> None:
+    recipe = load_recipe(write(tmp_path, MINIMAL), [
+        "optim.lr=3e-4",  # YAML 1.1 reads this as a string; the recipe still gets a float
+        "train.steps=12",
+        "optim.betas=[0.8, 0.9]",
+        "train.clip_norm=null",
+        "model.overrides.d_model=64",
+    ], world_size=1)
+    assert recipe.optim.lr == pytest.approx(3e-4)
+    assert recipe.train.steps == 12
+    assert recipe.optim.betas == (0.8, 0.9)
+    assert recipe.train.clip_norm is None
+    assert model_config(recipe, 16).d_model == 64
+
+
+def test_recipe_is_frozen(tmp_path: Path) -> None:
+    recipe = load_recipe(write(tmp_path, MINIMAL), world_size=1)
+    with pytest.raises(Exception):
+        recipe.train.steps = 5  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("text, overrides, field", [
+    (MINIMAL + "train:\n  stepz: 3\n", [], "train.stepz: unknown field"),
+    (MINIMAL, ["train.stepz=3"], "train.stepz: unknown field"),
+    (MINIMAL, ["trian.steps=3"], "trian: unknown field"),
+    (MINIMAL, ["train.steps=many"], "train.steps:"),
+    (MINIMAL, ["train.steps=-1"], "train.steps:"),
+    (MINIMAL, ["train.precision=fp8"], "train.precision:"),
+    (MINIMAL + "train: {steps: 3}\n", ["train.steps.max=3"], "train.steps.max: train.steps is a value"),
+    (MINIMAL, ["train.steps.max=3"], "train.steps: Input should be a valid integer"),
+    (MINIMAL, ["train.steps"], "expected dotted.path=value"),
+    (MINIMAL, ["model.preset=huge"], "model.preset:"),
+    (MINIMAL, ["model.overrides.d_modl=64"], "model.overrides.d_modl: unknown ModelConfig field"),
+    (MINIMAL, ["model.overrides.n_heads=0"], "model.overrides.n_heads: must be positive"),
+    (MINIMAL, ["train.batch_size=10", "train.micro_batch=4"], "train.micro_batch: 4 does not divide"),
+    (MINIMAL, ["train.batch_size=10", "train.grad_accum=4"], "train.grad_accum: 4 does not divide"),
+    (MINIMAL, ["train.batch_size=8", "train.grad_accum=4", "train.micro_batch=4"], "train.batch_size: 8 !="),
+    (MINIMAL, ["data.seq_len=4096"], "data.seq_len: 4096 exceeds"),
+    (MINIMAL, ["data.shards=somewhere"], "data: "),
+    ("data: {seq_len: 8}\n", [], "data: "),
+])
+def test_mistakes_name_the_field(tmp_path: Path, text: str, overrides: list[str], field: str) -> None:
+    with pytest.raises(RecipeError, match=field.replace(".", r"\.").replace("[", r"\[")):
+        load_recipe(write(tmp_path, text), overrides, world_size=1)
+
+
+def test_batch_must_split_over_processes() -> None:
+    raw = {"data": {"synthetic": {}}, "train": {"batch_size": 6, "parallel": "ddp"}}
+    with pytest.raises(RecipeError, match="train.batch_size: 6 does not split over 4 processes"):
+        recipe_from_dict(raw, world_size=4)
+    with pytest.raises(RecipeError, match="train.parallel"):
+        recipe_from_dict({"data": {"synthetic": {}}}, world_size=2)
+
+
+@pytest.mark.parametrize("batch, micro, accum, world, expected", [
+    (8, None, None, 1, (1, 8, 1)),
+    (8, 1, None, 1, (1, 1, 8)),
+    (8, None, 8, 1, (1, 1, 8)),
+    (8, 2, 2, 2, (2, 2, 2)),
+    (8, None, None, 2, (2, 4, 1)),
+])
+def test_batch_plan(batch: int, micro: int | None, accum: int | None, world: int, expected: tuple) -> None:
+    raw = {"data": {"synthetic": {}}, "train": {"batch_size": batch, "micro_batch": micro, "grad_accum": accum,
+                                                "parallel": "ddp" if world > 1 else "none"}}
+    assert batch_plan(recipe_from_dict(raw, world_size=world).train, world) == expected
+
+
+def test_data_vocabulary_fills_the_preset_and_a_smaller_pin_fails() -> None:
+    recipe = recipe_from_dict({"data": {"synthetic": {}}}, world_size=1)
+    assert model_config(recipe, 100).vocab_size == 100
+    pinned = recipe_from_dict({"data": {"synthetic": {}}, "model": {"overrides": {"vocab_size": 50}}}, world_size=1)
+    with pytest.raises(RecipeError, match="model.overrides.vocab_size"):
+        model_config(pinned, 100)
+
+
+def test_round_trip_through_dict() -> None:
+    recipe = recipe_from_dict({"data": {"synthetic": {}}, "optim": {"lr": 1e-3}}, world_size=1)
+    assert recipe_from_dict(recipe.to_dict(), world_size=1) == recipe

@@ -1,0 +1,65 @@
+"""Data sources: real shards (prepared from a corpus on first use) and synthetic streams."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from heron.train import load_model_folder, train
+from heron.train.recipe import RecipeError, SyntheticData, recipe_from_dict
+from heron.train.sources import synthetic_data
+from train_helpers import SMALL_MODEL
+
+CODE = "def add(a, b):\n    return a + b\n\n\nclass Point:\n    x: int = 0\n    y: int = 0\n"
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(12):
+        (folder / f"m{i}.py").write_text(CODE.replace("add", f"add{i}") * 8)
+    return folder
+
+
+def shard_recipe(tmp_path: Path, corpus: Path, **train_section) -> dict:
+    return {
+        "out_dir": str(tmp_path / "run"),
+        "model": {"preset": "test", "overrides": SMALL_MODEL},
+        "data": {"shards": str(tmp_path / "shards"), "corpus": [str(corpus)], "vocab_size": 300, "seq_len": 16},
+        "train": {"steps": 2, "batch_size": 4, "eval_every": 0, "eval_batches": 1, "progress": False, **train_section},
+    }
+
+
+def test_prepares_shards_then_trains_and_ships_the_tokenizer(tmp_path: Path, corpus: Path) -> None:
+    result = train(recipe_from_dict(shard_recipe(tmp_path, corpus), world_size=1))
+    assert (tmp_path / "shards" / "meta.json").is_file() and (tmp_path / "shards" / "tokenizer.json").is_file()
+    model, tokenizer = load_model_folder(result.out_dir)
+    assert tokenizer is not None and model.config.vocab_size == tokenizer.vocab_size <= 300
+    assert tokenizer.decode(tokenizer.encode(CODE)) == CODE
+    lineage = (result.checkpoint / "lineage.json").read_text()
+    assert "corpus_fingerprint" in lineage and "tokenizer_sha256" in lineage
+
+
+def test_missing_shards_without_a_corpus_name_the_field(tmp_path: Path) -> None:
+    raw = {"data": {"shards": str(tmp_path / "nowhere")}, "out_dir": str(tmp_path / "run"),
+           "train": {"progress": False}}
+    with pytest.raises(RecipeError, match="data.shards: no shard metadata"):
+        train(recipe_from_dict(raw, world_size=1))
+
+
+def test_synthetic_permutation_is_a_cycle() -> None:
+    data = synthetic_data(SyntheticData(vocab_size=16, n_tokens=100, seed=3))
+    successor = {int(a): int(b) for a, b in zip(data.train[:-1], data.train[1:])}
+    assert len(successor) == 16 and sorted(successor.values()) == list(range(16))
+    assert all(successor[int(a)] == int(b) for a, b in zip(data.val[:-1], data.val[1:]))
+    assert np.array_equal(synthetic_data(SyntheticData(vocab_size=16, n_tokens=100, seed=3)).train, data.train)
+
+
+def test_bf16_autocast_runs_and_keeps_fp32_weights(recipe_factory) -> None:
+    result = train(recipe_factory(train={"steps": 2, "precision": "bf16"}))
+    assert all(np.isfinite(result.losses))
+    model, _ = load_model_folder(result.out_dir)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
