@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -73,6 +74,8 @@ def generate(args: argparse.Namespace) -> int:
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
                    for p in prompts]
     params = sampling_params(args)
+    if args.chat:  # an assistant turn ends with <|end|>
+        params = dataclasses.replace(params, stop_token_ids=(tokenizer.end_id, tokenizer.eos_id))
     generator = Generator(model, tokenizer)
     if len(prompts) == 1 and not args.no_stream:
         print(prompts[0], end="", flush=True)

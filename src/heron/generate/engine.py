@@ -1,0 +1,282 @@
+"""Batched generation with one preallocated KV cache.
+
+Prompts of different lengths are left-padded into one batch and prefilled in
+a single forward pass (the attention mask hides the padding, and the cache
+remembers it); after that each step feeds one token per row. The cache holds
+the whole generation from the start, so a step copies only the new token's
+keys and values. Rows that finish keep decoding until every row has: on a
+CPU a decode step costs the time to read the weights, which does not shrink
+with the batch, so dropping rows would save nothing and cost cache copies.
+
+Per step the loop does one forward, one sampling call and, only when
+something must be checked on the host (stop token ids, stop strings,
+streaming), one `.tolist()` of the B new ids. Stop strings are matched on
+text decoded incrementally, one short window per token.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from heron.core.kv_cache import KVCache
+from heron.core.transformer import Transformer
+from heron.generate.sampling import SamplingParams, presence_mask, sample_next
+from heron.generate.text import IncrementalDetokenizer, StopStringFilter, TokenizerLike
+
+FINISH_STOP = "stop"  # a stop token id or stop string ended the row
+FINISH_LENGTH = "length"  # max_new_tokens reached
+
+
+@dataclass
+class Completion:
+    """One prompt's continuation."""
+
+    ids: list[int]  # generated ids; a stop token id is not included, a stop string's tokens are
+    text: str | None  # decoded, cut before any stop string; None without a tokenizer
+    finish_reason: str  # FINISH_STOP or FINISH_LENGTH
+
+
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_id: int, vocab_size: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, P) ids padded on the left, and the (B, P) bool mask of real tokens
+    (None when every prompt has the same length, so no masking is needed)."""
+    if not prompts:
+        raise ValueError("prompt_ids: expected at least one prompt")
+    lengths = [len(p) for p in prompts]
+    for i, n in enumerate(lengths):
+        if n == 0:
+            raise ValueError(f"prompt_ids[{i}]: empty prompt; give at least one token (e.g. BOS)")
+    width = max(lengths)
+    rows = [[pad_id] * (width - len(p)) + list(p) for p in prompts]
+    ids = torch.tensor(rows, dtype=torch.long, device=device)  # (B, P)
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+        bad = next(i for i, p in enumerate(prompts) if any(t < 0 or t >= vocab_size for t in p))
+        raise ValueError(f"prompt_ids[{bad}]: token ids must lie in [0, {vocab_size})")
+    if min(lengths) == width:
+        return ids, None
+    positions = torch.arange(width, device=device)
+    mask = positions >= torch.tensor([width - n for n in lengths], device=device)[:, None]  # (B, P)
+    return ids, mask
+
+
+class Decoder:
+    """The incremental decoding state of one batch.
+
+    Construction prefills the prompts; each `step` then samples the next ids,
+    running the model on the previous ones first, and writes into a KV cache
+    sized for prompt + max_new_tokens. The engine's loops and decode-speed
+    benchmarks both drive this.
+    """
+
+    def __init__(
+        self, model: Transformer, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, pad_id: int = 0
+    ) -> None:
+        config = model.config
+        weight = model.embed.weight
+        ids, mask = left_pad(prompt_ids, pad_id, config.vocab_size, weight.device)
+        B, P = ids.shape
+        if P + params.max_new_tokens - 1 > config.max_seq_len:
+            raise ValueError(
+                f"max_new_tokens: a {P}-token prompt plus {params.max_new_tokens} new tokens "
+                f"exceeds the model's max_seq_len {config.max_seq_len}"
+            )
+        self.model = model
+        self.params = params
+        self.generator = _make_generator(params.seed, weight.device)
+        max_len = min(P + params.max_new_tokens, config.max_seq_len)
+        self.cache = KVCache.allocate(config, B, max_len, dtype=weight.dtype, device=weight.device)
+        self.prompt_len = P
+        self._prefill(ids, mask)
+
+    @property
+    def batch_size(self) -> int:
+        return self.cache.batch_size
+
+    @torch.inference_mode()
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
+        needs_seen = self.params.repetition_penalty != 1.0
+        # The CTRL penalty counts prompt tokens too, as Hugging Face's does.
+        self.seen = presence_mask(ids, self.model.config.vocab_size, mask) if needs_seen else None  # (B, V)
+        out = self.model(ids, attention_mask=mask, cache=self.cache, last_only=True)
+        self.logits = out.logits[:, -1]  # (B, V)
+
+    @torch.inference_mode()
+    def step(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed the previous step's ids (B,), if any, then sample the next (B,).
+
+        The first call samples from the prefill's logits; each later call is
+        one forward pass of one token per row.
+        """
+        if ids is not None:
+            self.logits = self.model(ids[:, None], cache=self.cache).logits[:, -1]  # (B, V)
+        next_ids = sample_next(self.logits, self.params, self.generator, self.seen)
+        if self.seen is not None:
+            self.seen.scatter_(1, next_ids[:, None], True)
+        return next_ids
+
+
+def decode_steps(decoder: Decoder, n_tokens: int) -> Iterator[torch.Tensor]:
+    """Yield (B,) sampled ids n_tokens times.
+
+    The model runs on a token only when the consumer asks for the next one,
+    so breaking out of the loop wastes no forward pass.
+    """
+    ids = None
+    for _ in range(n_tokens):
+        ids = decoder.step(ids)
+        yield ids
+
+
+def _make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+class _Row:
+    """One row's generated ids, finishing state and (when tracked) text."""
+
+    def __init__(
+        self, stop_ids: frozenset[int], tokenizer: TokenizerLike | None, stops: Sequence[str], track_text: bool
+    ) -> None:
+        self.stop_ids = stop_ids
+        self.ids: list[int] = []
+        self.finish_reason: str | None = None
+        self.detok = IncrementalDetokenizer(tokenizer) if track_text and tokenizer is not None else None
+        self.filter = StopStringFilter(stops) if stops else None
+        self.pieces: list[str] = []
+
+    def push(self, token: int) -> str:
+        """Record one generated token; return the text it releases."""
+        if token in self.stop_ids:
+            return self.close(FINISH_STOP)
+        self.ids.append(token)
+        if self.detok is None:
+            return ""
+        released = self._release(self.detok.push(token))
+        if self.filter is not None and self.filter.stopped:
+            self.finish_reason = FINISH_STOP
+        return released
+
+    def close(self, reason: str) -> str:
+        """Finish the row (unless already finished) and release the text held back."""
+        if self.finish_reason is None:
+            self.finish_reason = reason
+        if self.detok is None:
+            return ""
+        released = self._release(self.detok.flush())
+        if self.filter is not None:
+            released += self._release(self.filter.finish())
+        return released
+
+    def _release(self, piece: str) -> str:
+        if self.filter is not None and piece:
+            piece = self.filter.feed(piece)
+        if piece:
+            self.pieces.append(piece)
+        return piece
+
+
+class Generator:
+    """Text and token generation with one model and (optionally) a tokenizer."""
+
+    def __init__(self, model: Transformer, tokenizer: TokenizerLike | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        pad_id = tokenizer.pad_id if tokenizer is not None else None
+        self.pad_id = pad_id if pad_id is not None else 0  # any id works: padding is masked out
+
+    def stop_token_ids(self, params: SamplingParams) -> frozenset[int]:
+        """The ids that end a row: params.stop_token_ids, else the tokenizer's EOS."""
+        if params.ignore_eos:
+            return frozenset()
+        if params.stop_token_ids is not None:
+            return frozenset(params.stop_token_ids)
+        eos = self.tokenizer.eos_id if self.tokenizer is not None else None
+        return frozenset() if eos is None else frozenset((eos,))
+
+    def complete(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
+        """Continue a batch of tokenised prompts of any lengths."""
+        self._check_stops(params)
+        decoder = Decoder(self.model, prompt_ids, params, self.pad_id)
+        stop_ids = self.stop_token_ids(params)
+        if not stop_ids and not params.stop:
+            return self._complete_unchecked(decoder, params)
+        rows = [_Row(stop_ids, self.tokenizer, params.stop, bool(params.stop)) for _ in range(decoder.batch_size)]
+        live = list(range(len(rows)))
+        for ids in decode_steps(decoder, params.max_new_tokens):
+            tokens = ids.tolist()  # the step's one host sync
+            for i in live:
+                rows[i].push(tokens[i])
+            live = [i for i in live if rows[i].finish_reason is None]
+            if not live:
+                break
+        return [self._finish(row) for row in rows]
+
+    def _complete_unchecked(self, decoder: Decoder, params: SamplingParams) -> list[Completion]:
+        """No stop condition but length: nothing to look at until the end."""
+        steps = list(decode_steps(decoder, params.max_new_tokens))
+        ids = torch.stack(steps, dim=1).tolist()  # (B, max_new_tokens)
+        return [Completion(row, self._decode(row), FINISH_LENGTH) for row in ids]
+
+    def _finish(self, row: _Row) -> Completion:
+        row.close(FINISH_LENGTH)
+        text = "".join(row.pieces) if row.detok is not None else self._decode(row.ids)
+        return Completion(row.ids, text, row.finish_reason or FINISH_LENGTH)
+
+    def _decode(self, ids: list[int]) -> str | None:
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else None
+
+    def generate_ids(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[list[int]]:
+        """Generated ids for each tokenised prompt (stop token ids left out)."""
+        return [c.ids for c in self.complete(prompt_ids, params)]
+
+    def generate(self, prompts: str | Sequence[str], params: SamplingParams) -> str | list[str]:
+        """Continue one prompt (returns a string) or a batch (returns a list)."""
+        single = isinstance(prompts, str)
+        batch = [prompts] if single else list(prompts)
+        texts = [c.text or "" for c in self.complete([self._encode(p) for p in batch], params)]
+        return texts[0] if single else texts
+
+    def stream(self, prompt: str, params: SamplingParams) -> Iterator[str]:
+        """Text pieces of one continuation as they are decoded.
+
+        Their concatenation equals `generate(prompt, params)`. The prompt is
+        prefilled before this returns; pieces come as the iterator is consumed.
+        """
+        self._check_stops(params)
+        decoder = Decoder(self.model, [self._encode(prompt)], params, self.pad_id)
+        row = _Row(self.stop_token_ids(params), self.tokenizer, params.stop, track_text=True)
+        return _stream_pieces(decoder, row, params.max_new_tokens)
+
+    def _encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("text generation needs a tokenizer: Generator(model, tokenizer)")
+        ids = self.tokenizer.encode(text)
+        bos = getattr(self.tokenizer, "bos_id", None)
+        return ids if ids or bos is None else [bos]  # an empty prompt starts from BOS
+
+    def _check_stops(self, params: SamplingParams) -> None:
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop: stop strings need a tokenizer: Generator(model, tokenizer)")
+
+
+def _stream_pieces(decoder: Decoder, row: _Row, n_tokens: int) -> Iterator[str]:
+    for ids in decode_steps(decoder, n_tokens):
+        piece = row.push(int(ids[0]))
+        if piece:
+            yield piece
+        if row.finish_reason is not None:
+            break
+    tail = row.close(FINISH_LENGTH)
+    if tail:
+        yield tail
+
+
+__all__ = ["Completion", "Decoder", "FINISH_LENGTH", "FINISH_STOP", "Generator", "decode_steps", "left_pad"]

@@ -1,0 +1,196 @@
+"""Sampling settings and the logits processing that turns logits into tokens.
+
+Every processor is a pure function of a (B, V) logits tensor. `sample_next`
+chains them in the order Hugging Face `generate` uses (repetition penalty,
+temperature, top-k, top-p), so a model sampled here and there with the same
+settings draws from the same distribution. Work is only done for the settings
+that ask for it: greedy decoding is one argmax, with no sort and no softmax.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to continue a prompt.
+
+    temperature 0 is greedy decoding. `stop_token_ids` None means the
+    tokenizer's end-of-sequence id; `ignore_eos` turns every stop token id
+    off, so that (with no stop strings) exactly `max_new_tokens` tokens come
+    back, which is what decode-speed benchmarks want. `seed` None draws fresh
+    randomness; an int makes sampling repeatable.
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_k: int | None = None  # None: no top-k filter
+    top_p: float = 1.0  # 1.0: no nucleus filter
+    repetition_penalty: float = 1.0  # 1.0: no penalty
+    stop: Sequence[str] = ()  # stored as a tuple
+    stop_token_ids: Sequence[int] | None = None  # stored as a tuple
+    ignore_eos: bool = False
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        # Lists are accepted for convenience and frozen into tuples.
+        object.__setattr__(self, "stop", _string_tuple("stop", self.stop))
+        if self.stop_token_ids is not None:
+            object.__setattr__(self, "stop_token_ids", _id_tuple("stop_token_ids", self.stop_token_ids))
+        _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
+        _check_float("temperature", self.temperature)
+        if self.temperature < 0:
+            raise ValueError(f"temperature: must be >= 0 (0 = greedy), got {self.temperature!r}")
+        if self.top_k is not None:
+            _check_int("top_k", self.top_k, minimum=1)
+        _check_float("top_p", self.top_p)
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p!r}")
+        _check_float("repetition_penalty", self.repetition_penalty)
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty: must be positive, got {self.repetition_penalty!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos: expected a bool, got {self.ignore_eos!r}")
+        if self.seed is not None:
+            _check_int("seed", self.seed, minimum=0)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SamplingParams:
+        """Build from plain data (a recipe, a CLI, a request); unknown keys are errors naming the key."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{unknown[0]}: unknown SamplingParams field (known: {', '.join(sorted(known))})")
+        return cls(**data)
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name}: expected an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name}: must be >= {minimum}, got {value!r}")
+
+
+def _check_float(name: str, value: object) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+
+
+def _string_tuple(name: str, value: object) -> tuple[str, ...]:
+    items = (value,) if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(s, str) and s for s in items):
+        raise ValueError(f"{name}: expected a list of non-empty strings, got {value!r}")
+    return tuple(items)
+
+
+def _id_tuple(name: str, value: object) -> tuple[int, ...]:
+    ok = isinstance(value, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
+    if not ok or any(i < 0 for i in value):
+        raise ValueError(f"{name}: expected a list of non-negative token ids, got {value!r}")
+    return tuple(value)
+
+
+def presence_mask(ids: torch.Tensor, vocab_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, V) bool: which tokens occur in each row of ids (B, S).
+
+    `valid` (B, S) bool excludes positions (padding) from the count.
+    """
+    mask = torch.zeros(ids.shape[0], vocab_size, dtype=torch.bool, device=ids.device)
+    if valid is None:
+        return mask.scatter_(1, ids, True)
+    rows, cols = valid.nonzero(as_tuple=True)
+    mask[rows, ids[rows, cols]] = True
+    return mask
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Penalise tokens already seen (Keskar et al. 2019, CTRL, section 4.1).
+
+    `seen` is a (B, V) bool presence mask or (B, S) previous token ids.
+    CTRL divides a seen token's logit by the penalty; as in Hugging Face's
+    `RepetitionPenaltyLogitsProcessor`, a negative logit is multiplied instead,
+    so the penalty always lowers the token's probability.
+    """
+    if penalty == 1.0:
+        return logits
+    if seen.dtype != torch.bool:
+        seen = presence_mask(seen, logits.shape[-1])
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)  # (B, V)
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Divide by the temperature (> 0); 1.0 returns the logits unchanged."""
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def apply_top_k(logits: torch.Tensor, k: int | None) -> torch.Tensor:
+    """Keep the k highest logits of each row, -inf elsewhere (Fan et al. 2018).
+
+    Ties with the k-th logit are kept, as in Hugging Face's `TopKLogitsWarper`.
+    """
+    if k is None or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filtering (Holtzman et al. 2019): keep the smallest set of most
+    probable tokens whose probability mass reaches p, -inf elsewhere.
+
+    A token is kept when the mass of the tokens ranked above it is still < p,
+    so the most probable token is always kept.
+    """
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_above = probs.cumsum(dim=-1) - probs  # (B, V): mass of the better-ranked tokens
+    drop_sorted = mass_above >= p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None = None,
+    seen: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B,) next token ids from (B, V) logits.
+
+    `seen` is the (B, V) presence mask for the repetition penalty (required
+    when the penalty is not 1).
+    """
+    if params.repetition_penalty != 1.0:
+        if seen is None:
+            raise ValueError("repetition_penalty: needs the tokens seen so far (pass `seen`)")
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    logits = apply_temperature(logits.float(), params.temperature)
+    logits = apply_top_p(apply_top_k(logits, params.top_k), params.top_p)
+    probs = logits.softmax(dim=-1)  # (B, V)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+__all__ = [
+    "SamplingParams",
+    "apply_repetition_penalty",
+    "apply_temperature",
+    "apply_top_k",
+    "apply_top_p",
+    "presence_mask",
+    "sample_next",
+]

@@ -1,0 +1,168 @@
+from dataclasses import replace
+
+import pytest
+import torch
+
+from heron.generate import FINISH_LENGTH, FINISH_STOP, Decoder, Generator, SamplingParams, apply_repetition_penalty
+
+GREEDY = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
+PROMPTS = [[5, 17, 3, 40, 41, 42, 9, 60, 61, 2, 11, 12], [33], [70, 71, 72, 73, 74]]
+
+
+@torch.no_grad()
+def reference_greedy(model, prompt, n, stop_ids=(), penalty=1.0):
+    """No cache, no batching: recompute the whole sequence for every token."""
+    seq, out = list(prompt), []
+    for _ in range(n):
+        logits = model(torch.tensor([seq])).logits[:, -1]  # (1, V)
+        logits = apply_repetition_penalty(logits, torch.tensor([seq]), penalty)
+        token = int(logits.argmax())
+        if token in stop_ids:
+            break
+        out.append(token)
+        seq.append(token)
+    return out
+
+
+def test_cached_greedy_equals_full_recompute(model):
+    [ids] = Generator(model).generate_ids([PROMPTS[0]], GREEDY)
+    assert ids == reference_greedy(model, PROMPTS[0], GREEDY.max_new_tokens)
+
+
+def test_batched_prompts_of_different_lengths_equal_one_at_a_time(model):
+    gen = Generator(model)
+    batched = gen.generate_ids(PROMPTS, GREEDY)
+    for prompt, ids in zip(PROMPTS, batched):
+        assert ids == gen.generate_ids([prompt], GREEDY)[0]
+        assert ids == reference_greedy(model, prompt, GREEDY.max_new_tokens)
+
+
+def test_learned_positions_batch_equals_reference(make_model):
+    model = make_model(positions="learned", norm="layernorm", mlp="gelu")
+    batched = Generator(model).generate_ids(PROMPTS, GREEDY)
+    assert batched == [reference_greedy(model, p, GREEDY.max_new_tokens) for p in PROMPTS]
+
+
+def test_repetition_penalty_equals_reference(model):
+    params = SamplingParams(max_new_tokens=20, temperature=0, repetition_penalty=1.8, ignore_eos=True)
+    batched = Generator(model).generate_ids(PROMPTS, params)
+    assert batched == [reference_greedy(model, p, 20, penalty=1.8) for p in PROMPTS]
+    assert batched != Generator(model).generate_ids(PROMPTS, replace(params, repetition_penalty=1.0))
+
+
+def test_top_k_1_equals_greedy(model):
+    params = SamplingParams(max_new_tokens=24, temperature=1.3, top_k=1, ignore_eos=True, seed=5)
+    assert Generator(model).generate_ids(PROMPTS, params) == Generator(model).generate_ids(PROMPTS, GREEDY)
+
+
+def test_same_seed_same_text_different_seed_different_text(model, tokenizer):
+    gen = Generator(model, tokenizer)
+    hot = dict(max_new_tokens=30, temperature=2.0, ignore_eos=True)
+    first = gen.generate(["hello", "x"], SamplingParams(**hot, seed=7))
+    assert gen.generate(["hello", "x"], SamplingParams(**hot, seed=7)) == first
+    assert gen.generate(["hello", "x"], SamplingParams(**hot, seed=8)) != first
+
+
+def test_max_new_tokens_is_respected(model):
+    gen = Generator(model)
+    for n in (1, 2, 7):
+        params = SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True)
+        completions = gen.complete(PROMPTS, params)
+        assert [len(c.ids) for c in completions] == [n] * len(PROMPTS)
+        assert {c.finish_reason for c in completions} == {FINISH_LENGTH}
+
+
+def test_each_row_stops_at_its_own_stop_token(model):
+    gen = Generator(model)
+    full = gen.generate_ids(PROMPTS, GREEDY)
+    stop = full[0][6]  # row 0 stops at its 7th token; other rows where (if) it occurs
+    params = SamplingParams(max_new_tokens=24, temperature=0, stop_token_ids=[stop])
+    completions = gen.complete(PROMPTS, params)
+    for row, c in zip(full, completions):
+        cut = row.index(stop) if stop in row else len(row)
+        assert c.ids == row[:cut]  # the stop token itself is left out
+        assert c.finish_reason == (FINISH_STOP if stop in row else FINISH_LENGTH)
+    assert completions[0].ids == full[0][:6]
+
+
+def test_eos_is_the_default_stop_token(model, tokenizer):
+    gen = Generator(model, tokenizer)
+    assert gen.stop_token_ids(SamplingParams()) == {tokenizer.eos_id}
+    assert gen.stop_token_ids(SamplingParams(stop_token_ids=[4, 5])) == {4, 5}
+    assert gen.stop_token_ids(SamplingParams(ignore_eos=True, stop_token_ids=[4])) == set()
+    assert Generator(model).stop_token_ids(SamplingParams()) == set()
+
+
+def test_stop_strings_trim_the_text_and_stop_early(model, tokenizer):
+    gen = Generator(model, tokenizer)
+    params = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
+    full = gen.generate("def f(x):", params)
+    assert len(full) > 20  # pad and eos tokens decode to nothing
+    stop = full[10:13]
+    cut = full.index(stop)
+    [completion] = gen.complete([tokenizer.encode("def f(x):")], replace(params, stop=[stop]))
+    assert completion.text == full[:cut]
+    assert completion.finish_reason == FINISH_STOP
+    assert tokenizer.decode(completion.ids) == full[: cut + len(stop)]  # stopped right after the stop string
+
+
+def test_stream_concatenates_to_generate(model, tokenizer):
+    gen = Generator(model, tokenizer)
+    base = dict(max_new_tokens=40, ignore_eos=True)
+    full = gen.generate("abc", SamplingParams(**base, temperature=0))
+    for params in (
+        SamplingParams(**base, temperature=0),
+        SamplingParams(**base, temperature=0, stop=[full[20:23], "never"]),
+        SamplingParams(**base, temperature=1.5, top_p=0.9, top_k=40, seed=3, stop=["q"]),
+        SamplingParams(max_new_tokens=40, temperature=1.0, seed=11),
+    ):
+        pieces = list(gen.stream("abc", params))
+        assert "".join(pieces) == gen.generate("abc", params)
+        assert all(pieces)
+
+
+def test_stream_of_bytes_holds_back_partial_characters(make_model, byte_tokenizer):
+    gen = Generator(make_model(vocab_size=258), byte_tokenizer)
+    for seed in range(3):
+        params = SamplingParams(max_new_tokens=40, temperature=1.0, seed=seed, ignore_eos=True)
+        assert "".join(gen.stream("é", params)) == gen.generate("é", params)
+
+
+def test_decoder_runs_exactly_the_requested_steps(model):
+    decoder = Decoder(model, [[3, 4, 5]] * 2, SamplingParams(max_new_tokens=10, temperature=0))
+    ids = decoder.step()  # from the prefill's logits
+    for _ in range(10):  # the benchmark's loop: 10 forwards of one token per row
+        ids = decoder.step(ids)
+    assert decoder.cache.length == 3 + 10 and ids.shape == (2,)
+
+
+@pytest.mark.parametrize(
+    "prompts, params, field",
+    [
+        ([[]], GREEDY, "prompt_ids\\[0\\]"),
+        ([], GREEDY, "prompt_ids"),
+        ([[1, 97]], GREEDY, "prompt_ids\\[0\\]"),
+        ([[1] * 100], SamplingParams(max_new_tokens=30), "max_new_tokens"),
+        ([[1]], SamplingParams(stop=["x"]), "stop"),
+    ],
+)
+def test_bad_requests_name_the_field(model, prompts, params, field):
+    with pytest.raises(ValueError, match=f"^{field}"):
+        Generator(model).generate_ids(prompts, params)
+
+
+def test_prompt_filling_the_context_exactly_is_allowed(model):
+    # 100 prompt tokens + 29 new: 128 tokens go through the model, its max_seq_len.
+    [ids] = Generator(model).generate_ids([[2] * 100], SamplingParams(max_new_tokens=29, temperature=0))
+    assert len(ids) <= 29
+
+
+def test_text_api_needs_a_tokenizer(model):
+    with pytest.raises(ValueError, match="tokenizer"):
+        Generator(model).generate("hi", GREEDY)
+
+
+def test_single_prompt_returns_a_string(model, tokenizer):
+    gen = Generator(model, tokenizer)
+    one = gen.generate("hi", GREEDY)
+    assert isinstance(one, str) and gen.generate(["hi"], GREEDY) == [one]

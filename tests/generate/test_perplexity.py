@@ -1,0 +1,82 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+VOCAB = 97  # the `model` fixture's
+
+from heron.core import ModelConfig, TransformerOutput
+from heron.generate.perplexity import perplexity, window_starts
+
+
+class HalfRightBigram(nn.Module):
+    """Puts probability 1/2 on token (x + 1) % V after x, the rest spread evenly."""
+
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__()
+        self.config = ModelConfig(vocab_size=vocab_size, d_model=8, n_layers=1, n_heads=1)
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids: torch.Tensor) -> TransformerOutput:
+        V = self.config.vocab_size
+        probs = torch.full((*input_ids.shape, V), 0.5 / (V - 1))
+        probs.scatter_(-1, ((input_ids + 1) % V)[..., None], 0.5)
+        return TransformerOutput(logits=probs.log(), aux_loss=torch.zeros(()), cache=None)
+
+
+def test_uniform_logits_give_the_vocabulary_size(model):
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # tied to the embedding: every logit is 0
+    tokens = np.random.default_rng(0).integers(0, VOCAB, size=300)
+    assert math.isclose(perplexity(model, tokens, seq_len=32, batch_size=4), VOCAB, rel_tol=1e-5)
+
+
+def test_a_model_half_right_every_time_has_perplexity_two():
+    tokens = torch.arange(203) % 11
+    assert math.isclose(perplexity(HalfRightBigram(11), tokens, seq_len=16, batch_size=3), 2.0, rel_tol=1e-6)
+
+
+@torch.no_grad()
+def reference_perplexity(model, tokens, seq_len, windows):
+    nll, count = 0.0, 0
+    for s in window_starts(len(tokens), seq_len)[:windows]:
+        chunk = tokens[s : s + seq_len + 1]
+        logp = model(chunk[None, :-1]).logits[0].log_softmax(-1)  # (L, V)
+        nll -= logp.gather(-1, chunk[1:, None]).sum().item()
+        count += len(chunk) - 1
+    return math.exp(nll / count)
+
+
+@pytest.mark.parametrize("max_batches", [None, 1, 2])
+def test_windows_and_the_short_tail_equal_a_one_window_at_a_time_loop(model, max_batches):
+    tokens = torch.randint(0, VOCAB, (50,), generator=torch.Generator().manual_seed(0))
+    assert window_starts(50, 8) == [0, 8, 16, 24, 32, 40, 48]  # the last window predicts one token
+    got = perplexity(model, tokens, seq_len=8, batch_size=3, max_batches=max_batches)
+    windows = None if max_batches is None else 3 * max_batches
+    assert math.isclose(got, reference_perplexity(model, tokens, 8, windows), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(tokens=np.zeros((2, 5), dtype=np.int64)), "tokens"),
+        (dict(tokens=np.array([3])), "tokens"),
+        (dict(tokens=np.array([3, VOCAB])), "tokens"),
+        (dict(seq_len=0), "seq_len"),
+        (dict(seq_len=1000), "seq_len"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(max_batches=0), "max_batches"),
+    ],
+)
+def test_bad_arguments_name_the_field(model, kwargs, field):
+    args = dict(tokens=np.arange(20), seq_len=4, batch_size=2) | kwargs
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        perplexity(model, **args)
+
+
+def test_progress_bar_does_not_change_the_answer(model):
+    tokens = np.arange(40) % VOCAB
+    assert perplexity(model, tokens, 8, 2, progress=True) == perplexity(model, tokens, 8, 2)
+
