@@ -10,6 +10,7 @@ from torch import nn
 from heron.core.config import ModelConfig
 from heron.core.hooks import HookPoint
 from heron.core.kv_cache import KVCache
+from heron.core.linear import Linear
 from heron.core.rope import apply_rope
 
 
@@ -30,8 +31,8 @@ class Attention(nn.Module):
         self.use_rope = config.positions == "rope"
         q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         self.split = (q_width, kv_width, kv_width)
-        self.qkv = nn.Linear(config.d_model, q_width + 2 * kv_width, bias=config.qkv_bias)
-        self.out = nn.Linear(q_width, config.d_model, bias=config.out_bias)
+        self.qkv = Linear(config.d_model, q_width + 2 * kv_width, bias=config.qkv_bias)
+        self.out = Linear(q_width, config.d_model, bias=config.out_bias)
         self.hook_q = HookPoint()  # (B, n_heads, T, hd), before RoPE
         self.hook_k = HookPoint()  # (B, n_kv_heads, T, hd), before RoPE
         self.hook_v = HookPoint()  # (B, n_kv_heads, T, hd)

@@ -7,6 +7,7 @@ from torch import nn
 
 from heron.core.config import ModelConfig
 from heron.core.hooks import HookPoint
+from heron.core.linear import Linear
 
 
 class MLP(nn.Module):
@@ -21,8 +22,8 @@ class MLP(nn.Module):
         d, ff = config.d_model, config.resolved_d_ff
         self.kind = config.mlp
         width = 2 * ff if self.kind == "swiglu" else ff
-        self.up = nn.Linear(d, width, bias=config.mlp_bias)
-        self.down = nn.Linear(ff, d, bias=config.mlp_bias)
+        self.up = Linear(d, width, bias=config.mlp_bias)
+        self.down = Linear(ff, d, bias=config.mlp_bias)
         self.hook_post = HookPoint()  # (B, T, d_ff): the hidden activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

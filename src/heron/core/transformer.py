@@ -12,6 +12,7 @@ from heron.core.attention import Attention
 from heron.core.config import ModelConfig
 from heron.core.hooks import HookFn, HookPoint, attach_hooks
 from heron.core.kv_cache import KVCache
+from heron.core.linear import Linear
 from heron.core.mlp import MLP
 from heron.core.norms import make_norm
 from heron.core.rope import rope_tables
@@ -60,7 +61,7 @@ class Transformer(nn.Module):
         self.hook_embed = HookPoint()  # (B, T, d): token (+ position) embeddings
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = make_norm(config)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         if config.positions == "rope":
@@ -101,10 +102,12 @@ class Transformer(nn.Module):
             cache.check_room(T)
             cache.record_mask(attention_mask, T)
         key_mask = cache.key_mask[:, : past + T] if cache is not None and cache.key_mask is not None else attention_mask
-        if positions is None:
-            positions = self._default_positions(past, T, key_mask, x.device)
-        if past + T > self.config.max_seq_len or int(positions.max()) >= self.config.max_seq_len:
+        if past + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {past + T} tokens exceeds max_seq_len {self.config.max_seq_len}")
+        if positions is None:
+            positions = self._default_positions(past, T, key_mask, x.device)  # all < past + T: no check needed
+        elif int(positions.max()) >= self.config.max_seq_len:  # a host sync, paid only for caller's positions
+            raise ValueError(f"positions: {int(positions.max())} exceeds max_seq_len {self.config.max_seq_len}")
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
         x = self.hook_embed(x)
