@@ -1,0 +1,126 @@
+"""Training speed: Heron vs transformers' LlamaForCausalLM, same shape and weights.
+
+One optimizer step is forward + loss + backward + gradient clipping (1.0) +
+AdamW, on random tokens, for both:
+
+- Heron as `heron.train.loop` does it: `build_optimizer` (AdamW, fused kernel
+  where torch has one), fp32 cross entropy on the logits, summed over tokens
+  and divided by their number.
+- transformers as its `Trainer` does it by default: `model(input_ids,
+  labels=input_ids).loss` (the model shifts the labels), `torch.optim.AdamW`
+  with its defaults (the foreach kernel), `max_grad_norm` 1.0.
+
+Both see B x T input tokens per step. Warm-up steps are not timed.
+
+    python benchmarks/bench_train.py [--quick] [--presets small base]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common import Result, interleave, machine, ratio, record, setup_torch, timed
+from heron.interop import to_hf_llama
+from heron.models.presets import build_model, parameter_count
+from heron.train.optim import build_optimizer
+from heron.train.recipe import OptimSection
+
+CLIP_NORM = 1.0
+# Same batch for both sides; sized so one step takes seconds, not minutes, on 2 cores.
+SHAPES = {"small": (8, 256), "base": (4, 256)}  # (batch, seq_len)
+TARGET = 1.2
+
+
+@dataclass(frozen=True)
+class Plan:
+    rounds: int
+    steps: int  # timed optimizer steps per side per round
+    warmup: int
+
+
+# One step per round and many rounds: ratios of neighbouring steps cancel more of the drift.
+FULL, QUICK = Plan(rounds=6, steps=1, warmup=1), Plan(rounds=2, steps=1, warmup=1)
+
+
+def heron_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    optimizer = build_optimizer(model, OptimSection())
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(x).logits.float()  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum") / y.numel()
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM)
+        optimizer.step()
+
+    return step
+
+
+def hf_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)  # defaults: foreach on CPU
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        model(input_ids=x, labels=x).loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM)
+        optimizer.step()
+
+    return step
+
+
+def bench_preset(preset: str, plan: Plan) -> list[Result]:
+    B, T = SHAPES[preset]
+    model = build_model(preset).train()
+    hf = to_hf_llama(model).train()  # the same weights, before either trains
+    tokens = torch.randint(0, model.config.vocab_size, (B, T + 1))
+    x, y = tokens[:, :-1], tokens[:, 1:]  # (B, T) each
+    steps = {"heron": heron_step(model, x, y), "transformers": hf_step(hf, x)}
+    print(f"{preset}: {parameter_count(model) / 1e6:.1f}M parameters, batch {B} x {T}", flush=True)
+    for step in steps.values():
+        for _ in range(plan.warmup):
+            step()
+
+    def tokens_per_s(step: Callable[[], None]) -> Callable[[], float]:
+        return lambda: plan.steps * B * T / timed(lambda: [step() for _ in range(plan.steps)])
+
+    stats = interleave({name: tokens_per_s(step) for name, step in steps.items()}, plan.rounds)
+    speedup = ratio(stats["heron"], stats["transformers"])
+    print(f"  heron {stats['heron']} tok/s, transformers {stats['transformers']} tok/s, speedup {speedup}")
+    how = (f"{preset} preset, batch {B} x {T} random tokens, fp32, {plan.rounds} interleaved rounds of "
+           f"{plan.steps} step(s) after {plan.warmup} warm-up step(s)")
+    return [
+        Result(f"train_speedup_vs_transformers_{preset}", speedup.median, "x",
+               f"Heron / transformers training tokens/s (forward + backward + clip + AdamW); median of per-round "
+               f"ratios over {how}; spread {100 * speedup.spread:.0f}%", TARGET),
+        Result(f"train_tokens_per_s_heron_{preset}", stats["heron"].median, "tokens/s",
+               f"Heron, AdamW fused, {how}"),
+        Result(f"train_tokens_per_s_transformers_{preset}", stats["transformers"].median, "tokens/s",
+               f"LlamaForCausalLM (sdpa), AdamW foreach, {how}"),
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and steps")
+    parser.add_argument("--presets", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--no-write", action="store_true", help="print only; leave results files alone")
+    args = parser.parse_args(argv)
+    setup_torch()
+    info = machine()
+    plan = QUICK if args.quick else FULL
+    results = [r for preset in args.presets for r in bench_preset(preset, plan)]
+    if not args.no_write:
+        record("train", "Training throughput vs transformers", results, info, notes=[
+            "Heron and transformers run in one process, alternating order each round; the speedup is the "
+            "median of per-round ratios. The machine is shared, so absolute tokens/s are noisy; ratios less so.",
+        ])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

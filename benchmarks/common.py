@@ -1,0 +1,194 @@
+"""Shared benchmark machinery: interleaved timing, the machine, the results files.
+
+Heron and `transformers` run in one process, in alternating order (A B, then
+B A, ...), so slow drift from other work on a shared machine falls on both
+sides alike. A speedup is the median over rounds of the per-round ratio of
+the two measurements, which pairs measurements taken seconds apart.
+
+`record` merges its keys into `benchmarks/results.json` (other benchmarks'
+keys are kept) and rewrites only its own section of `benchmarks/RESULTS.md`.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+RESULTS_JSON = HERE / "results.json"
+RESULTS_MD = HERE / "RESULTS.md"
+THREADS = 2
+
+
+def setup_torch(threads: int = THREADS) -> None:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+
+
+# ----- timing -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stats:
+    """A sample of per-round measurements."""
+
+    values: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median: how far apart the rounds landed."""
+        return (max(self.values) - min(self.values)) / self.median
+
+    def __str__(self) -> str:
+        return f"{self.median:,.2f} (±{100 * self.spread / 2:.0f}%, n={len(self.values)})"
+
+
+def interleave(runs: Mapping[str, Callable[[], float]], rounds: int, log: bool = True) -> dict[str, Stats]:
+    """Call each run once per round, alternating the order round by round.
+
+    Each run returns one measurement (e.g. tokens/s). Returns them per name.
+    """
+    names = list(runs)
+    values: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else reversed(names):
+            values[name].append(runs[name]())
+        if log:
+            row = ", ".join(f"{n} {values[n][-1]:,.2f}" for n in names)
+            print(f"  round {r + 1}/{rounds}: {row}", flush=True)
+    return {n: Stats(tuple(v)) for n, v in values.items()}
+
+
+def ratio(a: Stats, b: Stats) -> Stats:
+    """Per-round a / b (rounds paired in time)."""
+    return Stats(tuple(x / y for x, y in zip(a.values, b.values)))
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds one call takes."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+# ----- the machine ------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict[str, object]:
+    import transformers
+
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+    }
+
+
+def machine_line(info: Mapping[str, object]) -> str:
+    return (f"{info['cpu']}, {info['cores']} cores, {info['threads']} torch threads, torch {info['torch']}, "
+            f"transformers {info['transformers']}, load average {info['load_avg_1m']} at start")
+
+
+# ----- memory bandwidth -------------------------------------------------------
+
+
+def memory_bandwidth(mib: int = 1024, repeats: int = 5) -> dict[str, float]:
+    """Best-of-`repeats` bandwidths in bytes/s over a buffer far larger than L3.
+
+    read: `sum` over an fp32 buffer, bytes read / time; this is the traffic of
+    decoding, which streams weights and writes almost nothing.
+    copy: `dst.copy_(src)`, (bytes read + bytes written) / time.
+    """
+    n = mib * 2**20 // 4
+    src, dst = torch.ones(n), torch.empty(n)
+    dst.copy_(src)  # touch every page before timing
+    read = min(timed(lambda: src.sum()) for _ in range(repeats))
+    copy = min(timed(lambda: dst.copy_(src)) for _ in range(repeats))
+    return {"read": src.nbytes / read, "copy": 2 * src.nbytes / copy}
+
+
+# ----- results ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Result:
+    key: str
+    value: float
+    unit: str
+    detail: str
+    target: float | None = None  # a value the issue asks for (at least)
+
+
+def record(section: str, title: str, results: list[Result], info: Mapping[str, object], notes: list[str]) -> None:
+    """Merge `results` into results.json and rewrite this section of RESULTS.md."""
+    today = dt.date.today().isoformat()
+    with open(Path(tempfile.gettempdir()) / "heron-bench-results.lock", "w") as lock:  # two may finish at once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
+        for r in results:
+            data[r.key] = {"value": round(r.value, 4), "unit": r.unit, "detail": r.detail, "measured": today}
+        _write_atomic(RESULTS_JSON, json.dumps(data, indent=2, sort_keys=True) + "\n")
+        _write_atomic(RESULTS_MD, _merge_section(_read_md(), section, _section_md(title, results, info, notes, today)))
+    print(f"wrote {len(results)} keys to {RESULTS_JSON} and section {section!r} of {RESULTS_MD}")
+
+
+def _section_md(title: str, results: list[Result], info: Mapping[str, object], notes: list[str], today: str) -> str:
+    lines = [f"## {title}", "", f"Measured {today} on {machine_line(info)}.", "",
+             "| key | value | unit | target | met |", "|---|---:|---|---:|:-:|"]
+    for r in results:
+        target = "" if r.target is None else f"≥ {r.target:g}"
+        met = "" if r.target is None else ("yes" if r.value >= r.target else "**no**")
+        lines.append(f"| `{r.key}` | {r.value:,.3g} | {r.unit} | {target} | {met} |")
+    lines += ["", *(f"- {n}" for n in notes), "", "How each key was measured:", ""]
+    lines += [f"- `{r.key}`: {r.detail}" for r in results if r.target is not None]
+    return "\n".join(lines) + "\n"
+
+
+_HEADER = "# Benchmark results\n\nWritten by the scripts in this folder; each owns one section.\n"
+
+
+def _read_md() -> str:
+    return RESULTS_MD.read_text() if RESULTS_MD.exists() else _HEADER
+
+
+def _merge_section(text: str, section: str, body: str) -> str:
+    start, end = f"<!-- section:{section} -->", f"<!-- /section:{section} -->"
+    block = f"{start}\n{body}{end}"
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        return before + block + rest.split(end, 1)[1]
+    return text.rstrip("\n") + "\n\n" + block + "\n"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
