@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from common import Result, Stats, interleave, machine, memory_bandwidth, ratio, record, setup_torch
+from common import INTERLEAVING_NOTE, Result, Stats, interleave, machine, memory_bandwidth, ratio, record, setup_torch
 from heron.generate import Decoder, Generator, SamplingParams, decode_steps, left_pad
 from heron.interop import to_hf_llama
 from heron.models.presets import build_model, parameter_count
@@ -174,10 +174,7 @@ def main(argv: list[str] | None = None) -> None:
                "best of 5 copy_ of a 1 GiB fp32 buffer, bytes read + written, before and after the runs"),
     ]
     if not args.no_write:
-        record("decode", "Decode throughput vs transformers", results, info, notes=[
-            "Heron and transformers run in one process, alternating order each round; speedups are medians of "
-            "per-round ratios. The machine is shared, so absolute tokens/s are noisy; ratios less so.",
-        ])
+        record("decode", "Decode throughput vs transformers", results, info, notes=[INTERLEAVING_NOTE])
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import Result, interleave, machine, ratio, record, setup_torch, timed
+from common import INTERLEAVING_NOTE, Result, interleave, machine, ratio, record, setup_torch, timed
 from heron.interop import to_hf_llama
 from heron.models.presets import build_model, parameter_count
 from heron.train.optim import build_optimizer
@@ -116,10 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     plan = QUICK if args.quick else FULL
     results = [r for preset in args.presets for r in bench_preset(preset, plan)]
     if not args.no_write:
-        record("train", "Training throughput vs transformers", results, info, notes=[
-            "Heron and transformers run in one process, alternating order each round; the speedup is the "
-            "median of per-round ratios. The machine is shared, so absolute tokens/s are noisy; ratios less so.",
-        ])
+        record("train", "Training throughput vs transformers", results, info, notes=[INTERLEAVING_NOTE])
 
 
 if __name__ == "__main__":

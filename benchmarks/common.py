@@ -147,6 +147,12 @@ class Result:
     target: float | None = None  # a value the issue asks for (at least)
 
 
+INTERLEAVING_NOTE = (
+    "Heron and transformers run in one process, alternating order each round; speedups are medians of "
+    "per-round ratios. The machine is shared, so absolute tokens/s are noisy; ratios less so."
+)
+
+
 def record(section: str, title: str, results: list[Result], info: Mapping[str, object], notes: list[str]) -> None:
     """Merge `results` into results.json and rewrite this section of RESULTS.md."""
     today = dt.date.today().isoformat()
