@@ -144,7 +144,14 @@ class Result:
     value: float
     unit: str
     detail: str
-    target: float | None = None  # a value the issue asks for (at least)
+    target: float | None = None  # a value the issue asks for
+    at_most: bool = False  # the target is an upper bound (memory ratios), not a lower one
+
+    @property
+    def met(self) -> bool | None:
+        if self.target is None:
+            return None
+        return self.value <= self.target if self.at_most else self.value >= self.target
 
 
 INTERLEAVING_NOTE = (
@@ -170,10 +177,10 @@ def _section_md(title: str, results: list[Result], info: Mapping[str, object], n
     lines = [f"## {title}", "", f"Measured {today} on {machine_line(info)}.", "",
              "| key | value | unit | target | met |", "|---|---:|---|---:|:-:|"]
     for r in results:
-        target = "" if r.target is None else f"≥ {r.target:g}"
-        met = "" if r.target is None else ("yes" if r.value >= r.target else "**no**")
+        target = "" if r.target is None else f"{'≤' if r.at_most else '≥'} {r.target:g}"
+        met = "" if r.met is None else ("yes" if r.met else "**no**")
         lines.append(f"| `{r.key}` | {r.value:,.3g} | {r.unit} | {target} | {met} |")
-    lines += ["", *(f"- {n}" for n in notes), "", "How each key was measured:", ""]
+    lines += ["", *(f"- {n}" if n and not n.startswith("|") else n for n in notes), "", "How each key was measured:", ""]
     lines += [f"- `{r.key}`: {r.detail}" for r in results if r.target is not None]
     return "\n".join(lines) + "\n"
 

@@ -1,6 +1,6 @@
 import pytest
 
-from heron.core.config import ModelConfig, RopeScaling
+from heron.core.config import MoEConfig, ModelConfig, RopeScaling
 
 BASE = dict(vocab_size=100, d_model=64, n_layers=2, n_heads=4)
 
@@ -47,3 +47,14 @@ def test_derived_sizes():
     # LLaMA's rule: 8/3 * d rounded up to a multiple of 64.
     assert config.resolved_d_ff == 192
     assert config.replace(mlp="gelu").resolved_d_ff == 256
+
+
+def test_moe_config_json_round_trip():
+    moe = MoEConfig(n_experts=8, top_k=2, d_ff=96, shared_expert=True, capacity_factor=1.25,
+                    aux_loss_coef=0.02, z_loss_coef=0.0)
+    config = ModelConfig(**BASE, feed_forward=("dense", "moe"), moe=moe)
+    back = ModelConfig.from_json(config.to_json())
+    assert back == config and back.moe == moe and back.feed_forward == ("dense", "moe")
+    assert [back.is_moe_layer(i) for i in range(back.n_layers)] == [False, True]
+    dropless = ModelConfig(**BASE, feed_forward=("moe",), moe=MoEConfig())
+    assert ModelConfig.from_json(dropless.to_json()).moe.capacity_factor is None

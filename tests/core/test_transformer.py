@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from heron.core import KVCache, ModelConfig, RopeScaling, Transformer
+from heron.core.config import MoEConfig
 
 VARIANTS = {
     "mha": dict(),
@@ -15,6 +16,10 @@ VARIANTS = {
     "rope_llama3": dict(rope_scaling=RopeScaling(kind="llama3", factor=8.0, original_max_seq_len=16)),
     "no_positions": dict(positions="none"),
     "head_dim": dict(head_dim=8, n_kv_heads=2),
+    # Mixture of Experts: routing is per token, so the cache changes nothing (eval mode never drops).
+    "moe_top2": dict(feed_forward=("dense", "moe"), moe=MoEConfig(n_experts=4, top_k=2)),
+    "moe_top1_shared": dict(feed_forward=("moe",), moe=MoEConfig(n_experts=4, top_k=1, shared_expert=True)),
+    "moe_capacity": dict(feed_forward=("dense", "moe"), moe=MoEConfig(n_experts=4, top_k=2, capacity_factor=0.5)),
 }
 
 
@@ -43,7 +48,7 @@ def test_cached_decoding_equals_full_forward(variant):
     assert cache.length == 20
 
 
-@pytest.mark.parametrize("variant", ["mha", "gqa", "learned_layernorm_gelu"])
+@pytest.mark.parametrize("variant", ["mha", "gqa", "learned_layernorm_gelu", "moe_top2"])
 def test_left_padding_changes_nothing(variant):
     model = make_model(**VARIANTS[variant])
     short = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(2))

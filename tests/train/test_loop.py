@@ -14,6 +14,7 @@ from heron.train import load_checkpoint, train
 from heron.train.checkpoint import latest_checkpoint, list_checkpoints
 from heron.train.recipe import RecipeError
 from heron.train.report import read_metrics
+from train_helpers import SMALL_MODEL
 from train_workers import Crash, crash_after
 
 HERE = Path(__file__).parent
@@ -100,3 +101,25 @@ def test_lineage_records_the_run(recipe_factory) -> None:
     assert lineage["recipe"]["train"]["steps"] == 2
     assert lineage["metrics"]["train_loss"] == result.losses[-1]
     assert lineage["metrics"]["val_loss"] == result.val_losses[-1][1]
+
+
+MOE_KEYS = {"moe_balance_loss", "moe_z_loss", "moe_max_load_over_fair", "moe_dropped_fraction", "moe_router_entropy"}
+
+
+def test_moe_routing_is_logged_apart_from_the_loss_and_resumes_exactly(recipe_factory) -> None:
+    moe = {"feed_forward": ["dense", "moe"], "moe": {"n_experts": 4, "top_k": 2, "capacity_factor": 1.0}}
+    settings = {"model": {"preset": "test", "overrides": {**SMALL_MODEL, **moe}},
+                "train": {"steps": 6, "ckpt_every": 3, "eval_every": 3, "grad_accum": 2}}
+    unbroken = train(recipe_factory("unbroken", **settings))
+    for row in unbroken.history:
+        assert MOE_KEYS <= set(row)
+        assert row["moe_balance_loss"] > 0 and row["moe_z_loss"] > 0
+        assert 1 <= row["moe_max_load_over_fair"] <= 4 and 0 <= row["moe_dropped_fraction"] < 1
+        assert 0 < row["moe_router_entropy"] <= math.log(4)
+    assert all(MOE_KEYS <= set(row) for row in read_metrics(unbroken.out_dir))
+    recipe = recipe_factory("broken", **settings)
+    with pytest.raises(Crash):
+        train(recipe, callbacks=[crash_after(4)])
+    assert train(recipe).history == unbroken.history  # routing statistics too, bit for bit
+    dense = train(recipe_factory("dense", train={"steps": 1}))
+    assert set(dense.history[0]) == {"step", "loss", "lr", "grad_norm", "tokens", "val_loss"}

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from heron.core.moe import MoE
 from heron.train.recipe import RecipeError, batch_plan, load_recipe, model_config, recipe_from_dict
 
 RECIPES = sorted((Path(__file__).parents[2] / "src" / "heron" / "recipes").glob("*.yaml"))
@@ -26,7 +27,19 @@ def test_every_shipped_recipe_loads_and_builds_its_model(path: Path) -> None:
 
 
 def test_shipped_recipes_include_the_demo() -> None:
-    assert {"test.yaml", "tiny.yaml", "small.yaml"} <= {p.name for p in RECIPES}
+    assert {"test.yaml", "tiny.yaml", "small.yaml", "tiny-moe.yaml"} <= {p.name for p in RECIPES}
+
+
+def test_tiny_moe_has_tiny_active_width() -> None:
+    """8 experts, top-2, on every layer; two experts together as wide as tiny's dense MLP."""
+    folder = RECIPES[0].parent
+    moe = model_config(load_recipe(folder / "tiny-moe.yaml", world_size=1), vocab_size=4096)
+    dense = model_config(load_recipe(folder / "tiny.yaml", world_size=1), vocab_size=4096)
+    assert all(moe.is_moe_layer(i) for i in range(moe.n_layers))
+    assert moe.replace(feed_forward=(), moe=None) == dense
+    layer = MoE(moe)
+    assert layer.up.shape[0] == 8 and moe.moe.top_k == 2
+    assert moe.moe.top_k * layer.down.shape[1] == dense.resolved_d_ff
 
 
 def test_overrides_are_parsed_as_yaml_values(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from heron.core.hooks import HookPoint
 from heron.core.kv_cache import KVCache
 from heron.core.linear import Linear
 from heron.core.rope import apply_rope
+from heron.core.sparse import allowed, sparse_attention, token_index
 
 
 class Attention(nn.Module):
@@ -25,6 +26,8 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
+        pattern = config.attention_pattern(layer)
+        self.pattern = None if pattern.kind == "dense" else pattern  # see core/sparse.py
         self.n_heads = config.n_heads
         self.n_kv_heads = config.resolved_kv_heads
         self.head_dim = config.resolved_head_dim
@@ -45,6 +48,7 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor | None,  # (B, 1, T, S) bool, True = may attend; None = causal
         cache: KVCache | None,
+        key_mask: torch.Tensor | None = None,  # (B, S) bool, False = padding
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(self.split, dim=-1)
@@ -54,18 +58,54 @@ class Attention(nn.Module):
         if self.use_rope:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd)
-        if self.hook_pattern.active:
-            y = self._explicit_attention(q, k, v, mask)
+        if self.pattern is not None:
+            y = self._sparse(q, k, v, cache, key_mask)
         else:
-            # A single new query with no padding sees every cached key: no mask at all.
-            is_causal = mask is None and cache is None
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_heads
-            )  # (B, nh, T, hd)
+            if cache is not None:
+                k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hd)
+            y = self._attend(q, k, v, mask, is_causal=mask is None and cache is None)
         y = self.hook_z(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         return self.out(y)  # (B, T, d)
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool
+    ) -> torch.Tensor:
+        """(B, nh, T, hd). A single new query with no padding sees every cached key: no mask at all."""
+        if self.hook_pattern.active:
+            return self._explicit_attention(q, k, v, mask)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=self.n_kv_heads != self.n_heads
+        )
+
+    def _sparse(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache | None, key_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Attention under this layer's sparse pattern, a rule on real-token indices.
+
+        A whole sequence (training, or a prefill into an empty cache) runs the
+        blocked engines; queries after cached tokens (decoding) attend to the
+        keys the cache returns, under the rule's mask over those keys only.
+        """
+        T = q.shape[2]
+        past = cache.length if cache is not None else 0
+        if past == 0 and not self.hook_pattern.active:
+            y = sparse_attention(q, k, v, self.pattern, key_mask)
+            if cache is not None:
+                cache.update_sparse(self.layer, k, v)
+            return y
+        if cache is None:
+            index = token_index(key_mask, T, q.device)  # (B or 1, T)
+            query_index = key_index = index
+            real = key_mask
+        else:
+            k, v, tokens = cache.update_sparse(self.layer, k, v)  # (B, nkv, S, hd), tokens (S,)
+            query_index, key_index = cache.token_index[:, past : past + T], cache.token_index[:, tokens]
+            real = cache.key_mask[:, tokens] if cache.key_mask is not None else None
+        mask = allowed(self.pattern, query_index[:, :, None], key_index[:, None, :])  # (B, T, S)
+        if real is not None:
+            mask = mask & real[:, None, :]
+        mask = mask | ~mask.any(-1, keepdim=True)  # a padding query with nothing to see: anything, not NaN
+        return self._attend(q, k, v, mask.unsqueeze(1), is_causal=False)
 
     def _explicit_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None

@@ -15,6 +15,8 @@ NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rope", "learned", "none")
 MLPS = ("swiglu", "gelu", "gelu_tanh")
 ROPE_SCALINGS = ("linear", "llama3")
+ATTENTION_KINDS = ("dense", "sliding", "dilated", "strided", "fixed", "bigbird")
+FEED_FORWARDS = ("dense", "moe")
 
 
 @dataclass(frozen=True)
@@ -33,10 +35,92 @@ class RopeScaling:
     original_max_seq_len: int = 8192
 
     def __post_init__(self) -> None:
-        _check_choice("rope_scaling.kind", self.kind, ROPE_SCALINGS)
-        _check_positive("rope_scaling.factor", self.factor)
+        _check_choice("kind", self.kind, ROPE_SCALINGS)
+        _check_positive("factor", self.factor)
         if self.kind == "llama3" and self.high_freq_factor <= self.low_freq_factor:
-            raise ValueError("rope_scaling.high_freq_factor must exceed rope_scaling.low_freq_factor")
+            raise ValueError("high_freq_factor: must exceed low_freq_factor")
+
+
+@dataclass(frozen=True)
+class AttentionPattern:
+    """Which earlier tokens a query may attend to; every pattern is causal.
+
+    With i the query's position and j a key's (j <= i):
+    - dense: every j.
+    - sliding: i - j < window (Longformer's local attention; Mistral, GPT-Neo).
+    - dilated: i - j = m * dilation for m < window (Longformer's dilated window).
+    - strided: i - j < stride, or (i - j) % stride == 0 (Child et al. 2019;
+      stride near sqrt(n) costs O(n sqrt(n))).
+    - fixed: j in i's block of `block` tokens, or j among the last `summary`
+      tokens of its block (Child et al. 2019).
+    - bigbird: in blocks of `block` tokens, i's block and the `local_blocks`
+      blocks before it, the first `global_blocks` blocks, and `random_blocks`
+      earlier blocks drawn per query block with `seed` (Zaheer et al. 2020).
+    """
+
+    kind: str = "dense"
+    window: int = 256
+    dilation: int = 2
+    stride: int = 128
+    block: int = 64
+    summary: int = 8
+    local_blocks: int = 1
+    global_blocks: int = 1
+    random_blocks: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("kind", self.kind, ATTENTION_KINDS)
+        for name in ("window", "dilation", "stride", "block", "summary"):
+            _check_positive(name, getattr(self, name))
+        for name in ("local_blocks", "global_blocks", "random_blocks", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
+        if self.kind == "fixed" and self.summary > self.block:
+            raise ValueError(f"summary: {self.summary} exceeds block {self.block}")
+
+    @property
+    def span(self) -> int | None:
+        """The largest i - j + 1 the pattern allows, or None when unbounded:
+        a bounded span lets the KV cache keep only that many recent keys."""
+        if self.kind == "sliding":
+            return self.window
+        if self.kind == "dilated":
+            return (self.window - 1) * self.dilation + 1
+        return None
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """A Mixture-of-Experts feed-forward: `n_experts` SwiGLU/GELU experts of
+    width `d_ff`, each token routed to `top_k` of them (Shazeer et al. 2017;
+    Fedus et al. 2022, Switch; Zoph et al. 2022, ST-MoE).
+
+    capacity_factor None is dropless; otherwise an expert takes at most
+    ceil(capacity_factor * tokens * top_k / n_experts) tokens and drops the
+    rest (they pass through on the residual stream).
+    """
+
+    n_experts: int = 8
+    top_k: int = 2
+    d_ff: int | None = None  # None: the dense d_ff divided by top_k, so active parameters match
+    shared_expert: bool = False
+    capacity_factor: float | None = None
+    aux_loss_coef: float = 0.01  # alpha of the Switch load-balancing loss
+    z_loss_coef: float = 0.001  # ST-MoE router z-loss
+
+    def __post_init__(self) -> None:
+        _check_positive("n_experts", self.n_experts)
+        _check_positive("top_k", self.top_k)
+        if self.top_k > self.n_experts:
+            raise ValueError(f"top_k: {self.top_k} exceeds n_experts {self.n_experts}")
+        if self.d_ff is not None:
+            _check_positive("d_ff", self.d_ff)
+        if self.capacity_factor is not None:
+            _check_positive("capacity_factor", self.capacity_factor)
+        for name in ("aux_loss_coef", "z_loss_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -62,6 +146,11 @@ class ModelConfig:
     out_bias: bool = False
     mlp_bias: bool = False
     init_std: float = 0.02
+    # Per-layer schedules, cycled over the layers (their length must divide
+    # n_layers): (dense, sliding) alternates like GPT-Neo. Empty: all dense.
+    attention: tuple[AttentionPattern, ...] = ()
+    feed_forward: tuple[str, ...] = ()  # "dense" or "moe" per layer; empty: all dense
+    moe: MoEConfig | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
@@ -87,6 +176,16 @@ class ModelConfig:
         _check_positive("norm_eps", self.norm_eps)
         if self.rope_scaling is not None and self.positions != "rope":
             raise ValueError(f"rope_scaling: set, but positions={self.positions!r} is not 'rope'")
+        for name in ("attention", "feed_forward"):
+            schedule = getattr(self, name)
+            if not isinstance(schedule, tuple):
+                raise ValueError(f"{name}: expected a tuple, got {type(schedule).__name__}")
+            if schedule and self.n_layers % len(schedule):
+                raise ValueError(f"{name}: {len(schedule)} entries do not cycle evenly over {self.n_layers} layers")
+        for i, kind in enumerate(self.feed_forward):
+            _check_choice(f"feed_forward[{i}]", kind, FEED_FORWARDS)
+        if "moe" in self.feed_forward and self.moe is None:
+            raise ValueError("moe: feed_forward names 'moe' layers but no moe settings are given")
 
     @property
     def resolved_head_dim(self) -> int:
@@ -106,6 +205,12 @@ class ModelConfig:
         hidden = int(8 * self.d_model / 3)
         return 64 * ((hidden + 63) // 64)
 
+    def attention_pattern(self, layer: int) -> AttentionPattern:
+        return self.attention[layer % len(self.attention)] if self.attention else DENSE
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return bool(self.feed_forward) and self.feed_forward[layer % len(self.feed_forward)] == "moe"
+
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed, validated like a new config."""
         return ModelConfig.from_dict({**self.to_dict(), **changes})
@@ -124,13 +229,17 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"{unknown[0]}: unknown ModelConfig field (known: {', '.join(sorted(known))})")
         values = dict(data)
-        scaling = values.get("rope_scaling")
-        if isinstance(scaling, dict):
-            scaling_known = {f.name for f in dataclasses.fields(RopeScaling)}
-            bad = sorted(set(scaling) - scaling_known)
-            if bad:
-                raise ValueError(f"rope_scaling.{bad[0]}: unknown field")
-            values["rope_scaling"] = RopeScaling(**scaling)
+        if isinstance(values.get("rope_scaling"), dict):
+            values["rope_scaling"] = _nested(RopeScaling, values["rope_scaling"], "rope_scaling")
+        if isinstance(values.get("moe"), dict):
+            values["moe"] = _nested(MoEConfig, values["moe"], "moe")
+        if isinstance(values.get("attention"), (list, tuple)):
+            values["attention"] = tuple(
+                _nested(AttentionPattern, p, f"attention[{i}]") if isinstance(p, dict) else p
+                for i, p in enumerate(values["attention"])
+            )
+        if isinstance(values.get("feed_forward"), list):
+            values["feed_forward"] = tuple(values["feed_forward"])
         _check_types(cls, values)
         return cls(**values)
 
@@ -143,9 +252,23 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "int": (int,),
     "int | None": (int, type(None)),
     "float": (int, float),
+    "float | None": (int, float, type(None)),
     "str": (str,),
     "bool": (bool,),
 }
+
+
+def _nested(cls: type, data: dict[str, Any], where: str) -> Any:
+    """A nested config dataclass from a dict; errors are prefixed with `where`."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(data) - known)
+    if bad:
+        raise ValueError(f"{where}.{bad[0]}: unknown field (known: {', '.join(sorted(known))})")
+    _check_types(cls, data)
+    try:
+        return cls(**data)
+    except ValueError as err:
+        raise ValueError(f"{where}.{err}") from None
 
 
 def _check_types(cls: type, values: dict[str, Any]) -> None:
@@ -170,4 +293,6 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name}: {value!r} is not one of {', '.join(choices)}")
 
 
-__all__ = ["ModelConfig", "RopeScaling"]
+DENSE = AttentionPattern()
+
+__all__ = ["AttentionPattern", "DENSE", "MoEConfig", "ModelConfig", "RopeScaling"]

@@ -3,26 +3,36 @@
 Storage for the whole generation is allocated once; each forward writes its
 new keys and values in place and attends over a view of the filled prefix,
 so a decode step copies only the new token's keys and values.
+
+A layer whose attention pattern has a bounded span (sliding or dilated
+windows) keeps only its last `span` keys, in a ring: its memory is bounded by
+the window however long the generation runs.
 """
 from __future__ import annotations
 
 import torch
 
 from heron.core.config import ModelConfig
+from heron.core.sparse import token_index
 
 
 class KVCache:
-    """Keys and values of every layer, (B, n_kv_heads, max_len, head_dim) each.
+    """Keys and values of every layer, (B, n_kv_heads, slots, head_dim) each,
+    where slots is max_len, or a ring of `span` slots for bounded patterns.
 
     `key_mask` (B, max_len) marks real tokens when a batch is left-padded; it
-    is None while every position is real.
+    is None while every position is real. `token_index` (B, max_len) holds
+    each token's index among its row's real tokens: sparse patterns are rules
+    on those indices.
     """
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], max_len: int) -> None:
         self.keys = keys
         self.values = values
         self.length = 0
         self.key_mask: torch.Tensor | None = None
+        self.token_index = torch.zeros(keys[0].shape[0], max_len, dtype=torch.long, device=keys[0].device)
+        self._real_tokens = torch.zeros(keys[0].shape[0], dtype=torch.long, device=keys[0].device)  # (B,)
 
     @classmethod
     def allocate(
@@ -35,10 +45,14 @@ class KVCache:
     ) -> KVCache:
         if max_len > config.max_seq_len:
             raise ValueError(f"max_len: {max_len} exceeds the model's max_seq_len {config.max_seq_len}")
-        shape = (batch_size, config.resolved_kv_heads, max_len, config.resolved_head_dim)
-        keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
-        values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
-        return cls(keys, values)
+        keys, values = [], []
+        for layer in range(config.n_layers):
+            span = config.attention_pattern(layer).span
+            slots = max_len if span is None else min(span, max_len)
+            shape = (batch_size, config.resolved_kv_heads, slots, config.resolved_head_dim)
+            keys.append(torch.empty(shape, dtype=dtype, device=device))
+            values.append(torch.empty(shape, dtype=dtype, device=device))
+        return cls(keys, values, max_len)
 
     @property
     def batch_size(self) -> int:
@@ -46,7 +60,12 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.keys[0].shape[2]
+        return self.token_index.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held for keys and values."""
+        return sum(t.nbytes for t in self.keys + self.values)
 
     def check_room(self, new_tokens: int) -> None:
         if self.length + new_tokens > self.max_len:
@@ -56,6 +75,10 @@ class KVCache:
 
     def record_mask(self, new_mask: torch.Tensor | None, new_tokens: int) -> None:
         """Remember which of the new positions are real tokens (B, T) bool."""
+        new = slice(self.length, self.length + new_tokens)
+        index = token_index(new_mask, new_tokens, self.token_index.device)  # (B or 1, T)
+        self.token_index[:, new] = self._real_tokens[:, None] + index
+        self._real_tokens += index[:, -1] + 1
         if new_mask is None:
             if self.key_mask is not None:
                 self.key_mask[:, self.length : self.length + new_tokens] = True
@@ -71,5 +94,48 @@ class KVCache:
         self.values[layer][:, :, self.length : end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def update_sparse(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write this step's k, v (B, n_kv, T, hd); return the keys and values
+        its queries may need, (B, n_kv, S, hd) each, and the token index of
+        each, (S,) long, into `token_index` and `key_mask`."""
+        slots = self.keys[layer].shape[2]
+        if slots == self.max_len:
+            end = self.length + k.shape[2]
+            keys, values = self.update(layer, k, v)
+            return keys, values, torch.arange(end, device=k.device)
+        return self._update_ring(layer, k, v, slots)
+
+    def _update_ring(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, slots: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token t lives in slot t % slots. One new token is written first and
+        attends over the ring (slots >= span, so it loses nothing it needs);
+        a chunk of several attends over the old ring plus itself, then the
+        chunk's last `slots` tokens are written."""
+        start, T = self.length, k.shape[2]
+        ring_k, ring_v = self.keys[layer], self.values[layer]
+        if T == 1:
+            ring_k[:, :, start % slots] = k[:, :, 0]
+            ring_v[:, :, start % slots] = v[:, :, 0]
+            held = min(start + 1, slots)
+            return ring_k[:, :, :held], ring_v[:, :, :held], _ring_tokens(start + 1, slots, k.device)
+        held = min(start, slots)
+        keys = torch.cat([ring_k[:, :, :held], k], dim=2)  # (B, n_kv, held + T, hd)
+        values = torch.cat([ring_v[:, :, :held], v], dim=2)
+        tokens = torch.cat([_ring_tokens(start, slots, k.device), torch.arange(start, start + T, device=k.device)])
+        kept = torch.arange(max(start, start + T - slots), start + T, device=k.device)  # tokens to keep
+        ring_k[:, :, kept % slots] = k[:, :, kept - start]
+        ring_v[:, :, kept % slots] = v[:, :, kept - start]
+        return keys, values, tokens
+
     def advance(self, new_tokens: int) -> None:
         self.length += new_tokens
+
+
+def _ring_tokens(length: int, slots: int, device: torch.device) -> torch.Tensor:
+    """(min(length, slots),) long: the token held by each filled ring slot once
+    `length` tokens have been written: the latest t < length with t % slots == s."""
+    s = torch.arange(min(length, slots), device=device)
+    return s + (length - 1 - s) // slots * slots

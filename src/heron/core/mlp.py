@@ -27,12 +27,16 @@ class MLP(nn.Module):
         self.hook_post = HookPoint()  # (B, T, d_ff): the hidden activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.up(x)  # (B, T, width)
-        if self.kind == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        elif self.kind == "gelu_tanh":
-            h = F.gelu(h, approximate="tanh")
-        else:
-            h = F.gelu(h)
+        h = activate(self.up(x), self.kind)  # (B, T, d_ff)
         return self.down(self.hook_post(h))  # (B, T, d)
+
+
+def activate(h: torch.Tensor, kind: str) -> torch.Tensor:
+    """The hidden activation of an `up` projection's output (..., width) -> (..., d_ff);
+    for SwiGLU the width holds gate and up halves: silu(gate) * up."""
+    if kind == "swiglu":
+        gate, up = h.chunk(2, dim=-1)  # (..., d_ff) each
+        return F.silu(gate) * up
+    if kind == "gelu_tanh":
+        return F.gelu(h, approximate="tanh")
+    return F.gelu(h)

@@ -14,6 +14,7 @@ from heron.core.hooks import HookFn, HookPoint, attach_hooks
 from heron.core.kv_cache import KVCache
 from heron.core.linear import Linear
 from heron.core.mlp import MLP
+from heron.core.moe import MoE
 from heron.core.norms import make_norm
 from heron.core.rope import rope_tables
 
@@ -26,14 +27,18 @@ class TransformerOutput:
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)).
+
+    `mlp` is a MoE on the layers `config.feed_forward` marks "moe"; the name
+    stays `mlp` so hook names (blocks.3.mlp.hook_router_probs) keep one shape.
+    """
 
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.attn_norm = make_norm(config)
         self.attn = Attention(config, layer)
         self.mlp_norm = make_norm(config)
-        self.mlp = MLP(config)
+        self.mlp = MoE(config) if config.is_moe_layer(layer) else MLP(config)
         self.hook_resid_pre = HookPoint()  # (B, T, d)
         self.hook_attn_out = HookPoint()  # (B, T, d)
         self.hook_resid_mid = HookPoint()  # (B, T, d)
@@ -46,9 +51,10 @@ class Block(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         mask: torch.Tensor | None,
         cache: KVCache | None,
+        key_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = self.hook_resid_pre(x)
-        x = self.hook_resid_mid(x + self.hook_attn_out(self.attn(self.attn_norm(x), rope, mask, cache)))
+        x = self.hook_resid_mid(x + self.hook_attn_out(self.attn(self.attn_norm(x), rope, mask, cache, key_mask)))
         return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.mlp_norm(x))))
 
 
@@ -73,13 +79,15 @@ class Transformer(nn.Module):
     def reset_parameters(self) -> None:
         """GPT-2 initialisation: N(0, std), with the projections that write to
         the residual stream scaled by 1/sqrt(2 * n_layers) (Radford et al. 2019)."""
-        std = self.config.init_std
+        std, residual = self.config.init_std, (2 * self.config.n_layers) ** -0.5
         for name, module in self.named_modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                scale = (2 * self.config.n_layers) ** -0.5 if name.endswith(("attn.out", "mlp.down")) else 1.0
+                scale = residual if name.endswith(("attn.out", "mlp.down", "mlp.shared.down")) else 1.0
                 nn.init.normal_(module.weight, mean=0.0, std=std * scale)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+            elif isinstance(module, MoE):  # stacked expert weights: the same rule, per expert
+                module.reset_parameters(std, residual)
 
     def hooks(self, fns: Mapping[str, HookFn] | list[tuple[str, HookFn]]) -> AbstractContextManager[None]:
         """`with model.hooks({"blocks.0.hook_resid_post": fn}): ...`"""
@@ -114,13 +122,14 @@ class Transformer(nn.Module):
         rope = self._rope(positions)
         mask = _attention_mask(past, T, key_mask, x.device) if (cache is not None and T > 1) or key_mask is not None else None
         for block in self.blocks:
-            x = block(x, rope, mask, cache)
+            x = block(x, rope, mask, cache, key_mask)
         if cache is not None:
             cache.advance(T)
         if last_only:
             x = x[:, -1:]
         logits = self.lm_head(self.norm(x))  # (B, T, V)
-        return TransformerOutput(logits=logits, aux_loss=logits.new_zeros(()), cache=cache)
+        aux = sum((b.mlp.pop_aux_loss() for b in self.blocks if isinstance(b.mlp, MoE)), logits.new_zeros(()))
+        return TransformerOutput(logits=logits, aux_loss=aux, cache=cache)
 
     def _embed_tokens(self, input_ids: torch.Tensor | None, input_embeds: torch.Tensor | None) -> torch.Tensor:
         if (input_ids is None) == (input_embeds is None):

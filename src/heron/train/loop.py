@@ -9,6 +9,10 @@ Invariants the tests hold it to:
   on CPU: batches are a pure function of the step (PackedBatches), the LR a
   pure function of the step (optim.lr_at), and the checkpoint holds weights,
   optimizer state and RNG states.
+
+MoE models keep the third but not the first two: the load-balancing loss
+and expert capacity are computed per forward (as Switch does per device
+batch), so they depend on how the batch is split.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
+from heron.core.moe import moe_stats
 from heron.core.transformer import Transformer
 from heron.data.batches import PackedBatches, eval_batches
 from heron.train import distributed as dist_
@@ -58,7 +63,7 @@ class TrainResult:
     out_dir: Path
     checkpoint: Path | None  # the last checkpoint (written by rank 0; the same path on every rank)
     step: int
-    history: list[dict[str, Any]]  # one row per step: step, loss, lr, grad_norm, tokens[, val_loss]
+    history: list[dict[str, Any]]  # one row per step: step, loss, lr, grad_norm, tokens[, val_loss][, moe_*]
 
     @property
     def losses(self) -> list[float]:
@@ -227,10 +232,10 @@ def _loop(run: _Run, callbacks: Sequence[Callback]) -> None:
     tokens_per_step = t.batch_size * run.recipe.data.seq_len
     while run.step < t.steps:
         started = time.perf_counter()
-        loss, grad_norm, lr = _train_step(run, batches)
+        loss, grad_norm, lr, moe = _train_step(run, batches)
         run.step += 1
         row = {"step": run.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-               "tokens": run.step * tokens_per_step}
+               "tokens": run.step * tokens_per_step, **moe}
         if _due(run.step, t.eval_every, t.steps):
             row["val_loss"] = evaluate(run)
         run.history.append(row)
@@ -259,8 +264,8 @@ def _record(run: _Run, row: dict[str, Any], tokens_per_s: float, bar: tqdm) -> N
         append_metrics(run.out_dir, {**row, "tokens_per_s": round(tokens_per_s, 1)})
 
 
-def _train_step(run: _Run, batches: PackedBatches) -> tuple[float, float, float]:
-    """One optimizer step over the global batch: (mean loss, grad norm, lr)."""
+def _train_step(run: _Run, batches: PackedBatches) -> tuple[float, float, float, dict[str, float]]:
+    """One optimizer step over the global batch: (mean loss, grad norm, lr, MoE metrics)."""
     t, ctx = run.recipe.train, run.ctx
     lr = recipe_lr(run.step, run.recipe.optim, run.recipe.schedule, t.steps)
     set_lr(run.optimizer, lr)
@@ -272,17 +277,31 @@ def _train_step(run: _Run, batches: PackedBatches) -> tuple[float, float, float]
     counted = torch.stack([(y != IGNORE_INDEX).sum() for _, y in parts]).sum().to(ctx.device)
     n_tokens = dist_.all_reduce_sum(counted, ctx)  # targets in the global batch
     loss_sum = torch.zeros((), device=ctx.device)
+    moe_sums: dict[str, torch.Tensor] = {}
     for m, (x, y) in enumerate(parts):
         with dist_.gradient_sync(run.model, enabled=m == run.grad_accum - 1):
             token_loss, aux = _forward_loss(run, x, y)
             # Sum over tokens / tokens in the global batch: the global mean whatever the
             # split. x world undoes the mean over ranks that DDP and FSDP apply to gradients.
-            (token_loss * ctx.world_size / n_tokens + t.aux_loss_coef * aux / run.grad_accum).backward()
+            (token_loss * ctx.world_size / n_tokens + aux / run.grad_accum).backward()
         loss_sum += token_loss.detach()
+        for name, value in moe_stats(run.model).items():
+            moe_sums[name] = moe_sums.get(name, 0) + value
     norm = nn.utils.clip_grad_norm_(run.model.parameters(), t.clip_norm or float("inf"))
     run.optimizer.step()
     loss = dist_.all_reduce_sum(loss_sum, ctx) / n_tokens
-    return float(loss), dist_.grad_norm_value(norm), lr
+    return float(loss), dist_.grad_norm_value(norm), lr, _moe_metrics(run, moe_sums)
+
+
+def _moe_metrics(run: _Run, sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Routing statistics summed over micro-batches -> `moe_<name>` means over
+    micro-batches and processes; {} for a dense model, whose rows stay as they were."""
+    if not sums:
+        return {}
+    names = sorted(sums)
+    totals = dist_.all_reduce_sum(torch.stack([sums[n] for n in names]).to(run.ctx.device), run.ctx)  # (S,)
+    count = run.grad_accum * run.ctx.world_size
+    return {f"moe_{name}": float(total) / count for name, total in zip(names, totals)}
 
 
 def _forward_loss(run: _Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -105,7 +105,6 @@ class TrainSection(_Section):
     micro_batch: int | None = Field(default=None, gt=0)  # sequences per forward per process
     grad_accum: int | None = Field(default=None, gt=0)  # forwards per step per process
     clip_norm: float | None = Field(default=1.0, gt=0)
-    aux_loss_coef: float = Field(default=0.01, ge=0)  # MoE load-balancing loss weight
     precision: Literal["fp32", "bf16"] = "fp32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     parallel: Literal["none", "ddp", "fsdp"] = "none"

@@ -1,0 +1,222 @@
+"""Mixture-of-Experts feed-forward (Shazeer et al. 2017; Fedus et al. 2022,
+Switch Transformer; Zoph et al. 2022, ST-MoE; Jiang et al. 2024, Mixtral).
+
+A linear router scores every token against `n_experts` SwiGLU/GELU experts;
+each token goes to its `top_k` best, and their outputs are summed with the
+router's weights. Dispatch is by sorting: the (token, slot) assignments are
+ordered by expert, so each expert's tokens are one contiguous slice and all
+experts run as one grouped matrix product, with no per-token Python loop.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from heron.core.config import ModelConfig
+from heron.core.hooks import HookPoint
+from heron.core.mlp import MLP, activate
+
+# ----- routing math: pure functions of tensors ---------------------------------
+
+
+def route(probs: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, experts), each (N, k), from router probabilities (N, E).
+
+    With k > 1 the chosen probabilities are renormalised to sum to one
+    (Mixtral); with k = 1 the gate is the probability itself, as in Switch
+    (Fedus et al. 2022, eq. 2): renormalised it would be a constant 1 and the
+    router would get no gradient from the language-model loss.
+    """
+    weights, experts = probs.topk(top_k, dim=-1)  # (N, k), (N, k)
+    if top_k > 1:
+        weights = weights / weights.sum(dim=-1, keepdim=True)  # (N, k)
+    return weights, experts
+
+
+def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Switch load-balancing loss alpha * E * sum_i f_i * P_i (Fedus et al. 2022, eq. 4-6).
+
+    probs (N, E) router probabilities; counts (E,) assignments per expert. For
+    top-k, f_i counts all k assignments of every token, so sum_i f_i = 1 and a
+    balanced router scores alpha whatever k is. Only P_i carries gradient.
+    """
+    n_experts = probs.shape[-1]
+    f = counts.to(probs.dtype) / counts.sum()  # (E,) fraction of assignments
+    p = probs.mean(dim=0)  # (E,) mean router probability
+    return alpha * n_experts * (f * p).sum()
+
+
+def router_z_loss(logits: torch.Tensor, coef: float) -> torch.Tensor:
+    """ST-MoE router z-loss: coef * mean over tokens of logsumexp(logits)^2
+    (Zoph et al. 2022, eq. 5); keeps router logits small and softmax stable."""
+    return coef * torch.logsumexp(logits, dim=-1).square().mean()
+
+
+def router_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """(...,) entropy in nats of each token's router distribution (..., E)."""
+    return -torch.special.xlogy(probs, probs).sum(dim=-1)
+
+
+def expert_capacity(n_tokens: int, top_k: int, n_experts: int, factor: float) -> int:
+    """Assignments an expert may take: ceil(factor * tokens * k / E) (Switch, eq. 3)."""
+    return math.ceil(factor * n_tokens * top_k / n_experts)
+
+
+def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, *,
+                   fused: bool | None = None) -> torch.Tensor:
+    """Rows of x (A, K), grouped by expert in order, times their expert's w (E, K, M): (A, M).
+    counts (E,) rows per expert. fused None picks F.grouped_mm where it runs (CPU,
+    rows of K and M a multiple of 16 bytes), else a loop over the experts.
+
+    Why F.grouped_mm on CPU: with torch 2.13, at tiny-moe's shapes (8 experts,
+    288 x 384, 4096 assignments, one thread, median of 15 interleaved runs) it
+    took 13.4 ms forward and 49.6 ms forward + backward against 15.6 and 58.5
+    ms for a loop over the experts, and 0.13 against 0.16 ms for a 4-row
+    decode step, with bit-identical results. On CUDA grouped_mm wants bf16 as
+    well, which fp32 training does not give, so other devices loop over the
+    experts (never over tokens).
+    """
+    w = w.to(x.dtype)  # autocast has no rule for grouped_mm; cast as it would for a matmul
+    if fused is None:
+        aligned = all(n * x.element_size() % 16 == 0 for n in w.shape[1:])
+        fused = x.device.type == "cpu" and aligned
+    if fused:
+        return F.grouped_mm(x, w, offs=counts.cumsum(0).to(torch.int32))
+    return torch.cat([rows @ we for rows, we in zip(x.split(counts.tolist()), w)])  # (A, M)
+
+
+# ----- the layer -----------------------------------------------------------------
+
+
+class MoE(nn.Module):
+    """Router, stacked experts and an optional shared expert.
+
+    Experts carry no biases (Mixtral). `shared_expert` adds a dense MLP of the
+    experts' width that every token passes through (Dai et al. 2024,
+    DeepSeekMoE). With a capacity factor, training drops assignments past an
+    expert's capacity in token order (earlier tokens keep their slot, as in
+    Switch and GShard); a dropped assignment contributes zero and the token
+    carries on along the residual stream. In eval mode nothing is dropped, so
+    a token's output never depends on what else is in the batch, and cached
+    decoding equals the full forward.
+
+    After each forward, `pop_aux_loss()` gives the weighted load-balancing +
+    z-loss with its gradient (Transformer sums it over layers; popping it lets
+    the graph go) and `last_stats` the routing statistics, detached, for logging.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        moe = config.moe
+        if moe is None:
+            raise ValueError("moe: a MoE layer needs moe settings")
+        d = config.d_model
+        ff = moe.d_ff or max(1, config.resolved_d_ff // moe.top_k)  # top_k experts ~ one dense MLP
+        width = 2 * ff if config.mlp == "swiglu" else ff
+        self.settings, self.kind = moe, config.mlp
+        self.router = nn.Linear(d, moe.n_experts, bias=False)
+        self.up = nn.Parameter(torch.empty(moe.n_experts, d, width))  # (E, d, width)
+        self.down = nn.Parameter(torch.empty(moe.n_experts, ff, d))  # (E, ff, d)
+        self.shared = MLP(config.replace(d_ff=ff)) if moe.shared_expert else None
+        self.hook_router_logits = HookPoint()  # (B, T, E): replacing them changes the routing
+        self.hook_router_probs = HookPoint()  # (B, T, E): softmax of the logits; top-k reads these
+        self.hook_expert_load = HookPoint()  # (E,) long: assignments routed to each expert (read-only)
+        self.hook_expert_dropped = HookPoint()  # (E,) long: of those, dropped over capacity (read-only)
+        self.hook_router_entropy = HookPoint()  # (B, T): nats; computed only when hooked
+        self._aux_loss: torch.Tensor | None = None
+        self._last: dict[str, torch.Tensor] = {}
+        self.reset_parameters(config.init_std, (2 * config.n_layers) ** -0.5)
+
+    def reset_parameters(self, std: float, residual_scale: float) -> None:
+        """Experts initialised like the dense MLP they replace (GPT-2: `down`
+        writes to the residual stream, so its std is scaled)."""
+        nn.init.normal_(self.up, mean=0.0, std=std)
+        nn.init.normal_(self.down, mean=0.0, std=std * residual_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, d = x.shape
+        s = self.settings
+        flat = x.reshape(B * T, d)  # (N, d)
+        # Softmax and losses in fp32 even under bf16 autocast: the router's exponentials
+        # are where ST-MoE (Zoph et al. 2022, sec. 3) found low precision unstable.
+        logits = self.hook_router_logits(self.router(flat).float().view(B, T, -1))  # (B, T, E)
+        probs = self.hook_router_probs(logits.softmax(dim=-1))  # (B, T, E)
+        if self.hook_router_entropy.active:
+            self.hook_router_entropy(router_entropy(probs))  # (B, T)
+        logits, probs = logits.flatten(0, 1), probs.flatten(0, 1)  # (N, E) each
+        weights, experts = route(probs, s.top_k)  # (N, k), (N, k)
+        counts = torch.bincount(experts.flatten(), minlength=s.n_experts)  # (E,)
+        capped = s.capacity_factor is not None and self.training  # eval never drops (class note)
+        limit = expert_capacity(B * T, s.top_k, s.n_experts, s.capacity_factor) if capped else None
+        y, kept = self._dispatch(flat, weights, experts, counts, limit)  # (N, d), (E,)
+        self.hook_expert_load(counts)
+        self.hook_expert_dropped(counts - kept)
+        balance = load_balancing_loss(probs, counts, s.aux_loss_coef)
+        z = router_z_loss(logits, s.z_loss_coef)
+        self._aux_loss = balance + z  # ()
+        self._last = {"probs": probs.detach(), "counts": counts, "kept": kept,
+                      "balance_loss": balance.detach(), "z_loss": z.detach()}
+        y = y.view(B, T, d)  # (B, T, d)
+        return y if self.shared is None else y + self.shared(x)  # (B, T, d)
+
+    def _dispatch(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
+                  counts: torch.Tensor, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum_j weights[t, j] * expert_{experts[t, j]}(x[t]) for every token t:
+        (N, d), and the assignments each expert kept (E,)."""
+        k = experts.shape[1]
+        flat_experts = experts.flatten()  # (N*k,) token-major: t*k + j
+        order = flat_experts.argsort(stable=True)  # (N*k,) stable: token order within an expert
+        kept = counts
+        if limit is not None:
+            start = counts.cumsum(0) - counts  # (E,) where each expert's slice begins
+            rank = torch.arange(order.numel(), device=x.device) - start[flat_experts[order]]  # (N*k,)
+            order = order[rank < limit]  # (A,) assignments within capacity
+            kept = counts.clamp(max=limit)  # (E,)
+        token = order // k  # (A,) the token of each sorted assignment
+        h = activate(grouped_matmul(x[token], self.up, kept), self.kind)  # (A, ff)
+        out = grouped_matmul(h, self.down, kept) * weights.flatten()[order, None]  # (A, d)
+        return x.new_zeros(x.shape, dtype=out.dtype).index_add_(0, token, out), kept  # (N, d), (E,)
+
+    def pop_aux_loss(self) -> torch.Tensor:
+        """The latest forward's auxiliary loss (), handed over once."""
+        if self._aux_loss is None:
+            raise RuntimeError("pop_aux_loss: no forward since the last pop")
+        aux, self._aux_loss = self._aux_loss, None
+        return aux
+
+    @property
+    def last_stats(self) -> dict[str, torch.Tensor]:
+        """Routing statistics of the latest forward, detached scalars except `load`:
+        load (E,) fraction of assignments per expert; max_load_over_fair (1 is
+        perfect balance, E means one expert took everything); dropped_fraction
+        of assignments; router_entropy, mean nats per token; the weighted
+        balance_loss and z_loss."""
+        if not self._last:
+            return {}
+        last = self._last
+        total = last["counts"].sum().float()
+        return {
+            "load": last["counts"].float() / total,  # (E,)
+            "max_load_over_fair": last["counts"].max().float() * self.settings.n_experts / total,
+            "dropped_fraction": (total - last["kept"].sum()) / total,
+            "router_entropy": router_entropy(last["probs"]).mean(),
+            "balance_loss": last["balance_loss"],
+            "z_loss": last["z_loss"],
+        }
+
+
+def moe_stats(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`last_stats` scalars averaged over a model's MoE layers; {} without any."""
+    layers = [m.last_stats for m in model.modules() if isinstance(m, MoE) and m.last_stats]
+    if not layers:
+        return {}
+    return {name: torch.stack([s[name] for s in layers]).mean() for name in layers[0] if name != "load"}
+
+
+__all__ = [
+    "MoE", "expert_capacity", "grouped_matmul", "load_balancing_loss", "moe_stats", "route",
+    "router_entropy", "router_z_loss",
+]

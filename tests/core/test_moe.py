@@ -1,0 +1,302 @@
+"""Mixture of Experts: the sorted, grouped dispatch against a token-by-token
+reference; the routing losses against values worked out by hand; routing
+statistics; and a Transformer with MoE layers (cached decoding and left padding
+are checked with the other variants in test_transformer.py)."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from heron.core import ModelConfig, Transformer, attach_hooks, hook_points
+from heron.core.config import MoEConfig
+from heron.core.moe import MoE, grouped_matmul, load_balancing_loss, router_z_loss
+
+E = 4  # experts in the layer-level tests
+
+
+def make_moe(seed: int = 0, mlp: str = "swiglu", **moe) -> MoE:
+    """A MoE layer (d=16, 4 experts of width 8) with weights large enough that
+    routing is decisive and outputs are of order one."""
+    torch.manual_seed(seed)
+    settings = MoEConfig(**{"n_experts": E, "top_k": 2, "d_ff": 8, **moe})
+    config = ModelConfig(vocab_size=50, d_model=16, n_layers=2, n_heads=2, mlp=mlp,
+                         feed_forward=("moe",), moe=settings)
+    layer = MoE(config)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.5)
+    return layer
+
+
+def expert(layer: MoE, e: int, v: torch.Tensor) -> torch.Tensor:
+    """Expert e as a plain dense MLP on one token v (d,)."""
+    h = v @ layer.up[e]  # (width,)
+    if layer.kind == "swiglu":
+        gate, up = h.chunk(2)
+        h = F.silu(gate) * up
+    else:
+        h = F.gelu(h)
+    return h @ layer.down[e]  # (d,)
+
+
+def reference_moe(layer: MoE, x: torch.Tensor) -> torch.Tensor:
+    """The slow, obvious MoE: token by token, softmax over the router's logits,
+    top-k, renormalise (k > 1), each chosen expert as a dense MLP. An expert
+    that already took `capacity` assignments (counted in token order) adds nothing."""
+    s = layer.settings
+    B, T, d = x.shape
+    tokens = x.reshape(B * T, d)
+    capacity = math.inf
+    if s.capacity_factor is not None and layer.training:
+        capacity = math.ceil(s.capacity_factor * B * T * s.top_k / s.n_experts)
+    taken = [0] * s.n_experts
+    rows = []
+    for t in range(B * T):
+        probs = torch.softmax(tokens[t] @ layer.router.weight.T, dim=-1)  # (E,)
+        top = torch.topk(probs, s.top_k)
+        gates = top.values / top.values.sum() if s.top_k > 1 else top.values
+        row = torch.zeros(d)
+        for gate, e in zip(gates, top.indices.tolist()):
+            if taken[e] < capacity:
+                row = row + gate * expert(layer, e, tokens[t])
+            taken[e] += 1
+        if layer.shared is not None:
+            row = row + layer.shared(tokens[t])
+        rows.append(row)
+    return torch.stack(rows).view(B, T, d)
+
+
+CASES = {
+    "top1": dict(top_k=1),
+    "top2": dict(top_k=2),
+    "top2_shared": dict(top_k=2, shared_expert=True),
+    "top1_capacity": dict(top_k=1, capacity_factor=0.5),
+    "top2_capacity_shared": dict(top_k=2, capacity_factor=0.5, shared_expert=True),
+    "top3_gelu": dict(top_k=3, mlp="gelu"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fast_path_matches_the_reference_forward_and_backward(case):
+    settings = dict(CASES[case])
+    mlp = settings.pop("mlp", "swiglu")
+    fast, slow = make_moe(mlp=mlp, **settings).train(), make_moe(mlp=mlp, **settings).train()
+    x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(1))
+    grad_out = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(2))
+    x_fast, x_slow = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_fast, y_slow = fast(x_fast), reference_moe(slow, x_slow)
+    assert (y_fast - y_slow).abs().max().item() <= 1e-5
+    (y_fast * grad_out).sum().backward()
+    (y_slow * grad_out).sum().backward()
+    assert (x_fast.grad - x_slow.grad).abs().max().item() <= 1e-5
+    for (name, p), q in zip(fast.named_parameters(), slow.parameters()):
+        assert (p.grad - q.grad).abs().max().item() <= 1e-5, name
+    if "capacity_factor" in settings:  # the case really drops something
+        assert fast.last_stats["dropped_fraction"] > 0
+
+
+def test_grouped_matmul_fused_equals_the_loop_over_experts():
+    x = torch.randn(10, 8)
+    w = torch.randn(4, 8, 12)  # rows of 32 and 48 bytes: aligned as grouped_mm needs
+    counts = torch.tensor([3, 0, 6, 1])  # an expert with no rows
+    looped = grouped_matmul(x, w, counts, fused=False)
+    expected = torch.cat([x[:3] @ w[0], x[3:9] @ w[2], x[9:] @ w[3]])
+    assert torch.allclose(looped, expected, atol=1e-6)
+    assert torch.allclose(grouped_matmul(x, w, counts, fused=True), looped, atol=1e-6)
+    # Unaligned rows (5 floats) fall back to the loop on their own.
+    x5, w5 = x[:, :5].contiguous(), w[:, :5, :5].contiguous()
+    assert torch.allclose(grouped_matmul(x5, w5, counts), grouped_matmul(x5, w5, counts, fused=False))
+
+
+# ----- losses by hand -----------------------------------------------------------
+
+
+def test_balance_loss_is_alpha_for_a_uniform_router_and_alpha_n_for_a_collapsed_one():
+    alpha = 0.01
+    uniform = torch.full((8, E), 1 / E)  # (N, E)
+    assert load_balancing_loss(uniform, torch.tensor([4, 4, 4, 4]), alpha).item() == pytest.approx(alpha)
+    collapsed = F.one_hot(torch.zeros(8, dtype=torch.long), E).float()  # every token sure of expert 0
+    assert load_balancing_loss(collapsed, torch.tensor([8, 0, 0, 0]), alpha).item() == pytest.approx(alpha * E)
+    # Two experts, two tokens, both sent to expert 0: f = (1, 0), P = (0.625, 0.375),
+    # so alpha * 2 * (1 * 0.625 + 0 * 0.375) = 1.25 alpha.
+    probs = torch.tensor([[0.75, 0.25], [0.5, 0.5]])
+    assert load_balancing_loss(probs, torch.tensor([2, 0]), alpha).item() == pytest.approx(1.25 * alpha)
+    # Top-2 of 4 with every token on experts 0 and 1: f = (1/2, 1/2, 0, 0), P uniform: alpha.
+    assert load_balancing_loss(uniform, torch.tensor([8, 8, 0, 0]), alpha).item() == pytest.approx(alpha)
+
+
+def test_z_loss_by_hand():
+    coef = 0.001
+    # logsumexp(0, 0, 0, 0) = log 4 for every token.
+    assert router_z_loss(torch.zeros(5, E), coef).item() == pytest.approx(coef * math.log(4) ** 2)
+    # logsumexp(0, log 3) = log 4 and logsumexp(log 2, log 2) = log 4 too; mean of squares.
+    logits = torch.tensor([[0.0, math.log(3)], [math.log(2), math.log(2)]])
+    assert router_z_loss(logits, coef).item() == pytest.approx(coef * math.log(4) ** 2)
+
+
+def run_hooked(layer: MoE, x: torch.Tensor, *names: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The layer's output and what the named hook points saw."""
+    seen: dict[str, torch.Tensor] = {}
+    record = lambda activation, name: seen.__setitem__(name, activation)  # noqa: E731
+    with attach_hooks(layer, {name: record for name in names}):
+        return layer(x), seen
+
+
+def test_layer_aux_loss_is_the_weighted_sum_of_its_two_losses():
+    layer = make_moe(aux_loss_coef=0.1, z_loss_coef=0.01)
+    _, seen = run_hooked(layer, torch.randn(2, 5, 16), "hook_router_logits", "hook_router_probs", "hook_expert_load")
+    logits = seen["hook_router_logits"].flatten(0, 1)  # (N, E)
+    probs = seen["hook_router_probs"].flatten(0, 1)  # (N, E)
+    balance = load_balancing_loss(probs, seen["hook_expert_load"], 0.1)
+    z = router_z_loss(logits, 0.01)
+    assert torch.allclose(layer.pop_aux_loss(), balance + z)
+    assert layer.last_stats["balance_loss"] == balance and layer.last_stats["z_loss"] == z
+
+
+# ----- routing statistics ---------------------------------------------------------
+
+
+def collapsed_layer(**moe) -> MoE:
+    """Every token's best expert is 0 and second best 1 (positive inputs, router rows 3 > 1 > 0)."""
+    layer = make_moe(**moe)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[0] = 3.0
+        layer.router.weight[1] = 1.0
+    return layer
+
+
+def test_loads_sum_to_tokens_times_k_and_drops_are_counted():
+    layer = collapsed_layer(top_k=1, capacity_factor=1.0).train()  # capacity ceil(8 * 1 / 4) = 2
+    x = torch.rand(1, 8, 16) + 0.1  # (B, T, d) positive
+    y, seen = run_hooked(layer, x, "hook_expert_load", "hook_expert_dropped")
+    assert seen["hook_expert_load"].tolist() == [8, 0, 0, 0]
+    assert seen["hook_expert_dropped"].tolist() == [6, 0, 0, 0]
+    # Earlier tokens keep their slot: tokens 0 and 1 are served, the rest pass through as zero.
+    assert (y[0, :2].abs().sum(-1) > 0).all() and (y[0, 2:] == 0).all()
+    stats = layer.last_stats
+    assert stats["load"].tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert stats["max_load_over_fair"].item() == E
+    assert stats["dropped_fraction"].item() == pytest.approx(0.75)
+    # In eval mode nothing is dropped, so outputs never depend on the rest of the batch.
+    _, seen = run_hooked(layer.eval(), x, "hook_expert_dropped")
+    assert seen["hook_expert_dropped"].tolist() == [0, 0, 0, 0]
+
+
+def test_top2_loads_count_both_slots():
+    layer = collapsed_layer(top_k=2, capacity_factor=1.0).train()  # capacity ceil(6 * 2 / 4) = 3
+    _, seen = run_hooked(layer, torch.rand(2, 3, 16) + 0.1, "hook_expert_load")
+    assert seen["hook_expert_load"].tolist() == [6, 6, 0, 0] and int(seen["hook_expert_load"].sum()) == 6 * 2
+    assert layer.last_stats["dropped_fraction"].item() == pytest.approx(0.5)
+    assert layer.last_stats["max_load_over_fair"].item() == pytest.approx(2.0)
+
+
+def test_router_entropy_hook_is_per_token():
+    layer = make_moe()
+    _, seen = run_hooked(layer, torch.randn(2, 5, 16), "hook_router_entropy")
+    entropy = seen["hook_router_entropy"]
+    assert entropy.shape == (2, 5)
+    assert (entropy >= 0).all() and (entropy <= math.log(E) + 1e-6).all()
+    assert layer.last_stats["router_entropy"].item() == pytest.approx(entropy.mean().item(), rel=1e-6)
+
+
+# ----- in a Transformer -------------------------------------------------------------
+
+
+def make_model(seed: int = 0, **moe) -> Transformer:
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, max_seq_len=64,
+                         feed_forward=("dense", "moe"), moe=MoEConfig(**{"n_experts": E, "top_k": 2, **moe}))
+    return Transformer(config)
+
+
+def test_moe_layers_follow_the_schedule_and_hook_names_are_regular():
+    model = make_model()
+    assert [type(b.mlp).__name__ for b in model.blocks] == ["MLP", "MoE"]
+    names = set(hook_points(model))
+    assert "blocks.0.mlp.hook_post" in names
+    for hook in ("router_logits", "router_probs", "expert_load", "expert_dropped", "router_entropy"):
+        assert f"blocks.1.mlp.hook_{hook}" in names
+    shapes = {}
+    record = lambda x, name: shapes.__setitem__(name, tuple(x.shape))  # noqa: E731
+    with model.hooks({f"blocks.1.mlp.hook_{h}": record for h in ("router_logits", "router_probs", "expert_load")}):
+        model(torch.randint(0, 97, (2, 7)))
+    assert shapes == {"blocks.1.mlp.hook_router_logits": (2, 7, E), "blocks.1.mlp.hook_router_probs": (2, 7, E),
+                      "blocks.1.mlp.hook_expert_load": (E,)}
+
+
+def test_reading_every_moe_hook_changes_nothing_bit_for_bit():
+    model = make_model(capacity_factor=1.0, shared_expert=True).train()
+    ids = torch.randint(0, 97, (2, 12))
+    plain = model(ids)
+    readers = {name: (lambda x, _: None) for name in hook_points(model) if ".mlp." in name}
+    with model.hooks(readers):
+        hooked = model(ids)
+    assert torch.equal(plain.logits, hooked.logits) and torch.equal(plain.aux_loss, hooked.aux_loss)
+
+
+def test_aux_loss_is_positive_differentiable_and_zero_for_dense_models():
+    model = make_model()
+    out = model(torch.randint(0, 97, (2, 9)))
+    assert out.aux_loss.item() > 0
+    out.aux_loss.backward()
+    assert model.blocks[1].mlp.router.weight.grad.abs().sum() > 0
+    copy.deepcopy(model)  # the model kept no graph-attached tensor (deepcopy refuses those)
+    dense = Transformer(model.config.replace(feed_forward=(), moe=None))
+    assert dense(torch.randint(0, 97, (2, 9))).aux_loss.item() == 0
+
+
+@pytest.fixture
+def one_thread():
+    """Models this small run ~10x slower with two threads on a busy two-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_tiny_moe_model_learns_a_repeated_permutation(one_thread):
+    """Each token determines the next (a fixed permutation of 32 tokens, repeated),
+    so a model that routes and learns reaches near-zero loss."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=2, max_seq_len=32,
+                         feed_forward=("moe",), moe=MoEConfig(n_experts=4, top_k=2))
+    model = Transformer(config)
+    perm = torch.randperm(32, generator=torch.Generator().manual_seed(0))
+    stream = perm.repeat(40)  # (1280,)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    starts = torch.randint(0, len(stream) - 17, (60, 8), generator=torch.Generator().manual_seed(1))
+    for rows in starts:
+        window = torch.stack([stream[s : s + 17] for s in rows])  # (8, 17)
+        out = model(window[:, :-1])
+        loss = F.cross_entropy(out.logits.flatten(0, 1), window[:, 1:].flatten())
+        optimizer.zero_grad()
+        (loss + out.aux_loss).backward()
+        optimizer.step()
+    assert loss.item() < 0.05
+    assert model.blocks[0].mlp.last_stats["max_load_over_fair"] < E  # not collapsed onto one expert
+
+
+# ----- configuration -------------------------------------------------------------------
+
+
+BASE = dict(vocab_size=50, d_model=16, n_layers=2, n_heads=2)
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"feed_forward": ["moe"], "moe": {"n_experts": 2, "top_k": 3}}, "moe.top_k"),
+    ({"feed_forward": ["moe"]}, "moe"),
+    ({"feed_forward": ["dense", "sparse"], "moe": {}}, r"feed_forward\[1\]"),
+    ({"feed_forward": ["moe", "dense", "moe"], "moe": {}}, "feed_forward"),
+    ({"feed_forward": ["moe"], "moe": {"n_expert": 4}}, "moe.n_expert: unknown field"),
+    ({"feed_forward": ["moe"], "moe": {"capacity_factor": 0}}, "moe.capacity_factor"),
+    ({"feed_forward": ["moe"], "moe": {"aux_loss_coef": -1.0}}, "moe.aux_loss_coef"),
+    ({"feed_forward": ["moe"], "moe": {"top_k": "2"}}, "top_k"),
+])
+def test_config_errors_name_the_field(change, field):
+    with pytest.raises(ValueError, match=f"^{field}"):
+        ModelConfig.from_dict({**BASE, **change})

@@ -1,0 +1,189 @@
+"""Sparse attention equals dense attention under the pattern's explicit mask.
+
+The reference is SDPA with `dense_mask(pattern, T)`, the masked dense
+computation sparse patterns are usually implemented as. Property-based tests
+draw patterns, shapes and lengths that are not multiples of the block size.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from heron.core import KVCache, ModelConfig, Transformer
+from heron.core.config import AttentionPattern
+from heron.core.sparse import BLOCK, allowed, block_layout, dense_mask, sparse_attention
+
+TOL = 1e-5
+
+
+def patterns() -> st.SearchStrategy[AttentionPattern]:
+    small = st.integers(1, 70)
+    return st.one_of(
+        st.builds(AttentionPattern, kind=st.just("sliding"), window=small),
+        st.builds(AttentionPattern, kind=st.just("dilated"), window=st.integers(1, 20), dilation=st.integers(1, 5)),
+        st.builds(AttentionPattern, kind=st.just("strided"), stride=small),
+        st.builds(AttentionPattern, kind=st.just("fixed"), block=st.integers(8, 80), summary=st.integers(1, 8)),
+        st.builds(
+            AttentionPattern,
+            kind=st.just("bigbird"),
+            block=st.integers(2, 24),
+            local_blocks=st.integers(0, 2),
+            global_blocks=st.integers(0, 2),
+            random_blocks=st.integers(0, 3),
+            seed=st.integers(0, 5),
+        ),
+    )
+
+
+def reference(q, k, v, pattern):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(pattern, q.shape[2]), enable_gqa=True)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    pattern=patterns(),
+    length=st.integers(1, 3 * BLOCK + 5),
+    batch=st.integers(1, 2),
+    kv_heads=st.integers(1, 2),
+    groups=st.integers(1, 2),
+    head_dim=st.sampled_from([4, 8, 16]),
+    seed=st.integers(0, 2**16),
+)
+def test_sparse_equals_masked_dense_forward_and_backward(pattern, length, batch, kv_heads, groups, head_dim, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, kv_heads * groups, length, head_dim, generator=g, requires_grad=True)
+    k = torch.randn(batch, kv_heads, length, head_dim, generator=g, requires_grad=True)
+    v = torch.randn(batch, kv_heads, length, head_dim, generator=g, requires_grad=True)
+    out, want = sparse_attention(q, k, v, pattern), reference(q, k, v, pattern)
+    assert (out - want).abs().max() <= TOL
+    grad = torch.randn(out.shape, generator=g)
+    got_grads = torch.autograd.grad(out, (q, k, v), grad)
+    want_grads = torch.autograd.grad(want, (q, k, v), grad)
+    for got, expected in zip(got_grads, want_grads):
+        assert (got - expected).abs().max() <= TOL
+
+
+@settings(max_examples=25, deadline=None)
+@given(pattern=patterns(), length=st.integers(2, 2 * BLOCK + 9), pads=st.integers(1, 9), seed=st.integers(0, 2**16))
+def test_padding_makes_the_pattern_follow_real_tokens(pattern, length, pads, seed):
+    """A left-padded row equals the same row alone: the pattern applies to real-token indices."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, 2, length, 8, generator=g) for _ in range(3))
+    padded = [torch.cat([torch.randn(1, 2, pads, 8, generator=g), x], dim=2) for x in (q, k, v)]
+    key_mask = torch.arange(pads + length)[None] >= pads
+    out = sparse_attention(*padded, pattern, key_mask=key_mask)
+    assert (out[:, :, pads:] - reference(q, k, v, pattern)).abs().max() <= TOL
+
+
+def test_rules_match_their_definitions():
+    """Spot checks of each rule against its paper's wording, i = 20."""
+    j = torch.arange(21)
+    visible = lambda pattern: j[allowed(pattern, torch.tensor(20), j)].tolist()  # noqa: E731
+    assert visible(AttentionPattern("sliding", window=3)) == [18, 19, 20]
+    assert visible(AttentionPattern("dilated", window=3, dilation=4)) == [12, 16, 20]
+    assert visible(AttentionPattern("strided", stride=6)) == [2, 8, 14, 15, 16, 17, 18, 19, 20]
+    assert visible(AttentionPattern("fixed", block=8, summary=2)) == [6, 7, 14, 15, 16, 17, 18, 19, 20]
+    bigbird = visible(AttentionPattern("bigbird", block=4, local_blocks=1, global_blocks=1, random_blocks=1))
+    random_block = bigbird[4:-5]  # global block 0, one random whole block among 1-3, own and previous block
+    assert bigbird[:4] == [0, 1, 2, 3] and bigbird[-5:] == list(range(16, 21))
+    assert len(random_block) == 4 and random_block[0] % 4 == 0 and 4 <= random_block[0] <= 12
+
+
+def test_visited_blocks_grow_as_n_sqrt_n_with_sqrt_strides_and_linearly_for_bigbird():
+    """4x the length: dense work grows 16x, n*sqrt(n) 8x, linear 4x."""
+
+    def visited(pattern, n):
+        _, real = block_layout(pattern, n // BLOCK, BLOCK)
+        return int(real.sum())
+
+    # stride and block ~ sqrt(n * BLOCK): 512 at 4k, 1024 at 16k
+    assert visited(AttentionPattern("strided", stride=1024), 16384) / visited(AttentionPattern("strided", stride=512), 4096) < 9
+    fixed = lambda block: AttentionPattern("fixed", block=block, summary=8)  # noqa: E731
+    assert visited(fixed(1024), 16384) / visited(fixed(512), 4096) < 9
+    bigbird = AttentionPattern("bigbird", block=BLOCK, local_blocks=1, global_blocks=1, random_blocks=2)
+    assert visited(bigbird, 16384) / visited(bigbird, 4096) < 4.2
+
+
+SCHEDULES = {
+    "sliding": (AttentionPattern("sliding", window=5),),
+    "gpt_neo": (AttentionPattern(), AttentionPattern("sliding", window=7)),
+    "dilated": (AttentionPattern("dilated", window=3, dilation=2),),
+    "strided": (AttentionPattern("strided", stride=4),),
+    "fixed": (AttentionPattern("fixed", block=8, summary=2),),
+    "bigbird": (AttentionPattern("bigbird", block=4, random_blocks=1),),
+}
+
+
+def sparse_model(schedule) -> Transformer:
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64, attention=schedule)
+    return Transformer(config).eval()
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_cached_decoding_equals_full_forward(name):
+    model = sparse_model(SCHEDULES[name])
+    ids = torch.randint(0, 61, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = KVCache.allocate(model.config, batch_size=2, max_len=40)
+        pieces = [model(ids[:, :10], cache=cache).logits]
+        pieces += [model(ids[:, t : t + 1], cache=cache).logits for t in range(10, 25)]
+        pieces.append(model(ids[:, 25:], cache=cache).logits)  # a chunk after cached tokens
+    assert (torch.cat(pieces, dim=1) - full).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_left_padded_batch_decodes_like_each_row_alone(name):
+    model = sparse_model(SCHEDULES[name])
+    ids = torch.randint(0, 61, (2, 40), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[1, :3] = False
+    with torch.no_grad():
+        alone = model(ids[1:, 3:]).logits
+        cache = KVCache.allocate(model.config, batch_size=2, max_len=40)
+        pieces = [model(ids[:, :12], attention_mask=mask[:, :12], cache=cache).logits]
+        pieces += [model(ids[:, t : t + 1], cache=cache).logits for t in range(12, 40)]
+    assert (torch.cat(pieces, dim=1)[1, 3:] - alone[0]).abs().max() <= TOL
+
+
+def test_sliding_window_cache_memory_is_bounded_by_the_window():
+    schedule = (AttentionPattern("sliding", window=16),)
+    config = ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, max_seq_len=4096, attention=schedule)
+    short = KVCache.allocate(config, batch_size=1, max_len=256)
+    long = KVCache.allocate(config, batch_size=1, max_len=4096)
+    assert short.nbytes == long.nbytes == 2 * 2 * 16 * 32 * 4  # layers x (k, v) x window x width x fp32
+    model = Transformer(config).eval()
+    ids = torch.randint(0, 61, (1, 100), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = KVCache.allocate(config, batch_size=1, max_len=100)
+        pieces = [model(ids[:, :30], cache=cache).logits]  # a prompt longer than the window
+        pieces += [model(ids[:, t : t + 1], cache=cache).logits for t in range(30, 100)]
+    assert (torch.cat(pieces, dim=1) - full).abs().max() <= TOL
+
+
+def test_pattern_hook_sees_the_sparse_pattern():
+    model = sparse_model(SCHEDULES["sliding"])
+    ids = torch.randint(0, 61, (1, 12), generator=torch.Generator().manual_seed(4))
+    seen = {}
+    with model.hooks({"blocks.0.attn.hook_pattern": lambda x, name: seen.setdefault(name, x)}):
+        hooked = model(ids).logits
+    pattern = seen["blocks.0.attn.hook_pattern"][0, 0]  # (T, S)
+    assert torch.equal(pattern > 0, dense_mask(SCHEDULES["sliding"][0], 12))
+    assert (hooked - model(ids).logits).abs().max() <= TOL
+
+
+def test_config_schedules_cycle_and_errors_name_the_field():
+    config = ModelConfig.from_dict(
+        dict(vocab_size=10, d_model=16, n_layers=4, n_heads=2, attention=[{"kind": "dense"}, {"kind": "sliding", "window": 8}])
+    )
+    assert [config.attention_pattern(i).kind for i in range(4)] == ["dense", "sliding", "dense", "sliding"]
+    assert ModelConfig.from_json(config.to_json()) == config
+    with pytest.raises(ValueError, match=r"attention\[1\]\.window"):
+        ModelConfig.from_dict(dict(vocab_size=10, d_model=16, n_layers=4, n_heads=2, attention=[{}, {"kind": "sliding", "window": 0}]))
+    with pytest.raises(ValueError, match=r"attention\[0\]\.kind"):
+        ModelConfig.from_dict(dict(vocab_size=10, d_model=16, n_layers=4, n_heads=2, attention=[{"kind": "diagonal"}]))
+    with pytest.raises(ValueError, match="attention: 3 entries"):
+        ModelConfig(vocab_size=10, d_model=16, n_layers=4, n_heads=2, attention=(AttentionPattern(),) * 3)
