@@ -3,19 +3,21 @@
 A pattern (`AttentionPattern` in config.py) is defined once, as an
 elementwise rule on query and key positions (`allowed`). That rule is the
 reference the tests hold every fast path to, and it builds the masks of the
-blocks that are visited. Which blocks are visited comes from a block-level
-rule (`_block_rules`): a query block visits a key block when some pair in them
-may attend, so the visited set is exact up to block granularity.
+blocks that are visited. Which blocks BigBird visits comes from a
+block-level rule (`_block_rules`), exact because its blocks are the engine's.
 
-Three engines, picked by kind:
+The engines, picked by kind, each built on one fused SDPA kernel call per part:
 
 - windowed (sliding): each block of BLOCK queries attends to one contiguous
   span of keys, read through an overlapping strided view of the keys; every
-  block shares one (BLOCK, span) mask, which SDPA broadcasts.
+  block shares one (BLOCK, span) mask, which the kernel broadcasts.
 - dilated: tokens of equal position mod `dilation` form a subsequence on which
   the dilated window is a plain sliding window; regroup, run windowed, undo.
-- gathered (strided, fixed, bigbird): each query block gathers its visited key
-  blocks (a (n_blocks, max_visited) layout) and attends under a per-block mask.
+- strided and fixed: unions of two disjoint key sets, each a plain causal or
+  windowed attention after regrouping; merged through their log-sum-exps
+  (core/flash.py), so no key outside the pattern is ever scored.
+- gathered (bigbird): each query block gathers its visited key blocks (a
+  (n_blocks, max_visited) layout) and attends under a per-block mask.
 
 Why our own blocked SDPA rather than FlexAttention: on this CPU FlexAttention
 runs only under `torch.compile` (eager flex falls back to dense scores); it
@@ -25,9 +27,8 @@ runs); benchmarks/bench_sparse.py measures both side by side. Every new
 sequence length would recompile, and the windowed engine needs no warm-up, so
 it is the one kept. The windowed engine is about 8x faster than dense causal
 SDPA at 16k tokens because SDPA's fused CPU kernel takes a broadcast mask at
-almost no cost; a per-block mask costs it 4-6x, which is what the gathered
-engine pays (strided and fixed are still slower than dense there: the next
-thing to speed up).
+almost no cost; a per-block mask costs it 4-6x, which only the gathered
+engine pays.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from heron.core.config import AttentionPattern
+from heron.core.flash import attention_with_lse
 
 BLOCK = 64  # query block size of the windowed and gathered engines (bigbird uses its own `block`)
 
@@ -115,23 +117,10 @@ def block_layout(pattern: AttentionPattern, n_blocks: int, block: int) -> tuple[
 
 
 def _block_rules(pattern: AttentionPattern, qb: torch.Tensor, kb: torch.Tensor, block: int) -> torch.Tensor:
-    """Does any (i, j) with i in query block qb and j in key block kb attend?
-    i - j then ranges over [lo, hi]."""
+    """Does any (i, j) with i in query block qb and j in key block kb attend?"""
     p = pattern
-    lo, hi = (qb - kb) * block - (block - 1), (qb - kb) * block + (block - 1)
-    causal = hi >= 0
-    if p.kind == "strided":  # the local band, or a multiple of stride in [lo, hi]
-        lo0 = lo.clamp(min=0)
-        return causal & ((lo0 < p.stride) | ((hi // p.stride) * p.stride >= lo0))
-    if p.kind == "fixed":
-        q_first, q_last = qb * block, qb * block + block - 1
-        k_first, k_last = kb * block, kb * block + block - 1
-        same = (q_first // p.block <= k_last // p.block) & (k_first // p.block <= q_last // p.block)
-        r = k_first % p.block  # the first summary position at or after k_first
-        first_summary = torch.where(r >= p.block - p.summary, k_first, k_first + (p.block - p.summary - r))
-        return causal & (same | (first_summary <= k_last))
     if p.kind == "bigbird":  # the engine's blocks are the pattern's blocks
-        return allowed(p, qb * block, kb * block)
+        return allowed(p, qb * block, kb * block)  # blocks are the pattern's: exact
     raise ValueError(f"kind: {p.kind!r} is not computed by gathering blocks")
 
 
@@ -163,20 +152,23 @@ def sparse_attention(
     if pattern.kind == "dense":
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if pattern.kind == "sliding":
-        return _windowed(q, k, v, pattern.window)
+        return _windowed(q, k, v, pattern.window)[0]
     if pattern.kind == "dilated":
         return _dilated(q, k, v, pattern)
+    if pattern.kind == "strided":
+        return _strided(q, k, v, pattern.stride)
+    if pattern.kind == "fixed":
+        return _fixed(q, k, v, pattern)
     return _gathered(q, k, v, pattern)
 
 
-def _windowed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
-    """Sliding-window attention (i - j < window) over overlapping key spans."""
+def _windowed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sliding-window attention (0 <= i - j < window) over overlapping key spans:
+    (out (B, H, T, hd), lse (B, H, T))."""
     B, H, T, hd = q.shape
     lead = -(-(window - 1) // BLOCK) * BLOCK  # keys before a query block's first query that it may need
     if T <= lead + BLOCK:  # short: one dense call under the band mask
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=_band(T, window, q.device))
-    # Queries [0, lead) see only keys [0, lead): a small dense call.
-    head = F.scaled_dot_product_attention(q[:, :, :lead], k[:, :, :lead], v[:, :, :lead], attn_mask=_band(lead, window, q.device))
+        return attention_with_lse(q, k, v, _band(T, window, q.device))
     # Queries [lead, T) in blocks; block b's keys are [b * BLOCK, b * BLOCK + lead + BLOCK).
     n_blocks = -(-(T - lead) // BLOCK)
     pad = lead + n_blocks * BLOCK - T
@@ -186,9 +178,14 @@ def _windowed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) ->
     r = torch.arange(BLOCK, device=q.device)[:, None]  # query offset in its block
     c = torch.arange(span, device=q.device)[None, :]  # key offset in the span
     shared = (r + lead - c >= 0) & (r + lead - c < window)  # (BLOCK, span): i - j = r + lead - c
-    tail = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=shared)  # (B*H, n_blocks, BLOCK, hd)
+    tail, tail_lse = attention_with_lse(qt, kt, vt, shared)  # (B*H, n_blocks, BLOCK, hd), (B*H, n_blocks, BLOCK)
     tail = tail.reshape(B, H, n_blocks * BLOCK, hd)[:, :, : T - lead]
-    return torch.cat([head, tail], dim=2)
+    tail_lse = tail_lse.reshape(B, H, n_blocks * BLOCK)[:, :, : T - lead]
+    if lead == 0:  # window 1: no query looks back
+        return tail, tail_lse
+    # Queries [0, lead) see only keys [0, lead): a small dense call.
+    head, head_lse = attention_with_lse(q[:, :, :lead], k[:, :, :lead], v[:, :, :lead], _band(lead, window, q.device))
+    return torch.cat([head, tail], dim=2), torch.cat([head_lse, tail_lse], dim=2)
 
 
 def _band(n: int, window: int, device: torch.device) -> torch.Tensor:
@@ -209,16 +206,81 @@ def _spans(x: torch.Tensor, n_blocks: int, span: int) -> torch.Tensor:
 def _dilated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: AttentionPattern) -> torch.Tensor:
     """Positions equal mod `dilation` form subsequences on which the dilated
     window is a sliding window of `window` tokens."""
-    B, H, T, hd = q.shape
+    T = q.shape[2]
     d = pattern.dilation
-    length = -(-T // d)  # per subsequence; padding lands at the end of each, after every real token
+    out, _ = _windowed(*(_by_residue(x, d).flatten(1, 2) for x in (q, k, v)), pattern.window)  # (B, H*d, rows, hd)
+    return _from_residue(out.unflatten(1, (q.shape[1], d)), T)
 
-    def regroup(x: torch.Tensor) -> torch.Tensor:  # (B, H, T, hd) -> (B, H*d, length, hd)
-        x = F.pad(x, (0, 0, 0, length * d - T)).view(B, H, length, d, hd)
-        return x.transpose(2, 3).reshape(B, H * d, length, hd)
 
-    y = _windowed(regroup(q), regroup(k), regroup(v), pattern.window)  # (B, H*d, length, hd)
-    return y.view(B, H, d, length, hd).transpose(2, 3).reshape(B, H, length * d, hd)[:, :, :T]
+# Strided and fixed are unions of two disjoint key sets, each of which is a
+# plain causal (or windowed) attention once the sequence is regrouped (Child
+# et al. 2019, sec. 4.3, do the same with their kernels). Each part runs as
+# one fused call that also returns its log-sum-exp, and the parts are merged
+# into one softmax over the union: out = sum_p exp(lse_p - lse) out_p.
+
+
+def _merge(*parts: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """One softmax over the union of disjoint key sets, from each set's (out, lse)."""
+    total = torch.stack([lse for _, lse in parts]).logsumexp(dim=0)  # (B, H, T)
+    return sum((lse - total).exp().unsqueeze(-1) * out for out, lse in parts)
+
+
+def _by_residue(x: torch.Tensor, period: int) -> torch.Tensor:
+    """(B, H, T, hd) -> (B, H, period, ceil(T / period), hd): position t goes to
+    [t % period, t // period]; padding lands after every real token."""
+    B, H, T, hd = x.shape
+    rows = -(-T // period)
+    return F.pad(x, (0, 0, 0, rows * period - T)).reshape(B, H, rows, period, hd).transpose(2, 3)
+
+
+def _from_residue(x: torch.Tensor, T: int) -> torch.Tensor:
+    """Inverse of `_by_residue`; also for (B, H, period, rows) log-sum-exps."""
+    B, H, period, rows = x.shape[:4]
+    return x.transpose(2, 3).reshape(B, H, period * rows, *x.shape[4:])[:, :, :T]
+
+
+def _later_rows(part: tuple[torch.Tensor, torch.Tensor], skipped: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Put back `skipped` leading rows (along `dim` of lse) that saw no keys:
+    out 0 and lse -inf, so they weigh nothing in `_merge`."""
+    out, lse = part
+    out = torch.cat([out.new_zeros(*out.shape[:dim], skipped, *out.shape[dim + 1 :]), out], dim=dim)
+    lse = torch.cat([lse.new_full((*lse.shape[:dim], skipped, *lse.shape[dim + 1 :]), float("-inf")), lse], dim=dim)
+    return out, lse
+
+
+def _strided(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stride: int) -> torch.Tensor:
+    """Local band i - j < stride, plus the columns i - j = m * stride (m >= 1):
+    the strictly earlier members of i's residue class mod stride, which is
+    causal attention from rows 1.. to rows ..-1 of that class."""
+    B, H, T, hd = q.shape
+    local = _windowed(q, k, v, stride)
+    if T <= stride:
+        return local[0]
+    qr, kr, vr = (_by_residue(x, stride).flatten(1, 2) for x in (q, k, v))  # (B, H*stride, rows, hd)
+    columns = _later_rows(attention_with_lse(qr[:, :, 1:], kr[:, :, :-1], vr[:, :, :-1], is_causal=True), 1, dim=2)
+    out, lse = (x.unflatten(1, (H, stride)) for x in columns)
+    return _merge(local, (_from_residue(out, T), _from_residue(lse, T)))
+
+
+def _fixed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: AttentionPattern) -> torch.Tensor:
+    """Causal attention inside i's block, plus the last `summary` keys of every
+    earlier block: block b's queries see the first b * summary of that list."""
+    B, H, T, hd = q.shape
+    block, summary = pattern.block, pattern.summary
+    n_blocks = -(-T // block)
+    qb, kb, vb = (F.pad(x, (0, 0, 0, n_blocks * block - T)).reshape(B, H * n_blocks, block, hd) for x in (q, k, v))
+    out, lse = attention_with_lse(qb, kb, vb, is_causal=True)  # (B, H*n_blocks, block, ...)
+    own = out.reshape(B, H, -1, hd)[:, :, :T], lse.reshape(B, H, -1)[:, :, :T]
+    if n_blocks == 1:
+        return own[0]
+    # The summaries of blocks 0 .. n_blocks - 2: full blocks, all before T.
+    offsets = torch.arange(block - summary, block, device=q.device)
+    keys = (torch.arange(n_blocks - 1, device=q.device)[:, None] * block + offsets).flatten()  # (S,)
+    later = qb.reshape(B * H, n_blocks, block, hd)[:, 1:]  # (B*H, n_blocks-1, block, hd): blocks that have summaries
+    ks, vs = (x[:, :, keys].reshape(B * H, 1, -1, hd).expand(-1, n_blocks - 1, -1, -1) for x in (k, v))
+    visible = keys // block < torch.arange(1, n_blocks, device=q.device)[None, :, None, None]  # (1, n_blocks-1, 1, S)
+    out, lse = _later_rows(attention_with_lse(later, ks, vs, visible), 1, dim=1)  # (B*H, n_blocks, block, ...)
+    return _merge(own, (out.reshape(B, H, -1, hd)[:, :, :T], lse.reshape(B, H, -1)[:, :, :T]))
 
 
 def _gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: AttentionPattern) -> torch.Tensor:
