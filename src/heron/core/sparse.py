@@ -196,11 +196,33 @@ def _band(n: int, window: int, device: torch.device) -> torch.Tensor:
 
 
 def _spans(x: torch.Tensor, n_blocks: int, span: int) -> torch.Tensor:
-    """(B, H, L, hd) -> (B*H, n_blocks, span, hd): block b is x[:, :, b*BLOCK : b*BLOCK + span],
-    an overlapping view that copies nothing."""
-    B, H, L, hd = x.shape
-    x = x.contiguous()
-    return x.as_strided((B * H, n_blocks, span, hd), (L * hd, BLOCK * hd, hd, 1))
+    """(B, H, L, hd) -> (B*H, n_blocks, span, hd): block b is x[:, :, b*BLOCK : b*BLOCK + span]."""
+    return _Spans.apply(x, n_blocks, span)
+
+
+class _Spans(torch.autograd.Function):
+    """Overlapping key spans. Autograd's generic backward for an overlapping
+    `as_strided` view scatters through the whole storage and took half of a
+    sliding-window training step; spans are whole blocks, so the gradient of
+    a block is the sum of its span_blocks copies: one add per offset."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, n_blocks: int, span: int) -> torch.Tensor:  # noqa: ANN001
+        B, H, L, hd = x.shape
+        ctx.shape = x.shape
+        x = x.contiguous()
+        return x.as_strided((B * H, n_blocks, span, hd), (L * hd, BLOCK * hd, hd, 1)).contiguous()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: ANN001
+        B, H, L, hd = ctx.shape
+        n_blocks, span = grad.shape[1], grad.shape[2]
+        per_span = span // BLOCK
+        grad = grad.reshape(B * H, n_blocks, per_span, BLOCK, hd)
+        blocks = grad.new_zeros(B * H, L // BLOCK, BLOCK, hd)
+        for t in range(per_span):  # a loop over block offsets, at most window / BLOCK + 1
+            blocks[:, t : t + n_blocks] += grad[:, :, t]
+        return blocks.reshape(B, H, L, hd), None, None
 
 
 def _dilated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: AttentionPattern) -> torch.Tensor:
