@@ -136,3 +136,16 @@ def test_unsupported_hf_config_names_the_field(field, value, message):
     setattr(hf_config, field, value)
     with pytest.raises(ValueError, match=rf"^{message}"):
         heron_config(hf_config)
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(attention=({"kind": "dense"}, {"kind": "sliding", "window": 8})), "attention"),
+        (dict(feed_forward=("moe",), moe={"n_experts": 4, "top_k": 2}), "feed_forward"),
+    ],
+)
+def test_sparse_and_moe_configs_are_refused_by_name(overrides, field):
+    config = ModelConfig.from_dict(dict(vocab_size=32, d_model=16, n_layers=2, n_heads=2, **overrides))
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        llama_config(config)

@@ -122,6 +122,12 @@ def llama_config(config: ModelConfig, attn_implementation: str = "sdpa") -> Llam
                          f"got qkv_bias={config.qkv_bias}, out_bias={config.out_bias}")
     if config.d_model % config.n_heads:
         raise ValueError(f"n_heads: transformers requires d_model ({config.d_model}) divisible by n_heads ({config.n_heads})")
+    sparse = [i for i in range(config.n_layers) if config.attention_pattern(i).kind != "dense"]
+    if sparse:
+        raise ValueError(f"attention: layer {sparse[0]} is {config.attention_pattern(sparse[0]).kind!r}; "
+                         "LlamaForCausalLM has dense attention only")
+    if any(config.is_moe_layer(i) for i in range(config.n_layers)):
+        raise ValueError("feed_forward: LlamaForCausalLM has no Mixture-of-Experts layers")
     return LlamaConfig(
         **{hf: getattr(config, heron) for heron, hf in LLAMA_CONFIG},
         intermediate_size=config.resolved_d_ff,
