@@ -24,3 +24,6 @@ test: setup
 bench: setup
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_decode.py
+	$(PY) benchmarks/bench_sparse.py
+	$(PY) benchmarks/bench_moe.py
+	$(PY) benchmarks/bench_long_context.py

@@ -20,7 +20,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import matplotlib
 
@@ -29,7 +28,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import HERE, Result, Stats, interleave, machine, ratio, record, setup_torch, timed  # noqa: E402
+from common import (  # noqa: E402
+    HERE, Result, Stats, interleave, machine, peak_rss, ratio, record, reset_peak_rss, setup_torch, timed,
+)
 from heron.core.config import AttentionPattern  # noqa: E402
 from heron.core.sparse import dense_mask, sparse_attention  # noqa: E402
 
@@ -38,9 +39,6 @@ LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768)
 KEY_LENGTH = 16384
 SPEED_TARGET, MEMORY_TARGET = 4.0, 0.25
 PLOT = HERE / "sparse_attention.png"
-# The gathered engines hold every visited block of a call at once, O(n sqrt n) for strided
-# and fixed: at 32k that is beyond this machine's memory, so they stop at 16k.
-GATHERED_LIMIT = 16384
 
 
 def patterns(n: int) -> dict[str, AttentionPattern]:
@@ -77,8 +75,6 @@ def limit(name: str, key_length: int) -> int:
     """The longest length `name` is measured at."""
     if name.startswith("masked"):
         return key_length  # an n x n mask at 32k is 1 GiB of bools, and SDPA converts it to floats
-    if name.startswith(("strided", "fixed")):
-        return GATHERED_LIMIT
     return LENGTHS[-1]
 
 
@@ -93,18 +89,10 @@ def measure_memory_here(name: str, n: int) -> None:
     fn = calls(n)[name]
     with torch.inference_mode():
         fn(q[:, :, :128], k[:, :, :128], v[:, :, :128])  # thread pools and kernels warm, outside the measurement
-        Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
-        before = _status_kib("VmRSS")
+        before = reset_peak_rss()
         fn(q, k, v)
-        peak = _status_kib("VmHWM")
-    print(json.dumps({"bytes": (peak - before) * 1024}))
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
+        peak = peak_rss()
+    print(json.dumps({"bytes": peak - before}))
 
 
 def peak_memory(name: str, n: int) -> float:

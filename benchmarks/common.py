@@ -113,8 +113,34 @@ def machine() -> dict[str, object]:
 
 
 def machine_line(info: Mapping[str, object]) -> str:
-    return (f"{info['cpu']}, {info['cores']} cores, {info['threads']} torch threads, torch {info['torch']}, "
+    return (f"{info['cpu']}, {info['cores']} cores, {info['threads']} torch thread{'s' if info['threads'] != 1 else ''}, torch {info['torch']}, "
             f"transformers {info['transformers']}, load average {info['load_avg_1m']} at start")
+
+
+# ----- process memory (Linux) -------------------------------------------------
+
+
+def status_kib(field: str) -> int:
+    """A field of /proc/self/status, in KiB: VmRSS is resident memory now, VmHWM its peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_rss() -> int:
+    """Make the peak RSS the current RSS (/proc/self/clear_refs); return it, in bytes.
+
+    `peak_rss() - reset_peak_rss()` taken around some work is the most memory
+    it held at once beyond what the process held before, temporaries included.
+    """
+    Path("/proc/self/clear_refs").write_text("5")
+    return status_kib("VmRSS") * 1024
+
+
+def peak_rss() -> int:
+    """Peak RSS since the last reset, in bytes."""
+    return status_kib("VmHWM") * 1024
 
 
 # ----- memory bandwidth -------------------------------------------------------
@@ -180,8 +206,10 @@ def _section_md(title: str, results: list[Result], info: Mapping[str, object], n
         target = "" if r.target is None else f"{'≤' if r.at_most else '≥'} {r.target:g}"
         met = "" if r.met is None else ("yes" if r.met else "**no**")
         lines.append(f"| `{r.key}` | {r.value:,.3g} | {r.unit} | {target} | {met} |")
-    lines += ["", *(f"- {n}" if n and not n.startswith("|") else n for n in notes), "", "How each key was measured:", ""]
-    lines += [f"- `{r.key}`: {r.detail}" for r in results if r.target is not None]
+    lines += ["", *(f"- {n}" if n and not n.startswith("|") else n for n in notes)]
+    targeted = [f"- `{r.key}`: {r.detail}" for r in results if r.target is not None]
+    if targeted:  # the other keys' details are in results.json
+        lines += ["", "How each key was measured:", "", *targeted]
     return "\n".join(lines) + "\n"
 
 

@@ -115,18 +115,19 @@ def test_grouped_matmul_fused_equals_the_loop_over_experts():
 # ----- losses by hand -----------------------------------------------------------
 
 
-def test_balance_loss_is_alpha_for_a_uniform_router_and_alpha_n_for_a_collapsed_one():
+def test_balance_loss_is_k_alpha_for_a_uniform_router_and_alpha_n_for_a_collapsed_one():
     alpha = 0.01
     uniform = torch.full((8, E), 1 / E)  # (N, E)
-    assert load_balancing_loss(uniform, torch.tensor([4, 4, 4, 4]), alpha).item() == pytest.approx(alpha)
+    # Top-2, balanced: f = (1/2, 1/2, 1/2, 1/2), P = 1/4: alpha * 4 * 4 * 1/8 = 2 alpha.
+    assert load_balancing_loss(uniform, torch.tensor([4, 4, 4, 4]), alpha).item() == pytest.approx(2 * alpha)
     collapsed = F.one_hot(torch.zeros(8, dtype=torch.long), E).float()  # every token sure of expert 0
     assert load_balancing_loss(collapsed, torch.tensor([8, 0, 0, 0]), alpha).item() == pytest.approx(alpha * E)
     # Two experts, two tokens, both sent to expert 0: f = (1, 0), P = (0.625, 0.375),
     # so alpha * 2 * (1 * 0.625 + 0 * 0.375) = 1.25 alpha.
     probs = torch.tensor([[0.75, 0.25], [0.5, 0.5]])
     assert load_balancing_loss(probs, torch.tensor([2, 0]), alpha).item() == pytest.approx(1.25 * alpha)
-    # Top-2 of 4 with every token on experts 0 and 1: f = (1/2, 1/2, 0, 0), P uniform: alpha.
-    assert load_balancing_loss(uniform, torch.tensor([8, 8, 0, 0]), alpha).item() == pytest.approx(alpha)
+    # Top-2 of 4 with every token on experts 0 and 1: f = (1, 1, 0, 0), P uniform: 2 alpha.
+    assert load_balancing_loss(uniform, torch.tensor([8, 8, 0, 0]), alpha).item() == pytest.approx(2 * alpha)
 
 
 def test_z_loss_by_hand():

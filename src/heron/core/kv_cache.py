@@ -6,7 +6,8 @@ so a decode step copies only the new token's keys and values.
 
 A layer whose attention pattern has a bounded span (sliding or dilated
 windows) keeps only its last `span` keys, in a ring: its memory is bounded by
-the window however long the generation runs.
+the window, not by the generation length (a (B, max_len) index of token
+positions, 8 bytes a token, is all that grows).
 """
 from __future__ import annotations
 

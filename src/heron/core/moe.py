@@ -40,11 +40,13 @@ def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor, alpha: float)
     """Switch load-balancing loss alpha * E * sum_i f_i * P_i (Fedus et al. 2022, eq. 4-6).
 
     probs (N, E) router probabilities; counts (E,) assignments per expert. For
-    top-k, f_i counts all k assignments of every token, so sum_i f_i = 1 and a
-    balanced router scores alpha whatever k is. Only P_i carries gradient.
+    top-k, f_i is the fraction of tokens that picked expert i among their k,
+    as in Mixtral's reference (and transformers' load_balancing_loss_func), so
+    sum_i f_i = k and a balanced router scores alpha * k. Only P_i carries
+    gradient.
     """
-    n_experts = probs.shape[-1]
-    f = counts.to(probs.dtype) / counts.sum()  # (E,) fraction of assignments
+    n_tokens, n_experts = probs.shape
+    f = counts.to(probs.dtype) / n_tokens  # (E,) fraction of tokens sent to each expert
     p = probs.mean(dim=0)  # (E,) mean router probability
     return alpha * n_experts * (f * p).sum()
 

@@ -21,11 +21,11 @@ The engines, picked by kind, each built on one fused SDPA kernel call per part:
 
 Why our own blocked SDPA rather than FlexAttention: on this CPU FlexAttention
 runs only under `torch.compile` (eager flex falls back to dense scores); it
-compiled for about 10 s and built its block mask in about 3 s per shape, and
-then took 1.3x the windowed engine's time at 8k tokens (0.9-1.7x at 4k over
+compiled for 4-10 s and built its block mask in about 3 s per shape, and then
+took 1.3-1.4x the windowed engine's time at 8k tokens (0.9-1.7x at 4k over
 runs); benchmarks/bench_sparse.py measures both side by side. Every new
 sequence length would recompile, and the windowed engine needs no warm-up, so
-it is the one kept. The windowed engine is about 8x faster than dense causal
+it is the one kept. The windowed engine is about 10x faster than dense causal
 SDPA at 16k tokens because SDPA's fused CPU kernel takes a broadcast mask at
 almost no cost; a per-block mask costs it 4-6x, which only the gathered
 engine pays.
@@ -210,8 +210,7 @@ class _Spans(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, n_blocks: int, span: int) -> torch.Tensor:  # noqa: ANN001
         B, H, L, hd = x.shape
         ctx.shape = x.shape
-        x = x.contiguous()
-        return x.as_strided((B * H, n_blocks, span, hd), (L * hd, BLOCK * hd, hd, 1)).contiguous()
+        return x.contiguous().as_strided((B * H, n_blocks, span, hd), (L * hd, BLOCK * hd, hd, 1))  # no copy
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: ANN001
