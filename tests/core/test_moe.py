@@ -293,7 +293,7 @@ BASE = dict(vocab_size=50, d_model=16, n_layers=2, n_heads=2)
     ({"feed_forward": ["moe"]}, "moe"),
     ({"feed_forward": ["dense", "sparse"], "moe": {}}, r"feed_forward\[1\]"),
     ({"feed_forward": ["moe", "dense", "moe"], "moe": {}}, "feed_forward"),
-    ({"feed_forward": ["moe"], "moe": {"n_expert": 4}}, "moe.n_expert: unknown field"),
+    ({"feed_forward": ["moe"], "moe": {"n_expert": 4}}, "moe.n_expert: unknown MoEConfig field"),
     ({"feed_forward": ["moe"], "moe": {"capacity_factor": 0}}, "moe.capacity_factor"),
     ({"feed_forward": ["moe"], "moe": {"aux_loss_coef": -1.0}}, "moe.aux_loss_coef"),
     ({"feed_forward": ["moe"], "moe": {"top_k": "2"}}, "top_k"),

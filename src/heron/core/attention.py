@@ -99,7 +99,8 @@ class Attention(nn.Module):
             real = key_mask
         else:
             k, v, tokens = cache.update_sparse(self.layer, k, v)  # (B, nkv, S, hd), tokens (S,)
-            query_index, key_index = cache.token_index[:, past : past + T], cache.token_index[:, tokens]
+            index = cache.token_index(past + T)  # (B or 1, past + T)
+            query_index, key_index = index[:, past:], index[:, tokens]
             real = cache.key_mask[:, tokens] if cache.key_mask is not None else None
         mask = allowed(self.pattern, query_index[:, :, None], key_index[:, None, :])  # (B, T, S)
         if real is not None:

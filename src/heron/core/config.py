@@ -224,10 +224,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Build from a plain dict; unknown keys are errors that name the key."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{unknown[0]}: unknown ModelConfig field (known: {', '.join(sorted(known))})")
+        _check_known(cls, data, "")
         values = dict(data)
         if isinstance(values.get("rope_scaling"), dict):
             values["rope_scaling"] = _nested(RopeScaling, values["rope_scaling"], "rope_scaling")
@@ -260,15 +257,19 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
 
 def _nested(cls: type, data: dict[str, Any], where: str) -> Any:
     """A nested config dataclass from a dict; errors are prefixed with `where`."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    bad = sorted(set(data) - known)
-    if bad:
-        raise ValueError(f"{where}.{bad[0]}: unknown field (known: {', '.join(sorted(known))})")
+    _check_known(cls, data, f"{where}.")
     _check_types(cls, data)
     try:
         return cls(**data)
     except ValueError as err:
         raise ValueError(f"{where}.{err}") from None
+
+
+def _check_known(cls: type, data: dict[str, Any], prefix: str) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{prefix}{unknown[0]}: unknown {cls.__name__} field (known: {', '.join(sorted(known))})")
 
 
 def _check_types(cls: type, values: dict[str, Any]) -> None:

@@ -6,8 +6,8 @@ so a decode step copies only the new token's keys and values.
 
 A layer whose attention pattern has a bounded span (sliding or dilated
 windows) keeps only its last `span` keys, in a ring: its memory is bounded by
-the window, not by the generation length (a (B, max_len) index of token
-positions, 8 bytes a token, is all that grows).
+the window, not by the generation length (only a left-padded batch's
+(B, max_len) bool padding mask spans the whole generation).
 """
 from __future__ import annotations
 
@@ -22,9 +22,7 @@ class KVCache:
     where slots is max_len, or a ring of `span` slots for bounded patterns.
 
     `key_mask` (B, max_len) marks real tokens when a batch is left-padded; it
-    is None while every position is real. `token_index` (B, max_len) holds
-    each token's index among its row's real tokens: sparse patterns are rules
-    on those indices.
+    is None while every position is real.
     """
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], max_len: int) -> None:
@@ -32,8 +30,7 @@ class KVCache:
         self.values = values
         self.length = 0
         self.key_mask: torch.Tensor | None = None
-        self.token_index = torch.zeros(keys[0].shape[0], max_len, dtype=torch.long, device=keys[0].device)
-        self._real_tokens = torch.zeros(keys[0].shape[0], dtype=torch.long, device=keys[0].device)  # (B,)
+        self._max_len = max_len
 
     @classmethod
     def allocate(
@@ -61,7 +58,7 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.token_index.shape[1]
+        return self._max_len
 
     @property
     def nbytes(self) -> int:
@@ -76,10 +73,6 @@ class KVCache:
 
     def record_mask(self, new_mask: torch.Tensor | None, new_tokens: int) -> None:
         """Remember which of the new positions are real tokens (B, T) bool."""
-        new = slice(self.length, self.length + new_tokens)
-        index = token_index(new_mask, new_tokens, self.token_index.device)  # (B or 1, T)
-        self.token_index[:, new] = self._real_tokens[:, None] + index
-        self._real_tokens += index[:, -1] + 1
         if new_mask is None:
             if self.key_mask is not None:
                 self.key_mask[:, self.length : self.length + new_tokens] = True
@@ -87,6 +80,12 @@ class KVCache:
         if self.key_mask is None:
             self.key_mask = torch.ones(self.batch_size, self.max_len, dtype=torch.bool, device=new_mask.device)
         self.key_mask[:, self.length : self.length + new_tokens] = new_mask
+
+    def token_index(self, end: int) -> torch.Tensor:
+        """(B or 1, end) long: each cached token's index among its row's real
+        tokens, the positions sparse patterns are rules on."""
+        mask = self.key_mask[:, :end] if self.key_mask is not None else None
+        return token_index(mask, end, self.keys[0].device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's k, v (B, n_kv, T, hd) and return the filled prefix."""
@@ -100,7 +99,7 @@ class KVCache:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Write this step's k, v (B, n_kv, T, hd); return the keys and values
         its queries may need, (B, n_kv, S, hd) each, and the token index of
-        each, (S,) long, into `token_index` and `key_mask`."""
+        each, (S,) long, into `token_index(...)` and `key_mask`."""
         slots = self.keys[layer].shape[2]
         if slots == self.max_len:
             end = self.length + k.shape[2]
