@@ -2,9 +2,8 @@
 
 A pattern (`AttentionPattern` in config.py) is defined once, as an
 elementwise rule on query and key positions (`allowed`). That rule is the
-reference the tests hold every fast path to, and it builds the masks of the
-blocks that are visited. Which blocks BigBird visits comes from a
-block-level rule (`_block_rules`), exact because its blocks are the engine's.
+reference the tests hold every fast path to, and the masks the engines use
+are its restrictions to the blocks they visit.
 
 The engines, picked by kind, each built on one fused SDPA kernel call per part:
 
@@ -16,8 +15,10 @@ The engines, picked by kind, each built on one fused SDPA kernel call per part:
 - strided and fixed: unions of two disjoint key sets, each a plain causal or
   windowed attention after regrouping; merged through their log-sum-exps
   (core/flash.py), so no key outside the pattern is ever scored.
-- gathered (bigbird): each query block gathers its visited key blocks (a
-  (n_blocks, max_visited) layout) and attends under a per-block mask.
+- bigbird: three disjoint parts merged the same way: the local blocks (a
+  block-aligned window), the global blocks beyond the window, and each query
+  block's random blocks, gathered; every mask is broadcast over the queries
+  of a block.
 
 Why our own blocked SDPA rather than FlexAttention: on this CPU FlexAttention
 runs only under `torch.compile` (eager flex falls back to dense scores); it
@@ -27,8 +28,8 @@ runs); benchmarks/bench_sparse.py measures both side by side. Every new
 sequence length would recompile, and the windowed engine needs no warm-up, so
 it is the one kept. The windowed engine is about 10x faster than dense causal
 SDPA at 16k tokens because SDPA's fused CPU kernel takes a broadcast mask at
-almost no cost; a per-block mask costs it 4-6x, which only the gathered
-engine pays.
+almost no cost, while a mask that differs per query costs it 4-6x: every
+engine here is arranged so that its masks broadcast.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from heron.core.config import AttentionPattern
 from heron.core.flash import attention_with_lse
 
-BLOCK = 64  # query block size of the windowed and gathered engines (bigbird uses its own `block`)
+BLOCK = 64  # query block size of the windowed engine (bigbird uses its own `block`)
 
 
 # --- the rule: which (query i, key j) pairs may attend -----------------------------------------
@@ -100,30 +101,6 @@ def _bigbird_random(pattern: AttentionPattern, n_blocks: int) -> torch.Tensor:
     return table
 
 
-# --- which key blocks a query block visits -----------------------------------------------------
-
-
-def block_layout(pattern: AttentionPattern, n_blocks: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Visited key blocks per query block: (n_blocks, max_visited) long indices
-    in increasing order, and the (n_blocks, max_visited) bool marking real
-    entries (the rest pad the row and are masked out)."""
-    qb = torch.arange(n_blocks)[:, None]
-    kb = torch.arange(n_blocks)[None, :]
-    visit = _block_rules(pattern, qb, kb, block)  # (n_blocks, n_blocks)
-    counts = visit.sum(-1)  # (n_blocks,)
-    width = int(counts.max())
-    order = torch.sort((~visit).to(torch.uint8), dim=-1, stable=True).indices[:, :width]  # visited first
-    return order, torch.arange(width)[None, :] < counts[:, None]
-
-
-def _block_rules(pattern: AttentionPattern, qb: torch.Tensor, kb: torch.Tensor, block: int) -> torch.Tensor:
-    """Does any (i, j) with i in query block qb and j in key block kb attend?"""
-    p = pattern
-    if p.kind == "bigbird":  # the engine's blocks are the pattern's blocks
-        return allowed(p, qb * block, kb * block)  # blocks are the pattern's: exact
-    raise ValueError(f"kind: {p.kind!r} is not computed by gathering blocks")
-
-
 # --- the engines -------------------------------------------------------------------------------
 
 
@@ -159,28 +136,32 @@ def sparse_attention(
         return _strided(q, k, v, pattern.stride)
     if pattern.kind == "fixed":
         return _fixed(q, k, v, pattern)
-    return _gathered(q, k, v, pattern)
+    return _bigbird(q, k, v, pattern)
 
 
-def _windowed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sliding-window attention (0 <= i - j < window) over overlapping key spans:
-    (out (B, H, T, hd), lse (B, H, T))."""
+def _windowed(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, block: int = BLOCK, lead: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with 0 <= i - j < window over overlapping key spans: each
+    block of `block` queries sees the `lead` keys before it and its own block
+    (lead defaults to the window rounded up to blocks). (out (B, H, T, hd), lse (B, H, T))."""
     B, H, T, hd = q.shape
-    lead = -(-(window - 1) // BLOCK) * BLOCK  # keys before a query block's first query that it may need
-    if T <= lead + BLOCK:  # short: one dense call under the band mask
+    if lead is None:
+        lead = -(-(window - 1) // block) * block  # keys before a query block's first query that it may need
+    if T <= lead + block:  # short: one dense call under the band mask
         return attention_with_lse(q, k, v, _band(T, window, q.device))
-    # Queries [lead, T) in blocks; block b's keys are [b * BLOCK, b * BLOCK + lead + BLOCK).
-    n_blocks = -(-(T - lead) // BLOCK)
-    pad = lead + n_blocks * BLOCK - T
-    span = lead + BLOCK
-    qt = F.pad(q[:, :, lead:], (0, 0, 0, pad)).reshape(B * H, n_blocks, BLOCK, hd)
-    kt, vt = (_spans(F.pad(x, (0, 0, 0, pad)), n_blocks, span) for x in (k, v))  # (B*H, n_blocks, span, hd)
-    r = torch.arange(BLOCK, device=q.device)[:, None]  # query offset in its block
+    # Queries [lead, T) in blocks; block b's keys are [b * block, b * block + lead + block).
+    n_blocks = -(-(T - lead) // block)
+    pad = lead + n_blocks * block - T
+    span = lead + block
+    qt = F.pad(q[:, :, lead:], (0, 0, 0, pad)).reshape(B * H, n_blocks, block, hd)
+    kt, vt = (_spans(F.pad(x, (0, 0, 0, pad)), n_blocks, span, block) for x in (k, v))  # (B*H, n_blocks, span, hd)
+    r = torch.arange(block, device=q.device)[:, None]  # query offset in its block
     c = torch.arange(span, device=q.device)[None, :]  # key offset in the span
-    shared = (r + lead - c >= 0) & (r + lead - c < window)  # (BLOCK, span): i - j = r + lead - c
-    tail, tail_lse = attention_with_lse(qt, kt, vt, shared)  # (B*H, n_blocks, BLOCK, hd), (B*H, n_blocks, BLOCK)
-    tail = tail.reshape(B, H, n_blocks * BLOCK, hd)[:, :, : T - lead]
-    tail_lse = tail_lse.reshape(B, H, n_blocks * BLOCK)[:, :, : T - lead]
+    shared = (r + lead - c >= 0) & (r + lead - c < window)  # (block, span): i - j = r + lead - c
+    tail, tail_lse = attention_with_lse(qt, kt, vt, shared)  # (B*H, n_blocks, block, hd), (B*H, n_blocks, block)
+    tail = tail.reshape(B, H, n_blocks * block, hd)[:, :, : T - lead]
+    tail_lse = tail_lse.reshape(B, H, n_blocks * block)[:, :, : T - lead]
     if lead == 0:  # window 1: no query looks back
         return tail, tail_lse
     # Queries [0, lead) see only keys [0, lead): a small dense call.
@@ -195,9 +176,9 @@ def _band(n: int, window: int, device: torch.device) -> torch.Tensor:
     return (d >= 0) & (d < window)
 
 
-def _spans(x: torch.Tensor, n_blocks: int, span: int) -> torch.Tensor:
-    """(B, H, L, hd) -> (B*H, n_blocks, span, hd): block b is x[:, :, b*BLOCK : b*BLOCK + span]."""
-    return _Spans.apply(x, n_blocks, span)
+def _spans(x: torch.Tensor, n_blocks: int, span: int, block: int) -> torch.Tensor:
+    """(B, H, L, hd) -> (B*H, n_blocks, span, hd): block b is x[:, :, b*block : b*block + span]."""
+    return _Spans.apply(x, n_blocks, span, block)
 
 
 class _Spans(torch.autograd.Function):
@@ -207,21 +188,22 @@ class _Spans(torch.autograd.Function):
     a block is the sum of its span_blocks copies: one add per offset."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, n_blocks: int, span: int) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, x: torch.Tensor, n_blocks: int, span: int, block: int) -> torch.Tensor:  # noqa: ANN001
         B, H, L, hd = x.shape
-        ctx.shape = x.shape
-        return x.contiguous().as_strided((B * H, n_blocks, span, hd), (L * hd, BLOCK * hd, hd, 1))  # no copy
+        ctx.shape, ctx.block = x.shape, block
+        return x.contiguous().as_strided((B * H, n_blocks, span, hd), (L * hd, block * hd, hd, 1))  # no copy
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # noqa: ANN001
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # noqa: ANN001
         B, H, L, hd = ctx.shape
+        block = ctx.block
         n_blocks, span = grad.shape[1], grad.shape[2]
-        per_span = span // BLOCK
-        grad = grad.reshape(B * H, n_blocks, per_span, BLOCK, hd)
-        blocks = grad.new_zeros(B * H, L // BLOCK, BLOCK, hd)
-        for t in range(per_span):  # a loop over block offsets, at most window / BLOCK + 1
+        per_span = span // block
+        grad = grad.reshape(B * H, n_blocks, per_span, block, hd)
+        blocks = grad.new_zeros(B * H, L // block, block, hd)
+        for t in range(per_span):  # a loop over block offsets, at most window / block + 1
             blocks[:, t : t + n_blocks] += grad[:, :, t]
-        return blocks.reshape(B, H, L, hd), None, None
+        return blocks.reshape(B, H, L, hd), None, None, None
 
 
 def _dilated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: AttentionPattern) -> torch.Tensor:
@@ -304,26 +286,44 @@ def _fixed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Attention
     return _merge(own, (out.reshape(B, H, -1, hd)[:, :, :T], lse.reshape(B, H, -1)[:, :, :T]))
 
 
-def _gathered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: AttentionPattern) -> torch.Tensor:
-    """Each query block attends to its visited key blocks, gathered side by side."""
+def _bigbird(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: AttentionPattern) -> torch.Tensor:
+    """Three disjoint parts, merged by log-sum-exp: the local blocks (a
+    block-aligned window over spans), the global blocks a query block's window
+    does not reach, and its random blocks, gathered."""
     B, H, T, hd = q.shape
-    block = pattern.block if pattern.kind == "bigbird" else BLOCK
+    block, local = pattern.block, pattern.local_blocks
     n_blocks = -(-T // block)
+    lead = local * block
+    parts = [_windowed(q, k, v, lead + block, block=block, lead=lead)]  # j in blocks qb - local .. qb, j <= i
     pad = n_blocks * block - T
-    layout, real = block_layout(pattern, n_blocks, block)  # (n_blocks, width)
-    layout, real = layout.to(q.device), real.to(q.device)
-    width = layout.shape[1]
-    qb = F.pad(q, (0, 0, 0, pad)).reshape(B * H, n_blocks, block, hd)
+    qb, kb, vb = (F.pad(x, (0, 0, 0, pad)).reshape(B * H, n_blocks, block, hd) for x in (q, k, v))
+    first = local + 1  # the first query block whose window misses block 0
+    n_global = min(pattern.global_blocks, n_blocks)
+    if n_global and first < n_blocks:
+        keys, values = (x[:, :n_global].reshape(B * H, 1, n_global * block, hd) for x in (kb, vb))
+        reach = torch.arange(first, n_blocks, device=q.device)[None, :, None, None] - local  # global blocks < reach
+        visible = torch.arange(n_global * block, device=q.device) // block < reach  # (1, n_q, 1, n_global*block)
+        part = attention_with_lse(qb[:, first:], keys.expand(-1, n_blocks - first, -1, -1),
+                                  values.expand(-1, n_blocks - first, -1, -1), visible)
+        parts.append(_blocks_to_sequence(_later_rows(part, first, dim=1), B, H, T))
+    chosen = _bigbird_random(pattern, n_blocks).to(q.device)  # (n_blocks, n_blocks)
+    counts = chosen.sum(-1)  # (n_blocks,)
+    if int(counts.max()) > 0:
+        start = int((counts == 0).sum())  # blocks without random picks: a prefix (candidates grow with qb)
+        width = int(counts.max())
+        picks = torch.sort((~chosen[start:]).to(torch.uint8), dim=-1, stable=True).indices[:, :width]  # (n_q, width)
+        valid = torch.arange(width, device=q.device) < counts[start:, None]  # (n_q, width)
+        keys, values = (x[:, picks].reshape(B * H, n_blocks - start, width * block, hd) for x in (kb, vb))
+        visible = valid.repeat_interleave(block, dim=1)[None, :, None, :]  # (1, n_q, 1, width*block)
+        part = attention_with_lse(qb[:, start:], keys, values, visible)
+        parts.append(_blocks_to_sequence(_later_rows(part, start, dim=1), B, H, T))
+    return _merge(*parts)
 
-    def gather(x: torch.Tensor) -> torch.Tensor:  # (B, H, T, hd) -> (B*H, n_blocks, width*block, hd)
-        blocks = F.pad(x, (0, 0, 0, pad)).reshape(B * H, n_blocks, block, hd)
-        return blocks[:, layout].reshape(B * H, n_blocks, width * block, hd)
 
-    i = (torch.arange(n_blocks, device=q.device)[:, None] * block + torch.arange(block, device=q.device))[:, :, None]
-    j = (layout[:, :, None] * block + torch.arange(block, device=q.device)).reshape(n_blocks, 1, width * block)
-    mask = allowed(pattern, i, j) & real.repeat_interleave(block, dim=1)[:, None, :]  # (n_blocks, block, width*block)
-    y = F.scaled_dot_product_attention(qb, gather(k), gather(v), attn_mask=mask)  # (B*H, n_blocks, block, hd)
-    return y.reshape(B, H, n_blocks * block, hd)[:, :, :T]
+def _blocks_to_sequence(part: tuple[torch.Tensor, torch.Tensor], B: int, H: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B*H, n_blocks, block, ...) out and lse -> (B, H, T, ...)."""
+    out, lse = part
+    return out.reshape(B, H, -1, out.shape[-1])[:, :, :T], lse.reshape(B, H, -1)[:, :, :T]
 
 
-__all__ = ["BLOCK", "allowed", "block_layout", "dense_mask", "sparse_attention", "token_index"]
+__all__ = ["BLOCK", "allowed", "dense_mask", "sparse_attention", "token_index"]
