@@ -17,6 +17,7 @@ from heron.core.mlp import MLP
 from heron.core.moe import MoE
 from heron.core.norms import make_norm
 from heron.core.rope import rope_tables
+from heron.core.sparse import token_index
 
 
 @dataclass
@@ -144,10 +145,11 @@ class Transformer(nn.Module):
 
     @staticmethod
     def _default_positions(past: int, T: int, key_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-        """0, 1, 2, ... counted over real tokens only, so left padding shifts nothing."""
+        """0, 1, 2, ... counted over real tokens only, so left padding shifts nothing:
+        the same indices sparse patterns are rules on (`token_index`)."""
         if key_mask is None:
             return torch.arange(past, past + T, device=device)  # (T,)
-        return (key_mask.long().cumsum(-1)[:, past:] - 1).clamp(min=0)  # (B, T)
+        return token_index(key_mask, past + T)[:, past:].clamp(min=0)  # (B, T)
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.config.positions != "rope":
