@@ -27,7 +27,7 @@ from torch import nn
 
 from common import INTERLEAVING_NOTE, Result, Stats, interleave, machine, memory_bandwidth, ratio, record, setup_torch
 from heron.generate import Decoder, Generator, SamplingParams, decode_steps, left_pad
-from heron.interop import to_hf_llama
+from heron.interop import to_transformers
 from heron.models.presets import build_model, parameter_count
 
 PROMPT, NEW = 32, 128
@@ -135,7 +135,7 @@ def bandwidth_results(weight_bytes: int, decode: Stats, bandwidth: dict[str, flo
 def bench_preset(preset: str, plan: Plan) -> tuple[list[Result], int, Stats]:
     """Speed results, parameter bytes, and Heron's batch-1 decode-only steps/s."""
     model = build_model(preset).eval()
-    hf = to_hf_llama(model).eval()
+    hf = to_transformers(model).eval()
     print(f"{preset}: {parameter_count(model) / 1e6:.1f}M parameters", flush=True)
     results: list[Result] = []
     decode = Stats(())

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common import INTERLEAVING_NOTE, Result, interleave, machine, ratio, record, setup_torch, timed
-from heron.interop import to_hf_llama
+from heron.interop import to_transformers
 from heron.models.presets import build_model, parameter_count
 from heron.train.optim import build_optimizer
 from heron.train.recipe import OptimSection
@@ -77,7 +77,7 @@ def hf_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
 def bench_preset(preset: str, plan: Plan) -> list[Result]:
     B, T = SHAPES[preset]
     model = build_model(preset).train()
-    hf = to_hf_llama(model).train()  # the same weights, before either trains
+    hf = to_transformers(model).train()  # the same weights, before either trains
     tokens = torch.randint(0, model.config.vocab_size, (B, T + 1))
     x, y = tokens[:, :-1], tokens[:, 1:]  # (B, T) each
     steps = {"heron": heron_step(model, x, y), "transformers": hf_step(hf, x)}

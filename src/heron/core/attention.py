@@ -32,6 +32,8 @@ class Attention(nn.Module):
         self.n_kv_heads = config.resolved_kv_heads
         self.head_dim = config.resolved_head_dim
         self.use_rope = config.positions == "rope"
+        # Every engine scales q.k by 1/sqrt(hd); another scale is folded into q once.
+        self.q_factor = None if config.attn_scale is None else config.attn_scale * math.sqrt(self.head_dim)
         q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         self.split = (q_width, kv_width, kv_width)
         self.qkv = Linear(config.d_model, q_width + 2 * kv_width, bias=config.qkv_bias)
@@ -58,6 +60,8 @@ class Attention(nn.Module):
         if self.use_rope:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.q_factor is not None:
+            q = q * self.q_factor
         if self.pattern is not None:
             y = self._sparse(q, k, v, cache, key_mask)
         else:

@@ -146,6 +146,7 @@ class ModelConfig:
     out_bias: bool = False
     mlp_bias: bool = False
     init_std: float = 0.02
+    attn_scale: float | None = None  # softmax(scale * q.k); None: 1/sqrt(head_dim). GPT-Neo uses 1.0
     # Per-layer schedules, cycled over the layers (their length must divide
     # n_layers): (dense, sliding) alternates like GPT-Neo. Empty: all dense.
     attention: tuple[AttentionPattern, ...] = ()
@@ -174,6 +175,8 @@ class ModelConfig:
         if self.d_ff is not None:
             _check_positive("d_ff", self.d_ff)
         _check_positive("norm_eps", self.norm_eps)
+        if self.attn_scale is not None:
+            _check_positive("attn_scale", self.attn_scale)
         if self.rope_scaling is not None and self.positions != "rope":
             raise ValueError(f"rope_scaling: set, but positions={self.positions!r} is not 'rope'")
         for name in ("attention", "feed_forward"):
@@ -204,6 +207,14 @@ class ModelConfig:
         # LLaMA: 2/3 of 4*d, rounded up to a multiple of 64 for matmul-friendly shapes.
         hidden = int(8 * self.d_model / 3)
         return 64 * ((hidden + 63) // 64)
+
+    @property
+    def resolved_expert_d_ff(self) -> int:
+        """An expert's hidden width: moe.d_ff, or the dense width over top_k so
+        that a token's active parameters match a dense MLP's."""
+        if self.moe is None:
+            raise ValueError("moe: this config has no Mixture-of-Experts settings")
+        return self.moe.d_ff or max(1, self.resolved_d_ff // self.moe.top_k)
 
     def attention_pattern(self, layer: int) -> AttentionPattern:
         return self.attention[layer % len(self.attention)] if self.attention else DENSE

@@ -116,7 +116,7 @@ class MoE(nn.Module):
         if moe is None:
             raise ValueError("moe: a MoE layer needs moe settings")
         d = config.d_model
-        ff = moe.d_ff or max(1, config.resolved_d_ff // moe.top_k)  # top_k experts ~ one dense MLP
+        ff = config.resolved_expert_d_ff
         width = 2 * ff if config.mlp == "swiglu" else ff
         self.settings, self.kind = moe, config.mlp
         self.router = nn.Linear(d, moe.n_experts, bias=False)

@@ -69,13 +69,26 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = make_norm(config)
         self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
-        if config.tie_embeddings:
-            self.lm_head.weight = self.embed.weight
+        self.tie_weights()
         if config.positions == "rope":
-            cos, sin = rope_tables(config.max_seq_len, config.resolved_head_dim, config.rope_theta, config.rope_scaling)
-            self.register_buffer("rope_cos", cos, persistent=False)  # (L, hd)
-            self.register_buffer("rope_sin", sin, persistent=False)  # (L, hd)
+            self.register_buffer("rope_cos", torch.empty(0), persistent=False)  # (L, hd)
+            self.register_buffer("rope_sin", torch.empty(0), persistent=False)  # (L, hd)
+        self.reset_buffers()
         self.reset_parameters()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the output head when the config ties them
+        (again after `to_empty`, which allocates each parameter apart)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def reset_buffers(self) -> None:
+        """Compute the RoPE tables (derived from the config, never saved), e.g.
+        after `to_empty` on a model built on the meta device."""
+        if self.config.positions == "rope":
+            c, device = self.config, self.rope_cos.device
+            cos, sin = rope_tables(c.max_seq_len, c.resolved_head_dim, c.rope_theta, c.rope_scaling)
+            self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
     def reset_parameters(self) -> None:
         """GPT-2 initialisation: N(0, std), with the projections that write to

@@ -1,7 +1,25 @@
-"""Model formats in and out: Hugging Face name tables and converters.
+"""Model formats in and out: Hugging Face folders (name tables, both ways).
 
-`transformers` is imported only when a conversion to or from its models runs,
-so this package imports without it.
+`transformers` is never needed to convert: folders are read and written
+directly. It is imported only by `bridge`, which puts a live `transformers`
+model beside a Heron one for parity tests and benchmarks.
 """
-from heron.interop.llama import *  # noqa: F403  (the public names are llama.__all__)
-from heron.interop.llama import __all__
+from heron.interop.bridge import from_transformers, to_transformers
+from heron.interop.families import FAMILIES, Family, family_config, family_of, hf_config
+from heron.interop.files import WeightFileError, WeightFiles
+from heron.interop.hf_folder import (
+    export_family,
+    is_hf_folder,
+    load_hf_config,
+    load_hf_folder,
+    load_hf_model,
+    load_hf_tokenizer,
+    save_hf_folder,
+)
+from heron.interop.tables import WeightRow, heron_to_hf, hf_to_heron
+
+__all__ = [
+    "FAMILIES", "Family", "WeightFileError", "WeightFiles", "WeightRow", "export_family", "family_config",
+    "family_of", "from_transformers", "heron_to_hf", "hf_config", "hf_to_heron", "is_hf_folder", "load_hf_config",
+    "load_hf_folder", "load_hf_model", "load_hf_tokenizer", "save_hf_folder", "to_transformers",
+]

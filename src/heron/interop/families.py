@@ -1,0 +1,457 @@
+"""Hugging Face model families: a weight-name table and a config mapping each.
+
+A `Family` is data: the `config.json` `model_type` and architecture it
+reads and writes, its `WeightRow` table (tables.py), the `ModelConfig` fields
+copied one to one from `config.json` keys, the fields the architecture fixes,
+and the `config.json` values Heron implements only. What does not fit a
+one-to-one copy (rope scaling, sliding windows, GPT-Neo's layer schedule,
+Mixtral's experts) is one small function per concern, shared by the families
+that have it.
+
+`family_config(family, hf)` and `hf_config(family, config)` go between a
+`config.json` dict and a `ModelConfig`. Both fail with a ValueError naming
+the field when a value has no counterpart on the other side.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from heron.core.config import AttentionPattern, ModelConfig, MoEConfig, RopeScaling
+from heron.interop.tables import WeightRow
+
+HfConfig = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_type: str  # config.json "model_type"
+    architecture: str  # config.json "architectures"[0] on export
+    weights: tuple[WeightRow, ...]
+    fields: tuple[tuple[str, str], ...]  # ModelConfig field <-> config.json key, copied as they are
+    fixed: tuple[tuple[str, Any], ...]  # ModelConfig fields whose value the architecture implies
+    hf_fixed: tuple[tuple[str, Any], ...] = ()  # config.json keys whose value Heron implements only
+    read: tuple[Callable[[HfConfig], dict[str, Any]], ...] = ()  # config.json -> more ModelConfig fields
+    write: tuple[Callable[[ModelConfig], HfConfig], ...] = ()  # ModelConfig -> more config.json keys
+    ignored: tuple[str, ...] = ()  # regexes of checkpoint tensors that hold no weights (mask buffers)
+
+
+# ----- weight tables -------------------------------------------------------------------------
+
+_A, _M = "model.layers.{i}.self_attn", "model.layers.{i}.mlp"
+_LLAMA_BODY: tuple[WeightRow, ...] = (
+    WeightRow("embed.weight", ("model.embed_tokens.weight",)),
+    WeightRow("blocks.{i}.attn_norm.weight", ("model.layers.{i}.input_layernorm.weight",)),
+    # Heron's qkv rows are q, then k, then v (attention.py, `self.split`).
+    WeightRow("blocks.{i}.attn.qkv.weight", (f"{_A}.q_proj.weight", f"{_A}.k_proj.weight", f"{_A}.v_proj.weight"),
+              split="qkv"),
+    WeightRow("blocks.{i}.attn.qkv.bias", (f"{_A}.q_proj.bias", f"{_A}.k_proj.bias", f"{_A}.v_proj.bias"), split="qkv"),
+    WeightRow("blocks.{i}.attn.out.weight", (f"{_A}.o_proj.weight",)),
+    WeightRow("blocks.{i}.attn.out.bias", (f"{_A}.o_proj.bias",)),
+    WeightRow("blocks.{i}.mlp_norm.weight", ("model.layers.{i}.post_attention_layernorm.weight",)),
+    WeightRow("norm.weight", ("model.norm.weight",)),
+    WeightRow("lm_head.weight", ("lm_head.weight",)),  # absent on both sides when tied
+)
+LLAMA_WEIGHTS: tuple[WeightRow, ...] = _LLAMA_BODY + (
+    # SwiGLU: Heron's `up` rows are gate, then up (mlp.py: silu(gate) * up after `chunk(2)`).
+    WeightRow("blocks.{i}.mlp.up.weight", (f"{_M}.gate_proj.weight", f"{_M}.up_proj.weight"), split="halves"),
+    WeightRow("blocks.{i}.mlp.up.bias", (f"{_M}.gate_proj.bias", f"{_M}.up_proj.bias"), split="halves"),
+    WeightRow("blocks.{i}.mlp.down.weight", (f"{_M}.down_proj.weight",)),
+    WeightRow("blocks.{i}.mlp.down.bias", (f"{_M}.down_proj.bias",)),
+)
+_X = "model.layers.{i}.block_sparse_moe"
+MIXTRAL_WEIGHTS: tuple[WeightRow, ...] = _LLAMA_BODY + (
+    WeightRow("blocks.{i}.mlp.router.weight", (f"{_X}.gate.weight",)),
+    # Heron stacks experts as (E, in, out); Mixtral keeps one (out, in) linear per expert.
+    WeightRow("blocks.{i}.mlp.up", (f"{_X}.experts.{{e}}.w1.weight", f"{_X}.experts.{{e}}.w3.weight"),
+              dim=2, split="halves", transpose=True),
+    WeightRow("blocks.{i}.mlp.down", (f"{_X}.experts.{{e}}.w2.weight",), transpose=True),
+)
+_G = "transformer.h.{i}"
+GPT2_WEIGHTS: tuple[WeightRow, ...] = (
+    WeightRow("embed.weight", ("transformer.wte.weight",)),
+    WeightRow("pos_embed.weight", ("transformer.wpe.weight",)),
+    WeightRow("blocks.{i}.attn_norm.weight", (f"{_G}.ln_1.weight",)),
+    WeightRow("blocks.{i}.attn_norm.bias", (f"{_G}.ln_1.bias",)),
+    # Conv1D weights are stored (in, out); c_attn's columns are q, k, v.
+    WeightRow("blocks.{i}.attn.qkv.weight", (f"{_G}.attn.c_attn.weight",), transpose=True),
+    WeightRow("blocks.{i}.attn.qkv.bias", (f"{_G}.attn.c_attn.bias",)),
+    WeightRow("blocks.{i}.attn.out.weight", (f"{_G}.attn.c_proj.weight",), transpose=True),
+    WeightRow("blocks.{i}.attn.out.bias", (f"{_G}.attn.c_proj.bias",)),
+    WeightRow("blocks.{i}.mlp_norm.weight", (f"{_G}.ln_2.weight",)),
+    WeightRow("blocks.{i}.mlp_norm.bias", (f"{_G}.ln_2.bias",)),
+    WeightRow("blocks.{i}.mlp.up.weight", (f"{_G}.mlp.c_fc.weight",), transpose=True),
+    WeightRow("blocks.{i}.mlp.up.bias", (f"{_G}.mlp.c_fc.bias",)),
+    WeightRow("blocks.{i}.mlp.down.weight", (f"{_G}.mlp.c_proj.weight",), transpose=True),
+    WeightRow("blocks.{i}.mlp.down.bias", (f"{_G}.mlp.c_proj.bias",)),
+    WeightRow("norm.weight", ("transformer.ln_f.weight",)),
+    WeightRow("norm.bias", ("transformer.ln_f.bias",)),
+    WeightRow("lm_head.weight", ("lm_head.weight",)),
+)
+_N = "transformer.h.{i}.attn.attention"
+GPT_NEO_WEIGHTS: tuple[WeightRow, ...] = (
+    WeightRow("embed.weight", ("transformer.wte.weight",)),
+    WeightRow("pos_embed.weight", ("transformer.wpe.weight",)),
+    WeightRow("blocks.{i}.attn_norm.weight", (f"{_G}.ln_1.weight",)),
+    WeightRow("blocks.{i}.attn_norm.bias", (f"{_G}.ln_1.bias",)),
+    WeightRow("blocks.{i}.attn.qkv.weight", (f"{_N}.q_proj.weight", f"{_N}.k_proj.weight", f"{_N}.v_proj.weight"),
+              split="qkv"),
+    WeightRow("blocks.{i}.attn.out.weight", (f"{_N}.out_proj.weight",)),
+    WeightRow("blocks.{i}.attn.out.bias", (f"{_N}.out_proj.bias",)),
+    WeightRow("blocks.{i}.mlp_norm.weight", (f"{_G}.ln_2.weight",)),
+    WeightRow("blocks.{i}.mlp_norm.bias", (f"{_G}.ln_2.bias",)),
+    WeightRow("blocks.{i}.mlp.up.weight", (f"{_G}.mlp.c_fc.weight",)),  # nn.Linear here, not Conv1D
+    WeightRow("blocks.{i}.mlp.up.bias", (f"{_G}.mlp.c_fc.bias",)),
+    WeightRow("blocks.{i}.mlp.down.weight", (f"{_G}.mlp.c_proj.weight",)),
+    WeightRow("blocks.{i}.mlp.down.bias", (f"{_G}.mlp.c_proj.bias",)),
+    WeightRow("norm.weight", ("transformer.ln_f.weight",)),
+    WeightRow("norm.bias", ("transformer.ln_f.bias",)),
+    WeightRow("lm_head.weight", ("lm_head.weight",)),
+)
+# Causal-mask buffers that older GPT-2 and GPT-Neo checkpoints saved beside the weights.
+MASK_BUFFERS = (r"transformer\.h\.\d+\.attn\.(attention\.)?(bias|masked_bias)",)
+
+
+# ----- config pieces shared by several families ---------------------------------------------
+
+ROPE_KEYS: dict[str, tuple[tuple[str, str], ...]] = {  # RopeScaling field -> rope_parameters key
+    "linear": (("factor", "factor"),),
+    "llama3": (("factor", "factor"), ("low_freq_factor", "low_freq_factor"),
+               ("high_freq_factor", "high_freq_factor"), ("original_max_seq_len", "original_max_position_embeddings")),
+}
+
+
+def read_rope(hf: HfConfig) -> dict[str, Any]:
+    """rope_theta and rope_scaling from `rope_parameters` (transformers 5) or the
+    older top-level `rope_theta` and `rope_scaling` keys."""
+    params = dict(hf.get("rope_parameters") or {})
+    if not params:
+        params = {"rope_theta": hf.get("rope_theta", 10000.0), **(hf.get("rope_scaling") or {})}
+        if "type" in params:  # the oldest spelling
+            params["rope_type"] = params.pop("type")
+    kind = params.pop("rope_type", "default")
+    theta = params.pop("rope_theta", None)
+    if theta is None:
+        raise ValueError("rope_parameters.rope_theta: missing")
+    if params.get("partial_rotary_factor", 1.0) == 1.0:
+        params.pop("partial_rotary_factor", None)
+    if kind == "default":
+        scaling = None
+    elif kind in ROPE_KEYS:
+        missing = [key for _, key in ROPE_KEYS[kind] if key not in params]
+        if missing:
+            raise ValueError(f"rope_parameters.{missing[0]}: required for rope_type {kind!r}")
+        scaling = RopeScaling(kind=kind, **{field: params.pop(key) for field, key in ROPE_KEYS[kind]})
+    else:
+        raise ValueError(f"rope_parameters.rope_type: {kind!r} is not one of default, {', '.join(ROPE_KEYS)}")
+    if params:
+        raise ValueError(f"rope_parameters.{sorted(params)[0]}: not supported by Heron's RoPE")
+    return {"rope_theta": float(theta), "rope_scaling": scaling}
+
+
+def write_rope(config: ModelConfig) -> HfConfig:
+    scaling = config.rope_scaling
+    params: dict[str, Any] = {"rope_type": "default" if scaling is None else scaling.kind, "rope_theta": config.rope_theta}
+    if scaling is not None:
+        params.update({key: getattr(scaling, field) for field, key in ROPE_KEYS[scaling.kind]})
+    return {"rope_parameters": params}
+
+
+def read_llama_bias(hf: HfConfig) -> dict[str, Any]:
+    bias = bool(hf.get("attention_bias", False))
+    return {"qkv_bias": bias, "out_bias": bias, "mlp_bias": bool(hf.get("mlp_bias", False))}
+
+
+def write_llama_bias(config: ModelConfig) -> HfConfig:
+    if config.qkv_bias != config.out_bias:
+        raise ValueError(f"qkv_bias: LLaMA has one attention_bias for q, k, v and o; got qkv_bias={config.qkv_bias}, "
+                         f"out_bias={config.out_bias}")
+    return {"attention_bias": config.qkv_bias, "mlp_bias": config.mlp_bias}
+
+
+def read_sliding(hf: HfConfig) -> dict[str, Any]:
+    """Mistral's `sliding_window` on every layer, or Qwen2-style `layer_types`."""
+    window = hf.get("sliding_window")
+    if hf.get("use_sliding_window") is False:
+        window = None
+    types = hf.get("layer_types")
+    if window is None:
+        if types and any(t != "full_attention" for t in types):
+            raise ValueError("layer_types: sliding layers without a sliding_window")
+        return {}
+    if not types:
+        return {"attention": (AttentionPattern(kind="sliding", window=int(window)),)}
+    return {"attention": tuple(_layer_pattern(t, int(window), i) for i, t in enumerate(types))}
+
+
+def _layer_pattern(kind: str, window: int, i: int) -> AttentionPattern:
+    if kind == "full_attention":
+        return AttentionPattern()
+    if kind == "sliding_attention":
+        return AttentionPattern(kind="sliding", window=window)
+    raise ValueError(f"layer_types[{i}]: {kind!r} is not full_attention or sliding_attention")
+
+
+def write_sliding(config: ModelConfig) -> HfConfig:
+    """Every layer sliding with one window (Mistral's `sliding_window`), or every layer dense."""
+    patterns = [config.attention_pattern(i) for i in range(config.n_layers)]
+    kinds = {p.kind for p in patterns}
+    windows = {p.window for p in patterns if p.kind == "sliding"}
+    if kinds <= {"dense"}:
+        return {"sliding_window": None}
+    if kinds == {"sliding"} and len(windows) == 1:
+        return {"sliding_window": windows.pop()}
+    bad = next(i for i, p in enumerate(patterns) if p.kind not in ("dense", "sliding") or kinds != {"sliding"})
+    raise ValueError(f"attention: layer {bad} is {patterns[bad].kind!r}; this family has either dense attention "
+                     "on every layer or one sliding window on every layer")
+
+
+def dense_attention_only(config: ModelConfig) -> HfConfig:
+    sparse = [i for i in range(config.n_layers) if config.attention_pattern(i).kind != "dense"]
+    if sparse:
+        raise ValueError(f"attention: layer {sparse[0]} is {config.attention_pattern(sparse[0]).kind!r}; "
+                         "this family has dense attention only")
+    return {}
+
+
+def dense_feed_forward_only(config: ModelConfig) -> HfConfig:
+    if any(config.is_moe_layer(i) for i in range(config.n_layers)):
+        raise ValueError("feed_forward: this family has no Mixture-of-Experts layers")
+    return {}
+
+
+def standard_scale_only(config: ModelConfig) -> HfConfig:
+    if config.attn_scale is not None:
+        raise ValueError(f"attn_scale: this family scales attention by 1/sqrt(head_dim), got {config.attn_scale}")
+    return {}
+
+
+def read_mixtral_experts(hf: HfConfig) -> dict[str, Any]:
+    moe = MoEConfig(n_experts=int(hf["num_local_experts"]), top_k=int(hf["num_experts_per_tok"]),
+                    d_ff=int(hf["intermediate_size"]), aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.0)),
+                    z_loss_coef=0.0)
+    # d_ff is unused with every layer MoE; keep it the experts' total active width.
+    return {"feed_forward": ("moe",), "moe": moe, "d_ff": moe.d_ff * moe.top_k}
+
+
+def write_mixtral_experts(config: ModelConfig) -> HfConfig:
+    moe = config.moe
+    if moe is None or not all(config.is_moe_layer(i) for i in range(config.n_layers)):
+        raise ValueError("feed_forward: Mixtral has a Mixture-of-Experts on every layer")
+    for field, value in (("shared_expert", False), ("capacity_factor", None)):
+        if getattr(moe, field) != value:
+            raise ValueError(f"moe.{field}: Mixtral needs {value!r}, got {getattr(moe, field)!r}")
+    if moe.top_k == 1:
+        raise ValueError("moe.top_k: Mixtral renormalises the top-k weights, which top-1 routing does not")
+    return {"num_local_experts": moe.n_experts, "num_experts_per_tok": moe.top_k,
+            "intermediate_size": config.resolved_expert_d_ff,
+            "router_aux_loss_coef": moe.aux_loss_coef}
+
+
+def read_gpt_neo_layers(hf: HfConfig) -> dict[str, Any]:
+    """`attention_types` [[["global", "local"], 12]] -> one pattern per layer;
+    local layers see the last `window_size` tokens, themselves included."""
+    kinds = [kind for group, repeat in hf["attention_types"] for _ in range(repeat) for kind in group]
+    if len(kinds) != hf["num_layers"]:
+        raise ValueError(f"attention_types: describes {len(kinds)} layers, num_layers is {hf['num_layers']}")
+    local = AttentionPattern(kind="sliding", window=int(hf["window_size"]))
+    patterns = []
+    for i, kind in enumerate(kinds):
+        if kind not in ("global", "local"):
+            raise ValueError(f"attention_types: layer {i} is {kind!r}, not 'global' or 'local'")
+        patterns.append(AttentionPattern() if kind == "global" else local)
+    return {"attention": tuple(patterns)}
+
+
+def write_gpt_neo_layers(config: ModelConfig) -> HfConfig:
+    patterns = [config.attention_pattern(i) for i in range(config.n_layers)]
+    windows = {p.window for p in patterns if p.kind == "sliding"}
+    bad = [i for i, p in enumerate(patterns) if p.kind not in ("dense", "sliding")]
+    if bad or len(windows) > 1:
+        i = bad[0] if bad else 0
+        raise ValueError(f"attention: layer {i} is {patterns[i].kind!r}; GPT-Neo has global layers and local layers "
+                         "of one window")
+    kinds = ["global" if p.kind == "dense" else "local" for p in patterns]
+    return {"attention_types": [[[kind], 1] for kind in kinds], "attention_layers": kinds,
+            "window_size": windows.pop() if windows else 256}
+
+
+ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu"}
+
+
+def _activation(key: str) -> tuple[Callable[[HfConfig], dict[str, Any]], Callable[[ModelConfig], HfConfig]]:
+    def read(hf: HfConfig) -> dict[str, Any]:
+        name = hf.get(key, "gelu_new")
+        if name not in ACTIVATIONS:
+            raise ValueError(f"{key}: {name!r} is not one of {', '.join(ACTIVATIONS)}")
+        return {"mlp": ACTIVATIONS[name]}
+
+    def write(config: ModelConfig) -> HfConfig:
+        if config.mlp not in ("gelu", "gelu_tanh"):
+            raise ValueError(f"mlp: this family has a GELU MLP, got {config.mlp!r}")
+        return {key: "gelu_new" if config.mlp == "gelu_tanh" else "gelu"}
+
+    return read, write
+
+
+def _optional_width(key: str) -> tuple[Callable[[HfConfig], dict[str, Any]], Callable[[ModelConfig], HfConfig]]:
+    """A feed-forward width that None means 4 * d_model."""
+    def read(hf: HfConfig) -> dict[str, Any]:
+        return {"d_ff": hf.get(key)}
+
+    def write(config: ModelConfig) -> HfConfig:
+        return {key: config.d_ff}
+
+    return read, write
+
+
+def _no_scale(_: HfConfig) -> dict[str, Any]:
+    return {"attn_scale": 1.0}  # GPT-Neo does not divide q.k by sqrt(head_dim)
+
+
+def _unscaled_only(config: ModelConfig) -> HfConfig:
+    if config.attn_scale != 1.0:
+        raise ValueError(f"attn_scale: GPT-Neo leaves q.k unscaled (1.0), got {config.attn_scale}")
+    return {}
+
+
+# ----- the families --------------------------------------------------------------------------
+
+_LLAMA_FIELDS: tuple[tuple[str, str], ...] = (
+    ("vocab_size", "vocab_size"), ("d_model", "hidden_size"), ("n_layers", "num_hidden_layers"),
+    ("n_heads", "num_attention_heads"), ("n_kv_heads", "num_key_value_heads"), ("head_dim", "head_dim"),
+    ("d_ff", "intermediate_size"), ("max_seq_len", "max_position_embeddings"), ("norm_eps", "rms_norm_eps"),
+    ("tie_embeddings", "tie_word_embeddings"), ("init_std", "initializer_range"),
+)
+_LLAMA_FIXED: tuple[tuple[str, Any], ...] = (("norm", "rmsnorm"), ("positions", "rope"), ("mlp", "swiglu"),
+                                             ("attn_scale", None))
+# Dropout keys are not checked: they change training only, and Heron trains without dropout.
+_SILU = (("hidden_act", "silu"),)
+_GPT_READ_ACT, _GPT_WRITE_ACT = _activation("activation_function")
+
+LLAMA = Family(
+    "llama", "llama", "LlamaForCausalLM", LLAMA_WEIGHTS, _LLAMA_FIELDS, _LLAMA_FIXED, _SILU,
+    read=(read_rope, read_llama_bias),
+    write=(write_rope, write_llama_bias, dense_attention_only, dense_feed_forward_only),
+)
+MISTRAL = Family(
+    "mistral", "mistral", "MistralForCausalLM", LLAMA_WEIGHTS, _LLAMA_FIELDS,
+    _LLAMA_FIXED + (("qkv_bias", False), ("out_bias", False), ("mlp_bias", False)), _SILU,
+    read=(read_rope, read_sliding), write=(write_rope, write_sliding, dense_feed_forward_only),
+)
+QWEN2 = Family(
+    "qwen2", "qwen2", "Qwen2ForCausalLM", LLAMA_WEIGHTS, _LLAMA_FIELDS,
+    _LLAMA_FIXED + (("qkv_bias", True), ("out_bias", False), ("mlp_bias", False)), _SILU,
+    read=(read_rope, read_sliding), write=(write_rope, write_sliding, dense_feed_forward_only),
+)
+MIXTRAL = Family(
+    "mixtral", "mixtral", "MixtralForCausalLM", MIXTRAL_WEIGHTS,
+    tuple(pair for pair in _LLAMA_FIELDS if pair[0] != "d_ff"),
+    _LLAMA_FIXED + (("qkv_bias", False), ("out_bias", False), ("mlp_bias", False)),
+    _SILU + (("router_jitter_noise", 0.0),),
+    read=(read_rope, read_sliding, read_mixtral_experts), write=(write_rope, write_sliding, write_mixtral_experts),
+)
+GPT2 = Family(
+    "gpt2", "gpt2", "GPT2LMHeadModel", GPT2_WEIGHTS,
+    (("vocab_size", "vocab_size"), ("d_model", "n_embd"), ("n_layers", "n_layer"), ("n_heads", "n_head"),
+     ("max_seq_len", "n_positions"), ("norm_eps", "layer_norm_epsilon"), ("tie_embeddings", "tie_word_embeddings"),
+     ("init_std", "initializer_range")),
+    (("norm", "layernorm"), ("positions", "learned"), ("qkv_bias", True), ("out_bias", True), ("mlp_bias", True),
+     ("attn_scale", None), ("n_kv_heads", None), ("head_dim", None)),
+    (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False)),
+    read=(_GPT_READ_ACT, _optional_width("n_inner")[0]),
+    write=(_GPT_WRITE_ACT, _optional_width("n_inner")[1], dense_attention_only, dense_feed_forward_only),
+    ignored=MASK_BUFFERS,
+)
+GPT_NEO = Family(
+    "gpt_neo", "gpt_neo", "GPTNeoForCausalLM", GPT_NEO_WEIGHTS,
+    (("vocab_size", "vocab_size"), ("d_model", "hidden_size"), ("n_layers", "num_layers"), ("n_heads", "num_heads"),
+     ("max_seq_len", "max_position_embeddings"), ("norm_eps", "layer_norm_epsilon"),
+     ("tie_embeddings", "tie_word_embeddings"), ("init_std", "initializer_range")),
+    (("norm", "layernorm"), ("positions", "learned"), ("qkv_bias", False), ("out_bias", True), ("mlp_bias", True),
+     ("n_kv_heads", None), ("head_dim", None)),
+    (),
+    read=(_GPT_READ_ACT, _optional_width("intermediate_size")[0], read_gpt_neo_layers, _no_scale),
+    write=(_GPT_WRITE_ACT, _optional_width("intermediate_size")[1], write_gpt_neo_layers, _unscaled_only,
+           dense_feed_forward_only),
+    ignored=MASK_BUFFERS,
+)
+FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, MIXTRAL, GPT2, GPT_NEO)
+# Export tries these in order and takes the first that expresses the model.
+EXPORT_ORDER: tuple[Family, ...] = (LLAMA, MIXTRAL, MISTRAL, QWEN2, GPT2, GPT_NEO)
+
+
+def family_of(hf: HfConfig) -> Family:
+    """The family of a config.json dict, by its model_type."""
+    model_type = hf.get("model_type")
+    for family in FAMILIES:
+        if family.model_type == model_type:
+            return family
+    supported = ", ".join(f.model_type for f in FAMILIES)
+    raise ValueError(f"model_type: {model_type!r} (architectures {hf.get('architectures')}) is not supported; "
+                     f"Heron imports {supported}")
+
+
+def family_config(family: Family, hf: HfConfig) -> ModelConfig:
+    """The ModelConfig of a config.json dict of `family`; ValueError names the field."""
+    for key, value in family.hf_fixed:
+        if key in hf and hf[key] != value:
+            raise ValueError(f"{key}: Heron implements {value!r} only, got {hf[key]!r}")
+    values: dict[str, Any] = dict(family.fixed)
+    for field, key in family.fields:
+        if key in hf:
+            values[field] = hf[key]
+    for read in family.read:
+        values.update(read(hf))
+    config = ModelConfig(**values)
+    return _derive_sizes(config)
+
+
+def hf_config(family: Family, config: ModelConfig) -> HfConfig:
+    """The config.json dict that `family` needs for `config`; ValueError names the field."""
+    for field, value in family.fixed:
+        got = getattr(config, field)
+        if got != value and not (field in ("n_kv_heads", "head_dim") and _is_derived(config, field, got)):
+            raise ValueError(f"{field}: {family.architecture} needs {value!r}, got {got!r}")
+    out: HfConfig = {"architectures": [family.architecture], "model_type": family.model_type}
+    out.update(dict(family.hf_fixed))
+    resolved = {"d_ff": config.resolved_d_ff, "n_kv_heads": config.resolved_kv_heads,
+                "head_dim": config.resolved_head_dim}
+    for field, key in family.fields:
+        out[key] = resolved.get(field, getattr(config, field))
+    for write in family.write:
+        out.update(write(config))
+    return out
+
+
+def _is_derived(config: ModelConfig, field: str, value: Any) -> bool:
+    """Whether an explicit n_kv_heads / head_dim equals what None would derive."""
+    return value == getattr(config.replace(**{field: None}), {"n_kv_heads": "resolved_kv_heads",
+                                                              "head_dim": "resolved_head_dim"}[field])
+
+
+DERIVED_SIZES: tuple[tuple[str, str], ...] = (
+    ("d_ff", "resolved_d_ff"), ("n_kv_heads", "resolved_kv_heads"), ("head_dim", "resolved_head_dim"),
+)
+
+
+def _derive_sizes(config: ModelConfig) -> ModelConfig:
+    """Sizes that equal Heron's derivation rule become None, so a Heron config
+    survives the trip through Hugging Face unchanged."""
+    derived = config.replace(**{field: None for field, _ in DERIVED_SIZES})
+    config = config.replace(**{field: None for field, resolved in DERIVED_SIZES
+                               if getattr(derived, resolved) == getattr(config, resolved)})
+    if config.moe is not None and config.moe.d_ff is not None:
+        rule = config.replace(moe=dataclasses.replace(config.moe, d_ff=None))
+        if rule.resolved_expert_d_ff == config.moe.d_ff:
+            config = rule
+    return config
+
+
+__all__ = [
+    "EXPORT_ORDER", "FAMILIES", "Family", "GPT2", "GPT_NEO", "LLAMA", "MISTRAL", "MIXTRAL", "QWEN2",
+    "family_config", "family_of", "hf_config",
+]

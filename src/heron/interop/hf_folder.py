@@ -1,0 +1,181 @@
+"""Hugging Face model folders in and out.
+
+Import reads `config.json`, picks the family by its `model_type`, builds the
+Heron model on the meta device (no memory, no random init), allocates it
+once, and copies the weights in tensor by tensor from `WeightFiles`: peak
+memory stays near one copy of the model. Export writes the family's
+`config.json`, `model.safetensors` in the names the Hub uses, and the
+tokenizer files, into a temporary folder renamed into place at the end.
+`transformers` is not needed for either direction.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from heron.core.config import ModelConfig
+from heron.core.transformer import Transformer
+from heron.interop.families import EXPORT_ORDER, FAMILIES, Family, family_config, family_of, hf_config
+from heron.interop.files import WeightFiles
+from heron.interop.tables import heron_to_hf, hf_to_heron
+from heron.tokenizer.bpe import TOKENIZER_FILE, HeronTokenizer
+from heron.tokenizer.pretrained import PretrainedTokenizer
+
+CONFIG_FILE = "config.json"
+LINEAGE_FILE = "lineage.json"  # a Heron checkpoint has one; a Hugging Face folder does not
+
+
+def is_hf_folder(path: str | Path) -> bool:
+    """A folder with a Hugging Face config.json (a `model_type`) and no Heron lineage."""
+    folder = Path(path)
+    if not (folder / CONFIG_FILE).is_file() or (folder / LINEAGE_FILE).is_file():
+        return False
+    try:
+        return "model_type" in json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def read_hf_config(folder: str | Path) -> dict[str, Any]:
+    file = Path(folder) / CONFIG_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no config.json; not a Hugging Face model folder")
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}: not valid JSON ({err})") from err
+
+
+def load_hf_config(folder: str | Path) -> tuple[Family, ModelConfig]:
+    """The family and Heron config of a folder; errors are prefixed with the file."""
+    hf = read_hf_config(folder)
+    try:
+        family = family_of(hf)
+        return family, family_config(family, hf)
+    except (ValueError, TypeError, KeyError) as err:
+        raise ValueError(f"{Path(folder) / CONFIG_FILE}: {err}") from err
+
+
+def load_hf_model(folder: str | Path, *, dtype: torch.dtype = torch.float32) -> Transformer:
+    """The Heron Transformer (eval mode, `dtype`) of a Hugging Face folder."""
+    folder = Path(folder)
+    family, config = load_hf_config(folder)
+    files = WeightFiles(folder)
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.to_empty(device="cpu").to(dtype)
+    model.tie_weights()
+    model.reset_buffers()
+    params = dict(model.named_parameters())  # a tied head appears once, as embed.weight
+    ignored = family.ignored + ((r"lm_head\.weight",) if config.tie_embeddings else ())
+    shapes = {name: p.shape for name, p in params.items()}
+    with torch.no_grad():
+        for name, tensor in hf_to_heron(files, shapes, family.weights, config, ignored):
+            params[name].copy_(tensor)
+    return model.eval()
+
+
+def load_hf_tokenizer(folder: str | Path) -> PretrainedTokenizer | None:
+    """The folder's tokenizer, or None when it has no tokenizer.json."""
+    folder = Path(folder)
+    return PretrainedTokenizer.load(folder) if (folder / TOKENIZER_FILE).is_file() else None
+
+
+def load_hf_folder(folder: str | Path) -> tuple[Transformer, PretrainedTokenizer | None]:
+    """(model, tokenizer or None) of a Hugging Face folder."""
+    return load_hf_model(folder), load_hf_tokenizer(folder)
+
+
+def export_family(config: ModelConfig) -> Family:
+    """The first family (EXPORT_ORDER) that expresses `config`; the ValueError
+    lists why each family refused."""
+    reasons = []
+    for family in EXPORT_ORDER:
+        try:
+            hf_config(family, config)
+            return family
+        except ValueError as err:
+            reasons.append(f"{family.name}: {err}")
+    raise ValueError("no Hugging Face family expresses this model:\n  " + "\n  ".join(reasons))
+
+
+def save_hf_folder(
+    model: Transformer,
+    folder: str | Path,
+    tokenizer: HeronTokenizer | PretrainedTokenizer | None = None,
+    *,
+    family: str | None = None,
+) -> Family:
+    """Write `model` (and its tokenizer) as a Hugging Face folder that
+    `from_pretrained` loads; returns the family used. The folder appears whole or not at all."""
+    config = model.config
+    chosen = _family_named(family) if family else export_family(config)
+    hf = hf_config(chosen, config)
+    hf.update(_token_ids(tokenizer))
+    hf["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+    weights = dict(model.named_parameters())
+    tensors = dict(heron_to_hf(weights, chosen.weights, config))
+    with _atomic_folder(Path(folder)) as tmp:
+        (tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=2), encoding="utf-8")
+        safetensors.torch.save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer is not None:
+            _save_tokenizer(tokenizer, tmp)
+    return chosen
+
+
+def _family_named(name: str) -> Family:
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise ValueError(f"family: {name!r} is not one of {', '.join(f.name for f in FAMILIES)}")
+
+
+def _token_ids(tokenizer: HeronTokenizer | PretrainedTokenizer | None) -> dict[str, int | None]:
+    if tokenizer is None:
+        return {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    return {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+
+
+def _save_tokenizer(tokenizer: HeronTokenizer | PretrainedTokenizer, folder: Path) -> None:
+    if isinstance(tokenizer, PretrainedTokenizer):
+        tokenizer.save(folder)
+        return
+    # A Heron tokenizer: its special tokens and chat template in transformers' terms.
+    from heron.tokenizer.bpe import CHAT_TEMPLATE_JINJA, SPECIAL_TOKENS
+
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": SPECIAL_TOKENS["bos"],
+              "eos_token": SPECIAL_TOKENS["eos"], "pad_token": SPECIAL_TOKENS["pad"],
+              "chat_template": CHAT_TEMPLATE_JINJA, "model_max_length": 10**9}
+    PretrainedTokenizer(tokenizer.backend, config).save(folder)
+
+
+@contextmanager
+def _atomic_folder(target: Path) -> Iterator[Path]:
+    """A temporary sibling folder, renamed to `target` when the block succeeds."""
+    if target.exists() and any(target.iterdir()):
+        raise FileExistsError(f"{target}: exists and is not empty")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
+    try:
+        yield tmp
+        if target.exists():
+            target.rmdir()
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+__all__ = [
+    "export_family", "is_hf_folder", "load_hf_config", "load_hf_folder", "load_hf_model", "load_hf_tokenizer",
+    "read_hf_config", "save_hf_folder",
+]

@@ -1,0 +1,171 @@
+"""Weight tables and config mappings: complete, unambiguous, strict.
+
+Every Heron parameter comes from exactly one row; every checkpoint tensor is
+used or explicitly ignored; a missing, misshaped or unexpected tensor and an
+unsupported config field are errors that name it.
+"""
+import collections
+
+import pytest
+import torch
+
+from heron.core import AttentionPattern, ModelConfig, MoEConfig, RopeScaling, Transformer
+from heron.interop import FAMILIES, export_family, family_config, heron_to_hf, hf_config, hf_to_heron
+from heron.interop.families import GPT2, GPT_NEO, LLAMA, MISTRAL, MIXTRAL, QWEN2
+from heron.interop.tables import expand
+from heron.models.presets import PRESETS
+
+SMALL = dict(vocab_size=50, d_model=32, n_layers=3, n_heads=4, max_seq_len=32)
+LOCAL = AttentionPattern(kind="sliding", window=8)
+CONFIGS = {  # (family, a Heron config it expresses)
+    "llama_tied": (LLAMA, ModelConfig(**SMALL, n_kv_heads=2)),
+    "llama_biases": (LLAMA, ModelConfig(**SMALL, tie_embeddings=False, qkv_bias=True, out_bias=True, mlp_bias=True)),
+    "llama_mqa_scaled": (LLAMA, ModelConfig(**SMALL, n_kv_heads=1,
+                                            rope_scaling=RopeScaling(kind="llama3", factor=2.0, original_max_seq_len=16))),
+    "mistral": (MISTRAL, ModelConfig(**SMALL, n_kv_heads=2, attention=(LOCAL,))),
+    "qwen2": (QWEN2, ModelConfig(**SMALL, n_kv_heads=2, qkv_bias=True)),
+    "mixtral": (MIXTRAL, ModelConfig(**SMALL, n_kv_heads=2, tie_embeddings=False, feed_forward=("moe",),
+                                     moe=MoEConfig(n_experts=4, top_k=2, z_loss_coef=0.0))),
+    "gpt2": (GPT2, ModelConfig(**SMALL, norm="layernorm", positions="learned", mlp="gelu_tanh", qkv_bias=True,
+                               out_bias=True, mlp_bias=True)),
+    "gpt_neo": (GPT_NEO, ModelConfig(**{**SMALL, "n_layers": 2}, norm="layernorm", positions="learned",
+                                     mlp="gelu_tanh", out_bias=True, mlp_bias=True, attn_scale=1.0,
+                                     attention=(AttentionPattern(), LOCAL))),
+}
+
+
+def heron_params(config: ModelConfig) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return dict(Transformer(config).named_parameters())  # a tied lm_head appears once, as embed
+
+
+def shapes(params: dict[str, torch.Tensor]) -> dict[str, torch.Size]:
+    return {n: p.shape for n, p in params.items()}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_every_heron_parameter_comes_from_exactly_one_row(name):
+    family, config = CONFIGS[name]
+    experts = config.moe.n_experts if config.moe else 0
+    rows = collections.Counter(heron for heron, _, _ in expand(family.weights, config.n_layers, experts))
+    assert all(rows[p] == 1 for p in heron_params(config)), {p: rows[p] for p in heron_params(config) if rows[p] != 1}
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=[f.name for f in FAMILIES])
+def test_no_name_is_claimed_twice(family):
+    heron = [row.heron for row in family.weights]
+    hf = [name for row in family.weights for name in row.hf]
+    assert len(heron) == len(set(heron)) and len(hf) == len(set(hf))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_both_directions_invert_each_other(name):
+    family, config = CONFIGS[name]
+    heron = heron_params(config)
+    hf = dict(heron_to_hf(heron, family.weights, config))
+    back = dict(hf_to_heron(hf, shapes(heron), family.weights, config))
+    assert back.keys() == heron.keys()
+    assert all(torch.equal(back[n], heron[n]) for n in heron)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_config_round_trip(name):
+    family, config = CONFIGS[name]
+    assert export_family(config) == family
+    assert family_config(family, hf_config(family, config)) == config
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_export_as_llama(name):
+    config = PRESETS[name]
+    assert export_family(config) == LLAMA
+    assert family_config(LLAMA, hf_config(LLAMA, config)) == config
+
+
+@pytest.fixture
+def mixtral() -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    _, config = CONFIGS["mixtral"]
+    heron = heron_params(config)
+    return config, heron, dict(heron_to_hf(heron, MIXTRAL.weights, config))
+
+
+def convert(config, heron, hf, ignored=()):
+    return dict(hf_to_heron(hf, shapes(heron), MIXTRAL.weights, config, ignored))
+
+
+@pytest.mark.parametrize("key", ["model.layers.1.self_attn.k_proj.weight", "lm_head.weight",
+                                 "model.layers.2.block_sparse_moe.experts.3.w2.weight"])
+def test_missing_tensor_is_named(mixtral, key):
+    config, heron, hf = mixtral
+    del hf[key]
+    with pytest.raises(ValueError, match=f"^{key.replace('.', r'[.]')}: missing"):
+        convert(config, heron, hf)
+
+
+@pytest.mark.parametrize("key, named", [
+    ("model.layers.0.self_attn.v_proj.weight", "blocks.0.attn.qkv.weight"),
+    ("model.layers.1.block_sparse_moe.experts.0.w1.weight", "model.layers.1.block_sparse_moe.experts.0.w1.weight"),
+    ("model.layers.2.self_attn.o_proj.weight", "blocks.2.attn.out.weight"),
+])
+def test_misshaped_tensor_is_named(mixtral, key, named):
+    config, heron, hf = mixtral
+    hf[key] = torch.zeros(hf[key].shape[0] + 1, *hf[key].shape[1:])
+    with pytest.raises(ValueError, match=f"^{named.replace('.', '[.]')}:"):
+        convert(config, heron, hf)
+
+
+def test_unexpected_tensor_is_named_unless_ignored(mixtral):
+    config, heron, hf = mixtral
+    hf["model.layers.9.mlp.gate_proj.weight"] = torch.zeros(1)
+    with pytest.raises(ValueError, match=r"^model[.]layers[.]9[.]mlp[.]gate_proj[.]weight: unexpected"):
+        convert(config, heron, hf)
+    assert convert(config, heron, hf, ignored=(r"model\.layers\.\d+\.mlp\..*",)).keys() == heron.keys()
+
+
+def test_target_without_a_row_is_named(mixtral):
+    config, heron, hf = mixtral
+    with pytest.raises(ValueError, match=r"^blocks[.]0[.]attn[.]extra: no row"):
+        dict(hf_to_heron(hf, {**shapes(heron), "blocks.0.attn.extra": torch.Size([3])}, MIXTRAL.weights, config))
+
+
+@pytest.mark.parametrize("changes, field", [
+    (dict(norm="layernorm"), "norm"), (dict(positions="learned"), "positions"), (dict(mlp="gelu"), "mlp"),
+    (dict(qkv_bias=True), "qkv_bias"), (dict(attn_scale=1.0), "attn_scale"),
+    (dict(attention=(AttentionPattern(kind="strided", stride=4),)), "attention"),
+    (dict(feed_forward=("moe",), moe=MoEConfig(n_experts=4)), "feed_forward"),
+])
+def test_llama_refuses_what_it_cannot_express_by_name(changes, field):
+    config = CONFIGS["llama_tied"][1].replace(**changes)
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        hf_config(LLAMA, config)
+
+
+def test_a_model_no_family_expresses_lists_every_reason():
+    config = CONFIGS["llama_tied"][1].replace(attention=(AttentionPattern(kind="strided", stride=4),))
+    with pytest.raises(ValueError, match="no Hugging Face family") as err:
+        export_family(config)
+    assert all(f"{family.name}: " in str(err.value) for family in FAMILIES)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("hidden_act", "relu", "hidden_act"),
+    ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}, "rope_parameters.rope_type"),
+    ("rope_parameters", {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5},
+     "rope_parameters.partial_rotary_factor"),
+    ("rope_parameters", {"rope_type": "linear", "rope_theta": 1e4}, "rope_parameters.factor"),
+    ("layer_types", ["full_attention", "chunked_attention", "full_attention"], "layer_types"),
+])
+def test_unsupported_hf_config_names_the_field(key, value, message):
+    family, config = CONFIGS["mistral"]
+    hf = {**hf_config(family, config), key: value}
+    with pytest.raises(ValueError, match=f"^{message}"):
+        family_config(family, hf)
+
+
+def test_older_rope_spelling_is_read():
+    family, config = CONFIGS["llama_mqa_scaled"]
+    hf = hf_config(family, config)
+    params = hf.pop("rope_parameters")
+    hf["rope_theta"] = params.pop("rope_theta")
+    hf["rope_scaling"] = {"type": params.pop("rope_type"), **params}
+    assert family_config(family, hf) == config
