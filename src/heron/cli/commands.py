@@ -6,13 +6,15 @@ import dataclasses
 import sys
 from pathlib import Path
 
+import heron
 from heron.data import Corpus, default_corpus, load_shards, prepare_shards
 from heron.generate import Generator, SamplingParams, perplexity
 from heron.tokenizer import HeronTokenizer, train_tokenizer
-from heron.train import CheckpointError, RecipeError, load_model_folder, load_recipe, train
+from heron.interop.convert import export_hf, import_hf
+from heron.train import CheckpointError, RecipeError, load_recipe, train
 
 # Errors that mean "the input was wrong": shown as one line, not a traceback.
-USER_ERRORS = (RecipeError, CheckpointError, FileNotFoundError, ValueError, KeyError)
+USER_ERRORS = (RecipeError, CheckpointError, FileNotFoundError, FileExistsError, ValueError, KeyError)
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -66,32 +68,44 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
 
 
 def generate(args: argparse.Namespace) -> int:
-    model, tokenizer = load_model_folder(args.checkpoint)
+    model, tokenizer = heron.load(args.checkpoint)
     if tokenizer is None:
         raise CheckpointError(f"{args.checkpoint}: no tokenizer.json, so text cannot be generated")
-    prompts = args.prompt or [sys.stdin.read()]
-    if args.chat:
-        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
-                   for p in prompts]
+    texts = args.prompt or [sys.stdin.read()]
     params = sampling_params(args)
-    if args.chat:  # an assistant turn ends with <|end|>
-        params = dataclasses.replace(params, stop_token_ids=(tokenizer.end_id, tokenizer.eos_id))
+    prompts: list[str] | list[list[int]] = texts
+    if args.chat:  # each prompt is a user turn; the reply ends with the turn's end token
+        prompts = [tokenizer.chat_prompt_ids([{"role": "user", "content": t}]) for t in texts]
+        texts = [tokenizer.decode(ids, skip_special=False) for ids in prompts]
+        params = dataclasses.replace(params, stop_token_ids=tokenizer.chat_stop_ids)
     generator = Generator(model, tokenizer)
     if len(prompts) == 1 and not args.no_stream:
-        print(prompts[0], end="", flush=True)
+        print(texts[0], end="", flush=True)
         for piece in generator.stream(prompts[0], params):
             print(piece, end="", flush=True)
         print()
         return 0
-    for prompt, text in zip(prompts, generator.generate(prompts, params)):
+    for prompt, text in zip(texts, generator.generate(prompts, params)):
         print(f"{prompt}{text}\n{'-' * 40}")
     return 0
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    model, _ = load_model_folder(args.checkpoint)
+    model, _ = heron.load(args.checkpoint)
     shards = load_shards(args.shards)
     ppl = perplexity(model, shards.val, seq_len=args.seq_len, batch_size=args.batch_size,
                      max_batches=args.max_batches, progress=True)
     print(f"validation perplexity: {ppl:.3f}")
+    return 0
+
+
+def convert_from_hf(args: argparse.Namespace) -> int:
+    target = import_hf(args.source, args.target)
+    print(f"wrote Heron checkpoint {target}")
+    return 0
+
+
+def convert_to_hf(args: argparse.Namespace) -> int:
+    family = export_hf(args.checkpoint, args.target, args.family)
+    print(f"wrote {family.architecture} folder {args.target}")
     return 0

@@ -70,6 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batches", type=int, default=None)
     p.set_defaults(handler=commands.evaluate)
 
+    convert = verbs.add_parser("convert", help="model formats in and out").add_subparsers(dest="action", required=True)
+    p = convert.add_parser("from-hf", help="a Hugging Face model folder -> a Heron checkpoint folder")
+    p.add_argument("source", type=Path, help="folder with config.json and *.safetensors or pytorch_model.bin")
+    p.add_argument("target", type=Path, help="checkpoint folder to write (must not exist)")
+    p.set_defaults(handler=commands.convert_from_hf)
+    p = convert.add_parser("to-hf", help="a Heron checkpoint -> a Hugging Face folder that transformers loads")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("target", type=Path, help="folder to write (must not exist)")
+    p.add_argument("--family", default=None, help="force a family (default: the first that expresses the model)")
+    p.set_defaults(handler=commands.convert_to_hf)
+
     p = verbs.add_parser("demo", help="the whole life of a small model on the Python standard library")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -237,23 +237,27 @@ class Generator:
         """Generated ids for each tokenised prompt (stop token ids left out)."""
         return [c.ids for c in self.complete(prompt_ids, params)]
 
-    def generate(self, prompts: str | Sequence[str], params: SamplingParams) -> str | list[str]:
-        """Continue one prompt (returns a string) or a batch (returns a list)."""
+    def generate(self, prompts: str | Sequence[str | Sequence[int]], params: SamplingParams) -> str | list[str]:
+        """Continue one text prompt (returns a string) or a batch of text or
+        token-id prompts (returns a list)."""
         single = isinstance(prompts, str)
         batch = [prompts] if single else list(prompts)
-        texts = [c.text or "" for c in self.complete([self._encode(p) for p in batch], params)]
+        texts = [c.text or "" for c in self.complete([self._prompt_ids(p) for p in batch], params)]
         return texts[0] if single else texts
 
-    def stream(self, prompt: str, params: SamplingParams) -> Iterator[str]:
-        """Text pieces of one continuation as they are decoded.
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams) -> Iterator[str]:
+        """Text pieces of one continuation of a prompt (text or ids) as they are decoded.
 
         Their concatenation equals `generate(prompt, params)`. The prompt is
         prefilled before this returns; pieces come as the iterator is consumed.
         """
         self._check_stops(params)
-        decoder = Decoder(self.model, [self._encode(prompt)], params, self.pad_id)
+        decoder = Decoder(self.model, [self._prompt_ids(prompt)], params, self.pad_id)
         row = _Row(self.stop_token_ids(params), self.tokenizer, params.stop, track_text=True)
         return _stream_pieces(decoder, row, params.max_new_tokens)
+
+    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        return self._encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
 
     def _encode(self, text: str) -> list[int]:
         if self.tokenizer is None:

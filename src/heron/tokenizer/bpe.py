@@ -173,6 +173,15 @@ class HeronTokenizer:
             mask += [False] * len(head)
         return ids, mask
 
+    def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """Ids of a chat up to and including the assistant's header: a prompt to generate the reply."""
+        return self.encode_chat(messages, add_generation_prompt=True)[0]
+
+    @property
+    def chat_stop_ids(self) -> tuple[int, ...]:
+        """Ids that end an assistant turn: `<|end|>`, and `<|eos|>` should a model emit it."""
+        return self.end_id, self.eos_id
+
     # ----- persistence ------------------------------------------------------
 
     def to_json(self) -> str:

@@ -22,7 +22,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from heron.tokenizer.bpe import TOKENIZER_FILE
+from heron.tokenizer.bpe import TOKENIZER_FILE, HeronTokenizer
 
 CONFIG_FILE = "tokenizer_config.json"
 TEMPLATE_FILE = "chat_template.jinja"
@@ -117,9 +117,16 @@ class PretrainedTokenizer:
         except TemplateError as err:
             raise ChatTemplateError(f"chat template failed: {err}") from err
 
-    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> list[int]:
-        """Ids of the rendered chat (the template writes its own special tokens)."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+    def chat_prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Ids of a chat rendered up to the assistant's turn (the template writes
+        its own special tokens, so none are added)."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
+
+    @property
+    def chat_stop_ids(self) -> tuple[int, ...]:
+        """Ids that end an assistant turn: the end-of-sequence token (chat models
+        name their end-of-turn token as eos_token in tokenizer_config.json)."""
+        return () if self.eos_id is None else (self.eos_id,)
 
     # ----- persistence ------------------------------------------------------
 
@@ -160,6 +167,15 @@ class PretrainedTokenizer:
         return cls(tokenizer, config, template)
 
 
+def load_tokenizer(folder: str | os.PathLike[str]) -> HeronTokenizer | PretrainedTokenizer:
+    """A folder's tokenizer: an imported one when tokenizer_config.json is there
+    (Heron's own tokenizers never write one), else Heron's."""
+    folder = Path(folder)
+    if (folder / CONFIG_FILE).is_file():
+        return PretrainedTokenizer.load(folder)
+    return HeronTokenizer.load(folder)
+
+
 def _token_text(value: Any) -> str | None:
     """A special token as tokenizer_config.json writes it: a string or an AddedToken dict."""
     if isinstance(value, dict):
@@ -178,4 +194,4 @@ def _write_atomic(path: Path, text: str) -> None:
         raise
 
 
-__all__ = ["ChatTemplateError", "PretrainedTokenizer"]
+__all__ = ["ChatTemplateError", "PretrainedTokenizer", "load_tokenizer"]

@@ -37,7 +37,8 @@ from torch import nn
 
 from heron.core.config import ModelConfig
 from heron.core.transformer import Transformer
-from heron.tokenizer.bpe import TOKENIZER_FILE, HeronTokenizer
+from heron.tokenizer import Tokenizer, load_tokenizer
+from heron.tokenizer.bpe import TOKENIZER_FILE
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
@@ -71,7 +72,7 @@ def save_model_folder(
     path: str | Path,
     model: nn.Module,
     *,
-    tokenizer: HeronTokenizer | None = None,
+    tokenizer: Tokenizer | None = None,
     lineage: dict[str, Any] | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
     trainer_state: dict[str, Any] | None = None,
@@ -89,7 +90,7 @@ def save_model_folder(
         _write_bytes(tmp / CONFIG_FILE, config.to_json().encode())
         _write_with(tmp / MODEL_FILE, lambda f: _save_weights(values, model, f))
         if tokenizer is not None:
-            _write_bytes(tmp / TOKENIZER_FILE, tokenizer.to_json().encode())
+            tokenizer.save(tmp)  # tokenizer.json, and tokenizer_config.json for an imported one
         if trainer_state is not None:
             _write_with(tmp / STATE_FILE, lambda f: torch.save(trainer_state, f))
         record = {**base_lineage(), **(lineage or {}), "files": _manifest(tmp)}
@@ -242,7 +243,7 @@ def load_checkpoint(path: str | Path, *, trainer_state: bool = True) -> Checkpoi
     return Checkpoint(path=folder, config=config, state_dict=weights, lineage=lineage, trainer_state=state)
 
 
-def load_model_folder(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[Transformer, HeronTokenizer | None]:
+def load_model_folder(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer | None]:
     """(model in eval mode, tokenizer or None) from a model folder or a run folder.
 
     The model is rebuilt from config.json alone (`ModelConfig.from_dict` then
@@ -253,7 +254,7 @@ def load_model_folder(path: str | Path, *, device: str | torch.device = "cpu") -
     load_weights(model, ckpt.state_dict, source=ckpt.path / MODEL_FILE)
     tokenizer = None
     if (ckpt.path / TOKENIZER_FILE).is_file():
-        tokenizer = HeronTokenizer.load(ckpt.path / TOKENIZER_FILE)
+        tokenizer = load_tokenizer(ckpt.path)
     return model.to(device).eval(), tokenizer
 
 

@@ -1,0 +1,101 @@
+"""Bringing your own weights: `heron.load` on a Hugging Face folder, its
+tokenizer and chat template as `transformers` reads them, and `heron convert`
+both ways with lineage back to the source files."""
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import heron  # noqa: E402
+from heron.cli.main import main  # noqa: E402
+from heron.tokenizer import ChatTemplateError, PretrainedTokenizer  # noqa: E402
+from heron.train.checkpoint import sha256_file  # noqa: E402
+
+STRINGS = ["def f(x):\n    return x", "Hello, world!", "", "unseen ÿ 字 \t tokens"]
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add 2 and 3."}]
+
+
+def logits(model, n=24):
+    ids = torch.randint(3, model.config.vocab_size, (2, n), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_load_reads_a_hugging_face_folder(hf_folder):
+    model, tokenizer = heron.load(hf_folder)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_folder).eval()
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(ids).logits - hf(ids).logits).abs().max() <= 1e-5
+    assert isinstance(tokenizer, PretrainedTokenizer) and (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) == (0, 1, 2)
+
+
+def test_tokenizer_and_chat_template_match_transformers(hf_folder):
+    _, ours = heron.load(hf_folder)
+    theirs = transformers.AutoTokenizer.from_pretrained(hf_folder)
+    for text in STRINGS:
+        assert ours.encode(text) == theirs(text)["input_ids"]  # <s> added by the post-processor
+        assert ours.decode(ours.encode(text)) == theirs.decode(theirs(text)["input_ids"], skip_special_tokens=True)
+    for prompt in (False, True):
+        assert ours.apply_chat_template(CHAT, add_generation_prompt=prompt) == theirs.apply_chat_template(
+            CHAT, add_generation_prompt=prompt, tokenize=False)
+    assert ours.chat_prompt_ids(CHAT) == theirs.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True,
+                                                                  return_dict=False)
+    assert ours.chat_stop_ids == (1,)
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{{ messages.append({'role': 'x'}) }}", "chat template failed"),  # the sandbox is immutable
+    ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "chat template failed"),  # no reaching into Python
+    ("{% if %}", "does not parse"),
+    ("{{ raise_exception('only user and assistant roles') }}", "only user and assistant roles"),
+])
+def test_chat_templates_run_in_a_sandbox(hf_folder, template, message):
+    tokenizer = PretrainedTokenizer.load(hf_folder)
+    tokenizer = PretrainedTokenizer(tokenizer.backend, tokenizer.config, chat_template=template)
+    with pytest.raises(ChatTemplateError, match=message):
+        tokenizer.apply_chat_template(CHAT)
+
+
+def test_convert_both_ways_keeps_logits_and_records_the_source(hf_folder, tmp_path, capsys):
+    checkpoint, exported = tmp_path / "ckpt", tmp_path / "exported"
+    assert main(["convert", "from-hf", str(hf_folder), str(checkpoint)]) == 0
+    model, tokenizer = heron.load(checkpoint)
+    source, _ = heron.load(hf_folder)
+    assert torch.equal(logits(model), logits(source))
+    assert isinstance(tokenizer, PretrainedTokenizer) and tokenizer.chat_template == source_template(hf_folder)
+    recorded = json.loads((checkpoint / "lineage.json").read_text())["source"]
+    assert recorded["family"] == "llama"
+    assert recorded["files"]["model.safetensors"] == sha256_file(hf_folder / "model.safetensors")
+
+    assert main(["convert", "to-hf", str(checkpoint), str(exported)]) == 0
+    assert "LlamaForCausalLM" in capsys.readouterr().out
+    hf = transformers.AutoModelForCausalLM.from_pretrained(exported).eval()
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids).logits).abs().max() <= 1e-5
+    assert transformers.AutoTokenizer.from_pretrained(exported)("Hello")["input_ids"] == tokenizer.encode("Hello")
+
+
+def source_template(folder):
+    return json.loads((folder / "tokenizer_config.json").read_text())["chat_template"]
+
+
+def test_generate_runs_on_a_hugging_face_folder(hf_folder, capsys):
+    assert main(["generate", str(hf_folder), "--prompt", "def f", "--max-new-tokens", "5", "--temperature", "0",
+                 "--no-stream"]) == 0
+    assert capsys.readouterr().out.startswith("def f")
+    assert main(["generate", str(hf_folder), "--chat", "--prompt", "Add 2 and 3.", "--max-new-tokens", "4",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("<|user|>\nAdd 2 and 3.</s>\n<|assistant|>\n")
+
+
+def test_convert_refuses_an_existing_target_and_a_bad_source(hf_folder, tmp_path, capsys):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("keep me")
+    assert main(["convert", "to-hf", str(hf_folder), str(tmp_path / "taken")]) == 2
+    assert (tmp_path / "taken" / "file").read_text() == "keep me"
+    assert main(["convert", "from-hf", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+    assert "no config.json" in capsys.readouterr().err
