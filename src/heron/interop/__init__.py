@@ -16,10 +16,10 @@ from heron.interop.hf_folder import (
     load_hf_tokenizer,
     save_hf_folder,
 )
-from heron.interop.tables import WeightRow, heron_to_hf, hf_to_heron
+from heron.interop.tables import WeightRow, heron_to_hf, load_into
 
 __all__ = [
     "FAMILIES", "Family", "WeightFileError", "WeightFiles", "WeightRow", "export_family", "family_config",
-    "family_of", "from_transformers", "heron_to_hf", "hf_config", "hf_to_heron", "is_hf_folder", "load_hf_config",
-    "load_hf_folder", "load_hf_model", "load_hf_tokenizer", "save_hf_folder", "to_transformers",
+    "family_of", "from_transformers", "heron_to_hf", "hf_config", "is_hf_folder", "load_hf_config",
+    "load_hf_folder", "load_hf_model", "load_hf_tokenizer", "load_into", "save_hf_folder", "to_transformers",
 ]

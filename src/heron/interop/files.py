@@ -97,8 +97,8 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def _read(entry: _Entry) -> torch.Tensor:
-    out = torch.empty(entry.shape, dtype=entry.dtype)
+def _read(entry: _Entry, out: torch.Tensor) -> torch.Tensor:
+    """The entry's bytes into `out` (contiguous, of its dtype and size); returns `out`."""
     if entry.nbytes:
         with entry.file.open("rb") as f:
             f.seek(entry.start)
@@ -134,10 +134,24 @@ class WeightFiles(Mapping[str, torch.Tensor]):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         if name in self._entries:
-            return _read(self._entries[name])
+            entry = self._entries[name]
+            return _read(entry, torch.empty(entry.shape, dtype=entry.dtype))
         if name in self._pickled:
             return self._pickled[name].clone()
         raise KeyError(name)
+
+    def __contains__(self, name: object) -> bool:  # Mapping's default would read the tensor
+        return name in self._entries or name in self._pickled
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """Read tensor `name` into `out`, a contiguous tensor of its dtype and size (any shape)."""
+        entry = self._entries.get(name)
+        if entry is None:
+            out.copy_(self[name].view(out.shape))
+            return
+        if not out.is_contiguous() or out.dtype != entry.dtype or out.numel() != _numel(entry.shape):
+            raise ValueError(f"{name}: cannot read {entry.dtype} {entry.shape} into {out.dtype} {tuple(out.shape)}")
+        _read(entry, out)
 
     def __iter__(self) -> Iterator[str]:
         yield from self._entries

@@ -26,7 +26,7 @@ from heron.core.config import ModelConfig
 from heron.core.transformer import Transformer
 from heron.interop.families import EXPORT_ORDER, FAMILIES, Family, family_config, family_of, hf_config
 from heron.interop.files import WeightFiles
-from heron.interop.tables import heron_to_hf, hf_to_heron
+from heron.interop.tables import heron_to_hf, load_into
 from heron.tokenizer.bpe import TOKENIZER_FILE, HeronTokenizer
 from heron.tokenizer.pretrained import PretrainedTokenizer
 
@@ -75,12 +75,8 @@ def load_hf_model(folder: str | Path, *, dtype: torch.dtype = torch.float32) -> 
     model.to_empty(device="cpu").to(dtype)
     model.tie_weights()
     model.reset_buffers()
-    params = dict(model.named_parameters())  # a tied head appears once, as embed.weight
     ignored = family.ignored + ((r"lm_head\.weight",) if config.tie_embeddings else ())
-    shapes = {name: p.shape for name, p in params.items()}
-    with torch.no_grad():
-        for name, tensor in hf_to_heron(files, shapes, family.weights, config, ignored):
-            params[name].copy_(tensor)
+    load_into(files, dict(model.named_parameters()), family.weights, config, ignored)  # tied: embed.weight once
     return model.eval()
 
 

@@ -12,16 +12,19 @@ on disk (what `save_pretrained` writes and the Hub serves):
   Heron's stacked (E, in, out) experts;
 - a name with `{e}` is one tensor per expert, stacked along a new first axis.
 
-`{i}` stands for the block index. The two directions are generators that
-yield one Heron (or Hugging Face) tensor at a time, so a converter can copy
-each into place and let it go: memory stays near one copy of the model.
+`{i}` stands for the block index. Import (`load_into`) reads each checkpoint
+tensor straight into its slice of the model's tensor; export (`heron_to_hf`)
+yields one Hugging Face tensor at a time. Either way memory stays near one
+copy of the model.
 """
 from __future__ import annotations
 
 import collections
+import itertools
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -76,49 +79,109 @@ def expand(rows: tuple[WeightRow, ...], n_layers: int, n_experts: int) -> Iterat
             yield fill(row.heron), row, parts
 
 
-def hf_to_heron(
-    source: Mapping[str, torch.Tensor],  # Hugging Face name -> tensor (read on access)
-    heron_shapes: Mapping[str, torch.Size],  # every tensor the Heron model has
+class TensorSource(Protocol):
+    """What import reads from: names, shapes without reading, and tensors.
+    A plain dict of tensors is one (`as_source`); `WeightFiles` is another,
+    which can also read straight into a destination (`read_into`)."""
+
+    def __contains__(self, name: object) -> bool: ...
+
+    def __iter__(self) -> Iterator[str]: ...
+
+    def shape(self, name: str) -> torch.Size: ...
+
+    def dtype(self, name: str) -> torch.dtype: ...
+
+    def read_into(self, name: str, out: torch.Tensor) -> None: ...
+
+    def __getitem__(self, name: str) -> torch.Tensor: ...
+
+
+class DictSource(dict):
+    """A dict of tensors as a `TensorSource`."""
+
+    def shape(self, name: str) -> torch.Size:
+        return self[name].shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self[name].dtype
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        out.copy_(self[name])
+
+
+@torch.no_grad()
+def load_into(
+    source: TensorSource | Mapping[str, torch.Tensor],  # Hugging Face name -> tensor
+    targets: Mapping[str, torch.Tensor],  # every Heron tensor to fill, in place
     rows: tuple[WeightRow, ...],
     config: ModelConfig,
     ignored: tuple[str, ...] = (),  # regexes of source tensors that hold no weights
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (Heron name, tensor) for every Heron tensor; then check every source
-    tensor was used. ValueError names the tensor at fault."""
-    used: set[str] = set()
-    made: set[str] = set()
+) -> None:
+    """Fill every target from the source tensors its row names.
+
+    Every name and shape is checked before anything is read, and every source
+    tensor must be used or ignored; a ValueError names the tensor at fault.
+    Each part is read straight into its slice of the target where the layouts
+    agree, so no tensor is held twice.
+    """
+    if not hasattr(source, "read_into"):
+        source = DictSource(source)
+    plans = list(_plan(source, targets, rows, config))
+    skip = [re.compile(p) for p in ignored]
+    used = {n for _, _, parts in plans for part, _ in parts for n in part.names}
+    unexpected = sorted(n for n in source if n not in used and not any(p.fullmatch(n) for p in skip))
+    if unexpected:
+        raise ValueError(f"{unexpected[0]}: unexpected tensor in the checkpoint, not used by the model")
+    for _, row, parts in plans:
+        for part, region in parts:
+            slices = region.unbind(0) if part.stacked else (region,)
+            for n, out in zip(part.names, slices):
+                _read(source, n, out.t() if row.transpose else out)
+
+
+def _plan(source: TensorSource, targets: Mapping[str, torch.Tensor], rows: tuple[WeightRow, ...],
+          config: ModelConfig) -> Iterator[tuple[str, WeightRow, list[tuple[Part, torch.Tensor]]]]:
+    """(Heron name, row, [(part, the region of the target it fills)]) for every target, shapes checked."""
+    made = set()
     for name, row, parts in expand(rows, config.n_layers, _experts(config)):
-        if name not in heron_shapes:
+        if name not in targets:
             continue
-        tensors = []
+        target, shapes = targets[name], []
         for part in parts:
             for n in part.names:
                 if n not in source:
                     raise ValueError(f"{n}: missing from the checkpoint (needed for {name})")
-            used.update(part.names)
-            pieces = [source[n].t() if row.transpose else source[n] for n in part.names]
-            common = collections.Counter(p.shape for p in pieces).most_common(1)[0][0]
-            odd = next((n for n, p in zip(part.names, pieces) if p.shape != common), None)
+            found = [source.shape(n) for n in part.names]
+            common = collections.Counter(found).most_common(1)[0][0]
+            odd = next((n for n, s in zip(part.names, found) if s != common), None)
             if odd is not None:
-                raise ValueError(f"{odd}: shape {tuple(source[odd].shape)} differs from the other experts' "
+                raise ValueError(f"{odd}: shape {tuple(source.shape(odd))} differs from the other experts' "
                                  f"(stacked into {name})")
-            tensors.append(torch.stack(pieces) if part.stacked else pieces[0])
-        want = heron_shapes[name]
-        fits = all(t.dim() == len(want) and all(a == b for j, (a, b) in enumerate(zip(t.shape, want)) if j != row.dim)
-                   for t in tensors) and sum(t.shape[row.dim] for t in tensors) == want[row.dim]
+            shape = torch.Size(reversed(common)) if row.transpose else common
+            shapes.append(torch.Size((len(found), *shape)) if part.stacked else shape)
+        want = target.shape
+        fits = all(len(s) == len(want) and all(a == b for j, (a, b) in enumerate(zip(s, want)) if j != row.dim)
+                   for s in shapes) and sum(s[row.dim] for s in shapes) == want[row.dim]
         if not fits:
-            got = ", ".join(f"{p.names[0]}{'[e]' if p.stacked else ''} {tuple(t.shape)}" for p, t in zip(parts, tensors))
+            got = ", ".join(f"{p.names[0]}{'[e]' if p.stacked else ''} {tuple(s)}" for p, s in zip(parts, shapes))
             raise ValueError(f"{name}: {got} do not make the model's shape {tuple(want)}")
-        out = torch.cat(tensors, dim=row.dim) if len(tensors) > 1 else tensors[0]
+        offsets = itertools.accumulate((s[row.dim] for s in shapes), initial=0)
         made.add(name)
-        yield name, out.contiguous()
-    missing = sorted(set(heron_shapes) - made)
+        yield name, row, [(part, target.narrow(row.dim, start, s[row.dim]))
+                          for part, start, s in zip(parts, offsets, shapes)]
+    missing = sorted(set(targets) - made)
     if missing:
         raise ValueError(f"{missing[0]}: no row of the weight table produces this parameter")
-    skip = [re.compile(p) for p in ignored]
-    unexpected = sorted(n for n in source if n not in used and not any(p.fullmatch(n) for p in skip))
-    if unexpected:
-        raise ValueError(f"{unexpected[0]}: unexpected tensor in the checkpoint, not used by the model")
+
+
+def _read(source: TensorSource, name: str, out: torch.Tensor) -> None:
+    """Source tensor `name` into `out` (a view of a target): read in place when
+    `out` is one contiguous block of the source's dtype, else read and convert."""
+    if out.is_contiguous() and out.dtype == source.dtype(name):
+        source.read_into(name, out)
+    else:
+        out.copy_(source[name])
 
 
 def heron_to_hf(
@@ -147,4 +210,5 @@ def _experts(config: ModelConfig) -> int:
     return config.moe.n_experts if config.moe is not None else 0
 
 
-__all__ = ["EXPERT", "LAYER", "PART_SIZES", "Part", "WeightRow", "expand", "heron_to_hf", "hf_to_heron"]
+__all__ = ["EXPERT", "LAYER", "PART_SIZES", "DictSource", "Part", "TensorSource", "WeightRow", "expand", "heron_to_hf",
+           "load_into"]
