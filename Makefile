@@ -3,6 +3,10 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# llama.cpp (pyproject's `llama` extra) runs the exported GGUF files in the tests. It
+# builds from source, about 11 minutes on 2 cores, so it is installed once per .venv.
+LLAMA_STAMP := $(VENV)/.llama-installed
+LLAMA_CPP := llama-cpp-python==0.3.36
 
 .PHONY: setup demo test bench
 
@@ -15,10 +19,14 @@ $(STAMP): pyproject.toml requirements.lock
 
 setup: $(STAMP)
 
+$(LLAMA_STAMP): pyproject.toml $(STAMP)
+	$(PY) -m pip install -q "$(LLAMA_CPP)"
+	touch $(LLAMA_STAMP)
+
 demo: setup
 	$(VENV)/bin/heron demo
 
-test: setup
+test: setup $(LLAMA_STAMP)
 	$(PY) -m pytest -q
 
 bench: setup

@@ -99,3 +99,14 @@ def test_convert_refuses_an_existing_target_and_a_bad_source(hf_folder, tmp_path
     assert (tmp_path / "taken" / "file").read_text() == "keep me"
     assert main(["convert", "from-hf", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_convert_to_gguf_writes_a_llama_file(hf_folder, tmp_path, capsys):
+    gguf = pytest.importorskip("gguf")
+    target = tmp_path / "model.gguf"
+    assert main(["convert", "to-gguf", str(hf_folder), str(target), "--type", "q8_0"]) == 0
+    assert "q8_0 GGUF" in capsys.readouterr().out
+    reader = gguf.GGUFReader(target)
+    field = reader.fields["general.architecture"]
+    assert bytes(field.parts[field.data[0]]).decode() == "llama"
+    assert {t.name for t in reader.tensors} >= {"token_embd.weight", "blk.1.ffn_down.weight", "output.weight"}

@@ -11,6 +11,7 @@ from heron.data import Corpus, default_corpus, load_shards, prepare_shards
 from heron.generate import Generator, SamplingParams, perplexity
 from heron.tokenizer import HeronTokenizer, train_tokenizer
 from heron.interop.convert import export_hf, import_hf
+from heron.interop.gguf import save_gguf
 from heron.train import CheckpointError, RecipeError, load_recipe, train
 
 # Errors that mean "the input was wrong": shown as one line, not a traceback.
@@ -108,4 +109,13 @@ def convert_from_hf(args: argparse.Namespace) -> int:
 def convert_to_hf(args: argparse.Namespace) -> int:
     family = export_hf(args.checkpoint, args.target, args.family)
     print(f"wrote {family.architecture} folder {args.target}")
+    return 0
+
+
+def convert_to_gguf(args: argparse.Namespace) -> int:
+    model, tokenizer = heron.load(args.checkpoint)
+    if tokenizer is None:
+        raise CheckpointError(f"{args.checkpoint}: no tokenizer.json; a GGUF file carries the tokenizer")
+    path = save_gguf(model, tokenizer, args.target, dtype=args.dtype)
+    print(f"wrote {args.dtype} GGUF {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     return 0

@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", type=Path, help="folder to write (must not exist)")
     p.add_argument("--family", default=None, help="force a family (default: the first that expresses the model)")
     p.set_defaults(handler=commands.convert_to_hf)
+    p = convert.add_parser("to-gguf", help="a Heron checkpoint or Hugging Face folder -> one GGUF file for llama.cpp")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("target", type=Path, help="the .gguf file to write")
+    p.add_argument("--type", dest="dtype", choices=["f32", "f16", "q8_0"], default="f16",
+                   help="tensor type of the matrices (norms stay f32); default f16")
+    p.set_defaults(handler=commands.convert_to_gguf)
 
     p = verbs.add_parser("demo", help="the whole life of a small model on the Python standard library")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))

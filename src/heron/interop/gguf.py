@@ -1,0 +1,270 @@
+"""GGUF out: a Heron model and its tokenizer as one file that llama.cpp runs.
+
+The file is built on the Hugging Face export, not on Heron's modules:
+`hf_config(LLAMA, config)` decides whether the model is LLaMA-expressible
+(a ValueError names the field when it is not: sparse attention, MoE,
+LayerNorm, ...) and its values fill llama.cpp's hyperparameters;
+`heron_to_hf` yields the tensors, renamed by gguf-py's own name table for
+the llama architecture. Two things differ from a Hugging Face folder, and
+both are done as llama.cpp's `convert_hf_to_gguf.py` does them:
+
+- q and k rows are permuted (`interleave_rope`): llama.cpp's llama
+  architecture rotates consecutive pairs of a head's dimensions, where
+  Hugging Face and Heron rotate dimension j with j + head_dim / 2;
+- Llama 3 RoPE scaling travels as per-frequency divisors in a
+  `rope_freqs.weight` tensor; linear scaling as llama.cpp's "linear" rope
+  scaling type.
+
+Tensor types follow the converter as well: 1-D tensors (norms, biases, rope
+factors) stay f32, and a matrix whose rows do not split into blocks of the
+file's quantisation falls back to f16. The tokenizer must be byte-level BPE
+with GPT-2's pre-tokenizer regex (llama.cpp's "gpt2" model, pre-tokenizer
+"gpt-2"); any other is refused with the tokenizer.json field at fault.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from heron.core.config import ModelConfig
+from heron.core.rope import rope_frequencies
+from heron.core.transformer import Transformer
+from heron.interop.families import LLAMA, HfConfig, hf_config
+from heron.interop.tables import heron_to_hf
+from heron.tokenizer.bpe import CHAT_TEMPLATE_JINJA, HeronTokenizer
+from heron.tokenizer.pretrained import PretrainedTokenizer
+
+ARCH = gguf.MODEL_ARCH.LLAMA
+F16, F32 = gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32
+
+# save_gguf's dtype -> (general.file_type, the type of the file's matrices)
+FILE_TYPES: dict[str, tuple[gguf.LlamaFileType, gguf.GGMLQuantizationType]] = {
+    "f32": (gguf.LlamaFileType.ALL_F32, F32),
+    "f16": (gguf.LlamaFileType.MOSTLY_F16, F16),
+    "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, gguf.GGMLQuantizationType.Q8_0),
+}
+
+_W = gguf.GGUFWriter
+# llama.cpp hyperparameter <- config.json key, as convert_hf_to_gguf.py writes them for LlamaForCausalLM.
+HPARAMS: tuple[tuple[Callable[[gguf.GGUFWriter, Any], None], str], ...] = (
+    (_W.add_vocab_size, "vocab_size"),
+    (_W.add_context_length, "max_position_embeddings"),
+    (_W.add_embedding_length, "hidden_size"),
+    (_W.add_block_count, "num_hidden_layers"),
+    (_W.add_feed_forward_length, "intermediate_size"),
+    (_W.add_head_count, "num_attention_heads"),
+    (_W.add_head_count_kv, "num_key_value_heads"),
+    (_W.add_key_length, "head_dim"),
+    (_W.add_value_length, "head_dim"),
+    (_W.add_rope_dimension_count, "head_dim"),  # RoPE turns every dimension of a head
+    (_W.add_layer_norm_rms_eps, "rms_norm_eps"),
+)
+
+# tokenizer.json fields and the values under which llama.cpp's "gpt2" model with
+# the "gpt-2" pre-tokenizer gives the same ids: no normalizer, GPT-2's regex
+# split then bytes to printable symbols, plain BPE. Empty, null and false agree.
+GPT2_TOKENIZER: dict[str, Any] = {
+    "normalizer": None,
+    "pre_tokenizer.type": "ByteLevel",
+    "pre_tokenizer.add_prefix_space": False,
+    "pre_tokenizer.use_regex": True,
+    "model.type": "BPE",
+    "model.byte_fallback": False,
+    "model.ignore_merges": False,
+    "model.continuing_subword_prefix": None,
+    "model.end_of_word_suffix": None,
+    "model.dropout": None,
+}
+
+
+def save_gguf(
+    model: Transformer,
+    tokenizer: HeronTokenizer | PretrainedTokenizer,
+    path: str | os.PathLike[str],
+    *,
+    dtype: str = "f32",
+    name: str | None = None,  # general.name; None: the file name without its suffix
+) -> Path:
+    """Write `model` and `tokenizer` as a GGUF file of llama.cpp's llama
+    architecture; returns the path. The file appears whole or not at all.
+    ValueError names the field when llama.cpp cannot express the model."""
+    if dtype not in FILE_TYPES:
+        raise ValueError(f"dtype: {dtype!r} is not one of {', '.join(FILE_TYPES)}")
+    file_type, matrix_type = FILE_TYPES[dtype]
+    config = model.config
+    hf = hf_config(LLAMA, config)
+    target = Path(path)
+    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[ARCH])
+    writer.add_name(name if name is not None else target.stem)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _add_hparams(writer, hf, config)
+    _add_tokenizer(writer, tokenizer, config.vocab_size)
+    for tensor_name, tensor in gguf_tensors(model):
+        data, qtype = encode_tensor(tensor, matrix_type)
+        writer.add_tensor(tensor_name, data, raw_dtype=qtype)
+    _write_atomic(writer, target)
+    return target
+
+
+# ----- hyperparameters --------------------------------------------------------------------------
+
+def _add_hparams(writer: gguf.GGUFWriter, hf: HfConfig, config: ModelConfig) -> None:
+    for add, key in HPARAMS:
+        add(writer, hf[key])
+    writer.add_rope_freq_base(config.rope_theta)
+    scaling = config.rope_scaling
+    if scaling is not None and scaling.kind == "linear":  # llama3 scaling is a tensor: rope_freq_factors
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(scaling.factor)
+
+
+def rope_freq_factors(config: ModelConfig) -> torch.Tensor | None:
+    """llama.cpp's `rope_freqs.weight` for Llama 3 scaling, (head_dim // 2,):
+    the divisor of each inverse frequency, so that llama.cpp's angles are
+    Heron's (core/rope.py); None for other scalings."""
+    scaling = config.rope_scaling
+    if scaling is None or scaling.kind != "llama3":
+        return None
+    head_dim, theta = config.resolved_head_dim, config.rope_theta
+    return (rope_frequencies(head_dim, theta, None) / rope_frequencies(head_dim, theta, scaling)).float()
+
+
+# ----- tensors ----------------------------------------------------------------------------------
+
+def interleave_rope(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """q or k projection rows, (n_heads * head_dim, ...), from rotate-half order to llama.cpp's.
+
+    Hugging Face and Heron (core/rope.py) rotate dimension j of a head with
+    j + head_dim / 2; llama.cpp's llama architecture rotates the pair
+    (2j, 2j + 1). Row a * head_dim / 2 + j of a head moves to row 2j + a:
+    convert_hf_to_gguf.py's `LlamaModel.permute`. Biases move the same way.
+    """
+    half = weight.shape[0] // n_heads // 2
+    return weight.reshape(n_heads, 2, half, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def gguf_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
+    """(llama.cpp name, tensor in llama.cpp's layout) for every tensor of the file.
+    A tied output head is left out: llama.cpp reuses `token_embd` when `output` is absent."""
+    config = model.config
+    names = gguf.get_tensor_name_map(ARCH, config.n_layers)
+    rope_heads = {gguf.MODEL_TENSOR.ATTN_Q: config.n_heads, gguf.MODEL_TENSOR.ATTN_K: config.resolved_kv_heads}
+    for hf_name, tensor in heron_to_hf(dict(model.named_parameters()), LLAMA.weights, config):
+        found = names.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if found is None:
+            raise ValueError(f"{hf_name}: no tensor of llama.cpp's llama architecture has this name")
+        kind, name = found
+        yield name, interleave_rope(tensor, rope_heads[kind]) if kind in rope_heads else tensor
+    factors = rope_freq_factors(config)
+    if factors is not None:
+        yield f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS]}.weight", factors
+
+
+def encode_tensor(
+    tensor: torch.Tensor, matrix_type: gguf.GGMLQuantizationType
+) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+    """The data gguf writes for one tensor, and its ggml type.
+
+    1-D tensors stay f32: llama.cpp's norm and bias kernels take f32. A
+    matrix whose rows do not split into the type's blocks (32 values for
+    Q8_0) is written f16 instead, as convert_hf_to_gguf.py falls back.
+    """
+    data = tensor.detach().to(device="cpu", dtype=torch.float32).numpy()
+    qtype = F32 if data.ndim == 1 else matrix_type
+    try:
+        return gguf.quants.quantize(data, qtype), qtype
+    except gguf.quants.QuantError:
+        return gguf.quants.quantize(data, F16), F16
+
+
+# ----- tokenizer --------------------------------------------------------------------------------
+
+def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: HeronTokenizer | PretrainedTokenizer, vocab_size: int) -> None:
+    spec = json.loads(tokenizer.to_json())
+    check_gpt2_tokenizer(spec)
+    tokens, types = _vocab(tokenizer.backend, spec, vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+    for add, token_id in ((_W.add_bos_token_id, tokenizer.bos_id), (_W.add_eos_token_id, tokenizer.eos_id),
+                          (_W.add_pad_token_id, tokenizer.pad_id)):
+        if token_id is not None:
+            add(writer, token_id)
+    add_bos, add_eos = _adds_bos_eos(tokenizer.backend, tokenizer.bos_id, tokenizer.eos_id)
+    writer.add_add_bos_token(add_bos)
+    writer.add_add_eos_token(add_eos)
+    template = CHAT_TEMPLATE_JINJA if isinstance(tokenizer, HeronTokenizer) else tokenizer.chat_template
+    if template:
+        writer.add_chat_template(template)
+
+
+def check_gpt2_tokenizer(spec: dict[str, Any]) -> None:
+    """ValueError naming the tokenizer.json field when llama.cpp's GPT-2 style
+    byte-level BPE would split text differently."""
+    for path, want in GPT2_TOKENIZER.items():
+        got: Any = spec
+        for key in path.split("."):
+            got = got.get(key) if isinstance(got, dict) else None
+        if got != want and (got or want):
+            raise ValueError(f"tokenizer.json {path}: {got!r}; GGUF export supports byte-level BPE with GPT-2's "
+                             f"pre-tokenizer only, which needs {want!r}")
+
+
+def _vocab(backend: Tokenizer, spec: dict[str, Any], vocab_size: int) -> tuple[list[str], list[int]]:
+    """Token texts and types by id, padded to the model's vocab_size with unused
+    tokens. Added tokens are control tokens when special, else user-defined."""
+    vocab = backend.get_vocab(with_added_tokens=True)  # text -> id
+    largest = max(vocab.values())
+    if largest >= vocab_size:
+        raise ValueError(f"vocab_size: the model has {vocab_size} embeddings, the tokenizer has token id {largest}")
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    types = [int(gguf.TokenType.UNUSED)] * vocab_size
+    for text, i in vocab.items():
+        tokens[i], types[i] = text, int(gguf.TokenType.NORMAL)
+    for added in spec.get("added_tokens", []):
+        types[added["id"]] = int(gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED)
+    return tokens, types
+
+
+def _adds_bos_eos(backend: Tokenizer, bos_id: int | None, eos_id: int | None) -> tuple[bool, bool]:
+    """Whether the tokenizer's post-processor puts bos before a text and eos
+    after it (LLaMA's leading <s>): llama.cpp's add_bos_token and add_eos_token."""
+    ids = backend.encode("a", add_special_tokens=True).ids
+    return bos_id is not None and ids[0] == bos_id, eos_id is not None and ids[-1] == eos_id
+
+
+# ----- file -------------------------------------------------------------------------------------
+
+def _write_atomic(writer: gguf.GGUFWriter, target: Path) -> None:
+    """Write into a temporary sibling file, renamed onto `target` once complete."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
+    os.close(fd)
+    try:
+        writer.write_header_to_file(Path(tmp))
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, target)
+    except BaseException:
+        writer.close()
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+__all__ = [
+    "FILE_TYPES", "GPT2_TOKENIZER", "HPARAMS", "check_gpt2_tokenizer", "encode_tensor", "gguf_tensors",
+    "interleave_rope", "rope_freq_factors", "save_gguf",
+]
