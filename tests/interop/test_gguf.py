@@ -300,8 +300,11 @@ def test_llama_cpp_logits_match_heron(llama_cpp, exported, name, dtype):
     # An f32 KV cache: llama.cpp's default f16 cache alone moves f32 logits by ~7e-3.
     llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=CONTEXT, n_threads=2, verbose=False,
                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
-    llm.eval(ids)
-    theirs = np.asarray(llm.scores[: len(ids)])  # (T, V)
+    try:
+        llm.eval(ids)
+        theirs = np.asarray(llm.scores[: len(ids)])  # (T, V)
+    finally:
+        llm.close()
     assert np.abs(ours).max() > 1.0  # real numbers, not near-zero logits
     difference = np.abs(ours - theirs)
     most, mean = TOLERANCES[dtype]
@@ -316,7 +319,10 @@ def test_llama_cpp_tokenizes_like_heron(llama_cpp, exported, tokenizer):
         "It's they're we've I'm you'll he'd 2024-06-01 3.14159",
         f"{SPECIAL_TOKENS['user']}\nHi there{SPECIAL_TOKENS['end']}\n{SPECIAL_TOKENS['assistant']}\n",
     ]
-    for text in texts:
-        ids = tokenizer.encode(text)
-        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, text
-        assert llm.detokenize(ids, special=True) == text.encode(), text
+    try:
+        for text in texts:
+            ids = tokenizer.encode(text)
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, text
+            assert llm.detokenize(ids, special=True) == text.encode(), text
+    finally:
+        llm.close()
