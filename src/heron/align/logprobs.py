@@ -1,0 +1,23 @@
+"""Log-probabilities of given tokens under a model: what every alignment loss consumes."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(labels[b, t]) under logits[b, t]: logits (B, T, V), labels (B, T) -> (B, T), in fp32."""
+    return torch.gather(F.log_softmax(logits.float(), dim=-1), -1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def sequence_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token log-probs (B, T - 1) of ids[:, 1:] given what precedes each, zeroed where
+    mask[:, 1:] (B, T; 1 on response tokens) is 0. Sum over dim 1 for a sequence's
+    log-probability; divide by mask[:, 1:].sum(1) for its per-token mean."""
+    logits = model(ids, attention_mask=attention_mask).logits[:, :-1]  # (B, T - 1, V)
+    return token_logprobs(logits, ids[:, 1:]) * mask[:, 1:].to(torch.float32)
+
+
+__all__ = ["sequence_logprobs", "token_logprobs"]
