@@ -12,6 +12,7 @@ from heron.generate import Generator, SamplingParams, perplexity
 from heron.tokenizer import HeronTokenizer, train_tokenizer
 from heron.interop.convert import export_hf, import_hf
 from heron.interop.gguf import save_gguf
+from heron.store import FeedbackStore, format_stats
 from heron.train import CheckpointError, RecipeError, load_recipe, train
 
 # Errors that mean "the input was wrong": shown as one line, not a traceback.
@@ -118,4 +119,25 @@ def convert_to_gguf(args: argparse.Namespace) -> int:
         raise CheckpointError(f"{args.checkpoint}: no tokenizer.json; a GGUF file carries the tokenizer")
     path = save_gguf(model, tokenizer, args.target, dtype=args.dtype)
     print(f"wrote {args.dtype} GGUF {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+def feedback_import(args: argparse.Namespace) -> int:
+    with FeedbackStore.open(args.db) as store:
+        counts = store.import_jsonl(args.file, annotator=args.annotator, source=args.source)
+        print(f"imported {counts.comparisons} comparisons and {counts.ratings} ratings from {args.file} "
+              f"into {store.url}")
+    return 0
+
+
+def feedback_export(args: argparse.Namespace) -> int:
+    with FeedbackStore.open(args.db, create=False) as store:
+        count = store.export_pairs(args.file)
+    print(f"wrote {count} prompt/chosen/rejected pairs to {args.file}")
+    return 0
+
+
+def feedback_stats(args: argparse.Namespace) -> int:
+    with FeedbackStore.open(args.db, create=False) as store:
+        print(format_stats(store.stats(), title=f"feedback store {store.url}"))
     return 0

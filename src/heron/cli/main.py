@@ -93,6 +93,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a field of the demo's recipe (e.g. --set train.steps=50)")
     p.add_argument("--fresh", action="store_true", help="start the training over instead of resuming")
     p.set_defaults(handler=demo.run)
+
+    feedback = verbs.add_parser("feedback", help="the human-feedback store: import, export, stats").add_subparsers(
+        dest="action", required=True)
+    p = feedback.add_parser("import", help="add comparisons and ratings from a JSONL file (all lines or none)")
+    p.add_argument("file", type=Path, help="prompt/chosen/rejected or prompt/response/rating rows")
+    p.add_argument("--db", required=True, help="SQLite file or database URL (sqlite:///..., postgresql://...)")
+    p.add_argument("--annotator", required=True, help="who gave the feedback (a row's own 'annotator' wins)")
+    p.add_argument("--source", default=None, help="where the prompts came from (default: the file's name)")
+    p.set_defaults(handler=commands.feedback_import)
+    p = feedback.add_parser("export", help="write every comparison as prompt/chosen/rejected JSONL for DPO and RM")
+    p.add_argument("file", type=Path)
+    p.add_argument("--db", required=True, help="SQLite file or database URL")
+    p.set_defaults(handler=commands.feedback_export)
+    p = feedback.add_parser("stats", help="counts, annotators, agreement and mean rating per model")
+    p.add_argument("--db", required=True, help="SQLite file or database URL")
+    p.set_defaults(handler=commands.feedback_stats)
     return parser
 
 

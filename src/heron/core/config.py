@@ -17,6 +17,7 @@ MLPS = ("swiglu", "gelu", "gelu_tanh")
 ROPE_SCALINGS = ("linear", "llama3")
 ATTENTION_KINDS = ("dense", "sliding", "dilated", "strided", "fixed", "bigbird")
 FEED_FORWARDS = ("dense", "moe")
+HEADS = ("lm", "scalar")
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,7 @@ class ModelConfig:
     mlp_bias: bool = False
     init_std: float = 0.02
     attn_scale: float | None = None  # softmax(scale * q.k); None: 1/sqrt(head_dim). GPT-Neo uses 1.0
+    head: str = "lm"  # "lm": next-token logits (B, T, vocab); "scalar": one number per position (reward, value)
     # Per-layer schedules, cycled over the layers (their length must divide
     # n_layers): (dense, sliding) alternates like GPT-Neo. Empty: all dense.
     attention: tuple[AttentionPattern, ...] = ()
@@ -159,6 +161,9 @@ class ModelConfig:
         _check_choice("norm", self.norm, NORMS)
         _check_choice("positions", self.positions, POSITIONS)
         _check_choice("mlp", self.mlp, MLPS)
+        _check_choice("head", self.head, HEADS)
+        if self.head == "scalar" and self.tie_embeddings:
+            raise ValueError("tie_embeddings: a scalar head cannot share the token embedding")
         if self.n_kv_heads is not None:
             _check_positive("n_kv_heads", self.n_kv_heads)
             if self.n_heads % self.n_kv_heads:

@@ -68,7 +68,7 @@ class Transformer(nn.Module):
         self.hook_embed = HookPoint()  # (B, T, d): token (+ position) embeddings
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = make_norm(config)
-        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.d_model, config.vocab_size if config.head == "lm" else 1, bias=False)
         self.tie_weights()
         if config.positions == "rope":
             self.register_buffer("rope_cos", torch.empty(0), persistent=False)  # (L, hd)
@@ -141,7 +141,7 @@ class Transformer(nn.Module):
             cache.advance(T)
         if last_only:
             x = x[:, -1:]
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        logits = self.lm_head(self.norm(x))  # (B, T, V), or (B, T, 1) for a scalar head
         aux = sum((b.mlp.pop_aux_loss() for b in self.blocks if isinstance(b.mlp, MoE)), logits.new_zeros(()))
         return TransformerOutput(logits=logits, aux_loss=aux, cache=cache)
 

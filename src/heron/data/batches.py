@@ -42,6 +42,21 @@ def rank_slice(batch_size: int, rank: int, world_size: int) -> slice:
     return slice(rank * per_rank, (rank + 1) * per_rank)
 
 
+def epoch_rows(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+    """Rows (batch_size,) of example indices 0..n-1 for global batch `step`: the examples
+    are visited once per epoch, in an order fixed by (seed, epoch), so a batch depends on
+    (seed, step) alone and a resumed run sees what the unbroken run would."""
+    if step < 0:
+        raise ValueError(f"step must be non-negative, got {step}")
+    stream = np.arange(step * batch_size, (step + 1) * batch_size)  # positions in the epoch stream
+    rows = np.empty(batch_size, dtype=np.int64)
+    for epoch in np.unique(stream // n):
+        order = np.random.default_rng([seed, int(epoch)]).permutation(n)
+        here = stream // n == epoch
+        rows[here] = order[stream[here] % n]
+    return rows
+
+
 def windows_to_xy(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T+1) token windows -> inputs x and targets y, each (B, T) int64; y[:, t] = x[:, t+1]."""
     w = torch.from_numpy(windows.astype(np.int64))  # (B, T+1)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from heron.data.batches import rank_slice
+from heron.data.batches import epoch_rows, rank_slice
 from heron.tokenizer.bpe import HeronTokenizer, validate_messages
 
 IGNORE_INDEX = -100
@@ -107,16 +107,7 @@ class ChatBatches:
 
     def indices(self, step: int) -> np.ndarray:
         """Rows of the global batch of `step`, shape (batch_size,)."""
-        if step < 0:
-            raise ValueError(f"step must be non-negative, got {step}")
-        n = len(self.x)
-        stream = np.arange(step * self.batch_size, (step + 1) * self.batch_size)  # positions in the epoch stream
-        rows = np.empty(self.batch_size, dtype=np.int64)
-        for epoch in np.unique(stream // n):
-            order = np.random.default_rng([self.seed, int(epoch)]).permutation(n)
-            here = stream // n == epoch
-            rows[here] = order[stream[here] % n]
-        return rows
+        return epoch_rows(len(self.x), self.batch_size, step, self.seed)
 
     def batch(self, step: int, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) of shape (batch_size // world_size, seq_len), int64."""

@@ -327,7 +327,7 @@ _LLAMA_FIELDS: tuple[tuple[str, str], ...] = (
     ("tie_embeddings", "tie_word_embeddings"), ("init_std", "initializer_range"),
 )
 _LLAMA_FIXED: tuple[tuple[str, Any], ...] = (("norm", "rmsnorm"), ("positions", "rope"), ("mlp", "swiglu"),
-                                             ("attn_scale", None))
+                                             ("attn_scale", None), ("head", "lm"))
 # Dropout keys are not checked: they change training only, and Heron trains without dropout.
 _SILU = (("hidden_act", "silu"),)
 _GPT_READ_ACT, _GPT_WRITE_ACT = _activation("activation_function")
@@ -360,7 +360,7 @@ GPT2 = Family(
      ("max_seq_len", "n_positions"), ("norm_eps", "layer_norm_epsilon"), ("tie_embeddings", "tie_word_embeddings"),
      ("init_std", "initializer_range")),
     (("norm", "layernorm"), ("positions", "learned"), ("qkv_bias", True), ("out_bias", True), ("mlp_bias", True),
-     ("attn_scale", None), ("n_kv_heads", None), ("head_dim", None)),
+     ("attn_scale", None), ("n_kv_heads", None), ("head_dim", None), ("head", "lm")),
     (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False)),
     read=(_GPT_READ_ACT, _optional_width("n_inner")[0]),
     write=(_GPT_WRITE_ACT, _optional_width("n_inner")[1], dense_attention_only, dense_feed_forward_only),
@@ -372,7 +372,7 @@ GPT_NEO = Family(
      ("max_seq_len", "max_position_embeddings"), ("norm_eps", "layer_norm_epsilon"),
      ("tie_embeddings", "tie_word_embeddings"), ("init_std", "initializer_range")),
     (("norm", "layernorm"), ("positions", "learned"), ("qkv_bias", False), ("out_bias", True), ("mlp_bias", True),
-     ("n_kv_heads", None), ("head_dim", None)),
+     ("n_kv_heads", None), ("head_dim", None), ("head", "lm")),
     (),
     read=(_GPT_READ_ACT, _optional_width("intermediate_size")[0], read_gpt_neo_layers, _no_scale),
     write=(_GPT_WRITE_ACT, _optional_width("intermediate_size")[1], write_gpt_neo_layers, _unscaled_only,

@@ -182,6 +182,11 @@ class HeronTokenizer:
         """Ids that end an assistant turn: `<|end|>`, and `<|eos|>` should a model emit it."""
         return self.end_id, self.eos_id
 
+    def reply_ids(self, text: str) -> list[int]:
+        """An assistant reply's ids as `encode_chat` trains them: the content as plain
+        text, then `<|end|>`. Appended to `chat_prompt_ids`, they make the whole turn."""
+        return self.encode(text, allow_special=False) + [self.end_id]
+
     # ----- persistence ------------------------------------------------------
 
     def to_json(self) -> str:

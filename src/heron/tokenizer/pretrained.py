@@ -128,6 +128,13 @@ class PretrainedTokenizer:
         name their end-of-turn token as eos_token in tokenizer_config.json)."""
         return () if self.eos_id is None else (self.eos_id,)
 
+    def reply_ids(self, text: str) -> list[int]:
+        """An assistant reply's ids: the content without added special tokens, then the
+        end-of-turn (eos) token. Appended to `chat_prompt_ids`, they make the whole turn."""
+        if self.eos_id is None:
+            raise ValueError(f"{CONFIG_FILE}: eos_token is not set, so a reply cannot be ended")
+        return self.encode(text, add_special_tokens=False) + [self.eos_id]
+
     # ----- persistence ------------------------------------------------------
 
     def to_json(self) -> str:

@@ -1,0 +1,70 @@
+"""Chats with given replies as tensors: what SFT, reward models and the DPO family read.
+
+Each row is a prompt rendered by the tokenizer's chat template up to the
+assistant's turn, followed by the reply's ids and its end-of-turn token
+(`chat_prompt_ids` + `reply_ids`), right-padded. Padding after the real
+tokens never changes their logits under causal attention, so no attention
+mask is needed; `mask` marks the reply's tokens, the only ones any loss reads.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from heron.tokenizer import Tokenizer
+
+Messages = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Replies:
+    """N prompt + reply rows."""
+
+    ids: torch.Tensor  # (N, T) long, right-padded
+    mask: torch.Tensor  # (N, T) float, 1.0 on the reply's tokens (its end-of-turn token included)
+    last: torch.Tensor  # (N,) long, the index of each row's last real token
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def take(self, rows: torch.Tensor) -> Replies:
+        return Replies(self.ids[rows], self.mask[rows], self.last[rows])
+
+
+def encode_replies(tokenizer: Tokenizer, prompts: Sequence[Messages], replies: Sequence[str],
+                   max_len: int) -> Replies:
+    """Tokenise prompt/reply rows; a row longer than max_len is a ValueError naming it."""
+    if len(prompts) != len(replies):
+        raise ValueError(f"replies: {len(replies)} for {len(prompts)} prompts")
+    rows, masks = [], []
+    for i, (prompt, reply) in enumerate(zip(prompts, replies)):
+        head, tail = tokenizer.chat_prompt_ids(prompt), tokenizer.reply_ids(reply)
+        if len(head) + len(tail) > max_len:
+            raise ValueError(f"row {i}: {len(head) + len(tail)} tokens exceed max_len {max_len}")
+        rows.append(head + tail)
+        masks.append([0.0] * len(head) + [1.0] * len(tail))
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), width)
+    for i, (r, m) in enumerate(zip(rows, masks)):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(m)] = torch.tensor(m)
+    return Replies(ids, mask, torch.tensor([len(r) - 1 for r in rows]))
+
+
+def encode_pairs(tokenizer: Tokenizer, pairs: Sequence[dict], max_len: int) -> tuple[Replies, Replies]:
+    """(chosen, rejected) rows of prompt/chosen/rejected records, row i of each from pair i."""
+    for i, pair in enumerate(pairs):
+        missing = [key for key in ("prompt", "chosen", "rejected") if key not in pair]
+        if missing:
+            raise ValueError(f"pair {i}: {missing[0]!r} is missing")
+    prompts = [p["prompt"] for p in pairs]
+    both = encode_replies(tokenizer, prompts * 2, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], max_len)
+    n = len(pairs)  # one padded width for both sides, so a batch can stack them
+    return both.take(torch.arange(n)), both.take(torch.arange(n, 2 * n))
+
+
+__all__ = ["Replies", "encode_pairs", "encode_replies"]

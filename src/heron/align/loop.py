@@ -1,0 +1,74 @@
+"""The one optimisation loop every alignment objective runs in.
+
+An objective maps the example rows of a micro-batch to per-example losses
+(and per-example metrics). The loop draws each global batch by (seed, step),
+splits it into `grad_accum` micro-batches, and backpropagates each
+micro-batch's loss sum divided by the global batch size, so the gradient is
+the batch mean whatever the accumulation: 1 x 8 equals 8 x 1.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from heron.data.batches import epoch_rows
+
+# rows (b,) -> (losses (b,), {name: per-example values (b,)})
+Objective = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    steps: int
+    batch_size: int
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_norm: float = 1.0
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"grad_accum: {self.grad_accum} does not divide batch_size {self.batch_size}")
+
+
+def fit(params: Iterable[torch.nn.Parameter], objective: Objective, n_examples: int, settings: FitSettings,
+        on_step: Callable[[dict[str, Any]], None] | None = None,
+        optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer] | None = None) -> list[dict[str, float]]:
+    """Train `params` on `objective` over examples 0..n_examples-1; returns one metrics row a step.
+    `optimizer` builds the optimiser from the parameters (default: AdamW with the settings)."""
+    params = [p for p in params if p.requires_grad]
+    if optimizer is None:
+        optim = torch.optim.AdamW(params, lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay)
+    else:
+        optim = optimizer(params)
+    micro = settings.batch_size // settings.grad_accum
+    history = []
+    for step in tqdm(range(settings.steps), disable=not settings.progress, desc="align", unit="step"):
+        rows = torch.from_numpy(epoch_rows(n_examples, settings.batch_size, step, settings.seed))
+        sums: dict[str, float] = {}
+        for part in rows.split(micro):
+            losses, metrics = objective(part)
+            (losses.sum() / settings.batch_size).backward()
+            for name, values in {"loss": losses, **metrics}.items():
+                sums[name] = sums.get(name, 0.0) + float(values.detach().sum())
+        norm = torch.nn.utils.clip_grad_norm_(params, settings.clip_norm)
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        row = {"step": step + 1, **{k: v / settings.batch_size for k, v in sums.items()}, "grad_norm": float(norm)}
+        history.append(row)
+        if on_step is not None:
+            on_step(row)
+    return history
+
+
+__all__ = ["FitSettings", "Objective", "fit"]

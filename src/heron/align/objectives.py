@@ -1,0 +1,127 @@
+"""Objectives for `align.loop.fit`: SFT, the reward model and the DPO family.
+
+Each builder closes over a model and its tokenised data and returns a
+function from example rows to per-example losses and metrics; the losses
+themselves are the pure functions of `align.losses`. DPO-family runs read
+the reference model's log-probabilities from a cache written once
+(`reference_logprobs`), so the reference model need not stay in memory.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from heron.align.data import Replies
+from heron.align.logprobs import sequence_logprobs
+from heron.align.loop import Objective
+from heron.align.losses import bradley_terry_loss, dpo_loss, ipo_loss, orpo_loss, simpo_loss
+
+PREFERENCE_LOSSES = ("dpo", "ipo", "simpo", "orpo")
+NEEDS_REFERENCE = ("dpo", "ipo")
+
+
+def reply_logprobs(model: nn.Module, replies: Replies) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum, mean) over each reply's tokens of their log-probabilities, each (N,)."""
+    per_token = sequence_logprobs(model, replies.ids, replies.mask)  # (N, T - 1)
+    total = per_token.sum(1)
+    return total, total / replies.mask[:, 1:].sum(1)
+
+
+def rewards(reward_model: nn.Module, replies: Replies) -> torch.Tensor:
+    """(N,) the scalar head's output at each row's last token (the reply's end-of-turn)."""
+    out = reward_model(replies.ids).logits  # (N, T, 1)
+    return out[torch.arange(len(replies)), replies.last, 0]
+
+
+def sft_objective(model: nn.Module, replies: Replies) -> Objective:
+    """Mean negative log-likelihood of each reply's tokens (assistant tokens only)."""
+    def objective(rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        _, mean = reply_logprobs(model, replies.take(rows))
+        return -mean, {}
+
+    return objective
+
+
+def reward_objective(reward_model: nn.Module, chosen: Replies, rejected: Replies) -> Objective:
+    """Bradley-Terry loss on (chosen, rejected) pairs; metrics: accuracy and reward margin."""
+    def objective(rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        good, bad = rewards(reward_model, chosen.take(rows)), rewards(reward_model, rejected.take(rows))
+        return bradley_terry_loss(good, bad), {"accuracy": (good > bad).float(), "margin": (good - bad).detach()}
+
+    return objective
+
+
+def preference_objective(policy: nn.Module, chosen: Replies, rejected: Replies, loss: str = "dpo", *,
+                         beta: float = 0.1, reference: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         sft_weight: float = 0.0, **loss_args: float) -> Objective:
+    """One of the DPO family on (chosen, rejected) pairs. dpo and ipo need the reference's summed
+    log-probs (chosen, rejected), each (N,); simpo and orpo use none. Metrics: the implicit
+    rewards beta * (log pi - log ref) of both sides, their margin, and accuracy (margin > 0).
+
+    sft_weight > 0 adds that multiple of the chosen reply's per-token negative log-likelihood
+    (DPO+NLL, Pang et al. 2024, "Iterative Reasoning Preference Optimization", eq. 1). DPO
+    alone only sets the two replies' likelihoods apart; on small models both fall together and
+    the freed probability drifts to tokens neither reply uses (on the synthetic task, pure DPO
+    turned replies into random bytes). The NLL term anchors the chosen reply."""
+    if loss not in PREFERENCE_LOSSES:
+        raise ValueError(f"loss: {loss!r} is not one of {', '.join(PREFERENCE_LOSSES)}")
+    if (loss in NEEDS_REFERENCE) != (reference is not None):
+        raise ValueError(f"reference: {loss} {'needs' if loss in NEEDS_REFERENCE else 'takes no'} reference log-probs")
+
+    def objective(rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        both = Replies(*(torch.cat([a, b]) for a, b in zip(
+            (chosen.ids[rows], chosen.mask[rows], chosen.last[rows]),
+            (rejected.ids[rows], rejected.mask[rows], rejected.last[rows]))))
+        total, mean = reply_logprobs(policy, both)  # one forward for both sides
+        (pc, pr), (mc, mr) = total.chunk(2), mean.chunk(2)
+        if loss in NEEDS_REFERENCE:
+            rc, rr = reference[0][rows], reference[1][rows]
+            losses = (dpo_loss(pc, pr, rc, rr, beta=beta, **loss_args) if loss == "dpo"
+                      else ipo_loss(pc, pr, rc, rr, **loss_args))
+        else:
+            rc = rr = torch.zeros_like(pc)
+            losses = (simpo_loss(mc, mr, beta=beta, **loss_args) if loss == "simpo"
+                      else orpo_loss(mc, mr, -mc, **loss_args))
+        losses = losses - sft_weight * mc
+        good, bad = (beta * (pc - rc)).detach(), (beta * (pr - rr)).detach()
+        return losses, {"reward_chosen": good, "reward_rejected": bad, "margin": good - bad,
+                        "accuracy": (good > bad).float()}
+
+    return objective
+
+
+@torch.no_grad()
+def reference_logprobs(model: nn.Module, replies: Replies, batch_size: int = 16) -> torch.Tensor:
+    """(N,) summed reply log-probs under `model`, in batches."""
+    model.eval()
+    return torch.cat([reply_logprobs(model, replies.take(torch.arange(i, min(i + batch_size, len(replies)))))[0]
+                      for i in range(0, len(replies), batch_size)])
+
+
+def cached_reference_logprobs(model: nn.Module, chosen: Replies, rejected: Replies,
+                              cache_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """`reference_logprobs` of both sides, computed once per (reference weights, data) and
+    read back from <cache_dir>/reference-<hash>.safetensors afterwards."""
+    digest = hashlib.sha256()
+    for tensor in (*model.state_dict().values(), chosen.ids, chosen.mask, rejected.ids, rejected.mask):
+        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    file = Path(cache_dir) / f"reference-{digest.hexdigest()[:16]}.safetensors"
+    if file.is_file():
+        stored = safetensors.torch.load_file(file)
+        return stored["chosen"], stored["rejected"]
+    values = {"chosen": reference_logprobs(model, chosen), "rejected": reference_logprobs(model, rejected)}
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_suffix(".tmp")
+    safetensors.torch.save_file(values, str(tmp))
+    tmp.replace(file)
+    return values["chosen"], values["rejected"]
+
+
+__all__ = [
+    "PREFERENCE_LOSSES", "cached_reference_logprobs", "preference_objective", "reference_logprobs", "reply_logprobs",
+    "reward_objective", "rewards", "sft_objective",
+]

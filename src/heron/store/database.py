@@ -1,0 +1,56 @@
+"""Engines from a database URL or a file path: SQLite by default, PostgreSQL by URL."""
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import sqlalchemy as sa
+
+
+def database_url(url_or_path: str | os.PathLike[str]) -> sa.URL:
+    """`sqlite:///x.db`, `postgresql://user@host/db`, ... as given; anything
+    without `://` is the path of an SQLite file."""
+    text = os.fspath(url_or_path)
+    if "://" not in text:
+        return sa.URL.create("sqlite", database=text)
+    try:
+        return sa.make_url(text)
+    except sa.exc.ArgumentError as exc:
+        raise ValueError(f"not a database URL: {text!r} ({exc})") from None
+
+
+def sqlite_file(url: sa.URL) -> Path | None:
+    """The file an SQLite URL names; None for other backends and in-memory databases."""
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    return Path(url.database)
+
+
+def connect(url_or_path: str | os.PathLike[str], *, create: bool = True) -> sa.Engine:
+    """An engine for a URL or path. A new SQLite file (and its folder) is made
+    when `create` is true, otherwise a missing one is a FileNotFoundError."""
+    url = database_url(url_or_path)
+    file = sqlite_file(url)
+    if file is not None and not file.exists():
+        if not create:
+            raise FileNotFoundError(f"no feedback database at {file}")
+        file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        engine = sa.create_engine(url)
+    except sa.exc.ArgumentError as exc:  # an unknown dialect
+        raise ValueError(f"cannot open {url.render_as_string()}: {exc}") from None
+    except ImportError as exc:
+        raise ValueError(f"cannot open {url.render_as_string()}: its driver is not installed ({exc}); "
+                         f"for PostgreSQL, pip install 'psycopg[binary]'") from None
+    if engine.dialect.name == "sqlite":
+        sa.event.listen(engine, "connect", _enforce_foreign_keys)
+    return engine
+
+
+def _enforce_foreign_keys(dbapi_connection: sqlite3.Connection, _record: object) -> None:
+    """SQLite checks foreign keys only when asked, once per connection
+    (https://sqlite.org/foreignkeys.html#fk_enable)."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys = ON")
+    cursor.close()

@@ -1,0 +1,107 @@
+"""Feedback as JSONL: lines in (comparisons and ratings), pairs out.
+
+A comparison line follows the prompt/chosen/rejected convention that TRL's
+DPO and reward trainers read (https://huggingface.co/docs/trl/dataset_formats#preference):
+
+    {"prompt": "...", "chosen": "...", "rejected": "..."}
+
+with optional provenance: "annotator", "created_at" (ISO 8601 with an offset),
+"chosen_model", "rejected_model", "note", and "comparison_id" (read and ignored:
+ids are the store's own). A rating line is
+
+    {"prompt": "...", "response": "...", "rating": 4}
+
+with optional "model", "scale", "annotator" and "created_at". Texts are strings
+or lists of {"role", "content"} messages. Any other key is an error naming it,
+so a misspelt provenance key is never dropped silently.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterable
+from dataclasses import fields
+from datetime import datetime
+from pathlib import Path
+
+from heron.store.records import PairInput, RatingInput
+
+# Each kind of line: the keys it needs, and every key it may hold (the record's
+# fields; "comparison_id" is an export's and is read and ignored).
+PAIR_REQUIRED = ("prompt", "chosen", "rejected", "annotator")
+PAIR_KEYS = (*(f.name for f in fields(PairInput)), "comparison_id")
+RATING_REQUIRED = ("prompt", "response", "rating", "annotator")
+RATING_KEYS = tuple(f.name for f in fields(RatingInput))
+
+
+def read_feedback_jsonl(
+    path: str | os.PathLike[str], *, annotator: str | None, now: datetime
+) -> list[PairInput | RatingInput]:
+    """Every line of a file, validated; blank lines are skipped.
+
+    A line's own "annotator" and "created_at" win over `annotator` and `now`,
+    which fill them where a line has none. Errors name the file, the 1-based
+    line and the field: `feedback.jsonl, line 3: 'chosen' is missing`.
+    """
+    file = Path(path)
+    rows: list[PairInput | RatingInput] = []
+    with open(file, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(parse_line(line, annotator=annotator, now=now))
+            except ValueError as exc:
+                raise ValueError(f"{file}, line {lineno}: {exc}") from None
+    return rows
+
+
+def parse_line(line: str, *, annotator: str | None, now: datetime) -> PairInput | RatingInput:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    if annotator is not None:
+        record.setdefault("annotator", annotator)
+    record.setdefault("created_at", now)
+    if "chosen" in record or "rejected" in record:
+        _check_keys(record, PAIR_REQUIRED, PAIR_KEYS)
+        record.pop("comparison_id", None)
+        return PairInput(**record)
+    if "response" in record or "rating" in record:
+        _check_keys(record, RATING_REQUIRED, RATING_KEYS)
+        return RatingInput(**record)
+    raise ValueError("expected 'chosen' and 'rejected' (a comparison) or 'response' and 'rating' (a rating)")
+
+
+def _check_keys(record: dict[str, object], required: tuple[str, ...], allowed: tuple[str, ...]) -> None:
+    unknown = sorted(set(record) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown}; this kind of line takes {list(allowed)}")
+    for key in required:
+        if key not in record:
+            hint = " (give an annotator for the file, or one per line)" if key == "annotator" else ""
+            raise ValueError(f"'{key}' is missing{hint}")
+
+
+def write_jsonl_atomic(path: str | os.PathLike[str], rows: Iterable[dict[str, object]]) -> int:
+    """Write one JSON object per line into a temporary sibling, renamed onto
+    `path` once complete, so a reader never sees half a file. Returns the row count."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.partial")
+    count = 0
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                count += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return count

@@ -1,0 +1,50 @@
+"""`heron feedback import|export|stats` end to end on a small generated file."""
+import json
+from pathlib import Path
+
+from heron.cli.main import main
+
+PAIRS = [
+    {"prompt": f"Add {i} and {i}.", "chosen": str(2 * i), "rejected": str(2 * i + 1), "chosen_model": "tiny@1"}
+    for i in range(4)
+]
+RATINGS = [{"prompt": "Add 0 and 0.", "response": "0", "model": "tiny@1", "rating": r, "scale": "1-5"} for r in (3, 5)]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_import_export_stats(tmp_path: Path, capsys) -> None:
+    db, out = tmp_path / "runs" / "feedback.db", tmp_path / "pairs.jsonl"
+    source = write_jsonl(tmp_path / "in.jsonl", PAIRS + RATINGS)
+    assert main(["feedback", "import", str(source), "--db", str(db), "--annotator", "alice"]) == 0
+    assert "imported 4 comparisons and 2 ratings" in capsys.readouterr().out
+    assert main(["feedback", "export", str(out), "--db", str(db)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["prompt"], r["chosen"], r["rejected"], r["annotator"]) for r in rows] == \
+           [(p["prompt"], p["chosen"], p["rejected"], "alice") for p in PAIRS]
+    assert main(["feedback", "import", str(source), "--db", f"sqlite:///{db}", "--annotator", "bob"]) == 0
+    capsys.readouterr()
+    assert main(["feedback", "stats", "--db", str(db)]) == 0
+    report = capsys.readouterr().out
+    assert "comparisons         8" in report
+    assert "agreement: 1.000 over 4 response pair(s)" in report
+    assert any(line.split() == ["tiny@1", "1-5", "4", "4.000"] for line in report.splitlines())
+
+
+def test_a_bad_line_is_one_line_and_exit_2(tmp_path: Path, capsys) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", [PAIRS[0], {"prompt": "p", "rejected": "r"}])
+    db = tmp_path / "feedback.db"
+    assert main(["feedback", "import", str(source), "--db", str(db), "--annotator", "alice"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "line 2: 'chosen' is missing" in err
+    assert main(["feedback", "stats", "--db", str(db)]) == 0
+    assert "comparisons         0" in capsys.readouterr().out
+
+
+def test_export_from_a_missing_database_fails_clearly(tmp_path: Path, capsys) -> None:
+    assert main(["feedback", "export", str(tmp_path / "out.jsonl"), "--db", str(tmp_path / "nope.db")]) == 2
+    assert "no feedback database" in capsys.readouterr().err
+    assert not (tmp_path / "nope.db").exists() and not (tmp_path / "out.jsonl").exists()
