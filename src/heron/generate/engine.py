@@ -36,6 +36,7 @@ class Completion:
     ids: list[int]  # generated ids; a stop token id is not included, a stop string's tokens are
     text: str | None  # decoded, cut before any stop string; None without a tokenizer
     finish_reason: str  # FINISH_STOP or FINISH_LENGTH
+    stop_token: int | None = None  # the stop token id that ended it, if one did
 
 
 def left_pad(
@@ -148,6 +149,7 @@ class _Row:
         self.stop_ids = stop_ids
         self.ids: list[int] = []
         self.finish_reason: str | None = None
+        self.stop_token: int | None = None
         self.detok = IncrementalDetokenizer(tokenizer) if track_text and tokenizer is not None else None
         self.filter = StopStringFilter(stops) if stops else None
         self.pieces: list[str] = []
@@ -155,6 +157,7 @@ class _Row:
     def push(self, token: int) -> str:
         """Record one generated token; return the text it releases."""
         if token in self.stop_ids:
+            self.stop_token = token
             return self.close(FINISH_STOP)
         self.ids.append(token)
         if self.detok is None:
@@ -228,7 +231,7 @@ class Generator:
     def _finish(self, row: _Row) -> Completion:
         row.close(FINISH_LENGTH)
         text = "".join(row.pieces) if row.detok is not None else self._decode(row.ids)
-        return Completion(row.ids, text, row.finish_reason or FINISH_LENGTH)
+        return Completion(row.ids, text, row.finish_reason or FINISH_LENGTH, row.stop_token)
 
     def _decode(self, ids: list[int]) -> str | None:
         return self.tokenizer.decode(ids) if self.tokenizer is not None else None
