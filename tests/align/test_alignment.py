@@ -15,6 +15,7 @@ import torch
 
 from heron.align.data import encode_pairs, encode_replies
 from heron.align.evaluate import judge_scores, replies
+from heron.align.grpo import GRPOSettings, grpo
 from heron.align.loop import FitSettings, fit
 from heron.align.objectives import (
     cached_reference_logprobs,
@@ -31,6 +32,7 @@ from heron.tokenizer import train_tokenizer
 pytestmark = pytest.mark.slow
 TASK = RepeatTask()
 MAX_LEN = 64
+GRPO_STEPS, GRPO_LR = 200, 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +91,20 @@ def test_dpo_beats_the_sft_model_on_the_judge(sft, pairs, tmp_path):
     baseline = judge_scores(TASK.judge, prompts, replies(model, tokenizer, prompts, seed=0))
     aligned = judge_scores(TASK.judge, prompts, replies(policy, tokenizer, prompts, seed=0))
     assert statistics.mean(aligned) > statistics.mean(baseline)
+    assert win_rate(aligned, baseline) >= 0.75
+
+
+def test_grpo_beats_the_sft_model_on_the_judge(sft):
+    model, tokenizer = sft
+    policy = copy.deepcopy(model).train()
+    history = grpo(policy, model, tokenizer, TASK.prompts(256, seed=4), TASK.judge,
+                   GRPOSettings(steps=GRPO_STEPS, lr=GRPO_LR, progress=False))
+    first, last = (statistics.mean(r["reward"] for r in rows) for rows in (history[:10], history[-10:]))
+    assert last > first
+    assert all(r["kl"] >= 0 and r["rollout_tokens_per_s"] > 0 for r in history)
+    prompts = TASK.prompts(200, seed=1)
+    baseline = judge_scores(TASK.judge, prompts, replies(model, tokenizer, prompts, seed=0))
+    aligned = judge_scores(TASK.judge, prompts, replies(policy, tokenizer, prompts, seed=0))
     assert win_rate(aligned, baseline) >= 0.75
 
 

@@ -1,0 +1,62 @@
+"""Rollouts: sampled replies to chat prompts, with their ids, from Heron's own KV-cached engine.
+
+PPO and GRPO share this: each prompt is rendered by the chat template,
+continued `n` times by sampling, and every (prompt, reply) becomes a row of
+`Replies` whose mask covers the sampled tokens, the end-of-turn token
+included when the reply ended with one, so the policy learns when to stop.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from heron.align.data import Messages, Replies
+from heron.core.transformer import Transformer
+from heron.generate import Generator, SamplingParams
+from heron.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class Rollout:
+    prompts: list[Messages]  # one per row (each prompt repeated n times, consecutively)
+    texts: list[str]  # the replies, decoded
+    replies: Replies
+    tokens: int  # tokens generated
+    seconds: float  # wall time of the generation
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+@torch.no_grad()
+def rollout(policy: Transformer, tokenizer: Tokenizer, prompts: Sequence[Messages], n: int, *,
+            max_new_tokens: int, temperature: float = 1.0, seed: int = 0) -> Rollout:
+    """`n` sampled replies to each prompt, generated as one batch."""
+    was_training = policy.training
+    policy.eval()
+    heads = [tokenizer.chat_prompt_ids(p) for p in prompts for _ in range(n)]
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                            stop_token_ids=tokenizer.chat_stop_ids)
+    start = time.perf_counter()
+    completions = Generator(policy, tokenizer).complete(heads, params)
+    seconds = time.perf_counter() - start
+    policy.train(was_training)
+    tails = [c.ids + ([c.stop_token] if c.stop_token is not None else []) for c in completions]
+    width = max(len(h) + len(t) for h, t in zip(heads, tails))
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    ids = torch.full((len(heads), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(heads), width)
+    for i, (head, tail) in enumerate(zip(heads, tails)):
+        ids[i, : len(head) + len(tail)] = torch.tensor(head + tail)
+        mask[i, len(head): len(head) + len(tail)] = 1.0
+    last = torch.tensor([len(h) + len(t) - 1 for h, t in zip(heads, tails)])
+    return Rollout([p for p in prompts for _ in range(n)], [c.text or "" for c in completions],
+                   Replies(ids, mask, last), sum(len(c.ids) + (c.stop_token is not None) for c in completions),
+                   seconds)
+
+
+__all__ = ["Rollout", "rollout"]
