@@ -35,3 +35,5 @@ bench: setup
 	$(PY) benchmarks/bench_sparse.py
 	$(PY) benchmarks/bench_moe.py
 	$(PY) benchmarks/bench_long_context.py
+	$(PY) benchmarks/bench_interop.py
+	$(PY) benchmarks/bench_align.py

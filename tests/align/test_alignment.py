@@ -16,6 +16,8 @@ import torch
 from heron.align.data import encode_pairs, encode_replies
 from heron.align.evaluate import judge_scores, replies
 from heron.align.grpo import GRPOSettings, grpo
+from heron.align.heads import with_scalar_head
+from heron.align.ppo import PPOSettings, ppo
 from heron.align.loop import FitSettings, fit
 from heron.align.objectives import (
     cached_reference_logprobs,
@@ -66,9 +68,7 @@ def test_sft_model_says_the_word_but_not_the_preferred_count(sft):
 
 def test_reward_model_ranks_held_out_pairs_like_the_judge(sft, pairs):
     model, tokenizer = sft
-    reward_model = Transformer(model.config.replace(head="scalar", tie_embeddings=False))
-    body = {k: v for k, v in model.state_dict().items() if not k.startswith("lm_head")}
-    assert reward_model.load_state_dict(body, strict=False).missing_keys == ["lm_head.weight"]
+    reward_model = with_scalar_head(model)
     chosen, rejected = pairs
     fit(reward_model.parameters(), reward_objective(reward_model, chosen, rejected), len(chosen),
         FitSettings(steps=100, batch_size=16, lr=1e-3, progress=False))
@@ -108,6 +108,20 @@ def test_grpo_beats_the_sft_model_on_the_judge(sft):
     assert win_rate(aligned, baseline) >= 0.75
 
 
+def test_ppo_beats_the_sft_model_on_the_judge(sft):
+    model, tokenizer = sft
+    policy = copy.deepcopy(model).train()
+    value_model = with_scalar_head(model)
+    history = ppo(policy, value_model, model, tokenizer, TASK.prompts(256, seed=4), TASK.judge,
+                  PPOSettings(steps=100, lr=3e-4, progress=False))
+    first, last = (statistics.mean(r["reward"] for r in rows) for rows in (history[:10], history[-10:]))
+    assert last > first and history[-1]["kl"] > 0
+    prompts = TASK.prompts(200, seed=1)
+    baseline = judge_scores(TASK.judge, prompts, replies(model, tokenizer, prompts, seed=0))
+    aligned = judge_scores(TASK.judge, prompts, replies(policy, tokenizer, prompts, seed=0))
+    assert win_rate(aligned, baseline) >= 0.75
+
+
 def test_cached_reference_logprobs_equal_recomputed_ones(sft, pairs, tmp_path):
     model, _ = sft
     chosen, rejected = pairs
@@ -128,7 +142,7 @@ def test_gradient_accumulation_1x8_equals_8x1(sft, pairs, kind):
     base, _ = sft
     chosen, rejected = pairs
     reference = (reference_logprobs(base, chosen), reference_logprobs(base, rejected))
-    start = base if kind == "dpo" else Transformer(base.config.replace(head="scalar", tie_embeddings=False))
+    start = base if kind == "dpo" else with_scalar_head(base)
     updated = []
     for accum in (1, 8):
         model = copy.deepcopy(start).train()

@@ -3,6 +3,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import torch
+
+from heron.align.logprobs import sequence_logprobs
+from heron.align.rollout import rollout
 from heron.core.transformer import Transformer
 from heron.generate import Generator, SamplingParams
 from heron.tokenizer import Tokenizer
@@ -28,4 +32,18 @@ def judge_scores(judge: Callable[[Messages, str], float], prompts: Sequence[Mess
     return [judge(p, t) for p, t in zip(prompts, texts)]
 
 
-__all__ = ["judge_scores", "replies"]
+
+
+@torch.no_grad()
+def score_and_kl(policy: Transformer, reference: Transformer, tokenizer: Tokenizer, prompts: Sequence[Messages],
+                 judge: Callable[[Messages, str], float], *, max_new_tokens: int = 32, seed: int = 0) -> tuple[float, float]:
+    """(mean judge score, KL(policy || reference) in nats per reply) on replies sampled from the
+    policy; the KL is the k1 estimate, the mean over replies of sum_t log pi - log ref."""
+    run = rollout(policy, tokenizer, prompts, 1, max_new_tokens=max_new_tokens, seed=seed)
+    ours = sequence_logprobs(policy, run.replies.ids, run.replies.mask)
+    theirs = sequence_logprobs(reference, run.replies.ids, run.replies.mask)
+    score = sum(judge(p, t) for p, t in zip(run.prompts, run.texts)) / len(run.texts)
+    return score, float((ours - theirs).sum(1).mean())
+
+
+__all__ = ["judge_scores", "replies", "score_and_kl"]
