@@ -55,16 +55,26 @@ def encode_replies(tokenizer: Tokenizer, prompts: Sequence[Messages], replies: S
     return Replies(ids, mask, torch.tensor([len(r) - 1 for r in rows]))
 
 
+def as_messages(prompt: str | Messages) -> Messages:
+    """A prompt as chat messages: plain text is one user turn (the feedback store's exports
+    and most preference datasets hold either form)."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+
+
 def encode_pairs(tokenizer: Tokenizer, pairs: Sequence[dict], max_len: int) -> tuple[Replies, Replies]:
-    """(chosen, rejected) rows of prompt/chosen/rejected records, row i of each from pair i."""
+    """(chosen, rejected) rows of prompt/chosen/rejected records (as `heron feedback export`
+    writes them), row i of each from pair i. Extra keys (annotator, ids) are ignored."""
     for i, pair in enumerate(pairs):
         missing = [key for key in ("prompt", "chosen", "rejected") if key not in pair]
         if missing:
             raise ValueError(f"pair {i}: {missing[0]!r} is missing")
-    prompts = [p["prompt"] for p in pairs]
+        for key in ("chosen", "rejected"):
+            if not isinstance(pair[key], str):
+                raise ValueError(f"pair {i}: {key!r} must be the reply's text, got {type(pair[key]).__name__}")
+    prompts = [as_messages(p["prompt"]) for p in pairs]
     both = encode_replies(tokenizer, prompts * 2, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], max_len)
     n = len(pairs)  # one padded width for both sides, so a batch can stack them
     return both.take(torch.arange(n)), both.take(torch.arange(n, 2 * n))
 
 
-__all__ = ["Replies", "encode_pairs", "encode_replies"]
+__all__ = ["Replies", "as_messages", "encode_pairs", "encode_replies"]
