@@ -141,3 +141,13 @@ def feedback_stats(args: argparse.Namespace) -> int:
     with FeedbackStore.open(args.db, create=False) as store:
         print(format_stats(store.stats(), title=f"feedback store {store.url}"))
     return 0
+
+
+def align(args: argparse.Namespace) -> int:
+    from heron.align.recipe import load_align_recipe
+    from heron.align.run import run_alignment
+
+    recipe = load_align_recipe(args.recipe, args.overrides)
+    folder = run_alignment(args.method, recipe)
+    print(f"wrote {args.method} checkpoint {folder} (metrics: {Path(recipe.out_dir) / 'metrics.jsonl'})")
+    return 0

@@ -87,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tensor type of the matrices (norms stay f32); default f16")
     p.set_defaults(handler=commands.convert_to_gguf)
 
+    p = verbs.add_parser("align", help="align a checkpoint: sft, rm, dpo (and ipo/simpo/orpo), ppo or grpo")
+    p.add_argument("method", choices=["sft", "rm", "dpo", "ppo", "grpo"])
+    p.add_argument("recipe", type=Path, help="an alignment recipe (YAML)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe field, e.g. --set fit.steps=100 (repeatable)")
+    p.set_defaults(handler=commands.align)
+
     p = verbs.add_parser("demo", help="the whole life of a small model on the Python standard library")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -140,6 +140,11 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
 
     world_size defaults to $WORLD_SIZE (set by torchrun), else 1.
     """
+    return recipe_from_dict(read_recipe_yaml(path, overrides), world_size=world_size)
+
+
+def read_recipe_yaml(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """A YAML recipe as a raw mapping, with `a.b=value` overrides applied (not yet validated)."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -149,7 +154,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
         raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}")
     for item in overrides:
         apply_override(raw, item)
-    return recipe_from_dict(raw, world_size=world_size)
+    return raw
 
 
 def recipe_from_dict(raw: dict[str, Any], *, world_size: int | None = None) -> TrainRecipe:
@@ -157,7 +162,7 @@ def recipe_from_dict(raw: dict[str, Any], *, world_size: int | None = None) -> T
     try:
         recipe = TrainRecipe.model_validate(raw)
     except ValidationError as err:
-        raise RecipeError(_describe(err)) from None
+        raise RecipeError(describe_validation_error(err)) from None
     check_recipe(recipe, world_size=world_size)
     return recipe
 
@@ -238,7 +243,7 @@ def batch_plan(train: TrainSection, world_size: int | None = None) -> tuple[int,
     return world, micro, accum
 
 
-def _describe(err: ValidationError) -> str:
+def describe_validation_error(err: ValidationError) -> str:
     """One line per problem, each starting with the dotted field name."""
     lines = []
     for problem in err.errors():

@@ -1,0 +1,116 @@
+"""Alignment recipes: YAML files validated into config objects, as training recipes are.
+
+    heron align dpo my-dpo.yaml --set preference.beta=0.2
+
+The method is the command's; the recipe says what to start from (`base`, a
+Heron checkpoint or Hugging Face folder with its tokenizer), where the data
+come from (the synthetic task, or a JSONL file: chats for sft, prompt/chosen/
+rejected pairs for rm and the DPO family, prompts for ppo and grpo), and the
+settings of each method. Unknown or invalid fields fail before any work
+starts, naming the dotted field.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from heron.align.grpo import GRPOSettings
+from heron.align.loop import FitSettings
+from heron.align.ppo import PPOSettings
+from heron.train.recipe import RecipeError, describe_validation_error, read_recipe_yaml
+
+METHODS = ("sft", "rm", "dpo", "ppo", "grpo")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskSection(_Section):
+    """The synthetic say-the-word task (`align.synthetic.RepeatTask`)."""
+
+    kind: Literal["repeat"] = "repeat"
+    n: int = Field(default=512, gt=1)  # chats, pairs or prompts to generate
+    seed: int = 0
+    target: int = Field(default=3, gt=0)
+    max_count: int = Field(default=5, gt=0)
+
+
+class DataSection(_Section):
+    task: TaskSection | None = None
+    file: str | None = None  # JSONL: chats (sft), prompt/chosen/rejected (rm, dpo), {"prompt"} rows (ppo, grpo)
+    max_len: int = Field(default=128, gt=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSection:
+        if (self.task is None) == (self.file is None):
+            raise ValueError("set exactly one of data.task or data.file")
+        return self
+
+
+class FitSection(_Section):
+    steps: int = Field(default=300, gt=0)
+    batch_size: int = Field(default=16, gt=0)
+    grad_accum: int = Field(default=1, gt=0)
+    lr: float = Field(default=3e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    clip_norm: float = Field(default=1.0, gt=0)
+    seed: int = 0
+
+
+class PreferenceSection(_Section):
+    loss: Literal["dpo", "ipo", "simpo", "orpo"] = "dpo"
+    beta: float = Field(default=0.1, gt=0)
+    sft_weight: float = Field(default=1.0, ge=0)  # the NLL anchor (Pang et al. 2024); 0 is pure DPO
+
+
+class AlignRecipe(_Section):
+    name: str
+    out_dir: str
+    base: str
+    data: DataSection
+    reward: str = "judge"  # ppo and grpo: "judge" (the task's) or a reward-model checkpoint folder
+    fit: FitSection = Field(default_factory=FitSection)
+    preference: PreferenceSection = Field(default_factory=PreferenceSection)
+    ppo: dict[str, Any] = Field(default_factory=dict)  # PPOSettings fields
+    grpo: dict[str, Any] = Field(default_factory=dict)  # GRPOSettings fields
+
+    def fit_settings(self) -> FitSettings:
+        return FitSettings(**self.fit.model_dump(), progress=True)
+
+    def ppo_settings(self) -> PPOSettings:
+        return _settings(PPOSettings, self.ppo, "ppo")
+
+    def grpo_settings(self) -> GRPOSettings:
+        return _settings(GRPOSettings, self.grpo, "grpo")
+
+
+def _settings(cls: type, values: dict[str, Any], section: str) -> Any:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise RecipeError(f"{section}.{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"{section}: {err}") from err
+
+
+def load_align_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> AlignRecipe:
+    """Read and validate a YAML recipe with `a.b=value` overrides; errors name the dotted field."""
+    try:
+        recipe = AlignRecipe.model_validate(read_recipe_yaml(path, overrides))
+    except ValidationError as err:
+        raise RecipeError(describe_validation_error(err)) from None
+    try:
+        recipe.fit_settings()
+    except ValueError as err:
+        raise RecipeError(f"fit.{err}") from None
+    recipe.ppo_settings(), recipe.grpo_settings()  # every section checked before any work
+    return recipe
+
+
+__all__ = ["METHODS", "AlignRecipe", "load_align_recipe"]

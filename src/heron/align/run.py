@@ -1,0 +1,170 @@
+"""`heron align METHOD RECIPE`: one alignment run from a recipe to a checkpoint folder.
+
+Writes <out_dir>/model (a Heron checkpoint whose lineage records the method,
+the base checkpoint, the recipe and the final metrics), <out_dir>/metrics.jsonl
+(one row a step) and, for ppo and grpo, <out_dir>/reward_kl.png.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+import heron  # noqa: E402
+from heron.align.data import Messages, as_messages, encode_pairs, encode_replies  # noqa: E402
+from heron.align.grpo import grpo  # noqa: E402
+from heron.align.heads import with_scalar_head  # noqa: E402
+from heron.align.loop import fit  # noqa: E402
+from heron.align.objectives import (  # noqa: E402
+    NEEDS_REFERENCE,
+    cached_reference_logprobs,
+    preference_objective,
+    reward_objective,
+    rewards,
+    sft_objective,
+)
+from heron.align.ppo import ppo  # noqa: E402
+from heron.align.recipe import METHODS, AlignRecipe  # noqa: E402
+from heron.align.synthetic import RepeatTask  # noqa: E402
+from heron.data.chat import load_chat_jsonl  # noqa: E402
+from heron.train.checkpoint import save_model_folder  # noqa: E402
+
+METRICS_FILE, PLOT_FILE, MODEL_DIR = "metrics.jsonl", "reward_kl.png", "model"
+
+
+def run_alignment(method: str, recipe: AlignRecipe) -> Path:
+    """Run `method` as the recipe says; returns the written checkpoint folder."""
+    if method not in METHODS:
+        raise ValueError(f"method: {method!r} is not one of {', '.join(METHODS)}")
+    out = Path(recipe.out_dir)
+    if (out / MODEL_DIR).exists():
+        raise FileExistsError(f"{out / MODEL_DIR}: exists; choose another out_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = heron.load(recipe.base)
+    if tokenizer is None:
+        raise ValueError(f"base: {recipe.base} has no tokenizer")
+    model.train()
+    task = RepeatTask(target=recipe.data.task.target, max_count=recipe.data.task.max_count) if recipe.data.task else None
+    rows: list[dict[str, Any]] = []
+    log = (out / METRICS_FILE).open("w", encoding="utf-8")
+
+    def on_step(row: dict[str, Any]) -> None:
+        rows.append(row)
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+
+    try:
+        trained = _METHODS[method](model, tokenizer, recipe, task, on_step)
+    finally:
+        log.close()
+    if method in ("ppo", "grpo"):
+        _plot_reward_kl(rows, out / PLOT_FILE, method)
+    lineage = {"alignment": {"method": method, "base": str(Path(recipe.base).resolve()),
+                             "recipe": recipe.model_dump(), "final": rows[-1] if rows else {}}}
+    return save_model_folder(out / MODEL_DIR, trained, tokenizer=tokenizer, lineage=lineage)
+
+
+def _sft(model, tokenizer, recipe: AlignRecipe, task: RepeatTask | None, on_step: Callable) -> torch.nn.Module:
+    chats = task.sft_chats(recipe.data.task.n, recipe.data.task.seed) if task else load_chat_jsonl(recipe.data.file)
+    for i, chat in enumerate(chats):
+        if chat[-1]["role"] != "assistant":
+            raise ValueError(f"data.file: chat {i} does not end with an assistant reply")
+    data = encode_replies(tokenizer, [c[:-1] for c in chats], [c[-1]["content"] for c in chats], recipe.data.max_len)
+    fit(model.parameters(), sft_objective(model, data), len(data), recipe.fit_settings(), on_step)
+    return model
+
+
+def _pairs(tokenizer, recipe: AlignRecipe, task: RepeatTask | None):
+    pairs = task.preference_pairs(recipe.data.task.n, recipe.data.task.seed) if task else _jsonl(recipe.data.file)
+    return encode_pairs(tokenizer, pairs, recipe.data.max_len)
+
+
+def _rm(model, tokenizer, recipe: AlignRecipe, task: RepeatTask | None, on_step: Callable) -> torch.nn.Module:
+    chosen, rejected = _pairs(tokenizer, recipe, task)
+    reward_model = with_scalar_head(model).train()
+    fit(reward_model.parameters(), reward_objective(reward_model, chosen, rejected), len(chosen),
+        recipe.fit_settings(), on_step)
+    return reward_model
+
+
+def _dpo(model, tokenizer, recipe: AlignRecipe, task: RepeatTask | None, on_step: Callable) -> torch.nn.Module:
+    chosen, rejected = _pairs(tokenizer, recipe, task)
+    p = recipe.preference
+    reference = (cached_reference_logprobs(model, chosen, rejected, Path(recipe.out_dir) / "cache")
+                 if p.loss in NEEDS_REFERENCE else None)
+    policy = model.train()
+    fit(policy.parameters(), preference_objective(policy, chosen, rejected, p.loss, beta=p.beta, reference=reference,
+                                                  sft_weight=p.sft_weight), len(chosen), recipe.fit_settings(), on_step)
+    return policy
+
+
+def _prompts(recipe: AlignRecipe, task: RepeatTask | None) -> list[Messages]:
+    if task:
+        return task.prompts(recipe.data.task.n, recipe.data.task.seed)
+    return [as_messages(row["prompt"]) for row in _jsonl(recipe.data.file)]
+
+
+def _reward(recipe: AlignRecipe, task: RepeatTask | None, tokenizer) -> Callable[[Messages, str], float]:
+    if recipe.reward == "judge":
+        if task is None:
+            raise ValueError("reward: 'judge' needs data.task; give a reward-model checkpoint for data.file")
+        return task.judge
+    reward_model, _ = heron.load(recipe.reward)
+    if reward_model.config.head != "scalar":
+        raise ValueError(f"reward: {recipe.reward} is not a reward model (its head is {reward_model.config.head!r})")
+
+    @torch.no_grad()
+    def score(prompt: Messages, text: str) -> float:
+        return float(rewards(reward_model, encode_replies(tokenizer, [prompt], [text], recipe.data.max_len))[0])
+
+    return score
+
+
+def _ppo(model, tokenizer, recipe: AlignRecipe, task: RepeatTask | None, on_step: Callable) -> torch.nn.Module:
+    reference = copy.deepcopy(model).eval()
+    ppo(model, with_scalar_head(model), reference, tokenizer, _prompts(recipe, task), _reward(recipe, task, tokenizer),
+        recipe.ppo_settings(), on_step)
+    return model
+
+
+def _grpo(model, tokenizer, recipe: AlignRecipe, task: RepeatTask | None, on_step: Callable) -> torch.nn.Module:
+    reference = copy.deepcopy(model).eval()
+    grpo(model, reference, tokenizer, _prompts(recipe, task), _reward(recipe, task, tokenizer), recipe.grpo_settings(),
+         on_step)
+    return model
+
+
+_METHODS = {"sft": _sft, "rm": _rm, "dpo": _dpo, "ppo": _ppo, "grpo": _grpo}
+
+
+def _jsonl(path: str) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{number}: invalid JSON ({err.msg})") from err
+    return rows
+
+
+def _plot_reward_kl(rows: list[dict[str, Any]], file: Path, method: str) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["kl"] for r in rows], [r["reward"] for r in rows], marker="o", markersize=2, linewidth=0.8)
+    ax.set(xlabel="KL to the reference (training rollouts)", ylabel="mean reward", title=f"{method}: reward against KL")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(file, dpi=90)
+    plt.close(fig)
+
+
+__all__ = ["run_alignment"]
