@@ -162,7 +162,7 @@ def main() -> None:
         f"Plot: `{PLOT.name}` (mean judge score against KL to the SFT model, measured during training).",
         f"Mean judge score on held-out prompts: SFT {statistics.mean(baseline):.3f}; "
         + ", ".join(f"{name} {score:.3f}" for name, score in finals.items())
-        + f". KL to the SFT model at the end (nats per reply): "
+        + ". KL to the SFT model at the end (nats per reply): "
         + ", ".join(f"{name} {points[-1][0]:.2f}" for name, points in curves.items()) + ".",
         f"Whole benchmark: {elapsed / 60:.1f} min.",
     ]
