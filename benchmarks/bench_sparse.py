@@ -48,8 +48,8 @@ def patterns(n: int) -> dict[str, AttentionPattern]:
     return {
         "sliding w=512": AttentionPattern("sliding", window=512),
         "dilated w=256 d=2": AttentionPattern("dilated", window=256, dilation=2),
-        f"strided l~8sqrt(n)": AttentionPattern("strided", stride=root),
-        f"fixed l~8sqrt(n) c=16": AttentionPattern("fixed", block=root, summary=16),
+        "strided l~8sqrt(n)": AttentionPattern("strided", stride=root),
+        "fixed l~8sqrt(n) c=16": AttentionPattern("fixed", block=root, summary=16),
         "bigbird b=64 2+2+3": AttentionPattern("bigbird", block=64, local_blocks=2, global_blocks=2, random_blocks=3),
     }
 
