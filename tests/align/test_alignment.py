@@ -101,7 +101,8 @@ def test_grpo_beats_the_sft_model_on_the_judge(sft):
                    GRPOSettings(steps=GRPO_STEPS, lr=GRPO_LR, progress=False))
     first, last = (statistics.mean(r["reward"] for r in rows) for rows in (history[:10], history[-10:]))
     assert last > first
-    assert all(r["kl"] >= 0 and r["rollout_tokens_per_s"] > 0 for r in history)
+    assert all(r["kl"] >= 0 and r["rollout_tokens_per_s"] > 0 and r["entropy"] > 0 for r in history)
+    assert history[-1]["entropy"] < history[0]["entropy"]  # the policy narrows onto the preferred count
     prompts = TASK.prompts(200, seed=1)
     baseline = judge_scores(TASK.judge, prompts, replies(model, tokenizer, prompts, seed=0))
     aligned = judge_scores(TASK.judge, prompts, replies(policy, tokenizer, prompts, seed=0))

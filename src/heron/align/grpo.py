@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from heron.align.data import Messages
 from heron.align.logprobs import sequence_logprobs
-from heron.align.losses import grpo_advantages, grpo_loss
+from heron.align.losses import grpo_advantages, grpo_loss, masked_mean
 from heron.align.rollout import rollout
 from heron.core.transformer import Transformer
 from heron.tokenizer import Tokenizer
@@ -44,7 +44,9 @@ class GRPOSettings:
 def grpo(policy: Transformer, reference: Transformer, tokenizer: Tokenizer, prompts: Sequence[Messages],
          reward: Reward, settings: GRPOSettings,
          on_step: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, float]]:
-    """Train `policy` in place; returns one metrics row a step (reward, KL, rollout tokens/s, ...)."""
+    """Train `policy` in place; returns one metrics row a step: reward, KL to the reference,
+    entropy (nats per token, the mean surprisal of the sampled tokens: a Monte Carlo
+    estimate of the policy's entropy), rollout tokens/s, ..."""
     optimizer = torch.optim.AdamW(policy.parameters(), lr=settings.lr, betas=(0.9, 0.95), weight_decay=0.0)
     rng = random.Random(settings.seed)
     history = []
@@ -66,6 +68,7 @@ def grpo(policy: Transformer, reference: Transformer, tokenizer: Tokenizer, prom
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         row = {"step": step + 1, "loss": float(loss.detach()), "reward": float(scores.mean()), "kl": float(stats["kl"]),
+               "entropy": float(masked_mean(-old, mask)),
                "reply_tokens": float(mask.sum(1).mean()), "rollout_tokens_per_s": run.tokens_per_s}
         history.append(row)
         if on_step is not None:

@@ -79,7 +79,9 @@ def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def ppo(policy: Transformer, value_model: Transformer, reference: Transformer, tokenizer: Tokenizer,
         prompts: Sequence[Messages], reward: Reward, settings: PPOSettings,
         on_step: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, float]]:
-    """Train `policy` and `value_model` in place; returns one metrics row a step."""
+    """Train `policy` and `value_model` in place; returns one metrics row a step: reward, KL
+    (nats per reply), the KL coefficient, entropy (nats per token, the mean surprisal of the
+    sampled tokens), the losses, clip fraction and rollout tokens/s."""
     params = [{"params": list(policy.parameters()), "lr": settings.lr},
               {"params": list(value_model.parameters()), "lr": settings.value_lr or settings.lr}]
     optimizer = torch.optim.AdamW(params, betas=(0.9, 0.95), weight_decay=0.0)
@@ -119,6 +121,7 @@ def ppo(policy: Transformer, value_model: Transformer, reference: Transformer, t
         kl = float((kl_estimate(old, ref, "k1") * mask).sum(1).mean())  # nats per reply
         controller.update(kl, len(ids))
         row = {"step": step + 1, "reward": float(scores.mean()), "kl": kl, "kl_coef": controller.coef,
+               "entropy": float(masked_mean(-old, mask)),
                **{k: v / updates for k, v in sums.items()}, "reply_tokens": float(mask.sum(1).mean()),
                "rollout_tokens_per_s": run.tokens_per_s}
         history.append(row)
