@@ -159,12 +159,11 @@ def imported_pair(kind: str, shape: dict) -> tuple[torch.nn.Module, torch.nn.Mod
 
     import heron
 
-    config = getattr(transformers, f"{kind}Config")(**shape)
-    torch.manual_seed(0)
-    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
     folder = WORK / kind.lower()
-    if not folder.is_dir():
-        hf.save_pretrained(folder)
+    if not folder.is_dir():  # written once: random weights from transformers' own init
+        torch.manual_seed(0)
+        config = getattr(transformers, f"{kind}Config")(**shape)
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa").eval()
     model, _ = heron.load(folder)
     return model, hf

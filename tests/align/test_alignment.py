@@ -13,7 +13,7 @@ import statistics
 import pytest
 import torch
 
-from heron.align.data import Replies, encode_pairs, encode_replies
+from heron.align.data import encode_pairs, encode_replies
 from heron.align.evaluate import judge_scores, replies
 from heron.align.grpo import GRPOSettings, grpo
 from heron.align.heads import with_scalar_head
@@ -58,6 +58,12 @@ def pairs(sft):
     return encode_pairs(tokenizer, TASK.preference_pairs(512, seed=2), MAX_LEN)
 
 
+def held_out_scores(model: Transformer, policy: Transformer, tokenizer) -> tuple[list[float], list[float]]:
+    """The judge's scores of one sampled reply per held-out prompt (200): the SFT model's, the policy's."""
+    prompts = TASK.prompts(200, seed=1)
+    return tuple(judge_scores(TASK.judge, prompts, replies(m, tokenizer, prompts, seed=0)) for m in (model, policy))
+
+
 def test_sft_model_says_the_word_but_not_the_preferred_count(sft):
     model, tokenizer = sft
     prompts = TASK.prompts(100, seed=1)
@@ -88,9 +94,7 @@ def test_dpo_beats_the_sft_model_on_the_judge(sft, pairs, tmp_path):
                   preference_objective(policy, chosen, rejected, "dpo", beta=0.1, reference=reference, sft_weight=1.0),
                   len(chosen), FitSettings(steps=300, batch_size=16, lr=3e-4, progress=False))
     assert history[-1]["accuracy"] > 0.9 and history[-1]["margin"] > 0
-    prompts = TASK.prompts(200, seed=1)
-    baseline = judge_scores(TASK.judge, prompts, replies(model, tokenizer, prompts, seed=0))
-    aligned = judge_scores(TASK.judge, prompts, replies(policy, tokenizer, prompts, seed=0))
+    baseline, aligned = held_out_scores(model, policy, tokenizer)
     assert statistics.mean(aligned) > statistics.mean(baseline)
     assert win_rate(aligned, baseline) >= 0.75
 
@@ -104,9 +108,7 @@ def test_grpo_beats_the_sft_model_on_the_judge(sft):
     assert last > first
     assert all(r["kl"] >= 0 and r["rollout_tokens_per_s"] > 0 and r["entropy"] > 0 for r in history)
     assert history[-1]["entropy"] < history[0]["entropy"]  # the policy narrows onto the preferred count
-    prompts = TASK.prompts(200, seed=1)
-    baseline = judge_scores(TASK.judge, prompts, replies(model, tokenizer, prompts, seed=0))
-    aligned = judge_scores(TASK.judge, prompts, replies(policy, tokenizer, prompts, seed=0))
+    baseline, aligned = held_out_scores(model, policy, tokenizer)
     assert win_rate(aligned, baseline) >= 0.75
 
 
@@ -115,15 +117,12 @@ def test_kto_learns_from_unpaired_feedback(sft, pairs):
     Measured here: win rate 0.75 against the SFT model (0.65 asserted, the task's target is DPO's)."""
     model, tokenizer = sft
     chosen, rejected = pairs
-    replies_ = Replies(*(torch.cat([a, b]) for a, b in zip((chosen.ids, chosen.mask, chosen.last),
-                                                           (rejected.ids, rejected.mask, rejected.last))))
+    replies_ = chosen.concat(rejected)
     desirable = torch.arange(len(replies_)) < len(chosen)
     policy = copy.deepcopy(model).train()
     fit(policy.parameters(), kto_objective(policy, replies_, desirable, reference_logprobs(model, replies_), beta=0.1),
         len(replies_), FitSettings(steps=300, batch_size=32, lr=1e-3, progress=False))
-    prompts = TASK.prompts(200, seed=1)
-    baseline = judge_scores(TASK.judge, prompts, replies(model, tokenizer, prompts, seed=0))
-    aligned = judge_scores(TASK.judge, prompts, replies(policy, tokenizer, prompts, seed=0))
+    baseline, aligned = held_out_scores(model, policy, tokenizer)
     assert statistics.mean(aligned) > statistics.mean(baseline)
     assert win_rate(aligned, baseline) >= 0.65
 
@@ -136,9 +135,7 @@ def test_ppo_beats_the_sft_model_on_the_judge(sft):
                   PPOSettings(steps=100, lr=3e-4, progress=False))
     first, last = (statistics.mean(r["reward"] for r in rows) for rows in (history[:10], history[-10:]))
     assert last > first and history[-1]["kl"] > 0
-    prompts = TASK.prompts(200, seed=1)
-    baseline = judge_scores(TASK.judge, prompts, replies(model, tokenizer, prompts, seed=0))
-    aligned = judge_scores(TASK.judge, prompts, replies(policy, tokenizer, prompts, seed=0))
+    baseline, aligned = held_out_scores(model, policy, tokenizer)
     assert win_rate(aligned, baseline) >= 0.75
 
 

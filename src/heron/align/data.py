@@ -32,6 +32,11 @@ class Replies:
     def take(self, rows: torch.Tensor) -> Replies:
         return Replies(self.ids[rows], self.mask[rows], self.last[rows])
 
+    def concat(self, other: Replies) -> Replies:
+        """These rows, then `other`'s (both padded to one width, as `encode_pairs` gives them)."""
+        return Replies(torch.cat([self.ids, other.ids]), torch.cat([self.mask, other.mask]),
+                       torch.cat([self.last, other.last]))
+
 
 def encode_replies(tokenizer: Tokenizer, prompts: Sequence[Messages], replies: Sequence[str],
                    max_len: int) -> Replies:

@@ -73,10 +73,7 @@ def preference_objective(policy: nn.Module, chosen: Replies, rejected: Replies, 
         raise ValueError(f"reference: {loss} {'needs' if loss in NEEDS_REFERENCE else 'takes no'} reference log-probs")
 
     def objective(rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        both = Replies(*(torch.cat([a, b]) for a, b in zip(
-            (chosen.ids[rows], chosen.mask[rows], chosen.last[rows]),
-            (rejected.ids[rows], rejected.mask[rows], rejected.last[rows]))))
-        total, mean = reply_logprobs(policy, both)  # one forward for both sides
+        total, mean = reply_logprobs(policy, chosen.take(rows).concat(rejected.take(rows)))  # one forward, both sides
         (pc, pr), (mc, mr) = total.chunk(2), mean.chunk(2)
         if loss in NEEDS_REFERENCE:
             rc, rr = reference[0][rows], reference[1][rows]

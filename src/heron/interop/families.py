@@ -229,6 +229,16 @@ def standard_scale_only(config: ModelConfig) -> HfConfig:
     return {}
 
 
+def multi_head_only(config: ModelConfig) -> HfConfig:
+    """GPT-2 and GPT-Neo have one key/value head per query head, of width d_model / n_heads."""
+    if config.resolved_kv_heads != config.n_heads:
+        raise ValueError(f"n_kv_heads: this family has multi-head attention, got {config.resolved_kv_heads} "
+                         f"key/value heads for {config.n_heads} query heads")
+    if config.resolved_head_dim * config.n_heads != config.d_model:
+        raise ValueError(f"head_dim: this family has heads of d_model / n_heads, got {config.resolved_head_dim}")
+    return {}
+
+
 def read_mixtral_experts(hf: HfConfig) -> dict[str, Any]:
     moe = MoEConfig(n_experts=int(hf["num_local_experts"]), top_k=int(hf["num_experts_per_tok"]),
                     d_ff=int(hf["intermediate_size"]), aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.0)),
@@ -360,10 +370,11 @@ GPT2 = Family(
      ("max_seq_len", "n_positions"), ("norm_eps", "layer_norm_epsilon"), ("tie_embeddings", "tie_word_embeddings"),
      ("init_std", "initializer_range")),
     (("norm", "layernorm"), ("positions", "learned"), ("qkv_bias", True), ("out_bias", True), ("mlp_bias", True),
-     ("attn_scale", None), ("n_kv_heads", None), ("head_dim", None), ("head", "lm")),
+     ("attn_scale", None), ("head", "lm")),
     (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False)),
     read=(_GPT_READ_ACT, _optional_width("n_inner")[0]),
-    write=(_GPT_WRITE_ACT, _optional_width("n_inner")[1], dense_attention_only, dense_feed_forward_only),
+    write=(_GPT_WRITE_ACT, _optional_width("n_inner")[1], multi_head_only, dense_attention_only,
+           dense_feed_forward_only),
     ignored=MASK_BUFFERS,
 )
 GPT_NEO = Family(
@@ -372,11 +383,11 @@ GPT_NEO = Family(
      ("max_seq_len", "max_position_embeddings"), ("norm_eps", "layer_norm_epsilon"),
      ("tie_embeddings", "tie_word_embeddings"), ("init_std", "initializer_range")),
     (("norm", "layernorm"), ("positions", "learned"), ("qkv_bias", False), ("out_bias", True), ("mlp_bias", True),
-     ("n_kv_heads", None), ("head_dim", None), ("head", "lm")),
+     ("head", "lm")),
     (),
     read=(_GPT_READ_ACT, _optional_width("intermediate_size")[0], read_gpt_neo_layers, _no_scale),
-    write=(_GPT_WRITE_ACT, _optional_width("intermediate_size")[1], write_gpt_neo_layers, _unscaled_only,
-           dense_feed_forward_only),
+    write=(_GPT_WRITE_ACT, _optional_width("intermediate_size")[1], multi_head_only, write_gpt_neo_layers,
+           _unscaled_only, dense_feed_forward_only),
     ignored=MASK_BUFFERS,
 )
 FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, MIXTRAL, GPT2, GPT_NEO)
@@ -414,7 +425,7 @@ def hf_config(family: Family, config: ModelConfig) -> HfConfig:
     """The config.json dict that `family` needs for `config`; ValueError names the field."""
     for field, value in family.fixed:
         got = getattr(config, field)
-        if got != value and not (field in ("n_kv_heads", "head_dim") and _is_derived(config, field, got)):
+        if got != value:
             raise ValueError(f"{field}: {family.architecture} needs {value!r}, got {got!r}")
     out: HfConfig = {"architectures": [family.architecture], "model_type": family.model_type}
     out.update(dict(family.hf_fixed))
@@ -425,12 +436,6 @@ def hf_config(family: Family, config: ModelConfig) -> HfConfig:
     for write in family.write:
         out.update(write(config))
     return out
-
-
-def _is_derived(config: ModelConfig, field: str, value: Any) -> bool:
-    """Whether an explicit n_kv_heads / head_dim equals what None would derive."""
-    return value == getattr(config.replace(**{field: None}), {"n_kv_heads": "resolved_kv_heads",
-                                                              "head_dim": "resolved_head_dim"}[field])
 
 
 DERIVED_SIZES: tuple[tuple[str, str], ...] = (

@@ -19,6 +19,7 @@ goes through the safetensors package.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -79,7 +80,7 @@ def read_safetensors_header(file: Path) -> dict[str, _Entry]:
             shape = tuple(int(n) for n in info["shape"])
         except (KeyError, TypeError, ValueError) as err:
             raise WeightFileError(f"{file}: tensor {name}: malformed header entry {info!r}") from err
-        want = dtype.itemsize * _numel(shape)
+        want = dtype.itemsize * math.prod(shape)
         if end - begin != want:
             raise WeightFileError(f"{file}: tensor {name}: {end - begin} bytes for shape {shape} of {info['dtype']} "
                                   f"({want} expected)")
@@ -88,13 +89,6 @@ def read_safetensors_header(file: Path) -> dict[str, _Entry]:
                                   f"({size} bytes): truncated?")
         entries[name] = _Entry(file, dtype, shape, base + begin, want)
     return entries
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _read(entry: _Entry, out: torch.Tensor) -> torch.Tensor:
@@ -149,7 +143,7 @@ class WeightFiles(Mapping[str, torch.Tensor]):
         if entry is None:
             out.copy_(self[name].view(out.shape))
             return
-        if not out.is_contiguous() or out.dtype != entry.dtype or out.numel() != _numel(entry.shape):
+        if not out.is_contiguous() or out.dtype != entry.dtype or out.numel() != math.prod(entry.shape):
             raise ValueError(f"{name}: cannot read {entry.dtype} {entry.shape} into {out.dtype} {tuple(out.shape)}")
         _read(entry, out)
 

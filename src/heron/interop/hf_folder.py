@@ -11,11 +11,6 @@ tokenizer files, into a temporary folder renamed into place at the end.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +24,7 @@ from heron.interop.files import WeightFiles
 from heron.interop.tables import heron_to_hf, load_into
 from heron.tokenizer.bpe import TOKENIZER_FILE, HeronTokenizer
 from heron.tokenizer.pretrained import PretrainedTokenizer
+from heron.train.checkpoint import atomic_folder
 
 CONFIG_FILE = "config.json"
 LINEAGE_FILE = "lineage.json"  # a Heron checkpoint has one; a Hugging Face folder does not
@@ -120,7 +116,10 @@ def save_hf_folder(
     hf["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     weights = dict(model.named_parameters())
     tensors = dict(heron_to_hf(weights, chosen.weights, config))
-    with _atomic_folder(Path(folder)) as tmp:
+    target = Path(folder)
+    if target.exists() and any(target.iterdir()):
+        raise FileExistsError(f"{target}: exists and is not empty")
+    with atomic_folder(target) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=2), encoding="utf-8")
         safetensors.torch.save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
@@ -152,23 +151,6 @@ def _save_tokenizer(tokenizer: HeronTokenizer | PretrainedTokenizer, folder: Pat
               "eos_token": SPECIAL_TOKENS["eos"], "pad_token": SPECIAL_TOKENS["pad"],
               "chat_template": CHAT_TEMPLATE_JINJA, "model_max_length": 10**9}
     PretrainedTokenizer(tokenizer.backend, config).save(folder)
-
-
-@contextmanager
-def _atomic_folder(target: Path) -> Iterator[Path]:
-    """A temporary sibling folder, renamed to `target` when the block succeeds."""
-    if target.exists() and any(target.iterdir()):
-        raise FileExistsError(f"{target}: exists and is not empty")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
-    try:
-        yield tmp
-        if target.exists():
-            target.rmdir()
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 __all__ = [

@@ -207,14 +207,7 @@ class HeronTokenizer:
         if target.suffix != ".json":
             target = target / TOKENIZER_FILE
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tokenizer.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self.to_json())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text_atomic(target, self.to_json())
         return target
 
     @classmethod
@@ -231,6 +224,18 @@ class HeronTokenizer:
             return cls.from_json(text)
         except Exception as exc:
             raise ValueError(f"{file} is not a valid Heron tokenizer.json: {exc}") from exc
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file through a temporary sibling, so it appears whole or not at all."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def train_tokenizer(

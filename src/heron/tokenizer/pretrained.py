@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from datetime import datetime
 from functools import cached_property
@@ -22,7 +21,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from heron.tokenizer.bpe import TOKENIZER_FILE, HeronTokenizer
+from heron.tokenizer.bpe import TOKENIZER_FILE, HeronTokenizer, write_text_atomic
 
 CONFIG_FILE = "tokenizer_config.json"
 TEMPLATE_FILE = "chat_template.jinja"
@@ -148,8 +147,8 @@ class PretrainedTokenizer:
         if self.chat_template:
             config["chat_template"] = self.chat_template
         config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
-        _write_atomic(folder / TOKENIZER_FILE, self.to_json())
-        _write_atomic(folder / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False))
+        write_text_atomic(folder / TOKENIZER_FILE, self.to_json())
+        write_text_atomic(folder / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False))
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str]) -> PretrainedTokenizer:
@@ -188,17 +187,6 @@ def _token_text(value: Any) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
     return value
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 __all__ = ["ChatTemplateError", "PretrainedTokenizer", "load_tokenizer"]

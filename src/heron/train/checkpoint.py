@@ -86,7 +86,7 @@ def save_model_folder(
     target = Path(path)
     config: ModelConfig = model.config
     values = state_dict if state_dict is not None else model.state_dict()
-    with _atomic_folder(target) as tmp:
+    with atomic_folder(target) as tmp:
         _write_bytes(tmp / CONFIG_FILE, config.to_json().encode())
         _write_with(tmp / MODEL_FILE, lambda f: _save_weights(values, model, f))
         if tokenizer is not None:
@@ -137,7 +137,7 @@ def _manifest(folder: Path) -> dict[str, dict[str, Any]]:
 
 
 @contextmanager
-def _atomic_folder(target: Path) -> Iterator[Path]:
+def atomic_folder(target: Path) -> Iterator[Path]:
     """Yield a temp sibling folder; on success fsync it and rename it to `target`."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
