@@ -65,3 +65,14 @@ def test_a_bad_recipe_names_the_field_before_any_work(base, tmp_path, capsys, ov
     assert main(["align", "dpo", str(recipe(tmp_path, base, "bad")), "--set", override]) == 2
     assert field in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("method, name", [("sft", "task-sft"), ("dpo", "task-dpo")])
+def test_shipped_task_recipes_run_by_name(base, tmp_path, method, name):
+    """The demo's recipes ship with Heron: `heron align sft task-sft` needs no file of the user's."""
+    out = tmp_path / name
+    args = ["align", method, name, "--set", f"base={base}", "--set", f"out_dir={out}", "--set", "fit.steps=2",
+            "--set", "data.task.n=16"]
+    assert main(args) == 0
+    recipe = json.loads((out / "model" / "lineage.json").read_text())["alignment"]["recipe"]
+    assert recipe["name"] == name and recipe["fit"]["steps"] == 2

@@ -35,6 +35,7 @@ from heron.align.ppo import ppo  # noqa: E402
 from heron.align.recipe import METHODS, AlignRecipe  # noqa: E402
 from heron.align.synthetic import RepeatTask  # noqa: E402
 from heron.data.chat import load_chat_jsonl  # noqa: E402
+from heron.govern import EnergyMeter  # noqa: E402
 from heron.train.checkpoint import save_model_folder  # noqa: E402
 
 METRICS_FILE, PLOT_FILE, MODEL_DIR = "metrics.jsonl", "reward_kl.png", "model"
@@ -47,6 +48,7 @@ def run_alignment(method: str, recipe: AlignRecipe) -> Path:
     out = Path(recipe.out_dir)
     if (out / MODEL_DIR).exists():
         raise FileExistsError(f"{out / MODEL_DIR}: exists; choose another out_dir")
+    meter = EnergyMeter().start()
     out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = heron.load(recipe.base)
     if tokenizer is None:
@@ -57,6 +59,7 @@ def run_alignment(method: str, recipe: AlignRecipe) -> Path:
     log = (out / METRICS_FILE).open("w", encoding="utf-8")
 
     def on_step(row: dict[str, Any]) -> None:
+        meter.sample()  # RAPL counters wrap; read them every step
         rows.append(row)
         log.write(json.dumps(row) + "\n")
         log.flush()
@@ -67,8 +70,10 @@ def run_alignment(method: str, recipe: AlignRecipe) -> Path:
         log.close()
     if method in ("ppo", "grpo"):
         _plot_reward_kl(rows, out / PLOT_FILE, method)
+    # No tokens: the objectives do not count what they process, so no joules per token here.
     lineage = {"alignment": {"method": method, "base": str(Path(recipe.base).resolve()),
-                             "recipe": recipe.model_dump(), "final": rows[-1] if rows else {}}}
+                             "recipe": recipe.model_dump(), "final": rows[-1] if rows else {},
+                             "energy": meter.stop().to_dict()}}
     return save_model_folder(out / MODEL_DIR, trained, tokenizer=tokenizer, lineage=lineage)
 
 

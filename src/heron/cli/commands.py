@@ -9,6 +9,8 @@ from pathlib import Path
 import heron
 from heron.data import Corpus, default_corpus, load_shards, prepare_shards
 from heron.generate import Generator, SamplingParams, perplexity
+from heron.generate.perplexity import window_starts
+from heron.govern import EnergyMeter
 from heron.tokenizer import HeronTokenizer, train_tokenizer
 from heron.interop.convert import export_hf, import_hf
 from heron.interop.gguf import save_gguf
@@ -19,17 +21,18 @@ from heron.train import CheckpointError, RecipeError, load_recipe, train
 USER_ERRORS = (RecipeError, CheckpointError, FileNotFoundError, FileExistsError, ValueError, KeyError)
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+ALIGN_RECIPES_DIR = RECIPES_DIR / "align"
 
 
-def recipe_path(name_or_path: str) -> Path:
-    """A recipe file, or the name of one shipped with Heron (`tiny`)."""
+def recipe_path(name_or_path: str, shipped_in: Path = RECIPES_DIR) -> Path:
+    """A recipe file, or the name of one shipped with Heron (`tiny`; `task-dpo` in recipes/align)."""
     path = Path(name_or_path)
     if path.is_file():
         return path
-    shipped = RECIPES_DIR / f"{name_or_path}.yaml"
+    shipped = shipped_in / f"{name_or_path}.yaml"
     if shipped.is_file():
         return shipped
-    names = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+    names = ", ".join(sorted(p.stem for p in shipped_in.glob("*.yaml")))
     raise FileNotFoundError(f"no recipe file {name_or_path!r} and no shipped recipe of that name ({names})")
 
 
@@ -95,10 +98,18 @@ def generate(args: argparse.Namespace) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     model, _ = heron.load(args.checkpoint)
     shards = load_shards(args.shards)
+    meter = EnergyMeter().start()
     ppl = perplexity(model, shards.val, seq_len=args.seq_len, batch_size=args.batch_size,
                      max_batches=args.max_batches, progress=True)
-    print(f"validation perplexity: {ppl:.3f}")
+    print(meter.stop(tokens=scored_tokens(len(shards.val), args.seq_len, args.batch_size, args.max_batches)).summary())
+    print(f"validation perplexity: {ppl:.3f}")  # last: scripts read the figure at the end
     return 0
+
+
+def scored_tokens(n_tokens: int, seq_len: int, batch_size: int, max_batches: int | None) -> int:
+    """How many tokens perplexity() predicts: all after the first, in its first max_batches batches of windows."""
+    starts = window_starts(n_tokens, seq_len)[: None if max_batches is None else max_batches * batch_size]
+    return sum(min(seq_len, n_tokens - 1 - s) for s in starts)
 
 
 def convert_from_hf(args: argparse.Namespace) -> int:
@@ -147,7 +158,7 @@ def align(args: argparse.Namespace) -> int:
     from heron.align.recipe import load_align_recipe
     from heron.align.run import run_alignment
 
-    recipe = load_align_recipe(args.recipe, args.overrides)
+    recipe = load_align_recipe(recipe_path(args.recipe, ALIGN_RECIPES_DIR), args.overrides)
     folder = run_alignment(args.method, recipe)
     print(f"wrote {args.method} checkpoint {folder} (metrics: {Path(recipe.out_dir) / 'metrics.jsonl'})")
     return 0

@@ -2,25 +2,42 @@
 
 On the default corpus (the Python standard library's own source) it trains a
 tokenizer, prepares token shards, pre-trains the "tiny" preset for a few
-minutes, measures validation perplexity, prints samples and says where every
-artefact is. Each stage that later issues add extends this list.
+minutes, measures validation perplexity and prints samples. Then it aligns
+the model on the synthetic say-the-word task (`align.synthetic.RepeatTask`):
+supervised fine-tuning teaches the reply format, and DPO on the judge's
+preferences teaches its rule (exactly three repetitions); the judge scores
+both models on held-out prompts. Last it says where every artefact is. Each
+stage that later issues add extends this list. A second run reuses what the
+first made (pre-training resumes; an alignment stage whose model exists for
+the same base is skipped); `--fresh` starts over.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
-from heron.cli.commands import recipe_path
+import heron
+from heron.align.evaluate import judge_scores, replies
+from heron.align.recipe import load_align_recipe
+from heron.align.run import METRICS_FILE as ALIGN_METRICS_FILE
+from heron.align.run import MODEL_DIR, run_alignment
+from heron.align.synthetic import RepeatTask, win_rate
+from heron.cli.commands import ALIGN_RECIPES_DIR, recipe_path
 from heron.data import load_shards
 from heron.generate import Generator, SamplingParams, perplexity
 from heron.train import load_model_folder, load_recipe, train
+from heron.train.checkpoint import remove_folder, verify_checkpoint
 from heron.train.report import METRICS_FILE, PLOT_FILE
 from heron.train.sources import TOKENIZER_FILE
 
 SAMPLE_PROMPTS = ("import ", "def ", "class ", "    def __init__(self")
 # Cool and narrow: a model trained for minutes is most Python-like near its mode.
 SAMPLING = SamplingParams(max_new_tokens=80, temperature=0.6, top_k=20, seed=0)
+TASK = RepeatTask()  # the shipped task-sft and task-dpo recipes use its defaults
+HELD_OUT_PROMPTS, SHOWN_REPLIES = 100, 6
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,19 +45,28 @@ def run(args: argparse.Namespace) -> int:
     out: Path = args.out
     shards_dir = out / "data"
     recipe = load_recipe(recipe_path("tiny"), [f"out_dir={out}", f"data.shards={shards_dir}", *args.overrides])
-    _stage("1-3/5", "tokenizer, shards and pre-training of the 'tiny' model on the Python standard library")
+    _stage("1-3/7", "tokenizer, shards and pre-training of the 'tiny' model on the Python standard library")
     result = train(recipe, resume=not args.fresh)
     model, tokenizer = load_model_folder(result.checkpoint)
 
-    _stage("4/5", "validation perplexity")
+    _stage("4/7", "validation perplexity")
     shards = load_shards(shards_dir)
     ppl = perplexity(model, shards.val, seq_len=recipe.data.seq_len, batch_size=8, max_batches=16, progress=True)
     print(f"validation perplexity: {ppl:.2f} (a uniform guess over the vocabulary: {tokenizer.vocab_size})")
 
-    _stage("5/5", "samples")
+    _stage("5/7", "samples")
     generator = Generator(model, tokenizer)
     for prompt, text in zip(SAMPLE_PROMPTS, generator.generate(list(SAMPLE_PROMPTS), SAMPLING)):
         print(f"--- prompt {prompt!r}\n{prompt}{text}\n")
+
+    align_dir = out / "align"
+    if args.fresh and align_dir.exists():
+        remove_folder(align_dir)
+    _stage("6/7", "alignment: supervised fine-tuning on the say-the-word task (replies repeat the word 1-5 times)")
+    sft = _aligned("sft", "task-sft", result.checkpoint, align_dir / "sft")
+    _stage("7/7", f"alignment: DPO on the judge's preferences (exactly {TASK.target} repetitions)")
+    dpo = _aligned("dpo", "task-dpo", sft, align_dir / "dpo")
+    _compare_on_task({"SFT": sft, "DPO": dpo})
 
     minutes = (time.perf_counter() - started) / 60
     print(f"done in {minutes:.1f} min. Artefacts:")
@@ -51,10 +77,48 @@ def run(args: argparse.Namespace) -> int:
         ("token shards", shards_dir),
         ("metrics", result.out_dir / METRICS_FILE),
         ("loss curve", result.out_dir / PLOT_FILE),
+        ("SFT model", sft),
+        ("DPO model", dpo),
+        ("DPO metrics", align_dir / "dpo" / ALIGN_METRICS_FILE),
     ]:
         print(f"  {label:<13} {path}")
     print(f"Try: heron generate {result.checkpoint} --prompt 'def parse('")
+    print(f"     heron generate {dpo} --chat --prompt 'Say river a few times.'")
     return 0
+
+
+def _aligned(method: str, recipe_name: str, base: Path, out_dir: Path, overrides: Sequence[str] = ()) -> Path:
+    """The model a shipped alignment recipe makes from `base`: reused when a
+    previous run made it from the same base, else trained (again)."""
+    model_dir = out_dir / MODEL_DIR
+    if model_dir.exists():
+        made_from = verify_checkpoint(model_dir).get("alignment", {}).get("base")
+        if made_from == str(base.resolve()):
+            print(f"reusing {model_dir} (delete it, or run with --fresh, to train it again)")
+            return model_dir
+        remove_folder(model_dir)
+    recipe = load_align_recipe(recipe_path(recipe_name, ALIGN_RECIPES_DIR), [f"base={base}", f"out_dir={out_dir}", *overrides])
+    return run_alignment(method, recipe)
+
+
+def _compare_on_task(models: dict[str, Path]) -> None:
+    """The judge's verdict on one sampled reply per held-out prompt from each model."""
+    prompts = TASK.prompts(HELD_OUT_PROMPTS, seed=1)
+    texts, scores = {}, {}
+    for name, folder in models.items():
+        model, tokenizer = heron.load(folder)
+        texts[name] = replies(model, tokenizer, prompts, seed=0)
+        scores[name] = judge_scores(TASK.judge, prompts, texts[name])
+    names = list(models)
+    first, last = names[0], names[-1]
+    print(f"judge's mean score on {HELD_OUT_PROMPTS} held-out prompts (1 = exactly {TASK.target} repetitions):")
+    for name in names:
+        exact = sum(s == 1.0 for s in scores[name]) / len(prompts)
+        print(f"  {name:<4} {statistics.mean(scores[name]):.2f}   exactly {TASK.target}: {exact:.0%}")
+    print(f"{last} beats {first} on {win_rate(scores[last], scores[first]):.0%} of the prompts (ties count half)")
+    print(f"\n{'prompt':<28}" + "".join(f"{name:<28}" for name in names))
+    for i in range(SHOWN_REPLIES):
+        print(f"{prompts[i][-1]['content']:<28}" + "".join(f"{texts[name][i][:26]!r:<28}" for name in names))
 
 
 def _stage(number: str, title: str) -> None:

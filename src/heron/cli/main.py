@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("align", help="align a checkpoint: sft, rm, dpo (and ipo/simpo/orpo), ppo or grpo")
     p.add_argument("method", choices=["sft", "rm", "dpo", "ppo", "grpo"])
-    p.add_argument("recipe", type=Path, help="an alignment recipe (YAML)")
+    p.add_argument("recipe", help="an alignment recipe (YAML), or a shipped one's name (task-sft, task-dpo)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. --set fit.steps=100 (repeatable)")
     p.set_defaults(handler=commands.align)

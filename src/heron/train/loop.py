@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from tqdm import tqdm
 from heron.core.moe import moe_stats
 from heron.core.transformer import Transformer
 from heron.data.batches import PackedBatches, eval_batches
+from heron.govern import EnergyMeter, EnergyReport
 from heron.train import distributed as dist_
 from heron.train.checkpoint import (
     CHECKPOINTS_DIR,
@@ -86,9 +87,11 @@ class _Run:
     micro_batch: int
     grad_accum: int
     out_dir: Path
+    meter: EnergyMeter  # started before the data and model were loaded
     step: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     last_checkpoint: Path | None = None
+    energy_before: EnergyReport | None = None  # the segments before a resume, from the checkpoint's lineage
 
 
 def train(recipe: TrainRecipe, *, resume: bool = True, data: TrainData | None = None,
@@ -114,6 +117,7 @@ def train(recipe: TrainRecipe, *, resume: bool = True, data: TrainData | None = 
 
 def _start(recipe: TrainRecipe, ctx: dist_.DistContext, resume: bool, data: TrainData | None) -> _Run:
     """Validate, load data, build (or restore) model and optimizer."""
+    meter = EnergyMeter().start()
     # Under parallel=none, $WORLD_SIZE catches a torchrun launch that would train N copies.
     _, micro, accum = batch_plan(recipe.train, ctx.world_size if ctx.parallel != "none" else None)
     data = data or resolve_data(recipe.data, is_main=ctx.is_main, barrier=lambda: dist_.barrier(ctx))
@@ -135,7 +139,7 @@ def _start(recipe: TrainRecipe, ctx: dist_.DistContext, resume: bool, data: Trai
         load_weights(model, ckpt.state_dict, source=ckpt.path)
     model = dist_.wrap_model(model.to(ctx.device), ctx)
     optimizer = build_optimizer(model, recipe.optim)
-    run = _Run(recipe, ctx, data, model, optimizer, micro, accum, out_dir)
+    run = _Run(recipe, ctx, data, model, optimizer, micro, accum, out_dir, meter)
     if ckpt is not None:
         _restore(run, ckpt)
     elif ctx.is_main:  # rows a run that died before its first checkpoint logged
@@ -196,6 +200,8 @@ def _restore(run: _Run, ckpt: Checkpoint) -> None:
     dist_.load_optimizer_state(run.model, run.optimizer, state["optimizer"])
     _set_rng_states(state["rng"])
     run.step, run.history, run.last_checkpoint = state["step"], list(state["history"]), ckpt.path
+    if "energy" in ckpt.lineage:
+        run.energy_before = EnergyReport.from_dict(ckpt.lineage["energy"])
     if run.ctx.is_main:  # drop rows logged after the checkpoint by the run that died
         write_metrics(run.out_dir, [row for row in run.history if _logged(row, run.recipe)])
 
@@ -233,6 +239,7 @@ def _loop(run: _Run, callbacks: Sequence[Callback]) -> None:
     while run.step < t.steps:
         started = time.perf_counter()
         loss, grad_norm, lr, moe = _train_step(run, batches)
+        run.meter.sample()  # RAPL counters wrap (every ~45 min at 100 W): read them every step
         run.step += 1
         row = {"step": run.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                "tokens": run.step * tokens_per_step, **moe}
@@ -366,7 +373,17 @@ def _lineage(run: _Run) -> dict[str, Any]:
         "metrics": {"train_loss": last.get("loss"), "val_loss": val[-1] if val else None},
         "world_size": run.ctx.world_size,
         "parallel": run.ctx.parallel,
+        "energy": _energy(run).to_dict(),
     }
+
+
+def _energy(run: _Run) -> EnergyReport:
+    """Energy of the whole run so far (rank 0's meter): the segments before a
+    resume, as the checkpoint's lineage recorded them, plus this one."""
+    report = run.meter.read()
+    if run.energy_before is not None:
+        report = run.energy_before + report
+    return replace(report, tokens=run.history[-1]["tokens"] if run.history else None)
 
 
 __all__ = ["Callback", "TrainResult", "evaluate", "train"]
