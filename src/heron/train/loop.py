@@ -53,6 +53,15 @@ from heron.train.report import METRICS_FILE, PLOT_FILE, append_metrics, plot_los
 from heron.train.sources import TrainData, resolve_data
 
 IGNORE_INDEX = -100  # targets to skip, as F.cross_entropy's default
+# The training objective of one micro-batch: (inputs x (b, T), the model's fp32 logits
+# (b, T, V), targets y (b, T)) -> the loss summed over target tokens. Cross-entropy by
+# default; distillation (compress/distill.py) brings its own. Validation stays cross-entropy.
+TokenLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cross_entropy_sum(x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over the targets that are not IGNORE_INDEX."""
+    return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 STATE_FORMAT = 1
 
 # Called after every step on every process with that step's row of history.
@@ -92,20 +101,26 @@ class _Run:
     history: list[dict[str, Any]] = field(default_factory=list)
     last_checkpoint: Path | None = None
     energy_before: EnergyReport | None = None  # the segments before a resume, from the checkpoint's lineage
+    token_loss: TokenLoss = cross_entropy_sum
+    lineage_extra: dict[str, Any] = field(default_factory=dict)  # e.g. the teacher of a distillation
 
 
 def train(recipe: TrainRecipe, *, resume: bool = True, data: TrainData | None = None,
-          callbacks: Sequence[Callback] = ()) -> TrainResult:
+          callbacks: Sequence[Callback] = (), token_loss: TokenLoss = cross_entropy_sum,
+          lineage: dict[str, Any] | None = None) -> TrainResult:
     """Train as the recipe says; return the history and the last checkpoint.
 
     resume=True continues from the newest complete checkpoint in
     `recipe.out_dir` if there is one; resume=False starts over, deleting the
     earlier run's checkpoints and metrics there. `data` replaces the recipe's
-    data section (tests, notebooks). Launch under torchrun for ddp/fsdp.
+    data section (tests, notebooks). `token_loss` replaces the training
+    objective (validation stays cross-entropy) and `lineage` adds entries to
+    every checkpoint's lineage. Launch under torchrun for ddp/fsdp.
     """
     ctx = dist_.setup(recipe.train.parallel, recipe.train.device)
     try:
         run = _start(recipe, ctx, resume, data)
+        run.token_loss, run.lineage_extra = token_loss, dict(lineage or {})
         _loop(run, callbacks)
         return TrainResult(run.out_dir, run.last_checkpoint, run.step, run.history)
     finally:
@@ -287,7 +302,7 @@ def _train_step(run: _Run, batches: PackedBatches) -> tuple[float, float, float,
     moe_sums: dict[str, torch.Tensor] = {}
     for m, (x, y) in enumerate(parts):
         with dist_.gradient_sync(run.model, enabled=m == run.grad_accum - 1):
-            token_loss, aux = _forward_loss(run, x, y)
+            token_loss, aux = _forward_loss(run, x, y, run.token_loss)
             # Sum over tokens / tokens in the global batch: the global mean whatever the
             # split. x world undoes the mean over ranks that DDP and FSDP apply to gradients.
             (token_loss * ctx.world_size / n_tokens + aux / run.grad_accum).backward()
@@ -311,14 +326,15 @@ def _moe_metrics(run: _Run, sums: dict[str, torch.Tensor]) -> dict[str, float]:
     return {f"moe_{name}": float(total) / count for name, total in zip(names, totals)}
 
 
-def _forward_loss(run: _Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed token cross-entropy, aux loss) for one micro-batch x, y: (b, T)."""
+def _forward_loss(run: _Run, x: torch.Tensor, y: torch.Tensor,
+                  token_loss: TokenLoss = cross_entropy_sum) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed token loss, aux loss) for one micro-batch x, y: (b, T)."""
     device = run.ctx.device
+    x, y = x.to(device), y.to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.recipe.train.precision == "bf16"):
-        out = run.model(x.to(device))
+        out = run.model(x)
     logits = out.logits.float()  # (b, T, V); loss in fp32 even under bf16 autocast
-    loss = F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, out.aux_loss.float()
+    return token_loss(x, logits, y), out.aux_loss.float()
 
 
 @torch.no_grad()
@@ -374,6 +390,7 @@ def _lineage(run: _Run) -> dict[str, Any]:
         "world_size": run.ctx.world_size,
         "parallel": run.ctx.parallel,
         "energy": _energy(run).to_dict(),
+        **run.lineage_extra,
     }
 
 
@@ -386,4 +403,4 @@ def _energy(run: _Run) -> EnergyReport:
     return replace(report, tokens=run.history[-1]["tokens"] if run.history else None)
 
 
-__all__ = ["Callback", "TrainResult", "evaluate", "train"]
+__all__ = ["Callback", "TokenLoss", "TrainResult", "cross_entropy_sum", "evaluate", "train"]
