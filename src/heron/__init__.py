@@ -18,11 +18,19 @@ __version__ = "0.1.0"
 
 def load(path: str | Path) -> tuple[Transformer, Tokenizer | None]:
     """The model (in eval mode) and tokenizer (None if the folder has none) of
-    a Heron checkpoint or run folder, or of a Hugging Face model folder."""
+    a Heron checkpoint or run folder (quantised ones too: see
+    heron.compress.checkpoint; sparse ones: heron.compress.sparse_store),
+    or of a Hugging Face model folder."""
+    from heron.compress.checkpoint import is_quantized_folder, load_quantized_folder
+    from heron.compress.sparse_store import is_sparse_folder, load_sparse_folder  # pruned: packed sparse weights
     from heron.interop.hf_folder import is_hf_folder, load_hf_folder
     from heron.train.checkpoint import load_model_folder
 
-    return load_hf_folder(path) if is_hf_folder(path) else load_model_folder(path)
+    if is_hf_folder(path):
+        return load_hf_folder(path)
+    if is_sparse_folder(path):
+        return load_sparse_folder(path)
+    return load_quantized_folder(path) if is_quantized_folder(path) else load_model_folder(path)
 
 
 __all__ = ["__version__", "load"]

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+from heron.cli.main import main
 from heron.compress.distill import distill, distillation_loss
 from heron.train import load_checkpoint, train
 from heron.train.checkpoint import latest_checkpoint
@@ -59,8 +61,8 @@ def test_bad_settings_name_the_setting(kwargs, field):
         distillation_loss(torch.zeros(1, 3), torch.zeros(1, 3), torch.zeros(1, dtype=torch.long), **kwargs)
 
 
-def recipe(out_dir: Path, d_model: int, steps: int, vocab_size: int = 32):
-    return recipe_from_dict({
+def recipe_dict(out_dir: Path, d_model: int, steps: int, vocab_size: int = 32) -> dict:
+    return {
         "name": "distill-test", "out_dir": str(out_dir),
         "model": {"preset": "test", "overrides": {"d_model": d_model, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1,
                                                   "max_seq_len": 32}},
@@ -69,7 +71,11 @@ def recipe(out_dir: Path, d_model: int, steps: int, vocab_size: int = 32):
         "schedule": {"warmup_steps": 2, "min_lr_ratio": 0.1},
         "train": {"steps": steps, "batch_size": 8, "eval_every": steps, "eval_batches": 2, "ckpt_every": steps,
                   "log_every": 10, "progress": False},
-    }, world_size=1)
+    }
+
+
+def recipe(out_dir: Path, d_model: int, steps: int, vocab_size: int = 32):
+    return recipe_from_dict(recipe_dict(out_dir, d_model, steps, vocab_size), world_size=1)
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +100,12 @@ def test_a_student_learns_the_task_from_the_teacher_alone(teacher, tmp_path):
 def test_a_teacher_with_another_vocabulary_is_refused(teacher, tmp_path):
     with pytest.raises(ValueError, match="teacher: vocabulary of 32 tokens.*has 48"):
         distill(teacher, recipe(tmp_path / "student", d_model=16, steps=2, vocab_size=48))
+
+
+def test_the_cli_distills_from_a_recipe_file(teacher, tmp_path, capsys):
+    file = tmp_path / "student.yaml"
+    file.write_text(yaml.safe_dump(recipe_dict(tmp_path / "student", d_model=16, steps=3)))
+    assert main(["compress", "distill", str(teacher), str(file), "--alpha", "0.7", "--set", "train.steps=2"]) == 0
+    assert "student checkpoint:" in capsys.readouterr().out
+    lineage = load_checkpoint(latest_checkpoint(tmp_path / "student")).lineage
+    assert lineage["step"] == 2 and lineage["distillation"]["alpha"] == 0.7

@@ -162,3 +162,66 @@ def align(args: argparse.Namespace) -> int:
     folder = run_alignment(args.method, recipe)
     print(f"wrote {args.method} checkpoint {folder} (metrics: {Path(recipe.out_dir) / 'metrics.jsonl'})")
     return 0
+
+
+# ----- compress ---------------------------------------------------------------------
+
+
+def n_of_m(text: str) -> tuple[int, int]:
+    """"2:4" -> (2, 4)."""
+    try:
+        n, m = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N:M such as 2:4, got {text!r}") from None
+    return n, m
+
+
+def compress_prune(args: argparse.Namespace) -> int:
+    from heron.compress.prune_checkpoint import PruneSettings, prune_checkpoint
+
+    settings = PruneSettings(
+        method=args.method, sparsity=args.sparsity, nm=args.nm, mlp_channels=args.mlp_channels, heads=args.heads,
+        experts=args.experts, calib_shards=args.calib_shards, calib_batches=args.calib_batches,
+        calib_batch_size=args.calib_batch_size, seq_len=args.seq_len, recover_steps=args.recover_steps,
+        recover_lr=args.recover_lr,
+    )
+    report = prune_checkpoint(args.checkpoint, args.target, settings)
+    print(f"wrote pruned checkpoint {args.target}: {report['parameters_before']:,} -> "
+          f"{report['parameters_after']:,} parameters, block linears {report['block_linear_sparsity']:.1%} zeros")
+    return 0
+
+
+def compress_quantize(args: argparse.Namespace) -> int:
+    from heron.compress.quantize import QuantizeSettings
+    from heron.compress.quantize_checkpoint import QuantizeCheckpointSettings, quantize_checkpoint
+
+    settings = QuantizeCheckpointSettings(
+        QuantizeSettings(scheme=args.scheme, method=args.method, group_size=args.group_size, act_order=args.act_order,
+                         embeddings=args.embeddings),
+        calib_shards=args.calib_shards, calib_batches=args.calib_batches, calib_batch_size=args.calib_batch_size,
+        seq_len=args.seq_len,
+    )
+    report = quantize_checkpoint(args.checkpoint, args.target, settings)
+    ratio = f", {report['size_vs_source']:.3f}x the source's weights file" if report["size_vs_source"] else ""
+    print(f"wrote {args.scheme} {args.method} checkpoint {args.target}: {report['model_bytes']:,} bytes{ratio}")
+    return 0
+
+
+def compress_distill(args: argparse.Namespace) -> int:
+    from heron.compress.distill import distill
+
+    recipe = load_recipe(recipe_path(args.recipe), args.overrides)
+    result = distill(args.teacher, recipe, temperature=args.temperature, alpha=args.alpha,
+                     resume=not args.no_resume)
+    print(f"run folder: {result.out_dir}\nstudent checkpoint: {result.checkpoint}")
+    return 0
+
+
+def compress_report(args: argparse.Namespace) -> int:
+    from heron.compress.report import measure, write_report
+
+    rows = measure(args.checkpoints, load_shards(args.shards).val, seq_len=args.seq_len,
+                   max_batches=args.max_batches, new_tokens=args.new_tokens)
+    report = write_report(rows, args.out)
+    print(report.read_text(encoding="utf-8"))
+    return 0

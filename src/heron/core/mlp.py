@@ -27,10 +27,11 @@ class MLP(nn.Module):
         self.hook_post = HookPoint()  # (B, T, d_ff): the hidden activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "swiglu" and x.numel() // x.shape[-1] > MAX_ROWS:
+        if self.kind == "swiglu" and isinstance(self.up, nn.Linear) and x.numel() // x.shape[-1] > MAX_ROWS:
             # Many rows: two products on the weight's halves (views, no copy). With MKL at
             # 64 rows, d 768, one 4096-wide product took 8.1 ms against 6.9 for two of 2048;
             # equal at 2048 rows and in training. Few rows (decoding): one fused product.
+            # A layer swapped in for `up` (quantised, adapted) is always called as a module.
             gate, up = self.up.weight.chunk(2, dim=0)  # (d_ff, d) each
             gate_bias, up_bias = self.up.bias.chunk(2) if self.up.bias is not None else (None, None)
             h = F.silu(F.linear(x, gate, gate_bias)) * F.linear(x, up, up_bias)  # (B, T, d_ff)

@@ -76,7 +76,7 @@ class Decoder:
         self, model: Transformer, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, pad_id: int = 0
     ) -> None:
         config = model.config
-        weight = model.embed.weight
+        weight = next(model.parameters())  # the model's device and dtype (a quantised embed has no plain weight)
         ids, mask = left_pad(prompt_ids, pad_id, config.vocab_size, weight.device)
         B, P = ids.shape
         if P + params.max_new_tokens - 1 > config.max_seq_len:

@@ -76,12 +76,14 @@ def save_model_folder(
     lineage: dict[str, Any] | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
     trainer_state: dict[str, Any] | None = None,
+    extra_files: dict[str, bytes] | None = None,
 ) -> Path:
     """Write a model folder atomically and return its path.
 
     `model` supplies the config and the tied-weight structure; `state_dict`
     (default: the model's own) supplies the values, so distributed callers can
-    pass a gathered full state dict.
+    pass a gathered full state dict. `extra_files` ({name: contents}, such as
+    compress/'s quantization.json) are written and hashed with the rest.
     """
     target = Path(path)
     config: ModelConfig = model.config
@@ -93,6 +95,8 @@ def save_model_folder(
             tokenizer.save(tmp)  # tokenizer.json, and tokenizer_config.json for an imported one
         if trainer_state is not None:
             _write_with(tmp / STATE_FILE, lambda f: torch.save(trainer_state, f))
+        for name, data in (extra_files or {}).items():
+            _write_bytes(tmp / name, data)
         record = {**base_lineage(), **(lineage or {}), "files": _manifest(tmp)}
         _write_bytes(tmp / LINEAGE_FILE, json.dumps(record, indent=2, sort_keys=True).encode())
     return target

@@ -1,0 +1,115 @@
+"""Calibration data for the calibrated methods (GPTQ, AWQ, Wanda, SparseGPT):
+token windows from shards, and the inputs each block and each linear sees.
+
+The methods calibrate sequentially, block by block, as the GPTQ and SparseGPT
+reference code does: `first_block_inputs` catches what the model passes to
+its first block, and `feed` runs a block on those inputs up to one module,
+handing that module's input to a sink.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from heron.core.transformer import Transformer
+from heron.data import load_shards
+from heron.data.batches import PackedBatches
+
+# The linears that compression methods rewrite, per block, in data-flow order.
+BLOCK_LINEARS = ("attn.qkv", "attn.out", "mlp.shared.up", "mlp.shared.down", "mlp.up", "mlp.down")
+# Where a linear's input is captured when the linear itself may not be called: over many
+# rows a SwiGLU MLP multiplies by halves of `up.weight` with F.linear (core/mlp.py).
+INPUT_OF = {"mlp.up": "mlp", "mlp.shared.up": "mlp.shared"}
+
+
+def block_linears(model: Transformer) -> dict[str, nn.Linear]:
+    """{dotted name: linear} of the linears compression rewrites, block by block in data-flow order."""
+    found: dict[str, nn.Linear] = {}
+    for i, block in enumerate(model.blocks):
+        for suffix in BLOCK_LINEARS:
+            layer = find_module(block, suffix)
+            if isinstance(layer, nn.Linear):
+                found[f"blocks.{i}.{suffix}"] = layer
+    return found
+
+
+def find_module(module: nn.Module, dotted: str) -> nn.Module | None:
+    """The submodule at a dotted name, or None."""
+    try:
+        return module.get_submodule(dotted)
+    except AttributeError:
+        return None
+
+
+def input_reader(block: nn.Module, suffix: str) -> nn.Module:
+    """The module of `block` whose first input is the input of the linear at `suffix`."""
+    return block.get_submodule(INPUT_OF.get(suffix, suffix))
+
+
+def calibration_windows(shards: str | Path, batches: int, batch_size: int, seq_len: int,
+                        seed: int = 0) -> list[torch.Tensor]:
+    """`batches` (batch_size, seq_len) windows of token ids from a shard folder's training split."""
+    windows = PackedBatches(load_shards(shards).train, batch_size, seq_len, seed=seed)
+    return [windows.batch(step)[0] for step in range(batches)]
+
+
+def calibration_batches(calibration: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
+    """(B, T) long batches from an (n, T) tensor or an iterable of batches."""
+    if isinstance(calibration, torch.Tensor):
+        if calibration.dim() != 2:
+            raise ValueError(f"calibration: expected token ids (n, T), got shape {tuple(calibration.shape)}")
+        batches = list(calibration.split(batch_size))
+    else:
+        batches = [torch.as_tensor(b) for b in calibration]
+    if not batches or any(b.dim() != 2 or b.numel() == 0 or b.is_floating_point() for b in batches):
+        raise ValueError("calibration: expected non-empty (B, T) batches of token ids")
+    return batches
+
+class _Stop(Exception):
+    """Raised by a capture hook once it has what it needs."""
+
+def first_block_inputs(model: Transformer, batches: Sequence[torch.Tensor]) -> list[tuple[tuple, dict]]:
+    """The arguments the model passes to its first block, per batch (the
+    reference's "Catcher"): hidden states, RoPE tables, mask, ..."""
+    captured: list[tuple[tuple, dict]] = []
+
+    def catch(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append((args, kwargs))
+        raise _Stop
+
+    handle = model.blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for ids in batches:
+            try:
+                model(ids)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+def feed(block: nn.Module, reader: nn.Module, inputs: list[tuple[tuple, dict]],
+          sink: Callable[[torch.Tensor], None]) -> None:
+    """Run the block on every batch until `reader` is reached, passing its input to `sink`."""
+
+    def capture(_module: nn.Module, args: tuple) -> None:
+        sink(args[0])
+        raise _Stop
+
+    handle = reader.register_forward_pre_hook(capture)
+    try:
+        for args, kwargs in inputs:
+            try:
+                block(*args, **kwargs)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+
+
+__all__ = [
+    "BLOCK_LINEARS", "INPUT_OF", "block_linears", "calibration_batches", "find_module", "input_reader", "calibration_windows", "feed", "first_block_inputs",
+]

@@ -1,0 +1,122 @@
+"""GPTQ: Hessian-guided rounding of one linear layer (Frantar et al. 2022,
+"GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers", Algorithm 1; reference code github.com/IST-DASLab/gptq).
+
+Columns are quantised one at a time; each column's rounding error is spread
+over the columns not yet quantised, weighted by the inverse Hessian of the
+layer's squared output error, H = 2 XᵀX / n for calibration inputs X (n, K).
+"""
+from __future__ import annotations
+
+import torch
+
+from heron.compress.schemes import QParams, Scheme
+
+
+class HessianAccumulator:
+    """H = 2/n Σ xᵀx over every input row seen (GPTQ eq. 2's Hessian), as a
+    running mean so batches of any size can be added."""
+
+    def __init__(self, in_features: int) -> None:
+        self.H = torch.zeros(in_features, in_features, dtype=torch.float32)  # (K, K)
+        self.rows = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()  # (n, K)
+        n = x.shape[0]
+        self.H *= self.rows / (self.rows + n)
+        self.rows += n
+        x = x * (2 / self.rows) ** 0.5
+        self.H += x.T @ x
+
+
+def gptq_quantize(
+    w: torch.Tensor,  # (N, K)
+    H: torch.Tensor,  # (K, K)
+    scheme: Scheme,
+    *,
+    block_size: int = 128,
+    percdamp: float = 0.01,
+    act_order: bool = False,
+) -> tuple[torch.Tensor, QParams]:
+    """(codes (N, K), params) in `scheme`'s format, original column order.
+
+    - Dead inputs (H_jj = 0, never active in calibration) get H_jj = 1 and a
+      zero weight column, as in the reference: their weights cannot matter.
+    - Dampening: H + percdamp * mean(diag H) * I, for a stable inverse.
+    - Hinv's upper Cholesky factor U gives, row by row, the updates of the
+      sequential algorithm (Algorithm 1: err = (w - q) / U_jj, W -= err U_j).
+    - Lazy batch updates: inside a block of columns updates are immediate;
+      the rest of W gets the block's errors in one product (section 3, step 2).
+    - Groups: parameters are fitted when the loop reaches a group's first
+      column, on the columns as updated so far (the block is a whole number
+      of groups, so these are fully updated; the reference reads the
+      not-yet-updated W for groups starting inside a block).
+    - act_order: columns in order of decreasing H_jj (the reference's
+      --act-order). Groups then keep their contiguous original columns and
+      their parameters are fitted up front on the unmodified weights (the
+      reference's --static-groups), so the stored format needs no column
+      permutation and every kernel reads it as is.
+    - Per-channel schemes fit their parameters once, on the whole W.
+    """
+    N, K = w.shape
+    scheme.check(N, K)
+    W, H = w.detach().float().clone(), H.detach().float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    group = scheme.group_size_for(K)
+    static = scheme.fit(W) if act_order or group == K else None  # (N, G)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(K)
+    W, H = W[:, perm], H[perm][:, perm]
+    U = inverse_cholesky_upper(H, percdamp)  # (K, K)
+    block = max(block_size // group, 1) * group if group < K else block_size
+    codes = torch.zeros(N, K, dtype=scheme.code_dtype)
+    scales = torch.zeros(N, K // group)
+    zeros = torch.zeros(N, K // group) if static is None or static.zero is not None else None
+    for start in range(0, K, block):
+        stop = min(start + block, K)
+        W1, U1 = W[:, start:stop].clone(), U[start:stop, start:stop]  # (N, b), (b, b)
+        errors = torch.zeros_like(W1)  # (N, b)
+        params = None
+        for i in range(stop - start):
+            j = start + i  # position in (permuted) order
+            g = int(perm[j]) // group  # the column's group in original order
+            if static is not None:
+                params = static.columns(g, g + 1)
+            elif j % group == 0:  # dynamic groups: fit on the group's updated columns
+                params = scheme.fit(W1[:, i:i + group])
+                scales[:, g] = params.scale[:, 0]
+                if zeros is not None:
+                    zeros[:, g] = params.zero[:, 0].float()
+            q = scheme.quantize(W1[:, i:i + 1], params)  # (N, 1)
+            codes[:, j] = q[:, 0]
+            err = (W1[:, i] - scheme.dequantize(q, params)[:, 0]) / U1[i, i]  # (N,)
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            errors[:, i] = err
+        W[:, stop:] -= errors @ U[start:stop, stop:]
+    codes = codes[:, torch.argsort(perm)]
+    if static is not None:
+        return codes, static
+    return codes, QParams(scales, zeros.to(torch.uint8) if zeros is not None else None)
+
+
+def inverse_cholesky_upper(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp I)⁻¹; the dampening grows tenfold
+    (up to three times) when the damped H is still not positive definite."""
+    K = H.shape[0]
+    damp = percdamp * torch.mean(torch.diag(H))
+    for _ in range(4):
+        L, info = torch.linalg.cholesky_ex(H + damp * torch.eye(K))
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0:
+                return U
+        damp = damp * 10
+    raise ValueError(
+        f"percdamp: the calibration Hessian is not positive definite even with dampening {float(damp):.3g}"
+    )
+
+
+__all__ = ["HessianAccumulator", "gptq_quantize"]

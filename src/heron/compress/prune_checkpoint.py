@@ -1,0 +1,112 @@
+"""`heron compress prune`: a checkpoint in, a pruned checkpoint out.
+
+Steps, in this order, each optional: remove MoE experts, attention head
+groups, MLP channels (structured: the model gets smaller); then unstructured
+or N:M pruning of the block linears (stored packed, see sparse_store.py);
+then a short masked recovery fine-tune. Calibration and recovery batches are
+random windows of a shard folder's training split.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from heron.compress.calibration import calibration_windows
+from heron.compress.prune_model import METHODS, prune_model, recover, sparsity_of
+from heron.compress.prune_structured import prune_experts, prune_heads, prune_mlp_channels
+from heron.compress.sparse_store import save_sparse
+from heron.core.transformer import Transformer
+from heron.data import load_shards
+from heron.data.batches import PackedBatches
+from heron.govern import EnergyMeter
+from heron.train.checkpoint import save_model_folder
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    """What to prune; checked before any work."""
+
+    method: str = "wanda"  # unstructured / N:M scoring: magnitude, wanda or sparsegpt
+    sparsity: float | None = None  # unstructured: fraction of block-linear weights set to zero
+    nm: tuple[int, int] | None = None  # N:M: keep n of every m consecutive inputs
+    mlp_channels: float | None = None  # structured: fraction of MLP hidden channels removed
+    heads: float | None = None  # structured: fraction of key/value head groups removed
+    experts: int | None = None  # structured: experts kept per MoE layer
+    calib_shards: str | None = None  # shard folder for calibration (and recovery) windows
+    calib_batches: int = 16
+    calib_batch_size: int = 8
+    seq_len: int = 256  # capped at the model's max_seq_len
+    recover_steps: int = 0
+    recover_lr: float = 1e-5
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method: unknown {self.method!r}; known: {', '.join(METHODS)}")
+        if self.sparsity is not None and self.nm is not None:
+            raise ValueError("sparsity: give --sparsity or --nm, not both")
+        if all(v is None for v in (self.sparsity, self.nm, self.mlp_channels, self.heads, self.experts)):
+            raise ValueError("sparsity: nothing to prune; give --sparsity, --nm, --mlp-channels, --heads or --experts")
+        unstructured = self.sparsity is not None or self.nm is not None
+        if self.calib_shards is None and ((unstructured and self.method != "magnitude") or self.experts is not None
+                                          or self.recover_steps):
+            raise ValueError("calib_shards: calibration (or recovery) needs a shard folder (--calib-shards)")
+        for name in ("calib_batches", "calib_batch_size", "seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+        if self.recover_steps < 0 or self.recover_lr <= 0:
+            raise ValueError("recover_steps: expected >= 0 steps at a positive recover_lr")
+
+
+def prune_checkpoint(source: str | Path, target: str | Path, settings: PruneSettings,
+                     *, progress: bool = True) -> dict[str, Any]:
+    """Prune the model at `source` (a Heron checkpoint or Hugging Face folder)
+    and write it to `target`; returns the report recorded in its lineage."""
+    import heron  # heron.load: plain, quantised-free Heron checkpoints and HF folders alike
+
+    settings.check()
+    meter = EnergyMeter().start()
+    model, tokenizer = heron.load(source)
+    before = sum(p.numel() for p in model.parameters())
+    calibration, recovery = _batches(model, settings)
+    if settings.experts is not None:
+        model = prune_experts(model, settings.experts, calibration)
+    if settings.heads is not None:
+        model = prune_heads(model, settings.heads, calibration)
+    if settings.mlp_channels is not None:
+        model = prune_mlp_channels(model, settings.mlp_channels, calibration)
+    masks: dict[str, torch.Tensor] = {}
+    if settings.sparsity is not None or settings.nm is not None:
+        masks = prune_model(model, settings.method, sparsity=settings.sparsity, nm=settings.nm,
+                            calibration=calibration, progress=progress)
+    report: dict[str, Any] = {"settings": asdict(settings), "parameters_before": before,
+                              "parameters_after": sum(p.numel() for p in model.parameters()),
+                              "block_linear_sparsity": sparsity_of(model)}
+    if settings.recover_steps:
+        losses = recover(model, recovery, settings.recover_steps, settings.recover_lr, masks=masks, progress=progress)
+        report["recover_loss"] = {"first": losses[0], "last": losses[-1]}
+    report["energy"] = meter.stop().to_dict()
+    lineage = {"pruned_from": str(source), "pruning": report}
+    if masks:
+        save_sparse(target, model, tokenizer, lineage)
+    else:
+        save_model_folder(target, model, tokenizer=tokenizer, lineage=lineage)
+    return report
+
+
+def _batches(model: Transformer, settings: PruneSettings) -> tuple[list[torch.Tensor] | None, list[torch.Tensor]]:
+    """(calibration inputs (B, T), recovery windows (B, T + 1)) from the shards' training split."""
+    if settings.calib_shards is None:
+        return None, []
+    seq_len = min(settings.seq_len, model.config.max_seq_len)
+    calibration = calibration_windows(settings.calib_shards, settings.calib_batches, settings.calib_batch_size,
+                                      seq_len, settings.seed)
+    train = PackedBatches(load_shards(settings.calib_shards).train, settings.calib_batch_size, seq_len, seed=settings.seed + 1)
+    recovery = [torch.cat([x, y[:, -1:]], dim=1) for x, y in map(train.batch, range(settings.recover_steps))]
+    return calibration, recovery
+
+
+__all__ = ["PruneSettings", "prune_checkpoint"]

@@ -1,0 +1,235 @@
+"""Quantise a Transformer's weights in place: which layers, by which method.
+
+    model = quantize_model(model, "int4", "gptq", calibration=ids, group_size=128)
+
+The linears inside each block (attention qkv and out, MLP up and down, a MoE's
+shared expert) become `QuantLinear`s; the token embedding and the output head
+become int8 rows by default (`embeddings`), stored once when tied. MoE expert
+weights (stacked parameters, not linears) and routers stay fp32.
+
+Calibrated methods follow GPTQ's sequential recipe (Frantar et al. 2022,
+section 4, and the reference's --true-sequential): block by block, each
+linear is quantised on inputs that have already passed through the quantised
+layers before it, so later layers correct for earlier rounding.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from heron.compress.awq import awq_quantize
+from heron.compress.calibration import (
+    BLOCK_LINEARS,
+    block_linears,
+    calibration_batches,
+    feed,
+    find_module,
+    first_block_inputs,
+    input_reader,
+)
+from heron.compress.gptq import HessianAccumulator, gptq_quantize
+from heron.compress.qlinear import QuantEmbedding, QuantLinear
+from heron.compress.schemes import SCHEMES, QParams, Scheme, get_scheme, quantize_rtn
+from heron.core.transformer import Transformer
+
+METHODS = ("rtn", "gptq", "awq")
+# Linears of a block, in the order data flows through them (true-sequential order).
+KEEP_FP32 = ("fp32", None)
+
+
+@dataclass(frozen=True)
+class QuantizeSettings:
+    """How `quantize_model` quantises; checked before any work."""
+
+    scheme: str = "int8"
+    method: str = "rtn"
+    group_size: int = 128  # int4 only: input columns per scale and zero point
+    act_order: bool = False  # GPTQ only: quantise columns in order of decreasing Hessian diagonal
+    embeddings: str | None = "int8"  # scheme of the token embedding and output head; "fp32" or None keeps them
+    percdamp: float = 0.01  # GPTQ dampening, a fraction of the mean Hessian diagonal
+    block_size: int = 128  # GPTQ lazy-update block (columns)
+    awq_grid: int = 20  # AWQ: α on this many points of [0, 1]
+    awq_rows: int = 4096  # AWQ: calibration rows kept per layer (output errors are means; a sample suffices)
+    batch_size: int = 8  # calibration sequences per forward
+
+    def check(self, calibrated: bool) -> None:
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"scheme: unknown {self.scheme!r}; known: {', '.join(SCHEMES)}")
+        if self.method not in METHODS:
+            raise ValueError(f"method: unknown {self.method!r}; known: {', '.join(METHODS)}")
+        if self.embeddings not in KEEP_FP32 and self.embeddings not in SCHEMES:
+            raise ValueError(f"embeddings: unknown {self.embeddings!r}; known: fp32, {', '.join(SCHEMES)}")
+        if self.act_order and self.method != "gptq":
+            raise ValueError(f"act_order: applies to method 'gptq' only, not {self.method!r}")
+        if self.method != "rtn" and not calibrated:
+            raise ValueError(f"calibration: method {self.method!r} needs calibration token ids")
+        if not 0 <= self.percdamp < 1:
+            raise ValueError(f"percdamp: expected a value in [0, 1), got {self.percdamp}")
+        for name in ("block_size", "awq_grid", "awq_rows", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+        get_scheme(self.scheme, self.group_size)  # an invalid group size names itself
+
+    def weight_scheme(self) -> Scheme:
+        return get_scheme(self.scheme, self.group_size)
+
+    def embedding_scheme(self) -> Scheme | None:
+        return None if self.embeddings in KEEP_FP32 else get_scheme(self.embeddings, self.group_size)
+
+
+def quantize_model(
+    model: Transformer,
+    scheme: str = "int8",
+    method: str = "rtn",
+    calibration: torch.Tensor | Iterable[torch.Tensor] | None = None,
+    *,
+    group_size: int = 128,
+    act_order: bool = False,
+    embeddings: str | None = "int8",
+    progress: bool = True,
+    **options: Any,
+) -> Transformer:
+    """Swap `model`'s linears (and embeddings) for quantised ones, in place;
+    returns the model in eval mode.
+
+    calibration: token ids, (n, T) or an iterable of (B, T) batches; needed by
+    "gptq" and "awq", ignored by "rtn". options: the other QuantizeSettings
+    fields (percdamp, block_size, awq_grid, awq_rows, batch_size).
+    """
+    settings = QuantizeSettings(scheme, method, group_size, act_order, embeddings, **options)
+    settings.check(calibrated=calibration is not None)
+    if any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules()):
+        raise ValueError("model: already quantised; quantise the full-precision model instead")
+    targets = block_linears(model)
+    weights = settings.weight_scheme()
+    for name, layer in targets.items():
+        weights.check(layer.out_features, layer.in_features, name)
+    _check_embeddings(model, settings)
+    batches = calibration_batches(calibration, settings.batch_size) if method != "rtn" else []
+    model.eval()
+    report: dict[str, Any] = {}
+    with torch.no_grad():
+        if method == "rtn":
+            for name, layer in tqdm(targets.items(), disable=not progress, desc=f"rtn {scheme}", unit="layer"):
+                codes, params = quantize_rtn(layer.weight, weights)
+                swap_module(model, name, _quant_linear(layer, codes, params, weights))
+        else:
+            report = _quantize_sequentially(model, batches, settings, progress)
+        _quantize_embeddings(model, settings.embedding_scheme())
+    model.quantization = {  # read by save_quantized for quantization.json
+        **weights.describe(), "method": method, "act_order": act_order, "embeddings": settings.embeddings or "fp32",
+        "calibration_tokens": sum(b.numel() for b in batches), "layers": report,
+    }
+    return model
+
+
+def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at a dotted name."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _quant_linear(layer: nn.Linear, codes: torch.Tensor, params: QParams, scheme: Scheme,
+                  input_scale: torch.Tensor | None = None) -> QuantLinear:
+    return QuantLinear.from_codes(codes, params, scheme, bias=layer.bias, input_scale=input_scale)
+
+
+# ----- calibrated methods: sequential, block by block -------------------------
+
+
+def _quantize_sequentially(
+    model: Transformer, batches: Sequence[torch.Tensor], settings: QuantizeSettings, progress: bool
+) -> dict[str, Any]:
+    scheme, report = settings.weight_scheme(), {}
+    inputs = first_block_inputs(model, batches)  # [(args, kwargs)] per batch
+    bar = tqdm(list(enumerate(model.blocks)), disable=not progress, desc=f"{settings.method} {settings.scheme}",
+               unit="block")
+    for i, block in bar:
+        for suffix in BLOCK_LINEARS:
+            layer = find_module(block, suffix)
+            if not isinstance(layer, nn.Linear):
+                continue
+            name = f"blocks.{i}.{suffix}"
+            reader = input_reader(block, suffix)
+            new, report[name] = _calibrated_layer(block, layer, reader, inputs, scheme, settings)
+            swap_module(model, name, new)
+        inputs = [((block(*args, **kwargs),) + args[1:], kwargs) for args, kwargs in inputs]  # the next block's
+    return report
+
+
+def _calibrated_layer(
+    block: nn.Module, layer: nn.Linear, reader: nn.Module, inputs: list[tuple[tuple, dict]], scheme: Scheme,
+    settings: QuantizeSettings,
+) -> tuple[QuantLinear, dict[str, float]]:
+    """Quantise one linear on the inputs it receives inside `block` (those of
+    `reader`: the linear itself, or a module whose input is the same)."""
+    w = layer.weight.detach()
+    if settings.method == "gptq":
+        hessian = HessianAccumulator(layer.in_features)
+        feed(block, reader, inputs, hessian.add)
+        if hessian.rows == 0:
+            raise RuntimeError(f"{type(reader).__name__} was never called: no calibration inputs for GPTQ")
+        codes, params = gptq_quantize(w, hessian.H, scheme, block_size=settings.block_size,
+                                      percdamp=settings.percdamp, act_order=settings.act_order)
+        return _quant_linear(layer, codes, params, scheme), {"rows": hessian.rows}
+    per_batch = math.ceil(settings.awq_rows / len(inputs))
+    rows: list[torch.Tensor] = []
+    feed(block, reader, inputs, lambda x: rows.append(_sample_rows(x, per_batch, len(rows))))
+    result = awq_quantize(w, torch.cat(rows), scheme, grid=settings.awq_grid, bias=layer.bias)
+    new = _quant_linear(layer, result.codes, result.params, scheme, result.input_scale)
+    return new, {"alpha": result.alpha, "mse": result.error, "rtn_mse": result.rtn_error}
+
+
+def _sample_rows(x: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """Up to `count` rows of x (..., K), chosen at random but reproducibly."""
+    x = x.reshape(-1, x.shape[-1]).float()  # (n, K)
+    if x.shape[0] <= count:
+        return x
+    keep = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:count]
+    return x[keep]
+
+
+# ----- embeddings and output head ----------------------------------------------
+
+
+def _check_embeddings(model: Transformer, settings: QuantizeSettings) -> None:
+    scheme = settings.embedding_scheme()
+    if scheme is not None:
+        scheme.check(model.config.vocab_size, model.config.d_model, "the embedding")
+
+
+def _quantize_embeddings(model: Transformer, scheme: Scheme | None) -> None:
+    """Token embedding and ("lm") output head by round-to-nearest, one row per
+    token; a tied pair becomes one table the head reads too. A scalar head
+    (one output) stays fp32."""
+    if scheme is None:
+        return
+    tied = model.lm_head.weight is model.embed.weight
+    codes, params = quantize_rtn(model.embed.weight.detach(), scheme)
+    model.embed = QuantEmbedding.from_codes(codes, params, scheme)
+    if tied:
+        model.lm_head = tie_head(model.embed)
+    elif model.config.head == "lm":
+        codes, params = quantize_rtn(model.lm_head.weight.detach(), scheme)
+        model.lm_head = QuantLinear.from_codes(codes, params, scheme)
+
+
+def tie_head(embedding: QuantEmbedding) -> QuantLinear:
+    """An output head that reads the embedding's packed tensors (the same
+    tensor objects, so they are stored once and loaded once)."""
+    head = QuantLinear(embedding.embedding_dim, embedding.num_embeddings, embedding.scheme)
+    for name, tensor in embedding.packed().items():
+        setattr(head, name, tensor)
+    return head
+
+
+__all__ = [
+    "METHODS", "QuantizeSettings", "quantize_model",
+    "swap_module", "tie_head",
+]

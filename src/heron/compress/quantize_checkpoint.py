@@ -1,0 +1,64 @@
+"""`heron compress quantize`: a checkpoint in, a quantised checkpoint out.
+
+Calibration inputs (GPTQ, AWQ) are random windows of a shard folder's
+training split, the same windows training would draw (data/batches.py).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+
+from heron.compress.calibration import calibration_windows
+from heron.compress.checkpoint import save_quantized
+from heron.compress.quantize import QuantizeSettings, quantize_model
+from heron.govern import EnergyMeter
+from heron.train.checkpoint import MODEL_FILE, resolve_checkpoint
+
+
+@dataclass(frozen=True)
+class QuantizeCheckpointSettings:
+    """`quantize_model`'s settings plus where calibration comes from; checked before any work."""
+
+    quantize: QuantizeSettings
+    calib_shards: str | None = None  # shard folder for calibration windows
+    calib_batches: int = 16
+    calib_batch_size: int = 8
+    seq_len: int = 256  # capped at the model's max_seq_len
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.quantize.method in ("gptq", "awq") and self.calib_shards is None:
+            raise ValueError(f"calib_shards: method {self.quantize.method!r} needs a shard folder (--calib-shards)")
+        self.quantize.check(calibrated=True)
+        for name in ("calib_batches", "calib_batch_size", "seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+
+
+def quantize_checkpoint(source: str | Path, target: str | Path, settings: QuantizeCheckpointSettings,
+                        *, progress: bool = True) -> dict[str, Any]:
+    """Quantise the model at `source` (a Heron checkpoint or Hugging Face
+    folder) and write it to `target`; returns the summary recorded in its lineage."""
+    import heron  # heron.load sits above every layer
+
+    settings.check()
+    meter = EnergyMeter().start()
+    model, tokenizer = heron.load(source)
+    calibration = None
+    if settings.quantize.method != "rtn":
+        seq_len = min(settings.seq_len, model.config.max_seq_len)
+        calibration = calibration_windows(settings.calib_shards, settings.calib_batches, settings.calib_batch_size,
+                                          seq_len, settings.seed)
+    quantize_model(model, calibration=calibration, progress=progress, **asdict(settings.quantize))
+    calibration_settings = {k: v for k, v in asdict(settings).items() if k != "quantize"}
+    report = {"quantized_from": str(source), "calibration": calibration_settings, "energy": meter.stop().to_dict()}
+    folder = save_quantized(target, model, tokenizer, lineage=report)
+    size = (folder / MODEL_FILE).stat().st_size
+    source_file = resolve_checkpoint(source) / MODEL_FILE  # absent for sharded Hugging Face folders
+    ratio = size / source_file.stat().st_size if source_file.is_file() else None
+    return {**report, **model.quantization, "model_bytes": size, "size_vs_source": ratio}
+
+
+__all__ = ["QuantizeCheckpointSettings", "quantize_checkpoint"]

@@ -1,0 +1,132 @@
+"""The efficiency report: variants made from one model, side by side.
+
+For each checkpoint folder: size on disk (every file, as a user would copy
+it), validation perplexity, decode speed (batch 1, greedy, KV-cached; median
+of rounds) and energy per decoded token with the meter's source. Written as
+a Markdown table, a JSON file and a Pareto plot of perplexity against size
+and against speed; the variants no other variant beats on both axes are
+marked.
+
+    heron compress report runs/small/ckpt runs/small-int8 runs/small-int4 --shards runs/data/stdlib --out report/
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import heron  # noqa: E402
+from heron.generate import Decoder, SamplingParams, decode_steps, perplexity  # noqa: E402
+from heron.govern import EnergyMeter, EnergyReport  # noqa: E402
+
+REPORT_MD, REPORT_JSON, PARETO_PNG = "report.md", "report.json", "pareto.png"
+
+
+@dataclass(frozen=True)
+class VariantRow:
+    name: str
+    path: str
+    size_bytes: int
+    size_ratio: float  # against the first (reference) variant
+    perplexity: float
+    decode_tokens_per_s: float
+    joules_per_token: float
+    energy_source: str  # where the joules come from
+    energy_measured: bool  # False: estimated (see the source)
+
+
+def checkpoint_bytes(folder: str | Path) -> int:
+    """Every file of a checkpoint folder, as copied to another disk."""
+    files = [p for p in Path(folder).rglob("*") if p.is_file()]
+    if not files:
+        raise FileNotFoundError(f"{folder}: no checkpoint files here")
+    return sum(p.stat().st_size for p in files)
+
+
+@torch.inference_mode()
+def decode_speed(model: torch.nn.Module, prompt: list[int], *, new_tokens: int = 64,
+                 rounds: int = 3) -> tuple[float, EnergyReport]:
+    """(median tokens/s, the energy report) of greedy batch-1 decoding."""
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
+    Decoder(model, [prompt], params)  # warm-up: first-call allocations stay out of the figures
+    meter, speeds = EnergyMeter().start(), []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        decoder = Decoder(model, [prompt], params)
+        for _ in decode_steps(decoder, new_tokens):
+            pass
+        speeds.append(new_tokens / (time.perf_counter() - started))
+    return statistics.median(speeds), meter.stop(tokens=rounds * new_tokens)
+
+
+def measure(folders: Sequence[str | Path], val_tokens: np.ndarray, *, seq_len: int = 128, batch_size: int = 8,
+            max_batches: int | None = 16, new_tokens: int = 64, rounds: int = 3) -> list[VariantRow]:
+    """One row per checkpoint folder; the first is the reference for size ratios."""
+    if not folders:
+        raise ValueError("folders: give at least one checkpoint folder")
+    prompt = [int(t) for t in val_tokens[:16]]
+    rows: list[VariantRow] = []
+    for folder in folders:
+        model, _ = heron.load(folder)
+        size = checkpoint_bytes(folder)
+        ppl = perplexity(model, val_tokens, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches)
+        speed, energy = decode_speed(model, prompt, new_tokens=new_tokens, rounds=rounds)
+        rows.append(VariantRow(Path(folder).name, str(folder), size, size / (rows[0].size_bytes if rows else size),
+                               ppl, speed, energy.joules_per_token, energy.source, energy.measured))
+    return rows
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
+    """Whether each (cost, perplexity) point is beaten by no other on both (lower is better)."""
+    return [not any(c2 <= c and p2 <= p and (c2, p2) != (c, p) for c2, p2 in points) for c, p in points]
+
+
+def write_report(rows: Sequence[VariantRow], out_dir: str | Path) -> Path:
+    """report.md, report.json and pareto.png under out_dir; returns the Markdown file."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    reference = rows[0]
+    lines = ["| variant | size (MB) | size ratio | perplexity | ppl change | decode tok/s | speed-up | J/token "
+             "| energy source |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r.name} | {r.size_bytes / 1e6:.2f} | {r.size_ratio:.3f} | {r.perplexity:.3f} "
+                     f"| {100 * (r.perplexity / reference.perplexity - 1):+.2f}% | {r.decode_tokens_per_s:.1f} "
+                     f"| {r.decode_tokens_per_s / reference.decode_tokens_per_s:.2f}x | {r.joules_per_token:.3f} "
+                     f"| {r.energy_source} ({'measured' if r.energy_measured else 'estimated'}) |")
+    (out / REPORT_MD).write_text("\n".join(lines) + f"\n\nReference: `{reference.path}`. Pareto plot: "
+                                 f"`{PARETO_PNG}`.\n", encoding="utf-8")
+    (out / REPORT_JSON).write_text(json.dumps([asdict(r) for r in rows], indent=2), encoding="utf-8")
+    _plot(rows, out / PARETO_PNG)
+    return out / REPORT_MD
+
+
+def _plot(rows: Sequence[VariantRow], file: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    panels = [(axes[0], [r.size_bytes / 1e6 for r in rows], "size on disk (MB)"),
+              (axes[1], [1e3 / r.decode_tokens_per_s for r in rows], "decode time per token (ms, batch 1)")]
+    for ax, costs, label in panels:
+        ppl = [r.perplexity for r in rows]
+        front = pareto_front(list(zip(costs, ppl)))
+        ax.scatter(costs, ppl, c=["tab:blue" if f else "tab:gray" for f in front], zorder=3)
+        for r, x, y in zip(rows, costs, ppl):
+            ax.annotate(f"{r.name}\n{r.joules_per_token:.2f} J/tok", (x, y), fontsize=7, xytext=(4, 4),
+                        textcoords="offset points")
+        ax.set(xlabel=label, ylabel="validation perplexity")
+        ax.grid(alpha=0.3)
+    fig.suptitle("Variants of one model: blue = on the Pareto front (no variant smaller/faster and better)")
+    fig.tight_layout()
+    fig.savefig(file, dpi=90)
+    plt.close(fig)
+
+
+__all__ = ["VariantRow", "checkpoint_bytes", "decode_speed", "measure", "pareto_front", "write_report"]

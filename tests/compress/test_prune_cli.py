@@ -1,0 +1,72 @@
+"""`heron compress prune` on a tiny checkpoint and a tiny shard folder:
+unstructured SparseGPT with recovery writes a sparse checkpoint heron.load
+reads; MLP-channel pruning writes a plain, smaller one."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import heron
+from heron.cli.main import main
+from heron.compress.prune_model import sparsity_of
+from heron.compress.sparse_store import SPARSITY_FILE
+from heron.core import ModelConfig, Transformer
+from heron.train.checkpoint import save_model_folder
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> tuple[Path, Path]:
+    """(a checkpoint of a tiny random model, a shard folder of counting sequences)."""
+    root = tmp_path_factory.mktemp("prune_cli")
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, max_seq_len=64, d_ff=128))
+    save_model_folder(root / "ckpt", model)
+    shards = root / "shards"  # the layout data/shards.py documents: raw uint16 ids plus meta.json
+    shards.mkdir()
+    tokens = {"train": np.arange(4000) % 256, "val": np.arange(500) % 256}
+    meta = {"format": 1, "dtype": "uint16"}
+    for split, ids in tokens.items():
+        ids.astype("<u2").tofile(shards / f"{split}_000000.bin")
+        meta[split] = {"tokens": len(ids), "shards": [{"file": f"{split}_000000.bin", "tokens": len(ids)}]}
+    (shards / "meta.json").write_text(json.dumps(meta))
+    return root / "ckpt", shards
+
+
+def test_unstructured_with_recovery_writes_a_sparse_checkpoint(folders, tmp_path, capsys):
+    ckpt, shards = folders
+    out = tmp_path / "sparse"
+    assert main(["compress", "prune", str(ckpt), str(out), "--method", "sparsegpt", "--sparsity", "0.5",
+                 "--calib-shards", str(shards), "--calib-batches", "2", "--calib-batch-size", "2", "--seq-len", "32",
+                 "--recover-steps", "2"]) == 0
+    assert "50.0% zeros" in capsys.readouterr().out
+    assert (out / SPARSITY_FILE).is_file()
+    model, _ = heron.load(out)
+    assert sparsity_of(model) == pytest.approx(0.5)
+    lineage = json.loads((out / "lineage.json").read_text())
+    assert lineage["pruning"]["settings"]["method"] == "sparsegpt" and "recover_loss" in lineage["pruning"]
+    assert lineage["pruning"]["energy"]["joules"] > 0 and lineage["pruning"]["energy"]["source"]
+
+
+def test_two_four_and_mlp_channels(folders, tmp_path, capsys):
+    ckpt, shards = folders
+    assert main(["compress", "prune", str(ckpt), str(tmp_path / "nm"), "--method", "magnitude", "--nm", "2:4"]) == 0
+    assert main(["compress", "prune", str(ckpt), str(tmp_path / "ch"), "--mlp-channels", "0.25",
+                 "--calib-shards", str(shards), "--calib-batches", "1", "--seq-len", "16"]) == 0
+    model, _ = heron.load(tmp_path / "ch")
+    assert model.config.d_ff == 96 and not (tmp_path / "ch" / SPARSITY_FILE).exists()
+
+
+def test_bad_requests_exit_2_naming_the_problem(folders, tmp_path, capsys):
+    ckpt, _ = folders
+    assert main(["compress", "prune", str(ckpt), str(tmp_path / "x"), "--method", "wanda", "--sparsity", "0.5"]) == 2
+    assert "--calib-shards" in capsys.readouterr().err
+    assert main(["compress", "prune", str(ckpt), str(tmp_path / "x")]) == 2
+    assert "nothing to prune" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["compress", "prune", str(ckpt), str(tmp_path / "x"), "--nm", "2-4"])

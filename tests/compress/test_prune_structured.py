@@ -1,0 +1,151 @@
+"""Structured pruning returns a smaller Transformer that computes what the
+original computes without the removed parts: 0% changes nothing; channels,
+heads and experts planted to contribute nothing are the ones removed, with
+the same logits; removed heads equal the original with those heads' outputs
+zeroed; the result saves and loads as a plain checkpoint."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import heron
+from heron.compress.prune_structured import (
+    expert_counts,
+    prune_experts,
+    prune_heads,
+    prune_mlp_channels,
+    remove_head_groups,
+)
+from heron.core import ModelConfig, MoEConfig, Transformer
+from heron.train.checkpoint import save_model_folder
+
+torch.set_num_threads(1)
+V = 256
+
+
+def tiny(seed: int = 0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    config = ModelConfig(**{"vocab_size": V, "d_model": 64, "n_layers": 2, "n_heads": 4, "max_seq_len": 64,
+                            "init_std": 0.1, **overrides})
+    return Transformer(config).eval()
+
+
+def tiny_moe(seed: int = 0, top_k: int = 2, **overrides) -> Transformer:
+    return tiny(seed, feed_forward=("dense", "moe"), moe=MoEConfig(n_experts=6, top_k=top_k), **overrides)
+
+
+def ids(B: int = 4, T: int = 24, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+CALIB = [ids(seed=s) for s in range(3)]
+
+
+def logits(model: Transformer, x: torch.Tensor | None = None) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids(seed=9) if x is None else x).logits
+
+
+def size(model: Transformer) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("prune", [
+    lambda m: prune_mlp_channels(m, 0.0, CALIB), lambda m: prune_mlp_channels(m, 0.0),
+    lambda m: prune_heads(m, 0.0, CALIB), lambda m: prune_experts(m, 6, CALIB),
+])
+def test_pruning_nothing_changes_nothing(prune):
+    model = tiny_moe(n_kv_heads=2)
+    small = prune(model)
+    assert small is not model and small.config == model.config
+    assert torch.equal(logits(small), logits(model))
+
+
+@pytest.mark.parametrize("mlp", ["swiglu", "gelu"])
+@pytest.mark.parametrize("calibrated", [True, False])
+def test_planted_dead_channels_are_removed_with_identical_logits(mlp, calibrated):
+    model = tiny(mlp=mlp, d_ff=128)
+    dead = {0: torch.tensor([3, 17, 40, 41, 64, 90, 100, 127]), 1: torch.tensor([0, 5, 9, 33, 50, 77, 101, 120])}
+    with torch.no_grad():
+        for i, channels in dead.items():
+            model.blocks[i].mlp.down.weight[:, channels] = 0  # they write nothing to the residual stream
+    small = prune_mlp_channels(model, 0.25 / 4, CALIB if calibrated else None)  # 8 of 128
+    assert small.config.d_ff == 120 and small.blocks[0].mlp.down.in_features == 120
+    assert size(small) < size(model)
+    torch.testing.assert_close(logits(small), logits(model), rtol=0, atol=1e-5)
+    for i, channels in dead.items():  # the kept hidden activations are the original's other channels
+        kept = [j for j in range(128) if j not in channels.tolist()]
+        torch.testing.assert_close(small.blocks[i].mlp.down.weight, model.blocks[i].mlp.down.weight[:, kept])
+
+
+def test_mlp_channels_in_a_moe_model_leave_the_experts_alone():
+    model = tiny_moe()
+    small = prune_mlp_channels(model, 0.25, CALIB)
+    assert small.config.resolved_d_ff == 3 * model.config.resolved_d_ff // 4
+    assert small.config.resolved_expert_d_ff == model.config.resolved_expert_d_ff  # pinned in moe.d_ff
+    assert torch.equal(small.blocks[1].mlp.up, model.blocks[1].mlp.up)
+
+
+@pytest.mark.parametrize("n_kv_heads", [None, 2, 1])
+def test_removed_heads_equal_the_original_with_those_heads_zeroed(n_kv_heads):
+    model = tiny(n_heads=8, n_kv_heads=n_kv_heads)
+    n_kv, hd = model.config.resolved_kv_heads, 8
+    G = 8 // n_kv  # query heads per group
+    keep = [torch.tensor(k) for k in {8: ([0, 2, 3, 6, 7], [1, 2, 4, 5, 7]), 2: ([0], [1]), 1: ([0], [0])}[n_kv]]
+    small = remove_head_groups(model, keep)
+    assert small.config.n_heads == len(keep[0]) * G and small.config.resolved_head_dim == hd
+    with torch.no_grad():  # known answer: zero the removed query heads' columns of `out`
+        for i, groups in enumerate(keep):
+            for g in set(range(n_kv)) - set(groups.tolist()):
+                model.blocks[i].attn.out.weight[:, g * G * hd:(g + 1) * G * hd] = 0
+    torch.testing.assert_close(logits(small), logits(model), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("calibrated", [True, False])
+def test_prune_heads_removes_groups_that_contribute_nothing(calibrated):
+    model = tiny(n_heads=8, n_kv_heads=4)
+    with torch.no_grad():  # group 1 in layer 0, group 3 in layer 1: query heads 2-3 and 6-7
+        model.blocks[0].attn.out.weight[:, 16:32] = 0
+        model.blocks[1].attn.out.weight[:, 48:64] = 0
+    small = prune_heads(model, 0.25, CALIB if calibrated else None)
+    assert (small.config.n_heads, small.config.n_kv_heads) == (6, 3)
+    assert small.blocks[0].attn.qkv.out_features == 3 * 64 // 4 + 2 * 3 * 8
+    torch.testing.assert_close(logits(small), logits(model), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_experts_never_routed_to_are_removed_with_identical_logits(top_k):
+    model = tiny_moe(top_k=top_k)
+    never = {1: [1, 4]}  # layer 1's experts 1 and 4 get a router bias of -inf: never chosen
+
+    def bias(logits_: torch.Tensor, _name: str) -> torch.Tensor:
+        return logits_.index_fill(-1, torch.tensor(never[1]), float("-inf"))
+
+    routed = {"blocks.1.mlp.hook_router_logits": bias}
+    with model.hooks(routed):
+        assert expert_counts(model, CALIB)[1][never[1]].sum() == 0
+        small = prune_experts(model, 4, CALIB)
+        want = logits(model)
+    assert small.config.moe.n_experts == 4 and small.blocks[1].mlp.up.shape[0] == 4
+    assert torch.equal(small.blocks[1].mlp.router.weight, model.blocks[1].mlp.router.weight[[0, 2, 3, 5]])
+    torch.testing.assert_close(logits(small), want, rtol=0, atol=1e-5)
+
+
+def test_a_pruned_model_saves_and_loads_as_a_plain_checkpoint(tmp_path):
+    model = tiny_moe(n_kv_heads=2)
+    small = prune_experts(prune_heads(prune_mlp_channels(model, 0.25, CALIB), 0.5, CALIB), 3, CALIB)
+    save_model_folder(tmp_path / "small", small)
+    loaded, _ = heron.load(tmp_path / "small")
+    assert loaded.config == small.config and loaded.config.n_kv_heads == 1 and loaded.config.moe.n_experts == 3
+    assert torch.equal(logits(loaded), logits(small))
+
+
+def test_bad_requests_fail_clearly():
+    with pytest.raises(ValueError, match="fraction"):
+        prune_mlp_channels(tiny(), 1.0)
+    with pytest.raises(ValueError, match="no MoE layers"):
+        prune_experts(tiny(), 2, CALIB)
+    with pytest.raises(ValueError, match="top_k"):
+        prune_experts(tiny_moe(), 1, CALIB)
+    with pytest.raises(ValueError, match="calibration"):
+        prune_experts(tiny_moe(), 4, None)

@@ -1,0 +1,111 @@
+"""QuantLinear and QuantEmbedding: every kernel computes x @ Ŵᵀ for the
+dequantised weight Ŵ, at batch 1 and over many rows."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from heron.compress.kernels import KERNELS, choose_kernel, default_kernels
+from heron.compress.qlinear import QuantEmbedding, QuantLinear, set_kernel
+from heron.compress.schemes import Int4Grouped, Int8PerChannel, quantize_rtn
+
+# Relative error of each kernel against the float64 product with Ŵ (fp32 F.linear: ~2e-7).
+# fp16 holds int8 codes exactly, but fp16(Ŵ) for int4 (rounding of at most 2^-11 per weight);
+# dynamic quantises activations to 7 bits, as quantize_dynamic does.
+TOLERANCE = {("aten", "int8"): 2e-6, ("aten", "int4"): 2e-6, ("fp16", "int8"): 2e-6, ("fp16", "int4"): 5e-4,
+             ("dequant", "int8"): 1e-6, ("dequant", "int4"): 1e-6, ("dynamic", "int8"): 5e-2}
+SCHEMES = [Int8PerChannel(), Int4Grouped(group_size=32)]
+
+
+def layer_for(scheme, kernel: str | None, *, bias: bool = False, input_scale: bool = False, seed: int = 0):
+    torch.manual_seed(seed)
+    w = torch.randn(96, 128) * 0.05
+    codes, params = quantize_rtn(w, scheme)
+    b = torch.randn(96) if bias else None
+    s = torch.rand(128) + 0.5 if input_scale else None
+    layer = QuantLinear.from_codes(codes, params, scheme, bias=b, input_scale=s, kernel=kernel)
+    reference = scheme.dequantize(codes, params).double()
+    return layer, reference, b, s
+
+
+def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_each_kernel_computes_the_dequantised_product(scheme, kernel: str) -> None:
+    if not KERNELS[kernel].supports(scheme, 96, 128):
+        pytest.skip(f"{kernel} does not take {scheme.name}")
+    layer, w, b, s = layer_for(scheme, kernel, bias=True, input_scale=True)
+    assert layer.kernel == kernel
+    for shape in [(1, 128), (1, 1, 128), (3, 5, 128), (2, 40, 128)]:
+        x = torch.randn(shape)
+        with torch.inference_mode():
+            y = layer(x)
+        assert y.shape == (*shape[:-1], 96)
+        ref = (x.double() * s.double()) @ w.T + b.double()
+        assert relative_error(y, ref) < TOLERANCE[kernel, scheme.name], (kernel, shape)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
+def test_weight_is_the_effective_dequantised_weight(scheme) -> None:
+    layer, w, _, s = layer_for(scheme, None, input_scale=True)
+    torch.testing.assert_close(layer.weight.double(), w * s.double(), rtol=1e-6, atol=0)
+
+
+def test_autograd_takes_the_reference_path_and_reaches_the_input() -> None:
+    layer, w, _, _ = layer_for(Int4Grouped(group_size=32), None)
+    x = torch.randn(3, 128, requires_grad=True)
+    layer(x).sum().backward()
+    torch.testing.assert_close(x.grad.double(), w.sum(0).expand(3, -1), rtol=1e-5, atol=1e-6)
+
+
+def test_loading_new_values_rebuilds_the_kernel_layout() -> None:
+    layer, _, _, _ = layer_for(Int8PerChannel(), "fp16", seed=0)
+    other, w_other, _, _ = layer_for(Int8PerChannel(), "fp16", seed=1)
+    x = torch.randn(2, 128)
+    with torch.inference_mode():
+        layer(x)  # builds and caches a layout of the first weights
+    layer.load_state_dict(other.state_dict())
+    with torch.inference_mode():
+        assert relative_error(layer(x), x.double() @ w_other.T) < 1e-6
+
+
+def test_state_dict_holds_only_the_packed_tensors_and_deepcopy_works() -> None:
+    layer, _, _, _ = layer_for(Int4Grouped(group_size=32), "fp16", bias=True)
+    x = torch.randn(2, 128)
+    with torch.inference_mode():
+        y = layer(x)
+        assert set(layer.state_dict()) == {"qweight", "scale", "zero", "bias"}
+        assert torch.equal(copy.deepcopy(layer)(x), y)
+
+
+def test_choose_kernel_falls_back_when_a_layer_does_not_fit() -> None:
+    odd = Int4Grouped(group_size=16)  # aten's int4 kernel takes groups of 32..256 only
+    assert choose_kernel(odd, 96, 128, "aten").name == next(k for k in default_kernels() if k != "aten")
+    assert choose_kernel(Int8PerChannel(), 96, 128, "dynamic").name in ("dynamic", *default_kernels())
+    with pytest.raises(ValueError, match="kernel: unknown 'fast'"):
+        choose_kernel(odd, 96, 128, "fast")
+
+
+def test_set_kernel_reaches_every_quantised_linear() -> None:
+    layers = torch.nn.Sequential(layer_for(Int8PerChannel(), None)[0], layer_for(Int8PerChannel(), None, seed=2)[0])
+    assert set_kernel(layers, "dequant") == 2
+    assert all(layer.kernel == "dequant" for layer in layers)
+    with pytest.raises(ValueError, match="kernel"):
+        set_kernel(layers, "nope")
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
+def test_embedding_lookup_dequantises_the_rows_it_gathers(scheme) -> None:
+    torch.manual_seed(3)
+    table = torch.randn(50, 64)
+    codes, params = quantize_rtn(table, scheme)
+    embedding = QuantEmbedding.from_codes(codes, params, scheme)
+    ids = torch.tensor([[0, 7, 49], [7, 7, 3]])
+    dequantised = scheme.dequantize(codes, params)
+    assert torch.equal(embedding(ids), dequantised[ids])
+    assert torch.equal(embedding.weight, dequantised)

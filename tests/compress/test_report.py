@@ -1,0 +1,65 @@
+"""The efficiency report: sizes, perplexity, speed and energy for each variant; the Pareto front."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+import heron
+from heron.cli.main import main
+
+from heron.compress.report import checkpoint_bytes, measure, pareto_front, write_report
+from heron.core import ModelConfig, Transformer
+from heron.data import Corpus, prepare_shards
+from heron.generate import perplexity
+from heron.tokenizer import train_tokenizer
+from heron.train.checkpoint import save_model_folder
+
+torch.set_num_threads(1)
+
+
+def test_pareto_front_by_brute_force():
+    points = [(1.0, 5.0), (2.0, 4.0), (3.0, 4.5), (0.5, 9.0), (2.0, 4.0), (4.0, 3.0)]
+    # (3.0, 4.5) is beaten by (2.0, 4.0); the two equal points beat neither one another.
+    assert pareto_front(points) == [True, True, False, True, True, True]
+
+
+def test_report_rows_match_direct_measurements(tmp_path):
+    torch.manual_seed(0)
+    folders = []
+    for name, d_model in (("wide", 64), ("narrow", 32)):
+        model = Transformer(ModelConfig(vocab_size=128, d_model=d_model, n_layers=2, n_heads=2, max_seq_len=128))
+        folders.append(save_model_folder(tmp_path / name, model))
+    val = np.random.default_rng(0).integers(0, 128, size=2000).astype(np.uint16)
+    rows = measure(folders, val, seq_len=32, batch_size=4, max_batches=2, new_tokens=8, rounds=2)
+    assert [r.name for r in rows] == ["wide", "narrow"]
+    assert rows[0].size_ratio == 1.0 and rows[1].size_ratio == checkpoint_bytes(folders[1]) / checkpoint_bytes(folders[0])
+    assert 0.2 < rows[1].size_ratio < 0.5  # about a quarter of the weights, plus the same small files
+    narrow, _ = heron.load(folders[1])
+    assert rows[1].perplexity == perplexity(narrow, val, seq_len=32, batch_size=4, max_batches=2)
+    assert all(r.decode_tokens_per_s > 0 and r.joules_per_token > 0 and r.energy_source for r in rows)
+    md = write_report(rows, tmp_path / "report")
+    table = md.read_text()
+    said = "measured" if rows[1].energy_measured else "estimated"
+    assert "| narrow |" in table and f"{rows[1].energy_source} ({said})" in table
+    assert json.loads((tmp_path / "report" / "report.json").read_text())[1]["name"] == "narrow"
+    assert (tmp_path / "report" / "pareto.png").stat().st_size > 0
+
+
+def test_the_cli_writes_the_report(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(20):
+        (corpus / f"m{i}.py").write_text(f"def f{i}(a):\n    return a + {i}\n" * 20)
+    tokenizer = train_tokenizer([p.read_text() for p in corpus.iterdir()], vocab_size=300, show_progress=False)
+    shards = prepare_shards(Corpus([corpus]), tokenizer, tmp_path / "shards", val_fraction=0.5, show_progress=False)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, n_layers=1, n_heads=2,
+                                    max_seq_len=128))
+    folder = save_model_folder(tmp_path / "model", model, tokenizer=tokenizer)
+    args = ["compress", "report", str(folder), str(folder), "--shards", str(shards.path), "--out",
+            str(tmp_path / "report"), "--seq-len", "16", "--max-batches", "1", "--new-tokens", "4"]
+    assert main(args) == 0
+    assert "| variant | size (MB)" in capsys.readouterr().out
+    assert (tmp_path / "report" / "pareto.png").is_file()
