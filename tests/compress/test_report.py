@@ -36,6 +36,8 @@ def test_report_rows_match_direct_measurements(tmp_path):
     assert [r.name for r in rows] == ["wide", "narrow"]
     assert rows[0].size_ratio == 1.0 and rows[1].size_ratio == checkpoint_bytes(folders[1]) / checkpoint_bytes(folders[0])
     assert 0.2 < rows[1].size_ratio < 0.5  # about a quarter of the weights, plus the same small files
+    (folders[0] / "trainer_state.pt").write_bytes(b"x" * 10_000)  # optimizer state: not part of the model
+    assert checkpoint_bytes(folders[0]) == rows[0].size_bytes
     narrow, _ = heron.load(folders[1])
     assert rows[1].perplexity == perplexity(narrow, val, seq_len=32, batch_size=4, max_batches=2)
     assert all(r.decode_tokens_per_s > 0 and r.joules_per_token > 0 and r.energy_source for r in rows)
@@ -57,9 +59,11 @@ def test_the_cli_writes_the_report(tmp_path, capsys):
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, n_layers=1, n_heads=2,
                                     max_seq_len=128))
-    folder = save_model_folder(tmp_path / "model", model, tokenizer=tokenizer)
-    args = ["compress", "report", str(folder), str(folder), "--shards", str(shards.path), "--out",
+    first = save_model_folder(tmp_path / "a" / "model", model, tokenizer=tokenizer)
+    second = save_model_folder(tmp_path / "b" / "model", model, tokenizer=tokenizer)
+    args = ["compress", "report", str(first), str(second), "--shards", str(shards.path), "--out",
             str(tmp_path / "report"), "--seq-len", "16", "--max-batches", "1", "--new-tokens", "4"]
     assert main(args) == 0
-    assert "| variant | size (MB)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| variant | size (MB)" in out and f"| {second} |" in out  # same folder names: whole paths
     assert (tmp_path / "report" / "pareto.png").is_file()

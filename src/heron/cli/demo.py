@@ -6,17 +6,19 @@ minutes, measures validation perplexity and prints samples. Then it aligns
 the model on the synthetic say-the-word task (`align.synthetic.RepeatTask`):
 supervised fine-tuning teaches the reply format, and DPO on the judge's
 preferences teaches its rule (exactly three repetitions); the judge scores
-both models on held-out prompts. Last it says where every artefact is. Each
+both models on held-out prompts. Then it quantises the pre-trained model's
+weights to int8 and reports size, perplexity, decode speed and energy per
+token beside fp32 (`compress.report`). Last it says where every artefact is. Each
 stage that later issues add extends this list. A second run reuses what the
-first made (pre-training resumes; an alignment stage whose model exists for
-the same base is skipped); `--fresh` starts over.
+first made (pre-training resumes; an alignment or compression stage whose
+model exists for the same base is skipped); `--fresh` starts over.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import heron
@@ -26,6 +28,9 @@ from heron.align.run import METRICS_FILE as ALIGN_METRICS_FILE
 from heron.align.run import MODEL_DIR, run_alignment
 from heron.align.synthetic import RepeatTask, win_rate
 from heron.cli.commands import ALIGN_RECIPES_DIR, recipe_path
+from heron.compress.quantize import QuantizeSettings
+from heron.compress.quantize_checkpoint import QuantizeCheckpointSettings, quantize_checkpoint
+from heron.compress.report import PARETO_PNG, measure, write_report
 from heron.data import load_shards
 from heron.generate import Generator, SamplingParams, perplexity
 from heron.train import load_model_folder, load_recipe, train
@@ -45,28 +50,36 @@ def run(args: argparse.Namespace) -> int:
     out: Path = args.out
     shards_dir = out / "data"
     recipe = load_recipe(recipe_path("tiny"), [f"out_dir={out}", f"data.shards={shards_dir}", *args.overrides])
-    _stage("1-3/7", "tokenizer, shards and pre-training of the 'tiny' model on the Python standard library")
+    _stage("1-3/8", "tokenizer, shards and pre-training of the 'tiny' model on the Python standard library")
     result = train(recipe, resume=not args.fresh)
     model, tokenizer = load_model_folder(result.checkpoint)
 
-    _stage("4/7", "validation perplexity")
+    _stage("4/8", "validation perplexity")
     shards = load_shards(shards_dir)
     ppl = perplexity(model, shards.val, seq_len=recipe.data.seq_len, batch_size=8, max_batches=16, progress=True)
     print(f"validation perplexity: {ppl:.2f} (a uniform guess over the vocabulary: {tokenizer.vocab_size})")
 
-    _stage("5/7", "samples")
+    _stage("5/8", "samples")
     generator = Generator(model, tokenizer)
     for prompt, text in zip(SAMPLE_PROMPTS, generator.generate(list(SAMPLE_PROMPTS), SAMPLING)):
         print(f"--- prompt {prompt!r}\n{prompt}{text}\n")
 
-    align_dir = out / "align"
-    if args.fresh and align_dir.exists():
-        remove_folder(align_dir)
-    _stage("6/7", "alignment: supervised fine-tuning on the say-the-word task (replies repeat the word 1-5 times)")
+    align_dir, compress_dir = out / "align", out / "compress"
+    for made in (align_dir, compress_dir):
+        if args.fresh and made.exists():
+            remove_folder(made)
+    _stage("6/8", "alignment: supervised fine-tuning on the say-the-word task (replies repeat the word 1-5 times)")
     sft = _aligned("sft", "task-sft", result.checkpoint, align_dir / "sft")
-    _stage("7/7", f"alignment: DPO on the judge's preferences (exactly {TASK.target} repetitions)")
+    _stage("7/8", f"alignment: DPO on the judge's preferences (exactly {TASK.target} repetitions)")
     dpo = _aligned("dpo", "task-dpo", sft, align_dir / "dpo")
     _compare_on_task({"SFT": sft, "DPO": dpo})
+
+    _stage("8/8", "compression: int8 weights (per output channel, round to nearest) beside fp32")
+    int8 = _quantized(result.checkpoint, compress_dir / "int8")
+    rows = measure([result.checkpoint, int8], shards.val, names=["fp32", "int8"], seq_len=recipe.data.seq_len,
+                   max_batches=8, new_tokens=32)
+    report = write_report(rows, compress_dir / "report")
+    print(report.read_text(encoding="utf-8"))
 
     minutes = (time.perf_counter() - started) / 60
     print(f"done in {minutes:.1f} min. Artefacts:")
@@ -80,6 +93,9 @@ def run(args: argparse.Namespace) -> int:
         ("SFT model", sft),
         ("DPO model", dpo),
         ("DPO metrics", align_dir / "dpo" / ALIGN_METRICS_FILE),
+        ("int8 model", int8),
+        ("report", report),
+        ("Pareto plot", compress_dir / "report" / PARETO_PNG),
     ]:
         print(f"  {label:<13} {path}")
     print(f"Try: heron generate {result.checkpoint} --prompt 'def parse('")
@@ -91,14 +107,31 @@ def _aligned(method: str, recipe_name: str, base: Path, out_dir: Path, overrides
     """The model a shipped alignment recipe makes from `base`: reused when a
     previous run made it from the same base, else trained (again)."""
     model_dir = out_dir / MODEL_DIR
-    if model_dir.exists():
-        made_from = verify_checkpoint(model_dir).get("alignment", {}).get("base")
-        if made_from == str(base.resolve()):
-            print(f"reusing {model_dir} (delete it, or run with --fresh, to train it again)")
-            return model_dir
-        remove_folder(model_dir)
-    recipe = load_align_recipe(recipe_path(recipe_name, ALIGN_RECIPES_DIR), [f"base={base}", f"out_dir={out_dir}", *overrides])
+    if _reuse(model_dir, base, lambda lineage: lineage.get("alignment", {}).get("base")):
+        return model_dir
+    recipe = load_align_recipe(recipe_path(recipe_name, ALIGN_RECIPES_DIR),
+                               [f"base={base}", f"out_dir={out_dir}", *overrides])
     return run_alignment(method, recipe)
+
+
+def _quantized(source: Path, target: Path) -> Path:
+    """`source` in int8 at `target`: reused when a previous run made it from the same source."""
+    if not _reuse(target, source, lambda lineage: lineage.get("quantized_from")):
+        settings = QuantizeCheckpointSettings(QuantizeSettings(scheme="int8", method="rtn"))
+        quantize_checkpoint(source.resolve(), target, settings, progress=False)
+    return target
+
+
+def _reuse(folder: Path, source: Path, made_from: Callable[[dict], str | None]) -> bool:
+    """Whether `folder` holds what an earlier run made from `source` (as its lineage,
+    read by `made_from`, says); a folder made from something else is removed."""
+    if not folder.exists():
+        return False
+    if made_from(verify_checkpoint(folder)) == str(source.resolve()):
+        print(f"reusing {folder} (delete it, or run with --fresh, to make it again)")
+        return True
+    remove_folder(folder)
+    return False
 
 
 def _compare_on_task(models: dict[str, Path]) -> None:

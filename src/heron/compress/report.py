@@ -1,7 +1,7 @@
 """The efficiency report: variants made from one model, side by side.
 
-For each checkpoint folder: size on disk (every file, as a user would copy
-it), validation perplexity, decode speed (batch 1, greedy, KV-cached; median
+For each checkpoint folder: size on disk (every file a user would copy to
+run it: a training checkpoint's optimizer state is left out), validation perplexity, decode speed (batch 1, greedy, KV-cached; median
 of rounds) and energy per decoded token with the meter's source. Written as
 a Markdown table, a JSON file and a Pareto plot of perplexity against size
 and against speed; the variants no other variant beats on both axes are
@@ -28,6 +28,7 @@ import torch  # noqa: E402
 import heron  # noqa: E402
 from heron.generate import Decoder, SamplingParams, decode_steps, perplexity  # noqa: E402
 from heron.govern import EnergyMeter, EnergyReport  # noqa: E402
+from heron.train.checkpoint import STATE_FILE  # noqa: E402
 
 REPORT_MD, REPORT_JSON, PARETO_PNG = "report.md", "report.json", "pareto.png"
 
@@ -46,8 +47,9 @@ class VariantRow:
 
 
 def checkpoint_bytes(folder: str | Path) -> int:
-    """Every file of a checkpoint folder, as copied to another disk."""
-    files = [p for p in Path(folder).rglob("*") if p.is_file()]
+    """Every file of a checkpoint folder, as copied to another disk to run the
+    model: a training checkpoint's optimizer state (trainer_state.pt) is not counted."""
+    files = [p for p in Path(folder).rglob("*") if p.is_file() and p.name != STATE_FILE]
     if not files:
         raise FileNotFoundError(f"{folder}: no checkpoint files here")
     return sum(p.stat().st_size for p in files)
@@ -69,19 +71,27 @@ def decode_speed(model: torch.nn.Module, prompt: list[int], *, new_tokens: int =
     return statistics.median(speeds), meter.stop(tokens=rounds * new_tokens)
 
 
-def measure(folders: Sequence[str | Path], val_tokens: np.ndarray, *, seq_len: int = 128, batch_size: int = 8,
-            max_batches: int | None = 16, new_tokens: int = 64, rounds: int = 3) -> list[VariantRow]:
-    """One row per checkpoint folder; the first is the reference for size ratios."""
+def measure(folders: Sequence[str | Path], val_tokens: np.ndarray, *, names: Sequence[str] | None = None,
+            seq_len: int = 128, batch_size: int = 8, max_batches: int | None = 16, new_tokens: int = 64,
+            rounds: int = 3) -> list[VariantRow]:
+    """One row per checkpoint folder (named by `names`, else by the folder); the
+    first is the reference for size ratios."""
     if not folders:
         raise ValueError("folders: give at least one checkpoint folder")
+    if names is None:  # folder names, or whole paths where two folders share a name (step_00001000 ...)
+        names = [Path(f).name for f in folders]
+        names = names if len(set(names)) == len(names) else [str(f) for f in folders]
+    names = list(names)
+    if len(names) != len(folders) or len(set(names)) != len(names):
+        raise ValueError(f"names: need one distinct name per folder, got {names}")
     prompt = [int(t) for t in val_tokens[:16]]
     rows: list[VariantRow] = []
-    for folder in folders:
+    for name, folder in zip(names, folders):
         model, _ = heron.load(folder)
         size = checkpoint_bytes(folder)
         ppl = perplexity(model, val_tokens, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches)
         speed, energy = decode_speed(model, prompt, new_tokens=new_tokens, rounds=rounds)
-        rows.append(VariantRow(Path(folder).name, str(folder), size, size / (rows[0].size_bytes if rows else size),
+        rows.append(VariantRow(name, str(folder), size, size / (rows[0].size_bytes if rows else size),
                                ppl, speed, energy.joules_per_token, energy.source, energy.measured))
     return rows
 

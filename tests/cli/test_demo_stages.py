@@ -1,4 +1,4 @@
-"""The demo's alignment stage on a tiny model: a stage's model is reused only when it was
+"""The demo's alignment and compression stages on a tiny model: a stage's model is reused only when it was
 made from the same base, and the judge's comparison reports what the judge says."""
 import json
 
@@ -49,3 +49,12 @@ def test_the_comparison_of_a_model_with_itself_is_an_even_match(bases, capsys):
     assert "DPO beats SFT on 50% of the prompts" in out
     lines = [line for line in out.splitlines() if line.startswith(("  SFT", "  DPO"))]  # the score table
     assert len(lines) == 2 and lines[0].split()[1:] == lines[1].split()[1:]  # same score, same exact share
+
+
+def test_the_int8_stage_is_reused_for_the_same_model_and_redone_for_another(bases, tmp_path, capsys):
+    first = demo._quantized(bases[0], tmp_path / "int8")
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    assert demo._quantized(bases[0], tmp_path / "int8") == first
+    assert (first / "model.safetensors").stat().st_mtime_ns == stamp and "reusing" in capsys.readouterr().out
+    redone = demo._quantized(bases[1], tmp_path / "int8")
+    assert json.loads((redone / "lineage.json").read_text())["quantized_from"] == str(bases[1].resolve())
