@@ -1,0 +1,203 @@
+"""Compression of one ~30M model trained on the default corpus (issue 6), side by side.
+
+The model: the `small` preset at the demo's 4096-token vocabulary (27.8M
+parameters), trained on the Python standard library's shards for 1,500 steps
+of 8 x 128 tokens in runs/bench-compress/small (resumed if it is there; about
+an hour here on its own). Every variant is made from its last checkpoint with
+Heron's own commands' functions and written as a checkpoint under
+runs/bench-compress/variants/ (reused when present):
+
+- int8 per channel (round to nearest); int4, group 128, by RTN, GPTQ and AWQ
+  (embedding and head int8);
+- 50% unstructured by magnitude, Wanda and SparseGPT; 2:4 by SparseGPT;
+- 25% of MLP channels removed (activation-weighted importance, 100 steps of
+  masked recovery);
+- a student at half the parameters (d_model 352) trained for 600
+  steps from scratch and, with the same recipe, distilled from the model
+  (T = 2, alpha 0.5).
+
+Perplexity: validation split, 32 windows of 8 x 128 tokens (the first 32k
+tokens). Size: every file of the checkpoint folder against the fp32 one.
+Decode: batch 1, greedy, 64 new tokens after a 16-token prompt, KV-cached;
+the fp32 model, the int8 model, PyTorch's `quantize_dynamic` int8 of the same
+model and the structured-pruned model run in one process, interleaved over
+ROUNDS rounds; speed-ups are medians of per-round ratios. Energy per decoded
+token and its source come from Heron's meter (estimated on this machine).
+
+    python benchmarks/bench_compress.py [--no-write]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from common import HERE, Result, interleave, machine, ratio, record, setup_torch
+import heron
+from heron.compress.distill import distill
+from heron.compress.prune_checkpoint import PruneSettings, prune_checkpoint
+from heron.compress.quantize import QuantizeSettings
+from heron.compress.quantize_checkpoint import QuantizeCheckpointSettings, quantize_checkpoint
+from heron.compress.report import decode_speed, measure, write_report
+from heron.core.linear import Linear
+from heron.data import load_shards
+from heron.train import load_recipe, train
+from heron.train.recipe import TrainRecipe
+
+RUNS = HERE.parent / "runs" / "bench-compress"
+SHARDS = HERE.parent / "runs" / "data" / "stdlib"
+SMALL_RECIPE = HERE.parent / "src" / "heron" / "recipes" / "small.yaml"
+TRAINING = ["data.vocab_size=4096", "data.seq_len=128", "train.batch_size=8", "train.grad_accum=1",
+            "schedule.warmup_steps=50", "optim.lr=1.5e-3", "train.eval_every=250", "train.eval_batches=8",
+            "train.ckpt_every=100", "train.keep_last=2", f"data.shards={SHARDS}"]
+STUDENT_WIDTH, NEW_TOKENS = 352, 64
+CALIBRATION = dict(calib_shards=str(SHARDS), calib_batch_size=8, seq_len=128)
+
+
+@dataclass(frozen=True)
+class Plan:
+    runs: Path
+    teacher_steps: int
+    student_steps: int
+    eval_batches: int
+    calib_batches: int
+    rounds: int
+
+
+FULL = Plan(RUNS, teacher_steps=1500, student_steps=600, eval_batches=32, calib_batches=16, rounds=5)
+SMOKE = Plan(HERE.parent / "runs" / "bench-compress-smoke", teacher_steps=4, student_steps=2, eval_batches=1,
+             calib_batches=1, rounds=1)  # checks the script end to end in minutes; writes nothing
+
+
+def small_recipe(out_dir: Path, steps: int, *extra: str) -> TrainRecipe:
+    return load_recipe(SMALL_RECIPE, [*TRAINING, f"out_dir={out_dir}", f"train.steps={steps}", *extra])
+
+
+def teacher(plan: Plan) -> Path:
+    return train(small_recipe(plan.runs / "small", plan.teacher_steps)).checkpoint
+
+
+def variants(source: Path, plan: Plan) -> dict[str, Path]:
+    """name -> checkpoint folder, each made once."""
+    out = plan.runs / "variants"
+    calibration = {**CALIBRATION, "calib_batches": plan.calib_batches}
+    quantized = {"int8": QuantizeSettings("int8"), "int4-rtn": QuantizeSettings("int4", "rtn"),
+                 "int4-gptq": QuantizeSettings("int4", "gptq"), "int4-awq": QuantizeSettings("int4", "awq")}
+    pruned = {"sparse50-magnitude": PruneSettings("magnitude", sparsity=0.5),
+              "sparse50-wanda": PruneSettings("wanda", sparsity=0.5),
+              "sparse50-sparsegpt": PruneSettings("sparsegpt", sparsity=0.5),
+              "2:4-sparsegpt": PruneSettings("sparsegpt", nm=(2, 4)),
+              "mlp25": PruneSettings(mlp_channels=0.25, recover_steps=100, recover_lr=1e-4)}
+    made = {}
+    for name, settings in quantized.items():
+        made[name] = out / name
+        if not made[name].exists():
+            print(f"making {name}", flush=True)
+            quantize_checkpoint(source, made[name], QuantizeCheckpointSettings(settings, **calibration))
+    for name, settings in pruned.items():
+        made[name] = out / name
+        if not made[name].exists():
+            print(f"making {name}", flush=True)
+            prune_checkpoint(source, made[name], PruneSettings(**{**vars(settings), **calibration}))
+    return made
+
+
+def students(source: Path, plan: Plan) -> dict[str, Path]:
+    """The half-size student from scratch and distilled, same recipe and steps."""
+    width = f"model.overrides.d_model={STUDENT_WIDTH}"
+    scratch = train(small_recipe(plan.runs / "student-scratch", plan.student_steps, width)).checkpoint
+    distilled = distill(source, small_recipe(plan.runs / "student-distilled", plan.student_steps, width),
+                        temperature=2.0, alpha=0.5).checkpoint
+    return {"student-scratch": scratch, "student-distilled": distilled}
+
+
+def torch_dynamic_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """PyTorch's own dynamic int8 quantisation of every linear, on a copy. Its converter
+    takes exact `nn.Linear`s only, so Heron's subclass (same parameters) is relabelled first."""
+    model = copy.deepcopy(model)
+    for module in model.modules():
+        if type(module) is Linear:
+            module.__class__ = torch.nn.Linear
+    return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--no-write", action="store_true", help="print only; leave results files alone")
+    parser.add_argument("--smoke", action="store_true", help="a few steps of everything, to check the script")
+    args = parser.parse_args()
+    plan = SMOKE if args.smoke else FULL
+    setup_torch()
+    info = machine()
+    started = time.perf_counter()
+    source = teacher(plan)
+    folders = {"fp32": source, **variants(source, plan), **students(source, plan)}
+    val = load_shards(SHARDS).val
+    evaluation = dict(seq_len=128, batch_size=8, max_batches=plan.eval_batches)
+    listed = measure(list(folders.values()), val, names=list(folders), **evaluation, new_tokens=NEW_TOKENS)
+    by = {row.name: row for row in listed}
+    report = write_report(listed, plan.runs / "report")
+
+    fp32, _ = heron.load(source)
+    int8, _ = heron.load(folders["int8"])
+    mlp25, _ = heron.load(folders["mlp25"])
+    dynamic = torch_dynamic_int8(fp32)
+    prompt = [int(t) for t in val[:16]]
+    speed = interleave({name: lambda m=m: decode_speed(m, prompt, new_tokens=NEW_TOKENS, rounds=1)[0]
+                        for name, m in {"fp32": fp32, "int8": int8, "torch-dynamic": dynamic,
+                                        "mlp25": mlp25}.items()}, plan.rounds)
+
+    def increase(name: str) -> float:
+        return by[name].perplexity / by["fp32"].perplexity - 1
+
+    how = (f"validation perplexity over {plan.eval_batches} x {evaluation['batch_size']} windows of "
+           f"{evaluation['seq_len']} tokens")
+    results = [
+        Result("int8_ppl_increase_pct", 100 * increase("int8"), "%", f"int8 per channel (RTN): {how}", 1.0,
+               at_most=True),
+        Result("int8_size_ratio", by["int8"].size_ratio, "x", "whole checkpoint folder on disk, int8 / fp32", 0.27,
+               at_most=True),
+        Result("int8_decode_speedup", ratio(speed["int8"], speed["fp32"]).median, "x",
+               f"decode tokens/s, batch 1, greedy, {NEW_TOKENS} tokens, int8 / fp32, {plan.rounds} interleaved "
+               "rounds"),
+        Result("int8_decode_vs_torch_dynamic", ratio(speed["int8"], speed["torch-dynamic"]).median, "x",
+               "decode tokens/s, Heron int8 / torch.ao.quantization.quantize_dynamic int8 of the same model, "
+               "interleaved", 1.0),
+        Result("int4_gptq_over_rtn_ppl_increase", increase("int4-gptq") / increase("int4-rtn"), "x",
+               f"int4 group 128: GPTQ's perplexity increase / RTN's ({how})", 0.5, at_most=True),
+        Result("int4_size_ratio", by["int4-gptq"].size_ratio, "x",
+               "whole checkpoint folder, int4 g128 (embedding and head int8) / fp32", 0.16, at_most=True),
+        Result("wanda_over_magnitude_ppl_increase", increase("sparse50-wanda") / increase("sparse50-magnitude"),
+               "x", f"50% unstructured: Wanda's perplexity increase / magnitude's ({how})", 0.5, at_most=True),
+        Result("sparsegpt_over_magnitude_ppl_increase",
+               increase("sparse50-sparsegpt") / increase("sparse50-magnitude"), "x",
+               f"50% unstructured: SparseGPT's perplexity increase / magnitude's ({how})", 0.5, at_most=True),
+        Result("structured25_decode_speedup", ratio(speed["mlp25"], speed["fp32"]).median, "x",
+               "25% of MLP channels removed (100 recovery steps): decode tokens/s / fp32's, interleaved", 1.15),
+        Result("distill_ppl_over_scratch", by["student-distilled"].perplexity / by["student-scratch"].perplexity,
+               "x", f"student at half the parameters (d_model {STUDENT_WIDTH}), {plan.student_steps} steps: distilled "
+               f"(T 2, alpha 0.5) perplexity / from scratch ({how})", 1.0, at_most=True),
+    ]
+    table = report.read_text().split("\n\n")[0]
+    notes = [
+        "Every variant of the one model (`runs/bench-compress/report/`, Pareto plot `pareto.png` there); decode "
+        "speeds in this table are one sequential pass each, the keys above come from the interleaved rounds; "
+        "AWQ and 2:4 are reported beside GPTQ and the 50% methods:",
+        "",
+        table,
+        "",
+        "Interleaved decode tokens/s (median): " + ", ".join(f"{n} {s.median:.1f}" for n, s in speed.items()) + ".",
+        f"Whole benchmark (variants reused when present): {(time.perf_counter() - started) / 60:.1f} min.",
+    ]
+    for r in results:
+        print(f"{r.key}: {r.value:.4g} {r.unit}")
+    if not (args.no_write or args.smoke):
+        record("compress", "Compression of a ~30M model trained on the default corpus", results, info, notes)
+
+
+if __name__ == "__main__":
+    main()
