@@ -12,17 +12,11 @@ import torch
 from heron.compress.prune import wanda_mask
 from heron.compress.prune_model import prune_model, recover, sparsity_of
 from heron.compress.calibration import block_linears
-from heron.core import ModelConfig, MoEConfig, Transformer
+from heron.core import MoEConfig
+
+from compress_helpers import V, tiny
 
 torch.set_num_threads(1)
-V = 256
-
-
-def tiny(seed: int = 0, **overrides) -> Transformer:
-    torch.manual_seed(seed)
-    config = ModelConfig(**{"vocab_size": V, "d_model": 64, "n_layers": 2, "n_heads": 4, "max_seq_len": 64,
-                            "init_std": 0.1, **overrides})
-    return Transformer(config).eval()
 
 
 def token_batches(n: int = 4, B: int = 4, T: int = 32, seed: int = 0) -> list[torch.Tensor]:

@@ -16,18 +16,12 @@ from heron.compress.prune_structured import (
     prune_mlp_channels,
     remove_head_groups,
 )
-from heron.core import ModelConfig, MoEConfig, Transformer
+from heron.core import MoEConfig, Transformer
 from heron.train.checkpoint import save_model_folder
 
+from compress_helpers import V, tiny
+
 torch.set_num_threads(1)
-V = 256
-
-
-def tiny(seed: int = 0, **overrides) -> Transformer:
-    torch.manual_seed(seed)
-    config = ModelConfig(**{"vocab_size": V, "d_model": 64, "n_layers": 2, "n_heads": 4, "max_seq_len": 64,
-                            "init_std": 0.1, **overrides})
-    return Transformer(config).eval()
 
 
 def tiny_moe(seed: int = 0, top_k: int = 2, **overrides) -> Transformer:

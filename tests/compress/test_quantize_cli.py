@@ -4,33 +4,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
 import heron
+from compress_helpers import checkpoint_and_shards
 from heron.cli.main import main
 from heron.compress import QuantLinear
 from heron.compress.checkpoint import QUANTIZATION_FILE
-from heron.core import ModelConfig, Transformer
-from heron.train.checkpoint import save_model_folder
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> tuple[Path, Path]:
-    """(a checkpoint of a tiny random model, a shard folder of counting sequences)."""
-    root = tmp_path_factory.mktemp("quantize_cli")
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, max_seq_len=64, d_ff=128))
-    save_model_folder(root / "ckpt", model)
-    shards = root / "shards"  # the layout data/shards.py documents: raw uint16 ids plus meta.json
-    shards.mkdir()
-    meta: dict = {"format": 1, "dtype": "uint16"}
-    for split, ids in {"train": np.arange(4000) % 256, "val": np.arange(500) % 256}.items():
-        ids.astype("<u2").tofile(shards / f"{split}_000000.bin")
-        meta[split] = {"tokens": len(ids), "shards": [{"file": f"{split}_000000.bin", "tokens": len(ids)}]}
-    (shards / "meta.json").write_text(json.dumps(meta))
-    return root / "ckpt", shards
+    return checkpoint_and_shards(tmp_path_factory.mktemp("quantize_cli"))
 
 
 def test_gptq_int4_with_calibration_shards_writes_a_loadable_checkpoint(folders, tmp_path, capsys) -> None:
