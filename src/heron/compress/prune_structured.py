@@ -114,12 +114,8 @@ def remove_mlp_channels(model: Transformer, keep: dict[int, torch.Tensor]) -> Tr
     ff, new_ff = c.resolved_d_ff, len(next(iter(keep.values())))
     state = dict(model.state_dict())
     for i, idx in keep.items():
-        p = f"blocks.{i}.mlp."
         rows = torch.cat([idx, idx + ff]) if c.mlp == "swiglu" else idx
-        for name in ("up.weight", "up.bias"):
-            if p + name in state:
-                state[p + name] = state[p + name][rows]
-        state[p + "down.weight"] = state[p + "down.weight"][:, idx]
+        _keep_units(state, f"blocks.{i}.mlp.", "up", "down", rows, idx)
     if new_ff == ff:
         return _rebuild(model, c, state)
     changes: dict[str, object] = {"d_ff": new_ff}
@@ -179,11 +175,7 @@ def remove_head_groups(model: Transformer, keep: Sequence[torch.Tensor]) -> Tran
         q = (groups[:, None] * G * hd + torch.arange(G * hd)).flatten()  # query rows of the kept groups
         kv = (groups[:, None] * hd + torch.arange(hd)).flatten()
         rows = torch.cat([q, c.n_heads * hd + kv, (c.n_heads + n_kv) * hd + kv])
-        p = f"blocks.{i}.attn."
-        for name in ("qkv.weight", "qkv.bias"):
-            if p + name in state:
-                state[p + name] = state[p + name][rows]
-        state[p + "out.weight"] = state[p + "out.weight"][:, q]
+        _keep_units(state, f"blocks.{i}.attn.", "qkv", "out", rows, q)
     if n_keep == n_kv:
         return _rebuild(model, c, state)
     config = c.replace(n_heads=n_keep * G, n_kv_heads=None if c.n_kv_heads is None else n_keep, head_dim=hd)
@@ -241,6 +233,16 @@ def prune_experts(model: Transformer, keep: int, calibration: Calibration, *, ba
     counts = expert_counts(model, calibration, batch_size)
     chosen = {i: c.float().argsort(descending=True, stable=True)[:keep].sort().values for i, c in counts.items()}
     return remove_experts(model, chosen)
+
+
+def _keep_units(state: dict[str, torch.Tensor], prefix: str, writer: str, reader: str,
+                rows: torch.Tensor, cols: torch.Tensor) -> None:
+    """Keep the `writer` linear's output rows (weight and bias) and the `reader` linear's
+    matching input columns: the units between two linears that pruning keeps."""
+    for name in (f"{writer}.weight", f"{writer}.bias"):
+        if prefix + name in state:
+            state[prefix + name] = state[prefix + name][rows]
+    state[f"{prefix}{reader}.weight"] = state[f"{prefix}{reader}.weight"][:, cols]
 
 
 __all__ = [
