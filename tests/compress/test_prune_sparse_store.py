@@ -1,6 +1,7 @@
 """Sparse checkpoints: the bitmask + values form round-trips exactly, and a
-pruned model saved with it loads back through heron.load bit for bit from a
-file smaller than the dense one by the expected amount."""
+pruned model saved with it (a MoE's stacked experts too) loads back through
+heron.load bit for bit from a file smaller than the dense one by the expected
+amount."""
 from __future__ import annotations
 
 import json
@@ -11,9 +12,9 @@ import torch
 
 import heron
 from heron.compress.prune_model import prune_model
-from heron.compress.calibration import block_linears
+from heron.compress.calibration import block_experts, block_linears
 from heron.compress.sparse_store import SPARSITY_FILE, pack_sparse, packed_bytes, save_sparse, unpack_sparse
-from heron.core import ModelConfig, Transformer
+from heron.core import ModelConfig, MoEConfig, Transformer
 from heron.train.checkpoint import MODEL_FILE, CheckpointError, save_model_folder, verify_checkpoint
 
 torch.set_num_threads(1)
@@ -62,6 +63,25 @@ def test_save_load_round_trip_is_exact_and_the_file_is_smaller(tmp_path):
     assert abs((dense - sparse) - saving) < 2048  # the rest: safetensors' JSON header
     stored = safetensors.torch.load_file(tmp_path / "sparse" / MODEL_FILE)
     assert stored["blocks.0.mlp.up.weight.sparse_mask"].dtype == torch.uint8
+
+
+def test_a_pruned_moe_round_trips_with_its_stacked_experts_packed(tmp_path):
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, max_seq_len=64, feed_forward=("moe",),
+                         moe=MoEConfig(n_experts=4, top_k=2))
+    model, ids = Transformer(config).eval(), torch.randint(0, 256, (2, 16))
+    prune_model(model, "magnitude", nm=(2, 4), progress=False)
+    save_sparse(tmp_path / "moe", model)
+    record = json.loads((tmp_path / "moe" / SPARSITY_FILE).read_text())["tensors"]
+    assert record["blocks.0.mlp.up"] == {"shape": [4, 64, 192], "dtype": "float32", "nonzeros": 4 * 64 * 192 // 2}
+    assert set(block_experts(model)) <= set(record)
+    stored = safetensors.torch.load_file(tmp_path / "moe" / MODEL_FILE)
+    assert "blocks.1.mlp.down" not in stored and stored["blocks.1.mlp.down.sparse_values"].numel() == 4 * 96 * 64 // 2
+    loaded, _ = heron.load(tmp_path / "moe")
+    want = model.state_dict()
+    assert all(torch.equal(value, want[name]) for name, value in loaded.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
 def test_dense_weights_are_not_packed_and_a_damaged_record_is_named(tmp_path):

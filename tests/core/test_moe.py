@@ -196,6 +196,28 @@ def test_top2_loads_count_both_slots():
     assert layer.last_stats["max_load_over_fair"].item() == pytest.approx(2.0)
 
 
+def test_expert_hooks_carry_each_experts_rows_grouped_after_their_sizes():
+    """hook_expert_in: the tokens that chose each expert, in token order, expert by
+    expert; hook_expert_post: those through the expert's up. Load and dropped fire
+    first, so a reader knows the groups (compress/ calibrates each expert on its own)."""
+    layer = make_moe()
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
+    _, seen = run_hooked(layer, x, "hook_expert_in", "hook_expert_post", "hook_expert_load", "hook_expert_dropped")
+    assert list(seen) == ["hook_expert_load", "hook_expert_dropped", "hook_expert_in", "hook_expert_post"]
+    tokens = x.reshape(10, 16)
+    chosen = torch.topk(torch.softmax(tokens @ layer.router.weight.T, dim=-1), 2).indices  # (10, 2)
+    sizes = seen["hook_expert_load"].tolist()
+    for e, (rows, hidden) in enumerate(zip(seen["hook_expert_in"].split(sizes), seen["hook_expert_post"].split(sizes))):
+        assert torch.equal(rows, tokens[(chosen == e).any(dim=-1)])
+        h = rows @ layer.up[e]  # (n_e, 2 * ff): gate and up halves
+        assert torch.allclose(hidden, F.silu(h[:, :8]) * h[:, 8:], atol=1e-6)
+    # Training over capacity: only the kept assignments, load - dropped of them.
+    capped = collapsed_layer(top_k=1, capacity_factor=1.0).train()  # capacity 2: tokens 0 and 1 on expert 0
+    x = torch.rand(1, 8, 16) + 0.1
+    _, seen = run_hooked(capped, x, "hook_expert_in")
+    assert torch.equal(seen["hook_expert_in"], x[0, :2])
+
+
 def test_router_entropy_hook_is_per_token():
     layer = make_moe()
     _, seen = run_hooked(layer, torch.randn(2, 5, 16), "hook_router_entropy")
@@ -220,7 +242,8 @@ def test_moe_layers_follow_the_schedule_and_hook_names_are_regular():
     assert [type(b.mlp).__name__ for b in model.blocks] == ["MLP", "MoE"]
     names = set(hook_points(model))
     assert "blocks.0.mlp.hook_post" in names
-    for hook in ("router_logits", "router_probs", "expert_load", "expert_dropped", "router_entropy"):
+    for hook in ("router_logits", "router_probs", "expert_load", "expert_dropped", "expert_in", "expert_post",
+                 "router_entropy"):
         assert f"blocks.1.mlp.hook_{hook}" in names
     shapes = {}
     record = lambda x, name: shapes.__setitem__(name, tuple(x.shape))  # noqa: E731

@@ -4,7 +4,8 @@ token windows from shards, and the inputs each block and each linear sees.
 The methods calibrate sequentially, block by block, as the GPTQ and SparseGPT
 reference code does: `first_block_inputs` catches what the model passes to
 its first block, and `feed` runs a block on those inputs up to one module,
-handing that module's input to a sink.
+handing that module's input to a sink. `feed_experts` does the same for a
+MoE's stacked experts, handing each expert only the rows routed to it.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from heron.core.hooks import attach_hooks
+from heron.core.moe import MoE
 from heron.core.transformer import Transformer
 from heron.data import load_shards
 from heron.data.batches import PackedBatches
@@ -23,6 +26,9 @@ BLOCK_LINEARS = ("attn.qkv", "attn.out", "mlp.shared.up", "mlp.shared.down", "ml
 # Where a linear's input is captured when the linear itself may not be called: over many
 # rows a SwiGLU MLP multiplies by halves of `up.weight` with F.linear (core/mlp.py).
 INPUT_OF = {"mlp.up": "mlp", "mlp.shared.up": "mlp.shared"}
+# A MoE's stacked expert weights (E, K, N), in data-flow order, and the hook point of
+# core/moe.py that carries their inputs, rows grouped by expert.
+EXPERT_INPUTS = {"mlp.up": "mlp.hook_expert_in", "mlp.down": "mlp.hook_expert_post"}
 
 
 def block_linears(model: Transformer) -> dict[str, nn.Linear]:
@@ -34,6 +40,12 @@ def block_linears(model: Transformer) -> dict[str, nn.Linear]:
             if isinstance(layer, nn.Linear):
                 found[f"blocks.{i}.{suffix}"] = layer
     return found
+
+
+def block_experts(model: Transformer) -> dict[str, nn.Parameter]:
+    """{dotted name: stacked expert weight (E, K, N)} of every MoE layer, block by block in data-flow order."""
+    return {f"blocks.{i}.{suffix}": block.get_parameter(suffix) for i, block in enumerate(model.blocks)
+            if isinstance(block.mlp, MoE) for suffix in EXPERT_INPUTS}
 
 
 def find_module(module: nn.Module, dotted: str) -> nn.Module | None:
@@ -110,6 +122,27 @@ def feed(block: nn.Module, reader: nn.Module, inputs: list[tuple[tuple, dict]],
         handle.remove()
 
 
+def feed_experts(block: nn.Module, suffix: str, inputs: list[tuple[tuple, dict]],
+                 sinks: Sequence[Callable[[torch.Tensor], None]]) -> None:
+    """Run the block on every batch until the inputs of its stacked expert weight
+    `suffix` (a key of EXPERT_INPUTS), passing expert e's rows (n_e, K) to sinks[e];
+    an expert routed no token of a batch gets nothing for it."""
+    groups: dict[str, torch.Tensor] = {}
+
+    def split(rows: torch.Tensor) -> None:  # (A, K) grouped by expert in order
+        kept = groups["mlp.hook_expert_load"] - groups["mlp.hook_expert_dropped"]  # (E,) fired before the rows
+        for sink, part in zip(sinks, rows.split(kept.tolist()), strict=True):
+            if len(part):
+                sink(part)
+
+    def remember(counts: torch.Tensor, name: str) -> None:  # (E,)
+        groups[name] = counts
+
+    with attach_hooks(block, {"mlp.hook_expert_load": remember, "mlp.hook_expert_dropped": remember}):
+        feed(block, block.get_submodule(EXPERT_INPUTS[suffix]), inputs, split)
+
+
 __all__ = [
-    "BLOCK_LINEARS", "INPUT_OF", "block_linears", "calibration_batches", "find_module", "input_reader", "calibration_windows", "feed", "first_block_inputs",
+    "BLOCK_LINEARS", "EXPERT_INPUTS", "INPUT_OF", "block_experts", "block_linears", "calibration_batches",
+    "calibration_windows", "feed", "feed_experts", "find_module", "first_block_inputs", "input_reader",
 ]

@@ -2,9 +2,9 @@
 
 Steps, in this order, each optional: remove MoE experts, attention head
 groups, MLP channels (structured: the model gets smaller); then unstructured
-or N:M pruning of the block linears (stored packed, see sparse_store.py);
-then a short masked recovery fine-tune. Calibration and recovery batches are
-random windows of a shard folder's training split.
+or N:M pruning of the block linears and routed MoE experts (stored packed,
+see sparse_store.py); then a short masked recovery fine-tune. Calibration
+and recovery batches are random windows of a shard folder's training split.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class PruneSettings:
     """What to prune; checked before any work."""
 
     method: str = "wanda"  # unstructured / N:M scoring: magnitude, wanda or sparsegpt
-    sparsity: float | None = None  # unstructured: fraction of block-linear weights set to zero
+    sparsity: float | None = None  # unstructured: fraction of block-linear and expert weights set to zero
     nm: tuple[int, int] | None = None  # N:M: keep n of every m consecutive inputs
     mlp_channels: float | None = None  # structured: fraction of MLP hidden channels removed
     heads: float | None = None  # structured: fraction of key/value head groups removed
@@ -84,7 +84,7 @@ def prune_checkpoint(source: str | Path, target: str | Path, settings: PruneSett
                             calibration=calibration, progress=progress)
     report: dict[str, Any] = {"settings": asdict(settings), "parameters_before": before,
                               "parameters_after": sum(p.numel() for p in model.parameters()),
-                              "block_linear_sparsity": sparsity_of(model)}
+                              "block_linear_sparsity": sparsity_of(model)}  # experts included
     if settings.recover_steps:
         losses = recover(model, recovery, settings.recover_steps, settings.recover_lr, masks=masks, progress=progress)
         report["recover_loss"] = {"first": losses[0], "last": losses[-1]}

@@ -1,10 +1,13 @@
 """Sparse checkpoints: a normal Heron model folder whose sparse weights are
 stored compactly, plus `sparsity.json`.
 
-A weight W with many zeros is stored as two tensors in model.safetensors:
+A weight W with many zeros, of any shape of two or more dimensions (a
+linear's (N, K), a MoE's stacked experts (E, K, N)), is stored as two tensors
+in model.safetensors:
 
     {name}.sparse_mask    uint8 (ceil(numel / 8),): bit i of byte k is element 8k + i
-                          (row-major) != 0, little-endian bit order as numpy.packbits(bitorder="little")
+                          (row-major, last dimension fastest) != 0, little-endian bit order
+                          as numpy.packbits(bitorder="little")
     {name}.sparse_values  W's dtype (nnz,): the nonzero elements in row-major order
 
 so an fp32 weight costs 1/8 + 4 * density bytes per element: at 50% sparsity
@@ -12,7 +15,8 @@ so an fp32 weight costs 1/8 + 4 * density bytes per element: at 50% sparsity
 than dense (density below 31/32 for fp32), never a tied tensor (loading
 re-ties it by name). sparsity.json names each such tensor with its shape,
 dtype and nonzero count; it is written inside the same atomic folder and
-hashed in lineage.json. `heron.load` restores the dense weights exactly.
+hashed in lineage.json. `heron.load` restores the dense weights exactly, to
+the shape recorded there.
 """
 from __future__ import annotations
 

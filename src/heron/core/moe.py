@@ -126,8 +126,12 @@ class MoE(nn.Module):
         self.shared = MLP(config.replace(d_ff=ff)) if moe.shared_expert else None
         self.hook_router_logits = HookPoint()  # (B, T, E): replacing them changes the routing
         self.hook_router_probs = HookPoint()  # (B, T, E): softmax of the logits; top-k reads these
+        # Load and dropped fire before the experts run, so a reader of the two below can split
+        # them by expert, (load - dropped)[e] rows each (pruning calibrates each expert on its own).
         self.hook_expert_load = HookPoint()  # (E,) long: assignments routed to each expert (read-only)
         self.hook_expert_dropped = HookPoint()  # (E,) long: of those, dropped over capacity (read-only)
+        self.hook_expert_in = HookPoint()  # (A, d): each kept assignment's token, grouped by expert in order
+        self.hook_expert_post = HookPoint()  # (A, ff): the experts' hidden activations, grouped the same way
         self.hook_router_entropy = HookPoint()  # (B, T): nats; computed only when hooked
         self._aux_loss: torch.Tensor | None = None
         self._last: dict[str, torch.Tensor] = {}
@@ -155,8 +159,6 @@ class MoE(nn.Module):
         capped = s.capacity_factor is not None and self.training  # eval never drops (class note)
         limit = expert_capacity(B * T, s.top_k, s.n_experts, s.capacity_factor) if capped else None
         y, kept = self._dispatch(flat, weights, experts, counts, limit)  # (N, d), (E,)
-        self.hook_expert_load(counts)
-        self.hook_expert_dropped(counts - kept)
         self._last = {"probs": probs.detach(), "counts": counts, "kept": kept}
         if torch.is_grad_enabled():
             balance = load_balancing_loss(probs, counts, s.aux_loss_coef)
@@ -182,7 +184,10 @@ class MoE(nn.Module):
             order = order[rank < limit]  # (A,) assignments within capacity
             kept = counts.clamp(max=limit)  # (E,)
         token = order // k  # (A,) the token of each sorted assignment
-        h = activate(grouped_matmul(x[token], self.up, kept), self.kind)  # (A, ff)
+        self.hook_expert_load(counts)
+        self.hook_expert_dropped(counts - kept)
+        rows = self.hook_expert_in(x[token])  # (A, d)
+        h = self.hook_expert_post(activate(grouped_matmul(rows, self.up, kept), self.kind))  # (A, ff)
         out = grouped_matmul(h, self.down, kept) * weights.flatten()[order, None]  # (A, d)
         return x.new_zeros(x.shape, dtype=out.dtype).index_add_(0, token, out), kept  # (N, d), (E,)
 
