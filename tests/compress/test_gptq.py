@@ -8,7 +8,7 @@ import torch
 from heron.compress.gptq import HessianAccumulator, gptq_quantize
 from heron.compress.schemes import Int4Grouped, Int8PerChannel, Scheme, quantize_rtn
 
-SCHEMES = [Int8PerChannel(), Int4Grouped(group_size=16)]
+SCHEMES = [Int8PerChannel(), Int4Grouped(group_size=16), Int4Grouped(group_size=16, symmetric=True)]
 
 
 def correlated_inputs(n: int, k: int, seed: int) -> torch.Tensor:
@@ -31,7 +31,7 @@ def test_hessian_is_twice_the_mean_outer_product_over_any_batching() -> None:
     torch.testing.assert_close(acc.H, 2 * x.T @ x / 37, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name + ("-symmetric" if getattr(s, "symmetric", False) else ""))
 @pytest.mark.parametrize("act_order", [False, True])
 def test_identity_hessian_gives_round_to_nearest_exactly(scheme: Scheme, act_order: bool) -> None:
     """With H = I no error is propagated to other columns (Hinv is diagonal)."""
@@ -43,7 +43,7 @@ def test_identity_hessian_gives_round_to_nearest_exactly(scheme: Scheme, act_ord
     assert torch.equal(params.scale, rtn_params.scale)
 
 
-@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name + ("-symmetric" if getattr(s, "symmetric", False) else ""))
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_beats_round_to_nearest_on_correlated_inputs(scheme: Scheme, act_order: bool) -> None:
     torch.manual_seed(1)

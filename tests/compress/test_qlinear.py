@@ -16,7 +16,7 @@ from heron.compress.schemes import Int4Grouped, Int8PerChannel, quantize_rtn
 # dynamic quantises activations to 7 bits, as quantize_dynamic does.
 TOLERANCE = {("aten", "int8"): 2e-6, ("aten", "int4"): 2e-6, ("fp16", "int8"): 2e-6, ("fp16", "int4"): 5e-4,
              ("dequant", "int8"): 1e-6, ("dequant", "int4"): 1e-6, ("dynamic", "int8"): 5e-2}
-SCHEMES = [Int8PerChannel(), Int4Grouped(group_size=32)]
+SCHEMES = [Int8PerChannel(), Int4Grouped(group_size=32), Int4Grouped(group_size=32, symmetric=True)]
 
 
 def layer_for(scheme, kernel: str | None, *, bias: bool = False, input_scale: bool = False, seed: int = 0):
@@ -34,7 +34,7 @@ def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.double() - ref).norm() / ref.norm())
 
 
-@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name + ("-symmetric" if getattr(s, "symmetric", False) else ""))
 @pytest.mark.parametrize("kernel", list(KERNELS))
 def test_each_kernel_computes_the_dequantised_product(scheme, kernel: str) -> None:
     if not KERNELS[kernel].supports(scheme, 96, 128):
@@ -50,7 +50,7 @@ def test_each_kernel_computes_the_dequantised_product(scheme, kernel: str) -> No
         assert relative_error(y, ref) < TOLERANCE[kernel, scheme.name], (kernel, shape)
 
 
-@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name + ("-symmetric" if getattr(s, "symmetric", False) else ""))
 def test_weight_is_the_effective_dequantised_weight(scheme) -> None:
     layer, w, _, s = layer_for(scheme, None, input_scale=True)
     torch.testing.assert_close(layer.weight.double(), w * s.double(), rtol=1e-6, atol=0)
@@ -99,7 +99,7 @@ def test_set_kernel_reaches_every_quantised_linear() -> None:
         set_kernel(layers, "nope")
 
 
-@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name)
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name + ("-symmetric" if getattr(s, "symmetric", False) else ""))
 def test_embedding_lookup_dequantises_the_rows_it_gathers(scheme) -> None:
     torch.manual_seed(3)
     table = torch.randn(50, 64)

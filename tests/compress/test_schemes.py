@@ -47,6 +47,23 @@ def reference_int4(w: torch.Tensor, g: int) -> tuple[list[list[int]], list[list[
     return codes, scales, zeros
 
 
+def reference_int4_symmetric(w: torch.Tensor, g: int) -> tuple[list[list[int]], list[list[float]]]:
+    """llama.cpp's Q4_0 grid, group by group: m the value of largest |w|,
+    fp16 scale m / -8 (1 for a zero group), code = clamp(round(w / s) + 8, 0, 15)."""
+    codes, scales = [], []
+    for row in w:
+        row_codes, row_scales = [], []
+        for start in range(0, len(row), g):
+            group = [f32(float(v)) for v in row[start:start + g]]
+            m = max(group, key=lambda v: abs(float(v)))
+            s = (m / -8).half().float() if m != 0 else f32(1.0)
+            row_codes += [int((torch.round(v / s) + 8).clamp(0, 15)) for v in group]
+            row_scales.append(float(s))
+        codes.append(row_codes)
+        scales.append(row_scales)
+    return codes, scales
+
+
 def awkward_matrix(n: int, k: int, seed: int) -> torch.Tensor:
     """Random rows plus the edge cases: a zero row, an all-positive and an all-negative row."""
     torch.manual_seed(seed)
@@ -90,6 +107,25 @@ def test_int4_codes_scales_and_zeros_match_the_reference_bit_for_bit(group: int,
     assert torch.all((w - w_hat).abs() <= step / 2 + 1e-7)
 
 
+@pytest.mark.parametrize(("group", "seed"), [(8, 0), (24, 2)])
+def test_symmetric_int4_is_llama_cpp_q4_0s_grid(group: int, seed: int) -> None:
+    w = awkward_matrix(6, 24, seed)
+    scheme = Int4Grouped(group_size=group, symmetric=True)
+    codes, params = quantize_rtn(w, scheme)
+    ref_codes, ref_scales = reference_int4_symmetric(w, group)
+    assert codes.tolist() == ref_codes
+    assert params.scale.tolist() == ref_scales
+    assert torch.all(params.zero == 8)
+    assert (params.scale[1] < 0).all() and (params.scale[2] > 0).all()  # all-positive row: s < 0; all-negative: s > 0
+    w_hat = scheme.dequantize(codes, params)
+    assert torch.all(w_hat[0] == 0)
+    step = params.scale.abs().repeat_interleave(group, dim=1)
+    # Half a step, plus the largest weight's share of the scale's fp16 rounding (8 steps x 2^-11).
+    assert torch.all((w - w_hat).abs() <= step * (0.5 + 8 * 2**-11) + 1e-7)
+    assert get_scheme("int4", group, symmetric=True) == scheme
+    assert scheme.describe() == {"scheme": "int4", "group_size": group, "symmetric": True}
+
+
 def test_int4_packs_two_codes_per_byte_low_nibble_first() -> None:
     w = awkward_matrix(4, 16, 3)
     scheme = Int4Grouped(group_size=8)
@@ -102,7 +138,8 @@ def test_int4_packs_two_codes_per_byte_low_nibble_first() -> None:
     assert {k: (tuple(v.shape), v.dtype) for k, v in packed.items()} == scheme.packed_specs(4, 16)
 
 
-@pytest.mark.parametrize("scheme", [Int8PerChannel(), Int4Grouped(group_size=4)])
+@pytest.mark.parametrize("scheme", [Int8PerChannel(), Int4Grouped(group_size=4),
+                                    Int4Grouped(group_size=4, symmetric=True)])
 def test_unpack_inverts_pack(scheme) -> None:
     w = awkward_matrix(5, 12, 4)
     codes, params = quantize_rtn(w, scheme)

@@ -3,70 +3,37 @@
 With gguf-py's reader: metadata values, tensor names, shapes and types, the
 tokenizer arrays, and every tensor equal to the Heron weight it comes from,
 rearranged by hand into llama.cpp's layout (exact in f32, to f16 rounding in
-f16, within half a quantisation step in Q8_0). With llama.cpp itself
+f16, within a quantisation step's rounding in Q8_0, Q4_0 and Q4_1). With llama.cpp itself
 (llama-cpp-python, the `llama` extra; those tests skip where it is not
 installed): each file loads, its logits match Heron's within a tolerance per
 type, and its tokenizer gives Heron's ids.
 """
 import json
-import math
 
 import gguf
 import numpy as np
 import pytest
 import torch
+from gguf_layout import (CONFIGS, CONTEXT, CORPUS, VOCAB, expected_tensors, fields, llama_cpp_logits,
+                         make_tokenizer, perturbed_model)
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from heron.core import AttentionPattern, ModelConfig, MoEConfig, RopeScaling, Transformer
+from heron.core import AttentionPattern, MoEConfig, Transformer
 from heron.core.rope import apply_rope, rope_tables
 from heron.interop import save_gguf
 from heron.interop.gguf import interleave_rope
-from heron.tokenizer import SPECIAL_TOKENS, HeronTokenizer, train_tokenizer
+from heron.tokenizer import SPECIAL_TOKENS, HeronTokenizer
 from heron.tokenizer.pretrained import PretrainedTokenizer
 
-CORPUS = [
-    "def greet(name):\n    return f'Hello, {name}!'\n",
-    "The quick brown fox jumps over the lazy dog. It's 42 degrees; we'll see.",
-    "for i in range(10):\n\tprint(i * 3.14)  # numbers 123456\n",
-    "Unicode: héllo wörld, naïve café, 日本語, emoji ✓.",
-]
-VOCAB = 300
-CONTEXT = 256  # llama.cpp rounds its context up to a multiple of 256; less draws a warning
-SMALL = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=CONTEXT)
-CONFIGS = {
-    # Grouped-query attention, every bias, an untied head: the file tested in each type.
-    "base": ModelConfig(vocab_size=VOCAB, **SMALL, d_ff=96, tie_embeddings=False, qkv_bias=True, out_bias=True,
-                        mlp_bias=True),
-    # A tied head (no output.weight) and linear RoPE scaling (llama.rope.scaling.*).
-    "tied_linear": ModelConfig(vocab_size=VOCAB, **SMALL, d_ff=96, rope_scaling=RopeScaling(kind="linear", factor=2.0)),
-    # Llama 3 scaling (rope_freqs.weight), head_dim != d_model / n_heads, a vocabulary padded past the
-    # tokenizer's, and a feed-forward width (80) that Q8_0's 32-value blocks do not divide.
-    "llama3": ModelConfig(vocab_size=VOCAB + 20, **SMALL, head_dim=32, d_ff=80, rope_theta=500.0,
-                          rope_scaling=RopeScaling(kind="llama3", factor=4.0, original_max_seq_len=16)),
-}
-DTYPES = ("f32", "f16", "q8_0")
-MATRIX_TYPES = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-                "q8_0": gguf.GGMLQuantizationType.Q8_0}
-FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}  # llama.cpp's LLAMA_FTYPE_ALL_F32, MOSTLY_F16, MOSTLY_Q8_0
+DTYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
+Q = gguf.GGMLQuantizationType
+MATRIX_TYPES = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1}
+FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "q4_0": 2, "q4_1": 3}  # llama.cpp's LLAMA_FTYPE_*
 
 
 @pytest.fixture(scope="module")
 def tokenizer() -> HeronTokenizer:
-    return train_tokenizer(CORPUS * 4, vocab_size=VOCAB, show_progress=False)
-
-
-def perturbed_model(config: ModelConfig) -> Transformer:
-    """Weights far from init (norm gains around 1, biases non-zero), so every
-    tensor moves the logits visibly and logits are O(1)."""
-    torch.manual_seed(0)
-    model = Transformer(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, 0.1 if name.endswith("bias") else 0.15)
-    return model
+    return make_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -79,65 +46,6 @@ def exported(tokenizer, tmp_path_factory) -> dict[tuple[str, str], tuple[Transfo
         for dtype in DTYPES:
             out[name, dtype] = model, save_gguf(model, tokenizer, folder / f"{name}-{dtype}.gguf", dtype=dtype)
     return out
-
-
-def fields(path) -> dict[str, object]:
-    return {name: field.contents() for name, field in gguf.GGUFReader(path).fields.items()}
-
-
-# ----- llama.cpp's layout, derived by hand -----------------------------------------------------
-
-def rope_pairs(rows: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Each head's rows j and j + hd/2 (rotate-half partners) made neighbours 2j and 2j + 1."""
-    head_dim = rows.shape[0] // n_heads
-    half = head_dim // 2
-    order = [h * head_dim + a * half + j for h in range(n_heads) for j in range(half) for a in (0, 1)]
-    return rows[order]
-
-
-def expected_tensors(model: Transformer) -> dict[str, torch.Tensor]:
-    """Every tensor the file should hold, from Heron's names and fused layouts."""
-    c = model.config
-    q, kv, ff = c.n_heads * c.resolved_head_dim, c.resolved_kv_heads * c.resolved_head_dim, c.resolved_d_ff
-    p = {name: t.detach() for name, t in model.named_parameters()}
-    out = {"token_embd.weight": p["embed.weight"], "output_norm.weight": p["norm.weight"]}
-    if not c.tie_embeddings:
-        out["output.weight"] = p["lm_head.weight"]
-    for i in range(c.n_layers):
-        b, blk = f"blocks.{i}.", f"blk.{i}."
-        out[blk + "attn_norm.weight"] = p[b + "attn_norm.weight"]
-        out[blk + "ffn_norm.weight"] = p[b + "mlp_norm.weight"]
-        for kind in ("weight", "bias") if c.qkv_bias else ("weight",):
-            qkv = p[b + "attn.qkv." + kind]
-            out[blk + "attn_q." + kind] = rope_pairs(qkv[:q], c.n_heads)
-            out[blk + "attn_k." + kind] = rope_pairs(qkv[q:q + kv], c.resolved_kv_heads)
-            out[blk + "attn_v." + kind] = qkv[q + kv:]
-        for kind in ("weight", "bias") if c.mlp_bias else ("weight",):
-            out[blk + "ffn_gate." + kind] = p[b + "mlp.up." + kind][:ff]
-            out[blk + "ffn_up." + kind] = p[b + "mlp.up." + kind][ff:]
-            out[blk + "ffn_down." + kind] = p[b + "mlp.down." + kind]
-        for kind in ("weight", "bias") if c.out_bias else ("weight",):
-            out[blk + "attn_output." + kind] = p[b + "attn.out." + kind]
-    if c.rope_scaling is not None and c.rope_scaling.kind == "llama3":
-        out["rope_freqs.weight"] = llama3_rope_factors(c)
-    return out
-
-
-def llama3_rope_factors(c: ModelConfig) -> torch.Tensor:
-    """The divisor of each RoPE frequency, as llama.cpp's converter computes it
-    (conversion/llama.py, `LlamaModel.generate_extra_tensors`)."""
-    s, dim = c.rope_scaling, c.resolved_head_dim
-    factors = []
-    for freq in 1.0 / (c.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)):
-        wavelen = 2 * math.pi / freq
-        if wavelen < s.original_max_seq_len / s.high_freq_factor:
-            factors.append(1.0)
-        elif wavelen > s.original_max_seq_len / s.low_freq_factor:
-            factors.append(s.factor)
-        else:
-            smooth = (s.original_max_seq_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
-            factors.append(1 / ((1 - smooth) / s.factor + smooth))
-    return torch.tensor(factors)
 
 
 # ----- read back with gguf-py --------------------------------------------------------------------
@@ -181,26 +89,47 @@ def test_tensors_hold_the_heron_weights(exported, name, dtype):
         if expected.ndim == 1:
             assert t.tensor_type == gguf.GGMLQuantizationType.F32, t.name
             np.testing.assert_allclose(got, expected, rtol=1e-6, err_msg=t.name)
-        elif t.tensor_type == gguf.GGMLQuantizationType.Q8_0:
-            # Q8_0: each block of 32 values is int8 times one scale, amax / 127. Rounding to the int8
-            # grid is off by at most half a step; the scale is stored in f16 (relative error <= 2^-11),
-            # which moves a value of up to 127 steps by 127 * 2^-11 of a step more.
+        elif t.tensor_type in BLOCK_ERROR:
+            # Each block of 32 values is rounded to a grid of `step` (off by at most half a step, or by
+            # one for values Q4_0 clips), plus the f16 rounding (relative 2^-11) of the stored scale d
+            # (and Q4_1's minimum m), which moves a value `levels` steps from the grid's origin by
+            # levels * 2^-11 of a step more.
             blocks = expected.reshape(-1, 32)
-            step = np.abs(blocks).max(axis=1, keepdims=True) / 127
-            assert (np.abs(got.reshape(-1, 32) - blocks) <= (0.5 + 127 * 2**-11) * step).all(), t.name
+            step, rounding, levels = BLOCK_ERROR[t.tensor_type](blocks)
+            assert (np.abs(got.reshape(-1, 32) - blocks) <= (rounding + levels * 2**-11) * step + 1e-7).all(), t.name
         else:
-            assert t.tensor_type == MATRIX_TYPES[dtype] or (dtype == "q8_0" and expected.shape[-1] % 32), t.name
+            assert t.tensor_type == MATRIX_TYPES[dtype] or (dtype.startswith("q") and expected.shape[-1] % 32), t.name
             exact = expected.astype(np.float16).astype(np.float32) if t.tensor_type != MATRIX_TYPES["f32"] else expected
             np.testing.assert_array_equal(got, exact, err_msg=t.name)
 
 
-def test_q8_0_falls_back_to_f16_for_rows_that_do_not_fill_blocks(exported):
-    types = {t.name: t.tensor_type for t in gguf.GGUFReader(exported["llama3", "q8_0"][1]).tensors}
-    assert types["blk.0.ffn_down.weight"] == gguf.GGMLQuantizationType.F16  # rows of d_ff = 80
-    assert types["blk.0.ffn_up.weight"] == gguf.GGMLQuantizationType.Q8_0  # rows of d_model = 64
+def _amax(blocks: np.ndarray) -> np.ndarray:
+    return np.abs(blocks).max(axis=1, keepdims=True)
 
 
-def test_tokenizer_arrays(exported, tokenizer):
+def _range(blocks: np.ndarray) -> np.ndarray:
+    return blocks.max(axis=1, keepdims=True) - blocks.min(axis=1, keepdims=True)
+
+
+# ggml type -> blocks (n, 32) -> (grid step per block, error in steps from rounding to the grid, most
+# levels between the grid's origin and a value). Q8_0: int8 x amax / 127. Q4_1: min + q x (max - min) / 15.
+# Q4_0: (q - 8) x d, d = -(the value of largest |x|) / 8: codes 0..15 reach 8 steps on that value's side
+# of zero and 7 on the other, where a value up to 8 steps out is clipped, one step off.
+BLOCK_ERROR = {
+    Q.Q8_0: lambda b: (_amax(b) / 127, 0.5, 127),
+    Q.Q4_0: lambda b: (_amax(b) / 8, 1.0, 8),
+    Q.Q4_1: lambda b: (_range(b) / 15, 0.5, 15 + 15 * _amax(b) / np.maximum(_range(b), 1e-12)),
+}
+
+
+@pytest.mark.parametrize("dtype", ["q8_0", "q4_0", "q4_1"])
+def test_block_types_fall_back_to_f16_for_rows_that_do_not_fill_blocks(exported, dtype):
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(exported["llama3", dtype][1]).tensors}
+    assert types["blk.0.ffn_down.weight"] == Q.F16  # rows of d_ff = 80
+    assert types["blk.0.ffn_up.weight"] == MATRIX_TYPES[dtype]  # rows of d_model = 64
+
+
+def make_tokenizer_arrays(exported, tokenizer):
     got = fields(exported["llama3", "f32"][1])
     spec = json.loads(tokenizer.to_json())
     backend = tokenizer.backend
@@ -256,8 +185,8 @@ def test_refuses_tokenizers_it_cannot_express(tmp_path):
     model = Transformer(CONFIGS["base"])
     with pytest.raises(ValueError, match="pre_tokenizer.type: 'Whitespace'"):
         save_gguf(model, PretrainedTokenizer(backend), tmp_path / "model.gguf")
-    with pytest.raises(ValueError, match="dtype: 'q4_0'"):
-        save_gguf(model, PretrainedTokenizer(backend), tmp_path / "model.gguf", dtype="q4_0")
+    with pytest.raises(ValueError, match="dtype: 'q4_k'"):
+        save_gguf(model, PretrainedTokenizer(backend), tmp_path / "model.gguf", dtype="q4_k")
 
 
 def test_a_failed_write_leaves_the_old_file_whole(tokenizer, tmp_path, monkeypatch):
@@ -282,8 +211,12 @@ def test_a_failed_write_leaves_the_old_file_whole(tokenizer, tmp_path, monkeypat
 # mean 1.1e-6; f16 max 1.2e-2 (1.4e-2), mean 1.6e-3; q8_0 max 0.28 (0.79), mean 4.3e-2. f32
 # differs by summation order only. f16 and Q8_0 add rounding of the weights and, in llama.cpp's
 # matmuls, of the activations too (to f16, or to Q8_0 blocks), which RMSNorm then rescales.
-TOLERANCES = {"f32": (1e-4, 1e-5), "f16": (5e-2, 5e-3), "q8_0": (1.0, 0.1)}
-LLAMA_RUNS = [("base", "f32"), ("base", "f16"), ("base", "q8_0"), ("tied_linear", "f32"), ("llama3", "f32")]
+# Q4_0 and Q4_1 round these random weights coarsely (max 3.3, mean 0.44 measured): here the bound
+# only catches a scrambled layout (shuffled logits differ by a mean of 1.2-1.4);
+# test_gguf_quantized.py matches a Heron int4 model's own logits closely.
+TOLERANCES = {"f32": (1e-4, 1e-5), "f16": (5e-2, 5e-3), "q8_0": (1.0, 0.1), "q4_0": (5.0, 0.6), "q4_1": (5.0, 0.6)}
+LLAMA_RUNS = [("base", "f32"), ("base", "f16"), ("base", "q8_0"), ("base", "q4_0"), ("base", "q4_1"),
+              ("tied_linear", "f32"), ("llama3", "f32")]
 
 
 @pytest.fixture(scope="module")
@@ -297,14 +230,7 @@ def test_llama_cpp_logits_match_heron(llama_cpp, exported, name, dtype):
     model, path = exported[name, dtype]
     ids = torch.randint(0, model.config.vocab_size, (48,), generator=torch.Generator().manual_seed(1)).tolist()
     ours = model(torch.tensor([ids])).logits[0].numpy()  # (T, V)
-    # An f32 KV cache: llama.cpp's default f16 cache alone moves f32 logits by ~7e-3.
-    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=CONTEXT, n_threads=2, verbose=False,
-                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
-    try:
-        llm.eval(ids)
-        theirs = np.asarray(llm.scores[: len(ids)])  # (T, V)
-    finally:
-        llm.close()
+    theirs = llama_cpp_logits(llama_cpp, path, ids)
     assert np.abs(ours).max() > 1.0  # real numbers, not near-zero logits
     difference = np.abs(ours - theirs)
     most, mean = TOLERANCES[dtype]

@@ -125,11 +125,18 @@ def convert_to_hf(args: argparse.Namespace) -> int:
 
 
 def convert_to_gguf(args: argparse.Namespace) -> int:
+    from heron.compress.gguf_export import is_quantized, save_quantized_gguf
+
     model, tokenizer = heron.load(args.checkpoint)
     if tokenizer is None:
         raise CheckpointError(f"{args.checkpoint}: no tokenizer.json; a GGUF file carries the tokenizer")
-    path = save_gguf(model, tokenizer, args.target, dtype=args.dtype)
-    print(f"wrote {args.dtype} GGUF {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    if is_quantized(model):
+        path = save_quantized_gguf(model, tokenizer, args.target, dtype=args.dtype)
+        what = f"quantised layers' own codes, other matrices {args.dtype}"
+    else:
+        path = save_gguf(model, tokenizer, args.target, dtype=args.dtype)
+        what = args.dtype
+    print(f"wrote GGUF {path} ({what}; {path.stat().st_size / 2**20:.1f} MiB)")
     return 0
 
 
@@ -197,7 +204,7 @@ def compress_quantize(args: argparse.Namespace) -> int:
 
     settings = QuantizeCheckpointSettings(
         QuantizeSettings(scheme=args.scheme, method=args.method, group_size=args.group_size, act_order=args.act_order,
-                         embeddings=args.embeddings),
+                         embeddings=args.embeddings, symmetric=args.symmetric),
         calib_shards=args.calib_shards, calib_batches=args.calib_batches, calib_batch_size=args.calib_batch_size,
         seq_len=args.seq_len,
     )

@@ -83,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = convert.add_parser("to-gguf", help="a Heron checkpoint or Hugging Face folder -> one GGUF file for llama.cpp")
     p.add_argument("checkpoint", type=Path)
     p.add_argument("target", type=Path, help="the .gguf file to write")
-    p.add_argument("--type", dest="dtype", choices=["f32", "f16", "q8_0"], default="f16",
-                   help="tensor type of the matrices (norms stay f32); default f16")
+    p.add_argument("--type", dest="dtype", choices=["f32", "f16", "q8_0", "q4_0", "q4_1"], default="f16",
+                   help="tensor type of the matrices (norms stay f32); default f16. A quantised checkpoint's "
+                        "matrices keep their own codes (int8 -> q8_0, symmetric int4 -> q4_0, int4 -> q4_1)")
     p.set_defaults(handler=commands.convert_to_gguf)
 
     # compress: pruning (compress/prune*.py); other compress actions join this group.
@@ -115,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--act-order", action="store_true", help="gptq: columns in order of decreasing Hessian diagonal")
     p.add_argument("--embeddings", choices=["int8", "int4", "fp32"], default="int8",
                    help="format of the token embedding and output head")
+    p.add_argument("--symmetric", action="store_true",
+                   help="int4: llama.cpp Q4_0's grid (no zero points), so `convert to-gguf` writes Q4_0 exactly")
     p.add_argument("--calib-shards", default=None, help="shard folder: calibration windows (train split)")
     p.add_argument("--calib-batches", type=int, default=16)
     p.add_argument("--calib-batch-size", type=int, default=8)

@@ -57,6 +57,7 @@ class QuantizeSettings:
     awq_grid: int = 20  # AWQ: α on this many points of [0, 1]
     awq_rows: int = 4096  # AWQ: calibration rows kept per layer (output errors are means; a sample suffices)
     batch_size: int = 8  # calibration sequences per forward
+    symmetric: bool = False  # int4 only: llama.cpp Q4_0's grid (zero point 8, signed scale) for exact GGUF export
 
     def check(self, calibrated: bool) -> None:
         if self.scheme not in SCHEMES:
@@ -65,6 +66,8 @@ class QuantizeSettings:
             raise ValueError(f"method: unknown {self.method!r}; known: {', '.join(METHODS)}")
         if self.embeddings not in KEEP_FP32 and self.embeddings not in SCHEMES:
             raise ValueError(f"embeddings: unknown {self.embeddings!r}; known: fp32, {', '.join(SCHEMES)}")
+        if self.symmetric and self.scheme != "int4":
+            raise ValueError(f"symmetric: applies to scheme 'int4' only, not {self.scheme!r}")
         if self.act_order and self.method != "gptq":
             raise ValueError(f"act_order: applies to method 'gptq' only, not {self.method!r}")
         if self.method != "rtn" and not calibrated:
@@ -74,13 +77,13 @@ class QuantizeSettings:
         for name in ("block_size", "awq_grid", "awq_rows", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
-        get_scheme(self.scheme, self.group_size)  # an invalid group size names itself
+        self.weight_scheme()  # an invalid group size names itself
 
     def weight_scheme(self) -> Scheme:
-        return get_scheme(self.scheme, self.group_size)
+        return get_scheme(self.scheme, self.group_size, self.symmetric)
 
     def embedding_scheme(self) -> Scheme | None:
-        return None if self.embeddings in KEEP_FP32 else get_scheme(self.embeddings, self.group_size)
+        return None if self.embeddings in KEEP_FP32 else get_scheme(self.embeddings, self.group_size, self.symmetric)
 
 
 def quantize_model(

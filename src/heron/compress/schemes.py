@@ -120,11 +120,18 @@ class Int4Grouped:
     checkpoint under 0.16x fp32 with int8 embeddings; codes are computed
     against the rounded scale, so the packed tensors are exact.
 
+    With `symmetric`, every zero point is 8 and the scale is signed, as in
+    llama.cpp's Q4_0: s = m / -8 for m the group's weight of largest |w|, so
+    m lands on the grid's far end (code 0) and the eight levels on m's side
+    of zero cover it; codes and scales then go into a GGUF Q4_0 file
+    unchanged (compress/gguf_export.py). The asymmetric grid goes to Q4_1.
+
     Packed: qweight (N, K/2) uint8, column 2j in the low nibble and 2j+1 in
     the high one; scale (N, G) fp16; zero (N, G) uint8.
     """
 
     group_size: int = 128
+    symmetric: bool = False
     name: ClassVar[str] = "int4"
     bits: ClassVar[int] = 4
     code_dtype: ClassVar[torch.dtype] = torch.uint8
@@ -147,12 +154,23 @@ class Int4Grouped:
     def fit(self, w: torch.Tensor) -> QParams:
         N, K = w.shape
         groups = w.float().reshape(N, K // self.group_size, self.group_size)  # (N, G, g)
+        if self.symmetric:
+            return self._fit_symmetric(groups)
         lo = groups.amin(dim=2).clamp(max=0)  # (N, G)
         hi = groups.amax(dim=2).clamp(min=0)
         scale = ((hi - lo) / 15).half().float().clamp(FP16_TINY, FP16_MAX)  # exactly representable in fp16
         scale = torch.where(hi > lo, scale, torch.ones_like(scale))  # an all-zero group: any scale, codes = z
         zero = torch.round(-lo / scale).clamp(0, 15)
         return QParams(scale, zero.to(torch.uint8))
+
+    @staticmethod
+    def _fit_symmetric(groups: torch.Tensor) -> QParams:
+        """Q4_0's grid for (N, G, g) groups: zero 8, scale m / -8 rounded to fp16."""
+        extreme = groups.gather(2, groups.abs().argmax(dim=2, keepdim=True)).squeeze(2)  # (N, G) signed
+        scale = (extreme / -8).half().float()
+        magnitude = scale.abs().clamp(FP16_TINY, FP16_MAX)
+        scale = torch.where(extreme != 0, magnitude * scale.sign(), torch.ones_like(scale))  # all-zero group: codes 8
+        return QParams(scale, torch.full_like(scale, 8, dtype=torch.uint8))
 
     def quantize(self, w: torch.Tensor, params: QParams) -> torch.Tensor:
         K = w.shape[1]
@@ -185,23 +203,25 @@ class Int4Grouped:
         }
 
     def describe(self) -> dict[str, object]:
-        return {"scheme": self.name, "group_size": self.group_size}
+        return {"scheme": self.name, "group_size": self.group_size, **({"symmetric": True} if self.symmetric else {})}
 
 
 SCHEMES: dict[str, type] = {"int8": Int8PerChannel, "int4": Int4Grouped}
 
 
-def get_scheme(name: str, group_size: int | None = None) -> Scheme:
-    """The scheme registered as `name`; `group_size` applies to grouped schemes."""
+def get_scheme(name: str, group_size: int | None = None, symmetric: bool = False) -> Scheme:
+    """The scheme registered as `name`; `group_size` and `symmetric` apply to grouped schemes."""
     if name not in SCHEMES:
         raise ValueError(f"scheme: unknown {name!r}; known: {', '.join(SCHEMES)}")
     cls = SCHEMES[name]
-    return cls(group_size=group_size) if cls is Int4Grouped and group_size is not None else cls()
+    if cls is not Int4Grouped:
+        return cls()
+    return cls(**({} if group_size is None else {"group_size": group_size}), symmetric=symmetric)
 
 
 def scheme_from_description(info: dict[str, object]) -> Scheme:
     """Inverse of `Scheme.describe()` (read back from quantization.json)."""
-    return get_scheme(str(info["scheme"]), info.get("group_size"))  # type: ignore[arg-type]
+    return get_scheme(str(info["scheme"]), info.get("group_size"), bool(info.get("symmetric", False)))  # type: ignore[arg-type]
 
 
 def quantize_rtn(w: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, QParams]:

@@ -17,7 +17,9 @@ both are done as llama.cpp's `convert_hf_to_gguf.py` does them:
 
 Tensor types follow the converter as well: 1-D tensors (norms, biases, rope
 factors) stay f32, and a matrix whose rows do not split into blocks of the
-file's quantisation falls back to f16. The tokenizer must be byte-level BPE
+file's quantisation falls back to f16. A caller may hand in matrices already
+encoded as rows of ggml blocks (`raw_types`): a quantised Heron model's codes
+(compress/gguf_export.py) go into the file as they are, not rounded twice. The tokenizer must be byte-level BPE
 with GPT-2's pre-tokenizer regex (llama.cpp's "gpt2" model, pre-tokenizer
 "gpt-2"); any other is refused with the tokenizer.json field at fault.
 """
@@ -26,7 +28,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,7 @@ from heron.core.config import ModelConfig
 from heron.core.rope import rope_frequencies
 from heron.core.transformer import Transformer
 from heron.interop.families import LLAMA, HfConfig, hf_config
-from heron.interop.tables import heron_to_hf
+from heron.interop.tables import expand, heron_to_hf
 from heron.tokenizer.bpe import CHAT_TEMPLATE_JINJA, HeronTokenizer
 from heron.tokenizer.pretrained import PretrainedTokenizer
 
@@ -51,6 +53,8 @@ FILE_TYPES: dict[str, tuple[gguf.LlamaFileType, gguf.GGMLQuantizationType]] = {
     "f32": (gguf.LlamaFileType.ALL_F32, F32),
     "f16": (gguf.LlamaFileType.MOSTLY_F16, F16),
     "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, gguf.GGMLQuantizationType.Q8_0),
+    "q4_0": (gguf.LlamaFileType.MOSTLY_Q4_0, gguf.GGMLQuantizationType.Q4_0),
+    "q4_1": (gguf.LlamaFileType.MOSTLY_Q4_1, gguf.GGMLQuantizationType.Q4_1),
 }
 
 _W = gguf.GGUFWriter
@@ -93,13 +97,23 @@ def save_gguf(
     *,
     dtype: str = "f32",
     name: str | None = None,  # general.name; None: the file name without its suffix
+    weights: Mapping[str, torch.Tensor] | None = None,  # Heron name -> tensor; None: the model's parameters
+    raw_types: Mapping[str, gguf.GGMLQuantizationType] | None = None,  # weights given as ggml block bytes
 ) -> Path:
     """Write `model` and `tokenizer` as a GGUF file of llama.cpp's llama
     architecture; returns the path. The file appears whole or not at all.
-    ValueError names the field when llama.cpp cannot express the model."""
+    ValueError names the field when llama.cpp cannot express the model.
+
+    `dtype` is the type of the float matrices. A weight named in `raw_types`
+    is a (rows, bytes) uint8 tensor of ggml blocks of that type, written as it
+    is; the file's type is then the most common raw type's."""
     if dtype not in FILE_TYPES:
         raise ValueError(f"dtype: {dtype!r} is not one of {', '.join(FILE_TYPES)}")
     file_type, matrix_type = FILE_TYPES[dtype]
+    raw_types = dict(raw_types or {})
+    if raw_types:
+        most_common = max(set(raw_types.values()), key=list(raw_types.values()).count)
+        file_type = next(ftype for ftype, qtype in FILE_TYPES.values() if qtype == most_common)
     config = model.config
     hf = hf_config(LLAMA, config)
     target = Path(path)
@@ -109,8 +123,11 @@ def save_gguf(
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_hparams(writer, hf, config)
     _add_tokenizer(writer, tokenizer, config.vocab_size)
-    for tensor_name, tensor in gguf_tensors(model):
-        data, qtype = encode_tensor(tensor, matrix_type)
+    for tensor_name, tensor, heron_name in gguf_tensors(config, weights or dict(model.named_parameters())):
+        if heron_name in raw_types:
+            data, qtype = tensor.contiguous().numpy(), raw_types[heron_name]
+        else:
+            data, qtype = encode_tensor(tensor, matrix_type)
         writer.add_tensor(tensor_name, data, raw_dtype=qtype)
     _write_atomic(writer, target)
     return target
@@ -153,21 +170,24 @@ def interleave_rope(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     return weight.reshape(n_heads, 2, half, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
-def gguf_tensors(model: Transformer) -> Iterator[tuple[str, torch.Tensor]]:
-    """(llama.cpp name, tensor in llama.cpp's layout) for every tensor of the file.
-    A tied output head is left out: llama.cpp reuses `token_embd` when `output` is absent."""
-    config = model.config
+def gguf_tensors(config: ModelConfig, weights: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """(llama.cpp name, tensor in llama.cpp's layout, the Heron tensor it comes
+    from) for every tensor of the file. Every step moves whole rows, so a
+    matrix given as rows of ggml blocks is rearranged like a float one. A
+    tied output head is left out: llama.cpp reuses `token_embd` when `output` is absent."""
     names = gguf.get_tensor_name_map(ARCH, config.n_layers)
     rope_heads = {gguf.MODEL_TENSOR.ATTN_Q: config.n_heads, gguf.MODEL_TENSOR.ATTN_K: config.resolved_kv_heads}
-    for hf_name, tensor in heron_to_hf(dict(model.named_parameters()), LLAMA.weights, config):
+    origin = {hf: heron for heron, _, parts in expand(LLAMA.weights, config.n_layers, 0)
+              for part in parts for hf in part.names}
+    for hf_name, tensor in heron_to_hf(weights, LLAMA.weights, config):
         found = names.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
         if found is None:
             raise ValueError(f"{hf_name}: no tensor of llama.cpp's llama architecture has this name")
         kind, name = found
-        yield name, interleave_rope(tensor, rope_heads[kind]) if kind in rope_heads else tensor
+        yield name, interleave_rope(tensor, rope_heads[kind]) if kind in rope_heads else tensor, origin[hf_name]
     factors = rope_freq_factors(config)
     if factors is not None:
-        yield f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS]}.weight", factors
+        yield f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS]}.weight", factors, "rope_freqs"
 
 
 def encode_tensor(
@@ -177,7 +197,7 @@ def encode_tensor(
 
     1-D tensors stay f32: llama.cpp's norm and bias kernels take f32. A
     matrix whose rows do not split into the type's blocks (32 values for
-    Q8_0) is written f16 instead, as convert_hf_to_gguf.py falls back.
+    Q8_0 and Q4_x) is written f16 instead, as convert_hf_to_gguf.py falls back.
     """
     data = tensor.detach().to(device="cpu", dtype=torch.float32).numpy()
     qtype = F32 if data.ndim == 1 else matrix_type

@@ -1,0 +1,114 @@
+"""A quantised Heron model as a GGUF file, its integer codes carried over unchanged.
+
+Re-quantising the dequantised weights would round them a second time and,
+for GPTQ, throw away the error compensation that chose each code. Instead
+each scheme's codes and scales are written straight into the ggml block type
+that holds the same numbers (blocks of 32 weights of one row, scales fp16):
+
+  int8 per channel        -> Q8_0: d = fp16(s_row), q = code; the only change
+                             is the row scale's rounding to fp16 (relative 2^-11).
+  int4, symmetric         -> Q4_0: d = s, q = code; exact (s is fp16 already).
+  int4, with zero points  -> Q4_1: d = s, m = fp16(-s * z), w = d * q + m; the
+                             only change is m's rounding to fp16.
+
+The int4 group must be a multiple of 32 so that every block lies in one
+group. A matrix that does not fit (a group of 16, an embedding width that
+32 does not divide) is written dequantised in the file's float type, as
+llama.cpp's converter falls back. AWQ's per-input-channel scale has no place
+in a llama.cpp file: such a model is refused, naming the layer.
+
+    save_quantized_gguf(model, tokenizer, "model.gguf")   # heron convert to-gguf
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import gguf
+import torch
+from torch import nn
+
+from heron.compress.qlinear import QuantEmbedding, QuantLinear
+from heron.compress.schemes import Int4Grouped, Int8PerChannel, QParams, Scheme
+from heron.core.transformer import Transformer
+from heron.interop.gguf import save_gguf
+from heron.tokenizer.bpe import HeronTokenizer
+from heron.tokenizer.pretrained import PretrainedTokenizer
+
+BLOCK = 32  # weights per block in every type used here
+Q8_0, Q4_0, Q4_1 = gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules())
+
+
+def ggml_type(scheme: Scheme, in_features: int) -> gguf.GGMLQuantizationType | None:
+    """The ggml type that holds this scheme's codes exactly, or None."""
+    if in_features % BLOCK:
+        return None
+    if isinstance(scheme, Int8PerChannel):
+        return Q8_0
+    if isinstance(scheme, Int4Grouped) and scheme.group_size % BLOCK == 0:
+        return Q4_0 if scheme.symmetric else Q4_1
+    return None
+
+
+def ggml_blocks(codes: torch.Tensor, params: QParams, qtype: gguf.GGMLQuantizationType) -> torch.Tensor:
+    """(N, K) codes and their (N, G) parameters as (N, K / 32 * bytes per block)
+    uint8: each row's blocks in ggml's layout (d, [m], packed codes)."""
+    N, K = codes.shape
+    blocks = codes.reshape(N, K // BLOCK, BLOCK)  # (N, B, 32)
+    per_group = K // params.scale.shape[1] // BLOCK  # blocks sharing one group's parameters
+    scale = params.scale.repeat_interleave(per_group, dim=1)  # (N, B)
+    header = [_fp16_bytes(scale)]  # d
+    if qtype == Q8_0:
+        body = blocks.to(torch.int8).view(torch.uint8)
+    else:  # Q4_0 / Q4_1: value j in the low nibble of byte j, value j + 16 in its high nibble
+        nibbles = blocks.to(torch.uint8)
+        body = nibbles[..., : BLOCK // 2] | (nibbles[..., BLOCK // 2:] << 4)
+        if qtype == Q4_1:
+            zero = params.zero.float().repeat_interleave(per_group, dim=1)
+            header.append(_fp16_bytes(-scale * zero))  # m
+    return torch.cat([*header, body], dim=2).reshape(N, -1)
+
+
+def _fp16_bytes(values: torch.Tensor) -> torch.Tensor:
+    """(N, B) floats -> (N, B, 2) the bytes of their fp16 values, little-endian as ggml reads them."""
+    return values.half().contiguous().view(torch.uint8).reshape(*values.shape, 2)
+
+
+def gguf_weights(model: Transformer) -> tuple[dict[str, torch.Tensor], dict[str, gguf.GGMLQuantizationType]]:
+    """(Heron name -> tensor, Heron name -> ggml type of those given as block
+    bytes) for `save_gguf`: quantised matrices as blocks, the rest as floats."""
+    weights = {name: p.detach() for name, p in model.named_parameters()}
+    raw: dict[str, gguf.GGMLQuantizationType] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, (QuantLinear, QuantEmbedding)):
+            continue
+        if name == "lm_head" and model.config.tie_embeddings:
+            continue  # llama.cpp reads the tied head from token_embd
+        if isinstance(module, QuantLinear):
+            if module.input_scale is not None:
+                raise ValueError(f"{name}: AWQ's per-input-channel scale has no GGUF equivalent; export a model "
+                                 "quantised with --method rtn or gptq")
+            if module.bias is not None:
+                weights[f"{name}.bias"] = module.bias
+        codes, params = module.unpacked()
+        qtype = ggml_type(module.scheme, codes.shape[1])
+        if qtype is None:
+            weights[f"{name}.weight"] = module.scheme.dequantize(codes, params)
+        else:
+            weights[f"{name}.weight"], raw[f"{name}.weight"] = ggml_blocks(codes, params, qtype), qtype
+    return weights, raw
+
+
+def save_quantized_gguf(model: Transformer, tokenizer: HeronTokenizer | PretrainedTokenizer,
+                        path: str | os.PathLike[str], *, dtype: str = "f16", name: str | None = None) -> Path:
+    """`save_gguf` for a model with quantised layers: their codes go in as
+    ggml blocks; any float matrix left is written as `dtype`."""
+    weights, raw_types = gguf_weights(model)
+    return save_gguf(model, tokenizer, path, dtype=dtype, name=name, weights=weights, raw_types=raw_types)
+
+
+__all__ = ["ggml_blocks", "ggml_type", "gguf_weights", "is_quantized", "save_quantized_gguf"]
