@@ -1,5 +1,6 @@
-"""Distillation: the loss against hand-computed values, and a student that learns a task
-from the teacher's distribution alone (alpha = 1: it never sees a label)."""
+"""Distillation: the losses against hand-computed values, a student that learns a task
+from the teacher's distribution alone (alpha = 1: it never sees a label), and one whose
+hidden states learn to match the teacher's through a projection the checkpoint leaves out."""
 from __future__ import annotations
 
 import math
@@ -7,14 +8,28 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
+import heron
+from compress_helpers import V, tiny
 from heron.cli.main import main
-from heron.compress.distill import distill, distillation_loss
-from heron.train import load_checkpoint, train
+from heron.compress.distill import (
+    check_hidden_settings,
+    distill,
+    distillation_loss,
+    hidden_objective,
+    hidden_state_loss,
+    resid_post,
+    teacher_loss,
+    uniform_layer_map,
+)
+from heron.core import Transformer
+from heron.data.batches import eval_batches
+from heron.train import load_checkpoint, load_model_folder, synthetic_data, train
 from heron.train.checkpoint import latest_checkpoint
 from heron.train.loop import IGNORE_INDEX
-from heron.train.recipe import recipe_from_dict
+from heron.train.recipe import model_config, recipe_from_dict
 
 torch.set_num_threads(1)
 
@@ -61,11 +76,11 @@ def test_bad_settings_name_the_setting(kwargs, field):
         distillation_loss(torch.zeros(1, 3), torch.zeros(1, 3), torch.zeros(1, dtype=torch.long), **kwargs)
 
 
-def recipe_dict(out_dir: Path, d_model: int, steps: int, vocab_size: int = 32) -> dict:
+def recipe_dict(out_dir: Path, d_model: int, steps: int, vocab_size: int = 32, n_layers: int = 2) -> dict:
     return {
         "name": "distill-test", "out_dir": str(out_dir),
-        "model": {"preset": "test", "overrides": {"d_model": d_model, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1,
-                                                  "max_seq_len": 32}},
+        "model": {"preset": "test", "overrides": {"d_model": d_model, "n_layers": n_layers, "n_heads": 2,
+                                                  "n_kv_heads": 1, "max_seq_len": 32}},
         "data": {"synthetic": {"vocab_size": vocab_size, "n_tokens": 2048, "seed": 0}, "seq_len": 16},
         "optim": {"lr": 1e-2, "weight_decay": 0.1},
         "schedule": {"warmup_steps": 2, "min_lr_ratio": 0.1},
@@ -74,8 +89,10 @@ def recipe_dict(out_dir: Path, d_model: int, steps: int, vocab_size: int = 32) -
     }
 
 
-def recipe(out_dir: Path, d_model: int, steps: int, vocab_size: int = 32):
-    return recipe_from_dict(recipe_dict(out_dir, d_model, steps, vocab_size), world_size=1)
+def recipe(out_dir: Path, d_model: int, steps: int, vocab_size: int = 32, n_layers: int = 2, **train_settings):
+    settings = recipe_dict(out_dir, d_model, steps, vocab_size, n_layers)
+    settings["train"].update(train_settings)
+    return recipe_from_dict(settings, world_size=1)
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +126,190 @@ def test_the_cli_distills_from_a_recipe_file(teacher, tmp_path, capsys):
     assert "student checkpoint:" in capsys.readouterr().out
     lineage = load_checkpoint(latest_checkpoint(tmp_path / "student")).lineage
     assert lineage["step"] == 2 and lineage["distillation"]["alpha"] == 0.7
+
+
+# ----- the hidden-state term ----------------------------------------------------------
+
+
+def test_hidden_term_is_the_mse_by_hand():
+    # Two layer pairs, d_s = 2 -> d_t = 3 through the zero-padded identity; the second token is ignored.
+    projection = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])  # (d_t, d_s)
+    students = [torch.tensor([[[1.0, 2.0], [3.0, 4.0], [0.5, -1.0]]]),
+                torch.tensor([[[0.0, 0.0], [9.0, 9.0], [2.0, 2.0]]])]
+    teachers = [torch.tensor([[[1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [0.5, 0.0, 2.0]]]),
+                torch.tensor([[[1.0, 2.0, 2.0], [5.0, 5.0, 5.0], [2.0, 2.0, 0.0]]])]
+    targets = torch.tensor([[4, IGNORE_INDEX, 1]])
+
+    def squared_error(s: list[float], t: list[float]) -> float:  # mean over the teacher's 3 dims
+        padded = s + [0.0]
+        return sum((a - b) ** 2 for a, b in zip(padded, t)) / 3
+
+    per_layer = [sum(squared_error(st[0, k].tolist(), te[0, k].tolist()) for k in (0, 2))
+                 for st, te in zip(students, teachers)]
+    # layer 0: (0 + 1 + 1) / 3 + (0 + 1 + 4) / 3 = 7/3; layer 1: (1 + 4 + 4) / 3 + (0 + 0 + 0) / 3 = 3
+    assert per_layer == pytest.approx([7 / 3, 3.0])
+    got = hidden_state_loss(students, teachers, projection, targets)
+    assert got.item() == pytest.approx(sum(per_layer) / 2, rel=1e-6)
+    # One pair over its kept tokens is exactly torch's MSE after the projection.
+    one = hidden_state_loss(students[:1], teachers[:1], projection, targets) / 2
+    assert one.item() == pytest.approx(F.mse_loss(students[0][0, [0, 2]] @ projection.T, teachers[0][0, [0, 2]]).item())
+
+
+@pytest.mark.parametrize("student_layers, teacher_layers, want", [
+    (2, 2, {0: 0, 1: 1}),
+    (2, 4, {0: 1, 1: 3}),
+    (4, 12, {0: 2, 1: 5, 2: 8, 3: 11}),  # TinyBERT's 4-layer student: every third teacher layer
+    (2, 3, {0: 1, 1: 2}),  # 1.5 rounds up
+    (3, 5, {0: 1, 1: 2, 2: 4}),
+    (3, 1, {0: 0, 1: 0, 2: 0}),  # deeper than twice the teacher: never below layer 0
+])
+def test_the_uniform_map_ends_last_to_last(student_layers, teacher_layers, want):
+    assert uniform_layer_map(student_layers, teacher_layers) == want
+
+
+def test_hidden_weight_zero_is_exactly_the_logit_only_loss():
+    teacher, student = tiny(seed=0), tiny(seed=1, d_model=32)  # d 64 and d 32, 2 layers each
+    torch.manual_seed(0)
+    x = torch.randint(0, V, (2, 8))
+    y = x.roll(-1, dims=1)
+    acts: dict[str, torch.Tensor] = {}
+    with student.hooks({resid_post(i): lambda a, name: acts.__setitem__(name, a) for i in (0, 1)}):
+        logits = student(x).logits.float()
+    old = teacher_loss(teacher, temperature=2.0, alpha=0.5)(x, logits, y)
+    off = hidden_objective(teacher, student.config, {0: 0, 1: 1}, temperature=2.0, alpha=0.5, hidden_weight=0.0)
+    on = hidden_objective(teacher, student.config, {0: 0, 1: 1}, temperature=2.0, alpha=0.5, hidden_weight=0.5)
+    assert torch.equal(off.loss(x, logits, y, acts), old)
+    assert on.loss(x, logits, y, acts).item() > old.item()  # the same inputs, now with a hidden term to pay
+
+
+def test_hidden_weight_zero_trains_exactly_as_before(teacher, tmp_path):
+    """distill with hidden_weight=0 is the logit-only run of the loop's plain TokenLoss, bit for bit."""
+    teacher_model, _ = load_model_folder(teacher)
+    before = train(recipe(tmp_path / "before", d_model=16, steps=3),
+                   token_loss=teacher_loss(teacher_model, temperature=2.0, alpha=0.5))
+    now = distill(teacher, recipe(tmp_path / "now", d_model=16, steps=3), hidden_weight=0.0)
+    assert now.history == before.history
+    a, b = (load_checkpoint(r.checkpoint) for r in (before, now))
+    assert a.state_dict.keys() == b.state_dict.keys()
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+    assert "objective" not in b.trainer_state
+    assert b.lineage["distillation"]["hidden_weight"] == 0.0 and "hidden_layers" not in b.lineage["distillation"]
+
+
+def residual_streams(model: Transformer, layers: set[int], x: torch.Tensor) -> dict[int, torch.Tensor]:
+    """{layer: the residual stream after that block, (B, T, d)} for input x."""
+    seen: dict[str, torch.Tensor] = {}
+    with torch.no_grad(), model.hooks({resid_post(i): lambda a, name: seen.__setitem__(name, a) for i in layers}):
+        model(x)
+    return {i: seen[resid_post(i)] for i in layers}
+
+
+def hidden_mse(student: Transformer, teacher: Transformer, projection: torch.Tensor, layer_map: dict[int, int],
+               x: torch.Tensor) -> float:
+    """Mean over mapped layers of torch's MSE between the projected student states and the teacher's."""
+    s, t = residual_streams(student, set(layer_map), x), residual_streams(teacher, set(layer_map.values()), x)
+    return sum(F.mse_loss(s[i] @ projection.T, t[j]).item() for i, j in layer_map.items()) / len(layer_map)
+
+
+def test_hidden_matching_pulls_the_students_states_to_the_teachers(teacher, tmp_path):
+    """Known answer: the student's last-layer states, through the trained projection, sit far
+    closer to the teacher's than a fresh student's through the initial projection."""
+    student_recipe = recipe(tmp_path / "student", d_model=16, steps=80, n_layers=1)
+    teacher_model, _ = load_model_folder(teacher)
+    config = model_config(student_recipe, 32)
+    layer_map = check_hidden_settings(3.0, None, student_layers=1, teacher_layers=2)
+    assert layer_map == {0: 1}  # the uniform map: the student's only layer meets the teacher's last
+    objective = hidden_objective(teacher_model, config, layer_map, temperature=2.0, alpha=1.0, hidden_weight=3.0,
+                                 seed=student_recipe.train.seed)
+    initial_projection = objective.params.weight.detach().clone()
+    torch.manual_seed(student_recipe.train.seed)
+    fresh = Transformer(config).eval()  # the loop's starting point: same seed, same config
+    result = train(student_recipe, token_loss=objective)
+    trained, _ = load_model_folder(result.checkpoint)
+    x, _ = next(eval_batches(synthetic_data(student_recipe.data.synthetic).val, 8, 16))  # held-out windows
+    before = hidden_mse(fresh, teacher_model, initial_projection, layer_map, x)
+    after = hidden_mse(trained, teacher_model, objective.params.weight.detach(), layer_map, x)
+    assert after < 0.5 * before, (before, after)
+    # The trained projection is the one the trainer state holds, for resuming.
+    saved = load_checkpoint(result.checkpoint).trainer_state["objective"]["params"]["weight"]
+    assert torch.equal(saved, objective.params.weight.detach())
+
+
+def test_the_student_checkpoint_is_a_plain_model(teacher, tmp_path):
+    result = distill(teacher, recipe(tmp_path / "student", d_model=16, steps=3), hidden_weight=0.5,
+                     hidden_layers={1: 1})
+    ckpt = load_checkpoint(result.checkpoint)
+    plain = Transformer(ckpt.config).state_dict()
+    assert set(ckpt.state_dict) == set(plain) and not any("proj" in k for k in ckpt.state_dict)
+    for model, _ in (heron.load(result.checkpoint), load_model_folder(result.checkpoint)):  # strict key checks
+        assert model.config.d_model == 16 and all(torch.equal(model.state_dict()[k], ckpt.state_dict[k]) for k in plain)
+    assert ckpt.trainer_state["objective"]["params"]["weight"].shape == (32, 16)  # W: student 16 -> teacher 32
+    assert ckpt.lineage["distillation"]["hidden_weight"] == 0.5
+    assert ckpt.lineage["distillation"]["hidden_layers"] == {"1": 1}
+
+
+class Crash(Exception):
+    pass
+
+
+def crash_after(step: int):
+    def callback(row: dict) -> None:
+        if row["step"] == step:
+            raise Crash
+
+    return callback
+
+
+def test_a_resumed_hidden_distillation_equals_the_unbroken_run(teacher, tmp_path):
+    """The projection and its optimizer state resume from the trainer state, bit for bit."""
+    teacher_model, _ = load_model_folder(teacher)
+
+    def run(name: str, **kwargs):
+        r = recipe(tmp_path / name, d_model=16, steps=5, ckpt_every=2, eval_every=2)
+        objective = hidden_objective(teacher_model, model_config(r, 32), {0: 0, 1: 1}, temperature=2.0, alpha=0.5,
+                                     hidden_weight=1.0, seed=r.train.seed)
+        return train(r, token_loss=objective, **kwargs), objective
+
+    unbroken, unbroken_objective = run("unbroken")
+    with pytest.raises(Crash):
+        run("broken", callbacks=[crash_after(3)])  # checkpoint at 2; step 3 is lost
+    resumed, resumed_objective = run("broken")
+    assert resumed.history == unbroken.history
+    a, b = load_checkpoint(unbroken.checkpoint), load_checkpoint(resumed.checkpoint)
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+    assert torch.equal(unbroken_objective.params.weight, resumed_objective.params.weight)
+
+
+@pytest.mark.parametrize("weight, layers, message", [
+    (-0.5, None, "hidden_weight: must be a number >= 0, got -0.5"),
+    (float("nan"), None, "hidden_weight: must be a number >= 0, got nan"),
+    (1.0, {2: 0}, "hidden_layers: student layer 2 is out of range; the student has 2 layers"),
+    (1.0, {0: 0, 1: 4}, "hidden_layers: teacher layer 4 \\(for student layer 1\\) is out of range; the teacher has 4"),
+    (1.0, {0: -1}, "hidden_layers: teacher layer -1"),
+    (1.0, {}, "hidden_layers: maps no layer"),
+    (0.0, {0: 1}, "hidden_layers: .* but hidden_weight is 0"),
+])
+def test_bad_hidden_settings_name_the_field(weight, layers, message):
+    with pytest.raises(ValueError, match=message):
+        check_hidden_settings(weight, layers, student_layers=2, teacher_layers=4)
+
+
+def test_bad_hidden_settings_fail_before_training(teacher, tmp_path):
+    with pytest.raises(ValueError, match="hidden_layers: teacher layer 2 .* the teacher has 2 layers"):
+        distill(teacher, recipe(tmp_path / "student", d_model=16, steps=2), hidden_weight=1.0, hidden_layers={0: 2})
+    assert not (tmp_path / "student").exists()
+
+
+def test_the_cli_matches_hidden_states_and_names_bad_flags(teacher, tmp_path, capsys):
+    file = tmp_path / "student.yaml"
+    file.write_text(yaml.safe_dump(recipe_dict(tmp_path / "student", d_model=16, steps=2)))
+    args = ["compress", "distill", str(teacher), str(file)]
+    assert main([*args, "--hidden-weight", "2", "--hidden-layers", "_,1"]) == 0
+    lineage = load_checkpoint(latest_checkpoint(tmp_path / "student")).lineage["distillation"]
+    assert lineage["hidden_weight"] == 2.0 and lineage["hidden_layers"] == {"1": 1}
+    capsys.readouterr()
+    for flags, message in [(["--hidden-weight", "-1"], "hidden_weight: must be a number >= 0, got -1.0"),
+                           (["--hidden-weight", "1", "--hidden-layers", "0,x"], "hidden_layers: 'x' in '0,x'"),
+                           (["--hidden-weight", "1", "--hidden-layers", "0,1,1"], "hidden_layers: student layer 2")]:
+        assert main([*args, *flags]) == 2
+        assert message in capsys.readouterr().err

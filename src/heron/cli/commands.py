@@ -214,11 +214,23 @@ def compress_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def hidden_layers(text: str | None) -> dict[int, int] | None:
+    """--hidden-layers "1,_,3": student layer i matches the i-th teacher layer ('_': none)."""
+    if text is None:
+        return None
+    entries = [entry.strip() for entry in text.split(",")]
+    for entry in entries:
+        if entry != "_" and not entry.isdigit():
+            raise ValueError(f"hidden_layers: {entry!r} in {text!r} is not a teacher layer index or '_'")
+    return {i: int(entry) for i, entry in enumerate(entries) if entry != "_"}
+
+
 def compress_distill(args: argparse.Namespace) -> int:
     from heron.compress.distill import distill
 
     recipe = load_recipe(recipe_path(args.recipe), args.overrides)
     result = distill(args.teacher, recipe, temperature=args.temperature, alpha=args.alpha,
+                     hidden_weight=args.hidden_weight, hidden_layers=hidden_layers(args.hidden_layers),
                      resume=not args.no_resume)
     print(f"run folder: {result.out_dir}\nstudent checkpoint: {result.checkpoint}")
     return 0

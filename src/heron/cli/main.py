@@ -123,11 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
     p.set_defaults(handler=commands.compress_quantize)
-    p = compress.add_parser("distill", help="train a smaller student (a training recipe) on a teacher's logits")
+    p = compress.add_parser("distill", help="train a smaller student (a training recipe) on a teacher's logits "
+                                            "(and hidden states)")
     p.add_argument("teacher", type=Path, help="teacher checkpoint; the recipe's data must use its tokenizer")
     p.add_argument("recipe", help="the student's training recipe (file or shipped name)")
     p.add_argument("--temperature", type=float, default=2.0, help="softening of both distributions (Hinton et al.)")
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the soft (KL) term; 1 - alpha on the labels")
+    p.add_argument("--hidden-weight", type=float, default=0.0,
+                   help="weight of the hidden-state (TinyBERT) term: student residual streams, through a learned "
+                        "projection, against the teacher's; 0 (default) = logits only")
+    p.add_argument("--hidden-layers", default=None, metavar="T0,T1,...",
+                   help="the teacher layer each student layer matches, '_' for none, e.g. _,1 (default: the "
+                        "uniform map, last to last)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field (repeatable)")
     p.add_argument("--no-resume", action="store_true", help="start over instead of resuming")

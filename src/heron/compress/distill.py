@@ -1,29 +1,49 @@
 """Knowledge distillation (Hinton, Vinyals & Dean 2015): a smaller student learns
-the teacher's softened next-token distribution as well as the data's tokens.
+the teacher's softened next-token distribution as well as the data's tokens,
+and optionally the teacher's hidden states (TinyBERT, Jiao et al. 2020).
 
-Per target token, with temperature T and weight alpha:
+Per target token, with temperature T, weights alpha and beta, and a layer map M
+of student layers i to teacher layers j:
 
     alpha * T^2 * KL(softmax(z_teacher / T) || softmax(z_student / T))
         + (1 - alpha) * cross_entropy(z_student, y)
+        + beta * mean over (i, j) in M of  mean over d_teacher of (W h_i - h'_j)^2
 
 The KL is the forward one (teacher first): the student must cover every token
 the teacher finds plausible. T^2 keeps the soft term's gradients on the same
-scale as the hard term's as T changes (Hinton et al., section 2). The student
-trains through Heron's one training loop (`train.train` with this objective),
-so checkpoints, resuming, validation (plain cross-entropy, comparable with any
-model's) and the energy record are the loop's own.
+scale as the hard term's as T changes (Hinton et al., section 2).
+
+The third term is TinyBERT's hidden-state loss, MSE(H^S W_h, H^T) (Jiao et al.
+2020, section 3.1; FitNets' "hints" through a learned regressor, Romero et al.
+2015). h_i and h'_j are the residual streams after block i of the student and
+block j of the teacher (the `blocks.{i}.hook_resid_post` hook points), and W
+(d_teacher x d_student, students are usually narrower) is one linear map shared
+by every matched layer, trained with the student and then dropped: it lives in
+the trainer state, so the student checkpoint stays a plain model. The default
+map is TinyBERT's uniform one, i -> round((i + 1) * L_teacher / L_student) - 1
+(halves rounded up), so the student's last layer meets the teacher's last.
+Averaging over matched layers and widths keeps beta's scale independent of
+both. beta = 0 (the default) is the logit-only objective, unchanged.
+
+The student trains through Heron's one training loop (`train.train` with this
+objective), so checkpoints, resuming, validation (plain cross-entropy,
+comparable with any model's) and the energy record are the loop's own.
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from heron.core.config import ModelConfig
 from heron.core.transformer import Transformer
 from heron.train import load_model_folder
-from heron.train.loop import IGNORE_INDEX, TokenLoss, TrainResult, train
-from heron.train.recipe import TrainRecipe
+from heron.train.loop import IGNORE_INDEX, Objective, TokenLoss, TrainResult, train
+from heron.train.recipe import TrainRecipe, model_config
 from heron.train.sources import resolve_data
 
 
@@ -50,6 +70,62 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return alpha * temperature**2 * soft + (1.0 - alpha) * hard
 
 
+def hidden_state_loss(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor],
+                      projection: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The hidden term above (without beta), summed over the target tokens that are
+    not IGNORE_INDEX; for one layer pair, divided by those tokens, it is
+    F.mse_loss(student @ projection.T, teacher).
+
+    student_hidden[k]: (..., d_s), matched with teacher_hidden[k]: (..., d_t);
+    projection: (d_t, d_s), W; targets: (...) token ids.
+    """
+    if not student_hidden or len(student_hidden) != len(teacher_hidden):
+        raise ValueError(f"teacher_hidden: {len(teacher_hidden)} tensors for {len(student_hidden)} student layers "
+                         "(need one per student layer, at least one)")
+    keep = (targets != IGNORE_INDEX).reshape(-1)  # (N,)
+    total = projection.new_zeros(())
+    for student, teacher in zip(student_hidden, teacher_hidden):
+        s = student.reshape(-1, student.shape[-1])[keep]  # (N, d_s)
+        t = teacher.reshape(-1, teacher.shape[-1])[keep]  # (N, d_t)
+        total = total + F.mse_loss(F.linear(s, projection), t, reduction="sum") / t.shape[-1]
+    return total / len(student_hidden)
+
+
+def uniform_layer_map(student_layers: int, teacher_layers: int) -> dict[int, int]:
+    """TinyBERT's uniform map: student layer i -> teacher layer round((i + 1) * L_t / L_s) - 1,
+    halves rounded up, never below 0 (a student over twice the teacher's depth)."""
+    return {i: max(0, (2 * (i + 1) * teacher_layers + student_layers) // (2 * student_layers) - 1)
+            for i in range(student_layers)}
+
+
+def check_hidden_settings(hidden_weight: float, hidden_layers: Mapping[int, int] | None, *,
+                          student_layers: int, teacher_layers: int) -> dict[int, int]:
+    """The layer map (student layer -> teacher layer) the settings ask for, or a
+    ValueError naming the bad field and value. None means the uniform map."""
+    if not (math.isfinite(hidden_weight) and hidden_weight >= 0):
+        raise ValueError(f"hidden_weight: must be a number >= 0, got {hidden_weight}")
+    if hidden_layers is not None and hidden_weight == 0:
+        raise ValueError(f"hidden_layers: {dict(hidden_layers)} given, but hidden_weight is 0, "
+                         "so no hidden state is matched; set hidden_weight > 0")
+    if hidden_layers is None:
+        return uniform_layer_map(student_layers, teacher_layers)
+    if not hidden_layers:
+        raise ValueError("hidden_layers: maps no layer; leave it unset for the uniform map")
+    for i, j in hidden_layers.items():
+        if not 0 <= i < student_layers:
+            raise ValueError(f"hidden_layers: student layer {i} is out of range; the student has "
+                             f"{student_layers} layers (0..{student_layers - 1})")
+        if not 0 <= j < teacher_layers:
+            raise ValueError(f"hidden_layers: teacher layer {j} (for student layer {i}) is out of range; "
+                             f"the teacher has {teacher_layers} layers (0..{teacher_layers - 1})")
+    return dict(sorted(hidden_layers.items()))
+
+
+def resid_post(layer: int) -> str:
+    """The hook point of the residual stream after block `layer`: (B, T, d)."""
+    return f"blocks.{layer}.hook_resid_post"
+
+
 def teacher_loss(teacher: Transformer, *, temperature: float, alpha: float) -> TokenLoss:
     """The training loop's objective: the frozen teacher scores each micro-batch."""
     teacher.eval().requires_grad_(False)
@@ -62,20 +138,64 @@ def teacher_loss(teacher: Transformer, *, temperature: float, alpha: float) -> T
     return loss
 
 
+def hidden_objective(teacher: Transformer, student: ModelConfig, layer_map: Mapping[int, int], *,
+                     temperature: float, alpha: float, hidden_weight: float, seed: int = 0) -> Objective:
+    """The training loop's objective with the hidden term: the loop hands over the
+    student's residual streams at the mapped layers (from the forward that made
+    its logits); the frozen teacher scores each micro-batch and gives its own.
+    The objective's parameters are the projection W, for the loop to train."""
+    teacher.eval().requires_grad_(False)
+    student_names = [resid_post(i) for i in layer_map]
+    teacher_names = [resid_post(j) for j in layer_map.values()]
+    with torch.random.fork_rng(devices=[]):  # the same W on every process and every rerun; global RNG untouched
+        torch.manual_seed(seed)
+        projection = nn.Linear(student.d_model, teacher.config.d_model, bias=False)  # W: (d_t, d_s)
+
+    def loss(x: torch.Tensor, student_logits: torch.Tensor, y: torch.Tensor,
+             activations: dict[str, torch.Tensor]) -> torch.Tensor:
+        captured: dict[str, torch.Tensor] = {}
+
+        def record(activation: torch.Tensor, name: str) -> None:
+            captured[name] = activation
+
+        with torch.no_grad(), teacher.hooks(dict.fromkeys(teacher_names, record)):
+            teacher_logits = teacher(x).logits.float()  # (b, T, V)
+        logit_term = distillation_loss(student_logits, teacher_logits, y, temperature=temperature, alpha=alpha)
+        hidden = hidden_state_loss([activations[n].float() for n in student_names],  # each (b, T, d_s)
+                                   [captured[n].float() for n in teacher_names],  # each (b, T, d_t)
+                                   projection.weight, y)
+        return logit_term + hidden_weight * hidden
+
+    return Objective(loss, hook_names=tuple(student_names), params=projection)
+
+
 def distill(teacher_dir: str | Path, recipe: TrainRecipe, *, temperature: float = 2.0, alpha: float = 0.5,
+            hidden_weight: float = 0.0, hidden_layers: Mapping[int, int] | None = None,
             resume: bool = True) -> TrainResult:
     """Train the student the recipe describes (its model section, its data, which
-    must be tokenised with the teacher's tokenizer) from the teacher checkpoint."""
+    must be tokenised with the teacher's tokenizer) from the teacher checkpoint.
+
+    hidden_weight > 0 adds the hidden term; hidden_layers maps student layers to
+    teacher layers (None: the uniform map)."""
     teacher, _ = load_model_folder(teacher_dir)
     data = resolve_data(recipe.data)
     if teacher.config.vocab_size != data.vocab_size:
         raise ValueError(f"teacher: vocabulary of {teacher.config.vocab_size} tokens, but the recipe's data "
                          f"({recipe.data.shards or 'synthetic'}) has {data.vocab_size}; tokenise the data with "
                          "the teacher's tokenizer")
-    lineage = {"distillation": {"teacher": str(Path(teacher_dir).resolve()), "temperature": temperature,
-                                "alpha": alpha, "teacher_config": teacher.config.to_dict()}}
-    return train(recipe, resume=resume, data=data, lineage=lineage,
-                 token_loss=teacher_loss(teacher, temperature=temperature, alpha=alpha))
+    student = model_config(recipe, data.vocab_size)
+    layer_map = check_hidden_settings(hidden_weight, hidden_layers, student_layers=student.n_layers,
+                                      teacher_layers=teacher.config.n_layers)
+    settings = {"temperature": temperature, "alpha": alpha, "hidden_weight": hidden_weight}
+    if hidden_weight > 0:
+        objective = hidden_objective(teacher, student, layer_map, seed=recipe.train.seed, **settings)
+        settings["hidden_layers"] = {str(i): j for i, j in layer_map.items()}  # JSON keys: student layers
+    else:
+        objective = teacher_loss(teacher, temperature=temperature, alpha=alpha)  # logit-only, as before
+    lineage = {"distillation": {"teacher": str(Path(teacher_dir).resolve()), **settings,
+                                "teacher_config": teacher.config.to_dict()}}
+    return train(recipe, resume=resume, data=data, lineage=lineage, token_loss=objective)
 
 
-__all__ = ["distill", "distillation_loss", "teacher_loss"]
+__all__ = ["check_hidden_settings", "distill", "distillation_loss", "hidden_objective", "hidden_state_loss",
+           "teacher_loss", "uniform_layer_map"]

@@ -30,6 +30,7 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
+from heron.core.hooks import attach_hooks
 from heron.core.moe import moe_stats
 from heron.core.transformer import Transformer
 from heron.data.batches import PackedBatches, eval_batches
@@ -57,11 +58,44 @@ IGNORE_INDEX = -100  # targets to skip, as F.cross_entropy's default
 # (b, T, V), targets y (b, T)) -> the loss summed over target tokens. Cross-entropy by
 # default; distillation (compress/distill.py) brings its own. Validation stays cross-entropy.
 TokenLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# A TokenLoss that also reads activations: (x, logits, y, {hook name: activation}) -> the same sum.
+ActivationLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
 
 
 def cross_entropy_sum(x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy over the targets that are not IGNORE_INDEX."""
     return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A training objective that needs more than the logits: distillation's
+    hidden-state term (compress/distill.py) reads the model's residual stream
+    through a projection it trains.
+
+    The loop captures the activations at `hook_names` during the very forward
+    that made the logits (with their gradients) and calls `loss(x, logits, y,
+    activations)`. `params` are the objective's own trainable parameters: the
+    loop moves them to the model's device and steps them with a second AdamW
+    under the same schedule, weight decay and clip norm (their gradients
+    averaged over processes first, as DDP and FSDP do the model's). They and
+    their optimizer state go into the trainer state, so a resumed run equals an
+    unbroken one, and never into the model's weights: every checkpoint stays a
+    plain model.
+    """
+
+    loss: ActivationLoss
+    hook_names: tuple[str, ...] = ()
+    params: nn.Module | None = None
+
+    @classmethod
+    def of(cls, token_loss: TokenLoss) -> Objective:
+        """A plain TokenLoss: no activations, no parameters."""
+        return cls(lambda x, logits, y, _activations: token_loss(x, logits, y))
+
+
+CROSS_ENTROPY = Objective.of(cross_entropy_sum)
+
 STATE_FORMAT = 1
 
 # Called after every step on every process with that step's row of history.
@@ -93,6 +127,8 @@ class _Run:
     data: TrainData
     model: nn.Module  # possibly DDP-wrapped or FSDP-sharded
     optimizer: torch.optim.Optimizer
+    objective: Objective
+    objective_optimizer: torch.optim.Optimizer | None  # steps objective.params; None when it has none
     micro_batch: int
     grad_accum: int
     out_dir: Path
@@ -101,12 +137,11 @@ class _Run:
     history: list[dict[str, Any]] = field(default_factory=list)
     last_checkpoint: Path | None = None
     energy_before: EnergyReport | None = None  # the segments before a resume, from the checkpoint's lineage
-    token_loss: TokenLoss = cross_entropy_sum
     lineage_extra: dict[str, Any] = field(default_factory=dict)  # e.g. the teacher of a distillation
 
 
 def train(recipe: TrainRecipe, *, resume: bool = True, data: TrainData | None = None,
-          callbacks: Sequence[Callback] = (), token_loss: TokenLoss = cross_entropy_sum,
+          callbacks: Sequence[Callback] = (), token_loss: TokenLoss | Objective = cross_entropy_sum,
           lineage: dict[str, Any] | None = None) -> TrainResult:
     """Train as the recipe says; return the history and the last checkpoint.
 
@@ -114,13 +149,15 @@ def train(recipe: TrainRecipe, *, resume: bool = True, data: TrainData | None = 
     `recipe.out_dir` if there is one; resume=False starts over, deleting the
     earlier run's checkpoints and metrics there. `data` replaces the recipe's
     data section (tests, notebooks). `token_loss` replaces the training
-    objective (validation stays cross-entropy) and `lineage` adds entries to
-    every checkpoint's lineage. Launch under torchrun for ddp/fsdp.
+    objective, a TokenLoss or an `Objective` (validation stays cross-entropy),
+    and `lineage` adds entries to every checkpoint's lineage. Launch under
+    torchrun for ddp/fsdp.
     """
+    objective = token_loss if isinstance(token_loss, Objective) else Objective.of(token_loss)
     ctx = dist_.setup(recipe.train.parallel, recipe.train.device)
     try:
-        run = _start(recipe, ctx, resume, data)
-        run.token_loss, run.lineage_extra = token_loss, dict(lineage or {})
+        run = _start(recipe, ctx, resume, data, objective)
+        run.lineage_extra = dict(lineage or {})
         _loop(run, callbacks)
         return TrainResult(run.out_dir, run.last_checkpoint, run.step, run.history)
     finally:
@@ -130,8 +167,9 @@ def train(recipe: TrainRecipe, *, resume: bool = True, data: TrainData | None = 
 # ----- setting up -------------------------------------------------------------
 
 
-def _start(recipe: TrainRecipe, ctx: dist_.DistContext, resume: bool, data: TrainData | None) -> _Run:
-    """Validate, load data, build (or restore) model and optimizer."""
+def _start(recipe: TrainRecipe, ctx: dist_.DistContext, resume: bool, data: TrainData | None,
+           objective: Objective) -> _Run:
+    """Validate, load data, build (or restore) model and optimizers."""
     meter = EnergyMeter().start()
     # Under parallel=none, $WORLD_SIZE catches a torchrun launch that would train N copies.
     _, micro, accum = batch_plan(recipe.train, ctx.world_size if ctx.parallel != "none" else None)
@@ -154,7 +192,10 @@ def _start(recipe: TrainRecipe, ctx: dist_.DistContext, resume: bool, data: Trai
         load_weights(model, ckpt.state_dict, source=ckpt.path)
     model = dist_.wrap_model(model.to(ctx.device), ctx)
     optimizer = build_optimizer(model, recipe.optim)
-    run = _Run(recipe, ctx, data, model, optimizer, micro, accum, out_dir, meter)
+    objective_optimizer = None
+    if objective.params is not None:
+        objective_optimizer = build_optimizer(objective.params.to(ctx.device), recipe.optim)
+    run = _Run(recipe, ctx, data, model, optimizer, objective, objective_optimizer, micro, accum, out_dir, meter)
     if ckpt is not None:
         _restore(run, ckpt)
     elif ctx.is_main:  # rows a run that died before its first checkpoint logged
@@ -213,6 +254,12 @@ def _restore(run: _Run, ckpt: Checkpoint) -> None:
     if state is None or state.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{ckpt.path / STATE_FILE}: missing or of an unknown format; cannot resume from it")
     dist_.load_optimizer_state(run.model, run.optimizer, state["optimizer"])
+    if run.objective_optimizer is not None:
+        if "objective" not in state:
+            raise CheckpointError(f"{ckpt.path / STATE_FILE}: holds no state for the objective's own parameters "
+                                  "(a run without them); resume with the objective it was trained with")
+        run.objective.params.load_state_dict(state["objective"]["params"])
+        run.objective_optimizer.load_state_dict(state["objective"]["optimizer"])
     _set_rng_states(state["rng"])
     run.step, run.history, run.last_checkpoint = state["step"], list(state["history"]), ckpt.path
     if "energy" in ckpt.lineage:
@@ -290,8 +337,9 @@ def _train_step(run: _Run, batches: PackedBatches) -> tuple[float, float, float,
     """One optimizer step over the global batch: (mean loss, grad norm, lr, MoE metrics)."""
     t, ctx = run.recipe.train, run.ctx
     lr = recipe_lr(run.step, run.recipe.optim, run.recipe.schedule, t.steps)
-    set_lr(run.optimizer, lr)
-    run.optimizer.zero_grad(set_to_none=True)
+    for optimizer in _optimizers(run):
+        set_lr(optimizer, lr)
+        optimizer.zero_grad(set_to_none=True)
     # Micro-batch m of rank r is row block r*accum+m of the global batch, so any
     # split of the same batch_size over processes and accumulation sees the same rows.
     parts = [batches.batch(run.step, ctx.rank * run.grad_accum + m, ctx.world_size * run.grad_accum)
@@ -302,7 +350,7 @@ def _train_step(run: _Run, batches: PackedBatches) -> tuple[float, float, float,
     moe_sums: dict[str, torch.Tensor] = {}
     for m, (x, y) in enumerate(parts):
         with dist_.gradient_sync(run.model, enabled=m == run.grad_accum - 1):
-            token_loss, aux = _forward_loss(run, x, y, run.token_loss)
+            token_loss, aux = _forward_loss(run, x, y, run.objective)
             # Sum over tokens / tokens in the global batch: the global mean whatever the
             # split. x world undoes the mean over ranks that DDP and FSDP apply to gradients.
             (token_loss * ctx.world_size / n_tokens + aux / run.grad_accum).backward()
@@ -311,8 +359,25 @@ def _train_step(run: _Run, batches: PackedBatches) -> tuple[float, float, float,
             moe_sums[name] = moe_sums.get(name, 0) + value
     norm = nn.utils.clip_grad_norm_(run.model.parameters(), t.clip_norm or float("inf"))
     run.optimizer.step()
+    if run.objective_optimizer is not None:
+        _step_objective(run)
     loss = dist_.all_reduce_sum(loss_sum, ctx) / n_tokens
     return float(loss), dist_.grad_norm_value(norm), lr, _moe_metrics(run, moe_sums)
+
+
+def _optimizers(run: _Run) -> list[torch.optim.Optimizer]:
+    return [run.optimizer] if run.objective_optimizer is None else [run.optimizer, run.objective_optimizer]
+
+
+def _step_objective(run: _Run) -> None:
+    """Step the objective's own parameters as the model's: gradients averaged over
+    processes (the model's are, by DDP or FSDP; these sit outside the wrapper),
+    clipped to the same norm on their own, then the update."""
+    params = [p for p in run.objective.params.parameters() if p.grad is not None]
+    for p in params:
+        p.grad = dist_.all_reduce_sum(p.grad, run.ctx) / run.ctx.world_size
+    nn.utils.clip_grad_norm_(params, run.recipe.train.clip_norm or float("inf"))
+    run.objective_optimizer.step()
 
 
 def _moe_metrics(run: _Run, sums: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -327,14 +392,20 @@ def _moe_metrics(run: _Run, sums: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def _forward_loss(run: _Run, x: torch.Tensor, y: torch.Tensor,
-                  token_loss: TokenLoss = cross_entropy_sum) -> tuple[torch.Tensor, torch.Tensor]:
+                  objective: Objective = CROSS_ENTROPY) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed token loss, aux loss) for one micro-batch x, y: (b, T)."""
     device = run.ctx.device
     x, y = x.to(device), y.to(device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.recipe.train.precision == "bf16"):
+    activations: dict[str, torch.Tensor] = {}  # by hook name, as the objective asks; none by default
+
+    def record(activation: torch.Tensor, name: str) -> None:  # returns None: reads, replaces nothing
+        activations[name] = activation
+
+    with attach_hooks(dist_.unwrap(run.model), dict.fromkeys(objective.hook_names, record)), \
+            torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.recipe.train.precision == "bf16"):
         out = run.model(x)
     logits = out.logits.float()  # (b, T, V); loss in fp32 even under bf16 autocast
-    return token_loss(x, logits, y), out.aux_loss.float()
+    return objective.loss(x, logits, y, activations), out.aux_loss.float()
 
 
 @torch.no_grad()
@@ -367,6 +438,9 @@ def _checkpoint(run: _Run) -> None:
         t = run.recipe.train
         trainer_state = {"format": STATE_FORMAT, "step": run.step, "optimizer": optim_state,
                          "rng": _rng_states(), "history": run.history}
+        if run.objective_optimizer is not None:
+            trainer_state["objective"] = {"params": run.objective.params.state_dict(),
+                                          "optimizer": run.objective_optimizer.state_dict()}
         save_checkpoint(
             run.out_dir, run.step, dist_.unwrap(run.model), keep_last=t.keep_last,
             tokenizer=run.data.tokenizer, lineage=_lineage(run), state_dict=model_state,
@@ -403,4 +477,5 @@ def _energy(run: _Run) -> EnergyReport:
     return replace(report, tokens=run.history[-1]["tokens"] if run.history else None)
 
 
-__all__ = ["Callback", "TokenLoss", "TrainResult", "cross_entropy_sum", "evaluate", "train"]
+__all__ = ["ActivationLoss", "Callback", "Objective", "TokenLoss", "TrainResult", "cross_entropy_sum", "evaluate",
+           "train"]
