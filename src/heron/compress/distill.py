@@ -132,7 +132,7 @@ def teacher_loss(teacher: Transformer, *, temperature: float, alpha: float) -> T
 
     def loss(x: torch.Tensor, student_logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            teacher_logits = teacher(x).logits.float()  # (b, T, V)
+            teacher_logits = teacher.to(x.device)(x).logits.float()  # (b, T, V); moved once, to the run's device
         return distillation_loss(student_logits, teacher_logits, y, temperature=temperature, alpha=alpha)
 
     return loss
@@ -159,7 +159,7 @@ def hidden_objective(teacher: Transformer, student: ModelConfig, layer_map: Mapp
             captured[name] = activation
 
         with torch.no_grad(), teacher.hooks(dict.fromkeys(teacher_names, record)):
-            teacher_logits = teacher(x).logits.float()  # (b, T, V)
+            teacher_logits = teacher.to(x.device)(x).logits.float()  # (b, T, V); moved once, to the run's device
         logit_term = distillation_loss(student_logits, teacher_logits, y, temperature=temperature, alpha=alpha)
         hidden = hidden_state_loss([activations[n].float() for n in student_names],  # each (b, T, d_s)
                                    [captured[n].float() for n in teacher_names],  # each (b, T, d_t)
