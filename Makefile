@@ -37,3 +37,4 @@ bench: setup
 	$(PY) benchmarks/bench_long_context.py
 	$(PY) benchmarks/bench_interop.py
 	$(PY) benchmarks/bench_align.py
+	$(PY) benchmarks/bench_compress.py
