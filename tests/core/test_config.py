@@ -58,3 +58,12 @@ def test_moe_config_json_round_trip():
     assert [back.is_moe_layer(i) for i in range(back.n_layers)] == [False, True]
     dropless = ModelConfig(**BASE, feed_forward=("moe",), moe=MoEConfig())
     assert ModelConfig.from_json(dropless.to_json()).moe.capacity_factor is None
+
+
+def test_attention_only_layers_round_trip_and_unknown_kinds_are_named():
+    config = ModelConfig(**BASE, feed_forward=("none",))
+    back = ModelConfig.from_json(config.to_json())
+    assert back == config and [back.feed_forward_kind(i) for i in range(2)] == ["none", "none"]
+    assert not back.is_moe_layer(0) and ModelConfig(**BASE).feed_forward_kind(1) == "dense"
+    with pytest.raises(ValueError, match=r"^feed_forward\[1\]: 'nothing' is not one of dense, moe, none"):
+        ModelConfig(**BASE, feed_forward=("dense", "nothing"))

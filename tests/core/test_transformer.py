@@ -20,6 +20,7 @@ VARIANTS = {
     "moe_top2": dict(feed_forward=("dense", "moe"), moe=MoEConfig(n_experts=4, top_k=2)),
     "moe_top1_shared": dict(feed_forward=("moe",), moe=MoEConfig(n_experts=4, top_k=1, shared_expert=True)),
     "moe_capacity": dict(feed_forward=("dense", "moe"), moe=MoEConfig(n_experts=4, top_k=2, capacity_factor=0.5)),
+    "attention_only": dict(feed_forward=("none",)),
 }
 
 

@@ -16,7 +16,7 @@ POSITIONS = ("rope", "learned", "none")
 MLPS = ("swiglu", "gelu", "gelu_tanh")
 ROPE_SCALINGS = ("linear", "llama3")
 ATTENTION_KINDS = ("dense", "sliding", "dilated", "strided", "fixed", "bigbird")
-FEED_FORWARDS = ("dense", "moe")
+FEED_FORWARDS = ("dense", "moe", "none")  # "none": an attention-only block (core/transformer.py Block)
 HEADS = ("lm", "scalar")
 
 
@@ -152,7 +152,7 @@ class ModelConfig:
     # Per-layer schedules, cycled over the layers (their length must divide
     # n_layers): (dense, sliding) alternates like GPT-Neo. Empty: all dense.
     attention: tuple[AttentionPattern, ...] = ()
-    feed_forward: tuple[str, ...] = ()  # "dense" or "moe" per layer; empty: all dense
+    feed_forward: tuple[str, ...] = ()  # "dense", "moe" or "none" per layer; empty: all dense
     moe: MoEConfig | None = None
 
     def __post_init__(self) -> None:
@@ -224,8 +224,11 @@ class ModelConfig:
     def attention_pattern(self, layer: int) -> AttentionPattern:
         return self.attention[layer % len(self.attention)] if self.attention else DENSE
 
+    def feed_forward_kind(self, layer: int) -> str:
+        return self.feed_forward[layer % len(self.feed_forward)] if self.feed_forward else "dense"
+
     def is_moe_layer(self, layer: int) -> bool:
-        return bool(self.feed_forward) and self.feed_forward[layer % len(self.feed_forward)] == "moe"
+        return self.feed_forward_kind(layer) == "moe"
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed, validated like a new config."""

@@ -1,7 +1,7 @@
 """The decoder-only Transformer every Heron model is an instance of."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
@@ -27,19 +27,27 @@ class TransformerOutput:
     cache: KVCache | None
 
 
+# config.feed_forward kinds -> the module a block's `mlp` is; None: the block has none.
+FEED_FORWARD_MODULES: dict[str, Callable[[ModelConfig], nn.Module] | None] = {"dense": MLP, "moe": MoE, "none": None}
+
+
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)).
 
     `mlp` is a MoE on the layers `config.feed_forward` marks "moe"; the name
     stays `mlp` so hook names (blocks.3.mlp.hook_router_probs) keep one shape.
+    A "none" layer is attention-only (Elhage et al. 2021): no `mlp`, no
+    `mlp_norm`, and hook_mlp_out carries zeros, so every block has the same
+    hook points and the residual stream is still embed + sum(attn_out + mlp_out).
     """
 
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
+        feed_forward = FEED_FORWARD_MODULES[config.feed_forward_kind(layer)]
         self.attn_norm = make_norm(config)
         self.attn = Attention(config, layer)
-        self.mlp_norm = make_norm(config)
-        self.mlp = MoE(config) if config.is_moe_layer(layer) else MLP(config)
+        self.mlp_norm = None if feed_forward is None else make_norm(config)
+        self.mlp = None if feed_forward is None else feed_forward(config)
         self.hook_resid_pre = HookPoint()  # (B, T, d)
         self.hook_attn_out = HookPoint()  # (B, T, d)
         self.hook_resid_mid = HookPoint()  # (B, T, d)
@@ -56,7 +64,8 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         x = self.hook_resid_pre(x)
         x = self.hook_resid_mid(x + self.hook_attn_out(self.attn(self.attn_norm(x), rope, mask, cache, key_mask)))
-        return self.hook_resid_post(x + self.hook_mlp_out(self.mlp(self.mlp_norm(x))))
+        mlp_out = torch.zeros_like(x) if self.mlp is None else self.mlp(self.mlp_norm(x))  # (B, T, d)
+        return self.hook_resid_post(x + self.hook_mlp_out(mlp_out))
 
 
 class Transformer(nn.Module):

@@ -218,8 +218,12 @@ def dense_attention_only(config: ModelConfig) -> HfConfig:
 
 
 def dense_feed_forward_only(config: ModelConfig) -> HfConfig:
-    if any(config.is_moe_layer(i) for i in range(config.n_layers)):
-        raise ValueError("feed_forward: this family has no Mixture-of-Experts layers")
+    """A dense MLP on every layer: no Mixture-of-Experts, no attention-only ("none") blocks."""
+    kinds = [config.feed_forward_kind(i) for i in range(config.n_layers)]
+    other = [i for i, kind in enumerate(kinds) if kind != "dense"]
+    if other:
+        raise ValueError(f"feed_forward: layer {other[0]} is {kinds[other[0]]!r}; this family has a dense MLP "
+                         "on every layer")
     return {}
 
 
