@@ -1,0 +1,111 @@
+"""Attribution to input tokens (interpret/attribution.py) against known answers:
+completeness, a slow Riemann-sum reference, causality (later tokens score
+exactly zero), and gradient x input by hand."""
+import pytest
+import torch
+
+from heron.core import ModelConfig, Transformer
+from heron.interpret.attribution import ConvergenceError, gradient_x_input, integrated_gradients, logit_of
+
+V = 64
+
+
+def model_for(positions: str = "rope", seed: int = 0) -> Transformer:
+    """Weights well away from init, so the output is far from linear in the embeddings."""
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=32, positions=positions)
+    model = Transformer(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, 0.15)
+    return model
+
+
+IDS = [5, 17, 3, 42, 8, 29, 11]
+
+
+@pytest.mark.parametrize("positions", ["rope", "learned"])
+def test_scores_add_up_to_the_output_difference(positions):
+    model = model_for(positions)
+    result = integrated_gradients(model, IDS, target=7, steps=32, tolerance=1e-3)
+    with torch.no_grad():
+        x = model.embed(torch.tensor(IDS))
+        mean = model.embed.weight.mean(0).expand_as(x)
+        ends = model(input_embeds=torch.stack([x, mean])).logits[:, -1, 7]
+    assert result.output == pytest.approx(float(ends[0]), abs=1e-5)
+    assert result.baseline_output == pytest.approx(float(ends[1]), abs=1e-5)
+    assert float(result.scores.sum()) == pytest.approx(float(ends[0] - ends[1]), rel=1e-3)
+    assert result.completeness_error <= 1e-3 and result.scores.shape == (len(IDS),)
+
+
+def test_gauss_legendre_matches_a_fine_riemann_sum():
+    """The slow, obvious reference: the gradient at 2048 midpoints of the path, averaged."""
+    model = model_for()
+    result = integrated_gradients(model, IDS, target=3, steps=32, baseline=0)
+    x = model.embed(torch.tensor(IDS)).detach()
+    x0 = model.embed(torch.zeros(len(IDS), dtype=torch.long)).detach()
+    total = torch.zeros_like(x)
+    n = 2048
+    for chunk in torch.arange(n).split(256):
+        alphas = ((chunk.float() + 0.5) / n)[:, None, None]
+        path = (x0 + alphas * (x - x0)).requires_grad_(True)
+        (grad,) = torch.autograd.grad(model(input_embeds=path).logits[:, -1, 3].sum(), path)
+        total += grad.sum(0)
+    reference = ((x - x0) * total / n).sum(-1)
+    torch.testing.assert_close(result.scores, reference, atol=2e-4, rtol=1e-3)
+
+
+def test_tokens_after_the_explained_position_score_exactly_zero():
+    model = model_for()
+    for attribution in (integrated_gradients(model, IDS, target=9, position=3),
+                        gradient_x_input(model, IDS, target=9, position=3)):
+        assert torch.all(attribution.scores[4:] == 0)
+        assert torch.all(attribution.scores[:4] != 0)
+
+
+def test_gradient_x_input_by_hand():
+    model = model_for()
+    result = gradient_x_input(model, IDS, target=12)
+    x = model.embed(torch.tensor(IDS)).detach().requires_grad_(True)
+    logit = model(input_embeds=x[None]).logits[0, -1, 12]
+    (grad,) = torch.autograd.grad(logit, x)
+    torch.testing.assert_close(result.scores, (x * grad).sum(-1).detach())
+    assert result.output == pytest.approx(float(logit.detach()), abs=1e-6)
+
+
+def test_a_custom_output_and_untouched_parameter_gradients():
+    model = model_for()
+    log_prob = lambda logits: torch.log_softmax(logits[:, -1], dim=-1)[:, 4]  # noqa: E731
+    result = integrated_gradients(model, IDS, output=log_prob, steps=48)
+    assert result.completeness_error <= 0.01
+    assert all(p.grad is None for p in model.parameters())
+    assert logit_of(4, 2)(torch.arange(2 * 3 * V).reshape(2, 3, V).float()).tolist() == [2 * V + 4, 5 * V + 4]
+
+
+def test_too_few_steps_fail_the_convergence_check_naming_them():
+    model = model_for(seed=1)
+    with pytest.raises(ConvergenceError, match="use more than 1 steps"):
+        integrated_gradients(model, IDS, target=7, steps=1, tolerance=1e-3)
+
+
+def test_a_zero_baseline_at_rmsnorms_singularity_is_caught():
+    """F jumps within the first ~1e-3 of the path from zero embeddings: the check must say so."""
+    with pytest.raises(ConvergenceError, match="relative error"):
+        integrated_gradients(model_for(), IDS, target=7, baseline="zero", steps=64)
+
+
+def test_bad_arguments_name_themselves():
+    model = model_for()
+    with pytest.raises(ValueError, match="^target: give exactly one"):
+        integrated_gradients(model, IDS)
+    with pytest.raises(ValueError, match="^target: token id 64 outside"):
+        gradient_x_input(model, IDS, target=V)
+    with pytest.raises(ValueError, match="^position: 7 outside"):
+        gradient_x_input(model, IDS, target=1, position=7)
+    with pytest.raises(ValueError, match="^steps, batch_size"):
+        integrated_gradients(model, IDS, target=1, steps=0)
+    with pytest.raises(ValueError, match="^baseline: expected"):
+        integrated_gradients(model, IDS, target=1, baseline=V)
+    with pytest.raises(ValueError, match="^ids: empty"):
+        gradient_x_input(model, [], target=1)
