@@ -1,0 +1,244 @@
+"""Sparse autoencoders: planted dictionaries are recovered, metrics give their
+known answers on constructed SAEs, top contexts equal brute force, and
+saving, loading and resuming change nothing."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from heron.core import ModelConfig, Transformer
+from heron.interpret.sae import (
+    SAESettings,
+    SAETraining,
+    SparseAutoencoder,
+    capture,
+    evaluate_sae,
+    gather_activations,
+    load_sae,
+    loss_recovered,
+    sample_windows,
+    save_sae,
+    top_activating_contexts,
+    train_sae,
+    train_sae_on_model,
+)
+
+# One thread: tiny models gain nothing from two, and on a busy two-core machine
+# contending threads make each op many times slower.
+torch.set_num_threads(1)
+
+HOOK = "blocks.0.hook_mlp_out"
+
+
+def planted_dictionary(n: int = 20000, d: int = 32, atoms: int = 64, active: int = 3, seed: int = 0):
+    """n samples, each a non-negative combination (weights in [0.5, 1.5)) of `active`
+    of `atoms` random unit directions in R^d; returns (samples (n, d), atoms (atoms, d))."""
+    g = torch.Generator().manual_seed(seed)
+    atoms_ = F.normalize(torch.randn(atoms, d, generator=g), dim=1)  # (A, d)
+    chosen = torch.rand(n, atoms, generator=g).argsort(1)[:, :active]  # (n, active)
+    codes = torch.zeros(n, atoms).scatter(1, chosen, torch.rand(n, active, generator=g) + 0.5)  # (n, A)
+    return codes @ atoms_, atoms_
+
+
+def mean_max_cosine(atoms: torch.Tensor, W_dec: torch.Tensor) -> float:
+    """For each true atom (A, d), its best cosine with a learned decoder column of W_dec (d, m), averaged."""
+    return (atoms @ F.normalize(W_dec, dim=0)).max(dim=1).values.mean().item()
+
+
+def make_model() -> Transformer:
+    # A larger init_std than training's, so ablating one MLP visibly changes the loss.
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64, init_std=0.3)
+    return Transformer(config).eval()
+
+
+def make_windows(n: int = 12, T: int = 16, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 50, (n, T), generator=torch.Generator().manual_seed(seed))
+
+
+def constructed_sae(d: int, W_enc: torch.Tensor, W_dec: torch.Tensor) -> SparseAutoencoder:
+    """An l1-mode (plain ReLU) SAE with the given weights, zero biases and unit input scale."""
+    sae = SparseAutoencoder(d, SAESettings(sparsity="l1", expansion=W_enc.shape[0] // d))
+    with torch.no_grad():
+        sae.W_enc.copy_(W_enc), sae.W_dec.copy_(W_dec), sae.b_enc.zero_(), sae.b_dec.zero_()
+    return sae
+
+
+# ----- (1) planted dictionaries -------------------------------------------------
+
+
+def test_topk_sae_recovers_a_planted_dictionary_at_l0_k():
+    x, atoms = planted_dictionary()
+    settings = SAESettings(sparsity="topk", k=3, expansion=4, lr=3e-3, steps=400, batch_size=256, aux_k=32)
+    sae = train_sae(x, settings, progress=False).sae
+    assert mean_max_cosine(atoms, sae.W_dec.detach()) > 0.9
+    # (3) top-k keeps exactly k features on every token (all k pre-activations are positive here).
+    f = sae.encode(x[:2000])
+    assert torch.equal((f > 0).sum(-1), torch.full((2000,), 3))
+
+
+def test_l1_sae_recovers_a_planted_dictionary():
+    x, atoms = planted_dictionary()
+    settings = SAESettings(sparsity="l1", l1_coeff=2.0, expansion=2, lr=1e-2, steps=600, batch_size=256)
+    sae = train_sae(x, settings, progress=False).sae
+    assert mean_max_cosine(atoms, sae.W_dec.detach()) > 0.9
+    assert torch.allclose(sae.W_dec.norm(dim=0), torch.ones(sae.n_features), atol=1e-5)  # kept on the unit sphere
+
+
+# ----- (2) the loss-recovered metric on known answers ------------------------------------
+
+
+def test_loss_recovered_formula():
+    assert loss_recovered(clean=2.0, ablated=4.0, spliced=2.5) == 0.75
+    assert loss_recovered(clean=2.0, ablated=4.0, spliced=2.0) == 1.0
+    assert loss_recovered(clean=2.0, ablated=4.0, spliced=4.0) == 0.0
+
+
+def test_identity_sae_recovers_all_the_loss_and_a_zero_sae_none():
+    model, windows, d = make_model(), make_windows(), 32
+    eye = torch.eye(d)
+    # ReLU passes only positive parts, so the exact identity needs both signs:
+    # x = relu(x) - relu(-x), i.e. m = 2d, W_enc = [I; -I], W_dec = [I, -I].
+    identity = constructed_sae(d, torch.cat([eye, -eye]), torch.cat([eye, -eye], dim=1))
+    mean = gather_activations(model, windows, HOOK).flatten(0, 1).mean(0)
+    metrics = evaluate_sae(model, identity, windows, HOOK, mean_activation=mean, batch_size=5)
+    assert metrics.loss_zero != metrics.loss_clean
+    assert metrics.loss_sae == metrics.loss_clean
+    assert metrics.loss_recovered == 1.0 and metrics.loss_recovered_mean == 1.0
+    assert metrics.normalized_mse == 0.0
+    assert metrics.l0 == d  # exactly one of relu(x_i), relu(-x_i) is non-zero
+    assert metrics.tokens == windows.numel()
+
+    zero = constructed_sae(d, torch.cat([eye, -eye]), torch.zeros(d, 2 * d))
+    metrics = evaluate_sae(model, zero, windows, HOOK, batch_size=5)
+    assert metrics.loss_sae == metrics.loss_zero
+    assert metrics.loss_recovered == 0.0
+    assert metrics.loss_mean is None and metrics.loss_recovered_mean is None
+
+
+def test_train_sae_on_model_topk_l0_is_k_on_held_out_windows():
+    model = make_model()
+    settings = SAESettings(sparsity="topk", k=4, expansion=4, steps=30, batch_size=64)
+    sae, metrics = train_sae_on_model(model, make_windows(n=20), HOOK, settings, progress=False)
+    assert sae.hook_name == HOOK
+    assert metrics.l0 == 4.0
+    assert metrics.tokens == 2 * 16  # the last 10% of 20 windows are held out
+    assert 0.0 < metrics.normalized_mse < 1.0 and metrics.loss_mean is not None
+
+
+# ----- (4) top-activating contexts ------------------------------------------------
+
+
+def test_top_activating_contexts_equal_brute_force():
+    model, windows = make_model(), make_windows(n=23, T=16)
+    acts = gather_activations(model, windows, HOOK)
+    sae = SparseAutoencoder(32, SAESettings(sparsity="topk", k=2, expansion=2))
+    sae.fit_input(acts.flatten(0, 1))
+    k, c = 4, 2
+    top = top_activating_contexts(model, sae, windows, HOOK, k=k, context=c, batch_size=5)
+
+    f = torch.cat([sae.encode(acts[i : i + 5]) for i in range(0, 23, 5)])  # (N, T, m), batched as above
+    peak, position = f.max(dim=1)  # (N, m)
+    assert (peak > 0).sum(0).min() < k  # some feature fires in fewer than k windows: the padding is tested
+    for j in range(sae.n_features):
+        order = sorted((w for w in range(23) if peak[w, j] > 0), key=lambda w: (-peak[w, j], w))[:k]
+        n = len(order)
+        assert top.windows[j, :n].tolist() == order and (top.windows[j, n:] == -1).all()
+        assert torch.equal(top.values[j, :n], peak[order, j]) and (top.values[j, n:] == 0).all()
+        assert top.positions[j, :n].tolist() == position[order, j].tolist()
+        for slot, (w, p) in enumerate(zip(order, position[order, j].tolist())):
+            expected = [windows[w, q].item() if 0 <= q < 16 else -1 for q in range(p - c, p + c + 1)]
+            assert top.tokens[j, slot].tolist() == expected
+        assert (top.tokens[j, n:] == -1).all()
+
+
+# ----- (5) saving, loading, resuming, settings ---------------------------------------
+
+
+def test_save_load_round_trip_is_exact(tmp_path):
+    x, _ = planted_dictionary(n=2000)
+    settings = SAESettings(k=3, expansion=2, steps=10, batch_size=128, dead_tokens=500)
+    training = train_sae(x, settings, progress=False)
+    training.sae.hook_name = HOOK
+    save_sae(tmp_path / "sae", training, metrics={"l0": 3.0})
+    loaded = load_sae(tmp_path / "sae")
+    assert loaded.sae.settings == settings and loaded.sae.hook_name == HOOK and loaded.step == 10
+    assert loaded.metrics == {"l0": 3.0}
+    for name, value in training.sae.state_dict().items():
+        assert torch.equal(loaded.sae.state_dict()[name], value), name
+    assert loaded.optimizer_state.keys() == training.optimizer_state.keys()
+    assert all(torch.equal(loaded.optimizer_state[n], v) for n, v in training.optimizer_state.items())
+    assert torch.equal(loaded.sae(x[:50])[0], training.sae(x[:50])[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]  # no temp folder left behind
+
+
+def test_resumed_training_equals_an_unbroken_run(tmp_path):
+    x, _ = planted_dictionary(n=1000)
+    settings = SAESettings(k=3, expansion=2, steps=12, batch_size=128, lr_decay_fraction=0.5, dead_tokens=300)
+    unbroken = train_sae(x, settings, progress=False)
+    save_sae(tmp_path / "half", train_sae(x, settings, stop_at=6, progress=False))
+    resumed = train_sae(x, settings, resume=load_sae(tmp_path / "half"), progress=False)
+    assert resumed.step == unbroken.step == 12
+    for name, value in unbroken.sae.state_dict().items():
+        assert torch.equal(resumed.sae.state_dict()[name], value), name
+    with pytest.raises(ValueError, match="lr: resuming with 0.5"):
+        train_sae(x, settings.replace(lr=0.5), resume=load_sae(tmp_path / "half"), progress=False)
+
+
+def test_dead_feature_accounting_counts_tokens_since_each_feature_fired():
+    sae = SparseAutoencoder(4, SAESettings(sparsity="l1", expansion=1, dead_tokens=5))
+    sae.count_firing(torch.tensor([[1.0, 0, 0, 0], [0, 2.0, 0, 0], [0, 0, 0, 0]]))  # 3 tokens
+    sae.count_firing(torch.tensor([[0, 0, 3.0, 0], [0, 0, 0, 0]]))  # 2 more
+    assert sae.tokens_since_fired.tolist() == [2, 2, 0, 5]
+    assert sae.dead_features().tolist() == [False, False, False, True]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("sparsity", "relu"), ("k", 0), ("expansion", -1), ("lr", 0.0), ("lr_decay_fraction", 1.5),
+     ("aux_coeff", -1.0), ("batch_size", 2.5), ("steps", True), ("dead_tokens", 0)],
+)
+def test_bad_settings_raise_naming_the_field(field, value):
+    with pytest.raises((ValueError, TypeError), match=field):
+        SAESettings(**{field: value})
+
+
+def test_unknown_settings_key_and_oversized_k_are_named():
+    with pytest.raises(ValueError, match="expansion_factor"):
+        SAESettings.from_dict({"expansion_factor": 4})
+    with pytest.raises(ValueError, match="k: 40 exceeds n_features 32"):
+        SparseAutoencoder(16, SAESettings(k=40, expansion=2))
+    assert SAESettings.from_dict(SAESettings(k=5).to_dict()) == SAESettings(k=5)
+
+
+# ----- activations ----------------------------------------------------------------
+
+
+def test_capture_stops_at_the_hook_and_equals_the_full_forward():
+    model, ids = make_model(), make_windows(n=3)
+    seen = []
+    with model.hooks({HOOK: lambda a, _: seen.append(a)}):
+        model(ids)
+    assert torch.equal(capture(model, ids, HOOK), seen[0])
+    reached = []
+    with model.hooks({"blocks.1.hook_resid_pre": lambda a, _: reached.append(a)}):
+        capture(model, ids, HOOK)
+    assert reached == []  # the layers above the hook never ran
+
+
+def test_sample_windows_are_contiguous_slices_of_the_stream():
+    stream = np.arange(1000, dtype=np.uint16)
+    windows = sample_windows(stream, 6, 20, seed=3)
+    assert windows.shape == (6, 20)
+    assert (windows.diff(dim=1) == 1).all()
+    assert torch.equal(windows, sample_windows(stream, 6, 20, seed=3))
+
+
+def test_sae_training_dataclass_saves_a_bare_sae_as_finished(tmp_path):
+    sae = SparseAutoencoder(8, SAESettings(k=2, expansion=2, steps=7))
+    save_sae(tmp_path / "bare", sae)
+    loaded = load_sae(tmp_path / "bare")
+    assert isinstance(loaded, SAETraining) and loaded.step == 7 and loaded.optimizer_state == {}
+    assert dataclasses.asdict(loaded.sae.settings) == dataclasses.asdict(sae.settings)
