@@ -80,6 +80,12 @@ def test_mlp_channels_in_a_moe_model_leave_the_experts_alone():
     assert torch.equal(small.blocks[1].mlp.up, model.blocks[1].mlp.up)
 
 
+def test_mlp_channels_skip_attention_only_layers():
+    model = tiny(feed_forward=("none", "dense"), d_ff=128)
+    small = prune_mlp_channels(model, 0.25, CALIB)
+    assert small.blocks[0].mlp is None and small.blocks[1].mlp.down.in_features == 96
+
+
 @pytest.mark.parametrize("n_kv_heads", [None, 2, 1])
 def test_removed_heads_equal_the_original_with_those_heads_zeroed(n_kv_heads):
     model = tiny(n_heads=8, n_kv_heads=n_kv_heads)

@@ -105,3 +105,26 @@ def test_bad_inputs_fail_clearly():
         model()
     with pytest.raises(ValueError, match="input_ids"):
         model(torch.zeros(5, dtype=torch.long))
+
+
+def test_attention_only_block_equals_a_dense_block_with_its_mlp_zeroed():
+    """A "none" layer has no MLP weights; with the other weights shared, it is a
+    dense model whose MLP output is replaced by zeros, bit for bit."""
+    dense = make_model()
+    mixed = make_model(feed_forward=("dense", "none"))
+    assert mixed.blocks[1].mlp is None and mixed.blocks[1].mlp_norm is None
+    assert not [name for name in mixed.state_dict() if name.startswith(("blocks.1.mlp", "blocks.1.mlp_norm"))]
+    mixed.load_state_dict({k: v for k, v in dense.state_dict().items()
+                           if not k.startswith(("blocks.1.mlp.", "blocks.1.mlp_norm."))})
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(3))
+    seen = {}
+    record = lambda x, name: seen.__setitem__(name, x)  # noqa: E731
+    with torch.no_grad():
+        with dense.hooks({"blocks.1.hook_mlp_out": lambda x, _: torch.zeros_like(x)}):
+            expected = dense(ids).logits
+        with mixed.hooks({n: record for n in ("blocks.1.hook_mlp_out", "blocks.1.hook_resid_mid",
+                                              "blocks.1.hook_resid_post")}):
+            got = mixed(ids).logits
+    assert torch.equal(got, expected)
+    assert torch.equal(seen["blocks.1.hook_mlp_out"], torch.zeros(2, 9, 64))
+    assert torch.equal(seen["blocks.1.hook_resid_post"], seen["blocks.1.hook_resid_mid"])

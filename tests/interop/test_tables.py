@@ -135,6 +135,7 @@ def test_target_without_a_row_is_named(mixtral):
     (dict(qkv_bias=True), "qkv_bias"), (dict(attn_scale=1.0), "attn_scale"),
     (dict(attention=(AttentionPattern(kind="strided", stride=4),)), "attention"),
     (dict(feed_forward=("moe",), moe=MoEConfig(n_experts=4)), "feed_forward"),
+    (dict(feed_forward=("none",)), "feed_forward"),
 ])
 def test_llama_refuses_what_it_cannot_express_by_name(changes, field):
     config = CONFIGS["llama_tied"][1].replace(**changes)

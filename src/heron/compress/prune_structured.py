@@ -74,7 +74,7 @@ def _run(model: Transformer, calibration: Calibration, fns: dict[str, Callable],
 
 
 def _dense_layers(model: Transformer) -> list[int]:
-    return [i for i in range(model.config.n_layers) if not model.config.is_moe_layer(i)]
+    return [i for i in range(model.config.n_layers) if model.config.feed_forward_kind(i) == "dense"]
 
 
 # ----- MLP channels ----------------------------------------------------------------
