@@ -2,6 +2,7 @@
 import pytest
 
 from heron.interpret.html import Section, Table, missing_files, write_html
+from heron.interpret.plots import token_label
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 16
 
@@ -25,3 +26,8 @@ def test_a_missing_image_is_refused_before_writing(tmp_path):
     with pytest.raises(ValueError, match=r"^images: gone.png \(section 'A'\)"):
         write_html(tmp_path / "index.html", "t", [Section("A", "about", images=["gone.png"])])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_token_labels_show_whitespace_and_escape_what_fonts_cannot_draw():
+    assert token_label("a b\n\t\x1a") == "a·b⏎⇥\\x1a"
+    assert token_label("") == "∅"

@@ -236,6 +236,19 @@ def compress_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def explain(args: argparse.Namespace) -> int:
+    from heron.interpret.explain import ExplainSettings, explain as write_explanation
+
+    model, tokenizer = heron.load(args.checkpoint)
+    if tokenizer is None:
+        raise CheckpointError(f"{args.checkpoint}: no tokenizer; explaining a prompt needs the model's tokenizer")
+    settings = ExplainSettings(prompt=args.prompt, corrupted=args.corrupted, target=args.target,
+                               ig_steps=args.ig_steps)
+    page = write_explanation(model, tokenizer, settings, args.out)
+    print(f"wrote {page}")
+    return 0
+
+
 def compress_report(args: argparse.Namespace) -> int:
     from heron.compress.report import measure, write_report
 

@@ -155,6 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a recipe field, e.g. --set fit.steps=100 (repeatable)")
     p.set_defaults(handler=commands.align)
 
+    p = verbs.add_parser("explain", help="one prompt through every lens: an offline HTML report")
+    p.add_argument("checkpoint", type=Path, help="a Heron checkpoint or Hugging Face folder (with its tokenizer)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--out", type=Path, required=True, help="folder for index.html and its figures")
+    p.add_argument("--corrupted", default=None,
+                   help="a prompt of the same token length to patch against (activation patching)")
+    p.add_argument("--target", default=None, help="the next token to explain (default: the model's top prediction)")
+    p.add_argument("--ig-steps", type=int, default=32, help="integrated-gradients steps (doubled if they miss)")
+    p.set_defaults(handler=commands.explain)
+
     p = verbs.add_parser("demo", help="the whole life of a small model on the Python standard library")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -22,8 +22,10 @@ def _pyplot():
 
 
 def token_label(text: str) -> str:
-    """A token's text with whitespace made visible: '·' for a space, '⏎' for a newline, '⇥' for a tab."""
-    return text.replace(" ", "·").replace("\n", "⏎").replace("\t", "⇥") or "∅"
+    """A token's text with whitespace made visible ('·' a space, '⏎' a newline, '⇥' a tab) and
+    other unprintable characters escaped (\\x1a), which fonts have no glyph for."""
+    visible = text.replace(" ", "·").replace("\n", "⏎").replace("\t", "⇥")
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in visible) or "∅"
 
 
 def _save(fig, path: str | Path) -> Path:

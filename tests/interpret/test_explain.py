@@ -1,0 +1,87 @@
+"""`heron explain`: the report is complete (every section, every referenced file
+on disk) for a Heron model, a MoE model and a Hugging Face folder."""
+import pytest
+import torch
+
+import heron
+from heron.cli.main import main
+from heron.core import ModelConfig, MoEConfig, Transformer
+from heron.interpret.explain import PAGE, ExplainSettings, explain
+from heron.interpret.html import missing_files
+from heron.tokenizer import train_tokenizer
+from heron.train.checkpoint import save_model_folder
+
+TEXTS = [f"def f_{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(100)]
+PROMPT = "def f_3(x):\n    return x"
+SECTIONS = ["Prediction", "Logit lens", "Direct logit attribution", "Attention patterns", "Attention heads",
+            "Input attribution"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(TEXTS, vocab_size=300, show_progress=False)
+
+
+def model_for(**overrides) -> Transformer:
+    torch.manual_seed(0)
+    config = ModelConfig(**{"vocab_size": 300, "d_model": 32, "n_layers": 2, "n_heads": 4, "d_ff": 64,
+                            "max_seq_len": 64, "init_std": 0.2, **overrides})
+    return Transformer(config).eval()
+
+
+def a_corrupted_prompt(model, tokenizer) -> str:
+    """A prompt of the same token length as PROMPT whose top prediction differs."""
+    ids = tokenizer.encode(PROMPT)
+    with torch.no_grad():
+        clean = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+    for token in range(300):
+        corrupted = ids[:-1] + [token]
+        text = tokenizer.decode(corrupted)
+        if tokenizer.encode(text) != corrupted:
+            continue
+        with torch.no_grad():
+            if int(model(torch.tensor([corrupted])).logits[0, -1].argmax()) != clean:
+                return text
+    raise AssertionError("no corrupted prompt found")
+
+
+def test_the_report_has_every_section_and_every_file(tokenizer, tmp_path):
+    model = model_for()
+    corrupted = a_corrupted_prompt(model, tokenizer)
+    page = explain(model, tokenizer, ExplainSettings(prompt=PROMPT, corrupted=corrupted), tmp_path)
+    text = page.read_text()
+    assert missing_files(page) == []
+    for title in SECTIONS + ["Activation patching"]:
+        assert f">{title}</h2>" in text
+    assert text.count("<img ") == 1 + 1 + 2 + 2 + 2 + 2  # lens, dla, 2 attention layers, 2 head scores, ig + gxi, patching
+    assert "energy of this report" in text and "Mixture-of-Experts" not in text
+
+
+def test_a_moe_model_gets_its_routing_section(tokenizer, tmp_path):
+    model = model_for(feed_forward=("moe",), moe=MoEConfig(n_experts=4, top_k=2))
+    page = explain(model, tokenizer, ExplainSettings(prompt=PROMPT), tmp_path)
+    assert ">Mixture-of-Experts routing</h2>" in page.read_text() and missing_files(page) == []
+
+
+def test_cli_on_a_checkpoint_and_clear_errors(tokenizer, tmp_path, capsys):
+    save_model_folder(tmp_path / "ckpt", model_for(), tokenizer=tokenizer)
+    assert main(["explain", str(tmp_path / "ckpt"), "--prompt", PROMPT, "--out", str(tmp_path / "out")]) == 0
+    assert missing_files(tmp_path / "out" / PAGE) == []
+    assert "wrote" in capsys.readouterr().out
+    assert main(["explain", str(tmp_path / "ckpt"), "--prompt", PROMPT, "--out", str(tmp_path / "o2"),
+                 "--target", "def f"]) == 2
+    assert "target: 'def f' is" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="^corrupted: .* tokens, but the prompt has"):
+        explain(model_for(), tokenizer, ExplainSettings(prompt=PROMPT, corrupted="x"), tmp_path / "o3")
+
+
+def test_a_hugging_face_folder_is_explained_too(tokenizer, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
+    tokenizer.save(tmp_path / "hf")
+    model, loaded_tokenizer = heron.load(tmp_path / "hf")
+    page = explain(model, loaded_tokenizer, ExplainSettings(prompt=PROMPT), tmp_path / "out")
+    assert missing_files(page) == [] and ">Logit lens</h2>" in page.read_text()
