@@ -8,7 +8,9 @@ supervised fine-tuning teaches the reply format, and DPO on the judge's
 preferences teaches its rule (exactly three repetitions); the judge scores
 both models on held-out prompts. Then it quantises the pre-trained model's
 weights to int8 and reports size, perplexity, decode speed and energy per
-token beside fp32 (`compress.report`). Last it says where every artefact is. Each
+token beside fp32 (`compress.report`). Then it explains one prediction of the
+pre-trained model in an offline HTML report (`heron explain`), checking that
+every file the page references exists. Last it says where every artefact is. Each
 stage that later issues add extends this list. A second run reuses what the
 first made (pre-training resumes; an alignment or compression stage whose
 model exists for the same base is skipped); `--fresh` starts over.
@@ -33,6 +35,8 @@ from heron.compress.quantize_checkpoint import QuantizeCheckpointSettings, quant
 from heron.compress.report import PARETO_PNG, measure, write_report
 from heron.data import load_shards
 from heron.generate import Generator, SamplingParams, perplexity
+from heron.interpret.explain import ExplainSettings, explain
+from heron.interpret.html import missing_files
 from heron.train import load_model_folder, load_recipe, train
 from heron.train.checkpoint import remove_folder, verify_checkpoint
 from heron.train.report import METRICS_FILE, PLOT_FILE
@@ -43,6 +47,9 @@ SAMPLE_PROMPTS = ("import ", "def ", "class ", "    def __init__(self")
 SAMPLING = SamplingParams(max_new_tokens=80, temperature=0.6, top_k=20, seed=0)
 TASK = RepeatTask()  # the shipped task-sft and task-dpo recipes use its defaults
 HELD_OUT_PROMPTS, SHOWN_REPLIES = 100, 6
+# What comes after `def` in a class body against after `x`: the trained model predicts " _"
+# (of __init__) for one and " =" for the other, which activation patching traces.
+EXPLAINED = ExplainSettings(prompt="class Foo(object):\n    def", corrupted="class Foo(object):\n    x")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,16 +57,16 @@ def run(args: argparse.Namespace) -> int:
     out: Path = args.out
     shards_dir = out / "data"
     recipe = load_recipe(recipe_path("tiny"), [f"out_dir={out}", f"data.shards={shards_dir}", *args.overrides])
-    _stage("1-3/8", "tokenizer, shards and pre-training of the 'tiny' model on the Python standard library")
+    _stage("1-3/9", "tokenizer, shards and pre-training of the 'tiny' model on the Python standard library")
     result = train(recipe, resume=not args.fresh)
     model, tokenizer = load_model_folder(result.checkpoint)
 
-    _stage("4/8", "validation perplexity")
+    _stage("4/9", "validation perplexity")
     shards = load_shards(shards_dir)
     ppl = perplexity(model, shards.val, seq_len=recipe.data.seq_len, batch_size=8, max_batches=16, progress=True)
     print(f"validation perplexity: {ppl:.2f} (a uniform guess over the vocabulary: {tokenizer.vocab_size})")
 
-    _stage("5/8", "samples")
+    _stage("5/9", "samples")
     generator = Generator(model, tokenizer)
     for prompt, text in zip(SAMPLE_PROMPTS, generator.generate(list(SAMPLE_PROMPTS), SAMPLING)):
         print(f"--- prompt {prompt!r}\n{prompt}{text}\n")
@@ -68,18 +75,25 @@ def run(args: argparse.Namespace) -> int:
     for made in (align_dir, compress_dir):
         if args.fresh and made.exists():
             remove_folder(made)
-    _stage("6/8", "alignment: supervised fine-tuning on the say-the-word task (replies repeat the word 1-5 times)")
+    _stage("6/9", "alignment: supervised fine-tuning on the say-the-word task (replies repeat the word 1-5 times)")
     sft = _aligned("sft", "task-sft", result.checkpoint, align_dir / "sft")
-    _stage("7/8", f"alignment: DPO on the judge's preferences (exactly {TASK.target} repetitions)")
+    _stage("7/9", f"alignment: DPO on the judge's preferences (exactly {TASK.target} repetitions)")
     dpo = _aligned("dpo", "task-dpo", sft, align_dir / "dpo")
     _compare_on_task({"SFT": sft, "DPO": dpo})
 
-    _stage("8/8", "compression: int8 weights (per output channel, round to nearest) beside fp32")
+    _stage("8/9", "compression: int8 weights (per output channel, round to nearest) beside fp32")
     int8 = _quantized(result.checkpoint, compress_dir / "int8")
     rows = measure([result.checkpoint, int8], shards.val, names=["fp32", "int8"], seq_len=recipe.data.seq_len,
                    max_batches=8, new_tokens=32)
     report = write_report(rows, compress_dir / "report")
     print(report.read_text(encoding="utf-8"))
+
+    _stage("9/9", "explanation: one prediction of the pre-trained model through every lens (HTML report)")
+    page = explain(model, tokenizer, EXPLAINED, out / "explain")
+    missing = missing_files(page)
+    if missing:
+        raise RuntimeError(f"{page}: references files that were not written: {', '.join(missing)}")
+    print(f"{page}: every section written, every referenced figure on disk")
 
     minutes = (time.perf_counter() - started) / 60
     print(f"done in {minutes:.1f} min. Artefacts:")
@@ -96,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         ("int8 model", int8),
         ("report", report),
         ("Pareto plot", compress_dir / "report" / PARETO_PNG),
+        ("explanation", page),
     ]:
         print(f"  {label:<13} {path}")
     print(f"Try: heron generate {result.checkpoint} --prompt 'def parse('")
