@@ -38,3 +38,4 @@ bench: setup
 	$(PY) benchmarks/bench_interop.py
 	$(PY) benchmarks/bench_align.py
 	$(PY) benchmarks/bench_compress.py
+	$(PY) benchmarks/bench_interpret.py

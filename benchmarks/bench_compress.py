@@ -28,7 +28,6 @@ token and its source come from Heron's meter (estimated on this machine).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import time
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from common import HERE, Result, interleave, machine, ratio, record, setup_torch
+from common import HERE, Result, finish, interleave, machine, plan_args, ratio, setup_torch
 import heron
 from heron.compress.distill import distill
 from heron.compress.prune_checkpoint import PruneSettings, prune_checkpoint
@@ -126,11 +125,7 @@ def torch_dynamic_int8(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--no-write", action="store_true", help="print only; leave results files alone")
-    parser.add_argument("--smoke", action="store_true", help="a few steps of everything, to check the script")
-    args = parser.parse_args()
-    plan = SMOKE if args.smoke else FULL
+    args, plan = plan_args(__doc__, FULL, SMOKE)
     setup_torch()
     info = machine()
     started = time.perf_counter()
@@ -193,10 +188,7 @@ def main() -> None:
         "Interleaved decode tokens/s (median): " + ", ".join(f"{n} {s.median:.1f}" for n, s in speed.items()) + ".",
         f"Whole benchmark (variants reused when present): {(time.perf_counter() - started) / 60:.1f} min.",
     ]
-    for r in results:
-        print(f"{r.key}: {r.value:.4g} {r.unit}")
-    if not (args.no_write or args.smoke):
-        record("compress", "Compression of a ~30M model trained on the default corpus", results, info, notes)
+    finish(args, "compress", "Compression of a ~30M model trained on the default corpus", results, info, notes)
 
 
 if __name__ == "__main__":

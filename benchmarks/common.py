@@ -10,6 +10,7 @@ keys are kept) and rewrites only its own section of `benchmarks/RESULTS.md`.
 """
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import fcntl
 import json
@@ -21,6 +22,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -28,6 +30,26 @@ HERE = Path(__file__).resolve().parent
 RESULTS_JSON = HERE / "results.json"
 RESULTS_MD = HERE / "RESULTS.md"
 THREADS = 2
+P = TypeVar("P")  # a benchmark's plan
+
+
+def plan_args(doc: str, full: P, smoke: P) -> tuple[argparse.Namespace, P]:
+    """(flags, plan) of a benchmark with a full and a smoke plan: --smoke picks the smoke plan
+    (which checks the script and writes nothing), --no-write prints only."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--no-write", action="store_true", help="print only; leave results files alone")
+    parser.add_argument("--smoke", action="store_true", help="a few steps of everything, to check the script")
+    args = parser.parse_args()
+    return args, smoke if args.smoke else full
+
+
+def finish(args: argparse.Namespace, section: str, title: str, results: list[Result],
+           info: Mapping[str, object], notes: list[str]) -> None:
+    """Print every key; record them and the notes unless --no-write or --smoke (see `plan_args`)."""
+    for r in results:
+        print(f"{r.key}: {r.value:.4g} {r.unit}")
+    if not (args.no_write or args.smoke):
+        record(section, title, results, info, notes)
 
 
 def setup_torch(threads: int = THREADS) -> None:
