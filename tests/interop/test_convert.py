@@ -105,7 +105,7 @@ def test_convert_to_gguf_writes_a_llama_file(hf_folder, tmp_path, capsys):
     gguf = pytest.importorskip("gguf")
     target = tmp_path / "model.gguf"
     assert main(["convert", "to-gguf", str(hf_folder), str(target), "--type", "q8_0"]) == 0
-    assert "q8_0 GGUF" in capsys.readouterr().out
+    assert "(q8_0; " in capsys.readouterr().out
     reader = gguf.GGUFReader(target)
     field = reader.fields["general.architecture"]
     assert bytes(field.parts[field.data[0]]).decode() == "llama"
