@@ -46,5 +46,5 @@ def test_a_bad_line_is_one_line_and_exit_2(tmp_path: Path, capsys) -> None:
 
 def test_export_from_a_missing_database_fails_clearly(tmp_path: Path, capsys) -> None:
     assert main(["feedback", "export", str(tmp_path / "out.jsonl"), "--db", str(tmp_path / "nope.db")]) == 2
-    assert "no feedback database" in capsys.readouterr().err
+    assert "no feedback store" in capsys.readouterr().err
     assert not (tmp_path / "nope.db").exists() and not (tmp_path / "out.jsonl").exists()

@@ -302,7 +302,7 @@ def test_a_reopened_store_keeps_everything(db: str, tmp_path: Path) -> None:
 
 
 def test_opening_needs_a_usable_database(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="no feedback database"):
+    with pytest.raises(FileNotFoundError, match="no feedback store"):
         FeedbackStore.open(tmp_path / "missing.db", create=False)
     assert not (tmp_path / "missing.db").exists()
     with pytest.raises(ValueError, match="cannot open"):

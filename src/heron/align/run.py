@@ -36,7 +36,9 @@ from heron.align.recipe import METHODS, AlignRecipe  # noqa: E402
 from heron.align.synthetic import RepeatTask  # noqa: E402
 from heron.data.chat import load_chat_jsonl  # noqa: E402
 from heron.govern import EnergyMeter  # noqa: E402
-from heron.train.checkpoint import save_model_folder  # noqa: E402
+from heron.govern.audit import record_event  # noqa: E402
+from heron.govern.digest import model_hash  # noqa: E402
+from heron.train.checkpoint import resolve_checkpoint, save_model_folder  # noqa: E402
 
 METRICS_FILE, PLOT_FILE, MODEL_DIR = "metrics.jsonl", "reward_kl.png", "model"
 
@@ -74,7 +76,10 @@ def run_alignment(method: str, recipe: AlignRecipe) -> Path:
     lineage = {"alignment": {"method": method, "base": str(Path(recipe.base).resolve()),
                              "recipe": recipe.model_dump(), "final": rows[-1] if rows else {},
                              "energy": meter.stop().to_dict()}}
-    return save_model_folder(out / MODEL_DIR, trained, tokenizer=tokenizer, lineage=lineage)
+    folder = save_model_folder(out / MODEL_DIR, trained, tokenizer=tokenizer, lineage=lineage)
+    record_event("align", inputs={"base": resolve_checkpoint(recipe.base), "data": recipe.data.file},
+                 outputs={"checkpoint": folder}, model_hash=model_hash(folder), parameters=lineage["alignment"])
+    return folder
 
 
 def _sft(model, tokenizer, recipe: AlignRecipe, task: RepeatTask | None, on_step: Callable) -> torch.nn.Module:

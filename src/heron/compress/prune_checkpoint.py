@@ -21,8 +21,11 @@ from heron.compress.sparse_store import save_sparse
 from heron.core.transformer import Transformer
 from heron.data import load_shards
 from heron.data.batches import PackedBatches
+from heron.data.shards import META_FILE
 from heron.govern import EnergyMeter
-from heron.train.checkpoint import save_model_folder
+from heron.govern.audit import record_event
+from heron.govern.digest import model_hash
+from heron.train.checkpoint import resolve_checkpoint, save_model_folder
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,10 @@ def prune_checkpoint(source: str | Path, target: str | Path, settings: PruneSett
         save_sparse(target, model, tokenizer, lineage)
     else:
         save_model_folder(target, model, tokenizer=tokenizer, lineage=lineage)
+    record_event("compress.prune", outputs={"checkpoint": target}, model_hash=model_hash(target),
+                 inputs={"source": resolve_checkpoint(source),
+                         "calibration": Path(settings.calib_shards) / META_FILE if settings.calib_shards else None},
+                 parameters=lineage)
     return report
 
 

@@ -13,7 +13,10 @@ from typing import Any
 from heron.compress.calibration import calibration_windows
 from heron.compress.checkpoint import save_quantized
 from heron.compress.quantize import QuantizeSettings, quantize_model
+from heron.data.shards import META_FILE
 from heron.govern import EnergyMeter
+from heron.govern.audit import record_event
+from heron.govern.digest import model_hash
 from heron.train.checkpoint import MODEL_FILE, resolve_checkpoint
 
 
@@ -55,6 +58,10 @@ def quantize_checkpoint(source: str | Path, target: str | Path, settings: Quanti
     calibration_settings = {k: v for k, v in asdict(settings).items() if k != "quantize"}
     report = {"quantized_from": str(source), "calibration": calibration_settings, "energy": meter.stop().to_dict()}
     folder = save_quantized(target, model, tokenizer, lineage=report)
+    record_event("compress.quantize", outputs={"checkpoint": folder}, model_hash=model_hash(folder),
+                 inputs={"source": resolve_checkpoint(source),
+                         "calibration": Path(settings.calib_shards) / META_FILE if settings.calib_shards else None},
+                 parameters={**report, **model.quantization})
     size = (folder / MODEL_FILE).stat().st_size
     source_file = resolve_checkpoint(source) / MODEL_FILE  # absent for sharded Hugging Face folders
     ratio = size / source_file.stat().st_size if source_file.is_file() else None

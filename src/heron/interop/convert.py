@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from heron.govern.audit import record_event
+from heron.govern.digest import Artifact, model_hash
 from heron.interop.families import Family
 from heron.interop.files import WeightFiles
 from heron.interop.hf_folder import CONFIG_FILE, load_hf_config, load_hf_folder, read_hf_config, save_hf_folder
 from heron.tokenizer.bpe import TOKENIZER_FILE
 from heron.tokenizer.pretrained import CONFIG_FILE as TOKENIZER_CONFIG_FILE
-from heron.train.checkpoint import load_model_folder, save_model_folder, sha256_file
+from heron.train.checkpoint import load_model_folder, resolve_checkpoint, save_model_folder, sha256_file
 
 
 def import_hf(source: str | Path, target: str | Path) -> Path:
@@ -27,13 +29,20 @@ def import_hf(source: str | Path, target: str | Path) -> Path:
         "kind": "huggingface", "path": str(source.resolve()), "model_type": read_hf_config(source)["model_type"],
         "family": family.name, "files": {f.name: sha256_file(f) for f in read},
     }}
-    return save_model_folder(target, model, tokenizer=tokenizer, lineage=lineage)
+    folder = save_model_folder(target, model, tokenizer=tokenizer, lineage=lineage)
+    record_event("convert.from_hf", inputs={"source": Artifact.listing(source, lineage["source"]["files"])},
+                 outputs={"checkpoint": folder}, model_hash=model_hash(folder), parameters=lineage["source"])
+    return folder
 
 
 def export_hf(checkpoint: str | Path, target: str | Path, family: str | None = None) -> Family:
     """Write a Heron checkpoint as a Hugging Face folder; returns the family used."""
     model, tokenizer = load_model_folder(checkpoint)
-    return save_hf_folder(model, target, tokenizer, family=family)
+    used = save_hf_folder(model, target, tokenizer, family=family)
+    source = resolve_checkpoint(checkpoint)
+    record_event("convert.to_hf", inputs={"checkpoint": source}, outputs={"folder": target},
+                 model_hash=model_hash(source), parameters={"family": used.name})
+    return used
 
 
 __all__ = ["export_hf", "import_hf"]

@@ -40,6 +40,7 @@ from tokenizers import Tokenizer
 from heron.core.config import ModelConfig
 from heron.core.rope import rope_frequencies
 from heron.core.transformer import Transformer
+from heron.govern.audit import record_event
 from heron.interop.families import LLAMA, HfConfig, hf_config
 from heron.interop.tables import expand, heron_to_hf
 from heron.tokenizer.bpe import CHAT_TEMPLATE_JINJA, HeronTokenizer
@@ -130,6 +131,9 @@ def save_gguf(
             data, qtype = encode_tensor(tensor, matrix_type)
         writer.add_tensor(tensor_name, data, raw_dtype=qtype)
     _write_atomic(writer, target)
+    record_event("convert.to_gguf", outputs={"gguf": target},
+                 parameters={"dtype": dtype, "file_type": file_type.name, "name": name or target.stem,
+                             "raw_tensors": len(raw_types)})
     return target
 
 

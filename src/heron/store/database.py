@@ -4,8 +4,11 @@ from __future__ import annotations
 import os
 import sqlite3
 from pathlib import Path
+from typing import ClassVar, Self
 
 import sqlalchemy as sa
+
+from heron.store.closing import Closing
 
 
 def database_url(url_or_path: str | os.PathLike[str]) -> sa.URL:
@@ -27,14 +30,14 @@ def sqlite_file(url: sa.URL) -> Path | None:
     return Path(url.database)
 
 
-def connect(url_or_path: str | os.PathLike[str], *, create: bool = True) -> sa.Engine:
+def connect(url_or_path: str | os.PathLike[str], *, create: bool = True, what: str = "database") -> sa.Engine:
     """An engine for a URL or path. A new SQLite file (and its folder) is made
-    when `create` is true, otherwise a missing one is a FileNotFoundError."""
+    when `create` is true, otherwise a missing one is a FileNotFoundError naming `what`."""
     url = database_url(url_or_path)
     file = sqlite_file(url)
     if file is not None and not file.exists():
         if not create:
-            raise FileNotFoundError(f"no feedback database at {file}")
+            raise FileNotFoundError(f"no {what} at {file}")
         file.parent.mkdir(parents=True, exist_ok=True)
     try:
         engine = sa.create_engine(url)
@@ -54,3 +57,30 @@ def _enforce_foreign_keys(dbapi_connection: sqlite3.Connection, _record: object)
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys = ON")
     cursor.close()
+
+
+class EngineStore(Closing):
+    """A store over one SQLAlchemy engine, opened from a URL or an SQLite path."""
+
+    what: ClassVar[str] = "database"  # named in errors: "no {what} at ...", "cannot open {what} ..."
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def open(cls, url_or_path: str | os.PathLike[str], *, create: bool = True) -> Self:
+        """The store at a database URL or an SQLite file path (made if missing, unless `create`
+        is false); ":memory:" is an in-memory SQLite database."""
+        engine = connect(url_or_path, create=create, what=cls.what)
+        try:
+            return cls(engine)
+        except sa.exc.DatabaseError as exc:  # unreachable server, not a database file, ...
+            engine.dispose()
+            raise ValueError(f"cannot open {cls.what} {engine.url.render_as_string()}: {exc.orig}") from None
+
+    @property
+    def url(self) -> str:
+        return self.engine.url.render_as_string()  # password hidden
+
+    def close(self) -> None:
+        self.engine.dispose()

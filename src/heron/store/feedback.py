@@ -27,7 +27,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from heron.store.database import connect
+from heron.store.database import EngineStore
 from heron.store.jsonl import read_feedback_jsonl, write_jsonl_atomic
 from heron.store.records import (
     DEFAULT_SCALE, Comparison, Content, ImportCounts, PairInput, PreferencePair, Prompt, Rating, RatingInput,
@@ -38,35 +38,14 @@ from heron.store.schema import comparisons, metadata, prompts, ratings, response
 from heron.store.stats import AnnotatorCounts, FeedbackStats, ModelRating, Verdict, pairwise_agreement
 
 
-class FeedbackStore:
+class FeedbackStore(EngineStore):
     """Human feedback in one database; every write is one transaction."""
 
+    what = "feedback store"
+
     def __init__(self, engine: sa.Engine) -> None:
-        self.engine = engine
+        super().__init__(engine)
         metadata.create_all(engine)  # adds missing tables; never alters existing ones
-
-    @classmethod
-    def open(cls, url_or_path: str | os.PathLike[str], *, create: bool = True) -> FeedbackStore:
-        """A store at a database URL or an SQLite file path (made if missing, unless `create` is false)."""
-        engine = connect(url_or_path, create=create)
-        try:
-            return cls(engine)
-        except sa.exc.DatabaseError as exc:  # unreachable server, not a database file, ...
-            engine.dispose()
-            raise ValueError(f"cannot open feedback store {engine.url.render_as_string()}: {exc.orig}") from None
-
-    @property
-    def url(self) -> str:
-        return self.engine.url.render_as_string()  # password hidden
-
-    def close(self) -> None:
-        self.engine.dispose()
-
-    def __enter__(self) -> FeedbackStore:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
 
     # ----- writing ------------------------------------------------------------------------------
 

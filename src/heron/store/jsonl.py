@@ -20,10 +20,12 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import fields
 from datetime import datetime
 from pathlib import Path
+from typing import TextIO
 
 from heron.store.records import PairInput, RatingInput
 
@@ -87,21 +89,29 @@ def _check_keys(record: dict[str, object], required: tuple[str, ...], allowed: t
             raise ValueError(f"'{key}' is missing{hint}")
 
 
-def write_jsonl_atomic(path: str | os.PathLike[str], rows: Iterable[dict[str, object]]) -> int:
-    """Write one JSON object per line into a temporary sibling, renamed onto
-    `path` once complete, so a reader never sees half a file. Returns the row count."""
+@contextmanager
+def atomic_writer(path: str | os.PathLike[str]) -> Iterator[TextIO]:
+    """A text file opened at a temporary sibling of `path`, fsynced and renamed onto
+    `path` when the block ends without an error (otherwise removed), so a reader
+    never sees half a file."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.partial")
-    count = 0
     try:
         with open(tmp, "x", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                count += 1
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_jsonl_atomic(path: str | os.PathLike[str], rows: Iterable[dict[str, object]]) -> int:
+    """Write one JSON object per line, atomically (`atomic_writer`). Returns the row count."""
+    count = 0
+    with atomic_writer(path) as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
     return count

@@ -19,7 +19,6 @@ complete. `latest` is a symlink to the newest checkpoint, replaced atomically.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -37,6 +36,7 @@ from torch import nn
 
 from heron.core.config import ModelConfig
 from heron.core.transformer import Transformer
+from heron.govern.digest import file_sha256 as sha256_file
 from heron.tokenizer import Tokenizer, load_tokenizer
 from heron.tokenizer.bpe import TOKENIZER_FILE
 
@@ -307,14 +307,6 @@ def _read_json(file: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise CheckpointError(f"{file}: expected a JSON object")
     return data
-
-
-def sha256_file(file: Path) -> str:
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ----- checkpoints of a run --------------------------------------------------

@@ -35,6 +35,8 @@ from heron.core.moe import moe_stats
 from heron.core.transformer import Transformer
 from heron.data.batches import PackedBatches, eval_batches
 from heron.govern import EnergyMeter, EnergyReport
+from heron.govern.audit import record_event
+from heron.govern.digest import model_hash
 from heron.train import distributed as dist_
 from heron.train.checkpoint import (
     CHECKPOINTS_DIR,
@@ -447,6 +449,9 @@ def _checkpoint(run: _Run) -> None:
             trainer_state=trainer_state,
         )
         plot_losses(run.history, run.out_dir / PLOT_FILE, title=run.recipe.name)
+        if run.step == t.steps:  # the run's last checkpoint: one audit record per finished run
+            record_event("train", inputs={"data": run.data.meta}, outputs={"checkpoint": run.last_checkpoint},
+                         model_hash=model_hash(run.last_checkpoint), parameters=_lineage(run))
     dist_.barrier(run.ctx)
 
 

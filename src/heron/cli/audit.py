@@ -1,0 +1,132 @@
+"""`heron audit ...`: verify, export, lineage, checkpoint and keygen for the audit log.
+
+Registered by cli/main.py (`audit.register(verbs)`); each handler returns an
+exit code, and a wrong input is a ValueError or FileNotFoundError that
+main() prints as one line (exit 2). `verify` exits 1 when the log is not intact.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from heron.govern.audit import AuditLog, Checkpoint, log_location, verify_log
+from heron.govern.audit_export import FORMATS, export_log, read_export
+from heron.govern.audit_keys import generate_keys, load_public_key, load_signing_key
+from heron.govern.audit_lineage import audit_lineage, format_lineage
+
+EXPORT_SUFFIXES = (".json", ".csv")  # `verify --log FILE` with these reads an export instead of a database
+
+
+def register(verbs: argparse._SubParsersAction) -> None:
+    """Add `heron audit ...` to the `heron` verbs."""
+    audit = verbs.add_parser("audit", help="the audit log: verify, export, lineage, checkpoint, keygen")
+    actions = audit.add_subparsers(dest="action", required=True)
+
+    p = actions.add_parser("verify", help="check the hash chain, checkpoints and signatures (exit 1 if not intact)")
+    _add_log(p, also="or an export (.json, .csv)")
+    p.add_argument("--public-key", type=Path, default=None, help="Ed25519 public key (PEM) the checkpoints are signed with")
+    p.add_argument("--anchor", type=Path, action="append", default=[], metavar="FILE",
+                   help="a checkpoint kept outside the log (written by `heron audit checkpoint --out`); repeatable")
+    p.set_defaults(handler=verify)
+
+    p = actions.add_parser("export", help="write every record to JSON (with the checkpoints) or CSV")
+    p.add_argument("file", type=Path)
+    p.add_argument("--format", choices=FORMATS, default=None, help="default: from the file's suffix, else json")
+    _add_log(p)
+    p.set_defaults(handler=export)
+
+    p = actions.add_parser("lineage", help="a checkpoint's history back to its data, with the records that wrote it")
+    p.add_argument("checkpoint", type=Path)
+    _add_log(p)
+    p.set_defaults(handler=lineage)
+
+    p = actions.add_parser("checkpoint", help="store a Merkle checkpoint of the log now (optionally signed)")
+    p.add_argument("--sign-key", type=Path, default=None, help="Ed25519 private key (PEM) to sign it with")
+    p.add_argument("--out", type=Path, default=None, help="also write it to this JSON file, to keep outside the log")
+    _add_log(p)
+    p.set_defaults(handler=checkpoint)
+
+    p = actions.add_parser("keygen", help="write an Ed25519 key pair for signing checkpoints")
+    p.add_argument("folder", type=Path)
+    p.set_defaults(handler=keygen)
+
+
+def _add_log(parser: argparse.ArgumentParser, also: str | None = None) -> None:
+    what = "SQLite file or database URL" + (f", {also}" if also else "")
+    parser.add_argument("--log", default=None, help=f"{what} (default: $HERON_AUDIT_LOG, else runs/audit.db)")
+
+
+def _location(args: argparse.Namespace) -> str:
+    location = log_location(args.log)
+    if location is None:
+        raise ValueError("the audit log is off (HERON_AUDIT_LOG=off); name one with --log")
+    return location
+
+
+def _open(args: argparse.Namespace) -> AuditLog:
+    location = _location(args)
+    if "://" not in location and not Path(location).is_file():
+        raise FileNotFoundError(f"no audit log at {location}")
+    return AuditLog.open(location, create=False)
+
+
+def verify(args: argparse.Namespace) -> int:
+    public_key = load_public_key(args.public_key) if args.public_key is not None else None
+    anchors = [Checkpoint.from_json(json.loads(Path(f).read_text(encoding="utf-8"))) for f in args.anchor]
+    if args.log is not None and Path(args.log).suffix.lower() in EXPORT_SUFFIXES:
+        rows, checkpoints = read_export(args.log)
+        report = verify_log(rows, [*checkpoints, *anchors], public_key=public_key)
+    else:
+        with _open(args) as log:
+            report = log.verify(public_key=public_key, anchors=anchors)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def export(args: argparse.Namespace) -> int:
+    fmt = args.format or ("csv" if args.file.suffix.lower() == ".csv" else "json")
+    with _open(args) as log:
+        count = export_log(log, args.file, fmt)
+    print(f"wrote {count} audit records to {args.file} ({fmt})")
+    return 0
+
+
+def lineage(args: argparse.Namespace) -> int:
+    from heron.train.checkpoint import resolve_checkpoint
+
+    location = log_location(args.log)
+    log = None
+    if location is not None and ("://" in location or Path(location).is_file()):
+        log = AuditLog.open(location, create=False)
+    try:
+        steps, history = audit_lineage(args.checkpoint, log=log, resolve=resolve_checkpoint)
+    finally:
+        if log is not None:
+            log.close()
+    print(format_lineage(steps, history))
+    if log is None:
+        print(f"(no audit log at {location}: records not shown)")
+    return 0
+
+
+def checkpoint(args: argparse.Namespace) -> int:
+    key = load_signing_key(args.sign_key) if args.sign_key is not None else None
+    with _open(args) as log:
+        made = log.checkpoint(sign_key=key)
+    signed = "signed" if made.signature else "unsigned"
+    print(f"checkpoint {made.id}: {made.size} records, root {made.root} ({signed})")
+    if args.out is not None:
+        args.out.write_text(json.dumps(made.to_json(), indent=1) + "\n", encoding="utf-8")
+        print(f"wrote {args.out}: keep it away from the log, and pass it to `heron audit verify --anchor`")
+    return 0
+
+
+def keygen(args: argparse.Namespace) -> int:
+    private, public = generate_keys(args.folder)
+    print(f"private key: {private} (sign with it: heron audit checkpoint --sign-key, or $HERON_AUDIT_SIGN_KEY)\n"
+          f"public key:  {public} (verify with it: heron audit verify --public-key)")
+    return 0
+
+
+__all__ = ["register"]

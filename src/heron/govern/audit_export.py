@@ -1,0 +1,89 @@
+"""The audit log out to a file and back: JSON (exact, with the checkpoints) or CSV (for spreadsheets).
+
+    export_log(log, "audit.json")                  # or "audit.csv", fmt="csv"
+    rows, checkpoints = read_export("audit.json")
+    verify_log(rows, checkpoints).ok               # an export verifies as the database does
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from heron.govern.audit import COLUMNS, JSON_FIELDS, AuditLog, Checkpoint, Row
+from heron.govern.digest import canonical_json
+
+FORMATS = ("json", "csv")
+EXPORT_FORMAT = "heron-audit-log/1"
+
+
+def export_rows(rows: Iterable[Row], checkpoints: Sequence[Checkpoint], path: str | os.PathLike[str],
+                fmt: str = "json") -> int:
+    """JSON: {format, records, checkpoints}, JSON fields embedded as values (as text when a
+    tampered one no longer parses), exact. CSV: one row a record, every column as stored; an
+    empty cell is NULL (so empty content reads back as none: use JSON to keep everything)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format: {fmt!r} is not one of {', '.join(FORMATS)}")
+    path = Path(path)
+    count = 0
+    if fmt == "json":
+        records = [_embed_json(row) for row in rows]
+        document = {"format": EXPORT_FORMAT, "records": records, "checkpoints": [c.to_json() for c in checkpoints]}
+        path.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        return len(records)
+    with path.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        for row in rows:
+            writer.writerow(["" if row.get(c) is None else row[c] for c in COLUMNS])
+            count += 1
+    return count
+
+
+def read_export(path: str | os.PathLike[str]) -> tuple[list[Row], list[Checkpoint]]:
+    """(rows, checkpoints) from a file `export_rows` wrote (CSV holds no checkpoints), ready for `verify_log`."""
+    path = Path(path)
+    if path.suffix.lower() == ".csv":
+        with path.open(encoding="utf-8", newline="") as f:
+            reader = csv.DictReader(f)
+            rows = [{c: (None if line.get(c) in ("", None) else line[c]) for c in COLUMNS} for line in reader]
+        for row in rows:
+            row["seq"] = int(row["seq"]) if row["seq"] is not None and row["seq"].lstrip("-").isdigit() else row["seq"]
+        return rows, []
+    document = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(document, dict) or document.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{path}: not an audit log export ({EXPORT_FORMAT})")
+    rows = [_unembed_json(record) for record in document["records"]]
+    return rows, [Checkpoint.from_json(c) for c in document.get("checkpoints", [])]
+
+
+def _embed_json(row: Row) -> dict[str, Any]:
+    out = {c: row.get(c) for c in COLUMNS}
+    for name in JSON_FIELDS:
+        text = out[name]
+        try:
+            value = json.loads(text) if text is not None else None
+        except ValueError:
+            continue
+        if text is not None and canonical_json(value) == text:
+            out[name] = value
+    return out
+
+
+def _unembed_json(record: Mapping[str, Any]) -> Row:
+    row = {c: record.get(c) for c in COLUMNS}
+    for name in JSON_FIELDS:
+        if row[name] is not None and not isinstance(row[name], str):  # JSON fields are objects, so text is raw
+            row[name] = canonical_json(row[name])
+    return row
+
+
+def export_log(log: AuditLog, path: str | os.PathLike[str], fmt: str = "json") -> int:
+    """Write every record of `log` (and, for JSON, every checkpoint); returns the record count."""
+    return export_rows(log.store.records(), log.checkpoints(), path, fmt)
+
+
+__all__ = ["EXPORT_FORMAT", "FORMATS", "export_log", "export_rows", "read_export"]

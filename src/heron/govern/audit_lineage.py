@@ -1,0 +1,69 @@
+"""A checkpoint's history joined with the audit records that wrote each step.
+
+    steps, history = audit_lineage("runs/q/model", log=AuditLog.open("runs/audit.db"))
+    print(format_lineage(steps, history))
+
+The history comes from the lineage.json links (`heron.govern.history`:
+quantized_from, pruned_from, alignment base, distillation teacher, imported
+source) back to the stage that trained on data. Each step's folder hash
+(`heron.govern.digest.folder_sha256`, cheap: it reuses the lineage manifest)
+is looked up among the records' outputs, so a step shows who made it, when,
+and the hashes of what it read, data files included.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from heron.govern.audit import AuditLog, Record
+from heron.govern.digest import folder_sha256
+from heron.govern.history import History, Stage, alignment_data, read_history, training_data
+
+
+@dataclass(frozen=True)
+class LineageStep:
+    stage: Stage  # the checkpoint folder, its lineage and the kind of stage that wrote it
+    sha256: str  # the folder's hash, as an audit record's output would carry it
+    records: tuple[Record, ...]  # the audit records that wrote exactly this folder
+
+
+def audit_lineage(checkpoint: str | os.PathLike[str], *, log: AuditLog | None,
+                  resolve: Callable[[Path], Path] = Path) -> tuple[list[LineageStep], History]:
+    """The steps from `checkpoint` back to its data, newest first, each with its audit records.
+
+    `resolve` maps a recorded path to a checkpoint folder (the CLI passes
+    train/checkpoint.py's resolve_checkpoint, which accepts run folders)."""
+    history = read_history(resolve(Path(checkpoint)), resolve=resolve)
+    steps = []
+    for stage in history.stages:
+        digest = folder_sha256(stage.path)
+        steps.append(LineageStep(stage, digest, tuple(log.produced(digest)) if log is not None else ()))
+    return steps, history
+
+
+def format_lineage(steps: list[LineageStep], history: History) -> str:
+    lines = []
+    for depth, step in enumerate(steps):
+        stage, pad = step.stage, "  " * depth
+        made = f" ({stage.kind.made} {stage.parent})" if stage.parent and stage.kind.made else ""
+        lines.append(f"{pad}{stage.path}: {stage.kind.name}{made}")
+        lines.append(f"{pad}  folder sha256 {step.sha256}; weights sha256 {stage.model_sha256 or '-'}")
+        for facts in filter(None, (training_data(stage), alignment_data(stage))):
+            pinned = f", revision {facts.revision}" if facts.revision else ""
+            lines.append(f"{pad}  data: {facts.name}{pinned}")
+        if not step.records:
+            lines.append(f"{pad}  audit: no record wrote this folder")
+        for record in step.records:
+            lines.append(f"{pad}  audit: record {record.seq} {record.event} at {record.time} by {record.actor}")
+            for role, item in sorted(record.inputs.items()):
+                where = f" {item.path}" if item.path else ""
+                lines.append(f"{pad}    read {role}: {item.kind}{where} sha256 {item.sha256}")
+    if history.unreadable is not None:
+        pad = "  " * len(steps)
+        lines.append(f"{pad}{history.unreadable}: not followed ({history.why_unreadable})")
+    return "\n".join(lines)
+
+
+__all__ = ["LineageStep", "audit_lineage", "format_lineage"]

@@ -1,0 +1,546 @@
+"""The audit log against planted tampers and reference implementations.
+
+Merkle trees and audit paths are checked against a slow implementation of
+RFC 6962's definitions written here (and the Certificate Transparency test
+vectors); verification against every single-byte change of a stored record,
+and against deleted, inserted, reordered and truncated records.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import threading
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from heron.cli.audit import register
+from heron.govern.audit import (
+    EVENT_ERASE, GENESIS, LOG_ENV, AuditLog, Checkpoint, InclusionProof, Record, audit_log, log_location,
+    record_event, record_fields, record_hash, verify_log, verify_proof,
+)
+from heron.govern.audit_export import export_log, read_export
+from heron.govern.audit_keys import generate_keys, load_public_key, load_signing_key
+from heron.govern.audit_lineage import audit_lineage, format_lineage
+from heron.govern.digest import Artifact, file_sha256, folder_sha256, json_sha256, listing_sha256, model_hash
+from heron.govern.merkle import inclusion_proof, leaf_hash, merkle_root, node_hash, verify_inclusion
+from heron.store.audit import audit_records
+
+# ----- RFC 6962 Merkle trees against the definitions ------------------------------------------
+
+
+def ref_mth(leaves: list[bytes]) -> bytes:
+    """MTH(D[n]) exactly as RFC 6962 section 2.1 writes it."""
+    n = len(leaves)
+    if n == 0:
+        return hashlib.sha256(b"").digest()
+    if n == 1:
+        return hashlib.sha256(b"\x00" + leaves[0]).digest()
+    k = 1
+    while k * 2 < n:
+        k *= 2
+    return hashlib.sha256(b"\x01" + ref_mth(leaves[:k]) + ref_mth(leaves[k:])).digest()
+
+
+def ref_path(m: int, leaves: list[bytes]) -> list[bytes]:
+    """PATH(m, D[n]) exactly as RFC 6962 section 2.1.1 writes it."""
+    n = len(leaves)
+    if n == 1:
+        return []
+    k = 1
+    while k * 2 < n:
+        k *= 2
+    if m < k:
+        return ref_path(m, leaves[:k]) + [ref_mth(leaves[k:])]
+    return ref_path(m - k, leaves[k:]) + [ref_mth(leaves[:k])]
+
+
+def leaves_of(n: int) -> list[bytes]:
+    return [hashlib.sha256(f"leaf {i}".encode()).digest()[: 1 + i % 40] for i in range(n)]
+
+
+# The Certificate Transparency reference test vectors (certificate-transparency merkle_tree_test).
+CT_LEAVES = ["", "00", "10", "2021", "3031", "40414243", "5051525354555657", "606162636465666768696a6b6c6d6e6f"]
+CT_ROOTS = [
+    "6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d",
+    "fac54203e7cc696cf0dfcb42c92a1d9dbaf70ad9e621f4bd8d98662f00e3c125",
+    "aeb6bcfe274b70a14fb067a5e5578264db0fa9b51af5e0ba159158f329e06e77",
+    "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7",
+    "4e3bbb1f7b478dcfe71fb631631519a3bca12c9aefca1612bfce4c13a86264d4",
+    "76e67dadbcdf1e10e1b74ddc608abd2f98dfb16fbce75277b5232a127f2087ef",
+    "ddb89be403809e325750d3d263cd78929c2942b7942a34b77e122c9594a74c8c",
+    "5dc9da79a70659a9ad559cb701ded9a2ab9d823aad2f4960cfe370eff4604328",
+]
+
+
+def test_merkle_roots_match_the_ct_test_vectors() -> None:
+    leaves = [bytes.fromhex(h) for h in CT_LEAVES]
+    assert merkle_root([]).hex() == hashlib.sha256(b"").hexdigest()
+    for n, root in enumerate(CT_ROOTS, start=1):
+        assert merkle_root(leaves[:n]).hex() == root
+
+
+def test_merkle_roots_and_paths_match_the_rfc_definitions() -> None:
+    for n in range(1, 34):
+        leaves = leaves_of(n)
+        root = merkle_root(leaves)
+        assert root == ref_mth(leaves), n
+        for m in range(n):
+            proof = inclusion_proof(leaves, m)
+            assert proof == ref_path(m, leaves), (n, m)
+            assert verify_inclusion(leaves[m], m, n, proof, root)
+
+
+def test_forged_inclusion_proofs_are_rejected() -> None:
+    roots = {n: merkle_root(leaves_of(n)) for n in range(1, 36)}  # leaves_of(n) is a prefix of leaves_of(n + 1)
+    for n in range(1, 34):
+        leaves = leaves_of(n)
+        root = roots[n]
+        for m in range(n):
+            proof = inclusion_proof(leaves, m)
+            for i in range(len(proof)):  # a wrong sibling
+                forged = list(proof)
+                forged[i] = bytes([proof[i][0] ^ 1]) + proof[i][1:]
+                assert not verify_inclusion(leaves[m], m, n, forged, root)
+            for other in range(n + 2):  # a wrong index
+                if other != m:
+                    assert not verify_inclusion(leaves[m], other, n, proof, root)
+            for size in range(m + 1, 36):  # a wrong size, against that size's root (a size and root go together)
+                if size != n:
+                    assert not verify_inclusion(leaves[m], m, size, proof, roots[size])
+            if m == 0 and n > 1:  # the root of another size refuses even this proof's own size
+                assert not verify_inclusion(leaves[m], m, n, proof, roots[n - 1])
+            assert not verify_inclusion(leaves[m], m, n, proof + [root], root)  # one step too many
+            assert not verify_inclusion(leaves[m] + b"x", m, n, proof, root)  # another leaf
+    assert leaf_hash(b"") != node_hash(b"", b"")  # the 0x00 / 0x01 domain separation
+
+
+# ----- a small log ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def data_file(tmp_path: Path) -> Path:
+    path = tmp_path / "data.txt"
+    path.write_text("the data\n")
+    return path
+
+
+def make_log(path: Path, data_file: Path, n: int = 6, **options) -> AuditLog:
+    """n records: content kept for alternating subjects, a checkpoint every 4 records and one at the end."""
+    options = {"store_content": True, "checkpoint_every": 4, **options}
+    log = AuditLog.open(path, **options)
+    for i in range(n):
+        log.append(f"event.{i % 3}", actor="alice", inputs={"data": data_file, "meta": {"i": i}},
+                   outputs={"digest": Artifact("json", "ab" * 32)}, model_hash="cd" * 32,
+                   parameters={"step": i, "lr": 0.5}, content=f"request {i}", subject=f"user{i % 2}")
+    log.checkpoint()
+    return log
+
+
+def rows_of(log: AuditLog) -> list[dict]:
+    return list(log.store.records())
+
+
+def report_of(log: AuditLog, rows: list[dict], checkpoints: list[Checkpoint] | None = None):
+    return verify_log(rows, log.checkpoints() if checkpoints is None else checkpoints)
+
+
+def test_an_untouched_log_verifies(tmp_path: Path, data_file: Path) -> None:
+    log = make_log(tmp_path / "a.db", data_file)
+    report = log.verify()
+    assert report.ok and report.records == 6 and report.checkpoints == 2, report
+    records = log.records()
+    assert [r.seq for r in records] == list(range(6))
+    assert records[0].prev_hash == GENESIS and all(b.prev_hash == a.hash for a, b in zip(records, records[1:]))
+    assert records[2].inputs["data"] == Artifact("file", file_sha256(data_file), str(data_file.resolve()))
+    assert records[2].inputs["meta"].sha256 == json_sha256({"i": 2})
+    assert records[2].content == "request 2" and records[2].parameters == {"step": 2, "lr": 0.5}
+    assert [c.size for c in log.checkpoints()] == [4, 6]
+
+
+def test_every_single_byte_change_of_a_record_is_named(tmp_path: Path, data_file: Path) -> None:
+    log = make_log(tmp_path / "a.db", data_file)
+    rows, checkpoints = rows_of(log), log.checkpoints()
+    text_fields = [c for c in rows[0] if isinstance(rows[0][c], str)]
+    assert {"time", "actor", "inputs", "parameters", "content_ref", "prev_hash", "hash", "content",
+            "content_salt"} <= set(text_fields)
+    tried = 0
+    for seq in range(len(rows)):
+        masks = (0x01, 0x20, 0x40) if seq == 2 else (0x01,)  # every byte of one record, many bits
+        for name in text_fields:
+            data = rows[seq][name].encode("utf-8")
+            for i in range(len(data)):
+                for mask in masks:
+                    changed = data[:i] + bytes([data[i] ^ mask]) + data[i + 1:]
+                    tampered = [dict(r) for r in rows]
+                    tampered[seq][name] = changed.decode("utf-8")
+                    report = report_of(log, tampered, checkpoints)
+                    assert not report.ok and report.first_bad == seq, (seq, name, i, mask, report)
+                    tried += 1
+    assert tried > 3000
+    for value in (3, 99, -1):  # the sequence number itself
+        tampered = [dict(r) for r in rows]
+        tampered[2]["seq"] = value
+        report = report_of(log, tampered)
+        assert not report.ok and report.first_bad == 2, report
+
+
+def tamper(log: AuditLog, sql: str, **params) -> None:
+    with log.store.engine.begin() as conn:
+        conn.execute(sa.text(sql), params)
+
+
+def forged_row(log: AuditLog, seq: int, prev_hash: str, *, well_made: bool) -> dict:
+    """A record an attacker writes: fields like the others, linked to prev_hash, hashed right or not."""
+    row = {**rows_of(log)[0], "seq": seq, "prev_hash": prev_hash, "actor": "mallory", "content": None,
+           "content_salt": None, "content_ref": None}
+    row["hash"] = record_hash(record_fields(row)) if well_made else "ee" * 32
+    return row
+
+
+def test_a_deleted_record_is_named(tmp_path: Path, data_file: Path) -> None:
+    log = make_log(tmp_path / "a.db", data_file)
+    tamper(log, "DELETE FROM audit_records WHERE seq = 2")
+    report = log.verify()
+    assert not report.ok and report.first_bad == 2 and "missing" in report.reason, report
+
+
+def test_a_deleted_record_renumbered_over_is_named(tmp_path: Path, data_file: Path) -> None:
+    log = make_log(tmp_path / "a.db", data_file)
+    tamper(log, "DELETE FROM audit_records WHERE seq = 2")
+    for seq in (3, 4, 5):
+        tamper(log, "UPDATE audit_records SET seq = :new WHERE seq = :old", new=seq - 1, old=seq)
+    report = log.verify()
+    assert not report.ok and report.first_bad == 2, report
+
+
+@pytest.mark.parametrize("well_made", [True, False])
+def test_an_inserted_record_is_named(tmp_path: Path, data_file: Path, well_made: bool) -> None:
+    log = make_log(tmp_path / "a.db", data_file)
+    rows = rows_of(log)
+    for seq in (5, 4, 3):  # make room at 3
+        tamper(log, "UPDATE audit_records SET seq = :new WHERE seq = :old", new=seq + 1, old=seq)
+    with log.store.engine.begin() as conn:
+        conn.execute(sa.insert(audit_records).values(**forged_row(log, 3, rows[2]["hash"], well_made=well_made)))
+    report = log.verify()
+    assert not report.ok and report.first_bad == 3, report
+    if well_made:
+        assert "inserted" in report.reason
+
+
+def test_an_inserted_record_in_an_export_is_named(tmp_path: Path, data_file: Path) -> None:
+    log = make_log(tmp_path / "a.db", data_file)
+    rows = rows_of(log)
+    rows.insert(4, forged_row(log, 4, rows[3]["hash"], well_made=True))
+    report = report_of(log, rows)
+    assert not report.ok and report.first_bad == 4 and "inserted" in report.reason, report
+
+
+def test_two_reordered_records_are_named(tmp_path: Path, data_file: Path) -> None:
+    log = make_log(tmp_path / "a.db", data_file)
+    tamper(log, "UPDATE audit_records SET seq = 100 WHERE seq = 1")
+    tamper(log, "UPDATE audit_records SET seq = 1 WHERE seq = 4")
+    tamper(log, "UPDATE audit_records SET seq = 4 WHERE seq = 100")
+    report = log.verify()
+    assert not report.ok and report.first_bad == 1, report
+    other = make_log(tmp_path / "b.db", data_file)
+    rows = rows_of(other)
+    rows[1], rows[4] = rows[4], rows[1]  # moved in an export, numbers and all
+    assert report_of(other, rows).first_bad == 1
+
+
+def test_truncation_below_a_checkpoint_is_named(tmp_path: Path, data_file: Path) -> None:
+    log = make_log(tmp_path / "a.db", data_file)  # checkpoints at 4 and 6
+    tamper(log, "DELETE FROM audit_records WHERE seq >= 5")
+    report = log.verify()
+    assert not report.ok and report.first_bad == 5 and "removed" in report.reason, report
+    tamper(log, "DELETE FROM audit_records WHERE seq >= 3")
+    assert log.verify().first_bad == 3
+
+
+def test_truncation_after_the_last_checkpoint_is_not_detectable(tmp_path: Path, data_file: Path) -> None:
+    """The documented limit: a shorter chain is a valid chain, so only checkpoints reveal a cut tail."""
+    log = make_log(tmp_path / "a.db", data_file)
+    log.append("late", actor="alice")
+    tamper(log, "DELETE FROM audit_records WHERE seq = 6")
+    assert log.verify().ok
+
+
+def rechain(log: AuditLog, start: int) -> None:
+    """What an attacker with write access can do: recompute every hash from `start` on."""
+    rows = rows_of(log)
+    for row in rows[start:]:
+        row["prev_hash"] = rows[row["seq"] - 1]["hash"] if row["seq"] else GENESIS
+        row["hash"] = record_hash(record_fields(row))
+        tamper(log, "UPDATE audit_records SET prev_hash = :p, hash = :h, actor = :a WHERE seq = :s",
+               p=row["prev_hash"], h=row["hash"], a=row["actor"], s=row["seq"])
+
+
+def test_a_rewrite_with_recomputed_hashes_is_caught_by_a_checkpoint(tmp_path: Path, data_file: Path) -> None:
+    log = make_log(tmp_path / "a.db", data_file)
+    rows = rows_of(log)
+    tamper(log, "UPDATE audit_records SET actor = 'mallory' WHERE seq = 5")
+    rows[5]["actor"] = "mallory"
+    rechain(log, 5)
+    report = log.verify()  # records 0..3 still match the checkpoint at 4; the one at 6 names 4..5
+    assert not report.ok and report.first_bad == 4 and "rewritten" in report.reason, report
+
+
+def test_signatures(tmp_path: Path, data_file: Path) -> None:
+    private, public = generate_keys(tmp_path / "keys")
+    other_private, other_public = generate_keys(tmp_path / "other")
+    assert private.stat().st_mode & 0o777 == 0o600
+    with pytest.raises(FileExistsError):
+        generate_keys(tmp_path / "keys")
+    key, public_key = load_signing_key(private), load_public_key(public)
+    log = make_log(tmp_path / "a.db", data_file, sign_key=key)
+    assert all(c.signature for c in log.checkpoints())
+    report = log.verify(public_key=public_key)
+    assert report.ok and report.signed == 2, report
+    assert not log.verify(public_key=load_public_key(other_public)).ok  # another key
+    unsigned = make_log(tmp_path / "b.db", data_file)
+    assert "no checkpoint is signed" in unsigned.verify(public_key=public_key).reason
+    forged = load_signing_key(other_private)
+    tamper(log, "UPDATE audit_checkpoints SET signature = :s WHERE id = 2",
+           s=forged.sign(log.checkpoints()[1].message()).hex())
+    report = log.verify(public_key=public_key)
+    assert not report.ok and "signature does not verify" in report.reason and "#2" in report.checkpoint, report
+    tamper(log, "UPDATE audit_checkpoints SET signature = 'zz' WHERE id = 2")  # not even hex
+    assert not log.verify(public_key=public_key).ok
+
+
+def test_a_signed_external_checkpoint_anchors_the_tail(tmp_path: Path, data_file: Path) -> None:
+    key = load_signing_key(generate_keys(tmp_path / "keys")[0])
+    public_key = load_public_key(tmp_path / "keys" / "audit_ed25519.pub.pem")
+    log = make_log(tmp_path / "a.db", data_file, checkpoint_every=0)
+    anchor = Checkpoint.from_json(log.checkpoint(sign_key=key).to_json())  # kept away from the database
+    assert log.verify(public_key=public_key, anchors=[anchor]).ok
+    tamper(log, "DELETE FROM audit_records WHERE seq >= 4")
+    tamper(log, "DELETE FROM audit_checkpoints")  # the attacker removes what the database holds
+    assert log.verify().ok  # nothing left inside to tell
+    report = log.verify(public_key=public_key, anchors=[anchor])
+    assert not report.ok and report.first_bad == 4 and "external checkpoint" in report.reason, report
+
+
+def test_inclusion_proofs_of_records(tmp_path: Path, data_file: Path) -> None:
+    log = make_log(tmp_path / "a.db", data_file, n=11)
+    records, checkpoints = log.records(), log.checkpoints()
+    first, checkpoint = checkpoints[0], checkpoints[-1]
+    assert (first.size, checkpoint.size) == (4, 11)
+    for record in records:
+        proof = log.prove(record.seq)
+        assert verify_proof(record, proof, checkpoint)
+        if record.seq < first.size:
+            assert verify_proof(record, log.prove(record.seq, first), first)
+    proof = log.prove(5)
+    wrong_sibling = InclusionProof(5, proof.size, (("00" * 32),) + proof.path[1:])
+    assert not verify_proof(records[5], wrong_sibling, checkpoint)
+    assert not verify_proof(records[5], InclusionProof(6, proof.size, proof.path), checkpoint)  # wrong index
+    assert not verify_proof(records[5], InclusionProof(5, 12, proof.path), checkpoint)  # wrong size
+    assert not verify_proof(records[6], proof, checkpoint)  # another record
+    altered = Record(**{**records[5].__dict__, "actor": "mallory"})  # a record whose fields no longer hash
+    assert not verify_proof(altered, proof, checkpoint)
+    with pytest.raises(ValueError, match="no checkpoint covers record 11"):
+        log.prove(11)
+
+
+def test_erasing_content_keeps_the_log_verifiable(tmp_path: Path, data_file: Path) -> None:
+    log = make_log(tmp_path / "a.db", data_file, redact=lambda text: text.replace("request", "[redacted]"))
+    assert log.records()[1].content == "[redacted] 1"  # kept only after redaction
+    hashes = [r.hash for r in log.records()]
+    assert log.erase("user1", actor="dpo", reason="erasure request") == [1, 3, 5]
+    records = log.records()
+    assert [r.hash for r in records[:6]] == hashes
+    assert [r.content for r in records[:6]] == ["[redacted] 0", None, "[redacted] 2", None, "[redacted] 4", None]
+    assert all(row["content_salt"] is None for row in log.store.records(subject="user1") if row["seq"] < 6)
+    erase = records[6]
+    assert erase.event == EVENT_ERASE and erase.parameters["records"] == [1, 3, 5] and erase.subject == "user1"
+    assert log.verify().ok
+    assert log.erase("user1") == []  # nothing left to erase: no record
+    tamper(log, "UPDATE audit_records SET content = NULL, content_salt = NULL WHERE seq = 2")  # not by erase
+    report = log.verify()
+    assert not report.ok and report.first_bad == 2 and "no audit.erase" in report.reason, report
+
+
+def test_hash_only_keeps_no_content(tmp_path: Path, data_file: Path) -> None:
+    log = make_log(tmp_path / "a.db", data_file, store_content=False)
+    row = rows_of(log)[0]
+    assert row["content"] is None and row["content_salt"] is not None
+    ref = log.records()[0].content_ref
+    assert not ref.stored and ref.sha256 == hashlib.sha256(bytes.fromhex(row["content_salt"]) + b"request 0").hexdigest()
+    assert log.verify().ok
+
+
+def test_concurrent_appends_keep_one_chain(tmp_path: Path) -> None:
+    log = AuditLog.open(tmp_path / "a.db", checkpoint_every=7)
+
+    def work(worker: int) -> None:
+        for i in range(8):
+            log.append("serve.request", actor=f"worker{worker}", parameters={"i": i})
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    report = log.verify()
+    assert report.ok and report.records == 32, report
+
+
+# ----- where the log lives --------------------------------------------------------------------
+
+
+def test_location_and_record_event(tmp_path: Path, monkeypatch, data_file: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(LOG_ENV)
+    assert log_location() == str(tmp_path / "runs" / "audit.db")
+    monkeypatch.setenv(LOG_ENV, "off")
+    assert audit_log() is None and record_event("x", inputs={"data": data_file}) is None
+    assert not (tmp_path / "runs").exists()
+    monkeypatch.setenv(LOG_ENV, str(tmp_path / "here.db"))
+    record = record_event("x", inputs={"data": data_file, "skipped": None}, parameters={"path": tmp_path})
+    assert record.actor and set(record.inputs) == {"data"} and record.parameters == {"path": str(tmp_path)}
+    assert [r.seq for r in AuditLog.open(tmp_path / "here.db").records()] == [0]
+    assert log_location("sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_folder_hash_reuses_the_lineage_manifest(tmp_path: Path) -> None:
+    folder = fake_checkpoint(tmp_path / "ckpt", {"recipe": {}})
+    full = listing_sha256({p.relative_to(folder).as_posix(): file_sha256(p) for p in folder.rglob("*") if p.is_file()})
+    assert folder_sha256(folder) == full
+    lineage = json.loads((folder / "lineage.json").read_text())
+    lineage["files"]["model.safetensors"]["sha256"] = "00" * 32  # a manifest that lies is used...
+    (folder / "lineage.json").write_text(json.dumps(lineage))
+    assert model_hash(folder) == "00" * 32
+    lineage["files"]["model.safetensors"]["bytes"] += 1  # ...unless the size gives it away
+    (folder / "lineage.json").write_text(json.dumps(lineage))
+    (tmp_path / "elsewhere").mkdir()
+    moved = folder.rename(tmp_path / "elsewhere" / "ckpt")
+    assert folder_sha256(moved) == listing_sha256(
+        {p.relative_to(moved).as_posix(): file_sha256(p) for p in moved.rglob("*") if p.is_file()})
+
+
+# ----- export ------------------------------------------------------------------------------------
+
+
+def test_export_json_and_csv_round_trip(tmp_path: Path, data_file: Path) -> None:
+    log = make_log(tmp_path / "a.db", data_file)
+    log.erase("user0")
+    rows = rows_of(log)
+    assert export_log(log, tmp_path / "log.json") == 7
+    back, checkpoints = read_export(tmp_path / "log.json")
+    assert back == rows and checkpoints == [Checkpoint.from_json(c.to_json()) for c in log.checkpoints()]
+    assert verify_log(back, checkpoints).ok
+    document = json.loads((tmp_path / "log.json").read_text())
+    assert document["records"][0]["parameters"] == {"lr": 0.5, "step": 0}  # readable, not JSON in JSON
+    assert export_log(log, tmp_path / "log.csv", "csv") == 7
+    back, _ = read_export(tmp_path / "log.csv")
+    assert back == rows and verify_log(back).ok
+    back[3]["actor"] = "mallory"
+    assert verify_log(back).first_bad == 3
+
+
+# ----- the CLI -----------------------------------------------------------------------------------
+
+
+def heron(*argv: str) -> int:
+    """`heron audit ...` as cli/main.py runs it: user errors are exit 2."""
+    parser = argparse.ArgumentParser(prog="heron")
+    register(parser.add_subparsers(dest="verb", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError, FileExistsError):
+        return 2
+
+
+def test_cli(tmp_path: Path, data_file: Path, capsys) -> None:
+    db = tmp_path / "a.db"
+    make_log(db, data_file, checkpoint_every=0)
+    assert heron("audit", "keygen", str(tmp_path / "keys")) == 0
+    key, public = tmp_path / "keys" / "audit_ed25519.pem", tmp_path / "keys" / "audit_ed25519.pub.pem"
+    assert heron("audit", "checkpoint", "--log", str(db), "--sign-key", str(key), "--out", str(tmp_path / "cp.json")) == 0
+    assert heron("audit", "verify", "--log", str(db), "--public-key", str(public),
+                 "--anchor", str(tmp_path / "cp.json")) == 0
+    assert "audit log intact: 6 records" in capsys.readouterr().out
+    assert heron("audit", "export", str(tmp_path / "out.csv"), "--log", str(db)) == 0
+    assert heron("audit", "export", str(tmp_path / "out.json"), "--log", f"sqlite:///{db}") == 0
+    assert heron("audit", "verify", "--log", str(tmp_path / "out.json")) == 0
+    log = AuditLog.open(db)
+    tamper(log, "UPDATE audit_records SET parameters = :p WHERE seq = 3", p='{"lr":0.5,"step":7}')
+    capsys.readouterr()
+    assert heron("audit", "verify", "--log", str(db)) == 1
+    assert "record 3: altered" in capsys.readouterr().out
+    assert heron("audit", "verify", "--log", str(tmp_path / "missing.db")) == 2
+    assert heron("audit", "keygen", str(tmp_path / "keys")) == 2  # never overwrites
+
+
+# ----- lineage -----------------------------------------------------------------------------------
+
+
+def fake_checkpoint(folder: Path, lineage: dict) -> Path:
+    """A folder shaped like a checkpoint: config, weights and tokenizer bytes, a lineage with their manifest."""
+    folder.mkdir(parents=True)
+    files = {"config.json": b'{"d_model": 8}', "model.safetensors": folder.name.encode() * 10, "tokenizer.json": b"{}"}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    manifest = {name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in files.items()}
+    (folder / "lineage.json").write_text(json.dumps({**lineage, "files": manifest}))
+    return folder
+
+
+def test_lineage_follows_the_links_to_the_data(tmp_path: Path, data_file: Path, capsys) -> None:
+    log = AuditLog.open(tmp_path / "a.db", checkpoint_every=0)
+    data = {"source": "synthetic", "kind": "permutation", "sha256": "5e" * 32}
+    trained = fake_checkpoint(tmp_path / "run" / "step_2", {"recipe": {"name": "t"}, "data": data})
+    aligned = fake_checkpoint(tmp_path / "sft", {"alignment": {"base": str(trained), "recipe": {
+        "data": {"file": str(data_file), "max_len": 8}}}})
+    quantized = fake_checkpoint(tmp_path / "q", {"quantized_from": str(aligned)})
+    pruned = fake_checkpoint(tmp_path / "p", {"pruned_from": str(quantized)})
+    made = {}
+    for folder, event, inputs in [(trained, "train", {"data": data}), (aligned, "align", {"base": trained, "data": data_file}),
+                                  (quantized, "compress.quantize", {"source": aligned}),
+                                  (pruned, "compress.prune", {"source": quantized})]:
+        made[folder] = log.append(event, actor="alice", inputs=inputs, outputs={"checkpoint": folder},
+                                  model_hash=model_hash(folder))
+    log.append("convert.to_hf", actor="alice", inputs={"checkpoint": pruned}, outputs={"folder": data_file})
+    steps, history = audit_lineage(pruned, log=log)
+    assert [s.stage.path for s in steps] == [pruned, quantized, aligned, trained]
+    assert [s.stage.kind.name for s in steps] == ["pruning", "quantization", "alignment", "pretrain"]
+    assert [[r.seq for r in s.records] for s in steps] == [[3], [2], [1], [0]]
+    assert steps[2].records[0].inputs["data"].sha256 == file_sha256(data_file)
+    assert steps[3].records[0].inputs["data"].sha256 == json_sha256(data)
+    text = format_lineage(steps, history)
+    assert "audit: record 0 train" in text and f"read data: file {data_file.resolve()}" in text
+    assert heron("audit", "lineage", str(pruned), "--log", str(tmp_path / "a.db")) == 0
+    assert capsys.readouterr().out.strip() == text
+
+
+# ----- recording from normal work --------------------------------------------------------------
+
+
+def test_a_training_run_records_its_final_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    from heron.train import train
+    from heron.train.recipe import recipe_from_dict
+
+    monkeypatch.setenv(LOG_ENV, str(tmp_path / "audit.db"))
+    recipe = recipe_from_dict({
+        "name": "audit", "out_dir": str(tmp_path / "run"),
+        "model": {"preset": "test", "overrides": {"d_model": 16, "n_layers": 1, "n_heads": 2, "max_seq_len": 16}},
+        "data": {"synthetic": {"vocab_size": 16, "n_tokens": 512, "seed": 0}, "seq_len": 8},
+        "schedule": {"warmup_steps": 0},
+        "train": {"steps": 2, "batch_size": 2, "eval_every": 0, "eval_batches": 1, "ckpt_every": 1, "log_every": 1,
+                  "device": "cpu", "threads": 1, "progress": False},
+    })
+    result = train(recipe)
+    records = AuditLog.open(tmp_path / "audit.db").records()
+    assert [r.event for r in records] == ["train"]  # the step-1 checkpoint is not the end of the run
+    record = records[0]
+    lineage = json.loads((result.checkpoint / "lineage.json").read_text())
+    assert record.outputs["checkpoint"] == Artifact("folder", folder_sha256(result.checkpoint),
+                                                    str(result.checkpoint.resolve()))
+    assert record.model_hash == lineage["files"]["model.safetensors"]["sha256"]
+    assert record.inputs["data"] == Artifact("json", json_sha256(lineage["data"]))
+    assert record.parameters["step"] == 2 and record.parameters["recipe"]["name"] == "audit"
