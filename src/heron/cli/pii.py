@@ -1,0 +1,72 @@
+"""`heron pii find|redact TEXT`: personal data in a text, found or replaced (heron.govern.pii).
+
+    heron pii find notes.txt                          # one JSON object per span
+    heron pii redact "Call Ana Lima at 415-555-0132"  # Call <PERSON> at <PHONE>
+    heron pii redact notes.txt --operator mask
+    HERON_PII_SECRET=... heron pii redact - --operator pseudonym --scope study-7 < notes.txt
+
+The pseudonym secret is read from an environment variable, never from the
+command line, where other users' `ps` and the shell's history would see it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from heron.govern.pii import ENTITIES, PiiEngine
+
+SECRET_ENV = "HERON_PII_SECRET"
+
+
+def register(verbs: argparse._SubParsersAction) -> None:
+    """Add the `pii` verb to the CLI's verbs."""
+    actions = verbs.add_parser("pii", help="find or redact personal data (names, emails, ids, ...) in text")
+    actions = actions.add_subparsers(dest="action", required=True)
+    p = actions.add_parser("find", help="print each piece of personal data as a JSON line")
+    _add_common(p)
+    p.set_defaults(handler=find)
+    p = actions.add_parser("redact", help="print the text with personal data replaced")
+    _add_common(p)
+    p.add_argument("--operator", choices=["tag", "redact", "mask", "pseudonym"], default="tag",
+                   help="tag: <EMAIL>; redact: remove; mask: ****-1111; pseudonym: a consistent fake of the same type")
+    p.add_argument("--scope", default="", help="pseudonym: values map to the same fake within one scope")
+    p.add_argument("--secret-env", default=SECRET_ENV, metavar="VAR",
+                   help=f"pseudonym: environment variable holding the secret key (default {SECRET_ENV})")
+    p.set_defaults(handler=redact)
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("text", help="the text, a file holding it, or - for standard input")
+    p.add_argument("--entities", default=None, metavar="E1,E2",
+                   help=f"types to look for (default all: {','.join(ENTITIES)})")
+
+
+def _read(text: str) -> str:
+    if text == "-":
+        return sys.stdin.read()
+    path = Path(text)
+    return path.read_text() if len(text) < 4096 and path.is_file() else text
+
+
+def _engine(args: argparse.Namespace) -> PiiEngine:
+    return PiiEngine(entities=args.entities.split(",") if args.entities else None)
+
+
+def find(args: argparse.Namespace) -> int:
+    for span in _engine(args).find(_read(args.text)):
+        print(json.dumps(asdict(span), ensure_ascii=False))
+    return 0
+
+
+def redact(args: argparse.Namespace) -> int:
+    secret = None
+    if args.operator == "pseudonym":
+        secret = os.environ.get(args.secret_env)
+        if not secret:
+            raise ValueError(f"--operator pseudonym: set the secret key in ${args.secret_env}")
+    print(_engine(args).redact(_read(args.text), args.operator, scope=args.scope, secret=secret))
+    return 0

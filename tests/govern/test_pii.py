@@ -1,0 +1,269 @@
+"""PII detection and redaction (heron.govern.pii): known sentences with exact spans, checksum
+near-misses, distractors, each operator's exact output, pseudonym keys and scopes, no network, the
+synthetic corpus's offsets, and recall on a small held-out corpus.
+
+One engine (and one training of the name model, a few seconds) serves the module."""
+import hashlib
+import hmac
+import random
+import socket
+
+import pytest
+
+from heron.govern import pii_recognizers
+from heron.govern.pii import ENTITIES, STRUCTURED, PiiEngine, Span, mask, redact, resolve_overlaps
+from heron.govern.pii_corpus import TEMPLATES, Counts, f_beta, generate, score, score_one
+from heron.govern.pii_lexicon import first_names, last_names, split_of
+from heron.govern.pii_names import NameSettings, default_name_model, tokenize
+from heron.govern.pii_recognizers import iban_check_digits, luhn_check_digit, luhn_valid
+from heron.govern.pii_surrogates import surrogate
+
+
+@pytest.fixture(scope="module")
+def engine() -> PiiEngine:
+    return PiiEngine()
+
+
+def found(engine: PiiEngine, text: str) -> list[tuple[str, str]]:
+    return [(s.entity, s.text) for s in engine.find(text)]
+
+
+# ----- each type, exact spans -------------------------------------------------------------
+
+KNOWN = [
+    ("Email me at maria.lopez+news@mail.example.co.uk today.", [("EMAIL", "maria.lopez+news@mail.example.co.uk")]),
+    ("Call (415) 555-0132 or +44 20 7946 0958.", [("PHONE", "(415) 555-0132"), ("PHONE", "+44 20 7946 0958")]),
+    ("My SSN is 536-22-8741.", [("SSN", "536-22-8741")]),
+    ("Card: 4111 1111 1111 1111, Amex 3782-822463-10005.",
+     [("CREDIT_CARD", "4111 1111 1111 1111"), ("CREDIT_CARD", "3782-822463-10005")]),
+    ("Pay to GB82 WEST 1234 5698 7654 32 or DE89370400440532013000.",
+     [("IBAN", "GB82 WEST 1234 5698 7654 32"), ("IBAN", "DE89370400440532013000")]),
+    ("Seen from 203.0.113.7 and 2001:db8::8a2e:370:7334.", [("IP_ADDRESS", "203.0.113.7"),
+                                                           ("IP_ADDRESS", "2001:db8::8a2e:370:7334")]),
+    ("Docs at https://example.com/docs?id=3. Also www.heron.dev.", [("URL", "https://example.com/docs?id=3"),
+                                                                    ("URL", "www.heron.dev")]),
+    ("Born March 14, 1931; admitted 2024-03-14, discharged 03/18/2024 and 14-MAR-2024.",
+     [("DATE", "March 14, 1931"), ("DATE", "2024-03-14"), ("DATE", "03/18/2024"), ("DATE", "14-MAR-2024")]),
+    ("A 93-year-old woman; age: 101.", [("AGE", "93"), ("AGE", "101")]),
+    ("MRN: 00482913. Account no. 4829-1177-03.", [("MRN", "00482913"), ("ACCOUNT", "4829-1177-03")]),
+    ("Ship to 1600 Pennsylvania Avenue, Washington, DC 20500.",
+     [("ADDRESS", "1600 Pennsylvania Avenue, Washington, DC 20500")]),
+    ("Thanks, Lena Fischer", [("PERSON", "Lena Fischer")]),
+    ("Meeting with Priya Raman on Friday.", [("PERSON", "Priya Raman")]),
+]
+
+
+@pytest.mark.parametrize("text, expected", KNOWN, ids=[e[0][0] for _, e in KNOWN])
+def test_each_type_is_found_with_exact_spans(engine, text, expected):
+    spans = engine.find(text)
+    assert [(s.entity, s.text) for s in spans] == expected
+    assert all(text[s.start:s.end] == s.text and 0 < s.score <= 1 for s in spans)
+
+
+def test_every_entity_has_a_known_sentence():
+    assert {e for _, expected in KNOWN for e, _ in expected} == set(ENTITIES)
+
+
+# ----- checksums and near misses ----------------------------------------------------------
+
+
+def test_luhn_and_iban_checks_against_published_numbers():
+    assert luhn_valid("4111111111111111") and luhn_valid("378282246310005") and luhn_valid("79927398713")
+    assert not luhn_valid("4111111111111112") and not luhn_valid("79927398710")
+    assert luhn_check_digit("7992739871") == "3"
+    assert iban_check_digits("GB", "WEST12345698765432") == "82"  # the ECBS example IBAN
+    assert iban_check_digits("DE", "370400440532013000") == "89"
+
+
+@pytest.mark.parametrize("text", [
+    "Card: 4111 1111 1111 1112.",  # one digit off: Luhn fails
+    "Card: 4111 1111 1111 1121.",  # two digits swapped... and still failing
+    "Pay to GB83 WEST 1234 5698 7654 32.",  # check digits off by one
+    "Pay to GB82 WEST 1234 5698 7654 33.",  # last digit off
+    "My SSN is 000-22-8741.",  # area 000, never issued
+    "My SSN is 666-22-8741.",  # area 666, never issued
+    "My SSN is 936-22-8741.",  # area 9xx: ITINs, not SSNs
+    "My SSN is 536-00-8741.",  # group 00
+])
+def test_checksum_and_validity_near_misses_are_rejected(engine, text):
+    assert found(engine, text) == []
+
+
+def test_invalid_dates_are_rejected(engine):
+    assert found(engine, "Codes 13/13/2024 and 2024-13-01 and 32/01/2024.") == []
+
+
+# ----- distractors ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", [
+    "We upgraded Python to 3.11.4 and Kubernetes to v1.29 on Monday; tracking 123456789 shipped in March.",
+    "A 45-year-old man took Tylenol 500 mg; see Cardiology. Age 67. Ref 4111 1111 1111 1112.",
+    "Open main.py and notes.md in Jupyter; 12 tests pass at 10:30 in 2019 for $1,249.00 (ticket #48213).",
+])
+def test_distractors_are_not_flagged(engine, text):
+    assert found(engine, text) == []
+
+
+# ----- operators --------------------------------------------------------------------------
+
+SENTENCE = "Lena Fischer paid with 4111 1111 1111 1111 from 203.0.113.7."
+
+
+def test_tag_operator(engine):
+    assert engine.redact(SENTENCE) == "<PERSON> paid with <CREDIT_CARD> from <IP_ADDRESS>."
+    assert redact(SENTENCE) == "<PERSON> paid with <CREDIT_CARD> from <IP_ADDRESS>."  # the module's default engine
+
+
+def test_redact_operator(engine):
+    assert engine.redact(SENTENCE, "redact") == " paid with  from ."
+
+
+def test_mask_operator(engine):
+    assert engine.redact(SENTENCE, "mask") == "**** ******* paid with **** **** **** 1111 from ***.*.***.*."
+    assert mask("IBAN", "GB82 WEST 1234 5698 7654 32") == "**** **** **** **** **54 32"
+    assert mask("EMAIL", "a.b@c.io") == "*.*@*.**"
+
+
+def test_pseudonym_operator_known_answer(engine):
+    """A known-answer vector: pseudonyms stay the same across versions, or old ones stop matching."""
+    text = "SSN 536-22-8741 from 2001:db8::1 on 2024-03-14."
+    assert engine.redact(text, "pseudonym", scope="study-1", secret=b"k") == \
+        "SSN 927-43-4194 from 2001:db8:7af:d6b4:275b:1cf4:d99f:db70 on 1984-07-01."
+
+
+def test_operator_errors(engine):
+    with pytest.raises(ValueError, match="secret"):
+        engine.redact(SENTENCE, "pseudonym")
+    with pytest.raises(ValueError, match="unknown operator"):
+        engine.redact(SENTENCE, "shred")
+    with pytest.raises(ValueError, match="unknown PII entities"):
+        PiiEngine(entities=["PERSON", "SHOE_SIZE"])
+
+
+# ----- pseudonyms -------------------------------------------------------------------------
+
+VALUES = [("PERSON", "Lena Fischer"), ("EMAIL", "lena@fischer.de"), ("PHONE", "(415) 555-0132"),
+          ("SSN", "536-22-8741"), ("CREDIT_CARD", "4111 1111 1111 1111"), ("IBAN", "GB82 WEST 1234 5698 7654 32"),
+          ("IP_ADDRESS", "203.0.113.7"), ("IP_ADDRESS", "2001:db8::1"), ("URL", "https://heron.dev/docs"),
+          ("DATE", "March 14, 1931"), ("DATE", "03/14/31"), ("AGE", "93"), ("MRN", "MR00482913"),
+          ("ACCOUNT", "4829-1177-03"), ("ADDRESS", "1600 Pennsylvania Avenue, Washington, DC 20500")]
+
+
+@pytest.mark.parametrize("entity, value", VALUES, ids=[f"{e}:{v}" for e, v in VALUES])
+def test_pseudonyms_consistent_in_scope_and_different_across_scopes_and_secrets(entity, value):
+    fake = surrogate(entity, value, "scope-a", b"secret-1")
+    assert fake == surrogate(entity, value, "scope-a", b"secret-1")
+    assert fake != value
+    others = {surrogate(entity, value, "scope-b", b"secret-1"), surrogate(entity, value, "scope-a", b"secret-2")}
+    assert fake not in others
+
+
+def test_pseudonyms_keep_the_type(engine):
+    for entity, value in VALUES:
+        fake = surrogate(entity, value, "s", b"k")
+        if entity in {"SSN", "AGE", "MRN", "ACCOUNT"}:  # SSNs go to the never-issued 9xx; the rest need a label
+            continue
+        assert found(engine, f"Value: {fake}")[-1][0] == entity, (entity, fake)
+    card = surrogate("CREDIT_CARD", "4111 1111 1111 1111", "s", b"k")
+    assert luhn_valid(card.replace(" ", "")) and card[0] == "4" and len(card) == 19
+    iban = surrogate("IBAN", "GB82 WEST 1234 5698 7654 32", "s", b"k").replace(" ", "")
+    assert iban[:2] == "GB" and iban_check_digits("GB", iban[4:]) == iban[2:4]
+
+
+def test_same_value_in_other_layouts_gets_the_same_digits():
+    a = surrogate("PHONE", "(415) 555-0132", "s", b"k")
+    b = surrogate("PHONE", "415-555-0132", "s", b"k")
+    assert a[0] == "(" and "-" in b and [c for c in a if c.isdigit()] == [c for c in b if c.isdigit()]
+    assert surrogate("PERSON", "Lena Fischer", "s", b"k") == surrogate("PERSON", "Lena  FISCHER", "s", b"k")
+
+
+def test_pseudonyms_cannot_be_recomputed_without_the_secret():
+    """The surrogate is a function of HMAC(secret, ...): guessing secrets does not reproduce it."""
+    fake = surrogate("PERSON", "Lena Fischer", "s", b"the real secret")
+    guesses = [b"", b"s", b"secret", b"heron", b"Lena Fischer", *(bytes([i]) for i in range(256))]
+    assert all(surrogate("PERSON", "Lena Fischer", "s", g) != fake for g in guesses)
+    # and the seed is exactly HMAC-SHA256 (RFC 2104) of the scope, entity and normalised value
+    digest = hmac.new(b"k", "s\x1fPERSON\x1flena fischer".encode(), hashlib.sha256).digest()
+    rng = random.Random(int.from_bytes(digest, "big"))
+    assert surrogate("PERSON", "Lena Fischer", "s", b"k") == f"{rng.choice(first_names())} {rng.choice(last_names())}"
+
+
+# ----- offline ----------------------------------------------------------------------------
+
+
+def test_nothing_touches_the_network(monkeypatch):
+    """Build an engine from scratch and run it with every way out of the process recorded (and
+    refused): tldextract would fetch the public-suffix list, and swallow a failure, on first use."""
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    pii_recognizers._offline_tld_extract.cache_clear()
+    engine = PiiEngine(names=default_name_model())
+    assert found(engine, "Mail lena@fischer.example.co.uk or visit https://heron.dev") == \
+        [("EMAIL", "lena@fischer.example.co.uk"), ("URL", "https://heron.dev")]
+    assert attempts == []
+
+
+# ----- overlaps ---------------------------------------------------------------------------
+
+
+def test_overlaps_keep_the_outer_span_then_the_higher_score():
+    email = Span("EMAIL", 0, 20, 1.0, "")
+    inner = Span("URL", 10, 20, 0.9, "")
+    a, b = Span("PHONE", 30, 40, 0.4, ""), Span("ACCOUNT", 35, 45, 0.85, "")
+    assert resolve_overlaps([inner, b, email, a]) == [email, b]
+
+
+# ----- the corpus -------------------------------------------------------------------------
+
+
+def test_corpus_offsets_are_exact_and_seeded():
+    for split in ("train", "dev", "test"):
+        examples = generate(300, seed=5, split=split)
+        assert examples == generate(300, seed=5, split=split)
+        for ex in examples:
+            assert all(ex.text[s.start:s.end] == s.text and s.text for s in ex.spans)
+            assert all(a.end <= b.start for a, b in zip(ex.spans, ex.spans[1:]))
+    assert [e.text for e in generate(50, seed=5)] != [e.text for e in generate(50, seed=6)]
+    assert not any(e.template.held_out for e in generate(300, seed=5, split="train"))
+    assert {e.template.index for e in generate(len(TEMPLATES), seed=5)} == {t.index for t in TEMPLATES}
+
+
+def test_held_out_names_are_never_seen_in_training():
+    settings = NameSettings()
+    train_tokens = {t.text.lower() for ex in generate(settings.examples, seed=settings.seed, split="train")
+                    for s in ex.spans
+                    if s.entity == "PERSON" for t in tokenize(s.text)}
+    test_tokens = {t.text.lower() for ex in generate(300, seed=11, split="test") for s in ex.spans
+                   if s.entity == "PERSON" for t in tokenize(s.text) if t.text[0].isalpha() and len(t.text) > 1}
+    assert test_tokens and not train_tokens & test_tokens
+    assert all(split_of(n) == "test" for n in first_names("test") + last_names("test"))
+    vocab = default_name_model().vocab
+    assert not any(f"w={name}" in vocab for name in test_tokens)  # the model holds no test name
+
+
+def test_scoring_counts_overlaps_and_exact_matches():
+    gold = [Span("PERSON", 0, 12, 1, ""), Span("EMAIL", 20, 30, 1, "")]
+    predicted = [Span("PERSON", 5, 12, 0.9, ""), Span("PHONE", 20, 30, 0.4, ""), Span("DATE", 40, 44, 0.6, "")]
+    counts = score_one(gold, predicted)
+    assert counts["PERSON"] == Counts(gold=1, found=1, exact=0, predicted=1, correct=1)
+    assert counts["EMAIL"] == Counts(gold=1) and counts["PHONE"] == Counts(predicted=1)
+    assert f_beta(0.5, 1.0) == pytest.approx(5 * 0.5 / (4 * 0.5 + 1))
+
+
+def test_recall_on_a_small_held_out_corpus(engine):
+    """The benchmark's targets on 300 examples of held-out names and distractors (bench_pii.py: 3,000)."""
+    counts = score(generate(300, seed=11, split="test"), engine.find)
+    for entity in STRUCTURED:
+        assert counts[entity].gold >= 10 and counts[entity].recall >= 0.95, (entity, counts[entity])
+    assert counts["PERSON"].recall >= 0.85, counts["PERSON"]
+    total = sum(counts.values(), Counts())
+    assert total.precision >= 0.9, total
