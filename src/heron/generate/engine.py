@@ -103,17 +103,21 @@ class Decoder:
         self.seen = presence_mask(ids, self.model.config.vocab_size, mask) if needs_seen else None  # (B, V)
         out = self.model(ids, attention_mask=mask, cache=self.cache, last_only=True)
         self.logits = out.logits[:, -1]  # (B, V)
+        self.previous = ids[:, -1]  # (B,): padding is on the left, so each row's last prompt token
 
     @torch.inference_mode()
     def step(self, ids: torch.Tensor | None = None) -> torch.Tensor:
         """Feed the previous step's ids (B,), if any, then sample the next (B,).
 
         The first call samples from the prefill's logits; each later call is
-        one forward pass of one token per row.
+        one forward pass of one token per row. The sampler is also given each
+        row's previous token (the last prompt token, the first time), which a
+        watermark's green list depends on.
         """
         if ids is not None:
             self.logits = self.model(ids[:, None], cache=self.cache).logits[:, -1]  # (B, V)
-        next_ids = sample_next(self.logits, self.params, self.generator, self.seen)
+            self.previous = ids
+        next_ids = sample_next(self.logits, self.params, self.generator, self.seen, self.previous)
         if self.seen is not None:
             self.seen.scatter_(1, next_ids[:, None], True)
         return next_ids

@@ -5,6 +5,10 @@ chains them in the order Hugging Face `generate` uses (repetition penalty,
 temperature, top-k, top-p), so a model sampled here and there with the same
 settings draws from the same distribution. Work is only done for the settings
 that ask for it: greedy decoding is one argmax, with no sort and no softmax.
+
+The one processor that needs more than the logits is the watermark
+(`heron.govern.watermark`), whose green list depends on each row's previous
+token; `sample_next` says where it sits in the chain.
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ from typing import Any
 
 import torch
 
+from heron.govern.watermark import Watermark
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -26,6 +32,15 @@ class SamplingParams:
     off, so that (with no stop strings) exactly `max_new_tokens` tokens come
     back, which is what decode-speed benchmarks want. `seed` None draws fresh
     randomness; an int makes sampling repeatable.
+
+    `watermark` (a `heron.govern.watermark.Watermark`, or a mapping of its
+    fields, as a request would send it) biases every sampled token towards a
+    keyed green list (Kirchenbauer et al. 2023). It is a typed field rather
+    than a general list of logits-processor callables because what it does
+    must be reproduced at detection time: its settings are data (key, γ, δ)
+    that can be validated, frozen, compared and sent over the wire, and its
+    place in the processing order is fixed by `sample_next`, not by the order
+    a caller happened to list callables in.
     """
 
     max_new_tokens: int = 128
@@ -37,6 +52,7 @@ class SamplingParams:
     stop_token_ids: Sequence[int] | None = None  # stored as a tuple
     ignore_eos: bool = False
     seed: int | None = None
+    watermark: Watermark | None = None
 
     def __post_init__(self) -> None:
         # Lists are accepted for convenience and frozen into tuples.
@@ -59,6 +75,10 @@ class SamplingParams:
             raise ValueError(f"ignore_eos: expected a bool, got {self.ignore_eos!r}")
         if self.seed is not None:
             _check_int("seed", self.seed, minimum=0)
+        if isinstance(self.watermark, Mapping):
+            object.__setattr__(self, "watermark", Watermark.from_dict(self.watermark))
+        if self.watermark is not None and not isinstance(self.watermark, Watermark):
+            raise ValueError(f"watermark: expected a Watermark or a mapping of its fields, got {self.watermark!r}")
 
     @property
     def greedy(self) -> bool:
@@ -167,16 +187,31 @@ def sample_next(
     params: SamplingParams,
     generator: torch.Generator | None = None,
     seen: torch.Tensor | None = None,
+    previous: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B,) next token ids from (B, V) logits.
 
     `seen` is the (B, V) presence mask for the repetition penalty (required
-    when the penalty is not 1).
+    when the penalty is not 1); `previous` (B,) is each row's last token
+    (required with a watermark).
+
+    Order: repetition penalty, watermark, then temperature, top-k, top-p.
+    The watermark adds δ to the model's (penalised) logits before the
+    temperature, as the paper's Algorithm 2 biases the logits that the
+    softmax then reads; at temperature 1 with no top-k/top-p this is exactly
+    its distribution. It applies under greedy decoding too (the argmax of the
+    biased logits). Hugging Face `generate` appends its watermark processors
+    after the warpers instead (since its issue #34630, for SynthID's sake), so
+    the two differ when temperature, top-k or top-p are set.
     """
     if params.repetition_penalty != 1.0:
         if seen is None:
             raise ValueError("repetition_penalty: needs the tokens seen so far (pass `seen`)")
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.watermark is not None:
+        if previous is None:
+            raise ValueError("watermark: needs each row's previous token (pass `previous`)")
+        logits = params.watermark(previous, logits)
     if params.greedy:
         return logits.argmax(dim=-1)
     logits = apply_temperature(logits.float(), params.temperature)

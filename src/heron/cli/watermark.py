@@ -1,0 +1,102 @@
+"""`heron watermark detect ...`, and the `--watermark-*` options of generation.
+
+    heron watermark detect out.txt --tokenizer runs/demo/checkpoints/latest --key 42
+    heron watermark detect "def f(x): ..." --tokenizer tokenizer.json --key 42 --gamma 0.25
+
+The detector must see the token ids the generator saw, over the same
+vocabulary size: the model's (config.json's `vocab_size`, which can exceed
+the tokenizer's when the embedding is padded). Given a checkpoint folder it
+reads that; given a bare tokenizer.json it uses the tokenizer's size, and
+`--vocab-size` overrides both.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from heron.govern.watermark import DEFAULT_DELTA, DEFAULT_GAMMA, DEFAULT_Z_THRESHOLD, Watermark, detect
+from heron.tokenizer import HeronTokenizer, Tokenizer, load_tokenizer
+from heron.train.checkpoint import resolve_checkpoint
+
+
+def register(verbs: argparse._SubParsersAction) -> None:
+    """Add the `watermark` verb to the CLI's verbs."""
+    actions = verbs.add_parser("watermark", help="green-list watermarks (Kirchenbauer et al. 2023)").add_subparsers(
+        dest="action", required=True)
+    p = actions.add_parser("detect", help="z-test a text for the watermark of a key")
+    p.add_argument("text", help="the text, a file holding it, or - for standard input")
+    p.add_argument("--tokenizer", type=Path, required=True,
+                   help="a checkpoint (or run) folder, or a tokenizer.json")
+    p.add_argument("--key", required=True, help="the secret key the text was generated with")
+    p.add_argument("--gamma", type=float, default=DEFAULT_GAMMA, help="green fraction used at generation")
+    p.add_argument("--z", dest="z_threshold", type=float, default=DEFAULT_Z_THRESHOLD,
+                   help="z above which the text is called watermarked")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="the generating model's vocabulary size (default: the checkpoint's, else the tokenizer's)")
+    p.add_argument("--count-repeated", action="store_true",
+                   help="score repeated (previous, token) bigrams every time, not once")
+    p.set_defaults(handler=detect_command)
+
+
+def add_generation_options(parser: argparse.ArgumentParser) -> None:
+    """--watermark-key (and its γ and δ) for a verb that samples text."""
+    parser.add_argument("--watermark-key", default=None, help="watermark the output with this secret key")
+    parser.add_argument("--watermark-gamma", type=float, default=DEFAULT_GAMMA, help="green fraction")
+    parser.add_argument("--watermark-delta", type=float, default=DEFAULT_DELTA, help="logit bias of green tokens")
+
+
+def watermark_from_args(args: argparse.Namespace) -> Watermark | None:
+    """The Watermark that `add_generation_options`' flags ask for (None without --watermark-key)."""
+    if args.watermark_key is None:
+        return None
+    return Watermark(key=args.watermark_key, gamma=args.watermark_gamma, delta=args.watermark_delta)
+
+
+def detect_command(args: argparse.Namespace) -> int:
+    tokenizer, vocab_size = tokenizer_and_vocab(args.tokenizer)
+    vocab_size = args.vocab_size or vocab_size
+    watermark = Watermark(key=args.key, gamma=args.gamma)
+    ids = tokenizer.encode(read_text(args.text))
+    result = detect(ids, watermark, vocab_size, args.z_threshold, ignore_repeated=not args.count_repeated)
+    share = result.green / result.scored if result.scored else 0.0
+    print(f"tokens {len(ids)}, scored {result.scored}"
+          f"{'' if args.count_repeated else ' (distinct bigrams)'}, green {result.green} ({share:.1%}; "
+          f"{watermark.green_size(vocab_size) / vocab_size:.1%} expected without a watermark)")
+    print(f"z {result.z:.2f}, p-value {result.p_value:.2g}")
+    verdict = "watermarked" if result.watermarked else "not watermarked"
+    print(f"verdict: {verdict} (z {'>' if result.watermarked else '<='} {result.z_threshold:g})")
+    return 0
+
+
+def read_text(text: str) -> str:
+    """The argument itself, the contents of the file it names, or standard input for '-'."""
+    if text == "-":
+        return sys.stdin.read()
+    path = Path(text)
+    try:
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+    except OSError:  # text too long to be a file name
+        pass
+    return text
+
+
+def tokenizer_and_vocab(path: Path) -> tuple[Tokenizer, int]:
+    """(tokenizer, vocabulary size the model samples over) from a tokenizer.json or a checkpoint folder."""
+    if path.is_file():
+        tokenizer = HeronTokenizer.load(path)
+        return tokenizer, tokenizer.vocab_size
+    folder = resolve_checkpoint(path)
+    tokenizer = load_tokenizer(folder)
+    config = folder / "config.json"
+    if config.is_file():
+        data = json.loads(config.read_text(encoding="utf-8"))
+        size = data.get("vocab_size") or data.get("text_config", {}).get("vocab_size")
+        if isinstance(size, int):
+            return tokenizer, size
+    return tokenizer, tokenizer.vocab_size
+
+
+__all__ = ["add_generation_options", "detect_command", "register", "watermark_from_args"]

@@ -1,0 +1,70 @@
+"""`heron watermark detect` on text a tiny random model generated, through its tokenizer."""
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from heron.cli.watermark import add_generation_options, register, watermark_from_args
+from heron.core import ModelConfig, Transformer
+from heron.generate import Generator, SamplingParams
+from heron.govern.watermark import Watermark
+from heron.tokenizer import load_tokenizer, train_tokenizer
+
+TEXTS = [f"def add_{i}(a, b):\n    return a + b + {i}\n\nclass Counter{i}:\n    count = {i}\n" for i in range(40)]
+MODEL_VOCAB = 320  # padded past the tokenizer's 300, as imported models often are
+
+
+def heron_cli(argv: list[str]) -> int:
+    """The verb as main.py would run it (register(verbs) on the CLI's subparsers)."""
+    parser = argparse.ArgumentParser(prog="heron")
+    register(parser.add_subparsers(dest="verb", required=True))
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A folder with config.json and tokenizer.json: all the detector reads."""
+    folder = tmp_path_factory.mktemp("ckpt")
+    train_tokenizer(TEXTS, 300, show_progress=False).save(folder)
+    (folder / "config.json").write_text(json.dumps({"vocab_size": MODEL_VOCAB}))
+    return folder
+
+
+def generated_text(folder: Path, watermark: Watermark | None) -> str:
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=MODEL_VOCAB, d_model=32, n_layers=1, n_heads=2, max_seq_len=512)).eval()
+    tokenizer = load_tokenizer(folder)
+    # A random model's ids often re-encode differently (decoded bytes merge into other BPE tokens), so about
+    # half the bigrams the detector sees were never biased: 400 tokens keep z far above 4 all the same.
+    params = SamplingParams(max_new_tokens=400, seed=0, ignore_eos=True, watermark=watermark)
+    ids = Generator(model, tokenizer).generate_ids([tokenizer.encode("def ")], params)[0]
+    return tokenizer.decode([i for i in ids if i < tokenizer.vocab_size])  # a random model samples padding ids too
+
+
+def test_detect_says_watermarked_for_the_key_and_not_otherwise(checkpoint, tmp_path, capsys):
+    text = tmp_path / "out.txt"
+    text.write_text(generated_text(checkpoint, Watermark(key="k3y", delta=4.0)))
+    assert heron_cli(["watermark", "detect", str(text), "--tokenizer", str(checkpoint), "--key", "k3y"]) == 0
+    out = capsys.readouterr().out
+    assert "verdict: watermarked" in out, out
+    assert heron_cli(["watermark", "detect", str(text), "--tokenizer", str(checkpoint), "--key", "other"]) == 0
+    assert "verdict: not watermarked" in capsys.readouterr().out
+
+
+def test_detect_reads_text_from_the_argument_and_a_bare_tokenizer_json(checkpoint, capsys):
+    text = generated_text(checkpoint, None)
+    argv = ["watermark", "detect", text, "--tokenizer", str(checkpoint / "tokenizer.json"), "--key", "k3y",
+            "--vocab-size", str(MODEL_VOCAB), "--z", "3.5"]
+    assert heron_cli(argv) == 0
+    assert "verdict: not watermarked (z <= 3.5)" in capsys.readouterr().out
+
+
+def test_generation_options_build_the_watermark():
+    parser = argparse.ArgumentParser()
+    add_generation_options(parser)
+    assert watermark_from_args(parser.parse_args([])) is None
+    args = parser.parse_args(["--watermark-key", "42", "--watermark-delta", "3"])
+    assert watermark_from_args(args) == Watermark(key=42, delta=3.0)  # "42" and 42 are the same key
