@@ -39,3 +39,5 @@ bench: setup
 	$(PY) benchmarks/bench_align.py
 	$(PY) benchmarks/bench_compress.py
 	$(PY) benchmarks/bench_interpret.py
+	$(PY) benchmarks/bench_watermark.py
+	$(PY) benchmarks/bench_pii.py

@@ -269,8 +269,6 @@ def main() -> None:
         f"Whole benchmark: {minutes:.1f} min: induction models {induction_minutes:.1f} min, training the tiny model "
         f"{tiny_minutes:.1f} min (nothing left to do when its run is complete), the rest the ablations and the SAE.",
     ]
-    for line in notes:
-        print(f"  {line}")
     finish(args, "interpret", "Interpretability: induction heads and a sparse autoencoder", results, info, notes)
 
 

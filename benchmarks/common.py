@@ -45,9 +45,11 @@ def plan_args(doc: str, full: P, smoke: P) -> tuple[argparse.Namespace, P]:
 
 def finish(args: argparse.Namespace, section: str, title: str, results: list[Result],
            info: Mapping[str, object], notes: list[str]) -> None:
-    """Print every key; record them and the notes unless --no-write or --smoke (see `plan_args`)."""
+    """Print every key and note; record them unless --no-write or --smoke (see `plan_args`)."""
     for r in results:
         print(f"{r.key}: {r.value:.4g} {r.unit}")
+    for line in notes:
+        print(f"  {line}")
     if not (args.no_write or args.smoke):
         record(section, title, results, info, notes)
 

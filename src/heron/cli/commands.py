@@ -13,6 +13,7 @@ from heron.generate.perplexity import window_starts
 from heron.govern import EnergyMeter
 from heron.tokenizer import HeronTokenizer, train_tokenizer
 from heron.interop.convert import export_hf, import_hf
+from heron.cli.watermark import watermark_from_args
 from heron.interop.gguf import save_gguf
 from heron.store import FeedbackStore, format_stats
 from heron.train import CheckpointError, RecipeError, load_recipe, train
@@ -69,7 +70,7 @@ def train_recipe(args: argparse.Namespace) -> int:
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop),
-                          seed=args.seed)
+                          seed=args.seed, watermark=watermark_from_args(args))
 
 
 def generate(args: argparse.Namespace) -> int:

@@ -10,7 +10,9 @@ both models on held-out prompts. Then it quantises the pre-trained model's
 weights to int8 and reports size, perplexity, decode speed and energy per
 token beside fp32 (`compress.report`). Then it explains one prediction of the
 pre-trained model in an offline HTML report (`heron explain`), checking that
-every file the page references exists. Last it says where every artefact is. Each
+every file the page references exists. Then it writes the aligned model's
+model card and EU AI Act Annex IV documentation from the lineage, and verifies
+the audit log that every stage recorded to. Last it says where every artefact is. Each
 stage that later issues add extends this list. A second run reuses what the
 first made (pre-training resumes; an alignment or compression stage whose
 model exists for the same base is skipped); `--fresh` starts over.
@@ -35,6 +37,9 @@ from heron.compress.quantize_checkpoint import QuantizeCheckpointSettings, quant
 from heron.compress.report import PARETO_PNG, measure, write_report
 from heron.data import load_shards
 from heron.generate import Generator, SamplingParams, perplexity
+from heron.govern.annex_iv import write_annex_iv
+from heron.govern.audit import audit_log, log_location
+from heron.govern.card import write_model_card
 from heron.interpret.explain import ExplainSettings, explain
 from heron.interpret.html import missing_files
 from heron.train import load_model_folder, load_recipe, train
@@ -57,16 +62,16 @@ def run(args: argparse.Namespace) -> int:
     out: Path = args.out
     shards_dir = out / "data"
     recipe = load_recipe(recipe_path("tiny"), [f"out_dir={out}", f"data.shards={shards_dir}", *args.overrides])
-    _stage("1-3/9", "tokenizer, shards and pre-training of the 'tiny' model on the Python standard library")
+    _stage("1-3/10", "tokenizer, shards and pre-training of the 'tiny' model on the Python standard library")
     result = train(recipe, resume=not args.fresh)
     model, tokenizer = load_model_folder(result.checkpoint)
 
-    _stage("4/9", "validation perplexity")
+    _stage("4/10", "validation perplexity")
     shards = load_shards(shards_dir)
     ppl = perplexity(model, shards.val, seq_len=recipe.data.seq_len, batch_size=8, max_batches=16, progress=True)
     print(f"validation perplexity: {ppl:.2f} (a uniform guess over the vocabulary: {tokenizer.vocab_size})")
 
-    _stage("5/9", "samples")
+    _stage("5/10", "samples")
     generator = Generator(model, tokenizer)
     for prompt, text in zip(SAMPLE_PROMPTS, generator.generate(list(SAMPLE_PROMPTS), SAMPLING)):
         print(f"--- prompt {prompt!r}\n{prompt}{text}\n")
@@ -75,25 +80,38 @@ def run(args: argparse.Namespace) -> int:
     for made in (align_dir, compress_dir):
         if args.fresh and made.exists():
             remove_folder(made)
-    _stage("6/9", "alignment: supervised fine-tuning on the say-the-word task (replies repeat the word 1-5 times)")
+    _stage("6/10", "alignment: supervised fine-tuning on the say-the-word task (replies repeat the word 1-5 times)")
     sft = _aligned("sft", "task-sft", result.checkpoint, align_dir / "sft")
-    _stage("7/9", f"alignment: DPO on the judge's preferences (exactly {TASK.target} repetitions)")
+    _stage("7/10", f"alignment: DPO on the judge's preferences (exactly {TASK.target} repetitions)")
     dpo = _aligned("dpo", "task-dpo", sft, align_dir / "dpo")
     _compare_on_task({"SFT": sft, "DPO": dpo})
 
-    _stage("8/9", "compression: int8 weights (per output channel, round to nearest) beside fp32")
+    _stage("8/10", "compression: int8 weights (per output channel, round to nearest) beside fp32")
     int8 = _quantized(result.checkpoint, compress_dir / "int8")
     rows = measure([result.checkpoint, int8], shards.val, names=["fp32", "int8"], seq_len=recipe.data.seq_len,
                    max_batches=8, new_tokens=32)
     report = write_report(rows, compress_dir / "report")
     print(report.read_text(encoding="utf-8"))
 
-    _stage("9/9", "explanation: one prediction of the pre-trained model through every lens (HTML report)")
+    _stage("9/10", "explanation: one prediction of the pre-trained model through every lens (HTML report)")
     page = explain(model, tokenizer, EXPLAINED, out / "explain")
     missing = missing_files(page)
     if missing:
         raise RuntimeError(f"{page}: references files that were not written: {', '.join(missing)}")
     print(f"{page}: every section written, every referenced figure on disk")
+
+    _stage("10/10", "governance: model card and Annex IV documentation of the DPO model; the audit log verified")
+    card, annex = write_model_card(dpo), write_annex_iv(dpo, audit_log=log_location())
+    print(f"model card {card}\nAnnex IV documentation {annex}")
+    log = audit_log()
+    if log is None:
+        print("audit log: off ($HERON_AUDIT_LOG=off)")
+    else:
+        with log:
+            report = log.verify()
+        print(f"{log_location()}: {report.summary()}")
+        if not report.ok:
+            raise RuntimeError(f"{log_location()}: {report.summary()}")
 
     minutes = (time.perf_counter() - started) / 60
     print(f"done in {minutes:.1f} min. Artefacts:")
@@ -111,6 +129,9 @@ def run(args: argparse.Namespace) -> int:
         ("report", report),
         ("Pareto plot", compress_dir / "report" / PARETO_PNG),
         ("explanation", page),
+        ("model card", card),
+        ("Annex IV", annex),
+        ("audit log", log_location() or "off"),
     ]:
         print(f"  {label:<13} {path}")
     print(f"Try: heron generate {result.checkpoint} --prompt 'def parse('")

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from heron.cli import commands, demo
+from heron.cli import audit, card, commands, consent, demo, pii, watermark
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -23,6 +23,7 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--seed", type=int, default=None)
+    watermark.add_generation_options(parser)  # --watermark-key, --watermark-gamma, --watermark-delta
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = feedback.add_parser("stats", help="counts, annotators, agreement and mean rating per model")
     p.add_argument("--db", required=True, help="SQLite file or database URL")
     p.set_defaults(handler=commands.feedback_stats)
+
+    # governance: each verb's parser and handlers live in its own module
+    for verb in (audit, card, consent, pii, watermark):
+        verb.register(verbs)
     return parser
 
 
