@@ -108,10 +108,11 @@ def run(args: argparse.Namespace) -> int:
         print("audit log: off ($HERON_AUDIT_LOG=off)")
     else:
         with log:
-            report = log.verify()
-        print(f"{log_location()}: {report.summary()}")
-        if not report.ok:
-            raise RuntimeError(f"{log_location()}: {report.summary()}")
+            log.checkpoint()  # a Merkle checkpoint over every record so far
+            verified = log.verify()
+        print(f"{log_location()}: {verified.summary()}")
+        if not verified.ok:
+            raise RuntimeError(f"{log_location()}: {verified.summary()}")
 
     minutes = (time.perf_counter() - started) / 60
     print(f"done in {minutes:.1f} min. Artefacts:")
