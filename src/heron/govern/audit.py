@@ -652,11 +652,13 @@ def log_location(setting: str | None = None) -> str | None:
     return str(Path(setting or DEFAULT_LOG).resolve())
 
 
-def audit_log(*, redact: Redactor = identity) -> AuditLog | None:
+def audit_log(*, redact: Redactor | None = None) -> AuditLog | None:
     """The log normal work records to, or None when it is off ($HERON_AUDIT_LOG=off).
 
-    Content is kept (after `redact`) when $HERON_AUDIT_CONTENT is 1, and the
-    periodic checkpoints are signed with the key file $HERON_AUDIT_SIGN_KEY names."""
+    Content is kept when $HERON_AUDIT_CONTENT is 1, after `redact`: by default
+    `heron.govern.pii.redact`, which replaces personal data with type tags
+    (loaded only when content is kept). The periodic checkpoints are signed
+    with the key file $HERON_AUDIT_SIGN_KEY names."""
     from heron.store.audit import AuditStore
 
     location = log_location()
@@ -665,8 +667,17 @@ def audit_log(*, redact: Redactor = identity) -> AuditLog | None:
     if location not in _STORES:
         _STORES[location] = AuditStore.open(location)
     key_file = os.environ.get(SIGN_KEY_ENV)
-    return AuditLog(_STORES[location], store_content=os.environ.get(CONTENT_ENV, "") in ("1", "on", "true"),
-                    redact=redact, sign_key=load_signing_key(key_file) if key_file else None)
+    store_content = os.environ.get(CONTENT_ENV, "") in ("1", "on", "true")
+    if redact is None:
+        redact = _pii_redact() if store_content else identity
+    return AuditLog(_STORES[location], store_content=store_content, redact=redact,
+                    sign_key=load_signing_key(key_file) if key_file else None)
+
+
+def _pii_redact() -> Redactor:
+    from heron.govern.pii import redact
+
+    return redact
 
 
 def record_event(event_type: str, *, actor: str | None = None,
