@@ -260,6 +260,15 @@ def test_truncation_below_a_checkpoint_is_named(tmp_path: Path, data_file: Path)
     assert log.verify().first_bad == 3
 
 
+def test_with_the_default_checkpoints_cutting_the_last_record_is_named(tmp_path: Path) -> None:
+    log = AuditLog.open(tmp_path / "a.db")  # a checkpoint after every record
+    for i in range(3):
+        log.append(f"event.{i}", actor="alice")
+    tamper(log, "DELETE FROM audit_records WHERE seq = 2")
+    report = log.verify()
+    assert not report.ok and report.first_bad == 2 and "removed" in report.reason, report
+
+
 def test_truncation_after_the_last_checkpoint_is_not_detectable(tmp_path: Path, data_file: Path) -> None:
     """The documented limit: a shorter chain is a valid chain, so only checkpoints reveal a cut tail."""
     log = make_log(tmp_path / "a.db", data_file)

@@ -53,7 +53,8 @@ What it cannot detect from the database alone:
 
 - records removed from the tail after the last checkpoint (a shorter chain is
   a valid chain): at most `checkpoint_every - 1` records with the periodic
-  checkpoints, none up to a checkpoint written with `heron audit checkpoint`;
+  checkpoints (none at the default of one checkpoint per record), none up to
+  a checkpoint written with `heron audit checkpoint`;
 - anything by someone who can write the database and rewrites both the
   records and every unsigned checkpoint (and, for truncation, deletes the
   checkpoint rows, signed or not). Signed checkpoints kept outside the
@@ -90,7 +91,9 @@ LOG_ENV = "HERON_AUDIT_LOG"  # a path or database URL; "off" disables the log
 CONTENT_ENV = "HERON_AUDIT_CONTENT"  # "1": keep content (redacted), not only its hash
 SIGN_KEY_ENV = "HERON_AUDIT_SIGN_KEY"  # an Ed25519 private key file: sign the periodic checkpoints
 DEFAULT_LOG = Path("runs") / "audit.db"  # relative to the working directory
-DEFAULT_CHECKPOINT_EVERY = 64
+# Events are rare (one per run, per conversion, ...), so a checkpoint after every record costs one
+# small row each and leaves no tail that records could be cut from without a checkpoint noticing.
+DEFAULT_CHECKPOINT_EVERY = 1
 
 GENESIS = "0" * 64  # the prev_hash of record 0 (as heron.store.audit)
 RECORD_VERSION = 1
