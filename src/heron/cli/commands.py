@@ -126,7 +126,8 @@ def convert_to_hf(args: argparse.Namespace) -> int:
 
 
 def convert_to_gguf(args: argparse.Namespace) -> int:
-    from heron.compress.gguf_export import is_quantized, save_quantized_gguf
+    from heron.compress.gguf_export import save_quantized_gguf
+    from heron.compress.qlinear import is_quantized
 
     model, tokenizer = heron.load(args.checkpoint)
     if tokenizer is None:

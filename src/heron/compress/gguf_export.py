@@ -26,7 +26,6 @@ from pathlib import Path
 
 import gguf
 import torch
-from torch import nn
 
 from heron.compress.qlinear import QuantEmbedding, QuantLinear
 from heron.compress.schemes import Int4Grouped, Int8PerChannel, QParams, Scheme
@@ -37,10 +36,6 @@ from heron.tokenizer.pretrained import PretrainedTokenizer
 
 BLOCK = 32  # weights per block in every type used here
 Q8_0, Q4_0, Q4_1 = gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1
-
-
-def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules())
 
 
 def ggml_type(scheme: Scheme, in_features: int) -> gguf.GGMLQuantizationType | None:
@@ -111,4 +106,4 @@ def save_quantized_gguf(model: Transformer, tokenizer: HeronTokenizer | Pretrain
     return save_gguf(model, tokenizer, path, dtype=dtype, name=name, weights=weights, raw_types=raw_types)
 
 
-__all__ = ["ggml_blocks", "ggml_type", "gguf_weights", "is_quantized", "save_quantized_gguf"]
+__all__ = ["ggml_blocks", "ggml_type", "gguf_weights", "save_quantized_gguf"]

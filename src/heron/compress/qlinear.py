@@ -159,6 +159,11 @@ class QuantEmbedding(_Packed):
         return f"{self.num_embeddings}, {self.embedding_dim}, scheme={self.scheme.describe()}"
 
 
+def is_quantized(model: nn.Module) -> bool:
+    """Whether any layer of `model` holds quantised weights."""
+    return any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules())
+
+
 def set_kernel(model: nn.Module, name: str | None) -> int:
     """Run every QuantLinear of `model` on kernel `name` (compress/kernels.py;
     None: this CPU's default); returns how many layers were set. A layer
@@ -171,4 +176,4 @@ def set_kernel(model: nn.Module, name: str | None) -> int:
     return len(layers)
 
 
-__all__ = ["QuantEmbedding", "QuantLinear", "set_kernel"]
+__all__ = ["QuantEmbedding", "QuantLinear", "is_quantized", "set_kernel"]

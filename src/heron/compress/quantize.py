@@ -34,7 +34,7 @@ from heron.compress.calibration import (
     input_reader,
 )
 from heron.compress.gptq import HessianAccumulator, gptq_quantize
-from heron.compress.qlinear import QuantEmbedding, QuantLinear
+from heron.compress.qlinear import QuantEmbedding, QuantLinear, is_quantized
 from heron.compress.schemes import SCHEMES, QParams, Scheme, get_scheme, quantize_rtn
 from heron.core.transformer import Transformer
 
@@ -107,7 +107,7 @@ def quantize_model(
     """
     settings = QuantizeSettings(scheme, method, group_size, act_order, embeddings, **options)
     settings.check(calibrated=calibration is not None)
-    if any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules()):
+    if is_quantized(model):
         raise ValueError("model: already quantised; quantise the full-precision model instead")
     targets = block_linears(model)
     weights = settings.weight_scheme()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 NORMS = ("rmsnorm", "layernorm")
@@ -243,7 +244,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Build from a plain dict; unknown keys are errors that name the key."""
-        _check_known(cls, data, "")
+        check_known_fields(cls, data, "")
         values = dict(data)
         if isinstance(values.get("rope_scaling"), dict):
             values["rope_scaling"] = _nested(RopeScaling, values["rope_scaling"], "rope_scaling")
@@ -276,7 +277,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
 
 def _nested(cls: type, data: dict[str, Any], where: str) -> Any:
     """A nested config dataclass from a dict; errors are prefixed with `where`."""
-    _check_known(cls, data, f"{where}.")
+    check_known_fields(cls, data, f"{where}.")
     _check_types(cls, data)
     try:
         return cls(**data)
@@ -284,7 +285,8 @@ def _nested(cls: type, data: dict[str, Any], where: str) -> Any:
         raise ValueError(f"{where}.{err}") from None
 
 
-def _check_known(cls: type, data: dict[str, Any], prefix: str) -> None:
+def check_known_fields(cls: type, data: Mapping[str, Any], prefix: str = "") -> None:
+    """ValueError naming the first key of `data` that is not a field of dataclass `cls`."""
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -315,4 +317,4 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 DENSE = AttentionPattern()
 
-__all__ = ["AttentionPattern", "DENSE", "MoEConfig", "ModelConfig", "RopeScaling"]
+__all__ = ["AttentionPattern", "DENSE", "MoEConfig", "ModelConfig", "RopeScaling", "check_known_fields"]

@@ -12,13 +12,14 @@ token; `sample_next` says where it sits in the chain.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from heron.core.config import check_known_fields
 
 from heron.govern.watermark import Watermark
 
@@ -87,10 +88,7 @@ class SamplingParams:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SamplingParams:
         """Build from plain data (a recipe, a CLI, a request); unknown keys are errors naming the key."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{unknown[0]}: unknown SamplingParams field (known: {', '.join(sorted(known))})")
+        check_known_fields(cls, data)
         return cls(**data)
 
 

@@ -22,10 +22,10 @@ from heron.core.transformer import Transformer
 from heron.generate.text import TokenizerLike
 from heron.govern import EnergyMeter
 from heron.interpret.attribution import ConvergenceError, gradient_x_input, integrated_gradients
-from heron.interpret.cache import resid_names, run_with_cache
+from heron.interpret.cache import ActivationCache, resid_names, run_with_cache
 from heron.interpret.heads import attention_patterns, detect_heads, head_scores, plot_attention_patterns, repeated_tokens
 from heron.interpret.html import Section, Table, write_html
-from heron.interpret.lens import direct_logit_attribution, logit_lens
+from heron.interpret.lens import direct_logit_attribution, dla_names, logit_lens
 from heron.interpret.patching import logit_diff, patch_heads, patch_positions
 from heron.interpret.plots import bars, heatmap
 from heron.interpret.routing import plot_load, routing
@@ -51,13 +51,13 @@ def explain(model: Transformer, tokenizer: TokenizerLike, settings: ExplainSetti
     model.eval()
     ids = torch.tensor([_encode(tokenizer, settings.prompt, "prompt", model)])  # (1, T)
     tokens = [tokenizer.decode([i]) for i in ids[0].tolist()]
-    with torch.no_grad():
-        logits = model(ids).logits[0, -1].float()  # (V,)
+    output, cache = run_with_cache(model, ids, [*resid_names(model), *dla_names(model)])  # one forward for both
+    logits = output.logits[0, -1].float()  # (V,)
     target = _target(tokenizer, settings.target, logits)
     sections = [
         _prediction(tokenizer, logits, target),
-        _lens(model, tokenizer, ids, tokens, out),
-        _dla(model, ids, target, tokenizer, settings, out),
+        _lens(model, tokenizer, cache, tokens, out),
+        _dla(model, cache, target, tokenizer, settings, out),
         _attention(model, ids, tokens, out),
         _heads(model, settings, out),
         _input_attribution(model, ids, tokens, target, tokenizer, settings, out),
@@ -109,8 +109,8 @@ def _prediction(tokenizer: TokenizerLike, logits: torch.Tensor, target: int) -> 
                    tables=[Table(["rank", "token", "probability"], rows)])
 
 
-def _lens(model: Transformer, tokenizer: TokenizerLike, ids: torch.Tensor, tokens: list[str], out: Path) -> Section:
-    _, cache = run_with_cache(model, ids, resid_names(model))
+def _lens(model: Transformer, tokenizer: TokenizerLike, cache: ActivationCache, tokens: list[str],
+          out: Path) -> Section:
     lens = logit_lens(model, cache)[:, 0].float().softmax(-1)  # (L + 1, T, V)
     top = lens.max(-1)  # values, indices: (L + 1, T)
     rows = ["embeddings"] + [f"after block {i}" for i in range(model.config.n_layers)]
@@ -127,9 +127,8 @@ def _lens(model: Transformer, tokenizer: TokenizerLike, ids: torch.Tensor, token
         images=["lens.png"], tables=[Table(["depth", "top token at the last position", "probability"], last)])
 
 
-def _dla(model: Transformer, ids: torch.Tensor, target: int, tokenizer: TokenizerLike, settings: ExplainSettings,
+def _dla(model: Transformer, cache: ActivationCache, target: int, tokenizer: TokenizerLike, settings: ExplainSettings,
          out: Path) -> Section:
-    _, cache = run_with_cache(model, ids)
     attribution = direct_logit_attribution(model, cache, target)
     values = attribution.values[0]  # (C,)
     order = values.abs().argsort(descending=True)[: settings.top_components].tolist()

@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from heron.core.config import check_known_fields
 from heron.core.hooks import HookFn, attach_hooks
 from heron.data.batches import PackedBatches, TokenStream, epoch_rows
 from heron.data.shards import load_shards
@@ -113,10 +114,7 @@ class SAESettings:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SAESettings:
         """Build from a plain dict; unknown keys are errors that name the key."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{unknown[0]}: unknown SAESettings field (known: {', '.join(sorted(known))})")
+        check_known_fields(cls, data)
         return cls(**data)
 
 
