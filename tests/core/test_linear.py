@@ -1,13 +1,18 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
-from heron.core.linear import MAX_ROWS, Linear
+from heron.core.linear import MAX_ROWS, Linear, set_decode_layout
 
 
-def test_few_row_fast_path_equals_f_linear():
+@pytest.mark.parametrize("input_major", [False, True])
+def test_few_row_fast_paths_equal_f_linear(input_major):
     torch.manual_seed(0)
     layer = Linear(48, 64, bias=True)
-    for shape in [(1, 1, 48), (3, 48), (2, 8, 48)]:
+    if input_major:  # (K, N) in memory, as set_decode_layout lays wide weights out
+        layer.weight.data = layer.weight.data.t().contiguous().t()
+    assert (layer.weight.stride(0) == 1) == input_major
+    for shape in [(1, 1, 48), (2, 48), (3, 48), (2, 8, 48)]:
         x = torch.randn(shape)
         with torch.inference_mode():
             fast = layer(x)
@@ -27,3 +32,51 @@ def test_training_and_many_rows_take_the_plain_path_bit_for_bit():
 
 def test_is_an_ordinary_linear_for_swapping():
     assert isinstance(Linear(4, 8), torch.nn.Linear)
+
+
+def _wide_model() -> torch.nn.Module:
+    from heron.models import build_model
+
+    return build_model("test").eval()
+
+
+def test_decode_layout_moves_only_wide_weights_and_keeps_values():
+    model = _wide_model()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    moved = set_decode_layout(model, rows=1)
+    wide = [m for m in model.modules() if isinstance(m, Linear) and m.out_features > m.in_features]
+    assert moved == len(wide) > 0  # q/k/v, gate/up and the (tied) output head of every block
+    assert all(m.weight.stride(0) == 1 for m in wide)
+    assert model.embed.weight is model.lm_head.weight  # still tied, moved together
+    assert all(m.weight.is_contiguous() for m in model.modules()
+               if isinstance(m, Linear) and m.out_features <= m.in_features)
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    assert set_decode_layout(model, rows=1) == 0  # idempotent
+    assert set_decode_layout(model, rows=8) == moved  # more rows: back to row-major
+    assert all(m.weight.is_contiguous() for m in wide)
+
+
+def test_decode_layout_keeps_logits_and_training():
+    torch.manual_seed(0)
+    model = _wide_model()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.inference_mode():
+        reference = model(ids).logits
+    set_decode_layout(model, rows=1)
+    with torch.inference_mode():
+        assert torch.allclose(model(ids).logits, reference, atol=1e-5)
+    model.train()
+    loss = model(ids).logits.logsumexp(-1).mean()  # any loss: gradients must reach the moved weights
+    loss.backward()
+    qkv = model.blocks[0].attn.qkv.weight
+    assert qkv.grad is not None and qkv.grad.shape == qkv.shape and qkv.grad.abs().sum() > 0
+
+
+def test_a_decode_laid_out_model_saves_and_loads(tmp_path):
+    from heron.train.checkpoint import load_model_folder, save_model_folder
+
+    model = _wide_model()
+    set_decode_layout(model, rows=1)
+    save_model_folder(tmp_path / "ckpt", model)
+    loaded, _ = load_model_folder(tmp_path / "ckpt")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))

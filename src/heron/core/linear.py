@@ -1,31 +1,76 @@
-"""nn.Linear with a faster path for the few-row products of decoding."""
+"""nn.Linear with faster paths for the few-row products of decoding."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-SPLIT = 4  # weight row-blocks, one bmm batch entry (and thread task) each
+SPLIT = 4  # weight blocks, one bmm batch entry (and thread task) each
 MAX_ROWS = 16  # inputs with more rows than this are GEMM-shaped: the plain path is best
+K_SPLIT_ROWS = 2  # decoding this many rows or fewer lays wide weights out input-major
 
 
 class Linear(nn.Linear):
-    """An `nn.Linear` (same parameters, same names) whose
-    products with at most MAX_ROWS input rows, outside autograd, run as one bmm over SPLIT
-    row-blocks of the weight.
+    """An `nn.Linear` (same parameters, same names) whose products with at
+    most MAX_ROWS input rows, outside autograd, run as one bmm over SPLIT
+    blocks of the weight.
 
-    Why: for x (1..16, K) @ W.T MKL picks sgemv / small-M sgemm, which on CPU
-    stream W on one core at about half the memory bandwidth; a bmm over
-    W.view(SPLIT, N/SPLIT, K) is parallel over the blocks and reads W at close
-    to full bandwidth. Decoding reads every weight once per step, so this
-    is the decode speed. The view needs no copy; each output is the same
-    length-K dot product (logits matched F.linear exactly on the presets).
+    Why: for x (1..16, K) @ W.T MKL picks sgemv / small-M sgemm, which on
+    CPU stream W at about half the memory bandwidth; decoding reads every
+    weight once per step, so this is the decode speed. The blocks depend on
+    how the weight lies in memory (both are views, no copy):
+
+    - row-major, as built ((N, K), rows contiguous): SPLIT blocks of output
+      rows, each output the same length-K dot product as F.linear's.
+    - input-major ((K, N) in memory; `set_decode_layout` lays wide weights
+      out so to decode one or two rows): SPLIT blocks of the K inputs, whose
+      partial products are summed. Each block streams whole rows of N
+      outputs, which reads a wide weight (N > K: q/k/v, gate/up, the output
+      head) faster still at one or two rows. Measured on 2
+      AVX2 cores at 512 x 8192: 19 GB/s against 12 for row blocks, 8 for
+      F.linear; the `small` preset decodes a token in 15.4 ms against 19.5.
+      Summing in blocks rounds differently from F.linear (~1e-6 in logits).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        if rows > MAX_ROWS or self.out_features % SPLIT or torch.is_grad_enabled():  # training keeps F.linear's numbers
+        if rows > MAX_ROWS or torch.is_grad_enabled():  # training keeps F.linear's numbers
             return super().forward(x)
-        w = self.weight.view(SPLIT, self.out_features // SPLIT, self.in_features)  # (S, N/S, K)
-        xs = x.reshape(1, rows, self.in_features).expand(SPLIT, rows, self.in_features)  # (S, rows, K)
-        y = torch.bmm(xs, w.transpose(1, 2)).transpose(0, 1).reshape(*x.shape[:-1], self.out_features)  # (..., N)
+        N, K = self.out_features, self.in_features
+        if self.weight.stride(0) == 1 and K % SPLIT == 0:  # input-major
+            xs = x.reshape(rows, SPLIT, K // SPLIT).transpose(0, 1)  # (S, rows, K/S)
+            y = torch.bmm(xs, self.weight.t().view(SPLIT, K // SPLIT, N)).sum(0)  # (rows, N)
+        elif self.weight.is_contiguous() and N % SPLIT == 0:  # row-major
+            w = self.weight.view(SPLIT, N // SPLIT, K)  # (S, N/S, K)
+            xs = x.reshape(1, rows, K).expand(SPLIT, rows, K)  # (S, rows, K)
+            y = torch.bmm(xs, w.transpose(1, 2)).transpose(0, 1).reshape(rows, N)  # (rows, N)
+        else:
+            return super().forward(x)
+        y = y.view(*x.shape[:-1], N)
         return y if self.bias is None else y + self.bias
+
+
+def set_decode_layout(model: nn.Module, rows: int) -> int:
+    """Lay out the weight of every wide `Linear` on the CPU (more outputs than
+    inputs) for products with `rows` input rows: input-major up to
+    K_SPLIT_ROWS rows, row-major (as built) above, where blocks of outputs
+    over row-major weights are faster (at 8 rows, 512 x 8192: 2.3 ms against
+    3.1 input-major). Returns how many weights moved.
+
+    Values, shapes and parameters stay the same (a tied embedding moves with
+    its output head; a lookup reads strided rows, as cheap for a few tokens);
+    only the memory order changes, so training and saving work as before
+    (checkpoints are written contiguous). A weight already laid out is left
+    alone, so decoding calls this on every model it is given.
+    """
+    input_major = rows <= K_SPLIT_ROWS
+    moved = 0
+    with torch.inference_mode(False), torch.no_grad():  # plain tensors: the model may train afterwards
+        for module in model.modules():
+            if not isinstance(module, Linear) or module.out_features <= module.in_features:
+                continue
+            w = module.weight
+            if w.device.type != "cpu" or (w.stride(0) == 1) == input_major:
+                continue
+            w.data = w.data.t().contiguous().t() if input_major else w.data.contiguous()
+            moved += 1
+    return moved

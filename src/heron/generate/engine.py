@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from heron.core.kv_cache import KVCache
+from heron.core.linear import set_decode_layout
 from heron.core.transformer import Transformer
 from heron.generate.sampling import SamplingParams, presence_mask, sample_next
 from heron.generate.text import IncrementalDetokenizer, StopStringFilter, TokenizerLike
@@ -84,6 +85,7 @@ class Decoder:
                 f"max_new_tokens: a {P}-token prompt plus {params.max_new_tokens} new tokens "
                 f"exceeds the model's max_seq_len {config.max_seq_len}"
             )
+        set_decode_layout(model, B)  # the faster few-row products (core/linear.py)
         self.model = model
         self.params = params
         self.generator = _make_generator(params.seed, weight.device)
