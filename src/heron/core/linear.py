@@ -37,8 +37,7 @@ class Linear(nn.Linear):
             return super().forward(x)
         N, K = self.out_features, self.in_features
         if self.weight.stride(0) == 1 and K % SPLIT == 0:  # input-major
-            xs = x.reshape(rows, SPLIT, K // SPLIT).transpose(0, 1)  # (S, rows, K/S)
-            y = torch.bmm(xs, self.weight.t().view(SPLIT, K // SPLIT, N)).sum(0)  # (rows, N)
+            y = input_major_product(x.reshape(rows, K), self.weight.t())  # (rows, N)
         elif self.weight.is_contiguous() and N % SPLIT == 0:  # row-major
             w = self.weight.view(SPLIT, N // SPLIT, K)  # (S, N/S, K)
             xs = x.reshape(1, rows, K).expand(SPLIT, rows, K)  # (S, rows, K)
@@ -47,6 +46,14 @@ class Linear(nn.Linear):
             return super().forward(x)
         y = y.view(*x.shape[:-1], N)
         return y if self.bias is None else y + self.bias
+
+
+def input_major_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (rows, K) @ w (K, N), w contiguous and K % SPLIT == 0, for a few rows:
+    SPLIT blocks of K in one bmm, their partial products summed (why: `Linear`)."""
+    rows, K = x.shape
+    xs = x.view(rows, SPLIT, K // SPLIT).transpose(0, 1)  # (S, rows, K/S)
+    return torch.bmm(xs, w.view(SPLIT, K // SPLIT, w.shape[1])).sum(0)  # (rows, N)
 
 
 def set_decode_layout(model: nn.Module, rows: int) -> int:
