@@ -53,16 +53,18 @@ MIXTRAL_SHAPE = dict(vocab_size=32000, hidden_size=512, intermediate_size=1024, 
                      max_position_embeddings=1024, tie_word_embeddings=False)
 
 
-# What bounds the two speed keys, from torch.profiler runs of both sides on these shapes (2026-11-29).
+# What bounds the two speed keys, from torch.profiler runs on these shapes (2026-11-29).
 LIMITS = [
     "Forward at 4 x 512: both sides spend about 90% of the time in the same fp32 GEMMs (q/k/v, MLP, the "
     "32000-wide head) at the same ~95 GFLOP/s, and attention in the same fused SDPA kernel, so the forward "
     "runs at parity; 1.2x would need less arithmetic, not less overhead. (At 1 x 64, a 4096-wide gate+up product "
     "was slower than two 2048-wide ones in MKL; Heron now splits it there and is at parity too.)",
     "Decode on the Mixtral shape: a token streams ~183 MB of fp32 weights (2 of 8 experts x 8 layers, the head, "
-    "attention); fp32 matrix-vector products read at ~10.5 GB/s here, ~17 ms a token. The rest, ~10 ms, is ~40 "
-    "small operations a layer (norms, RoPE, cache writes, routing), each paying OpenMP's wake-up on 2 threads; "
-    "transformers pays the same weight stream plus its per-expert loop.",
+    "attention). Heron reads them with few-row products over blocks of the input dimension (core/linear.py; the "
+    "two chosen experts one by one, not grouped_mm over all eight): in a profiled step the products took 11.5 ms "
+    "of a 24.7 ms token (~16 GB/s). The rest is ~60 small operations a layer (norms, RoPE, cache writes, routing, "
+    "dispatch) at a few microseconds each plus Python; transformers pays the same weight stream at F.linear's "
+    "~8 GB/s plus its loop over all eight experts.",
 ]
 
 
