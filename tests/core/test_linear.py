@@ -11,7 +11,7 @@ def test_few_row_fast_paths_equal_f_linear(input_major):
     layer = Linear(48, 64, bias=True)
     if input_major:  # (K, N) in memory, as set_decode_layout lays wide weights out
         layer.weight.data = layer.weight.data.t().contiguous().t()
-    assert (layer.weight.stride(0) == 1) == input_major
+    assert layer.weight.t().is_contiguous() == input_major
     for shape in [(1, 1, 48), (2, 48), (3, 48), (2, 8, 48)]:
         x = torch.randn(shape)
         with torch.inference_mode():
@@ -46,7 +46,7 @@ def test_decode_layout_moves_only_wide_weights_and_keeps_values():
     moved = set_decode_layout(model, rows=1)
     wide = [m for m in model.modules() if isinstance(m, Linear) and m.out_features > m.in_features]
     assert moved == len(wide) > 0  # q/k/v, gate/up and the (tied) output head of every block
-    assert all(m.weight.stride(0) == 1 for m in wide)
+    assert all(m.weight.t().is_contiguous() for m in wide)
     assert model.embed.weight is model.lm_head.weight  # still tied, moved together
     assert all(m.weight.is_contiguous() for m in model.modules()
                if isinstance(m, Linear) and m.out_features <= m.in_features)

@@ -25,10 +25,10 @@ class Linear(nn.Linear):
       out so to decode one or two rows): SPLIT blocks of the K inputs, whose
       partial products are summed. Each block streams whole rows of N
       outputs, which reads a wide weight (N > K: q/k/v, gate/up, the output
-      head) faster still at one or two rows. Measured on 2
-      AVX2 cores at 512 x 8192: 19 GB/s against 12 for row blocks, 8 for
-      F.linear; the `small` preset decodes a token in 15.4 ms against 19.5.
-      Summing in blocks rounds differently from F.linear (~1e-6 in logits).
+      head) faster still at one or two rows. Measured on 2 AVX2 cores at
+      512 x 8192: 19 GB/s against 12 for row blocks, 8 for F.linear; the
+      `small` preset decoded a token in 15.4 ms against 19.5. Summing in
+      blocks rounds differently from F.linear (~1e-6 in logits).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -36,7 +36,7 @@ class Linear(nn.Linear):
         if rows > MAX_ROWS or torch.is_grad_enabled():  # training keeps F.linear's numbers
             return super().forward(x)
         N, K = self.out_features, self.in_features
-        if self.weight.stride(0) == 1 and K % SPLIT == 0:  # input-major
+        if self.weight.t().is_contiguous() and K % SPLIT == 0:  # input-major
             y = input_major_product(x.reshape(rows, K), self.weight.t())  # (rows, N)
         elif self.weight.is_contiguous() and N % SPLIT == 0:  # row-major
             w = self.weight.view(SPLIT, N // SPLIT, K)  # (S, N/S, K)
@@ -76,7 +76,7 @@ def set_decode_layout(model: nn.Module, rows: int) -> int:
             if not isinstance(module, Linear) or module.out_features <= module.in_features:
                 continue
             w = module.weight
-            if w.device.type != "cpu" or (w.stride(0) == 1) == input_major:
+            if w.device.type != "cpu" or w.t().is_contiguous() == input_major:
                 continue
             w.data = w.data.t().contiguous().t() if input_major else w.data.contiguous()
             moved += 1
