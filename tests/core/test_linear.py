@@ -65,7 +65,8 @@ def test_decode_layout_keeps_logits_and_training():
     set_decode_layout(model, rows=1)
     with torch.inference_mode():
         assert torch.allclose(model(ids).logits, reference, atol=1e-5)
-    model.train()
+    model.train()  # training lays the weights back out row-major
+    assert all(m.weight.is_contiguous() for m in model.modules() if isinstance(m, Linear))
     loss = model(ids).logits.logsumexp(-1).mean()  # any loss: gradients must reach the moved weights
     loss.backward()
     qkv = model.blocks[0].attn.qkv.weight

@@ -66,7 +66,8 @@ def set_decode_layout(model: nn.Module, rows: int) -> int:
     Values, shapes and parameters stay the same (a tied embedding moves with
     its output head; a lookup reads strided rows, as cheap for a few tokens);
     only the memory order changes, so training and saving work as before
-    (checkpoints are written contiguous). A weight already laid out is left
+    (checkpoints are written contiguous; `Transformer.train()` lays the
+    weights back out row-major, where training's products are faster). A weight already laid out is left
     alone, so decoding calls this on every model it is given.
     """
     input_major = rows <= K_SPLIT_ROWS

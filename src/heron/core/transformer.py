@@ -12,7 +12,7 @@ from heron.core.attention import Attention
 from heron.core.config import ModelConfig
 from heron.core.hooks import HookFn, HookPoint, attach_hooks
 from heron.core.kv_cache import KVCache
-from heron.core.linear import Linear
+from heron.core.linear import MAX_ROWS, Linear, set_decode_layout
 from heron.core.mlp import MLP
 from heron.core.moe import MoE
 from heron.core.norms import make_norm
@@ -111,6 +111,14 @@ class Transformer(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, MoE):  # stacked expert weights: the same rule, per expert
                 module.reset_parameters(std, residual)
+
+    def train(self, mode: bool = True) -> Transformer:
+        """Set training mode; training lays wide weights back out row-major
+        (a batch-1 decode may have made them input-major, core/linear.py),
+        where a training step's products run ~8% faster."""
+        if mode:
+            set_decode_layout(self, rows=MAX_ROWS)
+        return super().train(mode)
 
     def hooks(self, fns: Mapping[str, HookFn] | list[tuple[str, HookFn]]) -> AbstractContextManager[None]:
         """`with model.hooks({"blocks.0.hook_resid_post": fn}): ...`"""
