@@ -7,24 +7,25 @@ Heron's own loop (`heron.train.train`) on the default corpus, the standard
 library shards the recipes prepare at runs/data/stdlib (tokenised once, then
 reused). Both runs share everything but the feed-forward: data order, seed,
 schedule (AdamW 2e-3, 15 warm-up steps, cosine to 0.1x), batch 8 x 256 and
-steps; `recipes` asserts it. Validation loss is measured every 1/20 of the
-run on the same 10 batches (20k tokens) of the validation split, so both
-curves are read on one fixed set. `moe_steps_to_dense_loss_fraction` is the
+steps; `recipes` asserts it. Sequence length and warm-up are this benchmark's
+own (SCHEDULE), whatever the recipes ship. Validation loss is measured every
+1/20 of the run on the same 10 batches (20k tokens) of the validation split,
+so both curves are read on one fixed set. `moe_steps_to_dense_loss_fraction` is the
 first evaluated step at which the MoE's validation loss is at or below the
 dense run's final one, over the dense run's steps (resolution 1/20).
 
 Shape. The `tiny` preset (8 layers x 288) costs ~2.6 CPU-seconds a step on
-one thread here: three runs of even its shipped 180 steps, with evaluation,
+one thread here: three runs of even 180 of its steps, with evaluation,
 need ~2,000 CPU-seconds, over half an hour of the two cores while others use
 them, and this benchmark must finish in 20-25 minutes. Both recipes therefore
 train in the `test` preset widened to 192 (4 layers, 6 heads of 32, 3 KV
 heads, SwiGLU 512; MoE: 8 experts of 256, top-2; 2.4M parameters dense or
-active), ~1 CPU-second a step, for 300 steps (614k tokens): ~17 minutes in
-all on the shared machine. Only the shape is changed, the same for both.
+active), ~1 CPU-second a step, for 300 steps (614k tokens): ~15 minutes in
+all on the shared machine, the four runs sharing its two cores. Only the shape is changed, the same for both.
 
-Time. The three runs (dense, MoE, MoE without balancing losses) run at once,
-one process and one torch thread each, so load from other users falls on all
-three alike. The time axis is each process's CPU time spent in training steps
+Time. The four runs (dense; MoE as shipped; MoE without the auxiliary losses;
+MoE without them and without router centring) run at once, one process and
+one torch thread each, so load from other users falls on all alike. The time axis is each process's CPU time spent in training steps
 (steps that also evaluated count as the run's median step): on one thread
 that is the wall-clock the run would take on a core of its own, and it does
 not depend on how busy the shared machine was.
@@ -42,10 +43,11 @@ Load balance. A global forward hook reads every MoE layer's routing
 statistics after each training forward (the loop logs only their mean over
 layers); `moe_max_expert_load_over_fair` is the maximum over layers and over
 every step after the 15 warm-up steps of (assignments to the busiest expert /
-fair share), with the Switch load-balancing and z losses on as tiny-moe ships
-them; `..._last_half` is the same over the second half of the run. The third
-run switches both losses off to show what they prevent. With top-2 of 8 the
-ceiling is 4 (every token picks the busiest expert).
+fair share), with the Switch load-balancing and z losses and router centring
+(core/moe.py) on as tiny-moe ships them; `..._last_half` is the same over the
+second half of the run. The third run switches both losses off to show what
+they prevent, the fourth also centring. With top-2 of 8 the ceiling is 4
+(every token picks the busiest expert).
 
     python benchmarks/bench_moe.py [--quick] [--no-write]
 """
@@ -90,8 +92,14 @@ STEPS_TARGET, LAYER_TARGET, LOAD_TARGET = 0.7, 0.7, 2.0
 # The shape both recipes train at (why: module docstring).
 SHAPE = {"model.preset": "test", "model.overrides.d_model": 192, "model.overrides.n_heads": 6,
          "model.overrides.n_kv_heads": 3}
+# The schedule both train on, pinned here so that the shipped recipes' own plan (the demo's)
+# can change without moving this benchmark's figures.
+SCHEDULE = {"data.seq_len": 256, "schedule.warmup_steps": 15}
 NO_AUX = {"model.overrides.moe.aux_loss_coef": 0, "model.overrides.moe.z_loss_coef": 0}
-RUN_SOURCES = {"dense": ("tiny", {}), "moe": ("tiny-moe", {}), "moe-no-aux": ("tiny-moe", NO_AUX)}
+NO_BALANCING = {**NO_AUX, "model.overrides.moe.router_centering": False}
+RUN_SOURCES = {"dense": ("tiny", {}), "moe": ("tiny-moe", {}), "moe-no-aux": ("tiny-moe", NO_AUX),
+               "moe-no-balancing": ("tiny-moe", NO_BALANCING)}
+MOE_RUNS = [name for name in RUN_SOURCES if name != "dense"]
 LAYER_REPEATS = 3  # calls per timed measurement
 
 
@@ -106,20 +114,20 @@ class Plan:
 FULL, QUICK = Plan(steps=300, evals=20, eval_batches=10, rounds=9), Plan(steps=30, evals=3, eval_batches=2, rounds=3)
 
 
-# ----- the three training runs -------------------------------------------------------------
+# ----- the training runs -------------------------------------------------------------------
 
 
 def recipes(plan: Plan) -> dict[str, TrainRecipe]:
-    """dense, moe and moe-no-aux: the shipped recipes in SHAPE, on the same plan."""
+    """dense, moe, moe-no-aux and moe-no-balancing: the shipped recipes in SHAPE, on the same plan."""
     shards = ROOT / load_recipe(recipe_path("tiny")).data.shards  # where `heron train tiny` prepares them
-    shared = {**SHAPE, "data.shards": shards, "train.steps": plan.steps,
+    shared = {**SHAPE, **SCHEDULE, "data.shards": shards, "train.steps": plan.steps,
               "train.eval_every": plan.steps // plan.evals, "train.eval_batches": plan.eval_batches,
               "train.ckpt_every": 0, "train.keep_last": 1, "train.threads": 1, "train.progress": False}
     runs = {}
     for name, (shipped, extra) in RUN_SOURCES.items():
         sets = {**shared, **extra, "out_dir": RUNS / name}
         runs[name] = load_recipe(recipe_path(shipped), [f"{key}={value}" for key, value in sets.items()])
-    for name in ("moe", "moe-no-aux"):
+    for name in MOE_RUNS:
         if _training_part(runs[name]) != _training_part(runs["dense"]):
             raise AssertionError(f"{name} and dense differ in more than the feed-forward")
     return runs
@@ -353,7 +361,10 @@ def training_results(runs: dict[str, dict[str, Any]], recipes_: dict[str, TrainR
                f"{routing['aux_loss_coef']}, z {routing['z_loss_coef']})",
                LOAD_TARGET, at_most=True),
         Result("moe_max_expert_load_over_fair_no_aux", max_load(runs["moe-no-aux"], warmup), "x",
-               "the same with aux_loss_coef = z_loss_coef = 0 (ceiling 4 for top-2 of 8)"),
+               "the same with aux_loss_coef = z_loss_coef = 0, router centring on as shipped (ceiling 4 for "
+               "top-2 of 8)"),
+        Result("moe_max_expert_load_over_fair_no_balancing", max_load(runs["moe-no-balancing"], warmup), "x",
+               "the same with the aux losses and router centring all off"),
         Result("moe_max_expert_load_over_fair_last_half", max_load(runs["moe"], plan.steps // 2), "x",
                f"as moe_max_expert_load_over_fair, over the steps after {plan.steps // 2} only"),
     ]
@@ -381,21 +392,21 @@ def notes(runs: dict[str, dict[str, Any]], recipes_: dict[str, TrainRecipe], voc
     curves = {name: dict(val_curve(run)) for name, run in runs.items()}
     half = len(runs["moe"]["steps"]) // 2
     logged = {name: max(s["moe_max_load_over_fair"] for s in runs[name]["steps"] if s["step"] > warmup)
-              for name in ("moe", "moe-no-aux")}
+              for name in MOE_RUNS}
     lines = [
         f"Plot: `{PLOT.name}` (validation loss against steps and against training time; expert load).",
         f"Parameters (vocabulary {vocab}): dense {counts['dense'][0] / 1e6:.2f}M; MoE {counts['moe'][0] / 1e6:.2f}M "
         f"total, {counts['moe'][1] / 1e6:.2f}M active per token (the experts' share matches the dense MLP's; the "
         f"rest is the 8-way routers).",
-        "The three runs ran at once, one process and one torch thread each; wall time "
+        f"The {len(runs)} runs ran at once, one process and one torch thread each; wall time "
         + ", ".join(f"{name} {run['wall_s'] / 60:.1f} min" for name, run in runs.items())
         + f"; the training-time axis is CPU time, which does not depend on that sharing. Whole benchmark: "
         f"{elapsed / 60:.1f} min.",
-        f"Load, the loop's logged `moe_max_load_over_fair` (mean over layers) after warm-up, at most: "
-        f"{logged['moe']:.2f} with aux losses, {logged['moe-no-aux']:.2f} without. Busiest expert / fair share "
-        f"per layer, median over the last half of the run: " + "; ".join(
+        "Load, the loop's logged `moe_max_load_over_fair` (mean over layers) after warm-up, at most: "
+        + ", ".join(f"{name} {value:.2f}" for name, value in logged.items())
+        + ". Busiest expert / fair share per layer, median over the last half of the run: " + "; ".join(
             f"{name} " + ", ".join(f"{v:.2f}" for v in median_layer_loads(runs[name], half))
-            for name in ("moe", "moe-no-aux")) + ".",
+            for name in MOE_RUNS) + ".",
         "Layer timings, median ms per call (2048 tokens): " + "; ".join(
             f"{t.threads} thread(s) " + ", ".join(f"{name} {2048 / s.median * 1e3:.0f}" for name, s in t.stats.items())
             for t in timings) + ". Forward + backward speed on two threads over one: " + ", ".join(
@@ -426,7 +437,7 @@ def main() -> None:
     timings = [layer_throughput(threads, plan.rounds) for threads in (1, 2)]
     torch.set_num_threads(1)
     runs_ = recipes(plan)
-    vocab = resolve_data(runs_["dense"].data).vocab_size  # tokenise once here, not in three children at once
+    vocab = resolve_data(runs_["dense"].data).vocab_size  # tokenise once here, not in every child at once
     runs = train_all(runs_, args.quick)
     warmup = runs_["moe"].schedule.warmup_steps
     results = training_results(runs, runs_, plan) + layer_results(timings, plan.rounds)

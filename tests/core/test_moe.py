@@ -46,17 +46,21 @@ def expert(layer: MoE, e: int, v: torch.Tensor) -> torch.Tensor:
 def reference_moe(layer: MoE, x: torch.Tensor) -> torch.Tensor:
     """The slow, obvious MoE: token by token, softmax over the router's logits,
     top-k, renormalise (k > 1), each chosen expert as a dense MLP. An expert
-    that already took `capacity` assignments (counted in token order) adds nothing."""
+    that already took `capacity` assignments (counted in token order) adds nothing.
+    With router centring the router scores the token minus the mean input."""
     s = layer.settings
     B, T, d = x.shape
     tokens = x.reshape(B * T, d)
     capacity = math.inf
     if s.capacity_factor is not None and layer.training:
         capacity = math.ceil(s.capacity_factor * B * T * s.top_k / s.n_experts)
+    center = torch.zeros(d)  # router centring: the batch's mean in training, the running mean in eval
+    if s.router_centering:
+        center = tokens.detach().mean(dim=0) if layer.training else layer.router_center
     taken = [0] * s.n_experts
     rows = []
     for t in range(B * T):
-        probs = torch.softmax(tokens[t] @ layer.router.weight.T, dim=-1)  # (E,)
+        probs = torch.softmax((tokens[t] - center) @ layer.router.weight.T, dim=-1)  # (E,)
         top = torch.topk(probs, s.top_k)
         gates = top.values / top.values.sum() if s.top_k > 1 else top.values
         row = torch.zeros(d)
@@ -77,6 +81,7 @@ CASES = {
     "top1_capacity": dict(top_k=1, capacity_factor=0.5),
     "top2_capacity_shared": dict(top_k=2, capacity_factor=0.5, shared_expert=True),
     "top3_gelu": dict(top_k=3, mlp="gelu"),
+    "top2_centred": dict(top_k=2, router_centering=True),
 }
 
 
@@ -115,6 +120,50 @@ def test_grouped_matmul_fused_equals_the_loop_over_experts():
         assert torch.allclose(grouped_matmul(x, w, counts), expected, atol=1e-6)
         one = torch.tensor([0, 0, 1, 0])  # a single decoded token's row, one expert
         assert torch.allclose(grouped_matmul(x[:1], w, one), x[:1] @ w[2], atol=1e-6)
+
+
+# ----- router centring ------------------------------------------------------------
+
+
+def test_centred_routing_ignores_a_vector_every_token_shares():
+    """A large common vector decides an uncentred router's ranking for every token
+    alike (one expert takes them all); a centred router routes x + c as it routes x."""
+    x = torch.randn(2, 16, 16, generator=torch.Generator().manual_seed(3))
+    c = 20 * torch.randn(16, generator=torch.Generator().manual_seed(4))
+    plain = make_moe(top_k=1).train()
+    plain(x + c)
+    assert plain.last_stats["max_load_over_fair"].item() == E  # collapsed: every token on one expert
+    centred = make_moe(top_k=1, router_centering=True).train()
+    logits = {}
+    with attach_hooks(centred, {"hook_router_logits": lambda t, name: logits.setdefault(len(logits), t)}):
+        centred(x)
+        centred(x + c)
+    assert torch.allclose(logits[0], logits[1], atol=1e-4)
+    assert torch.equal(logits[0].argmax(-1), logits[1].argmax(-1))
+    assert centred.last_stats["max_load_over_fair"].item() < E
+
+
+def test_training_folds_batch_means_into_the_running_mean_that_eval_routes_on():
+    layer = make_moe(router_centering=True)
+    assert torch.equal(layer.router_center, torch.zeros(16))
+    batches = [torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(s)) for s in (5, 6)]
+    layer.train()
+    with torch.no_grad():
+        for batch in batches:
+            layer(batch)
+    m0, m1 = (b.reshape(-1, 16).mean(0) for b in batches)
+    assert torch.allclose(layer.router_center, 0.9 * (0.1 * m0) + 0.1 * m1, atol=1e-6)
+    layer.eval()  # routing on the running mean: a token's output no longer depends on its batch
+    x = batches[0]
+    with torch.no_grad():
+        together = layer(x)
+        alone = torch.cat([layer(x[:, t : t + 1]) for t in range(x.shape[1])], dim=1)
+    assert torch.allclose(together, alone, atol=1e-6)
+    assert torch.allclose(together, reference_moe(layer, x), atol=1e-5)
+    # Evaluation changes nothing; the buffer is model state and travels with it.
+    assert torch.allclose(layer.router_center, 0.9 * (0.1 * m0) + 0.1 * m1, atol=1e-6)
+    assert "router_center" in layer.state_dict()
+    assert "router_center" not in make_moe().state_dict()  # off: no buffer at all
 
 
 # ----- losses by hand -----------------------------------------------------------

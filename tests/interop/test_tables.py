@@ -5,6 +5,7 @@ used or explicitly ignored; a missing, misshaped or unexpected tensor and an
 unsupported config field are errors that name it.
 """
 import collections
+import dataclasses
 
 import pytest
 import torch
@@ -141,6 +142,15 @@ def test_llama_refuses_what_it_cannot_express_by_name(changes, field):
     config = CONFIGS["llama_tied"][1].replace(**changes)
     with pytest.raises(ValueError, match=f"^{field}:"):
         hf_config(LLAMA, config)
+
+
+@pytest.mark.parametrize("field, value", [("shared_expert", True), ("capacity_factor", 1.25),
+                                          ("router_centering", True)])
+def test_mixtral_refuses_routing_it_cannot_express(mixtral, field, value):
+    config = mixtral[0]
+    changed = config.replace(moe=dataclasses.replace(config.moe, **{field: value}))
+    with pytest.raises(ValueError, match=f"^moe.{field}: Mixtral needs"):
+        hf_config(MIXTRAL, changed)
 
 
 def test_a_model_no_family_expresses_lists_every_reason():

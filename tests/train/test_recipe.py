@@ -42,6 +42,19 @@ def test_tiny_moe_has_tiny_active_width() -> None:
     assert moe.moe.top_k * layer.down.shape[1] == dense.resolved_d_ff
 
 
+
+@pytest.mark.parametrize("variant", ["tiny-moe.yaml", "tiny-sparse.yaml"])
+def test_tiny_variants_share_tinys_data_and_schedule(variant: str) -> None:
+    """They say so in their headers, and bench_moe compares tiny-moe with tiny step for step."""
+    folder = RECIPES[0].parent
+
+    def plan(name: str) -> dict:
+        raw = load_recipe(folder / name, world_size=1).to_dict()
+        raw["model"].pop("overrides")
+        return {key: value for key, value in raw.items() if key not in ("name", "out_dir")}
+
+    assert plan(variant) == plan("tiny.yaml")
+
 def test_overrides_are_parsed_as_yaml_values(tmp_path: Path) -> None:
     recipe = load_recipe(write(tmp_path, MINIMAL), [
         "optim.lr=3e-4",  # YAML 1.1 reads this as a string; the recipe still gets a float

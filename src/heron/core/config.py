@@ -101,6 +101,10 @@ class MoEConfig:
     capacity_factor None is dropless; otherwise an expert takes at most
     ceil(capacity_factor * tokens * top_k / n_experts) tokens and drops the
     rest (they pass through on the residual stream).
+
+    router_centering routes each token on its difference from the mean MoE
+    input (the batch's in training, a running mean in evaluation) rather
+    than on the input itself; core/moe.py says why.
     """
 
     n_experts: int = 8
@@ -110,6 +114,7 @@ class MoEConfig:
     capacity_factor: float | None = None
     aux_loss_coef: float = 0.01  # alpha of the Switch load-balancing loss
     z_loss_coef: float = 0.001  # ST-MoE router z-loss
+    router_centering: bool = False
 
     def __post_init__(self) -> None:
         _check_positive("n_experts", self.n_experts)

@@ -105,6 +105,8 @@ def _few_rows(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 # ----- the layer -----------------------------------------------------------------
 
+CENTER_MOMENTUM = 0.1  # weight of each training batch's mean in the running mean (BatchNorm's default)
+
 
 class MoE(nn.Module):
     """Router, stacked experts and an optional shared expert.
@@ -117,6 +119,25 @@ class MoE(nn.Module):
     carries on along the residual stream. In eval mode nothing is dropped, so
     a token's output never depends on what else is in the batch, and cached
     decoding equals the full forward.
+
+    Router centring (`router_centering`). Early in training a layer's inputs
+    share one large common vector: in bench_moe's shape at step 12 the mean
+    MoE input had norm ~13.7 and tokens differed from it by 1-2, so the
+    router's logits differed between experts by ~0.1-0.3 in their common part
+    and by only ~0.02-0.05 from token to token. Every token then ranked the
+    experts alike and one expert took them all (4x its fair share, the
+    ceiling for top-2 of 8) for tens of steps, which neither the Switch loss
+    nor load-driven biases (Wang et al. 2024) undid: a winner-take-all
+    ranking has no smooth load to steer. With centring, the router scores
+    x - mean instead, so the common vector cancels out of the ranking
+    exactly. The mean is the batch's (detached) in training, folded into a
+    running mean (momentum CENTER_MOMENTUM, a saved buffer) that evaluation
+    uses, as BatchNorm does: in eval mode routing never depends on the rest
+    of the batch. Like BatchNorm, training routing does: micro-batches of
+    gradient accumulation, or of each process in a multi-process run, are
+    each centred on their own mean, so those runs match one large batch only
+    approximately. Off by default (imported models such as Mixtral route on
+    the input itself).
 
     After each forward, `pop_aux_loss()` gives the weighted load-balancing +
     z-loss with its gradient (Transformer sums it over layers; popping it lets
@@ -134,6 +155,8 @@ class MoE(nn.Module):
         width = 2 * ff if config.mlp == "swiglu" else ff
         self.settings, self.kind = moe, config.mlp
         self.router = nn.Linear(d, moe.n_experts, bias=False)
+        # (d,) running mean of the MoE input the router measures tokens against; None: no centring
+        self.register_buffer("router_center", torch.zeros(d) if moe.router_centering else None)
         self.up = nn.Parameter(torch.empty(moe.n_experts, d, width))  # (E, d, width)
         self.down = nn.Parameter(torch.empty(moe.n_experts, ff, d))  # (E, ff, d)
         self.shared = MLP(config.replace(d_ff=ff)) if moe.shared_expert else None
@@ -155,6 +178,8 @@ class MoE(nn.Module):
         writes to the residual stream, so its std is scaled)."""
         nn.init.normal_(self.up, mean=0.0, std=std)
         nn.init.normal_(self.down, mean=0.0, std=std * residual_scale)
+        if self.router_center is not None:
+            self.router_center.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, d = x.shape
@@ -162,7 +187,7 @@ class MoE(nn.Module):
         flat = x.reshape(B * T, d)  # (N, d)
         # Softmax and losses in fp32 even under bf16 autocast: the router's exponentials
         # are where ST-MoE (Zoph et al. 2022, sec. 3) found low precision unstable.
-        logits = self.hook_router_logits(self.router(flat).float().view(B, T, -1))  # (B, T, E)
+        logits = self.hook_router_logits(self.router(self._router_input(flat)).float().view(B, T, -1))  # (B, T, E)
         probs = self.hook_router_probs(logits.softmax(dim=-1))  # (B, T, E)
         if self.hook_router_entropy.active:
             self.hook_router_entropy(router_entropy(probs))  # (B, T)
@@ -182,6 +207,18 @@ class MoE(nn.Module):
             self._aux_loss = logits.new_zeros(())
         y = y.view(B, T, d)  # (B, T, d)
         return y if self.shared is None else y + self.shared(x)  # (B, T, d)
+
+    def _router_input(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, d) what the router scores: the tokens, or with centring their
+        difference from the mean MoE input (class note)."""
+        if self.router_center is None:
+            return x
+        if not self.training:
+            return x - self.router_center.to(x.dtype)
+        mean = x.detach().mean(dim=0)  # (d,)
+        with torch.no_grad():
+            self.router_center.lerp_(mean.to(self.router_center.dtype), CENTER_MOMENTUM)
+        return x - mean
 
     def _dispatch(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
                   counts: torch.Tensor, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
