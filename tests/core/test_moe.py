@@ -104,6 +104,25 @@ def test_fast_path_matches_the_reference_forward_and_backward(case):
         assert fast.last_stats["dropped_fraction"] > 0
 
 
+@pytest.mark.parametrize("case", ["top1", "top2", "top2_shared", "top3_gelu", "top2_centred"])
+def test_decoding_a_few_tokens_goes_straight_through_the_experts_and_matches_the_reference(case):
+    settings = dict(CASES[case])
+    mlp = settings.pop("mlp", "swiglu")
+    layer = make_moe(mlp=mlp, **settings).eval()
+    x = torch.randn(1, 3, 16, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert layer._decoding(x.reshape(3, 16))
+        direct = layer(x)
+        stats = layer.last_stats
+        with attach_hooks(layer, {"hook_expert_in": lambda rows, name: None}):  # an expert hook: sorted dispatch
+            assert not layer._decoding(x.reshape(3, 16))
+            dispatched = layer(x)
+            assert torch.equal(layer.last_stats["load"], stats["load"])
+    assert torch.allclose(direct, reference_moe(layer, x), atol=1e-5)
+    assert torch.allclose(direct, dispatched, atol=1e-6)
+    assert stats["load"].sum().item() == pytest.approx(1.0) and stats["dropped_fraction"].item() == 0
+
+
 def test_grouped_matmul_fused_equals_the_loop_over_experts():
     x = torch.randn(10, 8)
     w = torch.randn(4, 8, 12)  # rows of 32 and 48 bytes: aligned as grouped_mm needs

@@ -82,11 +82,13 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, *,
     well, which fp32 training does not give, so other devices loop over the
     experts (never over tokens).
 
-    Decoding (at most MAX_ROWS rows, no autograd, CPU) loops over the experts
-    that have rows, at most one per row, each a few-row product over blocks
-    of K (core/linear.py): grouped_mm also visits the empty experts and reads
-    an expert's weight at ~9 GB/s. On the Mixtral benchmark shape (8 experts
-    of 512 x 1024, top-2, 8 layers) a decode step took 24.7 ms against 28.9.
+    A few rows (at most MAX_ROWS, no autograd, CPU: decoding with an expert
+    hook attached or in training mode; plain decoding skips the dispatch,
+    `MoE._decode`) loop over the experts that have rows, each a few-row
+    product over blocks of K (core/linear.py): grouped_mm also visits the
+    empty experts and reads an expert's weight at ~9 GB/s. On the Mixtral
+    benchmark shape (8 experts of 512 x 1024, top-2, 8 layers) a decode step
+    took 24.7 ms against 28.9.
     """
     w = w.to(x.dtype)  # autocast has no rule for grouped_mm; cast as it would for a matmul
     if fused is None and _few_rows(x, w):
@@ -193,13 +195,17 @@ class MoE(nn.Module):
             self.hook_router_entropy(router_entropy(probs))  # (B, T)
         logits, probs = logits.flatten(0, 1), probs.flatten(0, 1)  # (N, E) each
         weights, experts = route(probs, s.top_k)  # (N, k), (N, k)
-        counts = torch.bincount(experts.flatten(), minlength=s.n_experts)  # (E,)
-        capped = s.capacity_factor is not None and self.training  # eval never drops (class note)
-        limit = expert_capacity(B * T, s.top_k, s.n_experts, s.capacity_factor) if capped else None
-        y, kept = self._dispatch(flat, weights, experts, counts, limit)  # (N, d), (E,)
-        self._last = {"probs": probs.detach(), "counts": counts, "kept": kept}
+        if self._decoding(flat):
+            y = self._decode(flat, weights, experts)  # (N, d)
+            self._last = {"probs": probs.detach(), "experts": experts}  # loads counted when asked
+        else:
+            counts = torch.bincount(experts.flatten(), minlength=s.n_experts)  # (E,)
+            capped = s.capacity_factor is not None and self.training  # eval never drops (class note)
+            limit = expert_capacity(B * T, s.top_k, s.n_experts, s.capacity_factor) if capped else None
+            y, kept = self._dispatch(flat, weights, experts, counts, limit)  # (N, d), (E,)
+            self._last = {"probs": probs.detach(), "counts": counts, "kept": kept}
         if torch.is_grad_enabled():
-            balance = load_balancing_loss(probs, counts, s.aux_loss_coef)
+            balance = load_balancing_loss(probs, self._last["counts"], s.aux_loss_coef)
             z = router_z_loss(logits, s.z_loss_coef)
             self._aux_loss = balance + z  # ()
             self._last.update(balance_loss=balance.detach(), z_loss=z.detach())
@@ -219,6 +225,31 @@ class MoE(nn.Module):
         with torch.no_grad():
             self.router_center.lerp_(mean.to(self.router_center.dtype), CENTER_MOMENTUM)
         return x - mean
+
+    def _decoding(self, x: torch.Tensor) -> bool:
+        """A few tokens outside autograd in eval mode on CPU, no expert hook
+        attached: `_decode` computes the same sum more directly."""
+        hooked = (self.hook_expert_load, self.hook_expert_dropped, self.hook_expert_in, self.hook_expert_post)
+        return (_few_rows(x, self.up) and not self.training and self.down.shape[1] % SPLIT == 0
+                and not any(hook.active for hook in hooked))
+
+    def _decode(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """(N, d) Sum_j weights[t, j] * expert_{experts[t, j]}(x[t]), token by
+        token and expert by expert, each a few-row product over blocks of K
+        (core/linear.py). For a token or two the sort, gather, grouped product
+        and scatter of `_dispatch` cost more than the experts' products
+        themselves: on the Mixtral benchmark shape (512 x 1024 experts, top-2)
+        a layer took ~1.5 ms at one token, ~0.55 of it reading the two experts."""
+        up, down = self.up.to(x.dtype), self.down.to(x.dtype)
+        rows = []
+        for token, chosen, gates in zip(x.split(1), experts.tolist(), weights.tolist()):
+            row = None
+            for e, gate in zip(chosen, gates):
+                h = activate(input_major_product(token, up[e]), self.kind)  # (1, ff)
+                part = input_major_product(h, down[e]) * gate  # (1, d)
+                row = part if row is None else row + part
+            rows.append(row)
+        return torch.cat(rows) if len(rows) > 1 else rows[0]  # (N, d)
 
     def _dispatch(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
                   counts: torch.Tensor, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,11 +289,13 @@ class MoE(nn.Module):
         if not self._last:
             return {}
         last = self._last
-        total = last["counts"].sum().float()
+        counts = last["counts"] if "counts" in last else torch.bincount(
+            last["experts"].flatten(), minlength=self.settings.n_experts)  # (E,)
+        total = counts.sum().float()
         return {
-            "load": last["counts"].float() / total,  # (E,)
-            "max_load_over_fair": last["counts"].max().float() * self.settings.n_experts / total,
-            "dropped_fraction": (total - last["kept"].sum()) / total,
+            "load": counts.float() / total,  # (E,)
+            "max_load_over_fair": counts.max().float() * self.settings.n_experts / total,
+            "dropped_fraction": (total - last.get("kept", counts).sum()) / total,
             "router_entropy": router_entropy(last["probs"]).mean(),
             **{name: last[name] for name in ("balance_loss", "z_loss") if name in last},
         }
