@@ -97,6 +97,27 @@ def test_an_export_imports_back_unchanged(store: FeedbackStore, tmp_path: Path) 
     assert (tmp_path / "second.jsonl").read_text() == (tmp_path / "first.jsonl").read_text()
 
 
+def test_importing_again_or_an_export_back_changes_nothing(store: FeedbackStore, tmp_path: Path) -> None:
+    rating = {"prompt": "Add 1 and 2.", "response": "3", "model": "tiny@1", "rating": 4.5, "annotator": "dana",
+              "created_at": T0.isoformat()}
+    rows = generated_pairs(6) + [rating]
+    file = write_jsonl(tmp_path / "in.jsonl", rows)
+    first = store.import_jsonl(file)
+    assert (first.comparisons, first.ratings, first.already_stored) == (6, 1, 0)
+    before = snapshot(store)
+    again = store.import_jsonl(file)
+    assert (again.comparisons, again.ratings, again.already_stored) == (0, 0, 7)
+    store.export_pairs(tmp_path / "out.jsonl")
+    back = store.import_jsonl(tmp_path / "out.jsonl")
+    assert (back.comparisons, back.already_stored) == (0, 6)
+    assert snapshot(store) == before
+    # A judgement that differs in anything, here only its time or the score, is a new one.
+    later = dict(rows[0], created_at=(T0 + timedelta(days=1)).isoformat())
+    rescored = dict(rating, rating=2.0)
+    new = store.import_jsonl(write_jsonl(tmp_path / "later.jsonl", [later, rescored]))
+    assert (new.comparisons, new.ratings, new.already_stored) == (1, 1, 0)
+
+
 def test_every_exported_pair_traces_to_its_annotator_and_time(store: FeedbackStore, tmp_path: Path) -> None:
     rows = [{k: v for k, v in row.items() if k not in ("annotator", "created_at")} for row in generated_pairs(4)]
     rows[1]["annotator"] = "dana"  # a line's own annotator wins over the file's
@@ -180,7 +201,7 @@ def test_an_import_failing_midway_in_the_database_rolls_back(store: FeedbackStor
         calls.append(row)
         if len(calls) == 3:
             raise ValueError("disk full")
-        real_add_row(conn, row, source)
+        return real_add_row(conn, row, source)
 
     monkeypatch.setattr(feedback_module, "_add_row", add_row_then_fail)
     with pytest.raises(ValueError, match="disk full"):

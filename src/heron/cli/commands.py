@@ -145,8 +145,9 @@ def convert_to_gguf(args: argparse.Namespace) -> int:
 def feedback_import(args: argparse.Namespace) -> int:
     with FeedbackStore.open(args.db) as store:
         counts = store.import_jsonl(args.file, annotator=args.annotator, source=args.source)
+        skipped = f" ({counts.already_stored} lines already stored, skipped)" if counts.already_stored else ""
         print(f"imported {counts.comparisons} comparisons and {counts.ratings} ratings from {args.file} "
-              f"into {store.url}")
+              f"into {store.url}{skipped}")
     return 0
 
 

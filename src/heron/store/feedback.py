@@ -96,14 +96,20 @@ class FeedbackStore(EngineStore):
                                          annotator=annotator, created_at=when))
 
     def import_rows(self, rows: Iterable[PairInput | RatingInput], *, source: str) -> ImportCounts:
-        """Add comparisons and ratings given by their texts, all or none (one transaction)."""
+        """Add comparisons and ratings given by their texts, all or none (one transaction).
+
+        A row that repeats a stored judgement exactly (the same annotator, at
+        the same time, choosing between or scoring the same texts) is skipped,
+        so importing a file again, or an export back into its own store,
+        changes nothing. A line without its own created_at is stamped with
+        the time of import, so only timestamped lines are recognised again.
+        """
         source = check_name(source, "source")
-        counts = {PairInput: 0, RatingInput: 0}
+        counts = {PairInput: 0, RatingInput: 0, None: 0}
         with self._transaction() as conn:
             for row in rows:
-                _add_row(conn, row, source)
-                counts[type(row)] += 1
-        return ImportCounts(comparisons=counts[PairInput], ratings=counts[RatingInput])
+                counts[type(row) if _add_row(conn, row, source) else None] += 1
+        return ImportCounts(comparisons=counts[PairInput], ratings=counts[RatingInput], already_stored=counts[None])
 
     def import_jsonl(
         self, path: str | os.PathLike[str], *, annotator: str | None = None, source: str | None = None,
@@ -192,16 +198,24 @@ def _response_id(conn: sa.Connection, prompt_id: int, text: Content, model: str)
                    created_at=utc_now())
 
 
-def _add_row(conn: sa.Connection, row: PairInput | RatingInput, source: str) -> None:
+def _add_row(conn: sa.Connection, row: PairInput | RatingInput, source: str) -> bool:
+    """Add one imported judgement; False if the store already holds exactly it."""
     prompt_id = _prompt_id(conn, row.prompt, source)
     if isinstance(row, PairInput):
-        _insert(conn, comparisons, prompt_id=prompt_id,
-                chosen_response_id=_response_id(conn, prompt_id, row.chosen, row.chosen_model),
-                rejected_response_id=_response_id(conn, prompt_id, row.rejected, row.rejected_model),
-                annotator=row.annotator, created_at=row.created_at, note=row.note)
+        table, values = comparisons, dict(
+            prompt_id=prompt_id, chosen_response_id=_response_id(conn, prompt_id, row.chosen, row.chosen_model),
+            rejected_response_id=_response_id(conn, prompt_id, row.rejected, row.rejected_model),
+            annotator=row.annotator, created_at=row.created_at, note=row.note)
     else:
-        _insert(conn, ratings, response_id=_response_id(conn, prompt_id, row.response, row.model),
-                score=row.rating, scale=row.scale, annotator=row.annotator, created_at=row.created_at)
+        table, values = ratings, dict(
+            response_id=_response_id(conn, prompt_id, row.response, row.model), score=row.rating,
+            scale=row.scale, annotator=row.annotator, created_at=row.created_at)
+    same = sa.and_(*(table.c[name].is_(None) if value is None else table.c[name] == value
+                     for name, value in values.items()))
+    if conn.execute(sa.select(table.c.id).where(same).limit(1)).first() is not None:
+        return False
+    _insert(conn, table, **values)
+    return True
 
 
 def _prompt(conn: sa.Connection, id_: int) -> Prompt:

@@ -139,8 +139,9 @@ class RatingInput:
 
 @dataclass(frozen=True)
 class ImportCounts:
-    comparisons: int
-    ratings: int
+    comparisons: int  # added
+    ratings: int  # added
+    already_stored: int = 0  # lines repeating a stored judgement exactly, skipped
 
 
 # ----- checks -----------------------------------------------------------------------------------
