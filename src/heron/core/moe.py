@@ -82,27 +82,16 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, *,
     well, which fp32 training does not give, so other devices loop over the
     experts (never over tokens).
 
-    A few rows (at most MAX_ROWS, no autograd, CPU: decoding with an expert
-    hook attached or in training mode; plain decoding skips the dispatch,
-    `MoE._decode`) loop over the experts that have rows, each a few-row
-    product over blocks of K (core/linear.py): grouped_mm also visits the
-    empty experts and reads an expert's weight at ~9 GB/s. On the Mixtral
-    benchmark shape (8 experts of 512 x 1024, top-2, 8 layers) a decode step
-    took 24.7 ms against 28.9.
+    Decoding a token or two does not come here: `MoE._decode` sends each
+    token straight through its experts.
     """
     w = w.to(x.dtype)  # autocast has no rule for grouped_mm; cast as it would for a matmul
-    if fused is None and _few_rows(x, w):
-        return torch.cat([input_major_product(rows, we) for rows, we in zip(x.split(counts.tolist()), w) if len(rows)])
     if fused is None:
         aligned = all(n * x.element_size() % 16 == 0 for n in w.shape[1:])
         fused = x.device.type == "cpu" and aligned
     if fused:
         return F.grouped_mm(x, w, offs=counts.cumsum(0).to(torch.int32))
     return torch.cat([rows @ we for rows, we in zip(x.split(counts.tolist()), w)])  # (A, M)
-
-
-def _few_rows(x: torch.Tensor, w: torch.Tensor) -> bool:
-    return 0 < x.shape[0] <= MAX_ROWS and x.device.type == "cpu" and not torch.is_grad_enabled() and w.shape[1] % SPLIT == 0
 
 
 # ----- the layer -----------------------------------------------------------------
@@ -230,8 +219,9 @@ class MoE(nn.Module):
         """A few tokens outside autograd in eval mode on CPU, no expert hook
         attached: `_decode` computes the same sum more directly."""
         hooked = (self.hook_expert_load, self.hook_expert_dropped, self.hook_expert_in, self.hook_expert_post)
-        return (_few_rows(x, self.up) and not self.training and self.down.shape[1] % SPLIT == 0
-                and not any(hook.active for hook in hooked))
+        return (0 < x.shape[0] <= MAX_ROWS and x.device.type == "cpu" and not self.training
+                and not torch.is_grad_enabled() and self.up.shape[1] % SPLIT == 0
+                and self.down.shape[1] % SPLIT == 0 and not any(hook.active for hook in hooked))
 
     def _decode(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """(N, d) Sum_j weights[t, j] * expert_{experts[t, j]}(x[t]), token by
