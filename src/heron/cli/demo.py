@@ -47,7 +47,9 @@ from heron.train.checkpoint import remove_folder, verify_checkpoint
 from heron.train.report import METRICS_FILE, PLOT_FILE
 from heron.train.sources import TOKENIZER_FILE
 
-SAMPLE_PROMPTS = ("import ", "def ", "class ", "    def __init__(self")
+# Prompts end where a token ends: after "import " the tokenizer would have to go on from a
+# lone space, where its training text has " os", " sys" (space and word, one token each).
+SAMPLE_PROMPTS = ("import", "def", "class", "    def __init__(self")
 # Cool and narrow: a model trained for minutes is most Python-like near its mode.
 SAMPLING = SamplingParams(max_new_tokens=80, temperature=0.6, top_k=20, seed=0)
 TASK = RepeatTask()  # the shipped task-sft and task-dpo recipes use its defaults
