@@ -16,12 +16,12 @@ import pytest
 import torch
 from gguf_layout import (CONFIGS, CONTEXT, CORPUS, VOCAB, expected_tensors, fields, llama_cpp_logits,
                          make_tokenizer, perturbed_model)
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from heron.core import AttentionPattern, MoEConfig, Transformer
 from heron.core.rope import apply_rope, rope_tables
 from heron.interop import save_gguf
-from heron.interop.gguf import interleave_rope
+from heron.interop.gguf import LLAMA3_REGEX, QWEN2_REGEX, gguf_pre_tokenizer, interleave_rope
 from heron.tokenizer import SPECIAL_TOKENS, HeronTokenizer
 from heron.tokenizer.pretrained import PretrainedTokenizer
 
@@ -189,6 +189,48 @@ def test_refuses_tokenizers_it_cannot_express(tmp_path):
         save_gguf(model, PretrainedTokenizer(backend), tmp_path / "model.gguf", dtype="q4_k")
 
 
+def regex_then_bytes(regex: str) -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+def regex_bpe(regex: str, ignore_merges: bool) -> PretrainedTokenizer:
+    """A byte-level BPE split by `regex`, trained on CORPUS split as Llama 3
+    splits it: the merges hold digit pairs ("12") that Qwen2's split, digit by
+    digit, never lets form, so a file that names the wrong split tokenizes
+    "123456" otherwise."""
+    backend = Tokenizer(models.BPE(ignore_merges=ignore_merges))
+    backend.pre_tokenizer = regex_then_bytes(LLAMA3_REGEX)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    backend.train_from_iterator(CORPUS * 4, trainer)
+    backend.pre_tokenizer = regex_then_bytes(regex)
+    return PretrainedTokenizer(backend)
+
+
+REGEX_BPE = {"llama-bpe": (LLAMA3_REGEX, True), "qwen2": (QWEN2_REGEX, False)}
+
+
+def spec_of(tokenizer) -> dict:
+    return json.loads(tokenizer.to_json())
+
+
+def test_the_pre_tokenizer_is_named_by_how_text_is_split(tokenizer):
+    assert gguf_pre_tokenizer(spec_of(tokenizer)) == "gpt-2"
+    for name, (regex, ignore_merges) in REGEX_BPE.items():
+        assert gguf_pre_tokenizer(spec_of(regex_bpe(regex, ignore_merges))) == name
+
+
+@pytest.mark.parametrize(("regex", "ignore_merges", "field"), [
+    (QWEN2_REGEX, True, "model.ignore_merges: True"),  # Qwen2's split with Llama 3's merging: neither
+    (LLAMA3_REGEX.replace("{1,3}", "{1,2}"), True, r"pre_tokenizer.pretokenizers.0.pattern.Regex: .*llama-bpe"),
+])
+def test_a_near_miss_names_the_field_that_differs(regex, ignore_merges, field):
+    with pytest.raises(ValueError, match=f"^tokenizer.json {field}"):
+        gguf_pre_tokenizer(spec_of(regex_bpe(regex, ignore_merges)))
+
+
 def test_a_failed_write_leaves_the_old_file_whole(tokenizer, tmp_path, monkeypatch):
     model = perturbed_model(CONFIGS["base"])
     path = save_gguf(model, tokenizer, tmp_path / "model.gguf")
@@ -238,13 +280,15 @@ def test_llama_cpp_logits_match_heron(llama_cpp, exported, name, dtype):
     assert difference.mean() <= mean, f"{name} {dtype}: mean {difference.mean()}"
 
 
-def test_llama_cpp_tokenizes_like_heron(llama_cpp, exported, tokenizer):
-    llm = llama_cpp.Llama(model_path=str(exported["base", "f32"][1]), vocab_only=True, verbose=False)
-    texts = CORPUS + [
-        "  leading spaces,\n\n\ttabs and   runs   of spaces  ",
-        "It's they're we've I'm you'll he'd 2024-06-01 3.14159",
-        f"{SPECIAL_TOKENS['user']}\nHi there{SPECIAL_TOKENS['end']}\n{SPECIAL_TOKENS['assistant']}\n",
-    ]
+HARD_TEXTS = CORPUS + [
+    "  leading spaces,\n\n\ttabs and   runs   of spaces  ",
+    "It's they're we've I'm you'll he'd IT'S WE'LL 2024-06-01 3.14159 1234567",
+    "lines\r\nending\r\n\n  in   \n\n\nspaces ✓✓ and... symbols?!",
+]
+
+
+def assert_llama_cpp_tokenizes_alike(llama_cpp, path, tokenizer, texts) -> None:
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     try:
         for text in texts:
             ids = tokenizer.encode(text)
@@ -252,3 +296,16 @@ def test_llama_cpp_tokenizes_like_heron(llama_cpp, exported, tokenizer):
             assert llm.detokenize(ids, special=True) == text.encode(), text
     finally:
         llm.close()
+
+
+def test_llama_cpp_tokenizes_like_heron(llama_cpp, exported, tokenizer):
+    chat = f"{SPECIAL_TOKENS['user']}\nHi there{SPECIAL_TOKENS['end']}\n{SPECIAL_TOKENS['assistant']}\n"
+    assert_llama_cpp_tokenizes_alike(llama_cpp, exported["base", "f32"][1], tokenizer, HARD_TEXTS + [chat])
+
+
+@pytest.mark.parametrize("pre", REGEX_BPE)
+def test_llama_cpp_splits_like_llama3_and_qwen2_tokenizers(llama_cpp, pre, tmp_path):
+    tokenizer = regex_bpe(*REGEX_BPE[pre])
+    path = save_gguf(Transformer(CONFIGS["base"]), tokenizer, tmp_path / "model.gguf")
+    assert fields(path)["tokenizer.ggml.pre"] == pre
+    assert_llama_cpp_tokenizes_alike(llama_cpp, path, tokenizer, HARD_TEXTS)

@@ -20,8 +20,9 @@ factors) stay f32, and a matrix whose rows do not split into blocks of the
 file's quantisation falls back to f16. A caller may hand in matrices already
 encoded as rows of ggml blocks (`raw_types`): a quantised Heron model's codes
 (compress/gguf_export.py) go into the file as they are, not rounded twice. The tokenizer must be byte-level BPE
-with GPT-2's pre-tokenizer regex (llama.cpp's "gpt2" model, pre-tokenizer
-"gpt-2"); any other is refused with the tokenizer.json field at fault.
+(llama.cpp's "gpt2" tokenizer model) split as GPT-2, Llama 3 or Qwen2 split
+text (`PRE_TOKENIZERS`, llama.cpp's pre-tokenizers "gpt-2", "llama-bpe" and
+"qwen2"); any other is refused with the tokenizer.json field at fault.
 """
 from __future__ import annotations
 
@@ -74,20 +75,53 @@ HPARAMS: tuple[tuple[Callable[[gguf.GGUFWriter, Any], None], str], ...] = (
     (_W.add_layer_norm_rms_eps, "rms_norm_eps"),
 )
 
-# tokenizer.json fields and the values under which llama.cpp's "gpt2" model with
-# the "gpt-2" pre-tokenizer gives the same ids: no normalizer, GPT-2's regex
-# split then bytes to printable symbols, plain BPE. Empty, null and false agree.
-GPT2_TOKENIZER: dict[str, Any] = {
+# tokenizer.json fields and the values under which llama.cpp's "gpt2" tokenizer model
+# with the pre-tokenizer named by the key ("tokenizer.ggml.pre") gives the same ids:
+# no normalizer, the pre-tokenizer's regex split then bytes to printable symbols,
+# plain BPE. Empty, null and false agree; a digit in a path indexes a list.
+_BPE = {
     "normalizer": None,
-    "pre_tokenizer.type": "ByteLevel",
-    "pre_tokenizer.add_prefix_space": False,
-    "pre_tokenizer.use_regex": True,
     "model.type": "BPE",
     "model.byte_fallback": False,
-    "model.ignore_merges": False,
     "model.continuing_subword_prefix": None,
     "model.end_of_word_suffix": None,
     "model.dropout": None,
+}
+GPT2_TOKENIZER: dict[str, Any] = {
+    **_BPE,
+    "pre_tokenizer.type": "ByteLevel",  # GPT-2's regex built in
+    "pre_tokenizer.add_prefix_space": False,
+    "pre_tokenizer.use_regex": True,
+    "model.ignore_merges": False,
+}
+# Llama 3 and Qwen2 split with a regex of their own (the strings in their tokenizer.json),
+# then map bytes without GPT-2's regex. Llama 3 takes a whole word that is in the
+# vocabulary as one token without merging (ignore_merges), as llama.cpp does for "llama-bpe".
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_REGEX = LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")  # digits one by one
+
+
+def _regex_then_bytes(regex: str, ignore_merges: bool) -> dict[str, Any]:
+    return {
+        **_BPE,
+        "pre_tokenizer.type": "Sequence",
+        "pre_tokenizer.pretokenizers.0.type": "Split",
+        "pre_tokenizer.pretokenizers.0.pattern.Regex": regex,
+        "pre_tokenizer.pretokenizers.0.behavior": "Isolated",
+        "pre_tokenizer.pretokenizers.0.invert": False,
+        "pre_tokenizer.pretokenizers.1.type": "ByteLevel",
+        "pre_tokenizer.pretokenizers.1.add_prefix_space": False,
+        "pre_tokenizer.pretokenizers.1.use_regex": False,
+        "pre_tokenizer.pretokenizers.2": None,  # nothing after
+        "model.ignore_merges": ignore_merges,
+    }
+
+
+PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
+    "gpt-2": GPT2_TOKENIZER,
+    "llama-bpe": _regex_then_bytes(LLAMA3_REGEX, ignore_merges=True),
+    "qwen2": _regex_then_bytes(QWEN2_REGEX, ignore_merges=False),
 }
 
 
@@ -215,10 +249,10 @@ def encode_tensor(
 
 def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: HeronTokenizer | PretrainedTokenizer, vocab_size: int) -> None:
     spec = json.loads(tokenizer.to_json())
-    check_gpt2_tokenizer(spec)
+    pre = gguf_pre_tokenizer(spec)
     tokens, types = _vocab(tokenizer.backend, spec, vocab_size)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
@@ -234,16 +268,30 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: HeronTokenizer | Pretrain
         writer.add_chat_template(template)
 
 
-def check_gpt2_tokenizer(spec: dict[str, Any]) -> None:
-    """ValueError naming the tokenizer.json field when llama.cpp's GPT-2 style
-    byte-level BPE would split text differently."""
-    for path, want in GPT2_TOKENIZER.items():
-        got: Any = spec
-        for key in path.split("."):
-            got = got.get(key) if isinstance(got, dict) else None
-        if got != want and (got or want):
-            raise ValueError(f"tokenizer.json {path}: {got!r}; GGUF export supports byte-level BPE with GPT-2's "
-                             f"pre-tokenizer only, which needs {want!r}")
+def gguf_pre_tokenizer(spec: dict[str, Any]) -> str:
+    """The llama.cpp pre-tokenizer under which its byte-level BPE splits text
+    as this tokenizer.json does; a ValueError naming the field at fault, on
+    the known pre-tokenizer with fewest differences, when none does."""
+    misses = {name: [(path, want, _field(spec, path)) for path, want in fields.items()
+                     if _field(spec, path) != want and (_field(spec, path) or want)]
+              for name, fields in PRE_TOKENIZERS.items()}
+    # Fewest differences; on a tie, the one whose split regex matches.
+    name = min(misses, key=lambda n: (len(misses[n]), any(".pattern." in path for path, *_ in misses[n])))
+    if not misses[name]:
+        return name
+    path, want, got = misses[name][0]
+    raise ValueError(f"tokenizer.json {path}: {got!r}; GGUF export supports byte-level BPE split as "
+                     f"{', '.join(PRE_TOKENIZERS)} split text, and the closest, {name}, needs {want!r}")
+
+
+def _field(spec: Any, path: str) -> Any:
+    """spec's value at a dotted path ("pre_tokenizer.pretokenizers.0.type"); None where missing."""
+    for key in path.split("."):
+        if isinstance(spec, list) and key.isdigit():
+            spec = spec[int(key)] if int(key) < len(spec) else None
+        else:
+            spec = spec.get(key) if isinstance(spec, dict) else None
+    return spec
 
 
 def _vocab(backend: Tokenizer, spec: dict[str, Any], vocab_size: int) -> tuple[list[str], list[int]]:
@@ -289,6 +337,6 @@ def _write_atomic(writer: gguf.GGUFWriter, target: Path) -> None:
 
 
 __all__ = [
-    "FILE_TYPES", "GPT2_TOKENIZER", "HPARAMS", "check_gpt2_tokenizer", "encode_tensor", "gguf_tensors",
+    "FILE_TYPES", "GPT2_TOKENIZER", "HPARAMS", "PRE_TOKENIZERS", "gguf_pre_tokenizer", "encode_tensor", "gguf_tensors",
     "interleave_rope", "rope_freq_factors", "save_gguf",
 ]
