@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from heron.core import ModelConfig, Transformer, attach_hooks, hook_points
 from heron.core.config import MoEConfig
-from heron.core.moe import MoE, grouped_matmul, load_balancing_loss, router_z_loss
+from heron.core.moe import MoE, grouped_matmul, load_balancing_loss, router_z_loss, share_batch_statistics
 
 E = 4  # experts in the layer-level tests
 
@@ -160,6 +160,23 @@ def test_centred_routing_ignores_a_vector_every_token_shares():
     assert torch.allclose(logits[0], logits[1], atol=1e-4)
     assert torch.equal(logits[0].argmax(-1), logits[1].argmax(-1))
     assert centred.last_stats["max_load_over_fair"].item() < E
+
+
+def test_a_part_sharing_batch_statistics_trains_as_the_whole_batch():
+    """Two processes holding the same half of a batch: a sum over processes doubles every
+    statistic. Each half then centres, routes and balances as the whole batch does."""
+    whole = make_moe(router_centering=True).train()
+    part, alone = copy.deepcopy(whole), copy.deepcopy(whole)
+    assert share_batch_statistics(part, lambda t: 2 * t) == 1
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(8)) + 3  # a common vector to centre away
+    y_whole, y_part = whole(torch.cat([x, x])), part(x)
+    aux_whole = whole.pop_aux_loss()
+    torch.testing.assert_close(y_part, y_whole[:2])
+    torch.testing.assert_close(part.pop_aux_loss(), aux_whole)
+    torch.testing.assert_close(part.router_center, whole.router_center)
+    y_alone = alone(x[:1])  # without sharing, a smaller part centres and balances on its own
+    assert not torch.allclose(y_alone, y_whole[:1], atol=1e-3)
+    assert not torch.allclose(alone.pop_aux_loss(), aux_whole)
 
 
 def test_training_folds_batch_means_into_the_running_mean_that_eval_routes_on():

@@ -14,7 +14,7 @@ from heron.train import load_checkpoint, load_model_folder, train
 from heron.train.checkpoint import latest_checkpoint, list_checkpoints, remove_folder
 from heron.train.report import read_metrics
 from train_helpers import small_recipe
-from train_workers import DISTRIBUTED_SETTINGS
+from train_workers import DISTRIBUTED_SETTINGS, MOE_SETTINGS
 
 HERE = Path(__file__).parent
 IDS = torch.arange(16).view(2, 8)
@@ -31,6 +31,7 @@ def runs(tmp_path_factory) -> Path:
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     train(small_recipe(root / "single", **DISTRIBUTED_SETTINGS))
+    train(small_recipe(root / "moe-single", **MOE_SETTINGS))
     return root
 
 
@@ -45,6 +46,18 @@ def test_two_processes_follow_the_one_process_curve(runs: Path, parallel: str) -
     for key in ("loss", "val_loss", "grad_norm"):
         torch.testing.assert_close(curve(multi, key), curve(single, key), rtol=1e-5, atol=0, msg=key)
     assert len(curve(multi, "loss")) == DISTRIBUTED_SETTINGS["train"]["steps"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_a_moe_trained_by_two_processes_follows_the_one_process_curve(runs: Path, parallel: str) -> None:
+    """Router centring and the balancing loss see the global batch, not each process's half."""
+    single, multi = runs / "moe-single", runs / f"moe-{parallel}"
+    for key in ("loss", "val_loss", "grad_norm", "moe_balance_loss", "moe_z_loss"):
+        torch.testing.assert_close(curve(multi, key), curve(single, key), rtol=1e-5, atol=0, msg=key)
+    model, _ = load_model_folder(multi)
+    reference, _ = load_model_folder(single)
+    torch.testing.assert_close(model.blocks[0].mlp.router_center, reference.blocks[0].mlp.router_center)
 
 
 @pytest.mark.slow

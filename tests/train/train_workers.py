@@ -5,7 +5,8 @@
         second checkpoint (everything but lineage.json already in the temp folder).
     torchrun --nproc_per_node 2 train_workers.py distributed OUT_ROOT
         train the small recipe with DDP into OUT_ROOT/ddp, then FSDP into OUT_ROOT/fsdp;
-        then FSDP again into OUT_ROOT/fsdp-resumed, crashing after step 4 and resuming.
+        then FSDP again into OUT_ROOT/fsdp-resumed, crashing after step 4 and resuming;
+        then a MoE with DDP and FSDP into OUT_ROOT/moe-ddp and OUT_ROOT/moe-fsdp.
 """
 from __future__ import annotations
 
@@ -17,10 +18,17 @@ from pathlib import Path
 import torch
 
 from heron.train import checkpoint, train
-from train_helpers import small_recipe
+from train_helpers import SMALL_MODEL, small_recipe
 
 torch.set_num_threads(1)
 DISTRIBUTED_SETTINGS = {"train": {"steps": 6, "ckpt_every": 3, "eval_every": 3, "batch_size": 8, "grad_accum": 2}}
+# A MoE with router centring: each process routes on the global batch's mean and balances on its
+# loads, so the runs match one process exactly only without accumulation (core/moe.py).
+MOE_SETTINGS = {
+    "model": {"preset": "test", "overrides": {**SMALL_MODEL, "feed_forward": ["moe"],
+                                              "moe": {"n_experts": 4, "top_k": 2, "router_centering": True}}},
+    "train": {**DISTRIBUTED_SETTINGS["train"], "grad_accum": 1},
+}
 
 
 def kill_mid_save(out_dir: Path) -> None:
@@ -51,6 +59,9 @@ def distributed(out_root: Path) -> None:
     except Crash:
         pass
     train(resumed)
+    for parallel in ("ddp", "fsdp"):
+        settings = {**MOE_SETTINGS, "train": {**MOE_SETTINGS["train"], "parallel": parallel}}
+        train(small_recipe(out_root / f"moe-{parallel}", world_size=world, **settings))
     dist.destroy_process_group()
 
 

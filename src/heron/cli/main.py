@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="shard folder to write")
     p.set_defaults(handler=commands.data_prepare)
 
-    p = verbs.add_parser("train", help="train from a recipe (a YAML file or a shipped name: test, tiny, small)")
+    shipped = ", ".join(sorted(path.stem for path in commands.RECIPES_DIR.glob("*.yaml")))
+    p = verbs.add_parser("train", help=f"train from a recipe (a YAML file or a shipped name: {shipped})")
     p.add_argument("recipe")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. --set train.steps=100 (repeatable)")

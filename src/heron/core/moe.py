@@ -10,6 +10,7 @@ experts run as one grouped matrix product, with no per-token Python loop.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,17 +38,19 @@ def route(probs: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return weights, experts
 
 
-def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor, alpha: float) -> torch.Tensor:
+def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor, alpha: float,
+                        n_tokens: int | torch.Tensor | None = None) -> torch.Tensor:
     """Switch load-balancing loss alpha * E * sum_i f_i * P_i (Fedus et al. 2022, eq. 4-6).
 
-    probs (N, E) router probabilities; counts (E,) assignments per expert. For
-    top-k, f_i is the fraction of tokens that picked expert i among their k,
-    as in Mixtral's reference (and transformers' load_balancing_loss_func), so
-    sum_i f_i = k and a balanced router scores alpha * k. Only P_i carries
-    gradient.
+    probs (N, E) router probabilities; counts (E,) assignments per expert out
+    of n_tokens (None: N; more when counts are summed over the processes that
+    share a batch). For top-k, f_i is the fraction of tokens that picked
+    expert i among their k, as in Mixtral's reference (and transformers'
+    load_balancing_loss_func), so sum_i f_i = k and a balanced router scores
+    alpha * k. Only P_i carries gradient.
     """
-    n_tokens, n_experts = probs.shape
-    f = counts.to(probs.dtype) / n_tokens  # (E,) fraction of tokens sent to each expert
+    n_experts = probs.shape[1]
+    f = counts.to(probs.dtype) / (probs.shape[0] if n_tokens is None else n_tokens)  # (E,) fraction per expert
     p = probs.mean(dim=0)  # (E,) mean router probability
     return alpha * n_experts * (f * p).sum()
 
@@ -125,10 +128,16 @@ class MoE(nn.Module):
     running mean (momentum CENTER_MOMENTUM, a saved buffer) that evaluation
     uses, as BatchNorm does: in eval mode routing never depends on the rest
     of the batch. Like BatchNorm, training routing does: micro-batches of
-    gradient accumulation, or of each process in a multi-process run, are
-    each centred on their own mean, so those runs match one large batch only
-    approximately. Off by default (imported models such as Mixtral route on
-    the input itself).
+    gradient accumulation are each centred on their own mean, so a run that
+    accumulates matches one large batch only approximately (processes that
+    share a batch centre on its whole mean; below). Off by default (imported
+    models such as Mixtral route on the input itself).
+
+    Processes that train on parts of one batch (DDP, FSDP) pass a sum over
+    processes to `share_batch_statistics`: training then centres on the whole
+    batch's mean and balances on its loads, f_i (Switch's fractions of tokens;
+    P_i stays each process's, whose gradients the processes average), so two
+    processes route and learn as one process on the whole batch does.
 
     After each forward, `pop_aux_loss()` gives the weighted load-balancing +
     z-loss with its gradient (Transformer sums it over layers; popping it lets
@@ -162,6 +171,7 @@ class MoE(nn.Module):
         self.hook_router_entropy = HookPoint()  # (B, T): nats; computed only when hooked
         self._aux_loss: torch.Tensor | None = None
         self._last: dict[str, torch.Tensor] = {}
+        self.batch_sum: Callable[[torch.Tensor], torch.Tensor] | None = None  # class note
         self.reset_parameters(config.init_std, (2 * config.n_layers) ** -0.5)
 
     def reset_parameters(self, std: float, residual_scale: float) -> None:
@@ -194,7 +204,8 @@ class MoE(nn.Module):
             y, kept = self._dispatch(flat, weights, experts, counts, limit)  # (N, d), (E,)
             self._last = {"probs": probs.detach(), "counts": counts, "kept": kept}
         if torch.is_grad_enabled():
-            balance = load_balancing_loss(probs, self._last["counts"], s.aux_loss_coef)
+            counts, n_tokens = self._batch_loads(self._last["counts"], B * T)
+            balance = load_balancing_loss(probs, counts, s.aux_loss_coef, n_tokens)
             z = router_z_loss(logits, s.z_loss_coef)
             self._aux_loss = balance + z  # ()
             self._last.update(balance_loss=balance.detach(), z_loss=z.detach())
@@ -210,10 +221,25 @@ class MoE(nn.Module):
             return x
         if not self.training:
             return x - self.router_center.to(x.dtype)
-        mean = x.detach().mean(dim=0)  # (d,)
+        mean = self._batch_mean(x.detach())  # (d,)
         with torch.no_grad():
             self.router_center.lerp_(mean.to(self.router_center.dtype), CENTER_MOMENTUM)
         return x - mean
+
+    def _batch_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """(d,) the mean of the training batch's rows x (N, d): of this
+        process's part, or with `batch_sum` of the whole batch."""
+        if self.batch_sum is None:
+            return x.mean(dim=0)
+        total = self.batch_sum(torch.cat([x.sum(dim=0), x.new_tensor([x.shape[0]])]))  # (d + 1,)
+        return total[:-1] / total[-1]
+
+    def _batch_loads(self, counts: torch.Tensor, n_tokens: int) -> tuple[torch.Tensor, int | torch.Tensor]:
+        """(assignments per expert (E,), tokens) of this process's part, or with `batch_sum` of the whole batch."""
+        if self.batch_sum is None:
+            return counts, n_tokens
+        total = self.batch_sum(torch.cat([counts, counts.new_tensor([n_tokens])]))  # (E + 1,)
+        return total[:-1], total[-1]
 
     def _decoding(self, x: torch.Tensor) -> bool:
         """A few tokens outside autograd in eval mode on CPU, no expert hook
@@ -291,6 +317,17 @@ class MoE(nn.Module):
         }
 
 
+def share_batch_statistics(model: nn.Module, batch_sum: Callable[[torch.Tensor], torch.Tensor] | None) -> int:
+    """Have every MoE layer of `model` sum its training batch statistics (the
+    centring mean, the loads the balancing loss weighs) with `batch_sum`, a sum
+    over the processes that share each batch; None: each process's own part.
+    Returns how many layers were set."""
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    for layer in layers:
+        layer.batch_sum = batch_sum
+    return len(layers)
+
+
 def moe_stats(model: nn.Module) -> dict[str, torch.Tensor]:
     """`last_stats` scalars averaged over a model's MoE layers; {} without any."""
     layers = [m.last_stats for m in model.modules() if isinstance(m, MoE) and m.last_stats]
@@ -301,5 +338,5 @@ def moe_stats(model: nn.Module) -> dict[str, torch.Tensor]:
 
 __all__ = [
     "MoE", "expert_capacity", "grouped_matmul", "load_balancing_loss", "moe_stats", "route",
-    "router_entropy", "router_z_loss",
+    "router_entropy", "router_z_loss", "share_batch_statistics",
 ]

@@ -20,6 +20,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from heron.core.hooks import attach_hooks
-from heron.core.moe import moe_stats
+from heron.core.moe import moe_stats, share_batch_statistics
 from heron.core.transformer import Transformer
 from heron.data.batches import PackedBatches, eval_batches
 from heron.govern import EnergyMeter, EnergyReport
@@ -192,6 +193,8 @@ def _start(recipe: TrainRecipe, ctx: dist_.DistContext, resume: bool, data: Trai
     model = Transformer(config)
     if ckpt is not None:
         load_weights(model, ckpt.state_dict, source=ckpt.path)
+    if ctx.world_size > 1:  # MoE routing statistics over the global micro-batch, not this rank's part
+        share_batch_statistics(model, partial(dist_.all_reduce_sum, ctx=ctx))
     model = dist_.wrap_model(model.to(ctx.device), ctx)
     optimizer = build_optimizer(model, recipe.optim)
     objective_optimizer = None
