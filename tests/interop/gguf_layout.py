@@ -1,4 +1,4 @@
-"""What the GGUF tests share: tiny LLaMA-shaped configs, a model with weights
+"""What the GGUF tests share: tiny LLaMA- and Mixtral-shaped configs, a model with weights
 far from init, the llama.cpp layout each Heron tensor must take (derived by
 hand, independently of interop/gguf.py), and llama.cpp's logits for a file."""
 import math
@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from heron.core import ModelConfig, RopeScaling, Transformer
+from heron.core.config import MoEConfig
 from heron.tokenizer import HeronTokenizer, train_tokenizer
 
 CORPUS = [
@@ -29,6 +30,9 @@ CONFIGS = {
     # tokenizer's, and a feed-forward width (80) that Q8_0's 32-value blocks do not divide.
     "llama3": ModelConfig(vocab_size=VOCAB + 20, **SMALL, head_dim=32, d_ff=80, rope_theta=500.0,
                           rope_scaling=RopeScaling(kind="llama3", factor=4.0, original_max_seq_len=16)),
+    # Mixtral: every feed-forward 4 experts of width 32, top-2, stacked per layer in the file.
+    "moe": ModelConfig(vocab_size=VOCAB, **SMALL, feed_forward=("moe",), tie_embeddings=False,
+                       moe=MoEConfig(n_experts=4, top_k=2, d_ff=32)),
 }
 
 def make_tokenizer() -> HeronTokenizer:
@@ -80,7 +84,13 @@ def expected_tensors(model: Transformer) -> dict[str, torch.Tensor]:
             out[blk + "attn_q." + kind] = rope_pairs(qkv[:q], c.n_heads)
             out[blk + "attn_k." + kind] = rope_pairs(qkv[q:q + kv], c.resolved_kv_heads)
             out[blk + "attn_v." + kind] = qkv[q + kv:]
-        for kind in ("weight", "bias") if c.mlp_bias else ("weight",):
+        if c.moe is not None:  # experts (E, in, out) -> one (E, out, in) stack per linear
+            width = c.resolved_expert_d_ff
+            out[blk + "ffn_gate_inp.weight"] = p[b + "mlp.router.weight"]
+            out[blk + "ffn_gate_exps.weight"] = p[b + "mlp.up"][..., :width].transpose(1, 2)
+            out[blk + "ffn_up_exps.weight"] = p[b + "mlp.up"][..., width:].transpose(1, 2)
+            out[blk + "ffn_down_exps.weight"] = p[b + "mlp.down"].transpose(1, 2)
+        for kind in (("weight", "bias") if c.mlp_bias else ("weight",)) if c.moe is None else ():
             out[blk + "ffn_gate." + kind] = p[b + "mlp.up." + kind][:ff]
             out[blk + "ffn_up." + kind] = p[b + "mlp.up." + kind][ff:]
             out[blk + "ffn_down." + kind] = p[b + "mlp.down." + kind]

@@ -66,6 +66,12 @@ def test_metadata(exported, dtype):
     assert "llama.rope.scaling.type" not in got
 
 
+def test_moe_metadata(exported):
+    got = fields(exported["moe", "f32"][1])
+    assert (got["llama.expert_count"], got["llama.expert_used_count"], got["llama.feed_forward_length"]) == (4, 2, 32)
+    assert "llama.expert_count" not in fields(exported["base", "f32"][1])
+
+
 def test_rope_scaling_metadata(exported):
     linear = fields(exported["tied_linear", "f32"][1])
     assert (linear["llama.rope.scaling.type"], linear["llama.rope.scaling.factor"]) == ("linear", 2.0)
@@ -129,7 +135,7 @@ def test_block_types_fall_back_to_f16_for_rows_that_do_not_fill_blocks(exported,
     assert types["blk.0.ffn_up.weight"] == MATRIX_TYPES[dtype]  # rows of d_model = 64
 
 
-def make_tokenizer_arrays(exported, tokenizer):
+def test_tokenizer_arrays(exported, tokenizer):
     got = fields(exported["llama3", "f32"][1])
     spec = json.loads(tokenizer.to_json())
     backend = tokenizer.backend
@@ -167,13 +173,25 @@ def test_interleave_rope_turns_rotate_half_into_pair_rotation():
 
 @pytest.mark.parametrize(("change", "field"), [
     (dict(attention=(AttentionPattern(kind="sliding", window=8),)), "attention"),
-    (dict(feed_forward=("moe",), moe=MoEConfig(n_experts=4, top_k=2)), "feed_forward"),
     (dict(norm="layernorm"), "norm"),
     (dict(attn_scale=1.0), "attn_scale"),
     (dict(vocab_size=VOCAB - 1), "vocab_size"),
 ])
 def test_refuses_models_llama_cpp_cannot_run(tokenizer, tmp_path, change, field):
     model = Transformer(CONFIGS["base"].replace(**change))
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        save_gguf(model, tokenizer, tmp_path / "model.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    (dict(feed_forward=("dense", "moe")), "feed_forward"),  # Mixtral: experts on every layer
+    (dict(moe=MoEConfig(n_experts=4, top_k=2, d_ff=32, router_centering=True)), "moe.router_centering"),
+    (dict(moe=MoEConfig(n_experts=4, top_k=2, d_ff=32, shared_expert=True)), "moe.shared_expert"),
+    (dict(qkv_bias=True), "qkv_bias"),
+])
+def test_refuses_moe_models_llama_cpp_cannot_run(tokenizer, tmp_path, change, field):
+    model = Transformer(CONFIGS["moe"].replace(**change))
     with pytest.raises(ValueError, match=f"^{field}:"):
         save_gguf(model, tokenizer, tmp_path / "model.gguf")
     assert list(tmp_path.iterdir()) == []
@@ -258,7 +276,7 @@ def test_a_failed_write_leaves_the_old_file_whole(tokenizer, tmp_path, monkeypat
 # test_gguf_quantized.py matches a Heron int4 model's own logits closely.
 TOLERANCES = {"f32": (1e-4, 1e-5), "f16": (5e-2, 5e-3), "q8_0": (1.0, 0.1), "q4_0": (5.0, 0.6), "q4_1": (5.0, 0.6)}
 LLAMA_RUNS = [("base", "f32"), ("base", "f16"), ("base", "q8_0"), ("base", "q4_0"), ("base", "q4_1"),
-              ("tied_linear", "f32"), ("llama3", "f32")]
+              ("tied_linear", "f32"), ("llama3", "f32"), ("moe", "f32"), ("moe", "q8_0")]
 
 
 @pytest.fixture(scope="module")

@@ -1,19 +1,22 @@
 """GGUF out: a Heron model and its tokenizer as one file that llama.cpp runs.
 
 The file is built on the Hugging Face export, not on Heron's modules:
-`hf_config(LLAMA, config)` decides whether the model is LLaMA-expressible
-(a ValueError names the field when it is not: sparse attention, MoE,
-LayerNorm, ...) and its values fill llama.cpp's hyperparameters;
-`heron_to_hf` yields the tensors, renamed by gguf-py's own name table for
-the llama architecture. Two things differ from a Hugging Face folder, and
-both are done as llama.cpp's `convert_hf_to_gguf.py` does them:
+`hf_config(LLAMA, config)` (`MIXTRAL` for a Mixture of Experts) decides
+whether the model is expressible (a ValueError names the field when it is
+not: sparse attention, router centring, LayerNorm, ...) and its values fill
+llama.cpp's hyperparameters; `heron_to_hf` yields the tensors, renamed by
+gguf-py's own name table for the llama architecture, which runs Mixtral too.
+Three things differ from a Hugging Face folder, and all are done as
+llama.cpp's `convert_hf_to_gguf.py` does them:
 
 - q and k rows are permuted (`interleave_rope`): llama.cpp's llama
   architecture rotates consecutive pairs of a head's dimensions, where
   Hugging Face and Heron rotate dimension j with j + head_dim / 2;
 - Llama 3 RoPE scaling travels as per-frequency divisors in a
   `rope_freqs.weight` tensor; linear scaling as llama.cpp's "linear" rope
-  scaling type.
+  scaling type;
+- a MoE layer's experts are stacked, one (experts, out, in) tensor each for
+  gate, up and down (`stacked_experts`).
 
 Tensor types follow the converter as well: 1-D tensors (norms, biases, rope
 factors) stay f32, and a matrix whose rows do not split into blocks of the
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -42,7 +46,7 @@ from heron.core.config import ModelConfig
 from heron.core.rope import rope_frequencies
 from heron.core.transformer import Transformer
 from heron.govern.audit import record_event
-from heron.interop.families import LLAMA, HfConfig, hf_config
+from heron.interop.families import LLAMA, MIXTRAL, Family, HfConfig, hf_config
 from heron.interop.tables import expand, heron_to_hf
 from heron.tokenizer.bpe import CHAT_TEMPLATE_JINJA, HeronTokenizer
 from heron.tokenizer.pretrained import PretrainedTokenizer
@@ -150,7 +154,7 @@ def save_gguf(
         most_common = max(set(raw_types.values()), key=list(raw_types.values()).count)
         file_type = next(ftype for ftype, qtype in FILE_TYPES.values() if qtype == most_common)
     config = model.config
-    hf = hf_config(LLAMA, config)
+    hf = hf_config(family_of(config), config)
     target = Path(path)
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[ARCH])
     writer.add_name(name if name is not None else target.stem)
@@ -173,9 +177,17 @@ def save_gguf(
 
 # ----- hyperparameters --------------------------------------------------------------------------
 
+def family_of(config: ModelConfig) -> Family:
+    """The Hugging Face family a GGUF file is made through: Mixtral for a Mixture of Experts."""
+    return LLAMA if config.moe is None else MIXTRAL
+
+
 def _add_hparams(writer: gguf.GGUFWriter, hf: HfConfig, config: ModelConfig) -> None:
     for add, key in HPARAMS:
         add(writer, hf[key])
+    if "num_local_experts" in hf:  # Mixtral: feed_forward_length above is one expert's width
+        writer.add_expert_count(hf["num_local_experts"])
+        writer.add_expert_used_count(hf["num_experts_per_tok"])
     writer.add_rope_freq_base(config.rope_theta)
     scaling = config.rope_scaling
     if scaling is not None and scaling.kind == "linear":  # llama3 scaling is a tensor: rope_freq_factors
@@ -215,9 +227,12 @@ def gguf_tensors(config: ModelConfig, weights: Mapping[str, torch.Tensor]) -> It
     tied output head is left out: llama.cpp reuses `token_embd` when `output` is absent."""
     names = gguf.get_tensor_name_map(ARCH, config.n_layers)
     rope_heads = {gguf.MODEL_TENSOR.ATTN_Q: config.n_heads, gguf.MODEL_TENSOR.ATTN_K: config.resolved_kv_heads}
-    origin = {hf: heron for heron, _, parts in expand(LLAMA.weights, config.n_layers, 0)
+    family = family_of(config)
+    n_experts = 0 if config.moe is None else config.moe.n_experts
+    origin = {hf: heron for heron, _, parts in expand(family.weights, config.n_layers, n_experts)
               for part in parts for hf in part.names}
-    for hf_name, tensor in heron_to_hf(weights, LLAMA.weights, config):
+    origin |= {_stack_name(expert): heron for hf, heron in origin.items() if (expert := _EXPERT.match(hf))}
+    for hf_name, tensor in stacked_experts(heron_to_hf(weights, family.weights, config), n_experts):
         found = names.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
         if found is None:
             raise ValueError(f"{hf_name}: no tensor of llama.cpp's llama architecture has this name")
@@ -226,6 +241,35 @@ def gguf_tensors(config: ModelConfig, weights: Mapping[str, torch.Tensor]) -> It
     factors = rope_freq_factors(config)
     if factors is not None:
         yield f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS]}.weight", factors, "rope_freqs"
+
+
+_EXPERT = re.compile(r"(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<linear>w[123])\.weight$")
+
+
+def _stack_name(expert: re.Match[str]) -> str:
+    """...experts.{e}.w1.weight -> ...experts.w1.weight, the name convert_hf_to_gguf.py maps."""
+    return f"{expert['prefix']}.{expert['linear']}.weight"
+
+
+def stacked_experts(tensors: Iterator[tuple[str, torch.Tensor]],
+                    n_experts: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Mixtral's per-expert linears (out, in), as `heron_to_hf` yields them,
+    stacked into one (n_experts, out, in) tensor per layer and linear, in
+    expert order, as llama.cpp keeps them; other tensors pass through."""
+    pending: dict[str, dict[int, torch.Tensor]] = {}
+    for name, tensor in tensors:
+        expert = _EXPERT.match(name)
+        if expert is None:
+            yield name, tensor
+            continue
+        stacked = _stack_name(expert)
+        stack = pending.setdefault(stacked, {})
+        stack[int(expert["expert"])] = tensor
+        if len(stack) == n_experts:
+            yield stacked, torch.stack([stack.pop(e) for e in range(n_experts)])
+            del pending[stacked]
+    for stacked, stack in pending.items():
+        raise ValueError(f"{stacked}: got experts {sorted(stack)} of {n_experts}")
 
 
 def encode_tensor(
@@ -337,6 +381,6 @@ def _write_atomic(writer: gguf.GGUFWriter, target: Path) -> None:
 
 
 __all__ = [
-    "FILE_TYPES", "GPT2_TOKENIZER", "HPARAMS", "PRE_TOKENIZERS", "gguf_pre_tokenizer", "encode_tensor", "gguf_tensors",
-    "interleave_rope", "rope_freq_factors", "save_gguf",
+    "FILE_TYPES", "GPT2_TOKENIZER", "HPARAMS", "PRE_TOKENIZERS", "encode_tensor", "family_of", "gguf_pre_tokenizer",
+    "gguf_tensors", "interleave_rope", "rope_freq_factors", "save_gguf", "stacked_experts",
 ]
