@@ -21,13 +21,16 @@ the very same weights; greedy outputs are checked identical.
 - Decode, Mixtral shape (d 512, 8 layers, 8 heads, 2 KV heads, 8 experts of
   1024, top-2, vocabulary 32000; 0.16B total): batch 1, 32-token prompt,
   128 greedy new tokens, end to end (bench_decode's runs: Heron's Decoder
-  against `generate`).
+  against `generate`). The same Heron model quantised to int8 (round to
+  nearest, experts included: compress/quant_moe.py) decodes in the same
+  rounds, for its speed-up over fp32.
 
     python benchmarks/bench_interop.py [--quick] [--no-write] [--skip-memory]
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import subprocess
 import sys
@@ -36,7 +39,8 @@ import time
 import torch
 
 from bench_decode import NEW, PROMPT, HeronRun, HFRun, prompts
-from common import INTERLEAVING_NOTE, HERE, Result, interleave, machine, ratio, record, setup_torch
+from common import INTERLEAVING_NOTE, HERE, Result, Stats, interleave, machine, ratio, record, setup_torch
+from heron.compress import quantize_model
 
 ROOT = HERE.parent
 WORK = ROOT / "runs" / "bench-interop"  # runs/ is git-ignored
@@ -192,16 +196,16 @@ def forward_results(rounds: int) -> list[Result]:
         how = (f"LLaMA shape (d 768, 12 layers, 12 heads, 4 KV heads, SwiGLU 2048, vocab 32000), imported from a "
                f"save_pretrained folder, fp32, logits of batch {batch} x {length} under inference_mode; "
                f"max |logit difference| {difference:.1e}")
-        results += speed_results("forward", key, runs, rounds if key == "llama" else 3 * rounds,
+        key_rounds = rounds if key == "llama" else 3 * rounds
+        results += speed_results("forward", key, interleave(runs, key_rounds), key_rounds,
                                  "Heron / LlamaForCausalLM (sdpa) tokens/s", how,
                                  FORWARD_TARGET if key == "llama" else None)
     return results
 
 
-def speed_results(kind: str, shape: str, runs: dict, rounds: int, compared: str, how: str,
+def speed_results(kind: str, shape: str, stats: dict[str, Stats], rounds: int, compared: str, how: str,
                   target: float | None) -> list[Result]:
     """The speedup key (with its target) and both sides' tokens/s, from interleaved rounds."""
-    stats = interleave(runs, rounds)
     speedup = ratio(stats["heron"], stats["transformers"])
     how += f"; {rounds} interleaved rounds, median of per-round ratios, spread {100 * speedup.spread:.0f}%"
     return [
@@ -214,14 +218,23 @@ def speed_results(kind: str, shape: str, runs: dict, rounds: int, compared: str,
 def decode_results(rounds: int) -> list[Result]:
     model, hf = imported_pair("Mixtral", MIXTRAL_SHAPE)
     batch = prompts(1, MIXTRAL_SHAPE["vocab_size"])
-    runs = {"heron": HeronRun(model, batch), "transformers": HFRun(hf, batch, MIXTRAL_SHAPE["vocab_size"])}
+    int8 = quantize_model(copy.deepcopy(model), "int8", progress=False)
+    runs = {"heron": HeronRun(model, batch), "transformers": HFRun(hf, batch, MIXTRAL_SHAPE["vocab_size"]),
+            "heron-int8": HeronRun(int8, batch)}
     same = runs["heron"].generate() == runs["transformers"].generate()  # also the warm-up
+    runs["heron-int8"].generate()
     print(f"decode, Mixtral shape: greedy tokens identical: {same}", flush=True)
     how = (f"Mixtral shape (d 512, 8 layers, 8 heads, 2 KV heads, 8 experts of 1024, top-2, vocab 32000), imported "
            f"from a save_pretrained folder, fp32, batch 1, {PROMPT}-token prompt, {NEW} greedy new tokens, tokens/s "
            f"= N / wall time of the whole call incl. prefill; greedy tokens identical: {same}")
-    return speed_results("decode", "mixtral", runs, rounds,
-                         "Heron Decoder/decode_steps vs MixtralForCausalLM.generate (sdpa)", how, DECODE_TARGET)
+    stats = interleave(runs, rounds)
+    int8_speedup = ratio(stats["heron-int8"], stats["heron"])
+    int8_how = (f"the same imported Mixtral-shaped model quantised by quantize_model(int8, rtn: attention, experts, "
+                f"embedding and head) / fp32, Heron decode tokens/s, {rounds} rounds interleaved with the fp32 and "
+                f"transformers runs, median of per-round ratios, spread {100 * int8_speedup.spread:.0f}%")
+    return [*speed_results("decode", "mixtral", stats, rounds,
+                           "Heron Decoder/decode_steps vs MixtralForCausalLM.generate (sdpa)", how, DECODE_TARGET),
+            Result("decode_speedup_int8_vs_fp32_mixtral", int8_speedup.median, "x", int8_how)]
 
 
 def main() -> None:

@@ -22,6 +22,16 @@ def tiny(seed: int = 0, **overrides) -> Transformer:
     return Transformer(config).eval()
 
 
+def token_ids(n: int, T: int, seed: int) -> torch.Tensor:
+    """(n, T) random token ids of the tiny models' vocabulary."""
+    return torch.randint(0, V, (n, T), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(ids).logits
+
+
 def checkpoint_and_shards(root: Path) -> tuple[Path, Path]:
     """(a checkpoint of a tiny random model, a shard folder of counting sequences) under root."""
     torch.manual_seed(0)

@@ -7,24 +7,17 @@ import copy
 import pytest
 import torch
 
+from compress_helpers import V, logits, token_ids
 from heron.compress import QuantEmbedding, QuantLinear, block_linears, quantize_model
+from heron.compress.quant_moe import QuantMoE
 from heron.core import KVCache, ModelConfig, MoEConfig, Transformer
 
-CONFIG = ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
+CONFIG = ModelConfig(vocab_size=V, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
 
 
 def tiny_model(seed: int = 0, **overrides) -> Transformer:
     torch.manual_seed(seed)
     return Transformer(CONFIG.replace(**overrides) if overrides else CONFIG).eval()
-
-
-def token_ids(n: int, T: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, CONFIG.vocab_size, (n, T), generator=torch.Generator().manual_seed(seed))
-
-
-def logits(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode():
-        return model(ids).logits
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -105,15 +98,17 @@ def test_gelu_mlp_with_biases_and_act_order_gptq_int8() -> None:
     assert relative_error(logits(model, ids), reference) < 0.02
 
 
-def test_moe_blocks_quantise_attention_and_shared_expert_and_keep_experts_fp32() -> None:
+def test_moe_blocks_quantise_attention_shared_expert_and_experts_and_keep_the_router() -> None:
     moe = MoEConfig(n_experts=4, top_k=2, shared_expert=True)
     model = tiny_model(seed=11, feed_forward=("dense", "moe"), moe=moe)
     ids = token_ids(4, 16, seed=12)
+    reference = logits(model, ids)
     quantize_model(model, "int8", "gptq", ids, progress=False)
     moe_block = model.blocks[1]
     assert isinstance(moe_block.attn.qkv, QuantLinear) and isinstance(moe_block.mlp.shared.down, QuantLinear)
-    assert isinstance(moe_block.mlp.up, torch.nn.Parameter) and isinstance(moe_block.mlp.router, torch.nn.Linear)
-    assert torch.isfinite(logits(model, ids)).all()
+    assert isinstance(moe_block.mlp, QuantMoE) and isinstance(moe_block.mlp.router, torch.nn.Linear)
+    assert all(isinstance(layer, QuantLinear) for layer in [*moe_block.mlp.experts_up, *moe_block.mlp.experts_down])
+    assert relative_error(logits(model, ids), reference) < 0.02
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

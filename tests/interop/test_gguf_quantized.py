@@ -15,6 +15,7 @@ from gguf_layout import CONFIGS, CONTEXT, expected_tensors, fields, llama_cpp_lo
 
 from heron.cli.main import main
 from heron.compress.gguf_export import ggml_blocks, ggml_type, save_quantized_gguf
+from heron.compress.quant_moe import QuantMoE
 from heron.compress.quantize import quantize_model
 from heron.compress.checkpoint import save_quantized
 from heron.compress.schemes import get_scheme, quantize_rtn
@@ -54,7 +55,11 @@ def dequantized_copy(model: Transformer) -> Transformer:
     with torch.no_grad():
         for name, p in plain.named_parameters():
             module_name, _, kind = name.rpartition(".")
-            p.copy_(getattr(model.get_submodule(module_name), kind))
+            module = model.get_submodule(module_name)
+            if isinstance(module, QuantMoE) and kind in ("up", "down"):
+                p.copy_(module.dequantized()[kind == "down"])
+            else:
+                p.copy_(getattr(module, kind))
     return plain
 
 
@@ -119,6 +124,20 @@ def test_blocks_that_cross_groups_fall_back_to_dequantised_floats(tokenizer, tmp
         if t.name.startswith("blk.") and t.name.endswith(".weight") and "norm" not in t.name:
             assert t.tensor_type == Q.F32, t.name
             np.testing.assert_array_equal(np.asarray(t.data).reshape(want[t.name].shape), want[t.name].numpy())
+
+
+def test_quantised_experts_go_in_dequantised_and_stacked(tokenizer, tmp_path):
+    model = quantized("moe", scheme="int8")
+    path = save_quantized_gguf(model, tokenizer, tmp_path / "moe.gguf", dtype="f32")
+    want = expected_tensors(dequantized_copy(model))
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    assert sorted(tensors) == sorted(want)
+    for linear in ("gate", "up", "down"):
+        t = tensors[f"blk.1.ffn_{linear}_exps.weight"]
+        assert t.tensor_type == Q.F32
+        expected = want[t.name].numpy()  # (E, out, in)
+        np.testing.assert_array_equal(np.asarray(t.data).reshape(expected.shape), expected, err_msg=t.name)
+    assert tensors["blk.1.attn_q.weight"].tensor_type == Q.Q8_0  # linears keep their codes
 
 
 def test_awq_input_scales_are_refused_naming_the_layer(tokenizer, tmp_path):

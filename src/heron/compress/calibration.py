@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from heron.compress.quant_moe import QuantMoE
 from heron.core.hooks import attach_hooks
 from heron.core.moe import MoE
 from heron.core.transformer import Transformer
@@ -43,9 +44,10 @@ def block_linears(model: Transformer) -> dict[str, nn.Linear]:
 
 
 def block_experts(model: Transformer) -> dict[str, nn.Parameter]:
-    """{dotted name: stacked expert weight (E, K, N)} of every MoE layer, block by block in data-flow order."""
+    """{dotted name: stacked expert weight (E, K, N)} of every MoE layer with float
+    experts, block by block in data-flow order."""
     return {f"blocks.{i}.{suffix}": block.get_parameter(suffix) for i, block in enumerate(model.blocks)
-            if isinstance(block.mlp, MoE) for suffix in EXPERT_INPUTS}
+            if isinstance(block.mlp, MoE) and not isinstance(block.mlp, QuantMoE) for suffix in EXPERT_INPUTS}
 
 
 def find_module(module: nn.Module, dotted: str) -> nn.Module | None:

@@ -1,11 +1,12 @@
 """Quantised checkpoints: a normal Heron model folder plus `quantization.json`.
 
 model.safetensors holds each quantised layer's packed tensors under the
-layer's name (`blocks.0.attn.qkv.qweight`, `.scale`, `.zero`, ...), a tied
-head's tensors once (under `embed.`). quantization.json names every
-quantised module and its format, so loading rebuilds those modules before
-it reads the weights; it is written inside the same atomic folder and its
-sha256 sits in lineage.json with the other files.
+layer's name (`blocks.0.attn.qkv.qweight`, `.scale`, `.zero`, ...; a MoE's
+experts under `blocks.0.mlp.experts_up.3.`), a tied head's tensors once
+(under `embed.`). quantization.json names every quantised module and its
+format (a MoE layer once, kind "experts"), so loading rebuilds those modules
+before it reads the weights; it is written inside the same atomic folder and
+its sha256 sits in lineage.json with the other files.
 """
 from __future__ import annotations
 
@@ -17,8 +18,11 @@ import torch
 from torch import nn
 
 from heron.compress.qlinear import QuantEmbedding, QuantLinear
+from heron.compress.quant_moe import QuantMoE
 from heron.compress.quantize import swap_module, tie_head
 from heron.compress.schemes import scheme_from_description
+from heron.core.config import ModelConfig
+from heron.core.moe import MoE
 from heron.core.transformer import Transformer
 from heron.tokenizer import Tokenizer, load_tokenizer
 from heron.tokenizer.bpe import TOKENIZER_FILE
@@ -56,8 +60,15 @@ def quantized_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
     """{dotted name: format} of every quantised module, as quantization.json records it."""
     found: dict[str, dict[str, Any]] = {}
     owners: dict[int, str] = {}
+    moe_layers: list[str] = []
     for name, module in model.named_modules():
-        if isinstance(module, QuantEmbedding):
+        if any(name.startswith(f"{layer}.") for layer in moe_layers):
+            continue  # a QuantMoE's expert layers: rebuilt with it
+        if isinstance(module, QuantMoE):
+            up = module.experts_up[0]
+            found[name] = {"kind": "experts", **up.scheme.describe(), "input_scale": up.input_scale is not None}
+            moe_layers.append(name)
+        elif isinstance(module, QuantEmbedding):
             found[name] = {"kind": "embedding", **module.scheme.describe()}
             owners[id(module.qweight)] = name
         elif isinstance(module, QuantLinear):
@@ -92,7 +103,7 @@ def load_quantized_folder(
         model = Transformer(ckpt.config)
         for name, info in modules.items():
             if "tied_to" not in info:
-                swap_module(model, name, _empty_module(model.get_submodule(name), info, name))
+                swap_module(model, name, _empty_module(model.get_submodule(name), info, name, ckpt.config))
     model.to_empty(device="cpu")
     model.reset_buffers()
     if isinstance(model.lm_head, nn.Linear) and isinstance(model.embed, nn.Embedding):
@@ -121,9 +132,11 @@ def read_manifest(file: Path, key: str, what: str) -> dict[str, dict[str, Any]]:
     return entries
 
 
-def _empty_module(old: nn.Module, info: dict[str, Any], name: str) -> nn.Module:
+def _empty_module(old: nn.Module, info: dict[str, Any], name: str, config: ModelConfig) -> nn.Module:
     """A quantised module of `old`'s shape, to be filled by load_state_dict."""
     scheme = scheme_from_description(info)
+    if info["kind"] == "experts" and isinstance(old, MoE):
+        return QuantMoE(config, scheme, input_scale=bool(info["input_scale"]))
     if info["kind"] == "embedding" and isinstance(old, nn.Embedding):
         return QuantEmbedding(old.num_embeddings, old.embedding_dim, scheme)
     if info["kind"] == "linear" and isinstance(old, nn.Linear):

@@ -14,8 +14,11 @@ that holds the same numbers (blocks of 32 weights of one row, scales fp16):
 The int4 group must be a multiple of 32 so that every block lies in one
 group. A matrix that does not fit (a group of 16, an embedding width that
 32 does not divide) is written dequantised in the file's float type, as
-llama.cpp's converter falls back. AWQ's per-input-channel scale has no place
-in a llama.cpp file: such a model is refused, naming the layer.
+llama.cpp's converter falls back. A MoE's quantised experts are written
+dequantised too: llama.cpp stacks each layer's experts into one tensor, which
+the per-expert codes would have to be re-blocked for. AWQ's
+per-input-channel scale has no place in a llama.cpp file: such a model is
+refused, naming the layer.
 
     save_quantized_gguf(model, tokenizer, "model.gguf")   # heron convert to-gguf
 """
@@ -28,6 +31,7 @@ import gguf
 import torch
 
 from heron.compress.qlinear import QuantEmbedding, QuantLinear
+from heron.compress.quant_moe import QuantMoE
 from heron.compress.schemes import Int4Grouped, Int8PerChannel, QParams, Scheme
 from heron.core.transformer import Transformer
 from heron.interop.gguf import save_gguf
@@ -78,8 +82,11 @@ def gguf_weights(model: Transformer) -> tuple[dict[str, torch.Tensor], dict[str,
     bytes) for `save_gguf`: quantised matrices as blocks, the rest as floats."""
     weights = {name: p.detach() for name, p in model.named_parameters()}
     raw: dict[str, gguf.GGMLQuantizationType] = {}
+    experts = [name for name, module in model.named_modules() if isinstance(module, QuantMoE)]
+    for name in experts:  # llama.cpp stacks experts (E, out, in): their codes go in dequantised, as floats
+        weights[f"{name}.up"], weights[f"{name}.down"] = model.get_submodule(name).dequantized()
     for name, module in model.named_modules():
-        if not isinstance(module, (QuantLinear, QuantEmbedding)):
+        if not isinstance(module, (QuantLinear, QuantEmbedding)) or any(name.startswith(f"{e}.") for e in experts):
             continue
         if name == "lm_head" and model.config.tie_embeddings:
             continue  # llama.cpp reads the tied head from token_embd

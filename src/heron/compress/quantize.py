@@ -4,8 +4,10 @@
 
 The linears inside each block (attention qkv and out, MLP up and down, a MoE's
 shared expert) become `QuantLinear`s; the token embedding and the output head
-become int8 rows by default (`embeddings`), stored once when tied. MoE expert
-weights (stacked parameters, not linears) and routers stay fp32.
+become int8 rows by default (`embeddings`), stored once when tied. A MoE
+layer becomes a `QuantMoE`: each expert's up and down matrices are quantised
+as linears are (calibrated on the rows routed to that expert), and the
+router stays fp32.
 
 Calibrated methods follow GPTQ's sequential recipe (Frantar et al. 2022,
 section 4, and the reference's --true-sequential): block by block, each
@@ -15,6 +17,7 @@ layers before it, so later layers correct for earlier rounding.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,16 +29,21 @@ from tqdm import tqdm
 from heron.compress.awq import awq_quantize
 from heron.compress.calibration import (
     BLOCK_LINEARS,
+    EXPERT_INPUTS,
+    block_experts,
     block_linears,
     calibration_batches,
     feed,
+    feed_experts,
     find_module,
     first_block_inputs,
     input_reader,
 )
 from heron.compress.gptq import HessianAccumulator, gptq_quantize
 from heron.compress.qlinear import QuantEmbedding, QuantLinear, is_quantized
+from heron.compress.quant_moe import QuantMoE
 from heron.compress.schemes import SCHEMES, QParams, Scheme, get_scheme, quantize_rtn
+from heron.core.moe import MoE
 from heron.core.transformer import Transformer
 
 METHODS = ("rtn", "gptq", "awq")
@@ -113,6 +121,8 @@ def quantize_model(
     weights = settings.weight_scheme()
     for name, layer in targets.items():
         weights.check(layer.out_features, layer.in_features, name)
+    for name, stack in block_experts(model).items():  # (E, K, N): every expert an (N, K) matrix
+        weights.check(stack.shape[2], stack.shape[1], name)
     _check_embeddings(model, settings)
     batches = calibration_batches(calibration, settings.batch_size) if method != "rtn" else []
     model.eval()
@@ -122,6 +132,11 @@ def quantize_model(
             for name, layer in tqdm(targets.items(), disable=not progress, desc=f"rtn {scheme}", unit="layer"):
                 codes, params = quantize_rtn(layer.weight, weights)
                 swap_module(model, name, _quant_linear(layer, codes, params, weights))
+            for block in model.blocks:
+                if isinstance(block.mlp, MoE):
+                    up, down = ([_rtn_linear(w, weights) for w in _expert_matrices(block.mlp, suffix)]
+                                for suffix in EXPERT_INPUTS)
+                    block.mlp = QuantMoE.from_moe(block.mlp, model.config, up, down)
         else:
             report = _quantize_sequentially(model, batches, settings, progress)
         _quantize_embeddings(model, settings.embedding_scheme())
@@ -143,6 +158,18 @@ def _quant_linear(layer: nn.Linear, codes: torch.Tensor, params: QParams, scheme
     return QuantLinear.from_codes(codes, params, scheme, bias=layer.bias, input_scale=input_scale)
 
 
+def _rtn_linear(w: torch.Tensor, scheme: Scheme, input_scale: torch.Tensor | None = None) -> QuantLinear:
+    """A layer holding W (N, K) rounded to nearest."""
+    codes, params = quantize_rtn(w, scheme)
+    return QuantLinear.from_codes(codes, params, scheme, input_scale=input_scale)
+
+
+def _expert_matrices(moe: MoE, suffix: str) -> list[torch.Tensor]:
+    """Each expert's (N out, K in) matrix of the stacked weight at `suffix` ("mlp.up"
+    or "mlp.down", as EXPERT_INPUTS names them), as views: the stack is (E, K, N)."""
+    return [w.T for w in moe.get_parameter(suffix.removeprefix("mlp."))]
+
+
 # ----- calibrated methods: sequential, block by block -------------------------
 
 
@@ -160,33 +187,82 @@ def _quantize_sequentially(
                 continue
             name = f"blocks.{i}.{suffix}"
             reader = input_reader(block, suffix)
-            new, report[name] = _calibrated_layer(block, layer, reader, inputs, scheme, settings)
+            inputs_seen = _inputs(settings, layer.in_features, len(inputs))
+            feed(block, reader, inputs, inputs_seen.add)
+            if inputs_seen.rows == 0:
+                raise RuntimeError(f"{type(reader).__name__} was never called: no calibration inputs for "
+                                   f"{settings.method}")
+            new, report[name] = _calibrated_layer(layer.weight.detach(), layer.bias, inputs_seen, scheme, settings)
             swap_module(model, name, new)
+        if isinstance(block.mlp, MoE):
+            block.mlp, report[f"blocks.{i}.mlp.experts"] = _calibrated_experts(
+                model, i, block, inputs, scheme, settings)
         inputs = [((block(*args, **kwargs),) + args[1:], kwargs) for args, kwargs in inputs]  # the next block's
     return report
 
 
+class _RowSample:
+    """Up to `per_batch` rows of every batch of inputs a layer sees (AWQ's calibration sample)."""
+
+    def __init__(self, per_batch: int) -> None:
+        self.per_batch, self.samples, self.rows = per_batch, [], 0
+
+    def add(self, x: torch.Tensor) -> None:
+        self.samples.append(_sample_rows(x, self.per_batch, len(self.samples)))
+        self.rows += self.samples[-1].shape[0]
+
+
+def _inputs(settings: QuantizeSettings, in_features: int, batches: int) -> HessianAccumulator | _RowSample:
+    """What the method keeps of a layer's calibration inputs: GPTQ's Hessian, AWQ's row sample."""
+    if settings.method == "gptq":
+        return HessianAccumulator(in_features)
+    return _RowSample(math.ceil(settings.awq_rows / batches))
+
+
 def _calibrated_layer(
-    block: nn.Module, layer: nn.Linear, reader: nn.Module, inputs: list[tuple[tuple, dict]], scheme: Scheme,
+    w: torch.Tensor, bias: torch.Tensor | None, inputs_seen: HessianAccumulator | _RowSample, scheme: Scheme,
     settings: QuantizeSettings,
 ) -> tuple[QuantLinear, dict[str, float]]:
-    """Quantise one linear on the inputs it receives inside `block` (those of
-    `reader`: the linear itself, or a module whose input is the same)."""
-    w = layer.weight.detach()
-    if settings.method == "gptq":
-        hessian = HessianAccumulator(layer.in_features)
-        feed(block, reader, inputs, hessian.add)
-        if hessian.rows == 0:
-            raise RuntimeError(f"{type(reader).__name__} was never called: no calibration inputs for GPTQ")
-        codes, params = gptq_quantize(w, hessian.H, scheme, block_size=settings.block_size,
+    """A quantised layer for weight w (N, K) from what its calibration inputs left (`_inputs`)."""
+    if isinstance(inputs_seen, HessianAccumulator):
+        codes, params = gptq_quantize(w, inputs_seen.H, scheme, block_size=settings.block_size,
                                       percdamp=settings.percdamp, act_order=settings.act_order)
-        return _quant_linear(layer, codes, params, scheme), {"rows": hessian.rows}
-    per_batch = math.ceil(settings.awq_rows / len(inputs))
-    rows: list[torch.Tensor] = []
-    feed(block, reader, inputs, lambda x: rows.append(_sample_rows(x, per_batch, len(rows))))
-    result = awq_quantize(w, torch.cat(rows), scheme, grid=settings.awq_grid, bias=layer.bias)
-    new = _quant_linear(layer, result.codes, result.params, scheme, result.input_scale)
+        return QuantLinear.from_codes(codes, params, scheme, bias=bias), {"rows": inputs_seen.rows}
+    result = awq_quantize(w, torch.cat(inputs_seen.samples), scheme, grid=settings.awq_grid, bias=bias)
+    new = QuantLinear.from_codes(result.codes, result.params, scheme, bias=bias, input_scale=result.input_scale)
     return new, {"alpha": result.alpha, "mse": result.error, "rtn_mse": result.rtn_error}
+
+
+def _calibrated_experts(
+    model: Transformer, i: int, block: nn.Module, inputs: list[tuple[tuple, dict]], scheme: Scheme,
+    settings: QuantizeSettings,
+) -> tuple[QuantMoE, dict[str, list[int]]]:
+    """Block i's MoE with its experts quantised, and the calibration rows each
+    expert saw. Each expert matrix is calibrated on the rows routed to its
+    expert (`feed_experts`), up before down; the quantised up's numbers are
+    written back into the stack first, so down sees the activations the
+    quantised model makes (true-sequential, as for linears). An expert routed
+    no calibration token is rounded to nearest, with a warning."""
+    layers: dict[str, list[QuantLinear]] = {}
+    rows: dict[str, list[int]] = {}
+    for suffix in EXPERT_INPUTS:
+        matrices = _expert_matrices(block.mlp, suffix)
+        seen = [_inputs(settings, w.shape[1], len(inputs)) for w in matrices]
+        feed_experts(block, suffix, inputs, [s.add for s in seen])
+        layers[suffix], rows[suffix] = [], [s.rows for s in seen]
+        for e, (w, inputs_seen) in enumerate(zip(matrices, seen)):
+            if inputs_seen.rows:
+                layer, _ = _calibrated_layer(w.detach(), None, inputs_seen, scheme, settings)
+            else:
+                warnings.warn(f"blocks.{i}.{suffix}: expert {e} was routed no calibration tokens; "
+                              f"rounded to nearest instead of {settings.method}", stacklevel=4)
+                layer = _rtn_linear(w.detach(), scheme)
+            if settings.method == "awq" and layer.input_scale is None:  # one layout for every expert
+                layer = QuantLinear.from_codes(*layer.unpacked(), scheme, input_scale=torch.ones(w.shape[1]))
+            w.copy_(layer.weight)
+            layers[suffix].append(layer)
+    quantized = QuantMoE.from_moe(block.mlp, model.config, *(layers[suffix] for suffix in EXPERT_INPUTS))
+    return quantized, rows
 
 
 def _sample_rows(x: torch.Tensor, count: int, seed: int) -> torch.Tensor:

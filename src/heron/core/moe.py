@@ -246,8 +246,7 @@ class MoE(nn.Module):
         attached: `_decode` computes the same sum more directly."""
         hooked = (self.hook_expert_load, self.hook_expert_dropped, self.hook_expert_in, self.hook_expert_post)
         return (0 < x.shape[0] <= MAX_ROWS and x.device.type == "cpu" and not self.training
-                and not torch.is_grad_enabled() and self.up.shape[1] % SPLIT == 0
-                and self.down.shape[1] % SPLIT == 0 and not any(hook.active for hook in hooked))
+                and not torch.is_grad_enabled() and not any(hook.active for hook in hooked))
 
     def _decode(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """(N, d) Sum_j weights[t, j] * expert_{experts[t, j]}(x[t]), token by
@@ -256,16 +255,24 @@ class MoE(nn.Module):
         and scatter of `_dispatch` cost more than the experts' products
         themselves: on the Mixtral benchmark shape (512 x 1024 experts, top-2)
         a layer took ~1.5 ms at one token, ~0.55 of it reading the two experts."""
-        up, down = self.up.to(x.dtype), self.down.to(x.dtype)
         rows = []
         for token, chosen, gates in zip(x.split(1), experts.tolist(), weights.tolist()):
             row = None
             for e, gate in zip(chosen, gates):
-                h = activate(input_major_product(token, up[e]), self.kind)  # (1, ff)
-                part = input_major_product(h, down[e]) * gate  # (1, d)
+                h = activate(self._expert_product("up", e, token), self.kind)  # (1, ff)
+                part = self._expert_product("down", e, h) * gate  # (1, d)
                 row = part if row is None else row + part
             rows.append(row)
         return torch.cat(rows) if len(rows) > 1 else rows[0]  # (N, d)
+
+    def _expert_product(self, which: str, e: int, x: torch.Tensor) -> torch.Tensor:
+        """A few rows x (n, K) times expert e's `which` ("up" or "down") weights (K, M): (n, M)."""
+        w = getattr(self, which)[e].to(x.dtype)  # (K, M)
+        return input_major_product(x, w) if w.shape[0] % SPLIT == 0 else x @ w
+
+    def _grouped_product(self, which: str, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Rows (A, K) grouped by expert, counts[e] each, times their expert's `which` weights: (A, M)."""
+        return grouped_matmul(rows, getattr(self, which), counts)
 
     def _dispatch(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
                   counts: torch.Tensor, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,8 +291,8 @@ class MoE(nn.Module):
         self.hook_expert_load(counts)
         self.hook_expert_dropped(counts - kept)
         rows = self.hook_expert_in(x[token])  # (A, d)
-        h = self.hook_expert_post(activate(grouped_matmul(rows, self.up, kept), self.kind))  # (A, ff)
-        out = grouped_matmul(h, self.down, kept) * weights.flatten()[order, None]  # (A, d)
+        h = self.hook_expert_post(activate(self._grouped_product("up", rows, kept), self.kind))  # (A, ff)
+        out = self._grouped_product("down", h, kept) * weights.flatten()[order, None]  # (A, d)
         return x.new_zeros(x.shape, dtype=out.dtype).index_add_(0, token, out), kept  # (N, d), (E,)
 
     def pop_aux_loss(self) -> torch.Tensor:

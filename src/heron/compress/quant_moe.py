@@ -1,0 +1,70 @@
+"""A Mixture-of-Experts layer whose experts hold quantised weights.
+
+`QuantMoE` is core's `MoE` (router, routing, losses, hooks and statistics
+unchanged) with its stacked expert weights replaced by one `QuantLinear` per
+expert and matrix: `experts_up[e]` (d -> the expert's gate and up width) and
+`experts_down[e]` (ff -> d), each a layer of its own packed codes, kernel and
+input scale (AWQ). Batches run each expert on its own rows, a loop over the
+experts and never over tokens; decoding sends a token through its chosen
+experts' layers only, so a step reads two experts' codes, not all of them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from heron.compress.qlinear import QuantLinear
+from heron.compress.schemes import Scheme
+from heron.core.config import ModelConfig
+from heron.core.moe import MoE
+
+
+class QuantMoE(MoE):
+    """`MoE` with quantised experts; build with `from_moe` or, to load a
+    checkpoint into, from the model's config."""
+
+    def __init__(self, config: ModelConfig, scheme: Scheme, *, input_scale: bool = False) -> None:
+        d, ff = config.d_model, config.resolved_expert_d_ff
+        width = 2 * ff if config.mlp == "swiglu" else ff
+        with torch.device("meta"):  # the float experts are dropped, never allocated; the rest is loaded or replaced
+            super().__init__(config)
+            del self.up, self.down
+            n = self.settings.n_experts
+            self.experts_up = nn.ModuleList(QuantLinear(d, width, scheme, input_scale=input_scale) for _ in range(n))
+            self.experts_down = nn.ModuleList(QuantLinear(ff, d, scheme, input_scale=input_scale) for _ in range(n))
+        self.to_empty(device="cpu")
+
+    @classmethod
+    def from_moe(cls, moe: MoE, config: ModelConfig, up: list[QuantLinear], down: list[QuantLinear]) -> QuantMoE:
+        """`moe`'s router, shared expert and running mean with these expert layers
+        (up[e]: d -> width, down[e]: ff -> d)."""
+        new = cls(config, up[0].scheme, input_scale=up[0].input_scale is not None)
+        new.router, new.shared = moe.router, moe.shared
+        if moe.router_center is not None:
+            new.router_center = moe.router_center
+        new.experts_up, new.experts_down = nn.ModuleList(up), nn.ModuleList(down)
+        return new.train(moe.training)
+
+    def reset_parameters(self, std: float, residual_scale: float) -> None:
+        """Codes are not initialised; the router's running mean starts at zero."""
+        if self.router_center is not None:
+            self.router_center.zero_()
+
+    def _layers(self, which: str) -> nn.ModuleList:
+        return self.experts_up if which == "up" else self.experts_down
+
+    def _expert_product(self, which: str, e: int, x: torch.Tensor) -> torch.Tensor:
+        return self._layers(which)[e](x)
+
+    def _grouped_product(self, which: str, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        layers = self._layers(which)
+        parts = [layer(part) for layer, part in zip(layers, rows.split(counts.tolist())) if len(part)]
+        return torch.cat(parts) if parts else rows.new_zeros(0, layers[0].out_features)
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The effective expert weights as MoE stacks them: up (E, d, width), down (E, ff, d)."""
+        return tuple(torch.stack([layer.weight.T for layer in self._layers(which)])  # type: ignore[return-value]
+                     for which in ("up", "down"))
+
+
+__all__ = ["QuantMoE"]
