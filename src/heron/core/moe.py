@@ -265,6 +265,9 @@ class MoE(nn.Module):
             rows.append(row)
         return torch.cat(rows) if len(rows) > 1 else rows[0]  # (N, d)
 
+    # The two methods below are the only readers of the expert weights, so a subclass that holds
+    # them in another form (quantised: compress/quant_moe.py) replaces these and nothing else.
+
     def _expert_product(self, which: str, e: int, x: torch.Tensor) -> torch.Tensor:
         """A few rows x (n, K) times expert e's `which` ("up" or "down") weights (K, M): (n, M)."""
         w = getattr(self, which)[e].to(x.dtype)  # (K, M)
