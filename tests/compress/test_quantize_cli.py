@@ -5,12 +5,16 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import heron
-from compress_helpers import checkpoint_and_shards
+from compress_helpers import V, checkpoint_and_shards
 from heron.cli.main import main
 from heron.compress import QuantLinear
 from heron.compress.checkpoint import QUANTIZATION_FILE
+from heron.compress.quant_moe import QuantMoE
+from heron.core import ModelConfig, MoEConfig, Transformer
+from heron.train.checkpoint import save_model_folder
 
 
 @pytest.fixture(scope="module")
@@ -41,3 +45,20 @@ def test_rtn_needs_no_shards_and_calibrated_methods_do(folders, tmp_path, capsys
     assert "calib_shards: method 'awq' needs a shard folder" in capsys.readouterr().err
     assert main(["compress", "quantize", str(ckpt), str(tmp_path / "g"), "--scheme", "int4", "--group-size", "48"]) == 2
     assert "group_size: 48 does not divide" in capsys.readouterr().err
+
+
+def test_a_moe_checkpoint_quantises_with_its_experts_and_loads(folders, tmp_path, capsys) -> None:
+    _, shards = folders
+    torch.manual_seed(1)
+    config = ModelConfig(vocab_size=V, d_model=64, n_layers=2, n_heads=4, max_seq_len=64,
+                         feed_forward=("moe",), moe=MoEConfig(n_experts=4, top_k=2, d_ff=64))
+    ckpt = save_model_folder(tmp_path / "moe", Transformer(config))
+    out = tmp_path / "moe-int4"
+    assert main(["compress", "quantize", str(ckpt), str(out), "--scheme", "int4", "--method", "gptq",
+                 "--group-size", "32", "--calib-shards", str(shards), "--calib-batches", "2",
+                 "--calib-batch-size", "4", "--seq-len", "32"]) == 0
+    model, _ = heron.load(out)
+    assert isinstance(model.blocks[0].mlp, QuantMoE)
+    record = json.loads((out / QUANTIZATION_FILE).read_text())
+    assert record["modules"]["blocks.1.mlp"]["kind"] == "experts"
+    assert sum(record["layers"]["blocks.1.mlp.experts"]["mlp.up"]) == 2 * 4 * 32 * 2  # tokens x top-2
