@@ -63,8 +63,9 @@ class QuantMoE(MoE):
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The effective expert weights as MoE stacks them: up (E, d, width), down (E, ff, d)."""
-        return tuple(torch.stack([layer.weight.T for layer in self._layers(which)])  # type: ignore[return-value]
-                     for which in ("up", "down"))
+        up = torch.stack([layer.weight.T for layer in self.experts_up])  # (E, d, width)
+        down = torch.stack([layer.weight.T for layer in self.experts_down])  # (E, ff, d)
+        return up, down
 
 
 __all__ = ["QuantMoE"]
