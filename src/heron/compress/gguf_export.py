@@ -14,11 +14,11 @@ that holds the same numbers (blocks of 32 weights of one row, scales fp16):
 The int4 group must be a multiple of 32 so that every block lies in one
 group. A matrix that does not fit (a group of 16, an embedding width that
 32 does not divide) is written dequantised in the file's float type, as
-llama.cpp's converter falls back. A MoE's quantised experts are written
-dequantised too: llama.cpp stacks each layer's experts into one tensor, which
-the per-expert codes would have to be re-blocked for. AWQ's
-per-input-channel scale has no place in a llama.cpp file: such a model is
-refused, naming the layer.
+llama.cpp's converter falls back. A MoE layer's quantised experts go in the
+same way, each expert's rows of blocks stacked into llama.cpp's one tensor
+per layer and matrix (gate and up are the halves of each expert's up
+layer). AWQ's per-input-channel scale has no place in a llama.cpp file: such
+a model is refused, naming the layer.
 
     save_quantized_gguf(model, tokenizer, "model.gguf")   # heron convert to-gguf
 """
@@ -40,6 +40,8 @@ from heron.tokenizer.pretrained import PretrainedTokenizer
 
 BLOCK = 32  # weights per block in every type used here
 Q8_0, Q4_0, Q4_1 = gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1
+_EXPERT_TENSORS = _GATE, _UP, _DOWN = (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP,
+                                       gguf.MODEL_TENSOR.FFN_DOWN_EXP)
 
 
 def ggml_type(scheme: Scheme, in_features: int) -> gguf.GGMLQuantizationType | None:
@@ -77,23 +79,24 @@ def _fp16_bytes(values: torch.Tensor) -> torch.Tensor:
     return values.half().contiguous().view(torch.uint8).reshape(*values.shape, 2)
 
 
-def gguf_weights(model: Transformer) -> tuple[dict[str, torch.Tensor], dict[str, gguf.GGMLQuantizationType]]:
-    """(Heron name -> tensor, Heron name -> ggml type of those given as block
-    bytes) for `save_gguf`: quantised matrices as blocks, the rest as floats."""
+def gguf_weights(model: Transformer) -> tuple[dict[str, torch.Tensor], dict[str, gguf.GGMLQuantizationType],
+                                              dict[str, tuple[torch.Tensor, gguf.GGMLQuantizationType]]]:
+    """For `save_gguf`: (Heron name -> tensor, Heron name -> ggml type of those
+    given as block bytes, llama.cpp name -> (blocks, type) of stacked experts):
+    quantised matrices as blocks, the rest as floats."""
     weights = {name: p.detach() for name, p in model.named_parameters()}
     raw: dict[str, gguf.GGMLQuantizationType] = {}
+    stacked: dict[str, tuple[torch.Tensor, gguf.GGMLQuantizationType]] = {}
     experts = [name for name, module in model.named_modules() if isinstance(module, QuantMoE)]
-    for name in experts:  # llama.cpp stacks experts (E, out, in): their codes go in dequantised, as floats
-        weights[f"{name}.up"], weights[f"{name}.down"] = model.get_submodule(name).dequantized()
+    for name in experts:
+        stacked.update(_expert_blocks(name, model.get_submodule(name), weights))
     for name, module in model.named_modules():
         if not isinstance(module, (QuantLinear, QuantEmbedding)) or any(name.startswith(f"{e}.") for e in experts):
             continue
         if name == "lm_head" and model.config.tie_embeddings:
             continue  # llama.cpp reads the tied head from token_embd
         if isinstance(module, QuantLinear):
-            if module.input_scale is not None:
-                raise ValueError(f"{name}: AWQ's per-input-channel scale has no GGUF equivalent; export a model "
-                                 "quantised with --method rtn or gptq")
+            _refuse_input_scale(name, module)
             if module.bias is not None:
                 weights[f"{name}.bias"] = module.bias
         codes, params = module.unpacked()
@@ -102,15 +105,43 @@ def gguf_weights(model: Transformer) -> tuple[dict[str, torch.Tensor], dict[str,
             weights[f"{name}.weight"] = module.scheme.dequantize(codes, params)
         else:
             weights[f"{name}.weight"], raw[f"{name}.weight"] = ggml_blocks(codes, params, qtype), qtype
-    return weights, raw
+    return weights, raw, stacked
+
+
+def _refuse_input_scale(name: str, layer: QuantLinear) -> None:
+    if layer.input_scale is not None:
+        raise ValueError(f"{name}: AWQ's per-input-channel scale has no GGUF equivalent; export a model "
+                         "quantised with --method rtn or gptq")
+
+
+def _expert_blocks(name: str, moe: QuantMoE, weights: dict[str, torch.Tensor]
+                   ) -> dict[str, tuple[torch.Tensor, gguf.GGMLQuantizationType]]:
+    """A MoE layer's experts as llama.cpp's stacked gate, up and down tensors of
+    blocks, (E, rows, bytes); or, when their codes fit no block type, as
+    dequantised stacks in `weights` under the MoE's own names (then {})."""
+    for which, layers in (("up", moe.experts_up), ("down", moe.experts_down)):
+        for e, layer in enumerate(layers):
+            _refuse_input_scale(f"{name}.experts_{which}.{e}", layer)
+    up, down = moe.experts_up[0], moe.experts_down[0]
+    up_type, down_type = ggml_type(up.scheme, up.in_features), ggml_type(down.scheme, down.in_features)
+    if up_type is None or down_type is None:
+        weights[f"{name}.up"], weights[f"{name}.down"] = moe.dequantized()
+        return {}
+    up_blocks = torch.stack([ggml_blocks(*layer.unpacked(), up_type) for layer in moe.experts_up])  # (E, width, b)
+    down_blocks = torch.stack([ggml_blocks(*layer.unpacked(), down_type) for layer in moe.experts_down])
+    ff, layer = down.in_features, int(name.split(".")[1])  # "blocks.{layer}.mlp"
+    tensor = {kind: f"{gguf.TENSOR_NAMES[kind].format(bid=layer)}.weight" for kind in _EXPERT_TENSORS}
+    return {tensor[_GATE]: (up_blocks[:, :ff], up_type), tensor[_UP]: (up_blocks[:, ff:], up_type),
+            tensor[_DOWN]: (down_blocks, down_type)}
 
 
 def save_quantized_gguf(model: Transformer, tokenizer: HeronTokenizer | PretrainedTokenizer,
                         path: str | os.PathLike[str], *, dtype: str = "f16", name: str | None = None) -> Path:
     """`save_gguf` for a model with quantised layers: their codes go in as
     ggml blocks; any float matrix left is written as `dtype`."""
-    weights, raw_types = gguf_weights(model)
-    return save_gguf(model, tokenizer, path, dtype=dtype, name=name, weights=weights, raw_types=raw_types)
+    weights, raw_types, blocks = gguf_weights(model)
+    return save_gguf(model, tokenizer, path, dtype=dtype, name=name, weights=weights, raw_types=raw_types,
+                     blocks=blocks)
 
 
 __all__ = ["ggml_blocks", "ggml_type", "gguf_weights", "save_quantized_gguf"]

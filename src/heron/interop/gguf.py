@@ -16,7 +16,8 @@ llama.cpp's `convert_hf_to_gguf.py` does them:
   `rope_freqs.weight` tensor; linear scaling as llama.cpp's "linear" rope
   scaling type;
 - a MoE layer's experts are stacked, one (experts, out, in) tensor each for
-  gate, up and down (`stacked_experts`).
+  gate, up and down (`stacked_experts`; quantised experts come as blocks
+  already stacked, `blocks`).
 
 Tensor types follow the converter as well: 1-D tensors (norms, biases, rope
 factors) stay f32, and a matrix whose rows do not split into blocks of the
@@ -138,6 +139,7 @@ def save_gguf(
     name: str | None = None,  # general.name; None: the file name without its suffix
     weights: Mapping[str, torch.Tensor] | None = None,  # Heron name -> tensor; None: the model's parameters
     raw_types: Mapping[str, gguf.GGMLQuantizationType] | None = None,  # weights given as ggml block bytes
+    blocks: Mapping[str, tuple[torch.Tensor, gguf.GGMLQuantizationType]] | None = None,  # llama.cpp name -> blocks
 ) -> Path:
     """Write `model` and `tokenizer` as a GGUF file of llama.cpp's llama
     architecture; returns the path. The file appears whole or not at all.
@@ -145,13 +147,16 @@ def save_gguf(
 
     `dtype` is the type of the float matrices. A weight named in `raw_types`
     is a (rows, bytes) uint8 tensor of ggml blocks of that type, written as it
-    is; the file's type is then the most common raw type's."""
+    is; `blocks` adds tensors of ggml blocks already in llama.cpp's name and
+    layout (a MoE layer's stacked experts, (E, rows, bytes)), for weights left
+    out of `weights`. The file's type is then the most common block type's."""
     if dtype not in FILE_TYPES:
         raise ValueError(f"dtype: {dtype!r} is not one of {', '.join(FILE_TYPES)}")
     file_type, matrix_type = FILE_TYPES[dtype]
-    raw_types = dict(raw_types or {})
-    if raw_types:
-        most_common = max(set(raw_types.values()), key=list(raw_types.values()).count)
+    raw_types, blocks = dict(raw_types or {}), dict(blocks or {})
+    block_types = [*raw_types.values(), *(qtype for _, qtype in blocks.values())]
+    if block_types:
+        most_common = max(set(block_types), key=block_types.count)
         file_type = next(ftype for ftype, qtype in FILE_TYPES.values() if qtype == most_common)
     config = model.config
     hf = hf_config(family_of(config), config)
@@ -168,10 +173,12 @@ def save_gguf(
         else:
             data, qtype = encode_tensor(tensor, matrix_type)
         writer.add_tensor(tensor_name, data, raw_dtype=qtype)
+    for tensor_name, (data, qtype) in blocks.items():
+        writer.add_tensor(tensor_name, data.contiguous().numpy(), raw_dtype=qtype)
     _write_atomic(writer, target)
     record_event("convert.to_gguf", outputs={"gguf": target},
                  parameters={"dtype": dtype, "file_type": file_type.name, "name": name or target.stem,
-                             "raw_tensors": len(raw_types)})
+                             "raw_tensors": len(raw_types) + len(blocks)})
     return target
 
 
