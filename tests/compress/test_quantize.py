@@ -53,9 +53,12 @@ def test_hook_points_still_fire_and_change_nothing_when_idle() -> None:
     assert torch.equal(hooked, plain)
 
 
-def test_cached_decoding_equals_the_full_forward() -> None:
-    """Few-row steps (the kernel) and the many-row prefill (the MLP's split product) agree."""
-    model = quantize_model(tiny_model(), "int4", "rtn", group_size=32, progress=False)
+@pytest.mark.parametrize("feed_forward", ["dense", "moe"])
+def test_cached_decoding_equals_the_full_forward(feed_forward: str) -> None:
+    """Few-row steps (the kernel; a MoE's token through its experts) and the many-row
+    prefill (the MLP's split product; a MoE's grouped experts) agree."""
+    moe = dict(feed_forward=("moe",), moe=MoEConfig(n_experts=4, top_k=2, d_ff=64)) if feed_forward == "moe" else {}
+    model = quantize_model(tiny_model(**moe), "int4", "rtn", group_size=32, progress=False)
     ids = token_ids(1, 24, seed=3)
     full = logits(model, ids)
     cache = KVCache.allocate(model.config, 1, 24)
