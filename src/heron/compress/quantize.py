@@ -129,14 +129,18 @@ def quantize_model(
     report: dict[str, Any] = {}
     with torch.no_grad():
         if method == "rtn":
-            for name, layer in tqdm(targets.items(), disable=not progress, desc=f"rtn {scheme}", unit="layer"):
-                codes, params = quantize_rtn(layer.weight, weights)
-                swap_module(model, name, _quant_linear(layer, codes, params, weights))
-            for block in model.blocks:
-                if isinstance(block.mlp, MoE):
+            moe_blocks = [block for block in model.blocks if isinstance(block.mlp, MoE)]
+            with tqdm(total=len(targets) + len(moe_blocks), disable=not progress, desc=f"rtn {scheme}",
+                      unit="layer") as bar:
+                for name, layer in targets.items():
+                    codes, params = quantize_rtn(layer.weight, weights)
+                    swap_module(model, name, _quant_linear(layer, codes, params, weights))
+                    bar.update()
+                for block in moe_blocks:  # a MoE layer's experts count as one layer
                     up, down = ([_rtn_linear(w, weights) for w in _expert_matrices(block.mlp, suffix)]
                                 for suffix in EXPERT_INPUTS)
                     block.mlp = QuantMoE.from_moe(block.mlp, model.config, up, down)
+                    bar.update()
         else:
             report = _quantize_sequentially(model, batches, settings, progress)
         _quantize_embeddings(model, settings.embedding_scheme())
