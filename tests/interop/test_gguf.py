@@ -21,7 +21,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from heron.core import AttentionPattern, MoEConfig, Transformer
 from heron.core.rope import apply_rope, rope_tables
 from heron.interop import save_gguf
-from heron.interop.gguf import LLAMA3_REGEX, QWEN2_REGEX, gguf_pre_tokenizer, interleave_rope
+from heron.interop.gguf import LLAMA3_REGEX, QWEN2_REGEX, gguf_pre_tokenizer, interleave_rope, stacked_experts
 from heron.tokenizer import SPECIAL_TOKENS, HeronTokenizer
 from heron.tokenizer.pretrained import PretrainedTokenizer
 
@@ -327,3 +327,11 @@ def test_llama_cpp_splits_like_llama3_and_qwen2_tokenizers(llama_cpp, pre, tmp_p
     path = save_gguf(Transformer(CONFIGS["base"]), tokenizer, tmp_path / "model.gguf")
     assert fields(path)["tokenizer.ggml.pre"] == pre
     assert_llama_cpp_tokenizes_alike(llama_cpp, path, tokenizer, HARD_TEXTS)
+
+
+def test_stacking_experts_names_a_layer_whose_experts_are_incomplete():
+    rows = [(f"model.layers.0.block_sparse_moe.experts.{e}.w1.weight", torch.full((2, 3), float(e))) for e in (0, 1)]
+    stacked = dict(stacked_experts(iter(rows + [("model.norm.weight", torch.ones(3))]), n_experts=2))
+    assert stacked["model.layers.0.block_sparse_moe.experts.w1.weight"][:, 0, 0].tolist() == [0.0, 1.0]
+    with pytest.raises(ValueError, match=r"experts.w1.weight: got experts \[0\] of 2"):
+        list(stacked_experts(iter(rows[:1]), n_experts=2))

@@ -275,7 +275,8 @@ def stacked_experts(tensors: Iterator[tuple[str, torch.Tensor]],
         if len(stack) == n_experts:
             yield stacked, torch.stack([stack.pop(e) for e in range(n_experts)])
             del pending[stacked]
-    for stacked, stack in pending.items():
+    if pending:  # a layer some of whose experts never came
+        stacked, stack = next(iter(pending.items()))
         raise ValueError(f"{stacked}: got experts {sorted(stack)} of {n_experts}")
 
 
