@@ -85,7 +85,8 @@ def test_an_expert_routed_no_calibration_token_is_rounded_to_nearest_with_a_warn
 
 
 def test_a_quantised_moe_saves_and_loads_as_it_was(tmp_path) -> None:
-    model = moe_model(seed=9, moe=MoEConfig(n_experts=4, top_k=2, d_ff=64, router_centering=True))
+    model = moe_model(seed=9, moe=MoEConfig(n_experts=4, top_k=2, d_ff=64, router_centering=True,
+                                            shared_expert=True))  # the shared expert's linears load one by one
     ids = token_ids(2, 16, seed=10)
     model.train()
     with torch.no_grad():
@@ -95,6 +96,7 @@ def test_a_quantised_moe_saves_and_loads_as_it_was(tmp_path) -> None:
     manifest = quantized_modules(quantized)
     assert manifest["blocks.0.mlp"]["kind"] == "experts"
     assert not any(".experts_" in name for name in manifest)  # the expert layers come with their MoE
+    assert manifest["blocks.0.mlp.shared.down"]["kind"] == "linear"
     folder = save_quantized(tmp_path / "q", quantized)
     loaded, _ = load_quantized_folder(folder)
     assert isinstance(loaded.blocks[1].mlp, QuantMoE)

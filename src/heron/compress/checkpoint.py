@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from heron.compress.qlinear import QuantEmbedding, QuantLinear
-from heron.compress.quant_moe import QuantMoE
+from heron.compress.quant_moe import QuantMoE, is_expert_layer
 from heron.compress.quantize import swap_module, tie_head
 from heron.compress.schemes import scheme_from_description
 from heron.core.config import ModelConfig
@@ -60,14 +60,12 @@ def quantized_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
     """{dotted name: format} of every quantised module, as quantization.json records it."""
     found: dict[str, dict[str, Any]] = {}
     owners: dict[int, str] = {}
-    moe_layers: list[str] = []
     for name, module in model.named_modules():
-        if any(name.startswith(f"{layer}.") for layer in moe_layers):
-            continue  # a QuantMoE's expert layers: rebuilt with it
+        if is_expert_layer(name):
+            continue  # rebuilt with its QuantMoE
         if isinstance(module, QuantMoE):
             up = module.experts_up[0]
             found[name] = {"kind": "experts", **up.scheme.describe(), "input_scale": up.input_scale is not None}
-            moe_layers.append(name)
         elif isinstance(module, QuantEmbedding):
             found[name] = {"kind": "embedding", **module.scheme.describe()}
             owners[id(module.qweight)] = name

@@ -31,7 +31,7 @@ import gguf
 import torch
 
 from heron.compress.qlinear import QuantEmbedding, QuantLinear
-from heron.compress.quant_moe import QuantMoE
+from heron.compress.quant_moe import QuantMoE, is_expert_layer
 from heron.compress.schemes import Int4Grouped, Int8PerChannel, QParams, Scheme
 from heron.core.transformer import Transformer
 from heron.interop.gguf import save_gguf
@@ -87,11 +87,11 @@ def gguf_weights(model: Transformer) -> tuple[dict[str, torch.Tensor], dict[str,
     weights = {name: p.detach() for name, p in model.named_parameters()}
     raw: dict[str, gguf.GGMLQuantizationType] = {}
     stacked: dict[str, tuple[torch.Tensor, gguf.GGMLQuantizationType]] = {}
-    experts = [name for name, module in model.named_modules() if isinstance(module, QuantMoE)]
-    for name in experts:
-        stacked.update(_expert_blocks(name, model.get_submodule(name), weights))
     for name, module in model.named_modules():
-        if not isinstance(module, (QuantLinear, QuantEmbedding)) or any(name.startswith(f"{e}.") for e in experts):
+        if isinstance(module, QuantMoE):
+            stacked.update(_expert_blocks(name, module, weights))
+    for name, module in model.named_modules():
+        if not isinstance(module, (QuantLinear, QuantEmbedding)) or is_expert_layer(name):
             continue
         if name == "lm_head" and model.config.tie_embeddings:
             continue  # llama.cpp reads the tied head from token_embd

@@ -19,6 +19,16 @@ from heron.core.config import ModelConfig
 from heron.core.moe import MoE
 
 
+EXPERT_LISTS = ("experts_up", "experts_down")  # QuantMoE's lists of expert layers
+
+
+def is_expert_layer(name: str) -> bool:
+    """Whether a dotted module name is one of a QuantMoE's expert layers
+    (`blocks.0.mlp.experts_up.3`): saved and rebuilt with their MoE, not one by one."""
+    parts = name.split(".")
+    return len(parts) >= 2 and parts[-2] in EXPERT_LISTS
+
+
 class QuantMoE(MoE):
     """`MoE` with quantised experts; build with `from_moe` or, to load a
     checkpoint into, from the model's config."""
@@ -51,7 +61,7 @@ class QuantMoE(MoE):
             self.router_center.zero_()
 
     def _layers(self, which: str) -> nn.ModuleList:
-        return self.experts_up if which == "up" else self.experts_down
+        return getattr(self, f"experts_{which}")
 
     def _expert_product(self, which: str, e: int, x: torch.Tensor) -> torch.Tensor:
         return self._layers(which)[e](x)
@@ -68,4 +78,4 @@ class QuantMoE(MoE):
         return up, down
 
 
-__all__ = ["QuantMoE"]
+__all__ = ["EXPERT_LISTS", "QuantMoE", "is_expert_layer"]

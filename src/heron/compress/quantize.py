@@ -42,7 +42,7 @@ from heron.compress.calibration import (
 from heron.compress.gptq import HessianAccumulator, gptq_quantize
 from heron.compress.qlinear import QuantEmbedding, QuantLinear, is_quantized
 from heron.compress.quant_moe import QuantMoE
-from heron.compress.schemes import SCHEMES, QParams, Scheme, get_scheme, quantize_rtn
+from heron.compress.schemes import SCHEMES, Scheme, get_scheme, quantize_rtn
 from heron.core.moe import MoE
 from heron.core.transformer import Transformer
 
@@ -133,8 +133,7 @@ def quantize_model(
             with tqdm(total=len(targets) + len(moe_blocks), disable=not progress, desc=f"rtn {scheme}",
                       unit="layer") as bar:
                 for name, layer in targets.items():
-                    codes, params = quantize_rtn(layer.weight, weights)
-                    swap_module(model, name, _quant_linear(layer, codes, params, weights))
+                    swap_module(model, name, _rtn_linear(layer.weight, weights, layer.bias))
                     bar.update()
                 for block in moe_blocks:  # a MoE layer's experts count as one layer
                     up, down = ([_rtn_linear(w, weights) for w in _expert_matrices(block.mlp, suffix)]
@@ -157,15 +156,10 @@ def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def _quant_linear(layer: nn.Linear, codes: torch.Tensor, params: QParams, scheme: Scheme,
-                  input_scale: torch.Tensor | None = None) -> QuantLinear:
-    return QuantLinear.from_codes(codes, params, scheme, bias=layer.bias, input_scale=input_scale)
-
-
-def _rtn_linear(w: torch.Tensor, scheme: Scheme, input_scale: torch.Tensor | None = None) -> QuantLinear:
+def _rtn_linear(w: torch.Tensor, scheme: Scheme, bias: torch.Tensor | None = None) -> QuantLinear:
     """A layer holding W (N, K) rounded to nearest."""
     codes, params = quantize_rtn(w, scheme)
-    return QuantLinear.from_codes(codes, params, scheme, input_scale=input_scale)
+    return QuantLinear.from_codes(codes, params, scheme, bias=bias)
 
 
 def _expert_matrices(moe: MoE, suffix: str) -> list[torch.Tensor]:
@@ -261,7 +255,7 @@ def _calibrated_experts(
                 warnings.warn(f"blocks.{i}.{suffix}: expert {e} was routed no calibration tokens; "
                               f"rounded to nearest instead of {settings.method}", stacklevel=4)
                 layer = _rtn_linear(w.detach(), scheme)
-            if settings.method == "awq" and layer.input_scale is None:  # one layout for every expert
+            if settings.method == "awq" and layer.input_scale is None:  # one layout for every expert: scale 1
                 layer = QuantLinear.from_codes(*layer.unpacked(), scheme, input_scale=torch.ones(w.shape[1]))
             w.copy_(layer.weight)
             layers[suffix].append(layer)

@@ -204,7 +204,7 @@ class MoE(nn.Module):
             y, kept = self._dispatch(flat, weights, experts, counts, limit)  # (N, d), (E,)
             self._last = {"probs": probs.detach(), "counts": counts, "kept": kept}
         if torch.is_grad_enabled():
-            counts, n_tokens = self._batch_loads(self._last["counts"], B * T)
+            counts, n_tokens = self._batch_total(self._last["counts"], B * T)
             balance = load_balancing_loss(probs, counts, s.aux_loss_coef, n_tokens)
             z = router_z_loss(logits, s.z_loss_coef)
             self._aux_loss = balance + z  # ()
@@ -227,18 +227,16 @@ class MoE(nn.Module):
         return x - mean
 
     def _batch_mean(self, x: torch.Tensor) -> torch.Tensor:
-        """(d,) the mean of the training batch's rows x (N, d): of this
-        process's part, or with `batch_sum` of the whole batch."""
-        if self.batch_sum is None:
-            return x.mean(dim=0)
-        total = self.batch_sum(torch.cat([x.sum(dim=0), x.new_tensor([x.shape[0]])]))  # (d + 1,)
-        return total[:-1] / total[-1]
+        """(d,) the mean of the training batch's rows x (N, d)."""
+        total, n = self._batch_total(x.sum(dim=0), x.shape[0])
+        return total / n
 
-    def _batch_loads(self, counts: torch.Tensor, n_tokens: int) -> tuple[torch.Tensor, int | torch.Tensor]:
-        """(assignments per expert (E,), tokens) of this process's part, or with `batch_sum` of the whole batch."""
+    def _batch_total(self, values: torch.Tensor, n_tokens: int) -> tuple[torch.Tensor, int | torch.Tensor]:
+        """(values, tokens) summed over this process's part of the batch, or
+        with `batch_sum` over the whole batch: one sum for both."""
         if self.batch_sum is None:
-            return counts, n_tokens
-        total = self.batch_sum(torch.cat([counts, counts.new_tensor([n_tokens])]))  # (E + 1,)
+            return values, n_tokens
+        total = self.batch_sum(torch.cat([values, values.new_tensor([n_tokens])]))  # (len(values) + 1,)
         return total[:-1], total[-1]
 
     def _decoding(self, x: torch.Tensor) -> bool:
