@@ -1,6 +1,7 @@
 """What the GGUF tests share: tiny LLaMA- and Mixtral-shaped configs, a model with weights
 far from init, the llama.cpp layout each Heron tensor must take (derived by
 hand, independently of interop/gguf.py), and llama.cpp's logits for a file."""
+import json
 import math
 
 import gguf
@@ -16,6 +17,11 @@ CORPUS = [
     "The quick brown fox jumps over the lazy dog. It's 42 degrees; we'll see.",
     "for i in range(10):\n\tprint(i * 3.14)  # numbers 123456\n",
     "Unicode: héllo wörld, naïve café, 日本語, emoji ✓.",
+]
+HARD_TEXTS = CORPUS + [
+    "  leading spaces,\n\n\ttabs and   runs   of spaces  ",
+    "It's they're we've I'm you'll he'd IT'S WE'LL 2024-06-01 3.14159 1234567",
+    "lines\r\nending\r\n\n  in   \n\n\nspaces ✓✓ and... symbols?!",
 ]
 VOCAB = 300
 CONTEXT = 256  # llama.cpp rounds its context up to a multiple of 256; less draws a warning
@@ -52,6 +58,11 @@ def perturbed_model(config: ModelConfig) -> Transformer:
             else:
                 p.normal_(0.0, 0.1 if name.endswith("bias") else 0.15)
     return model
+
+
+def spec_of(tokenizer) -> dict:
+    """A tokenizer's tokenizer.json, parsed."""
+    return json.loads(tokenizer.to_json())
 
 
 def fields(path) -> dict[str, object]:

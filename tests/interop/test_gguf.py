@@ -14,14 +14,15 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from gguf_layout import (CONFIGS, CONTEXT, CORPUS, VOCAB, expected_tensors, fields, llama_cpp_logits,
-                         make_tokenizer, perturbed_model)
+from gguf_layout import (CONFIGS, CONTEXT, CORPUS, HARD_TEXTS, VOCAB, expected_tensors, fields, llama_cpp_logits,
+                         make_tokenizer, perturbed_model, spec_of)
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from heron.core import AttentionPattern, MoEConfig, Transformer
 from heron.core.rope import apply_rope, rope_tables
 from heron.interop import save_gguf
-from heron.interop.gguf import LLAMA3_REGEX, QWEN2_REGEX, gguf_pre_tokenizer, interleave_rope, stacked_experts
+from heron.interop.gguf import interleave_rope, stacked_experts
+from heron.interop.gguf_tokenizer import LLAMA3_REGEX, QWEN2_REGEX, gguf_tokenizer_style
 from heron.tokenizer import SPECIAL_TOKENS, HeronTokenizer
 from heron.tokenizer.pretrained import PretrainedTokenizer
 
@@ -230,14 +231,10 @@ def regex_bpe(regex: str, ignore_merges: bool) -> PretrainedTokenizer:
 REGEX_BPE = {"llama-bpe": (LLAMA3_REGEX, True), "qwen2": (QWEN2_REGEX, False)}
 
 
-def spec_of(tokenizer) -> dict:
-    return json.loads(tokenizer.to_json())
-
-
 def test_the_pre_tokenizer_is_named_by_how_text_is_split(tokenizer):
-    assert gguf_pre_tokenizer(spec_of(tokenizer)) == "gpt-2"
+    assert gguf_tokenizer_style(spec_of(tokenizer)) == "gpt-2"
     for name, (regex, ignore_merges) in REGEX_BPE.items():
-        assert gguf_pre_tokenizer(spec_of(regex_bpe(regex, ignore_merges))) == name
+        assert gguf_tokenizer_style(spec_of(regex_bpe(regex, ignore_merges))) == name
 
 
 @pytest.mark.parametrize(("regex", "ignore_merges", "field"), [
@@ -246,7 +243,7 @@ def test_the_pre_tokenizer_is_named_by_how_text_is_split(tokenizer):
 ])
 def test_a_near_miss_names_the_field_that_differs(regex, ignore_merges, field):
     with pytest.raises(ValueError, match=f"^tokenizer.json {field}"):
-        gguf_pre_tokenizer(spec_of(regex_bpe(regex, ignore_merges)))
+        gguf_tokenizer_style(spec_of(regex_bpe(regex, ignore_merges)))
 
 
 def test_a_failed_write_leaves_the_old_file_whole(tokenizer, tmp_path, monkeypatch):
@@ -296,13 +293,6 @@ def test_llama_cpp_logits_match_heron(llama_cpp, exported, name, dtype):
     most, mean = TOLERANCES[dtype]
     assert difference.max() <= most, f"{name} {dtype}: max {difference.max()}"
     assert difference.mean() <= mean, f"{name} {dtype}: mean {difference.mean()}"
-
-
-HARD_TEXTS = CORPUS + [
-    "  leading spaces,\n\n\ttabs and   runs   of spaces  ",
-    "It's they're we've I'm you'll he'd IT'S WE'LL 2024-06-01 3.14159 1234567",
-    "lines\r\nending\r\n\n  in   \n\n\nspaces ✓✓ and... symbols?!",
-]
 
 
 def assert_llama_cpp_tokenizes_alike(llama_cpp, path, tokenizer, texts) -> None:

@@ -23,14 +23,13 @@ Tensor types follow the converter as well: 1-D tensors (norms, biases, rope
 factors) stay f32, and a matrix whose rows do not split into blocks of the
 file's quantisation falls back to f16. A caller may hand in matrices already
 encoded as rows of ggml blocks (`raw_types`): a quantised Heron model's codes
-(compress/gguf_export.py) go into the file as they are, not rounded twice. The tokenizer must be byte-level BPE
-(llama.cpp's "gpt2" tokenizer model) split as GPT-2, Llama 3 or Qwen2 split
-text (`PRE_TOKENIZERS`, llama.cpp's pre-tokenizers "gpt-2", "llama-bpe" and
-"qwen2"); any other is refused with the tokenizer.json field at fault.
+(compress/gguf_export.py) go into the file as they are, not rounded twice.
+
+The tokenizer goes in as a llama.cpp tokenizer model that tokenizes as its
+tokenizer.json does (interop/gguf_tokenizer.py); any other is refused.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import tempfile
@@ -41,15 +40,15 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
-from tokenizers import Tokenizer
 
 from heron.core.config import ModelConfig
 from heron.core.rope import rope_frequencies
 from heron.core.transformer import Transformer
 from heron.govern.audit import record_event
 from heron.interop.families import LLAMA, MIXTRAL, Family, HfConfig, hf_config
+from heron.interop.gguf_tokenizer import add_tokenizer
 from heron.interop.tables import expand, heron_to_hf
-from heron.tokenizer.bpe import CHAT_TEMPLATE_JINJA, HeronTokenizer
+from heron.tokenizer.bpe import HeronTokenizer
 from heron.tokenizer.pretrained import PretrainedTokenizer
 
 ARCH = gguf.MODEL_ARCH.LLAMA
@@ -79,56 +78,6 @@ HPARAMS: tuple[tuple[Callable[[gguf.GGUFWriter, Any], None], str], ...] = (
     (_W.add_rope_dimension_count, "head_dim"),  # RoPE turns every dimension of a head
     (_W.add_layer_norm_rms_eps, "rms_norm_eps"),
 )
-
-# tokenizer.json fields and the values under which llama.cpp's "gpt2" tokenizer model
-# with the pre-tokenizer named by the key ("tokenizer.ggml.pre") gives the same ids:
-# no normalizer, the pre-tokenizer's regex split then bytes to printable symbols,
-# plain BPE. Empty, null and false agree; a digit in a path indexes a list.
-_BPE = {
-    "normalizer": None,
-    "model.type": "BPE",
-    "model.byte_fallback": False,
-    "model.continuing_subword_prefix": None,
-    "model.end_of_word_suffix": None,
-    "model.dropout": None,
-}
-GPT2_TOKENIZER: dict[str, Any] = {
-    **_BPE,
-    "pre_tokenizer.type": "ByteLevel",  # GPT-2's regex built in
-    "pre_tokenizer.add_prefix_space": False,
-    "pre_tokenizer.use_regex": True,
-    "model.ignore_merges": False,
-}
-# Llama 3 and Qwen2 split with a regex of their own (the strings in their tokenizer.json),
-# then map bytes without GPT-2's regex. Llama 3 takes a whole word that is in the
-# vocabulary as one token without merging (ignore_merges), as llama.cpp does for "llama-bpe".
-LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
-                r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2_REGEX = LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")  # digits one by one
-
-
-def _regex_then_bytes(regex: str, ignore_merges: bool) -> dict[str, Any]:
-    return {
-        **_BPE,
-        "pre_tokenizer.type": "Sequence",
-        "pre_tokenizer.pretokenizers.0.type": "Split",
-        "pre_tokenizer.pretokenizers.0.pattern.Regex": regex,
-        "pre_tokenizer.pretokenizers.0.behavior": "Isolated",
-        "pre_tokenizer.pretokenizers.0.invert": False,
-        "pre_tokenizer.pretokenizers.1.type": "ByteLevel",
-        "pre_tokenizer.pretokenizers.1.add_prefix_space": False,
-        "pre_tokenizer.pretokenizers.1.use_regex": False,
-        "pre_tokenizer.pretokenizers.2": None,  # nothing after
-        "model.ignore_merges": ignore_merges,
-    }
-
-
-PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
-    "gpt-2": GPT2_TOKENIZER,
-    "llama-bpe": _regex_then_bytes(LLAMA3_REGEX, ignore_merges=True),
-    "qwen2": _regex_then_bytes(QWEN2_REGEX, ignore_merges=False),
-}
-
 
 def save_gguf(
     model: Transformer,
@@ -166,7 +115,7 @@ def save_gguf(
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _add_hparams(writer, hf, config)
-    _add_tokenizer(writer, tokenizer, config.vocab_size)
+    add_tokenizer(writer, tokenizer, config.vocab_size)
     for tensor_name, tensor, heron_name in gguf_tensors(config, weights or dict(model.named_parameters())):
         if heron_name in raw_types:
             data, qtype = tensor.contiguous().numpy(), raw_types[heron_name]
@@ -297,78 +246,6 @@ def encode_tensor(
         return gguf.quants.quantize(data, F16), F16
 
 
-# ----- tokenizer --------------------------------------------------------------------------------
-
-def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: HeronTokenizer | PretrainedTokenizer, vocab_size: int) -> None:
-    spec = json.loads(tokenizer.to_json())
-    pre = gguf_pre_tokenizer(spec)
-    tokens, types = _vocab(tokenizer.backend, spec, vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
-    for add, token_id in ((_W.add_bos_token_id, tokenizer.bos_id), (_W.add_eos_token_id, tokenizer.eos_id),
-                          (_W.add_pad_token_id, tokenizer.pad_id)):
-        if token_id is not None:
-            add(writer, token_id)
-    add_bos, add_eos = _adds_bos_eos(tokenizer.backend, tokenizer.bos_id, tokenizer.eos_id)
-    writer.add_add_bos_token(add_bos)
-    writer.add_add_eos_token(add_eos)
-    template = CHAT_TEMPLATE_JINJA if isinstance(tokenizer, HeronTokenizer) else tokenizer.chat_template
-    if template:
-        writer.add_chat_template(template)
-
-
-def gguf_pre_tokenizer(spec: dict[str, Any]) -> str:
-    """The llama.cpp pre-tokenizer under which its byte-level BPE splits text
-    as this tokenizer.json does; a ValueError naming the field at fault, on
-    the known pre-tokenizer with fewest differences, when none does."""
-    misses = {name: [(path, want, _field(spec, path)) for path, want in fields.items()
-                     if _field(spec, path) != want and (_field(spec, path) or want)]
-              for name, fields in PRE_TOKENIZERS.items()}
-    # Fewest differences; on a tie, the one whose split regex matches.
-    name = min(misses, key=lambda n: (len(misses[n]), any(".pattern." in path for path, *_ in misses[n])))
-    if not misses[name]:
-        return name
-    path, want, got = misses[name][0]
-    raise ValueError(f"tokenizer.json {path}: {got!r}; GGUF export supports byte-level BPE split as "
-                     f"{', '.join(PRE_TOKENIZERS)} split text, and the closest, {name}, needs {want!r}")
-
-
-def _field(spec: Any, path: str) -> Any:
-    """spec's value at a dotted path ("pre_tokenizer.pretokenizers.0.type"); None where missing."""
-    for key in path.split("."):
-        if isinstance(spec, list) and key.isdigit():
-            spec = spec[int(key)] if int(key) < len(spec) else None
-        else:
-            spec = spec.get(key) if isinstance(spec, dict) else None
-    return spec
-
-
-def _vocab(backend: Tokenizer, spec: dict[str, Any], vocab_size: int) -> tuple[list[str], list[int]]:
-    """Token texts and types by id, padded to the model's vocab_size with unused
-    tokens. Added tokens are control tokens when special, else user-defined."""
-    vocab = backend.get_vocab(with_added_tokens=True)  # text -> id
-    largest = max(vocab.values())
-    if largest >= vocab_size:
-        raise ValueError(f"vocab_size: the model has {vocab_size} embeddings, the tokenizer has token id {largest}")
-    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
-    types = [int(gguf.TokenType.UNUSED)] * vocab_size
-    for text, i in vocab.items():
-        tokens[i], types[i] = text, int(gguf.TokenType.NORMAL)
-    for added in spec.get("added_tokens", []):
-        types[added["id"]] = int(gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED)
-    return tokens, types
-
-
-def _adds_bos_eos(backend: Tokenizer, bos_id: int | None, eos_id: int | None) -> tuple[bool, bool]:
-    """Whether the tokenizer's post-processor puts bos before a text and eos
-    after it (LLaMA's leading <s>): llama.cpp's add_bos_token and add_eos_token."""
-    ids = backend.encode("a", add_special_tokens=True).ids
-    return bos_id is not None and ids[0] == bos_id, eos_id is not None and ids[-1] == eos_id
-
-
 # ----- file -------------------------------------------------------------------------------------
 
 def _write_atomic(writer: gguf.GGUFWriter, target: Path) -> None:
@@ -389,6 +266,6 @@ def _write_atomic(writer: gguf.GGUFWriter, target: Path) -> None:
 
 
 __all__ = [
-    "FILE_TYPES", "GPT2_TOKENIZER", "HPARAMS", "PRE_TOKENIZERS", "encode_tensor", "family_of", "gguf_pre_tokenizer",
-    "gguf_tensors", "interleave_rope", "rope_freq_factors", "save_gguf", "stacked_experts",
+    "FILE_TYPES", "HPARAMS", "encode_tensor", "family_of", "gguf_tensors", "interleave_rope", "rope_freq_factors",
+    "save_gguf", "stacked_experts",
 ]
