@@ -2,6 +2,7 @@
 SentencePiece-free BPE tokenizer with <s>/</s>, a post-processor that adds
 <s>, and a Zephyr-style chat template in tokenizer_config.json."""
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -49,3 +50,13 @@ def hf_folder(tmp_path_factory) -> Path:
                                       bos_token_id=0, eos_token_id=1, pad_token_id=2)
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
     return folder
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """llama-cpp-python opens os.devnull twice when imported (to silence llama.cpp's
+    logging) and never closes it, which Python reports as a ResourceWarning at exit."""
+    utils = sys.modules.get("llama_cpp._utils")
+    for name in ("outnull_file", "errnull_file"):
+        handle = getattr(utils, name, None)
+        if handle is not None:
+            handle.close()
