@@ -120,8 +120,7 @@ def llama_cpp_decode(llama_cpp, llm, ids: list[int]) -> str:
 def test_llama_cpp_tokenizes_and_decodes_like_hugging_face(tokenizer, exported):
     llama_cpp = pytest.importorskip("llama_cpp")
     assert gguf_tokenizer_style(spec_of(tokenizer)) == "sentencepiece"
-    path = exported
-    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(exported), vocab_only=True, verbose=False)
     try:
         for text in HARD_TEXTS + SPECIAL_TEXTS:
             ids = tokenizer.encode(text, add_special_tokens=False)
