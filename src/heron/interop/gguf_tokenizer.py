@@ -85,6 +85,8 @@ SPACE = "▁"  # SentencePiece's visible space
 # tokens, puts "▁" before it as llama.cpp's space prefix does (before the text and after every
 # special token). The newer spelling, a Metaspace pre-tokenizer, differs: it adds no "▁" to a
 # text that already starts with a space ("always"), or none after special tokens ("first").
+METASPACE_WHY = (" (a Metaspace pre-tokenizer puts no '▁' before a text that starts with a space, or after "
+                 "special tokens, where llama.cpp does)")
 SPM_NORMALIZER = {
     **_BPE,
     "model.byte_fallback": True,
@@ -158,7 +160,7 @@ def gguf_tokenizer_style(spec: dict[str, Any]) -> str:
         raise ValueError(f"tokenizer.json {path}: {got!r}; GGUF export supports byte-level BPE split as "
                          f"{', '.join(n for n, (m, _) in STYLES.items() if m == 'gpt2')} split text, and "
                          f"SentencePiece BPE as LLaMA 2's tokenizer.json spells it; the closest, {name}, "
-                         f"needs {want!r}")
+                         f"needs {want!r}{METASPACE_WHY if _field(spec, 'pre_tokenizer.type') == 'Metaspace' else ''}")
     if STYLES[name][0] == "llama":
         _check_spm_merges(spec)
     return name
