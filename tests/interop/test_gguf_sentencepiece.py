@@ -100,7 +100,7 @@ def test_scores_rank_each_token_by_its_first_merge(tokenizer, exported):
     assert scores[made[0]] == 0.0 and scores[made[1]] in (0.0, -1.0)
     assert [scores[i] for i in made] == sorted((scores[i] for i in made), reverse=True)  # rank order
     assert min(scores) <= -len(set(made)) + 1
-    assert spm_scores(["ab", "abc", "a"], ["a b", "ab c"]) == [0.0, -1.0, 0.0]
+    assert spm_scores(["ab", "abc", "a"], [("a", "b"), ("ab", "c")]) == [0.0, -1.0, 0.0]
 
 
 SPECIAL_TEXTS = ["<s>Hello</s> world", "one</s>two <s> three"]

@@ -122,14 +122,15 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: HeronTokenizer | Pretraine
     writer.add_tokenizer_model(ggml_model)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    pairs = _pairs(spec["model"]["merges"])
     if ggml_model == "gpt2":
         writer.add_tokenizer_pre(style)
-        writer.add_token_merges(merges)
+        writer.add_token_merges([" ".join(pair) for pair in pairs])
     else:
-        writer.add_token_scores(spm_scores(tokens, merges))
+        writer.add_token_scores(spm_scores(tokens, pairs))
         writer.add_add_space_prefix(True)
-        unk_id = tokenizer.backend.token_to_id(spec["model"].get("unk_token") or "")
+        unk = spec["model"].get("unk_token")
+        unk_id = tokenizer.backend.token_to_id(unk) if unk else None
         if unk_id is not None:
             writer.add_unk_token_id(unk_id)
     for add, token_id in ((_W.add_bos_token_id, tokenizer.bos_id), (_W.add_eos_token_id, tokenizer.eos_id),
@@ -177,6 +178,7 @@ def _field(spec: Any, path: str) -> Any:
 
 
 def _pairs(merges: list[Any]) -> list[tuple[str, str]]:
+    """tokenizer.json's merges, in rank order, as (left, right): older files write "left right"."""
     return [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in merges]
 
 
@@ -187,16 +189,14 @@ def _check_spm_merges(spec: dict[str, Any]) -> None:
     interleaved with another's."""
     vocab: dict[str, int] = spec["model"]["vocab"]
     pairs = _pairs(spec["model"]["merges"])
-    known, finished, current = set(pairs), set(), None
-    for left, right in pairs:
-        made = left + right
-        if made != current:
-            if made in finished:
-                raise ValueError(f"tokenizer.json model.merges: the merges making {made!r} are not together; "
-                                 "llama.cpp ranks a token's merges as one")
-            if current is not None:
-                finished.add(current)
-            current = made
+    ranks: dict[str, list[int]] = {}  # token -> the ranks of the merges making it, ascending
+    for rank, (left, right) in enumerate(pairs):
+        ranks.setdefault(left + right, []).append(rank)
+    for made, found in ranks.items():
+        if found[-1] - found[0] + 1 != len(found):
+            raise ValueError(f"tokenizer.json model.merges: the merges making {made!r} are not together; "
+                             "llama.cpp ranks a token's merges as one")
+    known = set(pairs)
     for token in vocab:
         for cut in range(1, len(token)):
             left, right = token[:cut], token[cut:]
@@ -205,11 +205,11 @@ def _check_spm_merges(spec: dict[str, Any]) -> None:
                                  f"{token!r} but are not a merge; llama.cpp would merge them")
 
 
-def spm_scores(tokens: list[str], merges: list[str]) -> list[float]:
+def spm_scores(tokens: list[str], merges: list[tuple[str, str]]) -> list[float]:
     """Per token id: minus the rank of the first merge making it, 0 for the
     rest (characters, bytes, special tokens, which no merge makes)."""
     rank: dict[str, int] = {}
-    for r, (left, right) in enumerate(_pairs(merges)):
+    for r, (left, right) in enumerate(merges):
         rank.setdefault(left + right, r)
     return [-float(rank[text]) if text in rank else 0.0 for text in tokens]
 
