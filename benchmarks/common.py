@@ -196,12 +196,19 @@ class Result:
     detail: str
     target: float | None = None  # a value the issue asks for
     at_most: bool = False  # the target is an upper bound (memory ratios), not a lower one
+    unmeasurable: str = ""  # why the value cannot show the target met, whatever it is (a ratio over a non-positive)
 
     @property
     def met(self) -> bool | None:
         if self.target is None:
             return None
+        if self.unmeasurable:
+            return False
         return self.value <= self.target if self.at_most else self.value >= self.target
+
+    @property
+    def explained(self) -> str:
+        return self.detail + (f"; not met whatever the value: {self.unmeasurable}" if self.unmeasurable else "")
 
 
 INTERLEAVING_NOTE = (
@@ -217,7 +224,7 @@ def record(section: str, title: str, results: list[Result], info: Mapping[str, o
         fcntl.flock(lock, fcntl.LOCK_EX)
         data = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else {}
         for r in results:
-            data[r.key] = {"value": round(r.value, 4), "unit": r.unit, "detail": r.detail, "measured": today}
+            data[r.key] = {"value": round(r.value, 4), "unit": r.unit, "detail": r.explained, "measured": today}
         _write_atomic(RESULTS_JSON, json.dumps(data, indent=2, sort_keys=True) + "\n")
         _write_atomic(RESULTS_MD, _merge_section(_read_md(), section, _section_md(title, results, info, notes, today)))
     print(f"wrote {len(results)} keys to {RESULTS_JSON} and section {section!r} of {RESULTS_MD}")
@@ -231,7 +238,7 @@ def _section_md(title: str, results: list[Result], info: Mapping[str, object], n
         met = "" if r.met is None else ("yes" if r.met else "**no**")
         lines.append(f"| `{r.key}` | {r.value:,.3g} | {r.unit} | {target} | {met} |")
     lines += ["", *(f"- {n}" if n and not n.startswith("|") else n for n in notes)]
-    targeted = [f"- `{r.key}`: {r.detail}" for r in results if r.target is not None]
+    targeted = [f"- `{r.key}`: {r.explained}" for r in results if r.target is not None]
     if targeted:  # the other keys' details are in results.json
         lines += ["", "How each key was measured:", "", *targeted]
     return "\n".join(lines) + "\n"

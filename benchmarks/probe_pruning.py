@@ -1,10 +1,11 @@
-"""Why Wanda loses to magnitude on bench_compress's model: a probe, not a benchmark.
+"""Why Wanda falls short on bench_compress's model: a probe, not a benchmark.
 
 Prunes the 27.8M `small` model that bench_compress.py trains (its last
 checkpoint must exist) at 50% and 60% by magnitude compared per layer and
 per output row, Wanda with 16 and 64 calibration batches of 8 x 128 tokens,
 and SparseGPT with 16, and prints each one's validation perplexity increase
-(16 x 8 windows of 128 tokens). Writes nothing; the README quotes its output.
+(every window of 128 tokens of the validation split, as bench_compress
+scores them). Writes nothing; the README quotes its output.
 
     python benchmarks/probe_pruning.py
 """
@@ -36,7 +37,7 @@ def main() -> None:
     setup_torch()
     base, _ = heron.load(SOURCE)
     val = load_shards(SHARDS).val
-    reference = perplexity(base, val, 128, 8, max_batches=16)
+    reference = perplexity(base, val, 128, 8)
     print(f"fp32 perplexity {reference:.3f}")
     for sparsity in (0.5, 0.6):
         variants = {
@@ -51,7 +52,7 @@ def main() -> None:
         for name, prune in variants.items():
             model = copy.deepcopy(base)
             prune(model)
-            increase = perplexity(model, val, 128, 8, max_batches=16) / reference - 1
+            increase = perplexity(model, val, 128, 8) / reference - 1
             print(f"{sparsity:.0%} {name}: perplexity {100 * increase:+.2f}%", flush=True)
 
 

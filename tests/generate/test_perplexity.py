@@ -8,7 +8,7 @@ from torch import nn
 VOCAB = 97  # the `model` fixture's
 
 from heron.core import ModelConfig, TransformerOutput
-from heron.generate.perplexity import perplexity, window_starts
+from heron.generate.perplexity import evaluated_windows, perplexity, window_starts
 
 
 class HalfRightBigram(nn.Module):
@@ -39,9 +39,9 @@ def test_a_model_half_right_every_time_has_perplexity_two():
 
 
 @torch.no_grad()
-def reference_perplexity(model, tokens, seq_len, windows):
+def reference_perplexity(model, tokens, seq_len, starts):
     nll, count = 0.0, 0
-    for s in window_starts(len(tokens), seq_len)[:windows]:
+    for s in starts:
         chunk = tokens[s : s + seq_len + 1]
         logp = model(chunk[None, :-1]).logits[0].log_softmax(-1)  # (L, V)
         nll -= logp.gather(-1, chunk[1:, None]).sum().item()
@@ -49,13 +49,22 @@ def reference_perplexity(model, tokens, seq_len, windows):
     return math.exp(nll / count)
 
 
-@pytest.mark.parametrize("max_batches", [None, 1, 2])
-def test_windows_and_the_short_tail_equal_a_one_window_at_a_time_loop(model, max_batches):
+# 50 tokens in windows of 8 start at 0, 8, ..., 48 (the last predicts one token);
+# max_batches of 3 windows take evenly spaced ones, not the first.
+@pytest.mark.parametrize("max_batches, starts", [(None, [0, 8, 16, 24, 32, 40, 48]), (1, [0, 16, 32]),
+                                                  (2, [0, 8, 16, 24, 32, 40]), (3, [0, 8, 16, 24, 32, 40, 48])])
+def test_windows_and_the_short_tail_equal_a_one_window_at_a_time_loop(model, max_batches, starts):
     tokens = torch.randint(0, VOCAB, (50,), generator=torch.Generator().manual_seed(0))
-    assert window_starts(50, 8) == [0, 8, 16, 24, 32, 40, 48]  # the last window predicts one token
+    assert window_starts(50, 8) == [0, 8, 16, 24, 32, 40, 48]
+    assert evaluated_windows(50, 8, 3, max_batches) == starts
     got = perplexity(model, tokens, seq_len=8, batch_size=3, max_batches=max_batches)
-    windows = None if max_batches is None else 3 * max_batches
-    assert math.isclose(got, reference_perplexity(model, tokens, 8, windows), rel_tol=1e-5)
+    assert math.isclose(got, reference_perplexity(model, tokens, 8, starts), rel_tol=1e-5)
+
+
+def test_a_few_batches_spread_over_the_stream_not_its_head():
+    starts = evaluated_windows(100_000, 128, 8, 4)  # 32 of 782 windows
+    assert len(starts) == 32 and starts[0] == 0 and starts[-1] > 0.95 * 100_000
+    assert len(set(b - a for a, b in zip(starts, starts[1:])) - {24 * 128, 25 * 128}) == 0  # every 24th or 25th
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from pathlib import Path
 import heron
 from heron.data import Corpus, default_corpus, load_shards, prepare_shards
 from heron.generate import Generator, SamplingParams, perplexity
-from heron.generate.perplexity import window_starts
+from heron.generate.perplexity import evaluated_windows
 from heron.govern import EnergyMeter
 from heron.tokenizer import HeronTokenizer, train_tokenizer
 from heron.interop.convert import export_hf, import_hf
@@ -108,8 +108,8 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def scored_tokens(n_tokens: int, seq_len: int, batch_size: int, max_batches: int | None) -> int:
-    """How many tokens perplexity() predicts: all after the first, in its first max_batches batches of windows."""
-    starts = window_starts(n_tokens, seq_len)[: None if max_batches is None else max_batches * batch_size]
+    """How many tokens perplexity() predicts: those its evaluated windows predict."""
+    starts = evaluated_windows(n_tokens, seq_len, batch_size, max_batches)
     return sum(min(seq_len, n_tokens - 1 - s) for s in starts)
 
 

@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=Path, required=True, help="shard folder (its validation split is used)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-batches", type=int, default=None)
+    p.add_argument("--max-batches", type=int, default=None,
+                   help="score this many batches of windows spread evenly over the split (default: all)")
     p.set_defaults(handler=commands.evaluate)
 
     convert = verbs.add_parser("convert", help="model formats in and out").add_subparsers(dest="action", required=True)
@@ -146,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=Path, required=True, help="shard folder whose validation split is scored")
     p.add_argument("--out", type=Path, required=True, help="folder for report.md, report.json and pareto.png")
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--max-batches", type=int, default=16, help="validation batches of 8 windows scored")
+    p.add_argument("--max-batches", type=int, default=16, help="validation batches of 8 windows scored, spread evenly over the split")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per speed round")
     p.set_defaults(handler=commands.compress_report)
 

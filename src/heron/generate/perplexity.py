@@ -21,6 +21,19 @@ def window_starts(n_tokens: int, seq_len: int) -> list[int]:
     return list(range(0, n_tokens - 1, seq_len))
 
 
+def evaluated_windows(n_tokens: int, seq_len: int, batch_size: int, max_batches: int | None) -> list[int]:
+    """Starts of the windows `perplexity` evaluates: all of them, or with
+    max_batches the first of max_batches * batch_size evenly spaced ones.
+
+    Spread, not a prefix: a validation split is whole files one after another,
+    so its first windows are its first few files (in the standard library's,
+    mostly codec tables), which no model's perplexity should rest on alone.
+    """
+    starts = window_starts(n_tokens, seq_len)
+    count = len(starts) if max_batches is None else min(len(starts), max_batches * batch_size)
+    return [starts[i * len(starts) // count] for i in range(count)]
+
+
 def perplexity(
     model: Transformer,
     tokens: np.ndarray | torch.Tensor,
@@ -33,12 +46,13 @@ def perplexity(
 
     The stream (1-D) is cut into non-overlapping windows of seq_len inputs,
     evaluated batch_size at a time; each window starts with no context, which
-    is the usual (pessimistic) convention. `max_batches` evaluates a prefix.
+    is the usual (pessimistic) convention. `max_batches` evaluates that many
+    batches of windows spread evenly over the stream (`evaluated_windows`).
     """
     stream = _as_stream(tokens, model.config.vocab_size)
     _check_sizes(seq_len, batch_size, max_batches, model.config.max_seq_len)
-    starts = window_starts(len(stream), seq_len)
-    batches = [starts[i : i + batch_size] for i in range(0, len(starts), batch_size)][:max_batches]
+    starts = evaluated_windows(len(stream), seq_len, batch_size, max_batches)
+    batches = [starts[i : i + batch_size] for i in range(0, len(starts), batch_size)]
     total_nll, total_tokens = 0.0, 0
     for batch in tqdm(batches, desc="perplexity", disable=not progress):
         nll, count = _batch_nll(model, stream, batch, seq_len)
@@ -87,4 +101,4 @@ def _check_sizes(seq_len: int, batch_size: int, max_batches: int | None, max_seq
         raise ValueError(f"max_batches: must be >= 1 or None, got {max_batches}")
 
 
-__all__ = ["perplexity", "window_starts"]
+__all__ = ["evaluated_windows", "perplexity", "window_starts"]
