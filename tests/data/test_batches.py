@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from heron.data import PackedBatches, ShardedTokens, eval_batches
+from heron.data.batches import spread_evenly
 
 # With tokens = 0, 1, 2, ... every window is known: a row starting at o is o, o+1, ..., o+T.
 TOKENS = np.arange(1000, dtype=np.uint16)
@@ -60,6 +61,14 @@ def test_sharded_tokens_batch_like_one_array() -> None:
     assert all(torch.equal(u, v) for u, v in zip(a, b))
 
 
+def test_spread_evenly_takes_the_first_and_steps_over_the_rest() -> None:
+    assert spread_evenly(range(0, 100, 10), 4) == [0, 20, 50, 70]
+    assert spread_evenly([3, 5, 7], None) == [3, 5, 7] and spread_evenly([3, 5, 7], 9) == [3, 5, 7]
+    assert spread_evenly(range(1000), 10) == list(range(0, 1000, 100))
+    with pytest.raises(ValueError, match="count"):
+        spread_evenly([1, 2], 0)
+
+
 def test_eval_batches_score_every_target_once() -> None:
     tokens = np.arange(103)
     batches = list(eval_batches(tokens, batch_size=4, seq_len=10))
@@ -67,6 +76,7 @@ def test_eval_batches_score_every_target_once() -> None:
     targets = torch.cat([y.flatten() for _, y in batches])
     assert torch.equal(targets, torch.arange(1, 101))
     assert all(torch.equal(y, x + 1) for x, y in batches)
-    assert len(list(eval_batches(tokens, 4, 10, max_batches=2))) == 2
+    spread = list(eval_batches(tokens, 4, 10, max_batches=1))  # 4 of the 10 windows, evenly spaced
+    assert len(spread) == 1 and spread[0][0][:, 0].tolist() == [0, 20, 50, 70]
     shares = [torch.cat([y for _, y in eval_batches(tokens, 4, 10, rank=r, world_size=2)]) for r in (0, 1)]
     assert sorted(torch.cat(shares).flatten().tolist()) == list(range(1, 101))

@@ -8,7 +8,7 @@ resumed run sees exactly the batches an unbroken run would have.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -21,6 +21,22 @@ class TokenStream(Protocol):
     def __len__(self) -> int: ...
 
     def __getitem__(self, index: slice) -> np.ndarray: ...
+
+
+def spread_evenly(starts: Sequence[int], count: int | None) -> list[int]:
+    """`count` of `starts` evenly spaced over them, the first included, in
+    order (all of them when count is None or not smaller).
+
+    Why evaluation samples windows so rather than taking the first ones: a
+    validation split is whole files one after another, so its first windows
+    are its first few files (the standard library's begin with codec tables),
+    on which no loss or perplexity should rest alone.
+    """
+    if count is not None and count < 1:
+        raise ValueError(f"count must be positive, got {count}")
+    n = len(starts)
+    count = n if count is None else min(count, n)
+    return [int(starts[i * n // count]) for i in range(count)]
 
 
 def _check_length(tokens: TokenStream, seq_len: int) -> None:
@@ -101,18 +117,19 @@ def eval_batches(
     rank: int = 0,
     world_size: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Non-overlapping windows in order, so every target token is scored exactly once.
+    """Non-overlapping windows in order, so every target token is scored exactly once;
+    with max_batches, max_batches * batch_size of them spread evenly over the
+    stream (`spread_evenly`).
 
     Window i covers tokens[i*T : i*T + T + 1]; the last batch may be smaller.
-    With world_size > 1, rank r takes windows r, r + world_size, ... .
+    With world_size > 1, rank r takes windows r, r + world_size, ... of those.
     """
     _check_length(tokens, seq_len)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     rank_slice(world_size, rank, world_size)  # validates rank / world_size
-    starts = np.arange(0, len(tokens) - seq_len, seq_len)[rank::world_size]
-    for n, first in enumerate(range(0, len(starts), batch_size)):
-        if max_batches is not None and n >= max_batches:
-            return
+    everywhere = range(0, len(tokens) - seq_len, seq_len)
+    starts = spread_evenly(everywhere, None if max_batches is None else max_batches * batch_size)[rank::world_size]
+    for first in range(0, len(starts), batch_size):
         windows = np.stack([tokens[s : s + seq_len + 1] for s in starts[first : first + batch_size]])
         yield windows_to_xy(windows)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from heron.core.transformer import Transformer
+from heron.data.batches import spread_evenly
 
 
 def window_starts(n_tokens: int, seq_len: int) -> list[int]:
@@ -23,15 +24,9 @@ def window_starts(n_tokens: int, seq_len: int) -> list[int]:
 
 def evaluated_windows(n_tokens: int, seq_len: int, batch_size: int, max_batches: int | None) -> list[int]:
     """Starts of the windows `perplexity` evaluates: all of them, or with
-    max_batches the first of max_batches * batch_size evenly spaced ones.
-
-    Spread, not a prefix: a validation split is whole files one after another,
-    so its first windows are its first few files (in the standard library's,
-    mostly codec tables), which no model's perplexity should rest on alone.
-    """
-    starts = window_starts(n_tokens, seq_len)
-    count = len(starts) if max_batches is None else min(len(starts), max_batches * batch_size)
-    return [starts[i * len(starts) // count] for i in range(count)]
+    max_batches max_batches * batch_size spread evenly over the stream
+    (`heron.data.batches.spread_evenly`: not the first files alone)."""
+    return spread_evenly(window_starts(n_tokens, seq_len), None if max_batches is None else max_batches * batch_size)
 
 
 def perplexity(

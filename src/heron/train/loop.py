@@ -415,8 +415,9 @@ def _forward_loss(run: _Run, x: torch.Tensor, y: torch.Tensor,
 
 @torch.no_grad()
 def evaluate(run: _Run) -> float:
-    """Mean validation loss over the first `eval_batches` global batches of
-    non-overlapping windows; the same windows whatever the process layout."""
+    """Mean validation loss over `eval_batches` global batches of
+    non-overlapping windows spread evenly over the split; the same windows
+    whatever the process layout."""
     t, ctx = run.recipe.train, run.ctx
     run.model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # (loss sum, tokens)
