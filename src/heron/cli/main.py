@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=Path, required=True, help="shard folder whose validation split is scored")
     p.add_argument("--out", type=Path, required=True, help="folder for report.md, report.json and pareto.png")
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--max-batches", type=int, default=16, help="validation batches of 8 windows scored, spread evenly over the split")
+    p.add_argument("--max-batches", type=int, default=16,
+                   help="validation batches of 8 windows scored, spread evenly over the split")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per speed round")
     p.set_defaults(handler=commands.compress_report)
 
