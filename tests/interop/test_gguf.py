@@ -161,11 +161,11 @@ def test_interleave_rope_turns_rotate_half_into_pair_rotation():
     (2j, 2j + 1) by the same angles, which is llama.cpp's "normal" RoPE."""
     heads, head_dim, length = 3, 8, 5
     x = torch.randn(length, heads * head_dim, generator=torch.Generator().manual_seed(0))  # (T, H * hd)
-    cos, sin = rope_tables(length, head_dim, 10000.0, None)  # (T, hd); angle j repeats at j + hd/2
+    cos, sin = rope_tables(length, head_dim, 10000.0, None)  # (T, hd); angle j repeats at j + hd/2, sin signed -, +
     rotated = apply_rope(x.view(length, heads, head_dim).transpose(0, 1), cos, sin)  # (H, T, hd)
     ours = interleave_rope(rotated.transpose(0, 1).reshape(length, -1).T, heads).T  # (T, H * hd)
     pairs = interleave_rope(x.T, heads).T.reshape(length, heads, head_dim // 2, 2)
-    c, s = cos[:, None, : head_dim // 2], sin[:, None, : head_dim // 2]  # (T, 1, hd/2)
+    c, s = cos[:, None, : head_dim // 2], sin[:, None, head_dim // 2 :]  # (T, 1, hd/2)
     theirs = torch.stack([pairs[..., 0] * c - pairs[..., 1] * s, pairs[..., 0] * s + pairs[..., 1] * c], dim=-1)
     torch.testing.assert_close(ours, theirs.reshape(length, -1))
 

@@ -81,7 +81,7 @@ class Transformer(nn.Module):
         self.tie_weights()
         if config.positions == "rope":
             self.register_buffer("rope_cos", torch.empty(0), persistent=False)  # (L, hd)
-            self.register_buffer("rope_sin", torch.empty(0), persistent=False)  # (L, hd)
+            self.register_buffer("rope_sin", torch.empty(0), persistent=False)  # (L, hd), first half negated
         self.reset_buffers()
         self.reset_parameters()
 
