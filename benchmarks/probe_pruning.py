@@ -25,7 +25,7 @@ from common import setup_torch
 import heron
 from heron.compress.calibration import block_linears, calibration_windows, input_reader
 from heron.compress.prune import magnitude_mask
-from heron.compress.prune_model import prune_model
+from heron.compress.prune_model import SquareSum, prune_model
 from heron.data import load_shards
 from heron.generate.perplexity import perplexity
 
@@ -47,23 +47,19 @@ def kurtosis(w: torch.Tensor) -> float:
 
 def input_norm_spread(model: torch.nn.Module, calibration: list[torch.Tensor]) -> dict[str, float]:
     """{layer: largest / median ‖X_j‖₂ over its input features} on the calibration batches."""
-    layers = block_linears(model)
-    sums = {name: torch.zeros(layer.in_features) for name, layer in layers.items()}
-
-    def add(name: str, _: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        sums[name] += args[0].detach().reshape(-1, args[0].shape[-1]).square().sum(0)
+    stats = {name: SquareSum(layer.in_features) for name, layer in block_linears(model).items()}
 
     def reader(name: str) -> torch.nn.Module:  # the module whose input is the linear's (SwiGLU's up: the MLP)
         _, i, suffix = name.split(".", 2)
         return input_reader(model.blocks[int(i)], suffix)
 
-    handles = [reader(name).register_forward_pre_hook(lambda m, a, n=name: add(n, m, a)) for name in layers]
+    handles = [reader(name).register_forward_pre_hook(lambda _, args, s=s: s.add(args[0])) for name, s in stats.items()]
     with torch.no_grad():
         for ids in calibration:
             model(ids)
     for handle in handles:
         handle.remove()
-    return {name: float(s.sqrt().max() / s.sqrt().median()) for name, s in sums.items()}
+    return {name: float(s.norms().max() / s.norms().median()) for name, s in stats.items()}
 
 
 def random_prune(model: torch.nn.Module, sparsity: float) -> None:
