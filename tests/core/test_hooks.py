@@ -47,6 +47,22 @@ def test_hook_names_and_shapes():
     }
 
 
+def test_q_and_k_hooks_see_them_before_rope_and_reading_them_changes_nothing():
+    """With q or k hooked, RoPE rotates them apart; unhooked, in one pass
+    over both: the same numbers either way."""
+    model = make_model()
+    ids = torch.randint(0, 50, (2, 9))
+    plain = model(ids).logits
+    seen = {}
+    with model.hooks({"blocks.0.attn.hook_q": lambda x, name: seen.__setitem__(name, x)}):
+        hooked = model(ids).logits
+    assert torch.equal(plain, hooked)
+    block = model.blocks[0]
+    with torch.no_grad():
+        projected = block.attn.qkv(block.attn_norm(model.embed(ids)))[..., :32]  # (2, 9, nh * hd)
+    assert torch.equal(seen["blocks.0.attn.hook_q"], projected.view(2, 9, 4, 8).transpose(1, 2))
+
+
 def test_pattern_hook_sees_causal_probabilities_and_output_is_unchanged():
     model = make_model()
     ids = torch.randint(0, 50, (1, 6))

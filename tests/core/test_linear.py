@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from heron.core.linear import MAX_ROWS, Linear, set_decode_layout
+from heron.core.linear import MAX_ROWS, Linear, is_input_major, set_decode_layout
 
 
 @pytest.mark.parametrize("input_major", [False, True])
@@ -18,6 +18,14 @@ def test_few_row_fast_paths_equal_f_linear(input_major):
             fast = layer(x)
         assert fast.shape == (*shape[:-1], 64)
         assert torch.allclose(fast, F.linear(x, layer.weight, layer.bias), atol=1e-6)
+
+
+def test_is_input_major_reads_the_strides_as_t_is_contiguous_does():
+    torch.manual_seed(0)
+    for N, K in [(1, 1), (1, 4), (5, 1), (5, 4), (2, 3)]:
+        w = torch.randn(N, K)
+        for layout in (w, w.t().contiguous().t(), torch.randn(N, 2 * K)[:, ::2], torch.randn(N, K + 1)[:, :K]):
+            assert is_input_major(layout) == layout.t().is_contiguous(), (N, K, layout.stride())
 
 
 def test_training_and_many_rows_take_the_plain_path_bit_for_bit():

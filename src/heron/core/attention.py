@@ -35,7 +35,7 @@ class Attention(nn.Module):
         # Every engine scales q.k by 1/sqrt(hd); another scale is folded into q once.
         self.q_factor = None if config.attn_scale is None else config.attn_scale * math.sqrt(self.head_dim)
         q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        self.split = (q_width, kv_width, kv_width)
+        self.heads = (self.n_heads, self.n_kv_heads, self.n_kv_heads)  # the qkv output's q, k, v heads
         self.qkv = Linear(config.d_model, q_width + 2 * kv_width, bias=config.qkv_bias)
         self.out = Linear(q_width, config.d_model, bias=config.out_bias)
         self.hook_q = HookPoint()  # (B, n_heads, T, hd), before RoPE
@@ -53,13 +53,11 @@ class Attention(nn.Module):
         key_mask: torch.Tensor | None = None,  # (B, S) bool, False = padding
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(self.split, dim=-1)
-        q = self.hook_q(q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2))  # (B, nh, T, hd)
-        k = self.hook_k(k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2))  # (B, nkv, T, hd)
-        v = self.hook_v(v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2))  # (B, nkv, T, hd)
+        heads = self.qkv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh + 2 nkv, T, hd)
+        q, k, v = heads.split(self.heads, dim=1)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)  # (B, nh | nkv | nkv, T, hd)
         if self.use_rope:
-            cos, sin = rope
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k = self._rotate(heads, q, k, rope)
         if self.q_factor is not None:
             q = q * self.q_factor
         if self.pattern is not None:
@@ -70,6 +68,17 @@ class Attention(nn.Module):
             y = self._attend(q, k, v, mask, is_causal=mask is None and cache is None)
         y = self.hook_z(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         return self.out(y)  # (B, T, d)
+
+    def _rotate(
+        self, heads: torch.Tensor, q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE on q and k. Unless a hook replaced them, both are rotated in one
+        pass over the q and k heads of `heads`: the same numbers in half the
+        ops, which is most of RoPE's cost when decoding a token."""
+        cos, sin = rope
+        if self.hook_q.active or self.hook_k.active:
+            return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(heads[:, : self.n_heads + self.n_kv_heads], cos, sin).split(self.heads[:2], dim=1)
 
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool

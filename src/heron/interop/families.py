@@ -45,7 +45,7 @@ _A, _M = "model.layers.{i}.self_attn", "model.layers.{i}.mlp"
 _LLAMA_BODY: tuple[WeightRow, ...] = (
     WeightRow("embed.weight", ("model.embed_tokens.weight",)),
     WeightRow("blocks.{i}.attn_norm.weight", ("model.layers.{i}.input_layernorm.weight",)),
-    # Heron's qkv rows are q, then k, then v (attention.py, `self.split`).
+    # Heron's qkv rows are q, then k, then v (attention.py, `self.heads`).
     WeightRow("blocks.{i}.attn.qkv.weight", (f"{_A}.q_proj.weight", f"{_A}.k_proj.weight", f"{_A}.v_proj.weight"),
               split="qkv"),
     WeightRow("blocks.{i}.attn.qkv.bias", (f"{_A}.q_proj.bias", f"{_A}.k_proj.bias", f"{_A}.v_proj.bias"), split="qkv"),
