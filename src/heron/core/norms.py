@@ -9,7 +9,7 @@ from heron.core.config import ModelConfig
 
 class RMSNorm(nn.RMSNorm):
     """RMSNorm (Zhang & Sennrich 2019): `nn.RMSNorm`, whose fp32 forward
-    outside autograd is written out as five ops with the same numbers, bit
+    outside autograd is written out as six plain ops with the same numbers, bit
     for bit (Hugging Face's LLaMA writes it the same way).
 
     Why: on the CPU torch's `rms_norm` converts dtypes and wraps scalars
@@ -26,7 +26,7 @@ class RMSNorm(nn.RMSNorm):
 
 
 def make_norm(config: ModelConfig) -> nn.Module:
-    """RMSNorm or LayerNorm (one fused torch op)."""
+    """Heron's RMSNorm or torch's LayerNorm, as the config names."""
     if config.norm == "rmsnorm":
         return RMSNorm(config.d_model, eps=config.norm_eps)
     return nn.LayerNorm(config.d_model, eps=config.norm_eps)
