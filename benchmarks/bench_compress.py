@@ -24,8 +24,11 @@ not (int4 RTN barely moves this model), the target is reported as not met.
 Size: every file of the checkpoint folder against the fp32 one.
 Decode: batch 1, greedy, 64 new tokens after a 16-token prompt, KV-cached;
 the fp32 model, the int8 model, PyTorch's `quantize_dynamic` int8 of the same
-model and the structured-pruned model run in one process, interleaved over
-ROUNDS rounds; speed-ups are medians of per-round ratios. Energy per decoded
+model, the int8 model on Heron's `dynamic` kernel (activations rounded to 8
+bits at run time as `quantize_dynamic` does: the like-for-like comparison,
+with its perplexity beside the weight-only default's) and the
+structured-pruned model run in one process, interleaved over five rounds;
+speed-ups are medians of per-round ratios. Energy per decoded
 token and its source come from Heron's meter (estimated on this machine).
 
     python benchmarks/bench_compress.py [--no-write]
@@ -43,11 +46,13 @@ from common import HERE, Result, finish, interleave, machine, plan_args, ratio, 
 import heron
 from heron.compress.distill import distill
 from heron.compress.prune_checkpoint import PruneSettings, prune_checkpoint
+from heron.compress.qlinear import set_kernel
 from heron.compress.quantize import QuantizeSettings
 from heron.compress.quantize_checkpoint import QuantizeCheckpointSettings, quantize_checkpoint
 from heron.compress.report import decode_speed, measure, write_report
 from heron.core.linear import Linear
 from heron.data import load_shards
+from heron.generate.perplexity import perplexity
 from heron.train import load_recipe, train
 from heron.train.recipe import TrainRecipe
 
@@ -145,13 +150,18 @@ def main() -> None:
     int8, _ = heron.load(folders["int8"])
     mlp25, _ = heron.load(folders["mlp25"])
     dynamic = torch_dynamic_int8(fp32)
+    int8_dynamic = copy.deepcopy(int8)  # the int8 checkpoint on the kernel that rounds activations too
+    set_kernel(int8_dynamic, "dynamic")
+    activation_rounded = {name: perplexity(m, val, **evaluation)
+                          for name, m in {"int8-dynamic": int8_dynamic, "torch-dynamic": dynamic}.items()}
     prompt = [int(t) for t in val[:16]]
     speed = interleave({name: lambda m=m: decode_speed(m, prompt, new_tokens=NEW_TOKENS, rounds=1)[0]
                         for name, m in {"fp32": fp32, "int8": int8, "torch-dynamic": dynamic,
-                                        "mlp25": mlp25}.items()}, plan.rounds)
+                                        "int8-dynamic": int8_dynamic, "mlp25": mlp25}.items()}, plan.rounds)
 
     def increase(name: str) -> float:
-        return by[name].perplexity / by["fp32"].perplexity - 1
+        ppl = activation_rounded[name] if name in activation_rounded else by[name].perplexity
+        return ppl / by["fp32"].perplexity - 1
 
     windows = ("every window" if plan.eval_batches is None
                else f"{plan.eval_batches} x {evaluation['batch_size']} windows spread evenly")
@@ -174,8 +184,16 @@ def main() -> None:
                f"decode tokens/s, batch 1, greedy, {NEW_TOKENS} tokens, int8 / fp32, {plan.rounds} interleaved "
                "rounds"),
         Result("int8_decode_vs_torch_dynamic", ratio(speed["int8"], speed["torch-dynamic"]).median, "x",
-               "decode tokens/s, Heron int8 / torch.ao.quantization.quantize_dynamic int8 of the same model, "
-               "interleaved", 1.0),
+               "decode tokens/s, Heron int8 (default kernel, weight-only) / torch.ao.quantization.quantize_dynamic "
+               "int8 of the same model, interleaved", 1.0),
+        Result("int8_dynamic_kernel_decode_vs_torch_dynamic",
+               ratio(speed["int8-dynamic"], speed["torch-dynamic"]).median, "x",
+               "like for like: decode tokens/s, Heron int8 on its `dynamic` kernel (activations rounded to 8 bits "
+               "at run time, as quantize_dynamic does) / quantize_dynamic, interleaved"),
+        Result("int8_dynamic_kernel_ppl_increase_pct", 100 * increase("int8-dynamic"), "%",
+               f"Heron int8 on its `dynamic` kernel: {how}"),
+        Result("torch_dynamic_ppl_increase_pct", 100 * increase("torch-dynamic"), "%",
+               f"torch.ao.quantization.quantize_dynamic int8: {how}"),
         ratio_of_increases("int4_gptq_over_rtn_ppl_increase", "int4-gptq", "int4-rtn",
                            "int4 group 128: GPTQ's perplexity increase / RTN's"),
         Result("int4_size_ratio", by["int4-gptq"].size_ratio, "x",
