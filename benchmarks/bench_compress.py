@@ -16,11 +16,12 @@ runs/bench-compress/variants/ (reused when present):
   steps from scratch and, with the same recipe, distilled from the model
   (T = 2, alpha 0.5).
 
-Perplexity: every window of 128 tokens of the validation split (107k tokens;
-its first 32k, which an earlier version scored, are mostly codec tables, on
-which pruning and quantisation cost something else than on code). Ratios of
-perplexity increases need the baseline's increase to be positive: where it is
-not (int4 RTN barely moves this model), the target is reported as not met.
+Perplexity: every window of 128 tokens of the validation split (89k tokens
+of the current default corpus; an earlier version scored the first 32k of
+older shards, mostly codec tables, on which pruning and quantisation cost
+something else than on code). Ratios of perplexity increases need the
+baseline's increase to be positive: where it is not (int4 RTN barely moves
+this model), the target is reported as not met.
 Size: every file of the checkpoint folder against the fp32 one.
 Decode: batch 1, greedy, 64 new tokens after a 16-token prompt, KV-cached;
 the fp32 model, the int8 model, PyTorch's `quantize_dynamic` int8 of the same
