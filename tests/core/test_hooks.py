@@ -47,9 +47,9 @@ def test_hook_names_and_shapes():
     }
 
 
-def test_q_and_k_hooks_see_them_before_rope_and_reading_them_changes_nothing():
-    """With q or k hooked, RoPE rotates them apart; unhooked, in one pass
-    over both: the same numbers either way."""
+def test_q_and_k_hooks_see_them_before_rope_and_may_replace_them():
+    """A q or k a hook replaced is rotated apart; otherwise RoPE makes one
+    pass over both: the same numbers either way."""
     model = make_model()
     ids = torch.randint(0, 50, (2, 9))
     plain = model(ids).logits
@@ -57,10 +57,19 @@ def test_q_and_k_hooks_see_them_before_rope_and_reading_them_changes_nothing():
     with model.hooks({"blocks.0.attn.hook_q": lambda x, name: seen.__setitem__(name, x)}):
         hooked = model(ids).logits
     assert torch.equal(plain, hooked)
+    with model.hooks({"blocks.0.attn.hook_k": lambda x, _: x.clone(), "blocks.1.attn.hook_q": lambda x, _: x.clone()}):
+        replaced = model(ids).logits
+    assert torch.equal(plain, replaced)
     block = model.blocks[0]
     with torch.no_grad():
         projected = block.attn.qkv(block.attn_norm(model.embed(ids)))[..., :32]  # (2, 9, nh * hd)
     assert torch.equal(seen["blocks.0.attn.hook_q"], projected.view(2, 9, 4, 8).transpose(1, 2))
+    with model.hooks({"blocks.0.attn.hook_q": lambda x, _: 100 * x}):
+        sharper = model(ids).logits
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.weight[:32] *= 100  # the q rows: the same queries, made by the weights
+    assert torch.allclose(sharper, model(ids).logits, atol=1e-5)
+    assert not torch.allclose(sharper, plain, atol=1e-3)
 
 
 def test_pattern_hook_sees_causal_probabilities_and_output_is_unchanged():

@@ -54,10 +54,14 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         heads = self.qkv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh + 2 nkv, T, hd)
-        q, k, v = heads.split(self.heads, dim=1)
-        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)  # (B, nh | nkv | nkv, T, hd)
+        projected_q, projected_k, v = heads.split(self.heads, dim=1)
+        q, k, v = self.hook_q(projected_q), self.hook_k(projected_k), self.hook_v(v)  # (B, nh | nkv | nkv, T, hd)
         if self.use_rope:
-            q, k = self._rotate(heads, q, k, rope)
+            cos, sin = rope
+            if q is projected_q and k is projected_k:  # no hook replaced them: one pass over both, half the ops
+                q, k = apply_rope(heads[:, : self.n_heads + self.n_kv_heads], cos, sin).split(self.heads[:2], dim=1)
+            else:
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.q_factor is not None:
             q = q * self.q_factor
         if self.pattern is not None:
@@ -68,17 +72,6 @@ class Attention(nn.Module):
             y = self._attend(q, k, v, mask, is_causal=mask is None and cache is None)
         y = self.hook_z(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
         return self.out(y)  # (B, T, d)
-
-    def _rotate(
-        self, heads: torch.Tensor, q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE on q and k. Unless a hook replaced them, both are rotated in one
-        pass over the q and k heads of `heads`: the same numbers in half the
-        ops, which is most of RoPE's cost when decoding a token."""
-        cos, sin = rope
-        if self.hook_q.active or self.hook_k.active:
-            return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        return apply_rope(heads[:, : self.n_heads + self.n_kv_heads], cos, sin).split(self.heads[:2], dim=1)
 
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool
