@@ -79,7 +79,7 @@ class HFRun:
     """`LlamaForCausalLM.generate`, greedy, exactly N new tokens."""
 
     def __init__(self, hf: nn.Module, batch: list[list[int]], vocab: int) -> None:
-        ids, mask = left_pad(batch, 0, vocab)
+        ids, mask = left_pad(batch, 0, vocab, hf.device)
         self.hf, self.ids = hf, ids
         self.mask = torch.ones_like(ids) if mask is None else mask.long()
 

@@ -8,7 +8,8 @@ AdamW, on random tokens, for both:
   and divided by their number.
 - transformers as its `Trainer` does it by default: `model(input_ids,
   labels=input_ids).loss` (the model shifts the labels), `torch.optim.AdamW`
-  with its defaults (the foreach kernel), `max_grad_norm` 1.0.
+  with the fused kernel (`optim="adamw_torch_fused"`, Trainer's default since
+  torch 2.8, on CPU too), `max_grad_norm` 1.0.
 
 Both see B x T input tokens per step. Warm-up steps are not timed.
 
@@ -48,12 +49,14 @@ class Plan:
 FULL, QUICK = Plan(rounds=6, steps=1, warmup=1), Plan(rounds=2, steps=1, warmup=1)
 
 
-def heron_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+def heron_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool = False) -> Callable[[], None]:
+    """bf16: autocast the forward, as the train loop's `precision: bf16` does."""
     optimizer = build_optimizer(model, OptimSection())
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        logits = model(x).logits.float()  # (B, T, V)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x).logits.float()  # (B, T, V)
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum") / y.numel()
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM)
@@ -62,12 +65,15 @@ def heron_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[
     return step
 
 
-def hf_step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)  # defaults: foreach on CPU
+def hf_step(model: nn.Module, x: torch.Tensor, bf16: bool = False) -> Callable[[], None]:
+    """bf16: autocast the forward, as `Trainer(bf16=True)` does."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)  # Trainer's adamw_torch_fused
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        model(input_ids=x, labels=x).loss.backward()
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM)
         optimizer.step()
 
@@ -101,7 +107,7 @@ def bench_preset(preset: str, plan: Plan) -> list[Result]:
         Result(f"train_tokens_per_s_heron_{preset}", stats["heron"].median, "tokens/s",
                f"Heron, AdamW fused, {how}"),
         Result(f"train_tokens_per_s_transformers_{preset}", stats["transformers"].median, "tokens/s",
-               f"LlamaForCausalLM (sdpa), AdamW foreach, {how}"),
+               f"LlamaForCausalLM (sdpa), AdamW fused, {how}"),
     ]
 
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from heron.core import KVCache, ModelConfig, Transformer
 from heron.core.config import AttentionPattern
-from heron.core.sparse import BLOCK, allowed, dense_mask, sparse_attention
+from heron.core.sparse import BLOCK, allowed, dense_mask, flex_sparse_attention, sparse_attention
 
 TOL = 1e-5
 
@@ -172,3 +172,19 @@ def test_config_schedules_cycle_and_errors_name_the_field():
         ModelConfig.from_dict(dict(vocab_size=10, d_model=16, n_layers=4, n_heads=2, attention=[{"kind": "diagonal"}]))
     with pytest.raises(ValueError, match="attention: 3 entries"):
         ModelConfig(vocab_size=10, d_model=16, n_layers=4, n_heads=2, attention=(AttentionPattern(),) * 3)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@settings(max_examples=15, deadline=None)
+@given(pattern=patterns(), length=st.integers(1, 300), groups=st.integers(1, 2), seed=st.integers(0, 2**16))
+def test_flex_engine_equals_masked_dense(pattern, length, groups, seed):
+    """The GPU engine's block mask and rule, run here through eager FlexAttention, which
+    has no backward on CPU (tests/test_cuda.py runs the compiled kernel both ways on a
+    GPU); lengths cross flex's 128-token blocks."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 2 * groups, length, 16, generator=g)
+    k, v = (torch.randn(1, 2, length, 16, generator=g) for _ in range(2))
+    out = flex_sparse_attention(q, k, v, pattern, kernel=flex_attention)
+    assert (out - reference(q, k, v, pattern)).abs().max() <= TOL

@@ -427,7 +427,7 @@ def evaluate(run: _Run) -> float:
         x, y = x.tensor_split(ctx.world_size)[ctx.rank], y.tensor_split(ctx.world_size)[ctx.rank]
         for xm, ym in zip(x.split(run.micro_batch), y.split(run.micro_batch)):
             loss, _ = _forward_loss(run, xm, ym)
-            total += torch.stack([loss.double(), (ym != IGNORE_INDEX).sum().double()])
+            total += torch.stack([loss.double(), (ym != IGNORE_INDEX).sum().to(total)])
     run.model.train()
     total = dist_.all_reduce_sum(total, run.ctx)
     return float(total[0] / total[1])
