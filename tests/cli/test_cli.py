@@ -3,6 +3,7 @@ generation and evaluation, each through `heron <verb>`."""
 from pathlib import Path
 
 import pytest
+import torch
 
 from heron.cli.main import main
 
@@ -26,23 +27,60 @@ def corpus(tmp_path_factory) -> Path:
     return folder
 
 
-def test_tokenizer_data_train_generate_eval(corpus: Path, tmp_path: Path, capsys) -> None:
+def tokenizer_shards_and_checkpoint(corpus: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """(shards, checkpoint) made by `heron tokenizer train`, `data prepare` and `train`."""
     tok, shards, run = tmp_path / "tok.json", tmp_path / "shards", tmp_path / "run"
     assert main(["tokenizer", "train", str(corpus), "--ext", ".py", "--vocab-size", "300", "--out", str(tok)]) == 0
     assert tok.is_file()
     assert main(["data", "prepare", str(corpus), "--ext", ".py", "--tokenizer", str(tok), "--out", str(shards)]) == 0
     assert main(["train", "test", "--set", f"out_dir={run}", "--set", f"data.shards={shards}",
                  "--set", f"data.tokenizer={tok}", "--set", "data.synthetic=null", "--set", "train.steps=30",
-                 "--set", "schedule.warmup_steps=5", "--set", "train.eval_every=10", "--set", "train.progress=false"]) == 0
+                 "--set", "schedule.warmup_steps=5", "--set", "train.eval_every=10", "--set", "train.progress=false",
+                 "--set", "train.device=cpu"]) == 0
     checkpoint = run / "checkpoints" / "latest"
     assert (checkpoint / "tokenizer.json").is_file()
+    return shards, checkpoint
+
+
+def generated_and_perplexity(shards: Path, checkpoint: Path, device: str, capsys) -> tuple[str, float]:
+    capsys.readouterr()
+    assert main(["generate", str(checkpoint), "--prompt", "def ", "--max-new-tokens", "6", "--temperature", "0",
+                 "--device", device]) == 0
+    text = capsys.readouterr().out
+    assert main(["eval", str(checkpoint), "--shards", str(shards), "--seq-len", "32", "--batch-size", "2",
+                 "--device", device]) == 0
+    return text, float(capsys.readouterr().out.strip().rsplit(" ", 1)[-1])
+
+
+def test_tokenizer_data_train_generate_eval(corpus: Path, tmp_path: Path, capsys) -> None:
+    shards, checkpoint = tokenizer_shards_and_checkpoint(corpus, tmp_path)
     capsys.readouterr()
     assert main(["generate", str(checkpoint), "--prompt", "def ", "--max-new-tokens", "6", "--seed", "0"]) == 0
     assert capsys.readouterr().out.startswith("def ")
-    assert main(["eval", str(checkpoint), "--shards", str(shards), "--seq-len", "32", "--batch-size", "2"]) == 0
-    ppl = float(capsys.readouterr().out.strip().rsplit(" ", 1)[-1])
+    text, ppl = generated_and_perplexity(shards, checkpoint, "cpu", capsys)
+    assert text.startswith("def ")
     # 40 near-identical files: 30 steps take the model far below chance (300).
     assert 1.0 < ppl < 30
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_generate_and_eval_on_the_gpu_equal_the_cpu(corpus: Path, tmp_path: Path, capsys) -> None:
+    shards, checkpoint = tokenizer_shards_and_checkpoint(corpus, tmp_path)
+    on_cpu, on_gpu = (generated_and_perplexity(shards, checkpoint, device, capsys) for device in ("cpu", "cuda"))
+    assert on_gpu[0] == on_cpu[0]  # greedy
+    assert on_gpu[1] == pytest.approx(on_cpu[1], rel=1e-4)
+
+
+@pytest.mark.parametrize("device, complaint", [
+    ("tpu", "'tpu' is not a device"),
+    ("cuda:99", "'cuda:99': torch sees"),
+    *([] if torch.cuda.is_available() else [("cuda", "'cuda': torch sees no CUDA device")]),
+])
+def test_a_device_torch_cannot_use_is_refused_before_loading(tmp_path: Path, capsys, device, complaint) -> None:
+    assert main(["generate", str(tmp_path / "nope"), "--prompt", "x", "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert "--device" in err and complaint in err and "nope" not in err
 
 
 def test_bad_recipe_field_is_named_and_exits_2(tmp_path: Path, capsys) -> None:

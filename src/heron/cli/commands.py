@@ -6,12 +6,15 @@ import dataclasses
 import sys
 from pathlib import Path
 
+import torch
+
 import heron
+from heron.core import Transformer
 from heron.data import Corpus, default_corpus, load_shards, prepare_shards
 from heron.generate import Generator, SamplingParams, perplexity
 from heron.generate.perplexity import evaluated_windows
 from heron.govern import EnergyMeter
-from heron.tokenizer import HeronTokenizer, train_tokenizer
+from heron.tokenizer import HeronTokenizer, Tokenizer, train_tokenizer
 from heron.interop.convert import export_hf, import_hf
 from heron.cli.watermark import watermark_from_args
 from heron.interop.gguf import save_gguf
@@ -73,8 +76,32 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
                           seed=args.seed, watermark=watermark_from_args(args))
 
 
+def device_from(text: str) -> torch.device:
+    """--device: "auto" is the first CUDA GPU when torch sees one, else the CPU."""
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError as err:
+        raise ValueError(f"--device: {text!r} is not a device (cpu, cuda, cuda:N or auto)") from err
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device: {text!r} is not a device (cpu, cuda, cuda:N or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device: {text!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device: {text!r}: torch sees no CUDA device here")
+    return device
+
+
+def load_on(checkpoint: Path, device: str) -> tuple[Transformer, Tokenizer | None]:
+    """`heron.load`, then the model moved to --device (checked before loading)."""
+    target = device_from(device)
+    model, tokenizer = heron.load(checkpoint)
+    return model.to(target), tokenizer
+
+
 def generate(args: argparse.Namespace) -> int:
-    model, tokenizer = heron.load(args.checkpoint)
+    model, tokenizer = load_on(args.checkpoint, args.device)
     if tokenizer is None:
         raise CheckpointError(f"{args.checkpoint}: no tokenizer.json, so text cannot be generated")
     texts = args.prompt or [sys.stdin.read()]
@@ -97,7 +124,7 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    model, _ = heron.load(args.checkpoint)
+    model, _ = load_on(args.checkpoint, args.device)
     shards = load_shards(args.shards)
     meter = EnergyMeter().start()
     ppl = perplexity(model, shards.val, seq_len=args.seq_len, batch_size=args.batch_size,

@@ -26,6 +26,11 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
     watermark.add_generation_options(parser)  # --watermark-key, --watermark-gamma, --watermark-delta
 
 
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto",
+                        help="where the model runs: cpu, cuda, cuda:N, or auto (a CUDA GPU when torch sees one)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="heron", description="An open workbench for language models.")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -62,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat template")
     p.add_argument("--no-stream", action="store_true", help="print whole completions instead of streaming")
     _add_sampling(p)
+    _add_device(p)
     p.set_defaults(handler=commands.generate)
 
     p = verbs.add_parser("eval", help="validation perplexity of a checkpoint")
@@ -71,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batches", type=int, default=None,
                    help="score this many batches of windows spread evenly over the split (default: all)")
+    _add_device(p)
     p.set_defaults(handler=commands.evaluate)
 
     convert = verbs.add_parser("convert", help="model formats in and out").add_subparsers(dest="action", required=True)
