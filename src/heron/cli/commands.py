@@ -81,10 +81,10 @@ def device_from(text: str) -> torch.device:
     if text == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(text)
-    except RuntimeError as err:
-        raise ValueError(f"--device: {text!r} is not a device (cpu, cuda, cuda:N or auto)") from err
-    if device.type not in ("cpu", "cuda"):
+        device: torch.device | None = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device: {text!r} is not a device (cpu, cuda, cuda:N or auto)")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"--device: {text!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
