@@ -86,10 +86,9 @@ def device_from(text: str) -> torch.device:
         device = None
     if device is None or device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device: {text!r} is not a device (cpu, cuda, cuda:N or auto)")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device: {text!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device: {text!r}: torch sees no CUDA device here")
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and (device.index or 0) >= count:
+        raise ValueError(f"--device: {text!r}: torch sees {count or 'no'} CUDA device(s) here")
     return device
 
 
