@@ -136,6 +136,24 @@ def test_decoder_runs_exactly_the_requested_steps(model):
     assert decoder.cache.length == 3 + 10 and ids.shape == (2,)
 
 
+def test_a_hook_attached_while_decoding_sees_every_step_and_steers_it(model):
+    """Unhooked steps skip module dispatch (core/token_step.py); a hook must
+    bring the model's forward back, seeing and changing every step."""
+    prompt, n = PROMPTS[2], 6
+    params = replace(GREEDY, max_new_tokens=n)
+    seen = []
+
+    def steer(resid, name):
+        seen.append(resid.shape[1])
+        return resid * -1.0
+
+    with model.hooks({"blocks.0.hook_resid_post": steer}):
+        steered = Generator(model).generate_ids([prompt], params)[0]
+        assert seen == [len(prompt)] + [1] * (n - 1)  # the prefill, then each step
+        assert steered == reference_greedy(model, prompt, n)  # the reference under the same hook
+    assert steered != Generator(model).generate_ids([prompt], params)[0]
+
+
 @pytest.mark.parametrize(
     "prompts, params, field",
     [

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 SPLIT = 4  # weight blocks, one bmm batch entry (and thread task) each
@@ -32,20 +33,25 @@ class Linear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if rows > MAX_ROWS or torch.is_grad_enabled():  # training keeps F.linear's numbers
+        if x.numel() // self.in_features > MAX_ROWS or torch.is_grad_enabled():  # training keeps F.linear's numbers
             return super().forward(x)
-        N, K = self.out_features, self.in_features
-        if is_input_major(self.weight) and K % SPLIT == 0:
-            y = input_major_product(x.reshape(rows, K), self.weight.t())  # (rows, N)
-        elif self.weight.is_contiguous() and N % SPLIT == 0:  # row-major
-            w = self.weight.view(SPLIT, N // SPLIT, K)  # (S, N/S, K)
-            xs = x.reshape(1, rows, K).expand(SPLIT, rows, K)  # (S, rows, K)
-            y = torch.bmm(xs, w.transpose(1, 2)).transpose(0, 1).reshape(rows, N)  # (rows, N)
-        else:
-            return super().forward(x)
-        y = y.view(*x.shape[:-1], N)
-        return y if self.bias is None else y + self.bias
+        return few_row_linear(x, self.weight, self.bias)
+
+
+def few_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x (..., K) of at most MAX_ROWS rows, as one
+    bmm over SPLIT blocks of the weight where its layout allows (why: `Linear`)."""
+    (N, K), rows = weight.shape, x.numel() // weight.shape[1]
+    if is_input_major(weight) and K % SPLIT == 0:
+        y = input_major_product(x.reshape(rows, K), weight.t())  # (rows, N)
+    elif weight.is_contiguous() and N % SPLIT == 0:  # row-major
+        w = weight.view(SPLIT, N // SPLIT, K)  # (S, N/S, K)
+        xs = x.reshape(1, rows, K).expand(SPLIT, rows, K)  # (S, rows, K)
+        y = torch.bmm(xs, w.transpose(1, 2)).transpose(0, 1).reshape(rows, N)  # (rows, N)
+    else:
+        return F.linear(x, weight, bias)
+    y = y.view(*x.shape[:-1], N)
+    return y if bias is None else y + bias
 
 
 def is_input_major(w: torch.Tensor) -> bool:

@@ -22,7 +22,13 @@ class RMSNorm(nn.RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or x.dtype != torch.float32 or self.weight is None:
             return super().forward(x)
-        return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + self.eps) * self.weight
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (..., d) / sqrt(mean(x^2) + eps) * weight (d,): `RMSNorm`'s written-out
+    fp32 inference arithmetic, the same numbers as torch's `rms_norm`."""
+    return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps) * weight
 
 
 def make_norm(config: ModelConfig) -> nn.Module:

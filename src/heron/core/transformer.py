@@ -144,14 +144,14 @@ class Transformer(nn.Module):
         if past + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {past + T} tokens exceeds max_seq_len {self.config.max_seq_len}")
         if positions is None:
-            positions = self._default_positions(past, T, key_mask, x.device)  # all < past + T: no check needed
+            positions = self.default_positions(past, T, key_mask, x.device)  # all < past + T: no check needed
         elif int(positions.max()) >= self.config.max_seq_len:  # a host sync, paid only for caller's positions
             raise ValueError(f"positions: {int(positions.max())} exceeds max_seq_len {self.config.max_seq_len}")
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
         x = self.hook_embed(x)
-        rope = self._rope(positions)
-        mask = _attention_mask(past, T, key_mask, x.device) if (cache is not None and T > 1) or key_mask is not None else None
+        rope = self.rope_for(positions)
+        mask = causal_padding_mask(past, T, key_mask, x.device) if (cache is not None and T > 1) or key_mask is not None else None
         for block in self.blocks:
             x = block(x, rope, mask, cache, key_mask)
         if cache is not None:
@@ -174,14 +174,16 @@ class Transformer(nn.Module):
         return self.embed(input_ids)
 
     @staticmethod
-    def _default_positions(past: int, T: int, key_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    def default_positions(past: int, T: int, key_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
         """0, 1, 2, ... counted over real tokens only, so left padding shifts nothing:
         the same indices sparse patterns are rules on (`token_index`)."""
         if key_mask is None:
             return torch.arange(past, past + T, device=device)  # (T,)
         return token_index(key_mask, past + T)[:, past:].clamp(min=0)  # (B, T)
 
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def rope_for(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The RoPE (cos, signed sin) rows of positions (T,) or (B, T), shaped
+        to broadcast over heads; None for a model without RoPE."""
         if self.config.positions != "rope":
             return None
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (T, hd) or (B, T, hd)
@@ -190,7 +192,7 @@ class Transformer(nn.Module):
         return cos, sin
 
 
-def _attention_mask(past: int, T: int, key_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+def causal_padding_mask(past: int, T: int, key_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     """(B or 1, 1, T, past + T) bool: causal, and padding keys hidden.
 
     A query may always see its own key, so a padding row attends to itself

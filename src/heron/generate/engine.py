@@ -22,6 +22,7 @@ import torch
 
 from heron.core.kv_cache import KVCache
 from heron.core.linear import set_decode_layout
+from heron.core.token_step import TokenStep
 from heron.core.transformer import Transformer
 from heron.generate.sampling import SamplingParams, presence_mask, sample_next
 from heron.generate.text import IncrementalDetokenizer, StopStringFilter, TokenizerLike
@@ -87,6 +88,7 @@ class Decoder:
             )
         set_decode_layout(model, B)  # the faster few-row products (core/linear.py)
         self.model = model
+        self.token_step = TokenStep(model)  # the one-token forward without module dispatch (core/token_step.py)
         self.params = params
         self.generator = _make_generator(params.seed, weight.device)
         max_len = min(P + params.max_new_tokens, config.max_seq_len)
@@ -117,7 +119,10 @@ class Decoder:
         watermark's green list depends on.
         """
         if ids is not None:
-            self.logits = self.model(ids[:, None], cache=self.cache).logits[:, -1]  # (B, V)
+            if self.token_step.ready():  # no hook attached: the same numbers without module dispatch
+                self.logits = self.token_step(ids, self.cache)  # (B, V)
+            else:
+                self.logits = self.model(ids[:, None], cache=self.cache).logits[:, -1]
             self.previous = ids
         next_ids = sample_next(self.logits, self.params, self.generator, self.seen, self.previous)
         if self.seen is not None:

@@ -1,0 +1,92 @@
+"""The flattened one-token step gives the model's own numbers, bit for bit,
+and steps aside whenever a hook could be skipped."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from heron.core import ModelConfig, Transformer
+from heron.core.config import AttentionPattern, MoEConfig
+from heron.core.kv_cache import KVCache
+from heron.core.linear import MAX_ROWS, set_decode_layout
+from heron.core.token_step import TokenStep
+
+BASE = dict(vocab_size=96, d_model=32, n_layers=3, n_heads=4, max_seq_len=64)
+CONFIGS = {
+    "llama (rope, rmsnorm, swiglu, gqa, tied)": ModelConfig(**BASE, n_kv_heads=2),
+    "gpt-2 style (learned, layernorm, gelu, biases, untied)": ModelConfig(
+        **BASE, positions="learned", norm="layernorm", mlp="gelu", qkv_bias=True, out_bias=True, mlp_bias=True,
+        tie_embeddings=False),
+    "multi-query with a softmax scale": ModelConfig(**BASE, n_kv_heads=1, attn_scale=1.0),
+    "attention-only, moe and dense layers": ModelConfig(
+        **BASE, feed_forward=("none", "moe", "dense"), moe=MoEConfig(n_experts=4, top_k=2)),
+    "sliding-window and dense layers": ModelConfig(
+        **BASE, attention=(AttentionPattern("sliding", window=5), AttentionPattern(), AttentionPattern("sliding", window=5))),
+}
+
+
+def _prefilled(model: Transformer, prompts: torch.Tensor, mask: torch.Tensor | None) -> KVCache:
+    cache = KVCache.allocate(model.config, prompts.shape[0], model.config.max_seq_len)
+    model(prompts, attention_mask=mask, cache=cache)
+    return cache
+
+
+@pytest.mark.parametrize("batch", [1, 3, MAX_ROWS + 2])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_steps_equal_the_model_forward_bit_for_bit(name, batch):
+    torch.manual_seed(0)
+    model = Transformer(CONFIGS[name]).eval()
+    set_decode_layout(model, batch)  # as the decoder lays the weights out for this batch
+    prompts = torch.randint(0, 96, (batch, 9))
+    mask = None
+    if batch > 1:  # left padding: rows of 9, 6 and 3 real tokens, and so on
+        lengths = torch.tensor([9 - 3 * (i % 3) for i in range(batch)])
+        mask = torch.arange(9) >= (9 - lengths)[:, None]
+    with torch.inference_mode():
+        cache = _prefilled(model, prompts, mask)
+        reference_cache = copy.deepcopy(cache)
+        step = TokenStep(model)
+        assert step.ready()
+        ids = torch.randint(0, 96, (batch,))
+        for _ in range(12):  # past the sliding window's ring of 5
+            logits = step(ids, cache)
+            reference = model(ids[:, None], cache=reference_cache).logits[:, -1]
+            assert logits.shape == (batch, 96)
+            assert torch.equal(logits, reference)
+            ids = logits.argmax(-1)
+    assert cache.length == reference_cache.length == 9 + 12
+    for a, b in zip(cache.keys + cache.values, reference_cache.keys + reference_cache.values):
+        filled = min(cache.length, a.shape[2])  # the rest is unwritten memory
+        assert torch.equal(a[:, :, :filled], b[:, :, :filled])
+
+
+def test_quantised_layers_run_as_their_own_modules():
+    from heron.compress.quantize import quantize_model
+
+    torch.manual_seed(0)
+    model = quantize_model(Transformer(CONFIGS["llama (rope, rmsnorm, swiglu, gqa, tied)"]).eval(), progress=False)
+    set_decode_layout(model, 1)
+    with torch.inference_mode():
+        cache = _prefilled(model, torch.randint(0, 96, (1, 5)), None)
+        reference_cache = copy.deepcopy(cache)
+        ids = torch.tensor([7])
+        assert torch.equal(TokenStep(model)(ids, cache), model(ids[:, None], cache=reference_cache).logits[:, -1])
+
+
+def test_not_ready_while_any_hook_is_attached_or_autograd_is_on():
+    model = Transformer(CONFIGS["llama (rope, rmsnorm, swiglu, gqa, tied)"]).eval()
+    step = TokenStep(model)
+    with torch.inference_mode():
+        assert step.ready()
+        with model.hooks({"blocks.1.hook_mlp_out": lambda x, name: None}):
+            assert not step.ready()
+        assert step.ready()
+        handle = model.blocks[0].attn.qkv.register_forward_pre_hook(lambda module, args: None)
+        assert not step.ready()
+        handle.remove()
+        handle = nn.modules.module.register_module_forward_hook(lambda module, args, out: None)
+        assert not step.ready()
+        handle.remove()
+        assert step.ready()
+    assert not step.ready()  # gradients on: the model's forward, with autograd's numbers
