@@ -1,6 +1,8 @@
 """nn.Linear with faster paths for the few-row products of decoding."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,23 +37,25 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() // self.in_features > MAX_ROWS or torch.is_grad_enabled():  # training keeps F.linear's numbers
             return super().forward(x)
-        return few_row_linear(x, self.weight, self.bias)
+        return few_row_product(self.weight, self.bias)(x)
 
 
-def few_row_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear(x, weight, bias) for x (..., K) of at most MAX_ROWS rows, as one
-    bmm over SPLIT blocks of the weight where its layout allows (why: `Linear`)."""
-    (N, K), rows = weight.shape, x.numel() // weight.shape[1]
+def few_row_product(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """F.linear(., weight, bias) for inputs (..., K) of at most MAX_ROWS rows:
+    one bmm over SPLIT blocks of the weight where its layout allows (why:
+    `Linear`), else F.linear. The blocks are views of the weight made here,
+    once, so a caller that multiplies by one weight many times (a decoding
+    step, core/token_step.py) need not remake them each call."""
+    N, K = weight.shape
     if is_input_major(weight) and K % SPLIT == 0:
-        y = input_major_product(x.reshape(rows, K), weight.t())  # (rows, N)
+        blocks = weight.t().view(SPLIT, K // SPLIT, N)  # (S, K/S, N)
+        product = lambda x: summed_block_product(x, blocks)  # noqa: E731
     elif weight.is_contiguous() and N % SPLIT == 0:  # row-major
-        w = weight.view(SPLIT, N // SPLIT, K)  # (S, N/S, K)
-        xs = x.reshape(1, rows, K).expand(SPLIT, rows, K)  # (S, rows, K)
-        y = torch.bmm(xs, w.transpose(1, 2)).transpose(0, 1).reshape(rows, N)  # (rows, N)
+        blocks = weight.view(SPLIT, N // SPLIT, K).transpose(1, 2)  # (S, K, N/S)
+        product = lambda x: output_block_product(x, blocks)  # noqa: E731
     else:
-        return F.linear(x, weight, bias)
-    y = y.view(*x.shape[:-1], N)
-    return y if bias is None else y + bias
+        return lambda x: F.linear(x, weight, bias)
+    return product if bias is None else lambda x: product(x) + bias
 
 
 def is_input_major(w: torch.Tensor) -> bool:
@@ -61,12 +65,28 @@ def is_input_major(w: torch.Tensor) -> bool:
     return (N == 1 or row_stride == 1) and (K == 1 or column_stride == N)
 
 
+def summed_block_product(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """x (..., K) times the (K, N) matrix whose SPLIT blocks of K/S rows are
+    `blocks` (S, K/S, N): the blocks' partial products in one bmm, summed. (..., N)"""
+    S, k, N = blocks.shape
+    rows = x.numel() // (S * k)
+    xs = x.reshape(S, 1, k) if rows == 1 else x.reshape(rows, S, k).transpose(0, 1)  # (S, rows, K/S)
+    return torch.bmm(xs, blocks).sum(0).view(*x.shape[:-1], N)
+
+
+def output_block_product(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """x (..., K) times W.T for the row-major (N, K) weight W whose SPLIT
+    blocks of N/S output rows are `blocks` (S, K, N/S), in one bmm. (..., N)"""
+    S, K, n = blocks.shape
+    rows = x.numel() // K
+    y = torch.bmm(x.reshape(1, rows, K).expand(S, rows, K), blocks)  # (S, rows, N/S)
+    return y.transpose(0, 1).reshape(*x.shape[:-1], S * n)
+
+
 def input_major_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (rows, K) @ w (K, N), w contiguous and K % SPLIT == 0, for a few rows:
-    SPLIT blocks of K in one bmm, their partial products summed (why: `Linear`)."""
-    rows, K = x.shape
-    xs = x.view(rows, SPLIT, K // SPLIT).transpose(0, 1) if rows > 1 else x.view(SPLIT, 1, K // SPLIT)  # (S, rows, K/S)
-    return torch.bmm(xs, w.view(SPLIT, K // SPLIT, w.shape[1])).sum(0)  # (rows, N)
+    """x (rows, K) @ w (K, N), w contiguous and K % SPLIT == 0, for a few rows (why: `Linear`)."""
+    K, N = w.shape
+    return summed_block_product(x, w.view(SPLIT, K // SPLIT, N))
 
 
 def set_decode_layout(model: nn.Module, rows: int) -> int:

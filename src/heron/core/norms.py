@@ -22,13 +22,20 @@ class RMSNorm(nn.RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or x.dtype != torch.float32 or self.weight is None:
             return super().forward(x)
-        return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps, x.shape[-1])
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x (..., d) / sqrt(mean(x^2) + eps) * weight (d,): `RMSNorm`'s written-out
-    fp32 inference arithmetic, the same numbers as torch's `rms_norm`."""
-    return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + eps) * weight
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float | torch.Tensor, width: int | torch.Tensor
+) -> torch.Tensor:
+    """x (..., width) / sqrt(mean(x^2) + eps) * weight (width,): `RMSNorm`'s
+    written-out fp32 inference arithmetic, the same numbers as torch's `rms_norm`.
+
+    The mean is the sum divided by `width` (what `mean` does inside, less its
+    dtype handling). eps and width may be 0-dim tensors made once: on one
+    decoding row, wrapping Python numbers into tensors on every call was
+    about a third of the norm's time."""
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True).div_(width).add_(eps)) * weight
 
 
 def make_norm(config: ModelConfig) -> nn.Module:

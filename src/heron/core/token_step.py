@@ -33,7 +33,7 @@ from torch import nn
 
 from heron.core.attention import Attention
 from heron.core.kv_cache import KVCache
-from heron.core.linear import MAX_ROWS, Linear, few_row_linear
+from heron.core.linear import MAX_ROWS, Linear, few_row_product
 from heron.core.mlp import MLP, activate
 from heron.core.moe import MoE
 from heron.core.norms import RMSNorm, rms_norm
@@ -49,11 +49,8 @@ def _linear(module: nn.Module) -> Part:
     if type(module) is not Linear:
         return module
     weight, bias = module.weight, module.bias
-
-    def product(x: torch.Tensor) -> torch.Tensor:
-        return few_row_linear(x, weight, bias) if x.shape[0] <= MAX_ROWS else F.linear(x, weight, bias)
-
-    return product
+    few_rows = few_row_product(weight, bias)
+    return lambda x: few_rows(x) if x.shape[0] <= MAX_ROWS else F.linear(x, weight, bias)
 
 
 def _norm(module: nn.Module) -> Part:
@@ -63,8 +60,9 @@ def _norm(module: nn.Module) -> Part:
         return lambda x: F.layer_norm(x, shape, weight, bias, eps)
     if type(module) is not RMSNorm or module.weight is None or module.eps is None:
         return module
-    weight, eps = module.weight, module.eps
-    return lambda x: rms_norm(x, weight, eps) if x.dtype == torch.float32 else module(x)
+    weight = module.weight
+    eps, width = (torch.tensor(float(v), device=weight.device) for v in (module.eps, weight.shape[0]))
+    return lambda x: rms_norm(x, weight, eps, width) if x.dtype == torch.float32 else module(x)
 
 
 @dataclass(frozen=True)
