@@ -1,26 +1,28 @@
 """One new token per row through a Transformer without nn.Module dispatch:
 the decoding step, flattened.
 
-Why. On two CPU cores a batch-1 decoding step of the `small` preset spends
+Why. On two CPU cores a batch-1 decoding step of the `small` preset spent
 about as long on fixed costs as on reading its 120 MB of weights: the same
 model at d_model 64, whose weights cost next to nothing to read, still took
-~5.5 ms a step. Few of those go to arithmetic: ~540 aten calls a step, and
+~5 ms a step. Little of that was arithmetic: ~540 aten calls a step, and
 around them nn.Module's call machinery for ten modules a layer, eleven hook
 points a layer and the shape checks and branches of a forward written for
 any number of tokens. `TokenStep` runs the same ops in the same order
-straight from modules and weights it looks up once per decoder, so its
-logits equal `Transformer.forward`'s bit for bit (tests/core/test_token_step.py);
-on the `small` preset a step fell from ~10.4 to ~8.3 ms.
+straight from modules and weights it looks up once per decoder (the weight
+blocks of the few-row products included, core/linear.py), so its logits
+equal `Transformer.forward`'s bit for bit (tests/core/test_token_step.py).
+The d_model-64 step fell to ~2.5 ms, the `small` one from ~10.2 to ~8.1 ms
+(interleaved, 2026-11-29).
 
-Heron's plain parts run flattened: `Linear` (its few-row product), RMSNorm,
-LayerNorm, dense attention (RoPE or not, any head grouping, SDPA over the KV
-cache) and the dense MLP. Anything else -- a quantised or LoRA linear, a MoE,
-a sparse-attention layer -- runs as its own module with the arguments
-`Block` would give it, so every model decodes through here.
+Heron's plain parts run flattened: `Linear`, RMSNorm, LayerNorm, dense
+attention (RoPE or not, any head grouping, SDPA over the KV cache) and the
+dense MLP. Anything else -- a quantised linear, a MoE, a sparse-attention
+layer -- runs through its own `forward` with the arguments `Block` would
+give it, so every model decodes through here.
 
 It runs only while autograd is off and no hook of any kind is attached to
-any module (`ready`), since it calls no module hooks; otherwise the decoder
-calls the model.
+any module (`ready`): it calls `forward` directly, which runs no module
+hooks. Otherwise the decoder calls the model.
 """
 from __future__ import annotations
 
@@ -45,24 +47,24 @@ Rope = tuple[torch.Tensor, torch.Tensor] | None
 
 
 def _linear(module: nn.Module) -> Part:
-    """A plain `Linear` as its arithmetic; any other layer as itself."""
+    """A plain `Linear` as its arithmetic; any other layer as its forward."""
     if type(module) is not Linear:
-        return module
+        return module.forward
     weight, bias = module.weight, module.bias
     few_rows = few_row_product(weight, bias)
     return lambda x: few_rows(x) if x.shape[0] <= MAX_ROWS else F.linear(x, weight, bias)
 
 
 def _norm(module: nn.Module) -> Part:
-    """Heron's RMSNorm or torch's LayerNorm as its arithmetic; anything else as itself."""
+    """Heron's RMSNorm or torch's LayerNorm as its arithmetic; anything else as its forward."""
     if type(module) is nn.LayerNorm:
         shape, weight, bias, eps = module.normalized_shape, module.weight, module.bias, module.eps
         return lambda x: F.layer_norm(x, shape, weight, bias, eps)
     if type(module) is not RMSNorm or module.weight is None or module.eps is None:
-        return module
+        return module.forward
     weight = module.weight
     eps, width = (torch.tensor(float(v), device=weight.device) for v in (module.eps, weight.shape[0]))
-    return lambda x: rms_norm(x, weight, eps, width) if x.dtype == torch.float32 else module(x)
+    return lambda x: rms_norm(x, weight, eps, width) if x.dtype == torch.float32 else module.forward(x)
 
 
 @dataclass(frozen=True)
@@ -96,19 +98,19 @@ class _DenseAttention:
 
 def _attention(attn: Attention) -> Callable[..., torch.Tensor]:
     if attn.pattern is not None:  # sparse: the module's own decoding path
-        return lambda x, rope, mask, cache, key_mask: attn(x, rope, mask, cache, key_mask)
+        return attn.forward
     dense = _DenseAttention(attn.layer, _linear(attn.qkv), _linear(attn.out), attn.heads, attn.head_dim,
                             attn.q_factor, attn.use_rope)
     return lambda x, rope, mask, cache, key_mask: dense(x, rope, mask, cache)
 
 
 def _feed_forward(mlp: nn.Module | None) -> Part | None:
-    """The dense MLP as its arithmetic; a MoE (or any other) as itself."""
+    """The dense MLP as its arithmetic; a MoE (or any other) as its forward."""
     if type(mlp) is not MLP:
-        return mlp
+        return None if mlp is None else mlp.forward
     up, down, kind = _linear(mlp.up), _linear(mlp.down), mlp.kind
     # Past MAX_ROWS rows the module splits SwiGLU's product in two (core/mlp.py): let it.
-    return lambda x: down(activate(up(x), kind)) if x.shape[0] <= MAX_ROWS else mlp(x)
+    return lambda x: down(activate(up(x), kind)) if x.shape[0] <= MAX_ROWS else mlp.forward(x)
 
 
 class TokenStep:
@@ -142,9 +144,9 @@ class TokenStep:
         cache.record_mask(None, 1)
         key_mask = cache.key_mask[:, : past + 1] if cache.key_mask is not None else None
         positions = model.default_positions(past, 1, key_mask, ids.device)  # (1,) or (B, 1)
-        x = model.embed(ids[:, None])  # (B, 1, d)
+        x = model.embed.forward(ids[:, None])  # (B, 1, d)
         if model.pos_embed is not None:
-            x = x + model.pos_embed(positions)
+            x = x + model.pos_embed.forward(positions)
         rope = model.rope_for(positions)
         mask = causal_padding_mask(past, 1, key_mask, ids.device) if key_mask is not None else None
         for attn_norm, attention, mlp_norm, mlp in self.layers:
