@@ -111,11 +111,11 @@ def test_decoding_a_few_tokens_goes_straight_through_the_experts_and_matches_the
     layer = make_moe(mlp=mlp, **settings).eval()
     x = torch.randn(1, 3, 16, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
-        assert layer._decoding(x.reshape(3, 16))
+        assert layer.decodes(x.reshape(3, 16))
         direct = layer(x)
         stats = layer.last_stats
         with attach_hooks(layer, {"hook_expert_in": lambda rows, name: None}):  # an expert hook: sorted dispatch
-            assert not layer._decoding(x.reshape(3, 16))
+            assert not layer.decodes(x.reshape(3, 16))
             dispatched = layer(x)
             assert torch.equal(layer.last_stats["load"], stats["load"])
     assert torch.allclose(direct, reference_moe(layer, x), atol=1e-5)

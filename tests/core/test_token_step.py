@@ -10,6 +10,7 @@ from heron.core import ModelConfig, Transformer
 from heron.core.config import AttentionPattern, MoEConfig
 from heron.core.kv_cache import KVCache
 from heron.core.linear import MAX_ROWS, set_decode_layout
+from heron.core.moe import MoE
 from heron.core.token_step import TokenStep
 
 BASE = dict(vocab_size=96, d_model=32, n_layers=3, n_heads=4, max_seq_len=64)
@@ -21,6 +22,8 @@ CONFIGS = {
     "multi-query with a softmax scale": ModelConfig(**BASE, n_kv_heads=1, attn_scale=1.0),
     "attention-only, moe and dense layers": ModelConfig(
         **BASE, feed_forward=("none", "moe", "dense"), moe=MoEConfig(n_experts=4, top_k=2)),
+    "moe with router centring and a shared expert": ModelConfig(
+        **BASE, feed_forward=("moe",), moe=MoEConfig(n_experts=4, top_k=2, shared_expert=True, router_centering=True)),
     "sliding-window and dense layers": ModelConfig(
         **BASE, attention=(AttentionPattern("sliding", window=5), AttentionPattern(), AttentionPattern("sliding", window=5))),
 }
@@ -37,6 +40,9 @@ def _prefilled(model: Transformer, prompts: torch.Tensor, mask: torch.Tensor | N
 def test_steps_equal_the_model_forward_bit_for_bit(name, batch):
     torch.manual_seed(0)
     model = Transformer(CONFIGS[name]).eval()
+    for buffer_name, buffer in model.named_buffers():
+        if buffer_name.endswith("router_center"):  # a trained running mean, not the zeros of a new model
+            buffer.normal_()
     set_decode_layout(model, batch)  # as the decoder lays the weights out for this batch
     prompts = torch.randint(0, 96, (batch, 9))
     mask = None
@@ -51,7 +57,9 @@ def test_steps_equal_the_model_forward_bit_for_bit(name, batch):
         ids = torch.randint(0, 96, (batch,))
         for _ in range(12):  # past the sliding window's ring of 5
             logits = step(ids, cache)
+            stats = _routing_stats(model)
             reference = model(ids[:, None], cache=reference_cache).logits[:, -1]
+            assert _routing_stats(model) == stats  # a MoE's statistics as its forward leaves them
             assert logits.shape == (batch, 96)
             assert torch.equal(logits, reference)
             ids = logits.argmax(-1)
@@ -61,11 +69,17 @@ def test_steps_equal_the_model_forward_bit_for_bit(name, batch):
         assert torch.equal(a[:, :, :filled], b[:, :, :filled])
 
 
-def test_quantised_layers_run_as_their_own_modules():
+def _routing_stats(model: Transformer) -> list[dict[str, list[float]]]:
+    return [{key: value.flatten().tolist() for key, value in b.mlp.last_stats.items()}
+            for b in model.blocks if isinstance(b.mlp, MoE)]
+
+
+@pytest.mark.parametrize("name", ["llama (rope, rmsnorm, swiglu, gqa, tied)", "attention-only, moe and dense layers"])
+def test_quantised_layers_run_as_their_own_modules(name):
     from heron.compress.quantize import quantize_model
 
     torch.manual_seed(0)
-    model = quantize_model(Transformer(CONFIGS["llama (rope, rmsnorm, swiglu, gqa, tied)"]).eval(), progress=False)
+    model = quantize_model(Transformer(CONFIGS[name]).eval(), progress=False)  # a MoE's experts too
     set_decode_layout(model, 1)
     with torch.inference_mode():
         cache = _prefilled(model, torch.randint(0, 96, (1, 5)), None)

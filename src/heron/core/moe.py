@@ -194,7 +194,7 @@ class MoE(nn.Module):
             self.hook_router_entropy(router_entropy(probs))  # (B, T)
         logits, probs = logits.flatten(0, 1), probs.flatten(0, 1)  # (N, E) each
         weights, experts = route(probs, s.top_k)  # (N, k), (N, k)
-        if self._decoding(flat):
+        if self.decodes(flat):
             y = self._decode(flat, weights, experts)  # (N, d)
             self._last = {"probs": probs.detach(), "experts": experts}  # loads counted when asked
         else:
@@ -239,12 +239,24 @@ class MoE(nn.Module):
         total = self.batch_sum(torch.cat([values, values.new_tensor([n_tokens])]))  # (len(values) + 1,)
         return total[:-1], total[-1]
 
-    def _decoding(self, x: torch.Tensor) -> bool:
+    def decodes(self, x: torch.Tensor) -> bool:
         """A few tokens outside autograd in eval mode on CPU, no expert hook
         attached: `_decode` computes the same sum more directly."""
         hooked = (self.hook_expert_load, self.hook_expert_dropped, self.hook_expert_in, self.hook_expert_post)
         return (0 < x.shape[0] <= MAX_ROWS and x.device.type == "cpu" and not self.training
                 and not torch.is_grad_enabled() and not any(hook.active for hook in hooked))
+
+    def decode_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` of a few tokens x (B, T, d) that `decodes` takes, without
+        its hook points and (zero) auxiliary loss: a decoding step's MoE
+        (core/token_step.py). The same numbers and the same `last_stats`."""
+        B, T, d = x.shape
+        flat = x.reshape(B * T, d)  # (N, d)
+        probs = self.router(self._router_input(flat)).float().softmax(dim=-1)  # (N, E)
+        weights, experts = route(probs, self.settings.top_k)  # (N, k), (N, k)
+        self._last = {"probs": probs.detach(), "experts": experts}
+        y = self._decode(flat, weights, experts).view(B, T, d)  # (B, T, d)
+        return y if self.shared is None else y + self.shared(x)
 
     def _decode(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """(N, d) Sum_j weights[t, j] * expert_{experts[t, j]}(x[t]), token by

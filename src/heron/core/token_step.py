@@ -16,9 +16,10 @@ The d_model-64 step fell to ~2.5 ms, the `small` one from ~10.2 to ~8.1 ms
 
 Heron's plain parts run flattened: `Linear`, RMSNorm, LayerNorm, dense
 attention (RoPE or not, any head grouping, SDPA over the KV cache) and the
-dense MLP. Anything else -- a quantised linear, a MoE, a sparse-attention
-layer -- runs through its own `forward` with the arguments `Block` would
-give it, so every model decodes through here.
+dense MLP; a MoE goes straight to its few-token path (`MoE.decode_tokens`).
+Anything else -- a quantised linear, a sparse-attention layer -- runs
+through its own `forward` with the arguments `Block` would give it, so every
+model decodes through here.
 
 It runs only while autograd is off and no hook of any kind is attached to
 any module (`ready`): it calls `forward` directly, which runs no module
@@ -105,12 +106,22 @@ def _attention(attn: Attention) -> Callable[..., torch.Tensor]:
 
 
 def _feed_forward(mlp: nn.Module | None) -> Part | None:
-    """The dense MLP as its arithmetic; a MoE (or any other) as its forward."""
+    """The dense MLP as its arithmetic, a MoE through its decoding path;
+    anything else (or a MoE that would not decode) as its forward."""
+    if isinstance(mlp, MoE):
+        return lambda x: mlp.decode_tokens(x) if mlp.decodes(x.view(-1, x.shape[-1])) else _forward_popping(mlp, x)
     if type(mlp) is not MLP:
         return None if mlp is None else mlp.forward
     up, down, kind = _linear(mlp.up), _linear(mlp.down), mlp.kind
     # Past MAX_ROWS rows the module splits SwiGLU's product in two (core/mlp.py): let it.
     return lambda x: down(activate(up(x), kind)) if x.shape[0] <= MAX_ROWS else mlp.forward(x)
+
+
+def _forward_popping(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """A MoE's forward, its (zero) auxiliary loss collected as the model would."""
+    y = moe.forward(x)
+    moe.pop_aux_loss()
+    return y
 
 
 class TokenStep:
@@ -126,7 +137,6 @@ class TokenStep:
         self.hook_tables = [t for m in model.modules() for t in (m._forward_hooks, m._forward_pre_hooks)]
         self.layers = [(_norm(b.attn_norm), _attention(b.attn), None if b.mlp is None else _norm(b.mlp_norm),
                         _feed_forward(b.mlp)) for b in model.blocks]
-        self.moe = [b.mlp for b in model.blocks if isinstance(b.mlp, MoE)]
         self.norm, self.head = _norm(model.norm), _linear(model.lm_head)
 
     def ready(self) -> bool:
@@ -154,6 +164,4 @@ class TokenStep:
             if mlp is not None:
                 x = x + mlp(mlp_norm(x))
         cache.advance(1)
-        for moe in self.moe:  # a MoE's forward leaves a (zero) auxiliary loss for the model to collect
-            moe.pop_aux_loss()
         return self.head(self.norm(x))[:, -1]  # (B, V)
