@@ -50,6 +50,20 @@ def test_each_kernel_computes_the_dequantised_product(scheme, kernel: str) -> No
         assert relative_error(y, ref) < TOLERANCE[kernel, scheme.name], (kernel, shape)
 
 
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_the_decode_product_is_forward_bit_for_bit(kernel: str) -> None:
+    """What a decoding step runs (core/token_step.py): the same numbers, with
+    bias and input scale; other dtypes still take forward's reference path."""
+    layer, _, _, _ = layer_for(Int8PerChannel(), kernel, bias=True, input_scale=True)
+    product = layer.decode_product()
+    with torch.inference_mode():
+        for shape in [(1, 1, 128), (3, 1, 128)]:
+            x = torch.randn(shape)
+            assert torch.equal(product(x), layer(x))
+        x64 = torch.randn(2, 1, 128, dtype=torch.float64)
+        assert torch.equal(product(x64), layer(x64))
+
+
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name + ("-symmetric" if getattr(s, "symmetric", False) else ""))
 def test_weight_is_the_effective_dequantised_weight(scheme) -> None:
     layer, w, _, s = layer_for(scheme, None, input_scale=True)

@@ -16,10 +16,11 @@ The d_model-64 step fell to ~2.5 ms, the `small` one from ~10.2 to ~8.1 ms
 
 Heron's plain parts run flattened: `Linear`, RMSNorm, LayerNorm, dense
 attention (RoPE or not, any head grouping, SDPA over the KV cache) and the
-dense MLP; a MoE goes straight to its few-token path (`MoE.decode_tokens`).
-Anything else -- a quantised linear, a sparse-attention layer -- runs
-through its own `forward` with the arguments `Block` would give it, so every
-model decodes through here.
+dense MLP; a MoE goes straight to its few-token path (`MoE.decode_tokens`),
+and a layer that offers a product made for repeated calls (`decode_product`:
+a quantised linear) runs through it. Anything else -- a sparse-attention
+layer, a swapped-in module -- runs through its own `forward` with the
+arguments `Block` would give it, so every model decodes through here.
 
 It runs only while autograd is off and no hook of any kind is attached to
 any module (`ready`): it calls `forward` directly, which runs no module
@@ -48,9 +49,12 @@ Rope = tuple[torch.Tensor, torch.Tensor] | None
 
 
 def _linear(module: nn.Module) -> Part:
-    """A plain `Linear` as its arithmetic; any other layer as its forward."""
+    """A plain `Linear` as its arithmetic; another layer as the product it
+    offers for repeated calls outside autograd (`decode_product`, e.g. a
+    quantised linear: compress/qlinear.py), else as its forward."""
     if type(module) is not Linear:
-        return module.forward
+        own = getattr(module, "decode_product", None)
+        return own() if own is not None else module.forward
     weight, bias = module.weight, module.bias
     few_rows = few_row_product(weight, bias)
     return lambda x: few_rows(x) if x.shape[0] <= MAX_ROWS else F.linear(x, weight, bias)
