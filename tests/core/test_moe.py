@@ -114,6 +114,9 @@ def test_decoding_a_few_tokens_goes_straight_through_the_experts_and_matches_the
         assert layer.decodes(x.reshape(3, 16))
         direct = layer(x)
         stats = layer.last_stats
+        stepped = layer.decode_step()(x)  # a decoding step's path: the same sums, weights looked up once
+        assert torch.equal(stepped, direct)
+        assert all(torch.equal(layer.last_stats[key], value) for key, value in stats.items())
         with attach_hooks(layer, {"hook_expert_in": lambda rows, name: None}):  # an expert hook: sorted dispatch
             assert not layer.decodes(x.reshape(3, 16))
             dispatched = layer(x)

@@ -10,6 +10,8 @@ experts' layers only, so a step reads two experts' codes, not all of them.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -65,6 +67,9 @@ class QuantMoE(MoE):
 
     def _expert_product(self, which: str, e: int, x: torch.Tensor) -> torch.Tensor:
         return self._layers(which)[e](x)
+
+    def _expert_products(self, which: str) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        return [layer.decode_product() for layer in self._layers(which)]
 
     def _grouped_product(self, which: str, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         layers = self._layers(which)

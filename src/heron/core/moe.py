@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +19,10 @@ from torch import nn
 
 from heron.core.config import ModelConfig
 from heron.core.hooks import HookPoint
-from heron.core.linear import MAX_ROWS, SPLIT, input_major_product
+from heron.core.linear import MAX_ROWS, input_major_few_row_product
 from heron.core.mlp import MLP, activate
+
+ExpertProduct = Callable[[int, torch.Tensor], torch.Tensor]  # (expert, rows (n, K)) -> (n, M)
 
 # ----- routing math: pure functions of tensors ---------------------------------
 
@@ -195,7 +198,8 @@ class MoE(nn.Module):
         logits, probs = logits.flatten(0, 1), probs.flatten(0, 1)  # (N, E) each
         weights, experts = route(probs, s.top_k)  # (N, k), (N, k)
         if self.decodes(flat):
-            y = self._decode(flat, weights, experts)  # (N, d)
+            up, down = (partial(self._expert_product, which) for which in ("up", "down"))
+            y = self._decode(flat, weights, experts, up, down)  # (N, d)
             self._last = {"probs": probs.detach(), "experts": experts}  # loads counted when asked
         else:
             counts = torch.bincount(experts.flatten(), minlength=s.n_experts)  # (E,)
@@ -246,42 +250,59 @@ class MoE(nn.Module):
         return (0 < x.shape[0] <= MAX_ROWS and x.device.type == "cpu" and not self.training
                 and not torch.is_grad_enabled() and not any(hook.active for hook in hooked))
 
-    def decode_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """`forward` of a few tokens x (B, T, d) that `decodes` takes, without
-        its hook points and (zero) auxiliary loss: a decoding step's MoE
-        (core/token_step.py). The same numbers and the same `last_stats`."""
-        B, T, d = x.shape
-        flat = x.reshape(B * T, d)  # (N, d)
-        probs = self.router(self._router_input(flat)).float().softmax(dim=-1)  # (N, E)
-        weights, experts = route(probs, self.settings.top_k)  # (N, k), (N, k)
-        self._last = {"probs": probs.detach(), "experts": experts}
-        y = self._decode(flat, weights, experts).view(B, T, d)  # (B, T, d)
-        return y if self.shared is None else y + self.shared(x)
+    def decode_step(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """`forward` for the few tokens x (B, T, d) that `decodes` takes,
+        without its hook points and (zero) auxiliary loss, with the router's
+        weight, the running mean and every expert's few-row products looked
+        up once, here (a decoding step, core/token_step.py, calls it for every
+        token; at the Mixtral benchmark's shape the lookups cost ~0.1 ms a
+        layer). The same numbers and `last_stats` as `forward`; a step made
+        before the layer changes (new weights, a move) keeps the old ones."""
+        router, center, top_k = self.router.weight, self.router_center, self.settings.top_k
+        ups, downs = self._expert_products("up"), self._expert_products("down")
 
-    def _decode(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        def step(x: torch.Tensor) -> torch.Tensor:
+            B, T, d = x.shape
+            flat = x.reshape(B * T, d)  # (N, d)
+            scored = flat if center is None else flat - center.to(flat.dtype)  # as _router_input in eval
+            probs = F.linear(scored, router).float().softmax(dim=-1)  # (N, E)
+            weights, experts = route(probs, top_k)  # (N, k), (N, k)
+            self._last = {"probs": probs.detach(), "experts": experts}
+            y = self._decode(flat, weights, experts, lambda e, h: ups[e](h), lambda e, h: downs[e](h))
+            y = y.view(B, T, d)  # (B, T, d)
+            return y if self.shared is None else y + self.shared(x)
+
+        return step
+
+    def _decode(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
+                up: ExpertProduct, down: ExpertProduct) -> torch.Tensor:
         """(N, d) Sum_j weights[t, j] * expert_{experts[t, j]}(x[t]), token by
         token and expert by expert, each a few-row product over blocks of K
-        (core/linear.py). For a token or two the sort, gather, grouped product
-        and scatter of `_dispatch` cost more than the experts' products
-        themselves: on the Mixtral benchmark shape (512 x 1024 experts, top-2)
-        a layer took ~1.5 ms at one token, ~0.55 of it reading the two experts."""
+        (core/linear.py) that up(e, rows) and down(e, rows) compute. For a
+        token or two the sort, gather, grouped product and scatter of
+        `_dispatch` cost more than the experts' products themselves: on the
+        Mixtral benchmark shape (512 x 1024 experts, top-2) a layer took ~1.5
+        ms at one token, ~0.55 of it reading the two experts."""
         rows = []
         for token, chosen, gates in zip(x.split(1), experts.tolist(), weights.tolist()):
             row = None
             for e, gate in zip(chosen, gates):
-                h = activate(self._expert_product("up", e, token), self.kind)  # (1, ff)
-                part = self._expert_product("down", e, h) * gate  # (1, d)
+                h = activate(up(e, token), self.kind)  # (1, ff)
+                part = down(e, h) * gate  # (1, d)
                 row = part if row is None else row + part
             rows.append(row)
         return torch.cat(rows) if len(rows) > 1 else rows[0]  # (N, d)
 
-    # The two methods below are the only readers of the expert weights, so a subclass that holds
+    # The three methods below are the only readers of the expert weights, so a subclass that holds
     # them in another form (quantised: compress/quant_moe.py) replaces these and nothing else.
 
     def _expert_product(self, which: str, e: int, x: torch.Tensor) -> torch.Tensor:
         """A few rows x (n, K) times expert e's `which` ("up" or "down") weights (K, M): (n, M)."""
-        w = getattr(self, which)[e].to(x.dtype)  # (K, M)
-        return input_major_product(x, w) if w.shape[0] % SPLIT == 0 else x @ w
+        return input_major_few_row_product(getattr(self, which)[e].to(x.dtype))(x)
+
+    def _expert_products(self, which: str) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        """Each expert's `_expert_product` for `which`, its weights looked up once (`decode_step`)."""
+        return [input_major_few_row_product(w) for w in getattr(self, which)]
 
     def _grouped_product(self, which: str, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Rows (A, K) grouped by expert, counts[e] each, times their expert's `which` weights: (A, M)."""

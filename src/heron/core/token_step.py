@@ -16,7 +16,7 @@ The d_model-64 step fell to ~2.5 ms, the `small` one from ~10.2 to ~8.1 ms
 
 Heron's plain parts run flattened: `Linear`, RMSNorm, LayerNorm, dense
 attention (RoPE or not, any head grouping, SDPA over the KV cache) and the
-dense MLP; a MoE goes straight to its few-token path (`MoE.decode_tokens`),
+dense MLP; a MoE goes straight to its few-token path (`MoE.decode_step`),
 and a layer that offers a product made for repeated calls (`decode_product`:
 a quantised linear) runs through it. Anything else -- a sparse-attention
 layer, a swapped-in module -- runs through its own `forward` with the
@@ -113,7 +113,8 @@ def _feed_forward(mlp: nn.Module | None) -> Part | None:
     """The dense MLP as its arithmetic, a MoE through its decoding path;
     anything else (or a MoE that would not decode) as its forward."""
     if isinstance(mlp, MoE):
-        return lambda x: mlp.decode_tokens(x) if mlp.decodes(x.view(-1, x.shape[-1])) else _forward_popping(mlp, x)
+        step = mlp.decode_step()
+        return lambda x: step(x) if mlp.decodes(x.view(-1, x.shape[-1])) else _forward_popping(mlp, x)
     if type(mlp) is not MLP:
         return None if mlp is None else mlp.forward
     up, down, kind = _linear(mlp.up), _linear(mlp.down), mlp.kind
