@@ -23,7 +23,8 @@ the very same weights; greedy outputs are checked identical.
   128 greedy new tokens, end to end (bench_decode's runs: Heron's Decoder
   against `generate`). The same Heron model quantised to int8 (round to
   nearest, experts included: compress/quant_moe.py) decodes in the same
-  rounds, for its speed-up over fp32.
+  rounds, for its speed-up over fp32. Then batch 8 (left-padded prompts),
+  where a step's tokens share experts, in rounds of its own (no target).
 
     python benchmarks/bench_interop.py [--quick] [--no-write] [--skip-memory]
 """
@@ -47,6 +48,7 @@ WORK = ROOT / "runs" / "bench-interop"  # runs/ is git-ignored
 BIG = WORK / "tinyllama-1.1b-random"
 FORWARD_TARGET, DECODE_TARGET, MEMORY_TARGET = 1.2, 2.0, 1.3
 FORWARD_SHAPE = (4, 512)  # (batch, tokens): the key's measurement
+BATCH = 8  # rows of the batched Mixtral decode
 SHORT_SHAPE = (1, 64)  # a short prompt, where per-operation overhead shows
 BIG_SHAPE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                  num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False)
@@ -234,7 +236,21 @@ def decode_results(rounds: int) -> list[Result]:
                 f"transformers runs, median of per-round ratios, spread {100 * int8_speedup.spread:.0f}%")
     return [*speed_results("decode", "mixtral", stats, rounds,
                            "Heron Decoder/decode_steps vs MixtralForCausalLM.generate (sdpa)", how, DECODE_TARGET),
-            Result("decode_speedup_int8_vs_fp32_mixtral", int8_speedup.median, "x", int8_how)]
+            Result("decode_speedup_int8_vs_fp32_mixtral", int8_speedup.median, "x", int8_how),
+            *batched_decode_results(model, hf, rounds)]
+
+
+def batched_decode_results(model: torch.nn.Module, hf: torch.nn.Module, rounds: int) -> list[Result]:
+    """Decode at batch BATCH on the Mixtral shape, where tokens of a step share experts (no target)."""
+    batch = prompts(BATCH, MIXTRAL_SHAPE["vocab_size"])
+    runs = {"heron": HeronRun(model, batch), "transformers": HFRun(hf, batch, MIXTRAL_SHAPE["vocab_size"])}
+    same = runs["heron"].generate() == runs["transformers"].generate()  # also the warm-up
+    print(f"decode, Mixtral shape, batch {BATCH}: greedy tokens identical: {same}", flush=True)
+    how = (f"Mixtral shape as above, fp32, batch {BATCH}, left-padded prompts of {PROMPT - 2 * (BATCH - 1)} to "
+           f"{PROMPT} tokens, {NEW} greedy new tokens each, tokens/s = {BATCH} x N / wall time of the whole call incl. "
+           f"prefill; greedy tokens identical: {same}")
+    return speed_results("decode", f"mixtral_b{BATCH}", interleave(runs, rounds), rounds,
+                         "Heron Decoder/decode_steps vs MixtralForCausalLM.generate (sdpa)", how, None)
 
 
 def main() -> None:
