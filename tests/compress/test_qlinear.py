@@ -51,6 +51,22 @@ def test_each_kernel_computes_the_dequantised_product(scheme, kernel: str) -> No
 
 
 @pytest.mark.parametrize("kernel", list(KERNELS))
+@pytest.mark.parametrize("extras", [False, True], ids=["plain", "bias-and-input-scale"])
+def test_each_kernel_takes_inputs_of_any_rank(kernel: str, extras: bool) -> None:
+    """One row (K,), rows of rows and no rows: F.linear's shapes, whichever
+    way the kernel is wrapped (a plain layer runs the bound op alone)."""
+    layer, w, b, s = layer_for(Int8PerChannel(), kernel, bias=extras, input_scale=extras)
+    with torch.inference_mode():
+        for shape in [(128,), (2, 3, 1, 128), (0, 128)]:
+            x = torch.randn(shape)
+            y = layer(x)
+            assert y.shape == (*shape[:-1], 96), (kernel, shape)
+            if y.numel():
+                ref = (x.double() * (s.double() if extras else 1)) @ w.T + (b.double() if extras else 0)
+                assert relative_error(y, ref) < TOLERANCE[kernel, "int8"], (kernel, shape)
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
 def test_the_decode_product_is_forward_bit_for_bit(kernel: str) -> None:
     """What a decoding step runs (core/token_step.py): the same numbers, with
     bias and input scale; other dtypes still take forward's reference path."""
