@@ -1,8 +1,9 @@
 """Matrix-product kernels for quantised linears, chosen from a table.
 
 Each kernel turns a layer's packed tensors into its own layout once
-(`prepare`, cached by the layer and never saved) and multiplies 2-D inputs
-by it (`run`). All compute x @ Ŵᵀ for the dequantised weight Ŵ, in fp32
+(`prepare`, cached by the layer and never saved) and binds its op to that
+layout once (`product`), a function the layer multiplies inputs by. All
+compute x @ Ŵᵀ for the dequantised weight Ŵ, in fp32
 (relative errors against a float64 product, measured at 96x128 to 2816x512):
 
   aten     torch's weight-only CPU kernels `_weight_int8pack_mm` and
