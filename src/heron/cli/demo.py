@@ -94,6 +94,10 @@ def run(args: argparse.Namespace) -> int:
                    max_batches=8, new_tokens=32)
     report = write_report(rows, compress_dir / "report")
     print(report.read_text(encoding="utf-8"))
+    if rows[1].decode_tokens_per_s < rows[0].decode_tokens_per_s:
+        print("int8's kernel reads half of fp32's weight bytes (the codes as fp16), but each call costs a fixed "
+              "~10-20 µs more than fp32's product, which layers this small do not repay; wider models decode faster "
+              "in int8 (README, Compression).")
 
     _stage("9/10", "explanation: one prediction of the pre-trained model through every lens (HTML report)")
     page = explain(model, tokenizer, EXPLAINED, out / "explain")
