@@ -106,14 +106,16 @@ class QuantLinear(_Packed):
     def _kernel_product(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """x (..., K) fp32 on the CPU -> (x * input_scale) @ Ŵᵀ + bias through this CPU's kernel."""
         (kernel, layout), K, N = self._kernel_layout(), self.in_features, self.out_features
-        run, bias, scale = kernel.product(layout), self.bias, self.input_scale
-        if kernel.any_rank and bias is None and scale is None:  # the usual layer: nothing around the op
-            return lambda x: run(x) if x.dim() > 1 else run(x[None])[0]
+        op, bias, scale = kernel.product(layout), self.bias, self.input_scale
+        if kernel.any_rank:  # (..., K) with two dims or more as it comes
+            run = lambda x: op(x) if x.dim() > 1 else op(x[None])[0]  # noqa: E731
+        else:  # (M, K) only
+            run = lambda x: op(x.reshape(-1, K)).reshape(*x.shape[:-1], N)  # noqa: E731
+        if bias is None and scale is None:  # the usual layer: nothing around the op
+            return run
 
         def product(x: torch.Tensor) -> torch.Tensor:
-            if scale is not None:
-                x = x * scale
-            y = run(x) if kernel.any_rank and x.dim() > 1 else run(x.reshape(-1, K)).reshape(*x.shape[:-1], N)
+            y = run(x if scale is None else x * scale)
             return y if bias is None else y + bias
 
         return product

@@ -83,16 +83,6 @@ def output_block_product(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return y.transpose(0, 1).reshape(*x.shape[:-1], S * n)
 
 
-def input_major_few_row_product(w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """x (rows, K) @ w (K, N) for a few rows, w contiguous: one bmm over SPLIT
-    blocks of K where K allows (why: `Linear`), the block views made here, once."""
-    K, N = w.shape
-    if K % SPLIT:
-        return lambda x: x @ w
-    blocks = w.view(SPLIT, K // SPLIT, N)  # (S, K/S, N)
-    return lambda x: summed_block_product(x, blocks)
-
-
 def set_decode_layout(model: nn.Module, rows: int) -> int:
     """Lay out the weight of every wide `Linear` on the CPU (more outputs than
     inputs) for products with `rows` input rows: input-major up to

@@ -19,7 +19,7 @@ from torch import nn
 
 from heron.core.config import ModelConfig
 from heron.core.hooks import HookPoint
-from heron.core.linear import MAX_ROWS, input_major_few_row_product
+from heron.core.linear import MAX_ROWS, few_row_product
 from heron.core.mlp import MLP, activate
 
 ExpertProduct = Callable[[int, torch.Tensor], torch.Tensor]  # (expert, rows (n, K)) -> (n, M)
@@ -314,11 +314,11 @@ class MoE(nn.Module):
 
     def _expert_product(self, which: str, e: int, x: torch.Tensor) -> torch.Tensor:
         """A few rows x (n, K) times expert e's `which` ("up" or "down") weights (K, M): (n, M)."""
-        return input_major_few_row_product(getattr(self, which)[e].to(x.dtype))(x)
+        return few_row_product(getattr(self, which)[e].to(x.dtype).t(), None)(x)  # (K, M) as an input-major (M, K)
 
     def _expert_products(self, which: str) -> list[Callable[[torch.Tensor], torch.Tensor]]:
         """Each expert's `_expert_product` for `which`, its weights looked up once (`decode_step`)."""
-        return [input_major_few_row_product(w) for w in getattr(self, which)]
+        return [few_row_product(w.t(), None) for w in getattr(self, which)]
 
     def _grouped_product(self, which: str, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Rows (A, K) grouped by expert, counts[e] each, times their expert's `which` weights: (A, M)."""
