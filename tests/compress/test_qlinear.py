@@ -3,6 +3,7 @@ dequantised weight Ŵ, at batch 1 and over many rows."""
 from __future__ import annotations
 
 import copy
+import shutil
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from heron.compress.schemes import Int4Grouped, Int8PerChannel, quantize_rtn
 # fp16 holds int8 codes exactly, but fp16(Ŵ) for int4 (rounding of at most 2^-11 per weight);
 # dynamic quantises activations to 7 bits, as quantize_dynamic does.
 TOLERANCE = {("aten", "int8"): 2e-6, ("aten", "int4"): 2e-6, ("fp16", "int8"): 2e-6, ("fp16", "int4"): 5e-4,
-             ("dequant", "int8"): 1e-6, ("dequant", "int4"): 1e-6, ("dynamic", "int8"): 5e-2}
+             ("dequant", "int8"): 1e-6, ("fused", "int8"): 1e-6, ("dequant", "int4"): 1e-6, ("dynamic", "int8"): 5e-2}
 SCHEMES = [Int8PerChannel(), Int4Grouped(group_size=32), Int4Grouped(group_size=32, symmetric=True)]
 
 
@@ -80,6 +81,33 @@ def test_the_decode_product_is_forward_bit_for_bit(kernel: str) -> None:
         assert torch.equal(product(x64), layer(x64))
 
 
+def test_fused_kernel_is_built_and_default_where_it_can_be() -> None:
+    """setup.py builds it as an optional extension; with a C compiler on an
+    AVX2 machine (this one), a missing module means the build broke."""
+    if not torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512")) or shutil.which("cc") is None:
+        pytest.skip("no AVX2 or no C compiler: the fused kernel is not expected here")
+    assert KERNELS["fused"].supports(Int8PerChannel(), 96, 128)
+    assert choose_kernel(Int8PerChannel(), 96, 128).name in ("fused", "aten")  # aten first on AVX-512 only
+
+
+@pytest.mark.skipif(not KERNELS["fused"].supports(Int8PerChannel(), 1, 1), reason="fused kernel not built or no AVX2")
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 50, 101])
+def test_fused_kernel_at_shapes_off_its_tiles(rows: int) -> None:
+    """Heron's C kernel (csrc/int8mm.c) tiles rows by 1-4 and by 3 and 48,
+    outputs by 1-4, 32-row chunks, and inputs by 8, 16 and 64: shapes that
+    fill none of those exactly still give the dequantised product."""
+    torch.manual_seed(rows)
+    for out_features, in_features in [(1, 1), (37, 5), (70, 131), (33, 200)]:
+        w = torch.randn(out_features, in_features)
+        codes, params = quantize_rtn(w, Int8PerChannel())
+        layer = QuantLinear.from_codes(codes, params, Int8PerChannel(), kernel="fused")
+        x = torch.randn(rows, in_features)
+        with torch.inference_mode():
+            y = layer(x)
+        ref = x.double() @ Int8PerChannel().dequantize(codes, params).double().T
+        assert relative_error(y, ref) < TOLERANCE["fused", "int8"], (rows, out_features, in_features)
+
+
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name + ("-symmetric" if getattr(s, "symmetric", False) else ""))
 def test_weight_is_the_effective_dequantised_weight(scheme) -> None:
     layer, w, _, s = layer_for(scheme, None, input_scale=True)
@@ -115,7 +143,8 @@ def test_state_dict_holds_only_the_packed_tensors_and_deepcopy_works() -> None:
 
 def test_choose_kernel_falls_back_when_a_layer_does_not_fit() -> None:
     odd = Int4Grouped(group_size=16)  # aten's int4 kernel takes groups of 32..256 only
-    assert choose_kernel(odd, 96, 128, "aten").name == next(k for k in default_kernels() if k != "aten")
+    fallback = next(k for k in default_kernels() if k != "aten" and KERNELS[k].supports(odd, 96, 128))
+    assert choose_kernel(odd, 96, 128, "aten").name == fallback
     assert choose_kernel(Int8PerChannel(), 96, 128, "dynamic").name in ("dynamic", *default_kernels())
     with pytest.raises(ValueError, match="kernel: unknown 'fast'"):
         choose_kernel(odd, 96, 128, "fast")

@@ -32,9 +32,11 @@ from heron.align.run import METRICS_FILE as ALIGN_METRICS_FILE
 from heron.align.run import MODEL_DIR, run_alignment
 from heron.align.synthetic import RepeatTask, win_rate
 from heron.cli.commands import ALIGN_RECIPES_DIR, recipe_path
+from heron.compress.kernels import choose_kernel
 from heron.compress.quantize import QuantizeSettings
 from heron.compress.quantize_checkpoint import QuantizeCheckpointSettings, quantize_checkpoint
 from heron.compress.report import PARETO_PNG, measure, write_report
+from heron.compress.schemes import Int8PerChannel
 from heron.data import load_shards
 from heron.generate import Generator, SamplingParams, perplexity
 from heron.govern.annex_iv import write_annex_iv
@@ -95,9 +97,7 @@ def run(args: argparse.Namespace) -> int:
     report = write_report(rows, compress_dir / "report")
     print(report.read_text(encoding="utf-8"))
     if rows[1].decode_tokens_per_s < rows[0].decode_tokens_per_s:
-        print("int8's kernel reads half of fp32's weight bytes (the codes as fp16), but each call costs a fixed "
-              "~10-20 µs more than fp32's product, which layers this small do not repay; wider models decode faster "
-              "in int8 (README, Compression).")
+        _explain_slow_int8()
 
     _stage("9/10", "explanation: one prediction of the pre-trained model through every lens (HTML report)")
     page = explain(model, tokenizer, EXPLAINED, out / "explain")
@@ -155,6 +155,17 @@ def _aligned(method: str, recipe_name: str, base: Path, out_dir: Path, overrides
     recipe = load_align_recipe(recipe_path(recipe_name, ALIGN_RECIPES_DIR),
                                [f"base={base}", f"out_dir={out_dir}", *overrides])
     return run_alignment(method, recipe)
+
+
+def _explain_slow_int8() -> None:
+    kernel = choose_kernel(Int8PerChannel(), 1, 1).name  # int8's kernel does not depend on the layer's shape
+    if kernel == "fp16":
+        print("int8 ran on fbgemm's fp16-weight product, which reads half of fp32's weight bytes but costs a fixed "
+              "~10-20 µs a call more than fp32's, which layers this small do not repay. Heron's `fused` kernel, "
+              "which reads one byte a weight, was not built or this CPU lacks AVX2 (README, Compression).")
+    else:
+        print(f"int8 ran on the `{kernel}` kernel and decoded slower than fp32 on this machine; timings of a "
+              "shared machine vary, and the README (Compression) lists each kernel's measured speed.")
 
 
 def _quantized(source: Path, target: Path) -> Path:

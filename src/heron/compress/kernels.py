@@ -18,15 +18,23 @@ compute x @ Ŵᵀ for the dequantised weight Ŵ, in fp32
            in fp16, and the per-row scale multiplies the product: the
            weight-only product up to summation order (~4e-7). For int4 it holds
            fp16(Ŵ), a rounding of at most 2^-11 per weight (~1.8e-4). The
-           default elsewhere on x86: it reads 2 bytes per weight, not 4, and
-           beat fp32 from 1 to 256 rows at 2816x512.
+           default for int4 on x86, and for int8 where `fused` is missing: it
+           reads 2 bytes per weight, not 4, and beat fp32 from 1 to 256 rows
+           at 2816x512.
+  fused    Heron's own int8 product (csrc/int8mm.c, built at install): reads the
+           int8 codes, one byte a weight, widens them to fp32 in registers and
+           multiplies in fp32 (~2e-7), scaling each output row. AVX2 and FMA
+           CPUs; int8 only. The default on AVX2 CPUs: decoding streams weights,
+           and this is the one weight-only product here that reads one byte
+           of each.
   dynamic  fbgemm's int8 GEMM, what quantize_dynamic runs: activations are
            quantised too (per tensor, 7 bits), ~1.5e-2 per layer, so the model
            is no longer weight-only. int8 only, by explicit choice.
   dequant  Ŵ rebuilt in fp32 and F.linear (~2e-7): any device, autograd, the reference.
 
-Decode of the `small` preset, batch 1, one thread, AMD EPYC (AVX2), tokens/s:
-fp32 21, quantize_dynamic 45, int8 fp16 35, int8 dynamic 63, int4 fp16 32.
+Decode of the `small` preset, batch 1, one thread, AMD EPYC (AVX2), tokens/s
+(one process, 5 alternating rounds, 2026-11-30): fp32 84, quantize_dynamic
+137, int8 fused 156, int8 fp16 106, int8 dynamic 141, int4 fp16 108.
 """
 from __future__ import annotations
 
@@ -107,6 +115,41 @@ def _fp16_product(layout: Any) -> Product:
     return lambda x: fp16_mm(x, packed) * row_scale
 
 
+# ----- fused: Heron's int8 dequantise-and-multiply (csrc/int8mm.c) -----------------
+
+
+def _int8mm_module() -> Any:
+    """The compiled kernel, or None where it was not built or this CPU lacks AVX2 and FMA."""
+    if not torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512")):
+        return None
+    try:
+        from heron.compress import _int8mm
+    except ImportError:
+        return None
+    return _int8mm
+
+
+def _fused_supports(scheme: Scheme, out_features: int, in_features: int) -> bool:
+    return isinstance(scheme, Int8PerChannel) and _int8mm_module() is not None
+
+
+def _fused_prepare(scheme: Scheme, codes: torch.Tensor, params: QParams) -> Any:
+    return codes.to(torch.int8).contiguous(), params.scale[:, 0].float().contiguous()
+
+
+def _fused_product(layout: Any) -> Product:
+    int8_mm, (codes, scale) = _int8mm_module().int8_mm, layout
+    (n, k), threads = codes.shape, torch.get_num_threads
+
+    def product(x: torch.Tensor) -> torch.Tensor:  # holds codes and scale alive while the C code reads them
+        x = x.contiguous()
+        y = x.new_empty((*x.shape[:-1], n))
+        int8_mm(x.data_ptr(), x.numel() // k, k, codes.data_ptr(), scale.data_ptr(), n, y.data_ptr(), threads())
+        return y
+
+    return product
+
+
 # ----- dynamic: fbgemm int8 x int8 (activations quantised per tensor) --------------
 
 
@@ -135,6 +178,7 @@ def _dequant_prepare(scheme: Scheme, codes: torch.Tensor, params: QParams) -> An
 KERNELS: dict[str, Kernel] = {
     "aten": Kernel("aten", _aten_supports, _aten_prepare, _aten_product),
     "fp16": Kernel("fp16", lambda s, n, k: _fbgemm_available(), _fp16_prepare, _fp16_product, any_rank=True),
+    "fused": Kernel("fused", _fused_supports, _fused_prepare, _fused_product, any_rank=True),
     "dynamic": Kernel("dynamic", lambda s, n, k: _fbgemm_available() and isinstance(s, Int8PerChannel),
                       _dynamic_prepare, _dynamic_product, any_rank=True),
     "dequant": Kernel("dequant", lambda s, n, k: True, _dequant_prepare, lambda w: lambda x: F.linear(x, w),
@@ -145,8 +189,8 @@ KERNELS: dict[str, Kernel] = {
 def default_kernels() -> tuple[str, ...]:
     """Kernels to try in order on this CPU (see the module docstring for why)."""
     if torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
-        return ("aten", "fp16", "dequant")
-    return ("fp16", "aten", "dequant")
+        return ("aten", "fused", "fp16", "dequant")
+    return ("fused", "fp16", "aten", "dequant")
 
 
 def choose_kernel(scheme: Scheme, out_features: int, in_features: int, preferred: str | None = None) -> Kernel:
