@@ -16,7 +16,7 @@ from heron.compress.schemes import Int4Grouped, Int8PerChannel, quantize_rtn
 # fp16 holds int8 codes exactly, but fp16(Ŵ) for int4 (rounding of at most 2^-11 per weight);
 # dynamic quantises activations to 7 bits, as quantize_dynamic does.
 TOLERANCE = {("aten", "int8"): 2e-6, ("aten", "int4"): 2e-6, ("fp16", "int8"): 2e-6, ("fp16", "int4"): 5e-4,
-             ("dequant", "int8"): 1e-6, ("fused", "int8"): 1e-6, ("dequant", "int4"): 1e-6, ("dynamic", "int8"): 5e-2}
+             ("dequant", "int8"): 1e-6, ("fused", "int8"): 1e-6, ("fused", "int4"): 1e-6, ("dequant", "int4"): 1e-6, ("dynamic", "int8"): 5e-2}
 SCHEMES = [Int8PerChannel(), Int4Grouped(group_size=32), Int4Grouped(group_size=32, symmetric=True)]
 
 
@@ -90,22 +90,38 @@ def test_fused_kernel_is_built_and_default_where_it_can_be() -> None:
     assert choose_kernel(Int8PerChannel(), 96, 128).name in ("fused", "aten")  # aten first on AVX-512 only
 
 
+FUSED_SHAPES = {  # (out_features, in_features) per scheme, off every tile of the kernel
+    "int8": [(1, 1), (37, 5), (70, 131), (33, 200)],
+    "int4": [(1, 32), (37, 64), (70, 96), (33, 256)],
+}
+
+
 @pytest.mark.skipif(not KERNELS["fused"].supports(Int8PerChannel(), 1, 1), reason="fused kernel not built or no AVX2")
+@pytest.mark.parametrize("scheme", [Int8PerChannel(), Int4Grouped(group_size=32), Int4Grouped(group_size=64, symmetric=True)],
+                         ids=["int8", "int4-g32", "int4-g64-symmetric"])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 50, 101])
-def test_fused_kernel_at_shapes_off_its_tiles(rows: int) -> None:
-    """Heron's C kernel (csrc/int8mm.c) tiles rows by 1-4 and by 3 and 48,
-    outputs by 1-4, 32-row chunks, and inputs by 8, 16 and 64: shapes that
+def test_fused_kernel_at_shapes_off_its_tiles(scheme, rows: int) -> None:
+    """Heron's C kernel (csrc/fused.c) tiles rows by 1-4 and by 3 and 48,
+    outputs by 1-4, 32-row chunks, and inputs by 8, 16, 32 and 64: shapes that
     fill none of those exactly still give the dequantised product."""
     torch.manual_seed(rows)
-    for out_features, in_features in [(1, 1), (37, 5), (70, 131), (33, 200)]:
+    for out_features, in_features in FUSED_SHAPES[scheme.name]:
+        if in_features % getattr(scheme, "group_size", 1):
+            continue
         w = torch.randn(out_features, in_features)
-        codes, params = quantize_rtn(w, Int8PerChannel())
-        layer = QuantLinear.from_codes(codes, params, Int8PerChannel(), kernel="fused")
+        codes, params = quantize_rtn(w, scheme)
+        layer = QuantLinear.from_codes(codes, params, scheme, kernel="fused")
+        assert layer.kernel == "fused"
         x = torch.randn(rows, in_features)
         with torch.inference_mode():
             y = layer(x)
-        ref = x.double() @ Int8PerChannel().dequantize(codes, params).double().T
-        assert relative_error(y, ref) < TOLERANCE["fused", "int8"], (rows, out_features, in_features)
+        ref = x.double() @ scheme.dequantize(codes, params).double().T
+        assert relative_error(y, ref) < TOLERANCE["fused", scheme.name], (rows, out_features, in_features)
+
+
+def test_fused_kernel_leaves_int4_groups_it_cannot_tile_to_another() -> None:
+    assert not KERNELS["fused"].supports(Int4Grouped(group_size=16), 96, 128)
+    assert choose_kernel(Int4Grouped(group_size=16), 96, 128, "fused").name != "fused"
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name + ("-symmetric" if getattr(s, "symmetric", False) else ""))

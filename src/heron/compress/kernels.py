@@ -18,23 +18,25 @@ compute x @ Ŵᵀ for the dequantised weight Ŵ, in fp32
            in fp16, and the per-row scale multiplies the product: the
            weight-only product up to summation order (~4e-7). For int4 it holds
            fp16(Ŵ), a rounding of at most 2^-11 per weight (~1.8e-4). The
-           default for int4 on x86, and for int8 where `fused` is missing: it
-           reads 2 bytes per weight, not 4, and beat fp32 from 1 to 256 rows
-           at 2816x512.
-  fused    Heron's own int8 product (csrc/int8mm.c, built at install): reads the
-           int8 codes, one byte a weight, widens them to fp32 in registers and
-           multiplies in fp32 (~2e-7), scaling each output row. AVX2 and FMA
-           CPUs; int8 only. The default on AVX2 CPUs: decoding streams weights,
-           and this is the one weight-only product here that reads one byte
-           of each.
+           default on x86 where `fused` is missing or does not fit: it reads 2
+           bytes per weight, not 4, and beat fp32 from 1 to 256 rows at 2816x512.
+  fused    Heron's own product (csrc/fused.c, built at install): reads the
+           codes as stored, one byte (int8) or half a byte (int4, groups of
+           a multiple of 32) a weight, widens them to fp32 in registers and
+           multiplies in fp32 (~2e-7), scaling each output row or group.
+           AVX2 and FMA CPUs. The default on AVX2 CPUs: decoding streams
+           weights, and no weight-only product torch ships reads fewer bytes
+           of each here. int4 codes are repacked once into blocks of 32 inputs
+           (low nibbles 0-15, high 16-31) that widen without shuffles.
   dynamic  fbgemm's int8 GEMM, what quantize_dynamic runs: activations are
            quantised too (per tensor, 7 bits), ~1.5e-2 per layer, so the model
            is no longer weight-only. int8 only, by explicit choice.
   dequant  Ŵ rebuilt in fp32 and F.linear (~2e-7): any device, autograd, the reference.
 
 Decode of the `small` preset, batch 1, one thread, AMD EPYC (AVX2), tokens/s
-(one process, 5 alternating rounds, 2026-11-30): fp32 84, quantize_dynamic
-137, int8 fused 156, int8 fp16 106, int8 dynamic 141, int4 fp16 108.
+(one process, 5 alternating rounds, 2026-11-30): fp32 102, quantize_dynamic
+140, int8 fused 169, int8 fp16 119, int8 dynamic 160, int4 fused 177, int4
+fp16 135.
 """
 from __future__ import annotations
 
@@ -115,36 +117,45 @@ def _fp16_product(layout: Any) -> Product:
     return lambda x: fp16_mm(x, packed) * row_scale
 
 
-# ----- fused: Heron's int8 dequantise-and-multiply (csrc/int8mm.c) -----------------
+# ----- fused: Heron's int8 / int4 dequantise-and-multiply (csrc/fused.c) ---------
 
 
-def _int8mm_module() -> Any:
+def _fused_module() -> Any:
     """The compiled kernel, or None where it was not built or this CPU lacks AVX2 and FMA."""
     if not torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512")):
         return None
     try:
-        from heron.compress import _int8mm
+        from heron.compress import _fused
     except ImportError:
         return None
-    return _int8mm
+    return _fused
 
 
 def _fused_supports(scheme: Scheme, out_features: int, in_features: int) -> bool:
-    return isinstance(scheme, Int8PerChannel) and _int8mm_module() is not None
+    takes = isinstance(scheme, Int8PerChannel) or (isinstance(scheme, Int4Grouped) and scheme.group_size % 32 == 0)
+    return takes and _fused_module() is not None
 
 
 def _fused_prepare(scheme: Scheme, codes: torch.Tensor, params: QParams) -> Any:
-    return codes.to(torch.int8).contiguous(), params.scale[:, 0].float().contiguous()
+    if isinstance(scheme, Int8PerChannel):
+        return 8, codes.to(torch.int8).contiguous(), params.scale[:, 0].float().contiguous(), None, 0
+    n, k = codes.shape
+    blocks = codes.to(torch.uint8).reshape(n, k // 32, 2, 16)  # per 32 inputs: 0-15 low nibbles, 16-31 high
+    packed = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+    zero = params.zero.to(torch.int32).contiguous()
+    return 4, packed, params.scale.float().contiguous(), zero, scheme.group_size
 
 
 def _fused_product(layout: Any) -> Product:
-    int8_mm, (codes, scale) = _int8mm_module().int8_mm, layout
-    (n, k), threads = codes.shape, torch.get_num_threads
+    mm, (bits, codes, scale, zero, group) = _fused_module().mm, layout
+    n, k = codes.shape[0], codes.shape[1] * (2 if bits == 4 else 1)  # int4: two codes a byte
+    threads = torch.get_num_threads
 
-    def product(x: torch.Tensor) -> torch.Tensor:  # holds codes and scale alive while the C code reads them
+    def product(x: torch.Tensor) -> torch.Tensor:  # holds the layout's tensors alive while the C code reads them
         x = x.contiguous()
         y = x.new_empty((*x.shape[:-1], n))
-        int8_mm(x.data_ptr(), x.numel() // k, k, codes.data_ptr(), scale.data_ptr(), n, y.data_ptr(), threads())
+        mm(x.data_ptr(), x.numel() // k, y.data_ptr(), threads(), bits, codes.data_ptr(), scale.data_ptr(),
+           0 if zero is None else zero.data_ptr(), n, k, group)
         return y
 
     return product
