@@ -40,6 +40,7 @@ fp16 135.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -120,6 +121,7 @@ def _fp16_product(layout: Any) -> Product:
 # ----- fused: Heron's int8 / int4 dequantise-and-multiply (csrc/fused.c) ---------
 
 
+@functools.cache
 def _fused_module() -> Any:
     """The compiled kernel, or None where it was not built or this CPU lacks AVX2 and FMA."""
     if not torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512")):

@@ -97,7 +97,8 @@ class QuantLinear(_Packed):
         layout, bias and input scale are looked up once, here, not on every
         call (~20 of a ~100 µs call at the `tiny` preset's MLP shape). A
         product made before the layer changes (`set_kernel`, new values, a
-        move) keeps the old layout."""
+        move) runs the old layout, which for some kernels (`fused` on int8)
+        shares the layer's tensors: make a new one after such a change."""
         if next(iter(self.packed().values())).device.type != "cpu":
             return self.forward
         kernel_product = self._kernel_product()
