@@ -99,9 +99,10 @@ FUSED_SHAPES = {  # (out_features, in_features) per scheme, off every tile of th
 @pytest.mark.skipif(not KERNELS["fused"].supports(Int8PerChannel(), 1, 1), reason="fused kernel not built or no AVX2")
 @pytest.mark.parametrize("scheme", [Int8PerChannel(), Int4Grouped(group_size=32), Int4Grouped(group_size=64, symmetric=True)],
                          ids=["int8", "int4-g32", "int4-g64-symmetric"])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 50, 101])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 16, 17, 50, 101])
 def test_fused_kernel_at_shapes_off_its_tiles(scheme, rows: int) -> None:
-    """Heron's C kernel (csrc/fused.c) tiles rows by 1-4 and by 3 and 48,
+    """Heron's C kernel (csrc/fused.c) tiles rows by 1-4 (in blocks of 4 up
+    to 16), then by 3 and 48,
     outputs by 1-4, 32-row chunks, and inputs by 8, 16, 32 and 64: shapes that
     fill none of those exactly still give the dequantised product."""
     torch.manual_seed(rows)

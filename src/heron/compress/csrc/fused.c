@@ -16,14 +16,16 @@
  *
  * Two paths, both parallel over output rows with OpenMP (the runtime torch
  * already loaded, so both share one thread pool):
- *   - few rows (M <= 4, decoding): codes are widened to fp32 in registers
- *     and multiplied into every row of x: one pass over the weights, one byte
- *     (int8) or half a byte (int4) a weight.
+ *   - few rows (decoding, M <= 16): codes are widened to fp32 in registers
+ *     and multiplied into up to 4 rows of x at a time: one pass over the
+ *     weights from memory, one byte (int8) or half a byte (int4) a weight.
  *   - many rows (prefill): 4 weight rows at a time are dequantised once into a
  *     per-thread fp32 buffer and multiplied into blocks of 3 rows of x, a
- *     12-accumulator tile. At 64 and 512 rows this took 1.2-1.4x the time of
- *     fbgemm's fp16-weight GEMM (about fp32's time); a k-major 6 x 16 panel
- *     kernel was 2.4-3.4x, its transposing widen costing as much as its FMAs.
+ *     12-accumulator tile. At 64 and 512 rows this took 1.2-1.9x the time of
+ *     fbgemm's fp16-weight GEMM (about fp32's time). The usual 6 x 16 GEMM
+ *     micro-kernel on k-major panels was slower (2026-11-30): 2.4-3.4x with
+ *     16 rows widened into a transposed buffer, 2.5x with the codes repacked
+ *     k-major in panels of 16 rows and widened on the fly.
  * The kernel functions carry their own target attribute, so importing the
  * module on a CPU without AVX2 is safe; callers check the CPU first. */
 #define PY_SSIZE_T_CLEAN
@@ -264,16 +266,25 @@ static void many_rows(const float *x, int64_t M, const QWeights *w, float *y, in
 
 #define CHUNK 32 /* output rows per unit of parallel work */
 
+/* Up to this many rows, each chunk runs the few-rows tiles on 4 rows of x at a
+ * time, its codes still in cache on the second pass; at 6-16 rows this took
+ * 0.8-1.3x the time of fbgemm's fp16 product, the buffered path 1.1-1.6x
+ * (2752 x 512 and 512 x 1376, 2026-11-30). */
+#define WIDEN_IN_REGISTERS_MAX 16
+
 /* y (M, N) = x (M, K) @ Ŵᵀ; nonzero when a thread's buffer could not be allocated. */
 static int quantized_mm(const float *x, int64_t M, const QWeights *w, float *y, int threads) {
     const int64_t chunks = (w->N + CHUNK - 1) / CHUNK;
     int failed = 0;
-    if (M <= FEW_ROWS_MAX) {
-        const few_rows_fn few_rows = (w->bits == 8 ? INT8_FEW_ROWS_BY_M : INT4_FEW_ROWS_BY_M)[M];
+    if (M <= WIDEN_IN_REGISTERS_MAX) {
+        const few_rows_fn *table = w->bits == 8 ? INT8_FEW_ROWS_BY_M : INT4_FEW_ROWS_BY_M;
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t c = 0; c < chunks; c++) {
             const int64_t n0 = c * CHUNK, n1 = n0 + CHUNK < w->N ? n0 + CHUNK : w->N;
-            few_rows(x, w, y, n0, n1);
+            for (int64_t m = 0; m < M; m += FEW_ROWS_MAX) {
+                const int64_t rows = M - m < FEW_ROWS_MAX ? M - m : FEW_ROWS_MAX;
+                table[rows](x + m * w->K, w, y + m * w->N, n0, n1);
+            }
         }
         return 0;
     }
