@@ -290,7 +290,7 @@ static int quantized_mm(const float *x, int64_t M, const QWeights *w, float *y, 
     }
 #pragma omp parallel num_threads(threads)
     {
-        float *wide = malloc(TILE_N * w->K * sizeof(float));
+        float *wide = malloc(sizeof(float) * TILE_N * (w->K > 0 ? w->K : 1)); /* malloc(0) may be NULL */
         if (wide == NULL) {
 #pragma omp atomic write
             failed = 1;
