@@ -27,8 +27,8 @@ Decode: batch 1, greedy, 64 new tokens after a 16-token prompt, KV-cached;
 the fp32 model, the int8 model, PyTorch's `quantize_dynamic` int8 of the same
 model, the int8 model on Heron's `dynamic` kernel (activations rounded to 8
 bits at run time as `quantize_dynamic` does: the like-for-like comparison,
-with its perplexity beside the weight-only default's) and the
-structured-pruned model run in one process, interleaved over five rounds;
+with its perplexity beside the weight-only default's), the int4 GPTQ model and
+the structured-pruned model run in one process, interleaved over five rounds;
 speed-ups are medians of per-round ratios. Energy per decoded
 token and its source come from Heron's meter (estimated on this machine).
 
@@ -149,6 +149,7 @@ def main() -> None:
 
     fp32, _ = heron.load(source)
     int8, _ = heron.load(folders["int8"])
+    int4, _ = heron.load(folders["int4-gptq"])
     mlp25, _ = heron.load(folders["mlp25"])
     dynamic = torch_dynamic_int8(fp32)
     int8_dynamic = copy.deepcopy(int8)  # the int8 checkpoint on the kernel that rounds activations too
@@ -158,7 +159,8 @@ def main() -> None:
     prompt = [int(t) for t in val[:16]]
     speed = interleave({name: lambda m=m: decode_speed(m, prompt, new_tokens=NEW_TOKENS, rounds=1)[0]
                         for name, m in {"fp32": fp32, "int8": int8, "torch-dynamic": dynamic,
-                                        "int8-dynamic": int8_dynamic, "mlp25": mlp25}.items()}, plan.rounds)
+                                        "int8-dynamic": int8_dynamic, "int4": int4, "mlp25": mlp25}.items()},
+                       plan.rounds)
 
     def increase(name: str) -> float:
         ppl = activation_rounded[name] if name in activation_rounded else by[name].perplexity
@@ -199,6 +201,8 @@ def main() -> None:
                            "int4 group 128: GPTQ's perplexity increase / RTN's"),
         Result("int4_size_ratio", by["int4-gptq"].size_ratio, "x",
                "whole checkpoint folder, int4 g128 (embedding and head int8) / fp32", 0.16, at_most=True),
+        Result("int4_decode_speedup", ratio(speed["int4"], speed["fp32"]).median, "x",
+               "decode tokens/s, int4 g128 (GPTQ; embedding and head int8) / fp32, interleaved"),
         ratio_of_increases("wanda_over_magnitude_ppl_increase", "sparse50-wanda", "sparse50-magnitude",
                            "50% unstructured: Wanda's perplexity increase / magnitude's"),
         ratio_of_increases("sparsegpt_over_magnitude_ppl_increase", "sparse50-sparsegpt", "sparse50-magnitude",
