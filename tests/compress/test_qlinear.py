@@ -16,7 +16,8 @@ from heron.compress.schemes import Int4Grouped, Int8PerChannel, quantize_rtn
 # fp16 holds int8 codes exactly, but fp16(Ŵ) for int4 (rounding of at most 2^-11 per weight);
 # dynamic quantises activations to 7 bits, as quantize_dynamic does.
 TOLERANCE = {("aten", "int8"): 2e-6, ("aten", "int4"): 2e-6, ("fp16", "int8"): 2e-6, ("fp16", "int4"): 5e-4,
-             ("dequant", "int8"): 1e-6, ("fused", "int8"): 1e-6, ("fused", "int4"): 1e-6, ("dequant", "int4"): 1e-6, ("dynamic", "int8"): 5e-2}
+             ("fused", "int8"): 1e-6, ("fused", "int4"): 1e-6, ("dequant", "int8"): 1e-6, ("dequant", "int4"): 1e-6,
+             ("dynamic", "int8"): 5e-2}
 SCHEMES = [Int8PerChannel(), Int4Grouped(group_size=32), Int4Grouped(group_size=32, symmetric=True)]
 
 
@@ -101,10 +102,10 @@ FUSED_SHAPES = {  # (out_features, in_features) per scheme, off every tile of th
                          ids=["int8", "int4-g32", "int4-g64-symmetric"])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 16, 17, 50, 101])
 def test_fused_kernel_at_shapes_off_its_tiles(scheme, rows: int) -> None:
-    """Heron's C kernel (csrc/fused.c) tiles rows by 1-4 (in blocks of 4 up
-    to 16), then by 3 and 48,
-    outputs by 1-4, 32-row chunks, and inputs by 8, 16, 32 and 64: shapes that
-    fill none of those exactly still give the dequantised product."""
+    """Heron's C kernel (csrc/fused.c) tiles rows by 1-4 (in blocks of 4 up to
+    16), then by 3 and 48; outputs by 1-4 and 32-row chunks; inputs by 8, 16,
+    32 and 64: shapes that fill none of those exactly still give the
+    dequantised product."""
     torch.manual_seed(rows)
     for out_features, in_features in FUSED_SHAPES[scheme.name]:
         if in_features % getattr(scheme, "group_size", 1):
