@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import copy
 import shutil
+import sys
 
 import pytest
 import torch
 
+import heron.compress
+from heron.compress import kernels
 from heron.compress.kernels import KERNELS, choose_kernel, default_kernels
 from heron.compress.qlinear import QuantEmbedding, QuantLinear, set_kernel
 from heron.compress.schemes import Int4Grouped, Int8PerChannel, quantize_rtn
@@ -89,6 +92,16 @@ def test_fused_kernel_is_built_and_default_where_it_can_be() -> None:
         pytest.skip("no AVX2 or no C compiler: the fused kernel is not expected here")
     assert KERNELS["fused"].supports(Int8PerChannel(), 96, 128)
     assert choose_kernel(Int8PerChannel(), 96, 128).name in ("fused", "aten")  # aten first on AVX-512 only
+
+
+def test_a_missing_fused_kernel_is_said_not_silent(monkeypatch) -> None:
+    """Where setup.py could not build it, quantised layers fall back, and say so."""
+    if not torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512")):
+        pytest.skip("the fused kernel is not looked for without AVX2")
+    monkeypatch.setitem(sys.modules, "heron.compress._fused", None)  # makes the import fail
+    monkeypatch.delattr(heron.compress, "_fused", raising=False)
+    with pytest.warns(RuntimeWarning, match="fused int8/int4 kernel .* is not built"):
+        assert kernels._fused_module.__wrapped__() is None
 
 
 FUSED_SHAPES = {  # (out_features, in_features) per scheme, off every tile of the kernel

@@ -123,12 +123,16 @@ def _fp16_product(layout: Any) -> Product:
 
 @functools.cache
 def _fused_module() -> Any:
-    """The compiled kernel, or None where it was not built or this CPU lacks AVX2 and FMA."""
+    """The compiled kernel, or None where this CPU lacks AVX2 and FMA or it was
+    not built (which warns, once: setup.py builds it as an optional extension)."""
     if not torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512")):
         return None
     try:
         from heron.compress import _fused
     except ImportError:
+        warnings.warn("Heron's fused int8/int4 kernel (heron.compress._fused) is not built, so quantised layers "
+                      "run on fbgemm's fp16 product, which decodes slower; install Heron again with a C compiler "
+                      "(`pip install -e .` in the repository) to build it", RuntimeWarning, stacklevel=2)
         return None
     return _fused
 
