@@ -34,6 +34,17 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+/* A quantised weight matrix (N, K): see the top of the file for each layout. */
+typedef struct {
+    int bits;            /* 8 or 4 */
+    const void *codes;   /* int8 (N, K), or int4 packed (N, K / 2) */
+    const float *scale;  /* int8 (N,), int4 (N, K / group) */
+    const int32_t *zero; /* int4 (N, K / group); NULL for int8 */
+    int64_t N, K, group; /* group: int4 only, a multiple of 32 */
+} QWeights;
+
+typedef void (*few_rows_fn)(const float *x, const QWeights *w, float *y, int64_t n0, int64_t n1);
+
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 
@@ -51,26 +62,10 @@ INLINE __m256 widen8(const int8_t *codes) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)codes)));
 }
 
-#pragma GCC pop_options
-
-/* A quantised weight matrix (N, K): see the top of the file for each layout. */
-typedef struct {
-    int bits;            /* 8 or 4 */
-    const void *codes;   /* int8 (N, K), or int4 packed (N, K / 2) */
-    const float *scale;  /* int8 (N,), int4 (N, K / group) */
-    const int32_t *zero; /* int4 (N, K / group); NULL for int8 */
-    int64_t N, K, group; /* group: int4 only, a multiple of 32 */
-} QWeights;
-
-typedef void (*few_rows_fn)(const float *x, const QWeights *w, float *y, int64_t n0, int64_t n1);
-
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-
 /* Few rows: y[m, n + r] for m < MR, r < R, widening the codes in registers. Each
  * (m, r) keeps two accumulators, for the low and high 8 of every 16 codes, so
  * that 2 x MR x R FMA chains run side by side instead of waiting on one another. */
-INLINE void codes_step(const float *x, const int MR, const int R, int64_t K, const int8_t *codes,
+INLINE void int8_codes_step(const float *x, const int MR, const int R, int64_t K, const int8_t *codes,
                        __m256 lo[4][4], __m256 hi[4][4]) {
     for (int r = 0; r < R; r++) {
         __m256 a = widen8(codes + r * K), b = widen8(codes + r * K + 8);
@@ -86,7 +81,7 @@ INLINE void codes_step(const float *x, const int MR, const int R, int64_t K, con
  * codes from memory here, with this 15-19 GB/s (AMD EPYC, 2026-11-30). */
 #define PREFETCH_AHEAD 4096
 
-INLINE void codes_tile(const float *x, const int MR, const int R, int64_t K, const int8_t *w,
+INLINE void int8_codes_tile(const float *x, const int MR, const int R, int64_t K, const int8_t *w,
                        const float *scale, float *y, int64_t ldy, int64_t n) {
     __m256 lo[4][4], hi[4][4];
     for (int m = 0; m < MR; m++)
@@ -96,9 +91,9 @@ INLINE void codes_tile(const float *x, const int MR, const int R, int64_t K, con
     int64_t k = 0;
     for (; k < K64; k += 64) {  /* a cache line of each row per pass, and one prefetch of each */
         for (int r = 0; r < R; r++) _mm_prefetch((const char *)(rows + r * K + k + PREFETCH_AHEAD), _MM_HINT_T0);
-        for (int j = 0; j < 64; j += 16) codes_step(x + k + j, MR, R, K, rows + k + j, lo, hi);
+        for (int j = 0; j < 64; j += 16) int8_codes_step(x + k + j, MR, R, K, rows + k + j, lo, hi);
     }
-    for (; k < K16; k += 16) codes_step(x + k, MR, R, K, rows + k, lo, hi);
+    for (; k < K16; k += 16) int8_codes_step(x + k, MR, R, K, rows + k, lo, hi);
     for (int m = 0; m < MR; m++)
         for (int r = 0; r < R; r++) {
             const int8_t *row = rows + r * K;
@@ -107,17 +102,6 @@ INLINE void codes_tile(const float *x, const int MR, const int R, int64_t K, con
             y[m * ldy + n + r] = s * scale[n + r];
         }
 }
-
-#define INT8_FEW_ROWS(MR, R)                                                                             \
-    static void int8_few_rows_##MR(const float *x, const QWeights *w, float *y, int64_t n0, int64_t n1) { \
-        int64_t n = n0;                                                                                  \
-        for (; n + R <= n1; n += R) codes_tile(x, MR, R, w->K, w->codes, w->scale, y, w->N, n);          \
-        for (; n < n1; n++) codes_tile(x, MR, 1, w->K, w->codes, w->scale, y, w->N, n);                  \
-    }
-INT8_FEW_ROWS(1, 4) /* 2 x MR x R accumulators: at most 12 of the 16 vector registers */
-INT8_FEW_ROWS(2, 3)
-INT8_FEW_ROWS(3, 2)
-INT8_FEW_ROWS(4, 1)
 
 /* One block of 32 int4 codes (16 bytes: low nibbles inputs 0-15, high 16-31)
  * minus the zero point, as 4 x 8 fp32: the subtraction is in integers, exact. */
@@ -133,7 +117,7 @@ INLINE void int4_widen32(const uint8_t *block, __m256i zero, __m256 out[4]) {
 /* int4, few rows: y[m, n + r] for m < MR, r < R. Each block of 32 inputs is
  * 16 bytes: low nibbles inputs 0-15, high nibbles 16-31; the group's zero point
  * is subtracted in integers (exact) and the group's fp32 sum scaled into `total`. */
-INLINE void int4_tile(const float *x, const int MR, const int R, int64_t K, int64_t group, const uint8_t *packed,
+INLINE void int4_codes_tile(const float *x, const int MR, const int R, int64_t K, int64_t group, const uint8_t *packed,
                       const float *scale, const int32_t *zero, float *y, int64_t ldy, int64_t n) {
     const int64_t G = K / group, row_bytes = K / 2;
     __m256 total[4][4];
@@ -168,23 +152,29 @@ INLINE void int4_tile(const float *x, const int MR, const int R, int64_t K, int6
         for (int r = 0; r < R; r++) y[m * ldy + n + r] = hsum(total[m][r]);
 }
 
-#define INT4_FEW_ROWS(MR, R)                                                                             \
-    static void int4_few_rows_##MR(const float *x, const QWeights *w, float *y, int64_t n0, int64_t n1) { \
+/* Both tiles behind one signature, so that one macro makes every few-rows function. */
+INLINE void int8_tile(const float *x, const int MR, const int R, const QWeights *w, float *y, int64_t n) {
+    int8_codes_tile(x, MR, R, w->K, w->codes, w->scale, y, w->N, n);
+}
+INLINE void int4_tile(const float *x, const int MR, const int R, const QWeights *w, float *y, int64_t n) {
+    int4_codes_tile(x, MR, R, w->K, w->group, w->codes, w->scale, w->zero, y, w->N, n);
+}
+
+#define FEW_ROWS(TILE, MR, R)                                                                            \
+    static void TILE##_few_rows_##MR(const float *x, const QWeights *w, float *y, int64_t n0, int64_t n1) { \
         int64_t n = n0;                                                                                  \
-        for (; n + R <= n1; n += R)                                                                      \
-            int4_tile(x, MR, R, w->K, w->group, w->codes, w->scale, w->zero, y, w->N, n);                 \
-        for (; n < n1; n++) int4_tile(x, MR, 1, w->K, w->group, w->codes, w->scale, w->zero, y, w->N, n); \
+        for (; n + R <= n1; n += R) TILE(x, MR, R, w, y, n);                                             \
+        for (; n < n1; n++) TILE(x, MR, 1, w, y, n);                                                     \
     }
-INT4_FEW_ROWS(1, 4) /* 2 x MR x R accumulators, as for int8 */
-INT4_FEW_ROWS(2, 3)
-INT4_FEW_ROWS(3, 2)
-INT4_FEW_ROWS(4, 1)
+/* 2 x MR x R accumulators: at most 12 of the 16 vector registers */
+FEW_ROWS(int8_tile, 1, 4) FEW_ROWS(int8_tile, 2, 3) FEW_ROWS(int8_tile, 3, 2) FEW_ROWS(int8_tile, 4, 1)
+FEW_ROWS(int4_tile, 1, 4) FEW_ROWS(int4_tile, 2, 3) FEW_ROWS(int4_tile, 3, 2) FEW_ROWS(int4_tile, 4, 1)
 
 #define FEW_ROWS_MAX 4
 static const few_rows_fn INT8_FEW_ROWS_BY_M[FEW_ROWS_MAX + 1] = {
-    NULL, int8_few_rows_1, int8_few_rows_2, int8_few_rows_3, int8_few_rows_4};
+    NULL, int8_tile_few_rows_1, int8_tile_few_rows_2, int8_tile_few_rows_3, int8_tile_few_rows_4};
 static const few_rows_fn INT4_FEW_ROWS_BY_M[FEW_ROWS_MAX + 1] = {
-    NULL, int4_few_rows_1, int4_few_rows_2, int4_few_rows_3, int4_few_rows_4};
+    NULL, int4_tile_few_rows_1, int4_tile_few_rows_2, int4_tile_few_rows_3, int4_tile_few_rows_4};
 
 /* Many rows: y[m, n + r] for m < MR, r < R from weight rows already widened into
  * wide (R, K), times scale[n + r] where a row scale is given (int8), else not (int4). */
