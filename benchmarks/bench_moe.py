@@ -2,7 +2,8 @@
 
 Quality per step and per second. The shipped `tiny` and `tiny-moe` recipes
 (tiny-moe: every feed-forward is 8 SwiGLU experts of half the dense width,
-top-2, so a token passes through as many weights as in tiny) are trained by
+top-2, weighed to sum to 2, so a token passes through as many weights as in
+tiny, weighed alike) are trained by
 Heron's own loop (`heron.train.train`) on the default corpus, the standard
 library shards the recipes prepare at runs/data/stdlib (tokenised once, then
 reused). Both runs share everything but the feed-forward: data order, seed,

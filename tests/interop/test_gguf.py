@@ -189,6 +189,7 @@ def test_refuses_models_llama_cpp_cannot_run(tokenizer, tmp_path, change, field)
     (dict(feed_forward=("dense", "moe")), "feed_forward"),  # Mixtral: experts on every layer
     (dict(moe=MoEConfig(n_experts=4, top_k=2, d_ff=32, router_centering=True)), "moe.router_centering"),
     (dict(moe=MoEConfig(n_experts=4, top_k=2, d_ff=32, shared_expert=True)), "moe.shared_expert"),
+    (dict(moe=MoEConfig(n_experts=4, top_k=2, d_ff=32, routed_scale=2.0)), "moe.routed_scale"),
     (dict(qkv_bias=True), "qkv_bias"),
 ])
 def test_refuses_moe_models_llama_cpp_cannot_run(tokenizer, tmp_path, change, field):

@@ -145,7 +145,7 @@ def test_llama_refuses_what_it_cannot_express_by_name(changes, field):
 
 
 @pytest.mark.parametrize("field, value", [("shared_expert", True), ("capacity_factor", 1.25),
-                                          ("router_centering", True)])
+                                          ("router_centering", True), ("routed_scale", 2.0)])
 def test_mixtral_refuses_routing_it_cannot_express(mixtral, field, value):
     config = mixtral[0]
     changed = config.replace(moe=dataclasses.replace(config.moe, **{field: value}))

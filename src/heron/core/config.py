@@ -105,6 +105,11 @@ class MoEConfig:
     router_centering routes each token on its difference from the mean MoE
     input (the batch's in training, a running mean in evaluation) rather
     than on the input itself; core/moe.py says why.
+
+    routed_scale multiplies the chosen experts' weights (DeepSeek-V2/V3's
+    `routed_scaling_factor`); with top_k renormalised weights, routed_scale
+    = top_k makes the experts' weights sum to top_k, as a dense MLP of
+    their summed width would weigh its halves (core/moe.py `route`).
     """
 
     n_experts: int = 8
@@ -115,6 +120,7 @@ class MoEConfig:
     aux_loss_coef: float = 0.01  # alpha of the Switch load-balancing loss
     z_loss_coef: float = 0.001  # ST-MoE router z-loss
     router_centering: bool = False
+    routed_scale: float = 1.0
 
     def __post_init__(self) -> None:
         _check_positive("n_experts", self.n_experts)
@@ -125,6 +131,7 @@ class MoEConfig:
             _check_positive("d_ff", self.d_ff)
         if self.capacity_factor is not None:
             _check_positive("capacity_factor", self.capacity_factor)
+        _check_positive("routed_scale", self.routed_scale)
         for name in ("aux_loss_coef", "z_loss_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)!r}")

@@ -27,17 +27,26 @@ ExpertProduct = Callable[[int, torch.Tensor], torch.Tensor]  # (expert, rows (n,
 # ----- routing math: pure functions of tensors ---------------------------------
 
 
-def route(probs: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def route(probs: torch.Tensor, top_k: int, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights, experts), each (N, k), from router probabilities (N, E).
 
     With k > 1 the chosen probabilities are renormalised to sum to one
     (Mixtral); with k = 1 the gate is the probability itself, as in Switch
     (Fedus et al. 2022, eq. 2): renormalised it would be a constant 1 and the
-    router would get no gradient from the language-model loss.
+    router would get no gradient from the language-model loss. Then the
+    weights are multiplied by `scale` (DeepSeek-V2's routed scaling factor).
+
+    Why scale: a SwiGLU MLP of width k*F is exactly the sum of k SwiGLU
+    experts of width F, each weighed 1. Renormalised top-k weighs them ~1/k
+    each, so a MoE whose experts split a dense MLP's width starts with its
+    output, and every expert's effect on it, ~k times smaller than the
+    dense MLP's; scale = k puts the two on one footing.
     """
     weights, experts = probs.topk(top_k, dim=-1)  # (N, k), (N, k)
     if top_k > 1:
         weights = weights / weights.sum(dim=-1, keepdim=True)  # (N, k)
+    if scale != 1.0:
+        weights = weights * scale
     return weights, experts
 
 
@@ -196,7 +205,7 @@ class MoE(nn.Module):
         if self.hook_router_entropy.active:
             self.hook_router_entropy(router_entropy(probs))  # (B, T)
         logits, probs = logits.flatten(0, 1), probs.flatten(0, 1)  # (N, E) each
-        weights, experts = route(probs, s.top_k)  # (N, k), (N, k)
+        weights, experts = route(probs, s.top_k, s.routed_scale)  # (N, k), (N, k)
         if self.decodes(flat):
             up, down = (partial(self._expert_product, which) for which in ("up", "down"))
             y = self._decode(flat, weights, experts, up, down)  # (N, d)
@@ -258,7 +267,8 @@ class MoE(nn.Module):
         token; at the Mixtral benchmark's shape the lookups cost ~0.1 ms a
         layer). The same numbers and `last_stats` as `forward`; a step made
         before the layer changes (new weights, a move) keeps the old ones."""
-        router, center, top_k = self.router.weight, self.router_center, self.settings.top_k
+        router, center = self.router.weight, self.router_center
+        top_k, scale = self.settings.top_k, self.settings.routed_scale
         ups, downs = self._expert_products("up"), self._expert_products("down")
 
         def step(x: torch.Tensor) -> torch.Tensor:
@@ -266,7 +276,7 @@ class MoE(nn.Module):
             flat = x.reshape(B * T, d)  # (N, d)
             scored = flat if center is None else flat - center.to(flat.dtype)  # as _router_input in eval
             probs = F.linear(scored, router).float().softmax(dim=-1)  # (N, E)
-            weights, experts = route(probs, top_k)  # (N, k), (N, k)
+            weights, experts = route(probs, top_k, scale)  # (N, k), (N, k)
             self._last = {"probs": probs.detach(), "experts": experts}
             y = self._decode(flat, weights, experts, lambda e, h: ups[e](h), lambda e, h: downs[e](h))
             y = y.view(B, T, d)  # (B, T, d)

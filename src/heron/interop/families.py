@@ -255,7 +255,8 @@ def write_mixtral_experts(config: ModelConfig) -> HfConfig:
     moe = config.moe
     if moe is None or not all(config.is_moe_layer(i) for i in range(config.n_layers)):
         raise ValueError("feed_forward: Mixtral has a Mixture-of-Experts on every layer")
-    for field, value in (("shared_expert", False), ("capacity_factor", None), ("router_centering", False)):
+    for field, value in (("shared_expert", False), ("capacity_factor", None), ("router_centering", False),
+                         ("routed_scale", 1.0)):
         if getattr(moe, field) != value:
             raise ValueError(f"moe.{field}: Mixtral needs {value!r}, got {getattr(moe, field)!r}")
     if moe.top_k == 1:
