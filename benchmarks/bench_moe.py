@@ -3,10 +3,9 @@
 Quality per step and per second. The shipped `tiny` and `tiny-moe` recipes
 (tiny-moe: every feed-forward is 8 SwiGLU experts of half the dense width,
 top-2, weighed to sum to 2, so a token passes through as many weights as in
-tiny, weighed alike) are trained by
-Heron's own loop (`heron.train.train`) on the default corpus, the standard
-library shards the recipes prepare at runs/data/stdlib (tokenised once, then
-reused). Both runs share everything but the feed-forward: data order, seed,
+tiny, weighed alike) are trained by Heron's own loop (`heron.train.train`)
+on the default corpus, the standard library shards the recipes prepare at
+runs/data/stdlib (tokenised once, then reused). Both runs share everything but the feed-forward: data order, seed,
 schedule (AdamW 2e-3, 15 warm-up steps, cosine to 0.1x), batch 8 x 256 and
 steps; `recipes` asserts it. Sequence length and warm-up are this benchmark's
 own (SCHEDULE), whatever the recipes ship. Validation loss is measured every

@@ -46,9 +46,10 @@ def expert(layer: MoE, e: int, v: torch.Tensor) -> torch.Tensor:
 
 def reference_moe(layer: MoE, x: torch.Tensor) -> torch.Tensor:
     """The slow, obvious MoE: token by token, softmax over the router's logits,
-    top-k, renormalise (k > 1), times the routed scale, each chosen expert as a dense MLP. An expert
-    that already took `capacity` assignments (counted in token order) adds nothing.
-    With router centring the router scores the token minus the mean input."""
+    top-k, renormalise (k > 1), times the routed scale, each chosen expert as
+    a dense MLP. An expert that already took `capacity` assignments (counted
+    in token order) adds nothing. With router centring the router scores the
+    token minus the mean input."""
     s = layer.settings
     B, T, d = x.shape
     tokens = x.reshape(B * T, d)
