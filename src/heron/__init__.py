@@ -1,7 +1,7 @@
 """Heron: an open workbench for language models.
 
     import heron
-    model, tokenizer = heron.load("runs/demo/checkpoints/latest")
+    model, tokenizer = heron.load("runs/demo/tiny-moe-sparse/checkpoints/latest")
     model, tokenizer = heron.load("/models/Mistral-7B-v0.1")  # a Hugging Face folder
 """
 from __future__ import annotations

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from heron.cli.demo import DEMO_RECIPE
 from heron.core.moe import MoE
 from heron.train.recipe import RecipeError, batch_plan, load_recipe, model_config, recipe_from_dict
 
@@ -27,23 +28,32 @@ def test_every_shipped_recipe_loads_and_builds_its_model(path: Path) -> None:
 
 
 def test_shipped_recipes_include_the_demo() -> None:
-    assert {"test.yaml", "tiny.yaml", "small.yaml", "tiny-moe.yaml"} <= {p.name for p in RECIPES}
+    assert {"test.yaml", "tiny.yaml", "small.yaml", "tiny-moe.yaml", f"{DEMO_RECIPE}.yaml"} <= {
+        p.name for p in RECIPES}
 
 
-def test_tiny_moe_has_tiny_active_width() -> None:
+@pytest.mark.parametrize("variant", ["tiny-moe.yaml", "tiny-moe-sparse.yaml"])
+def test_tiny_moe_has_tiny_active_width(variant: str) -> None:
     """8 experts, top-2, on every layer; two experts together as wide as tiny's dense MLP."""
     folder = RECIPES[0].parent
-    moe = model_config(load_recipe(folder / "tiny-moe.yaml", world_size=1), vocab_size=4096)
+    moe = model_config(load_recipe(folder / variant, world_size=1), vocab_size=4096)
     dense = model_config(load_recipe(folder / "tiny.yaml", world_size=1), vocab_size=4096)
     assert all(moe.is_moe_layer(i) for i in range(moe.n_layers))
-    assert moe.replace(feed_forward=(), moe=None) == dense
+    assert moe.replace(feed_forward=(), moe=None, attention=dense.attention) == dense
     layer = MoE(moe)
     assert layer.up.shape[0] == 8 and moe.moe.top_k == 2
     assert moe.moe.top_k * layer.down.shape[1] == dense.resolved_d_ff
 
 
+def test_the_demo_s_model_alternates_dense_and_sliding_window_attention() -> None:
+    config = model_config(load_recipe(RECIPES[0].parent / f"{DEMO_RECIPE}.yaml", world_size=1), vocab_size=4096)
+    patterns = [config.attention_pattern(i) for i in range(config.n_layers)]
+    assert [p.kind for p in patterns] == ["dense", "sliding"] * (config.n_layers // 2)
+    assert {p.window for p in patterns[1::2]} == {64}
 
-@pytest.mark.parametrize("variant", ["tiny-moe.yaml", "tiny-sparse.yaml"])
+
+
+@pytest.mark.parametrize("variant", ["tiny-moe.yaml", "tiny-sparse.yaml", "tiny-moe-sparse.yaml"])
 def test_tiny_variants_share_tinys_data_and_schedule(variant: str) -> None:
     """They say so in their headers, and bench_moe compares tiny-moe with tiny step for step."""
     folder = RECIPES[0].parent

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from heron.align.data import Messages
-from heron.align.logprobs import sequence_logprobs
+from heron.align.logprobs import logprobs_and_aux, sequence_logprobs
 from heron.align.losses import grpo_advantages, grpo_loss, masked_mean
 from heron.align.rollout import rollout
 from heron.core.transformer import Transformer
@@ -61,9 +61,9 @@ def grpo(policy: Transformer, reference: Transformer, tokenizer: Tokenizer, prom
             old = sequence_logprobs(policy, ids, run.replies.mask)
             ref = sequence_logprobs(reference, ids, run.replies.mask)
         for _ in range(settings.inner_steps):
-            logprobs = sequence_logprobs(policy, ids, run.replies.mask)
+            logprobs, aux = logprobs_and_aux(policy, ids, run.replies.mask)
             loss, stats = grpo_loss(logprobs, old, ref, advantages, mask, clip=settings.clip, beta=settings.beta)
-            loss.backward()
+            (loss + aux).backward()  # aux: a MoE policy's balancing losses, zero for a dense one
             torch.nn.utils.clip_grad_norm_(policy.parameters(), settings.clip_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -16,8 +16,18 @@ def sequence_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
     """Per-token log-probs (B, T - 1) of ids[:, 1:] given what precedes each, zeroed where
     mask[:, 1:] (B, T; 1 on response tokens) is 0. Sum over dim 1 for a sequence's
     log-probability; divide by mask[:, 1:].sum(1) for its per-token mean."""
-    logits = model(ids, attention_mask=attention_mask).logits[:, :-1]  # (B, T - 1, V)
-    return token_logprobs(logits, ids[:, 1:]) * mask[:, 1:].to(torch.float32)
+    return logprobs_and_aux(model, ids, mask, attention_mask)[0]
 
 
-__all__ = ["sequence_logprobs", "token_logprobs"]
+def logprobs_and_aux(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+                     attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequence_logprobs` (B, T - 1) and the forward's auxiliary loss (scalar, fp32): a
+    Mixture-of-Experts model's load-balancing and router z-losses, zero for a dense one.
+    A policy in training adds the aux loss to its objective, as pre-training does, so
+    that fine-tuning keeps the experts' load balanced."""
+    out = model(ids, attention_mask=attention_mask)
+    logits = out.logits[:, :-1]  # (B, T - 1, V)
+    return token_logprobs(logits, ids[:, 1:]) * mask[:, 1:].to(torch.float32), out.aux_loss.float()
+
+
+__all__ = ["logprobs_and_aux", "sequence_logprobs", "token_logprobs"]

@@ -5,6 +5,11 @@ function from example rows to per-example losses and metrics; the losses
 themselves are the pure functions of `align.losses`. DPO-family runs read
 the reference model's log-probabilities from a cache written once
 (`reference_logprobs`), so the reference model need not stay in memory.
+
+A Mixture-of-Experts model in training adds its auxiliary losses (load
+balancing, router z-loss) to every example's loss, as pre-training does, and
+reports its routing statistics (`moe_*`) beside the objective's metrics; a
+dense model's aux loss is zero and it reports none.
 """
 from __future__ import annotations
 
@@ -16,32 +21,44 @@ import torch
 from torch import nn
 
 from heron.align.data import Replies
-from heron.align.logprobs import sequence_logprobs
+from heron.align.logprobs import logprobs_and_aux
 from heron.align.loop import Objective
 from heron.align.losses import bradley_terry_loss, dpo_loss, ipo_loss, kto_loss, orpo_loss, simpo_loss
+from heron.core.moe import moe_stats
 
 PREFERENCE_LOSSES = ("dpo", "ipo", "simpo", "orpo")
 NEEDS_REFERENCE = ("dpo", "ipo")
 
 
-def reply_logprobs(model: nn.Module, replies: Replies) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum, mean) over each reply's tokens of their log-probabilities, each (N,)."""
-    per_token = sequence_logprobs(model, replies.ids, replies.mask)  # (N, T - 1)
+def reply_logprobs(model: nn.Module, replies: Replies) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sum, mean) over each reply's tokens of their log-probabilities, each (N,), and the
+    forward's auxiliary loss (scalar; zero for a dense model)."""
+    per_token, aux = logprobs_and_aux(model, replies.ids, replies.mask)  # (N, T - 1), ()
     total = per_token.sum(1)
-    return total, total / replies.mask[:, 1:].sum(1)
+    return total, total / replies.mask[:, 1:].sum(1), aux
 
 
 def rewards(reward_model: nn.Module, replies: Replies) -> torch.Tensor:
     """(N,) the scalar head's output at each row's last token (the reply's end-of-turn)."""
-    out = reward_model(replies.ids).logits  # (N, T, 1)
-    return out[torch.arange(len(replies)), replies.last, 0]
+    return _rewards_and_aux(reward_model, replies)[0]
+
+
+def _rewards_and_aux(reward_model: nn.Module, replies: Replies) -> tuple[torch.Tensor, torch.Tensor]:
+    out = reward_model(replies.ids)
+    return out.logits[torch.arange(len(replies)), replies.last, 0], out.aux_loss.float()  # (N,), ()
+
+
+def routing_metrics(model: nn.Module, n: int) -> dict[str, torch.Tensor]:
+    """The routing statistics of `model`'s last forward (`moe_stats`) as `moe_<name>`
+    values for each of n examples; {} for a dense model."""
+    return {f"moe_{name}": value.detach().float().expand(n) for name, value in moe_stats(model).items()}
 
 
 def sft_objective(model: nn.Module, replies: Replies) -> Objective:
     """Mean negative log-likelihood of each reply's tokens (assistant tokens only)."""
     def objective(rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        _, mean = reply_logprobs(model, replies.take(rows))
-        return -mean, {}
+        _, mean, aux = reply_logprobs(model, replies.take(rows))
+        return aux - mean, routing_metrics(model, len(rows))
 
     return objective
 
@@ -49,8 +66,10 @@ def sft_objective(model: nn.Module, replies: Replies) -> Objective:
 def reward_objective(reward_model: nn.Module, chosen: Replies, rejected: Replies) -> Objective:
     """Bradley-Terry loss on (chosen, rejected) pairs; metrics: accuracy and reward margin."""
     def objective(rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        good, bad = rewards(reward_model, chosen.take(rows)), rewards(reward_model, rejected.take(rows))
-        return bradley_terry_loss(good, bad), {"accuracy": (good > bad).float(), "margin": (good - bad).detach()}
+        (good, good_aux), (bad, bad_aux) = (_rewards_and_aux(reward_model, s.take(rows)) for s in (chosen, rejected))
+        metrics = {"accuracy": (good > bad).float(), "margin": (good - bad).detach(),
+                   **routing_metrics(reward_model, len(rows))}
+        return bradley_terry_loss(good, bad) + (good_aux + bad_aux) / 2, metrics
 
     return objective
 
@@ -73,7 +92,8 @@ def preference_objective(policy: nn.Module, chosen: Replies, rejected: Replies, 
         raise ValueError(f"reference: {loss} {'needs' if loss in NEEDS_REFERENCE else 'takes no'} reference log-probs")
 
     def objective(rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        total, mean = reply_logprobs(policy, chosen.take(rows).concat(rejected.take(rows)))  # one forward, both sides
+        both = chosen.take(rows).concat(rejected.take(rows))
+        total, mean, aux = reply_logprobs(policy, both)  # one forward, both sides
         (pc, pr), (mc, mr) = total.chunk(2), mean.chunk(2)
         if loss in NEEDS_REFERENCE:
             rc, rr = reference[0][rows], reference[1][rows]
@@ -83,10 +103,10 @@ def preference_objective(policy: nn.Module, chosen: Replies, rejected: Replies, 
             rc = rr = torch.zeros_like(pc)
             losses = (simpo_loss(mc, mr, beta=beta, **loss_args) if loss == "simpo"
                       else orpo_loss(mc, mr, -mc, **loss_args))
-        losses = losses - sft_weight * mc
+        losses = losses - sft_weight * mc + aux
         good, bad = (beta * (pc - rc)).detach(), (beta * (pr - rr)).detach()
         return losses, {"reward_chosen": good, "reward_rejected": bad, "margin": good - bad,
-                        "accuracy": (good > bad).float()}
+                        "accuracy": (good > bad).float(), **routing_metrics(policy, len(rows))}
 
     return objective
 
@@ -98,11 +118,11 @@ def kto_objective(policy: nn.Module, replies: Replies, desirable: torch.Tensor, 
     log pi - log ref, detached and clamped at 0: an estimate of KL(pi || ref) from the batch
     itself (the paper estimates it on mismatched prompt/reply pairs of the batch)."""
     def objective(rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        total, _ = reply_logprobs(policy, replies.take(rows))
+        total, _, aux = reply_logprobs(policy, replies.take(rows))
         implied = total - reference[rows]
         losses = kto_loss(total, reference[rows], desirable[rows], implied.mean(), beta=beta,
                           desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
-        return losses, {"reward": (beta * implied).detach()}
+        return losses + aux, {"reward": (beta * implied).detach(), **routing_metrics(policy, len(rows))}
 
     return objective
 
@@ -136,5 +156,5 @@ def cached_reference_logprobs(model: nn.Module, chosen: Replies, rejected: Repli
 
 __all__ = [
     "PREFERENCE_LOSSES", "cached_reference_logprobs", "kto_objective", "preference_objective", "reference_logprobs",
-    "reply_logprobs", "reward_objective", "rewards", "sft_objective",
+    "reply_logprobs", "reward_objective", "rewards", "routing_metrics", "sft_objective",
 ]

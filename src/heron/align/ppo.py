@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from heron.align.data import Messages
-from heron.align.logprobs import sequence_logprobs
+from heron.align.logprobs import logprobs_and_aux, sequence_logprobs
 from heron.align.losses import (
     AdaptiveKLController,
     FixedKLController,
@@ -66,7 +66,13 @@ class PPOSettings:
 
 def values_of(value_model: Transformer, ids: torch.Tensor) -> torch.Tensor:
     """(B, T - 1): the value of each state, aligned with the log-prob of the token that follows it."""
-    return value_model(ids).logits[:, :-1, 0]
+    return values_and_aux(value_model, ids)[0]
+
+
+def values_and_aux(value_model: Transformer, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`values_of` and the forward's auxiliary loss (a MoE's balancing losses; zero for a dense model)."""
+    out = value_model(ids)
+    return out.logits[:, :-1, 0], out.aux_loss.float()
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -106,11 +112,12 @@ def ppo(policy: Transformer, value_model: Transformer, reference: Transformer, t
         updates = 0
         for _ in range(settings.epochs):
             for rows in torch.randperm(len(ids), generator=torch.Generator().manual_seed(step)).split(settings.minibatch):
-                logprobs = sequence_logprobs(policy, ids[rows], run.replies.mask[rows])
+                logprobs, aux = logprobs_and_aux(policy, ids[rows], run.replies.mask[rows])
                 policy_loss, stats = ppo_policy_loss(logprobs, old[rows], advantages[rows], mask[rows], settings.clip)
-                value_loss = ppo_value_loss(values_of(value_model, ids[rows]), old_values[rows], returns[rows],
-                                            mask[rows], settings.value_clip)
-                (policy_loss + settings.value_coef * value_loss).backward()
+                values, value_aux = values_and_aux(value_model, ids[rows])
+                value_loss = ppo_value_loss(values, old_values[rows], returns[rows], mask[rows], settings.value_clip)
+                # the aux losses: MoE models' balancing losses, zero for dense ones
+                (policy_loss + aux + settings.value_coef * value_loss + value_aux).backward()
                 torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], settings.clip_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -130,4 +137,4 @@ def ppo(policy: Transformer, value_model: Transformer, reference: Transformer, t
     return history
 
 
-__all__ = ["PPOSettings", "ppo", "values_of", "whiten"]
+__all__ = ["PPOSettings", "ppo", "values_and_aux", "values_of", "whiten"]

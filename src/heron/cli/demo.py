@@ -1,8 +1,12 @@
 """`heron demo`: the whole life of a small model, start to finish.
 
 On the default corpus (the Python standard library's own source) it trains a
-tokenizer, prepares token shards, pre-trains the "tiny" preset for a few
-minutes, measures validation perplexity and prints samples. Then it aligns
+tokenizer, prepares token shards, pre-trains the demo's model for a few
+minutes, measures validation perplexity and prints samples. The model is the
+`tiny-moe-sparse` recipe (DEMO_RECIPE): the "tiny" preset with a Mixture of
+Experts in every layer and sliding-window attention in every other one, which
+trained to a lower validation loss than the dense "tiny" in the same steps
+(README); `--recipe tiny` runs the dense one. Then it aligns
 the model on the synthetic say-the-word task (`align.synthetic.RepeatTask`):
 supervised fine-tuning teaches the reply format, and DPO on the judge's
 preferences teaches its rule (exactly three repetitions); the judge scores
@@ -55,6 +59,7 @@ SAMPLE_PROMPTS = ("import", "def", "class", "    def __init__(self")
 # Cool and narrow: a model trained for minutes is most Python-like near its mode.
 SAMPLING = SamplingParams(max_new_tokens=80, temperature=0.6, top_k=20, seed=0)
 TASK = RepeatTask()  # the shipped task-sft and task-dpo recipes use its defaults
+DEMO_RECIPE = "tiny-moe-sparse"
 HELD_OUT_PROMPTS, SHOWN_REPLIES = 100, 6
 # What comes after `def` in a class body against after `x`: the trained model predicts " _"
 # (of __init__) for one and " =" for the other, which activation patching traces.
@@ -64,9 +69,11 @@ EXPLAINED = ExplainSettings(prompt="class Foo(object):\n    def", corrupted="cla
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     out: Path = args.out
-    shards_dir = out / "data"
-    recipe = load_recipe(recipe_path("tiny"), [f"out_dir={out}", f"data.shards={shards_dir}", *args.overrides])
-    _stage("1-3/10", "tokenizer, shards and pre-training of the 'tiny' model on the Python standard library")
+    shards_dir = out / "data"  # one tokenizer and set of shards for every recipe
+    recipe_file = recipe_path(args.recipe)
+    name = recipe_file.stem
+    recipe = load_recipe(recipe_file, [f"out_dir={out / name}", f"data.shards={shards_dir}", *args.overrides])
+    _stage("1-3/10", f"tokenizer, shards and pre-training of the {name!r} model on the Python standard library")
     result = train(recipe, resume=not args.fresh)
     model, tokenizer = load_model_folder(result.checkpoint)
 

@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("demo", help="the whole life of a small model on the Python standard library")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--recipe", default=demo.DEMO_RECIPE,
+                   help=f"the shipped recipe to pre-train (default {demo.DEMO_RECIPE}; tiny: the dense model)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the demo's recipe (e.g. --set train.steps=50)")
     p.add_argument("--fresh", action="store_true", help="start the training over instead of resuming")

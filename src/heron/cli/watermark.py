@@ -1,6 +1,6 @@
 """`heron watermark detect ...`, and the `--watermark-*` options of generation.
 
-    heron watermark detect out.txt --tokenizer runs/demo/checkpoints/latest --key 42
+    heron watermark detect out.txt --tokenizer runs/demo/tiny-moe-sparse/checkpoints/latest --key 42
     heron watermark detect "def f(x): ..." --tokenizer tokenizer.json --key 42 --gamma 0.25
 
 The detector must see the token ids the generator saw, over the same
