@@ -1,9 +1,9 @@
 """Mixture-of-Experts against dense at equal active parameters (issue 3).
 
 Quality per step and per second. The shipped `tiny` and `tiny-moe` recipes
-(tiny-moe: every feed-forward is 8 SwiGLU experts of half the dense width,
-top-2, weighed to sum to 2, so a token passes through as many weights as in
-tiny, weighed alike) are trained by Heron's own loop (`heron.train.train`)
+(tiny-moe: every feed-forward is a shared SwiGLU expert and 8 routed ones, all
+a quarter of the dense width, top-3, the routed weights summing to 3, so a
+token passes through as many weights as in tiny, weighed alike) are trained by Heron's own loop (`heron.train.train`)
 on the default corpus, the standard library shards the recipes prepare at
 runs/data/stdlib (tokenised once, then reused). Both runs share everything but the feed-forward: data order, seed,
 schedule (AdamW 2e-3, 15 warm-up steps, cosine to 0.1x), batch 8 x 256 and
@@ -19,7 +19,8 @@ one thread here: three runs of even 180 of its steps, with evaluation,
 need ~2,000 CPU-seconds, over half an hour of the two cores while others use
 them, and this benchmark must finish in 20-25 minutes. Both recipes therefore
 train in the `test` preset widened to 192 (4 layers, 6 heads of 32, 3 KV
-heads, SwiGLU 512; MoE: 8 experts of 256, top-2; 2.4M parameters dense or
+heads, SwiGLU 512; MoE: a shared expert and 8 routed ones of 128, top-3, the
+recipe's split of the dense width (`expert_width`); 2.4M parameters dense or
 active), ~1 CPU-second a step, for 300 steps (614k tokens): ~15 minutes in
 all on the shared machine, the four runs sharing its two cores. Only the shape is changed, the same for both.
 
@@ -31,7 +32,8 @@ that is the wall-clock the run would take on a core of its own, and it does
 not depend on how busy the shared machine was.
 
 Layer throughput. One MoE layer of tiny-moe's shape against tiny's dense MLP
-(same active parameters: 2 x 384 wide experts vs one 768 wide MLP, d 288),
+(same active parameters: a shared and 3 routed experts 192 wide vs one 768
+wide MLP, d 288),
 2048 tokens (batch 8 x 256), forward + backward (input gradient and the MoE's
 auxiliary loss included) and forward alone under inference_mode, tokens/s
 interleaved round by round, median of per-round ratios. The key is on one
@@ -46,8 +48,8 @@ every step after the 15 warm-up steps of (assignments to the busiest expert /
 fair share), with the Switch load-balancing and z losses and router centring
 (core/moe.py) on as tiny-moe ships them; `..._last_half` is the same over the
 second half of the run. The third run switches both losses off to show what
-they prevent, the fourth also centring. With top-2 of 8 the ceiling is 4
-(every token picks the busiest expert).
+they prevent, the fourth also centring. With top-3 of 8 the ceiling is 8/3
+(every token picks the busiest expert; with top-2 it was 4).
 
     python benchmarks/bench_moe.py [--quick] [--no-write]
 """
@@ -76,6 +78,7 @@ from torch.nn.modules.module import register_module_forward_hook  # noqa: E402
 
 from common import HERE, Result, Stats, interleave, machine, ratio, record, setup_torch, timed  # noqa: E402
 from heron.cli.commands import recipe_path  # noqa: E402
+from heron.core.config import ModelConfig  # noqa: E402
 from heron.core.mlp import MLP  # noqa: E402
 from heron.core.moe import MoE  # noqa: E402
 from heron.core.transformer import Transformer  # noqa: E402
@@ -126,11 +129,27 @@ def recipes(plan: Plan) -> dict[str, TrainRecipe]:
     runs = {}
     for name, (shipped, extra) in RUN_SOURCES.items():
         sets = {**shared, **extra, "out_dir": RUNS / name}
+        if name in MOE_RUNS:
+            sets["model.overrides.moe.d_ff"] = expert_width(runs["dense"], load_recipe(recipe_path(shipped)))
         runs[name] = load_recipe(recipe_path(shipped), [f"{key}={value}" for key, value in sets.items()])
     for name in MOE_RUNS:
         if _training_part(runs[name]) != _training_part(runs["dense"]):
             raise AssertionError(f"{name} and dense differ in more than the feed-forward")
     return runs
+
+
+def expert_width(dense: TrainRecipe, moe: TrainRecipe) -> int:
+    """The expert width in `dense`'s shape: the dense MLP's width split among the experts a
+    token visits (its shared expert and top_k routed ones), as `moe` splits its own."""
+    settings = model_config(moe, moe.data.vocab_size).moe
+    return model_config(dense, dense.data.vocab_size).resolved_d_ff // (settings.top_k + settings.shared_expert)
+
+
+def layout(config: ModelConfig) -> str:
+    """A MoE config's experts in words: "a shared expert and 8 routed experts of 192, top-3"."""
+    m = config.moe
+    return (f"{'a shared expert and ' if m.shared_expert else ''}{m.n_experts} routed experts of "
+            f"{config.resolved_expert_d_ff}, top-{m.top_k}")
 
 
 def _training_part(recipe: TrainRecipe) -> dict[str, Any]:
@@ -361,8 +380,8 @@ def training_results(runs: dict[str, dict[str, Any]], recipes_: dict[str, TrainR
                f"{routing['aux_loss_coef']}, z {routing['z_loss_coef']})",
                LOAD_TARGET, at_most=True),
         Result("moe_max_expert_load_over_fair_no_aux", max_load(runs["moe-no-aux"], warmup), "x",
-               "the same with aux_loss_coef = z_loss_coef = 0, router centring on as shipped (ceiling 4 for "
-               "top-2 of 8)"),
+               f"the same with aux_loss_coef = z_loss_coef = 0, router centring on as shipped (ceiling "
+               f"{routing['n_experts'] / routing['top_k']:.2f} for top-{routing['top_k']} of {routing['n_experts']})"),
         Result("moe_max_expert_load_over_fair_no_balancing", max_load(runs["moe-no-balancing"], warmup), "x",
                "the same with the aux losses and router centring all off"),
         Result("moe_max_expert_load_over_fair_last_half", max_load(runs["moe"], plan.steps // 2), "x",
@@ -371,7 +390,9 @@ def training_results(runs: dict[str, dict[str, Any]], recipes_: dict[str, TrainR
 
 
 def layer_results(timings: list[LayerTiming], rounds: int) -> list[Result]:
-    how = (f"tiny-moe's MoE layer (8 x 384, top-2, d 288) / tiny's dense MLP (768), 2048 tokens, "
+    config = model_config(load_recipe(recipe_path("tiny-moe")), 4096)
+    how = (f"tiny-moe's MoE layer ({layout(config)}, d {config.d_model}) / tiny's dense MLP "
+           f"({config.resolved_d_ff}), 2048 tokens, "
            f"{rounds} interleaved rounds of {LAYER_REPEATS} calls, median of per-round ratios")
     out = []
     for t in timings:

@@ -34,15 +34,16 @@ def test_shipped_recipes_include_the_demo() -> None:
 
 @pytest.mark.parametrize("variant", ["tiny-moe.yaml", "tiny-moe-sparse.yaml"])
 def test_tiny_moe_has_tiny_active_width(variant: str) -> None:
-    """8 experts, top-2, on every layer; two experts together as wide as tiny's dense MLP."""
+    """A shared and 8 routed experts, top-3, on every layer: the experts a token visits
+    (the shared one and 3 routed) together as wide as tiny's dense MLP."""
     folder = RECIPES[0].parent
     moe = model_config(load_recipe(folder / variant, world_size=1), vocab_size=4096)
     dense = model_config(load_recipe(folder / "tiny.yaml", world_size=1), vocab_size=4096)
     assert all(moe.is_moe_layer(i) for i in range(moe.n_layers))
     assert moe.replace(feed_forward=(), moe=None, attention=dense.attention) == dense
     layer = MoE(moe)
-    assert layer.up.shape[0] == 8 and moe.moe.top_k == 2
-    assert moe.moe.top_k * layer.down.shape[1] == dense.resolved_d_ff
+    assert layer.up.shape[0] == 8 and moe.moe.top_k == 3 and layer.shared is not None
+    assert (moe.moe.top_k + 1) * layer.down.shape[1] == dense.resolved_d_ff == 4 * layer.shared.down.in_features
 
 
 def test_the_demo_s_model_alternates_dense_and_sliding_window_attention() -> None:
