@@ -12,7 +12,7 @@ import dataclasses
 import pytest
 import torch
 
-from heron.align.data import encode_pairs, encode_replies
+from heron.align.data import Replies, encode_pairs, encode_replies
 from heron.align.grpo import GRPOSettings, grpo
 from heron.align.logprobs import logprobs_and_aux, sequence_logprobs
 from heron.align.objectives import (
@@ -53,17 +53,20 @@ def data(tokenizer):
     return replies, encode_pairs(tokenizer, TASK.preference_pairs(8, seed=2), MAX_LEN)
 
 
-def aux_of(net: Transformer, ids: torch.Tensor) -> torch.Tensor:
-    return net(ids).aux_loss.float()
+def aux_of(net: Transformer, replies: Replies, counted: bool = True) -> torch.Tensor:
+    """The aux loss of a forward over the replies, their padding counted or (as alignment
+    does) not."""
+    return net(replies.ids, token_mask=replies.tokens() if counted else None).aux_loss.float()
 
 
 def test_logprobs_and_aux_are_the_forward_s_log_probs_and_aux_loss(tokenizer, data):
     replies, _ = data
     for moe in (True, False):
         net = model(tokenizer, moe)
-        logprobs, aux = logprobs_and_aux(net, replies.ids, replies.mask)
+        logprobs, aux = logprobs_and_aux(net, replies.ids, replies.mask, token_mask=replies.tokens())
+        # This model does not centre its routing, so counting the padding or not moves no log-prob.
         assert torch.equal(logprobs, sequence_logprobs(net, replies.ids, replies.mask))
-        assert torch.equal(aux, aux_of(net, replies.ids))
+        assert torch.equal(aux, aux_of(net, replies))
         assert (float(aux.detach()) > 0) == moe  # a dense model's aux loss is zero
 
 
@@ -74,10 +77,25 @@ def test_sft_adds_the_aux_loss_and_reports_routing(tokenizer, data, moe):
     rows = torch.arange(6)
     losses, metrics = sft_objective(net, replies)(rows)
     _, mean, _ = reply_logprobs(net, replies.take(rows))
-    torch.testing.assert_close(losses, aux_of(net, replies.take(rows).ids) - mean, rtol=0, atol=0)
+    torch.testing.assert_close(losses, aux_of(net, replies.take(rows)) - mean, rtol=0, atol=0)
     assert set(metrics) == (ROUTING if moe else set())
     if moe:
         assert metrics["moe_max_load_over_fair"].shape == (6,) and float(metrics["moe_max_load_over_fair"][0]) >= 1
+
+
+def test_the_aux_loss_leaves_the_padding_out(tokenizer, data):
+    """Right padding holds no reply token and, token_mask from `Replies.tokens`, weighs
+    nothing in the balancing losses: whatever it holds, the SFT losses are the same."""
+    replies, _ = data
+    net = model(tokenizer, moe=True)
+    real = replies.tokens()
+    assert not real.all() and torch.equal(real.sum(1), replies.last + 1)
+    refilled = Replies(torch.where(real, replies.ids, (replies.ids + 7) % tokenizer.vocab_size), replies.mask,
+                       replies.last)
+    rows = torch.arange(len(replies))
+    losses = [sft_objective(net, r)(rows)[0] for r in (replies, refilled)]
+    torch.testing.assert_close(losses[0], losses[1])
+    assert not torch.equal(aux_of(net, replies, counted=False), aux_of(net, refilled, counted=False))
 
 
 @pytest.mark.parametrize("kind", ["dpo", "simpo", "kto", "reward"])
@@ -94,9 +112,9 @@ def test_preference_objectives_add_the_aux_loss_of_their_forwards(tokenizer, dat
         "kto": lambda m: kto_objective(m, chosen, torch.tensor([True, False] * 4), torch.zeros(len(chosen))),
         "reward": lambda m: reward_objective(m, chosen, rejected),
     }[kind]
-    forwards = {"kto": [chosen.take(rows).ids], "reward": [chosen.take(rows).ids, rejected.take(rows).ids]}.get(
-        kind, [chosen.take(rows).concat(rejected.take(rows)).ids])
-    aux = sum(aux_of(net, ids) for ids in forwards) / len(forwards)
+    forwards = {"kto": [chosen.take(rows)], "reward": [chosen.take(rows), rejected.take(rows)]}.get(
+        kind, [chosen.take(rows).concat(rejected.take(rows))])
+    aux = sum(aux_of(net, replies) for replies in forwards) / len(forwards)
     losses, metrics = build(net)(rows)
     plain, plain_metrics = build(_without_aux(net))(rows)
     assert float(aux.detach()) > 0

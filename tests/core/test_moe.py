@@ -210,6 +210,37 @@ def test_training_folds_batch_means_into_the_running_mean_that_eval_routes_on():
     assert "router_center" not in make_moe().state_dict()  # off: no buffer at all
 
 
+def test_uncounted_tokens_are_routed_but_weigh_nothing_in_statistics_and_losses():
+    """Known answer: with padding marked uncounted, the centring mean, the aux loss and the
+    statistics are those of a forward over the counted tokens alone, and so are their outputs."""
+    layer = make_moe(router_centering=True).train()
+    x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(11)) + 2
+    counted = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])  # row 1 right-padded
+    alone = copy.deepcopy(layer)
+    y, y_alone = layer(x, counted), alone(x[counted].unsqueeze(0))  # (2, 6, 16), (1, 9, 16)
+    aux = alone.pop_aux_loss()
+    torch.testing.assert_close(y[counted], y_alone[0])
+    torch.testing.assert_close(layer.pop_aux_loss(), aux)
+    for name, value in alone.last_stats.items():
+        torch.testing.assert_close(layer.last_stats[name], value, msg=name)
+    torch.testing.assert_close(layer.router_center, alone.router_center)
+    everything = make_moe(router_centering=True).train()
+    everything(x)  # the padding counted too: another loss
+    assert not torch.allclose(everything.pop_aux_loss(), aux)
+
+
+def test_a_model_s_aux_loss_ignores_what_its_masked_padding_holds():
+    """Right padding changes no real token (causal attention), and with token_mask it
+    changes no balancing loss either; without it, the padding's routing counts."""
+    model = make_model(router_centering=True).train()
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(12))
+    real = torch.arange(12) < torch.tensor([[12], [7]])  # (2, 12)
+    other = torch.where(real, ids, torch.randint(0, 97, ids.shape, generator=torch.Generator().manual_seed(13)))
+    masked = [model(t, token_mask=real).aux_loss for t in (ids, other)]
+    torch.testing.assert_close(masked[0], masked[1])
+    assert not torch.allclose(model(ids).aux_loss, model(other).aux_loss)
+
+
 # ----- losses by hand -----------------------------------------------------------
 
 

@@ -29,6 +29,10 @@ class Replies:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def tokens(self) -> torch.Tensor:
+        """(N, T) bool: True on each row's tokens, False on its right padding."""
+        return torch.arange(self.ids.shape[1], device=self.ids.device) <= self.last[:, None]
+
     def take(self, rows: torch.Tensor) -> Replies:
         return Replies(self.ids[rows], self.mask[rows], self.last[rows])
 

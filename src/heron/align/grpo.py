@@ -61,7 +61,7 @@ def grpo(policy: Transformer, reference: Transformer, tokenizer: Tokenizer, prom
             old = sequence_logprobs(policy, ids, run.replies.mask)
             ref = sequence_logprobs(reference, ids, run.replies.mask)
         for _ in range(settings.inner_steps):
-            logprobs, aux = logprobs_and_aux(policy, ids, run.replies.mask)
+            logprobs, aux = logprobs_and_aux(policy, ids, run.replies.mask, token_mask=run.replies.tokens())
             loss, stats = grpo_loss(logprobs, old, ref, advantages, mask, clip=settings.clip, beta=settings.beta)
             (loss + aux).backward()  # aux: a MoE policy's balancing losses, zero for a dense one
             torch.nn.utils.clip_grad_norm_(policy.parameters(), settings.clip_norm)

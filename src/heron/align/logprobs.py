@@ -20,12 +20,14 @@ def sequence_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
 
 
 def logprobs_and_aux(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
-                     attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     attention_mask: torch.Tensor | None = None,
+                     token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`sequence_logprobs` (B, T - 1) and the forward's auxiliary loss (scalar, fp32): a
     Mixture-of-Experts model's load-balancing and router z-losses, zero for a dense one.
     A policy in training adds the aux loss to its objective, as pre-training does, so
-    that fine-tuning keeps the experts' load balanced."""
-    out = model(ids, attention_mask=attention_mask)
+    that fine-tuning keeps the experts' load balanced. token_mask (B, T) bool: the real
+    tokens, which alone the aux loss counts (`Replies.tokens`: right padding left out)."""
+    out = model(ids, attention_mask=attention_mask, token_mask=token_mask)
     logits = out.logits[:, :-1]  # (B, T - 1, V)
     return token_logprobs(logits, ids[:, 1:]) * mask[:, 1:].to(torch.float32), out.aux_loss.float()
 

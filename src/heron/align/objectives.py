@@ -33,7 +33,7 @@ NEEDS_REFERENCE = ("dpo", "ipo")
 def reply_logprobs(model: nn.Module, replies: Replies) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(sum, mean) over each reply's tokens of their log-probabilities, each (N,), and the
     forward's auxiliary loss (scalar; zero for a dense model)."""
-    per_token, aux = logprobs_and_aux(model, replies.ids, replies.mask)  # (N, T - 1), ()
+    per_token, aux = logprobs_and_aux(model, replies.ids, replies.mask, token_mask=replies.tokens())  # (N, T - 1), ()
     total = per_token.sum(1)
     return total, total / replies.mask[:, 1:].sum(1), aux
 
@@ -44,7 +44,7 @@ def rewards(reward_model: nn.Module, replies: Replies) -> torch.Tensor:
 
 
 def _rewards_and_aux(reward_model: nn.Module, replies: Replies) -> tuple[torch.Tensor, torch.Tensor]:
-    out = reward_model(replies.ids)
+    out = reward_model(replies.ids, token_mask=replies.tokens())
     return out.logits[torch.arange(len(replies)), replies.last, 0], out.aux_loss.float()  # (N,), ()
 
 

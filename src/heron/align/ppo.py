@@ -69,9 +69,11 @@ def values_of(value_model: Transformer, ids: torch.Tensor) -> torch.Tensor:
     return values_and_aux(value_model, ids)[0]
 
 
-def values_and_aux(value_model: Transformer, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`values_of` and the forward's auxiliary loss (a MoE's balancing losses; zero for a dense model)."""
-    out = value_model(ids)
+def values_and_aux(value_model: Transformer, ids: torch.Tensor,
+                   token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`values_of` and the forward's auxiliary loss (a MoE's balancing losses over the
+    tokens of token_mask (B, T) bool, padding left out; zero for a dense model)."""
+    out = value_model(ids, token_mask=token_mask)
     return out.logits[:, :-1, 0], out.aux_loss.float()
 
 
@@ -112,9 +114,10 @@ def ppo(policy: Transformer, value_model: Transformer, reference: Transformer, t
         updates = 0
         for _ in range(settings.epochs):
             for rows in torch.randperm(len(ids), generator=torch.Generator().manual_seed(step)).split(settings.minibatch):
-                logprobs, aux = logprobs_and_aux(policy, ids[rows], run.replies.mask[rows])
+                real = run.replies.tokens()[rows]  # (b, T): the aux losses leave the padding out
+                logprobs, aux = logprobs_and_aux(policy, ids[rows], run.replies.mask[rows], token_mask=real)
                 policy_loss, stats = ppo_policy_loss(logprobs, old[rows], advantages[rows], mask[rows], settings.clip)
-                values, value_aux = values_and_aux(value_model, ids[rows])
+                values, value_aux = values_and_aux(value_model, ids[rows], real)
                 value_loss = ppo_value_loss(values, old_values[rows], returns[rows], mask[rows], settings.value_clip)
                 # the aux losses: MoE models' balancing losses, zero for dense ones
                 (policy_loss + aux + settings.value_coef * value_loss + value_aux).backward()

@@ -196,30 +196,41 @@ class MoE(nn.Module):
         if self.router_center is not None:
             self.router_center.zero_()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, counted: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, d) -> (B, T, d). counted (B, T) bool: the tokens that the routing
+        statistics, the balancing losses and the centring mean count (False: padding,
+        which is routed like any token but weighs nothing in them); None: every token."""
         B, T, d = x.shape
         s = self.settings
         flat = x.reshape(B * T, d)  # (N, d)
+        rows = None if counted is None else counted.reshape(B * T)  # (N,) bool
         # Softmax and losses in fp32 even under bf16 autocast: the router's exponentials
         # are where ST-MoE (Zoph et al. 2022, sec. 3) found low precision unstable.
-        logits = self.hook_router_logits(self.router(self._router_input(flat)).float().view(B, T, -1))  # (B, T, E)
+        scored = self._router_input(flat, rows)  # (N, d)
+        logits = self.hook_router_logits(self.router(scored).float().view(B, T, -1))  # (B, T, E)
         probs = self.hook_router_probs(logits.softmax(dim=-1))  # (B, T, E)
         if self.hook_router_entropy.active:
             self.hook_router_entropy(router_entropy(probs))  # (B, T)
         logits, probs = logits.flatten(0, 1), probs.flatten(0, 1)  # (N, E) each
         weights, experts = route(probs, s.top_k, s.routed_scale)  # (N, k), (N, k)
+        dropped = None
         if self.decodes(flat):
             up, down = (partial(self._expert_product, which) for which in ("up", "down"))
             y = self._decode(flat, weights, experts, up, down)  # (N, d)
-            self._last = {"probs": probs.detach(), "experts": experts}  # loads counted when asked
         else:
             counts = torch.bincount(experts.flatten(), minlength=s.n_experts)  # (E,)
             capped = s.capacity_factor is not None and self.training  # eval never drops (class note)
             limit = expert_capacity(B * T, s.top_k, s.n_experts, s.capacity_factor) if capped else None
             y, kept = self._dispatch(flat, weights, experts, counts, limit)  # (N, d), (E,)
-            self._last = {"probs": probs.detach(), "counts": counts, "kept": kept}
+            dropped = (counts - kept).sum() / counts.sum()  # () over every token, padding included
+        if rows is not None:  # from here on, statistics and losses: the counted tokens only
+            logits, probs, experts = logits[rows], probs[rows], experts[rows]  # (n, E), (n, E), (n, k)
+        self._last = {"probs": probs.detach(), "experts": experts}  # loads counted when asked
+        if dropped is not None:
+            self._last["dropped"] = dropped
         if torch.is_grad_enabled():
-            counts, n_tokens = self._batch_total(self._last["counts"], B * T)
+            loads = torch.bincount(experts.flatten(), minlength=s.n_experts)  # (E,)
+            counts, n_tokens = self._batch_total(loads, probs.shape[0])
             balance = load_balancing_loss(probs, counts, s.aux_loss_coef, n_tokens)
             z = router_z_loss(logits, s.z_loss_coef)
             self._aux_loss = balance + z  # ()
@@ -229,14 +240,14 @@ class MoE(nn.Module):
         y = y.view(B, T, d)  # (B, T, d)
         return y if self.shared is None else y + self.shared(x)  # (B, T, d)
 
-    def _router_input(self, x: torch.Tensor) -> torch.Tensor:
+    def _router_input(self, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
         """(N, d) what the router scores: the tokens, or with centring their
-        difference from the mean MoE input (class note)."""
+        difference from the mean MoE input (class note) over the counted rows."""
         if self.router_center is None:
             return x
         if not self.training:
             return x - self.router_center.to(x.dtype)
-        mean = self._batch_mean(x.detach())  # (d,)
+        mean = self._batch_mean(x.detach() if rows is None else x.detach()[rows])  # (d,)
         with torch.no_grad():
             self.router_center.lerp_(mean.to(self.router_center.dtype), CENTER_MOMENTUM)
         return x - mean
@@ -374,13 +385,12 @@ class MoE(nn.Module):
         if not self._last:
             return {}
         last = self._last
-        counts = last["counts"] if "counts" in last else torch.bincount(
-            last["experts"].flatten(), minlength=self.settings.n_experts)  # (E,)
+        counts = torch.bincount(last["experts"].flatten(), minlength=self.settings.n_experts)  # (E,)
         total = counts.sum().float()
         return {
             "load": counts.float() / total,  # (E,)
             "max_load_over_fair": counts.max().float() * self.settings.n_experts / total,
-            "dropped_fraction": (total - last.get("kept", counts).sum()) / total,
+            "dropped_fraction": last.get("dropped", total.new_zeros(())).float(),
             "router_entropy": router_entropy(last["probs"]).mean(),
             **{name: last[name] for name in ("balance_loss", "z_loss") if name in last},
         }

@@ -61,10 +61,16 @@ class Block(nn.Module):
         mask: torch.Tensor | None,
         cache: KVCache | None,
         key_mask: torch.Tensor | None = None,
+        counted: torch.Tensor | None = None,  # (B, T) bool: the tokens a MoE's statistics count
     ) -> torch.Tensor:
         x = self.hook_resid_pre(x)
         x = self.hook_resid_mid(x + self.hook_attn_out(self.attn(self.attn_norm(x), rope, mask, cache, key_mask)))
-        mlp_out = torch.zeros_like(x) if self.mlp is None else self.mlp(self.mlp_norm(x))  # (B, T, d)
+        if self.mlp is None:
+            mlp_out = torch.zeros_like(x)  # (B, T, d)
+        elif isinstance(self.mlp, MoE):
+            mlp_out = self.mlp(self.mlp_norm(x), counted)
+        else:
+            mlp_out = self.mlp(self.mlp_norm(x))
         return self.hook_resid_post(x + self.hook_mlp_out(mlp_out))
 
 
@@ -133,7 +139,14 @@ class Transformer(nn.Module):
         attention_mask: torch.Tensor | None = None,  # (B, T) bool, False = padding
         cache: KVCache | None = None,
         last_only: bool = False,  # logits for the final position only
+        token_mask: torch.Tensor | None = None,  # (B, T) bool: tokens a MoE's statistics count; below
     ) -> TransformerOutput:
+        """token_mask: the tokens whose routing the MoE layers' statistics,
+        balancing losses and centring mean count, False for padding (which is
+        routed like any token but weighs nothing there); None: attention_mask
+        without a cache, else every token. Right padding needs no attention
+        mask (causal attention never looks ahead) but still wants this one:
+        alignment passes it."""
         x = self._embed_tokens(input_ids, input_embeds)  # (B, T, d)
         B, T, _ = x.shape
         past = cache.length if cache is not None else 0
@@ -152,8 +165,9 @@ class Transformer(nn.Module):
         x = self.hook_embed(x)
         rope = self.rope_for(positions)
         mask = causal_padding_mask(past, T, key_mask, x.device) if (cache is not None and T > 1) or key_mask is not None else None
+        counted = token_mask if token_mask is not None or cache is not None else attention_mask  # (B, T) or None
         for block in self.blocks:
-            x = block(x, rope, mask, cache, key_mask)
+            x = block(x, rope, mask, cache, key_mask, counted)
         if cache is not None:
             cache.advance(T)
         if last_only:
