@@ -241,6 +241,26 @@ def test_a_model_s_aux_loss_ignores_what_its_masked_padding_holds():
     assert not torch.allclose(model(ids).aux_loss, model(other).aux_loss)
 
 
+def test_training_on_two_threads_is_reproducible_bit_for_bit():
+    """Each token's k rows are gathered by index_select, whose gradient sums them in a fixed
+    order; gathered by advanced indexing, the input gradient changed from run to run here."""
+    layer = make_moe(top_k=3).train()
+    x = torch.randn(8, 256, 16, generator=torch.Generator().manual_seed(14))  # enough rows for two threads to split
+    grad = torch.randn_like(x)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        def input_gradient() -> torch.Tensor:
+            leaf = x.clone().requires_grad_()
+            torch.autograd.backward([layer(leaf), layer.pop_aux_loss()], [grad, torch.ones(())])
+            return leaf.grad
+
+        first = input_gradient()
+        assert all(torch.equal(input_gradient(), first) for _ in range(10))
+    finally:
+        torch.set_num_threads(threads)
+
+
 # ----- losses by hand -----------------------------------------------------------
 
 

@@ -363,7 +363,10 @@ class MoE(nn.Module):
         token = order // k  # (A,) the token of each sorted assignment
         self.hook_expert_load(counts)
         self.hook_expert_dropped(counts - kept)
-        rows = self.hook_expert_in(x[token])  # (A, d)
+        # index_select, not x[token]: its gradient is an index_add_, which sums a token's k rows in a fixed
+        # order; the advanced-indexing gradient (index_put_ accumulate) sums them in whatever order two
+        # threads reach them, so MoE training on two threads was not reproducible bit for bit.
+        rows = self.hook_expert_in(x.index_select(0, token))  # (A, d)
         h = self.hook_expert_post(activate(self._grouped_product("up", rows, kept), self.kind))  # (A, ff)
         out = self._grouped_product("down", h, kept) * weights.flatten()[order, None]  # (A, d)
         return x.new_zeros(x.shape, dtype=out.dtype).index_add_(0, token, out), kept  # (N, d), (E,)
