@@ -57,11 +57,12 @@ def grpo(policy: Transformer, reference: Transformer, tokenizer: Tokenizer, prom
         scores = torch.tensor([reward(p, t) for p, t in zip(run.prompts, run.texts)])
         advantages = grpo_advantages(scores.view(settings.prompts_per_step, settings.group_size)).flatten()
         ids, mask = run.replies.ids, run.replies.mask[:, 1:]
+        real = run.replies.tokens()  # (B, T): a MoE's routing statistics leave the padding out
         with torch.no_grad():
-            old = sequence_logprobs(policy, ids, run.replies.mask)
-            ref = sequence_logprobs(reference, ids, run.replies.mask)
+            old = sequence_logprobs(policy, ids, run.replies.mask, token_mask=real)
+            ref = sequence_logprobs(reference, ids, run.replies.mask, token_mask=real)
         for _ in range(settings.inner_steps):
-            logprobs, aux = logprobs_and_aux(policy, ids, run.replies.mask, token_mask=run.replies.tokens())
+            logprobs, aux = logprobs_and_aux(policy, ids, run.replies.mask, token_mask=real)
             loss, stats = grpo_loss(logprobs, old, ref, advantages, mask, clip=settings.clip, beta=settings.beta)
             (loss + aux).backward()  # aux: a MoE policy's balancing losses, zero for a dense one
             torch.nn.utils.clip_grad_norm_(policy.parameters(), settings.clip_norm)

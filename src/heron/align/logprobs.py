@@ -12,11 +12,12 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
-                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      attention_mask: torch.Tensor | None = None,
+                      token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token log-probs (B, T - 1) of ids[:, 1:] given what precedes each, zeroed where
     mask[:, 1:] (B, T; 1 on response tokens) is 0. Sum over dim 1 for a sequence's
     log-probability; divide by mask[:, 1:].sum(1) for its per-token mean."""
-    return logprobs_and_aux(model, ids, mask, attention_mask)[0]
+    return logprobs_and_aux(model, ids, mask, attention_mask, token_mask)[0]
 
 
 def logprobs_and_aux(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,

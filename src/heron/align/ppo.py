@@ -64,15 +64,11 @@ class PPOSettings:
             raise ValueError(f"minibatch: {self.minibatch} does not divide prompts_per_step {self.prompts_per_step}")
 
 
-def values_of(value_model: Transformer, ids: torch.Tensor) -> torch.Tensor:
-    """(B, T - 1): the value of each state, aligned with the log-prob of the token that follows it."""
-    return values_and_aux(value_model, ids)[0]
-
-
 def values_and_aux(value_model: Transformer, ids: torch.Tensor,
                    token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`values_of` and the forward's auxiliary loss (a MoE's balancing losses over the
-    tokens of token_mask (B, T) bool, padding left out; zero for a dense model)."""
+    """(B, T - 1): the value of each state, aligned with the log-prob of the token that
+    follows it; and the forward's auxiliary loss (a MoE's balancing losses over the tokens
+    of token_mask (B, T) bool, padding left out; zero for a dense model)."""
     out = value_model(ids, token_mask=token_mask)
     return out.logits[:, :-1, 0], out.aux_loss.float()
 
@@ -104,9 +100,10 @@ def ppo(policy: Transformer, value_model: Transformer, reference: Transformer, t
         scores = torch.tensor([reward(p, t) for p, t in zip(run.prompts, run.texts)])
         ids, mask = run.replies.ids, run.replies.mask[:, 1:]
         with torch.no_grad():
-            old = sequence_logprobs(policy, ids, run.replies.mask)
-            ref = sequence_logprobs(reference, ids, run.replies.mask)
-            old_values = values_of(value_model, ids) * mask
+            real = run.replies.tokens()  # (B, T): a MoE's routing statistics leave the padding out
+            old = sequence_logprobs(policy, ids, run.replies.mask, token_mask=real)
+            ref = sequence_logprobs(reference, ids, run.replies.mask, token_mask=real)
+            old_values = values_and_aux(value_model, ids, real)[0] * mask
             rewards = kl_penalised_rewards(scores, old, ref, mask, controller.coef)
             advantages, returns = gae(rewards, old_values, mask, settings.gamma, settings.lam)
             advantages = whiten(advantages, mask)
@@ -114,10 +111,10 @@ def ppo(policy: Transformer, value_model: Transformer, reference: Transformer, t
         updates = 0
         for _ in range(settings.epochs):
             for rows in torch.randperm(len(ids), generator=torch.Generator().manual_seed(step)).split(settings.minibatch):
-                real = run.replies.tokens()[rows]  # (b, T): the aux losses leave the padding out
-                logprobs, aux = logprobs_and_aux(policy, ids[rows], run.replies.mask[rows], token_mask=real)
+                part, real_part = run.replies.mask[rows], real[rows]  # (b, T) each
+                logprobs, aux = logprobs_and_aux(policy, ids[rows], part, token_mask=real_part)
                 policy_loss, stats = ppo_policy_loss(logprobs, old[rows], advantages[rows], mask[rows], settings.clip)
-                values, value_aux = values_and_aux(value_model, ids[rows], real)
+                values, value_aux = values_and_aux(value_model, ids[rows], real_part)
                 value_loss = ppo_value_loss(values, old_values[rows], returns[rows], mask[rows], settings.value_clip)
                 # the aux losses: MoE models' balancing losses, zero for dense ones
                 (policy_loss + aux + settings.value_coef * value_loss + value_aux).backward()
@@ -140,4 +137,4 @@ def ppo(policy: Transformer, value_model: Transformer, reference: Transformer, t
     return history
 
 
-__all__ = ["PPOSettings", "ppo", "values_and_aux", "values_of", "whiten"]
+__all__ = ["PPOSettings", "ppo", "values_and_aux", "whiten"]
