@@ -3,9 +3,10 @@
 Quality per step and per second. The shipped `tiny` and `tiny-moe` recipes
 (tiny-moe: every feed-forward is a shared SwiGLU expert and 8 routed ones, all
 a quarter of the dense width, top-3, the routed weights summing to 3, so a
-token passes through as many weights as in tiny, weighed alike) are trained by Heron's own loop (`heron.train.train`)
-on the default corpus, the standard library shards the recipes prepare at
-runs/data/stdlib (tokenised once, then reused). Both runs share everything but the feed-forward: data order, seed,
+token passes through as many weights as in tiny, weighed alike) are trained
+by Heron's own loop (`heron.train.train`) on the default corpus, the standard
+library shards the recipes prepare at runs/data/stdlib (tokenised once, then
+reused). Both runs share everything but the feed-forward: data order, seed,
 schedule (AdamW 2e-3, 15 warm-up steps, cosine to 0.1x), batch 8 x 256 and
 steps; `recipes` asserts it. Sequence length and warm-up are this benchmark's
 own (SCHEDULE), whatever the recipes ship. Validation loss is measured every
@@ -142,7 +143,7 @@ def expert_width(dense: TrainRecipe, moe: TrainRecipe) -> int:
     """The expert width in `dense`'s shape: the dense MLP's width split among the experts a
     token visits (its shared expert and top_k routed ones), as `moe` splits its own."""
     settings = model_config(moe, moe.data.vocab_size).moe
-    return model_config(dense, dense.data.vocab_size).resolved_d_ff // (settings.top_k + settings.shared_expert)
+    return model_config(dense, dense.data.vocab_size).resolved_d_ff // (settings.top_k + int(settings.shared_expert))
 
 
 def layout(config: ModelConfig) -> str:

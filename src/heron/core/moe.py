@@ -213,7 +213,7 @@ class MoE(nn.Module):
             self.hook_router_entropy(router_entropy(probs))  # (B, T)
         logits, probs = logits.flatten(0, 1), probs.flatten(0, 1)  # (N, E) each
         weights, experts = route(probs, s.top_k, s.routed_scale)  # (N, k), (N, k)
-        dropped = None
+        counts = dropped = None
         if self.decodes(flat):
             up, down = (partial(self._expert_product, which) for which in ("up", "down"))
             y = self._decode(flat, weights, experts, up, down)  # (N, d)
@@ -225,12 +225,15 @@ class MoE(nn.Module):
             dropped = (counts - kept).sum() / counts.sum()  # () over every token, padding included
         if rows is not None:  # from here on, statistics and losses: the counted tokens only
             logits, probs, experts = logits[rows], probs[rows], experts[rows]  # (n, E), (n, E), (n, k)
+            counts = None  # the dispatch's counts hold the padding too
         self._last = {"probs": probs.detach(), "experts": experts}  # loads counted when asked
+        if counts is not None:
+            self._last["counts"] = counts
         if dropped is not None:
             self._last["dropped"] = dropped
         if torch.is_grad_enabled():
-            loads = torch.bincount(experts.flatten(), minlength=s.n_experts)  # (E,)
-            counts, n_tokens = self._batch_total(loads, probs.shape[0])
+            loads = counts if counts is not None else torch.bincount(experts.flatten(), minlength=s.n_experts)
+            counts, n_tokens = self._batch_total(loads, probs.shape[0])  # (E,), tokens
             balance = load_balancing_loss(probs, counts, s.aux_loss_coef, n_tokens)
             z = router_z_loss(logits, s.z_loss_coef)
             self._aux_loss = balance + z  # ()
@@ -388,7 +391,8 @@ class MoE(nn.Module):
         if not self._last:
             return {}
         last = self._last
-        counts = torch.bincount(last["experts"].flatten(), minlength=self.settings.n_experts)  # (E,)
+        counts = last["counts"] if "counts" in last else torch.bincount(
+            last["experts"].flatten(), minlength=self.settings.n_experts)  # (E,)
         total = counts.sum().float()
         return {
             "load": counts.float() / total,  # (E,)
