@@ -4,8 +4,9 @@ One optimizer step is forward + loss + backward + gradient clipping (1.0) +
 AdamW, on random tokens, for both:
 
 - Heron as `heron.train.loop` does it: `build_optimizer` (AdamW, fused kernel
-  where torch has one), fp32 cross entropy on the logits, summed over tokens
-  and divided by their number.
+  where torch has one), the model's own head loss (`model(x, targets=y)`:
+  fp32 cross-entropy of the output head without making the logits whole,
+  core/head_loss.py), summed over tokens and divided by their number.
 - transformers as its `Trainer` does it by default: `model(input_ids,
   labels=input_ids).loss` (the model shifts the labels), `torch.optim.AdamW`
   with the fused kernel (`optim="adamw_torch_fused"`, Trainer's default since
@@ -23,7 +24,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from common import INTERLEAVING_NOTE, Result, interleave, machine, ratio, record, setup_torch, timed
@@ -46,7 +46,7 @@ class Plan:
 
 
 # One step per round and many rounds: ratios of neighbouring steps cancel more of the drift.
-FULL, QUICK = Plan(rounds=6, steps=1, warmup=1), Plan(rounds=2, steps=1, warmup=1)
+FULL, QUICK = Plan(rounds=12, steps=1, warmup=1), Plan(rounds=2, steps=1, warmup=1)
 
 
 def heron_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool = False) -> Callable[[], None]:
@@ -56,8 +56,7 @@ def heron_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool = 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x).logits.float()  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum") / y.numel()
+            loss = model(x, targets=y).loss / y.numel()
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM)
         optimizer.step()

@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 VOCAB = 97  # the `model` fixture's
@@ -19,11 +20,14 @@ class HalfRightBigram(nn.Module):
         self.config = ModelConfig(vocab_size=vocab_size, d_model=8, n_layers=1, n_heads=1)
         self.dummy = nn.Parameter(torch.zeros(()))
 
-    def forward(self, input_ids: torch.Tensor) -> TransformerOutput:
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None) -> TransformerOutput:
         V = self.config.vocab_size
         probs = torch.full((*input_ids.shape, V), 0.5 / (V - 1))
         probs.scatter_(-1, ((input_ids + 1) % V)[..., None], 0.5)
-        return TransformerOutput(logits=probs.log(), aux_loss=torch.zeros(()), cache=None)
+        if targets is None:
+            return TransformerOutput(logits=probs.log(), aux_loss=torch.zeros(()), cache=None)
+        loss = F.nll_loss(probs.log().flatten(0, 1), targets.flatten(), reduction="sum")
+        return TransformerOutput(logits=None, aux_loss=torch.zeros(()), cache=None, loss=loss)
 
 
 def test_uniform_logits_give_the_vocabulary_size(model):

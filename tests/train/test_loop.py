@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from heron.train import load_checkpoint, train
+from heron.train.loop import Objective, cross_entropy_sum
 from heron.train.checkpoint import latest_checkpoint, list_checkpoints
 from heron.train.recipe import RecipeError
 from heron.train.report import read_metrics
@@ -47,6 +48,21 @@ def test_accumulation_1x8_equals_8x1(recipe_factory) -> None:
     assert torch.allclose(torch.tensor(one.losses), torch.tensor(eight.losses), rtol=1e-5, atol=0)
     assert one.val_losses[-1][1] == pytest.approx(eight.val_losses[-1][1], rel=1e-5)
     a, b = final_weights(one.out_dir), final_weights(eight.out_dir)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_fused_head_loss_trains_as_the_loss_over_the_logits(recipe_factory) -> None:
+    """The default objective runs the model's own head loss (core/head_loss.py); the same
+    cross-entropy handed in as an Objective goes through the logits. Same run, to fp32 rounding."""
+    settings = {"train": {"steps": 6, "eval_every": 3}}
+    fused = train(recipe_factory("fused", **settings))
+    plain = train(recipe_factory("plain", **settings), token_loss=Objective.of(cross_entropy_sum))
+    assert torch.allclose(torch.tensor(fused.losses), torch.tensor(plain.losses), rtol=1e-5, atol=0)
+    assert [s for s, _ in fused.val_losses] == [s for s, _ in plain.val_losses] == [3, 6]
+    for (_, a), (_, b) in zip(fused.val_losses, plain.val_losses):
+        assert a == pytest.approx(b, rel=1e-5)
+    a, b = final_weights(fused.out_dir), final_weights(plain.out_dir)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
 

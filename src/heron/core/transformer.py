@@ -6,10 +6,12 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from heron.core.attention import Attention
 from heron.core.config import ModelConfig
+from heron.core.head_loss import IGNORE_INDEX, linear_cross_entropy
 from heron.core.hooks import HookFn, HookPoint, attach_hooks
 from heron.core.kv_cache import KVCache
 from heron.core.linear import MAX_ROWS, Linear, set_decode_layout
@@ -22,9 +24,10 @@ from heron.core.sparse import token_index
 
 @dataclass
 class TransformerOutput:
-    logits: torch.Tensor  # (B, T, V), or (B, 1, V) with last_only
+    logits: torch.Tensor | None  # (B, T, V), or (B, 1, V) with last_only; None when given targets
     aux_loss: torch.Tensor  # scalar: auxiliary losses (MoE load balance), zero for dense models
     cache: KVCache | None
+    loss: torch.Tensor | None = None  # scalar fp32: summed next-token cross-entropy, given targets
 
 
 # config.feed_forward kinds -> the module a block's `mlp` is; None: the block has none.
@@ -140,13 +143,19 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         last_only: bool = False,  # logits for the final position only
         token_mask: torch.Tensor | None = None,  # (B, T) bool: tokens a MoE's statistics count; below
+        targets: torch.Tensor | None = None,  # (B, T) long: next tokens, IGNORE_INDEX where none; below
     ) -> TransformerOutput:
         """token_mask: the tokens whose routing the MoE layers' statistics,
         balancing losses and centring mean count, False for padding (which is
         routed like any token but weighs nothing there); None: attention_mask
         without a cache, else every token. Right padding needs no attention
         mask (causal attention never looks ahead) but still wants this one:
-        alignment passes it."""
+        alignment passes it.
+
+        targets: return `loss`, the cross-entropy of the logits against them
+        summed over the targets kept, in place of the logits, which are then
+        never made whole (core/head_loss.py: a training step's largest
+        tensors, and on the CPU a few percent of its time)."""
         x = self._embed_tokens(input_ids, input_embeds)  # (B, T, d)
         B, T, _ = x.shape
         past = cache.length if cache is not None else 0
@@ -172,9 +181,22 @@ class Transformer(nn.Module):
             cache.advance(T)
         if last_only:
             x = x[:, -1:]
+        aux = sum((b.mlp.pop_aux_loss() for b in self.blocks if isinstance(b.mlp, MoE)), x.new_zeros(()))
+        if targets is not None:
+            return TransformerOutput(logits=None, aux_loss=aux, cache=cache, loss=self.head_loss(self.norm(x), targets))
         logits = self.lm_head(self.norm(x))  # (B, T, V), or (B, T, 1) for a scalar head
-        aux = sum((b.mlp.pop_aux_loss() for b in self.blocks if isinstance(b.mlp, MoE)), logits.new_zeros(()))
         return TransformerOutput(logits=logits, aux_loss=aux, cache=cache)
+
+    def head_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy of the output head on the final norm's output (B, T, d):
+        fused when the head is the plain linear layer, else through its logits (a head
+        swapped for a quantised or adapted layer is always called as a module)."""
+        if self.config.head != "lm":
+            raise ValueError(f"targets: a model with head {self.config.head!r} has no next-token loss")
+        if type(self.lm_head) is Linear and self.lm_head.bias is None:
+            return linear_cross_entropy(hidden, self.lm_head.weight, targets)
+        logits = self.lm_head(hidden).float()  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
     def _embed_tokens(self, input_ids: torch.Tensor | None, input_embeds: torch.Tensor | None) -> torch.Tensor:
         if (input_ids is None) == (input_embeds is None):

@@ -5,7 +5,6 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from heron.core.transformer import Transformer
@@ -64,8 +63,7 @@ def _batch_nll(model: Transformer, stream: torch.Tensor, starts: list[int], seq_
     for group in _by_length(stream, starts, seq_len):
         length = min(seq_len, len(stream) - 1 - group[0])
         windows = torch.stack([stream[s : s + length + 1] for s in group]).to(device)  # (B, L + 1)
-        logits = model(windows[:, :-1]).logits.float()  # (B, L, V)
-        total += F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten(), reduction="sum").item()
+        total += model(windows[:, :-1], targets=windows[:, 1:]).loss.item()  # logits never whole
         count += windows[:, 1:].numel()
     return total, count
 

@@ -31,6 +31,7 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
+from heron.core.head_loss import IGNORE_INDEX
 from heron.core.hooks import attach_hooks
 from heron.core.moe import moe_stats, share_batch_statistics
 from heron.core.transformer import Transformer
@@ -56,7 +57,6 @@ from heron.train.recipe import RecipeError, TrainRecipe, batch_plan, model_confi
 from heron.train.report import METRICS_FILE, PLOT_FILE, append_metrics, plot_losses, write_metrics
 from heron.train.sources import TrainData, resolve_data
 
-IGNORE_INDEX = -100  # targets to skip, as F.cross_entropy's default
 # The training objective of one micro-batch: (inputs x (b, T), the model's fp32 logits
 # (b, T, V), targets y (b, T)) -> the loss summed over target tokens. Cross-entropy by
 # default; distillation (compress/distill.py) brings its own. Validation stays cross-entropy.
@@ -156,7 +156,8 @@ def train(recipe: TrainRecipe, *, resume: bool = True, data: TrainData | None = 
     and `lineage` adds entries to every checkpoint's lineage. Launch under
     torchrun for ddp/fsdp.
     """
-    objective = token_loss if isinstance(token_loss, Objective) else Objective.of(token_loss)
+    objective = (token_loss if isinstance(token_loss, Objective)
+                 else CROSS_ENTROPY if token_loss is cross_entropy_sum else Objective.of(token_loss))
     ctx = dist_.setup(recipe.train.parallel, recipe.train.device)
     try:
         run = _start(recipe, ctx, resume, data, objective)
@@ -406,9 +407,12 @@ def _forward_loss(run: _Run, x: torch.Tensor, y: torch.Tensor,
     def record(activation: torch.Tensor, name: str) -> None:  # returns None: reads, replaces nothing
         activations[name] = activation
 
+    fused = objective is CROSS_ENTROPY  # the model's own head loss: no logits made (core/head_loss.py)
     with attach_hooks(dist_.unwrap(run.model), dict.fromkeys(objective.hook_names, record)), \
             torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.recipe.train.precision == "bf16"):
-        out = run.model(x)
+        out = run.model(x, targets=y if fused else None)
+    if fused:
+        return out.loss, out.aux_loss.float()
     logits = out.logits.float()  # (b, T, V); loss in fp32 even under bf16 autocast
     return objective.loss(x, logits, y, activations), out.aux_loss.float()
 

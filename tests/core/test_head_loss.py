@@ -1,0 +1,139 @@
+"""The fused head loss against the plain one: F.cross_entropy over F.linear's logits."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from heron.core import ModelConfig, Transformer
+from heron.core import head_loss
+from heron.core.head_loss import IGNORE_INDEX, linear_cross_entropy
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 7 rows, so a few dozen rows make several chunks and a ragged last one."""
+    monkeypatch.setattr(head_loss, "MIN_CHUNK_ROWS", 7)
+    monkeypatch.setattr(head_loss, "CHUNK_ELEMENTS", 1)
+
+
+def plain(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(hidden, weight).float()
+    return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def loss_and_grads(loss_fn, hidden, weight, targets, scale: float = 1.0):
+    hidden, weight = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+    loss = loss_fn(hidden, weight, targets)
+    (loss * scale).backward()
+    return loss.detach(), hidden.grad, weight.grad
+
+
+@pytest.mark.parametrize("shape, vocab, ignored", [((3, 11), 50, 0.0), ((2, 20), 300, 0.3), ((45,), 13, 0.9),
+                                                   ((4, 5), 64, 1.0)])
+def test_equals_cross_entropy_over_the_logits(small_chunks, shape, vocab, ignored) -> None:
+    gen = torch.Generator().manual_seed(len(shape) * vocab)
+    hidden = torch.randn(*shape, 16, generator=gen)
+    weight = torch.randn(vocab, 16, generator=gen)
+    targets = torch.randint(0, vocab, shape, generator=gen)
+    targets[torch.rand(shape, generator=gen) < ignored] = IGNORE_INDEX
+    # An incoming gradient other than 1, as the loop's 1 / tokens is.
+    expected = loss_and_grads(plain, hidden, weight, targets, scale=0.37)
+    fused = loss_and_grads(linear_cross_entropy, hidden, weight, targets, scale=0.37)
+    for name, want, got in zip(("loss", "hidden grad", "weight grad"), expected, fused):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+    with torch.no_grad():  # the loss alone, no gradient products
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets), expected[0], rtol=1e-5, atol=1e-5)
+
+
+def test_large_logits_stay_finite(small_chunks) -> None:
+    """Logits far beyond exp's range: the running maximum keeps the softmax finite."""
+    hidden = torch.tensor([[300.0, 0.0], [0.0, -250.0]] * 5)
+    weight = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]])
+    targets = torch.tensor([1, 0] * 5)
+    expected = loss_and_grads(plain, hidden, weight, targets)
+    fused = loss_and_grads(linear_cross_entropy, hidden, weight, targets)
+    # Rows (300, 0) score (300, -300, 0) and want -300: 600 nats each; rows (0, -250) score
+    # (0, 0, -250) and want 0: log 2 each.
+    assert float(fused[0]) == pytest.approx(5 * 600 + 5 * math.log(2), rel=1e-6)
+    for want, got in zip(expected, fused):
+        torch.testing.assert_close(got, want)
+
+
+def test_under_bf16_autocast_the_products_round_as_linear_does(small_chunks) -> None:
+    gen = torch.Generator().manual_seed(3)
+    hidden, weight = torch.randn(30, 32, generator=gen), torch.randn(40, 32, generator=gen) * 0.2
+    targets = torch.randint(0, 40, (30,), generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = loss_and_grads(plain, hidden, weight, targets)
+        fused = loss_and_grads(linear_cross_entropy, hidden, weight, targets)
+    assert fused[0].dtype == torch.float32 and fused[2].dtype == torch.float32
+    exact = loss_and_grads(plain, hidden, weight, targets)  # fp32: the fused loss rounds like bf16, not fp32
+    assert float(fused[0]) == pytest.approx(float(expected[0]), rel=2e-3)
+    assert abs(float(fused[0]) - float(exact[0])) > abs(float(fused[0]) - float(expected[0]))
+    for want, got in zip(expected[1:], fused[1:]):
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.02)
+
+
+def test_bad_shapes_are_named() -> None:
+    with pytest.raises(ValueError, match=r"targets \(4,\) do not match the hidden states' \(5,\)"):
+        linear_cross_entropy(torch.randn(5, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"head weight \(10, 6\) does not take width 8"):
+        linear_cross_entropy(torch.randn(5, 8), torch.randn(10, 6), torch.zeros(5, dtype=torch.long))
+
+
+def make_model(**overrides) -> Transformer:
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, max_seq_len=32, **overrides)
+    return Transformer(config).train()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_transformer_targets_give_the_loss_and_gradients_of_its_logits(small_chunks, tied) -> None:
+    model = make_model(tie_embeddings=tied)
+    x = torch.randint(0, 97, (3, 12), generator=torch.Generator().manual_seed(1))
+    y = torch.roll(x, -1, dims=1)
+    y[0, :5] = IGNORE_INDEX  # a prompt, as SFT masks it
+
+    def run(fused: bool):
+        model.zero_grad(set_to_none=True)
+        out = model(x, targets=y) if fused else model(x)
+        loss = out.loss if fused else F.cross_entropy(out.logits.flatten(0, 1), y.flatten(), reduction="sum")
+        assert (out.logits is None) == fused
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    (want, want_grads), (got, got_grads) = run(False), run(True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert want_grads.keys() == got_grads.keys()
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+class SwappedHead(nn.Module):
+    """A head that is not the plain linear layer (as a quantised or adapted one is)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + 0.5
+
+
+def test_a_swapped_head_is_called_as_a_module() -> None:
+    model = make_model(tie_embeddings=False).eval()
+    model.lm_head = SwappedHead(model.lm_head)
+    x = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = F.cross_entropy(model(x).logits.flatten(0, 1), x.flatten(), reduction="sum")
+        torch.testing.assert_close(model(x, targets=x).loss, want)
+
+
+def test_a_scalar_head_has_no_next_token_loss() -> None:
+    model = make_model(head="scalar", tie_embeddings=False)
+    with pytest.raises(ValueError, match="head 'scalar' has no next-token loss"):
+        model(torch.zeros(1, 4, dtype=torch.long), targets=torch.zeros(1, 4, dtype=torch.long))
