@@ -337,6 +337,20 @@ def test_loads_sum_to_tokens_times_k_and_drops_are_counted():
     assert seen["hook_expert_dropped"].tolist() == [0, 0, 0, 0]
 
 
+def test_dropped_fraction_counts_the_counted_tokens_only():
+    """Padding takes capacity like any token, but its drops are not the model's: of 8 tokens
+    all routed to expert 0 (capacity 2), tokens 0 and 1 are kept; counting only the first 4,
+    2 of 4 assignments were dropped, not 6 of 8."""
+    layer = collapsed_layer(top_k=1, capacity_factor=1.0).train()
+    x = torch.rand(1, 8, 16) + 0.1
+    layer(x, torch.arange(8).unsqueeze(0) < 4)
+    assert layer.last_stats["dropped_fraction"].item() == pytest.approx(0.5)
+    layer(x, torch.arange(8).unsqueeze(0) < 2)
+    assert layer.last_stats["dropped_fraction"].item() == 0
+    layer(x)
+    assert layer.last_stats["dropped_fraction"].item() == pytest.approx(0.75)
+
+
 def test_top2_loads_count_both_slots():
     layer = collapsed_layer(top_k=2, capacity_factor=1.0).train()  # capacity ceil(6 * 2 / 4) = 3
     _, seen = run_hooked(layer, torch.rand(2, 3, 16) + 0.1, "hook_expert_load")

@@ -213,7 +213,7 @@ class MoE(nn.Module):
             self.hook_router_entropy(router_entropy(probs))  # (B, T)
         logits, probs = logits.flatten(0, 1), probs.flatten(0, 1)  # (N, E) each
         weights, experts = route(probs, s.top_k, s.routed_scale)  # (N, k), (N, k)
-        counts = dropped = None
+        counts = over = None
         if self.decodes(flat):
             up, down = (partial(self._expert_product, which) for which in ("up", "down"))
             y = self._decode(flat, weights, experts, up, down)  # (N, d)
@@ -221,16 +221,16 @@ class MoE(nn.Module):
             counts = torch.bincount(experts.flatten(), minlength=s.n_experts)  # (E,)
             capped = s.capacity_factor is not None and self.training  # eval never drops (class note)
             limit = expert_capacity(B * T, s.top_k, s.n_experts, s.capacity_factor) if capped else None
-            y, kept = self._dispatch(flat, weights, experts, counts, limit)  # (N, d), (E,)
-            dropped = (counts - kept).sum() / counts.sum()  # () over every token, padding included
+            y, over = self._dispatch(flat, weights, experts, counts, limit)  # (N, d), (N, k) or None
         if rows is not None:  # from here on, statistics and losses: the counted tokens only
             logits, probs, experts = logits[rows], probs[rows], experts[rows]  # (n, E), (n, E), (n, k)
+            over = None if over is None else over[rows]  # (n, k)
             counts = None  # the dispatch's counts hold the padding too
         self._last = {"probs": probs.detach(), "experts": experts}  # loads counted when asked
         if counts is not None:
             self._last["counts"] = counts
-        if dropped is not None:
-            self._last["dropped"] = dropped
+        if over is not None:
+            self._last["dropped"] = over.float().mean()  # () of the counted tokens' assignments
         if torch.is_grad_enabled():
             loads = counts if counts is not None else torch.bincount(experts.flatten(), minlength=s.n_experts)
             counts, n_tokens = self._batch_total(loads, probs.shape[0])  # (E,), tokens
@@ -351,16 +351,18 @@ class MoE(nn.Module):
         return grouped_matmul(rows, getattr(self, which), counts)
 
     def _dispatch(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
-                  counts: torch.Tensor, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+                  counts: torch.Tensor, limit: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Sum_j weights[t, j] * expert_{experts[t, j]}(x[t]) for every token t:
-        (N, d), and the assignments each expert kept (E,)."""
+        (N, d), and with a capacity limit which assignments went over it (N, k) bool
+        (their expert was full: they contribute nothing); None without one."""
         k = experts.shape[1]
         flat_experts = experts.flatten()  # (N*k,) token-major: t*k + j
         order = flat_experts.argsort(stable=True)  # (N*k,) stable: token order within an expert
-        kept = counts
+        kept, over = counts, None
         if limit is not None:
             start = counts.cumsum(0) - counts  # (E,) where each expert's slice begins
             rank = torch.arange(order.numel(), device=x.device) - start[flat_experts[order]]  # (N*k,)
+            over = torch.zeros_like(flat_experts, dtype=torch.bool).index_fill_(0, order[rank >= limit], True)
             order = order[rank < limit]  # (A,) assignments within capacity
             kept = counts.clamp(max=limit)  # (E,)
         token = order // k  # (A,) the token of each sorted assignment
@@ -372,7 +374,8 @@ class MoE(nn.Module):
         rows = self.hook_expert_in(x.index_select(0, token))  # (A, d)
         h = self.hook_expert_post(activate(self._grouped_product("up", rows, kept), self.kind))  # (A, ff)
         out = self._grouped_product("down", h, kept) * weights.flatten()[order, None]  # (A, d)
-        return x.new_zeros(x.shape, dtype=out.dtype).index_add_(0, token, out), kept  # (N, d), (E,)
+        y = x.new_zeros(x.shape, dtype=out.dtype).index_add_(0, token, out)  # (N, d)
+        return y, None if over is None else over.view(experts.shape)
 
     def pop_aux_loss(self) -> torch.Tensor:
         """The latest forward's auxiliary loss (), handed over once."""
@@ -386,7 +389,7 @@ class MoE(nn.Module):
         """Routing statistics of the latest forward, detached scalars except `load`:
         load (E,) fraction of assignments per expert; max_load_over_fair (1 is
         perfect balance, E means one expert took everything); dropped_fraction
-        of assignments; router_entropy, mean nats per token; the weighted
+        of assignments, over capacity; router_entropy, mean nats per token; the weighted
         balance_loss and z_loss (after forwards with gradients on only)."""
         if not self._last:
             return {}
