@@ -14,19 +14,28 @@ AdamW, on random tokens, for both:
 
 Both see B x T input tokens per step. Warm-up steps are not timed.
 
-    python benchmarks/bench_train.py [--quick] [--presets small base]
+Memory: how much one Heron training step holds at once beyond what the
+process held before it (peak-RSS rise, fresh process each), with the loss
+from the model's head loss against the same step through the whole logits
+and `F.cross_entropy`, at a batch whose logits are 256 MiB a tensor.
+
+    python benchmarks/bench_train.py [--quick] [--presets small base] [--no-memory]
 """
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from common import INTERLEAVING_NOTE, Result, interleave, machine, ratio, record, setup_torch, timed
+from common import (INTERLEAVING_NOTE, Result, interleave, machine, peak_rss, ratio, record, reset_peak_rss,
+                    setup_torch, timed)
 from heron.interop import to_transformers
 from heron.models.presets import build_model, parameter_count
 from heron.train.optim import build_optimizer
@@ -36,6 +45,7 @@ CLIP_NORM = 1.0
 # Same batch for both sides; sized so one step takes seconds, not minutes, on 2 cores.
 SHAPES = {"small": (8, 256), "base": (4, 256)}  # (batch, seq_len)
 TARGET = 1.2
+MEMORY_SHAPE = ("small", 16, 512)  # preset, batch, seq_len: logits of 8192 x 8192 tokens, 256 MiB in fp32
 
 
 @dataclass(frozen=True)
@@ -49,14 +59,22 @@ class Plan:
 FULL, QUICK = Plan(rounds=12, steps=1, warmup=1), Plan(rounds=2, steps=1, warmup=1)
 
 
-def heron_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool = False) -> Callable[[], None]:
-    """bf16: autocast the forward, as the train loop's `precision: bf16` does."""
+def heron_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool = False,
+               through_logits: bool = False) -> Callable[[], None]:
+    """bf16: autocast the forward, as the train loop's `precision: bf16` does.
+    through_logits: the loss from the whole logits and F.cross_entropy, not the head loss."""
     optimizer = build_optimizer(model, OptimSection())
+
+    def loss_sum() -> torch.Tensor:
+        if not through_logits:
+            return model(x, targets=y).loss
+        logits = model(x).logits.float()  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = model(x, targets=y).loss / y.numel()
+            loss = loss_sum() / y.numel()
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), CLIP_NORM)
         optimizer.step()
@@ -110,16 +128,58 @@ def bench_preset(preset: str, plan: Plan) -> list[Result]:
     ]
 
 
+def memory_child(through_logits: bool) -> None:
+    """Child: print as JSON the peak-RSS rise of one training step, after one warm-up step."""
+    setup_torch()
+    preset, B, T = MEMORY_SHAPE
+    model = build_model(preset).train()
+    tokens = torch.randint(0, model.config.vocab_size, (B, T + 1))
+    step = heron_step(model, tokens[:, :-1], tokens[:, 1:], through_logits=through_logits)
+    step()  # the optimizer's state, the allocator's arenas
+    before = reset_peak_rss()
+    step()
+    print(json.dumps({"rise": peak_rss() - before}))
+
+
+def memory_results() -> list[Result]:
+    rises = {}
+    for path in ("head", "logits"):
+        argv = [sys.executable, __file__, "--memory-child", path]
+        out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+        rises[path] = json.loads(out.strip().splitlines()[-1])["rise"]
+        print(f"  one step's peak-RSS rise, loss {path}: {rises[path] / 2**20:.0f} MiB", flush=True)
+    preset, B, T = MEMORY_SHAPE
+    vocab = build_model(preset).config.vocab_size
+    how = (f"{preset} preset, batch {B} x {T} (logits {B * T} x {vocab}, {B * T * vocab * 4 / 2**20:.0f} MiB in fp32), "
+           f"fp32, forward + backward + clip + AdamW; peak-RSS rise over the step, after one warm-up step, fresh "
+           f"process each")
+    mib = 2**20
+    return [
+        Result("train_step_peak_rss_head_loss_over_logits", rises["head"] / rises["logits"], "x",
+               f"one step's peak-RSS rise, the loss from model(x, targets=y) / from the whole logits and "
+               f"F.cross_entropy: {how}"),
+        Result("train_step_peak_rss_rise_mib_head_loss", rises["head"] / mib, "MiB", f"model(x, targets=y): {how}"),
+        Result("train_step_peak_rss_rise_mib_logits", rises["logits"] / mib, "MiB",
+               f"logits and F.cross_entropy: {how}"),
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds and steps")
     parser.add_argument("--presets", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--no-write", action="store_true", help="print only; leave results files alone")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    parser.add_argument("--memory-child", choices=["head", "logits"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.memory_child:
+        return memory_child(through_logits=args.memory_child == "logits")
     setup_torch()
     info = machine()
     plan = QUICK if args.quick else FULL
     results = [r for preset in args.presets for r in bench_preset(preset, plan)]
+    if not args.no_memory:
+        results += memory_results()
     if not args.no_write:
         record("train", "Training throughput vs transformers", results, info, notes=[INTERLEAVING_NOTE])
 
