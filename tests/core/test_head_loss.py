@@ -49,6 +49,20 @@ def test_equals_cross_entropy_over_the_logits(small_chunks, shape, vocab, ignore
         torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets), expected[0], rtol=1e-5, atol=1e-5)
 
 
+def test_a_frozen_side_gets_no_gradient_and_the_other_the_same(small_chunks) -> None:
+    gen = torch.Generator().manual_seed(4)
+    hidden, weight = torch.randn(20, 8, generator=gen), torch.randn(30, 8, generator=gen)
+    targets = torch.randint(0, 30, (20,), generator=gen)
+    _, want_h, want_w = loss_and_grads(plain, hidden, weight, targets)
+    for trainable in ("hidden", "weight"):
+        h = hidden.clone().requires_grad_(trainable == "hidden")
+        w = weight.clone().requires_grad_(trainable == "weight")
+        linear_cross_entropy(h, w, targets).backward()
+        assert (h.grad is None) == (trainable == "weight") and (w.grad is None) == (trainable == "hidden")
+        got, want = (h.grad, want_h) if trainable == "hidden" else (w.grad, want_w)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_large_logits_stay_finite(small_chunks) -> None:
     """Logits far beyond exp's range: the running maximum keeps the softmax finite."""
     hidden = torch.tensor([[300.0, 0.0], [0.0, -250.0]] * 5)

@@ -53,7 +53,7 @@ def linear_cross_entropy(
         if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
             return _LinearCrossEntropy.apply(hidden, weight, targets, dtype)
         h, y, _ = _kept_rows(hidden, targets)
-        return _chunked(h.to(dtype), weight.to(dtype), y, want_grads=False)[0]
+        return _chunked(h.to(dtype), weight.to(dtype), y, (False, False))[0]
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -61,16 +61,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,  # noqa: ANN205
                 dtype: torch.dtype):
         h, y, kept = _kept_rows(hidden, targets)
-        loss, grad_h, grad_w = _chunked(h.to(dtype), weight.to(dtype), y, want_grads=True)
-        if kept is not None:  # the skipped rows' gradient is zero
-            grad_h = grad_h.new_zeros(targets.numel(), h.shape[1]).index_copy_(0, kept, grad_h)
-        ctx.save_for_backward(grad_h.view_as(hidden).to(hidden.dtype), grad_w.to(weight.dtype))
+        want = ctx.needs_input_grad[:2]  # a frozen head (or frozen trunk) skips its product
+        loss, grad_h, grad_w = _chunked(h.to(dtype), weight.to(dtype), y, want)
+        if grad_h is not None:
+            if kept is not None:  # the skipped rows' gradient is zero
+                grad_h = grad_h.new_zeros(targets.numel(), h.shape[1]).index_copy_(0, kept, grad_h)
+            grad_h = grad_h.view_as(hidden).to(hidden.dtype)
+        ctx.grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype))
         return loss
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor):  # noqa: ANN205
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_loss, grad_w * grad_loss, None, None
+        return *(None if g is None else g * grad_loss for g in ctx.grads), None, None
 
 
 def _kept_rows(
@@ -86,16 +88,16 @@ def _kept_rows(
 
 
 def _chunked(
-    h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, want_grads: bool
+    h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, want: tuple[bool, bool]
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(summed loss in fp32, d loss / d h (n, d), d loss / d weight (V, d)) for rows h (n, d)
-    whose targets y (n,) are all kept; the gradients None unless asked for."""
+    whose targets y (n,) are all kept; each gradient None unless `want` asks for it."""
     n, V = h.shape[0], weight.shape[0]
     rows = max(1, min(n, max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // V)))
     buffer = torch.empty(rows, V, dtype=h.dtype, device=h.device)  # one chunk's logits, reused
     loss = torch.zeros((), dtype=torch.float32, device=h.device)
-    grad_h = torch.empty_like(h) if want_grads else None
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if want_grads else None
+    grad_h = torch.empty_like(h) if want[0] else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if want[1] else None
     for start in range(0, n, rows):
         h_c, y_c = h[start:start + rows], y[start:start + rows, None]  # (c, d), (c, 1)
         logits = torch.mm(h_c, weight.t(), out=buffer[: len(h_c)]).float()  # (c, V); a copy only below fp32
@@ -104,14 +106,16 @@ def _chunked(
         probs = logits.sub_(peak).exp_()  # unnormalised, in place
         total = probs.sum(dim=1, keepdim=True)
         loss += (total.log() + peak - target_logit).sum()
-        if want_grads:  # d loss / d logits = softmax - one_hot(target)
-            probs.div_(total).scatter_add_(1, y_c, probs.new_full(y_c.shape, -1.0))
-            probs = probs.to(h.dtype)
+        if not any(want):
+            continue
+        # d loss / d logits = softmax - one_hot(target)
+        probs = probs.div_(total).scatter_add_(1, y_c, probs.new_full(y_c.shape, -1.0)).to(h.dtype)
+        if grad_h is not None:
             torch.mm(probs, weight, out=grad_h[start:start + rows])
-            if h.dtype == torch.float32:
-                grad_w.addmm_(probs.t(), h_c)
-            else:  # accumulate in fp32 what the low-precision product rounds
-                grad_w += probs.t() @ h_c
+        if grad_w is not None and h.dtype == torch.float32:
+            grad_w.addmm_(probs.t(), h_c)
+        elif grad_w is not None:  # accumulate in fp32 what the low-precision product rounds
+            grad_w += probs.t() @ h_c
     return loss, grad_h, grad_w
 
 
