@@ -58,6 +58,20 @@ def few_row_product(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable
     return product if bias is None else lambda x: product(x) + bias
 
 
+def decoding_product(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A layer as the product that decoding calls once a step (core/token_step.py):
+    a plain `Linear` as its arithmetic, its few-row blocks made here, once;
+    another layer through the product it offers for repeated calls outside
+    autograd (`decode_product`, e.g. a quantised linear: compress/qlinear.py),
+    else through its forward."""
+    if type(module) is not Linear:
+        own = getattr(module, "decode_product", None)
+        return own() if own is not None else module.forward
+    weight, bias = module.weight, module.bias
+    few_rows = few_row_product(weight, bias)
+    return lambda x: few_rows(x) if x.numel() // x.shape[-1] <= MAX_ROWS else F.linear(x, weight, bias)
+
+
 def is_input_major(w: torch.Tensor) -> bool:
     """Whether the (N, K) weight lies input-major, i.e. `w.t().is_contiguous()`,
     read from its strides without making the view (an op a call, 33 a step)."""

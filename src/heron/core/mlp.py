@@ -1,13 +1,15 @@
 """Position-wise feed-forward networks."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from heron.core.config import ModelConfig
 from heron.core.hooks import HookPoint
-from heron.core.linear import MAX_ROWS, Linear
+from heron.core.linear import MAX_ROWS, Linear, decoding_product
 
 
 class MLP(nn.Module):
@@ -38,6 +40,14 @@ class MLP(nn.Module):
         else:
             h = activate(self.up(x), self.kind)  # (B, T, d_ff)
         return self.down(self.hook_post(h))  # (B, T, d)
+
+    def decode_step(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """`forward` for decoding's few rows (..., d), without the hook point, its
+        products looked up once (core/token_step.py calls it every token, and a
+        MoE's shared expert with it); more rows go to `forward`."""
+        up, down, kind = decoding_product(self.up), decoding_product(self.down), self.kind
+        # Past MAX_ROWS rows forward splits SwiGLU's product in two (above): let it.
+        return lambda x: down(activate(up(x), kind)) if x.numel() // x.shape[-1] <= MAX_ROWS else self.forward(x)
 
 
 def activate(h: torch.Tensor, kind: str) -> torch.Tensor:

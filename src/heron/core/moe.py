@@ -286,6 +286,8 @@ class MoE(nn.Module):
         router, center = self.router.weight, self.router_center
         top_k, scale = self.settings.top_k, self.settings.routed_scale
         ups, downs = self._expert_products("up"), self._expert_products("down")
+        # The shared expert as its arithmetic too: called as a module it cost twice its products.
+        shared = self.shared.decode_step() if type(self.shared) is MLP else self.shared
 
         def step(x: torch.Tensor) -> torch.Tensor:
             B, T, d = x.shape
@@ -296,7 +298,7 @@ class MoE(nn.Module):
             self._last = {"probs": probs.detach(), "experts": experts}
             y = self._decode(flat, weights, experts, lambda e, h: ups[e](h), lambda e, h: downs[e](h))
             y = y.view(B, T, d)  # (B, T, d)
-            return y if self.shared is None else y + self.shared(x)
+            return y if shared is None else y + shared(x)
 
         return step
 

@@ -37,8 +37,8 @@ from torch import nn
 
 from heron.core.attention import Attention
 from heron.core.kv_cache import KVCache
-from heron.core.linear import MAX_ROWS, Linear, few_row_product
-from heron.core.mlp import MLP, activate
+from heron.core.linear import decoding_product
+from heron.core.mlp import MLP
 from heron.core.moe import MoE
 from heron.core.norms import RMSNorm, rms_norm
 from heron.core.rope import apply_rope
@@ -46,18 +46,6 @@ from heron.core.transformer import Transformer, causal_padding_mask
 
 Part = Callable[[torch.Tensor], torch.Tensor]  # (B, 1, d_in) -> (B, 1, d_out)
 Rope = tuple[torch.Tensor, torch.Tensor] | None
-
-
-def _linear(module: nn.Module) -> Part:
-    """A plain `Linear` as its arithmetic; another layer as the product it
-    offers for repeated calls outside autograd (`decode_product`, e.g. a
-    quantised linear: compress/qlinear.py), else as its forward."""
-    if type(module) is not Linear:
-        own = getattr(module, "decode_product", None)
-        return own() if own is not None else module.forward
-    weight, bias = module.weight, module.bias
-    few_rows = few_row_product(weight, bias)
-    return lambda x: few_rows(x) if x.shape[0] <= MAX_ROWS else F.linear(x, weight, bias)
 
 
 def _norm(module: nn.Module) -> Part:
@@ -104,7 +92,7 @@ class _DenseAttention:
 def _attention(attn: Attention) -> Callable[..., torch.Tensor]:
     if attn.pattern is not None:  # sparse: the module's own decoding path
         return attn.forward
-    dense = _DenseAttention(attn.layer, _linear(attn.qkv), _linear(attn.out), attn.heads, attn.head_dim,
+    dense = _DenseAttention(attn.layer, decoding_product(attn.qkv), decoding_product(attn.out), attn.heads, attn.head_dim,
                             attn.q_factor, attn.use_rope)
     return lambda x, rope, mask, cache, key_mask: dense(x, rope, mask, cache)
 
@@ -117,9 +105,7 @@ def _feed_forward(mlp: nn.Module | None) -> Part | None:
         return lambda x: step(x) if mlp.decodes(x.view(-1, x.shape[-1])) else _forward_popping(mlp, x)
     if type(mlp) is not MLP:
         return None if mlp is None else mlp.forward
-    up, down, kind = _linear(mlp.up), _linear(mlp.down), mlp.kind
-    # Past MAX_ROWS rows the module splits SwiGLU's product in two (core/mlp.py): let it.
-    return lambda x: down(activate(up(x), kind)) if x.shape[0] <= MAX_ROWS else mlp.forward(x)
+    return mlp.decode_step()
 
 
 def _forward_popping(moe: MoE, x: torch.Tensor) -> torch.Tensor:
@@ -142,7 +128,7 @@ class TokenStep:
         self.hook_tables = [t for m in model.modules() for t in (m._forward_hooks, m._forward_pre_hooks)]
         self.layers = [(_norm(b.attn_norm), _attention(b.attn), None if b.mlp is None else _norm(b.mlp_norm),
                         _feed_forward(b.mlp)) for b in model.blocks]
-        self.norm, self.head = _norm(model.norm), _linear(model.lm_head)
+        self.norm, self.head = _norm(model.norm), decoding_product(model.lm_head)
 
     def ready(self) -> bool:
         """Whether the step may run: autograd off and no module hook anywhere
