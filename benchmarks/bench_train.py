@@ -37,7 +37,7 @@ from torch import nn
 from common import (INTERLEAVING_NOTE, Result, interleave, machine, peak_rss, ratio, record, reset_peak_rss,
                     setup_torch, timed)
 from heron.interop import to_transformers
-from heron.models.presets import build_model, parameter_count
+from heron.models.presets import build_model, parameter_count, preset_config
 from heron.train.optim import build_optimizer
 from heron.train.recipe import OptimSection
 
@@ -149,7 +149,7 @@ def memory_results() -> list[Result]:
         rises[path] = json.loads(out.strip().splitlines()[-1])["rise"]
         print(f"  one step's peak-RSS rise, loss {path}: {rises[path] / 2**20:.0f} MiB", flush=True)
     preset, B, T = MEMORY_SHAPE
-    vocab = build_model(preset).config.vocab_size
+    vocab = preset_config(preset).vocab_size
     how = (f"{preset} preset, batch {B} x {T} (logits {B * T} x {vocab}, {B * T * vocab * 4 / 2**20:.0f} MiB in fp32), "
            f"fp32, forward + backward + clip + AdamW; peak-RSS rise over the step, after one warm-up step, fresh "
            f"process each")

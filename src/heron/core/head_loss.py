@@ -81,9 +81,10 @@ def _kept_rows(
     """(rows of hidden (n, d), their targets (n,), their indices or None for all rows):
     the rows whose target is not IGNORE_INDEX (e.g. a prompt in SFT: it costs nothing)."""
     h, y = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)  # (N, d), (N,)
-    if bool((y != IGNORE_INDEX).all()):
+    counted = y != IGNORE_INDEX  # (N,)
+    if bool(counted.all()):
         return h, y, None
-    kept = (y != IGNORE_INDEX).nonzero().squeeze(1)  # (n,)
+    kept = counted.nonzero().squeeze(1)  # (n,)
     return h.index_select(0, kept), y.index_select(0, kept), kept
 
 
