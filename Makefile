@@ -41,6 +41,7 @@ bench: setup
 	$(PY) benchmarks/bench_long_context.py
 	$(PY) benchmarks/bench_interop.py
 	$(PY) benchmarks/bench_align.py
+	$(PY) benchmarks/bench_logprobs.py
 	$(PY) benchmarks/bench_compress.py
 	$(PY) benchmarks/bench_interpret.py
 	$(PY) benchmarks/bench_watermark.py

@@ -10,7 +10,7 @@ from torch import nn
 
 from heron.core import ModelConfig, Transformer
 from heron.core import head_loss
-from heron.core.head_loss import IGNORE_INDEX, linear_cross_entropy
+from heron.core.head_loss import IGNORE_INDEX, REDUCTIONS, linear_cross_entropy
 
 
 @pytest.fixture
@@ -20,74 +20,94 @@ def small_chunks(monkeypatch):
     monkeypatch.setattr(head_loss, "CHUNK_ELEMENTS", 1)
 
 
-def plain(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def plain(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
     logits = F.linear(hidden, weight).float()
-    return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
+    return loss.view(targets.shape) if reduction == "none" else loss
 
 
-def loss_and_grads(loss_fn, hidden, weight, targets, scale: float = 1.0):
+def loss_and_grads(loss_fn, hidden, weight, targets, reduction: str = "sum", scale: float | torch.Tensor = 1.0):
+    """(loss, hidden's gradient, weight's) with `scale` as the loss's incoming gradient:
+    a number for the summed loss, one per position (targets' shape) for reduction "none"."""
     hidden, weight = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
-    loss = loss_fn(hidden, weight, targets)
-    (loss * scale).backward()
+    loss = loss_fn(hidden, weight, targets, reduction=reduction)
+    (loss * scale).sum().backward()
     return loss.detach(), hidden.grad, weight.grad
 
 
+def incoming(reduction: str, shape: tuple[int, ...], gen: torch.Generator) -> float | torch.Tensor:
+    """An incoming gradient other than 1, as the loop's 1 / tokens is, or one per
+    position (signed, as a DPO loss weighs chosen and rejected tokens)."""
+    return 0.37 if reduction == "sum" else torch.randn(shape, generator=gen)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("shape, vocab, ignored", [((3, 11), 50, 0.0), ((2, 20), 300, 0.3), ((45,), 13, 0.9),
                                                    ((4, 5), 64, 1.0)])
-def test_equals_cross_entropy_over_the_logits(small_chunks, shape, vocab, ignored) -> None:
+def test_equals_cross_entropy_over_the_logits(small_chunks, shape, vocab, ignored, reduction) -> None:
     gen = torch.Generator().manual_seed(len(shape) * vocab)
     hidden = torch.randn(*shape, 16, generator=gen)
     weight = torch.randn(vocab, 16, generator=gen)
     targets = torch.randint(0, vocab, shape, generator=gen)
     targets[torch.rand(shape, generator=gen) < ignored] = IGNORE_INDEX
-    # An incoming gradient other than 1, as the loop's 1 / tokens is.
-    expected = loss_and_grads(plain, hidden, weight, targets, scale=0.37)
-    fused = loss_and_grads(linear_cross_entropy, hidden, weight, targets, scale=0.37)
+    scale = incoming(reduction, shape, gen)
+    expected = loss_and_grads(plain, hidden, weight, targets, reduction, scale)
+    fused = loss_and_grads(linear_cross_entropy, hidden, weight, targets, reduction, scale)
     for name, want, got in zip(("loss", "hidden grad", "weight grad"), expected, fused):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+    if reduction == "none":  # ignored positions: exactly zero, as F.cross_entropy gives
+        assert torch.equal(fused[0][targets == IGNORE_INDEX], torch.zeros(int((targets == IGNORE_INDEX).sum())))
     with torch.no_grad():  # the loss alone, no gradient products
-        torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets), expected[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets, reduction), expected[0],
+                                   rtol=1e-5, atol=1e-5)
 
 
-def test_a_frozen_side_gets_no_gradient_and_the_other_the_same(small_chunks) -> None:
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_a_frozen_side_gets_no_gradient_and_the_other_the_same(small_chunks, reduction) -> None:
     gen = torch.Generator().manual_seed(4)
     hidden, weight = torch.randn(20, 8, generator=gen), torch.randn(30, 8, generator=gen)
     targets = torch.randint(0, 30, (20,), generator=gen)
-    _, want_h, want_w = loss_and_grads(plain, hidden, weight, targets)
+    scale = incoming(reduction, (20,), gen)
+    _, want_h, want_w = loss_and_grads(plain, hidden, weight, targets, reduction, scale)
     for trainable in ("hidden", "weight"):
         h = hidden.clone().requires_grad_(trainable == "hidden")
         w = weight.clone().requires_grad_(trainable == "weight")
-        linear_cross_entropy(h, w, targets).backward()
+        (linear_cross_entropy(h, w, targets, reduction) * scale).sum().backward()
         assert (h.grad is None) == (trainable == "weight") and (w.grad is None) == (trainable == "hidden")
         got, want = (h.grad, want_h) if trainable == "hidden" else (w.grad, want_w)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_large_logits_stay_finite(small_chunks) -> None:
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_large_logits_stay_finite(small_chunks, reduction) -> None:
     """Logits far beyond exp's range: the running maximum keeps the softmax finite."""
     hidden = torch.tensor([[300.0, 0.0], [0.0, -250.0]] * 5)
     weight = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]])
     targets = torch.tensor([1, 0] * 5)
-    expected = loss_and_grads(plain, hidden, weight, targets)
-    fused = loss_and_grads(linear_cross_entropy, hidden, weight, targets)
+    expected = loss_and_grads(plain, hidden, weight, targets, reduction)
+    fused = loss_and_grads(linear_cross_entropy, hidden, weight, targets, reduction)
     # Rows (300, 0) score (300, -300, 0) and want -300: 600 nats each; rows (0, -250) score
     # (0, 0, -250) and want 0: log 2 each.
-    assert float(fused[0]) == pytest.approx(5 * 600 + 5 * math.log(2), rel=1e-6)
+    assert float(fused[0].sum()) == pytest.approx(5 * 600 + 5 * math.log(2), rel=1e-6)
     for want, got in zip(expected, fused):
         torch.testing.assert_close(got, want)
 
 
-def test_under_bf16_autocast_the_products_round_as_linear_does(small_chunks) -> None:
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_under_bf16_autocast_the_products_round_as_linear_does(small_chunks, reduction) -> None:
     gen = torch.Generator().manual_seed(3)
     hidden, weight = torch.randn(30, 32, generator=gen), torch.randn(40, 32, generator=gen) * 0.2
     targets = torch.randint(0, 40, (30,), generator=gen)
+    scale = 1.0 if reduction == "sum" else torch.rand((30,), generator=gen) + 0.5  # positive: sums stay large
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        expected = loss_and_grads(plain, hidden, weight, targets)
-        fused = loss_and_grads(linear_cross_entropy, hidden, weight, targets)
+        expected = loss_and_grads(plain, hidden, weight, targets, reduction, scale)
+        fused = loss_and_grads(linear_cross_entropy, hidden, weight, targets, reduction, scale)
     assert fused[0].dtype == torch.float32 and fused[2].dtype == torch.float32
-    exact = loss_and_grads(plain, hidden, weight, targets)  # fp32: the fused loss rounds like bf16, not fp32
-    assert float(fused[0]) == pytest.approx(float(expected[0]), rel=2e-3)
-    assert abs(float(fused[0]) - float(exact[0])) > abs(float(fused[0]) - float(expected[0]))
+    # fp32: the fused loss rounds like bf16, not fp32
+    exact = loss_and_grads(plain, hidden, weight, targets, reduction, scale)
+    got, want, fp32 = float(fused[0].sum()), float(expected[0].sum()), float(exact[0].sum())
+    assert got == pytest.approx(want, rel=2e-3)
+    assert abs(got - fp32) > abs(got - want)
     for want, got in zip(expected[1:], fused[1:]):
         torch.testing.assert_close(got, want, rtol=0.05, atol=0.02)
 
@@ -97,6 +117,8 @@ def test_bad_shapes_are_named() -> None:
         linear_cross_entropy(torch.randn(5, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match=r"head weight \(10, 6\) does not take width 8"):
         linear_cross_entropy(torch.randn(5, 8), torch.randn(10, 6), torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"reduction 'mean' is not one of \('sum', 'none'\)"):
+        linear_cross_entropy(torch.randn(5, 8), torch.randn(10, 8), torch.zeros(5, dtype=torch.long), "mean")
 
 
 def make_model(**overrides) -> Transformer:
@@ -105,19 +127,22 @@ def make_model(**overrides) -> Transformer:
     return Transformer(config).train()
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("tied", [True, False])
-def test_transformer_targets_give_the_loss_and_gradients_of_its_logits(small_chunks, tied) -> None:
+def test_transformer_targets_give_the_loss_and_gradients_of_its_logits(small_chunks, tied, reduction) -> None:
     model = make_model(tie_embeddings=tied)
-    x = torch.randint(0, 97, (3, 12), generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 97, (3, 12), generator=gen)
     y = torch.roll(x, -1, dims=1)
     y[0, :5] = IGNORE_INDEX  # a prompt, as SFT masks it
+    scale = incoming(reduction, (3, 12), gen)
 
     def run(fused: bool):
         model.zero_grad(set_to_none=True)
-        out = model(x, targets=y) if fused else model(x)
-        loss = out.loss if fused else F.cross_entropy(out.logits.flatten(0, 1), y.flatten(), reduction="sum")
+        out = model(x, targets=y, reduction=reduction) if fused else model(x)
+        loss = out.loss if fused else plain_loss(out.logits, y, reduction)
         assert (out.logits is None) == fused
-        loss.backward()
+        (loss * scale).sum().backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     (want, want_grads), (got, got_grads) = run(False), run(True)
@@ -138,13 +163,21 @@ class SwappedHead(nn.Module):
         return self.linear(x) + 0.5
 
 
-def test_a_swapped_head_is_called_as_a_module() -> None:
+def plain_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction=reduction)
+    return loss.view(targets.shape) if reduction == "none" else loss
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_a_swapped_head_is_called_as_a_module(reduction) -> None:
     model = make_model(tie_embeddings=False).eval()
     model.lm_head = SwappedHead(model.lm_head)
     x = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        want = F.cross_entropy(model(x).logits.flatten(0, 1), x.flatten(), reduction="sum")
-        torch.testing.assert_close(model(x, targets=x).loss, want)
+        want = plain_loss(model(x).logits, x, reduction)
+        torch.testing.assert_close(model(x, targets=x, reduction=reduction).loss, want)
+    with pytest.raises(ValueError, match="reduction: 'mean' is not one of"):
+        model(x, targets=x, reduction="mean")
 
 
 def test_a_scalar_head_has_no_next_token_loss() -> None:

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from heron.core.head_loss import IGNORE_INDEX
+
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log p(labels[b, t]) under logits[b, t]: logits (B, T, V), labels (B, T) -> (B, T), in fp32."""
@@ -28,9 +30,13 @@ def logprobs_and_aux(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
     A policy in training adds the aux loss to its objective, as pre-training does, so
     that fine-tuning keeps the experts' load balanced. token_mask (B, T) bool: the real
     tokens, which alone the aux loss counts (`Replies.tokens`: right padding left out)."""
-    out = model(ids, attention_mask=attention_mask, token_mask=token_mask)
-    logits = out.logits[:, :-1]  # (B, T - 1, V)
-    return token_logprobs(logits, ids[:, 1:]) * mask[:, 1:].to(torch.float32), out.aux_loss.float()
+    # Each position's target is the next token where the mask counts it: the model's head
+    # then never makes the (B, T, V) logits, nor their log-softmax (core/head_loss.py),
+    # and positions outside the replies (prompts, padding) cost nothing in it.
+    next_ids = ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)  # (B, T - 1)
+    targets = F.pad(next_ids, (0, 1), value=IGNORE_INDEX)  # (B, T): the last position predicts nothing
+    out = model(ids, attention_mask=attention_mask, token_mask=token_mask, targets=targets, reduction="none")
+    return -out.loss[:, :-1] * mask[:, 1:].to(torch.float32), out.aux_loss.float()
 
 
 __all__ = ["logprobs_and_aux", "sequence_logprobs", "token_logprobs"]

@@ -16,6 +16,13 @@ scales them by the incoming gradient (the same move as Liger Kernel's fused
 linear cross-entropy, Hsu et al. 2024). It does the plain way's three
 matrix products and nothing more; on the CPU the rest of the head's time,
 the passes over and allocations of the large buffers, mostly goes.
+
+With `reduction="none"` it gives each position's cross-entropy, -log p(target):
+the per-token log-probabilities that alignment's losses weigh one by one
+(align/logprobs.py). Their incoming gradient is per token and unknown in the
+forward, so the forward keeps only each row's log-sum-exp and the backward
+makes each chunk's logits again: one product more than the plain way, and
+still no (tokens, vocab) tensor.
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ from typing import Any
 import torch
 
 IGNORE_INDEX = -100  # targets to skip, as F.cross_entropy's default
+REDUCTIONS = ("sum", "none")  # as F.cross_entropy's, less the mean
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk (64 MiB in fp32); at least MIN_CHUNK_ROWS rows
 # Each chunk adds its (vocab, d) share into the weight's gradient, a pass over that
 # whole tensor: fewer than this many rows and those passes cost more than the chunks save.
@@ -34,10 +42,13 @@ def linear_cross_entropy(
     hidden: torch.Tensor,  # (..., d): the final norm's output
     weight: torch.Tensor,  # (V, d): the output head's weight, no bias
     targets: torch.Tensor,  # (...) long, IGNORE_INDEX where no loss is taken
+    reduction: str = "sum",
 ) -> torch.Tensor:
-    """sum over the targets that are not IGNORE_INDEX of -log softmax(hidden @ weight.T)[target],
-    a 0-dim fp32 tensor: `F.cross_entropy(F.linear(hidden, weight).float(), targets,
-    reduction="sum")` to fp32 rounding, differentiable in hidden and weight.
+    """-log softmax(hidden @ weight.T)[target], fp32, differentiable in hidden and weight:
+    summed over the targets that are not IGNORE_INDEX into a 0-dim tensor, or with
+    reduction "none" at every position (...), 0 where the target is IGNORE_INDEX.
+    `F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction=...)` to
+    fp32 rounding.
 
     Under autocast the products run in the autocast dtype, as F.linear's would,
     and the softmax in fp32."""
@@ -47,32 +58,62 @@ def linear_cross_entropy(
     if weight.shape[-1] != hidden.shape[-1]:
         raise ValueError(f"linear_cross_entropy: head weight {tuple(weight.shape)} does not take width "
                          f"{hidden.shape[-1]}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"linear_cross_entropy: reduction {reduction!r} is not one of {REDUCTIONS}")
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
     with torch.autocast(device, enabled=False):
-        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        differentiable = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+        if reduction == "none" and differentiable:
+            return _TokenCrossEntropy.apply(hidden, weight, targets, dtype)
+        if differentiable:
             return _LinearCrossEntropy.apply(hidden, weight, targets, dtype)
-        h, y, _ = _kept_rows(hidden, targets)
+        h, y, kept = _kept_rows(hidden, targets)
+        if reduction == "none":
+            return _every_position(_row_losses(h.to(dtype), weight.to(dtype), y)[0], kept, targets)
         return _chunked(h.to(dtype), weight.to(dtype), y, (False, False))[0]
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
+    """The summed loss: its gradients made in the forward, scaled in the backward."""
+
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,  # noqa: ANN205
                 dtype: torch.dtype):
         h, y, kept = _kept_rows(hidden, targets)
         want = ctx.needs_input_grad[:2]  # a frozen head (or frozen trunk) skips its product
         loss, grad_h, grad_w = _chunked(h.to(dtype), weight.to(dtype), y, want)
-        if grad_h is not None:
-            if kept is not None:  # the skipped rows' gradient is zero
-                grad_h = grad_h.new_zeros(targets.numel(), h.shape[1]).index_copy_(0, kept, grad_h)
-            grad_h = grad_h.view_as(hidden).to(hidden.dtype)
-        ctx.grads = (grad_h, None if grad_w is None else grad_w.to(weight.dtype))
+        ctx.grads = (_hidden_grad(grad_h, kept, hidden.shape, hidden.dtype), None if grad_w is None else grad_w.to(weight.dtype))
         return loss
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor):  # noqa: ANN205
         return *(None if g is None else g * grad_loss for g in ctx.grads), None, None
+
+
+class _TokenCrossEntropy(torch.autograd.Function):
+    """Every position's loss: the forward keeps each row's log-sum-exp, the backward
+    makes the logits again chunk by chunk (module note)."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,  # noqa: ANN205
+                dtype: torch.dtype):
+        h, y, kept = _kept_rows(hidden, targets)
+        h, w = h.to(dtype), weight.to(dtype)
+        losses, lse = _row_losses(h, w, y)  # (n,) each
+        ctx.save_for_backward(h, w, y, lse, kept)
+        ctx.hidden_shape, ctx.dtypes = hidden.shape, (hidden.dtype, weight.dtype)  # the gradients'
+        return _every_position(losses, kept, targets)
+
+    @staticmethod
+    def backward(ctx: Any, grad_losses: torch.Tensor):  # noqa: ANN205
+        h, w, y, lse, kept = ctx.saved_tensors
+        g = grad_losses.reshape(-1).float()  # (N,)
+        g = g if kept is None else g.index_select(0, kept)  # (n,)
+        grad_h, grad_w = _row_loss_grads(h, w, y, lse, g, ctx.needs_input_grad[:2])
+        hidden_dtype, weight_dtype = ctx.dtypes
+        return (_hidden_grad(grad_h, kept, ctx.hidden_shape, hidden_dtype),
+                None if grad_w is None else grad_w.to(weight_dtype), None, None)
 
 
 def _kept_rows(
@@ -88,36 +129,109 @@ def _kept_rows(
     return h.index_select(0, kept), y.index_select(0, kept), kept
 
 
+def _every_position(losses: torch.Tensor, kept: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
+    """The kept rows' losses (n,) at their positions, targets' shape, 0 where a target is ignored."""
+    if kept is not None:
+        losses = losses.new_zeros(targets.numel()).index_copy_(0, kept, losses)
+    return losses.view(targets.shape)
+
+
+def _hidden_grad(grad_h: torch.Tensor | None, kept: torch.Tensor | None, shape: torch.Size,
+                 dtype: torch.dtype) -> torch.Tensor | None:
+    """The kept rows' gradient (n, d) as the hidden states' (shape, dtype), zero on the ignored rows."""
+    if grad_h is None:
+        return None
+    if kept is not None:
+        grad_h = grad_h.new_zeros(shape.numel() // shape[-1], grad_h.shape[1]).index_copy_(0, kept, grad_h)
+    return grad_h.view(shape).to(dtype)
+
+
+def _chunk_rows(n: int, vocab: int) -> int:
+    return max(1, min(n, max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // vocab)))
+
+
+def _logits(h_c: torch.Tensor, weight: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """A chunk's logits (c, V) in fp32, made in `buffer`; a copy only below fp32."""
+    return torch.mm(h_c, weight.t(), out=buffer[: len(h_c)]).float()
+
+
+def _add_grads(d_logits: torch.Tensor, h_c: torch.Tensor, weight: torch.Tensor,
+               grad_h_c: torch.Tensor | None, grad_w: torch.Tensor | None) -> None:
+    """From a chunk's d loss / d logits (c, V) fp32: its rows' hidden gradient into grad_h_c
+    (c, d) and its share of the weight's into grad_w (V, d), fp32; either may be None."""
+    d_logits = d_logits.to(h_c.dtype)
+    if grad_h_c is not None:
+        torch.mm(d_logits, weight, out=grad_h_c)
+    if grad_w is not None and h_c.dtype == torch.float32:
+        grad_w.addmm_(d_logits.t(), h_c)
+    elif grad_w is not None:  # accumulate in fp32 what the low-precision product rounds
+        grad_w += d_logits.t() @ h_c
+
+
+def _gradient_buffers(h: torch.Tensor, weight: torch.Tensor, want: tuple[bool, bool]
+                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    grad_h = torch.empty_like(h) if want[0] else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if want[1] else None
+    return grad_h, grad_w
+
+
 def _chunked(
     h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, want: tuple[bool, bool]
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(summed loss in fp32, d loss / d h (n, d), d loss / d weight (V, d)) for rows h (n, d)
     whose targets y (n,) are all kept; each gradient None unless `want` asks for it."""
-    n, V = h.shape[0], weight.shape[0]
-    rows = max(1, min(n, max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // V)))
-    buffer = torch.empty(rows, V, dtype=h.dtype, device=h.device)  # one chunk's logits, reused
+    rows = _chunk_rows(h.shape[0], weight.shape[0])
+    buffer = torch.empty(rows, weight.shape[0], dtype=h.dtype, device=h.device)  # one chunk's logits, reused
     loss = torch.zeros((), dtype=torch.float32, device=h.device)
-    grad_h = torch.empty_like(h) if want[0] else None
-    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if want[1] else None
-    for start in range(0, n, rows):
+    grad_h, grad_w = _gradient_buffers(h, weight, want)
+    for start in range(0, h.shape[0], rows):
         h_c, y_c = h[start:start + rows], y[start:start + rows, None]  # (c, d), (c, 1)
-        logits = torch.mm(h_c, weight.t(), out=buffer[: len(h_c)]).float()  # (c, V); a copy only below fp32
+        logits = _logits(h_c, weight, buffer)  # (c, V)
         peak = logits.amax(dim=1, keepdim=True)  # (c, 1)
         target_logit = logits.gather(1, y_c)
         probs = logits.sub_(peak).exp_()  # unnormalised, in place
         total = probs.sum(dim=1, keepdim=True)
         loss += (total.log() + peak - target_logit).sum()
-        if not any(want):
-            continue
-        # d loss / d logits = softmax - one_hot(target)
-        probs = probs.div_(total).scatter_add_(1, y_c, probs.new_full(y_c.shape, -1.0)).to(h.dtype)
-        if grad_h is not None:
-            torch.mm(probs, weight, out=grad_h[start:start + rows])
-        if grad_w is not None and h.dtype == torch.float32:
-            grad_w.addmm_(probs.t(), h_c)
-        elif grad_w is not None:  # accumulate in fp32 what the low-precision product rounds
-            grad_w += probs.t() @ h_c
+        if any(want):  # d loss / d logits = softmax - one_hot(target)
+            d_logits = probs.div_(total).scatter_add_(1, y_c, probs.new_full(y_c.shape, -1.0))
+            _add_grads(d_logits, h_c, weight, None if grad_h is None else grad_h[start:start + rows], grad_w)
     return loss, grad_h, grad_w
 
 
-__all__ = ["IGNORE_INDEX", "linear_cross_entropy"]
+def _row_losses(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(each row's loss (n,), each row's log-sum-exp of its logits (n,)), fp32, for rows h
+    (n, d) whose targets y (n,) are all kept."""
+    rows = _chunk_rows(h.shape[0], weight.shape[0])
+    buffer = torch.empty(rows, weight.shape[0], dtype=h.dtype, device=h.device)
+    losses = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+    lse = torch.empty_like(losses)
+    for start in range(0, h.shape[0], rows):
+        logits = _logits(h[start:start + rows], weight, buffer)  # (c, V)
+        peak = logits.amax(dim=1, keepdim=True)  # (c, 1)
+        target_logit = logits.gather(1, y[start:start + rows, None])  # (c, 1)
+        chunk_lse = logits.sub_(peak).exp_().sum(dim=1, keepdim=True).log_().add_(peak)  # (c, 1)
+        lse[start:start + rows] = chunk_lse.squeeze(1)
+        losses[start:start + rows] = (chunk_lse - target_logit).squeeze(1)
+    return losses, lse
+
+
+def _row_loss_grads(
+    h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
+    want: tuple[bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The gradients of sum_i g[i] * loss_i for `_row_losses`' rows: each chunk's
+    logits made again and turned into g * (softmax - one_hot(target)) in place."""
+    grad_h, grad_w = _gradient_buffers(h, weight, want)
+    if not any(want):
+        return grad_h, grad_w
+    rows = _chunk_rows(h.shape[0], weight.shape[0])
+    buffer = torch.empty(rows, weight.shape[0], dtype=h.dtype, device=h.device)
+    for start in range(0, h.shape[0], rows):
+        h_c, y_c, g_c = h[start:start + rows], y[start:start + rows, None], g[start:start + rows, None]
+        probs = _logits(h_c, weight, buffer).sub_(lse[start:start + rows, None]).exp_()  # (c, V)
+        d_logits = probs.scatter_add_(1, y_c, probs.new_full(y_c.shape, -1.0)).mul_(g_c)
+        _add_grads(d_logits, h_c, weight, None if grad_h is None else grad_h[start:start + rows], grad_w)
+    return grad_h, grad_w
+
+
+__all__ = ["IGNORE_INDEX", "REDUCTIONS", "linear_cross_entropy"]

@@ -11,7 +11,7 @@ from torch import nn
 
 from heron.core.attention import Attention
 from heron.core.config import ModelConfig
-from heron.core.head_loss import IGNORE_INDEX, linear_cross_entropy
+from heron.core.head_loss import IGNORE_INDEX, REDUCTIONS, linear_cross_entropy
 from heron.core.hooks import HookFn, HookPoint, attach_hooks
 from heron.core.kv_cache import KVCache
 from heron.core.linear import MAX_ROWS, Linear, set_decode_layout
@@ -27,7 +27,7 @@ class TransformerOutput:
     logits: torch.Tensor | None  # (B, T, V), or (B, 1, V) with last_only; None when given targets
     aux_loss: torch.Tensor  # scalar: auxiliary losses (MoE load balance), zero for dense models
     cache: KVCache | None
-    loss: torch.Tensor | None = None  # scalar fp32: summed next-token cross-entropy, given targets
+    loss: torch.Tensor | None = None  # fp32 next-token cross-entropy given targets: summed (), or (B, T)
 
 
 # config.feed_forward kinds -> the module a block's `mlp` is; None: the block has none.
@@ -144,6 +144,7 @@ class Transformer(nn.Module):
         last_only: bool = False,  # logits for the final position only
         token_mask: torch.Tensor | None = None,  # (B, T) bool: tokens a MoE's statistics count; below
         targets: torch.Tensor | None = None,  # (B, T) long: next tokens, IGNORE_INDEX where none; below
+        reduction: str = "sum",  # of the loss given targets: "sum" or "none"
     ) -> TransformerOutput:
         """token_mask: the tokens whose routing the MoE layers' statistics,
         balancing losses and centring mean count, False for padding (which is
@@ -155,7 +156,9 @@ class Transformer(nn.Module):
         targets: return `loss`, the cross-entropy of the logits against them
         summed over the targets kept, in place of the logits, which are then
         never made whole (core/head_loss.py: a training step's largest
-        tensors, and on the CPU a few percent of its time)."""
+        tensors, and on the CPU a few percent of its time). reduction "none":
+        each position's, (B, T), 0 where the target is IGNORE_INDEX; minus
+        the log-probabilities of the targets, which alignment weighs."""
         x = self._embed_tokens(input_ids, input_embeds)  # (B, T, d)
         B, T, _ = x.shape
         past = cache.length if cache is not None else 0
@@ -183,20 +186,24 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         aux = sum((b.mlp.pop_aux_loss() for b in self.blocks if isinstance(b.mlp, MoE)), x.new_zeros(()))
         if targets is not None:
-            return TransformerOutput(logits=None, aux_loss=aux, cache=cache, loss=self.head_loss(self.norm(x), targets))
+            return TransformerOutput(logits=None, aux_loss=aux, cache=cache, loss=self.head_loss(self.norm(x), targets, reduction))
         logits = self.lm_head(self.norm(x))  # (B, T, V), or (B, T, 1) for a scalar head
         return TransformerOutput(logits=logits, aux_loss=aux, cache=cache)
 
-    def head_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Summed cross-entropy of the output head on the final norm's output (B, T, d):
-        fused when the head is the plain linear layer, else through its logits (a head
-        swapped for a quantised or adapted layer is always called as a module)."""
+    def head_loss(self, hidden: torch.Tensor, targets: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+        """Cross-entropy of the output head on the final norm's output (B, T, d), summed
+        or (reduction "none") per position: fused when the head is the plain linear layer,
+        else through its logits (a head swapped for a quantised or adapted layer is always
+        called as a module)."""
         if self.config.head != "lm":
             raise ValueError(f"targets: a model with head {self.config.head!r} has no next-token loss")
         if type(self.lm_head) is Linear and self.lm_head.bias is None:
-            return linear_cross_entropy(hidden, self.lm_head.weight, targets)
+            return linear_cross_entropy(hidden, self.lm_head.weight, targets, reduction)
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction: {reduction!r} is not one of {REDUCTIONS}")
         logits = self.lm_head(hidden).float()  # (B, T, V)
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
+        return loss.view(targets.shape) if reduction == "none" else loss
 
     def _embed_tokens(self, input_ids: torch.Tensor | None, input_embeds: torch.Tensor | None) -> torch.Tensor:
         if (input_ids is None) == (input_embeds is None):
