@@ -30,7 +30,6 @@ from functools import partial
 from itertools import cycle, islice
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -233,8 +232,8 @@ def recover(
     losses = []
     batches = islice(cycle(list(token_batches)), steps)
     for ids in tqdm(batches, total=steps, disable=not progress, desc="recover", unit="step"):
-        out = model(ids[:, :-1])
-        loss = F.cross_entropy(out.logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+        out = model(ids[:, :-1], targets=ids[:, 1:])  # the head loss: no whole logits (core/head_loss.py)
+        loss = out.loss / ids[:, 1:].numel()  # mean over tokens
         optimizer.zero_grad(set_to_none=True)
         (loss + out.aux_loss).backward()
         optimizer.step()
