@@ -83,7 +83,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         h, y, kept = _kept_rows(hidden, targets)
         want = ctx.needs_input_grad[:2]  # a frozen head (or frozen trunk) skips its product
         loss, grad_h, grad_w = _chunked(h.to(dtype), weight.to(dtype), y, want)
-        ctx.grads = (_hidden_grad(grad_h, kept, hidden.shape, hidden.dtype), None if grad_w is None else grad_w.to(weight.dtype))
+        ctx.grads = (_hidden_grad(grad_h, kept, hidden.shape, hidden.dtype),
+                     None if grad_w is None else grad_w.to(weight.dtype))
         return loss
 
     @staticmethod

@@ -186,7 +186,8 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         aux = sum((b.mlp.pop_aux_loss() for b in self.blocks if isinstance(b.mlp, MoE)), x.new_zeros(()))
         if targets is not None:
-            return TransformerOutput(logits=None, aux_loss=aux, cache=cache, loss=self.head_loss(self.norm(x), targets, reduction))
+            loss = self.head_loss(self.norm(x), targets, reduction)
+            return TransformerOutput(logits=None, aux_loss=aux, cache=cache, loss=loss)
         logits = self.lm_head(self.norm(x))  # (B, T, V), or (B, T, 1) for a scalar head
         return TransformerOutput(logits=logits, aux_loss=aux, cache=cache)
 
