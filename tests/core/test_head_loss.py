@@ -178,6 +178,8 @@ def test_a_swapped_head_is_called_as_a_module(reduction) -> None:
         torch.testing.assert_close(model(x, targets=x, reduction=reduction).loss, want)
     with pytest.raises(ValueError, match="reduction: 'mean' is not one of"):
         model(x, targets=x, reduction="mean")
+    with pytest.raises(ValueError, match="reduction: 'none' reduces the loss, which needs targets"):
+        model(x, reduction="none")
 
 
 def test_a_scalar_head_has_no_next_token_loss() -> None:

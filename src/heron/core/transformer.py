@@ -159,6 +159,8 @@ class Transformer(nn.Module):
         tensors, and on the CPU a few percent of its time). reduction "none":
         each position's, (B, T), 0 where the target is IGNORE_INDEX; minus
         the log-probabilities of the targets, which alignment weighs."""
+        if targets is None and reduction != "sum":
+            raise ValueError(f"reduction: {reduction!r} reduces the loss, which needs targets")
         x = self._embed_tokens(input_ids, input_embeds)  # (B, T, d)
         B, T, _ = x.shape
         past = cache.length if cache is not None else 0
