@@ -20,9 +20,10 @@ the passes over and allocations of the large buffers, mostly goes.
 With `reduction="none"` it gives each position's cross-entropy, -log p(target):
 the per-token log-probabilities that alignment's losses weigh one by one
 (align/logprobs.py). Their incoming gradient is per token and unknown in the
-forward, so the forward keeps only each row's log-sum-exp and the backward
-makes each chunk's logits again: one product more than the plain way, and
-still no (tokens, vocab) tensor.
+forward, so the forward keeps only the losses (the softmax's normaliser is
+the loss plus the target's logit) and the backward makes each chunk's logits
+again: one product more than the plain way, and still no (tokens, vocab)
+tensor.
 """
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ def linear_cross_entropy(
             return _LinearCrossEntropy.apply(hidden, weight, targets, dtype)
         h, y, kept = _kept_rows(hidden, targets)
         if reduction == "none":
-            return _every_position(_row_losses(h.to(dtype), weight.to(dtype), y)[0], kept, targets)
+            return _every_position(_row_losses(h.to(dtype), weight.to(dtype), y), kept, targets)
         return _chunked(h.to(dtype), weight.to(dtype), y, (False, False))[0]
 
 
@@ -93,7 +94,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 class _TokenCrossEntropy(torch.autograd.Function):
-    """Every position's loss: the forward keeps each row's log-sum-exp, the backward
+    """Every position's loss: the forward keeps the kept rows' losses, the backward
     makes the logits again chunk by chunk (module note)."""
 
     @staticmethod
@@ -101,17 +102,17 @@ class _TokenCrossEntropy(torch.autograd.Function):
                 dtype: torch.dtype):
         h, y, kept = _kept_rows(hidden, targets)
         h, w = h.to(dtype), weight.to(dtype)
-        losses, lse = _row_losses(h, w, y)  # (n,) each
-        ctx.save_for_backward(h, w, y, lse, kept)
+        losses = _row_losses(h, w, y)  # (n,)
+        ctx.save_for_backward(h, w, y, losses, kept)
         ctx.hidden_shape, ctx.dtypes = hidden.shape, (hidden.dtype, weight.dtype)  # the gradients'
         return _every_position(losses, kept, targets)
 
     @staticmethod
     def backward(ctx: Any, grad_losses: torch.Tensor):  # noqa: ANN205
-        h, w, y, lse, kept = ctx.saved_tensors
+        h, w, y, losses, kept = ctx.saved_tensors
         g = grad_losses.reshape(-1).float()  # (N,)
         g = g if kept is None else g.index_select(0, kept)  # (n,)
-        grad_h, grad_w = _row_loss_grads(h, w, y, lse, g, ctx.needs_input_grad[:2])
+        grad_h, grad_w = _row_loss_grads(h, w, y, losses, g, ctx.needs_input_grad[:2])
         hidden_dtype, weight_dtype = ctx.dtypes
         return (_hidden_grad(grad_h, kept, ctx.hidden_shape, hidden_dtype),
                 None if grad_w is None else grad_w.to(weight_dtype), None, None)
@@ -147,13 +148,26 @@ def _hidden_grad(grad_h: torch.Tensor | None, kept: torch.Tensor | None, shape: 
     return grad_h.view(shape).to(dtype)
 
 
-def _chunk_rows(n: int, vocab: int) -> int:
-    return max(1, min(n, max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // vocab)))
+def _chunking(h: torch.Tensor, weight: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """(rows a chunk takes, the buffer (rows, V) that each chunk's logits are made in, reused)."""
+    rows = max(1, min(h.shape[0], max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // weight.shape[0])))
+    return rows, torch.empty(rows, weight.shape[0], dtype=h.dtype, device=h.device)
 
 
 def _logits(h_c: torch.Tensor, weight: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
     """A chunk's logits (c, V) in fp32, made in `buffer`; a copy only below fp32."""
     return torch.mm(h_c, weight.t(), out=buffer[: len(h_c)]).float()
+
+
+def _shifted_exp(logits: torch.Tensor, y_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A chunk's logits (c, V), targets y_c (c, 1): (the logits made in place into
+    exp(logits - each row's maximum), that's row sums (c, 1), each row's loss (c, 1),
+    log-sum-exp minus the target's logit)."""
+    peak = logits.amax(dim=1, keepdim=True)  # (c, 1)
+    target_logit = logits.gather(1, y_c)  # (c, 1)
+    exps = logits.sub_(peak).exp_()
+    total = exps.sum(dim=1, keepdim=True)
+    return exps, total, total.log() + peak - target_logit
 
 
 def _add_grads(d_logits: torch.Tensor, h_c: torch.Tensor, weight: torch.Tensor,
@@ -181,55 +195,45 @@ def _chunked(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(summed loss in fp32, d loss / d h (n, d), d loss / d weight (V, d)) for rows h (n, d)
     whose targets y (n,) are all kept; each gradient None unless `want` asks for it."""
-    rows = _chunk_rows(h.shape[0], weight.shape[0])
-    buffer = torch.empty(rows, weight.shape[0], dtype=h.dtype, device=h.device)  # one chunk's logits, reused
+    rows, buffer = _chunking(h, weight)
     loss = torch.zeros((), dtype=torch.float32, device=h.device)
     grad_h, grad_w = _gradient_buffers(h, weight, want)
     for start in range(0, h.shape[0], rows):
         h_c, y_c = h[start:start + rows], y[start:start + rows, None]  # (c, d), (c, 1)
-        logits = _logits(h_c, weight, buffer)  # (c, V)
-        peak = logits.amax(dim=1, keepdim=True)  # (c, 1)
-        target_logit = logits.gather(1, y_c)
-        probs = logits.sub_(peak).exp_()  # unnormalised, in place
-        total = probs.sum(dim=1, keepdim=True)
-        loss += (total.log() + peak - target_logit).sum()
+        probs, total, losses = _shifted_exp(_logits(h_c, weight, buffer), y_c)  # probs unnormalised
+        loss += losses.sum()
         if any(want):  # d loss / d logits = softmax - one_hot(target)
             d_logits = probs.div_(total).scatter_add_(1, y_c, probs.new_full(y_c.shape, -1.0))
             _add_grads(d_logits, h_c, weight, None if grad_h is None else grad_h[start:start + rows], grad_w)
     return loss, grad_h, grad_w
 
 
-def _row_losses(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(each row's loss (n,), each row's log-sum-exp of its logits (n,)), fp32, for rows h
-    (n, d) whose targets y (n,) are all kept."""
-    rows = _chunk_rows(h.shape[0], weight.shape[0])
-    buffer = torch.empty(rows, weight.shape[0], dtype=h.dtype, device=h.device)
+def _row_losses(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Each row's loss (n,), fp32, for rows h (n, d) whose targets y (n,) are all kept."""
+    rows, buffer = _chunking(h, weight)
     losses = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
-    lse = torch.empty_like(losses)
     for start in range(0, h.shape[0], rows):
         logits = _logits(h[start:start + rows], weight, buffer)  # (c, V)
-        peak = logits.amax(dim=1, keepdim=True)  # (c, 1)
-        target_logit = logits.gather(1, y[start:start + rows, None])  # (c, 1)
-        chunk_lse = logits.sub_(peak).exp_().sum(dim=1, keepdim=True).log_().add_(peak)  # (c, 1)
-        lse[start:start + rows] = chunk_lse.squeeze(1)
-        losses[start:start + rows] = (chunk_lse - target_logit).squeeze(1)
-    return losses, lse
+        losses[start:start + rows] = _shifted_exp(logits, y[start:start + rows, None])[2].squeeze(1)
+    return losses
 
 
 def _row_loss_grads(
-    h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
+    h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, losses: torch.Tensor, g: torch.Tensor,
     want: tuple[bool, bool],
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The gradients of sum_i g[i] * loss_i for `_row_losses`' rows: each chunk's
-    logits made again and turned into g * (softmax - one_hot(target)) in place."""
+    """The gradients of sum_i g[i] * losses[i] for `_row_losses`' rows: each chunk's
+    logits made again and turned in place into g * (softmax - one_hot(target)), the
+    softmax's normaliser read back from the loss (log-sum-exp = loss + target logit)."""
     grad_h, grad_w = _gradient_buffers(h, weight, want)
     if not any(want):
         return grad_h, grad_w
-    rows = _chunk_rows(h.shape[0], weight.shape[0])
-    buffer = torch.empty(rows, weight.shape[0], dtype=h.dtype, device=h.device)
+    rows, buffer = _chunking(h, weight)
     for start in range(0, h.shape[0], rows):
         h_c, y_c, g_c = h[start:start + rows], y[start:start + rows, None], g[start:start + rows, None]
-        probs = _logits(h_c, weight, buffer).sub_(lse[start:start + rows, None]).exp_()  # (c, V)
+        logits = _logits(h_c, weight, buffer)  # (c, V)
+        lse = logits.gather(1, y_c) + losses[start:start + rows, None]  # (c, 1)
+        probs = logits.sub_(lse).exp_()
         d_logits = probs.scatter_add_(1, y_c, probs.new_full(y_c.shape, -1.0)).mul_(g_c)
         _add_grads(d_logits, h_c, weight, None if grad_h is None else grad_h[start:start + rows], grad_w)
     return grad_h, grad_w
