@@ -10,7 +10,7 @@ from torch import nn
 
 from heron.core import ModelConfig, Transformer
 from heron.core import head_loss
-from heron.core.head_loss import IGNORE_INDEX, REDUCTIONS, linear_cross_entropy
+from heron.core.head_loss import IGNORE_INDEX, REDUCTIONS, linear_cross_entropy, next_token_targets
 
 
 @pytest.fixture
@@ -186,3 +186,11 @@ def test_a_scalar_head_has_no_next_token_loss() -> None:
     model = make_model(head="scalar", tie_embeddings=False)
     with pytest.raises(ValueError, match="head 'scalar' has no next-token loss"):
         model(torch.zeros(1, 4, dtype=torch.long), targets=torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_next_token_targets_shift_by_one_and_skip_what_is_not_counted() -> None:
+    ids = torch.tensor([[5, 6, 7, 8], [1, 2, 3, 4]])
+    I = IGNORE_INDEX  # noqa: E741
+    assert next_token_targets(ids).tolist() == [[6, 7, 8, I], [2, 3, 4, I]]
+    counted = torch.tensor([[True, True, False, True], [False, False, True, True]])
+    assert next_token_targets(ids, counted).tolist() == [[6, I, 8, I], [I, 3, 4, I]]

@@ -104,12 +104,17 @@ class Copier(nn.Module):
         super().__init__()
         self.vocab_size, self.period, self.confidence = vocab_size, period, confidence
 
-    def forward(self, ids: torch.Tensor) -> TransformerOutput:
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor | None = None,
+                reduction: str = "sum") -> TransformerOutput:
+        """As `Transformer.forward`: given targets, their cross-entropy in place of the logits."""
         B, T = ids.shape
         logits = torch.zeros(B, T, self.vocab_size)
         # Position t >= period - 1 bets on ids[t - period + 1].
         logits[:, self.period - 1 :] = self.confidence * F.one_hot(ids[:, : T - self.period + 1], self.vocab_size)
-        return TransformerOutput(logits=logits, aux_loss=torch.zeros(()), cache=None)
+        if targets is None:
+            return TransformerOutput(logits=logits, aux_loss=torch.zeros(()), cache=None)
+        loss = F.cross_entropy(logits.transpose(1, 2), targets, reduction=reduction)
+        return TransformerOutput(logits=None, aux_loss=torch.zeros(()), cache=None, loss=loss)
 
 
 def test_repeat_losses_of_a_perfect_copier_are_known():

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from heron.core.head_loss import IGNORE_INDEX
+from heron.core.head_loss import next_token_targets
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -33,8 +33,7 @@ def logprobs_and_aux(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
     # Each position's target is the next token where the mask counts it: the model's head
     # then never makes the (B, T, V) logits, nor their log-softmax (core/head_loss.py),
     # and positions outside the replies (prompts, padding) cost nothing in it.
-    next_ids = ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)  # (B, T - 1)
-    targets = F.pad(next_ids, (0, 1), value=IGNORE_INDEX)  # (B, T): the last position predicts nothing
+    targets = next_token_targets(ids, mask != 0)  # (B, T)
     out = model(ids, attention_mask=attention_mask, token_mask=token_mask, targets=targets, reduction="none")
     return -out.loss[:, :-1] * mask[:, 1:].to(torch.float32), out.aux_loss.float()
 

@@ -75,6 +75,15 @@ def linear_cross_entropy(
         return _chunked(h.to(dtype), weight.to(dtype), y, (False, False))[0]
 
 
+
+def next_token_targets(ids: torch.Tensor, counted: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) targets that make a model's loss next-token prediction of ids (B, T):
+    position t's target is ids[:, t + 1]; IGNORE_INDEX at the last position, and
+    where counted (B, T) bool is False for the token to be predicted."""
+    following = ids[:, 1:] if counted is None else ids[:, 1:].masked_fill(~counted[:, 1:], IGNORE_INDEX)
+    return torch.cat([following, following.new_full((ids.shape[0], 1), IGNORE_INDEX)], dim=1)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """The summed loss: its gradients made in the forward, scaled in the backward."""
 
@@ -239,4 +248,4 @@ def _row_loss_grads(
     return grad_h, grad_w
 
 
-__all__ = ["IGNORE_INDEX", "REDUCTIONS", "linear_cross_entropy"]
+__all__ = ["IGNORE_INDEX", "REDUCTIONS", "linear_cross_entropy", "next_token_targets"]

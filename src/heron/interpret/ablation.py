@@ -21,8 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from heron.core.head_loss import next_token_targets
 from heron.core.hooks import HookFn, attach_hooks
 from heron.core.transformer import Transformer
 from heron.interpret.cache import run_with_cache
@@ -87,9 +87,8 @@ def _replace(mask: torch.Tensor, value: torch.Tensor) -> HookFn:
 
 def token_losses(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
     """(B, T - 1): the cross-entropy of predicting ids[:, t + 1] from ids[:, : t + 1]."""
-    with torch.no_grad():
-        logits = model(ids).logits[:, :-1].float()  # (B, T - 1, V)
-    return F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    with torch.no_grad():  # the model's head loss: no (B, T, V) logits
+        return model(ids, targets=next_token_targets(ids), reduction="none").loss[:, :-1]
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from heron.core.config import check_known_fields
+from heron.core.head_loss import next_token_targets
 from heron.core.hooks import HookFn, attach_hooks
 from heron.data.batches import PackedBatches, TokenStream, epoch_rows
 from heron.data.shards import load_shards
@@ -439,8 +440,7 @@ class SAEMetrics:
 def _next_token_loss(model: nn.Module, ids: torch.Tensor, fns: dict[str, HookFn]) -> float:
     """Summed cross-entropy of predicting ids[:, 1:] from ids (B, T) with hooks attached."""
     with attach_hooks(model, fns):
-        logits = model(ids).logits[:, :-1].float()  # (B, T-1, V)
-    return F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
+        return model(ids, targets=next_token_targets(ids)).loss.item()  # the head loss: no whole logits
 
 
 @torch.no_grad()
