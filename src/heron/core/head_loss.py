@@ -169,8 +169,8 @@ def _logits(h_c: torch.Tensor, weight: torch.Tensor, buffer: torch.Tensor) -> to
 
 
 def _shifted_exp(logits: torch.Tensor, y_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A chunk's logits (c, V), targets y_c (c, 1): (the logits made in place into
-    exp(logits - each row's maximum), that's row sums (c, 1), each row's loss (c, 1),
+    """For a chunk's logits (c, V) and targets y_c (c, 1): (the logits turned in place
+    into exp(logits - each row's maximum), their row sums (c, 1), each row's loss (c, 1):
     log-sum-exp minus the target's logit)."""
     peak = logits.amax(dim=1, keepdim=True)  # (c, 1)
     target_logit = logits.gather(1, y_c)  # (c, 1)
@@ -194,6 +194,7 @@ def _add_grads(d_logits: torch.Tensor, h_c: torch.Tensor, weight: torch.Tensor,
 
 def _gradient_buffers(h: torch.Tensor, weight: torch.Tensor, want: tuple[bool, bool]
                       ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(d loss / d h to fill, d loss / d weight to accumulate into, fp32), each None unless wanted."""
     grad_h = torch.empty_like(h) if want[0] else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if want[1] else None
     return grad_h, grad_w
