@@ -43,6 +43,7 @@ bench: setup
 	$(PY) benchmarks/bench_align.py
 	$(PY) benchmarks/bench_logprobs.py
 	$(PY) benchmarks/bench_compress.py
+	$(PY) benchmarks/bench_distill.py
 	$(PY) benchmarks/bench_interpret.py
 	$(PY) benchmarks/bench_watermark.py
 	$(PY) benchmarks/bench_pii.py

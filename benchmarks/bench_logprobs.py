@@ -19,15 +19,13 @@ Speed: steps of both, interleaved, in one process.
 """
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from common import Result, finish, interleave, machine, peak_rss, plan_args, ratio, reset_peak_rss, setup_torch, timed
+from common import MEMORY_CHILD, finish, machine, plan_args, setup_torch, step_memory_child, two_way_step_results
 from heron.align.logprobs import logprobs_and_aux, token_logprobs
 from heron.align.losses import dpo_loss
 from heron.models.presets import build_model
@@ -36,7 +34,8 @@ from heron.train.recipe import OptimSection
 
 PRESET, VOCAB = "small", 32000
 PAIRS, SEQ_LEN = 4, 512  # 8 sequences: logits of 4096 x 32000, 500 MiB in fp32
-PATHS = ("head", "logits")
+# The new way, then the old.
+WAYS = {"head": "log-probs from the head loss", "logits": "log-probs from the whole logits"}
 
 
 @dataclass(frozen=True)
@@ -53,8 +52,8 @@ def through_logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
     return token_logprobs(model(ids).logits[:, :-1], ids[:, 1:]) * mask[:, 1:]
 
 
-def dpo_step(path: str) -> Callable[[], None]:
-    """One DPO policy step on a fresh model, the log-probabilities taken `path`'s way."""
+def dpo_step(way: str) -> Callable[[], None]:
+    """One DPO policy step on a fresh model, the log-probabilities taken `way`'s way."""
     setup_torch()
     model = build_model(PRESET, vocab_size=VOCAB).train()
     optimizer = build_optimizer(model, OptimSection())
@@ -65,7 +64,7 @@ def dpo_step(path: str) -> Callable[[], None]:
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        per_token = logprobs_and_aux(model, ids, mask)[0] if path == "head" else through_logits(model, ids, mask)
+        per_token = logprobs_and_aux(model, ids, mask)[0] if way == "head" else through_logits(model, ids, mask)
         summed = per_token.sum(1)  # (2P,)
         loss = dpo_loss(summed[:PAIRS], summed[PAIRS:], reference[:PAIRS], reference[PAIRS:]).mean()
         loss.backward()
@@ -74,51 +73,15 @@ def dpo_step(path: str) -> Callable[[], None]:
     return step
 
 
-def memory_child(path: str) -> None:
-    """Child: print as JSON the peak-RSS rise of one step, after one warm-up step."""
-    step = dpo_step(path)
-    step()  # the optimizer's state, the allocator's arenas
-    before = reset_peak_rss()
-    step()
-    print(json.dumps({"rise": peak_rss() - before}))
-
-
-def memory_results(how: str) -> list[Result]:
-    rises = {}
-    for path in PATHS:
-        out = subprocess.run([sys.executable, __file__, "--memory-child", path], check=True, capture_output=True,
-                             text=True).stdout
-        rises[path] = json.loads(out.strip().splitlines()[-1])["rise"]
-        print(f"  one DPO step's peak-RSS rise, log-probs from the {path}: {rises[path] / 2**20:.0f} MiB", flush=True)
-    return [
-        Result("dpo_step_peak_rss_head_over_logits", rises["head"] / rises["logits"], "x",
-               f"one step's peak-RSS rise, log-probs from the head loss / from the whole logits: {how}; "
-               f"fresh process each, after one warm-up step"),
-        *(Result(f"dpo_step_peak_rss_rise_mib_{path}", rises[path] / 2**20, "MiB", f"log-probs from the {path}: {how}")
-          for path in PATHS),
-    ]
-
-
-def speed_results(rounds: int, how: str) -> list[Result]:
-    steps = {path: dpo_step(path) for path in PATHS}
-    for step in steps.values():
-        step()  # warm-up
-    stats = interleave({path: (lambda s=step: 1.0 / timed(s)) for path, step in steps.items()}, rounds)
-    speedup = ratio(stats["head"], stats["logits"])
-    return [Result("dpo_step_speedup_head_over_logits", speedup.median, "x",
-                   f"steps/s, log-probs from the head loss / from the whole logits, median of per-round ratios "
-                   f"over {rounds} interleaved rounds of one step (spread {speedup.spread:.0%}): {how}")]
-
-
 def main() -> None:
-    if "--memory-child" in sys.argv:
-        memory_child(sys.argv[sys.argv.index("--memory-child") + 1])
+    if MEMORY_CHILD in sys.argv:
+        step_memory_child(dpo_step, sys.argv[sys.argv.index(MEMORY_CHILD) + 1])
         return
     args, plan = plan_args(__doc__, FULL, SMOKE)
     info = machine()
     how = (f"one DPO policy step (forward, DPO loss, backward, AdamW), {PRESET} preset with vocabulary {VOCAB}, "
            f"{PAIRS} pairs of {SEQ_LEN} tokens (prompt half, reply half), fp32")
-    results = speed_results(plan.rounds, how) + (memory_results(how) if plan.memory else [])
+    results = two_way_step_results(__file__, dpo_step, "dpo_step", WAYS, how, plan.rounds, plan.memory)
     notes = [f"Logits of the batch: {2 * PAIRS * SEQ_LEN} x {VOCAB}, "
              f"{2 * PAIRS * SEQ_LEN * VOCAB * 4 / 2**20:.0f} MiB in fp32; the head loss makes the logits of "
              f"the reply positions only, in chunks, and makes them again in the backward."]

@@ -17,6 +17,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -165,6 +167,55 @@ def reset_peak_rss() -> int:
 def peak_rss() -> int:
     """Peak RSS since the last reset, in bytes."""
     return status_kib("VmHWM") * 1024
+
+
+# ----- one training step two ways ------------------------------------------------
+
+MEMORY_CHILD = "--memory-child"  # argv flag: this process measures one way's step and prints its rise
+
+
+def step_memory_child(make_step: Callable[[str], Callable[[], None]], way: str) -> None:
+    """Child side: print as JSON the peak-RSS rise of one `make_step(way)` step, after one
+    warm-up step (the optimizer's state, the allocator's arenas)."""
+    step = make_step(way)
+    step()
+    before = reset_peak_rss()
+    step()
+    print(json.dumps({"rise": peak_rss() - before}))
+
+
+def two_way_step_results(script: str, make_step: Callable[[str], Callable[[], None]], key: str,
+                         ways: Mapping[str, str], how: str, rounds: int, memory: bool) -> list[Result]:
+    """One training step two ways, `ways` {name: what it does}, the new way first and
+    the old second: `{key}_speedup_{new}_over_{old}` (steps/s, median of per-round
+    ratios over `rounds` interleaved rounds of one step, after a warm-up step each)
+    and, with `memory`, `{key}_peak_rss_{new}_over_{old}` and each way's
+    `{key}_peak_rss_rise_mib_{way}`: one step's peak-RSS rise after a warm-up step,
+    each in a fresh process running `script --memory-child WAY` (`step_memory_child`)."""
+    (new, new_what), (old, old_what) = ways.items()
+    steps = {way: make_step(way) for way in ways}
+    for step in steps.values():
+        step()
+    stats = interleave({way: (lambda s=step: 1.0 / timed(s)) for way, step in steps.items()}, rounds)
+    speedup = ratio(stats[new], stats[old])
+    results = [Result(f"{key}_speedup_{new}_over_{old}", speedup.median, "x",
+                      f"steps/s, {new_what} / {old_what}, median of per-round ratios over {rounds} interleaved "
+                      f"rounds of one step (spread {speedup.spread:.0%}): {how}")]
+    if not memory:
+        return results
+    del steps
+    rises = {}
+    for way in ways:
+        out = subprocess.run([sys.executable, script, MEMORY_CHILD, way], check=True, capture_output=True,
+                             text=True).stdout
+        rises[way] = json.loads(out.strip().splitlines()[-1])["rise"]
+        print(f"  one step's peak-RSS rise, {way}: {rises[way] / 2**20:.0f} MiB", flush=True)
+    return results + [
+        Result(f"{key}_peak_rss_{new}_over_{old}", rises[new] / rises[old], "x",
+               f"one step's peak-RSS rise, {new_what} / {old_what}: {how}; fresh process each, after one warm-up step"),
+        *(Result(f"{key}_peak_rss_rise_mib_{way}", rises[way] / 2**20, "MiB", f"{what}: {how}")
+          for way, what in ways.items()),
+    ]
 
 
 # ----- memory bandwidth -------------------------------------------------------

@@ -18,17 +18,17 @@ from heron.compress.distill import (
     check_hidden_settings,
     distill,
     distillation_loss,
-    hidden_objective,
+    distillation_objective,
     hidden_state_loss,
     resid_post,
-    teacher_loss,
+    teacher_states,
     uniform_layer_map,
 )
 from heron.core import Transformer
 from heron.data.batches import eval_batches
 from heron.train import load_checkpoint, load_model_folder, synthetic_data, train
 from heron.train.checkpoint import latest_checkpoint
-from heron.train.loop import IGNORE_INDEX
+from heron.train.loop import IGNORE_INDEX, Objective
 from heron.train.recipe import model_config, recipe_from_dict
 
 torch.set_num_threads(1)
@@ -167,31 +167,51 @@ def test_the_uniform_map_ends_last_to_last(student_layers, teacher_layers, want)
     assert uniform_layer_map(student_layers, teacher_layers) == want
 
 
-def test_hidden_weight_zero_is_exactly_the_logit_only_loss():
+def test_the_objective_is_the_logit_loss_plus_the_hidden_term():
+    """The student's forward, scored by the objective's head loss, gives distillation_loss of
+    both models' logits (to fp32 rounding: it never makes them); hidden_weight adds its term."""
     teacher, student = tiny(seed=0), tiny(seed=1, d_model=32)  # d 64 and d 32, 2 layers each
     torch.manual_seed(0)
     x = torch.randint(0, V, (2, 8))
     y = x.roll(-1, dims=1)
-    acts: dict[str, torch.Tensor] = {}
-    with student.hooks({resid_post(i): lambda a, name: acts.__setitem__(name, a) for i in (0, 1)}):
-        logits = student(x).logits.float()
-    old = teacher_loss(teacher, temperature=2.0, alpha=0.5)(x, logits, y)
-    off = hidden_objective(teacher, student.config, {0: 0, 1: 1}, temperature=2.0, alpha=0.5, hidden_weight=0.0)
-    on = hidden_objective(teacher, student.config, {0: 0, 1: 1}, temperature=2.0, alpha=0.5, hidden_weight=0.5)
-    assert torch.equal(off.loss(x, logits, y, acts), old)
-    assert on.loss(x, logits, y, acts).item() > old.item()  # the same inputs, now with a hidden term to pay
+    y[0, :3] = IGNORE_INDEX
+    with torch.no_grad():
+        want = distillation_loss(student(x).logits, teacher(x).logits, y, temperature=2.0, alpha=0.5)
+    for weight in (0.0, 0.5):
+        objective = distillation_objective(teacher, student.config, {0: 0, 1: 1}, temperature=2.0, alpha=0.5,
+                                           hidden_weight=weight)
+        acts: dict[str, torch.Tensor] = {}
+        with torch.no_grad(), student.hooks(dict.fromkeys(objective.hook_names, lambda a, n: acts.__setitem__(n, a))):
+            distilled = student(x, targets=y, head_loss=objective.head(x)).loss
+            total = objective.loss(x, distilled, y, acts)
+        assert distilled.item() == pytest.approx(want.item(), rel=1e-5)
+        if weight == 0:
+            assert objective.hook_names == () and objective.params is None and torch.equal(total, distilled)
+        else:
+            teacher_hidden, teacher_acts = teacher_states(teacher, x, [resid_post(0), resid_post(1)])
+            hidden = hidden_state_loss([acts[resid_post(i)] for i in (0, 1)],
+                                       [teacher_acts[resid_post(j)] for j in (0, 1)], objective.params.weight, y)
+            assert total.item() == pytest.approx((distilled + weight * hidden).item(), rel=1e-6)
+            assert teacher_hidden.shape == (2, 8, 64)
 
 
-def test_hidden_weight_zero_trains_exactly_as_before(teacher, tmp_path):
-    """distill with hidden_weight=0 is the logit-only run of the loop's plain TokenLoss, bit for bit."""
+def test_fused_distillation_trains_as_the_logits_way_does(teacher, tmp_path):
+    """distill's fused objective against the loop's plain TokenLoss over both models' whole logits:
+    the same run to fp32 rounding."""
     teacher_model, _ = load_model_folder(teacher)
-    before = train(recipe(tmp_path / "before", d_model=16, steps=3),
-                   token_loss=teacher_loss(teacher_model, temperature=2.0, alpha=0.5))
+
+    def through_logits(x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_logits = teacher_model(x).logits.float()
+        return distillation_loss(logits, teacher_logits, y, temperature=2.0, alpha=0.5)
+
+    before = train(recipe(tmp_path / "before", d_model=16, steps=3), token_loss=Objective.of(through_logits))
     now = distill(teacher, recipe(tmp_path / "now", d_model=16, steps=3), hidden_weight=0.0)
-    assert now.history == before.history
+    for a, b in zip(before.history, now.history):
+        assert a.keys() == b.keys() and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     a, b = (load_checkpoint(r.checkpoint) for r in (before, now))
     assert a.state_dict.keys() == b.state_dict.keys()
-    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+    assert all(torch.allclose(a.state_dict[k], b.state_dict[k], atol=1e-5) for k in a.state_dict)
     assert "objective" not in b.trainer_state
     assert b.lineage["distillation"]["hidden_weight"] == 0.0 and "hidden_layers" not in b.lineage["distillation"]
 
@@ -219,8 +239,8 @@ def test_hidden_matching_pulls_the_students_states_to_the_teachers(teacher, tmp_
     config = model_config(student_recipe, 32)
     layer_map = check_hidden_settings(3.0, None, student_layers=1, teacher_layers=2)
     assert layer_map == {0: 1}  # the uniform map: the student's only layer meets the teacher's last
-    objective = hidden_objective(teacher_model, config, layer_map, temperature=2.0, alpha=1.0, hidden_weight=3.0,
-                                 seed=student_recipe.train.seed)
+    objective = distillation_objective(teacher_model, config, layer_map, temperature=2.0, alpha=1.0,
+                                       hidden_weight=3.0, seed=student_recipe.train.seed)
     initial_projection = objective.params.weight.detach().clone()
     torch.manual_seed(student_recipe.train.seed)
     fresh = Transformer(config).eval()  # the loop's starting point: same seed, same config
@@ -266,8 +286,8 @@ def test_a_resumed_hidden_distillation_equals_the_unbroken_run(teacher, tmp_path
 
     def run(name: str, **kwargs):
         r = recipe(tmp_path / name, d_model=16, steps=5, ckpt_every=2, eval_every=2)
-        objective = hidden_objective(teacher_model, model_config(r, 32), {0: 0, 1: 1}, temperature=2.0, alpha=0.5,
-                                     hidden_weight=1.0, seed=r.train.seed)
+        objective = distillation_objective(teacher_model, model_config(r, 32), {0: 0, 1: 1}, temperature=2.0,
+                                           alpha=0.5, hidden_weight=1.0, seed=r.train.seed)
         return train(r, token_loss=objective, **kwargs), objective
 
     unbroken, unbroken_objective = run("unbroken")

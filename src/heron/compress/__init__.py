@@ -4,7 +4,8 @@ efficiency report. Quantised and sparse checkpoints load with `heron.load`."""
 from heron.compress.awq import AWQResult, awq_quantize
 from heron.compress.calibration import block_linears
 from heron.compress.checkpoint import is_quantized_folder, load_quantized_folder, quantized_modules, save_quantized
-from heron.compress.distill import distill, distillation_loss
+from heron.compress.distill import distill
+from heron.compress.distill_loss import distillation_loss, linear_distillation_loss
 from heron.compress.gptq import HessianAccumulator, gptq_quantize
 from heron.compress.kernels import KERNELS, choose_kernel
 from heron.compress.prune import magnitude_mask, sparsegpt, wanda_mask
@@ -18,7 +19,8 @@ from heron.compress.schemes import SCHEMES, Int4Grouped, Int8PerChannel, QParams
 __all__ = [
     "AWQResult", "HessianAccumulator", "Int4Grouped", "Int8PerChannel", "KERNELS", "QParams", "QuantEmbedding",
     "QuantLinear", "QuantizeSettings", "SCHEMES", "awq_quantize", "block_linears", "choose_kernel", "distill",
-    "distillation_loss", "get_scheme", "gptq_quantize", "is_quantized_folder", "load_quantized_folder",
+    "distillation_loss", "get_scheme", "gptq_quantize", "is_quantized_folder", "linear_distillation_loss",
+    "load_quantized_folder",
     "magnitude_mask", "measure", "prune_experts", "prune_heads", "prune_mlp_channels", "prune_model",
     "quantize_model", "quantize_rtn", "quantized_modules", "recover", "save_quantized", "set_kernel", "sparsegpt",
     "wanda_mask", "write_report",

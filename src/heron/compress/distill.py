@@ -25,6 +25,11 @@ map is TinyBERT's uniform one, i -> round((i + 1) * L_teacher / L_student) - 1
 Averaging over matched layers and widths keeps beta's scale independent of
 both. beta = 0 (the default) is the logit-only objective, unchanged.
 
+The logit terms are computed fused, from both models' final hidden states and
+heads, chunk by chunk (compress/distill_loss.py): neither model's (tokens,
+vocabulary) logits are made whole, which at a 32k vocabulary is what would
+fill memory first.
+
 The student trains through Heron's one training loop (`train.train` with this
 objective), so checkpoints, resuming, validation (plain cross-entropy,
 comparable with any model's) and the energy record are the loop's own.
@@ -39,35 +44,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from heron.compress.distill_loss import check_settings, distillation_loss, linear_distillation_loss
 from heron.core.config import ModelConfig
-from heron.core.transformer import Transformer
+from heron.core.transformer import HeadLoss, Transformer
 from heron.train import load_model_folder
-from heron.train.loop import IGNORE_INDEX, Objective, TokenLoss, TrainResult, train
+from heron.train.loop import IGNORE_INDEX, Objective, TrainResult, train
 from heron.train.recipe import TrainRecipe, model_config
 from heron.train.sources import resolve_data
-
-
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, *,
-                      temperature: float, alpha: float) -> torch.Tensor:
-    """The objective above, summed over the target tokens that are not IGNORE_INDEX.
-
-    student_logits, teacher_logits: (..., V); targets: (...) token ids.
-    """
-    if temperature <= 0:
-        raise ValueError(f"temperature: must be > 0, got {temperature}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha: must be in [0, 1], got {alpha}")
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"teacher_logits: shape {tuple(teacher_logits.shape)} differs from the student's "
-                         f"{tuple(student_logits.shape)} (the two models need one vocabulary)")
-    keep = (targets != IGNORE_INDEX).reshape(-1)  # (N,)
-    student = student_logits.reshape(-1, student_logits.shape[-1])[keep]  # (N, V)
-    teacher = teacher_logits.reshape(-1, teacher_logits.shape[-1])[keep]  # (N, V)
-    log_q = F.log_softmax(student / temperature, dim=-1)
-    log_p = F.log_softmax(teacher / temperature, dim=-1)
-    soft = (log_p.exp() * (log_p - log_q)).sum()  # sum over tokens of KL(p || q)
-    hard = F.cross_entropy(student, targets.reshape(-1)[keep], reduction="sum")
-    return alpha * temperature**2 * soft + (1.0 - alpha) * hard
 
 
 def hidden_state_loss(student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor],
@@ -126,47 +109,67 @@ def resid_post(layer: int) -> str:
     return f"blocks.{layer}.hook_resid_post"
 
 
-def teacher_loss(teacher: Transformer, *, temperature: float, alpha: float) -> TokenLoss:
-    """The training loop's objective: the frozen teacher scores each micro-batch."""
+FINAL = "final hidden"  # teacher_states' own key beside the hook names
+
+
+def teacher_states(teacher: Transformer, x: torch.Tensor, hook_names: Sequence[str] = ()
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The frozen teacher on inputs x (b, T): (its final norm's output (b, T, d_t), its
+    activations at `hook_names`), from one forward that makes no logits (a head loss
+    that keeps the hidden states it is handed)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(activation: torch.Tensor, name: str) -> None:
+        seen[name] = activation
+
+    def keep_hidden(hidden: torch.Tensor, _head: nn.Module, _targets: torch.Tensor) -> torch.Tensor:
+        seen[FINAL] = hidden
+        return hidden.new_zeros(())
+
+    with torch.no_grad(), teacher.hooks(dict.fromkeys(hook_names, record)):
+        teacher(x, targets=x, head_loss=keep_hidden)  # the targets are never read
+    return seen.pop(FINAL), seen
+
+
+def distillation_objective(teacher: Transformer, student: ModelConfig, layer_map: Mapping[int, int], *,
+                           temperature: float, alpha: float, hidden_weight: float = 0.0,
+                           seed: int = 0) -> Objective:
+    """The training loop's objective. Per micro-batch the frozen teacher runs first
+    (`teacher_states`), then the student's forward scores its final hidden states
+    against the teacher's (`linear_distillation_loss`: neither model's logits are
+    made whole). With hidden_weight > 0 the loop also hands over the student's
+    residual streams at the mapped layers, the teacher's come from its same
+    forward, and the objective's parameters are the projection W, for the loop
+    to train; with 0 the layer map is unused."""
+    check_settings(temperature, alpha)
     teacher.eval().requires_grad_(False)
+    matched = hidden_weight > 0
+    student_names = [resid_post(i) for i in layer_map] if matched else []
+    teacher_names = [resid_post(j) for j in layer_map.values()] if matched else []
+    projection = None
+    if matched:
+        with torch.random.fork_rng(devices=[]):  # the same W on every process and every rerun; global RNG untouched
+            torch.manual_seed(seed)
+            projection = nn.Linear(student.d_model, teacher.config.d_model, bias=False)  # W: (d_t, d_s)
+    teacher_activations: dict[str, torch.Tensor] = {}  # the current micro-batch's, by hook name
 
-    def loss(x: torch.Tensor, student_logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            teacher_logits = teacher.to(x.device)(x).logits.float()  # (b, T, V); moved once, to the run's device
-        return distillation_loss(student_logits, teacher_logits, y, temperature=temperature, alpha=alpha)
+    def head(x: torch.Tensor) -> HeadLoss:
+        hidden, activations = teacher_states(teacher.to(x.device), x, teacher_names)  # moved once, to the run's device
+        teacher_activations.clear()
+        teacher_activations.update(activations)
+        return lambda student_hidden, student_head, y: linear_distillation_loss(
+            student_hidden, student_head, hidden, teacher.lm_head, y, temperature=temperature, alpha=alpha)
 
-    return loss
-
-
-def hidden_objective(teacher: Transformer, student: ModelConfig, layer_map: Mapping[int, int], *,
-                     temperature: float, alpha: float, hidden_weight: float, seed: int = 0) -> Objective:
-    """The training loop's objective with the hidden term: the loop hands over the
-    student's residual streams at the mapped layers (from the forward that made
-    its logits); the frozen teacher scores each micro-batch and gives its own.
-    The objective's parameters are the projection W, for the loop to train."""
-    teacher.eval().requires_grad_(False)
-    student_names = [resid_post(i) for i in layer_map]
-    teacher_names = [resid_post(j) for j in layer_map.values()]
-    with torch.random.fork_rng(devices=[]):  # the same W on every process and every rerun; global RNG untouched
-        torch.manual_seed(seed)
-        projection = nn.Linear(student.d_model, teacher.config.d_model, bias=False)  # W: (d_t, d_s)
-
-    def loss(x: torch.Tensor, student_logits: torch.Tensor, y: torch.Tensor,
+    def loss(x: torch.Tensor, distilled: torch.Tensor, y: torch.Tensor,
              activations: dict[str, torch.Tensor]) -> torch.Tensor:
-        captured: dict[str, torch.Tensor] = {}
-
-        def record(activation: torch.Tensor, name: str) -> None:
-            captured[name] = activation
-
-        with torch.no_grad(), teacher.hooks(dict.fromkeys(teacher_names, record)):
-            teacher_logits = teacher.to(x.device)(x).logits.float()  # (b, T, V); moved once, to the run's device
-        logit_term = distillation_loss(student_logits, teacher_logits, y, temperature=temperature, alpha=alpha)
+        if projection is None:
+            return distilled
         hidden = hidden_state_loss([activations[n].float() for n in student_names],  # each (b, T, d_s)
-                                   [captured[n].float() for n in teacher_names],  # each (b, T, d_t)
+                                   [teacher_activations[n].float() for n in teacher_names],  # each (b, T, d_t)
                                    projection.weight, y)
-        return logit_term + hidden_weight * hidden
+        return distilled + hidden_weight * hidden
 
-    return Objective(loss, hook_names=tuple(student_names), params=projection)
+    return Objective(loss, hook_names=tuple(student_names), params=projection, head=head)
 
 
 def distill(teacher_dir: str | Path, recipe: TrainRecipe, *, temperature: float = 2.0, alpha: float = 0.5,
@@ -187,15 +190,13 @@ def distill(teacher_dir: str | Path, recipe: TrainRecipe, *, temperature: float 
     layer_map = check_hidden_settings(hidden_weight, hidden_layers, student_layers=student.n_layers,
                                       teacher_layers=teacher.config.n_layers)
     settings = {"temperature": temperature, "alpha": alpha, "hidden_weight": hidden_weight}
+    objective = distillation_objective(teacher, student, layer_map, seed=recipe.train.seed, **settings)
     if hidden_weight > 0:
-        objective = hidden_objective(teacher, student, layer_map, seed=recipe.train.seed, **settings)
         settings["hidden_layers"] = {str(i): j for i, j in layer_map.items()}  # JSON keys: student layers
-    else:
-        objective = teacher_loss(teacher, temperature=temperature, alpha=alpha)  # logit-only, as before
     lineage = {"distillation": {"teacher": str(Path(teacher_dir).resolve()), **settings,
                                 "teacher_config": teacher.config.to_dict()}}
     return train(recipe, resume=resume, data=data, lineage=lineage, token_loss=objective)
 
 
-__all__ = ["check_hidden_settings", "distill", "distillation_loss", "hidden_objective", "hidden_state_loss",
-           "teacher_loss", "uniform_layer_map"]
+__all__ = ["check_hidden_settings", "distill", "distillation_loss", "distillation_objective", "hidden_state_loss",
+           "teacher_states", "uniform_layer_map"]

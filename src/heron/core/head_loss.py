@@ -24,6 +24,10 @@ forward, so the forward keeps only the losses (the softmax's normaliser is
 the loss plus the target's logit) and the backward makes each chunk's logits
 again: one product more than the plain way, and still no (tokens, vocab)
 tensor.
+
+The chunking, the kept rows and the gradient products are public building
+blocks: distillation's loss walks the same chunks with the teacher's logits
+beside the student's (compress/distill_head.py).
 """
 from __future__ import annotations
 
@@ -69,7 +73,7 @@ def linear_cross_entropy(
             return _TokenCrossEntropy.apply(hidden, weight, targets, dtype)
         if differentiable:
             return _LinearCrossEntropy.apply(hidden, weight, targets, dtype)
-        h, y, kept = _kept_rows(hidden, targets)
+        h, y, kept = kept_rows(hidden, targets)
         if reduction == "none":
             return _every_position(_row_losses(h.to(dtype), weight.to(dtype), y), kept, targets)
         return _chunked(h.to(dtype), weight.to(dtype), y, (False, False))[0]
@@ -90,10 +94,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,  # noqa: ANN205
                 dtype: torch.dtype):
-        h, y, kept = _kept_rows(hidden, targets)
+        h, y, kept = kept_rows(hidden, targets)
         want = ctx.needs_input_grad[:2]  # a frozen head (or frozen trunk) skips its product
         loss, grad_h, grad_w = _chunked(h.to(dtype), weight.to(dtype), y, want)
-        ctx.grads = (_hidden_grad(grad_h, kept, hidden.shape, hidden.dtype),
+        ctx.grads = (hidden_grad(grad_h, kept, hidden.shape, hidden.dtype),
                      None if grad_w is None else grad_w.to(weight.dtype))
         return loss
 
@@ -109,7 +113,7 @@ class _TokenCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,  # noqa: ANN205
                 dtype: torch.dtype):
-        h, y, kept = _kept_rows(hidden, targets)
+        h, y, kept = kept_rows(hidden, targets)
         h, w = h.to(dtype), weight.to(dtype)
         losses = _row_losses(h, w, y)  # (n,)
         ctx.save_for_backward(h, w, y, losses, kept)
@@ -123,11 +127,11 @@ class _TokenCrossEntropy(torch.autograd.Function):
         g = g if kept is None else g.index_select(0, kept)  # (n,)
         grad_h, grad_w = _row_loss_grads(h, w, y, losses, g, ctx.needs_input_grad[:2])
         hidden_dtype, weight_dtype = ctx.dtypes
-        return (_hidden_grad(grad_h, kept, ctx.hidden_shape, hidden_dtype),
+        return (hidden_grad(grad_h, kept, ctx.hidden_shape, hidden_dtype),
                 None if grad_w is None else grad_w.to(weight_dtype), None, None)
 
 
-def _kept_rows(
+def kept_rows(
     hidden: torch.Tensor, targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(rows of hidden (n, d), their targets (n,), their indices or None for all rows):
@@ -147,8 +151,8 @@ def _every_position(losses: torch.Tensor, kept: torch.Tensor | None, targets: to
     return losses.view(targets.shape)
 
 
-def _hidden_grad(grad_h: torch.Tensor | None, kept: torch.Tensor | None, shape: torch.Size,
-                 dtype: torch.dtype) -> torch.Tensor | None:
+def hidden_grad(grad_h: torch.Tensor | None, kept: torch.Tensor | None, shape: torch.Size,
+                dtype: torch.dtype) -> torch.Tensor | None:
     """The kept rows' gradient (n, d) as the hidden states' (shape, dtype), zero on the ignored rows."""
     if grad_h is None:
         return None
@@ -157,13 +161,15 @@ def _hidden_grad(grad_h: torch.Tensor | None, kept: torch.Tensor | None, shape: 
     return grad_h.view(shape).to(dtype)
 
 
-def _chunking(h: torch.Tensor, weight: torch.Tensor) -> tuple[int, torch.Tensor]:
-    """(rows a chunk takes, the buffer (rows, V) that each chunk's logits are made in, reused)."""
-    rows = max(1, min(h.shape[0], max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // weight.shape[0])))
+def chunking(h: torch.Tensor, weight: torch.Tensor, share: int = 1) -> tuple[int, torch.Tensor]:
+    """(rows a chunk takes, the buffer (rows, V) that each chunk's logits are made in, reused),
+    for chunks of about CHUNK_ELEMENTS / share logits (a loss that holds `share` such
+    tensors a chunk keeps its memory alike)."""
+    rows = max(1, min(h.shape[0], max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // share // weight.shape[0])))
     return rows, torch.empty(rows, weight.shape[0], dtype=h.dtype, device=h.device)
 
 
-def _logits(h_c: torch.Tensor, weight: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+def chunk_logits(h_c: torch.Tensor, weight: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
     """A chunk's logits (c, V) in fp32, made in `buffer`; a copy only below fp32."""
     return torch.mm(h_c, weight.t(), out=buffer[: len(h_c)]).float()
 
@@ -179,8 +185,8 @@ def _shifted_exp(logits: torch.Tensor, y_c: torch.Tensor) -> tuple[torch.Tensor,
     return exps, total, total.log() + peak - target_logit
 
 
-def _add_grads(d_logits: torch.Tensor, h_c: torch.Tensor, weight: torch.Tensor,
-               grad_h_c: torch.Tensor | None, grad_w: torch.Tensor | None) -> None:
+def add_grads(d_logits: torch.Tensor, h_c: torch.Tensor, weight: torch.Tensor,
+              grad_h_c: torch.Tensor | None, grad_w: torch.Tensor | None) -> None:
     """From a chunk's d loss / d logits (c, V) fp32: its rows' hidden gradient into grad_h_c
     (c, d) and its share of the weight's into grad_w (V, d), fp32; either may be None."""
     d_logits = d_logits.to(h_c.dtype)
@@ -192,8 +198,8 @@ def _add_grads(d_logits: torch.Tensor, h_c: torch.Tensor, weight: torch.Tensor,
         grad_w += d_logits.t() @ h_c
 
 
-def _gradient_buffers(h: torch.Tensor, weight: torch.Tensor, want: tuple[bool, bool]
-                      ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def gradient_buffers(h: torch.Tensor, weight: torch.Tensor, want: tuple[bool, bool]
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(d loss / d h to fill, d loss / d weight to accumulate into, fp32), each None unless wanted."""
     grad_h = torch.empty_like(h) if want[0] else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if want[1] else None
@@ -205,25 +211,25 @@ def _chunked(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(summed loss in fp32, d loss / d h (n, d), d loss / d weight (V, d)) for rows h (n, d)
     whose targets y (n,) are all kept; each gradient None unless `want` asks for it."""
-    rows, buffer = _chunking(h, weight)
+    rows, buffer = chunking(h, weight)
     loss = torch.zeros((), dtype=torch.float32, device=h.device)
-    grad_h, grad_w = _gradient_buffers(h, weight, want)
+    grad_h, grad_w = gradient_buffers(h, weight, want)
     for start in range(0, h.shape[0], rows):
         h_c, y_c = h[start:start + rows], y[start:start + rows, None]  # (c, d), (c, 1)
-        probs, total, losses = _shifted_exp(_logits(h_c, weight, buffer), y_c)  # probs unnormalised
+        probs, total, losses = _shifted_exp(chunk_logits(h_c, weight, buffer), y_c)  # probs unnormalised
         loss += losses.sum()
         if any(want):  # d loss / d logits = softmax - one_hot(target)
             d_logits = probs.div_(total).scatter_add_(1, y_c, probs.new_full(y_c.shape, -1.0))
-            _add_grads(d_logits, h_c, weight, None if grad_h is None else grad_h[start:start + rows], grad_w)
+            add_grads(d_logits, h_c, weight, None if grad_h is None else grad_h[start:start + rows], grad_w)
     return loss, grad_h, grad_w
 
 
 def _row_losses(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Each row's loss (n,), fp32, for rows h (n, d) whose targets y (n,) are all kept."""
-    rows, buffer = _chunking(h, weight)
+    rows, buffer = chunking(h, weight)
     losses = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
     for start in range(0, h.shape[0], rows):
-        logits = _logits(h[start:start + rows], weight, buffer)  # (c, V)
+        logits = chunk_logits(h[start:start + rows], weight, buffer)  # (c, V)
         losses[start:start + rows] = _shifted_exp(logits, y[start:start + rows, None])[2].squeeze(1)
     return losses
 
@@ -235,18 +241,19 @@ def _row_loss_grads(
     """The gradients of sum_i g[i] * losses[i] for `_row_losses`' rows: each chunk's
     logits made again and turned in place into g * (softmax - one_hot(target)), the
     softmax's normaliser read back from the loss (log-sum-exp = loss + target logit)."""
-    grad_h, grad_w = _gradient_buffers(h, weight, want)
+    grad_h, grad_w = gradient_buffers(h, weight, want)
     if not any(want):
         return grad_h, grad_w
-    rows, buffer = _chunking(h, weight)
+    rows, buffer = chunking(h, weight)
     for start in range(0, h.shape[0], rows):
         h_c, y_c, g_c = h[start:start + rows], y[start:start + rows, None], g[start:start + rows, None]
-        logits = _logits(h_c, weight, buffer)  # (c, V)
+        logits = chunk_logits(h_c, weight, buffer)  # (c, V)
         lse = logits.gather(1, y_c) + losses[start:start + rows, None]  # (c, 1)
         probs = logits.sub_(lse).exp_()
         d_logits = probs.scatter_add_(1, y_c, probs.new_full(y_c.shape, -1.0)).mul_(g_c)
-        _add_grads(d_logits, h_c, weight, None if grad_h is None else grad_h[start:start + rows], grad_w)
+        add_grads(d_logits, h_c, weight, None if grad_h is None else grad_h[start:start + rows], grad_w)
     return grad_h, grad_w
 
 
-__all__ = ["IGNORE_INDEX", "REDUCTIONS", "linear_cross_entropy", "next_token_targets"]
+__all__ = ["IGNORE_INDEX", "REDUCTIONS", "add_grads", "chunk_logits", "chunking", "gradient_buffers", "hidden_grad",
+           "kept_rows", "linear_cross_entropy", "next_token_targets"]

@@ -30,6 +30,11 @@ class TransformerOutput:
     loss: torch.Tensor | None = None  # fp32 next-token cross-entropy given targets: summed (), or (B, T)
 
 
+# Scores the final norm's output (B, T, d) through the output head module against the
+# targets (B, T): the loss `forward` returns in place of the logits (e.g. distillation's,
+# compress/distill_head.py). The default is `Transformer.head_loss`, cross-entropy.
+HeadLoss = Callable[[torch.Tensor, nn.Module, torch.Tensor], torch.Tensor]
+
 # config.feed_forward kinds -> the module a block's `mlp` is; None: the block has none.
 FEED_FORWARD_MODULES: dict[str, Callable[[ModelConfig], nn.Module] | None] = {"dense": MLP, "moe": MoE, "none": None}
 
@@ -145,6 +150,7 @@ class Transformer(nn.Module):
         token_mask: torch.Tensor | None = None,  # (B, T) bool: tokens a MoE's statistics count; below
         targets: torch.Tensor | None = None,  # (B, T) long: next tokens, IGNORE_INDEX where none; below
         reduction: str = "sum",  # of the loss given targets: "sum" or "none"
+        head_loss: HeadLoss | None = None,  # given targets, the loss in place of cross-entropy; below
     ) -> TransformerOutput:
         """token_mask: the tokens whose routing the MoE layers' statistics,
         balancing losses and centring mean count, False for padding (which is
@@ -158,9 +164,17 @@ class Transformer(nn.Module):
         never made whole (core/head_loss.py: a training step's largest
         tensors, and on the CPU a few percent of its time). reduction "none":
         each position's, (B, T), 0 where the target is IGNORE_INDEX; minus
-        the log-probabilities of the targets, which alignment weighs."""
+        the log-probabilities of the targets, which alignment weighs.
+
+        head_loss: scores the final norm's output with another loss, called as
+        head_loss(hidden (B, T, d), self.lm_head, targets): inside the forward,
+        so a wrapped model (DDP, FSDP) runs it with its parameters gathered."""
         if targets is None and reduction != "sum":
             raise ValueError(f"reduction: {reduction!r} reduces the loss, which needs targets")
+        if targets is None and head_loss is not None:
+            raise ValueError("head_loss: given without targets, which it scores the head's output against")
+        if head_loss is not None and reduction != "sum":
+            raise ValueError(f"reduction: {reduction!r} is cross-entropy's; a head_loss reduces its own loss")
         x = self._embed_tokens(input_ids, input_embeds)  # (B, T, d)
         B, T, _ = x.shape
         past = cache.length if cache is not None else 0
@@ -188,7 +202,11 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         aux = sum((b.mlp.pop_aux_loss() for b in self.blocks if isinstance(b.mlp, MoE)), x.new_zeros(()))
         if targets is not None:
-            loss = self.head_loss(self.norm(x), targets, reduction)
+            hidden = self.norm(x)  # (B, T, d)
+            if head_loss is not None:
+                loss = head_loss(hidden, self.lm_head, targets)
+            else:
+                loss = self.head_loss(hidden, targets, reduction)
             return TransformerOutput(logits=None, aux_loss=aux, cache=cache, loss=loss)
         logits = self.lm_head(self.norm(x))  # (B, T, V), or (B, T, 1) for a scalar head
         return TransformerOutput(logits=logits, aux_loss=aux, cache=cache)

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from heron.core.head_loss import IGNORE_INDEX
 from heron.core.hooks import attach_hooks
 from heron.core.moe import moe_stats, share_batch_statistics
-from heron.core.transformer import Transformer
+from heron.core.transformer import HeadLoss, Transformer
 from heron.data.batches import PackedBatches, eval_batches
 from heron.govern import EnergyMeter, EnergyReport
 from heron.govern.audit import record_event
@@ -74,11 +74,15 @@ def cross_entropy_sum(x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) ->
 class Objective:
     """A training objective that needs more than the logits: distillation's
     hidden-state term (compress/distill.py) reads the model's residual stream
-    through a projection it trains.
+    through a projection it trains, and its token loss comes straight from the
+    final hidden states, without the logits.
 
     The loop captures the activations at `hook_names` during the very forward
     that made the logits (with their gradients) and calls `loss(x, logits, y,
-    activations)`. `params` are the objective's own trainable parameters: the
+    activations)`. With `head`, called on each micro-batch's inputs first, the
+    forward scores its final hidden states with the head loss `head(x)` returns
+    (`Transformer.forward(head_loss=...)`: no logits are made) and `loss`
+    receives that loss's value in place of the logits. `params` are the objective's own trainable parameters: the
     loop moves them to the model's device and steps them with a second AdamW
     under the same schedule, weight decay and clip norm (their gradients
     averaged over processes first, as DDP and FSDP do the model's). They and
@@ -90,6 +94,7 @@ class Objective:
     loss: ActivationLoss
     hook_names: tuple[str, ...] = ()
     params: nn.Module | None = None
+    head: Callable[[torch.Tensor], HeadLoss] | None = None  # x -> the micro-batch's head loss
 
     @classmethod
     def of(cls, token_loss: TokenLoss) -> Objective:
@@ -407,14 +412,15 @@ def _forward_loss(run: _Run, x: torch.Tensor, y: torch.Tensor,
     def record(activation: torch.Tensor, name: str) -> None:  # returns None: reads, replaces nothing
         activations[name] = activation
 
-    fused = objective is CROSS_ENTROPY  # the model's own head loss: no logits made (core/head_loss.py)
+    head = objective.head(x) if objective.head is not None else None
+    fused = objective is CROSS_ENTROPY or head is not None  # a head loss: no logits made (core/head_loss.py)
     with attach_hooks(dist_.unwrap(run.model), dict.fromkeys(objective.hook_names, record)), \
             torch.autocast(device.type, dtype=torch.bfloat16, enabled=run.recipe.train.precision == "bf16"):
-        out = run.model(x, targets=y if fused else None)
-    if fused:
+        out = run.model(x, targets=y if fused else None, **({} if head is None else {"head_loss": head}))
+    if objective is CROSS_ENTROPY:
         return out.loss, out.aux_loss.float()
-    logits = out.logits.float()  # (b, T, V); loss in fp32 even under bf16 autocast
-    return objective.loss(x, logits, y, activations), out.aux_loss.float()
+    scored = out.loss if fused else out.logits.float()  # logits (b, T, V) in fp32 even under bf16 autocast
+    return objective.loss(x, scored, y, activations), out.aux_loss.float()
 
 
 @torch.no_grad()
