@@ -27,7 +27,7 @@ tensor.
 
 The chunking, the kept rows and the gradient products are public building
 blocks: distillation's loss walks the same chunks with the teacher's logits
-beside the student's (compress/distill_head.py).
+beside the student's (compress/distill_loss.py).
 """
 from __future__ import annotations
 

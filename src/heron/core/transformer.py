@@ -27,12 +27,12 @@ class TransformerOutput:
     logits: torch.Tensor | None  # (B, T, V), or (B, 1, V) with last_only; None when given targets
     aux_loss: torch.Tensor  # scalar: auxiliary losses (MoE load balance), zero for dense models
     cache: KVCache | None
-    loss: torch.Tensor | None = None  # fp32 next-token cross-entropy given targets: summed (), or (B, T)
+    loss: torch.Tensor | None = None  # given targets: fp32 cross-entropy, summed () or (B, T); or a head_loss's
 
 
 # Scores the final norm's output (B, T, d) through the output head module against the
 # targets (B, T): the loss `forward` returns in place of the logits (e.g. distillation's,
-# compress/distill_head.py). The default is `Transformer.head_loss`, cross-entropy.
+# compress/distill_loss.py). The default is `Transformer.head_loss`, cross-entropy.
 HeadLoss = Callable[[torch.Tensor, nn.Module, torch.Tensor], torch.Tensor]
 
 # config.feed_forward kinds -> the module a block's `mlp` is; None: the block has none.
