@@ -14,7 +14,7 @@ from heron.train import load_checkpoint, load_model_folder, train
 from heron.train.checkpoint import latest_checkpoint, list_checkpoints, remove_folder
 from heron.train.report import read_metrics
 from train_helpers import small_recipe
-from train_workers import DISTRIBUTED_SETTINGS, MOE_SETTINGS
+from train_workers import DISTILL_SETTINGS, DISTRIBUTED_SETTINGS, MOE_SETTINGS, distillation
 
 HERE = Path(__file__).parent
 IDS = torch.arange(16).view(2, 8)
@@ -32,6 +32,8 @@ def runs(tmp_path_factory) -> Path:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     train(small_recipe(root / "single", **DISTRIBUTED_SETTINGS))
     train(small_recipe(root / "moe-single", **MOE_SETTINGS))
+    distill_single = small_recipe(root / "distill-single", **DISTILL_SETTINGS)
+    train(distill_single, token_loss=distillation(distill_single))
     return root
 
 
@@ -58,6 +60,19 @@ def test_a_moe_trained_by_two_processes_follows_the_one_process_curve(runs: Path
     model, _ = load_model_folder(multi)
     reference, _ = load_model_folder(single)
     torch.testing.assert_close(model.blocks[0].mlp.router_center, reference.blocks[0].mlp.router_center)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_distillation_by_two_processes_follows_the_one_process_curve(runs: Path, parallel: str) -> None:
+    """The fused loss runs inside the wrapped student's forward, its head gathered; the
+    hidden term's projection is averaged over processes as the model's gradients are."""
+    single, multi = runs / "distill-single", runs / f"distill-{parallel}"
+    for key in ("loss", "val_loss", "grad_norm"):
+        torch.testing.assert_close(curve(multi, key), curve(single, key), rtol=1e-5, atol=0, msg=key)
+    projection = load_checkpoint(multi).trainer_state["objective"]["params"]["weight"]
+    reference = load_checkpoint(single).trainer_state["objective"]["params"]["weight"]
+    torch.testing.assert_close(projection, reference, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -6,7 +6,8 @@
     torchrun --nproc_per_node 2 train_workers.py distributed OUT_ROOT
         train the small recipe with DDP into OUT_ROOT/ddp, then FSDP into OUT_ROOT/fsdp;
         then FSDP again into OUT_ROOT/fsdp-resumed, crashing after step 4 and resuming;
-        then a MoE with DDP and FSDP into OUT_ROOT/moe-ddp and OUT_ROOT/moe-fsdp.
+        then a MoE with DDP and FSDP into OUT_ROOT/moe-ddp and OUT_ROOT/moe-fsdp;
+        then distillation (fused loss and hidden term) into OUT_ROOT/distill-ddp and -fsdp.
 """
 from __future__ import annotations
 
@@ -17,7 +18,11 @@ from pathlib import Path
 
 import torch
 
+from heron.compress.distill import distillation_objective
+from heron.core import Transformer
 from heron.train import checkpoint, train
+from heron.train.loop import Objective
+from heron.train.recipe import TrainRecipe, model_config
 from train_helpers import SMALL_MODEL, small_recipe
 
 torch.set_num_threads(1)
@@ -29,6 +34,19 @@ MOE_SETTINGS = {
                                               "moe": {"n_experts": 4, "top_k": 2, "router_centering": True}}},
     "train": {**DISTRIBUTED_SETTINGS["train"], "grad_accum": 1},
 }
+
+
+DISTILL_SETTINGS = {"train": {**DISTRIBUTED_SETTINGS["train"], "grad_accum": 1}}
+
+
+def distillation(recipe: TrainRecipe) -> Objective:
+    """Distillation from a fixed random teacher of the recipe's shape: the fused logit
+    loss inside the student's forward, and the hidden term with its projection."""
+    config = model_config(recipe, recipe.data.synthetic.vocab_size)
+    torch.manual_seed(1234)
+    teacher = Transformer(config.replace(d_model=48, n_heads=3, n_kv_heads=1))
+    return distillation_objective(teacher, config, {0: 0, 1: 1}, temperature=2.0, alpha=0.5, hidden_weight=0.5,
+                                  seed=recipe.train.seed)
 
 
 def kill_mid_save(out_dir: Path) -> None:
@@ -62,6 +80,10 @@ def distributed(out_root: Path) -> None:
     for parallel in ("ddp", "fsdp"):
         settings = {**MOE_SETTINGS, "train": {**MOE_SETTINGS["train"], "parallel": parallel}}
         train(small_recipe(out_root / f"moe-{parallel}", world_size=world, **settings))
+    for parallel in ("ddp", "fsdp"):
+        recipe = small_recipe(out_root / f"distill-{parallel}", world_size=world,
+                              train={**DISTILL_SETTINGS["train"], "parallel": parallel})
+        train(recipe, token_loss=distillation(recipe))
     dist.destroy_process_group()
 
 
