@@ -28,8 +28,10 @@ the fp32 model, the int8 model, PyTorch's `quantize_dynamic` int8 of the same
 model, the int8 model on Heron's `dynamic` kernel (activations rounded to 8
 bits at run time as `quantize_dynamic` does: the like-for-like comparison,
 with its perplexity beside the weight-only default's), the int4 GPTQ model and
-the structured-pruned model run in one process, interleaved over five rounds;
-speed-ups are medians of per-round ratios. Energy per decoded
+the structured-pruned model run in one process, in lockstep (a step of each in
+turn; `lockstep_decode_speed`) over 15 rounds; speed-ups are medians of
+per-round ratios. Until 2026-11-30 each model decoded its 64 tokens in one
+turn, over five rounds, with the prefill timed too. Energy per decoded
 token and its source come from Heron's meter (estimated on this machine).
 
     python benchmarks/bench_compress.py [--no-write]
@@ -43,17 +45,19 @@ from pathlib import Path
 
 import torch
 
-from common import HERE, Result, finish, interleave, machine, plan_args, ratio, setup_torch
+from common import HERE, Result, Stats, finish, machine, plan_args, ratio, setup_torch
 import heron
 from heron.compress.distill import distill
 from heron.compress.prune_checkpoint import PruneSettings, prune_checkpoint
 from heron.compress.qlinear import set_kernel
 from heron.compress.quantize import QuantizeSettings
 from heron.compress.quantize_checkpoint import QuantizeCheckpointSettings, quantize_checkpoint
-from heron.compress.report import decode_speed, measure, write_report
+from heron.compress.report import measure, write_report
 from heron.core.linear import Linear
 from heron.data import load_shards
+from heron.generate.engine import Decoder
 from heron.generate.perplexity import perplexity
+from heron.generate.sampling import SamplingParams
 from heron.train import load_recipe, train
 from heron.train.recipe import TrainRecipe
 
@@ -77,7 +81,7 @@ class Plan:
     rounds: int
 
 
-FULL = Plan(RUNS, teacher_steps=1500, student_steps=600, eval_batches=None, calib_batches=16, rounds=5)
+FULL = Plan(RUNS, teacher_steps=1500, student_steps=600, eval_batches=None, calib_batches=16, rounds=15)
 SMOKE = Plan(HERE.parent / "runs" / "bench-compress-smoke", teacher_steps=4, student_steps=2, eval_batches=1,
              calib_batches=1, rounds=1)  # checks the script end to end in minutes; writes nothing
 
@@ -134,6 +138,37 @@ def torch_dynamic_int8(model: torch.nn.Module) -> torch.nn.Module:
     return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
 
+def lockstep_decode_speed(models: dict[str, torch.nn.Module], prompt: list[int], rounds: int) -> dict[str, Stats]:
+    """Decode tokens/s of each model, one figure a round: every round decodes NEW_TOKENS
+    greedy tokens with each model in lockstep, one step of each in turn (the order
+    reversed every other round), timing the steps alone (prefill left out).
+
+    Why lockstep: a step takes milliseconds, so the machine's drift falls on every
+    model alike. Taking turns of a whole 64-token decode each (as until 2026-11-30)
+    put seconds between the models' turns: the per-round ratio of the structured-pruned
+    model to fp32 ranged 0.85x to 1.45x over 15 rounds, in lockstep 1.06x to 1.12x."""
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0)
+    names = list(models)
+    values: dict[str, list[float]] = {name: [] for name in names}
+    with torch.inference_mode():
+        for name in names:  # warm-up: first-call allocations stay out of the figures
+            Decoder(models[name], [prompt], params)
+        for r in range(rounds):
+            order = names if r % 2 == 0 else names[::-1]
+            decoders = {name: Decoder(models[name], [prompt], params) for name in order}
+            ids: dict[str, torch.Tensor | None] = dict.fromkeys(order)
+            seconds = dict.fromkeys(order, 0.0)
+            for _ in range(NEW_TOKENS):
+                for name in order:
+                    start = time.perf_counter()
+                    ids[name] = decoders[name].step(ids[name])
+                    seconds[name] += time.perf_counter() - start
+            for name in names:
+                values[name].append(NEW_TOKENS / seconds[name])
+            print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {values[n][-1]:,.1f}" for n in names), flush=True)
+    return {name: Stats(tuple(v)) for name, v in values.items()}
+
+
 def main() -> None:
     args, plan = plan_args(__doc__, FULL, SMOKE)
     setup_torch()
@@ -157,10 +192,8 @@ def main() -> None:
     activation_rounded = {name: perplexity(m, val, **evaluation)
                           for name, m in {"int8-dynamic": int8_dynamic, "torch-dynamic": dynamic}.items()}
     prompt = [int(t) for t in val[:16]]
-    speed = interleave({name: lambda m=m: decode_speed(m, prompt, new_tokens=NEW_TOKENS, rounds=1)[0]
-                        for name, m in {"fp32": fp32, "int8": int8, "torch-dynamic": dynamic,
-                                        "int8-dynamic": int8_dynamic, "int4": int4, "mlp25": mlp25}.items()},
-                       plan.rounds)
+    speed = lockstep_decode_speed({"fp32": fp32, "int8": int8, "torch-dynamic": dynamic, "int8-dynamic": int8_dynamic,
+                                   "int4": int4, "mlp25": mlp25}, prompt, plan.rounds)
 
     def increase(name: str) -> float:
         ppl = activation_rounded[name] if name in activation_rounded else by[name].perplexity
@@ -184,15 +217,15 @@ def main() -> None:
         Result("int8_size_ratio", by["int8"].size_ratio, "x", "whole checkpoint folder on disk, int8 / fp32", 0.27,
                at_most=True),
         Result("int8_decode_speedup", ratio(speed["int8"], speed["fp32"]).median, "x",
-               f"decode tokens/s, batch 1, greedy, {NEW_TOKENS} tokens, int8 / fp32, {plan.rounds} interleaved "
-               "rounds"),
+               f"decode tokens/s, batch 1, greedy, {NEW_TOKENS} tokens, int8 / fp32, {plan.rounds} rounds in "
+               "lockstep"),
         Result("int8_decode_vs_torch_dynamic", ratio(speed["int8"], speed["torch-dynamic"]).median, "x",
                "decode tokens/s, Heron int8 (default kernel, weight-only) / torch.ao.quantization.quantize_dynamic "
-               "int8 of the same model, interleaved", 1.0),
+               "int8 of the same model, in lockstep", 1.0),
         Result("int8_dynamic_kernel_decode_vs_torch_dynamic",
                ratio(speed["int8-dynamic"], speed["torch-dynamic"]).median, "x",
                "like for like: decode tokens/s, Heron int8 on its `dynamic` kernel (activations rounded to 8 bits "
-               "at run time, as quantize_dynamic does) / quantize_dynamic, interleaved"),
+               "at run time, as quantize_dynamic does) / quantize_dynamic, in lockstep"),
         Result("int8_dynamic_kernel_ppl_increase_pct", 100 * increase("int8-dynamic"), "%",
                f"Heron int8 on its `dynamic` kernel: {how}"),
         Result("torch_dynamic_ppl_increase_pct", 100 * increase("torch-dynamic"), "%",
@@ -202,13 +235,13 @@ def main() -> None:
         Result("int4_size_ratio", by["int4-gptq"].size_ratio, "x",
                "whole checkpoint folder, int4 g128 (embedding and head int8) / fp32", 0.16, at_most=True),
         Result("int4_decode_speedup", ratio(speed["int4"], speed["fp32"]).median, "x",
-               "decode tokens/s, int4 g128 (GPTQ; embedding and head int8) / fp32, interleaved"),
+               "decode tokens/s, int4 g128 (GPTQ; embedding and head int8) / fp32, in lockstep"),
         ratio_of_increases("wanda_over_magnitude_ppl_increase", "sparse50-wanda", "sparse50-magnitude",
                            "50% unstructured: Wanda's perplexity increase / magnitude's"),
         ratio_of_increases("sparsegpt_over_magnitude_ppl_increase", "sparse50-sparsegpt", "sparse50-magnitude",
                            "50% unstructured: SparseGPT's perplexity increase / magnitude's"),
         Result("structured25_decode_speedup", ratio(speed["mlp25"], speed["fp32"]).median, "x",
-               "25% of MLP channels removed (100 recovery steps): decode tokens/s / fp32's, interleaved", 1.15),
+               "25% of MLP channels removed (100 recovery steps): decode tokens/s / fp32's, in lockstep", 1.15),
         Result("distill_ppl_over_scratch", by["student-distilled"].perplexity / by["student-scratch"].perplexity,
                "x", f"student at half the parameters (d_model {STUDENT_WIDTH}), {plan.student_steps} steps: distilled "
                f"(T 2, alpha 0.5) perplexity / from scratch ({how})", 1.0, at_most=True),
@@ -216,12 +249,12 @@ def main() -> None:
     table = report.read_text().split("\n\n")[0]
     notes = [
         "Every variant of the one model (`runs/bench-compress/report/`, Pareto plot `pareto.png` there); decode "
-        "speeds in this table are one sequential pass each, the keys above come from the interleaved rounds; "
+        "speeds in this table are one sequential pass each, the keys above come from the lockstep rounds; "
         "AWQ and 2:4 are reported beside GPTQ and the 50% methods:",
         "",
         table,
         "",
-        "Interleaved decode tokens/s (median): " + ", ".join(f"{n} {s.median:.1f}" for n, s in speed.items()) + ".",
+        "Lockstep decode tokens/s (median): " + ", ".join(f"{n} {s.median:.1f}" for n, s in speed.items()) + ".",
         f"Whole benchmark (variants reused when present): {(time.perf_counter() - started) / 60:.1f} min.",
     ]
     finish(args, "compress", "Compression of a ~30M model trained on the default corpus", results, info, notes)
