@@ -24,7 +24,10 @@ from heron.compress.distill import (
     teacher_states,
     uniform_layer_map,
 )
+from heron.compress.quantize import QuantizeSettings
+from heron.compress.quantize_checkpoint import QuantizeCheckpointSettings, quantize_checkpoint
 from heron.core import Transformer
+from heron.interop.convert import export_hf
 from heron.data.batches import eval_batches
 from heron.train import load_checkpoint, load_model_folder, synthetic_data, train
 from heron.train.checkpoint import latest_checkpoint
@@ -112,6 +115,25 @@ def test_a_student_learns_the_task_from_the_teacher_alone(teacher, tmp_path):
     lineage = load_checkpoint(latest_checkpoint(tmp_path / "student")).lineage
     assert lineage["distillation"]["teacher"] == str(teacher.resolve()) and lineage["distillation"]["alpha"] == 1.0
     assert lineage["energy"]["tokens"] == 100 * 8 * 16
+
+
+def test_a_quantised_teacher_teaches_too(teacher, tmp_path):
+    """An int8 checkpoint of the teacher (its head quantised too) is a teacher like any other:
+    the same known answer as the fp32 teacher's."""
+    int8 = tmp_path / "int8"
+    quantize_checkpoint(teacher, int8, QuantizeCheckpointSettings(QuantizeSettings()), progress=False)
+    result = distill(int8, recipe(tmp_path / "student", d_model=16, steps=100), temperature=2.0, alpha=1.0)
+    assert result.val_losses[-1][1] < 0.1 < math.log(32)
+
+
+def test_a_hugging_face_teacher_is_read_from_its_folder(teacher, tmp_path):
+    """The teacher exported as a LLaMA folder distils exactly as the checkpoint it came from."""
+    hf = tmp_path / "hf"
+    export_hf(teacher, hf)
+    from_hf = distill(hf, recipe(tmp_path / "from-hf", d_model=16, steps=3))
+    from_heron = distill(teacher, recipe(tmp_path / "from-heron", d_model=16, steps=3))
+    for a, b in zip(from_hf.history, from_heron.history):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
 
 def test_a_teacher_with_another_vocabulary_is_refused(teacher, tmp_path):

@@ -135,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=commands.compress_quantize)
     p = compress.add_parser("distill", help="train a smaller student (a training recipe) on a teacher's logits "
                                             "(and hidden states)")
-    p.add_argument("teacher", type=Path, help="teacher checkpoint; the recipe's data must use its tokenizer")
+    p.add_argument("teacher", type=Path, help="teacher: a Heron checkpoint (quantised or pruned too) or a Hugging "
+                   "Face folder; the recipe's data must use its tokenizer")
     p.add_argument("recipe", help="the student's training recipe (file or shipped name)")
     p.add_argument("--temperature", type=float, default=2.0, help="softening of both distributions (Hinton et al.)")
     p.add_argument("--alpha", type=float, default=0.5, help="weight of the soft (KL) term; 1 - alpha on the labels")

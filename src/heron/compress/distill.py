@@ -47,7 +47,6 @@ from torch import nn
 from heron.compress.distill_loss import check_settings, distillation_loss, linear_distillation_loss
 from heron.core.config import ModelConfig
 from heron.core.transformer import HeadLoss, Transformer
-from heron.train import load_model_folder
 from heron.train.loop import IGNORE_INDEX, Objective, TrainResult, train
 from heron.train.recipe import TrainRecipe, model_config
 from heron.train.sources import resolve_data
@@ -176,11 +175,15 @@ def distill(teacher_dir: str | Path, recipe: TrainRecipe, *, temperature: float 
             hidden_weight: float = 0.0, hidden_layers: Mapping[int, int] | None = None,
             resume: bool = True) -> TrainResult:
     """Train the student the recipe describes (its model section, its data, which
-    must be tokenised with the teacher's tokenizer) from the teacher checkpoint.
+    must be tokenised with the teacher's tokenizer) from the teacher: any folder
+    `heron.load` reads (a Heron checkpoint, quantised or pruned ones too, or a
+    Hugging Face model folder such as a LLaMA's).
 
     hidden_weight > 0 adds the hidden term; hidden_layers maps student layers to
     teacher layers (None: the uniform map)."""
-    teacher, _ = load_model_folder(teacher_dir)
+    import heron  # heron.load sits above every layer
+
+    teacher, _ = heron.load(teacher_dir)
     data = resolve_data(recipe.data)
     if teacher.config.vocab_size != data.vocab_size:
         raise ValueError(f"teacher: vocabulary of {teacher.config.vocab_size} tokens, but the recipe's data "
