@@ -19,13 +19,11 @@ one process.
 """
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
-from common import MEMORY_CHILD, finish, machine, plan_args, setup_torch, step_memory_child, two_way_step_results
+from common import setup_torch, two_way_step_main
 from heron.compress.distill import distillation_objective
 from heron.compress.distill_loss import distillation_loss
 from heron.models.presets import build_model
@@ -37,15 +35,6 @@ ROWS, SEQ_LEN = 8, 512  # logits of 4096 x 32000: 500 MiB in fp32, for each mode
 SETTINGS = {"temperature": 2.0, "alpha": 0.5}
 # The new way, then the old.
 WAYS = {"fused": "the fused loss", "logits": "the loss over both models' whole logits"}
-
-
-@dataclass(frozen=True)
-class Plan:
-    rounds: int
-    memory: bool
-
-
-FULL, SMOKE = Plan(rounds=6, memory=True), Plan(rounds=1, memory=False)
 
 
 def distill_step(way: str) -> Callable[[], None]:
@@ -75,18 +64,13 @@ def distill_step(way: str) -> Callable[[], None]:
 
 
 def main() -> None:
-    if MEMORY_CHILD in sys.argv:
-        step_memory_child(distill_step, sys.argv[sys.argv.index(MEMORY_CHILD) + 1])
-        return
-    args, plan = plan_args(__doc__, FULL, SMOKE)
-    info = machine()
     how = (f"one distillation step (teacher forward, student forward and loss at T = {SETTINGS['temperature']}, "
            f"alpha = {SETTINGS['alpha']}, backward, AdamW), teacher {PRESET}, student {PRESET} at d_model "
            f"{STUDENT_WIDTH}, vocabulary {VOCAB}, {ROWS} rows of {SEQ_LEN} tokens, fp32")
-    results = two_way_step_results(__file__, distill_step, "distill_step", WAYS, how, plan.rounds, plan.memory)
     notes = [f"Logits of the batch: {ROWS * SEQ_LEN} x {VOCAB}, {ROWS * SEQ_LEN * VOCAB * 4 / 2**20:.0f} MiB in "
              f"fp32 for each model; the fused loss makes both models' logits a chunk at a time."]
-    finish(args, "distill", "Distillation: fused loss vs whole logits", results, info, notes)
+    two_way_step_main(__doc__, __file__, distill_step, "distill_step", WAYS, how, "distill",
+                      "Distillation: fused loss vs whole logits", notes)
 
 
 if __name__ == "__main__":

@@ -19,13 +19,11 @@ Speed: steps of both, interleaved, in one process.
 """
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
-from common import MEMORY_CHILD, finish, machine, plan_args, setup_torch, step_memory_child, two_way_step_results
+from common import setup_torch, two_way_step_main
 from heron.align.logprobs import logprobs_and_aux, token_logprobs
 from heron.align.losses import dpo_loss
 from heron.models.presets import build_model
@@ -36,15 +34,6 @@ PRESET, VOCAB = "small", 32000
 PAIRS, SEQ_LEN = 4, 512  # 8 sequences: logits of 4096 x 32000, 500 MiB in fp32
 # The new way, then the old.
 WAYS = {"head": "log-probs from the head loss", "logits": "log-probs from the whole logits"}
-
-
-@dataclass(frozen=True)
-class Plan:
-    rounds: int
-    memory: bool
-
-
-FULL, SMOKE = Plan(rounds=6, memory=True), Plan(rounds=1, memory=False)
 
 
 def through_logits(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -74,18 +63,13 @@ def dpo_step(way: str) -> Callable[[], None]:
 
 
 def main() -> None:
-    if MEMORY_CHILD in sys.argv:
-        step_memory_child(dpo_step, sys.argv[sys.argv.index(MEMORY_CHILD) + 1])
-        return
-    args, plan = plan_args(__doc__, FULL, SMOKE)
-    info = machine()
     how = (f"one DPO policy step (forward, DPO loss, backward, AdamW), {PRESET} preset with vocabulary {VOCAB}, "
            f"{PAIRS} pairs of {SEQ_LEN} tokens (prompt half, reply half), fp32")
-    results = two_way_step_results(__file__, dpo_step, "dpo_step", WAYS, how, plan.rounds, plan.memory)
     notes = [f"Logits of the batch: {2 * PAIRS * SEQ_LEN} x {VOCAB}, "
              f"{2 * PAIRS * SEQ_LEN * VOCAB * 4 / 2**20:.0f} MiB in fp32; the head loss makes the logits of "
              f"the reply positions only, in chunks, and makes them again in the backward."]
-    finish(args, "logprobs", "Alignment log-probabilities: head loss vs whole logits", results, info, notes)
+    two_way_step_main(__doc__, __file__, dpo_step, "dpo_step", WAYS, how, "logprobs",
+                      "Alignment log-probabilities: head loss vs whole logits", notes)
 
 
 if __name__ == "__main__":

@@ -184,6 +184,28 @@ def step_memory_child(make_step: Callable[[str], Callable[[], None]], way: str) 
     print(json.dumps({"rise": peak_rss() - before}))
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    rounds: int  # interleaved rounds of one step each way
+    memory: bool  # measure each way's peak-RSS rise too
+
+
+STEP_FULL, STEP_SMOKE = StepPlan(rounds=6, memory=True), StepPlan(rounds=1, memory=False)
+
+
+def two_way_step_main(doc: str, script: str, make_step: Callable[[str], Callable[[], None]], key: str,
+                      ways: Mapping[str, str], how: str, section: str, title: str, notes: list[str]) -> None:
+    """The whole of a benchmark of one training step two ways (`two_way_step_results`),
+    its memory children included; results go to `section` of the results files."""
+    if MEMORY_CHILD in sys.argv:
+        step_memory_child(make_step, sys.argv[sys.argv.index(MEMORY_CHILD) + 1])
+        return
+    args, plan = plan_args(doc, STEP_FULL, STEP_SMOKE)
+    info = machine()
+    finish(args, section, title, two_way_step_results(script, make_step, key, ways, how, plan.rounds, plan.memory),
+           info, notes)
+
+
 def two_way_step_results(script: str, make_step: Callable[[str], Callable[[], None]], key: str,
                          ways: Mapping[str, str], how: str, rounds: int, memory: bool) -> list[Result]:
     """One training step two ways, `ways` {name: what it does}, the new way first and
