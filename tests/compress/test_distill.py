@@ -17,13 +17,13 @@ from heron.cli.main import main
 from heron.compress.distill import (
     check_hidden_settings,
     distill,
-    distillation_loss,
     distillation_objective,
     hidden_state_loss,
     resid_post,
     teacher_states,
     uniform_layer_map,
 )
+from heron.compress.distill_loss import distillation_loss
 from heron.compress.quantize import QuantizeSettings
 from heron.compress.quantize_checkpoint import QuantizeCheckpointSettings, quantize_checkpoint
 from heron.core import Transformer

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from heron.compress.distill_loss import check_settings, distillation_loss, linear_distillation_loss
+from heron.compress.distill_loss import check_settings, linear_distillation_loss
 from heron.core.config import ModelConfig
 from heron.core.transformer import HeadLoss, Transformer
 from heron.train.loop import IGNORE_INDEX, Objective, TrainResult, train
@@ -108,26 +108,24 @@ def resid_post(layer: int) -> str:
     return f"blocks.{layer}.hook_resid_post"
 
 
-FINAL = "final hidden"  # teacher_states' own key beside the hook names
-
-
 def teacher_states(teacher: Transformer, x: torch.Tensor, hook_names: Sequence[str] = ()
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The frozen teacher on inputs x (b, T): (its final norm's output (b, T, d_t), its
     activations at `hook_names`), from one forward that makes no logits (a head loss
     that keeps the hidden states it is handed)."""
     seen: dict[str, torch.Tensor] = {}
+    final: list[torch.Tensor] = []
 
     def record(activation: torch.Tensor, name: str) -> None:
         seen[name] = activation
 
     def keep_hidden(hidden: torch.Tensor, _head: nn.Module, _targets: torch.Tensor) -> torch.Tensor:
-        seen[FINAL] = hidden
+        final.append(hidden)
         return hidden.new_zeros(())
 
     with torch.no_grad(), teacher.hooks(dict.fromkeys(hook_names, record)):
         teacher(x, targets=x, head_loss=keep_hidden)  # the targets are never read
-    return seen.pop(FINAL), seen
+    return final[0], seen
 
 
 def distillation_objective(teacher: Transformer, student: ModelConfig, layer_map: Mapping[int, int], *,
@@ -201,5 +199,5 @@ def distill(teacher_dir: str | Path, recipe: TrainRecipe, *, temperature: float 
     return train(recipe, resume=resume, data=data, lineage=lineage, token_loss=objective)
 
 
-__all__ = ["check_hidden_settings", "distill", "distillation_loss", "distillation_objective", "hidden_state_loss",
-           "teacher_states", "uniform_layer_map"]
+__all__ = ["check_hidden_settings", "distill", "distillation_objective", "hidden_state_loss", "teacher_states",
+           "uniform_layer_map"]
