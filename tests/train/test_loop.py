@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -65,6 +66,32 @@ def test_the_fused_head_loss_trains_as_the_loss_over_the_logits(recipe_factory) 
     a, b = final_weights(fused.out_dir), final_weights(plain.out_dir)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_tokens_per_s_times_the_training_step_not_validation(recipe_factory, monkeypatch) -> None:
+    """A fake clock: every reading advances it 1 s, a validation pass 1000 s. The
+    speed logged at a validation step must be the step's own, as at any other."""
+    from heron.train import loop
+
+    now = [0.0]
+
+    def perf_counter() -> float:
+        now[0] += 1.0
+        return now[0]
+
+    def slow_evaluate(run) -> float:
+        now[0] += 1000.0
+        return real_evaluate(run)
+
+    real_evaluate = loop.evaluate
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=perf_counter))
+    monkeypatch.setattr(loop, "evaluate", slow_evaluate)
+    recipe = recipe_factory(train={"steps": 4, "eval_every": 2, "log_every": 1, "ckpt_every": 0})
+    train(recipe)
+    rows = read_metrics(Path(recipe.out_dir))
+    tokens_per_step = recipe.train.batch_size * recipe.data.seq_len
+    assert [("val_loss" in r, r["tokens_per_s"]) for r in rows] == [
+        (False, tokens_per_step), (True, tokens_per_step), (False, tokens_per_step), (True, tokens_per_step)]
 
 
 def test_resume_after_a_crash_equals_the_unbroken_run(recipe_factory) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -254,7 +255,8 @@ def train_tokenizer(
         special_tokens=list(SPECIAL_TOKENS.values()),
         # Every byte is in the vocabulary from the start, so no text is ever unknown.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=show_progress,
+        # Off a terminal the Rust progress bar draws nothing yet prints a blank line per phase.
+        show_progress=show_progress and sys.stdout.isatty() and sys.stderr.isatty(),
     )
     tok.train_from_iterator(texts, trainer)
     return HeronTokenizer(tok)

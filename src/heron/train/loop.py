@@ -313,13 +313,13 @@ def _loop(run: _Run, callbacks: Sequence[Callback]) -> None:
         started = time.perf_counter()
         loss, grad_norm, lr, moe = _train_step(run, batches)
         run.meter.sample()  # RAPL counters wrap (every ~45 min at 100 W): read them every step
+        speed = tokens_per_step / (time.perf_counter() - started)  # training alone: validation is not timed
         run.step += 1
         row = {"step": run.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                "tokens": run.step * tokens_per_step, **moe}
         if _due(run.step, t.eval_every, t.steps):
             row["val_loss"] = evaluate(run)
         run.history.append(row)
-        speed = tokens_per_step / (time.perf_counter() - started)
         _record(run, row, speed, bar)
         if _due(run.step, t.ckpt_every, t.steps):
             _checkpoint(run)
