@@ -141,3 +141,10 @@ def test_weights_that_do_not_fit_the_config_fail(tmp_path: Path) -> None:
 def test_not_a_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="holds no checkpoints"):
         load_model_folder(tmp_path)
+
+
+def test_a_file_is_not_a_checkpoint(tmp_path: Path) -> None:
+    exported = tmp_path / "model.gguf"
+    exported.write_bytes(b"GGUF")
+    with pytest.raises(CheckpointError, match=r"model\.gguf: a file, not a checkpoint folder"):
+        load_checkpoint(exported)

@@ -378,6 +378,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     if path.name == LATEST_FILE and path.is_file():  # a pointer file
         return path.parent / path.read_text().strip()
+    if path.is_file():
+        raise CheckpointError(f"{path}: a file, not a checkpoint folder (a model is a folder with {CONFIG_FILE}; "
+                              "GGUF files are written by `heron convert to-gguf`, not read)")
     for root in (path, path / CHECKPOINTS_DIR):
         pointer = root / LATEST_FILE
         if pointer.is_symlink():
