@@ -8,6 +8,7 @@ import hmac
 import random
 import socket
 
+import numpy as np
 import pytest
 
 from heron.govern import pii_recognizers
@@ -257,6 +258,43 @@ def test_scoring_counts_overlaps_and_exact_matches():
     assert counts["PERSON"] == Counts(gold=1, found=1, exact=0, predicted=1, correct=1)
     assert counts["EMAIL"] == Counts(gold=1) and counts["PHONE"] == Counts(predicted=1)
     assert f_beta(0.5, 1.0) == pytest.approx(5 * 0.5 / (4 * 0.5 + 1))
+
+
+# Sentences outside the corpus's templates, where the model alone was sure of only part of
+# a name, or of a word beside it.
+OUTSIDE_TEMPLATES = [
+    ("Call John Smith at 415-555-0132.", [("PERSON", "John Smith"), ("PHONE", "415-555-0132")]),
+    ("Email from Robert Brown about the invoice.", [("PERSON", "Robert Brown")]),
+    ("I met Sarah Williams and David Miller yesterday.", [("PERSON", "Sarah Williams"), ("PERSON", "David Miller")]),
+    ("The award goes to Hannah Schmidt for her research.", [("PERSON", "Hannah Schmidt")]),
+]
+
+
+@pytest.mark.parametrize("text, expected", OUTSIDE_TEMPLATES, ids=[t for t, _ in OUTSIDE_TEMPLATES])
+def test_names_outside_the_templates(engine, text, expected):
+    assert found(engine, text) == expected
+
+
+TITLE_CASE = [  # (text, each token's p(name), the names found)
+    ("Call John Smith at noon", [0.0, 0.9, 0.1, 0.0, 0.0], ["John Smith"]),  # the sure first name takes its surname
+    ("from Robert Brown about", [0.0, 0.05, 0.9, 0.0], ["Robert Brown"]),  # ... and the other way round
+    ("I met Sarah Williams", [0.0, 0.3, 0.9, 0.9], ["Sarah Williams"]),  # a lower-case edge word is shed
+    ("Yesterday Paul Walker left", [0.0, 0.9, 0.9, 0.0], ["Paul Walker"]),  # a sentence's first word is not taken
+    ("Then. Paul Walker left", [0.0, 0.0, 0.0, 0.9, 0.0], ["Walker"]),  # nor a word after a full stop
+    ("asked John, Smith said", [0.0, 0.9, 0.0, 0.0, 0.0], ["John"]),  # punctuation between: two things
+    ("John\nSmith", [0.9, 0.0], ["John"]),  # a name never runs across lines
+    ("ask John About it", [0.0, 0.9, 0.0, 0.0], ["John"]),  # a common word is not a surname
+    ("my name is ana lima", [0.0, 0.0, 0.0, 0.9, 0.9], ["ana lima"]),  # lower-case names stay as found
+    ("ask NASA John", [0.0, 0.0, 0.9], ["John"]),  # capitals alone are not title case
+]
+
+
+@pytest.mark.parametrize("text, probabilities, names", TITLE_CASE, ids=[t for t, _, _ in TITLE_CASE])
+def test_names_are_held_to_title_case(monkeypatch, text, probabilities, names):
+    model = default_name_model()
+    assert len(tokenize(text)) == len(probabilities)
+    monkeypatch.setattr(model, "token_probabilities", lambda tokens: np.array(probabilities))
+    assert [text[start:end] for start, end, _ in model.find(text)] == names
 
 
 def test_recall_on_a_small_held_out_corpus(engine):

@@ -13,7 +13,10 @@ sentence, and the same for the two tokens either side: "Dr.", "Dear",
 name). A name is a run of tokens on one line that are all at least
 `extend` (0.2) with one at least `threshold` (0.5): hysteresis, so a
 surname the model is unsure of joins the first name it is sure of; the run
-is trimmed of punctuation and common words at either end.
+is trimmed of punctuation and common words at either end, then held to
+title case (`NameModel._title_case`): the model learns its contexts from a
+few dozen templates, and outside them it can be sure of "John" in "Call
+John Smith at ..." and not of "Smith".
 
 It is trained on `pii_corpus` examples built from `train`-split names and
 distractors and three quarters of the templates (`pii_lexicon`,
@@ -125,10 +128,20 @@ class NameModel:
     def find(self, text: str) -> list[tuple[int, int, float]]:
         """(start, end, score) of each name, by hysteresis thresholding (as Canny's edge detector):
         a run of tokens on one line, each at or above `extend`, one at least at `threshold`;
-        trimmed of punctuation and common words at either end. Score: the run's mean probability."""
+        trimmed of punctuation and common words at either end, then held to title case
+        (`_title_case`). Score: the mean probability of the tokens the model put in the name."""
         tokens = tokenize(text)
         p = self.token_probabilities(tokens)
-        spans, run = [], []
+        spans = []
+        for run in self._runs(tokens, p):
+            first, last = self._title_case(text, tokens, run)
+            found = [i for i in run if first <= i <= last]
+            spans.append((tokens[first].start, tokens[last].end, float(p[found].mean())))
+        return spans
+
+    def _runs(self, tokens: Sequence[Token], p: np.ndarray) -> Iterable[list[int]]:
+        """The hysteresis runs of token indices, trimmed at both ends."""
+        run: list[int] = []
         for i in range(len(tokens) + 1):
             if i < len(tokens) and p[i] >= self.extend and not (run and tokens[i].starts_line):
                 run.append(i)
@@ -138,15 +151,47 @@ class NameModel:
             while run and not self._can_edge(tokens[run[0]]):
                 run.pop(0)
             if run and p[run].max() >= self.threshold:
-                spans.append((tokens[run[0]].start, tokens[run[-1]].end, float(p[run].mean())))
+                yield run
             run = [i] if i < len(tokens) and p[i] >= self.extend else []
-        return spans
 
+    def _title_case(self, text: str, tokens: Sequence[Token], run: list[int]) -> tuple[int, int]:
+        """The run's first and last token once held to title case. A run with a title-case
+        token sheds lowercase words at its ends ("met Sarah Williams" gives "Sarah
+        Williams"), and takes in the title-case words written right beside it on the line
+        ("John Smith" where the model was sure of John alone), but not a sentence's first
+        word on its left ("Yesterday Paul" stays "Paul"). Names the model sees in lower
+        case ("my name is ana lima") stay as found."""
+        first, last = run[0], run[-1]
+        if not any(_title(tokens[i].text) for i in run):
+            return first, last
+        while not _title(tokens[first].text):
+            first += 1
+        while not _title(tokens[last].text):
+            last -= 1
+        while last + 1 < len(tokens) and self._joins(text, tokens[last], tokens[last + 1]):
+            last += 1
+        while first > 0 and not tokens[first - 1].starts_sentence \
+                and self._joins(text, tokens[first - 1], tokens[first]):
+            first -= 1
+        return first, last
+
+    def _joins(self, text: str, left: Token, right: Token) -> bool:
+        """Whether two neighbouring title-case words, apart only by spaces, may be one name
+        (neither a common word)."""
+        return (text[left.end:right.start].strip(" ") == "" and left.end < right.start
+                and all(_title(t.text) and t.text.lower() not in self.common for t in (left, right)))
 
     def _can_edge(self, token: Token) -> bool:
         """Whether a name may start or end with this token: not punctuation, not a common word
         (the name lists leave those out; see pii_lexicon), so "Call Ana" gives "Ana"."""
         return token.text[0].isalnum() and token.text.lower() not in self.common
+
+
+def _title(word: str) -> bool:
+    """Whether a word is written in title case: a capital, then letters with a lower-case one
+    among them ("Smith", "McGregor", "O'Neil", "Jean-Luc"; not "NASA", "J", "42nd")."""
+    return word[0].isupper() and word.replace("'", "").replace("’", "").replace("-", "").isalpha() \
+        and any(c.islower() for c in word[1:])
 
 
 def labelled_tokens(text: str, names: Iterable[tuple[int, int]]) -> tuple[list[Token], np.ndarray]:
