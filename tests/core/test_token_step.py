@@ -24,6 +24,8 @@ CONFIGS = {
         **BASE, feed_forward=("none", "moe", "dense"), moe=MoEConfig(n_experts=4, top_k=2)),
     "moe with router centring and a shared expert": ModelConfig(
         **BASE, feed_forward=("moe",), moe=MoEConfig(n_experts=4, top_k=2, shared_expert=True, router_centering=True)),
+    "qk_norm, heads wider than d_model / n_heads, biases": ModelConfig(
+        **BASE, n_kv_heads=2, head_dim=16, qk_norm=True, qkv_bias=True, out_bias=True),
     "sliding-window and dense layers": ModelConfig(
         **BASE, attention=(AttentionPattern("sliding", window=5), AttentionPattern(), AttentionPattern("sliding", window=5))),
 }
@@ -40,6 +42,9 @@ def _prefilled(model: Transformer, prompts: torch.Tensor, mask: torch.Tensor | N
 def test_steps_equal_the_model_forward_bit_for_bit(name, batch):
     torch.manual_seed(0)
     model = Transformer(CONFIGS[name]).eval()
+    with torch.no_grad():  # the q and k norms' gains away from the ones a new model has
+        for norm in (m for b in model.blocks for m in (b.attn.q_norm, b.attn.k_norm) if m is not None):
+            norm.weight.uniform_(0.5, 1.5)
     for buffer_name, buffer in model.named_buffers():
         if buffer_name.endswith("router_center"):  # a trained running mean, not the zeros of a new model
             buffer.normal_()

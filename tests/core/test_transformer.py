@@ -16,6 +16,7 @@ VARIANTS = {
     "rope_llama3": dict(rope_scaling=RopeScaling(kind="llama3", factor=8.0, original_max_seq_len=16)),
     "no_positions": dict(positions="none"),
     "head_dim": dict(head_dim=8, n_kv_heads=2),
+    "qk_norm": dict(qk_norm=True, head_dim=8, n_kv_heads=2),
     # Mixture of Experts: routing is per token, so the cache changes nothing (eval mode never drops).
     "moe_top2": dict(feed_forward=("dense", "moe"), moe=MoEConfig(n_experts=4, top_k=2)),
     "moe_top1_shared": dict(feed_forward=("moe",), moe=MoEConfig(n_experts=4, top_k=1, shared_expert=True)),

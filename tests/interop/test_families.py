@@ -18,7 +18,7 @@ from heron.generate import Generator, SamplingParams  # noqa: E402
 from heron.interop import load_hf_model, save_hf_folder  # noqa: E402
 
 VOCAB = 97
-WINDOW = 8  # Mistral's and GPT-Neo's local window: the test lengths go past it
+WINDOW = 8  # Mistral's, Qwen2's and GPT-Neo's local window: the test lengths go past it
 LENGTHS = (5, 19, 40)
 _LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
@@ -28,7 +28,11 @@ FAMILIES = {
                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                         "original_max_position_embeddings": 16}),
     "mistral": lambda: transformers.MistralConfig(**_LLAMA_LIKE, sliding_window=WINDOW),
-    "qwen2": lambda: transformers.Qwen2Config(**{**_LLAMA_LIKE, "tie_word_embeddings": True}),
+    # Layer 0 full, layer 1 sliding.
+    "qwen2": lambda: transformers.Qwen2Config(**{**_LLAMA_LIKE, "tie_word_embeddings": True}, use_sliding_window=True,
+                                              sliding_window=WINDOW, max_window_layers=1),
+    # Heads wider than d_model / n_heads, and q and k normalised per head.
+    "qwen3": lambda: transformers.Qwen3Config(**{**_LLAMA_LIKE, "head_dim": 32, "attention_bias": True}),
     "mixtral": lambda: transformers.MixtralConfig(**_LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2),
     "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128),
     "gpt_neo": lambda: transformers.GPTNeoConfig(

@@ -176,6 +176,7 @@ def test_interleave_rope_turns_rotate_half_into_pair_rotation():
     (dict(attention=(AttentionPattern(kind="sliding", window=8),)), "attention"),
     (dict(norm="layernorm"), "norm"),
     (dict(attn_scale=1.0), "attn_scale"),
+    (dict(qk_norm=True), "qk_norm"),  # Qwen3's per-head norms: not in llama.cpp's llama architecture
     (dict(vocab_size=VOCAB - 1), "vocab_size"),
 ])
 def test_refuses_models_llama_cpp_cannot_run(tokenizer, tmp_path, change, field):

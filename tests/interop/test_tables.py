@@ -12,7 +12,7 @@ import torch
 
 from heron.core import AttentionPattern, ModelConfig, MoEConfig, RopeScaling, Transformer
 from heron.interop import FAMILIES, export_family, family_config, heron_to_hf, hf_config, load_into
-from heron.interop.families import GPT2, GPT_NEO, LLAMA, MISTRAL, MIXTRAL, QWEN2
+from heron.interop.families import GPT2, GPT_NEO, LLAMA, MISTRAL, MIXTRAL, QWEN2, QWEN3
 from heron.interop.tables import expand
 from heron.models.presets import PRESETS
 
@@ -25,6 +25,7 @@ CONFIGS = {  # (family, a Heron config it expresses)
                                             rope_scaling=RopeScaling(kind="llama3", factor=2.0, original_max_seq_len=16))),
     "mistral": (MISTRAL, ModelConfig(**SMALL, n_kv_heads=2, attention=(LOCAL,))),
     "qwen2": (QWEN2, ModelConfig(**SMALL, n_kv_heads=2, qkv_bias=True)),
+    "qwen3": (QWEN3, ModelConfig(**SMALL, n_kv_heads=2, head_dim=16, qk_norm=True)),
     "mixtral": (MIXTRAL, ModelConfig(**SMALL, n_kv_heads=2, tie_embeddings=False, feed_forward=("moe",),
                                      moe=MoEConfig(n_experts=4, top_k=2, z_loss_coef=0.0))),
     "gpt2": (GPT2, ModelConfig(**SMALL, norm="layernorm", positions="learned", mlp="gelu_tanh", qkv_bias=True,
@@ -133,7 +134,7 @@ def test_target_without_a_row_is_named(mixtral):
 
 @pytest.mark.parametrize("changes, field", [
     (dict(norm="layernorm"), "norm"), (dict(positions="learned"), "positions"), (dict(mlp="gelu"), "mlp"),
-    (dict(qkv_bias=True), "qkv_bias"), (dict(attn_scale=1.0), "attn_scale"),
+    (dict(qkv_bias=True), "qkv_bias"), (dict(attn_scale=1.0), "attn_scale"), (dict(qk_norm=True), "qk_norm"),
     (dict(attention=(AttentionPattern(kind="strided", stride=4),)), "attention"),
     (dict(feed_forward=("moe",), moe=MoEConfig(n_experts=4)), "feed_forward"),
     (dict(feed_forward=("none",)), "feed_forward"),

@@ -11,6 +11,7 @@ from heron.core.config import ModelConfig
 from heron.core.hooks import HookPoint
 from heron.core.kv_cache import KVCache
 from heron.core.linear import Linear
+from heron.core.norms import RMSNorm
 from heron.core.rope import apply_rope
 from heron.core.sparse import allowed, sparse_attention, token_index
 
@@ -20,7 +21,9 @@ class Attention(nn.Module):
 
     q, k and v come from one fused `qkv` linear. Query heads share key/value
     heads in groups of n_heads // n_kv_heads (Ainslie et al. 2023, GQA);
-    n_kv_heads == 1 is multi-query attention (Shazeer 2019).
+    n_kv_heads == 1 is multi-query attention (Shazeer 2019). With qk_norm each
+    query and key head is RMS-normalised over its head_dim before RoPE, one
+    gain for all query heads and one for all key heads (Qwen3).
     """
 
     def __init__(self, config: ModelConfig, layer: int) -> None:
@@ -38,8 +41,13 @@ class Attention(nn.Module):
         self.heads = (self.n_heads, self.n_kv_heads, self.n_kv_heads)  # the qkv output's q, k, v heads
         self.qkv = Linear(config.d_model, q_width + 2 * kv_width, bias=config.qkv_bias)
         self.out = Linear(q_width, config.d_model, bias=config.out_bias)
-        self.hook_q = HookPoint()  # (B, n_heads, T, hd), before RoPE
-        self.hook_k = HookPoint()  # (B, n_kv_heads, T, hd), before RoPE
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, eps=config.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, eps=config.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+        self.hook_q = HookPoint()  # (B, n_heads, T, hd), after qk_norm, before RoPE
+        self.hook_k = HookPoint()  # (B, n_kv_heads, T, hd), after qk_norm, before RoPE
         self.hook_v = HookPoint()  # (B, n_kv_heads, T, hd)
         self.hook_pattern = HookPoint()  # (B, n_heads, T, S): computed only when hooked
         self.hook_z = HookPoint()  # (B, T, n_heads * hd): heads' outputs before `out`
@@ -55,10 +63,12 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         heads = self.qkv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh + 2 nkv, T, hd)
         projected_q, projected_k, v = heads.split(self.heads, dim=1)
+        if self.q_norm is not None:
+            projected_q, projected_k = self.q_norm(projected_q), self.k_norm(projected_k)
         q, k, v = self.hook_q(projected_q), self.hook_k(projected_k), self.hook_v(v)  # (B, nh | nkv | nkv, T, hd)
         if self.use_rope:
             cos, sin = rope
-            if q is projected_q and k is projected_k:  # no hook replaced them: one pass over both, half the ops
+            if q is projected_q and k is projected_k and self.q_norm is None:  # views of heads: one pass over both
                 q, k = apply_rope(heads[:, : self.n_heads + self.n_kv_heads], cos, sin).split(self.heads[:2], dim=1)
             else:
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

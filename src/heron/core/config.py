@@ -159,6 +159,7 @@ class ModelConfig:
     qkv_bias: bool = False
     out_bias: bool = False
     mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over each query and key head before RoPE (Qwen3)
     init_std: float = 0.02
     attn_scale: float | None = None  # softmax(scale * q.k); None: 1/sqrt(head_dim). GPT-Neo uses 1.0
     head: str = "lm"  # "lm": next-token logits (B, T, vocab); "scalar": one number per position (reward, value)

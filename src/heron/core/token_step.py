@@ -15,7 +15,7 @@ The d_model-64 step fell to ~2.5 ms, the `small` one from ~10.2 to ~8.1 ms
 (interleaved, 2026-11-29).
 
 Heron's plain parts run flattened: `Linear`, RMSNorm, LayerNorm, dense
-attention (RoPE or not, any head grouping, SDPA over the KV cache) and the
+attention (RoPE or not, qk_norm or not, any head grouping, SDPA over the KV cache) and the
 dense MLP; a MoE goes straight to its few-token path (`MoE.decode_step`),
 and a layer that offers a product made for repeated calls (`decode_product`:
 a quantised linear) runs through it. Anything else -- a sparse-attention
@@ -71,13 +71,19 @@ class _DenseAttention:
     head_dim: int
     q_factor: float | None
     use_rope: bool
+    qk_norms: tuple[Part, Part] | None
 
     def __call__(self, x: torch.Tensor, rope: Rope, mask: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
         """`Attention.forward` for T = 1 with a cache and no hooks: (B, 1, d)."""
         B = x.shape[0]
         n_q, n_kv, _ = self.heads
         heads = self.qkv(x).view(B, -1, 1, self.head_dim)  # (B, nh + 2 nkv, 1, hd): one token, no transpose
-        if self.use_rope:  # q and k rotated in one pass, as Attention does
+        if self.qk_norms is not None:  # each normalised, then each rotated, as Attention does
+            q, k, v = heads.split(self.heads, dim=1)
+            q, k = self.qk_norms[0](q), self.qk_norms[1](k)
+            if self.use_rope:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        elif self.use_rope:  # q and k rotated in one pass, as Attention does
             q_k = apply_rope(heads[:, : n_q + n_kv], *rope)  # (B, nh + nkv, 1, hd)
             q, k, v = q_k[:, :n_q], q_k[:, n_q:], heads[:, n_q + n_kv :]
         else:
@@ -92,8 +98,9 @@ class _DenseAttention:
 def _attention(attn: Attention) -> Callable[..., torch.Tensor]:
     if attn.pattern is not None:  # sparse: the module's own decoding path
         return attn.forward
+    qk_norms = None if attn.q_norm is None else (_norm(attn.q_norm), _norm(attn.k_norm))
     dense = _DenseAttention(attn.layer, decoding_product(attn.qkv), decoding_product(attn.out), attn.heads, attn.head_dim,
-                            attn.q_factor, attn.use_rope)
+                            attn.q_factor, attn.use_rope, qk_norms)
     return lambda x, rope, mask, cache, key_mask: dense(x, rope, mask, cache)
 
 

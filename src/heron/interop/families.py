@@ -62,6 +62,10 @@ LLAMA_WEIGHTS: tuple[WeightRow, ...] = _LLAMA_BODY + (
     WeightRow("blocks.{i}.mlp.down.weight", (f"{_M}.down_proj.weight",)),
     WeightRow("blocks.{i}.mlp.down.bias", (f"{_M}.down_proj.bias",)),
 )
+QWEN3_WEIGHTS: tuple[WeightRow, ...] = LLAMA_WEIGHTS + (
+    WeightRow("blocks.{i}.attn.q_norm.weight", (f"{_A}.q_norm.weight",)),
+    WeightRow("blocks.{i}.attn.k_norm.weight", (f"{_A}.k_norm.weight",)),
+)
 _X = "model.layers.{i}.block_sparse_moe"
 MIXTRAL_WEIGHTS: tuple[WeightRow, ...] = _LLAMA_BODY + (
     WeightRow("blocks.{i}.mlp.router.weight", (f"{_X}.gate.weight",)),
@@ -172,6 +176,16 @@ def write_llama_bias(config: ModelConfig) -> HfConfig:
     return {"attention_bias": config.qkv_bias, "mlp_bias": config.mlp_bias}
 
 
+def read_attention_bias(hf: HfConfig) -> dict[str, Any]:
+    """Qwen3's `attention_bias`: q, k, v and o alike (its MLP has none)."""
+    bias = bool(hf.get("attention_bias", False))
+    return {"qkv_bias": bias, "out_bias": bias}
+
+
+def write_attention_bias(config: ModelConfig) -> HfConfig:
+    return {"attention_bias": write_llama_bias(config)["attention_bias"]}
+
+
 def read_sliding(hf: HfConfig) -> dict[str, Any]:
     """Mistral's `sliding_window` on every layer, or Qwen2-style `layer_types`."""
     window = hf.get("sliding_window")
@@ -207,6 +221,26 @@ def write_sliding(config: ModelConfig) -> HfConfig:
     bad = next(i for i, p in enumerate(patterns) if p.kind not in ("dense", "sliding") or kinds != {"sliding"})
     raise ValueError(f"attention: layer {bad} is {patterns[bad].kind!r}; this family has either dense attention "
                      "on every layer or one sliding window on every layer")
+
+
+def write_layer_types(config: ModelConfig) -> HfConfig:
+    """Qwen-style `layer_types`: each layer full or sliding, with one window. Qwen2's and
+    Qwen3's configs drop `sliding_window` unless `use_sliding_window` is set."""
+    patterns, window = _dense_or_one_window(config, "this family has full layers and sliding layers of one window")
+    return {"use_sliding_window": window is not None, "sliding_window": window,
+            "layer_types": ["full_attention" if p.kind == "dense" else "sliding_attention" for p in patterns]}
+
+
+def _dense_or_one_window(config: ModelConfig, refusal: str) -> tuple[list[AttentionPattern], int | None]:
+    """Each layer's pattern and the one sliding window among them (None: all dense);
+    ValueError with `refusal` for any other pattern or a second window."""
+    patterns = [config.attention_pattern(i) for i in range(config.n_layers)]
+    windows = {p.window for p in patterns if p.kind == "sliding"}
+    bad = [i for i, p in enumerate(patterns) if p.kind not in ("dense", "sliding")]
+    if bad or len(windows) > 1:
+        i = bad[0] if bad else 0
+        raise ValueError(f"attention: layer {i} is {patterns[i].kind!r}; {refusal}")
+    return patterns, windows.pop() if windows else None
 
 
 def dense_attention_only(config: ModelConfig) -> HfConfig:
@@ -282,16 +316,10 @@ def read_gpt_neo_layers(hf: HfConfig) -> dict[str, Any]:
 
 
 def write_gpt_neo_layers(config: ModelConfig) -> HfConfig:
-    patterns = [config.attention_pattern(i) for i in range(config.n_layers)]
-    windows = {p.window for p in patterns if p.kind == "sliding"}
-    bad = [i for i, p in enumerate(patterns) if p.kind not in ("dense", "sliding")]
-    if bad or len(windows) > 1:
-        i = bad[0] if bad else 0
-        raise ValueError(f"attention: layer {i} is {patterns[i].kind!r}; GPT-Neo has global layers and local layers "
-                         "of one window")
+    patterns, window = _dense_or_one_window(config, "GPT-Neo has global layers and local layers of one window")
     kinds = ["global" if p.kind == "dense" else "local" for p in patterns]
     return {"attention_types": [[[kind], 1] for kind in kinds], "attention_layers": kinds,
-            "window_size": windows.pop() if windows else 256}
+            "window_size": 256 if window is None else window}
 
 
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu"}
@@ -342,7 +370,7 @@ _LLAMA_FIELDS: tuple[tuple[str, str], ...] = (
     ("tie_embeddings", "tie_word_embeddings"), ("init_std", "initializer_range"),
 )
 _LLAMA_FIXED: tuple[tuple[str, Any], ...] = (("norm", "rmsnorm"), ("positions", "rope"), ("mlp", "swiglu"),
-                                             ("attn_scale", None), ("head", "lm"))
+                                             ("attn_scale", None), ("head", "lm"), ("qk_norm", False))
 # Dropout keys are not checked: they change training only, and Heron trains without dropout.
 _SILU = (("hidden_act", "silu"),)
 _GPT_READ_ACT, _GPT_WRITE_ACT = _activation("activation_function")
@@ -360,7 +388,13 @@ MISTRAL = Family(
 QWEN2 = Family(
     "qwen2", "qwen2", "Qwen2ForCausalLM", LLAMA_WEIGHTS, _LLAMA_FIELDS,
     _LLAMA_FIXED + (("qkv_bias", True), ("out_bias", False), ("mlp_bias", False)), _SILU,
-    read=(read_rope, read_sliding), write=(write_rope, write_sliding, dense_feed_forward_only),
+    read=(read_rope, read_sliding), write=(write_rope, write_layer_types, dense_feed_forward_only),
+)
+QWEN3 = Family(
+    "qwen3", "qwen3", "Qwen3ForCausalLM", QWEN3_WEIGHTS, _LLAMA_FIELDS,
+    tuple(pair for pair in _LLAMA_FIXED if pair[0] != "qk_norm") + (("qk_norm", True), ("mlp_bias", False)), _SILU,
+    read=(read_rope, read_attention_bias, read_sliding),
+    write=(write_rope, write_attention_bias, write_layer_types, dense_feed_forward_only),
 )
 MIXTRAL = Family(
     "mixtral", "mixtral", "MixtralForCausalLM", MIXTRAL_WEIGHTS,
@@ -375,7 +409,7 @@ GPT2 = Family(
      ("max_seq_len", "n_positions"), ("norm_eps", "layer_norm_epsilon"), ("tie_embeddings", "tie_word_embeddings"),
      ("init_std", "initializer_range")),
     (("norm", "layernorm"), ("positions", "learned"), ("qkv_bias", True), ("out_bias", True), ("mlp_bias", True),
-     ("attn_scale", None), ("head", "lm")),
+     ("attn_scale", None), ("head", "lm"), ("qk_norm", False)),
     (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False)),
     read=(_GPT_READ_ACT, _optional_width("n_inner")[0]),
     write=(_GPT_WRITE_ACT, _optional_width("n_inner")[1], multi_head_only, dense_attention_only,
@@ -388,16 +422,16 @@ GPT_NEO = Family(
      ("max_seq_len", "max_position_embeddings"), ("norm_eps", "layer_norm_epsilon"),
      ("tie_embeddings", "tie_word_embeddings"), ("init_std", "initializer_range")),
     (("norm", "layernorm"), ("positions", "learned"), ("qkv_bias", False), ("out_bias", True), ("mlp_bias", True),
-     ("head", "lm")),
+     ("head", "lm"), ("qk_norm", False)),
     (),
     read=(_GPT_READ_ACT, _optional_width("intermediate_size")[0], read_gpt_neo_layers, _no_scale),
     write=(_GPT_WRITE_ACT, _optional_width("intermediate_size")[1], multi_head_only, write_gpt_neo_layers,
            _unscaled_only, dense_feed_forward_only),
     ignored=MASK_BUFFERS,
 )
-FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, MIXTRAL, GPT2, GPT_NEO)
+FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, GPT2, GPT_NEO)
 # Export tries these in order and takes the first that expresses the model.
-EXPORT_ORDER: tuple[Family, ...] = (LLAMA, MIXTRAL, MISTRAL, QWEN2, GPT2, GPT_NEO)
+EXPORT_ORDER: tuple[Family, ...] = (LLAMA, MIXTRAL, MISTRAL, QWEN2, QWEN3, GPT2, GPT_NEO)
 
 
 def family_of(hf: HfConfig) -> Family:
@@ -462,6 +496,6 @@ def _derive_sizes(config: ModelConfig) -> ModelConfig:
 
 
 __all__ = [
-    "EXPORT_ORDER", "FAMILIES", "Family", "GPT2", "GPT_NEO", "LLAMA", "MISTRAL", "MIXTRAL", "QWEN2",
+    "EXPORT_ORDER", "FAMILIES", "Family", "GPT2", "GPT_NEO", "LLAMA", "MISTRAL", "MIXTRAL", "QWEN2", "QWEN3",
     "family_config", "family_of", "hf_config",
 ]
