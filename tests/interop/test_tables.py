@@ -12,7 +12,7 @@ import torch
 
 from heron.core import AttentionPattern, ModelConfig, MoEConfig, RopeScaling, Transformer
 from heron.interop import FAMILIES, export_family, family_config, heron_to_hf, hf_config, load_into
-from heron.interop.families import GPT2, GPT_NEO, LLAMA, MISTRAL, MIXTRAL, QWEN2, QWEN3
+from heron.interop.families import GPT2, GPT_NEO, LLAMA, MISTRAL, MIXTRAL, PHI3, QWEN2, QWEN3, QWEN3_MOE
 from heron.interop.tables import expand
 from heron.models.presets import PRESETS
 
@@ -26,6 +26,10 @@ CONFIGS = {  # (family, a Heron config it expresses)
     "mistral": (MISTRAL, ModelConfig(**SMALL, n_kv_heads=2, attention=(LOCAL,))),
     "qwen2": (QWEN2, ModelConfig(**SMALL, n_kv_heads=2, qkv_bias=True)),
     "qwen3": (QWEN3, ModelConfig(**SMALL, n_kv_heads=2, head_dim=16, qk_norm=True)),
+    "qwen3_moe": (QWEN3_MOE, ModelConfig(**SMALL, n_kv_heads=2, qk_norm=True, tie_embeddings=False,
+                                         feed_forward=("dense", "moe", "moe"),
+                                         moe=MoEConfig(n_experts=4, top_k=2, d_ff=16, z_loss_coef=0.0))),
+    "phi3": (PHI3, ModelConfig(**SMALL, tie_embeddings=False, attention=(LOCAL,))),
     "mixtral": (MIXTRAL, ModelConfig(**SMALL, n_kv_heads=2, tie_embeddings=False, feed_forward=("moe",),
                                      moe=MoEConfig(n_experts=4, top_k=2, z_loss_coef=0.0))),
     "gpt2": (GPT2, ModelConfig(**SMALL, norm="layernorm", positions="learned", mlp="gelu_tanh", qkv_bias=True,
@@ -69,7 +73,8 @@ def test_both_directions_invert_each_other(name):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_config_round_trip(name):
     family, config = CONFIGS[name]
-    assert export_family(config) == family
+    # Phi-3 expresses what Mistral does (in fused tensors): export takes it only when named.
+    assert export_family(config) == (MISTRAL if family is PHI3 else family)
     assert family_config(family, hf_config(family, config)) == config
 
 
@@ -183,3 +188,12 @@ def test_older_rope_spelling_is_read():
     hf["rope_theta"] = params.pop("rope_theta")
     hf["rope_scaling"] = {"type": params.pop("rope_type"), **params}
     assert family_config(family, hf) == config
+
+
+def test_qwen3_moe_routing_heron_cannot_run_is_refused():
+    family, config = CONFIGS["qwen3_moe"]
+    hf = {**hf_config(family, config), "norm_topk_prob": False}  # top-k softmax weights left unnormalised
+    with pytest.raises(ValueError, match="^norm_topk_prob: Heron implements True only"):
+        family_config(family, hf)
+    with pytest.raises(ValueError, match="^moe.shared_expert: Qwen3-MoE needs False"):
+        hf_config(family, config.replace(moe=dataclasses.replace(config.moe, shared_expert=True)))

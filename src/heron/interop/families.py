@@ -66,6 +66,25 @@ QWEN3_WEIGHTS: tuple[WeightRow, ...] = LLAMA_WEIGHTS + (
     WeightRow("blocks.{i}.attn.q_norm.weight", (f"{_A}.q_norm.weight",)),
     WeightRow("blocks.{i}.attn.k_norm.weight", (f"{_A}.k_norm.weight",)),
 )
+_E = "model.layers.{i}.mlp.experts.{e}"
+QWEN3_MOE_WEIGHTS: tuple[WeightRow, ...] = QWEN3_WEIGHTS + (  # dense layers (`mlp_only_layers`) read QWEN3's rows
+    WeightRow("blocks.{i}.mlp.router.weight", (f"{_M}.gate.weight",)),
+    WeightRow("blocks.{i}.mlp.up", (f"{_E}.gate_proj.weight", f"{_E}.up_proj.weight"), dim=2, split="halves",
+              transpose=True),
+    WeightRow("blocks.{i}.mlp.down", (f"{_E}.down_proj.weight",), transpose=True),
+)
+PHI3_WEIGHTS: tuple[WeightRow, ...] = (
+    # Phi-3 fuses as Heron does: qkv_proj's rows are q, k, v and gate_up_proj's are gate, then up.
+    WeightRow("embed.weight", ("model.embed_tokens.weight",)),
+    WeightRow("blocks.{i}.attn_norm.weight", ("model.layers.{i}.input_layernorm.weight",)),
+    WeightRow("blocks.{i}.attn.qkv.weight", (f"{_A}.qkv_proj.weight",)),
+    WeightRow("blocks.{i}.attn.out.weight", (f"{_A}.o_proj.weight",)),
+    WeightRow("blocks.{i}.mlp_norm.weight", ("model.layers.{i}.post_attention_layernorm.weight",)),
+    WeightRow("blocks.{i}.mlp.up.weight", (f"{_M}.gate_up_proj.weight",)),
+    WeightRow("blocks.{i}.mlp.down.weight", (f"{_M}.down_proj.weight",)),
+    WeightRow("norm.weight", ("model.norm.weight",)),
+    WeightRow("lm_head.weight", ("lm_head.weight",)),
+)
 _X = "model.layers.{i}.block_sparse_moe"
 MIXTRAL_WEIGHTS: tuple[WeightRow, ...] = _LLAMA_BODY + (
     WeightRow("blocks.{i}.mlp.router.weight", (f"{_X}.gate.weight",)),
@@ -289,15 +308,47 @@ def write_mixtral_experts(config: ModelConfig) -> HfConfig:
     moe = config.moe
     if moe is None or not all(config.is_moe_layer(i) for i in range(config.n_layers)):
         raise ValueError("feed_forward: Mixtral has a Mixture-of-Experts on every layer")
-    for field, value in (("shared_expert", False), ("capacity_factor", None), ("router_centering", False),
-                         ("routed_scale", 1.0)):
-        if getattr(moe, field) != value:
-            raise ValueError(f"moe.{field}: Mixtral needs {value!r}, got {getattr(moe, field)!r}")
-    if moe.top_k == 1:
-        raise ValueError("moe.top_k: Mixtral renormalises the top-k weights, which top-1 routing does not")
+    _check_plain_routing(moe, "Mixtral")
     return {"num_local_experts": moe.n_experts, "num_experts_per_tok": moe.top_k,
             "intermediate_size": config.resolved_expert_d_ff,
             "router_aux_loss_coef": moe.aux_loss_coef}
+
+
+def read_qwen3_moe_experts(hf: HfConfig) -> dict[str, Any]:
+    """Experts on layer i unless i is in `mlp_only_layers` or (i + 1) is not a multiple of
+    `decoder_sparse_step`; the other layers are dense MLPs of `intermediate_size`."""
+    n_experts = int(hf.get("num_experts", hf.get("num_local_experts", 0)))
+    step, dense = int(hf.get("decoder_sparse_step", 1)), set(hf.get("mlp_only_layers") or ())
+    kinds = tuple("moe" if n_experts and i not in dense and (i + 1) % step == 0 else "dense"
+                  for i in range(int(hf["num_hidden_layers"])))
+    if "moe" not in kinds:
+        return {}
+    moe = MoEConfig(n_experts=n_experts, top_k=int(hf["num_experts_per_tok"]), d_ff=int(hf["moe_intermediate_size"]),
+                    aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.0)), z_loss_coef=0.0)
+    return {"feed_forward": kinds if "dense" in kinds else ("moe",), "moe": moe}
+
+
+def write_qwen3_moe_experts(config: ModelConfig) -> HfConfig:
+    kinds = [config.feed_forward_kind(i) for i in range(config.n_layers)]
+    if "none" in kinds or "moe" not in kinds:
+        i = kinds.index("none") if "none" in kinds else 0
+        raise ValueError(f"feed_forward: layer {i} is {kinds[i]!r}; Qwen3-MoE has Mixture-of-Experts layers and "
+                         "dense MLPs only, experts on one layer at least")
+    _check_plain_routing(config.moe, "Qwen3-MoE")
+    return {"num_experts": config.moe.n_experts, "num_experts_per_tok": config.moe.top_k,
+            "moe_intermediate_size": config.resolved_expert_d_ff, "decoder_sparse_step": 1,
+            "mlp_only_layers": [i for i, kind in enumerate(kinds) if kind == "dense"],
+            "router_aux_loss_coef": config.moe.aux_loss_coef}
+
+
+def _check_plain_routing(moe: MoEConfig, family: str) -> None:
+    """Softmax top-k over routed experts only, renormalised (so k > 1), no capacity."""
+    for field, value in (("shared_expert", False), ("capacity_factor", None), ("router_centering", False),
+                         ("routed_scale", 1.0)):
+        if getattr(moe, field) != value:
+            raise ValueError(f"moe.{field}: {family} needs {value!r}, got {getattr(moe, field)!r}")
+    if moe.top_k == 1:
+        raise ValueError(f"moe.top_k: {family} renormalises the top-k weights, which top-1 routing does not")
 
 
 def read_gpt_neo_layers(hf: HfConfig) -> dict[str, Any]:
@@ -396,6 +447,17 @@ QWEN3 = Family(
     read=(read_rope, read_attention_bias, read_sliding),
     write=(write_rope, write_attention_bias, write_layer_types, dense_feed_forward_only),
 )
+QWEN3_MOE = Family(
+    "qwen3_moe", "qwen3_moe", "Qwen3MoeForCausalLM", QWEN3_MOE_WEIGHTS, _LLAMA_FIELDS, QWEN3.fixed,
+    _SILU + (("norm_topk_prob", True),),
+    read=(read_rope, read_attention_bias, read_sliding, read_qwen3_moe_experts),
+    write=(write_rope, write_attention_bias, write_layer_types, write_qwen3_moe_experts),
+)
+PHI3 = Family(
+    "phi3", "phi3", "Phi3ForCausalLM", PHI3_WEIGHTS, _LLAMA_FIELDS,
+    _LLAMA_FIXED + (("qkv_bias", False), ("out_bias", False), ("mlp_bias", False)), _SILU,
+    read=(read_rope, read_sliding), write=(write_rope, write_sliding, dense_feed_forward_only),
+)
 MIXTRAL = Family(
     "mixtral", "mixtral", "MixtralForCausalLM", MIXTRAL_WEIGHTS,
     tuple(pair for pair in _LLAMA_FIELDS if pair[0] != "d_ff"),
@@ -429,9 +491,9 @@ GPT_NEO = Family(
            _unscaled_only, dense_feed_forward_only),
     ignored=MASK_BUFFERS,
 )
-FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, MIXTRAL, GPT2, GPT_NEO)
+FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, QWEN3_MOE, PHI3, MIXTRAL, GPT2, GPT_NEO)
 # Export tries these in order and takes the first that expresses the model.
-EXPORT_ORDER: tuple[Family, ...] = (LLAMA, MIXTRAL, MISTRAL, QWEN2, QWEN3, GPT2, GPT_NEO)
+EXPORT_ORDER: tuple[Family, ...] = (LLAMA, MIXTRAL, MISTRAL, QWEN2, QWEN3, QWEN3_MOE, GPT2, GPT_NEO, PHI3)
 
 
 def family_of(hf: HfConfig) -> Family:
@@ -496,6 +558,6 @@ def _derive_sizes(config: ModelConfig) -> ModelConfig:
 
 
 __all__ = [
-    "EXPORT_ORDER", "FAMILIES", "Family", "GPT2", "GPT_NEO", "LLAMA", "MISTRAL", "MIXTRAL", "QWEN2", "QWEN3",
-    "family_config", "family_of", "hf_config",
+    "EXPORT_ORDER", "FAMILIES", "Family", "GPT2", "GPT_NEO", "LLAMA", "MISTRAL", "MIXTRAL", "PHI3", "QWEN2", "QWEN3",
+    "QWEN3_MOE", "family_config", "family_of", "hf_config",
 ]
