@@ -230,16 +230,12 @@ def _layer_pattern(kind: str, window: int, i: int) -> AttentionPattern:
 
 def write_sliding(config: ModelConfig) -> HfConfig:
     """Every layer sliding with one window (Mistral's `sliding_window`), or every layer dense."""
-    patterns = [config.attention_pattern(i) for i in range(config.n_layers)]
-    kinds = {p.kind for p in patterns}
-    windows = {p.window for p in patterns if p.kind == "sliding"}
-    if kinds <= {"dense"}:
-        return {"sliding_window": None}
-    if kinds == {"sliding"} and len(windows) == 1:
-        return {"sliding_window": windows.pop()}
-    bad = next(i for i, p in enumerate(patterns) if p.kind not in ("dense", "sliding") or kinds != {"sliding"})
-    raise ValueError(f"attention: layer {bad} is {patterns[bad].kind!r}; this family has either dense attention "
-                     "on every layer or one sliding window on every layer")
+    refusal = "this family has either dense attention on every layer or one sliding window on every layer"
+    patterns, window = _dense_or_one_window(config, refusal)
+    dense = [i for i, p in enumerate(patterns) if p.kind == "dense"]
+    if window is not None and dense:
+        raise ValueError(f"attention: layer {dense[0]} is 'dense'; {refusal}")
+    return {"sliding_window": window}
 
 
 def write_layer_types(config: ModelConfig) -> HfConfig:
@@ -420,8 +416,9 @@ _LLAMA_FIELDS: tuple[tuple[str, str], ...] = (
     ("d_ff", "intermediate_size"), ("max_seq_len", "max_position_embeddings"), ("norm_eps", "rms_norm_eps"),
     ("tie_embeddings", "tie_word_embeddings"), ("init_std", "initializer_range"),
 )
-_LLAMA_FIXED: tuple[tuple[str, Any], ...] = (("norm", "rmsnorm"), ("positions", "rope"), ("mlp", "swiglu"),
-                                             ("attn_scale", None), ("head", "lm"), ("qk_norm", False))
+_RMS_ROPE_SWIGLU: tuple[tuple[str, Any], ...] = (("norm", "rmsnorm"), ("positions", "rope"), ("mlp", "swiglu"),
+                                                 ("attn_scale", None), ("head", "lm"))
+_LLAMA_FIXED = _RMS_ROPE_SWIGLU + (("qk_norm", False),)
 # Dropout keys are not checked: they change training only, and Heron trains without dropout.
 _SILU = (("hidden_act", "silu"),)
 _GPT_READ_ACT, _GPT_WRITE_ACT = _activation("activation_function")
@@ -443,7 +440,7 @@ QWEN2 = Family(
 )
 QWEN3 = Family(
     "qwen3", "qwen3", "Qwen3ForCausalLM", QWEN3_WEIGHTS, _LLAMA_FIELDS,
-    tuple(pair for pair in _LLAMA_FIXED if pair[0] != "qk_norm") + (("qk_norm", True), ("mlp_bias", False)), _SILU,
+    _RMS_ROPE_SWIGLU + (("qk_norm", True), ("mlp_bias", False)), _SILU,
     read=(read_rope, read_attention_bias, read_sliding),
     write=(write_rope, write_attention_bias, write_layer_types, dense_feed_forward_only),
 )
