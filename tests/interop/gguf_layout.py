@@ -1,4 +1,4 @@
-"""What the GGUF tests share: tiny LLaMA- and Mixtral-shaped configs, a model with weights
+"""What the GGUF tests share: tiny LLaMA-, Qwen3- and Mixtral-shaped configs, a model with weights
 far from init, the llama.cpp layout each Heron tensor must take (derived by
 hand, independently of interop/gguf.py), and llama.cpp's logits for a file."""
 import json
@@ -36,6 +36,9 @@ CONFIGS = {
     # tokenizer's, and a feed-forward width (80) that Q8_0's 32-value blocks do not divide.
     "llama3": ModelConfig(vocab_size=VOCAB + 20, **SMALL, head_dim=32, d_ff=80, rope_theta=500.0,
                           rope_scaling=RopeScaling(kind="llama3", factor=4.0, original_max_seq_len=16)),
+    # Qwen3 (llama.cpp's qwen3 architecture): q and k normalised per head, heads wider than
+    # d_model / n_heads, rows in rotate-half order as they are.
+    "qwen3": ModelConfig(vocab_size=VOCAB, **SMALL, head_dim=32, d_ff=96, qk_norm=True, tie_embeddings=False),
     # Mixtral: every feed-forward 4 experts of width 32, top-2, stacked per layer in the file.
     "moe": ModelConfig(vocab_size=VOCAB, **SMALL, feed_forward=("moe",), tie_embeddings=False,
                        moe=MoEConfig(n_experts=4, top_k=2, d_ff=32)),
@@ -86,14 +89,19 @@ def expected_tensors(model: Transformer) -> dict[str, torch.Tensor]:
     out = {"token_embd.weight": p["embed.weight"], "output_norm.weight": p["norm.weight"]}
     if not c.tie_embeddings:
         out["output.weight"] = p["lm_head.weight"]
+    # llama.cpp's qwen3 rotates halves, as Heron does; its llama rotates pairs.
+    order = (lambda rows, _: rows) if c.qk_norm else rope_pairs
     for i in range(c.n_layers):
         b, blk = f"blocks.{i}.", f"blk.{i}."
         out[blk + "attn_norm.weight"] = p[b + "attn_norm.weight"]
         out[blk + "ffn_norm.weight"] = p[b + "mlp_norm.weight"]
+        if c.qk_norm:
+            out[blk + "attn_q_norm.weight"] = p[b + "attn.q_norm.weight"]
+            out[blk + "attn_k_norm.weight"] = p[b + "attn.k_norm.weight"]
         for kind in ("weight", "bias") if c.qkv_bias else ("weight",):
             qkv = p[b + "attn.qkv." + kind]
-            out[blk + "attn_q." + kind] = rope_pairs(qkv[:q], c.n_heads)
-            out[blk + "attn_k." + kind] = rope_pairs(qkv[q:q + kv], c.resolved_kv_heads)
+            out[blk + "attn_q." + kind] = order(qkv[:q], c.n_heads)
+            out[blk + "attn_k." + kind] = order(qkv[q:q + kv], c.resolved_kv_heads)
             out[blk + "attn_v." + kind] = qkv[q + kv:]
         if c.moe is not None:  # experts (E, in, out) -> one (E, out, in) stack per linear
             width = c.resolved_expert_d_ff

@@ -73,6 +73,14 @@ def test_moe_metadata(exported):
     assert "llama.expert_count" not in fields(exported["base", "f32"][1])
 
 
+def test_qwen3_metadata(exported):
+    got = fields(exported["qwen3", "f32"][1])
+    want = {"general.architecture": "qwen3", "qwen3.embedding_length": 64, "qwen3.attention.head_count": 4,
+            "qwen3.attention.head_count_kv": 2, "qwen3.attention.key_length": 32, "qwen3.rope.dimension_count": 32,
+            "qwen3.feed_forward_length": 96}
+    assert {key: got[key] for key in want} == want
+
+
 def test_rope_scaling_metadata(exported):
     linear = fields(exported["tied_linear", "f32"][1])
     assert (linear["llama.rope.scaling.type"], linear["llama.rope.scaling.factor"]) == ("linear", 2.0)
@@ -176,7 +184,7 @@ def test_interleave_rope_turns_rotate_half_into_pair_rotation():
     (dict(attention=(AttentionPattern(kind="sliding", window=8),)), "attention"),
     (dict(norm="layernorm"), "norm"),
     (dict(attn_scale=1.0), "attn_scale"),
-    (dict(qk_norm=True), "qk_norm"),  # Qwen3's per-head norms: not in llama.cpp's llama architecture
+    (dict(qk_norm=True, mlp_bias=False), "qkv_bias"),  # written as llama.cpp's qwen3: no attention biases
     (dict(vocab_size=VOCAB - 1), "vocab_size"),
 ])
 def test_refuses_models_llama_cpp_cannot_run(tokenizer, tmp_path, change, field):
@@ -192,6 +200,7 @@ def test_refuses_models_llama_cpp_cannot_run(tokenizer, tmp_path, change, field)
     (dict(moe=MoEConfig(n_experts=4, top_k=2, d_ff=32, shared_expert=True)), "moe.shared_expert"),
     (dict(moe=MoEConfig(n_experts=4, top_k=2, d_ff=32, routed_scale=2.0)), "moe.routed_scale"),
     (dict(qkv_bias=True), "qkv_bias"),
+    (dict(qk_norm=True), "feed_forward"),  # Qwen3-MoE: not written
 ])
 def test_refuses_moe_models_llama_cpp_cannot_run(tokenizer, tmp_path, change, field):
     model = Transformer(CONFIGS["moe"].replace(**change))
@@ -275,7 +284,8 @@ def test_a_failed_write_leaves_the_old_file_whole(tokenizer, tmp_path, monkeypat
 # test_gguf_quantized.py matches a Heron int4 model's own logits closely.
 TOLERANCES = {"f32": (1e-4, 1e-5), "f16": (5e-2, 5e-3), "q8_0": (1.0, 0.1), "q4_0": (5.0, 0.6), "q4_1": (5.0, 0.6)}
 LLAMA_RUNS = [("base", "f32"), ("base", "f16"), ("base", "q8_0"), ("base", "q4_0"), ("base", "q4_1"),
-              ("tied_linear", "f32"), ("llama3", "f32"), ("moe", "f32"), ("moe", "q8_0")]
+              ("tied_linear", "f32"), ("llama3", "f32"), ("qwen3", "f32"), ("qwen3", "q8_0"), ("moe", "f32"),
+              ("moe", "q8_0")]
 
 
 @pytest.fixture(scope="module")

@@ -1,17 +1,18 @@
 """GGUF out: a Heron model and its tokenizer as one file that llama.cpp runs.
 
 The file is built on the Hugging Face export, not on Heron's modules:
-`hf_config(LLAMA, config)` (`MIXTRAL` for a Mixture of Experts) decides
-whether the model is expressible (a ValueError names the field when it is
-not: sparse attention, router centring, LayerNorm, ...) and its values fill
-llama.cpp's hyperparameters; `heron_to_hf` yields the tensors, renamed by
-gguf-py's own name table for the llama architecture, which runs Mixtral too.
+`hf_config(LLAMA, config)` (`MIXTRAL` for a Mixture of Experts, `QWEN3` for
+a model with `qk_norm`) decides whether the model is expressible (a
+ValueError names the field when it is not: sparse attention, router
+centring, LayerNorm, ...) and its values fill llama.cpp's hyperparameters;
+`heron_to_hf` yields the tensors, renamed by gguf-py's own name table for
+llama.cpp's architecture: `llama`, which runs Mixtral too, or `qwen3`.
 Three things differ from a Hugging Face folder, and all are done as
 llama.cpp's `convert_hf_to_gguf.py` does them:
 
-- q and k rows are permuted (`interleave_rope`): llama.cpp's llama
-  architecture rotates consecutive pairs of a head's dimensions, where
-  Hugging Face and Heron rotate dimension j with j + head_dim / 2;
+- for the llama architecture q and k rows are permuted (`interleave_rope`):
+  it rotates consecutive pairs of a head's dimensions, where Hugging Face,
+  Heron and llama.cpp's qwen3 rotate dimension j with j + head_dim / 2;
 - Llama 3 RoPE scaling travels as per-frequency divisors in a
   `rope_freqs.weight` tensor; linear scaling as llama.cpp's "linear" rope
   scaling type;
@@ -45,13 +46,18 @@ from heron.core.config import ModelConfig
 from heron.core.rope import rope_frequencies
 from heron.core.transformer import Transformer
 from heron.govern.audit import record_event
-from heron.interop.families import LLAMA, MIXTRAL, Family, HfConfig, hf_config
+from heron.interop.families import LLAMA, MIXTRAL, QWEN3, Family, HfConfig, hf_config
 from heron.interop.gguf_tokenizer import add_tokenizer
 from heron.interop.tables import expand, heron_to_hf
 from heron.tokenizer.bpe import HeronTokenizer
 from heron.tokenizer.pretrained import PretrainedTokenizer
 
-ARCH = gguf.MODEL_ARCH.LLAMA
+# The llama.cpp architecture each family is written as, and whether it rotates pairs of
+# dimensions (llama: q and k rows permuted) rather than halves (qwen3: rows as they are).
+ARCHS: dict[str, tuple[gguf.MODEL_ARCH, bool]] = {
+    LLAMA.name: (gguf.MODEL_ARCH.LLAMA, True), MIXTRAL.name: (gguf.MODEL_ARCH.LLAMA, True),
+    QWEN3.name: (gguf.MODEL_ARCH.QWEN3, False),
+}
 F16, F32 = gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32
 
 # save_gguf's dtype -> (general.file_type, the type of the file's matrices)
@@ -90,8 +96,8 @@ def save_gguf(
     raw_types: Mapping[str, gguf.GGMLQuantizationType] | None = None,  # weights given as ggml block bytes
     blocks: Mapping[str, tuple[torch.Tensor, gguf.GGMLQuantizationType]] | None = None,  # llama.cpp name -> blocks
 ) -> Path:
-    """Write `model` and `tokenizer` as a GGUF file of llama.cpp's llama
-    architecture; returns the path. The file appears whole or not at all.
+    """Write `model` and `tokenizer` as a GGUF file of llama.cpp's llama (or,
+    with qk_norm, qwen3) architecture; returns the path. The file appears whole or not at all.
     ValueError names the field when llama.cpp cannot express the model.
 
     `dtype` is the type of the float matrices. A weight named in `raw_types`
@@ -108,9 +114,12 @@ def save_gguf(
         most_common = max(set(block_types), key=block_types.count)
         file_type = next(ftype for ftype, qtype in FILE_TYPES.values() if qtype == most_common)
     config = model.config
-    hf = hf_config(family_of(config), config)
+    family = family_of(config)
+    hf = hf_config(family, config)
+    if family is QWEN3 and config.qkv_bias:
+        raise ValueError("qkv_bias: llama.cpp's qwen3 architecture has no attention biases")
     target = Path(path)
-    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[ARCH])
+    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[ARCHS[family.name][0]])
     writer.add_name(name if name is not None else target.stem)
     writer.add_file_type(file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -134,7 +143,10 @@ def save_gguf(
 # ----- hyperparameters --------------------------------------------------------------------------
 
 def family_of(config: ModelConfig) -> Family:
-    """The Hugging Face family a GGUF file is made through: Mixtral for a Mixture of Experts."""
+    """The Hugging Face family a GGUF file is made through: Qwen3 for per-head q and k
+    norms, Mixtral for a Mixture of Experts, else LLaMA."""
+    if config.qk_norm:
+        return QWEN3
     return LLAMA if config.moe is None else MIXTRAL
 
 
@@ -181,9 +193,11 @@ def gguf_tensors(config: ModelConfig, weights: Mapping[str, torch.Tensor]) -> It
     from) for every tensor of the file. Every step moves whole rows, so a
     matrix given as rows of ggml blocks is rearranged like a float one. A
     tied output head is left out: llama.cpp reuses `token_embd` when `output` is absent."""
-    names = gguf.get_tensor_name_map(ARCH, config.n_layers)
-    rope_heads = {gguf.MODEL_TENSOR.ATTN_Q: config.n_heads, gguf.MODEL_TENSOR.ATTN_K: config.resolved_kv_heads}
     family = family_of(config)
+    arch, rotates_pairs = ARCHS[family.name]
+    names = gguf.get_tensor_name_map(arch, config.n_layers)
+    rope_heads = {gguf.MODEL_TENSOR.ATTN_Q: config.n_heads,
+                  gguf.MODEL_TENSOR.ATTN_K: config.resolved_kv_heads} if rotates_pairs else {}
     n_experts = 0 if config.moe is None else config.moe.n_experts
     origin = {hf: heron for heron, _, parts in expand(family.weights, config.n_layers, n_experts)
               for part in parts for hf in part.names}
@@ -191,7 +205,8 @@ def gguf_tensors(config: ModelConfig, weights: Mapping[str, torch.Tensor]) -> It
     for hf_name, tensor in stacked_experts(heron_to_hf(weights, family.weights, config), n_experts):
         found = names.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
         if found is None:
-            raise ValueError(f"{hf_name}: no tensor of llama.cpp's llama architecture has this name")
+            raise ValueError(f"{hf_name}: no tensor of llama.cpp's {gguf.MODEL_ARCH_NAMES[arch]} architecture "
+                             "has this name")
         kind, name = found
         yield name, interleave_rope(tensor, rope_heads[kind]) if kind in rope_heads else tensor, origin[hf_name]
     factors = rope_freq_factors(config)
@@ -266,6 +281,6 @@ def _write_atomic(writer: gguf.GGUFWriter, target: Path) -> None:
 
 
 __all__ = [
-    "FILE_TYPES", "HPARAMS", "encode_tensor", "family_of", "gguf_tensors", "interleave_rope", "rope_freq_factors",
+    "ARCHS", "FILE_TYPES", "HPARAMS", "encode_tensor", "family_of", "gguf_tensors", "interleave_rope", "rope_freq_factors",
     "save_gguf", "stacked_experts",
 ]
