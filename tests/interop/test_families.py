@@ -35,7 +35,8 @@ FAMILIES = {
     "qwen3": lambda: transformers.Qwen3Config(**{**_LLAMA_LIKE, "head_dim": 32, "attention_bias": True}),
     # Experts on layer 1, a dense MLP on layer 0.
     "qwen3_moe": lambda: transformers.Qwen3MoeConfig(**_LLAMA_LIKE, num_experts=4, num_experts_per_tok=2,
-                                                     moe_intermediate_size=32, norm_topk_prob=True, mlp_only_layers=[0]),
+                                                     moe_intermediate_size=32, norm_topk_prob=True,
+                                                     mlp_only_layers=[0]),
     "phi3": lambda: transformers.Phi3Config(**_LLAMA_LIKE, sliding_window=WINDOW, pad_token_id=0),
     "mixtral": lambda: transformers.MixtralConfig(**_LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2),
     "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128),

@@ -97,7 +97,8 @@ def save_gguf(
     blocks: Mapping[str, tuple[torch.Tensor, gguf.GGMLQuantizationType]] | None = None,  # llama.cpp name -> blocks
 ) -> Path:
     """Write `model` and `tokenizer` as a GGUF file of llama.cpp's llama (or,
-    with qk_norm, qwen3) architecture; returns the path. The file appears whole or not at all.
+    with qk_norm, qwen3) architecture; returns the path. The file appears
+    whole or not at all.
     ValueError names the field when llama.cpp cannot express the model.
 
     `dtype` is the type of the float matrices. A weight named in `raw_types`
@@ -281,6 +282,7 @@ def _write_atomic(writer: gguf.GGUFWriter, target: Path) -> None:
 
 
 __all__ = [
-    "ARCHS", "FILE_TYPES", "HPARAMS", "encode_tensor", "family_of", "gguf_tensors", "interleave_rope", "rope_freq_factors",
+    "ARCHS", "FILE_TYPES", "HPARAMS", "encode_tensor", "family_of", "gguf_tensors", "interleave_rope",
+    "rope_freq_factors",
     "save_gguf", "stacked_experts",
 ]
