@@ -39,6 +39,9 @@ CONFIGS = {
     # Qwen3 (llama.cpp's qwen3 architecture): q and k normalised per head, heads wider than
     # d_model / n_heads, rows in rotate-half order as they are.
     "qwen3": ModelConfig(vocab_size=VOCAB, **SMALL, head_dim=32, d_ff=96, qk_norm=True, tie_embeddings=False),
+    # Qwen3-MoE (llama.cpp's qwen3moe): the same attention, and experts as in "moe" below.
+    "qwen3_moe": ModelConfig(vocab_size=VOCAB, **SMALL, head_dim=32, qk_norm=True, feed_forward=("moe",),
+                             tie_embeddings=False, moe=MoEConfig(n_experts=4, top_k=2, d_ff=32)),
     # Mixtral: every feed-forward 4 experts of width 32, top-2, stacked per layer in the file.
     "moe": ModelConfig(vocab_size=VOCAB, **SMALL, feed_forward=("moe",), tie_embeddings=False,
                        moe=MoEConfig(n_experts=4, top_k=2, d_ff=32)),

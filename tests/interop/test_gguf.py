@@ -81,6 +81,13 @@ def test_qwen3_metadata(exported):
     assert {key: got[key] for key in want} == want
 
 
+def test_qwen3_moe_metadata(exported):
+    got = fields(exported["qwen3_moe", "f32"][1])
+    want = {"general.architecture": "qwen3moe", "qwen3moe.expert_count": 4, "qwen3moe.expert_used_count": 2,
+            "qwen3moe.expert_feed_forward_length": 32, "qwen3moe.attention.key_length": 32}
+    assert {key: got[key] for key in want} == want
+
+
 def test_rope_scaling_metadata(exported):
     linear = fields(exported["tied_linear", "f32"][1])
     assert (linear["llama.rope.scaling.type"], linear["llama.rope.scaling.factor"]) == ("linear", 2.0)
@@ -200,7 +207,9 @@ def test_refuses_models_llama_cpp_cannot_run(tokenizer, tmp_path, change, field)
     (dict(moe=MoEConfig(n_experts=4, top_k=2, d_ff=32, shared_expert=True)), "moe.shared_expert"),
     (dict(moe=MoEConfig(n_experts=4, top_k=2, d_ff=32, routed_scale=2.0)), "moe.routed_scale"),
     (dict(qkv_bias=True), "qkv_bias"),
-    (dict(qk_norm=True), "feed_forward"),  # Qwen3-MoE: not written
+    # qwen3moe: experts on every layer, and no attention biases
+    (dict(qk_norm=True, feed_forward=("dense", "moe")), "feed_forward"),
+    (dict(qk_norm=True, qkv_bias=True, out_bias=True), "qkv_bias"),
 ])
 def test_refuses_moe_models_llama_cpp_cannot_run(tokenizer, tmp_path, change, field):
     model = Transformer(CONFIGS["moe"].replace(**change))
@@ -284,8 +293,8 @@ def test_a_failed_write_leaves_the_old_file_whole(tokenizer, tmp_path, monkeypat
 # test_gguf_quantized.py matches a Heron int4 model's own logits closely.
 TOLERANCES = {"f32": (1e-4, 1e-5), "f16": (5e-2, 5e-3), "q8_0": (1.0, 0.1), "q4_0": (5.0, 0.6), "q4_1": (5.0, 0.6)}
 LLAMA_RUNS = [("base", "f32"), ("base", "f16"), ("base", "q8_0"), ("base", "q4_0"), ("base", "q4_1"),
-              ("tied_linear", "f32"), ("llama3", "f32"), ("qwen3", "f32"), ("qwen3", "q8_0"), ("moe", "f32"),
-              ("moe", "q8_0")]
+              ("tied_linear", "f32"), ("llama3", "f32"), ("qwen3", "f32"), ("qwen3", "q8_0"), ("qwen3_moe", "f32"),
+              ("moe", "f32"), ("moe", "q8_0")]
 
 
 @pytest.fixture(scope="module")

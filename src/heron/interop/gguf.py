@@ -1,12 +1,13 @@
 """GGUF out: a Heron model and its tokenizer as one file that llama.cpp runs.
 
 The file is built on the Hugging Face export, not on Heron's modules:
-`hf_config(LLAMA, config)` (`MIXTRAL` for a Mixture of Experts, `QWEN3` for
-a model with `qk_norm`) decides whether the model is expressible (a
-ValueError names the field when it is not: sparse attention, router
-centring, LayerNorm, ...) and its values fill llama.cpp's hyperparameters;
-`heron_to_hf` yields the tensors, renamed by gguf-py's own name table for
-llama.cpp's architecture: `llama`, which runs Mixtral too, or `qwen3`.
+`hf_config(LLAMA, config)` (`MIXTRAL` for a Mixture of Experts, `QWEN3` or
+`QWEN3_MOE` for a model with `qk_norm`) decides whether the model is
+expressible (a ValueError names the field when it is not: sparse attention,
+router centring, LayerNorm, ...) and its values fill llama.cpp's
+hyperparameters; `heron_to_hf` yields the tensors, renamed by gguf-py's own
+name table for llama.cpp's architecture: `llama`, which runs Mixtral too,
+`qwen3` or `qwen3moe`.
 Three things differ from a Hugging Face folder, and all are done as
 llama.cpp's `convert_hf_to_gguf.py` does them:
 
@@ -17,7 +18,7 @@ llama.cpp's `convert_hf_to_gguf.py` does them:
   `rope_freqs.weight` tensor; linear scaling as llama.cpp's "linear" rope
   scaling type;
 - a MoE layer's experts are stacked, one (experts, out, in) tensor each for
-  gate, up and down (`stacked_experts`; quantised experts come as blocks
+  gate, up and down, for Mixtral and Qwen3-MoE alike (`stacked_experts`; quantised experts come as blocks
   already stacked, `blocks`).
 
 Tensor types follow the converter as well: 1-D tensors (norms, biases, rope
@@ -46,7 +47,7 @@ from heron.core.config import ModelConfig
 from heron.core.rope import rope_frequencies
 from heron.core.transformer import Transformer
 from heron.govern.audit import record_event
-from heron.interop.families import LLAMA, MIXTRAL, QWEN3, Family, HfConfig, hf_config
+from heron.interop.families import LLAMA, MIXTRAL, QWEN3, QWEN3_MOE, Family, HfConfig, hf_config
 from heron.interop.gguf_tokenizer import add_tokenizer
 from heron.interop.tables import expand, heron_to_hf
 from heron.tokenizer.bpe import HeronTokenizer
@@ -56,7 +57,7 @@ from heron.tokenizer.pretrained import PretrainedTokenizer
 # dimensions (llama: q and k rows permuted) rather than halves (qwen3: rows as they are).
 ARCHS: dict[str, tuple[gguf.MODEL_ARCH, bool]] = {
     LLAMA.name: (gguf.MODEL_ARCH.LLAMA, True), MIXTRAL.name: (gguf.MODEL_ARCH.LLAMA, True),
-    QWEN3.name: (gguf.MODEL_ARCH.QWEN3, False),
+    QWEN3.name: (gguf.MODEL_ARCH.QWEN3, False), QWEN3_MOE.name: (gguf.MODEL_ARCH.QWEN3MOE, False),
 }
 F16, F32 = gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32
 
@@ -117,8 +118,7 @@ def save_gguf(
     config = model.config
     family = family_of(config)
     hf = hf_config(family, config)
-    if family is QWEN3 and config.qkv_bias:
-        raise ValueError("qkv_bias: llama.cpp's qwen3 architecture has no attention biases")
+    _check_qwen3_runs(family, config)
     target = Path(path)
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[ARCHS[family.name][0]])
     writer.add_name(name if name is not None else target.stem)
@@ -144,11 +144,24 @@ def save_gguf(
 # ----- hyperparameters --------------------------------------------------------------------------
 
 def family_of(config: ModelConfig) -> Family:
-    """The Hugging Face family a GGUF file is made through: Qwen3 for per-head q and k
-    norms, Mixtral for a Mixture of Experts, else LLaMA."""
+    """The Hugging Face family a GGUF file is made through: Qwen3 (Qwen3-MoE with experts)
+    for per-head q and k norms, Mixtral for a Mixture of Experts, else LLaMA."""
     if config.qk_norm:
-        return QWEN3
+        return QWEN3 if config.moe is None else QWEN3_MOE
     return LLAMA if config.moe is None else MIXTRAL
+
+
+def _check_qwen3_runs(family: Family, config: ModelConfig) -> None:
+    """What Hugging Face's Qwen3 families allow and llama.cpp's do not: attention biases,
+    and dense MLPs beside the experts (qwen3moe has experts on every layer)."""
+    if family not in (QWEN3, QWEN3_MOE):
+        return
+    if config.qkv_bias:
+        raise ValueError(f"qkv_bias: llama.cpp's {family.model_type} architecture has no attention biases")
+    dense = [i for i in range(config.n_layers) if family is QWEN3_MOE and not config.is_moe_layer(i)]
+    if dense:
+        raise ValueError(f"feed_forward: layer {dense[0]} is dense; llama.cpp's qwen3moe architecture has experts "
+                         "on every layer")
 
 
 def _add_hparams(writer: gguf.GGUFWriter, hf: HfConfig, config: ModelConfig) -> None:
@@ -157,6 +170,10 @@ def _add_hparams(writer: gguf.GGUFWriter, hf: HfConfig, config: ModelConfig) -> 
     if "num_local_experts" in hf:  # Mixtral: feed_forward_length above is one expert's width
         writer.add_expert_count(hf["num_local_experts"])
         writer.add_expert_used_count(hf["num_experts_per_tok"])
+    if "num_experts" in hf:  # Qwen3-MoE: the experts' width apart from the dense one
+        writer.add_expert_count(hf["num_experts"])
+        writer.add_expert_used_count(hf["num_experts_per_tok"])
+        writer.add_expert_feed_forward_length(hf["moe_intermediate_size"])
     writer.add_rope_freq_base(config.rope_theta)
     scaling = config.rope_scaling
     if scaling is not None and scaling.kind == "linear":  # llama3 scaling is a tensor: rope_freq_factors
@@ -215,17 +232,18 @@ def gguf_tensors(config: ModelConfig, weights: Mapping[str, torch.Tensor]) -> It
         yield f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS]}.weight", factors, "rope_freqs"
 
 
-_EXPERT = re.compile(r"(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<linear>w[123])\.weight$")
+_EXPERT = re.compile(r"(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<linear>w[123]|(?:gate|up|down)_proj)\.weight$")
 
 
 def _stack_name(expert: re.Match[str]) -> str:
-    """...experts.{e}.w1.weight -> ...experts.w1.weight, the name convert_hf_to_gguf.py maps."""
+    """...experts.{e}.w1.weight -> ...experts.w1.weight (Qwen3-MoE: gate_proj for w1), the
+    name convert_hf_to_gguf.py maps."""
     return f"{expert['prefix']}.{expert['linear']}.weight"
 
 
 def stacked_experts(tensors: Iterator[tuple[str, torch.Tensor]],
                     n_experts: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """Mixtral's per-expert linears (out, in), as `heron_to_hf` yields them,
+    """Mixtral's or Qwen3-MoE's per-expert linears (out, in), as `heron_to_hf` yields them,
     stacked into one (n_experts, out, in) tensor per layer and linear, in
     expert order, as llama.cpp keeps them; other tensors pass through."""
     pending: dict[str, dict[int, torch.Tensor]] = {}
