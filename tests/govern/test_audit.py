@@ -24,6 +24,7 @@ from heron.govern.audit import (
 from heron.govern.audit_export import export_log, read_export
 from heron.govern.audit_keys import generate_keys, load_public_key, load_signing_key
 from heron.govern.audit_lineage import audit_lineage, format_lineage
+from heron.govern.card import write_document
 from heron.govern.digest import Artifact, file_sha256, folder_sha256, json_sha256, listing_sha256, model_hash
 from heron.govern.merkle import inclusion_proof, leaf_hash, merkle_root, node_hash, verify_inclusion
 from heron.store.audit import audit_records
@@ -525,6 +526,26 @@ def test_lineage_follows_the_links_to_the_data(tmp_path: Path, data_file: Path, 
     assert "audit: record 0 train" in text and f"read data: file {data_file.resolve()}" in text
     assert heron("audit", "lineage", str(pruned), "--log", str(tmp_path / "a.db")) == 0
     assert capsys.readouterr().out.strip() == text
+
+
+def test_documents_written_into_a_checkpoint_keep_its_lineage(tmp_path: Path, monkeypatch) -> None:
+    """A model card or Annex IV written into the folder changes its hash; the write is
+    recorded as reading the folder as it was, so the lineage still reaches the training
+    record. A file added without a record breaks the chain, as any tampering does."""
+    monkeypatch.setenv(LOG_ENV, str(tmp_path / "a.db"))
+    folder = fake_checkpoint(tmp_path / "run" / "step_2", {"recipe": {"name": "t"}})
+    record_event("train", outputs={"checkpoint": folder})
+    write_document(folder, folder / "README.md", "a card\n", "card.model_card")
+    write_document(folder, tmp_path / "card.md", "a copy elsewhere\n", "card.model_card")  # the folder unchanged
+    write_document(folder, folder / "ANNEX_IV.md", "an annex\n", "card.annex_iv")
+    log = AuditLog.open(tmp_path / "a.db")
+    steps, history = audit_lineage(folder, log=log)
+    assert [(r.seq, r.event) for r in steps[0].records] == [(3, "card.annex_iv"), (1, "card.model_card"), (0, "train")]
+    assert "audit: record 0 train" in format_lineage(steps, history)
+    (folder / "notes.txt").write_text("added by hand")
+    steps, history = audit_lineage(folder, log=log)
+    assert steps[0].records == ()
+    assert "audit: no record wrote this folder" in format_lineage(steps, history)
 
 
 # ----- recording from normal work --------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Any
 
 from heron.govern.card import (
     PROVIDER, Evaluation, architecture, data_facts, data_table, energy_rows, evaluation_table, hub_id,
-    lineage_evaluations, lineage_lines, model_name, software, write_text_atomic,
+    lineage_evaluations, lineage_lines, model_name, software, write_document,
 )
 from heron.govern.history import LINEAGE_FILE, History, Stage, lookup, read_history
 
@@ -246,7 +246,7 @@ def write_annex_iv(folder: str | os.PathLike[str], out: str | os.PathLike[str] |
                    **options: Any) -> Path:
     """Write `annex_iv(folder, **options)` to `out` (default: ANNEX_IV.md in the checkpoint folder)."""
     text = annex_iv(folder, **options)
-    return write_text_atomic(Path(folder) / ANNEX_IV_FILE if out is None else Path(out), text)
+    return write_document(folder, Path(folder) / ANNEX_IV_FILE if out is None else Path(out), text, "card.annex_iv")
 
 
 __all__ = ["ANNEX_IV_FILE", "annex_iv", "objective", "write_annex_iv"]

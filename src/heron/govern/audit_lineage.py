@@ -8,7 +8,10 @@ quantized_from, pruned_from, alignment base, distillation teacher, imported
 source) back to the stage that trained on data. Each step's folder hash
 (`heron.govern.digest.folder_sha256`, cheap: it reuses the lineage manifest)
 is looked up among the records' outputs, so a step shows who made it, when,
-and the hashes of what it read, data files included.
+and the hashes of what it read, data files included. A record that
+rewrote the folder in place (a model card written into it reads the folder
+as it was and writes it as it is) leads on to the records that made the
+folder as it was, back to the one that made the weights.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from heron.govern.history import History, Stage, alignment_data, read_history, t
 class LineageStep:
     stage: Stage  # the checkpoint folder, its lineage and the kind of stage that wrote it
     sha256: str  # the folder's hash, as an audit record's output would carry it
-    records: tuple[Record, ...]  # the audit records that wrote exactly this folder
+    records: tuple[Record, ...]  # the audit records that wrote this folder, its in-place rewrites first
 
 
 def audit_lineage(checkpoint: str | os.PathLike[str], *, log: AuditLog | None,
@@ -39,8 +42,26 @@ def audit_lineage(checkpoint: str | os.PathLike[str], *, log: AuditLog | None,
     steps = []
     for stage in history.stages:
         digest = folder_sha256(stage.path)
-        steps.append(LineageStep(stage, digest, tuple(log.produced(digest)) if log is not None else ()))
+        steps.append(LineageStep(stage, digest, tuple(writers(log, digest)) if log is not None else ()))
     return steps, history
+
+
+def writers(log: AuditLog, sha256: str) -> list[Record]:
+    """The records that wrote a folder of this hash, newest first, each in-place rewrite
+    followed by what wrote the folder it read."""
+    found: dict[int, Record] = {}
+    seen: set[str] = set()
+    pending = [sha256]
+    while pending:
+        digest = pending.pop()
+        if digest in seen:
+            continue
+        seen.add(digest)
+        for record in log.produced(digest):
+            found[record.seq] = record
+            out = next(a for a in record.outputs.values() if a.sha256 == digest)
+            pending += [a.sha256 for a in record.inputs.values() if a.kind == "folder" and a.path == out.path]
+    return [found[seq] for seq in sorted(found, reverse=True)]
 
 
 def format_lineage(steps: list[LineageStep], history: History) -> str:
@@ -66,4 +87,4 @@ def format_lineage(steps: list[LineageStep], history: History) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["LineageStep", "audit_lineage", "format_lineage"]
+__all__ = ["LineageStep", "audit_lineage", "format_lineage", "writers"]

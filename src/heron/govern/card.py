@@ -29,6 +29,8 @@ from typing import Any
 
 import yaml
 
+from heron.govern.audit import record_event
+from heron.govern.digest import Artifact, folder_sha256
 from heron.govern.energy import DEFAULT_GRID_G_PER_KWH, JOULES_PER_KWH
 from heron.govern.history import (
     LINEAGE_FILE, DataFacts, History, Stage, alignment_data, load_json, lookup, read_history, slug, training_data,
@@ -525,14 +527,32 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     return Path(path)
 
 
+def write_document(folder: str | os.PathLike[str], path: str | os.PathLike[str], text: str, event: str) -> Path:
+    """Write a document about the checkpoint `folder` to `path` (atomically) and record
+    the write as `event` in the audit log.
+
+    A document written into the folder changes the folder's hash, which is how
+    the audit lineage finds the record that made a checkpoint. The event
+    therefore reads the folder as it was and writes it as it is now: the
+    lineage follows such in-place rewrites back to the record that made the
+    weights (govern/audit_lineage.py), and an unrecorded edit still breaks the chain."""
+    folder, path = Path(folder), Path(path)
+    inside = path.resolve().parent == folder.resolve()
+    before = Artifact("folder", folder_sha256(folder), str(folder.resolve()))
+    write_text_atomic(path, text)
+    record_event(event, inputs={"checkpoint": before},
+                 outputs={"document": path, "checkpoint": folder if inside else None})
+    return path
+
+
 def write_model_card(folder: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
                      **options: Any) -> Path:
     """Write `model_card(folder, **options)` to `out` (default: README.md in the checkpoint folder)."""
     text = model_card(folder, **options)
-    return write_text_atomic(Path(folder) / README_FILE if out is None else Path(out), text)
+    return write_document(folder, Path(folder) / README_FILE if out is None else Path(out), text, "card.model_card")
 
 
 __all__ = ["PROVIDER", "Evaluation", "architecture", "card_metadata", "co2_eq_emissions", "data_facts", "data_table",
            "describe_stage", "energy_rows", "evaluation_table", "hub_id", "lineage_evaluations", "lineage_lines",
            "metric_name", "model_card", "model_name", "read_evaluations", "software", "unknown_origin",
-           "write_model_card", "write_text_atomic"]
+           "write_document", "write_model_card", "write_text_atomic"]
