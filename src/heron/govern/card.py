@@ -537,7 +537,7 @@ def write_document(folder: str | os.PathLike[str], path: str | os.PathLike[str],
     lineage follows such in-place rewrites back to the record that made the
     weights (govern/audit_lineage.py), and an unrecorded edit still breaks the chain."""
     folder, path = Path(folder), Path(path)
-    inside = path.resolve().parent == folder.resolve()
+    inside = folder.resolve() in path.resolve().parents
     before = Artifact("folder", folder_sha256(folder), str(folder.resolve()))
     write_text_atomic(path, text)
     record_event(event, inputs={"checkpoint": before},
