@@ -46,7 +46,7 @@ def test_shards_equal_direct_encoding(tmp_path, tok) -> None:
     assert shards.meta["tokenizer_sha256"] == tok.fingerprint()
     assert shards.meta["corpus_fingerprint"] == corpus.fingerprint()
     assert not shards.reused
-    assert sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.endswith(".bin")) == ["meta.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.endswith(".bin")) == ["meta.json", "tokenizer.json"]
 
 
 def test_sharded_tokens_slice_across_shards() -> None:
@@ -135,3 +135,14 @@ def test_meta_is_plain_json(tmp_path, tok) -> None:
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
     assert meta["split"]["val_fraction"] == 0.02 and meta["split"]["seed"] == 0
     assert meta["vocab_size"] == tok.vocab_size and meta["eos_id"] == tok.eos_id
+
+
+def test_the_folder_carries_the_tokenizer_that_made_it(tmp_path, tok) -> None:
+    (tmp_path / "src").mkdir()
+    write_docs(tmp_path / "src", 5)
+    first = prepare_shards(Corpus([tmp_path / "src"]), tok, tmp_path / "out", show_progress=False)
+    carried = HeronTokenizer.load(tmp_path / "out")
+    assert carried.fingerprint() == tok.fingerprint() == first.meta["tokenizer_sha256"]
+    (tmp_path / "out" / "tokenizer.json").unlink()  # shards written before folders carried their tokenizer
+    again = prepare_shards(Corpus([tmp_path / "src"]), tok, tmp_path / "out", show_progress=False)
+    assert again.reused and HeronTokenizer.load(tmp_path / "out").fingerprint() == tok.fingerprint()

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from heron.data import Corpus, prepare_shards
+from heron.tokenizer import HeronTokenizer, train_tokenizer
 from heron.train import load_model_folder, train
 from heron.train.recipe import RecipeError, SyntheticData, recipe_from_dict
 from heron.train.sources import synthetic_data
@@ -63,3 +65,24 @@ def test_bf16_autocast_runs_and_keeps_fp32_weights(recipe_factory) -> None:
     assert all(np.isfinite(result.losses))
     model, _ = load_model_folder(result.out_dir)
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_shards_made_with_a_tokenizer_kept_elsewhere_ship_it(tmp_path: Path, corpus: Path) -> None:
+    tokenizer = train_tokenizer(Corpus([corpus]), vocab_size=300, show_progress=False)
+    tokenizer.save(tmp_path / "elsewhere" / "tokenizer.json")
+    prepare_shards(Corpus([corpus]), HeronTokenizer.load(tmp_path / "elsewhere"), tmp_path / "shards", show_progress=False)
+    raw = shard_recipe(tmp_path, corpus)
+    del raw["data"]["corpus"]
+    result = train(recipe_from_dict(raw, world_size=1))
+    _, shipped = load_model_folder(result.out_dir)
+    assert shipped is not None and shipped.fingerprint() == tokenizer.fingerprint()
+
+
+def test_shards_without_their_tokenizer_fail_before_training(tmp_path: Path, corpus: Path) -> None:
+    train(recipe_from_dict(shard_recipe(tmp_path, corpus), world_size=1))
+    (tmp_path / "shards" / "tokenizer.json").unlink()
+    raw = shard_recipe(tmp_path, corpus)
+    raw["out_dir"] = str(tmp_path / "second")
+    with pytest.raises(RecipeError, match="data.tokenizer: .* holds no tokenizer.json"):
+        train(recipe_from_dict(raw, world_size=1))
+    assert not (tmp_path / "second").exists()

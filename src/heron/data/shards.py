@@ -3,6 +3,7 @@
 Layout of a shard folder:
 
     meta.json            what made the shards (tokenizer and corpus hashes, split rule) and token counts
+    tokenizer.json       the tokenizer that made them, so training on the folder can ship it
     train_000000.bin     raw token ids, little-endian uint16 (uint32 if the vocabulary exceeds 65536)
     val_000000.bin       ...
 
@@ -25,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from heron.data.corpus import Corpus
-from heron.tokenizer.bpe import HeronTokenizer
+from heron.tokenizer.bpe import TOKENIZER_FILE, HeronTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -228,6 +229,8 @@ def prepare_shards(
     reusable = _reusable(folder, inputs)
     if reusable is not None:
         logger.info("reusing shards in %s: %s matches this corpus and tokenizer", folder, META_FILE)
+        if not (folder / TOKENIZER_FILE).is_file():  # shards from before the folder carried its tokenizer
+            tokenizer.save(folder)
         return reusable
     folder.mkdir(parents=True, exist_ok=True)
     val_keys = validation_keys(corpus.keys, val_fraction, seed)
@@ -244,6 +247,7 @@ def prepare_shards(
             writer.close()
         meta = inputs | {s: writers[s].summary() for s in SPLITS}
         meta["skipped_files"] = [str(p) for p in corpus.skipped]
+        tokenizer.save(Path(tmp))
         _install(Path(tmp), folder, meta)
     if corpus.skipped:
         logger.warning("skipped %d undecodable (non-UTF-8) files", len(corpus.skipped))
@@ -281,13 +285,17 @@ def _reusable(folder: Path, inputs: dict) -> ShardSet | None:
 
 
 def _install(tmp: Path, folder: Path, meta: dict) -> None:
-    """Move new shards into place; meta.json goes first-out and last-in so it never describes half a set."""
+    """Move new shards and their tokenizer into place.
+
+    meta.json goes first-out and last-in, so it never describes half a set.
+    """
     (folder / META_FILE).unlink(missing_ok=True)
     for old in [*folder.glob("train_*.bin"), *folder.glob("val_*.bin")]:
         old.unlink()
     for split in SPLITS:
         for shard in meta[split]["shards"]:
             os.replace(tmp / shard["file"], folder / shard["file"])
+    os.replace(tmp / TOKENIZER_FILE, folder / TOKENIZER_FILE)
     meta_tmp = tmp / META_FILE
     meta_tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     os.replace(meta_tmp, folder / META_FILE)

@@ -67,7 +67,10 @@ def _load(section: DataSection, folder: Path) -> TrainData:
     except (FileNotFoundError, ValueError) as err:
         raise RecipeError(f"data.shards: {err}") from None
     tokenizer = _tokenizer(section, folder)
-    if tokenizer is not None and tokenizer.fingerprint() != shards.meta.get("tokenizer_sha256"):
+    if tokenizer is None:
+        raise RecipeError(f"data.tokenizer: {folder} holds no {TOKENIZER_FILE}, so the checkpoints could not turn ids "
+                          "into text; set data.tokenizer to the tokenizer these shards were made with")
+    if tokenizer.fingerprint() != shards.meta.get("tokenizer_sha256"):
         raise RecipeError(f"data.tokenizer: {_tokenizer_path(section, folder)} is not the tokenizer these shards were made with")
     meta = {"source": "shards", "path": str(folder), **{k: v for k, v in shards.meta.items() if k not in ("train", "val")},
             "train_tokens": len(shards.train), "val_tokens": len(shards.val)}
