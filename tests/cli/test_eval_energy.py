@@ -36,3 +36,6 @@ def test_eval_prints_energy_per_token(tmp_path: Path, capsys) -> None:
     assert energy.startswith("energy: ") and " J/token over 64 tokens" in energy
     assert "(measured: " in energy or "(estimate: CPU time x " in energy
     assert ppl.startswith("validation perplexity: ")
+    # Without --seq-len the windows default to 256 tokens, shortened to this model's 16-token context.
+    assert main(args[:4] + args[6:]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == ppl

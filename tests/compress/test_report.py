@@ -13,6 +13,7 @@ from heron.compress.report import checkpoint_bytes, measure, pareto_front, write
 from heron.core import ModelConfig, Transformer
 from heron.data import Corpus, prepare_shards
 from heron.generate import perplexity
+from heron.govern.energy import provenance
 from heron.tokenizer import train_tokenizer
 from heron.train.checkpoint import save_model_folder
 
@@ -43,8 +44,7 @@ def test_report_rows_match_direct_measurements(tmp_path):
     assert all(r.decode_tokens_per_s > 0 and r.joules_per_token > 0 and r.energy_source for r in rows)
     md = write_report(rows, tmp_path / "report")
     table = md.read_text()
-    said = "measured" if rows[1].energy_measured else "estimated"
-    assert "| narrow |" in table and f"{rows[1].energy_source} ({said})" in table
+    assert "| narrow |" in table and f"| {provenance(rows[1].energy_source, rows[1].energy_measured)} |" in table
     assert json.loads((tmp_path / "report" / "report.json").read_text())[1]["name"] == "narrow"
     assert (tmp_path / "report" / "pareto.png").stat().st_size > 0
 
@@ -67,3 +67,13 @@ def test_the_cli_writes_the_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| variant | size (MB)" in out and f"| {second} |" in out  # same folder names: whole paths
     assert (tmp_path / "report" / "pareto.png").is_file()
+
+
+def test_a_short_context_model_is_scored_and_decoded_within_it(tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=128, d_model=32, n_layers=1, n_heads=2, max_seq_len=24))
+    folder = save_model_folder(tmp_path / "short", model)
+    val = np.random.default_rng(0).integers(0, 128, size=500).astype(np.uint16)
+    row, = measure([folder], val, seq_len=128, batch_size=4, max_batches=2, new_tokens=64, rounds=1)
+    assert row.perplexity == perplexity(model.eval(), val, seq_len=24, batch_size=4, max_batches=2)
+    assert row.decode_tokens_per_s > 0

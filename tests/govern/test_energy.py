@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from heron.govern import DEFAULT_WATTS_PER_CORE, GRID_ENV, WATTS_ENV, EnergyMeter, EnergyReport, process_cpu_seconds
+from heron.govern.energy import provenance
 
 
 def write_domain(folder: Path, name: str, energy_uj: int, range_uj: int = 10**12) -> Path:
@@ -207,3 +208,9 @@ def test_to_dict_round_trips_through_json_and_segments_add_up() -> None:
     assert (both.joules, both.seconds, both.tokens, both.grid_g_per_kwh) == (15.0, 6.0, 150, 100.0)
     assert not both.measured and both.source == "estimate: CPU time x 10 W/core; then rapl:/x (package-0)"
     assert (first + first).source == first.source
+
+
+def test_provenance_says_measured_only_for_counters() -> None:
+    assert provenance("estimate: CPU time x 10 W/core", False) == "estimate: CPU time x 10 W/core"
+    assert provenance("rapl:/sys/class/powercap/intel-rapl:0 (package-0)", True).startswith("measured: rapl:")
+    assert provenance("nvml:0; then estimate: CPU time x 10 W/core", False).startswith("partly estimated: nvml")

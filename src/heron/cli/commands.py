@@ -26,6 +26,7 @@ USER_ERRORS = (RecipeError, CheckpointError, FileNotFoundError, FileExistsError,
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 ALIGN_RECIPES_DIR = RECIPES_DIR / "align"
+DEFAULT_EVAL_SEQ_LEN = 256  # tokens per scored window, unless the model's context is shorter
 
 
 def recipe_path(name_or_path: str, shipped_in: Path = RECIPES_DIR) -> Path:
@@ -125,10 +126,11 @@ def generate(args: argparse.Namespace) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     model, _ = load_on(args.checkpoint, args.device)
     shards = load_shards(args.shards)
+    seq_len = args.seq_len or min(DEFAULT_EVAL_SEQ_LEN, model.config.max_seq_len)
     meter = EnergyMeter().start()
-    ppl = perplexity(model, shards.val, seq_len=args.seq_len, batch_size=args.batch_size,
+    ppl = perplexity(model, shards.val, seq_len=seq_len, batch_size=args.batch_size,
                      max_batches=args.max_batches, progress=True)
-    print(meter.stop(tokens=scored_tokens(len(shards.val), args.seq_len, args.batch_size, args.max_batches)).summary())
+    print(meter.stop(tokens=scored_tokens(len(shards.val), seq_len, args.batch_size, args.max_batches)).summary())
     print(f"validation perplexity: {ppl:.3f}")  # last: scripts read the figure at the end
     return 0
 

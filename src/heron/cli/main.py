@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("eval", help="validation perplexity of a checkpoint")
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--shards", type=Path, required=True, help="shard folder (its validation split is used)")
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per scored window (default: 256, or the model's max_seq_len if shorter)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batches", type=int, default=None,
                    help="score this many batches of windows spread evenly over the split (default: all)")
@@ -154,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoints", type=Path, nargs="+", help="the reference first, then its variants")
     p.add_argument("--shards", type=Path, required=True, help="shard folder whose validation split is scored")
     p.add_argument("--out", type=Path, required=True, help="folder for report.md, report.json and pareto.png")
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=128,
+                   help="tokens per scored window (shortened to the model's max_seq_len)")
     p.add_argument("--max-batches", type=int, default=16,
                    help="validation batches of 8 windows scored, spread evenly over the split")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per speed round")

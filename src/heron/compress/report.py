@@ -28,6 +28,7 @@ import torch  # noqa: E402
 import heron  # noqa: E402
 from heron.generate import Decoder, SamplingParams, decode_steps, perplexity  # noqa: E402
 from heron.govern import EnergyMeter, EnergyReport  # noqa: E402
+from heron.govern.energy import provenance  # noqa: E402
 from heron.train.checkpoint import STATE_FILE  # noqa: E402
 
 REPORT_MD, REPORT_JSON, PARETO_PNG = "report.md", "report.json", "pareto.png"
@@ -75,7 +76,11 @@ def measure(folders: Sequence[str | Path], val_tokens: np.ndarray, *, names: Seq
             seq_len: int = 128, batch_size: int = 8, max_batches: int | None = 16, new_tokens: int = 64,
             rounds: int = 3) -> list[VariantRow]:
     """One row per checkpoint folder (named by `names`, else by the folder); the
-    first is the reference for size ratios."""
+    first is the reference for size ratios.
+
+    Windows of `seq_len` and decoding of `new_tokens` are shortened to fit a
+    model whose context is shorter (variants of one model share it).
+    """
     if not folders:
         raise ValueError("folders: give at least one checkpoint folder")
     if names is None:  # folder names, or whole paths where two folders share a name (step_00001000 ...)
@@ -89,8 +94,12 @@ def measure(folders: Sequence[str | Path], val_tokens: np.ndarray, *, names: Seq
     for name, folder in zip(names, folders):
         model, _ = heron.load(folder)
         size = checkpoint_bytes(folder)
-        ppl = perplexity(model, val_tokens, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches)
-        speed, energy = decode_speed(model, prompt, new_tokens=new_tokens, rounds=rounds)
+        context = model.config.max_seq_len
+        ppl = perplexity(model, val_tokens, seq_len=min(seq_len, context), batch_size=batch_size,
+                         max_batches=max_batches)
+        fitted_prompt = prompt[:context // 4]
+        speed, energy = decode_speed(model, fitted_prompt, new_tokens=min(new_tokens, context - len(fitted_prompt)),
+                                     rounds=rounds)
         rows.append(VariantRow(name, str(folder), size, size / (rows[0].size_bytes if rows else size),
                                ppl, speed, energy.joules_per_token, energy.source, energy.measured))
     return rows
@@ -112,7 +121,7 @@ def write_report(rows: Sequence[VariantRow], out_dir: str | Path) -> Path:
         lines.append(f"| {r.name} | {r.size_bytes / 1e6:.2f} | {r.size_ratio:.3f} | {r.perplexity:.3f} "
                      f"| {100 * (r.perplexity / reference.perplexity - 1):+.2f}% | {r.decode_tokens_per_s:.1f} "
                      f"| {r.decode_tokens_per_s / reference.decode_tokens_per_s:.2f}x | {r.joules_per_token:.3f} "
-                     f"| {r.energy_source} ({'measured' if r.energy_measured else 'estimated'}) |")
+                     f"| {provenance(r.energy_source, r.energy_measured)} |")
     (out / REPORT_MD).write_text("\n".join(lines) + f"\n\nReference: `{reference.path}`. Pareto plot: "
                                  f"`{PARETO_PNG}`.\n", encoding="utf-8")
     (out / REPORT_JSON).write_text(json.dumps([asdict(r) for r in rows], indent=2), encoding="utf-8")

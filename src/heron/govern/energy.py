@@ -116,10 +116,15 @@ class EnergyReport:
     def summary(self) -> str:
         """One line for people: per token first when tokens are known."""
         per_token = "" if self.tokens is None else f"{self.joules_per_token:.3g} J/token over {self.tokens:,} tokens, "
-        kind = "measured" if self.measured else "partly estimated"
-        how = self.source if self.source.startswith("estimate") else f"{kind}: {self.source}"
         return (f"energy: {per_token}{self.joules:.3g} J in {self.seconds:.1f} s, {self.co2e_grams:.3g} g CO2e "
-                f"at {self.grid_g_per_kwh:g} g/kWh ({how})")
+                f"at {self.grid_g_per_kwh:g} g/kWh ({provenance(self.source, self.measured)})")
+
+
+def provenance(source: str, measured: bool) -> str:
+    """Where an energy figure came from, in words: an estimate names itself, a counter says measured."""
+    if source.startswith("estimate"):
+        return source
+    return f"{'measured' if measured else 'partly estimated'}: {source}"
 
 
 # ----- counters -----------------------------------------------------------------
@@ -297,4 +302,4 @@ class EnergyMeter:
 
 
 __all__ = ["DEFAULT_GRID_G_PER_KWH", "DEFAULT_WATTS_PER_CORE", "GRID_ENV", "WATTS_ENV", "EnergyMeter", "EnergyReport",
-           "process_cpu_seconds"]
+           "process_cpu_seconds", "provenance"]
