@@ -21,6 +21,13 @@ def test_import_export_stats(tmp_path: Path, capsys) -> None:
     source = write_jsonl(tmp_path / "in.jsonl", PAIRS + RATINGS)
     assert main(["feedback", "import", str(source), "--db", str(db), "--annotator", "alice"]) == 0
     assert "imported 4 comparisons and 2 ratings" in capsys.readouterr().out
+    once = write_jsonl(tmp_path / "once.jsonl", [PAIRS[0] | {"created_at": "2026-01-01T00:00:00+00:00"}, RATINGS[0]])
+    assert main(["feedback", "import", str(once), "--db", str(tmp_path / "other.db"), "--annotator", "carol"]) == 0
+    assert main(["feedback", "import", str(once), "--db", str(tmp_path / "other.db"), "--annotator", "carol"]) == 0
+    first, again = capsys.readouterr().out.splitlines()
+    assert first.startswith("imported 1 comparison and 1 rating from")
+    assert again.startswith("imported 0 comparisons and 1 rating from")  # the rating has no time: stamped anew
+    assert again.endswith("; skipped 1 line repeating a stored or earlier judgement")
     assert main(["feedback", "export", str(out), "--db", str(db)]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["prompt"], r["chosen"], r["rejected"], r["annotator"]) for r in rows] == \

@@ -173,10 +173,16 @@ def convert_to_gguf(args: argparse.Namespace) -> int:
 def feedback_import(args: argparse.Namespace) -> int:
     with FeedbackStore.open(args.db) as store:
         counts = store.import_jsonl(args.file, annotator=args.annotator, source=args.source)
-        skipped = f" ({counts.already_stored} lines already stored, skipped)" if counts.already_stored else ""
-        print(f"imported {counts.comparisons} comparisons and {counts.ratings} ratings from {args.file} "
-              f"into {store.url}{skipped}")
+        skipped = (f"; skipped {counted(counts.already_stored, 'line')} repeating a stored or earlier judgement"
+                   if counts.already_stored else "")
+        print(f"imported {counted(counts.comparisons, 'comparison')} and {counted(counts.ratings, 'rating')} "
+              f"from {args.file} into {store.url}{skipped}")
     return 0
+
+
+def counted(n: int, noun: str) -> str:
+    """'1 rating', '2 ratings'."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def feedback_export(args: argparse.Namespace) -> int:
