@@ -57,6 +57,10 @@ def test_tokenizer_data_train_generate_eval(corpus: Path, tmp_path: Path, capsys
     capsys.readouterr()
     assert main(["generate", str(checkpoint), "--prompt", "def ", "--max-new-tokens", "6", "--seed", "0"]) == 0
     assert capsys.readouterr().out.startswith("def ")
+    assert main(["generate", str(checkpoint), "--prompt", "def ", "--prompt", "class ", "--no-stream",
+                 "--max-new-tokens", "4"]) == 0
+    first, second = capsys.readouterr().out.split("\n" + "-" * 40 + "\n")  # a rule between completions only
+    assert first.startswith("def ") and second.startswith("class ") and not second.rstrip("\n").endswith("-")
     text, ppl = generated_and_perplexity(shards, checkpoint, "cpu", capsys)
     assert text.startswith("def ")
     # 40 near-identical files: 30 steps take the model far below chance (300).

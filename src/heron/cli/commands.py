@@ -118,8 +118,8 @@ def generate(args: argparse.Namespace) -> int:
             print(piece, end="", flush=True)
         print()
         return 0
-    for prompt, text in zip(texts, generator.generate(prompts, params)):
-        print(f"{prompt}{text}\n{'-' * 40}")
+    completions = [prompt + text for prompt, text in zip(texts, generator.generate(prompts, params))]
+    print(f"\n{'-' * 40}\n".join(completions))
     return 0
 
 
