@@ -120,6 +120,7 @@ def test_values_come_from_the_lineage(trained):
     assert meta["co2_eq_emissions"]["emissions"] == record["energy"]["co2e_grams"]
     assert meta["co2_eq_emissions"]["training_type"] == "pre-training"
     assert record["energy"]["source"] in meta["co2_eq_emissions"]["source"]
+    assert "estimated: estimate" not in meta["co2_eq_emissions"]["source"]  # an estimate is said once
     assert meta["datasets"] == ["synthetic-permutation"]
     (result,) = meta["model-index"][0]["results"]
     assert result["dataset"] == {"type": "synthetic-permutation", "name": "synthetic-permutation",

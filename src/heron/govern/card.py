@@ -31,7 +31,7 @@ import yaml
 
 from heron.govern.audit import record_event
 from heron.govern.digest import Artifact, folder_sha256
-from heron.govern.energy import DEFAULT_GRID_G_PER_KWH, JOULES_PER_KWH
+from heron.govern.energy import DEFAULT_GRID_G_PER_KWH, JOULES_PER_KWH, provenance
 from heron.govern.history import (
     LINEAGE_FILE, DataFacts, History, Stage, alignment_data, load_json, lookup, read_history, slug, training_data,
 )
@@ -156,10 +156,10 @@ def co2_eq_emissions(stage: Stage) -> dict[str, Any] | None:
     energy = stage.energy
     if energy is None:
         return None
-    kind = "measured" if energy.get("measured") else "partly estimated"
+    how = provenance(energy["source"], bool(energy.get("measured")))
     return {
         "emissions": energy["co2e_grams"],
-        "source": f"Heron energy meter (heron.govern.energy), {kind}: {energy['source']}; "
+        "source": f"Heron energy meter (heron.govern.energy), {how}; "
                   f"{energy['grid_g_per_kwh']:g} gCO2e/kWh",
         "training_type": stage.kind.training_type,
         "geographical_location": PROVIDER,
@@ -334,10 +334,9 @@ def energy_rows(history: History) -> tuple[list[str], float]:
             continue
         total += e["co2e_grams"]
         per_token = "" if e.get("joules_per_token") is None else f"{e['joules_per_token']:.4g}"
-        kind = "measured" if e.get("measured") else "partly estimated"
         rows.append(f"| {stage.kind.name} | `{stage.path}` | {e['joules']:.4g} | {e['joules'] / JOULES_PER_KWH:.3g} | "
                     f"{e['seconds']:.1f} | {e.get('tokens') or ''} | {per_token} | {e['co2e_grams']:.4g} | "
-                    f"{e['grid_g_per_kwh']:g} | {kind}: {e['source']} |")
+                    f"{e['grid_g_per_kwh']:g} | {provenance(e['source'], bool(e.get('measured')))} |")
     return rows, total
 
 
