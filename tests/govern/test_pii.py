@@ -267,6 +267,10 @@ OUTSIDE_TEMPLATES = [
     ("Email from Robert Brown about the invoice.", [("PERSON", "Robert Brown")]),
     ("I met Sarah Williams and David Miller yesterday.", [("PERSON", "Sarah Williams"), ("PERSON", "David Miller")]),
     ("The award goes to Hannah Schmidt for her research.", [("PERSON", "Hannah Schmidt")]),
+    # Surnames that are also common words: the whole name, or the surname leaks.
+    ("Dear Dr. Sarah Green, your results are in.", [("PERSON", "Sarah Green")]),
+    ("Neil Young and Emma Stone met in Leeds.", [("PERSON", "Neil Young"), ("PERSON", "Emma Stone")]),
+    ("I spoke with Mrs. White yesterday.", [("PERSON", "White")]),
 ]
 
 
@@ -286,6 +290,13 @@ TITLE_CASE = [  # (text, each token's p(name), the names found)
     ("ask John About it", [0.0, 0.9, 0.0, 0.0], ["John"]),  # a common word is not a surname
     ("my name is ana lima", [0.0, 0.0, 0.0, 0.9, 0.9], ["ana lima"]),  # lower-case names stay as found
     ("ask NASA John", [0.0, 0.0, 0.9], ["John"]),  # capitals alone are not title case
+    ("Dear Sarah Green, hi", [0.0, 0.9, 0.1, 0.0, 0.0], ["Sarah Green"]),  # a surname may be a common word
+    ("ask Sarah Monday now", [0.0, 0.9, 0.1, 0.0], ["Sarah"]),  # ... not a weekday
+    ("Adolf V. Young signed", [0.9, 0.9, 0.5, 0.1, 0.0], ["Adolf V. Young"]),  # across a middle initial
+    ("Emma Stone met Jack Black", [0.9, 0.4, 0.3, 0.9, 0.1], ["Emma Stone", "Jack Black"]),  # split at "met"
+    ("Ludwig van Beethoven wrote", [0.9, 0.3, 0.3, 0.0], ["Ludwig van Beethoven"]),  # ... not at a particle
+    ("Mrs. White called", [0.0, 0.0, 0.1, 0.0], ["White"]),  # after a personal title: a name
+    ("see Dr. Monday", [0.0, 0.0, 0.0, 0.1], []),  # ... unless a non-name
 ]
 
 

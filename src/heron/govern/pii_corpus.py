@@ -393,11 +393,13 @@ def fill(template: Template, rng: random.Random, pools: Pools) -> Example:
     return Example("".join(parts), tuple(spans), template)
 
 
-def generate(n: int, seed: int, split: Split = "test", templates: Iterable[Template] | None = None) -> list[Example]:
-    """`n` examples, templates in turn (shuffled per seed); `split` picks names and distractors.
-    With split="train" the held-out templates are left out unless `templates` says otherwise."""
+def generate(n: int, seed: int, split: Split = "test", templates: Iterable[Template] | None = None,
+             pools: Pools | None = None) -> list[Example]:
+    """`n` examples, templates in turn (shuffled per seed); `split` picks names and distractors
+    (unless `pools` gives them). With split="train" the held-out templates are left out unless
+    `templates` says otherwise."""
     rng = random.Random(seed)
-    pools = Pools.of(split)
+    pools = Pools.of(split) if pools is None else pools
     chosen = list(templates) if templates is not None else [t for t in TEMPLATES
                                                             if split != "train" or not t.held_out]
     order = rng.sample(chosen, len(chosen))

@@ -66,6 +66,26 @@ DEPARTMENTS = ("Cardiology", "Radiology", "Oncology", "Neurology", "Pediatrics",
 EPONYMS = ("Parkinson's", "Alzheimer's", "Crohn's", "Hodgkin's", "Graves'", "Addison's", "Cushing's", "Huntington's",
            "Raynaud's", "Tourette's", "Bell's", "Hashimoto's", "Sjogren's", "Meniere's")
 
+# Personal titles before a surname ("Dr. Green", "Mrs White"): what follows is a name even when
+# it is also a common word.
+HONORIFICS = ("Mr", "Mrs", "Ms", "Mx", "Miss", "Dr", "Prof")
+# Lower-case words inside written names ("Ludwig van Beethoven", "Maria de la Cruz").
+NAME_PARTICLES = ("van", "von", "der", "den", "de", "del", "della", "di", "da", "das", "dos", "du", "la", "le",
+                  "ter", "ten", "bin", "ibn", "al", "el", "y")
+# English closed-class words (determiners, pronouns, prepositions, conjunctions, auxiliaries): a
+# capitalised one beside a name is a slip of case, never a surname, unlike common content words
+# that are also surnames (Green, White, Young, Rich).
+FUNCTION_WORDS = frozenset("""
+a an the this that these those some any each every no all both either neither
+i me my mine you your yours he him his she her hers it its we us our ours they them their theirs who whom whose
+which what about above across after against along among around at before behind below beneath beside between
+beyond by despite down during except for from in inside into like near of off on onto out outside over past
+since through throughout till to toward towards under until up upon via with within without
+and or but nor so yet if then than because although though while whereas unless whether
+am is are was were be been being do does did done have has had having can could may might must shall should
+will would not too very also just only here there when where why how
+""".split())
+
 _NAME_SHAPE = re.compile(r"[^\W\d_]+(?:[-'’][^\W\d_]+)?")
 
 
@@ -89,10 +109,17 @@ def common_words() -> frozenset[str]:
 
 
 @lru_cache(maxsize=1)
-def reserved_words() -> frozenset[str]:
-    """Lowercased words used as non-names; never drawn as names."""
+def non_names() -> frozenset[str]:
+    """Lowercased capitalised words Heron uses as non-names: weekdays, months, street suffixes,
+    products, organisations, drugs, departments, eponyms."""
     words = (*WEEKDAYS, *MONTHS, *MONTH_ABBREVIATIONS, *STREET_SUFFIXES, *TECH, *ORGS, *DRUGS, *DEPARTMENTS)
-    return frozenset(w.lower() for w in words) | {e.split("'")[0].lower() for e in EPONYMS} | common_words()
+    return frozenset(w.lower() for w in words) | {e.split("'")[0].lower() for e in EPONYMS}
+
+
+@lru_cache(maxsize=1)
+def reserved_words() -> frozenset[str]:
+    """Lowercased words never drawn as names: the non-names and every common word."""
+    return non_names() | common_words()
 
 
 @lru_cache(maxsize=1)
@@ -111,6 +138,17 @@ def _all_names() -> tuple[tuple[str, ...], tuple[str, ...]]:
                 and name.lower() not in reserved)
 
     return tuple(sorted(filter(keep, first))), tuple(sorted(filter(keep, last)))
+
+
+@lru_cache(maxsize=1)
+def word_surnames() -> tuple[str, ...]:
+    """Surnames that are also common English words (Green, White, Young, ...), which the name
+    lists leave out; a hard case measured apart (benchmarks/bench_pii.py). Non-names (Street,
+    May) are left out here too: Heron reads those as what they usually are."""
+    last: set[str] = set()
+    for locale in NAME_LOCALES:
+        last.update(getattr(importlib.import_module(f"faker.providers.person.{locale}").Provider, "last_names", ()))
+    return tuple(sorted(n for n in last if n.lower() in common_words() and n.lower() not in non_names()))
 
 
 def first_names(split: Split = "all") -> tuple[str, ...]:

@@ -13,10 +13,15 @@ sentence, and the same for the two tokens either side: "Dr.", "Dear",
 name). A name is a run of tokens on one line that are all at least
 `extend` (0.2) with one at least `threshold` (0.5): hysteresis, so a
 surname the model is unsure of joins the first name it is sure of; the run
-is trimmed of punctuation and common words at either end, then held to
-title case (`NameModel._title_case`): the model learns its contexts from a
-few dozen templates, and outside them it can be sure of "John" in "Call
-John Smith at ..." and not of "Smith".
+is split at lower-case words between title-case ones (name particles such as
+"van" excepted), trimmed of punctuation and common words at either end, then
+held to title case (`NameModel._title_case`): the model learns its contexts
+from a few dozen templates, and outside them it can be sure of "John" in
+"Call John Smith at ..." and not of "Smith". A title-case word right after a
+personal title ("Dr.", "Mrs") counts as sure. The name lists leave out
+surnames that are also common words, so the model cannot learn them; the
+title-case rule takes them in beside a name it found ("Sarah Green"), unless
+they are function words or Heron's capitalised non-names ("Sarah Monday").
 
 It is trained on `pii_corpus` examples built from `train`-split names and
 distractors and three quarters of the templates (`pii_lexicon`,
@@ -34,14 +39,14 @@ deterministic for a seed.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 from presidio_analyzer import EntityRecognizer, RecognizerResult
 
-from heron.govern.pii_lexicon import common_words
+from heron.govern.pii_lexicon import FUNCTION_WORDS, HONORIFICS, NAME_PARTICLES, common_words, non_names
 
 TOKEN = re.compile(r"\w+(?:['’-]\w+)*|[^\w\s]")
 SENTENCE_END = frozenset(".!?:;|")
@@ -115,6 +120,7 @@ class NameModel:
         self.vocab, self.weights = vocab, weights  # weights: (F + 1,), the last the unknown features' 0
         self.threshold, self.extend = threshold, extend
         self.common = common_words()
+        self.non_names = non_names() | FUNCTION_WORDS  # never part of a name, even beside one
 
     def token_probabilities(self, tokens: Sequence[Token]) -> np.ndarray:
         pad = len(self.weights) - 1
@@ -127,40 +133,41 @@ class NameModel:
 
     def find(self, text: str) -> list[tuple[int, int, float]]:
         """(start, end, score) of each name, by hysteresis thresholding (as Canny's edge detector):
-        a run of tokens on one line, each at or above `extend`, one at least at `threshold`;
-        trimmed of punctuation and common words at either end, then held to title case
-        (`_title_case`). Score: the mean probability of the tokens the model put in the name."""
+        a run of tokens on one line, each at or above `extend`, one at least at `threshold` or
+        the first right after a personal title ("Mrs. White"); split at lower-case words
+        between title-case ones, trimmed of punctuation and common words at either end, then
+        held to title case (`_title_case`). Score: the mean probability of the tokens the model
+        put in the name, a word right after a personal title counting as sure."""
         tokens = tokenize(text)
+        titled = [self._after_title(tokens, i) for i in range(len(tokens))]
         p = self.token_probabilities(tokens)
+        p = np.where(np.array(titled, dtype=bool), np.maximum(p, self.threshold), p)
         spans = []
-        for run in self._runs(tokens, p):
+        for run in self._runs(tokens, p, titled):
             first, last = self._title_case(text, tokens, run)
             found = [i for i in run if first <= i <= last]
             spans.append((tokens[first].start, tokens[last].end, float(p[found].mean())))
         return spans
 
-    def _runs(self, tokens: Sequence[Token], p: np.ndarray) -> Iterable[list[int]]:
-        """The hysteresis runs of token indices, trimmed at both ends."""
-        run: list[int] = []
-        for i in range(len(tokens) + 1):
-            if i < len(tokens) and p[i] >= self.extend and not (run and tokens[i].starts_line):
-                run.append(i)
-                continue
-            while run and not self._can_edge(tokens[run[-1]]):
-                run.pop()
-            while run and not self._can_edge(tokens[run[0]]):
-                run.pop(0)
-            if run and p[run].max() >= self.threshold:
-                yield run
-            run = [i] if i < len(tokens) and p[i] >= self.extend else []
+    def _runs(self, tokens: Sequence[Token], p: np.ndarray, titled: Sequence[bool]) -> Iterator[list[int]]:
+        """The hysteresis runs of token indices, split and trimmed; titled[i]: token i follows
+        a personal title."""
+        for run in _hysteresis_runs(tokens, p, self.extend):
+            for piece in _split_at_lower_case(tokens, run):
+                while piece and not self._can_edge(tokens[piece[-1]].text, titled[piece[-1]]):
+                    piece.pop()
+                while piece and not self._can_edge(tokens[piece[0]].text, titled[piece[0]]):
+                    piece.pop(0)
+                if piece and p[piece].max() >= self.threshold:
+                    yield piece
 
     def _title_case(self, text: str, tokens: Sequence[Token], run: list[int]) -> tuple[int, int]:
         """The run's first and last token once held to title case. A run with a title-case
-        token sheds lowercase words at its ends ("met Sarah Williams" gives "Sarah
-        Williams"), and takes in the title-case words written right beside it on the line
-        ("John Smith" where the model was sure of John alone), but not a sentence's first
-        word on its left ("Yesterday Paul" stays "Paul"). Names the model sees in lower
-        case ("my name is ana lima") stay as found."""
+        token sheds lowercase words at its ends, and takes in the title-case words written
+        right beside it on the line ("John Smith" where the model was sure of John alone;
+        "Sarah Green" and "Sarah K. Green" too, a surname that is also a common word), but
+        not a sentence's first word on its left ("Yesterday Paul" stays "Paul"). Names the
+        model sees in lower case ("my name is ana lima") stay as found."""
         first, last = run[0], run[-1]
         if not any(_title(tokens[i].text) for i in run):
             return first, last
@@ -168,23 +175,85 @@ class NameModel:
             first += 1
         while not _title(tokens[last].text):
             last -= 1
-        while last + 1 < len(tokens) and self._joins(text, tokens[last], tokens[last + 1]):
-            last += 1
-        while first > 0 and not tokens[first - 1].starts_sentence \
-                and self._joins(text, tokens[first - 1], tokens[first]):
+        while (after := self._surname_after(text, tokens, last)) is not None:
+            last = after
+        while first > 0 and not tokens[first - 1].starts_sentence and _spaced(text, tokens[first - 1], tokens[first]) \
+                and self._joins(tokens[first - 1].text, tokens[first].text):
             first -= 1
         return first, last
 
-    def _joins(self, text: str, left: Token, right: Token) -> bool:
-        """Whether two neighbouring title-case words, apart only by spaces, may be one name
-        (neither a common word)."""
-        return (text[left.end:right.start].strip(" ") == "" and left.end < right.start
-                and all(_title(t.text) and t.text.lower() not in self.common for t in (left, right)))
+    def _surname_after(self, text: str, tokens: Sequence[Token], last: int) -> int | None:
+        """The title-case word that continues a name ending at token `last`: the next word
+        ("John Smith") or the one after a middle initial ("John K. Smith"); else None."""
+        before, nxt = last, last + 1
+        if _initial(text, tokens, nxt):
+            before, nxt = nxt + 1, nxt + 2  # the initial's full stop, the word after it
+        if nxt < len(tokens) and _spaced(text, tokens[before], tokens[nxt]) \
+                and self._joins(tokens[last].text, tokens[nxt].text, surname=True):
+            return nxt
+        return None
 
-    def _can_edge(self, token: Token) -> bool:
-        """Whether a name may start or end with this token: not punctuation, not a common word
-        (the name lists leave those out; see pii_lexicon), so "Call Ana" gives "Ana"."""
-        return token.text[0].isalnum() and token.text.lower() not in self.common
+    def _joins(self, left: str, right: str, surname: bool = False) -> bool:
+        """Whether two title-case words may be one name: neither a non-name (a weekday, a
+        product, a function word: "Sarah Monday" is not one name) and neither a common word,
+        except a `surname` on the right ("Sarah Green")."""
+        if not all(_title(w) and w.lower() not in self.non_names for w in (left, right)):
+            return False
+        return left.lower() not in self.common and (surname or right.lower() not in self.common)
+
+    def _can_edge(self, word: str, after_title: bool) -> bool:
+        """Whether a name may start or end with this word: not punctuation, not a common word
+        (the name lists leave those out; see pii_lexicon), so "Call Ana" gives "Ana"; but a
+        common word right after a personal title is a surname ("Dr. Green")."""
+        return word[0].isalnum() and (word.lower() not in self.common or after_title)
+
+    def _after_title(self, tokens: Sequence[Token], i: int) -> bool:
+        """Whether token i is a title-case word, not a non-name, right after a personal title
+        ("Dr. Green", "Mrs White")."""
+        j = i - 1 if i and tokens[i - 1].text == "." else i
+        word = tokens[i].text
+        return j > 0 and tokens[j - 1].text in HONORIFICS and _title(word) and word.lower() not in self.non_names
+
+
+def _hysteresis_runs(tokens: Sequence[Token], p: np.ndarray, extend: float) -> Iterator[list[int]]:
+    """Maximal runs of neighbouring tokens on one line, each with p(name) at least `extend`."""
+    run: list[int] = []
+    for i, token in enumerate(tokens):
+        if p[i] >= extend and not (run and token.starts_line):
+            run.append(i)
+            continue
+        if run:
+            yield run
+        run = [i] if p[i] >= extend else []
+    if run:
+        yield run
+
+
+def _split_at_lower_case(tokens: Sequence[Token], run: list[int]) -> list[list[int]]:
+    """A run holding a title-case word, split at its lower-case words other than name
+    particles ("Emma Stone met Jack" gives "Emma Stone" and "Jack"; "Jan van Dijk" stays);
+    a run without one, whole."""
+    if not any(_title(tokens[i].text) for i in run):
+        return [run]
+    pieces: list[list[int]] = [[]]
+    for i in run:
+        word = tokens[i].text
+        if word.isalpha() and word.islower() and word not in NAME_PARTICLES:
+            pieces.append([])
+        else:
+            pieces[-1].append(i)
+    return [piece for piece in pieces if piece]
+
+
+def _spaced(text: str, left: Token, right: Token) -> bool:
+    """Whether two tokens stand apart by spaces only (not glued, not across punctuation or lines)."""
+    return left.end < right.start and not text[left.end:right.start].strip(" ")
+
+
+def _initial(text: str, tokens: Sequence[Token], i: int) -> bool:
+    """Whether tokens i and i + 1 are a middle initial ("K.") spaced from the word before."""
+    return 0 < i and i + 1 < len(tokens) and len(tokens[i].text) == 1 and tokens[i].text.isupper() \
+        and tokens[i + 1].text == "." and tokens[i].end == tokens[i + 1].start and _spaced(text, tokens[i - 1], tokens[i])
 
 
 def _title(word: str) -> bool:
