@@ -13,16 +13,19 @@ from pathlib import Path
 from heron.cli import audit, card, commands, consent, demo, pii, watermark
 
 Handler = Callable[[argparse.Namespace], int]
+CHECKPOINT_HELP = "a checkpoint folder, a run folder (its latest checkpoint) or a Hugging Face folder"
 
 
 def _add_sampling(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
+    parser.add_argument("--temperature", type=float, default=0.8, help="softmax temperature (default 0.8; 0 = greedy)")
+    parser.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens only")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="sample from the smallest set of tokens holding this probability (default 1: all)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="penalise tokens already seen (CTRL's penalty; default 1: none)")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling: the same seed, the same text")
     watermark.add_generation_options(parser)  # --watermark-key, --watermark-gamma, --watermark-delta
 
 
@@ -38,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok = verbs.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True)
     p = tok.add_parser("train", help="train a byte-level BPE tokenizer on a corpus")
     p.add_argument("sources", nargs="*", help="files, folders or globs (default: the Python standard library)")
-    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--vocab-size", type=int, default=8192, help="tokens in the vocabulary, specials included")
     p.add_argument("--ext", action="append", default=None, help="file extensions to read, e.g. .py (repeatable)")
     p.add_argument("--out", type=Path, required=True, help="where to write tokenizer.json")
     p.set_defaults(handler=commands.tokenizer_train)
@@ -48,21 +51,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sources", nargs="*", help="files, folders or globs (default: the Python standard library)")
     p.add_argument("--tokenizer", type=Path, required=True, help="tokenizer.json or a folder holding it")
     p.add_argument("--ext", action="append", default=None, help="file extensions to read (repeatable)")
-    p.add_argument("--val-fraction", type=float, default=0.02)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.02,
+                   help="share of documents held out for validation (default 0.02)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split by document")
     p.add_argument("--out", type=Path, required=True, help="shard folder to write")
     p.set_defaults(handler=commands.data_prepare)
 
     shipped = ", ".join(sorted(path.stem for path in commands.RECIPES_DIR.glob("*.yaml")))
     p = verbs.add_parser("train", help=f"train from a recipe (a YAML file or a shipped name: {shipped})")
-    p.add_argument("recipe")
+    p.add_argument("recipe", help="a recipe YAML file, or a shipped recipe's name")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. --set train.steps=100 (repeatable)")
     p.add_argument("--no-resume", action="store_true", help="start over instead of resuming the run folder")
     p.set_defaults(handler=commands.train_recipe)
 
     p = verbs.add_parser("generate", help="continue a prompt with a checkpoint")
-    p.add_argument("checkpoint", type=Path)
+    p.add_argument("checkpoint", type=Path, help=CHECKPOINT_HELP)
     p.add_argument("--prompt", action="append", default=None, help="prompt text (repeatable: a batch)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat template")
     p.add_argument("--no-stream", action="store_true", help="print whole completions instead of streaming")
@@ -71,11 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=commands.generate)
 
     p = verbs.add_parser("eval", help="validation perplexity of a checkpoint")
-    p.add_argument("checkpoint", type=Path)
+    p.add_argument("checkpoint", type=Path, help=CHECKPOINT_HELP)
     p.add_argument("--shards", type=Path, required=True, help="shard folder (its validation split is used)")
     p.add_argument("--seq-len", type=int, default=None,
                    help="tokens per scored window (default: 256, or the model's max_seq_len if shorter)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="windows scored at once")
     p.add_argument("--max-batches", type=int, default=None,
                    help="score this many batches of windows spread evenly over the split (default: all)")
     _add_device(p)
@@ -87,12 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", type=Path, help="checkpoint folder to write (must not exist)")
     p.set_defaults(handler=commands.convert_from_hf)
     p = convert.add_parser("to-hf", help="a Heron checkpoint -> a Hugging Face folder that transformers loads")
-    p.add_argument("checkpoint", type=Path)
+    p.add_argument("checkpoint", type=Path, help="a checkpoint folder, or a run folder (its latest checkpoint)")
     p.add_argument("target", type=Path, help="folder to write (must not exist)")
     p.add_argument("--family", default=None, help="force a family (default: the first that expresses the model)")
     p.set_defaults(handler=commands.convert_to_hf)
     p = convert.add_parser("to-gguf", help="a Heron checkpoint or Hugging Face folder -> one GGUF file for llama.cpp")
-    p.add_argument("checkpoint", type=Path)
+    p.add_argument("checkpoint", type=Path, help=CHECKPOINT_HELP)
     p.add_argument("target", type=Path, help="the .gguf file to write")
     p.add_argument("--type", dest="dtype", choices=["f32", "f16", "q8_0", "q4_0", "q4_1"], default="f16",
                    help="tensor type of the matrices (norms stay f32); default f16. A quantised checkpoint's "
@@ -103,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress = verbs.add_parser("compress", help="make a checkpoint smaller").add_subparsers(
         dest="action", required=True)
     p = compress.add_parser("prune", help="unstructured or N:M (magnitude, wanda, sparsegpt), or structured pruning")
-    p.add_argument("checkpoint", type=Path)
+    p.add_argument("checkpoint", type=Path, help=CHECKPOINT_HELP)
     p.add_argument("target", type=Path, help="checkpoint folder to write")
     p.add_argument("--method", choices=["magnitude", "wanda", "sparsegpt"], default="wanda")
     p.add_argument("--sparsity", type=float, default=None, help="fraction of block-linear weights set to zero")
@@ -119,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recover-lr", type=float, default=1e-5)
     p.set_defaults(handler=commands.compress_prune)
     p = compress.add_parser("quantize", help="weight-only int8 or int4 (rtn, gptq, awq), loadable with heron.load")
-    p.add_argument("checkpoint", type=Path)
+    p.add_argument("checkpoint", type=Path, help=CHECKPOINT_HELP)
     p.add_argument("target", type=Path, help="checkpoint folder to write")
     p.add_argument("--scheme", choices=["int8", "int4"], default="int8")
     p.add_argument("--method", choices=["rtn", "gptq", "awq"], default="rtn")
@@ -171,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("explain", help="one prompt through every lens: an offline HTML report")
     p.add_argument("checkpoint", type=Path, help="a Heron checkpoint or Hugging Face folder (with its tokenizer)")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="the text to explain")
     p.add_argument("--out", type=Path, required=True, help="folder for index.html and its figures")
     p.add_argument("--corrupted", default=None,
                    help="a prompt of the same token length to patch against (activation patching)")
@@ -180,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=commands.explain)
 
     p = verbs.add_parser("demo", help="the whole life of a small model on the Python standard library")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for every stage's output (default runs/demo)")
     p.add_argument("--recipe", default=demo.DEMO_RECIPE,
                    help=f"the shipped recipe to pre-train (default {demo.DEMO_RECIPE}; tiny: the dense model)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
