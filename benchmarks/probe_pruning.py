@@ -10,7 +10,7 @@ checkpoint must exist) and prints:
   per layer and per output row, at random, by Wanda with 16 and 64
   calibration batches of 8 x 128 tokens, and by SparseGPT with 16 (every
   window of 128 tokens of the validation split, as bench_compress scores them).
-Writes nothing; the README quotes its output.
+Writes nothing; benchmarks/NOTES.md quotes its output.
 
     python benchmarks/probe_pruning.py
 """
