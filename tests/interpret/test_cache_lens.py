@@ -156,6 +156,16 @@ def test_logit_lens_at_the_last_depth_is_the_model_logits(kind):
         assert torch.equal(lens[0], model.lm_head(model.norm(cache["blocks.0.hook_resid_pre"])))
 
 
+def test_a_cache_missing_what_a_lens_reads_names_the_function_and_the_names_to_record():
+    model, ids = make_model(n_kv_heads=2), make_ids()
+    _, cache = run_with_cache(model, ids, ["blocks.*.hook_resid_post"])
+    with pytest.raises(KeyError, match=r"logit_lens: .* depth 0.*run_with_cache\(model, ids, resid_names\(model\)\)"):
+        logit_lens(model, cache)
+    _, cache = run_with_cache(model, ids, resid_names(model))
+    with pytest.raises(KeyError, match=r"direct_logit_attribution: 'blocks.0.attn.hook_z' .*dla_names\(model\)"):
+        direct_logit_attribution(model, cache, 3)
+
+
 def test_token_lens_reads_one_token_of_the_full_lens():
     model, ids = make_model(n_kv_heads=2), make_ids()
     output, cache = run_with_cache(model, ids, resid_names(model))

@@ -22,7 +22,10 @@ LayerNorm the sum still holds; its bias is one more component, `norm.bias`.
 """
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,11 +34,27 @@ from heron.core.transformer import Transformer
 from heron.interpret.cache import ActivationCache, resid_names
 
 
+def _reads(names: Callable[[Transformer], list[str]]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A hook point missing from the cache fails naming the function that wanted it and
+    `names`, the helper that lists every hook point it reads."""
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def reading(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except KeyError as err:
+                raise KeyError(f"{fn.__name__}: {err.args[0]}; run_with_cache(model, ids, {names.__name__}(model)) "
+                               "records every hook point it reads") from None
+        return reading
+    return wrap
+
+
 def _unembed(model: Transformer, x: torch.Tensor) -> torch.Tensor:
     """(..., V) logits of a residual stream (..., d): the model's own final norm and head."""
     return model.lm_head(model.norm(x))
 
 
+@_reads(resid_names)
 @torch.no_grad()
 def logit_lens(model: Transformer, cache: ActivationCache) -> torch.Tensor:
     """(n_layers + 1, B, T, V): the logits each depth of the residual stream
@@ -54,6 +73,7 @@ class TokenLens:
     probs: torch.Tensor  # (n_layers + 1, B, T)
 
 
+@_reads(resid_names)
 @torch.no_grad()
 def token_lens(model: Transformer, cache: ActivationCache, target: int | torch.Tensor) -> TokenLens:
     """The logit lens for one token per position: `target` is a token id, or
@@ -110,6 +130,7 @@ class LogitAttribution:
         return self.values[:, columns].unflatten(1, (-1, self.n_heads))
 
 
+@_reads(dla_names)
 @torch.no_grad()
 def direct_logit_attribution(
     model: Transformer, cache: ActivationCache, target_token: int | torch.Tensor, position: int = -1
