@@ -53,5 +53,9 @@ def test_bad_requests_exit_2_naming_the_problem(folders, tmp_path, capsys):
     assert "--calib-shards" in capsys.readouterr().err
     assert main(["compress", "prune", str(ckpt), str(tmp_path / "x")]) == 2
     assert "nothing to prune" in capsys.readouterr().err
+    weights = (ckpt / "model.safetensors").read_bytes()
+    assert main(["compress", "prune", str(ckpt), str(ckpt), "--method", "magnitude", "--sparsity", "0.5"]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert (ckpt / "model.safetensors").read_bytes() == weights  # the source is never replaced
     with pytest.raises(SystemExit):
         main(["compress", "prune", str(ckpt), str(tmp_path / "x"), "--nm", "2-4"])

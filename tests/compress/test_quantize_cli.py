@@ -43,6 +43,11 @@ def test_rtn_needs_no_shards_and_calibrated_methods_do(folders, tmp_path, capsys
     assert main(["compress", "quantize", str(ckpt), str(tmp_path / "int8")]) == 0
     assert main(["compress", "quantize", str(ckpt), str(tmp_path / "awq"), "--method", "awq"]) == 2
     assert "calib_shards: method 'awq' needs a shard folder" in capsys.readouterr().err
+    weights = (ckpt / "model.safetensors").read_bytes()
+    for taken in (ckpt, tmp_path / "int8"):  # the source itself, or an earlier result
+        assert main(["compress", "quantize", str(ckpt), str(taken)]) == 2
+        assert "exists and is not empty" in capsys.readouterr().err
+    assert (ckpt / "model.safetensors").read_bytes() == weights
     assert main(["compress", "quantize", str(ckpt), str(tmp_path / "g"), "--scheme", "int4", "--group-size", "48"]) == 2
     assert "group_size: 48 does not divide" in capsys.readouterr().err
 

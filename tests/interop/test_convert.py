@@ -99,6 +99,10 @@ def test_convert_refuses_an_existing_target_and_a_bad_source(hf_folder, tmp_path
     assert (tmp_path / "taken" / "file").read_text() == "keep me"
     assert main(["convert", "from-hf", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
     assert "no config.json" in capsys.readouterr().err
+    config = (hf_folder / "config.json").read_text()
+    assert main(["convert", "from-hf", str(hf_folder), str(hf_folder)]) == 2  # into the source itself
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert (hf_folder / "config.json").read_text() == config
 
 
 def test_convert_to_gguf_writes_a_llama_file(hf_folder, tmp_path, capsys):

@@ -25,7 +25,7 @@ from heron.data.shards import META_FILE
 from heron.govern import EnergyMeter
 from heron.govern.audit import record_event
 from heron.govern.digest import model_hash
-from heron.train.checkpoint import resolve_checkpoint, save_model_folder
+from heron.train.checkpoint import require_new_folder, resolve_checkpoint, save_model_folder
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,7 @@ def prune_checkpoint(source: str | Path, target: str | Path, settings: PruneSett
     import heron  # heron.load: plain, quantised-free Heron checkpoints and HF folders alike
 
     settings.check()
+    require_new_folder(target)
     meter = EnergyMeter().start()
     model, tokenizer = heron.load(source)
     before = sum(p.numel() for p in model.parameters())

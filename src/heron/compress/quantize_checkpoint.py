@@ -17,7 +17,7 @@ from heron.data.shards import META_FILE
 from heron.govern import EnergyMeter
 from heron.govern.audit import record_event
 from heron.govern.digest import model_hash
-from heron.train.checkpoint import MODEL_FILE, resolve_checkpoint
+from heron.train.checkpoint import MODEL_FILE, require_new_folder, resolve_checkpoint
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ def quantize_checkpoint(source: str | Path, target: str | Path, settings: Quanti
     import heron  # heron.load sits above every layer
 
     settings.check()
+    require_new_folder(target)
     meter = EnergyMeter().start()
     model, tokenizer = heron.load(source)
     calibration = None

@@ -15,12 +15,18 @@ from heron.interop.files import WeightFiles
 from heron.interop.hf_folder import CONFIG_FILE, load_hf_config, load_hf_folder, read_hf_config, save_hf_folder
 from heron.tokenizer.bpe import TOKENIZER_FILE
 from heron.tokenizer.pretrained import CONFIG_FILE as TOKENIZER_CONFIG_FILE
-from heron.train.checkpoint import load_model_folder, resolve_checkpoint, save_model_folder, sha256_file
+from heron.train.checkpoint import (
+    load_model_folder,
+    require_new_folder,
+    resolve_checkpoint,
+    save_model_folder,
+    sha256_file,
+)
 
 
 def import_hf(source: str | Path, target: str | Path) -> Path:
     """Convert a Hugging Face folder into a Heron checkpoint folder at `target`."""
-    source = Path(source)
+    source, target = Path(source), require_new_folder(target)
     family, _ = load_hf_config(source)
     model, tokenizer = load_hf_folder(source)
     read = [source / CONFIG_FILE, *WeightFiles(source).files]

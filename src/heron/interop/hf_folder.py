@@ -24,7 +24,7 @@ from heron.interop.files import WeightFiles
 from heron.interop.tables import heron_to_hf, load_into
 from heron.tokenizer.bpe import TOKENIZER_FILE, HeronTokenizer
 from heron.tokenizer.pretrained import PretrainedTokenizer
-from heron.train.checkpoint import atomic_folder
+from heron.train.checkpoint import atomic_folder, require_new_folder
 
 CONFIG_FILE = "config.json"
 LINEAGE_FILE = "lineage.json"  # a Heron checkpoint has one; a Hugging Face folder does not
@@ -116,9 +116,7 @@ def save_hf_folder(
     hf["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     weights = dict(model.named_parameters())
     tensors = dict(heron_to_hf(weights, chosen.weights, config))
-    target = Path(folder)
-    if target.exists() and any(target.iterdir()):
-        raise FileExistsError(f"{target}: exists and is not empty")
+    target = require_new_folder(folder)
     with atomic_folder(target) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=2), encoding="utf-8")
         safetensors.torch.save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})

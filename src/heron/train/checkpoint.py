@@ -140,6 +140,15 @@ def _manifest(folder: Path) -> dict[str, dict[str, Any]]:
     }
 
 
+def require_new_folder(path: str | Path) -> Path:
+    """`path`, if nothing is there yet or it is an empty folder; else FileExistsError, so
+    that writing a converted or compressed model never replaces its source or anything else."""
+    target = Path(path)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise FileExistsError(f"{target}: exists and is not empty; write to a new folder")
+    return target
+
+
 @contextmanager
 def atomic_folder(target: Path) -> Iterator[Path]:
     """Yield a temp sibling folder; on success fsync it and rename it to `target`."""
