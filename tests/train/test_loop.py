@@ -168,3 +168,11 @@ def test_moe_routing_is_logged_apart_from_the_loss_and_resumes_exactly(recipe_fa
     assert train(recipe).history == unbroken.history  # routing statistics too, bit for bit
     dense = train(recipe_factory("dense", train={"steps": 1}))
     assert set(dense.history[0]) == {"step", "loss", "lr", "grad_norm", "tokens", "val_loss"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_asking_for_cuda_without_one_names_the_field_before_any_work(recipe_factory, tmp_path: Path) -> None:
+    recipe = recipe_factory("cuda-run", train={"steps": 2, "device": "cuda"})
+    with pytest.raises(RecipeError, match="train.device: 'cuda', but torch sees no CUDA device"):
+        train(recipe)
+    assert not (tmp_path / "cuda-run").exists()

@@ -86,3 +86,4 @@ def test_shards_without_their_tokenizer_fail_before_training(tmp_path: Path, cor
     with pytest.raises(RecipeError, match="data.tokenizer: .* holds no tokenizer.json"):
         train(recipe_from_dict(raw, world_size=1))
     assert not (tmp_path / "second").exists()
+

@@ -27,6 +27,8 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from heron.train.recipe import RecipeError
+
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
@@ -48,6 +50,8 @@ class DistContext:
 
 def setup(parallel: str, device: str = "auto") -> DistContext:
     """Join the process group torchrun prepared (gloo on CPU, nccl on CUDA)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RecipeError("train.device: 'cuda', but torch sees no CUDA device here (use cpu, or auto)")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if parallel == "none":
         return DistContext(0, 1, 0, torch.device("cuda" if use_cuda else "cpu"), parallel)
