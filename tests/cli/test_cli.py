@@ -55,6 +55,9 @@ def generated_and_perplexity(shards: Path, checkpoint: Path, device: str, capsys
 def test_tokenizer_data_train_generate_eval(corpus: Path, tmp_path: Path, capsys) -> None:
     shards, checkpoint = tokenizer_shards_and_checkpoint(corpus, tmp_path)
     capsys.readouterr()
+    assert main(["data", "prepare", str(corpus), "--ext", ".py", "--tokenizer", str(tmp_path / "tok.json"),
+                 "--out", str(shards)]) == 0
+    assert "; reused: the corpus and tokenizer are those that made them" in capsys.readouterr().out
     assert main(["generate", str(checkpoint), "--prompt", "def ", "--max-new-tokens", "6", "--seed", "0"]) == 0
     assert capsys.readouterr().out.startswith("def ")
     assert main(["generate", str(checkpoint), "--prompt", "def ", "--prompt", "class ", "--no-stream",

@@ -59,7 +59,8 @@ def data_prepare(args: argparse.Namespace) -> int:
     tokenizer = HeronTokenizer.load(args.tokenizer)
     shards = prepare_shards(corpus_from(args.sources, args.ext), tokenizer, args.out,
                             val_fraction=args.val_fraction, seed=args.seed)
-    print(f"shards: {shards.path} ({len(shards.train):,} train / {len(shards.val):,} validation tokens)")
+    reused = "; reused: the corpus and tokenizer are those that made them" if shards.reused else ""
+    print(f"shards: {shards.path} ({len(shards.train):,} train / {len(shards.val):,} validation tokens{reused})")
     return 0
 
 
