@@ -64,6 +64,13 @@ def test_tokenizer_data_train_generate_eval(corpus: Path, tmp_path: Path, capsys
                  "--max-new-tokens", "4"]) == 0
     first, second = capsys.readouterr().out.split("\n" + "-" * 40 + "\n")  # a rule between completions only
     assert first.startswith("def ") and second.startswith("class ") and not second.rstrip("\n").endswith("-")
+    # The test preset's context is 64 tokens: the default of 128 new tokens shrinks to fit; asking for it fails
+    # before the prompt is echoed.
+    assert main(["generate", str(checkpoint), "--prompt", "def ", "--seed", "0", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
+    assert main(["generate", str(checkpoint), "--prompt", "def ", "--max-new-tokens", "128"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "exceeds the model's max_seq_len 64" in err
     text, ppl = generated_and_perplexity(shards, checkpoint, "cpu", capsys)
     assert text.startswith("def ")
     # 40 near-identical files: 30 steps take the model far below chance (300).

@@ -26,6 +26,7 @@ USER_ERRORS = (RecipeError, CheckpointError, FileNotFoundError, FileExistsError,
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 ALIGN_RECIPES_DIR = RECIPES_DIR / "align"
+DEFAULT_NEW_TOKENS = 128  # heron generate, unless the model's context leaves less room
 DEFAULT_EVAL_SEQ_LEN = 256  # tokens per scored window, unless the model's context is shorter
 
 
@@ -73,7 +74,8 @@ def train_recipe(args: argparse.Namespace) -> int:
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+    return SamplingParams(max_new_tokens=args.max_new_tokens or DEFAULT_NEW_TOKENS, temperature=args.temperature,
+                          top_k=args.top_k,
                           top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop),
                           seed=args.seed, watermark=watermark_from_args(args))
 
@@ -107,15 +109,20 @@ def generate(args: argparse.Namespace) -> int:
         raise CheckpointError(f"{args.checkpoint}: no tokenizer.json, so text cannot be generated")
     texts = args.prompt or [sys.stdin.read()]
     params = sampling_params(args)
-    prompts: list[str] | list[list[int]] = texts
+    generator = Generator(model, tokenizer)
     if args.chat:  # each prompt is a user turn; the reply ends with the turn's end token
         prompts = [tokenizer.chat_prompt_ids([{"role": "user", "content": t}]) for t in texts]
         texts = [tokenizer.decode(ids, skip_special=False) for ids in prompts]
         params = dataclasses.replace(params, stop_token_ids=tokenizer.chat_stop_ids)
-    generator = Generator(model, tokenizer)
+    else:
+        prompts = [generator.prompt_ids(t) for t in texts]
+    if args.max_new_tokens is None:  # the default, as far as the model's context leaves room for it
+        room = model.config.max_seq_len + 1 - max(map(len, prompts))
+        params = dataclasses.replace(params, max_new_tokens=max(1, min(DEFAULT_NEW_TOKENS, room)))
     if len(prompts) == 1 and not args.no_stream:
+        pieces = generator.stream(prompts[0], params)  # checks and prefills before the prompt is echoed
         print(texts[0], end="", flush=True)
-        for piece in generator.stream(prompts[0], params):
+        for piece in pieces:
             print(piece, end="", flush=True)
         print()
         return 0

@@ -17,7 +17,8 @@ CHECKPOINT_HELP = "a checkpoint folder, a run folder (its latest checkpoint) or 
 
 
 def _add_sampling(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="tokens to generate at most (default: 128, or as many as the model's context leaves)")
     parser.add_argument("--temperature", type=float, default=0.8, help="softmax temperature (default 0.8; 0 = greedy)")
     parser.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens only")
     parser.add_argument("--top-p", type=float, default=1.0,

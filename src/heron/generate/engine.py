@@ -256,7 +256,7 @@ class Generator:
         token-id prompts (returns a list)."""
         single = isinstance(prompts, str)
         batch = [prompts] if single else list(prompts)
-        texts = [c.text or "" for c in self.complete([self._prompt_ids(p) for p in batch], params)]
+        texts = [c.text or "" for c in self.complete([self.prompt_ids(p) for p in batch], params)]
         return texts[0] if single else texts
 
     def stream(self, prompt: str | Sequence[int], params: SamplingParams) -> Iterator[str]:
@@ -266,11 +266,12 @@ class Generator:
         prefilled before this returns; pieces come as the iterator is consumed.
         """
         self._check_stops(params)
-        decoder = Decoder(self.model, [self._prompt_ids(prompt)], params, self.pad_id)
+        decoder = Decoder(self.model, [self.prompt_ids(prompt)], params, self.pad_id)
         row = _Row(self.stop_token_ids(params), self.tokenizer, params.stop, track_text=True)
         return _stream_pieces(decoder, row, params.max_new_tokens)
 
-    def _prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+    def prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        """The ids a prompt (text, or ids already) is decoded from."""
         return self._encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
 
     def _encode(self, text: str) -> list[int]:
