@@ -52,6 +52,12 @@ def test_two_processes_follow_the_one_process_curve(runs: Path, parallel: str) -
 
 @pytest.mark.slow
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_only_rank_0_speaks_for_the_run(runs: Path, parallel: str) -> None:
+    assert [(runs / f"{parallel}-rank{r}-is-main").read_text() for r in (0, 1)] == ["True", "False"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_a_moe_trained_by_two_processes_follows_the_one_process_curve(runs: Path, parallel: str) -> None:
     """Router centring and the balancing loss see the global batch, not each process's half."""
     single, multi = runs / "moe-single", runs / f"moe-{parallel}"

@@ -70,7 +70,8 @@ def distributed(out_root: Path) -> None:
     world = dist.get_world_size()
     for parallel in ("ddp", "fsdp"):
         settings = {"train": {**DISTRIBUTED_SETTINGS["train"], "parallel": parallel}}
-        train(small_recipe(out_root / parallel, world_size=world, **settings))
+        result = train(small_recipe(out_root / parallel, world_size=world, **settings))
+        (out_root / f"{parallel}-rank{dist.get_rank()}-is-main").write_text(str(result.is_main))
     resumed = small_recipe(out_root / "fsdp-resumed", world_size=world, **settings)
     try:
         train(resumed, callbacks=[crash_after(4)])  # every rank stops after step 4; checkpoint at 3

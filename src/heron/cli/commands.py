@@ -68,7 +68,7 @@ def data_prepare(args: argparse.Namespace) -> int:
 def train_recipe(args: argparse.Namespace) -> int:
     recipe = load_recipe(recipe_path(args.recipe), args.overrides)
     result = train(recipe, resume=not args.no_resume)
-    if result.checkpoint is not None:
+    if result.checkpoint is not None and result.is_main:  # under torchrun, one report for the run
         print(f"run folder: {result.out_dir}\ncheckpoint: {result.checkpoint}")
     return 0
 
@@ -277,7 +277,8 @@ def compress_distill(args: argparse.Namespace) -> int:
     result = distill(args.teacher, recipe, temperature=args.temperature, alpha=args.alpha,
                      hidden_weight=args.hidden_weight, hidden_layers=hidden_layers(args.hidden_layers),
                      resume=not args.no_resume)
-    print(f"run folder: {result.out_dir}\nstudent checkpoint: {result.checkpoint}")
+    if result.is_main:
+        print(f"run folder: {result.out_dir}\nstudent checkpoint: {result.checkpoint}")
     return 0
 
 

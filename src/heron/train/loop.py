@@ -116,6 +116,7 @@ class TrainResult:
     checkpoint: Path | None  # the last checkpoint (written by rank 0; the same path on every rank)
     step: int
     history: list[dict[str, Any]]  # one row per step: step, loss, lr, grad_norm, tokens[, val_loss][, moe_*]
+    is_main: bool = True  # rank 0, the process that writes checkpoints and speaks for the run
 
     @property
     def losses(self) -> list[float]:
@@ -168,7 +169,7 @@ def train(recipe: TrainRecipe, *, resume: bool = True, data: TrainData | None = 
         run = _start(recipe, ctx, resume, data, objective)
         run.lineage_extra = dict(lineage or {})
         _loop(run, callbacks)
-        return TrainResult(run.out_dir, run.last_checkpoint, run.step, run.history)
+        return TrainResult(run.out_dir, run.last_checkpoint, run.step, run.history, ctx.is_main)
     finally:
         dist_.teardown(ctx)
 
