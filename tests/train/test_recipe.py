@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from heron.cli.demo import DEMO_RECIPE
+from heron.cli.options import DEMO_RECIPE
 from heron.core.moe import MoE
 from heron.train.recipe import RecipeError, batch_plan, load_recipe, model_config, recipe_from_dict
 

@@ -12,7 +12,6 @@ from pathlib import Path
 from heron.govern.annex_iv import write_annex_iv
 from heron.govern.audit import log_location
 from heron.govern.card import read_evaluations, write_model_card
-from heron.train.checkpoint import CheckpointError, resolve_checkpoint
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
@@ -63,6 +62,8 @@ def _audit_log(given: str | None) -> str | None:
 def _resolve(path: Path) -> Path:
     """The checkpoint a model, run or checkpoints folder names; the path itself when it names none,
     so that the card's own error (or its history's note) says what is missing."""
+    from heron.train.checkpoint import CheckpointError, resolve_checkpoint  # torch: imported when a card is made
+
     try:
         return resolve_checkpoint(path)
     except (CheckpointError, OSError):

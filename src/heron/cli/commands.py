@@ -16,30 +16,13 @@ from heron.generate.perplexity import evaluated_windows
 from heron.govern import EnergyMeter
 from heron.tokenizer import HeronTokenizer, Tokenizer, train_tokenizer
 from heron.interop.convert import export_hf, import_hf
+from heron.cli.options import ALIGN_RECIPES_DIR, recipe_path
 from heron.cli.watermark import watermark_from_args
 from heron.interop.gguf import save_gguf
-from heron.store import FeedbackStore, format_stats
-from heron.train import CheckpointError, RecipeError, load_recipe, train
+from heron.train import CheckpointError, load_recipe, train
 
-# Errors that mean "the input was wrong": shown as one line, not a traceback.
-USER_ERRORS = (RecipeError, CheckpointError, FileNotFoundError, FileExistsError, ValueError, KeyError)
-
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
-ALIGN_RECIPES_DIR = RECIPES_DIR / "align"
 DEFAULT_NEW_TOKENS = 128  # heron generate, unless the model's context leaves less room
 DEFAULT_EVAL_SEQ_LEN = 256  # tokens per scored window, unless the model's context is shorter
-
-
-def recipe_path(name_or_path: str, shipped_in: Path = RECIPES_DIR) -> Path:
-    """A recipe file, or the name of one shipped with Heron (`tiny`; `task-dpo` in recipes/align)."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    shipped = shipped_in / f"{name_or_path}.yaml"
-    if shipped.is_file():
-        return shipped
-    names = ", ".join(sorted(p.stem for p in shipped_in.glob("*.yaml")))
-    raise FileNotFoundError(f"no recipe file {name_or_path!r} and no shipped recipe of that name ({names})")
 
 
 def corpus_from(sources: list[str], extensions: list[str] | None) -> Corpus:
@@ -178,34 +161,6 @@ def convert_to_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
-def feedback_import(args: argparse.Namespace) -> int:
-    with FeedbackStore.open(args.db) as store:
-        counts = store.import_jsonl(args.file, annotator=args.annotator, source=args.source)
-        skipped = (f"; skipped {counted(counts.already_stored, 'line')} repeating a stored or earlier judgement"
-                   if counts.already_stored else "")
-        print(f"imported {counted(counts.comparisons, 'comparison')} and {counted(counts.ratings, 'rating')} "
-              f"from {args.file} into {store.url}{skipped}")
-    return 0
-
-
-def counted(n: int, noun: str) -> str:
-    """'1 rating', '2 ratings'."""
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"
-
-
-def feedback_export(args: argparse.Namespace) -> int:
-    with FeedbackStore.open(args.db, create=False) as store:
-        count = store.export_pairs(args.file)
-    print(f"wrote {count} prompt/chosen/rejected pairs to {args.file}")
-    return 0
-
-
-def feedback_stats(args: argparse.Namespace) -> int:
-    with FeedbackStore.open(args.db, create=False) as store:
-        print(format_stats(store.stats(), title=f"feedback store {store.url}"))
-    return 0
-
-
 def align(args: argparse.Namespace) -> int:
     from heron.align.recipe import load_align_recipe
     from heron.align.run import run_alignment
@@ -217,15 +172,6 @@ def align(args: argparse.Namespace) -> int:
 
 
 # ----- compress ---------------------------------------------------------------------
-
-
-def n_of_m(text: str) -> tuple[int, int]:
-    """"2:4" -> (2, 4)."""
-    try:
-        n, m = (int(part) for part in text.split(":"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected N:M such as 2:4, got {text!r}") from None
-    return n, m
 
 
 def compress_prune(args: argparse.Namespace) -> int:

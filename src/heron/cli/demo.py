@@ -35,7 +35,7 @@ from heron.align.recipe import load_align_recipe
 from heron.align.run import METRICS_FILE as ALIGN_METRICS_FILE
 from heron.align.run import MODEL_DIR, run_alignment
 from heron.align.synthetic import RepeatTask, win_rate
-from heron.cli.commands import ALIGN_RECIPES_DIR, recipe_path
+from heron.cli.options import ALIGN_RECIPES_DIR, recipe_path
 from heron.compress.kernels import choose_kernel
 from heron.compress.quantize import QuantizeSettings
 from heron.compress.quantize_checkpoint import QuantizeCheckpointSettings, quantize_checkpoint
@@ -59,7 +59,6 @@ SAMPLE_PROMPTS = ("import", "def", "class", "    def __init__(self")
 # Cool and narrow: a model trained for minutes is most Python-like near its mode.
 SAMPLING = SamplingParams(max_new_tokens=80, temperature=0.6, top_k=20, seed=0)
 TASK = RepeatTask()  # the shipped task-sft and task-dpo recipes use its defaults
-DEMO_RECIPE = "tiny-moe-sparse"
 HELD_OUT_PROMPTS, SHOWN_REPLIES = 100, 6
 # What comes after `def` in a class body against after `x`: the trained model predicts " _"
 # (of __init__) for one and " =" for the other, which activation patching traces.

@@ -1,18 +1,26 @@
 """`heron <verb> ...`: parses arguments and calls the layers below.
 
 Each verb is one small function; the work lives in the library, so everything
-the CLI does is also a Python call away.
+the CLI does is also a Python call away. The verbs that run models live in
+`commands` and `demo`, imported when one of them runs, so `heron --help` and
+the verbs that need no model (consent, audit, feedback, pii) start without
+loading torch.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from heron.cli import audit, card, commands, consent, demo, pii, watermark
+from heron.cli import audit, card, consent, feedback, pii, watermark
+from heron.cli.options import DEMO_RECIPE, n_of_m, shipped_recipes
 
 Handler = Callable[[argparse.Namespace], int]
+# Errors that mean "the input was wrong": shown as one line, not a traceback (RecipeError is a
+# ValueError; CheckpointError is looked up where it lives, in `_is_user_error`).
+USER_ERRORS = (FileNotFoundError, FileExistsError, ValueError, KeyError)
 CHECKPOINT_HELP = "a checkpoint folder, a run folder (its latest checkpoint) or a Hugging Face folder"
 
 
@@ -35,6 +43,20 @@ def _add_device(parser: argparse.ArgumentParser) -> None:
                         help="where the model runs: cpu, cuda, cuda:N, or auto (a CUDA GPU when torch sees one)")
 
 
+def _lazy(module: str, name: str) -> Handler:
+    """The handler `name` of heron.cli.`module`, imported when the verb runs."""
+    def run(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(f"heron.cli.{module}"), name)(args)
+    return run
+
+
+def _is_user_error(err: Exception) -> bool:
+    """Whether `err` says the input was wrong. A CheckpointError can only come from its
+    module, so it is looked for only once that module is loaded."""
+    checkpoint = sys.modules.get("heron.train.checkpoint")
+    return isinstance(err, USER_ERRORS) or (checkpoint is not None and isinstance(err, checkpoint.CheckpointError))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="heron", description="An open workbench for language models.")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -45,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int, default=8192, help="tokens in the vocabulary, specials included")
     p.add_argument("--ext", action="append", default=None, help="file extensions to read, e.g. .py (repeatable)")
     p.add_argument("--out", type=Path, required=True, help="where to write tokenizer.json")
-    p.set_defaults(handler=commands.tokenizer_train)
+    p.set_defaults(handler=_lazy("commands", "tokenizer_train"))
 
     data = verbs.add_parser("data", help="data tools").add_subparsers(dest="action", required=True)
     p = data.add_parser("prepare", help="tokenise a corpus into memory-mapped shards")
@@ -56,15 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of documents held out for validation (default 0.02)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split by document")
     p.add_argument("--out", type=Path, required=True, help="shard folder to write")
-    p.set_defaults(handler=commands.data_prepare)
+    p.set_defaults(handler=_lazy("commands", "data_prepare"))
 
-    shipped = ", ".join(sorted(path.stem for path in commands.RECIPES_DIR.glob("*.yaml")))
+    shipped = ", ".join(shipped_recipes())
     p = verbs.add_parser("train", help=f"train from a recipe (a YAML file or a shipped name: {shipped})")
     p.add_argument("recipe", help="a recipe YAML file, or a shipped recipe's name")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. --set train.steps=100 (repeatable)")
     p.add_argument("--no-resume", action="store_true", help="start over instead of resuming the run folder")
-    p.set_defaults(handler=commands.train_recipe)
+    p.set_defaults(handler=_lazy("commands", "train_recipe"))
 
     p = verbs.add_parser("generate", help="continue a prompt with a checkpoint")
     p.add_argument("checkpoint", type=Path, help=CHECKPOINT_HELP)
@@ -73,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stream", action="store_true", help="print whole completions instead of streaming")
     _add_sampling(p)
     _add_device(p)
-    p.set_defaults(handler=commands.generate)
+    p.set_defaults(handler=_lazy("commands", "generate"))
 
     p = verbs.add_parser("eval", help="validation perplexity of a checkpoint")
     p.add_argument("checkpoint", type=Path, help=CHECKPOINT_HELP)
@@ -84,25 +106,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batches", type=int, default=None,
                    help="score this many batches of windows spread evenly over the split (default: all)")
     _add_device(p)
-    p.set_defaults(handler=commands.evaluate)
+    p.set_defaults(handler=_lazy("commands", "evaluate"))
 
     convert = verbs.add_parser("convert", help="model formats in and out").add_subparsers(dest="action", required=True)
     p = convert.add_parser("from-hf", help="a Hugging Face model folder -> a Heron checkpoint folder")
     p.add_argument("source", type=Path, help="folder with config.json and *.safetensors or pytorch_model.bin")
     p.add_argument("target", type=Path, help="checkpoint folder to write (new, or empty)")
-    p.set_defaults(handler=commands.convert_from_hf)
+    p.set_defaults(handler=_lazy("commands", "convert_from_hf"))
     p = convert.add_parser("to-hf", help="a Heron checkpoint -> a Hugging Face folder that transformers loads")
     p.add_argument("checkpoint", type=Path, help="a checkpoint folder, or a run folder (its latest checkpoint)")
     p.add_argument("target", type=Path, help="folder to write (new, or empty)")
     p.add_argument("--family", default=None, help="force a family (default: the first that expresses the model)")
-    p.set_defaults(handler=commands.convert_to_hf)
+    p.set_defaults(handler=_lazy("commands", "convert_to_hf"))
     p = convert.add_parser("to-gguf", help="a Heron checkpoint or Hugging Face folder -> one GGUF file for llama.cpp")
     p.add_argument("checkpoint", type=Path, help=CHECKPOINT_HELP)
     p.add_argument("target", type=Path, help="the .gguf file to write")
     p.add_argument("--type", dest="dtype", choices=["f32", "f16", "q8_0", "q4_0", "q4_1"], default="f16",
                    help="tensor type of the matrices (norms stay f32); default f16. A quantised checkpoint's "
                         "matrices keep their own codes (int8 -> q8_0, symmetric int4 -> q4_0, int4 -> q4_1)")
-    p.set_defaults(handler=commands.convert_to_gguf)
+    p.set_defaults(handler=_lazy("commands", "convert_to_gguf"))
 
     # compress: pruning (compress/prune*.py); other compress actions join this group.
     compress = verbs.add_parser("compress", help="make a checkpoint smaller").add_subparsers(
@@ -112,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", type=Path, help="checkpoint folder to write (new, or empty)")
     p.add_argument("--method", choices=["magnitude", "wanda", "sparsegpt"], default="wanda")
     p.add_argument("--sparsity", type=float, default=None, help="fraction of block-linear weights set to zero")
-    p.add_argument("--nm", type=commands.n_of_m, default=None, metavar="N:M", help="keep N of every M inputs, e.g. 2:4")
+    p.add_argument("--nm", type=n_of_m, default=None, metavar="N:M", help="keep N of every M inputs, e.g. 2:4")
     p.add_argument("--mlp-channels", type=float, default=None, help="fraction of MLP hidden channels removed")
     p.add_argument("--heads", type=float, default=None, help="fraction of attention head (kv) groups removed")
     p.add_argument("--experts", type=int, default=None, help="MoE experts kept per layer (the most routed)")
@@ -122,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--recover-steps", type=int, default=0, help="masked fine-tune steps after pruning")
     p.add_argument("--recover-lr", type=float, default=1e-5)
-    p.set_defaults(handler=commands.compress_prune)
+    p.set_defaults(handler=_lazy("commands", "compress_prune"))
     p = compress.add_parser("quantize", help="weight-only int8 or int4 (rtn, gptq, awq), loadable with heron.load")
     p.add_argument("checkpoint", type=Path, help=CHECKPOINT_HELP)
     p.add_argument("target", type=Path, help="checkpoint folder to write (new, or empty)")
@@ -138,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-batches", type=int, default=16)
     p.add_argument("--calib-batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
-    p.set_defaults(handler=commands.compress_quantize)
+    p.set_defaults(handler=_lazy("commands", "compress_quantize"))
     p = compress.add_parser("distill", help="train a smaller student (a training recipe) on a teacher's logits "
                                             "(and hidden states)")
     p.add_argument("teacher", type=Path, help="teacher: a Heron checkpoint (quantised or pruned too) or a Hugging "
@@ -155,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field (repeatable)")
     p.add_argument("--no-resume", action="store_true", help="start over instead of resuming")
-    p.set_defaults(handler=commands.compress_distill)
+    p.set_defaults(handler=_lazy("commands", "compress_distill"))
     p = compress.add_parser("report", help="size, perplexity, decode speed and energy of variants; Pareto plot")
     p.add_argument("checkpoints", type=Path, nargs="+", help="the reference first, then its variants")
     p.add_argument("--shards", type=Path, required=True, help="shard folder whose validation split is scored")
@@ -165,14 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batches", type=int, default=16,
                    help="validation batches of 8 windows scored, spread evenly over the split")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per speed round")
-    p.set_defaults(handler=commands.compress_report)
+    p.set_defaults(handler=_lazy("commands", "compress_report"))
 
     p = verbs.add_parser("align", help="align a checkpoint: sft, rm, dpo (and ipo/simpo/orpo), ppo or grpo")
     p.add_argument("method", choices=["sft", "rm", "dpo", "ppo", "grpo"])
     p.add_argument("recipe", help="an alignment recipe (YAML), or a shipped one's name (task-sft, task-dpo)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. --set fit.steps=100 (repeatable)")
-    p.set_defaults(handler=commands.align)
+    p.set_defaults(handler=_lazy("commands", "align"))
 
     p = verbs.add_parser("explain", help="one prompt through every lens: an offline HTML report")
     p.add_argument("checkpoint", type=Path, help="a Heron checkpoint or Hugging Face folder (with its tokenizer)")
@@ -182,35 +204,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a prompt of the same token length to patch against (activation patching)")
     p.add_argument("--target", default=None, help="the next token to explain (default: the model's top prediction)")
     p.add_argument("--ig-steps", type=int, default=32, help="integrated-gradients steps (doubled if they miss)")
-    p.set_defaults(handler=commands.explain)
+    p.set_defaults(handler=_lazy("commands", "explain"))
 
     p = verbs.add_parser("demo", help="the whole life of a small model on the Python standard library")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for every stage's output (default runs/demo)")
-    p.add_argument("--recipe", default=demo.DEMO_RECIPE,
-                   help=f"the shipped recipe to pre-train (default {demo.DEMO_RECIPE}; tiny: the dense model)")
+    p.add_argument("--recipe", default=DEMO_RECIPE,
+                   help=f"the shipped recipe to pre-train (default {DEMO_RECIPE}; tiny: the dense model)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the demo's recipe (e.g. --set train.steps=50)")
     p.add_argument("--fresh", action="store_true", help="start the training over instead of resuming")
-    p.set_defaults(handler=demo.run)
-
-    feedback = verbs.add_parser("feedback", help="the human-feedback store: import, export, stats").add_subparsers(
-        dest="action", required=True)
-    p = feedback.add_parser("import", help="add comparisons and ratings from a JSONL file (all lines or none)")
-    p.add_argument("file", type=Path, help="prompt/chosen/rejected or prompt/response/rating rows")
-    p.add_argument("--db", required=True, help="SQLite file or database URL (sqlite:///..., postgresql://...)")
-    p.add_argument("--annotator", required=True, help="who gave the feedback (a row's own 'annotator' wins)")
-    p.add_argument("--source", default=None, help="where the prompts came from (default: the file's name)")
-    p.set_defaults(handler=commands.feedback_import)
-    p = feedback.add_parser("export", help="write every comparison as prompt/chosen/rejected JSONL for DPO and RM")
-    p.add_argument("file", type=Path)
-    p.add_argument("--db", required=True, help="SQLite file or database URL")
-    p.set_defaults(handler=commands.feedback_export)
-    p = feedback.add_parser("stats", help="counts, annotators, agreement and mean rating per model")
-    p.add_argument("--db", required=True, help="SQLite file or database URL")
-    p.set_defaults(handler=commands.feedback_stats)
+    p.set_defaults(handler=_lazy("demo", "run"))
 
     # governance: each verb's parser and handlers live in its own module
-    for verb in (audit, card, consent, pii, watermark):
+    for verb in (feedback, audit, card, consent, pii, watermark):
         verb.register(verbs)
     return parser
 
@@ -219,7 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except commands.USER_ERRORS as err:
+    except Exception as err:
+        if not _is_user_error(err):
+            raise
         print(f"heron {args.verb}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

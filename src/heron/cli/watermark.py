@@ -16,9 +16,12 @@ import json
 import sys
 from pathlib import Path
 
-from heron.govern.watermark import DEFAULT_DELTA, DEFAULT_GAMMA, DEFAULT_Z_THRESHOLD, Watermark, detect
+from typing import TYPE_CHECKING
+
 from heron.tokenizer import HeronTokenizer, Tokenizer, load_tokenizer
-from heron.train.checkpoint import resolve_checkpoint
+
+if TYPE_CHECKING:
+    from heron.govern.watermark import Watermark
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
@@ -30,9 +33,9 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", type=Path, required=True,
                    help="a checkpoint (or run) folder, or a tokenizer.json")
     p.add_argument("--key", required=True, help="the secret key the text was generated with")
-    p.add_argument("--gamma", type=float, default=DEFAULT_GAMMA, help="green fraction used at generation")
-    p.add_argument("--z", dest="z_threshold", type=float, default=DEFAULT_Z_THRESHOLD,
-                   help="z above which the text is called watermarked")
+    p.add_argument("--gamma", type=float, default=None, help="green fraction used at generation (default 0.25)")
+    p.add_argument("--z", dest="z_threshold", type=float, default=None,
+                   help="z above which the text is called watermarked (default 4)")
     p.add_argument("--vocab-size", type=int, default=None,
                    help="the generating model's vocabulary size (default: the checkpoint's, else the tokenizer's)")
     p.add_argument("--count-repeated", action="store_true",
@@ -43,23 +46,36 @@ def register(verbs: argparse._SubParsersAction) -> None:
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
     """--watermark-key (and its γ and δ) for a verb that samples text."""
     parser.add_argument("--watermark-key", default=None, help="watermark the output with this secret key")
-    parser.add_argument("--watermark-gamma", type=float, default=DEFAULT_GAMMA, help="green fraction")
-    parser.add_argument("--watermark-delta", type=float, default=DEFAULT_DELTA, help="logit bias of green tokens")
+    parser.add_argument("--watermark-gamma", type=float, default=None, help="green fraction (default 0.25)")
+    parser.add_argument("--watermark-delta", type=float, default=None,
+                        help="logit bias of green tokens (default 2)")
 
 
 def watermark_from_args(args: argparse.Namespace) -> Watermark | None:
     """The Watermark that `add_generation_options`' flags ask for (None without --watermark-key)."""
     if args.watermark_key is None:
         return None
-    return Watermark(key=args.watermark_key, gamma=args.watermark_gamma, delta=args.watermark_delta)
+    return _watermark(args.watermark_key, gamma=args.watermark_gamma, delta=args.watermark_delta)
+
+
+def _watermark(key: str, **settings: float | None) -> Watermark:
+    """A Watermark with the settings given on the command line, the library's defaults for the rest.
+
+    Imported here, not at the top: the parser is built for every verb, and this module needs torch."""
+    from heron.govern.watermark import Watermark
+
+    return Watermark(key=key, **{name: value for name, value in settings.items() if value is not None})
 
 
 def detect_command(args: argparse.Namespace) -> int:
     tokenizer, vocab_size = tokenizer_and_vocab(args.tokenizer)
     vocab_size = args.vocab_size or vocab_size
-    watermark = Watermark(key=args.key, gamma=args.gamma)
+    from heron.govern.watermark import DEFAULT_Z_THRESHOLD, detect
+
+    watermark = _watermark(args.key, gamma=args.gamma)
     ids = tokenizer.encode(read_text(args.text))
-    result = detect(ids, watermark, vocab_size, args.z_threshold, ignore_repeated=not args.count_repeated)
+    z_threshold = DEFAULT_Z_THRESHOLD if args.z_threshold is None else args.z_threshold
+    result = detect(ids, watermark, vocab_size, z_threshold, ignore_repeated=not args.count_repeated)
     share = result.green / result.scored if result.scored else 0.0
     print(f"tokens {len(ids)}, scored {result.scored}"
           f"{'' if args.count_repeated else ' (distinct bigrams)'}, green {result.green} ({share:.1%}; "
@@ -88,6 +104,8 @@ def tokenizer_and_vocab(path: Path) -> tuple[Tokenizer, int]:
     if path.is_file():
         tokenizer = HeronTokenizer.load(path)
         return tokenizer, tokenizer.vocab_size
+    from heron.train.checkpoint import resolve_checkpoint  # torch: only for a checkpoint folder
+
     folder = resolve_checkpoint(path)
     tokenizer = load_tokenizer(folder)
     config = folder / "config.json"

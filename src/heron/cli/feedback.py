@@ -1,0 +1,62 @@
+"""`heron feedback import|export|stats`: the human-feedback store from the command line.
+
+    heron feedback import batch1.jsonl --db runs/feedback.db --annotator alice
+    heron feedback export runs/pairs.jsonl --db runs/feedback.db
+    heron feedback stats --db runs/feedback.db
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from heron.store import FeedbackStore, format_stats
+
+
+def register(verbs: argparse._SubParsersAction) -> None:
+    """Add `heron feedback` to the CLI's verbs."""
+    actions = verbs.add_parser("feedback", help="the human-feedback store: import, export, stats").add_subparsers(
+        dest="action", required=True)
+    p = actions.add_parser("import", help="add comparisons and ratings from a JSONL file (all lines or none)")
+    p.add_argument("file", type=Path, help="prompt/chosen/rejected or prompt/response/rating rows")
+    p.add_argument("--db", required=True, help="SQLite file or database URL (sqlite:///..., postgresql://...)")
+    p.add_argument("--annotator", required=True, help="who gave the feedback (a row's own 'annotator' wins)")
+    p.add_argument("--source", default=None, help="where the prompts came from (default: the file's name)")
+    p.set_defaults(handler=feedback_import)
+    p = actions.add_parser("export", help="write every comparison as prompt/chosen/rejected JSONL for DPO and RM")
+    p.add_argument("file", type=Path, help="the JSONL file to write")
+    p.add_argument("--db", required=True, help="SQLite file or database URL")
+    p.set_defaults(handler=feedback_export)
+    p = actions.add_parser("stats", help="counts, annotators, agreement and mean rating per model")
+    p.add_argument("--db", required=True, help="SQLite file or database URL")
+    p.set_defaults(handler=feedback_stats)
+
+
+def feedback_import(args: argparse.Namespace) -> int:
+    with FeedbackStore.open(args.db) as store:
+        counts = store.import_jsonl(args.file, annotator=args.annotator, source=args.source)
+        skipped = (f"; skipped {counted(counts.already_stored, 'line')} repeating a stored or earlier judgement"
+                   if counts.already_stored else "")
+        print(f"imported {counted(counts.comparisons, 'comparison')} and {counted(counts.ratings, 'rating')} "
+              f"from {args.file} into {store.url}{skipped}")
+    return 0
+
+
+def counted(n: int, noun: str) -> str:
+    """'1 rating', '2 ratings'."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def feedback_export(args: argparse.Namespace) -> int:
+    with FeedbackStore.open(args.db, create=False) as store:
+        count = store.export_pairs(args.file)
+    print(f"wrote {count} prompt/chosen/rejected pairs to {args.file}")
+    return 0
+
+
+def feedback_stats(args: argparse.Namespace) -> int:
+    with FeedbackStore.open(args.db, create=False) as store:
+        print(format_stats(store.stats(), title=f"feedback store {store.url}"))
+    return 0
+
+
+__all__ = ["register"]
