@@ -67,3 +67,17 @@ def test_attention_only_layers_round_trip_and_unknown_kinds_are_named():
     assert not back.is_moe_layer(0) and ModelConfig(**BASE).feed_forward_kind(1) == "dense"
     with pytest.raises(ValueError, match=r"^feed_forward\[1\]: 'nothing' is not one of dense, moe, none"):
         ModelConfig(**BASE, feed_forward=("dense", "nothing"))
+
+
+@pytest.mark.parametrize("pattern, message", [
+    ({"kind": "dense", "window": 128}, r"attention\[1\]\.window: a dense pattern does not use it \(its fields: none\)"),
+    ({"kind": "sliding", "window": 8, "stride": 4}, r"attention\[1\]\.stride: a sliding pattern does not use it "
+                                                   r"\(its fields: window\)"),
+    ({"kind": "strided", "window": 8}, r"attention\[1\]\.window: a strided pattern does not use it"),
+])
+def test_a_setting_the_pattern_does_not_read_is_named(pattern, message):
+    """{kind: dense, window: 128} meant a window: silently ignoring it would train another model."""
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_dict({**BASE, "attention": [{"kind": "dense"}, pattern]})
+    sliding = ModelConfig.from_dict({**BASE, "attention": [{"kind": "sliding", "window": 8}]})
+    assert ModelConfig.from_json(sliding.to_json()) == sliding  # saved patterns hold only defaults elsewhere

@@ -16,7 +16,16 @@ NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rope", "learned", "none")
 MLPS = ("swiglu", "gelu", "gelu_tanh")
 ROPE_SCALINGS = ("linear", "llama3")
-ATTENTION_KINDS = ("dense", "sliding", "dilated", "strided", "fixed", "bigbird")
+# The settings each attention kind reads (AttentionPattern's docstring says how).
+PATTERN_FIELDS = {
+    "dense": (),
+    "sliding": ("window",),
+    "dilated": ("window", "dilation"),
+    "strided": ("stride",),
+    "fixed": ("block", "summary"),
+    "bigbird": ("block", "local_blocks", "global_blocks", "random_blocks", "seed"),
+}
+ATTENTION_KINDS = tuple(PATTERN_FIELDS)
 FEED_FORWARDS = ("dense", "moe", "none")  # "none": an attention-only block (core/transformer.py Block)
 HEADS = ("lm", "scalar")
 
@@ -73,6 +82,10 @@ class AttentionPattern:
 
     def __post_init__(self) -> None:
         _check_choice("kind", self.kind, ATTENTION_KINDS)
+        for f in dataclasses.fields(self):  # a setting the kind ignores is a mistake, not a no-op
+            if f.name != "kind" and f.name not in PATTERN_FIELDS[self.kind] and getattr(self, f.name) != f.default:
+                uses = ", ".join(PATTERN_FIELDS[self.kind]) or "none"
+                raise ValueError(f"{f.name}: a {self.kind} pattern does not use it (its fields: {uses})")
         for name in ("window", "dilation", "stride", "block", "summary"):
             _check_positive(name, getattr(self, name))
         for name in ("local_blocks", "global_blocks", "random_blocks", "seed"):
