@@ -33,6 +33,7 @@ def test_unknown_rope_scaling_field_is_named():
         ({"positions": "learned", "rope_scaling": {"kind": "linear", "factor": 2.0}}, "rope_scaling"),
         ({"d_model": "64"}, "d_model"),
         ({"tie_embeddings": 1}, "tie_embeddings"),
+        ({"moe": {"n_experts": 8}}, "moe: settings are given but feed_forward names no 'moe' layer"),
     ],
 )
 def test_inconsistent_fields_are_named(change, field):

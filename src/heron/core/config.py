@@ -221,6 +221,9 @@ class ModelConfig:
             _check_choice(f"feed_forward[{i}]", kind, FEED_FORWARDS)
         if "moe" in self.feed_forward and self.moe is None:
             raise ValueError("moe: feed_forward names 'moe' layers but no moe settings are given")
+        if self.moe is not None and "moe" not in self.feed_forward:
+            raise ValueError("moe: settings are given but feed_forward names no 'moe' layer (e.g. [moe], or "
+                             "[dense, moe] to alternate)")
 
     @property
     def resolved_head_dim(self) -> int:
