@@ -76,3 +76,13 @@ def test_shipped_task_recipes_run_by_name(base, tmp_path, method, name):
     assert main(args) == 0
     recipe = json.loads((out / "model" / "lineage.json").read_text())["alignment"]["recipe"]
     assert recipe["name"] == name and recipe["fit"]["steps"] == 2
+
+
+@pytest.mark.parametrize("method, settings", [("ppo", {"prompts_per_step": 32}),
+                                              ("grpo", {"prompts_per_step": 32, "group_size": 2})])
+def test_more_prompts_per_step_than_prompts_is_named(base, tmp_path, capsys, method, settings):
+    """Each step draws distinct prompts; 16 prompts cannot give 32 (random.sample's own error
+    said "Sample larger than population")."""
+    extra = {"data": {"task": {"n": 16}, "max_len": 64}, method: {"steps": 1, **settings}}
+    assert main(["align", method, str(recipe(tmp_path, base, method, **extra))]) == 2
+    assert "prompts_per_step: 32 exceeds the 16 prompts given" in capsys.readouterr().err

@@ -7,7 +7,6 @@ clipped surrogate with a k3 KL penalty to the reference (`losses.grpo_loss`).
 """
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +17,7 @@ from tqdm import tqdm
 from heron.align.data import Messages
 from heron.align.logprobs import logprobs_and_aux, sequence_logprobs
 from heron.align.losses import grpo_advantages, grpo_loss, masked_mean
-from heron.align.rollout import rollout
+from heron.align.rollout import prompt_batches, rollout
 from heron.core.transformer import Transformer
 from heron.tokenizer import Tokenizer
 
@@ -48,10 +47,10 @@ def grpo(policy: Transformer, reference: Transformer, tokenizer: Tokenizer, prom
     entropy (nats per token, the mean surprisal of the sampled tokens: a Monte Carlo
     estimate of the policy's entropy), rollout tokens/s, ..."""
     optimizer = torch.optim.AdamW(policy.parameters(), lr=settings.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    rng = random.Random(settings.seed)
+    batches = prompt_batches(prompts, settings.prompts_per_step, settings.steps, settings.seed)
     history = []
-    for step in tqdm(range(settings.steps), disable=not settings.progress, desc="grpo", unit="step"):
-        batch = rng.sample(list(prompts), settings.prompts_per_step)
+    for step, batch in enumerate(tqdm(batches, total=settings.steps, disable=not settings.progress, desc="grpo",
+                                      unit="step")):
         run = rollout(policy, tokenizer, batch, settings.group_size, max_new_tokens=settings.max_new_tokens,
                       temperature=settings.temperature, seed=settings.seed * 100_003 + step)
         scores = torch.tensor([reward(p, t) for p, t in zip(run.prompts, run.texts)])

@@ -10,7 +10,6 @@ adapted towards a target (`AdaptiveKLController`).
 """
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +29,7 @@ from heron.align.losses import (
     ppo_policy_loss,
     ppo_value_loss,
 )
-from heron.align.rollout import rollout
+from heron.align.rollout import prompt_batches, rollout
 from heron.core.transformer import Transformer
 from heron.tokenizer import Tokenizer
 
@@ -91,10 +90,10 @@ def ppo(policy: Transformer, value_model: Transformer, reference: Transformer, t
     optimizer = torch.optim.AdamW(params, betas=(0.9, 0.95), weight_decay=0.0)
     controller = (AdaptiveKLController(settings.kl_coef, settings.kl_target, settings.kl_horizon)
                   if settings.kl_target is not None else FixedKLController(settings.kl_coef))
-    rng = random.Random(settings.seed)
+    batches = prompt_batches(prompts, settings.prompts_per_step, settings.steps, settings.seed)
     history = []
-    for step in tqdm(range(settings.steps), disable=not settings.progress, desc="ppo", unit="step"):
-        batch = rng.sample(list(prompts), settings.prompts_per_step)
+    for step, batch in enumerate(tqdm(batches, total=settings.steps, disable=not settings.progress, desc="ppo",
+                                      unit="step")):
         run = rollout(policy, tokenizer, batch, 1, max_new_tokens=settings.max_new_tokens,
                       temperature=settings.temperature, seed=settings.seed * 100_003 + step)
         scores = torch.tensor([reward(p, t) for p, t in zip(run.prompts, run.texts)])

@@ -7,8 +7,9 @@ included when the reply ended with one, so the policy learns when to stop.
 """
 from __future__ import annotations
 
+import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -59,4 +60,14 @@ def rollout(policy: Transformer, tokenizer: Tokenizer, prompts: Sequence[Message
                    seconds)
 
 
-__all__ = ["Rollout", "rollout"]
+def prompt_batches(prompts: Sequence[Messages], per_step: int, steps: int, seed: int) -> Iterator[list[Messages]]:
+    """`steps` batches of `per_step` distinct prompts each, drawn afresh every step (seeded)."""
+    if per_step > len(prompts):
+        raise ValueError(f"prompts_per_step: {per_step} exceeds the {len(prompts)} prompts given (a step draws "
+                         "that many distinct prompts); give more prompts or lower it")
+    rng, pool = random.Random(seed), list(prompts)
+    for _ in range(steps):
+        yield rng.sample(pool, per_step)
+
+
+__all__ = ["Rollout", "prompt_batches", "rollout"]
