@@ -86,3 +86,14 @@ def test_more_prompts_per_step_than_prompts_is_named(base, tmp_path, capsys, met
     extra = {"data": {"task": {"n": 16}, "max_len": 64}, method: {"steps": 1, **settings}}
     assert main(["align", method, str(recipe(tmp_path, base, method, **extra))]) == 2
     assert "prompts_per_step: 32 exceeds the 16 prompts given" in capsys.readouterr().err
+
+
+def test_a_reward_model_needs_room_for_the_longest_rollout(base, tmp_path, capsys):
+    """The reward model scores prompt + reply rows of at most data.max_len tokens: a max_len
+    that only fits the prompts failed after the first rollout ("row 0: 33 tokens exceed")."""
+    assert main(["align", "rm", str(recipe(tmp_path, base, "rm"))]) == 0
+    extra = {"data": {"task": {"n": 16}, "max_len": 24}, "reward": str(tmp_path / "rm" / "model"),
+             "ppo": {"steps": 1, "prompts_per_step": 16}}
+    assert main(["align", "ppo", str(recipe(tmp_path, base, "ppo", **extra))]) == 2
+    err = capsys.readouterr().err
+    assert "data.max_len: 24 is less than the longest prompt (" in err and "plus ppo.max_new_tokens (16)" in err

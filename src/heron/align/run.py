@@ -138,17 +138,32 @@ def _reward(recipe: AlignRecipe, task: RepeatTask | None, tokenizer) -> Callable
     return score
 
 
+def _rollout_prompts(recipe: AlignRecipe, task: RepeatTask | None, tokenizer, method: str,
+                     max_new_tokens: int) -> list[Messages]:
+    """The prompts PPO or GRPO samples from. A reward model scores rows of at most data.max_len
+    tokens, so that must leave room for the longest reply a rollout can give, end token included."""
+    prompts = _prompts(recipe, task)
+    longest = max(len(tokenizer.chat_prompt_ids(p)) for p in prompts)
+    if recipe.reward != "judge" and longest + max_new_tokens + 1 > recipe.data.max_len:
+        raise ValueError(f"data.max_len: {recipe.data.max_len} is less than the longest prompt ({longest} tokens) "
+                         f"plus {method}.max_new_tokens ({max_new_tokens}) and the reply's end token")
+    return prompts
+
+
 def _ppo(model, tokenizer, recipe: AlignRecipe, task: RepeatTask | None, on_step: Callable) -> torch.nn.Module:
+    settings = recipe.ppo_settings()
+    prompts = _rollout_prompts(recipe, task, tokenizer, "ppo", settings.max_new_tokens)
     reference = copy.deepcopy(model).eval()
-    ppo(model, with_scalar_head(model), reference, tokenizer, _prompts(recipe, task), _reward(recipe, task, tokenizer),
-        recipe.ppo_settings(), on_step)
+    ppo(model, with_scalar_head(model), reference, tokenizer, prompts, _reward(recipe, task, tokenizer), settings,
+        on_step)
     return model
 
 
 def _grpo(model, tokenizer, recipe: AlignRecipe, task: RepeatTask | None, on_step: Callable) -> torch.nn.Module:
+    settings = recipe.grpo_settings()
+    prompts = _rollout_prompts(recipe, task, tokenizer, "grpo", settings.max_new_tokens)
     reference = copy.deepcopy(model).eval()
-    grpo(model, reference, tokenizer, _prompts(recipe, task), _reward(recipe, task, tokenizer), recipe.grpo_settings(),
-         on_step)
+    grpo(model, reference, tokenizer, prompts, _reward(recipe, task, tokenizer), settings, on_step)
     return model
 
 
