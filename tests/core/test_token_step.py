@@ -26,6 +26,9 @@ CONFIGS = {
         **BASE, feed_forward=("moe",), moe=MoEConfig(n_experts=4, top_k=2, shared_expert=True, router_centering=True)),
     "qk_norm, heads wider than d_model / n_heads, biases": ModelConfig(
         **BASE, n_kv_heads=2, head_dim=16, qk_norm=True, qkv_bias=True, out_bias=True),
+    "gpt-neox style (parallel residual, rotary on a quarter of each head, moe layer)": ModelConfig(
+        **BASE, norm="layernorm", mlp="gelu", qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=False,
+        rotary_dim=2, parallel_residual=True, feed_forward=("dense", "moe", "none"), moe=MoEConfig(n_experts=4)),
     "sliding-window and dense layers": ModelConfig(
         **BASE, attention=(AttentionPattern("sliding", window=5), AttentionPattern(), AttentionPattern("sliding", window=5))),
 }

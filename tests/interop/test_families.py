@@ -43,6 +43,11 @@ FAMILIES = {
     "gpt_neo": lambda: transformers.GPTNeoConfig(
         vocab_size=VOCAB, hidden_size=64, num_layers=2, num_heads=4, max_position_embeddings=128,
         attention_types=[[["global", "local"], 1]], window_size=WINDOW),
+    # Parallel residuals, RoPE on a quarter of each 16-wide head, q/k/v fused head by head.
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=128, rope_parameters={"rope_type": "default", "rope_theta": 500.0,
+                                                      "partial_rotary_factor": 0.25}),
 }
 
 
@@ -105,4 +110,28 @@ def test_export_loads_in_transformers_with_the_same_logits(imported, tmp_path):
     save_hf_folder(model, tmp_path / "out", family=name)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(3))
+    assert (model(ids).logits - hf(ids).logits).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+def test_gpt_neox_reads_pythia_style_keys_and_skips_its_buffers(tmp_path):
+    """Pythia's config.json says `rotary_pct` and `rotary_emb_base`, and its checkpoints
+    carry mask and RoPE-frequency buffers beside the weights."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    hf = random_hf_model(FAMILIES["gpt_neox"]())
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["rope_parameters"]
+    config.update(rotary_pct=0.25, rotary_emb_base=500.0, use_parallel_residual=True)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["gpt_neox.layers.0.attention.rotary_emb.inv_freq"] = torch.ones(2)
+    tensors["gpt_neox.layers.1.attention.bias"] = torch.ones(1, 1, 8, 8, dtype=torch.bool)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    model = load_hf_model(tmp_path)
+    assert (model.config.rotary_dim, model.config.rope_theta, model.config.parallel_residual) == (4, 500.0, True)
+    ids = torch.randint(0, VOCAB, (2, 19), generator=torch.Generator().manual_seed(1))
     assert (model(ids).logits - hf(ids).logits).abs().max() <= 1e-4

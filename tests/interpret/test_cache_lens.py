@@ -32,6 +32,9 @@ CONFIGS = {
     "rmsnorm-mqa-wide-heads-out-bias": dict(n_kv_heads=1, head_dim=12, out_bias=True, tie_embeddings=False),
     "rmsnorm-moe-shared-expert": dict(n_kv_heads=2, feed_forward=("dense", "moe"),
                                       moe=MoEConfig(n_experts=4, top_k=2, shared_expert=True)),
+    "gpt-neox-parallel-partial-rotary": dict(norm="layernorm", mlp="gelu", qkv_bias=True, out_bias=True,
+                                             mlp_bias=True, tie_embeddings=False, rotary_dim=4,
+                                             parallel_residual=True),
 }
 
 

@@ -173,6 +173,11 @@ class ModelConfig:
     out_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False  # RMSNorm over each query and key head before RoPE (Qwen3)
+    # RoPE on part of each head (GPT-NeoX's rotary_pct): None rotates all of it. The rotated dims
+    # are the first rotary_dim / 2 and as many from head_dim / 2 on, so rotate-half's pairs stay
+    # head_dim / 2 apart (core/rope.py); the rest pass through.
+    rotary_dim: int | None = None
+    parallel_residual: bool = False  # x + attn(norm(x)) + mlp(norm'(x)), as GPT-NeoX and GPT-J
     init_std: float = 0.02
     attn_scale: float | None = None  # softmax(scale * q.k); None: 1/sqrt(head_dim). GPT-Neo uses 1.0
     head: str = "lm"  # "lm": next-token logits (B, T, vocab); "scalar": one number per position (reward, value)
@@ -209,6 +214,12 @@ class ModelConfig:
         _check_positive("norm_eps", self.norm_eps)
         if self.attn_scale is not None:
             _check_positive("attn_scale", self.attn_scale)
+        if self.rotary_dim is not None:
+            if self.positions != "rope":
+                raise ValueError(f"rotary_dim: set, but positions={self.positions!r} is not 'rope'")
+            if not 0 < self.rotary_dim <= self.resolved_head_dim or self.rotary_dim % 2:
+                raise ValueError(f"rotary_dim: must be even and in (0, head_dim {self.resolved_head_dim}], "
+                                 f"got {self.rotary_dim}")
         if self.rope_scaling is not None and self.positions != "rope":
             raise ValueError(f"rope_scaling: set, but positions={self.positions!r} is not 'rope'")
         for name in ("attention", "feed_forward"):

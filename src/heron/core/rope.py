@@ -36,15 +36,23 @@ def _llama3_scaling(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
 
 
 def rope_tables(
-    max_seq_len: int, head_dim: int, theta: float, scaling: RopeScaling | None
+    max_seq_len: int, head_dim: int, theta: float, scaling: RopeScaling | None, rotary_dim: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and signed sin tables, each (max_seq_len, head_dim), in float32.
 
     The sin table's first half is negated: rotate-half's sign, folded into
     the table once so that `apply_rope` needs no negation per call.
+
+    With `rotary_dim` < head_dim (partial rotary, GPT-NeoX), the frequencies
+    of a `rotary_dim` rotation fill the first rotary_dim / 2 entries of each
+    half and the rest hold cos 1, sin 0, so those dims pass through unchanged
+    and `apply_rope` stays one expression. Importers place a checkpoint's
+    rotated dims there (interop/tables.py, "neox_qkv").
     """
-    inv_freq = rope_frequencies(head_dim, theta, scaling)
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)  # (L, hd/2)
+    rotated = head_dim if rotary_dim is None else rotary_dim
+    inv_freq = rope_frequencies(rotated, theta, scaling)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)  # (L, rd/2)
+    angles = torch.nn.functional.pad(angles, (0, (head_dim - rotated) // 2))  # (L, hd/2): angle 0 passes through
     sin = angles.sin()
     return torch.cat([angles, angles], dim=-1).cos().float(), torch.cat([-sin, sin], dim=-1).float()
 

@@ -136,6 +136,7 @@ class TokenStep:
         self.layers = [(_norm(b.attn_norm), _attention(b.attn), None if b.mlp is None else _norm(b.mlp_norm),
                         _feed_forward(b.mlp)) for b in model.blocks]
         self.norm, self.head = _norm(model.norm), decoding_product(model.lm_head)
+        self.parallel = model.config.parallel_residual
 
     def ready(self) -> bool:
         """Whether the step may run: autograd off and no module hook anywhere
@@ -158,8 +159,9 @@ class TokenStep:
         rope = model.rope_for(positions)
         mask = causal_padding_mask(past, 1, key_mask, ids.device) if key_mask is not None else None
         for attn_norm, attention, mlp_norm, mlp in self.layers:
-            x = x + attention(attn_norm(x), rope, mask, cache, key_mask)
-            if mlp is not None:
-                x = x + mlp(mlp_norm(x))
+            mid = x + attention(attn_norm(x), rope, mask, cache, key_mask)
+            if mlp is not None:  # added in Block's order, so the sums round alike
+                mid = mid + mlp(mlp_norm(x if self.parallel else mid))
+            x = mid
         cache.advance(1)
         return self.head(self.norm(x))[:, -1]  # (B, V)

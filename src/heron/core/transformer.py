@@ -40,7 +40,9 @@ FEED_FORWARD_MODULES: dict[str, Callable[[ModelConfig], nn.Module] | None] = {"d
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)).
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)); with
+    `parallel_residual` the MLP reads the block's input too (GPT-NeoX), and
+    hook_resid_mid still carries x + attn_out.
 
     `mlp` is a MoE on the layers `config.feed_forward` marks "moe"; the name
     stays `mlp` so hook names (blocks.3.mlp.hook_router_probs) keep one shape.
@@ -56,6 +58,7 @@ class Block(nn.Module):
         self.attn = Attention(config, layer)
         self.mlp_norm = None if feed_forward is None else make_norm(config)
         self.mlp = None if feed_forward is None else feed_forward(config)
+        self.parallel = config.parallel_residual
         self.hook_resid_pre = HookPoint()  # (B, T, d)
         self.hook_attn_out = HookPoint()  # (B, T, d)
         self.hook_resid_mid = HookPoint()  # (B, T, d)
@@ -72,14 +75,15 @@ class Block(nn.Module):
         counted: torch.Tensor | None = None,  # (B, T) bool: the tokens a MoE's statistics count
     ) -> torch.Tensor:
         x = self.hook_resid_pre(x)
-        x = self.hook_resid_mid(x + self.hook_attn_out(self.attn(self.attn_norm(x), rope, mask, cache, key_mask)))
+        mid = self.hook_resid_mid(x + self.hook_attn_out(self.attn(self.attn_norm(x), rope, mask, cache, key_mask)))
+        mlp_in = x if self.parallel else mid
         if self.mlp is None:
-            mlp_out = torch.zeros_like(x)  # (B, T, d)
+            mlp_out = torch.zeros_like(mid)  # (B, T, d)
         elif isinstance(self.mlp, MoE):
-            mlp_out = self.mlp(self.mlp_norm(x), counted)
+            mlp_out = self.mlp(self.mlp_norm(mlp_in), counted)
         else:
-            mlp_out = self.mlp(self.mlp_norm(x))
-        return self.hook_resid_post(x + self.hook_mlp_out(mlp_out))
+            mlp_out = self.mlp(self.mlp_norm(mlp_in))
+        return self.hook_resid_post(mid + self.hook_mlp_out(mlp_out))
 
 
 class Transformer(nn.Module):
@@ -110,7 +114,7 @@ class Transformer(nn.Module):
         after `to_empty` on a model built on the meta device."""
         if self.config.positions == "rope":
             c, device = self.config, self.rope_cos.device
-            cos, sin = rope_tables(c.max_seq_len, c.resolved_head_dim, c.rope_theta, c.rope_scaling)
+            cos, sin = rope_tables(c.max_seq_len, c.resolved_head_dim, c.rope_theta, c.rope_scaling, c.rotary_dim)
             self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
 
     def reset_parameters(self) -> None:

@@ -136,6 +136,28 @@ GPT_NEO_WEIGHTS: tuple[WeightRow, ...] = (
 )
 # Causal-mask buffers that older GPT-2 and GPT-Neo checkpoints saved beside the weights.
 MASK_BUFFERS = (r"transformer\.h\.\d+\.attn\.(attention\.)?(bias|masked_bias)",)
+_X2 = "gpt_neox.layers.{i}"
+GPT_NEOX_WEIGHTS: tuple[WeightRow, ...] = (
+    WeightRow("embed.weight", ("gpt_neox.embed_in.weight",)),
+    WeightRow("blocks.{i}.attn_norm.weight", (f"{_X2}.input_layernorm.weight",)),
+    WeightRow("blocks.{i}.attn_norm.bias", (f"{_X2}.input_layernorm.bias",)),
+    # One fused tensor, its rows head by head (q, k, v of head 0, then of head 1, ...): tables.py "neox_qkv".
+    WeightRow("blocks.{i}.attn.qkv.weight", (f"{_X2}.attention.query_key_value.weight",), order="neox_qkv"),
+    WeightRow("blocks.{i}.attn.qkv.bias", (f"{_X2}.attention.query_key_value.bias",), order="neox_qkv"),
+    WeightRow("blocks.{i}.attn.out.weight", (f"{_X2}.attention.dense.weight",)),
+    WeightRow("blocks.{i}.attn.out.bias", (f"{_X2}.attention.dense.bias",)),
+    WeightRow("blocks.{i}.mlp_norm.weight", (f"{_X2}.post_attention_layernorm.weight",)),
+    WeightRow("blocks.{i}.mlp_norm.bias", (f"{_X2}.post_attention_layernorm.bias",)),
+    WeightRow("blocks.{i}.mlp.up.weight", (f"{_X2}.mlp.dense_h_to_4h.weight",)),
+    WeightRow("blocks.{i}.mlp.up.bias", (f"{_X2}.mlp.dense_h_to_4h.bias",)),
+    WeightRow("blocks.{i}.mlp.down.weight", (f"{_X2}.mlp.dense_4h_to_h.weight",)),
+    WeightRow("blocks.{i}.mlp.down.bias", (f"{_X2}.mlp.dense_4h_to_h.bias",)),
+    WeightRow("norm.weight", ("gpt_neox.final_layer_norm.weight",)),
+    WeightRow("norm.bias", ("gpt_neox.final_layer_norm.bias",)),
+    WeightRow("lm_head.weight", ("embed_out.weight",)),
+)
+# Buffers older GPT-NeoX checkpoints (Pythia's) saved beside the weights: masks and RoPE frequencies.
+NEOX_BUFFERS = (r"gpt_neox\.layers\.\d+\.attention\.(bias|masked_bias|rotary_emb\.inv_freq)",)
 
 
 # ----- config pieces shared by several families ---------------------------------------------
@@ -369,6 +391,37 @@ def write_gpt_neo_layers(config: ModelConfig) -> HfConfig:
             "window_size": 256 if window is None else window}
 
 
+def read_neox_rope(hf: HfConfig) -> dict[str, Any]:
+    """GPT-NeoX's RoPE: `rope_parameters` (with `partial_rotary_factor`) or the keys
+    checkpoints such as Pythia's carry, `rotary_pct` and `rotary_emb_base`."""
+    params = dict(hf.get("rope_parameters") or {})
+    factor = float(params.pop("partial_rotary_factor", hf.get("rotary_pct", 1.0)))
+    if not params and "rotary_emb_base" in hf:
+        params = {"rope_theta": hf["rotary_emb_base"]}
+    head_dim = hf["hidden_size"] // hf["num_attention_heads"]
+    rotary_dim = int(head_dim * factor)  # transformers' rounding
+    if not 0 < rotary_dim <= head_dim or rotary_dim % 2:
+        raise ValueError(f"rope_parameters.partial_rotary_factor: {factor} of a {head_dim}-wide head rotates "
+                         f"{rotary_dim} dims; Heron needs an even number from 2 to {head_dim}")
+    return {**read_rope({**hf, "rope_parameters": params}),
+            "rotary_dim": None if rotary_dim == head_dim else rotary_dim}
+
+
+def write_neox_rope(config: ModelConfig) -> HfConfig:
+    out = write_rope(config)
+    head_dim = config.resolved_head_dim
+    out["rope_parameters"]["partial_rotary_factor"] = (config.rotary_dim or head_dim) / head_dim
+    return out
+
+
+def read_parallel_residual(hf: HfConfig) -> dict[str, Any]:
+    return {"parallel_residual": bool(hf.get("use_parallel_residual", True))}  # transformers' default
+
+
+def write_parallel_residual(config: ModelConfig) -> HfConfig:
+    return {"use_parallel_residual": config.parallel_residual}
+
+
 ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu"}
 
 
@@ -416,8 +469,10 @@ _LLAMA_FIELDS: tuple[tuple[str, str], ...] = (
     ("d_ff", "intermediate_size"), ("max_seq_len", "max_position_embeddings"), ("norm_eps", "rms_norm_eps"),
     ("tie_embeddings", "tie_word_embeddings"), ("init_std", "initializer_range"),
 )
+# What only GPT-NeoX expresses: partial rotary and parallel residuals.
+_SEQUENTIAL_FULL_ROTARY: tuple[tuple[str, Any], ...] = (("rotary_dim", None), ("parallel_residual", False))
 _RMS_ROPE_SWIGLU: tuple[tuple[str, Any], ...] = (("norm", "rmsnorm"), ("positions", "rope"), ("mlp", "swiglu"),
-                                                 ("attn_scale", None), ("head", "lm"))
+                                                 ("attn_scale", None), ("head", "lm")) + _SEQUENTIAL_FULL_ROTARY
 _LLAMA_FIXED = _RMS_ROPE_SWIGLU + (("qk_norm", False),)
 # Dropout keys are not checked: they change training only, and Heron trains without dropout.
 _SILU = (("hidden_act", "silu"),)
@@ -468,7 +523,7 @@ GPT2 = Family(
      ("max_seq_len", "n_positions"), ("norm_eps", "layer_norm_epsilon"), ("tie_embeddings", "tie_word_embeddings"),
      ("init_std", "initializer_range")),
     (("norm", "layernorm"), ("positions", "learned"), ("qkv_bias", True), ("out_bias", True), ("mlp_bias", True),
-     ("attn_scale", None), ("head", "lm"), ("qk_norm", False)),
+     ("attn_scale", None), ("head", "lm"), ("qk_norm", False), ("parallel_residual", False)),
     (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False)),
     read=(_GPT_READ_ACT, _optional_width("n_inner")[0]),
     write=(_GPT_WRITE_ACT, _optional_width("n_inner")[1], multi_head_only, dense_attention_only,
@@ -481,16 +536,30 @@ GPT_NEO = Family(
      ("max_seq_len", "max_position_embeddings"), ("norm_eps", "layer_norm_epsilon"),
      ("tie_embeddings", "tie_word_embeddings"), ("init_std", "initializer_range")),
     (("norm", "layernorm"), ("positions", "learned"), ("qkv_bias", False), ("out_bias", True), ("mlp_bias", True),
-     ("head", "lm"), ("qk_norm", False)),
+     ("head", "lm"), ("qk_norm", False), ("parallel_residual", False)),
     (),
     read=(_GPT_READ_ACT, _optional_width("intermediate_size")[0], read_gpt_neo_layers, _no_scale),
     write=(_GPT_WRITE_ACT, _optional_width("intermediate_size")[1], multi_head_only, write_gpt_neo_layers,
            _unscaled_only, dense_feed_forward_only),
     ignored=MASK_BUFFERS,
 )
-FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, QWEN3_MOE, PHI3, MIXTRAL, GPT2, GPT_NEO)
+_NEOX_READ_ACT, _NEOX_WRITE_ACT = _activation("hidden_act")
+GPT_NEOX = Family(
+    "gpt_neox", "gpt_neox", "GPTNeoXForCausalLM", GPT_NEOX_WEIGHTS,
+    (("vocab_size", "vocab_size"), ("d_model", "hidden_size"), ("n_layers", "num_hidden_layers"),
+     ("n_heads", "num_attention_heads"), ("d_ff", "intermediate_size"), ("max_seq_len", "max_position_embeddings"),
+     ("norm_eps", "layer_norm_eps"), ("tie_embeddings", "tie_word_embeddings"), ("init_std", "initializer_range")),
+    (("norm", "layernorm"), ("positions", "rope"), ("mlp_bias", True), ("attn_scale", None), ("head", "lm"),
+     ("qk_norm", False)),
+    (),
+    read=(_NEOX_READ_ACT, read_neox_rope, read_attention_bias, read_parallel_residual),
+    write=(_NEOX_WRITE_ACT, write_neox_rope, write_attention_bias, write_parallel_residual, multi_head_only,
+           dense_attention_only, dense_feed_forward_only),
+    ignored=NEOX_BUFFERS,
+)
+FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, QWEN3_MOE, PHI3, MIXTRAL, GPT2, GPT_NEO, GPT_NEOX)
 # Export tries these in order and takes the first that expresses the model.
-EXPORT_ORDER: tuple[Family, ...] = (LLAMA, MIXTRAL, MISTRAL, QWEN2, QWEN3, QWEN3_MOE, GPT2, GPT_NEO, PHI3)
+EXPORT_ORDER: tuple[Family, ...] = (LLAMA, MIXTRAL, MISTRAL, QWEN2, QWEN3, QWEN3_MOE, GPT2, GPT_NEO, GPT_NEOX, PHI3)
 
 
 def family_of(hf: HfConfig) -> Family:
@@ -555,6 +624,6 @@ def _derive_sizes(config: ModelConfig) -> ModelConfig:
 
 
 __all__ = [
-    "EXPORT_ORDER", "FAMILIES", "Family", "GPT2", "GPT_NEO", "LLAMA", "MISTRAL", "MIXTRAL", "PHI3", "QWEN2", "QWEN3",
+    "EXPORT_ORDER", "FAMILIES", "Family", "GPT2", "GPT_NEO", "GPT_NEOX", "LLAMA", "MISTRAL", "MIXTRAL", "PHI3", "QWEN2", "QWEN3",
     "QWEN3_MOE", "family_config", "family_of", "hf_config",
 ]

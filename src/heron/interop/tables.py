@@ -10,7 +10,10 @@ on disk (what `save_pretrained` writes and the Hub serves):
 - `transpose` marks tensors stored (in, out), the transpose of Heron's
   layout: GPT-2's Conv1D weights, and Mixtral's per-expert linears against
   Heron's stacked (E, in, out) experts;
-- a name with `{e}` is one tensor per expert, stacked along a new first axis.
+- a name with `{e}` is one tensor per expert, stacked along a new first axis;
+- `order` names a rule (`ROW_ORDERS`) that reorders a single tensor's rows:
+  GPT-NeoX interleaves q, k and v head by head, and rotates only part of
+  each head, which Heron keeps where its RoPE tables expect it.
 
 `{i}` stands for the block index. Import (`load_into`) reads each checkpoint
 tensor straight into its slice of the model's tensor; export (`heron_to_hf`)
@@ -42,6 +45,7 @@ class WeightRow:
     dim: int = 0  # concatenation axis, in Heron's layout, when `hf` names several tensors
     split: str | None = None  # how export splits the Heron tensor back: a key of PART_SIZES
     transpose: bool = False  # the Hugging Face tensors are stored (in, out)
+    order: str | None = None  # a key of ROW_ORDERS: Heron's row r is the Hugging Face tensor's row index[r]
 
 
 def _qkv(config: ModelConfig, _: int) -> tuple[int, ...]:
@@ -56,6 +60,33 @@ def _halves(_: ModelConfig, total: int) -> tuple[int, ...]:
 # Part sizes along a row's `dim`, from the config and the fused size: q, k and v
 # widths; SwiGLU's gate and up, always of one width.
 PART_SIZES: dict[str, Callable[[ModelConfig, int], tuple[int, ...]]] = {"qkv": _qkv, "halves": _halves}
+
+
+def rotary_order(head_dim: int, rotary_dim: int | None) -> list[int]:
+    """For each of Heron's dims in a head, the checkpoint's dim it holds. A checkpoint
+    rotates its first rotary_dim dims as two halves (pairs rd/2 apart) and passes the
+    rest through; Heron's RoPE tables rotate the first rd/2 dims of each of the head's
+    halves (pairs hd/2 apart: core/rope.py), so the halves move there."""
+    rd = head_dim if rotary_dim is None else rotary_dim
+    half, rd_half = head_dim // 2, rd // 2
+    passing = iter(range(rd, head_dim))
+    return [d if d < rd_half else rd_half + d - half if half <= d < half + rd_half else next(passing)
+            for d in range(head_dim)]
+
+
+def _neox_qkv(config: ModelConfig) -> torch.Tensor:
+    """GPT-NeoX's fused query_key_value rows run head by head, q, k and v of each head
+    in turn; Heron's run all q, then all k, then all v, q and k in `rotary_order`."""
+    hd, heads = config.resolved_head_dim, config.n_heads
+    if config.resolved_kv_heads != heads:
+        raise ValueError(f"n_kv_heads: GPT-NeoX's fused q/k/v has as many key/value heads as query heads ({heads}), "
+                         f"got {config.resolved_kv_heads}")
+    rotated, plain = rotary_order(hd, config.rotary_dim), list(range(hd))
+    return torch.tensor([(h * 3 + part) * hd + d for part in range(3) for h in range(heads)
+                         for d in (plain if part == 2 else rotated)])
+
+
+ROW_ORDERS: dict[str, Callable[[ModelConfig], torch.Tensor]] = {"neox_qkv": _neox_qkv}
 
 
 @dataclass(frozen=True)
@@ -137,7 +168,10 @@ def load_into(
         for part, region in parts:
             slices = region.unbind(0) if part.stacked else (region,)
             for n, out in zip(part.names, slices):
-                _read(source, n, out.t() if row.transpose else out)
+                if row.order is not None:  # one tensor, its rows reordered: read whole, then placed
+                    out.copy_(source[n].index_select(0, ROW_ORDERS[row.order](config)))
+                else:
+                    _read(source, n, out.t() if row.transpose else out)
 
 
 def _plan(source: TensorSource, targets: Mapping[str, torch.Tensor], rows: tuple[WeightRow, ...],
@@ -195,6 +229,8 @@ def heron_to_hf(
         if name not in weights:
             continue
         tensor = weights[name]
+        if row.order is not None:  # back to the checkpoint's row order
+            tensor = tensor.index_select(0, ROW_ORDERS[row.order](config).argsort())
         total = tensor.shape[row.dim]
         sizes = PART_SIZES[row.split](config, total) if row.split else (total,)
         if len(sizes) != len(parts) or sum(sizes) != total:
@@ -210,5 +246,5 @@ def _experts(config: ModelConfig) -> int:
     return config.moe.n_experts if config.moe is not None else 0
 
 
-__all__ = ["EXPERT", "LAYER", "PART_SIZES", "DictSource", "Part", "TensorSource", "WeightRow", "expand", "heron_to_hf",
+__all__ = ["EXPERT", "LAYER", "PART_SIZES", "ROW_ORDERS", "DictSource", "Part", "TensorSource", "WeightRow", "expand", "heron_to_hf",
            "load_into"]
