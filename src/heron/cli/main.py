@@ -207,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_lazy("commands", "explain"))
 
     p = verbs.add_parser("demo", help="the whole life of a small model on the Python standard library")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for every stage's output (default runs/demo)")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"),
+                   help="folder for every stage's output (default runs/demo)")
     p.add_argument("--recipe", default=DEMO_RECIPE,
                    help=f"the shipped recipe to pre-train (default {DEMO_RECIPE}; tiny: the dense model)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

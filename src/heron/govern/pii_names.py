@@ -252,8 +252,11 @@ def _spaced(text: str, left: Token, right: Token) -> bool:
 
 def _initial(text: str, tokens: Sequence[Token], i: int) -> bool:
     """Whether tokens i and i + 1 are a middle initial ("K.") spaced from the word before."""
-    return 0 < i and i + 1 < len(tokens) and len(tokens[i].text) == 1 and tokens[i].text.isupper() \
-        and tokens[i + 1].text == "." and tokens[i].end == tokens[i + 1].start and _spaced(text, tokens[i - 1], tokens[i])
+    if not 0 < i < len(tokens) - 1:
+        return False
+    letter, stop = tokens[i], tokens[i + 1]
+    return len(letter.text) == 1 and letter.text.isupper() and stop.text == "." and letter.end == stop.start \
+        and _spaced(text, tokens[i - 1], letter)
 
 
 def _title(word: str) -> bool:
