@@ -48,6 +48,10 @@ FAMILIES = {
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=128, rope_parameters={"rope_type": "default", "rope_theta": 500.0,
                                                       "partial_rotary_factor": 0.25}),
+    # LLaMA's layout with LayerNorms, q/k/v biases and RoPE on a quarter of each head.
+    "stablelm": lambda: transformers.StableLmConfig(
+        **_LLAMA_LIKE, use_qkv_bias=True, rope_parameters={"rope_type": "default", "rope_theta": 500.0,
+                                                           "partial_rotary_factor": 0.25}),
 }
 
 

@@ -85,6 +85,24 @@ PHI3_WEIGHTS: tuple[WeightRow, ...] = (
     WeightRow("norm.weight", ("model.norm.weight",)),
     WeightRow("lm_head.weight", ("lm_head.weight",)),
 )
+STABLELM_WEIGHTS: tuple[WeightRow, ...] = (
+    WeightRow("embed.weight", ("model.embed_tokens.weight",)),
+    WeightRow("blocks.{i}.attn_norm.weight", ("model.layers.{i}.input_layernorm.weight",)),
+    WeightRow("blocks.{i}.attn_norm.bias", ("model.layers.{i}.input_layernorm.bias",)),
+    # q and k rotate part of each head: their rows move where Heron's RoPE tables rotate (tables.py).
+    WeightRow("blocks.{i}.attn.qkv.weight", (f"{_A}.q_proj.weight", f"{_A}.k_proj.weight", f"{_A}.v_proj.weight"),
+              split="qkv", order="rotary_qkv"),
+    WeightRow("blocks.{i}.attn.qkv.bias", (f"{_A}.q_proj.bias", f"{_A}.k_proj.bias", f"{_A}.v_proj.bias"),
+              split="qkv", order="rotary_qkv"),
+    WeightRow("blocks.{i}.attn.out.weight", (f"{_A}.o_proj.weight",)),
+    WeightRow("blocks.{i}.mlp_norm.weight", ("model.layers.{i}.post_attention_layernorm.weight",)),
+    WeightRow("blocks.{i}.mlp_norm.bias", ("model.layers.{i}.post_attention_layernorm.bias",)),
+    WeightRow("blocks.{i}.mlp.up.weight", (f"{_M}.gate_proj.weight", f"{_M}.up_proj.weight"), split="halves"),
+    WeightRow("blocks.{i}.mlp.down.weight", (f"{_M}.down_proj.weight",)),
+    WeightRow("norm.weight", ("model.norm.weight",)),
+    WeightRow("norm.bias", ("model.norm.bias",)),
+    WeightRow("lm_head.weight", ("lm_head.weight",)),
+)
 _X = "model.layers.{i}.block_sparse_moe"
 MIXTRAL_WEIGHTS: tuple[WeightRow, ...] = _LLAMA_BODY + (
     WeightRow("blocks.{i}.mlp.router.weight", (f"{_X}.gate.weight",)),
@@ -414,6 +432,14 @@ def write_neox_rope(config: ModelConfig) -> HfConfig:
     return out
 
 
+def read_qkv_bias(hf: HfConfig) -> dict[str, Any]:
+    return {"qkv_bias": bool(hf.get("use_qkv_bias", False))}
+
+
+def write_qkv_bias(config: ModelConfig) -> HfConfig:
+    return {"use_qkv_bias": config.qkv_bias}
+
+
 def read_parallel_residual(hf: HfConfig) -> dict[str, Any]:
     return {"parallel_residual": bool(hf.get("use_parallel_residual", True))}  # transformers' default
 
@@ -557,9 +583,22 @@ GPT_NEOX = Family(
            dense_attention_only, dense_feed_forward_only),
     ignored=NEOX_BUFFERS,
 )
-FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, QWEN3_MOE, PHI3, MIXTRAL, GPT2, GPT_NEO, GPT_NEOX)
+STABLELM = Family(
+    "stablelm", "stablelm", "StableLmForCausalLM", STABLELM_WEIGHTS,
+    tuple(pair for pair in _LLAMA_FIELDS if pair[1] not in ("head_dim", "rms_norm_eps")) + (
+        ("norm_eps", "layer_norm_eps"),),
+    (("norm", "layernorm"), ("positions", "rope"), ("mlp", "swiglu"), ("attn_scale", None), ("head", "lm"),
+     ("qk_norm", False), ("out_bias", False), ("mlp_bias", False), ("parallel_residual", False)),
+    # Its parallel-residual layers share one LayerNorm, and qk_layernorm is a LayerNorm per head: neither is Heron's.
+    _SILU + (("use_parallel_residual", False), ("qk_layernorm", False)),
+    read=(read_neox_rope, read_qkv_bias),
+    write=(write_neox_rope, write_qkv_bias, dense_attention_only, dense_feed_forward_only),
+)
+FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, QWEN3_MOE, PHI3, MIXTRAL, GPT2, GPT_NEO, GPT_NEOX,
+                                STABLELM)
 # Export tries these in order and takes the first that expresses the model.
-EXPORT_ORDER: tuple[Family, ...] = (LLAMA, MIXTRAL, MISTRAL, QWEN2, QWEN3, QWEN3_MOE, GPT2, GPT_NEO, GPT_NEOX, PHI3)
+EXPORT_ORDER: tuple[Family, ...] = (LLAMA, MIXTRAL, MISTRAL, QWEN2, QWEN3, QWEN3_MOE, GPT2, GPT_NEO, GPT_NEOX, STABLELM,
+                                    PHI3)
 
 
 def family_of(hf: HfConfig) -> Family:
@@ -625,5 +664,5 @@ def _derive_sizes(config: ModelConfig) -> ModelConfig:
 
 __all__ = [
     "EXPORT_ORDER", "FAMILIES", "Family", "GPT2", "GPT_NEO", "GPT_NEOX", "LLAMA", "MISTRAL", "MIXTRAL", "PHI3", "QWEN2", "QWEN3",
-    "QWEN3_MOE", "family_config", "family_of", "hf_config",
+    "QWEN3_MOE", "STABLELM", "family_config", "family_of", "hf_config",
 ]

@@ -11,9 +11,10 @@ on disk (what `save_pretrained` writes and the Hub serves):
   layout: GPT-2's Conv1D weights, and Mixtral's per-expert linears against
   Heron's stacked (E, in, out) experts;
 - a name with `{e}` is one tensor per expert, stacked along a new first axis;
-- `order` names a rule (`ROW_ORDERS`) that reorders a single tensor's rows:
-  GPT-NeoX interleaves q, k and v head by head, and rotates only part of
-  each head, which Heron keeps where its RoPE tables expect it.
+- `order` names a rule (`ROW_ORDERS`) that reorders the rows of the tensor
+  the parts make together: GPT-NeoX interleaves q, k and v head by head, and
+  it and StableLM rotate only part of each head, which Heron keeps where its
+  RoPE tables expect it.
 
 `{i}` stands for the block index. Import (`load_into`) reads each checkpoint
 tensor straight into its slice of the model's tensor; export (`heron_to_hf`)
@@ -45,7 +46,7 @@ class WeightRow:
     dim: int = 0  # concatenation axis, in Heron's layout, when `hf` names several tensors
     split: str | None = None  # how export splits the Heron tensor back: a key of PART_SIZES
     transpose: bool = False  # the Hugging Face tensors are stored (in, out)
-    order: str | None = None  # a key of ROW_ORDERS: Heron's row r is the Hugging Face tensor's row index[r]
+    order: str | None = None  # a key of ROW_ORDERS: Heron's row r is row index[r] of the parts joined
 
 
 def _qkv(config: ModelConfig, _: int) -> tuple[int, ...]:
@@ -86,7 +87,15 @@ def _neox_qkv(config: ModelConfig) -> torch.Tensor:
                          for d in (plain if part == 2 else rotated)])
 
 
-ROW_ORDERS: dict[str, Callable[[ModelConfig], torch.Tensor]] = {"neox_qkv": _neox_qkv}
+def _rotary_qkv(config: ModelConfig) -> torch.Tensor:
+    """q, k and v joined as Heron joins them, the dims of each q and k head in `rotary_order`."""
+    hd, rotated = config.resolved_head_dim, rotary_order(config.resolved_head_dim, config.rotary_dim)
+    q_k_heads, v_rows = config.n_heads + config.resolved_kv_heads, config.resolved_kv_heads * hd
+    q_k = [h * hd + d for h in range(q_k_heads) for d in rotated]
+    return torch.tensor(q_k + list(range(q_k_heads * hd, q_k_heads * hd + v_rows)))
+
+
+ROW_ORDERS: dict[str, Callable[[ModelConfig], torch.Tensor]] = {"neox_qkv": _neox_qkv, "rotary_qkv": _rotary_qkv}
 
 
 @dataclass(frozen=True)
@@ -164,14 +173,15 @@ def load_into(
     unexpected = sorted(n for n in source if n not in used and not any(p.fullmatch(n) for p in skip))
     if unexpected:
         raise ValueError(f"{unexpected[0]}: unexpected tensor in the checkpoint, not used by the model")
-    for _, row, parts in plans:
+    for name, row, parts in plans:
+        if row.order is not None:  # rows reordered: the parts read and joined, then placed
+            joined = torch.cat([source[n] for part, _ in parts for n in part.names])
+            targets[name].copy_(joined.index_select(0, ROW_ORDERS[row.order](config)))
+            continue
         for part, region in parts:
             slices = region.unbind(0) if part.stacked else (region,)
             for n, out in zip(part.names, slices):
-                if row.order is not None:  # one tensor, its rows reordered: read whole, then placed
-                    out.copy_(source[n].index_select(0, ROW_ORDERS[row.order](config)))
-                else:
-                    _read(source, n, out.t() if row.transpose else out)
+                _read(source, n, out.t() if row.transpose else out)
 
 
 def _plan(source: TensorSource, targets: Mapping[str, torch.Tensor], rows: tuple[WeightRow, ...],
