@@ -193,12 +193,21 @@ def test_interleave_rope_turns_rotate_half_into_pair_rotation():
     (dict(attn_scale=1.0), "attn_scale"),
     (dict(qk_norm=True, mlp_bias=False), "qkv_bias"),  # written as llama.cpp's qwen3: no attention biases
     (dict(vocab_size=VOCAB - 1), "vocab_size"),
+    (dict(parallel_residual=True), "parallel_residual"),  # GPT-NeoX's: no llama.cpp architecture Heron writes
+    (dict(rotary_dim=4), "rotary_dim"),
 ])
 def test_refuses_models_llama_cpp_cannot_run(tokenizer, tmp_path, change, field):
     model = Transformer(CONFIGS["base"].replace(**change))
     with pytest.raises(ValueError, match=f"^{field}:"):
         save_gguf(model, tokenizer, tmp_path / "model.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_refusal_says_which_architectures_a_gguf_file_can_have(tokenizer, tmp_path):
+    model = Transformer(CONFIGS["base"].replace(norm="layernorm", parallel_residual=True))
+    with pytest.raises(ValueError, match=r"^norm: LlamaForCausalLM needs 'rmsnorm'.*\(a GGUF file is written as "
+                                         r"llama.cpp's llama, qwen3 or qwen3moe architecture"):
+        save_gguf(model, tokenizer, tmp_path / "model.gguf")
 
 
 @pytest.mark.parametrize(("change", "field"), [

@@ -117,7 +117,11 @@ def save_gguf(
         file_type = next(ftype for ftype, qtype in FILE_TYPES.values() if qtype == most_common)
     config = model.config
     family = family_of(config)
-    hf = hf_config(family, config)
+    try:
+        hf = hf_config(family, config)
+    except ValueError as err:  # say which mapping a GGUF file goes through, and which ones exist
+        raise ValueError(f"{err} (a GGUF file is written as llama.cpp's llama, qwen3 or qwen3moe architecture, "
+                         f"through Hugging Face's {family.architecture} mapping)") from None
     _check_qwen3_runs(family, config)
     target = Path(path)
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[ARCHS[family.name][0]])
