@@ -13,7 +13,7 @@ import torch
 from heron.core import AttentionPattern, ModelConfig, MoEConfig, RopeScaling, Transformer
 from heron.interop import FAMILIES, export_family, family_config, heron_to_hf, hf_config, load_into
 from heron.interop.families import GPT2, GPT_NEO, LLAMA, MISTRAL, MIXTRAL, PHI3, QWEN2, QWEN3, QWEN3_MOE
-from heron.interop.tables import expand
+from heron.interop.tables import expand, rotary_order
 from heron.models.presets import PRESETS
 
 SMALL = dict(vocab_size=50, d_model=32, n_layers=3, n_heads=4, max_seq_len=32)
@@ -197,3 +197,10 @@ def test_qwen3_moe_routing_heron_cannot_run_is_refused():
         family_config(family, hf)
     with pytest.raises(ValueError, match="^moe.shared_expert: Qwen3-MoE needs False"):
         hf_config(family, config.replace(moe=dataclasses.replace(config.moe, shared_expert=True)))
+
+
+def test_rotary_order_moves_a_checkpoints_rotated_halves_to_where_herons_tables_rotate():
+    """A 12-wide head rotating 4 dims: the checkpoint pairs (0, 2) and (1, 3); Heron's tables
+    rotate dims 0, 1 with 6, 7 (pairs head_dim / 2 apart), so those hold checkpoint dims 0-3."""
+    assert rotary_order(12, 4) == [0, 1, 4, 5, 6, 7, 2, 3, 8, 9, 10, 11]
+    assert rotary_order(8, None) == rotary_order(8, 8) == list(range(8))

@@ -70,9 +70,9 @@ def rotary_order(head_dim: int, rotary_dim: int | None) -> list[int]:
     halves (pairs hd/2 apart: core/rope.py), so the halves move there."""
     rd = head_dim if rotary_dim is None else rotary_dim
     half, rd_half = head_dim // 2, rd // 2
-    passing = iter(range(rd, head_dim))
-    return [d if d < rd_half else rd_half + d - half if half <= d < half + rd_half else next(passing)
-            for d in range(head_dim)]
+    rotated = {d: d for d in range(rd_half)} | {half + d: rd_half + d for d in range(rd_half)}
+    passing = iter(range(rd, head_dim))  # the dims a checkpoint does not rotate, in order
+    return [rotated[d] if d in rotated else next(passing) for d in range(head_dim)]
 
 
 def _neox_qkv(config: ModelConfig) -> torch.Tensor:
@@ -256,5 +256,5 @@ def _experts(config: ModelConfig) -> int:
     return config.moe.n_experts if config.moe is not None else 0
 
 
-__all__ = ["EXPERT", "LAYER", "PART_SIZES", "ROW_ORDERS", "DictSource", "Part", "TensorSource", "WeightRow", "expand", "heron_to_hf",
-           "load_into"]
+__all__ = ["EXPERT", "LAYER", "PART_SIZES", "ROW_ORDERS", "DictSource", "Part", "TensorSource", "WeightRow", "expand",
+           "heron_to_hf", "load_into", "rotary_order"]
