@@ -21,7 +21,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from heron.core import AttentionPattern, MoEConfig, Transformer
 from heron.core.rope import apply_rope, rope_tables
 from heron.interop import save_gguf
-from heron.interop.gguf import interleave_rope, stacked_experts
+from heron.interop.gguf import interleave_rope, qkv_in_blocks, stacked_experts
 from heron.interop.gguf_tokenizer import LLAMA3_REGEX, QWEN2_REGEX, gguf_tokenizer_style
 from heron.tokenizer import SPECIAL_TOKENS, HeronTokenizer
 from heron.tokenizer.pretrained import PretrainedTokenizer
@@ -189,7 +189,7 @@ def test_interleave_rope_turns_rotate_half_into_pair_rotation():
 
 @pytest.mark.parametrize(("change", "field"), [
     (dict(attention=(AttentionPattern(kind="sliding", window=8),)), "attention"),
-    (dict(norm="layernorm"), "norm"),
+    (dict(norm="layernorm", positions="learned"), "norm"),  # LayerNorm goes in as gptneox, with RoPE only
     (dict(attn_scale=1.0), "attn_scale"),
     (dict(qk_norm=True, mlp_bias=False), "qkv_bias"),  # written as llama.cpp's qwen3: no attention biases
     (dict(vocab_size=VOCAB - 1), "vocab_size"),
@@ -204,9 +204,9 @@ def test_refuses_models_llama_cpp_cannot_run(tokenizer, tmp_path, change, field)
 
 
 def test_a_refusal_says_which_architectures_a_gguf_file_can_have(tokenizer, tmp_path):
-    model = Transformer(CONFIGS["base"].replace(norm="layernorm", parallel_residual=True))
+    model = Transformer(CONFIGS["base"].replace(norm="layernorm", positions="learned"))
     with pytest.raises(ValueError, match=r"^norm: LlamaForCausalLM needs 'rmsnorm'.*\(a GGUF file is written as "
-                                         r"llama.cpp's llama, qwen3 or qwen3moe architecture"):
+                                         r"llama.cpp's llama, qwen3, qwen3moe or gptneox architecture"):
         save_gguf(model, tokenizer, tmp_path / "model.gguf")
 
 
@@ -355,3 +355,48 @@ def test_stacking_experts_names_a_layer_whose_experts_are_incomplete():
     assert stacked["model.layers.0.block_sparse_moe.experts.w1.weight"][:, 0, 0].tolist() == [0.0, 1.0]
     with pytest.raises(ValueError, match=r"experts.w1.weight: got experts \[0\] of 2"):
         list(stacked_experts(iter(rows[:1]), n_experts=2))
+
+
+# ----- GPT-NeoX (llama.cpp's gptneox) --------------------------------------------------------------
+
+NEOX = CONFIGS["base"].replace(norm="layernorm", mlp="gelu_tanh", n_kv_heads=None, rotary_dim=4,
+                               parallel_residual=True)
+
+
+def test_gpt_neox_goes_in_as_llama_cpps_gptneox(tokenizer, tmp_path):
+    """Partial rotary and parallel residuals in the metadata; q, k and v in blocks, each head's
+    dims in the checkpoint's order (rotated dims first), as convert_hf_to_gguf.py writes them."""
+    model = perturbed_model(NEOX)
+    path = save_gguf(model, tokenizer, tmp_path / "neox.gguf", dtype="f32")
+    reader, meta = gguf.GGUFReader(path), fields(path)
+    assert meta["general.architecture"] == "gptneox" and meta["gptneox.rope.dimension_count"] == 4
+    assert meta["gptneox.use_parallel_residual"] is True
+    assert meta["gptneox.attention.layer_norm_epsilon"] == pytest.approx(1e-5)  # stored as f32
+    qkv = next(t for t in reader.tensors if t.name == "blk.0.attn_qkv.weight")
+    hd, d = 16, 64
+    heron_rows = model.blocks[0].attn.qkv.weight.detach().view(3, 4, hd, d)  # (q k v, head, dim, in)
+    checkpoint_dims = [0, 1, 4, 5, 6, 7, 8, 9, 2, 3, 10, 11, 12, 13, 14, 15]  # Heron's dim i holds this one
+    expected = torch.empty_like(heron_rows)
+    expected[:2, :, checkpoint_dims] = heron_rows[:2]  # q and k back in the checkpoint's order
+    expected[2] = heron_rows[2]
+    stored = torch.from_numpy(np.array(qkv.data)).reshape(3 * d, d)
+    torch.testing.assert_close(stored, expected.reshape(3 * d, d), rtol=0, atol=0)
+    interleaved = torch.arange(12).view(4, 3)  # head h's q, k, v rows, head by head
+    assert qkv_in_blocks(interleaved.reshape(12, 1), 4).flatten().tolist() == interleaved.T.flatten().tolist()
+
+
+@pytest.mark.parametrize("mlp", [True, False])
+@torch.no_grad()
+def test_llama_cpp_runs_gpt_neox_as_heron_does(llama_cpp, tokenizer, tmp_path, mlp):
+    """Attention, norms, partial rotary and parallel residuals agree to f32 rounding (without the
+    MLP's output); with it, to llama.cpp's GELU, which looks the activation up in a table of f16
+    inputs (rounding an input to f16 alone moves tanh-GELU by up to ~4e-3)."""
+    model = perturbed_model(NEOX)
+    if not mlp:
+        for block in model.blocks:
+            block.mlp.down.weight.zero_()
+    path = save_gguf(model, tokenizer, tmp_path / "neox.gguf", dtype="f32")
+    ids = torch.randint(0, VOCAB, (48,), generator=torch.Generator().manual_seed(1)).tolist()
+    ours, theirs = model(torch.tensor([ids])).logits[0].numpy(), llama_cpp_logits(llama_cpp, path, ids)
+    assert np.abs(ours).max() > 1.0
+    assert np.abs(ours - theirs).max() <= (1e-2 if mlp else 1e-4)

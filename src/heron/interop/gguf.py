@@ -47,7 +47,7 @@ from heron.core.config import ModelConfig
 from heron.core.rope import rope_frequencies
 from heron.core.transformer import Transformer
 from heron.govern.audit import record_event
-from heron.interop.families import LLAMA, MIXTRAL, QWEN3, QWEN3_MOE, Family, HfConfig, hf_config
+from heron.interop.families import GPT_NEOX, LLAMA, MIXTRAL, QWEN3, QWEN3_MOE, Family, HfConfig, hf_config
 from heron.interop.gguf_tokenizer import add_tokenizer
 from heron.interop.tables import expand, heron_to_hf
 from heron.tokenizer.bpe import HeronTokenizer
@@ -58,6 +58,7 @@ from heron.tokenizer.pretrained import PretrainedTokenizer
 ARCHS: dict[str, tuple[gguf.MODEL_ARCH, bool]] = {
     LLAMA.name: (gguf.MODEL_ARCH.LLAMA, True), MIXTRAL.name: (gguf.MODEL_ARCH.LLAMA, True),
     QWEN3.name: (gguf.MODEL_ARCH.QWEN3, False), QWEN3_MOE.name: (gguf.MODEL_ARCH.QWEN3MOE, False),
+    GPT_NEOX.name: (gguf.MODEL_ARCH.GPTNEOX, False),
 }
 F16, F32 = gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32
 
@@ -120,7 +121,7 @@ def save_gguf(
     try:
         hf = hf_config(family, config)
     except ValueError as err:  # say which mapping a GGUF file goes through, and which ones exist
-        raise ValueError(f"{err} (a GGUF file is written as llama.cpp's llama, qwen3 or qwen3moe architecture, "
+        raise ValueError(f"{err} (a GGUF file is written as llama.cpp's llama, qwen3, qwen3moe or gptneox architecture, "
                          f"through Hugging Face's {family.architecture} mapping)") from None
     _check_qwen3_runs(family, config)
     target = Path(path)
@@ -148,8 +149,11 @@ def save_gguf(
 # ----- hyperparameters --------------------------------------------------------------------------
 
 def family_of(config: ModelConfig) -> Family:
-    """The Hugging Face family a GGUF file is made through: Qwen3 (Qwen3-MoE with experts)
+    """The Hugging Face family a GGUF file is made through: GPT-NeoX for LayerNorm with
+    RoPE (its parallel residuals and partial rotary too), Qwen3 (Qwen3-MoE with experts)
     for per-head q and k norms, Mixtral for a Mixture of Experts, else LLaMA."""
+    if config.norm == "layernorm" and config.positions == "rope":
+        return GPT_NEOX
     if config.qk_norm:
         return QWEN3 if config.moe is None else QWEN3_MOE
     return LLAMA if config.moe is None else MIXTRAL
@@ -168,7 +172,25 @@ def _check_qwen3_runs(family: Family, config: ModelConfig) -> None:
                          "on every layer")
 
 
+# llama.cpp's gptneox hyperparameters <- GPT-NeoX's config.json keys, as convert_hf_to_gguf.py writes them.
+NEOX_HPARAMS: tuple[tuple[Callable[[gguf.GGUFWriter, Any], None], str], ...] = (
+    (_W.add_context_length, "max_position_embeddings"),
+    (_W.add_embedding_length, "hidden_size"),
+    (_W.add_block_count, "num_hidden_layers"),
+    (_W.add_feed_forward_length, "intermediate_size"),
+    (_W.add_head_count, "num_attention_heads"),
+    (_W.add_parallel_residual, "use_parallel_residual"),
+    (_W.add_layer_norm_eps, "layer_norm_eps"),
+)
+
+
 def _add_hparams(writer: gguf.GGUFWriter, hf: HfConfig, config: ModelConfig) -> None:
+    if hf["model_type"] == GPT_NEOX.model_type:
+        for add, key in NEOX_HPARAMS:
+            add(writer, hf[key])
+        writer.add_rope_dimension_count(config.rotary_dim or config.resolved_head_dim)
+        writer.add_rope_freq_base(config.rope_theta)
+        return
     for add, key in HPARAMS:
         add(writer, hf[key])
     if "num_local_experts" in hf:  # Mixtral: feed_forward_length above is one expert's width
@@ -210,6 +232,12 @@ def interleave_rope(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     return weight.reshape(n_heads, 2, half, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
+def qkv_in_blocks(qkv: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """GPT-NeoX's fused rows, head by head (q, k, v of each head), as llama.cpp's gptneox
+    reads them: all q, then all k, then all v (convert_hf_to_gguf.py's GPTNeoXModel)."""
+    return qkv.reshape(n_heads, 3, -1, *qkv.shape[1:]).transpose(0, 1).reshape(qkv.shape)
+
+
 def gguf_tensors(config: ModelConfig, weights: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor, str]]:
     """(llama.cpp name, tensor in llama.cpp's layout, the Heron tensor it comes
     from) for every tensor of the file. Every step moves whole rows, so a
@@ -230,6 +258,8 @@ def gguf_tensors(config: ModelConfig, weights: Mapping[str, torch.Tensor]) -> It
             raise ValueError(f"{hf_name}: no tensor of llama.cpp's {gguf.MODEL_ARCH_NAMES[arch]} architecture "
                              "has this name")
         kind, name = found
+        if family is GPT_NEOX and kind == gguf.MODEL_TENSOR.ATTN_QKV:
+            tensor = qkv_in_blocks(tensor, config.n_heads)
         yield name, interleave_rope(tensor, rope_heads[kind]) if kind in rope_heads else tensor, origin[hf_name]
     factors = rope_freq_factors(config)
     if factors is not None:
