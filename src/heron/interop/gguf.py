@@ -2,13 +2,13 @@
 
 The file is built on the Hugging Face export, not on Heron's modules:
 `hf_config(LLAMA, config)` (`MIXTRAL` for a Mixture of Experts, `QWEN3` or
-`QWEN3_MOE` for a model with `qk_norm`) decides whether the model is
-expressible (a ValueError names the field when it is not: sparse attention,
-router centring, LayerNorm, ...) and its values fill llama.cpp's
-hyperparameters; `heron_to_hf` yields the tensors, renamed by gguf-py's own
-name table for llama.cpp's architecture: `llama`, which runs Mixtral too,
-`qwen3` or `qwen3moe`.
-Three things differ from a Hugging Face folder, and all are done as
+`QWEN3_MOE` for a model with `qk_norm`, `GPT_NEOX` for LayerNorm with RoPE)
+decides whether the model is expressible (a ValueError names the field when
+it is not: sparse attention, router centring, ...) and its values fill
+llama.cpp's hyperparameters; `heron_to_hf` yields the tensors, renamed by
+gguf-py's own name table for llama.cpp's architecture: `llama`, which runs
+Mixtral too, `qwen3`, `qwen3moe` or `gptneox`.
+Four things differ from a Hugging Face folder, and all are done as
 llama.cpp's `convert_hf_to_gguf.py` does them:
 
 - for the llama architecture q and k rows are permuted (`interleave_rope`):
@@ -17,6 +17,8 @@ llama.cpp's `convert_hf_to_gguf.py` does them:
 - Llama 3 RoPE scaling travels as per-frequency divisors in a
   `rope_freqs.weight` tensor; linear scaling as llama.cpp's "linear" rope
   scaling type;
+- GPT-NeoX's fused q/k/v rows, head by head in the checkpoint, go in as
+  all q, then all k, then all v (`qkv_in_blocks`);
 - a MoE layer's experts are stacked, one (experts, out, in) tensor each for
   gate, up and down, for Mixtral and Qwen3-MoE alike (`stacked_experts`; quantised experts come as blocks
   already stacked, `blocks`).
@@ -99,8 +101,8 @@ def save_gguf(
     blocks: Mapping[str, tuple[torch.Tensor, gguf.GGMLQuantizationType]] | None = None,  # llama.cpp name -> blocks
 ) -> Path:
     """Write `model` and `tokenizer` as a GGUF file of llama.cpp's llama (or,
-    with qk_norm, qwen3) architecture; returns the path. The file appears
-    whole or not at all.
+    with qk_norm, qwen3; with LayerNorm, gptneox) architecture; returns the
+    path. The file appears whole or not at all.
     ValueError names the field when llama.cpp cannot express the model.
 
     `dtype` is the type of the float matrices. A weight named in `raw_types`
@@ -121,8 +123,8 @@ def save_gguf(
     try:
         hf = hf_config(family, config)
     except ValueError as err:  # say which mapping a GGUF file goes through, and which ones exist
-        raise ValueError(f"{err} (a GGUF file is written as llama.cpp's llama, qwen3, qwen3moe or gptneox architecture, "
-                         f"through Hugging Face's {family.architecture} mapping)") from None
+        raise ValueError(f"{err} (a GGUF file is written as llama.cpp's llama, qwen3, qwen3moe or gptneox "
+                         f"architecture, through Hugging Face's {family.architecture} mapping)") from None
     _check_qwen3_runs(family, config)
     target = Path(path)
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[ARCHS[family.name][0]])
