@@ -143,8 +143,10 @@ def _rollout_prompts(recipe: AlignRecipe, task: RepeatTask | None, tokenizer, me
     """The prompts PPO or GRPO samples from. A reward model scores rows of at most data.max_len
     tokens, so that must leave room for the longest reply a rollout can give, end token included."""
     prompts = _prompts(recipe, task)
+    if recipe.reward == "judge":  # the judge reads text: no row length to respect
+        return prompts
     longest = max(len(tokenizer.chat_prompt_ids(p)) for p in prompts)
-    if recipe.reward != "judge" and longest + max_new_tokens + 1 > recipe.data.max_len:
+    if longest + max_new_tokens + 1 > recipe.data.max_len:
         raise ValueError(f"data.max_len: {recipe.data.max_len} is less than the longest prompt ({longest} tokens) "
                          f"plus {method}.max_new_tokens ({max_new_tokens}) and the reply's end token")
     return prompts

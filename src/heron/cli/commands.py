@@ -57,8 +57,8 @@ def train_recipe(args: argparse.Namespace) -> int:
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(max_new_tokens=args.max_new_tokens or DEFAULT_NEW_TOKENS, temperature=args.temperature,
-                          top_k=args.top_k,
+    new_tokens = DEFAULT_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
+    return SamplingParams(max_new_tokens=new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop),
                           seed=args.seed, watermark=watermark_from_args(args))
 
@@ -117,7 +117,7 @@ def generate(args: argparse.Namespace) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     model, _ = load_on(args.checkpoint, args.device)
     shards = load_shards(args.shards)
-    seq_len = args.seq_len or min(DEFAULT_EVAL_SEQ_LEN, model.config.max_seq_len)
+    seq_len = min(DEFAULT_EVAL_SEQ_LEN, model.config.max_seq_len) if args.seq_len is None else args.seq_len
     meter = EnergyMeter().start()
     ppl = perplexity(model, shards.val, seq_len=seq_len, batch_size=args.batch_size,
                      max_batches=args.max_batches, progress=True)
