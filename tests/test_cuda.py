@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from heron.compress import quantize_model
 from heron.core import KVCache, ModelConfig, Transformer
-from heron.core.config import AttentionPattern, MoEConfig
+from heron.core.config import AttentionPattern, MoEConfig, RopeScaling
 from heron.core.sparse import BLOCK, dense_mask, sparse_attention
 from heron.generate import Generator, SamplingParams
 from heron.govern.energy import EnergyMeter
@@ -50,6 +50,10 @@ VARIANTS = {
     "learned_layernorm_gelu": dict(positions="learned", norm="layernorm", mlp="gelu", qkv_bias=True, out_bias=True,
                                    mlp_bias=True),
     **{name: dict(attention=(pattern,)) for name, pattern in PATTERNS.items()},
+    "neox_parallel_partial_rotary": dict(norm="layernorm", mlp="gelu", qkv_bias=True, parallel_residual=True,
+                                         rotary_dim=8),
+    "qk_norm_llama3_scaling": dict(n_kv_heads=2, qk_norm=True, rope_scaling=RopeScaling(
+        kind="llama3", factor=8.0, original_max_seq_len=64)),
     "dense_then_sliding": dict(attention=(AttentionPattern(kind="dense"), PATTERNS["sliding"])),
     "moe_top2_shared": dict(feed_forward=("dense", "moe"), moe=MoEConfig(n_experts=4, top_k=2, shared_expert=True)),
 }
