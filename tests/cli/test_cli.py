@@ -1,5 +1,6 @@
 """The CLI end to end on a generated corpus: tokenizer, shards, training,
 generation and evaluation, each through `heron <verb>`."""
+import io
 from pathlib import Path
 
 import pytest
@@ -52,7 +53,7 @@ def generated_and_perplexity(shards: Path, checkpoint: Path, device: str, capsys
     return text, float(capsys.readouterr().out.strip().rsplit(" ", 1)[-1])
 
 
-def test_tokenizer_data_train_generate_eval(corpus: Path, tmp_path: Path, capsys) -> None:
+def test_tokenizer_data_train_generate_eval(corpus: Path, tmp_path: Path, capsys, monkeypatch) -> None:
     shards, checkpoint = tokenizer_shards_and_checkpoint(corpus, tmp_path)
     capsys.readouterr()
     assert main(["data", "prepare", str(corpus), "--ext", ".py", "--tokenizer", str(tmp_path / "tok.json"),
@@ -73,6 +74,10 @@ def test_tokenizer_data_train_generate_eval(corpus: Path, tmp_path: Path, capsys
     assert out == "" and "exceeds the model's max_seq_len 64" in err
     text, ppl = generated_and_perplexity(shards, checkpoint, "cpu", capsys)
     assert text.startswith("def ")
+    # A prompt piped in (`echo "def " | heron generate ...`) loses the newline echo adds: the same text.
+    monkeypatch.setattr("sys.stdin", io.StringIO("def \n"))
+    assert main(["generate", str(checkpoint), "--max-new-tokens", "6", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == text
     # 40 near-identical files: 30 steps take the model far below chance (300).
     assert 1.0 < ppl < 30
 
@@ -100,6 +105,13 @@ def test_a_device_torch_cannot_use_is_refused_before_loading(tmp_path: Path, cap
 def test_bad_recipe_field_is_named_and_exits_2(tmp_path: Path, capsys) -> None:
     assert main(["train", "test", "--set", "train.stepz=3", "--set", f"out_dir={tmp_path}"]) == 2
     assert "train.stepz" in capsys.readouterr().err
+
+
+def test_a_warning_prints_as_one_line_naming_the_verb(tmp_path: Path, capsys) -> None:
+    assert main(["train", "test", "--set", "train.steps=2", "--set", "train.progress=false",
+                 "--set", f"out_dir={tmp_path}", "--set", "train.device=cpu"]) == 0
+    assert ("heron train: warning: schedule.warmup_steps 10 is not below train.steps 2: the learning rate climbs "
+            "for the whole run and never reaches optim.lr 0.003\n") in capsys.readouterr().err
 
 
 def test_unknown_recipe_lists_the_shipped_ones(capsys) -> None:

@@ -103,6 +103,10 @@ def test_convert_refuses_an_existing_target_and_a_bad_source(hf_folder, tmp_path
     assert main(["convert", "from-hf", str(hf_folder), str(hf_folder)]) == 2  # into the source itself
     assert "exists and is not empty" in capsys.readouterr().err
     assert (hf_folder / "config.json").read_text() == config
+    weights = (hf_folder / "model.safetensors").read_bytes()
+    assert main(["convert", "to-gguf", str(hf_folder), str(hf_folder / "model.safetensors")]) == 2
+    assert "model.safetensors: exists; write the GGUF file to a new path" in capsys.readouterr().err
+    assert (hf_folder / "model.safetensors").read_bytes() == weights
 
 
 def test_convert_to_gguf_writes_a_llama_file(hf_folder, tmp_path, capsys):

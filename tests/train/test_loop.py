@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -176,3 +177,13 @@ def test_asking_for_cuda_without_one_names_the_field_before_any_work(recipe_fact
     with pytest.raises(RecipeError, match="train.device: 'cuda', but torch sees no CUDA device"):
         train(recipe)
     assert not (tmp_path / "cuda-run").exists()
+
+
+def test_a_warm_up_that_fills_the_run_is_warned_of(recipe_factory) -> None:
+    with pytest.warns(UserWarning, match=r"schedule.warmup_steps 2 is not below train.steps 2: the learning rate "
+                                         r"climbs for the whole run and never reaches optim.lr"):
+        train(recipe_factory("short", train={"steps": 2}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(recipe_factory("long", train={"steps": 3}))
+    assert not [w for w in caught if "warmup_steps" in str(w.message)]

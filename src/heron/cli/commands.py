@@ -86,11 +86,19 @@ def load_on(checkpoint: Path, device: str) -> tuple[Transformer, Tokenizer | Non
     return model.to(target), tokenizer
 
 
+def prompt_from_stdin() -> str:
+    """Standard input less one trailing newline, the one `echo` or a terminal's last Enter adds."""
+    if sys.stdin.isatty():
+        print("reading the prompt from standard input; end it with Ctrl-D", file=sys.stderr)
+    text = sys.stdin.read()
+    return text.removesuffix("\n").removesuffix("\r")
+
+
 def generate(args: argparse.Namespace) -> int:
     model, tokenizer = load_on(args.checkpoint, args.device)
     if tokenizer is None:
         raise CheckpointError(f"{args.checkpoint}: no tokenizer.json, so text cannot be generated")
-    texts = args.prompt or [sys.stdin.read()]
+    texts = args.prompt or [prompt_from_stdin()]
     params = sampling_params(args)
     generator = Generator(model, tokenizer)
     if args.chat:  # each prompt is a user turn; the reply ends with the turn's end token
@@ -148,6 +156,8 @@ def convert_to_gguf(args: argparse.Namespace) -> int:
     from heron.compress.gguf_export import save_quantized_gguf
     from heron.compress.qlinear import is_quantized
 
+    if args.target.exists():  # before loading: nothing is replaced, not even an older GGUF
+        raise FileExistsError(f"{args.target}: exists; write the GGUF file to a new path")
     model, tokenizer = heron.load(args.checkpoint)
     if tokenizer is None:
         raise CheckpointError(f"{args.checkpoint}: no tokenizer.json; a GGUF file carries the tokenizer")

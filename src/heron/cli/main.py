@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from heron.cli import audit, card, consent, feedback, pii, watermark
@@ -90,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("generate", help="continue a prompt with a checkpoint")
     p.add_argument("checkpoint", type=Path, help=CHECKPOINT_HELP)
-    p.add_argument("--prompt", action="append", default=None, help="prompt text (repeatable: a batch)")
+    p.add_argument("--prompt", action="append", default=None, help="prompt text (repeatable: a batch; default: standard input, less one trailing newline)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat template")
     p.add_argument("--no-stream", action="store_true", help="print whole completions instead of streaming")
     _add_sampling(p)
@@ -120,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_lazy("commands", "convert_to_hf"))
     p = convert.add_parser("to-gguf", help="a Heron checkpoint or Hugging Face folder -> one GGUF file for llama.cpp")
     p.add_argument("checkpoint", type=Path, help=CHECKPOINT_HELP)
-    p.add_argument("target", type=Path, help="the .gguf file to write")
+    p.add_argument("target", type=Path, help="the .gguf file to write (a new path)")
     p.add_argument("--type", dest="dtype", choices=["f32", "f16", "q8_0", "q4_0", "q4_1"], default="f16",
                    help="tensor type of the matrices (norms stay f32); default f16. A quantised checkpoint's "
                         "matrices keep their own codes (int8 -> q8_0, symmetric int4 -> q4_0, int4 -> q4_1)")
@@ -222,10 +225,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextmanager
+def _plain_warnings(verb: str) -> Iterator[None]:
+    """Warnings raised in Heron's code print as `heron VERB: warning: ...`, not as
+    Python's file:line form; others print as usual. Restored on return."""
+    with warnings.catch_warnings():
+        python_form = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None) -> None:
+            if f"{os.sep}heron{os.sep}" in filename:
+                print(f"heron {verb}: warning: {message}", file=file or sys.stderr)
+            else:
+                python_form(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.handler(args)
+        with _plain_warnings(args.verb):
+            return args.handler(args)
     except Exception as err:
         if not _is_user_error(err):
             raise

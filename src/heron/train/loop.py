@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import random
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -183,6 +184,8 @@ def _start(recipe: TrainRecipe, ctx: dist_.DistContext, resume: bool, data: Trai
     meter = EnergyMeter().start()
     # Under parallel=none, $WORLD_SIZE catches a torchrun launch that would train N copies.
     _, micro, accum = batch_plan(recipe.train, ctx.world_size if ctx.parallel != "none" else None)
+    if ctx.is_main:
+        _warn_if_warmup_fills_the_run(recipe)
     data = data or resolve_data(recipe.data, is_main=ctx.is_main, barrier=lambda: dist_.barrier(ctx))
     _check_data_fits(recipe, data)
     config = model_config(recipe, data.vocab_size)
@@ -213,6 +216,15 @@ def _start(recipe: TrainRecipe, ctx: dist_.DistContext, resume: bool, data: Trai
     elif ctx.is_main:  # rows a run that died before its first checkpoint logged
         write_metrics(out_dir, [])
     return run
+
+
+def _warn_if_warmup_fills_the_run(recipe: TrainRecipe) -> None:
+    """A short run under a long recipe's warm-up (`--set train.steps=50` with warm-up 100)
+    is legal but is rarely meant: its learning rate climbs all the way and never decays."""
+    warmup, steps = recipe.schedule.warmup_steps, recipe.train.steps
+    if warmup >= steps:
+        warnings.warn(f"schedule.warmup_steps {warmup} is not below train.steps {steps}: the learning rate "
+                      f"climbs for the whole run and never reaches optim.lr {recipe.optim.lr:g}", stacklevel=3)
 
 
 def _check_data_fits(recipe: TrainRecipe, data: TrainData) -> None:
