@@ -5,6 +5,7 @@ import json
 import pytest
 
 from heron.cli import consent
+from heron.store import FeedbackStore
 from heron.govern.consent import events_from_export
 
 
@@ -46,3 +47,15 @@ def test_user_errors(tmp_path):
         heron(["consent", "grant", "alice", "Training", "--db", db])
     with pytest.raises(ValueError, match="to withdraw: never given"):
         heron(["consent", "withdraw", "alice", "training", "--db", db])
+    with pytest.raises(FileExistsError, match="is the consent registry being read"):
+        heron(["consent", "history", "alice", "--db", db, "--out", db])
+    FeedbackStore.open(tmp_path / "other.db").close()
+    with pytest.raises(ValueError, match="holds no consent registry"):  # another store's database
+        heron(["consent", "check", "alice", "training", "--db", str(tmp_path / "other.db")])
+
+
+@pytest.mark.parametrize("db", [":memory:", "sqlite://", "sqlite:///"])
+def test_an_in_memory_database_is_refused(db, capsys):
+    with pytest.raises(SystemExit):
+        heron(["consent", "grant", "alice", "training", "--db", db])
+    assert "is an in-memory database: nothing would be kept" in capsys.readouterr().err

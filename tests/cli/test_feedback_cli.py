@@ -55,3 +55,19 @@ def test_export_from_a_missing_database_fails_clearly(tmp_path: Path, capsys) ->
     assert main(["feedback", "export", str(tmp_path / "out.jsonl"), "--db", str(tmp_path / "nope.db")]) == 2
     assert "no feedback store" in capsys.readouterr().err
     assert not (tmp_path / "nope.db").exists() and not (tmp_path / "out.jsonl").exists()
+
+
+def test_an_export_never_replaces_the_store_and_a_file_must_be_utf8(tmp_path: Path, capsys) -> None:
+    db = tmp_path / "feedback.db"
+    assert main(["feedback", "import", str(write_jsonl(tmp_path / "in.jsonl", PAIRS)), "--db", str(db),
+                 "--annotator", "alice"]) == 0
+    before = db.read_bytes()
+    assert main(["feedback", "export", str(db), "--db", str(db)]) == 2
+    assert f"{db}: is the feedback store being read; write to another file" in capsys.readouterr().err
+    assert db.read_bytes() == before
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "caf\xe9"}\n')
+    assert main(["feedback", "import", str(bad), "--db", str(db), "--annotator", "alice"]) == 2
+    assert f"{bad}, line 2: not UTF-8 (invalid continuation byte at byte 16 of the line)" in capsys.readouterr().err
+    assert main(["feedback", "stats", "--db", str(tmp_path / "in.jsonl")]) == 2  # not a database at all
+    assert "cannot open feedback store" in capsys.readouterr().err

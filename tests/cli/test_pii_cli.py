@@ -31,6 +31,28 @@ def test_redact_reads_a_file_and_masks(tmp_path, capsys):
     path.write_text(TEXT)
     assert heron(["pii", "redact", str(path), "--entities", ENTITIES, "--operator", "mask"]) == 0
     assert capsys.readouterr().out == "SSN ***-**-8741, card **** **** **** 1111.\n"
+    path.write_text(TEXT + "\n")  # the file's own last newline, not a second one
+    assert heron(["pii", "redact", str(path), "--entities", ENTITIES, "--operator", "mask"]) == 0
+    assert capsys.readouterr().out == "SSN ***-**-8741, card **** **** **** 1111.\n"
+
+
+@pytest.mark.parametrize("argument, error, complaint", [
+    ("notes.txt", FileNotFoundError, "notes.txt: no such file"),
+    ("data/notes", FileNotFoundError, "data/notes: no such file"),
+    (".", IsADirectoryError, ".: is a folder"),
+])
+def test_a_mistyped_path_or_a_folder_is_an_error_not_the_text(tmp_path, monkeypatch, argument, error, complaint):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(error, match=complaint):
+        heron(["pii", "redact", argument, "--entities", ENTITIES])
+
+
+def test_words_and_addresses_are_read_as_text_and_a_file_must_be_utf8(tmp_path, capsys):
+    assert heron(["pii", "redact", "mail.com", "--entities", ENTITIES]) == 0  # names no file, and no file type
+    assert capsys.readouterr().out == "mail.com\n"
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.txt: not UTF-8 text"):
+        heron(["pii", "redact", str(tmp_path / "latin1.txt"), "--entities", ENTITIES])
 
 
 def test_pseudonyms_take_the_secret_from_the_environment(monkeypatch, capsys):

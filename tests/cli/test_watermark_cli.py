@@ -62,6 +62,19 @@ def test_detect_reads_text_from_the_argument_and_a_bare_tokenizer_json(checkpoin
     assert "verdict: not watermarked (z <= 3.5)" in capsys.readouterr().out
 
 
+def test_a_text_too_short_to_score_gets_no_verdict(checkpoint, capsys):
+    assert heron_cli(["watermark", "detect", "", "--tokenizer", str(checkpoint), "--key", "k3y"]) == 0
+    assert capsys.readouterr().out.endswith("verdict: none: no token was scored (a text needs at least two tokens)\n")
+
+
+@pytest.mark.parametrize("flag, value, complaint", [("--z", "nan", "must be a finite number, got 'nan'"),
+                                                     ("--vocab-size", "0", "must be above 0, got 0")])
+def test_a_setting_that_cannot_hold_is_refused_by_name(checkpoint, capsys, flag, value, complaint):
+    with pytest.raises(SystemExit):
+        heron_cli(["watermark", "detect", "x y", "--tokenizer", str(checkpoint), "--key", "k", flag, value])
+    assert f"argument {flag}: {complaint}" in capsys.readouterr().err
+
+
 def test_generation_options_build_the_watermark():
     parser = argparse.ArgumentParser()
     add_generation_options(parser)

@@ -7,7 +7,6 @@ and against deleted, inserted, reordered and truncated records.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import threading
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from heron.cli.audit import register
+from heron.cli.main import main
 from heron.govern.audit import (
     EVENT_ERASE, GENESIS, LOG_ENV, AuditLog, Checkpoint, InclusionProof, Record, audit_log, log_location,
     record_event, record_fields, record_hash, verify_log, verify_proof,
@@ -456,14 +455,8 @@ def test_export_json_and_csv_round_trip(tmp_path: Path, data_file: Path) -> None
 
 
 def heron(*argv: str) -> int:
-    """`heron audit ...` as cli/main.py runs it: user errors are exit 2."""
-    parser = argparse.ArgumentParser(prog="heron")
-    register(parser.add_subparsers(dest="verb", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.handler(args)
-    except (ValueError, FileNotFoundError, FileExistsError):
-        return 2
+    """`heron audit ...`: user errors print one line and are exit 2."""
+    return main(list(argv))
 
 
 def test_cli(tmp_path: Path, data_file: Path, capsys) -> None:
@@ -485,6 +478,28 @@ def test_cli(tmp_path: Path, data_file: Path, capsys) -> None:
     assert "record 3: altered" in capsys.readouterr().out
     assert heron("audit", "verify", "--log", str(tmp_path / "missing.db")) == 2
     assert heron("audit", "keygen", str(tmp_path / "keys")) == 2  # never overwrites
+
+
+def test_cli_refuses_what_is_not_a_log_or_an_anchor_and_never_exports_over_the_log(tmp_path: Path, data_file: Path,
+                                                                                  capsys) -> None:
+    db = tmp_path / "a.db"
+    make_log(db, data_file, checkpoint_every=0)
+    before = db.read_bytes()
+    for out in (str(db), f"sqlite:///{db}"):
+        assert heron("audit", "export", str(db), "--log", out) == 2
+        assert f"{db}: is the audit log being read; write to another file" in capsys.readouterr().err
+    assert heron("audit", "checkpoint", "--log", str(db), "--out", str(db)) == 2
+    assert db.read_bytes() == before  # no checkpoint stored either
+    (tmp_path / "empty.db").write_bytes(b"")
+    assert heron("audit", "verify", "--log", str(tmp_path / "empty.db")) == 2  # not "intact: 0 records"
+    assert "empty.db: holds no audit log (missing its tables audit_records" in capsys.readouterr().err
+    assert (tmp_path / "empty.db").read_bytes() == b""
+    for text, complaint in [("{}", "KeyError"), ("xx", "JSONDecodeError")]:
+        (tmp_path / "anchor.json").write_text(text)
+        assert heron("audit", "verify", "--log", str(db), "--anchor", str(tmp_path / "anchor.json")) == 2
+        err = capsys.readouterr().err
+        assert f"--anchor {tmp_path / 'anchor.json'}: not a checkpoint" in err and complaint in err
+    assert heron("audit", "verify", "--log", str(db), "--anchor", str(tmp_path)) == 2  # a folder: exit 2, not 1
 
 
 # ----- lineage -----------------------------------------------------------------------------------
@@ -526,6 +541,11 @@ def test_lineage_follows_the_links_to_the_data(tmp_path: Path, data_file: Path, 
     assert "audit: record 0 train" in text and f"read data: file {data_file.resolve()}" in text
     assert heron("audit", "lineage", str(pruned), "--log", str(tmp_path / "a.db")) == 0
     assert capsys.readouterr().out.strip() == text
+    assert heron("audit", "lineage", str(pruned), "--log", str(tmp_path / "elsewhere.db")) == 2  # named: must exist
+    assert "no audit log at" in capsys.readouterr().err
+    tamper(log, "UPDATE audit_records SET actor = 'eve' WHERE seq = 1")
+    assert heron("audit", "lineage", str(pruned), "--log", str(tmp_path / "a.db")) == 0
+    assert "is NOT intact (see `heron audit verify`): the records above may have been altered" in capsys.readouterr().out
 
 
 def test_documents_written_into_a_checkpoint_keep_its_lineage(tmp_path: Path, monkeypatch) -> None:

@@ -12,7 +12,9 @@ import torch
 import yaml
 
 from heron.govern.annex_iv import ANNEX_IV_FILE, annex_iv, write_annex_iv
-from heron.govern.card import PROVIDER, README_FILE, model_card, read_evaluations, write_model_card
+from heron.govern.audit import LOG_ENV
+from heron.govern.card import (PROVIDER, README_FILE, is_untouched_document, model_card, read_evaluations,
+                               write_model_card)
 from heron.govern.history import read_history
 
 torch.set_num_threads(1)  # see tests/train/conftest.py
@@ -268,17 +270,45 @@ def test_default_locations_are_inside_the_checkpoint(aligned):
 
 
 def test_write_is_atomic(aligned, monkeypatch):
-    target = aligned / README_FILE
-    target.write_text("the old card\n")
+    target = write_model_card(aligned)
+    old_card = target.read_text()
 
     def crash(*args):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", crash)  # the rename that would put the new card in place
     with pytest.raises(OSError, match="disk full"):
-        write_model_card(aligned)
-    assert target.read_text() == "the old card\n"
+        write_model_card(aligned, license="mit")
+    assert target.read_text() == old_card
     assert sorted(p.name for p in aligned.iterdir()) == ["README.md", "config.json", "lineage.json"]
+
+
+def test_an_untouched_card_is_rewritten_an_edited_one_only_when_asked(aligned):
+    target = write_model_card(aligned)
+    assert is_untouched_document(target.read_text())
+    assert "license: mit" in write_model_card(aligned, license="mit").read_text()  # untouched: replaced
+    edited = target.read_text().replace(PROVIDER, "Heron's authors", 1)
+    target.write_text(edited)
+    assert not is_untouched_document(edited)
+    with pytest.raises(FileExistsError, match="README.md: exists and is not as heron card wrote it"):
+        write_model_card(aligned)
+    assert target.read_text() == edited
+    assert write_model_card(aligned, replace_edited=True).read_text() != edited
+
+
+def test_a_checkpoint_file_is_never_replaced_by_a_document(aligned):
+    config = (aligned / "config.json").read_text()
+    for replace_edited in (False, True):
+        with pytest.raises(FileExistsError, match="config.json: is one of the checkpoint's own files"):
+            write_annex_iv(aligned, aligned / "config.json", replace_edited=replace_edited)
+    assert (aligned / "config.json").read_text() == config
+
+
+def test_a_log_that_cannot_take_the_record_stops_the_write(aligned, tmp_path, monkeypatch):
+    monkeypatch.setenv(LOG_ENV, str(tmp_path))  # a folder: no SQLite database opens there
+    with pytest.raises(ValueError, match="cannot open audit log"):
+        write_model_card(aligned, tmp_path / "card.md")
+    assert not (tmp_path / "card.md").exists()
 
 
 def test_a_folder_without_lineage_or_config_is_named_in_the_error(tmp_path, imported):

@@ -335,6 +335,24 @@ def test_opening_needs_a_usable_database(tmp_path: Path) -> None:
         assert store.stats().prompts == 0
 
 
+@pytest.mark.parametrize("kind", ["empty file", "other store"])
+def test_reading_refuses_a_database_without_the_stores_tables_and_writes_nothing(tmp_path: Path, kind) -> None:
+    """Only `open(create=True)` (an import) may make tables: `stats` or `export` on an empty
+    file or on a consent registry must not turn it into a feedback store."""
+    from heron.govern.consent import ConsentRegistry
+
+    db = tmp_path / "x.db"
+    if kind == "empty file":
+        db.write_bytes(b"")
+    else:
+        ConsentRegistry.open(db).close()
+    before = db.read_bytes()
+    with pytest.raises(ValueError, match=r"x.db: holds no feedback store \(missing its tables prompts, responses, "
+                                         r"comparisons, ratings\)"):
+        FeedbackStore.open(db, create=False)
+    assert db.read_bytes() == before
+
+
 def test_an_export_replaces_the_file_whole_or_not_at_all(store: FeedbackStore, tmp_path: Path,
                                                          monkeypatch) -> None:
     store.import_jsonl(write_jsonl(tmp_path / "in.jsonl", generated_pairs(3)))

@@ -10,10 +10,12 @@ import argparse
 import json
 from pathlib import Path
 
+from heron.cli.options import lasting_database, not_the_source
 from heron.govern.audit import AuditLog, Checkpoint, log_location, verify_log
 from heron.govern.audit_export import FORMATS, export_log, read_export
 from heron.govern.audit_keys import generate_keys, load_public_key, load_signing_key
 from heron.govern.audit_lineage import audit_lineage, format_lineage
+from heron.govern.card import write_text_atomic
 
 EXPORT_SUFFIXES = (".json", ".csv")  # `verify --log FILE` with these reads an export instead of a database
 
@@ -54,7 +56,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
 def _add_log(parser: argparse.ArgumentParser, also: str | None = None) -> None:
     what = "SQLite file or database URL" + (f", {also}" if also else "")
-    parser.add_argument("--log", default=None, help=f"{what} (default: $HERON_AUDIT_LOG, else runs/audit.db)")
+    parser.add_argument("--log", type=lasting_database, default=None, help=f"{what} (default: $HERON_AUDIT_LOG, else runs/audit.db)")
 
 
 def _location(args: argparse.Namespace) -> str:
@@ -73,7 +75,7 @@ def _open(args: argparse.Namespace) -> AuditLog:
 
 def verify(args: argparse.Namespace) -> int:
     public_key = load_public_key(args.public_key) if args.public_key is not None else None
-    anchors = [Checkpoint.from_json(json.loads(Path(f).read_text(encoding="utf-8"))) for f in args.anchor]
+    anchors = [_read_anchor(file) for file in args.anchor]
     if args.log is not None and Path(args.log).suffix.lower() in EXPORT_SUFFIXES:
         rows, checkpoints = read_export(args.log)
         report = verify_log(rows, [*checkpoints, *anchors], public_key=public_key)
@@ -84,8 +86,17 @@ def verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _read_anchor(file: Path) -> Checkpoint:
+    try:
+        return Checkpoint.from_json(json.loads(file.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError) as err:  # unreadable, not JSON, or not a checkpoint's fields
+        raise ValueError(f"--anchor {file}: not a checkpoint written by `heron audit checkpoint --out` "
+                         f"({type(err).__name__}: {err})") from None
+
+
 def export(args: argparse.Namespace) -> int:
     fmt = args.format or ("csv" if args.file.suffix.lower() == ".csv" else "json")
+    not_the_source(args.file, _location(args), "audit log")
     with _open(args) as log:
         count = export_log(log, args.file, fmt)
     print(f"wrote {count} audit records to {args.file} ({fmt})")
@@ -97,27 +108,35 @@ def lineage(args: argparse.Namespace) -> int:
 
     location = log_location(args.log)
     log = None
-    if location is not None and ("://" in location or Path(location).is_file()):
-        log = AuditLog.open(location, create=False)
+    if args.log is not None or (location is not None and ("://" in location or Path(location).is_file())):
+        log = _open(args)  # a log named with --log must be there; the default one may not be
     try:
         steps, history = audit_lineage(args.checkpoint, log=log, resolve=resolve_checkpoint)
+        intact = log is None or log.verify().ok
     finally:
         if log is not None:
             log.close()
     print(format_lineage(steps, history))
     if log is None:
         print(f"(no audit log at {location}: records not shown)")
+    elif not intact:
+        print(f"warning: the audit log {location} is NOT intact (see `heron audit verify`): "
+              "the records above may have been altered")
     return 0
 
 
 def checkpoint(args: argparse.Namespace) -> int:
     key = load_signing_key(args.sign_key) if args.sign_key is not None else None
+    if args.out is not None:  # before the checkpoint is stored: a bad --out leaves the log as it was
+        not_the_source(args.out, _location(args), "audit log")
+        if args.out.is_dir():
+            raise IsADirectoryError(f"--out {args.out}: is a folder; name a file to write")
     with _open(args) as log:
         made = log.checkpoint(sign_key=key)
     signed = "signed" if made.signature else "unsigned"
     print(f"checkpoint {made.id}: {made.size} records, root {made.root} ({signed})")
     if args.out is not None:
-        args.out.write_text(json.dumps(made.to_json(), indent=1) + "\n", encoding="utf-8")
+        write_text_atomic(args.out, json.dumps(made.to_json(), indent=1) + "\n")
         print(f"wrote {args.out}: keep it away from the log, and pass it to `heron audit verify --anchor`")
     return 0
 

@@ -28,6 +28,9 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--license", default=None,
                    help="model card: a Hugging Face license id, e.g. apache-2.0 (default: other, for the provider)")
     p.add_argument("--name", default=None, help="the model's name (default: its recipe's, else its folder's)")
+    p.add_argument("--force", action="store_true",
+                   help="replace the file even if it was edited since heron card wrote it, or is another file "
+                        "(an untouched document is always replaced)")
     p.add_argument("--audit-log", default=None,
                    help="Annex IV: where the audit log of the model's events is kept (default: the log normal work "
                         "records to, $HERON_AUDIT_LOG or runs/audit.db, when it exists)")
@@ -41,12 +44,12 @@ def card(args: argparse.Namespace) -> int:
         if args.license is not None:
             raise ValueError("--license: goes into the model card, not the Annex IV document")
         path = write_annex_iv(folder, args.out, evaluations=evaluations, audit_log=_audit_log(args.audit_log),
-                              name=args.name, resolve=_resolve)
+                              name=args.name, resolve=_resolve, replace_edited=args.force)
     else:
         if args.audit_log is not None:
             raise ValueError("--audit-log: goes into the Annex IV document (add --annex-iv)")
         path = write_model_card(folder, args.out, evaluations=evaluations, license=args.license, name=args.name,
-                                resolve=_resolve)
+                                resolve=_resolve, replace_edited=args.force)
     print(f"wrote {path}")
     return 0
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
+from heron.cli.options import lasting_database, not_the_source
 from heron.govern.card import write_text_atomic
 from heron.govern.consent import PURPOSES, ConsentRegistry
 
@@ -43,7 +45,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p = consent.add_parser("history", help="a user's consent records and their events, as JSON")
     p.add_argument("user")
     p.add_argument("purpose", nargs="?", default=None, help="only this purpose")
-    p.add_argument("--db", required=True, help=DB_HELP)
+    p.add_argument("--db", type=lasting_database, required=True, help=DB_HELP)
     p.add_argument("--out", default=None, help="write the JSON to this file instead of printing it")
     p.set_defaults(handler=history)
 
@@ -51,7 +53,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
 def _user_purpose(p: argparse.ArgumentParser, purpose_help: str) -> None:
     p.add_argument("user")
     p.add_argument("purpose", help=purpose_help)
-    p.add_argument("--db", required=True, help=DB_HELP)
+    p.add_argument("--db", type=lasting_database, required=True, help=DB_HELP)
 
 
 def grant(args: argparse.Namespace) -> int:
@@ -82,5 +84,5 @@ def history(args: argparse.Namespace) -> int:
     if args.out is None:
         print(text, end="")
     else:
-        print(f"wrote {write_text_atomic(args.out, text)}")
+        print(f"wrote {write_text_atomic(not_the_source(Path(args.out), args.db, 'consent registry'), text)}")
     return 0

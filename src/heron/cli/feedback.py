@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from heron.cli.options import lasting_database, not_the_source
 from heron.store import FeedbackStore, format_stats
 
 
@@ -18,16 +19,16 @@ def register(verbs: argparse._SubParsersAction) -> None:
         dest="action", required=True)
     p = actions.add_parser("import", help="add comparisons and ratings from a JSONL file (all lines or none)")
     p.add_argument("file", type=Path, help="prompt/chosen/rejected or prompt/response/rating rows")
-    p.add_argument("--db", required=True, help="SQLite file or database URL (sqlite:///..., postgresql://...)")
+    p.add_argument("--db", type=lasting_database, required=True, help="SQLite file or database URL (sqlite:///..., postgresql://...)")
     p.add_argument("--annotator", required=True, help="who gave the feedback (a row's own 'annotator' wins)")
     p.add_argument("--source", default=None, help="where the prompts came from (default: the file's name)")
     p.set_defaults(handler=feedback_import)
     p = actions.add_parser("export", help="write every comparison as prompt/chosen/rejected JSONL for DPO and RM")
     p.add_argument("file", type=Path, help="the JSONL file to write")
-    p.add_argument("--db", required=True, help="SQLite file or database URL")
+    p.add_argument("--db", type=lasting_database, required=True, help="SQLite file or database URL")
     p.set_defaults(handler=feedback_export)
     p = actions.add_parser("stats", help="counts, annotators, agreement and mean rating per model")
-    p.add_argument("--db", required=True, help="SQLite file or database URL")
+    p.add_argument("--db", type=lasting_database, required=True, help="SQLite file or database URL")
     p.set_defaults(handler=feedback_stats)
 
 
@@ -48,7 +49,7 @@ def counted(n: int, noun: str) -> str:
 
 def feedback_export(args: argparse.Namespace) -> int:
     with FeedbackStore.open(args.db, create=False) as store:
-        count = store.export_pairs(args.file)
+        count = store.export_pairs(not_the_source(args.file, args.db, "feedback store"))
     print(f"wrote {count} prompt/chosen/rejected pairs to {args.file}")
     return 0
 

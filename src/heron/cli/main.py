@@ -23,7 +23,9 @@ from heron.cli.options import DEMO_RECIPE, n_of_m, shipped_recipes
 Handler = Callable[[argparse.Namespace], int]
 # Errors that mean "the input was wrong": shown as one line, not a traceback (RecipeError is a
 # ValueError; CheckpointError is looked up where it lives, in `_is_user_error`).
-USER_ERRORS = (FileNotFoundError, FileExistsError, ValueError, KeyError)
+USER_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError,
+               KeyError)
+SIGPIPE_EXIT = 141  # 128 + SIGPIPE: how a Unix tool whose reader went away ends (`heron ... | head`)
 CHECKPOINT_HELP = "a checkpoint folder, a run folder (its latest checkpoint) or a Hugging Face folder"
 
 
@@ -247,6 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _plain_warnings(args.verb):
             return args.handler(args)
+    except BrokenPipeError:  # quietly, as other tools: and no second error when Python flushes stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return SIGPIPE_EXIT
     except Exception as err:
         if not _is_user_error(err):
             raise

@@ -1,4 +1,5 @@
-"""What the CLI's parser needs before any verb runs: shipped recipes and argument types.
+"""What the CLI's verbs share before any work: shipped recipes, argument types, and
+reading a text argument or checking an output path.
 
 Standard library only, so that building the parser (`heron --help`, and the
 verbs that need no model: consent, audit, feedback) loads neither torch nor
@@ -7,6 +8,9 @@ the model code; the verbs' handlers import those when they run.
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import sys
 from pathlib import Path
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -38,3 +42,77 @@ def n_of_m(text: str) -> tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected N:M such as 2:4, got {text!r}") from None
     return n, m
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number above zero."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a number that is neither NaN nor infinite."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+# How a file name given where text is also accepted usually ends: such an argument that names
+# no file is taken for a mistyped path, not for the text to read.
+TEXT_FILE_SUFFIXES = (".txt", ".md", ".json", ".jsonl", ".csv", ".tsv", ".log", ".py", ".html", ".xml", ".yaml",
+                      ".yml")
+
+
+def text_or_file(argument: str) -> str:
+    """What a `TEXT` argument holds: standard input for '-', the contents of the file it names,
+    else the argument itself. A folder, a file that is not UTF-8, or a missing file named like
+    one (`notes.txt`, `data/x`) is an error, so a typo never passes as the text to read."""
+    if argument == "-":
+        return sys.stdin.read()
+    if not argument or "\n" in argument or len(argument) > 1024:  # text, not a path
+        return argument
+    path = Path(argument)
+    if path.is_dir():
+        raise IsADirectoryError(f"{argument}: is a folder; give a file, the text itself, or - for standard input")
+    if path.is_file():
+        try:
+            return path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{argument}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    looks_like_a_path = not any(c.isspace() for c in argument) and (
+        "/" in argument or path.suffix.lower() in TEXT_FILE_SUFFIXES)
+    if looks_like_a_path:
+        raise FileNotFoundError(f"{argument}: no such file (to check the words themselves, "
+                                f"pass them on standard input: echo '{argument}' | heron ... -)")
+    return argument
+
+
+def not_the_source(out: Path, source: str | Path, what: str) -> Path:
+    """`out`, unless it is the file `source` (a path or an sqlite:/// URL) names: an export
+    written there would replace the very database it reads."""
+    text = str(source)
+    if "://" in text:
+        if not text.startswith("sqlite:///") or text == "sqlite:///":
+            return out
+        text = text.removeprefix("sqlite:///")
+    if out.exists() and Path(text).exists() and os.path.samefile(out, text):
+        raise FileExistsError(f"{out}: is the {what} being read; write to another file")
+    return out
+
+
+def lasting_database(text: str) -> str:
+    """An argparse type: a database path or URL that outlives the command (an in-memory SQLite
+    database, `:memory:` or `sqlite://`, would take the writes and drop them on exit)."""
+    if text.strip() in (":memory:", "sqlite://", "sqlite:///", "sqlite:///:memory:"):
+        raise argparse.ArgumentTypeError(f"{text!r} is an in-memory database: nothing would be kept; "
+                                         "give a file or a server's URL")
+    return text

@@ -13,10 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from dataclasses import asdict
-from pathlib import Path
 
+from heron.cli.options import text_or_file
 from heron.govern.pii import ENTITIES, PiiEngine
 
 SECRET_ENV = "HERON_PII_SECRET"
@@ -45,19 +44,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help=f"types to look for (default all: {','.join(ENTITIES)})")
 
 
-def _read(text: str) -> str:
-    if text == "-":
-        return sys.stdin.read()
-    path = Path(text)
-    return path.read_text() if len(text) < 4096 and path.is_file() else text
-
-
 def _engine(args: argparse.Namespace) -> PiiEngine:
     return PiiEngine(entities=args.entities.split(",") if args.entities else None)
 
 
 def find(args: argparse.Namespace) -> int:
-    for span in _engine(args).find(_read(args.text)):
+    for span in _engine(args).find(text_or_file(args.text)):
         print(json.dumps(asdict(span), ensure_ascii=False))
     return 0
 
@@ -68,5 +60,6 @@ def redact(args: argparse.Namespace) -> int:
         secret = os.environ.get(args.secret_env)
         if not secret:
             raise ValueError(f"--operator pseudonym: set the secret key in ${args.secret_env}")
-    print(_engine(args).redact(_read(args.text), args.operator, scope=args.scope, secret=secret))
+    redacted = _engine(args).redact(text_or_file(args.text), args.operator, scope=args.scope, secret=secret)
+    print(redacted, end="" if redacted.endswith("\n") else "\n")  # a file's own last newline, not a second
     return 0

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
+from heron.cli.options import finite_float, positive_int, text_or_file
 from heron.tokenizer import HeronTokenizer, Tokenizer, load_tokenizer
 
 if TYPE_CHECKING:
@@ -34,9 +33,9 @@ def register(verbs: argparse._SubParsersAction) -> None:
                    help="a checkpoint (or run) folder, or a tokenizer.json")
     p.add_argument("--key", required=True, help="the secret key the text was generated with")
     p.add_argument("--gamma", type=float, default=None, help="green fraction used at generation (default 0.25)")
-    p.add_argument("--z", dest="z_threshold", type=float, default=None,
+    p.add_argument("--z", dest="z_threshold", type=finite_float, default=None,
                    help="z above which the text is called watermarked (default 4)")
-    p.add_argument("--vocab-size", type=int, default=None,
+    p.add_argument("--vocab-size", type=positive_int, default=None,
                    help="the generating model's vocabulary size (default: the checkpoint's, else the tokenizer's)")
     p.add_argument("--count-repeated", action="store_true",
                    help="score repeated (previous, token) bigrams every time, not once")
@@ -69,11 +68,11 @@ def _watermark(key: str, **settings: float | None) -> Watermark:
 
 def detect_command(args: argparse.Namespace) -> int:
     tokenizer, vocab_size = tokenizer_and_vocab(args.tokenizer)
-    vocab_size = args.vocab_size or vocab_size
+    vocab_size = vocab_size if args.vocab_size is None else args.vocab_size
     from heron.govern.watermark import DEFAULT_Z_THRESHOLD, detect
 
     watermark = _watermark(args.key, gamma=args.gamma)
-    ids = tokenizer.encode(read_text(args.text))
+    ids = tokenizer.encode(text_or_file(args.text))
     z_threshold = DEFAULT_Z_THRESHOLD if args.z_threshold is None else args.z_threshold
     result = detect(ids, watermark, vocab_size, z_threshold, ignore_repeated=not args.count_repeated)
     share = result.green / result.scored if result.scored else 0.0
@@ -81,22 +80,12 @@ def detect_command(args: argparse.Namespace) -> int:
           f"{'' if args.count_repeated else ' (distinct bigrams)'}, green {result.green} ({share:.1%}; "
           f"{watermark.green_size(vocab_size) / vocab_size:.1%} expected without a watermark)")
     print(f"z {result.z:.2f}, p-value {result.p_value:.2g}")
+    if not result.scored:
+        print("verdict: none: no token was scored (a text needs at least two tokens)")
+        return 0
     verdict = "watermarked" if result.watermarked else "not watermarked"
     print(f"verdict: {verdict} (z {'>' if result.watermarked else '<='} {result.z_threshold:g})")
     return 0
-
-
-def read_text(text: str) -> str:
-    """The argument itself, the contents of the file it names, or standard input for '-'."""
-    if text == "-":
-        return sys.stdin.read()
-    path = Path(text)
-    try:
-        if path.is_file():
-            return path.read_text(encoding="utf-8")
-    except OSError:  # text too long to be a file name
-        pass
-    return text
 
 
 def tokenizer_and_vocab(path: Path) -> tuple[Tokenizer, int]:

@@ -243,10 +243,12 @@ def annex_iv(folder: str | os.PathLike[str], *, evaluations: Sequence[Evaluation
 
 
 def write_annex_iv(folder: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
-                   **options: Any) -> Path:
-    """Write `annex_iv(folder, **options)` to `out` (default: ANNEX_IV.md in the checkpoint folder)."""
+                   *, replace_edited: bool = False, **options: Any) -> Path:
+    """Write `annex_iv(folder, **options)` to `out` (default: ANNEX_IV.md in the checkpoint folder);
+    `replace_edited` as in `write_document`."""
     text = annex_iv(folder, **options)
-    return write_document(folder, Path(folder) / ANNEX_IV_FILE if out is None else Path(out), text, "card.annex_iv")
+    return write_document(folder, Path(folder) / ANNEX_IV_FILE if out is None else Path(out), text, "card.annex_iv",
+                          replace_edited=replace_edited)
 
 
 __all__ = ["ANNEX_IV_FILE", "annex_iv", "objective", "write_annex_iv"]

@@ -18,6 +18,7 @@ PROVIDER, "[to be completed by the provider]": a card never guesses.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -29,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from heron.govern.audit import record_event
+from heron.govern.audit import audit_log
 from heron.govern.digest import Artifact, folder_sha256
 from heron.govern.energy import DEFAULT_GRID_G_PER_KWH, JOULES_PER_KWH, provenance
 from heron.govern.history import (
@@ -39,6 +40,10 @@ from heron.store.jsonl import atomic_writer
 
 PROVIDER = "[to be completed by the provider]"
 README_FILE = "README.md"
+# A document's last line: the sha256 of the text above it, so that a rewrite can tell an untouched
+# document from one the provider has edited (an HTML comment: renders as nothing).
+WRITTEN_MARK = "<!-- written by heron card; sha256 of the text above: {digest} -->\n"
+WRITTEN_MARK_PATTERN = re.compile(r"<!-- written by heron card; sha256 of the text above: (?P<digest>[0-9a-f]{64}) -->\n")
 # The Hub's pipeline tag for each kind of output head (core/config.py HEADS): a scalar
 # head scores a text, which the Hub files under text classification (reward models do).
 PIPELINE_TAGS = {"lm": "text-generation", "scalar": "text-classification"}
@@ -526,9 +531,15 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     return Path(path)
 
 
-def write_document(folder: str | os.PathLike[str], path: str | os.PathLike[str], text: str, event: str) -> Path:
+def write_document(folder: str | os.PathLike[str], path: str | os.PathLike[str], text: str, event: str,
+                   *, replace_edited: bool = False) -> Path:
     """Write a document about the checkpoint `folder` to `path` (atomically) and record
     the write as `event` in the audit log.
+
+    The file ends with a mark holding the hash of the text above it, so a later
+    write can tell a document nobody touched (replaced) from one the provider
+    has been filling in, or a file that is no document of Heron's: those are
+    replaced only with `replace_edited`, and a checkpoint's own files never.
 
     A document written into the folder changes the folder's hash, which is how
     the audit lineage finds the record that made a checkpoint. The event
@@ -537,21 +548,48 @@ def write_document(folder: str | os.PathLike[str], path: str | os.PathLike[str],
     weights (govern/audit_lineage.py), and an unrecorded edit still breaks the chain."""
     folder, path = Path(folder), Path(path)
     inside = folder.resolve() in path.resolve().parents
+    _check_replaceable(path, inside=inside, replace_edited=replace_edited)
+    log = audit_log()  # opened before writing: a log that cannot take the record stops the write
     before = Artifact("folder", folder_sha256(folder), str(folder.resolve()))
-    write_text_atomic(path, text)
-    record_event(event, inputs={"checkpoint": before},
-                 outputs={"document": path, "checkpoint": folder if inside else None})
+    write_text_atomic(path, text + WRITTEN_MARK.format(digest=_text_sha256(text)))
+    if log is not None:
+        log.append(event, inputs={"checkpoint": before},
+                   outputs={"document": path, "checkpoint": folder if inside else None})
     return path
 
 
+def _check_replaceable(path: Path, *, inside: bool, replace_edited: bool) -> None:
+    if not path.exists() or path.is_dir():  # a folder: the writer names it
+        return
+    if inside and path.suffix.lower() != ".md":
+        raise FileExistsError(f"{path}: is one of the checkpoint's own files; write the document to a .md file")
+    if not replace_edited and not is_untouched_document(path.read_text(encoding="utf-8", errors="replace")):
+        raise FileExistsError(f"{path}: exists and is not as heron card wrote it (edited since, or another file); "
+                              "write elsewhere with --out, or replace it with --force")
+
+
+def is_untouched_document(text: str) -> bool:
+    """Whether `text` is a document `write_document` wrote, unchanged since: its last line is
+    the mark, holding the hash of everything above it."""
+    body, _, last = text.removesuffix("\n").rpartition("\n")
+    found = WRITTEN_MARK_PATTERN.fullmatch(last + "\n")
+    return found is not None and found["digest"] == _text_sha256(body + "\n")
+
+
+def _text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def write_model_card(folder: str | os.PathLike[str], out: str | os.PathLike[str] | None = None,
-                     **options: Any) -> Path:
-    """Write `model_card(folder, **options)` to `out` (default: README.md in the checkpoint folder)."""
+                     *, replace_edited: bool = False, **options: Any) -> Path:
+    """Write `model_card(folder, **options)` to `out` (default: README.md in the checkpoint folder);
+    `replace_edited` as in `write_document`."""
     text = model_card(folder, **options)
-    return write_document(folder, Path(folder) / README_FILE if out is None else Path(out), text, "card.model_card")
+    return write_document(folder, Path(folder) / README_FILE if out is None else Path(out), text, "card.model_card",
+                          replace_edited=replace_edited)
 
 
-__all__ = ["PROVIDER", "Evaluation", "architecture", "card_metadata", "co2_eq_emissions", "data_facts", "data_table",
-           "describe_stage", "energy_rows", "evaluation_table", "hub_id", "lineage_evaluations", "lineage_lines",
-           "metric_name", "model_card", "model_name", "read_evaluations", "software", "unknown_origin",
-           "write_document", "write_model_card", "write_text_atomic"]
+__all__ = ["PROVIDER", "Evaluation", "WRITTEN_MARK", "architecture", "card_metadata", "co2_eq_emissions", "data_facts",
+           "data_table", "describe_stage", "energy_rows", "evaluation_table", "hub_id", "is_untouched_document",
+           "lineage_evaluations", "lineage_lines", "metric_name", "model_card", "model_name", "read_evaluations",
+           "software", "unknown_origin", "write_document", "write_model_card", "write_text_atomic"]

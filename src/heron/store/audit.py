@@ -69,10 +69,7 @@ class AuditStore(EngineStore):
     """An audit log's rows in one database; appends are transactions."""
 
     what = "audit log"
-
-    def __init__(self, engine: sa.Engine) -> None:
-        super().__init__(engine)
-        metadata.create_all(engine)
+    schema = metadata
 
     # ----- writing ------------------------------------------------------------------------------
 

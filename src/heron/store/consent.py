@@ -109,10 +109,7 @@ class ConsentStore(EngineStore):
     """Consent events in one database; every append is one transaction."""
 
     what = "consent registry"
-
-    def __init__(self, engine: sa.Engine) -> None:
-        super().__init__(engine)
-        consent_metadata.create_all(engine)  # adds the table (and its trigger) if missing
+    schema = consent_metadata  # the table, and its trigger
 
     def append(self, event: EventInput) -> ConsentEvent:
         """Add an event. It may not be dated before the latest event of its user and purpose, so

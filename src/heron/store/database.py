@@ -51,6 +51,13 @@ def connect(url_or_path: str | os.PathLike[str], *, create: bool = True, what: s
     return engine
 
 
+def _require_tables(engine: sa.Engine, schema: sa.MetaData, what: str) -> None:
+    present = set(sa.inspect(engine).get_table_names())
+    missing = [name for name in schema.tables if name not in present]
+    if missing:
+        raise ValueError(f"{engine.url.render_as_string()}: holds no {what} (missing its tables {', '.join(missing)})")
+
+
 def _enforce_foreign_keys(dbapi_connection: sqlite3.Connection, _record: object) -> None:
     """SQLite checks foreign keys only when asked, once per connection
     (https://sqlite.org/foreignkeys.html#fk_enable)."""
@@ -60,23 +67,37 @@ def _enforce_foreign_keys(dbapi_connection: sqlite3.Connection, _record: object)
 
 
 class EngineStore(Closing):
-    """A store over one SQLAlchemy engine, opened from a URL or an SQLite path."""
+    """A store over one SQLAlchemy engine, opened from a URL or an SQLite path.
+
+    Stores may share a database (their tables' names differ), so a database is
+    this store's when it holds this store's tables, whatever else it holds."""
 
     what: ClassVar[str] = "database"  # named in errors: "no {what} at ...", "cannot open {what} ..."
+    schema: ClassVar[sa.MetaData] = sa.MetaData()  # the store's tables
 
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
 
     @classmethod
     def open(cls, url_or_path: str | os.PathLike[str], *, create: bool = True) -> Self:
-        """The store at a database URL or an SQLite file path (made if missing, unless `create`
-        is false); ":memory:" is an in-memory SQLite database."""
+        """The store at a database URL or an SQLite file path; ":memory:" is an in-memory SQLite database.
+
+        With `create` the file and any missing tables are made (existing ones are never
+        altered). Without it nothing is written: a missing file, or a database without
+        this store's tables (an empty file, another store's database), is an error."""
         engine = connect(url_or_path, create=create, what=cls.what)
         try:
+            if create:
+                cls.schema.create_all(engine)
+            else:
+                _require_tables(engine, cls.schema, cls.what)
             return cls(engine)
         except sa.exc.DatabaseError as exc:  # unreachable server, not a database file, ...
             engine.dispose()
             raise ValueError(f"cannot open {cls.what} {engine.url.render_as_string()}: {exc.orig}") from None
+        except BaseException:
+            engine.dispose()
+            raise
 
     @property
     def url(self) -> str:

@@ -42,10 +42,7 @@ class FeedbackStore(EngineStore):
     """Human feedback in one database; every write is one transaction."""
 
     what = "feedback store"
-
-    def __init__(self, engine: sa.Engine) -> None:
-        super().__init__(engine)
-        metadata.create_all(engine)  # adds missing tables; never alters existing ones
+    schema = metadata
 
     # ----- writing ------------------------------------------------------------------------------
 

@@ -48,12 +48,15 @@ def read_feedback_jsonl(
     """
     file = Path(path)
     rows: list[PairInput | RatingInput] = []
-    with open(file, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    with open(file, "rb") as f:  # decoded line by line, so that bytes that are not UTF-8 are found by line
+        for lineno, raw in enumerate(f, start=1):
             try:
-                rows.append(parse_line(line, annotator=annotator, now=now))
+                line = raw.decode("utf-8")
+                if line.strip():
+                    rows.append(parse_line(line, annotator=annotator, now=now))
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{file}, line {lineno}: not UTF-8 ({exc.reason} at byte {exc.start + 1} "
+                                 "of the line)") from None
             except ValueError as exc:
                 raise ValueError(f"{file}, line {lineno}: {exc}") from None
     return rows
@@ -95,6 +98,8 @@ def atomic_writer(path: str | os.PathLike[str]) -> Iterator[TextIO]:
     `path` when the block ends without an error (otherwise removed), so a reader
     never sees half a file."""
     target = Path(path)
+    if target.is_dir():
+        raise IsADirectoryError(f"{target}: is a folder; name a file to write")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.partial")
     try:
