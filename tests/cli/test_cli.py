@@ -82,6 +82,36 @@ def test_tokenizer_data_train_generate_eval(corpus: Path, tmp_path: Path, capsys
     assert 1.0 < ppl < 30
 
 
+def test_shards_of_another_tokenizer_are_refused_even_at_the_same_vocabulary_size(corpus: Path, tmp_path: Path,
+                                                                                 capsys) -> None:
+    shards, checkpoint = tokenizer_shards_and_checkpoint(corpus, tmp_path)
+    other_corpus = tmp_path / "other"
+    other_corpus.mkdir()
+    for i in range(40):
+        (other_corpus / f"t_{i}.py").write_text(f"while x_{i} > 0:\n    x_{i} -= {i} * y\n" * 3)
+    tok, other = tmp_path / "other.json", tmp_path / "other-shards"
+    assert main(["tokenizer", "train", str(other_corpus), "--vocab-size", "300", "--out", str(tok)]) == 0
+    assert main(["data", "prepare", str(other_corpus), "--tokenizer", str(tok), "--out", str(other)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(checkpoint), "--shards", str(other)]) == 2
+    assert f"{other}: made with another tokenizer than {checkpoint}'s" in capsys.readouterr().err
+    assert main(["compress", "quantize", str(checkpoint), str(tmp_path / "q"), "--method", "gptq",
+                 "--calib-shards", str(other)]) == 2
+    assert "made with another tokenizer" in capsys.readouterr().err and not (tmp_path / "q").exists()
+    assert main(["compress", "quantize", str(checkpoint), str(tmp_path / "q8")]) == 0
+    assert main(["compress", "prune", str(tmp_path / "q8"), str(tmp_path / "p"), "--sparsity", "0.5",
+                 "--method", "magnitude"]) == 2
+    assert "q8: quantised; prune the full-precision model, then quantise the pruned one" in capsys.readouterr().err
+    one_file = tmp_path / "one"
+    one_file.mkdir()
+    (one_file / "a.py").write_text((corpus / "mod_0.py").read_text())
+    assert main(["data", "prepare", str(one_file), "--tokenizer", str(tmp_path / "tok.json"),
+                 "--out", str(tmp_path / "one-shards")]) == 0
+    assert "heron data: warning: the validation split is empty" in capsys.readouterr().err
+    assert main(["eval", str(checkpoint), "--shards", str(tmp_path / "one-shards")]) == 2
+    assert "one-shards: the validation split holds 0 tokens; nothing to score" in capsys.readouterr().err
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_generate_and_eval_on_the_gpu_equal_the_cpu(corpus: Path, tmp_path: Path, capsys) -> None:

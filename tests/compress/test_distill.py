@@ -141,6 +141,16 @@ def test_a_teacher_with_another_vocabulary_is_refused(teacher, tmp_path):
         distill(teacher, recipe(tmp_path / "student", d_model=16, steps=2, vocab_size=48))
 
 
+def test_resuming_under_another_teacher_or_loss_is_refused(teacher, tmp_path):
+    """The lineage names one distillation: a run continued under other settings would record
+    the second over the first."""
+    first = distill(teacher, recipe(tmp_path / "student", d_model=16, steps=2), temperature=2.0)
+    with pytest.raises(ValueError, match=r"resuming a distillation whose temperature was 2.0, now 5.0"):
+        distill(teacher, recipe(tmp_path / "student", d_model=16, steps=4), temperature=5.0)
+    resumed = distill(teacher, recipe(tmp_path / "student", d_model=16, steps=4), temperature=2.0)
+    assert resumed.history[:2] == first.history and len(resumed.history) == 4
+
+
 def test_the_cli_distills_from_a_recipe_file(teacher, tmp_path, capsys):
     file = tmp_path / "student.yaml"
     file.write_text(yaml.safe_dump(recipe_dict(tmp_path / "student", d_model=16, steps=3)))

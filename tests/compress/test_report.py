@@ -77,3 +77,17 @@ def test_a_short_context_model_is_scored_and_decoded_within_it(tmp_path):
     row, = measure([folder], val, seq_len=128, batch_size=4, max_batches=2, new_tokens=64, rounds=1)
     assert row.perplexity == perplexity(model.eval(), val, seq_len=24, batch_size=4, max_batches=2)
     assert row.decode_tokens_per_s > 0
+
+
+def test_a_run_folder_counts_the_checkpoint_it_loads_not_the_whole_run(tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=128, d_model=32, n_layers=1, n_heads=2, max_seq_len=64))
+    run = tmp_path / "run"
+    for step in (1, 2):
+        save_model_folder(run / "checkpoints" / f"step_{step:08d}", model)
+    (run / "loss.png").write_bytes(b"x" * 50_000)
+    val = np.random.default_rng(0).integers(0, 128, size=500).astype(np.uint16)
+    whole, step = measure([run, run / "checkpoints" / "step_00000002"], val, names=["run", "step"], seq_len=16,
+                          batch_size=2, max_batches=1, new_tokens=2, rounds=1)
+    assert whole.size_bytes == step.size_bytes == checkpoint_bytes(run / "checkpoints" / "step_00000002")
+    assert step.size_ratio == 1.0

@@ -4,13 +4,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import warnings
 from pathlib import Path
 
 import torch
 
 import heron
 from heron.core import Transformer
-from heron.data import Corpus, default_corpus, load_shards, prepare_shards
+from heron.data import Corpus, check_shards_fit, default_corpus, load_shards, prepare_shards
 from heron.generate import Generator, SamplingParams, perplexity
 from heron.generate.perplexity import evaluated_windows
 from heron.govern import EnergyMeter
@@ -45,6 +46,10 @@ def data_prepare(args: argparse.Namespace) -> int:
                             val_fraction=args.val_fraction, seed=args.seed)
     reused = "; reused: the corpus and tokenizer are those that made them" if shards.reused else ""
     print(f"shards: {shards.path} ({len(shards.train):,} train / {len(shards.val):,} validation tokens{reused})")
+    for split, tokens in (("training", shards.train), ("validation", shards.val)):
+        if len(tokens) == 0:
+            warnings.warn(f"the {split} split is empty: training and `heron eval` need both (add files, or change "
+                          f"--val-fraction; a corpus of one file cannot be split)", stacklevel=1)
     return 0
 
 
@@ -123,8 +128,12 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    model, _ = load_on(args.checkpoint, args.device)
+    model, tokenizer = load_on(args.checkpoint, args.device)
     shards = load_shards(args.shards)
+    check_shards_fit(shards, str(args.checkpoint), vocab_size=model.config.vocab_size, tokenizer=tokenizer)
+    if len(shards.val) < 2:
+        raise ValueError(f"{args.shards}: the validation split holds {len(shards.val)} tokens; nothing to score "
+                         "(prepare the shards with more files, or a larger --val-fraction)")
     seq_len = min(DEFAULT_EVAL_SEQ_LEN, model.config.max_seq_len) if args.seq_len is None else args.seq_len
     meter = EnergyMeter().start()
     ppl = perplexity(model, shards.val, seq_len=seq_len, batch_size=args.batch_size,
@@ -254,7 +263,7 @@ def explain(args: argparse.Namespace) -> int:
 def compress_report(args: argparse.Namespace) -> int:
     from heron.compress.report import measure, write_report
 
-    rows = measure(args.checkpoints, load_shards(args.shards).val, seq_len=args.seq_len,
+    rows = measure(args.checkpoints, load_shards(args.shards), seq_len=args.seq_len,
                    max_batches=args.max_batches, new_tokens=args.new_tokens)
     report = write_report(rows, args.out)
     print(report.read_text(encoding="utf-8"))

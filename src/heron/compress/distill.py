@@ -36,6 +36,7 @@ comparable with any model's) and the energy record are the loop's own.
 """
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -47,6 +48,7 @@ from torch import nn
 from heron.compress.distill_loss import check_settings, linear_distillation_loss
 from heron.core.config import ModelConfig
 from heron.core.transformer import HeadLoss, Transformer
+from heron.train.checkpoint import LINEAGE_FILE, latest_checkpoint
 from heron.train.loop import IGNORE_INDEX, Objective, TrainResult, train
 from heron.train.recipe import TrainRecipe, model_config
 from heron.train.sources import resolve_data
@@ -181,8 +183,13 @@ def distill(teacher_dir: str | Path, recipe: TrainRecipe, *, temperature: float 
     teacher layers (None: the uniform map)."""
     import heron  # heron.load sits above every layer
 
-    teacher, _ = heron.load(teacher_dir)
+    teacher, teacher_tokenizer = heron.load(teacher_dir)
     data = resolve_data(recipe.data)
+    data_tokenizer = getattr(data.tokenizer, "fingerprint", None)
+    teacher_fingerprint = getattr(teacher_tokenizer, "fingerprint", None)
+    if data_tokenizer is not None and teacher_fingerprint is not None and data_tokenizer() != teacher_fingerprint():
+        raise ValueError(f"teacher: {teacher_dir}'s tokenizer is not the one the recipe's data ({recipe.data.shards}) "
+                         "was tokenised with; tokenise the data with the teacher's tokenizer")
     if teacher.config.vocab_size != data.vocab_size:
         raise ValueError(f"teacher: vocabulary of {teacher.config.vocab_size} tokens, but the recipe's data "
                          f"({recipe.data.shards or 'synthetic'}) has {data.vocab_size}; tokenise the data with "
@@ -196,7 +203,22 @@ def distill(teacher_dir: str | Path, recipe: TrainRecipe, *, temperature: float 
         settings["hidden_layers"] = {str(i): j for i, j in layer_map.items()}  # JSON keys: student layers
     lineage = {"distillation": {"teacher": str(Path(teacher_dir).resolve()), **settings,
                                 "teacher_config": teacher.config.to_dict()}}
+    if resume:
+        _check_same_distillation(recipe.out_dir, lineage["distillation"])
     return train(recipe, resume=resume, data=data, lineage=lineage, token_loss=objective)
+
+
+def _check_same_distillation(out_dir: str | Path, now: Mapping[str, object]) -> None:
+    """A run resumes only under the teacher and loss it began with: its lineage names one
+    distillation, so a second one would be recorded over the first, unseen."""
+    found = latest_checkpoint(out_dir)
+    if found is None:
+        return
+    then = json.loads((found / LINEAGE_FILE).read_text(encoding="utf-8")).get("distillation", {})
+    for key, value in json.loads(json.dumps(now)).items():  # as the lineage holds it: tuples as lists
+        if then.get(key) != value:
+            raise ValueError(f"{out_dir}: resuming a distillation whose {key} was {then.get(key)!r}, now "
+                             f"{value!r}; give the same teacher and settings, or start over (--no-resume)")
 
 
 __all__ = ["check_hidden_settings", "distill", "distillation_objective", "hidden_state_loss", "teacher_states",

@@ -17,9 +17,10 @@ import torch
 from heron.compress.calibration import calibration_windows
 from heron.compress.prune_model import METHODS, prune_model, recover, sparsity_of
 from heron.compress.prune_structured import prune_experts, prune_heads, prune_mlp_channels
+from heron.compress.qlinear import is_quantized
 from heron.compress.sparse_store import save_sparse
 from heron.core.transformer import Transformer
-from heron.data import load_shards
+from heron.data import check_shards_fit, load_shards
 from heron.data.batches import PackedBatches
 from heron.data.shards import META_FILE
 from heron.govern import EnergyMeter
@@ -74,7 +75,12 @@ def prune_checkpoint(source: str | Path, target: str | Path, settings: PruneSett
     require_new_folder(target)
     meter = EnergyMeter().start()
     model, tokenizer = heron.load(source)
+    if is_quantized(model):
+        raise ValueError(f"{source}: quantised; prune the full-precision model, then quantise the pruned one")
     before = sum(p.numel() for p in model.parameters())
+    if settings.calib_shards is not None:
+        check_shards_fit(load_shards(settings.calib_shards), str(source), vocab_size=model.config.vocab_size,
+                         tokenizer=tokenizer)
     calibration, recovery = _batches(model, settings)
     if settings.experts is not None:
         model = prune_experts(model, settings.experts, calibration)

@@ -13,7 +13,7 @@ from typing import Any
 from heron.compress.calibration import calibration_windows
 from heron.compress.checkpoint import save_quantized
 from heron.compress.quantize import QuantizeSettings, quantize_model
-from heron.data.shards import META_FILE
+from heron.data.shards import META_FILE, check_shards_fit, load_shards
 from heron.govern import EnergyMeter
 from heron.govern.audit import record_event
 from heron.govern.digest import model_hash
@@ -53,6 +53,8 @@ def quantize_checkpoint(source: str | Path, target: str | Path, settings: Quanti
     calibration = None
     if settings.quantize.method != "rtn":
         seq_len = min(settings.seq_len, model.config.max_seq_len)
+        check_shards_fit(load_shards(settings.calib_shards), str(source), vocab_size=model.config.vocab_size,
+                         tokenizer=tokenizer)
         calibration = calibration_windows(settings.calib_shards, settings.calib_batches, settings.calib_batch_size,
                                           seq_len, settings.seed)
     quantize_model(model, calibration=calibration, progress=progress, **asdict(settings.quantize))

@@ -26,10 +26,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import heron  # noqa: E402
+from heron.data import ShardSet, check_shards_fit  # noqa: E402
 from heron.generate import Decoder, SamplingParams, decode_steps, perplexity  # noqa: E402
 from heron.govern import EnergyMeter, EnergyReport  # noqa: E402
 from heron.govern.energy import provenance  # noqa: E402
-from heron.train.checkpoint import STATE_FILE  # noqa: E402
+from heron.train.checkpoint import STATE_FILE, resolve_checkpoint  # noqa: E402
 
 REPORT_MD, REPORT_JSON, PARETO_PNG = "report.md", "report.json", "pareto.png"
 
@@ -61,7 +62,8 @@ def decode_speed(model: torch.nn.Module, prompt: list[int], *, new_tokens: int =
                  rounds: int = 3) -> tuple[float, EnergyReport]:
     """(median tokens/s, the energy report) of greedy batch-1 decoding."""
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
-    Decoder(model, [prompt], params)  # warm-up: first-call allocations stay out of the figures
+    for _ in decode_steps(Decoder(model, [prompt], params), new_tokens):
+        pass  # a whole untimed decode first: first-call allocations and kernel set-up stay out of the figures
     meter, speeds = EnergyMeter().start(), []
     for _ in range(rounds):
         started = time.perf_counter()
@@ -72,7 +74,7 @@ def decode_speed(model: torch.nn.Module, prompt: list[int], *, new_tokens: int =
     return statistics.median(speeds), meter.stop(tokens=rounds * new_tokens)
 
 
-def measure(folders: Sequence[str | Path], val_tokens: np.ndarray, *, names: Sequence[str] | None = None,
+def measure(folders: Sequence[str | Path], val_tokens: np.ndarray | ShardSet, *, names: Sequence[str] | None = None,
             seq_len: int = 128, batch_size: int = 8, max_batches: int | None = 16, new_tokens: int = 64,
             rounds: int = 3) -> list[VariantRow]:
     """One row per checkpoint folder (named by `names`, else by the folder); the
@@ -89,11 +91,15 @@ def measure(folders: Sequence[str | Path], val_tokens: np.ndarray, *, names: Seq
     names = list(names)
     if len(names) != len(folders) or len(set(names)) != len(names):
         raise ValueError(f"names: need one distinct name per folder, got {names}")
+    shards = val_tokens if isinstance(val_tokens, ShardSet) else None
+    val_tokens = shards.val if shards is not None else val_tokens
     prompt = [int(t) for t in val_tokens[:16]]
     rows: list[VariantRow] = []
     for name, folder in zip(names, folders):
-        model, _ = heron.load(folder)
-        size = checkpoint_bytes(folder)
+        model, tokenizer = heron.load(folder)
+        if shards is not None:
+            check_shards_fit(shards, str(folder), vocab_size=model.config.vocab_size, tokenizer=tokenizer)
+        size = checkpoint_bytes(resolve_checkpoint(folder))  # what heron.load read: a run's latest
         context = model.config.max_seq_len
         ppl = perplexity(model, val_tokens, seq_len=min(seq_len, context), batch_size=batch_size,
                          max_batches=max_batches)

@@ -124,12 +124,28 @@ class ShardSet:
     reused: bool = False  # True when prepare_shards found matching shards and did no work
 
 
+def check_shards_fit(shards: ShardSet, model: str, *, vocab_size: int, tokenizer: object | None = None) -> None:
+    """Refuse shards that are not in `model`'s token ids: made with another tokenizer (where
+    both record which: `tokenizer.fingerprint()` against the shards' metadata), or holding
+    ids past its vocabulary of `vocab_size`. Otherwise perplexity, calibration or
+    distillation would run on the wrong text, silently."""
+    made_with = shards.meta.get("tokenizer_sha256")
+    fingerprint = getattr(tokenizer, "fingerprint", None)
+    if made_with and fingerprint is not None and fingerprint() != made_with:
+        raise ValueError(f"{shards.path}: made with another tokenizer than {model}'s; tokenise the corpus with "
+                         f"the model's tokenizer.json (heron data prepare --tokenizer)")
+    shard_vocab = shards.meta.get("vocab_size")  # absent from a hand-made folder
+    if shard_vocab is not None and int(shard_vocab) > vocab_size:
+        raise ValueError(f"{shards.path}: its tokenizer has {shard_vocab} tokens, but {model} has a vocabulary "
+                         f"of {vocab_size}")
+
+
 def load_shards(path: str | os.PathLike[str]) -> ShardSet:
     """Memory-map the shards in a folder written by prepare_shards."""
     folder = Path(path)
     meta = _read_meta(folder)
     if meta is None:
-        raise FileNotFoundError(f"no shard metadata at {folder / META_FILE}; run prepare_shards first")
+        raise FileNotFoundError(f"no shard metadata at {folder / META_FILE}; make them with `heron data prepare` (prepare_shards)")
     dtype = np.dtype(meta["dtype"]).newbyteorder("<")  # files are little-endian on every host
     splits = {}
     for split in SPLITS:
