@@ -73,6 +73,13 @@ def test_cli_on_a_checkpoint_and_clear_errors(tokenizer, tmp_path, capsys):
     assert "target: 'def f' is" in capsys.readouterr().err
     with pytest.raises(ValueError, match="^corrupted: .* tokens, but the prompt has"):
         explain(model_for(), tokenizer, ExplainSettings(prompt=PROMPT, corrupted="x"), tmp_path / "o3")
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()  # no half-written report
+    (tmp_path / "out" / "stale.png").write_bytes(b"an earlier run's")
+    assert main(["explain", str(tmp_path / "ckpt"), "--prompt", PROMPT, "--out", str(tmp_path / "out")]) == 0
+    assert not (tmp_path / "out" / "stale.png").exists() and missing_files(tmp_path / "out" / PAGE) == []
+    assert main(["explain", str(tmp_path / "ckpt"), "--prompt", PROMPT, "--out", str(tmp_path / "ckpt")]) == 2
+    assert "ckpt: exists and holds no earlier report" in capsys.readouterr().err
+    assert (tmp_path / "ckpt" / "config.json").is_file()
 
 
 def test_a_hugging_face_folder_is_explained_too(tokenizer, tmp_path):

@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 
 import pytest
 
@@ -163,3 +165,12 @@ def test_load_errors_name_the_path(tok: HeronTokenizer, tmp_path) -> None:
     broken.write_text(json.dumps(data))
     with pytest.raises(ValueError, match=r"lacks Heron's special tokens \['<\|end\|>'\]"):
         HeronTokenizer.load(broken)
+
+
+def test_a_saved_tokenizer_is_as_readable_as_any_new_file(tok, tmp_path) -> None:
+    """Written through a temporary file that the umask governs (mkstemp's would be 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    (tmp_path / "plain.txt").write_text("x")
+    assert stat.S_IMODE(tok.save(tmp_path).stat().st_mode) == stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
+    assert stat.S_IMODE(tok.save(tmp_path).stat().st_mode) == 0o666 & ~umask

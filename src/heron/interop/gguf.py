@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -321,8 +321,8 @@ def encode_tensor(
 def _write_atomic(writer: gguf.GGUFWriter, target: Path) -> None:
     """Write into a temporary sibling file, renamed onto `target` once complete."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
-    os.close(fd)
+    # A name of its own, opened by the writer: mkstemp would make the file readable by its owner alone.
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.partial")
     try:
         writer.write_header_to_file(Path(tmp))
         writer.write_kv_data_to_file()

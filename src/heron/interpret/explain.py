@@ -29,6 +29,7 @@ from heron.interpret.lens import direct_logit_attribution, dla_names, logit_lens
 from heron.interpret.patching import logit_diff, patch_heads, patch_positions
 from heron.interpret.plots import bars, heatmap
 from heron.interpret.routing import plot_load, routing
+from heron.train.checkpoint import atomic_folder
 
 PAGE = "index.html"
 
@@ -45,11 +46,30 @@ class ExplainSettings:
 
 def explain(model: Transformer, tokenizer: TokenizerLike, settings: ExplainSettings,
             out_dir: str | os.PathLike[str]) -> Path:
-    """Write the report (index.html and its PNGs) into `out_dir`; return the page's path."""
-    out = Path(out_dir)
-    meter = EnergyMeter().start()
+    """Write the report (index.html and its PNGs) into `out_dir`; return the page's path.
+
+    The folder appears whole, replacing an earlier report there, or not at all; a
+    folder that holds anything but a report is refused before any work."""
+    target_dir = Path(out_dir)
+    if target_dir.exists() and not (target_dir / PAGE).is_file() and (
+            not target_dir.is_dir() or any(target_dir.iterdir())):
+        raise FileExistsError(f"{target_dir}: exists and holds no earlier report; write the report to a new folder")
     model.eval()
     ids = torch.tensor([_encode(tokenizer, settings.prompt, "prompt", model)])  # (1, T)
+    corrupted = None
+    if settings.corrupted is not None:  # checked before the work, not after it
+        corrupted = torch.tensor([_encode(tokenizer, settings.corrupted, "corrupted", model)])
+        if corrupted.shape != ids.shape:
+            raise ValueError(f"corrupted: {corrupted.shape[1]} tokens, but the prompt has {ids.shape[1]}; patching "
+                             "needs prompts of equal token length")
+    with atomic_folder(target_dir) as out:
+        _write_report(model, tokenizer, settings, ids, corrupted, out)
+    return target_dir / PAGE
+
+
+def _write_report(model: Transformer, tokenizer: TokenizerLike, settings: ExplainSettings, ids: torch.Tensor,
+                  corrupted: torch.Tensor | None, out: Path) -> None:
+    meter = EnergyMeter().start()
     tokens = [tokenizer.decode([i]) for i in ids[0].tolist()]
     output, cache = run_with_cache(model, ids, [*resid_names(model), *dla_names(model)])  # one forward for both
     logits = output.logits[0, -1].float()  # (V,)
@@ -62,8 +82,8 @@ def explain(model: Transformer, tokenizer: TokenizerLike, settings: ExplainSetti
         _heads(model, settings, out),
         _input_attribution(model, ids, tokens, target, tokenizer, settings, out),
     ]
-    if settings.corrupted is not None:
-        sections.append(_patching(model, tokenizer, ids, tokens, target, settings, out))
+    if corrupted is not None:
+        sections.append(_patching(model, tokenizer, ids, corrupted, tokens, target, settings, out))
     if any(isinstance(block.mlp, MoE) for block in model.blocks):
         sections.append(_routing(model, ids, tokenizer, out))
     energy = meter.stop()
@@ -72,7 +92,7 @@ def explain(model: Transformer, tokenizer: TokenizerLike, settings: ExplainSetti
                        f"{model.config.n_heads} heads"),
              ("energy of this report", f"{energy.joules:.1f} J ({energy.source}; "
                                        f"{'measured' if energy.measured else 'estimated'})")]
-    return write_html(out / PAGE, "Explanation", sections, facts)
+    write_html(out / PAGE, "Explanation", sections, facts)
 
 
 def _encode(tokenizer: TokenizerLike, text: str, field: str, model: Transformer) -> list[int]:
@@ -210,12 +230,8 @@ def _input_attribution(model: Transformer, ids: torch.Tensor, tokens: list[str],
         tables=[Table(["token", "gradient x input"] + (["integrated gradients"] if ig is not None else []), rows)])
 
 
-def _patching(model: Transformer, tokenizer: TokenizerLike, ids: torch.Tensor, tokens: list[str], target: int,
-              settings: ExplainSettings, out: Path) -> Section:
-    corrupted = torch.tensor([_encode(tokenizer, settings.corrupted or "", "corrupted", model)])
-    if corrupted.shape != ids.shape:
-        raise ValueError(f"corrupted: {corrupted.shape[1]} tokens, but the prompt has {ids.shape[1]}; patching "
-                         "needs prompts of equal token length")
+def _patching(model: Transformer, tokenizer: TokenizerLike, ids: torch.Tensor, corrupted: torch.Tensor,
+              tokens: list[str], target: int, settings: ExplainSettings, out: Path) -> Section:
     with torch.no_grad():
         other = int(model(corrupted).logits[0, -1].argmax())
     if other == target:

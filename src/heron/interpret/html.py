@@ -12,7 +12,7 @@ from __future__ import annotations
 import html
 import os
 import re
-import tempfile
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,10 +69,13 @@ def write_html(path: str | os.PathLike[str], title: str, sections: Sequence[Sect
         parts.extend(_table(table) for table in section.tables)
     parts.append("</body></html>\n")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    with os.fdopen(fd, "w", encoding="utf-8") as file:
-        file.write("\n".join(parts))
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")  # not mkstemp: its files are 0600
+    try:
+        with open(tmp, "x", encoding="utf-8") as file:
+            file.write("\n".join(parts))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
