@@ -102,6 +102,8 @@ def test_shards_of_another_tokenizer_are_refused_even_at_the_same_vocabulary_siz
     assert main(["compress", "prune", str(tmp_path / "q8"), str(tmp_path / "p"), "--sparsity", "0.5",
                  "--method", "magnitude"]) == 2
     assert "q8: quantised; prune the full-precision model, then quantise the pruned one" in capsys.readouterr().err
+    assert main(["convert", "to-hf", str(tmp_path / "q8"), str(tmp_path / "hf")]) == 2
+    assert "q8: quantised; Hugging Face folders hold full-precision weights" in capsys.readouterr().err
     one_file = tmp_path / "one"
     one_file.mkdir()
     (one_file / "a.py").write_text((corpus / "mod_0.py").read_text())

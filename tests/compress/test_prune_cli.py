@@ -36,6 +36,12 @@ def test_unstructured_with_recovery_writes_a_sparse_checkpoint(folders, tmp_path
     lineage = json.loads((out / "lineage.json").read_text())
     assert lineage["pruning"]["settings"]["method"] == "sparsegpt" and "recover_loss" in lineage["pruning"]
     assert lineage["pruning"]["energy"]["joules"] > 0 and lineage["pruning"]["energy"]["source"]
+    # The pruned model exports to Hugging Face as the dense model it equals, zeros and all.
+    assert main(["convert", "to-hf", str(out), str(tmp_path / "hf")]) == 0
+    exported, _ = heron.load(tmp_path / "hf")
+    ids = torch.arange(20).unsqueeze(0) % model.config.vocab_size
+    with torch.no_grad():
+        assert torch.equal(exported(ids).logits, model(ids).logits)
 
 
 def test_two_four_and_mlp_channels(folders, tmp_path, capsys):

@@ -156,7 +156,13 @@ def convert_from_hf(args: argparse.Namespace) -> int:
 
 
 def convert_to_hf(args: argparse.Namespace) -> int:
-    family = export_hf(args.checkpoint, args.target, args.family)
+    from heron.compress.checkpoint import is_quantized_folder
+    from heron.train.checkpoint import resolve_checkpoint
+
+    if is_quantized_folder(resolve_checkpoint(args.checkpoint)):
+        raise ValueError(f"{args.checkpoint}: quantised; Hugging Face folders hold full-precision weights here: "
+                         "export the model it was quantised from, or write a GGUF file (heron convert to-gguf)")
+    family = export_hf(args.checkpoint, args.target, args.family, load=heron.load)  # pruned ones too
     print(f"wrote {family.architecture} folder {args.target}")
     return 0
 

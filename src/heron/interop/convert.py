@@ -6,13 +6,16 @@ be traced back to the exact weights it was converted from.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
+from heron.core.transformer import Transformer
 from heron.govern.audit import record_event
 from heron.govern.digest import Artifact, model_hash
 from heron.interop.families import Family
 from heron.interop.files import WeightFiles
 from heron.interop.hf_folder import CONFIG_FILE, load_hf_config, load_hf_folder, read_hf_config, save_hf_folder
+from heron.tokenizer import Tokenizer
 from heron.tokenizer.bpe import TOKENIZER_FILE
 from heron.tokenizer.pretrained import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from heron.train.checkpoint import (
@@ -41,9 +44,11 @@ def import_hf(source: str | Path, target: str | Path) -> Path:
     return folder
 
 
-def export_hf(checkpoint: str | Path, target: str | Path, family: str | None = None) -> Family:
-    """Write a Heron checkpoint as a Hugging Face folder; returns the family used."""
-    model, tokenizer = load_model_folder(checkpoint)
+def export_hf(checkpoint: str | Path, target: str | Path, family: str | None = None,
+              load: Callable[[str | Path], tuple[Transformer, Tokenizer | None]] = load_model_folder) -> Family:
+    """Write a Heron checkpoint as a Hugging Face folder; returns the family used. `load` reads
+    the checkpoint (`heron.load`, from above this layer, reads pruned ones too)."""
+    model, tokenizer = load(checkpoint)
     used = save_hf_folder(model, target, tokenizer, family=family)
     source = resolve_checkpoint(checkpoint)
     record_event("convert.to_hf", inputs={"checkpoint": source}, outputs={"folder": target},
