@@ -72,6 +72,8 @@ def test_tokenizer_data_train_generate_eval(corpus: Path, tmp_path: Path, capsys
     assert main(["generate", str(checkpoint), "--prompt", "def ", "--max-new-tokens", "128"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and "exceeds the model's max_seq_len 64" in err
+    assert main(["generate", str(checkpoint), "--prompt", "def f(): pass\n" * 40]) == 2  # no --max-new-tokens to blame
+    assert "prompt: " in (err := capsys.readouterr().err) and "more than the model's context of 64; shorten it" in err
     text, ppl = generated_and_perplexity(shards, checkpoint, "cpu", capsys)
     assert text.startswith("def ")
     # A prompt piped in (`echo "def " | heron generate ...`) loses the newline echo adds: the same text.

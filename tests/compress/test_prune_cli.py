@@ -54,7 +54,10 @@ def test_two_four_and_mlp_channels(folders, tmp_path, capsys):
 
 
 def test_bad_requests_exit_2_naming_the_problem(folders, tmp_path, capsys):
-    ckpt, _ = folders
+    ckpt, shards = folders
+    assert main(["compress", "prune", str(ckpt), str(tmp_path / "x"), "--heads", "0.1", "--calib-shards", str(shards),
+                 "--calib-batches", "1", "--seq-len", "16"]) == 2  # 4 heads: 0.1 of them removes none
+    assert "heads: 0.1 of 4 rounds to none removed; the smallest step here is 0.25" in capsys.readouterr().err
     assert main(["compress", "prune", str(ckpt), str(tmp_path / "x"), "--method", "wanda", "--sparsity", "0.5"]) == 2
     assert "--calib-shards" in capsys.readouterr().err
     assert main(["compress", "prune", str(ckpt), str(tmp_path / "x")]) == 2

@@ -50,6 +50,11 @@ def test_rtn_needs_no_shards_and_calibrated_methods_do(folders, tmp_path, capsys
     assert (ckpt / "model.safetensors").read_bytes() == weights
     assert main(["compress", "quantize", str(ckpt), str(tmp_path / "g"), "--scheme", "int4", "--group-size", "48"]) == 2
     assert "group_size: 48 does not divide" in capsys.readouterr().err
+    _, shards = folders
+    for flags, complaint in ((["--group-size", "32"], "--group-size: applies to int4 only"),
+                             (["--calib-shards", str(shards)], "--calib-shards: rtn rounds each weight on its own")):
+        assert main(["compress", "quantize", str(ckpt), str(tmp_path / "ignored"), *flags]) == 2  # int8, rtn
+        assert complaint in capsys.readouterr().err
 
 
 def test_a_moe_checkpoint_quantises_with_its_experts_and_loads(folders, tmp_path, capsys) -> None:

@@ -113,8 +113,12 @@ def generate(args: argparse.Namespace) -> int:
     else:
         prompts = [generator.prompt_ids(t) for t in texts]
     if args.max_new_tokens is None:  # the default, as far as the model's context leaves room for it
-        room = model.config.max_seq_len + 1 - max(map(len, prompts))
-        params = dataclasses.replace(params, max_new_tokens=max(1, min(DEFAULT_NEW_TOKENS, room)))
+        longest = max(map(len, prompts))
+        room = model.config.max_seq_len + 1 - longest
+        if room < 1:
+            raise ValueError(f"prompt: {longest} tokens, more than the model's context of "
+                             f"{model.config.max_seq_len}; shorten it")
+        params = dataclasses.replace(params, max_new_tokens=min(DEFAULT_NEW_TOKENS, room))
     if len(prompts) == 1 and not args.no_stream:
         pieces = generator.stream(prompts[0], params)  # checks and prefills before the prompt is echoed
         print(texts[0], end="", flush=True)
@@ -218,8 +222,14 @@ def compress_quantize(args: argparse.Namespace) -> int:
     from heron.compress.quantize import QuantizeSettings
     from heron.compress.quantize_checkpoint import QuantizeCheckpointSettings, quantize_checkpoint
 
+    if args.group_size is not None and "int4" not in (args.scheme, args.embeddings):
+        raise ValueError("--group-size: applies to int4 only (int8 keeps one scale per output row)")
+    if args.calib_shards is not None and args.method == "rtn":
+        raise ValueError("--calib-shards: rtn rounds each weight on its own and reads no calibration data "
+                         "(use --method gptq or awq)")
+    group_size = QuantizeSettings.group_size if args.group_size is None else args.group_size
     settings = QuantizeCheckpointSettings(
-        QuantizeSettings(scheme=args.scheme, method=args.method, group_size=args.group_size, act_order=args.act_order,
+        QuantizeSettings(scheme=args.scheme, method=args.method, group_size=group_size, act_order=args.act_order,
                          embeddings=args.embeddings, symmetric=args.symmetric),
         calib_shards=args.calib_shards, calib_batches=args.calib_batches, calib_batch_size=args.calib_batch_size,
         seq_len=args.seq_len,

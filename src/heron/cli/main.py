@@ -155,13 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", type=Path, help="checkpoint folder to write (new, or empty)")
     p.add_argument("--scheme", choices=["int8", "int4"], default="int8")
     p.add_argument("--method", choices=["rtn", "gptq", "awq"], default="rtn")
-    p.add_argument("--group-size", type=int, default=128, help="int4: input columns per scale and zero point")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="int4: input columns per scale and zero point (default 128)")
     p.add_argument("--act-order", action="store_true", help="gptq: columns in order of decreasing Hessian diagonal")
     p.add_argument("--embeddings", choices=["int8", "int4", "fp32"], default="int8",
                    help="format of the token embedding and output head")
     p.add_argument("--symmetric", action="store_true",
                    help="int4: llama.cpp Q4_0's grid (no zero points), so `convert to-gguf` writes Q4_0 exactly")
-    p.add_argument("--calib-shards", default=None, help="shard folder: calibration windows (train split)")
+    p.add_argument("--calib-shards", default=None, help="gptq, awq: shard folder of calibration windows (train split)")
     p.add_argument("--calib-batches", type=int, default=16)
     p.add_argument("--calib-batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)

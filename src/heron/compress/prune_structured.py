@@ -41,12 +41,14 @@ from heron.train.checkpoint import load_weights
 Calibration = torch.Tensor | Iterable[torch.Tensor] | None
 
 
-def keep_highest(scores: torch.Tensor, fraction: float) -> torch.Tensor:
+def keep_highest(scores: torch.Tensor, fraction: float, what: str = "fraction") -> torch.Tensor:
     """Sorted indices (n_keep,) of the parts to keep: all but the round(fraction * n)
-    lowest scores, at least one kept."""
+    lowest scores, at least one kept. A fraction that removes none is an error naming `what`."""
     if not 0 <= fraction < 1:
-        raise ValueError(f"fraction: expected a value in [0, 1), got {fraction!r}")
+        raise ValueError(f"{what}: expected a value in [0, 1), got {fraction!r}")
     n = scores.numel()
+    if fraction > 0 and round(fraction * n) == 0:
+        raise ValueError(f"{what}: {fraction:g} of {n} rounds to none removed; the smallest step here is {1 / n:.3g}")
     n_keep = max(n - round(fraction * n), 1)
     return scores.argsort(descending=True, stable=True)[:n_keep].sort().values
 
@@ -130,7 +132,7 @@ def prune_mlp_channels(model: Transformer, fraction: float, calibration: Calibra
     scores = mlp_channel_scores(model, calibration, batch_size)
     if not scores:
         raise ValueError("fraction: the model has no dense MLP layers to prune")
-    return remove_mlp_channels(model, {i: keep_highest(s, fraction) for i, s in scores.items()})
+    return remove_mlp_channels(model, {i: keep_highest(s, fraction, "mlp_channels") for i, s in scores.items()})
 
 
 # ----- attention heads ---------------------------------------------------------------
@@ -186,7 +188,7 @@ def prune_heads(model: Transformer, fraction: float, calibration: Calibration = 
                 batch_size: int = 8) -> Transformer:
     """A copy without the round(fraction * n_kv_heads) least important groups of every layer."""
     scores = head_group_scores(model, calibration, batch_size)
-    return remove_head_groups(model, [keep_highest(s, fraction) for s in scores])
+    return remove_head_groups(model, [keep_highest(s, fraction, "heads") for s in scores])
 
 
 # ----- MoE experts -----------------------------------------------------------------------
