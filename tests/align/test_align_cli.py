@@ -12,7 +12,7 @@ from heron.align.synthetic import RepeatTask
 from heron.cli.main import main
 from heron.core import ModelConfig, Transformer
 from heron.tokenizer import train_tokenizer
-from heron.train.checkpoint import save_model_folder
+from heron.train.checkpoint import resolve_checkpoint, save_model_folder
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,8 @@ def test_every_method_writes_a_checkpoint_with_lineage_and_metrics(base, tmp_pat
     assert (tmp_path / "ppo" / "reward_kl.png").is_file() and (tmp_path / "grpo" / "reward_kl.png").is_file()
     reward_model, _ = heron.load(tmp_path / "rm" / "model")
     assert reward_model.config.head == "scalar"
+    assert resolve_checkpoint(tmp_path / "dpo") == tmp_path / "dpo" / "model"  # the run folder names its model
+    assert main(["generate", str(tmp_path / "dpo"), "--prompt", "Add", "--max-new-tokens", "2"]) == 0
     # PPO with the trained reward model instead of the judge
     assert main(["align", "ppo", str(recipe(tmp_path, sft, "ppo-rm", reward=str(tmp_path / "rm" / "model"),
                                             ppo={"steps": 1, "prompts_per_step": 16}))]) == 0

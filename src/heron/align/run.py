@@ -38,9 +38,9 @@ from heron.data.chat import load_chat_jsonl  # noqa: E402
 from heron.govern import EnergyMeter  # noqa: E402
 from heron.govern.audit import record_event  # noqa: E402
 from heron.govern.digest import model_hash  # noqa: E402
-from heron.train.checkpoint import resolve_checkpoint, save_model_folder  # noqa: E402
+from heron.train.checkpoint import RUN_MODEL_DIR, resolve_checkpoint, save_model_folder  # noqa: E402
 
-METRICS_FILE, PLOT_FILE, MODEL_DIR = "metrics.jsonl", "reward_kl.png", "model"
+METRICS_FILE, PLOT_FILE, MODEL_DIR = "metrics.jsonl", "reward_kl.png", RUN_MODEL_DIR
 
 
 def run_alignment(method: str, recipe: AlignRecipe) -> Path:

@@ -43,6 +43,7 @@ from heron.tokenizer.bpe import TOKENIZER_FILE
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.safetensors"
 LINEAGE_FILE = "lineage.json"
+RUN_MODEL_DIR = "model"  # the one model of a run that keeps no step checkpoints (an alignment run)
 STATE_FILE = "trainer_state.pt"
 LATEST_FILE = "latest"
 CHECKPOINTS_DIR = "checkpoints"
@@ -381,7 +382,8 @@ def sweep_partial(root: Path) -> None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A model folder given itself, a run folder, a checkpoints folder, or `latest`."""
+    """A model folder given itself, a run folder (its latest checkpoint; an alignment run's
+    one model), a checkpoints folder, or `latest`."""
     path = Path(path)
     if (path / CONFIG_FILE).exists() or not path.exists():
         return path
@@ -396,6 +398,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
             return root / os.readlink(pointer)  # name the step folder itself
         if pointer.is_file():
             return root / pointer.read_text().strip()
+    if (path / RUN_MODEL_DIR / CONFIG_FILE).exists():
+        return path / RUN_MODEL_DIR
     latest = latest_checkpoint(path)
     if latest is None:
         raise CheckpointError(f"{path / CONFIG_FILE}: missing, and {path} holds no checkpoints")
@@ -412,7 +416,7 @@ def _heron_version() -> str:
 
 
 __all__ = [
-    "Checkpoint", "CheckpointError", "base_lineage", "checkpoint_name", "latest_checkpoint",
+    "Checkpoint", "CheckpointError", "RUN_MODEL_DIR", "base_lineage", "checkpoint_name", "latest_checkpoint",
     "list_checkpoints", "load_checkpoint", "load_model_folder", "load_weights", "point_latest", "remove_folder",
     "resolve_checkpoint",
     "save_checkpoint", "save_model_folder", "sha256_file", "sweep_partial", "tied_aliases",
