@@ -7,11 +7,13 @@ import hashlib
 import hmac
 import random
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from heron.govern import pii_recognizers
+from heron.govern import pii_names, pii_recognizers
 from heron.govern.pii import ENTITIES, STRUCTURED, PiiEngine, Span, mask, redact, resolve_overlaps
 from heron.govern.pii_corpus import TEMPLATES, Counts, f_beta, generate, score, score_one
 from heron.govern.pii_lexicon import first_names, last_names, split_of
@@ -316,3 +318,37 @@ def test_recall_on_a_small_held_out_corpus(engine):
     assert counts["PERSON"].recall >= 0.85, counts["PERSON"]
     total = sum(counts.values(), Counts())
     assert total.precision >= 0.9, total
+
+
+def test_the_name_model_is_kept_under_a_key_and_trained_over_when_damaged(tmp_path, monkeypatch):
+    """The cached weights are the trained ones, bit for bit; damage or "off" means training."""
+    monkeypatch.setenv(pii_names.CACHE_ENV, str(tmp_path))
+    trained = default_name_model()  # this process's model, trained or loaded before
+    default_name_model.cache_clear()
+    try:
+        written = default_name_model()
+        file, = tmp_path.glob("pii_names-*.npz")
+        default_name_model.cache_clear()
+        loaded = default_name_model()
+        assert loaded.vocab == written.vocab == trained.vocab
+        assert np.array_equal(loaded.weights, trained.weights)
+        file.write_bytes(b"not an npz file")
+        default_name_model.cache_clear()
+        assert np.array_equal(default_name_model().weights, trained.weights)
+        assert file.stat().st_size > 100  # written again
+        monkeypatch.setenv(pii_names.CACHE_ENV, "off")
+        file.unlink()
+        default_name_model.cache_clear()
+        default_name_model()
+        assert not list(tmp_path.iterdir())
+    finally:
+        default_name_model.cache_clear()
+
+
+def test_presidio_loads_without_torch_or_transformers_and_leaves_them_importable():
+    code = ("import sys\nfrom heron.govern.pii import PiiEngine\n"
+            "print(PiiEngine(entities=['EMAIL']).find('a@b.org')[0].entity)\n"
+            "print('torch' in sys.modules, 'transformers' in sys.modules)\n"
+            "import torch, transformers\nprint(torch.tensor([1]).item())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[:3] == ["EMAIL", "False False", "1"]

@@ -56,7 +56,8 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
 def _add_log(parser: argparse.ArgumentParser, also: str | None = None) -> None:
     what = "SQLite file or database URL" + (f", {also}" if also else "")
-    parser.add_argument("--log", type=lasting_database, default=None, help=f"{what} (default: $HERON_AUDIT_LOG, else runs/audit.db)")
+    parser.add_argument("--log", type=lasting_database, default=None,
+                        help=f"{what} (default: $HERON_AUDIT_LOG, else runs/audit.db)")
 
 
 def _location(args: argparse.Namespace) -> str:

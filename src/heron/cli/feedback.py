@@ -19,7 +19,8 @@ def register(verbs: argparse._SubParsersAction) -> None:
         dest="action", required=True)
     p = actions.add_parser("import", help="add comparisons and ratings from a JSONL file (all lines or none)")
     p.add_argument("file", type=Path, help="prompt/chosen/rejected or prompt/response/rating rows")
-    p.add_argument("--db", type=lasting_database, required=True, help="SQLite file or database URL (sqlite:///..., postgresql://...)")
+    p.add_argument("--db", type=lasting_database, required=True,
+                   help="SQLite file or database URL (sqlite:///..., postgresql://...)")
     p.add_argument("--annotator", required=True, help="who gave the feedback (a row's own 'annotator' wins)")
     p.add_argument("--source", default=None, help="where the prompts came from (default: the file's name)")
     p.set_defaults(handler=feedback_import)

@@ -43,7 +43,8 @@ README_FILE = "README.md"
 # A document's last line: the sha256 of the text above it, so that a rewrite can tell an untouched
 # document from one the provider has edited (an HTML comment: renders as nothing).
 WRITTEN_MARK = "<!-- written by heron card; sha256 of the text above: {digest} -->\n"
-WRITTEN_MARK_PATTERN = re.compile(r"<!-- written by heron card; sha256 of the text above: (?P<digest>[0-9a-f]{64}) -->\n")
+WRITTEN_MARK_PATTERN = re.compile(
+    r"<!-- written by heron card; sha256 of the text above: (?P<digest>[0-9a-f]{64}) -->\n")
 # The Hub's pipeline tag for each kind of output head (core/config.py HEADS): a scalar
 # head scores a text, which the Hub files under text classification (reward models do).
 PIPELINE_TAGS = {"lm": "text-generation", "scalar": "text-classification"}

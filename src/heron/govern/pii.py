@@ -85,11 +85,9 @@ class PiiEngine:
 
     def __init__(self, entities: Iterable[str] | None = None, score_threshold: float = SCORE_THRESHOLD,
                  names: NameModel | None = None) -> None:
-        from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
-        from presidio_analyzer.context_aware_enhancers import LemmaContextAwareEnhancer
-        from presidio_anonymizer import AnonymizerEngine
-
         from heron.govern.pii_recognizers import TokenizerNlpEngine, recognizers
+        from heron.govern.presidio import (AnalyzerEngine, AnonymizerEngine, LemmaContextAwareEnhancer,
+                                           RecognizerRegistry)
 
         self.entities = tuple(ENTITIES if entities is None else entities)
         unknown = sorted(set(self.entities) - set(ENTITIES))

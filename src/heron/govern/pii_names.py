@@ -38,18 +38,23 @@ deterministic for a seed.
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import re
+import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
-from presidio_analyzer import EntityRecognizer, RecognizerResult
 
 from heron.govern.pii_lexicon import FUNCTION_WORDS, HONORIFICS, NAME_PARTICLES, common_words, non_names
+from heron.govern.presidio import EntityRecognizer, RecognizerResult
 
 TOKEN = re.compile(r"\w+(?:['’-]\w+)*|[^\w\s]")
 SENTENCE_END = frozenset(".!?:;|")
+CACHE_ENV = "HERON_CACHE"  # where the trained name model is kept (default_name_model)
 
 
 @dataclass(frozen=True)
@@ -316,8 +321,53 @@ def _fit(x: np.ndarray, y: np.ndarray, pad: int, s: NameSettings, rng: np.random
 
 @lru_cache(maxsize=1)
 def default_name_model() -> NameModel:
-    """The model every default engine shares: NameSettings() defaults, trained once per process."""
-    return train_name_model(NameSettings())
+    """The model every default engine shares: NameSettings() defaults, trained once per machine.
+
+    Training takes seconds, so the weights are kept in the cache folder ($HERON_CACHE, else
+    ~/.cache/heron; "off" keeps nothing) under a key of everything they follow from: the
+    settings, the code and word lists that make the corpus, and the Faker and NumPy versions.
+    Any change trains anew; a cache file that cannot be read or written is trained over."""
+    settings = NameSettings()
+    file = _cache_file(settings)
+    if file is not None and file.is_file():
+        try:
+            with np.load(file) as saved:
+                vocab = {feature: i for i, feature in enumerate(saved["features"].tolist())}
+                return NameModel(vocab, saved["weights"], settings.threshold, settings.extend)
+        except (OSError, ValueError, KeyError):
+            pass
+    model = train_name_model(settings)
+    if file is not None:
+        _save(model, file)
+    return model
+
+
+def _cache_file(settings: NameSettings) -> Path | None:
+    folder = os.environ.get(CACHE_ENV, "").strip() or str(Path.home() / ".cache" / "heron")
+    if folder.lower() == "off":
+        return None
+    import faker
+
+    here = Path(__file__).parent
+    key = hashlib.sha256(repr((settings, faker.VERSION, np.__version__)).encode())
+    for module in ("pii_names.py", "pii_corpus.py", "pii_lexicon.py"):
+        key.update((here / module).read_bytes())
+    return Path(folder) / f"pii_names-{key.hexdigest()[:16]}.npz"
+
+
+def _save(model: NameModel, file: Path) -> None:
+    """Write the weights and feature names atomically; a folder that cannot be written is let be."""
+    features = np.array(sorted(model.vocab, key=model.vocab.__getitem__))
+    tmp = file.with_name(f".{file.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "xb") as f:
+            np.savez(f, weights=model.weights, features=features)
+        os.replace(tmp, file)
+    except OSError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class NameRecognizer(EntityRecognizer):

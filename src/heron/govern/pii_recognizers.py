@@ -31,12 +31,11 @@ from functools import lru_cache
 from typing import Iterable, Iterator
 
 import regex as re
-from presidio_analyzer import EntityRecognizer, Pattern, PatternRecognizer, RecognizerResult
-from presidio_analyzer.nlp_engine import NlpArtifacts, NlpEngine
-from presidio_analyzer.predefined_recognizers import (EmailRecognizer, IbanRecognizer, IpRecognizer, PhoneRecognizer,
-                                                      UsSsnRecognizer)
 
 from heron.govern.pii_lexicon import STREET_SUFFIXES
+from heron.govern.presidio import (EmailRecognizer, EntityRecognizer, IbanRecognizer, IpRecognizer, NlpArtifacts,
+                                   NlpEngine, Pattern, PatternRecognizer, PhoneRecognizer, RecognizerResult,
+                                   UsSsnRecognizer)
 
 CASE_SENSITIVE = re.DOTALL | re.MULTILINE  # Presidio's default adds IGNORECASE
 
