@@ -157,3 +157,15 @@ def test_unknown_recipe_lists_the_shipped_ones(capsys) -> None:
 def test_generate_from_a_missing_checkpoint_fails_clearly(tmp_path: Path, capsys) -> None:
     assert main(["generate", str(tmp_path / "nope"), "--prompt", "x"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["generate", "ckpt", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["eval", "ckpt", "--shards", "s", "--batch-size", "-2"], "--batch-size"),
+    (["explain", "ckpt", "--prompt", "p", "--out", "o", "--ig-steps", "0"], "--ig-steps"),
+    (["compress", "report", "ckpt", "--shards", "s", "--out", "o", "--new-tokens", "0"], "--new-tokens"),
+])
+def test_a_count_below_one_is_refused_by_its_flag(argv, flag, capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert f"argument {flag}: must be above 0, got" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from heron.govern.audit_keys import generate_keys, load_public_key, load_signing
 from heron.govern.audit_lineage import audit_lineage, format_lineage
 from heron.govern.card import write_text_atomic
 
-EXPORT_SUFFIXES = (".json", ".csv")  # `verify --log FILE` with these reads an export instead of a database
+EXPORT_SUFFIXES = {".json": "json", ".csv": "csv"}  # `verify --log FILE` with these reads an export, not a database
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
@@ -34,7 +34,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
     p = actions.add_parser("export", help="write every record to JSON (with the checkpoints) or CSV")
     p.add_argument("file", type=Path)
-    p.add_argument("--format", choices=FORMATS, default=None, help="default: from the file's suffix, else json")
+    p.add_argument("--format", choices=FORMATS, default=None, help="default: from the file's suffix (.json, .csv)")
     _add_log(p)
     p.set_defaults(handler=export)
 
@@ -80,6 +80,9 @@ def verify(args: argparse.Namespace) -> int:
     if args.log is not None and Path(args.log).suffix.lower() in EXPORT_SUFFIXES:
         rows, checkpoints = read_export(args.log)
         report = verify_log(rows, [*checkpoints, *anchors], public_key=public_key)
+        if not checkpoints and not anchors:
+            print(f"note: {args.log} holds no checkpoints (a CSV export never does), so records cut from its "
+                  "end go unseen; verify a JSON export, or pass --anchor")
     else:
         with _open(args) as log:
             report = log.verify(public_key=public_key, anchors=anchors)
@@ -96,8 +99,11 @@ def _read_anchor(file: Path) -> Checkpoint:
 
 
 def export(args: argparse.Namespace) -> int:
-    fmt = args.format or ("csv" if args.file.suffix.lower() == ".csv" else "json")
     not_the_source(args.file, _location(args), "audit log")
+    fmt = args.format or EXPORT_SUFFIXES.get(args.file.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{args.file}: cannot tell the format from its suffix; end it in .json or .csv, "
+                         "or pass --format")
     with _open(args) as log:
         count = export_log(log, args.file, fmt)
     print(f"wrote {count} audit records to {args.file} ({fmt})")

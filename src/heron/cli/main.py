@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from heron.cli import audit, card, consent, feedback, pii, watermark
-from heron.cli.options import DEMO_RECIPE, n_of_m, shipped_recipes
+from heron.cli.options import DEMO_RECIPE, n_of_m, positive_int, shipped_recipes
 
 Handler = Callable[[argparse.Namespace], int]
 # Errors that mean "the input was wrong": shown as one line, not a traceback (RecipeError is a
@@ -30,10 +30,10 @@ CHECKPOINT_HELP = "a checkpoint folder, a run folder (its latest checkpoint) or 
 
 
 def _add_sampling(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=None,
+    parser.add_argument("--max-new-tokens", type=positive_int, default=None,
                         help="tokens to generate at most (default: 128, or as many as the model's context leaves)")
     parser.add_argument("--temperature", type=float, default=0.8, help="softmax temperature (default 0.8; 0 = greedy)")
-    parser.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens only")
+    parser.add_argument("--top-k", type=positive_int, default=None, help="sample from the k likeliest tokens only")
     parser.add_argument("--top-p", type=float, default=1.0,
                         help="sample from the smallest set of tokens holding this probability (default 1: all)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0,
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     tok = verbs.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True)
     p = tok.add_parser("train", help="train a byte-level BPE tokenizer on a corpus")
     p.add_argument("sources", nargs="*", help="files, folders or globs (default: the Python standard library)")
-    p.add_argument("--vocab-size", type=int, default=8192, help="tokens in the vocabulary, specials included")
+    p.add_argument("--vocab-size", type=positive_int, default=8192, help="tokens in the vocabulary, specials included")
     p.add_argument("--ext", action="append", default=None, help="file extensions to read, e.g. .py (repeatable)")
     p.add_argument("--out", type=Path, required=True, help="where to write tokenizer.json")
     p.set_defaults(handler=_lazy("commands", "tokenizer_train"))
@@ -105,10 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("eval", help="validation perplexity of a checkpoint")
     p.add_argument("checkpoint", type=Path, help=CHECKPOINT_HELP)
     p.add_argument("--shards", type=Path, required=True, help="shard folder (its validation split is used)")
-    p.add_argument("--seq-len", type=int, default=None,
+    p.add_argument("--seq-len", type=positive_int, default=None,
                    help="tokens per scored window (default: 256, or the model's max_seq_len if shorter)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows scored at once")
-    p.add_argument("--max-batches", type=int, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=8, help="windows scored at once")
+    p.add_argument("--max-batches", type=positive_int, default=None,
                    help="score this many batches of windows spread evenly over the split (default: all)")
     _add_device(p)
     p.set_defaults(handler=_lazy("commands", "evaluate"))
@@ -142,11 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nm", type=n_of_m, default=None, metavar="N:M", help="keep N of every M inputs, e.g. 2:4")
     p.add_argument("--mlp-channels", type=float, default=None, help="fraction of MLP hidden channels removed")
     p.add_argument("--heads", type=float, default=None, help="fraction of attention head (kv) groups removed")
-    p.add_argument("--experts", type=int, default=None, help="MoE experts kept per layer (the most routed)")
+    p.add_argument("--experts", type=positive_int, default=None, help="MoE experts kept per layer (the most routed)")
     p.add_argument("--calib-shards", default=None, help="shard folder: calibration and recovery windows (train split)")
-    p.add_argument("--calib-batches", type=int, default=16)
-    p.add_argument("--calib-batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--calib-batches", type=positive_int, default=16)
+    p.add_argument("--calib-batch-size", type=positive_int, default=8)
+    p.add_argument("--seq-len", type=positive_int, default=256)
     p.add_argument("--recover-steps", type=int, default=0, help="masked fine-tune steps after pruning")
     p.add_argument("--recover-lr", type=float, default=1e-5)
     p.set_defaults(handler=_lazy("commands", "compress_prune"))
@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", type=Path, help="checkpoint folder to write (new, or empty)")
     p.add_argument("--scheme", choices=["int8", "int4"], default="int8")
     p.add_argument("--method", choices=["rtn", "gptq", "awq"], default="rtn")
-    p.add_argument("--group-size", type=int, default=None,
+    p.add_argument("--group-size", type=positive_int, default=None,
                    help="int4: input columns per scale and zero point (default 128)")
     p.add_argument("--act-order", action="store_true", help="gptq: columns in order of decreasing Hessian diagonal")
     p.add_argument("--embeddings", choices=["int8", "int4", "fp32"], default="int8",
@@ -163,9 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--symmetric", action="store_true",
                    help="int4: llama.cpp Q4_0's grid (no zero points), so `convert to-gguf` writes Q4_0 exactly")
     p.add_argument("--calib-shards", default=None, help="gptq, awq: shard folder of calibration windows (train split)")
-    p.add_argument("--calib-batches", type=int, default=16)
-    p.add_argument("--calib-batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--calib-batches", type=positive_int, default=16)
+    p.add_argument("--calib-batch-size", type=positive_int, default=8)
+    p.add_argument("--seq-len", type=positive_int, default=256)
     p.set_defaults(handler=_lazy("commands", "compress_quantize"))
     p = compress.add_parser("distill", help="train a smaller student (a training recipe) on a teacher's logits "
                                             "(and hidden states)")
@@ -188,11 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoints", type=Path, nargs="+", help="the reference first, then its variants")
     p.add_argument("--shards", type=Path, required=True, help="shard folder whose validation split is scored")
     p.add_argument("--out", type=Path, required=True, help="folder for report.md, report.json and pareto.png")
-    p.add_argument("--seq-len", type=int, default=128,
+    p.add_argument("--seq-len", type=positive_int, default=128,
                    help="tokens per scored window (shortened to the model's max_seq_len)")
-    p.add_argument("--max-batches", type=int, default=16,
+    p.add_argument("--max-batches", type=positive_int, default=16,
                    help="validation batches of 8 windows scored, spread evenly over the split")
-    p.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per speed round")
+    p.add_argument("--new-tokens", type=positive_int, default=64, help="tokens decoded per speed round")
     p.set_defaults(handler=_lazy("commands", "compress_report"))
 
     p = verbs.add_parser("align", help="align a checkpoint: sft, rm, dpo (and ipo/simpo/orpo), ppo or grpo")
@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corrupted", default=None,
                    help="a prompt of the same token length to patch against (activation patching)")
     p.add_argument("--target", default=None, help="the next token to explain (default: the model's top prediction)")
-    p.add_argument("--ig-steps", type=int, default=32, help="integrated-gradients steps (doubled if they miss)")
+    p.add_argument("--ig-steps", type=positive_int, default=32, help="integrated-gradients steps (doubled if they miss)")
     p.set_defaults(handler=_lazy("commands", "explain"))
 
     p = verbs.add_parser("demo", help="the whole life of a small model on the Python standard library")

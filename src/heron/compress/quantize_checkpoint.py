@@ -59,7 +59,8 @@ def quantize_checkpoint(source: str | Path, target: str | Path, settings: Quanti
                                           seq_len, settings.seed)
     quantize_model(model, calibration=calibration, progress=progress, **asdict(settings.quantize))
     calibration_settings = {k: v for k, v in asdict(settings).items() if k != "quantize"}
-    report = {"quantized_from": str(source), "calibration": calibration_settings, "energy": meter.stop().to_dict()}
+    report = {"quantized_from": str(Path(source).resolve()),  # absolute: read from any working directory
+              "calibration": calibration_settings, "energy": meter.stop().to_dict()}
     folder = save_quantized(target, model, tokenizer, lineage=report)
     record_event("compress.quantize", outputs={"checkpoint": folder}, model_hash=model_hash(folder),
                  inputs={"source": resolve_checkpoint(source),

@@ -119,6 +119,8 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
 def write_report(rows: Sequence[VariantRow], out_dir: str | Path) -> Path:
     """report.md, report.json and pareto.png under out_dir; returns the Markdown file."""
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out}: a file; the report goes in a folder")
     out.mkdir(parents=True, exist_ok=True)
     reference = rows[0]
     lines = ["| variant | size (MB) | size ratio | perplexity | ppl change | decode tok/s | speed-up | J/token "

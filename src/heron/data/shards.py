@@ -231,6 +231,8 @@ def prepare_shards(
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
     folder = Path(out_dir)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{folder}: a file; shards go in a folder")
     dtype = token_dtype(tokenizer.vocab_size)
     inputs = {
         "format": SHARD_FORMAT,
