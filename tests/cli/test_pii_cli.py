@@ -43,13 +43,15 @@ def test_redact_reads_a_file_and_masks(tmp_path, capsys):
 ])
 def test_a_mistyped_path_or_a_folder_is_an_error_not_the_text(tmp_path, monkeypatch, argument, error, complaint):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
     with pytest.raises(error, match=complaint):
         heron(["pii", "redact", argument, "--entities", ENTITIES])
 
 
 def test_words_and_addresses_are_read_as_text_and_a_file_must_be_utf8(tmp_path, capsys):
-    assert heron(["pii", "redact", "mail.com", "--entities", ENTITIES]) == 0  # names no file, and no file type
-    assert capsys.readouterr().out == "mail.com\n"
+    for text in ("mail.com", "N/A", "https://example.org/notes.txt"):  # no file named, nor a folder's file
+        assert heron(["pii", "redact", text, "--entities", ENTITIES]) == 0
+        assert capsys.readouterr().out == text + "\n"
     (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
     with pytest.raises(ValueError, match="latin1.txt: not UTF-8 text"):
         heron(["pii", "redact", str(tmp_path / "latin1.txt"), "--entities", ENTITIES])

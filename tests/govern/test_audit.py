@@ -551,7 +551,8 @@ def test_lineage_follows_the_links_to_the_data(tmp_path: Path, data_file: Path, 
     assert "no audit log at" in capsys.readouterr().err
     tamper(log, "UPDATE audit_records SET actor = 'eve' WHERE seq = 1")
     assert heron("audit", "lineage", str(pruned), "--log", str(tmp_path / "a.db")) == 0
-    assert "is NOT intact (see `heron audit verify`): the records above may have been altered" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "is NOT intact (see `heron audit verify`): the records above may have been altered" in out
 
 
 def test_documents_written_into_a_checkpoint_keep_its_lineage(tmp_path: Path, monkeypatch) -> None:

@@ -49,7 +49,7 @@ def data_prepare(args: argparse.Namespace) -> int:
     for split, tokens in (("training", shards.train), ("validation", shards.val)):
         if len(tokens) == 0:
             warnings.warn(f"the {split} split is empty: training and `heron eval` need both (add files, or change "
-                          f"--val-fraction; a corpus of one file cannot be split)", stacklevel=1)
+                          "--val-fraction; a corpus of one file cannot be split)", stacklevel=1)
     return 0
 
 

@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("generate", help="continue a prompt with a checkpoint")
     p.add_argument("checkpoint", type=Path, help=CHECKPOINT_HELP)
-    p.add_argument("--prompt", action="append", default=None, help="prompt text (repeatable: a batch; default: standard input, less one trailing newline)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="prompt text (repeatable: a batch; default: standard input, less one trailing newline)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat template")
     p.add_argument("--no-stream", action="store_true", help="print whole completions instead of streaming")
     _add_sampling(p)
@@ -209,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corrupted", default=None,
                    help="a prompt of the same token length to patch against (activation patching)")
     p.add_argument("--target", default=None, help="the next token to explain (default: the model's top prediction)")
-    p.add_argument("--ig-steps", type=positive_int, default=32, help="integrated-gradients steps (doubled if they miss)")
+    p.add_argument("--ig-steps", type=positive_int, default=32,
+                   help="integrated-gradients steps (doubled if they miss)")
     p.set_defaults(handler=_lazy("commands", "explain"))
 
     p = verbs.add_parser("demo", help="the whole life of a small model on the Python standard library")

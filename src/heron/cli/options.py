@@ -75,7 +75,8 @@ TEXT_FILE_SUFFIXES = (".txt", ".md", ".json", ".jsonl", ".csv", ".tsv", ".log", 
 def text_or_file(argument: str) -> str:
     """What a `TEXT` argument holds: standard input for '-', the contents of the file it names,
     else the argument itself. A folder, a file that is not UTF-8, or a missing file named like
-    one (`notes.txt`, `data/x`) is an error, so a typo never passes as the text to read."""
+    one (`notes.txt`, or `data/x` where data/ exists; not `N/A` or a URL) is an error, so a
+    typo never passes as the text to read."""
     if argument == "-":
         return sys.stdin.read()
     if not argument or "\n" in argument or len(argument) > 1024:  # text, not a path
@@ -88,8 +89,8 @@ def text_or_file(argument: str) -> str:
             return path.read_text(encoding="utf-8")
         except UnicodeDecodeError as err:
             raise ValueError(f"{argument}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    looks_like_a_path = not any(c.isspace() for c in argument) and (
-        "/" in argument or path.suffix.lower() in TEXT_FILE_SUFFIXES)
+    looks_like_a_path = not any(c.isspace() for c in argument) and "://" not in argument and (
+        path.suffix.lower() in TEXT_FILE_SUFFIXES or ("/" in argument and path.parent.is_dir()))
     if looks_like_a_path:
         raise FileNotFoundError(f"{argument}: no such file (to check the words themselves, "
                                 f"pass them on standard input: echo '{argument}' | heron ... -)")

@@ -74,11 +74,12 @@ def decode_speed(model: torch.nn.Module, prompt: list[int], *, new_tokens: int =
     return statistics.median(speeds), meter.stop(tokens=rounds * new_tokens)
 
 
-def measure(folders: Sequence[str | Path], val_tokens: np.ndarray | ShardSet, *, names: Sequence[str] | None = None,
-            seq_len: int = 128, batch_size: int = 8, max_batches: int | None = 16, new_tokens: int = 64,
-            rounds: int = 3) -> list[VariantRow]:
+def measure(folders: Sequence[str | Path], val_tokens: np.ndarray | ShardSet, *,
+            names: Sequence[str] | None = None, seq_len: int = 128, batch_size: int = 8,
+            max_batches: int | None = 16, new_tokens: int = 64, rounds: int = 3) -> list[VariantRow]:
     """One row per checkpoint folder (named by `names`, else by the folder); the
-    first is the reference for size ratios.
+    first is the reference for size ratios. `val_tokens` are the validation ids, or the
+    shard set holding them, against whose tokenizer each model is then checked.
 
     Windows of `seq_len` and decoding of `new_tokens` are shortened to fit a
     model whose context is shorter (variants of one model share it).

@@ -133,7 +133,7 @@ def check_shards_fit(shards: ShardSet, model: str, *, vocab_size: int, tokenizer
     fingerprint = getattr(tokenizer, "fingerprint", None)
     if made_with and fingerprint is not None and fingerprint() != made_with:
         raise ValueError(f"{shards.path}: made with another tokenizer than {model}'s; tokenise the corpus with "
-                         f"the model's tokenizer.json (heron data prepare --tokenizer)")
+                         "the model's tokenizer.json (heron data prepare --tokenizer)")
     shard_vocab = shards.meta.get("vocab_size")  # absent from a hand-made folder
     if shard_vocab is not None and int(shard_vocab) > vocab_size:
         raise ValueError(f"{shards.path}: its tokenizer has {shard_vocab} tokens, but {model} has a vocabulary "
@@ -145,7 +145,8 @@ def load_shards(path: str | os.PathLike[str]) -> ShardSet:
     folder = Path(path)
     meta = _read_meta(folder)
     if meta is None:
-        raise FileNotFoundError(f"no shard metadata at {folder / META_FILE}; make them with `heron data prepare` (prepare_shards)")
+        raise FileNotFoundError(f"no shard metadata at {folder / META_FILE}; make the shards with "
+                                "`heron data prepare` (prepare_shards)")
     dtype = np.dtype(meta["dtype"]).newbyteorder("<")  # files are little-endian on every host
     splits = {}
     for split in SPLITS:

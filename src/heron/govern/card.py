@@ -552,6 +552,7 @@ def write_document(folder: str | os.PathLike[str], path: str | os.PathLike[str],
     _check_replaceable(path, inside=inside, replace_edited=replace_edited)
     log = audit_log()  # opened before writing: a log that cannot take the record stops the write
     before = Artifact("folder", folder_sha256(folder), str(folder.resolve()))
+    text = text if text.endswith("\n") else text + "\n"  # the mark on a line of its own
     write_text_atomic(path, text + WRITTEN_MARK.format(digest=_text_sha256(text)))
     if log is not None:
         log.append(event, inputs={"checkpoint": before},
