@@ -601,3 +601,4 @@ def test_a_training_run_records_its_final_checkpoint(tmp_path: Path, monkeypatch
     assert record.model_hash == lineage["files"]["model.safetensors"]["sha256"]
     assert record.inputs["data"] == Artifact("json", json_sha256(lineage["data"]))
     assert record.parameters["step"] == 2 and record.parameters["recipe"]["name"] == "audit"
+    assert record.parameters["energy"] == lineage["energy"]  # one figure, in the record and on the card

@@ -470,15 +470,16 @@ def _checkpoint(run: _Run) -> None:
         if run.objective_optimizer is not None:
             trainer_state["objective"] = {"params": run.objective.params.state_dict(),
                                           "optimizer": run.objective_optimizer.state_dict()}
+        lineage = _lineage(run)  # once: the audit record states what the checkpoint does, energy included
         save_checkpoint(
             run.out_dir, run.step, dist_.unwrap(run.model), keep_last=t.keep_last,
-            tokenizer=run.data.tokenizer, lineage=_lineage(run), state_dict=model_state,
+            tokenizer=run.data.tokenizer, lineage=lineage, state_dict=model_state,
             trainer_state=trainer_state,
         )
         plot_losses(run.history, run.out_dir / PLOT_FILE, title=run.recipe.name)
         if run.step == t.steps:  # the run's last checkpoint: one audit record per finished run
             record_event("train", inputs={"data": run.data.meta}, outputs={"checkpoint": run.last_checkpoint},
-                         model_hash=model_hash(run.last_checkpoint), parameters=_lineage(run))
+                         model_hash=model_hash(run.last_checkpoint), parameters=lineage)
     dist_.barrier(run.ctx)
 
 
