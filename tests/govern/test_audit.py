@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -432,6 +433,23 @@ def test_folder_hash_reuses_the_lineage_manifest(tmp_path: Path) -> None:
 
 
 # ----- export ------------------------------------------------------------------------------------
+
+
+def test_an_export_replaces_its_file_whole_or_not_at_all(tmp_path: Path, data_file: Path, monkeypatch) -> None:
+    log = make_log(tmp_path / "a.db", data_file, checkpoint_every=0)
+    for name, fmt in (("out.json", "json"), ("out.csv", "csv")):
+        out = tmp_path / name
+        out.write_text("the previous export\n")
+
+        def crash(*args):
+            raise OSError("disk full")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "replace", crash)  # the rename that would put the new export in place
+            with pytest.raises(OSError, match="disk full"):
+                export_log(log, out, fmt)
+        assert out.read_text() == "the previous export\n"
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 def test_export_json_and_csv_round_trip(tmp_path: Path, data_file: Path) -> None:

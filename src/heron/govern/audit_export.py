@@ -15,6 +15,7 @@ from typing import Any
 
 from heron.govern.audit import COLUMNS, JSON_FIELDS, AuditLog, Checkpoint, Row
 from heron.govern.digest import canonical_json
+from heron.store.jsonl import atomic_writer
 
 FORMATS = ("json", "csv")
 EXPORT_FORMAT = "heron-audit-log/1"
@@ -27,14 +28,14 @@ def export_rows(rows: Iterable[Row], checkpoints: Sequence[Checkpoint], path: st
     empty cell is NULL (so empty content reads back as none: use JSON to keep everything)."""
     if fmt not in FORMATS:
         raise ValueError(f"format: {fmt!r} is not one of {', '.join(FORMATS)}")
-    path = Path(path)
     count = 0
     if fmt == "json":
         records = [_embed_json(row) for row in rows]
         document = {"format": EXPORT_FORMAT, "records": records, "checkpoints": [c.to_json() for c in checkpoints]}
-        path.write_text(json.dumps(document, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        with atomic_writer(path) as f:
+            f.write(json.dumps(document, indent=1, ensure_ascii=False) + "\n")
         return len(records)
-    with path.open("w", encoding="utf-8", newline="") as f:
+    with atomic_writer(path, newline="") as f:  # whole or not at all, as every file Heron writes
         writer = csv.writer(f)
         writer.writerow(COLUMNS)
         for row in rows:

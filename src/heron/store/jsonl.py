@@ -93,17 +93,17 @@ def _check_keys(record: dict[str, object], required: tuple[str, ...], allowed: t
 
 
 @contextmanager
-def atomic_writer(path: str | os.PathLike[str]) -> Iterator[TextIO]:
+def atomic_writer(path: str | os.PathLike[str], newline: str | None = None) -> Iterator[TextIO]:
     """A text file opened at a temporary sibling of `path`, fsynced and renamed onto
     `path` when the block ends without an error (otherwise removed), so a reader
-    never sees half a file."""
+    never sees half a file. `newline` as in `open` ("" for the csv module)."""
     target = Path(path)
     if target.is_dir():
         raise IsADirectoryError(f"{target}: is a folder; name a file to write")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.partial")
     try:
-        with open(tmp, "x", encoding="utf-8") as f:
+        with open(tmp, "x", encoding="utf-8", newline=newline) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
