@@ -22,6 +22,7 @@ class CharTokenizer:
 
     pad_id = 0
     eos_id = 1
+    stop_ids = (1,)
 
     def encode(self, text: str) -> list[int]:
         return [ord(c) - FIRST_CHAR + 2 for c in text]
@@ -35,6 +36,7 @@ class ByteTokenizer:
 
     pad_id = 256
     eos_id = 257
+    stop_ids = (257,)
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))

@@ -2,6 +2,7 @@
 tokenizer and chat template as `transformers` reads them, and `heron convert`
 both ways with lineage back to the source files."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 import heron  # noqa: E402
 from heron.cli.main import main  # noqa: E402
+from heron.generate import Generator, SamplingParams  # noqa: E402
 from heron.tokenizer import ChatTemplateError, PretrainedTokenizer  # noqa: E402
 from heron.train.checkpoint import sha256_file  # noqa: E402
 
@@ -90,6 +92,46 @@ def test_generate_runs_on_a_hugging_face_folder(hf_folder, capsys):
     assert main(["generate", str(hf_folder), "--chat", "--prompt", "Add 2 and 3.", "--max-new-tokens", "4",
                  "--temperature", "0"]) == 0
     assert capsys.readouterr().out.startswith("<|user|>\nAdd 2 and 3.</s>\n<|assistant|>\n")
+
+
+@torch.no_grad()
+def test_generation_config_eos_ids_end_generation_as_in_transformers(hf_folder, tmp_path):
+    """Some models list more ids that end a reply in generation_config.json than their
+    tokenizer's eos_token (Llama 3 Instruct's <|eot_id|>): generation stops at any of them."""
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    model, tokenizer = heron.load(folder)
+    prompt = tokenizer.encode("def f")
+    free = Generator(model, tokenizer).generate_ids([prompt], SamplingParams(max_new_tokens=12, temperature=0.0,
+                                                                            ignore_eos=True))[0]
+    stop = free[3]
+    generation_config = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**generation_config, "eos_token_id": [1, stop]}))
+    model, tokenizer = heron.load(folder)
+    assert tokenizer.stop_ids == (1, stop)
+    ours = Generator(model, tokenizer).generate_ids([prompt], SamplingParams(max_new_tokens=12, temperature=0.0))[0]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt):].tolist()
+    assert theirs == free[:free.index(stop) + 1] and ours == theirs[:-1]  # Heron's ids leave out the stop token
+    assert main(["convert", "from-hf", str(folder), str(tmp_path / "heron")]) == 0  # kept through a conversion
+    assert heron.load(tmp_path / "heron")[1].stop_ids == (1, stop)
+
+
+@pytest.mark.parametrize("change, complaint", [
+    (lambda text: text + "}", "config.json: not valid JSON"),
+    (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "model_type"}),
+     "config.json: model_type: None"),
+    (lambda text: json.dumps({**json.loads(text), "num_attention_heads": "4"}),
+     "config.json: num_attention_heads: a whole number expected, got '4'"),
+    (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "hidden_size"}),
+     "config.json: hidden_size: missing"),
+])
+def test_a_broken_config_is_named_by_every_verb(hf_folder, tmp_path, capsys, change, complaint):
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    (folder / "config.json").write_text(change((folder / "config.json").read_text()))
+    assert main(["generate", str(folder), "--prompt", "x", "--max-new-tokens", "2"]) == 2
+    assert complaint in capsys.readouterr().err  # not "lineage.json: missing", as if a Heron checkpoint
 
 
 def test_convert_refuses_an_existing_target_and_a_bad_source(hf_folder, tmp_path, capsys):

@@ -7,6 +7,8 @@ at several lengths, longer than the sliding window where there is one;
 greedy generation of 32 tokens through Heron's KV-cached engine gives the
 same tokens as `generate`; Heron -> Hugging Face -> Heron is exact.
 """
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 from heron.generate import Generator, SamplingParams  # noqa: E402
 from heron.interop import load_hf_model, save_hf_folder  # noqa: E402
+from heron.interop.families import FAMILIES as FAMILIES_OF_HERON  # noqa: E402
 
 VOCAB = 97
 WINDOW = 8  # Mistral's, Qwen2's and GPT-Neo's local window: the test lengths go past it
@@ -121,8 +124,6 @@ def test_export_loads_in_transformers_with_the_same_logits(imported, tmp_path):
 def test_gpt_neox_reads_pythia_style_keys_and_skips_its_buffers(tmp_path):
     """Pythia's config.json says `rotary_pct` and `rotary_emb_base`, and its checkpoints
     carry mask and RoPE-frequency buffers beside the weights."""
-    import json
-
     from safetensors.torch import load_file, save_file
 
     hf = random_hf_model(FAMILIES["gpt_neox"]())
@@ -130,6 +131,7 @@ def test_gpt_neox_reads_pythia_style_keys_and_skips_its_buffers(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     del config["rope_parameters"]
     config.update(rotary_pct=0.25, rotary_emb_base=500.0, use_parallel_residual=True)
+    del config["attention_bias"]  # Pythia's configs leave it out: transformers' default, biases on
     (tmp_path / "config.json").write_text(json.dumps(config))
     tensors = load_file(tmp_path / "model.safetensors")
     tensors["gpt_neox.layers.0.attention.rotary_emb.inv_freq"] = torch.ones(2)
@@ -139,3 +141,57 @@ def test_gpt_neox_reads_pythia_style_keys_and_skips_its_buffers(tmp_path):
     assert (model.config.rotary_dim, model.config.rope_theta, model.config.parallel_residual) == (4, 500.0, True)
     ids = torch.randint(0, VOCAB, (2, 19), generator=torch.Generator().manual_seed(1))
     assert (model(ids).logits - hf(ids).logits).abs().max() <= 1e-4
+
+
+def test_every_default_heron_assumes_is_transformers_own():
+    for family in FAMILIES_OF_HERON:
+        defaults = transformers.AutoConfig.for_model(family.model_type).to_dict()
+        for key, value in family.hf_defaults:
+            theirs = defaults[key] if key in defaults else defaults["rope_parameters"][key]
+            assert theirs == value, f"{family.name}.{key}: transformers {theirs!r}, Heron {value!r}"
+
+
+def logits_match_on(folder: Path) -> None:
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    model = load_hf_model(folder)
+    ids = torch.randint(0, VOCAB, (2, 19), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        difference = (model(ids).logits - hf(ids).logits).abs().max().item()
+    assert difference <= 1e-4, f"{folder.name}: {difference}"
+
+
+def rewrite_config(folder: Path, change) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    change(config)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_keys_left_to_their_defaults_read_as_transformers_reads_them(imported, tmp_path):
+    """Hub configs often leave out keys at their defaults (tie_word_embeddings, rms_norm_eps, ...):
+    the model must be the one transformers builds from the same short config."""
+    name, _, _, folder = imported
+    family = next(f for f in FAMILIES_OF_HERON if f.name == name)
+    shutil.copytree(folder, tmp_path / name)
+    rewrite_config(tmp_path / name, lambda config: [config.pop(key) for key, value in family.hf_defaults
+                                                    if config.get(key) == value])
+    logits_match_on(tmp_path / name)
+
+
+@pytest.mark.parametrize("name, change", [
+    # StableLM 2 and transformers 4: partial_rotary_factor and rope_theta beside the other keys.
+    ("stablelm", lambda c: c.update(partial_rotary_factor=0.25, rope_theta=500.0, rope_parameters=None)),
+    # Qwen2 before layer_types: the layers from max_window_layers on slide.
+    ("qwen2", lambda c: c.pop("layer_types")),
+])
+def test_older_spellings_read_as_transformers_reads_them(name, change, tmp_path):
+    hf = random_hf_model(FAMILIES[name]())
+    hf.save_pretrained(tmp_path)
+    rewrite_config(tmp_path, change)
+    logits_match_on(tmp_path)
+
+
+def test_a_partial_rotary_factor_phi3_cannot_run_is_refused_by_name(tmp_path):
+    random_hf_model(FAMILIES["phi3"]()).save_pretrained(tmp_path)
+    rewrite_config(tmp_path, lambda c: c.update(partial_rotary_factor=0.5, rope_theta=10000.0, rope_parameters=None))
+    with pytest.raises(ValueError, match="partial_rotary_factor: not supported"):
+        load_hf_model(tmp_path)

@@ -207,13 +207,13 @@ class Generator:
         self.pad_id = pad_id if pad_id is not None else 0  # any id works: padding is masked out
 
     def stop_token_ids(self, params: SamplingParams) -> frozenset[int]:
-        """The ids that end a row: params.stop_token_ids, else the tokenizer's EOS."""
+        """The ids that end a row: params.stop_token_ids, else the tokenizer's (its EOS, and
+        any a Hugging Face folder's generation_config.json adds)."""
         if params.ignore_eos:
             return frozenset()
         if params.stop_token_ids is not None:
             return frozenset(params.stop_token_ids)
-        eos = self.tokenizer.eos_id if self.tokenizer is not None else None
-        return frozenset() if eos is None else frozenset((eos,))
+        return frozenset(self.tokenizer.stop_ids) if self.tokenizer is not None else frozenset()
 
     def complete(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
         """Continue a batch of tokenised prompts of any lengths."""

@@ -25,6 +25,9 @@ class TokenizerLike(Protocol):
     def eos_id(self) -> int | None: ...
 
     @property
+    def stop_ids(self) -> tuple[int, ...]: ...  # the ids that end generation (the eos token, and more)
+
+    @property
     def pad_id(self) -> int | None: ...
 
     def encode(self, text: str) -> list[int]: ...

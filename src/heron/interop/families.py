@@ -37,6 +37,9 @@ class Family:
     read: tuple[Callable[[HfConfig], dict[str, Any]], ...] = ()  # config.json -> more ModelConfig fields
     write: tuple[Callable[[ModelConfig], HfConfig], ...] = ()  # ModelConfig -> more config.json keys
     ignored: tuple[str, ...] = ()  # regexes of checkpoint tensors that hold no weights (mask buffers)
+    # transformers' defaults for config.json keys that change the numbers when a folder leaves them out
+    # (many Hub configs do): read in their place, so a short config means what transformers reads.
+    hf_defaults: tuple[tuple[str, Any], ...] = ()
 
 
 # ----- weight tables -------------------------------------------------------------------------
@@ -195,6 +198,8 @@ def read_rope(hf: HfConfig) -> dict[str, Any]:
         params = {"rope_theta": hf.get("rope_theta", 10000.0), **(hf.get("rope_scaling") or {})}
         if "type" in params:  # the oldest spelling
             params["rope_type"] = params.pop("type")
+        if "partial_rotary_factor" in hf:  # transformers 4 kept it beside rope_theta (Phi-3)
+            params["partial_rotary_factor"] = hf["partial_rotary_factor"]
     kind = params.pop("rope_type", "default")
     theta = params.pop("rope_theta", None)
     if theta is None:
@@ -246,7 +251,8 @@ def write_attention_bias(config: ModelConfig) -> HfConfig:
 
 
 def read_sliding(hf: HfConfig) -> dict[str, Any]:
-    """Mistral's `sliding_window` on every layer, or Qwen2-style `layer_types`."""
+    """Mistral's `sliding_window` on every layer, or Qwen2-style `layer_types` (before those,
+    `max_window_layers`: the layers from that index on slide)."""
     window = hf.get("sliding_window")
     if hf.get("use_sliding_window") is False:
         window = None
@@ -255,6 +261,9 @@ def read_sliding(hf: HfConfig) -> dict[str, Any]:
         if types and any(t != "full_attention" for t in types):
             raise ValueError("layer_types: sliding layers without a sliding_window")
         return {}
+    if not types and "max_window_layers" in hf:  # Qwen before layer_types: layers from this index on slide
+        first = int(hf["max_window_layers"])
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(int(hf["num_hidden_layers"]))]
     if not types:
         return {"attention": (AttentionPattern(kind="sliding", window=int(window)),)}
     return {"attention": tuple(_layer_pattern(t, int(window), i) for i, t in enumerate(types))}
@@ -409,11 +418,17 @@ def write_gpt_neo_layers(config: ModelConfig) -> HfConfig:
             "window_size": 256 if window is None else window}
 
 
+DEFAULT_PARTIAL_ROTARY = 0.25  # GPTNeoXConfig's and StableLmConfig's
+
+
 def read_neox_rope(hf: HfConfig) -> dict[str, Any]:
-    """GPT-NeoX's RoPE: `rope_parameters` (with `partial_rotary_factor`) or the keys
-    checkpoints such as Pythia's carry, `rotary_pct` and `rotary_emb_base`."""
+    """GPT-NeoX's and StableLM's RoPE: `rope_parameters` (with `partial_rotary_factor`),
+    or the keys older configs carry: a top-level `partial_rotary_factor` (StableLM 2), or
+    `rotary_pct` and `rotary_emb_base` (Pythia); transformers' default rotates a quarter."""
     params = dict(hf.get("rope_parameters") or {})
-    factor = float(params.pop("partial_rotary_factor", hf.get("rotary_pct", 1.0)))
+    factor = float(params.pop("partial_rotary_factor",
+                              hf.get("partial_rotary_factor", hf.get("rotary_pct", DEFAULT_PARTIAL_ROTARY))))
+    hf = {key: value for key, value in hf.items() if key != "partial_rotary_factor"}  # read here, not by read_rope
     if not params and "rotary_emb_base" in hf:
         params = {"rope_theta": hf["rotary_emb_base"]}
     head_dim = hf["hidden_size"] // hf["num_attention_heads"]
@@ -503,38 +518,50 @@ _LLAMA_FIXED = _RMS_ROPE_SWIGLU + (("qk_norm", False),)
 # Dropout keys are not checked: they change training only, and Heron trains without dropout.
 _SILU = (("hidden_act", "silu"),)
 _GPT_READ_ACT, _GPT_WRITE_ACT = _activation("activation_function")
+_QWEN_DEFAULTS: tuple[tuple[str, Any], ...] = (
+    ("tie_word_embeddings", False), ("rms_norm_eps", 1e-6), ("use_sliding_window", False), ("max_window_layers", 28),
+    ("max_position_embeddings", 32768))
 
 LLAMA = Family(
     "llama", "llama", "LlamaForCausalLM", LLAMA_WEIGHTS, _LLAMA_FIELDS, _LLAMA_FIXED, _SILU,
     read=(read_rope, read_llama_bias),
     write=(write_rope, write_llama_bias, dense_attention_only, dense_feed_forward_only),
+    hf_defaults=(("tie_word_embeddings", False), ("rms_norm_eps", 1e-6), ("attention_bias", False),
+                 ("mlp_bias", False), ("max_position_embeddings", 2048)),
 )
 MISTRAL = Family(
     "mistral", "mistral", "MistralForCausalLM", LLAMA_WEIGHTS, _LLAMA_FIELDS,
     _LLAMA_FIXED + (("qkv_bias", False), ("out_bias", False), ("mlp_bias", False)), _SILU,
     read=(read_rope, read_sliding), write=(write_rope, write_sliding, dense_feed_forward_only),
+    hf_defaults=(("tie_word_embeddings", False), ("rms_norm_eps", 1e-6), ("sliding_window", 4096),
+                 ("max_position_embeddings", 131072)),
 )
 QWEN2 = Family(
     "qwen2", "qwen2", "Qwen2ForCausalLM", LLAMA_WEIGHTS, _LLAMA_FIELDS,
     _LLAMA_FIXED + (("qkv_bias", True), ("out_bias", False), ("mlp_bias", False)), _SILU,
     read=(read_rope, read_sliding), write=(write_rope, write_layer_types, dense_feed_forward_only),
+    hf_defaults=_QWEN_DEFAULTS,
 )
 QWEN3 = Family(
     "qwen3", "qwen3", "Qwen3ForCausalLM", QWEN3_WEIGHTS, _LLAMA_FIELDS,
     _RMS_ROPE_SWIGLU + (("qk_norm", True), ("mlp_bias", False)), _SILU,
     read=(read_rope, read_attention_bias, read_sliding),
     write=(write_rope, write_attention_bias, write_layer_types, dense_feed_forward_only),
+    hf_defaults=_QWEN_DEFAULTS + (("attention_bias", False),),
 )
 QWEN3_MOE = Family(
     "qwen3_moe", "qwen3_moe", "Qwen3MoeForCausalLM", QWEN3_MOE_WEIGHTS, _LLAMA_FIELDS, QWEN3.fixed,
     _SILU + (("norm_topk_prob", True),),
     read=(read_rope, read_attention_bias, read_sliding, read_qwen3_moe_experts),
     write=(write_rope, write_attention_bias, write_layer_types, write_qwen3_moe_experts),
+    hf_defaults=(("tie_word_embeddings", False), ("rms_norm_eps", 1e-6), ("attention_bias", False),
+                 ("use_sliding_window", False), ("max_position_embeddings", 32768)),
 )
 PHI3 = Family(
     "phi3", "phi3", "Phi3ForCausalLM", PHI3_WEIGHTS, _LLAMA_FIELDS,
     _LLAMA_FIXED + (("qkv_bias", False), ("out_bias", False), ("mlp_bias", False)), _SILU,
     read=(read_rope, read_sliding), write=(write_rope, write_sliding, dense_feed_forward_only),
+    hf_defaults=(("tie_word_embeddings", False), ("rms_norm_eps", 1e-5), ("max_position_embeddings", 4096)),
 )
 MIXTRAL = Family(
     "mixtral", "mixtral", "MixtralForCausalLM", MIXTRAL_WEIGHTS,
@@ -542,6 +569,8 @@ MIXTRAL = Family(
     _LLAMA_FIXED + (("qkv_bias", False), ("out_bias", False), ("mlp_bias", False)),
     _SILU + (("router_jitter_noise", 0.0),),
     read=(read_rope, read_sliding, read_mixtral_experts), write=(write_rope, write_sliding, write_mixtral_experts),
+    hf_defaults=(("tie_word_embeddings", False), ("rms_norm_eps", 1e-5), ("rope_theta", 1e6),
+                 ("max_position_embeddings", 131072)),
 )
 GPT2 = Family(
     "gpt2", "gpt2", "GPT2LMHeadModel", GPT2_WEIGHTS,
@@ -555,6 +584,8 @@ GPT2 = Family(
     write=(_GPT_WRITE_ACT, _optional_width("n_inner")[1], multi_head_only, dense_attention_only,
            dense_feed_forward_only),
     ignored=MASK_BUFFERS,
+    hf_defaults=(("tie_word_embeddings", True), ("layer_norm_epsilon", 1e-5), ("activation_function", "gelu_new"),
+                 ("n_positions", 1024)),
 )
 GPT_NEO = Family(
     "gpt_neo", "gpt_neo", "GPTNeoForCausalLM", GPT_NEO_WEIGHTS,
@@ -568,6 +599,8 @@ GPT_NEO = Family(
     write=(_GPT_WRITE_ACT, _optional_width("intermediate_size")[1], multi_head_only, write_gpt_neo_layers,
            _unscaled_only, dense_feed_forward_only),
     ignored=MASK_BUFFERS,
+    hf_defaults=(("tie_word_embeddings", True), ("layer_norm_epsilon", 1e-5), ("activation_function", "gelu_new"),
+                 ("max_position_embeddings", 2048), ("window_size", 256)),
 )
 _NEOX_READ_ACT, _NEOX_WRITE_ACT = _activation("hidden_act")
 GPT_NEOX = Family(
@@ -582,6 +615,8 @@ GPT_NEOX = Family(
     write=(_NEOX_WRITE_ACT, write_neox_rope, write_attention_bias, write_parallel_residual, multi_head_only,
            dense_attention_only, dense_feed_forward_only),
     ignored=NEOX_BUFFERS,
+    hf_defaults=(("tie_word_embeddings", False), ("layer_norm_eps", 1e-5), ("hidden_act", "gelu"),
+                 ("attention_bias", True), ("use_parallel_residual", True), ("max_position_embeddings", 2048)),
 )
 STABLELM = Family(
     "stablelm", "stablelm", "StableLmForCausalLM", STABLELM_WEIGHTS,
@@ -593,6 +628,8 @@ STABLELM = Family(
     _SILU + (("use_parallel_residual", False), ("qk_layernorm", False)),
     read=(read_neox_rope, read_qkv_bias),
     write=(write_neox_rope, write_qkv_bias, dense_attention_only, dense_feed_forward_only),
+    hf_defaults=(("tie_word_embeddings", False), ("layer_norm_eps", 1e-5), ("use_qkv_bias", False),
+                 ("max_position_embeddings", 4096)),
 )
 FAMILIES: tuple[Family, ...] = (LLAMA, MISTRAL, QWEN2, QWEN3, QWEN3_MOE, PHI3, MIXTRAL, GPT2, GPT_NEO, GPT_NEOX,
                                 STABLELM)
@@ -612,8 +649,15 @@ def family_of(hf: HfConfig) -> Family:
                      f"Heron imports {supported}")
 
 
+# ModelConfig fields a config.json must give, and those that must be whole numbers where it does.
+REQUIRED_SIZES = ("vocab_size", "d_model", "n_layers", "n_heads")
+WHOLE_NUMBERS = REQUIRED_SIZES + ("n_kv_heads", "head_dim", "d_ff", "max_seq_len")
+
+
 def family_config(family: Family, hf: HfConfig) -> ModelConfig:
-    """The ModelConfig of a config.json dict of `family`; ValueError names the field."""
+    """The ModelConfig of a config.json dict of `family`; ValueError names the field. A key
+    the dict leaves out reads as transformers' default for the family (`hf_defaults`)."""
+    hf = {**dict(family.hf_defaults), **hf}
     for key, value in family.hf_fixed:
         if key in hf and hf[key] != value:
             raise ValueError(f"{key}: Heron implements {value!r} only, got {hf[key]!r}")
@@ -621,6 +665,11 @@ def family_config(family: Family, hf: HfConfig) -> ModelConfig:
     for field, key in family.fields:
         if key in hf:
             values[field] = hf[key]
+            if field in WHOLE_NUMBERS and hf[key] is not None and (isinstance(hf[key], bool)
+                                                                   or not isinstance(hf[key], int)):
+                raise ValueError(f"{key}: a whole number expected, got {hf[key]!r}")
+        elif field in REQUIRED_SIZES:
+            raise ValueError(f"{key}: missing")
     for read in family.read:
         values.update(read(hf))
     config = ModelConfig(**values)

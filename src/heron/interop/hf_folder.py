@@ -31,14 +31,17 @@ LINEAGE_FILE = "lineage.json"  # a Heron checkpoint has one; a Hugging Face fold
 
 
 def is_hf_folder(path: str | Path) -> bool:
-    """A folder with a Hugging Face config.json (a `model_type`) and no Heron lineage."""
+    """A folder with a config.json and no Heron lineage, whose config is not Heron's (it has a
+    `model_type`, or no `d_model`). One that does not parse counts too, so that the reader of
+    Hugging Face folders names what is wrong with it."""
     folder = Path(path)
     if not (folder / CONFIG_FILE).is_file() or (folder / LINEAGE_FILE).is_file():
         return False
     try:
-        return "model_type" in json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
+        return True
+    return not isinstance(config, dict) or "model_type" in config or "d_model" not in config
 
 
 def read_hf_config(folder: str | Path) -> dict[str, Any]:
@@ -46,9 +49,12 @@ def read_hf_config(folder: str | Path) -> dict[str, Any]:
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no config.json; not a Hugging Face model folder")
     try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{file}: not valid JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{file}: a JSON object of settings expected, got {type(config).__name__}")
+    return config
 
 
 def load_hf_config(folder: str | Path) -> tuple[Family, ModelConfig]:

@@ -179,6 +179,11 @@ class HeronTokenizer:
         return self.encode_chat(messages, add_generation_prompt=True)[0]
 
     @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """The ids that end generation: `<|eos|>`."""
+        return (self.eos_id,)
+
+    @property
     def chat_stop_ids(self) -> tuple[int, ...]:
         """Ids that end an assistant turn: `<|end|>`, and `<|eos|>` should a model emit it."""
         return self.end_id, self.eos_id

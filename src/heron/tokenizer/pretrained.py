@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from functools import cached_property
 from pathlib import Path
@@ -24,6 +24,7 @@ from tokenizers import Tokenizer
 from heron.tokenizer.bpe import TOKENIZER_FILE, HeronTokenizer, write_text_atomic
 
 CONFIG_FILE = "tokenizer_config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 TEMPLATE_FILE = "chat_template.jinja"
 SPECIAL_KEYS: tuple[str, ...] = ("bos_token", "eos_token", "pad_token", "unk_token")
 
@@ -36,9 +37,12 @@ class PretrainedTokenizer:
     """A Hugging Face fast tokenizer with its special tokens and chat template."""
 
     def __init__(self, tokenizer: Tokenizer, config: dict[str, Any] | None = None,
-                 chat_template: str | None = None) -> None:
+                 chat_template: str | None = None, generation_eos_ids: Sequence[int] = ()) -> None:
         self._tok = tokenizer
         self.config = dict(config or {})
+        # generation_config.json's eos_token_id: the ids that end a reply, where a model lists
+        # more than its tokenizer's eos_token (Llama 3 Instruct's <|eot_id|>).
+        self.generation_eos_ids = tuple(int(i) for i in generation_eos_ids)
         self.chat_template = chat_template if chat_template is not None else self.config.get("chat_template")
         if isinstance(self.chat_template, list):  # several named templates: the default one
             named = {t["name"]: t["template"] for t in self.chat_template}
@@ -65,6 +69,12 @@ class PretrainedTokenizer:
     @property
     def eos_id(self) -> int | None:
         return self._id("eos_token")
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """The ids that end generation: the eos token, then those generation_config.json adds."""
+        ids = ([] if self.eos_id is None else [self.eos_id]) + list(self.generation_eos_ids)
+        return tuple(dict.fromkeys(ids))
 
     @property
     def pad_id(self) -> int | None:
@@ -125,7 +135,7 @@ class PretrainedTokenizer:
     def chat_stop_ids(self) -> tuple[int, ...]:
         """Ids that end an assistant turn: the end-of-sequence token (chat models
         name their end-of-turn token as eos_token in tokenizer_config.json)."""
-        return () if self.eos_id is None else (self.eos_id,)
+        return self.stop_ids
 
     def reply_ids(self, text: str) -> list[int]:
         """An assistant reply's ids: the content without added special tokens, then the
@@ -149,6 +159,8 @@ class PretrainedTokenizer:
         config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
         write_text_atomic(folder / TOKENIZER_FILE, self.to_json())
         write_text_atomic(folder / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False))
+        if self.generation_eos_ids:
+            write_text_atomic(folder / GENERATION_CONFIG_FILE, json.dumps({"eos_token_id": list(self.stop_ids)}))
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str]) -> PretrainedTokenizer:
@@ -170,7 +182,22 @@ class PretrainedTokenizer:
         template = None
         if (folder / TEMPLATE_FILE).is_file():
             template = (folder / TEMPLATE_FILE).read_text(encoding="utf-8")
-        return cls(tokenizer, config, template)
+        return cls(tokenizer, config, template, _generation_eos_ids(folder, tokenizer.get_vocab_size(True)))
+
+
+def _generation_eos_ids(folder: Path, vocab_size: int) -> list[int]:
+    """generation_config.json's eos_token_id (one id or a list), checked against the vocabulary."""
+    file = folder / GENERATION_CONFIG_FILE
+    if not file.is_file():
+        return []
+    try:
+        value = json.loads(file.read_text(encoding="utf-8")).get("eos_token_id")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise ValueError(f"{file}: not a JSON object ({err})") from None
+    ids = [] if value is None else [value] if isinstance(value, int) else value
+    if not isinstance(ids, list) or not all(isinstance(i, int) and 0 <= i < vocab_size for i in ids):
+        raise ValueError(f"{file}: eos_token_id {value!r} is not token ids below {vocab_size}")
+    return ids
 
 
 def load_tokenizer(folder: str | os.PathLike[str]) -> HeronTokenizer | PretrainedTokenizer:
