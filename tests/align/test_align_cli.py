@@ -99,3 +99,38 @@ def test_a_reward_model_needs_room_for_the_longest_rollout(base, tmp_path, capsy
     assert main(["align", "ppo", str(recipe(tmp_path, base, "ppo", **extra))]) == 2
     err = capsys.readouterr().err
     assert "data.max_len: 24 is less than the longest prompt (" in err and "plus ppo.max_new_tokens (16)" in err
+
+
+def test_what_would_be_lost_or_cannot_run_is_refused_before_any_work(base, tmp_path, capsys):
+    run = tmp_path / "trained"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert main(["align", "sft", str(recipe(tmp_path, base, "sft", out_dir=str(run)))]) == 2  # a training run
+    assert "trained holds checkpoints, not an alignment run's files" in capsys.readouterr().err
+    assert (run / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert main(["compress", "quantize", str(base), str(tmp_path / "q8")]) == 0
+    assert main(["align", "sft", str(recipe(tmp_path, tmp_path / "q8", "on-q8"))]) == 2
+    assert "q8 is quantised; align the full-precision model, then quantise the result" in capsys.readouterr().err
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    empty = {"data": {"file": str(tmp_path / "empty.jsonl"), "max_len": 64}}
+    assert main(["align", "dpo", str(recipe(tmp_path, base, "empty-dpo", **empty))]) == 2
+    assert "data.file: " in (err := capsys.readouterr().err) and "empty.jsonl holds no rows" in err
+    assert main(["align", "ppo", str(recipe(tmp_path, base, "kl", ppo={"kl_coef": -1.0}))]) == 2
+    assert "ppo: kl_coef: must be >= 0, got -1.0" in capsys.readouterr().err
+    assert main(["align", "dpo", str(recipe(tmp_path, base, "inf", fit={"steps": 2, "lr": float("inf")}))]) == 2
+    assert "fit.lr: Input should be a finite number" in capsys.readouterr().err
+
+
+def test_conversational_pairs_from_the_feedback_store_train_a_reward_model(base, tmp_path):
+    """`heron feedback export` writes a chat's pair with messages: the prompt's turns, and each
+    reply as one assistant message (TRL's conversational form)."""
+    pairs = RepeatTask().preference_pairs(16, seed=0)
+    rows = [{"prompt": p["prompt"] if isinstance(p["prompt"], list) else [{"role": "user", "content": p["prompt"]}],
+             "chosen": [{"role": "assistant", "content": p["chosen"]}],
+             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["feedback", "import", str(tmp_path / "pairs.jsonl"), "--db", str(tmp_path / "fb.db"),
+                 "--annotator", "alice"]) == 0
+    assert main(["feedback", "export", str(tmp_path / "out.jsonl"), "--db", str(tmp_path / "fb.db")]) == 0
+    exported = {"data": {"file": str(tmp_path / "out.jsonl"), "max_len": 64}, "fit": {"steps": 2, "batch_size": 8}}
+    assert main(["align", "rm", str(recipe(tmp_path, base, "rm-chat", **exported))]) == 0

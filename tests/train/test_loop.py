@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from heron.train import load_checkpoint, train
-from heron.train.loop import Objective, cross_entropy_sum
+from heron.train.loop import DivergedError, Objective, cross_entropy_sum
 from heron.train.checkpoint import latest_checkpoint, list_checkpoints
 from heron.train.recipe import RecipeError
 from heron.train.report import read_metrics
@@ -177,6 +177,27 @@ def test_asking_for_cuda_without_one_names_the_field_before_any_work(recipe_fact
     with pytest.raises(RecipeError, match="train.device: 'cuda', but torch sees no CUDA device"):
         train(recipe)
     assert not (tmp_path / "cuda-run").exists()
+
+
+def test_a_refused_resume_leaves_the_run_folder_as_it_was(recipe_factory, tmp_path: Path) -> None:
+    train(recipe_factory("run", train={"steps": 4}))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    with pytest.raises(RecipeError, match="train.seed"):
+        train(recipe_factory("run", train={"steps": 6, "seed": 1}))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before  # recipe.yaml too
+
+
+def test_a_diverging_run_stops_before_keeping_anything_of_it(recipe_factory, tmp_path: Path) -> None:
+    with pytest.raises(DivergedError, match=r"step \d+: the training loss is (nan|inf)"):
+        train(recipe_factory("diverged", optim={"lr": 1e30}, train={"steps": 8, "ckpt_every": 1}))
+    rows = read_metrics(tmp_path / "diverged")
+    assert all(math.isfinite(row["loss"]) for row in rows)
+    assert len(list_checkpoints(tmp_path / "diverged")) <= len(rows)  # none of the diverged step
+
+
+def test_a_parallel_run_without_a_launcher_is_named(recipe_factory) -> None:
+    with pytest.raises(RecipeError, match="train.parallel: 'ddp' needs a launcher: torchrun"):
+        train(recipe_factory("no-launcher", train={"parallel": "ddp"}))
 
 
 def test_a_warm_up_that_fills_the_run_is_warned_of(recipe_factory) -> None:

@@ -73,17 +73,28 @@ def as_messages(prompt: str | Messages) -> Messages:
 def encode_pairs(tokenizer: Tokenizer, pairs: Sequence[dict], max_len: int) -> tuple[Replies, Replies]:
     """(chosen, rejected) rows of prompt/chosen/rejected records (as `heron feedback export`
     writes them), row i of each from pair i. Extra keys (annotator, ids) are ignored."""
-    for i, pair in enumerate(pairs):
+    replies: dict[str, list[str]] = {"chosen": [], "rejected": []}
+    for number, pair in enumerate(pairs, start=1):
         missing = [key for key in ("prompt", "chosen", "rejected") if key not in pair]
         if missing:
-            raise ValueError(f"pair {i}: {missing[0]!r} is missing")
-        for key in ("chosen", "rejected"):
-            if not isinstance(pair[key], str):
-                raise ValueError(f"pair {i}: {key!r} must be the reply's text, got {type(pair[key]).__name__}")
+            raise ValueError(f"pair {number}: {missing[0]!r} is missing")
+        for key, texts in replies.items():
+            texts.append(_reply_text(pair[key], f"pair {number}: {key!r}"))
     prompts = [as_messages(p["prompt"]) for p in pairs]
-    both = encode_replies(tokenizer, prompts * 2, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], max_len)
+    both = encode_replies(tokenizer, prompts * 2, replies["chosen"] + replies["rejected"], max_len)
     n = len(pairs)  # one padded width for both sides, so a batch can stack them
     return both.take(torch.arange(n)), both.take(torch.arange(n, 2 * n))
+
+
+def _reply_text(value: object, where: str) -> str:
+    """A reply as text, or as the one assistant message of the conversational form
+    (`[{"role": "assistant", "content": ...}]`, TRL's, and `heron feedback export`'s for chats)."""
+    if isinstance(value, str):
+        return value
+    if (isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict)
+            and value[0].get("role") == "assistant" and isinstance(value[0].get("content"), str)):
+        return value[0]["content"]
+    raise ValueError(f"{where}: the reply's text, or one assistant message, expected; got {value!r:.80}")
 
 
 __all__ = ["Replies", "as_messages", "encode_pairs", "encode_replies"]

@@ -17,7 +17,7 @@ from tqdm import tqdm
 from heron.align.data import Messages
 from heron.align.logprobs import logprobs_and_aux, sequence_logprobs
 from heron.align.losses import grpo_advantages, grpo_loss, masked_mean
-from heron.align.rollout import prompt_batches, rollout
+from heron.align.rollout import check_settings, prompt_batches, rollout
 from heron.core.transformer import Transformer
 from heron.tokenizer import Tokenizer
 
@@ -38,6 +38,10 @@ class GRPOSettings:
     clip_norm: float = 1.0
     seed: int = 0
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_settings(self, counts=("steps", "prompts_per_step", "group_size", "max_new_tokens", "inner_steps"),
+                       positive=("temperature", "lr", "clip", "clip_norm"), non_negative=("beta",))
 
 
 def grpo(policy: Transformer, reference: Transformer, tokenizer: Tokenizer, prompts: Sequence[Messages],

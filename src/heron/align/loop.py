@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from heron.data.batches import epoch_rows
+from heron.train.loop import check_finite_loss
 
 # rows (b,) -> (losses (b,), {name: per-example values (b,)})
 Objective = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -65,6 +66,7 @@ def fit(params: Iterable[torch.nn.Parameter], objective: Objective, n_examples: 
         optim.step()
         optim.zero_grad(set_to_none=True)
         row = {"step": step + 1, **{k: v / settings.batch_size for k, v in sums.items()}, "grad_norm": float(norm)}
+        check_finite_loss(step + 1, row["loss"])
         history.append(row)
         if on_step is not None:
             on_step(row)

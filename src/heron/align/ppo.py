@@ -29,7 +29,7 @@ from heron.align.losses import (
     ppo_policy_loss,
     ppo_value_loss,
 )
-from heron.align.rollout import prompt_batches, rollout
+from heron.align.rollout import check_settings, prompt_batches, rollout
 from heron.core.transformer import Transformer
 from heron.tokenizer import Tokenizer
 
@@ -59,6 +59,10 @@ class PPOSettings:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        check_settings(self, counts=("steps", "prompts_per_step", "minibatch", "epochs", "max_new_tokens",
+                                     "kl_horizon"),
+                       positive=("temperature", "lr", "value_lr", "clip", "value_clip", "clip_norm", "kl_target"),
+                       non_negative=("value_coef", "kl_coef"), fractions=("gamma", "lam"))
         if self.prompts_per_step % self.minibatch:
             raise ValueError(f"minibatch: {self.minibatch} does not divide prompts_per_step {self.prompts_per_step}")
 

@@ -26,7 +26,7 @@ METHODS = ("sft", "rm", "dpo", "ppo", "grpo")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # `.inf` is YAML for infinity
 
 
 class TaskSection(_Section):

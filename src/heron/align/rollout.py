@@ -7,6 +7,8 @@ included when the reply ended with one, so the policy learns when to stop.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -70,4 +72,21 @@ def prompt_batches(prompts: Sequence[Messages], per_step: int, steps: int, seed:
         yield rng.sample(pool, per_step)
 
 
-__all__ = ["Rollout", "prompt_batches", "rollout"]
+def check_settings(settings: object, *, counts: Sequence[str], positive: Sequence[str] = (),
+                   non_negative: Sequence[str] = (), fractions: Sequence[str] = ()) -> None:
+    """The checks PPO's and GRPO's settings share: ValueError naming the first field that is not
+    finite, or out of its range (counts >= 1, positive > 0, non_negative >= 0, fractions in [0, 1])."""
+    for field in dataclasses.fields(settings):
+        value = getattr(settings, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{field.name}: must be a finite number, got {value}")
+    rules = [(counts, lambda v: v >= 1, ">= 1"), (positive, lambda v: v > 0, "> 0"),
+             (non_negative, lambda v: v >= 0, ">= 0"), (fractions, lambda v: 0 <= v <= 1, "in [0, 1]")]
+    for names, holds, wanted in rules:
+        for name in names:
+            value = getattr(settings, name)
+            if value is not None and not holds(value):
+                raise ValueError(f"{name}: must be {wanted}, got {value}")
+
+
+__all__ = ["Rollout", "check_settings", "prompt_batches", "rollout"]

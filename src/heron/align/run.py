@@ -34,13 +34,15 @@ from heron.align.objectives import (  # noqa: E402
 from heron.align.ppo import ppo  # noqa: E402
 from heron.align.recipe import METHODS, AlignRecipe  # noqa: E402
 from heron.align.synthetic import RepeatTask  # noqa: E402
+from heron.compress.qlinear import is_quantized  # noqa: E402
 from heron.data.chat import load_chat_jsonl  # noqa: E402
 from heron.govern import EnergyMeter  # noqa: E402
 from heron.govern.audit import record_event  # noqa: E402
 from heron.govern.digest import model_hash  # noqa: E402
 from heron.train.checkpoint import RUN_MODEL_DIR, resolve_checkpoint, save_model_folder  # noqa: E402
 
-METRICS_FILE, PLOT_FILE, MODEL_DIR = "metrics.jsonl", "reward_kl.png", RUN_MODEL_DIR
+METRICS_FILE, PLOT_FILE, MODEL_DIR, CACHE_DIR = "metrics.jsonl", "reward_kl.png", RUN_MODEL_DIR, "cache"
+RUN_FILES = (METRICS_FILE, PLOT_FILE, MODEL_DIR, CACHE_DIR)  # an alignment run's: a failed run's are replaced
 
 
 def run_alignment(method: str, recipe: AlignRecipe) -> Path:
@@ -50,11 +52,18 @@ def run_alignment(method: str, recipe: AlignRecipe) -> Path:
     out = Path(recipe.out_dir)
     if (out / MODEL_DIR).exists():
         raise FileExistsError(f"{out / MODEL_DIR}: exists; choose another out_dir")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES) if out.is_dir() else []
+    if foreign or (out.exists() and not out.is_dir()):
+        raise FileExistsError(f"out_dir: {out} holds {', '.join(foreign[:3]) or 'a file'}, not an alignment run's "
+                              "files; choose another out_dir")
     meter = EnergyMeter().start()
-    out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = heron.load(recipe.base)
     if tokenizer is None:
         raise ValueError(f"base: {recipe.base} has no tokenizer")
+    if is_quantized(model):
+        raise ValueError(f"base: {recipe.base} is quantised; align the full-precision model, then quantise "
+                         "the result")
+    out.mkdir(parents=True, exist_ok=True)
     model.train()
     task = RepeatTask(target=recipe.data.task.target, max_count=recipe.data.task.max_count) if recipe.data.task else None
     rows: list[dict[str, Any]] = []
@@ -84,6 +93,8 @@ def run_alignment(method: str, recipe: AlignRecipe) -> Path:
 
 def _sft(model, tokenizer, recipe: AlignRecipe, task: RepeatTask | None, on_step: Callable) -> torch.nn.Module:
     chats = task.sft_chats(recipe.data.task.n, recipe.data.task.seed) if task else load_chat_jsonl(recipe.data.file)
+    if not chats:
+        raise ValueError(f"data.file: {recipe.data.file} holds no chats")
     for i, chat in enumerate(chats):
         if chat[-1]["role"] != "assistant":
             raise ValueError(f"data.file: chat {i} does not end with an assistant reply")
@@ -108,7 +119,7 @@ def _rm(model, tokenizer, recipe: AlignRecipe, task: RepeatTask | None, on_step:
 def _dpo(model, tokenizer, recipe: AlignRecipe, task: RepeatTask | None, on_step: Callable) -> torch.nn.Module:
     chosen, rejected = _pairs(tokenizer, recipe, task)
     p = recipe.preference
-    reference = (cached_reference_logprobs(model, chosen, rejected, Path(recipe.out_dir) / "cache")
+    reference = (cached_reference_logprobs(model, chosen, rejected, Path(recipe.out_dir) / CACHE_DIR)
                  if p.loss in NEEDS_REFERENCE else None)
     policy = model.train()
     fit(policy.parameters(), preference_objective(policy, chosen, rejected, p.loss, beta=p.beta, reference=reference,
@@ -181,6 +192,8 @@ def _jsonl(path: str) -> list[dict[str, Any]]:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as err:
                     raise ValueError(f"{path}:{number}: invalid JSON ({err.msg})") from err
+    if not rows:
+        raise ValueError(f"data.file: {path} holds no rows")
     return rows
 
 

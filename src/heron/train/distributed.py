@@ -60,7 +60,7 @@ def setup(parallel: str, device: str = "auto") -> DistContext:
     owns = not dist.is_initialized()
     if owns:
         if "WORLD_SIZE" not in os.environ:
-            raise RuntimeError(f"train.parallel={parallel!r} needs a launcher: torchrun --nproc_per_node N ...")
+            raise RecipeError(f"train.parallel: {parallel!r} needs a launcher: torchrun --nproc_per_node N ...")
         if use_cuda:
             torch.cuda.set_device(target)
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=target if use_cuda else None)

@@ -16,6 +16,7 @@ batch), so they depend on how the batch is split.
 """
 from __future__ import annotations
 
+import math
 import random
 import time
 import warnings
@@ -190,9 +191,8 @@ def _start(recipe: TrainRecipe, ctx: dist_.DistContext, resume: bool, data: Trai
     _check_data_fits(recipe, data)
     config = model_config(recipe, data.vocab_size)
     out_dir = Path(recipe.out_dir)
-    if ctx.is_main:
-        _prepare_out_dir(out_dir, recipe, resume)
-    dist_.barrier(ctx)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RecipeError(f"out_dir: {out_dir} is a file; name a folder for the run")
     found = latest_checkpoint(out_dir) if resume else None
     ckpt = load_checkpoint(found) if found is not None else None
     if ckpt is not None:
@@ -210,6 +210,9 @@ def _start(recipe: TrainRecipe, ctx: dist_.DistContext, resume: bool, data: Trai
     objective_optimizer = None
     if objective.params is not None:
         objective_optimizer = build_optimizer(objective.params.to(ctx.device), recipe.optim)
+    if ctx.is_main:  # only now, every check passed: a run that cannot start leaves the folder as it was
+        _prepare_out_dir(out_dir, recipe, resume)
+    dist_.barrier(ctx)
     run = _Run(recipe, ctx, data, model, optimizer, objective, objective_optimizer, micro, accum, out_dir, meter)
     if ckpt is not None:
         _restore(run, ckpt)
@@ -328,6 +331,7 @@ def _loop(run: _Run, callbacks: Sequence[Callback]) -> None:
         run.meter.sample()  # RAPL counters wrap (every ~45 min at 100 W): read them every step
         speed = tokens_per_step / (time.perf_counter() - started)  # training alone: validation is not timed
         run.step += 1
+        check_finite_loss(run.step, loss)
         row = {"step": run.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                "tokens": run.step * tokens_per_step, **moe}
         if _due(run.step, t.eval_every, t.steps):
@@ -339,6 +343,18 @@ def _loop(run: _Run, callbacks: Sequence[Callback]) -> None:
         for callback in callbacks:
             callback(row)
     bar.close()
+
+
+class DivergedError(ValueError):
+    """The training loss stopped being a finite number: what the step made is not kept."""
+
+
+def check_finite_loss(step: int, loss: float) -> None:
+    """Stop a run whose loss is NaN or infinite (a learning rate far too high, say) before its
+    metrics row or a checkpoint of it is written: the last good checkpoint stays the latest."""
+    if not math.isfinite(loss):
+        raise DivergedError(f"step {step}: the training loss is {loss}; stopped before keeping anything of it "
+                            "(lower the learning rate, or clip gradients)")
 
 
 def _due(step: int, every: int, last: int) -> bool:
@@ -510,5 +526,5 @@ def _energy(run: _Run) -> EnergyReport:
     return replace(report, tokens=run.history[-1]["tokens"] if run.history else None)
 
 
-__all__ = ["ActivationLoss", "Callback", "Objective", "TokenLoss", "TrainResult", "cross_entropy_sum", "evaluate",
-           "train"]
+__all__ = ["ActivationLoss", "Callback", "DivergedError", "Objective", "TokenLoss", "TrainResult", "check_finite_loss",
+           "cross_entropy_sum", "evaluate", "train"]

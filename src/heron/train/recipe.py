@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -27,7 +27,8 @@ class RecipeError(ValueError):
 class _Section(BaseModel):
     # Frozen and strict about keys; lax about scalar types on purpose: YAML 1.1
     # reads `3e-4` (no dot) as a string, and "3e-4" -> 0.0003 is what the user meant.
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Numbers must be finite: `.inf` reads as a float in YAML, and an infinite rate trains to NaN.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelSection(_Section):
@@ -83,7 +84,7 @@ class OptimSection(_Section):
     """AdamW (Loshchilov & Hutter 2019); see optim.py for parameter groups."""
 
     lr: float = Field(default=3e-4, gt=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.95)
     weight_decay: float = Field(default=0.1, ge=0)
     eps: float = Field(default=1e-8, gt=0)
     fused: bool | None = None  # None: fused kernel where torch supports it
@@ -182,7 +183,12 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
             where = ".".join(keys[: depth + 1])
             raise RecipeError(f"{path}: {where} is a value, not a section")
         node = child
-    node[keys[-1]] = yaml.safe_load(text)
+    try:
+        node[keys[-1]] = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or err
+        raise RecipeError(f"--set {item!r}: not valid YAML ({problem}); quote a text value: "
+                          f"--set '{path}=\"...\"'") from None
 
 
 def check_recipe(recipe: TrainRecipe, *, world_size: int | None = None,
