@@ -187,6 +187,14 @@ def test_a_refused_resume_leaves_the_run_folder_as_it_was(recipe_factory, tmp_pa
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before  # recipe.yaml too
 
 
+def test_resuming_a_finished_run_or_under_another_length_is_said(recipe_factory) -> None:
+    train(recipe_factory("run", train={"steps": 4}))
+    with pytest.warns(UserWarning, match="already holds step 4, and train.steps is 4: nothing to train"):
+        assert train(recipe_factory("run", train={"steps": 4})).step == 4
+    with pytest.warns(UserWarning, match="at step 4 under another train.steps, schedule or optim than it began with"):
+        assert train(recipe_factory("run", train={"steps": 6})).step == 6
+
+
 def test_a_diverging_run_stops_before_keeping_anything_of_it(recipe_factory, tmp_path: Path) -> None:
     with pytest.raises(DivergedError, match=r"step \d+: the training loss is (nan|inf)"):
         train(recipe_factory("diverged", optim={"lr": 1e30}, train={"steps": 8, "ckpt_every": 1}))

@@ -65,7 +65,11 @@ def run_alignment(method: str, recipe: AlignRecipe) -> Path:
                          "the result")
     out.mkdir(parents=True, exist_ok=True)
     model.train()
-    task = RepeatTask(target=recipe.data.task.target, max_count=recipe.data.task.max_count) if recipe.data.task else None
+    spec = recipe.data.task
+    try:
+        task = RepeatTask(target=spec.target, max_count=spec.max_count) if spec else None
+    except ValueError as err:
+        raise ValueError(f"data.task.{err}") from None
     rows: list[dict[str, Any]] = []
     log = (out / METRICS_FILE).open("w", encoding="utf-8")
 

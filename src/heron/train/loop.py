@@ -197,6 +197,8 @@ def _start(recipe: TrainRecipe, ctx: dist_.DistContext, resume: bool, data: Trai
     ckpt = load_checkpoint(found) if found is not None else None
     if ckpt is not None:
         _check_resumable(ckpt, recipe, data)
+        if ctx.is_main:
+            _warn_of_changed_length(ckpt, recipe)
     if recipe.train.threads is not None:
         torch.set_num_threads(recipe.train.threads)
     _seed_everything(recipe.train.seed)
@@ -263,6 +265,18 @@ def _check_resumable(ckpt: Checkpoint, recipe: TrainRecipe, data: TrainData) -> 
                 f"{name}: {recipe.out_dir} holds a run with {name}={old!r}, this recipe has {new!r}; "
                 "choose another out_dir or pass resume=False (--no-resume) to start over"
             )
+
+
+def _warn_of_changed_length(ckpt: Checkpoint, recipe: TrainRecipe) -> None:
+    """Resuming is allowed under another length or schedule, but its result is then neither
+    run's: say so, and say when there is nothing left to train."""
+    then, step, steps = TrainRecipe.model_validate(ckpt.lineage["recipe"]), ckpt.lineage["step"], recipe.train.steps
+    if step >= steps:
+        warnings.warn(f"{recipe.out_dir} already holds step {step}, and train.steps is {steps}: nothing to train "
+                      "(raise train.steps to continue, or --no-resume to start over)", stacklevel=4)
+    elif (then.train.steps, then.schedule, then.optim) != (steps, recipe.schedule, recipe.optim):
+        warnings.warn(f"resuming {recipe.out_dir} at step {step} under another train.steps, schedule or optim than "
+                      "it began with: the learning rate follows the new settings from here on", stacklevel=4)
 
 
 def _data_identity(meta: dict[str, Any]) -> dict[str, Any]:
