@@ -87,7 +87,7 @@ def test_more_prompts_per_step_than_prompts_is_named(base, tmp_path, capsys, met
     said "Sample larger than population")."""
     extra = {"data": {"task": {"n": 16}, "max_len": 64}, method: {"steps": 1, **settings}}
     assert main(["align", method, str(recipe(tmp_path, base, method, **extra))]) == 2
-    assert "prompts_per_step: 32 exceeds the 16 prompts given" in capsys.readouterr().err
+    assert f"{method}.prompts_per_step: 32 exceeds the 16 prompts given" in capsys.readouterr().err
 
 
 def test_a_reward_model_needs_room_for_the_longest_rollout(base, tmp_path, capsys):

@@ -51,7 +51,8 @@ def grpo(policy: Transformer, reference: Transformer, tokenizer: Tokenizer, prom
     entropy (nats per token, the mean surprisal of the sampled tokens: a Monte Carlo
     estimate of the policy's entropy), rollout tokens/s, ..."""
     optimizer = torch.optim.AdamW(policy.parameters(), lr=settings.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    batches = prompt_batches(prompts, settings.prompts_per_step, settings.steps, settings.seed)
+    batches = prompt_batches(prompts, settings.prompts_per_step, settings.steps, settings.seed,
+                             "grpo.prompts_per_step")
     history = []
     for step, batch in enumerate(tqdm(batches, total=settings.steps, disable=not settings.progress, desc="grpo",
                                       unit="step")):

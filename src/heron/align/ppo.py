@@ -94,7 +94,7 @@ def ppo(policy: Transformer, value_model: Transformer, reference: Transformer, t
     optimizer = torch.optim.AdamW(params, betas=(0.9, 0.95), weight_decay=0.0)
     controller = (AdaptiveKLController(settings.kl_coef, settings.kl_target, settings.kl_horizon)
                   if settings.kl_target is not None else FixedKLController(settings.kl_coef))
-    batches = prompt_batches(prompts, settings.prompts_per_step, settings.steps, settings.seed)
+    batches = prompt_batches(prompts, settings.prompts_per_step, settings.steps, settings.seed, "ppo.prompts_per_step")
     history = []
     for step, batch in enumerate(tqdm(batches, total=settings.steps, disable=not settings.progress, desc="ppo",
                                       unit="step")):

@@ -62,10 +62,12 @@ def rollout(policy: Transformer, tokenizer: Tokenizer, prompts: Sequence[Message
                    seconds)
 
 
-def prompt_batches(prompts: Sequence[Messages], per_step: int, steps: int, seed: int) -> Iterator[list[Messages]]:
-    """`steps` batches of `per_step` distinct prompts each, drawn afresh every step (seeded)."""
+def prompt_batches(prompts: Sequence[Messages], per_step: int, steps: int, seed: int,
+                   field: str = "prompts_per_step") -> Iterator[list[Messages]]:
+    """`steps` batches of `per_step` distinct prompts each, drawn afresh every step (seeded);
+    too few prompts is an error naming `field`."""
     if per_step > len(prompts):
-        raise ValueError(f"prompts_per_step: {per_step} exceeds the {len(prompts)} prompts given (a step draws "
+        raise ValueError(f"{field}: {per_step} exceeds the {len(prompts)} prompts given (a step draws "
                          "that many distinct prompts); give more prompts or lower it")
     rng, pool = random.Random(seed), list(prompts)
     for _ in range(steps):
