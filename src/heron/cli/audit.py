@@ -15,7 +15,7 @@ from heron.govern.audit import AuditLog, Checkpoint, log_location, verify_log
 from heron.govern.audit_export import FORMATS, export_log, read_export
 from heron.govern.audit_keys import generate_keys, load_public_key, load_signing_key
 from heron.govern.audit_lineage import audit_lineage, format_lineage
-from heron.govern.card import write_text_atomic
+from heron.store.jsonl import write_text_atomic
 
 EXPORT_SUFFIXES = {".json": "json", ".csv": "csv"}  # `verify --log FILE` with these reads an export, not a database
 

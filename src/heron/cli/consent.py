@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from heron.cli.options import lasting_database, not_the_source
-from heron.govern.card import write_text_atomic
+from heron.store.jsonl import write_text_atomic
 from heron.govern.consent import PURPOSES, ConsentRegistry
 
 DB_HELP = "SQLite file or database URL (sqlite:///..., postgresql://...)"

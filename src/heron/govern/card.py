@@ -36,7 +36,7 @@ from heron.govern.energy import DEFAULT_GRID_G_PER_KWH, JOULES_PER_KWH, provenan
 from heron.govern.history import (
     LINEAGE_FILE, DataFacts, History, Stage, alignment_data, load_json, lookup, read_history, slug, training_data,
 )
-from heron.store.jsonl import atomic_writer
+from heron.store.jsonl import write_text_atomic
 
 PROVIDER = "[to be completed by the provider]"
 README_FILE = "README.md"
@@ -525,13 +525,6 @@ def model_card(folder: str | os.PathLike[str], *, evaluations: Sequence[Evaluati
     return f"---\n{front}---\n\n" + "\n".join(body).rstrip() + "\n"
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write `text` to `path` whole or not at all (store/jsonl.py `atomic_writer`)."""
-    with atomic_writer(path) as f:
-        f.write(text)
-    return Path(path)
-
-
 def write_document(folder: str | os.PathLike[str], path: str | os.PathLike[str], text: str, event: str,
                    *, replace_edited: bool = False) -> Path:
     """Write a document about the checkpoint `folder` to `path` (atomically) and record
@@ -594,4 +587,4 @@ def write_model_card(folder: str | os.PathLike[str], out: str | os.PathLike[str]
 __all__ = ["PROVIDER", "Evaluation", "WRITTEN_MARK", "architecture", "card_metadata", "co2_eq_emissions", "data_facts",
            "data_table", "describe_stage", "energy_rows", "evaluation_table", "hub_id", "is_untouched_document",
            "lineage_evaluations", "lineage_lines", "metric_name", "model_card", "model_name", "read_evaluations",
-           "software", "unknown_origin", "write_document", "write_model_card", "write_text_atomic"]
+           "software", "unknown_origin", "write_document", "write_model_card"]

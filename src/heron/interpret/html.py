@@ -12,10 +12,11 @@ from __future__ import annotations
 import html
 import os
 import re
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from heron.store.jsonl import write_text_atomic
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 68rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
@@ -68,15 +69,7 @@ def write_html(path: str | os.PathLike[str], title: str, sections: Sequence[Sect
                      for image in section.images)
         parts.extend(_table(table) for table in section.tables)
     parts.append("</body></html>\n")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")  # not mkstemp: its files are 0600
-    try:
-        with open(tmp, "x", encoding="utf-8") as file:
-            file.write("\n".join(parts))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_text_atomic(path, "\n".join(parts))
 
 
 def _table(table: Table, header: bool = True) -> str:

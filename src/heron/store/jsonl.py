@@ -112,6 +112,13 @@ def atomic_writer(path: str | os.PathLike[str], newline: str | None = None) -> I
         tmp.unlink(missing_ok=True)
 
 
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write `text` to `path` whole or not at all (`atomic_writer`)."""
+    with atomic_writer(path) as f:
+        f.write(text)
+    return Path(path)
+
+
 def write_jsonl_atomic(path: str | os.PathLike[str], rows: Iterable[dict[str, object]]) -> int:
     """Write one JSON object per line, atomically (`atomic_writer`). Returns the row count."""
     count = 0

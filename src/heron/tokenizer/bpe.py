@@ -13,11 +13,12 @@ import hashlib
 import json
 import os
 import sys
-import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from heron.store.jsonl import write_text_atomic
 
 # Short name -> token text. The order fixes the ids of a trained tokenizer:
 # BpeTrainer gives special tokens the first ids, so bos=0, eos=1, pad=2, ...
@@ -230,17 +231,6 @@ class HeronTokenizer:
             return cls.from_json(text)
         except Exception as exc:
             raise ValueError(f"{file} is not a valid Heron tokenizer.json: {exc}") from exc
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a text file through a temporary sibling, so it appears whole or not at all."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")  # not mkstemp: its files are 0600
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def train_tokenizer(

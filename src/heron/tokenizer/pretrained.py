@@ -21,7 +21,8 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from heron.tokenizer.bpe import TOKENIZER_FILE, HeronTokenizer, write_text_atomic
+from heron.store.jsonl import write_text_atomic
+from heron.tokenizer.bpe import TOKENIZER_FILE, HeronTokenizer
 
 CONFIG_FILE = "tokenizer_config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
