@@ -526,6 +526,21 @@ def test_cli_refuses_what_is_not_a_log_or_an_anchor_and_never_exports_over_the_l
         in capsys.readouterr().out
 
 
+def test_cli_exports_to_standard_output_as_to_a_file(tmp_path: Path, data_file: Path, capsys) -> None:
+    db = tmp_path / "a.db"
+    make_log(db, data_file, checkpoint_every=0)
+    for fmt, suffix in [(None, ".json"), ("csv", ".csv")]:
+        capsys.readouterr()
+        assert heron("audit", "export", "-", "--log", str(db), *(["--format", fmt] if fmt else [])) == 0
+        printed = capsys.readouterr()
+        assert "wrote 6 audit records to standard output" in printed.err
+        assert heron("audit", "export", str(tmp_path / f"out{suffix}"), "--log", str(db)) == 0
+        written = (tmp_path / f"out{suffix}").read_text(encoding="utf-8")
+        assert printed.out.replace("\r\n", "\n") == written.replace("\r\n", "\n")
+    assert not (tmp_path / "-").exists()
+
+
+
 # ----- lineage -----------------------------------------------------------------------------------
 
 

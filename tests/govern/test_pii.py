@@ -273,6 +273,10 @@ OUTSIDE_TEMPLATES = [
     ("Dear Dr. Sarah Green, your results are in.", [("PERSON", "Sarah Green")]),
     ("Neil Young and Emma Stone met in Leeds.", [("PERSON", "Neil Young"), ("PERSON", "Emma Stone")]),
     ("I spoke with Mrs. White yesterday.", [("PERSON", "White")]),
+    # A sentence's first word: a first name is taken in, a verb opening a request is not.
+    ("Mary Ann Jones called.", [("PERSON", "Mary Ann Jones")]),
+    ("Contact Mary Jones about it.", [("PERSON", "Mary Jones")]),
+    ("Server down; Mary Jones is on call.", [("PERSON", "Mary Jones")]),
 ]
 
 
@@ -286,7 +290,9 @@ TITLE_CASE = [  # (text, each token's p(name), the names found)
     ("from Robert Brown about", [0.0, 0.05, 0.9, 0.0], ["Robert Brown"]),  # ... and the other way round
     ("I met Sarah Williams", [0.0, 0.3, 0.9, 0.9], ["Sarah Williams"]),  # a lower-case edge word is shed
     ("Yesterday Paul Walker left", [0.0, 0.9, 0.9, 0.0], ["Paul Walker"]),  # a sentence's first word is not taken
-    ("Then. Paul Walker left", [0.0, 0.0, 0.0, 0.9, 0.0], ["Walker"]),  # nor a word after a full stop
+    ("Then. Paul Walker left", [0.0, 0.0, 0.0, 0.9, 0.0], ["Paul Walker"]),  # a first name opening a sentence
+    ("Contact Paul Walker now", [0.3, 0.9, 0.9, 0.0], ["Paul Walker"]),  # ... not a verb opening a request
+    ("x; Paul Walker left", [0.0, 0.0, 0.1, 0.9, 0.0], ["Paul Walker"]),  # a semicolon does not end a sentence
     ("asked John, Smith said", [0.0, 0.9, 0.0, 0.0, 0.0], ["John"]),  # punctuation between: two things
     ("John\nSmith", [0.9, 0.0], ["John"]),  # a name never runs across lines
     ("ask John About it", [0.0, 0.9, 0.0, 0.0], ["John"]),  # a common word is not a surname

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from heron.cli.options import lasting_database, not_the_source
@@ -33,8 +34,9 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=verify)
 
     p = actions.add_parser("export", help="write every record to JSON (with the checkpoints) or CSV")
-    p.add_argument("file", type=Path)
-    p.add_argument("--format", choices=FORMATS, default=None, help="default: from the file's suffix (.json, .csv)")
+    p.add_argument("file", type=Path, help="the file to write, or - for standard output")
+    p.add_argument("--format", choices=FORMATS, default=None,
+                   help="default: from the file's suffix (.json, .csv); json on standard output")
     _add_log(p)
     p.set_defaults(handler=export)
 
@@ -99,6 +101,11 @@ def _read_anchor(file: Path) -> Checkpoint:
 
 
 def export(args: argparse.Namespace) -> int:
+    if str(args.file) == "-":
+        with _open(args) as log:
+            count = export_log(log, sys.stdout, args.format or "json")
+        print(f"wrote {count} audit records to standard output", file=sys.stderr)
+        return 0
     not_the_source(args.file, _location(args), "audit log")
     fmt = args.format or EXPORT_SUFFIXES.get(args.file.suffix.lower())
     if fmt is None:

@@ -11,7 +11,7 @@ import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from heron.govern.audit import COLUMNS, JSON_FIELDS, AuditLog, Checkpoint, Row
 from heron.govern.digest import canonical_json
@@ -23,24 +23,31 @@ EXPORT_FORMAT = "heron-audit-log/1"
 
 def export_rows(rows: Iterable[Row], checkpoints: Sequence[Checkpoint], path: str | os.PathLike[str],
                 fmt: str = "json") -> int:
-    """JSON: {format, records, checkpoints}, JSON fields embedded as values (as text when a
-    tampered one no longer parses), exact. CSV: one row a record, every column as stored; an
-    empty cell is NULL (so empty content reads back as none: use JSON to keep everything)."""
+    """`write_rows` to a file, whole or not at all, as every file Heron writes."""
     if fmt not in FORMATS:
         raise ValueError(f"format: {fmt!r} is not one of {', '.join(FORMATS)}")
-    count = 0
+    with atomic_writer(path, newline="" if fmt == "csv" else None) as f:
+        return write_rows(rows, checkpoints, f, fmt)
+
+
+def write_rows(rows: Iterable[Row], checkpoints: Sequence[Checkpoint], out: TextIO, fmt: str = "json") -> int:
+    """JSON: {format, records, checkpoints}, JSON fields embedded as values (as text when a
+    tampered one no longer parses), exact. CSV: one row a record, every column as stored; an
+    empty cell is NULL (so empty content reads back as none: use JSON to keep everything).
+    Returns the record count."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format: {fmt!r} is not one of {', '.join(FORMATS)}")
     if fmt == "json":
         records = [_embed_json(row) for row in rows]
         document = {"format": EXPORT_FORMAT, "records": records, "checkpoints": [c.to_json() for c in checkpoints]}
-        with atomic_writer(path) as f:
-            f.write(json.dumps(document, indent=1, ensure_ascii=False) + "\n")
+        out.write(json.dumps(document, indent=1, ensure_ascii=False) + "\n")
         return len(records)
-    with atomic_writer(path, newline="") as f:  # whole or not at all, as every file Heron writes
-        writer = csv.writer(f)
-        writer.writerow(COLUMNS)
-        for row in rows:
-            writer.writerow(["" if row.get(c) is None else row[c] for c in COLUMNS])
-            count += 1
+    writer = csv.writer(out)
+    writer.writerow(COLUMNS)
+    count = 0
+    for row in rows:
+        writer.writerow(["" if row.get(c) is None else row[c] for c in COLUMNS])
+        count += 1
     return count
 
 
@@ -82,9 +89,12 @@ def _unembed_json(record: Mapping[str, Any]) -> Row:
     return row
 
 
-def export_log(log: AuditLog, path: str | os.PathLike[str], fmt: str = "json") -> int:
-    """Write every record of `log` (and, for JSON, every checkpoint); returns the record count."""
-    return export_rows(log.store.records(), log.checkpoints(), path, fmt)
+def export_log(log: AuditLog, path: str | os.PathLike[str] | TextIO, fmt: str = "json") -> int:
+    """Write every record of `log` (and, for JSON, every checkpoint) to a file, or to an open
+    text stream such as sys.stdout; returns the record count."""
+    if isinstance(path, (str, os.PathLike)):
+        return export_rows(log.store.records(), log.checkpoints(), path, fmt)
+    return write_rows(log.store.records(), log.checkpoints(), path, fmt)
 
 
-__all__ = ["EXPORT_FORMAT", "FORMATS", "export_log", "export_rows", "read_export"]
+__all__ = ["EXPORT_FORMAT", "FORMATS", "export_log", "export_rows", "read_export", "write_rows"]

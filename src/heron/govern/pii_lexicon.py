@@ -62,6 +62,21 @@ DRUGS = ("Tylenol", "Advil", "Lipitor", "Metformin", "Lisinopril", "Amoxicillin"
 DEPARTMENTS = ("Cardiology", "Radiology", "Oncology", "Neurology", "Pediatrics", "Orthopedics", "Dermatology",
                "Urology", "Nephrology", "Psychiatry", "Endocrinology", "Gastroenterology", "Rheumatology",
                "Hematology", "Pulmonology", "Ophthalmology")
+# Verbs that open a request ("Contact Mary Jones about it"), written with a capital there beside a
+# name that is not part of it. Verbs that are also names (Bill, Mark, Grant, Page, Will) are left out.
+IMPERATIVES = ("Contact", "Email", "Phone", "Telephone", "Text", "Message", "Fax", "Notify", "Inform", "Remind",
+               "Invite", "Thank", "Congratulate", "Welcome", "Introduce", "Update", "Brief", "Alert", "Warn",
+               "Forward", "Refer", "Escalate", "Schedule", "Reschedule", "Assign", "Nominate", "Reimburse", "Pay",
+               "Greet", "Tag", "Loop", "Consult", "Interview", "Reassure", "Discharge", "Admit", "Transfer",
+               "Approve", "Send", "Bring", "Ask", "Tell", "Call", "Meet", "Visit", "See", "Help", "Find", "Give",
+               "Show")
+# Other words that open sentences, written with a capital there, that a name may follow ("Yesterday
+# Paul called"); common words and function words need no listing (pii_names takes neither into a name).
+OPENERS = ("Yesterday", "Tomorrow", "Tonight", "Earlier", "Later", "Meanwhile", "However", "Hopefully",
+           "Unfortunately", "Fortunately", "Apparently", "Finally", "Otherwise", "Afterwards", "Sadly", "Luckily",
+           "Instead", "Regards", "Cheers", "Thanks", "Hi", "Hello", "Hey", "Dear", "Greetings", "Sorry", "Ping", "Cc",
+           "Patient", "Pt", "Nurse", "Doctor", "Resident", "Attending", "Surgeon", "Mom", "Dad", "Mum", "Grandma",
+           "Grandpa", "Uncle", "Aunt", "Auntie", "Reminder", "Note", "Urgent")
 # Diseases named after people: the eponym is not personal data of a patient.
 EPONYMS = ("Parkinson's", "Alzheimer's", "Crohn's", "Hodgkin's", "Graves'", "Addison's", "Cushing's", "Huntington's",
            "Raynaud's", "Tourette's", "Bell's", "Hashimoto's", "Sjogren's", "Meniere's")
@@ -111,8 +126,9 @@ def common_words() -> frozenset[str]:
 @lru_cache(maxsize=1)
 def non_names() -> frozenset[str]:
     """Lowercased capitalised words Heron uses as non-names: weekdays, months, street suffixes,
-    products, organisations, drugs, departments, eponyms."""
-    words = (*WEEKDAYS, *MONTHS, *MONTH_ABBREVIATIONS, *STREET_SUFFIXES, *TECH, *ORGS, *DRUGS, *DEPARTMENTS)
+    products, organisations, drugs, departments, eponyms, words that open sentences or requests."""
+    words = (*WEEKDAYS, *MONTHS, *MONTH_ABBREVIATIONS, *STREET_SUFFIXES, *TECH, *ORGS, *DRUGS, *DEPARTMENTS,
+             *OPENERS, *IMPERATIVES)
     return frozenset(w.lower() for w in words) | {e.split("'")[0].lower() for e in EPONYMS}
 
 

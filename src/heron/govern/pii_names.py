@@ -53,7 +53,7 @@ from heron.govern.pii_lexicon import FUNCTION_WORDS, HONORIFICS, NAME_PARTICLES,
 from heron.govern.presidio import EntityRecognizer, RecognizerResult
 
 TOKEN = re.compile(r"\w+(?:['’-]\w+)*|[^\w\s]")
-SENTENCE_END = frozenset(".!?:;|")
+SENTENCE_END = frozenset(".!?:|")  # not ";": a capital after one is a name's, not the sentence's
 CACHE_ENV = "HERON_CACHE"  # where the trained name model is kept (default_name_model)
 
 
@@ -170,9 +170,13 @@ class NameModel:
         """The run's first and last token once held to title case. A run with a title-case
         token sheds lowercase words at its ends, and takes in the title-case words written
         right beside it on the line ("John Smith" where the model was sure of John alone;
-        "Sarah Green" and "Sarah K. Green" too, a surname that is also a common word), but
-        not a sentence's first word on its left ("Yesterday Paul" stays "Paul"). Names the
-        model sees in lower case ("my name is ana lima") stay as found."""
+        "Sarah Green" and "Sarah K. Green" too, a surname that is also a common word), and a
+        first name on its left ("Mary Jones" where the model was sure of Jones alone, even at a
+        sentence's start, where the model is least sure), but not a word that opens sentences
+        ("Yesterday Paul" stays "Paul"; pii_lexicon.OPENERS) or a request ("Contact Paul").
+        Taking in a sentence's first word that is no name redacts a word too many; leaving out
+        a first name leaks it. Names the model sees in lower case ("my name is ana lima") stay
+        as found."""
         first, last = run[0], run[-1]
         if not any(_title(tokens[i].text) for i in run):
             return first, last
@@ -182,7 +186,7 @@ class NameModel:
             last -= 1
         while (after := self._surname_after(text, tokens, last)) is not None:
             last = after
-        while first > 0 and not tokens[first - 1].starts_sentence and _spaced(text, tokens[first - 1], tokens[first]) \
+        while first > 0 and _spaced(text, tokens[first - 1], tokens[first]) \
                 and self._joins(tokens[first - 1].text, tokens[first].text):
             first -= 1
         return first, last
@@ -207,10 +211,12 @@ class NameModel:
         return left.lower() not in self.common and (surname or right.lower() not in self.common)
 
     def _can_edge(self, word: str, after_title: bool) -> bool:
-        """Whether a name may start or end with this word: not punctuation, not a common word
-        (the name lists leave those out; see pii_lexicon), so "Call Ana" gives "Ana"; but a
-        common word right after a personal title is a surname ("Dr. Green")."""
-        return word[0].isalnum() and (word.lower() not in self.common or after_title)
+        """Whether a name may start or end with this word: not punctuation, not a non-name
+        ("Contact Ana" gives "Ana"), not a common word (the name lists leave those out; see
+        pii_lexicon), so "Call Ana" gives "Ana"; but a common word right after a personal title
+        is a surname ("Dr. Green")."""
+        low = word.lower()
+        return word[0].isalnum() and low not in self.non_names and (low not in self.common or after_title)
 
     def _after_title(self, tokens: Sequence[Token], i: int) -> bool:
         """Whether token i is a title-case word, not a non-name, right after a personal title
