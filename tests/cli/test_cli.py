@@ -148,6 +148,20 @@ def test_a_warning_prints_as_one_line_naming_the_verb(tmp_path: Path, capsys) ->
             "for the whole run and never reaches optim.lr 0.003\n") in capsys.readouterr().err
 
 
+def test_tokenizer_train_says_what_it_skipped_and_what_it_could_not_reach(tmp_path: Path, capsys) -> None:
+    latin = tmp_path / "latin"
+    latin.mkdir()
+    for i in range(3):
+        (latin / f"f{i}.txt").write_bytes(f"café {i}".encode("latin-1"))
+    assert main(["tokenizer", "train", str(latin), "--vocab-size", "300", "--out", str(tmp_path / "t.json")]) == 2
+    assert "no file of the corpus is UTF-8 text: all 3 were skipped" in capsys.readouterr().err
+    assert not (tmp_path / "t.json").exists()
+    (latin / "ok.py").write_text("def f(x):\n    return x + 1\n" * 20)
+    assert main(["tokenizer", "train", str(latin), "--vocab-size", "5000", "--out", str(tmp_path / "t.json")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: skipped 3 undecodable (non-UTF-8) files" in err and "not the 5000 asked for" in err
+
+
 def test_unknown_recipe_lists_the_shipped_ones(capsys) -> None:
     assert main(["train", "no-such-recipe"]) == 2
     err = capsys.readouterr().err

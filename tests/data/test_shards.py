@@ -146,3 +146,22 @@ def test_the_folder_carries_the_tokenizer_that_made_it(tmp_path, tok) -> None:
     (tmp_path / "out" / "tokenizer.json").unlink()  # shards written before folders carried their tokenizer
     again = prepare_shards(Corpus([tmp_path / "src"]), tok, tmp_path / "out", show_progress=False)
     assert again.reused and HeronTokenizer.load(tmp_path / "out").fingerprint() == tok.fingerprint()
+
+
+def test_an_output_folder_inside_the_corpus_is_no_part_of_it(tmp_path, tok) -> None:
+    """Else each rerun takes in its own shards and meta.json and never reuses them."""
+    write_docs(tmp_path, 12)
+    first = prepare_shards(Corpus([tmp_path]), tok, tmp_path / "shards", show_progress=False)
+    again = prepare_shards(Corpus([tmp_path]), tok, tmp_path / "shards", show_progress=False)
+    assert again.reused and len(again.train) == len(first.train) and again.meta["skipped_files"] == []
+    alone = prepare_shards(Corpus(sorted(str(p) for p in tmp_path.glob("*.py"))), tok, tmp_path / "elsewhere",
+                           show_progress=False)
+    assert alone.meta["corpus_fingerprint"] == first.meta["corpus_fingerprint"]
+
+
+def test_a_corpus_of_no_utf8_text_is_refused(tmp_path, tok) -> None:
+    for i in range(3):
+        (tmp_path / f"latin{i}.txt").write_bytes("café".encode("latin-1"))
+    with pytest.raises(ValueError, match="no file of the corpus is UTF-8 text: all 3 were skipped"):
+        prepare_shards(Corpus([tmp_path]), tok, tmp_path / "out", show_progress=False)
+    assert not (tmp_path / "out" / "meta.json").exists()

@@ -128,7 +128,8 @@ def test_resume_after_sigkill_mid_save(recipe_factory, tmp_path: Path) -> None:
 
 def test_resume_refuses_a_different_run(recipe_factory) -> None:
     train(recipe_factory("run", train={"steps": 2}))
-    with pytest.raises(RecipeError, match="model: .* holds a run with model="):
+    with pytest.raises(RecipeError, match=r"model: .* holds a run this recipe cannot continue \(model.overrides.d_model: "
+                                          r"32, now 64; .*\); .* --no-resume .* to delete that run's checkpoints"):
         train(recipe_factory("run", train={"steps": 2}, model={"preset": "test", "overrides": {"d_model": 64}}))
     with pytest.raises(RecipeError, match="train.seed"):
         train(recipe_factory("run", train={"steps": 2, "seed": 1}))

@@ -87,3 +87,33 @@ def test_shards_without_their_tokenizer_fail_before_training(tmp_path: Path, cor
         train(recipe_from_dict(raw, world_size=1))
     assert not (tmp_path / "second").exists()
 
+
+
+def test_shards_of_another_corpus_or_vocabulary_are_refused_not_trained_on(tmp_path: Path, corpus: Path) -> None:
+    """The lineage would otherwise name data.corpus and data.vocab_size the model never saw."""
+    train(recipe_from_dict(shard_recipe(tmp_path, corpus), world_size=1))
+    other = tmp_path / "other"
+    other.mkdir()
+    for i in range(12):
+        (other / f"n{i}.py").write_text(CODE.replace("Point", f"Line{i}") * 5)
+    raw = shard_recipe(tmp_path, other)
+    raw["out_dir"] = str(tmp_path / "second")
+    with pytest.raises(RecipeError, match=r"data.corpus: .*shards holds shards of another corpus .* or set "
+                                          r"data.corpus to null"):
+        train(recipe_from_dict(raw, world_size=1))
+    raw = shard_recipe(tmp_path, corpus)
+    raw["out_dir"], raw["data"]["vocab_size"] = str(tmp_path / "second"), 280
+    with pytest.raises(RecipeError, match="data.vocab_size: .* made with a 300-token tokenizer, not 280"):
+        train(recipe_from_dict(raw, world_size=1))
+    assert not (tmp_path / "second").exists()
+    raw["data"]["corpus"] = None  # these shards as they are
+    assert train(recipe_from_dict(raw, world_size=1)).step == 2
+
+
+def test_shards_are_prepared_only_into_a_new_or_empty_folder(tmp_path: Path, corpus: Path) -> None:
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "notes.txt").write_text("mine")
+    with pytest.raises(RecipeError, match=r"data.shards: .*shards holds no shards \(meta.json\) but other files "
+                                          r"\(notes.txt\)"):
+        train(recipe_from_dict(shard_recipe(tmp_path, corpus), world_size=1))
+    assert [p.name for p in (tmp_path / "shards").iterdir()] == ["notes.txt"]

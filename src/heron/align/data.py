@@ -8,7 +8,7 @@ mask is needed; `mask` marks the reply's tokens, the only ones any loss reads.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,16 +42,21 @@ class Replies:
                        torch.cat([self.last, other.last]))
 
 
+class RowTooLong(ValueError):
+    """A prompt and reply longer than max_len; the message names the row as the caller does."""
+
+
 def encode_replies(tokenizer: Tokenizer, prompts: Sequence[Messages], replies: Sequence[str],
-                   max_len: int) -> Replies:
-    """Tokenise prompt/reply rows; a row longer than max_len is a ValueError naming it."""
+                   max_len: int, describe: Callable[[int], str] = lambda i: f"row {i + 1}") -> Replies:
+    """Tokenise prompt/reply rows; a row longer than max_len is a RowTooLong naming it
+    (`describe(i)` for row i, 0-based)."""
     if len(prompts) != len(replies):
         raise ValueError(f"replies: {len(replies)} for {len(prompts)} prompts")
     rows, masks = [], []
     for i, (prompt, reply) in enumerate(zip(prompts, replies)):
         head, tail = tokenizer.chat_prompt_ids(prompt), tokenizer.reply_ids(reply)
         if len(head) + len(tail) > max_len:
-            raise ValueError(f"row {i}: {len(head) + len(tail)} tokens exceed max_len {max_len}")
+            raise RowTooLong(f"{describe(i)} is {len(head) + len(tail)} tokens, more than max_len {max_len}")
         rows.append(head + tail)
         masks.append([0.0] * len(head) + [1.0] * len(tail))
     width = max(len(r) for r in rows)
@@ -81,8 +86,9 @@ def encode_pairs(tokenizer: Tokenizer, pairs: Sequence[dict], max_len: int) -> t
         for key, texts in replies.items():
             texts.append(_reply_text(pair[key], f"pair {number}: {key!r}"))
     prompts = [as_messages(p["prompt"]) for p in pairs]
-    both = encode_replies(tokenizer, prompts * 2, replies["chosen"] + replies["rejected"], max_len)
     n = len(pairs)  # one padded width for both sides, so a batch can stack them
+    both = encode_replies(tokenizer, prompts * 2, replies["chosen"] + replies["rejected"], max_len,
+                          describe=lambda i: f"pair {i % n + 1} with its {'chosen' if i < n else 'rejected'} reply")
     return both.take(torch.arange(n)), both.take(torch.arange(n, 2 * n))
 
 

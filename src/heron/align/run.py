@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import heron  # noqa: E402
-from heron.align.data import Messages, as_messages, encode_pairs, encode_replies  # noqa: E402
+from heron.align.data import Messages, RowTooLong, as_messages, encode_pairs, encode_replies  # noqa: E402
 from heron.align.grpo import grpo  # noqa: E402
 from heron.align.heads import with_scalar_head  # noqa: E402
 from heron.align.loop import fit  # noqa: E402
@@ -99,17 +100,29 @@ def _sft(model, tokenizer, recipe: AlignRecipe, task: RepeatTask | None, on_step
     chats = task.sft_chats(recipe.data.task.n, recipe.data.task.seed) if task else load_chat_jsonl(recipe.data.file)
     if not chats:
         raise ValueError(f"data.file: {recipe.data.file} holds no chats")
-    for i, chat in enumerate(chats):
+    for i, chat in enumerate(chats, start=1):
         if chat[-1]["role"] != "assistant":
             raise ValueError(f"data.file: chat {i} does not end with an assistant reply")
-    data = encode_replies(tokenizer, [c[:-1] for c in chats], [c[-1]["content"] for c in chats], recipe.data.max_len)
+    with _max_len_named():
+        data = encode_replies(tokenizer, [c[:-1] for c in chats], [c[-1]["content"] for c in chats],
+                              recipe.data.max_len, describe=lambda i: f"chat {i + 1}")
     fit(model.parameters(), sft_objective(model, data), len(data), recipe.fit_settings(), on_step)
     return model
 
 
 def _pairs(tokenizer, recipe: AlignRecipe, task: RepeatTask | None):
     pairs = task.preference_pairs(recipe.data.task.n, recipe.data.task.seed) if task else _jsonl(recipe.data.file)
-    return encode_pairs(tokenizer, pairs, recipe.data.max_len)
+    with _max_len_named():
+        return encode_pairs(tokenizer, pairs, recipe.data.max_len)
+
+
+@contextmanager
+def _max_len_named() -> Iterator[None]:
+    """A row over the recipe's max_len, named as the recipe field to change."""
+    try:
+        yield
+    except RowTooLong as err:
+        raise ValueError(f"data.max_len: {err}; raise data.max_len or shorten the row") from None
 
 
 def _rm(model, tokenizer, recipe: AlignRecipe, task: RepeatTask | None, on_step: Callable) -> torch.nn.Module:

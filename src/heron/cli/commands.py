@@ -36,6 +36,13 @@ def tokenizer_train(args: argparse.Namespace) -> int:
     corpus = corpus_from(args.sources, args.ext)
     print(f"training a {args.vocab_size}-token BPE on {len(corpus)} files")
     tokenizer = train_tokenizer(corpus, args.vocab_size)
+    corpus.check_decodable()
+    if corpus.skipped:
+        warnings.warn(f"skipped {len(corpus.skipped)} undecodable (non-UTF-8) files, e.g. {corpus.skipped[0]}",
+                      stacklevel=1)
+    if tokenizer.vocab_size < args.vocab_size:
+        warnings.warn(f"the corpus gave {tokenizer.vocab_size} tokens, not the {args.vocab_size} asked for: BPE "
+                      "stops when no pair of tokens occurs twice more", stacklevel=1)
     print(f"tokenizer: {tokenizer.save(args.out)} ({tokenizer.vocab_size} tokens)")
     return 0
 

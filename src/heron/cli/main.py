@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="a recipe YAML file, or a shipped recipe's name")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. --set train.steps=100 (repeatable)")
-    p.add_argument("--no-resume", action="store_true", help="start over instead of resuming the run folder")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start over, deleting the run folder's checkpoints and metrics (default: resume from them)")
     p.set_defaults(handler=_lazy("commands", "train_recipe"))
 
     p = verbs.add_parser("generate", help="continue a prompt with a checkpoint")
@@ -183,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "uniform map, last to last)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field (repeatable)")
-    p.add_argument("--no-resume", action="store_true", help="start over instead of resuming")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start over, deleting the output folder's checkpoints and metrics (default: resume)")
     p.set_defaults(handler=_lazy("commands", "compress_distill"))
     p = compress.add_parser("report", help="size, perplexity, decode speed and energy of variants; Pareto plot")
     p.add_argument("checkpoints", type=Path, nargs="+", help="the reference first, then its variants")

@@ -8,6 +8,7 @@ corpus copied to another machine splits and hashes the same.
 
 from __future__ import annotations
 
+import copy
 import glob
 import hashlib
 import os
@@ -97,6 +98,18 @@ class Corpus:
                 found.append(_document(Path(dirpath) / name, root))
         return found
 
+    def excluding(self, folder: str | os.PathLike[str]) -> Corpus:
+        """This corpus without the documents under `folder` (itself, if none are)."""
+        root = Path(folder).resolve()
+        kept = [d for d in self.documents if not d.path.resolve().is_relative_to(root)]
+        if len(kept) == len(self.documents):
+            return self
+        if not kept:
+            raise FileNotFoundError(f"the corpus holds no files outside {folder}, where the output goes")
+        corpus = copy.copy(self)
+        corpus.documents, corpus.skipped = kept, []
+        return corpus
+
     # ----- access -----------------------------------------------------------
 
     @property
@@ -120,6 +133,12 @@ class Corpus:
                 self.skipped.append(doc.path)
                 continue
             yield doc.key, text
+
+    def check_decodable(self) -> None:
+        """After a pass over the texts: a ValueError if every file was skipped as undecodable."""
+        if self.documents and len(self.skipped) == len(self.documents):
+            raise ValueError(f"no file of the corpus is UTF-8 text: all {len(self.documents)} were skipped as "
+                             f"undecodable (first: {self.skipped[0]})")
 
     def __iter__(self) -> Iterator[str]:
         return (text for _, text in self.items())

@@ -220,8 +220,13 @@ def prepare_shards(
     seed: int = 0,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     show_progress: bool = True,
+    note: dict | None = None,
 ) -> ShardSet:
     """Tokenise a corpus into train/val shard files in out_dir; reuse them if inputs are unchanged.
+
+    Files under out_dir are no part of the corpus (an out_dir inside a corpus folder would
+    otherwise take in its own shards and metadata on the next run). `note` adds keys to
+    meta.json (what the caller asked for, to check later); shards are reused only if they match.
 
     Parallelism: documents go to the Rust batch encoder (`encode_batch`),
     which spreads them over all cores with Rayon (cap it with the
@@ -234,8 +239,9 @@ def prepare_shards(
     folder = Path(out_dir)
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"{folder}: a file; shards go in a folder")
+    corpus = corpus.excluding(folder)
     dtype = token_dtype(tokenizer.vocab_size)
-    inputs = {
+    inputs = (note or {}) | {
         "format": SHARD_FORMAT,
         "dtype": dtype.name,
         "vocab_size": tokenizer.vocab_size,
@@ -262,6 +268,7 @@ def prepare_shards(
                 writers[split].write(np.array(ids + [tokenizer.eos_id], dtype=dtype))
             bar.update(len(keys))
         bar.close()
+        corpus.check_decodable()
         for writer in writers.values():
             writer.close()
         meta = inputs | {s: writers[s].summary() for s in SPLITS}

@@ -260,11 +260,28 @@ def _check_resumable(ckpt: Checkpoint, recipe: TrainRecipe, data: TrainData) -> 
         "data": (_data_identity(ckpt.lineage.get("data", {})), _data_identity(data.meta)),
     }
     for name, (old, new) in fields.items():
-        if old != new:
+        changes = _changes(name, old, new)
+        if changes:
+            shown = "; ".join(changes[:3]) + (f"; and {len(changes) - 3} more" if len(changes) > 3 else "")
             raise RecipeError(
-                f"{name}: {recipe.out_dir} holds a run with {name}={old!r}, this recipe has {new!r}; "
-                "choose another out_dir or pass resume=False (--no-resume) to start over"
+                f"{name}: {recipe.out_dir} holds a run this recipe cannot continue ({shown}); choose another "
+                "out_dir, or pass --no-resume (resume=False) to delete that run's checkpoints and metrics and "
+                "start over"
             )
+
+
+def _changes(name: str, old: Any, new: Any) -> list[str]:
+    """What differs between two settings, by dotted key: ["model.d_model: 64, now 128", ...]."""
+    old, new = (v.model_dump() if hasattr(v, "model_dump") else v for v in (old, new))
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [change for key in sorted(old.keys() | new.keys(), key=str)
+                for change in _changes(f"{name}.{key}", old.get(key), new.get(key))]
+    return [] if old == new else [f"{name}: {_short(old)}, now {_short(new)}"]
+
+
+def _short(value: Any, width: int = 24) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def _warn_of_changed_length(ckpt: Checkpoint, recipe: TrainRecipe) -> None:
@@ -273,7 +290,7 @@ def _warn_of_changed_length(ckpt: Checkpoint, recipe: TrainRecipe) -> None:
     then, step, steps = TrainRecipe.model_validate(ckpt.lineage["recipe"]), ckpt.lineage["step"], recipe.train.steps
     if step >= steps:
         warnings.warn(f"{recipe.out_dir} already holds step {step}, and train.steps is {steps}: nothing to train "
-                      "(raise train.steps to continue, or --no-resume to start over)", stacklevel=4)
+                      "(raise train.steps to continue, or --no-resume to delete it and start over)", stacklevel=4)
     elif (then.train.steps, then.schedule, then.optim) != (steps, recipe.schedule, recipe.optim):
         warnings.warn(f"resuming {recipe.out_dir} at step {step} under another train.steps, schedule or optim than "
                       "it began with: the learning rate follows the new settings from here on", stacklevel=4)

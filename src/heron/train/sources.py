@@ -1,13 +1,14 @@
 """Token streams for a recipe's `data` section: shards on disk or synthetic.
 
 Shards come from the data layer (`prepare_shards` / `load_shards`); when the
-recipe names a corpus and the shard folder is empty, they are prepared here
+recipe names a corpus and the shard folder is new or empty, they are prepared here
 first (tokenizer included), so `heron train tiny` runs on a
 fresh machine. Synthetic streams have a known answer and need no disk.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from heron.data.shards import META_FILE, load_shards, prepare_shards
 from heron.tokenizer.bpe import TOKENIZER_FILE, HeronTokenizer, train_tokenizer
 from heron.train.recipe import DataSection, RecipeError, SyntheticData
 
+VOCAB_REQUESTED = "tokenizer_vocab_requested"  # meta.json key: the vocab_size the recipe asked for
 
 
 @dataclass(frozen=True)
@@ -36,12 +38,21 @@ class TrainData:
 
 def resolve_data(section: DataSection, *, is_main: bool = True,
                  barrier: Callable[[], None] = lambda: None) -> TrainData:
-    """Load (preparing first if needed, on the main process only) the recipe's data."""
+    """Load (preparing first if needed, on the main process only) the recipe's data.
+
+    With `data.corpus` set, the shards must be that corpus's: a folder holding shards of
+    another corpus, or made with a tokenizer of another `data.vocab_size`, is refused rather
+    than trained on (the lineage would name a corpus the model never saw), and shards are
+    prepared only into a new or empty folder."""
     if section.synthetic is not None:
         return synthetic_data(section.synthetic)
     folder = Path(section.shards)
-    if is_main and not (folder / META_FILE).is_file() and section.corpus is not None:
-        _prepare(section, folder)
+    if is_main and section.corpus is not None:
+        if (folder / META_FILE).is_file():
+            _check_made_from(section, folder)
+        else:
+            _check_room(folder)
+            _prepare(section, folder)
     barrier()  # the other processes wait for the main one to finish preparing
     return _load(section, folder)
 
@@ -78,14 +89,48 @@ def _load(section: DataSection, folder: Path) -> TrainData:
                      tokenizer=tokenizer, meta=meta)
 
 
+def _corpus(section: DataSection) -> Corpus:
+    try:
+        return default_corpus() if section.corpus == "default" else Corpus(list(section.corpus))
+    except FileNotFoundError as err:
+        raise RecipeError(f"data.corpus: {err}") from None
+
+
 def _prepare(section: DataSection, folder: Path) -> None:
     """Tokenise the named corpus into `folder`, training a tokenizer if none exists."""
-    corpus = default_corpus() if section.corpus == "default" else Corpus(list(section.corpus))
+    corpus = _corpus(section)
     tokenizer = _tokenizer(section, folder)
     if tokenizer is None:
         tokenizer = train_tokenizer(corpus, section.vocab_size)
         tokenizer.save(_tokenizer_path(section, folder))
-    prepare_shards(corpus, tokenizer, folder, seed=section.split_seed)
+    # A small corpus can stop the BPE short of vocab_size: the request is kept to check against.
+    requested = {} if section.tokenizer is not None else {VOCAB_REQUESTED: section.vocab_size}
+    prepare_shards(corpus, tokenizer, folder, seed=section.split_seed, note=requested)
+
+
+def _check_made_from(section: DataSection, folder: Path) -> None:
+    """Refuse shards in `folder` that this recipe's corpus and vocabulary did not make."""
+    meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+    fix = (f"set data.shards to another folder (they are prepared there), delete {folder} to prepare it "
+           "again, or set data.corpus to null to train on these shards as they are")
+    if meta.get("corpus_fingerprint") != _corpus(section).excluding(folder).fingerprint():
+        raise RecipeError(f"data.corpus: {folder} holds shards of another corpus than {section.corpus!r}; {fix}")
+    made_with = meta.get(VOCAB_REQUESTED, meta.get("vocab_size"))
+    if section.tokenizer is None and made_with != section.vocab_size:
+        raise RecipeError(f"data.vocab_size: {folder} holds shards made with a {made_with}-token tokenizer, "
+                          f"not {section.vocab_size}; {fix}")
+
+
+def _check_room(folder: Path) -> None:
+    """Shards are prepared into a new or empty folder (a tokenizer, or what a killed
+    preparation left, may be there), never among other files."""
+    if folder.exists() and not folder.is_dir():
+        raise RecipeError(f"data.shards: {folder} is a file; name a folder for the shards")
+    others = sorted(p.name for p in folder.iterdir() if p.name != TOKENIZER_FILE and not p.name.startswith(".")) \
+        if folder.is_dir() else []
+    if others:
+        raise RecipeError(f"data.shards: {folder} holds no shards ({META_FILE}) but other files ({', '.join(others[:3])}"
+                          f"{', ...' if len(others) > 3 else ''}); name a new or empty folder to prepare them in")
 
 
 def _tokenizer(section: DataSection, folder: Path) -> HeronTokenizer | None:
