@@ -1,6 +1,6 @@
 import pytest
 
-from heron.core.config import MoEConfig, ModelConfig, RopeScaling
+from heron.core.config import AttentionPattern, MoEConfig, ModelConfig, RopeScaling
 
 BASE = dict(vocab_size=100, d_model=64, n_layers=2, n_heads=4)
 
@@ -82,3 +82,29 @@ def test_a_setting_the_pattern_does_not_read_is_named(pattern, message):
         ModelConfig.from_dict({**BASE, "attention": [{"kind": "dense"}, pattern]})
     sliding = ModelConfig.from_dict({**BASE, "attention": [{"kind": "sliding", "window": 8}]})
     assert ModelConfig.from_json(sliding.to_json()) == sliding  # saved patterns hold only defaults elsewhere
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"attention": ["dense", "sliding"]}, r"^attention\[0\]: expected a mapping such as \{kind: sliding, window: 128\}, "
+                                          r"got 'dense'"),
+    ({"attention": [{"kind": "sliding", "window": 8.5}]}, r"^attention\[0\]\.window: expected int, got 8\.5"),
+    ({"attention": {"kind": "sliding"}}, r"^attention: expected a list such as"),
+    ({"feed_forward": ["moe"], "moe": {"d_ff": 1.5}}, r"^moe\.d_ff: expected int \| None, got 1\.5"),
+    ({"feed_forward": ["moe"], "moe": 5}, r"^moe: expected a mapping such as \{n_experts: 8, top_k: 2\}, got 5"),
+    ({"rope_scaling": 2.0}, r"^rope_scaling: expected a mapping"),
+    ({"feed_forward": [1]}, r"^feed_forward\[0\]: expected one of dense, moe, none, got 1"),
+    ({"attention": [{"window": 4}]}, r"a dense pattern does not use it .*; set kind to one that does \(sliding, dilated\)"),
+])
+def test_nested_settings_of_the_wrong_kind_are_named_with_their_path(change, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_dict({**BASE, **change})
+
+
+def test_nested_settings_built_from_mappings_or_lists_equal_those_built_from_their_classes():
+    """ModelConfig(..., attention=[{...}]) in Python is the config from_dict builds."""
+    from_classes = ModelConfig(**BASE, attention=(AttentionPattern(kind="sliding", window=4),), feed_forward=("moe",),
+                               moe=MoEConfig(top_k=1))
+    from_plain = ModelConfig(**BASE, attention=[{"kind": "sliding", "window": 4}], feed_forward=["moe"],
+                             moe={"top_k": 1})
+    assert from_plain == from_classes and hash(from_plain) == hash(from_classes)
+    assert ModelConfig.from_json(from_plain.to_json()) == from_classes

@@ -516,7 +516,7 @@ BASE = dict(vocab_size=50, d_model=16, n_layers=2, n_heads=2)
     ({"feed_forward": ["moe"], "moe": {"capacity_factor": 0}}, "moe.capacity_factor"),
     ({"feed_forward": ["moe"], "moe": {"aux_loss_coef": -1.0}}, "moe.aux_loss_coef"),
     ({"feed_forward": ["moe"], "moe": {"routed_scale": 0}}, "moe.routed_scale"),
-    ({"feed_forward": ["moe"], "moe": {"top_k": "2"}}, "top_k"),
+    ({"feed_forward": ["moe"], "moe": {"top_k": "2"}}, "moe.top_k"),
 ])
 def test_config_errors_name_the_field(change, field):
     with pytest.raises(ValueError, match=f"^{field}"):

@@ -195,3 +195,22 @@ def test_a_partial_rotary_factor_phi3_cannot_run_is_refused_by_name(tmp_path):
     rewrite_config(tmp_path, lambda c: c.update(partial_rotary_factor=0.5, rope_theta=10000.0, rope_parameters=None))
     with pytest.raises(ValueError, match="partial_rotary_factor: not supported"):
         load_hf_model(tmp_path)
+
+
+@torch.no_grad()
+def test_qwen3_moe_slides_on_every_layer_as_transformers_does(tmp_path):
+    """transformers' Qwen3MoeModel applies `sliding_window` to every layer and ignores
+    `max_window_layers`; a Heron model with dense and sliding layers has no such folder."""
+    config = transformers.Qwen3MoeConfig(**_LLAMA_LIKE, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                         norm_topk_prob=True, use_sliding_window=True, sliding_window=WINDOW,
+                                         max_window_layers=1)
+    hf = random_hf_model(config)
+    hf.save_pretrained(tmp_path / "hf")
+    model = load_hf_model(tmp_path / "hf")
+    assert {model.config.attention_pattern(i).kind for i in range(2)} == {"sliding"}
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(3))
+    assert (model(ids).logits - hf(ids).logits).abs().max() <= 1e-4
+    mixed = model.config.replace(attention=({"kind": "dense"}, {"kind": "sliding", "window": WINDOW}))
+    with pytest.raises(ValueError, match="attention: layer 0 is 'dense'; this family has either dense attention on "
+                                         "every layer or one sliding window on every layer"):
+        save_hf_folder(type(model)(mixed), tmp_path / "out", family="qwen3_moe")

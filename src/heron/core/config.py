@@ -85,7 +85,9 @@ class AttentionPattern:
         for f in dataclasses.fields(self):  # a setting the kind ignores is a mistake, not a no-op
             if f.name != "kind" and f.name not in PATTERN_FIELDS[self.kind] and getattr(self, f.name) != f.default:
                 uses = ", ".join(PATTERN_FIELDS[self.kind]) or "none"
-                raise ValueError(f"{f.name}: a {self.kind} pattern does not use it (its fields: {uses})")
+                kinds = ", ".join(k for k, names in PATTERN_FIELDS.items() if f.name in names)
+                raise ValueError(f"{f.name}: a {self.kind} pattern does not use it (its fields: {uses}); "
+                                 f"set kind to one that does ({kinds})")
         for name in ("window", "dilation", "stride", "block", "summary"):
             _check_positive(name, getattr(self, name))
         for name in ("local_blocks", "global_blocks", "random_blocks", "seed"):
@@ -188,6 +190,7 @@ class ModelConfig:
     moe: MoEConfig | None = None
 
     def __post_init__(self) -> None:
+        self._normalise_parts()
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             _check_positive(name, getattr(self, name))
         _check_choice("norm", self.norm, NORMS)
@@ -224,8 +227,6 @@ class ModelConfig:
             raise ValueError(f"rope_scaling: set, but positions={self.positions!r} is not 'rope'")
         for name in ("attention", "feed_forward"):
             schedule = getattr(self, name)
-            if not isinstance(schedule, tuple):
-                raise ValueError(f"{name}: expected a tuple, got {type(schedule).__name__}")
             if schedule and self.n_layers % len(schedule):
                 raise ValueError(f"{name}: {len(schedule)} entries do not cycle evenly over {self.n_layers} layers")
         for i, kind in enumerate(self.feed_forward):
@@ -235,6 +236,25 @@ class ModelConfig:
         if self.moe is not None and "moe" not in self.feed_forward:
             raise ValueError("moe: settings are given but feed_forward names no 'moe' layer (e.g. [moe], or "
                              "[dense, moe] to alternate)")
+
+    def _normalise_parts(self) -> None:
+        """Nested settings given as mappings (JSON, YAML, Python dicts) become their config
+        classes and lists become tuples, so a config built either way is the same frozen value;
+        anything else is an error naming the field."""
+        parts = {"rope_scaling": _part(RopeScaling, self.rope_scaling, "rope_scaling", "{kind: linear, factor: 2.0}"),
+                 "moe": _part(MoEConfig, self.moe, "moe", "{n_experts: 8, top_k: 2}")}
+        for name, example in (("attention", "[{kind: sliding, window: 128}]"), ("feed_forward", "[dense, moe]")):
+            schedule = getattr(self, name)
+            if not isinstance(schedule, (list, tuple)):
+                raise ValueError(f"{name}: expected a list such as {example}, got {schedule!r}")
+            parts[name] = tuple(schedule)
+        parts["attention"] = tuple(_part(AttentionPattern, p, f"attention[{i}]", "{kind: sliding, window: 128}")
+                                   for i, p in enumerate(parts["attention"]))
+        for i, kind in enumerate(parts["feed_forward"]):
+            if not isinstance(kind, str):
+                raise ValueError(f"feed_forward[{i}]: expected one of {', '.join(FEED_FORWARDS)}, got {kind!r}")
+        for name, value in parts.items():
+            object.__setattr__(self, name, value)  # frozen: the one place values are settled
 
     @property
     def resolved_head_dim(self) -> int:
@@ -285,20 +305,8 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Build from a plain dict; unknown keys are errors that name the key."""
         check_known_fields(cls, data, "")
-        values = dict(data)
-        if isinstance(values.get("rope_scaling"), dict):
-            values["rope_scaling"] = _nested(RopeScaling, values["rope_scaling"], "rope_scaling")
-        if isinstance(values.get("moe"), dict):
-            values["moe"] = _nested(MoEConfig, values["moe"], "moe")
-        if isinstance(values.get("attention"), (list, tuple)):
-            values["attention"] = tuple(
-                _nested(AttentionPattern, p, f"attention[{i}]") if isinstance(p, dict) else p
-                for i, p in enumerate(values["attention"])
-            )
-        if isinstance(values.get("feed_forward"), list):
-            values["feed_forward"] = tuple(values["feed_forward"])
-        _check_types(cls, values)
-        return cls(**values)
+        _check_types(cls, data)
+        return cls(**data)
 
     @classmethod
     def from_json(cls, text: str) -> ModelConfig:
@@ -315,12 +323,17 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-def _nested(cls: type, data: dict[str, Any], where: str) -> Any:
-    """A nested config dataclass from a dict; errors are prefixed with `where`."""
-    check_known_fields(cls, data, f"{where}.")
-    _check_types(cls, data)
+def _part(cls: type, value: Any, where: str, example: str) -> Any:
+    """A nested setting as a `cls`: itself, None where the field allows it (not in a list),
+    or built from a mapping with errors prefixed by `where`."""
+    if isinstance(value, cls) or (value is None and not where.endswith("]")):
+        return value
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where}: expected a mapping such as {example}, got {value!r}")
+    check_known_fields(cls, value, f"{where}.")
     try:
-        return cls(**data)
+        _check_types(cls, value)
+        return cls(**value)
     except ValueError as err:
         raise ValueError(f"{where}.{err}") from None
 
@@ -333,7 +346,7 @@ def check_known_fields(cls: type, data: Mapping[str, Any], prefix: str = "") -> 
         raise ValueError(f"{prefix}{unknown[0]}: unknown {cls.__name__} field (known: {', '.join(sorted(known))})")
 
 
-def _check_types(cls: type, values: dict[str, Any]) -> None:
+def _check_types(cls: type, values: Mapping[str, Any]) -> None:
     """JSON and YAML hand us loosely typed values; reject the wrong kind early."""
     for f in dataclasses.fields(cls):
         if f.name not in values or f.type not in _FIELD_TYPES:

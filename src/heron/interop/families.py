@@ -269,6 +269,19 @@ def read_sliding(hf: HfConfig) -> dict[str, Any]:
     return {"attention": tuple(_layer_pattern(t, int(window), i) for i, t in enumerate(types))}
 
 
+def read_switched_sliding(hf: HfConfig) -> dict[str, Any]:
+    """Qwen3-MoE's `sliding_window` on every layer when `use_sliding_window` is set:
+    transformers' Qwen3MoeModel reads neither `layer_types` nor `max_window_layers`."""
+    window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
+    return {} if window is None else {"attention": (AttentionPattern(kind="sliding", window=int(window)),)}
+
+
+def write_switched_sliding(config: ModelConfig) -> HfConfig:
+    """One sliding window on every layer, or none, switched by `use_sliding_window` (Qwen3-MoE)."""
+    window = write_sliding(config)["sliding_window"]
+    return {"use_sliding_window": window is not None, "sliding_window": window}
+
+
 def _layer_pattern(kind: str, window: int, i: int) -> AttentionPattern:
     if kind == "full_attention":
         return AttentionPattern()
@@ -552,8 +565,8 @@ QWEN3 = Family(
 QWEN3_MOE = Family(
     "qwen3_moe", "qwen3_moe", "Qwen3MoeForCausalLM", QWEN3_MOE_WEIGHTS, _LLAMA_FIELDS, QWEN3.fixed,
     _SILU + (("norm_topk_prob", True),),
-    read=(read_rope, read_attention_bias, read_sliding, read_qwen3_moe_experts),
-    write=(write_rope, write_attention_bias, write_layer_types, write_qwen3_moe_experts),
+    read=(read_rope, read_attention_bias, read_switched_sliding, read_qwen3_moe_experts),
+    write=(write_rope, write_attention_bias, write_switched_sliding, write_qwen3_moe_experts),
     hf_defaults=(("tie_word_embeddings", False), ("rms_norm_eps", 1e-6), ("attention_bias", False),
                  ("use_sliding_window", False), ("max_position_embeddings", 32768)),
 )
