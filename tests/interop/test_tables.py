@@ -159,6 +159,34 @@ def test_mixtral_refuses_routing_it_cannot_express(mixtral, field, value):
         hf_config(MIXTRAL, changed)
 
 
+@torch.no_grad()
+def test_a_window_as_long_as_the_context_exports_as_dense_attention():
+    """Within max_seq_len tokens such a window leaves no key out: the same logits as dense."""
+    config = CONFIGS["llama_tied"][1]
+    wide = config.replace(attention=({"kind": "sliding", "window": config.max_seq_len},))
+    assert hf_config(LLAMA, wide) == hf_config(LLAMA, config)
+    torch.manual_seed(0)
+    dense = Transformer(config).eval()
+    sliding = Transformer(wide).eval()
+    sliding.load_state_dict(dense.state_dict())
+    ids = torch.randint(0, config.vocab_size, (2, config.max_seq_len))
+    torch.testing.assert_close(sliding(ids).logits, dense(ids).logits, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="^attention: layer 0 is 'sliding'"):
+        hf_config(LLAMA, config.replace(attention=({"kind": "sliding", "window": config.max_seq_len - 1},)))
+
+
+def test_a_family_names_every_field_it_cannot_express_at_once(mixtral):
+    """tiny-moe-sparse's shape through Mixtral (to-gguf's path): the window and each routing
+    setting, not only the first, so one try says all that must change."""
+    config = mixtral[0]
+    changed = config.replace(attention=(AttentionPattern(kind="strided", stride=4),),
+                             moe=dataclasses.replace(config.moe, shared_expert=True, router_centering=True))
+    with pytest.raises(ValueError) as err:
+        hf_config(MIXTRAL, changed)
+    assert [part.split(":")[0] for part in str(err.value).split("; and ")] == \
+        ["attention", "moe.shared_expert", "moe.router_centering"]
+
+
 def test_a_model_no_family_expresses_lists_every_reason():
     config = CONFIGS["llama_tied"][1].replace(attention=(AttentionPattern(kind="strided", stride=4),))
     with pytest.raises(ValueError, match="no Hugging Face family") as err:

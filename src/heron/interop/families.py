@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from heron.core.config import AttentionPattern, ModelConfig, MoEConfig, RopeScaling
+from heron.core.config import DENSE, AttentionPattern, ModelConfig, MoEConfig, RopeScaling
 from heron.interop.tables import WeightRow
 
 HfConfig = dict[str, Any]
@@ -308,10 +308,17 @@ def write_layer_types(config: ModelConfig) -> HfConfig:
             "layer_types": ["full_attention" if p.kind == "dense" else "sliding_attention" for p in patterns]}
 
 
+def _in_context(config: ModelConfig, layer: int) -> AttentionPattern:
+    """Layer `layer`'s pattern as it acts within max_seq_len tokens: a sliding window at least
+    that long never leaves a key out, so it is dense attention to every family."""
+    pattern = config.attention_pattern(layer)
+    return DENSE if pattern.kind == "sliding" and pattern.window >= config.max_seq_len else pattern
+
+
 def _dense_or_one_window(config: ModelConfig, refusal: str) -> tuple[list[AttentionPattern], int | None]:
     """Each layer's pattern and the one sliding window among them (None: all dense);
     ValueError with `refusal` for any other pattern or a second window."""
-    patterns = [config.attention_pattern(i) for i in range(config.n_layers)]
+    patterns = [_in_context(config, i) for i in range(config.n_layers)]
     windows = {p.window for p in patterns if p.kind == "sliding"}
     bad = [i for i, p in enumerate(patterns) if p.kind not in ("dense", "sliding")]
     if bad or len(windows) > 1:
@@ -321,7 +328,7 @@ def _dense_or_one_window(config: ModelConfig, refusal: str) -> tuple[list[Attent
 
 
 def dense_attention_only(config: ModelConfig) -> HfConfig:
-    sparse = [i for i in range(config.n_layers) if config.attention_pattern(i).kind != "dense"]
+    sparse = [i for i in range(config.n_layers) if _in_context(config, i).kind != "dense"]
     if sparse:
         raise ValueError(f"attention: layer {sparse[0]} is {config.attention_pattern(sparse[0]).kind!r}; "
                          "this family has dense attention only")
@@ -400,13 +407,16 @@ def write_qwen3_moe_experts(config: ModelConfig) -> HfConfig:
 
 
 def _check_plain_routing(moe: MoEConfig, family: str) -> None:
-    """Softmax top-k over routed experts only, renormalised (so k > 1), no capacity."""
-    for field, value in (("shared_expert", False), ("capacity_factor", None), ("router_centering", False),
-                         ("routed_scale", 1.0)):
-        if getattr(moe, field) != value:
-            raise ValueError(f"moe.{field}: {family} needs {value!r}, got {getattr(moe, field)!r}")
+    """Softmax top-k over routed experts only, renormalised (so k > 1), no capacity; the
+    ValueError names every setting that differs."""
+    problems = [f"moe.{field}: {family} needs {value!r}, got {getattr(moe, field)!r}"
+                for field, value in (("shared_expert", False), ("capacity_factor", None),
+                                     ("router_centering", False), ("routed_scale", 1.0))
+                if getattr(moe, field) != value]
     if moe.top_k == 1:
-        raise ValueError(f"moe.top_k: {family} renormalises the top-k weights, which top-1 routing does not")
+        problems.append(f"moe.top_k: {family} renormalises the top-k weights, which top-1 routing does not")
+    if problems:
+        raise ValueError("; and ".join(problems))
 
 
 def read_gpt_neo_layers(hf: HfConfig) -> dict[str, Any]:
@@ -690,11 +700,10 @@ def family_config(family: Family, hf: HfConfig) -> ModelConfig:
 
 
 def hf_config(family: Family, config: ModelConfig) -> HfConfig:
-    """The config.json dict that `family` needs for `config`; ValueError names the field."""
-    for field, value in family.fixed:
-        got = getattr(config, field)
-        if got != value:
-            raise ValueError(f"{field}: {family.architecture} needs {value!r}, got {got!r}")
+    """The config.json dict that `family` needs for `config`; the ValueError names every
+    field the family cannot express, not only the first, so one try says all that must change."""
+    problems = [f"{field}: {family.architecture} needs {value!r}, got {getattr(config, field)!r}"
+                for field, value in family.fixed if getattr(config, field) != value]
     out: HfConfig = {"architectures": [family.architecture], "model_type": family.model_type}
     out.update(dict(family.hf_fixed))
     resolved = {"d_ff": config.resolved_d_ff, "n_kv_heads": config.resolved_kv_heads,
@@ -702,7 +711,12 @@ def hf_config(family: Family, config: ModelConfig) -> HfConfig:
     for field, key in family.fields:
         out[key] = resolved.get(field, getattr(config, field))
     for write in family.write:
-        out.update(write(config))
+        try:
+            out.update(write(config))
+        except ValueError as err:
+            problems.append(str(err))
+    if problems:
+        raise ValueError("; and ".join(problems))
     return out
 
 
