@@ -141,6 +141,20 @@ def test_a_teacher_with_another_vocabulary_is_refused(teacher, tmp_path):
         distill(teacher, recipe(tmp_path / "student", d_model=16, steps=2, vocab_size=48))
 
 
+def test_a_student_of_another_vocabulary_is_refused_before_its_run_folder_exists(teacher, tmp_path, capsys):
+    file = tmp_path / "student.yaml"
+    file.write_text(yaml.safe_dump(recipe_dict(tmp_path / "student", d_model=16, steps=2)))
+    assert main(["compress", "distill", str(teacher), str(file), "--set", "model.overrides.vocab_size=64"]) == 2
+    assert "vocab_size: the student's is 64 (the recipe's model section), the teacher's 32" in capsys.readouterr().err
+    assert not (tmp_path / "student").exists()
+
+
+def test_a_student_run_inside_the_teacher_is_refused(teacher, tmp_path):
+    with pytest.raises(ValueError, match="out_dir: .* is inside the teacher"):
+        distill(teacher, recipe(teacher / "student", d_model=16, steps=2))
+    assert not (teacher / "student").exists()
+
+
 def test_resuming_under_another_teacher_or_loss_is_refused(teacher, tmp_path):
     """The lineage names one distillation: a run continued under other settings would record
     the second over the first."""

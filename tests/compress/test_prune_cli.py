@@ -14,6 +14,8 @@ from compress_helpers import checkpoint_and_shards
 from heron.cli.main import main
 from heron.compress.prune_model import sparsity_of
 from heron.compress.sparse_store import SPARSITY_FILE
+from heron.core import ModelConfig, MoEConfig, Transformer
+from heron.train.checkpoint import save_model_folder
 
 torch.set_num_threads(1)
 
@@ -68,3 +70,40 @@ def test_bad_requests_exit_2_naming_the_problem(folders, tmp_path, capsys):
     assert (ckpt / "model.safetensors").read_bytes() == weights  # the source is never replaced
     with pytest.raises(SystemExit):
         main(["compress", "prune", str(ckpt), str(tmp_path / "x"), "--nm", "2-4"])
+
+
+def test_asking_for_what_the_source_already_has_is_refused_before_writing(folders, tmp_path, capsys):
+    ckpt, shards = folders
+    half = tmp_path / "half"
+    assert main(["compress", "prune", str(ckpt), str(half), "--method", "magnitude", "--sparsity", "0.5"]) == 0
+    capsys.readouterr()
+    assert main(["compress", "prune", str(half), str(tmp_path / "lower"), "--method", "magnitude",
+                 "--sparsity", "0.3"]) == 2
+    assert "is already 50.0% zeros; --sparsity 0.3 would prune nothing" in capsys.readouterr().err
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=256, d_model=32, n_layers=1, n_heads=2, max_seq_len=64, feed_forward=("moe",),
+                         moe=MoEConfig(n_experts=4, top_k=2))
+    moe = save_model_folder(tmp_path / "moe", Transformer(config))
+    assert main(["compress", "prune", str(moe), str(tmp_path / "same"), "--experts", "4",
+                 "--calib-shards", str(shards), "--calib-batches", "1", "--seq-len", "16"]) == 2
+    assert "already has 4 experts per MoE layer; --experts 4 would remove none" in capsys.readouterr().err
+    assert not (tmp_path / "lower").exists() and not (tmp_path / "same").exists()
+
+
+def test_a_method_without_sparsity_or_nm_is_refused(folders, tmp_path, capsys):
+    ckpt, shards = folders
+    assert main(["compress", "prune", str(ckpt), str(tmp_path / "x"), "--method", "sparsegpt", "--mlp-channels",
+                 "0.25", "--calib-shards", str(shards)]) == 2
+    assert "--method applies only with --sparsity or --nm" in capsys.readouterr().err
+
+
+def test_a_target_inside_the_source_or_a_file_is_refused(folders, tmp_path, capsys):
+    ckpt, _ = folders
+    files = sorted(p.name for p in ckpt.iterdir())
+    assert main(["compress", "prune", str(ckpt), str(ckpt / "sub"), "--method", "magnitude", "--sparsity", "0.5"]) == 2
+    assert "inside the source" in capsys.readouterr().err
+    assert sorted(p.name for p in ckpt.iterdir()) == files
+    (tmp_path / "empty_file").touch()
+    assert main(["compress", "prune", str(ckpt), str(tmp_path / "empty_file"), "--method", "magnitude",
+                 "--sparsity", "0.5"]) == 2
+    assert "empty_file: is a file; give a folder path" in capsys.readouterr().err

@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 import heron
 from heron.cli.main import main
 
-from heron.compress.report import checkpoint_bytes, measure, pareto_front, write_report
+from heron.compress.report import checkpoint_bytes, derives_from, measure, pareto_front, write_report
 from heron.core import ModelConfig, Transformer
 from heron.data import Corpus, prepare_shards
 from heron.generate import perplexity
@@ -33,7 +34,8 @@ def test_report_rows_match_direct_measurements(tmp_path):
         model = Transformer(ModelConfig(vocab_size=128, d_model=d_model, n_layers=2, n_heads=2, max_seq_len=128))
         folders.append(save_model_folder(tmp_path / name, model))
     val = np.random.default_rng(0).integers(0, 128, size=2000).astype(np.uint16)
-    rows = measure(folders, val, seq_len=32, batch_size=4, max_batches=2, new_tokens=8, rounds=2)
+    with pytest.warns(UserWarning, match="narrow: its lineage .* does not lead back"):
+        rows = measure(folders, val, seq_len=32, batch_size=4, max_batches=2, new_tokens=8, rounds=2)
     assert [r.name for r in rows] == ["wide", "narrow"]
     assert rows[0].size_ratio == 1.0 and rows[1].size_ratio == checkpoint_bytes(folders[1]) / checkpoint_bytes(folders[0])
     assert 0.2 < rows[1].size_ratio < 0.5  # about a quarter of the weights, plus the same small files
@@ -60,12 +62,14 @@ def test_the_cli_writes_the_report(tmp_path, capsys):
     model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, n_layers=1, n_heads=2,
                                     max_seq_len=128))
     first = save_model_folder(tmp_path / "a" / "model", model, tokenizer=tokenizer)
-    second = save_model_folder(tmp_path / "b" / "model", model, tokenizer=tokenizer)
+    second = save_model_folder(tmp_path / "b" / "model", model, tokenizer=tokenizer,
+                               lineage={"pruned_from": str(first.resolve())})
     args = ["compress", "report", str(first), str(second), "--shards", str(shards.path), "--out",
             str(tmp_path / "report"), "--seq-len", "16", "--max-batches", "1", "--new-tokens", "4"]
     assert main(args) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "| variant | size (MB)" in out and f"| {second} |" in out  # same folder names: whole paths
+    assert "warning" not in err  # the second is the first's variant
     assert (tmp_path / "report" / "pareto.png").is_file()
 
 
@@ -91,3 +95,30 @@ def test_a_run_folder_counts_the_checkpoint_it_loads_not_the_whole_run(tmp_path)
                           batch_size=2, max_batches=1, new_tokens=2, rounds=1)
     assert whole.size_bytes == step.size_bytes == checkpoint_bytes(run / "checkpoints" / "step_00000002")
     assert step.size_ratio == 1.0
+
+
+def test_a_variant_nested_in_the_reference_is_not_counted_in_its_size(tmp_path):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=128, d_model=32, n_layers=1, n_heads=2, max_seq_len=64))
+    reference = save_model_folder(tmp_path / "reference", model)
+    alone = checkpoint_bytes(reference)
+    save_model_folder(reference / "variant", model)  # written before require_new_folder refused it
+    assert checkpoint_bytes(reference) == alone
+
+
+def test_variants_are_traced_back_through_their_lineage(tmp_path):
+    """A warning only for a variant whose quantized_from / pruned_from / distillation teacher
+    chain does not reach the reference: here a variant of a variant passes, a stranger does not."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=128, d_model=32, n_layers=1, n_heads=2, max_seq_len=64))
+    reference = save_model_folder(tmp_path / "reference", model)
+    pruned = save_model_folder(tmp_path / "pruned", model, lineage={"pruned_from": str(reference)})
+    quantised = save_model_folder(tmp_path / "quantised", model, lineage={"quantized_from": str(pruned)})
+    student = save_model_folder(tmp_path / "student", model, lineage={"distillation": {"teacher": str(quantised)}})
+    stranger = save_model_folder(tmp_path / "stranger", model, lineage={"pruned_from": str(tmp_path / "gone")})
+    assert all(derives_from(v, reference) for v in (reference, pruned, quantised, student))
+    assert not derives_from(stranger, reference) and not derives_from(reference, pruned)
+    val = np.random.default_rng(0).integers(0, 128, size=500).astype(np.uint16)
+    with pytest.warns(UserWarning) as caught:
+        measure([reference, student, stranger], val, seq_len=16, batch_size=2, max_batches=1, new_tokens=2, rounds=1)
+    assert [str(w.message).split(":")[0] for w in caught] == [str(stranger)]

@@ -179,7 +179,7 @@ def convert_to_hf(args: argparse.Namespace) -> int:
 
 
 def convert_to_gguf(args: argparse.Namespace) -> int:
-    from heron.compress.gguf_export import save_quantized_gguf
+    from heron.compress.gguf_export import dequantised_layers, save_quantized_gguf
     from heron.compress.qlinear import is_quantized
 
     if args.target.exists():  # before loading: nothing is replaced, not even an older GGUF
@@ -188,8 +188,11 @@ def convert_to_gguf(args: argparse.Namespace) -> int:
     if tokenizer is None:
         raise CheckpointError(f"{args.checkpoint}: no tokenizer.json; a GGUF file carries the tokenizer")
     if is_quantized(model):
-        path = save_quantized_gguf(model, tokenizer, args.target, dtype=args.dtype)
-        what = f"quantised layers' own codes, other matrices {args.dtype}"
+        path = save_quantized_gguf(model, tokenizer, args.target, dtype=args.dtype)  # warns naming any fallback
+        fallen_back = len(dequantised_layers(model))
+        what = (f"quantised layers' own codes where they fit a ggml block, {fallen_back} dequantised as "
+                f"{args.dtype} (named above)" if fallen_back else "quantised layers' own codes")
+        what += f", other matrices {args.dtype}"
     else:
         path = save_gguf(model, tokenizer, args.target, dtype=args.dtype)
         what = args.dtype

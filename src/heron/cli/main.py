@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", type=Path, help="the .gguf file to write (a new path)")
     p.add_argument("--type", dest="dtype", choices=["f32", "f16", "q8_0", "q4_0", "q4_1"], default="f16",
                    help="tensor type of the matrices (norms stay f32); default f16. A quantised checkpoint's "
-                        "matrices keep their own codes (int8 -> q8_0, symmetric int4 -> q4_0, int4 -> q4_1)")
+                        "matrices keep their own codes (int8 -> q8_0, symmetric int4 -> q4_0, int4 -> q4_1); "
+                        "int4 with a group size not a multiple of 32 goes in dequantised, with a warning")
     p.set_defaults(handler=_lazy("commands", "convert_to_gguf"))
 
     # compress: pruning (compress/prune*.py); other compress actions join this group.

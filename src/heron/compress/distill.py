@@ -195,6 +195,13 @@ def distill(teacher_dir: str | Path, recipe: TrainRecipe, *, temperature: float 
                          f"({recipe.data.shards or 'synthetic'}) has {data.vocab_size}; tokenise the data with "
                          "the teacher's tokenizer")
     student = model_config(recipe, data.vocab_size)
+    if student.vocab_size != teacher.config.vocab_size:  # the KL compares the two distributions token by token
+        raise ValueError(f"vocab_size: the student's is {student.vocab_size} (the recipe's model section), the "
+                         f"teacher's {teacher.config.vocab_size}; distillation needs the same vocabulary (leave "
+                         "model.overrides.vocab_size unset: the student takes the data's)")
+    if Path(recipe.out_dir).resolve().is_relative_to(Path(teacher_dir).resolve()):
+        raise ValueError(f"out_dir: {recipe.out_dir} is inside the teacher {teacher_dir}; write the student's "
+                         "run to a folder outside it")
     layer_map = check_hidden_settings(hidden_weight, hidden_layers, student_layers=student.n_layers,
                                       teacher_layers=teacher.config.n_layers)
     settings = {"temperature": temperature, "alpha": alpha, "hidden_weight": hidden_weight}

@@ -14,9 +14,10 @@ that holds the same numbers (blocks of 32 weights of one row, scales fp16):
 The int4 group must be a multiple of 32 so that every block lies in one
 group. A matrix that does not fit (a group of 16, an embedding width that
 32 does not divide) is written dequantised in the file's float type, as
-llama.cpp's converter falls back. A MoE layer's quantised experts go in the
-same way, each expert's rows of blocks stacked into llama.cpp's one tensor
-per layer and matrix (gate and up are the halves of each expert's up
+llama.cpp's converter falls back, with a warning naming it
+(`dequantised_layers`). A MoE layer's quantised experts go in the same way,
+each expert's rows of blocks stacked into llama.cpp's one tensor per layer
+and matrix (gate and up are the halves of each expert's up
 layer). AWQ's per-input-channel scale has no place in a llama.cpp file: such
 a model is refused, naming the layer.
 
@@ -25,6 +26,8 @@ a model is refused, naming the layer.
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import gguf
@@ -79,6 +82,37 @@ def _fp16_bytes(values: torch.Tensor) -> torch.Tensor:
     return values.half().contiguous().view(torch.uint8).reshape(*values.shape, 2)
 
 
+def _own_matrices(model: Transformer) -> Iterator[tuple[str, QuantLinear | QuantEmbedding]]:
+    """The quantised matrices written under their own names: not a MoE's experts
+    (stacked per layer) nor a tied head (llama.cpp reads it from token_embd)."""
+    for name, module in model.named_modules():
+        if not isinstance(module, (QuantLinear, QuantEmbedding)) or is_expert_layer(name):
+            continue
+        if name == "lm_head" and model.config.tie_embeddings:
+            continue
+        yield name, module
+
+
+def _matrix_type(module: QuantLinear | QuantEmbedding) -> gguf.GGMLQuantizationType | None:
+    width = module.in_features if isinstance(module, QuantLinear) else module.embedding_dim
+    return ggml_type(module.scheme, width)
+
+
+def _expert_types(moe: QuantMoE) -> tuple[gguf.GGMLQuantizationType | None, gguf.GGMLQuantizationType | None]:
+    """The ggml types of a MoE layer's (up, down) experts (all share their layer's scheme)."""
+    up, down = moe.experts_up[0], moe.experts_down[0]
+    return ggml_type(up.scheme, up.in_features), ggml_type(down.scheme, down.in_features)
+
+
+def dequantised_layers(model: Transformer) -> list[str]:
+    """The quantised layers whose codes fit no ggml block type: `save_quantized_gguf`
+    writes them dequantised, in the file's float type (a MoE layer's experts as one)."""
+    names = [name for name, module in _own_matrices(model) if _matrix_type(module) is None]
+    names += [f"{name} experts" for name, module in model.named_modules()
+              if isinstance(module, QuantMoE) and None in _expert_types(module)]
+    return names
+
+
 def gguf_weights(model: Transformer) -> tuple[dict[str, torch.Tensor], dict[str, gguf.GGMLQuantizationType],
                                               dict[str, tuple[torch.Tensor, gguf.GGMLQuantizationType]]]:
     """For `save_gguf`: (Heron name -> tensor, Heron name -> ggml type of those
@@ -90,17 +124,13 @@ def gguf_weights(model: Transformer) -> tuple[dict[str, torch.Tensor], dict[str,
     for name, module in model.named_modules():
         if isinstance(module, QuantMoE):
             stacked.update(_expert_blocks(name, module, weights))
-    for name, module in model.named_modules():
-        if not isinstance(module, (QuantLinear, QuantEmbedding)) or is_expert_layer(name):
-            continue
-        if name == "lm_head" and model.config.tie_embeddings:
-            continue  # llama.cpp reads the tied head from token_embd
+    for name, module in _own_matrices(model):
         if isinstance(module, QuantLinear):
             _refuse_input_scale(name, module)
             if module.bias is not None:
                 weights[f"{name}.bias"] = module.bias
         codes, params = module.unpacked()
-        qtype = ggml_type(module.scheme, codes.shape[1])
+        qtype = _matrix_type(module)
         if qtype is None:
             weights[f"{name}.weight"] = module.scheme.dequantize(codes, params)
         else:
@@ -122,14 +152,13 @@ def _expert_blocks(name: str, moe: QuantMoE, weights: dict[str, torch.Tensor]
     for which, layers in (("up", moe.experts_up), ("down", moe.experts_down)):
         for e, layer in enumerate(layers):
             _refuse_input_scale(f"{name}.experts_{which}.{e}", layer)
-    up, down = moe.experts_up[0], moe.experts_down[0]
-    up_type, down_type = ggml_type(up.scheme, up.in_features), ggml_type(down.scheme, down.in_features)
+    up_type, down_type = _expert_types(moe)
     if up_type is None or down_type is None:
         weights[f"{name}.up"], weights[f"{name}.down"] = moe.dequantized()
         return {}
     up_blocks = torch.stack([ggml_blocks(*layer.unpacked(), up_type) for layer in moe.experts_up])  # (E, width, b)
     down_blocks = torch.stack([ggml_blocks(*layer.unpacked(), down_type) for layer in moe.experts_down])
-    ff, layer = down.in_features, int(name.split(".")[1])  # "blocks.{layer}.mlp"
+    ff, layer = moe.experts_down[0].in_features, int(name.split(".")[1])  # "blocks.{layer}.mlp"
     tensor = {kind: f"{gguf.TENSOR_NAMES[kind].format(bid=layer)}.weight" for kind in _EXPERT_TENSORS}
     return {tensor[_GATE]: (up_blocks[:, :ff], up_type), tensor[_UP]: (up_blocks[:, ff:], up_type),
             tensor[_DOWN]: (down_blocks, down_type)}
@@ -138,10 +167,14 @@ def _expert_blocks(name: str, moe: QuantMoE, weights: dict[str, torch.Tensor]
 def save_quantized_gguf(model: Transformer, tokenizer: HeronTokenizer | PretrainedTokenizer,
                         path: str | os.PathLike[str], *, dtype: str = "f16", name: str | None = None) -> Path:
     """`save_gguf` for a model with quantised layers: their codes go in as
-    ggml blocks; any float matrix left is written as `dtype`."""
+    ggml blocks; any float matrix left is written as `dtype`, and so is each of
+    `dequantised_layers`, with a warning naming them."""
+    if fallen_back := dequantised_layers(model):
+        warnings.warn(f"{', '.join(fallen_back)}: codes fit no ggml block (an int4 group must be a multiple of "
+                      f"{BLOCK}, as must the input width); written dequantised, as {dtype}", stacklevel=2)
     weights, raw_types, blocks = gguf_weights(model)
     return save_gguf(model, tokenizer, path, dtype=dtype, name=name, weights=weights, raw_types=raw_types,
                      blocks=blocks)
 
 
-__all__ = ["ggml_blocks", "ggml_type", "gguf_weights", "save_quantized_gguf"]
+__all__ = ["dequantised_layers", "ggml_blocks", "ggml_type", "gguf_weights", "save_quantized_gguf"]

@@ -29,11 +29,14 @@ from heron.govern.digest import model_hash
 from heron.train.checkpoint import require_new_folder, resolve_checkpoint, save_model_folder
 
 
+DEFAULT_METHOD = "wanda"
+
+
 @dataclass(frozen=True)
 class PruneSettings:
     """What to prune; checked before any work."""
 
-    method: str = "wanda"  # unstructured / N:M scoring: magnitude, wanda or sparsegpt
+    method: str = DEFAULT_METHOD  # unstructured / N:M scoring: magnitude, wanda or sparsegpt
     sparsity: float | None = None  # unstructured: fraction of block-linear and expert weights set to zero
     nm: tuple[int, int] | None = None  # N:M: keep n of every m consecutive inputs
     mlp_channels: float | None = None  # structured: fraction of MLP hidden channels removed
@@ -55,6 +58,10 @@ class PruneSettings:
         if all(v is None for v in (self.sparsity, self.nm, self.mlp_channels, self.heads, self.experts)):
             raise ValueError("sparsity: nothing to prune; give --sparsity, --nm, --mlp-channels, --heads or --experts")
         unstructured = self.sparsity is not None or self.nm is not None
+        # The CLI always passes a method: only a non-default one shows it was asked for.
+        if self.method != DEFAULT_METHOD and not unstructured:
+            raise ValueError(f"method: {self.method!r} scores unstructured and N:M pruning; --method applies only "
+                             "with --sparsity or --nm")
         if self.calib_shards is None and ((unstructured and self.method != "magnitude") or self.experts is not None
                                           or self.recover_steps):
             raise ValueError("calib_shards: calibration (or recovery) needs a shard folder (--calib-shards)")
@@ -72,11 +79,12 @@ def prune_checkpoint(source: str | Path, target: str | Path, settings: PruneSett
     import heron  # heron.load: plain, quantised-free Heron checkpoints and HF folders alike
 
     settings.check()
-    require_new_folder(target)
+    require_new_folder(target, source)
     meter = EnergyMeter().start()
     model, tokenizer = heron.load(source)
     if is_quantized(model):
         raise ValueError(f"{source}: quantised; prune the full-precision model, then quantise the pruned one")
+    _refuse_no_op(model, settings, source)
     before = sum(p.numel() for p in model.parameters())
     if settings.calib_shards is not None:
         check_shards_fit(load_shards(settings.calib_shards), str(source), vocab_size=model.config.vocab_size,
@@ -109,6 +117,19 @@ def prune_checkpoint(source: str | Path, target: str | Path, settings: PruneSett
                          "calibration": Path(settings.calib_shards) / META_FILE if settings.calib_shards else None},
                  parameters=lineage)
     return report
+
+
+def _refuse_no_op(model: Transformer, settings: PruneSettings, source: str | Path) -> None:
+    """A ValueError where the source already has what is asked: a sparsity at or below its own
+    (its zeros already meet it: nothing more is pruned) or as many experts as it keeps (it would be
+    written out unchanged, its lineage claiming a pruning that did nothing)."""
+    if settings.sparsity is not None and settings.sparsity <= (has := sparsity_of(model)):
+        raise ValueError(f"sparsity: {source} is already {has:.1%} zeros; --sparsity {settings.sparsity:g} "
+                         "would prune nothing (give a higher one)")
+    n_experts = model.config.moe.n_experts if model.config.moe is not None else None
+    if settings.experts is not None and n_experts is not None and settings.experts >= n_experts:
+        raise ValueError(f"experts: {source} already has {n_experts} experts per MoE layer; --experts "
+                         f"{settings.experts} would remove none (give fewer)")
 
 
 def _batches(model: Transformer, settings: PruneSettings) -> tuple[list[torch.Tensor] | None, list[torch.Tensor]]:

@@ -89,7 +89,9 @@ def mlp_channel_scores(model: Transformer, calibration: Calibration = None,
     sq = {i: torch.zeros(model.config.resolved_d_ff) for i in layers}
     if calibration is not None:
         def add(i: int) -> Callable:
-            return lambda h, _name: sq[i].add_(h.detach().float().square().flatten(0, -2).sum(0).cpu())
+            def fn(h: torch.Tensor, _name: str) -> None:  # h (..., d_ff); returns None: the activation is kept
+                sq[i].add_(h.detach().float().square().flatten(0, -2).sum(0).cpu())
+            return fn
         _run(model, calibration, {f"blocks.{i}.mlp.hook_post": add(i) for i in layers}, batch_size)
     scores = {}
     for i in layers:
@@ -131,7 +133,8 @@ def prune_mlp_channels(model: Transformer, fraction: float, calibration: Calibra
     """A copy without the round(fraction * d_ff) least important hidden channels of every dense MLP."""
     scores = mlp_channel_scores(model, calibration, batch_size)
     if not scores:
-        raise ValueError("fraction: the model has no dense MLP layers to prune")
+        raise ValueError("mlp_channels: the model has no dense MLP layers to prune (--mlp-channels prunes dense "
+                         "MLPs; for MoE layers use --experts)")
     return remove_mlp_channels(model, {i: keep_highest(s, fraction, "mlp_channels") for i, s in scores.items()})
 
 
@@ -200,7 +203,9 @@ def expert_counts(model: Transformer, calibration: Calibration, batch_size: int 
     counts = {i: torch.zeros(model.config.moe.n_experts, dtype=torch.long) for i in layers}
 
     def add(i: int) -> Callable:
-        return lambda load, _name: counts[i].add_(load.cpu())
+        def fn(load: torch.Tensor, _name: str) -> None:  # load (n_experts,); returns None: read-only
+            counts[i].add_(load.cpu())
+        return fn
 
     _run(model, calibration, {f"blocks.{i}.mlp.hook_expert_load": add(i) for i in layers}, batch_size)
     return counts
@@ -225,11 +230,14 @@ def remove_experts(model: Transformer, keep: dict[int, torch.Tensor]) -> Transfo
 
 
 def prune_experts(model: Transformer, keep: int, calibration: Calibration, *, batch_size: int = 8) -> Transformer:
-    """A copy keeping the `keep` most-routed experts of every MoE layer (ties: lower index)."""
+    """A copy keeping the `keep` most-routed experts of every MoE layer (ties: lower index).
+    Errors name `keep` as the CLI's --experts, the setting it comes from."""
     if not any(isinstance(b.mlp, MoE) for b in model.blocks):
-        raise ValueError("keep: the model has no MoE layers")
-    if not 1 <= keep <= model.config.moe.n_experts:
-        raise ValueError(f"keep: expected 1..{model.config.moe.n_experts} experts, got {keep}")
+        raise ValueError("experts: the model has no MoE layers (--experts applies to MoE models only)")
+    moe = model.config.moe
+    if not moe.top_k <= keep <= moe.n_experts:  # each token is routed to top_k distinct experts
+        raise ValueError(f"experts: expected {moe.top_k}..{moe.n_experts} experts kept per layer (the model has "
+                         f"{moe.n_experts}, routing each token to top_k={moe.top_k}), got --experts {keep}")
     if calibration is None:
         raise ValueError("calibration: expert pruning counts routing on calibration token ids")
     counts = expert_counts(model, calibration, batch_size)

@@ -47,7 +47,7 @@ def quantize_checkpoint(source: str | Path, target: str | Path, settings: Quanti
     import heron  # heron.load sits above every layer
 
     settings.check()
-    require_new_folder(target)
+    require_new_folder(target, source)
     meter = EnergyMeter().start()
     model, tokenizer = heron.load(source)
     calibration = None

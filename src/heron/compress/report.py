@@ -5,7 +5,8 @@ run it: a training checkpoint's optimizer state is left out), validation perplex
 of rounds) and energy per decoded token with the meter's source. Written as
 a Markdown table, a JSON file and a Pareto plot of perplexity against size
 and against speed; the variants no other variant beats on both axes are
-marked.
+marked. A variant whose lineage does not lead back to the reference (the
+first folder) is measured all the same, with a warning.
 
     heron compress report runs/small/ckpt runs/small-int8 runs/small-int4 --shards runs/data/stdlib --out report/
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +32,7 @@ from heron.data import ShardSet, check_shards_fit  # noqa: E402
 from heron.generate import Decoder, SamplingParams, decode_steps, perplexity  # noqa: E402
 from heron.govern import EnergyMeter, EnergyReport  # noqa: E402
 from heron.govern.energy import provenance  # noqa: E402
-from heron.train.checkpoint import STATE_FILE, resolve_checkpoint  # noqa: E402
+from heron.train.checkpoint import LINEAGE_FILE, STATE_FILE, CheckpointError, resolve_checkpoint  # noqa: E402
 
 REPORT_MD, REPORT_JSON, PARETO_PNG = "report.md", "report.json", "pareto.png"
 
@@ -49,12 +51,45 @@ class VariantRow:
 
 
 def checkpoint_bytes(folder: str | Path) -> int:
-    """Every file of a checkpoint folder, as copied to another disk to run the
-    model: a training checkpoint's optimizer state (trainer_state.pt) is not counted."""
-    files = [p for p in Path(folder).rglob("*") if p.is_file() and p.name != STATE_FILE]
+    """The checkpoint's own files, as copied to another disk to run the model: those
+    directly in the folder, which are all a checkpoint holds and all heron.load reads.
+    A nested folder (another checkpoint written inside this one) is not counted, nor
+    is a training checkpoint's optimizer state (trainer_state.pt)."""
+    files = [p for p in Path(folder).iterdir() if p.is_file() and p.name != STATE_FILE]
     if not files:
         raise FileNotFoundError(f"{folder}: no checkpoint files here")
     return sum(p.stat().st_size for p in files)
+
+
+def lineage_sources(folder: str | Path) -> list[Path]:
+    """The models a checkpoint was made from, as its lineage records them: the
+    source it was quantised or pruned from, the teacher it was distilled from."""
+    file = resolve_checkpoint(folder) / LINEAGE_FILE
+    if not file.is_file():
+        return []  # a Hugging Face folder, say: no record of where it came from
+    lineage = json.loads(file.read_text(encoding="utf-8"))
+    found = [lineage.get("quantized_from"), lineage.get("pruned_from"),
+             lineage.get("distillation", {}).get("teacher")]
+    return [Path(source) for source in found if source]
+
+
+def derives_from(variant: str | Path, reference: str | Path) -> bool:
+    """Whether `variant` is `reference`, or its lineage leads back to it through
+    any chain of quantising, pruning and distilling (`lineage_sources`)."""
+    target = resolve_checkpoint(reference).resolve()
+    seen: set[Path] = set()
+    pending = [Path(variant)]
+    while pending:
+        try:
+            folder = resolve_checkpoint(pending.pop()).resolve()
+        except CheckpointError:
+            continue  # a source that holds no model any more: the chain ends there
+        if folder == target:
+            return True
+        if folder not in seen and folder.exists():
+            seen.add(folder)
+            pending.extend(lineage_sources(folder))
+    return False
 
 
 @torch.inference_mode()
@@ -95,6 +130,10 @@ def measure(folders: Sequence[str | Path], val_tokens: np.ndarray | ShardSet, *,
     shards = val_tokens if isinstance(val_tokens, ShardSet) else None
     val_tokens = shards.val if shards is not None else val_tokens
     prompt = [int(t) for t in val_tokens[:16]]
+    for folder in folders[1:]:
+        if not derives_from(folder, folders[0]):
+            warnings.warn(f"{folder}: its lineage (quantized_from, pruned_from, distillation teacher) does not lead "
+                          f"back to the reference {folders[0]}: not a variant of it", stacklevel=2)
     rows: list[VariantRow] = []
     for name, folder in zip(names, folders):
         model, tokenizer = heron.load(folder)
@@ -157,4 +196,5 @@ def _plot(rows: Sequence[VariantRow], file: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["VariantRow", "checkpoint_bytes", "decode_speed", "measure", "pareto_front", "write_report"]
+__all__ = ["VariantRow", "checkpoint_bytes", "decode_speed", "derives_from", "lineage_sources", "measure",
+           "pareto_front", "write_report"]

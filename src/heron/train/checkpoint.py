@@ -141,12 +141,22 @@ def _manifest(folder: Path) -> dict[str, dict[str, Any]]:
     }
 
 
-def require_new_folder(path: str | Path) -> Path:
+def require_new_folder(path: str | Path, source: str | Path | None = None) -> Path:
     """`path`, if nothing is there yet or it is an empty folder; else FileExistsError, so
-    that writing a converted or compressed model never replaces its source or anything else."""
+    that writing a converted or compressed model never replaces its source or anything else.
+
+    With the `source` it is made from, a `path` inside that folder (or inside the checkpoint
+    it resolves to) is refused too: the source would then hold its own variant, which its
+    size, its copies and anything that walks it would take in."""
     target = Path(path)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+    if target.is_file():
+        raise FileExistsError(f"{target}: is a file; give a folder path")
+    if target.exists() and any(target.iterdir()):
         raise FileExistsError(f"{target}: exists and is not empty; write to a new folder")
+    if source is not None:
+        for folder in {Path(source).resolve(), resolve_checkpoint(source).resolve()}:
+            if target.resolve().is_relative_to(folder):
+                raise ValueError(f"{target}: inside the source {source}; write to a folder outside it")
     return target
 
 
