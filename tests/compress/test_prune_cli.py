@@ -64,6 +64,9 @@ def test_bad_requests_exit_2_naming_the_problem(folders, tmp_path, capsys):
     assert "--calib-shards" in capsys.readouterr().err
     assert main(["compress", "prune", str(ckpt), str(tmp_path / "x")]) == 2
     assert "nothing to prune" in capsys.readouterr().err
+    for flag in ("--heads", "--mlp-channels"):  # 0 would copy the model and call it pruned
+        assert main(["compress", "prune", str(ckpt), str(tmp_path / "x"), flag, "0"]) == 2
+        assert f"expected a fraction in (0, 1) for {flag}, got 0" in capsys.readouterr().err
     weights = (ckpt / "model.safetensors").read_bytes()
     assert main(["compress", "prune", str(ckpt), str(ckpt), "--method", "magnitude", "--sparsity", "0.5"]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
@@ -107,3 +110,6 @@ def test_a_target_inside_the_source_or_a_file_is_refused(folders, tmp_path, caps
     assert main(["compress", "prune", str(ckpt), str(tmp_path / "empty_file"), "--method", "magnitude",
                  "--sparsity", "0.5"]) == 2
     assert "empty_file: is a file; give a folder path" in capsys.readouterr().err
+    assert main(["convert", "to-hf", str(ckpt), str(ckpt / "hf")]) == 2
+    assert "inside the source" in capsys.readouterr().err
+    assert sorted(p.name for p in ckpt.iterdir()) == files

@@ -168,8 +168,9 @@ def convert_from_hf(args: argparse.Namespace) -> int:
 
 def convert_to_hf(args: argparse.Namespace) -> int:
     from heron.compress.checkpoint import is_quantized_folder
-    from heron.train.checkpoint import resolve_checkpoint
+    from heron.train.checkpoint import require_new_folder, resolve_checkpoint
 
+    require_new_folder(args.target, args.checkpoint)
     if is_quantized_folder(resolve_checkpoint(args.checkpoint)):
         raise ValueError(f"{args.checkpoint}: quantised; Hugging Face folders hold full-precision weights here: "
                          "export the model it was quantised from, or write a GGUF file (heron convert to-gguf)")

@@ -57,6 +57,10 @@ class PruneSettings:
             raise ValueError("sparsity: give --sparsity or --nm, not both")
         if all(v is None for v in (self.sparsity, self.nm, self.mlp_channels, self.heads, self.experts)):
             raise ValueError("sparsity: nothing to prune; give --sparsity, --nm, --mlp-channels, --heads or --experts")
+        for name in ("mlp_channels", "heads"):  # 0 would copy the model and call it pruned
+            value = getattr(self, name)
+            if value is not None and not 0 < value < 1:
+                raise ValueError(f"{name}: expected a fraction in (0, 1) for --{name.replace('_', '-')}, got {value:g}")
         unstructured = self.sparsity is not None or self.nm is not None
         # The CLI always passes a method: only a non-default one shows it was asked for.
         if self.method != DEFAULT_METHOD and not unstructured:

@@ -29,7 +29,7 @@ from heron.train.checkpoint import (
 
 def import_hf(source: str | Path, target: str | Path) -> Path:
     """Convert a Hugging Face folder into a Heron checkpoint folder at `target`."""
-    source, target = Path(source), require_new_folder(target)
+    source, target = Path(source), require_new_folder(target, source)
     family, _ = load_hf_config(source)
     model, tokenizer = load_hf_folder(source)
     read = [source / CONFIG_FILE, *WeightFiles(source).files]
