@@ -69,6 +69,9 @@ def test_tokenizer_data_train_generate_eval(corpus: Path, tmp_path: Path, capsys
     # before the prompt is echoed.
     assert main(["generate", str(checkpoint), "--prompt", "def ", "--seed", "0", "--temperature", "0"]) == 0
     assert capsys.readouterr().out.startswith("def ")
+    for flag, value in (("--top-p", "0"), ("--temperature", "-1"), ("--repetition-penalty", "0")):
+        assert main(["generate", str(checkpoint), "--prompt", "def ", flag, value]) == 2
+        assert f"heron generate: error: {flag}: must be" in capsys.readouterr().err  # the flag, not top_p
     assert main(["generate", str(checkpoint), "--prompt", "def ", "--max-new-tokens", "128"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and "exceeds the model's max_seq_len 64" in err

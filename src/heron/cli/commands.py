@@ -69,10 +69,17 @@ def train_recipe(args: argparse.Namespace) -> int:
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    """The flags as SamplingParams; an invalid one is named as the flag the user typed."""
     new_tokens = DEFAULT_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
-    return SamplingParams(max_new_tokens=new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop),
-                          seed=args.seed, watermark=watermark_from_args(args))
+    try:
+        return SamplingParams(max_new_tokens=new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop),
+                              seed=args.seed, watermark=watermark_from_args(args))
+    except ValueError as err:
+        field, sep, rest = str(err).partition(": ")
+        if sep and field in vars(args):
+            raise ValueError(f"--{field.replace('_', '-')}: {rest}") from None
+        raise
 
 
 def device_from(text: str) -> torch.device:
