@@ -16,6 +16,7 @@ from heron.generate import Generator, SamplingParams, perplexity
 from heron.generate.perplexity import evaluated_windows
 from heron.govern import EnergyMeter
 from heron.tokenizer import HeronTokenizer, Tokenizer, train_tokenizer
+from heron.tokenizer.bpe import TOKENIZER_FILE
 from heron.interop.convert import export_hf, import_hf
 from heron.cli.options import ALIGN_RECIPES_DIR, recipe_path
 from heron.cli.watermark import watermark_from_args
@@ -33,7 +34,9 @@ def corpus_from(sources: list[str], extensions: list[str] | None) -> Corpus:
 
 
 def tokenizer_train(args: argparse.Namespace) -> int:
-    corpus = corpus_from(args.sources, args.ext)
+    out = Path(args.out)
+    file = out if out.suffix == ".json" else out / TOKENIZER_FILE
+    corpus = corpus_from(args.sources, args.ext).excluding(file)  # a rerun into the corpus must not learn it
     print(f"training a {args.vocab_size}-token BPE on {len(corpus)} files")
     tokenizer = train_tokenizer(corpus, args.vocab_size)
     corpus.check_decodable()
