@@ -102,3 +102,32 @@ def test_unknown_hook_name_suggests_close_ones():
     with pytest.raises(KeyError, match="did you mean blocks.0.hook_resid_post"):
         with model.hooks({"blocks.0.hook_resid_pst": lambda x, _: None}):
             pass
+
+
+def test_a_name_with_no_close_match_points_to_valid_names_and_the_listing():
+    model = make_model()
+    with pytest.raises(KeyError, match=r"such as hook_embed, .*heron\.core\.hook_points\(model\) lists them all"):
+        with model.hooks({"nonsense": lambda x, _: None}):
+            pass
+
+
+@pytest.mark.parametrize("returned, described", [
+    (lambda x: 3, "a value of type int"),
+    (lambda x: x[:, -1:], r"a tensor of shape \(2, 1, 32\)"),
+    (lambda x: x.flatten(), r"a tensor of shape \(384,\)"),
+])
+def test_a_replacement_of_another_shape_is_refused_naming_the_point_and_both_shapes(returned, described):
+    model = make_model()
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    with model.hooks({"blocks.1.hook_resid_pre": lambda x, _: returned(x)}):
+        with pytest.raises(ValueError, match=rf"hook function at 'blocks.1.hook_resid_pre' returned {described}; "
+                                             r"expected None .* activation's shape \(2, 6, 32\)"):
+            model(ids)
+
+
+def test_observing_and_same_shape_replacements_still_work():
+    model = make_model()
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    plain = model(ids).logits
+    with model.hooks({"blocks.1.hook_resid_pre": lambda x, _: None, "blocks.0.hook_mlp_out": lambda x, _: x.clone()}):
+        assert torch.equal(model(ids).logits, plain)

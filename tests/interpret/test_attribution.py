@@ -4,7 +4,7 @@ exactly zero), and gradient x input by hand."""
 import pytest
 import torch
 
-from heron.core import ModelConfig, Transformer
+from heron.core import ModelConfig, MoEConfig, Transformer
 from heron.interpret.attribution import ConvergenceError, gradient_x_input, integrated_gradients, logit_of
 
 V = 64
@@ -109,3 +109,17 @@ def test_bad_arguments_name_themselves():
         integrated_gradients(model, IDS, target=1, baseline=V)
     with pytest.raises(ValueError, match="^ids: empty"):
         gradient_x_input(model, [], target=1)
+
+
+def test_on_an_moe_model_the_error_says_top_k_routing_not_more_steps():
+    """Top-1 routing switches experts along the path, so F jumps and no step count converges."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=32, init_std=0.2,
+                         feed_forward=("moe",), moe=MoEConfig(n_experts=4, top_k=1))
+    model = Transformer(config).eval()
+    for steps in (32, 128):
+        with pytest.raises(ConvergenceError, match=r"Mixture-of-Experts layers \(blocks 0, 1\) route by top-k.*"
+                                                   r"completeness cannot hold.*use gradient_x_input$") as err:
+            integrated_gradients(model, IDS, target=7, steps=steps)
+        assert "use more than" not in str(err.value)
+    assert gradient_x_input(model, IDS, target=7).scores.shape == (len(IDS),)

@@ -251,3 +251,27 @@ def test_cache_lens_and_attribution_on_a_hugging_face_llama_folder(tmp_path):
     dla = direct_logit_attribution(model, cache, 11, position=-1)
     assert torch.allclose(dla.values.sum(-1), expected[:, -1, 11], atol=1e-4)
     assert torch.allclose(dla.values.sum(-1), dla.logit, atol=1e-5)
+
+
+def test_an_unknown_name_points_to_valid_names_and_the_listing():
+    with pytest.raises(KeyError, match=r"no hook point matches 'nonsense' \(this model has \d+ hook points, such "
+                                       r"as hook_embed, .*heron\.core\.hook_points\(model\) lists them all\)"):
+        run_with_cache(make_model(), make_ids(), ["nonsense"])
+
+
+def test_empty_input_is_named():
+    with pytest.raises(ValueError, match="^ids: empty input$"):
+        run_with_cache(make_model(), torch.zeros(1, 0, dtype=torch.long))
+
+
+def test_dla_target_and_position_out_of_range_name_the_argument_and_its_range():
+    model = make_model()
+    _, cache = run_with_cache(model, make_ids(seq=8), dla_names(model))
+    with pytest.raises(ValueError, match=r"^target_token: token id 64 outside the vocabulary \(0..63\)"):
+        direct_logit_attribution(model, cache, 64)
+    with pytest.raises(ValueError, match=r"^target_token: token id -1 outside"):
+        direct_logit_attribution(model, cache, torch.tensor([3, -1]))
+    with pytest.raises(ValueError, match=r"^position: 8 outside the 8 input tokens \(valid: -8..7\)"):
+        direct_logit_attribution(model, cache, 3, position=8)
+    assert torch.equal(direct_logit_attribution(model, cache, 3, position=-8).values,
+                       direct_logit_attribution(model, cache, 3, position=0).values)

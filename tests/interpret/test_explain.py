@@ -6,7 +6,7 @@ import torch
 import heron
 from heron.cli.main import main
 from heron.core import ModelConfig, MoEConfig, Transformer
-from heron.interpret.explain import PAGE, ExplainSettings, explain
+from heron.interpret.explain import MARKER, PAGE, ExplainSettings, explain
 from heron.interpret.html import missing_files
 from heron.tokenizer import train_tokenizer
 from heron.train.checkpoint import save_model_folder
@@ -74,11 +74,10 @@ def test_cli_on_a_checkpoint_and_clear_errors(tokenizer, tmp_path, capsys):
     with pytest.raises(ValueError, match="^corrupted: .* tokens, but the prompt has"):
         explain(model_for(), tokenizer, ExplainSettings(prompt=PROMPT, corrupted="x"), tmp_path / "o3")
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()  # no half-written report
-    (tmp_path / "out" / "stale.png").write_bytes(b"an earlier run's")
     assert main(["explain", str(tmp_path / "ckpt"), "--prompt", PROMPT, "--out", str(tmp_path / "out")]) == 0
-    assert not (tmp_path / "out" / "stale.png").exists() and missing_files(tmp_path / "out" / PAGE) == []
+    assert missing_files(tmp_path / "out" / PAGE) == []  # an earlier report is replaced
     assert main(["explain", str(tmp_path / "ckpt"), "--prompt", PROMPT, "--out", str(tmp_path / "ckpt")]) == 2
-    assert "ckpt: exists and holds no earlier report" in capsys.readouterr().err
+    assert "ckpt: holds files heron explain did not write (config.json" in capsys.readouterr().err
     assert (tmp_path / "ckpt" / "config.json").is_file()
 
 
@@ -92,3 +91,54 @@ def test_a_hugging_face_folder_is_explained_too(tokenizer, tmp_path):
     model, loaded_tokenizer = heron.load(tmp_path / "hf")
     page = explain(model, loaded_tokenizer, ExplainSettings(prompt=PROMPT), tmp_path / "out")
     assert missing_files(page) == [] and ">Logit lens</h2>" in page.read_text()
+
+
+def test_a_folder_of_the_users_own_files_is_refused_and_left_as_it_was(tokenizer, tmp_path):
+    """An index.html is not enough to be a report: the user's files beside it would be deleted."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / PAGE).write_text("my page")
+    (tmp_path / "site" / "notes.txt").write_text("my notes")
+    with pytest.raises(FileExistsError, match=r"site: holds files heron explain did not write \(index.html, "
+                                              r"notes.txt\); replacing the folder would delete them"):
+        explain(model_for(), tokenizer, ExplainSettings(prompt=PROMPT), tmp_path / "site")
+    assert (tmp_path / "site" / PAGE).read_text() == "my page"
+    assert (tmp_path / "site" / "notes.txt").read_text() == "my notes"
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(FileExistsError, match="file: exists and is not a folder"):
+        explain(model_for(), tokenizer, ExplainSettings(prompt=PROMPT), tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "site"]  # nothing moved aside
+
+
+def test_a_report_is_replaced_only_while_it_holds_nothing_but_its_own_files(tokenizer, tmp_path):
+    model = model_for()
+    page = explain(model, tokenizer, ExplainSettings(prompt=PROMPT), tmp_path / "report")
+    assert (page.parent / MARKER).is_file() and (page.parent / "attention" / "layer_0.png").is_file()
+    page = explain(model, tokenizer, ExplainSettings(prompt=PROMPT), tmp_path / "report")  # replaced
+    assert missing_files(page) == []
+    (tmp_path / "report" / "attention" / "mine.txt").write_text("added by hand")
+    with pytest.raises(FileExistsError, match=r"holds files heron explain did not write \(attention/mine.txt\)"):
+        explain(model, tokenizer, ExplainSettings(prompt=PROMPT), tmp_path / "report")
+    assert (tmp_path / "report" / "attention" / "mine.txt").is_file() and missing_files(page) == []
+
+
+def test_a_report_from_before_the_marker_is_replaced_too(tokenizer, tmp_path):
+    """Reports written before they carried MARKER (a rerun of `heron demo` meets one): the
+    page and the images it shows are the report's; a file it does not show is not."""
+    model = model_for()
+    page = explain(model, tokenizer, ExplainSettings(prompt=PROMPT), tmp_path / "report")
+    (page.parent / MARKER).unlink()
+    page = explain(model, tokenizer, ExplainSettings(prompt=PROMPT), tmp_path / "report")
+    assert (page.parent / MARKER).is_file() and missing_files(page) == []
+    (page.parent / MARKER).unlink()
+    (page.parent / "mine.png").write_bytes(b"not shown by the page")
+    with pytest.raises(FileExistsError, match=r"did not write \(mine.png\)"):
+        explain(model, tokenizer, ExplainSettings(prompt=PROMPT), tmp_path / "report")
+
+
+def test_a_moe_model_says_why_integrated_gradients_are_missing(tokenizer, tmp_path):
+    model = model_for(feed_forward=("moe",), moe=MoEConfig(n_experts=4, top_k=1))
+    page = explain(model, tokenizer, ExplainSettings(prompt=PROMPT), tmp_path)
+    text = page.read_text()
+    assert "Integrated gradients are not shown" in text and "integrated_gradients.png" not in text
+    assert "top-k" in text and "use gradient_x_input" in text and "use more than" not in text

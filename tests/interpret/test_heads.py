@@ -101,3 +101,13 @@ def test_plots_are_png_files_one_per_layer(tmp_path):
     assert all(p.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") for p in paths)
     with pytest.raises(ValueError, match="tokens: 3 labels for 10 key positions"):
         plot_attention(torch.rand(4, 10, 10), tmp_path / "bad.png", tokens=["a", "b", "c"])
+
+
+def test_negative_layers_count_from_the_end_and_others_name_the_valid_range():
+    model, ids = make_model(), repeated_tokens(2, PERIOD, 50)
+    last = attention_patterns(model, ids, layers=[-1])
+    assert list(last) == [1] and torch.equal(last[1], attention_patterns(model, ids, layers=[1])[1])
+    with pytest.raises(ValueError, match=r"^layers: 2 is outside the model's 2 layers \(valid: -2..1\)"):
+        attention_patterns(model, ids, layers=[0, 2])
+    with pytest.raises(ValueError, match="^ids: empty input$"):
+        attention_patterns(model, torch.zeros(1, 0, dtype=torch.long))

@@ -10,7 +10,7 @@ any layer restores the clean run.
 import pytest
 import torch
 
-from heron.core import ModelConfig, Transformer
+from heron.core import ModelConfig, MoEConfig, Transformer
 from heron.interpret.cache import run_with_cache
 from heron.interpret.patching import logit_diff, normalised, patch, patch_heads, patch_positions
 
@@ -213,3 +213,24 @@ def test_bad_inputs_raise_naming_the_argument(call, error, match):
     clean, corrupted = prompts(8, 3)
     with torch.no_grad(), pytest.raises(error, match=match):
         call(model, clean, corrupted)
+
+
+def test_empty_prompts_and_tokens_outside_the_vocabulary_are_named():
+    model, (clean, corrupted) = make_model(), prompts(6, 2)
+    empty = torch.zeros(1, 0, dtype=torch.long)
+    with pytest.raises(ValueError, match="^clean: empty input$"):
+        patch_positions(model, empty, empty, METRIC)
+    with pytest.raises(ValueError, match=r"^logit_diff: correct: token id 50 outside the vocabulary \(0..49\)"):
+        patch_positions(model, clean, corrupted, logit_diff(50, 1))
+    with pytest.raises(ValueError, match=r"^logit_diff: incorrect: token id -3 outside"):
+        patch_heads(model, clean, corrupted, logit_diff(1, -3))
+    with pytest.raises(ValueError, match=r"^logit_diff: position: 6 outside the 6 input tokens"):
+        patch_positions(model, clean, corrupted, logit_diff(1, 2, position=6))
+
+
+def test_mlp_hook_post_on_moe_layers_is_refused_up_front_pointing_to_hook_mlp_out():
+    model = make_model(feed_forward=("dense", "moe"), moe=MoEConfig(n_experts=4, top_k=2))
+    clean, corrupted = prompts(6, 2)
+    with pytest.raises(ValueError, match=r"the MoE layers \(blocks 1\) have no mlp.hook_post.*patch hook_mlp_out"):
+        patch_positions(model, clean, corrupted, METRIC, hook="mlp.hook_post")
+    assert patch_positions(model, clean, corrupted, METRIC, hook="hook_mlp_out").shape == (2, 6)

@@ -242,3 +242,27 @@ def test_sae_training_dataclass_saves_a_bare_sae_as_finished(tmp_path):
     loaded = load_sae(tmp_path / "bare")
     assert isinstance(loaded, SAETraining) and loaded.step == 7 and loaded.optimizer_state == {}
     assert dataclasses.asdict(loaded.sae.settings) == dataclasses.asdict(sae.settings)
+
+
+def test_save_sae_replaces_an_sae_folder_and_refuses_anything_else(tmp_path):
+    sae = SparseAutoencoder(8, SAESettings(k=2, expansion=2, steps=7))
+    save_sae(tmp_path / "sae", sae)
+    save_sae(tmp_path / "sae", sae)  # an SAE folder save_sae wrote is replaced
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("my notes")
+    (tmp_path / "mine" / "sae.json").write_text("{}")
+    with pytest.raises(FileExistsError, match=r"mine: holds files save_sae did not write \(notes.txt\)"):
+        save_sae(tmp_path / "mine", sae)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "my notes"
+    (tmp_path / "file.bin").write_bytes(b"mine")
+    with pytest.raises(FileExistsError, match=r"file.bin: exists and is not a folder"):
+        save_sae(tmp_path / "file.bin", sae)
+    assert (tmp_path / "file.bin").read_bytes() == b"mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.bin", "mine", "sae"]  # no .trash-* left
+
+
+def test_evaluate_sae_at_a_hook_of_another_width_names_the_sae_and_its_d_in():
+    sae = SparseAutoencoder(32, SAESettings(k=2, expansion=2), hook_name=HOOK)
+    with pytest.raises(ValueError, match=r"hook_name: 'blocks.0.attn.hook_pattern' gives activations of width 16, "
+                                         r"but the SAE takes d_in 32 \(it was trained on 'blocks.0.hook_mlp_out'\)"):
+        evaluate_sae(make_model(), sae, make_windows(n=2), "blocks.0.attn.hook_pattern")

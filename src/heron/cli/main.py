@@ -209,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("explain", help="one prompt through every lens: an offline HTML report")
     p.add_argument("checkpoint", type=Path, help="a Heron checkpoint or Hugging Face folder (with its tokenizer)")
     p.add_argument("--prompt", required=True, help="the text to explain")
-    p.add_argument("--out", type=Path, required=True, help="folder for index.html and its figures")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder for index.html and its figures: new, empty, or an earlier report (replaced whole); "
+                        "a folder holding any other file is refused")
     p.add_argument("--corrupted", default=None,
                    help="a prompt of the same token length to patch against (activation patching)")
     p.add_argument("--target", default=None, help="the next token to explain (default: the model's top prediction)")

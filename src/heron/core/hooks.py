@@ -8,7 +8,7 @@ so with nothing attached a forward pass is the plain computation, bit for bit.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -54,9 +54,7 @@ def attach_hooks(
     items = list(fns.items()) if isinstance(fns, Mapping) else list(fns)
     for name, _ in items:
         if name not in points:
-            close = difflib.get_close_matches(name, points, n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise KeyError(f"no hook point named {name!r}{hint}")
+            raise KeyError(f"no hook point named {name!r}{unknown_hook_hint(name, list(points))}")
     handles = []
     try:
         for name, fn in items:
@@ -67,8 +65,34 @@ def attach_hooks(
             handle.remove()
 
 
+def unknown_hook_hint(name: str, available: Sequence[str]) -> str:
+    """What to append to an error about a hook name that names no hook point:
+    the closest names, a few valid ones, and where the full list is."""
+    close = difflib.get_close_matches(name, available, n=3, cutoff=0.5)
+    guess = f"; did you mean {', '.join(close)}?" if close else ""
+    examples = ", ".join(available[:4]) + (", ..." if len(available) > 4 else "")
+    return (f"{guess} (this model has {len(available)} hook points, such as {examples}; "
+            "heron.core.hook_points(model) lists them all)")
+
+
 def _adapt(fn: HookFn, name: str) -> Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor | None]:
     def forward_hook(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        return fn(output, name)
+        replacement = fn(output, name)
+        if replacement is not None:
+            _check_replacement(name, output, replacement)
+        return replacement
 
     return forward_hook
+
+
+def _check_replacement(name: str, activation: torch.Tensor, replacement: object) -> None:
+    """A replacement must have the activation's shape: a scalar or a slice would
+    broadcast through the layers below and change the logits without an error."""
+    if isinstance(replacement, torch.Tensor) and replacement.shape == activation.shape:
+        return
+    if isinstance(replacement, torch.Tensor):
+        got = f"a tensor of shape {tuple(replacement.shape)}"
+    else:
+        got = f"a value of type {type(replacement).__name__}"
+    raise ValueError(f"hook function at {name!r} returned {got}; expected None (keep the activation) or a tensor "
+                     f"of the activation's shape {tuple(activation.shape)}")

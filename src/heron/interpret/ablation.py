@@ -25,7 +25,7 @@ import torch
 from heron.core.head_loss import next_token_targets
 from heron.core.hooks import HookFn, attach_hooks
 from heron.core.transformer import Transformer
-from heron.interpret.cache import run_with_cache
+from heron.interpret.cache import evaluating, run_with_cache
 from heron.interpret.heads import Head
 
 ABLATIONS = ("zero", "mean")
@@ -86,8 +86,8 @@ def _replace(mask: torch.Tensor, value: torch.Tensor) -> HookFn:
 
 
 def token_losses(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
-    """(B, T - 1): the cross-entropy of predicting ids[:, t + 1] from ids[:, : t + 1]."""
-    with torch.no_grad():  # the model's head loss: no (B, T, V) logits
+    """(B, T - 1): the cross-entropy of predicting ids[:, t + 1] from ids[:, : t + 1], in eval mode."""
+    with torch.no_grad(), evaluating(model):  # the model's head loss: no (B, T, V) logits
         return model(ids, targets=next_token_targets(ids), reduction="none").loss[:, :-1]
 
 

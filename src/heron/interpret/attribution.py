@@ -18,8 +18,11 @@ summed over d to one score per token.
   the scores sum to F(x) - F(x'); how far the computed sum is from that
   difference measures how well the integral was approximated, so it is
   checked: `completeness_error` is |Σ scores - (F(x) - F(x'))| / |F(x) - F(x')|
-  and above `tolerance` the call fails, asking for more steps. The integral
-  uses Gauss-Legendre nodes on [0, 1], exact for polynomials of degree
+  and above `tolerance` the call fails, asking for more steps. On a
+  Mixture-of-Experts model more steps do not help: top-k routing switches
+  experts along the path, F jumps where it does, and the integral of the
+  gradient misses the jumps; the error says so (use gradient x input). The
+  integral uses Gauss-Legendre nodes on [0, 1], exact for polynomials of degree
   2·steps - 1, which converges in far fewer steps than the Riemann sums of
   the paper for the smooth paths a transformer gives.
 
@@ -35,6 +38,8 @@ import numpy as np
 import torch
 
 from heron.core.transformer import Transformer
+from heron.interpret.cache import check_position, check_tokens, evaluating
+from heron.interpret.routing import moe_blocks
 
 # (logits (B, T, V)) -> (B,) the output to explain, per batch row
 Output = Callable[[torch.Tensor], torch.Tensor]
@@ -63,10 +68,11 @@ def logit_of(target: int, position: int = -1) -> Output:
 
 def gradient_x_input(model: Transformer, ids: list[int] | torch.Tensor, *, target: int | None = None,
                      position: int = -1, output: Output | None = None) -> Attribution:
-    """x_t · ∂F/∂x_t summed over the embedding dimension, one score per token."""
+    """x_t · ∂F/∂x_t summed over the embedding dimension, one score per token (in eval mode)."""
     ids, F = _prepare(model, ids, target, position, output)
     x = _embeddings(model, ids)  # (T, d)
-    values, grads = _values_and_grads(model, F, x[None])
+    with evaluating(model):
+        values, grads = _values_and_grads(model, F, x[None])
     return Attribution(ids.tolist(), (x * grads[0]).sum(-1).float(), float(values[0]))
 
 
@@ -82,9 +88,9 @@ def integrated_gradients(
     batch_size: int = 16,
     tolerance: float = 0.01,
 ) -> Attribution:
-    """Integrated gradients along the straight path from the baseline; fails
-    with ConvergenceError when the scores miss F(x) - F(x') by more than
-    `tolerance` of it (raise `steps`)."""
+    """Integrated gradients along the straight path from the baseline, in eval
+    mode; fails with ConvergenceError when the scores miss F(x) - F(x') by more
+    than `tolerance` of it (raise `steps`; on an MoE model more cannot help, see above)."""
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps, batch_size: expected positive integers, got {steps}, {batch_size}")
     if tolerance <= 0:
@@ -92,24 +98,43 @@ def integrated_gradients(
     ids, F = _prepare(model, ids, target, position, output)
     x = _embeddings(model, ids)  # (T, d)
     baseline = _baseline(model, ids, x, baseline)  # (T, d)
-    nodes, weights = np.polynomial.legendre.leggauss(steps)  # on [-1, 1]
-    alphas = torch.tensor((nodes + 1) / 2, dtype=x.dtype)  # (steps,) on [0, 1]
-    weights = torch.tensor(weights / 2, dtype=x.dtype)  # (steps,) summing to 1
-    mean_grad = torch.zeros_like(x)  # (T, d) the path integral of the gradient
-    for start in range(0, steps, batch_size):
-        a = alphas[start:start + batch_size, None, None]  # (b, 1, 1)
-        _, grads = _values_and_grads(model, F, baseline + a * (x - baseline))  # (b, T, d)
-        mean_grad += (weights[start:start + batch_size, None, None] * grads).sum(0)
-    scores = ((x - baseline) * mean_grad).sum(-1).float()  # (T,)
-    with torch.no_grad():
-        ends = F(model(input_embeds=torch.stack([x, baseline])).logits.float())  # (2,) F(x), F(x')
+    with evaluating(model):
+        scores = ((x - baseline) * _path_integral(model, F, x, baseline, steps, batch_size)).sum(-1).float()  # (T,)
+        with torch.no_grad():
+            ends = F(model(input_embeds=torch.stack([x, baseline])).logits.float())  # (2,) F(x), F(x')
     difference = float(ends[0] - ends[1])
     error = abs(float(scores.sum()) - difference) / max(abs(difference), 1e-12)
     if error > tolerance:
         raise ConvergenceError(f"steps: the scores sum to {float(scores.sum()):.6g} but F(x) - F(x') = "
                                f"{difference:.6g} (relative error {error:.3g} > tolerance {tolerance}); "
-                               f"use more than {steps} steps")
+                               + _not_converged(model, steps))
     return Attribution(ids.tolist(), scores, float(ends[0]), float(ends[1]), steps, error)
+
+
+def _path_integral(model: Transformer, F: Output, x: torch.Tensor, baseline: torch.Tensor, steps: int,
+                   batch_size: int) -> torch.Tensor:
+    """(T, d) ∫₀¹ ∂F(x' + α(x - x'))/∂x dα by `steps`-point Gauss-Legendre quadrature."""
+    nodes, weights = np.polynomial.legendre.leggauss(steps)  # on [-1, 1]
+    alphas = torch.tensor((nodes + 1) / 2, dtype=x.dtype)  # (steps,) on [0, 1]
+    weights = torch.tensor(weights / 2, dtype=x.dtype)  # (steps,) summing to 1
+    mean_grad = torch.zeros_like(x)  # (T, d)
+    for start in range(0, steps, batch_size):
+        a = alphas[start:start + batch_size, None, None]  # (b, 1, 1)
+        _, grads = _values_and_grads(model, F, baseline + a * (x - baseline))  # (b, T, d)
+        mean_grad += (weights[start:start + batch_size, None, None] * grads).sum(0)
+    return mean_grad
+
+
+def _not_converged(model: Transformer, steps: int) -> str:
+    """What to do about a missed completeness check. An MoE layer's top-k routing
+    switches experts at points along the path, where F jumps; the gradient never
+    sees a jump, so no number of steps makes the scores add up."""
+    moe = moe_blocks(model)
+    if moe:
+        return (f"the model's Mixture-of-Experts layers (blocks {', '.join(map(str, moe))}) route by top-k, which "
+                "switches experts along the path from the baseline, so F jumps there and completeness cannot "
+                "hold at any number of steps; use gradient_x_input")
+    return f"use more than {steps} steps"
 
 
 def _prepare(model: Transformer, ids: list[int] | torch.Tensor, target: int | None, position: int,
@@ -120,13 +145,9 @@ def _prepare(model: Transformer, ids: list[int] | torch.Tensor, target: int | No
     if (target is None) == (output is None):
         raise ValueError("target: give exactly one of target (a token id) or output (a function of the logits)")
     if target is not None:
-        vocab = model.config.vocab_size
-        if not 0 <= target < vocab:
-            raise ValueError(f"target: token id {target} outside the vocabulary of {vocab}")
-        if not -ids.numel() <= position < ids.numel():
-            raise ValueError(f"position: {position} outside the {ids.numel()} input tokens")
+        check_tokens("target", target, model.config.vocab_size)
+        check_position("position", position, ids.numel())
         output = logit_of(target, position)
-    model.eval()
     return ids, output
 
 

@@ -18,13 +18,14 @@ import difflib
 import fnmatch
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from heron.core.config import ModelConfig
-from heron.core.hooks import hook_points
+from heron.core.hooks import hook_points, unknown_hook_hint
 from heron.core.transformer import Transformer, TransformerOutput
 
 Selection = str | re.Pattern[str] | Sequence[str | re.Pattern[str]] | None
@@ -62,9 +63,7 @@ def _matches(pattern: str | re.Pattern[str], name: str) -> bool:
 
 def _no_match_message(pattern: str | re.Pattern[str], available: list[str]) -> str:
     text = pattern.pattern if isinstance(pattern, re.Pattern) else pattern
-    close = difflib.get_close_matches(text, available, n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return f"no hook point matches {text!r}{hint}"
+    return f"no hook point matches {text!r}{unknown_hook_hint(text, available)}"
 
 
 def resid_names(model: Transformer) -> list[str]:
@@ -239,7 +238,43 @@ class ActivationCache(Mapping[str, torch.Tensor]):
         return z.unflatten(-1, (self.config.n_heads, self.config.resolved_head_dim))
 
 
+# ----- arguments every lens checks -----------------------------------------------
+
+
+def check_tokens(arg: str, tokens: int | torch.Tensor, vocab_size: int) -> None:
+    """ValueError naming `arg` when a token id (or any of a tensor of them) is
+    outside the vocabulary, instead of an IndexError from deep inside a lens."""
+    ids = torch.as_tensor(tokens)
+    outside = ids[(ids < 0) | (ids >= vocab_size)]
+    if outside.numel():
+        raise ValueError(f"{arg}: token id {int(outside[0])} outside the vocabulary (0..{vocab_size - 1})")
+
+
+def check_position(arg: str, position: int, n_tokens: int) -> None:
+    """ValueError naming `arg` when `position` does not index one of `n_tokens`
+    (negative positions count from the end, as in Python)."""
+    if not -n_tokens <= position < n_tokens:
+        raise ValueError(f"{arg}: {position} outside the {n_tokens} input tokens "
+                         f"(valid: {-n_tokens}..{n_tokens - 1})")
+
+
 # ----- running -------------------------------------------------------------------
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Run the `with` block in eval mode, then put back the mode the model was in.
+
+    Every interpret function runs under it: in train mode a forward is not the
+    model's inference (dropout, MoE capacity drops) and changes the model (an
+    MoE router's running mean, `router_center`), and a caller mid-training
+    must get its model back in train mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def run_with_cache(
@@ -251,7 +286,7 @@ def run_with_cache(
     max_bytes: int | None = None,
     attention_mask: torch.Tensor | None = None,  # (B, T) bool, False = padding
 ) -> tuple[TransformerOutput, ActivationCache]:
-    """Run `model` on `ids` without gradients; return its output and the
+    """Run `model` on `ids` in eval mode, without gradients; return its output and the
     selected activations, detached (and moved to `device` when given), in the
     order the forward pass computed them.
 
@@ -262,6 +297,8 @@ def run_with_cache(
     """
     if ids.dim() != 2:
         raise ValueError(f"ids: expected (B, T), got {tuple(ids.shape)}")
+    if ids.shape[1] == 0:
+        raise ValueError("ids: empty input")
     chosen = select_hooks(model, names)
     if max_bytes is not None:
         check_budget(activation_bytes(model, *ids.shape, chosen), max_bytes)
@@ -271,11 +308,12 @@ def run_with_cache(
         x = x.detach()
         acts[name] = x if device is None else x.to(device)
 
-    with torch.no_grad(), model.hooks({name: record for name in chosen}):
+    with torch.no_grad(), evaluating(model), model.hooks({name: record for name in chosen}):
         output = model(ids, attention_mask=attention_mask)
     return output, ActivationCache(acts, model.config)  # in the order the forward pass wrote them
 
 
 __all__ = [
-    "ActivationCache", "activation_bytes", "check_budget", "resid_names", "run_with_cache", "select_hooks",
+    "ActivationCache", "activation_bytes", "check_budget", "check_position", "check_tokens", "evaluating",
+    "resid_names", "run_with_cache", "select_hooks",
 ]

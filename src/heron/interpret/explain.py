@@ -11,27 +11,35 @@ MoE models). The energy of making the report is measured and stated.
 """
 from __future__ import annotations
 
+import html
+import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from heron.core.moe import MoE
 from heron.core.transformer import Transformer
 from heron.generate.text import TokenizerLike
 from heron.govern import EnergyMeter
 from heron.interpret.attribution import ConvergenceError, gradient_x_input, integrated_gradients
-from heron.interpret.cache import ActivationCache, resid_names, run_with_cache
+from heron.interpret.cache import ActivationCache, evaluating, resid_names, run_with_cache
+from heron.interpret.folders import folder_files, require_replaceable
 from heron.interpret.heads import attention_patterns, detect_heads, head_scores, plot_attention_patterns, repeated_tokens
 from heron.interpret.html import Section, Table, write_html
 from heron.interpret.lens import direct_logit_attribution, dla_names, logit_lens
 from heron.interpret.patching import logit_diff, patch_heads, patch_positions
 from heron.interpret.plots import bars, heatmap
-from heron.interpret.routing import plot_load, routing
+from heron.interpret.routing import moe_blocks, plot_load, routing
 from heron.train.checkpoint import atomic_folder
 
 PAGE = "index.html"
+TITLE = "Explanation"
+# Written last into every report: the files the report holds, so that a later
+# report replaces the folder only when it holds nothing else.
+MARKER = "heron-explain.json"
+WRITER = "heron explain"
 
 
 @dataclass(frozen=True)
@@ -46,15 +54,13 @@ class ExplainSettings:
 
 def explain(model: Transformer, tokenizer: TokenizerLike, settings: ExplainSettings,
             out_dir: str | os.PathLike[str]) -> Path:
-    """Write the report (index.html and its PNGs) into `out_dir`; return the page's path.
+    """Write the report (index.html, its PNGs and MARKER) into `out_dir`; return the page's path.
 
-    The folder appears whole, replacing an earlier report there, or not at all; a
-    folder that holds anything but a report is refused before any work."""
-    target_dir = Path(out_dir)
-    if target_dir.exists() and not (target_dir / PAGE).is_file() and (
-            not target_dir.is_dir() or any(target_dir.iterdir())):
-        raise FileExistsError(f"{target_dir}: exists and holds no earlier report; write the report to a new folder")
-    model.eval()
+    The folder appears whole or not at all. It may be new, empty, or an earlier
+    report, which it replaces; a folder holding any file an earlier report did not
+    list in its MARKER is refused before any work (replacing it would delete them).
+    The model runs in eval mode and is left in the mode it was in."""
+    target_dir = require_replaceable(out_dir, _not_from_a_report, WRITER)
     ids = torch.tensor([_encode(tokenizer, settings.prompt, "prompt", model)])  # (1, T)
     corrupted = None
     if settings.corrupted is not None:  # checked before the work, not after it
@@ -62,9 +68,38 @@ def explain(model: Transformer, tokenizer: TokenizerLike, settings: ExplainSetti
         if corrupted.shape != ids.shape:
             raise ValueError(f"corrupted: {corrupted.shape[1]} tokens, but the prompt has {ids.shape[1]}; patching "
                              "needs prompts of equal token length")
-    with atomic_folder(target_dir) as out:
+    with evaluating(model), atomic_folder(target_dir) as out:
         _write_report(model, tokenizer, settings, ids, corrupted, out)
+        _write_marker(out)
     return target_dir / PAGE
+
+
+def _write_marker(out: Path) -> None:
+    record = {"written_by": WRITER, "files": sorted(folder_files(out))}
+    (out / MARKER).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def _not_from_a_report(folder: Path) -> set[str]:
+    """The files of `folder` that no earlier report listed in its MARKER (all of them, without one)."""
+    try:
+        record = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        record = None
+    ours = isinstance(record, dict) and record.get("written_by") == WRITER and isinstance(record.get("files"), list)
+    written = {MARKER, *record["files"]} if ours else _report_before_the_marker(folder)
+    return folder_files(folder) - written
+
+
+def _report_before_the_marker(folder: Path) -> set[str]:
+    """The files of a report written before reports carried MARKER: its page, known by the
+    title `_write_report` gives it, and the images the page shows; none for any other folder."""
+    try:
+        page = (folder / PAGE).read_text(encoding="utf-8")
+    except (OSError, ValueError):
+        return set()
+    if not page.startswith("<!DOCTYPE html>") or f"<title>{TITLE}</title>" not in page:
+        return set()
+    return {PAGE, *(html.unescape(src) for src in re.findall(r'<img src="([^"]+)"', page))}
 
 
 def _write_report(model: Transformer, tokenizer: TokenizerLike, settings: ExplainSettings, ids: torch.Tensor,
@@ -84,7 +119,7 @@ def _write_report(model: Transformer, tokenizer: TokenizerLike, settings: Explai
     ]
     if corrupted is not None:
         sections.append(_patching(model, tokenizer, ids, corrupted, tokens, target, settings, out))
-    if any(isinstance(block.mlp, MoE) for block in model.blocks):
+    if moe_blocks(model):
         sections.append(_routing(model, ids, tokenizer, out))
     energy = meter.stop()
     facts = [("prompt", repr(settings.prompt)), ("tokens", str(ids.shape[1])),
@@ -92,7 +127,7 @@ def _write_report(model: Transformer, tokenizer: TokenizerLike, settings: Explai
                        f"{model.config.n_heads} heads"),
              ("energy of this report", f"{energy.joules:.1f} J ({energy.source}; "
                                        f"{'measured' if energy.measured else 'estimated'})")]
-    write_html(out / PAGE, "Explanation", sections, facts)
+    write_html(out / PAGE, TITLE, sections, facts)
 
 
 def _encode(tokenizer: TokenizerLike, text: str, field: str, model: Transformer) -> list[int]:
@@ -201,12 +236,12 @@ def _input_attribution(model: Transformer, ids: torch.Tensor, tokens: list[str],
                        tokenizer: TokenizerLike, settings: ExplainSettings, out: Path) -> Section:
     gxi = gradient_x_input(model, ids[0], target=target)
     ig, steps, note = None, settings.ig_steps, ""
-    for _ in range(3):
+    for _ in range(1 if moe_blocks(model) else 3):  # more steps cannot mend an MoE's jumps (attribution.py)
         try:
             ig = integrated_gradients(model, ids[0], target=target, steps=steps)
             break
         except ConvergenceError as err:
-            note, steps = str(err), steps * 2
+            note, steps = f"Integrated gradients are not shown: {err}.", steps * 2
     labels = [f"{i}: {t}" for i, t in enumerate(tokens)]
     images = []
     if ig is not None:

@@ -37,8 +37,14 @@ DEFAULT_THRESHOLD = 0.4  # a head whose score reaches this is reported (chance i
 
 def attention_patterns(model: Transformer, ids: torch.Tensor,
                        layers: Sequence[int] | None = None) -> dict[int, torch.Tensor]:
-    """{layer: (B, H, T, T) attention probabilities} on `ids` (B, T), every layer by default."""
-    layers = range(model.config.n_layers) if layers is None else layers
+    """{layer: (B, H, T, T) attention probabilities} on `ids` (B, T), every layer by
+    default. A negative layer counts from the end, as in Python; the keys are the
+    layers' indices (layers=[-1] of a 4-layer model gives {3: ...})."""
+    n = model.config.n_layers
+    outside = [i for i in layers or () if not -n <= i < n]
+    if outside:
+        raise ValueError(f"layers: {outside[0]} is outside the model's {n} layers (valid: {-n}..{n - 1})")
+    layers = range(n) if layers is None else [i % n for i in layers]
     names = [f"blocks.{i}.attn.hook_pattern" for i in layers]
     _, cache = run_with_cache(model, ids, names)
     return {i: cache[name] for i, name in zip(layers, names)}

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from heron.core.transformer import Transformer
-from heron.interpret.cache import ActivationCache, resid_names
+from heron.interpret.cache import ActivationCache, check_position, check_tokens, resid_names
 
 
 def _reads(names: Callable[[Transformer], list[str]]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -79,6 +79,7 @@ def token_lens(model: Transformer, cache: ActivationCache, target: int | torch.T
     """The logit lens for one token per position: `target` is a token id, or
     (B, T) ids (e.g. the next tokens of the input). Depth by depth, so only
     one (B, T, V) block of logits is alive at a time."""
+    check_tokens("target", target, model.config.vocab_size)
     logits, probs = [], []
     for depth in range(model.config.n_layers + 1):
         full = _unembed(model, cache.resid(depth)).float()  # (B, T, V)
@@ -140,7 +141,10 @@ def direct_logit_attribution(
     the linearisation and what the sum equals). The cache needs
     `dla_names(model)`. Computed in fp32 whatever the model's dtype."""
     c = model.config
-    x = cache.resid(c.n_layers)[:, position]  # (B, d): the final residual stream
+    check_tokens("target_token", target_token, c.vocab_size)
+    resid = cache.resid(c.n_layers)  # (B, T, d): the final residual stream
+    check_position("position", position, resid.shape[1])
+    x = resid[:, position]  # (B, d)
     final = x.float()  # (B, d)
     target = torch.as_tensor(target_token, device=final.device).expand(final.shape[0])  # (B,)
     u = _weight(model.lm_head, "lm_head")[target].float()  # (B, d): the target's unembedding rows

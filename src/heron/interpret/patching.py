@@ -21,7 +21,8 @@ import torch
 
 from heron.core import Transformer, attach_hooks
 from heron.core.hooks import HookFn
-from heron.interpret.cache import run_with_cache
+from heron.interpret.cache import check_position, check_tokens, evaluating, run_with_cache
+from heron.interpret.routing import moe_blocks
 
 # Anything a tensor can be indexed with, or a bool mask (see `patch`).
 Index = int | slice | torch.Tensor | tuple
@@ -52,10 +53,10 @@ def patch(model: Transformer, ids: torch.Tensor, patches: Mapping[str, Patch]) -
     `activation[index]`, with `tensor[index]`. `index` is anything a tensor can
     be indexed with, or a bool mask with as many dimensions as the activation
     that broadcasts to it (True = patched; (B, T, 1) picks positions per row).
-    An empty `patches` is the plain forward, bit for bit.
+    An empty `patches` is the plain forward, bit for bit. Runs in eval mode.
     """
     fns = {name: _replacer(name, p) for name, p in patches.items()}
-    with attach_hooks(model, fns):
+    with evaluating(model), attach_hooks(model, fns):
         return model(ids).logits
 
 
@@ -91,6 +92,9 @@ def logit_diff(correct: int, incorrect: int, position: int = -1) -> Metric:
     default), one value per run: IOI's logit difference (Wang et al. 2022, section 3)."""
 
     def metric(logits: torch.Tensor) -> torch.Tensor:
+        check_tokens("logit_diff: correct", correct, logits.shape[-1])
+        check_tokens("logit_diff: incorrect", incorrect, logits.shape[-1])
+        check_position("logit_diff: position", position, logits.shape[1])
         at = logits[:, position]  # (B, V)
         return at[:, correct] - at[:, incorrect]  # (B,)
 
@@ -119,8 +123,7 @@ def patch_positions(
     patched into the corrupted run at one position. The default hook is
     ROME's causal trace of the residual stream; `hook` is one of POSITION_HOOKS.
     `chunk_size` patched runs share one forward."""
-    if hook not in POSITION_HOOKS:
-        raise ValueError(f"hook: expected one of {', '.join(POSITION_HOOKS)}, got {hook!r}")
+    _check_position_hook(model, hook)
     n_layers, T = model.config.n_layers, _check_pair(clean, corrupted)
     layer, position = _grid(n_layers, T)
     cases = (layer, position, torch.full_like(layer, _ALL))  # all features of the activation
@@ -167,7 +170,7 @@ def _sweep(
     device, head_dim = next(model.parameters()).device, model.config.resolved_head_dim
     clean, corrupted = clean.reshape(1, -1).to(device), corrupted.reshape(1, -1).to(device)  # (1, T)
     names = [f"blocks.{i}.{hook}" for i in range(model.config.n_layers)]
-    with torch.no_grad():
+    with torch.no_grad(), evaluating(model):
         clean_run, sources = run_with_cache(model, clean, names)
         values = []
         for start in range(0, len(cases[0]), chunk_size):
@@ -215,12 +218,24 @@ def _check_pair(clean: torch.Tensor, corrupted: torch.Tensor) -> int:
     for arg, ids in (("clean", clean), ("corrupted", corrupted)):
         if ids.dim() not in (1, 2) or (ids.dim() == 2 and ids.shape[0] != 1):
             raise ValueError(f"{arg}: expected one prompt, (T,) or (1, T), got {tuple(ids.shape)}")
+        if ids.shape[-1] == 0:
+            raise ValueError(f"{arg}: empty input")
     T, T_corrupted = clean.shape[-1], corrupted.shape[-1]
     if T != T_corrupted:
         raise ValueError(
             f"corrupted: {T_corrupted} tokens against clean's {T}; patching needs prompts of the same length"
         )
     return T
+
+
+def _check_position_hook(model: Transformer, hook: str) -> None:
+    if hook not in POSITION_HOOKS:
+        raise ValueError(f"hook: expected one of {', '.join(POSITION_HOOKS)}, got {hook!r}")
+    moe = moe_blocks(model)
+    if hook == "mlp.hook_post" and moe:
+        raise ValueError(f"hook: the MoE layers (blocks {', '.join(map(str, moe))}) have no mlp.hook_post: their "
+                         "experts' hidden activations are laid out by assignment, not by position; patch "
+                         "hook_mlp_out, the layer's output, instead")
 
 
 def _grid(*sizes: int) -> tuple[torch.Tensor, ...]:

@@ -20,6 +20,7 @@ import torch
 from heron.core.hooks import attach_hooks
 from heron.core.moe import MoE, route
 from heron.core.transformer import Transformer
+from heron.interpret.cache import evaluating
 
 
 @dataclass(frozen=True)
@@ -50,29 +51,33 @@ class RoutingReport:
                 for e in range(counts.shape[1])]
 
 
+def moe_blocks(model: Transformer) -> list[int]:
+    """The indices of the blocks whose feed-forward is a Mixture of Experts."""
+    return [i for i, block in enumerate(model.blocks) if isinstance(block.mlp, MoE)]
+
+
 @torch.no_grad()
 def routing(model: Transformer, batches: Iterable[torch.Tensor]) -> RoutingReport:
-    """Route every token of the (B, T) batches and count, per MoE layer, which
-    expert each assignment goes to, overall and per token id."""
-    moe_blocks = [i for i, block in enumerate(model.blocks) if isinstance(block.mlp, MoE)]
-    if not moe_blocks:
+    """Route every token of the (B, T) batches, in eval mode, and count, per MoE
+    layer, which expert each assignment goes to, overall and per token id."""
+    blocks = moe_blocks(model)
+    if not blocks:
         raise ValueError("model: has no Mixture-of-Experts layer to analyse")
-    experts, vocab = model.blocks[moe_blocks[0]].mlp.settings.n_experts, model.config.vocab_size
-    counts = torch.zeros(len(moe_blocks), experts, dtype=torch.long)
-    token_counts = torch.zeros(len(moe_blocks), vocab, experts, dtype=torch.long)
+    experts, vocab = model.blocks[blocks[0]].mlp.settings.n_experts, model.config.vocab_size
+    counts = torch.zeros(len(blocks), experts, dtype=torch.long)
+    token_counts = torch.zeros(len(blocks), vocab, experts, dtype=torch.long)
     current: dict[str, torch.Tensor] = {}
     seen = 0
 
     def record(probs: torch.Tensor, name: str) -> None:  # (B, T, E)
-        layer = moe_blocks.index(int(name.split(".")[1]))
-        _, chosen = route(probs.flatten(0, 1), model.blocks[moe_blocks[layer]].mlp.settings.top_k)  # (N, k)
+        layer = blocks.index(int(name.split(".")[1]))
+        _, chosen = route(probs.flatten(0, 1), model.blocks[blocks[layer]].mlp.settings.top_k)  # (N, k)
         ids = current["ids"].flatten().repeat_interleave(chosen.shape[1])  # (N * k,) token of each assignment
         counts[layer] += torch.bincount(chosen.flatten().cpu(), minlength=experts)
         token_counts[layer].index_put_((ids, chosen.flatten().cpu()), torch.ones_like(ids), accumulate=True)
 
-    model.eval()
-    hooks = {f"blocks.{i}.mlp.hook_router_probs": record for i in moe_blocks}
-    with attach_hooks(model, hooks):
+    hooks = {f"blocks.{i}.mlp.hook_router_probs": record for i in blocks}
+    with evaluating(model), attach_hooks(model, hooks):
         for ids in batches:
             ids = torch.as_tensor(ids)
             if ids.dim() != 2:
@@ -80,7 +85,7 @@ def routing(model: Transformer, batches: Iterable[torch.Tensor]) -> RoutingRepor
             current["ids"] = ids.cpu()
             model(ids.to(next(model.parameters()).device))
             seen += ids.numel()
-    return RoutingReport(moe_blocks, counts, token_counts, seen)
+    return RoutingReport(blocks, counts, token_counts, seen)
 
 
 def plot_load(report: RoutingReport, path: str | Path) -> Path:
@@ -107,4 +112,4 @@ def plot_load(report: RoutingReport, path: str | Path) -> Path:
     return path
 
 
-__all__ = ["RoutingReport", "plot_load", "routing"]
+__all__ = ["RoutingReport", "moe_blocks", "plot_load", "routing"]

@@ -54,6 +54,8 @@ from heron.core.head_loss import next_token_targets
 from heron.core.hooks import HookFn, attach_hooks
 from heron.data.batches import PackedBatches, TokenStream, epoch_rows
 from heron.data.shards import load_shards
+from heron.interpret.cache import evaluating
+from heron.interpret.folders import folder_files, require_replaceable
 from heron.train.checkpoint import atomic_folder
 
 SAE_FILE = "sae.safetensors"
@@ -392,14 +394,14 @@ def _batches(windows: torch.Tensor, batch_size: int) -> Iterator[tuple[int, torc
 
 @torch.no_grad()
 def capture(model: nn.Module, ids: torch.Tensor, hook_name: str) -> torch.Tensor:
-    """The activation at `hook_name` for token ids (B, T); the forward stops there,
-    so the layers above it are never run."""
+    """The activation at `hook_name` for token ids (B, T), in eval mode; the forward
+    stops there, so the layers above it are never run."""
 
     def stop(activation: torch.Tensor, _name: str) -> None:
         raise _Reached(activation)
 
     try:
-        with attach_hooks(model, {hook_name: stop}):
+        with evaluating(model), attach_hooks(model, {hook_name: stop}):
             model(ids)
     except _Reached as reached:
         return reached.activation.float()
@@ -437,9 +439,16 @@ class SAEMetrics:
         return dataclasses.asdict(self)
 
 
+def _check_width(sae: SparseAutoencoder, hook_name: str, width: int) -> None:
+    if width != sae.d_in:
+        trained_on = f" (it was trained on {sae.hook_name!r})" if sae.hook_name else ""
+        raise ValueError(f"hook_name: {hook_name!r} gives activations of width {width}, but the SAE takes d_in "
+                         f"{sae.d_in}{trained_on}")
+
+
 def _next_token_loss(model: nn.Module, ids: torch.Tensor, fns: dict[str, HookFn]) -> float:
-    """Summed cross-entropy of predicting ids[:, 1:] from ids (B, T) with hooks attached."""
-    with attach_hooks(model, fns):
+    """Summed cross-entropy of predicting ids[:, 1:] from ids (B, T) with hooks attached, in eval mode."""
+    with evaluating(model), attach_hooks(model, fns):
         return model(ids, targets=next_token_targets(ids)).loss.item()  # the head loss: no whole logits
 
 
@@ -466,6 +475,7 @@ def evaluate_sae(
         ids, seen = ids.to(device), []
         losses["clean"] += _next_token_loss(model, ids, {hook_name: lambda a, _: seen.append(a)})
         x = seen[0].float().flatten(0, -2)  # (B*T, d)
+        _check_width(sae, hook_name, x.shape[-1])
         x_hat, f = sae(x)
         tokens += x.shape[0]
         active += (f > 0).sum().item()
@@ -578,10 +588,11 @@ def save_sae(
     """Write an SAE folder atomically: sae.safetensors (weights, input scale, dead-feature
     counters), sae.json (d_in, hook name, settings, step, metrics) and, when there is
     Adam state, optimizer.safetensors, so `train_sae(..., resume=load_sae(path))`
-    continues. A bare SparseAutoencoder is saved as fully trained."""
+    continues. A bare SparseAutoencoder is saved as fully trained. An existing `path` is
+    replaced only when it is empty or an SAE folder (nothing but the files save_sae writes)."""
     if isinstance(training, SparseAutoencoder):
         training = SAETraining(training, training.settings.steps, {})
-    sae, target = training.sae, Path(path)
+    sae, target = training.sae, require_replaceable(path, _not_from_an_sae, "save_sae")
     if isinstance(metrics, SAEMetrics):
         metrics = metrics.to_dict()
     record = {
@@ -598,6 +609,12 @@ def save_sae(
             _write(tmp / OPTIMIZER_FILE, _safetensors(training.optimizer_state))
         _write(tmp / SETTINGS_FILE, json.dumps(record, indent=2, sort_keys=True).encode())
     return target
+
+
+def _not_from_an_sae(folder: Path) -> set[str]:
+    """The files of `folder` save_sae does not write (all of them, without its sae.json)."""
+    files = folder_files(folder)
+    return files - {SAE_FILE, SETTINGS_FILE, OPTIMIZER_FILE} if SETTINGS_FILE in files else files
 
 
 def load_sae(path: str | Path, *, device: str | torch.device = "cpu") -> SAETraining:

@@ -1,0 +1,79 @@
+"""The interpret API runs a model in eval mode and hands it back as it was: a model
+in train mode stays in train mode, and its MoE routers' running mean
+(`router_center`, updated by train-mode forwards) is untouched."""
+import pytest
+import torch
+
+from heron.core import ModelConfig, MoEConfig, Transformer
+from heron.interpret import (
+    attention_patterns,
+    gradient_x_input,
+    integrated_gradients,
+    logit_diff,
+    patch,
+    patch_heads,
+    patch_positions,
+    routing,
+    run_with_cache,
+    token_losses,
+)
+from heron.interpret.sae import SAESettings, SparseAutoencoder, capture, evaluate_sae
+
+V = 50
+IDS = torch.randint(0, V, (1, 8), generator=torch.Generator().manual_seed(0))
+OTHER = torch.randint(0, V, (1, 8), generator=torch.Generator().manual_seed(1))
+
+CALLS = {
+    "run_with_cache": lambda m: run_with_cache(m, IDS),
+    "patch": lambda m: patch(m, IDS, {"blocks.0.hook_resid_pre": torch.ones(1, 8, 32)}),
+    "patch_positions": lambda m: patch_positions(m, IDS, OTHER, logit_diff(1, 2), normalise=False),
+    "patch_heads": lambda m: patch_heads(m, IDS, OTHER, logit_diff(1, 2), normalise=False),
+    "attention_patterns": lambda m: attention_patterns(m, IDS),
+    "routing": lambda m: routing(m, [IDS]),
+    "gradient_x_input": lambda m: gradient_x_input(m, IDS[0], target=3),
+    "integrated_gradients": lambda m: integrated_gradients(m, IDS[0], target=3, steps=4, tolerance=1e9),
+    "token_losses": lambda m: token_losses(m, IDS),
+    "capture": lambda m: capture(m, IDS, "blocks.1.hook_resid_pre"),
+    "evaluate_sae": lambda m: evaluate_sae(m, SparseAutoencoder(32, SAESettings(k=2, expansion=2)), IDS.repeat(2, 1),
+                                           "blocks.0.hook_mlp_out"),
+}
+
+
+def moe_model_in_train_mode() -> Transformer:
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=32,
+                         feed_forward=("moe",), moe=MoEConfig(n_experts=4, top_k=2, router_centering=True))
+    return Transformer(config).train()
+
+
+def centres(model: Transformer) -> list[torch.Tensor]:
+    return [block.mlp.router_center.clone() for block in model.blocks]
+
+
+def test_a_train_mode_forward_does_move_the_router_centres():
+    """The premise: without eval mode the call below would change the model."""
+    model = moe_model_in_train_mode()
+    before = centres(model)
+    with torch.no_grad():
+        model(IDS)
+    assert not all(torch.equal(a, b) for a, b in zip(before, centres(model)))
+
+
+@pytest.mark.parametrize("name", CALLS)
+def test_the_call_leaves_the_mode_and_the_router_centres_as_they_were(name):
+    model = moe_model_in_train_mode()
+    before = centres(model)
+    CALLS[name](model)
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(a, b) for a, b in zip(before, centres(model)))
+
+
+def test_the_call_runs_in_eval_mode_and_an_eval_model_stays_in_eval_mode():
+    model = moe_model_in_train_mode()
+    modes = []
+    with model.hooks({"blocks.0.hook_resid_pre": lambda x, _: modes.append(model.training)}):
+        run_with_cache(model, IDS)
+    assert modes == [False]
+    model.eval()
+    run_with_cache(model, IDS)
+    assert not model.training
