@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -122,3 +123,13 @@ def test_errors_name_what_is_wrong():
         prune_model(model, "random", sparsity=0.5)
     with pytest.raises(ValueError, match="groups of 3"):
         prune_model(model, "magnitude", nm=(1, 3))
+
+
+def test_calibration_and_recovery_batches_may_be_numpy_arrays():
+    from heron.compress.calibration import calibration_batches
+
+    ids = np.arange(48).reshape(4, 12) % V
+    assert [b.tolist() for b in calibration_batches(ids, 2)] == [b.tolist() for b in torch.as_tensor(ids).split(2)]
+    model = tiny()
+    masks = prune_model(model, "wanda", sparsity=0.5, calibration=ids, progress=False)
+    assert recover(model, [ids], steps=1, lr=1e-3, masks=masks, progress=False)[0] > 0

@@ -95,6 +95,8 @@ def test_fp32_folders_are_not_quantised_and_unquantised_models_are_not_saved_as_
     assert isinstance(heron.load(tmp_path / "run")[0].lm_head, torch.nn.Linear)
     with pytest.raises(ValueError, match="model: has no quantised modules"):
         save_quantized(tmp_path / "q", model)
+    with pytest.raises(ValueError, match="save a quantised model with heron.compress.save_quantized"):
+        save_model_folder(tmp_path / "plain", quantize_model(model))
 
 
 def test_loaded_modules_are_quantised_ones(tmp_path: Path) -> None:

@@ -108,3 +108,13 @@ def test_nested_settings_built_from_mappings_or_lists_equal_those_built_from_the
                              moe={"top_k": 1})
     assert from_plain == from_classes and hash(from_plain) == hash(from_classes)
     assert ModelConfig.from_json(from_plain.to_json()) == from_classes
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"vocab_size": 64.0}, r"^vocab_size: expected int, got 64\.0"),
+    ({"tie_embeddings": "no"}, r"^tie_embeddings: expected bool, got 'no'"),
+    ({"d_model": "32"}, r"^d_model: expected int, got '32'"),
+])
+def test_the_constructor_checks_types_as_from_dict_does(change, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**{**BASE, **change})

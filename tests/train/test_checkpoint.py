@@ -148,3 +148,19 @@ def test_a_file_is_not_a_checkpoint(tmp_path: Path) -> None:
     exported.write_bytes(b"GGUF")
     with pytest.raises(CheckpointError, match=r"model\.gguf: a file, not a checkpoint folder"):
         load_checkpoint(exported)
+
+
+def test_saving_over_a_folder_replaces_only_a_model_folder_it_wrote(tmp_path) -> None:
+    """Replacing a folder deletes what it holds: only files a model folder's manifest lists may go."""
+    model = build_model("test", **SMALL)
+    save_model_folder(tmp_path / "model", model)
+    save_model_folder(tmp_path / "model", model)  # an earlier save: replaced
+    (tmp_path / "model" / "my_notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"model: holds files save_model_folder did not write \(my_notes.txt\)"):
+        save_model_folder(tmp_path / "model", model)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "sub").mkdir()
+    (tmp_path / "mine" / "sub" / "data.csv").write_text("1,2")
+    with pytest.raises(FileExistsError, match=r"sub/data.csv"):
+        save_model_folder(tmp_path / "mine", model)
+    assert (tmp_path / "model" / "my_notes.txt").is_file() and (tmp_path / "mine" / "sub" / "data.csv").is_file()

@@ -117,3 +117,26 @@ def test_shards_are_prepared_only_into_a_new_or_empty_folder(tmp_path: Path, cor
                                           r"\(notes.txt\)"):
         train(recipe_from_dict(shard_recipe(tmp_path, corpus), world_size=1))
     assert [p.name for p in (tmp_path / "shards").iterdir()] == ["notes.txt"]
+
+
+def test_token_streams_from_python_need_no_data_section_and_are_identified(tmp_path: Path) -> None:
+    """train(recipe, data=...) records the arrays' hash, so resuming on other arrays is refused."""
+    from heron.train.sources import TrainData
+
+    raw = {"out_dir": str(tmp_path / "run"), "model": {"preset": "test", "overrides": SMALL_MODEL},
+           "data": {"seq_len": 8}, "train": {"steps": 2, "batch_size": 2, "eval_every": 0, "eval_batches": 1,
+                                             "progress": False}}
+    rng = np.random.default_rng(0)
+    first = TrainData(train=rng.integers(0, 64, 400), val=rng.integers(0, 64, 100), vocab_size=64)
+    result = train(recipe_from_dict(raw, world_size=1), data=first)
+    lineage = (result.checkpoint / "lineage.json").read_text()
+    assert '"source": "python"' in lineage and '"sha256"' in lineage
+    other = TrainData(train=rng.integers(0, 64, 400), val=first.val, vocab_size=64)
+    raw["train"]["steps"] = 3
+    with pytest.raises(RecipeError, match=r"data: .* cannot continue \(data.sha256: "):
+        train(recipe_from_dict(raw, world_size=1), data=other)
+    with pytest.raises(RecipeError, match="data: train holds token id 64, outside vocab_size 64"):
+        train(recipe_from_dict(raw, world_size=1), data=TrainData(train=np.full(400, 64), val=first.val,
+                                                                  vocab_size=64))
+    with pytest.raises(RecipeError, match=r"data.shards: set data.shards .* or pass the token streams"):
+        train(recipe_from_dict(raw, world_size=1))

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -71,7 +72,9 @@ def calibration_windows(shards: str | Path, batches: int, batch_size: int, seq_l
 
 
 def calibration_batches(calibration: torch.Tensor | Iterable[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
-    """(B, T) long batches from an (n, T) tensor or an iterable of batches."""
+    """(B, T) long batches from an (n, T) tensor or array, or an iterable of batches."""
+    if isinstance(calibration, np.ndarray):
+        calibration = torch.from_numpy(calibration.astype(np.int64, copy=False))
     if isinstance(calibration, torch.Tensor):
         if calibration.dim() != 2:
             raise ValueError(f"calibration: expected token ids (n, T), got shape {tuple(calibration.shape)}")

@@ -45,6 +45,7 @@ from heron.compress.calibration import (
 )
 from heron.compress.gptq import HessianAccumulator
 from heron.compress.prune import check_target, magnitude_mask, sparsegpt, wanda_mask
+from heron.core.modes import evaluating
 from heron.core.transformer import Transformer
 
 Target = dict[str, object]  # {"sparsity": float | None, "nm": (n, m) | None}
@@ -129,9 +130,8 @@ def prune_model(
             raise ValueError(f"{err} ({name})") from None
     if method != "magnitude" and calibration is None:
         raise ValueError(f"calibration: method {method!r} needs calibration token ids")
-    model.eval()
     target: Target = {"sparsity": sparsity, "nm": nm}
-    with torch.no_grad():
+    with evaluating(model), torch.no_grad():
         if method == "magnitude":
             return {name: _magnitude(weight, target)
                     for name, weight in tqdm(weights.items(), disable=not progress, desc="magnitude", unit="weight")}
@@ -214,7 +214,7 @@ def recover(
     token ids, cycled; returns the loss of each step. masks: {parameter name:
     keep-mask of the parameter's shape}, as prune_model returns them ((E, K, N)
     for stacked experts); None: every weight prune_model prunes that is zero
-    now stays zero.
+    now stays zero. The model is handed back in the mode it was in.
     """
     if steps < 1 or lr <= 0:
         raise ValueError(f"steps, lr: expected positive values, got {steps}, {lr}")
@@ -228,9 +228,10 @@ def recover(
         if keep.shape != params[name].shape:
             raise ValueError(f"masks: {name} has shape {tuple(keep.shape)}, its parameter {tuple(params[name].shape)}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    was_training = model.training
     model.train()
     losses = []
-    batches = islice(cycle(list(token_batches)), steps)
+    batches = islice(cycle([torch.as_tensor(b) for b in token_batches]), steps)  # tensors or arrays
     for ids in tqdm(batches, total=steps, disable=not progress, desc="recover", unit="step"):
         out = model(ids[:, :-1], targets=ids[:, 1:])  # the head loss: no whole logits (core/head_loss.py)
         loss = out.loss / ids[:, 1:].numel()  # mean over tokens
@@ -241,7 +242,7 @@ def recover(
             for name, keep in masks.items():
                 params[name].mul_(keep)
         losses.append(loss.item())
-    model.eval()
+    model.train(was_training)
     return losses
 
 

@@ -34,6 +34,7 @@ import torch
 
 from heron.compress.calibration import calibration_batches
 from heron.core.config import ModelConfig
+from heron.core.modes import evaluating
 from heron.core.moe import MoE
 from heron.core.transformer import Transformer
 from heron.train.checkpoint import load_weights
@@ -66,13 +67,10 @@ def _rebuild(model: Transformer, config: ModelConfig, state: dict[str, torch.Ten
 
 
 def _run(model: Transformer, calibration: Calibration, fns: dict[str, Callable], batch_size: int) -> None:
-    """Forward every calibration batch with read-only hooks attached."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), model.hooks(fns):
+    """Forward every calibration batch with read-only hooks attached, in eval mode."""
+    with evaluating(model), torch.no_grad(), model.hooks(fns):
         for ids in calibration_batches(calibration, batch_size):
             model(ids)
-    model.train(was_training)
 
 
 def _dense_layers(model: Transformer) -> list[int]:

@@ -2,6 +2,7 @@
 from heron.core.config import AttentionPattern, ModelConfig, MoEConfig, RopeScaling
 from heron.core.hooks import HookPoint, attach_hooks, hook_points
 from heron.core.kv_cache import KVCache
+from heron.core.modes import evaluating
 from heron.core.moe import MoE
 from heron.core.sparse import sparse_attention
 from heron.core.transformer import Transformer, TransformerOutput
@@ -17,6 +18,7 @@ __all__ = [
     "Transformer",
     "TransformerOutput",
     "attach_hooks",
+    "evaluating",
     "hook_points",
     "sparse_attention",
 ]

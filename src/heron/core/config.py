@@ -191,6 +191,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self._normalise_parts()
+        _check_types(ModelConfig, vars(self))  # ModelConfig(tie_embeddings="no") as from_dict would refuse it
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
             _check_positive(name, getattr(self, name))
         _check_choice("norm", self.norm, NORMS)

@@ -24,6 +24,8 @@ from heron.core.sparse import token_index
 
 @dataclass
 class TransformerOutput:
+    """What `Transformer.forward` returns (fields, not a tuple: `out.logits`, `out.loss`)."""
+
     logits: torch.Tensor | None  # (B, T, V), or (B, 1, V) with last_only; None when given targets
     aux_loss: torch.Tensor  # scalar: auxiliary losses (MoE load balance), zero for dense models
     cache: KVCache | None
@@ -87,6 +89,12 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    """A decoder-only Transformer built from a ModelConfig: token (or given) embeddings,
+    `n_layers` blocks of attention (each layer's pattern) and feed-forward (dense MLP,
+    Mixture of Experts or none), a final norm and the output head. `forward` returns a
+    TransformerOutput; every activation worth inspecting passes a named hook point
+    (`hooks`, core/hooks.py)."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from heron.core.kv_cache import KVCache
+from heron.core.modes import evaluating
 from heron.core.linear import set_decode_layout
 from heron.core.token_step import TokenStep
 from heron.core.transformer import Transformer
@@ -105,7 +106,8 @@ class Decoder:
         needs_seen = self.params.repetition_penalty != 1.0
         # The CTRL penalty counts prompt tokens too, as Hugging Face's does.
         self.seen = presence_mask(ids, self.model.config.vocab_size, mask) if needs_seen else None  # (B, V)
-        out = self.model(ids, attention_mask=mask, cache=self.cache, last_only=True)
+        with evaluating(self.model):  # a model left in train mode decodes as in eval, and is handed back unchanged
+            out = self.model(ids, attention_mask=mask, cache=self.cache, last_only=True)
         self.logits = out.logits[:, -1]  # (B, V)
         self.previous = ids[:, -1]  # (B,): padding is on the left, so each row's last prompt token
 
@@ -119,10 +121,11 @@ class Decoder:
         watermark's green list depends on.
         """
         if ids is not None:
-            if self.token_step.ready():  # no hook attached: the same numbers without module dispatch
-                self.logits = self.token_step(ids, self.cache)  # (B, V)
-            else:
-                self.logits = self.model(ids[:, None], cache=self.cache).logits[:, -1]
+            with evaluating(self.model):
+                if self.token_step.ready():  # no hook attached: the same numbers without module dispatch
+                    self.logits = self.token_step(ids, self.cache)  # (B, V)
+                else:
+                    self.logits = self.model(ids[:, None], cache=self.cache).logits[:, -1]
             self.previous = ids
         next_ids = sample_next(self.logits, self.params, self.generator, self.seen, self.previous)
         if self.seen is not None:

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from heron.core.modes import evaluating
 from heron.core.transformer import Transformer
 from heron.data.batches import spread_evenly
 
@@ -42,15 +43,17 @@ def perplexity(
     evaluated batch_size at a time; each window starts with no context, which
     is the usual (pessimistic) convention. `max_batches` evaluates that many
     batches of windows spread evenly over the stream (`evaluated_windows`).
+    The model runs in eval mode and is handed back in the mode it was in.
     """
     stream = _as_stream(tokens, model.config.vocab_size)
     _check_sizes(seq_len, batch_size, max_batches, model.config.max_seq_len)
     starts = evaluated_windows(len(stream), seq_len, batch_size, max_batches)
     batches = [starts[i : i + batch_size] for i in range(0, len(starts), batch_size)]
     total_nll, total_tokens = 0.0, 0
-    for batch in tqdm(batches, desc="perplexity", disable=not progress):
-        nll, count = _batch_nll(model, stream, batch, seq_len)
-        total_nll, total_tokens = total_nll + nll, total_tokens + count
+    with evaluating(model):
+        for batch in tqdm(batches, desc="perplexity", disable=not progress):
+            nll, count = _batch_nll(model, stream, batch, seq_len)
+            total_nll, total_tokens = total_nll + nll, total_tokens + count
     return math.exp(total_nll / total_tokens)
 
 

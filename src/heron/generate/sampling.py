@@ -32,7 +32,9 @@ class SamplingParams:
     tokenizer's end-of-sequence id; `ignore_eos` turns every stop token id
     off, so that (with no stop strings) exactly `max_new_tokens` tokens come
     back, which is what decode-speed benchmarks want. `seed` None draws fresh
-    randomness; an int makes sampling repeatable.
+    randomness; an int makes sampling repeatable for the same batch of prompts
+    (one random stream serves the whole batch, so a prompt sampled beside
+    others draws other numbers than alone).
 
     `watermark` (a `heron.govern.watermark.Watermark`, or a mapping of its
     fields, as a request would send it) biases every sampled token towards a

@@ -24,8 +24,9 @@ import torch
 
 from heron.core.head_loss import next_token_targets
 from heron.core.hooks import HookFn, attach_hooks
+from heron.core.modes import evaluating
 from heron.core.transformer import Transformer
-from heron.interpret.cache import evaluating, run_with_cache
+from heron.interpret.cache import run_with_cache
 from heron.interpret.heads import Head
 
 ABLATIONS = ("zero", "mean")

@@ -37,8 +37,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from heron.core.modes import evaluating
 from heron.core.transformer import Transformer
-from heron.interpret.cache import check_position, check_tokens, evaluating
+from heron.interpret.cache import check_position, check_tokens
 from heron.interpret.routing import moe_blocks
 
 # (logits (B, T, V)) -> (B,) the output to explain, per batch row

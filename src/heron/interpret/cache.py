@@ -18,7 +18,6 @@ import difflib
 import fnmatch
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +25,7 @@ from torch import nn
 
 from heron.core.config import ModelConfig
 from heron.core.hooks import hook_points, unknown_hook_hint
+from heron.core.modes import evaluating
 from heron.core.transformer import Transformer, TransformerOutput
 
 Selection = str | re.Pattern[str] | Sequence[str | re.Pattern[str]] | None
@@ -261,22 +261,6 @@ def check_position(arg: str, position: int, n_tokens: int) -> None:
 # ----- running -------------------------------------------------------------------
 
 
-@contextmanager
-def evaluating(model: nn.Module) -> Iterator[None]:
-    """Run the `with` block in eval mode, then put back the mode the model was in.
-
-    Every interpret function runs under it: in train mode a forward is not the
-    model's inference (dropout, MoE capacity drops) and changes the model (an
-    MoE router's running mean, `router_center`), and a caller mid-training
-    must get its model back in train mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
 def run_with_cache(
     model: Transformer,
     ids: torch.Tensor,  # (B, T) long
@@ -314,6 +298,6 @@ def run_with_cache(
 
 
 __all__ = [
-    "ActivationCache", "activation_bytes", "check_budget", "check_position", "check_tokens", "evaluating",
+    "ActivationCache", "activation_bytes", "check_budget", "check_position", "check_tokens",
     "resid_names", "run_with_cache", "select_hooks",
 ]

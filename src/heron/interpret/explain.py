@@ -20,19 +20,19 @@ from pathlib import Path
 
 import torch
 
+from heron.core.modes import evaluating
 from heron.core.transformer import Transformer
 from heron.generate.text import TokenizerLike
 from heron.govern import EnergyMeter
 from heron.interpret.attribution import ConvergenceError, gradient_x_input, integrated_gradients
-from heron.interpret.cache import ActivationCache, evaluating, resid_names, run_with_cache
-from heron.interpret.folders import folder_files, require_replaceable
+from heron.interpret.cache import ActivationCache, resid_names, run_with_cache
 from heron.interpret.heads import attention_patterns, detect_heads, head_scores, plot_attention_patterns, repeated_tokens
 from heron.interpret.html import Section, Table, write_html
 from heron.interpret.lens import direct_logit_attribution, dla_names, logit_lens
 from heron.interpret.patching import logit_diff, patch_heads, patch_positions
 from heron.interpret.plots import bars, heatmap
 from heron.interpret.routing import moe_blocks, plot_load, routing
-from heron.train.checkpoint import atomic_folder
+from heron.train.checkpoint import atomic_folder, folder_files, require_replaceable
 
 PAGE = "index.html"
 TITLE = "Explanation"

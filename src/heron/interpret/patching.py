@@ -21,7 +21,8 @@ import torch
 
 from heron.core import Transformer, attach_hooks
 from heron.core.hooks import HookFn
-from heron.interpret.cache import check_position, check_tokens, evaluating, run_with_cache
+from heron.core.modes import evaluating
+from heron.interpret.cache import check_position, check_tokens, run_with_cache
 from heron.interpret.routing import moe_blocks
 
 # Anything a tensor can be indexed with, or a bool mask (see `patch`).

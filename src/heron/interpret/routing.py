@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from heron.core.hooks import attach_hooks
+from heron.core.modes import evaluating
 from heron.core.moe import MoE, route
 from heron.core.transformer import Transformer
-from heron.interpret.cache import evaluating
 
 
 @dataclass(frozen=True)

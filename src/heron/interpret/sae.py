@@ -52,11 +52,10 @@ from tqdm.auto import tqdm
 from heron.core.config import check_known_fields
 from heron.core.head_loss import next_token_targets
 from heron.core.hooks import HookFn, attach_hooks
+from heron.core.modes import evaluating
 from heron.data.batches import PackedBatches, TokenStream, epoch_rows
 from heron.data.shards import load_shards
-from heron.interpret.cache import evaluating
-from heron.interpret.folders import folder_files, require_replaceable
-from heron.train.checkpoint import atomic_folder
+from heron.train.checkpoint import atomic_folder, folder_files, require_replaceable
 
 SAE_FILE = "sae.safetensors"
 SETTINGS_FILE = "sae.json"

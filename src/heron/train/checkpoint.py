@@ -84,9 +84,11 @@ def save_model_folder(
     `model` supplies the config and the tied-weight structure; `state_dict`
     (default: the model's own) supplies the values, so distributed callers can
     pass a gathered full state dict. `extra_files` ({name: contents}, such as
-    compress/'s quantization.json) are written and hashed with the rest.
+    compress/'s quantization.json) are written and hashed with the rest. An existing
+    folder is replaced only if it is empty or a model folder whose every file its
+    lineage.json lists; any other is refused, as replacing it would delete its files.
     """
-    target = Path(path)
+    target = require_replaceable(path, _not_from_a_model_folder, "save_model_folder")
     config: ModelConfig = model.config
     values = state_dict if state_dict is not None else model.state_dict()
     with atomic_folder(target) as tmp:
@@ -101,6 +103,16 @@ def save_model_folder(
         record = {**base_lineage(), **(lineage or {}), "files": _manifest(tmp)}
         _write_bytes(tmp / LINEAGE_FILE, json.dumps(record, indent=2, sort_keys=True).encode())
     return target
+
+
+def _not_from_a_model_folder(folder: Path) -> set[str]:
+    """The files of `folder` that its lineage.json's manifest does not list (all, without one)."""
+    try:
+        listed = json.loads((folder / LINEAGE_FILE).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = None
+    written = {LINEAGE_FILE, *listed} if isinstance(listed, dict) else set()
+    return folder_files(folder) - written
 
 
 def base_lineage() -> dict[str, Any]:
@@ -131,7 +143,12 @@ def _save_weights(values: dict[str, torch.Tensor], model: nn.Module, file) -> No
     # parameter, so store it once and re-tie on load (see `_fill_aliases`).
     aliases = tied_aliases(model)
     kept = {k: v.detach().to("cpu").contiguous() for k, v in values.items() if k not in aliases}
-    file.write(safetensors.torch.save(kept, metadata={"format": "pt"}))
+    try:
+        data = safetensors.torch.save(kept, metadata={"format": "pt"})
+    except RuntimeError as err:  # storage shared other than by tied parameters: a quantised model's codes
+        raise ValueError(f"model: its tensors share memory in a way a plain model folder cannot hold ({err}); "
+                         "save a quantised model with heron.compress.save_quantized") from None
+    file.write(data)
 
 
 def _manifest(folder: Path) -> dict[str, dict[str, Any]]:
@@ -139,6 +156,32 @@ def _manifest(folder: Path) -> dict[str, dict[str, Any]]:
         f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size}
         for f in sorted(folder.iterdir()) if f.is_file() and f.name != LINEAGE_FILE
     }
+
+
+# folder -> the relative paths of its files that the writer about to replace it did not write
+Foreign = Callable[[Path], set[str]]
+
+
+def folder_files(folder: Path) -> set[str]:
+    """Relative posix paths of everything under `folder` but subfolders: files and links."""
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_symlink() or not p.is_dir()}
+
+
+def require_replaceable(path: str | Path, foreign: Foreign, writer: str) -> Path:
+    """`path`, when nothing is there, or it is a folder in which `foreign` finds no file
+    that `writer` did not write; else FileExistsError naming them. For writers that replace
+    their own earlier output whole (atomic_folder): replacing deletes what the folder holds."""
+    target = Path(path)
+    if not target.exists() and not target.is_symlink():
+        return target
+    if target.is_symlink() or not target.is_dir():
+        raise FileExistsError(f"{target}: exists and is not a folder; give a new folder (or one {writer} wrote)")
+    others = sorted(foreign(target))
+    if others:
+        listed = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise FileExistsError(f"{target}: holds files {writer} did not write ({listed}); replacing the folder would "
+                              "delete them, so nothing was written: give a new or empty folder")
+    return target
 
 
 def require_new_folder(path: str | Path, source: str | Path | None = None) -> Path:

@@ -57,7 +57,7 @@ from heron.train.checkpoint import (
 from heron.train.optim import build_optimizer, recipe_lr, set_lr
 from heron.train.recipe import RecipeError, TrainRecipe, batch_plan, model_config
 from heron.train.report import METRICS_FILE, PLOT_FILE, append_metrics, plot_losses, write_metrics
-from heron.train.sources import TrainData, resolve_data
+from heron.train.sources import TrainData, given_data, resolve_data
 
 # The training objective of one micro-batch: (inputs x (b, T), the model's fp32 logits
 # (b, T, V), targets y (b, T)) -> the loss summed over target tokens. Cross-entropy by
@@ -187,7 +187,8 @@ def _start(recipe: TrainRecipe, ctx: dist_.DistContext, resume: bool, data: Trai
     _, micro, accum = batch_plan(recipe.train, ctx.world_size if ctx.parallel != "none" else None)
     if ctx.is_main:
         _warn_if_warmup_fills_the_run(recipe)
-    data = data or resolve_data(recipe.data, is_main=ctx.is_main, barrier=lambda: dist_.barrier(ctx))
+    data = given_data(data) if data is not None else resolve_data(recipe.data, is_main=ctx.is_main,
+                                                                  barrier=lambda: dist_.barrier(ctx))
     _check_data_fits(recipe, data)
     config = model_config(recipe, data.vocab_size)
     out_dir = Path(recipe.out_dir)
@@ -290,7 +291,7 @@ def _warn_of_changed_length(ckpt: Checkpoint, recipe: TrainRecipe) -> None:
     then, step, steps = TrainRecipe.model_validate(ckpt.lineage["recipe"]), ckpt.lineage["step"], recipe.train.steps
     if step >= steps:
         warnings.warn(f"{recipe.out_dir} already holds step {step}, and train.steps is {steps}: nothing to train "
-                      "(raise train.steps to continue, or --no-resume to delete it and start over)", stacklevel=4)
+                      "(raise train.steps to continue, or --no-resume (resume=False) to delete it and start over)", stacklevel=4)
     elif (then.train.steps, then.schedule, then.optim) != (steps, recipe.schedule, recipe.optim):
         warnings.warn(f"resuming {recipe.out_dir} at step {step} under another train.steps, schedule or optim than "
                       "it began with: the learning rate follows the new settings from here on", stacklevel=4)

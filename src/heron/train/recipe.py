@@ -73,8 +73,8 @@ class DataSection(_Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSection:
-        if (self.shards is None) == (self.synthetic is None):
-            raise ValueError("set exactly one of data.shards or data.synthetic")
+        if self.shards is not None and self.synthetic is not None:
+            raise ValueError("set one of data.shards or data.synthetic, not both")
         if self.corpus is not None and self.shards is None:
             raise ValueError("data.corpus needs data.shards: the folder to tokenise it into")
         return self
@@ -125,7 +125,7 @@ class TrainRecipe(_Section):
     name: str = "run"
     out_dir: str = "runs/run"
     model: ModelSection = Field(default_factory=ModelSection)
-    data: DataSection
+    data: DataSection = Field(default_factory=DataSection)  # none: train(data=...) gives the streams
     optim: OptimSection = Field(default_factory=OptimSection)
     schedule: ScheduleSection = Field(default_factory=ScheduleSection)
     train: TrainSection = Field(default_factory=TrainSection)

@@ -7,6 +7,7 @@ fresh machine. Synthetic streams have a known answer and need no disk.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable
@@ -46,6 +47,9 @@ def resolve_data(section: DataSection, *, is_main: bool = True,
     prepared only into a new or empty folder."""
     if section.synthetic is not None:
         return synthetic_data(section.synthetic)
+    if section.shards is None:
+        raise RecipeError("data.shards: set data.shards (a shard folder) or data.synthetic, or pass the token "
+                          "streams to train(data=...)")
     folder = Path(section.shards)
     if is_main and section.corpus is not None:
         if (folder / META_FILE).is_file():
@@ -55,6 +59,25 @@ def resolve_data(section: DataSection, *, is_main: bool = True,
             _prepare(section, folder)
     barrier()  # the other processes wait for the main one to finish preparing
     return _load(section, folder)
+
+
+def given_data(data: TrainData) -> TrainData:
+    """Token streams handed to `train(data=...)` from Python, checked and identified: ids
+    must lie below vocab_size, and unless the caller described them (meta), their hash
+    is what lineage records, so that resuming on other arrays is caught."""
+    for split, tokens in (("train", data.train), ("val", data.val)):
+        ids = np.asarray(tokens)
+        if ids.size and (ids.min() < 0 or ids.max() >= data.vocab_size):
+            bad = int(ids.max()) if ids.max() >= data.vocab_size else int(ids.min())
+            raise RecipeError(f"data: {split} holds token id {bad}, outside vocab_size {data.vocab_size}")
+    if data.meta:
+        return data
+    digest = hashlib.sha256()
+    for tokens in (data.train, data.val):
+        digest.update(np.ascontiguousarray(np.asarray(tokens, dtype=np.int64)).tobytes())
+    meta = {"source": "python", "sha256": digest.hexdigest(), "train_tokens": len(data.train),
+            "val_tokens": len(data.val)}
+    return dataclasses.replace(data, meta=meta)
 
 
 def synthetic_data(spec: SyntheticData) -> TrainData:
@@ -149,4 +172,4 @@ def _tokenizer_path(section: DataSection, folder: Path) -> Path:
     return Path(section.tokenizer) if section.tokenizer is not None else folder / TOKENIZER_FILE
 
 
-__all__ = ["TOKENIZER_FILE", "TrainData", "resolve_data", "synthetic_data"]
+__all__ = ["TOKENIZER_FILE", "TrainData", "given_data", "resolve_data", "synthetic_data"]

@@ -1,10 +1,13 @@
-"""The interpret API runs a model in eval mode and hands it back as it was: a model
-in train mode stays in train mode, and its MoE routers' running mean
-(`router_center`, updated by train-mode forwards) is untouched."""
+"""Inference runs a model in eval mode and hands it back as it was (core/modes.py
+`evaluating`): every interpret lens, generation, perplexity and pruning's
+calibration. A model in train mode stays in train mode, and its MoE routers'
+running mean (`router_center`, updated by train-mode forwards) is untouched."""
 import pytest
 import torch
 
+from heron.compress.prune_model import prune_model, recover
 from heron.core import ModelConfig, MoEConfig, Transformer
+from heron.generate import Generator, SamplingParams, perplexity
 from heron.interpret import (
     attention_patterns,
     gradient_x_input,
@@ -36,6 +39,9 @@ CALLS = {
     "capture": lambda m: capture(m, IDS, "blocks.1.hook_resid_pre"),
     "evaluate_sae": lambda m: evaluate_sae(m, SparseAutoencoder(32, SAESettings(k=2, expansion=2)), IDS.repeat(2, 1),
                                            "blocks.0.hook_mlp_out"),
+    "generate": lambda m: Generator(m).generate_ids([[1, 2, 3], [4]], SamplingParams(max_new_tokens=4, seed=0)),
+    "perplexity": lambda m: perplexity(m, torch.arange(40) % V, seq_len=8, batch_size=2),
+    "prune_model": lambda m: prune_model(m, "wanda", sparsity=0.5, calibration=IDS, progress=False),
 }
 
 
@@ -77,3 +83,20 @@ def test_the_call_runs_in_eval_mode_and_an_eval_model_stays_in_eval_mode():
     model.eval()
     run_with_cache(model, IDS)
     assert not model.training
+
+
+def test_generation_and_perplexity_in_train_mode_equal_eval_modes():
+    model = moe_model_in_train_mode()
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, seed=3)
+    sampled, ppl = Generator(model).generate_ids([[1, 2, 3]], params), perplexity(model, torch.arange(40) % V, 8, 2)
+    model.eval()
+    assert Generator(model).generate_ids([[1, 2, 3]], params) == sampled
+    assert perplexity(model, torch.arange(40) % V, 8, 2) == ppl
+
+
+def test_a_recovery_fine_tune_hands_the_model_back_in_its_mode():
+    model = moe_model_in_train_mode().eval()
+    recover(model, [torch.arange(10)[None] % V], steps=1, lr=1e-3, progress=False)
+    assert not model.training
+    recover(model.train(), [torch.arange(10)[None] % V], steps=1, lr=1e-3, progress=False)
+    assert model.training
