@@ -2,6 +2,7 @@
 prompt/chosen/rejected JSONL, are what the reward-model and DPO objectives read."""
 import json
 
+import pytest
 import torch
 
 from heron.align.data import encode_pairs
@@ -42,3 +43,33 @@ def test_exported_pairs_train_the_reward_model_and_dpo(tmp_path):
     dpo_losses, _ = preference_objective(model, chosen, rejected, "simpo")(rows_)
     assert rm_losses.shape == dpo_losses.shape == (4,) and torch.isfinite(rm_losses).all()
     assert torch.isfinite(dpo_losses).all() and set(rm_metrics) == {"accuracy", "margin"}
+
+
+def test_beta_is_each_losss_strength_and_orpo_holds_its_own_nll():
+    """IPO's tau and ORPO's lambda come from preference.beta (they were fixed at 0.1 whatever
+    beta said), and ORPO does not add the NLL anchor a second time."""
+    from heron.align.losses import ipo_loss, orpo_loss
+    from heron.align.recipe import PreferenceSection
+    from heron.align.objectives import reply_logprobs
+
+    task = RepeatTask()
+    tokenizer = train_tokenizer([task.response(w, 3) + " Say a few times." for w in task.words] * 4,
+                                vocab_size=300, show_progress=False)
+    chosen, rejected = encode_pairs(tokenizer, task.preference_pairs(4, seed=0), max_len=64)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, n_layers=1, n_heads=2,
+                                    max_seq_len=64)).eval()
+    rows = torch.arange(4)
+    with torch.no_grad():
+        total, mean, _ = reply_logprobs(model, chosen.take(rows).concat(rejected.take(rows)))
+    (pc, pr), (mc, mr) = total.chunk(2), mean.chunk(2)
+    reference = (pc - 1.0, pr + 1.0)
+    for beta in (0.1, 2.0):
+        with torch.no_grad():
+            ipo = preference_objective(model, chosen, rejected, "ipo", beta=beta, reference=reference)(rows)[0]
+            orpo = preference_objective(model, chosen, rejected, "orpo", beta=beta)(rows)[0]
+        torch.testing.assert_close(ipo, ipo_loss(pc, pr, *reference, tau=beta))
+        torch.testing.assert_close(orpo, orpo_loss(mc, mr, -mc, lam=beta))
+    assert PreferenceSection(loss="orpo").sft_weight == 0 and PreferenceSection().sft_weight == 1
+    with pytest.raises(ValueError, match="sft_weight: ORPO's loss already holds the chosen reply's NLL"):
+        PreferenceSection(loss="orpo", sft_weight=1.0)

@@ -78,7 +78,8 @@ def preference_objective(policy: nn.Module, chosen: Replies, rejected: Replies, 
                          beta: float = 0.1, reference: tuple[torch.Tensor, torch.Tensor] | None = None,
                          sft_weight: float = 0.0, **loss_args: float) -> Objective:
     """One of the DPO family on (chosen, rejected) pairs. dpo and ipo need the reference's summed
-    log-probs (chosen, rejected), each (N,); simpo and orpo use none. Metrics: the implicit
+    log-probs (chosen, rejected), each (N,); simpo and orpo use none. `beta` is each loss's
+    strength: DPO's and SimPO's beta, IPO's tau, ORPO's lambda. Metrics: the implicit
     rewards beta * (log pi - log ref) of both sides, their margin, and accuracy (margin > 0).
 
     sft_weight > 0 adds that multiple of the chosen reply's per-token negative log-likelihood
@@ -98,11 +99,11 @@ def preference_objective(policy: nn.Module, chosen: Replies, rejected: Replies, 
         if loss in NEEDS_REFERENCE:
             rc, rr = reference[0][rows], reference[1][rows]
             losses = (dpo_loss(pc, pr, rc, rr, beta=beta, **loss_args) if loss == "dpo"
-                      else ipo_loss(pc, pr, rc, rr, **loss_args))
+                      else ipo_loss(pc, pr, rc, rr, tau=beta, **loss_args))
         else:
             rc = rr = torch.zeros_like(pc)
             losses = (simpo_loss(mc, mr, beta=beta, **loss_args) if loss == "simpo"
-                      else orpo_loss(mc, mr, -mc, **loss_args))
+                      else orpo_loss(mc, mr, -mc, lam=beta, **loss_args))
         losses = losses - sft_weight * mc + aux
         good, bad = (beta * (pc - rc)).detach(), (beta * (pr - rr)).detach()
         return losses, {"reward_chosen": good, "reward_rejected": bad, "margin": good - bad,

@@ -62,9 +62,26 @@ class FitSection(_Section):
 
 
 class PreferenceSection(_Section):
+    """`beta` is each loss's one strength: DPO's and SimPO's beta, IPO's tau, ORPO's lambda.
+    `sft_weight` is the NLL anchor on the chosen reply (Pang et al. 2024; 0 is pure DPO),
+    1 by default; ORPO's loss holds that term itself, so for ORPO it is 0 and may not be set."""
+
     loss: Literal["dpo", "ipo", "simpo", "orpo"] = "dpo"
     beta: float = Field(default=0.1, gt=0)
-    sft_weight: float = Field(default=1.0, ge=0)  # the NLL anchor (Pang et al. 2024); 0 is pure DPO
+    sft_weight: float | None = Field(default=None, ge=0)  # None: 1, or 0 for ORPO (the validator below)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _anchor(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        orpo = values.get("loss") == "orpo"
+        if values.get("sft_weight") is None:
+            return {**values, "sft_weight": 0.0 if orpo else 1.0}
+        if orpo and values["sft_weight"] != 0:
+            raise ValueError("sft_weight: ORPO's loss already holds the chosen reply's NLL; leave "
+                             "preference.sft_weight unset (or 0) with loss: orpo")
+        return values
 
 
 class AlignRecipe(_Section):
