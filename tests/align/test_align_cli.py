@@ -134,3 +134,35 @@ def test_conversational_pairs_from_the_feedback_store_train_a_reward_model(base,
     assert main(["feedback", "export", str(tmp_path / "out.jsonl"), "--db", str(tmp_path / "fb.db")]) == 0
     exported = {"data": {"file": str(tmp_path / "out.jsonl"), "max_len": 64}, "fit": {"steps": 2, "batch_size": 8}}
     assert main(["align", "rm", str(recipe(tmp_path, base, "rm-chat", **exported))]) == 0
+
+
+def test_data_files_as_users_write_them(base, tmp_path, capsys):
+    """A BOM is read past; a line that is no object, a tie and grpo's group of one are named."""
+    pairs = RepeatTask().preference_pairs(8, seed=0)
+    lines = "".join(json.dumps(p) + "\n" for p in pairs)
+    (tmp_path / "bom.jsonl").write_text("\ufeff" + lines, encoding="utf-8")
+    bom = {"data": {"file": str(tmp_path / "bom.jsonl"), "max_len": 64}, "fit": {"steps": 1, "batch_size": 8}}
+    assert main(["align", "dpo", str(recipe(tmp_path, base, "bom", **bom))]) == 0
+    (tmp_path / "three.jsonl").write_text(json.dumps(pairs[0]) + "\n3\n")
+    three = {"data": {"file": str(tmp_path / "three.jsonl"), "max_len": 64}}
+    assert main(["align", "dpo", str(recipe(tmp_path, base, "three", **three))]) == 2
+    assert "three.jsonl:2: expected a JSON object, got int" in capsys.readouterr().err
+    (tmp_path / "tie.jsonl").write_text(json.dumps({**pairs[0], "rejected": pairs[0]["chosen"]}) + "\n")
+    tie = {"data": {"file": str(tmp_path / "tie.jsonl"), "max_len": 64}}
+    assert main(["align", "dpo", str(recipe(tmp_path, base, "tie", **tie))]) == 2
+    assert "pair 1: 'chosen' and 'rejected' are the same reply" in capsys.readouterr().err
+    assert main(["align", "grpo", str(recipe(tmp_path, base, "g1", grpo={"group_size": 1}))]) == 2
+    assert "group_size: a group needs at least 2 replies" in capsys.readouterr().err
+
+
+def test_sft_trains_every_assistant_turn_of_a_chat(base):
+    from heron.align.data import encode_chats
+
+    _, tokenizer = heron.load(base)
+    chat = [{"role": "user", "content": "apple"}, {"role": "assistant", "content": "apple apple"},
+            {"role": "user", "content": "pear"}, {"role": "assistant", "content": "pear"}]
+    rows = encode_chats(tokenizer, [chat], max_len=64)
+    ids, mask = tokenizer.encode_chat(chat)
+    trained = [i for i, m in zip(rows.ids[0].tolist(), rows.mask[0].tolist()) if m]
+    assert trained == [i for i, m in zip(ids, mask) if m]  # as data/chat.py trains a chat: both replies
+    assert tokenizer.decode(trained) == "apple applepear"

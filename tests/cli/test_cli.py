@@ -186,3 +186,22 @@ def test_a_count_below_one_is_refused_by_its_flag(argv, flag, capsys) -> None:
     with pytest.raises(SystemExit):
         main(argv)
     assert f"argument {flag}: must be above 0, got" in capsys.readouterr().err
+
+
+
+def test_a_database_another_process_holds_is_one_line_not_a_traceback(tmp_path: Path, capsys, monkeypatch) -> None:
+    """Two `heron feedback import`s at once: the one SQLite makes wait too long says so in one line."""
+    import sqlite3
+
+    import sqlalchemy as sa
+
+    from heron.store.feedback import FeedbackStore
+
+    def locked(*args, **kwargs):
+        raise sa.exc.OperationalError("INSERT INTO ...", {}, sqlite3.OperationalError("database is locked"))
+
+    (tmp_path / "in.jsonl").write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
+    monkeypatch.setattr(FeedbackStore, "import_jsonl", locked)
+    assert main(["feedback", "import", str(tmp_path / "in.jsonl"), "--db", str(tmp_path / "fb.db"),
+                 "--annotator", "a"]) == 2
+    assert "heron feedback: error: the database is busy" in capsys.readouterr().err

@@ -165,3 +165,14 @@ def test_a_corpus_of_no_utf8_text_is_refused(tmp_path, tok) -> None:
     with pytest.raises(ValueError, match="no file of the corpus is UTF-8 text: all 3 were skipped"):
         prepare_shards(Corpus([tmp_path]), tok, tmp_path / "out", show_progress=False)
     assert not (tmp_path / "out" / "meta.json").exists()
+
+
+def test_a_reuse_puts_back_the_folders_tokenizer_when_another_was_written_over_it(tmp_path, tok) -> None:
+    """Else the folder's copy names another tokenizer than meta.json, and training refuses it."""
+    (tmp_path / "src").mkdir()
+    write_docs(tmp_path / "src", 12)
+    prepare_shards(Corpus([tmp_path / "src"]), tok, tmp_path / "out", show_progress=False)
+    other = train_tokenizer(["completely different text " * 50], vocab_size=280, show_progress=False)
+    other.save(tmp_path / "out")
+    again = prepare_shards(Corpus([tmp_path / "src"]), tok, tmp_path / "out", show_progress=False)
+    assert again.reused and HeronTokenizer.load(tmp_path / "out").fingerprint() == tok.fingerprint()

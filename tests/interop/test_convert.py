@@ -160,3 +160,14 @@ def test_convert_to_gguf_writes_a_llama_file(hf_folder, tmp_path, capsys):
     field = reader.fields["general.architecture"]
     assert bytes(field.parts[field.data[0]]).decode() == "llama"
     assert {t.name for t in reader.tensors} >= {"token_embd.weight", "blk.1.ffn_down.weight", "output.weight"}
+
+
+def test_the_exported_weights_are_as_readable_as_the_other_files(tmp_path):
+    import stat
+
+    from heron.core import ModelConfig, Transformer
+    from heron.interop import save_hf_folder
+
+    save_hf_folder(Transformer(ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2)), tmp_path / "hf")
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "hf").iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"], modes

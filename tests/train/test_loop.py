@@ -107,8 +107,11 @@ def test_resume_after_a_crash_equals_the_unbroken_run(recipe_factory) -> None:
     a, b = final_weights(unbroken.out_dir), final_weights(resumed.out_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert without_timing(read_metrics(resumed.out_dir)) == without_timing(read_metrics(unbroken.out_dir))
-    # A finished run resumed again does nothing and reports the same.
+    assert all("tokens_per_s" in row for row in read_metrics(resumed.out_dir))  # the kept rows keep their timing
+    # A finished run resumed again does nothing and reports the same, its rows untouched.
+    logged = read_metrics(resumed.out_dir)
     assert train(recipe).history == unbroken.history
+    assert read_metrics(resumed.out_dir) == logged
 
 
 def test_resume_after_sigkill_mid_save(recipe_factory, tmp_path: Path) -> None:

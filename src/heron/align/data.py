@@ -69,6 +69,30 @@ def encode_replies(tokenizer: Tokenizer, prompts: Sequence[Messages], replies: S
     return Replies(ids, mask, torch.tensor([len(r) - 1 for r in rows]))
 
 
+def encode_chats(tokenizer: Tokenizer, chats: Sequence[Messages], max_len: int,
+                 describe: Callable[[int], str] = lambda i: f"chat {i + 1}") -> Replies:
+    """SFT rows: each chat whole, with every assistant turn's tokens (its end-of-turn included)
+    in the mask, as data/chat.py trains chats, not only the last reply's.
+
+    A row is the template up to the last reply plus that reply (`encode_replies`); an earlier
+    reply lies where its own turn's prompt ends. That holds for Heron's template and for any
+    template that renders a chat's start the same whatever follows; a ValueError names a chat
+    where it does not."""
+    rows = encode_replies(tokenizer, [c[:-1] for c in chats], [c[-1]["content"] for c in chats], max_len, describe)
+    mask = rows.mask.clone()
+    for row, chat in enumerate(chats):
+        ids = rows.ids[row].tolist()
+        for turn, message in enumerate(chat[:-1]):
+            if message["role"] != "assistant":
+                continue
+            start, reply = len(tokenizer.chat_prompt_ids(chat[:turn])), tokenizer.reply_ids(message["content"])
+            if ids[start:start + len(reply)] != reply:
+                raise ValueError(f"{describe(row)}: its assistant turn {turn + 1} is not where this tokenizer's "
+                                 "chat template puts it; give chats with one assistant reply, last")
+            mask[row, start:start + len(reply)] = 1.0
+    return Replies(rows.ids, mask, rows.last)
+
+
 def as_messages(prompt: str | Messages) -> Messages:
     """A prompt as chat messages: plain text is one user turn (the feedback store's exports
     and most preference datasets hold either form)."""
@@ -85,6 +109,9 @@ def encode_pairs(tokenizer: Tokenizer, pairs: Sequence[dict], max_len: int) -> t
             raise ValueError(f"pair {number}: {missing[0]!r} is missing")
         for key, texts in replies.items():
             texts.append(_reply_text(pair[key], f"pair {number}: {key!r}"))
+        if replies["chosen"][-1] == replies["rejected"][-1]:
+            raise ValueError(f"pair {number}: 'chosen' and 'rejected' are the same reply; a tie teaches no "
+                             "preference (the feedback store does not record one either)")
     prompts = [as_messages(p["prompt"]) for p in pairs]
     n = len(pairs)  # one padded width for both sides, so a batch can stack them
     both = encode_replies(tokenizer, prompts * 2, replies["chosen"] + replies["rejected"], max_len,
@@ -103,4 +130,4 @@ def _reply_text(value: object, where: str) -> str:
     raise ValueError(f"{where}: the reply's text, or one assistant message, expected; got {value!r:.80}")
 
 
-__all__ = ["Replies", "as_messages", "encode_pairs", "encode_replies"]
+__all__ = ["Replies", "RowTooLong", "as_messages", "encode_chats", "encode_pairs", "encode_replies"]

@@ -42,6 +42,8 @@ class GRPOSettings:
     def __post_init__(self) -> None:
         check_settings(self, counts=("steps", "prompts_per_step", "group_size", "max_new_tokens", "inner_steps"),
                        positive=("temperature", "lr", "clip", "clip_norm"), non_negative=("beta",))
+        if self.group_size < 2:  # advantages are normalised within a group (grpo_advantages)
+            raise ValueError(f"group_size: a group needs at least 2 replies to compare, got {self.group_size}")
 
 
 def grpo(policy: Transformer, reference: Transformer, tokenizer: Tokenizer, prompts: Sequence[Messages],

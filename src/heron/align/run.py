@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import heron  # noqa: E402
-from heron.align.data import Messages, RowTooLong, as_messages, encode_pairs, encode_replies  # noqa: E402
+from heron.align.data import Messages, RowTooLong, as_messages, encode_chats, encode_pairs, encode_replies  # noqa: E402
 from heron.align.grpo import grpo  # noqa: E402
 from heron.align.heads import with_scalar_head  # noqa: E402
 from heron.align.loop import fit  # noqa: E402
@@ -104,8 +104,7 @@ def _sft(model, tokenizer, recipe: AlignRecipe, task: RepeatTask | None, on_step
         if chat[-1]["role"] != "assistant":
             raise ValueError(f"data.file: chat {i} does not end with an assistant reply")
     with _max_len_named():
-        data = encode_replies(tokenizer, [c[:-1] for c in chats], [c[-1]["content"] for c in chats],
-                              recipe.data.max_len, describe=lambda i: f"chat {i + 1}")
+        data = encode_chats(tokenizer, chats, recipe.data.max_len)  # every assistant turn trained
     fit(model.parameters(), sft_objective(model, data), len(data), recipe.fit_settings(), on_step)
     return model
 
@@ -202,13 +201,15 @@ _METHODS = {"sft": _sft, "rm": _rm, "dpo": _dpo, "ppo": _ppo, "grpo": _grpo}
 
 def _jsonl(path: str) -> list[dict[str, Any]]:
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a BOM, as Windows editors write, is not JSON
         for number, line in enumerate(f, start=1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as err:
                     raise ValueError(f"{path}:{number}: invalid JSON ({err.msg})") from err
+                if not isinstance(rows[-1], dict):
+                    raise ValueError(f"{path}:{number}: expected a JSON object, got {type(rows[-1]).__name__}")
     if not rows:
         raise ValueError(f"data.file: {path} holds no rows")
     return rows

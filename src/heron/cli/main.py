@@ -62,6 +62,11 @@ def _is_user_error(err: Exception) -> bool:
     return isinstance(err, USER_ERRORS) or (checkpoint is not None and isinstance(err, checkpoint.CheckpointError))
 
 
+def _is_busy_database(err: Exception) -> bool:
+    """SQLite's "database is locked": another process's transaction, not a fault of the input."""
+    return type(err).__name__ == "OperationalError" and "database is locked" in str(err)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="heron", description="An open workbench for language models.")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -261,6 +266,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return SIGPIPE_EXIT
     except Exception as err:
+        if _is_busy_database(err):
+            print(f"heron {args.verb}: error: the database is busy: another process held it past SQLite's wait "
+                  "(one writer at a time); the transaction that failed was rolled back, so run the command again",
+                  file=sys.stderr)
+            return 2
         if not _is_user_error(err):
             raise
         print(f"heron {args.verb}: error: {err}", file=sys.stderr)

@@ -30,7 +30,7 @@ def load_chat_jsonl(path: str | os.PathLike[str]) -> list[list[dict[str, str]]]:
     """
     file = Path(path)
     chats = []
-    with open(file, encoding="utf-8") as f:
+    with open(file, encoding="utf-8-sig") as f:  # a BOM, as Windows editors write, is not JSON
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue

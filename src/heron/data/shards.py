@@ -254,7 +254,8 @@ def prepare_shards(
     reusable = _reusable(folder, inputs)
     if reusable is not None:
         logger.info("reusing shards in %s: %s matches this corpus and tokenizer", folder, META_FILE)
-        if not (folder / TOKENIZER_FILE).is_file():  # shards from before the folder carried its tokenizer
+        copy = folder / TOKENIZER_FILE  # missing in shards from before the folder carried it; or written over
+        if not copy.is_file() or _fingerprint_of(copy) != inputs["tokenizer_sha256"]:
             tokenizer.save(folder)
         return reusable
     folder.mkdir(parents=True, exist_ok=True)
@@ -293,6 +294,13 @@ def _text_batches(items: Iterator[tuple[str, str]], max_chars: int) -> Iterator[
             keys, texts, size = [], [], 0
     if keys:
         yield keys, texts
+
+
+def _fingerprint_of(file: Path) -> str | None:
+    try:
+        return HeronTokenizer.load(file).fingerprint()
+    except (OSError, ValueError):
+        return None
 
 
 def _reusable(folder: Path, inputs: dict) -> ShardSet | None:

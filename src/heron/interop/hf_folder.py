@@ -11,6 +11,7 @@ tokenizer files, into a temporary folder renamed into place at the end.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -126,9 +127,18 @@ def save_hf_folder(
     with atomic_folder(target) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=2), encoding="utf-8")
         safetensors.torch.save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _readable_as_usual(tmp / "model.safetensors")
         if tokenizer is not None:
             _save_tokenizer(tokenizer, tmp)
     return chosen
+
+
+def _readable_as_usual(file: Path) -> None:
+    """safetensors writes its file owner-only (0600); give it the mode every other file
+    gets here (0666 less the umask), so the folder can be shared like the rest."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(file, 0o666 & ~umask)
 
 
 def _family_named(name: str) -> Family:

@@ -51,7 +51,7 @@ def read_feedback_jsonl(
     with open(file, "rb") as f:  # decoded line by line, so that bytes that are not UTF-8 are found by line
         for lineno, raw in enumerate(f, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM, as Windows editors write
                 if line.strip():
                     rows.append(parse_line(line, annotator=annotator, now=now))
             except UnicodeDecodeError as exc:

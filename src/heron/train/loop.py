@@ -56,7 +56,7 @@ from heron.train.checkpoint import (
 )
 from heron.train.optim import build_optimizer, recipe_lr, set_lr
 from heron.train.recipe import RecipeError, TrainRecipe, batch_plan, model_config
-from heron.train.report import METRICS_FILE, PLOT_FILE, append_metrics, plot_losses, write_metrics
+from heron.train.report import METRICS_FILE, PLOT_FILE, append_metrics, logged_timings, plot_losses, write_metrics
 from heron.train.sources import TrainData, given_data, resolve_data
 
 # The training objective of one micro-batch: (inputs x (b, T), the model's fp32 logits
@@ -323,8 +323,10 @@ def _restore(run: _Run, ckpt: Checkpoint) -> None:
     run.step, run.history, run.last_checkpoint = state["step"], list(state["history"]), ckpt.path
     if "energy" in ckpt.lineage:
         run.energy_before = EnergyReport.from_dict(ckpt.lineage["energy"])
-    if run.ctx.is_main:  # drop rows logged after the checkpoint by the run that died
-        write_metrics(run.out_dir, [row for row in run.history if _logged(row, run.recipe)])
+    if run.ctx.is_main:  # drop rows logged after the checkpoint by the run that died; keep the rest's timings
+        timings = logged_timings(run.out_dir)
+        write_metrics(run.out_dir, [{**row, **timings.get(row["step"], {})} for row in run.history
+                                    if _logged(row, run.recipe)])
 
 
 def _rng_states() -> dict[str, Any]:

@@ -23,6 +23,24 @@ def write_metrics(out_dir: Path, rows: list[dict[str, Any]]) -> None:
     write_text_atomic(out_dir / METRICS_FILE, text)
 
 
+TIMING_FIELDS = ("tokens_per_s",)  # measured, so in metrics.jsonl but not in the (reproducible) history
+
+
+def logged_timings(out_dir: Path) -> dict[int, dict[str, Any]]:
+    """{step: its timing fields} from the metrics file as it is, a torn last line skipped:
+    what rewriting the file from a checkpoint's history must carry over."""
+    file = Path(out_dir) / METRICS_FILE
+    timings: dict[int, dict[str, Any]] = {}
+    for line in file.read_text().splitlines() if file.exists() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and "step" in row:
+            timings[row["step"]] = {k: row[k] for k in TIMING_FIELDS if k in row}
+    return timings
+
+
 def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
     file = Path(out_dir) / METRICS_FILE
     return [json.loads(line) for line in file.read_text().splitlines() if line.strip()] if file.exists() else []
