@@ -150,7 +150,12 @@ def test_data_files_as_users_write_them(base, tmp_path, capsys):
     (tmp_path / "tie.jsonl").write_text(json.dumps({**pairs[0], "rejected": pairs[0]["chosen"]}) + "\n")
     tie = {"data": {"file": str(tmp_path / "tie.jsonl"), "max_len": 64}}
     assert main(["align", "dpo", str(recipe(tmp_path, base, "tie", **tie))]) == 2
-    assert "pair 1: 'chosen' and 'rejected' are the same reply" in capsys.readouterr().err
+    assert "tie.jsonl:1: 'chosen' and 'rejected' are the same reply" in capsys.readouterr().err
+    human = {**pairs[0], "prompt": [{"role": "human", "content": "hi"}]}
+    (tmp_path / "roles.jsonl").write_text("\n" + json.dumps(pairs[1]) + "\n\n" + json.dumps(human) + "\n")
+    roles = {"data": {"file": str(tmp_path / "roles.jsonl"), "max_len": 64}}
+    assert main(["align", "dpo", str(recipe(tmp_path, base, "roles", **roles))]) == 2
+    assert "roles.jsonl:4 with its chosen reply: " in capsys.readouterr().err  # the file's line, blank lines counted
     assert main(["align", "grpo", str(recipe(tmp_path, base, "g1", grpo={"group_size": 1}))]) == 2
     assert "group_size: a group needs at least 2 replies" in capsys.readouterr().err
 

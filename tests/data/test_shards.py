@@ -176,3 +176,12 @@ def test_a_reuse_puts_back_the_folders_tokenizer_when_another_was_written_over_i
     other.save(tmp_path / "out")
     again = prepare_shards(Corpus([tmp_path / "src"]), tok, tmp_path / "out", show_progress=False)
     assert again.reused and HeronTokenizer.load(tmp_path / "out").fingerprint() == tok.fingerprint()
+
+
+def test_what_a_killed_preparation_left_is_swept_by_the_next(tmp_path, tok) -> None:
+    (tmp_path / "src").mkdir()
+    write_docs(tmp_path / "src", 12)
+    (tmp_path / "out" / ".shards-killed").mkdir(parents=True)
+    (tmp_path / "out" / ".shards-killed" / "train_000000.bin").write_bytes(b"\0" * 64)
+    prepare_shards(Corpus([tmp_path / "src"]), tok, tmp_path / "out", show_progress=False)
+    assert not list((tmp_path / "out").glob(".shards-*"))

@@ -164,3 +164,13 @@ def test_saving_over_a_folder_replaces_only_a_model_folder_it_wrote(tmp_path) ->
     with pytest.raises(FileExistsError, match=r"sub/data.csv"):
         save_model_folder(tmp_path / "mine", model)
     assert (tmp_path / "model" / "my_notes.txt").is_file() and (tmp_path / "mine" / "sub" / "data.csv").is_file()
+
+
+def test_what_a_killed_save_left_beside_its_target_is_swept_by_the_next(tmp_path) -> None:
+    model = build_model("test", **SMALL)
+    for leftover in (".tmp-model-deadbeef", ".trash-model-cafebabe"):
+        (tmp_path / leftover).mkdir()
+        (tmp_path / leftover / "model.safetensors").write_bytes(b"\0" * 64)
+    (tmp_path / ".tmp-other-00000000").mkdir()  # another target's: not this save's to sweep
+    save_model_folder(tmp_path / "model", model)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-other-00000000", "model"]

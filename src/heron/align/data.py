@@ -54,7 +54,10 @@ def encode_replies(tokenizer: Tokenizer, prompts: Sequence[Messages], replies: S
         raise ValueError(f"replies: {len(replies)} for {len(prompts)} prompts")
     rows, masks = [], []
     for i, (prompt, reply) in enumerate(zip(prompts, replies)):
-        head, tail = tokenizer.chat_prompt_ids(prompt), tokenizer.reply_ids(reply)
+        try:
+            head, tail = tokenizer.chat_prompt_ids(prompt), tokenizer.reply_ids(reply)
+        except ValueError as err:  # a role or message the template refuses: say which row
+            raise ValueError(f"{describe(i)}: {err}") from None
         if len(head) + len(tail) > max_len:
             raise RowTooLong(f"{describe(i)} is {len(head) + len(tail)} tokens, more than max_len {max_len}")
         rows.append(head + tail)
@@ -99,23 +102,26 @@ def as_messages(prompt: str | Messages) -> Messages:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
 
 
-def encode_pairs(tokenizer: Tokenizer, pairs: Sequence[dict], max_len: int) -> tuple[Replies, Replies]:
+def encode_pairs(tokenizer: Tokenizer, pairs: Sequence[dict], max_len: int,
+                 names: Sequence[str] | None = None) -> tuple[Replies, Replies]:
     """(chosen, rejected) rows of prompt/chosen/rejected records (as `heron feedback export`
-    writes them), row i of each from pair i. Extra keys (annotator, ids) are ignored."""
+    writes them), row i of each from pair i. Extra keys (annotator, ids) are ignored. Errors
+    name pair i as names[i] (a file's "pairs.jsonl:3"), else "pair i+1"."""
+    names = list(names) if names is not None else [f"pair {i + 1}" for i in range(len(pairs))]
     replies: dict[str, list[str]] = {"chosen": [], "rejected": []}
-    for number, pair in enumerate(pairs, start=1):
+    for name, pair in zip(names, pairs):
         missing = [key for key in ("prompt", "chosen", "rejected") if key not in pair]
         if missing:
-            raise ValueError(f"pair {number}: {missing[0]!r} is missing")
+            raise ValueError(f"{name}: {missing[0]!r} is missing")
         for key, texts in replies.items():
-            texts.append(_reply_text(pair[key], f"pair {number}: {key!r}"))
+            texts.append(_reply_text(pair[key], f"{name}: {key!r}"))
         if replies["chosen"][-1] == replies["rejected"][-1]:
-            raise ValueError(f"pair {number}: 'chosen' and 'rejected' are the same reply; a tie teaches no "
+            raise ValueError(f"{name}: 'chosen' and 'rejected' are the same reply; a tie teaches no "
                              "preference (the feedback store does not record one either)")
     prompts = [as_messages(p["prompt"]) for p in pairs]
     n = len(pairs)  # one padded width for both sides, so a batch can stack them
     both = encode_replies(tokenizer, prompts * 2, replies["chosen"] + replies["rejected"], max_len,
-                          describe=lambda i: f"pair {i % n + 1} with its {'chosen' if i < n else 'rejected'} reply")
+                          describe=lambda i: f"{names[i % n]} with its {'chosen' if i < n else 'rejected'} reply")
     return both.take(torch.arange(n)), both.take(torch.arange(n, 2 * n))
 
 

@@ -110,9 +110,13 @@ def _sft(model, tokenizer, recipe: AlignRecipe, task: RepeatTask | None, on_step
 
 
 def _pairs(tokenizer, recipe: AlignRecipe, task: RepeatTask | None):
-    pairs = task.preference_pairs(recipe.data.task.n, recipe.data.task.seed) if task else _jsonl(recipe.data.file)
+    if task:
+        pairs, names = task.preference_pairs(recipe.data.task.n, recipe.data.task.seed), None
+    else:
+        lines = _jsonl_lines(recipe.data.file)
+        pairs, names = [row for _, row in lines], [f"{recipe.data.file}:{number}" for number, _ in lines]
     with _max_len_named():
-        return encode_pairs(tokenizer, pairs, recipe.data.max_len)
+        return encode_pairs(tokenizer, pairs, recipe.data.max_len, names)
 
 
 @contextmanager
@@ -200,16 +204,22 @@ _METHODS = {"sft": _sft, "rm": _rm, "dpo": _dpo, "ppo": _ppo, "grpo": _grpo}
 
 
 def _jsonl(path: str) -> list[dict[str, Any]]:
+    return [row for _, row in _jsonl_lines(path)]
+
+
+def _jsonl_lines(path: str) -> list[tuple[int, dict[str, Any]]]:
+    """(1-based line number, object) for each line of a JSONL file that is not blank."""
     rows = []
     with open(path, encoding="utf-8-sig") as f:  # a BOM, as Windows editors write, is not JSON
         for number, line in enumerate(f, start=1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise ValueError(f"{path}:{number}: invalid JSON ({err.msg})") from err
-                if not isinstance(rows[-1], dict):
-                    raise ValueError(f"{path}:{number}: expected a JSON object, got {type(rows[-1]).__name__}")
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+                rows.append((number, row))
     if not rows:
         raise ValueError(f"data.file: {path} holds no rows")
     return rows

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ SPLITS = ("train", "val")
 DEFAULT_VAL_FRACTION = 0.02  # ~15 files / ~250k tokens of the default stdlib corpus
 DEFAULT_SHARD_TOKENS = 1 << 26  # 64M tokens: 128 MB as uint16, well under any file-size limit
 _ENCODE_BATCH_CHARS = 4 << 20  # text handed to the Rust encoder per call: bounds memory, keeps all cores busy
+_TMP_PREFIX = ".shards-"  # the temporary folder a preparation writes in, inside the shard folder
 SPLIT_RULE = (
     "val if int.from_bytes(sha256(f'{seed}:{key}').digest()[:8], 'big') / 2**64 < val_fraction, "
     "key = document path relative to its corpus source; if no document qualifies, "
@@ -259,8 +261,10 @@ def prepare_shards(
             tokenizer.save(folder)
         return reusable
     folder.mkdir(parents=True, exist_ok=True)
+    for leftover in folder.glob(f"{_TMP_PREFIX}*"):  # what a killed preparation left
+        shutil.rmtree(leftover, ignore_errors=True)
     val_keys = validation_keys(corpus.keys, val_fraction, seed)
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".shards-") as tmp:
+    with tempfile.TemporaryDirectory(dir=folder, prefix=_TMP_PREFIX) as tmp:
         writers = {s: _ShardWriter(Path(tmp), s, dtype, shard_tokens) for s in SPLITS}
         bar = tqdm(total=len(corpus), unit="doc", desc="tokenising", disable=not show_progress)
         for keys, texts in _text_batches(corpus.items(), _ENCODE_BATCH_CHARS):

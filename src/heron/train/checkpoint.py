@@ -205,8 +205,12 @@ def require_new_folder(path: str | Path, source: str | Path | None = None) -> Pa
 
 @contextmanager
 def atomic_folder(target: Path) -> Iterator[Path]:
-    """Yield a temp sibling folder; on success fsync it and rename it to `target`."""
+    """Yield a temp sibling folder; on success fsync it and rename it to `target`. What a
+    killed write to the same target left beside it (its temp and trash folders) goes first."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in [*target.parent.glob(f".tmp-{target.name}-*"), *target.parent.glob(f".trash-{target.name}-*")]:
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
     tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
