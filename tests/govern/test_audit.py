@@ -485,7 +485,8 @@ def test_cli(tmp_path: Path, data_file: Path, capsys) -> None:
     assert heron("audit", "checkpoint", "--log", str(db), "--sign-key", str(key), "--out", str(tmp_path / "cp.json")) == 0
     assert heron("audit", "verify", "--log", str(db), "--public-key", str(public),
                  "--anchor", str(tmp_path / "cp.json")) == 0
-    assert "audit log intact: 6 records" in capsys.readouterr().out
+    # The anchor is the stored checkpoint written out: one checkpoint, one signature, not two.
+    assert "audit log intact: 6 records, 2 checkpoint(s), 1 signature(s) valid" in capsys.readouterr().out
     assert heron("audit", "export", str(tmp_path / "out.csv"), "--log", str(db)) == 0
     assert heron("audit", "export", str(tmp_path / "out.json"), "--log", f"sqlite:///{db}") == 0
     assert heron("audit", "verify", "--log", str(tmp_path / "out.json")) == 0

@@ -45,7 +45,8 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
 
 def _add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto",
-                        help="where the model runs: cpu, cuda, cuda:N, or auto (a CUDA GPU when torch sees one)")
+                        help="where the model runs: cpu, cuda, cuda:N, or auto (the default: a CUDA GPU when torch "
+                             "sees one, else the CPU)")
 
 
 def _lazy(module: str, name: str) -> Handler:

@@ -633,10 +633,14 @@ class AuditLog(Closing):
         return InclusionProof(seq, checkpoint.size, tuple(p.hex() for p in inclusion_proof(leaves, seq)))
 
     def verify(self, public_key: Ed25519PublicKey | None = None, anchors: Sequence[Checkpoint] = ()) -> VerifyReport:
-        """Check every record and checkpoint (and `anchors`: checkpoints kept outside the database)."""
+        """Check every record and checkpoint (and `anchors`: checkpoints kept outside the database).
+        An anchor equal to a stored checkpoint, as `heron audit checkpoint --out` writes it, is
+        that checkpoint, checked and counted once; one that differs is checked on its own."""
         erased = erased_seqs(self.store.records(event=EVENT_ERASE))
-        return verify_log(self.store.records(), [*self.checkpoints(), *anchors], erased=erased,
-                          public_key=public_key)
+        stored = self.checkpoints()
+        kept = [c.to_json() for c in stored]  # an anchor read from a file has no row id
+        extra = [anchor for anchor in anchors if anchor.to_json() not in kept]
+        return verify_log(self.store.records(), [*stored, *extra], erased=erased, public_key=public_key)
 
 
 # ----- the configured log ------------------------------------------------------------------------
