@@ -205,3 +205,12 @@ def test_a_database_another_process_holds_is_one_line_not_a_traceback(tmp_path: 
     assert main(["feedback", "import", str(tmp_path / "in.jsonl"), "--db", str(tmp_path / "fb.db"),
                  "--annotator", "a"]) == 2
     assert "heron feedback: error: the database is busy" in capsys.readouterr().err
+
+
+def test_ctrl_c_while_the_verbs_load_is_one_line(capsys, monkeypatch) -> None:
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("heron.cli.main.build_parser", interrupted)
+    assert main(["--help"]) == 130
+    assert capsys.readouterr().err == "heron: interrupted\n"

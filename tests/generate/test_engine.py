@@ -162,11 +162,20 @@ def test_a_hook_attached_while_decoding_sees_every_step_and_steers_it(model):
         ([[1, 97]], GREEDY, "prompt_ids\\[0\\]"),
         ([[1] * 100], SamplingParams(max_new_tokens=30), "max_new_tokens"),
         ([[1]], SamplingParams(stop=["x"]), "stop"),
+        ([1, 2, 3], GREEDY, "prompt_ids: expected a batch of prompts"),  # one prompt's ids, not a batch
     ],
 )
 def test_bad_requests_name_the_field(model, prompts, params, field):
     with pytest.raises(ValueError, match=f"^{field}"):
         Generator(model).generate_ids(prompts, params)
+
+
+def test_a_tensor_of_prompts_is_a_batch_as_its_rows_are(model):
+    prompts = [[1, 2, 3], [4, 5, 6]]
+    generator = Generator(model)
+    assert generator.generate_ids(torch.tensor(prompts), GREEDY) == generator.generate_ids(prompts, GREEDY)
+    with pytest.raises(TypeError, match="input_ids: expected a \\(B, T\\) tensor of token ids, got list"):
+        model(prompts)
 
 
 def test_prompt_filling_the_context_exactly_is_allowed(model):

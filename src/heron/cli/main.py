@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from heron.cli import audit, card, consent, feedback, pii, watermark
 from heron.cli.options import DEMO_RECIPE, n_of_m, positive_int, shipped_recipes
 
 Handler = Callable[[argparse.Namespace], int]
@@ -40,6 +39,8 @@ def _add_sampling(parser: argparse.ArgumentParser) -> None:
                         help="penalise tokens already seen (CTRL's penalty; default 1: none)")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling: the same seed, the same text")
+    from heron.cli import watermark
+
     watermark.add_generation_options(parser)  # --watermark-key, --watermark-gamma, --watermark-delta
 
 
@@ -235,7 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="start the training over instead of resuming")
     p.set_defaults(handler=_lazy("demo", "run"))
 
-    # governance: each verb's parser and handlers live in its own module
+    # governance: each verb's parser and handlers live in its own module (imported here, inside
+    # main's reach, so that Ctrl-C while they load is one line, not a traceback)
+    from heron.cli import audit, card, consent, feedback, pii, watermark
+
     for verb in (feedback, audit, card, consent, pii, watermark):
         verb.register(verbs)
     return parser
@@ -259,7 +263,11 @@ def _plain_warnings(verb: str) -> Iterator[None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt:
+        print("heron: interrupted", file=sys.stderr)
+        return 130
     try:
         with _plain_warnings(args.verb):
             return args.handler(args)

@@ -245,6 +245,9 @@ class Transformer(nn.Module):
             if input_embeds.dim() != 3 or input_embeds.shape[-1] != self.config.d_model:
                 raise ValueError(f"input_embeds: expected (B, T, {self.config.d_model}), got {tuple(input_embeds.shape)}")
             return input_embeds
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids: expected a (B, T) tensor of token ids, got {type(input_ids).__name__} "
+                            "(torch.tensor([ids]) makes one)")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected (B, T), got {tuple(input_ids.shape)}")
         return self.embed(input_ids)

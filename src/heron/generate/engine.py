@@ -47,8 +47,13 @@ def left_pad(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, P) ids padded on the left, and the (B, P) bool mask of real tokens
     (None when every prompt has the same length, so no masking is needed)."""
-    if not prompts:
+    if isinstance(prompts, torch.Tensor):  # (B, P) ids: every row a prompt
+        prompts = prompts.tolist() if prompts.dim() == 2 else prompts
+    if len(prompts) == 0:
         raise ValueError("prompt_ids: expected at least one prompt")
+    if not all(isinstance(p, (Sequence, torch.Tensor)) and not isinstance(p, str) for p in prompts):
+        raise ValueError("prompt_ids: expected a batch of prompts, each a list of token ids (one prompt: "
+                         "[ids], not ids)")
     lengths = [len(p) for p in prompts]
     for i, n in enumerate(lengths):
         if n == 0:
