@@ -169,6 +169,11 @@ GOOD = {"prompt": "p", "chosen": "a", "rejected": "b", "annotator": "alice"}
     ({"prompt": "p", "chosen": "a", "rejected": "b", "created_at": "2025-03-01T12:00:00"},
      "line 3: 'created_at' has no timezone"),
     ({"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"}, r"line 3: 'prompt'\[0\] must be an object"),
+    # What training refuses is refused here too, so an export can always be trained on.
+    ({"prompt": [{"role": "human", "content": "q"}], "chosen": "a", "rejected": "b"},
+     r"line 3: 'prompt'\[0\]: role 'human'; expected one of system, user, assistant"),
+    ({"prompt": "p", "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+      "rejected": "b"}, "line 3: 'chosen': a reply is text, or one assistant message; got 2 message"),
     ({"prompt": "p", "response": "a", "rating": "high"}, "line 3: 'rating' must be a finite number"),
     ({"prompt": "p", "response": "a"}, "line 3: 'rating' is missing"),
     ({"prompt": "p"}, "line 3: expected 'chosen' and 'rejected'"),

@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 Message = dict[str, str]
 Content = str | list[Message]  # plain text, or chat messages [{"role": ..., "content": ...}, ...]
 
+CHAT_ROLES: tuple[str, ...] = ("system", "user", "assistant")  # the chat template's (tokenizer/bpe.py)
 UNKNOWN_MODEL = "unknown"  # the model of an imported response whose row names none
 DEFAULT_SCALE = "rating"  # the scale of a rating whose row names none
 
@@ -106,7 +107,7 @@ class PairInput:
 
     def __post_init__(self) -> None:
         for field in ("prompt", "chosen", "rejected"):
-            object.__setattr__(self, field, check_content(getattr(self, field), field))
+            object.__setattr__(self, field, check_content(getattr(self, field), field, reply=field != "prompt"))
         for field in ("annotator", "chosen_model", "rejected_model"):
             object.__setattr__(self, field, check_name(getattr(self, field), field))
         object.__setattr__(self, "created_at", check_time(self.created_at, "created_at"))
@@ -130,7 +131,7 @@ class RatingInput:
 
     def __post_init__(self) -> None:
         for field in ("prompt", "response"):
-            object.__setattr__(self, field, check_content(getattr(self, field), field))
+            object.__setattr__(self, field, check_content(getattr(self, field), field, reply=field != "prompt"))
         for field in ("annotator", "model", "scale"):
             object.__setattr__(self, field, check_name(getattr(self, field), field))
         object.__setattr__(self, "rating", check_score(self.rating, "rating"))
@@ -161,8 +162,11 @@ def check_note(value: object, field: str = "note") -> str | None:
     return value
 
 
-def check_content(value: object, field: str) -> Content:
-    """Non-empty text, or a non-empty list of {"role", "content"} messages with string values."""
+def check_content(value: object, field: str, *, reply: bool = False) -> Content:
+    """Non-empty text, or a non-empty list of {"role", "content"} messages with string values
+    and the chat template's roles (CHAT_ROLES; a system turn only first). A `reply` given as
+    messages is one assistant message, as alignment reads a reply (TRL's conversational form):
+    a row training would refuse is refused here, so an export can always be trained on."""
     if isinstance(value, str):
         if not value.strip():
             raise ValueError(f"'{field}' is empty")
@@ -174,6 +178,12 @@ def check_content(value: object, field: str) -> Content:
             raise ValueError(f"'{field}'[{i}] must be an object with exactly 'role' and 'content'")
         if not all(isinstance(message[key], str) for key in ("role", "content")):
             raise ValueError(f"'{field}'[{i}]: 'role' and 'content' must be strings")
+        if message["role"] not in CHAT_ROLES or (message["role"] == "system" and i):
+            raise ValueError(f"'{field}'[{i}]: role {message['role']!r}; expected one of {', '.join(CHAT_ROLES)} "
+                             "(system first only)")
+    if reply and (len(value) != 1 or value[0]["role"] != "assistant"):
+        raise ValueError(f"'{field}': a reply is text, or one assistant message; got {len(value)} message(s) "
+                         f"from {', '.join(m['role'] for m in value)}")
     # Rebuilt in a fixed key order, so equal conversations encode to equal JSON.
     return [{"role": m["role"], "content": m["content"]} for m in value]
 

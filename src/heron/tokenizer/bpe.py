@@ -19,6 +19,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from heron.store.jsonl import write_text_atomic
+from heron.store.records import CHAT_ROLES
 
 # Short name -> token text. The order fixes the ids of a trained tokenizer:
 # BpeTrainer gives special tokens the first ids, so bos=0, eos=1, pad=2, ...
@@ -31,7 +32,6 @@ SPECIAL_TOKENS: dict[str, str] = {
     "assistant": "<|assistant|>",
     "end": "<|end|>",
 }
-CHAT_ROLES: tuple[str, ...] = ("system", "user", "assistant")
 TOKENIZER_FILE = "tokenizer.json"
 
 # The same template as `apply_chat_template`, in the Jinja form that Hugging
