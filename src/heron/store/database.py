@@ -30,6 +30,9 @@ def sqlite_file(url: sa.URL) -> Path | None:
     return Path(url.database)
 
 
+SQLITE_BUSY_SECONDS = 60
+
+
 def connect(url_or_path: str | os.PathLike[str], *, create: bool = True, what: str = "database") -> sa.Engine:
     """An engine for a URL or path. A new SQLite file (and its folder) is made
     when `create` is true, otherwise a missing one is a FileNotFoundError naming `what`."""
@@ -39,8 +42,8 @@ def connect(url_or_path: str | os.PathLike[str], *, create: bool = True, what: s
         if not create:
             raise FileNotFoundError(f"no {what} at {file}")
         file.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        engine = sa.create_engine(url)
+    try:  # a writer waits up to SQLITE_BUSY_SECONDS for another process's write transaction
+        engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_SECONDS} if file is not None else {})
     except sa.exc.ArgumentError as exc:  # an unknown dialect
         raise ValueError(f"cannot open {url.render_as_string()}: {exc}") from None
     except ImportError as exc:
@@ -49,6 +52,16 @@ def connect(url_or_path: str | os.PathLike[str], *, create: bool = True, what: s
     if engine.dialect.name == "sqlite":
         sa.event.listen(engine, "connect", _enforce_foreign_keys)
     return engine
+
+
+def take_write_lock(conn: sa.Connection) -> None:
+    """Begin a write transaction on SQLite holding its write lock from the start: two
+    processes whose transactions both read, then both write, deadlock, and SQLite fails one
+    at once ("database is locked") whatever the busy timeout; begun so, the second waits for
+    the first (https://sqlite.org/lang_transaction.html). Call it first in the transaction.
+    Other databases lock rows as they write: nothing to do."""
+    if conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _require_tables(engine: sa.Engine, schema: sa.MetaData, what: str) -> None:

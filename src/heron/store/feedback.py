@@ -27,7 +27,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from heron.store.database import EngineStore
+from heron.store.database import EngineStore, take_write_lock
 from heron.store.jsonl import read_feedback_jsonl, write_jsonl_atomic
 from heron.store.records import (
     DEFAULT_SCALE, Comparison, Content, ImportCounts, PairInput, PreferencePair, Prompt, Rating, RatingInput,
@@ -125,6 +125,7 @@ class FeedbackStore(EngineStore):
         a tie that slipped past the checks) becomes a ValueError."""
         try:
             with self.engine.begin() as conn:
+                take_write_lock(conn)
                 yield conn
         except sa.exc.IntegrityError as exc:
             raise ValueError(f"refused by the database: {exc.orig}") from None
