@@ -163,6 +163,7 @@ def test_a_hook_attached_while_decoding_sees_every_step_and_steers_it(model):
         ([[1] * 100], SamplingParams(max_new_tokens=30), "max_new_tokens"),
         ([[1]], SamplingParams(stop=["x"]), "stop"),
         ([1, 2, 3], GREEDY, "prompt_ids: expected a batch of prompts"),  # one prompt's ids, not a batch
+        (torch.tensor([1, 2, 3]), GREEDY, "prompt_ids: a tensor of prompts is \\(B, P\\)"),
     ],
 )
 def test_bad_requests_name_the_field(model, prompts, params, field):

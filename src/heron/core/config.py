@@ -306,8 +306,7 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Build from a plain dict; unknown keys are errors that name the key."""
         check_known_fields(cls, data, "")
-        _check_types(cls, data)
-        return cls(**data)
+        return cls(**data)  # the constructor checks types and builds nested settings
 
     @classmethod
     def from_json(cls, text: str) -> ModelConfig:

@@ -48,10 +48,13 @@ def left_pad(
     """(B, P) ids padded on the left, and the (B, P) bool mask of real tokens
     (None when every prompt has the same length, so no masking is needed)."""
     if isinstance(prompts, torch.Tensor):  # (B, P) ids: every row a prompt
-        prompts = prompts.tolist() if prompts.dim() == 2 else prompts
+        if prompts.dim() != 2:
+            raise ValueError(f"prompt_ids: a tensor of prompts is (B, P), got shape {tuple(prompts.shape)}")
+        prompts = prompts.tolist()
     if len(prompts) == 0:
         raise ValueError("prompt_ids: expected at least one prompt")
-    if not all(isinstance(p, (Sequence, torch.Tensor)) and not isinstance(p, str) for p in prompts):
+    if not all((isinstance(p, Sequence) and not isinstance(p, str)) or (isinstance(p, torch.Tensor) and p.dim() == 1)
+               for p in prompts):
         raise ValueError("prompt_ids: expected a batch of prompts, each a list of token ids (one prompt: "
                          "[ids], not ids)")
     lengths = [len(p) for p in prompts]
