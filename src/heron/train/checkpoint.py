@@ -473,8 +473,8 @@ def _heron_version() -> str:
 
 
 __all__ = [
-    "Checkpoint", "CheckpointError", "RUN_MODEL_DIR", "atomic_folder", "base_lineage", "checkpoint_name", "folder_files",
-    "latest_checkpoint", "list_checkpoints", "load_checkpoint", "load_model_folder", "load_weights", "point_latest",
+    "Checkpoint", "CheckpointError", "RUN_MODEL_DIR", "atomic_folder", "base_lineage", "checkpoint_name",
+    "folder_files", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "load_model_folder", "load_weights", "point_latest",
     "remove_folder", "require_new_folder", "require_replaceable", "resolve_checkpoint",
     "save_checkpoint", "save_model_folder", "sha256_file", "sweep_partial", "tied_aliases",
     "verify_checkpoint", "write_text_atomic",
