@@ -3,10 +3,10 @@ import json
 
 from heron.cli.main import main
 from heron.govern import EnergyReport
-from test_align_cli import base, recipe  # noqa: F401 - `base` is a fixture
+from test_align_cli import recipe
 
 
-def test_alignment_lineage_records_energy(base, tmp_path):  # noqa: F811
+def test_alignment_lineage_records_energy(base, tmp_path):
     assert main(["align", "sft", str(recipe(tmp_path, base, "sft", fit={"steps": 2, "batch_size": 8}))]) == 0
     energy = json.loads((tmp_path / "sft" / "model" / "lineage.json").read_text())["alignment"]["energy"]
     report = EnergyReport.from_dict(energy)

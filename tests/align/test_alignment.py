@@ -171,3 +171,28 @@ def test_gradient_accumulation_1x8_equals_8x1(sft, pairs, kind):
         updated.append(model.state_dict())
     for name in updated[0]:
         torch.testing.assert_close(updated[0][name], updated[1][name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_ppo_shuffles_its_minibatches_afresh_every_epoch(sft, monkeypatch):
+    base, tokenizer = sft
+    orders = []
+    randperm = torch.randperm
+
+    def recorded(*args, **kwargs):
+        orders.append(randperm(*args, **kwargs).tolist())
+        return torch.tensor(orders[-1])
+
+    monkeypatch.setattr(torch, "randperm", recorded)
+    policy = copy.deepcopy(base)
+    ppo(policy, with_scalar_head(policy, seed=0), copy.deepcopy(base).eval(), tokenizer, TASK.prompts(16, seed=3),
+        TASK.judge, PPOSettings(steps=1, prompts_per_step=8, minibatch=4, epochs=3, progress=False))
+    assert len(orders) == 3 and len({tuple(order) for order in orders}) == 3
+
+
+def test_a_rollout_longer_than_the_model_can_score_is_refused_up_front(sft):
+    base, tokenizer = sft
+    prompt = [{"role": "user", "content": "Say stone a few times. " * 40}]
+    room = base.config.max_seq_len
+    with pytest.raises(ValueError, match=f"max_new_tokens: the longest prompt .* max_seq_len {room}"):
+        grpo(copy.deepcopy(base), base, tokenizer, [prompt, prompt], TASK.judge,
+             GRPOSettings(steps=1, prompts_per_step=2, group_size=2, progress=False))

@@ -35,3 +35,17 @@ def test_sequence_logprobs_equal_the_log_softmax_of_the_logits(tied) -> None:
     assert torch.all(got[mask[:, 1:] == 0] == 0) and torch.all(got[mask[:, 1:] == 1] < 0)
     for name in want_grads:
         torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_tempered_logprobs_are_those_of_the_distribution_sampled_at_that_temperature() -> None:
+    """PPO and GRPO sample replies at a temperature, so they score them under softmax(logits / T)."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=61, d_model=32, n_layers=1, n_heads=4, max_seq_len=16))
+    ids = torch.randint(0, 61, (2, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(2, 10)
+    mask[:, 3:] = 1.0
+    for temperature in (0.5, 2.0):
+        want = token_logprobs(model(ids).logits[:, :-1] / temperature, ids[:, 1:]) * mask[:, 1:]
+        got = sequence_logprobs(model, ids, mask, temperature=temperature)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(got, sequence_logprobs(model, ids, mask))

@@ -4,9 +4,12 @@ Each step samples `group_size` replies to each of `prompts_per_step` prompts,
 scores them with any Python callable, normalises the scores within each
 group (no value model), and takes `inner_steps` gradient steps on the
 clipped surrogate with a k3 KL penalty to the reference (`losses.grpo_loss`).
+Given a `Resumable`, it saves its state as it goes and starts where a killed
+run stopped.
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +20,7 @@ from tqdm import tqdm
 from heron.align.data import Messages
 from heron.align.logprobs import logprobs_and_aux, sequence_logprobs
 from heron.align.losses import grpo_advantages, grpo_loss, masked_mean
+from heron.align.resume import Resumable
 from heron.align.rollout import check_settings, prompt_batches, rollout
 from heron.core.transformer import Transformer
 from heron.tokenizer import Tokenizer
@@ -48,27 +52,32 @@ class GRPOSettings:
 
 def grpo(policy: Transformer, reference: Transformer, tokenizer: Tokenizer, prompts: Sequence[Messages],
          reward: Reward, settings: GRPOSettings,
-         on_step: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, float]]:
-    """Train `policy` in place; returns one metrics row a step: reward, KL to the reference,
+         on_step: Callable[[dict[str, Any]], None] | None = None,
+         resume: Resumable | None = None) -> list[dict[str, float]]:
+    """Train `policy` in place; returns one metrics row for each step this call ran (`resume`:
+    saves the state as it goes and restores a saved one): reward, KL to the reference,
     entropy (nats per token, the mean surprisal of the sampled tokens: a Monte Carlo
     estimate of the policy's entropy), rollout tokens/s, ..."""
     optimizer = torch.optim.AdamW(policy.parameters(), lr=settings.lr, betas=(0.9, 0.95), weight_decay=0.0)
     batches = prompt_batches(prompts, settings.prompts_per_step, settings.steps, settings.seed,
                              "grpo.prompts_per_step")
+    parts = {"policy": policy, "optimizer": optimizer}
+    start = resume.restore(parts) if resume is not None else 0
+    temperature = settings.temperature  # replies are scored under the distribution they were sampled from
     history = []
-    for step, batch in enumerate(tqdm(batches, total=settings.steps, disable=not settings.progress, desc="grpo",
-                                      unit="step")):
+    for step, batch in enumerate(tqdm(itertools.islice(batches, start, None), initial=start, total=settings.steps,
+                                      disable=not settings.progress, desc="grpo", unit="step"), start=start):
         run = rollout(policy, tokenizer, batch, settings.group_size, max_new_tokens=settings.max_new_tokens,
-                      temperature=settings.temperature, seed=settings.seed * 100_003 + step)
+                      temperature=temperature, seed=settings.seed * 100_003 + step)
         scores = torch.tensor([reward(p, t) for p, t in zip(run.prompts, run.texts)])
         advantages = grpo_advantages(scores.view(settings.prompts_per_step, settings.group_size)).flatten()
         ids, mask = run.replies.ids, run.replies.mask[:, 1:]
         real = run.replies.tokens()  # (B, T): a MoE's routing statistics leave the padding out
         with torch.no_grad():
-            old = sequence_logprobs(policy, ids, run.replies.mask, token_mask=real)
-            ref = sequence_logprobs(reference, ids, run.replies.mask, token_mask=real)
+            old = sequence_logprobs(policy, ids, run.replies.mask, token_mask=real, temperature=temperature)
+            ref = sequence_logprobs(reference, ids, run.replies.mask, token_mask=real, temperature=temperature)
         for _ in range(settings.inner_steps):
-            logprobs, aux = logprobs_and_aux(policy, ids, run.replies.mask, token_mask=real)
+            logprobs, aux = logprobs_and_aux(policy, ids, run.replies.mask, token_mask=real, temperature=temperature)
             loss, stats = grpo_loss(logprobs, old, ref, advantages, mask, clip=settings.clip, beta=settings.beta)
             (loss + aux).backward()  # aux: a MoE policy's balancing losses, zero for a dense one
             torch.nn.utils.clip_grad_norm_(policy.parameters(), settings.clip_norm)
@@ -80,6 +89,8 @@ def grpo(policy: Transformer, reference: Transformer, tokenizer: Tokenizer, prom
         history.append(row)
         if on_step is not None:
             on_step(row)
+        if resume is not None:
+            resume.step_done(step + 1, row, parts)
     return history
 
 

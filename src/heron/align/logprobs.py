@@ -1,11 +1,13 @@
 """Log-probabilities of given tokens under a model: what every alignment loss consumes."""
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from heron.core.head_loss import next_token_targets
+from heron.core.head_loss import IGNORE_INDEX, next_token_targets
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -15,16 +17,18 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def sequence_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
                       attention_mask: torch.Tensor | None = None,
-                      token_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      token_mask: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:
     """Per-token log-probs (B, T - 1) of ids[:, 1:] given what precedes each, zeroed where
     mask[:, 1:] (B, T; 1 on response tokens) is 0. Sum over dim 1 for a sequence's
-    log-probability; divide by mask[:, 1:].sum(1) for its per-token mean."""
-    return logprobs_and_aux(model, ids, mask, attention_mask, token_mask)[0]
+    log-probability; divide by mask[:, 1:].sum(1) for its per-token mean. `temperature`:
+    under softmax(logits / temperature), the distribution replies sampled at it came from."""
+    return logprobs_and_aux(model, ids, mask, attention_mask, token_mask, temperature)[0]
 
 
 def logprobs_and_aux(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
                      attention_mask: torch.Tensor | None = None,
-                     token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     token_mask: torch.Tensor | None = None,
+                     temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """`sequence_logprobs` (B, T - 1) and the forward's auxiliary loss (scalar, fp32): a
     Mixture-of-Experts model's load-balancing and router z-losses, zero for a dense one.
     A policy in training adds the aux loss to its objective, as pre-training does, so
@@ -34,8 +38,18 @@ def logprobs_and_aux(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
     # then never makes the (B, T, V) logits, nor their log-softmax (core/head_loss.py),
     # and positions outside the replies (prompts, padding) cost nothing in it.
     targets = next_token_targets(ids, mask != 0)  # (B, T)
-    out = model(ids, attention_mask=attention_mask, token_mask=token_mask, targets=targets, reduction="none")
+    tempered = None if temperature == 1.0 else partial(_tempered_nll, temperature=temperature)
+    out = model(ids, attention_mask=attention_mask, token_mask=token_mask, targets=targets,
+                reduction="none" if tempered is None else "sum", head_loss=tempered)
     return -out.loss[:, :-1] * mask[:, 1:].to(torch.float32), out.aux_loss.float()
+
+
+def _tempered_nll(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(B, T) -log softmax(head(hidden) / temperature)[target], 0 where the target is IGNORE_INDEX:
+    the scores of replies sampled at that temperature (PPO and GRPO, as TRL scores them)."""
+    logits = head(hidden).float() / temperature  # (B, T, V)
+    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+    return nll.view(targets.shape)
 
 
 __all__ = ["logprobs_and_aux", "sequence_logprobs", "token_logprobs"]

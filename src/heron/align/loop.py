@@ -4,7 +4,10 @@ An objective maps the example rows of a micro-batch to per-example losses
 (and per-example metrics). The loop draws each global batch by (seed, step),
 splits it into `grad_accum` micro-batches, and backpropagates each
 micro-batch's loss sum divided by the global batch size, so the gradient is
-the batch mean whatever the accumulation: 1 x 8 equals 8 x 1.
+the batch mean whatever the accumulation: 1 x 8 equals 8 x 1 (for objectives
+whose losses are per example; KTO's reference point is not). Given a
+`Resumable`, it saves its state as it goes and starts where a killed run
+stopped (`align.resume`).
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from heron.align.resume import Resumable
 from heron.data.batches import epoch_rows
 from heron.train.loop import check_finite_loss
 
@@ -44,17 +48,22 @@ class FitSettings:
 
 def fit(params: Iterable[torch.nn.Parameter], objective: Objective, n_examples: int, settings: FitSettings,
         on_step: Callable[[dict[str, Any]], None] | None = None,
-        optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer] | None = None) -> list[dict[str, float]]:
-    """Train `params` on `objective` over examples 0..n_examples-1; returns one metrics row a step.
-    `optimizer` builds the optimiser from the parameters (default: AdamW with the settings)."""
+        optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer] | None = None,
+        resume: Resumable | None = None) -> list[dict[str, float]]:
+    """Train `params` on `objective` over examples 0..n_examples-1; returns one metrics row for
+    each step this call ran. `optimizer` builds the optimiser from the parameters (default:
+    AdamW with the settings); `resume` saves the state as it goes and restores a saved one."""
     params = [p for p in params if p.requires_grad]
     if optimizer is None:
         optim = torch.optim.AdamW(params, lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay)
     else:
         optim = optimizer(params)
     micro = settings.batch_size // settings.grad_accum
+    parts = {"params": torch.nn.ParameterList(params), "optimizer": optim}
+    start = resume.restore(parts) if resume is not None else 0
     history = []
-    for step in tqdm(range(settings.steps), disable=not settings.progress, desc="align", unit="step"):
+    for step in tqdm(range(start, settings.steps), initial=start, total=settings.steps, disable=not settings.progress,
+                     desc="align", unit="step"):
         rows = torch.from_numpy(epoch_rows(n_examples, settings.batch_size, step, settings.seed))
         sums: dict[str, float] = {}
         for part in rows.split(micro):
@@ -70,6 +79,8 @@ def fit(params: Iterable[torch.nn.Parameter], objective: Objective, n_examples: 
         history.append(row)
         if on_step is not None:
             on_step(row)
+        if resume is not None:
+            resume.step_done(step + 1, row, parts)
     return history
 
 

@@ -162,7 +162,19 @@ def kl_penalised_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logpr
     return rewards + last * scores[:, None]
 
 
-class FixedKLController:
+class _KLCoefficient:
+    """A KL coefficient whose value a resumed run restores (`align.resume`)."""
+
+    coef: float
+
+    def state_dict(self) -> dict[str, float]:
+        return {"coef": self.coef}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.coef = state["coef"]
+
+
+class FixedKLController(_KLCoefficient):
     """A constant KL coefficient."""
 
     def __init__(self, coef: float) -> None:
@@ -172,7 +184,7 @@ class FixedKLController:
         """Nothing to adapt."""
 
 
-class AdaptiveKLController:
+class AdaptiveKLController(_KLCoefficient):
     """Ziegler et al. 2019, sec. 2.2: steer the KL coefficient so the observed KL tracks
     `target`: coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon."""
 

@@ -117,7 +117,9 @@ def kto_objective(policy: nn.Module, replies: Replies, desirable: torch.Tensor, 
     """KTO on unpaired feedback: each reply marked desirable (N,) bool or not, with the reference's
     summed log-probs (N,). The reference point z0 is the micro-batch's mean implied reward
     log pi - log ref, detached and clamped at 0: an estimate of KL(pi || ref) from the batch
-    itself (the paper estimates it on mismatched prompt/reply pairs of the batch)."""
+    itself (the paper estimates it on mismatched prompt/reply pairs of the batch). So, unlike
+    the other objectives, its loss depends on how a batch is split: grad_accum changes z0
+    (TRL's KTO, which estimates z0 per micro-batch too, behaves alike)."""
     def objective(rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total, _, aux = reply_logprobs(policy, replies.take(rows))
         implied = total - reference[rows]

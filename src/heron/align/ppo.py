@@ -6,10 +6,12 @@ a KL penalty to the reference (`kl_penalised_rewards`); a value model (a
 Transformer with a scalar head) gives the baseline for GAE. Then `epochs`
 passes over the batch in minibatches optimise the clipped policy loss plus
 `value_coef` times the clipped value loss. The KL coefficient is fixed or
-adapted towards a target (`AdaptiveKLController`).
+adapted towards a target (`AdaptiveKLController`). Given a `Resumable`, it
+saves its state as it goes and starts where a killed run stopped.
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +31,7 @@ from heron.align.losses import (
     ppo_policy_loss,
     ppo_value_loss,
 )
+from heron.align.resume import Resumable
 from heron.align.rollout import check_settings, prompt_batches, rollout
 from heron.core.transformer import Transformer
 from heron.tokenizer import Tokenizer
@@ -85,8 +88,10 @@ def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def ppo(policy: Transformer, value_model: Transformer, reference: Transformer, tokenizer: Tokenizer,
         prompts: Sequence[Messages], reward: Reward, settings: PPOSettings,
-        on_step: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, float]]:
-    """Train `policy` and `value_model` in place; returns one metrics row a step: reward, KL
+        on_step: Callable[[dict[str, Any]], None] | None = None,
+        resume: Resumable | None = None) -> list[dict[str, float]]:
+    """Train `policy` and `value_model` in place; returns one metrics row for each step this call
+    ran (`resume`: saves the state as it goes and restores a saved one): reward, KL
     (nats per reply), the KL coefficient, entropy (nats per token, the mean surprisal of the
     sampled tokens), the losses, clip fraction and rollout tokens/s."""
     params = [{"params": list(policy.parameters()), "lr": settings.lr},
@@ -95,27 +100,31 @@ def ppo(policy: Transformer, value_model: Transformer, reference: Transformer, t
     controller = (AdaptiveKLController(settings.kl_coef, settings.kl_target, settings.kl_horizon)
                   if settings.kl_target is not None else FixedKLController(settings.kl_coef))
     batches = prompt_batches(prompts, settings.prompts_per_step, settings.steps, settings.seed, "ppo.prompts_per_step")
+    parts = {"policy": policy, "value_model": value_model, "optimizer": optimizer, "kl_controller": controller}
+    start = resume.restore(parts) if resume is not None else 0
+    temperature = settings.temperature  # replies are scored under the distribution they were sampled from
     history = []
-    for step, batch in enumerate(tqdm(batches, total=settings.steps, disable=not settings.progress, desc="ppo",
-                                      unit="step")):
+    for step, batch in enumerate(tqdm(itertools.islice(batches, start, None), initial=start, total=settings.steps,
+                                      disable=not settings.progress, desc="ppo", unit="step"), start=start):
         run = rollout(policy, tokenizer, batch, 1, max_new_tokens=settings.max_new_tokens,
-                      temperature=settings.temperature, seed=settings.seed * 100_003 + step)
+                      temperature=temperature, seed=settings.seed * 100_003 + step)
         scores = torch.tensor([reward(p, t) for p, t in zip(run.prompts, run.texts)])
         ids, mask = run.replies.ids, run.replies.mask[:, 1:]
         with torch.no_grad():
             real = run.replies.tokens()  # (B, T): a MoE's routing statistics leave the padding out
-            old = sequence_logprobs(policy, ids, run.replies.mask, token_mask=real)
-            ref = sequence_logprobs(reference, ids, run.replies.mask, token_mask=real)
+            old = sequence_logprobs(policy, ids, run.replies.mask, token_mask=real, temperature=temperature)
+            ref = sequence_logprobs(reference, ids, run.replies.mask, token_mask=real, temperature=temperature)
             old_values = values_and_aux(value_model, ids, real)[0] * mask
             rewards = kl_penalised_rewards(scores, old, ref, mask, controller.coef)
             advantages, returns = gae(rewards, old_values, mask, settings.gamma, settings.lam)
             advantages = whiten(advantages, mask)
         sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0}
         updates = 0
+        shuffle = torch.Generator().manual_seed(step)  # a new order every epoch, the same on a rerun
         for _ in range(settings.epochs):
-            for rows in torch.randperm(len(ids), generator=torch.Generator().manual_seed(step)).split(settings.minibatch):
+            for rows in torch.randperm(len(ids), generator=shuffle).split(settings.minibatch):
                 part, real_part = run.replies.mask[rows], real[rows]  # (b, T) each
-                logprobs, aux = logprobs_and_aux(policy, ids[rows], part, token_mask=real_part)
+                logprobs, aux = logprobs_and_aux(policy, ids[rows], part, token_mask=real_part, temperature=temperature)
                 policy_loss, stats = ppo_policy_loss(logprobs, old[rows], advantages[rows], mask[rows], settings.clip)
                 values, value_aux = values_and_aux(value_model, ids[rows], real_part)
                 value_loss = ppo_value_loss(values, old_values[rows], returns[rows], mask[rows], settings.value_clip)
@@ -137,6 +146,8 @@ def ppo(policy: Transformer, value_model: Transformer, reference: Transformer, t
         history.append(row)
         if on_step is not None:
             on_step(row)
+        if resume is not None:
+            resume.step_done(step + 1, row, parts)
     return history
 
 

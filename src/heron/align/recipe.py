@@ -94,6 +94,7 @@ class AlignRecipe(_Section):
     preference: PreferenceSection = Field(default_factory=PreferenceSection)
     ppo: dict[str, Any] = Field(default_factory=dict)  # PPOSettings fields
     grpo: dict[str, Any] = Field(default_factory=dict)  # GRPOSettings fields
+    save_every: int = Field(default=50, ge=0)  # steps between saved states a killed run resumes from; 0: none
 
     def fit_settings(self) -> FitSettings:
         return FitSettings(**self.fit.model_dump(), progress=True)

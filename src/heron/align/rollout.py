@@ -42,6 +42,10 @@ def rollout(policy: Transformer, tokenizer: Tokenizer, prompts: Sequence[Message
     was_training = policy.training
     policy.eval()
     heads = [tokenizer.chat_prompt_ids(p) for p in prompts for _ in range(n)]
+    longest, room = max(map(len, heads)), policy.config.max_seq_len
+    if longest + max_new_tokens > room:  # the scoring forward reads each whole row
+        raise ValueError(f"max_new_tokens: the longest prompt ({longest} tokens) plus {max_new_tokens} new tokens "
+                         f"exceeds the model's max_seq_len {room}; shorten the prompts or lower max_new_tokens")
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                             stop_token_ids=tokenizer.chat_stop_ids)
     start = time.perf_counter()

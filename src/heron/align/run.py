@@ -2,7 +2,10 @@
 
 Writes <out_dir>/model (a Heron checkpoint whose lineage records the method,
 the base checkpoint, the recipe and the final metrics), <out_dir>/metrics.jsonl
-(one row a step) and, for ppo and grpo, <out_dir>/reward_kl.png.
+(one row a step) and, for ppo and grpo, <out_dir>/reward_kl.png. Every
+`save_every` steps it saves the run's state to <out_dir>/state.pt, from which
+a rerun of a killed run goes on exactly (`align.resume`); the finished run
+deletes it.
 """
 from __future__ import annotations
 
@@ -34,26 +37,31 @@ from heron.align.objectives import (  # noqa: E402
 )
 from heron.align.ppo import ppo  # noqa: E402
 from heron.align.recipe import METHODS, AlignRecipe  # noqa: E402
+from heron.align.resume import Resumable, read_state  # noqa: E402
 from heron.align.synthetic import RepeatTask  # noqa: E402
 from heron.compress.qlinear import is_quantized  # noqa: E402
 from heron.data.chat import load_chat_jsonl  # noqa: E402
-from heron.govern import EnergyMeter  # noqa: E402
+from heron.govern import EnergyMeter, EnergyReport  # noqa: E402
 from heron.govern.audit import record_event  # noqa: E402
 from heron.govern.digest import model_hash  # noqa: E402
 from heron.train.checkpoint import RUN_MODEL_DIR, resolve_checkpoint, save_model_folder  # noqa: E402
+from heron.train.recipe import setting_changes  # noqa: E402
 
 METRICS_FILE, PLOT_FILE, MODEL_DIR, CACHE_DIR = "metrics.jsonl", "reward_kl.png", RUN_MODEL_DIR, "cache"
-RUN_FILES = (METRICS_FILE, PLOT_FILE, MODEL_DIR, CACHE_DIR)  # an alignment run's: a failed run's are replaced
+STATE_FILE = "state.pt"
+RUN_FILES = (METRICS_FILE, PLOT_FILE, MODEL_DIR, CACHE_DIR, STATE_FILE)  # an alignment run's own files
 
 
-def run_alignment(method: str, recipe: AlignRecipe) -> Path:
-    """Run `method` as the recipe says; returns the written checkpoint folder."""
+def run_alignment(method: str, recipe: AlignRecipe, *, resume: bool = True) -> Path:
+    """Run `method` as the recipe says; returns the written checkpoint folder. A run that was
+    killed goes on from its last saved state; `resume=False` starts it over."""
     if method not in METHODS:
         raise ValueError(f"method: {method!r} is not one of {', '.join(METHODS)}")
     out = Path(recipe.out_dir)
     if (out / MODEL_DIR).exists():
         raise FileExistsError(f"{out / MODEL_DIR}: exists; choose another out_dir")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES) if out.is_dir() else []
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES and not _unfinished_write(p)
+                     ) if out.is_dir() else []
     if foreign or (out.exists() and not out.is_dir()):
         raise FileExistsError(f"out_dir: {out} holds {', '.join(foreign[:3]) or 'a file'}, not an alignment run's "
                               "files; choose another out_dir")
@@ -71,32 +79,78 @@ def run_alignment(method: str, recipe: AlignRecipe) -> Path:
         task = RepeatTask(target=spec.target, max_count=spec.max_count) if spec else None
     except ValueError as err:
         raise ValueError(f"data.task.{err}") from None
-    rows: list[dict[str, Any]] = []
+    energy = _EnergySoFar(meter)
+    state = _resumable(method, recipe, resume, energy)
     log = (out / METRICS_FILE).open("w", encoding="utf-8")
+    log.writelines(json.dumps(row) + "\n" for row in state.rows)  # a resumed run's earlier steps
 
     def on_step(row: dict[str, Any]) -> None:
         meter.sample()  # RAPL counters wrap; read them every step
-        rows.append(row)
         log.write(json.dumps(row) + "\n")
         log.flush()
 
     try:
-        trained = _METHODS[method](model, tokenizer, recipe, task, on_step)
+        trained = _METHODS[method](model, tokenizer, recipe, task, on_step, state)
     finally:
         log.close()
+    rows = state.rows
     if method in ("ppo", "grpo"):
         _plot_reward_kl(rows, out / PLOT_FILE, method)
     # No tokens: the objectives do not count what they process, so no joules per token here.
     lineage = {"alignment": {"method": method, "base": str(Path(recipe.base).resolve()),
                              "recipe": recipe.model_dump(), "final": rows[-1] if rows else {},
-                             "energy": meter.stop().to_dict()}}
+                             "energy": energy.report().to_dict()}}
     folder = save_model_folder(out / MODEL_DIR, trained, tokenizer=tokenizer, lineage=lineage)
     record_event("align", inputs={"base": resolve_checkpoint(recipe.base), "data": recipe.data.file},
                  outputs={"checkpoint": folder}, model_hash=model_hash(folder), parameters=lineage["alignment"])
+    state.file.unlink(missing_ok=True)  # the finished model holds all there is
     return folder
 
 
-def _sft(model, tokenizer, recipe: AlignRecipe, task: RepeatTask | None, on_step: Callable) -> torch.nn.Module:
+def _resumable(method: str, recipe: AlignRecipe, resume: bool, energy: _EnergySoFar) -> Resumable:
+    """The run's saved state: what a killed run of the same method, recipe and base left, or
+    none; another run's is refused (resume) or deleted (not resume)."""
+    file = Path(recipe.out_dir) / STATE_FILE
+    for leftover in filter(_unfinished_write, file.parent.iterdir()):
+        leftover.unlink()
+    identity = {"method": method, "recipe": recipe.model_dump(exclude={"save_every"}),
+                "base_weights": model_hash(resolve_checkpoint(recipe.base))}
+    if not resume:
+        file.unlink(missing_ok=True)
+    saved = read_state(file)
+    if saved is not None:
+        changed = "; ".join(filter(None, (setting_changes(key, saved["identity"].get(key), value)
+                                          for key, value in identity.items())))
+        if changed:
+            raise ValueError(f"out_dir: {recipe.out_dir} holds a killed run this one cannot continue ({changed}); "
+                             "choose another out_dir, or pass --no-resume (resume=False) to start over")
+    return Resumable(file, recipe.save_every, identity, saved, extra={"energy": energy})
+
+
+def _unfinished_write(path: Path) -> bool:
+    """A temp file that a write of the state, killed midway, left (`write_file_atomic`'s)."""
+    return path.is_file() and path.name.startswith(f".{STATE_FILE}.") and path.name.endswith(".tmp")
+
+
+class _EnergySoFar:
+    """The run's energy: what the segments before a resume used, saved with the state, plus this one's."""
+
+    def __init__(self, meter: EnergyMeter) -> None:
+        self.meter, self.before = meter, None
+
+    def report(self) -> EnergyReport:
+        now = self.meter.read()
+        return self.before + now if self.before is not None else now
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.report().to_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.before = EnergyReport.from_dict(state)
+
+
+def _sft(model, tokenizer, recipe: AlignRecipe, task: RepeatTask | None, on_step: Callable,
+         state: Resumable) -> torch.nn.Module:
     chats = task.sft_chats(recipe.data.task.n, recipe.data.task.seed) if task else load_chat_jsonl(recipe.data.file)
     if not chats:
         raise ValueError(f"data.file: {recipe.data.file} holds no chats")
@@ -105,7 +159,7 @@ def _sft(model, tokenizer, recipe: AlignRecipe, task: RepeatTask | None, on_step
             raise ValueError(f"data.file: chat {i} does not end with an assistant reply")
     with _max_len_named():
         data = encode_chats(tokenizer, chats, recipe.data.max_len)  # every assistant turn trained
-    fit(model.parameters(), sft_objective(model, data), len(data), recipe.fit_settings(), on_step)
+    fit(model.parameters(), sft_objective(model, data), len(data), recipe.fit_settings(), on_step, resume=state)
     return model
 
 
@@ -128,22 +182,25 @@ def _max_len_named() -> Iterator[None]:
         raise ValueError(f"data.max_len: {err}; raise data.max_len or shorten the row") from None
 
 
-def _rm(model, tokenizer, recipe: AlignRecipe, task: RepeatTask | None, on_step: Callable) -> torch.nn.Module:
+def _rm(model, tokenizer, recipe: AlignRecipe, task: RepeatTask | None, on_step: Callable,
+        state: Resumable) -> torch.nn.Module:
     chosen, rejected = _pairs(tokenizer, recipe, task)
-    reward_model = with_scalar_head(model).train()
+    reward_model = with_scalar_head(model, seed=recipe.fit.seed).train()
     fit(reward_model.parameters(), reward_objective(reward_model, chosen, rejected), len(chosen),
-        recipe.fit_settings(), on_step)
+        recipe.fit_settings(), on_step, resume=state)
     return reward_model
 
 
-def _dpo(model, tokenizer, recipe: AlignRecipe, task: RepeatTask | None, on_step: Callable) -> torch.nn.Module:
+def _dpo(model, tokenizer, recipe: AlignRecipe, task: RepeatTask | None, on_step: Callable,
+         state: Resumable) -> torch.nn.Module:
     chosen, rejected = _pairs(tokenizer, recipe, task)
     p = recipe.preference
     reference = (cached_reference_logprobs(model, chosen, rejected, Path(recipe.out_dir) / CACHE_DIR)
                  if p.loss in NEEDS_REFERENCE else None)
     policy = model.train()
     fit(policy.parameters(), preference_objective(policy, chosen, rejected, p.loss, beta=p.beta, reference=reference,
-                                                  sft_weight=p.sft_weight), len(chosen), recipe.fit_settings(), on_step)
+                                                  sft_weight=p.sft_weight), len(chosen), recipe.fit_settings(), on_step,
+        resume=state)
     return policy
 
 
@@ -183,20 +240,22 @@ def _rollout_prompts(recipe: AlignRecipe, task: RepeatTask | None, tokenizer, me
     return prompts
 
 
-def _ppo(model, tokenizer, recipe: AlignRecipe, task: RepeatTask | None, on_step: Callable) -> torch.nn.Module:
+def _ppo(model, tokenizer, recipe: AlignRecipe, task: RepeatTask | None, on_step: Callable,
+         state: Resumable) -> torch.nn.Module:
     settings = recipe.ppo_settings()
     prompts = _rollout_prompts(recipe, task, tokenizer, "ppo", settings.max_new_tokens)
     reference = copy.deepcopy(model).eval()
-    ppo(model, with_scalar_head(model), reference, tokenizer, prompts, _reward(recipe, task, tokenizer), settings,
-        on_step)
+    value_model = with_scalar_head(model, seed=settings.seed)  # seeded: reruns agree
+    ppo(model, value_model, reference, tokenizer, prompts, _reward(recipe, task, tokenizer), settings, on_step, state)
     return model
 
 
-def _grpo(model, tokenizer, recipe: AlignRecipe, task: RepeatTask | None, on_step: Callable) -> torch.nn.Module:
+def _grpo(model, tokenizer, recipe: AlignRecipe, task: RepeatTask | None, on_step: Callable,
+          state: Resumable) -> torch.nn.Module:
     settings = recipe.grpo_settings()
     prompts = _rollout_prompts(recipe, task, tokenizer, "grpo", settings.max_new_tokens)
     reference = copy.deepcopy(model).eval()
-    grpo(model, reference, tokenizer, prompts, _reward(recipe, task, tokenizer), settings, on_step)
+    grpo(model, reference, tokenizer, prompts, _reward(recipe, task, tokenizer), settings, on_step, state)
     return model
 
 

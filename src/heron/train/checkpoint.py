@@ -254,10 +254,16 @@ def remove_folder(path: Path) -> None:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Replace a small file atomically (temp file, fsync, rename)."""
+    write_file_atomic(path, lambda f: f.write(text.encode()))
+
+
+def write_file_atomic(path: Path, write: Callable[[Any], Any]) -> None:
+    """Replace a file atomically with what `write(binary file)` writes (temp file, fsync, rename)."""
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        _write_bytes(tmp, text.encode())
+        _write_with(tmp, write)
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -474,8 +480,8 @@ def _heron_version() -> str:
 
 __all__ = [
     "Checkpoint", "CheckpointError", "RUN_MODEL_DIR", "atomic_folder", "base_lineage", "checkpoint_name",
-    "folder_files", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "load_model_folder", "load_weights", "point_latest",
-    "remove_folder", "require_new_folder", "require_replaceable", "resolve_checkpoint",
-    "save_checkpoint", "save_model_folder", "sha256_file", "sweep_partial", "tied_aliases",
-    "verify_checkpoint", "write_text_atomic",
+    "folder_files", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "load_model_folder",
+    "load_weights", "point_latest", "remove_folder", "require_new_folder", "require_replaceable",
+    "resolve_checkpoint", "save_checkpoint", "save_model_folder", "sha256_file", "sweep_partial",
+    "tied_aliases", "verify_checkpoint", "write_file_atomic", "write_text_atomic",
 ]

@@ -261,8 +261,29 @@ def describe_validation_error(err: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def setting_changes(name: str, old: Any, new: Any, shown: int = 3) -> str:
+    """What differs between two settings (dicts or pydantic models), by dotted key, the first
+    `shown` named: "model.d_model: 64, now 128; ...; and 2 more"; "" when nothing does."""
+    changes = _changes(name, old, new)
+    more = f"; and {len(changes) - shown} more" if len(changes) > shown else ""
+    return "; ".join(changes[:shown]) + more
+
+
+def _changes(name: str, old: Any, new: Any) -> list[str]:
+    old, new = (v.model_dump() if hasattr(v, "model_dump") else v for v in (old, new))
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [change for key in sorted(old.keys() | new.keys(), key=str)
+                for change in _changes(f"{name}.{key}", old.get(key), new.get(key))]
+    return [] if old == new else [f"{name}: {_short(old)}, now {_short(new)}"]
+
+
+def _short(value: Any, width: int = 24) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
 __all__ = [
     "DataSection", "ModelSection", "OptimSection", "RecipeError", "ScheduleSection",
     "SyntheticData", "TrainRecipe", "TrainSection", "apply_override", "batch_plan",
-    "check_recipe", "load_recipe", "model_config", "recipe_from_dict",
+    "check_recipe", "load_recipe", "model_config", "recipe_from_dict", "setting_changes",
 ]
