@@ -41,6 +41,28 @@ def test_inconsistent_fields_are_named(change, field):
         ModelConfig.from_dict({**BASE, **change})
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"rope_theta": 0}, "rope_theta: must be positive and finite, got 0"),
+    ({"rope_theta": -10000.0}, "rope_theta: must be positive"),
+    ({"rope_theta": float("inf")}, "rope_theta: must be positive and finite, got inf"),
+    ({"norm_eps": float("nan")}, "norm_eps: must be positive and finite, got nan"),
+    ({"init_std": -0.02}, "init_std: must be >= 0 and finite, got -0.02"),
+    ({"rope_scaling": {"kind": "llama3", "low_freq_factor": 0}}, r"rope_scaling\.low_freq_factor: must be positive"),
+    ({"rope_scaling": {"kind": "llama3", "original_max_seq_len": 0}}, r"rope_scaling\.original_max_seq_len: must be"),
+    ({"rope_scaling": {"kind": "llama3", "original_max_seq_len": -8192}}, r"rope_scaling\.original_max_seq_len"),
+    ({"rope_scaling": {"kind": "linear", "factor": float("nan")}}, r"rope_scaling\.factor: must be positive"),
+    ({"rope_scaling": {"kind": "linear", "low_freq_factor": 3.0}},
+     r"rope_scaling\.low_freq_factor: a linear scaling does not use it \(its fields: factor\); "
+     r"set kind to one that does \(llama3\)"),
+])
+def test_numbers_that_would_make_nan_or_be_ignored_are_named(change, message):
+    """rope_theta 0 or inf made NaN RoPE tables (attention then silently zero), llama3's
+    low_freq_factor 0 a ZeroDivisionError naming nothing, and linear scaling ignored
+    llama3's settings: each is refused at construction, named with its path."""
+    with pytest.raises(ValueError, match=f"^{message}"):
+        ModelConfig.from_dict({**BASE, **change})
+
+
 def test_derived_sizes():
     config = ModelConfig(**BASE, n_kv_heads=1)
     assert config.resolved_head_dim == 16

@@ -44,24 +44,26 @@ def expert(layer: MoE, e: int, v: torch.Tensor) -> torch.Tensor:
     return h @ layer.down[e]  # (d,)
 
 
-def reference_moe(layer: MoE, x: torch.Tensor) -> torch.Tensor:
+def reference_moe(layer: MoE, x: torch.Tensor, counted: torch.Tensor | None = None) -> torch.Tensor:
     """The slow, obvious MoE: token by token, softmax over the router's logits,
     top-k, renormalise (k > 1), times the routed scale, each chosen expert as
     a dense MLP. An expert that already took `capacity` assignments (counted
     in token order) adds nothing. With router centring the router scores the
-    token minus the mean input."""
+    token minus the mean input. With `counted` (B, T) bool, capacity and mean
+    are the counted tokens', and those take their slots before the rest."""
     s = layer.settings
     B, T, d = x.shape
     tokens = x.reshape(B * T, d)
+    keep = torch.ones(B * T, dtype=torch.bool) if counted is None else counted.reshape(B * T)
     capacity = math.inf
     if s.capacity_factor is not None and layer.training:
-        capacity = math.ceil(s.capacity_factor * B * T * s.top_k / s.n_experts)
+        capacity = math.ceil(s.capacity_factor * int(keep.sum()) * s.top_k / s.n_experts)
     center = torch.zeros(d)  # router centring: the batch's mean in training, the running mean in eval
     if s.router_centering:
-        center = tokens.detach().mean(dim=0) if layer.training else layer.router_center
+        center = tokens.detach()[keep].mean(dim=0) if layer.training else layer.router_center
     taken = [0] * s.n_experts
-    rows = []
-    for t in range(B * T):
+    rows = [torch.zeros(d)] * (B * T)
+    for t in sorted(range(B * T), key=lambda t: not keep[t]):  # counted first, then the rest; each in token order
         probs = torch.softmax((tokens[t] - center) @ layer.router.weight.T, dim=-1)  # (E,)
         top = torch.topk(probs, s.top_k)
         gates = (top.values / top.values.sum() if s.top_k > 1 else top.values) * s.routed_scale
@@ -72,7 +74,7 @@ def reference_moe(layer: MoE, x: torch.Tensor) -> torch.Tensor:
             taken[e] += 1
         if layer.shared is not None:
             row = row + layer.shared(tokens[t])
-        rows.append(row)
+        rows[t] = row
     return torch.stack(rows).view(B, T, d)
 
 
@@ -229,6 +231,40 @@ def test_uncounted_tokens_are_routed_but_weigh_nothing_in_statistics_and_losses(
     assert not torch.allclose(everything.pop_aux_loss(), aux)
 
 
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_batch_of_padding_alone_keeps_the_running_mean_and_scores_zero(shared):
+    """No counted token: nothing to measure, so the running mean stays as it was (0 / 0
+    made it NaN, and every evaluation after), the losses are 0 and the statistics zeros,
+    not NaN; the same when the count is a sum over processes (a tensor, not an int)."""
+    layer = make_moe(router_centering=True, capacity_factor=1.0).train()
+    if shared:
+        share_batch_statistics(layer, lambda t: 2 * t)
+    x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(15)) + 2
+    layer(x)  # a real batch first, so the running mean is not zero
+    layer.pop_aux_loss()
+    center = layer.router_center.clone()
+    y = layer(x, torch.zeros(2, 6, dtype=torch.bool))
+    assert torch.equal(layer.router_center, center) and y.isfinite().all()
+    aux = layer.pop_aux_loss()
+    assert aux.item() == 0 and aux.requires_grad  # still in the graph: backward on it alone works
+    for name, value in layer.last_stats.items():
+        assert torch.equal(value, torch.zeros_like(value)), name
+    with torch.no_grad():
+        assert layer.eval()(x).isfinite().all()
+
+
+@pytest.mark.parametrize("mask", ["token_mask", "attention_mask"])
+@pytest.mark.parametrize("centred", [False, True])
+def test_a_model_trained_on_a_batch_of_padding_alone_still_evaluates(mask, centred):
+    model = make_model(router_centering=centred).train()
+    ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(16))
+    out = model(ids, **{mask: torch.zeros(2, 6, dtype=torch.bool)})
+    assert out.aux_loss.item() == 0 and out.logits.isfinite().all()
+    assert all(value.isfinite().all() for value in model.blocks[1].mlp.last_stats.values())
+    with torch.no_grad():
+        assert model.eval()(ids).logits.isfinite().all()
+
+
 def test_a_model_s_aux_loss_ignores_what_its_masked_padding_holds():
     """Right padding changes no real token (causal attention), and with token_mask it
     changes no balancing loss either; without it, the padding's routing counts."""
@@ -338,17 +374,45 @@ def test_loads_sum_to_tokens_times_k_and_drops_are_counted():
 
 
 def test_dropped_fraction_counts_the_counted_tokens_only():
-    """Padding takes capacity like any token, but its drops are not the model's: of 8 tokens
-    all routed to expert 0 (capacity 2), tokens 0 and 1 are kept; counting only the first 4,
-    2 of 4 assignments were dropped, not 6 of 8."""
+    """Padding's drops are not the model's, and padding buys no capacity: of 8 tokens all
+    routed to expert 0, counting the first 4 sizes capacity at ceil(4 / 4) = 1, so 3 of their
+    4 assignments drop (not 7 of 8); counting all 8, capacity 2 keeps 2 of 8."""
     layer = collapsed_layer(top_k=1, capacity_factor=1.0).train()
     x = torch.rand(1, 8, 16) + 0.1
     layer(x, torch.arange(8).unsqueeze(0) < 4)
-    assert layer.last_stats["dropped_fraction"].item() == pytest.approx(0.5)
-    layer(x, torch.arange(8).unsqueeze(0) < 2)
+    assert layer.last_stats["dropped_fraction"].item() == pytest.approx(0.75)
+    layer(x, torch.arange(8).unsqueeze(0) < 1)
     assert layer.last_stats["dropped_fraction"].item() == 0
     layer(x)
     assert layer.last_stats["dropped_fraction"].item() == pytest.approx(0.75)
+
+
+def test_padding_buys_no_capacity_and_never_takes_a_counted_token_s_slot():
+    """4 padding tokens ahead of 4 real ones, all routed to expert 0, capacity factor 2: the
+    4 real tokens size capacity at ceil(2 * 4 / 4) = 2, and the first two of them take it,
+    though the padding came first. (Sized on all 8 tokens and served in token order, the
+    padding took all 4 slots and every real token was dropped.)"""
+    layer = collapsed_layer(top_k=1, capacity_factor=2.0).train()
+    x = torch.rand(1, 8, 16) + 0.1
+    seen = {}
+    with attach_hooks(layer, {"hook_expert_dropped": lambda t, name: seen.__setitem__(name, t)}):
+        y = layer(x, torch.tensor([[False] * 4 + [True] * 4]))
+    assert seen["hook_expert_dropped"].tolist() == [6, 0, 0, 0]  # 2 slots for 8 assignments
+    assert (y[0].abs().sum(-1) > 0).tolist() == [False] * 4 + [True, True, False, False]  # served
+    assert layer.last_stats["dropped_fraction"].item() == pytest.approx(0.5)  # 2 of the 4 real ones
+
+
+@pytest.mark.parametrize("case", ["top1_capacity", "top2_capacity_shared", "top1_scaled_capacity"])
+def test_padded_dispatch_with_capacity_matches_the_reference(case):
+    """Padding scattered through the batch: the reference loop, serving counted tokens first
+    on a capacity of their own, gives every output, padding's included."""
+    layer = make_moe(**CASES[case]).train()
+    x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(21))
+    counted = torch.rand(2, 6, generator=torch.Generator().manual_seed(22)) < 0.6  # (2, 6)
+    tolerance = 1e-5 * CASES[case].get("routed_scale", 1.0)
+    with torch.no_grad():
+        assert (layer(x, counted) - reference_moe(layer, x, counted)).abs().max().item() <= tolerance
+        assert layer.last_stats["dropped_fraction"] > 0  # the case really drops something
 
 
 def test_top2_loads_count_both_slots():
@@ -398,6 +462,19 @@ def make_model(seed: int = 0, **moe) -> Transformer:
     config = ModelConfig(vocab_size=97, d_model=64, n_layers=2, n_heads=4, max_seq_len=64,
                          feed_forward=("dense", "moe"), moe=MoEConfig(**{"n_experts": E, "top_k": 2, **moe}))
     return Transformer(config)
+
+
+def test_a_float64_model_takes_the_loop_over_experts_and_equals_float32():
+    """F.grouped_mm takes no float64: such rows loop over the experts, with float32's numbers."""
+    x, w = torch.randn(10, 8, dtype=torch.float64), torch.randn(4, 8, 12, dtype=torch.float64)  # aligned rows
+    counts = torch.tensor([3, 0, 6, 1])
+    assert torch.equal(grouped_matmul(x, w, counts), grouped_matmul(x, w, counts, fused=False))
+    model = make_model()
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(17))  # 24 rows: the sorted dispatch
+    wide = copy.deepcopy(model).double()(ids)
+    assert wide.logits.dtype == torch.float64
+    torch.testing.assert_close(wide.logits.float(), model(ids).logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(wide.aux_loss.float(), model(ids).aux_loss)
 
 
 def test_moe_layers_follow_the_schedule_and_hook_names_are_regular():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from collections.abc import Mapping
 from typing import Any
@@ -15,7 +16,12 @@ from typing import Any
 NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rope", "learned", "none")
 MLPS = ("swiglu", "gelu", "gelu_tanh")
-ROPE_SCALINGS = ("linear", "llama3")
+# The settings each RoPE scaling kind reads (RopeScaling's docstring says how).
+ROPE_SCALING_FIELDS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len"),
+}
+ROPE_SCALINGS = tuple(ROPE_SCALING_FIELDS)
 # The settings each attention kind reads (AttentionPattern's docstring says how).
 PATTERN_FIELDS = {
     "dense": (),
@@ -36,7 +42,8 @@ class RopeScaling:
 
     kind="linear" divides every position by `factor` (Chen et al. 2023,
     "position interpolation"); kind="llama3" rescales only the low-frequency
-    bands, as in Meta's Llama 3.1 reference `apply_scaling`.
+    bands, as in Meta's Llama 3.1 reference `apply_scaling`. linear reads only
+    `factor`; another field set on it is an error, as on AttentionPattern.
     """
 
     kind: str = "linear"
@@ -47,7 +54,9 @@ class RopeScaling:
 
     def __post_init__(self) -> None:
         _check_choice("kind", self.kind, ROPE_SCALINGS)
-        _check_positive("factor", self.factor)
+        _check_used(self, ROPE_SCALING_FIELDS, "scaling")
+        for name in ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len"):
+            _check_positive(name, getattr(self, name))  # ratios and a length; llama3 divides by them (core/rope.py)
         if self.kind == "llama3" and self.high_freq_factor <= self.low_freq_factor:
             raise ValueError("high_freq_factor: must exceed low_freq_factor")
 
@@ -82,17 +91,11 @@ class AttentionPattern:
 
     def __post_init__(self) -> None:
         _check_choice("kind", self.kind, ATTENTION_KINDS)
-        for f in dataclasses.fields(self):  # a setting the kind ignores is a mistake, not a no-op
-            if f.name != "kind" and f.name not in PATTERN_FIELDS[self.kind] and getattr(self, f.name) != f.default:
-                uses = ", ".join(PATTERN_FIELDS[self.kind]) or "none"
-                kinds = ", ".join(k for k, names in PATTERN_FIELDS.items() if f.name in names)
-                raise ValueError(f"{f.name}: a {self.kind} pattern does not use it (its fields: {uses}); "
-                                 f"set kind to one that does ({kinds})")
+        _check_used(self, PATTERN_FIELDS, "pattern")
         for name in ("window", "dilation", "stride", "block", "summary"):
             _check_positive(name, getattr(self, name))
         for name in ("local_blocks", "global_blocks", "random_blocks", "seed"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
+            _check_non_negative(name, getattr(self, name))
         if self.kind == "fixed" and self.summary > self.block:
             raise ValueError(f"summary: {self.summary} exceeds block {self.block}")
 
@@ -115,7 +118,8 @@ class MoEConfig:
 
     capacity_factor None is dropless; otherwise an expert takes at most
     ceil(capacity_factor * tokens * top_k / n_experts) tokens and drops the
-    rest (they pass through on the residual stream).
+    rest (they pass through on the residual stream). Tokens here are those
+    the routing statistics count: padding buys no capacity (core/moe.py).
 
     router_centering routes each token on its difference from the mean MoE
     input (the batch's in training, a running mean in evaluation) rather
@@ -148,8 +152,7 @@ class MoEConfig:
             _check_positive("capacity_factor", self.capacity_factor)
         _check_positive("routed_scale", self.routed_scale)
         for name in ("aux_loss_coef", "z_loss_coef"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
+            _check_non_negative(name, getattr(self, name))
 
 
 @dataclass(frozen=True)
@@ -216,6 +219,8 @@ class ModelConfig:
         if self.d_ff is not None:
             _check_positive("d_ff", self.d_ff)
         _check_positive("norm_eps", self.norm_eps)
+        _check_positive("rope_theta", self.rope_theta)  # 0 or inf: NaN RoPE tables
+        _check_non_negative("init_std", self.init_std)
         if self.attn_scale is not None:
             _check_positive("attn_scale", self.attn_scale)
         if self.rotary_dim is not None:
@@ -359,8 +364,25 @@ def _check_types(cls: type, values: Mapping[str, Any]) -> None:
 
 
 def _check_positive(name: str, value: float) -> None:
-    if value <= 0:
-        raise ValueError(f"{name}: must be positive, got {value!r}")
+    if not 0 < value < math.inf:  # written so that NaN fails too
+        raise ValueError(f"{name}: must be positive and finite, got {value!r}")
+
+
+def _check_non_negative(name: str, value: float) -> None:
+    if not 0 <= value < math.inf:  # written so that NaN fails too
+        raise ValueError(f"{name}: must be >= 0 and finite, got {value!r}")
+
+
+def _check_used(part: Any, fields_by_kind: Mapping[str, tuple[str, ...]], what: str) -> None:
+    """ValueError naming the first field of `part`, a dataclass with a `kind`, set away from
+    its default though its kind does not read it: a setting the kind ignores is a mistake,
+    not a no-op ({kind: dense, window: 128} meant a window)."""
+    uses = fields_by_kind[part.kind]
+    for f in dataclasses.fields(part):
+        if f.name != "kind" and f.name not in uses and getattr(part, f.name) != f.default:
+            kinds = ", ".join(k for k, names in fields_by_kind.items() if f.name in names)
+            raise ValueError(f"{f.name}: a {part.kind} {what} does not use it "
+                             f"(its fields: {', '.join(uses) or 'none'}); set kind to one that does ({kinds})")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -61,18 +61,29 @@ def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor, alpha: float,
     share a batch). For top-k, f_i is the fraction of tokens that picked
     expert i among their k, as in Mixtral's reference (and transformers'
     load_balancing_loss_func), so sum_i f_i = k and a balanced router scores
-    alpha * k. Only P_i carries gradient.
+    alpha * k. Only P_i carries gradient. No token at all (a batch of padding
+    alone) scores 0: its counts are all 0, and so are f and P, not 0 / 0.
     """
     n_experts = probs.shape[1]
-    f = counts.to(probs.dtype) / (probs.shape[0] if n_tokens is None else n_tokens)  # (E,) fraction per expert
-    p = probs.mean(dim=0)  # (E,) mean router probability
+    n = probs.shape[0] if n_tokens is None else n_tokens
+    n = n.clamp(min=1) if isinstance(n, torch.Tensor) else max(n, 1)  # n 0: counts are 0, and so is f
+    f = counts.to(probs.dtype) / n  # (E,) fraction per expert
+    p = mean_or_zero(probs)  # (E,) mean router probability
     return alpha * n_experts * (f * p).sum()
 
 
 def router_z_loss(logits: torch.Tensor, coef: float) -> torch.Tensor:
     """ST-MoE router z-loss: coef * mean over tokens of logsumexp(logits)^2
-    (Zoph et al. 2022, eq. 5); keeps router logits small and softmax stable."""
-    return coef * torch.logsumexp(logits, dim=-1).square().mean()
+    (Zoph et al. 2022, eq. 5); keeps router logits small and softmax stable.
+    0 for no token."""
+    return coef * mean_or_zero(torch.logsumexp(logits, dim=-1).square())
+
+
+def mean_or_zero(x: torch.Tensor) -> torch.Tensor:
+    """x's mean over its first dimension (N, ...) -> (...), or zeros, still in
+    the graph, when N is 0: a batch of padding alone counts no token, and
+    0 / 0 would carry NaN into the losses and statistics."""
+    return x.mean(dim=0) if x.shape[0] else x.sum(dim=0)
 
 
 def router_entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -83,6 +94,9 @@ def router_entropy(probs: torch.Tensor) -> torch.Tensor:
 def expert_capacity(n_tokens: int, top_k: int, n_experts: int, factor: float) -> int:
     """Assignments an expert may take: ceil(factor * tokens * k / E) (Switch, eq. 3)."""
     return math.ceil(factor * n_tokens * top_k / n_experts)
+
+
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what F.grouped_mm takes
 
 
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, *,
@@ -97,7 +111,7 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, *,
     ms for a loop over the experts, and 0.13 against 0.16 ms for a 4-row
     decode step, with bit-identical results. On CUDA grouped_mm wants bf16 as
     well, which fp32 training does not give, so other devices loop over the
-    experts (never over tokens).
+    experts (never over tokens), as do dtypes it does not take (float64).
 
     Decoding a token or two does not come here: `MoE._decode` sends each
     token straight through its experts.
@@ -105,7 +119,7 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, *,
     w = w.to(x.dtype)  # autocast has no rule for grouped_mm; cast as it would for a matmul
     if fused is None:
         aligned = all(n * x.element_size() % 16 == 0 for n in w.shape[1:])
-        fused = x.device.type == "cpu" and aligned
+        fused = x.device.type == "cpu" and aligned and x.dtype in GROUPED_MM_DTYPES
     if fused:
         return F.grouped_mm(x, w, offs=counts.cumsum(0).to(torch.int32))
     return torch.cat([rows @ we for rows, we in zip(x.split(counts.tolist()), w)])  # (A, M)
@@ -124,7 +138,9 @@ class MoE(nn.Module):
     DeepSeekMoE). With a capacity factor, training drops assignments past an
     expert's capacity in token order (earlier tokens keep their slot, as in
     Switch and GShard); a dropped assignment contributes zero and the token
-    carries on along the residual stream. In eval mode nothing is dropped, so
+    carries on along the residual stream. Capacity is sized on the counted
+    tokens, which take their slots before padding does (padding gets what they
+    leave), so padding never drops a real token. In eval mode nothing is dropped, so
     a token's output never depends on what else is in the batch, and cached
     decoding equals the full forward.
 
@@ -219,9 +235,12 @@ class MoE(nn.Module):
             y = self._decode(flat, weights, experts, up, down)  # (N, d)
         else:
             counts = torch.bincount(experts.flatten(), minlength=s.n_experts)  # (E,)
-            capped = s.capacity_factor is not None and self.training  # eval never drops (class note)
-            limit = expert_capacity(B * T, s.top_k, s.n_experts, s.capacity_factor) if capped else None
-            y, over = self._dispatch(flat, weights, experts, counts, limit)  # (N, d), (N, k) or None
+            limit = None
+            if s.capacity_factor is not None and self.training:  # eval never drops (class note)
+                n_counted = B * T if rows is None else int(rows.sum())  # padding buys no slots (class note)
+                limit = expert_capacity(n_counted, s.top_k, s.n_experts, s.capacity_factor)
+            first = None if limit is None else rows  # (N,) bool: the tokens that take slots before padding
+            y, over = self._dispatch(flat, weights, experts, counts, limit, first)  # (N, d), (N, k) or None
         if rows is not None:  # from here on, statistics and losses: the counted tokens only
             logits, probs, experts = logits[rows], probs[rows], experts[rows]  # (n, E), (n, E), (n, k)
             over = None if over is None else over[rows]  # (n, k)
@@ -230,14 +249,15 @@ class MoE(nn.Module):
         if counts is not None:
             self._last["counts"] = counts
         if over is not None:
-            self._last["dropped"] = over.float().mean()  # () of the counted tokens' assignments
+            self._last["dropped"] = mean_or_zero(over.float().flatten())  # () of the counted tokens' assignments
         if torch.is_grad_enabled():
             loads = counts if counts is not None else torch.bincount(experts.flatten(), minlength=s.n_experts)
             counts, n_tokens = self._batch_total(loads, probs.shape[0])  # (E,), tokens
             balance = load_balancing_loss(probs, counts, s.aux_loss_coef, n_tokens)
             z = router_z_loss(logits, s.z_loss_coef)
             self._aux_loss = balance + z  # ()
-            self._last.update(balance_loss=balance.detach(), z_loss=z.detach())
+            # the loads logged are the whole batch's too: a max over processes' parts is not the batch's max
+            self._last.update(counts=counts, balance_loss=balance.detach(), z_loss=z.detach())
         else:  # inference: the losses only train the router; skipping them saves ~7% of a Mixtral decode step
             self._aux_loss = logits.new_zeros(())
         y = y.view(B, T, d)  # (B, T, d)
@@ -253,12 +273,16 @@ class MoE(nn.Module):
         mean = self._batch_mean(x.detach() if rows is None else x.detach()[rows])  # (d,)
         with torch.no_grad():
             self.router_center.lerp_(mean.to(self.router_center.dtype), CENTER_MOMENTUM)
-        return x - mean
+        return x - mean.to(x.dtype)
 
     def _batch_mean(self, x: torch.Tensor) -> torch.Tensor:
-        """(d,) the mean of the training batch's rows x (N, d)."""
+        """(d,) the mean of the training batch's rows x (N, d). A batch with no
+        row at all (padding alone) has none and gets the running mean: folding
+        that in leaves it exactly as it was, where 0 / 0 would make it NaN."""
         total, n = self._batch_total(x.sum(dim=0), x.shape[0])
-        return total / n
+        if isinstance(n, int):
+            return total / n if n else self.router_center
+        return torch.where(n > 0, total / n.clamp(min=1), self.router_center)  # a summed count: no host sync
 
     def _batch_total(self, values: torch.Tensor, n_tokens: int) -> tuple[torch.Tensor, int | torch.Tensor]:
         """(values, tokens) summed over this process's part of the batch, or
@@ -352,14 +376,17 @@ class MoE(nn.Module):
         """Rows (A, K) grouped by expert, counts[e] each, times their expert's `which` weights: (A, M)."""
         return grouped_matmul(rows, getattr(self, which), counts)
 
-    def _dispatch(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
-                  counts: torch.Tensor, limit: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _dispatch(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor,
+                  limit: int | None, first: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Sum_j weights[t, j] * expert_{experts[t, j]}(x[t]) for every token t:
         (N, d), and with a capacity limit which assignments went over it (N, k) bool
-        (their expert was full: they contribute nothing); None without one."""
+        (their expert was full: they contribute nothing); None without one. With
+        `first` (N,) bool, those tokens take their experts' slots before the others.
+        """
         k = experts.shape[1]
         flat_experts = experts.flatten()  # (N*k,) token-major: t*k + j
-        order = flat_experts.argsort(stable=True)  # (N*k,) stable: token order within an expert
+        key = flat_experts if first is None else 2 * flat_experts + (~first).repeat_interleave(k)  # (N*k,)
+        order = key.argsort(stable=True)  # (N*k,) by expert, `first` before the rest; stable: then token order
         kept, over = counts, None
         if limit is not None:
             start = counts.cumsum(0) - counts  # (E,) where each expert's slice begins
@@ -392,18 +419,19 @@ class MoE(nn.Module):
         load (E,) fraction of assignments per expert; max_load_over_fair (1 is
         perfect balance, E means one expert took everything); dropped_fraction
         of assignments, over capacity; router_entropy, mean nats per token; the weighted
-        balance_loss and z_loss (after forwards with gradients on only)."""
+        balance_loss and z_loss (after forwards with gradients on only). A forward
+        that counted no token (padding alone) gives zeros for all of them."""
         if not self._last:
             return {}
         last = self._last
         counts = last["counts"] if "counts" in last else torch.bincount(
             last["experts"].flatten(), minlength=self.settings.n_experts)  # (E,)
-        total = counts.sum().float()
+        total = counts.sum().float().clamp(min=1)  # no token: counts are 0, and so are the loads
         return {
             "load": counts.float() / total,  # (E,)
             "max_load_over_fair": counts.max().float() * self.settings.n_experts / total,
             "dropped_fraction": last.get("dropped", total.new_zeros(())).float(),
-            "router_entropy": router_entropy(last["probs"]).mean(),
+            "router_entropy": mean_or_zero(router_entropy(last["probs"])),
             **{name: last[name] for name in ("balance_loss", "z_loss") if name in last},
         }
 

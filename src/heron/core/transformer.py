@@ -198,8 +198,8 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of {past + T} tokens exceeds max_seq_len {self.config.max_seq_len}")
         if positions is None:
             positions = self.default_positions(past, T, key_mask, x.device)  # all < past + T: no check needed
-        elif int(positions.max()) >= self.config.max_seq_len:  # a host sync, paid only for caller's positions
-            raise ValueError(f"positions: {int(positions.max())} exceeds max_seq_len {self.config.max_seq_len}")
+        else:
+            check_positions(positions, B, T, self.config.max_seq_len)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
         x = self.hook_embed(x)
@@ -269,6 +269,23 @@ class Transformer(nn.Module):
         if positions.dim() == 2:
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, hd): broadcast over heads
         return cos, sin
+
+
+def check_positions(positions: torch.Tensor, B: int, T: int, max_seq_len: int) -> None:
+    """ValueError naming `positions` unless they are int64 or int32 indices shaped (T,) or
+    (B, T) for the input, each in [0, max_seq_len): a negative one would read the RoPE
+    table from its end (rope_cos[-3] is a real row) and the rest fail deep inside. One
+    host sync for both bounds, paid only for a caller's positions."""
+    if positions.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"positions: expected int64 or int32 indices, got {positions.dtype}")
+    if tuple(positions.shape) not in ((T,), (B, T)):
+        raise ValueError(f"positions: expected ({T},) or ({B}, {T}) for the input, got {tuple(positions.shape)}")
+    if positions.numel():
+        low, high = torch.stack(torch.aminmax(positions)).tolist()
+        if low < 0:
+            raise ValueError(f"positions: {low} is negative")
+        if high >= max_seq_len:
+            raise ValueError(f"positions: {high} exceeds max_seq_len {max_seq_len}")
 
 
 def causal_padding_mask(past: int, T: int, key_mask: torch.Tensor | None, device: torch.device) -> torch.Tensor:
