@@ -148,6 +148,16 @@ def test_nvml_energy_is_added_to_the_cpu_figure(tmp_path: Path, monkeypatch) -> 
     assert not report.measured  # the CPU part is an estimate
 
 
+def test_one_process_of_a_node_reads_its_node_wide_counters(tmp_path: Path, monkeypatch) -> None:
+    """Of several processes on one node, each counts its own CPU time, and one the GPUs (and RAPL's
+    packages) for all: the others read without the node-wide counters."""
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml({0: [5, 1000, 3000]}))
+    meter = EnergyMeter(powercap_root=tmp_path, watts_per_core=10.0, cpu_time=Ticks(1.0, 3.0)).start()
+    meter.stop()
+    assert meter.read(node_counters=True).joules == pytest.approx(22.0, abs=1e-12)
+    assert meter.read(node_counters=False).joules == pytest.approx(20.0, abs=1e-12)
+
+
 def test_gpus_without_an_energy_counter_are_skipped_with_the_reason(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml({0: []}, supported=False))
     meter = EnergyMeter(powercap_root=tmp_path, cpu_time=Ticks(0.0, 1.0))

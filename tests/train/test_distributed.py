@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from heron.core.head_loss import IGNORE_INDEX
 from heron.train import load_checkpoint, load_model_folder, train
+from heron.train.loop import rank_rows
 from heron.train.checkpoint import latest_checkpoint, list_checkpoints, remove_folder
 from heron.train.report import read_metrics
 from train_helpers import small_recipe
-from train_workers import DISTILL_SETTINGS, DISTRIBUTED_SETTINGS, MOE_SETTINGS, distillation
+from train_workers import DISTILL_SETTINGS, DISTRIBUTED_SETTINGS, MOE_SETTINGS, UNEVEN_SETTINGS, distillation
 
 HERE = Path(__file__).parent
 IDS = torch.arange(16).view(2, 8)
@@ -34,6 +36,7 @@ def runs(tmp_path_factory) -> Path:
     train(small_recipe(root / "moe-single", **MOE_SETTINGS))
     distill_single = small_recipe(root / "distill-single", **DISTILL_SETTINGS)
     train(distill_single, token_loss=distillation(distill_single))
+    train(small_recipe(root / "accum4-single", **{"train": {**UNEVEN_SETTINGS["train"], "parallel": "none"}}))
     return root
 
 
@@ -61,7 +64,7 @@ def test_only_rank_0_speaks_for_the_run(runs: Path, parallel: str) -> None:
 def test_a_moe_trained_by_two_processes_follows_the_one_process_curve(runs: Path, parallel: str) -> None:
     """Router centring and the balancing loss see the global batch, not each process's half."""
     single, multi = runs / "moe-single", runs / f"moe-{parallel}"
-    for key in ("loss", "val_loss", "grad_norm", "moe_balance_loss", "moe_z_loss"):
+    for key in ("loss", "val_loss", "grad_norm", "moe_balance_loss", "moe_z_loss", "moe_max_load_over_fair"):
         torch.testing.assert_close(curve(multi, key), curve(single, key), rtol=1e-5, atol=0, msg=key)
     model, _ = load_model_folder(multi)
     reference, _ = load_model_folder(single)
@@ -89,6 +92,7 @@ def test_multi_process_checkpoint_loads_into_one_process(runs: Path, parallel: s
     assert model.lm_head.weight is model.embed.weight
     lineage = load_checkpoint(runs / parallel).lineage
     assert (lineage["world_size"], lineage["parallel"]) == (2, parallel)
+    assert lineage["energy"]["source"].endswith("summed over 2 processes")  # not rank 0's part alone
     torch.testing.assert_close(model(IDS).logits, reference(IDS).logits, rtol=1e-4, atol=1e-5)
 
 
@@ -109,3 +113,20 @@ def test_one_process_resumes_an_fsdp_run(runs: Path, tmp_path: Path) -> None:
     resumed = train(small_recipe(copy, **DISTRIBUTED_SETTINGS))
     torch.testing.assert_close(torch.tensor(resumed.losses, dtype=torch.float64), curve(runs / "single", "loss"),
                                rtol=1e-5, atol=0)
+
+
+@pytest.mark.slow
+def test_an_uneven_validation_batch_is_scored_as_one_process_scores_it(runs: Path) -> None:
+    """A 7-row validation batch over 2 FSDP processes in micro-batches of one row: 4 forwards on
+    one rank and 3 on the other hung at the gathers; evened out, the loss is one process's."""
+    torch.testing.assert_close(curve(runs / "fsdp-accum4", "val_loss"), curve(runs / "accum4-single", "val_loss"),
+                               rtol=1e-5, atol=0)
+
+
+def test_every_window_of_a_validation_batch_is_scored_once_whatever_the_processes() -> None:
+    x, y = torch.arange(3 * 4).view(3, 4), torch.arange(3 * 4).view(3, 4) + 100
+    for world in (1, 2, 3, 4, 5):
+        shares = [rank_rows(x, y, rank, world) for rank in range(world)]
+        assert len({share[0].shape[0] for share in shares}) == 1  # as many forwards on every rank
+        scored = torch.cat([ys[ys[:, 0] != IGNORE_INDEX] for _, ys in shares])
+        assert torch.equal(scored, y), world

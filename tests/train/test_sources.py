@@ -11,7 +11,7 @@ from heron.data import Corpus, prepare_shards
 from heron.tokenizer import HeronTokenizer, train_tokenizer
 from heron.train import load_model_folder, train
 from heron.train.recipe import RecipeError, SyntheticData, recipe_from_dict
-from heron.train.sources import synthetic_data
+from heron.train.sources import resolve_data, synthetic_data
 from train_helpers import SMALL_MODEL
 
 CODE = "def add(a, b):\n    return a + b\n\n\nclass Point:\n    x: int = 0\n    y: int = 0\n"
@@ -140,3 +140,15 @@ def test_token_streams_from_python_need_no_data_section_and_are_identified(tmp_p
                                                                   vocab_size=64))
     with pytest.raises(RecipeError, match=r"data.shards: set data.shards .* or pass the token streams"):
         train(recipe_from_dict(raw, world_size=1))
+
+
+def test_every_process_learns_why_the_main_one_could_not_prepare_the_data(tmp_path: Path) -> None:
+    """Under torchrun the main process prepares the shards while the others wait: when it
+    fails, it tells them, and each fails with its error, not with a broken connection."""
+    section = recipe_from_dict(shard_recipe(tmp_path, tmp_path / "missing-corpus"), world_size=1).data
+    told = []
+    with pytest.raises(RecipeError, match="missing-corpus") as main_error:
+        resolve_data(section, is_main=True, share=lambda failure: told.append(failure) or failure)
+    assert told == [str(main_error.value)]
+    with pytest.raises(RecipeError, match="data: the main process could not prepare the data: .*missing-corpus"):
+        resolve_data(section, is_main=False, share=lambda failure: told[0])

@@ -7,7 +7,8 @@
         train the small recipe with DDP into OUT_ROOT/ddp, then FSDP into OUT_ROOT/fsdp;
         then FSDP again into OUT_ROOT/fsdp-resumed, crashing after step 4 and resuming;
         then a MoE with DDP and FSDP into OUT_ROOT/moe-ddp and OUT_ROOT/moe-fsdp;
-        then distillation (fused loss and hidden term) into OUT_ROOT/distill-ddp and -fsdp.
+        then distillation (fused loss and hidden term) into OUT_ROOT/distill-ddp and -fsdp;
+        then FSDP with micro-batches of one row into OUT_ROOT/fsdp-accum4.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ MOE_SETTINGS = {
 
 
 DISTILL_SETTINGS = {"train": {**DISTRIBUTED_SETTINGS["train"], "grad_accum": 1}}
+UNEVEN_SETTINGS = {"train": {**DISTRIBUTED_SETTINGS["train"], "grad_accum": 4, "parallel": "fsdp"}}
 
 
 def distillation(recipe: TrainRecipe) -> Objective:
@@ -85,6 +87,8 @@ def distributed(out_root: Path) -> None:
         recipe = small_recipe(out_root / f"distill-{parallel}", world_size=world,
                               train={**DISTILL_SETTINGS["train"], "parallel": parallel})
         train(recipe, token_loss=distillation(recipe))
+    # micro-batches of 1 row: the 7-row validation batch gives ranks 4 and 3 forwards unless evened out
+    train(small_recipe(out_root / "fsdp-accum4", world_size=world, **UNEVEN_SETTINGS))
     dist.destroy_process_group()
 
 

@@ -34,8 +34,9 @@ emissions.csv; and its output does not say, figure by figure, what was
 measured and what was assumed. Reading two sysfs files and one NVML call is
 less code than adapting it.
 
-Distributed runs: each process meters itself; the train loop records rank
-0's figure (RAPL: its whole node; the estimate: its process only).
+Distributed runs: each process meters itself, and the train loop adds up
+every process's estimate and the node-wide counters (RAPL, NVML) read by one
+process per node (`read(node_counters=...)`).
 """
 from __future__ import annotations
 
@@ -269,12 +270,15 @@ class EnergyMeter:
         self._started()
         self._sample()
 
-    def read(self, tokens: int | None = None) -> EnergyReport:
-        """Energy from start() to now, or to stop() once stopped; the meter runs on."""
+    def read(self, tokens: int | None = None, *, node_counters: bool = True) -> EnergyReport:
+        """Energy from start() to now, or to stop() once stopped; the meter runs on. Without
+        `node_counters`, the measured counters, which count the whole node (RAPL's packages,
+        NVML's GPUs), are left out: of several processes on a node, one reads them for all."""
         start = self._started()
         _check_tokens(tokens)
         end = self._end or self._sample()
-        joules = sum((b - a) * c.scale for c, a, b in zip(self._counters, start[1], end[1]))
+        joules = sum((b - a) * c.scale for c, a, b in zip(self._counters, start[1], end[1])
+                     if node_counters or not c.measured)
         return EnergyReport(joules, end[0] - start[0], self.source, self.measured, tokens, self.grid_g_per_kwh,
                             self.unavailable)
 

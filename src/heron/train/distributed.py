@@ -133,6 +133,15 @@ def all_reduce_sum(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return value
 
 
+def from_main(value: Any, ctx: DistContext) -> Any:
+    """Rank 0's `value` on every rank (a collective: every rank calls it and waits for rank 0)."""
+    if ctx.world_size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier(ctx: DistContext) -> None:
     if ctx.world_size > 1:
         dist.barrier()

@@ -55,8 +55,9 @@ from heron.train.checkpoint import (
     save_checkpoint,
 )
 from heron.train.optim import build_optimizer, recipe_lr, set_lr
-from heron.train.recipe import RecipeError, TrainRecipe, batch_plan, model_config
+from heron.train.recipe import RecipeError, TrainRecipe, batch_plan, model_config, setting_changes
 from heron.train.report import METRICS_FILE, PLOT_FILE, append_metrics, logged_timings, plot_losses, write_metrics
+from heron.train.rng import rng_states, set_rng_states
 from heron.train.sources import TrainData, given_data, resolve_data
 
 # The training objective of one micro-batch: (inputs x (b, T), the model's fp32 logits
@@ -188,7 +189,7 @@ def _start(recipe: TrainRecipe, ctx: dist_.DistContext, resume: bool, data: Trai
     if ctx.is_main:
         _warn_if_warmup_fills_the_run(recipe)
     data = given_data(data) if data is not None else resolve_data(recipe.data, is_main=ctx.is_main,
-                                                                  barrier=lambda: dist_.barrier(ctx))
+                                                                  share=lambda failure: dist_.from_main(failure, ctx))
     _check_data_fits(recipe, data)
     config = model_config(recipe, data.vocab_size)
     out_dir = Path(recipe.out_dir)
@@ -261,28 +262,13 @@ def _check_resumable(ckpt: Checkpoint, recipe: TrainRecipe, data: TrainData) -> 
         "data": (_data_identity(ckpt.lineage.get("data", {})), _data_identity(data.meta)),
     }
     for name, (old, new) in fields.items():
-        changes = _changes(name, old, new)
-        if changes:
-            shown = "; ".join(changes[:3]) + (f"; and {len(changes) - 3} more" if len(changes) > 3 else "")
+        shown = setting_changes(name, old, new)
+        if shown:
             raise RecipeError(
                 f"{name}: {recipe.out_dir} holds a run this recipe cannot continue ({shown}); choose another "
                 "out_dir, or pass --no-resume (resume=False) to delete that run's checkpoints and metrics and "
                 "start over"
             )
-
-
-def _changes(name: str, old: Any, new: Any) -> list[str]:
-    """What differs between two settings, by dotted key: ["model.d_model: 64, now 128", ...]."""
-    old, new = (v.model_dump() if hasattr(v, "model_dump") else v for v in (old, new))
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [change for key in sorted(old.keys() | new.keys(), key=str)
-                for change in _changes(f"{name}.{key}", old.get(key), new.get(key))]
-    return [] if old == new else [f"{name}: {_short(old)}, now {_short(new)}"]
-
-
-def _short(value: Any, width: int = 24) -> str:
-    text = repr(value)
-    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def _warn_of_changed_length(ckpt: Checkpoint, recipe: TrainRecipe) -> None:
@@ -319,7 +305,7 @@ def _restore(run: _Run, ckpt: Checkpoint) -> None:
                                   "(a run without them); resume with the objective it was trained with")
         run.objective.params.load_state_dict(state["objective"]["params"])
         run.objective_optimizer.load_state_dict(state["objective"]["optimizer"])
-    _set_rng_states(state["rng"])
+    set_rng_states(state["rng"])
     run.step, run.history, run.last_checkpoint = state["step"], list(state["history"]), ckpt.path
     if "energy" in ckpt.lineage:
         run.energy_before = EnergyReport.from_dict(ckpt.lineage["energy"])
@@ -327,27 +313,6 @@ def _restore(run: _Run, ckpt: Checkpoint) -> None:
         timings = logged_timings(run.out_dir)
         write_metrics(run.out_dir, [{**row, **timings.get(row["step"], {})} for row in run.history
                                     if _logged(row, run.recipe)])
-
-
-def _rng_states() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    states = {
-        "python": random.getstate(),
-        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def _set_rng_states(states: dict[str, Any]) -> None:
-    random.setstate(states["python"])
-    kind, keys, *rest = states["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 # ----- the loop ---------------------------------------------------------------
@@ -495,15 +460,27 @@ def evaluate(run: _Run) -> float:
     run.model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # (loss sum, tokens)
     for x, y in eval_batches(run.data.val, t.batch_size, run.recipe.data.seq_len, max_batches=t.eval_batches):
-        if x.shape[0] < ctx.world_size:  # too few rows to give every process one; the same on all ranks
-            break
-        x, y = x.tensor_split(ctx.world_size)[ctx.rank], y.tensor_split(ctx.world_size)[ctx.rank]
+        x, y = rank_rows(x, y, ctx.rank, ctx.world_size)
         for xm, ym in zip(x.split(run.micro_batch), y.split(run.micro_batch)):
             loss, _ = _forward_loss(run, xm, ym)
             total += torch.stack([loss.double(), (ym != IGNORE_INDEX).sum().to(total)])
     run.model.train()
     total = dist_.all_reduce_sum(total, run.ctx)
     return float(total[0] / total[1])
+
+
+def rank_rows(x: torch.Tensor, y: torch.Tensor, rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank `rank`'s share of a validation batch x, y (B, T), topped up to ceil(B / world_size)
+    rows with rows whose targets are all IGNORE_INDEX (they score nothing): every rank then runs
+    as many forwards, which FSDP's gathers must pair up, even when B does not divide evenly or
+    is less than the number of processes; each window is scored once, as in one process."""
+    rows = -(-x.shape[0] // world_size)
+    x_share, y_share = x.tensor_split(world_size)[rank], y.tensor_split(world_size)[rank]
+    pad = rows - x_share.shape[0]
+    if pad == 0:
+        return x_share, y_share
+    return (torch.cat([x_share, x[:1].expand(pad, -1)]),
+            torch.cat([y_share, torch.full((pad, y.shape[1]), IGNORE_INDEX, dtype=y.dtype)]))
 
 
 # ----- checkpoints --------------------------------------------------------------
@@ -513,14 +490,15 @@ def _checkpoint(run: _Run) -> None:
     """Gather full state on every rank (a collective), write from rank 0 only."""
     model_state, optim_state = dist_.full_state_dicts(run.model, run.optimizer)
     run.last_checkpoint = run.out_dir / CHECKPOINTS_DIR / checkpoint_name(run.step)
+    energy = _energy(run)  # a collective too
     if run.ctx.is_main:
         t = run.recipe.train
         trainer_state = {"format": STATE_FORMAT, "step": run.step, "optimizer": optim_state,
-                         "rng": _rng_states(), "history": run.history}
+                         "rng": rng_states(), "history": run.history}
         if run.objective_optimizer is not None:
             trainer_state["objective"] = {"params": run.objective.params.state_dict(),
                                           "optimizer": run.objective_optimizer.state_dict()}
-        lineage = _lineage(run)  # once: the audit record states what the checkpoint does, energy included
+        lineage = _lineage(run, energy)  # once: the audit record states what the checkpoint does, energy included
         save_checkpoint(
             run.out_dir, run.step, dist_.unwrap(run.model), keep_last=t.keep_last,
             tokenizer=run.data.tokenizer, lineage=lineage, state_dict=model_state,
@@ -533,7 +511,7 @@ def _checkpoint(run: _Run) -> None:
     dist_.barrier(run.ctx)
 
 
-def _lineage(run: _Run) -> dict[str, Any]:
+def _lineage(run: _Run, energy: EnergyReport) -> dict[str, Any]:
     last = run.history[-1] if run.history else {}
     val = [row["val_loss"] for row in run.history if "val_loss" in row]
     return {
@@ -546,15 +524,21 @@ def _lineage(run: _Run) -> dict[str, Any]:
         "metrics": {"train_loss": last.get("loss"), "val_loss": val[-1] if val else None},
         "world_size": run.ctx.world_size,
         "parallel": run.ctx.parallel,
-        "energy": _energy(run).to_dict(),
+        "energy": energy.to_dict(),
         **run.lineage_extra,
     }
 
 
 def _energy(run: _Run) -> EnergyReport:
-    """Energy of the whole run so far (rank 0's meter): the segments before a
-    resume, as the checkpoint's lineage recorded them, plus this one."""
-    report = run.meter.read()
+    """Energy of the whole run so far: the segments before a resume, as the checkpoint's
+    lineage recorded them, plus this one's, summed over the processes (each one's own
+    estimate, and the node-wide counters read by local rank 0). A collective: every rank calls it."""
+    report = run.meter.read(node_counters=run.ctx.local_rank == 0)
+    if run.ctx.world_size > 1:
+        joules = dist_.all_reduce_sum(torch.tensor([report.joules], dtype=torch.float64, device=run.ctx.device),
+                                      run.ctx)
+        report = replace(report, joules=float(joules[0]),
+                         source=f"{report.source}, summed over {run.ctx.world_size} processes")
     if run.energy_before is not None:
         report = run.energy_before + report
     return replace(report, tokens=run.history[-1]["tokens"] if run.history else None)

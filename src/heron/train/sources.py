@@ -38,8 +38,10 @@ class TrainData:
 
 
 def resolve_data(section: DataSection, *, is_main: bool = True,
-                 barrier: Callable[[], None] = lambda: None) -> TrainData:
-    """Load (preparing first if needed, on the main process only) the recipe's data.
+                 share: Callable[[str | None], str | None] = lambda failure: failure) -> TrainData:
+    """Load (preparing first if needed, on the main process only) the recipe's data. `share`
+    hands the main process's failure (None: it succeeded) to every process, which waits
+    for it: a process then fails with the main one's error, not a broken connection.
 
     With `data.corpus` set, the shards must be that corpus's: a folder holding shards of
     another corpus, or made with a tokenizer of another `data.vocab_size`, is refused rather
@@ -51,13 +53,21 @@ def resolve_data(section: DataSection, *, is_main: bool = True,
         raise RecipeError("data.shards: set data.shards (a shard folder) or data.synthetic, or pass the token "
                           "streams to train(data=...)")
     folder = Path(section.shards)
+    failure = None
     if is_main and section.corpus is not None:
-        if (folder / META_FILE).is_file():
-            _check_made_from(section, folder)
-        else:
-            _check_room(folder)
-            _prepare(section, folder)
-    barrier()  # the other processes wait for the main one to finish preparing
+        try:
+            if (folder / META_FILE).is_file():
+                _check_made_from(section, folder)
+            else:
+                _check_room(folder)
+                _prepare(section, folder)
+        except Exception as err:  # noqa: BLE001 - told to the other processes, then raised
+            failure = err
+    shared = share(None if failure is None else str(failure))  # the others wait for the main one
+    if failure is not None:
+        raise failure
+    if shared is not None:
+        raise RecipeError(f"data: the main process could not prepare the data: {shared}")
     return _load(section, folder)
 
 
