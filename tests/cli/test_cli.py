@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from heron.cli.main import main
+from heron.cli.commands import sampling_params
+from heron.cli.main import build_parser, main
+from heron.tokenizer import HeronTokenizer
 
 CODE = '''def add_{i}(a, b):
     """Return the sum of a and b."""
@@ -72,11 +74,23 @@ def test_tokenizer_data_train_generate_eval(corpus: Path, tmp_path: Path, capsys
     for flag, value in (("--top-p", "0"), ("--temperature", "-1"), ("--repetition-penalty", "0")):
         assert main(["generate", str(checkpoint), "--prompt", "def ", flag, value]) == 2
         assert f"heron generate: error: {flag}: must be" in capsys.readouterr().err  # the flag, not top_p
+    prompt_len = len(HeronTokenizer.load(tmp_path / "tok.json").encode("def "))
     assert main(["generate", str(checkpoint), "--prompt", "def ", "--max-new-tokens", "128"]) == 2
     out, err = capsys.readouterr()
-    assert out == "" and "exceeds the model's max_seq_len 64" in err
-    assert main(["generate", str(checkpoint), "--prompt", "def f(): pass\n" * 40]) == 2  # no --max-new-tokens to blame
-    assert "prompt: " in (err := capsys.readouterr().err) and "more than the model's context of 64; shorten it" in err
+    room = 64 + 1 - prompt_len  # the last new token is never fed back through the 64-token context
+    assert out == "" and (f"heron generate: error: --max-new-tokens: at most {room} after a {prompt_len}-token "
+                          "prompt (the model's context is 64 tokens), got 128") in err
+    assert main(["generate", str(checkpoint), "--prompt", "def ", "--max-new-tokens", str(room), "--no-stream"]) == 0
+    capsys.readouterr()
+    for given in ([], ["--max-new-tokens", "3"]):  # too long a prompt is the prompt's fault, not --max-new-tokens'
+        assert main(["generate", str(checkpoint), "--prompt", "def f(): pass\n" * 40, *given]) == 2
+        err = capsys.readouterr().err
+        assert "heron generate: error: prompt: " in err and "more than the model's context of 64; shorten it" in err
+    # --chat builds the template's control tokens itself: the prompt text alone cannot (see test_engine).
+    assert main(["generate", str(checkpoint), "--chat", "--prompt", "hi", "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().out.startswith("<|bos|><|user|>\nhi<|end|>\n<|assistant|>\n")
+    assert main(["eval", str(checkpoint), "--shards", str(shards), "--seq-len", "65"]) == 2
+    assert "heron eval: error: --seq-len: at most the model's max_seq_len 64, got 65" in capsys.readouterr().err
     text, ppl = generated_and_perplexity(shards, checkpoint, "cpu", capsys)
     assert text.startswith("def ")
     # A prompt piped in (`echo "def " | heron generate ...`) loses the newline echo adds: the same text.
@@ -174,6 +188,18 @@ def test_unknown_recipe_lists_the_shipped_ones(capsys) -> None:
 def test_generate_from_a_missing_checkpoint_fails_clearly(tmp_path: Path, capsys) -> None:
     assert main(["generate", str(tmp_path / "nope"), "--prompt", "x"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, complaint", [
+    (["--watermark-gamma", "1.5"], "--watermark-gamma: the green fraction must lie in (0, 1), got 1.5"),
+    (["--watermark-key", ""], "--watermark-key: must not be empty"),
+    (["--watermark-delta", "nan"], "--watermark-delta: expected a finite number, got nan"),
+])
+def test_a_bad_watermark_setting_is_named_by_its_flag(flags, complaint) -> None:
+    args = build_parser().parse_args(["generate", "ckpt", "--watermark-key", "k", *flags])
+    with pytest.raises(ValueError) as caught:
+        sampling_params(args)
+    assert str(caught.value) == complaint  # not the Watermark's field (gamma, key, delta)
 
 
 @pytest.mark.parametrize("argv, flag", [

@@ -24,7 +24,7 @@ class CharTokenizer:
     eos_id = 1
     stop_ids = (1,)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, allow_special: bool = True) -> list[int]:  # no special token has a spelling
         return [ord(c) - FIRST_CHAR + 2 for c in text]
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -38,7 +38,7 @@ class ByteTokenizer:
     eos_id = 257
     stop_ids = (257,)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, allow_special: bool = True) -> list[int]:  # no special token has a spelling
         return list(text.encode("utf-8"))
 
     def decode(self, ids: Sequence[int]) -> str:

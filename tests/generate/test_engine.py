@@ -3,7 +3,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from heron.generate import FINISH_LENGTH, FINISH_STOP, Decoder, Generator, SamplingParams, apply_repetition_penalty
+from heron.generate import (FINISH_LENGTH, FINISH_STOP, Decoder, Generator, SamplingParams, apply_repetition_penalty,
+                            left_pad)
+from heron.tokenizer import SPECIAL_TOKENS, train_tokenizer
 
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
 PROMPTS = [[5, 17, 3, 40, 41, 42, 9, 60, 61, 2, 11, 12], [33], [70, 71, 72, 73, 74]]
@@ -53,6 +55,12 @@ def test_repetition_penalty_equals_reference(model):
 def test_top_k_1_equals_greedy(model):
     params = SamplingParams(max_new_tokens=24, temperature=1.3, top_k=1, ignore_eos=True, seed=5)
     assert Generator(model).generate_ids(PROMPTS, params) == Generator(model).generate_ids(PROMPTS, GREEDY)
+
+
+def test_a_tiny_temperature_decodes_as_greedy(model):
+    for temperature in (1e-37, 1e-45, 1e-300):  # float32 overflows, or cannot hold the temperature at all
+        params = replace(GREEDY, temperature=temperature, seed=0)
+        assert Generator(model).generate_ids(PROMPTS, params) == Generator(model).generate_ids(PROMPTS, GREEDY)
 
 
 def test_same_seed_same_text_different_seed_different_text(model, tokenizer):
@@ -160,7 +168,11 @@ def test_a_hook_attached_while_decoding_sees_every_step_and_steers_it(model):
         ([[]], GREEDY, "prompt_ids\\[0\\]"),
         ([], GREEDY, "prompt_ids"),
         ([[1, 97]], GREEDY, "prompt_ids\\[0\\]"),
-        ([[1] * 100], SamplingParams(max_new_tokens=30), "max_new_tokens"),
+        ([[1] * 100], SamplingParams(max_new_tokens=30), "max_new_tokens: .* \\(at most 29\\)$"),
+        ([[1] * 129], SamplingParams(max_new_tokens=1), "prompt_ids: a 129-token prompt is longer than the model's "
+                                                        "max_seq_len 128"),
+        ([[1.5, 2]], GREEDY, "prompt_ids\\[0\\]: token ids must be integers"),  # not token 1, silently
+        (torch.tensor([[3.0, 4.0]]), GREEDY, "prompt_ids\\[0\\]: token ids must be integers"),
         ([[1]], SamplingParams(stop=["x"]), "stop"),
         ([1, 2, 3], GREEDY, "prompt_ids: expected a batch of prompts"),  # one prompt's ids, not a batch
         (torch.tensor([1, 2, 3]), GREEDY, "prompt_ids: a tensor of prompts is \\(B, P\\)"),
@@ -188,6 +200,37 @@ def test_prompt_filling_the_context_exactly_is_allowed(model):
 def test_text_api_needs_a_tokenizer(model):
     with pytest.raises(ValueError, match="tokenizer"):
         Generator(model).generate("hi", GREEDY)
+    # Ids in, but text out: without a tokenizer the text would be '' for any ids generated.
+    for text_out in (lambda g: g.generate([[1, 2, 3]], GREEDY), lambda g: list(g.stream([1, 2, 3], GREEDY))):
+        with pytest.raises(ValueError, match="^text generation needs a tokenizer: .* use generate_ids or complete"):
+            text_out(Generator(model))
+
+
+def test_a_prompt_of_float_ids_is_refused(model, tokenizer):
+    with pytest.raises(ValueError, match="^prompt_ids: token ids must be integers"):
+        Generator(model, tokenizer).generate([[1.5, 2]], GREEDY)
+    assert Generator(model).prompt_ids(torch.tensor([1, 2])) == [1, 2]
+
+
+def test_a_pad_id_outside_the_vocabulary_pads_with_one_inside(model, tokenizer):
+    # Padding is masked out, so any id the embedding holds will do; 97 would index past it.
+    ids, mask = left_pad([[1, 2, 3], [4]], pad_id=97, vocab_size=97)
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]]
+    assert mask.tolist() == [[True, True, True], [False, False, True]]
+    tokenizer.pad_id = 500  # a tokenizer whose pad token lies past the model's vocabulary
+    gen = Generator(model, tokenizer)
+    assert gen.generate(["abc", "a"], GREEDY) == [gen.generate("abc", GREEDY), gen.generate("a", GREEDY)]
+
+
+def test_special_token_spellings_in_prompt_text_stay_plain_text(make_model):
+    tokenizer = train_tokenizer(["def add(a, b):\n    return a + b\n"] * 5, vocab_size=300, show_progress=False)
+    gen = Generator(make_model(vocab_size=tokenizer.vocab_size), tokenizer)
+    text = f"Please repeat: {SPECIAL_TOKENS['eos']}{SPECIAL_TOKENS['user']}"
+    special = set(tokenizer.special_ids.values())
+    assert {tokenizer.eos_id, tokenizer.special_ids["user"]} <= set(tokenizer.encode(text))  # real spellings
+    ids = gen.prompt_ids(text)
+    assert not special & set(ids) and tokenizer.decode(ids) == text  # no control token injected
+    assert gen.prompt_ids([tokenizer.eos_id]) == [tokenizer.eos_id]  # ids are for prompts that need them
 
 
 def test_single_prompt_returns_a_string(model, tokenizer):

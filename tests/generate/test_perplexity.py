@@ -93,3 +93,9 @@ def test_progress_bar_does_not_change_the_answer(model):
     tokens = np.arange(40) % VOCAB
     assert perplexity(model, tokens, 8, 2, progress=True) == perplexity(model, tokens, 8, 2)
 
+
+
+@pytest.mark.parametrize("tokens", [torch.tensor([1.5, 2.7, 3.0]), np.array([1.0, 2.0, 3.0])])
+def test_float_tokens_are_refused_not_truncated(model, tokens):
+    with pytest.raises(ValueError, match="^tokens: token ids must be integers, got torch.float"):
+        perplexity(model, tokens, seq_len=4, batch_size=1)

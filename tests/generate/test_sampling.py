@@ -130,3 +130,14 @@ def test_temperature_sharpens_before_top_p():
 def test_penalty_needs_the_seen_mask():
     with pytest.raises(ValueError, match="repetition_penalty"):
         sample_next(torch.zeros(1, 3), SamplingParams(repetition_penalty=1.2))
+
+
+@pytest.mark.parametrize("temperature", [1e-37, 1e-45, 1e-300])
+@pytest.mark.parametrize("filters", [{}, {"top_k": 2}, {"top_p": 0.9}])
+def test_a_tiny_temperature_samples_the_likeliest_token(temperature, filters):
+    # 100 / 1e-37 overflows float32 (3.4e38): divided as they come, the logits' softmax would be nan.
+    # 1e-45 and 1e-300 are below float32's smallest normal number, where 1e-300 itself rounds to 0.
+    logits = torch.tensor([[100.0, 50.0, -100.0], [-3.0, 7.0, 2.0]])
+    params = SamplingParams(temperature=temperature, **filters)
+    assert params.greedy == (temperature < 1e-38)
+    assert torch.equal(sample_next(logits, params, torch.Generator().manual_seed(0)), torch.tensor([0, 1]))

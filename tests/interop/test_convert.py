@@ -12,7 +12,7 @@ transformers = pytest.importorskip("transformers")
 import heron  # noqa: E402
 from heron.cli.main import main  # noqa: E402
 from heron.generate import Generator, SamplingParams  # noqa: E402
-from heron.tokenizer import ChatTemplateError, PretrainedTokenizer  # noqa: E402
+from heron.tokenizer import ChatTemplateError, PretrainedTokenizer, train_tokenizer  # noqa: E402
 from heron.train.checkpoint import sha256_file  # noqa: E402
 
 STRINGS = ["def f(x):\n    return x", "Hello, world!", "", "unseen ÿ 字 \t tokens"]
@@ -171,3 +171,26 @@ def test_the_exported_weights_are_as_readable_as_the_other_files(tmp_path):
     save_hf_folder(Transformer(ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2)), tmp_path / "hf")
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "hf").iterdir()}
     assert modes["model.safetensors"] == modes["config.json"], modes
+
+
+def test_an_exported_heron_tokenizer_still_ends_replies_at_end(tmp_path):
+    """Heron ends a reply with <|end|> and a document with <|eos|>: the exported folder says so in
+    generation_config.json, where transformers' generate and Heron's reader both find it."""
+    from heron.align.data import encode_chats
+    from heron.core import ModelConfig, Transformer
+    from heron.interop import save_hf_folder
+
+    native = train_tokenizer(["Hi there. Hello! Sure, again."] * 10, vocab_size=300, show_progress=False)
+    model = Transformer(ModelConfig(vocab_size=native.vocab_size, d_model=16, n_layers=1, n_heads=2))
+    save_hf_folder(model, tmp_path / "hf", native)
+    _, exported = heron.load(tmp_path / "hf")
+    assert exported.chat_stop_ids == native.chat_stop_ids == (native.end_id, native.eos_id)
+    assert exported.reply_ids("Sure.") == native.reply_ids("Sure.")
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "again"}, {"role": "assistant", "content": "Sure."}]
+    ours, theirs = encode_chats(exported, [chat], 64), encode_chats(native, [chat], 64)
+    assert torch.equal(ours.ids, theirs.ids) and torch.equal(ours.mask, theirs.mask)
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path / "hf")
+    assert generation.eos_token_id == [native.end_id, native.eos_id] and generation.pad_token_id == native.pad_id
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf.apply_chat_template(chat, tokenize=False) == native.apply_chat_template(chat)

@@ -174,3 +174,11 @@ def test_a_saved_tokenizer_is_as_readable_as_any_new_file(tok, tmp_path) -> None
     (tmp_path / "plain.txt").write_text("x")
     assert stat.S_IMODE(tok.save(tmp_path).stat().st_mode) == stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
     assert stat.S_IMODE(tok.save(tmp_path).stat().st_mode) == 0o666 & ~umask
+
+
+def test_decode_refuses_negative_ids_and_skips_ids_past_the_vocabulary(tok: HeronTokenizer) -> None:
+    """The Rust decoder overflows on a negative id. Past the vocabulary lie the padding rows of a
+    model's embedding, which sampling can pick: they decode to nothing, as in transformers."""
+    with pytest.raises(ValueError, match=f"token id -1 is not in the vocabulary of {tok.vocab_size} tokens"):
+        tok.decode([tok.bos_id, -1])
+    assert tok.decode([tok.vocab_size, *tok.encode("x = 1"), 99999]) == "x = 1"

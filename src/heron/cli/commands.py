@@ -80,8 +80,10 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
                               seed=args.seed, watermark=watermark_from_args(args))
     except ValueError as err:
         field, sep, rest = str(err).partition(": ")
-        if sep and field in vars(args):
-            raise ValueError(f"--{field.replace('_', '-')}: {rest}") from None
+        # A Watermark names its own fields (key, gamma, delta), which the --watermark-* flags set.
+        name = next((n for n in (field, f"watermark_{field}") if n in vars(args)), None)
+        if sep and name is not None:
+            raise ValueError(f"--{name.replace('_', '-')}: {rest}") from None
         raise
 
 
@@ -129,13 +131,15 @@ def generate(args: argparse.Namespace) -> int:
         params = dataclasses.replace(params, stop_token_ids=tokenizer.chat_stop_ids)
     else:
         prompts = [generator.prompt_ids(t) for t in texts]
+    longest, context = max(map(len, prompts)), model.config.max_seq_len
+    room = context + 1 - longest  # the last new token is never fed back: a prompt filling the context gets one
+    if room < 1:
+        raise ValueError(f"prompt: {longest} tokens, more than the model's context of {context}; shorten it")
     if args.max_new_tokens is None:  # the default, as far as the model's context leaves room for it
-        longest = max(map(len, prompts))
-        room = model.config.max_seq_len + 1 - longest
-        if room < 1:
-            raise ValueError(f"prompt: {longest} tokens, more than the model's context of "
-                             f"{model.config.max_seq_len}; shorten it")
         params = dataclasses.replace(params, max_new_tokens=min(DEFAULT_NEW_TOKENS, room))
+    elif args.max_new_tokens > room:
+        raise ValueError(f"--max-new-tokens: at most {room} after a {longest}-token prompt (the model's context is "
+                         f"{context} tokens), got {args.max_new_tokens}")
     if len(prompts) == 1 and not args.no_stream:
         pieces = generator.stream(prompts[0], params)  # checks and prefills before the prompt is echoed
         print(texts[0], end="", flush=True)
@@ -150,6 +154,8 @@ def generate(args: argparse.Namespace) -> int:
 
 def evaluate(args: argparse.Namespace) -> int:
     model, tokenizer = load_on(args.checkpoint, args.device)
+    if args.seq_len is not None and args.seq_len > model.config.max_seq_len:
+        raise ValueError(f"--seq-len: at most the model's max_seq_len {model.config.max_seq_len}, got {args.seq_len}")
     shards = load_shards(args.shards)
     check_shards_fit(shards, str(args.checkpoint), vocab_size=model.config.vocab_size, tokenizer=tokenizer)
     if len(shards.val) < 2:
@@ -216,7 +222,7 @@ def align(args: argparse.Namespace) -> int:
     from heron.align.run import run_alignment
 
     recipe = load_align_recipe(recipe_path(args.recipe, ALIGN_RECIPES_DIR), args.overrides)
-    folder = run_alignment(args.method, recipe)
+    folder = run_alignment(args.method, recipe, resume=not args.no_resume)
     print(f"wrote {args.method} checkpoint {folder} (metrics: {Path(recipe.out_dir) / 'metrics.jsonl'})")
     return 0
 

@@ -211,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="an alignment recipe (YAML), or a shipped one's name (task-sft, task-dpo)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. --set fit.steps=100 (repeatable)")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start over instead of going on from a killed run's saved state (out_dir/state.pt)")
     p.set_defaults(handler=_lazy("commands", "align"))
 
     p = verbs.add_parser("explain", help="one prompt through every lens: an offline HTML report")

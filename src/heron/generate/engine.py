@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from heron.core.kv_cache import KVCache
@@ -42,11 +43,24 @@ class Completion:
     stop_token: int | None = None  # the stop token id that ended it, if one did
 
 
+def token_ids(name: str, ids: Sequence[int] | torch.Tensor | np.ndarray) -> torch.Tensor:
+    """ids as a long tensor, refusing floats: casting would truncate 1.5 to token 1 without a word."""
+    tensor = torch.as_tensor(ids)
+    wrong_kind = tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool
+    if wrong_kind and tensor.numel() > 0:  # [] makes a float tensor, and is no float
+        raise ValueError(f"{name}: token ids must be integers, got {tensor.dtype}")
+    return tensor.long()
+
+
 def left_pad(
     prompts: Sequence[Sequence[int]], pad_id: int, vocab_size: int, device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, P) ids padded on the left, and the (B, P) bool mask of real tokens
-    (None when every prompt has the same length, so no masking is needed)."""
+    (None when every prompt has the same length, so no masking is needed).
+
+    The mask hides padding from the model, so any id the embedding holds will do:
+    a pad_id outside [0, vocab_size) (a tokenizer's pad token past the model's
+    vocabulary) is replaced by 0."""
     if isinstance(prompts, torch.Tensor):  # (B, P) ids: every row a prompt
         if prompts.dim() != 2:
             raise ValueError(f"prompt_ids: a tensor of prompts is (B, P), got shape {tuple(prompts.shape)}")
@@ -62,10 +76,11 @@ def left_pad(
         if n == 0:
             raise ValueError(f"prompt_ids[{i}]: empty prompt; give at least one token (e.g. BOS)")
     width = max(lengths)
-    rows = [[pad_id] * (width - len(p)) + list(p) for p in prompts]
-    ids = torch.tensor(rows, dtype=torch.long, device=device)  # (B, P)
+    pad_id = pad_id if 0 <= pad_id < vocab_size else 0
+    rows = [token_ids(f"prompt_ids[{i}]", p).tolist() for i, p in enumerate(prompts)]
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long, device=device)  # (B, P)
     if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
-        bad = next(i for i, p in enumerate(prompts) if any(t < 0 or t >= vocab_size for t in p))
+        bad = next(i for i, r in enumerate(rows) if any(t < 0 or t >= vocab_size for t in r))
         raise ValueError(f"prompt_ids[{bad}]: token ids must lie in [0, {vocab_size})")
     if min(lengths) == width:
         return ids, None
@@ -90,10 +105,14 @@ class Decoder:
         weight = next(model.parameters())  # the model's device and dtype (a quantised embed has no plain weight)
         ids, mask = left_pad(prompt_ids, pad_id, config.vocab_size, weight.device)
         B, P = ids.shape
+        if P > config.max_seq_len:
+            raise ValueError(f"prompt_ids: a {P}-token prompt is longer than the model's max_seq_len "
+                             f"{config.max_seq_len}")
+        # The last new token is never fed back, so a prompt filling the context still gets one.
         if P + params.max_new_tokens - 1 > config.max_seq_len:
             raise ValueError(
                 f"max_new_tokens: a {P}-token prompt plus {params.max_new_tokens} new tokens "
-                f"exceeds the model's max_seq_len {config.max_seq_len}"
+                f"exceeds the model's max_seq_len {config.max_seq_len} (at most {config.max_seq_len + 1 - P})"
             )
         set_decode_layout(model, B)  # the faster few-row products (core/linear.py)
         self.model = model
@@ -265,6 +284,7 @@ class Generator:
     def generate(self, prompts: str | Sequence[str | Sequence[int]], params: SamplingParams) -> str | list[str]:
         """Continue one text prompt (returns a string) or a batch of text or
         token-id prompts (returns a list)."""
+        self._require_tokenizer()  # even for ids: without one the text out would silently be ''
         single = isinstance(prompts, str)
         batch = [prompts] if single else list(prompts)
         texts = [c.text or "" for c in self.complete([self.prompt_ids(p) for p in batch], params)]
@@ -276,21 +296,34 @@ class Generator:
         Their concatenation equals `generate(prompt, params)`. The prompt is
         prefilled before this returns; pieces come as the iterator is consumed.
         """
+        self._require_tokenizer()
         self._check_stops(params)
         decoder = Decoder(self.model, [self.prompt_ids(prompt)], params, self.pad_id)
         row = _Row(self.stop_token_ids(params), self.tokenizer, params.stop, track_text=True)
         return _stream_pieces(decoder, row, params.max_new_tokens)
 
     def prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
-        """The ids a prompt (text, or ids already) is decoded from."""
-        return self._encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+        """The ids a prompt (text, or ids already) is decoded from.
+
+        Text is plain text: a special token's spelling in it ("<|eos|>") is
+        encoded as the characters it is made of, never as the control token, so
+        a user's words cannot end a turn or open another role's (data
+        preparation and `encode_chat` encode text the same way). A prompt that
+        needs special tokens is given as ids.
+        """
+        return self._encode(prompt) if isinstance(prompt, str) else token_ids("prompt_ids", prompt).tolist()
 
     def _encode(self, text: str) -> list[int]:
-        if self.tokenizer is None:
-            raise ValueError("text generation needs a tokenizer: Generator(model, tokenizer)")
-        ids = self.tokenizer.encode(text)
-        bos = getattr(self.tokenizer, "bos_id", None)
+        tokenizer = self._require_tokenizer()
+        ids = tokenizer.encode(text, allow_special=False)
+        bos = getattr(tokenizer, "bos_id", None)
         return ids if ids or bos is None else [bos]  # an empty prompt starts from BOS
+
+    def _require_tokenizer(self) -> TokenizerLike:
+        if self.tokenizer is None:
+            raise ValueError("text generation needs a tokenizer: Generator(model, tokenizer); for token ids "
+                             "without text use generate_ids or complete")
+        return self.tokenizer
 
     def _check_stops(self, params: SamplingParams) -> None:
         if params.stop and self.tokenizer is None:
@@ -309,4 +342,5 @@ def _stream_pieces(decoder: Decoder, row: _Row, n_tokens: int) -> Iterator[str]:
         yield tail
 
 
-__all__ = ["Completion", "Decoder", "FINISH_LENGTH", "FINISH_STOP", "Generator", "decode_steps", "left_pad"]
+__all__ = ["Completion", "Decoder", "FINISH_LENGTH", "FINISH_STOP", "Generator", "decode_steps", "left_pad",
+           "token_ids"]

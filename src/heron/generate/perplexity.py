@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from heron.core.modes import evaluating
 from heron.core.transformer import Transformer
 from heron.data.batches import spread_evenly
+from heron.generate.engine import token_ids
 
 
 def window_starts(n_tokens: int, seq_len: int) -> list[int]:
@@ -78,7 +79,7 @@ def _by_length(stream: torch.Tensor, starts: list[int], seq_len: int) -> list[li
 
 
 def _as_stream(tokens: np.ndarray | torch.Tensor, vocab_size: int) -> torch.Tensor:
-    stream = torch.as_tensor(np.asarray(tokens) if isinstance(tokens, np.ndarray) else tokens).long()
+    stream = token_ids("tokens", np.asarray(tokens) if isinstance(tokens, np.ndarray) else tokens)
     if stream.dim() != 1:
         raise ValueError(f"tokens: expected a 1-D token stream, got shape {tuple(stream.shape)}")
     if len(stream) < 2:

@@ -23,18 +23,24 @@ from heron.core.config import check_known_fields
 
 from heron.govern.watermark import Watermark
 
+FLOAT32_TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32, ~1.2e-38
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How to continue a prompt.
 
-    temperature 0 is greedy decoding. `stop_token_ids` None means the
-    tokenizer's end-of-sequence id; `ignore_eos` turns every stop token id
-    off, so that (with no stop strings) exactly `max_new_tokens` tokens come
-    back, which is what decode-speed benchmarks want. `seed` None draws fresh
-    randomness; an int makes sampling repeatable for the same batch of prompts
-    (one random stream serves the whole batch, so a prompt sampled beside
-    others draws other numbers than alone).
+    temperature 0 is greedy decoding, and so is one too small for float32 to
+    hold (below its smallest normal number, ~1.2e-38); any other tiny
+    temperature samples the likeliest token too, the softmax's limit as the
+    temperature goes to 0 (`sample_next` divides without overflowing).
+    `stop_token_ids` None means the tokenizer's end-of-sequence id;
+    `ignore_eos` turns every stop token id off, so that (with no stop strings)
+    exactly `max_new_tokens` tokens come back, which is what decode-speed
+    benchmarks want. `seed` None draws fresh randomness; an int makes sampling
+    repeatable for the same batch of prompts (one random stream serves the
+    whole batch, so a prompt sampled beside others draws other numbers than
+    alone).
 
     `watermark` (a `heron.govern.watermark.Watermark`, or a mapping of its
     fields, as a request would send it) biases every sampled token towards a
@@ -85,7 +91,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # Logits are divided in float32, where a smaller temperature loses its digits or becomes 0 (1e-300 does).
+        return self.temperature < FLOAT32_TINY
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SamplingParams:
@@ -214,7 +221,13 @@ def sample_next(
         logits = params.watermark(previous, logits)
     if params.greedy:
         return logits.argmax(dim=-1)
-    logits = apply_temperature(logits.float(), params.temperature)
+    logits = logits.float()
+    if params.temperature < 1.0:
+        # Softmax, top-k and top-p ignore a shift of a row. With its maximum shifted to 0, a tiny temperature
+        # sends the other logits to -inf, not the maximum to +inf (past float32's 3.4e38), whose softmax is nan.
+        # At 1 and above dividing cannot overflow, and the logits stay bit for bit those Hugging Face divides.
+        logits = logits - logits.amax(dim=-1, keepdim=True)  # (B, V)
+    logits = apply_temperature(logits, params.temperature)
     logits = apply_top_p(apply_top_k(logits, params.top_k), params.top_p)
     probs = logits.softmax(dim=-1)  # (B, V)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)

@@ -158,13 +158,15 @@ def _save_tokenizer(tokenizer: HeronTokenizer | PretrainedTokenizer, folder: Pat
     if isinstance(tokenizer, PretrainedTokenizer):
         tokenizer.save(folder)
         return
-    # A Heron tokenizer: its special tokens and chat template in transformers' terms.
+    # A Heron tokenizer: its special tokens and chat template in transformers' terms. A reply ends
+    # at <|end|>, not eos: generation_config.json's eos_token_id lists both, which is where
+    # transformers' generate and Heron's PretrainedTokenizer learn it.
     from heron.tokenizer.bpe import CHAT_TEMPLATE_JINJA, SPECIAL_TOKENS
 
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": SPECIAL_TOKENS["bos"],
               "eos_token": SPECIAL_TOKENS["eos"], "pad_token": SPECIAL_TOKENS["pad"],
               "chat_template": CHAT_TEMPLATE_JINJA, "model_max_length": 10**9}
-    PretrainedTokenizer(tokenizer.backend, config).save(folder)
+    PretrainedTokenizer(tokenizer.backend, config, generation_eos_ids=tokenizer.chat_stop_ids).save(folder)
 
 
 __all__ = [

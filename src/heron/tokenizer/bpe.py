@@ -73,6 +73,17 @@ def validate_messages(messages: object) -> list[dict[str, str]]:
     return messages
 
 
+def checked_ids(ids: Iterable[int], vocab_size: int) -> list[int]:
+    """Token ids for the Rust decoder: Python ints (int() accepts the tensor and numpy elements it
+    would reject), none negative (it would overflow). An id past the vocabulary decodes to nothing,
+    as in transformers: a model's embedding often has rows past its tokenizer's (padded, or
+    Qwen2.5's 151936 for 151665 tokens) that sampling picks while the generator decodes."""
+    ids = [int(i) for i in ids]
+    if ids and min(ids) < 0:
+        raise ValueError(f"token id {min(ids)} is not in the vocabulary of {vocab_size} tokens")
+    return ids
+
+
 class HeronTokenizer:
     """Byte-level BPE with bos/eos/pad and chat-role special tokens."""
 
@@ -135,8 +146,7 @@ class HeronTokenizer:
         return [e.ids for e in backend.encode_batch_fast(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
-        # int() accepts tensor and numpy elements, which the Rust side would reject.
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+        return self._tok.decode(checked_ids(ids, self.vocab_size), skip_special_tokens=skip_special)
 
     # ----- chat -------------------------------------------------------------
 

@@ -15,19 +15,23 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from functools import cached_property
+from functools import cache, cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer
 
 from heron.store.jsonl import write_text_atomic
-from heron.tokenizer.bpe import TOKENIZER_FILE, HeronTokenizer
+from heron.tokenizer.bpe import TOKENIZER_FILE, HeronTokenizer, checked_ids
 
 CONFIG_FILE = "tokenizer_config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 TEMPLATE_FILE = "chat_template.jinja"
-SPECIAL_KEYS: tuple[str, ...] = ("bos_token", "eos_token", "pad_token", "unk_token")
+SPECIAL_KEYS: tuple[str, ...] = ("bos_token", "eos_token", "pad_token", "unk_token")  # those whose ids Heron uses
+# transformers' named special tokens (SPECIAL_TOKENS_ATTRIBUTES): one of these must hold a token. Other
+# `*_token` keys hold a token or a setting (Llama's "add_bos_token": true), which is no token.
+NAMED_TOKEN_KEYS: tuple[str, ...] = SPECIAL_KEYS + ("sep_token", "cls_token", "mask_token")
+REPLY_PROBE = "Heron probes where a reply ends"  # assistant content that no template changes
 
 
 class ChatTemplateError(ValueError):
@@ -44,12 +48,14 @@ class PretrainedTokenizer:
         # generation_config.json's eos_token_id: the ids that end a reply, where a model lists
         # more than its tokenizer's eos_token (Llama 3 Instruct's <|eot_id|>).
         self.generation_eos_ids = tuple(int(i) for i in generation_eos_ids)
-        self.chat_template = chat_template if chat_template is not None else self.config.get("chat_template")
-        if isinstance(self.chat_template, list):  # several named templates: the default one
-            named = {t["name"]: t["template"] for t in self.chat_template}
-            self.chat_template = named.get("default")
-        self.special_tokens = {key: _token_text(self.config.get(key)) for key in SPECIAL_KEYS}
-        for key, text in self.special_tokens.items():
+        # Named templates ("default", "tool_use", ...); chat_template.jinja, given here, is the default.
+        self.chat_templates = _named_templates(self.config.get("chat_template"))
+        if chat_template is not None:
+            self.chat_templates["default"] = chat_template
+        self.chat_template = self.chat_templates.get("default")
+        self.special_tokens = _special_tokens(self.config)
+        for key in SPECIAL_KEYS:
+            text = self.special_tokens[key]
             if text is not None and tokenizer.token_to_id(text) is None:
                 raise ValueError(f"{CONFIG_FILE}: {key} {text!r} is not in the vocabulary")
 
@@ -87,63 +93,87 @@ class PretrainedTokenizer:
 
     # ----- text -------------------------------------------------------------
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Text -> ids, special tokens added as the tokenizer's post-processor says."""
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+    def encode(self, text: str, add_special_tokens: bool = True, allow_special: bool = True) -> list[int]:
+        """Text -> ids, special tokens added as the tokenizer's post-processor says. With
+        allow_special=False, special-token text ("<|eot_id|>") is encoded as plain characters."""
+        backend = self._tok if allow_special else self._plain
+        return backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    @cached_property
+    def _plain(self) -> Tokenizer:
+        """A copy that reads special-token text as plain characters (a copy, not a toggle of the
+        shared one, which would not be thread-safe)."""
+        plain = Tokenizer.from_str(self._tok.to_str())
+        plain.encode_special_tokens = True
+        return plain
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+        return self._tok.decode(checked_ids(ids, self.vocab_size), skip_special_tokens=skip_special)
 
     # ----- chat -------------------------------------------------------------
 
-    @cached_property
-    def _template(self) -> Any:
-        from jinja2 import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    def get_chat_template(self, chat_template: str | None = None, tools: object = None) -> str:
+        """The template to render, picked as transformers' `get_chat_template` picks it:
+        `chat_template` names one of the tokenizer's templates (or is a template itself); without
+        it, "tool_use" when tools are given and there is one, else "default"."""
+        if chat_template is not None:
+            return self.chat_templates.get(chat_template, chat_template)
+        if tools is not None and "tool_use" in self.chat_templates:
+            return self.chat_templates["tool_use"]
+        if "default" in self.chat_templates:
+            return self.chat_templates["default"]
+        if self.chat_templates:
+            raise ChatTemplateError(f"{CONFIG_FILE} has several chat templates {sorted(self.chat_templates)} and "
+                                    "none is named 'default'; pass chat_template=<name> to choose one")
+        raise ChatTemplateError("this tokenizer has no chat template (tokenizer_config.json 'chat_template')")
 
-        def raise_exception(message: str) -> None:
-            raise ChatTemplateError(f"chat template: {message}")
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.filters["tojson"] = lambda value, indent=None: json.dumps(value, indent=indent, ensure_ascii=False)
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False, *,
+                            chat_template: str | None = None, **variables: Any) -> str:
+        """The chat rendered as text by the model's own template. The template sees every special
+        token (`eos_token`, `sep_token`, ...) and `variables`, which win over them, as in transformers."""
+        template = _compiled(self.get_chat_template(chat_template, variables.get("tools")))
+        _check_messages(messages)
+        context = {key: text for key, text in self.special_tokens.items() if text is not None} | variables
         try:
-            return env.from_string(self.chat_template)
-        except TemplateError as err:
-            raise ChatTemplateError(f"chat template does not parse: {err}") from err
-
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
-                            **variables: Any) -> str:
-        """The chat rendered as text by the model's own template."""
-        if not self.chat_template:
-            raise ChatTemplateError("this tokenizer has no chat template (tokenizer_config.json 'chat_template')")
-        from jinja2 import TemplateError
-
-        context = {key: text for key, text in self.special_tokens.items() if text is not None}
-        try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         **context, **variables)
-        except TemplateError as err:
-            raise ChatTemplateError(f"chat template failed: {err}") from err
+            return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **context)
+        except ChatTemplateError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a template is foreign code: whatever it raises is its failure
+            raise ChatTemplateError(f"chat template failed: {type(err).__name__}: {err}") from err
 
     def chat_prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
         """Ids of a chat rendered up to the assistant's turn (the template writes
         its own special tokens, so none are added)."""
         return self.encode(self.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
 
+    @cached_property
+    def _reply_end_id(self) -> int | None:
+        """The token that ends an assistant turn: the stop id the chat template writes right after
+        a reply, where generation_config.json lists stop ids besides eos_token (Heron's exported
+        <|end|>, Llama 3's <|eot_id|>, while eos_token may be <|end_of_text|>); else eos_token."""
+        if not self.generation_eos_ids or not self.chat_template:
+            return self.eos_id
+        chat = [{"role": "user", "content": "?"}, {"role": "assistant", "content": REPLY_PROBE}]
+        try:
+            after = self.apply_chat_template(chat).partition(REPLY_PROBE)[2]
+        except ValueError:  # a template that wants another chat: no better guess than eos
+            return self.eos_id
+        ends = [i for i in self.stop_ids if after.startswith(self._tok.id_to_token(i))]
+        return ends[0] if ends else self.eos_id
+
     @property
     def chat_stop_ids(self) -> tuple[int, ...]:
-        """Ids that end an assistant turn: the end-of-sequence token (chat models
-        name their end-of-turn token as eos_token in tokenizer_config.json)."""
-        return self.stop_ids
+        """Ids that end an assistant turn: the one its template writes (usually eos_token: chat
+        models name their end-of-turn token so), then every other stop id."""
+        first = [] if self._reply_end_id is None else [self._reply_end_id]
+        return tuple(dict.fromkeys(first + list(self.stop_ids)))
 
     def reply_ids(self, text: str) -> list[int]:
         """An assistant reply's ids: the content without added special tokens, then the
-        end-of-turn (eos) token. Appended to `chat_prompt_ids`, they make the whole turn."""
-        if self.eos_id is None:
+        end-of-turn token. Appended to `chat_prompt_ids`, they make the whole turn."""
+        if self._reply_end_id is None:
             raise ValueError(f"{CONFIG_FILE}: eos_token is not set, so a reply cannot be ended")
-        return self.encode(text, add_special_tokens=False) + [self.eos_id]
+        return self.encode(text, add_special_tokens=False) + [self._reply_end_id]
 
     # ----- persistence ------------------------------------------------------
 
@@ -151,17 +181,24 @@ class PretrainedTokenizer:
         return self._tok.to_str()
 
     def save(self, folder: str | os.PathLike[str]) -> None:
-        """tokenizer.json and tokenizer_config.json (with the chat template), each written atomically."""
+        """tokenizer.json, tokenizer_config.json (with the chat templates) and, where stop ids go
+        beyond eos_token, generation_config.json, each written atomically."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         config = {k: v for k, v in self.config.items() if k != "chat_template"}
-        if self.chat_template:
+        if list(self.chat_templates) == ["default"]:
             config["chat_template"] = self.chat_template
+        elif self.chat_templates:  # several: the list of named templates transformers writes
+            config["chat_template"] = [{"name": name, "template": t} for name, t in self.chat_templates.items()]
         config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
         write_text_atomic(folder / TOKENIZER_FILE, self.to_json())
         write_text_atomic(folder / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False))
         if self.generation_eos_ids:
-            write_text_atomic(folder / GENERATION_CONFIG_FILE, json.dumps({"eos_token_id": list(self.stop_ids)}))
+            # transformers' generate stops at every id of the list and pads with pad_token_id.
+            stop = list(dict.fromkeys(self.generation_eos_ids + self.stop_ids))
+            ids = {"bos_token_id": self.bos_id, "eos_token_id": stop, "pad_token_id": self.pad_id}
+            generation = {key: value for key, value in ids.items() if value is not None}
+            write_text_atomic(folder / GENERATION_CONFIG_FILE, json.dumps(generation, indent=2))
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str]) -> PretrainedTokenizer:
@@ -180,6 +217,9 @@ class PretrainedTokenizer:
                 config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
             except json.JSONDecodeError as err:
                 raise ValueError(f"{folder / CONFIG_FILE}: not valid JSON ({err})") from err
+            if not isinstance(config, dict):
+                raise ValueError(f"{folder / CONFIG_FILE}: must be a JSON object of settings, "
+                                 f"got {type(config).__name__}")
         template = None
         if (folder / TEMPLATE_FILE).is_file():
             template = (folder / TEMPLATE_FILE).read_text(encoding="utf-8")
@@ -196,25 +236,129 @@ def _generation_eos_ids(folder: Path, vocab_size: int) -> list[int]:
     except (json.JSONDecodeError, AttributeError) as err:
         raise ValueError(f"{file}: not a JSON object ({err})") from None
     ids = [] if value is None else [value] if isinstance(value, int) else value
-    if not isinstance(ids, list) or not all(isinstance(i, int) and 0 <= i < vocab_size for i in ids):
+    # bool is an int to Python, yet `true` is no token id
+    if not isinstance(ids, list) or not all(type(i) is int and 0 <= i < vocab_size for i in ids):
         raise ValueError(f"{file}: eos_token_id {value!r} is not token ids below {vocab_size}")
     return ids
 
 
 def load_tokenizer(folder: str | os.PathLike[str]) -> HeronTokenizer | PretrainedTokenizer:
-    """A folder's tokenizer: an imported one when tokenizer_config.json is there
-    (Heron's own tokenizers never write one), else Heron's."""
+    """A folder's tokenizer: an imported one when tokenizer_config.json or chat_template.jinja
+    is there (Heron's own tokenizers write neither), else Heron's."""
     folder = Path(folder)
-    if (folder / CONFIG_FILE).is_file():
+    if (folder / CONFIG_FILE).is_file() or (folder / TEMPLATE_FILE).is_file():
         return PretrainedTokenizer.load(folder)
     return HeronTokenizer.load(folder)
 
 
-def _token_text(value: Any) -> str | None:
+def _special_tokens(config: dict[str, Any]) -> dict[str, str | None]:
+    """Every special token tokenizer_config.json names, as transformers hands them all to the chat
+    template: bos/eos/pad/unk always (None when unset), then any other `*_token` key holding a token."""
+    tokens: dict[str, str | None] = dict.fromkeys(SPECIAL_KEYS)
+    for key, value in config.items():
+        text = _token_text(key, value) if key.endswith("_token") else None
+        if text is not None:
+            tokens[key] = text
+    return tokens
+
+
+def _token_text(key: str, value: Any) -> str | None:
     """A special token as tokenizer_config.json writes it: a string or an AddedToken dict."""
-    if isinstance(value, dict):
-        return value.get("content")
-    return value
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    if key in NAMED_TOKEN_KEYS:
+        raise ValueError(f"{CONFIG_FILE}: {key} must be a token string or an AddedToken dict with its "
+                         f"'content', got {value!r:.80}")
+    return None  # a setting such as "add_bos_token": true
+
+
+def _named_templates(value: Any) -> dict[str, str]:
+    """tokenizer_config.json's chat_template: one template (the default), or the list of
+    {"name", "template"} entries transformers writes for several."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        return {"default": value}
+    if not isinstance(value, list):
+        raise ValueError(f"{CONFIG_FILE}: chat_template must be a template or a list of named templates, "
+                         f"got {type(value).__name__}")
+    named = {}
+    for i, entry in enumerate(value):
+        if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)
+                and isinstance(entry.get("template"), str)):
+            raise ValueError(f"{CONFIG_FILE}: chat_template[{i}] must be a {{'name': ..., 'template': ...}} "
+                             f"of strings, got {entry!r:.80}")
+        named[entry["name"]] = entry["template"]
+    return named
+
+
+def _check_messages(messages: object) -> None:
+    """What every template assumes: a list of message dicts whose content is text, a list of
+    content parts, or None (a tool call's). Roles and other keys are the template's business."""
+    if not isinstance(messages, list | tuple):
+        raise ValueError(f"messages must be a list of message dicts, got {type(messages).__name__}")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"messages[{i}] must be a dict, got {type(message).__name__}")
+        content = message.get("content")
+        if not (content is None or isinstance(content, str | list)):
+            raise ValueError(f"messages[{i}]['content'] must be a string or a list of content parts, "
+                             f"got {type(content).__name__}")
+
+
+@cache
+def _environment() -> Any:
+    """The Jinja environment transformers renders chat templates in (chat_template_utils.py):
+    an immutable sandbox with loop controls, the `generation` tag, and its tojson,
+    raise_exception and strftime_now."""
+    from jinja2 import BaseLoader, TemplateNotFound, nodes
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):
+        """`{% generation %}...{% endgeneration %}` marks assistant text for transformers'
+        assistant mask; Heron masks by other means, so the body renders as it is."""
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller: Any) -> str:
+            return caller()
+
+    class NoLoader(BaseLoader):
+        def get_source(self, environment: Any, template: str) -> Any:
+            raise TemplateNotFound(template, f"a chat template cannot include, import or extend another "
+                                             f"template ({template!r})")
+
+    def raise_exception(message: str) -> None:
+        raise ChatTemplateError(f"chat template: {message}")
+
+    def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+               separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+        # transformers' signature; unlike Jinja's own tojson, no HTML escaping
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, loader=NoLoader(),
+                                        extensions=[Generation, loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
+@lru_cache(maxsize=16)
+def _compiled(template: str) -> Any:
+    from jinja2 import TemplateError
+
+    try:
+        return _environment().from_string(template)
+    except TemplateError as err:
+        raise ChatTemplateError(f"chat template does not parse: {err}") from err
 
 
 __all__ = ["ChatTemplateError", "PretrainedTokenizer", "load_tokenizer"]

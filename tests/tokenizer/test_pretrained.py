@@ -1,0 +1,191 @@
+"""An imported tokenizer's chat templates render as `transformers` renders them, and a
+broken tokenizer_config.json, template or argument is refused by name. The folders are
+built here (a small BPE with ChatML tokens); nothing is downloaded."""
+import json
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from heron.tokenizer import ChatTemplateError, PretrainedTokenizer, load_tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CONFIG = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+          "chat_template": CHATML}
+CHAT = [{"role": "user", "content": "Hi é"}, {"role": "assistant", "content": "Yo"}, {"role": "user", "content": "b"}]
+
+
+def write_folder(folder: Path, config: dict | str | None = CONFIG) -> Path:
+    """tokenizer.json and, unless None, tokenizer_config.json (a dict, or raw text)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["Hello there, how are you? Fine, thanks."] * 20, trainer)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    if config is not None:
+        text = config if isinstance(config, str) else json.dumps(config)
+        (folder / "tokenizer_config.json").write_text(text)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return write_folder(tmp_path_factory.mktemp("chatml"))
+
+
+def both(folder: Path, tmp_path: Path, config: dict) -> tuple[PretrainedTokenizer, object]:
+    """Heron's and transformers' reading of the folder with `config` instead."""
+    target = write_folder(tmp_path / "variant", config)
+    return load_tokenizer(target), transformers.AutoTokenizer.from_pretrained(target)
+
+
+@pytest.mark.parametrize("template, expected", [
+    # transformers adds jinja2.ext.loopcontrols
+    ("{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m.content }}{% endfor %}", "Hi é"),
+    ("{% for m in messages %}{% if m.role == 'assistant' %}{% continue %}{% endif %}{{ m.content }}{% endfor %}",
+     "Hi éb"),
+    # and its {% generation %} tag, which marks assistant text and renders its body
+    ("{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}[{{ m.content }}]{% endgeneration %}"
+     "{% else %}{{ m.content }}{% endif %}{% endfor %}", "Hi é[Yo]b"),
+    # and its tojson, with json.dumps' options
+    ("{{ messages[0]|tojson(sort_keys=True) }}", '{"content": "Hi é", "role": "user"}'),
+    ("{{ messages[0]|tojson(separators=(',', ':')) }}", '{"role":"user","content":"Hi é"}'),
+    ("{{ messages[0]|tojson(ensure_ascii=True) }}", '{"role": "user", "content": "Hi \\u00e9"}'),
+    ("{{ messages[0]|tojson(indent=1) }}", '{\n "role": "user",\n "content": "Hi é"\n}'),
+    # every special token, not only bos/eos/pad/unk
+    ("{{ sep_token }}|{{ cls_token }}|{{ mask_token }}|{{ eos_token }}", "<|im_start|>|<|endoftext|>|<|im_end|>|X"),
+])
+def test_templates_render_as_in_transformers(folder, tmp_path, template, expected):
+    config = {**CONFIG, "chat_template": template, "sep_token": "<|im_start|>", "cls_token": "<|endoftext|>",
+              "mask_token": {"__type": "AddedToken", "content": "<|im_end|>", "special": True},
+              "add_bos_token": False}  # a setting, not a token
+    ours, theirs = both(folder, tmp_path, config)
+    variables = {"eos_token": "X"}  # the caller's value wins over the special token's
+    assert ours.apply_chat_template(CHAT, **variables) == expected
+    assert theirs.apply_chat_template(CHAT, tokenize=False, **variables) == expected
+
+
+TOOLS = [{"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object"}}}]
+NAMED = [{"name": "default", "template": "D{{ messages[0].content }}"},
+         {"name": "tool_use", "template": "T{{ tools[0].function.name }}"}]
+
+
+def test_named_templates_are_picked_and_saved_as_in_transformers(folder, tmp_path):
+    ours, theirs = both(folder, tmp_path, {**CONFIG, "chat_template": NAMED})
+    for kwargs, expected in (({}, "DHi é"), ({"tools": TOOLS}, "Tf"), ({"chat_template": "tool_use", "tools": TOOLS},
+                                                                        "Tf")):
+        assert ours.apply_chat_template(CHAT, **kwargs) == expected
+        assert theirs.apply_chat_template(CHAT, tokenize=False, **kwargs) == expected
+    ours.save(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())["chat_template"] == NAMED
+    reloaded = transformers.AutoTokenizer.from_pretrained(tmp_path / "saved")
+    assert reloaded.apply_chat_template(CHAT, tokenize=False, tools=TOOLS) == "Tf"
+
+
+def test_named_templates_without_a_default_must_be_chosen(folder, tmp_path):
+    ours, _ = both(folder, tmp_path, {**CONFIG, "chat_template": NAMED[1:]})
+    with pytest.raises(ChatTemplateError, match=r"several chat templates \['tool_use'\] and none is named 'default'"):
+        ours.apply_chat_template(CHAT)
+    assert ours.apply_chat_template(CHAT, chat_template="tool_use", tools=TOOLS) == "Tf"
+
+
+@pytest.mark.parametrize("config, complaint", [
+    ("[]", "tokenizer_config.json: must be a JSON object of settings, got list"),
+    ("null", "tokenizer_config.json: must be a JSON object of settings, got NoneType"),
+    ('"hello"', "tokenizer_config.json: must be a JSON object of settings, got str"),
+    ({**CONFIG, "bos_token": 5}, "bos_token must be a token string or an AddedToken dict with its 'content', got 5"),
+    ({**CONFIG, "eos_token": {"special": True}}, "eos_token must be a token string or an AddedToken dict"),
+    ({**CONFIG, "chat_template": 5}, "chat_template must be a template or a list of named templates, got int"),
+    ({**CONFIG, "chat_template": {"default": "x"}}, "chat_template must be a template or a list .* got dict"),
+    ({**CONFIG, "chat_template": [{"template": "T"}]}, r"chat_template\[0\] must be a \{'name': ..., 'template'"),
+])
+def test_a_broken_config_is_refused_by_key(tmp_path, config, complaint):
+    with pytest.raises(ValueError, match=complaint):
+        load_tokenizer(write_folder(tmp_path / "bad", config))
+
+
+def test_generation_config_ids_must_be_ids(tmp_path):
+    folder = write_folder(tmp_path / "bad")
+    (folder / "generation_config.json").write_text('{"eos_token_id": true}')  # a bool is an int to Python
+    with pytest.raises(ValueError, match="generation_config.json: eos_token_id True is not token ids"):
+        load_tokenizer(folder)
+
+
+@pytest.mark.parametrize("template", ["{% import 'os' as os %}{{ os }}", "{% include '/etc/passwd' %}",
+                                      "{% extends '/etc/passwd' %}"])
+def test_a_template_cannot_load_other_templates(folder, template):
+    tokenizer = PretrainedTokenizer.load(folder)
+    with pytest.raises(ChatTemplateError, match="cannot include, import or extend another template"):
+        PretrainedTokenizer(tokenizer.backend, tokenizer.config, chat_template=template).apply_chat_template(CHAT)
+
+
+@pytest.mark.parametrize("template, complaint", [
+    ("{{ messages|tojson(width=2) }}", "TypeError: .*width"),
+    ("{{ messages[0].content + 1 }}", "TypeError: can only concatenate str"),
+])
+def test_a_failing_template_names_the_cause(folder, template, complaint):
+    tokenizer = PretrainedTokenizer.load(folder)
+    with pytest.raises(ChatTemplateError, match=complaint):
+        PretrainedTokenizer(tokenizer.backend, tokenizer.config, chat_template=template).apply_chat_template(CHAT)
+
+
+@pytest.mark.parametrize("messages, complaint", [
+    (None, "messages must be a list of message dicts, got NoneType"),
+    ("hello", "messages must be a list of message dicts, got str"),
+    (["hello"], r"messages\[0\] must be a dict, got str"),
+    ([{"role": "user", "content": 5}], r"messages\[0\]\['content'\] must be a string or a list of content parts"),
+])
+def test_bad_messages_are_named(folder, messages, complaint):
+    with pytest.raises(ValueError, match=complaint):
+        PretrainedTokenizer.load(folder).apply_chat_template(messages)
+
+
+def test_a_folder_with_only_a_template_file_is_an_imported_tokenizer(tmp_path):
+    folder = write_folder(tmp_path / "jinja", config=None)
+    (folder / "chat_template.jinja").write_text(CHATML)
+    tokenizer = load_tokenizer(folder)
+    assert isinstance(tokenizer, PretrainedTokenizer)
+    assert tokenizer.apply_chat_template(CHAT[:1]) == "<|im_start|>user\nHi é<|im_end|>\n"
+
+
+def test_a_reply_ends_with_the_stop_id_its_template_writes(tmp_path):
+    """Llama 3's way: eos_token ends a document, generation_config.json lists the end-of-turn
+    token too, and the template closes each turn with that one."""
+    folder = write_folder(tmp_path / "llama3ish", {**CONFIG, "eos_token": "<|endoftext|>"})
+    (folder / "generation_config.json").write_text('{"eos_token_id": [0, 2]}')
+    tokenizer = load_tokenizer(folder)
+    assert tokenizer.stop_ids == (0, 2) and tokenizer.chat_stop_ids == (2, 0)
+    assert tokenizer.reply_ids("Yo") == tokenizer.encode("Yo", add_special_tokens=False) + [2]
+    rendered = tokenizer.encode(tokenizer.apply_chat_template(CHAT[:2]), add_special_tokens=False)
+    assert rendered[:-1] == tokenizer.chat_prompt_ids(CHAT[:1]) + tokenizer.reply_ids("Yo")  # then the last "\n"
+
+
+def test_decode_refuses_negative_ids_and_skips_ids_past_the_vocabulary(folder):
+    ours, theirs = PretrainedTokenizer.load(folder), transformers.AutoTokenizer.from_pretrained(folder)
+    with pytest.raises(ValueError, match=f"token id -1 is not in the vocabulary of {ours.vocab_size} tokens"):
+        ours.decode([5, -1])
+    ids = [ours.vocab_size + 3, *ours.encode("Hello")]
+    assert ours.decode(ids) == theirs.decode(ids) == "Hello"  # as transformers: an unused embedding row sampled
+
+
+def test_plain_text_can_spell_a_special_token_without_making_it():
+    """A prompt's "<|eot_id|>" typed by a user is characters, not the end of a turn."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_tokens([chr(c) for c in range(33, 127)])
+    backend.add_special_tokens(["<|eot_id|>"])
+    tokenizer = PretrainedTokenizer(backend)
+    special = backend.token_to_id("<|eot_id|>")
+    assert tokenizer.encode("hi<|eot_id|>")[-1] == special
+    plain = tokenizer.encode("hi<|eot_id|>", allow_special=False)
+    assert special not in plain and tokenizer.decode(plain) == "hi<|eot_id|>"
