@@ -1,4 +1,4 @@
-"""What the GGUF tests share: tiny LLaMA-, Qwen3- and Mixtral-shaped configs, a model with weights
+"""What the GGUF tests share: tiny LLaMA-, Qwen2-, Qwen3- and Mixtral-shaped configs, a model with weights
 far from init, the llama.cpp layout each Heron tensor must take (derived by
 hand, independently of interop/gguf.py), and llama.cpp's logits for a file."""
 import json
@@ -36,6 +36,8 @@ CONFIGS = {
     # tokenizer's, and a feed-forward width (80) that Q8_0's 32-value blocks do not divide.
     "llama3": ModelConfig(vocab_size=VOCAB + 20, **SMALL, head_dim=32, d_ff=80, rope_theta=500.0,
                           rope_scaling=RopeScaling(kind="llama3", factor=4.0, original_max_seq_len=16)),
+    # Qwen2's biases, on q, k and v but not o: llama.cpp's llama reads each bias where the file has it.
+    "qwen2": ModelConfig(vocab_size=VOCAB, **SMALL, d_ff=96, qkv_bias=True, out_bias=False),
     # Qwen3 (llama.cpp's qwen3 architecture): q and k normalised per head, heads wider than
     # d_model / n_heads, rows in rotate-half order as they are.
     "qwen3": ModelConfig(vocab_size=VOCAB, **SMALL, head_dim=32, d_ff=96, qk_norm=True, tie_embeddings=False),

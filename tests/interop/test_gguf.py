@@ -14,11 +14,11 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from gguf_layout import (CONFIGS, CONTEXT, CORPUS, HARD_TEXTS, VOCAB, expected_tensors, fields, llama_cpp_logits,
-                         make_tokenizer, perturbed_model, spec_of)
+from gguf_layout import (CONFIGS, CONTEXT, CORPUS, HARD_TEXTS, VOCAB, expected_tensors, fields, llama3_rope_factors,
+                         llama_cpp_logits, make_tokenizer, perturbed_model, spec_of)
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from heron.core import AttentionPattern, MoEConfig, Transformer
+from heron.core import AttentionPattern, MoEConfig, RopeScaling, Transformer
 from heron.core.rope import apply_rope, rope_tables
 from heron.interop import save_gguf
 from heron.interop.gguf import interleave_rope, qkv_in_blocks, stacked_experts
@@ -192,6 +192,7 @@ def test_interleave_rope_turns_rotate_half_into_pair_rotation():
     (dict(norm="layernorm", positions="learned"), "norm"),  # LayerNorm goes in as gptneox, with RoPE only
     (dict(attn_scale=1.0), "attn_scale"),
     (dict(qk_norm=True, mlp_bias=False), "qkv_bias"),  # written as llama.cpp's qwen3: no attention biases
+    (dict(qk_norm=True, qkv_bias=False, mlp_bias=False), "out_bias"),
     (dict(vocab_size=VOCAB - 1), "vocab_size"),
     (dict(parallel_residual=True), "parallel_residual"),  # GPT-NeoX's: no llama.cpp architecture Heron writes
     (dict(rotary_dim=4), "rotary_dim"),
@@ -302,8 +303,8 @@ def test_a_failed_write_leaves_the_old_file_whole(tokenizer, tmp_path, monkeypat
 # test_gguf_quantized.py matches a Heron int4 model's own logits closely.
 TOLERANCES = {"f32": (1e-4, 1e-5), "f16": (5e-2, 5e-3), "q8_0": (1.0, 0.1), "q4_0": (5.0, 0.6), "q4_1": (5.0, 0.6)}
 LLAMA_RUNS = [("base", "f32"), ("base", "f16"), ("base", "q8_0"), ("base", "q4_0"), ("base", "q4_1"),
-              ("tied_linear", "f32"), ("llama3", "f32"), ("qwen3", "f32"), ("qwen3", "q8_0"), ("qwen3_moe", "f32"),
-              ("moe", "f32"), ("moe", "q8_0")]
+              ("tied_linear", "f32"), ("llama3", "f32"), ("qwen2", "f32"), ("qwen3", "f32"), ("qwen3", "q8_0"),
+              ("qwen3_moe", "f32"), ("moe", "f32"), ("moe", "q8_0")]
 
 
 @pytest.fixture(scope="module")
@@ -400,3 +401,97 @@ def test_llama_cpp_runs_gpt_neox_as_heron_does(llama_cpp, tokenizer, tmp_path, m
     ours, theirs = model(torch.tensor([ids])).logits[0].numpy(), llama_cpp_logits(llama_cpp, path, ids)
     assert np.abs(ours).max() > 1.0
     assert np.abs(ours - theirs).max() <= (1e-2 if mlp else 1e-4)
+
+
+# ----- what each llama.cpp architecture reads ------------------------------------------------------
+
+SLIDING = AttentionPattern(kind="sliding", window=8)
+LLAMA3_ROPE = RopeScaling(kind="llama3", factor=4.0, original_max_seq_len=16)
+
+
+@pytest.mark.parametrize(("name", "attention", "layer"), [
+    ("base", (SLIDING,), 0),
+    ("moe", (SLIDING,), 0),  # Mixtral's sliding_window
+    ("qwen3", (AttentionPattern(), SLIDING), 1),  # Qwen3's layer_types: full, then sliding
+    ("qwen3_moe", (SLIDING,), 0),
+])
+def test_refuses_a_sliding_window_on_every_architecture(tokenizer, tmp_path, name, attention, layer):
+    """llama.cpp's llama, qwen3 and qwen3moe read no sliding window: the file would attend to the
+    whole context where the model sees 8 tokens back."""
+    model = Transformer(CONFIGS[name].replace(attention=attention))
+    with pytest.raises(ValueError, match=rf"^attention: layer {layer} is 'sliding'"):
+        save_gguf(model, tokenizer, tmp_path / "model.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["moe", "qwen3", "qwen3_moe"])
+def test_a_window_as_long_as_the_context_is_dense_attention(tokenizer, tmp_path, name):
+    model = perturbed_model(CONFIGS[name].replace(attention=(AttentionPattern(kind="sliding", window=CONTEXT),)))
+    path = save_gguf(model, tokenizer, tmp_path / "model.gguf")
+    assert sorted(t.name for t in gguf.GGUFReader(path).tensors) == sorted(expected_tensors(model))
+    assert not [key for key in fields(path) if "sliding_window" in key]
+
+
+@pytest.mark.parametrize(("config", "arch"), [
+    (CONFIGS["qwen3"], "qwen3"), (CONFIGS["qwen3_moe"], "qwen3moe"), (NEOX, "gptneox"),
+])
+def test_llama3_rope_scaling_goes_into_the_llama_architecture_only(tokenizer, tmp_path, config, arch):
+    """Its divisors travel as rope_freqs.weight, a tensor llama.cpp's qwen3, qwen3moe and gptneox
+    do not load; the llama architecture (Mixtral's too) does."""
+    with pytest.raises(ValueError, match=f"^rope_scaling: llama.cpp's {arch} architecture reads no rope_freqs"):
+        save_gguf(Transformer(config.replace(rope_scaling=LLAMA3_ROPE)), tokenizer, tmp_path / "model.gguf")
+    assert list(tmp_path.iterdir()) == []
+    model = Transformer(CONFIGS["moe"].replace(rope_scaling=LLAMA3_ROPE))
+    tensors = {t.name: t for t in gguf.GGUFReader(save_gguf(model, tokenizer, tmp_path / "moe.gguf")).tensors}
+    np.testing.assert_allclose(tensors["rope_freqs.weight"].data, llama3_rope_factors(model.config), rtol=1e-6)
+
+
+def test_gpt_neox_carries_linear_rope_scaling(tokenizer, tmp_path):
+    """llama.cpp reads rope.scaling.* for every architecture and turns positions by 1 / factor."""
+    model = Transformer(NEOX.replace(rope_scaling=RopeScaling(kind="linear", factor=4.0)))
+    meta = fields(save_gguf(model, tokenizer, tmp_path / "neox.gguf"))
+    assert (meta["gptneox.rope.scaling.type"], meta["gptneox.rope.scaling.factor"]) == ("linear", 4.0)
+
+
+NEOX_TIED = NEOX.replace(tie_embeddings=True, qkv_bias=False, out_bias=False,
+                         rope_scaling=RopeScaling(kind="linear", factor=2.0))
+NEOX_LAYER = ("attn_norm.weight", "attn_norm.bias", "attn_qkv.weight", "attn_qkv.bias", "attn_output.weight",
+              "attn_output.bias", "ffn_norm.weight", "ffn_norm.bias", "ffn_up.weight", "ffn_up.bias",
+              "ffn_down.weight", "ffn_down.bias")
+
+
+def test_gpt_neox_gets_every_tensor_llama_cpp_requires(tokenizer, tmp_path):
+    """llama.cpp's gptneox loader requires each of these (none is optional there, unlike llama's):
+    a tied head goes in as the embedding itself, and a bias the model lacks as zeros, which add nothing."""
+    model = perturbed_model(NEOX_TIED)
+    path = save_gguf(model, tokenizer, tmp_path / "neox.gguf", dtype="f32")
+    tensors = {t.name: np.array(t.data) for t in gguf.GGUFReader(path).tensors}
+    required = {"token_embd.weight", "output_norm.weight", "output_norm.bias", "output.weight"}
+    assert set(tensors) == required | {f"blk.{i}.{name}" for i in range(2) for name in NEOX_LAYER}
+    np.testing.assert_array_equal(tensors["output.weight"], model.embed.weight.detach().numpy())
+    for i in range(2):
+        np.testing.assert_array_equal(tensors[f"blk.{i}.attn_qkv.bias"], np.zeros(3 * 64, np.float32))
+        np.testing.assert_array_equal(tensors[f"blk.{i}.attn_output.bias"], np.zeros(64, np.float32))
+
+
+@torch.no_grad()
+def test_llama_cpp_runs_a_tied_bias_free_scaled_gpt_neox_as_heron_does(llama_cpp, tokenizer, tmp_path):
+    model = perturbed_model(NEOX_TIED)
+    for block in model.blocks:  # llama.cpp's GELU rounds its inputs to f16: compare without it
+        block.mlp.down.weight.zero_()
+    path = save_gguf(model, tokenizer, tmp_path / "neox.gguf", dtype="f32")
+    ids = torch.randint(0, VOCAB, (48,), generator=torch.Generator().manual_seed(1)).tolist()
+    ours, theirs = model(torch.tensor([ids])).logits[0].numpy(), llama_cpp_logits(llama_cpp, path, ids)
+    assert np.abs(ours).max() > 1.0
+    assert np.abs(ours - theirs).max() <= 1e-4
+
+
+def test_qwen2_biases_go_in_as_llamas_own_tensors(exported):
+    """q, k and v biases without an o bias: Hugging Face's LlamaConfig has one attention_bias for all
+    four, llama.cpp's llama a tensor each, read where present (test_tensors_hold_the_heron_weights
+    holds their values)."""
+    _, path = exported["qwen2", "f32"]
+    names = {t.name for t in gguf.GGUFReader(path).tensors}
+    assert fields(path)["general.architecture"] == "llama"
+    assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"} <= names
+    assert "blk.0.attn_output.bias" not in names

@@ -116,6 +116,18 @@ def test_a_tied_head_is_read_from_token_embd(tokenizer, tmp_path):
     assert "output.weight" not in types and types["token_embd.weight"] == Q.Q8_0
 
 
+def test_a_tied_gpt_neox_head_is_written_as_the_embeddings_own_blocks(tokenizer, tmp_path):
+    """llama.cpp's gptneox, unlike its llama, requires output.weight: the tied head goes in as
+    the int8 embedding's Q8_0 blocks, byte for byte."""
+    neox = CONFIGS["base"].replace(norm="layernorm", mlp="gelu_tanh", n_kv_heads=None, tie_embeddings=True)
+    model = quantize_model(perturbed_model(neox), progress=False, scheme="int8")
+    path = save_quantized_gguf(model, tokenizer, tmp_path / "neox.gguf")
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    head, embedding = tensors["output.weight"], tensors["token_embd.weight"]
+    assert head.tensor_type == embedding.tensor_type == Q.Q8_0
+    np.testing.assert_array_equal(np.asarray(head.data), np.asarray(embedding.data))
+
+
 def test_blocks_that_cross_groups_fall_back_to_dequantised_floats(tokenizer, tmp_path):
     model = quantized("base", scheme="int4", group_size=16)  # 32-value blocks would span two groups
     path = save_quantized_gguf(model, tokenizer, tmp_path / "g16.gguf", dtype="f32")

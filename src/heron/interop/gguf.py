@@ -7,7 +7,10 @@ decides whether the model is expressible (a ValueError names the field when
 it is not: sparse attention, router centring, ...) and its values fill
 llama.cpp's hyperparameters; `heron_to_hf` yields the tensors, renamed by
 gguf-py's own name table for llama.cpp's architecture: `llama`, which runs
-Mixtral too, `qwen3`, `qwen3moe` or `gptneox`.
+Mixtral too, `qwen3`, `qwen3moe` or `gptneox`. What a Hugging Face family
+expresses and llama.cpp's architecture would not run as Heron does (a
+sliding window, which none of the four reads) is refused too, by
+`LLAMA_CPP_CHECKS`.
 Four things differ from a Hugging Face folder, and all are done as
 llama.cpp's `convert_hf_to_gguf.py` does them:
 
@@ -15,7 +18,7 @@ llama.cpp's `convert_hf_to_gguf.py` does them:
   it rotates consecutive pairs of a head's dimensions, where Hugging Face,
   Heron and llama.cpp's qwen3 rotate dimension j with j + head_dim / 2;
 - Llama 3 RoPE scaling travels as per-frequency divisors in a
-  `rope_freqs.weight` tensor; linear scaling as llama.cpp's "linear" rope
+  `rope_freqs.weight` tensor (llama only); linear scaling as llama.cpp's "linear" rope
   scaling type;
 - GPT-NeoX's fused q/k/v rows, head by head in the checkpoint, go in as
   all q, then all k, then all v (`qkv_in_blocks`);
@@ -49,7 +52,8 @@ from heron.core.config import ModelConfig
 from heron.core.rope import rope_frequencies
 from heron.core.transformer import Transformer
 from heron.govern.audit import record_event
-from heron.interop.families import GPT_NEOX, LLAMA, MIXTRAL, QWEN3, QWEN3_MOE, Family, HfConfig, hf_config
+from heron.interop.families import (GPT_NEOX, LLAMA, MIXTRAL, QWEN3, QWEN3_MOE, Family, HfConfig, _in_context,
+                                     hf_config)
 from heron.interop.gguf_tokenizer import add_tokenizer
 from heron.interop.tables import expand, heron_to_hf
 from heron.tokenizer.bpe import HeronTokenizer
@@ -121,11 +125,11 @@ def save_gguf(
     config = model.config
     family = family_of(config)
     try:
-        hf = hf_config(family, config)
+        hf = hf_config(family, _one_attention_bias(config))
     except ValueError as err:  # say which mapping a GGUF file goes through, and which ones exist
         raise ValueError(f"{err} (a GGUF file is written as llama.cpp's llama, qwen3, qwen3moe or gptneox "
                          f"architecture, through Hugging Face's {family.architecture} mapping)") from None
-    _check_qwen3_runs(family, config)
+    _check_llama_cpp_runs(family, config)
     target = Path(path)
     writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[ARCHS[family.name][0]])
     writer.add_name(name if name is not None else target.stem)
@@ -161,17 +165,71 @@ def family_of(config: ModelConfig) -> Family:
     return LLAMA if config.moe is None else MIXTRAL
 
 
-def _check_qwen3_runs(family: Family, config: ModelConfig) -> None:
-    """What Hugging Face's Qwen3 families allow and llama.cpp's do not: attention biases,
-    and dense MLPs beside the experts (qwen3moe has experts on every layer)."""
+def _one_attention_bias(config: ModelConfig) -> ModelConfig:
+    """`config` as Hugging Face's one `attention_bias` flag (LlamaConfig's) sees it. A GGUF
+    file holds each bias as a tensor of its own: llama.cpp's llama reads bq, bk, bv and bo
+    each where present (llama-model.cpp: TENSOR_NOT_REQUIRED), and gptneox is given zeros
+    (`neox_stand_ins`). So Qwen2's q/k/v biases without an o bias need not pass that flag's
+    check; qwen3, which reads none, is refused by `_no_qwen3_biases`."""
+    return config.replace(out_bias=config.qkv_bias)
+
+
+def _arch_name(family: Family) -> str:
+    return gguf.MODEL_ARCH_NAMES[ARCHS[family.name][0]]
+
+
+def _dense_attention(family: Family, config: ModelConfig) -> str | None:
+    """None of the architectures written reads a sliding window (llama.cpp reads
+    {arch}.attention.sliding_window for Gemma, Cohere2, ... only), so a window left out of
+    the file would let llama.cpp attend further back than the model does. A window the
+    context fits in leaves no key out: that layer is dense (`_in_context`)."""
+    sparse = [i for i in range(config.n_layers) if _in_context(config, i).kind != "dense"]
+    if not sparse:
+        return None
+    pattern = config.attention_pattern(sparse[0])
+    window = f" (window {pattern.window})" if pattern.kind == "sliding" else ""
+    return (f"attention: layer {sparse[0]} is {pattern.kind!r}{window}; llama.cpp's {_arch_name(family)} "
+            "architecture has dense attention only, and the file would attend further back than the model does")
+
+
+def _no_qwen3_biases(family: Family, config: ModelConfig) -> str | None:
+    """Hugging Face's Qwen3 families have `attention_bias`; llama.cpp's qwen3 and qwen3moe load none."""
     if family not in (QWEN3, QWEN3_MOE):
-        return
-    if config.qkv_bias:
-        raise ValueError(f"qkv_bias: llama.cpp's {family.model_type} architecture has no attention biases")
+        return None
+    field = next((f for f in ("qkv_bias", "out_bias") if getattr(config, f)), None)
+    return None if field is None else f"{field}: llama.cpp's {_arch_name(family)} architecture has no attention biases"
+
+
+def _experts_on_every_layer(family: Family, config: ModelConfig) -> str | None:
+    """Qwen3-MoE's `mlp_only_layers` keep dense MLPs; llama.cpp's qwen3moe has experts on every layer."""
     dense = [i for i in range(config.n_layers) if family is QWEN3_MOE and not config.is_moe_layer(i)]
-    if dense:
-        raise ValueError(f"feed_forward: layer {dense[0]} is dense; llama.cpp's qwen3moe architecture has experts "
-                         "on every layer")
+    if not dense:
+        return None
+    return f"feed_forward: layer {dense[0]} is dense; llama.cpp's qwen3moe architecture has experts on every layer"
+
+
+def _llama3_rope_on_llama(family: Family, config: ModelConfig) -> str | None:
+    """Llama 3 scaling travels as `rope_freqs.weight`, which llama.cpp's llama loads and its
+    qwen3, qwen3moe and gptneox do not: the file would hold a tensor they reject."""
+    scaling = config.rope_scaling
+    if scaling is None or scaling.kind != "llama3" or ARCHS[family.name][0] == gguf.MODEL_ARCH.LLAMA:
+        return None
+    return (f"rope_scaling: llama.cpp's {_arch_name(family)} architecture reads no rope_freqs.weight, which "
+            "carries Llama 3 scaling; only a model written as llama (no qk_norm, RMSNorm) can have it")
+
+
+# What llama.cpp's architectures cannot run though Hugging Face's family expresses it: each
+# check gives its problem, naming the field, or None.
+LLAMA_CPP_CHECKS: tuple[Callable[[Family, ModelConfig], str | None], ...] = (
+    _dense_attention, _no_qwen3_biases, _experts_on_every_layer, _llama3_rope_on_llama,
+)
+
+
+def _check_llama_cpp_runs(family: Family, config: ModelConfig) -> None:
+    """ValueError naming every problem `LLAMA_CPP_CHECKS` finds, as `hf_config` names its own."""
+    problems = [problem for check in LLAMA_CPP_CHECKS if (problem := check(family, config))]
+    if problems:
+        raise ValueError("; and ".join(problems))
 
 
 # llama.cpp's gptneox hyperparameters <- GPT-NeoX's config.json keys, as convert_hf_to_gguf.py writes them.
@@ -191,7 +249,7 @@ def _add_hparams(writer: gguf.GGUFWriter, hf: HfConfig, config: ModelConfig) -> 
         for add, key in NEOX_HPARAMS:
             add(writer, hf[key])
         writer.add_rope_dimension_count(config.rotary_dim or config.resolved_head_dim)
-        writer.add_rope_freq_base(config.rope_theta)
+        _add_rope(writer, config)
         return
     for add, key in HPARAMS:
         add(writer, hf[key])
@@ -202,9 +260,16 @@ def _add_hparams(writer: gguf.GGUFWriter, hf: HfConfig, config: ModelConfig) -> 
         writer.add_expert_count(hf["num_experts"])
         writer.add_expert_used_count(hf["num_experts_per_tok"])
         writer.add_expert_feed_forward_length(hf["moe_intermediate_size"])
+    _add_rope(writer, config)
+
+
+def _add_rope(writer: gguf.GGUFWriter, config: ModelConfig) -> None:
+    """RoPE's base, and linear scaling as llama.cpp's "linear" type: llama-model.cpp reads
+    rope.scaling.* for every architecture, and each graph rotates by positions times
+    1 / factor (freq_scale). Llama 3 scaling is a tensor instead: `rope_freq_factors`."""
     writer.add_rope_freq_base(config.rope_theta)
     scaling = config.rope_scaling
-    if scaling is not None and scaling.kind == "linear":  # llama3 scaling is a tensor: rope_freq_factors
+    if scaling is not None and scaling.kind == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(scaling.factor)
 
@@ -244,7 +309,8 @@ def gguf_tensors(config: ModelConfig, weights: Mapping[str, torch.Tensor]) -> It
     """(llama.cpp name, tensor in llama.cpp's layout, the Heron tensor it comes
     from) for every tensor of the file. Every step moves whole rows, so a
     matrix given as rows of ggml blocks is rearranged like a float one. A
-    tied output head is left out: llama.cpp reuses `token_embd` when `output` is absent."""
+    tied output head is left out: llama.cpp's llama and qwen3 reuse `token_embd` when
+    `output` is absent (gptneox does not: `neox_stand_ins`)."""
     family = family_of(config)
     arch, rotates_pairs = ARCHS[family.name]
     names = gguf.get_tensor_name_map(arch, config.n_layers)
@@ -263,9 +329,28 @@ def gguf_tensors(config: ModelConfig, weights: Mapping[str, torch.Tensor]) -> It
         if family is GPT_NEOX and kind == gguf.MODEL_TENSOR.ATTN_QKV:
             tensor = qkv_in_blocks(tensor, config.n_heads)
         yield name, interleave_rope(tensor, rope_heads[kind]) if kind in rope_heads else tensor, origin[hf_name]
+    if family is GPT_NEOX:
+        yield from neox_stand_ins(config, weights)
     factors = rope_freq_factors(config)
     if factors is not None:
         yield f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS]}.weight", factors, "rope_freqs"
+
+
+def neox_stand_ins(config: ModelConfig, weights: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """What llama.cpp's gptneox loader requires (llama-model.cpp creates `output`, `bqkv` and
+    `bo` without TENSOR_NOT_REQUIRED) and a Heron GPT-NeoX may lack, as `gguf_tensors` yields
+    tensors, each exact: a tied head is the embedding itself (quantised blocks too, hence
+    its origin), and a bias the model has none of is zeros."""
+    if config.tie_embeddings:
+        yield f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.OUTPUT]}.weight", weights["embed.weight"], "embed.weight"
+    width = config.n_heads * config.resolved_head_dim  # gptneox: as many k and v heads as q heads
+    biases = ((config.qkv_bias, gguf.MODEL_TENSOR.ATTN_QKV, "qkv", 3 * width),
+              (config.out_bias, gguf.MODEL_TENSOR.ATTN_OUT, "out", config.d_model))
+    for i in range(config.n_layers):
+        for present, kind, linear, size in biases:
+            if not present:
+                name = f"{gguf.TENSOR_NAMES[kind].format(bid=i)}.bias"
+                yield name, torch.zeros(size), f"blocks.{i}.attn.{linear}.bias"
 
 
 _EXPERT = re.compile(r"(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<linear>w[123]|(?:gate|up|down)_proj)\.weight$")
@@ -336,7 +421,7 @@ def _write_atomic(writer: gguf.GGUFWriter, target: Path) -> None:
 
 
 __all__ = [
-    "ARCHS", "FILE_TYPES", "HPARAMS", "encode_tensor", "family_of", "gguf_tensors", "interleave_rope",
-    "rope_freq_factors",
+    "ARCHS", "FILE_TYPES", "HPARAMS", "LLAMA_CPP_CHECKS", "encode_tensor", "family_of", "gguf_tensors",
+    "interleave_rope", "neox_stand_ins", "rope_freq_factors",
     "save_gguf", "stacked_experts",
 ]
