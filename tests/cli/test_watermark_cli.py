@@ -59,7 +59,7 @@ def test_detect_reads_text_from_the_argument_and_a_bare_tokenizer_json(checkpoin
     argv = ["watermark", "detect", text, "--tokenizer", str(checkpoint / "tokenizer.json"), "--key", "k3y",
             "--vocab-size", str(MODEL_VOCAB), "--z", "3.5"]
     assert heron_cli(argv) == 0
-    assert "verdict: not watermarked (z <= 3.5)" in capsys.readouterr().out
+    assert "verdict: not watermarked (p-value > 0.00023, the false-positive rate of z > 3.5)" in capsys.readouterr().out
 
 
 def test_a_text_too_short_to_score_gets_no_verdict(checkpoint, capsys):

@@ -189,3 +189,46 @@ def test_the_check_is_one_index_lookup(tmp_path):
             plan = " ".join(str(row[-1]) for row in conn.exec_driver_sql(
                 "EXPLAIN QUERY PLAN " + str(compiled), tuple(compiled.params[k] for k in compiled.positiontup)))
     assert "USING INDEX ix_consent_events_user_id_purpose_at_id" in plan and "TEMP B-TREE" not in plan
+
+
+def test_two_processes_writing_at_once_keep_one_order(tmp_path):
+    """A grant dated "now" whose write is slow, and a withdrawal begun meanwhile from another
+    connection: the withdrawal waits for the grant's write lock, then reads the grant and ends
+    it, so the history reads in one order and the export agrees with the check."""
+    import threading
+    import time
+
+    from heron.store.records import utc_now
+
+    slow_started = threading.Event()
+
+    def slow_clock() -> datetime:  # read under the write lock: the other writer must wait it out
+        now = utc_now()
+        slow_started.set()
+        time.sleep(0.3)
+        return now
+
+    db = tmp_path / "consent.db"
+    with ConsentRegistry.open(db) as setup:
+        setup.grant("alice", "training", source="web-form", at=utc_now() - HOUR)
+    with ConsentRegistry.open(db, clock=slow_clock) as slow, ConsentRegistry.open(db) as fast:
+        granting = threading.Thread(target=lambda: slow.grant("alice", "training", source="renewal"))
+        granting.start()
+        slow_started.wait(5)
+        withdrawal = fast.withdraw("alice", "training", source="email")  # waits for the renewal's lock
+        granting.join()
+        events = fast.history("alice", "training")
+        assert [e.event for e in events] == ["given", "given", "withdrawn"]
+        assert [e.at for e in events] == sorted(e.at for e in events)
+        assert withdrawal.record_id == events[1].record_id  # it ended the renewal, the grant then in force
+        assert not fast.has_consent("alice", "training")
+        statuses = [record["status"] for record in fast.export("alice")["records"]]
+        assert "given" not in statuses
+
+
+def test_lookups_read_keys_as_grants_write_them(registry):
+    registry.grant(" alice ", "training", source="web-form", at=T0)
+    assert registry.has_consent("alice ", "training") and len(registry.history(" alice")) == 1
+    assert registry.export(" alice ")["records"]
+    with pytest.raises(ValueError, match="'purpose' 'Training': use lower-case"):
+        registry.status("alice", "Training")

@@ -15,7 +15,8 @@ import torch
 from heron.core import ModelConfig, Transformer
 from heron.generate import (Generator, SamplingParams, apply_repetition_penalty, apply_temperature, apply_top_k,
                             apply_top_p, sample_next)
-from heron.govern.watermark import Watermark, detect, green_hits, p_value, z_score
+from heron.govern.watermark import (DEFAULT_Z_THRESHOLD, Watermark, binomial_tail, detect, green_hits, p_value,
+                                    z_score)
 
 torch.set_num_threads(1)
 
@@ -138,7 +139,8 @@ def test_mixed_text_counts_its_green_tokens():
     result = detect(ids, WM, V, ignore_repeated=False)
     assert (result.green, result.scored) == (30 + joint, 101)
     assert result.z == pytest.approx((30 + joint - 0.25 * 101) / math.sqrt(101 * 0.25 * 0.75), rel=1e-12)
-    assert result.p_value == pytest.approx(p_value(result.z))
+    assert result.p_value == pytest.approx(binomial_tail(30 + joint, 101, 0.25), rel=1e-12)
+    assert result.p_value == pytest.approx(p_value(result.z), abs=0.05)  # the normal approximation, roughly
 
 
 def test_repeated_bigrams_are_scored_once_unless_asked():
@@ -277,3 +279,37 @@ def test_sampling_without_watermark_is_the_plain_chain():
     expected = torch.multinomial(apply_top_p(apply_top_k(apply_temperature(logits, 0.7), 40), 0.9).softmax(-1), 1,
                                  generator=torch.Generator().manual_seed(4)).squeeze(-1)
     assert torch.equal(sample_next(logits, params, torch.Generator().manual_seed(4)), expected)
+
+
+def test_the_binomial_tail_equals_brute_force_enumeration():
+    """P(X >= g) for X ~ Binomial(T, γ), against summing every outcome of T coin flips."""
+    import itertools
+
+    for trials, gamma in ((6, 0.25), (9, 0.5), (10, 0.3)):
+        weights = {}
+        for flips in itertools.product((0, 1), repeat=trials):
+            g = sum(flips)
+            weights[g] = weights.get(g, 0.0) + gamma ** g * (1 - gamma) ** (trials - g)
+        for green in range(trials + 2):
+            want = sum(w for g, w in weights.items() if g >= green)
+            assert binomial_tail(green, trials, gamma) == pytest.approx(want, rel=1e-12, abs=1e-15)
+
+
+def test_short_texts_are_held_to_the_false_positive_rate_of_the_z_threshold():
+    """Six scored bigrams all green is z = 6.9 > 4, but it happens by chance 4^-6 = 2.4e-4 of the
+    time, 7.7 times the 3.2e-5 that z > 4 stands for: the exact tail says not watermarked."""
+    wm, vocab = Watermark(key=7), 64
+    ids, prev = [0], 0
+    while len(ids) < 7:  # a text whose every bigram is green, and distinct
+        green = wm.green_mask(torch.tensor([prev]), vocab)[0].nonzero().flatten().tolist()
+        prev = next(t for t in green if t not in ids)
+        ids.append(prev)
+    found = detect(ids, wm, vocab)
+    assert found.green == found.scored == 6 and found.z > DEFAULT_Z_THRESHOLD
+    assert found.p_value == pytest.approx(0.25 ** 6) and not found.watermarked
+    assert p_value(DEFAULT_Z_THRESHOLD) == pytest.approx(3.17e-5, rel=1e-2)
+
+
+def test_a_batch_of_texts_is_refused_rather_than_scored_across_its_rows():
+    with pytest.raises(ValueError, match=r"ids: one text's token ids \(N,\), got shape \(2, 5\)"):
+        detect(torch.zeros(2, 5, dtype=torch.long), Watermark(key=7), 64)

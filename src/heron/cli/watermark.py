@@ -34,7 +34,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--key", required=True, help="the secret key the text was generated with")
     p.add_argument("--gamma", type=float, default=None, help="green fraction used at generation (default 0.25)")
     p.add_argument("--z", dest="z_threshold", type=finite_float, default=None,
-                   help="z above which the text is called watermarked (default 4)")
+                   help="the z whose normal-tail false-positive rate, 3.2e-5 at z 4, the verdict holds (default 4)")
     p.add_argument("--vocab-size", type=positive_int, default=None,
                    help="the generating model's vocabulary size (default: the checkpoint's, else the tokenizer's)")
     p.add_argument("--count-repeated", action="store_true",
@@ -69,7 +69,7 @@ def _watermark(key: str, **settings: float | None) -> Watermark:
 def detect_command(args: argparse.Namespace) -> int:
     tokenizer, vocab_size = tokenizer_and_vocab(args.tokenizer)
     vocab_size = vocab_size if args.vocab_size is None else args.vocab_size
-    from heron.govern.watermark import DEFAULT_Z_THRESHOLD, detect
+    from heron.govern.watermark import DEFAULT_Z_THRESHOLD, detect, p_value
 
     watermark = _watermark(args.key, gamma=args.gamma)
     ids = tokenizer.encode(text_or_file(args.text))
@@ -84,7 +84,9 @@ def detect_command(args: argparse.Namespace) -> int:
         print("verdict: none: no token was scored (a text needs at least two tokens)")
         return 0
     verdict = "watermarked" if result.watermarked else "not watermarked"
-    print(f"verdict: {verdict} (z {'>' if result.watermarked else '<='} {result.z_threshold:g})")
+    alpha = p_value(result.z_threshold)
+    print(f"verdict: {verdict} (p-value {'<=' if result.watermarked else '>'} {alpha:.2g}, the false-positive "
+          f"rate of z > {result.z_threshold:g})")
     return 0
 
 

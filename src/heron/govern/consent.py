@@ -133,31 +133,37 @@ class ConsentRegistry(Closing):
         """Record that the user gave consent for the purpose (a new record; an earlier one in force
         is superseded)."""
         user_id, purpose, source = check_key(user_id, "user_id"), check_key(purpose, "purpose"), _text(source, "source")
-        at = self._when(at)
+        when = self._when(at)
         expiry = None if expires_at is None else check_time(expires_at, "expires_at")
-        if expiry is not None and expiry <= at:
-            raise ValueError(f"expires_at: {expiry.isoformat()} is not after the grant ({at.isoformat()})")
+        if expiry is not None and expiry <= (given := when or self.clock()):  # a grant of now: dated under the lock
+            raise ValueError(f"expires_at: {expiry.isoformat()} is not after the grant ({given.isoformat()})")
         categories = tuple(_text(c, "pii_categories") for c in pii_categories)
-        return self.store.append(EventInput(user_id, purpose, "given", at, source, notice=_note(notice, "notice"),
+        return self.store.append(EventInput(user_id, purpose, "given", when, source, notice=_note(notice, "notice"),
                                             expires_at=expiry, controller=controller or self.controller,
-                                            pii_categories=categories))
+                                            pii_categories=categories), clock=self.clock)
 
     def withdraw(self, user_id: str, purpose: str, *, source: str, at: datetime | str | None = None) -> ConsentEvent:
-        """Record that the user withdrew the consent in force for the purpose (GDPR Art. 7(3))."""
+        """Record that the user withdrew the consent in force for the purpose (GDPR Art. 7(3)). What is
+        in force is read under the store's write lock, so a grant recorded meanwhile is the one ended."""
         user_id, purpose, source = check_key(user_id, "user_id"), check_key(purpose, "purpose"), _text(source, "source")
-        at = self._when(at)
-        status = self.status(user_id, purpose, at=at)
-        if not status.in_force:
-            raise ValueError(f"user {user_id!r} has no consent in force for purpose {purpose!r} to withdraw: "
-                             f"{status.why()}")
-        given = status.event
-        return self.store.append(EventInput(user_id, purpose, "withdrawn", at, source, record_id=given.record_id,
-                                            controller=given.controller))
 
-    def _when(self, at: datetime | str | None) -> datetime:
-        now = self.clock()
-        when = now if at is None else check_time(at, "at")
-        if when > now:
+        def end_the_grant_in_force(latest: ConsentEvent | None, when: datetime) -> EventInput:
+            status = _status(user_id, purpose, when, latest)
+            if not status.in_force:
+                raise ValueError(f"user {user_id!r} has no consent in force for purpose {purpose!r} to withdraw: "
+                                 f"{status.why()}")
+            return EventInput(user_id, purpose, "withdrawn", when, source, record_id=status.event.record_id,
+                              controller=status.event.controller)
+
+        return self.store.append(EventInput(user_id, purpose, "withdrawn", self._when(at), source), clock=self.clock,
+                                 decide=end_the_grant_in_force)
+
+    def _when(self, at: datetime | str | None) -> datetime | None:
+        """`at` checked (not in the future), or None for now: the store reads its clock under its write lock."""
+        if at is None:
+            return None
+        when = check_time(at, "at")
+        if when > self.clock():
             raise ValueError(f"at: {when.isoformat()} is in the future; record consent when it happens")
         return when
 
@@ -165,15 +171,9 @@ class ConsentRegistry(Closing):
 
     def status(self, user_id: str, purpose: str, *, at: datetime | str | None = None) -> ConsentStatus:
         """What holds at `at` (default: now): one indexed lookup of the latest event."""
+        user_id, purpose = check_key(user_id, "user_id"), check_key(purpose, "purpose")
         when = self.clock() if at is None else check_time(at, "at")
-        event = self.store.latest(user_id, purpose, when)
-        if event is None:
-            state = "none"
-        elif event.event == "withdrawn":
-            state = "withdrawn"
-        else:
-            state = "expired" if event.expires_at is not None and event.expires_at <= when else "given"
-        return ConsentStatus(user_id, purpose, when, state, event)
+        return _status(user_id, purpose, when, self.store.latest(user_id, purpose, when))
 
     def has_consent(self, user_id: str, purpose: str, *, at: datetime | str | None = None) -> bool:
         """Whether the user's consent for the purpose is in force at `at` (default: now)."""
@@ -184,21 +184,33 @@ class ConsentRegistry(Closing):
         is none. Call it before storing or using the user's personal data for the purpose."""
         status = self.status(user_id, purpose, at=at)
         if not status.in_force:
-            raise ConsentError(user_id, purpose, status.why())
+            raise ConsentError(status.user_id, status.purpose, status.why())
         return status.event
 
     # ----- history ------------------------------------------------------------------------------
 
     def history(self, user_id: str, purpose: str | None = None) -> list[ConsentEvent]:
         """Every event of the user (for one purpose, or all), in the order recorded."""
-        return self.store.events(user_id, purpose)
+        purpose = None if purpose is None else check_key(purpose, "purpose")
+        return self.store.events(check_key(user_id, "user_id"), purpose)
 
     def export(self, user_id: str, *, purpose: str | None = None) -> dict[str, Any]:
         """The user's consent records as JSON-ready values (GDPR Art. 15 access, Art. 20 portability)."""
-        now = self.clock()
+        now, user_id = self.clock(), check_key(user_id, "user_id")
         events = self.history(user_id, purpose)
         return {"schema_version": SCHEMA_VERSION, "pii_principal_id": user_id, "exported_at": now.isoformat(),
                 "records": [_record(group, events, now) for group in _by_record(events)]}
+
+
+def _status(user_id: str, purpose: str, when: datetime, latest: ConsentEvent | None) -> ConsentStatus:
+    """What holds at `when`, given the latest event at or before it."""
+    if latest is None:
+        state = "none"
+    elif latest.event == "withdrawn":
+        state = "withdrawn"
+    else:
+        state = "expired" if latest.expires_at is not None and latest.expires_at <= when else "given"
+    return ConsentStatus(user_id, purpose, when, state, latest)
 
 
 def events_from_export(exported: dict[str, Any]) -> list[ConsentEvent]:

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -96,7 +95,7 @@ class EventInput:
     user_id: str
     purpose: str
     event: str
-    at: datetime
+    at: datetime | None  # None: now, as the store's clock reads under its write lock
     source: str
     record_id: str | None = None
     notice: str | None = None
@@ -111,15 +110,22 @@ class ConsentStore(EngineStore):
     what = "consent registry"
     schema = consent_metadata  # the table, and its trigger
 
-    def append(self, event: EventInput) -> ConsentEvent:
-        """Add an event. It may not be dated before the latest event of its user and purpose, so
-        the history reads in one order whether sorted by time or by recording."""
-        at = check_time(event.at, "at")
-        with self._transaction() as conn:
+    def append(self, event: EventInput, *, clock: Callable[[], datetime] = utc_now,
+               decide: Callable[[ConsentEvent | None, datetime], EventInput] | None = None) -> ConsentEvent:
+        """Add an event, in one transaction that holds the write lock from its start. It may not
+        be dated before the latest event of its user and purpose, so the history reads in one
+        order whether sorted by time or by recording; `event.at` None dates it by `clock` under
+        the lock, so that two events recorded "now" at once cannot break that order. `decide`,
+        given that latest event and the time, returns the event to write or raises: a write
+        that depends on the state (a withdrawal ends the grant in force) reads it under the lock."""
+        with self.write_transaction(consent_events) as conn:
+            at = clock() if event.at is None else check_time(event.at, "at")
             last = _latest(conn, event.user_id, event.purpose, None)
             if last is not None and at < last.at:
                 raise ValueError(f"at: {at.isoformat()} is before the latest event for user {event.user_id!r} "
                                  f"and purpose {event.purpose!r} ({last.event} at {last.at.isoformat()})")
+            if decide is not None:
+                event = decide(last, at)
             values = {"record_id": event.record_id or str(uuid.uuid4()), "user_id": event.user_id,
                       "purpose": event.purpose, "event": event.event, "at": at, "recorded_at": utc_now(),
                       "source": event.source, "notice": event.notice, "expires_at": event.expires_at,
@@ -139,14 +145,6 @@ class ConsentStore(EngineStore):
             query = query.where(consent_events.c.purpose == purpose)
         with self.engine.connect() as conn:
             return [_event(row) for row in conn.execute(query)]
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sa.Connection]:
-        try:
-            with self.engine.begin() as conn:
-                yield conn
-        except sa.exc.IntegrityError as exc:
-            raise ValueError(f"refused by the database: {exc.orig}") from None
 
 
 def latest_query(user_id: str, purpose: str, at: datetime | None = None) -> sa.Select:

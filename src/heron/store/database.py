@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar, Self
 
@@ -54,14 +56,18 @@ def connect(url_or_path: str | os.PathLike[str], *, create: bool = True, what: s
     return engine
 
 
-def take_write_lock(conn: sa.Connection) -> None:
+def take_write_lock(conn: sa.Connection, table: sa.Table | None = None) -> None:
     """Begin a write transaction on SQLite holding its write lock from the start: two
     processes whose transactions both read, then both write, deadlock, and SQLite fails one
     at once ("database is locked") whatever the busy timeout; begun so, the second waits for
     the first (https://sqlite.org/lang_transaction.html). Call it first in the transaction.
-    Other databases lock rows as they write: nothing to do."""
+    Other databases lock rows as they write; a transaction whose writes depend on what it
+    read first names the `table` read, which PostgreSQL then locks against other writers
+    (SHARE ROW EXCLUSIVE conflicts with itself, not with readers)."""
     if conn.dialect.name == "sqlite":
         conn.exec_driver_sql("BEGIN IMMEDIATE")
+    elif table is not None and conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"LOCK TABLE {table.name} IN SHARE ROW EXCLUSIVE MODE")
 
 
 def _require_tables(engine: sa.Engine, schema: sa.MetaData, what: str) -> None:
@@ -115,6 +121,18 @@ class EngineStore(Closing):
     @property
     def url(self) -> str:
         return self.engine.url.render_as_string()  # password hidden
+
+    @contextmanager
+    def write_transaction(self, read_table: sa.Table | None = None) -> Iterator[sa.Connection]:
+        """One write transaction, holding the write lock from its start (`take_write_lock`;
+        `read_table`: the table whose rows decide what it writes). A refusal by the database
+        (a broken foreign key or constraint) becomes a ValueError."""
+        try:
+            with self.engine.begin() as conn:
+                take_write_lock(conn, read_table)
+                yield conn
+        except sa.exc.IntegrityError as exc:
+            raise ValueError(f"refused by the database: {exc.orig}") from None
 
     def close(self) -> None:
         self.engine.dispose()

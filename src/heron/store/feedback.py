@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
 import sqlalchemy as sa
 
-from heron.store.database import EngineStore, take_write_lock
+from heron.store.database import EngineStore
 from heron.store.jsonl import read_feedback_jsonl, write_jsonl_atomic
 from heron.store.records import (
     DEFAULT_SCALE, Comparison, Content, ImportCounts, PairInput, PreferencePair, Prompt, Rating, RatingInput,
@@ -49,13 +48,13 @@ class FeedbackStore(EngineStore):
     def add_prompt(self, text: Content, *, source: str = "api") -> Prompt:
         """The prompt with this text, added if new (an existing one keeps its first source)."""
         text, source = check_content(text, "text"), check_name(source, "source")
-        with self._transaction() as conn:
+        with self.write_transaction() as conn:
             return _prompt(conn, _prompt_id(conn, text, source))
 
     def add_response(self, prompt_id: int, text: Content, *, model: str) -> Response:
         """The response with this text by this model to the prompt, added if new."""
         text, model = check_content(text, "text"), check_name(model, "model")
-        with self._transaction() as conn:
+        with self.write_transaction() as conn:
             _require(conn, prompts, prompt_id, "prompt_id")
             return _response(conn, _response_id(conn, prompt_id, text, model))
 
@@ -69,7 +68,7 @@ class FeedbackStore(EngineStore):
         if chosen_response_id == rejected_response_id:
             raise ValueError(f"chosen and rejected are the same response ({chosen_response_id}); "
                              f"ties are not recorded")
-        with self._transaction() as conn:
+        with self.write_transaction() as conn:
             chosen = _require(conn, responses, chosen_response_id, "chosen_response_id")
             rejected = _require(conn, responses, rejected_response_id, "rejected_response_id")
             if chosen.prompt_id != rejected.prompt_id:
@@ -87,7 +86,7 @@ class FeedbackStore(EngineStore):
         score, scale = check_score(score, "score"), check_name(scale, "scale")
         annotator = check_name(annotator, "annotator")
         when = utc_now() if created_at is None else check_time(created_at, "created_at")
-        with self._transaction() as conn:
+        with self.write_transaction() as conn:
             _require(conn, responses, response_id, "response_id")
             return _rating(conn, _insert(conn, ratings, response_id=response_id, score=score, scale=scale,
                                          annotator=annotator, created_at=when))
@@ -103,7 +102,7 @@ class FeedbackStore(EngineStore):
         """
         source = check_name(source, "source")
         counts = {PairInput: 0, RatingInput: 0, None: 0}
-        with self._transaction() as conn:
+        with self.write_transaction() as conn:
             for row in rows:
                 counts[type(row) if _add_row(conn, row, source) else None] += 1
         return ImportCounts(comparisons=counts[PairInput], ratings=counts[RatingInput], already_stored=counts[None])
@@ -118,17 +117,6 @@ class FeedbackStore(EngineStore):
         """
         rows = read_feedback_jsonl(path, annotator=annotator, now=utc_now())
         return self.import_rows(rows, source=source or Path(path).name)
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sa.Connection]:
-        """One transaction; a refusal by the database (a broken foreign key,
-        a tie that slipped past the checks) becomes a ValueError."""
-        try:
-            with self.engine.begin() as conn:
-                take_write_lock(conn)
-                yield conn
-        except sa.exc.IntegrityError as exc:
-            raise ValueError(f"refused by the database: {exc.orig}") from None
 
     # ----- reading ------------------------------------------------------------------------------
 
