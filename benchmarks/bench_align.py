@@ -21,11 +21,11 @@ rollouts (median over steps; batch 64, Heron's KV-cached sampling).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import matplotlib
 
@@ -33,7 +33,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from common import HERE, Result, machine, record, setup_torch  # noqa: E402
+from common import HERE, Result, bench_parser, finish, machine, parse_args, setup_torch  # noqa: E402
 from heron.align.data import encode_pairs, encode_replies  # noqa: E402
 from heron.align.evaluate import judge_scores, replies, score_and_kl  # noqa: E402
 from heron.align.grpo import GRPOSettings, grpo  # noqa: E402
@@ -71,9 +71,7 @@ def sft_model() -> tuple[Transformer, object]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--no-write", action="store_true", help="print only; leave results files alone")
-    args = parser.parse_args()
+    args = parse_args(bench_parser(__doc__))
     setup_torch()
     info = machine()
     started = time.perf_counter()
@@ -138,9 +136,6 @@ def main() -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    if not args.no_write:
-        fig.savefig(PLOT, dpi=90)
-    plt.close(fig)
 
     how = ("synthetic say-the-word task (module docstring): one sampled reply per held-out prompt (200) against the "
            "SFT model's, judge's score, ties count half")
@@ -166,10 +161,13 @@ def main() -> None:
         + ", ".join(f"{name} {points[-1][0]:.2f}" for name, points in curves.items()) + ".",
         f"Whole benchmark: {elapsed / 60:.1f} min.",
     ]
-    for r in results:
-        print(f"{r.key}: {r.value:.4g} {r.unit}")
-    if not args.no_write:
-        record("align", "Alignment on the synthetic say-the-word task", results, info, notes)
+
+    def files() -> list[Path]:
+        fig.savefig(PLOT, dpi=90)
+        return [PLOT]
+
+    finish(args, "align", "Alignment on the synthetic say-the-word task", results, info, notes, files=files)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,13 @@ tied embedding counted once; it is read as the output projection). Read
 bandwidth is measured in the same process as the best of several `sum`s over
 a 1 GiB fp32 buffer (bytes read / time); copy bandwidth is reported too.
 
-    python benchmarks/bench_decode.py [--quick] [--presets small base]
+    python benchmarks/bench_decode.py [--quick] [--presets small base] [--no-write]
+
+Only the whole run writes (common.WRITE_RULE): --quick or a subset of presets
+prints the section and leaves the results files alone.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections.abc import Callable
@@ -25,7 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from common import INTERLEAVING_NOTE, Result, Stats, interleave, machine, memory_bandwidth, ratio, record, setup_torch
+from common import (INTERLEAVING_NOTE, Result, Stats, bench_parser, finish, interleave, machine, memory_bandwidth,
+                    parse_args, ratio, setup_torch)
 from heron.generate import Decoder, Generator, SamplingParams, decode_steps, left_pad
 from heron.interop import to_transformers
 from heron.models.presets import build_model, parameter_count
@@ -149,11 +152,11 @@ def bench_preset(preset: str, plan: Plan) -> tuple[list[Result], int, Stats]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rounds")
-    parser.add_argument("--presets", nargs="+", default=["small", "base"], choices=["small", "base"])
-    parser.add_argument("--no-write", action="store_true", help="print only; leave results files alone")
-    args = parser.parse_args(argv)
+    parser = bench_parser(__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds; writes nothing")
+    parser.add_argument("--presets", nargs="+", default=["small", "base"], choices=["small", "base"],
+                        help="a subset writes nothing")
+    args = parse_args(parser, argv)
     setup_torch()
     info = machine()
     plan = QUICK if args.quick else FULL
@@ -173,8 +176,7 @@ def main(argv: list[str] | None = None) -> None:
         Result("memory_copy_bandwidth", bandwidth["copy"] / 1e9, "GB/s",
                "best of 5 copy_ of a 1 GiB fp32 buffer, bytes read + written, before and after the runs"),
     ]
-    if not args.no_write:
-        record("decode", "Decode throughput vs transformers", results, info, notes=[INTERLEAVING_NOTE])
+    finish(args, "decode", "Decode throughput vs transformers", results, info, [INTERLEAVING_NOTE])
 
 
 if __name__ == "__main__":

@@ -27,6 +27,9 @@ the very same weights; greedy outputs are checked identical.
   where a step's tokens share experts, in rounds of its own (no target).
 
     python benchmarks/bench_interop.py [--quick] [--no-write] [--skip-memory]
+
+Only the whole run writes (common.WRITE_RULE): --quick or --skip-memory prints
+the section and leaves the results files alone.
 """
 from __future__ import annotations
 
@@ -40,7 +43,8 @@ import time
 import torch
 
 from bench_decode import NEW, PROMPT, HeronRun, HFRun, prompts
-from common import INTERLEAVING_NOTE, HERE, Result, Stats, interleave, machine, ratio, record, setup_torch
+from common import (INTERLEAVING_NOTE, HERE, Result, Stats, bench_parser, finish, interleave, machine, parse_args,
+                    ratio, setup_torch)
 from heron.compress import quantize_model
 
 ROOT = HERE.parent
@@ -254,12 +258,12 @@ def batched_decode_results(model: torch.nn.Module, hf: torch.nn.Module, rounds: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rounds")
-    parser.add_argument("--skip-memory", action="store_true", help="leave out the 1.1B import (writes 4.4 GB once)")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave results files alone")
+    parser = bench_parser(__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds; writes nothing")
+    parser.add_argument("--skip-memory", action="store_true",
+                        help="leave out the 1.1B import (writes 4.4 GB once); writes nothing")
     parser.add_argument("--child", choices=["write", "floor", "heron", "transformers"], help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parse_args(parser)
     if args.child == "write":
         write_big_checkpoint()
         return
@@ -271,11 +275,8 @@ def main() -> None:
     rounds = 3 if args.quick else 7
     results, notes = ([], []) if args.skip_memory else memory_results()
     results += forward_results(rounds) + decode_results(rounds)
-    for r in results:
-        print(f"{r.key}: {r.value:.4g} {r.unit}")
-    if not args.no_write:
-        record("interop", "Imported open weights: import memory, forward and decode vs transformers", results, info,
-               [*notes, *LIMITS, INTERLEAVING_NOTE])
+    finish(args, "interop", "Imported open weights: import memory, forward and decode vs transformers", results, info,
+           [*notes, *LIMITS, INTERLEAVING_NOTE])
 
 
 if __name__ == "__main__":

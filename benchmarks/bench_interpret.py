@@ -1,4 +1,4 @@
-"""Interpretability tools on a known mechanism and on the demo's model (issue 7).
+"""Interpretability tools on a known mechanism and on the dense `tiny` model (issue 7).
 
 Induction heads (`heron.interpret.induction`): for seeds 0, 1 and 2,
 `induction_head_score_margin(InductionTask(seed=s))` trains a two-layer,
@@ -15,9 +15,11 @@ the previous-token heads and their margin, and the share of the in-context
 loss gap (unrepeated half's loss - repeated half's) that zero-ablating the
 found heads removes, on 64 other sequences. One torch thread, as the tests.
 
-Sparse autoencoder (`heron.interpret.sae`) on the demo's model: the shipped
-`tiny` recipe (360 steps of 8 x 128 tokens on the standard library's shards)
-trained in runs/bench-interpret/tiny, resumed if it is there. First, on 64
+Sparse autoencoder (`heron.interpret.sae`) on the dense `tiny` model: the
+shipped `tiny` recipe (the demo's shape without the experts and sliding
+windows of the demo's own `tiny-moe-sparse`; 360 steps of 8 x 128 tokens on
+the standard library's shards) trained in runs/bench-interpret/tiny, resumed
+if it is there. First, on 64
 windows of 128 tokens from the first half of the validation split, the loss
 increase from zero-ablating each block's `blocks.{i}.hook_mlp_out`; the SAE
 is trained on the block whose MLP output matters most (ablating a

@@ -25,6 +25,10 @@ read at 1k, 2k, 4k and 8k new tokens in a fresh subprocess, for the sliding
 model and for the dense control.
 
     python benchmarks/bench_long_context.py [--quick] [--reuse] [--no-write]
+
+--quick (a few steps, 2k windows, 1k tokens) checks the script end to end;
+--reuse measures finished training runs again, without their training times.
+Either prints the section and writes nothing (common.WRITE_RULE).
 """
 from __future__ import annotations
 
@@ -46,7 +50,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import HERE, Result, machine, peak_rss, record, reset_peak_rss, setup_torch  # noqa: E402
+from common import (  # noqa: E402
+    HERE, Result, bench_parser, finish, machine, parse_args, peak_rss, reset_peak_rss, setup_torch,
+)
 from heron.cli.commands import recipe_path  # noqa: E402
 from heron.core import KVCache, Transformer  # noqa: E402
 from heron.data.batches import TokenStream, eval_batches  # noqa: E402
@@ -195,7 +201,7 @@ def own_perplexity(model: Transformer, prompt: list[int], ids: list[int], span: 
     return math.exp(float(generated[:span].mean())), math.exp(float(generated[-span:].mean()))
 
 
-def write_sample(tokenizer: HeronTokenizer, prompt: list[int], ids: list[int], folder: Path) -> None:
+def write_sample(tokenizer: HeronTokenizer, prompt: list[int], ids: list[int], folder: Path) -> Path:
     """The first and last SAMPLE_LINES lines of prompt + generation, for a reader to judge."""
     lines = [line[:160] for line in tokenizer.decode(prompt + ids).splitlines()]
     if len(lines) > 2 * SAMPLE_LINES:
@@ -207,6 +213,7 @@ def write_sample(tokenizer: HeronTokenizer, prompt: list[int], ids: list[int], f
         "# written by benchmarks/bench_long_context.py; lines cut at 160 characters.",
         *lines, "",
     ]))
+    return SAMPLE
 
 
 # ----- report ---------------------------------------------------------------------------------
@@ -233,7 +240,7 @@ class Measured:
         return max(self.gens["sliding"]["rss_rise"])
 
 
-def plot(losses: dict[str, torch.Tensor], gens: dict[str, dict[str, Any]]) -> None:
+def plot(losses: dict[str, torch.Tensor], gens: dict[str, dict[str, Any]]) -> Path:
     fig, (ax_l, ax_d, ax_m) = plt.subplots(1, 3, figsize=(15, 4.2))
     length = next(iter(losses.values())).shape[1]
     edges = np.unique(np.r_[0, np.round(2 ** np.arange(4, math.log2(length) + 0.01, 0.25))].astype(int))  # 4 an octave
@@ -266,6 +273,8 @@ def plot(losses: dict[str, torch.Tensor], gens: dict[str, dict[str, Any]]) -> No
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(PLOT, dpi=100)
+    plt.close(fig)
+    return PLOT
 
 
 def loss_results(m: Measured) -> list[Result]:
@@ -273,14 +282,16 @@ def loss_results(m: Measured) -> list[Result]:
     first, last = min(means["sliding"]), max(means["sliding"])
     gap = {k: means["dense"][k] - means["sliding"][k] for k in (first, last)}
     results = []
+    where = (f"{windows} non-overlapping {last[1]}-token held-out stdlib windows, one forward each; trained on "
+             f"{TRAIN_LEN}-token windows")
     for name, by_bucket in means.items():
         a, b = by_bucket[first], by_bucket[last]
-        how = (f"{name} model: mean next-token loss over positions {last[0]}-{last[1] - 1} / over 0-511 ({b:.3f} / "
-               f"{a:.3f} nats), {windows} non-overlapping {last[1]}-token held-out stdlib windows, one forward "
-               f"each; trained on {TRAIN_LEN}-token windows")
+        span = f"positions {last[0]}-{last[1] - 1}"
         results += [
-            Result(f"long_context_{name}_loss_8k_over_512", b / a, "ratio", how),
-            Result(f"long_context_{name}_loss_4k_8k", b, "nats", how),
+            Result(f"long_context_{name}_loss_8k_over_512", b / a, "ratio",
+                   f"{name} model: mean next-token loss over {span} / over 0-511 ({b:.3f} / {a:.3f} nats), {where}"),
+            Result(f"long_context_{name}_loss_4k_8k", b, "nats",
+                   f"{name} model: mean next-token loss over {span}, nats per token (over 0-511: {a:.3f}), {where}"),
         ]
     return results + [Result(
         "long_context_dense_minus_sliding_loss_4k_8k", gap[last], "nats",
@@ -393,12 +404,12 @@ def measure(plan: Plan, reuse: bool) -> tuple[Measured, list[int], HeronTokenize
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = bench_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="a few steps, 2k windows, 1k tokens; writes nothing")
-    parser.add_argument("--reuse", action="store_true", help="reuse finished training runs of the same recipes")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave results files alone")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse finished training runs of the same recipes; writes nothing (no training times)")
     parser.add_argument("--generate-child", nargs=3, metavar=("FOLDER", "PROMPT", "N"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parse_args(parser)
     if args.generate_child:
         folder, prompt, n = args.generate_child
         generate_here(folder, json.loads(prompt), int(n))
@@ -408,13 +419,15 @@ def main() -> None:
     info = machine()
     plan = QUICK if args.quick else FULL
     measured, prompt, tokenizer = measure(plan, args.reuse)
-    if args.quick or args.no_write:
-        return
-    write_sample(tokenizer, prompt, measured.gens["sliding"]["ids"], measured.trained["sliding"][0].checkpoint)
-    plot(measured.losses, measured.gens)
     results = loss_results(measured) + memory_results(measured) + train_results(measured, plan)
-    record("long_context", "Long context: sliding-window layers trained at 512, used at 8k", results, info,
-           notes(measured, time.perf_counter() - started))
+
+    def files() -> list[Path]:
+        sample = write_sample(tokenizer, prompt, measured.gens["sliding"]["ids"],
+                              measured.trained["sliding"][0].checkpoint)
+        return [sample, plot(measured.losses, measured.gens)]
+
+    finish(args, "long_context", "Long context: sliding-window layers trained at 512, used at 8k", results, info,
+           notes(measured, time.perf_counter() - started), files=files)
 
 
 if __name__ == "__main__":

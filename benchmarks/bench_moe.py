@@ -53,6 +53,9 @@ they prevent, the fourth also centring. With top-3 of 8 the ceiling is 8/3
 (every token picks the busiest expert; with top-2 it was 4).
 
     python benchmarks/bench_moe.py [--quick] [--no-write]
+
+--quick (30-step runs, fewer rounds) checks the script: it prints the section
+and writes nothing (common.WRITE_RULE).
 """
 from __future__ import annotations
 
@@ -77,7 +80,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.modules.module import register_module_forward_hook  # noqa: E402
 
-from common import HERE, Result, Stats, interleave, machine, ratio, record, setup_torch, timed  # noqa: E402
+from common import (  # noqa: E402
+    HERE, Result, Stats, bench_parser, finish, interleave, machine, parse_args, ratio, setup_torch, timed,
+)
 from heron.cli.commands import recipe_path  # noqa: E402
 from heron.core.config import ModelConfig  # noqa: E402
 from heron.core.mlp import MLP  # noqa: E402
@@ -322,7 +327,7 @@ def layer_throughput(threads: int, rounds: int) -> LayerTiming:
 # ----- the report --------------------------------------------------------------------------
 
 
-def plot(runs: dict[str, dict[str, Any]], warmup: int) -> None:
+def plot(runs: dict[str, dict[str, Any]], warmup: int) -> list[Path]:
     fig, (ax_s, ax_t, ax_l) = plt.subplots(1, 3, figsize=(15, 4.3))
     dense_final = val_curve(runs["dense"])[-1][1]
     for name, run in runs.items():
@@ -351,6 +356,7 @@ def plot(runs: dict[str, dict[str, Any]], warmup: int) -> None:
     fig.tight_layout()
     fig.savefig(PLOT, dpi=90)
     plt.close(fig)
+    return [PLOT]
 
 
 def training_results(runs: dict[str, dict[str, Any]], recipes_: dict[str, TrainRecipe], plan: Plan) -> list[Result]:
@@ -444,11 +450,10 @@ def notes(runs: dict[str, dict[str, Any]], recipes_: dict[str, TrainRecipe], voc
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="30-step runs, fewer rounds")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave results files alone")
+    parser = bench_parser(__doc__)
+    parser.add_argument("--quick", action="store_true", help="30-step runs, fewer rounds; writes nothing")
     parser.add_argument("--train-child", choices=list(RUN_SOURCES), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parse_args(parser)
     plan = QUICK if args.quick else FULL
     if args.train_child:
         train_child(recipes(plan)[args.train_child])
@@ -463,13 +468,9 @@ def main() -> None:
     runs = train_all(runs_, args.quick)
     warmup = runs_["moe"].schedule.warmup_steps
     results = training_results(runs, runs_, plan) + layer_results(timings, plan.rounds)
-    for r in results:
-        print(f"{r.key}: {r.value:.4g} {r.unit}")
-    if args.no_write:
-        return
-    plot(runs, warmup)
     lines = notes(runs, runs_, vocab, warmup, timings, time.perf_counter() - started)
-    record("moe", "Mixture-of-Experts against dense at equal active parameters", results, info, lines)
+    finish(args, "moe", "Mixture-of-Experts against dense at equal active parameters", results, info, lines,
+           files=lambda: plot(runs, warmup))
 
 
 if __name__ == "__main__":

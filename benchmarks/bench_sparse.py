@@ -8,6 +8,8 @@ during the call, inputs excluded), including the dense computation the way
 sparse patterns are usually implemented: SDPA under the pattern's explicit
 (n, n) boolean mask. FlexAttention (compiled; its CPU path needs
 torch.compile) is timed against the sliding-window engine on the same inputs.
+The keys are read at 16k tokens (flex at 8k); --quick stops at 4k, names its
+keys by that length and writes nothing (common.WRITE_RULE).
 
     python benchmarks/bench_sparse.py [--quick] [--no-write]
 """
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import matplotlib
 
@@ -29,7 +32,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from common import (  # noqa: E402
-    HERE, Result, Stats, interleave, machine, peak_rss, ratio, record, reset_peak_rss, setup_torch, timed,
+    HERE, Result, Stats, bench_parser, finish, interleave, machine, parse_args, peak_rss, ratio, reset_peak_rss,
+    setup_torch, timed,
 )
 from heron.core.config import AttentionPattern  # noqa: E402
 from heron.core.sparse import dense_mask, sparse_attention  # noqa: E402
@@ -158,7 +162,7 @@ def time_all(lengths: tuple[int, ...], quick: bool) -> dict[int, dict[str, Stats
     return times
 
 
-def plot(times: dict[int, dict[str, Stats]], memory: dict[str, dict[int, float]]) -> None:
+def plot(times: dict[int, dict[str, Stats]], memory: dict[str, dict[int, float]]) -> list[Path]:
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name in next(iter(times.values())):
         lengths = [n for n in times if name in times[n]]
@@ -176,14 +180,15 @@ def plot(times: dict[int, dict[str, Stats]], memory: dict[str, dict[int, float]]
     ax_t.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(PLOT, dpi=110)
+    plt.close(fig)
+    return [PLOT]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="lengths up to 4k, one round")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave results files alone")
+    parser = bench_parser(__doc__)
+    parser.add_argument("--quick", action="store_true", help="lengths up to 4k, one round; writes nothing")
     parser.add_argument("--memory-child", nargs=2, metavar=("NAME", "N"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parse_args(parser)
     if args.memory_child:
         measure_memory_here(args.memory_child[0], int(args.memory_child[1]))
         return
@@ -191,24 +196,24 @@ def main() -> None:
     info = machine()
     lengths = LENGTHS[:3] if args.quick else LENGTHS
     key_length = lengths[-1] if args.quick else KEY_LENGTH
+    flex_length = 4096 if args.quick else 8192
     times = time_all(lengths, args.quick)
     memory: dict[str, dict[int, float]] = {}
     for name in calls(key_length):
         memory[name] = {n: peak_memory(name, n) for n in lengths if n <= limit(name, key_length)}
         print(f"memory {name}: " + ", ".join(f"{n}: {b / 2**20:.0f} MiB" for n, b in memory[name].items()), flush=True)
-    flex = flex_comparison(4096 if args.quick else 8192, rounds=2 if args.quick else 3)
+    flex = flex_comparison(flex_length, rounds=2 if args.quick else 3)
     print("flex:", flex, flush=True)
-    plot(times, memory)
 
     speed = ratio(times[key_length]["dense causal SDPA"], times[key_length]["sliding w=512"])
     mem_ratio = memory["sliding w=512"][key_length] / memory["masked dense (sliding mask)"][key_length]
     k = key_length // 1024
     results = [
-        Result("sliding_window_16k_speedup_vs_dense", speed.median, "x",
+        Result(f"sliding_window_{k}k_speedup_vs_dense", speed.median, "x",
                f"dense causal SDPA (fused CPU kernel) time / Heron sliding window w=512 time, one forward call "
                f"at {key_length} tokens, batch 1, 8 heads x 64, fp32; median of per-round ratios, {speed}",
                SPEED_TARGET),
-        Result("sliding_window_16k_memory_ratio_vs_masked_dense", mem_ratio, "fraction",
+        Result(f"sliding_window_{k}k_memory_ratio_vs_masked_dense", mem_ratio, "fraction",
                f"peak-RSS rise of one forward call at {key_length} tokens, Heron sliding window w=512 "
                f"({memory['sliding w=512'][key_length] / 2**20:.0f} MiB) / SDPA under the equivalent explicit "
                f"{key_length}x{key_length} bool mask, mask construction included "
@@ -216,13 +221,9 @@ def main() -> None:
                MEMORY_TARGET, at_most=True),
         Result("flex_attention_time_over_heron_sliding", flex["heron_speedup"], "x",
                f"compiled FlexAttention time / Heron sliding-window time (>1: Heron faster), window 512, "
-               f"forward; compile {flex['compile_s']:.1f} s and block mask {flex['block_mask_s']:.1f} s not "
-               f"included; max |difference| {flex['max_diff']:.1e}"),
+               f"forward at {flex_length} tokens; compile {flex['compile_s']:.1f} s and block mask "
+               f"{flex['block_mask_s']:.1f} s not included; max |difference| {flex['max_diff']:.1e}"),
     ]
-    for r in results:
-        print(f"{r.key}: {r.value:.3g} {r.unit}")
-    if args.no_write:
-        return
     table = ["| pattern | " + " | ".join(f"{n // 1024}k" for n in lengths) + " |",
              "|---|" + "---:|" * len(lengths)]
     for name in times[lengths[0]]:
@@ -237,13 +238,14 @@ def main() -> None:
         f"Forward time per call (median over rounds), patterns at {k}k as in the keys; plot: `{PLOT.name}`.",
         "Peak memory is the rise of the process's peak RSS during one call in a fresh subprocess, so it "
         "counts every temporary (masks, gathered blocks, outputs).",
-        f"FlexAttention (compiled) vs Heron's sliding engine at {8 if not args.quick else 4}k: flex "
+        f"FlexAttention (compiled) vs Heron's sliding engine at {flex_length // 1024}k: flex "
         f"{flex['flex_s'] * 1e3:.0f} ms, Heron {flex['heron_s'] * 1e3:.0f} ms per call; flex first needs "
         f"{flex['compile_s']:.0f} s to compile and {flex['block_mask_s']:.1f} s for its block mask, per shape.",
         "",
         *table,
     ]
-    record("sparse", "Sparse attention against sequence length", results, info, notes)
+    finish(args, "sparse", "Sparse attention against sequence length", results, info, notes,
+           files=lambda: plot(times, memory))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,10 @@ process held before it (peak-RSS rise, fresh process each), with the loss
 from the model's head loss against the same step through the whole logits
 and `F.cross_entropy`, at a batch whose logits are 256 MiB a tensor.
 
-    python benchmarks/bench_train.py [--quick] [--presets small base] [--no-memory]
+    python benchmarks/bench_train.py [--quick] [--presets small base] [--no-memory] [--no-write]
+
+Only the whole run writes (common.WRITE_RULE): --quick, a subset of presets or
+--no-memory prints the section and leaves the results files alone.
 """
 from __future__ import annotations
 
@@ -34,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import (INTERLEAVING_NOTE, Result, interleave, machine, peak_rss, ratio, record, reset_peak_rss,
-                    setup_torch, timed)
+from common import (INTERLEAVING_NOTE, Result, bench_parser, finish, interleave, machine, parse_args, peak_rss,
+                    ratio, reset_peak_rss, setup_torch, timed)
 from heron.interop import to_transformers
 from heron.models.presets import build_model, parameter_count, preset_config
 from heron.train.optim import build_optimizer
@@ -165,13 +168,13 @@ def memory_results() -> list[Result]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rounds and steps")
-    parser.add_argument("--presets", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--no-write", action="store_true", help="print only; leave results files alone")
-    parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    parser = bench_parser(__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and steps; writes nothing")
+    parser.add_argument("--presets", nargs="+", default=list(SHAPES), choices=list(SHAPES),
+                        help="a subset writes nothing")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory measurement; writes nothing")
     parser.add_argument("--memory-child", choices=["head", "logits"], help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if args.memory_child:
         return memory_child(through_logits=args.memory_child == "logits")
     setup_torch()
@@ -180,8 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     results = [r for preset in args.presets for r in bench_preset(preset, plan)]
     if not args.no_memory:
         results += memory_results()
-    if not args.no_write:
-        record("train", "Training throughput vs transformers", results, info, notes=[INTERLEAVING_NOTE])
+    finish(args, "train", "Training throughput vs transformers", results, info, [INTERLEAVING_NOTE])
 
 
 if __name__ == "__main__":

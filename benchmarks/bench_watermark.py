@@ -1,7 +1,8 @@
-"""The green-list watermark (issue 8, `heron.govern.watermark`) on the demo's model.
+"""The green-list watermark (issue 8, `heron.govern.watermark`) on the dense `tiny` model.
 
-The model: the shipped `tiny` recipe (360 steps of 8 x 128 tokens on the
-standard library's shards, 4,096-token vocabulary) trained in
+The model: the shipped `tiny` recipe (the demo's shape without the experts
+and sliding windows of the demo's own `tiny-moe-sparse`; 360 steps of 8 x 128
+tokens on the standard library's shards, 4,096-token vocabulary) trained in
 runs/bench-interpret/tiny, as bench_interpret.py trains it (a no-op once the
 run is complete). Prompts: N windows of 64 tokens at random offsets of the
 validation split. Each prompt is continued for 200 tokens by multinomial

@@ -5,8 +5,10 @@ B A, ...), so slow drift from other work on a shared machine falls on both
 sides alike. A speedup is the median over rounds of the per-round ratio of
 the two measurements, which pairs measurements taken seconds apart.
 
-`record` merges its keys into `benchmarks/results.json` (other benchmarks'
-keys are kept) and rewrites only its own section of `benchmarks/RESULTS.md`.
+`finish` prints a benchmark's section, machine line included, and, for the
+published run only (`WRITE_RULE`), `record` merges its keys into
+`benchmarks/results.json` (other benchmarks' keys are kept) and rewrites only
+its own section of `benchmarks/RESULTS.md`.
 """
 from __future__ import annotations
 
@@ -35,24 +37,66 @@ THREADS = 2
 P = TypeVar("P")  # a benchmark's plan
 
 
+WRITE_RULE = (
+    "Only the published run writes: with any option away from its default (--quick, --smoke, a subset of "
+    "presets, a part left out or reused) the script prints its section and leaves results.json, RESULTS.md and "
+    "the plots as they are, so that every published figure, and its section, comes from one whole run."
+)
+
+
+def bench_parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark's command line: its docstring's first line, --no-write and, below the options, `WRITE_RULE`."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0], epilog=WRITE_RULE)
+    parser.add_argument("--no-write", action="store_true", help="print only; leave results files alone")
+    return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """`parser.parse_args(argv)` plus `departures`: the options other than --no-write given away from
+    their defaults (the published run's), as on a command line; `finish` writes only without any."""
+    args = parser.parse_args(argv)
+    defaults = vars(parser.parse_args([]))
+    args.departures = [_as_option(dest, value) for dest, value in vars(args).items()
+                       if dest != "no_write" and not _same_setting(value, defaults[dest])]
+    return args
+
+
+def _same_setting(value: object, default: object) -> bool:
+    if isinstance(value, list) and isinstance(default, list):
+        return sorted(map(str, value)) == sorted(map(str, default))  # --presets base small is the default's set
+    return value == default
+
+
+def _as_option(dest: str, value: object) -> str:
+    flag = "--" + dest.replace("_", "-")
+    if value is True:
+        return flag
+    return f"{flag} {' '.join(map(str, value))}" if isinstance(value, list) else f"{flag} {value}"
+
+
 def plan_args(doc: str, full: P, smoke: P) -> tuple[argparse.Namespace, P]:
     """(flags, plan) of a benchmark with a full and a smoke plan: --smoke picks the smoke plan
-    (which checks the script and writes nothing), --no-write prints only."""
-    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
-    parser.add_argument("--no-write", action="store_true", help="print only; leave results files alone")
+    (which checks the script and, like --no-write, writes nothing: `finish`)."""
+    parser = bench_parser(doc)
     parser.add_argument("--smoke", action="store_true", help="a few steps of everything, to check the script")
-    args = parser.parse_args()
+    args = parse_args(parser)
     return args, smoke if args.smoke else full
 
 
 def finish(args: argparse.Namespace, section: str, title: str, results: list[Result],
-           info: Mapping[str, object], notes: list[str]) -> None:
-    """Print every key and note; record them unless --no-write or --smoke (see `plan_args`)."""
-    for r in results:
-        print(f"{r.key}: {r.value:.4g} {r.unit}")
-    for line in notes:
-        print(f"  {line}")
-    if not (args.no_write or args.smoke):
+           info: Mapping[str, object], notes: list[str], files: Callable[[], list[Path]] = list) -> None:
+    """Print the section as RESULTS.md would hold it, machine line included. Then, for the published
+    run only (`parse_args`: no departures, no --no-write), write `files` (plots, samples: it makes
+    them and returns their paths), merge the keys into results.json and rewrite the section."""
+    print(_section_md(title, results, info, notes, dt.date.today().isoformat()), flush=True)
+    if args.no_write:
+        print("Not written (--no-write): results.json, RESULTS.md and the plots are as they were.")
+    elif args.departures:
+        print(f"Not written: this is not the published run ({', '.join(args.departures)}), so results.json, "
+              "RESULTS.md and the plots keep its figures; the default options rerun it.")
+    else:
+        for path in files():
+            print(f"wrote {path}")
         record(section, title, results, info, notes)
 
 

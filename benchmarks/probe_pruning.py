@@ -16,7 +16,9 @@ Writes nothing; benchmarks/NOTES.md quotes its output.
 """
 from __future__ import annotations
 
+import argparse
 import copy
+import sys
 
 import torch
 
@@ -70,6 +72,10 @@ def random_prune(model: torch.nn.Module, sparsity: float) -> None:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="Needs the model that "
+                            "benchmarks/bench_compress.py trains; writes nothing.").parse_args()
+    if not SOURCE.is_dir():
+        sys.exit(f"no model at {SOURCE}: run benchmarks/bench_compress.py first (it trains it)")
     setup_torch()
     base, _ = heron.load(SOURCE)
     val = load_shards(SHARDS).val
