@@ -95,3 +95,22 @@ def test_annotators_importing_at_once_all_land(tmp_path: Path) -> None:
         assert proc.returncode == 0, err
     with FeedbackStore.open(tmp_path / "fb.db") as store:
         assert len(store.pairs()) == 9000
+
+
+def test_an_export_for_training_leaves_out_annotators_without_consent(tmp_path: Path, capsys) -> None:
+    """alice consented to training, bob withdrew, carol never consented: with --consent, only
+    alice's comparisons reach the file that DPO and the reward model train on."""
+    db, consent, out = tmp_path / "feedback.db", tmp_path / "consent.db", tmp_path / "pairs.jsonl"
+    source = write_jsonl(tmp_path / "in.jsonl", PAIRS)
+    for annotator in ("alice", "bob", "carol"):
+        assert main(["feedback", "import", str(source), "--db", str(db), "--annotator", annotator]) == 0
+    for argv in (["grant", "alice", "training"], ["grant", "bob", "training"], ["withdraw", "bob", "training"]):
+        assert main(["consent", *argv, "--db", str(consent), "--source", "web-form"]) == 0
+    capsys.readouterr()
+    assert main(["feedback", "export", str(out), "--db", str(db), "--consent", str(consent)]) == 0
+    said = capsys.readouterr().out
+    assert {json.loads(line)["annotator"] for line in out.read_text().splitlines()} == {"alice"}
+    assert "wrote 4 prompt/chosen/rejected pairs" in said
+    assert "left out 8 comparisons by annotators without consent for 'training' in force: bob (4), carol (4)" in said
+    assert main(["feedback", "export", str(out), "--db", str(db)]) == 0  # without a registry: everything
+    assert len(out.read_text().splitlines()) == 12

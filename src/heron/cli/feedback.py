@@ -1,16 +1,21 @@
 """`heron feedback import|export|stats`: the human-feedback store from the command line.
 
     heron feedback import batch1.jsonl --db runs/feedback.db --annotator alice
-    heron feedback export runs/pairs.jsonl --db runs/feedback.db
+    heron feedback export runs/pairs.jsonl --db runs/feedback.db [--consent runs/consent.db]
     heron feedback stats --db runs/feedback.db
 """
 from __future__ import annotations
 
 import argparse
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from heron.cli.options import lasting_database, not_the_source
+from heron.govern.consent import ConsentRegistry, check_key
 from heron.store import FeedbackStore, format_stats
+from heron.store.records import PreferencePair
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
@@ -27,6 +32,10 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p = actions.add_parser("export", help="write every comparison as prompt/chosen/rejected JSONL for DPO and RM")
     p.add_argument("file", type=Path, help="the JSONL file to write")
     p.add_argument("--db", type=lasting_database, required=True, help="SQLite file or database URL")
+    p.add_argument("--consent", type=lasting_database, default=None, metavar="REGISTRY",
+                   help="a consent registry (heron consent): leave out the comparisons of annotators "
+                        "without consent in force for --purpose")
+    p.add_argument("--purpose", default="training", help="the consent purpose an export needs (default training)")
     p.set_defaults(handler=feedback_export)
     p = actions.add_parser("stats", help="counts, annotators, agreement and mean rating per model")
     p.add_argument("--db", type=lasting_database, required=True, help="SQLite file or database URL")
@@ -49,10 +58,43 @@ def counted(n: int, noun: str) -> str:
 
 
 def feedback_export(args: argparse.Namespace) -> int:
-    with FeedbackStore.open(args.db, create=False) as store:
-        count = store.export_pairs(not_the_source(args.file, args.db, "feedback store"))
+    target = not_the_source(args.file, args.db, "feedback store")
+    if args.consent is not None:
+        target = not_the_source(target, args.consent, "consent registry")
+    with FeedbackStore.open(args.db, create=False) as store, _consented(args) as consented:
+        count = store.export_pairs(target, consented)
     print(f"wrote {count} prompt/chosen/rejected pairs to {args.file}")
+    if consented is not None and consented.refused:
+        left = ", ".join(f"{who} ({n})" for who, n in sorted(consented.refused.items()))
+        print(f"left out {sum(consented.refused.values())} comparisons by annotators without consent for "
+              f"{args.purpose!r} in force: {left}")
     return 0
+
+
+class _Consented:
+    """Keeps a comparison when its annotator's consent for the purpose is in force at export
+    time (read once per annotator); counts what it leaves out, by annotator."""
+
+    def __init__(self, registry: ConsentRegistry, purpose: str) -> None:
+        self.registry, self.purpose = registry, check_key(purpose, "purpose")
+        self.decided: dict[str, bool] = {}
+        self.refused: Counter[str] = Counter()
+
+    def __call__(self, pair: PreferencePair) -> bool:
+        if pair.annotator not in self.decided:
+            self.decided[pair.annotator] = self.registry.has_consent(pair.annotator, self.purpose)
+        if not self.decided[pair.annotator]:
+            self.refused[pair.annotator] += 1
+        return self.decided[pair.annotator]
+
+
+@contextmanager
+def _consented(args: argparse.Namespace) -> Iterator[_Consented | None]:
+    if args.consent is None:
+        yield None
+        return
+    with ConsentRegistry.open(args.consent, create=False) as registry:
+        yield _Consented(registry, args.purpose)
 
 
 def feedback_stats(args: argparse.Namespace) -> int:

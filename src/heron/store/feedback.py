@@ -20,7 +20,7 @@ responses judged equally good are better recorded as two ratings.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -133,10 +133,13 @@ class FeedbackStore(EngineStore):
         with self.engine.connect() as conn:
             return [Rating(**row._mapping) for row in conn.execute(query)]
 
-    def export_pairs(self, path: str | os.PathLike[str]) -> int:
-        """Write every comparison as a prompt/chosen/rejected JSONL row (atomically); returns the count."""
+    def export_pairs(self, path: str | os.PathLike[str],
+                     keep: Callable[[PreferencePair], bool] | None = None) -> int:
+        """Write every comparison (that `keep` keeps) as a prompt/chosen/rejected JSONL row
+        (atomically); returns the count written."""
         with self.engine.connect() as conn:
-            return write_jsonl_atomic(path, (pair.to_json() for pair in _pairs(conn, None)))
+            pairs = _pairs(conn, None)
+            return write_jsonl_atomic(path, (p.to_json() for p in pairs if keep is None or keep(p)))
 
     def stats(self) -> FeedbackStats:
         with self.engine.connect() as conn:
