@@ -89,6 +89,11 @@ def test_tokenizer_data_train_generate_eval(corpus: Path, tmp_path: Path, capsys
     # --chat builds the template's control tokens itself: the prompt text alone cannot (see test_engine).
     assert main(["generate", str(checkpoint), "--chat", "--prompt", "hi", "--max-new-tokens", "2"]) == 0
     assert capsys.readouterr().out.startswith("<|bos|><|user|>\nhi<|end|>\n<|assistant|>\n")
+    assert main(["generate", str(checkpoint), "--chat", "--system", "Be brief.", "--prompt", "hi",
+                 "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().out.startswith("<|bos|><|system|>\nBe brief.<|end|>\n<|user|>\nhi<|end|>\n")
+    assert main(["generate", str(checkpoint), "--system", "Be brief.", "--prompt", "hi"]) == 2
+    assert "--system: a system turn belongs to a chat; add --chat" in capsys.readouterr().err
     assert main(["eval", str(checkpoint), "--shards", str(shards), "--seq-len", "65"]) == 2
     assert "heron eval: error: --seq-len: at most the model's max_seq_len 64, got 65" in capsys.readouterr().err
     text, ppl = generated_and_perplexity(shards, checkpoint, "cpu", capsys)

@@ -125,8 +125,11 @@ def generate(args: argparse.Namespace) -> int:
     texts = args.prompt or [prompt_from_stdin()]
     params = sampling_params(args)
     generator = Generator(model, tokenizer)
+    if args.system is not None and not args.chat:
+        raise ValueError("--system: a system turn belongs to a chat; add --chat")
     if args.chat:  # each prompt is a user turn; the reply ends with the turn's end token
-        prompts = [tokenizer.chat_prompt_ids([{"role": "user", "content": t}]) for t in texts]
+        system = [] if args.system is None else [{"role": "system", "content": args.system}]
+        prompts = [tokenizer.chat_prompt_ids([*system, {"role": "user", "content": t}]) for t in texts]
         texts = [tokenizer.decode(ids, skip_special=False) for ids in prompts]
         params = dataclasses.replace(params, stop_token_ids=tokenizer.chat_stop_ids)
     else:

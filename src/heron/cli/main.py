@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=None,
                    help="prompt text (repeatable: a batch; default: standard input, less one trailing newline)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat template")
+    p.add_argument("--system", default=None, metavar="TEXT",
+                   help="with --chat: a system turn before the user's (instructions for the reply)")
     p.add_argument("--no-stream", action="store_true", help="print whole completions instead of streaming")
     _add_sampling(p)
     _add_device(p)
