@@ -210,6 +210,9 @@ def test_a_prompt_of_float_ids_is_refused(model, tokenizer):
     with pytest.raises(ValueError, match="^prompt_ids: token ids must be integers"):
         Generator(model, tokenizer).generate([[1.5, 2]], GREEDY)
     assert Generator(model).prompt_ids(torch.tensor([1, 2])) == [1, 2]
+    for bad in ((i for i in (1, 2)), ["1", "2"]):  # a generator, strings: named, not torch's words
+        with pytest.raises(ValueError, match="^prompt_ids: expected token ids"):
+            Generator(model).prompt_ids(bad)
 
 
 def test_a_pad_id_outside_the_vocabulary_pads_with_one_inside(model, tokenizer):

@@ -45,7 +45,10 @@ class Completion:
 
 def token_ids(name: str, ids: Sequence[int] | torch.Tensor | np.ndarray) -> torch.Tensor:
     """ids as a long tensor, refusing floats: casting would truncate 1.5 to token 1 without a word."""
-    tensor = torch.as_tensor(ids)
+    try:
+        tensor = torch.as_tensor(ids)
+    except (TypeError, ValueError, RuntimeError) as err:  # a generator, strings, ragged lists
+        raise ValueError(f"{name}: expected token ids (a list of ints or an integer tensor), got {ids!r:.60}") from err
     wrong_kind = tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool
     if wrong_kind and tensor.numel() > 0:  # [] makes a float tensor, and is no float
         raise ValueError(f"{name}: token ids must be integers, got {tensor.dtype}")

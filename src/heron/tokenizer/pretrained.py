@@ -27,6 +27,7 @@ from heron.tokenizer.bpe import TOKENIZER_FILE, HeronTokenizer, checked_ids
 CONFIG_FILE = "tokenizer_config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 TEMPLATE_FILE = "chat_template.jinja"
+EXTRA_TEMPLATES_DIR = "additional_chat_templates"  # transformers writes named templates here, <name>.jinja
 SPECIAL_KEYS: tuple[str, ...] = ("bos_token", "eos_token", "pad_token", "unk_token")  # those whose ids Heron uses
 # transformers' named special tokens (SPECIAL_TOKENS_ATTRIBUTES): one of these must hold a token. Other
 # `*_token` keys hold a token or a setting (Llama's "add_bos_token": true), which is no token.
@@ -133,7 +134,8 @@ class PretrainedTokenizer:
         token (`eos_token`, `sep_token`, ...) and `variables`, which win over them, as in transformers."""
         template = _compiled(self.get_chat_template(chat_template, variables.get("tools")))
         _check_messages(messages)
-        context = {key: text for key, text in self.special_tokens.items() if text is not None} | variables
+        context = ({"tools": None, "documents": None}  # defined, as transformers passes them: `is not none` tests
+                   | {key: text for key, text in self.special_tokens.items() if text is not None} | variables)
         try:
             return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **context)
         except ChatTemplateError:
@@ -143,8 +145,27 @@ class PretrainedTokenizer:
 
     def chat_prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
         """Ids of a chat rendered up to the assistant's turn (the template writes
-        its own special tokens, so none are added)."""
+        its own special tokens, so none are added). The rendered text is encoded whole,
+        as transformers encodes it, so a message's content may not spell a special token:
+        it would become that control token (a user's "<|im_end|>" ending their turn)."""
+        _check_messages(messages)
+        for i, message in enumerate(messages):
+            spelled = self._special_spelled(message.get("content"))
+            if spelled is not None:
+                raise ValueError(f"messages[{i}]['content'] spells the special token {spelled!r}, which the "
+                                 "chat template's text would turn into that control token; remove it")
         return self.encode(self.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
+
+    def _special_spelled(self, content: Any) -> str | None:
+        """The first special token whose text occurs in a message's content (a string, or
+        content parts with "text"), or None."""
+        parts = [content] if isinstance(content, str) else [p.get("text") for p in content or [] if isinstance(p, dict)]
+        texts = [t for t in parts if isinstance(t, str)]
+        return next((token for token in self._special_texts for text in texts if token in text), None)
+
+    @cached_property
+    def _special_texts(self) -> tuple[str, ...]:
+        return tuple(t.content for t in self._tok.get_added_tokens_decoder().values() if t.special)
 
     @cached_property
     def _reply_end_id(self) -> int | None:
@@ -153,13 +174,15 @@ class PretrainedTokenizer:
         <|end|>, Llama 3's <|eot_id|>, while eos_token may be <|end_of_text|>); else eos_token."""
         if not self.generation_eos_ids or not self.chat_template:
             return self.eos_id
-        chat = [{"role": "user", "content": "?"}, {"role": "assistant", "content": REPLY_PROBE}]
-        try:
-            after = self.apply_chat_template(chat).partition(REPLY_PROBE)[2]
-        except ValueError:  # a template that wants another chat: no better guess than eos
-            return self.eos_id
-        ends = [i for i in self.stop_ids if after.startswith(self._tok.id_to_token(i))]
-        return ends[0] if ends else self.eos_id
+        turns = [{"role": "user", "content": "?"}, {"role": "assistant", "content": REPLY_PROBE}]
+        for chat in (turns, [{"role": "system", "content": "."}, *turns]):  # some templates want a system turn
+            try:
+                after = self.apply_chat_template(chat).partition(REPLY_PROBE)[2].lstrip()  # ChatML: '\n<|im_end|>'
+            except ValueError:
+                continue
+            ends = [i for i in self.stop_ids if after.startswith(self._tok.id_to_token(i))]
+            return ends[0] if ends else self.eos_id
+        return self.eos_id  # a template that renders neither chat: no better guess than eos
 
     @property
     def chat_stop_ids(self) -> tuple[int, ...]:
@@ -173,7 +196,7 @@ class PretrainedTokenizer:
         end-of-turn token. Appended to `chat_prompt_ids`, they make the whole turn."""
         if self._reply_end_id is None:
             raise ValueError(f"{CONFIG_FILE}: eos_token is not set, so a reply cannot be ended")
-        return self.encode(text, add_special_tokens=False) + [self._reply_end_id]
+        return self.encode(text, add_special_tokens=False, allow_special=False) + [self._reply_end_id]
 
     # ----- persistence ------------------------------------------------------
 
@@ -223,6 +246,11 @@ class PretrainedTokenizer:
         template = None
         if (folder / TEMPLATE_FILE).is_file():
             template = (folder / TEMPLATE_FILE).read_text(encoding="utf-8")
+        extra = sorted((folder / EXTRA_TEMPLATES_DIR).glob("*.jinja"))  # transformers' named templates, one a file
+        if extra:
+            named = _named_templates(config.get("chat_template"))
+            named.update({f.stem: f.read_text(encoding="utf-8") for f in extra})
+            config = {**config, "chat_template": [{"name": n, "template": t} for n, t in named.items()]}
         return cls(tokenizer, config, template, _generation_eos_ids(folder, tokenizer.get_vocab_size(True)))
 
 
