@@ -102,22 +102,23 @@ def test_too_long_sequence_fails_clearly():
 
 @pytest.mark.parametrize("variant", ["mha", "learned_layernorm_gelu"])
 def test_explicit_positions_are_the_default_ones_or_a_value_error_naming_them(variant):
-    """0..T-1 given as (T,) or (B, T), int64 or int32, are the default positions. A negative
-    one (RoPE read it from the table's end: rope_cos[-3] is row 61), a float, or a shape that
-    is not (T,) or (B, T) for the input is refused before any table is read."""
+    """0..T-1 given as (T,), (1, T) (Hugging Face's position_ids) or (B, T), int64 or int32, are
+    the default positions. A negative one (RoPE read it from the table's end: rope_cos[-3] is
+    row 61), a float, or another shape is refused before any table is read."""
     model = make_model(**VARIANTS[variant])
     ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         default = model(ids).logits
-        for positions in (torch.arange(5), torch.arange(5, dtype=torch.int32), torch.arange(5).expand(2, 5)):
+        for positions in (torch.arange(5), torch.arange(5, dtype=torch.int32), torch.arange(5)[None],
+                          torch.arange(5).expand(2, 5)):
             assert torch.equal(model(ids, positions=positions).logits, default)
         for positions, message in [
             (torch.tensor([0, 1, -3, 3, 4]), "-3 is negative"),
             (torch.tensor([0, 1, 2, 3, 64]), "64 exceeds max_seq_len 64"),
             (torch.arange(5.0), "expected int64 or int32 indices, got torch.float32"),
             (torch.arange(5) < 3, "expected int64 or int32 indices, got torch.bool"),
-            (torch.arange(4), r"expected \(5,\) or \(2, 5\) for the input, got \(4,\)"),
-            (torch.arange(5).expand(3, 5), r"expected \(5,\) or \(2, 5\) for the input, got \(3, 5\)"),
+            (torch.arange(4), r"expected \(5,\), \(1, 5\) or \(2, 5\) for the input, got \(4,\)"),
+            (torch.arange(5).expand(3, 5), r"expected \(5,\), \(1, 5\) or \(2, 5\) for the input, got \(3, 5\)"),
         ]:
             with pytest.raises(ValueError, match=f"^positions: {message}"):
                 model(ids, positions=positions)

@@ -295,6 +295,12 @@ def test_the_binomial_tail_equals_brute_force_enumeration():
             assert binomial_tail(green, trials, gamma) == pytest.approx(want, rel=1e-12, abs=1e-15)
 
 
+def test_the_binomial_tail_of_a_certain_outcome_is_exact():
+    assert binomial_tail(3, 5, 0.0) == 0.0 and binomial_tail(3, 5, 1.0) == 1.0
+    with pytest.raises(ValueError, match="p: a probability in"):
+        binomial_tail(3, 5, 1.5)
+
+
 def test_short_texts_are_held_to_the_false_positive_rate_of_the_z_threshold():
     """Six scored bigrams all green is z = 6.9 > 4, but it happens by chance 4^-6 = 2.4e-4 of the
     time, 7.7 times the 3.2e-5 that z > 4 stands for: the exact tail says not watermarked."""

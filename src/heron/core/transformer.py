@@ -155,7 +155,7 @@ class Transformer(nn.Module):
         input_ids: torch.Tensor | None = None,  # (B, T) long
         *,
         input_embeds: torch.Tensor | None = None,  # (B, T, d): e.g. image or audio prefixes
-        positions: torch.Tensor | None = None,  # (T,) or (B, T) long
+        positions: torch.Tensor | None = None,  # (T,), (1, T) or (B, T) long
         attention_mask: torch.Tensor | None = None,  # (B, T) bool, False = padding
         cache: KVCache | None = None,
         last_only: bool = False,  # logits for the final position only
@@ -272,14 +272,15 @@ class Transformer(nn.Module):
 
 
 def check_positions(positions: torch.Tensor, B: int, T: int, max_seq_len: int) -> None:
-    """ValueError naming `positions` unless they are int64 or int32 indices shaped (T,) or
-    (B, T) for the input, each in [0, max_seq_len): a negative one would read the RoPE
+    """ValueError naming `positions` unless they are int64 or int32 indices shaped (T,), (1, T)
+    or (B, T) for the input, each in [0, max_seq_len): a negative one would read the RoPE
     table from its end (rope_cos[-3] is a real row) and the rest fail deep inside. One
     host sync for both bounds, paid only for a caller's positions."""
     if positions.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"positions: expected int64 or int32 indices, got {positions.dtype}")
-    if tuple(positions.shape) not in ((T,), (B, T)):
-        raise ValueError(f"positions: expected ({T},) or ({B}, {T}) for the input, got {tuple(positions.shape)}")
+    if tuple(positions.shape) not in ((T,), (1, T), (B, T)):  # (1, T): Hugging Face's position_ids
+        raise ValueError(f"positions: expected ({T},), (1, {T}) or ({B}, {T}) for the input, "
+                         f"got {tuple(positions.shape)}")
     if positions.numel():
         low, high = torch.stack(torch.aminmax(positions)).tolist()
         if low < 0:

@@ -190,6 +190,10 @@ def binomial_tail(successes: int, trials: int, p: float) -> float:
         return 1.0
     if successes > trials:
         return 0.0
+    if not 0 < p < 1:  # a certain outcome: every trial fails (p 0) or succeeds (p 1)
+        if not 0 <= p <= 1:
+            raise ValueError(f"p: a probability in [0, 1], got {p}")
+        return float(p)
     log_p, log_q = math.log(p), math.log1p(-p)
     logs = [math.lgamma(trials + 1) - math.lgamma(k + 1) - math.lgamma(trials - k + 1) + k * log_p
             + (trials - k) * log_q for k in range(successes, trials + 1)]
