@@ -2,16 +2,19 @@
 would have: the same metrics rows and, bit for bit, the same weights; a rerun under
 another recipe is refused, naming what changed."""
 import json
+import shutil
 
 import pytest
 import safetensors.torch
+import torch
 import yaml
 
 from heron.align import resume as resume_module
 from heron.align.recipe import load_align_recipe
 from heron.align.run import STATE_FILE, run_alignment
 from heron.cli.main import main
-from heron.train.checkpoint import CheckpointError
+from heron.core import ModelConfig, Transformer
+from heron.train.checkpoint import CheckpointError, save_model_folder
 
 TIMINGS = {"rollout_tokens_per_s"}  # measured, so they differ from run to run
 
@@ -48,22 +51,83 @@ def killed_after(monkeypatch, step):
     monkeypatch.setattr(resume_module.Resumable, "step_done", step_done)
 
 
-@pytest.mark.parametrize("method", ["sft", "rm", "dpo", "ppo", "grpo"])
-def test_a_killed_run_resumes_exactly(base, tmp_path, monkeypatch, method):
-    whole = run_alignment(method, align_recipe(tmp_path, base, "whole", method)).parent
+@pytest.fixture(scope="module")
+def moe_base(base, tmp_path_factory):
+    """The base's tokenizer under a MoE whose router centres its input on a running mean: a
+    buffer that training forwards update, which a resumed run must restore too."""
+    import heron
+
+    _, tokenizer = heron.load(base)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, n_layers=1, n_heads=2,
+                                    max_seq_len=64, feed_forward=["moe"],
+                                    moe={"n_experts": 4, "top_k": 2, "router_centering": True}))
+    return save_model_folder(tmp_path_factory.mktemp("moe") / "ckpt", model, tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("method, which", [("sft", "dense"), ("rm", "dense"), ("dpo", "dense"), ("ppo", "dense"),
+                                           ("grpo", "dense"), ("sft", "moe"), ("dpo", "moe")])
+def test_a_killed_run_resumes_exactly(base, moe_base, tmp_path, monkeypatch, method, which):
+    start = {"dense": base, "moe": moe_base}[which]
+    whole = run_alignment(method, align_recipe(tmp_path, start, "whole", method)).parent
     with monkeypatch.context() as patch:
         killed_after(patch, 3)  # saved at step 2: step 3 is lost and done again
         with pytest.raises(KeyboardInterrupt):
-            run_alignment(method, align_recipe(tmp_path, base, "killed", method))
+            run_alignment(method, align_recipe(tmp_path, start, "killed", method))
     killed = tmp_path / "killed"
     assert (killed / STATE_FILE).is_file() and not (killed / "model").exists()
     assert len(rows(killed)) == 3
-    run_alignment(method, align_recipe(tmp_path, base, "killed", method))
+    run_alignment(method, align_recipe(tmp_path, start, "killed", method))
     assert rows(killed) == rows(whole) and len(rows(whole)) == 5
     resumed, unbroken = weights(killed), weights(whole)
     assert resumed.keys() == unbroken.keys()
-    assert all(resumed[k].equal(unbroken[k]) for k in unbroken), method
+    assert all(resumed[k].equal(unbroken[k]) for k in unbroken), method  # router_center included
     assert not (killed / STATE_FILE).exists()  # the finished model holds all there is
+
+
+def test_where_a_run_and_its_inputs_lie_does_not_matter_but_what_they_hold_does(base, tmp_path, monkeypatch,
+                                                                                 capsys):
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {w}."},
+                                                      {"role": "assistant", "content": w}]}) + "\n"
+                             for w in ("a", "b", "c", "d")))
+    data = {"file": str(chats), "max_len": 64}
+    with monkeypatch.context() as patch:
+        killed_after(patch, 2)
+        with pytest.raises(KeyboardInterrupt):
+            run_alignment("sft", align_recipe(tmp_path, base, "run", "sft", data=data))
+    shutil.move(tmp_path / "run", tmp_path / "moved")  # the run folder moved, the base named by another path
+    relative = align_recipe(tmp_path, base.parent / ".." / base.parent.name / base.name, "moved", "sft", data=data)
+    chats.write_text(chats.read_text().replace("Say a.", "Say z."))  # the data file edited meanwhile
+    with pytest.raises(ValueError, match="cannot continue") as refused:
+        run_alignment("sft", relative)
+    assert "(data_file: ..." in str(refused.value)  # the data alone: not the folder, not the base's path
+    assert "recipe." not in str(refused.value) and "base_weights" not in str(refused.value)
+    chats.write_text(chats.read_text().replace("Say z.", "Say a."))
+    run_alignment("sft", relative)
+    assert [row["step"] for row in rows(tmp_path / "moved")] == [1, 2, 3, 4, 5]
+
+
+def test_the_demo_starts_a_stage_over_when_a_killed_one_came_from_another_base(base, moe_base, tmp_path,
+                                                                                monkeypatch):
+    with monkeypatch.context() as patch:
+        killed_after(patch, 2)
+        with pytest.raises(KeyboardInterrupt):
+            run_alignment("sft", align_recipe(tmp_path, base, "run", "sft"))
+    other = align_recipe(tmp_path, moe_base, "run", "sft")
+    with pytest.raises(ValueError, match="base_weights"):
+        run_alignment("sft", other)
+    run_alignment("sft", other, restart_other=True)
+    assert [row["step"] for row in rows(tmp_path / "run")] == [1, 2, 3, 4, 5]
+
+
+def test_a_state_left_beside_a_finished_model_is_removed(base, tmp_path):
+    recipe = align_recipe(tmp_path, base, "run", "sft")
+    run_alignment("sft", recipe)
+    (tmp_path / "run" / STATE_FILE).write_bytes(b"left by a kill after the model was written")
+    with pytest.raises(FileExistsError, match="model: exists"):
+        run_alignment("sft", recipe)
+    assert not (tmp_path / "run" / STATE_FILE).exists()
 
 
 def test_a_run_under_another_recipe_is_refused_naming_the_change(base, tmp_path, monkeypatch, capsys):

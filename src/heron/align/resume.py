@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from heron.train.checkpoint import CheckpointError, write_file_atomic
 from heron.train.rng import rng_states, set_rng_states
@@ -75,6 +76,23 @@ class Resumable:
             write_file_atomic(self.file, lambda f: torch.save(state, f))
 
 
+class ModuleBuffers:
+    """A module's persistent buffers as a part to save: `fit` saves the parameters it trains, not
+    the buffers its forwards update (a MoE router's running centre)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: value.detach().clone() for name, value in self.module.state_dict(keep_vars=True).items()
+                if not isinstance(value, nn.Parameter)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        unexpected = self.module.load_state_dict(state, strict=False).unexpected_keys
+        if unexpected or set(state) != set(self.state_dict()):
+            raise CheckpointError(f"saved buffers {sorted(state)} are not this model's {sorted(self.state_dict())}")
+
+
 def read_state(file: Path) -> dict[str, Any] | None:
     """What `Resumable.step_done` saved in `file`, or None when there is no such file."""
     if not file.is_file():
@@ -90,4 +108,4 @@ def read_state(file: Path) -> dict[str, Any] | None:
     return state
 
 
-__all__ = ["Resumable", "Stateful", "read_state"]
+__all__ = ["ModuleBuffers", "Resumable", "Stateful", "read_state"]

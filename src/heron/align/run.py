@@ -10,6 +10,7 @@ deletes it.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -37,28 +38,32 @@ from heron.align.objectives import (  # noqa: E402
 )
 from heron.align.ppo import ppo  # noqa: E402
 from heron.align.recipe import METHODS, AlignRecipe  # noqa: E402
-from heron.align.resume import Resumable, read_state  # noqa: E402
+from heron.align.resume import ModuleBuffers, Resumable, read_state  # noqa: E402
 from heron.align.synthetic import RepeatTask  # noqa: E402
 from heron.compress.qlinear import is_quantized  # noqa: E402
 from heron.data.chat import load_chat_jsonl  # noqa: E402
 from heron.govern import EnergyMeter, EnergyReport  # noqa: E402
 from heron.govern.audit import record_event  # noqa: E402
 from heron.govern.digest import model_hash  # noqa: E402
-from heron.train.checkpoint import RUN_MODEL_DIR, resolve_checkpoint, save_model_folder  # noqa: E402
+from heron.train.checkpoint import RUN_MODEL_DIR, resolve_checkpoint, save_model_folder, sha256_file  # noqa: E402
 from heron.train.recipe import setting_changes  # noqa: E402
 
 METRICS_FILE, PLOT_FILE, MODEL_DIR, CACHE_DIR = "metrics.jsonl", "reward_kl.png", RUN_MODEL_DIR, "cache"
 STATE_FILE = "state.pt"
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt")  # a Hugging Face folder's weights, single or sharded
 RUN_FILES = (METRICS_FILE, PLOT_FILE, MODEL_DIR, CACHE_DIR, STATE_FILE)  # an alignment run's own files
 
 
-def run_alignment(method: str, recipe: AlignRecipe, *, resume: bool = True) -> Path:
+def run_alignment(method: str, recipe: AlignRecipe, *, resume: bool = True, restart_other: bool = False) -> Path:
     """Run `method` as the recipe says; returns the written checkpoint folder. A run that was
-    killed goes on from its last saved state; `resume=False` starts it over."""
+    killed goes on from its last saved state; `resume=False` starts it over. The state of
+    another run (another method, settings, base, reward model or data) is refused, or with
+    `restart_other` deleted, and the run starts over (the demo, whose stages follow its base)."""
     if method not in METHODS:
         raise ValueError(f"method: {method!r} is not one of {', '.join(METHODS)}")
     out = Path(recipe.out_dir)
     if (out / MODEL_DIR).exists():
+        (out / STATE_FILE).unlink(missing_ok=True)  # a finished run's: killed before it deleted it
         raise FileExistsError(f"{out / MODEL_DIR}: exists; choose another out_dir")
     foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES and not _unfinished_write(p)
                      ) if out.is_dir() else []
@@ -80,7 +85,7 @@ def run_alignment(method: str, recipe: AlignRecipe, *, resume: bool = True) -> P
     except ValueError as err:
         raise ValueError(f"data.task.{err}") from None
     energy = _EnergySoFar(meter)
-    state = _resumable(method, recipe, resume, energy)
+    state = _resumable(method, recipe, resume, restart_other, energy)
     log = (out / METRICS_FILE).open("w", encoding="utf-8")
     log.writelines(json.dumps(row) + "\n" for row in state.rows)  # a resumed run's earlier steps
 
@@ -101,30 +106,58 @@ def run_alignment(method: str, recipe: AlignRecipe, *, resume: bool = True) -> P
                              "recipe": recipe.model_dump(), "final": rows[-1] if rows else {},
                              "energy": energy.report().to_dict()}}
     folder = save_model_folder(out / MODEL_DIR, trained, tokenizer=tokenizer, lineage=lineage)
+    state.file.unlink(missing_ok=True)  # the finished model holds all there is
     record_event("align", inputs={"base": resolve_checkpoint(recipe.base), "data": recipe.data.file},
                  outputs={"checkpoint": folder}, model_hash=model_hash(folder), parameters=lineage["alignment"])
-    state.file.unlink(missing_ok=True)  # the finished model holds all there is
     return folder
 
 
-def _resumable(method: str, recipe: AlignRecipe, resume: bool, energy: _EnergySoFar) -> Resumable:
-    """The run's saved state: what a killed run of the same method, recipe and base left, or
-    none; another run's is refused (resume) or deleted (not resume)."""
+def _resumable(method: str, recipe: AlignRecipe, resume: bool, restart_other: bool,
+               energy: _EnergySoFar) -> Resumable:
+    """The run's saved state: what a killed run of the same method, settings and inputs left, or
+    none; another run's is refused, or deleted (not resume, or restart_other)."""
     file = Path(recipe.out_dir) / STATE_FILE
     for leftover in filter(_unfinished_write, file.parent.iterdir()):
         leftover.unlink()
-    identity = {"method": method, "recipe": recipe.model_dump(exclude={"save_every"}),
-                "base_weights": model_hash(resolve_checkpoint(recipe.base))}
+    identity = _identity(method, recipe)
     if not resume:
         file.unlink(missing_ok=True)
     saved = read_state(file)
     if saved is not None:
         changed = "; ".join(filter(None, (setting_changes(key, saved["identity"].get(key), value)
                                           for key, value in identity.items())))
-        if changed:
+        if changed and restart_other:
+            file.unlink()
+            saved = None
+        elif changed:
             raise ValueError(f"out_dir: {recipe.out_dir} holds a killed run this one cannot continue ({changed}); "
                              "choose another out_dir, or pass --no-resume (resume=False) to start over")
     return Resumable(file, recipe.save_every, identity, saved, extra={"energy": energy})
+
+
+def _identity(method: str, recipe: AlignRecipe) -> dict[str, Any]:
+    """What a saved state must match to be continued: the method, the settings (not where the
+    run or its inputs lie: a moved run folder, or a base named by another path, is the same run)
+    and what the inputs hold: the base's weights, the reward model's, the data file's bytes."""
+    settings = recipe.model_dump(exclude={"save_every", "out_dir", "name", "base", "reward"})
+    settings["data"].pop("file")
+    data = recipe.data.file
+    return {"method": method, "recipe": settings, "base_weights": _weights(recipe.base),
+            "reward": recipe.reward if recipe.reward == "judge" else _weights(recipe.reward),
+            "data_file": None if data is None else sha256_file(Path(data))}
+
+
+def _weights(path: str) -> str:
+    """A checkpoint's weights as its lineage hashes them; for a folder without lineage (Hugging
+    Face's), the names, sizes and modification times of its weight files (hashing gigabytes at
+    every start would cost more than the check is worth)."""
+    folder = resolve_checkpoint(path)
+    recorded = model_hash(folder)
+    if recorded is not None:
+        return recorded
+    files = sorted(p for pattern in WEIGHT_FILES for p in folder.glob(pattern))
+    listing = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return "files:" + hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 
 
 def _unfinished_write(path: Path) -> bool:
@@ -159,6 +192,7 @@ def _sft(model, tokenizer, recipe: AlignRecipe, task: RepeatTask | None, on_step
             raise ValueError(f"data.file: chat {i} does not end with an assistant reply")
     with _max_len_named():
         data = encode_chats(tokenizer, chats, recipe.data.max_len)  # every assistant turn trained
+    state.extra["buffers"] = ModuleBuffers(model)  # fit saves the parameters; a router's centre is a buffer
     fit(model.parameters(), sft_objective(model, data), len(data), recipe.fit_settings(), on_step, resume=state)
     return model
 
@@ -186,6 +220,7 @@ def _rm(model, tokenizer, recipe: AlignRecipe, task: RepeatTask | None, on_step:
         state: Resumable) -> torch.nn.Module:
     chosen, rejected = _pairs(tokenizer, recipe, task)
     reward_model = with_scalar_head(model, seed=recipe.fit.seed).train()
+    state.extra["buffers"] = ModuleBuffers(reward_model)
     fit(reward_model.parameters(), reward_objective(reward_model, chosen, rejected), len(chosen),
         recipe.fit_settings(), on_step, resume=state)
     return reward_model
@@ -198,6 +233,7 @@ def _dpo(model, tokenizer, recipe: AlignRecipe, task: RepeatTask | None, on_step
     reference = (cached_reference_logprobs(model, chosen, rejected, Path(recipe.out_dir) / CACHE_DIR)
                  if p.loss in NEEDS_REFERENCE else None)
     policy = model.train()
+    state.extra["buffers"] = ModuleBuffers(policy)
     fit(policy.parameters(), preference_objective(policy, chosen, rejected, p.loss, beta=p.beta, reference=reference,
                                                   sft_weight=p.sft_weight), len(chosen), recipe.fit_settings(), on_step,
         resume=state)

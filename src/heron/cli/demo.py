@@ -154,13 +154,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _aligned(method: str, recipe_name: str, base: Path, out_dir: Path, overrides: Sequence[str] = ()) -> Path:
     """The model a shipped alignment recipe makes from `base`: reused when a
-    previous run made it from the same base, else trained (again)."""
+    previous run made it from the same base, else trained (again; a stage killed
+    midway goes on from its saved state when that was made from the same base)."""
     model_dir = out_dir / MODEL_DIR
     if _reuse(model_dir, base, lambda lineage: lineage.get("alignment", {}).get("base")):
         return model_dir
     recipe = load_align_recipe(recipe_path(recipe_name, ALIGN_RECIPES_DIR),
                                [f"base={base}", f"out_dir={out_dir}", *overrides])
-    return run_alignment(method, recipe)
+    return run_alignment(method, recipe, restart_other=True)  # a killed stage from another base starts over
 
 
 def _explain_slow_int8() -> None:

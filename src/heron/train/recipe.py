@@ -277,9 +277,12 @@ def _changes(name: str, old: Any, new: Any) -> list[str]:
     return [] if old == new else [f"{name}: {_short(old)}, now {_short(new)}"]
 
 
-def _short(value: Any, width: int = 24) -> str:
+def _short(value: Any, width: int = 48) -> str:
+    """repr(value) cut to `width`; a string keeps its end, where paths (run_a/step_100) differ."""
     text = repr(value)
-    return text if len(text) <= width else text[:width - 3] + "..."
+    if len(text) <= width:
+        return text
+    return "..." + text[3 - width:] if isinstance(value, str) else text[:width - 3] + "..."
 
 
 __all__ = [
