@@ -95,3 +95,14 @@ def test_groups_larger_than_the_block_and_mid_block_groups_both_work() -> None:
 def test_a_group_size_that_does_not_divide_fails_naming_it() -> None:
     with pytest.raises(ValueError, match="group_size: 16 does not divide the 40 input features"):
         gptq_quantize(torch.randn(4, 40), torch.eye(40), Int4Grouped(group_size=16))
+
+
+def test_no_dampening_on_a_singular_hessian_still_finds_one() -> None:
+    """percdamp 0 is allowed; a singular Hessian (two equal input columns) then needs some
+    dampening, which grows from a floor: tenfold growth from 0 stays 0."""
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    x[:, 1] = x[:, 0]
+    H = 2 * x.T @ x / 4
+    w = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+    codes, params = gptq_quantize(w, H, Int8PerChannel(), percdamp=0.0)
+    assert codes.shape == w.shape and torch.isfinite(params.scale).all()

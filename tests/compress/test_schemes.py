@@ -126,6 +126,17 @@ def test_symmetric_int4_is_llama_cpp_q4_0s_grid(group: int, seed: int) -> None:
     assert scheme.describe() == {"scheme": "int4", "group_size": group, "symmetric": True}
 
 
+def test_symmetric_int4_keeps_a_tiny_groups_scale_and_zero_code() -> None:
+    """max|w| / -8 below fp16's smallest subnormal rounds to 0; the scale is floored at 2^-24
+    with the weight's sign, so codes stay meaningful (a zero weight is code 8) and close."""
+    scheme = Int4Grouped(group_size=4, symmetric=True)
+    w = torch.tensor([[2e-7, -1e-7, 0.0, 6.7e-8]])
+    codes, params = quantize_rtn(w, scheme)
+    assert params.scale.item() == -(2.0 ** -24)
+    assert codes.tolist() == [[5, 10, 8, 7]]  # round(w / scale) + 8
+    assert torch.all((scheme.dequantize(codes, params) - w).abs() <= 2.0 ** -25)
+
+
 def test_int4_packs_two_codes_per_byte_low_nibble_first() -> None:
     w = awkward_matrix(4, 16, 3)
     scheme = Int4Grouped(group_size=8)

@@ -103,9 +103,11 @@ def gptq_quantize(
 
 def inverse_cholesky_upper(H: torch.Tensor, percdamp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp I)⁻¹; the dampening grows tenfold
-    (up to three times) when the damped H is still not positive definite."""
+    (up to three times) when the damped H is still not positive definite, from
+    1e-6 of the mean diagonal at least when percdamp is 0 (0 x 10 stays 0)."""
     K = H.shape[0]
-    damp = percdamp * torch.mean(torch.diag(H))
+    mean_diag = torch.mean(torch.diag(H))
+    damp = percdamp * mean_diag
     for _ in range(4):
         L, info = torch.linalg.cholesky_ex(H + damp * torch.eye(K))
         if info == 0:
@@ -113,9 +115,9 @@ def inverse_cholesky_upper(H: torch.Tensor, percdamp: float) -> torch.Tensor:
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             if info == 0:
                 return U
-        damp = damp * 10
+        tried, damp = damp, torch.clamp(damp * 10, min=1e-6 * mean_diag)
     raise ValueError(
-        f"percdamp: the calibration Hessian is not positive definite even with dampening {float(damp):.3g}"
+        f"percdamp: the calibration Hessian is not positive definite even with dampening {float(tried):.3g}"
     )
 
 

@@ -169,7 +169,9 @@ class Int4Grouped:
         extreme = groups.gather(2, groups.abs().argmax(dim=2, keepdim=True)).squeeze(2)  # (N, G) signed
         scale = (extreme / -8).half().float()
         magnitude = scale.abs().clamp(FP16_TINY, FP16_MAX)
-        scale = torch.where(extreme != 0, magnitude * scale.sign(), torch.ones_like(scale))  # all-zero group: codes 8
+        # The sign from the weight, not the rounded scale: a tiny group's scale rounds to 0 in fp16, sign 0.
+        signed = torch.where(extreme > 0, -magnitude, magnitude)
+        scale = torch.where(extreme != 0, signed, torch.ones_like(scale))  # all-zero group: codes 8
         return QParams(scale, torch.full_like(scale, 8, dtype=torch.uint8))
 
     def quantize(self, w: torch.Tensor, params: QParams) -> torch.Tensor:
