@@ -123,3 +123,14 @@ def test_on_an_moe_model_the_error_says_top_k_routing_not_more_steps():
             integrated_gradients(model, IDS, target=7, steps=steps)
         assert "use more than" not in str(err.value)
     assert gradient_x_input(model, IDS, target=7).scores.shape == (len(IDS),)
+
+
+def test_a_bf16_model_is_attributed_in_fp32():
+    """The embeddings are interpolated in fp32 and go into the model in its own dtype; the scores
+    come back in fp32 and add up as they do in fp32 (to bf16's rounding of the outputs)."""
+    model = model_for().to(torch.bfloat16)
+    ids = torch.randint(0, model.config.vocab_size, (6,), generator=torch.Generator().manual_seed(3))
+    plain = gradient_x_input(model, ids, target=3)
+    assert plain.scores.dtype == torch.float32 and torch.isfinite(plain.scores).all()
+    integrated = integrated_gradients(model, ids, target=3, steps=16, tolerance=10.0)  # bf16 outputs: loose
+    assert integrated.scores.dtype == torch.float32 and torch.isfinite(integrated.scores).all()

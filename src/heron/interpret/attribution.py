@@ -102,7 +102,7 @@ def integrated_gradients(
     with evaluating(model):
         scores = ((x - baseline) * _path_integral(model, F, x, baseline, steps, batch_size)).sum(-1).float()  # (T,)
         with torch.no_grad():
-            ends = F(model(input_embeds=torch.stack([x, baseline])).logits.float())  # (2,) F(x), F(x')
+            ends = F(model(input_embeds=_as_model_dtype(model, torch.stack([x, baseline]))).logits.float())  # (2,)
     difference = float(ends[0] - ends[1])
     error = abs(float(scores.sum()) - difference) / max(abs(difference), 1e-12)
     if error > tolerance:
@@ -169,13 +169,19 @@ def _embeddings(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
         return model.embed(ids.to(next(model.parameters()).device)).float()
 
 
+def _as_model_dtype(model: Transformer, embeds: torch.Tensor) -> torch.Tensor:
+    """fp32 embeddings (interpolated there) as the model takes them: a bf16 model, bf16."""
+    return embeds.to(next(p.dtype for p in model.parameters() if p.is_floating_point()))
+
+
 def _values_and_grads(model: Transformer, F: Output, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(F per row (b,), ∂F/∂embeds (b, T, d)); the parameters' .grad stays untouched."""
+    """(F per row (b,), ∂F/∂embeds (b, T, d)) in fp32; the parameters' .grad stays untouched. The
+    embeddings (fp32, interpolated there) go in in the model's own dtype (a bf16 model takes bf16)."""
     with torch.enable_grad():
-        embeds = embeds.detach().requires_grad_(True)
+        embeds = _as_model_dtype(model, embeds.detach()).requires_grad_(True)
         values = F(model(input_embeds=embeds).logits.float())  # (b,)
         (grads,) = torch.autograd.grad(values.sum(), embeds)  # rows are independent: one backward for all
-    return values.detach(), grads
+    return values.detach(), grads.float()
 
 
 __all__ = ["Attribution", "ConvergenceError", "gradient_x_input", "integrated_gradients", "logit_of"]

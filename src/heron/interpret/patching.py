@@ -232,11 +232,17 @@ def _check_pair(clean: torch.Tensor, corrupted: torch.Tensor) -> int:
 def _check_position_hook(model: Transformer, hook: str) -> None:
     if hook not in POSITION_HOOKS:
         raise ValueError(f"hook: expected one of {', '.join(POSITION_HOOKS)}, got {hook!r}")
+    if hook != "mlp.hook_post":
+        return
     moe = moe_blocks(model)
-    if hook == "mlp.hook_post" and moe:
+    if moe:
         raise ValueError(f"hook: the MoE layers (blocks {', '.join(map(str, moe))}) have no mlp.hook_post: their "
                          "experts' hidden activations are laid out by assignment, not by position; patch "
                          "hook_mlp_out, the layer's output, instead")
+    bare = [i for i, block in enumerate(model.blocks) if block.mlp is None]
+    if bare:
+        raise ValueError(f"hook: the attention-only layers (blocks {', '.join(map(str, bare))}) have no MLP, so no "
+                         "mlp.hook_post; patch hook_mlp_out (zeros there) or the attention's hooks instead")
 
 
 def _grid(*sizes: int) -> tuple[torch.Tensor, ...]:
