@@ -237,7 +237,8 @@ def test_mlp_hook_post_on_moe_layers_is_refused_up_front_pointing_to_hook_mlp_ou
 
 
 def test_an_attention_only_layer_has_no_mlp_hook_post_to_patch_and_says_so():
-    config = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, max_seq_len=16, feed_forward=["dense", "none"])
+    config = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, max_seq_len=16,
+                         feed_forward=["dense", "none"])
     model = Transformer(config).eval()
     clean, corrupted = torch.tensor([[1, 2, 3, 4]]), torch.tensor([[1, 2, 5, 4]])
     with pytest.raises(ValueError, match=r"attention-only layers \(blocks 1\) have no MLP, so no mlp.hook_post"):
