@@ -156,3 +156,14 @@ def test_sft_trains_every_assistant_turn_of_a_chat(base):
     trained = [i for i, m in zip(rows.ids[0].tolist(), rows.mask[0].tolist()) if m]
     assert trained == [i for i, m in zip(ids, mask) if m]  # as data/chat.py trains a chat: both replies
     assert tokenizer.decode(trained) == "apple applepear"
+
+
+def test_an_sft_chat_without_a_final_reply_is_named_by_its_file_line(base, tmp_path, capsys):
+    """Blank lines count: the chat on line 4 is the file's second chat, and named line 4."""
+    chats = RepeatTask().sft_chats(2, seed=0)
+    open_ended = chats[1][:-1]
+    (tmp_path / "sft.jsonl").write_text("\n" + json.dumps({"messages": chats[0]}) + "\n\n"
+                                        + json.dumps({"messages": open_ended}) + "\n")
+    sft = {"data": {"file": str(tmp_path / "sft.jsonl"), "max_len": 64}, "fit": {"steps": 1, "batch_size": 2}}
+    assert main(["align", "sft", str(recipe(tmp_path, base, "sft_line", **sft))]) == 2
+    assert "sft.jsonl:4: the chat does not end with an assistant reply" in capsys.readouterr().err

@@ -69,7 +69,8 @@ def test_spread_evenly_takes_the_first_and_steps_over_the_rest() -> None:
         spread_evenly([1, 2], 0)
 
 
-def test_eval_batches_score_every_target_once() -> None:
+def test_eval_batches_score_each_whole_window_target_once() -> None:
+    """103 tokens = 102 targets at T=10: the 100 of the 10 whole windows, the last 2 unscored."""
     tokens = np.arange(103)
     batches = list(eval_batches(tokens, batch_size=4, seq_len=10))
     assert [x.shape[0] for x, _ in batches] == [4, 4, 2]  # (103 - 1) // 10 = 10 windows

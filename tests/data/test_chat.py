@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from heron.data import ChatBatches, chat_examples_to_tensors, load_chat_jsonl
+from heron.data.chat import read_chat_jsonl
 from heron.tokenizer import HeronTokenizer, train_tokenizer
 
 CHATS = [
@@ -91,3 +92,24 @@ def test_chat_batches_cover_each_epoch_and_split_across_ranks(tok) -> None:
     halves = [batches.batch(2, rank=r, world_size=2) for r in (0, 1)]
     assert torch.equal(torch.cat([h[0] for h in halves]), x)
     assert torch.equal(torch.cat([h[1] for h in halves]), y)
+
+
+def test_a_truncated_line_names_the_column_where_it_stops(tmp_path) -> None:
+    file = tmp_path / "chats.jsonl"
+    write_jsonl(file, ['{"messages": ['])  # 14 characters: JSON expects a value at column 15
+    with pytest.raises(ValueError, match=r"chats\.jsonl:1: invalid JSON: Expecting value \(column 15\)"):
+        load_chat_jsonl(file)
+
+
+def test_a_line_that_is_not_utf8_is_named(tmp_path) -> None:
+    file = tmp_path / "chats.jsonl"
+    good = json.dumps({"messages": CHATS[0]}).encode()
+    file.write_bytes(good + b"\n" + '{"messages": "café"}'.encode("latin-1") + b"\n")  # é is byte 18 of line 2
+    with pytest.raises(ValueError, match=r"chats\.jsonl:2: not UTF-8 \(invalid continuation byte at byte 18\)"):
+        load_chat_jsonl(file)
+
+
+def test_read_chat_jsonl_gives_each_chat_its_line(tmp_path) -> None:
+    file = tmp_path / "chats.jsonl"
+    write_jsonl(file, ["", json.dumps({"messages": CHATS[0]}), "", json.dumps({"messages": CHATS[1]})])
+    assert read_chat_jsonl(file) == [(2, CHATS[0]), (4, CHATS[1])]

@@ -110,3 +110,42 @@ def test_keep_leaves_out_the_files_it_refuses(tmp_path) -> None:
     make_tree(tmp_path)
     corpus = Corpus([tmp_path], extensions=[".py"], keep=lambda path: path.name != "b.py")
     assert corpus.keys == ["a.py", "pkg/sub/y.py", "pkg/z.py"]
+
+
+def test_an_existing_path_with_glob_characters_is_a_path(tmp_path, monkeypatch) -> None:
+    (tmp_path / "br[1]").mkdir()
+    (tmp_path / "br[1]" / "real.py").write_text("real = 1\n", encoding="utf-8")
+    (tmp_path / "br1").mkdir()  # what `br[1]` matches as a glob
+    (tmp_path / "br1" / "decoy.py").write_text("decoy = 1\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    assert Corpus(["br[1]"]).keys == ["real.py"]
+    assert Corpus(["br[1]/real.py"]).keys == ["real.py"]
+    assert Corpus(["br[[]1]/*.py"]).keys == ["br[1]/real.py"]  # a pattern is still a pattern
+
+
+def test_keys_do_not_depend_on_the_order_of_overlapping_sources(tmp_path) -> None:
+    make_tree(tmp_path)
+    (tmp_path / "link.py").symlink_to(tmp_path / "pkg" / "z.py")
+    orders = [[tmp_path / "pkg" / "sub" / "y.py", tmp_path], [tmp_path, tmp_path / "pkg" / "sub" / "y.py"]]
+    corpora = [Corpus(sources, extensions=[".py"]) for sources in orders]
+    # The shortest key wins: y.py named ("y.py") over walked ("pkg/sub/y.py"); z.py as "link.py" over "pkg/z.py".
+    assert corpora[0].keys == corpora[1].keys == ["a.py", "b.py", "link.py", "y.py"]
+    assert corpora[0].fingerprint() == corpora[1].fingerprint()
+    swapped = Corpus([tmp_path / "link.py", tmp_path / "pkg" / "z.py"])
+    assert swapped.keys == Corpus([tmp_path / "pkg" / "z.py", tmp_path / "link.py"]).keys == ["z.py"]
+
+
+def test_a_dangling_symlink_is_left_out_with_a_warning(tmp_path, caplog) -> None:
+    make_tree(tmp_path)
+    (tmp_path / "gone.py").symlink_to(tmp_path / "deleted.py")
+    corpus = Corpus([tmp_path], extensions=[".py"])
+    assert corpus.keys == ["a.py", "b.py", "pkg/sub/y.py", "pkg/z.py"]
+    assert "gone.py" in caplog.text and "dangling symlink" in caplog.text
+    corpus.fingerprint()  # reads every document: none is missing
+    by_glob = Corpus([str(tmp_path / "*.py")])
+    assert by_glob.keys == ["a.py", "b.py"]
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path) -> None:
+    (tmp_path / "bom.py").write_bytes(b"\xef\xbb\xbfx = 1\n")
+    assert list(Corpus([tmp_path])) == ["x = 1\n"]

@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -185,3 +186,67 @@ def test_what_a_killed_preparation_left_is_swept_by_the_next(tmp_path, tok) -> N
     (tmp_path / "out" / ".shards-killed" / "train_000000.bin").write_bytes(b"\0" * 64)
     prepare_shards(Corpus([tmp_path / "src"]), tok, tmp_path / "out", show_progress=False)
     assert not list((tmp_path / "out").glob(".shards-*"))
+
+
+def test_a_folder_holding_other_files_is_refused_and_left_as_it_was(tmp_path, tok) -> None:
+    (tmp_path / "src").mkdir()
+    write_docs(tmp_path / "src", 12)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "train_notes.bin").write_bytes(b"mine")  # named like shards, but the user's
+    (out / "meta.json").write_text('{"mine": true}')
+    with pytest.raises(FileExistsError, match="meta.json is not valid shard metadata.*not Heron's to write over"):
+        prepare_shards(Corpus([tmp_path / "src"]), tok, out, show_progress=False)
+    assert (out / "meta.json").read_text() == '{"mine": true}'
+    (out / "meta.json").unlink()
+    with pytest.raises(FileExistsError, match="train_notes.bin"):
+        prepare_shards(Corpus([tmp_path / "src"]), tok, out, show_progress=False)
+    assert (out / "train_notes.bin").read_bytes() == b"mine"
+    (out / "train_notes.bin").unlink()
+    (out / "meta.json").write_text("[1, 2")  # a meta.json that is not Heron's is not written over
+    with pytest.raises(FileExistsError, match="not Heron's to write over"):
+        prepare_shards(Corpus([tmp_path / "src"]), tok, out, show_progress=False)
+    assert (out / "meta.json").read_text() == "[1, 2"
+
+
+def test_a_rebuild_replaces_only_the_files_of_the_previous_set(tmp_path, tok) -> None:
+    (tmp_path / "src").mkdir()
+    write_docs(tmp_path / "src", 20)
+    out = tmp_path / "out"
+    prepare_shards(Corpus([tmp_path / "src"]), tok, out, shard_tokens=200, show_progress=False)
+    assert (out / "train_000003.bin").is_file()
+    rebuilt = prepare_shards(Corpus([tmp_path / "src"]), tok, out, shard_tokens=10**6, show_progress=False)
+    shard_set = ["meta.json", "tokenizer.json", "train_000000.bin", "val_000000.bin"]
+    assert sorted(p.name for p in out.iterdir()) == shard_set
+    (out / "extra.txt").write_text("mine")  # added after: the next rebuild refuses rather than run beside it
+    with pytest.raises(FileExistsError, match="extra.txt"):
+        prepare_shards(Corpus([tmp_path / "src"]), tok, out, shard_tokens=300, show_progress=False)
+    assert load_shards(out).meta == rebuilt.meta
+
+
+def test_the_fallback_validation_document_is_a_decodable_one(tmp_path, tok) -> None:
+    (tmp_path / "src").mkdir()
+    write_docs(tmp_path / "src", 3)
+    keys = ["mod_000.py", "mod_001.py", "mod_002.py"]
+    smallest = min(keys, key=lambda k: split_value(k, 0))
+    (tmp_path / "src" / smallest).write_bytes("café".encode("latin-1"))
+    corpus = Corpus([tmp_path / "src"])
+    assert validation_keys(corpus.keys, 0.02, seed=0) == {smallest}  # no key under 0.02: the smallest value
+    chosen = validation_keys(corpus.keys, 0.02, seed=0, decodes=corpus.decodes)
+    runner_up = min(set(keys) - {smallest}, key=lambda k: split_value(k, 0))
+    assert chosen == {runner_up}
+    shards = prepare_shards(corpus, tok, tmp_path / "out", val_fraction=0.02, show_progress=False)
+    assert shards.meta["val"]["documents"] == 1 and shards.meta["train"]["documents"] == 1
+    assert shards.meta["skipped_files"] == [str(tmp_path / "src" / smallest)]
+
+
+def test_a_running_preparations_temporary_folder_is_left_alone(tmp_path, tok) -> None:
+    """Only what a dead process left is stale: a live one (here this process) is still writing there."""
+    (tmp_path / "src").mkdir()
+    write_docs(tmp_path / "src", 12)
+    live = tmp_path / "out" / f".shards-{os.getpid()}-live"
+    live.mkdir(parents=True)
+    dead = tmp_path / "out" / ".shards-999999999-dead"  # past any pid_max
+    dead.mkdir()
+    prepare_shards(Corpus([tmp_path / "src"]), tok, tmp_path / "out", show_progress=False)
+    assert live.is_dir() and not dead.exists()

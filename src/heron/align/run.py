@@ -41,7 +41,7 @@ from heron.align.recipe import METHODS, AlignRecipe  # noqa: E402
 from heron.align.resume import ModuleBuffers, Resumable, read_state  # noqa: E402
 from heron.align.synthetic import RepeatTask  # noqa: E402
 from heron.compress.qlinear import is_quantized  # noqa: E402
-from heron.data.chat import load_chat_jsonl  # noqa: E402
+from heron.data.chat import read_chat_jsonl  # noqa: E402
 from heron.govern import EnergyMeter, EnergyReport  # noqa: E402
 from heron.govern.audit import record_event  # noqa: E402
 from heron.govern.digest import model_hash  # noqa: E402
@@ -184,12 +184,17 @@ class _EnergySoFar:
 
 def _sft(model, tokenizer, recipe: AlignRecipe, task: RepeatTask | None, on_step: Callable,
          state: Resumable) -> torch.nn.Module:
-    chats = task.sft_chats(recipe.data.task.n, recipe.data.task.seed) if task else load_chat_jsonl(recipe.data.file)
+    if task:
+        chats = task.sft_chats(recipe.data.task.n, recipe.data.task.seed)
+        names = [f"chat {i}" for i in range(1, len(chats) + 1)]
+    else:  # a file's chats are named by file:line, where the user can find them
+        lines = read_chat_jsonl(recipe.data.file)
+        chats, names = [chat for _, chat in lines], [f"{recipe.data.file}:{number}" for number, _ in lines]
     if not chats:
         raise ValueError(f"data.file: {recipe.data.file} holds no chats")
-    for i, chat in enumerate(chats, start=1):
+    for name, chat in zip(names, chats):
         if chat[-1]["role"] != "assistant":
-            raise ValueError(f"data.file: chat {i} does not end with an assistant reply")
+            raise ValueError(f"data.file: {name}: the chat does not end with an assistant reply")
     with _max_len_named():
         data = encode_chats(tokenizer, chats, recipe.data.max_len)  # every assistant turn trained
     state.extra["buffers"] = ModuleBuffers(model)  # fit saves the parameters; a router's centre is a buffer

@@ -117,11 +117,14 @@ def eval_batches(
     rank: int = 0,
     world_size: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Non-overlapping windows in order, so every target token is scored exactly once;
+    """Whole non-overlapping windows in order, so no target token is scored twice;
     with max_batches, max_batches * batch_size of them spread evenly over the
     stream (`spread_evenly`).
 
     Window i covers tokens[i*T : i*T + T + 1]; the last batch may be smaller.
+    Only whole windows are scored, as in training, so every window has shape
+    (T,): the tail after the last whole window, (len(tokens) - 1) % T targets,
+    is not scored (14 of 3,086 targets for 3,087 tokens at T=16).
     With world_size > 1, rank r takes windows r, r + world_size, ... of those.
     """
     _check_length(tokens, seq_len)

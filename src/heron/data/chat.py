@@ -28,20 +28,31 @@ def load_chat_jsonl(path: str | os.PathLike[str]) -> list[list[dict[str, str]]]:
 
     Errors name the file, the 1-based line number and the problem.
     """
+    return [messages for _, messages in read_chat_jsonl(path)]
+
+
+def read_chat_jsonl(path: str | os.PathLike[str]) -> list[tuple[int, list[dict[str, str]]]]:
+    """load_chat_jsonl with each chat's 1-based line number, for later errors to name it."""
     file = Path(path)
     chats = []
-    with open(file, encoding="utf-8-sig") as f:  # a BOM, as Windows editors write, is not JSON
-        for lineno, line in enumerate(f, start=1):
+    with open(file, "rb") as f:  # bytes: an undecodable line is named, not a bare UnicodeDecodeError
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                # utf-8-sig on line 1: a BOM, as Windows editors write, is not JSON.
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{file}:{lineno}: not UTF-8 ({exc.reason} at byte {exc.start + 1})") from None
             if not line.strip():
                 continue
             try:
+                # The newline is stripped: else a truncated line's error points past it, at column 1.
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{file}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from exc
             if not isinstance(record, dict) or "messages" not in record:
                 raise ValueError(f"{file}:{lineno}: expected an object with a 'messages' list")
             try:
-                chats.append(validate_messages(record["messages"]))
+                chats.append((lineno, validate_messages(record["messages"])))
             except ValueError as exc:
                 raise ValueError(f"{file}:{lineno}: {exc}") from exc
     return chats

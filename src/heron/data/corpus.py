@@ -11,12 +11,15 @@ from __future__ import annotations
 import copy
 import glob
 import hashlib
+import logging
 import os
 import re
 import sysconfig
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 _GLOB_CHARS = frozenset("*?[")
 # Folders in the standard library that are not the library itself.
@@ -36,7 +39,8 @@ class Document:
 
 
 class Corpus:
-    """An ordered, deduplicated set of text files.
+    """An ordered set of text files, deduplicated by resolved path (not by content:
+    two identical files are two documents, and may land in different splits).
 
     `sources` are files, folders (walked recursively, hidden entries skipped)
     and glob patterns (`**` allowed). `extensions` filters the files found by
@@ -44,6 +48,9 @@ class Corpus:
     taken as named. `keep`, when given, is asked about every file found and
     leaves out those it answers False for. Undecodable (non-UTF-8) files are
     skipped while iterating; `skipped` lists those seen in the latest pass.
+    Dangling symlinks are left out with a warning. A file reached through two
+    sources (or a symlink) keeps its shortest key, then the smallest, so the
+    keys, hence the split and fingerprint, do not depend on the order of sources.
     """
 
     def __init__(
@@ -62,7 +69,9 @@ class Corpus:
         seen: dict[Path, Document] = {}
         for source in sources:
             for doc in self._expand(str(source)):
-                seen.setdefault(doc.path.resolve(), doc)
+                other = seen.setdefault(doc.path.resolve(), doc)
+                if _key_order(doc) < _key_order(other):
+                    seen[doc.path.resolve()] = doc
         kept = [doc for doc in seen.values() if keep is None or keep(doc.path)]
         self.documents = sorted(kept, key=lambda d: (d.key, str(d.path)))
         self.skipped: list[Path] = []
@@ -70,16 +79,18 @@ class Corpus:
     # ----- discovery --------------------------------------------------------
 
     def _expand(self, source: str) -> list[Document]:
-        if _GLOB_CHARS & set(source):
-            root = _glob_root(source)
-            found: list[Document] = []
-            for match in sorted(glob.glob(source, recursive=True)):
-                path = Path(match)
-                found += self._walk(path, root) if path.is_dir() else [_document(path, root)]
-        elif Path(source).is_dir():
+        # An existing path is a path even when its name holds glob characters (`br[1]`).
+        if Path(source).is_dir():
             found = self._walk(Path(source), Path(source))
         elif Path(source).is_file():
             found = [_document(Path(source), Path(source).parent)]
+        elif _GLOB_CHARS & set(source):
+            root = _glob_root(source)
+            found = []
+            for match in sorted(glob.glob(source, recursive=True)):
+                path = Path(match)
+                found += self._walk(path, root) if path.is_dir() else [_document(path, root)]
+            found = [doc for doc in found if _not_dangling(doc.path)]
         else:
             raise FileNotFoundError(f"corpus source {source!r} does not exist")
         if not found:
@@ -95,7 +106,8 @@ class Corpus:
             for name in sorted(filenames):
                 if name.startswith(".") or (self.extensions and not name.endswith(self.extensions)):
                     continue
-                found.append(_document(Path(dirpath) / name, root))
+                if _not_dangling(Path(dirpath) / name):
+                    found.append(_document(Path(dirpath) / name, root))
         return found
 
     def excluding(self, folder: str | os.PathLike[str]) -> Corpus:
@@ -127,12 +139,15 @@ class Corpus:
         """(key, text) for every decodable document, in order."""
         self.skipped = []
         for doc in self.documents:
-            try:
-                text = doc.path.read_text(encoding="utf-8")
-            except UnicodeDecodeError:
+            text = _read_text(doc.path)
+            if text is None:
                 self.skipped.append(doc.path)
                 continue
             yield doc.key, text
+
+    def decodes(self, key: str) -> bool:
+        """Whether the document(s) with this key are UTF-8 text (reads them)."""
+        return any(_read_text(d.path) is not None for d in self.documents if d.key == key)
 
     def check_decodable(self) -> None:
         """After a pass over the texts: a ValueError if every file was skipped as undecodable."""
@@ -158,6 +173,26 @@ class Corpus:
 
 def _document(path: Path, root: Path) -> Document:
     return Document(key=path.relative_to(root).as_posix(), path=path)
+
+
+def _key_order(doc: Document) -> tuple[int, str]:
+    return len(doc.key), doc.key
+
+
+def _not_dangling(path: Path) -> bool:
+    """False, with a warning naming it, for a symlink to nothing (it cannot be hashed or read)."""
+    if path.exists():
+        return True
+    logger.warning("skipping %s: a dangling symlink", path)
+    return False
+
+
+def _read_text(path: Path) -> str | None:
+    """The file's text, None if it is not UTF-8. utf-8-sig: a BOM, as Windows editors write, is not text."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        return None
 
 
 def _glob_root(pattern: str) -> Path:

@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +37,9 @@ SPLITS = ("train", "val")
 DEFAULT_VAL_FRACTION = 0.02  # ~15 files / ~250k tokens of the default stdlib corpus
 DEFAULT_SHARD_TOKENS = 1 << 26  # 64M tokens: 128 MB as uint16, well under any file-size limit
 _ENCODE_BATCH_CHARS = 4 << 20  # text handed to the Rust encoder per call: bounds memory, keeps all cores busy
-_TMP_PREFIX = ".shards-"  # the temporary folder a preparation writes in, inside the shard folder
+_TMP_PREFIX = ".shards-"  # the temporary folder a preparation writes in, inside the shard folder: .shards-{pid}-...
+# A "document" is a file that decodes (others are skipped). The text is stored in meta.json and
+# compared on reuse: rewording it would rebuild every shard set.
 SPLIT_RULE = (
     "val if int.from_bytes(sha256(f'{seed}:{key}').digest()[:8], 'big') / 2**64 < val_fraction, "
     "key = document path relative to its corpus source; if no document qualifies, "
@@ -59,16 +61,25 @@ def split_value(key: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def validation_keys(keys: Iterable[str], val_fraction: float, seed: int) -> set[str]:
-    """The document keys that go to validation under SPLIT_RULE."""
+def validation_keys(
+    keys: Iterable[str], val_fraction: float, seed: int, decodes: Callable[[str], bool] = lambda key: True
+) -> set[str]:
+    """The document keys that go to validation under SPLIT_RULE.
+
+    `decodes` says whether a key's document is text; it is asked lazily, in
+    order of value, so only the few documents near the front are read.
+    """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     values = {key: split_value(key, seed) for key in keys}
     chosen = {key for key, value in values.items() if value < val_fraction}
-    if not chosen and val_fraction > 0 and len(values) > 1:
-        # A small corpus may have no key under the threshold; keep a validation set anyway.
-        chosen = {min(values, key=values.__getitem__)}
-    return chosen
+    if val_fraction == 0 or any(decodes(key) for key in chosen):
+        return chosen
+    # A small corpus may have no decodable key under the threshold; keep a validation set anyway,
+    # if one decodable document is left for training.
+    usable = (key for key in sorted(values, key=values.__getitem__) if decodes(key))
+    first, second = next(usable, None), next(usable, None)
+    return chosen if second is None else chosen | {first}
 
 
 # ----- reading ---------------------------------------------------------------
@@ -260,11 +271,11 @@ def prepare_shards(
         if not copy.is_file() or _fingerprint_of(copy) != inputs["tokenizer_sha256"]:
             tokenizer.save(folder)
         return reusable
+    old_files = _replaceable_files(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for leftover in folder.glob(f"{_TMP_PREFIX}*"):  # what a killed preparation left
-        shutil.rmtree(leftover, ignore_errors=True)
-    val_keys = validation_keys(corpus.keys, val_fraction, seed)
-    with tempfile.TemporaryDirectory(dir=folder, prefix=_TMP_PREFIX) as tmp:
+    _sweep_stale_temps(folder)
+    val_keys = validation_keys(corpus.keys, val_fraction, seed, corpus.decodes)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=f"{_TMP_PREFIX}{os.getpid()}-") as tmp:
         writers = {s: _ShardWriter(Path(tmp), s, dtype, shard_tokens) for s in SPLITS}
         bar = tqdm(total=len(corpus), unit="doc", desc="tokenising", disable=not show_progress)
         for keys, texts in _text_batches(corpus.items(), _ENCODE_BATCH_CHARS):
@@ -279,7 +290,7 @@ def prepare_shards(
         meta = inputs | {s: writers[s].summary() for s in SPLITS}
         meta["skipped_files"] = [str(p) for p in corpus.skipped]
         tokenizer.save(Path(tmp))
-        _install(Path(tmp), folder, meta)
+        _install(Path(tmp), folder, meta, old_files)
     if corpus.skipped:
         logger.warning("skipped %d undecodable (non-UTF-8) files", len(corpus.skipped))
     return load_shards(folder)
@@ -322,14 +333,56 @@ def _reusable(folder: Path, inputs: dict) -> ShardSet | None:
     return ShardSet(path=shards.path, train=shards.train, val=shards.val, meta=shards.meta, reused=True)
 
 
-def _install(tmp: Path, folder: Path, meta: dict) -> None:
-    """Move new shards and their tokenizer into place.
+def _replaceable_files(folder: Path) -> list[Path]:
+    """The shard files of the Heron shard set in `folder`, which a new preparation replaces.
+
+    Any other file there is the user's: refused by name rather than written over or deleted.
+    Hidden entries (our temporary folders) and the tokenizer (the README's
+    `--tokenizer FOLDER/tokenizer.json --out FOLDER`) are allowed.
+    """
+    if not folder.is_dir():
+        return []
+    try:
+        meta = _read_meta(folder)
+    except ValueError as exc:
+        raise FileExistsError(f"{exc}; it is not Heron's to write over: prepare the shards in a new or "
+                              "empty folder") from None
+    ours = [] if meta is None else [folder / shard["file"] for split in SPLITS for shard in meta[split]["shards"]]
+    allowed = {META_FILE, TOKENIZER_FILE, *(p.name for p in ours)}
+    others = sorted(p.name for p in folder.iterdir() if p.name not in allowed and not p.name.startswith("."))
+    if others:
+        raise FileExistsError(f"{folder} holds files that are not a Heron shard set's ({', '.join(others[:3])}"
+                              f"{', ...' if len(others) > 3 else ''}); prepare the shards in a new or empty folder")
+    return ours
+
+
+def _sweep_stale_temps(folder: Path) -> None:
+    """Remove what killed preparations left: temporary folders whose process is gone, never
+    those of a preparation still running in the same folder."""
+    for leftover in folder.glob(f"{_TMP_PREFIX}*"):
+        pid = leftover.name[len(_TMP_PREFIX):].split("-")[0]
+        if not (pid.isdigit() and _alive(int(pid))):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: checks the process exists, sends nothing
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, another user's
+    return True
+
+
+def _install(tmp: Path, folder: Path, meta: dict, old_files: list[Path]) -> None:
+    """Move new shards and their tokenizer into place, deleting the old set's shard files (only those).
 
     meta.json goes first-out and last-in, so it never describes half a set.
     """
     (folder / META_FILE).unlink(missing_ok=True)
-    for old in [*folder.glob("train_*.bin"), *folder.glob("val_*.bin")]:
-        old.unlink()
+    for old in old_files:
+        old.unlink(missing_ok=True)
     for split in SPLITS:
         for shard in meta[split]["shards"]:
             os.replace(tmp / shard["file"], folder / shard["file"])
