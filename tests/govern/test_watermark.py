@@ -319,3 +319,18 @@ def test_short_texts_are_held_to_the_false_positive_rate_of_the_z_threshold():
 def test_a_batch_of_texts_is_refused_rather_than_scored_across_its_rows():
     with pytest.raises(ValueError, match=r"ids: one text's token ids \(N,\), got shape \(2, 5\)"):
         detect(torch.zeros(2, 5, dtype=torch.long), Watermark(key=7), 64)
+
+
+def test_detection_makes_one_green_list_per_distinct_previous_token_a_few_at_a_time(monkeypatch):
+    """The same hits as a green list per position, with rows made in chunks (here of 3 rows):
+    memory no longer grows with the text's length."""
+    import heron.govern.watermark as watermark
+
+    wm, vocab = Watermark(key=11), 64
+    ids = torch.randint(0, vocab, (400,), generator=torch.Generator().manual_seed(5))
+    per_position = wm.green_mask(ids[:-1], vocab).gather(1, ids[1:, None]).squeeze(1)
+    monkeypatch.setattr(watermark, "DETECT_ROWS_BYTES", 3 * vocab)
+    assert torch.equal(green_hits(ids, wm, vocab, ignore_repeated=False), per_position)
+    pairs = torch.unique(ids[:-1] * vocab + ids[1:])
+    distinct = wm.green_mask(pairs // vocab, vocab).gather(1, (pairs % vocab)[:, None]).squeeze(1)
+    assert torch.equal(green_hits(ids, wm, vocab), distinct)

@@ -54,6 +54,7 @@ import torch
 DEFAULT_GAMMA = 0.25  # the defaults of the authors' reference implementation
 DEFAULT_DELTA = 2.0
 DEFAULT_Z_THRESHOLD = 4.0  # the paper's: a false-positive rate of 3.2e-5 (the normal tail), held exactly below
+DETECT_ROWS_BYTES = 1 << 26  # green-list rows made at once while detecting
 CACHE_BYTES = 1 << 26  # green-list rows kept per (key, γ, V, device): all 4,096 rows of a 4k vocabulary
 _MASK32 = 0xFFFFFFFF
 _ROWS_PER_CHUNK = 64  # green lists hashed at once: a (64, V) int64 buffer
@@ -165,7 +166,16 @@ def green_hits(
         prev, token = pairs // vocab_size, pairs % vocab_size
     if not len(prev):
         return torch.zeros(0, dtype=torch.bool)
-    return watermark.green_mask(prev, vocab_size).gather(1, token[:, None]).squeeze(1)
+    # One green list per distinct previous token, DETECT_ROWS_BYTES of them at a time: a row per
+    # position would make (T, V) at once (1M tokens of a 32k vocabulary: 32 GB) and hash repeats again.
+    distinct, slot = torch.unique(prev, return_inverse=True)  # (U,), (T,)
+    hits = torch.empty(len(prev), dtype=torch.bool)
+    per_chunk = max(1, DETECT_ROWS_BYTES // vocab_size)
+    for start in range(0, len(distinct), per_chunk):
+        rows = watermark.green_mask(distinct[start:start + per_chunk], vocab_size)  # (C, V)
+        here = (slot >= start) & (slot < start + per_chunk)  # (T,)
+        hits[here] = rows[slot[here] - start, token[here]]
+    return hits
 
 
 def z_score(green: int, scored: int, gamma: float) -> float:
