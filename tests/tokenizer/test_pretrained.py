@@ -228,3 +228,16 @@ def test_named_templates_saved_by_transformers_in_their_own_folder_are_read(fold
     tools = [{"type": "function", "function": {"name": "f"}}]
     assert ours.apply_chat_template(CHAT[:1], tools=tools) == theirs.apply_chat_template(CHAT[:1], tools=tools,
                                                                                            tokenize=False)
+
+
+def test_a_models_sampling_defaults_survive_a_save(folder, tmp_path):
+    """generation_config.json holds more than stop ids (a model's temperature, top_p): written
+    back as it came, ids included, so converting a model through Heron keeps them."""
+    source = write_folder(tmp_path / "source")
+    settings = {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "eos_token_id": [2, 0]}
+    (source / "generation_config.json").write_text(json.dumps(settings))
+    load_tokenizer(source).save(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "generation_config.json").read_text())
+    assert {k: saved[k] for k in ("do_sample", "temperature", "top_p")} == {"do_sample": True, "temperature": 0.7,
+                                                                             "top_p": 0.9}
+    assert saved["eos_token_id"] == [2, 0] and load_tokenizer(tmp_path / "saved").stop_ids == (2, 0)

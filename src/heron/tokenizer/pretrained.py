@@ -43,12 +43,15 @@ class PretrainedTokenizer:
     """A Hugging Face fast tokenizer with its special tokens and chat template."""
 
     def __init__(self, tokenizer: Tokenizer, config: dict[str, Any] | None = None,
-                 chat_template: str | None = None, generation_eos_ids: Sequence[int] = ()) -> None:
+                 chat_template: str | None = None, generation_eos_ids: Sequence[int] = (),
+                 generation_config: dict[str, Any] | None = None) -> None:
         self._tok = tokenizer
         self.config = dict(config or {})
         # generation_config.json's eos_token_id: the ids that end a reply, where a model lists
         # more than its tokenizer's eos_token (Llama 3 Instruct's <|eot_id|>).
         self.generation_eos_ids = tuple(int(i) for i in generation_eos_ids)
+        # the rest of generation_config.json (a model's sampling defaults), written back as it came
+        self.generation_config = dict(generation_config or {})
         # Named templates ("default", "tool_use", ...); chat_template.jinja, given here, is the default.
         self.chat_templates = _named_templates(self.config.get("chat_template"))
         if chat_template is not None:
@@ -216,11 +219,11 @@ class PretrainedTokenizer:
         config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
         write_text_atomic(folder / TOKENIZER_FILE, self.to_json())
         write_text_atomic(folder / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False))
-        if self.generation_eos_ids:
+        if self.generation_eos_ids or self.generation_config:
             # transformers' generate stops at every id of the list and pads with pad_token_id.
             stop = list(dict.fromkeys(self.generation_eos_ids + self.stop_ids))
             ids = {"bos_token_id": self.bos_id, "eos_token_id": stop, "pad_token_id": self.pad_id}
-            generation = {key: value for key, value in ids.items() if value is not None}
+            generation = self.generation_config | {key: value for key, value in ids.items() if value is not None}
             write_text_atomic(folder / GENERATION_CONFIG_FILE, json.dumps(generation, indent=2))
 
     @classmethod
@@ -251,23 +254,26 @@ class PretrainedTokenizer:
             named = _named_templates(config.get("chat_template"))
             named.update({f.stem: f.read_text(encoding="utf-8") for f in extra})
             config = {**config, "chat_template": [{"name": n, "template": t} for n, t in named.items()]}
-        return cls(tokenizer, config, template, _generation_eos_ids(folder, tokenizer.get_vocab_size(True)))
+        generation, eos_ids = _generation_config(folder, tokenizer.get_vocab_size(True))
+        return cls(tokenizer, config, template, eos_ids, generation)
 
 
-def _generation_eos_ids(folder: Path, vocab_size: int) -> list[int]:
-    """generation_config.json's eos_token_id (one id or a list), checked against the vocabulary."""
+def _generation_config(folder: Path, vocab_size: int) -> tuple[dict[str, Any], list[int]]:
+    """generation_config.json as it is, and its eos_token_id (one id or a list) checked against
+    the vocabulary; ({}, []) without the file."""
     file = folder / GENERATION_CONFIG_FILE
     if not file.is_file():
-        return []
+        return {}, []
     try:
-        value = json.loads(file.read_text(encoding="utf-8")).get("eos_token_id")
+        raw = json.loads(file.read_text(encoding="utf-8"))
+        value = raw.get("eos_token_id")
     except (json.JSONDecodeError, AttributeError) as err:
         raise ValueError(f"{file}: not a JSON object ({err})") from None
     ids = [] if value is None else [value] if isinstance(value, int) else value
     # bool is an int to Python, yet `true` is no token id
     if not isinstance(ids, list) or not all(type(i) is int and 0 <= i < vocab_size for i in ids):
         raise ValueError(f"{file}: eos_token_id {value!r} is not token ids below {vocab_size}")
-    return ids
+    return raw, ids
 
 
 def load_tokenizer(folder: str | os.PathLike[str]) -> HeronTokenizer | PretrainedTokenizer:
