@@ -220,3 +220,29 @@ def test_a_warm_up_that_fills_the_run_is_warned_of(recipe_factory) -> None:
         warnings.simplefilter("always")
         train(recipe_factory("long", train={"steps": 3}))
     assert not [w for w in caught if "warmup_steps" in str(w.message)]
+
+
+def test_a_finished_run_whose_audit_record_was_lost_gets_it_on_a_rerun(recipe_factory, monkeypatch) -> None:
+    """Killed between its last checkpoint and the audit record, the run is finished but unrecorded:
+    a rerun (nothing left to train) writes the record, once."""
+    import heron.train.loop as loop
+    from heron.govern.audit import audit_log
+    from heron.govern.digest import folder_sha256
+
+    recipe = recipe_factory(train={"steps": 2, "ckpt_every": 2, "eval_every": 0})
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(loop, "record_event", killed)
+        with pytest.raises(KeyboardInterrupt):
+            train(recipe)
+    last = latest_checkpoint(recipe.out_dir)
+    assert audit_log().produced(folder_sha256(last)) == []
+    for _ in range(2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "nothing to train"
+            train(recipe)
+        records = audit_log().produced(folder_sha256(last))
+        assert [r.event for r in records] == ["train"]

@@ -39,8 +39,8 @@ from heron.core.moe import moe_stats, share_batch_statistics
 from heron.core.transformer import HeadLoss, Transformer
 from heron.data.batches import PackedBatches, eval_batches
 from heron.govern import EnergyMeter, EnergyReport
-from heron.govern.audit import record_event
-from heron.govern.digest import model_hash
+from heron.govern.audit import audit_log, record_event
+from heron.govern.digest import folder_sha256, model_hash
 from heron.train import distributed as dist_
 from heron.train.checkpoint import (
     CHECKPOINTS_DIR,
@@ -171,7 +171,10 @@ def train(recipe: TrainRecipe, *, resume: bool = True, data: TrainData | None = 
     try:
         run = _start(recipe, ctx, resume, data, objective)
         run.lineage_extra = dict(lineage or {})
+        finished_before = run.step >= recipe.train.steps
         _loop(run, callbacks)
+        if finished_before and ctx.is_main:
+            _record_finished_run(run)
         return TrainResult(run.out_dir, run.last_checkpoint, run.step, run.history, ctx.is_main)
     finally:
         dist_.teardown(ctx)
@@ -506,9 +509,22 @@ def _checkpoint(run: _Run) -> None:
         )
         plot_losses(run.history, run.out_dir / PLOT_FILE, title=run.recipe.name)
         if run.step == t.steps:  # the run's last checkpoint: one audit record per finished run
-            record_event("train", inputs={"data": run.data.meta}, outputs={"checkpoint": run.last_checkpoint},
-                         model_hash=model_hash(run.last_checkpoint), parameters=lineage)
+            _record_train(run, lineage)
     dist_.barrier(run.ctx)
+
+
+def _record_train(run: _Run, lineage: dict[str, Any]) -> None:
+    record_event("train", inputs={"data": run.data.meta}, outputs={"checkpoint": run.last_checkpoint},
+                 model_hash=model_hash(run.last_checkpoint), parameters=lineage)
+
+
+def _record_finished_run(run: _Run) -> None:
+    """A rerun of a finished run writes the audit record its last checkpoint lacks: a kill
+    between that checkpoint and its record lost it (the log off, or holding it: nothing to do)."""
+    log = audit_log()
+    if log is None or run.last_checkpoint is None or log.produced(folder_sha256(run.last_checkpoint)):
+        return
+    _record_train(run, load_checkpoint(run.last_checkpoint, trainer_state=False).lineage)
 
 
 def _lineage(run: _Run, energy: EnergyReport) -> dict[str, Any]:
