@@ -84,6 +84,14 @@ def checked_ids(ids: Iterable[int], vocab_size: int) -> list[int]:
     return ids
 
 
+def plain_copy(tokenizer: Tokenizer) -> Tokenizer:
+    """A copy of `tokenizer` that encodes special-token text ("<|eos|>") as plain characters (a
+    copy, not a toggle of the shared one, which would not be thread-safe)."""
+    plain = Tokenizer.from_str(tokenizer.to_str())
+    plain.encode_special_tokens = True
+    return plain
+
+
 class HeronTokenizer:
     """Byte-level BPE with bos/eos/pad and chat-role special tokens."""
 
@@ -92,11 +100,8 @@ class HeronTokenizer:
         if missing:
             raise ValueError(f"tokenizer lacks Heron's special tokens {missing}")
         self._tok = tokenizer
-        # A second copy that reads "<|eos|>" in text as plain characters, so
-        # document text can never forge a control token (like tiktoken's
-        # disallowed_special). Toggling one shared object would not be thread-safe.
-        self._plain = Tokenizer.from_str(tokenizer.to_str())
-        self._plain.encode_special_tokens = True
+        # Document text can never forge a control token (like tiktoken's disallowed_special).
+        self._plain = plain_copy(tokenizer)
         self._special_ids = {name: tokenizer.token_to_id(t) for name, t in SPECIAL_TOKENS.items()}
 
     # ----- properties -------------------------------------------------------
