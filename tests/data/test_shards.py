@@ -50,6 +50,25 @@ def test_shards_equal_direct_encoding(tmp_path, tok) -> None:
     assert sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.endswith(".bin")) == ["meta.json", "tokenizer.json"]
 
 
+def test_a_long_document_is_encoded_in_pieces_to_the_same_tokens(tmp_path, tok, monkeypatch) -> None:
+    (tmp_path / "src").mkdir()
+    write_docs(tmp_path / "src", 12)
+    long_doc = "".join((tmp_path / "src" / f"mod_{i:03d}.py").read_text(encoding="utf-8") for i in range(12)) * 3
+    (tmp_path / "src" / "long.py").write_text(long_doc, encoding="utf-8")
+    corpus = Corpus([tmp_path / "src"])
+    pieces = []
+    monkeypatch.setattr("heron.data.shards._PIECE_CHARS", 64)
+    monkeypatch.setattr("heron.data.shards._ENCODE_BATCH_CHARS", 200)
+    monkeypatch.setattr(HeronTokenizer, "encode_batch", lambda self, texts, allow_special=True: (
+        pieces.extend(texts) or [self.encode(t, allow_special=allow_special) for t in texts]))
+    shards = prepare_shards(corpus, tok, tmp_path / "out", val_fraction=0.3, show_progress=False)
+    assert len(pieces) > 13 and max(map(len, pieces)) < len(long_doc) / 4  # the long document went in pieces
+    expected = direct_streams(corpus, tok, validation_keys(corpus.keys, 0.3, seed=0))
+    for split in ("train", "val"):
+        assert np.array_equal(np.asarray(getattr(shards, split)), expected[split])
+    assert shards.meta["train"]["documents"] + shards.meta["val"]["documents"] == 13
+
+
 def test_sharded_tokens_slice_across_shards() -> None:
     parts = [np.arange(0, 5), np.arange(5, 7), np.arange(7, 20)]
     tokens = ShardedTokens(parts)

@@ -1,8 +1,12 @@
 import json
 import os
+import random
 import stat
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import AddedToken, Tokenizer
 
 from heron.tokenizer import CHAT_TEMPLATE_JINJA, SPECIAL_TOKENS, HeronTokenizer, train_tokenizer
 
@@ -182,3 +186,58 @@ def test_decode_refuses_negative_ids_and_skips_ids_past_the_vocabulary(tok: Hero
     with pytest.raises(ValueError, match=f"token id -1 is not in the vocabulary of {tok.vocab_size} tokens"):
         tok.decode([tok.bos_id, -1])
     assert tok.decode([tok.vocab_size, *tok.encode("x = 1"), 99999]) == "x = 1"
+
+
+# Characters around which the byte-level pattern splits differently: kinds of space (Python's \s
+# holds \x1c-\x1f, the Rust pattern does not), newlines, letters, digits, punctuation, an apostrophe.
+CUT_ALPHABET = "ab9 \n\n\n\r\t\x1c\x85\u2028\u3000'.é日<|eos|>"
+
+
+@pytest.fixture(scope="module")
+def cut_tok() -> HeronTokenizer:
+    """Trained on text of CUT_ALPHABET alone, so it merges runs of spaces and newlines: a cut at a
+    pre-token boundary that the whole text does not have then changes the ids."""
+    rng = random.Random(0)
+    texts = ["".join(rng.choice(CUT_ALPHABET) for _ in range(400)) for _ in range(200)]
+    return train_tokenizer(texts, vocab_size=600, show_progress=False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet=CUT_ALPHABET, max_size=120), max_chars=st.integers(1, 12))
+def test_plain_pieces_encode_to_the_whole_texts_ids(cut_tok: HeronTokenizer, text: str, max_chars: int) -> None:
+    tok = cut_tok
+    bounds = tok.plain_pieces(text, max_chars)
+    assert bounds[0][0] == 0 and bounds[-1][1] == len(text)
+    assert all(stop == start for (_, stop), (start, _) in zip(bounds, bounds[1:]))  # contiguous
+    assert all(stop - start >= max_chars for start, stop in bounds[:-1])
+    pieces = tok.encode_batch([text[start:stop] for start, stop in bounds], allow_special=False)
+    assert sum(pieces, []) == tok.encode(text, allow_special=False)
+
+
+def test_plain_pieces_cut_after_a_newline_between_non_spaces(tok: HeronTokenizer) -> None:
+    text = "x = 1\ny\n\nz\n w\nend"
+    assert tok.plain_pieces(text, 1) == [(0, 6), (6, 14), (14, 17)]  # none around "\n\n", none before " w"
+    assert tok.plain_pieces(text, 100) == [(0, len(text))]
+    with pytest.raises(ValueError, match="max_chars"):
+        tok.plain_pieces(text, 0)
+
+
+def test_a_tokenizer_that_could_act_across_a_cut_keeps_texts_whole(tok: HeronTokenizer) -> None:
+    spec = json.loads(tok.backend.to_str())
+    lowercased = HeronTokenizer(Tokenizer.from_str(json.dumps(spec | {"normalizer": {"type": "Lowercase"}})))
+    added = Tokenizer.from_str(tok.backend.to_str())
+    added.add_tokens([AddedToken("1\nb", special=False)])
+    text = "a 1\nb 2\nc 3\nd"
+    for whole in (lowercased, HeronTokenizer(added)):
+        assert whole.plain_pieces(text, 1) == [(0, len(text))]
+    assert len(tok.plain_pieces(text, 1)) == 4
+
+
+def test_training_on_a_long_text_in_pieces_learns_what_the_whole_text_teaches(monkeypatch) -> None:
+    rng = random.Random(1)
+    text = "".join(rng.choice(CUT_ALPHABET) for _ in range(20_000))
+    learned = {}
+    for piece_chars in (10**9, 40):
+        monkeypatch.setattr("heron.tokenizer.bpe._TRAIN_PIECE_CHARS", piece_chars)
+        learned[piece_chars] = train_tokenizer([text], vocab_size=600, show_progress=False).to_json()
+    assert learned[40] == learned[10**9]

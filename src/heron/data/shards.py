@@ -37,6 +37,7 @@ SPLITS = ("train", "val")
 DEFAULT_VAL_FRACTION = 0.02  # ~15 files / ~250k tokens of the default stdlib corpus
 DEFAULT_SHARD_TOKENS = 1 << 26  # 64M tokens: 128 MB as uint16, well under any file-size limit
 _ENCODE_BATCH_CHARS = 4 << 20  # text handed to the Rust encoder per call: bounds memory, keeps all cores busy
+_PIECE_CHARS = 1 << 20  # a longer document goes to the encoder in pieces of about this size, several per batch
 _TMP_PREFIX = ".shards-"  # the temporary folder a preparation writes in, inside the shard folder: .shards-{pid}-...
 # A "document" is a file that decodes (others are skipped). The text is stored in meta.json and
 # compared on reuse: rewording it would rebuild every shard set.
@@ -199,8 +200,8 @@ class _ShardWriter:
         self.documents = 0
         self._file = None
 
-    def write(self, ids: np.ndarray) -> None:
-        self.documents += 1
+    def write(self, ids: np.ndarray, ends_document: bool = True) -> None:
+        self.documents += ends_document
         while len(ids):
             if self._file is None or self.shards[-1]["tokens"] == self.shard_tokens:
                 self._open_next()
@@ -278,11 +279,12 @@ def prepare_shards(
     with tempfile.TemporaryDirectory(dir=folder, prefix=f"{_TMP_PREFIX}{os.getpid()}-") as tmp:
         writers = {s: _ShardWriter(Path(tmp), s, dtype, shard_tokens) for s in SPLITS}
         bar = tqdm(total=len(corpus), unit="doc", desc="tokenising", disable=not show_progress)
-        for keys, texts in _text_batches(corpus.items(), _ENCODE_BATCH_CHARS):
-            for key, ids in zip(keys, tokenizer.encode_batch(texts, allow_special=False)):
-                split = "val" if key in val_keys else "train"
-                writers[split].write(np.array(ids + [tokenizer.eos_id], dtype=dtype))
-            bar.update(len(keys))
+        for batch in _piece_batches(corpus.items(), tokenizer, _PIECE_CHARS, _ENCODE_BATCH_CHARS):
+            texts = [piece.text for piece in batch]
+            for piece, ids in zip(batch, tokenizer.encode_batch(texts, allow_special=False)):
+                split = "val" if piece.key in val_keys else "train"
+                writers[split].write(np.array(ids + [tokenizer.eos_id] * piece.last, dtype=dtype), piece.last)
+            bar.update(sum(piece.last for piece in batch))
         bar.close()
         corpus.check_decodable()
         for writer in writers.values():
@@ -296,19 +298,31 @@ def prepare_shards(
     return load_shards(folder)
 
 
-def _text_batches(items: Iterator[tuple[str, str]], max_chars: int) -> Iterator[tuple[list[str], list[str]]]:
-    keys: list[str] = []
-    texts: list[str] = []
+@dataclass(frozen=True)
+class _Piece:
+    key: str  # the document's
+    text: str
+    last: bool  # the document's last piece: its <|eos|> follows
+
+
+def _piece_batches(items: Iterator[tuple[str, str]], tokenizer: HeronTokenizer, piece_chars: int,
+                   batch_chars: int) -> Iterator[list[_Piece]]:
+    """Documents in batches of about `batch_chars` characters for the encoder, one longer than
+    `piece_chars` cut into pieces that encode exactly as it would whole
+    (`HeronTokenizer.plain_pieces`), so memory stays bounded by the batch, not by the largest
+    document, and one long document still keeps every core busy."""
+    batch: list[_Piece] = []
     size = 0
     for key, text in items:
-        keys.append(key)
-        texts.append(text)
-        size += len(text)
-        if size >= max_chars:
-            yield keys, texts
-            keys, texts, size = [], [], 0
-    if keys:
-        yield keys, texts
+        bounds = tokenizer.plain_pieces(text, piece_chars)
+        for i, (start, stop) in enumerate(bounds):
+            batch.append(_Piece(key, text[start:stop], last=i == len(bounds) - 1))
+            size += stop - start
+            if size >= batch_chars:
+                yield batch
+                batch, size = [], 0
+    if batch:
+        yield batch
 
 
 def _fingerprint_of(file: Path) -> str | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -33,6 +34,15 @@ SPECIAL_TOKENS: dict[str, str] = {
     "end": "<|end|>",
 }
 TOKENIZER_FILE = "tokenizer.json"
+
+# Where GPT-2's byte-level pre-tokenizer always splits, whatever the text around: after a newline
+# that follows a non-space character and precedes another. Its pattern gives that "\n" a pre-token
+# of its own, in the whole text and at the end of the text before it alike, and BPE never merges
+# across pre-tokens, so pieces cut there encode to the whole text's ids. (Python's \s holds every
+# character the Rust pattern's does, and a few more, so \S here is never whitespace there.)
+_EXACT_CUT = re.compile(r"(?<=\S\n)(?=\S)")
+_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
+_TRAIN_PIECE_CHARS = 1 << 16
 
 # The same template as `apply_chat_template`, in the Jinja form that Hugging
 # Face `transformers` reads from `tokenizer_config.json["chat_template"]`, for
@@ -103,6 +113,7 @@ class HeronTokenizer:
         # Document text can never forge a control token (like tiktoken's disallowed_special).
         self._plain = plain_copy(tokenizer)
         self._special_ids = {name: tokenizer.token_to_id(t) for name, t in SPECIAL_TOKENS.items()}
+        self._cuts_exact = _cuts_exact(tokenizer)
 
     # ----- properties -------------------------------------------------------
 
@@ -149,6 +160,16 @@ class HeronTokenizer:
         """Many texts at once on the Rust side, in parallel over all cores."""
         backend = self._tok if allow_special else self._plain
         return [e.ids for e in backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+    def plain_pieces(self, text: str, max_chars: int) -> list[tuple[int, int]]:
+        """(start, stop) of consecutive pieces of `text`, each at least `max_chars` long where the
+        text allows, whose plain-text encodings (`allow_special=False`) join to the whole text's.
+
+        Encoding a long text at once takes ~150 bytes of memory per character on the Rust side;
+        pieces bound that and spread one document over all cores. A tokenizer whose normalizer,
+        pre-tokenizer or added tokens could act across a cut keeps the text whole.
+        """
+        return exact_pieces(text, max_chars if self._cuts_exact else len(text) + 1)
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
         return self._tok.decode(checked_ids(ids, self.vocab_size), skip_special_tokens=skip_special)
@@ -248,6 +269,33 @@ class HeronTokenizer:
             raise ValueError(f"{file} is not a valid Heron tokenizer.json: {exc}") from exc
 
 
+def exact_pieces(text: str, max_chars: int) -> list[tuple[int, int]]:
+    """(start, stop) of consecutive pieces of `text` cut at `_EXACT_CUT`, each ending at the first
+    cut past `max_chars` characters (text without one stays in one piece): what byte-level BPE
+    with GPT-2's pattern encodes, or learns from, exactly as the whole text."""
+    if max_chars < 1:
+        raise ValueError(f"max_chars must be positive, got {max_chars}")
+    bounds, start = [], 0
+    while len(text) - start > max_chars:
+        cut = _EXACT_CUT.search(text, start + max_chars)
+        if cut is None:
+            break
+        bounds.append((start, cut.start()))
+        start = cut.start()
+    bounds.append((start, len(text)))
+    return bounds
+
+
+def _cuts_exact(tokenizer: Tokenizer) -> bool:
+    """Whether `_EXACT_CUT` splits `tokenizer`'s plain-text encodings exactly: GPT-2's byte-level
+    pre-tokenizer and no normalizer (Heron's own tokenizers), and no added token that plain
+    text could still match (every one is special)."""
+    spec = json.loads(tokenizer.to_str())
+    byte_level = {key: (spec.get("pre_tokenizer") or {}).get(key) for key in _BYTE_LEVEL}
+    return (spec.get("normalizer") is None and byte_level == _BYTE_LEVEL
+            and all(added["special"] for added in spec.get("added_tokens", [])))
+
+
 def train_tokenizer(
     texts: Iterable[str], vocab_size: int, min_frequency: int = 2, show_progress: bool = True
 ) -> HeronTokenizer:
@@ -267,5 +315,8 @@ def train_tokenizer(
         # Off a terminal the Rust progress bar draws nothing yet prints a blank line per phase.
         show_progress=show_progress and sys.stdout.isatty() and sys.stderr.isatty(),
     )
-    tok.train_from_iterator(texts, trainer)
+    # Long texts go in pieces whose pre-tokens, hence word counts, are the whole text's: the
+    # trainer holds ~90 bytes per character of every text in flight.
+    pieces = (text[start:stop] for text in texts for start, stop in exact_pieces(text, _TRAIN_PIECE_CHARS))
+    tok.train_from_iterator(pieces, trainer)
     return HeronTokenizer(tok)
