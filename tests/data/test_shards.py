@@ -128,6 +128,28 @@ def test_rerun_reuses_matching_shards_and_rebuild_drops_stale_ones(tmp_path, tok
     assert np.array_equal(np.asarray(rebuilt.train), np.asarray(first.train))
 
 
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda meta: meta | {"dtype": "O"}, "dtype 'O' is not one of uint16, uint32"),
+    (lambda meta: meta["train"]["shards"][0].update(file="../victim.txt") or meta, "'../victim.txt' is not a file name"),
+    (lambda meta: meta["val"]["shards"][0].update(file="/abs/victim.txt") or meta, "'/abs/victim.txt' is not a file name"),
+    (lambda meta: meta["val"]["shards"][0].update(tokens=-3) or meta, "tokens -3 is not a count"),
+])
+def test_crafted_metadata_is_refused_and_names_no_file_outside_the_folder(tmp_path, tok, edit, message) -> None:
+    (tmp_path / "src").mkdir()
+    write_docs(tmp_path / "src", 20)
+    out = tmp_path / "shards" / "out"
+    prepare_shards(Corpus([tmp_path / "src"]), tok, out, val_fraction=0.2, show_progress=False)
+    victim = tmp_path / "shards" / "victim.txt"
+    victim.write_text("keep me")
+    meta = json.loads((out / "meta.json").read_text())
+    (out / "meta.json").write_text(json.dumps(edit(meta)))
+    with pytest.raises(ValueError, match=message):
+        load_shards(out)
+    with pytest.raises(FileExistsError, match="not Heron's to write over"):  # and deletes nothing
+        prepare_shards(Corpus([tmp_path / "src"]), tok, out, show_progress=False)
+    assert victim.read_text() == "keep me"
+
+
 def test_load_errors(tmp_path, tok) -> None:
     with pytest.raises(FileNotFoundError, match="meta.json"):
         load_shards(tmp_path)

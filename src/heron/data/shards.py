@@ -48,6 +48,9 @@ SPLIT_RULE = (
 )
 
 
+_TOKEN_DTYPES = ("uint16", "uint32")
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     """The smallest unsigned type that holds every id in [0, vocab_size)."""
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
@@ -183,9 +186,25 @@ def _read_meta(folder: Path) -> dict | None:
         meta = json.loads(file.read_text(encoding="utf-8"))
         if meta.get("format") != SHARD_FORMAT:
             raise ValueError(f"format {meta.get('format')!r}, expected {SHARD_FORMAT}")
+        _check_layout(meta)
         return meta
-    except (ValueError, AttributeError) as exc:
+    except (ValueError, AttributeError, TypeError, KeyError) as exc:
         raise ValueError(f"{file} is not valid shard metadata: {exc}") from exc
+
+
+def _check_layout(meta: dict) -> None:
+    """Refuse metadata that would have Heron read tokens as another type (`"O"`: Python objects,
+    read from the file's bytes as pointers) or read, or delete on the next preparation, a
+    file outside the folder: a shard's name must be a bare file name."""
+    if meta.get("dtype") not in _TOKEN_DTYPES:
+        raise ValueError(f"dtype {meta.get('dtype')!r} is not one of {', '.join(_TOKEN_DTYPES)}")
+    for split in SPLITS:
+        for shard in meta[split]["shards"]:
+            name, tokens = shard["file"], shard["tokens"]
+            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+                raise ValueError(f"{split} shard file {name!r} is not a file name in the folder")
+            if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+                raise ValueError(f"{split} shard {name}: tokens {tokens!r} is not a count")
 
 
 # ----- writing ---------------------------------------------------------------
