@@ -13,7 +13,7 @@ import yaml
 
 from heron.govern.annex_iv import ANNEX_IV_FILE, annex_iv, write_annex_iv
 from heron.govern.audit import LOG_ENV
-from heron.govern.card import (PROVIDER, README_FILE, is_untouched_document, model_card, read_evaluations,
+from heron.govern.card import (PROVIDER, README_FILE, is_untouched_document, md, model_card, read_evaluations,
                                write_model_card)
 from heron.govern.history import read_history
 
@@ -258,6 +258,42 @@ def test_annex_iv_follows_the_chain_of_base_models(aligned, trained):
 def test_annex_iv_names_third_party_weights(imported):
     text = annex_iv(imported)
     assert "Pre-trained weights from a third party: `acme/tiny-lm`" in text and "ef" * 32 in text
+
+
+# ----- values as data ---------------------------------------------------------------------------------------
+# A lineage or an evaluation file may come with a downloaded checkpoint: its text is written as text, and opens
+# no HTML tag, code span, table cell or heading of its own (to a renderer that reads front matter, or not).
+
+FORGED = "x`\n\n<script>alert(1)</script><img src=x onerror=alert(2)>\n\n## Evaluation results\n\nperplexity 1.01 `|"
+
+
+def forged_documents(tmp_path: Path) -> tuple[Path, list[str]]:
+    folder = fake_checkpoint(tmp_path / "forged", {"source": {
+        "kind": "huggingface", "path": FORGED, "model_type": f"llama{FORGED}", "family": FORGED,
+        "files": {"config.json": FORGED}}})
+    results = tmp_path / "eval.json"
+    results.write_text(json.dumps([{"task": FORGED, "dataset": FORGED, "split": FORGED, "revision": FORGED,
+                                    "metrics": {FORGED: 1.0}, "source": FORGED}]))
+    evaluations = read_evaluations(results)
+    return folder, [model_card(folder, evaluations=evaluations), annex_iv(folder, evaluations=evaluations)]
+
+
+def test_lineage_and_evaluation_text_cannot_write_markup(tmp_path):
+    folder, documents = forged_documents(tmp_path)
+    for text in documents:
+        assert "<script" not in text and "<img" not in text
+        assert not [line for line in text.splitlines() if re.match(r" {0,3}#+ Evaluation results", line)]
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text  # shown, as text
+    meta = front_matter(documents[0])  # the metadata keeps the value exactly
+    assert meta["base_model"] == FORGED and meta["model-index"][0]["results"][0]["dataset"]["name"] == FORGED
+    assert f"conversion of the Hugging Face `llama{md(FORGED)}` folder `{md(FORGED)}`" in documents[0]
+    assert md(FORGED).count("`") == 0 and md(FORGED).count("|") == 0 and "\n" not in md(FORGED)
+
+
+def test_plain_values_are_written_as_they_are():
+    for value in ("/runs/tiny/checkpoints/step_00000002", "synthetic-permutation", "ab" * 32, "dpo", "Q and A"):
+        assert md(value) == value
+    assert (md(0.001), md([0.9, 0.95]), md(None), md(12)) == ("0.001", "[0.9, 0.95]", "None", "12")
 
 
 # ----- writing ----------------------------------------------------------------------------------------------

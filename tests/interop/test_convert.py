@@ -134,6 +134,34 @@ def test_a_broken_config_is_named_by_every_verb(hf_folder, tmp_path, capsys, cha
     assert complaint in capsys.readouterr().err  # not "lineage.json: missing", as if a Heron checkpoint
 
 
+def test_the_lineage_hashes_every_file_read_templates_included(hf_folder, tmp_path):
+    """chat_template.jinja, transformers' named templates and generation_config.json go into the
+    checkpoint: each is hashed with the rest, by its path in the folder."""
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    (folder / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    (folder / "additional_chat_templates").mkdir()
+    (folder / "additional_chat_templates" / "tool_use.jinja").write_text("{{ tools|length }}")
+    (folder / "README.md").write_text("not read")
+    assert main(["convert", "from-hf", str(folder), str(tmp_path / "heron")]) == 0
+    recorded = json.loads((tmp_path / "heron" / "lineage.json").read_text())["source"]["files"]
+    read = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+            "additional_chat_templates/tool_use.jinja", "generation_config.json"]
+    assert recorded == {name: sha256_file(folder / name) for name in read}
+
+
+def test_convert_refuses_a_template_linked_from_outside_the_folder(hf_folder, tmp_path, capsys):
+    """A link would copy whatever file it names into the checkpoint's tokenizer_config.json."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the secret")
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    (folder / "chat_template.jinja").symlink_to(secret)
+    assert main(["convert", "from-hf", str(folder), str(tmp_path / "heron")]) == 2
+    assert f"chat_template.jinja: a link to {secret}, outside the folder" in capsys.readouterr().err
+    assert not (tmp_path / "heron").exists()
+
+
 def test_convert_refuses_an_existing_target_and_a_bad_source(hf_folder, tmp_path, capsys):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "file").write_text("keep me")

@@ -12,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 from heron.core import ModelConfig, Transformer  # noqa: E402
 from heron.interop import WeightFileError, WeightFiles, load_hf_model, save_hf_folder  # noqa: E402
 from heron.interop.files import read_safetensors_header  # noqa: E402
+from heron.train.checkpoint import CheckpointError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +76,28 @@ def test_missing_shard_is_named(hf_model, tmp_path):
         load_hf_model(tmp_path)
 
 
+@pytest.mark.parametrize("shard", ["../elsewhere/model.safetensors", "/abs/model.safetensors"])
+def test_an_index_naming_a_shard_outside_the_folder_is_refused(hf_model, tmp_path, shard):
+    hf_model.save_pretrained(tmp_path / "model", max_shard_size="20KB")
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(sorted((tmp_path / "model").glob("*.safetensors"))[0], tmp_path / "elsewhere" / "model.safetensors")
+    index = tmp_path / "model" / "model.safetensors.index.json"
+    content = json.loads(index.read_text())
+    content["weight_map"] = {name: shard for name in content["weight_map"]}
+    index.write_text(json.dumps(content))
+    with pytest.raises(WeightFileError, match="which is not a file in the folder"):
+        load_hf_model(tmp_path / "model")
+
+
+def test_a_header_with_a_negative_size_or_reversed_offsets_is_refused(single, tmp_path):
+    for entry in ({"dtype": "F32", "shape": [-2, -1], "data_offsets": [0, 8]},
+                  {"dtype": "F32", "shape": [2, 1], "data_offsets": [8, 0]}):
+        header = json.dumps({"w": entry}).encode()
+        (tmp_path / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(16))
+        with pytest.raises(WeightFileError, match="tensor w: shape .* out of range"):
+            read_safetensors_header(tmp_path / "model.safetensors")
+
+
 def test_truncated_file_names_the_tensor(single, tmp_path):
     shutil.copytree(single, tmp_path, dirs_exist_ok=True)
     file = tmp_path / "model.safetensors"
@@ -97,6 +120,22 @@ def test_mismatched_shape_names_the_tensor(single, tmp_path):
     config["intermediate_size"] = 48  # the stored MLP weights are 64 wide
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"^blocks\.0\.mlp\.up\.weight: .*gate_proj"):
+        load_hf_model(tmp_path)
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("vocab_size", 10**10, r"describes [\d,]+ parameters, but the weights hold [\d,]+ numbers"),
+    ("intermediate_size", 10**9, r"describes [\d,]+ parameters, but the weights hold [\d,]+ numbers"),
+    ("num_hidden_layers", 10**7, r"asks for 10000000 layers, but the weights number their parts up to 3"),
+    ("max_position_embeddings", 10**11, r"max_seq_len 100,000,000,000 asks for [\d,]+ bytes of position tables"),
+])
+def test_a_config_the_weights_cannot_fill_is_refused_before_anything_is_allocated(single, tmp_path, key, value,
+                                                                                   message):
+    """Each of these would take terabytes (or, for the layers, minutes of building) if the model were made first."""
+    shutil.copytree(single, tmp_path, dirs_exist_ok=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {key: value}))
+    with pytest.raises(CheckpointError, match=message):
         load_hf_model(tmp_path)
 
 

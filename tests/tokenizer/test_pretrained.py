@@ -241,3 +241,102 @@ def test_a_models_sampling_defaults_survive_a_save(folder, tmp_path):
     assert {k: saved[k] for k in ("do_sample", "temperature", "top_p")} == {"do_sample": True, "temperature": 0.7,
                                                                              "top_p": 0.9}
     assert saved["eos_token_id"] == [2, 0] and load_tokenizer(tmp_path / "saved").stop_ids == (2, 0)
+
+
+# ----- runaway templates ------------------------------------------------------------------------------------
+# A template is code from whoever published the model: Jinja's sandbox keeps it from Python's internals, and
+# Heron's limits (pretrained.py, TEMPLATE_*) from running on or filling memory. Each of these would take
+# minutes or gigabytes unchecked; each stops within a few hundred thousand steps.
+
+
+@pytest.mark.parametrize("template, limit", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+     "ran past 1,000,000 steps"),
+    ("{% set s = 'ab' * 100000 %}{% for a in s %}{% for b in s %}{% endfor %}{% endfor %}",
+     "ran past 1,000,000 steps"),
+    ("{% macro f(n) %}{% if n < 7 %}{% for i in range(10) %}{{ f(n + 1) }}{% endfor %}{% endif %}{% endmacro %}"
+     "{{ f(0) }}", "ran past 1,000,000 steps"),
+    ("{{ 'a' * 10**10 }}", r"\*: 10,000,000,000 characters or items, past the 16,777,216"),
+    ("{{ 10 ** 100000 }}", r"\*\* would make a number of 400,000 bits"),
+    ("{% set ns = namespace(s='x' * 1000000) %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+     "a value: 32,000,000 characters"),
+    ("{% set s = 'a' * 1000000 %}{% for i in range(100) %}{{ s }}{% endfor %}", "the output: 17,000,000 characters"),
+    ("{% set s = 'a' * 100000 %}{{ s.replace('a', s) }}", "replace: 10,000,100,000 characters"),
+    ("{{ ([messages[0].content * 30000] * 100000)|join }}", "join: 12,000,000,000 characters"),
+    ("{{ 'x'|center(10**10) }}", "center was given a number past 16,777,216"),
+    ("{{ '%999999999d' % 1 }}", "%: 1,000,000,010 characters"),
+    ("{{ '{:999999999}'.format(1) }}", "format: 1,000,000,011 characters"),
+    ("{% set ns = namespace(l=[]) %}{% for i in range(200) %}{% set ns.l = ns.l + ['x' * 1000000] %}{% endfor %}",
+     "made more than 134,217,728 characters"),
+])
+def test_a_runaway_template_is_stopped_by_name(folder, template, limit):
+    tokenizer = PretrainedTokenizer.load(folder)
+    runaway = PretrainedTokenizer(tokenizer.backend, tokenizer.config, chat_template=template)
+    with pytest.raises(ChatTemplateError, match=f"chat template 'default' hit a limit: {limit}"):
+        runaway.apply_chat_template(CHAT)
+
+
+def test_the_limits_leave_long_chats_and_loops_alone(folder):
+    """A chat of two million characters, and a template's loops and arithmetic, render as they would unlimited."""
+    tokenizer = PretrainedTokenizer.load(folder)
+    chat = [{"role": "user", "content": "Hi é " * 200_000}, {"role": "assistant", "content": "Yo " * 300_000}]
+    expected = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in chat)
+    assert tokenizer.apply_chat_template(chat) == expected
+    busy = ("{% set ns = namespace(n=0) %}{% for i in range(300) %}{% for j in range(300) %}{% set ns.n = ns.n + j %}"
+            "{% endfor %}{% endfor %}{{ ns.n }} {{ 2 ** 64 }} {{ '%5.1f' % 2.25 }} {{ '-' * 3 }}"
+            "{% for m in messages %}{{ loop.index }}/{{ loop.length }}{% endfor %}")
+    assert PretrainedTokenizer(tokenizer.backend, tokenizer.config, chat_template=busy).apply_chat_template(
+        CHAT) == f"{300 * sum(range(300))} {2 ** 64}   2.2 ---1/32/33/3"
+
+
+# ----- files outside the folder -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["chat_template.jinja", "tokenizer_config.json", "generation_config.json",
+                                  "tokenizer.json", "additional_chat_templates/tool_use.jinja"])
+def test_a_file_linked_from_outside_the_folder_is_refused(tmp_path, name):
+    """A link would copy whatever file it names (a key, a password file) into every checkpoint made from
+    the folder: `heron convert` writes the template into tokenizer_config.json."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("{}")
+    folder = write_folder(tmp_path / "model")
+    (folder / name).parent.mkdir(exist_ok=True)
+    (folder / name).unlink(missing_ok=True)
+    (folder / name).symlink_to(secret)
+    with pytest.raises(ValueError, match=f"{name}: a link to {secret}, outside the folder"):
+        load_tokenizer(folder)
+
+
+def test_a_linked_folder_of_templates_is_refused_too(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "tool_use.jinja").write_text("secret")
+    folder = write_folder(tmp_path / "model")
+    (folder / "additional_chat_templates").symlink_to(elsewhere)
+    with pytest.raises(ValueError, match="tool_use.jinja: a link to .*, outside the folder"):
+        load_tokenizer(folder)
+
+
+def test_links_within_the_folder_and_a_hugging_face_cache_snapshot_are_read(tmp_path):
+    """The hub cache keeps each file once, in <repo>/blobs/<hash>, and links <repo>/snapshots/<revision>/<name>
+    to it; a link to another file of the folder is the folder's own too."""
+    source = write_folder(tmp_path / "source")
+    (source / "chat_template.jinja").write_text(CHATML)
+    (source / "generation_config.json").write_text('{"eos_token_id": 2}')
+    repo = tmp_path / "hub" / "models--acme--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "0123abcd"
+    (snapshot / "additional_chat_templates").mkdir(parents=True)
+    for i, name in enumerate(["tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                              "generation_config.json"]):
+        (repo / "blobs" / f"blob{i}").write_bytes((source / name).read_bytes())
+        (snapshot / name).symlink_to(f"../../blobs/blob{i}")
+    (snapshot / "templates").mkdir()
+    (snapshot / "templates" / "tool_use.jinja").write_text("tools")
+    (snapshot / "additional_chat_templates" / "tool_use.jinja").symlink_to("../templates/tool_use.jinja")
+    tokenizer = load_tokenizer(snapshot)
+    assert tokenizer.apply_chat_template(CHAT[:1]) == "<|im_start|>user\nHi é<|im_end|>\n"
+    assert tokenizer.chat_templates["tool_use"] == "tools" and tokenizer.stop_ids == (2,)
+    assert [f.relative_to(snapshot).as_posix() for f in tokenizer.files] == [
+        "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "additional_chat_templates/tool_use.jinja",
+        "generation_config.json"]

@@ -85,6 +85,60 @@ def test_damaged_checkpoint_fails_naming_the_file(tmp_path: Path, tokenizer, dam
         load_model_folder(folder)
 
 
+def edit_manifest(folder: Path, edit) -> None:
+    lineage = json.loads((folder / "lineage.json").read_text())
+    edit(lineage["files"])
+    (folder / "lineage.json").write_text(json.dumps(lineage))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda files: files.pop("config.json"), r"lists no hash for config\.json, which loading reads"),
+    (lambda files: files.update({"../../secret": {"sha256": "x", "bytes": 1}}), r"files\['\.\./\.\./secret'\] is not"),
+    (lambda files: files.update({"/etc/hostname": {"sha256": "x", "bytes": 1}}), r"files\['/etc/hostname'\] is not"),
+    (lambda files: files.update({"config.json": "abc"}), r"files\['config\.json'\] is not a file of the folder"),
+])
+def test_a_manifest_that_vouches_for_less_or_for_files_elsewhere_is_refused(tmp_path: Path, tokenizer, edit,
+                                                                             message: str) -> None:
+    folder = save_model_folder(tmp_path / "m", small_model(), tokenizer=tokenizer)
+    edit_manifest(folder, edit)
+    with pytest.raises(CheckpointError, match=message):
+        verify_checkpoint(folder)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"n_layers": 10**7}, r"asks for 10000000 layers, but the weights number their parts up to 2"),
+    ({"vocab_size": 10**10}, r"embed\.weight has shape \(300, 32\), model expects \(10000000000, 32\)"),
+])
+def test_a_config_its_weights_cannot_fill_is_refused_before_the_model_is_made(tmp_path: Path, overrides,
+                                                                             message: str) -> None:
+    folder = save_model_folder(tmp_path / "m", small_model())
+    config = json.loads((folder / "config.json").read_text()) | overrides
+    (folder / "config.json").write_text(json.dumps(config))
+    edit_manifest(folder, lambda files: files.update(config_json_record(folder)))  # rewritten with it
+    with pytest.raises(CheckpointError, match=message):
+        load_model_folder(folder)
+
+
+def config_json_record(folder: Path) -> dict:
+    file = folder / "config.json"
+    return {"config.json": {"sha256": ckpt.sha256_file(file), "bytes": file.stat().st_size}}
+
+
+def test_a_card_written_into_the_folder_later_needs_no_hash(tmp_path: Path, tokenizer) -> None:
+    folder = save_model_folder(tmp_path / "m", small_model(), tokenizer=tokenizer)
+    (folder / "README.md").write_text("# a model card\n")
+    verify_checkpoint(folder)
+
+
+def test_a_template_added_to_the_folder_later_is_refused(tmp_path: Path, tokenizer) -> None:
+    """Loading reads additional_chat_templates/*.jinja: one the manifest does not vouch for is refused."""
+    folder = save_model_folder(tmp_path / "m", small_model(), tokenizer=tokenizer)
+    (folder / "additional_chat_templates").mkdir()
+    (folder / "additional_chat_templates" / "rag.jinja").write_text("{{ messages }}")
+    with pytest.raises(CheckpointError, match=r"lists no hash for additional_chat_templates/rag\.jinja"):
+        verify_checkpoint(folder)
+
+
 def test_interrupted_save_leaves_the_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:
     model = small_model()
     first = save_checkpoint(tmp_path, 1, model, keep_last=3)

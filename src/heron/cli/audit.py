@@ -16,7 +16,7 @@ from heron.govern.audit import AuditLog, Checkpoint, log_location, verify_log
 from heron.govern.audit_export import FORMATS, export_log, read_export
 from heron.govern.audit_keys import generate_keys, load_public_key, load_signing_key
 from heron.govern.audit_lineage import audit_lineage, format_lineage
-from heron.store.jsonl import write_text_atomic
+from heron.store.atomic import write_text_atomic
 
 EXPORT_SUFFIXES = {".json": "json", ".csv": "csv"}  # `verify --log FILE` with these reads an export, not a database
 
@@ -41,7 +41,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=export)
 
     p = actions.add_parser("lineage", help="a checkpoint's history back to its data, with the records that wrote it")
-    p.add_argument("checkpoint", type=Path)
+    p.add_argument("checkpoint", type=Path, help="a checkpoint folder, or a run folder (its latest checkpoint)")
     _add_log(p)
     p.set_defaults(handler=lineage)
 
@@ -52,7 +52,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=checkpoint)
 
     p = actions.add_parser("keygen", help="write an Ed25519 key pair for signing checkpoints")
-    p.add_argument("folder", type=Path)
+    p.add_argument("folder", type=Path, help="the folder to write the private and the public key (PEM) into")
     p.set_defaults(handler=keygen)
 
 
@@ -136,7 +136,11 @@ def lineage(args: argparse.Namespace) -> int:
     elif not intact:
         print(f"warning: the audit log {location} is NOT intact (see `heron audit verify`): "
               "the records above may have been altered")
-    return 0
+    altered = [step.stage.path for step in steps if step.altered]
+    if altered:
+        print(f"error: files of {', '.join(map(str, altered))} are NOT what their lineage.json records (ALTERED "
+              "above): the weights or files were changed after they were written")
+    return 1 if altered else 0
 
 
 def checkpoint(args: argparse.Namespace) -> int:

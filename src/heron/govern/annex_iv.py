@@ -23,9 +23,10 @@ from typing import Any
 
 from heron.govern.card import (
     PROVIDER, Evaluation, architecture, data_facts, data_table, energy_rows, evaluation_table, hub_id,
-    lineage_evaluations, lineage_lines, model_name, software, write_document,
+    lineage_evaluations, lineage_lines, md, model_name, software, write_document,
 )
-from heron.govern.history import LINEAGE_FILE, History, Stage, lookup, read_history
+from heron.govern.digest import LINEAGE_FILE, TOKENIZER_FILE
+from heron.govern.history import History, Stage, lookup, read_history
 
 ANNEX_IV_FILE = "ANNEX_IV.md"
 METRICS_LOG = "metrics.jsonl"  # the per-step log train/report.py and align/run.py write in a run folder
@@ -54,7 +55,7 @@ ALIGNMENT_OBJECTIVES = {
 def objective(stage: Stage) -> str:
     if stage.kind.name == "alignment":
         method = str(lookup(stage.lineage, ("alignment", "method")))
-        return ALIGNMENT_OBJECTIVES.get(method, f"alignment method {method!r}")
+        return ALIGNMENT_OBJECTIVES.get(method, f"alignment method {md(repr(method))}")
     return OBJECTIVES.get(stage.kind.name, f"not recorded in the lineage: {PROVIDER}")
 
 
@@ -69,7 +70,7 @@ def _item(letter: str, title: str, *lines: str) -> list[str]:
 def _files(stage: Stage) -> list[str]:
     rows = ["| file | bytes | sha256 |", "|---|---|---|"]
     for name, record in sorted((stage.lineage.get("files") or {}).items()):
-        rows.append(f"| {name} | {record.get('bytes')} | `{record.get('sha256')}` |")
+        rows.append(f"| {md(name)} | {md(record.get('bytes'))} | `{md(record.get('sha256'))}` |")
     return rows
 
 
@@ -81,7 +82,7 @@ def _section_1(history: History, name: str) -> list[str]:
         *_item("a", "Its intended purpose, the name of the provider and the version of the system, reflecting its "
                "relation to previous versions",
                f"- Intended purpose: {PROVIDER}", f"- Provider: {PROVIDER}",
-               f"- Model `{name}`, version: sha256 of its weights `{stage.model_sha256 or 'not recorded'}`",
+               f"- Model `{md(name)}`, version: sha256 of its weights `{md(stage.model_sha256 or 'not recorded')}`",
                "- Relation to previous versions (the checkpoints it was made from, oldest first):", "",
                *lineage_lines(history)),
         *_item("b", "How the system interacts with hardware or software, including other AI systems, that are not "
@@ -92,7 +93,7 @@ def _section_1(history: History, name: str) -> list[str]:
                f"- Version-update requirements: {PROVIDER}"),
         *_item("d", "All the forms in which the system is placed on the market or put into service (software "
                "packages, downloads, APIs, ...)", f"- {PROVIDER}", "",
-               f"The model as Heron wrote it: the folder `{stage.path}`, whose files the lineage hashes:", "",
+               f"The model as Heron wrote it: the folder `{md(stage.path)}`, whose files the lineage hashes:", "",
                *_files(stage)),
         *_item("e", "The hardware on which the system is intended to run",
                f"- {PROVIDER} (the hardware used in development is in 2(c))"),
@@ -108,16 +109,16 @@ def _third_parties(history: History) -> list[str]:
     if imported is None:
         return ["- Pre-trained systems from third parties: none in the recorded history."]
     source = imported.lineage["source"]
-    files = "; ".join(f"{k} `{v}`" for k, v in sorted((source.get("files") or {}).items()))
-    return [f"- Pre-trained weights from a third party: `{hub_id(str(source.get('path')))}` (Hugging Face "
-            f"`{source.get('model_type')}`), converted by Heron; sha256 of the files read: {files}",
+    files = "; ".join(f"{md(k)} `{md(v)}`" for k, v in sorted((source.get("files") or {}).items()))
+    return [f"- Pre-trained weights from a third party: `{md(hub_id(str(source.get('path'))))}` (Hugging Face "
+            f"`{md(source.get('model_type'))}`), converted by Heron; sha256 of the files read: {files}",
             f"- Their licence, provenance and training: {PROVIDER}"]
 
 
 def _section_2(history: History, evaluations: Sequence[Evaluation]) -> list[str]:
     stage = history.model
     rows, total = energy_rows(history)
-    objectives = [f"  - {s.kind.name} (`{s.path}`): {objective(s)}" for s in reversed(history.stages)]
+    objectives = [f"  - {s.kind.name} (`{md(s.path)}`): {objective(s)}" for s in reversed(history.stages)]
     data = [line for facts in data_facts(history) for line in (*data_table(facts), "")]
     return [
         *_heading("2", "A detailed description of the elements of the AI system and of the process for its "
@@ -165,7 +166,7 @@ def _section_2(history: History, evaluations: Sequence[Evaluation]) -> list[str]
 def _validation(history: History, evaluations: Sequence[Evaluation]) -> list[str]:
     lines = evaluation_table(evaluations) if evaluations else [
         "- No evaluation of this checkpoint is recorded (`heron eval`, then `heron card --eval FILE`)."]
-    logs = [f"- Per-step training log: `{log}`" for log in _metric_logs(history)]
+    logs = [f"- Per-step training log: `{md(log)}`" for log in _metric_logs(history)]
     return [*lines, "", *logs, f"- Robustness and discriminatory-impact metrics: {PROVIDER}",
             f"- Dated and signed test reports: {PROVIDER}"]
 
@@ -183,9 +184,9 @@ def _metric_logs(history: History) -> list[Path]:
 
 def _section_3(history: History, evaluations: Sequence[Evaluation]) -> list[str]:
     config = history.model.config
-    measured = "; ".join(f"{k} {v:.6g} on {e.dataset} ({e.split or 'split not given'})"
+    measured = "; ".join(f"{md(k)} {v:.6g} on {md(e.dataset)} ({md(e.split or 'split not given')})"
                          for e in evaluations for k, v in e.metrics.items()) or "none recorded"
-    tokenizer = lookup(history.model.lineage, ("files", "tokenizer.json", "sha256"))
+    tokenizer = lookup(history.model.lineage, ("files", TOKENIZER_FILE, "sha256"))
     return [
         *_heading("3", "Detailed information about the monitoring, functioning and control of the AI system"),
         f"- Capabilities and limitations in performance: measured: {measured}. The degrees of accuracy for "
@@ -193,14 +194,14 @@ def _section_3(history: History, evaluations: Sequence[Evaluation]) -> list[str]
         f"- Foreseeable unintended outcomes and sources of risks to health and safety, fundamental rights and "
         f"discrimination: {PROVIDER}",
         f"- Human oversight measures (Article 14), including technical measures to interpret outputs: {PROVIDER}",
-        f"- Specifications on input data: token ids below {config.get('vocab_size')}, at most "
-        f"{config.get('max_seq_len')} tokens a sequence" + (f", made by the tokenizer with sha256 `{tokenizer}`"
+        f"- Specifications on input data: token ids below {md(config.get('vocab_size'))}, at most "
+        f"{md(config.get('max_seq_len'))} tokens a sequence" + (f", made by the tokenizer with sha256 `{md(tokenizer)}`"
                                                              if tokenizer else "") + f"; other input specifications: "
         f"{PROVIDER}", ""]
 
 
 def _sections_4_to_9(history: History, audit_log: str | None) -> list[str]:
-    audit = f"- Audit log of events: `{audit_log}`" if audit_log else f"- Where the event logs are kept: {PROVIDER}"
+    audit = f"- Audit log of events: `{md(audit_log)}`" if audit_log else f"- Where the event logs are kept: {PROVIDER}"
     return [
         *_heading("4", "A description of the appropriateness of the performance metrics for the specific AI system"),
         f"- {PROVIDER} (the metrics recorded are described in 2(g))", "",
@@ -232,7 +233,7 @@ def annex_iv(folder: str | os.PathLike[str], *, evaluations: Sequence[Evaluation
     evaluations = [*lineage_evaluations(history.model), *evaluations]
     name = name or model_name(history.model)
     lines: list[Any] = [
-        f"# Technical documentation for {name} (EU AI Act, Annex IV)", "",
+        f"# Technical documentation for {md(name)} (EU AI Act, Annex IV)", "",
         "Drawn up after Annex IV, \"Technical documentation referred to in Article 11(1)\", of Regulation (EU) "
         "2024/1689 (the Artificial Intelligence Act; http://data.europa.eu/eli/reg/2024/1689/oj). The section "
         "titles paraphrase the Annex. Written by `heron card --annex-iv` from the model's lineage; every "

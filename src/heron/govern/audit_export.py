@@ -15,10 +15,14 @@ from typing import Any, TextIO
 
 from heron.govern.audit import COLUMNS, JSON_FIELDS, AuditLog, Checkpoint, Row
 from heron.govern.digest import canonical_json
-from heron.store.jsonl import atomic_writer
+from heron.store.atomic import atomic_writer
 
 FORMATS = ("json", "csv")
 EXPORT_FORMAT = "heron-audit-log/1"
+# A spreadsheet runs a cell that starts with one of = + - @ (or tab, carriage return) as a formula: an actor
+# "=HYPERLINK(...)" would. Such a text cell is written after a ', which makes it text (OWASP, "CSV
+# Injection"); so is one that starts with ' itself, so that reading strips exactly one ' and gets it back.
+CSV_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
 
 
 def export_rows(rows: Iterable[Row], checkpoints: Sequence[Checkpoint], path: str | os.PathLike[str],
@@ -32,9 +36,10 @@ def export_rows(rows: Iterable[Row], checkpoints: Sequence[Checkpoint], path: st
 
 def write_rows(rows: Iterable[Row], checkpoints: Sequence[Checkpoint], out: TextIO, fmt: str = "json") -> int:
     """JSON: {format, records, checkpoints}, JSON fields embedded as values (as text when a
-    tampered one no longer parses), exact. CSV: one row a record, every column as stored; an
-    empty cell is NULL (so empty content reads back as none: use JSON to keep everything).
-    Returns the record count."""
+    tampered one no longer parses), exact. CSV: one row a record, every column as stored, but a
+    text that a spreadsheet would run as a formula, or that starts with ', is written after a '
+    (CSV_FORMULA_START); an empty cell is NULL (so empty content reads back as none: use JSON to
+    keep everything). Returns the record count."""
     if fmt not in FORMATS:
         raise ValueError(f"format: {fmt!r} is not one of {', '.join(FORMATS)}")
     if fmt == "json":
@@ -46,7 +51,7 @@ def write_rows(rows: Iterable[Row], checkpoints: Sequence[Checkpoint], out: Text
     writer.writerow(COLUMNS)
     count = 0
     for row in rows:
-        writer.writerow(["" if row.get(c) is None else row[c] for c in COLUMNS])
+        writer.writerow([_csv_cell(row.get(c)) for c in COLUMNS])
         count += 1
     return count
 
@@ -57,7 +62,8 @@ def read_export(path: str | os.PathLike[str]) -> tuple[list[Row], list[Checkpoin
     if path.suffix.lower() == ".csv":
         with path.open(encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f)
-            rows = [{c: (None if line.get(c) in ("", None) else line[c]) for c in COLUMNS} for line in reader]
+            rows = [{c: (None if line.get(c) in ("", None) else line[c].removeprefix("'")) for c in COLUMNS}
+                    for line in reader]
         for row in rows:
             row["seq"] = int(row["seq"]) if row["seq"] is not None and row["seq"].lstrip("-").isdigit() else row["seq"]
         return rows, []
@@ -66,6 +72,12 @@ def read_export(path: str | os.PathLike[str]) -> tuple[list[Row], list[Checkpoin
         raise ValueError(f"{path}: not an audit log export ({EXPORT_FORMAT})")
     rows = [_unembed_json(record) for record in document["records"]]
     return rows, [Checkpoint.from_json(c) for c in document.get("checkpoints", [])]
+
+
+def _csv_cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    return "'" + value if isinstance(value, str) and value.startswith(CSV_FORMULA_START) else value
 
 
 def _embed_json(row: Row) -> dict[str, Any]:
@@ -97,4 +109,4 @@ def export_log(log: AuditLog, path: str | os.PathLike[str] | TextIO, fmt: str = 
     return write_rows(log.store.records(), log.checkpoints(), path, fmt)
 
 
-__all__ = ["EXPORT_FORMAT", "FORMATS", "export_log", "export_rows", "read_export", "write_rows"]
+__all__ = ["CSV_FORMULA_START", "EXPORT_FORMAT", "FORMATS", "export_log", "export_rows", "read_export", "write_rows"]

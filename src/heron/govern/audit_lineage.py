@@ -5,10 +5,12 @@
 
 The history comes from the lineage.json links (`heron.govern.history`:
 quantized_from, pruned_from, alignment base, distillation teacher, imported
-source) back to the stage that trained on data. Each step's folder hash
-(`heron.govern.digest.folder_sha256`, cheap: it reuses the lineage manifest)
-is looked up among the records' outputs, so a step shows who made it, when,
-and the hashes of what it read, data files included. A record that
+source) back to the stage that trained on data. Each step's folder hash, of
+every file as it is now (not trusting the lineage manifest's hashes, as
+recording does: weights changed in place would pass), is looked up among
+the records' outputs, so a step shows who made it, when, and the hashes of
+what it read, data files included; a file whose
+contents differ from what its lineage.json records is named. A record that
 rewrote the folder in place (a model card written into it reads the folder
 as it was and writes it as it is) leads on to the records that made the
 folder as it was, back to the one that made the weights.
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from heron.govern.audit import AuditLog, Record
-from heron.govern.digest import folder_sha256
+from heron.govern.digest import folder_file_hashes, listing_sha256
 from heron.govern.history import History, Stage, alignment_data, read_history, training_data
 
 
@@ -30,6 +32,7 @@ class LineageStep:
     stage: Stage  # the checkpoint folder, its lineage and the kind of stage that wrote it
     sha256: str  # the folder's hash, as an audit record's output would carry it
     records: tuple[Record, ...]  # the audit records that wrote this folder, its in-place rewrites first
+    altered: tuple[str, ...] = ()  # what differs from the lineage manifest: "model.safetensors: sha256 ..."
 
 
 def audit_lineage(checkpoint: str | os.PathLike[str], *, log: AuditLog | None,
@@ -41,9 +44,24 @@ def audit_lineage(checkpoint: str | os.PathLike[str], *, log: AuditLog | None,
     history = read_history(resolve(Path(checkpoint)), resolve=resolve)
     steps = []
     for stage in history.stages:
-        digest = folder_sha256(stage.path)
-        steps.append(LineageStep(stage, digest, tuple(writers(log, digest)) if log is not None else ()))
+        files = folder_file_hashes(stage.path, trust_lineage=False)
+        digest = listing_sha256(files)
+        steps.append(LineageStep(stage, digest, tuple(writers(log, digest)) if log is not None else (),
+                                 tuple(altered(stage, files))))
     return steps, history
+
+
+def altered(stage: Stage, files: dict[str, str]) -> list[str]:
+    """The files whose contents are not what the stage's lineage.json records, each with both hashes."""
+    manifest = stage.lineage.get("files")
+    if not isinstance(manifest, dict):
+        return []
+    found = []
+    for name, entry in sorted(manifest.items()):
+        recorded = entry.get("sha256") if isinstance(entry, dict) else None
+        if files.get(name) != recorded:
+            found.append(f"{name}: sha256 {files.get(name, 'missing')}, lineage.json records {recorded}")
+    return found
 
 
 def writers(log: AuditLog, sha256: str) -> list[Record]:
@@ -71,6 +89,7 @@ def format_lineage(steps: list[LineageStep], history: History) -> str:
         made = f" ({stage.kind.made} {stage.parent})" if stage.parent and stage.kind.made else ""
         lines.append(f"{pad}{stage.path}: {stage.kind.name}{made}")
         lines.append(f"{pad}  folder sha256 {step.sha256}; weights sha256 {stage.model_sha256 or '-'}")
+        lines += [f"{pad}  ALTERED since its lineage.json was written: {what}" for what in step.altered]
         for facts in filter(None, (training_data(stage), alignment_data(stage))):
             pinned = f", revision {facts.revision}" if facts.revision else ""
             lines.append(f"{pad}  data: {facts.name}{pinned}")
@@ -87,4 +106,4 @@ def format_lineage(steps: list[LineageStep], history: History) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["LineageStep", "audit_lineage", "format_lineage", "writers"]
+__all__ = ["LineageStep", "altered", "audit_lineage", "format_lineage", "writers"]

@@ -36,7 +36,7 @@ from heron.govern.energy import DEFAULT_GRID_G_PER_KWH, JOULES_PER_KWH, provenan
 from heron.govern.history import (
     LINEAGE_FILE, DataFacts, History, Stage, alignment_data, load_json, lookup, read_history, slug, training_data,
 )
-from heron.store.jsonl import write_text_atomic
+from heron.store.atomic import write_text_atomic
 
 PROVIDER = "[to be completed by the provider]"
 README_FILE = "README.md"
@@ -54,6 +54,16 @@ METRIC_LABELS = {"loss": "loss (next-token cross-entropy, nats)", "perplexity": 
 # A Hugging Face hub cache snapshot: .../models--{org}--{name}/snapshots/{revision}
 HUB_CACHE = re.compile(r"models--(?P<id>[^/]+)/snapshots/[^/]+/?$")
 GENERIC_FOLDERS = re.compile(r"^(model|latest|step_\d+)$")  # names that say nothing of the model
+# What Markdown or HTML would read as structure, as character references: a value from a lineage, a
+# config or an evaluation file is data, which may not open a tag, close a code span or split a table cell.
+MD_REFERENCES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "`": "&#96;", "|": "&#124;"})
+
+
+def md(value: Any) -> str:
+    """`value` as text for one line of a Markdown document: its lines joined by spaces (no value starts
+    a heading or a block of its own), and & < > ` | as character references (inside a code span they show
+    as written, and do no harm). Plain values read as they did: md(0.001) == "0.001"."""
+    return " ".join(str(value).splitlines()).translate(MD_REFERENCES)
 
 
 # ----- evaluations ------------------------------------------------------------------------------
@@ -181,7 +191,8 @@ def hardware(stage: Stage) -> str:
     if gpus:
         parts.append(f"{len(gpus[1].split(','))} NVIDIA GPU(s) metered by NVML")
     processes = stage.lineage.get("world_size")
-    prefix = f"{processes} process(es) ({stage.lineage.get('parallel', 'none')} parallelism): " if processes else ""
+    parallel = md(stage.lineage.get("parallel", "none"))
+    prefix = f"{md(processes)} process(es) ({parallel} parallelism): " if processes else ""
     return prefix + "; ".join(parts)
 
 
@@ -219,6 +230,31 @@ def metric_name(evaluation: Evaluation, metric: str) -> str | None:
     return f"{evaluation.split.capitalize()} {METRIC_LABELS[metric]}"
 
 
+# Characters a front matter value may not hold as they are, and their escapes, valid in YAML's double quotes.
+YAML_ESCAPES = {"<": "\\x3C", ">": "\\x3E", "&": "\\x26", "`": "\\x60"}
+
+
+class _FrontMatterDumper(yaml.SafeDumper):
+    """SafeDumper, writing a string that holds a line break or one of YAML_ESCAPES in double quotes."""
+
+
+def _front_matter_string(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
+    quoted = text.splitlines() != [text] or any(c in text for c in YAML_ESCAPES)
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style='"' if quoted else None)
+
+
+_FrontMatterDumper.add_representer(str, _front_matter_string)
+
+
+def front_matter(meta: dict[str, Any]) -> str:
+    """`meta` as YAML that reads back as it is, one line to a value: to a renderer that shows front matter
+    as text, no value (a lineage's, an evaluation file's) starts a line, a tag or a code span."""
+    text = yaml.dump(meta, Dumper=_FrontMatterDumper, sort_keys=False, allow_unicode=True, width=2**30)
+    for char, escape in YAML_ESCAPES.items():  # each one inside double quotes, where the dumper put it
+        text = text.replace(char, escape)
+    return text
+
+
 def _result(evaluation: Evaluation) -> dict[str, Any]:
     dataset: dict[str, Any] = {"type": slug(evaluation.dataset), "name": evaluation.dataset}
     dataset.update({k: v for k, v in (("split", evaluation.split), ("revision", evaluation.revision)) if v})
@@ -250,46 +286,48 @@ def describe_stage(stage: Stage) -> str:
 def _describe_training(stage: Stage) -> str:
     r, lineage = stage.lineage.get("recipe", {}), stage.lineage
     o, s, t = r.get("optim", {}), r.get("schedule", {}), r.get("train", {})
-    text = (f"training of randomly initialised weights (recipe `{r.get('name')}`): {lineage.get('step')} steps, "
-            f"{lineage.get('tokens_seen', 0):,} tokens, seed {lineage.get('seed')}; AdamW lr {o.get('lr')}, "
-            f"betas {o.get('betas')}, weight decay {o.get('weight_decay')}; {s.get('kind')} schedule with "
-            f"{s.get('warmup_steps')} warm-up steps; batch {t.get('batch_size')} x {r.get('data', {}).get('seq_len')} "
-            f"tokens, precision {t.get('precision')}, {lineage.get('world_size', 1)} process(es)")
+    text = (f"training of randomly initialised weights (recipe `{md(r.get('name'))}`): {md(lineage.get('step'))} "
+            f"steps, {lineage.get('tokens_seen', 0):,} tokens, seed {md(lineage.get('seed'))}; AdamW lr "
+            f"{md(o.get('lr'))}, betas {md(o.get('betas'))}, weight decay {md(o.get('weight_decay'))}; "
+            f"{md(s.get('kind'))} schedule with {md(s.get('warmup_steps'))} warm-up steps; batch "
+            f"{md(t.get('batch_size'))} x {md(r.get('data', {}).get('seq_len'))} tokens, precision "
+            f"{md(t.get('precision'))}, {md(lineage.get('world_size', 1))} process(es)")
     d = lineage.get("distillation")
     if d:
-        text += (f"; distilled from the teacher `{d.get('teacher')}` (temperature {d.get('temperature')}, "
-                 f"alpha {d.get('alpha')}, hidden-state weight {d.get('hidden_weight')})")
+        text += (f"; distilled from the teacher `{md(d.get('teacher'))}` (temperature {md(d.get('temperature'))}, "
+                 f"alpha {md(d.get('alpha'))}, hidden-state weight {md(d.get('hidden_weight'))})")
     return text
 
 
 def _describe_alignment(stage: Stage) -> str:
     a = stage.lineage["alignment"]
     recipe, fit = a.get("recipe", {}), lookup(a, ("recipe", "fit")) or {}
-    text = (f"{str(a.get('method')).upper()} alignment of `{a.get('base')}` (recipe `{recipe.get('name')}`): "
-            f"{fit.get('steps')} steps of batch {fit.get('batch_size')}, lr {fit.get('lr')}, seed {fit.get('seed')}")
+    text = (f"{md(str(a.get('method')).upper())} alignment of `{md(a.get('base'))}` (recipe "
+            f"`{md(recipe.get('name'))}`): {md(fit.get('steps'))} steps of batch {md(fit.get('batch_size'))}, lr "
+            f"{md(fit.get('lr'))}, seed {md(fit.get('seed'))}")
     if a.get("method") == "dpo" and recipe.get("preference"):
         p = recipe["preference"]
-        text += f"; {p.get('loss')} loss, beta {p.get('beta')}, SFT weight {p.get('sft_weight')}"
+        text += f"; {md(p.get('loss'))} loss, beta {md(p.get('beta'))}, SFT weight {md(p.get('sft_weight'))}"
     return text
 
 
 def _describe_quantization(stage: Stage) -> str:
     q, lineage = stage.lineage.get("quantization", {}), stage.lineage
-    settings = ", ".join(f"{k} {v}" for k, v in q.items() if k != "format")
-    return f"weight quantization of `{lineage.get('quantized_from')}`: {settings}"
+    settings = ", ".join(f"{md(k)} {md(v)}" for k, v in q.items() if k != "format")
+    return f"weight quantization of `{md(lineage.get('quantized_from'))}`: {settings}"
 
 
 def _describe_pruning(stage: Stage) -> str:
     p = stage.lineage.get("pruning", {})
-    settings = ", ".join(f"{k} {v}" for k, v in (p.get("settings") or {}).items() if v is not None)
-    return (f"pruning of `{stage.lineage.get('pruned_from')}` ({settings}): {p.get('parameters_before')} -> "
-            f"{p.get('parameters_after')} parameters, block-linear sparsity {p.get('block_linear_sparsity')}")
+    settings = ", ".join(f"{md(k)} {md(v)}" for k, v in (p.get("settings") or {}).items() if v is not None)
+    return (f"pruning of `{md(stage.lineage.get('pruned_from'))}` ({settings}): {md(p.get('parameters_before'))} -> "
+            f"{md(p.get('parameters_after'))} parameters, block-linear sparsity {md(p.get('block_linear_sparsity'))}")
 
 
 def _describe_import(stage: Stage) -> str:
     s = stage.lineage["source"]
-    return (f"conversion of the Hugging Face `{s.get('model_type')}` folder `{s.get('path')}` (family "
-            f"`{s.get('family')}`); the sha256 of every file read is recorded")
+    return (f"conversion of the Hugging Face `{md(s.get('model_type'))}` folder `{md(s.get('path'))}` (family "
+            f"`{md(s.get('family'))}`); the sha256 of every file read is recorded")
 
 
 def _describe_saved(stage: Stage) -> str:
@@ -304,14 +342,15 @@ _DESCRIBE: dict[str, Callable[[Stage], str]] = {
 
 def architecture(config: dict[str, Any]) -> str:
     """The config.json in one line: a decoder-only (causal) Transformer, as core/ builds every model."""
-    head = "language-model head" if config.get("head", "lm") == "lm" else f"{config.get('head')} head"
-    kinds = [a.get("kind", "dense") for a in config.get("attention") or []] or ["dense"]
-    ffn = config.get("feed_forward") or ["dense"]
-    kv_heads = config.get("n_kv_heads") or config.get("n_heads")
-    text = (f"decoder-only Transformer with a {head}: {config.get('n_layers')} layer(s), d_model "
-            f"{config.get('d_model')}, {config.get('n_heads')} attention heads ({kv_heads} key/value), vocabulary "
-            f"{config.get('vocab_size')}, context {config.get('max_seq_len')} tokens; "
-            f"{config.get('norm')}, {config.get('positions')} positions, {config.get('mlp')} MLP; attention "
+    c = {key: md(value) for key, value in config.items()}  # config.json's values, safe to write
+    head = "language-model head" if config.get("head", "lm") == "lm" else f"{c.get('head')} head"
+    kinds = [md(a.get("kind", "dense")) for a in config.get("attention") or []] or ["dense"]
+    ffn = [md(kind) for kind in config.get("feed_forward") or ["dense"]]
+    kv_heads = c.get("n_kv_heads") if config.get("n_kv_heads") else c.get("n_heads")
+    text = (f"decoder-only Transformer with a {head}: {c.get('n_layers')} layer(s), d_model "
+            f"{c.get('d_model')}, {c.get('n_heads')} attention heads ({kv_heads} key/value), vocabulary "
+            f"{c.get('vocab_size')}, context {c.get('max_seq_len')} tokens; "
+            f"{c.get('norm')}, {c.get('positions')} positions, {c.get('mlp')} MLP; attention "
             f"{', '.join(sorted(set(kinds)))}; feed-forward {', '.join(sorted(set(ffn)))}")
     return text + ("; tied input and output embeddings" if config.get("tie_embeddings") else "")
 
@@ -320,11 +359,12 @@ def lineage_lines(history: History) -> list[str]:
     """The history as a numbered list, oldest first: where each checkpoint is and what made it."""
     lines = []
     if history.unreadable is not None:
-        lines.append(f"0. `{history.unreadable}`: not readable now ({history.why_unreadable}); "
+        lines.append(f"0. `{md(history.unreadable)}`: not readable now ({md(history.why_unreadable)}); "
                      "its own history is not included")
     for i, stage in enumerate(reversed(history.stages), start=1):
-        version = stage.model_sha256 or "not recorded"
-        lines.append(f"{i}. `{stage.path}` ({stage.kind.name}, weights sha256 `{version}`): {describe_stage(stage)}")
+        version = md(stage.model_sha256 or "not recorded")
+        lines.append(f"{i}. `{md(stage.path)}` ({stage.kind.name}, weights sha256 `{version}`): "
+                     f"{describe_stage(stage)}")
     return lines
 
 
@@ -336,27 +376,28 @@ def energy_rows(history: History) -> tuple[list[str], float]:
     for stage in reversed(history.stages):
         e = stage.energy
         if e is None:
-            rows.append(f"| {stage.kind.name} | `{stage.path}` | not recorded | | | | | | | |")
+            rows.append(f"| {stage.kind.name} | `{md(stage.path)}` | not recorded | | | | | | | |")
             continue
         total += e["co2e_grams"]
         per_token = "" if e.get("joules_per_token") is None else f"{e['joules_per_token']:.4g}"
-        rows.append(f"| {stage.kind.name} | `{stage.path}` | {e['joules']:.4g} | {e['joules'] / JOULES_PER_KWH:.3g} | "
-                    f"{e['seconds']:.1f} | {e.get('tokens') or ''} | {per_token} | {e['co2e_grams']:.4g} | "
-                    f"{e['grid_g_per_kwh']:g} | {provenance(e['source'], bool(e.get('measured')))} |")
+        rows.append(f"| {stage.kind.name} | `{md(stage.path)}` | {e['joules']:.4g} | "
+                    f"{e['joules'] / JOULES_PER_KWH:.3g} | {e['seconds']:.1f} | {md(e.get('tokens') or '')} | "
+                    f"{per_token} | {e['co2e_grams']:.4g} | {e['grid_g_per_kwh']:g} | "
+                    f"{md(provenance(e['source'], bool(e.get('measured'))))} |")
     return rows, total
 
 
 def data_table(facts: DataFacts) -> list[str]:
-    lines = [f"**{facts.name}**", "", "| field | value |", "|---|---|"]
-    lines += [f"| {k} | `{v}` |" for k, v in facts.rows]
-    return lines + ([""] + [f"- {note}" for note in facts.notes] if facts.notes else [])
+    lines = [f"**{md(facts.name)}**", "", "| field | value |", "|---|---|"]
+    lines += [f"| {md(k)} | `{md(v)}` |" for k, v in facts.rows]
+    return lines + ([""] + [f"- {md(note)}" for note in facts.notes] if facts.notes else [])
 
 
 def evaluation_table(evaluations: Sequence[Evaluation]) -> list[str]:
     lines = ["| task | dataset | split | metric | value | source |", "|---|---|---|---|---|---|"]
     for e in evaluations:
-        lines += [f"| {e.task} | {e.dataset} | {e.split or ''} | {metric_name(e, k) or k} | {v:.6g} | {e.source} |"
-                  for k, v in e.metrics.items()]
+        lines += [f"| {md(e.task)} | {md(e.dataset)} | {md(e.split or '')} | {md(metric_name(e, k) or k)} | {v:.6g} "
+                  f"| {md(e.source)} |" for k, v in e.metrics.items()]
     return lines
 
 
@@ -367,7 +408,7 @@ def _written_at(stage: Stage) -> str:
 
 def software(stage: Stage) -> str:
     """The versions the lineage records: heron, torch, python."""
-    return ", ".join(f"{k.removesuffix('_version')} {stage.lineage[k]}"
+    return ", ".join(f"{k.removesuffix('_version')} {md(stage.lineage[k])}"
                      for k in ("heron_version", "torch_version", "python_version") if k in stage.lineage)
 
 
@@ -376,10 +417,10 @@ def _model_details(history: History, license: str | None) -> list[str]:
     return ["## Model details", "",
             f"- **Developed by:** {PROVIDER}",
             f"- **Model date:** {_written_at(stage)} (when its {LINEAGE_FILE} was written)",
-            f"- **Model version:** sha256 of model.safetensors `{stage.model_sha256 or 'not recorded'}`",
+            f"- **Model version:** sha256 of model.safetensors `{md(stage.model_sha256 or 'not recorded')}`",
             f"- **Model type:** {architecture(stage.config)}",
             f"- **Software:** {software(stage)}",
-            f"- **License:** {license or PROVIDER}",
+            f"- **License:** {md(license or PROVIDER)}",
             f"- **Paper or other resource, citation details:** {PROVIDER}",
             f"- **Where to send questions or comments:** {PROVIDER}",
             "- **Fairness constraints:** none are applied by Heron's training, alignment or compression; "
@@ -409,7 +450,7 @@ def _metrics(evaluations: Sequence[Evaluation]) -> list[str]:
     for kind in kinds:
         why = {"loss": "the mean next-token cross-entropy in nats, the quantity training minimises",
                "perplexity": "exp(loss): the effective number of equally likely next tokens"}.get(kind, PROVIDER)
-        lines.append(f"- **{kind}:** {why}")
+        lines.append(f"- **{md(kind)}:** {why}")
     return lines + ["- **Decision thresholds:** none are applied by Heron; those of the deployed system: "
                     f"{PROVIDER}",
                     "- **Variation approaches:** each result is one evaluation run; no confidence intervals are "
@@ -419,8 +460,9 @@ def _metrics(evaluations: Sequence[Evaluation]) -> list[str]:
 def _evaluation_data(evaluations: Sequence[Evaluation]) -> list[str]:
     lines = ["## Evaluation data", ""]
     for e in evaluations:
-        pinned = f", pinned by `{e.revision}`" if e.revision else ""
-        lines.append(f"- **{e.dataset}** ({e.split or 'split not given'}{pinned}); figures from: {e.source}")
+        pinned = f", pinned by `{md(e.revision)}`" if e.revision else ""
+        lines.append(f"- **{md(e.dataset)}** ({md(e.split or 'split not given')}{pinned}); figures from: "
+                     f"{md(e.source)}")
     if not evaluations:
         lines.append("No evaluation data are recorded.")
     return lines + ["", f"- **Motivation** for the evaluation data: {PROVIDER}", ""]
@@ -430,11 +472,11 @@ def unknown_origin(history: History) -> str | None:
     """What the history starts from when Heron did not make it, in prose; None when it starts from scratch."""
     oldest = history.stages[-1]
     if oldest.kind.name == "import":
-        return f"the Hugging Face weights `{lookup(oldest.lineage, ('source', 'path'))}`"
+        return f"the Hugging Face weights `{md(lookup(oldest.lineage, ('source', 'path')))}`"
     if history.unreadable is not None:
-        return f"`{history.unreadable}`, which could not be read"
+        return f"`{md(history.unreadable)}`, which could not be read"
     if oldest.kind.name == "saved":
-        return f"`{oldest.path}`, saved by code with no record of how it was made"
+        return f"`{md(oldest.path)}`, saved by code with no record of how it was made"
     return None
 
 
@@ -457,12 +499,13 @@ def _quantitative(history: History, evaluations: Sequence[Evaluation]) -> list[s
         "with `heron card --eval FILE`."]
     older = next((s for s in history.stages[1:] if s.val_loss is not None), None)
     if older is not None and history.model.val_loss is None:
-        lines += ["", f"The {older.kind.name} checkpoint it was made from (`{older.path}`) recorded validation loss "
-                      f"{older.val_loss:.6g}; that figure is not this checkpoint's."]
+        lines += ["", f"The {older.kind.name} checkpoint it was made from (`{md(older.path)}`) recorded validation "
+                      f"loss {older.val_loss:.6g}; that figure is not this checkpoint's."]
     final = lookup(history.model.lineage, ("alignment", "final"))
     train_loss = lookup(history.model.lineage, ("metrics", "train_loss"))
     if final or train_loss is not None:
-        lines += ["", f"Training metrics at the last step (not an evaluation): `{final or {'train_loss': train_loss}}`"]
+        metrics = md(final or {"train_loss": train_loss})
+        lines += ["", f"Training metrics at the last step (not an evaluation): `{metrics}`"]
     return lines + ["", f"### Intersectional results\n\n{PROVIDER}", ""]
 
 
@@ -514,9 +557,9 @@ def model_card(folder: str | os.PathLike[str], *, evaluations: Sequence[Evaluati
     history = read_history(folder, resolve=resolve)
     evaluations = [*lineage_evaluations(history.model), *evaluations]
     meta = card_metadata(history, evaluations, license=license, name=name)
-    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000)
+    front = front_matter(meta)
     title = name or model_name(history.model)
-    body = [f"# Model card for {title}", "",
+    body = [f"# Model card for {md(title)}", "",
             "Written by `heron card` from the checkpoint's lineage; every "
             f"\"{PROVIDER}\" is for the provider to fill.", "",
             *_model_details(history, license), *_intended_use(), *_factors(), *_metrics(evaluations),
@@ -586,5 +629,5 @@ def write_model_card(folder: str | os.PathLike[str], out: str | os.PathLike[str]
 
 __all__ = ["PROVIDER", "Evaluation", "WRITTEN_MARK", "architecture", "card_metadata", "co2_eq_emissions", "data_facts",
            "data_table", "describe_stage", "energy_rows", "evaluation_table", "hub_id", "is_untouched_document",
-           "lineage_evaluations", "lineage_lines", "metric_name", "model_card", "model_name", "read_evaluations",
+           "lineage_evaluations", "lineage_lines", "md", "metric_name", "model_card", "model_name", "read_evaluations",
            "software", "unknown_origin", "write_document", "write_model_card"]

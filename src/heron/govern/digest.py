@@ -26,9 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# The names train/checkpoint.py writes (govern sits below train, so they are repeated, not imported).
+# A checkpoint folder's files (DESIGN.md, "The core contract"), named here, at the bottom layer,
+# for every layer that writes or reads one: train/checkpoint.py, interop/, govern/.
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.safetensors"  # a Hugging Face folder's single weights file has the same name
+TOKENIZER_FILE = "tokenizer.json"  # Hugging Face tokenizers' format
 LINEAGE_FILE = "lineage.json"
-MODEL_FILE = "model.safetensors"
+METRICS_FILE = "metrics.jsonl"  # the per-step log a training or alignment run writes in its folder
 
 PathLike = str | os.PathLike[str]
 
@@ -77,13 +81,20 @@ def listing_sha256(files: Mapping[str, str]) -> str:
     return digest.hexdigest()
 
 
-def folder_sha256(folder: PathLike) -> str:
-    """The listing hash of every file under `folder` (symlinked folders are not followed).
+def folder_sha256(folder: PathLike, *, trust_lineage: bool = True) -> str:
+    """The listing hash of every file under `folder` (`folder_file_hashes`)."""
+    return listing_sha256(folder_file_hashes(folder, trust_lineage=trust_lineage))
 
-    Files that the folder's lineage.json lists with their size unchanged take
-    the sha256 recorded there; every other file is read."""
+
+def folder_file_hashes(folder: PathLike, *, trust_lineage: bool = True) -> dict[str, str]:
+    """{relative path: sha256} of every file under `folder` (symlinked folders are not followed).
+
+    With `trust_lineage`, files that the folder's lineage.json lists with their size unchanged
+    take the sha256 recorded there (recording a checkpoint just written need not read its
+    weights twice); every other file is read. An audit reads them all: weights changed in
+    place, at the same size, would pass on the manifest's word."""
     root = Path(folder)
-    known = _manifest(root)
+    known = _manifest(root) if trust_lineage else {}
     files: dict[str, str] = {}
     for here, dirs, names in os.walk(root):
         dirs.sort()
@@ -94,7 +105,7 @@ def folder_sha256(folder: PathLike) -> str:
             rel = path.relative_to(root).as_posix()
             recorded = known.get(rel)
             files[rel] = recorded[0] if recorded and recorded[1] == path.stat().st_size else file_sha256(path)
-    return listing_sha256(files)
+    return files
 
 
 def _manifest(folder: Path) -> dict[str, tuple[str, int]]:
@@ -154,5 +165,6 @@ def artifact(value: ArtifactLike) -> Artifact:
     raise FileNotFoundError(f"{path}: nothing to hash here")
 
 
-__all__ = ["Artifact", "ArtifactLike", "LINEAGE_FILE", "MODEL_FILE", "artifact", "canonical_json", "file_sha256",
-           "folder_sha256", "json_sha256", "json_value", "listing_sha256", "model_hash"]
+__all__ = ["CONFIG_FILE", "LINEAGE_FILE", "METRICS_FILE", "MODEL_FILE", "TOKENIZER_FILE", "Artifact", "ArtifactLike",
+           "artifact", "canonical_json", "file_sha256", "folder_file_hashes", "folder_sha256", "json_sha256",
+           "json_value", "listing_sha256", "model_hash"]

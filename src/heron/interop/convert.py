@@ -6,6 +6,7 @@ be traced back to the exact weights it was converted from.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,8 +17,6 @@ from heron.interop.families import Family
 from heron.interop.files import WeightFiles
 from heron.interop.hf_folder import CONFIG_FILE, load_hf_config, load_hf_folder, read_hf_config, save_hf_folder
 from heron.tokenizer import Tokenizer
-from heron.tokenizer.bpe import TOKENIZER_FILE
-from heron.tokenizer.pretrained import CONFIG_FILE as TOKENIZER_CONFIG_FILE
 from heron.train.checkpoint import (
     load_model_folder,
     require_new_folder,
@@ -32,11 +31,11 @@ def import_hf(source: str | Path, target: str | Path) -> Path:
     source, target = Path(source), require_new_folder(target, source)
     family, _ = load_hf_config(source)
     model, tokenizer = load_hf_folder(source)
-    read = [source / CONFIG_FILE, *WeightFiles(source).files]
-    read += [source / name for name in (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE) if (source / name).is_file()]
+    # every file read, the tokenizer's templates and generation_config.json too, by its path in the folder
+    read = [source / CONFIG_FILE, *WeightFiles(source).files, *(tokenizer.files if tokenizer is not None else ())]
     lineage = {"source": {
         "kind": "huggingface", "path": str(source.resolve()), "model_type": read_hf_config(source)["model_type"],
-        "family": family.name, "files": {f.name: sha256_file(f) for f in read},
+        "family": family.name, "files": {Path(os.path.relpath(f, source)).as_posix(): sha256_file(f) for f in read},
     }}
     folder = save_model_folder(target, model, tokenizer=tokenizer, lineage=lineage)
     record_event("convert.from_hf", inputs={"source": Artifact.listing(source, lineage["source"]["files"])},

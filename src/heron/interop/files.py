@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-SAFETENSORS_FILE = "model.safetensors"
+from heron.govern.digest import MODEL_FILE as SAFETENSORS_FILE  # the name a Heron checkpoint's weights have too
+
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_FILE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -80,6 +81,8 @@ def read_safetensors_header(file: Path) -> dict[str, _Entry]:
             shape = tuple(int(n) for n in info["shape"])
         except (KeyError, TypeError, ValueError) as err:
             raise WeightFileError(f"{file}: tensor {name}: malformed header entry {info!r}") from err
+        if min(shape, default=0) < 0 or not 0 <= begin <= end:
+            raise WeightFileError(f"{file}: tensor {name}: shape {shape} or data offsets {[begin, end]} out of range")
         want = dtype.itemsize * math.prod(shape)
         if end - begin != want:
             raise WeightFileError(f"{file}: tensor {name}: {end - begin} bytes for shape {shape} of {info['dtype']} "
@@ -186,6 +189,8 @@ def _indexed_files(folder: Path, index: str) -> list[Path]:
         raise WeightFileError(f"{folder / index}: not a shard index with a weight_map ({err})") from err
     files = []
     for name, shard in weight_map.items():
+        if not isinstance(shard, str) or Path(shard).is_absolute() or ".." in Path(shard).parts:
+            raise WeightFileError(f"{folder / index}: tensor {name} is in {shard!r}, which is not a file in the folder")
         path = folder / shard
         if not path.is_file():
             raise WeightFileError(f"{path}: missing shard (the index {index} lists tensor {name} in it)")

@@ -20,19 +20,18 @@ import torch
 
 from heron.core.config import ModelConfig
 from heron.core.transformer import Transformer
+from heron.govern.digest import CONFIG_FILE, LINEAGE_FILE, MODEL_FILE
 from heron.interop.families import EXPORT_ORDER, FAMILIES, Family, family_config, family_of, hf_config
 from heron.interop.files import WeightFiles
 from heron.interop.tables import heron_to_hf, load_into
-from heron.tokenizer.bpe import TOKENIZER_FILE, HeronTokenizer
+from heron.tokenizer.bpe import HeronTokenizer
 from heron.tokenizer.pretrained import PretrainedTokenizer
-from heron.train.checkpoint import atomic_folder, require_new_folder
-
-CONFIG_FILE = "config.json"
-LINEAGE_FILE = "lineage.json"  # a Heron checkpoint has one; a Hugging Face folder does not
+from heron.train.checkpoint import (atomic_folder, build_on_meta, check_parameter_count, load_tokenizer_if_present,
+                                   require_new_folder)
 
 
 def is_hf_folder(path: str | Path) -> bool:
-    """A folder with a config.json and no Heron lineage, whose config is not Heron's (it has a
+    """A folder with a config.json and no Heron lineage (lineage.json), whose config is not Heron's (it has a
     `model_type`, or no `d_model`). One that does not parse counts too, so that the reader of
     Hugging Face folders names what is wrong with it."""
     folder = Path(path)
@@ -73,8 +72,9 @@ def load_hf_model(folder: str | Path, *, dtype: torch.dtype = torch.float32) -> 
     folder = Path(folder)
     family, config = load_hf_config(folder)
     files = WeightFiles(folder)
-    with torch.device("meta"):
-        model = Transformer(config)
+    stored = {name: files.shape(name) for name in files}
+    model = build_on_meta(config, stored, folder)
+    check_parameter_count(model, stored, folder)
     model.to_empty(device="cpu").to(dtype)
     model.tie_weights()
     model.reset_buffers()
@@ -85,8 +85,7 @@ def load_hf_model(folder: str | Path, *, dtype: torch.dtype = torch.float32) -> 
 
 def load_hf_tokenizer(folder: str | Path) -> PretrainedTokenizer | None:
     """The folder's tokenizer, or None when it has no tokenizer.json."""
-    folder = Path(folder)
-    return PretrainedTokenizer.load(folder) if (folder / TOKENIZER_FILE).is_file() else None
+    return load_tokenizer_if_present(Path(folder), PretrainedTokenizer.load)
 
 
 def load_hf_folder(folder: str | Path) -> tuple[Transformer, PretrainedTokenizer | None]:
@@ -126,8 +125,8 @@ def save_hf_folder(
     target = require_new_folder(folder)
     with atomic_folder(target) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=2), encoding="utf-8")
-        safetensors.torch.save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        _readable_as_usual(tmp / "model.safetensors")
+        safetensors.torch.save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        _readable_as_usual(tmp / MODEL_FILE)
         if tokenizer is not None:
             _save_tokenizer(tokenizer, tmp)
     return chosen

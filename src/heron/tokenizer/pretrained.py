@@ -2,10 +2,8 @@
 
 Special tokens (bos, eos, pad) and the chat template come from
 `tokenizer_config.json` (or `chat_template.jinja` beside it), as in Hugging
-Face `transformers`. The template is Jinja, rendered in an immutable sandbox
-(`jinja2.sandbox.ImmutableSandboxedEnvironment`, the environment
-`transformers` uses too): a template can only format its inputs, never reach
-Python objects' internals or change them. `encode` adds special tokens the
+Face `transformers`. The template is Jinja, rendered in a sandbox within
+limits (`heron/tokenizer/chat_template.py`). `encode` adds special tokens the
 way the tokenizer's own post-processor says (LLaMA's leading `<s>`), as
 `transformers` does by default.
 """
@@ -14,15 +12,15 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Sequence
-from datetime import datetime
-from functools import cache, cached_property, lru_cache
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer
 
-from heron.store.jsonl import write_text_atomic
+from heron.store.atomic import write_text_atomic
 from heron.tokenizer.bpe import TOKENIZER_FILE, HeronTokenizer, checked_ids, plain_copy
+from heron.tokenizer.chat_template import ChatTemplateError, TemplateLimit, compiled
 
 CONFIG_FILE = "tokenizer_config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -35,10 +33,6 @@ NAMED_TOKEN_KEYS: tuple[str, ...] = SPECIAL_KEYS + ("sep_token", "cls_token", "m
 REPLY_PROBE = "Heron probes where a reply ends"  # assistant content that no template changes
 
 
-class ChatTemplateError(ValueError):
-    """A chat template that does not parse, or that refused the messages."""
-
-
 class PretrainedTokenizer:
     """A Hugging Face fast tokenizer with its special tokens and chat template."""
 
@@ -47,6 +41,7 @@ class PretrainedTokenizer:
                  generation_config: dict[str, Any] | None = None) -> None:
         self._tok = tokenizer
         self.config = dict(config or {})
+        self.files: tuple[Path, ...] = ()  # the files `load` read, for a lineage to hash
         # generation_config.json's eos_token_id: the ids that end a reply, where a model lists
         # more than its tokenizer's eos_token (Llama 3 Instruct's <|eot_id|>).
         self.generation_eos_ids = tuple(int(i) for i in generation_eos_ids)
@@ -116,12 +111,18 @@ class PretrainedTokenizer:
         """The template to render, picked as transformers' `get_chat_template` picks it:
         `chat_template` names one of the tokenizer's templates (or is a template itself); without
         it, "tool_use" when tools are given and there is one, else "default"."""
+        return self._picked_template(chat_template, tools)[1]
+
+    def _picked_template(self, chat_template: str | None, tools: object) -> tuple[str, str]:
+        """(how errors name it, the template) for get_chat_template."""
         if chat_template is not None:
-            return self.chat_templates.get(chat_template, chat_template)
+            if chat_template in self.chat_templates:
+                return repr(chat_template), self.chat_templates[chat_template]
+            return "(passed as chat_template)", chat_template
         if tools is not None and "tool_use" in self.chat_templates:
-            return self.chat_templates["tool_use"]
+            return "'tool_use'", self.chat_templates["tool_use"]
         if "default" in self.chat_templates:
-            return self.chat_templates["default"]
+            return "'default'", self.chat_templates["default"]
         if self.chat_templates:
             raise ChatTemplateError(f"{CONFIG_FILE} has several chat templates {sorted(self.chat_templates)} and "
                                     "none is named 'default'; pass chat_template=<name> to choose one")
@@ -131,12 +132,15 @@ class PretrainedTokenizer:
                             chat_template: str | None = None, **variables: Any) -> str:
         """The chat rendered as text by the model's own template. The template sees every special
         token (`eos_token`, `sep_token`, ...) and `variables`, which win over them, as in transformers."""
-        template = _compiled(self.get_chat_template(chat_template, variables.get("tools")))
+        name, text = self._picked_template(chat_template, variables.get("tools"))
+        template = compiled(text)
         _check_messages(messages)
         context = ({"tools": None, "documents": None}  # defined, as transformers passes them: `is not none` tests
                    | {key: text for key, text in self.special_tokens.items() if text is not None} | variables)
         try:
             return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **context)
+        except TemplateLimit as err:
+            raise ChatTemplateError(f"chat template {name} hit a limit: {err}") from err
         except ChatTemplateError:
             raise
         except Exception as err:  # noqa: BLE001 - a template is foreign code: whatever it raises is its failure
@@ -224,41 +228,65 @@ class PretrainedTokenizer:
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str]) -> PretrainedTokenizer:
-        """From a folder holding tokenizer.json (and usually tokenizer_config.json)."""
+        """From a folder holding tokenizer.json (and usually tokenizer_config.json). `files` of the
+        result lists every file read, for a lineage to hash."""
         folder = Path(folder)
-        file = folder / TOKENIZER_FILE
-        if not file.is_file():
-            raise FileNotFoundError(f"{file}: no tokenizer.json (Heron reads fast tokenizers only)")
+        file = folder_file(folder, TOKENIZER_FILE)
+        if file is None:
+            raise FileNotFoundError(f"{folder / TOKENIZER_FILE}: no tokenizer.json (Heron reads fast tokenizers only)")
         try:
             tokenizer = Tokenizer.from_file(str(file))
         except Exception as err:  # noqa: BLE001 - the Rust side raises plain Exception
             raise ValueError(f"{file}: not a readable tokenizer.json ({err})") from err
+        read = [file]
         config: dict[str, Any] = {}
-        if (folder / CONFIG_FILE).is_file():
+        if (config_file := folder_file(folder, CONFIG_FILE)) is not None:
+            read.append(config_file)
             try:
-                config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+                config = json.loads(config_file.read_text(encoding="utf-8"))
             except json.JSONDecodeError as err:
-                raise ValueError(f"{folder / CONFIG_FILE}: not valid JSON ({err})") from err
+                raise ValueError(f"{config_file}: not valid JSON ({err})") from err
             if not isinstance(config, dict):
-                raise ValueError(f"{folder / CONFIG_FILE}: must be a JSON object of settings, "
-                                 f"got {type(config).__name__}")
+                raise ValueError(f"{config_file}: must be a JSON object of settings, got {type(config).__name__}")
         template = None
-        if (folder / TEMPLATE_FILE).is_file():
-            template = (folder / TEMPLATE_FILE).read_text(encoding="utf-8")
-        extra = sorted((folder / EXTRA_TEMPLATES_DIR).glob("*.jinja"))  # transformers' named templates, one a file
-        if extra:
+        if (template_file := folder_file(folder, TEMPLATE_FILE)) is not None:
+            read.append(template_file)
+            template = template_file.read_text(encoding="utf-8")
+        named_files = sorted((folder / EXTRA_TEMPLATES_DIR).glob("*.jinja"))  # transformers' named templates
+        if extra := [f for f in named_files if folder_file(folder, f.relative_to(folder))]:
+            read += extra
             named = _named_templates(config.get("chat_template"))
             named.update({f.stem: f.read_text(encoding="utf-8") for f in extra})
             config = {**config, "chat_template": [{"name": n, "template": t} for n, t in named.items()]}
-        generation, eos_ids = _generation_config(folder, tokenizer.get_vocab_size(True))
-        return cls(tokenizer, config, template, eos_ids, generation)
+        if (generation_file := folder_file(folder, GENERATION_CONFIG_FILE)) is not None:
+            read.append(generation_file)
+        generation, eos_ids = _generation_config(generation_file, tokenizer.get_vocab_size(True))
+        loaded = cls(tokenizer, config, template, eos_ids, generation)
+        loaded.files = tuple(read)
+        return loaded
 
 
-def _generation_config(folder: Path, vocab_size: int) -> tuple[dict[str, Any], list[int]]:
+def folder_file(folder: Path, name: str | os.PathLike[str]) -> Path | None:
+    """`folder / name` if it is a file there, else None; ValueError if it is a link to a file outside
+    the folder, which would copy whatever file it names (a key, a password file) into every checkpoint
+    made from the folder. A Hugging Face cache snapshot (<repo>/snapshots/<revision>/) links its files
+    to <repo>/blobs/, so there links within the repo are the folder's own."""
+    path = folder / name
+    if not path.is_file():
+        return None
+    home, target = folder.resolve(), path.resolve()
+    repo = home.parent.parent  # <repo>, where home is <repo>/snapshots/<revision>
+    roots = [home, repo] if home.parent.name == "snapshots" and (repo / "blobs").is_dir() else [home]
+    if not any(target.is_relative_to(root) for root in roots):
+        raise ValueError(f"{path}: a link to {target}, outside the folder {home}; copy the file into the folder "
+                         "if it belongs to the model")
+    return path
+
+
+def _generation_config(file: Path | None, vocab_size: int) -> tuple[dict[str, Any], list[int]]:
     """generation_config.json as it is, and its eos_token_id (one id or a list) checked against
     the vocabulary; ({}, []) without the file."""
-    file = folder / GENERATION_CONFIG_FILE
-    if not file.is_file():
+    if file is None:
         return {}, []
     try:
         raw = json.loads(file.read_text(encoding="utf-8"))
@@ -338,57 +366,4 @@ def _check_messages(messages: object) -> None:
                              f"got {type(content).__name__}")
 
 
-@cache
-def _environment() -> Any:
-    """The Jinja environment transformers renders chat templates in (chat_template_utils.py):
-    an immutable sandbox with loop controls, the `generation` tag, and its tojson,
-    raise_exception and strftime_now."""
-    from jinja2 import BaseLoader, TemplateNotFound, nodes
-    from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class Generation(Extension):
-        """`{% generation %}...{% endgeneration %}` marks assistant text for transformers'
-        assistant mask; Heron masks by other means, so the body renders as it is."""
-        tags = {"generation"}
-
-        def parse(self, parser: Any) -> Any:
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-        def _body(self, caller: Any) -> str:
-            return caller()
-
-    class NoLoader(BaseLoader):
-        def get_source(self, environment: Any, template: str) -> Any:
-            raise TemplateNotFound(template, f"a chat template cannot include, import or extend another "
-                                             f"template ({template!r})")
-
-    def raise_exception(message: str) -> None:
-        raise ChatTemplateError(f"chat template: {message}")
-
-    def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-               separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
-        # transformers' signature; unlike Jinja's own tojson, no HTML escaping
-        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, loader=NoLoader(),
-                                        extensions=[Generation, loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env
-
-
-@lru_cache(maxsize=16)
-def _compiled(template: str) -> Any:
-    from jinja2 import TemplateError
-
-    try:
-        return _environment().from_string(template)
-    except TemplateError as err:
-        raise ChatTemplateError(f"chat template does not parse: {err}") from err
-
-
-__all__ = ["ChatTemplateError", "PretrainedTokenizer", "load_tokenizer"]
+__all__ = ["ChatTemplateError", "PretrainedTokenizer", "folder_file", "load_tokenizer"]

@@ -20,11 +20,12 @@ complete. `latest` is a symlink to the newest checkpoint, replaced atomically.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shutil
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,19 +37,23 @@ from torch import nn
 
 from heron.core.config import ModelConfig
 from heron.core.transformer import Transformer
+from heron.govern.digest import CONFIG_FILE, LINEAGE_FILE, MODEL_FILE
 from heron.govern.digest import file_sha256 as sha256_file
+from heron.store.atomic import fsync_path, write_text_atomic
 from heron.tokenizer import Tokenizer, load_tokenizer
 from heron.tokenizer.bpe import TOKENIZER_FILE
+from heron.tokenizer.pretrained import CONFIG_FILE as TOKENIZER_CONFIG_FILE
+from heron.tokenizer.pretrained import EXTRA_TEMPLATES_DIR, GENERATION_CONFIG_FILE, TEMPLATE_FILE
 
-CONFIG_FILE = "config.json"
-MODEL_FILE = "model.safetensors"
-LINEAGE_FILE = "lineage.json"
 RUN_MODEL_DIR = "model"  # the one model of a run that keeps no step checkpoints (an alignment run)
 STATE_FILE = "trainer_state.pt"
 LATEST_FILE = "latest"
 CHECKPOINTS_DIR = "checkpoints"
 REQUIRED_FILES = (CONFIG_FILE, MODEL_FILE, LINEAGE_FILE)
+_LOADED_FILES = frozenset({CONFIG_FILE, MODEL_FILE, STATE_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE,
+                           GENERATION_CONFIG_FILE, TEMPLATE_FILE})  # and EXTRA_TEMPLATES_DIR/*
 FORMAT_VERSION = 1
+_TABLES_FLOOR = 1 << 30  # bytes of position tables any config may ask for, whatever its weights
 
 
 class CheckpointError(RuntimeError):
@@ -152,9 +157,10 @@ def _save_weights(values: dict[str, torch.Tensor], model: nn.Module, file) -> No
 
 
 def _manifest(folder: Path) -> dict[str, dict[str, Any]]:
+    """{relative posix path: sha256 and bytes} of every file under `folder` but lineage.json."""
     return {
-        f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size}
-        for f in sorted(folder.iterdir()) if f.is_file() and f.name != LINEAGE_FILE
+        f.relative_to(folder).as_posix(): {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+        for f in sorted(folder.rglob("*")) if f.is_file() and f != folder / LINEAGE_FILE
     }
 
 
@@ -215,11 +221,11 @@ def atomic_folder(target: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        _fsync_dir(tmp)
+        fsync_path(tmp)
         if target.exists():  # replacing: move the old one aside atomically first
             remove_folder(target)
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_path(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -236,36 +242,12 @@ def _write_with(path: Path, write: Callable[[Any], Any]) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def remove_folder(path: Path) -> None:
     """Delete a folder so that a crash midway never leaves a half-folder under
     its real name: rename to a hidden trash name first, then delete."""
     trash = path.parent / f".trash-{path.name}-{uuid.uuid4().hex[:8]}"
     os.replace(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace a small file atomically (temp file, fsync, rename)."""
-    write_file_atomic(path, lambda f: f.write(text.encode()))
-
-
-def write_file_atomic(path: Path, write: Callable[[Any], Any]) -> None:
-    """Replace a file atomically with what `write(binary file)` writes (temp file, fsync, rename)."""
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        _write_with(tmp, write)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ----- reading and verifying -------------------------------------------------
@@ -287,9 +269,21 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     files = lineage.get("files")
     if not isinstance(files, dict) or MODEL_FILE not in files:
         raise CheckpointError(f"{folder / LINEAGE_FILE}: has no file hashes (\"files\") for {MODEL_FILE}")
+    unlisted = sorted(name for name in folder_files(folder) if _loaded(name) and name not in files)
+    if unlisted:
+        raise CheckpointError(f"{folder / LINEAGE_FILE}: lists no hash for {', '.join(unlisted)}, which loading reads")
     for name, record in files.items():
+        if Path(name).is_absolute() or ".." in Path(name).parts or not isinstance(record, dict):
+            raise CheckpointError(f"{folder / LINEAGE_FILE}: files[{name!r}] is not a file of the folder with its "
+                                  "sha256 and bytes")
         _verify_file(folder / name, record)
     return lineage
+
+
+def _loaded(name: str) -> bool:
+    """Whether loading a checkpoint reads the file `name` (relative to its folder): what its
+    manifest must vouch for. A model card written into the folder later need not be listed."""
+    return name in _LOADED_FILES or name.startswith(f"{EXTRA_TEMPLATES_DIR}/")
 
 
 def _verify_file(file: Path, record: dict[str, Any]) -> None:
@@ -310,7 +304,8 @@ def load_checkpoint(path: str | Path, *, trainer_state: bool = True) -> Checkpoi
     lineage = verify_checkpoint(folder)
     config = read_config(folder)
     weights = _load_weights(folder / MODEL_FILE)
-    _fill_aliases(weights, config)
+    _fill_aliases(weights, build_on_meta(config, {name: tuple(w.shape) for name, w in weights.items()},
+                                         folder / MODEL_FILE))
     state = None
     if trainer_state and (folder / STATE_FILE).is_file():
         try:
@@ -327,16 +322,28 @@ def load_model_folder(path: str | Path, *, device: str | torch.device = "cpu") -
     `Transformer`), so nothing about the code that trained it is needed.
     """
     ckpt = load_checkpoint(path, trainer_state=False)
+    with torch.device("meta"):  # names and shapes first, before the config's sizes take any memory
+        check_weights(Transformer(ckpt.config), ckpt.state_dict, source=ckpt.path / MODEL_FILE)
     model = Transformer(ckpt.config)
     load_weights(model, ckpt.state_dict, source=ckpt.path / MODEL_FILE)
-    tokenizer = None
-    if (ckpt.path / TOKENIZER_FILE).is_file():
-        tokenizer = load_tokenizer(ckpt.path)
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval(), load_tokenizer_if_present(ckpt.path)
+
+
+def load_tokenizer_if_present(folder: Path, load: Callable[[Path], Tokenizer] = load_tokenizer) -> Tokenizer | None:
+    """`load(folder)` when the folder holds a tokenizer.json, else None (a synthetic-data run's
+    model has none). `load` is `load_tokenizer` for a Heron folder, `PretrainedTokenizer.load`
+    for a Hugging Face one."""
+    return load(folder) if (folder / TOKENIZER_FILE).is_file() else None
 
 
 def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], *, source: Path | str = "state dict") -> None:
     """Copy weights into a model, requiring every key and shape to match."""
+    check_weights(model, weights, source=source)
+    model.load_state_dict(weights, strict=True)
+
+
+def check_weights(model: nn.Module, weights: dict[str, torch.Tensor], *, source: Path | str = "state dict") -> None:
+    """Require every key and shape of `weights` to match `model` (which may be on the meta device)."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
@@ -345,7 +352,6 @@ def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], *, source: 
     for name, value in weights.items():
         if value.shape != expected[name].shape:
             raise CheckpointError(f"{source}: {name} has shape {tuple(value.shape)}, model expects {tuple(expected[name].shape)}")
-    model.load_state_dict(weights, strict=True)
 
 
 def read_config(folder: Path) -> ModelConfig:
@@ -362,11 +368,41 @@ def _load_weights(file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from err
 
 
-def _fill_aliases(weights: dict[str, torch.Tensor], config: ModelConfig) -> None:
-    """Put tied aliases back (they were stored once), using the structure of a
-    model built from the config on the meta device (no memory, no init)."""
+def build_on_meta(config: ModelConfig, stored: Mapping[str, tuple[int, ...]], source: Path | str) -> Transformer:
+    """The model `config` describes, on the meta device (no memory, no init), unless the stored
+    tensors (name -> shape) show at once that they cannot fill it. A config.json asking for more
+    layers than the files number blocks, or for position tables far larger than the weights,
+    would otherwise take minutes to build or terabytes to allocate before any shape is compared;
+    `check_weights` (names as the model's) or `check_parameter_count` (other names) does the rest."""
+    held = 1 + max((int(part) for name in stored for part in name.split(".") if part.isdigit()), default=-1)
+    if config.n_layers > held:
+        raise CheckpointError(f"{source}: the config asks for {config.n_layers} layers, but the weights number "
+                              f"their parts up to {held}")
     with torch.device("meta"):
-        skeleton = Transformer(config)
+        model = Transformer(config)
+    tables = sum(b.numel() * b.element_size() for b in model.buffers())
+    if tables > max(4 * _numbers(stored), _TABLES_FLOOR):
+        raise CheckpointError(f"{source}: max_seq_len {config.max_seq_len:,} asks for {tables:,} bytes of position "
+                              "tables, more than the weights hold")
+    return model
+
+
+def check_parameter_count(model: nn.Module, stored: Mapping[str, tuple[int, ...]], source: Path | str) -> None:
+    """Refuse a model with more parameters than the stored tensors (name -> shape) hold numbers,
+    before it is allocated: a config.json that disagrees with weights named in another scheme."""
+    parameters, numbers = sum(p.numel() for p in model.parameters()), _numbers(stored)
+    if parameters > numbers:
+        raise CheckpointError(f"{source}: the config describes {parameters:,} parameters, but the weights hold "
+                              f"{numbers:,} numbers (check vocab_size, d_model, d_ff and n_layers)")
+
+
+def _numbers(stored: Mapping[str, tuple[int, ...]]) -> int:
+    return sum(math.prod(shape) for shape in stored.values())
+
+
+def _fill_aliases(weights: dict[str, torch.Tensor], skeleton: Transformer) -> None:
+    """Put tied aliases back (they were stored once), using the structure of a
+    model built on the meta device."""
     for alias, source in tied_aliases(skeleton).items():
         if alias not in weights and source in weights:
             weights[alias] = weights[source]
@@ -479,9 +515,10 @@ def _heron_version() -> str:
 
 
 __all__ = [
-    "Checkpoint", "CheckpointError", "RUN_MODEL_DIR", "atomic_folder", "base_lineage", "checkpoint_name",
+    "Checkpoint", "CheckpointError", "RUN_MODEL_DIR", "atomic_folder", "base_lineage", "build_on_meta",
+    "check_parameter_count", "check_weights", "checkpoint_name",
     "folder_files", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "load_model_folder",
-    "load_weights", "point_latest", "remove_folder", "require_new_folder", "require_replaceable",
-    "resolve_checkpoint", "save_checkpoint", "save_model_folder", "sha256_file", "sweep_partial",
-    "tied_aliases", "verify_checkpoint", "write_file_atomic", "write_text_atomic",
+    "load_tokenizer_if_present", "load_weights", "point_latest", "remove_folder", "require_new_folder",
+    "require_replaceable", "resolve_checkpoint", "save_checkpoint", "save_model_folder", "sha256_file",
+    "sweep_partial", "tied_aliases", "verify_checkpoint",
 ]
