@@ -14,6 +14,7 @@ from heron.align.recipe import load_align_recipe
 from heron.align.run import STATE_FILE, run_alignment
 from heron.cli.main import main
 from heron.core import ModelConfig, Transformer
+from heron.store.atomic import partial_path
 from heron.train.checkpoint import CheckpointError, save_model_folder
 
 TIMINGS = {"rollout_tokens_per_s"}  # measured, so they differ from run to run
@@ -153,7 +154,7 @@ def test_a_damaged_state_is_named_and_a_killed_write_is_swept(base, tmp_path):
     with pytest.raises(CheckpointError, match=f"{STATE_FILE}: unreadable .*delete it to start the run over"):
         run_alignment("sft", recipe)
     (out / STATE_FILE).unlink()
-    leftover = out / f".{STATE_FILE}.0123abcd.tmp"  # a write killed before its rename
+    leftover = partial_path(out / STATE_FILE)  # a write killed before its rename
     leftover.write_bytes(b"half")
     run_alignment("sft", recipe)
     assert not leftover.exists() and (out / "model").is_dir()

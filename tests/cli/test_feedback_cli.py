@@ -46,7 +46,7 @@ def test_a_bad_line_is_one_line_and_exit_2(tmp_path: Path, capsys) -> None:
     db = tmp_path / "feedback.db"
     assert main(["feedback", "import", str(source), "--db", str(db), "--annotator", "alice"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "line 2: 'chosen' is missing" in err
+    assert err.count("\n") == 1 and "in.jsonl:2: 'chosen' is missing" in err
     assert main(["feedback", "stats", "--db", str(db)]) == 0
     assert "comparisons         0" in capsys.readouterr().out
 
@@ -68,7 +68,7 @@ def test_an_export_never_replaces_the_store_and_a_file_must_be_utf8(tmp_path: Pa
     bad = tmp_path / "latin1.jsonl"
     bad.write_bytes(b'{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "caf\xe9"}\n')
     assert main(["feedback", "import", str(bad), "--db", str(db), "--annotator", "alice"]) == 2
-    assert f"{bad}, line 2: not UTF-8 (invalid continuation byte at byte 16 of the line)" in capsys.readouterr().err
+    assert f"{bad}:2: not UTF-8 (invalid continuation byte at byte 16 of the line)" in capsys.readouterr().err
     assert main(["feedback", "stats", "--db", str(tmp_path / "in.jsonl")]) == 2  # not a database at all
     assert "cannot open feedback store" in capsys.readouterr().err
 

@@ -25,6 +25,7 @@ from heron.align.logprobs import logprobs_and_aux
 from heron.align.loop import Objective
 from heron.align.losses import bradley_terry_loss, dpo_loss, ipo_loss, kto_loss, orpo_loss, simpo_loss
 from heron.core.moe import moe_stats
+from heron.store.atomic import write_bytes_atomic
 
 PREFERENCE_LOSSES = ("dpo", "ipo", "simpo", "orpo")
 NEEDS_REFERENCE = ("dpo", "ipo")
@@ -150,10 +151,7 @@ def cached_reference_logprobs(model: nn.Module, chosen: Replies, rejected: Repli
         stored = safetensors.torch.load_file(file)
         return stored["chosen"], stored["rejected"]
     values = {"chosen": reference_logprobs(model, chosen), "rejected": reference_logprobs(model, rejected)}
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_suffix(".tmp")
-    safetensors.torch.save_file(values, str(tmp))
-    tmp.replace(file)
+    write_bytes_atomic(file, safetensors.torch.save(values))  # a temp of its own: two runs may share the cache
     return values["chosen"], values["rejected"]
 
 

@@ -20,7 +20,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from heron.train.checkpoint import CheckpointError, write_file_atomic
+from heron.store.atomic import write_file_atomic
+from heron.train.checkpoint import CheckpointError
 from heron.train.rng import rng_states, set_rng_states
 
 STATE_FORMAT = 1

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from heron.cli.options import finite_float, positive_int, text_or_file
+from heron.govern.digest import CONFIG_FILE
 from heron.tokenizer import HeronTokenizer, Tokenizer, load_tokenizer
 
 if TYPE_CHECKING:
@@ -99,7 +100,7 @@ def tokenizer_and_vocab(path: Path) -> tuple[Tokenizer, int]:
 
     folder = resolve_checkpoint(path)
     tokenizer = load_tokenizer(folder)
-    config = folder / "config.json"
+    config = folder / CONFIG_FILE
     if config.is_file():
         data = json.loads(config.read_text(encoding="utf-8"))
         size = data.get("vocab_size") or data.get("text_config", {}).get("vocab_size")

@@ -24,12 +24,12 @@ from heron.compress.schemes import scheme_from_description
 from heron.core.config import ModelConfig
 from heron.core.moe import MoE
 from heron.core.transformer import Transformer
-from heron.tokenizer import Tokenizer, load_tokenizer
-from heron.tokenizer.bpe import TOKENIZER_FILE
+from heron.tokenizer import Tokenizer
 from heron.train.checkpoint import (
     MODEL_FILE,
     CheckpointError,
     load_checkpoint,
+    load_tokenizer_if_present,
     load_weights,
     resolve_checkpoint,
     save_model_folder,
@@ -114,8 +114,7 @@ def load_quantized_folder(
             weights.update({f"{name}.{t}": weights[f"{info['tied_to']}.{t}"] for t in head.packed()
                             if f"{info['tied_to']}.{t}" in weights})
     load_weights(model, weights, source=ckpt.path / MODEL_FILE)
-    tokenizer = load_tokenizer(ckpt.path) if (ckpt.path / TOKENIZER_FILE).is_file() else None
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval(), load_tokenizer_if_present(ckpt.path)
 
 
 def read_manifest(file: Path, key: str, what: str) -> dict[str, dict[str, Any]]:

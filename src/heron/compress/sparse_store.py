@@ -30,12 +30,12 @@ from torch import nn
 
 from heron.compress.checkpoint import FORMAT, read_manifest
 from heron.core.transformer import Transformer
-from heron.tokenizer import Tokenizer, load_tokenizer
-from heron.tokenizer.bpe import TOKENIZER_FILE
+from heron.tokenizer import Tokenizer
 from heron.train.checkpoint import (
     MODEL_FILE,
     CheckpointError,
     load_checkpoint,
+    load_tokenizer_if_present,
     load_weights,
     resolve_checkpoint,
     save_model_folder,
@@ -125,8 +125,7 @@ def load_sparse_folder(path: str | Path, *, device: str | torch.device = "cpu") 
             raise CheckpointError(f"{ckpt.path / MODEL_FILE}: sparse tensor {name} unreadable ({err})") from err
     model = Transformer(ckpt.config)
     load_weights(model, weights, source=ckpt.path / MODEL_FILE)
-    tokenizer = load_tokenizer(ckpt.path) if (ckpt.path / TOKENIZER_FILE).is_file() else None
-    return model.to(device).eval(), tokenizer
+    return model.to(device).eval(), load_tokenizer_if_present(ckpt.path)
 
 
 __all__ = [

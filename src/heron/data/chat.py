@@ -9,7 +9,6 @@ serves pre-training and SFT alike.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from heron.data.batches import epoch_rows, rank_slice
+from heron.store.jsonl import read_jsonl_objects
 from heron.tokenizer.bpe import HeronTokenizer, validate_messages
 
 IGNORE_INDEX = -100
@@ -33,28 +33,15 @@ def load_chat_jsonl(path: str | os.PathLike[str]) -> list[list[dict[str, str]]]:
 
 def read_chat_jsonl(path: str | os.PathLike[str]) -> list[tuple[int, list[dict[str, str]]]]:
     """load_chat_jsonl with each chat's 1-based line number, for later errors to name it."""
-    file = Path(path)
     chats = []
-    with open(file, "rb") as f:  # bytes: an undecodable line is named, not a bare UnicodeDecodeError
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                # utf-8-sig on line 1: a BOM, as Windows editors write, is not JSON.
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as exc:
-                raise ValueError(f"{file}:{lineno}: not UTF-8 ({exc.reason} at byte {exc.start + 1})") from None
-            if not line.strip():
-                continue
-            try:
-                # The newline is stripped: else a truncated line's error points past it, at column 1.
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{file}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from exc
-            if not isinstance(record, dict) or "messages" not in record:
-                raise ValueError(f"{file}:{lineno}: expected an object with a 'messages' list")
-            try:
-                chats.append((lineno, validate_messages(record["messages"])))
-            except ValueError as exc:
-                raise ValueError(f"{file}:{lineno}: {exc}") from exc
+    for lineno, record in read_jsonl_objects(path):
+        where = f"{Path(path)}:{lineno}"
+        if "messages" not in record:
+            raise ValueError(f"{where}: expected an object with a 'messages' list")
+        try:
+            chats.append((lineno, validate_messages(record["messages"])))
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from exc
     return chats
 
 
@@ -89,7 +76,8 @@ def chat_examples_to_tensors(
             stacklevel=2,
         )
     if not rows_x:
-        raise ValueError("no chat example has an assistant token to learn from")
+        raise ValueError(f"no chat example has an assistant token within seq_len={seq_len} to learn from; "
+                         "raise seq_len or shorten the chats")
     return torch.from_numpy(np.stack(rows_x)), torch.from_numpy(np.stack(rows_y))
 
 

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-LINEAGE_FILE, CONFIG_FILE = "lineage.json", "config.json"  # as train/checkpoint.py writes them
+from heron.govern.digest import CONFIG_FILE, LINEAGE_FILE, MODEL_FILE
+
 MAX_STAGES = 64  # a longer chain is more likely a loop of copied folders than a real history
 
 
@@ -102,7 +103,7 @@ class Stage:
     @property
     def model_sha256(self) -> str | None:
         """The weights' sha256, from the lineage's file manifest: the model's version."""
-        return lookup(self.lineage, ("files", "model.safetensors", "sha256"))
+        return lookup(self.lineage, ("files", MODEL_FILE, "sha256"))
 
     @property
     def val_loss(self) -> float | None:

@@ -41,7 +41,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -51,6 +50,7 @@ import numpy as np
 
 from heron.govern.pii_lexicon import FUNCTION_WORDS, HONORIFICS, NAME_PARTICLES, common_words, non_names
 from heron.govern.presidio import EntityRecognizer, RecognizerResult
+from heron.store.atomic import write_file_atomic
 
 TOKEN = re.compile(r"\w+(?:['’-]\w+)*|[^\w\s]")
 SENTENCE_END = frozenset(".!?:|")  # not ";": a capital after one is a name's, not the sentence's
@@ -364,16 +364,10 @@ def _cache_file(settings: NameSettings) -> Path | None:
 def _save(model: NameModel, file: Path) -> None:
     """Write the weights and feature names atomically; a folder that cannot be written is let be."""
     features = np.array(sorted(model.vocab, key=model.vocab.__getitem__))
-    tmp = file.with_name(f".{file.name}.{uuid.uuid4().hex[:8]}.partial")
     try:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "xb") as f:
-            np.savez(f, weights=model.weights, features=features)
-        os.replace(tmp, file)
+        write_file_atomic(file, lambda f: np.savez(f, weights=model.weights, features=features))
     except OSError:
         pass
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class NameRecognizer(EntityRecognizer):

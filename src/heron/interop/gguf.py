@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import os
 import re
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -56,6 +55,7 @@ from heron.interop.families import (GPT_NEOX, LLAMA, MIXTRAL, QWEN3, QWEN3_MOE, 
                                      hf_config)
 from heron.interop.gguf_tokenizer import add_tokenizer
 from heron.interop.tables import expand, heron_to_hf
+from heron.store.atomic import atomic_path
 from heron.tokenizer.bpe import HeronTokenizer
 from heron.tokenizer.pretrained import PretrainedTokenizer
 
@@ -404,20 +404,14 @@ def encode_tensor(
 # ----- file -------------------------------------------------------------------------------------
 
 def _write_atomic(writer: gguf.GGUFWriter, target: Path) -> None:
-    """Write into a temporary sibling file, renamed onto `target` once complete."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # A name of its own, opened by the writer: mkstemp would make the file readable by its owner alone.
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.partial")
-    try:
-        writer.write_header_to_file(Path(tmp))
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, target)
-    except BaseException:
-        writer.close()
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write the file whole or not at all (`atomic_path`: gguf opens its file by name)."""
+    with atomic_path(target) as tmp:
+        try:
+            writer.write_header_to_file(tmp)
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
 
 
 __all__ = [

@@ -14,19 +14,21 @@ ids are the store's own). A rating line is
 with optional "model", "scale", "annotator" and "created_at". Texts are strings
 or lists of {"role", "content"} messages. Any other key is an error naming it,
 so a misspelt provenance key is never dropped silently.
+
+The lines are read by `read_jsonl_objects`, the one JSONL reader of every layer
+(chats, alignment data): its errors name the file and the line.
 """
 from __future__ import annotations
 
 import json
 import os
-import uuid
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import fields
 from datetime import datetime
 from pathlib import Path
-from typing import TextIO
+from typing import Any
 
+from heron.store.atomic import atomic_writer
 from heron.store.records import PairInput, RatingInput
 
 # Each kind of line: the keys it needs, and every key it may hold (the record's
@@ -37,6 +39,38 @@ RATING_REQUIRED = ("prompt", "response", "rating", "annotator")
 RATING_KEYS = tuple(f.name for f in fields(RatingInput))
 
 
+def read_jsonl_objects(path: str | os.PathLike[str]) -> list[tuple[int, dict[str, Any]]]:
+    """(1-based line number, object) for each line of a JSONL file that is not blank.
+
+    Every error is a ValueError that names the file and the line, `data.jsonl:3: ...`: bytes
+    that are not UTF-8, invalid JSON, a value that is not a JSON object. A BOM on line 1, as
+    Windows editors write, is not JSON and is skipped.
+    """
+    file = Path(path)
+    rows = []
+    with open(file, "rb") as f:  # decoded line by line, so that bytes that are not UTF-8 are found by line
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{file}:{lineno}: not UTF-8 ({exc.reason} at byte {exc.start + 1} "
+                                 "of the line)") from None
+            if line.strip():
+                rows.append((lineno, _json_object(line, f"{file}:{lineno}")))
+    return rows
+
+
+def _json_object(line: str, where: str) -> dict[str, Any]:
+    # The newline is stripped: else a truncated line's error points past it, at column 1.
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    return record
+
+
 def read_feedback_jsonl(
     path: str | os.PathLike[str], *, annotator: str | None, now: datetime
 ) -> list[PairInput | RatingInput]:
@@ -44,31 +78,19 @@ def read_feedback_jsonl(
 
     A line's own "annotator" and "created_at" win over `annotator` and `now`,
     which fill them where a line has none. Errors name the file, the 1-based
-    line and the field: `feedback.jsonl, line 3: 'chosen' is missing`.
+    line and the field: `feedback.jsonl:3: 'chosen' is missing`.
     """
-    file = Path(path)
     rows: list[PairInput | RatingInput] = []
-    with open(file, "rb") as f:  # decoded line by line, so that bytes that are not UTF-8 are found by line
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM, as Windows editors write
-                if line.strip():
-                    rows.append(parse_line(line, annotator=annotator, now=now))
-            except UnicodeDecodeError as exc:
-                raise ValueError(f"{file}, line {lineno}: not UTF-8 ({exc.reason} at byte {exc.start + 1} "
-                                 "of the line)") from None
-            except ValueError as exc:
-                raise ValueError(f"{file}, line {lineno}: {exc}") from None
+    for lineno, record in read_jsonl_objects(path):
+        try:
+            rows.append(parse_record(record, annotator=annotator, now=now))
+        except ValueError as exc:
+            raise ValueError(f"{Path(path)}:{lineno}: {exc}") from None
     return rows
 
 
-def parse_line(line: str, *, annotator: str | None, now: datetime) -> PairInput | RatingInput:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"invalid JSON: {exc.msg} (column {exc.colno})") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+def parse_record(record: dict[str, Any], *, annotator: str | None, now: datetime) -> PairInput | RatingInput:
+    """One line's object as a comparison or a rating; errors name the field."""
     if annotator is not None:
         record.setdefault("annotator", annotator)
     record.setdefault("created_at", now)
@@ -90,33 +112,6 @@ def _check_keys(record: dict[str, object], required: tuple[str, ...], allowed: t
         if key not in record:
             hint = " (give an annotator for the file, or one per line)" if key == "annotator" else ""
             raise ValueError(f"'{key}' is missing{hint}")
-
-
-@contextmanager
-def atomic_writer(path: str | os.PathLike[str], newline: str | None = None) -> Iterator[TextIO]:
-    """A text file opened at a temporary sibling of `path`, fsynced and renamed onto
-    `path` when the block ends without an error (otherwise removed), so a reader
-    never sees half a file. `newline` as in `open` ("" for the csv module)."""
-    target = Path(path)
-    if target.is_dir():
-        raise IsADirectoryError(f"{target}: is a folder; name a file to write")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.partial")
-    try:
-        with open(tmp, "x", encoding="utf-8", newline=newline) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write `text` to `path` whole or not at all (`atomic_writer`)."""
-    with atomic_writer(path) as f:
-        f.write(text)
-    return Path(path)
 
 
 def write_jsonl_atomic(path: str | os.PathLike[str], rows: Iterable[dict[str, object]]) -> int:

@@ -40,7 +40,7 @@ from heron.core.transformer import HeadLoss, Transformer
 from heron.data.batches import PackedBatches, eval_batches
 from heron.govern import EnergyMeter, EnergyReport
 from heron.govern.audit import audit_log, record_event
-from heron.govern.digest import folder_sha256, model_hash
+from heron.govern.digest import METRICS_FILE, folder_sha256, model_hash
 from heron.train import distributed as dist_
 from heron.train.checkpoint import (
     CHECKPOINTS_DIR,
@@ -56,7 +56,7 @@ from heron.train.checkpoint import (
 )
 from heron.train.optim import build_optimizer, recipe_lr, set_lr
 from heron.train.recipe import RecipeError, TrainRecipe, batch_plan, model_config, setting_changes
-from heron.train.report import METRICS_FILE, PLOT_FILE, append_metrics, logged_timings, plot_losses, write_metrics
+from heron.train.report import PLOT_FILE, append_metrics, logged_timings, plot_losses, write_metrics
 from heron.train.rng import rng_states, set_rng_states
 from heron.train.sources import TrainData, given_data, resolve_data
 

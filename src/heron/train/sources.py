@@ -182,4 +182,4 @@ def _tokenizer_path(section: DataSection, folder: Path) -> Path:
     return Path(section.tokenizer) if section.tokenizer is not None else folder / TOKENIZER_FILE
 
 
-__all__ = ["TOKENIZER_FILE", "TrainData", "given_data", "resolve_data", "synthetic_data"]
+__all__ = ["TrainData", "given_data", "resolve_data", "synthetic_data"]
