@@ -44,8 +44,10 @@ def test_every_method_writes_a_checkpoint_with_lineage_and_metrics(base, tmp_pat
 @pytest.mark.parametrize("override, field", [
     ("fit.stepz=3", "fit.stepz: unknown field"),
     ("preference.loss=kto-ish", "preference.loss"),
-    ("ppo.prompts_per_step=10", "ppo: minibatch"),
+    ("ppo.prompts_per_step=10", "ppo.minibatch: 16 does not divide prompts_per_step 10"),
     ("grpo.group=3", "grpo.group: unknown field"),
+    ("grpo.group_size=1", "grpo.group_size: a group needs at least 2 replies to compare, got 1"),
+    ("fit.grad_accum=3", "fit.grad_accum: 3 does not divide batch_size"),
     ("data.file=x.jsonl", "data: Value error, set exactly one of data.task or data.file"),
 ])
 def test_a_bad_recipe_names_the_field_before_any_work(base, tmp_path, capsys, override, field):
@@ -101,7 +103,7 @@ def test_what_would_be_lost_or_cannot_run_is_refused_before_any_work(base, tmp_p
     assert main(["align", "dpo", str(recipe(tmp_path, base, "empty-dpo", **empty))]) == 2
     assert "data.file: " in (err := capsys.readouterr().err) and "empty.jsonl holds no rows" in err
     assert main(["align", "ppo", str(recipe(tmp_path, base, "kl", ppo={"kl_coef": -1.0}))]) == 2
-    assert "ppo: kl_coef: must be >= 0, got -1.0" in capsys.readouterr().err
+    assert "ppo.kl_coef: must be >= 0, got -1.0" in capsys.readouterr().err
     assert main(["align", "dpo", str(recipe(tmp_path, base, "inf", fit={"steps": 2, "lr": float("inf")}))]) == 2
     assert "fit.lr: Input should be a finite number" in capsys.readouterr().err
 
@@ -132,6 +134,10 @@ def test_data_files_as_users_write_them(base, tmp_path, capsys):
     three = {"data": {"file": str(tmp_path / "three.jsonl"), "max_len": 64}}
     assert main(["align", "dpo", str(recipe(tmp_path, base, "three", **three))]) == 2
     assert "three.jsonl:2: expected a JSON object, got int" in capsys.readouterr().err
+    (tmp_path / "latin1.jsonl").write_bytes(json.dumps(pairs[0]).encode() + b'\n{"prompt": "caf\xe9"}\n')
+    latin1 = {"data": {"file": str(tmp_path / "latin1.jsonl"), "max_len": 64}}
+    assert main(["align", "dpo", str(recipe(tmp_path, base, "latin1", **latin1))]) == 2
+    assert "latin1.jsonl:2: not UTF-8 (invalid continuation byte at byte 16 of the line)" in capsys.readouterr().err
     (tmp_path / "tie.jsonl").write_text(json.dumps({**pairs[0], "rejected": pairs[0]["chosen"]}) + "\n")
     tie = {"data": {"file": str(tmp_path / "tie.jsonl"), "max_len": 64}}
     assert main(["align", "dpo", str(recipe(tmp_path, base, "tie", **tie))]) == 2

@@ -17,18 +17,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-import heron  # noqa: E402
-from heron.align.data import Messages, RowTooLong, as_messages, encode_chats, encode_pairs, encode_replies  # noqa: E402
-from heron.align.grpo import grpo  # noqa: E402
-from heron.align.heads import with_scalar_head  # noqa: E402
-from heron.align.loop import fit  # noqa: E402
-from heron.align.objectives import (  # noqa: E402
+import heron
+from heron.align.data import Messages, RowTooLong, as_messages, encode_chats, encode_pairs, encode_replies
+from heron.align.grpo import grpo
+from heron.align.heads import with_scalar_head
+from heron.align.loop import fit
+from heron.align.objectives import (
     NEEDS_REFERENCE,
     cached_reference_logprobs,
     preference_objective,
@@ -36,19 +32,22 @@ from heron.align.objectives import (  # noqa: E402
     rewards,
     sft_objective,
 )
-from heron.align.ppo import ppo  # noqa: E402
-from heron.align.recipe import METHODS, AlignRecipe  # noqa: E402
-from heron.align.resume import ModuleBuffers, Resumable, read_state  # noqa: E402
-from heron.align.synthetic import RepeatTask  # noqa: E402
-from heron.compress.qlinear import is_quantized  # noqa: E402
-from heron.data.chat import read_chat_jsonl  # noqa: E402
-from heron.govern import EnergyMeter, EnergyReport  # noqa: E402
-from heron.govern.audit import record_event  # noqa: E402
-from heron.govern.digest import model_hash  # noqa: E402
-from heron.train.checkpoint import RUN_MODEL_DIR, resolve_checkpoint, save_model_folder, sha256_file  # noqa: E402
-from heron.train.recipe import setting_changes  # noqa: E402
+from heron.align.ppo import ppo
+from heron.align.recipe import METHODS, AlignRecipe
+from heron.align.resume import ModuleBuffers, Resumable, read_state
+from heron.align.synthetic import RepeatTask
+from heron.compress.qlinear import is_quantized
+from heron.data.chat import read_chat_jsonl
+from heron.govern import EnergyMeter, EnergyReport
+from heron.govern.audit import record_event
+from heron.govern.digest import METRICS_FILE, model_hash
+from heron.govern.figures import new_figure, save_png
+from heron.store.atomic import is_partial_write
+from heron.store.jsonl import read_jsonl_objects
+from heron.train.checkpoint import RUN_MODEL_DIR, resolve_checkpoint, save_model_folder, sha256_file
+from heron.train.recipe import setting_changes
 
-METRICS_FILE, PLOT_FILE, MODEL_DIR, CACHE_DIR = "metrics.jsonl", "reward_kl.png", RUN_MODEL_DIR, "cache"
+PLOT_FILE, MODEL_DIR, CACHE_DIR = "reward_kl.png", RUN_MODEL_DIR, "cache"  # METRICS_FILE: a training run's name
 STATE_FILE = "state.pt"
 WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt")  # a Hugging Face folder's weights, single or sharded
 RUN_FILES = (METRICS_FILE, PLOT_FILE, MODEL_DIR, CACHE_DIR, STATE_FILE)  # an alignment run's own files
@@ -162,7 +161,7 @@ def _weights(path: str) -> str:
 
 def _unfinished_write(path: Path) -> bool:
     """A temp file that a write of the state, killed midway, left (`write_file_atomic`'s)."""
-    return path.is_file() and path.name.startswith(f".{STATE_FILE}.") and path.name.endswith(".tmp")
+    return is_partial_write(path, STATE_FILE)
 
 
 class _EnergySoFar:
@@ -301,6 +300,8 @@ def _grpo(model, tokenizer, recipe: AlignRecipe, task: RepeatTask | None, on_ste
 
 
 _METHODS = {"sft": _sft, "rm": _rm, "dpo": _dpo, "ppo": _ppo, "grpo": _grpo}
+# recipe.py's METHODS is the list that is checked and shown (run_alignment, recipes): the same, in order.
+assert tuple(_METHODS) == METHODS, f"align methods: run.py has {tuple(_METHODS)}, recipe.py {METHODS}"
 
 
 def _jsonl(path: str) -> list[dict[str, Any]]:
@@ -309,30 +310,19 @@ def _jsonl(path: str) -> list[dict[str, Any]]:
 
 def _jsonl_lines(path: str) -> list[tuple[int, dict[str, Any]]]:
     """(1-based line number, object) for each line of a JSONL file that is not blank."""
-    rows = []
-    with open(path, encoding="utf-8-sig") as f:  # a BOM, as Windows editors write, is not JSON
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{number}: invalid JSON ({err.msg})") from err
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-                rows.append((number, row))
+    rows = read_jsonl_objects(path)
     if not rows:
         raise ValueError(f"data.file: {path} holds no rows")
     return rows
 
 
 def _plot_reward_kl(rows: list[dict[str, Any]], file: Path, method: str) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new_figure(figsize=(6, 4))
     ax.plot([r["kl"] for r in rows], [r["reward"] for r in rows], marker="o", markersize=2, linewidth=0.8)
     ax.set(xlabel="KL to the reference (training rollouts)", ylabel="mean reward", title=f"{method}: reward against KL")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(file, dpi=90)
-    plt.close(fig)
+    save_png(fig, file, dpi=90)
 
 
 __all__ = ["run_alignment"]

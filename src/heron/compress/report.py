@@ -20,19 +20,16 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import heron  # noqa: E402
-from heron.data import ShardSet, check_shards_fit  # noqa: E402
-from heron.generate import Decoder, SamplingParams, decode_steps, perplexity  # noqa: E402
-from heron.govern import EnergyMeter, EnergyReport  # noqa: E402
-from heron.govern.energy import provenance  # noqa: E402
-from heron.train.checkpoint import LINEAGE_FILE, STATE_FILE, CheckpointError, resolve_checkpoint  # noqa: E402
+import heron
+from heron.data import ShardSet, check_shards_fit
+from heron.generate import Decoder, SamplingParams, decode_steps, perplexity
+from heron.govern import EnergyMeter, EnergyReport
+from heron.govern.energy import provenance
+from heron.govern.figures import new_figure, save_png
+from heron.train.checkpoint import LINEAGE_FILE, STATE_FILE, CheckpointError, resolve_checkpoint
 
 REPORT_MD, REPORT_JSON, PARETO_PNG = "report.md", "report.json", "pareto.png"
 
@@ -178,7 +175,7 @@ def write_report(rows: Sequence[VariantRow], out_dir: str | Path) -> Path:
 
 
 def _plot(rows: Sequence[VariantRow], file: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    fig, axes = new_figure(1, 2, figsize=(10, 4.2))
     panels = [(axes[0], [r.size_bytes / 1e6 for r in rows], "size on disk (MB)"),
               (axes[1], [1e3 / r.decode_tokens_per_s for r in rows], "decode time per token (ms, batch 1)")]
     for ax, costs, label in panels:
@@ -192,8 +189,7 @@ def _plot(rows: Sequence[VariantRow], file: Path) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle("Variants of one model: blue = on the Pareto front (no variant smaller/faster and better)")
     fig.tight_layout()
-    fig.savefig(file, dpi=90)
-    plt.close(fig)
+    save_png(fig, file, dpi=90)
 
 
 __all__ = ["VariantRow", "checkpoint_bytes", "decode_speed", "derives_from", "lineage_sources", "measure",

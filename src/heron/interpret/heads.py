@@ -21,10 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from heron.core.transformer import Transformer
+from heron.govern.figures import new_figure, save_png
 from heron.interpret.cache import run_with_cache
 from heron.interpret.plots import token_label
 
@@ -62,9 +61,7 @@ def plot_attention(pattern: torch.Tensor, path: str | Path, *, tokens: Sequence[
     cols = min(H, 4)
     rows = -(-H // cols)
     cell = 1.2 + 0.16 * S
-    fig = Figure(figsize=(cols * cell, rows * cell + 0.4))
-    FigureCanvasAgg(fig)  # Agg renders PNGs without a display and without pyplot's global state
-    axes = fig.subplots(rows, cols, squeeze=False)
+    fig, axes = new_figure(rows, cols, figsize=(cols * cell, rows * cell + 0.4), squeeze=False)
     values = pattern.detach().float().cpu().numpy()
     for h, ax in enumerate(axes.flat):
         if h >= H:
@@ -81,10 +78,7 @@ def plot_attention(pattern: torch.Tensor, path: str | Path, *, tokens: Sequence[
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    return path
+    return save_png(fig, path, dpi=100)
 
 
 def plot_attention_patterns(patterns: Mapping[int, torch.Tensor], folder: str | Path, *,

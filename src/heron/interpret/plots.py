@@ -1,4 +1,4 @@
-"""The report's figures, one function each, written as PNG files (matplotlib, Agg).
+"""The report's figures, one function each, written as PNG files (`govern.figures`: no pyplot).
 
 Each takes plain tensors and labels and returns the path it wrote, so a
 figure can be remade from numbers alone. Token labels are shown as repr-like
@@ -10,15 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from heron.govern.figures import new_figure, save_png
 
 
 def token_label(text: str) -> str:
@@ -28,21 +22,16 @@ def token_label(text: str) -> str:
     return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in visible) or "∅"
 
 
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _save(fig: Figure, path: str | Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
-    return path
+    return save_png(fig, path, dpi=110)
 
 
 def heatmap(values: torch.Tensor, path: str | Path, *, rows: Sequence[str], columns: Sequence[str], title: str,
             label: str, cells: Sequence[Sequence[str]] | None = None, diverging: bool = False) -> Path:
     """A (rows, columns) grid of values with a colour bar; `cells` writes text into each square."""
-    plt = _pyplot()
     values = values.detach().float().cpu()
-    fig, ax = plt.subplots(figsize=(min(2 + 0.7 * len(columns), 18), min(1.5 + 0.42 * len(rows), 14)))
+    fig, ax = new_figure(figsize=(min(2 + 0.7 * len(columns), 18), min(1.5 + 0.42 * len(rows), 14)))
     limit = float(values.abs().max()) or 1.0
     image = ax.imshow(values.numpy(), aspect="auto", cmap="RdBu" if diverging else "viridis",
                       vmin=-limit if diverging else None, vmax=limit if diverging else None)
@@ -59,9 +48,8 @@ def heatmap(values: torch.Tensor, path: str | Path, *, rows: Sequence[str], colu
 
 def bars(values: torch.Tensor, labels: Sequence[str], path: str | Path, *, title: str, xlabel: str) -> Path:
     """Horizontal bars, positive and negative in two colours, in the order given."""
-    plt = _pyplot()
     values = values.detach().float().cpu()
-    fig, ax = plt.subplots(figsize=(7, 1 + 0.28 * len(labels)))
+    fig, ax = new_figure(figsize=(7, 1 + 0.28 * len(labels)))
     ax.barh(range(len(labels)), values.numpy(), color=["#2a7ab9" if v >= 0 else "#c8553d" for v in values.tolist()])
     ax.set_yticks(range(len(labels)), [token_label(label) for label in labels], fontsize=8)
     ax.invert_yaxis()

@@ -21,6 +21,7 @@ from heron.core.hooks import attach_hooks
 from heron.core.modes import evaluating
 from heron.core.moe import MoE, route
 from heron.core.transformer import Transformer
+from heron.govern.figures import new_figure, save_png
 
 
 @dataclass(frozen=True)
@@ -90,13 +91,8 @@ def routing(model: Transformer, batches: Iterable[torch.Tensor]) -> RoutingRepor
 
 def plot_load(report: RoutingReport, path: str | Path) -> Path:
     """A heat map of each expert's load per MoE layer, as a PNG; returns the path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     load = report.load.numpy()  # (L, E)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * load.shape[1], 1.0 + 0.45 * load.shape[0]))
+    fig, ax = new_figure(figsize=(1.2 + 0.45 * load.shape[1], 1.0 + 0.45 * load.shape[0]))
     image = ax.imshow(load, cmap="viridis", vmin=0, aspect="auto")
     ax.set_xlabel("expert")
     ax.set_ylabel("block")
@@ -105,11 +101,7 @@ def plot_load(report: RoutingReport, path: str | Path) -> Path:
     ax.set_title(f"share of assignments per expert ({report.tokens} tokens)")
     fig.colorbar(image, ax=ax, label="load")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_png(fig, path, dpi=110)
 
 
 __all__ = ["RoutingReport", "moe_blocks", "plot_load", "routing"]

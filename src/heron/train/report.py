@@ -5,9 +5,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from heron.train.checkpoint import write_text_atomic
+from heron.govern.digest import METRICS_FILE
+from heron.store.atomic import write_text_atomic
 
-METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 
 
@@ -48,12 +48,9 @@ def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
 
 def plot_losses(history: list[dict[str, Any]], path: Path, title: str = "") -> Path:
     """Train loss per step and validation loss where measured, on one axis."""
-    import matplotlib
+    from heron.govern.figures import new_figure, save_png  # here: importing the training loop need not load matplotlib
 
-    matplotlib.use("Agg")  # no display on servers; must precede pyplot's import
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = new_figure(figsize=(7, 4))
     ax.plot([r["step"] for r in history], [r["loss"] for r in history], label="train", linewidth=1)
     val = [r for r in history if "val_loss" in r]
     if val:
@@ -61,11 +58,7 @@ def plot_losses(history: list[dict[str, Any]], path: Path, title: str = "") -> P
     ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
-    tmp = path.parent / f".{path.name}.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_png(fig, path, dpi=100)
 
 
-__all__ = ["METRICS_FILE", "PLOT_FILE", "append_metrics", "plot_losses", "read_metrics", "write_metrics"]
+__all__ = ["PLOT_FILE", "append_metrics", "plot_losses", "read_metrics", "write_metrics"]
