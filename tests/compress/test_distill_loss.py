@@ -8,11 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compress_helpers import V, tiny
+from compress_helpers import V, tiny, token_ids
+from heron.align import sequence_logprobs, token_logprobs
 from heron.compress.distill import teacher_states
 from heron.compress.distill_loss import distillation_loss, linear_distillation_loss
+from heron.compress.qlinear import QuantLinear
+from heron.compress.schemes import Int8PerChannel, quantize_rtn
 from heron.core import head_loss
-from heron.core.head_loss import IGNORE_INDEX
+from heron.core.head_loss import IGNORE_INDEX, fusable_weight, linear_cross_entropy
 from heron.core.linear import Linear
 
 D, D_TEACHER, VOCAB = 16, 24, 50
@@ -179,3 +182,56 @@ def test_a_head_loss_needs_targets_and_no_reduction():
     with torch.no_grad():  # a head loss that is cross-entropy gives the model's own
         assert model(x, targets=x, head_loss=loss).loss.item() == pytest.approx(model(x, targets=x).loss.item(),
                                                                                  rel=1e-5)
+
+
+def hooked_linear(d: int, vocab: int) -> nn.Module:
+    """A bias-free Linear head with a forward hook that scales its logits."""
+    head = Linear(d, vocab, bias=False)
+    head.register_forward_hook(lambda _module, _args, out: out * 1.5)
+    return head
+
+
+def quantised(weight: torch.Tensor, kernel: str | None = None) -> QuantLinear:
+    codes, params = quantize_rtn(weight.detach(), Int8PerChannel())
+    return QuantLinear.from_codes(codes, params, Int8PerChannel(), kernel=kernel)
+
+
+@pytest.mark.parametrize("student", ["nn.Linear", "a hooked Linear", "quantised", "quantised, dynamic kernel"])
+def test_every_student_head_gives_its_logits_loss(small_chunks, student):
+    """`fusable_weight` decides, as for cross-entropy: a bias-free nn.Linear is fused; a
+    hooked or quantised head is called as a module, so the loss is its logits' own."""
+    hidden, head, teacher_hidden, teacher_head, targets = case(8)
+    head = {"nn.Linear": lambda: nn.Linear(D, VOCAB, bias=False), "a hooked Linear": lambda: hooked_linear(D, VOCAB),
+            "quantised": lambda: quantised(head.weight), "quantised, dynamic kernel": lambda: quantised(
+                head.weight, "dynamic")}[student]()
+    assert (fusable_weight(head) is None) == (student != "nn.Linear")
+    settings = dict(temperature=2.0, alpha=0.5)
+    with torch.no_grad():  # a quantised head's kernel runs outside autograd only
+        got = linear_distillation_loss(hidden, head, teacher_hidden, teacher_head, targets, **settings)
+        want = plain(hidden, head, teacher_hidden, teacher_head, targets, **settings)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("kernel", [None, "dynamic"])
+def test_a_quantised_output_head_is_never_fused(kernel):
+    """A quantised head's `.weight` is a dequantised copy, and its forward may run a kernel
+    that rounds otherwise (`dynamic` quantises the activations as well): the model's loss
+    and alignment's log-probabilities, tempered or not, are its logits' own."""
+    model = tiny(seed=0, tie_embeddings=False)
+    model.lm_head = quantised(model.lm_head.weight, kernel)
+    x = token_ids(2, 12, seed=1)
+    y = x.roll(-1, dims=1)
+    mask = torch.ones(2, 12)
+    with torch.no_grad():
+        logits = model(x).logits  # (2, 12, V)
+        loss = model(x, targets=y).loss
+        assert loss.item() == pytest.approx(F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item(),
+                                            rel=1e-5)
+        for temperature in (1.0, 0.5):
+            want = token_logprobs(logits[:, :-1] / temperature, x[:, 1:])
+            torch.testing.assert_close(sequence_logprobs(model, x, mask, temperature=temperature), want,
+                                       rtol=1e-5, atol=1e-5)
+        if model.lm_head.kernel == "dynamic":  # fused on the dequantised weight, the scores would be others
+            hidden, _ = teacher_states(model, x)
+            fused = linear_cross_entropy(hidden, model.lm_head.weight, y, "none")  # (2, 12)
+            assert (fused - model(x, targets=y, reduction="none").loss).abs().max() > 1e-3

@@ -10,7 +10,9 @@ from torch import nn
 
 from heron.core import ModelConfig, Transformer
 from heron.core import head_loss
-from heron.core.head_loss import IGNORE_INDEX, REDUCTIONS, linear_cross_entropy, next_token_targets
+from heron.core.head_loss import (IGNORE_INDEX, REDUCTIONS, fusable_weight, head_cross_entropy, linear_cross_entropy,
+                                  next_token_targets)
+from heron.core.linear import Linear
 
 
 @pytest.fixture
@@ -194,3 +196,101 @@ def test_next_token_targets_shift_by_one_and_skip_what_is_not_counted() -> None:
     assert next_token_targets(ids).tolist() == [[6, 7, 8, I], [2, 3, 4, I]]
     counted = torch.tensor([[True, True, False, True], [False, False, True, True]])
     assert next_token_targets(ids, counted).tolist() == [[6, I, 8, I], [I, 3, 4, I]]
+
+
+class AddingLinear(Linear):
+    """A subclass of the linear layer whose forward adds to the product (as an adapter's does)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + 0.5
+
+
+def tied_head() -> nn.Module:
+    """A head whose weight is an embedding's parameter, as `tie_embeddings` makes it."""
+    head = Linear(16, 40, bias=False)
+    head.weight = nn.Embedding(40, 16).weight
+    return head
+
+
+def hooked(head: nn.Module) -> nn.Module:
+    """The head with a forward hook that scales its logits."""
+    head.register_forward_hook(lambda _module, _args, out: out * 1.5)
+    return head
+
+
+# The heads whose product with `fusable_weight(head)` is what head(x) computes: fused.
+FUSED_HEADS = {"Linear": lambda: Linear(16, 40, bias=False), "nn.Linear": lambda: nn.Linear(16, 40, bias=False),
+               "tied Linear": tied_head}
+# The heads a loss must call as modules (a quantised one: tests/compress/test_distill_loss.py).
+CALLED_HEADS = {"Linear with a bias": lambda: Linear(16, 40), "nn.Linear with a bias": lambda: nn.Linear(16, 40),
+                "a subclass": lambda: AddingLinear(16, 40, bias=False),
+                "a module around a Linear": lambda: SwappedHead(Linear(16, 40, bias=False)),
+                "a hooked Linear": lambda: hooked(Linear(16, 40, bias=False))}
+
+
+@pytest.mark.parametrize("name", [*FUSED_HEADS, *CALLED_HEADS])
+def test_fusable_weight_takes_exactly_the_bias_free_linear_layers(name) -> None:
+    torch.manual_seed(0)
+    head = {**FUSED_HEADS, **CALLED_HEADS}[name]()
+    assert fusable_weight(head) is (head.weight if name in FUSED_HEADS else None)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("name", [*FUSED_HEADS, *CALLED_HEADS])
+def test_head_cross_entropy_is_the_logits_way_for_every_head(small_chunks, monkeypatch, name, reduction,
+                                                             temperature) -> None:
+    """Fused for the heads `fusable_weight` takes, through the module for the rest: either
+    way the loss and the gradients (hidden states, every head parameter) of the logits."""
+    torch.manual_seed(0)
+    head = {**FUSED_HEADS, **CALLED_HEADS}[name]()
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(3, 11, 16, generator=gen)
+    targets = torch.randint(0, 40, (3, 11), generator=gen)
+    targets[0, :4] = IGNORE_INDEX
+    scale = incoming(reduction, (3, 11), gen)
+    fused_calls = []
+    monkeypatch.setattr(head_loss, "linear_cross_entropy", lambda *a: fused_calls.append(a) or linear_cross_entropy(*a))
+
+    def run(fn):
+        head.zero_grad(set_to_none=True)
+        h = hidden.clone().requires_grad_()
+        loss = fn(h)
+        (loss * scale).sum().backward()
+        return loss.detach(), h.grad, *(p.grad for p in head.parameters())
+
+    def logits_way(h: torch.Tensor) -> torch.Tensor:
+        return plain_loss(head(h).float() / temperature, targets, reduction)
+
+    want = run(logits_way)
+    got = run(lambda h: head_cross_entropy(h, head, targets, reduction, temperature))
+    assert len(fused_calls) == (name in FUSED_HEADS)
+    for w, g in zip(want, got, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+# (the head, given a fresh model's width and vocabulary; whether the fused loss takes it)
+MODEL_HEADS = {"Linear": (lambda d, v: Linear(d, v, bias=False), True),
+               "nn.Linear": (lambda d, v: nn.Linear(d, v, bias=False), True),
+               "with a bias": (lambda d, v: nn.Linear(d, v), False),
+               "a hooked Linear": (lambda d, v: hooked(Linear(d, v, bias=False)), False)}
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("name", MODEL_HEADS)
+def test_the_transformer_fuses_the_heads_fusable_weight_takes_and_no_other(small_chunks, monkeypatch, name,
+                                                                           reduction) -> None:
+    """A bias-free nn.Linear head is fused as heron's Linear is; a head with a bias, or one
+    with a forward hook (which the fused loss would skip), gives its logits' loss."""
+    model = make_model(tie_embeddings=False)
+    make_head, fusable = MODEL_HEADS[name]
+    torch.manual_seed(3)
+    model.lm_head = make_head(32, 97)
+    fused_calls = []
+    monkeypatch.setattr(head_loss, "linear_cross_entropy", lambda *a: fused_calls.append(a) or linear_cross_entropy(*a))
+    x = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = plain_loss(model(x).logits, x, reduction)
+        got = model(x, targets=x, reduction=reduction).loss
+    assert len(fused_calls) == fusable
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from heron.core.head_loss import IGNORE_INDEX, linear_cross_entropy, next_token_targets
-from heron.core.linear import Linear
+from heron.core.head_loss import head_cross_entropy, next_token_targets
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -47,13 +46,9 @@ def logprobs_and_aux(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor,
 
 def _tempered_nll(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, temperature: float) -> torch.Tensor:
     """(B, T) -log softmax(head(hidden) / temperature)[target], 0 where the target is IGNORE_INDEX:
-    the scores of replies sampled at that temperature (PPO and GRPO, as TRL scores them). A plain
-    bias-free head is linear, so head(hidden) / T = head(hidden / T): the fused loss, no logits."""
-    if type(head) is Linear and head.bias is None:
-        return linear_cross_entropy(hidden / temperature, head.weight, targets, "none")
-    logits = head(hidden).float() / temperature  # (B, T, V): a quantised or adapted head, or one with a bias
-    nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
-    return nll.view(targets.shape)
+    the scores of replies sampled at that temperature (PPO and GRPO, as TRL scores them); fused
+    where the head allows, no logits made (core/head_loss.py)."""
+    return head_cross_entropy(hidden, head, targets, "none", temperature)
 
 
 __all__ = ["logprobs_and_aux", "sequence_logprobs", "token_logprobs"]

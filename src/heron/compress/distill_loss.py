@@ -29,9 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from heron.core.head_loss import (IGNORE_INDEX, add_grads, chunk_logits, chunking, gradient_buffers, hidden_grad,
-                                  kept_rows)
-from heron.core.linear import Linear
+from heron.core.head_loss import (IGNORE_INDEX, add_grads, chunk_logits, chunking, fusable_weight, gradient_buffers,
+                                  hidden_grad, kept_rows)
 
 # (c, V) fp32 tensors a chunk of the fused loss holds at once: its memory matches the cross-entropy's chunks.
 CHUNK_SHARE = 4
@@ -78,8 +77,8 @@ def linear_distillation_loss(
 ) -> torch.Tensor:
     """`distillation_loss(head(hidden), teacher_head(teacher_hidden), targets)` to fp32
     rounding, fused (module note): differentiable in hidden and the head's weight,
-    never in the teacher. A student head other than a bias-free linear layer (an
-    adapter, a quantised layer) is called as a module, through the logits.
+    never in the teacher. A student head that `fusable_weight` refuses (one with a
+    bias, an adapter, a quantised layer) is called as a module, through the logits.
 
     Under autocast the student's products run in the autocast dtype, as F.linear's
     would, and the softmaxes in fp32."""
@@ -87,20 +86,20 @@ def linear_distillation_loss(
     if hidden.shape[:-1] != targets.shape or teacher_hidden.shape[:-1] != targets.shape:
         raise ValueError(f"linear_distillation_loss: targets {tuple(targets.shape)} do not match the hidden "
                          f"states' {tuple(hidden.shape[:-1])} and the teacher's {tuple(teacher_hidden.shape[:-1])}")
-    if type(head) not in (nn.Linear, Linear) or head.bias is not None:
+    weight = fusable_weight(head)  # (V, d) or None
+    if weight is None:
         with torch.no_grad():
             teacher_logits = teacher_head(teacher_hidden).float()  # (..., V)
         return distillation_loss(head(hidden).float(), teacher_logits, targets, temperature=temperature, alpha=alpha)
     device = hidden.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.weight.dtype
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
     settings = (temperature, alpha)
     with torch.autocast(device, enabled=False):
-        if torch.is_grad_enabled() and (hidden.requires_grad or head.weight.requires_grad):
-            return _LinearDistillation.apply(hidden, head.weight, teacher_hidden, targets, teacher_head, settings,
-                                             dtype)
+        if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+            return _LinearDistillation.apply(hidden, weight, teacher_hidden, targets, teacher_head, settings, dtype)
         h, y, kept = kept_rows(hidden, targets)
         teacher_rows = _rows(teacher_hidden, kept)
-        return _chunked(h.to(dtype), head.weight.to(dtype), teacher_rows, teacher_head, y, settings, (False, False))[0]
+        return _chunked(h.to(dtype), weight.to(dtype), teacher_rows, teacher_head, y, settings, (False, False))[0]
 
 
 class _LinearDistillation(torch.autograd.Function):

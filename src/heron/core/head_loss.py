@@ -28,12 +28,21 @@ tensor.
 The chunking, the kept rows and the gradient products are public building
 blocks: distillation's loss walks the same chunks with the teacher's logits
 beside the student's (compress/distill_loss.py).
+
+Whether a head may be fused is decided in one place, `fusable_weight`: only
+where the product with its weight is what the head's forward computes. Every
+loss over a head goes through it; `head_cross_entropy` is the cross-entropy
+that takes the fused path or the logits' by it.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+
+from heron.core.linear import Linear
 
 IGNORE_INDEX = -100  # targets to skip, as F.cross_entropy's default
 REDUCTIONS = ("sum", "none")  # as F.cross_entropy's, less the mean
@@ -78,6 +87,42 @@ def linear_cross_entropy(
             return _every_position(_row_losses(h.to(dtype), weight.to(dtype), y), kept, targets)
         return _chunked(h.to(dtype), weight.to(dtype), y, (False, False))[0]
 
+
+def fusable_weight(head: nn.Module) -> torch.Tensor | None:
+    """The output head's (V, d) weight where `hidden @ weight.T` is what head(hidden) computes,
+    to fp32 rounding, so a fused loss may use it in place of the logits; else None.
+
+    Exact: a bias-free `nn.Linear` or heron `Linear` (tied or not: a tied head's weight
+    is the embedding's parameter, whose gradient the fused loss then gives) without hooks
+    of its own. Not: a head with a bias; any other module or subclass, whose forward may
+    add to the product (an adapter); a quantised layer (compress/qlinear.py), whose
+    `.weight` is its dequantised copy but whose forward may run a kernel that rounds
+    otherwise; a head with forward hooks, which the fused loss would skip."""
+    if type(head) not in (nn.Linear, Linear) or head.bias is not None:
+        return None
+    return None if head._forward_hooks or head._forward_pre_hooks else head.weight
+
+
+def head_cross_entropy(
+    hidden: torch.Tensor,  # (..., d): the final norm's output
+    head: nn.Module,  # the output head: (..., d) -> (..., V)
+    targets: torch.Tensor,  # (...) long, IGNORE_INDEX where no loss is taken
+    reduction: str = "sum",
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """-log softmax(head(hidden) / temperature)[target], fp32, summed into a 0-dim tensor or
+    with reduction "none" at every position (...), 0 where the target is IGNORE_INDEX:
+    fused where `fusable_weight` allows (a linear head: head(h) / T = head(h / T)), else
+    through the head's logits, the module called as itself."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: {reduction!r} is not one of {REDUCTIONS}")
+    weight = fusable_weight(head)
+    if weight is not None:
+        return linear_cross_entropy(hidden if temperature == 1.0 else hidden / temperature, weight, targets, reduction)
+    logits = head(hidden).float()  # (..., V)
+    logits = logits if temperature == 1.0 else logits / temperature
+    loss = F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
+    return loss.view(targets.shape) if reduction == "none" else loss
 
 
 def next_token_targets(ids: torch.Tensor, counted: torch.Tensor | None = None) -> torch.Tensor:
@@ -255,5 +300,5 @@ def _row_loss_grads(
     return grad_h, grad_w
 
 
-__all__ = ["IGNORE_INDEX", "REDUCTIONS", "add_grads", "chunk_logits", "chunking", "gradient_buffers", "hidden_grad",
-           "kept_rows", "linear_cross_entropy", "next_token_targets"]
+__all__ = ["IGNORE_INDEX", "REDUCTIONS", "add_grads", "chunk_logits", "chunking", "fusable_weight", "gradient_buffers",
+           "head_cross_entropy", "hidden_grad", "kept_rows", "linear_cross_entropy", "next_token_targets"]

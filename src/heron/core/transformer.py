@@ -6,12 +6,11 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from heron.core.attention import Attention
 from heron.core.config import ModelConfig
-from heron.core.head_loss import IGNORE_INDEX, REDUCTIONS, linear_cross_entropy
+from heron.core.head_loss import head_cross_entropy
 from heron.core.hooks import HookFn, HookPoint, attach_hooks
 from heron.core.kv_cache import KVCache
 from heron.core.linear import MAX_ROWS, Linear, set_decode_layout
@@ -225,18 +224,12 @@ class Transformer(nn.Module):
 
     def head_loss(self, hidden: torch.Tensor, targets: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
         """Cross-entropy of the output head on the final norm's output (B, T, d), summed
-        or (reduction "none") per position: fused when the head is the plain linear layer,
+        or (reduction "none") per position: fused when the head is a plain linear layer,
         else through its logits (a head swapped for a quantised or adapted layer is always
-        called as a module)."""
+        called as a module; core/head_loss.py's `fusable_weight` decides)."""
         if self.config.head != "lm":
             raise ValueError(f"targets: a model with head {self.config.head!r} has no next-token loss")
-        if type(self.lm_head) is Linear and self.lm_head.bias is None:
-            return linear_cross_entropy(hidden, self.lm_head.weight, targets, reduction)
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction: {reduction!r} is not one of {REDUCTIONS}")
-        logits = self.lm_head(hidden).float()  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction)
-        return loss.view(targets.shape) if reduction == "none" else loss
+        return head_cross_entropy(hidden, self.lm_head, targets, reduction)
 
     def _embed_tokens(self, input_ids: torch.Tensor | None, input_embeds: torch.Tensor | None) -> torch.Tensor:
         if (input_ids is None) == (input_embeds is None):
