@@ -100,11 +100,11 @@ def variants(source: Path, plan: Plan) -> dict[str, Path]:
     calibration = {**CALIBRATION, "calib_batches": plan.calib_batches}
     quantized = {"int8": QuantizeSettings("int8"), "int4-rtn": QuantizeSettings("int4", "rtn"),
                  "int4-gptq": QuantizeSettings("int4", "gptq"), "int4-awq": QuantizeSettings("int4", "awq")}
-    pruned = {"sparse50-magnitude": PruneSettings("magnitude", sparsity=0.5),
-              "sparse50-wanda": PruneSettings("wanda", sparsity=0.5),
-              "sparse50-sparsegpt": PruneSettings("sparsegpt", sparsity=0.5),
-              "2:4-sparsegpt": PruneSettings("sparsegpt", nm=(2, 4)),
-              "mlp25": PruneSettings(mlp_channels=0.25, recover_steps=100, recover_lr=1e-4)}
+    pruned = {"sparse50-magnitude": PruneSettings("magnitude", sparsity=0.5, **calibration),
+              "sparse50-wanda": PruneSettings("wanda", sparsity=0.5, **calibration),
+              "sparse50-sparsegpt": PruneSettings("sparsegpt", sparsity=0.5, **calibration),
+              "2:4-sparsegpt": PruneSettings("sparsegpt", nm=(2, 4), **calibration),
+              "mlp25": PruneSettings(mlp_channels=0.25, recover_steps=100, recover_lr=1e-4, **calibration)}
     made = {}
     for name, settings in quantized.items():
         made[name] = out / name
@@ -115,7 +115,7 @@ def variants(source: Path, plan: Plan) -> dict[str, Path]:
         made[name] = out / name
         if not made[name].exists():
             print(f"making {name}", flush=True)
-            prune_checkpoint(source, made[name], PruneSettings(**{**vars(settings), **calibration}))
+            prune_checkpoint(source, made[name], settings)
     return made
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from heron.cli import card
+from heron.cli.main import main
 
 
 def heron(argv: list[str]) -> int:
@@ -72,3 +73,17 @@ def test_card_user_errors(run, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="empty: not a Heron checkpoint: it has no lineage.json"):
         heron(["card", str(tmp_path / "empty")])
+
+
+@pytest.mark.parametrize("db", [":memory:", "sqlite://", "sqlite:///"])
+def test_an_in_memory_audit_log_is_refused_as_heron_audit_refuses_it(run, db, capsys):
+    complaints = []
+    for argv, flag in ((["card", str(run), "--annex-iv", "--audit-log", db], "--audit-log"),
+                       (["audit", "verify", "--log", db], "--log")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        last = capsys.readouterr().err.splitlines()[-1]
+        complaints.append(last.split(f"error: argument {flag}: ", 1)[1])
+    expected = f"{db!r} is an in-memory database: nothing would be kept; give a file or a server's URL"
+    assert complaints == [expected, expected]
+    assert not (run / "checkpoints" / "step_00000002" / "ANNEX_IV.md").exists()

@@ -59,14 +59,18 @@ def test_bad_requests_exit_2_naming_the_problem(folders, tmp_path, capsys):
     ckpt, shards = folders
     assert main(["compress", "prune", str(ckpt), str(tmp_path / "x"), "--heads", "0.1", "--calib-shards", str(shards),
                  "--calib-batches", "1", "--seq-len", "16"]) == 2  # 4 heads: 0.1 of them removes none
-    assert "heads: 0.1 of 4 rounds to none removed; the smallest step here is 0.25" in capsys.readouterr().err
+    assert "--heads: 0.1 of 4 rounds to none removed; the smallest step here is 0.25" in capsys.readouterr().err
     assert main(["compress", "prune", str(ckpt), str(tmp_path / "x"), "--method", "wanda", "--sparsity", "0.5"]) == 2
-    assert "--calib-shards" in capsys.readouterr().err
+    assert "--calib-shards: a shard folder of calibration windows is needed for method 'wanda', got None" in \
+        capsys.readouterr().err
     assert main(["compress", "prune", str(ckpt), str(tmp_path / "x")]) == 2
-    assert "nothing to prune" in capsys.readouterr().err
+    assert "--sparsity: nothing to prune" in capsys.readouterr().err
     for flag in ("--heads", "--mlp-channels"):  # 0 would copy the model and call it pruned
         assert main(["compress", "prune", str(ckpt), str(tmp_path / "x"), flag, "0"]) == 2
-        assert f"expected a fraction in (0, 1) for {flag}, got 0" in capsys.readouterr().err
+        assert f"error: {flag}: expected a fraction in (0, 1), got 0\n" in capsys.readouterr().err
+    assert main(["compress", "prune", str(ckpt), str(tmp_path / "x"), "--method", "magnitude", "--sparsity", "0.5",
+                 "--recover-steps", "2", "--recover-lr", "-0.1", "--calib-shards", str(shards)]) == 2
+    assert "error: --recover-lr: expected a positive learning rate, got -0.1\n" in capsys.readouterr().err
     weights = (ckpt / "model.safetensors").read_bytes()
     assert main(["compress", "prune", str(ckpt), str(ckpt), "--method", "magnitude", "--sparsity", "0.5"]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
@@ -82,14 +86,15 @@ def test_asking_for_what_the_source_already_has_is_refused_before_writing(folder
     capsys.readouterr()
     assert main(["compress", "prune", str(half), str(tmp_path / "lower"), "--method", "magnitude",
                  "--sparsity", "0.3"]) == 2
-    assert "is already 50.0% zeros; --sparsity 0.3 would prune nothing" in capsys.readouterr().err
+    assert f"--sparsity: {half} is already 50.0% zeros; 0.3 would prune nothing" in capsys.readouterr().err
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=256, d_model=32, n_layers=1, n_heads=2, max_seq_len=64, feed_forward=("moe",),
                          moe=MoEConfig(n_experts=4, top_k=2))
     moe = save_model_folder(tmp_path / "moe", Transformer(config))
     assert main(["compress", "prune", str(moe), str(tmp_path / "same"), "--experts", "4",
                  "--calib-shards", str(shards), "--calib-batches", "1", "--seq-len", "16"]) == 2
-    assert "already has 4 experts per MoE layer; --experts 4 would remove none" in capsys.readouterr().err
+    assert f"--experts: {moe} already has 4 experts per MoE layer; keeping 4 would remove none" in \
+        capsys.readouterr().err
     assert not (tmp_path / "lower").exists() and not (tmp_path / "same").exists()
 
 
@@ -97,7 +102,8 @@ def test_a_method_without_sparsity_or_nm_is_refused(folders, tmp_path, capsys):
     ckpt, shards = folders
     assert main(["compress", "prune", str(ckpt), str(tmp_path / "x"), "--method", "sparsegpt", "--mlp-channels",
                  "0.25", "--calib-shards", str(shards)]) == 2
-    assert "--method applies only with --sparsity or --nm" in capsys.readouterr().err
+    assert "--method: 'sparsegpt' scores unstructured and N:M pruning; it applies only with sparsity or nm" in \
+        capsys.readouterr().err
 
 
 def test_a_target_inside_the_source_or_a_file_is_refused(folders, tmp_path, capsys):

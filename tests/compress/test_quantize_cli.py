@@ -42,14 +42,14 @@ def test_rtn_needs_no_shards_and_calibrated_methods_do(folders, tmp_path, capsys
     ckpt, _ = folders
     assert main(["compress", "quantize", str(ckpt), str(tmp_path / "int8")]) == 0
     assert main(["compress", "quantize", str(ckpt), str(tmp_path / "awq"), "--method", "awq"]) == 2
-    assert "calib_shards: method 'awq' needs a shard folder" in capsys.readouterr().err
+    assert "error: --calib-shards: method 'awq' needs a shard folder, got None" in capsys.readouterr().err
     weights = (ckpt / "model.safetensors").read_bytes()
     for taken in (ckpt, tmp_path / "int8"):  # the source itself, or an earlier result
         assert main(["compress", "quantize", str(ckpt), str(taken)]) == 2
         assert "exists and is not empty" in capsys.readouterr().err
     assert (ckpt / "model.safetensors").read_bytes() == weights
     assert main(["compress", "quantize", str(ckpt), str(tmp_path / "g"), "--scheme", "int4", "--group-size", "48"]) == 2
-    assert "group_size: 48 does not divide" in capsys.readouterr().err
+    assert "error: --group-size: 48 does not divide" in capsys.readouterr().err
     _, shards = folders
     for flags, complaint in ((["--group-size", "32"], "--group-size: applies to int4 only"),
                              (["--calib-shards", str(shards)], "--calib-shards: rtn rounds each weight on its own")):

@@ -51,6 +51,8 @@ def test_inconsistent_fields_are_named(change, field):
     ({"rope_scaling": {"kind": "llama3", "original_max_seq_len": 0}}, r"rope_scaling\.original_max_seq_len: must be"),
     ({"rope_scaling": {"kind": "llama3", "original_max_seq_len": -8192}}, r"rope_scaling\.original_max_seq_len"),
     ({"rope_scaling": {"kind": "linear", "factor": float("nan")}}, r"rope_scaling\.factor: must be positive"),
+    ({"rope_scaling": {"kind": "llama3", "low_freq_factor": 4.0, "high_freq_factor": 2.0}},
+     r"rope_scaling\.high_freq_factor: must exceed low_freq_factor \(4\), got 2$"),
     ({"rope_scaling": {"kind": "linear", "low_freq_factor": 3.0}},
      r"rope_scaling\.low_freq_factor: a linear scaling does not use it \(its fields: factor\); "
      r"set kind to one that does \(llama3\)"),

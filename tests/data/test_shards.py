@@ -79,6 +79,8 @@ def test_sharded_tokens_slice_across_shards() -> None:
     assert tokens[7] == 7 and tokens[-1] == 19
     with pytest.raises(IndexError):
         tokens[20]
+    with pytest.raises(ValueError, match=r"^step: ShardedTokens supports contiguous slices only \(step 1\), got 2$"):
+        tokens[0:10:2]
 
 
 def test_split_is_deterministic_and_stable_when_files_are_added() -> None:

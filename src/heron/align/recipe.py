@@ -114,7 +114,13 @@ def _settings(cls: type, values: dict[str, Any], section: str) -> Any:
     try:
         return cls(**values)
     except (TypeError, ValueError) as err:
-        raise RecipeError(f"{section}: {err}") from err
+        raise _section_error(section, err, known) from err
+
+
+def _section_error(section: str, err: Exception, known: set[str]) -> RecipeError:
+    """A settings class's `field: problem` as the recipe's dotted `section.field: problem`."""
+    field, sep, rest = str(err).partition(": ")
+    return RecipeError(f"{section}.{field}: {rest}" if sep and field in known else f"{section}: {err}")
 
 
 def load_align_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> AlignRecipe:
@@ -126,7 +132,7 @@ def load_align_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] =
     try:
         recipe.fit_settings()
     except ValueError as err:
-        raise RecipeError(f"fit.{err}") from None
+        raise _section_error("fit", err, {f.name for f in dataclasses.fields(FitSettings)}) from None
     recipe.ppo_settings(), recipe.grpo_settings()  # every section checked before any work
     return recipe
 

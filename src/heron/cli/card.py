@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from heron.cli.options import lasting_database
 from heron.govern.annex_iv import write_annex_iv
 from heron.govern.audit import log_location
 from heron.govern.card import read_evaluations, write_model_card
@@ -31,7 +32,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true",
                    help="replace the file even if it was edited since heron card wrote it, or is another file "
                         "(an untouched document is always replaced)")
-    p.add_argument("--audit-log", default=None,
+    p.add_argument("--audit-log", type=lasting_database, default=None,
                    help="Annex IV: where the audit log of the model's events is kept (default: the log normal work "
                         "records to, $HERON_AUDIT_LOG or runs/audit.db, when it exists)")
     p.set_defaults(handler=card)

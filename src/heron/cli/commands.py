@@ -233,16 +233,28 @@ def align(args: argparse.Namespace) -> int:
 # ----- compress ---------------------------------------------------------------------
 
 
+def as_flag(err: ValueError, args: argparse.Namespace, *settings: type) -> ValueError:
+    """An error of the settings classes, `calib_shards: ...`, named as the flag that sets the field:
+    `--calib-shards: ...` (the library names its fields; the user typed flags)."""
+    field, sep, rest = str(err).partition(": ")
+    if sep and field in vars(args) and any(field == f.name for cls in settings for f in dataclasses.fields(cls)):
+        return ValueError(f"--{field.replace('_', '-')}: {rest}")
+    return err
+
+
 def compress_prune(args: argparse.Namespace) -> int:
     from heron.compress.prune_checkpoint import PruneSettings, prune_checkpoint
 
-    settings = PruneSettings(
-        method=args.method, sparsity=args.sparsity, nm=args.nm, mlp_channels=args.mlp_channels, heads=args.heads,
-        experts=args.experts, calib_shards=args.calib_shards, calib_batches=args.calib_batches,
-        calib_batch_size=args.calib_batch_size, seq_len=args.seq_len, recover_steps=args.recover_steps,
-        recover_lr=args.recover_lr,
-    )
-    report = prune_checkpoint(args.checkpoint, args.target, settings)
+    try:
+        settings = PruneSettings(
+            method=args.method, sparsity=args.sparsity, nm=args.nm, mlp_channels=args.mlp_channels, heads=args.heads,
+            experts=args.experts, calib_shards=args.calib_shards, calib_batches=args.calib_batches,
+            calib_batch_size=args.calib_batch_size, seq_len=args.seq_len, recover_steps=args.recover_steps,
+            recover_lr=args.recover_lr,
+        )
+        report = prune_checkpoint(args.checkpoint, args.target, settings)
+    except ValueError as err:
+        raise as_flag(err, args, PruneSettings) from None
     print(f"wrote pruned checkpoint {args.target}: {report['parameters_before']:,} -> "
           f"{report['parameters_after']:,} parameters, block linears {report['block_linear_sparsity']:.1%} zeros")
     return 0
@@ -258,13 +270,16 @@ def compress_quantize(args: argparse.Namespace) -> int:
         raise ValueError("--calib-shards: rtn rounds each weight on its own and reads no calibration data "
                          "(use --method gptq or awq)")
     group_size = QuantizeSettings.group_size if args.group_size is None else args.group_size
-    settings = QuantizeCheckpointSettings(
-        QuantizeSettings(scheme=args.scheme, method=args.method, group_size=group_size, act_order=args.act_order,
-                         embeddings=args.embeddings, symmetric=args.symmetric),
-        calib_shards=args.calib_shards, calib_batches=args.calib_batches, calib_batch_size=args.calib_batch_size,
-        seq_len=args.seq_len,
-    )
-    report = quantize_checkpoint(args.checkpoint, args.target, settings)
+    try:
+        settings = QuantizeCheckpointSettings(
+            QuantizeSettings(scheme=args.scheme, method=args.method, group_size=group_size,
+                             act_order=args.act_order, embeddings=args.embeddings, symmetric=args.symmetric),
+            calib_shards=args.calib_shards, calib_batches=args.calib_batches,
+            calib_batch_size=args.calib_batch_size, seq_len=args.seq_len,
+        )
+        report = quantize_checkpoint(args.checkpoint, args.target, settings)
+    except ValueError as err:
+        raise as_flag(err, args, QuantizeSettings, QuantizeCheckpointSettings) from None
     ratio = f", {report['size_vs_source']:.3f}x the source's weights file" if report["size_vs_source"] else ""
     print(f"wrote {args.scheme} {args.method} checkpoint {args.target}: {report['model_bytes']:,} bytes{ratio}")
     return 0

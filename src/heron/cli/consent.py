@@ -12,10 +12,11 @@ import json
 from pathlib import Path
 
 from heron.cli.options import lasting_database, not_the_source
-from heron.store.jsonl import write_text_atomic
+from heron.store.atomic import write_text_atomic
 from heron.govern.consent import PURPOSES, ConsentRegistry
 
 DB_HELP = "SQLite file or database URL (sqlite:///..., postgresql://...)"
+USER_HELP = "the user's id: the person whose consent it is"
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
@@ -25,7 +26,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     purpose_help = f"an open vocabulary of lower-case keys; well-known: {', '.join(PURPOSES)}"
     p = consent.add_parser("grant", help="record that a user gave consent for a purpose")
     _user_purpose(p, purpose_help)
-    p.add_argument("--source", default="cli", help="how the consent was collected (default: cli)")
+    p.add_argument("--source", default="cli", help="how the consent was collected (default: %(default)s)")
     p.add_argument("--notice", default=None, help="the version of the notice the user was shown")
     p.add_argument("--expires", default=None, metavar="TIME", help="when it lapses, ISO 8601 with an offset")
     p.add_argument("--controller", default=None, help="who the consent is given to")
@@ -35,7 +36,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=grant)
     p = consent.add_parser("withdraw", help="record that a user withdrew consent for a purpose")
     _user_purpose(p, purpose_help)
-    p.add_argument("--source", default="cli", help="how the withdrawal was received (default: cli)")
+    p.add_argument("--source", default="cli", help="how the withdrawal was received (default: %(default)s)")
     p.add_argument("--at", default=None, metavar="TIME", help="when it was withdrawn, if not now")
     p.set_defaults(handler=withdraw)
     p = consent.add_parser("check", help="whether a user's consent for a purpose is in force (exit 0) or not (1)")
@@ -43,7 +44,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--at", default=None, metavar="TIME", help="the moment to check (default: now)")
     p.set_defaults(handler=check)
     p = consent.add_parser("history", help="a user's consent records and their events, as JSON")
-    p.add_argument("user")
+    p.add_argument("user", help=USER_HELP)
     p.add_argument("purpose", nargs="?", default=None, help="only this purpose")
     p.add_argument("--db", type=lasting_database, required=True, help=DB_HELP)
     p.add_argument("--out", default=None, help="write the JSON to this file instead of printing it")
@@ -51,7 +52,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
 
 def _user_purpose(p: argparse.ArgumentParser, purpose_help: str) -> None:
-    p.add_argument("user")
+    p.add_argument("user", help=USER_HELP)
     p.add_argument("purpose", help=purpose_help)
     p.add_argument("--db", type=lasting_database, required=True, help=DB_HELP)
 

@@ -41,17 +41,19 @@ from heron.compress.quantize import QuantizeSettings
 from heron.compress.quantize_checkpoint import QuantizeCheckpointSettings, quantize_checkpoint
 from heron.compress.report import PARETO_PNG, measure, write_report
 from heron.compress.schemes import Int8PerChannel
-from heron.data import load_shards
+from heron.core import Transformer
+from heron.data import ShardedTokens, load_shards
 from heron.generate import Generator, SamplingParams, perplexity
 from heron.govern.annex_iv import write_annex_iv
 from heron.govern.audit import audit_log, log_location
 from heron.govern.card import write_model_card
+from heron.govern.digest import METRICS_FILE, TOKENIZER_FILE
 from heron.interpret.explain import ExplainSettings, explain
 from heron.interpret.html import missing_files
-from heron.train import load_model_folder, load_recipe, train
+from heron.tokenizer import Tokenizer
+from heron.train import TrainRecipe, TrainResult, load_model_folder, load_recipe, train
 from heron.train.checkpoint import remove_folder, verify_checkpoint
-from heron.train.report import METRICS_FILE, PLOT_FILE
-from heron.train.sources import TOKENIZER_FILE
+from heron.train.report import PLOT_FILE
 
 # Prompts end where a token ends: after "import " the tokenizer would have to go on from a
 # lone space, where its training text has " os", " sys" (space and word, one token each).
@@ -69,62 +71,20 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     out: Path = args.out
     shards_dir = out / "data"  # one tokenizer and set of shards for every recipe
-    recipe_file = recipe_path(args.recipe)
-    name = recipe_file.stem
-    recipe = load_recipe(recipe_file, [f"out_dir={out / name}", f"data.shards={shards_dir}", *args.overrides])
-    _stage("1-3/10", f"tokenizer, shards and pre-training of the {name!r} model on the Python standard library")
-    result = train(recipe, resume=not args.fresh)
+    recipe, result = _pretrain(args, shards_dir)
     model, tokenizer = load_model_folder(result.checkpoint)
-
-    _stage("4/10", "validation perplexity")
     shards = load_shards(shards_dir)
-    ppl = perplexity(model, shards.val, seq_len=recipe.data.seq_len, batch_size=8, max_batches=16, progress=True)
-    print(f"validation perplexity: {ppl:.2f} (a uniform guess over the vocabulary: {tokenizer.vocab_size})")
-
-    _stage("5/10", "samples")
-    generator = Generator(model, tokenizer)
-    for prompt, text in zip(SAMPLE_PROMPTS, generator.generate(list(SAMPLE_PROMPTS), SAMPLING)):
-        print(f"--- prompt {prompt!r}\n{prompt}{text}\n")
+    _perplexity(model, tokenizer, shards.val, recipe.data.seq_len)
+    _samples(model, tokenizer)
 
     align_dir, compress_dir = out / "align", out / "compress"
     for made in (align_dir, compress_dir):
         if args.fresh and made.exists():
             remove_folder(made)
-    _stage("6/10", "alignment: supervised fine-tuning on the say-the-word task (replies repeat the word 1-5 times)")
-    sft = _aligned("sft", "task-sft", result.checkpoint, align_dir / "sft")
-    _stage("7/10", f"alignment: DPO on the judge's preferences (exactly {TASK.target} repetitions)")
-    dpo = _aligned("dpo", "task-dpo", sft, align_dir / "dpo")
-    _compare_on_task({"SFT": sft, "DPO": dpo})
-
-    _stage("8/10", "compression: int8 weights (per output channel, round to nearest) beside fp32")
-    int8 = _quantized(result.checkpoint, compress_dir / "int8")
-    rows = measure([result.checkpoint, int8], shards.val, names=["fp32", "int8"], seq_len=recipe.data.seq_len,
-                   max_batches=8, new_tokens=32)
-    report = write_report(rows, compress_dir / "report")
-    print(report.read_text(encoding="utf-8"))
-    if rows[1].decode_tokens_per_s < rows[0].decode_tokens_per_s:
-        _explain_slow_int8()
-
-    _stage("9/10", "explanation: one prediction of the pre-trained model through every lens (HTML report)")
-    page = explain(model, tokenizer, EXPLAINED, out / "explain")
-    missing = missing_files(page)
-    if missing:
-        raise RuntimeError(f"{page}: references files that were not written: {', '.join(missing)}")
-    print(f"{page}: every section written, every referenced figure on disk")
-
-    _stage("10/10", "governance: model card and Annex IV documentation of the DPO model; the audit log verified")
-    card, annex = write_model_card(dpo), write_annex_iv(dpo, audit_log=log_location())
-    print(f"model card {card}\nAnnex IV documentation {annex}")
-    log = audit_log()
-    if log is None:
-        print("audit log: off ($HERON_AUDIT_LOG=off)")
-    else:
-        with log:
-            log.checkpoint()  # a Merkle checkpoint over every record so far
-            verified = log.verify()
-        print(f"{log_location()}: {verified.summary()}")
-        if not verified.ok:
-            raise RuntimeError(f"{log_location()}: {verified.summary()}")
+    sft, dpo = _align(result.checkpoint, align_dir)
+    int8, report = _compress(result.checkpoint, shards.val, recipe.data.seq_len, compress_dir)
+    page = _explain(model, tokenizer, out / "explain")
+    card, annex = _govern(dpo)
 
     minutes = (time.perf_counter() - started) / 60
     print(f"done in {minutes:.1f} min. Artefacts:")
@@ -150,6 +110,79 @@ def run(args: argparse.Namespace) -> int:
     print(f"Try: heron generate {result.checkpoint} --prompt 'def parse('")
     print(f"     heron generate {dpo} --chat --prompt 'Say river a few times.'")
     return 0
+
+
+def _pretrain(args: argparse.Namespace, shards_dir: Path) -> tuple[TrainRecipe, TrainResult]:
+    """Stages 1-3: the tokenizer, the shards and the pre-trained model (resumed unless --fresh)."""
+    recipe_file = recipe_path(args.recipe)
+    name = recipe_file.stem
+    recipe = load_recipe(recipe_file, [f"out_dir={args.out / name}", f"data.shards={shards_dir}", *args.overrides])
+    _stage("1-3/10", f"tokenizer, shards and pre-training of the {name!r} model on the Python standard library")
+    return recipe, train(recipe, resume=not args.fresh)
+
+
+def _perplexity(model: Transformer, tokenizer: Tokenizer, val: ShardedTokens, seq_len: int) -> None:
+    _stage("4/10", "validation perplexity")
+    ppl = perplexity(model, val, seq_len=seq_len, batch_size=8, max_batches=16, progress=True)
+    print(f"validation perplexity: {ppl:.2f} (a uniform guess over the vocabulary: {tokenizer.vocab_size})")
+
+
+def _samples(model: Transformer, tokenizer: Tokenizer) -> None:
+    _stage("5/10", "samples")
+    generator = Generator(model, tokenizer)
+    for prompt, text in zip(SAMPLE_PROMPTS, generator.generate(list(SAMPLE_PROMPTS), SAMPLING)):
+        print(f"--- prompt {prompt!r}\n{prompt}{text}\n")
+
+
+def _align(base: Path, align_dir: Path) -> tuple[Path, Path]:
+    """Stages 6-7: the SFT model, then the DPO model trained from it; the judge compares them."""
+    _stage("6/10", "alignment: supervised fine-tuning on the say-the-word task (replies repeat the word 1-5 times)")
+    sft = _aligned("sft", "task-sft", base, align_dir / "sft")
+    _stage("7/10", f"alignment: DPO on the judge's preferences (exactly {TASK.target} repetitions)")
+    dpo = _aligned("dpo", "task-dpo", sft, align_dir / "dpo")
+    _compare_on_task({"SFT": sft, "DPO": dpo})
+    return sft, dpo
+
+
+def _compress(base: Path, val: ShardedTokens, seq_len: int, compress_dir: Path) -> tuple[Path, Path]:
+    """Stage 8: (the int8 model, its report beside fp32's)."""
+    _stage("8/10", "compression: int8 weights (per output channel, round to nearest) beside fp32")
+    int8 = _quantized(base, compress_dir / "int8")
+    rows = measure([base, int8], val, names=["fp32", "int8"], seq_len=seq_len, max_batches=8, new_tokens=32)
+    report = write_report(rows, compress_dir / "report")
+    print(report.read_text(encoding="utf-8"))
+    if rows[1].decode_tokens_per_s < rows[0].decode_tokens_per_s:
+        _explain_slow_int8()
+    return int8, report
+
+
+def _explain(model: Transformer, tokenizer: Tokenizer, out: Path) -> Path:
+    """Stage 9: the HTML report, refused if it names a file that was not written."""
+    _stage("9/10", "explanation: one prediction of the pre-trained model through every lens (HTML report)")
+    page = explain(model, tokenizer, EXPLAINED, out)
+    missing = missing_files(page)
+    if missing:
+        raise RuntimeError(f"{page}: references files that were not written: {', '.join(missing)}")
+    print(f"{page}: every section written, every referenced figure on disk")
+    return page
+
+
+def _govern(model: Path) -> tuple[Path, Path]:
+    """Stage 10: (the model card, the Annex IV document) of `model`; the audit log checkpointed and verified."""
+    _stage("10/10", "governance: model card and Annex IV documentation of the DPO model; the audit log verified")
+    card, annex = write_model_card(model), write_annex_iv(model, audit_log=log_location())
+    print(f"model card {card}\nAnnex IV documentation {annex}")
+    log = audit_log()
+    if log is None:
+        print("audit log: off ($HERON_AUDIT_LOG=off)")
+        return card, annex
+    with log:
+        log.checkpoint()  # a Merkle checkpoint over every record so far
+        verified = log.verify()
+    print(f"{log_location()}: {verified.summary()}")
+    if not verified.ok:
+        raise RuntimeError(f"{log_location()}: {verified.summary()}")
+    return card, annex
 
 
 def _aligned(method: str, recipe_name: str, base: Path, out_dir: Path, overrides: Sequence[str] = ()) -> Path:

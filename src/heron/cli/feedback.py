@@ -35,7 +35,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--consent", type=lasting_database, default=None, metavar="REGISTRY",
                    help="a consent registry (heron consent): leave out the comparisons of annotators "
                         "without consent in force for --purpose")
-    p.add_argument("--purpose", default="training", help="the consent purpose an export needs (default training)")
+    p.add_argument("--purpose", default="training", help="the consent purpose an export needs (default %(default)s)")
     p.set_defaults(handler=feedback_export)
     p = actions.add_parser("stats", help="counts, annotators, agreement and mean rating per model")
     p.add_argument("--db", type=lasting_database, required=True, help="SQLite file or database URL")

@@ -20,6 +20,7 @@ from pathlib import Path
 from heron.cli.options import DEMO_RECIPE, n_of_m, positive_int, shipped_recipes
 
 Handler = Callable[[argparse.Namespace], int]
+Verbs = argparse._SubParsersAction  # what `add_subparsers` returns: each group's `register` adds its verbs to it
 # Errors that mean "the input was wrong": shown as one line, not a traceback (RecipeError is a
 # ValueError; CheckpointError is looked up where it lives, in `_is_user_error`).
 USER_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError,
@@ -31,12 +32,14 @@ CHECKPOINT_HELP = "a checkpoint folder, a run folder (its latest checkpoint) or 
 def _add_sampling(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=positive_int, default=None,
                         help="tokens to generate at most (default: 128, or as many as the model's context leaves)")
-    parser.add_argument("--temperature", type=float, default=0.8, help="softmax temperature (default 0.8; 0 = greedy)")
+    parser.add_argument("--temperature", type=float, default=0.8,
+                        help="softmax temperature (default %(default)g; 0 = greedy)")
     parser.add_argument("--top-k", type=positive_int, default=None, help="sample from the k likeliest tokens only")
     parser.add_argument("--top-p", type=float, default=1.0,
-                        help="sample from the smallest set of tokens holding this probability (default 1: all)")
+                        help="sample from the smallest set of tokens holding this probability "
+                             "(default %(default)g: all)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0,
-                        help="penalise tokens already seen (CTRL's penalty; default 1: none)")
+                        help="penalise tokens already seen (CTRL's penalty; default %(default)g: none)")
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling: the same seed, the same text")
     from heron.cli import watermark
@@ -72,26 +75,44 @@ def _is_busy_database(err: Exception) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="heron", description="An open workbench for language models.")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for register in (_register_tokenizer, _register_data, _register_train, _register_generate, _register_eval,
+                     _register_convert, _register_compress, _register_align, _register_explain, _register_demo):
+        register(verbs)
+    # governance: each verb's parser and handlers live in its own module (imported here, inside
+    # main's reach, so that Ctrl-C while they load is one line, not a traceback)
+    from heron.cli import audit, card, consent, feedback, pii, watermark
 
+    for verb in (feedback, audit, card, consent, pii, watermark):
+        verb.register(verbs)
+    return parser
+
+
+def _register_tokenizer(verbs: Verbs) -> None:
     tok = verbs.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True)
     p = tok.add_parser("train", help="train a byte-level BPE tokenizer on a corpus")
     p.add_argument("sources", nargs="*", help="files, folders or globs (default: the Python standard library)")
-    p.add_argument("--vocab-size", type=positive_int, default=8192, help="tokens in the vocabulary, specials included")
+    p.add_argument("--vocab-size", type=positive_int, default=8192,
+                   help="tokens in the vocabulary, specials included (default %(default)s)")
     p.add_argument("--ext", action="append", default=None, help="file extensions to read, e.g. .py (repeatable)")
     p.add_argument("--out", type=Path, required=True, help="where to write tokenizer.json")
     p.set_defaults(handler=_lazy("commands", "tokenizer_train"))
 
+
+def _register_data(verbs: Verbs) -> None:
     data = verbs.add_parser("data", help="data tools").add_subparsers(dest="action", required=True)
     p = data.add_parser("prepare", help="tokenise a corpus into memory-mapped shards")
     p.add_argument("sources", nargs="*", help="files, folders or globs (default: the Python standard library)")
     p.add_argument("--tokenizer", type=Path, required=True, help="tokenizer.json or a folder holding it")
     p.add_argument("--ext", action="append", default=None, help="file extensions to read (repeatable)")
     p.add_argument("--val-fraction", type=float, default=0.02,
-                   help="share of documents held out for validation (default 0.02)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split by document")
+                   help="share of documents held out for validation (default %(default)g)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the train/validation split by document (default %(default)s)")
     p.add_argument("--out", type=Path, required=True, help="shard folder to write")
     p.set_defaults(handler=_lazy("commands", "data_prepare"))
 
+
+def _register_train(verbs: Verbs) -> None:
     shipped = ", ".join(shipped_recipes())
     p = verbs.add_parser("train", help=f"train from a recipe (a YAML file or a shipped name: {shipped})")
     p.add_argument("recipe", help="a recipe YAML file, or a shipped recipe's name")
@@ -101,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start over, deleting the run folder's checkpoints and metrics (default: resume from them)")
     p.set_defaults(handler=_lazy("commands", "train_recipe"))
 
+
+def _register_generate(verbs: Verbs) -> None:
     p = verbs.add_parser("generate", help="continue a prompt with a checkpoint")
     p.add_argument("checkpoint", type=Path, help=CHECKPOINT_HELP)
     p.add_argument("--prompt", action="append", default=None,
@@ -113,17 +136,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(p)
     p.set_defaults(handler=_lazy("commands", "generate"))
 
+
+def _register_eval(verbs: Verbs) -> None:
     p = verbs.add_parser("eval", help="validation perplexity of a checkpoint")
     p.add_argument("checkpoint", type=Path, help=CHECKPOINT_HELP)
     p.add_argument("--shards", type=Path, required=True, help="shard folder (its validation split is used)")
     p.add_argument("--seq-len", type=positive_int, default=None,
                    help="tokens per scored window (default: 256, or the model's max_seq_len if shorter)")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="windows scored at once")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="windows scored at once (default %(default)s)")
     p.add_argument("--max-batches", type=positive_int, default=None,
                    help="score this many batches of windows spread evenly over the split (default: all)")
     _add_device(p)
     p.set_defaults(handler=_lazy("commands", "evaluate"))
 
+
+def _register_convert(verbs: Verbs) -> None:
     convert = verbs.add_parser("convert", help="model formats in and out").add_subparsers(dest="action", required=True)
     p = convert.add_parser("from-hf", help="a Hugging Face model folder -> a Heron checkpoint folder")
     p.add_argument("source", type=Path, help="folder with config.json and *.safetensors or pytorch_model.bin")
@@ -138,54 +165,80 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", type=Path, help=CHECKPOINT_HELP)
     p.add_argument("target", type=Path, help="the .gguf file to write (a new path)")
     p.add_argument("--type", dest="dtype", choices=["f32", "f16", "q8_0", "q4_0", "q4_1"], default="f16",
-                   help="tensor type of the matrices (norms stay f32); default f16. A quantised checkpoint's "
+                   help="tensor type of the matrices (norms stay f32); default %(default)s. A quantised checkpoint's "
                         "matrices keep their own codes (int8 -> q8_0, symmetric int4 -> q4_0, int4 -> q4_1); "
                         "int4 with a group size not a multiple of 32 goes in dequantised, with a warning")
     p.set_defaults(handler=_lazy("commands", "convert_to_gguf"))
 
-    # compress: pruning (compress/prune*.py); other compress actions join this group.
-    compress = verbs.add_parser("compress", help="make a checkpoint smaller").add_subparsers(
+
+def _register_compress(verbs: Verbs) -> None:
+    actions = verbs.add_parser("compress", help="make a checkpoint smaller").add_subparsers(
         dest="action", required=True)
-    p = compress.add_parser("prune", help="unstructured or N:M (magnitude, wanda, sparsegpt), or structured pruning")
+    for register in (_register_prune, _register_quantize, _register_distill, _register_report):
+        register(actions)
+
+
+def _register_prune(actions: Verbs) -> None:
+    p = actions.add_parser("prune", help="unstructured or N:M (magnitude, wanda, sparsegpt), or structured pruning")
     p.add_argument("checkpoint", type=Path, help=CHECKPOINT_HELP)
     p.add_argument("target", type=Path, help="checkpoint folder to write (new, or empty)")
-    p.add_argument("--method", choices=["magnitude", "wanda", "sparsegpt"], default="wanda")
+    p.add_argument("--method", choices=["magnitude", "wanda", "sparsegpt"], default="wanda",
+                   help="how --sparsity and --nm score weights; wanda and sparsegpt read calibration windows "
+                        "(default %(default)s)")
     p.add_argument("--sparsity", type=float, default=None, help="fraction of block-linear weights set to zero")
     p.add_argument("--nm", type=n_of_m, default=None, metavar="N:M", help="keep N of every M inputs, e.g. 2:4")
     p.add_argument("--mlp-channels", type=float, default=None, help="fraction of MLP hidden channels removed")
     p.add_argument("--heads", type=float, default=None, help="fraction of attention head (kv) groups removed")
     p.add_argument("--experts", type=positive_int, default=None, help="MoE experts kept per layer (the most routed)")
-    p.add_argument("--calib-shards", default=None, help="shard folder: calibration and recovery windows (train split)")
-    p.add_argument("--calib-batches", type=positive_int, default=16)
-    p.add_argument("--calib-batch-size", type=positive_int, default=8)
-    p.add_argument("--seq-len", type=positive_int, default=256)
-    p.add_argument("--recover-steps", type=int, default=0, help="masked fine-tune steps after pruning")
-    p.add_argument("--recover-lr", type=float, default=1e-5)
+    _add_calibration(p, "shard folder: calibration and recovery windows (train split)")
+    p.add_argument("--recover-steps", type=int, default=0,
+                   help="masked fine-tune steps after pruning (default %(default)s: none)")
+    p.add_argument("--recover-lr", type=float, default=1e-5,
+                   help="learning rate of the masked fine-tune (default %(default)g)")
     p.set_defaults(handler=_lazy("commands", "compress_prune"))
-    p = compress.add_parser("quantize", help="weight-only int8 or int4 (rtn, gptq, awq), loadable with heron.load")
+
+
+def _register_quantize(actions: Verbs) -> None:
+    p = actions.add_parser("quantize", help="weight-only int8 or int4 (rtn, gptq, awq), loadable with heron.load")
     p.add_argument("checkpoint", type=Path, help=CHECKPOINT_HELP)
     p.add_argument("target", type=Path, help="checkpoint folder to write (new, or empty)")
-    p.add_argument("--scheme", choices=["int8", "int4"], default="int8")
-    p.add_argument("--method", choices=["rtn", "gptq", "awq"], default="rtn")
+    p.add_argument("--scheme", choices=["int8", "int4"], default="int8",
+                   help="codes of the linears inside each block (default %(default)s)")
+    p.add_argument("--method", choices=["rtn", "gptq", "awq"], default="rtn",
+                   help="rtn rounds each weight to the nearest code; gptq and awq calibrate on --calib-shards "
+                        "(default %(default)s)")
     p.add_argument("--group-size", type=positive_int, default=None,
                    help="int4: input columns per scale and zero point (default 128)")
     p.add_argument("--act-order", action="store_true", help="gptq: columns in order of decreasing Hessian diagonal")
     p.add_argument("--embeddings", choices=["int8", "int4", "fp32"], default="int8",
-                   help="format of the token embedding and output head")
+                   help="format of the token embedding and output head (default %(default)s)")
     p.add_argument("--symmetric", action="store_true",
                    help="int4: llama.cpp Q4_0's grid (no zero points), so `convert to-gguf` writes Q4_0 exactly")
-    p.add_argument("--calib-shards", default=None, help="gptq, awq: shard folder of calibration windows (train split)")
-    p.add_argument("--calib-batches", type=positive_int, default=16)
-    p.add_argument("--calib-batch-size", type=positive_int, default=8)
-    p.add_argument("--seq-len", type=positive_int, default=256)
+    _add_calibration(p, "gptq, awq: shard folder of calibration windows (train split)")
     p.set_defaults(handler=_lazy("commands", "compress_quantize"))
-    p = compress.add_parser("distill", help="train a smaller student (a training recipe) on a teacher's logits "
-                                            "(and hidden states)")
+
+
+def _add_calibration(parser: argparse.ArgumentParser, shards_help: str) -> None:
+    """The calibration windows pruning and quantisation read: where from, how many, how long."""
+    parser.add_argument("--calib-shards", default=None, help=shards_help)
+    parser.add_argument("--calib-batches", type=positive_int, default=16,
+                        help="calibration batches drawn (default %(default)s)")
+    parser.add_argument("--calib-batch-size", type=positive_int, default=8,
+                        help="windows per batch (default %(default)s)")
+    parser.add_argument("--seq-len", type=positive_int, default=256,
+                        help="tokens per window, shortened to the model's max_seq_len (default %(default)s)")
+
+
+def _register_distill(actions: Verbs) -> None:
+    p = actions.add_parser("distill", help="train a smaller student (a training recipe) on a teacher's logits "
+                                           "(and hidden states)")
     p.add_argument("teacher", type=Path, help="teacher: a Heron checkpoint (quantised or pruned too) or a Hugging "
                    "Face folder; the recipe's data must use its tokenizer")
     p.add_argument("recipe", help="the student's training recipe (file or shipped name)")
-    p.add_argument("--temperature", type=float, default=2.0, help="softening of both distributions (Hinton et al.)")
-    p.add_argument("--alpha", type=float, default=0.5, help="weight of the soft (KL) term; 1 - alpha on the labels")
+    p.add_argument("--temperature", type=float, default=2.0,
+                   help="softening of both distributions (Hinton et al.; default %(default)s)")
+    p.add_argument("--alpha", type=float, default=0.5,
+                   help="weight of the soft (KL) term; 1 - alpha on the labels (default %(default)s)")
     p.add_argument("--hidden-weight", type=float, default=0.0,
                    help="weight of the hidden-state (TinyBERT) term: student residual streams, through a learned "
                         "projection, against the teacher's; 0 (default) = logits only")
@@ -197,19 +250,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true",
                    help="start over, deleting the output folder's checkpoints and metrics (default: resume)")
     p.set_defaults(handler=_lazy("commands", "compress_distill"))
-    p = compress.add_parser("report", help="size, perplexity, decode speed and energy of variants; Pareto plot")
+
+
+def _register_report(actions: Verbs) -> None:
+    p = actions.add_parser("report", help="size, perplexity, decode speed and energy of variants; Pareto plot")
     p.add_argument("checkpoints", type=Path, nargs="+", help="the reference first, then its variants")
     p.add_argument("--shards", type=Path, required=True, help="shard folder whose validation split is scored")
     p.add_argument("--out", type=Path, required=True, help="folder for report.md, report.json and pareto.png")
     p.add_argument("--seq-len", type=positive_int, default=128,
-                   help="tokens per scored window (shortened to the model's max_seq_len)")
+                   help="tokens per scored window, shortened to the model's max_seq_len (default %(default)s)")
     p.add_argument("--max-batches", type=positive_int, default=16,
-                   help="validation batches of 8 windows scored, spread evenly over the split")
-    p.add_argument("--new-tokens", type=positive_int, default=64, help="tokens decoded per speed round")
+                   help="validation batches of 8 windows scored, spread evenly over the split (default %(default)s)")
+    p.add_argument("--new-tokens", type=positive_int, default=64,
+                   help="tokens decoded per speed round (default %(default)s)")
     p.set_defaults(handler=_lazy("commands", "compress_report"))
 
-    p = verbs.add_parser("align", help="align a checkpoint: sft, rm, dpo (and ipo/simpo/orpo), ppo or grpo")
-    p.add_argument("method", choices=["sft", "rm", "dpo", "ppo", "grpo"])
+
+def _register_align(verbs: Verbs) -> None:
+    p = verbs.add_parser("align", help="align a checkpoint: sft, rm, dpo (loss dpo, ipo, simpo or orpo: "
+                                       "--set preference.loss=...), ppo or grpo")
+    p.add_argument("method", choices=["sft", "rm", "dpo", "ppo", "grpo"],
+                   help="sft: supervised fine-tuning; rm: a reward model; dpo: a preference loss on chosen and "
+                        "rejected replies (preference.loss: dpo, ipo, simpo or orpo); ppo, grpo: reinforcement "
+                        "learning against a reward")
     p.add_argument("recipe", help="an alignment recipe (YAML), or a shipped one's name (task-sft, task-dpo)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. --set fit.steps=100 (repeatable)")
@@ -217,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start over instead of going on from a killed run's saved state (out_dir/state.pt)")
     p.set_defaults(handler=_lazy("commands", "align"))
 
+
+def _register_explain(verbs: Verbs) -> None:
     p = verbs.add_parser("explain", help="one prompt through every lens: an offline HTML report")
     p.add_argument("checkpoint", type=Path, help="a Heron checkpoint or Hugging Face folder (with its tokenizer)")
     p.add_argument("--prompt", required=True, help="the text to explain")
@@ -227,26 +292,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a prompt of the same token length to patch against (activation patching)")
     p.add_argument("--target", default=None, help="the next token to explain (default: the model's top prediction)")
     p.add_argument("--ig-steps", type=positive_int, default=32,
-                   help="integrated-gradients steps (doubled if they miss)")
+                   help="integrated-gradients steps, doubled if they miss (default %(default)s)")
     p.set_defaults(handler=_lazy("commands", "explain"))
 
+
+def _register_demo(verbs: Verbs) -> None:
     p = verbs.add_parser("demo", help="the whole life of a small model on the Python standard library")
     p.add_argument("--out", type=Path, default=Path("runs/demo"),
-                   help="folder for every stage's output (default runs/demo)")
+                   help="folder for every stage's output (default %(default)s)")
     p.add_argument("--recipe", default=DEMO_RECIPE,
-                   help=f"the shipped recipe to pre-train (default {DEMO_RECIPE}; tiny: the dense model)")
+                   help="the shipped recipe to pre-train (default %(default)s; tiny: the dense model)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the demo's recipe (e.g. --set train.steps=50)")
-    p.add_argument("--fresh", action="store_true", help="start the training over instead of resuming")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over: pre-train from scratch (deleting the run's checkpoints and metrics) and delete "
+                        "the alignment and compression outputs (OUT/align, OUT/compress) instead of reusing them")
     p.set_defaults(handler=_lazy("demo", "run"))
-
-    # governance: each verb's parser and handlers live in its own module (imported here, inside
-    # main's reach, so that Ctrl-C while they load is one line, not a traceback)
-    from heron.cli import audit, card, consent, feedback, pii, watermark
-
-    for verb in (feedback, audit, card, consent, pii, watermark):
-        verb.register(verbs)
-    return parser
 
 
 @contextmanager

@@ -31,10 +31,12 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p = actions.add_parser("redact", help="print the text with personal data replaced")
     _add_common(p)
     p.add_argument("--operator", choices=["tag", "redact", "mask", "pseudonym"], default="tag",
-                   help="tag: <EMAIL>; redact: remove; mask: ****-1111; pseudonym: a consistent fake of the same type")
-    p.add_argument("--scope", default="", help="pseudonym: values map to the same fake within one scope")
+                   help="tag: <EMAIL>; redact: remove; mask: ****-1111; pseudonym: a consistent fake of the same type "
+                        "(default %(default)s)")
+    p.add_argument("--scope", default="",
+                   help="pseudonym: values map to the same fake within one scope (default: the empty scope)")
     p.add_argument("--secret-env", default=SECRET_ENV, metavar="VAR",
-                   help=f"pseudonym: environment variable holding the secret key (default {SECRET_ENV})")
+                   help="pseudonym: environment variable holding the secret key (default %(default)s)")
     p.set_defaults(handler=redact)
 
 

@@ -10,6 +10,7 @@ MoE's stacked experts, handing each expert only the rows routed to it.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,25 @@ from heron.core.moe import MoE
 from heron.core.transformer import Transformer
 from heron.data import load_shards
 from heron.data.batches import PackedBatches
+
+# Keyword-only, so a settings class built on it keeps its own fields' positional order.
+@dataclass(frozen=True, kw_only=True)
+class CalibrationSettings:
+    """Where calibration windows come from, for the compress settings built on it
+    (QuantizeCheckpointSettings, PruneSettings); checked on construction."""
+
+    calib_shards: str | None = None  # shard folder: random windows of its training split
+    calib_batches: int = 16
+    calib_batch_size: int = 8
+    seq_len: int = 256  # capped at the model's max_seq_len
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("calib_batches", "calib_batch_size", "seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+
+
 
 # The linears that compression methods rewrite, per block, in data-flow order.
 BLOCK_LINEARS = ("attn.qkv", "attn.out", "mlp.shared.up", "mlp.shared.down", "mlp.up", "mlp.down")
@@ -148,6 +168,7 @@ def feed_experts(block: nn.Module, suffix: str, inputs: list[tuple[tuple, dict]]
 
 
 __all__ = [
-    "BLOCK_LINEARS", "EXPERT_INPUTS", "INPUT_OF", "block_experts", "block_linears", "calibration_batches",
-    "calibration_windows", "feed", "feed_experts", "find_module", "first_block_inputs", "input_reader",
+    "BLOCK_LINEARS", "EXPERT_INPUTS", "INPUT_OF", "CalibrationSettings", "block_experts", "block_linears",
+    "calibration_batches", "calibration_windows", "feed", "feed_experts", "find_module", "first_block_inputs",
+    "input_reader",
 ]

@@ -61,10 +61,7 @@ def gptq_quantize(
     """
     N, K = w.shape
     scheme.check(N, K)
-    W, H = w.detach().float().clone(), H.detach().float().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    W, H = without_dead_inputs(w, H)  # (N, K), (K, K)
     group = scheme.group_size_for(K)
     static = scheme.fit(W) if act_order or group == K else None  # (N, G)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(K)
@@ -99,6 +96,17 @@ def gptq_quantize(
     if static is not None:
         return codes, static
     return codes, QParams(scales, zeros.to(torch.uint8) if zeros is not None else None)
+
+
+def without_dead_inputs(w: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float copies of W (N, K) and H (K, K) where each dead input (H_jj = 0, never
+    active in calibration) has H_jj = 1 and a zero weight column, as in the GPTQ
+    and SparseGPT reference code: its weights cannot matter, and H stays invertible."""
+    W, H = w.detach().float().clone(), H.detach().float().clone()
+    dead = torch.diag(H) == 0  # (K,)
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    return W, H
 
 
 def inverse_cholesky_upper(H: torch.Tensor, percdamp: float) -> torch.Tensor:

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import torch
 
-from heron.compress.gptq import inverse_cholesky_upper  # (H + damp I)⁻¹'s upper Cholesky factor, shared with GPTQ
+# (H + damp I)⁻¹'s upper Cholesky factor and the dead-input rule, shared with GPTQ
+from heron.compress.gptq import inverse_cholesky_upper, without_dead_inputs
 
 
 def check_target(sparsity: float | None, nm: tuple[int, int] | None, in_features: int | None = None) -> None:
     """Exactly one of sparsity in [0, 1) or nm = (n, m) with 0 < n <= m dividing the inputs."""
     if (sparsity is None) == (nm is None):
-        raise ValueError("sparsity: give exactly one of sparsity or nm")
+        raise ValueError(f"sparsity: give exactly one of sparsity or nm, got sparsity={sparsity!r} and nm={nm!r}")
     if sparsity is not None and not 0 <= sparsity < 1:
         raise ValueError(f"sparsity: expected a fraction in [0, 1), got {sparsity!r}")
     if nm is not None:
@@ -118,10 +119,7 @@ def sparsegpt(
     """
     N, K = w.shape
     check_target(sparsity, nm, K)
-    W, H = w.detach().float().clone(), H.detach().float().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    W, H = without_dead_inputs(w, H)  # (N, K), (K, K)
     U = inverse_cholesky_upper(H, percdamp)  # (K, K)
     m = nm[1] if nm is not None else 1
     blocksize = max(blocksize // m, 1) * m  # whole groups per block

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from heron.compress.calibration import calibration_windows
+from heron.compress.calibration import CalibrationSettings, calibration_windows
+from heron.compress.prune import check_target
 from heron.compress.prune_model import METHODS, prune_model, recover, sparsity_of
 from heron.compress.prune_structured import prune_experts, prune_heads, prune_mlp_channels
 from heron.compress.qlinear import is_quantized
@@ -33,8 +34,8 @@ DEFAULT_METHOD = "wanda"
 
 
 @dataclass(frozen=True)
-class PruneSettings:
-    """What to prune; checked before any work."""
+class PruneSettings(CalibrationSettings):
+    """What to prune, calibrated (and recovered) on windows of `calib_shards`; checked on construction."""
 
     method: str = DEFAULT_METHOD  # unstructured / N:M scoring: magnitude, wanda or sparsegpt
     sparsity: float | None = None  # unstructured: fraction of block-linear and expert weights set to zero
@@ -42,38 +43,36 @@ class PruneSettings:
     mlp_channels: float | None = None  # structured: fraction of MLP hidden channels removed
     heads: float | None = None  # structured: fraction of key/value head groups removed
     experts: int | None = None  # structured: experts kept per MoE layer
-    calib_shards: str | None = None  # shard folder for calibration (and recovery) windows
-    calib_batches: int = 16
-    calib_batch_size: int = 8
-    seq_len: int = 256  # capped at the model's max_seq_len
     recover_steps: int = 0
     recover_lr: float = 1e-5
-    seed: int = 0
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.method not in METHODS:
             raise ValueError(f"method: unknown {self.method!r}; known: {', '.join(METHODS)}")
-        if self.sparsity is not None and self.nm is not None:
-            raise ValueError("sparsity: give --sparsity or --nm, not both")
-        if all(v is None for v in (self.sparsity, self.nm, self.mlp_channels, self.heads, self.experts)):
-            raise ValueError("sparsity: nothing to prune; give --sparsity, --nm, --mlp-channels, --heads or --experts")
+        unstructured = self.sparsity is not None or self.nm is not None
+        if unstructured:
+            check_target(self.sparsity, self.nm)
+        elif all(v is None for v in (self.mlp_channels, self.heads, self.experts)):
+            raise ValueError("sparsity: nothing to prune; give sparsity, nm, mlp_channels, heads or experts")
         for name in ("mlp_channels", "heads"):  # 0 would copy the model and call it pruned
             value = getattr(self, name)
             if value is not None and not 0 < value < 1:
-                raise ValueError(f"{name}: expected a fraction in (0, 1) for --{name.replace('_', '-')}, got {value:g}")
-        unstructured = self.sparsity is not None or self.nm is not None
+                raise ValueError(f"{name}: expected a fraction in (0, 1), got {value:g}")
         # The CLI always passes a method: only a non-default one shows it was asked for.
         if self.method != DEFAULT_METHOD and not unstructured:
-            raise ValueError(f"method: {self.method!r} scores unstructured and N:M pruning; --method applies only "
-                             "with --sparsity or --nm")
-        if self.calib_shards is None and ((unstructured and self.method != "magnitude") or self.experts is not None
-                                          or self.recover_steps):
-            raise ValueError("calib_shards: calibration (or recovery) needs a shard folder (--calib-shards)")
-        for name in ("calib_batches", "calib_batch_size", "seq_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
-        if self.recover_steps < 0 or self.recover_lr <= 0:
-            raise ValueError("recover_steps: expected >= 0 steps at a positive recover_lr")
+            raise ValueError(f"method: {self.method!r} scores unstructured and N:M pruning; it applies only with "
+                             "sparsity or nm")
+        if self.recover_steps < 0:
+            raise ValueError(f"recover_steps: expected a number of steps >= 0, got {self.recover_steps}")
+        if not self.recover_lr > 0:
+            raise ValueError(f"recover_lr: expected a positive learning rate, got {self.recover_lr:g}")
+        needs = [f"method {self.method!r}" if unstructured and self.method != "magnitude" else "",
+                 f"experts={self.experts}" if self.experts is not None else "",
+                 f"recover_steps={self.recover_steps}" if self.recover_steps else ""]
+        if self.calib_shards is None and any(needs):
+            raise ValueError(f"calib_shards: a shard folder of calibration windows is needed for "
+                             f"{' and '.join(filter(None, needs))}, got None")
 
 
 def prune_checkpoint(source: str | Path, target: str | Path, settings: PruneSettings,
@@ -82,7 +81,6 @@ def prune_checkpoint(source: str | Path, target: str | Path, settings: PruneSett
     and write it to `target`; returns the report recorded in its lineage."""
     import heron  # heron.load: plain, quantised-free Heron checkpoints and HF folders alike
 
-    settings.check()
     require_new_folder(target, source)
     meter = EnergyMeter().start()
     model, tokenizer = heron.load(source)
@@ -128,11 +126,11 @@ def _refuse_no_op(model: Transformer, settings: PruneSettings, source: str | Pat
     (its zeros already meet it: nothing more is pruned) or as many experts as it keeps (it would be
     written out unchanged, its lineage claiming a pruning that did nothing)."""
     if settings.sparsity is not None and settings.sparsity <= (has := sparsity_of(model)):
-        raise ValueError(f"sparsity: {source} is already {has:.1%} zeros; --sparsity {settings.sparsity:g} "
-                         "would prune nothing (give a higher one)")
+        raise ValueError(f"sparsity: {source} is already {has:.1%} zeros; {settings.sparsity:g} would prune "
+                         "nothing (give a higher one)")
     n_experts = model.config.moe.n_experts if model.config.moe is not None else None
     if settings.experts is not None and n_experts is not None and settings.experts >= n_experts:
-        raise ValueError(f"experts: {source} already has {n_experts} experts per MoE layer; --experts "
+        raise ValueError(f"experts: {source} already has {n_experts} experts per MoE layer; keeping "
                          f"{settings.experts} would remove none (give fewer)")
 
 

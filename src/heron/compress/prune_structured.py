@@ -131,8 +131,8 @@ def prune_mlp_channels(model: Transformer, fraction: float, calibration: Calibra
     """A copy without the round(fraction * d_ff) least important hidden channels of every dense MLP."""
     scores = mlp_channel_scores(model, calibration, batch_size)
     if not scores:
-        raise ValueError("mlp_channels: the model has no dense MLP layers to prune (--mlp-channels prunes dense "
-                         "MLPs; for MoE layers use --experts)")
+        raise ValueError("mlp_channels: the model has no dense MLP layers to prune (mlp_channels prunes dense "
+                         "MLPs; for MoE layers prune experts)")
     return remove_mlp_channels(model, {i: keep_highest(s, fraction, "mlp_channels") for i, s in scores.items()})
 
 
@@ -229,13 +229,14 @@ def remove_experts(model: Transformer, keep: dict[int, torch.Tensor]) -> Transfo
 
 def prune_experts(model: Transformer, keep: int, calibration: Calibration, *, batch_size: int = 8) -> Transformer:
     """A copy keeping the `keep` most-routed experts of every MoE layer (ties: lower index).
-    Errors name `keep` as the CLI's --experts, the setting it comes from."""
+    Errors name `keep` as `experts`, the PruneSettings field it comes from."""
     if not any(isinstance(b.mlp, MoE) for b in model.blocks):
-        raise ValueError("experts: the model has no MoE layers (--experts applies to MoE models only)")
+        raise ValueError(f"experts: the model has no MoE layers; keeping {keep} experts per layer applies to MoE "
+                         "models only")
     moe = model.config.moe
     if not moe.top_k <= keep <= moe.n_experts:  # each token is routed to top_k distinct experts
         raise ValueError(f"experts: expected {moe.top_k}..{moe.n_experts} experts kept per layer (the model has "
-                         f"{moe.n_experts}, routing each token to top_k={moe.top_k}), got --experts {keep}")
+                         f"{moe.n_experts}, routing each token to top_k={moe.top_k}), got {keep}")
     if calibration is None:
         raise ValueError("calibration: expert pruning counts routing on calibration token ids")
     counts = expert_counts(model, calibration, batch_size)

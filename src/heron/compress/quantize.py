@@ -111,7 +111,7 @@ def quantize_model(
 
     calibration: token ids, (n, T) or an iterable of (B, T) batches; needed by
     "gptq" and "awq", ignored by "rtn". options: the other QuantizeSettings
-    fields (percdamp, block_size, awq_grid, awq_rows, batch_size).
+    fields (percdamp, block_size, awq_grid, awq_rows, batch_size, symmetric).
     """
     settings = QuantizeSettings(scheme, method, group_size, act_order, embeddings, **options)
     settings.check(calibrated=calibration is not None)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 
-from heron.compress.calibration import calibration_windows
+from heron.compress.calibration import CalibrationSettings, calibration_windows
 from heron.compress.checkpoint import save_quantized
 from heron.compress.quantize import QuantizeSettings, quantize_model
 from heron.data.shards import META_FILE, check_shards_fit, load_shards
@@ -21,23 +21,16 @@ from heron.train.checkpoint import MODEL_FILE, require_new_folder, resolve_check
 
 
 @dataclass(frozen=True)
-class QuantizeCheckpointSettings:
-    """`quantize_model`'s settings plus where calibration comes from; checked before any work."""
+class QuantizeCheckpointSettings(CalibrationSettings):
+    """`quantize_model`'s settings plus where calibration comes from; checked on construction."""
 
     quantize: QuantizeSettings
-    calib_shards: str | None = None  # shard folder for calibration windows
-    calib_batches: int = 16
-    calib_batch_size: int = 8
-    seq_len: int = 256  # capped at the model's max_seq_len
-    seed: int = 0
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.quantize.method in ("gptq", "awq") and self.calib_shards is None:
-            raise ValueError(f"calib_shards: method {self.quantize.method!r} needs a shard folder (--calib-shards)")
+            raise ValueError(f"calib_shards: method {self.quantize.method!r} needs a shard folder, got None")
         self.quantize.check(calibrated=True)
-        for name in ("calib_batches", "calib_batch_size", "seq_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
 
 
 def quantize_checkpoint(source: str | Path, target: str | Path, settings: QuantizeCheckpointSettings,
@@ -46,7 +39,6 @@ def quantize_checkpoint(source: str | Path, target: str | Path, settings: Quanti
     folder) and write it to `target`; returns the summary recorded in its lineage."""
     import heron  # heron.load sits above every layer
 
-    settings.check()
     require_new_folder(target, source)
     meter = EnergyMeter().start()
     model, tokenizer = heron.load(source)

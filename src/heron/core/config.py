@@ -58,7 +58,8 @@ class RopeScaling:
         for name in ("factor", "low_freq_factor", "high_freq_factor", "original_max_seq_len"):
             _check_positive(name, getattr(self, name))  # ratios and a length; llama3 divides by them (core/rope.py)
         if self.kind == "llama3" and self.high_freq_factor <= self.low_freq_factor:
-            raise ValueError("high_freq_factor: must exceed low_freq_factor")
+            raise ValueError(f"high_freq_factor: must exceed low_freq_factor ({self.low_freq_factor:g}), "
+                             f"got {self.high_freq_factor:g}")
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,7 @@ class ShardedTokens:
         if isinstance(index, slice):
             start, stop, step = index.indices(len(self))
             if step != 1:
-                raise ValueError("ShardedTokens supports contiguous slices only")
+                raise ValueError(f"step: ShardedTokens supports contiguous slices only (step 1), got {step}")
             return self._slice(start, max(start, stop))
         i = index + len(self) if index < 0 else index
         if not 0 <= i < len(self):

@@ -345,12 +345,6 @@ def dense_feed_forward_only(config: ModelConfig) -> HfConfig:
     return {}
 
 
-def standard_scale_only(config: ModelConfig) -> HfConfig:
-    if config.attn_scale is not None:
-        raise ValueError(f"attn_scale: this family scales attention by 1/sqrt(head_dim), got {config.attn_scale}")
-    return {}
-
-
 def multi_head_only(config: ModelConfig) -> HfConfig:
     """GPT-2 and GPT-Neo have one key/value head per query head, of width d_model / n_heads."""
     if config.resolved_kv_heads != config.n_heads:
