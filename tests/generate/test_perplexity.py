@@ -9,6 +9,7 @@ from torch import nn
 VOCAB = 97  # the `model` fixture's
 
 from heron.core import ModelConfig, TransformerOutput
+from heron.data.shards import ShardedTokens
 from heron.generate.perplexity import evaluated_windows, perplexity, window_starts
 
 
@@ -59,7 +60,7 @@ def reference_perplexity(model, tokens, seq_len, starts):
                                                   (2, [0, 8, 16, 24, 32, 40]), (3, [0, 8, 16, 24, 32, 40, 48])])
 def test_windows_and_the_short_tail_equal_a_one_window_at_a_time_loop(model, max_batches, starts):
     tokens = torch.randint(0, VOCAB, (50,), generator=torch.Generator().manual_seed(0))
-    assert window_starts(50, 8) == [0, 8, 16, 24, 32, 40, 48]
+    assert list(window_starts(50, 8)) == [0, 8, 16, 24, 32, 40, 48]
     assert evaluated_windows(50, 8, 3, max_batches) == starts
     got = perplexity(model, tokens, seq_len=8, batch_size=3, max_batches=max_batches)
     assert math.isclose(got, reference_perplexity(model, tokens, 8, starts), rel_tol=1e-5)
@@ -99,3 +100,53 @@ def test_progress_bar_does_not_change_the_answer(model):
 def test_float_tokens_are_refused_not_truncated(model, tokens):
     with pytest.raises(ValueError, match="^tokens: token ids must be integers, got torch.float"):
         perplexity(model, tokens, seq_len=4, batch_size=1)
+
+
+def memmapped_shards(folder, ids: np.ndarray, sizes: list[int]) -> ShardedTokens:
+    """ids cut into read-only uint16 shard files of the given sizes, as `load_shards` maps them."""
+    shards, start = [], 0
+    for i, size in enumerate(sizes):
+        file = folder / f"val_{i:06d}.bin"
+        ids[start : start + size].astype("<u2").tofile(file)
+        shards.append(np.memmap(file, dtype="<u2", mode="r"))
+        start += size
+    return ShardedTokens(shards)
+
+
+class CountingTokens:
+    """A token stream that counts the tokens read from it (it has no __array__: reads go through [])."""
+
+    def __init__(self, tokens: ShardedTokens) -> None:
+        self.tokens, self.read = tokens, 0
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, index):
+        got = self.tokens[index]
+        self.read += np.size(got)
+        return got
+
+
+# Shards of 37, 50 and 13 tokens: windows of 8 straddle both joins, and the last window is short.
+@pytest.mark.parametrize("max_batches", [None, 1, 2])
+def test_shards_give_the_numbers_of_the_same_ids_in_one_tensor(model, tmp_path, max_batches):
+    ids = np.random.default_rng(0).integers(0, VOCAB, size=100)
+    sharded = memmapped_shards(tmp_path, ids, [37, 50, 13])
+    got = perplexity(model, sharded, seq_len=8, batch_size=3, max_batches=max_batches)
+    assert got == perplexity(model, torch.from_numpy(ids), seq_len=8, batch_size=3, max_batches=max_batches)
+
+
+def test_only_the_evaluated_windows_are_read(model, tmp_path):
+    ids = np.random.default_rng(0).integers(0, VOCAB, size=5_000)
+    tokens = CountingTokens(memmapped_shards(tmp_path, ids, [2_000, 2_000, 1_000]))
+    perplexity(model, tokens, seq_len=16, batch_size=2, max_batches=3)
+    starts = evaluated_windows(5_000, 16, 2, 3)
+    assert len(starts) == 6 and tokens.read == 6 * 17  # each window's 16 inputs and its last target
+
+
+def test_ids_out_of_range_are_refused_in_an_evaluated_window(model, tmp_path):
+    ids = np.arange(40) % VOCAB
+    ids[33] = VOCAB
+    with pytest.raises(ValueError, match=rf"^tokens: ids must lie in \[0, {VOCAB}\)$"):
+        perplexity(model, memmapped_shards(tmp_path, ids, [30, 10]), seq_len=8, batch_size=2)

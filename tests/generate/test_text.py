@@ -1,3 +1,8 @@
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import AddedToken, Tokenizer, decoders, models
+
 from heron.generate.text import (
     REPLACEMENT_CHAR,
     IncrementalDetokenizer,
@@ -6,6 +11,7 @@ from heron.generate.text import (
     held_back_length,
     trim_at_stop,
 )
+from heron.tokenizer import SPECIAL_TOKENS, HeronTokenizer, PretrainedTokenizer, train_tokenizer
 
 
 def test_detokenizer_never_splits_a_multibyte_character(byte_tokenizer):
@@ -65,3 +71,121 @@ def test_stop_helpers():
     assert held_back_length("abEN", ["END", "NX"]) == 2
     assert held_back_length("abc", ["END"]) == 0
     assert trim_at_stop("one\ntwo", ["\n"]) == "one"
+
+
+# ----- streamed text equals the whole decode, and each push decodes a bounded window -----
+
+MULTIBYTE_TEXTS = ["naïve café → 日本語の文章 ελληνικά 🎉🐍 ok\n" * 4, "plain words, and more plain words\n" * 4]
+SPACE = "▁"  # SentencePiece's word boundary
+SPM_SPECIALS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2; byte <0xXX> is id 3 + XX
+SPM_PIECES = [SPACE, "a", "b", SPACE + "a", SPACE + "ab", "é", SPACE + "日本", "語", "hello", SPACE + "hello"]
+
+
+@pytest.fixture(scope="module")
+def heron_tokenizer() -> HeronTokenizer:
+    """Heron's byte-level BPE, with merges inside multi-byte characters (tokens of partial UTF-8)."""
+    return train_tokenizer(MULTIBYTE_TEXTS * 5, vocab_size=400, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def spm_tokenizer() -> PretrainedTokenizer:
+    """An imported LLaMA-2-style tokenizer: SentencePiece pieces, <0xXX> byte fallback, its
+    leading space stripped. Decoding needs no merges."""
+    vocab = {text: i for i, text in enumerate(SPM_SPECIALS + [f"<0x{b:02X}>" for b in range(256)] + SPM_PIECES)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    backend.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPM_SPECIALS])
+    return PretrainedTokenizer(backend, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
+
+
+def streamed(tokenizer, ids: list[int]) -> str:
+    detok = IncrementalDetokenizer(tokenizer)
+    return "".join(detok.push(i) for i in ids) + detok.flush()
+
+
+def id_runs(*pools: list[int]) -> st.SearchStrategy[list[int]]:
+    """Ids in runs, each one id from one of the pools said 1 to 8 times."""
+    run = st.tuples(st.one_of(*(st.sampled_from(pool) for pool in pools)), st.integers(1, 8))
+    return st.lists(run, max_size=30).map(lambda runs: [i for i, times in runs for _ in range(times)])
+
+
+@pytest.fixture(scope="module")
+def heron_ids(heron_tokenizer) -> st.SearchStrategy[list[int]]:
+    """Runs of Heron's special tokens, of its tokens of partial UTF-8, and of any of its tokens."""
+    alone = [heron_tokenizer.decode([i]) for i in range(heron_tokenizer.vocab_size)]
+    specials = [i for i, text in enumerate(alone) if text == ""]
+    partial = [i for i, text in enumerate(alone) if REPLACEMENT_CHAR in text]  # bytes of no whole character
+    assert len(specials) == len(SPECIAL_TOKENS) and len(partial) > 128  # the 128 bytes >= 0x80, and merges
+    return id_runs(specials, partial, list(range(len(alone))))
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_heron_tokenizer_streams_the_whole_decode(heron_tokenizer, heron_ids, data):
+    ids = data.draw(heron_ids)
+    assert streamed(heron_tokenizer, ids) == heron_tokenizer.decode(ids)
+
+
+def spm_byte_ids(data: bytes) -> list[int]:
+    return [len(SPM_SPECIALS) + b for b in data]
+
+
+def spm_piece_id(piece: str) -> int:
+    return len(SPM_SPECIALS) + 256 + SPM_PIECES.index(piece)
+
+
+# A byte fallback decodes a run of <0xXX> tokens as a whole, every byte U+FFFD if any is invalid:
+# a run that has shown a character and then turns invalid changes text already streamed, which
+# the prefix-offset scheme cannot take back. So the runs here are invalid from their first byte
+# (a continuation byte), or are whole characters or the first bytes of one, then a piece.
+spm_units = st.one_of(
+    st.sampled_from(SPM_PIECES).map(lambda piece: [spm_piece_id(piece)]),
+    st.tuples(st.integers(0, 2), st.integers(1, 4)).map(lambda t: [t[0]] * t[1]),  # special tokens
+    st.binary(min_size=1, max_size=12).map(lambda b: spm_byte_ids(bytes(0x80 | (x & 0x3F) for x in b))),
+    st.tuples(st.text("aé中🎉", min_size=1, max_size=3), st.sampled_from(SPM_PIECES)).map(
+        lambda t: spm_byte_ids(t[0].encode()) + [spm_piece_id(t[1])]),
+    st.tuples(st.sampled_from(["é", "中", "🎉"]), st.integers(1, 3), st.sampled_from(SPM_PIECES)).map(
+        lambda t: spm_byte_ids(t[0].encode()[: min(t[1], len(t[0].encode()) - 1)]) + [spm_piece_id(t[2])]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(units=st.lists(spm_units, max_size=20))
+def test_an_imported_sentencepiece_tokenizer_streams_the_whole_decode(spm_tokenizer, units):
+    ids = [i for unit in units for i in unit]
+    assert streamed(spm_tokenizer, ids) == spm_tokenizer.decode(ids)
+
+
+class DecodeCounter:
+    """A tokenizer that counts the ids it is asked to decode."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.ids_decoded = tokenizer, 0
+
+    def decode(self, ids) -> str:
+        ids = list(ids)
+        self.ids_decoded += len(ids)
+        return self.tokenizer.decode(ids)
+
+
+@pytest.mark.parametrize("tokenizer, token", [
+    ("heron_tokenizer", "<|pad|>"),
+    ("heron_tokenizer", "\u0122"),  # byte 0x80 in GPT-2's byte-to-character map: a lone continuation byte
+    ("heron_tokenizer", "\u00e4"),  # byte 0xE4: a 3-byte character's first byte, again and again
+    ("spm_tokenizer", "</s>"),
+    ("spm_tokenizer", "<0x80>"),
+])
+def test_each_push_decodes_a_bounded_window_in_a_run_that_shows_no_character(request, tokenizer, token):
+    tok = request.getfixturevalue(tokenizer)
+    token_id = tok.backend.token_to_id(token)
+    counter = DecodeCounter(tok)
+    detok = IncrementalDetokenizer(counter)
+    per_push = []
+    for _ in range(2_000):
+        before = counter.ids_decoded
+        detok.push(token_id)
+        per_push.append(counter.ids_decoded - before)
+    # a window of a few ids, decoded a few times; decoding the whole run would be ~2 x 2,000 ids at the end
+    assert max(per_push) <= 32
+    assert "".join(detok.emitted) + detok.flush() == tok.decode([token_id] * 2_000)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from heron.store import FeedbackStore, PairInput, PreferencePair, RatingInput, format_stats
+from heron.store import FeedbackStore, ImportCounts, PairInput, PreferencePair, RatingInput, format_stats
 from heron.store import feedback as feedback_module
 from heron.store.schema import comparisons, metadata, ratings, responses
 from heron.store.stats import Verdict, pairwise_agreement
@@ -162,22 +162,22 @@ GOOD = {"prompt": "p", "chosen": "a", "rejected": "b", "annotator": "alice"}
 
 
 @pytest.mark.parametrize(("bad_line", "message"), [
-    ({"prompt": "p", "rejected": "b"}, "line 3: 'chosen' is missing"),
-    ({"prompt": "p", "chosen": "a", "rejected": "b", "anotator": "x"}, r"line 3: unknown key\(s\) \['anotator'\]"),
-    ({"prompt": "p", "chosen": "a", "rejected": "b", "annotator": "  "}, "line 3: 'annotator' is empty"),
-    ({"prompt": "p", "chosen": "a", "rejected": "a"}, "line 3: 'chosen' and 'rejected' are the same text"),
+    ({"prompt": "p", "rejected": "b"}, "bad.jsonl:3: 'chosen' is missing"),
+    ({"prompt": "p", "chosen": "a", "rejected": "b", "anotator": "x"}, r"bad\.jsonl:3: unknown key\(s\) \['anotator'\]"),
+    ({"prompt": "p", "chosen": "a", "rejected": "b", "annotator": "  "}, "bad.jsonl:3: 'annotator' is empty"),
+    ({"prompt": "p", "chosen": "a", "rejected": "a"}, "bad.jsonl:3: 'chosen' and 'rejected' are the same text"),
     ({"prompt": "p", "chosen": "a", "rejected": "b", "created_at": "2025-03-01T12:00:00"},
-     "line 3: 'created_at' has no timezone"),
-    ({"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"}, r"line 3: 'prompt'\[0\] must be an object"),
+     "bad.jsonl:3: 'created_at' has no timezone"),
+    ({"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"}, r"bad\.jsonl:3: 'prompt'\[0\] must be an object"),
     # What training refuses is refused here too, so an export can always be trained on.
     ({"prompt": [{"role": "human", "content": "q"}], "chosen": "a", "rejected": "b"},
-     r"line 3: 'prompt'\[0\]: role 'human'; expected one of system, user, assistant"),
+     r"bad\.jsonl:3: 'prompt'\[0\]: role 'human'; expected one of system, user, assistant"),
     ({"prompt": "p", "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
-      "rejected": "b"}, "line 3: 'chosen': a reply is text, or one assistant message; got 2 message"),
-    ({"prompt": "p", "response": "a", "rating": "high"}, "line 3: 'rating' must be a finite number"),
-    ({"prompt": "p", "response": "a"}, "line 3: 'rating' is missing"),
-    ({"prompt": "p"}, "line 3: expected 'chosen' and 'rejected'"),
-    ("not json", "line 3: invalid JSON"),
+      "rejected": "b"}, "bad.jsonl:3: 'chosen': a reply is text, or one assistant message; got 2 message"),
+    ({"prompt": "p", "response": "a", "rating": "high"}, "bad.jsonl:3: 'rating' must be a finite number"),
+    ({"prompt": "p", "response": "a"}, "bad.jsonl:3: 'rating' is missing"),
+    ({"prompt": "p"}, "bad.jsonl:3: expected 'chosen' and 'rejected'"),
+    ("not json", "bad.jsonl:3: invalid JSON"),
 ])
 def test_a_bad_line_is_named_and_changes_nothing(store: FeedbackStore, tmp_path: Path, bad_line, message) -> None:
     store.import_jsonl(write_jsonl(tmp_path / "earlier.jsonl", generated_pairs(3)))
@@ -192,7 +192,7 @@ def test_a_bad_line_is_named_and_changes_nothing(store: FeedbackStore, tmp_path:
 
 def test_a_line_without_any_annotator_is_refused(store: FeedbackStore, tmp_path: Path) -> None:
     file = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
-    with pytest.raises(ValueError, match="line 1: 'annotator' is missing"):
+    with pytest.raises(ValueError, match="in.jsonl:1: 'annotator' is missing"):
         store.import_jsonl(file)
 
 
@@ -356,6 +356,47 @@ def test_reading_refuses_a_database_without_the_stores_tables_and_writes_nothing
                                          r"comparisons, ratings\)"):
         FeedbackStore.open(db, create=False)
     assert db.read_bytes() == before
+
+
+def one_prompt_pairs(n: int) -> list[PairInput]:
+    return [PairInput(prompt="Say stone.", chosen=f"stone {i}", rejected=f"rock {i}", annotator="alice",
+                      created_at=T0 + timedelta(seconds=i)) for i in range(n)]
+
+
+def test_an_import_looks_a_row_up_at_the_same_cost_however_many_its_prompt_has(tmp_path: Path,
+                                                                                sqlite_steps) -> None:
+    """Each imported row is looked up among the stored comparisons first (a repeat is skipped). That
+    scanned every comparison of the prompt; ix_comparisons_verdict makes it one seek. Counted in
+    SQLite instructions: a new row and a repeat cost the same at 8 comparisons as at 128."""
+    store = FeedbackStore.open(tmp_path / "f.db")
+    rows, work = one_prompt_pairs(129), {}
+    for size in (8, 128):
+        store.import_rows(rows[:size], source="test")
+        repeat = sqlite_steps(store.engine, lambda: store.import_rows([rows[size - 1]], source="test"))
+        new = sqlite_steps(store.engine, lambda: store.import_rows([rows[size]], source="test"))
+        work[size] = repeat, new
+    assert all(large - small < 128 - 8 for small, large in zip(work[8], work[128])), work
+    assert store.stats().comparisons == 129
+    store.close()
+
+
+def test_a_store_made_before_an_index_gains_it_when_opened_to_write(db: str) -> None:
+    """`create_all` passes over tables that exist, so a database made before ix_comparisons_verdict
+    would go on scanning: opening it to write adds the index; opening it to read writes nothing."""
+    index = next(ix for ix in comparisons.indexes if ix.name == "ix_comparisons_verdict")
+
+    def indexes() -> set[str]:
+        with FeedbackStore.open(db, create=False) as store:
+            return {found["name"] for found in sa.inspect(store.engine).get_indexes("comparisons")}
+
+    with FeedbackStore.open(db) as store:
+        store.import_rows(one_prompt_pairs(3), source="test")
+        with store.engine.begin() as conn:
+            index.drop(conn)  # as an older Heron made it
+    assert "ix_comparisons_verdict" not in indexes()
+    with FeedbackStore.open(db) as store:
+        assert store.import_rows(one_prompt_pairs(4), source="test") == ImportCounts(1, 0, 3)
+    assert "ix_comparisons_verdict" in indexes()
 
 
 def test_an_export_replaces_the_file_whole_or_not_at_all(store: FeedbackStore, tmp_path: Path,

@@ -214,9 +214,10 @@ def test_plain_pieces_encode_to_the_whole_texts_ids(cut_tok: HeronTokenizer, tex
     assert sum(pieces, []) == tok.encode(text, allow_special=False)
 
 
-def test_plain_pieces_cut_after_a_newline_between_non_spaces(tok: HeronTokenizer) -> None:
+def test_plain_pieces_cut_before_the_last_space_ahead_of_a_non_space(tok: HeronTokenizer) -> None:
     text = "x = 1\ny\n\nz\n w\nend"
-    assert tok.plain_pieces(text, 1) == [(0, 6), (6, 14), (14, 17)]  # none around "\n\n", none before " w"
+    # between the newlines of "\n\n", between "\n" and " w": never after a run's last whitespace
+    assert tok.plain_pieces(text, 1) == [(0, 1), (1, 3), (3, 5), (5, 8), (8, 11), (11, 13), (13, 17)]
     assert tok.plain_pieces(text, 100) == [(0, len(text))]
     with pytest.raises(ValueError, match="max_chars"):
         tok.plain_pieces(text, 0)
@@ -230,7 +231,7 @@ def test_a_tokenizer_that_could_act_across_a_cut_keeps_texts_whole(tok: HeronTok
     text = "a 1\nb 2\nc 3\nd"
     for whole in (lowercased, HeronTokenizer(added)):
         assert whole.plain_pieces(text, 1) == [(0, len(text))]
-    assert len(tok.plain_pieces(text, 1)) == 4
+    assert len(tok.plain_pieces(text, 1)) == 7
 
 
 def test_training_on_a_long_text_in_pieces_learns_what_the_whole_text_teaches(monkeypatch) -> None:

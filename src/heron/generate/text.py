@@ -16,6 +16,9 @@ from typing import Protocol
 
 # What a byte-level decoder shows for bytes that do not (yet) form a character.
 REPLACEMENT_CHAR = "\ufffd"
+# Ids after which the text before them is settled: an unfinished UTF-8 character lacks at
+# most 3 bytes, and every id that decodes to something brings at least one.
+SETTLING_IDS = 3
 
 
 class TokenizerLike(Protocol):
@@ -45,27 +48,81 @@ class IncrementalDetokenizer:
     depends on its neighbour (SentencePiece's leading space); holding back text
     that ends in U+FFFD waits for the rest of a character split across tokens.
     `flush` reconciles with one full decode at the end.
+
+    Ids that decode to nothing (skipped special tokens such as padding) never
+    enter the window, and text ending in U+FFFD is emitted once the
+    `SETTLING_IDS` ids after it show it settled (bytes no continuation can
+    mend, which a whole decode shows as U+FFFD too). Otherwise every step would
+    decode the whole undecided tail again: quadratic in a run of padding or of
+    invalid bytes.
     """
 
     def __init__(self, tokenizer: TokenizerLike) -> None:
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
+        self.ids: list[int] = []  # those pushed, less any that decode to nothing
         self.prefix_offset = 0  # window start: one emitted token of context
         self.read_offset = 0  # ids before this are emitted
         self.emitted: list[str] = []
+        self._silent: dict[int, bool] = {}  # id -> `_decodes_to_nothing`
 
     def push(self, token_id: int) -> str:
         """Add one id; return the text it completes ('' while undecidable)."""
-        self.ids.append(token_id)
-        window = self.ids[self.prefix_offset :]
-        context = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
-        text = self.tokenizer.decode(window)
-        if len(text) <= len(context) or text.endswith(REPLACEMENT_CHAR) or not text.startswith(context):
+        if self._silent.get(token_id):
             return ""
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        piece = text[len(context) :]
+        self.ids.append(token_id)
+        context = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
+        text = self.tokenizer.decode(self.ids[self.prefix_offset :])
+        if _extends(context, text) and not text.endswith(REPLACEMENT_CHAR):
+            return self._emit(text[len(context) :], len(self.ids))
+        if self._decodes_to_nothing(token_id):
+            self.ids.pop()  # it changes no decoding, so `ids` (and `flush`) can do without it
+            return ""
+        return self._settle(context, text)
+
+    def _settle(self, context: str, text: str) -> str:
+        """Emit the head of an undecided tail, once no id after it can change its text.
+
+        Text ending in U+FFFD may be a character still arriving, or bytes no continuation
+        can mend (a run of 0x80). An unfinished UTF-8 character lacks at most 3 bytes, and
+        every id here brings at least one (a byte-level token; a SentencePiece piece or
+        <0xXX> byte token), so the text of all but the last SETTLING_IDS ids is settled if
+        the window's text after each of them starts with it. Where a character spans the
+        cut it does not, and the head waits for a later push.
+
+        A SentencePiece byte fallback decodes a run of <0xXX> tokens as a whole: every byte
+        becomes U+FFFD if any is invalid. So the next window, which starts at read_offset,
+        must decode the tail as this one does, after each of those ids too: one that starts
+        past the invalid bytes of a run would not.
+        """
+        cut = len(self.ids) - SETTLING_IDS
+        if cut <= self.read_offset:
+            return ""
+        decode = self.tokenizer.decode
+        head = decode(self.ids[self.prefix_offset : cut])
+        if not _extends(context, head):
+            return ""
+        next_context = decode(self.ids[self.read_offset : cut])
+        for stop in range(cut + 1, len(self.ids) + 1):
+            whole = text if stop == len(self.ids) else decode(self.ids[self.prefix_offset : stop])
+            view = decode(self.ids[self.read_offset : stop])  # what the next window will see
+            if not (whole.startswith(head) and view == next_context + whole[len(head) :]):
+                return ""
+        return self._emit(head[len(context) :], cut)
+
+    def _emit(self, piece: str, read: int) -> str:
+        """Emit the text of ids[read_offset:read]; those ids become the next context."""
+        self.prefix_offset, self.read_offset = self.read_offset, read
         self.emitted.append(piece)
         return piece
+
+    def _decodes_to_nothing(self, token_id: int) -> bool:
+        """Whether the id decodes to nothing, alone and twice over: a skipped special token,
+        which changes no decoding wherever it stands. Twice, as SentencePiece's "▁" alone
+        decodes to '' (a leading space is stripped) but twice to ' ': it is text."""
+        if token_id not in self._silent:
+            decode = self.tokenizer.decode
+            self._silent[token_id] = decode([token_id]) == "" and decode([token_id, token_id]) == ""
+        return self._silent[token_id]
 
     def flush(self) -> str:
         """The rest of the text: the full decoding minus what was emitted."""
@@ -112,6 +169,11 @@ class StopStringFilter:
         """The held-back tail, once no more text will come."""
         released, self.pending = self.pending, ""
         return released
+
+
+def _extends(context: str, text: str) -> bool:
+    """Whether text is context followed by more."""
+    return len(text) > len(context) and text.startswith(context)
 
 
 def first_stop(text: str, stops: Sequence[str]) -> int | None:

@@ -68,12 +68,15 @@ from __future__ import annotations
 
 import getpass
 import hashlib
+import heapq
 import json
 import os
 import secrets
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -356,68 +359,96 @@ def erased_seqs(rows: Iterable[Row]) -> set[int]:
     return found
 
 
-def verify_log(rows: Iterable[Row], checkpoints: Sequence[Checkpoint] = (), *, erased: Collection[int] | None = None,
+def verify_log(rows: Iterable[Row], checkpoints: Iterable[Checkpoint] = (), *, erased: Collection[int] | None = None,
                public_key: Ed25519PublicKey | None = None) -> VerifyReport:
     """Check a log's rows (in stored order) against each other and against its checkpoints.
 
     `erased`: the records that audit.erase records name (read from `rows`,
     then held in memory, when not given)."""
+    return _verify(rows, sorted(checkpoints, key=lambda c: c.size), erased, public_key)
+
+
+def _verify(rows: Iterable[Row], checkpoints: Iterable[Checkpoint], erased: Collection[int] | None,
+            public_key: Ed25519PublicKey | None) -> VerifyReport:
+    """`verify_log` over checkpoints already in size order, taken one at a time as the records
+    reach them (so a log's may stream from its database), each counted and its signature checked
+    as it passes. A bad signature is still the failure reported, whatever the records hold."""
     if erased is None:
         rows = list(rows)
         erased = erased_seqs(rows)
-    checkpoints = sorted(checkpoints, key=lambda c: c.size)
-    signed, failure = _check_signatures(checkpoints, public_key)
-    if failure is not None:
-        return VerifyReport(False, 0, len(checkpoints), signed, checkpoint=failure[0], reason=failure[1])
-    walk = _Walk(checkpoints, erased)
+    seals = _Seals(public_key)
+    walk = _Walk(map(seals.check, checkpoints), erased)
     checked, problem = 0, None
     for position, row in enumerate(rows):
         checked, problem = position + 1, walk.add(position, row)
-        if problem is not None:
+        if problem is not None or seals.bad is not None:
             break
+    beyond = deque(walk.rest(), maxlen=1)  # drains the checkpoints (all counted and checked); keeps the largest
+    failure = seals.failure()
+    if failure is not None:
+        return VerifyReport(False, 0, seals.count, seals.signed, checkpoint=failure[0], reason=failure[1])
     problem = walk.blame(problem)
     if problem is not None:
         first_bad, where, reason = problem
-        return VerifyReport(False, checked, len(checkpoints), signed, first_bad, where, reason)
-    beyond = [c for c in checkpoints if c.size > walk.size]
+        return VerifyReport(False, checked, seals.count, seals.signed, first_bad, where, reason)
     if beyond:
-        c = beyond[-1]
-        return VerifyReport(False, walk.size, len(checkpoints), signed, walk.size, c.label,
+        c = beyond[0]
+        return VerifyReport(False, walk.size, seals.count, seals.signed, walk.size, c.label,
                             f"missing: the log ends after {walk.size} records but {c.label} covers {c.size}; "
                             f"records {walk.size}..{c.size - 1} were removed")
-    return VerifyReport(True, walk.size, len(checkpoints), signed)
+    return VerifyReport(True, walk.size, seals.count, seals.signed)
 
 
-def _check_signatures(checkpoints: Sequence[Checkpoint], public_key: Ed25519PublicKey | None,
-                      ) -> tuple[int, tuple[str, str] | None]:
-    """(signatures that hold, (checkpoint, reason) of the first that does not, or None)."""
-    if public_key is None:
-        return 0, None
-    signed = 0
-    for c in checkpoints:
-        if c.signature is None:
-            continue
-        if not signature_valid(c, public_key):
-            return signed, (c.label, f"{c.label}: the signature does not verify with this public key")
-        signed += 1
-    if signed == 0:
-        return 0, (None, "no checkpoint is signed, so nothing is checked against the public key")
-    return signed, None
+@dataclass
+class _Seals:
+    """The checkpoints' count and, with a public key, their signatures, checked as they pass in size
+    order: the first that does not verify is the failure, and so is a log with none signed."""
+
+    public_key: Ed25519PublicKey | None
+    count: int = 0
+    signed: int = 0  # signatures that hold, before any that does not
+    bad: Checkpoint | None = None  # the first whose signature does not verify
+
+    def check(self, c: Checkpoint) -> Checkpoint:
+        self.count += 1
+        if self.public_key is not None and self.bad is None and c.signature is not None:
+            if signature_valid(c, self.public_key):
+                self.signed += 1
+            else:
+                self.bad = c
+        return c
+
+    def failure(self) -> tuple[str | None, str] | None:
+        """(checkpoint, reason) when the signatures fail, else None."""
+        if self.bad is not None:
+            return self.bad.label, f"{self.bad.label}: the signature does not verify with this public key"
+        if self.public_key is not None and self.signed == 0:
+            return None, "no checkpoint is signed, so nothing is checked against the public key"
+        return None
 
 
 @dataclass
 class _Walk:
     """State of one pass over the records: the tree so far and the checkpoints still ahead."""
 
-    checkpoints: list[Checkpoint]
+    checkpoints: Iterator[Checkpoint]  # in size order; the first is taken at once, before any record
     erased: Collection[int]
     frontier: list[bytes] = field(default_factory=list)
     size: int = 0
     prev: str = GENESIS
     position_of: dict[str, int] = field(default_factory=dict)  # hash -> position, to name an insertion
     matched: int = 0  # size of the last checkpoint whose root matched
-    ahead: int = 0  # index of the next checkpoint to reach
+    upcoming: Checkpoint | None = None  # the next checkpoint to reach
     mismatch: tuple[int, int, str, str] | None = None  # the first checkpoint that did not match: (from, to, which, why)
+
+    def __post_init__(self) -> None:
+        self.upcoming = next(self.checkpoints, None)
+
+    def rest(self) -> Iterator[Checkpoint]:
+        """The checkpoints not reached, reading them all: those that cover more records than were walked."""
+        ahead = self.checkpoints if self.upcoming is None else chain([self.upcoming], self.checkpoints)
+        self.upcoming = None
+        return (c for c in ahead if c.size > self.size)
 
     def add(self, position: int, row: Row) -> Problem | None:
         """A problem with this record, or None (then it joins the tree and meets the checkpoints of its size)."""
@@ -432,15 +463,14 @@ class _Walk:
         self.prev = row["hash"]
         self.position_of[self.prev] = position
         self.frontier, self.size = extend_frontier(self.frontier, self.size, [bytes.fromhex(self.prev)])
-        while self.ahead < len(self.checkpoints) and self.checkpoints[self.ahead].size <= self.size:
-            c = self.checkpoints[self.ahead]
+        while self.upcoming is not None and self.upcoming.size <= self.size:
+            c, self.upcoming = self.upcoming, next(self.checkpoints, None)
             if c.size == self.size and frontier_root(self.frontier).hex() != c.root and self.mismatch is None:
                 self.mismatch = (self.matched, c.size, c.label, (
                     f"rewritten: records {self.matched}..{c.size - 1} do not hash to the root of {c.label}; "
                     f"one of them (and every hash after it) was recomputed after that checkpoint"))
             elif self.mismatch is None:
                 self.matched = c.size
-            self.ahead += 1
         return None
 
     def blame(self, problem: Problem | None) -> Problem | None:
@@ -506,6 +536,26 @@ def _inserted_at(row: Row, position: int, position_of: Mapping[str, int]) -> int
         return j if record_hash(record_fields({**row, "seq": j})) == row.get("hash") else None
     except ValueError:
         return None
+
+
+def _with_anchors(stored: Iterable[Checkpoint], anchors: Sequence[Checkpoint]) -> Iterator[Checkpoint]:
+    """Stored checkpoints (in size order) with the anchors merged in, each after the stored ones of
+    its size, as a stable sort of both would place it; an anchor equal to a stored checkpoint is that
+    checkpoint, checked and counted once. Only the stored checkpoints of one size are held."""
+    if not anchors:
+        yield from stored
+        return
+    tagged = sorted(((a, True) for a in anchors), key=lambda pair: pair[0].size)  # (checkpoint, is an anchor)
+    merged = heapq.merge(((c, False) for c in stored), tagged, key=lambda pair: pair[0].size)
+    size, here = None, []  # the stored checkpoints of the current size, as JSON
+    for c, is_anchor in merged:
+        if c.size != size:
+            size, here = c.size, []
+        if not is_anchor:
+            here.append(c.to_json())
+        elif c.to_json() in here:
+            continue
+        yield c
 
 
 # ----- the log ---------------------------------------------------------------------------------
@@ -582,10 +632,9 @@ class AuditLog(Closing):
 
     def _last_frontier(self) -> tuple[list[bytes], int]:
         """The frontier of the largest stored checkpoint, if it still folds to that checkpoint's root."""
-        rows = self.store.checkpoints()
-        if not rows:
+        last = self.store.last_checkpoint()
+        if last is None:
             return [], 0
-        last = max(rows, key=lambda r: r["size"])
         try:
             frontier = [bytes.fromhex(h) for h in json.loads(last["frontier"])]
         except (TypeError, ValueError):
@@ -625,8 +674,8 @@ class AuditLog(Closing):
     def prove(self, seq: int, checkpoint: Checkpoint | None = None) -> InclusionProof:
         """The audit path of record `seq` in a checkpoint's tree (default: the largest checkpoint)."""
         if checkpoint is None:
-            stored = self.checkpoints()
-            checkpoint = max(stored, key=lambda c: c.size) if stored else None
+            last = self.store.last_checkpoint()
+            checkpoint = None if last is None else Checkpoint.from_json(last, id=last["id"])
         if checkpoint is None or not 0 <= seq < checkpoint.size:
             raise ValueError(f"seq: no checkpoint covers record {seq}; write one first (heron audit checkpoint)")
         leaves = [bytes.fromhex(h) for h in self.store.hashes(stop=checkpoint.size)]
@@ -635,12 +684,14 @@ class AuditLog(Closing):
     def verify(self, public_key: Ed25519PublicKey | None = None, anchors: Sequence[Checkpoint] = ()) -> VerifyReport:
         """Check every record and checkpoint (and `anchors`: checkpoints kept outside the database).
         An anchor equal to a stored checkpoint, as `heron audit checkpoint --out` writes it, is
-        that checkpoint, checked and counted once; one that differs is checked on its own."""
+        that checkpoint, checked and counted once; one that differs is checked on its own.
+        Checkpoints stream beside the records, one at a time, never all held at once."""
         erased = erased_seqs(self.store.records(event=EVENT_ERASE))
-        stored = self.checkpoints()
-        kept = [c.to_json() for c in stored]  # an anchor read from a file has no row id
-        extra = [anchor for anchor in anchors if anchor.to_json() not in kept]
-        return verify_log(self.store.records(), [*stored, *extra], erased=erased, public_key=public_key)
+        # One connection for both reads, the checkpoints' query first (_Walk takes one at once): the
+        # records read are never older than the checkpoints read, as when these were read first.
+        with self.store.transaction() as conn:
+            stored = (Checkpoint.from_json(row, id=row["id"]) for row in self.store.checkpoints_by_size(conn))
+            return _verify(self.store.records(conn=conn), _with_anchors(stored, anchors), erased, public_key)
 
 
 # ----- the configured log ------------------------------------------------------------------------

@@ -26,6 +26,8 @@ when the first engine is built.
 """
 from __future__ import annotations
 
+import math
+from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -57,15 +59,56 @@ class Span:
 
 def resolve_overlaps(spans: Iterable[Span]) -> list[Span]:
     """Non-overlapping spans in text order: drop spans inside longer ones, then of crossing
-    spans keep the higher score (the longer on a tie)."""
+    spans keep the higher score (the longer on a tie, then the earlier, then the first given).
+
+    O(n log n): a sweep finds the spans inside others, and a prefix-maximum tree over the kept
+    spans' starts says whether a span crosses one of them (comparing every pair took 25 s for
+    16k spans)."""
     spans = list(spans)
-    outer = [s for s in spans if not any(o is not s and o.start <= s.start and s.end <= o.end
-                                         and o.end - o.start > s.end - s.start for o in spans)]
+    inside = _inside_others({(s.start, s.end) for s in spans})
+    outer = [s for s in spans if (s.start, s.end) not in inside]
+    starts = sorted({s.start for s in outer})
+    furthest = _PrefixMax(len(starts))  # each kept span's end, at the rank of its start
     kept: list[Span] = []
     for s in sorted(outer, key=lambda s: (-s.score, -(s.end - s.start), s.start)):
-        if all(s.end <= k.start or k.end <= s.start for k in kept):
+        # s crosses a kept k iff k.start < s.end and s.start < k.end
+        if furthest.query(bisect_left(starts, s.end)) <= s.start:
             kept.append(s)
+            furthest.raise_to(bisect_left(starts, s.start), s.end)
     return sorted(kept, key=lambda s: s.start)
+
+
+def _inside_others(intervals: set[tuple[int, int]]) -> set[tuple[int, int]]:
+    """The (start, end) intervals that another contains: by start, the longest first, each is inside
+    one seen before it iff the furthest end seen so far reaches its end. (Containing and being a
+    different interval is the same as containing and being longer.)"""
+    inside: set[tuple[int, int]] = set()
+    furthest = -math.inf
+    for start, end in sorted(intervals, key=lambda iv: (iv[0], -iv[1])):
+        if furthest >= end:
+            inside.add((start, end))
+        furthest = max(furthest, end)
+    return inside
+
+
+class _PrefixMax:
+    """A Fenwick tree of maxima (Fenwick 1994): raise slot i to a value; the maximum over slots < n."""
+
+    def __init__(self, size: int) -> None:
+        self.tree = [-math.inf] * (size + 1)
+
+    def raise_to(self, i: int, value: float) -> None:
+        i += 1
+        while i < len(self.tree):
+            self.tree[i] = max(self.tree[i], value)
+            i += i & -i
+
+    def query(self, n: int) -> float:
+        best = -math.inf
+        while n > 0:
+            best = max(best, self.tree[n])
+            n -= n & -n
+        return best
 
 
 def mask(entity: str, value: str, char: str = "*") -> str:
@@ -85,9 +128,8 @@ class PiiEngine:
 
     def __init__(self, entities: Iterable[str] | None = None, score_threshold: float = SCORE_THRESHOLD,
                  names: NameModel | None = None) -> None:
-        from heron.govern.pii_recognizers import TokenizerNlpEngine, recognizers
-        from heron.govern.presidio import (AnalyzerEngine, AnonymizerEngine, LemmaContextAwareEnhancer,
-                                           RecognizerRegistry)
+        from heron.govern.pii_recognizers import OffsetContextEnhancer, TokenizerNlpEngine, recognizers
+        from heron.govern.presidio import AnalyzerEngine, AnonymizerEngine, RecognizerRegistry
 
         self.entities = tuple(ENTITIES if entities is None else entities)
         unknown = sorted(set(self.entities) - set(ENTITIES))
@@ -102,7 +144,7 @@ class PiiEngine:
             registry=RecognizerRegistry(recognizers=chosen), nlp_engine=TokenizerNlpEngine(),
             default_score_threshold=score_threshold,
             # whole words: Presidio's default substring match lets "card" in "cardiology" raise a card's score
-            context_aware_enhancer=LemmaContextAwareEnhancer(context_matching_mode="whole_word"))
+            context_aware_enhancer=OffsetContextEnhancer(context_matching_mode="whole_word"))
         self.anonymizer = AnonymizerEngine()
 
     def find(self, text: str) -> list[Span]:

@@ -141,6 +141,23 @@ class AuditStore(EngineStore):
             return [dict(row._mapping) for row in conn.execute(sa.select(audit_checkpoints)
                                                                 .order_by(audit_checkpoints.c.id))]
 
+    def last_checkpoint(self) -> Row | None:
+        """The checkpoint of the most records (the first written of that size), or None: one row
+        through the index on `size`, so appending stays constant-time however many there are."""
+        query = (sa.select(audit_checkpoints)
+                 .order_by(audit_checkpoints.c.size.desc(), audit_checkpoints.c.id).limit(1))
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        return None if row is None else dict(row._mapping)
+
+    def checkpoints_by_size(self, conn: sa.Connection) -> Iterator[Row]:
+        """Checkpoints by size (ties in the order written), one row at a time and without their
+        frontiers, which verification does not need; in the caller's connection, to be read
+        alongside `records(conn=conn)`."""
+        query = (sa.select(*(c for c in audit_checkpoints.c if c.name != "frontier"))
+                 .order_by(audit_checkpoints.c.size, audit_checkpoints.c.id))
+        yield from (dict(row._mapping) for row in conn.execute(query))
+
 
 def _append(conn: sa.Connection, make_row: Callable[[int, str], Row]) -> Row:
     last = conn.execute(sa.select(audit_records.c.seq, audit_records.c.hash)

@@ -77,6 +77,21 @@ def _require_tables(engine: sa.Engine, schema: sa.MetaData, what: str) -> None:
         raise ValueError(f"{engine.url.render_as_string()}: holds no {what} (missing its tables {', '.join(missing)})")
 
 
+def _create_missing_indexes(engine: sa.Engine, schema: sa.MetaData) -> None:
+    """Indexes that a table gained after a database holding it was made: `create_all` makes a
+    missing table with its indexes but passes over one that exists. Looked up first, so opening
+    a current database writes nothing; made IF NOT EXISTS, so two processes adding one at once both succeed."""
+    inspector = sa.inspect(engine)
+    missing = []
+    for table in schema.tables.values():
+        present = {index["name"] for index in inspector.get_indexes(table.name)}
+        missing += [index for index in table.indexes if index.name not in present]
+    if missing:
+        with engine.begin() as conn:
+            for index in missing:
+                conn.execute(sa.schema.CreateIndex(index, if_not_exists=True))
+
+
 def _enforce_foreign_keys(dbapi_connection: sqlite3.Connection, _record: object) -> None:
     """SQLite checks foreign keys only when asked, once per connection
     (https://sqlite.org/foreignkeys.html#fk_enable)."""
@@ -101,13 +116,14 @@ class EngineStore(Closing):
     def open(cls, url_or_path: str | os.PathLike[str], *, create: bool = True) -> Self:
         """The store at a database URL or an SQLite file path; ":memory:" is an in-memory SQLite database.
 
-        With `create` the file and any missing tables are made (existing ones are never
-        altered). Without it nothing is written: a missing file, or a database without
+        With `create` the file and any missing tables and indexes are made (existing tables
+        are never altered). Without it nothing is written: a missing file, or a database without
         this store's tables (an empty file, another store's database), is an error."""
         engine = connect(url_or_path, create=create, what=cls.what)
         try:
             if create:
                 cls.schema.create_all(engine)
+                _create_missing_indexes(engine, cls.schema)
             else:
                 _require_tables(engine, cls.schema, cls.what)
             return cls(engine)

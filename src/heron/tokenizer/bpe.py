@@ -19,7 +19,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from heron.store.jsonl import write_text_atomic
+from heron.govern.digest import TOKENIZER_FILE
+from heron.store.atomic import write_text_atomic
 from heron.store.records import CHAT_ROLES
 
 # Short name -> token text. The order fixes the ids of a trained tokenizer:
@@ -33,14 +34,16 @@ SPECIAL_TOKENS: dict[str, str] = {
     "assistant": "<|assistant|>",
     "end": "<|end|>",
 }
-TOKENIZER_FILE = "tokenizer.json"
 
-# Where GPT-2's byte-level pre-tokenizer always splits, whatever the text around: after a newline
-# that follows a non-space character and precedes another. Its pattern gives that "\n" a pre-token
-# of its own, in the whole text and at the end of the text before it alike, and BPE never merges
-# across pre-tokens, so pieces cut there encode to the whole text's ids. (Python's \s holds every
-# character the Rust pattern's does, and a few more, so \S here is never whitespace there.)
-_EXACT_CUT = re.compile(r"(?<=\S\n)(?=\S)")
+# Where GPT-2's byte-level pre-tokenizer always splits, whatever the text around: before the last
+# whitespace character of a run that a non-space character follows. Its pattern
+# ('s|...| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+) takes such a run less its last
+# character as one pre-token (\s+(?!\S)), in the whole text and at the end of the text before the
+# cut alike, and starts the next pre-token with that last character; no pre-token reaches back
+# across it, and BPE never merges across pre-tokens, so pieces cut there encode to the whole text's
+# ids. _SPACE is the pattern's \s (Unicode White_Space); Python's \S is never whitespace there.
+_SPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_EXACT_CUT = re.compile(f"(?=[{_SPACE}]\\S)")
 _BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
 _TRAIN_PIECE_CHARS = 1 << 16
 
