@@ -75,6 +75,14 @@ def test_kto_desirable_and_undesirable():
     assert losses.tolist() == pytest.approx([1 - sigmoid(0.5), 1 - sigmoid(1.5)], rel=1e-6)
 
 
+def test_kto_weights_each_branch_by_its_own_lambda():
+    losses = kto_loss(t(-3.0, -3.0), t(-4.0, -2.0), torch.tensor([True, False]), t(0.5), beta=1.0,
+                      desirable_weight=2.0, undesirable_weight=3.0)
+    # as above, the desirable loss times lambda_D = 2 and the undesirable one times lambda_U = 3
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    assert losses.tolist() == pytest.approx([2 * (1 - sigmoid(0.5)), 3 * (1 - sigmoid(1.5))], rel=1e-6)
+
+
 def test_orpo():
     # odds(0.5) = 1, odds(0.25) = 1/3: -log sigmoid(log 3) = log(4/3); 1.0 + 0.1 * log(4/3)
     loss = orpo_loss(t(math.log(0.5)), t(math.log(0.25)), t(1.0), lam=0.1)
@@ -88,6 +96,15 @@ def test_gae_by_hand_with_prompt_and_padding_masked():
     advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=0.9)
     assert advantages[0].tolist() == pytest.approx([0, 0.433, 0.37, 0.3, 0], abs=1e-6)
     assert returns[0].tolist() == pytest.approx([0, 0.933, 0.97, 1.0, 0], abs=1e-6)
+
+
+def test_gae_discounts_the_bootstrapped_value_by_gamma():
+    # The same response with gamma 0.5, lambda 0.9: delta_t = r_t + 0.5 V_{t+1} - V_t, A_t = delta_t + 0.45 A_{t+1}.
+    # t=3: 1 + 0 - 0.7 = 0.3; t=2: (0.35 - 0.6) + 0.45 * 0.3 = -0.115; t=1: (0.3 - 0.5) + 0.45 * -0.115 = -0.25175
+    rewards, values, mask = t(9, 0, 0, 1, 9)[None], t(9, 0.5, 0.6, 0.7, 9)[None], t(0, 1, 1, 1, 0)[None]
+    advantages, returns = gae(rewards, values, mask, gamma=0.5, lam=0.9)
+    assert advantages[0].tolist() == pytest.approx([0, -0.25175, -0.115, 0.3, 0], abs=1e-6)
+    assert returns[0].tolist() == pytest.approx([0, 0.24825, 0.485, 1.0, 0], abs=1e-6)
 
 
 def test_ppo_policy_loss_clips_by_hand():
@@ -138,6 +155,12 @@ def test_adaptive_kl_controller():
     assert controller.coef == pytest.approx(0.100512)
 
 
+def test_adaptive_kl_controller_clips_a_low_kl_at_minus_0_2():
+    controller = AdaptiveKLController(0.1, target=6.0, horizon=10_000)
+    controller.update(kl=0.0, n_steps=256)  # error -1 clipped to -0.2: 0.1 * (1 - 0.2 * 256 / 10000)
+    assert controller.coef == pytest.approx(0.099488, rel=1e-9)
+
+
 def test_grpo_advantages_normalise_within_groups():
     advantages = grpo_advantages(t(1, 0, 0, 1, 1, 1, 1, 1).view(2, 4), eps=0.0)
     half = 0.5 / math.sqrt(1 / 3)  # (1 - 0.5) / sample std of (1, 0, 0, 1)
@@ -156,6 +179,18 @@ def test_grpo_loss_by_hand():
     loss, stats = grpo_loss(logp, logp, logp + math.log(0.5), t(1.0), mask, beta=0.04)
     k3 = 0.5 - math.log(0.5) - 1
     assert loss.item() == pytest.approx(-(1 - 0.04 * k3), rel=1e-6) and stats["kl"].item() == pytest.approx(k3)
+
+
+def test_grpo_loss_averages_each_completion_over_its_own_tokens_then_over_completions():
+    # Ratio 1 and KL 0: each token's loss is -A of its completion. Completions of 1 and 3 tokens with
+    # A = 2 and 1: the mean of the per-completion means is -(2 + 1) / 2 = -1.5 (one mean over all
+    # 4 tokens would give -(2 + 3 * 1) / 4 = -1.25). Masked positions hold values that must not count.
+    logp = t(-1.0, -5.0, -9.0, -1.0, -2.0, -3.0).view(2, 3)
+    old = t(-1.0, -0.1, -0.2, -1.0, -2.0, -3.0).view(2, 3)
+    mask = t(1, 0, 0, 1, 1, 1).view(2, 3)
+    loss, stats = grpo_loss(logp, old, old, t(2.0, 1.0), mask, beta=0.04)
+    assert loss.item() == pytest.approx(-(2 + 1) / 2, rel=1e-6)
+    assert stats["kl"].item() == 0
 
 
 @torch.no_grad()

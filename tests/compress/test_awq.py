@@ -49,3 +49,20 @@ def test_without_salient_channels_awq_is_never_worse_than_rtn() -> None:
 def test_grid_needs_two_points() -> None:
     with pytest.raises(ValueError, match="grid"):
         awq_quantize(torch.randn(4, 8), torch.randn(10, 8), Int8PerChannel(), grid=1)
+
+
+@pytest.mark.parametrize("scheme", [Int4Grouped(group_size=16), Int8PerChannel()], ids=lambda s: s.name)
+def test_a_grid_of_two_tries_alpha_0_and_1_and_1_wins_on_one_loud_channel_of_small_weights(scheme) -> None:
+    """Inputs of |x| = 1 but channel 5 at 100, whose weights are 100x smaller than the rest: their
+    rounding error, times 100, dominates RTN. α = 1 gives s = mean|x| / sqrt(100 * 1), i.e. 0.1 and 10,
+    and divides that error by the largest s the grid allows; grid 2 is exactly the points 0 and 1."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 2, (256, 64), generator=g).float() * 2 - 1  # (n, K) signs: mean |x| exactly 1
+    x[:, 5] *= 100
+    w = torch.randn(16, 64, generator=g) * 0.05
+    w[:, 5] *= 0.01
+    result = awq_quantize(w, x, scheme, grid=2)
+    assert result.alpha == 1.0 and result.error < 0.5 * result.rtn_error
+    expected = torch.full((64,), 10.0)  # 1 / s
+    expected[5] = 0.1
+    torch.testing.assert_close(result.input_scale, expected, rtol=1e-6, atol=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from heron.compress.gptq import HessianAccumulator, gptq_quantize
+from heron.compress.gptq import HessianAccumulator, gptq_quantize, inverse_cholesky_upper
 from heron.compress.schemes import Int4Grouped, Int8PerChannel, Scheme, quantize_rtn
 
 SCHEMES = [Int8PerChannel(), Int4Grouped(group_size=16), Int4Grouped(group_size=16, symmetric=True)]
@@ -106,3 +106,38 @@ def test_no_dampening_on_a_singular_hessian_still_finds_one() -> None:
     w = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
     codes, params = gptq_quantize(w, H, Int8PerChannel(), percdamp=0.0)
     assert codes.shape == w.shape and torch.isfinite(params.scale).all()
+    # Undamped, H does not factor; the first retry adds the floor 1e-6 * mean(diag H). In float32, with
+    # H + d I this ill-conditioned, U matches the float64 factor for that d to a few per cent; the next
+    # tenfold step would be off by more than its whole size.
+    assert torch.linalg.cholesky_ex(H).info != 0
+    U = inverse_cholesky_upper(H, 0.0).double()
+
+    def upper_factor(damp: float) -> torch.Tensor:
+        return torch.linalg.cholesky(torch.linalg.inv(H.double() + damp * torch.eye(16, dtype=torch.float64)),
+                                     upper=True)
+
+    floor = 1e-6 * float(torch.diag(H).mean())
+    for damp, close in ((floor, True), (10 * floor, False)):
+        expected = upper_factor(damp)
+        assert bool((U - expected).abs().max() < 0.1 * expected.abs().max()) == close, damp
+
+
+def test_dampening_is_percdamp_times_the_mean_diagonal() -> None:
+    """H = 100 I (K = 4), percdamp 0.01: damp = 0.01 * 100 = 1, so U, the upper factor of
+    (H + I)^-1 = I / 101, is I / sqrt(101)."""
+    U = inverse_cholesky_upper(100 * torch.eye(4), 0.01)
+    torch.testing.assert_close(U, torch.eye(4) / 101**0.5, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name + ("-symmetric" if getattr(s, "symmetric", False) else ""))
+def test_lazy_block_updates_equal_one_block(scheme: Scheme) -> None:
+    """The lazy batch update is an exact reformulation (GPTQ, sec. 3, step 2): blocks of 8 columns
+    (a group of 16 for the grouped schemes) give the codes of one block of 64."""
+    torch.manual_seed(1)
+    w = torch.randn(32, 64) * 0.1
+    acc = HessianAccumulator(64)
+    acc.add(correlated_inputs(512, 64, seed=2))
+    small, small_params = gptq_quantize(w, acc.H, scheme, block_size=8)
+    whole, whole_params = gptq_quantize(w, acc.H, scheme, block_size=64)
+    assert torch.equal(small, whole)
+    torch.testing.assert_close(small_params.scale, whole_params.scale, rtol=1e-6, atol=0)

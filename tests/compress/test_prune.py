@@ -111,6 +111,17 @@ def test_sparsegpt_blocks_have_the_exact_sparsity_and_dead_inputs_are_zeroed():
     assert (pruned[:, 7] == 0).all()
 
 
+@pytest.mark.parametrize("nm", NM)
+def test_sparsegpt_lazy_block_updates_equal_one_block(nm):
+    """The lazy batch update is an exact reformulation (SparseGPT, sec. 3.2): blocks of 8 columns
+    pass on their errors to the later columns in one product and must prune as one block of 64."""
+    w, x = weights(), correlated_inputs()
+    pruned, keep = sparsegpt(w, x.T @ x, nm=nm, blocksize=8)
+    whole, whole_keep = sparsegpt(w, x.T @ x, nm=nm, blocksize=128)
+    assert torch.equal(keep, whole_keep)
+    torch.testing.assert_close(pruned, whole, rtol=0, atol=1e-5)
+
+
 def test_bad_targets_name_the_field():
     w = weights(K=30)
     with pytest.raises(ValueError, match="exactly one"):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from heron.core import ModelConfig, Transformer, hook_points
+from heron.core import KVCache, ModelConfig, Transformer, hook_points
 
 
 def make_model(**overrides) -> Transformer:
@@ -83,6 +83,22 @@ def test_pattern_hook_sees_causal_probabilities_and_output_is_unchanged():
     assert torch.allclose(pattern.sum(-1), torch.ones(4, 6))
     assert (pattern.triu(1) == 0).all()
     assert torch.allclose(plain, hooked, atol=1e-5)
+
+
+def test_pattern_hook_under_a_cache_lets_each_new_query_see_the_cached_keys_and_itself():
+    """Three queries after five cached tokens: query i sees keys 0 .. 5 + i, as the uncached forward does."""
+    model = make_model()
+    ids = torch.randint(0, 50, (1, 8), generator=torch.Generator().manual_seed(3))
+    whole = model(ids).logits
+    cache = KVCache.allocate(model.config, 1, 8)
+    model(ids[:, :5], cache=cache)
+    patterns = []
+    with model.hooks({"blocks.1.attn.hook_pattern": lambda x, _: patterns.append(x)}):
+        stepped = model(ids[:, 5:], cache=cache).logits
+    pattern = patterns[0][0]  # (nh, 3, 8)
+    assert pattern.shape == (4, 3, 8)
+    assert torch.equal(pattern > 0, torch.ones(3, 8, dtype=torch.bool).tril(5).expand(4, 3, 8))
+    torch.testing.assert_close(stepped, whole[:, 5:], atol=1e-5, rtol=0)
 
 
 def test_hook_can_replace_activation_and_is_removed_after_the_block():

@@ -324,6 +324,14 @@ def test_z_loss_by_hand():
     assert router_z_loss(logits, coef).item() == pytest.approx(coef * math.log(4) ** 2)
 
 
+def test_z_loss_is_the_mean_of_squares_not_the_square_of_the_mean():
+    """Tokens whose logsumexp is 0 and 2: (0^2 + 2^2) / 2 = 2, where (mean 1)^2 would be 1."""
+    coef, half = 0.001, math.log(0.5)
+    logits = torch.tensor([[half, half], [2 + half, 2 + half]])  # logsumexp 0 and 2
+    assert torch.logsumexp(logits, dim=-1).tolist() == pytest.approx([0.0, 2.0], abs=1e-6)
+    assert router_z_loss(logits, coef).item() == pytest.approx(coef * (0 + 4) / 2)
+
+
 def run_hooked(layer: MoE, x: torch.Tensor, *names: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The layer's output and what the named hook points saw."""
     seen: dict[str, torch.Tensor] = {}

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from heron.generate import (FINISH_LENGTH, FINISH_STOP, Decoder, Generator, SamplingParams, apply_repetition_penalty,
-                            left_pad)
+                            decode_steps, left_pad)
 from heron.tokenizer import SPECIAL_TOKENS, train_tokenizer
 
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
@@ -240,3 +240,18 @@ def test_single_prompt_returns_a_string(model, tokenizer):
     gen = Generator(model, tokenizer)
     one = gen.generate("hi", GREEDY)
     assert isinstance(one, str) and gen.generate(["hi"], GREEDY) == [one]
+
+
+def test_left_padding_is_not_a_seen_token_for_the_repetition_penalty(model):
+    """The short row is padded with the very token it picks first when decoded alone: counted as
+    seen, the penalty would push it down and change the row; masked out, the row decodes as alone."""
+    short, long = [33], PROMPTS[0]
+    params = SamplingParams(max_new_tokens=8, temperature=0, repetition_penalty=1.8, ignore_eos=True)
+    alone = reference_greedy(model, short, 8, penalty=1.8)
+    pad = alone[0]
+    assert pad not in short
+    decoder = Decoder(model, [long, short], params, pad_id=pad)
+    assert decoder.seen[1].nonzero().flatten().tolist() == short
+    assert decoder.seen[0].nonzero().flatten().tolist() == sorted(set(long))
+    rows = torch.stack(list(decode_steps(decoder, 8)), dim=1).tolist()  # (B, 8)
+    assert rows == [reference_greedy(model, long, 8, penalty=1.8), alone]

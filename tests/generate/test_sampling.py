@@ -92,6 +92,17 @@ def test_top_p_keeps_the_smallest_set_reaching_p(p, kept):
     assert torch.equal(out[0, list(kept)], probs.log()[0, list(kept)])
 
 
+def test_top_p_drops_the_token_whose_mass_above_equals_p_exactly():
+    """Probabilities 1/2, 1/4, 1/4 are exact in float: the first two already reach p = 0.75, so the
+    third (mass above it exactly 0.75, not < p) is dropped; the smallest set reaching p is {0, 1}."""
+    logits = torch.tensor([[0.5, 0.25, 0.25]]).log()
+    probs = logits.softmax(-1)
+    assert (probs.cumsum(-1) - probs).tolist() == [[0.0, 0.5, 0.75]]  # exact, so the boundary is tested
+    out = apply_top_p(logits, 0.75)
+    assert out.isfinite().tolist() == [[True, True, False]]
+    assert torch.equal(out[0, :2], logits[0, :2])
+
+
 def test_top_p_keeps_the_top_token_even_for_tiny_p():
     logits = torch.tensor([[0.0, 0.0, 10.0], [3.0, 1.0, 2.0]])
     out = apply_top_p(logits, 1e-6)

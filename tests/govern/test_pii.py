@@ -225,6 +225,12 @@ def test_overlaps_keep_the_outer_span_then_the_higher_score():
     assert resolve_overlaps([inner, b, email, a]) == [email, b]
 
 
+def test_crossing_spans_of_equal_score_keep_the_longer():
+    short, long = Span("PHONE", 0, 10, 0.5, ""), Span("ACCOUNT", 5, 20, 0.5, "")
+    assert resolve_overlaps([short, long]) == [long]
+    assert resolve_overlaps([long, short]) == [long]
+
+
 # ----- the corpus -------------------------------------------------------------------------
 
 

@@ -124,6 +124,20 @@ def test_all_green_text_scores_the_formula():
     assert result.watermarked and result.p_value < 1e-30
 
 
+def test_detection_uses_the_exact_green_fraction_k_over_v():
+    """V = 10 at γ = 0.25: k = round(2.5) = 2 (half to even), so a green list is 2 / 10 = 0.2 of the
+    vocabulary and an all-green text of T tokens scores (T - 0.2 T) / sqrt(T 0.2 0.8), p = 0.2^T."""
+    assert WM.green_size(10) == 2
+    seq = [0]
+    for _ in range(20):
+        seq.append(min(green_set(WM, seq[-1], 10)))
+    result = detect(seq, WM, 10, ignore_repeated=False)
+    T, gamma = 20, 0.2
+    assert (result.green, result.scored) == (T, T)
+    assert result.z == pytest.approx((T - gamma * T) / math.sqrt(T * gamma * (1 - gamma)), rel=1e-12)
+    assert result.p_value == pytest.approx(gamma**T, rel=1e-9)
+
+
 def test_no_green_text_scores_the_formula():
     result = detect(chain(WM, 101, want_green=False), WM, V)
     assert (result.green, result.scored) == (0, 100)

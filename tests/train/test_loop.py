@@ -49,9 +49,27 @@ def test_accumulation_1x8_equals_8x1(recipe_factory) -> None:
     eight = train(recipe_factory("eight", train={"steps": 4, "grad_accum": 8}))
     assert torch.allclose(torch.tensor(one.losses), torch.tensor(eight.losses), rtol=1e-5, atol=0)
     assert one.val_losses[-1][1] == pytest.approx(eight.val_losses[-1][1], rel=1e-5)
+    # Adam's update barely sees the gradient's scale, and clipping caps it: the norm shows it whole.
+    norms = [torch.tensor([row["grad_norm"] for row in r.history]) for r in (one, eight)]
+    assert torch.allclose(*norms, rtol=1e-4, atol=0), norms
     a, b = final_weights(one.out_dir), final_weights(eight.out_dir)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_clipping_scales_the_gradient_and_the_logged_norm_is_the_one_before(recipe_factory) -> None:
+    """On Adam's first step the update is lr * g / (|g| + eps); a gradient clipped by c = clip / (G + 1e-6)
+    (torch's clip_grad_norm_) gives lr * g / (|g| + eps / c): the same step as no clipping with eps / c."""
+    clip, eps, warm = 1e-4, 1e-6, {"warmup_steps": 0}
+    clipped = train(recipe_factory("clipped", schedule=warm, optim={"eps": eps}, train={"steps": 1, "clip_norm": clip}))
+    [norm] = [row["grad_norm"] for row in clipped.history]
+    assert norm > 100 * clip  # so clipping is not a no-op
+    unclipped = train(recipe_factory("unclipped", schedule=warm, optim={"eps": eps * (norm + 1e-6) / clip},
+                                     train={"steps": 1, "clip_norm": None}))
+    assert unclipped.history[0]["grad_norm"] == pytest.approx(norm, rel=1e-6)  # the norm before clipping
+    a, b = final_weights(clipped.out_dir), final_weights(unclipped.out_dir)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_the_fused_head_loss_trains_as_the_loss_over_the_logits(recipe_factory) -> None:
