@@ -61,7 +61,7 @@ RM_TARGET, WIN_TARGET = 0.9, 0.75
 def sft_model() -> tuple[Transformer, object]:
     torch.manual_seed(0)
     chats = TASK.sft_chats(512, seed=0)
-    tokenizer = train_tokenizer([m["content"] for c in chats for m in c] * 4, vocab_size=300, show_progress=False)
+    tokenizer = train_tokenizer([m["content"] for c in chats for m in c] * 4, vocab_size=300, progress=False)
     model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, d_model=64, n_layers=2, n_heads=4,
                                     max_seq_len=MAX_LEN))
     data = encode_replies(tokenizer, [c[:-1] for c in chats], [c[-1]["content"] for c in chats], MAX_LEN)

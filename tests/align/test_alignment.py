@@ -43,7 +43,7 @@ def sft():
     """(model, tokenizer): a 2-layer model fine-tuned on 512 chats of the task."""
     torch.manual_seed(0)
     chats = TASK.sft_chats(512, seed=0)
-    tokenizer = train_tokenizer([m["content"] for c in chats for m in c] * 4, vocab_size=300, show_progress=False)
+    tokenizer = train_tokenizer([m["content"] for c in chats for m in c] * 4, vocab_size=300, progress=False)
     config = ModelConfig(vocab_size=tokenizer.vocab_size, d_model=64, n_layers=2, n_heads=4, max_seq_len=MAX_LEN)
     model = Transformer(config)
     data = encode_replies(tokenizer, [c[:-1] for c in chats], [c[-1]["content"] for c in chats], MAX_LEN)

@@ -28,7 +28,7 @@ def test_exported_pairs_train_the_reward_model_and_dpo(tmp_path):
     assert {r["annotator"] for r in exported} == {"alice"} and len(exported) == len(rows)
 
     tokenizer = train_tokenizer([task.response(w, 3) + " Say a few times." for w in task.words] * 4,
-                                vocab_size=300, show_progress=False)
+                                vocab_size=300, progress=False)
     chosen, rejected = encode_pairs(tokenizer, exported, max_len=64)
     for row, record in zip(range(len(exported)), exported):
         reply = chosen.ids[row][chosen.mask[row].bool()].tolist()
@@ -54,7 +54,7 @@ def test_beta_is_each_losss_strength_and_orpo_holds_its_own_nll():
 
     task = RepeatTask()
     tokenizer = train_tokenizer([task.response(w, 3) + " Say a few times." for w in task.words] * 4,
-                                vocab_size=300, show_progress=False)
+                                vocab_size=300, progress=False)
     chosen, rejected = encode_pairs(tokenizer, task.preference_pairs(4, seed=0), max_len=64)
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, n_layers=1, n_heads=2,

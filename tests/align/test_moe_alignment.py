@@ -35,7 +35,7 @@ ROUTING = {"moe_balance_loss", "moe_z_loss", "moe_max_load_over_fair", "moe_drop
 @pytest.fixture(scope="module")
 def tokenizer():
     chats = TASK.sft_chats(64, seed=0)
-    return train_tokenizer([m["content"] for c in chats for m in c] * 2, vocab_size=300, show_progress=False)
+    return train_tokenizer([m["content"] for c in chats for m in c] * 2, vocab_size=300, progress=False)
 
 
 def model(tokenizer, moe: bool, head: str = "lm") -> Transformer:

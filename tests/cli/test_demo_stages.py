@@ -17,7 +17,7 @@ def bases(tmp_path_factory):
     """Two different tiny checkpoints whose tokenizer knows the task's words."""
     task = RepeatTask()
     tokenizer = train_tokenizer([m["content"] for c in task.sft_chats(200, seed=0) for m in c] * 2,
-                                vocab_size=300, show_progress=False)
+                                vocab_size=300, progress=False)
     folder = tmp_path_factory.mktemp("bases")
     made = []
     for seed in (0, 1):

@@ -22,8 +22,8 @@ def test_eval_prints_energy_per_token(tmp_path: Path, capsys) -> None:
     corpus.mkdir()
     for i in range(20):
         (corpus / f"m{i}.py").write_text(f"def f{i}(a):\n    return a + {i}\n" * 10)
-    tokenizer = train_tokenizer([p.read_text() for p in corpus.iterdir()], vocab_size=300, show_progress=False)
-    shards = prepare_shards(Corpus([corpus]), tokenizer, tmp_path / "shards", val_fraction=0.5, show_progress=False)
+    tokenizer = train_tokenizer([p.read_text() for p in corpus.iterdir()], vocab_size=300, progress=False)
+    shards = prepare_shards(Corpus([corpus]), tokenizer, tmp_path / "shards", val_fraction=0.5, progress=False)
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, d_model=16, n_layers=1, n_heads=2,
                                     max_seq_len=16))

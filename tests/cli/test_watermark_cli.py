@@ -28,7 +28,7 @@ def heron_cli(argv: list[str]) -> int:
 def checkpoint(tmp_path_factory) -> Path:
     """A folder with config.json and tokenizer.json: all the detector reads."""
     folder = tmp_path_factory.mktemp("ckpt")
-    train_tokenizer(TEXTS, 300, show_progress=False).save(folder)
+    train_tokenizer(TEXTS, 300, progress=False).save(folder)
     (folder / "config.json").write_text(json.dumps({"vocab_size": MODEL_VOCAB}))
     return folder
 

@@ -15,7 +15,7 @@ torch.set_num_threads(1)
 
 
 def quantised(group_size: int) -> tuple[Transformer, object]:
-    tokenizer = train_tokenizer(["def f(a):\n    return a + 1\n" * 40], vocab_size=300, show_progress=False)
+    tokenizer = train_tokenizer(["def f(a):\n    return a + 1\n" * 40], vocab_size=300, progress=False)
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, d_model=64, n_layers=1, n_heads=2,
                                     max_seq_len=64, d_ff=128)).eval()

@@ -73,7 +73,7 @@ def test_wanda_keeps_small_weights_that_meet_large_inputs():
 
 def test_sparsegpt_with_identity_hessian_is_magnitude_per_block_and_moves_nothing():
     w = weights(K=256)
-    pruned, keep = sparsegpt(w, torch.eye(256), sparsity=0.5, blocksize=128)
+    pruned, keep = sparsegpt(w, torch.eye(256), sparsity=0.5, block_size=128)
     for block in (slice(0, 128), slice(128, 256)):  # the reference picks over a block's columns, all rows
         assert torch.equal(keep[:, block], magnitude_mask(w[:, block], sparsity=0.5))
     assert torch.equal(pruned, w * keep)
@@ -105,7 +105,7 @@ def test_sparsegpt_output_error_is_lower_than_wanda_and_magnitude(target):
 def test_sparsegpt_blocks_have_the_exact_sparsity_and_dead_inputs_are_zeroed():
     w, x = weights(K=192), correlated_inputs(K=192)
     x[:, 7] = 0  # an input never active in calibration
-    pruned, keep = sparsegpt(w, x.T @ x, sparsity=0.5, blocksize=64)
+    pruned, keep = sparsegpt(w, x.T @ x, sparsity=0.5, block_size=64)
     for start in range(0, 192, 64):
         assert int((~keep[:, start:start + 64]).sum()) == 24 * 64 // 2
     assert (pruned[:, 7] == 0).all()
@@ -116,8 +116,8 @@ def test_sparsegpt_lazy_block_updates_equal_one_block(nm):
     """The lazy batch update is an exact reformulation (SparseGPT, sec. 3.2): blocks of 8 columns
     pass on their errors to the later columns in one product and must prune as one block of 64."""
     w, x = weights(), correlated_inputs()
-    pruned, keep = sparsegpt(w, x.T @ x, nm=nm, blocksize=8)
-    whole, whole_keep = sparsegpt(w, x.T @ x, nm=nm, blocksize=128)
+    pruned, keep = sparsegpt(w, x.T @ x, nm=nm, block_size=8)
+    whole, whole_keep = sparsegpt(w, x.T @ x, nm=nm, block_size=128)
     assert torch.equal(keep, whole_keep)
     torch.testing.assert_close(pruned, whole, rtol=0, atol=1e-5)
 

@@ -21,7 +21,7 @@ IDS = torch.randint(0, 256, (3, 20), generator=torch.Generator().manual_seed(0))
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return train_tokenizer(["def f(x):\n    return x + 1\n"] * 20, vocab_size=300, show_progress=False)
+    return train_tokenizer(["def f(x):\n    return x + 1\n"] * 20, vocab_size=300, progress=False)
 
 
 def tiny_model(seed: int = 0, config: ModelConfig = CONFIG) -> Transformer:

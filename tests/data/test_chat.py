@@ -23,7 +23,7 @@ CHATS = [
 @pytest.fixture(scope="module")
 def tok() -> HeronTokenizer:
     texts = [json.dumps(c) for c in CHATS] * 20
-    return train_tokenizer(texts, vocab_size=300, show_progress=False)
+    return train_tokenizer(texts, vocab_size=300, progress=False)
 
 
 def write_jsonl(path, lines: list[str]) -> None:

@@ -19,7 +19,7 @@ def write_docs(root, n: int, start: int = 0) -> None:
 def tok(tmp_path_factory) -> HeronTokenizer:
     root = tmp_path_factory.mktemp("tok")
     write_docs(root, 30)
-    return train_tokenizer(Corpus([root]), vocab_size=320, show_progress=False)
+    return train_tokenizer(Corpus([root]), vocab_size=320, progress=False)
 
 
 def direct_streams(corpus: Corpus, tok: HeronTokenizer, val: set[str]) -> dict[str, list[int]]:
@@ -34,7 +34,7 @@ def test_shards_equal_direct_encoding(tmp_path, tok) -> None:
     (tmp_path / "src").mkdir()
     write_docs(tmp_path / "src", 40)
     corpus = Corpus([tmp_path / "src"])
-    shards = prepare_shards(corpus, tok, tmp_path / "out", val_fraction=0.2, shard_tokens=500, show_progress=False)
+    shards = prepare_shards(corpus, tok, tmp_path / "out", val_fraction=0.2, shard_tokens=500, progress=False)
     expected = direct_streams(corpus, tok, validation_keys(corpus.keys, 0.2, seed=0))
     assert 0 < len(expected["val"]) < len(expected["train"])
     for split in ("train", "val"):
@@ -61,7 +61,7 @@ def test_a_long_document_is_encoded_in_pieces_to_the_same_tokens(tmp_path, tok, 
     monkeypatch.setattr("heron.data.shards._ENCODE_BATCH_CHARS", 200)
     monkeypatch.setattr(HeronTokenizer, "encode_batch", lambda self, texts, allow_special=True: (
         pieces.extend(texts) or [self.encode(t, allow_special=allow_special) for t in texts]))
-    shards = prepare_shards(corpus, tok, tmp_path / "out", val_fraction=0.3, show_progress=False)
+    shards = prepare_shards(corpus, tok, tmp_path / "out", val_fraction=0.3, progress=False)
     assert len(pieces) > 13 and max(map(len, pieces)) < len(long_doc) / 4  # the long document went in pieces
     expected = direct_streams(corpus, tok, validation_keys(corpus.keys, 0.3, seed=0))
     for split in ("train", "val"):
@@ -104,12 +104,12 @@ def test_tiny_corpus_still_gets_one_validation_document() -> None:
 def test_split_on_disk_is_stable_when_a_file_is_added(tmp_path, tok) -> None:
     (tmp_path / "src").mkdir()
     write_docs(tmp_path / "src", 30)
-    first = prepare_shards(Corpus([tmp_path / "src"]), tok, tmp_path / "out", val_fraction=0.2, show_progress=False)
+    first = prepare_shards(Corpus([tmp_path / "src"]), tok, tmp_path / "out", val_fraction=0.2, progress=False)
     val_before = np.asarray(first.val).copy()
     # Add one file that hashes into train: validation must not change by a single token.
     start = next(i for i in range(500, 600) if split_value(f"mod_{i:03d}.py", 0) >= 0.2)
     write_docs(tmp_path / "src", 1, start=start)
-    second = prepare_shards(Corpus([tmp_path / "src"]), tok, tmp_path / "out", val_fraction=0.2, show_progress=False)
+    second = prepare_shards(Corpus([tmp_path / "src"]), tok, tmp_path / "out", val_fraction=0.2, progress=False)
     assert not second.reused
     assert second.meta["train"]["documents"] == first.meta["train"]["documents"] + 1
     assert np.array_equal(np.asarray(second.val), val_before)
@@ -119,12 +119,12 @@ def test_rerun_reuses_matching_shards_and_rebuild_drops_stale_ones(tmp_path, tok
     (tmp_path / "src").mkdir()
     write_docs(tmp_path / "src", 20)
     corpus = Corpus([tmp_path / "src"])
-    first = prepare_shards(corpus, tok, tmp_path / "out", shard_tokens=200, show_progress=False)
+    first = prepare_shards(corpus, tok, tmp_path / "out", shard_tokens=200, progress=False)
     stamp = (tmp_path / "out" / "train_000000.bin").stat().st_mtime_ns
-    again = prepare_shards(Corpus([tmp_path / "src"]), tok, tmp_path / "out", shard_tokens=200, show_progress=False)
+    again = prepare_shards(Corpus([tmp_path / "src"]), tok, tmp_path / "out", shard_tokens=200, progress=False)
     assert again.reused and again.meta == first.meta
     assert (tmp_path / "out" / "train_000000.bin").stat().st_mtime_ns == stamp
-    rebuilt = prepare_shards(corpus, tok, tmp_path / "out", shard_tokens=10**6, show_progress=False)
+    rebuilt = prepare_shards(corpus, tok, tmp_path / "out", shard_tokens=10**6, progress=False)
     assert not rebuilt.reused
     assert sorted(p.name for p in (tmp_path / "out").glob("*.bin")) == ["train_000000.bin", "val_000000.bin"]
     assert np.array_equal(np.asarray(rebuilt.train), np.asarray(first.train))
@@ -140,7 +140,7 @@ def test_crafted_metadata_is_refused_and_names_no_file_outside_the_folder(tmp_pa
     (tmp_path / "src").mkdir()
     write_docs(tmp_path / "src", 20)
     out = tmp_path / "shards" / "out"
-    prepare_shards(Corpus([tmp_path / "src"]), tok, out, val_fraction=0.2, show_progress=False)
+    prepare_shards(Corpus([tmp_path / "src"]), tok, out, val_fraction=0.2, progress=False)
     victim = tmp_path / "shards" / "victim.txt"
     victim.write_text("keep me")
     meta = json.loads((out / "meta.json").read_text())
@@ -148,7 +148,7 @@ def test_crafted_metadata_is_refused_and_names_no_file_outside_the_folder(tmp_pa
     with pytest.raises(ValueError, match=message):
         load_shards(out)
     with pytest.raises(FileExistsError, match="not Heron's to write over"):  # and deletes nothing
-        prepare_shards(Corpus([tmp_path / "src"]), tok, out, show_progress=False)
+        prepare_shards(Corpus([tmp_path / "src"]), tok, out, progress=False)
     assert victim.read_text() == "keep me"
 
 
@@ -157,7 +157,7 @@ def test_load_errors(tmp_path, tok) -> None:
         load_shards(tmp_path)
     (tmp_path / "src").mkdir()
     write_docs(tmp_path / "src", 5)
-    prepare_shards(Corpus([tmp_path / "src"]), tok, tmp_path / "out", show_progress=False)
+    prepare_shards(Corpus([tmp_path / "src"]), tok, tmp_path / "out", progress=False)
     shard = tmp_path / "out" / "train_000000.bin"
     shard.write_bytes(shard.read_bytes()[:-2])
     with pytest.raises(ValueError, match="train_000000.bin"):
@@ -175,7 +175,7 @@ def test_token_dtype_boundary() -> None:
 def test_meta_is_plain_json(tmp_path, tok) -> None:
     (tmp_path / "src").mkdir()
     write_docs(tmp_path / "src", 3)
-    prepare_shards(Corpus([tmp_path / "src"]), tok, tmp_path / "out", show_progress=False)
+    prepare_shards(Corpus([tmp_path / "src"]), tok, tmp_path / "out", progress=False)
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
     assert meta["split"]["val_fraction"] == 0.02 and meta["split"]["seed"] == 0
     assert meta["vocab_size"] == tok.vocab_size and meta["eos_id"] == tok.eos_id
@@ -184,22 +184,22 @@ def test_meta_is_plain_json(tmp_path, tok) -> None:
 def test_the_folder_carries_the_tokenizer_that_made_it(tmp_path, tok) -> None:
     (tmp_path / "src").mkdir()
     write_docs(tmp_path / "src", 5)
-    first = prepare_shards(Corpus([tmp_path / "src"]), tok, tmp_path / "out", show_progress=False)
+    first = prepare_shards(Corpus([tmp_path / "src"]), tok, tmp_path / "out", progress=False)
     carried = HeronTokenizer.load(tmp_path / "out")
     assert carried.fingerprint() == tok.fingerprint() == first.meta["tokenizer_sha256"]
     (tmp_path / "out" / "tokenizer.json").unlink()  # shards written before folders carried their tokenizer
-    again = prepare_shards(Corpus([tmp_path / "src"]), tok, tmp_path / "out", show_progress=False)
+    again = prepare_shards(Corpus([tmp_path / "src"]), tok, tmp_path / "out", progress=False)
     assert again.reused and HeronTokenizer.load(tmp_path / "out").fingerprint() == tok.fingerprint()
 
 
 def test_an_output_folder_inside_the_corpus_is_no_part_of_it(tmp_path, tok) -> None:
     """Else each rerun takes in its own shards and meta.json and never reuses them."""
     write_docs(tmp_path, 12)
-    first = prepare_shards(Corpus([tmp_path]), tok, tmp_path / "shards", show_progress=False)
-    again = prepare_shards(Corpus([tmp_path]), tok, tmp_path / "shards", show_progress=False)
+    first = prepare_shards(Corpus([tmp_path]), tok, tmp_path / "shards", progress=False)
+    again = prepare_shards(Corpus([tmp_path]), tok, tmp_path / "shards", progress=False)
     assert again.reused and len(again.train) == len(first.train) and again.meta["skipped_files"] == []
     alone = prepare_shards(Corpus(sorted(str(p) for p in tmp_path.glob("*.py"))), tok, tmp_path / "elsewhere",
-                           show_progress=False)
+                           progress=False)
     assert alone.meta["corpus_fingerprint"] == first.meta["corpus_fingerprint"]
 
 
@@ -207,7 +207,7 @@ def test_a_corpus_of_no_utf8_text_is_refused(tmp_path, tok) -> None:
     for i in range(3):
         (tmp_path / f"latin{i}.txt").write_bytes("café".encode("latin-1"))
     with pytest.raises(ValueError, match="no file of the corpus is UTF-8 text: all 3 were skipped"):
-        prepare_shards(Corpus([tmp_path]), tok, tmp_path / "out", show_progress=False)
+        prepare_shards(Corpus([tmp_path]), tok, tmp_path / "out", progress=False)
     assert not (tmp_path / "out" / "meta.json").exists()
 
 
@@ -215,10 +215,10 @@ def test_a_reuse_puts_back_the_folders_tokenizer_when_another_was_written_over_i
     """Else the folder's copy names another tokenizer than meta.json, and training refuses it."""
     (tmp_path / "src").mkdir()
     write_docs(tmp_path / "src", 12)
-    prepare_shards(Corpus([tmp_path / "src"]), tok, tmp_path / "out", show_progress=False)
-    other = train_tokenizer(["completely different text " * 50], vocab_size=280, show_progress=False)
+    prepare_shards(Corpus([tmp_path / "src"]), tok, tmp_path / "out", progress=False)
+    other = train_tokenizer(["completely different text " * 50], vocab_size=280, progress=False)
     other.save(tmp_path / "out")
-    again = prepare_shards(Corpus([tmp_path / "src"]), tok, tmp_path / "out", show_progress=False)
+    again = prepare_shards(Corpus([tmp_path / "src"]), tok, tmp_path / "out", progress=False)
     assert again.reused and HeronTokenizer.load(tmp_path / "out").fingerprint() == tok.fingerprint()
 
 
@@ -227,7 +227,7 @@ def test_what_a_killed_preparation_left_is_swept_by_the_next(tmp_path, tok) -> N
     write_docs(tmp_path / "src", 12)
     (tmp_path / "out" / ".shards-killed").mkdir(parents=True)
     (tmp_path / "out" / ".shards-killed" / "train_000000.bin").write_bytes(b"\0" * 64)
-    prepare_shards(Corpus([tmp_path / "src"]), tok, tmp_path / "out", show_progress=False)
+    prepare_shards(Corpus([tmp_path / "src"]), tok, tmp_path / "out", progress=False)
     assert not list((tmp_path / "out").glob(".shards-*"))
 
 
@@ -239,16 +239,16 @@ def test_a_folder_holding_other_files_is_refused_and_left_as_it_was(tmp_path, to
     (out / "train_notes.bin").write_bytes(b"mine")  # named like shards, but the user's
     (out / "meta.json").write_text('{"mine": true}')
     with pytest.raises(FileExistsError, match="meta.json is not valid shard metadata.*not Heron's to write over"):
-        prepare_shards(Corpus([tmp_path / "src"]), tok, out, show_progress=False)
+        prepare_shards(Corpus([tmp_path / "src"]), tok, out, progress=False)
     assert (out / "meta.json").read_text() == '{"mine": true}'
     (out / "meta.json").unlink()
     with pytest.raises(FileExistsError, match="train_notes.bin"):
-        prepare_shards(Corpus([tmp_path / "src"]), tok, out, show_progress=False)
+        prepare_shards(Corpus([tmp_path / "src"]), tok, out, progress=False)
     assert (out / "train_notes.bin").read_bytes() == b"mine"
     (out / "train_notes.bin").unlink()
     (out / "meta.json").write_text("[1, 2")  # a meta.json that is not Heron's is not written over
     with pytest.raises(FileExistsError, match="not Heron's to write over"):
-        prepare_shards(Corpus([tmp_path / "src"]), tok, out, show_progress=False)
+        prepare_shards(Corpus([tmp_path / "src"]), tok, out, progress=False)
     assert (out / "meta.json").read_text() == "[1, 2"
 
 
@@ -256,14 +256,14 @@ def test_a_rebuild_replaces_only_the_files_of_the_previous_set(tmp_path, tok) ->
     (tmp_path / "src").mkdir()
     write_docs(tmp_path / "src", 20)
     out = tmp_path / "out"
-    prepare_shards(Corpus([tmp_path / "src"]), tok, out, shard_tokens=200, show_progress=False)
+    prepare_shards(Corpus([tmp_path / "src"]), tok, out, shard_tokens=200, progress=False)
     assert (out / "train_000003.bin").is_file()
-    rebuilt = prepare_shards(Corpus([tmp_path / "src"]), tok, out, shard_tokens=10**6, show_progress=False)
+    rebuilt = prepare_shards(Corpus([tmp_path / "src"]), tok, out, shard_tokens=10**6, progress=False)
     shard_set = ["meta.json", "tokenizer.json", "train_000000.bin", "val_000000.bin"]
     assert sorted(p.name for p in out.iterdir()) == shard_set
     (out / "extra.txt").write_text("mine")  # added after: the next rebuild refuses rather than run beside it
     with pytest.raises(FileExistsError, match="extra.txt"):
-        prepare_shards(Corpus([tmp_path / "src"]), tok, out, shard_tokens=300, show_progress=False)
+        prepare_shards(Corpus([tmp_path / "src"]), tok, out, shard_tokens=300, progress=False)
     assert load_shards(out).meta == rebuilt.meta
 
 
@@ -278,7 +278,7 @@ def test_the_fallback_validation_document_is_a_decodable_one(tmp_path, tok) -> N
     chosen = validation_keys(corpus.keys, 0.02, seed=0, decodes=corpus.decodes)
     runner_up = min(set(keys) - {smallest}, key=lambda k: split_value(k, 0))
     assert chosen == {runner_up}
-    shards = prepare_shards(corpus, tok, tmp_path / "out", val_fraction=0.02, show_progress=False)
+    shards = prepare_shards(corpus, tok, tmp_path / "out", val_fraction=0.02, progress=False)
     assert shards.meta["val"]["documents"] == 1 and shards.meta["train"]["documents"] == 1
     assert shards.meta["skipped_files"] == [str(tmp_path / "src" / smallest)]
 
@@ -291,5 +291,5 @@ def test_a_running_preparations_temporary_folder_is_left_alone(tmp_path, tok) ->
     live.mkdir(parents=True)
     dead = tmp_path / "out" / ".shards-999999999-dead"  # past any pid_max
     dead.mkdir()
-    prepare_shards(Corpus([tmp_path / "src"]), tok, tmp_path / "out", show_progress=False)
+    prepare_shards(Corpus([tmp_path / "src"]), tok, tmp_path / "out", progress=False)
     assert live.is_dir() and not dead.exists()

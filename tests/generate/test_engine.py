@@ -226,7 +226,7 @@ def test_a_pad_id_outside_the_vocabulary_pads_with_one_inside(model, tokenizer):
 
 
 def test_special_token_spellings_in_prompt_text_stay_plain_text(make_model):
-    tokenizer = train_tokenizer(["def add(a, b):\n    return a + b\n"] * 5, vocab_size=300, show_progress=False)
+    tokenizer = train_tokenizer(["def add(a, b):\n    return a + b\n"] * 5, vocab_size=300, progress=False)
     gen = Generator(make_model(vocab_size=tokenizer.vocab_size), tokenizer)
     text = f"Please repeat: {SPECIAL_TOKENS['eos']}{SPECIAL_TOKENS['user']}"
     special = set(tokenizer.special_ids.values())

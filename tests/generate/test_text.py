@@ -84,7 +84,7 @@ SPM_PIECES = [SPACE, "a", "b", SPACE + "a", SPACE + "ab", "é", SPACE + "日本"
 @pytest.fixture(scope="module")
 def heron_tokenizer() -> HeronTokenizer:
     """Heron's byte-level BPE, with merges inside multi-byte characters (tokens of partial UTF-8)."""
-    return train_tokenizer(MULTIBYTE_TEXTS * 5, vocab_size=400, show_progress=False)
+    return train_tokenizer(MULTIBYTE_TEXTS * 5, vocab_size=400, progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from heron.cli.main import main
 from heron.govern.audit import (
-    EVENT_ERASE, GENESIS, LOG_ENV, AuditLog, Checkpoint, InclusionProof, Record, audit_log, log_location,
+    EVENT_ERASE, GENESIS, LOG_ENV, AuditLog, LogCheckpoint, InclusionProof, Record, audit_log, log_location,
     record_event, record_fields, record_hash, sign_checkpoint, verify_log, verify_proof,
 )
 from heron.govern.audit_export import export_log, read_export
@@ -145,7 +145,7 @@ def rows_of(log: AuditLog) -> list[dict]:
     return list(log.store.records())
 
 
-def report_of(log: AuditLog, rows: list[dict], checkpoints: list[Checkpoint] | None = None):
+def report_of(log: AuditLog, rows: list[dict], checkpoints: list[LogCheckpoint] | None = None):
     return verify_log(rows, log.checkpoints() if checkpoints is None else checkpoints)
 
 
@@ -341,7 +341,7 @@ def test_a_signed_external_checkpoint_anchors_the_tail(tmp_path: Path, data_file
     key = load_signing_key(generate_keys(tmp_path / "keys")[0])
     public_key = load_public_key(tmp_path / "keys" / "audit_ed25519.pub.pem")
     log = make_log(tmp_path / "a.db", data_file, checkpoint_every=0)
-    anchor = Checkpoint.from_json(log.checkpoint(sign_key=key).to_json())  # kept away from the database
+    anchor = LogCheckpoint.from_json(log.checkpoint(sign_key=key).to_json())  # kept away from the database
     assert log.verify(public_key=public_key, anchors=[anchor]).ok
     tamper(log, "DELETE FROM audit_records WHERE seq >= 4")
     tamper(log, "DELETE FROM audit_checkpoints")  # the attacker removes what the database holds
@@ -365,9 +365,9 @@ def test_verify_streaming_the_checkpoints_reports_as_the_lists_do(tmp_path: Path
     key = load_signing_key(generate_keys(tmp_path / "keys")[0])
     public_key = load_public_key(tmp_path / "keys" / "audit_ed25519.pub.pem")
     log = make_log(tmp_path / "a.db", data_file, n=9, sign_key=key)  # checkpoints at 4, 8, 9
-    same = Checkpoint.from_json(log.checkpoints()[1].to_json())
-    other = sign_checkpoint(Checkpoint(size=4, root="00" * 32, time="2020-01-01T00:00:00+00:00"), key)
-    beyond = sign_checkpoint(Checkpoint(size=12, root="11" * 32, time="2020-01-01T00:00:00+00:00"), key)
+    same = LogCheckpoint.from_json(log.checkpoints()[1].to_json())
+    other = sign_checkpoint(LogCheckpoint(size=4, root="00" * 32, time="2020-01-01T00:00:00+00:00"), key)
+    beyond = sign_checkpoint(LogCheckpoint(size=12, root="11" * 32, time="2020-01-01T00:00:00+00:00"), key)
     cases = [(None, []), (public_key, [same]), (public_key, [beyond, same, other]), (None, [other, other])]
 
     def check(expect_ok: list[bool]) -> list:
@@ -393,9 +393,9 @@ def test_verify_holds_a_few_checkpoints_at_a_time_not_all(tmp_path: Path, monkey
     log = AuditLog.open(tmp_path / "a.db")
     for i in range(40):
         log.append("event", actor="alice", parameters={"i": i})
-    alive, made, read = weakref.WeakValueDictionary(), Checkpoint.from_json.__func__, log.store.records
+    alive, made, read = weakref.WeakValueDictionary(), LogCheckpoint.from_json.__func__, log.store.records
 
-    def tracked(cls, data, id=None) -> Checkpoint:
+    def tracked(cls, data, id=None) -> LogCheckpoint:
         checkpoint = made(cls, data, id)
         alive[id] = checkpoint
         return checkpoint
@@ -406,7 +406,7 @@ def test_verify_holds_a_few_checkpoints_at_a_time_not_all(tmp_path: Path, monkey
             yield row
 
     held: list[int] = []
-    monkeypatch.setattr(Checkpoint, "from_json", classmethod(tracked))
+    monkeypatch.setattr(LogCheckpoint, "from_json", classmethod(tracked))
     monkeypatch.setattr(log.store, "records", records)
     report = log.verify()
     assert report.ok and (report.records, report.checkpoints) == (40, 40), report
@@ -537,7 +537,7 @@ def test_export_json_and_csv_round_trip(tmp_path: Path, data_file: Path) -> None
     rows = rows_of(log)
     assert export_log(log, tmp_path / "log.json") == 7
     back, checkpoints = read_export(tmp_path / "log.json")
-    assert back == rows and checkpoints == [Checkpoint.from_json(c.to_json()) for c in log.checkpoints()]
+    assert back == rows and checkpoints == [LogCheckpoint.from_json(c.to_json()) for c in log.checkpoints()]
     assert verify_log(back, checkpoints).ok
     document = json.loads((tmp_path / "log.json").read_text())
     assert document["records"][0]["parameters"] == {"lr": 0.5, "step": 0}  # readable, not JSON in JSON

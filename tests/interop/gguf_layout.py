@@ -51,7 +51,7 @@ CONFIGS = {
 
 def make_tokenizer() -> HeronTokenizer:
     """A byte-level BPE of VOCAB tokens trained on CORPUS."""
-    return train_tokenizer(CORPUS * 4, vocab_size=VOCAB, show_progress=False)
+    return train_tokenizer(CORPUS * 4, vocab_size=VOCAB, progress=False)
 
 
 def perturbed_model(config: ModelConfig) -> Transformer:

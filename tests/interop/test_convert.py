@@ -208,7 +208,7 @@ def test_an_exported_heron_tokenizer_still_ends_replies_at_end(tmp_path):
     from heron.core import ModelConfig, Transformer
     from heron.interop import save_hf_folder
 
-    native = train_tokenizer(["Hi there. Hello! Sure, again."] * 10, vocab_size=300, show_progress=False)
+    native = train_tokenizer(["Hi there. Hello! Sure, again."] * 10, vocab_size=300, progress=False)
     model = Transformer(ModelConfig(vocab_size=native.vocab_size, d_model=16, n_layers=1, n_heads=2))
     save_hf_folder(model, tmp_path / "hf", native)
     _, exported = heron.load(tmp_path / "hf")

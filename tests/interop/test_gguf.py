@@ -252,7 +252,7 @@ def regex_bpe(regex: str, ignore_merges: bool) -> PretrainedTokenizer:
     backend.pre_tokenizer = regex_then_bytes(LLAMA3_REGEX)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+                                  progress=False)
     backend.train_from_iterator(CORPUS * 4, trainer)
     backend.pre_tokenizer = regex_then_bytes(regex)
     return PretrainedTokenizer(backend)

@@ -267,9 +267,9 @@ def test_empty_input_is_named():
 def test_dla_target_and_position_out_of_range_name_the_argument_and_its_range():
     model = make_model()
     _, cache = run_with_cache(model, make_ids(seq=8), dla_names(model))
-    with pytest.raises(ValueError, match=r"^target_token: token id 64 outside the vocabulary \(0..63\)"):
+    with pytest.raises(ValueError, match=r"^target: token id 64 outside the vocabulary \(0..63\)"):
         direct_logit_attribution(model, cache, 64)
-    with pytest.raises(ValueError, match=r"^target_token: token id -1 outside"):
+    with pytest.raises(ValueError, match=r"^target: token id -1 outside"):
         direct_logit_attribution(model, cache, torch.tensor([3, -1]))
     with pytest.raises(ValueError, match=r"^position: 8 outside the 8 input tokens \(valid: -8..7\)"):
         direct_logit_attribution(model, cache, 3, position=8)

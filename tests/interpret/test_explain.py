@@ -19,7 +19,7 @@ SECTIONS = ["Prediction", "Logit lens", "Direct logit attribution", "Attention p
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return train_tokenizer(TEXTS, vocab_size=300, show_progress=False)
+    return train_tokenizer(TEXTS, vocab_size=300, progress=False)
 
 
 def model_for(**overrides) -> Transformer:

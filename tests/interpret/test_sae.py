@@ -179,12 +179,12 @@ def test_resumed_training_equals_an_unbroken_run(tmp_path):
     settings = SAESettings(k=3, expansion=2, steps=12, batch_size=128, lr_decay_fraction=0.5, dead_tokens=300)
     unbroken = train_sae(x, settings, progress=False)
     save_sae(tmp_path / "half", train_sae(x, settings, stop_at=6, progress=False))
-    resumed = train_sae(x, settings, resume=load_sae(tmp_path / "half"), progress=False)
+    resumed = train_sae(x, settings, resume_from=load_sae(tmp_path / "half"), progress=False)
     assert resumed.step == unbroken.step == 12
     for name, value in unbroken.sae.state_dict().items():
         assert torch.equal(resumed.sae.state_dict()[name], value), name
     with pytest.raises(ValueError, match="lr: resuming with 0.5"):
-        train_sae(x, settings.replace(lr=0.5), resume=load_sae(tmp_path / "half"), progress=False)
+        train_sae(x, settings.replace(lr=0.5), resume_from=load_sae(tmp_path / "half"), progress=False)
 
 
 def test_dead_feature_accounting_counts_tokens_since_each_feature_fired():

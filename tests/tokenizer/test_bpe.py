@@ -31,7 +31,7 @@ def generated_texts(n: int = 200) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tok() -> HeronTokenizer:
-    return train_tokenizer(generated_texts(), vocab_size=400, show_progress=False)
+    return train_tokenizer(generated_texts(), vocab_size=400, progress=False)
 
 
 def test_round_trip_is_exact(tok: HeronTokenizer) -> None:
@@ -70,15 +70,15 @@ def test_special_text_is_parsed_only_when_allowed(tok: HeronTokenizer) -> None:
 
 
 def test_training_is_deterministic() -> None:
-    a = train_tokenizer(generated_texts(), vocab_size=350, show_progress=False)
-    b = train_tokenizer(generated_texts(), vocab_size=350, show_progress=False)
+    a = train_tokenizer(generated_texts(), vocab_size=350, progress=False)
+    b = train_tokenizer(generated_texts(), vocab_size=350, progress=False)
     assert a.to_json() == b.to_json()
     assert a.fingerprint() == b.fingerprint()
 
 
 def test_vocab_size_below_bytes_plus_specials_is_rejected() -> None:
     with pytest.raises(ValueError, match="at least 263"):
-        train_tokenizer(["abc"], vocab_size=100, show_progress=False)
+        train_tokenizer(["abc"], vocab_size=100, progress=False)
 
 
 CHAT = [
@@ -199,7 +199,7 @@ def cut_tok() -> HeronTokenizer:
     pre-token boundary that the whole text does not have then changes the ids."""
     rng = random.Random(0)
     texts = ["".join(rng.choice(CUT_ALPHABET) for _ in range(400)) for _ in range(200)]
-    return train_tokenizer(texts, vocab_size=600, show_progress=False)
+    return train_tokenizer(texts, vocab_size=600, progress=False)
 
 
 @settings(max_examples=300, deadline=None)
@@ -240,5 +240,5 @@ def test_training_on_a_long_text_in_pieces_learns_what_the_whole_text_teaches(mo
     learned = {}
     for piece_chars in (10**9, 40):
         monkeypatch.setattr("heron.tokenizer.bpe._TRAIN_PIECE_CHARS", piece_chars)
-        learned[piece_chars] = train_tokenizer([text], vocab_size=600, show_progress=False).to_json()
+        learned[piece_chars] = train_tokenizer([text], vocab_size=600, progress=False).to_json()
     assert learned[40] == learned[10**9]

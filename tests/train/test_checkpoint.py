@@ -28,7 +28,7 @@ IDS = torch.tensor([[1, 5, 9, 200, 7, 3]])
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return train_tokenizer(["def f(x):\n    return x + 1\n"] * 20, vocab_size=300, show_progress=False)
+    return train_tokenizer(["def f(x):\n    return x + 1\n"] * 20, vocab_size=300, progress=False)
 
 
 def small_model(seed: int = 0, **overrides):

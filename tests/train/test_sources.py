@@ -68,9 +68,9 @@ def test_bf16_autocast_runs_and_keeps_fp32_weights(recipe_factory) -> None:
 
 
 def test_shards_made_with_a_tokenizer_kept_elsewhere_ship_it(tmp_path: Path, corpus: Path) -> None:
-    tokenizer = train_tokenizer(Corpus([corpus]), vocab_size=300, show_progress=False)
+    tokenizer = train_tokenizer(Corpus([corpus]), vocab_size=300, progress=False)
     tokenizer.save(tmp_path / "elsewhere" / "tokenizer.json")
-    prepare_shards(Corpus([corpus]), HeronTokenizer.load(tmp_path / "elsewhere"), tmp_path / "shards", show_progress=False)
+    prepare_shards(Corpus([corpus]), HeronTokenizer.load(tmp_path / "elsewhere"), tmp_path / "shards", progress=False)
     raw = shard_recipe(tmp_path, corpus)
     del raw["data"]["corpus"]
     result = train(recipe_from_dict(raw, world_size=1))

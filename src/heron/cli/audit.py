@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from heron.cli.options import lasting_database, not_the_source
-from heron.govern.audit import AuditLog, Checkpoint, log_location, verify_log
+from heron.govern.audit import AuditLog, LogCheckpoint, log_location, verify_log
 from heron.govern.audit_export import FORMATS, export_log, read_export
 from heron.govern.audit_keys import generate_keys, load_public_key, load_signing_key
 from heron.govern.audit_lineage import audit_lineage, format_lineage
@@ -92,9 +92,9 @@ def verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def _read_anchor(file: Path) -> Checkpoint:
+def _read_anchor(file: Path) -> LogCheckpoint:
     try:
-        return Checkpoint.from_json(json.loads(file.read_text(encoding="utf-8")))
+        return LogCheckpoint.from_json(json.loads(file.read_text(encoding="utf-8")))
     except (OSError, ValueError, KeyError, TypeError) as err:  # unreadable, not JSON, or not a checkpoint's fields
         raise ValueError(f"--anchor {file}: not a checkpoint written by `heron audit checkpoint --out` "
                          f"({type(err).__name__}: {err})") from None

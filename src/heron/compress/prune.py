@@ -16,7 +16,7 @@ Where the comparison happens, and why:
   each output row instead.
 - Wanda: per output row, as the paper (section 3, "comparison group") found
   best for LLMs.
-- SparseGPT: per block of `blocksize` columns over all rows, as the
+- SparseGPT: per block of `block_size` columns over all rows, as the
   reference `fasterprune` selects its mask; a row's sparsity may differ from
   the target, a block's never does.
 Counts are exact: a row (layer, block) of K weights loses round(sparsity * K).
@@ -97,7 +97,7 @@ def sparsegpt(
     *,
     sparsity: float | None = None,
     nm: tuple[int, int] | None = None,
-    blocksize: int = 128,
+    block_size: int = 128,
     percdamp: float = 0.01,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT (Frantar & Alistarh 2023, Algorithm 1; reference
@@ -108,7 +108,7 @@ def sparsegpt(
     from U, the upper Cholesky factor of (H + damp I)⁻¹ as in GPTQ:
     err = (w - q) / U_ii, W[:, i:] -= err U[i, i:]. The mask is chosen
     adaptively, on the weights as updated so far: for each block of
-    `blocksize` columns the lowest w² / U_ii² over the block (the OBS
+    `block_size` columns the lowest w² / U_ii² over the block (the OBS
     saliency, eq. 6); with nm, every group of m columns when the loop reaches
     it. Dead inputs (H_jj = 0) get H_jj = 1 and zero weights, as in the
     reference; a kept weight there is zero too.
@@ -122,10 +122,10 @@ def sparsegpt(
     W, H = without_dead_inputs(w, H)  # (N, K), (K, K)
     U = inverse_cholesky_upper(H, percdamp)  # (K, K)
     m = nm[1] if nm is not None else 1
-    blocksize = max(blocksize // m, 1) * m  # whole groups per block
+    block_size = max(block_size // m, 1) * m  # whole groups per block
     keep = torch.ones(N, K, dtype=torch.bool)
-    for start in range(0, K, blocksize):
-        stop = min(start + blocksize, K)
+    for start in range(0, K, block_size):
+        stop = min(start + block_size, K)
         W1, U1, keep1 = W[:, start:stop].clone(), U[start:stop, start:stop], keep[:, start:stop]  # (N, b), (b, b)
         d = torch.diag(U1)  # (b,)
         if nm is None:

@@ -73,9 +73,9 @@ def _wanda(w: torch.Tensor, stats: SquareSum, target: Target, **_: object) -> tu
     return w * keep, keep
 
 
-def _sparsegpt(w: torch.Tensor, stats: HessianAccumulator, target: Target, *, blocksize: int = 128,
+def _sparsegpt(w: torch.Tensor, stats: HessianAccumulator, target: Target, *, block_size: int = 128,
                percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
-    return sparsegpt(w, stats.H, **target, blocksize=blocksize, percdamp=percdamp)
+    return sparsegpt(w, stats.H, **target, block_size=block_size, percdamp=percdamp)
 
 
 # method: (statistics of a matrix's inputs, (W (N, K), statistics, target) -> (pruned W, keep-mask))
@@ -109,7 +109,7 @@ def prune_model(
     nm: tuple[int, int] | None = None,
     calibration: torch.Tensor | Iterable[torch.Tensor] | None = None,
     batch_size: int = 8,
-    blocksize: int = 128,
+    block_size: int = 128,
     percdamp: float = 0.01,
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
@@ -135,7 +135,7 @@ def prune_model(
         if method == "magnitude":
             return {name: _magnitude(weight, target)
                     for name, weight in tqdm(weights.items(), disable=not progress, desc="magnitude", unit="weight")}
-        options = {"blocksize": blocksize, "percdamp": percdamp}
+        options = {"block_size": block_size, "percdamp": percdamp}
         masks: dict[str, torch.Tensor] = {}
         inputs = first_block_inputs(model, calibration_batches(calibration, batch_size))
         for i, block in enumerate(tqdm(model.blocks, disable=not progress, desc=method, unit="block")):

@@ -252,7 +252,7 @@ def prepare_shards(
     val_fraction: float = DEFAULT_VAL_FRACTION,
     seed: int = 0,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
-    show_progress: bool = True,
+    progress: bool = True,
     note: dict | None = None,
 ) -> ShardSet:
     """Tokenise a corpus into train/val shard files in out_dir; reuse them if inputs are unchanged.
@@ -297,7 +297,7 @@ def prepare_shards(
     val_keys = validation_keys(corpus.keys, val_fraction, seed, corpus.decodes)
     with tempfile.TemporaryDirectory(dir=folder, prefix=f"{_TMP_PREFIX}{os.getpid()}-") as tmp:
         writers = {s: _ShardWriter(Path(tmp), s, dtype, shard_tokens) for s in SPLITS}
-        bar = tqdm(total=len(corpus), unit="doc", desc="tokenising", disable=not show_progress)
+        bar = tqdm(total=len(corpus), unit="doc", desc="tokenising", disable=not progress)
         for batch in _piece_batches(corpus.items(), tokenizer, _PIECE_CHARS, _ENCODE_BATCH_CHARS):
             texts = [piece.text for piece in batch]
             for piece, ids in zip(batch, tokenizer.encode_batch(texts, allow_special=False)):

@@ -255,7 +255,7 @@ def _text(value: str | None, name: str, *, optional: bool = False) -> str | None
 
 
 @dataclass(frozen=True)
-class Checkpoint:
+class LogCheckpoint:
     """The Merkle tree hash of records 0 .. size-1 at a time, optionally signed."""
 
     size: int
@@ -276,16 +276,16 @@ class Checkpoint:
         return {"root": self.root, "signature": self.signature, "size": self.size, "time": self.time}
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any], id: int | None = None) -> Checkpoint:
+    def from_json(cls, data: Mapping[str, Any], id: int | None = None) -> LogCheckpoint:
         return cls(size=int(data["size"]), root=data["root"], time=data["time"], signature=data.get("signature"),
                    id=id)
 
 
-def sign_checkpoint(checkpoint: Checkpoint, key: Ed25519PrivateKey) -> Checkpoint:
+def sign_checkpoint(checkpoint: LogCheckpoint, key: Ed25519PrivateKey) -> LogCheckpoint:
     return replace(checkpoint, signature=sign(checkpoint.message(), key))
 
 
-def signature_valid(checkpoint: Checkpoint, public_key: Ed25519PublicKey) -> bool:
+def signature_valid(checkpoint: LogCheckpoint, public_key: Ed25519PublicKey) -> bool:
     return checkpoint.signature is not None and signature_holds(checkpoint.message(), checkpoint.signature, public_key)
 
 
@@ -301,7 +301,7 @@ class InclusionProof:
         return {"path": list(self.path), "seq": self.seq, "size": self.size}
 
 
-def verify_proof(record: Record, proof: InclusionProof, checkpoint: Checkpoint) -> bool:
+def verify_proof(record: Record, proof: InclusionProof, checkpoint: LogCheckpoint) -> bool:
     """Whether `record` (its hash recomputed from its fields) is leaf `proof.seq` of the checkpoint's tree."""
     row = record_row(record)
     try:
@@ -359,7 +359,7 @@ def erased_seqs(rows: Iterable[Row]) -> set[int]:
     return found
 
 
-def verify_log(rows: Iterable[Row], checkpoints: Iterable[Checkpoint] = (), *, erased: Collection[int] | None = None,
+def verify_log(rows: Iterable[Row], checkpoints: Iterable[LogCheckpoint] = (), *, erased: Collection[int] | None = None,
                public_key: Ed25519PublicKey | None = None) -> VerifyReport:
     """Check a log's rows (in stored order) against each other and against its checkpoints.
 
@@ -368,7 +368,7 @@ def verify_log(rows: Iterable[Row], checkpoints: Iterable[Checkpoint] = (), *, e
     return _verify(rows, sorted(checkpoints, key=lambda c: c.size), erased, public_key)
 
 
-def _verify(rows: Iterable[Row], checkpoints: Iterable[Checkpoint], erased: Collection[int] | None,
+def _verify(rows: Iterable[Row], checkpoints: Iterable[LogCheckpoint], erased: Collection[int] | None,
             public_key: Ed25519PublicKey | None) -> VerifyReport:
     """`verify_log` over checkpoints already in size order, taken one at a time as the records
     reach them (so a log's may stream from its database), each counted and its signature checked
@@ -407,9 +407,9 @@ class _Seals:
     public_key: Ed25519PublicKey | None
     count: int = 0
     signed: int = 0  # signatures that hold, before any that does not
-    bad: Checkpoint | None = None  # the first whose signature does not verify
+    bad: LogCheckpoint | None = None  # the first whose signature does not verify
 
-    def check(self, c: Checkpoint) -> Checkpoint:
+    def check(self, c: LogCheckpoint) -> LogCheckpoint:
         self.count += 1
         if self.public_key is not None and self.bad is None and c.signature is not None:
             if signature_valid(c, self.public_key):
@@ -431,20 +431,20 @@ class _Seals:
 class _Walk:
     """State of one pass over the records: the tree so far and the checkpoints still ahead."""
 
-    checkpoints: Iterator[Checkpoint]  # in size order; the first is taken at once, before any record
+    checkpoints: Iterator[LogCheckpoint]  # in size order; the first is taken at once, before any record
     erased: Collection[int]
     frontier: list[bytes] = field(default_factory=list)
     size: int = 0
     prev: str = GENESIS
     position_of: dict[str, int] = field(default_factory=dict)  # hash -> position, to name an insertion
     matched: int = 0  # size of the last checkpoint whose root matched
-    upcoming: Checkpoint | None = None  # the next checkpoint to reach
+    upcoming: LogCheckpoint | None = None  # the next checkpoint to reach
     mismatch: tuple[int, int, str, str] | None = None  # the first checkpoint that did not match: (from, to, which, why)
 
     def __post_init__(self) -> None:
         self.upcoming = next(self.checkpoints, None)
 
-    def rest(self) -> Iterator[Checkpoint]:
+    def rest(self) -> Iterator[LogCheckpoint]:
         """The checkpoints not reached, reading them all: those that cover more records than were walked."""
         ahead = self.checkpoints if self.upcoming is None else chain([self.upcoming], self.checkpoints)
         self.upcoming = None
@@ -538,7 +538,7 @@ def _inserted_at(row: Row, position: int, position_of: Mapping[str, int]) -> int
         return None
 
 
-def _with_anchors(stored: Iterable[Checkpoint], anchors: Sequence[Checkpoint]) -> Iterator[Checkpoint]:
+def _with_anchors(stored: Iterable[LogCheckpoint], anchors: Sequence[LogCheckpoint]) -> Iterator[LogCheckpoint]:
     """Stored checkpoints (in size order) with the anchors merged in, each after the stored ones of
     its size, as a stable sort of both would place it; an anchor equal to a stored checkpoint is that
     checkpoint, checked and counted once. Only the stored checkpoints of one size are held."""
@@ -618,12 +618,13 @@ class AuditLog(Closing):
         values["content_ref"] = canonical_json(ref.to_json())
         return _Entry(values, text if self.store_content else None, salt.hex())
 
-    def checkpoint(self, sign_key: Ed25519PrivateKey | None = None) -> Checkpoint:
+    def checkpoint(self, sign_key: Ed25519PrivateKey | None = None) -> LogCheckpoint:
         """Store a checkpoint of every record so far (signed with `sign_key`, else the log's own key, if any)."""
         frontier, size = self._last_frontier()
         new = self.store.hashes(start=size)
         frontier, size = extend_frontier(frontier, size, [bytes.fromhex(h) for h in new])
-        checkpoint = Checkpoint(size=size, root=(frontier_root(frontier) if size else EMPTY_ROOT).hex(), time=utc_now())
+        root = frontier_root(frontier) if size else EMPTY_ROOT
+        checkpoint = LogCheckpoint(size=size, root=root.hex(), time=utc_now())
         key = sign_key or self.sign_key
         if key is not None:
             checkpoint = sign_checkpoint(checkpoint, key)
@@ -668,20 +669,20 @@ class AuditLog(Closing):
         return [record for record in map(Record.from_row, self.store.records(outputs_containing=sha256))
                 if any(a.sha256 == sha256 for a in record.outputs.values())]
 
-    def checkpoints(self) -> list[Checkpoint]:
-        return [Checkpoint.from_json(row, id=row["id"]) for row in self.store.checkpoints()]
+    def checkpoints(self) -> list[LogCheckpoint]:
+        return [LogCheckpoint.from_json(row, id=row["id"]) for row in self.store.checkpoints()]
 
-    def prove(self, seq: int, checkpoint: Checkpoint | None = None) -> InclusionProof:
+    def prove(self, seq: int, checkpoint: LogCheckpoint | None = None) -> InclusionProof:
         """The audit path of record `seq` in a checkpoint's tree (default: the largest checkpoint)."""
         if checkpoint is None:
             last = self.store.last_checkpoint()
-            checkpoint = None if last is None else Checkpoint.from_json(last, id=last["id"])
+            checkpoint = None if last is None else LogCheckpoint.from_json(last, id=last["id"])
         if checkpoint is None or not 0 <= seq < checkpoint.size:
             raise ValueError(f"seq: no checkpoint covers record {seq}; write one first (heron audit checkpoint)")
         leaves = [bytes.fromhex(h) for h in self.store.hashes(stop=checkpoint.size)]
         return InclusionProof(seq, checkpoint.size, tuple(p.hex() for p in inclusion_proof(leaves, seq)))
 
-    def verify(self, public_key: Ed25519PublicKey | None = None, anchors: Sequence[Checkpoint] = ()) -> VerifyReport:
+    def verify(self, public_key: Ed25519PublicKey | None = None, anchors: Sequence[LogCheckpoint] = ()) -> VerifyReport:
         """Check every record and checkpoint (and `anchors`: checkpoints kept outside the database).
         An anchor equal to a stored checkpoint, as `heron audit checkpoint --out` writes it, is
         that checkpoint, checked and counted once; one that differs is checked on its own.
@@ -690,7 +691,7 @@ class AuditLog(Closing):
         # One connection for both reads, the checkpoints' query first (_Walk takes one at once): the
         # records read are never older than the checkpoints read, as when these were read first.
         with self.store.transaction() as conn:
-            stored = (Checkpoint.from_json(row, id=row["id"]) for row in self.store.checkpoints_by_size(conn))
+            stored = (LogCheckpoint.from_json(row, id=row["id"]) for row in self.store.checkpoints_by_size(conn))
             return _verify(self.store.records(conn=conn), _with_anchors(stored, anchors), erased, public_key)
 
 
@@ -756,7 +757,7 @@ def record_event(event_type: str, *, actor: str | None = None,
 
 
 __all__ = [
-    "AuditLog", "Checkpoint", "ContentRef", "DEFAULT_LOG", "EVENT_ERASE", "GENESIS", "InclusionProof", "LOG_ENV",
+    "AuditLog", "LogCheckpoint", "ContentRef", "DEFAULT_LOG", "EVENT_ERASE", "GENESIS", "InclusionProof", "LOG_ENV",
     "Record", "Redactor", "VerifyReport", "audit_log", "content_sha256", "log_location", "record_event",
     "record_fields", "record_hash", "sign_checkpoint", "signature_valid", "verify_log", "verify_proof",
 ]

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from heron.govern.audit import COLUMNS, JSON_FIELDS, AuditLog, Checkpoint, Row
+from heron.govern.audit import COLUMNS, JSON_FIELDS, AuditLog, LogCheckpoint, Row
 from heron.govern.digest import canonical_json
 from heron.store.atomic import atomic_writer
 
@@ -25,7 +25,7 @@ EXPORT_FORMAT = "heron-audit-log/1"
 CSV_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
 
 
-def export_rows(rows: Iterable[Row], checkpoints: Sequence[Checkpoint], path: str | os.PathLike[str],
+def export_rows(rows: Iterable[Row], checkpoints: Sequence[LogCheckpoint], path: str | os.PathLike[str],
                 fmt: str = "json") -> int:
     """`write_rows` to a file, whole or not at all, as every file Heron writes."""
     if fmt not in FORMATS:
@@ -34,7 +34,7 @@ def export_rows(rows: Iterable[Row], checkpoints: Sequence[Checkpoint], path: st
         return write_rows(rows, checkpoints, f, fmt)
 
 
-def write_rows(rows: Iterable[Row], checkpoints: Sequence[Checkpoint], out: TextIO, fmt: str = "json") -> int:
+def write_rows(rows: Iterable[Row], checkpoints: Sequence[LogCheckpoint], out: TextIO, fmt: str = "json") -> int:
     """JSON: {format, records, checkpoints}, JSON fields embedded as values (as text when a
     tampered one no longer parses), exact. CSV: one row a record, every column as stored, but a
     text that a spreadsheet would run as a formula, or that starts with ', is written after a '
@@ -56,7 +56,7 @@ def write_rows(rows: Iterable[Row], checkpoints: Sequence[Checkpoint], out: Text
     return count
 
 
-def read_export(path: str | os.PathLike[str]) -> tuple[list[Row], list[Checkpoint]]:
+def read_export(path: str | os.PathLike[str]) -> tuple[list[Row], list[LogCheckpoint]]:
     """(rows, checkpoints) from a file `export_rows` wrote (CSV holds no checkpoints), ready for `verify_log`."""
     path = Path(path)
     if path.suffix.lower() == ".csv":
@@ -71,7 +71,7 @@ def read_export(path: str | os.PathLike[str]) -> tuple[list[Row], list[Checkpoin
     if not isinstance(document, dict) or document.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{path}: not an audit log export ({EXPORT_FORMAT})")
     rows = [_unembed_json(record) for record in document["records"]]
-    return rows, [Checkpoint.from_json(c) for c in document.get("checkpoints", [])]
+    return rows, [LogCheckpoint.from_json(c) for c in document.get("checkpoints", [])]
 
 
 def _csv_cell(value: Any) -> Any:

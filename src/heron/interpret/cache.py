@@ -128,12 +128,12 @@ _DTYPES: dict[str, torch.dtype] = {
 _BLOCK = re.compile(r"blocks\.(\d+)\.(.+)")
 
 
-def activation_bytes(model: Transformer, batch: int, seq_len: int, names: Selection = None) -> dict[str, int]:
-    """Bytes each selected activation takes for a (batch, seq_len) input with
+def activation_bytes(model: Transformer, batch_size: int, seq_len: int, names: Selection = None) -> dict[str, int]:
+    """Bytes each selected activation takes for a (batch_size, seq_len) input with
     no KV cache, from the config alone (nothing runs). A hook point of a kind
     the table does not know is counted as one residual-width activation."""
     c, dtype = model.config, model.embed.weight.dtype
-    dims = _dims(c, batch, seq_len)
+    dims = _dims(c, batch_size, seq_len)
     sizes = {}
     for name in select_hooks(model, names):
         block = _BLOCK.fullmatch(name)

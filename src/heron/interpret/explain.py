@@ -213,7 +213,7 @@ def _attention(model: Transformer, ids: torch.Tensor, tokens: list[str], out: Pa
 def _heads(model: Transformer, settings: ExplainSettings, out: Path) -> Section:
     ids = repeated_tokens(8, settings.head_period, model.config.vocab_size)
     scores = head_scores(model, ids, settings.head_period)
-    found = detect_heads(model, period=settings.head_period, batch=8)
+    found = detect_heads(model, period=settings.head_period, batch_size=8)
     images = []
     for name, values in scores.items():
         heads = [str(h) for h in range(values.shape[1])]

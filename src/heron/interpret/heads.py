@@ -93,15 +93,15 @@ def plot_attention_patterns(patterns: Mapping[int, torch.Tensor], folder: str | 
 # ----- scores ------------------------------------------------------------------------
 
 
-def repeated_tokens(batch: int, period: int, vocab_size: int, *, seed: int = 0,
+def repeated_tokens(batch_size: int, period: int, vocab_size: int, *, seed: int = 0,
                     generator: torch.Generator | None = None, repeats: int = 2) -> torch.Tensor:
-    """(batch, repeats * period) long: `period` distinct random tokens, then the
+    """(batch_size, repeats * period) long: `period` distinct random tokens, then the
     same again. Distinct, so each later token has exactly one earlier occurrence,
     `period` positions back. `generator` (when given) is used instead of `seed`."""
     if not 1 <= period <= vocab_size:
         raise ValueError(f"period: {period} distinct tokens need 1 <= period <= vocab_size ({vocab_size})")
     generator = generator if generator is not None else torch.Generator().manual_seed(seed)
-    first = torch.rand(batch, vocab_size, generator=generator).argsort(dim=-1)[:, :period]  # (B, L)
+    first = torch.rand(batch_size, vocab_size, generator=generator).argsort(dim=-1)[:, :period]  # (B, L)
     return first.repeat(1, repeats)
 
 
@@ -171,10 +171,10 @@ def find_heads(scores: torch.Tensor, threshold: float = DEFAULT_THRESHOLD) -> Fo
                       best_score=float(flat[order[0]]), margin=margin, threshold=threshold)
 
 
-def detect_heads(model: Transformer, *, period: int = 16, batch: int = 32, seed: int = 0,
+def detect_heads(model: Transformer, *, period: int = 16, batch_size: int = 32, seed: int = 0,
                  threshold: float = DEFAULT_THRESHOLD) -> dict[str, FoundHeads]:
-    """{score name: FoundHeads} on `batch` sequences of `period` random tokens repeated once."""
-    ids = repeated_tokens(batch, period, model.config.vocab_size, seed=seed).to(model.embed.weight.device)
+    """{score name: FoundHeads} on `batch_size` sequences of `period` random tokens repeated once."""
+    ids = repeated_tokens(batch_size, period, model.config.vocab_size, seed=seed).to(model.embed.weight.device)
     return {name: find_heads(s, threshold) for name, s in head_scores(model, ids, period).items()}
 
 

@@ -134,20 +134,20 @@ class LogitAttribution:
 @_reads(dla_names)
 @torch.no_grad()
 def direct_logit_attribution(
-    model: Transformer, cache: ActivationCache, target_token: int | torch.Tensor, position: int = -1
+    model: Transformer, cache: ActivationCache, target: int | torch.Tensor, position: int = -1
 ) -> LogitAttribution:
-    """Split the logit of `target_token` (an id, or (B,) ids) at `position`
+    """Split the logit of `target` (an id, or (B,) ids) at `position`
     into the direct writes of each component (see the module docstring for
     the linearisation and what the sum equals). The cache needs
     `dla_names(model)`. Computed in fp32 whatever the model's dtype."""
     c = model.config
-    check_tokens("target_token", target_token, c.vocab_size)
+    check_tokens("target", target, c.vocab_size)
     resid = cache.resid(c.n_layers)  # (B, T, d): the final residual stream
     check_position("position", position, resid.shape[1])
     x = resid[:, position]  # (B, d)
     final = x.float()  # (B, d)
-    target = torch.as_tensor(target_token, device=final.device).expand(final.shape[0])  # (B,)
-    u = _weight(model.lm_head, "lm_head")[target].float()  # (B, d): the target's unembedding rows
+    targets = torch.as_tensor(target, device=final.device).expand(final.shape[0])  # (B,)
+    u = _weight(model.lm_head, "lm_head")[targets].float()  # (B, d): the target's unembedding rows
     labels, parts = ["embed"], [cache.resid(0)[:, position, None]]  # (B, 1, d)
     for i, block in enumerate(model.blocks):
         out = block.attn.out
@@ -166,7 +166,7 @@ def direct_logit_attribution(
     if bias is not None:
         labels.append("norm.bias")
         values = torch.cat([values, (u @ bias.float())[:, None]], dim=1)
-    logit = _unembed(model, x).float().gather(-1, target[:, None])[:, 0]  # (B,)
+    logit = _unembed(model, x).float().gather(-1, targets[:, None])[:, 0]  # (B,)
     return LogitAttribution(labels=labels, values=values, logit=logit, n_heads=c.n_heads)
 
 

@@ -298,11 +298,11 @@ def train_sae(
     activations: torch.Tensor,  # (N, d)
     settings: SAESettings,
     *,
-    resume: SAETraining | None = None,
+    resume_from: SAETraining | None = None,
     stop_at: int | None = None,
     progress: bool = True,
 ) -> SAETraining:
-    """Train (or continue `resume`) to settings.steps, or to `stop_at`.
+    """Train (or continue `resume_from`) to settings.steps, or to `stop_at`.
 
     Step s trains on rows epoch_rows(N, batch_size, s, seed): every activation
     once per epoch, in an order fixed by (seed, epoch), so a resumed run sees
@@ -310,11 +310,12 @@ def train_sae(
     """
     if activations.dim() != 2:
         raise ValueError(f"activations: expected (N, d), got {tuple(activations.shape)}")
-    sae = _starting_sae(activations, settings) if resume is None else _resumed_sae(resume, settings)
+    sae = _starting_sae(activations, settings) if resume_from is None else _resumed_sae(resume_from, settings)
     optimizer = torch.optim.Adam(sae.parameters(), lr=settings.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
-    if resume is not None and resume.optimizer_state:
-        _load_adam_state(optimizer, sae, resume.optimizer_state)
-    start, end = (resume.step if resume else 0), min(settings.steps, stop_at if stop_at is not None else settings.steps)
+    if resume_from is not None and resume_from.optimizer_state:
+        _load_adam_state(optimizer, sae, resume_from.optimizer_state)
+    start = resume_from.step if resume_from else 0
+    end = min(settings.steps, stop_at if stop_at is not None else settings.steps)
     bar = tqdm(range(start, end), desc="sae", disable=not progress, initial=start, total=settings.steps)
     for step in bar:
         for group in optimizer.param_groups:
@@ -586,7 +587,7 @@ def save_sae(
 ) -> Path:
     """Write an SAE folder atomically: sae.safetensors (weights, input scale, dead-feature
     counters), sae.json (d_in, hook name, settings, step, metrics) and, when there is
-    Adam state, optimizer.safetensors, so `train_sae(..., resume=load_sae(path))`
+    Adam state, optimizer.safetensors, so `train_sae(..., resume_from=load_sae(path))`
     continues. A bare SparseAutoencoder is saved as fully trained. An existing `path` is
     replaced only when it is empty or an SAE folder (nothing but the files save_sae writes)."""
     if isinstance(training, SparseAutoencoder):

@@ -300,7 +300,7 @@ def _cuts_exact(tokenizer: Tokenizer) -> bool:
 
 
 def train_tokenizer(
-    texts: Iterable[str], vocab_size: int, min_frequency: int = 2, show_progress: bool = True
+    texts: Iterable[str], vocab_size: int, min_frequency: int = 2, progress: bool = True
 ) -> HeronTokenizer:
     """Learn a byte-level BPE vocabulary of `vocab_size` tokens (specials included) from texts."""
     floor = len(pre_tokenizers.ByteLevel.alphabet()) + len(SPECIAL_TOKENS)
@@ -316,7 +316,7 @@ def train_tokenizer(
         # Every byte is in the vocabulary from the start, so no text is ever unknown.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         # Off a terminal the Rust progress bar draws nothing yet prints a blank line per phase.
-        show_progress=show_progress and sys.stdout.isatty() and sys.stderr.isatty(),
+        show_progress=progress and sys.stdout.isatty() and sys.stderr.isatty(),
     )
     # Long texts go in pieces whose pre-tokens, hence word counts, are the whole text's: the
     # trainer holds ~90 bytes per character of every text in flight.
