@@ -16,14 +16,13 @@ from heron.interpret.sae import (
     capture,
     evaluate_sae,
     gather_activations,
-    load_sae,
     loss_recovered,
     sample_windows,
-    save_sae,
     top_activating_contexts,
     train_sae,
     train_sae_on_model,
 )
+from heron.interpret.sae_store import load_sae, save_sae
 
 # One thread: tiny models gain nothing from two, and on a busy two-core machine
 # contending threads make each op many times slower.

@@ -67,13 +67,12 @@ from heron.interpret.sae import (
     SparseAutoencoder,
     TopContexts,
     evaluate_sae,
-    load_sae,
     loss_recovered,
-    save_sae,
     top_activating_contexts,
     train_sae,
     train_sae_on_model,
 )
+from heron.interpret.sae_store import load_sae, save_sae
 
 __all__ = [
     "ABLATIONS",

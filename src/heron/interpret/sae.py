@@ -35,15 +35,12 @@ training tokens (Gao et al. 2024 count 10M tokens; our runs are smaller).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NamedTuple
 
-import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -55,12 +52,7 @@ from heron.core.hooks import HookFn, attach_hooks
 from heron.core.modes import evaluating
 from heron.data.batches import PackedBatches, TokenStream, epoch_rows
 from heron.data.shards import load_shards
-from heron.train.checkpoint import atomic_folder, folder_files, require_replaceable
 
-SAE_FILE = "sae.safetensors"
-SETTINGS_FILE = "sae.json"
-OPTIMIZER_FILE = "optimizer.safetensors"
-FORMAT_VERSION = 1
 # Gao et al. 2024, appendix A: Adam with the default betas and a small epsilon.
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 6.25e-10
@@ -579,68 +571,6 @@ def _context_tokens(windows: torch.Tensor, window: torch.Tensor, position: torch
     return tokens.masked_fill((window < 0)[..., None], -1)
 
 
-# ----- saving and loading ---------------------------------------------------------
-
-
-def save_sae(
-    path: str | Path, training: SAETraining | SparseAutoencoder, *, metrics: SAEMetrics | dict[str, Any] | None = None
-) -> Path:
-    """Write an SAE folder atomically: sae.safetensors (weights, input scale, dead-feature
-    counters), sae.json (d_in, hook name, settings, step, metrics) and, when there is
-    Adam state, optimizer.safetensors, so `train_sae(..., resume_from=load_sae(path))`
-    continues. A bare SparseAutoencoder is saved as fully trained. An existing `path` is
-    replaced only when it is empty or an SAE folder (nothing but the files save_sae writes)."""
-    if isinstance(training, SparseAutoencoder):
-        training = SAETraining(training, training.settings.steps, {})
-    sae, target = training.sae, require_replaceable(path, _not_from_an_sae, "save_sae")
-    if isinstance(metrics, SAEMetrics):
-        metrics = metrics.to_dict()
-    record = {
-        "format": FORMAT_VERSION,
-        "d_in": sae.d_in,
-        "hook_name": sae.hook_name,
-        "settings": sae.settings.to_dict(),
-        "step": training.step,
-        "metrics": training.metrics if metrics is None else metrics,
-    }
-    with atomic_folder(target) as tmp:
-        _write(tmp / SAE_FILE, _safetensors(sae.state_dict()))
-        if training.optimizer_state:
-            _write(tmp / OPTIMIZER_FILE, _safetensors(training.optimizer_state))
-        _write(tmp / SETTINGS_FILE, json.dumps(record, indent=2, sort_keys=True).encode())
-    return target
-
-
-def _not_from_an_sae(folder: Path) -> set[str]:
-    """The files of `folder` save_sae does not write (all of them, without its sae.json)."""
-    files = folder_files(folder)
-    return files - {SAE_FILE, SETTINGS_FILE, OPTIMIZER_FILE} if SETTINGS_FILE in files else files
-
-
-def load_sae(path: str | Path, *, device: str | torch.device = "cpu") -> SAETraining:
-    """Read a folder written by save_sae; `.sae` is the autoencoder."""
-    folder = Path(path)
-    record = json.loads((folder / SETTINGS_FILE).read_text())
-    if record.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{folder / SETTINGS_FILE}: format {record.get('format')!r}, expected {FORMAT_VERSION}")
-    sae = SparseAutoencoder(record["d_in"], SAESettings.from_dict(record["settings"]), record["hook_name"])
-    sae.load_state_dict(safetensors.torch.load_file(folder / SAE_FILE), strict=True)
-    optimizer_file = folder / OPTIMIZER_FILE
-    optimizer_state = safetensors.torch.load_file(optimizer_file) if optimizer_file.is_file() else {}
-    return SAETraining(sae.to(device), record["step"], optimizer_state, record["metrics"])
-
-
-def _safetensors(tensors: dict[str, torch.Tensor]) -> bytes:
-    return safetensors.torch.save({name: t.detach().contiguous().cpu() for name, t in tensors.items()})
-
-
-def _write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 __all__ = [
     "SAEMetrics",
     "SAESettings",
@@ -654,11 +584,9 @@ __all__ = [
     "evaluate_sae",
     "gather_activations",
     "l1_penalty",
-    "load_sae",
     "loss_recovered",
     "sae_lr",
     "sample_windows",
-    "save_sae",
     "squared_error",
     "top_activating_contexts",
     "topk_relu",
