@@ -299,6 +299,21 @@ def test_a_rewrite_with_recomputed_hashes_is_caught_by_a_checkpoint(tmp_path: Pa
     assert not report.ok and report.first_bad == 4 and "rewritten" in report.reason, report
 
 
+def test_a_checkpoint_whose_size_the_database_sorts_as_text_is_reported(tmp_path: Path) -> None:
+    """SQLite keeps '1_0' as text in the size column and sorts it after every number, while Python reads
+    it as 10: verify streams checkpoints in the database's order, so it must notice one out of order."""
+    log = AuditLog.open(tmp_path / "a.db", checkpoint_every=0)
+    for i in range(20):
+        log.append("event", actor="alice", parameters={"i": i})
+    log.checkpoint()
+    with log.store.engine.begin() as conn:  # a forged checkpoint over records 0..9, with a wrong root
+        conn.execute(sa.text("INSERT INTO audit_checkpoints (size, root, time, signature, frontier) "
+                             "VALUES ('1_0', :root, 't', NULL, '[]')"), {"root": "00" * 32})
+    report = log.verify()
+    assert not report.ok
+    assert "checkpoint #2 (size 10, t) comes after checkpoints of more records" in report.reason
+
+
 def test_a_record_rehashed_alone_breaks_the_link_of_the_next(tmp_path: Path) -> None:
     """No checkpoint to lean on: record 1 changed and its own hash recomputed holds by itself, so
     only record 2's prev_hash (still the old hash) gives it away."""

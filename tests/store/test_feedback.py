@@ -399,6 +399,22 @@ def test_a_store_made_before_an_index_gains_it_when_opened_to_write(db: str) -> 
     assert "ix_comparisons_verdict" in indexes()
 
 
+def test_a_read_only_store_without_the_index_still_opens(tmp_path: Path, caplog) -> None:
+    """The index only speeds lookups up: a database that cannot take it (opened read-only through
+    an SQLite URI) opens with a warning, as it did before the index existed."""
+    with FeedbackStore.open(tmp_path / "f.db") as store:
+        store.import_rows(one_prompt_pairs(3), source="test")
+        with store.engine.begin() as conn:
+            next(ix for ix in comparisons.indexes if ix.name == "ix_comparisons_verdict").drop(conn)
+    read_only = f"sqlite:///file:{tmp_path / 'f.db'}?mode=ro&uri=true"
+    for create in (True, False):
+        with FeedbackStore.open(read_only, create=create) as store:
+            assert store.stats().comparisons == 3
+    assert "index ix_comparisons_verdict not made (attempt to write a readonly database)" in caplog.text
+    with pytest.raises(FileNotFoundError, match=r"no feedback store at .*missing\.db$"):
+        FeedbackStore.open(f"sqlite:///file:{tmp_path / 'missing.db'}?mode=ro&uri=true", create=False)
+
+
 def test_an_export_replaces_the_file_whole_or_not_at_all(store: FeedbackStore, tmp_path: Path,
                                                          monkeypatch) -> None:
     store.import_jsonl(write_jsonl(tmp_path / "in.jsonl", generated_pairs(3)))

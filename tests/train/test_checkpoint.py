@@ -228,3 +228,19 @@ def test_what_a_killed_save_left_beside_its_target_is_swept_by_the_next(tmp_path
     (tmp_path / ".tmp-other-00000000").mkdir()  # another target's: not this save's to sweep
     save_model_folder(tmp_path / "model", model)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-other-00000000", "model"]
+
+
+def test_build_on_meta_reads_only_ascii_numbers_in_weight_names() -> None:
+    """'²' passes str.isdigit() but not int(): a crafted name must not crash the check."""
+    config = small_model().config
+    names = {f"blocks.{i}.w": (1,) for i in range(config.n_layers)} | {"blocks.².x": (1,)}
+    assert ckpt.build_on_meta(config, names, "weights").config == config
+
+
+@pytest.mark.parametrize("name", ["quantization.json", "sparsity.json"])
+def test_a_compression_manifest_dropped_in_later_is_refused(tmp_path: Path, tokenizer, name: str) -> None:
+    """Loading takes a folder holding one for a quantised or sparse checkpoint: its manifest must vouch for it."""
+    folder = save_model_folder(tmp_path / "m", small_model(), tokenizer=tokenizer)
+    (folder / name).write_text("{}")
+    with pytest.raises(CheckpointError, match=f"lists no hash for {name}"):
+        verify_checkpoint(folder)

@@ -24,6 +24,7 @@ from heron.compress.schemes import scheme_from_description
 from heron.core.config import ModelConfig
 from heron.core.moe import MoE
 from heron.core.transformer import Transformer
+from heron.govern.digest import QUANTIZATION_FILE
 from heron.tokenizer import Tokenizer
 from heron.train.checkpoint import (
     MODEL_FILE,
@@ -35,7 +36,6 @@ from heron.train.checkpoint import (
     save_model_folder,
 )
 
-QUANTIZATION_FILE = "quantization.json"
 FORMAT = 1
 
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from heron.compress.checkpoint import FORMAT, read_manifest
 from heron.core.transformer import Transformer
+from heron.govern.digest import SPARSITY_FILE
 from heron.tokenizer import Tokenizer
 from heron.train.checkpoint import (
     MODEL_FILE,
@@ -42,7 +43,6 @@ from heron.train.checkpoint import (
     tied_aliases,
 )
 
-SPARSITY_FILE = "sparsity.json"
 MASK, VALUES = ".sparse_mask", ".sparse_values"
 _BITS = 2 ** torch.arange(8, dtype=torch.uint8)  # (8,) bit i of a byte
 

@@ -438,6 +438,7 @@ class _Walk:
     prev: str = GENESIS
     position_of: dict[str, int] = field(default_factory=dict)  # hash -> position, to name an insertion
     matched: int = 0  # size of the last checkpoint whose root matched
+    reached: int = 0  # the largest size among the checkpoints met so far
     upcoming: LogCheckpoint | None = None  # the next checkpoint to reach
     mismatch: tuple[int, int, str, str] | None = None  # the first checkpoint that did not match: (from, to, which, why)
 
@@ -465,12 +466,17 @@ class _Walk:
         self.frontier, self.size = extend_frontier(self.frontier, self.size, [bytes.fromhex(self.prev)])
         while self.upcoming is not None and self.upcoming.size <= self.size:
             c, self.upcoming = self.upcoming, next(self.checkpoints, None)
-            if c.size == self.size and frontier_root(self.frontier).hex() != c.root and self.mismatch is None:
+            if c.size < self.reached and self.mismatch is None:  # the store sorted a size that is no number
+                self.mismatch = (self.matched, c.size, c.label, (
+                    f"damaged: {c.label} comes after checkpoints of more records; its size is not stored as a "
+                    f"whole number"))
+            elif c.size == self.size and frontier_root(self.frontier).hex() != c.root and self.mismatch is None:
                 self.mismatch = (self.matched, c.size, c.label, (
                     f"rewritten: records {self.matched}..{c.size - 1} do not hash to the root of {c.label}; "
                     f"one of them (and every hash after it) was recomputed after that checkpoint"))
             elif self.mismatch is None:
                 self.matched = c.size
+            self.reached = max(self.reached, c.size)
         return None
 
     def blame(self, problem: Problem | None) -> Problem | None:

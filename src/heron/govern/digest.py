@@ -33,6 +33,8 @@ MODEL_FILE = "model.safetensors"  # a Hugging Face folder's single weights file 
 TOKENIZER_FILE = "tokenizer.json"  # Hugging Face tokenizers' format
 LINEAGE_FILE = "lineage.json"
 METRICS_FILE = "metrics.jsonl"  # the per-step log a training or alignment run writes in its folder
+QUANTIZATION_FILE = "quantization.json"  # a quantised checkpoint's scheme and layers (compress/checkpoint.py)
+SPARSITY_FILE = "sparsity.json"  # a sparse checkpoint's packed layers (compress/sparse_store.py)
 
 PathLike = str | os.PathLike[str]
 
@@ -165,6 +167,7 @@ def artifact(value: ArtifactLike) -> Artifact:
     raise FileNotFoundError(f"{path}: nothing to hash here")
 
 
-__all__ = ["CONFIG_FILE", "LINEAGE_FILE", "METRICS_FILE", "MODEL_FILE", "TOKENIZER_FILE", "Artifact", "ArtifactLike",
+__all__ = ["CONFIG_FILE", "LINEAGE_FILE", "METRICS_FILE", "MODEL_FILE", "QUANTIZATION_FILE", "SPARSITY_FILE",
+           "TOKENIZER_FILE", "Artifact", "ArtifactLike",
            "artifact", "canonical_json", "file_sha256", "folder_file_hashes", "folder_sha256", "json_sha256",
            "json_value", "listing_sha256", "model_hash"]

@@ -1,8 +1,10 @@
 """Engines from a database URL or a file path: SQLite by default, PostgreSQL by URL."""
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,6 +13,8 @@ from typing import ClassVar, Self
 import sqlalchemy as sa
 
 from heron.store.closing import Closing
+
+logger = logging.getLogger(__name__)
 
 
 def database_url(url_or_path: str | os.PathLike[str]) -> sa.URL:
@@ -29,6 +33,9 @@ def sqlite_file(url: sa.URL) -> Path | None:
     """The file an SQLite URL names; None for other backends and in-memory databases."""
     if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
         return None
+    if url.query.get("uri") == "true" and url.database.startswith("file:"):  # sqlite:///file:/x.db?mode=ro&uri=true
+        uri = urllib.parse.urlsplit(url.database)
+        return None if uri.path in ("", ":memory:") or "memory" in uri.query else Path(urllib.parse.unquote(uri.path))
     return Path(url.database)
 
 
@@ -80,16 +87,21 @@ def _require_tables(engine: sa.Engine, schema: sa.MetaData, what: str) -> None:
 def _create_missing_indexes(engine: sa.Engine, schema: sa.MetaData) -> None:
     """Indexes that a table gained after a database holding it was made: `create_all` makes a
     missing table with its indexes but passes over one that exists. Looked up first, so opening
-    a current database writes nothing; made IF NOT EXISTS, so two processes adding one at once both succeed."""
+    a current database writes nothing. An index only speeds lookups up, so one that cannot be
+    made (a read-only database; PostgreSQL, where two processes adding it at once can collide
+    despite IF NOT EXISTS) is left for a later open, with a warning."""
     inspector = sa.inspect(engine)
     missing = []
     for table in schema.tables.values():
         present = {index["name"] for index in inspector.get_indexes(table.name)}
         missing += [index for index in table.indexes if index.name not in present]
-    if missing:
-        with engine.begin() as conn:
-            for index in missing:
+    for index in missing:
+        try:
+            with engine.begin() as conn:
                 conn.execute(sa.schema.CreateIndex(index, if_not_exists=True))
+        except sa.exc.DBAPIError as err:
+            logger.warning("%s: index %s not made (%s); lookups it serves scan instead",
+                           engine.url.render_as_string(), index.name, err.orig)
 
 
 def _enforce_foreign_keys(dbapi_connection: sqlite3.Connection, _record: object) -> None:

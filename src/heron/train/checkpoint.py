@@ -23,6 +23,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -37,7 +38,7 @@ from torch import nn
 
 from heron.core.config import ModelConfig
 from heron.core.transformer import Transformer
-from heron.govern.digest import CONFIG_FILE, LINEAGE_FILE, MODEL_FILE
+from heron.govern.digest import CONFIG_FILE, LINEAGE_FILE, MODEL_FILE, QUANTIZATION_FILE, SPARSITY_FILE
 from heron.govern.digest import file_sha256 as sha256_file
 from heron.store.atomic import fsync_path, write_text_atomic
 from heron.tokenizer import Tokenizer, load_tokenizer
@@ -50,9 +51,11 @@ STATE_FILE = "trainer_state.pt"
 LATEST_FILE = "latest"
 CHECKPOINTS_DIR = "checkpoints"
 REQUIRED_FILES = (CONFIG_FILE, MODEL_FILE, LINEAGE_FILE)
+# The files loading a checkpoint (of any kind) reads, and so its manifest must vouch for; and EXTRA_TEMPLATES_DIR/*.
 _LOADED_FILES = frozenset({CONFIG_FILE, MODEL_FILE, STATE_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE,
-                           GENERATION_CONFIG_FILE, TEMPLATE_FILE})  # and EXTRA_TEMPLATES_DIR/*
+                           GENERATION_CONFIG_FILE, TEMPLATE_FILE, QUANTIZATION_FILE, SPARSITY_FILE})
 FORMAT_VERSION = 1
+_NUMBER = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() takes '²', which int() refuses
 _TABLES_FLOOR = 1 << 30  # bytes of position tables any config may ask for, whatever its weights
 
 
@@ -374,10 +377,11 @@ def build_on_meta(config: ModelConfig, stored: Mapping[str, tuple[int, ...]], so
     layers than the files number blocks, or for position tables far larger than the weights,
     would otherwise take minutes to build or terabytes to allocate before any shape is compared;
     `check_weights` (names as the model's) or `check_parameter_count` (other names) does the rest."""
-    held = 1 + max((int(part) for name in stored for part in name.split(".") if part.isdigit()), default=-1)
-    if config.n_layers > held:
+    numbers = [int(part) for name in stored for part in name.split(".") if _NUMBER.fullmatch(part)]
+    numbered = 1 + max(numbers, default=-1)
+    if config.n_layers > numbered:  # the highest number in a name bounds the layers (expert numbers count too)
         raise CheckpointError(f"{source}: the config asks for {config.n_layers} layers, but the weights number "
-                              f"their parts up to {held}")
+                              f"their parts up to {numbered}")
     with torch.device("meta"):
         model = Transformer(config)
     tables = sum(b.numel() * b.element_size() for b in model.buffers())
