@@ -268,6 +268,15 @@ def test_a_models_sampling_defaults_survive_a_save(folder, tmp_path):
     ("{{ '{:999999999}'.format(1) }}", "format: 1,000,000,011 characters"),
     ("{% set ns = namespace(l=[]) %}{% for i in range(200) %}{% set ns.l = ns.l + ['x' * 1000000] %}{% endfor %}",
      "made more than 134,217,728 characters"),
+    # a huge width is still refused, wherever a format writes it
+    ("{{ '%999999999d'|format(1) }}", "format: 1,000,000,010 characters"),
+    ("{{ 'x'.rjust(10**10) }}", "rjust was given a number past 16,777,216"),
+    # a recursive loop's loop(items) spends a step per item, as any for loop does
+    ("{% set s = 'a' * 100000 %}{% for x in [0] * 30 recursive %}{% if x == 0 %}{{ loop(s) }}{% endif %}"
+     "{% endfor %}", "ran past 1,000,000 steps"),
+    # and so does a filter that goes through its value item by item
+    ("{{ ('a' * 4000000)|select('in', 'b' * 16000000)|list|length }}", "ran past 1,000,000 steps"),
+    ("{{ (range(100000)|list * 20)|map('string')|join }}", "ran past 1,000,000 steps"),
 ])
 def test_a_runaway_template_is_stopped_by_name(folder, template, limit):
     tokenizer = PretrainedTokenizer.load(folder)
@@ -287,6 +296,37 @@ def test_the_limits_leave_long_chats_and_loops_alone(folder):
             "{% for m in messages %}{{ loop.index }}/{{ loop.length }}{% endfor %}")
     assert PretrainedTokenizer(tokenizer.backend, tokenizer.config, chat_template=busy).apply_chat_template(
         CHAT) == f"{300 * sum(range(300))} {2 ** 64}   2.2 ---1/32/33/3"
+
+
+@pytest.mark.parametrize("template, expected", [
+    # a number that is not a size (a Unix timestamp, a token count) is formatted, however big
+    ('{{ "{}".format(1700000000) }}', "1700000000"),
+    ('{{ "%d"|format(1700000000) }}', "1700000000"),
+    ('{{ "{:,}".format(20000000) }}', "20,000,000"),
+    ('{{ "%d tokens" % 1700000000 }}', "1700000000 tokens"),
+    # and digits in a format's own text are not widths
+    ('{{ "Year 20000000: {}".format(1) }}', "Year 20000000: 1"),
+    ('{{ "{:>6}|%-4s|"|format(1) }}', "{:>6}|1   |"),
+    # recursive loops render as they would unlimited
+    ("{% for x in [1, [2, [3, 4]], 5] recursive %}{% if x is iterable %}({{ loop(x) }}){% else %}{{ x }}{% endif %}"
+     "{% endfor %}", "1(2(34))5"),
+    ("{{ range(5)|map('string')|join(',') }} {{ [3, 1, 2]|sort|list }}", "0,1,2,3,4 [1, 2, 3]"),
+])
+def test_numbers_formats_and_recursive_loops_render_as_unlimited(folder, template, expected):
+    tokenizer = PretrainedTokenizer.load(folder)
+    assert PretrainedTokenizer(tokenizer.backend, tokenizer.config, chat_template=template).apply_chat_template(
+        CHAT) == expected
+
+
+def test_a_renders_meter_ends_with_it(folder):
+    from heron.tokenizer.chat_template import _METER
+
+    tokenizer = PretrainedTokenizer.load(folder)
+    assert tokenizer.apply_chat_template(CHAT) and _METER.get() is None
+    runaway = PretrainedTokenizer(tokenizer.backend, tokenizer.config, chat_template="{{ 'x'|center(10**10) }}")
+    with pytest.raises(ChatTemplateError):
+        runaway.apply_chat_template(CHAT)
+    assert _METER.get() is None
 
 
 # ----- files outside the folder -----------------------------------------------------------------------------

@@ -14,6 +14,12 @@ from datetime import datetime
 from functools import cache, lru_cache, wraps
 from typing import Any
 
+from jinja2 import BaseLoader, Environment, Template, TemplateNotFound, nodes
+from jinja2.ext import Extension, loopcontrols
+from jinja2.nodes import EvalContext
+from jinja2.runtime import Context, LoopContext
+from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
+
 
 class ChatTemplateError(ValueError):
     """A chat template that does not parse, or that refused the messages."""
@@ -39,7 +45,7 @@ class TemplateLimit(ChatTemplateError):
 
 
 class _Meter:
-    """What one render has spent; every render starts a fresh one (_environment's MeteredTemplate)."""
+    """What one render has spent; every render starts a fresh one (MeteredTemplate)."""
 
     def __init__(self) -> None:
         self.steps = self.made = 0
@@ -107,10 +113,13 @@ def _foresee_binop(op: str, left: Any, right: Any) -> None:
 
 def _format_size(fmt: Any, values: Sequence[Any]) -> int:
     """A bound on what a format makes: each field as long as the longest value or the widest width,
-    be it written in the format ('{:99999999}') or given by a value ('%*d', '{:{}}')."""
+    be it written in the format ('{:99999999}', '%99999999d') or given by a value ('%*d', '{:{}}').
+    Widths are read only where a format writes them (a `{...:spec}`, a `%` conversion), never from the
+    literal text around them ('Year 20000000: {}')."""
     if not isinstance(fmt, str):
         return 0
-    widths = [int(digits[:10]) for digits in re.findall(r"\d+", fmt)]
+    specs = re.findall(r"\{[^{}:]*:([^{}]*)\}", fmt) + re.findall(r"%(?:\([^)]*\))?([-+ #0]*\d*(?:\.\d*)?)", fmt)
+    widths = [int(digits[:10]) for spec in specs for digits in re.findall(r"\d+", spec)]
     width_values = "*" in fmt or re.search(r"\{[^{}]*\{", fmt) is not None
     sizes = [len(v) if isinstance(v, str | list | tuple | dict) else abs(v) if width_values and type(v) is int
              else 0 for v in values]
@@ -138,8 +147,9 @@ def _repeat_size(s: Any, mark: str, width: Any) -> int:
 
 
 # Filters and str methods that can multiply a text, and a bound on what they would make, checked before
-# they run ("x\n" * 1000 | indent(10**7), s.replace("a", s), [s] * n | join). Every other int argument
-# (a width, a count) is held to TEMPLATE_LENGTH, which bounds center, ljust, zfill, batch and the rest.
+# they run ("x\n" * 1000 | indent(10**7), s.replace("a", s), [s] * n | join). The arguments that are sizes
+# (_SIZE_ARGUMENTS: a width, a count of items) are held to TEMPLATE_LENGTH, which bounds center, ljust,
+# zfill, batch and the rest; any other number (a timestamp to format, a token count) goes as it is.
 _FILTER_SIZES: dict[str, Callable[..., int]] = {
     "replace": lambda s, old, new, count=None: _replace_size(s, old, new, count),
     "join": lambda items, d="", attribute=None: _join_size(d, items),
@@ -159,10 +169,25 @@ _METHOD_SIZES: dict[str, Callable[..., int]] = {
 }
 
 
+# Filters and str methods (by name) whose argument is a size: its position in the call (the value or
+# text first, at 0), its keyword, and the largest it may be. round's precision is a power of ten made.
+_SIZE_ARGUMENTS: dict[str, tuple[int, str, int]] = {
+    "center": (1, "width", TEMPLATE_LENGTH), "ljust": (1, "width", TEMPLATE_LENGTH),
+    "rjust": (1, "width", TEMPLATE_LENGTH), "zfill": (1, "width", TEMPLATE_LENGTH),
+    "expandtabs": (1, "tabsize", TEMPLATE_LENGTH), "indent": (1, "width", TEMPLATE_LENGTH),
+    "wordwrap": (1, "width", TEMPLATE_LENGTH), "truncate": (1, "length", TEMPLATE_LENGTH),
+    "batch": (1, "linecount", TEMPLATE_LENGTH), "slice": (1, "slices", TEMPLATE_LENGTH),
+    "round": (1, "precision", _NUMBER_BITS),
+}
+
+
 def _foresee_call(name: str, sizes: dict[str, Callable[..., int]], args: Sequence[Any], kwargs: dict[str, Any]) -> None:
     """Refuse a filter or str method (`args[0]` its text) whose result would be too big."""
-    if any(type(v) is int and abs(v) > TEMPLATE_LENGTH for v in (*args[1:], *kwargs.values())):
-        raise TemplateLimit(f"{name} was given a number past {TEMPLATE_LENGTH:,}")
+    if name in _SIZE_ARGUMENTS:
+        position, keyword, most = _SIZE_ARGUMENTS[name]
+        size = args[position] if len(args) > position else kwargs.get(keyword)
+        if type(size) is int and abs(size) > most:
+            raise TemplateLimit(f"{name} was given a number past {most:,}")
     try:
         size = sizes[name](*args, **kwargs) if name in sizes else 0
     except TypeError:
@@ -170,18 +195,118 @@ def _foresee_call(name: str, sizes: dict[str, Callable[..., int]], args: Sequenc
     _refuse_size(name, size)
 
 
-def _checked_filter(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
-    """`function`, a Jinja filter, with its result foreseen and checked."""
-    from jinja2 import Environment
-    from jinja2.nodes import EvalContext
-    from jinja2.runtime import Context
+# Filters that go through their value item by item: each spends a step per item, as a for loop would.
+_ITERATING_FILTERS = frozenset({
+    "map", "select", "reject", "selectattr", "rejectattr", "sum", "join", "list", "unique", "sort", "groupby",
+    "batch", "slice", "dictsort", "items", "min", "max",
+})  # not tojson or string: one C call, and a long message's content|tojson must render
 
+
+def _metered_items(items: Iterator[Any]) -> Iterator[Any]:
+    for item in items:
+        _spend(steps=1)
+        yield item
+
+
+def _checked_filter(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+    """`function`, a Jinja filter, with its result foreseen and checked, and its items spent if it iterates.
+    Every value it makes is charged to TEMPLATE_MADE (one charge a call: cheap next to a filter)."""
     @wraps(function)  # keeps jinja_pass_arg, so Jinja still passes the context first
     def checked(*args: Any, **kwargs: Any) -> Any:
-        data = args[1:] if args and isinstance(args[0], Context | EvalContext | Environment) else args
+        passed = 1 if args and isinstance(args[0], Context | EvalContext | Environment) else 0
+        data = args[passed:]
         _foresee_call(name, _FILTER_SIZES, data, kwargs)
-        return _checked(function(*args, **kwargs))
+        if name in _ITERATING_FILTERS and data:
+            value = data[0]
+            if isinstance(value, Iterator):  # a generator (map, select): spent as it is drawn
+                args = (*args[:passed], _metered_items(value), *data[1:])
+            elif hasattr(value, "__len__"):
+                _spend(steps=len(value))
+        result = _checked(function(*args, **kwargs))
+        if isinstance(result, _SIZED) and len(result) <= _FREE_LENGTH:
+            _spend(made=len(result))  # longer ones _checked charged
+        return result
     return checked
+
+
+class Generation(Extension):
+    """`{% generation %}...{% endgeneration %}` marks assistant text for transformers'
+    assistant mask; Heron masks by other means, so the body renders as it is."""
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> Any:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller: Any) -> str:
+        return caller()
+
+
+class NoLoader(BaseLoader):
+    """No other templates: a chat template is one text."""
+
+    def get_source(self, environment: Any, template: str) -> Any:
+        raise TemplateNotFound(template, f"a chat template cannot include, import or extend another "
+                                         f"template ({template!r})")
+
+
+class MeteredTemplate(Template):
+    """A template whose every render has a fresh meter, unset when the render ends."""
+
+    def render(self, *args: Any, **kwargs: Any) -> str:
+        token = _METER.set(_Meter())
+        try:
+            return super().render(*args, **kwargs)
+        finally:
+            _METER.reset(token)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Iterator[str]:  # stream goes through here too
+        token = _METER.set(_Meter())
+        try:
+            yield from super().generate(*args, **kwargs)
+        finally:
+            _METER.reset(token)
+
+
+class Sandbox(ImmutableSandboxedEnvironment):
+    """Jinja's immutable sandbox, metering calls and checking what operators, calls and output make."""
+
+    intercepted_binops = frozenset({"*", "**", "%", "+"})  # those that can make big values
+    template_class = MeteredTemplate
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator != "+":  # + makes no more than its operands hold: checked after
+            _foresee_binop(operator, left, right)
+        return _checked(self.binop_table[operator](left, right))
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 - Jinja's
+        _spend(steps=1)
+        if isinstance(__obj, LoopContext) and args:  # loop(items) in a recursive for: meter its items too
+            args = (__self.heron_loop(args[0]), *args[1:])
+        method = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
+        if isinstance(getattr(method, "__self__", None), str):
+            _foresee_call(method.__name__, _METHOD_SIZES, (method.__self__, *args), kwargs)
+        return _checked(super().call(__context, __obj, *args, **kwargs))
+
+    @staticmethod
+    def concat(chunks: Iterable[str]) -> str:
+        """Output joined, its length checked as it grows: renders, macros and blocks all join here."""
+        kept, length = [], 0
+        for chunk in chunks:
+            length += len(chunk)
+            _refuse_size("the output", length)
+            kept.append(chunk)
+        _spend(made=length)
+        return "".join(kept)
+
+    def heron_loop(self, items: Iterable[Any]) -> Iterator[Any]:
+        for item in items:
+            _spend(steps=1)
+            yield item
+
+    def heron_checked(self, value: Any) -> Any:
+        return _checked(value)
 
 
 @cache
@@ -189,67 +314,6 @@ def _environment() -> Any:
     """The Jinja environment transformers renders chat templates in (chat_template_utils.py):
     an immutable sandbox with loop controls, the `generation` tag, and its tojson,
     raise_exception and strftime_now; with the limits above."""
-    from jinja2 import BaseLoader, Template, TemplateNotFound, nodes
-    from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
-
-    class Generation(Extension):
-        """`{% generation %}...{% endgeneration %}` marks assistant text for transformers'
-        assistant mask; Heron masks by other means, so the body renders as it is."""
-        tags = {"generation"}
-
-        def parse(self, parser: Any) -> Any:
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-        def _body(self, caller: Any) -> str:
-            return caller()
-
-    class NoLoader(BaseLoader):
-        def get_source(self, environment: Any, template: str) -> Any:
-            raise TemplateNotFound(template, f"a chat template cannot include, import or extend another "
-                                             f"template ({template!r})")
-
-    class MeteredTemplate(Template):
-        def new_context(self, *args: Any, **kwargs: Any) -> Any:
-            _METER.set(_Meter())  # every render (and nothing else) starts here
-            return super().new_context(*args, **kwargs)
-
-    class Sandbox(ImmutableSandboxedEnvironment):
-        intercepted_binops = frozenset({"*", "**", "%", "+"})  # those that can make big values
-        template_class = MeteredTemplate
-
-        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
-            if operator != "+":  # + makes no more than its operands hold: checked after
-                _foresee_binop(operator, left, right)
-            return _checked(self.binop_table[operator](left, right))
-
-        def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 - Jinja's
-            _spend(steps=1)
-            method = getattr(__obj, "__wrapped__", __obj)  # the sandbox wraps str.format
-            if isinstance(getattr(method, "__self__", None), str):
-                _foresee_call(method.__name__, _METHOD_SIZES, (method.__self__, *args), kwargs)
-            return _checked(super().call(__context, __obj, *args, **kwargs))
-
-        @staticmethod
-        def concat(chunks: Iterable[str]) -> str:
-            """Output joined, its length checked as it grows: renders, macros and blocks all join here."""
-            kept, length = [], 0
-            for chunk in chunks:
-                length += len(chunk)
-                _refuse_size("the output", length)
-                kept.append(chunk)
-            _spend(made=length)
-            return "".join(kept)
-
-        def heron_loop(self, items: Iterable[Any]) -> Iterator[Any]:
-            for item in items:
-                _spend(steps=1)
-                yield item
-
-        def heron_checked(self, value: Any) -> Any:
-            return _checked(value)
 
     def raise_exception(message: str) -> None:
         raise ChatTemplateError(f"chat template: {message}")
