@@ -1,4 +1,5 @@
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import AddedToken, Tokenizer, decoders, models
@@ -189,3 +190,55 @@ def test_each_push_decodes_a_bounded_window_in_a_run_that_shows_no_character(req
     # a window of a few ids, decoded a few times; decoding the whole run would be ~2 x 2,000 ids at the end
     assert max(per_push) <= 32
     assert "".join(detok.emitted) + detok.flush() == tok.decode([token_id] * 2_000)
+
+
+# ----- a byte run that turns invalid after part of it was streamed -----
+
+NEWLINE_THEN_INVALID = spm_byte_ids(b"\n\x80")  # LLaMA-2's "\n" is <0x0A>; the stray 0x80 makes the run "\ufffd\ufffd"
+
+
+def test_a_byte_run_turned_invalid_resynchronises_and_streams_the_text_after_it(spm_tokenizer):
+    ids = NEWLINE_THEN_INVALID + [spm_piece_id(SPACE + "hello")] * 4
+    assert spm_tokenizer.decode(ids) == "\ufffd\ufffd hello hello hello hello"  # rewrites the streamed "\n"
+    detok = IncrementalDetokenizer(spm_tokenizer)
+    pieces = [detok.push(i) for i in ids]
+    assert pieces[0] == "\n"  # streamed before the 0x80 came, and cannot be taken back
+    assert "".join(pieces) + detok.flush() == "\n hello hello hello hello"
+
+
+@pytest.mark.parametrize("then", [SPACE + "hello", "<0x80>"])
+def test_each_push_decodes_a_bounded_window_after_a_byte_run_turned_invalid(spm_tokenizer, then):
+    token_id = spm_tokenizer.backend.token_to_id(then)
+    counter = DecodeCounter(spm_tokenizer)
+    detok = IncrementalDetokenizer(counter)
+    per_push, pieces = [], []
+    for i in NEWLINE_THEN_INVALID + [token_id] * 2_000:
+        before = counter.ids_decoded
+        pieces.append(detok.push(i))
+        per_push.append(counter.ids_decoded - before)
+    assert max(per_push) <= 32  # no stall: the window moves on past the rewritten run
+    streamed_text = "".join(pieces) + detok.flush()
+    whole = spm_tokenizer.decode(NEWLINE_THEN_INVALID + [token_id] * 2_000)
+    assert streamed_text[1:] == whole[2:]  # all the text after the run comes out ("\n" stood for two bytes)
+    assert len("".join(pieces)) > len(streamed_text) - 10  # and comes out while streaming, not at flush
+
+
+def test_a_stop_string_after_a_byte_run_turned_invalid_stops_the_row(model, spm_tokenizer, monkeypatch):
+    from heron.generate import FINISH_STOP, Generator, SamplingParams
+    from heron.generate import engine
+
+    a, hello = spm_piece_id(SPACE + "a"), spm_piece_id(SPACE + "hello")
+    script = NEWLINE_THEN_INVALID + [a] * 3 + [hello] * 3 + [a] * 30
+
+    def scripted_steps(decoder, n_tokens):
+        for token in script[:n_tokens]:
+            yield torch.tensor([token] * decoder.batch_size)
+
+    monkeypatch.setattr(engine, "decode_steps", scripted_steps)
+    gen = Generator(model, spm_tokenizer)
+    params = SamplingParams(max_new_tokens=len(script), stop=["hello"], ignore_eos=True)
+    [completion] = gen.complete([[5]], params)
+    assert completion.finish_reason == FINISH_STOP and len(completion.ids) < len(script)
+    assert completion.text == trim_at_stop(spm_tokenizer.decode(completion.ids), ["hello"]) == "\ufffd\ufffd a a a "
+    assert gen.generate([[5]], params) == [completion.text]
+    assert "".join(gen.stream([5], params)) == "\n a a a "  # the stream stops too; its "\n" was sent before the 0x80

@@ -27,7 +27,7 @@ from heron.core.linear import set_decode_layout
 from heron.core.token_step import TokenStep
 from heron.core.transformer import Transformer
 from heron.generate.sampling import SamplingParams, presence_mask, sample_next
-from heron.generate.text import IncrementalDetokenizer, StopStringFilter, TokenizerLike
+from heron.generate.text import IncrementalDetokenizer, StopStringFilter, TokenizerLike, trim_at_stop
 
 FINISH_STOP = "stop"  # a stop token id or stop string ended the row
 FINISH_LENGTH = "length"  # max_new_tokens reached
@@ -274,7 +274,11 @@ class Generator:
 
     def _finish(self, row: _Row) -> Completion:
         row.close(FINISH_LENGTH)
-        text = "".join(row.pieces) if row.detok is not None else self._decode(row.ids)
+        # A whole decode, not the streamed pieces: those can differ where a byte-fallback run
+        # turned invalid after part of it was streamed (IncrementalDetokenizer).
+        text = self._decode(row.ids)
+        if text is not None and row.filter is not None:
+            text = trim_at_stop(text, row.filter.stops)
         return Completion(row.ids, text, row.finish_reason or FINISH_LENGTH, row.stop_token)
 
     def _decode(self, ids: list[int]) -> str | None:
@@ -296,7 +300,9 @@ class Generator:
     def stream(self, prompt: str | Sequence[int], params: SamplingParams) -> Iterator[str]:
         """Text pieces of one continuation of a prompt (text or ids) as they are decoded.
 
-        Their concatenation equals `generate(prompt, params)`. The prompt is
+        Their concatenation equals `generate(prompt, params)`, except where a
+        byte-fallback run turned invalid after part of it was streamed (see
+        `IncrementalDetokenizer`): `generate` decodes all the ids. The prompt is
         prefilled before this returns; pieces come as the iterator is consumed.
         """
         self._require_tokenizer()

@@ -11,6 +11,7 @@ proportional to the new token rather than to everything generated so far:
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -55,6 +56,15 @@ class IncrementalDetokenizer:
     mend, which a whole decode shows as U+FFFD too). Otherwise every step would
     decode the whole undecided tail again: quadratic in a run of padding or of
     invalid bytes.
+
+    A SentencePiece byte fallback (`<0xXX>` tokens, LLaMA-2 style) decodes a
+    run of byte tokens as one unit, every byte U+FFFD if any is invalid, so a
+    run that showed a character ("\\n" is `<0x0A>`) and then takes an invalid
+    byte rewrites text already streamed. What was streamed cannot be taken
+    back: once the rewritten text has settled, the window resynchronises past
+    it, emitting nothing for it, and streaming goes on with the text after it.
+    There the stream differs from a whole decode (the engine's returned
+    `Completion.text` is a whole decode, so it is exact).
     """
 
     def __init__(self, tokenizer: TokenizerLike) -> None:
@@ -99,7 +109,8 @@ class IncrementalDetokenizer:
             return ""
         decode = self.tokenizer.decode
         head = decode(self.ids[self.prefix_offset : cut])
-        if not _extends(context, head):
+        rewritten = not head.startswith(context)  # a byte-fallback run turned invalid (see the class)
+        if not rewritten and not _extends(context, head):
             return ""
         next_context = decode(self.ids[self.read_offset : cut])
         for stop in range(cut + 1, len(self.ids) + 1):
@@ -107,7 +118,20 @@ class IncrementalDetokenizer:
             view = decode(self.ids[self.read_offset : stop])  # what the next window will see
             if not (whole.startswith(head) and view == next_context + whole[len(head) :]):
                 return ""
+        if rewritten:
+            # Settled, so the streamed text is gone for good: emit nothing for ids up to cut and
+            # stream on from there, in the window that starts at read_offset (checked above).
+            self.prefix_offset, self.read_offset = self.read_offset, cut
+            return self._stream_window()
         return self._emit(head[len(context) :], cut)
+
+    def _stream_window(self) -> str:
+        """What the window adds beyond its context, as `push` does for its new id."""
+        context = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
+        text = self.tokenizer.decode(self.ids[self.prefix_offset :])
+        if _extends(context, text) and not text.endswith(REPLACEMENT_CHAR):
+            return self._emit(text[len(context) :], len(self.ids))
+        return self._settle(context, text)
 
     def _emit(self, piece: str, read: int) -> str:
         """Emit the text of ids[read_offset:read]; those ids become the next context."""
@@ -125,13 +149,22 @@ class IncrementalDetokenizer:
         return self._silent[token_id]
 
     def flush(self) -> str:
-        """The rest of the text: the full decoding minus what was emitted."""
+        """The rest of the text: the full decoding minus what was emitted.
+
+        Where the stream has diverged from the full decoding (a rewritten byte run, see the
+        class), nothing can be taken back: the rest is what the window holds beyond its
+        context, or beyond the longest common prefix of the two if the window's text was
+        itself rewritten."""
         full = self.tokenizer.decode(self.ids)
         so_far = "".join(self.emitted)
-        if not full.startswith(so_far):
-            return ""  # a tokenizer whose pieces do not concatenate; nothing can be taken back
-        rest = full[len(so_far) :]
-        self.emitted = [full]
+        if full.startswith(so_far):
+            rest = full[len(so_far) :]
+            self.emitted = [full]
+        else:
+            context = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
+            text = self.tokenizer.decode(self.ids[self.prefix_offset :])
+            rest = text[len(os.path.commonprefix([context, text])) :]
+            self.emitted.append(rest)
         self.prefix_offset = self.read_offset = len(self.ids)
         return rest
 
