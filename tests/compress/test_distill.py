@@ -4,6 +4,7 @@ hidden states learn to match the teacher's through a projection the checkpoint l
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -163,6 +164,27 @@ def test_resuming_under_another_teacher_or_loss_is_refused(teacher, tmp_path):
         distill(teacher, recipe(tmp_path / "student", d_model=16, steps=4), temperature=5.0)
     resumed = distill(teacher, recipe(tmp_path / "student", d_model=16, steps=4), temperature=2.0)
     assert resumed.history[:2] == first.history and len(resumed.history) == 4
+
+
+def test_a_run_folder_is_recorded_as_the_step_it_served(teacher, tmp_path):
+    """Given a run folder, distillation and quantisation read its latest checkpoint: their lineage
+    names that step, not the run, whose latest step moves on when it trains further."""
+    run = teacher.parent.parent
+    distill(run, recipe(tmp_path / "student", d_model=16, steps=2))
+    assert load_checkpoint(latest_checkpoint(tmp_path / "student")).lineage["distillation"]["teacher"] == \
+        str(teacher.resolve())
+    quantize_checkpoint(run, tmp_path / "int8", QuantizeCheckpointSettings(QuantizeSettings()), progress=False)
+    assert load_checkpoint(tmp_path / "int8").lineage["quantized_from"] == str(teacher.resolve())
+
+
+def test_resuming_under_a_teacher_whose_weights_changed_is_refused(teacher, tmp_path):
+    copy = tmp_path / "teacher"
+    shutil.copytree(teacher, copy)
+    distill(copy, recipe(tmp_path / "student", d_model=16, steps=2))
+    shutil.rmtree(copy)
+    quantize_checkpoint(teacher, copy, QuantizeCheckpointSettings(QuantizeSettings()), progress=False)
+    with pytest.raises(ValueError, match="resuming a distillation whose teacher_weights was"):
+        distill(copy, recipe(tmp_path / "student", d_model=16, steps=4))
 
 
 def test_the_cli_distills_from_a_recipe_file(teacher, tmp_path, capsys):

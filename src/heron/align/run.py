@@ -10,7 +10,6 @@ deletes it.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -44,12 +43,11 @@ from heron.govern.digest import METRICS_FILE, model_hash
 from heron.govern.figures import new_figure, save_png
 from heron.store.atomic import is_partial_write
 from heron.store.jsonl import read_jsonl_objects
-from heron.train.checkpoint import RUN_MODEL_DIR, resolve_checkpoint, save_model_folder, sha256_file
+from heron.train.checkpoint import RUN_MODEL_DIR, resolve_checkpoint, save_model_folder, sha256_file, weights_identity
 from heron.train.recipe import setting_changes
 
 PLOT_FILE, MODEL_DIR, CACHE_DIR = "reward_kl.png", RUN_MODEL_DIR, "cache"  # METRICS_FILE: a training run's name
 STATE_FILE = "state.pt"
-WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt")  # a Hugging Face folder's weights, single or sharded
 RUN_FILES = (METRICS_FILE, PLOT_FILE, MODEL_DIR, CACHE_DIR, STATE_FILE)  # an alignment run's own files
 
 
@@ -141,22 +139,9 @@ def _identity(method: str, recipe: AlignRecipe) -> dict[str, Any]:
     settings = recipe.model_dump(exclude={"save_every", "out_dir", "name", "base", "reward"})
     settings["data"].pop("file")
     data = recipe.data.file
-    return {"method": method, "recipe": settings, "base_weights": _weights(recipe.base),
-            "reward": recipe.reward if recipe.reward == "judge" else _weights(recipe.reward),
+    return {"method": method, "recipe": settings, "base_weights": weights_identity(recipe.base),
+            "reward": recipe.reward if recipe.reward == "judge" else weights_identity(recipe.reward),
             "data_file": None if data is None else sha256_file(Path(data))}
-
-
-def _weights(path: str) -> str:
-    """A checkpoint's weights as its lineage hashes them; for a folder without lineage (Hugging
-    Face's), the names, sizes and modification times of its weight files (hashing gigabytes at
-    every start would cost more than the check is worth)."""
-    folder = resolve_checkpoint(path)
-    recorded = model_hash(folder)
-    if recorded is not None:
-        return recorded
-    files = sorted(p for pattern in WEIGHT_FILES for p in folder.glob(pattern))
-    listing = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
-    return "files:" + hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 
 
 def _unfinished_write(path: Path) -> bool:

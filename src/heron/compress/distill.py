@@ -48,7 +48,7 @@ from torch import nn
 from heron.compress.distill_loss import check_settings, linear_distillation_loss
 from heron.core.config import ModelConfig
 from heron.core.transformer import HeadLoss, Transformer
-from heron.train.checkpoint import LINEAGE_FILE, latest_checkpoint
+from heron.train.checkpoint import LINEAGE_FILE, latest_checkpoint, resolve_checkpoint, weights_identity
 from heron.train.loop import IGNORE_INDEX, Objective, TrainResult, train
 from heron.train.recipe import TrainRecipe, model_config
 from heron.train.sources import resolve_data
@@ -208,8 +208,9 @@ def distill(teacher_dir: str | Path, recipe: TrainRecipe, *, temperature: float 
     objective = distillation_objective(teacher, student, layer_map, seed=recipe.train.seed, **settings)
     if hidden_weight > 0:
         settings["hidden_layers"] = {str(i): j for i, j in layer_map.items()}  # JSON keys: student layers
-    lineage = {"distillation": {"teacher": str(Path(teacher_dir).resolve()), **settings,
-                                "teacher_config": teacher.config.to_dict()}}
+    lineage = {"distillation": {"teacher": str(resolve_checkpoint(teacher_dir).resolve()), **settings,
+                                "teacher_config": teacher.config.to_dict(),
+                                "teacher_weights": weights_identity(teacher_dir)}}
     if resume:
         _check_same_distillation(recipe.out_dir, lineage["distillation"])
     return train(recipe, resume=resume, data=data, lineage=lineage, token_loss=objective)

@@ -109,7 +109,7 @@ def prune_checkpoint(source: str | Path, target: str | Path, settings: PruneSett
         losses = recover(model, recovery, settings.recover_steps, settings.recover_lr, masks=masks, progress=progress)
         report["recover_loss"] = {"first": losses[0], "last": losses[-1]}
     report["energy"] = meter.stop().to_dict()
-    lineage = {"pruned_from": str(Path(source).resolve()), "pruning": report}  # absolute, as quantized_from
+    lineage = {"pruned_from": str(resolve_checkpoint(source).resolve()), "pruning": report}  # as quantized_from
     if masks:
         save_sparse(target, model, tokenizer, lineage)
     else:

@@ -51,7 +51,7 @@ def quantize_checkpoint(source: str | Path, target: str | Path, settings: Quanti
                                           seq_len, settings.seed)
     quantize_model(model, calibration=calibration, progress=progress, **asdict(settings.quantize))
     calibration_settings = {k: v for k, v in asdict(settings).items() if k != "quantize"}
-    report = {"quantized_from": str(Path(source).resolve()),  # absolute: read from any working directory
+    report = {"quantized_from": str(resolve_checkpoint(source).resolve()),  # the step folder, absolute
               "calibration": calibration_settings, "energy": meter.stop().to_dict()}
     folder = save_quantized(target, model, tokenizer, lineage=report)
     record_event("compress.quantize", outputs={"checkpoint": folder}, model_hash=model_hash(folder),

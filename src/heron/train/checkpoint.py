@@ -19,6 +19,7 @@ complete. `latest` is a symlink to the newest checkpoint, replaced atomically.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -40,6 +41,7 @@ from heron.core.config import ModelConfig
 from heron.core.transformer import Transformer
 from heron.govern.digest import CONFIG_FILE, LINEAGE_FILE, MODEL_FILE, QUANTIZATION_FILE, SPARSITY_FILE
 from heron.govern.digest import file_sha256 as sha256_file
+from heron.govern.digest import model_hash
 from heron.store.atomic import fsync_path, write_text_atomic
 from heron.tokenizer import Tokenizer, load_tokenizer
 from heron.tokenizer.bpe import TOKENIZER_FILE
@@ -56,6 +58,7 @@ _LOADED_FILES = frozenset({CONFIG_FILE, MODEL_FILE, STATE_FILE, TOKENIZER_FILE, 
                            GENERATION_CONFIG_FILE, TEMPLATE_FILE, QUANTIZATION_FILE, SPARSITY_FILE})
 FORMAT_VERSION = 1
 _NUMBER = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() takes '²', which int() refuses
+_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt")  # a Hugging Face folder's weights, single or sharded
 _TABLES_FLOOR = 1 << 30  # bytes of position tables any config may ask for, whatever its weights
 
 
@@ -484,6 +487,20 @@ def sweep_partial(root: Path) -> None:
                     leftover.unlink()
 
 
+def weights_identity(path: str | Path) -> str:
+    """What a checkpoint's weights hold, cheaply, for a resumed run to check its inputs against:
+    the sha256 its lineage records; for a folder without lineage (Hugging Face's), the names,
+    sizes and modification times of its weight files (hashing gigabytes at every start would
+    cost more than the check is worth)."""
+    folder = resolve_checkpoint(path)
+    recorded = model_hash(folder)
+    if recorded is not None:
+        return recorded
+    files = sorted(p for pattern in _WEIGHT_FILES for p in folder.glob(pattern))
+    listing = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return "files:" + hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A model folder given itself, a run folder (its latest checkpoint; an alignment run's
     one model), a checkpoints folder, or `latest`."""
@@ -524,5 +541,5 @@ __all__ = [
     "folder_files", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "load_model_folder",
     "load_tokenizer_if_present", "load_weights", "point_latest", "remove_folder", "require_new_folder",
     "require_replaceable", "resolve_checkpoint", "save_checkpoint", "save_model_folder", "sha256_file",
-    "sweep_partial", "tied_aliases", "verify_checkpoint",
+    "sweep_partial", "tied_aliases", "verify_checkpoint", "weights_identity",
 ]
