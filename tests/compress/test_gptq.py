@@ -141,3 +141,20 @@ def test_lazy_block_updates_equal_one_block(scheme: Scheme) -> None:
     whole, whole_params = gptq_quantize(w, acc.H, scheme, block_size=64)
     assert torch.equal(small, whole)
     torch.testing.assert_close(small_params.scale, whole_params.scale, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name + ("-symmetric" if getattr(s, "symmetric", False) else ""))
+@pytest.mark.parametrize("act_order", [False, True])
+def test_a_pruned_weight_stays_pruned_and_gptq_still_beats_round_to_nearest(scheme: Scheme, act_order: bool) -> None:
+    """A 2:4-pruned weight: its zeros dequantise to exactly 0 (the error feedback of other columns
+    used to leave them nonzero, undoing the pruning), and the kept weights still take the error."""
+    torch.manual_seed(3)
+    w = torch.randn(32, 64) * 0.1
+    smallest = w.abs().reshape(32, 16, 4).argsort(dim=-1)[..., :2]
+    w = w.reshape(32, 16, 4).scatter(-1, smallest, 0.0).reshape(32, 64)  # 2:4, as a pruned checkpoint holds it
+    x = correlated_inputs(512, 64, seed=4)
+    acc = HessianAccumulator(64)
+    acc.add(x)
+    codes, params = gptq_quantize(w, acc.H, scheme, block_size=32, act_order=act_order)
+    assert bool((scheme.dequantize(codes, params)[w == 0] == 0).all())  # (kept ones may round to 0 too)
+    assert output_error(x, w, codes, params, scheme) < output_error(x, w, *quantize_rtn(w, scheme), scheme)

@@ -66,6 +66,10 @@ def gptq_quantize(
     static = scheme.fit(W) if act_order or group == K else None  # (N, G)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(K)
     W, H = W[:, perm], H[perm][:, perm]
+    # Weights that are exactly zero (pruned, or dead inputs) stay zero: they take the code of 0, and
+    # the error of setting them to it is compensated like any other (SparseGPT's joint quantisation),
+    # so GPTQ after pruning keeps the sparsity the pruning made.
+    pruned = W == 0 if bool((W == 0).any()) else None  # (N, K)
     U = inverse_cholesky_upper(H, percdamp)  # (K, K)
     block = max(block_size // group, 1) * group if group < K else block_size
     codes = torch.zeros(N, K, dtype=scheme.code_dtype)
@@ -82,11 +86,14 @@ def gptq_quantize(
             if static is not None:
                 params = static.columns(g, g + 1)
             elif j % group == 0:  # dynamic groups: fit on the group's updated columns
-                params = scheme.fit(W1[:, i:i + group])
+                columns = W1[:, i:i + group]
+                params = scheme.fit(columns if pruned is None else columns.masked_fill(pruned[:, j:j + group], 0))
                 scales[:, g] = params.scale[:, 0]
                 if zeros is not None:
                     zeros[:, g] = params.zero[:, 0].float()
             q = scheme.quantize(W1[:, i:i + 1], params)  # (N, 1)
+            if pruned is not None:
+                q = torch.where(pruned[:, j:j + 1], scheme.quantize(torch.zeros_like(q, dtype=W1.dtype), params), q)
             codes[:, j] = q[:, 0]
             err = (W1[:, i] - scheme.dequantize(q, params)[:, 0]) / U1[i, i]  # (N,)
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
