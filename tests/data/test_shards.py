@@ -4,9 +4,11 @@ import os
 import numpy as np
 import pytest
 
-from heron.data import Corpus, ShardedTokens, load_shards, prepare_shards
+from heron.data import Corpus, ShardedTokens, check_shards_fit, load_shards, prepare_shards
 from heron.data.shards import split_value, token_dtype, validation_keys
-from heron.tokenizer import HeronTokenizer, train_tokenizer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from heron.tokenizer import HeronTokenizer, PretrainedTokenizer, load_tokenizer, train_tokenizer
 
 
 def write_docs(root, n: int, start: int = 0) -> None:
@@ -293,3 +295,44 @@ def test_a_running_preparations_temporary_folder_is_left_alone(tmp_path, tok) ->
     dead.mkdir()
     prepare_shards(Corpus([tmp_path / "src"]), tok, tmp_path / "out", progress=False)
     assert live.is_dir() and not dead.exists()
+
+
+def imported_tokenizer(folder) -> PretrainedTokenizer:
+    """A Hugging Face tokenizer as a LLaMA-style model folder holds it: no Heron special tokens,
+    a post-processor that puts <s> first, eos_token named in tokenizer_config.json."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([f"def f{i}(x):\n    return x + {i}\n" for i in range(50)], trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    return PretrainedTokenizer.load(folder)
+
+
+def test_an_imported_models_tokenizer_makes_shards_and_carries_over(tmp_path, tok) -> None:
+    """Shards in an imported model's own ids: each document without the post-processor's <s>, then
+    </s>; the folder keeps tokenizer.json and tokenizer_config.json, and a rerun reuses them."""
+    imported = imported_tokenizer(tmp_path / "llama")
+    (tmp_path / "src").mkdir()
+    write_docs(tmp_path / "src", 20)
+    corpus = Corpus([tmp_path / "src"])
+    shards = prepare_shards(corpus, imported, tmp_path / "out", val_fraction=0.2, progress=False)
+    expected = {"train": [], "val": []}
+    val = validation_keys(corpus.keys, 0.2, seed=0)
+    for key, text in corpus.items():
+        ids = imported.encode(text, add_special_tokens=False, allow_special=False) + [imported.eos_id]
+        expected["val" if key in val else "train"] += ids
+    for split in ("train", "val"):
+        assert np.array_equal(np.asarray(getattr(shards, split)), expected[split])
+    carried = load_tokenizer(tmp_path / "out")
+    assert isinstance(carried, PretrainedTokenizer) and carried.fingerprint() == imported.fingerprint()
+    assert prepare_shards(Corpus([tmp_path / "src"]), imported, tmp_path / "out", val_fraction=0.2,
+                          progress=False).reused
+    check_shards_fit(shards, "llama", vocab_size=imported.vocab_size, tokenizer=imported)
+    other = prepare_shards(corpus, tok, tmp_path / "heron", progress=False)
+    with pytest.raises(ValueError, match="made with another tokenizer than llama's"):
+        check_shards_fit(other, "llama", vocab_size=imported.vocab_size, tokenizer=imported)

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from heron.data import Corpus, prepare_shards
-from heron.tokenizer import HeronTokenizer, train_tokenizer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from heron.tokenizer import HeronTokenizer, PretrainedTokenizer, train_tokenizer
 from heron.train import load_model_folder, train
 from heron.train.recipe import RecipeError, SyntheticData, recipe_from_dict
 from heron.train.sources import resolve_data, synthetic_data
@@ -152,3 +154,24 @@ def test_every_process_learns_why_the_main_one_could_not_prepare_the_data(tmp_pa
     assert told == [str(main_error.value)]
     with pytest.raises(RecipeError, match="data: the main process could not prepare the data: .*missing-corpus"):
         resolve_data(section, is_main=False, share=lambda failure: told[0])
+
+
+def test_shards_in_an_imported_models_ids_train_and_ship_its_tokenizer(tmp_path: Path, corpus: Path) -> None:
+    """A model folder's tokenizer (no Heron special tokens; tokenizer_config.json names its eos)
+    makes shards that a recipe trains on (distillation from that model reads them so), and the
+    checkpoint carries that tokenizer."""
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer, hf.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    hf.train_from_iterator([CODE] * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                                            show_progress=False,
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    (tmp_path / "model").mkdir()
+    hf.save(str(tmp_path / "model" / "tokenizer.json"))
+    (tmp_path / "model" / "tokenizer_config.json").write_text('{"bos_token": "<s>", "eos_token": "</s>"}')
+    imported = PretrainedTokenizer.load(tmp_path / "model")
+    prepare_shards(Corpus([corpus]), imported, tmp_path / "shards", progress=False)
+    raw = shard_recipe(tmp_path, corpus)
+    del raw["data"]["corpus"]
+    result = train(recipe_from_dict(raw, world_size=1))
+    _, shipped = load_model_folder(result.out_dir)
+    assert isinstance(shipped, PretrainedTokenizer) and shipped.fingerprint() == imported.fingerprint()

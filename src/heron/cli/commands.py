@@ -15,7 +15,7 @@ from heron.data import Corpus, check_shards_fit, default_corpus, load_shards, pr
 from heron.generate import Generator, SamplingParams, perplexity
 from heron.generate.perplexity import evaluated_windows
 from heron.govern import EnergyMeter
-from heron.tokenizer import HeronTokenizer, Tokenizer, train_tokenizer
+from heron.tokenizer import HeronTokenizer, Tokenizer, load_tokenizer, train_tokenizer
 from heron.tokenizer.bpe import TOKENIZER_FILE
 from heron.interop.convert import export_hf, import_hf
 from heron.cli.options import ALIGN_RECIPES_DIR, recipe_path
@@ -51,7 +51,8 @@ def tokenizer_train(args: argparse.Namespace) -> int:
 
 
 def data_prepare(args: argparse.Namespace) -> int:
-    tokenizer = HeronTokenizer.load(args.tokenizer)
+    source = Path(args.tokenizer)  # a tokenizer.json, or a folder: Heron's, or a Hugging Face model's
+    tokenizer = load_tokenizer(source) if source.is_dir() else HeronTokenizer.load(source)
     shards = prepare_shards(corpus_from(args.sources, args.ext), tokenizer, args.out,
                             val_fraction=args.val_fraction, seed=args.seed)
     reused = "; reused: the corpus and tokenizer are those that made them" if shards.reused else ""

@@ -102,7 +102,8 @@ def _register_data(verbs: Verbs) -> None:
     data = verbs.add_parser("data", help="data tools").add_subparsers(dest="action", required=True)
     p = data.add_parser("prepare", help="tokenise a corpus into memory-mapped shards")
     p.add_argument("sources", nargs="*", help="files, folders or globs (default: the Python standard library)")
-    p.add_argument("--tokenizer", type=Path, required=True, help="tokenizer.json or a folder holding it")
+    p.add_argument("--tokenizer", type=Path, required=True,
+                   help="tokenizer.json, or a folder holding it: Heron's, or an imported (Hugging Face) model's")
     p.add_argument("--ext", action="append", default=None, help="file extensions to read (repeatable)")
     p.add_argument("--val-fraction", type=float, default=0.02,
                    help="share of documents held out for validation (default %(default)g)")

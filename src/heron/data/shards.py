@@ -27,12 +27,16 @@ import numpy as np
 from tqdm import tqdm
 
 from heron.data.corpus import Corpus
-from heron.tokenizer.bpe import TOKENIZER_FILE, HeronTokenizer
+from heron.tokenizer import Tokenizer, load_tokenizer
+from heron.tokenizer.bpe import TOKENIZER_FILE
+from heron.tokenizer.pretrained import CONFIG_FILE as TOKENIZER_CONFIG_FILE
+from heron.tokenizer.pretrained import GENERATION_CONFIG_FILE
 
 logger = logging.getLogger(__name__)
 
 SHARD_FORMAT = 1
 META_FILE = "meta.json"
+TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, GENERATION_CONFIG_FILE)  # what a tokenizer's save writes
 SPLITS = ("train", "val")
 DEFAULT_VAL_FRACTION = 0.02  # ~15 files / ~250k tokens of the default stdlib corpus
 DEFAULT_SHARD_TOKENS = 1 << 26  # 64M tokens: 128 MB as uint16, well under any file-size limit
@@ -247,7 +251,7 @@ class _ShardWriter:
 
 def prepare_shards(
     corpus: Corpus,
-    tokenizer: HeronTokenizer,
+    tokenizer: Tokenizer,
     out_dir: str | os.PathLike[str],
     val_fraction: float = DEFAULT_VAL_FRACTION,
     seed: int = 0,
@@ -269,6 +273,8 @@ def prepare_shards(
     """
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
+    if tokenizer.eos_id is None:
+        raise ValueError("the tokenizer has no eos token to end each document with (tokenizer_config.json: eos_token)")
     folder = Path(out_dir)
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"{folder}: a file; shards go in a folder")
@@ -287,8 +293,7 @@ def prepare_shards(
     reusable = _reusable(folder, inputs)
     if reusable is not None:
         logger.info("reusing shards in %s: %s matches this corpus and tokenizer", folder, META_FILE)
-        copy = folder / TOKENIZER_FILE  # missing in shards from before the folder carried it; or written over
-        if not copy.is_file() or _fingerprint_of(copy) != inputs["tokenizer_sha256"]:
+        if _fingerprint_of(folder) != inputs["tokenizer_sha256"]:  # missing in old shard sets; or written over
             tokenizer.save(folder)
         return reusable
     old_files = _replaceable_files(folder)
@@ -324,7 +329,7 @@ class _Piece:
     last: bool  # the document's last piece: its <|eos|> follows
 
 
-def _piece_batches(items: Iterator[tuple[str, str]], tokenizer: HeronTokenizer, piece_chars: int,
+def _piece_batches(items: Iterator[tuple[str, str]], tokenizer: Tokenizer, piece_chars: int,
                    batch_chars: int) -> Iterator[list[_Piece]]:
     """Documents in batches of about `batch_chars` characters for the encoder, one longer than
     `piece_chars` cut into pieces that encode exactly as it would whole
@@ -344,9 +349,9 @@ def _piece_batches(items: Iterator[tuple[str, str]], tokenizer: HeronTokenizer, 
         yield batch
 
 
-def _fingerprint_of(file: Path) -> str | None:
+def _fingerprint_of(folder: Path) -> str | None:
     try:
-        return HeronTokenizer.load(file).fingerprint()
+        return load_tokenizer(folder).fingerprint()
     except (OSError, ValueError):
         return None
 
@@ -381,7 +386,7 @@ def _replaceable_files(folder: Path) -> list[Path]:
         raise FileExistsError(f"{exc}; it is not Heron's to write over: prepare the shards in a new or "
                               "empty folder") from None
     ours = [] if meta is None else [folder / shard["file"] for split in SPLITS for shard in meta[split]["shards"]]
-    allowed = {META_FILE, TOKENIZER_FILE, *(p.name for p in ours)}
+    allowed = {META_FILE, *TOKENIZER_FILES, *(p.name for p in ours)}
     others = sorted(p.name for p in folder.iterdir() if p.name not in allowed and not p.name.startswith("."))
     if others:
         raise FileExistsError(f"{folder} holds files that are not a Heron shard set's ({', '.join(others[:3])}"
@@ -419,7 +424,11 @@ def _install(tmp: Path, folder: Path, meta: dict, old_files: list[Path]) -> None
     for split in SPLITS:
         for shard in meta[split]["shards"]:
             os.replace(tmp / shard["file"], folder / shard["file"])
-    os.replace(tmp / TOKENIZER_FILE, folder / TOKENIZER_FILE)
+    for name in TOKENIZER_FILES:  # an imported tokenizer writes its tokenizer_config.json too
+        if (tmp / name).is_file():
+            os.replace(tmp / name, folder / name)
+        else:
+            (folder / name).unlink(missing_ok=True)  # an imported tokenizer's, left by an earlier set
     meta_tmp = tmp / META_FILE
     meta_tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     os.replace(meta_tmp, folder / META_FILE)

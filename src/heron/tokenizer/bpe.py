@@ -116,7 +116,7 @@ class HeronTokenizer:
         # Document text can never forge a control token (like tiktoken's disallowed_special).
         self._plain = plain_copy(tokenizer)
         self._special_ids = {name: tokenizer.token_to_id(t) for name, t in SPECIAL_TOKENS.items()}
-        self._cuts_exact = _cuts_exact(tokenizer)
+        self._cuts_exact = cuts_exact(tokenizer)
 
     # ----- properties -------------------------------------------------------
 
@@ -289,7 +289,7 @@ def exact_pieces(text: str, max_chars: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def _cuts_exact(tokenizer: Tokenizer) -> bool:
+def cuts_exact(tokenizer: Tokenizer) -> bool:
     """Whether `_EXACT_CUT` splits `tokenizer`'s plain-text encodings exactly: GPT-2's byte-level
     pre-tokenizer and no normalizer (Heron's own tokenizers), and no added token that plain
     text could still match (every one is special)."""

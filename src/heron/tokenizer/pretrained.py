@@ -9,6 +9,7 @@ way the tokenizer's own post-processor says (LLaMA's leading `<s>`), as
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -19,7 +20,7 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from heron.store.atomic import write_text_atomic
-from heron.tokenizer.bpe import TOKENIZER_FILE, HeronTokenizer, checked_ids, plain_copy
+from heron.tokenizer.bpe import TOKENIZER_FILE, HeronTokenizer, checked_ids, cuts_exact, exact_pieces, plain_copy
 from heron.tokenizer.chat_template import ChatTemplateError, TemplateLimit, compiled
 
 CONFIG_FILE = "tokenizer_config.json"
@@ -97,6 +98,21 @@ class PretrainedTokenizer:
         allow_special=False, special-token text ("<|eot_id|>") is encoded as plain characters."""
         backend = self._tok if allow_special else self._plain
         return backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: Sequence[str], allow_special: bool = True) -> list[list[int]]:
+        """Many texts at once on the Rust side, without the post-processor's special tokens (a
+        document's ids, as shards hold them)."""
+        backend = self._tok if allow_special else self._plain
+        return [e.ids for e in backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+    def plain_pieces(self, text: str, max_chars: int) -> list[tuple[int, int]]:
+        """As HeronTokenizer.plain_pieces: pieces whose plain encodings join to the whole text's,
+        cut only for a byte-level pipeline like Heron's own (else the text stays whole)."""
+        return exact_pieces(text, max_chars if cuts_exact(self._tok) else len(text) + 1)
+
+    def fingerprint(self) -> str:
+        """sha256 of the tokenizer.json text, as HeronTokenizer's: shards and lineage record it."""
+        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
 
     @cached_property
     def _plain(self) -> Tokenizer:

@@ -20,6 +20,7 @@ import numpy as np
 from heron.data.batches import TokenStream
 from heron.data.corpus import Corpus, default_corpus
 from heron.data.shards import META_FILE, load_shards, prepare_shards
+from heron.tokenizer import Tokenizer, load_tokenizer
 from heron.tokenizer.bpe import TOKENIZER_FILE, HeronTokenizer, train_tokenizer
 from heron.train.recipe import DataSection, RecipeError, SyntheticData
 
@@ -33,7 +34,7 @@ class TrainData:
     train: TokenStream
     val: TokenStream
     vocab_size: int  # ids are < vocab_size
-    tokenizer: HeronTokenizer | None = None
+    tokenizer: Tokenizer | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -166,20 +167,25 @@ def _check_room(folder: Path) -> None:
                           f"{', ...' if len(others) > 3 else ''}); name a new or empty folder to prepare them in")
 
 
-def _tokenizer(section: DataSection, folder: Path) -> HeronTokenizer | None:
+def _tokenizer(section: DataSection, folder: Path) -> Tokenizer | None:
+    """The shards' tokenizer: data.tokenizer (a tokenizer.json, or a folder holding one), else the
+    one the shard folder carries, Heron's or an imported model's (with its tokenizer_config.json)."""
     path = _tokenizer_path(section, folder)
     if not path.is_file():
         if section.tokenizer is not None:
             raise RecipeError(f"data.tokenizer: no tokenizer file at {path}")
         return None
     try:
-        return HeronTokenizer.load(path)
+        return load_tokenizer(path.parent) if path.name == TOKENIZER_FILE else HeronTokenizer.load(path)
     except ValueError as err:
         raise RecipeError(f"data.tokenizer: {err}") from None
 
 
 def _tokenizer_path(section: DataSection, folder: Path) -> Path:
-    return Path(section.tokenizer) if section.tokenizer is not None else folder / TOKENIZER_FILE
+    named = None if section.tokenizer is None else Path(section.tokenizer)
+    if named is not None and named.is_dir():
+        return named / TOKENIZER_FILE
+    return named if named is not None else folder / TOKENIZER_FILE
 
 
 __all__ = ["TrainData", "given_data", "resolve_data", "synthetic_data"]
