@@ -11,6 +11,7 @@ from compress_helpers import V, logits, token_ids
 from heron.compress import QuantEmbedding, QuantLinear, block_linears, quantize_model
 from heron.compress.quant_moe import QuantMoE
 from heron.core import KVCache, ModelConfig, MoEConfig, Transformer
+from heron.models.presets import parameter_count
 
 CONFIG = ModelConfig(vocab_size=V, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
 
@@ -136,3 +137,14 @@ def test_a_quantised_model_is_not_quantised_again() -> None:
     model = quantize_model(tiny_model(), progress=False)
     with pytest.raises(ValueError, match="model: already quantised"):
         quantize_model(model, progress=False)
+
+
+@pytest.mark.parametrize("feed_forward", ["dense", "moe"])
+def test_a_quantised_model_counts_the_weights_its_codes_stand_for(feed_forward: str) -> None:
+    """Packed codes are buffers: counting parameters() would report a quantised model a fraction of its size."""
+    moe = dict(feed_forward=("moe",), moe=MoEConfig(n_experts=4, top_k=2, d_ff=64)) if feed_forward == "moe" else {}
+    model = tiny_model(**moe)
+    full = sum(p.numel() for p in model.parameters())
+    quantize_model(model, "int4", "rtn", group_size=32, progress=False)
+    assert sum(p.numel() for p in model.parameters()) < full // 10
+    assert parameter_count(model) == full

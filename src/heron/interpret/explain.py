@@ -32,6 +32,7 @@ from heron.interpret.lens import direct_logit_attribution, dla_names, logit_lens
 from heron.interpret.patching import logit_diff, patch_heads, patch_positions
 from heron.interpret.plots import bars, heatmap
 from heron.interpret.routing import moe_blocks, plot_load, routing
+from heron.models.presets import parameter_count
 from heron.train.checkpoint import atomic_folder, folder_files, require_replaceable
 
 PAGE = "index.html"
@@ -123,7 +124,7 @@ def _write_report(model: Transformer, tokenizer: TokenizerLike, settings: Explai
         sections.append(_routing(model, ids, tokenizer, out))
     energy = meter.stop()
     facts = [("prompt", repr(settings.prompt)), ("tokens", str(ids.shape[1])),
-             ("model", f"{sum(p.numel() for p in model.parameters()):,} parameters, {model.config.n_layers} layers, "
+             ("model", f"{parameter_count(model):,} parameters, {model.config.n_layers} layers, "
                        f"{model.config.n_heads} heads"),
              ("energy of this report", f"{energy.joules:.1f} J ({energy.source}; "
                                        f"{'measured' if energy.measured else 'estimated'})")]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from heron.core.config import ModelConfig
 from heron.core.transformer import Transformer
 
@@ -40,5 +42,8 @@ def build_model(config_or_preset: ModelConfig | str, **overrides: Any) -> Transf
 
 
 def parameter_count(model: Transformer) -> int:
-    """Distinct parameters (a tied embedding counts once)."""
-    return sum(p.numel() for p in model.parameters())
+    """The weights its config describes (a tied embedding counts once), whatever they are stored
+    as: a quantised model's packed codes, which are buffers, count as the weights they stand for.
+    Counted on a twin built on the meta device (no memory)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in Transformer(model.config).parameters())
