@@ -154,7 +154,7 @@ def check_shards_fit(shards: ShardSet, model: str, *, vocab_size: int, tokenizer
     fingerprint = getattr(tokenizer, "fingerprint", None)
     if made_with and fingerprint is not None and fingerprint() != made_with:
         raise ValueError(f"{shards.path}: made with another tokenizer than {model}'s; tokenise the corpus with "
-                         "the model's tokenizer.json (heron data prepare --tokenizer)")
+                         "the tokenizer in the model's folder (heron data prepare SOURCES --tokenizer MODEL_FOLDER)")
     shard_vocab = shards.meta.get("vocab_size")  # absent from a hand-made folder
     if shard_vocab is not None and int(shard_vocab) > vocab_size:
         raise ValueError(f"{shards.path}: its tokenizer has {shard_vocab} tokens, but {model} has a vocabulary "
