@@ -122,3 +122,17 @@ def test_variants_are_traced_back_through_their_lineage(tmp_path):
     with pytest.warns(UserWarning) as caught:
         measure([reference, student, stranger], val, seq_len=16, batch_size=2, max_batches=1, new_tokens=2, rounds=1)
     assert [str(w.message).split(":")[0] for w in caught] == [str(stranger)]
+
+
+def test_an_import_is_followed_both_ways(tmp_path):
+    """A variant made straight from a Hugging Face folder is a variant of the checkpoint imported from it
+    (an import is exact), and a variant of that import derives from the folder."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=128, d_model=32, n_layers=1, n_heads=2, max_seq_len=64))
+    hf = save_model_folder(tmp_path / "hf", model)  # stands in for the Hugging Face folder: resolvable, no history
+    imported = save_model_folder(tmp_path / "imported", model, lineage={"source": {"path": str(hf)}})
+    from_hf = save_model_folder(tmp_path / "from-hf", model, lineage={"quantized_from": str(hf)})
+    from_import = save_model_folder(tmp_path / "from-import", model, lineage={"pruned_from": str(imported)})
+    assert derives_from(imported, hf) and derives_from(from_import, hf) and derives_from(from_hf, imported)
+    assert derives_from(hf, imported)  # the same weights
+    assert not derives_from(imported, from_hf) and not derives_from(hf, from_import)

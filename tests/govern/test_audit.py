@@ -701,6 +701,17 @@ def test_lineage_follows_the_links_to_the_data(tmp_path: Path, data_file: Path, 
     assert "is NOT intact (see `heron audit verify`): the records above may have been altered" in out
 
 
+def test_lineage_ends_at_a_hugging_face_folder_as_an_origin(tmp_path: Path) -> None:
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    quantized = fake_checkpoint(tmp_path / "q", {"quantized_from": str(hf)})
+    steps, history = audit_lineage(quantized, log=AuditLog.open(tmp_path / "a.db", checkpoint_every=0))
+    text = format_lineage(steps, history)
+    assert text.endswith(f"  {hf}: a Hugging Face mistral folder; its history is outside Heron")
+    assert "not followed" not in text
+
+
 def test_lineage_reads_the_weights_and_names_a_change_the_manifest_would_hide(tmp_path: Path, capsys) -> None:
     """Weights changed in place at the same size: the folder hash the lineage looks up is of the files
     as they are, so no record claims the folder, the changed file is named, and the command fails."""

@@ -182,6 +182,21 @@ def test_a_moved_base_ends_the_history_and_is_said_to(tmp_path):
     assert f"The history starts from `{gone}`, which could not be read; its training data: {PROVIDER}" in text
 
 
+def test_a_base_that_is_a_hugging_face_folder_is_an_origin_not_a_lost_checkpoint(tmp_path):
+    """Quantising a Hugging Face folder directly (no import first) leaves a lineage whose
+    parent has config.json and no lineage.json: third-party weights, not an unreadable stage."""
+    hf = tmp_path / "hf-llama"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    folder = fake_checkpoint(tmp_path / "int8", {"quantized_from": str(hf), "quantization": {"scheme": "int8"}})
+    history = read_history(folder)
+    assert history.unreadable is None
+    assert (history.hugging_face.path, history.hugging_face.model_type) == (str(hf), "llama")
+    text = model_card(folder)
+    assert f"0. `{hf}`: a Hugging Face `llama` folder, third-party weights" in text and "not readable" not in text
+    assert f"The history starts from the Hugging Face weights `{hf}`; its training data: {PROVIDER}" in text
+
+
 def test_distillation_names_its_teacher(trained, tmp_path):
     record = {k: v for k, v in lineage(trained).items() if k != "files"}
     record["distillation"] = {"teacher": str(trained), "temperature": 2.0, "alpha": 0.5, "hidden_weight": 0.0}

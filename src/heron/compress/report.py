@@ -58,34 +58,56 @@ def checkpoint_bytes(folder: str | Path) -> int:
     return sum(p.stat().st_size for p in files)
 
 
+def _lineage(folder: Path) -> dict:
+    file = folder / LINEAGE_FILE
+    if not file.is_file():
+        return {}  # a Hugging Face folder, say: no record of where it came from
+    return json.loads(file.read_text(encoding="utf-8"))
+
+
+def _imported_from(lineage: dict) -> Path | None:
+    """The Hugging Face folder an import converted, as interop/convert.py records it."""
+    source = lineage.get("source")
+    return Path(source["path"]) if isinstance(source, dict) and source.get("path") else None
+
+
 def lineage_sources(folder: str | Path) -> list[Path]:
     """The models a checkpoint was made from, as its lineage records them: the
-    source it was quantised or pruned from, the teacher it was distilled from."""
-    file = resolve_checkpoint(folder) / LINEAGE_FILE
-    if not file.is_file():
-        return []  # a Hugging Face folder, say: no record of where it came from
-    lineage = json.loads(file.read_text(encoding="utf-8"))
+    source it was quantised or pruned from, the teacher it was distilled from,
+    the Hugging Face folder it was imported from."""
+    lineage = _lineage(resolve_checkpoint(folder))
     found = [lineage.get("quantized_from"), lineage.get("pruned_from"),
-             lineage.get("distillation", {}).get("teacher")]
+             lineage.get("distillation", {}).get("teacher"), _imported_from(lineage)]
     return [Path(source) for source in found if source]
+
+
+def _resolved(folder: Path) -> Path | None:
+    try:
+        return resolve_checkpoint(folder).resolve()
+    except CheckpointError:
+        return None  # a source that holds no model any more: the chain ends there
 
 
 def derives_from(variant: str | Path, reference: str | Path) -> bool:
     """Whether `variant` is `reference`, or its lineage leads back to it through
-    any chain of quantising, pruning and distilling (`lineage_sources`)."""
-    target = resolve_checkpoint(reference).resolve()
+    any chain of quantising, pruning, distilling and importing (`lineage_sources`).
+    An import is exact, so a variant made from a Hugging Face folder derives
+    from a Heron checkpoint imported from that folder too."""
+    targets: set[Path] = set()
+    reference_side: Path | None = Path(reference)
+    while reference_side is not None and (folder := _resolved(reference_side)) and folder not in targets:
+        targets.add(folder)
+        reference_side = _imported_from(_lineage(folder))
     seen: set[Path] = set()
     pending = [Path(variant)]
     while pending:
-        try:
-            folder = resolve_checkpoint(pending.pop()).resolve()
-        except CheckpointError:
-            continue  # a source that holds no model any more: the chain ends there
-        if folder == target:
+        folder = _resolved(pending.pop())
+        if folder is None or folder in seen:
+            continue
+        if folder in targets:
             return True
-        if folder not in seen and folder.exists():
-            seen.add(folder)
-            pending.extend(lineage_sources(folder))
+        seen.add(folder)
+        pending.extend(lineage_sources(folder))
     return False
 
 

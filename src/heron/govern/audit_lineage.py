@@ -103,6 +103,9 @@ def format_lineage(steps: list[LineageStep], history: History) -> str:
     if history.unreadable is not None:
         pad = "  " * len(steps)
         lines.append(f"{pad}{history.unreadable}: not followed ({history.why_unreadable})")
+    if (origin := history.hugging_face) is not None:
+        pad = "  " * len(steps)
+        lines.append(f"{pad}{origin.path}: a Hugging Face {origin.model_type} folder; its history is outside Heron")
     return "\n".join(lines)
 
 

@@ -361,6 +361,9 @@ def lineage_lines(history: History) -> list[str]:
     if history.unreadable is not None:
         lines.append(f"0. `{md(history.unreadable)}`: not readable now ({md(history.why_unreadable)}); "
                      "its own history is not included")
+    if (origin := history.hugging_face) is not None:
+        lines.append(f"0. `{md(origin.path)}`: a Hugging Face `{md(origin.model_type)}` folder, third-party "
+                     f"weights used as they are; their history is outside Heron")
     for i, stage in enumerate(reversed(history.stages), start=1):
         version = md(stage.model_sha256 or "not recorded")
         lines.append(f"{i}. `{md(stage.path)}` ({stage.kind.name}, weights sha256 `{version}`): "
@@ -473,6 +476,8 @@ def unknown_origin(history: History) -> str | None:
     oldest = history.stages[-1]
     if oldest.kind.name == "import":
         return f"the Hugging Face weights `{md(lookup(oldest.lineage, ('source', 'path')))}`"
+    if history.hugging_face is not None:
+        return f"the Hugging Face weights `{md(history.hugging_face.path)}`"
     if history.unreadable is not None:
         return f"`{md(history.unreadable)}`, which could not be read"
     if oldest.kind.name == "saved":

@@ -12,7 +12,9 @@ it keeps its energy record. A stage's parent is followed while its folder
 still holds a readable lineage.json; the first one that does not (moved or
 deleted) ends the history and is kept as `History.unreadable`. An import ends
 it too: its parent is a Hugging Face folder, which the import's own lineage
-describes (model type, file hashes).
+describes (model type, file hashes). So does a stage made straight from a
+Hugging Face folder (quantised or pruned without an import): the folder is
+kept as `History.hugging_face`, an origin outside Heron, not a lost one.
 
 Only JSON is read here: nothing model-specific is imported, so the model
 card and the Annex IV document can be written without torch.
@@ -114,12 +116,21 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class HuggingFaceOrigin:
+    """A Hugging Face folder a stage was made from directly: third-party weights whose history Heron lacks."""
+
+    path: str  # as the stage's lineage recorded it
+    model_type: str
+
+
+@dataclass(frozen=True)
 class History:
     """A checkpoint and the checkpoints it was made from, newest first."""
 
     stages: tuple[Stage, ...]
     unreadable: str | None = None  # the recorded path of the first ancestor that could not be read
     why_unreadable: str | None = None
+    hugging_face: HuggingFaceOrigin | None = None  # the oldest stage's parent, when it is a Hugging Face folder
 
     @property
     def model(self) -> Stage:
@@ -165,6 +176,17 @@ def read_stage(folder: str | os.PathLike[str]) -> Stage:
     return Stage(folder, read_json(folder / LINEAGE_FILE), read_json(folder / CONFIG_FILE))
 
 
+def hugging_face_model_type(folder: Path) -> str | None:
+    """The `model_type` of a Hugging Face folder (a config.json that names one, and no lineage.json); else None."""
+    if (folder / LINEAGE_FILE).exists():
+        return None
+    try:
+        model_type = read_json(folder / CONFIG_FILE).get("model_type")
+    except (OSError, ValueError):
+        return None
+    return model_type if isinstance(model_type, str) else None
+
+
 def read_history(folder: str | os.PathLike[str], *, resolve: Callable[[Path], Path] = Path) -> History:
     """The checkpoint in `folder` and, through its lineage, those it was made from.
 
@@ -180,6 +202,8 @@ def read_history(folder: str | os.PathLike[str], *, resolve: Callable[[Path], Pa
         try:
             stage = read_stage(resolve(Path(recorded)))
         except (OSError, ValueError) as err:
+            if (model_type := hugging_face_model_type(Path(recorded))) is not None:
+                return History(tuple(stages), hugging_face=HuggingFaceOrigin(recorded, model_type))
             return History(tuple(stages), recorded, str(err))
         if stage.path.resolve() in seen:
             return History(tuple(stages), recorded, "it is already in this history (a loop)")
@@ -243,5 +267,6 @@ def _text(value: Any) -> str:
     return json.dumps(value, sort_keys=True) if isinstance(value, dict | list) else str(value)
 
 
-__all__ = ["CONFIG_FILE", "LINEAGE_FILE", "SAVED", "STAGE_KINDS", "DataFacts", "History", "Stage", "StageKind",
-           "alignment_data", "load_json", "lookup", "read_history", "read_json", "read_stage", "slug", "training_data"]
+__all__ = ["CONFIG_FILE", "LINEAGE_FILE", "SAVED", "STAGE_KINDS", "DataFacts", "History", "HuggingFaceOrigin", "Stage",
+           "StageKind", "alignment_data", "hugging_face_model_type", "load_json", "lookup", "read_history", "read_json",
+           "read_stage", "slug", "training_data"]
