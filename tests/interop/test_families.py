@@ -182,6 +182,9 @@ def test_keys_left_to_their_defaults_read_as_transformers_reads_them(imported, t
     ("stablelm", lambda c: c.update(partial_rotary_factor=0.25, rope_theta=500.0, rope_parameters=None)),
     # Qwen2 before layer_types: the layers from max_window_layers on slide.
     ("qwen2", lambda c: c.pop("layer_types")),
+    # GPT-NeoX in transformers 4 (Pythia's keys) with linear RoPE scaling beside rotary_emb_base.
+    ("gpt_neox", lambda c: c.update(rope_parameters=None, rotary_pct=0.25, rotary_emb_base=500.0,
+                                    rope_scaling={"type": "linear", "factor": 4.0})),
 ])
 def test_older_spellings_read_as_transformers_reads_them(name, change, tmp_path):
     hf = random_hf_model(FAMILIES[name]())

@@ -12,7 +12,8 @@ import torch
 
 from heron.core import AttentionPattern, ModelConfig, MoEConfig, RopeScaling, Transformer
 from heron.interop import FAMILIES, export_family, family_config, heron_to_hf, hf_config, load_into
-from heron.interop.families import GPT2, GPT_NEO, LLAMA, MISTRAL, MIXTRAL, PHI3, QWEN2, QWEN3, QWEN3_MOE
+from heron.interop.families import (GPT2, GPT_NEO, LLAMA, MISTRAL, MIXTRAL, PHI3, QWEN2, QWEN3, QWEN3_MOE,
+                                    STABLELM)
 from heron.interop.tables import expand, rotary_order
 from heron.models.presets import PRESETS
 
@@ -225,6 +226,26 @@ def test_qwen3_moe_routing_heron_cannot_run_is_refused():
         family_config(family, hf)
     with pytest.raises(ValueError, match="^moe.shared_expert: Qwen3-MoE needs False"):
         hf_config(family, config.replace(moe=dataclasses.replace(config.moe, shared_expert=True)))
+
+
+@pytest.mark.parametrize("name, family_name", [("mixtral", "Mixtral"), ("qwen3_moe", "Qwen3-MoE")])
+def test_top_1_routing_of_a_family_that_renormalises_is_refused_by_name(name, family_name):
+    """These families weigh a lone expert 1; Heron's top-1 gate is the router's probability (Switch)."""
+    family, config = CONFIGS[name]
+    hf = {**hf_config(family, config), "num_experts_per_tok": 1}
+    with pytest.raises(ValueError, match=f"^num_experts_per_tok: 1 is not supported: {family_name} renormalises"):
+        family_config(family, hf)
+
+
+def test_stablelm_refuses_heads_other_than_d_model_over_n_heads():
+    """Its config.json has no head_dim: written anyway, the folder would load nowhere."""
+    config = ModelConfig(**SMALL, norm="layernorm", head_dim=4, n_kv_heads=2)
+    with pytest.raises(ValueError, match=r"^head_dim: this family has heads of d_model / n_heads = 8, got 4"):
+        hf_config(STABLELM, config)
+    assert hf_config(STABLELM, config.replace(head_dim=None))  # the same model at the default width exports
+    with pytest.raises(ValueError, match="no Hugging Face family") as err:
+        export_family(config)
+    assert "stablelm: head_dim: this family has heads of d_model / n_heads" in str(err.value)
 
 
 def test_rotary_order_moves_a_checkpoints_rotated_halves_to_where_herons_tables_rotate():

@@ -193,11 +193,12 @@ ROPE_KEYS: dict[str, tuple[tuple[str, str], ...]] = {  # RopeScaling field -> ro
 def read_rope(hf: HfConfig) -> dict[str, Any]:
     """rope_theta and rope_scaling from `rope_parameters` (transformers 5) or the
     older top-level `rope_theta` and `rope_scaling` keys."""
-    params = dict(hf.get("rope_parameters") or {})
+    params, where, kind_key = dict(hf.get("rope_parameters") or {}), "rope_parameters", "rope_type"
     if not params:
+        where = "rope_scaling"  # errors name the keys as this config spells them
         params = {"rope_theta": hf.get("rope_theta", 10000.0), **(hf.get("rope_scaling") or {})}
         if "type" in params:  # the oldest spelling
-            params["rope_type"] = params.pop("type")
+            params["rope_type"], kind_key = params.pop("type"), "type"
         if "partial_rotary_factor" in hf:  # transformers 4 kept it beside rope_theta (Phi-3)
             params["partial_rotary_factor"] = hf["partial_rotary_factor"]
     kind = params.pop("rope_type", "default")
@@ -211,12 +212,12 @@ def read_rope(hf: HfConfig) -> dict[str, Any]:
     elif kind in ROPE_KEYS:
         missing = [key for _, key in ROPE_KEYS[kind] if key not in params]
         if missing:
-            raise ValueError(f"rope_parameters.{missing[0]}: required for rope_type {kind!r}")
+            raise ValueError(f"{where}.{missing[0]}: required for rope_type {kind!r}")
         scaling = RopeScaling(kind=kind, **{field: params.pop(key) for field, key in ROPE_KEYS[kind]})
     else:
-        raise ValueError(f"rope_parameters.rope_type: {kind!r} is not one of default, {', '.join(ROPE_KEYS)}")
+        raise ValueError(f"{where}.{kind_key}: {kind!r} is not one of default, {', '.join(ROPE_KEYS)}")
     if params:
-        raise ValueError(f"rope_parameters.{sorted(params)[0]}: not supported by Heron's RoPE")
+        raise ValueError(f"{where}.{sorted(params)[0]}: not supported by Heron's RoPE")
     return {"rope_theta": float(theta), "rope_scaling": scaling}
 
 
@@ -345,18 +346,35 @@ def dense_feed_forward_only(config: ModelConfig) -> HfConfig:
     return {}
 
 
+def default_head_dim_only(config: ModelConfig) -> HfConfig:
+    """A family whose config.json has no head_dim: its heads are d_model / n_heads wide."""
+    if config.resolved_head_dim * config.n_heads != config.d_model:
+        raise ValueError(f"head_dim: this family has heads of d_model / n_heads = {config.d_model // config.n_heads}, "
+                         f"got {config.resolved_head_dim}")
+    return {}
+
+
 def multi_head_only(config: ModelConfig) -> HfConfig:
     """GPT-2 and GPT-Neo have one key/value head per query head, of width d_model / n_heads."""
     if config.resolved_kv_heads != config.n_heads:
         raise ValueError(f"n_kv_heads: this family has multi-head attention, got {config.resolved_kv_heads} "
                          f"key/value heads for {config.n_heads} query heads")
-    if config.resolved_head_dim * config.n_heads != config.d_model:
-        raise ValueError(f"head_dim: this family has heads of d_model / n_heads, got {config.resolved_head_dim}")
-    return {}
+    return default_head_dim_only(config)
+
+
+def _renormalised_top_k(hf: HfConfig, family: str) -> int:
+    """num_experts_per_tok of a family that renormalises the chosen weights: a top-1 expert
+    there weighs exactly 1, where Heron's top-1 gate is the router's probability (Switch)."""
+    top_k = int(hf["num_experts_per_tok"])
+    if top_k == 1:
+        raise ValueError(f"num_experts_per_tok: 1 is not supported: {family} renormalises the chosen experts' "
+                         "weights, so its one expert weighs 1, where Heron's top-1 routing weighs it by the "
+                         "router's probability")
+    return top_k
 
 
 def read_mixtral_experts(hf: HfConfig) -> dict[str, Any]:
-    moe = MoEConfig(n_experts=int(hf["num_local_experts"]), top_k=int(hf["num_experts_per_tok"]),
+    moe = MoEConfig(n_experts=int(hf["num_local_experts"]), top_k=_renormalised_top_k(hf, "Mixtral"),
                     d_ff=int(hf["intermediate_size"]), aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.0)),
                     z_loss_coef=0.0)
     # d_ff is unused with every layer MoE; keep it the experts' total active width.
@@ -382,7 +400,8 @@ def read_qwen3_moe_experts(hf: HfConfig) -> dict[str, Any]:
                   for i in range(int(hf["num_hidden_layers"])))
     if "moe" not in kinds:
         return {}
-    moe = MoEConfig(n_experts=n_experts, top_k=int(hf["num_experts_per_tok"]), d_ff=int(hf["moe_intermediate_size"]),
+    moe = MoEConfig(n_experts=n_experts, top_k=_renormalised_top_k(hf, "Qwen3-MoE"),
+                    d_ff=int(hf["moe_intermediate_size"]),
                     aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.0)), z_loss_coef=0.0)
     return {"feed_forward": kinds if "dense" in kinds else ("moe",), "moe": moe}
 
@@ -446,14 +465,14 @@ def read_neox_rope(hf: HfConfig) -> dict[str, Any]:
     factor = float(params.pop("partial_rotary_factor",
                               hf.get("partial_rotary_factor", hf.get("rotary_pct", DEFAULT_PARTIAL_ROTARY))))
     hf = {key: value for key, value in hf.items() if key != "partial_rotary_factor"}  # read here, not by read_rope
-    if not params and "rotary_emb_base" in hf:
-        params = {"rope_theta": hf["rotary_emb_base"]}
+    if not params and "rotary_emb_base" in hf:  # Pythia's name for rope_theta; rope_scaling beside it still counts
+        hf["rope_theta"] = hf["rotary_emb_base"]
     head_dim = hf["hidden_size"] // hf["num_attention_heads"]
     rotary_dim = int(head_dim * factor)  # transformers' rounding
     if not 0 < rotary_dim <= head_dim or rotary_dim % 2:
         raise ValueError(f"rope_parameters.partial_rotary_factor: {factor} of a {head_dim}-wide head rotates "
                          f"{rotary_dim} dims; Heron needs an even number from 2 to {head_dim}")
-    return {**read_rope({**hf, "rope_parameters": params}),
+    return {**read_rope({**hf, "rope_parameters": params}),  # empty: read_rope reads the older top-level keys
             "rotary_dim": None if rotary_dim == head_dim else rotary_dim}
 
 
@@ -644,7 +663,7 @@ STABLELM = Family(
     # Its parallel-residual layers share one LayerNorm, and qk_layernorm is a LayerNorm per head: neither is Heron's.
     _SILU + (("use_parallel_residual", False), ("qk_layernorm", False)),
     read=(read_neox_rope, read_qkv_bias),
-    write=(write_neox_rope, write_qkv_bias, dense_attention_only, dense_feed_forward_only),
+    write=(write_neox_rope, write_qkv_bias, default_head_dim_only, dense_attention_only, dense_feed_forward_only),
     hf_defaults=(("tie_word_embeddings", False), ("layer_norm_eps", 1e-5), ("use_qkv_bias", False),
                  ("max_position_embeddings", 4096)),
 )
