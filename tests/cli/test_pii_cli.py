@@ -67,3 +67,34 @@ def test_pseudonyms_take_the_secret_from_the_environment(monkeypatch, capsys):
     first = capsys.readouterr().out
     assert heron(argv) == 0
     assert capsys.readouterr().out == first and "536-22-8741" not in first and "4111 1111" not in first
+
+
+def test_json_lines_stay_json_and_fields_choose_the_strings(tmp_path, capsys):
+    """A feedback export redacted as text once came out as broken JSON; by suffix (or --format) its strings
+    are redacted one by one, keys, numbers and nesting kept, and --fields leaves the other strings alone."""
+    record = {"prompt": TEXT, "chosen": ["ok", {"note": "card 4111 1111 1111 1111"}], "rating": 5,
+              "created_at": "536-22-8741"}  # not a date, but a string outside the chosen fields all the same
+    path = tmp_path / "export.jsonl"
+    path.write_text(json.dumps(record) + "\n\n" + json.dumps({"prompt": "nothing here"}) + "\n")
+    assert heron(["pii", "redact", str(path), "--entities", ENTITIES]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line) if line else None for line in lines] == [
+        {"prompt": "SSN <SSN>, card <CREDIT_CARD>.", "chosen": ["ok", {"note": "card <CREDIT_CARD>"}], "rating": 5,
+         "created_at": "<SSN>"}, None, {"prompt": "nothing here"}]
+    assert heron(["pii", "redact", str(path), "--entities", ENTITIES, "--fields", "chosen"]) == 0
+    first = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert first == {**record, "chosen": ["ok", {"note": "card <CREDIT_CARD>"}]}
+    whole = tmp_path / "export.json"
+    whole.write_text(json.dumps([record]))
+    assert heron(["pii", "redact", str(whole), "--entities", ENTITIES, "--fields", "prompt"]) == 0
+    assert json.loads(capsys.readouterr().out) == [{**record, "prompt": "SSN <SSN>, card <CREDIT_CARD>."}]
+
+
+def test_json_that_does_not_parse_names_its_line_and_fields_need_json(tmp_path):
+    path = tmp_path / "export.jsonl"
+    path.write_text('{"prompt": "a"}\n{"prompt": \n')
+    with pytest.raises(ValueError, match=r"export.jsonl:2: not valid JSON \(Expecting value"):
+        heron(["pii", "redact", str(path), "--entities", ENTITIES])
+    with pytest.raises(ValueError, match="--fields: names keys of JSON records"):
+        heron(["pii", "redact", TEXT, "--entities", ENTITIES, "--fields", "prompt"])
+    assert heron(["pii", "redact", str(path), "--entities", ENTITIES, "--format", "text"]) == 0  # as plain text

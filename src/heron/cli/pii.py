@@ -3,6 +3,7 @@
     heron pii find notes.txt                          # one JSON object per span
     heron pii redact "Call Ana Lima at 415-555-0132"  # Call <PERSON> at <PHONE>
     heron pii redact notes.txt --operator mask
+    heron pii redact feedback.jsonl --fields prompt,chosen,rejected > shared.jsonl   # still valid JSONL
     HERON_PII_SECRET=... heron pii redact - --operator pseudonym --scope study-7 < notes.txt
 
 The pseudonym secret is read from an environment variable, never from the
@@ -14,6 +15,8 @@ import argparse
 import json
 import os
 from dataclasses import asdict
+from pathlib import Path
+from typing import Any
 
 from heron.cli.options import text_or_file
 from heron.govern.pii import ENTITIES, PiiEngine
@@ -37,6 +40,13 @@ def register(verbs: argparse._SubParsersAction) -> None:
                    help="pseudonym: values map to the same fake within one scope (default: the empty scope)")
     p.add_argument("--secret-env", default=SECRET_ENV, metavar="VAR",
                    help="pseudonym: environment variable holding the secret key (default %(default)s)")
+    p.add_argument("--format", choices=["auto", "text", "json", "jsonl"], default="auto",
+                   help="json, jsonl: redact the strings inside, keys and structure kept, so the output is "
+                        "still valid JSON; auto: by the file's suffix (.json, .jsonl), else text "
+                        "(default %(default)s)")
+    p.add_argument("--fields", default=None, metavar="K1,K2",
+                   help="json, jsonl: redact only the strings under these keys, at any depth (default: every "
+                        "string)")
     p.set_defaults(handler=redact)
 
 
@@ -63,6 +73,40 @@ def redact(args: argparse.Namespace) -> int:
         secret = os.environ.get(args.secret_env)
         if not secret:
             raise ValueError(f"--operator pseudonym: set the secret key in ${args.secret_env}")
-    redacted = _engine(args).redact(text_or_file(args.text), args.operator, scope=args.scope, secret=secret)
-    print(redacted, end="" if redacted.endswith("\n") else "\n")  # a file's own last newline, not a second
+    text, fmt = text_or_file(args.text), _format(args)
+    fields = [f.strip() for f in args.fields.split(",") if f.strip()] if args.fields is not None else None
+    if fields is not None and fmt == "text":
+        raise ValueError("--fields: names keys of JSON records; give --format json or jsonl (or a .json or "
+                         ".jsonl file)")
+    engine = _engine(args)
+    if fmt == "text":
+        redacted = engine.redact(text, args.operator, scope=args.scope, secret=secret)
+        print(redacted, end="" if redacted.endswith("\n") else "\n")  # a file's own last newline, not a second
+        return 0
+
+    def redact_value(value: Any) -> str:
+        return json.dumps(engine.redact_json(value, args.operator, fields=fields, scope=args.scope, secret=secret),
+                          ensure_ascii=False, indent=2 if fmt == "json" else None)
+
+    where = "<stdin>" if args.text == "-" else args.text
+    if fmt == "json":
+        print(redact_value(_parse_json(text, where)))
+        return 0
+    for lineno, line in enumerate(text.splitlines(), start=1):  # a line at a time: the first bad one fails early
+        print(redact_value(_parse_json(line, f"{where}:{lineno}")) if line.strip() else line)
     return 0
+
+
+def _format(args: argparse.Namespace) -> str:
+    if args.format != "auto":
+        return args.format
+    suffix = Path(args.text).suffix.lower() if args.text != "-" and Path(args.text).is_file() else ""
+    return {".json": "json", ".jsonl": "jsonl"}.get(suffix, "text")
+
+
+def _parse_json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not valid JSON ({err.msg}, line {err.lineno} column {err.colno}); "
+                         "--format text redacts it as plain text") from None

@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from heron.govern.pii_names import NameModel
@@ -168,6 +168,23 @@ class PiiEngine:
                    for entity in {s.entity for s in spans}}
         results = [RecognizerResult(s.entity, s.start, s.end, s.score) for s in spans]
         return self.anonymizer.anonymize(text, results, configs, merge_entities_with_spaces=False).text
+
+    def redact_json(self, value: Any, operator: Operator = "tag", *, fields: Collection[str] | None = None,
+                    scope: str = "", secret: bytes | str | None = None) -> Any:
+        """A parsed JSON value with the personal data in its strings replaced (as `redact` does),
+        keys, numbers and structure kept, so the result is still the same records: every string, or
+        with `fields` only the strings under those keys, at any depth (a feedback export's "prompt"
+        and "chosen", not its "created_at" that a re-import parses)."""
+        def walk(item: Any, chosen: bool) -> Any:
+            if isinstance(item, str):
+                return self.redact(item, operator, scope=scope, secret=secret) if chosen and item else item
+            if isinstance(item, list):
+                return [walk(x, chosen) for x in item]
+            if isinstance(item, dict):
+                return {key: walk(x, chosen or (fields is not None and key in fields)) for key, x in item.items()}
+            return item
+
+        return walk(value, fields is None)
 
 
 def _operator_config(config: type, operator: Operator, entity: str, scope: str, secret: bytes | str | None):
