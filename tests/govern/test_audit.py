@@ -468,6 +468,31 @@ def test_erasing_content_keeps_the_log_verifiable(tmp_path: Path, data_file: Pat
     assert not report.ok and report.first_bad == 2 and "no audit.erase" in report.reason, report
 
 
+def test_an_erase_committed_while_verify_reads_is_not_tampering(tmp_path: Path, data_file: Path,
+                                                                  monkeypatch) -> None:
+    """Another process erases after verify read the erase records and before it reads the records
+    (each read sees what was committed when it ran): the cleared record is looked up again, and
+    found named. A removal no erase record names is still caught that way."""
+    from heron.store.audit import AuditStore
+
+    log = make_log(tmp_path / "a.db", data_file, checkpoint_every=0)
+    read_checkpoints = AuditStore.checkpoints_by_size
+
+    def erase_meanwhile(store, conn):
+        monkeypatch.setattr(AuditStore, "checkpoints_by_size", read_checkpoints)
+        other = AuditLog.open(tmp_path / "a.db")  # its own engine and connection, as another process has
+        assert other.erase("user1") == [1, 3, 5]
+        other.close()
+        return read_checkpoints(store, conn)
+
+    monkeypatch.setattr(AuditStore, "checkpoints_by_size", erase_meanwhile)
+    report = log.verify()
+    assert report.ok, report
+    tamper(log, "UPDATE audit_records SET content = NULL, content_salt = NULL WHERE seq = 2")
+    report = log.verify()
+    assert not report.ok and report.first_bad == 2 and "no audit.erase" in report.reason, report
+
+
 def test_hash_only_keeps_no_content(tmp_path: Path, data_file: Path) -> None:
     log = make_log(tmp_path / "a.db", data_file, store_content=False)
     row = rows_of(log)[0]
@@ -561,6 +586,35 @@ def test_export_json_and_csv_round_trip(tmp_path: Path, data_file: Path) -> None
     assert back == rows and verify_log(back).ok
     back[3]["actor"] = "mallory"
     assert verify_log(back).first_bad == 3
+
+
+def test_an_export_to_a_stream_that_blocks_holds_no_writer_up(tmp_path: Path, data_file: Path,
+                                                              monkeypatch) -> None:
+    """`heron audit export - --format csv | less`: while the pager holds the stream, another process
+    appends. Records are read a page at a time, whole, so no read of the log is open then; one
+    open over the whole export kept SQLite's writers waiting, and failing after the busy timeout."""
+    import io
+
+    import heron.store.database as database
+    from heron.store.audit import AuditStore
+
+    log = make_log(tmp_path / "a.db", data_file, n=300, checkpoint_every=0)
+    monkeypatch.setattr(database, "SQLITE_BUSY_SECONDS", 0.2)  # the other process's wait, cut short
+    pages = AuditStore.records_in_pages
+    monkeypatch.setattr(AuditStore, "records_in_pages", lambda self: pages(self, 64))
+    appended = []
+
+    class Pager(io.StringIO):
+        def write(self, text: str) -> int:
+            if not appended and self.getvalue().count("\n") == 10:  # the pager is full: another process appends
+                other = AuditLog.open(tmp_path / "a.db", checkpoint_every=0)
+                appended.append(other.append("train", actor="bob").seq)
+                other.close()
+            return super().write(text)
+
+    out = Pager()
+    assert export_log(log, out, "csv") == 301  # the record appended meanwhile is read too
+    assert appended == [300] and out.getvalue().count("\r\n") == 302  # header and 301 records
 
 
 def test_a_csv_export_writes_no_formula_and_still_round_trips(tmp_path: Path) -> None:

@@ -226,6 +226,43 @@ def test_two_processes_writing_at_once_keep_one_order(tmp_path):
         assert "given" not in statuses
 
 
+def test_two_processes_making_a_new_registry_at_once_both_open_it_whole(tmp_path):
+    """The first opener makes the tables under the write lock; a second one that looked meanwhile
+    and saw none waits for it, looks again and makes nothing. Without the lock the second made the
+    tables in the first one's gap, the first's CREATE failed, and (when the index came first) the
+    append-only trigger was never made."""
+    import threading
+
+    db, paused, errors = tmp_path / "consent.db", threading.Event(), []
+
+    def pause_the_first(*_args, **_kwargs) -> None:
+        if threading.current_thread().name == "first":
+            paused.set()
+            threading.Event().wait(0.5)  # long enough for the second opener to look and try
+
+    def open_registry() -> None:
+        try:
+            ConsentRegistry.open(db).close()
+        except Exception as err:  # noqa: BLE001 - any failure is the finding
+            errors.append(err)
+
+    sa.event.listen(consent_events, "before_create", pause_the_first)
+    try:
+        first = threading.Thread(target=open_registry, name="first")
+        first.start()
+        paused.wait(5)
+        open_registry()  # the second opener, while the first is making the tables
+        first.join()
+    finally:
+        sa.event.remove(consent_events, "before_create", pause_the_first)
+    assert errors == []
+    engine = sa.create_engine(f"sqlite:///{db}")
+    with engine.connect() as conn:
+        triggers = conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'trigger'").scalars().all()
+    engine.dispose()
+    assert triggers == ["consent_events_append_only"]
+
+
 def test_lookups_read_keys_as_grants_write_them(registry):
     registry.grant(" alice ", "training", source="web-form", at=T0)
     assert registry.has_consent("alice ", "training") and len(registry.history(" alice")) == 1

@@ -693,12 +693,35 @@ class AuditLog(Closing):
         An anchor equal to a stored checkpoint, as `heron audit checkpoint --out` writes it, is
         that checkpoint, checked and counted once; one that differs is checked on its own.
         Checkpoints stream beside the records, one at a time, never all held at once."""
-        erased = erased_seqs(self.store.records(event=EVENT_ERASE))
         # One connection for both reads, the checkpoints' query first (_Walk takes one at once): the
         # records read are never older than the checkpoints read, as when these were read first.
         with self.store.transaction() as conn:
+            erased = _ErasedSeqs(lambda: self.store.records(event=EVENT_ERASE, conn=conn))
             stored = (LogCheckpoint.from_json(row, id=row["id"]) for row in self.store.checkpoints_by_size(conn))
             return _verify(self.store.records(conn=conn), _with_anchors(stored, anchors), erased, public_key)
+
+
+class _ErasedSeqs(Collection[int]):
+    """The records audit.erase records name, read again when a record's content is found removed
+    and none names it yet. Each read sees what was committed when it ran, so an erase committed
+    after the first read but before the walk reached its records (content cleared and the erase
+    record written in one transaction: one is never seen without the other) would otherwise
+    read as tampering; a removal that no erase record names, read after it, still is."""
+
+    def __init__(self, read: Callable[[], Iterable[Row]]) -> None:
+        self.read = read
+        self.seqs = erased_seqs(read())
+
+    def __contains__(self, seq: object) -> bool:
+        if seq not in self.seqs:
+            self.seqs = erased_seqs(self.read())
+        return seq in self.seqs
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.seqs)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
 
 
 # ----- the configured log ------------------------------------------------------------------------

@@ -123,6 +123,23 @@ class AuditStore(EngineStore):
         with self.engine.connect() as own:
             yield from (dict(row._mapping) for row in own.execute(query))
 
+    def records_in_pages(self, page: int = 1000) -> Iterator[Row]:
+        """Every row in sequence order, `page` rows a query, each read whole before any is handed
+        out: no read stays open while the caller works on a row (writes it to a pipe a pager
+        holds, say), which on SQLite would keep every writer waiting, and failing after
+        SQLITE_BUSY_SECONDS."""
+        after: int | None = None
+        while True:
+            query = sa.select(audit_records).order_by(audit_records.c.seq).limit(page)
+            if after is not None:
+                query = query.where(audit_records.c.seq > after)
+            with self.engine.connect() as conn:
+                rows = [dict(row._mapping) for row in conn.execute(query)]
+            yield from rows
+            if len(rows) < page:
+                return
+            after = rows[-1]["seq"]
+
     def hashes(self, start: int = 0, stop: int | None = None) -> list[str]:
         """The `hash` column of records start .. stop-1, in order."""
         query = sa.select(audit_records.c.hash).where(audit_records.c.seq >= start).order_by(audit_records.c.seq)

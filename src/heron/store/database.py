@@ -84,6 +84,22 @@ def _require_tables(engine: sa.Engine, schema: sa.MetaData, what: str) -> None:
         raise ValueError(f"{engine.url.render_as_string()}: holds no {what} (missing its tables {', '.join(missing)})")
 
 
+def _create_missing_tables(engine: sa.Engine, schema: sa.MetaData) -> None:
+    """Make the tables a database lacks, with their indexes and triggers, in one transaction
+    that holds the write lock (`take_write_lock`) and looks again under it. Several processes
+    opening a new database at once otherwise raced: one made a table between another's look
+    and its CREATE, which then failed ("table ... already exists"), and on the consent store
+    the loser's half-made schema kept the index that made the winner's CREATE INDEX fail
+    before its append-only trigger was made. Looked up first without the lock, so opening a
+    complete (or read-only) database writes nothing."""
+    present = set(sa.inspect(engine).get_table_names())
+    if all(name in present for name in schema.tables):
+        return
+    with engine.begin() as conn:
+        take_write_lock(conn)
+        schema.create_all(conn)  # checks each table again, now that no other process can write
+
+
 def _create_missing_indexes(engine: sa.Engine, schema: sa.MetaData) -> None:
     """Indexes that a table gained after a database holding it was made: `create_all` makes a
     missing table with its indexes but passes over one that exists. Looked up first, so opening
@@ -134,7 +150,7 @@ class EngineStore(Closing):
         engine = connect(url_or_path, create=create, what=cls.what)
         try:
             if create:
-                cls.schema.create_all(engine)
+                _create_missing_tables(engine, cls.schema)
                 _create_missing_indexes(engine, cls.schema)
             else:
                 _require_tables(engine, cls.schema, cls.what)
