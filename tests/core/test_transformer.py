@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from heron.core import KVCache, ModelConfig, RopeScaling, Transformer
-from heron.core.config import MoEConfig
+from heron.core.config import AttentionPattern, MoEConfig
 
 VARIANTS = {
     "mha": dict(),
@@ -130,6 +130,40 @@ def test_bad_inputs_fail_clearly():
         model()
     with pytest.raises(ValueError, match="input_ids"):
         model(torch.zeros(5, dtype=torch.long))
+    for empty in (torch.zeros(1, 0, dtype=torch.long), torch.zeros(0, 3, dtype=torch.long)):
+        with pytest.raises(ValueError, match="input_ids: needs at least one row of at least one token"):
+            model(empty)
+    with pytest.raises(ValueError, match="input_embeds: needs at least one row"):
+        model(input_embeds=torch.zeros(1, 0, 64))
+    ids = torch.ones(2, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"attention_mask: expected shape \(2, 3\)"):
+        model(ids, attention_mask=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attention_mask: expected bool .* got torch.float32"):
+        model(ids, attention_mask=torch.zeros(2, 3))  # additive 0/-inf or 0/1 floats: ambiguous
+    with pytest.raises(ValueError, match=r"token_mask: expected shape \(2, 3\)"):
+        model(ids, token_mask=torch.ones(3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("variant", ["mha", "sliding_moe", "moe_capacity"])
+def test_a_hugging_face_integer_mask_is_the_bool_mask(variant):
+    """Tokenizers hand out 0/1 long masks: the same logits, MoE statistics and balancing loss as the bool mask
+    (a MoE once indexed its rows by the integers, counting the wrong tokens)."""
+    sliding_moe = dict(attention=(AttentionPattern(kind="sliding", window=4),), feed_forward=("moe",),
+                       moe=MoEConfig(n_experts=4, top_k=1, capacity_factor=1.0))
+    model = make_model(**(sliding_moe if variant == "sliding_moe" else VARIANTS[variant])).train()
+    ids = torch.randint(0, 97, (3, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(3, 10, dtype=torch.bool)
+    mask[0, :4] = mask[2, :7] = False  # left padding
+    outputs = []
+    for given in (mask, mask.long(), mask.int()):
+        torch.manual_seed(0)
+        out = model(ids, attention_mask=given)
+        stats = [b.mlp.last_stats for b in model.blocks if hasattr(b.mlp, "last_stats")]
+        outputs.append((out.logits[mask], out.aux_loss, stats))
+    for logits, aux, stats in outputs[1:]:
+        assert torch.equal(logits, outputs[0][0]) and torch.equal(aux, outputs[0][1])
+        for got, want in zip(stats, outputs[0][2]):
+            assert all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_attention_only_block_equals_a_dense_block_with_its_mlp_zeroed():

@@ -1,11 +1,26 @@
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
 from heron.generate import (FINISH_LENGTH, FINISH_STOP, Decoder, Generator, SamplingParams, apply_repetition_penalty,
                             decode_steps, left_pad)
+from heron.generate.engine import _Row
 from heron.tokenizer import SPECIAL_TOKENS, train_tokenizer
+
+class HoldingBack:
+    """A detokenizer that releases "x" per token and keeps `held` back until the flush."""
+
+    def __init__(self, held: str) -> None:
+        self.held = held
+
+    def push(self, token: int) -> str:
+        return "x"
+
+    def flush(self) -> str:
+        return self.held
+
 
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
 PROMPTS = [[5, 17, 3, 40, 41, 42, 9, 60, 61, 2, 11, 12], [33], [70, 71, 72, 73, 74]]
@@ -99,6 +114,17 @@ def test_eos_is_the_default_stop_token(model, tokenizer):
     assert gen.stop_token_ids(SamplingParams(stop_token_ids=[4, 5])) == {4, 5}
     assert gen.stop_token_ids(SamplingParams(ignore_eos=True, stop_token_ids=[4])) == set()
     assert Generator(model).stop_token_ids(SamplingParams()) == set()
+    with pytest.raises(ValueError, match=r"stop_token_ids: \[97\] lie outside the model's vocabulary \[0, 97\)"):
+        gen.complete([[1, 2]], SamplingParams(max_new_tokens=4, stop_token_ids=[3, 97]))  # could never end a row
+
+
+def test_a_stop_string_completed_by_held_back_text_is_a_stop(model, tokenizer):
+    """At max_new_tokens the detokenizer releases what it held back (an unfinished character, say);
+    a stop string that text completes ends the row as a stop, and the text is cut before it."""
+    row = _Row(frozenset(), tokenizer, ["xyz"], track_text=True)
+    row.detok = HoldingBack(held="yz tail")  # pushes release "x", the flush the rest
+    assert row.push(5) == "" and row.finish_reason is None  # "x": a prefix of the stop, held by the filter
+    assert row.close(FINISH_LENGTH) == "" and row.finish_reason == FINISH_STOP
 
 
 def test_stop_strings_trim_the_text_and_stop_early(model, tokenizer):
@@ -210,6 +236,8 @@ def test_a_prompt_of_float_ids_is_refused(model, tokenizer):
     with pytest.raises(ValueError, match="^prompt_ids: token ids must be integers"):
         Generator(model, tokenizer).generate([[1.5, 2]], GREEDY)
     assert Generator(model).prompt_ids(torch.tensor([1, 2])) == [1, 2]
+    rows = [np.array(PROMPTS[0]), torch.tensor(PROMPTS[1]), PROMPTS[2]]  # 1-D arrays are prompts as lists are
+    assert Generator(model).generate_ids(rows, GREEDY) == Generator(model).generate_ids(PROMPTS, GREEDY)
     for bad in ((i for i in (1, 2)), ["1", "2"]):  # a generator, strings: named, not torch's words
         with pytest.raises(ValueError, match="^prompt_ids: expected token ids"):
             Generator(model).prompt_ids(bad)

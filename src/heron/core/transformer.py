@@ -87,6 +87,24 @@ class Block(nn.Module):
         return self.hook_resid_post(mid + self.hook_mlp_out(mlp_out))
 
 
+def token_flags(name: str, mask: torch.Tensor | None, batch: int, tokens: int) -> torch.Tensor | None:
+    """A (B, T) mask of real tokens as bool. Hugging Face tokenizers hand out 0/1 integer masks,
+    taken as nonzero = real token; a float mask is refused, as it may be additive (0 / -inf)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name}: expected a ({batch}, {tokens}) bool tensor, got {type(mask).__name__}")
+    if tuple(mask.shape) != (batch, tokens):
+        raise ValueError(f"{name}: expected shape ({batch}, {tokens}), one flag per input token, "
+                         f"got {tuple(mask.shape)}")
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.dtype.is_floating_point or mask.dtype.is_complex:
+        raise ValueError(f"{name}: expected bool (False = padding) or 0/1 integers, got {mask.dtype} "
+                         "(a float mask may be additive: pass mask == 0 for a 0/-inf one)")
+    return mask != 0
+
+
 class Transformer(nn.Module):
     """A decoder-only Transformer built from a ModelConfig: token (or given) embeddings,
     `n_layers` blocks of attention (each layer's pattern) and feed-forward (dense MLP,
@@ -188,6 +206,8 @@ class Transformer(nn.Module):
             raise ValueError(f"reduction: {reduction!r} is cross-entropy's; a head_loss reduces its own loss")
         x = self._embed_tokens(input_ids, input_embeds)  # (B, T, d)
         B, T, _ = x.shape
+        attention_mask = token_flags("attention_mask", attention_mask, B, T)
+        token_mask = token_flags("token_mask", token_mask, B, T)
         past = cache.length if cache is not None else 0
         if cache is not None:
             cache.check_room(T)
@@ -237,12 +257,17 @@ class Transformer(nn.Module):
         if input_embeds is not None:
             if input_embeds.dim() != 3 or input_embeds.shape[-1] != self.config.d_model:
                 raise ValueError(f"input_embeds: expected (B, T, {self.config.d_model}), got {tuple(input_embeds.shape)}")
+            if input_embeds.shape[0] == 0 or input_embeds.shape[1] == 0:
+                raise ValueError(f"input_embeds: needs at least one row of at least one token, got "
+                                 f"{tuple(input_embeds.shape)}")
             return input_embeds
         if not isinstance(input_ids, torch.Tensor):
             raise TypeError(f"input_ids: expected a (B, T) tensor of token ids, got {type(input_ids).__name__} "
                             "(torch.tensor([ids]) makes one)")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected (B, T), got {tuple(input_ids.shape)}")
+        if input_ids.numel() == 0:
+            raise ValueError(f"input_ids: needs at least one row of at least one token, got {tuple(input_ids.shape)}")
         return self.embed(input_ids)
 
     @staticmethod

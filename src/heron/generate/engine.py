@@ -71,7 +71,7 @@ def left_pad(
     if len(prompts) == 0:
         raise ValueError("prompt_ids: expected at least one prompt")
     if not all((isinstance(p, Sequence) and not isinstance(p, str)) or (isinstance(p, torch.Tensor) and p.dim() == 1)
-               for p in prompts):
+               or (isinstance(p, np.ndarray) and p.ndim == 1) for p in prompts):
         raise ValueError("prompt_ids: expected a batch of prompts, each a list of token ids (one prompt: "
                          "[ids], not ids)")
     lengths = [len(p) for p in prompts]
@@ -212,14 +212,15 @@ class _Row:
         return released
 
     def close(self, reason: str) -> str:
-        """Finish the row (unless already finished) and release the text held back."""
+        """Finish the row (unless already finished) and release the text held back; a stop
+        string that only the held-back text completes makes the reason a stop."""
+        released = ""
+        if self.detok is not None:
+            released = self._release(self.detok.flush())
+            if self.filter is not None:
+                released += self._release(self.filter.finish())
         if self.finish_reason is None:
-            self.finish_reason = reason
-        if self.detok is None:
-            return ""
-        released = self._release(self.detok.flush())
-        if self.filter is not None:
-            released += self._release(self.filter.finish())
+            self.finish_reason = FINISH_STOP if self.filter is not None and self.filter.stopped else reason
         return released
 
     def _release(self, piece: str) -> str:
@@ -245,6 +246,10 @@ class Generator:
         if params.ignore_eos:
             return frozenset()
         if params.stop_token_ids is not None:
+            vocab = self.model.config.vocab_size
+            if outside := [i for i in params.stop_token_ids if i >= vocab]:
+                raise ValueError(f"stop_token_ids: {outside} lie outside the model's vocabulary [0, {vocab}), "
+                                 "so they could never end a row")
             return frozenset(params.stop_token_ids)
         return frozenset(self.tokenizer.stop_ids) if self.tokenizer is not None else frozenset()
 
