@@ -11,7 +11,7 @@ import yaml
 
 from heron.align import resume as resume_module
 from heron.align.recipe import load_align_recipe
-from heron.align.run import STATE_FILE, run_alignment
+from heron.align.run import PLOT_FILE, STATE_FILE, run_alignment
 from heron.cli.main import main
 from heron.core import ModelConfig, Transformer
 from heron.store.atomic import partial_path
@@ -156,8 +156,37 @@ def test_a_damaged_state_is_named_and_a_killed_write_is_swept(base, tmp_path):
     (out / STATE_FILE).unlink()
     leftover = partial_path(out / STATE_FILE)  # a write killed before its rename
     leftover.write_bytes(b"half")
+    plot = partial_path(out / PLOT_FILE)  # grpo's and ppo's plot, killed alike
+    plot.write_bytes(b"half")
+    model = out / ".tmp-model-0123abcd"  # the final model's write, killed before its rename
+    model.mkdir()
+    (model / "config.json").write_text("{")
     run_alignment("sft", recipe)
-    assert not leftover.exists() and (out / "model").is_dir()
+    assert not leftover.exists() and not plot.exists() and (out / "model").is_dir()
+
+
+def test_a_rerun_writes_the_audit_record_a_kill_left_a_finished_model_without(base, tmp_path, monkeypatch):
+    from heron.align import run as run_module
+    from heron.govern.audit import LOG_ENV, AuditLog
+
+    monkeypatch.setenv(LOG_ENV, str(tmp_path / "audit.db"))
+    recipe = align_recipe(tmp_path, base, "run", "sft")
+    with monkeypatch.context() as patch:
+        def killed(*_args, **_kwargs):
+            raise KeyboardInterrupt  # after the model, before its record
+
+        patch.setattr(run_module, "record_event", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_alignment("sft", recipe)
+    log = AuditLog.open(tmp_path / "audit.db")
+    assert log.records(event="align") == []
+    with pytest.raises(FileExistsError, match="model: exists .the audit record a kill left it without: now written"):
+        run_alignment("sft", recipe)
+    [record] = log.records(event="align")
+    assert record.outputs["checkpoint"].path == str((tmp_path / "run" / "model").resolve())
+    with pytest.raises(FileExistsError, match="model: exists; choose another out_dir"):  # no second record
+        run_alignment("sft", recipe)
+    assert len(log.records(event="align")) == 1
 
 
 def test_save_every_zero_saves_nothing(base, tmp_path, monkeypatch):

@@ -38,8 +38,9 @@ from heron.align.synthetic import RepeatTask
 from heron.compress.qlinear import is_quantized
 from heron.data.chat import read_chat_jsonl
 from heron.govern import EnergyMeter, EnergyReport
-from heron.govern.audit import record_event
-from heron.govern.digest import METRICS_FILE, model_hash
+from heron.govern.audit import audit_log, record_event
+from heron.govern.audit_lineage import writers
+from heron.govern.digest import LINEAGE_FILE, METRICS_FILE, folder_sha256, model_hash
 from heron.govern.figures import new_figure, save_png
 from heron.store.atomic import is_partial_write
 from heron.store.jsonl import read_jsonl_objects
@@ -61,7 +62,8 @@ def run_alignment(method: str, recipe: AlignRecipe, *, resume: bool = True, rest
     out = Path(recipe.out_dir)
     if (out / MODEL_DIR).exists():
         (out / STATE_FILE).unlink(missing_ok=True)  # a finished run's: killed before it deleted it
-        raise FileExistsError(f"{out / MODEL_DIR}: exists; choose another out_dir")
+        recorded = " (the audit record a kill left it without: now written)" if _record_finished_run(recipe) else ""
+        raise FileExistsError(f"{out / MODEL_DIR}: exists{recorded}; choose another out_dir")
     foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES and not _unfinished_write(p)
                      ) if out.is_dir() else []
     if foreign or (out.exists() and not out.is_dir()):
@@ -104,9 +106,25 @@ def run_alignment(method: str, recipe: AlignRecipe, *, resume: bool = True, rest
                              "energy": energy.report().to_dict()}}
     folder = save_model_folder(out / MODEL_DIR, trained, tokenizer=tokenizer, lineage=lineage)
     state.file.unlink(missing_ok=True)  # the finished model holds all there is
-    record_event("align", inputs={"base": resolve_checkpoint(recipe.base), "data": recipe.data.file},
-                 outputs={"checkpoint": folder}, model_hash=model_hash(folder), parameters=lineage["alignment"])
+    _record_align(recipe, folder, lineage["alignment"])
     return folder
+
+
+def _record_align(recipe: AlignRecipe, folder: Path, alignment: dict[str, Any]) -> None:
+    record_event("align", inputs={"base": resolve_checkpoint(recipe.base), "data": recipe.data.file},
+                 outputs={"checkpoint": folder}, model_hash=model_hash(folder), parameters=alignment)
+
+
+def _record_finished_run(recipe: AlignRecipe) -> bool:
+    """Write the audit record a finished run's model lacks, when a kill came between the model and
+    its record (as train/loop.py's rerun of a finished run does); True when it was written.
+    A record that wrote the folder as it is, or before documents were written into it, counts."""
+    log, folder = audit_log(), Path(recipe.out_dir) / MODEL_DIR
+    if log is None or writers(log, folder_sha256(folder)):
+        return False
+    lineage = json.loads((folder / LINEAGE_FILE).read_text(encoding="utf-8"))
+    _record_align(recipe, folder, lineage["alignment"])
+    return True
 
 
 def _resumable(method: str, recipe: AlignRecipe, resume: bool, restart_other: bool,
@@ -115,7 +133,8 @@ def _resumable(method: str, recipe: AlignRecipe, resume: bool, restart_other: bo
     none; another run's is refused, or deleted (not resume, or restart_other)."""
     file = Path(recipe.out_dir) / STATE_FILE
     for leftover in filter(_unfinished_write, file.parent.iterdir()):
-        leftover.unlink()
+        if leftover.is_file():  # a model's temp folder is swept by save_model_folder when it next writes
+            leftover.unlink()
     identity = _identity(method, recipe)
     if not resume:
         file.unlink(missing_ok=True)
@@ -145,8 +164,10 @@ def _identity(method: str, recipe: AlignRecipe) -> dict[str, Any]:
 
 
 def _unfinished_write(path: Path) -> bool:
-    """A temp file that a write of the state, killed midway, left (`write_file_atomic`'s)."""
-    return is_partial_write(path, STATE_FILE)
+    """What a write the run makes, killed midway, left: a temp file of the state or the plot
+    (`write_file_atomic`'s), or a temp or trash folder of the model (`save_model_folder`'s)."""
+    return any(is_partial_write(path, name) for name in (STATE_FILE, PLOT_FILE)) or \
+        path.name.startswith((f".tmp-{MODEL_DIR}-", f".trash-{MODEL_DIR}-"))
 
 
 class _EnergySoFar:
