@@ -269,6 +269,36 @@ def test_a_rebuild_replaces_only_the_files_of_the_previous_set(tmp_path, tok) ->
     assert load_shards(out).meta == rebuilt.meta
 
 
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs."""
+
+
+def test_a_set_whose_install_was_killed_is_rebuilt_by_the_next_preparation(tmp_path, tok, monkeypatch) -> None:
+    """The install removes meta.json and the old shards, then moves the new ones in: a kill in
+    between leaves shard files with no meta.json, which the next preparation replaces."""
+    (tmp_path / "src").mkdir()
+    write_docs(tmp_path / "src", 20)
+    out = tmp_path / "out"
+    prepare_shards(Corpus([tmp_path / "src"]), tok, out, shard_tokens=200, progress=False)
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if os.path.basename(dst) == "train_000001.bin":  # after the first new shard is in
+            raise Killed
+        return real_replace(src, dst, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", replace)
+        with pytest.raises(Killed):
+            prepare_shards(Corpus([tmp_path / "src"]), tok, out, seed=1, shard_tokens=200, progress=False)
+    assert (out / "train_000000.bin").is_file() and not (out / "meta.json").exists()
+    (out / "val_000007.bin").write_bytes(b"\0" * 6)  # a shard of some older, larger set
+    rebuilt = prepare_shards(Corpus([tmp_path / "src"]), tok, out, seed=1, shard_tokens=10**6, progress=False)
+    assert not rebuilt.reused and rebuilt.meta["split"]["seed"] == 1
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "tokenizer.json", "train_000000.bin",
+                                                     "val_000000.bin"]
+
+
 def test_the_fallback_validation_document_is_a_decodable_one(tmp_path, tok) -> None:
     (tmp_path / "src").mkdir()
     write_docs(tmp_path / "src", 3)

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -53,6 +54,14 @@ SPLIT_RULE = (
 
 
 _TOKEN_DTYPES = ("uint16", "uint32")
+_SHARD_NAME = re.compile(rf"(?:{'|'.join(SPLITS)})_\d{{6,}}\.bin")  # what _ShardWriter names its files
+
+
+def is_shard_file(name: str) -> bool:
+    """Whether `name` is one a preparation gives its shard files (`train_000000.bin`, ...): with no
+    meta.json beside it, such a file is what a preparation killed while installing its shards
+    left, which the next one replaces rather than refuse the folder over."""
+    return _SHARD_NAME.fullmatch(name) is not None
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -376,7 +385,8 @@ def _replaceable_files(folder: Path) -> list[Path]:
 
     Any other file there is the user's: refused by name rather than written over or deleted.
     Hidden entries (our temporary folders) and the tokenizer (the README's
-    `--tokenizer FOLDER/tokenizer.json --out FOLDER`) are allowed.
+    `--tokenizer FOLDER/tokenizer.json --out FOLDER`) are allowed. With no meta.json, files
+    named as shards are a set whose install was killed (`_install` removes meta.json first).
     """
     if not folder.is_dir():
         return []
@@ -385,7 +395,10 @@ def _replaceable_files(folder: Path) -> list[Path]:
     except ValueError as exc:
         raise FileExistsError(f"{exc}; it is not Heron's to write over: prepare the shards in a new or "
                               "empty folder") from None
-    ours = [] if meta is None else [folder / shard["file"] for split in SPLITS for shard in meta[split]["shards"]]
+    if meta is None:
+        ours = [p for p in folder.iterdir() if is_shard_file(p.name) and p.is_file()]
+    else:
+        ours = [folder / shard["file"] for split in SPLITS for shard in meta[split]["shards"]]
     allowed = {META_FILE, *TOKENIZER_FILES, *(p.name for p in ours)}
     others = sorted(p.name for p in folder.iterdir() if p.name not in allowed and not p.name.startswith("."))
     if others:

@@ -19,12 +19,13 @@ import numpy as np
 
 from heron.data.batches import TokenStream
 from heron.data.corpus import Corpus, default_corpus
-from heron.data.shards import META_FILE, load_shards, prepare_shards
+from heron.data.shards import META_FILE, TOKENIZER_FILES, is_shard_file, load_shards, prepare_shards
 from heron.tokenizer import Tokenizer, load_tokenizer
 from heron.tokenizer.bpe import TOKENIZER_FILE, HeronTokenizer, train_tokenizer
 from heron.train.recipe import DataSection, RecipeError, SyntheticData
 
 VOCAB_REQUESTED = "tokenizer_vocab_requested"  # meta.json key: the vocab_size the recipe asked for
+_KEPT_TOKENIZER = ".tokenizer-{vocab_size}-{corpus}.json"  # a tokenizer trained here, until its shards are in
 
 
 @dataclass(frozen=True)
@@ -131,15 +132,27 @@ def _corpus(section: DataSection) -> Corpus:
 
 
 def _prepare(section: DataSection, folder: Path) -> None:
-    """Tokenise the named corpus into `folder`, training a tokenizer if none exists."""
-    corpus = _corpus(section)
-    tokenizer = _tokenizer(section, folder)
-    if tokenizer is None:
+    """Tokenise the named corpus into `folder` with data.tokenizer, or with a tokenizer trained here.
+
+    prepare_shards installs the tokenizer beside the shards. Until then a trained one is kept
+    under a hidden name that records what it was trained for (vocab size, corpus fingerprint),
+    so a rerun after a kill skips the training only for the same request: a tokenizer.json a
+    killed preparation left says neither, and meta.json must name the request that made it.
+    """
+    corpus = _corpus(section).excluding(folder)
+    if section.tokenizer is not None:
+        prepare_shards(corpus, _tokenizer(section, folder), folder, seed=section.split_seed)
+        return
+    kept = folder / _KEPT_TOKENIZER.format(vocab_size=section.vocab_size, corpus=corpus.fingerprint()[:16])
+    if kept.is_file():
+        tokenizer = HeronTokenizer.load(kept)
+    else:
         tokenizer = train_tokenizer(corpus, section.vocab_size)
-        tokenizer.save(_tokenizer_path(section, folder))
+        tokenizer.save(kept)
     # A small corpus can stop the BPE short of vocab_size: the request is kept to check against.
-    requested = {} if section.tokenizer is not None else {VOCAB_REQUESTED: section.vocab_size}
-    prepare_shards(corpus, tokenizer, folder, seed=section.split_seed, note=requested)
+    prepare_shards(corpus, tokenizer, folder, seed=section.split_seed, note={VOCAB_REQUESTED: section.vocab_size})
+    for leftover in folder.glob(_KEPT_TOKENIZER.format(vocab_size="*", corpus="*")):
+        leftover.unlink(missing_ok=True)
 
 
 def _check_made_from(section: DataSection, folder: Path) -> None:
@@ -157,11 +170,13 @@ def _check_made_from(section: DataSection, folder: Path) -> None:
 
 def _check_room(folder: Path) -> None:
     """Shards are prepared into a new or empty folder (a tokenizer, or what a killed
-    preparation left, may be there), never among other files."""
+    preparation left: shard files, hidden temporaries, may be there), never among other files."""
     if folder.exists() and not folder.is_dir():
         raise RecipeError(f"data.shards: {folder} is a file; name a folder for the shards")
-    others = sorted(p.name for p in folder.iterdir() if p.name != TOKENIZER_FILE and not p.name.startswith(".")) \
-        if folder.is_dir() else []
+    if not folder.is_dir():
+        return
+    others = sorted(p.name for p in folder.iterdir()
+                    if p.name not in TOKENIZER_FILES and not is_shard_file(p.name) and not p.name.startswith("."))
     if others:
         raise RecipeError(f"data.shards: {folder} holds no shards ({META_FILE}) but other files ({', '.join(others[:3])}"
                           f"{', ...' if len(others) > 3 else ''}); name a new or empty folder to prepare them in")

@@ -1,0 +1,91 @@
+"""What a killed automatic data preparation leaves: the next `heron train` redoes it, and reuses
+a tokenizer it trained only for the same request, so meta.json names the tokenizer in use."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from heron.data import Corpus
+from heron.tokenizer import load_tokenizer, train_tokenizer
+from heron.train import sources
+from heron.train.recipe import DataSection, recipe_from_dict
+from heron.train.sources import resolve_data
+from train_helpers import SMALL_MODEL
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs, not even `except Exception` handlers."""
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    """Varied enough that the BPE reaches 300 tokens: a 300- and a 280-token tokenizer differ."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(12):
+        (folder / f"m{i}.py").write_text("".join(f"def f{i}_{j}(x):\n    return x * {i * j} + {j}\n"
+                                                 for j in range(40)))
+    return folder
+
+
+def section(tmp_path: Path, corpus: Path, vocab_size: int) -> DataSection:
+    raw = {"out_dir": str(tmp_path / "run"), "model": {"preset": "test", "overrides": SMALL_MODEL},
+           "data": {"shards": str(tmp_path / "shards"), "corpus": [str(corpus)], "vocab_size": vocab_size,
+                    "seq_len": 16}}
+    return recipe_from_dict(raw, world_size=1).data
+
+
+def test_a_tokenizer_left_by_a_killed_preparation_is_reused_only_for_the_same_request(tmp_path, corpus,
+                                                                                      monkeypatch) -> None:
+    def killed(*args, **kwargs):
+        raise Killed
+
+    with monkeypatch.context() as patch:  # killed after training its tokenizer, before the shards
+        patch.setattr(sources, "prepare_shards", killed)
+        with pytest.raises(Killed):
+            resolve_data(section(tmp_path, corpus, 300))
+    data = resolve_data(section(tmp_path, corpus, 280))
+    expected = train_tokenizer(Corpus([corpus]), 280, progress=False)
+    assert data.tokenizer.fingerprint() == expected.fingerprint() == data.meta["tokenizer_sha256"]
+    assert data.vocab_size == data.meta["tokenizer_vocab_requested"] == 280
+    assert load_tokenizer(tmp_path / "shards").fingerprint() == expected.fingerprint()
+    assert not list((tmp_path / "shards").glob(".tokenizer-*"))  # the kept tokenizers go once the shards are in
+
+
+def test_the_same_request_after_a_kill_skips_training_the_tokenizer_again(tmp_path, corpus, monkeypatch) -> None:
+    def killed(*args, **kwargs):
+        raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sources, "prepare_shards", killed)
+        with pytest.raises(Killed):
+            resolve_data(section(tmp_path, corpus, 300))
+    trained = []
+    monkeypatch.setattr(sources, "train_tokenizer", lambda *args, **kwargs: trained.append(args))
+    assert resolve_data(section(tmp_path, corpus, 300)).meta["tokenizer_vocab_requested"] == 300
+    assert trained == []
+
+
+def test_a_preparation_killed_while_installing_its_shards_is_redone(tmp_path, corpus, monkeypatch) -> None:
+    """prepare_shards' install removes meta.json, then moves shards and tokenizer in: killed before
+    meta.json is back, the folder holds shard files and a tokenizer.json of an unknown request."""
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(dst).name == "meta.json":
+            raise Killed
+        return real_replace(src, dst, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", replace)
+        with pytest.raises(Killed):
+            resolve_data(section(tmp_path, corpus, 300))
+    assert (tmp_path / "shards" / "train_000000.bin").is_file() and not (tmp_path / "shards" / "meta.json").exists()
+    data = resolve_data(section(tmp_path, corpus, 280))
+    meta = json.loads((tmp_path / "shards" / "meta.json").read_text())
+    assert meta["tokenizer_vocab_requested"] == meta["vocab_size"] == data.vocab_size == 280
+    assert data.tokenizer.fingerprint() == meta["tokenizer_sha256"]
+    assert len(data.train) == meta["train"]["tokens"] > 0
