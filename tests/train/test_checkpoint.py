@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,7 @@ from heron.train.checkpoint import (
     save_model_folder,
     verify_checkpoint,
 )
+from train_helpers import dead_pid
 
 SMALL = dict(vocab_size=300, d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=32)
 IDS = torch.tensor([[1, 5, 9, 200, 7, 3]])
@@ -244,3 +248,81 @@ def test_a_compression_manifest_dropped_in_later_is_refused(tmp_path: Path, toke
     (folder / name).write_text("{}")
     with pytest.raises(CheckpointError, match=f"lists no hash for {name}"):
         verify_checkpoint(folder)
+
+
+KILLED_REPLACE = r'''
+import os, shutil, signal, sys
+from pathlib import Path
+from heron.train.checkpoint import atomic_folder
+
+target, where = Path(sys.argv[1]), sys.argv[2]
+with atomic_folder(target) as tmp:
+    (tmp / "v").write_text("old")
+rename, rmtree = os.replace, shutil.rmtree
+
+def replace(src, dst):
+    if where == "renaming in" and Path(src).name.startswith(".tmp-"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return rename(src, dst)
+
+def remove(path, *args, **kwargs):
+    if where == "deleting the old" and Path(path).name.startswith(".trash-"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return rmtree(path, *args, **kwargs)
+
+os.replace, shutil.rmtree = replace, remove
+with atomic_folder(target) as tmp:
+    (tmp / "v").write_text("new")
+'''
+
+
+@pytest.mark.parametrize("where", ["renaming in", "deleting the old"])
+def test_a_replacement_killed_midway_loses_neither_copy(tmp_path: Path, where: str) -> None:
+    """SIGKILL while replacing a folder: the new one is at the path, or comes there at the next
+    save, which sweeps the rest (here that save fails, so only the sweep can have put it there)."""
+    target = tmp_path / "sae"
+    killed = subprocess.run([sys.executable, "-c", KILLED_REPLACE, str(target), where])
+    assert killed.returncode == -9
+    with pytest.raises(RuntimeError, match="a save that fails"), ckpt.atomic_folder(target):
+        raise RuntimeError("a save that fails")
+    assert (target / "v").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]
+
+
+def test_a_live_writers_temp_folders_are_not_swept(tmp_path: Path) -> None:
+    """Two processes saving to one place: each sweep takes only what a process no longer running left."""
+    live, dead = os.getpid(), dead_pid()
+    for name in (f".tmp-model-{live}-0123abcd", f".trash-model-{live}-0123abcd-0", f".tmp-model-{dead}-0123abcd",
+                 f".trash-model-{dead}-4567abcd"):
+        (tmp_path / name).mkdir()
+    save_model_folder(tmp_path / "model", small_model())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".tmp-model-{live}-0123abcd",
+                                                          f".trash-model-{live}-0123abcd-0", "model"]
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    for name in (f".tmp-step_00000002-{live}-0123abcd", f".tmp-latest-{live}-0123abcd",
+                 f".tmp-step_00000002-{dead}-0123abcd"):
+        (checkpoints / name).mkdir()
+    save_checkpoint(tmp_path / "run", 1, small_model(), keep_last=1)
+    assert sorted(p.name for p in checkpoints.iterdir()) == [f".tmp-latest-{live}-0123abcd",
+                                                             f".tmp-step_00000002-{live}-0123abcd",
+                                                             "latest", "step_00000001"]
+
+
+def test_the_latest_checkpoint_deleted_while_it_is_read_is_read_again(tmp_path: Path, monkeypatch) -> None:
+    """A reader of a run that is still training: keep_last deletes the checkpoint it resolved."""
+    save_checkpoint(tmp_path, 1, small_model(), keep_last=1)
+    verify, step = ckpt.verify_checkpoint, iter(range(2, 100))
+
+    def newer_save_first(folder):  # between resolving and reading, the run saves the next step
+        save_checkpoint(tmp_path, next(step), small_model(), keep_last=1)
+        return verify(folder)
+
+    monkeypatch.setattr(ckpt, "verify_checkpoint", newer_save_first)
+    with pytest.raises(CheckpointError, match=r"step_00000002: removed by a newer save while it was read"):
+        load_checkpoint(tmp_path)  # every read overtaken: said as it is, not as damage
+    saves = iter([True])
+    monkeypatch.setattr(ckpt, "verify_checkpoint", lambda folder: newer_save_first(folder) if next(saves, False)
+                        else verify(folder))
+    assert load_checkpoint(tmp_path).path.name == "step_00000004"  # once: the newer one is read
+    assert load_checkpoint(tmp_path / "checkpoints" / "latest").lineage is not None

@@ -1,8 +1,11 @@
 """The training loop against its invariants and a known answer."""
 from __future__ import annotations
 
+import fcntl
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -13,11 +16,11 @@ import pytest
 import torch
 
 from heron.train import load_checkpoint, train
-from heron.train.loop import DivergedError, Objective, cross_entropy_sum
+from heron.train.loop import LOCK_FILE, DivergedError, Objective, cross_entropy_sum
 from heron.train.checkpoint import latest_checkpoint, list_checkpoints
 from heron.train.recipe import RecipeError
 from heron.train.report import read_metrics
-from train_helpers import SMALL_MODEL
+from train_helpers import SMALL_MODEL, dead_pid
 from train_workers import Crash, crash_after
 
 HERE = Path(__file__).parent
@@ -264,3 +267,39 @@ def test_a_finished_run_whose_audit_record_was_lost_gets_it_on_a_rerun(recipe_fa
             train(recipe)
         records = audit_log().produced(folder_sha256(last))
         assert [r.event for r in records] == ["train"]
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_at_once(recipe_factory, tmp_path: Path) -> None:
+    """Another open of the lock file stands in for another process (flock locks belong to an
+    open file description): held for the whole run, released at its end, and a refused run
+    writes nothing."""
+    run = tmp_path / "run"
+
+    def lock(file) -> None:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def held_while_training(row: dict) -> None:
+        with open(run / LOCK_FILE) as other, pytest.raises(BlockingIOError):
+            lock(other)
+
+    train(recipe_factory("run", train={"steps": 4}), callbacks=[held_while_training])  # a new folder: locked as made
+    before = read_metrics(run)
+    with open(run / LOCK_FILE, "a+") as other:
+        lock(other)  # released when the run ended
+        other.truncate(0)
+        other.write("4242\n")
+        other.flush()
+        with pytest.raises(RecipeError, match=re.escape(f"out_dir: run folder {run} is in use by process 4242")):
+            train(recipe_factory("run", train={"steps": 4}))
+    assert read_metrics(run) == before and latest_checkpoint(run).name == "step_00000004"
+    assert train(recipe_factory("run", train={"steps": 4}), resume=False).step == 4  # the file left: blocks nothing
+
+
+def test_what_killed_runs_left_in_the_run_folder_is_swept_at_start(recipe_factory, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(recipe_factory("run", train={"steps": 4}))
+    shutil.copytree(run / "checkpoints", run / f".trash-checkpoints-{dead_pid()}-0123abcd")  # --no-resume, killed
+    (run / ".loss.png.0123456789ab.partial").write_bytes(b"\x89PNG")  # killed while plotting
+    (run / ".metrics.jsonl.0123456789ab.partial").write_text('{"step": 1')
+    train(recipe_factory("run", train={"steps": 4}), resume=False)
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == [LOCK_FILE]

@@ -4,6 +4,8 @@ synthetic data."""
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,3 +37,10 @@ def small_recipe(out_dir: Path, world_size: int = 1, **changes: Any) -> TrainRec
         else:
             raw[section] = values
     return recipe_from_dict(raw, world_size=world_size)
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped): what a killed writer's names carry."""
+    child = subprocess.Popen([sys.executable, "-c", ""])
+    child.wait()
+    return child.pid

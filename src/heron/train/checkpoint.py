@@ -14,11 +14,14 @@ parameter name, step, RNG states, metrics history) for resuming.
 Atomicity: everything is written into a hidden temp sibling, each file and the
 folder are fsynced, and only then is the folder renamed into place (rename is
 atomic on POSIX). A crash mid-save leaves a `.tmp-*` folder that is never read
-and is swept away by the next save; a visible `step_*` folder is always
-complete. `latest` is a symlink to the newest checkpoint, replaced atomically.
+and is swept away by the next save (`sweep_partial`; the name carries the
+writer's pid, so a save still running in another process keeps its own); a
+visible `step_*` folder is always complete. `latest` is a symlink to the newest
+checkpoint, replaced atomically.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -28,7 +31,7 @@ import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +63,10 @@ FORMAT_VERSION = 1
 _NUMBER = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() takes '²', which int() refuses
 _WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt")  # a Hugging Face folder's weights, single or sharded
 _TABLES_FLOOR = 1 << 30  # bytes of position tables any config may ask for, whatever its weights
+# A hidden temp (`.tmp-`) or trash (`.trash-`) sibling of the folder or link `name`: the pid of the
+# process writing it (older versions' names have none), a random token, and for a folder that a
+# replacement moved aside, a count (`_move_in`).
+_LEFTOVER = re.compile(r"\.(?P<kind>tmp|trash)-(?P<name>.+?)-(?:(?P<pid>[0-9]+)-)?[0-9a-f]{8}(?:-[0-9]+)?")
 
 
 class CheckpointError(RuntimeError):
@@ -217,24 +224,62 @@ def require_new_folder(path: str | Path, source: str | Path | None = None) -> Pa
 
 @contextmanager
 def atomic_folder(target: Path) -> Iterator[Path]:
-    """Yield a temp sibling folder; on success fsync it and rename it to `target`. What a
-    killed write to the same target left beside it (its temp and trash folders) goes first."""
+    """Yield a temp sibling folder; on success fsync it and rename it to `target`. What killed
+    writes to the same target left beside it goes first (`sweep_partial`); a write of it still
+    running in another process is left alone, and the last to finish wins."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in [*target.parent.glob(f".tmp-{target.name}-*"), *target.parent.glob(f".trash-{target.name}-*")]:
-        if leftover.is_dir() and not leftover.is_symlink():
-            shutil.rmtree(leftover, ignore_errors=True)
-    tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
+    sweep_partial(target.parent, target.name)
+    tmp = target.parent / _hidden_name("tmp", target.name)
     tmp.mkdir()
     try:
         yield tmp
         fsync_path(tmp)
-        if target.exists():  # replacing: move the old one aside atomically first
-            remove_folder(target)
-        os.replace(tmp, target)
-        fsync_path(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _move_in(tmp, target)
+
+
+def _move_in(tmp: Path, target: Path) -> None:
+    """Rename the complete folder `tmp` to `target`. A folder already there is moved aside first
+    and deleted only once `tmp` has taken its place, so a kill at any moment leaves a complete
+    folder at `target`, or, between the two renames, in `tmp` beside the old one's trash, where
+    `sweep_partial` finds it and finishes the move. Another writer's folder renamed in meanwhile
+    is moved aside in turn."""
+    trashes: list[Path] = []
+    while True:
+        trash = tmp.with_name(f".trash-{tmp.name.removeprefix('.tmp-')}-{len(trashes)}")
+        with suppress(FileNotFoundError):  # nothing there: a first save, or another writer's moved it
+            os.replace(target, trash)
+            trashes.append(trash)
+        try:
+            os.replace(tmp, target)
+            break
+        except OSError as err:  # another writer renamed its folder in since: move that aside too
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+    fsync_path(target.parent)
+    for trash in trashes:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _hidden_name(kind: str, name: str) -> str:
+    """A fresh `.{kind}-{name}-{pid}-{token}` for a temp or trash sibling of `name`: the pid tells
+    `sweep_partial` whether the process writing it still runs."""
+    return f".{kind}-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _writer_alive(pid: str | None) -> bool:
+    """Whether process `pid` runs (None: a name from before names carried the pid)."""
+    if pid is None:
+        return False
+    try:
+        os.kill(int(pid), 0)  # signal 0: checks only
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # it runs, as another user
+        return True
+    return True
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
@@ -251,7 +296,7 @@ def _write_with(path: Path, write: Callable[[Any], Any]) -> None:
 def remove_folder(path: Path) -> None:
     """Delete a folder so that a crash midway never leaves a half-folder under
     its real name: rename to a hidden trash name first, then delete."""
-    trash = path.parent / f".trash-{path.name}-{uuid.uuid4().hex[:8]}"
+    trash = path.parent / _hidden_name("trash", path.name)
     os.replace(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
 
@@ -305,8 +350,26 @@ def _verify_file(file: Path, record: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str | Path, *, trainer_state: bool = True) -> Checkpoint:
-    """Verify and read a checkpoint (weights on CPU)."""
-    folder = resolve_checkpoint(path)
+    """Verify and read a checkpoint (weights on CPU).
+
+    A run's latest checkpoint can be deleted while it is read, by the run's next save
+    (`keep_last`): then `path` is resolved again and the newer one read, once, rather than
+    the deletion reported as damage."""
+    for _ in range(2):
+        folder = resolve_checkpoint(path)
+        step_folder = folder.resolve()  # itself, or the folder the `latest` link points at now
+        was_there = step_folder.is_dir()
+        try:
+            return _read_checkpoint(folder, trainer_state)
+        except (CheckpointError, OSError) as err:
+            if not was_there or step_folder.exists():  # never there, or damaged: not deleted midway
+                raise
+            failure = err
+    raise CheckpointError(f"{folder}: removed by a newer save while it was read (the run is still saving); "
+                          f"load {path} again") from failure
+
+
+def _read_checkpoint(folder: Path, trainer_state: bool) -> Checkpoint:
     lineage = verify_checkpoint(folder)
     config = read_config(folder)
     weights = _load_weights(folder / MODEL_FILE)
@@ -448,7 +511,7 @@ def point_latest(root: Path, name: str) -> None:
     """Make root/latest a relative symlink to root/name, replaced atomically, so
     `runs/x/checkpoints/latest` works as a folder path anywhere; a one-line
     pointer file where the filesystem has no symlinks."""
-    tmp = root / f".tmp-latest-{uuid.uuid4().hex[:8]}"
+    tmp = root / _hidden_name("tmp", LATEST_FILE)
     try:
         tmp.symlink_to(name, target_is_directory=True)
     except OSError:
@@ -476,15 +539,28 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def sweep_partial(root: Path) -> None:
-    """Delete what interrupted saves and deletions left behind."""
-    if root.is_dir():
-        for leftover in root.iterdir():
-            if leftover.name.startswith((".tmp-", ".trash-")):
-                if leftover.is_dir() and not leftover.is_symlink():
-                    shutil.rmtree(leftover, ignore_errors=True)
-                else:
-                    leftover.unlink()
+def sweep_partial(root: Path, name: str | None = None) -> None:
+    """Delete the temp and trash siblings in `root` (those of `name` alone, given one) whose
+    writer no longer runs: what killed saves and deletions left. A live writer's are its own.
+
+    One is finished instead: a replacement killed between moving the old folder aside and
+    renaming its new one in (`_move_in`) left nothing at the name, but a complete temp (fsynced
+    before the old folder moved) beside that trash; it is renamed into place, the newer copy."""
+    if not root.is_dir():
+        return
+    matches = ((path, _LEFTOVER.fullmatch(path.name)) for path in root.iterdir())
+    found = {path: match["name"] for path, match in matches
+             if match and name in (None, match["name"]) and not _writer_alive(match["pid"])}  # {leftover: its target}
+    for path, target in found.items():
+        moved_aside = f".trash-{path.name.removeprefix('.tmp-')}-"
+        if (path.name.startswith(".tmp-") and not os.path.lexists(root / target)
+                and any(other.name.startswith(moved_aside) for other in found)):
+            os.replace(path, root / target)
+    for path in found:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
+            path.unlink()
 
 
 def weights_identity(path: str | Path) -> str:

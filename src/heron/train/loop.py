@@ -16,7 +16,9 @@ batch), so they depend on how the batch is split.
 """
 from __future__ import annotations
 
+import fcntl
 import math
+import os
 import random
 import time
 import warnings
@@ -41,6 +43,7 @@ from heron.data.batches import PackedBatches, eval_batches
 from heron.govern import EnergyMeter, EnergyReport
 from heron.govern.audit import audit_log, record_event
 from heron.govern.digest import METRICS_FILE, folder_sha256, model_hash
+from heron.store.atomic import is_partial_write
 from heron.train import distributed as dist_
 from heron.train.checkpoint import (
     CHECKPOINTS_DIR,
@@ -53,6 +56,7 @@ from heron.train.checkpoint import (
     load_weights,
     remove_folder,
     save_checkpoint,
+    sweep_partial,
 )
 from heron.train.optim import build_optimizer, recipe_lr, set_lr
 from heron.train.recipe import RecipeError, TrainRecipe, batch_plan, model_config, setting_changes
@@ -108,6 +112,7 @@ class Objective:
 CROSS_ENTROPY = Objective.of(cross_entropy_sum)
 
 STATE_FORMAT = 1
+LOCK_FILE = ".train.lock"  # in the run folder; its flock is held by the one process training into it
 
 # Called after every step on every process with that step's row of history.
 Callback = Callable[[dict[str, Any]], None]
@@ -168,8 +173,9 @@ def train(recipe: TrainRecipe, *, resume: bool = True, data: TrainData | None = 
     objective = (token_loss if isinstance(token_loss, Objective)
                  else CROSS_ENTROPY if token_loss is cross_entropy_sum else Objective.of(token_loss))
     ctx = dist_.setup(recipe.train.parallel, recipe.train.device)
+    lock = _RunFolderLock(Path(recipe.out_dir))
     try:
-        run = _start(recipe, ctx, resume, data, objective)
+        run = _start(recipe, ctx, resume, data, objective, lock)
         run.lineage_extra = dict(lineage or {})
         finished_before = run.step >= recipe.train.steps
         _loop(run, callbacks)
@@ -177,16 +183,54 @@ def train(recipe: TrainRecipe, *, resume: bool = True, data: TrainData | None = 
             _record_finished_run(run)
         return TrainResult(run.out_dir, run.last_checkpoint, run.step, run.history, ctx.is_main)
     finally:
+        lock.release()
         dist_.teardown(ctx)
+
+
+class _RunFolderLock:
+    """An exclusive lock on a run folder, held by the process that trains into it (rank 0) from
+    before it reads the folder until the run ends. A second run into the folder is refused at once:
+    it would otherwise crash midway, after mixing its rows into the first one's metrics.jsonl.
+    flock, because the kernel drops it when its holder exits, however it dies: a killed run's
+    lock file blocks nothing."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self._file = None  # the open lock file while held
+
+    def hold(self) -> None:
+        """Take the lock (the folder is made if missing), or RecipeError naming its holder's pid."""
+        if self._file is not None:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        file = open(self.out_dir / LOCK_FILE, "a+")  # appending: a refused run leaves the holder's pid
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip() or "unknown"
+            file.close()
+            raise RecipeError(f"out_dir: run folder {self.out_dir} is in use by process {holder}; wait for that "
+                              "run to end, or choose another out_dir") from None
+        file.truncate(0)
+        file.write(f"{os.getpid()}\n")
+        file.flush()
+        self._file = file
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the file drops the lock
+            self._file = None
 
 
 # ----- setting up -------------------------------------------------------------
 
 
 def _start(recipe: TrainRecipe, ctx: dist_.DistContext, resume: bool, data: TrainData | None,
-           objective: Objective) -> _Run:
+           objective: Objective, lock: _RunFolderLock) -> _Run:
     """Validate, load data, build (or restore) model and optimizers."""
     meter = EnergyMeter().start()
+    _hold_existing_folder(lock, ctx)
     # Under parallel=none, $WORLD_SIZE catches a torchrun launch that would train N copies.
     _, micro, accum = batch_plan(recipe.train, ctx.world_size if ctx.parallel != "none" else None)
     if ctx.is_main:
@@ -218,6 +262,7 @@ def _start(recipe: TrainRecipe, ctx: dist_.DistContext, resume: bool, data: Trai
     if objective.params is not None:
         objective_optimizer = build_optimizer(objective.params.to(ctx.device), recipe.optim)
     if ctx.is_main:  # only now, every check passed: a run that cannot start leaves the folder as it was
+        lock.hold()  # already held, unless the folder is new
         _prepare_out_dir(out_dir, recipe, resume)
     dist_.barrier(ctx)
     run = _Run(recipe, ctx, data, model, optimizer, objective, objective_optimizer, micro, accum, out_dir, meter)
@@ -244,8 +289,29 @@ def _check_data_fits(recipe: TrainRecipe, data: TrainData) -> None:
             raise RecipeError(f"data.seq_len: {recipe.data.seq_len} needs {need} tokens, the {split} split has {len(tokens)}")
 
 
+def _hold_existing_folder(lock: _RunFolderLock, ctx: dist_.DistContext) -> None:
+    """Lock a run folder that exists before any work, so that a run live there refuses this one
+    at once, on every process (a new folder is locked as it is made: a run that cannot start
+    must not leave one behind)."""
+    refusal = None
+    if ctx.is_main and lock.out_dir.is_dir():
+        try:
+            lock.hold()
+        except RecipeError as err:
+            refusal = str(err)
+    refusal = dist_.from_main(refusal, ctx)
+    if refusal is not None:
+        raise RecipeError(refusal)
+
+
 def _prepare_out_dir(out_dir: Path, recipe: TrainRecipe, resume: bool) -> None:
+    """Make the run folder, sweep what killed runs left in it, and (not resuming) delete the
+    earlier run's files. Called holding the run's lock: nothing swept is a live writer's."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    sweep_partial(out_dir)  # e.g. the .trash-checkpoints-* of a --no-resume killed while deleting
+    for leftover in out_dir.iterdir():
+        if any(is_partial_write(leftover, name) for name in (METRICS_FILE, PLOT_FILE)):
+            leftover.unlink()
     if not resume:
         if (out_dir / CHECKPOINTS_DIR).exists():
             remove_folder(out_dir / CHECKPOINTS_DIR)
