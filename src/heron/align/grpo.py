@@ -21,11 +21,10 @@ from heron.align.data import Messages
 from heron.align.logprobs import logprobs_and_aux, sequence_logprobs
 from heron.align.losses import grpo_advantages, grpo_loss, masked_mean
 from heron.align.resume import Resumable
-from heron.align.rollout import check_settings, prompt_batches, rollout
+from heron.align.rollout import Reward, RewardModel, check_settings, prompt_batches, rollout, score_rollout
 from heron.core.transformer import Transformer
 from heron.tokenizer import Tokenizer
 
-Reward = Callable[[Messages, str], float]
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,7 @@ class GRPOSettings:
 
 
 def grpo(policy: Transformer, reference: Transformer, tokenizer: Tokenizer, prompts: Sequence[Messages],
-         reward: Reward, settings: GRPOSettings,
+         reward: Reward | RewardModel, settings: GRPOSettings,
          on_step: Callable[[dict[str, Any]], None] | None = None,
          resume: Resumable | None = None) -> list[dict[str, float]]:
     """Train `policy` in place; returns one metrics row for each step this call ran (`resume`:
@@ -69,7 +68,7 @@ def grpo(policy: Transformer, reference: Transformer, tokenizer: Tokenizer, prom
                                       disable=not settings.progress, desc="grpo", unit="step"), start=start):
         run = rollout(policy, tokenizer, batch, settings.group_size, max_new_tokens=settings.max_new_tokens,
                       temperature=temperature, seed=settings.seed * 100_003 + step)
-        scores = torch.tensor([reward(p, t) for p, t in zip(run.prompts, run.texts)])
+        scores = score_rollout(reward, run)
         advantages = grpo_advantages(scores.view(settings.prompts_per_step, settings.group_size)).flatten()
         ids, mask = run.replies.ids, run.replies.mask[:, 1:]
         real = run.replies.tokens()  # (B, T): a MoE's routing statistics leave the padding out

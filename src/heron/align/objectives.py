@@ -141,9 +141,10 @@ def reference_logprobs(model: nn.Module, replies: Replies, batch_size: int = 16)
 
 def cached_reference_logprobs(model: nn.Module, chosen: Replies, rejected: Replies,
                               cache_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """`reference_logprobs` of both sides, computed once per (reference weights, data) and
-    read back from <cache_dir>/reference-<hash>.safetensors afterwards."""
-    digest = hashlib.sha256()
+    """`reference_logprobs` of both sides, computed once per (reference model, data) and read
+    back from <cache_dir>/reference-<hash>.safetensors afterwards. The model is its config and
+    its weights: the same weights under another config (heads, RoPE base) are another model."""
+    digest = hashlib.sha256(model.config.to_json().encode())
     for tensor in (*model.state_dict().values(), chosen.ids, chosen.mask, rejected.ids, rejected.mask):
         digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
     file = Path(cache_dir) / f"reference-{digest.hexdigest()[:16]}.safetensors"

@@ -32,11 +32,10 @@ from heron.align.losses import (
     ppo_value_loss,
 )
 from heron.align.resume import Resumable
-from heron.align.rollout import check_settings, prompt_batches, rollout
+from heron.align.rollout import Reward, RewardModel, check_settings, prompt_batches, rollout, score_rollout
 from heron.core.transformer import Transformer
 from heron.tokenizer import Tokenizer
 
-Reward = Callable[[Messages, str], float]
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,7 @@ def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def ppo(policy: Transformer, value_model: Transformer, reference: Transformer, tokenizer: Tokenizer,
-        prompts: Sequence[Messages], reward: Reward, settings: PPOSettings,
+        prompts: Sequence[Messages], reward: Reward | RewardModel, settings: PPOSettings,
         on_step: Callable[[dict[str, Any]], None] | None = None,
         resume: Resumable | None = None) -> list[dict[str, float]]:
     """Train `policy` and `value_model` in place; returns one metrics row for each step this call
@@ -108,7 +107,7 @@ def ppo(policy: Transformer, value_model: Transformer, reference: Transformer, t
                                       disable=not settings.progress, desc="ppo", unit="step"), start=start):
         run = rollout(policy, tokenizer, batch, 1, max_new_tokens=settings.max_new_tokens,
                       temperature=temperature, seed=settings.seed * 100_003 + step)
-        scores = torch.tensor([reward(p, t) for p, t in zip(run.prompts, run.texts)])
+        scores = score_rollout(reward, run)
         ids, mask = run.replies.ids, run.replies.mask[:, 1:]
         with torch.no_grad():
             real = run.replies.tokens()  # (B, T): a MoE's routing statistics leave the padding out

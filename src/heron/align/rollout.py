@@ -11,12 +11,14 @@ import dataclasses
 import math
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from heron.align.data import Messages, Replies
+from heron.align.objectives import rewards
 from heron.core.transformer import Transformer
 from heron.generate import Generator, SamplingParams
 from heron.tokenizer import Tokenizer
@@ -64,6 +66,34 @@ def rollout(policy: Transformer, tokenizer: Tokenizer, prompts: Sequence[Message
     return Rollout([p for p in prompts for _ in range(n)], [c.text or "" for c in completions],
                    Replies(ids, mask, last), sum(len(c.ids) + (c.stop_token is not None) for c in completions),
                    seconds)
+
+
+Reward = Callable[[Messages, str], float]  # a judge of one reply's text: bool and int scores count as numbers
+
+
+@dataclass(frozen=True)
+class RewardModel:
+    """A reward model (a policy's body under a scalar head, sharing its tokenizer) that scores a
+    rollout's own rows: the tokens the policy sampled, and a reply cut off at max_new_tokens as it
+    is, without the end token re-encoding its text would add (and at the length the rollout checked)."""
+
+    model: nn.Module
+
+
+def score_rollout(reward: Reward | RewardModel, run: Rollout) -> torch.Tensor:
+    """(B,) float32 scores of the rollout's rows. A score that is not a finite number (a judge that
+    failed and said NaN) is a ValueError naming its reply: one would make every weight NaN."""
+    if isinstance(reward, RewardModel):
+        with torch.no_grad():
+            scores = rewards(reward.model.eval(), run.replies).float()
+    else:
+        scores = torch.tensor([float(reward(p, t)) for p, t in zip(run.prompts, run.texts)], dtype=torch.float32)
+    bad = (~torch.isfinite(scores)).nonzero().flatten()
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"reward: {float(scores[i])} for reply {i} ({run.texts[i][:80]!r}); a reward must be a "
+                         "finite number")
+    return scores
 
 
 def prompt_batches(prompts: Sequence[Messages], per_step: int, steps: int, seed: int,

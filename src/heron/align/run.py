@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 import heron
-from heron.align.data import Messages, RowTooLong, as_messages, encode_chats, encode_pairs, encode_replies
+from heron.align.data import Messages, RowTooLong, as_messages, encode_chats, encode_pairs
 from heron.align.grpo import grpo
 from heron.align.heads import with_scalar_head
 from heron.align.loop import fit
@@ -28,12 +28,12 @@ from heron.align.objectives import (
     cached_reference_logprobs,
     preference_objective,
     reward_objective,
-    rewards,
     sft_objective,
 )
 from heron.align.ppo import ppo
 from heron.align.recipe import METHODS, AlignRecipe
 from heron.align.resume import ModuleBuffers, Resumable, read_state
+from heron.align.rollout import Reward, RewardModel
 from heron.align.synthetic import RepeatTask
 from heron.compress.qlinear import is_quantized
 from heron.data.chat import read_chat_jsonl
@@ -256,26 +256,24 @@ def _prompts(recipe: AlignRecipe, task: RepeatTask | None) -> list[Messages]:
     return [as_messages(row["prompt"]) for row in _jsonl(recipe.data.file)]
 
 
-def _reward(recipe: AlignRecipe, task: RepeatTask | None, tokenizer) -> Callable[[Messages, str], float]:
+def _reward(recipe: AlignRecipe, task: RepeatTask | None, tokenizer) -> Reward | RewardModel:
     if recipe.reward == "judge":
         if task is None:
             raise ValueError("reward: 'judge' needs data.task; give a reward-model checkpoint for data.file")
         return task.judge
-    reward_model, _ = heron.load(recipe.reward)
+    reward_model, reward_tokenizer = heron.load(recipe.reward)
     if reward_model.config.head != "scalar":
         raise ValueError(f"reward: {recipe.reward} is not a reward model (its head is {reward_model.config.head!r})")
-
-    @torch.no_grad()
-    def score(prompt: Messages, text: str) -> float:
-        return float(rewards(reward_model, encode_replies(tokenizer, [prompt], [text], recipe.data.max_len))[0])
-
-    return score
+    if reward_tokenizer is None or reward_tokenizer.fingerprint() != tokenizer.fingerprint():
+        raise ValueError(f"reward: {recipe.reward} reads another tokenizer than the policy's {recipe.base}; it scores "
+                         "the policy's own tokens, so train it from the same base (heron align rm)")
+    return RewardModel(reward_model)
 
 
 def _rollout_prompts(recipe: AlignRecipe, task: RepeatTask | None, tokenizer, method: str,
                      max_new_tokens: int) -> list[Messages]:
-    """The prompts PPO or GRPO samples from. A reward model scores rows of at most data.max_len
-    tokens, so that must leave room for the longest reply a rollout can give, end token included."""
+    """The prompts PPO or GRPO samples from. A reward model scores the rollout's rows, which must
+    fit data.max_len, the rows it was trained on: the longest prompt and reply, end token included."""
     prompts = _prompts(recipe, task)
     if recipe.reward == "judge":  # the judge reads text: no row length to respect
         return prompts
