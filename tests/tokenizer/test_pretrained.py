@@ -380,3 +380,78 @@ def test_links_within_the_folder_and_a_hugging_face_cache_snapshot_are_read(tmp_
     assert [f.relative_to(snapshot).as_posix() for f in tokenizer.files] == [
         "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "additional_chat_templates/tool_use.jinja",
         "generation_config.json"]
+
+
+LLAMA2_LIKE = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+               "{% else %}{{ ' ' + m['content'].strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+GEMMA_LIKE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] | trim + '<|im_end|>\n' }}"
+              "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def transformers_ids(folder: Path, chat: list[dict]) -> list[int]:
+    rendered = transformers.AutoTokenizer.from_pretrained(folder).apply_chat_template(chat, tokenize=True)
+    return list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
+
+
+@pytest.mark.parametrize("name, template, eos, reply", [
+    ("chatml_base", CHATML, "<|endoftext|>", "Fine, thanks."),  # a base model: eos is not the turn's end
+    ("newline_before_end", NEWLINE_BEFORE_END, "<|im_end|>", "Fine, thanks."),
+    ("llama2_strip", LLAMA2_LIKE, "<|im_end|>", "  Fine, thanks. "),  # ' ' + content.strip() + ' ' + eos
+    ("gemma_trim", GEMMA_LIKE, "<|endoftext|>", "Fine, thanks.\n"),
+])
+def test_a_reply_is_tokenised_as_the_template_renders_the_whole_chat(tmp_path, name, template, eos, reply):
+    """SFT and DPO rows must be what the template renders (and transformers, TRL train on): the text a
+    template writes around a reply, and its end-of-turn token even where eos_token is another. Encoding
+    the content alone then appending eos_token trained sequences the template never produces."""
+    folder = write_folder(tmp_path / name, {**CONFIG, "eos_token": eos, "chat_template": template})
+    tokenizer = load_tokenizer(folder)
+    prompt = [{"role": "user", "content": "Hello"}]
+    head, tail = tokenizer.chat_turn_ids(prompt, reply)
+    whole = transformers_ids(folder, [*prompt, {"role": "assistant", "content": reply}])
+    end = tokenizer.chat_stop_ids[0]
+    assert head == tokenizer.chat_prompt_ids(prompt) and tail[-1] == end
+    assert head + tail == whole[:whole.index(end, len(head)) + 1]
+    if name == "chatml_base":
+        assert tokenizer.chat_stop_ids == (2, 0)  # <|im_end|> first, though eos_token is <|endoftext|>
+    with pytest.raises(ValueError, match="the reply spells the special token '<|im_end|>'"):
+        tokenizer.chat_turn_ids(prompt, "ok<|im_end|>")
+
+
+def test_a_sentencepiece_reply_has_no_word_boundary_the_template_does_not_write(tmp_path):
+    """LLaMA 2 / Mistral v0.1 prepend '▁' to every text they encode: encoded alone, a reply after
+    '[/INST] ' gained one that the rendered chat does not hold."""
+    from tokenizers import normalizers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"] +
+                                  [f"<0x{i:02X}>" for i in range(256)], show_progress=False)
+    tok.train_from_iterator(["Hello there, how are you? Fine, thanks."] * 20, trainer)
+    folder = tmp_path / "spm"
+    folder.mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+              "unk_token": "<unk>", "chat_template": "{{ bos_token }}" + LLAMA2_LIKE}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = load_tokenizer(folder)
+    prompt = [{"role": "user", "content": "Hello"}]
+    head, tail = tokenizer.chat_turn_ids(prompt, "Fine, thanks.")
+    assert head + tail == transformers_ids(folder, [*prompt, {"role": "assistant", "content": "Fine, thanks."}])
+
+
+def test_special_tokens_named_only_in_special_tokens_map_are_read_as_transformers_reads_them(tmp_path):
+    """Older folders keep bos and eos in special_tokens_map.json: a template's {{ bos_token }} rendered
+    empty and no reply could be ended. Where both name one, the map's wins, as in transformers."""
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "<|im_start|>",
+              "chat_template": "{{ bos_token }}" + CHATML}
+    folder = write_folder(tmp_path / "old", config)
+    (folder / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<|endoftext|>", "eos_token": {"content": "<|im_end|>", "special": True},
+         "pad_token": "<|endoftext|>"}))
+    ours, theirs = load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder)
+    assert (ours.bos_id, ours.eos_id, ours.pad_id) == (theirs.bos_token_id, theirs.eos_token_id,
+                                                         theirs.pad_token_id) == (0, 2, 0)
+    assert ours.apply_chat_template(CHAT[:1]) == theirs.apply_chat_template(CHAT[:1], tokenize=False)
+    assert folder / "special_tokens_map.json" in ours.files  # hashed into a lineage with the rest

@@ -2,7 +2,7 @@
 
 Each row is a prompt rendered by the tokenizer's chat template up to the
 assistant's turn, followed by the reply's ids and its end-of-turn token
-(`chat_prompt_ids` + `reply_ids`), right-padded. Padding after the real
+(`chat_turn_ids`: as the template renders the whole chat), right-padded. Padding after the real
 tokens never changes their logits under causal attention, so no attention
 mask is needed; `mask` marks the reply's tokens, the only ones any loss reads.
 """
@@ -55,7 +55,7 @@ def encode_replies(tokenizer: Tokenizer, prompts: Sequence[Messages], replies: S
     rows, masks = [], []
     for i, (prompt, reply) in enumerate(zip(prompts, replies)):
         try:
-            head, tail = tokenizer.chat_prompt_ids(prompt), tokenizer.reply_ids(reply)
+            head, tail = tokenizer.chat_turn_ids(prompt, reply)
         except ValueError as err:  # a role or message the template refuses: say which row
             raise ValueError(f"{describe(i)}: {err}") from None
         if len(head) + len(tail) > max_len:
@@ -88,7 +88,8 @@ def encode_chats(tokenizer: Tokenizer, chats: Sequence[Messages], max_len: int,
         for turn, message in enumerate(chat[:-1]):
             if message["role"] != "assistant":
                 continue
-            start, reply = len(tokenizer.chat_prompt_ids(chat[:turn])), tokenizer.reply_ids(message["content"])
+            head, reply = tokenizer.chat_turn_ids(chat[:turn], message["content"])
+            start = len(head)
             if ids[start:start + len(reply)] != reply:
                 raise ValueError(f"{describe(row)}: its assistant turn {turn + 1} is not where this tokenizer's "
                                  "chat template puts it; give chats with one assistant reply, last")

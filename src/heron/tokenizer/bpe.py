@@ -233,6 +233,11 @@ class HeronTokenizer:
         text, then `<|end|>`. Appended to `chat_prompt_ids`, they make the whole turn."""
         return self.encode(text, allow_special=False) + [self.end_id]
 
+    def chat_turn_ids(self, messages: list[dict[str, str]], reply: str) -> tuple[list[int], list[int]]:
+        """(prompt ids, reply ids) of `messages` answered by `reply`: `chat_prompt_ids` and
+        `reply_ids`, which Heron's template puts side by side (`encode_chat`)."""
+        return self.chat_prompt_ids(messages), self.reply_ids(reply)
+
     # ----- persistence ------------------------------------------------------
 
     def to_json(self) -> str:

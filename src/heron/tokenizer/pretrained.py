@@ -26,6 +26,7 @@ from heron.tokenizer.chat_template import ChatTemplateError, TemplateLimit, comp
 CONFIG_FILE = "tokenizer_config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 TEMPLATE_FILE = "chat_template.jinja"
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 EXTRA_TEMPLATES_DIR = "additional_chat_templates"  # transformers writes named templates here, <name>.jinja
 SPECIAL_KEYS: tuple[str, ...] = ("bos_token", "eos_token", "pad_token", "unk_token")  # those whose ids Heron uses
 # transformers' named special tokens (SPECIAL_TOKENS_ATTRIBUTES): one of these must hold a token. Other
@@ -188,10 +189,11 @@ class PretrainedTokenizer:
 
     @cached_property
     def _reply_end_id(self) -> int | None:
-        """The token that ends an assistant turn: the stop id the chat template writes right after
-        a reply, where generation_config.json lists stop ids besides eos_token (Heron's exported
-        <|end|>, Llama 3's <|eot_id|>, while eos_token may be <|end_of_text|>); else eos_token."""
-        if not self.generation_eos_ids or not self.chat_template:
+        """The token that ends an assistant turn: the special token the chat template writes right
+        after a reply, a stop id first (Heron's exported <|end|>, Llama 3's <|eot_id|>, while eos_token
+        may be <|end_of_text|>), else any (a base model's ChatML <|im_end|> beside eos <|endoftext|>);
+        eos_token where the template writes none or there is no template."""
+        if not self.chat_template:
             return self.eos_id
         turns = [{"role": "user", "content": "?"}, {"role": "assistant", "content": REPLY_PROBE}]
         for chat in (turns, [{"role": "system", "content": "."}, *turns]):  # some templates want a system turn
@@ -200,7 +202,10 @@ class PretrainedTokenizer:
             except ValueError:
                 continue
             ends = [i for i in self.stop_ids if after.startswith(self._tok.id_to_token(i))]
-            return ends[0] if ends else self.eos_id
+            specials = [t for t in self._special_texts if after.startswith(t)]
+            if ends or specials:
+                return ends[0] if ends else self._tok.token_to_id(max(specials, key=len))
+            return self.eos_id
         return self.eos_id  # a template that renders neither chat: no better guess than eos
 
     @property
@@ -211,11 +216,34 @@ class PretrainedTokenizer:
         return tuple(dict.fromkeys(first + list(self.stop_ids)))
 
     def reply_ids(self, text: str) -> list[int]:
-        """An assistant reply's ids: the content without added special tokens, then the
-        end-of-turn token. Appended to `chat_prompt_ids`, they make the whole turn."""
+        """An assistant reply's ids on their own: the content without added special tokens, then
+        the end-of-turn token. `chat_turn_ids` gives them as the template renders them after a prompt."""
         if self._reply_end_id is None:
             raise ValueError(f"{CONFIG_FILE}: eos_token is not set, so a reply cannot be ended")
         return self.encode(text, add_special_tokens=False, allow_special=False) + [self._reply_end_id]
+
+    def chat_turn_ids(self, messages: list[dict[str, Any]], reply: str) -> tuple[list[int], list[int]]:
+        """(prompt ids, reply ids) of `messages` answered by `reply`, as the chat template renders
+        the whole chat and transformers encodes it: the prompt's are `chat_prompt_ids`, the reply's
+        what follows them up to and including the end-of-turn token. So what the template writes
+        around a reply is trained as it renders (Llama 2's ' ' before it, ChatML's '\\n' before
+        <|im_end|>, a `| trim`, SentencePiece's word boundary), not the content encoded alone."""
+        head = self.chat_prompt_ids(messages)
+        if not self.chat_template:
+            return head, self.reply_ids(reply)
+        chat = [*messages, {"role": "assistant", "content": reply}]
+        spelled = self._special_spelled(reply)
+        if spelled is not None:
+            raise ValueError(f"the reply spells the special token {spelled!r}, which the chat template's text "
+                             "would turn into that control token; remove it")
+        whole = self.encode(self.apply_chat_template(chat), add_special_tokens=False)
+        if whole[:len(head)] != head:
+            raise ValueError("the chat template renders the prompt differently once a reply follows it, so the "
+                             "reply's tokens cannot be told from the prompt's")
+        tail, end = whole[len(head):], self._reply_end_id
+        if end is None:
+            raise ValueError(f"{CONFIG_FILE}: eos_token is not set, so a reply cannot be ended")
+        return head, tail[:tail.index(end) + 1] if end in tail else tail + [end]  # a template that writes none
 
     # ----- persistence ------------------------------------------------------
 
@@ -264,6 +292,9 @@ class PretrainedTokenizer:
                 raise ValueError(f"{config_file}: not valid JSON ({err})") from err
             if not isinstance(config, dict):
                 raise ValueError(f"{config_file}: must be a JSON object of settings, got {type(config).__name__}")
+        if (map_file := folder_file(folder, SPECIAL_TOKENS_MAP_FILE)) is not None:  # older folders' special tokens
+            read.append(map_file)
+            config = _with_special_tokens_map(config, map_file)
         template = None
         if (template_file := folder_file(folder, TEMPLATE_FILE)) is not None:
             read.append(template_file)
@@ -323,6 +354,19 @@ def load_tokenizer(folder: str | os.PathLike[str]) -> HeronTokenizer | Pretraine
     if (folder / CONFIG_FILE).is_file() or (folder / TEMPLATE_FILE).is_file():
         return PretrainedTokenizer.load(folder)
     return HeronTokenizer.load(folder)
+
+
+def _with_special_tokens_map(config: dict[str, Any], file: Path) -> dict[str, Any]:
+    """tokenizer_config.json's settings with the special tokens special_tokens_map.json names, which
+    win, as transformers reads an older folder (bos and eos there only: a template's {{ bos_token }}
+    rendered empty)."""
+    try:
+        mapped = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}: not valid JSON ({err})") from err
+    if not isinstance(mapped, dict):
+        raise ValueError(f"{file}: must be a JSON object of special tokens, got {type(mapped).__name__}")
+    return {**config, **{key: value for key, value in mapped.items() if key.endswith("_token")}}
 
 
 def _special_tokens(config: dict[str, Any]) -> dict[str, str | None]:
