@@ -73,3 +73,15 @@ def test_beta_is_each_losss_strength_and_orpo_holds_its_own_nll():
     assert PreferenceSection(loss="orpo").sft_weight == 0 and PreferenceSection().sft_weight == 1
     with pytest.raises(ValueError, match="sft_weight: ORPO's loss already holds the chosen reply's NLL"):
         PreferenceSection(loss="orpo", sft_weight=1.0)
+
+
+def test_simpo_gets_its_papers_scale_and_a_margin_of_its_own():
+    """SimPO's beta scales per-token mean log-probs (~20x smaller than DPO's sums): left unset it is
+    2.0, not DPO's 0.1, which made its fixed margin gamma 0.5 a target of 5 nats a token."""
+    from heron.align.recipe import PreferenceSection
+
+    assert (PreferenceSection().beta, PreferenceSection().gamma) == (0.1, None)
+    assert (PreferenceSection(loss="simpo").beta, PreferenceSection(loss="simpo").gamma) == (2.0, 0.5)
+    assert PreferenceSection(loss="simpo", beta=2.5, gamma=1.4).gamma == 1.4
+    with pytest.raises(ValueError, match="gamma: SimPO's target margin; loss 'dpo' has none"):
+        PreferenceSection(loss="dpo", gamma=1.0)

@@ -61,27 +61,39 @@ class FitSection(_Section):
     seed: int = 0
 
 
+# Each loss's strength when the recipe names none, at its paper's scale: DPO's beta on summed log-prob
+# ratios, IPO's tau, ORPO's lambda (Hong et al. 2024: 0.1), and SimPO's beta on per-token mean
+# log-probs, which are ~20x smaller, so 2.0 (Meng et al. 2024 tune it in 2.0-2.5 and gamma in 0.3-1.6).
+DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "orpo": 0.1}
+SIMPO_GAMMA = 0.5  # SimPO's target reward margin gamma, when the recipe names none
+
+
 class PreferenceSection(_Section):
-    """`beta` is each loss's one strength: DPO's and SimPO's beta, IPO's tau, ORPO's lambda.
+    """`beta` is each loss's one strength: DPO's and SimPO's beta, IPO's tau, ORPO's lambda
+    (unset: DEFAULT_BETA of the loss); `gamma` is SimPO's target margin, for SimPO alone.
     `sft_weight` is the NLL anchor on the chosen reply (Pang et al. 2024; 0 is pure DPO),
     1 by default; ORPO's loss holds that term itself, so for ORPO it is 0 and may not be set."""
 
     loss: Literal["dpo", "ipo", "simpo", "orpo"] = "dpo"
-    beta: float = Field(default=0.1, gt=0)
+    beta: float | None = Field(default=None, gt=0)  # None: DEFAULT_BETA[loss] (the validator below)
+    gamma: float | None = Field(default=None, ge=0)  # None: SIMPO_GAMMA with loss simpo
     sft_weight: float | None = Field(default=None, ge=0)  # None: 1, or 0 for ORPO (the validator below)
 
     @model_validator(mode="before")
     @classmethod
-    def _anchor(cls, values: Any) -> Any:
+    def _defaults(cls, values: Any) -> Any:
         if not isinstance(values, dict):
             return values
-        orpo = values.get("loss") == "orpo"
-        if values.get("sft_weight") is None:
-            return {**values, "sft_weight": 0.0 if orpo else 1.0}
-        if orpo and values["sft_weight"] != 0:
+        loss = values.get("loss", "dpo")
+        orpo, simpo = loss == "orpo", loss == "simpo"
+        if values.get("gamma") is not None and not simpo:
+            raise ValueError(f"gamma: SimPO's target margin; loss {loss!r} has none, so leave preference.gamma unset")
+        if orpo and values.get("sft_weight") not in (None, 0):
             raise ValueError("sft_weight: ORPO's loss already holds the chosen reply's NLL; leave "
                              "preference.sft_weight unset (or 0) with loss: orpo")
-        return values
+        defaults = {"beta": DEFAULT_BETA.get(loss), "gamma": SIMPO_GAMMA if simpo else None,
+                    "sft_weight": 0.0 if orpo else 1.0}
+        return {**values, **{key: value for key, value in defaults.items() if values.get(key) is None}}
 
 
 class AlignRecipe(_Section):

@@ -244,9 +244,10 @@ def _dpo(model, tokenizer, recipe: AlignRecipe, task: RepeatTask | None, on_step
                  if p.loss in NEEDS_REFERENCE else None)
     policy = model.train()
     state.extra["buffers"] = ModuleBuffers(policy)
+    loss_args = {"gamma": p.gamma} if p.gamma is not None else {}
     fit(policy.parameters(), preference_objective(policy, chosen, rejected, p.loss, beta=p.beta, reference=reference,
-                                                  sft_weight=p.sft_weight), len(chosen), recipe.fit_settings(), on_step,
-        resume=state)
+                                                  sft_weight=p.sft_weight, **loss_args), len(chosen),
+        recipe.fit_settings(), on_step, resume=state)
     return policy
 
 
