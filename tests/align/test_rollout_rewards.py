@@ -99,3 +99,19 @@ def test_the_reference_cache_tells_configs_of_the_same_weights_apart(tokenizer, 
     second = cached_reference_logprobs(other_base, chosen, rejected, tmp_path)
     assert len(list(tmp_path.glob("reference-*.safetensors"))) == 2
     assert not torch.equal(first[0], second[0])  # computed under its own RoPE, not read back
+
+
+def test_ppo_shuffles_its_minibatches_by_the_seed_too(tokenizer, monkeypatch):
+    orders = {}
+    randperm = torch.randperm
+    for seed in (0, 1):
+        def recorded(*args, seed=seed, **kwargs):
+            order = randperm(*args, **kwargs)
+            orders.setdefault(seed, []).append(order.tolist())
+            return order
+
+        monkeypatch.setattr(torch, "randperm", recorded)
+        model = policy(tokenizer)
+        ppo(model, with_scalar_head(model), policy(tokenizer).eval(), tokenizer, prompts(4), lambda _p, t: len(t),
+            PPOSettings(steps=1, prompts_per_step=4, minibatch=2, max_new_tokens=4, seed=seed, progress=False))
+    assert orders[0] != orders[1]

@@ -119,7 +119,8 @@ def ppo(policy: Transformer, value_model: Transformer, reference: Transformer, t
             advantages = whiten(advantages, mask)
         sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0}
         updates = 0
-        shuffle = torch.Generator().manual_seed(step)  # a new order every epoch, the same on a rerun
+        # A new order every epoch and for every seed (a rerun repeats it); seed 0 keeps the orders it always had.
+        shuffle = torch.Generator().manual_seed(settings.seed * 100_003 + step)
         for _ in range(settings.epochs):
             for rows in torch.randperm(len(ids), generator=shuffle).split(settings.minibatch):
                 part, real_part = run.replies.mask[rows], real[rows]  # (b, T) each
