@@ -2,11 +2,13 @@
 ValueError / FileNotFoundError (which `heron` prints as one line)."""
 import argparse
 import json
+import sqlite3
 from pathlib import Path
 
 import pytest
 
 from heron.cli import card
+from heron.govern.audit import AuditLog
 from heron.cli.main import main
 
 
@@ -45,7 +47,9 @@ def test_card_writes_readme_into_the_latest_checkpoint(run, capsys):
     assert "license: mit" in readme.read_text()
 
 
-def test_card_annex_iv_with_eval_and_audit_log(run, tmp_path):  # an explicit --audit-log need not exist
+def test_card_annex_iv_with_eval_and_audit_log(run, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    AuditLog.open("audit.db").close()
     results = tmp_path / "eval.json"
     results.write_text(json.dumps([{"task": "text-generation", "dataset": "holdout", "metrics": {"perplexity": 9.0}}]))
     out = tmp_path / "docs" / "annex.md"
@@ -73,6 +77,21 @@ def test_card_user_errors(run, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="empty: not a Heron checkpoint: it has no lineage.json"):
         heron(["card", str(tmp_path / "empty")])
+
+
+@pytest.mark.parametrize("log, complaint", [
+    ("missing.db", "--audit-log: no audit log at missing.db"),
+    ("notes.db", "--audit-log: cannot open audit log .*: file is not a database"),
+    ("other.db", "--audit-log: .*other.db: holds no audit log"),
+])
+def test_an_audit_log_that_is_not_one_is_refused_before_the_document_cites_it(run, tmp_path, monkeypatch, log,
+                                                                               complaint):
+    monkeypatch.chdir(tmp_path)
+    Path("notes.db").write_text("hi\n")
+    sqlite3.connect("other.db").execute("CREATE TABLE t (x)").connection.close()
+    with pytest.raises((FileNotFoundError, ValueError), match=f"^{complaint}"):
+        heron(["card", str(run), "--annex-iv", "--audit-log", log, "--out", "annex.md"])
+    assert not Path("annex.md").exists()
 
 
 @pytest.mark.parametrize("db", [":memory:", "sqlite://", "sqlite:///"])

@@ -112,5 +112,5 @@ def test_an_export_for_training_leaves_out_annotators_without_consent(tmp_path: 
     assert {json.loads(line)["annotator"] for line in out.read_text().splitlines()} == {"alice"}
     assert "wrote 4 prompt/chosen/rejected pairs" in said
     assert "left out 8 comparisons by annotators without consent for 'training' in force: bob (4), carol (4)" in said
-    assert main(["feedback", "export", str(out), "--db", str(db)]) == 0  # without a registry: everything
+    assert main(["feedback", "export", str(out), "--db", str(db), "--overwrite"]) == 0  # without a registry: everything
     assert len(out.read_text().splitlines()) == 12

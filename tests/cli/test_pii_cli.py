@@ -98,3 +98,38 @@ def test_json_that_does_not_parse_names_its_line_and_fields_need_json(tmp_path):
     with pytest.raises(ValueError, match="--fields: names keys of JSON records"):
         heron(["pii", "redact", TEXT, "--entities", ENTITIES, "--fields", "prompt"])
     assert heron(["pii", "redact", str(path), "--entities", ENTITIES, "--format", "text"]) == 0  # as plain text
+
+
+@pytest.mark.parametrize("fields", ["", " , "])  # an unset shell variable would redact nothing
+def test_fields_naming_no_key_are_refused(tmp_path, fields):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"a": TEXT}))
+    with pytest.raises(ValueError, match="^--fields: names no key"):
+        heron(["pii", "redact", str(path), "--entities", ENTITIES, "--fields", fields])
+
+
+def test_fields_found_nowhere_in_the_input_are_warned_of(tmp_path, capsys):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": TEXT}) + "\n")
+    with pytest.warns(UserWarning, match=r"^--fields: no key 'promt' in .*p.jsonl; nothing under it was redacted$"):
+        assert heron(["pii", "redact", str(path), "--entities", ENTITIES, "--fields", "prompt,promt"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"prompt": "SSN <SSN>, card <CREDIT_CARD>."}
+
+
+@pytest.mark.parametrize("content, complaint", [
+    ('{"a": NaN}', "holds NaN, which is not JSON"),  # the output would not be JSON either
+    ('[1, -Infinity]', "holds -Infinity, which is not JSON"),
+    ("[" * 100_000 + "]" * 100_000, "JSON nested too deeply"),  # not a RecursionError
+    ("[" * 600 + "]" * 600, "JSON nested too deeply"),  # parsed, but too deep to walk (two frames a level)
+])
+def test_json_that_cannot_come_back_as_json_is_refused(tmp_path, content, complaint):
+    path = tmp_path / "odd.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=f"^{path}: {complaint}"):
+        heron(["pii", "redact", str(path), "--entities", ENTITIES])
+
+
+@pytest.mark.parametrize("flag", ["--scope", "--secret-env"])
+def test_pseudonym_settings_without_the_pseudonym_operator_are_refused(flag):
+    with pytest.raises(ValueError, match=f"^{flag}: applies to --operator pseudonym only, not mask"):
+        heron(["pii", "redact", TEXT, "--entities", ENTITIES, "--operator", "mask", flag, "s"])

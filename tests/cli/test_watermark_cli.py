@@ -68,6 +68,8 @@ def test_a_text_too_short_to_score_gets_no_verdict(checkpoint, capsys):
 
 
 @pytest.mark.parametrize("flag, value, complaint", [("--z", "nan", "must be a finite number, got 'nan'"),
+                                                     ("--z", "-5", "must be above 0, got '-5'"),
+                                                     ("--z", "0", "must be above 0, got '0'"),
                                                      ("--vocab-size", "0", "must be above 0, got 0")])
 def test_a_setting_that_cannot_hold_is_refused_by_name(checkpoint, capsys, flag, value, complaint):
     with pytest.raises(SystemExit):
@@ -81,3 +83,19 @@ def test_generation_options_build_the_watermark():
     assert watermark_from_args(parser.parse_args([])) is None
     args = parser.parse_args(["--watermark-key", "42", "--watermark-delta", "3"])
     assert watermark_from_args(args) == Watermark(key=42, delta=3.0)  # "42" and 42 are the same key
+
+
+@pytest.mark.parametrize("size", ["100000000000", "299"])  # hashing 1e11 ids would take 800 GB; 299 < the ids
+def test_a_vocab_size_no_model_of_the_tokenizer_has_is_refused(checkpoint, size):
+    argv = ["watermark", "detect", "x y", "--tokenizer", str(checkpoint / "tokenizer.json"), "--key", "k",
+            "--vocab-size", size]
+    with pytest.raises(ValueError, match=f"^--vocab-size: .* has 300 to 1024, got {size}$"):
+        heron_cli(argv)
+
+
+@pytest.mark.parametrize("flag", ["--watermark-gamma", "--watermark-delta"])
+def test_a_watermark_setting_without_its_key_is_refused(flag):
+    parser = argparse.ArgumentParser()
+    add_generation_options(parser)
+    with pytest.raises(ValueError, match=f"^{flag}: .*--watermark-key"):
+        watermark_from_args(parser.parse_args([flag, "0.5"]))

@@ -396,8 +396,8 @@ def test_the_cli_matches_hidden_states_and_names_bad_flags(teacher, tmp_path, ca
     lineage = load_checkpoint(latest_checkpoint(tmp_path / "student")).lineage["distillation"]
     assert lineage["hidden_weight"] == 2.0 and lineage["hidden_layers"] == {"1": 1}
     capsys.readouterr()
-    for flags, message in [(["--hidden-weight", "-1"], "hidden_weight: must be a number >= 0, got -1.0"),
-                           (["--hidden-weight", "1", "--hidden-layers", "0,x"], "hidden_layers: 'x' in '0,x'"),
-                           (["--hidden-weight", "1", "--hidden-layers", "0,1,1"], "hidden_layers: student layer 2")]:
+    for flags, message in [(["--hidden-weight", "-1"], "--hidden-weight: must be a number >= 0, got -1.0"),
+                           (["--hidden-weight", "1", "--hidden-layers", "0,x"], "--hidden-layers: 'x' in '0,x'"),
+                           (["--hidden-weight", "1", "--hidden-layers", "0,1,1"], "--hidden-layers: student layer 2")]:
         assert main([*args, *flags]) == 2
         assert message in capsys.readouterr().err

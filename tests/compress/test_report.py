@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 import heron
 from heron.cli.main import main
 
-from heron.compress.report import checkpoint_bytes, derives_from, measure, pareto_front, write_report
+from heron.compress.report import VariantRow, checkpoint_bytes, derives_from, measure, pareto_front, write_report
 from heron.core import ModelConfig, Transformer
 from heron.data import Corpus, prepare_shards
 from heron.generate import perplexity
@@ -136,3 +137,37 @@ def test_an_import_is_followed_both_ways(tmp_path):
     assert derives_from(imported, hf) and derives_from(from_import, hf) and derives_from(from_hf, imported)
     assert derives_from(hf, imported)  # the same weights
     assert not derives_from(imported, from_hf) and not derives_from(hf, from_import)
+
+
+ROW = VariantRow("tiny", "tiny", 1000, 1.0, 12.5, 100.0, 0.5, "estimate", False)
+
+
+def test_a_report_replaces_only_an_earlier_report(tmp_path):
+    write_report([ROW], tmp_path / "report")
+    assert write_report([ROW], tmp_path / "report").is_file()  # an earlier report's files are replaced
+    model = save_model_folder(tmp_path / "model", Transformer(ModelConfig(vocab_size=32, d_model=16, n_layers=1,
+                                                                          n_heads=2, max_seq_len=16)))
+    notes, other = tmp_path / "notes", tmp_path / "other"
+    notes.mkdir()
+    (notes / "report.md").write_text("my notes\n")  # a report's name, but no report wrote it
+    other.mkdir()
+    (other / "report.json").write_text("[]")
+    (other / "data.csv").write_text("a,b\n")
+    for folder, complaint in ((model, f"{model}: holds a model (lineage.json); write the report to a folder of its own"),
+                              (notes, f"{notes}: holds report.md, but not an earlier report's report.json"),
+                              (other, f"{other}: holds data.csv, not a report's files")):
+        before = {p.name: p.read_bytes() for p in folder.iterdir()}
+        with pytest.raises(FileExistsError, match=re.escape(complaint)):
+            write_report([ROW], folder)
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_the_cli_checks_the_report_folder_before_measuring(tmp_path, capsys):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "report.md").write_text("my notes\n")
+    args = ["compress", "report", str(tmp_path / "no-model"), "--shards", str(tmp_path / "no-shards"),
+            "--out", str(notes)]
+    assert main(args) == 2  # the folder is named, not the missing shards that measuring would read first
+    assert capsys.readouterr().err.startswith(f"heron compress: error: {notes}: holds report.md")
+    assert (notes / "report.md").read_text() == "my notes\n"

@@ -213,6 +213,14 @@ def test_a_corpus_of_no_utf8_text_is_refused(tmp_path, tok) -> None:
     assert not (tmp_path / "out" / "meta.json").exists()
 
 
+def test_a_bad_val_fraction_is_refused_before_the_output_folder_is_made(tmp_path, tok) -> None:
+    (tmp_path / "src").mkdir()
+    write_docs(tmp_path / "src", 3)
+    with pytest.raises(ValueError, match=r"val_fraction must be in \[0, 1\), got 2"):
+        prepare_shards(Corpus([tmp_path / "src"]), tok, tmp_path / "out" / "shards", val_fraction=2, progress=False)
+    assert not (tmp_path / "out").exists()  # not an empty folder left behind
+
+
 def test_a_reuse_puts_back_the_folders_tokenizer_when_another_was_written_over_it(tmp_path, tok) -> None:
     """Else the folder's copy names another tokenizer than meta.json, and training refuses it."""
     (tmp_path / "src").mkdir()

@@ -33,6 +33,7 @@ NEG_INF = float("-inf")
         ({"ignore_eos": 1}, "ignore_eos"),
         ({"seed": -3}, "seed"),
         ({"seed": True}, "seed"),
+        ({"seed": 2**64}, "seed"),  # past torch.Generator's unsigned 64 bits
     ],
 )
 def test_bad_params_name_the_field(change, field):
@@ -107,6 +108,19 @@ def test_top_p_keeps_the_top_token_even_for_tiny_p():
     logits = torch.tensor([[0.0, 0.0, 10.0], [3.0, 1.0, 2.0]])
     out = apply_top_p(logits, 1e-6)
     assert torch.equal(out.isfinite(), torch.tensor([[False, False, True], [True, False, False]]))
+
+
+def test_a_top_p_below_float32s_range_keeps_the_top_token():
+    """1e-300 is 0 in float32, where no mass is below it: the top token stays, so sampling is its argmax."""
+    logits = torch.tensor([[0.0, 3.0, 2.0], [1.0, -1.0, 0.5]])
+    assert apply_top_p(logits, 1e-300).isfinite().tolist() == [[False, True, False], [True, False, False]]
+    drawn = sample_next(logits, SamplingParams(top_p=1e-300), torch.Generator().manual_seed(0))
+    assert drawn.tolist() == [1, 0]
+
+
+def test_the_largest_seed_torch_takes_is_accepted():
+    params = SamplingParams(seed=2**64 - 1)
+    torch.Generator().manual_seed(params.seed)
 
 
 def test_greedy_is_argmax_and_top_k_1_equals_greedy():

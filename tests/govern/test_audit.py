@@ -588,6 +588,18 @@ def test_export_json_and_csv_round_trip(tmp_path: Path, data_file: Path) -> None
     assert verify_log(back).first_bad == 3
 
 
+@pytest.mark.parametrize("content, lacks", [
+    ("", "the header, seq,time,"), ("hi\n", "the header, seq,time,"), ('{"model": {"vocab": {}}}\n', "the header"),
+    ("seq,time,actor\n", "event, subject,"),  # a log's columns cut short
+])
+def test_a_csv_that_is_not_an_export_is_refused_not_read_as_an_empty_log(tmp_path: Path, content, lacks) -> None:
+    """`heron audit verify` called an empty or foreign .csv "intact: 0 records"."""
+    path = tmp_path / "other.csv"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=f"^{path}: not an audit log export: its first line lacks {lacks}"):
+        read_export(path)
+
+
 def test_an_export_to_a_stream_that_blocks_holds_no_writer_up(tmp_path: Path, data_file: Path,
                                                               monkeypatch) -> None:
     """`heron audit export - --format csv | less`: while the pager holds the stream, another process

@@ -191,7 +191,7 @@ def test_detect_rejects_ids_outside_the_vocabulary():
 
 @pytest.mark.parametrize("changes, field", [
     (dict(gamma=0.0), "gamma"), (dict(gamma=1.0), "gamma"), (dict(gamma=float("nan")), "gamma"),
-    (dict(delta=-1.0), "delta"), (dict(key=-1), "key"), (dict(key=b""), "key"), (dict(key=1.5), "key"),
+    (dict(delta=-1.0), "delta"), (dict(delta=1e300), "delta"), (dict(key=-1), "key"), (dict(key=b""), "key"), (dict(key=1.5), "key"),
     (dict(key=True), "key"),
 ])
 def test_bad_settings_name_the_field(changes, field):

@@ -105,6 +105,8 @@ def test_bad_arguments_name_themselves():
         gradient_x_input(model, IDS, target=1, position=7)
     with pytest.raises(ValueError, match="^steps, batch_size"):
         integrated_gradients(model, IDS, target=1, steps=0)
+    with pytest.raises(ValueError, match="^steps: at most 4096"):  # not a MemoryError in the quadrature
+        integrated_gradients(model, IDS, target=1, steps=10**11)
     with pytest.raises(ValueError, match="^baseline: expected"):
         integrated_gradients(model, IDS, target=1, baseline=V)
     with pytest.raises(ValueError, match="^ids: empty"):

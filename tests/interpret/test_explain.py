@@ -81,6 +81,17 @@ def test_cli_on_a_checkpoint_and_clear_errors(tokenizer, tmp_path, capsys):
     assert (tmp_path / "ckpt" / "config.json").is_file()
 
 
+def test_too_many_ig_steps_are_refused_before_any_work(tmp_path, capsys):
+    """1e11 Gauss-Legendre nodes would end in a MemoryError; the flag is named, no checkpoint is read."""
+    with pytest.raises(ValueError, match="^ig_steps: expected a whole number from 1 to 1024"):
+        ExplainSettings(prompt=PROMPT, ig_steps=1025)
+    argv = ["explain", str(tmp_path / "none"), "--prompt", PROMPT, "--out", str(tmp_path / "o"),
+            "--ig-steps", "100000000000"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == ("heron explain: error: --ig-steps: expected a whole number from 1 to 1024, "
+                                       "got 100000000000\n")
+
+
 def test_a_hugging_face_folder_is_explained_too(tokenizer, tmp_path):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)

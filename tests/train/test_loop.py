@@ -303,3 +303,52 @@ def test_what_killed_runs_left_in_the_run_folder_is_swept_at_start(recipe_factor
     (run / ".metrics.jsonl.0123456789ab.partial").write_text('{"step": 1')
     train(recipe_factory("run", train={"steps": 4}), resume=False)
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == [LOCK_FILE]
+
+
+def test_a_folder_that_is_not_a_run_is_refused_and_left_as_it_was(recipe_factory, tmp_path: Path) -> None:
+    """A user's files with a run's names (metrics.jsonl, recipe.yaml, checkpoints/) are not a run's:
+    refused before any work, with and without --no-resume, and nothing is written there."""
+    mine = tmp_path / "mine"
+    (mine / "checkpoints").mkdir(parents=True)
+    (mine / "metrics.jsonl").write_text('{"mine": 1}\n')
+    (mine / "recipe.yaml").write_text("my recipe\n")
+    (mine / "checkpoints" / "my_model.pt").write_text("my weights")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+
+    def files(folder: Path) -> dict[str, bytes]:
+        return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+    for folder, complaint in ((mine, "holds checkpoints/my_model.pt, not a training run's files"),
+                              (notes, "holds todo.txt, not a training run's files")):
+        before = files(folder)
+        for resume in (True, False):
+            with pytest.raises(RecipeError, match=re.escape(f"out_dir: {folder} {complaint}; choose another out_dir")):
+                train(recipe_factory(folder.name, train={"steps": 2}), resume=resume)
+            assert files(folder) == before  # not even the lock file
+    (mine / "checkpoints" / "my_model.pt").unlink()
+    with pytest.raises(RecipeError, match=re.escape("holds checkpoints, metrics.jsonl, recipe.yaml but no "
+                                                    "recipe.yaml that heron train wrote: not a run folder")):
+        train(recipe_factory("mine", train={"steps": 2}), resume=False)
+    assert (mine / "metrics.jsonl").read_text() == '{"mine": 1}\n'
+
+
+def test_a_run_folder_in_the_shard_folder_is_refused(tmp_path: Path) -> None:
+    from train_helpers import small_recipe
+
+    shards = tmp_path / "shards"
+    for out_dir in (shards, shards / "run"):
+        recipe = small_recipe(out_dir, data={"synthetic": None, "shards": str(shards), "seq_len": 16})
+        with pytest.raises(RecipeError, match=re.escape(f"out_dir: {out_dir} is in the shard folder data.shards")):
+            train(recipe)
+    assert not shards.exists()
+
+
+def test_no_resume_never_deletes_a_file_heron_did_not_write_in_checkpoints(recipe_factory, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(recipe_factory("run", train={"steps": 2}))
+    (run / "checkpoints" / "notes.txt").write_text("mine")
+    with pytest.raises(RecipeError, match=re.escape(f"out_dir: {run} holds checkpoints/notes.txt, not a training run's")):
+        train(recipe_factory("run", train={"steps": 2}), resume=False)
+    assert (run / "checkpoints" / "notes.txt").read_text() == "mine" and latest_checkpoint(run).name == "step_00000002"

@@ -146,3 +146,11 @@ def test_data_vocabulary_fills_the_preset_and_a_smaller_pin_fails() -> None:
 def test_round_trip_through_dict() -> None:
     recipe = recipe_from_dict({"data": {"synthetic": {}}, "optim": {"lr": 1e-3}}, world_size=1)
     assert recipe_from_dict(recipe.to_dict(), world_size=1) == recipe
+
+
+def test_a_recipe_file_that_is_not_text_is_named(tmp_path: Path) -> None:
+    """`heron train weights.bin` said only "'utf-8' codec can't decode byte ...", naming no file."""
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"\x80\x81 not text")
+    with pytest.raises(RecipeError, match=r"weights.bin: cannot read recipe: not UTF-8 text \(invalid start byte"):
+        load_recipe(path)

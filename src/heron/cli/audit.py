@@ -21,6 +21,21 @@ from heron.store.atomic import write_text_atomic
 EXPORT_SUFFIXES = {".json": "json", ".csv": "csv"}  # `verify --log FILE` with these reads an export, not a database
 
 
+def add_overwrite(parser: argparse.ArgumentParser) -> None:
+    """--overwrite, for the verbs that write a file from a database (`new_output` reads it)."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the file if it exists (default: an existing file is refused)")
+
+
+def new_output(out: Path, source: str, what: str, overwrite: bool) -> Path:
+    """`out`, where a verb may write what it read from the database `source`: never the database
+    itself, and an existing file only with --overwrite (a user's file, or the one imported from)."""
+    not_the_source(out, source, what)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out}: exists; write to a new file, or pass --overwrite to replace it")
+    return out
+
+
 def register(verbs: argparse._SubParsersAction) -> None:
     """Add `heron audit ...` to the `heron` verbs."""
     audit = verbs.add_parser("audit", help="the audit log: verify, export, lineage, checkpoint, keygen")
@@ -48,6 +63,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p = actions.add_parser("checkpoint", help="store a Merkle checkpoint of the log now (optionally signed)")
     p.add_argument("--sign-key", type=Path, default=None, help="Ed25519 private key (PEM) to sign it with")
     p.add_argument("--out", type=Path, default=None, help="also write it to this JSON file, to keep outside the log")
+    add_overwrite(p)
     _add_log(p)
     p.set_defaults(handler=checkpoint)
 
@@ -146,9 +162,9 @@ def lineage(args: argparse.Namespace) -> int:
 def checkpoint(args: argparse.Namespace) -> int:
     key = load_signing_key(args.sign_key) if args.sign_key is not None else None
     if args.out is not None:  # before the checkpoint is stored: a bad --out leaves the log as it was
-        not_the_source(args.out, _location(args), "audit log")
         if args.out.is_dir():
             raise IsADirectoryError(f"--out {args.out}: is a folder; name a file to write")
+        new_output(args.out, _location(args), "audit log", args.overwrite)
     with _open(args) as log:
         made = log.checkpoint(sign_key=key)
     signed = "signed" if made.signature else "unsigned"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from heron.cli.options import lasting_database
 from heron.govern.annex_iv import write_annex_iv
-from heron.govern.audit import log_location
+from heron.govern.audit import AuditLog, log_location
 from heron.govern.card import read_evaluations, write_model_card
 
 
@@ -56,8 +56,17 @@ def card(args: argparse.Namespace) -> int:
 
 
 def _audit_log(given: str | None) -> str | None:
-    """--audit-log, else the log that training, alignment and compression record to, if it exists."""
+    """--audit-log, else the log that training, alignment and compression record to, if it exists.
+    A file named with --audit-log must be an audit log, as `heron audit verify --log` requires: the
+    document would cite it; a database URL is cited as given (checking it would mean connecting)."""
     if given is not None:
+        if "://" not in given:
+            if not Path(given).is_file():
+                raise FileNotFoundError(f"--audit-log: no audit log at {given}")
+            try:
+                AuditLog.open(given, create=False).close()  # refuses a file that is not a database or no log
+            except ValueError as err:
+                raise ValueError(f"--audit-log: {err}") from None
         return given
     location = log_location()
     return location if location is not None and ("://" in location or Path(location).is_file()) else None

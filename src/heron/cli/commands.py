@@ -16,7 +16,7 @@ from heron.generate import Generator, SamplingParams, perplexity
 from heron.generate.perplexity import evaluated_windows
 from heron.govern import EnergyMeter
 from heron.tokenizer import HeronTokenizer, Tokenizer, load_tokenizer, train_tokenizer
-from heron.tokenizer.bpe import TOKENIZER_FILE
+from heron.tokenizer.bpe import replaceable_tokenizer_file
 from heron.interop.convert import export_hf, import_hf
 from heron.cli.options import ALIGN_RECIPES_DIR, recipe_path
 from heron.cli.watermark import watermark_from_args
@@ -25,6 +25,9 @@ from heron.train import CheckpointError, load_recipe, train
 
 DEFAULT_NEW_TOKENS = 128  # heron generate, unless the model's context leaves less room
 DEFAULT_EVAL_SEQ_LEN = 256  # tokens per scored window, unless the model's context is shorter
+# Past the largest vocabularies in use (Gemma's 262k); the `tokenizers` trainer reserves room for the size asked
+# for, so a mistyped 1e12 aborts the process in Rust instead of failing.
+MAX_VOCAB_SIZE = 2**20
 
 
 def corpus_from(sources: list[str], extensions: list[str] | None) -> Corpus:
@@ -34,8 +37,9 @@ def corpus_from(sources: list[str], extensions: list[str] | None) -> Corpus:
 
 
 def tokenizer_train(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    file = out if out.suffix == ".json" else out / TOKENIZER_FILE
+    if args.vocab_size > MAX_VOCAB_SIZE:
+        raise ValueError(f"--vocab-size: at most {MAX_VOCAB_SIZE:,}, got {args.vocab_size:,}")
+    file = replaceable_tokenizer_file(args.out)  # before training: a refused --out costs nothing
     corpus = corpus_from(args.sources, args.ext).excluding(file)  # a rerun into the corpus must not learn it
     print(f"training a {args.vocab_size}-token BPE on {len(corpus)} files")
     tokenizer = train_tokenizer(corpus, args.vocab_size)
@@ -234,11 +238,12 @@ def align(args: argparse.Namespace) -> int:
 # ----- compress ---------------------------------------------------------------------
 
 
-def as_flag(err: ValueError, args: argparse.Namespace, *settings: type) -> ValueError:
-    """An error of the settings classes, `calib_shards: ...`, named as the flag that sets the field:
-    `--calib-shards: ...` (the library names its fields; the user typed flags)."""
+def as_flag(err: ValueError, args: argparse.Namespace, *settings: type, fields: tuple[str, ...] = ()) -> ValueError:
+    """An error of the settings classes (or naming one of `fields`), `calib_shards: ...`, named as the
+    flag that sets the field: `--calib-shards: ...` (the library names its fields; the user typed flags)."""
     field, sep, rest = str(err).partition(": ")
-    if sep and field in vars(args) and any(field == f.name for cls in settings for f in dataclasses.fields(cls)):
+    names = {f.name for cls in settings for f in dataclasses.fields(cls)} | set(fields)
+    if sep and field in vars(args) and field in names:
         return ValueError(f"--{field.replace('_', '-')}: {rest}")
     return err
 
@@ -246,6 +251,11 @@ def as_flag(err: ValueError, args: argparse.Namespace, *settings: type) -> Value
 def compress_prune(args: argparse.Namespace) -> int:
     from heron.compress.prune_checkpoint import PruneSettings, prune_checkpoint
 
+    structured = (args.mlp_channels, args.heads, args.experts)  # scored on calibration windows when given
+    if args.calib_shards is not None and args.method == "magnitude" and not args.recover_steps and all(
+            v is None for v in structured):
+        raise ValueError("--calib-shards: --method magnitude reads no calibration windows, and no --recover-steps "
+                         "train on them (use --method wanda or sparsegpt, or add --recover-steps)")
     try:
         settings = PruneSettings(
             method=args.method, sparsity=args.sparsity, nm=args.nm, mlp_channels=args.mlp_channels, heads=args.heads,
@@ -301,9 +311,12 @@ def compress_distill(args: argparse.Namespace) -> int:
     from heron.compress.distill import distill
 
     recipe = load_recipe(recipe_path(args.recipe), args.overrides)
-    result = distill(args.teacher, recipe, temperature=args.temperature, alpha=args.alpha,
-                     hidden_weight=args.hidden_weight, hidden_layers=hidden_layers(args.hidden_layers),
-                     resume=not args.no_resume)
+    try:
+        result = distill(args.teacher, recipe, temperature=args.temperature, alpha=args.alpha,
+                         hidden_weight=args.hidden_weight, hidden_layers=hidden_layers(args.hidden_layers),
+                         resume=not args.no_resume)
+    except ValueError as err:  # the keywords distill() names in its errors, each set by its flag
+        raise as_flag(err, args, fields=("temperature", "alpha", "hidden_weight", "hidden_layers")) from None
     if result.is_main:
         print(f"run folder: {result.out_dir}\nstudent checkpoint: {result.checkpoint}")
     return 0
@@ -312,19 +325,23 @@ def compress_distill(args: argparse.Namespace) -> int:
 def explain(args: argparse.Namespace) -> int:
     from heron.interpret.explain import ExplainSettings, explain as write_explanation
 
+    try:  # before loading the model
+        settings = ExplainSettings(prompt=args.prompt, corrupted=args.corrupted, target=args.target,
+                                   ig_steps=args.ig_steps)
+    except ValueError as err:
+        raise as_flag(err, args, ExplainSettings) from None
     model, tokenizer = heron.load(args.checkpoint)
     if tokenizer is None:
         raise CheckpointError(f"{args.checkpoint}: no tokenizer; explaining a prompt needs the model's tokenizer")
-    settings = ExplainSettings(prompt=args.prompt, corrupted=args.corrupted, target=args.target,
-                               ig_steps=args.ig_steps)
     page = write_explanation(model, tokenizer, settings, args.out)
     print(f"wrote {page}")
     return 0
 
 
 def compress_report(args: argparse.Namespace) -> int:
-    from heron.compress.report import measure, write_report
+    from heron.compress.report import measure, report_folder, write_report
 
+    report_folder(args.out)  # before measuring: a refused --out costs nothing
     rows = measure(args.checkpoints, load_shards(args.shards), seq_len=args.seq_len,
                    max_batches=args.max_batches, new_tokens=args.new_tokens)
     report = write_report(rows, args.out)

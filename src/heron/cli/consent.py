@@ -11,7 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
-from heron.cli.options import lasting_database, not_the_source
+from heron.cli.audit import add_overwrite, new_output
+from heron.cli.options import lasting_database
 from heron.store.atomic import write_text_atomic
 from heron.govern.consent import PURPOSES, ConsentRegistry
 
@@ -48,6 +49,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("purpose", nargs="?", default=None, help="only this purpose")
     p.add_argument("--db", type=lasting_database, required=True, help=DB_HELP)
     p.add_argument("--out", default=None, help="write the JSON to this file instead of printing it")
+    add_overwrite(p)
     p.set_defaults(handler=history)
 
 
@@ -80,10 +82,11 @@ def check(args: argparse.Namespace) -> int:
 
 
 def history(args: argparse.Namespace) -> int:
+    target = None if args.out is None else new_output(Path(args.out), args.db, "consent registry", args.overwrite)
     with ConsentRegistry.open(args.db, create=False) as registry:
         text = json.dumps(registry.export(args.user, purpose=args.purpose), indent=2, ensure_ascii=False) + "\n"
-    if args.out is None:
+    if target is None:
         print(text, end="")
     else:
-        print(f"wrote {write_text_atomic(not_the_source(Path(args.out), args.db, 'consent registry'), text)}")
+        print(f"wrote {write_text_atomic(target, text)}")
     return 0

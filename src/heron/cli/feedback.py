@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from heron.cli.audit import add_overwrite, new_output
 from heron.cli.options import lasting_database, not_the_source
 from heron.govern.consent import ConsentRegistry, check_key
 from heron.store import FeedbackStore, format_stats
@@ -36,6 +37,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
                    help="a consent registry (heron consent): leave out the comparisons of annotators "
                         "without consent in force for --purpose")
     p.add_argument("--purpose", default="training", help="the consent purpose an export needs (default %(default)s)")
+    add_overwrite(p)
     p.set_defaults(handler=feedback_export)
     p = actions.add_parser("stats", help="counts, annotators, agreement and mean rating per model")
     p.add_argument("--db", type=lasting_database, required=True, help="SQLite file or database URL")
@@ -58,7 +60,7 @@ def counted(n: int, noun: str) -> str:
 
 
 def feedback_export(args: argparse.Namespace) -> int:
-    target = not_the_source(args.file, args.db, "feedback store")
+    target = new_output(args.file, args.db, "feedback store", args.overwrite)
     if args.consent is not None:
         target = not_the_source(target, args.consent, "consent registry")
     with FeedbackStore.open(args.db, create=False) as store, _consented(args) as consented:

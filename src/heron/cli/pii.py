@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -36,10 +38,10 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--operator", choices=["tag", "redact", "mask", "pseudonym"], default="tag",
                    help="tag: <EMAIL>; redact: remove; mask: ****-1111; pseudonym: a consistent fake of the same type "
                         "(default %(default)s)")
-    p.add_argument("--scope", default="",
+    p.add_argument("--scope", default=None,
                    help="pseudonym: values map to the same fake within one scope (default: the empty scope)")
-    p.add_argument("--secret-env", default=SECRET_ENV, metavar="VAR",
-                   help="pseudonym: environment variable holding the secret key (default %(default)s)")
+    p.add_argument("--secret-env", default=None, metavar="VAR",
+                   help=f"pseudonym: environment variable holding the secret key (default {SECRET_ENV})")
     p.add_argument("--format", choices=["auto", "text", "json", "jsonl"], default="auto",
                    help="json, jsonl: redact the strings inside, keys and structure kept, so the output is "
                         "still valid JSON; auto: by the file's suffix (.json, .jsonl), else text "
@@ -68,33 +70,56 @@ def find(args: argparse.Namespace) -> int:
 
 
 def redact(args: argparse.Namespace) -> int:
-    secret = None
+    secret, scope = None, "" if args.scope is None else args.scope
     if args.operator == "pseudonym":
-        secret = os.environ.get(args.secret_env)
+        variable = SECRET_ENV if args.secret_env is None else args.secret_env
+        secret = os.environ.get(variable)
         if not secret:
-            raise ValueError(f"--operator pseudonym: set the secret key in ${args.secret_env}")
+            raise ValueError(f"--operator pseudonym: set the secret key in ${variable}")
+    for flag in ("scope", "secret_env"):
+        if args.operator != "pseudonym" and getattr(args, flag) is not None:
+            raise ValueError(f"--{flag.replace('_', '-')}: applies to --operator pseudonym only, "
+                             f"not {args.operator}")
     text, fmt = text_or_file(args.text), _format(args)
-    fields = [f.strip() for f in args.fields.split(",") if f.strip()] if args.fields is not None else None
+    fields = _fields(args.fields)
     if fields is not None and fmt == "text":
         raise ValueError("--fields: names keys of JSON records; give --format json or jsonl (or a .json or "
                          ".jsonl file)")
     engine = _engine(args)
     if fmt == "text":
-        redacted = engine.redact(text, args.operator, scope=args.scope, secret=secret)
+        redacted = engine.redact(text, args.operator, scope=scope, secret=secret)
         print(redacted, end="" if redacted.endswith("\n") else "\n")  # a file's own last newline, not a second
         return 0
 
-    def redact_value(value: Any) -> str:
-        return json.dumps(engine.redact_json(value, args.operator, fields=fields, scope=args.scope, secret=secret),
-                          ensure_ascii=False, indent=2 if fmt == "json" else None)
+    def redact_value(value: Any, where: str) -> str:
+        try:
+            return json.dumps(engine.redact_json(value, args.operator, fields=fields, scope=scope, secret=secret),
+                              ensure_ascii=False, indent=2 if fmt == "json" else None)
+        except RecursionError:
+            raise _too_deep(where) from None
 
-    where = "<stdin>" if args.text == "-" else args.text
+    where, keys = "<stdin>" if args.text == "-" else args.text, set()
     if fmt == "json":
-        print(redact_value(_parse_json(text, where)))
-        return 0
-    for lineno, line in enumerate(text.splitlines(), start=1):  # a line at a time: the first bad one fails early
-        print(redact_value(_parse_json(line, f"{where}:{lineno}")) if line.strip() else line)
+        print(redact_value(_parse_json(text, where, keys), where))
+    else:
+        for lineno, line in enumerate(text.splitlines(), start=1):  # a line at a time: the first bad one fails early
+            here = f"{where}:{lineno}"
+            print(redact_value(_parse_json(line, here, keys), here) if line.strip() else line)
+    unseen = [f for f in fields or () if f not in keys]
+    if unseen:  # a typo would leave the strings it meant unredacted
+        warnings.warn(f"--fields: no key {', '.join(map(repr, unseen))} in {where}; nothing under it was redacted",
+                      stacklevel=1)
     return 0
+
+
+def _fields(text: str | None) -> list[str] | None:
+    """--fields K1,K2 as keys; one naming no key (an unset shell variable) would redact nothing."""
+    if text is None:
+        return None
+    fields = [f.strip() for f in text.split(",") if f.strip()]
+    if not fields:
+        raise ValueError(f"--fields: names no key ({text!r}); give K1,K2, or leave it out to redact every string")
+    return fields
 
 
 def _format(args: argparse.Namespace) -> str:
@@ -104,9 +129,26 @@ def _format(args: argparse.Namespace) -> str:
     return {".json": "json", ".jsonl": "jsonl"}.get(suffix, "text")
 
 
-def _parse_json(text: str, where: str) -> Any:
+def _parse_json(text: str, where: str, keys: set[str]) -> Any:
+    """The JSON value in `text`, adding every object key in it to `keys`. NaN and Infinity are refused:
+    Python's json reads them, but they are not JSON, so the redacted output would not be either."""
+    def not_json(constant: str) -> Any:
+        raise ValueError(f"{where}: holds {constant}, which is not JSON (the output must be); "
+                         "--format text redacts it as plain text")
+
+    def record_keys(obj: dict[str, Any]) -> dict[str, Any]:
+        keys.update(obj)
+        return obj
+
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=not_json, object_hook=record_keys)
     except json.JSONDecodeError as err:
         raise ValueError(f"{where}: not valid JSON ({err.msg}, line {err.lineno} column {err.colno}); "
                          "--format text redacts it as plain text") from None
+    except RecursionError:
+        raise _too_deep(where) from None
+
+
+def _too_deep(where: str) -> ValueError:
+    return ValueError(f"{where}: JSON nested too deeply (beyond Python's recursion limit of "
+                      f"{sys.getrecursionlimit()}); --format text redacts it as plain text")

@@ -23,6 +23,10 @@ from heron.tokenizer import HeronTokenizer, Tokenizer, load_tokenizer
 if TYPE_CHECKING:
     from heron.govern.watermark import Watermark
 
+# Embeddings are padded past the tokenizer to a multiple of 64 to 1024 (GPT-2's 50257 to 50304; Megatron's
+# 128 per tensor-parallel rank): the largest --vocab-size a model of a tokenizer plausibly has.
+PAD_MULTIPLE = 1024
+
 
 def register(verbs: argparse._SubParsersAction) -> None:
     """Add the `watermark` verb to the CLI's verbs."""
@@ -34,13 +38,22 @@ def register(verbs: argparse._SubParsersAction) -> None:
                    help="a checkpoint (or run) folder, or a tokenizer.json")
     p.add_argument("--key", required=True, help="the secret key the text was generated with")
     p.add_argument("--gamma", type=float, default=None, help="green fraction used at generation (default 0.25)")
-    p.add_argument("--z", dest="z_threshold", type=finite_float, default=None,
+    p.add_argument("--z", dest="z_threshold", type=z_threshold, default=None,
                    help="the z whose normal-tail false-positive rate, 3.2e-5 at z 4, the verdict holds (default 4)")
     p.add_argument("--vocab-size", type=positive_int, default=None,
                    help="the generating model's vocabulary size (default: the checkpoint's, else the tokenizer's)")
     p.add_argument("--count-repeated", action="store_true",
                    help="score repeated (previous, token) bigrams every time, not once")
     p.set_defaults(handler=detect_command)
+
+
+def z_threshold(text: str) -> float:
+    """An argparse type for --z: above 0, where the false-positive rate is below 1/2 (at 0 or below,
+    plain text, green a γ-fraction of the time, would pass for watermarked half the time or more)."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text!r}")
+    return value
 
 
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +67,9 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
 def watermark_from_args(args: argparse.Namespace) -> Watermark | None:
     """The Watermark that `add_generation_options`' flags ask for (None without --watermark-key)."""
     if args.watermark_key is None:
+        for flag in ("gamma", "delta"):
+            if getattr(args, f"watermark_{flag}") is not None:
+                raise ValueError(f"--watermark-{flag}: sets the watermark of --watermark-key; add the key")
         return None
     return _watermark(args.watermark_key, gamma=args.watermark_gamma, delta=args.watermark_delta)
 
@@ -69,7 +85,8 @@ def _watermark(key: str, **settings: float | None) -> Watermark:
 
 def detect_command(args: argparse.Namespace) -> int:
     tokenizer, vocab_size = tokenizer_and_vocab(args.tokenizer)
-    vocab_size = vocab_size if args.vocab_size is None else args.vocab_size
+    vocab_size = vocab_size if args.vocab_size is None else checked_vocab_size(args.vocab_size, tokenizer,
+                                                                              vocab_size)
     from heron.govern.watermark import DEFAULT_Z_THRESHOLD, detect, p_value
 
     watermark = _watermark(args.key, gamma=args.gamma)
@@ -89,6 +106,17 @@ def detect_command(args: argparse.Namespace) -> int:
     print(f"verdict: {verdict} (p-value {'<=' if result.watermarked else '>'} {alpha:.2g}, the false-positive "
           f"rate of z > {result.z_threshold:g})")
     return 0
+
+
+def checked_vocab_size(requested: int, tokenizer: Tokenizer, known: int) -> int:
+    """--vocab-size, if a model of this tokenizer can have it: at least the tokenizer's ids, at most the
+    known vocabulary (the checkpoint's, else the tokenizer's) padded as embeddings are, to a multiple of
+    PAD_MULTIPLE; a green list is hashed over every id, so a mistyped size would allocate without bound."""
+    largest = -(-known // PAD_MULTIPLE) * PAD_MULTIPLE
+    if not tokenizer.vocab_size <= requested <= largest:
+        raise ValueError(f"--vocab-size: a model of this tokenizer (its ids, and {known} padded to a multiple of "
+                         f"{PAD_MULTIPLE} at most) has {tokenizer.vocab_size} to {largest}, got {requested}")
+    return requested
 
 
 def tokenizer_and_vocab(path: Path) -> tuple[Tokenizer, int]:

@@ -17,7 +17,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +28,13 @@ from heron.data import ShardSet, check_shards_fit
 from heron.generate import Decoder, SamplingParams, decode_steps, perplexity
 from heron.govern import EnergyMeter, EnergyReport
 from heron.govern.energy import provenance
+from heron.govern.digest import CONFIG_FILE
 from heron.govern.figures import new_figure, save_png
+from heron.store.atomic import is_partial_write
 from heron.train.checkpoint import LINEAGE_FILE, STATE_FILE, CheckpointError, resolve_checkpoint
 
 REPORT_MD, REPORT_JSON, PARETO_PNG = "report.md", "report.json", "pareto.png"
+REPORT_FILES = (REPORT_MD, REPORT_JSON, PARETO_PNG)  # what a report folder holds; a new report replaces them
 
 
 @dataclass(frozen=True)
@@ -175,11 +178,41 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
     return [not any(c2 <= c and p2 <= p and (c2, p2) != (c, p) for c2, p2 in points) for c, p in points]
 
 
-def write_report(rows: Sequence[VariantRow], out_dir: str | Path) -> Path:
-    """report.md, report.json and pareto.png under out_dir; returns the Markdown file."""
+def report_folder(out_dir: str | Path) -> Path:
+    """`out_dir`, if a report may be written there: nothing there yet, an empty folder, or an
+    earlier report's (its files are replaced); never a model's folder nor one holding other files.
+    Cheap: call it before measuring, so that a refused folder costs nothing."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out}: a file; the report goes in a folder")
+    names = {p.name for p in out.iterdir()
+             if not any(is_partial_write(p, name) for name in REPORT_FILES)} if out.is_dir() else set()
+    model = [name for name in (LINEAGE_FILE, CONFIG_FILE) if name in names]
+    if model:
+        raise FileExistsError(f"{out}: holds a model ({model[0]}); write the report to a folder of its own")
+    others = sorted(names - set(REPORT_FILES))
+    if others:
+        raise FileExistsError(f"{out}: holds {', '.join(others[:3])}, not a report's files; write the report to a "
+                              "new or empty folder")
+    if names and not _is_report(out / REPORT_JSON):
+        raise FileExistsError(f"{out}: holds {', '.join(sorted(names))}, but not an earlier report's {REPORT_JSON}; "
+                              "write the report to a new or empty folder")
+    return out
+
+
+def _is_report(file: Path) -> bool:
+    """Whether `file` is the report.json of an earlier report: a list of VariantRow fields."""
+    try:
+        rows = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    keys = {f.name for f in fields(VariantRow)}
+    return isinstance(rows, list) and bool(rows) and all(isinstance(r, dict) and set(r) == keys for r in rows)
+
+
+def write_report(rows: Sequence[VariantRow], out_dir: str | Path) -> Path:
+    """report.md, report.json and pareto.png under out_dir (see `report_folder`); returns the Markdown file."""
+    out = report_folder(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     reference = rows[0]
     lines = ["| variant | size (MB) | size ratio | perplexity | ppl change | decode tok/s | speed-up | J/token "
@@ -215,4 +248,4 @@ def _plot(rows: Sequence[VariantRow], file: Path) -> None:
 
 
 __all__ = ["VariantRow", "checkpoint_bytes", "decode_speed", "derives_from", "lineage_sources", "measure",
-           "pareto_front", "write_report"]
+           "pareto_front", "report_folder", "write_report"]

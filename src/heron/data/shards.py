@@ -305,10 +305,10 @@ def prepare_shards(
         if _fingerprint_of(folder) != inputs["tokenizer_sha256"]:  # missing in old shard sets; or written over
             tokenizer.save(folder)
         return reusable
+    val_keys = validation_keys(corpus.keys, val_fraction, seed, corpus.decodes)  # checks val_fraction: before mkdir
     old_files = _replaceable_files(folder)
     folder.mkdir(parents=True, exist_ok=True)
     _sweep_stale_temps(folder)
-    val_keys = validation_keys(corpus.keys, val_fraction, seed, corpus.decodes)
     with tempfile.TemporaryDirectory(dir=folder, prefix=f"{_TMP_PREFIX}{os.getpid()}-") as tmp:
         writers = {s: _ShardWriter(Path(tmp), s, dtype, shard_tokens) for s in SPLITS}
         bar = tqdm(total=len(corpus), unit="doc", desc="tokenising", disable=not progress)

@@ -24,6 +24,7 @@ from heron.core.config import check_known_fields
 from heron.govern.watermark import Watermark
 
 FLOAT32_TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32, ~1.2e-38
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ class SamplingParams:
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos: expected a bool, got {self.ignore_eos!r}")
         if self.seed is not None:
-            _check_int("seed", self.seed, minimum=0)
+            _check_int("seed", self.seed, minimum=0, maximum=MAX_SEED)
         if isinstance(self.watermark, Mapping):
             object.__setattr__(self, "watermark", Watermark.from_dict(self.watermark))
         if self.watermark is not None and not isinstance(self.watermark, Watermark):
@@ -101,11 +102,13 @@ class SamplingParams:
         return cls(**data)
 
 
-def _check_int(name: str, value: object, minimum: int) -> None:
+def _check_int(name: str, value: object, minimum: int, maximum: int | None = None) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
         raise ValueError(f"{name}: expected an int, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name}: must be >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name}: must be <= {maximum}, got {value!r}")
 
 
 def _check_float(name: str, value: object) -> None:
@@ -177,7 +180,9 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     probable tokens whose probability mass reaches p, -inf elsewhere.
 
     A token is kept when the mass of the tokens ranked above it is still < p,
-    so the most probable token is always kept.
+    and the most probable token is always kept, as Hugging Face's
+    `TopPLogitsWarper` keeps `min_tokens_to_keep`: a p below float32's range
+    (1e-300) compares as 0 and would otherwise drop every token.
     """
     if p >= 1.0:
         return logits
@@ -185,6 +190,7 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     probs = sorted_logits.softmax(dim=-1)
     mass_above = probs.cumsum(dim=-1) - probs  # (B, V): mass of the better-ranked tokens
     drop_sorted = mass_above >= p
+    drop_sorted[..., 0] = False  # the top-ranked token
     drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
     return logits.masked_fill(drop, float("-inf"))
 

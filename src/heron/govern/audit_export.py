@@ -62,6 +62,10 @@ def read_export(path: str | os.PathLike[str]) -> tuple[list[Row], list[LogCheckp
     if path.suffix.lower() == ".csv":
         with path.open(encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f)
+            missing = [c for c in COLUMNS if c not in (reader.fieldnames or ())]
+            if missing:  # else any CSV, even an empty file, would read as a log of no records, and verify
+                lacks = "the header, " + ",".join(COLUMNS) if missing == list(COLUMNS) else ", ".join(missing)
+                raise ValueError(f"{path}: not an audit log export: its first line lacks {lacks}")
             rows = [{c: (None if line.get(c) in ("", None) else line[c].removeprefix("'")) for c in COLUMNS}
                     for line in reader]
         for row in rows:

@@ -53,6 +53,9 @@ import torch
 
 DEFAULT_GAMMA = 0.25  # the defaults of the authors' reference implementation
 DEFAULT_DELTA = 2.0
+# A larger δ changes nothing (e^-10000 is 0: green tokens already take all the mass) but can overflow the
+# logits to inf, whose softmax is nan; 1e4 stays finite even in float16 (largest 65504).
+MAX_DELTA = 1e4
 DEFAULT_Z_THRESHOLD = 4.0  # the paper's: a false-positive rate of 3.2e-5 (the normal tail), held exactly below
 DETECT_ROWS_BYTES = 1 << 26  # green-list rows made at once while detecting
 CACHE_BYTES = 1 << 26  # green-list rows kept per (key, γ, V, device): all 4,096 rows of a 4k vocabulary
@@ -80,8 +83,8 @@ class Watermark:
         if not 0 < self.gamma < 1:
             raise ValueError(f"gamma: the green fraction must lie in (0, 1), got {self.gamma!r}")
         _check_number("delta", self.delta)
-        if self.delta < 0:
-            raise ValueError(f"delta: the green-list bias must be >= 0, got {self.delta!r}")
+        if not 0 <= self.delta <= MAX_DELTA:
+            raise ValueError(f"delta: the green-list bias must lie in [0, {MAX_DELTA:g}], got {self.delta!r}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Watermark:
@@ -312,6 +315,7 @@ __all__ = [
     "DEFAULT_GAMMA",
     "DEFAULT_Z_THRESHOLD",
     "Detection",
+    "MAX_DELTA",
     "Watermark",
     "detect",
     "green_hits",

@@ -46,6 +46,11 @@ from heron.interpret.routing import moe_blocks
 Output = Callable[[torch.Tensor], torch.Tensor]
 
 
+# Gauss-Legendre quadrature converges in tens of nodes; computing n of them takes O(n²) memory and O(n³) time
+# (4096: seconds), so a mistyped n would end in a MemoryError.
+MAX_STEPS = 4096
+
+
 class ConvergenceError(RuntimeError):
     """Integrated gradients' scores do not add up to the output difference."""
 
@@ -94,6 +99,8 @@ def integrated_gradients(
     than `tolerance` of it (raise `steps`; on an MoE model more cannot help, see above)."""
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps, batch_size: expected positive integers, got {steps}, {batch_size}")
+    if steps > MAX_STEPS:
+        raise ValueError(f"steps: at most {MAX_STEPS} (the quadrature converges in tens), got {steps}")
     if tolerance <= 0:
         raise ValueError(f"tolerance: expected a positive fraction, got {tolerance}")
     ids, F = _prepare(model, ids, target, position, output)
@@ -184,4 +191,4 @@ def _values_and_grads(model: Transformer, F: Output, embeds: torch.Tensor) -> tu
     return values.detach(), grads.float()
 
 
-__all__ = ["Attribution", "ConvergenceError", "gradient_x_input", "integrated_gradients", "logit_of"]
+__all__ = ["MAX_STEPS", "Attribution", "ConvergenceError", "gradient_x_input", "integrated_gradients", "logit_of"]

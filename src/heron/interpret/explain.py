@@ -24,7 +24,7 @@ from heron.core.modes import evaluating
 from heron.core.transformer import Transformer
 from heron.generate.text import TokenizerLike
 from heron.govern import EnergyMeter
-from heron.interpret.attribution import ConvergenceError, gradient_x_input, integrated_gradients
+from heron.interpret.attribution import MAX_STEPS, ConvergenceError, gradient_x_input, integrated_gradients
 from heron.interpret.cache import ActivationCache, resid_names, run_with_cache
 from heron.interpret.heads import attention_patterns, detect_heads, head_scores, plot_attention_patterns, repeated_tokens
 from heron.interpret.html import Section, Table, write_html
@@ -41,6 +41,7 @@ TITLE = "Explanation"
 # report replaces the folder only when it holds nothing else.
 MARKER = "heron-explain.json"
 WRITER = "heron explain"
+MAX_IG_STEPS = MAX_STEPS // 4  # doubled twice while integrated gradients miss completeness
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,10 @@ class ExplainSettings:
     ig_steps: int = 32  # doubled up to twice while integrated gradients miss completeness
     head_period: int = 16  # length of the random sequence repeated to score heads
     top_components: int = 20  # bars in the direct logit attribution chart
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ig_steps, int) or not 1 <= self.ig_steps <= MAX_IG_STEPS:
+            raise ValueError(f"ig_steps: expected a whole number from 1 to {MAX_IG_STEPS}, got {self.ig_steps!r}")
 
 
 def explain(model: Transformer, tokenizer: TokenizerLike, settings: ExplainSettings,

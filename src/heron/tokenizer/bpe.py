@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from heron.govern.digest import TOKENIZER_FILE
+from heron.govern.digest import CONFIG_FILE, LINEAGE_FILE, TOKENIZER_FILE
 from heron.store.atomic import write_text_atomic
 from heron.store.records import CHAT_ROLES
 
@@ -254,9 +254,7 @@ class HeronTokenizer:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write tokenizer.json atomically; `path` is a .json file or a folder. Returns the file."""
-        target = Path(path)
-        if target.suffix != ".json":
-            target = target / TOKENIZER_FILE
+        target = tokenizer_file(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(target, self.to_json())
         return target
@@ -275,6 +273,34 @@ class HeronTokenizer:
             return cls.from_json(text)
         except Exception as exc:
             raise ValueError(f"{file} is not a valid Heron tokenizer.json: {exc}") from exc
+
+
+def tokenizer_file(path: str | os.PathLike[str]) -> Path:
+    """The file a tokenizer saved to `path` goes to: `path` if it ends in .json, else its tokenizer.json."""
+    target = Path(path)
+    return target if target.suffix == ".json" else target / TOKENIZER_FILE
+
+
+def replaceable_tokenizer_file(path: str | os.PathLike[str]) -> Path:
+    """`tokenizer_file(path)`, checked before a tokenizer is trained for it: nothing there yet, or
+    a Heron tokenizer (replaced); never another file, nor the tokenizer of the checkpoint (or
+    Hugging Face model) in its folder, which that model's ids are made with."""
+    file = tokenizer_file(path)
+    if file.parent.exists() and not file.parent.is_dir():
+        raise FileExistsError(f"{file.parent}: exists and is not a folder; give a folder or a .json file")
+    held = [name for name in (LINEAGE_FILE, CONFIG_FILE) if (file.parent / name).exists()]
+    if held:
+        raise FileExistsError(f"{file.parent}: holds a model ({held[0]}), whose {TOKENIZER_FILE} is its own; "
+                              "write the tokenizer to another folder")
+    if file.is_dir():
+        raise IsADirectoryError(f"{file}: is a folder; give a .json file or a folder without that name")
+    if file.exists():
+        try:
+            HeronTokenizer.load(file)
+        except ValueError:
+            raise FileExistsError(f"{file}: exists and is not a Heron tokenizer; write to a new file (only a "
+                                  "Heron tokenizer is replaced)") from None
+    return file
 
 
 def exact_pieces(text: str, max_chars: int) -> list[tuple[int, int]]:

@@ -20,6 +20,7 @@ import fcntl
 import math
 import os
 import random
+import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -43,10 +44,11 @@ from heron.data.batches import PackedBatches, eval_batches
 from heron.govern import EnergyMeter, EnergyReport
 from heron.govern.audit import audit_log, record_event
 from heron.govern.digest import METRICS_FILE, folder_sha256, model_hash
-from heron.store.atomic import is_partial_write
+from heron.store.atomic import is_partial_write, write_text_atomic
 from heron.train import distributed as dist_
 from heron.train.checkpoint import (
     CHECKPOINTS_DIR,
+    LATEST_FILE,
     STATE_FILE,
     Checkpoint,
     CheckpointError,
@@ -113,6 +115,11 @@ CROSS_ENTROPY = Objective.of(cross_entropy_sum)
 
 STATE_FORMAT = 1
 LOCK_FILE = ".train.lock"  # in the run folder; its flock is held by the one process training into it
+RECIPE_FILE = "recipe.yaml"
+# What a run folder holds (an alignment run's: align/run.py's RUN_FILES); anything else is not the run's to
+# replace or delete. Its checkpoints/ holds step_N folders and `latest`; killed writes leave hidden temps.
+RUN_FILES = frozenset({RECIPE_FILE, METRICS_FILE, PLOT_FILE, CHECKPOINTS_DIR})
+_CHECKPOINT_ENTRY = re.compile(rf"step_[0-9]+|{LATEST_FILE}|\.(tmp|trash)-.+")
 
 # Called after every step on every process with that step's row of history.
 Callback = Callable[[dict[str, Any]], None]
@@ -230,7 +237,7 @@ def _start(recipe: TrainRecipe, ctx: dist_.DistContext, resume: bool, data: Trai
            objective: Objective, lock: _RunFolderLock) -> _Run:
     """Validate, load data, build (or restore) model and optimizers."""
     meter = EnergyMeter().start()
-    _hold_existing_folder(lock, ctx)
+    _hold_existing_folder(lock, ctx, recipe)
     # Under parallel=none, $WORLD_SIZE catches a torchrun launch that would train N copies.
     _, micro, accum = batch_plan(recipe.train, ctx.world_size if ctx.parallel != "none" else None)
     if ctx.is_main:
@@ -240,8 +247,6 @@ def _start(recipe: TrainRecipe, ctx: dist_.DistContext, resume: bool, data: Trai
     _check_data_fits(recipe, data)
     config = model_config(recipe, data.vocab_size)
     out_dir = Path(recipe.out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise RecipeError(f"out_dir: {out_dir} is a file; name a folder for the run")
     found = latest_checkpoint(out_dir) if resume else None
     ckpt = load_checkpoint(found) if found is not None else None
     if ckpt is not None:
@@ -289,19 +294,56 @@ def _check_data_fits(recipe: TrainRecipe, data: TrainData) -> None:
             raise RecipeError(f"data.seq_len: {recipe.data.seq_len} needs {need} tokens, the {split} split has {len(tokens)}")
 
 
-def _hold_existing_folder(lock: _RunFolderLock, ctx: dist_.DistContext) -> None:
-    """Lock a run folder that exists before any work, so that a run live there refuses this one
-    at once, on every process (a new folder is locked as it is made: a run that cannot start
-    must not leave one behind)."""
+def _hold_existing_folder(lock: _RunFolderLock, ctx: dist_.DistContext, recipe: TrainRecipe) -> None:
+    """Check the run folder (`_check_out_dir`) and lock one that exists before any work, so that
+    a run live there refuses this one at once, on every process (a new folder is locked as it
+    is made: a run that cannot start must not leave one behind)."""
     refusal = None
-    if ctx.is_main and lock.out_dir.is_dir():
+    if ctx.is_main:
         try:
-            lock.hold()
+            _check_out_dir(recipe)
+            if lock.out_dir.is_dir():
+                lock.hold()
         except RecipeError as err:
             refusal = str(err)
     refusal = dist_.from_main(refusal, ctx)
     if refusal is not None:
         raise RecipeError(refusal)
+
+
+def _check_out_dir(recipe: TrainRecipe) -> None:
+    """Refuse an out_dir that is not a run's to write into: a file, the shard folder or a folder
+    in it, or a folder holding anything but a run's files (RUN_FILES, with a recipe.yaml that
+    Heron wrote): a run replaces its metrics, plot and recipe, and --no-resume deletes its
+    checkpoints/ whole."""
+    out_dir = Path(recipe.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RecipeError(f"out_dir: {out_dir} is a file; name a folder for the run")
+    shards = recipe.data.shards
+    if shards is not None and out_dir.resolve().is_relative_to(Path(shards).resolve()):
+        raise RecipeError(f"out_dir: {out_dir} is in the shard folder data.shards {shards}; choose another out_dir")
+    if not out_dir.is_dir():
+        return
+    names = {p.name for p in out_dir.iterdir() if not p.name.startswith(".")}  # hidden: killed writes', the lock
+    checkpoints = out_dir / CHECKPOINTS_DIR
+    foreign = sorted(names - RUN_FILES) + sorted(
+        f"{CHECKPOINTS_DIR}/{p.name}" for p in (checkpoints.iterdir() if checkpoints.is_dir() else ())
+        if not _CHECKPOINT_ENTRY.fullmatch(p.name))
+    if foreign:
+        raise RecipeError(f"out_dir: {out_dir} holds {', '.join(foreign[:3])}, not a training run's files; "
+                          "choose another out_dir")
+    if names and not _is_run_recipe(out_dir / RECIPE_FILE):
+        raise RecipeError(f"out_dir: {out_dir} holds {', '.join(sorted(names))} but no {RECIPE_FILE} "
+                          "that heron train wrote: not a run folder; choose another out_dir")
+
+
+def _is_run_recipe(file: Path) -> bool:
+    """Whether `file` is the recipe.yaml a run wrote (`TrainRecipe.to_dict`), not a user's file."""
+    try:
+        raw = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and {"out_dir", "model", "data", "train"} <= raw.keys()
 
 
 def _prepare_out_dir(out_dir: Path, recipe: TrainRecipe, resume: bool) -> None:
@@ -310,14 +352,14 @@ def _prepare_out_dir(out_dir: Path, recipe: TrainRecipe, resume: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     sweep_partial(out_dir)  # e.g. the .trash-checkpoints-* of a --no-resume killed while deleting
     for leftover in out_dir.iterdir():
-        if any(is_partial_write(leftover, name) for name in (METRICS_FILE, PLOT_FILE)):
+        if any(is_partial_write(leftover, name) for name in (RECIPE_FILE, METRICS_FILE, PLOT_FILE)):
             leftover.unlink()
-    if not resume:
+    if not resume:  # checkpoints/ holds only checkpoints (`_check_out_dir`): deleted whole, atomically
         if (out_dir / CHECKPOINTS_DIR).exists():
             remove_folder(out_dir / CHECKPOINTS_DIR)
         for name in (METRICS_FILE, PLOT_FILE):
             (out_dir / name).unlink(missing_ok=True)
-    (out_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    write_text_atomic(out_dir / RECIPE_FILE, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
 
 def _check_resumable(ckpt: Checkpoint, recipe: TrainRecipe, data: TrainData) -> None:

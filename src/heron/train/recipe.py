@@ -148,9 +148,11 @@ def read_recipe_yaml(path: str | Path, overrides: list[str] | tuple[str, ...] = 
     """A YAML recipe as a raw mapping, with `a.b=value` overrides applied (not yet validated)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as err:
         raise RecipeError(f"{path}: cannot read recipe: {err}") from err
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{path}: cannot read recipe: not UTF-8 text ({err.reason} at byte {err.start})") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(raw).__name__}")
     for item in overrides:

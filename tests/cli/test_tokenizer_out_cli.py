@@ -1,0 +1,62 @@
+"""`heron tokenizer train --out` checks its target before training: it replaces a Heron tokenizer,
+never another file nor a model's own tokenizer.json."""
+from pathlib import Path
+
+import pytest
+
+from heron.cli.main import main
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"f{i}.txt").write_text("the cat sat on the mat\n" * 20 + f"def f{i}(): return {i}\n")
+    return folder
+
+
+def train_into(corpus: Path, out: Path) -> int:
+    return main(["tokenizer", "train", str(corpus), "--vocab-size", "280", "--out", str(out)])
+
+
+def test_a_heron_tokenizer_is_replaced(corpus: Path, tmp_path: Path) -> None:
+    assert train_into(corpus, tmp_path / "tok.json") == 0
+    assert train_into(corpus, tmp_path / "tok.json") == 0
+    assert train_into(corpus, tmp_path / "tok") == 0 and train_into(corpus, tmp_path / "tok") == 0
+
+
+@pytest.mark.parametrize("name, text", [("settings.json", '{"my": "settings"}\n'),
+                                        ("tokenizer.json", '{"model": {"type": "WordPiece"}}\n')])
+def test_another_json_file_is_refused_before_training(corpus: Path, tmp_path: Path, capsys, name, text) -> None:
+    target = tmp_path / name
+    target.write_text(text)
+    assert train_into(corpus, target) == 2
+    out, err = capsys.readouterr()
+    assert err == f"heron tokenizer: error: {target}: exists and is not a Heron tokenizer; write to a new file " \
+                  "(only a Heron tokenizer is replaced)\n"
+    assert "training" not in out and target.read_text() == text
+
+
+@pytest.mark.parametrize("marker", ["lineage.json", "config.json"])
+def test_a_model_folder_keeps_its_own_tokenizer(corpus: Path, tmp_path: Path, capsys, marker) -> None:
+    assert train_into(corpus, tmp_path / "first") == 0
+    model = tmp_path / "ck"
+    model.mkdir()
+    (model / marker).write_text("{}")
+    (model / "tokenizer.json").write_bytes((tmp_path / "first" / "tokenizer.json").read_bytes())
+    before = (model / "tokenizer.json").read_bytes()
+    capsys.readouterr()
+    for out in (model, model / "tokenizer.json"):
+        assert train_into(corpus, out) == 2
+        assert f"{model}: holds a model ({marker}), whose tokenizer.json is its own" in capsys.readouterr().err
+    assert (model / "tokenizer.json").read_bytes() == before
+
+
+def test_an_existing_file_that_is_not_a_folder_is_named(corpus: Path, tmp_path: Path, capsys) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    assert train_into(corpus, notes) == 2
+    assert capsys.readouterr().err == (f"heron tokenizer: error: {notes}: exists and is not a folder; give a folder "
+                                       "or a .json file\n")
+    assert notes.read_text() == "mine"
