@@ -114,3 +114,9 @@ def test_an_export_for_training_leaves_out_annotators_without_consent(tmp_path: 
     assert "left out 8 comparisons by annotators without consent for 'training' in force: bob (4), carol (4)" in said
     assert main(["feedback", "export", str(out), "--db", str(db), "--overwrite"]) == 0  # without a registry: everything
     assert len(out.read_text().splitlines()) == 12
+    capsys.readouterr()
+    assert main(["feedback", "export", str(out), "--db", str(db), "--overwrite", "--purpose", "research"]) == 2
+    assert "--purpose: names the consent an export needs, which only --consent REGISTRY checks" in capsys.readouterr().err
+    assert main(["feedback", "export", str(out), "--db", str(db), "--overwrite", "--consent", str(consent),
+                 "--purpose", "research"]) == 0  # nobody consented to research
+    assert out.read_text() == "" and "without consent for 'research' in force" in capsys.readouterr().out

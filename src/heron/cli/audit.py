@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from heron.cli.options import lasting_database, not_the_source
+from heron.cli.options import add_overwrite, lasting_database, new_output, not_the_source
 from heron.govern.audit import AuditLog, LogCheckpoint, log_location, verify_log
 from heron.govern.audit_export import FORMATS, export_log, read_export
 from heron.govern.audit_keys import generate_keys, load_public_key, load_signing_key
@@ -19,21 +19,6 @@ from heron.govern.audit_lineage import audit_lineage, format_lineage
 from heron.store.atomic import write_text_atomic
 
 EXPORT_SUFFIXES = {".json": "json", ".csv": "csv"}  # `verify --log FILE` with these reads an export, not a database
-
-
-def add_overwrite(parser: argparse.ArgumentParser) -> None:
-    """--overwrite, for the verbs that write a file from a database (`new_output` reads it)."""
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the file if it exists (default: an existing file is refused)")
-
-
-def new_output(out: Path, source: str, what: str, overwrite: bool) -> Path:
-    """`out`, where a verb may write what it read from the database `source`: never the database
-    itself, and an existing file only with --overwrite (a user's file, or the one imported from)."""
-    not_the_source(out, source, what)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out}: exists; write to a new file, or pass --overwrite to replace it")
-    return out
 
 
 def register(verbs: argparse._SubParsersAction) -> None:

@@ -11,8 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from heron.cli.audit import add_overwrite, new_output
-from heron.cli.options import lasting_database
+from heron.cli.options import add_overwrite, lasting_database, new_output
 from heron.store.atomic import write_text_atomic
 from heron.govern.consent import PURPOSES, ConsentRegistry
 

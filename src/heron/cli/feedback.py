@@ -12,11 +12,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from heron.cli.audit import add_overwrite, new_output
-from heron.cli.options import lasting_database, not_the_source
+from heron.cli.options import add_overwrite, lasting_database, new_output, not_the_source
 from heron.govern.consent import ConsentRegistry, check_key
 from heron.store import FeedbackStore, format_stats
 from heron.store.records import PreferencePair
+
+DEFAULT_PURPOSE = "training"  # the consent a feedback export needs unless --purpose names another
 
 
 def register(verbs: argparse._SubParsersAction) -> None:
@@ -36,7 +37,8 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("--consent", type=lasting_database, default=None, metavar="REGISTRY",
                    help="a consent registry (heron consent): leave out the comparisons of annotators "
                         "without consent in force for --purpose")
-    p.add_argument("--purpose", default="training", help="the consent purpose an export needs (default %(default)s)")
+    p.add_argument("--purpose", default=None,
+                   help=f"with --consent: the consent purpose an export needs (default {DEFAULT_PURPOSE})")
     add_overwrite(p)
     p.set_defaults(handler=feedback_export)
     p = actions.add_parser("stats", help="counts, annotators, agreement and mean rating per model")
@@ -60,6 +62,9 @@ def counted(n: int, noun: str) -> str:
 
 
 def feedback_export(args: argparse.Namespace) -> int:
+    if args.purpose is not None and args.consent is None:
+        raise ValueError("--purpose: names the consent an export needs, which only --consent REGISTRY checks; "
+                         "give --consent too")
     target = new_output(args.file, args.db, "feedback store", args.overwrite)
     if args.consent is not None:
         target = not_the_source(target, args.consent, "consent registry")
@@ -69,7 +74,7 @@ def feedback_export(args: argparse.Namespace) -> int:
     if consented is not None and consented.refused:
         left = ", ".join(f"{who} ({n})" for who, n in sorted(consented.refused.items()))
         print(f"left out {sum(consented.refused.values())} comparisons by annotators without consent for "
-              f"{args.purpose!r} in force: {left}")
+              f"{consented.purpose!r} in force: {left}")
     return 0
 
 
@@ -96,7 +101,7 @@ def _consented(args: argparse.Namespace) -> Iterator[_Consented | None]:
         yield None
         return
     with ConsentRegistry.open(args.consent, create=False) as registry:
-        yield _Consented(registry, args.purpose)
+        yield _Consented(registry, args.purpose or DEFAULT_PURPOSE)
 
 
 def feedback_stats(args: argparse.Namespace) -> int:

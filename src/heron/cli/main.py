@@ -94,7 +94,9 @@ def _register_tokenizer(verbs: Verbs) -> None:
     p.add_argument("--vocab-size", type=positive_int, default=8192,
                    help="tokens in the vocabulary, specials included (default %(default)s)")
     p.add_argument("--ext", action="append", default=None, help="file extensions to read, e.g. .py (repeatable)")
-    p.add_argument("--out", type=Path, required=True, help="where to write tokenizer.json")
+    p.add_argument("--out", type=Path, required=True,
+                   help="where to write tokenizer.json: a .json file or a folder; an existing Heron tokenizer is "
+                        "replaced, any other file (or a model's folder) refused")
     p.set_defaults(handler=_lazy("commands", "tokenizer_train"))
 
 
@@ -257,7 +259,9 @@ def _register_report(actions: Verbs) -> None:
     p = actions.add_parser("report", help="size, perplexity, decode speed and energy of variants; Pareto plot")
     p.add_argument("checkpoints", type=Path, nargs="+", help="the reference first, then its variants")
     p.add_argument("--shards", type=Path, required=True, help="shard folder whose validation split is scored")
-    p.add_argument("--out", type=Path, required=True, help="folder for report.md, report.json and pareto.png")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder for report.md, report.json and pareto.png: new, empty or an earlier report's "
+                        "(replaced); a folder holding other files is refused before any measuring")
     p.add_argument("--seq-len", type=positive_int, default=128,
                    help="tokens per scored window, shortened to the model's max_seq_len (default %(default)s)")
     p.add_argument("--max-batches", type=positive_int, default=16,

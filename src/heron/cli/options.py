@@ -110,6 +110,21 @@ def not_the_source(out: Path, source: str | Path, what: str) -> Path:
     return out
 
 
+def add_overwrite(parser: argparse.ArgumentParser) -> None:
+    """--overwrite, for the verbs that write a file from a database (`new_output` reads it)."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the file if it exists (default: an existing file is refused)")
+
+
+def new_output(out: Path, source: str, what: str, overwrite: bool) -> Path:
+    """`out`, where a verb may write what it read from the database `source`: never the database
+    itself, and an existing file only with --overwrite (a user's file, or the one imported from)."""
+    not_the_source(out, source, what)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out}: exists; write to a new file, or pass --overwrite to replace it")
+    return out
+
+
 def lasting_database(text: str) -> str:
     """An argparse type: a database path or URL that outlives the command (an in-memory SQLite
     database, `:memory:` or `sqlite://`, would take the writes and drop them on exit)."""
