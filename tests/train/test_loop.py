@@ -307,31 +307,34 @@ def test_what_killed_runs_left_in_the_run_folder_is_swept_at_start(recipe_factor
 
 def test_a_folder_that_is_not_a_run_is_refused_and_left_as_it_was(recipe_factory, tmp_path: Path) -> None:
     """A user's files with a run's names (metrics.jsonl, recipe.yaml, checkpoints/) are not a run's:
-    refused before any work, with and without --no-resume, and nothing is written there."""
+    refused before any work, with and without --no-resume, and nothing is written there. Other files
+    may lie beside a run (the README's runs/mine/data shards): kept, and the run resumes beside them."""
     mine = tmp_path / "mine"
     (mine / "checkpoints").mkdir(parents=True)
     (mine / "metrics.jsonl").write_text('{"mine": 1}\n')
     (mine / "recipe.yaml").write_text("my recipe\n")
     (mine / "checkpoints" / "my_model.pt").write_text("my weights")
-    notes = tmp_path / "notes"
-    notes.mkdir()
-    (notes / "todo.txt").write_text("mine")
 
     def files(folder: Path) -> dict[str, bytes]:
         return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
-    for folder, complaint in ((mine, "holds checkpoints/my_model.pt, not a training run's files"),
-                              (notes, "holds todo.txt, not a training run's files")):
-        before = files(folder)
-        for resume in (True, False):
-            with pytest.raises(RecipeError, match=re.escape(f"out_dir: {folder} {complaint}; choose another out_dir")):
-                train(recipe_factory(folder.name, train={"steps": 2}), resume=resume)
-            assert files(folder) == before  # not even the lock file
+    before = files(mine)
+    for resume in (True, False):
+        with pytest.raises(RecipeError, match=re.escape(f"out_dir: {mine} holds checkpoints/my_model.pt, not a "
+                                                        "checkpoint of a training run; choose another out_dir")):
+            train(recipe_factory("mine", train={"steps": 2}), resume=resume)
+        assert files(mine) == before  # not even the lock file
     (mine / "checkpoints" / "my_model.pt").unlink()
     with pytest.raises(RecipeError, match=re.escape("holds checkpoints, metrics.jsonl, recipe.yaml but no "
                                                     "recipe.yaml that heron train wrote: not a run folder")):
         train(recipe_factory("mine", train={"steps": 2}), resume=False)
     assert (mine / "metrics.jsonl").read_text() == '{"mine": 1}\n'
+    beside = tmp_path / "beside"
+    (beside / "data").mkdir(parents=True)
+    (beside / "notes.txt").write_text("mine")
+    train(recipe_factory("beside", train={"steps": 2}))
+    assert latest_checkpoint(train(recipe_factory("beside", train={"steps": 3})).out_dir).name == "step_00000003"
+    assert (beside / "notes.txt").read_text() == "mine" and (beside / "data").is_dir()
 
 
 def test_a_run_folder_in_the_shard_folder_is_refused(tmp_path: Path) -> None:
@@ -349,6 +352,6 @@ def test_no_resume_never_deletes_a_file_heron_did_not_write_in_checkpoints(recip
     run = tmp_path / "run"
     train(recipe_factory("run", train={"steps": 2}))
     (run / "checkpoints" / "notes.txt").write_text("mine")
-    with pytest.raises(RecipeError, match=re.escape(f"out_dir: {run} holds checkpoints/notes.txt, not a training run's")):
+    with pytest.raises(RecipeError, match=re.escape(f"out_dir: {run} holds checkpoints/notes.txt, not a checkpoint")):
         train(recipe_factory("run", train={"steps": 2}), resume=False)
     assert (run / "checkpoints" / "notes.txt").read_text() == "mine" and latest_checkpoint(run).name == "step_00000002"

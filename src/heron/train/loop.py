@@ -116,8 +116,8 @@ CROSS_ENTROPY = Objective.of(cross_entropy_sum)
 STATE_FORMAT = 1
 LOCK_FILE = ".train.lock"  # in the run folder; its flock is held by the one process training into it
 RECIPE_FILE = "recipe.yaml"
-# What a run folder holds (an alignment run's: align/run.py's RUN_FILES); anything else is not the run's to
-# replace or delete. Its checkpoints/ holds step_N folders and `latest`; killed writes leave hidden temps.
+# The files a run writes, replaces and (--no-resume) deletes in its folder (an alignment run's: align/run.py's
+# RUN_FILES). Its checkpoints/ holds step_N folders and `latest`; killed writes leave hidden temps.
 RUN_FILES = frozenset({RECIPE_FILE, METRICS_FILE, PLOT_FILE, CHECKPOINTS_DIR})
 _CHECKPOINT_ENTRY = re.compile(rf"step_[0-9]+|{LATEST_FILE}|\.(tmp|trash)-.+")
 
@@ -312,10 +312,11 @@ def _hold_existing_folder(lock: _RunFolderLock, ctx: dist_.DistContext, recipe: 
 
 
 def _check_out_dir(recipe: TrainRecipe) -> None:
-    """Refuse an out_dir that is not a run's to write into: a file, the shard folder or a folder
-    in it, or a folder holding anything but a run's files (RUN_FILES, with a recipe.yaml that
-    Heron wrote): a run replaces its metrics, plot and recipe, and --no-resume deletes its
-    checkpoints/ whole."""
+    """Refuse an out_dir whose files a run would replace or delete but did not write: a file, the
+    shard folder or a folder in it, files with a run's names (RUN_FILES) beside no recipe.yaml that
+    heron train wrote (a run replaces its metrics, plot and recipe), or anything but checkpoints in
+    checkpoints/ (--no-resume deletes it whole). Other files may lie beside a run, untouched (the
+    README's `runs/mine/data` shards, a benchmark's log)."""
     out_dir = Path(recipe.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise RecipeError(f"out_dir: {out_dir} is a file; name a folder for the run")
@@ -324,17 +325,16 @@ def _check_out_dir(recipe: TrainRecipe) -> None:
         raise RecipeError(f"out_dir: {out_dir} is in the shard folder data.shards {shards}; choose another out_dir")
     if not out_dir.is_dir():
         return
-    names = {p.name for p in out_dir.iterdir() if not p.name.startswith(".")}  # hidden: killed writes', the lock
     checkpoints = out_dir / CHECKPOINTS_DIR
-    foreign = sorted(names - RUN_FILES) + sorted(
-        f"{CHECKPOINTS_DIR}/{p.name}" for p in (checkpoints.iterdir() if checkpoints.is_dir() else ())
-        if not _CHECKPOINT_ENTRY.fullmatch(p.name))
+    foreign = sorted(f"{CHECKPOINTS_DIR}/{p.name}" for p in (checkpoints.iterdir() if checkpoints.is_dir() else ())
+                     if not _CHECKPOINT_ENTRY.fullmatch(p.name))
     if foreign:
-        raise RecipeError(f"out_dir: {out_dir} holds {', '.join(foreign[:3])}, not a training run's files; "
+        raise RecipeError(f"out_dir: {out_dir} holds {', '.join(foreign[:3])}, not a checkpoint of a training run; "
                           "choose another out_dir")
-    if names and not _is_run_recipe(out_dir / RECIPE_FILE):
-        raise RecipeError(f"out_dir: {out_dir} holds {', '.join(sorted(names))} but no {RECIPE_FILE} "
-                          "that heron train wrote: not a run folder; choose another out_dir")
+    run_named = sorted(p.name for p in out_dir.iterdir() if p.name in RUN_FILES)
+    if run_named and not _is_run_recipe(out_dir / RECIPE_FILE):
+        raise RecipeError(f"out_dir: {out_dir} holds {', '.join(run_named)} but no {RECIPE_FILE} that heron train "
+                          "wrote: not a run folder, whose files a run would replace; choose another out_dir")
 
 
 def _is_run_recipe(file: Path) -> bool:
