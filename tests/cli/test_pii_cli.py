@@ -108,12 +108,28 @@ def test_fields_naming_no_key_are_refused(tmp_path, fields):
         heron(["pii", "redact", str(path), "--entities", ENTITIES, "--fields", fields])
 
 
-def test_fields_found_nowhere_in_the_input_are_warned_of(tmp_path, capsys):
+def test_fields_found_nowhere_in_the_input_are_refused_before_any_output(tmp_path, capsys):
+    """A typo in --fields (`promt`) would print the very strings it meant to redact."""
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"prompt": TEXT}) + "\n")
-    with pytest.warns(UserWarning, match=r"^--fields: no key 'promt' in .*p.jsonl; nothing under it was redacted$"):
-        assert heron(["pii", "redact", str(path), "--entities", ENTITIES, "--fields", "prompt,promt"]) == 0
-    assert json.loads(capsys.readouterr().out) == {"prompt": "SSN <SSN>, card <CREDIT_CARD>."}
+    with pytest.raises(ValueError, match=r"^--fields: no key 'promt' in .*p.jsonl; nothing would be redacted under it$"):
+        heron(["pii", "redact", str(path), "--entities", ENTITIES, "--fields", "prompt,promt"])
+    assert capsys.readouterr().out == ""
+
+
+def test_json_lines_split_at_newlines_only_and_long_text_is_text(tmp_path, capsys):
+    """Heron's JSONL writes U+2028 and U+0085 raw inside strings (legal JSON); str.splitlines() cut
+    lines there. A text argument over 1,024 characters is text, never a path (asking the file system
+    about it failed: file name too long)."""
+    path = tmp_path / "export.jsonl"
+    records = [{"prompt": "one\u2028two\u0085three", "chosen": TEXT}, {"prompt": "x"}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in records), newline="")
+    assert heron(["pii", "redact", str(path), "--entities", ENTITIES]) == 0
+    out = [json.loads(line) for line in capsys.readouterr().out.split("\n") if line.startswith("{")]
+    assert out[0]["prompt"] == "one\u2028two\u0085three" and out[0]["chosen"] == "SSN <SSN>, card <CREDIT_CARD>."
+    long = " ".join([TEXT] * 40)
+    assert heron(["pii", "redact", long, "--entities", ENTITIES]) == 0
+    assert capsys.readouterr().out.count("<SSN>") == 40
 
 
 @pytest.mark.parametrize("content, complaint", [

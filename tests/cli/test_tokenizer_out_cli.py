@@ -51,6 +51,8 @@ def test_a_model_folder_keeps_its_own_tokenizer(corpus: Path, tmp_path: Path, ca
         assert train_into(corpus, out) == 2
         assert f"{model}: holds a model ({marker}), whose tokenizer.json is its own" in capsys.readouterr().err
     assert (model / "tokenizer.json").read_bytes() == before
+    assert train_into(corpus, model / "another.json") == 0  # a file of another name is no file of the model's
+    assert (model / "tokenizer.json").read_bytes() == before
 
 
 def test_an_existing_file_that_is_not_a_folder_is_named(corpus: Path, tmp_path: Path, capsys) -> None:

@@ -384,7 +384,7 @@ def test_links_within_the_folder_and_a_hugging_face_cache_snapshot_are_read(tmp_
 
 LLAMA2_LIKE = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
                "{% else %}{{ ' ' + m['content'].strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
-GEMMA_LIKE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] | trim + '<|im_end|>\n' }}"
+CHATML_TRIM = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] | trim + '<|im_end|>\n' }}"
               "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
@@ -397,7 +397,7 @@ def transformers_ids(folder: Path, chat: list[dict]) -> list[int]:
     ("chatml_base", CHATML, "<|endoftext|>", "Fine, thanks."),  # a base model: eos is not the turn's end
     ("newline_before_end", NEWLINE_BEFORE_END, "<|im_end|>", "Fine, thanks."),
     ("llama2_strip", LLAMA2_LIKE, "<|im_end|>", "  Fine, thanks. "),  # ' ' + content.strip() + ' ' + eos
-    ("gemma_trim", GEMMA_LIKE, "<|endoftext|>", "Fine, thanks.\n"),
+    ("gemma_trim", CHATML_TRIM, "<|endoftext|>", "Fine, thanks.\n"),
 ])
 def test_a_reply_is_tokenised_as_the_template_renders_the_whole_chat(tmp_path, name, template, eos, reply):
     """SFT and DPO rows must be what the template renders (and transformers, TRL train on): the text a
@@ -413,8 +413,23 @@ def test_a_reply_is_tokenised_as_the_template_renders_the_whole_chat(tmp_path, n
     assert head + tail == whole[:whole.index(end, len(head)) + 1]
     if name == "chatml_base":
         assert tokenizer.chat_stop_ids == (2, 0)  # <|im_end|> first, though eos_token is <|endoftext|>
-    with pytest.raises(ValueError, match="the reply spells the special token '<|im_end|>'"):
-        tokenizer.chat_turn_ids(prompt, "ok<|im_end|>")
+    assert tokenizer.chat_turn_ids(prompt, "ok<|im_end|>")[1] == tokenizer.reply_ids("ok<|im_end|>")  # plain text
+
+
+def test_a_reply_that_merges_with_the_prompts_last_token_or_a_prompt_the_chat_does_not_start_with(tmp_path):
+    """A reply opening with a newline after ChatML's 'assistant\\n' tokenises with it as one token: the
+    reply takes that token, and the row is the rendered chat's. A generation prompt that opens a
+    <think> a finished reply lacks (QwQ, R1) is no prefix of the chat: the reply is its content
+    encoded after the prompt, as before, not refused."""
+    folder = write_folder(tmp_path / "chatml", CONFIG)
+    tokenizer = load_tokenizer(folder)
+    prompt = [{"role": "user", "content": "Hello"}]
+    head, tail = tokenizer.chat_turn_ids(prompt, "\n\nFine")
+    whole = transformers_ids(folder, [*prompt, {"role": "assistant", "content": "\n\nFine"}])
+    assert head + tail == whole[:whole.index(2, len(head)) + 1] and tail[-1] == 2
+    thinking = CHATML.replace("'<|im_start|>assistant\n'", "'<|im_start|>assistant\n<think>\n'")
+    tokenizer = load_tokenizer(write_folder(tmp_path / "think", {**CONFIG, "chat_template": thinking}))
+    assert tokenizer.chat_turn_ids(prompt, "Fine") == (tokenizer.chat_prompt_ids(prompt), tokenizer.reply_ids("Fine"))
 
 
 def test_a_sentencepiece_reply_has_no_word_boundary_the_template_does_not_write(tmp_path):

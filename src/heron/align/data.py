@@ -1,8 +1,8 @@
 """Chats with given replies as tensors: what SFT, reward models and the DPO family read.
 
 Each row is a prompt rendered by the tokenizer's chat template up to the
-assistant's turn, followed by the reply's ids and its end-of-turn token
-(`chat_turn_ids`: as the template renders the whole chat), right-padded. Padding after the real
+assistant's turn, followed by the reply's ids and its end-of-turn token, as
+the template renders the whole chat (`chat_turn_ids`), right-padded. Padding after the real
 tokens never changes their logits under causal attention, so no attention
 mask is needed; `mask` marks the reply's tokens, the only ones any loss reads.
 """
@@ -88,13 +88,24 @@ def encode_chats(tokenizer: Tokenizer, chats: Sequence[Messages], max_len: int,
         for turn, message in enumerate(chat[:-1]):
             if message["role"] != "assistant":
                 continue
-            head, reply = tokenizer.chat_turn_ids(chat[:turn], message["content"])
-            start = len(head)
-            if ids[start:start + len(reply)] != reply:
+            span = _earlier_reply(tokenizer, chat[:turn], message["content"], ids)
+            if span is None:
                 raise ValueError(f"{describe(row)}: its assistant turn {turn + 1} is not where this tokenizer's "
                                  "chat template puts it; give chats with one assistant reply, last")
-            mask[row, start:start + len(reply)] = 1.0
+            mask[row, span[0]:span[1]] = 1.0
     return Replies(rows.ids, mask, rows.last)
+
+
+def _earlier_reply(tokenizer: Tokenizer, before: Messages, reply: str, ids: list[int]) -> tuple[int, int] | None:
+    """Where an earlier assistant turn's tokens lie in a whole chat's `ids`: as the template renders
+    it when it ends a chat (`chat_turn_ids`), or as its content encoded on its own after the prompt
+    before it (a template that renders a last turn otherwise, as Qwen3 gives it an empty <think>)."""
+    head, tail = tokenizer.chat_turn_ids(before, reply)
+    plain_head = tokenizer.chat_prompt_ids(before)
+    for start, reply_ids in ((len(head), tail), (len(plain_head), tokenizer.reply_ids(reply))):
+        if ids[start:start + len(reply_ids)] == reply_ids:
+            return start, start + len(reply_ids)
+    return None
 
 
 def as_messages(prompt: str | Messages) -> Messages:

@@ -26,7 +26,6 @@ from heron.core.transformer import Transformer
 from heron.tokenizer import Tokenizer
 
 
-
 @dataclass(frozen=True)
 class GRPOSettings:
     steps: int = 40

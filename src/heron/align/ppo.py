@@ -37,7 +37,6 @@ from heron.core.transformer import Transformer
 from heron.tokenizer import Tokenizer
 
 
-
 @dataclass(frozen=True)
 class PPOSettings:
     steps: int = 100

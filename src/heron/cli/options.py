@@ -72,6 +72,12 @@ TEXT_FILE_SUFFIXES = (".txt", ".md", ".json", ".jsonl", ".csv", ".tsv", ".log", 
                       ".yml")
 
 
+def could_be_a_path(argument: str) -> bool:
+    """Whether a `TEXT` argument may name a file: not '-', not empty, one line, at most 1024 characters
+    (longer is text: no path is, and asking the file system fails on it)."""
+    return argument not in ("", "-") and "\n" not in argument and len(argument) <= 1024
+
+
 def text_or_file(argument: str) -> str:
     """What a `TEXT` argument holds: standard input for '-', the contents of the file it names,
     else the argument itself. A folder, a file that is not UTF-8, or a missing file named like
@@ -79,7 +85,7 @@ def text_or_file(argument: str) -> str:
     typo never passes as the text to read."""
     if argument == "-":
         return sys.stdin.read()
-    if not argument or "\n" in argument or len(argument) > 1024:  # text, not a path
+    if not could_be_a_path(argument):
         return argument
     path = Path(argument)
     if path.is_dir():

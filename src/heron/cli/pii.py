@@ -15,12 +15,11 @@ import argparse
 import json
 import os
 import sys
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from heron.cli.options import text_or_file
+from heron.cli.options import could_be_a_path, text_or_file
 from heron.govern.pii import ENTITIES, PiiEngine
 
 SECRET_ENV = "HERON_PII_SECRET"
@@ -98,17 +97,20 @@ def redact(args: argparse.Namespace) -> int:
         except RecursionError:
             raise _too_deep(where) from None
 
-    where, keys = "<stdin>" if args.text == "-" else args.text, set()
+    where = args.text if _reads_a_file(args.text) else "<stdin>" if args.text == "-" else "<text>"
+    keys: set[str] = set()
     if fmt == "json":
-        print(redact_value(_parse_json(text, where, keys), where))
-    else:
-        for lineno, line in enumerate(text.splitlines(), start=1):  # a line at a time: the first bad one fails early
-            here = f"{where}:{lineno}"
-            print(redact_value(_parse_json(line, here, keys), here) if line.strip() else line)
+        values = [(where, _parse_json(text, where, keys))]
+    else:  # lines end at "\n" alone: JSON strings may hold U+2028 and the like raw, which splitlines() cuts at
+        lines = text.removesuffix("\n").split("\n") if text else []
+        values = [(f"{where}:{n}", _parse_json(line, f"{where}:{n}", keys) if line.strip() else None)
+                  for n, line in enumerate((line.removesuffix("\r") for line in lines), start=1)]
     unseen = [f for f in fields or () if f not in keys]
-    if unseen:  # a typo would leave the strings it meant unredacted
-        warnings.warn(f"--fields: no key {', '.join(map(repr, unseen))} in {where}; nothing under it was redacted",
-                      stacklevel=1)
+    if unseen:  # a typo would print the strings it meant to redact: refused before anything is written
+        raise ValueError(f"--fields: no key {', '.join(map(repr, unseen))} in {where}; nothing would be redacted "
+                         "under it")
+    for here, value in values:
+        print("" if value is None and fmt == "jsonl" else redact_value(value, here))
     return 0
 
 
@@ -125,8 +127,12 @@ def _fields(text: str | None) -> list[str] | None:
 def _format(args: argparse.Namespace) -> str:
     if args.format != "auto":
         return args.format
-    suffix = Path(args.text).suffix.lower() if args.text != "-" and Path(args.text).is_file() else ""
+    suffix = Path(args.text).suffix.lower() if _reads_a_file(args.text) else ""
     return {".json": "json", ".jsonl": "jsonl"}.get(suffix, "text")
+
+
+def _reads_a_file(argument: str) -> bool:
+    return could_be_a_path(argument) and Path(argument).is_file()
 
 
 def _parse_json(text: str, where: str, keys: set[str]) -> Any:

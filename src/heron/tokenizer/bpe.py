@@ -289,7 +289,7 @@ def replaceable_tokenizer_file(path: str | os.PathLike[str]) -> Path:
     if file.parent.exists() and not file.parent.is_dir():
         raise FileExistsError(f"{file.parent}: exists and is not a folder; give a folder or a .json file")
     held = [name for name in (LINEAGE_FILE, CONFIG_FILE) if (file.parent / name).exists()]
-    if held:
+    if held and file.name == TOKENIZER_FILE:  # another .json beside a model is no file of the model's
         raise FileExistsError(f"{file.parent}: holds a model ({held[0]}), whose {TOKENIZER_FILE} is its own; "
                               "write the tokenizer to another folder")
     if file.is_dir():

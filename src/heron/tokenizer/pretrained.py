@@ -218,32 +218,35 @@ class PretrainedTokenizer:
     def reply_ids(self, text: str) -> list[int]:
         """An assistant reply's ids on their own: the content without added special tokens, then
         the end-of-turn token. `chat_turn_ids` gives them as the template renders them after a prompt."""
+        return self.encode(text, add_special_tokens=False, allow_special=False) + [self._turn_end()]
+
+    def _turn_end(self) -> int:
         if self._reply_end_id is None:
             raise ValueError(f"{CONFIG_FILE}: eos_token is not set, so a reply cannot be ended")
-        return self.encode(text, add_special_tokens=False, allow_special=False) + [self._reply_end_id]
+        return self._reply_end_id
 
     def chat_turn_ids(self, messages: list[dict[str, Any]], reply: str) -> tuple[list[int], list[int]]:
-        """(prompt ids, reply ids) of `messages` answered by `reply`, as the chat template renders
-        the whole chat and transformers encodes it: the prompt's are `chat_prompt_ids`, the reply's
-        what follows them up to and including the end-of-turn token. So what the template writes
+        """(prompt ids, reply ids) of `messages` answered by `reply`, as the chat template renders the
+        whole chat and transformers encodes it: the reply's ids run from the first token that reaches
+        past the rendered prompt up to and including the end-of-turn token. So what a template writes
         around a reply is trained as it renders (Llama 2's ' ' before it, ChatML's '\\n' before
-        <|im_end|>, a `| trim`, SentencePiece's word boundary), not the content encoded alone."""
+        <|im_end|>, a `| trim`, SentencePiece's word boundary, a newline the prompt's last one merges
+        with), not the content encoded alone. Where the generation prompt is not how the whole chat
+        starts (one that opens a `<think>` a finished reply lacks), or the reply spells a special
+        token (plain text, never that control token), the reply is the content encoded on its own
+        after `chat_prompt_ids`, as `reply_ids` makes it."""
         head = self.chat_prompt_ids(messages)
-        if not self.chat_template:
+        if not self.chat_template or self._special_spelled(reply) is not None:
             return head, self.reply_ids(reply)
-        chat = [*messages, {"role": "assistant", "content": reply}]
-        spelled = self._special_spelled(reply)
-        if spelled is not None:
-            raise ValueError(f"the reply spells the special token {spelled!r}, which the chat template's text "
-                             "would turn into that control token; remove it")
-        whole = self.encode(self.apply_chat_template(chat), add_special_tokens=False)
-        if whole[:len(head)] != head:
-            raise ValueError("the chat template renders the prompt differently once a reply follows it, so the "
-                             "reply's tokens cannot be told from the prompt's")
-        tail, end = whole[len(head):], self._reply_end_id
-        if end is None:
-            raise ValueError(f"{CONFIG_FILE}: eos_token is not set, so a reply cannot be ended")
-        return head, tail[:tail.index(end) + 1] if end in tail else tail + [end]  # a template that writes none
+        prompt = self.apply_chat_template(messages, add_generation_prompt=True)
+        whole = self.apply_chat_template([*messages, {"role": "assistant", "content": reply}])
+        if not whole.startswith(prompt):
+            return head, self.reply_ids(reply)
+        encoding = self._tok.encode(whole, add_special_tokens=False)
+        ids = encoding.ids
+        cut = next((i for i, (_, stop) in enumerate(encoding.offsets) if stop > len(prompt)), len(ids))
+        end, tail = self._turn_end(), ids[cut:]
+        return ids[:cut], tail[:tail.index(end) + 1] if end in tail else tail + [end]  # a template that writes none
 
     # ----- persistence ------------------------------------------------------
 
