@@ -28,6 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from heron.data.corpus import Corpus
+from heron.store.atomic import process_alive
 from heron.tokenizer import Tokenizer, load_tokenizer
 from heron.tokenizer.bpe import TOKENIZER_FILE
 from heron.tokenizer.pretrained import CONFIG_FILE as TOKENIZER_CONFIG_FILE
@@ -412,18 +413,8 @@ def _sweep_stale_temps(folder: Path) -> None:
     those of a preparation still running in the same folder."""
     for leftover in folder.glob(f"{_TMP_PREFIX}*"):
         pid = leftover.name[len(_TMP_PREFIX):].split("-")[0]
-        if not (pid.isdigit() and _alive(int(pid))):
+        if not (pid.isdigit() and process_alive(int(pid))):
             shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: checks the process exists, sends nothing
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, another user's
-    return True
 
 
 def _install(tmp: Path, folder: Path, meta: dict, old_files: list[Path]) -> None:

@@ -40,6 +40,18 @@ def is_partial_write(path: PathLike, name: str) -> bool:
             and found.is_file() and not found.is_symlink())
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine: a temp named with its writer's pid is left alone
+    while that writer may still be writing it."""
+    try:
+        os.kill(pid, 0)  # signal 0: checks the process exists, sends nothing
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        return True  # it runs, as another user
+    return True
+
+
 def fsync_path(path: PathLike) -> None:
     """Flush a file's or a folder's contents to disk (a folder's: its names, so a rename lasts)."""
     fd = os.open(path, os.O_RDONLY)
@@ -108,5 +120,5 @@ def write_text_atomic(path: PathLike, text: str) -> Path:
 
 __all__ = [
     "PARTIAL_SUFFIX", "atomic_path", "atomic_writer", "fsync_path", "is_partial_write", "partial_path",
-    "write_bytes_atomic", "write_file_atomic", "write_text_atomic",
+    "process_alive", "write_bytes_atomic", "write_file_atomic", "write_text_atomic",
 ]
