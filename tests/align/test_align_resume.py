@@ -189,6 +189,40 @@ def test_a_rerun_writes_the_audit_record_a_kill_left_a_finished_model_without(ba
     assert len(log.records(event="align")) == 1
 
 
+def test_the_record_a_rerun_writes_names_the_models_own_base_not_the_reruns(base, tmp_path, monkeypatch):
+    """The rerun's recipe may name another base: the record names what the model's lineage says made it."""
+    from heron.align import run as run_module
+    from heron.govern.audit import LOG_ENV, AuditLog
+
+    monkeypatch.setenv(LOG_ENV, str(tmp_path / "audit.db"))
+    other = shutil.copytree(base, tmp_path / "other-base")
+    with monkeypatch.context() as patch:
+        def killed(*_args, **_kwargs):
+            raise KeyboardInterrupt  # after the model, before its record
+
+        patch.setattr(run_module, "record_event", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run_alignment("sft", align_recipe(tmp_path, base, "run", "sft"))
+    with pytest.raises(FileExistsError, match="now written"):
+        run_alignment("sft", align_recipe(tmp_path, other, "run", "sft"))
+    [record] = AuditLog.open(tmp_path / "audit.db").records(event="align")
+    assert record.inputs["base"].path == str(base.resolve())
+
+
+def test_a_model_folder_no_alignment_wrote_is_refused_and_gets_no_record(base, tmp_path, monkeypatch):
+    from heron.govern.audit import LOG_ENV, AuditLog
+
+    monkeypatch.setenv(LOG_ENV, str(tmp_path / "audit.db"))
+    (tmp_path / "run" / "model").mkdir(parents=True)
+    (tmp_path / "run" / "model" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="model: exists; choose another out_dir"):
+        run_alignment("sft", align_recipe(tmp_path, base, "run", "sft"))
+    (tmp_path / "run" / "model" / "lineage.json").write_text('{"training": {}}')  # a copied training checkpoint's
+    with pytest.raises(FileExistsError, match="model: exists; choose another out_dir"):
+        run_alignment("sft", align_recipe(tmp_path, base, "run", "sft"))
+    assert AuditLog.open(tmp_path / "audit.db").records(event="align") == []
+
+
 def test_save_every_zero_saves_nothing(base, tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         killed_after(patch, 4)

@@ -162,6 +162,19 @@ def test_a_report_replaces_only_an_earlier_report(tmp_path):
         assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 
+def test_a_report_written_before_a_field_was_added_or_dropped_is_still_replaced(tmp_path):
+    """report.json rows need the core fields only: the demo reruns into the same report folder."""
+    out = tmp_path / "report"
+    write_report([ROW], out)
+    rows = json.loads((out / "report.json").read_text())
+    older = [{k: v for k, v in row.items() if k != "energy_measured"} | {"retired_field": 1} for row in rows]
+    (out / "report.json").write_text(json.dumps(older))
+    assert write_report([ROW], out).is_file()
+    (out / "report.json").write_text(json.dumps([{"name": "mine"}]))  # not a report's rows
+    with pytest.raises(FileExistsError, match="not an earlier report's report.json"):
+        write_report([ROW], out)
+
+
 def test_the_cli_checks_the_report_folder_before_measuring(tmp_path, capsys):
     notes = tmp_path / "notes"
     notes.mkdir()

@@ -603,17 +603,14 @@ def test_a_csv_that_is_not_an_export_is_refused_not_read_as_an_empty_log(tmp_pat
 def test_an_export_to_a_stream_that_blocks_holds_no_writer_up(tmp_path: Path, data_file: Path,
                                                               monkeypatch) -> None:
     """`heron audit export - --format csv | less`: while the pager holds the stream, another process
-    appends. Records are read a page at a time, whole, so no read of the log is open then; one
+    appends. Records are read whole into a spool file first, so no read of the log is open then; one
     open over the whole export kept SQLite's writers waiting, and failing after the busy timeout."""
     import io
 
     import heron.store.database as database
-    from heron.store.audit import AuditStore
 
     log = make_log(tmp_path / "a.db", data_file, n=300, checkpoint_every=0)
     monkeypatch.setattr(database, "SQLITE_BUSY_SECONDS", 0.2)  # the other process's wait, cut short
-    pages = AuditStore.records_in_pages
-    monkeypatch.setattr(AuditStore, "records_in_pages", lambda self: pages(self, 64))
     appended = []
 
     class Pager(io.StringIO):
@@ -625,8 +622,36 @@ def test_an_export_to_a_stream_that_blocks_holds_no_writer_up(tmp_path: Path, da
             return super().write(text)
 
     out = Pager()
-    assert export_log(log, out, "csv") == 301  # the record appended meanwhile is read too
-    assert appended == [300] and out.getvalue().count("\r\n") == 302  # header and 301 records
+    assert export_log(log, out, "csv") == 300  # the log as it was read: not the record appended meanwhile
+    assert appended == [300] and out.getvalue().count("\r\n") == 301  # header and 300 records
+
+
+def test_an_export_is_the_log_as_one_read_saw_it(tmp_path: Path) -> None:
+    """An erase while the export is written: read in pages (1000 records a query, once), the export
+    held the erased content from one page and, on a later one, the audit.erase that cleared it."""
+    import io
+
+    import sqlalchemy as sa
+
+    log = AuditLog.open(tmp_path / "a.db", store_content=True, checkpoint_every=0)
+    sa.event.listen(log.store.engine, "connect", lambda conn, _: conn.execute("PRAGMA synchronous=OFF"))  # speed
+    log.store.engine.dispose()
+    log.append("note", actor="a", content="Jane Doe's request", subject="jane")
+    for i in range(1000):  # more records than one such page
+        log.append("note", actor="a", content=f"request {i}", subject="bob")
+    erased = []
+
+    class Pager(io.StringIO):
+        def write(self, text: str) -> int:
+            if not erased and "Jane Doe" in self.getvalue():  # another process erases her content now
+                other = AuditLog.open(tmp_path / "a.db")
+                erased.append(other.erase("jane"))
+                other.close()
+            return super().write(text)
+
+    out = Pager()
+    assert export_log(log, out, "csv") == 1001 and erased == [[0]]
+    assert "Jane Doe's request" in out.getvalue() and "audit.erase" not in out.getvalue()  # before the erase
 
 
 def test_a_csv_export_writes_no_formula_and_still_round_trips(tmp_path: Path) -> None:

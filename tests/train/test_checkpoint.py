@@ -326,3 +326,24 @@ def test_the_latest_checkpoint_deleted_while_it_is_read_is_read_again(tmp_path: 
                         else verify(folder))
     assert load_checkpoint(tmp_path).path.name == "step_00000004"  # once: the newer one is read
     assert load_checkpoint(tmp_path / "checkpoints" / "latest").lineage is not None
+
+
+def test_a_checkpoint_read_through_latest_is_one_steps_throughout(tmp_path: Path, monkeypatch) -> None:
+    """A save that repoints `latest` after the read verified step 1 must not hand out step 1's
+    lineage with step 2's weights: the read goes on in the folder it resolved (here deleted,
+    so it is read again, whole, from step 2)."""
+    save_checkpoint(tmp_path, 1, small_model(1), keep_last=1, lineage={"step": 1})
+    verify, saves = ckpt.verify_checkpoint, iter([2])
+
+    def newer_save_after(folder):
+        lineage = verify(folder)
+        for step in saves:
+            save_checkpoint(tmp_path, step, small_model(step), keep_last=1, lineage={"step": step})
+        return lineage
+
+    monkeypatch.setattr(ckpt, "verify_checkpoint", newer_save_after)
+    latest = tmp_path / "checkpoints" / "latest"
+    loaded = load_checkpoint(latest)
+    assert loaded.path == latest and loaded.lineage["step"] == 2
+    expected = small_model(2).state_dict()
+    assert all(torch.equal(loaded.state_dict[name], w) for name, w in expected.items() if name in loaded.state_dict)

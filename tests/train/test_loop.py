@@ -295,6 +295,25 @@ def test_a_second_run_into_a_folder_in_use_is_refused_at_once(recipe_factory, tm
     assert train(recipe_factory("run", train={"steps": 4}), resume=False).step == 4  # the file left: blocks nothing
 
 
+def test_a_run_that_finds_its_new_folder_written_meanwhile_refuses_it(recipe_factory, tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    """A new folder is locked only when the run has built its model: another run may have made it,
+    trained and ended there meanwhile. That run's checkpoints and metrics are kept, not wiped."""
+    from heron.train import loop
+
+    run, seed_everything = tmp_path / "run", loop._seed_everything
+
+    def other_run_meanwhile(seed: int) -> None:  # after this run looked for a checkpoint, before its lock
+        monkeypatch.setattr(loop, "_seed_everything", seed_everything)
+        train(recipe_factory("run", train={"steps": 4}))
+        seed_everything(seed)
+
+    monkeypatch.setattr(loop, "_seed_everything", other_run_meanwhile)
+    with pytest.raises(RecipeError, match=re.escape(f"out_dir: another run wrote into {run} meanwhile; rerun")):
+        train(recipe_factory("run", train={"steps": 2}))
+    assert len(read_metrics(run)) == 4 and latest_checkpoint(run).name == "step_00000004"
+
+
 def test_what_killed_runs_left_in_the_run_folder_is_swept_at_start(recipe_factory, tmp_path: Path) -> None:
     run = tmp_path / "run"
     train(recipe_factory("run", train={"steps": 4}))
@@ -303,6 +322,28 @@ def test_what_killed_runs_left_in_the_run_folder_is_swept_at_start(recipe_factor
     (run / ".metrics.jsonl.0123456789ab.partial").write_text('{"step": 1')
     train(recipe_factory("run", train={"steps": 4}), resume=False)
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == [LOCK_FILE]
+
+
+def test_under_its_lock_a_run_sweeps_leftovers_whose_pid_is_now_a_live_process(recipe_factory,
+                                                                              tmp_path: Path) -> None:
+    """A restarted container's run has the pid (1) the killed one had: its temps are swept all the same."""
+    run = tmp_path / "run"
+    train(recipe_factory("run", train={"steps": 4}))
+    (run / "checkpoints" / f".tmp-step_00000008-{os.getpid()}-0123abcd").mkdir()  # killed mid-save
+    shutil.copytree(run / "checkpoints", run / f".trash-checkpoints-{os.getpid()}-0123abcd")
+    train(recipe_factory("run", train={"steps": 6}))
+    assert not [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == [LOCK_FILE]
+
+
+def test_hidden_files_in_checkpoints_do_not_stop_a_resume(recipe_factory, tmp_path: Path) -> None:
+    """A pointer file's write killed midway (filesystems without symlinks), a file browser's .DS_Store."""
+    run = tmp_path / "run"
+    train(recipe_factory("run", train={"steps": 4}))
+    (run / "checkpoints" / ".latest.0123456789ab.partial").write_text("step_00000004\n")
+    (run / "checkpoints" / ".DS_Store").write_bytes(b"")
+    assert train(recipe_factory("run", train={"steps": 6})).step == 6
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")) == [".DS_Store"]
 
 
 def test_a_folder_that_is_not_a_run_is_refused_and_left_as_it_was(recipe_factory, tmp_path: Path) -> None:

@@ -89,3 +89,15 @@ def test_a_preparation_killed_while_installing_its_shards_is_redone(tmp_path, co
     assert meta["tokenizer_vocab_requested"] == meta["vocab_size"] == data.vocab_size == 280
     assert data.tokenizer.fingerprint() == meta["tokenizer_sha256"]
     assert len(data.train) == meta["train"]["tokens"] > 0
+
+
+def test_a_users_own_tokenizer_in_the_shard_folder_is_used_not_replaced(tmp_path, corpus) -> None:
+    """DataSection: the tokenizer defaults to <shards>/tokenizer.json (the README trains one there first);
+    with no shard files beside it, no killed install left it, so the shards are made with it."""
+    mine = train_tokenizer(Corpus([corpus]), 280, progress=False)
+    mine.save(tmp_path / "shards")
+    saved = (tmp_path / "shards" / "tokenizer.json").read_bytes()
+    data = resolve_data(section(tmp_path, corpus, 300))
+    assert (tmp_path / "shards" / "tokenizer.json").read_bytes() == saved
+    assert data.tokenizer.fingerprint() == mine.fingerprint() == data.meta["tokenizer_sha256"]
+    assert "tokenizer_vocab_requested" not in data.meta  # as for a tokenizer the recipe names

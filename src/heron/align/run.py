@@ -106,25 +106,40 @@ def run_alignment(method: str, recipe: AlignRecipe, *, resume: bool = True, rest
                              "energy": energy.report().to_dict()}}
     folder = save_model_folder(out / MODEL_DIR, trained, tokenizer=tokenizer, lineage=lineage)
     state.file.unlink(missing_ok=True)  # the finished model holds all there is
-    _record_align(recipe, folder, lineage["alignment"])
+    _record_align(folder, lineage["alignment"])
     return folder
 
 
-def _record_align(recipe: AlignRecipe, folder: Path, alignment: dict[str, Any]) -> None:
-    record_event("align", inputs={"base": resolve_checkpoint(recipe.base), "data": recipe.data.file},
+def _record_align(folder: Path, alignment: dict[str, Any]) -> None:
+    """The model's audit record, its inputs named by what its lineage records (not by a rerun's
+    recipe, which may name another base or data file); an input gone since is left out."""
+    base, data = resolve_checkpoint(alignment["base"]), alignment["recipe"]["data"]["file"]
+    inputs = {"base": base, "data": data}
+    record_event("align", inputs={role: path for role, path in inputs.items() if path and Path(path).exists()},
                  outputs={"checkpoint": folder}, model_hash=model_hash(folder), parameters=alignment)
 
 
 def _record_finished_run(recipe: AlignRecipe) -> bool:
     """Write the audit record a finished run's model lacks, when a kill came between the model and
     its record (as train/loop.py's rerun of a finished run does); True when it was written.
-    A record that wrote the folder as it is, or before documents were written into it, counts."""
+    A record that wrote the folder as it is, or before documents were written into it, counts.
+    A model/ folder whose lineage records no alignment is no run's model: nothing to write."""
     log, folder = audit_log(), Path(recipe.out_dir) / MODEL_DIR
-    if log is None or writers(log, folder_sha256(folder)):
+    alignment = _recorded_alignment(folder)
+    if log is None or alignment is None or writers(log, folder_sha256(folder)):
         return False
-    lineage = json.loads((folder / LINEAGE_FILE).read_text(encoding="utf-8"))
-    _record_align(recipe, folder, lineage["alignment"])
+    _record_align(folder, alignment)
     return True
+
+
+def _recorded_alignment(folder: Path) -> dict[str, Any] | None:
+    """The `alignment` section of the model's lineage.json; None when there is none to read."""
+    try:
+        lineage = json.loads((folder / LINEAGE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    alignment = lineage.get("alignment") if isinstance(lineage, dict) else None
+    return alignment if isinstance(alignment, dict) and "base" in alignment and "recipe" in alignment else None
 
 
 def _resumable(method: str, recipe: AlignRecipe, resume: bool, restart_other: bool,

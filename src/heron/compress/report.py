@@ -17,7 +17,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -200,14 +200,17 @@ def report_folder(out_dir: str | Path) -> Path:
     return out
 
 
+_REPORT_KEYS = {"name", "path", "size_bytes", "perplexity"}  # what every report.json row has held
+
+
 def _is_report(file: Path) -> bool:
-    """Whether `file` is the report.json of an earlier report: a list of VariantRow fields."""
+    """Whether `file` is the report.json of an earlier report: a list of rows holding at least
+    VariantRow's core fields (not all of them: a field added since must not refuse every older report)."""
     try:
         rows = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    keys = {f.name for f in fields(VariantRow)}
-    return isinstance(rows, list) and bool(rows) and all(isinstance(r, dict) and set(r) == keys for r in rows)
+    return isinstance(rows, list) and bool(rows) and all(isinstance(r, dict) and _REPORT_KEYS <= r.keys() for r in rows)
 
 
 def write_report(rows: Sequence[VariantRow], out_dir: str | Path) -> Path:

@@ -107,12 +107,12 @@ def _unembed_json(record: Mapping[str, Any]) -> Row:
 
 def export_log(log: AuditLog, path: str | os.PathLike[str] | TextIO, fmt: str = "json") -> int:
     """Write every record of `log` (and, for JSON, every checkpoint) to a file, or to an open
-    text stream such as sys.stdout; returns the record count. Records are read a page at a time,
-    so a stream that blocks (a pager left open) never holds the log's writers up."""
+    text stream such as sys.stdout; returns the record count. The records are the log as one read
+    saw it, spooled, so a stream that blocks (a pager left open) never holds the log's writers up."""
     checkpoints = log.checkpoints()  # first: every record they cover is then read
     if isinstance(path, (str, os.PathLike)):
-        return export_rows(log.store.records_in_pages(), checkpoints, path, fmt)
-    return write_rows(log.store.records_in_pages(), checkpoints, path, fmt)
+        return export_rows(log.store.records_spooled(), checkpoints, path, fmt)
+    return write_rows(log.store.records_spooled(), checkpoints, path, fmt)
 
 
 __all__ = ["CSV_FORMULA_START", "EXPORT_FORMAT", "FORMATS", "export_log", "export_rows", "read_export", "write_rows"]

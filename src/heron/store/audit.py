@@ -15,6 +15,8 @@ leaves every hash in place.
 """
 from __future__ import annotations
 
+import json
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -123,22 +125,18 @@ class AuditStore(EngineStore):
         with self.engine.connect() as own:
             yield from (dict(row._mapping) for row in own.execute(query))
 
-    def records_in_pages(self, page: int = 1000) -> Iterator[Row]:
-        """Every row in sequence order, `page` rows a query, each read whole before any is handed
-        out: no read stays open while the caller works on a row (writes it to a pipe a pager
+    def records_spooled(self) -> Iterator[Row]:
+        """Every row in sequence order, as one read saw the log: the rows are read in one query
+        into a temporary file, then handed out from it. One query: rows read in pages could mix
+        states (a record's content on one page, the audit.erase that cleared it on a later one).
+        Spooled: no read stays open while the caller works on a row (writes it to a pipe a pager
         holds, say), which on SQLite would keep every writer waiting, and failing after
         SQLITE_BUSY_SECONDS."""
-        after: int | None = None
-        while True:
-            query = sa.select(audit_records).order_by(audit_records.c.seq).limit(page)
-            if after is not None:
-                query = query.where(audit_records.c.seq > after)
-            with self.engine.connect() as conn:
-                rows = [dict(row._mapping) for row in conn.execute(query)]
-            yield from rows
-            if len(rows) < page:
-                return
-            after = rows[-1]["seq"]
+        with tempfile.TemporaryFile("w+", encoding="utf-8") as spool:
+            for row in self.records():  # the read writes to a local file only: it is never held up
+                spool.write(json.dumps(row) + "\n")
+            spool.seek(0)
+            yield from (json.loads(line) for line in spool)
 
     def hashes(self, start: int = 0, stop: int | None = None) -> list[str]:
         """The `hash` column of records start .. stop-1, in order."""

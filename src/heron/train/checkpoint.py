@@ -32,7 +32,7 @@ import shutil
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ from heron.core.transformer import Transformer
 from heron.govern.digest import CONFIG_FILE, LINEAGE_FILE, MODEL_FILE, QUANTIZATION_FILE, SPARSITY_FILE
 from heron.govern.digest import file_sha256 as sha256_file
 from heron.govern.digest import model_hash
-from heron.store.atomic import fsync_path, write_text_atomic
+from heron.store.atomic import fsync_path, process_alive, write_text_atomic
 from heron.tokenizer import Tokenizer, load_tokenizer
 from heron.tokenizer.bpe import TOKENIZER_FILE
 from heron.tokenizer.pretrained import CONFIG_FILE as TOKENIZER_CONFIG_FILE
@@ -269,19 +269,6 @@ def _hidden_name(kind: str, name: str) -> str:
     return f".{kind}-{name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def _writer_alive(pid: str | None) -> bool:
-    """Whether process `pid` runs (None: a name from before names carried the pid)."""
-    if pid is None:
-        return False
-    try:
-        os.kill(int(pid), 0)  # signal 0: checks only
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:  # it runs, as another user
-        return True
-    return True
-
-
 def _write_bytes(path: Path, data: bytes) -> None:
     _write_with(path, lambda f: f.write(data))
 
@@ -359,8 +346,8 @@ def load_checkpoint(path: str | Path, *, trainer_state: bool = True) -> Checkpoi
         folder = resolve_checkpoint(path)
         step_folder = folder.resolve()  # itself, or the folder the `latest` link points at now
         was_there = step_folder.is_dir()
-        try:
-            return _read_checkpoint(folder, trainer_state)
+        try:  # from the step folder: a save can repoint `latest` between this read's file opens
+            return replace(_read_checkpoint(step_folder, trainer_state), path=folder)
         except (CheckpointError, OSError) as err:
             if not was_there or step_folder.exists():  # never there, or damaged: not deleted midway
                 raise
@@ -539,18 +526,23 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def sweep_partial(root: Path, name: str | None = None) -> None:
+def sweep_partial(root: Path, name: str | None = None, *, live_check: bool = True) -> None:
     """Delete the temp and trash siblings in `root` (those of `name` alone, given one) whose
     writer no longer runs: what killed saves and deletions left. A live writer's are its own.
+    `live_check=False` deletes them all, for a caller that knows no writer runs (a run holding
+    its folder's lock): a killed writer's pid may be a live process's by now (pid 1 in containers).
 
     One is finished instead: a replacement killed between moving the old folder aside and
     renaming its new one in (`_move_in`) left nothing at the name, but a complete temp (fsynced
     before the old folder moved) beside that trash; it is renamed into place, the newer copy."""
     if not root.is_dir():
         return
+    def writing(pid: str | None) -> bool:  # None: a name from before names carried the pid
+        return live_check and pid is not None and process_alive(int(pid))
+
     matches = ((path, _LEFTOVER.fullmatch(path.name)) for path in root.iterdir())
-    found = {path: match["name"] for path, match in matches
-             if match and name in (None, match["name"]) and not _writer_alive(match["pid"])}  # {leftover: its target}
+    found = {path: match["name"] for path, match in matches  # {leftover: its target}
+             if match and name in (None, match["name"]) and not writing(match["pid"])}
     for path, target in found.items():
         moved_aside = f".trash-{path.name.removeprefix('.tmp-')}-"
         if (path.name.startswith(".tmp-") and not os.path.lexists(root / target)

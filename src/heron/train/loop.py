@@ -119,7 +119,8 @@ RECIPE_FILE = "recipe.yaml"
 # The files a run writes, replaces and (--no-resume) deletes in its folder (an alignment run's: align/run.py's
 # RUN_FILES). Its checkpoints/ holds step_N folders and `latest`; killed writes leave hidden temps.
 RUN_FILES = frozenset({RECIPE_FILE, METRICS_FILE, PLOT_FILE, CHECKPOINTS_DIR})
-_CHECKPOINT_ENTRY = re.compile(rf"step_[0-9]+|{LATEST_FILE}|\.(tmp|trash)-.+")
+# Hidden entries too: killed writes (.tmp-*, .trash-*, .latest.*.partial) and a file browser's (.DS_Store).
+_CHECKPOINT_ENTRY = re.compile(rf"step_[0-9]+|{LATEST_FILE}|\..+")
 
 # Called after every step on every process with that step's row of history.
 Callback = Callable[[dict[str, Any]], None]
@@ -224,6 +225,10 @@ class _RunFolderLock:
         file.flush()
         self._file = file
 
+    @property
+    def held(self) -> bool:
+        return self._file is not None
+
     def release(self) -> None:
         if self._file is not None:
             self._file.close()  # closing the file drops the lock
@@ -266,9 +271,8 @@ def _start(recipe: TrainRecipe, ctx: dist_.DistContext, resume: bool, data: Trai
     objective_optimizer = None
     if objective.params is not None:
         objective_optimizer = build_optimizer(objective.params.to(ctx.device), recipe.optim)
-    if ctx.is_main:  # only now, every check passed: a run that cannot start leaves the folder as it was
-        lock.hold()  # already held, unless the folder is new
-        _prepare_out_dir(out_dir, recipe, resume)
+    # Only now, every check passed: a run that cannot start leaves the folder as it was.
+    _refused_on_main(ctx, lambda: _take_new_folder(lock, recipe, resume))
     dist_.barrier(ctx)
     run = _Run(recipe, ctx, data, model, optimizer, objective, objective_optimizer, micro, accum, out_dir, meter)
     if ckpt is not None:
@@ -298,12 +302,33 @@ def _hold_existing_folder(lock: _RunFolderLock, ctx: dist_.DistContext, recipe: 
     """Check the run folder (`_check_out_dir`) and lock one that exists before any work, so that
     a run live there refuses this one at once, on every process (a new folder is locked as it
     is made: a run that cannot start must not leave one behind)."""
+    def check() -> None:
+        _check_out_dir(recipe)
+        if lock.out_dir.is_dir():
+            lock.hold()
+
+    _refused_on_main(ctx, check)
+
+
+def _take_new_folder(lock: _RunFolderLock, recipe: TrainRecipe, resume: bool) -> None:
+    """Lock the run folder (already held, unless it was new) and prepare it. A folder that was new
+    when this run looked was not locked meanwhile: another run may have made it, trained and ended
+    there, and this one, which found no checkpoint to resume, would wipe that run's metrics."""
+    out_dir, was_new = Path(recipe.out_dir), not lock.held
+    lock.hold()
+    if was_new and (latest_checkpoint(out_dir) is not None or (out_dir / METRICS_FILE).exists()):
+        raise RecipeError(f"out_dir: another run wrote into {out_dir} meanwhile; rerun to resume it, or "
+                          "choose another out_dir")
+    _prepare_out_dir(out_dir, recipe, resume)
+
+
+def _refused_on_main(ctx: dist_.DistContext, check: Callable[[], None]) -> None:
+    """Run `check` on the main process; its RecipeError is raised on every process (the others
+    would otherwise wait at the next collective for a main process that has gone)."""
     refusal = None
     if ctx.is_main:
         try:
-            _check_out_dir(recipe)
-            if lock.out_dir.is_dir():
-                lock.hold()
+            check()
         except RecipeError as err:
             refusal = str(err)
     refusal = dist_.from_main(refusal, ctx)
@@ -348,15 +373,18 @@ def _is_run_recipe(file: Path) -> bool:
 
 def _prepare_out_dir(out_dir: Path, recipe: TrainRecipe, resume: bool) -> None:
     """Make the run folder, sweep what killed runs left in it, and (not resuming) delete the
-    earlier run's files. Called holding the run's lock: nothing swept is a live writer's."""
+    earlier run's files. Called holding the run's lock: nothing swept is a live writer's, whatever
+    process now has the pid a killed writer had."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    sweep_partial(out_dir)  # e.g. the .trash-checkpoints-* of a --no-resume killed while deleting
-    for leftover in out_dir.iterdir():
-        if any(is_partial_write(leftover, name) for name in (RECIPE_FILE, METRICS_FILE, PLOT_FILE)):
-            leftover.unlink()
+    checkpoints = out_dir / CHECKPOINTS_DIR
+    for folder, names in ((out_dir, (RECIPE_FILE, METRICS_FILE, PLOT_FILE)), (checkpoints, (LATEST_FILE,))):
+        sweep_partial(folder, live_check=False)  # e.g. the .trash-checkpoints-* of a killed --no-resume
+        for leftover in folder.iterdir() if folder.is_dir() else ():
+            if any(is_partial_write(leftover, name) for name in names):
+                leftover.unlink()
     if not resume:  # checkpoints/ holds only checkpoints (`_check_out_dir`): deleted whole, atomically
-        if (out_dir / CHECKPOINTS_DIR).exists():
-            remove_folder(out_dir / CHECKPOINTS_DIR)
+        if checkpoints.exists():
+            remove_folder(checkpoints)
         for name in (METRICS_FILE, PLOT_FILE):
             (out_dir / name).unlink(missing_ok=True)
     write_text_atomic(out_dir / RECIPE_FILE, yaml.safe_dump(recipe.to_dict(), sort_keys=False))

@@ -137,10 +137,11 @@ def _prepare(section: DataSection, folder: Path) -> None:
     prepare_shards installs the tokenizer beside the shards. Until then a trained one is kept
     under a hidden name that records what it was trained for (vocab size, corpus fingerprint),
     so a rerun after a kill skips the training only for the same request: a tokenizer.json a
-    killed preparation left says neither, and meta.json must name the request that made it.
+    killed install left (shard files lie beside it) says neither, and meta.json must name the
+    request that made it. A tokenizer.json alone in the folder is the user's own: it is used.
     """
     corpus = _corpus(section).excluding(folder)
-    if section.tokenizer is not None:
+    if section.tokenizer is not None or _users_tokenizer(folder):
         prepare_shards(corpus, _tokenizer(section, folder), folder, seed=section.split_seed)
         return
     kept = folder / _KEPT_TOKENIZER.format(vocab_size=section.vocab_size, corpus=corpus.fingerprint()[:16])
@@ -153,6 +154,11 @@ def _prepare(section: DataSection, folder: Path) -> None:
     prepare_shards(corpus, tokenizer, folder, seed=section.split_seed, note={VOCAB_REQUESTED: section.vocab_size})
     for leftover in folder.glob(_KEPT_TOKENIZER.format(vocab_size="*", corpus="*")):
         leftover.unlink(missing_ok=True)
+
+
+def _users_tokenizer(folder: Path) -> bool:
+    """Whether `folder` holds a tokenizer.json that no killed install left: one with no shard files beside it."""
+    return (folder / TOKENIZER_FILE).is_file() and not any(is_shard_file(p.name) for p in folder.iterdir())
 
 
 def _check_made_from(section: DataSection, folder: Path) -> None:
