@@ -289,15 +289,10 @@ class PretrainedTokenizer:
         config: dict[str, Any] = {}
         if (config_file := folder_file(folder, CONFIG_FILE)) is not None:
             read.append(config_file)
-            try:
-                config = json.loads(config_file.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{config_file}: not valid JSON ({err})") from err
-            if not isinstance(config, dict):
-                raise ValueError(f"{config_file}: must be a JSON object of settings, got {type(config).__name__}")
+            config = _json_object(config_file, "settings")
         if (map_file := folder_file(folder, SPECIAL_TOKENS_MAP_FILE)) is not None:  # older folders' special tokens
             read.append(map_file)
-            config = _with_special_tokens_map(config, map_file)
+            config = _with_special_tokens_map(config, _json_object(map_file, "special tokens"))
         template = None
         if (template_file := folder_file(folder, TEMPLATE_FILE)) is not None:
             read.append(template_file)
@@ -359,16 +354,21 @@ def load_tokenizer(folder: str | os.PathLike[str]) -> HeronTokenizer | Pretraine
     return HeronTokenizer.load(folder)
 
 
-def _with_special_tokens_map(config: dict[str, Any], file: Path) -> dict[str, Any]:
+def _json_object(file: Path, holding: str) -> dict[str, Any]:
+    """The JSON object in `file` (of `holding`, for the error); a ValueError naming the file else."""
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}: not valid JSON ({err})") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"{file}: must be a JSON object of {holding}, got {type(value).__name__}")
+    return value
+
+
+def _with_special_tokens_map(config: dict[str, Any], mapped: dict[str, Any]) -> dict[str, Any]:
     """tokenizer_config.json's settings with the special tokens special_tokens_map.json names, which
     win, as transformers reads an older folder (bos and eos there only: a template's {{ bos_token }}
     rendered empty)."""
-    try:
-        mapped = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{file}: not valid JSON ({err})") from err
-    if not isinstance(mapped, dict):
-        raise ValueError(f"{file}: must be a JSON object of special tokens, got {type(mapped).__name__}")
     return {**config, **{key: value for key, value in mapped.items() if key.endswith("_token")}}
 
 
