@@ -269,3 +269,20 @@ def test_lookups_read_keys_as_grants_write_them(registry):
     assert registry.export(" alice ")["records"]
     with pytest.raises(ValueError, match="'purpose' 'Training': use lower-case"):
         registry.status("alice", "Training")
+
+
+def test_a_registry_left_without_its_append_only_trigger_gets_it_back(tmp_path):
+    """Two first opens at once could leave the table without its trigger (before tables were made
+    under a lock): opened to write, the registry makes it again; opened to read, it warns."""
+    db = tmp_path / "consent.db"
+    ConsentRegistry.open(db).close()
+    engine = sa.create_engine(f"sqlite:///{db}")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TRIGGER consent_events_append_only")
+    with pytest.warns(UserWarning, match="consent_events has no append-only trigger"):
+        ConsentRegistry.open(db, create=False).close()
+    with ConsentRegistry.open(db) as registry:
+        registry.grant("alice", "training", source="web-form")
+    with pytest.raises(sa.exc.DatabaseError, match="consent_events is append-only"), engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE consent_events SET event = 'given'")
+    engine.dispose()

@@ -17,7 +17,9 @@ purpose at time t", is one lookup on the index (user_id, purpose, at, id).
 from __future__ import annotations
 
 import json
+import os
 import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -70,6 +72,12 @@ for _dialect, _statements in _NO_UPDATE.items():
         sa.event.listen(consent_events, "after_create", sa.DDL(_sql).execute_if(dialect=_dialect))
 
 
+def _has_append_only_trigger(engine: sa.Engine) -> bool:
+    with engine.connect() as conn:
+        return conn.exec_driver_sql("SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = "
+                                    "'consent_events_append_only'").first() is not None
+
+
 @dataclass(frozen=True)
 class ConsentEvent:
     """One stored event: a consent given, or withdrawn, by a user for a purpose."""
@@ -109,6 +117,22 @@ class ConsentStore(EngineStore):
 
     what = "consent registry"
     schema = consent_metadata  # the table, and its trigger
+
+    @classmethod
+    def open(cls, url_or_path: str | os.PathLike[str], *, create: bool = True) -> ConsentStore:
+        """As EngineStore.open; on SQLite an append-only trigger found missing is made again (with
+        `create`), else warned of: before tables were made under a lock, two first opens at once
+        could leave the table without it, so history could be rewritten unseen."""
+        store = super().open(url_or_path, create=create)
+        if store.engine.dialect.name == "sqlite" and not _has_append_only_trigger(store.engine):
+            if create:
+                again = _NO_UPDATE["sqlite"][0].replace("CREATE TRIGGER", "CREATE TRIGGER IF NOT EXISTS")
+                with store.write_transaction() as conn:
+                    conn.exec_driver_sql(again)
+            else:
+                warnings.warn(f"{store.url}: consent_events has no append-only trigger, so its history can be "
+                              "rewritten; open it once with create to make it", stacklevel=2)
+        return store
 
     def append(self, event: EventInput, *, clock: Callable[[], datetime] = utc_now,
                decide: Callable[[ConsentEvent | None, datetime], EventInput] | None = None) -> ConsentEvent:
