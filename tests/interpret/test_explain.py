@@ -63,6 +63,15 @@ def test_a_moe_model_gets_its_routing_section(tokenizer, tmp_path):
     assert ">Mixture-of-Experts routing</h2>" in page.read_text() and missing_files(page) == []
 
 
+def test_a_model_with_a_short_context_scores_its_heads_on_a_shorter_period(tokenizer, tmp_path):
+    """The heads section repeats a random sequence once: 2 x 16 tokens were more than a 24-token
+    context holds, and the whole report failed whatever the prompt's length."""
+    page = explain(model_for(max_seq_len=24), tokenizer, ExplainSettings(prompt=PROMPT), tmp_path)
+    assert "Scores on 8 sequences of 12 random tokens repeated once" in page.read_text()
+    with pytest.raises(ValueError, match="head_period: expected a whole number of at least 2, got 1"):
+        ExplainSettings(prompt=PROMPT, head_period=1)
+
+
 def test_cli_on_a_checkpoint_and_clear_errors(tokenizer, tmp_path, capsys):
     save_model_folder(tmp_path / "ckpt", model_for(), tokenizer=tokenizer)
     assert main(["explain", str(tmp_path / "ckpt"), "--prompt", PROMPT, "--out", str(tmp_path / "out")]) == 0

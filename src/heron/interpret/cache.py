@@ -275,8 +275,11 @@ def run_with_cache(
     order the forward pass computed them.
 
     Selecting `attn.hook_pattern` makes attention materialise its
-    probabilities (core/attention.py), which changes logits by float rounding
-    only. max_bytes bounds the cached activations (not the forward pass's own
+    probabilities (core/attention.py), and selecting a MoE layer's expert hook
+    points (`hook_expert_load`, `_dropped`, `_in`, `_post`) sends 16 tokens or
+    fewer through batched dispatch instead of the few-token path
+    (core/moe.py `decodes`): either changes logits by float rounding only
+    (~1e-6). max_bytes bounds the cached activations (not the forward pass's own
     working memory); over it, ValueError before anything runs.
     """
     if ids.dim() != 2:

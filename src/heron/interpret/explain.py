@@ -56,6 +56,8 @@ class ExplainSettings:
     def __post_init__(self) -> None:
         if not isinstance(self.ig_steps, int) or not 1 <= self.ig_steps <= MAX_IG_STEPS:
             raise ValueError(f"ig_steps: expected a whole number from 1 to {MAX_IG_STEPS}, got {self.ig_steps!r}")
+        if not isinstance(self.head_period, int) or self.head_period < 2:
+            raise ValueError(f"head_period: expected a whole number of at least 2, got {self.head_period!r}")
 
 
 def explain(model: Transformer, tokenizer: TokenizerLike, settings: ExplainSettings,
@@ -217,9 +219,11 @@ def _attention(model: Transformer, ids: torch.Tensor, tokens: list[str], out: Pa
 
 
 def _heads(model: Transformer, settings: ExplainSettings, out: Path) -> Section:
-    ids = repeated_tokens(8, settings.head_period, model.config.vocab_size)
-    scores = head_scores(model, ids, settings.head_period)
-    found = detect_heads(model, period=settings.head_period, batch_size=8)
+    # The sequence and its repeat must fit the context: a short-context model scores on a shorter period.
+    period = min(settings.head_period, model.config.max_seq_len // 2)
+    ids = repeated_tokens(8, period, model.config.vocab_size)
+    scores = head_scores(model, ids, period)
+    found = detect_heads(model, period=period, batch_size=8)
     images = []
     for name, values in scores.items():
         heads = [str(h) for h in range(values.shape[1])]
@@ -230,7 +234,7 @@ def _heads(model: Transformer, settings: ExplainSettings, out: Path) -> Section:
              f.best_score, f.margin] for name, f in found.items()]
     return Section(
         "Attention heads",
-        f"Scores on 8 sequences of {settings.head_period} random tokens repeated once (Olsson et al. 2022). "
+        f"Scores on 8 sequences of {period} random tokens repeated once (Olsson et al. 2022). "
         "Induction score: attention from a token in the repeat to the token after its earlier occurrence, the "
         "signature of in-context copying. Previous-token score: attention to the token just before. A head is "
         "reported when its score reaches the threshold; the margin is how far the found heads stand above every "
