@@ -69,10 +69,11 @@ def explain(model: Transformer, tokenizer: TokenizerLike, settings: ExplainSetti
     list in its MARKER is refused before any work (replacing it would delete them).
     The model runs in eval mode and is left in the mode it was in."""
     target_dir = require_replaceable(out_dir, _not_from_a_report, WRITER)
-    ids = torch.tensor([_encode(tokenizer, settings.prompt, "prompt", model)])  # (1, T)
+    device = model.embed.weight.device  # ids where the model is: a CUDA model read CPU ids and failed
+    ids = torch.tensor([_encode(tokenizer, settings.prompt, "prompt", model)], device=device)  # (1, T)
     corrupted = None
     if settings.corrupted is not None:  # checked before the work, not after it
-        corrupted = torch.tensor([_encode(tokenizer, settings.corrupted, "corrupted", model)])
+        corrupted = torch.tensor([_encode(tokenizer, settings.corrupted, "corrupted", model)], device=device)
         if corrupted.shape != ids.shape:
             raise ValueError(f"corrupted: {corrupted.shape[1]} tokens, but the prompt has {ids.shape[1]}; patching "
                              "needs prompts of equal token length")
@@ -221,7 +222,7 @@ def _attention(model: Transformer, ids: torch.Tensor, tokens: list[str], out: Pa
 def _heads(model: Transformer, settings: ExplainSettings, out: Path) -> Section:
     # The sequence and its repeat must fit the context: a short-context model scores on a shorter period.
     period = min(settings.head_period, model.config.max_seq_len // 2)
-    ids = repeated_tokens(8, period, model.config.vocab_size)
+    ids = repeated_tokens(8, period, model.config.vocab_size).to(model.embed.weight.device)
     scores = head_scores(model, ids, period)
     found = detect_heads(model, period=period, batch_size=8)
     images = []
