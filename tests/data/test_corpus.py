@@ -149,3 +149,20 @@ def test_a_dangling_symlink_is_left_out_with_a_warning(tmp_path, caplog) -> None
 def test_a_byte_order_mark_is_not_text(tmp_path) -> None:
     (tmp_path / "bom.py").write_bytes(b"\xef\xbb\xbfx = 1\n")
     assert list(Corpus([tmp_path])) == ["x = 1\n"]
+
+
+def test_pipes_and_sockets_in_a_folder_are_skipped_not_read(tmp_path, caplog):
+    """A named pipe's read blocks until a writer comes (the run hung), a socket's fails: only regular
+    files are documents."""
+    import socket
+
+    (tmp_path / "a.py").write_text("x = 1\n")
+    os.mkfifo(tmp_path / "pipe.py")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(tmp_path / "sock.py"))
+    try:
+        corpus = Corpus([str(tmp_path)])
+        assert corpus.keys == ["a.py"] and list(corpus) == ["x = 1\n"] and corpus.fingerprint()
+    finally:
+        server.close()
+    assert "pipe.py: a special file" in caplog.text and "sock.py: a special file" in caplog.text

@@ -90,7 +90,7 @@ class Corpus:
             for match in sorted(glob.glob(source, recursive=True)):
                 path = Path(match)
                 found += self._walk(path, root) if path.is_dir() else [_document(path, root)]
-            found = [doc for doc in found if _not_dangling(doc.path)]
+            found = [doc for doc in found if _readable_file(doc.path)]
         else:
             raise FileNotFoundError(f"corpus source {source!r} does not exist")
         if not found:
@@ -106,7 +106,7 @@ class Corpus:
             for name in sorted(filenames):
                 if name.startswith(".") or (self.extensions and not name.endswith(self.extensions)):
                     continue
-                if _not_dangling(Path(dirpath) / name):
+                if _readable_file(Path(dirpath) / name):
                     found.append(_document(Path(dirpath) / name, root))
         return found
 
@@ -179,11 +179,13 @@ def _key_order(doc: Document) -> tuple[int, str]:
     return len(doc.key), doc.key
 
 
-def _not_dangling(path: Path) -> bool:
-    """False, with a warning naming it, for a symlink to nothing (it cannot be hashed or read)."""
-    if path.exists():
+def _readable_file(path: Path) -> bool:
+    """Whether `path` is (or links to) a regular file; False, with a warning naming it, for a symlink
+    to nothing (or a loop) and for a pipe, socket or device, whose read would block or fail."""
+    if path.is_file():
         return True
-    logger.warning("skipping %s: a dangling symlink", path)
+    what = "a special file (pipe, socket or device)" if path.exists() else "a dangling symlink (or a loop)"
+    logger.warning("skipping %s: %s", path, what)
     return False
 
 
