@@ -44,7 +44,8 @@ from heron.govern.digest import LINEAGE_FILE, METRICS_FILE, folder_sha256, model
 from heron.govern.figures import new_figure, save_png
 from heron.store.atomic import is_partial_write
 from heron.store.jsonl import read_jsonl_objects
-from heron.train.checkpoint import RUN_MODEL_DIR, resolve_checkpoint, save_model_folder, sha256_file, weights_identity
+from heron.train.checkpoint import (RUN_MODEL_DIR, is_leftover, resolve_checkpoint, save_model_folder, sha256_file,
+                                    weights_identity)
 from heron.train.recipe import setting_changes
 
 PLOT_FILE, MODEL_DIR, CACHE_DIR = "reward_kl.png", RUN_MODEL_DIR, "cache"  # METRICS_FILE: a training run's name
@@ -181,8 +182,7 @@ def _identity(method: str, recipe: AlignRecipe) -> dict[str, Any]:
 def _unfinished_write(path: Path) -> bool:
     """What a write the run makes, killed midway, left: a temp file of the state or the plot
     (`write_file_atomic`'s), or a temp or trash folder of the model (`save_model_folder`'s)."""
-    return any(is_partial_write(path, name) for name in (STATE_FILE, PLOT_FILE)) or \
-        path.name.startswith((f".tmp-{MODEL_DIR}-", f".trash-{MODEL_DIR}-"))
+    return any(is_partial_write(path, name) for name in (STATE_FILE, PLOT_FILE)) or is_leftover(path, MODEL_DIR)
 
 
 class _EnergySoFar:

@@ -526,6 +526,12 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def is_leftover(path: Path, name: str) -> bool:
+    """Whether `path` is a temp or trash sibling that a save or deletion of `name` makes (`_hidden_name`)."""
+    match = _LEFTOVER.fullmatch(path.name)
+    return match is not None and match["name"] == name
+
+
 def sweep_partial(root: Path, name: str | None = None, *, live_check: bool = True) -> None:
     """Delete the temp and trash siblings in `root` (those of `name` alone, given one) whose
     writer no longer runs: what killed saves and deletions left. A live writer's are its own.
