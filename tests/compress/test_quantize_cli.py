@@ -44,9 +44,9 @@ def test_rtn_needs_no_shards_and_calibrated_methods_do(folders, tmp_path, capsys
     assert main(["compress", "quantize", str(ckpt), str(tmp_path / "awq"), "--method", "awq"]) == 2
     assert "error: --calib-shards: method 'awq' needs a shard folder, got None" in capsys.readouterr().err
     weights = (ckpt / "model.safetensors").read_bytes()
-    for taken in (ckpt, tmp_path / "int8"):  # the source itself, or an earlier result
-        assert main(["compress", "quantize", str(ckpt), str(taken)]) == 2
-        assert "exists and is not empty" in capsys.readouterr().err
+    for taken, refusal in ((ckpt, "exists and is not empty"), (tmp_path / "int8", "exists; write to a new folder")):
+        assert main(["compress", "quantize", str(ckpt), str(taken)]) == 2  # the source itself, or an earlier result
+        assert f"{taken}: {refusal}" in capsys.readouterr().err
     assert (ckpt / "model.safetensors").read_bytes() == weights
     assert main(["compress", "quantize", str(ckpt), str(tmp_path / "g"), "--scheme", "int4", "--group-size", "48"]) == 2
     assert "error: --group-size: 48 does not divide" in capsys.readouterr().err

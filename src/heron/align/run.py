@@ -38,9 +38,9 @@ from heron.align.synthetic import RepeatTask
 from heron.compress.qlinear import is_quantized
 from heron.data.chat import read_chat_jsonl
 from heron.govern import EnergyMeter, EnergyReport
-from heron.govern.audit import audit_log, record_event
-from heron.govern.audit_lineage import writers
-from heron.govern.digest import LINEAGE_FILE, METRICS_FILE, folder_sha256, model_hash
+from heron.govern.audit import record_event
+from heron.govern.audit_lineage import lacks_record
+from heron.govern.digest import LINEAGE_FILE, METRICS_FILE, model_hash
 from heron.govern.figures import new_figure, save_png
 from heron.store.atomic import is_partial_write
 from heron.store.jsonl import read_jsonl_objects
@@ -63,7 +63,8 @@ def run_alignment(method: str, recipe: AlignRecipe, *, resume: bool = True, rest
     out = Path(recipe.out_dir)
     if (out / MODEL_DIR).exists():
         (out / STATE_FILE).unlink(missing_ok=True)  # a finished run's: killed before it deleted it
-        recorded = " (the audit record a kill left it without: now written)" if _record_finished_run(recipe) else ""
+        written = record_finished_model(out / MODEL_DIR)
+        recorded = " (the audit record a kill left it without: now written)" if written else ""
         raise FileExistsError(f"{out / MODEL_DIR}: exists{recorded}; choose another out_dir")
     foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES and not _unfinished_write(p)
                      ) if out.is_dir() else []
@@ -120,14 +121,13 @@ def _record_align(folder: Path, alignment: dict[str, Any]) -> None:
                  outputs={"checkpoint": folder}, model_hash=model_hash(folder), parameters=alignment)
 
 
-def _record_finished_run(recipe: AlignRecipe) -> bool:
+def record_finished_model(folder: Path) -> bool:
     """Write the audit record a finished run's model lacks, when a kill came between the model and
     its record (as train/loop.py's rerun of a finished run does); True when it was written.
     A record that wrote the folder as it is, or before documents were written into it, counts.
     A model/ folder whose lineage records no alignment is no run's model: nothing to write."""
-    log, folder = audit_log(), Path(recipe.out_dir) / MODEL_DIR
     alignment = _recorded_alignment(folder)
-    if log is None or alignment is None or writers(log, folder_sha256(folder)):
+    if alignment is None or not lacks_record(folder):
         return False
     _record_align(folder, alignment)
     return True
@@ -345,4 +345,4 @@ def _plot_reward_kl(rows: list[dict[str, Any]], file: Path, method: str) -> None
     save_png(fig, file, dpi=90)
 
 
-__all__ = ["run_alignment"]
+__all__ = ["record_finished_model", "run_alignment"]

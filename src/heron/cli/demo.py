@@ -33,12 +33,13 @@ import heron
 from heron.align.evaluate import judge_scores, replies
 from heron.align.recipe import load_align_recipe
 from heron.align.run import METRICS_FILE as ALIGN_METRICS_FILE
-from heron.align.run import MODEL_DIR, run_alignment
+from heron.align.run import MODEL_DIR, record_finished_model, run_alignment
 from heron.align.synthetic import RepeatTask, win_rate
 from heron.cli.options import ALIGN_RECIPES_DIR, recipe_path
 from heron.compress.kernels import choose_kernel
 from heron.compress.quantize import QuantizeSettings
 from heron.compress.quantize_checkpoint import QuantizeCheckpointSettings, quantize_checkpoint
+from heron.compress.records import record_quantized
 from heron.compress.report import PARETO_PNG, measure, write_report
 from heron.compress.schemes import Int8PerChannel
 from heron.core import Transformer
@@ -46,6 +47,7 @@ from heron.data import ShardedTokens, load_shards
 from heron.generate import Generator, SamplingParams, perplexity
 from heron.govern.annex_iv import write_annex_iv
 from heron.govern.audit import audit_log, log_location
+from heron.govern.audit_lineage import lacks_record
 from heron.govern.card import write_model_card
 from heron.govern.digest import METRICS_FILE, TOKENIZER_FILE
 from heron.interpret.explain import ExplainSettings, explain
@@ -191,6 +193,7 @@ def _aligned(method: str, recipe_name: str, base: Path, out_dir: Path, overrides
     midway goes on from its saved state when that was made from the same base)."""
     model_dir = out_dir / MODEL_DIR
     if _reuse(model_dir, base, lambda lineage: lineage.get("alignment", {}).get("base")):
+        record_finished_model(model_dir)  # the audit record a kill between the model and its record left out
         return model_dir
     recipe = load_align_recipe(recipe_path(recipe_name, ALIGN_RECIPES_DIR),
                                [f"base={base}", f"out_dir={out_dir}", *overrides])
@@ -210,7 +213,10 @@ def _explain_slow_int8() -> None:
 
 def _quantized(source: Path, target: Path) -> Path:
     """`source` in int8 at `target`: reused when a previous run made it from the same source."""
-    if not _reuse(target, source, lambda lineage: lineage.get("quantized_from")):
+    if _reuse(target, source, lambda lineage: lineage.get("quantized_from")):
+        if lacks_record(target):  # a kill came between the folder and its audit record
+            record_quantized(target)
+    else:
         settings = QuantizeCheckpointSettings(QuantizeSettings(scheme="int8", method="rtn"))
         quantize_checkpoint(source.resolve(), target, settings, progress=False)
     return target

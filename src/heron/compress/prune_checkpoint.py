@@ -19,14 +19,12 @@ from heron.compress.prune import check_target
 from heron.compress.prune_model import METHODS, prune_model, recover, sparsity_of
 from heron.compress.prune_structured import prune_experts, prune_heads, prune_mlp_channels
 from heron.compress.qlinear import is_quantized
+from heron.compress.records import record_pruned, refuse_finished
 from heron.compress.sparse_store import save_sparse
 from heron.core.transformer import Transformer
 from heron.data import check_shards_fit, load_shards
 from heron.data.batches import PackedBatches
-from heron.data.shards import META_FILE
 from heron.govern import EnergyMeter
-from heron.govern.audit import record_event
-from heron.govern.digest import model_hash
 from heron.train.checkpoint import require_new_folder, resolve_checkpoint, save_model_folder
 
 
@@ -81,6 +79,7 @@ def prune_checkpoint(source: str | Path, target: str | Path, settings: PruneSett
     and write it to `target`; returns the report recorded in its lineage."""
     import heron  # heron.load: plain, quantised-free Heron checkpoints and HF folders alike
 
+    refuse_finished(target, source, "pruned_from", record_pruned)
     require_new_folder(target, source)
     meter = EnergyMeter().start()
     model, tokenizer = heron.load(source)
@@ -114,10 +113,7 @@ def prune_checkpoint(source: str | Path, target: str | Path, settings: PruneSett
         save_sparse(target, model, tokenizer, lineage)
     else:
         save_model_folder(target, model, tokenizer=tokenizer, lineage=lineage)
-    record_event("compress.prune", outputs={"checkpoint": target}, model_hash=model_hash(target),
-                 inputs={"source": resolve_checkpoint(source),
-                         "calibration": Path(settings.calib_shards) / META_FILE if settings.calib_shards else None},
-                 parameters=lineage)
+    record_pruned(Path(target))
     return report
 
 

@@ -13,10 +13,9 @@ from typing import Any
 from heron.compress.calibration import CalibrationSettings, calibration_windows
 from heron.compress.checkpoint import save_quantized
 from heron.compress.quantize import QuantizeSettings, quantize_model
-from heron.data.shards import META_FILE, check_shards_fit, load_shards
+from heron.compress.records import record_quantized, refuse_finished
+from heron.data.shards import check_shards_fit, load_shards
 from heron.govern import EnergyMeter
-from heron.govern.audit import record_event
-from heron.govern.digest import model_hash
 from heron.train.checkpoint import MODEL_FILE, require_new_folder, resolve_checkpoint
 
 
@@ -39,6 +38,7 @@ def quantize_checkpoint(source: str | Path, target: str | Path, settings: Quanti
     folder) and write it to `target`; returns the summary recorded in its lineage."""
     import heron  # heron.load sits above every layer
 
+    refuse_finished(target, source, "quantized_from", record_quantized)
     require_new_folder(target, source)
     meter = EnergyMeter().start()
     model, tokenizer = heron.load(source)
@@ -54,10 +54,7 @@ def quantize_checkpoint(source: str | Path, target: str | Path, settings: Quanti
     report = {"quantized_from": str(resolve_checkpoint(source).resolve()),  # the step folder, absolute
               "calibration": calibration_settings, "energy": meter.stop().to_dict()}
     folder = save_quantized(target, model, tokenizer, lineage=report)
-    record_event("compress.quantize", outputs={"checkpoint": folder}, model_hash=model_hash(folder),
-                 inputs={"source": resolve_checkpoint(source),
-                         "calibration": Path(settings.calib_shards) / META_FILE if settings.calib_shards else None},
-                 parameters={**report, **model.quantization})
+    record_quantized(folder)
     size = (folder / MODEL_FILE).stat().st_size
     source_file = resolve_checkpoint(source) / MODEL_FILE  # absent for sharded Hugging Face folders
     ratio = size / source_file.stat().st_size if source_file.is_file() else None

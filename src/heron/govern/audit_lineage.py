@@ -22,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from heron.govern.audit import AuditLog, Record
-from heron.govern.digest import folder_file_hashes, listing_sha256
+from heron.govern.audit import AuditLog, Record, audit_log
+from heron.govern.digest import folder_file_hashes, folder_sha256, listing_sha256
 from heron.govern.history import History, Stage, alignment_data, read_history, training_data
 
 
@@ -82,6 +82,14 @@ def writers(log: AuditLog, sha256: str) -> list[Record]:
     return [found[seq] for seq in sorted(found, reverse=True)]
 
 
+def lacks_record(folder: str | os.PathLike[str]) -> bool:
+    """Whether the configured audit log is on and no record wrote `folder` as it is now (or as it was
+    before documents were written into it): what a kill between writing a model folder and
+    appending its record leaves."""
+    log = audit_log()
+    return log is not None and not writers(log, folder_sha256(folder))
+
+
 def format_lineage(steps: list[LineageStep], history: History) -> str:
     lines = []
     for depth, step in enumerate(steps):
@@ -109,4 +117,4 @@ def format_lineage(steps: list[LineageStep], history: History) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["LineageStep", "altered", "audit_lineage", "format_lineage", "writers"]
+__all__ = ["LineageStep", "altered", "audit_lineage", "format_lineage", "lacks_record", "writers"]

@@ -42,8 +42,9 @@ from heron.core.moe import moe_stats, share_batch_statistics
 from heron.core.transformer import HeadLoss, Transformer
 from heron.data.batches import PackedBatches, eval_batches
 from heron.govern import EnergyMeter, EnergyReport
-from heron.govern.audit import audit_log, record_event
-from heron.govern.digest import METRICS_FILE, folder_sha256, model_hash
+from heron.govern.audit import record_event
+from heron.govern.audit_lineage import lacks_record
+from heron.govern.digest import METRICS_FILE, model_hash
 from heron.store.atomic import is_partial_write, write_text_atomic
 from heron.train import distributed as dist_
 from heron.train.checkpoint import (
@@ -657,8 +658,7 @@ def _record_train(run: _Run, lineage: dict[str, Any]) -> None:
 def _record_finished_run(run: _Run) -> None:
     """A rerun of a finished run writes the audit record its last checkpoint lacks: a kill
     between that checkpoint and its record lost it (the log off, or holding it: nothing to do)."""
-    log = audit_log()
-    if log is None or run.last_checkpoint is None or log.produced(folder_sha256(run.last_checkpoint)):
+    if run.last_checkpoint is None or not lacks_record(run.last_checkpoint):
         return
     _record_train(run, load_checkpoint(run.last_checkpoint, trainer_state=False).lineage)
 
