@@ -93,15 +93,29 @@ def test_top_p_keeps_the_smallest_set_reaching_p(p, kept):
     assert torch.equal(out[0, list(kept)], probs.log()[0, list(kept)])
 
 
-def test_top_p_drops_the_token_whose_mass_above_equals_p_exactly():
-    """Probabilities 1/2, 1/4, 1/4 are exact in float: the first two already reach p = 0.75, so the
-    third (mass above it exactly 0.75, not < p) is dropped; the smallest set reaching p is {0, 1}."""
+def test_top_p_stops_at_the_token_whose_mass_reaches_p_exactly():
+    """Probabilities 1/2, 1/4, 1/4 are exact in float: the top token and one quarter reach p = 0.75
+    exactly, so the smallest set reaching p has two tokens (of the tied quarters, the one
+    transformers keeps: the later in an ascending sort)."""
     logits = torch.tensor([[0.5, 0.25, 0.25]]).log()
     probs = logits.softmax(-1)
-    assert (probs.cumsum(-1) - probs).tolist() == [[0.0, 0.5, 0.75]]  # exact, so the boundary is tested
+    assert probs.sort().values.cumsum(-1).tolist() == [[0.25, 0.5, 1.0]]  # exact, so the boundary is tested
     out = apply_top_p(logits, 0.75)
-    assert out.isfinite().tolist() == [[True, True, False]]
-    assert torch.equal(out[0, :2], logits[0, :2])
+    kept = out.isfinite()[0]
+    assert kept.sum() == 2 and kept[0] and kept[logits.sort().indices[0, 1]]
+    assert torch.equal(out[kept[None]], logits[kept[None]])
+
+
+@pytest.mark.parametrize("p", [1e-9, 0.1, 0.4, 0.5, 0.75, 0.9, 0.999])
+def test_top_p_keeps_what_transformers_keeps_ties_included(p):
+    """Logits drawn from a few values tie often, and at the cut: the kept set (which of
+    the tied tokens too) is transformers' TopPLogitsWarper's, row for row."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    logits = torch.randint(-3, 3, (64, 12), generator=torch.Generator().manual_seed(0)).float()
+    logits[0] = torch.tensor([2.0, 2.0, 0.0, 0.0] * 3)
+    expected = TopPLogitsWarper(p)(None, logits.clone())
+    assert torch.equal(apply_top_p(logits, p), expected)
 
 
 def test_top_p_keeps_the_top_token_even_for_tiny_p():

@@ -179,18 +179,19 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus filtering (Holtzman et al. 2019): keep the smallest set of most
     probable tokens whose probability mass reaches p, -inf elsewhere.
 
-    A token is kept when the mass of the tokens ranked above it is still < p,
-    and the most probable token is always kept, as Hugging Face's
-    `TopPLogitsWarper` keeps `min_tokens_to_keep`: a p below float32's range
-    (1e-300) compares as 0 and would otherwise drop every token.
+    Computed as Hugging Face's `TopPLogitsWarper` does, so that the same tokens
+    are kept to the last rounding and tie: sorted ascending, a token is dropped
+    while the mass up to and including it is <= 1 - p, and the most probable
+    token is always kept (its `min_tokens_to_keep`): a p below float32's range
+    (1e-300) makes 1 - p exactly 1 and would otherwise drop every token. Of
+    tokens tied at the cut, the one the ascending sort puts later is kept.
     """
     if p >= 1.0:
         return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
-    probs = sorted_logits.softmax(dim=-1)
-    mass_above = probs.cumsum(dim=-1) - probs  # (B, V): mass of the better-ranked tokens
-    drop_sorted = mass_above >= p
-    drop_sorted[..., 0] = False  # the top-ranked token
+    sorted_logits, order = logits.sort(dim=-1, descending=False)  # (B, V), most probable last
+    mass_up_to = sorted_logits.softmax(dim=-1).cumsum(dim=-1)  # (B, V)
+    drop_sorted = mass_up_to <= 1 - p
+    drop_sorted[..., -1] = False  # the top-ranked token
     drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
     return logits.masked_fill(drop, float("-inf"))
 
