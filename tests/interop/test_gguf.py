@@ -9,6 +9,7 @@ installed): each file loads, its logits match Heron's within a tolerance per
 type, and its tokenizer gives Heron's ids.
 """
 import json
+import re
 
 import gguf
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 import torch
 from gguf_layout import (CONFIGS, CONTEXT, CORPUS, HARD_TEXTS, VOCAB, expected_tensors, fields, llama3_rope_factors,
                          llama_cpp_logits, make_tokenizer, perturbed_model, spec_of)
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from heron.core import AttentionPattern, MoEConfig, RopeScaling, Transformer
 from heron.core.rope import apply_rope, rope_tables
@@ -236,6 +237,40 @@ def test_refuses_tokenizers_it_cannot_express(tmp_path):
         save_gguf(model, PretrainedTokenizer(backend), tmp_path / "model.gguf")
     with pytest.raises(ValueError, match="dtype: 'q4_k'"):
         save_gguf(model, PretrainedTokenizer(backend), tmp_path / "model.gguf", dtype="q4_k")
+
+
+def model_with_weight(name: str, value: float) -> Transformer:
+    """CONFIGS[name] (perturbed) with one weight of layer 0's MLP output set to `value`."""
+    model = perturbed_model(CONFIGS[name])
+    with torch.no_grad():
+        model.blocks[0].mlp.down.weight[0, 0] = value
+    return model
+
+
+@pytest.mark.parametrize(("dtype", "value", "config", "what"), [
+    ("f16", 1e5, "base", r"more than f16 holds \(65504\): past it a value .* write the file as f32 or q8_0 \(--type\)"),
+    ("q4_1", 1e5, "base", r"more than q4_1 holds \(65504\): past it a block's f16 minimum .* as f32 or q8_0 "),
+    ("q4_0", 1e6, "base", r"more than q4_0 holds \(524032\): past it a block's f16 scale .* as f32 or q8_0 "),
+    ("q8_0", 1e7, "base", r"more than q8_0 holds \(8\.31901e\+06\): past it a block's f16 scale .* as f32 \("),
+    # Rows of d_ff = 80 fill no blocks and fall back to f16, so q8_0 would not hold them either.
+    ("q8_0", 1e5, "llama3", r"more than f16 \(its rows fill no q8_0 blocks\) holds \(65504\): .* as f32 \("),
+], ids=["f16", "q4_1", "q4_0", "q8_0", "q8_0_rows_in_f16"])
+def test_refuses_a_weight_its_type_would_hold_as_inf(tokenizer, tmp_path, dtype, value, config, what):
+    """Past f16's largest number (65504), a weight, or a block's scale or minimum, would be inf in
+    the file, and llama.cpp's logits NaN."""
+    model = model_with_weight(config, value)
+    with pytest.raises(ValueError, match=rf"^blocks.0.mlp.down.weight \(blk.0.ffn_down.weight in the file\): its "
+                                         rf"largest \|value\|, {re.escape(f'{value:.6g}')}, is {what}"):
+        save_gguf(model, tokenizer, tmp_path / "model.gguf", dtype=dtype)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("dtype", ["f32", "q8_0"])
+def test_a_weight_past_f16s_range_goes_in_as_f32_or_q8_0(tokenizer, tmp_path, dtype):
+    path = save_gguf(model_with_weight("base", 1e5), tokenizer, tmp_path / "model.gguf", dtype=dtype)
+    down = next(t for t in gguf.GGUFReader(path).tensors if t.name == "blk.0.ffn_down.weight")
+    values = gguf.quants.dequantize(down.data, down.tensor_type)
+    assert np.isfinite(values).all() and values.flat[0] == pytest.approx(1e5, rel=2**-11)
 
 
 def regex_then_bytes(regex: str) -> pre_tokenizers.PreTokenizer:
@@ -495,3 +530,13 @@ def test_qwen2_biases_go_in_as_llamas_own_tensors(exported):
     assert fields(path)["general.architecture"] == "llama"
     assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"} <= names
     assert "blk.0.attn_output.bias" not in names
+
+
+def test_a_normalized_added_token_goes_in_when_there_is_no_normalizer(llama_cpp, tokenizer, tmp_path):
+    """Byte-level BPE has no normalizer: Hugging Face matches a normalized added token in the raw text,
+    as llama.cpp does (a SentencePiece one is refused: test_gguf_sentencepiece.py)."""
+    backend = Tokenizer.from_str(tokenizer.backend.to_str())
+    backend.add_tokens([AddedToken("<tool>", normalized=True), AddedToken(" hello world", normalized=True)])
+    plain = PretrainedTokenizer(backend, {"bos_token": SPECIAL_TOKENS["bos"], "eos_token": SPECIAL_TOKENS["eos"]})
+    path = save_gguf(Transformer(CONFIGS["base"].replace(vocab_size=VOCAB + 2)), plain, tmp_path / "model.gguf")
+    assert_llama_cpp_tokenizes_alike(llama_cpp, path, plain, ["call <tool> now", "say hello world ok", "a<tool>b"])

@@ -153,3 +153,38 @@ def test_a_pieces_merges_apart_in_the_list_are_refused():
     """llama.cpp scores a piece once, so all of its merges rank together."""
     with pytest.raises(ValueError, match=r"model.merges: the merges making .* are not together"):
         gguf_tokenizer_style(spec_of(spm_tokenizer(split_merges=True)))
+
+
+ADDED_TEXTS = ["Hi <|end|> there", "Hi<|end|>\nthere", "<|end|>\n\nx", "say <tool> now", "ab<tool>cd"]
+
+
+@pytest.mark.parametrize("flag", ["lstrip", "rstrip", "single_word", "normalized"])
+def test_an_added_token_with_a_flag_llama_cpp_lacks_is_refused(flag, tmp_path):
+    """Hugging Face strips the whitespace beside such a token (Phi-3's chat tokens carry rstrip), matches
+    it only as a whole word, or in the normalized text ("▁" for spaces); llama.cpp matches it in the raw
+    text as it is, so "Hi <|end|> there" would become other ids."""
+    tokenizer = spm_tokenizer()
+    tokenizer.backend.add_special_tokens([AddedToken("<|end|>", special=True, **{"normalized": False, flag: True})])
+    with pytest.raises(ValueError, match=rf"^tokenizer.json added_tokens: '<\|end\|>' \(id \d+\) has {flag} true; "
+                                         rf".* set {flag} to false in tokenizer.json"):
+        save_gguf(Transformer(CONFIG), tokenizer, tmp_path / "model.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_added_tokens_without_those_flags_tokenize_alike(tmp_path):
+    """A special (control) and a plain (user-defined) added token, matched as they are by both."""
+    tokenizer = spm_tokenizer()
+    tokenizer.backend.add_special_tokens([AddedToken("<|end|>", special=True, normalized=False)])
+    tokenizer.backend.add_tokens([AddedToken("<tool>", normalized=False)])
+    path = save_gguf(Transformer(CONFIG), tokenizer, tmp_path / "model.gguf")
+    T = gguf.TokenType
+    types = fields(path)["tokenizer.ggml.token_type"]
+    assert [types[tokenizer.backend.token_to_id(t)] for t in ("<|end|>", "<tool>")] == [T.CONTROL, T.USER_DEFINED]
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    try:
+        for text in ADDED_TEXTS:
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == \
+                tokenizer.encode(text, add_special_tokens=False), text
+    finally:
+        llm.close()

@@ -28,7 +28,9 @@ llama.cpp's `convert_hf_to_gguf.py` does them:
 
 Tensor types follow the converter as well: 1-D tensors (norms, biases, rope
 factors) stay f32, and a matrix whose rows do not split into blocks of the
-file's quantisation falls back to f16. A caller may hand in matrices already
+file's quantisation falls back to f16. A weight past what its type keeps
+finite (f16's 65504, or a Q8_0 or Q4 block scale's) is refused, naming the
+tensor (`FINITE_LIMITS`). A caller may hand in matrices already
 encoded as rows of ggml blocks (`raw_types`): a quantised Heron model's codes
 (compress/gguf_export.py) go into the file as they are, not rounded twice.
 
@@ -67,14 +69,29 @@ ARCHS: dict[str, tuple[gguf.MODEL_ARCH, bool]] = {
     GPT_NEOX.name: (gguf.MODEL_ARCH.GPTNEOX, False),
 }
 F16, F32 = gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32
+Q8_0, Q4_0, Q4_1 = gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_1
 
 # save_gguf's dtype -> (general.file_type, the type of the file's matrices)
 FILE_TYPES: dict[str, tuple[gguf.LlamaFileType, gguf.GGMLQuantizationType]] = {
     "f32": (gguf.LlamaFileType.ALL_F32, F32),
     "f16": (gguf.LlamaFileType.MOSTLY_F16, F16),
-    "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, gguf.GGMLQuantizationType.Q8_0),
-    "q4_0": (gguf.LlamaFileType.MOSTLY_Q4_0, gguf.GGMLQuantizationType.Q4_0),
-    "q4_1": (gguf.LlamaFileType.MOSTLY_Q4_1, gguf.GGMLQuantizationType.Q4_1),
+    "q8_0": (gguf.LlamaFileType.MOSTLY_Q8_0, Q8_0),
+    "q4_0": (gguf.LlamaFileType.MOSTLY_Q4_0, Q4_0),
+    "q4_1": (gguf.LlamaFileType.MOSTLY_Q4_1, Q4_1),
+}
+
+# type -> (the largest |weight| it keeps finite, the f16 number that overflows past it). Past
+# f16's 65504 a number becomes inf, and llama.cpp's logits NaN. A Q8_0 block's scale is its
+# largest |weight| / 127, a Q4_0 block's / 8 (gguf.quants, bit-exact with ggml-quants.c); Q4_1
+# keeps its block's minimum as it is, so f16's own limit holds (conservatively: for a block's
+# largest weight too).
+F16_MAX = float(np.finfo(np.float16).max)
+FINITE_LIMITS: dict[gguf.GGMLQuantizationType, tuple[float, str]] = {
+    F32: (float("inf"), "a value"),
+    F16: (F16_MAX, "a value"),
+    Q8_0: (127 * F16_MAX, "a block's f16 scale (its largest |value| / 127)"),
+    Q4_0: (8 * F16_MAX, "a block's f16 scale (its largest |value| / 8)"),
+    Q4_1: (F16_MAX, "a block's f16 minimum"),
 }
 
 _W = gguf.GGUFWriter
@@ -141,7 +158,7 @@ def save_gguf(
         if heron_name in raw_types:
             data, qtype = tensor.contiguous().numpy(), raw_types[heron_name]
         else:
-            data, qtype = encode_tensor(tensor, matrix_type)
+            data, qtype = encode_tensor(tensor, matrix_type, name=f"{heron_name} ({tensor_name} in the file)")
         writer.add_tensor(tensor_name, data, raw_dtype=qtype)
     for tensor_name, (data, qtype) in blocks.items():
         writer.add_tensor(tensor_name, data.contiguous().numpy(), raw_dtype=qtype)
@@ -385,20 +402,39 @@ def stacked_experts(tensors: Iterator[tuple[str, torch.Tensor]],
 
 
 def encode_tensor(
-    tensor: torch.Tensor, matrix_type: gguf.GGMLQuantizationType
+    tensor: torch.Tensor, matrix_type: gguf.GGMLQuantizationType, *, name: str
 ) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
     """The data gguf writes for one tensor, and its ggml type.
 
     1-D tensors stay f32: llama.cpp's norm and bias kernels take f32. A
     matrix whose rows do not split into the type's blocks (32 values for
     Q8_0 and Q4_x) is written f16 instead, as convert_hf_to_gguf.py falls back.
+    A ValueError names the tensor (`name`) when a weight is past what its
+    type keeps finite (`FINITE_LIMITS`).
     """
     data = tensor.detach().to(device="cpu", dtype=torch.float32).numpy()
     qtype = F32 if data.ndim == 1 else matrix_type
-    try:
-        return gguf.quants.quantize(data, qtype), qtype
-    except gguf.quants.QuantError:
-        return gguf.quants.quantize(data, F16), F16
+    if data.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:  # rows that do not fill blocks
+        qtype = F16
+    _check_finite(name, data, qtype, matrix_type)
+    return gguf.quants.quantize(data, qtype), qtype
+
+
+def _check_finite(name: str, data: np.ndarray, qtype: gguf.GGMLQuantizationType,
+                  matrix_type: gguf.GGMLQuantizationType) -> None:
+    """Refuse a tensor that `qtype` would hold as inf (`FINITE_LIMITS`), suggesting a type that holds it."""
+    largest = float(np.abs(data).max(initial=0.0))
+    limit, what = FINITE_LIMITS[qtype]
+    if not largest > limit:  # NaN weights pass, as before
+        return
+    fell_back = qtype != matrix_type  # rows that fill no block fall back to f16 in any quantised type
+    why = f" (its rows fill no {matrix_type.name.lower()} blocks)" if fell_back else ""
+    holds = [t.name.lower() for t in ((F32,) if fell_back else (F32, Q8_0))
+             if t != qtype and largest <= FINITE_LIMITS[t][0]]
+    raise ValueError(f"{name}: its largest |value|, {largest:.6g}, is more than {qtype.name.lower()}{why} holds "
+                     f"({limit:.6g}): past it {what} is more than f16's largest number, {F16_MAX:.0f}, so the file "
+                     f"would hold inf and llama.cpp would compute NaN logits; write the file as "
+                     f"{' or '.join(holds)} (--type)")
 
 
 # ----- file -------------------------------------------------------------------------------------
@@ -415,7 +451,7 @@ def _write_atomic(writer: gguf.GGUFWriter, target: Path) -> None:
 
 
 __all__ = [
-    "ARCHS", "FILE_TYPES", "HPARAMS", "LLAMA_CPP_CHECKS", "encode_tensor", "family_of", "gguf_tensors",
+    "ARCHS", "FILE_TYPES", "FINITE_LIMITS", "HPARAMS", "LLAMA_CPP_CHECKS", "encode_tensor", "family_of", "gguf_tensors",
     "interleave_rope", "neox_stand_ins", "rope_freq_factors",
     "save_gguf", "stacked_experts",
 ]

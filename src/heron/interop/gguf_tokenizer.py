@@ -23,6 +23,12 @@ give the same ids (`STYLES`); any other is refused naming the field at fault.
   SentencePiece converter writes them; `_check_spm_merges` refuses others.
   Newer files spell the space prefix as a Metaspace pre-tokenizer, which
   places it otherwise (`SPM_NORMALIZER`), and are refused.
+
+Added tokens go in as control (special) or user-defined tokens, which
+llama.cpp matches in the raw text, as they are, and nothing more: a file has
+no place for Hugging Face's lstrip, rstrip, single_word or (with a
+normalizer) normalized flags, so a tokenizer with any of them set is refused
+too (`ADDED_TOKEN_FLAGS`).
 """
 from __future__ import annotations
 
@@ -111,6 +117,17 @@ STYLES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
 
+# An added token's flag -> what Hugging Face then does that llama.cpp, which matches every added
+# token in the raw text as it is (llama-vocab.cpp: tokenizer_st_partition), does not: its ids for
+# text beside the token would differ. llama.cpp strips whitespace only for a few tokens its own
+# code names; "normalized" matters only where a normalizer changes the text (SentencePiece's "▁").
+ADDED_TOKEN_FLAGS: dict[str, str] = {
+    "lstrip": "Hugging Face drops the whitespace before it",
+    "rstrip": "Hugging Face drops the whitespace after it",
+    "single_word": "Hugging Face matches it only as a whole word",
+    "normalized": "Hugging Face matches it in the normalized text, where its normalizer has put '▁' for spaces",
+}
+
 
 def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: HeronTokenizer | PretrainedTokenizer, vocab_size: int) -> None:
     """The tokenizer's arrays, special tokens and chat template, padded to the
@@ -148,7 +165,8 @@ def add_tokenizer(writer: gguf.GGUFWriter, tokenizer: HeronTokenizer | Pretraine
 def gguf_tokenizer_style(spec: dict[str, Any]) -> str:
     """The `STYLES` entry under which llama.cpp tokenizes as this tokenizer.json
     does; a ValueError naming the field at fault, on the known style with
-    fewest differences, when none does (or, for SentencePiece, the merge)."""
+    fewest differences, when none does (or, for SentencePiece, the merge; or
+    the added token and its flag)."""
     misses = {name: [(path, want, _field(spec, path)) for path, want in fields.items()
                      if _field(spec, path) != want and (_field(spec, path) or want)]
               for name, (_, fields) in STYLES.items()}
@@ -164,6 +182,7 @@ def gguf_tokenizer_style(spec: dict[str, Any]) -> str:
                          f"needs {want!r}{METASPACE_WHY if _field(spec, 'pre_tokenizer.type') == 'Metaspace' else ''}")
     if STYLES[name][0] == "llama":
         _check_spm_merges(spec)
+    _check_added_tokens(spec)
     return name
 
 
@@ -205,6 +224,18 @@ def _check_spm_merges(spec: dict[str, Any]) -> None:
                                  f"{token!r} but are not a merge; llama.cpp would merge them")
 
 
+def _check_added_tokens(spec: dict[str, Any]) -> None:
+    """Refuse an added token with a flag llama.cpp would not follow (`ADDED_TOKEN_FLAGS`)."""
+    flags = [flag for flag in ADDED_TOKEN_FLAGS if flag != "normalized" or spec.get("normalizer") is not None]
+    for added in spec.get("added_tokens", []):
+        flag = next((flag for flag in flags if added.get(flag)), None)
+        if flag is not None:
+            raise ValueError(f"tokenizer.json added_tokens: {added['content']!r} (id {added['id']}) has {flag} true; "
+                             f"{ADDED_TOKEN_FLAGS[flag]}, and llama.cpp, which reads no such flag from a GGUF file, "
+                             f"would tokenize the text beside it otherwise; set {flag} to false in tokenizer.json "
+                             "(Hugging Face then tokenizes as llama.cpp does) to export it")
+
+
 def spm_scores(tokens: list[str], merges: list[tuple[str, str]]) -> list[float]:
     """Per token id: minus the rank of the first merge making it, 0 for the
     rest (characters, bytes, special tokens, which no merge makes)."""
@@ -242,5 +273,5 @@ def _adds_bos_eos(backend: Tokenizer, bos_id: int | None, eos_id: int | None) ->
     return bos_id is not None and ids[0] == bos_id, eos_id is not None and ids[-1] == eos_id
 
 
-__all__ = ["GPT2_TOKENIZER", "LLAMA3_REGEX", "QWEN2_REGEX", "SPM_NORMALIZER", "STYLES",
+__all__ = ["ADDED_TOKEN_FLAGS", "GPT2_TOKENIZER", "LLAMA3_REGEX", "QWEN2_REGEX", "SPM_NORMALIZER", "STYLES",
            "add_tokenizer", "gguf_tokenizer_style", "spm_scores"]
