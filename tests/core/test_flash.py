@@ -2,6 +2,7 @@
 gradients through both, against autograd on an explicit reference."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from heron.core.flash import attention_with_lse
 
@@ -41,3 +42,25 @@ def test_gradient_of_the_output_alone_needs_no_lse_gradient():
     want = torch.autograd.grad(reference(q, k, v, None, True)[0].sum(), (q, k, v))
     for a, b in zip(got, want):
         assert (a - b).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", ["causal", "broadcast_mask"])
+def test_under_autocast_the_kernel_runs_as_sdpa_does(dtype, case):
+    """CPU autocast runs SDPA in its lower precision; the raw kernel has no
+    autocast rule, so it is given SDPA's: q and k fp32 beside a v in the
+    autocast dtype (as RoPE's fp32 tables leave them) give SDPA's output and
+    gradients bit for bit. fp64 stays fp64, as autocast leaves it."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 3, 9, 8, generator=g, requires_grad=True) for _ in range(3))
+    band = (torch.arange(9)[:, None] - torch.arange(9)[None, :]).abs() < 3
+    mask, is_causal = (None, True) if case == "causal" else (band, False)
+    with torch.autocast("cpu", dtype=dtype):
+        out, _ = attention_with_lse(q, k, v.to(dtype), mask, is_causal)
+        want = F.scaled_dot_product_attention(q, k, v.to(dtype), attn_mask=mask, is_causal=is_causal)
+        assert attention_with_lse(*(x.double() for x in (q, k, v)), mask, is_causal)[0].dtype == torch.float64
+    assert out.dtype == dtype and torch.equal(out, want)
+    w_out = torch.randn(out.shape, generator=g)
+    got = torch.autograd.grad((out * w_out).sum(), (q, k, v))
+    expected = torch.autograd.grad((want * w_out).sum(), (q, k, v))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))

@@ -160,6 +160,40 @@ def test_pattern_hook_sees_the_sparse_pattern():
     assert (hooked - model(ids).logits).abs().max() <= TOL
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_a_half_precision_model_keeps_its_dtype_and_the_fp32_logits(name, dtype, tol):
+    """At 40 tokens strided, fixed and bigbird merge parts by their fp32
+    log-sum-exps; the merged output must come back in the model's dtype for
+    its `out` projection, and the logits stay near the fp32 model's."""
+    model = sparse_model(SCHEDULES[name])
+    ids = torch.randint(0, 61, (2, 40), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = model(ids).logits
+        got = model.to(dtype)(ids).logits
+    assert got.dtype == dtype
+    assert (got.float() - want).abs().max() <= tol
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_a_bf16_autocast_training_step_follows_the_fp32_one(name):
+    """`train.precision: bf16` runs the step under CPU autocast, where RoPE's
+    fp32 tables leave q and k fp32 beside a bf16 v; the sparse engines must
+    run them as autocast runs SDPA, both ways, near the fp32 loss and grads."""
+    model = sparse_model(SCHEDULES[name])
+    ids = torch.randint(0, 61, (2, 41), generator=torch.Generator().manual_seed(6))
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    params = list(model.parameters())
+    want_loss = model(inputs, targets=targets).loss
+    want_grads = torch.autograd.grad(want_loss, params)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(inputs, targets=targets).loss
+    grads = torch.autograd.grad(loss, params)
+    assert abs(loss.item() - want_loss.item()) <= 1e-3 * want_loss.item()
+    for got, expected in zip(grads, want_grads):
+        assert got.isfinite().all() and (got - expected).norm() <= 3e-2 * expected.norm()
+
+
 def test_config_schedules_cycle_and_errors_name_the_field():
     config = ModelConfig.from_dict(
         dict(vocab_size=10, d_model=16, n_layers=4, n_heads=2, attention=[{"kind": "dense"}, {"kind": "sliding", "window": 8}])

@@ -36,6 +36,7 @@ def attention_with_lse(
     scale = q.shape[-1] ** -0.5
     if min(q.shape[-2], k.shape[-2]) == 0:  # the CPU kernel divides by these lengths
         raise ValueError(f"attention_with_lse: empty query or key sequence ({q.shape[-2]} x {k.shape[-2]})")
+    q, k, v = _autocast(q, k, v)
     if q.device.type != "cpu":
         return _explicit(q, k, v, mask, is_causal, scale)
     bias = None
@@ -66,6 +67,18 @@ class _FlashWithLSE(torch.autograd.Function):
             _with_column(out, 1.0), lse, 0.0, ctx.is_causal, attn_mask=bias, scale=ctx.scale,
         )
         return (*(g[..., :-1] for g in grads), None, None, None)
+
+
+def _autocast(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The inputs as autocast hands them to `scaled_dot_product_attention`,
+    which it runs in lower precision: every floating dtype but fp64 cast to the
+    autocast dtype. The raw kernel has no autocast rule of its own, and under
+    autocast RoPE's fp32 tables leave q and k fp32 beside a bf16 v."""
+    device = xs[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return xs
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(x if x.dtype == torch.float64 else x.to(dtype) for x in xs)
 
 
 def _with_column(x: torch.Tensor, value: float | torch.Tensor) -> torch.Tensor:

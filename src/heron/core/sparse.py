@@ -279,9 +279,12 @@ def _dilated(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Attenti
 
 
 def _merge(*parts: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """One softmax over the union of disjoint key sets, from each set's (out, lse)."""
+    """One softmax over the union of disjoint key sets, from each set's (out, lse).
+
+    The CPU kernel's lse is fp32 whatever its inputs, which makes the weighted
+    sum fp32; it goes back to the parts' dtype, as the windowed engines return."""
     total = torch.stack([lse for _, lse in parts]).logsumexp(dim=0)  # (B, H, T)
-    return sum((lse - total).exp().unsqueeze(-1) * out for out, lse in parts)
+    return sum((lse - total).exp().unsqueeze(-1) * out for out, lse in parts).to(parts[0][0].dtype)
 
 
 def _by_residue(x: torch.Tensor, period: int) -> torch.Tensor:
