@@ -220,6 +220,26 @@ def test_resuming_a_finished_run_or_under_another_length_is_said(recipe_factory)
         assert train(recipe_factory("run", train={"steps": 6})).step == 6
 
 
+def test_a_resumed_run_takes_its_recipes_optimizer_settings_not_the_checkpoints(recipe_factory, monkeypatch) -> None:
+    """Loading the optimizer's state puts back the saved groups' settings too: the resumed run
+    must follow the recipe it is given (and records), keeping only the moment estimates."""
+    import heron.train.loop as loop
+    from heron.train.optim import build_optimizer as loop_build
+
+    built = []
+    monkeypatch.setattr(loop, "build_optimizer", lambda *args: built.append(loop_build(*args)) or built[-1])
+    train(recipe_factory("run", train={"steps": 2},
+                         optim={"weight_decay": 0.1, "betas": [0.9, 0.95], "eps": 1e-8, "fused": True}))
+    new = {"weight_decay": 0.02, "betas": [0.5, 0.6], "eps": 1e-3, "fused": False}
+    with pytest.warns(UserWarning, match=r"the new settings \(learning rate, weight decay, betas, eps\) apply"):
+        train(recipe_factory("run", train={"steps": 4}, optim=new))
+    decay, no_decay = built[-1].param_groups
+    for group, weight_decay in ((decay, 0.02), (no_decay, 0.0)):
+        assert (group["weight_decay"], group["betas"], group["eps"]) == (weight_decay, (0.5, 0.6), 1e-3)
+        assert not group["fused"]  # None: AdamW's own choice, never the fused kernel the first run asked for
+    assert built[-1].state  # the moment estimates did carry over
+
+
 def test_a_diverging_run_stops_before_keeping_anything_of_it(recipe_factory, tmp_path: Path) -> None:
     with pytest.raises(DivergedError, match=r"step \d+: the training loss is (nan|inf)"):
         train(recipe_factory("diverged", optim={"lr": 1e30}, train={"steps": 8, "ckpt_every": 1}))

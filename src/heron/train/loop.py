@@ -23,7 +23,8 @@ import random
 import re
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -420,7 +421,7 @@ def _warn_of_changed_length(ckpt: Checkpoint, recipe: TrainRecipe) -> None:
                       "(raise train.steps to continue, or --no-resume (resume=False) to delete it and start over)", stacklevel=4)
     elif (then.train.steps, then.schedule, then.optim) != (steps, recipe.schedule, recipe.optim):
         warnings.warn(f"resuming {recipe.out_dir} at step {step} under another train.steps, schedule or optim than "
-                      "it began with: the learning rate follows the new settings from here on", stacklevel=4)
+                      "it began with: the new settings (learning rate, weight decay, betas, eps) apply from here on", stacklevel=4)
 
 
 def _data_identity(meta: dict[str, Any]) -> dict[str, Any]:
@@ -434,17 +435,30 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
+@contextmanager
+def _recipe_settings_kept(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Loading an optimizer's state also puts back each group's saved settings (weight decay,
+    betas, eps, fused, ...); a resumed run follows its recipe's, which built `optimizer`: what
+    carries over from the checkpoint is the moment estimates and step counts."""
+    settings = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+    yield
+    for group, own in zip(optimizer.param_groups, settings, strict=True):
+        group.update(own)
+
+
 def _restore(run: _Run, ckpt: Checkpoint) -> None:
     state = ckpt.trainer_state
     if state is None or state.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{ckpt.path / STATE_FILE}: missing or of an unknown format; cannot resume from it")
-    dist_.load_optimizer_state(run.model, run.optimizer, state["optimizer"])
+    with _recipe_settings_kept(run.optimizer):
+        dist_.load_optimizer_state(run.model, run.optimizer, state["optimizer"])
     if run.objective_optimizer is not None:
         if "objective" not in state:
             raise CheckpointError(f"{ckpt.path / STATE_FILE}: holds no state for the objective's own parameters "
                                   "(a run without them); resume with the objective it was trained with")
         run.objective.params.load_state_dict(state["objective"]["params"])
-        run.objective_optimizer.load_state_dict(state["objective"]["optimizer"])
+        with _recipe_settings_kept(run.objective_optimizer):
+            run.objective_optimizer.load_state_dict(state["objective"]["optimizer"])
     set_rng_states(state["rng"])
     run.step, run.history, run.last_checkpoint = state["step"], list(state["history"]), ckpt.path
     if "energy" in ckpt.lineage:
