@@ -55,6 +55,20 @@ def test_pruning_nothing_changes_nothing(prune):
     assert torch.equal(logits(small), logits(model))
 
 
+@pytest.mark.parametrize("prune", [
+    lambda m: prune_mlp_channels(m, 0.25, CALIB), lambda m: prune_heads(m, 0.5), lambda m: prune_experts(m, 4, CALIB),
+])
+def test_a_pruned_bf16_model_runs_in_bf16_as_its_parts_cast(prune):
+    """The rebuilt model's RoPE tables follow its bf16 weights (fp32 ones failed its first
+    forward), and it computes what the same kept parts computed in fp32, cast."""
+    small = prune(tiny_moe(n_kv_heads=2).to(torch.bfloat16))
+    assert small.rope_cos.dtype == small.rope_sin.dtype == torch.bfloat16
+    cast = Transformer(small.config).eval()
+    cast.load_state_dict({name: w.float() for name, w in small.state_dict().items()})
+    out = logits(small)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, logits(cast.to(torch.bfloat16)))
+
+
 @pytest.mark.parametrize("mlp", ["swiglu", "gelu"])
 @pytest.mark.parametrize("calibrated", [True, False])
 def test_planted_dead_channels_are_removed_with_identical_logits(mlp, calibrated):

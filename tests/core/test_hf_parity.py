@@ -4,6 +4,8 @@ As minGPT's and litgpt's tests: the same weights in both implementations give
 the same logits and the same greedy tokens. Nothing downloads: the Hugging
 Face models are built from configs.
 """
+import copy
+
 import pytest
 import torch
 
@@ -110,3 +112,15 @@ def test_import_of_a_random_transformers_model():
     assert (model.config.d_ff, model.config.n_kv_heads, model.config.norm_eps) == (160, 2, 1e-6)
     ids = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(model(ids).logits, hf(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_import_of_a_bf16_transformers_model_is_bf16_and_the_fp32_model_cast():
+    """from_transformers keeps the `transformers` model's dtype, as to_transformers keeps Heron's:
+    a bf16 model comes back in bf16, RoPE tables too, with the logits of the fp32 model cast."""
+    model = random_model(n_kv_heads=2)
+    imported = from_transformers(to_transformers(copy.deepcopy(model).to(torch.bfloat16)))
+    assert imported.rope_cos.dtype == imported.rope_sin.dtype == torch.bfloat16
+    ids = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(6))
+    logits = imported(ids).logits
+    assert logits.dtype == torch.bfloat16 and torch.equal(logits, model.to(torch.bfloat16)(ids).logits)

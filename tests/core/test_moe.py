@@ -485,6 +485,26 @@ def test_a_float64_model_takes_the_loop_over_experts_and_equals_float32():
     torch.testing.assert_close(wide.aux_loss.float(), model(ids).aux_loss)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_model_dispatches_in_its_dtype(dtype):
+    """The sorted dispatch (more than MAX_ROWS rows) keeps x's dtype, as `_decode` does: fp32
+    gates made its output fp32, and the next layer's product failed on the mixed dtypes."""
+    model = make_model().eval()
+    ids = torch.randint(0, 97, (1, 32), generator=torch.Generator().manual_seed(18))
+    layer = make_moe(top_k=2).eval()
+    x = torch.randn(2, 32, 16, generator=torch.Generator().manual_seed(19))  # 64 rows
+    with torch.no_grad():
+        wide, exact = model(ids).logits, layer(x)
+        logits, dispatched = model.to(dtype)(ids).logits, layer.to(dtype)(x.to(dtype))
+        decoded = torch.cat([layer(x[:, t : t + 8].to(dtype)) for t in range(0, 32, 8)], dim=1)  # 16 rows each
+        assert not layer.decodes(x.reshape(64, 16)) and layer.decodes(x[:, :8].reshape(16, 16))
+    assert logits.dtype == dispatched.dtype == dtype
+    eps = torch.finfo(dtype).eps  # seen: the paths within 6 eps of each other, 8 of fp32
+    torch.testing.assert_close(logits.float(), wide, atol=16 * eps, rtol=16 * eps)
+    torch.testing.assert_close(dispatched.float(), exact, atol=16 * eps, rtol=16 * eps)
+    torch.testing.assert_close(dispatched, decoded, atol=8 * eps, rtol=8 * eps)  # the same sums, grouped apart
+
+
 def test_moe_layers_follow_the_schedule_and_hook_names_are_regular():
     model = make_model()
     assert [type(b.mlp).__name__ for b in model.blocks] == ["MLP", "MoE"]

@@ -70,6 +70,27 @@ def test_left_padding_changes_nothing(variant):
     assert (stepped - reference).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("variant", ["mha", "rope_llama3", "moe_top2"])
+def test_rope_tables_rebuilt_in_a_half_precision_model_are_the_cast_ones(variant, dtype):
+    """reset_buffers on a bf16 model (as a bf16 import or pruning rebuilds one) gives the
+    tables and logits `.to(dtype)` gives; fp32 tables rebuilt stay bit for bit as they were."""
+    model = make_model(**VARIANTS[variant])
+    before = model.rope_cos.clone(), model.rope_sin.clone()
+    model.reset_buffers()
+    assert torch.equal(model.rope_cos, before[0]) and torch.equal(model.rope_sin, before[1])
+    cast = model.to(dtype)
+    rebuilt = Transformer(model.config).to(dtype).eval()
+    rebuilt.load_state_dict(cast.state_dict())
+    rebuilt.reset_buffers()
+    assert rebuilt.rope_cos.dtype == dtype
+    assert torch.equal(rebuilt.rope_cos, cast.rope_cos) and torch.equal(rebuilt.rope_sin, cast.rope_sin)
+    ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(3))  # 40 rows: the MoE dispatch
+    with torch.no_grad():
+        logits = rebuilt(ids).logits
+        assert logits.dtype == dtype and torch.equal(logits, cast(ids).logits)
+
+
 def test_input_embeds_equal_token_ids():
     model = make_model()
     ids = torch.randint(0, 97, (2, 9))

@@ -112,6 +112,19 @@ def test_round_trip_is_exact(imported, tmp_path):
 
 
 @torch.no_grad()
+def test_a_bf16_import_is_the_fp32_import_cast(imported):
+    """load_hf_model(dtype=bf16) runs in bf16 (RoPE tables too) with the numbers of `.to(bf16)`."""
+    name, _, _, folder = imported
+    half = load_hf_model(folder, dtype=torch.bfloat16)
+    cast = load_hf_model(folder).to(torch.bfloat16)  # not the fixture's: a decode may have laid its weights out anew
+    torch.testing.assert_close(half.state_dict(), cast.state_dict(), rtol=0, atol=0)  # keys and bits
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(3))  # 80 rows: MoE's dispatch
+    logits = half(ids).logits
+    assert logits.dtype == torch.bfloat16 and torch.equal(logits, cast(ids).logits), name
+    assert {b.dtype for b in half.buffers() if b.is_floating_point()} <= {torch.bfloat16}, name
+
+
+@torch.no_grad()
 def test_export_loads_in_transformers_with_the_same_logits(imported, tmp_path):
     name, _, model, _ = imported
     save_hf_folder(model, tmp_path / "out", family=name)

@@ -402,7 +402,9 @@ class MoE(nn.Module):
         # threads reach them, so MoE training on two threads was not reproducible bit for bit.
         rows = self.hook_expert_in(x.index_select(0, token))  # (A, d)
         h = self.hook_expert_post(activate(self._grouped_product("up", rows, kept), self.kind))  # (A, ff)
-        out = self._grouped_product("down", h, kept) * weights.flatten()[order, None]  # (A, d)
+        # Gates in x's dtype, as `_decode` and transformers' Mixtral take them: fp32 gates on a bf16
+        # model's products would make y, and from it the residual stream, fp32.
+        out = self._grouped_product("down", h, kept) * weights.flatten().to(x.dtype)[order, None]  # (A, d)
         y = x.new_zeros(x.shape, dtype=out.dtype).index_add_(0, token, out)  # (N, d)
         return y, None if over is None else over.view(experts.shape)
 

@@ -136,11 +136,17 @@ class Transformer(nn.Module):
 
     def reset_buffers(self) -> None:
         """Compute the RoPE tables (derived from the config, never saved), e.g.
-        after `to_empty` on a model built on the meta device."""
+        after `to_empty` on a model built on the meta device.
+
+        In the dtype of the model's floating-point parameters, the same numbers
+        `.to(dtype)` makes of the fp32 tables: a model rebuilt in bf16 (a bf16
+        import, a pruned bf16 model) whose tables stayed fp32 would have
+        `apply_rope` promote q and k to fp32 against a bf16 v, and attention fails."""
         if self.config.positions == "rope":
             c, device = self.config, self.rope_cos.device
+            dtype = next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
             cos, sin = rope_tables(c.max_seq_len, c.resolved_head_dim, c.rope_theta, c.rope_scaling, c.rotary_dim)
-            self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+            self.rope_cos, self.rope_sin = cos.to(device, dtype), sin.to(device, dtype)
 
     def reset_parameters(self) -> None:
         """GPT-2 initialisation: N(0, std), with the projections that write to

@@ -30,7 +30,8 @@ def to_transformers(model: Transformer, attn_implementation: str = "sdpa", famil
 
 
 def from_transformers(hf_model: PreTrainedModel) -> Transformer:
-    """The Heron Transformer (eval mode, fp32) computing the same function as a `transformers` model."""
+    """The Heron Transformer (eval mode, the `transformers` model's dtype, as `to_transformers` keeps
+    Heron's) computing the same function as a `transformers` model."""
     with tempfile.TemporaryDirectory(prefix="heron-from-hf-") as tmp:
         hf_model.save_pretrained(tmp)
         return load_hf_model(tmp, dtype=next(hf_model.parameters()).dtype)
