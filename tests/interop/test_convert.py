@@ -117,6 +117,36 @@ def test_generation_config_eos_ids_end_generation_as_in_transformers(hf_folder, 
     assert heron.load(tmp_path / "heron")[1].stop_ids == (1, stop)
 
 
+def test_config_json_eos_ids_survive_a_round_trip_without_generation_config(hf_folder, tmp_path):
+    """A folder whose config.json lists the eos ids and that has no generation_config.json:
+    transformers stops at each of them, before and after Heron -> Hugging Face."""
+    folder = tmp_path / "hf"
+    shutil.copytree(hf_folder, folder)
+    (folder / "generation_config.json").unlink()
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "eos_token_id": [1, 5]}))
+    assert transformers.AutoModelForCausalLM.from_pretrained(folder).generation_config.eos_token_id == [1, 5]
+    assert main(["convert", "from-hf", str(folder), str(tmp_path / "heron")]) == 0
+    assert heron.load(tmp_path / "heron")[1].stop_ids == (1, 5)
+    assert main(["convert", "to-hf", str(tmp_path / "heron"), str(tmp_path / "out")]) == 0
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").generation_config.eos_token_id == [1, 5]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["eos_token_id"] == [1, 5]
+
+
+def test_an_export_without_a_tokenizer_writes_its_ids_as_null(tmp_path):
+    """A key left out would read as the family's default (LLaMA's eos 2), which no token here is."""
+    from heron.core import ModelConfig, Transformer
+    from heron.interop import save_hf_folder
+
+    save_hf_folder(Transformer(ModelConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2)), tmp_path / "hf")
+    written = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert {key: written[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id")} == dict.fromkeys(
+        ("bos_token_id", "eos_token_id", "pad_token_id"))
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "hf").eos_token_id is None
+    left_out = {key: value for key, value in written.items() if not key.endswith("_token_id")}
+    assert transformers.LlamaConfig(**left_out).eos_token_id == 2
+
+
 @pytest.mark.parametrize("change, complaint", [
     (lambda text: text + "}", "config.json: not valid JSON"),
     (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "model_type"}),

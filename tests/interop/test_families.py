@@ -16,9 +16,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from heron.core import ModelConfig, Transformer  # noqa: E402
 from heron.generate import Generator, SamplingParams  # noqa: E402
 from heron.interop import load_hf_model, save_hf_folder  # noqa: E402
 from heron.interop.families import FAMILIES as FAMILIES_OF_HERON  # noqa: E402
+from heron.interop.families import GPT_NEOX, STABLELM, hf_config, partial_rotary_factor  # noqa: E402
 
 VOCAB = 97
 WINDOW = 8  # Mistral's, Qwen2's and GPT-Neo's local window: the test lengths go past it
@@ -230,3 +232,91 @@ def test_qwen3_moe_slides_on_every_layer_as_transformers_does(tmp_path):
     with pytest.raises(ValueError, match="attention: layer 0 is 'dense'; this family has either dense attention on "
                                          "every layer or one sliding window on every layer"):
         save_hf_folder(type(model)(mixed), tmp_path / "out", family="qwen3_moe")
+
+
+# ----- Heron models exported: what transformers builds from the folder -------------------------------------
+
+
+def random_heron_model(config: ModelConfig) -> Transformer:
+    """As random_hf_model: norm gains around 1, every other weight far from init."""
+    torch.manual_seed(0)
+    model = Transformer(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.uniform_(0.5, 1.5) if "norm" in name and name.endswith("weight") else p.normal_(0.0, 0.15)
+    return model
+
+
+@torch.no_grad()
+def exports_with_the_same_logits_and_comes_back_exact(model: Transformer, folder: Path) -> str:
+    """The family save_hf_folder picked, once transformers' logits equal Heron's and
+    Heron -> Hugging Face -> Heron is exact."""
+    family = save_hf_folder(model, folder).name
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(3))
+    difference = (model(ids).logits - hf(ids).logits).abs().max().item()
+    assert difference <= 1e-4, f"{family}: {difference}"
+    back = load_hf_model(folder)
+    assert back.config == model.config
+    torch.testing.assert_close(back.state_dict(), model.state_dict(), rtol=0, atol=0)
+    return family
+
+
+PARTIAL_ROTARY = {  # Heron configs GPT-NeoX and StableLM express, but for d_model, n_heads and rotary_dim
+    "gpt_neox": dict(norm="layernorm", mlp="gelu", qkv_bias=True, out_bias=True, mlp_bias=True, parallel_residual=True),
+    "stablelm": dict(norm="layernorm"),
+}
+
+
+def partial_rotary_model(family: str, head_dim: int, rotary_dim: int) -> ModelConfig:
+    return ModelConfig(vocab_size=VOCAB, d_model=2 * head_dim, n_layers=2, n_heads=2, max_seq_len=64,
+                       rotary_dim=rotary_dim, **PARTIAL_ROTARY[family])
+
+
+def test_the_written_partial_rotary_factor_rotates_rotary_dim_for_every_head():
+    """transformers rotates int(head_dim * partial_rotary_factor) dims; rotary_dim / head_dim
+    lands below a whole number for 4,560 pairs up to 1024-wide heads (44 * (30 / 44) = 29.999...)."""
+    missed = 0
+    for head_dim in range(2, 1025, 2):
+        for rotary_dim in range(2, head_dim + 1, 2):
+            factor = partial_rotary_factor(rotary_dim, head_dim)
+            assert int(head_dim * factor) == rotary_dim and 0 < factor <= 1, (head_dim, rotary_dim, factor)
+            missed += int(head_dim * (rotary_dim / head_dim)) != rotary_dim
+    assert missed == 4560  # the pairs the plain quotient gets wrong, each checked above
+
+
+@pytest.mark.parametrize("family", [GPT_NEOX, STABLELM], ids=["gpt_neox", "stablelm"])
+@pytest.mark.parametrize("head_dim, rotary_dim", [(44, 30), (46, 26), (98, 2), (64, 16), (44, 44)])
+def test_transformers_rotates_the_dims_heron_does(family, head_dim, rotary_dim):
+    """transformers' own attention and RoPE tables, built from the config.json Heron writes."""
+    written = json.loads(json.dumps(hf_config(family, partial_rotary_model(family.name, head_dim, rotary_dim))))
+    config = transformers.AutoConfig.for_model(**written)
+    modeling = transformers.models.gpt_neox.modeling_gpt_neox if family is GPT_NEOX else \
+        transformers.models.stablelm.modeling_stablelm
+    attention, rope = (modeling.GPTNeoXAttention, modeling.GPTNeoXRotaryEmbedding) if family is GPT_NEOX else \
+        (modeling.StableLmAttention, modeling.StableLmRotaryEmbedding)
+    assert attention(config, layer_idx=0).rotary_ndims == rotary_dim
+    assert 2 * rope(config).inv_freq.numel() == rotary_dim
+
+
+@pytest.mark.parametrize("family", list(PARTIAL_ROTARY))
+def test_a_44_wide_head_rotating_30_dims_exports_with_the_same_logits(family, tmp_path):
+    model = random_heron_model(partial_rotary_model(family, 44, 30))
+    assert exports_with_the_same_logits_and_comes_back_exact(model, tmp_path / "hf") == family
+
+
+@pytest.mark.parametrize("changes, family", [
+    ({}, "mistral"),
+    ({"qkv_bias": True}, "qwen2"),
+    ({"qk_norm": True}, "qwen3"),
+])
+def test_heads_that_do_not_divide_d_model_export_as_a_family_transformers_loads(changes, family, tmp_path):
+    """Three 16-wide heads on d_model 64: LlamaConfig refuses a hidden_size that is not a
+    multiple of num_attention_heads; Mistral's and Qwen's configs take the head_dim as given."""
+    config = ModelConfig(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=3, n_kv_heads=1, head_dim=16,
+                         max_seq_len=64, **changes)
+    model = random_heron_model(config)
+    assert exports_with_the_same_logits_and_comes_back_exact(model, tmp_path / "hf") == family
+    with pytest.raises(ValueError, match="n_heads: LLaMA needs d_model a multiple of n_heads, got d_model=64, "
+                                         "n_heads=3"):
+        save_hf_folder(model, tmp_path / "llama", family="llama")

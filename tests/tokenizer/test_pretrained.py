@@ -243,6 +243,22 @@ def test_a_models_sampling_defaults_survive_a_save(folder, tmp_path):
     assert saved["eos_token_id"] == [2, 0] and load_tokenizer(tmp_path / "saved").stop_ids == (2, 0)
 
 
+def test_config_json_eos_ids_stand_in_for_a_missing_generation_config(tmp_path):
+    """Without generation_config.json transformers builds the generation config from config.json,
+    so generate stops at every eos id listed there; a save keeps the list where transformers finds it."""
+    source = write_folder(tmp_path / "source")
+    (source / "config.json").write_text(json.dumps({"model_type": "llama", "eos_token_id": [0, 2]}))
+    theirs = transformers.GenerationConfig.from_pretrained(source, config_file_name="config.json",
+                                                           _from_model_config=True).eos_token_id
+    tokenizer = load_tokenizer(source)
+    assert set(tokenizer.stop_ids) == set(theirs) == {0, 2}
+    assert source / "config.json" in tokenizer.files  # hashed with the files the tokenizer came from
+    tokenizer.save(tmp_path / "saved")
+    assert transformers.GenerationConfig.from_pretrained(tmp_path / "saved").eos_token_id == [0, 2]
+    (source / "generation_config.json").write_text('{"eos_token_id": 2}')  # which transformers reads instead
+    assert load_tokenizer(source).stop_ids == (2,)
+
+
 # ----- runaway templates ------------------------------------------------------------------------------------
 # A template is code from whoever published the model: Jinja's sandbox keeps it from Python's internals, and
 # Heron's limits (pretrained.py, TEMPLATE_*) from running on or filling memory. Each of these would take

@@ -15,6 +15,7 @@ the field when a value has no counterpart on the other side.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -354,6 +355,15 @@ def default_head_dim_only(config: ModelConfig) -> HfConfig:
     return {}
 
 
+def whole_heads_only(config: ModelConfig) -> HfConfig:
+    """LlamaConfig refuses a hidden_size that is not a multiple of num_attention_heads, head_dim
+    given or not (its validate_architecture); Mistral's, Qwen's and Phi-3's configs accept it."""
+    if config.d_model % config.n_heads:
+        raise ValueError(f"n_heads: LLaMA needs d_model a multiple of n_heads, got d_model={config.d_model}, "
+                         f"n_heads={config.n_heads}")
+    return {}
+
+
 def multi_head_only(config: ModelConfig) -> HfConfig:
     """GPT-2 and GPT-Neo have one key/value head per query head, of width d_model / n_heads."""
     if config.resolved_kv_heads != config.n_heads:
@@ -479,8 +489,24 @@ def read_neox_rope(hf: HfConfig) -> dict[str, Any]:
 def write_neox_rope(config: ModelConfig) -> HfConfig:
     out = write_rope(config)
     head_dim = config.resolved_head_dim
-    out["rope_parameters"]["partial_rotary_factor"] = (config.rotary_dim or head_dim) / head_dim
+    out["rope_parameters"]["partial_rotary_factor"] = partial_rotary_factor(config.rotary_dim or head_dim, head_dim)
     return out
+
+
+def partial_rotary_factor(rotary_dim: int, head_dim: int) -> float:
+    """The factor transformers reads back as `rotary_dim`: GPT-NeoX and StableLM rotate
+    int(head_dim * factor) dims (their attention's `rotary_ndims` and RoPE init), and
+    rotary_dim / head_dim can land a hair below the whole number (44 * (30 / 44) = 29.999...,
+    read as 29). The quotient moves up one float at a time until it lands; ValueError where none does."""
+    factor = rotary_dim / head_dim
+    for _ in range(8):  # one or two steps: the quotient is within a float or two of one that lands
+        if int(head_dim * factor) >= rotary_dim:
+            break
+        factor = math.nextafter(factor, math.inf)
+    if int(head_dim * factor) != rotary_dim:
+        raise ValueError(f"rotary_dim: no partial_rotary_factor makes transformers rotate {rotary_dim} of a "
+                         f"{head_dim}-wide head (int(head_dim * factor)); choose another rotary_dim")
+    return factor
 
 
 def read_qkv_bias(hf: HfConfig) -> dict[str, Any]:
@@ -561,7 +587,7 @@ _QWEN_DEFAULTS: tuple[tuple[str, Any], ...] = (
 LLAMA = Family(
     "llama", "llama", "LlamaForCausalLM", LLAMA_WEIGHTS, _LLAMA_FIELDS, _LLAMA_FIXED, _SILU,
     read=(read_rope, read_llama_bias),
-    write=(write_rope, write_llama_bias, dense_attention_only, dense_feed_forward_only),
+    write=(write_rope, write_llama_bias, whole_heads_only, dense_attention_only, dense_feed_forward_only),
     hf_defaults=(("tie_word_embeddings", False), ("rms_norm_eps", 1e-6), ("attention_bias", False),
                  ("mlp_bias", False), ("max_position_embeddings", 2048)),
 )
@@ -740,10 +766,15 @@ DERIVED_SIZES: tuple[tuple[str, str], ...] = (
 
 def _derive_sizes(config: ModelConfig) -> ModelConfig:
     """Sizes that equal Heron's derivation rule become None, so a Heron config
-    survives the trip through Hugging Face unchanged."""
-    derived = config.replace(**{field: None for field, _ in DERIVED_SIZES})
-    config = config.replace(**{field: None for field, resolved in DERIVED_SIZES
-                               if getattr(derived, resolved) == getattr(config, resolved)})
+    survives the trip through Hugging Face unchanged. A size with no rule here stays:
+    head_dim where d_model is not a multiple of n_heads (Mistral's and Qwen3's configs allow it)."""
+    for field, resolved in DERIVED_SIZES:
+        try:
+            derived = config.replace(**{field: None})
+        except ValueError:  # the rule does not apply (d_model % n_heads), or gives a size Heron cannot run
+            continue
+        if getattr(derived, resolved) == getattr(config, resolved):
+            config = derived
     if config.moe is not None and config.moe.d_ff is not None:
         rule = config.replace(moe=dataclasses.replace(config.moe, d_ff=None))
         if rule.resolved_expert_d_ff == config.moe.d_ff:

@@ -147,10 +147,15 @@ def _family_named(name: str) -> Family:
     raise ValueError(f"family: {name!r} is not one of {', '.join(f.name for f in FAMILIES)}")
 
 
-def _token_ids(tokenizer: HeronTokenizer | PretrainedTokenizer | None) -> dict[str, int | None]:
+def _token_ids(tokenizer: HeronTokenizer | PretrainedTokenizer | None) -> dict[str, int | list[int] | None]:
+    """config.json's special-token ids. eos_token_id lists every id an imported model stops at, as
+    transformers reads it where generation_config.json is missing. Without a tokenizer the ids are
+    null, not left out: a missing key reads as the family's default (LLaMA's eos 2, Phi-3's pad 32000)."""
     if tokenizer is None:
         return {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
-    return {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+    stop = tokenizer.generation_stop_ids if isinstance(tokenizer, PretrainedTokenizer) else tokenizer.stop_ids
+    eos = list(stop) if len(stop) > 1 else stop[0] if stop else None
+    return {"bos_token_id": tokenizer.bos_id, "eos_token_id": eos, "pad_token_id": tokenizer.pad_id}
 
 
 def _save_tokenizer(tokenizer: HeronTokenizer | PretrainedTokenizer, folder: Path) -> None:

@@ -25,6 +25,7 @@ from heron.tokenizer.chat_template import ChatTemplateError, TemplateLimit, comp
 
 CONFIG_FILE = "tokenizer_config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
+MODEL_CONFIG_FILE = "config.json"  # a Hugging Face folder's; its eos_token_id stands in for generation_config.json's
 TEMPLATE_FILE = "chat_template.jinja"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 EXTRA_TEMPLATES_DIR = "additional_chat_templates"  # transformers writes named templates here, <name>.jinja
@@ -44,8 +45,8 @@ class PretrainedTokenizer:
         self._tok = tokenizer
         self.config = dict(config or {})
         self.files: tuple[Path, ...] = ()  # the files `load` read, for a lineage to hash
-        # generation_config.json's eos_token_id: the ids that end a reply, where a model lists
-        # more than its tokenizer's eos_token (Llama 3 Instruct's <|eot_id|>).
+        # generation_config.json's eos_token_id (config.json's without that file): the ids that end
+        # a reply, where a model lists more than its tokenizer's eos_token (Llama 3 Instruct's <|eot_id|>).
         self.generation_eos_ids = tuple(int(i) for i in generation_eos_ids)
         # the rest of generation_config.json (a model's sampling defaults), written back as it came
         self.generation_config = dict(generation_config or {})
@@ -83,6 +84,11 @@ class PretrainedTokenizer:
         """The ids that end generation: the eos token, then those generation_config.json adds."""
         ids = ([] if self.eos_id is None else [self.eos_id]) + list(self.generation_eos_ids)
         return tuple(dict.fromkeys(ids))
+
+    @property
+    def generation_stop_ids(self) -> tuple[int, ...]:
+        """generation_config.json's eos_token_id as `save` writes it: the model's list, then the other stop ids."""
+        return tuple(dict.fromkeys(self.generation_eos_ids + self.stop_ids))
 
     @property
     def pad_id(self) -> int | None:
@@ -268,8 +274,8 @@ class PretrainedTokenizer:
         write_text_atomic(folder / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False))
         if self.generation_eos_ids or self.generation_config:
             # transformers' generate stops at every id of the list and pads with pad_token_id.
-            stop = list(dict.fromkeys(self.generation_eos_ids + self.stop_ids))
-            ids = {"bos_token_id": self.bos_id, "eos_token_id": stop, "pad_token_id": self.pad_id}
+            ids = {"bos_token_id": self.bos_id, "eos_token_id": list(self.generation_stop_ids),
+                   "pad_token_id": self.pad_id}
             generation = self.generation_config | {key: value for key, value in ids.items() if value is not None}
             write_text_atomic(folder / GENERATION_CONFIG_FILE, json.dumps(generation, indent=2))
 
@@ -306,6 +312,10 @@ class PretrainedTokenizer:
         if (generation_file := folder_file(folder, GENERATION_CONFIG_FILE)) is not None:
             read.append(generation_file)
         generation, eos_ids = _generation_config(generation_file, tokenizer.get_vocab_size(True))
+        if generation_file is None and (model_file := folder_file(folder, MODEL_CONFIG_FILE)) is not None:
+            # transformers builds the generation config from config.json then, its eos_token_id list included
+            eos_ids = _eos_ids(model_file, _json_object(model_file, "settings"), tokenizer.get_vocab_size(True))
+            read += [model_file] if eos_ids else []
         loaded = cls(tokenizer, config, template, eos_ids, generation)
         loaded.files = tuple(read)
         return loaded
@@ -333,16 +343,18 @@ def _generation_config(file: Path | None, vocab_size: int) -> tuple[dict[str, An
     the vocabulary; ({}, []) without the file."""
     if file is None:
         return {}, []
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-        value = raw.get("eos_token_id")
-    except (json.JSONDecodeError, AttributeError) as err:
-        raise ValueError(f"{file}: not a JSON object ({err})") from None
+    raw = _json_object(file, "generation settings")
+    return raw, _eos_ids(file, raw, vocab_size)
+
+
+def _eos_ids(file: Path, settings: dict[str, Any], vocab_size: int) -> list[int]:
+    """The eos_token_id of `settings` read from `file` (one id, a list, or none), checked against the vocabulary."""
+    value = settings.get("eos_token_id")
     ids = [] if value is None else [value] if isinstance(value, int) else value
     # bool is an int to Python, yet `true` is no token id
     if not isinstance(ids, list) or not all(type(i) is int and 0 <= i < vocab_size for i in ids):
         raise ValueError(f"{file}: eos_token_id {value!r} is not token ids below {vocab_size}")
-    return raw, ids
+    return ids
 
 
 def load_tokenizer(folder: str | os.PathLike[str]) -> HeronTokenizer | PretrainedTokenizer:
