@@ -59,27 +59,12 @@ EXPECTED = {  # a part of each record's parameters, known from the command's set
 }
 
 
-def killed_before_the_record(run, monkeypatch) -> dict:
-    """Run `run` with its audit append killed; return what that append was given."""
-    attempted = {}
-
-    def killed(event, **fields):
-        attempted.update(fields, event=event)
-        raise KeyboardInterrupt
-
-    with monkeypatch.context() as patch:
-        patch.setattr(records, "record_event", killed)
-        with pytest.raises(KeyboardInterrupt):
-            run()
-    return attempted
-
-
 @pytest.mark.parametrize("event", sorted(COMMANDS))
 def test_a_rerun_writes_the_record_a_kill_left_out_as_the_killed_run_would_have(event, folders, log, tmp_path,
-                                                                                monkeypatch) -> None:
+                                                                                killed_before_the_record) -> None:
     source, shards = folders
     target = tmp_path / "out"
-    attempted = killed_before_the_record(lambda: COMMANDS[event](source, target, shards), monkeypatch)
+    attempted = killed_before_the_record(records, lambda: COMMANDS[event](source, target, shards))
     assert target.is_dir() and log.records(event=event) == []
     with pytest.raises(FileExistsError, match=NOW_WRITTEN):
         COMMANDS[event](source, target, shards)
@@ -97,30 +82,41 @@ def test_a_rerun_writes_the_record_a_kill_left_out_as_the_killed_run_would_have(
     assert len(log.records(event=event)) == 1
 
 
+# What each command returns, as its audit record's parameters hold it: quantise returns the
+# record's parameters plus two sizes; prune returns the report the record holds under "pruning".
+RETURNED_IN_RECORD = {
+    "compress.quantize": lambda parameters, returned: parameters == json_value(
+        {k: v for k, v in returned.items() if k not in ("model_bytes", "size_vs_source")}),
+    "compress.prune": lambda parameters, returned: parameters["pruning"] == json_value(returned),
+}
+
+
 @pytest.mark.parametrize("event", sorted(COMMANDS))
 def test_an_unbroken_run_writes_one_record_and_a_rerun_none(event, folders, log, tmp_path) -> None:
+    """The record holds what the run itself made (its returned summary), not only what it wrote."""
     source, shards = folders
-    COMMANDS[event](source, tmp_path / "out", shards)
+    returned = COMMANDS[event](source, tmp_path / "out", shards)
     [record] = log.records(event=event)
     assert record.outputs == {"checkpoint": artifact(tmp_path / "out")}
+    assert RETURNED_IN_RECORD[event](record.parameters, returned)
     with pytest.raises(FileExistsError, match="exists; write to a new folder"):
         COMMANDS[event](source, tmp_path / "out", shards)
     assert len(log.records(event=event)) == 1
 
 
-def test_a_folder_made_from_another_source_gets_no_record(folders, log, tmp_path, monkeypatch) -> None:
+def test_a_folder_made_from_another_source_gets_no_record(folders, log, tmp_path, killed_before_the_record) -> None:
     source, shards = folders
     other, _ = checkpoint_and_shards(tmp_path / "other")
-    killed_before_the_record(lambda: COMMANDS["compress.prune"](source, tmp_path / "out", shards), monkeypatch)
+    killed_before_the_record(records, lambda: COMMANDS["compress.prune"](source, tmp_path / "out", shards))
     with pytest.raises(FileExistsError, match="exists and is not empty"):
         COMMANDS["compress.prune"](other, tmp_path / "out", shards)
     assert log.records(event="compress.prune") == []
 
 
-def test_a_damaged_folder_gets_no_record(folders, log, tmp_path, monkeypatch) -> None:
+def test_a_damaged_folder_gets_no_record(folders, log, tmp_path, killed_before_the_record) -> None:
     source, shards = folders
     target = tmp_path / "out"
-    killed_before_the_record(lambda: COMMANDS["compress.quantize"](source, target, shards), monkeypatch)
+    killed_before_the_record(records, lambda: COMMANDS["compress.quantize"](source, target, shards))
     weights = target / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
     with pytest.raises(FileExistsError, match="exists and is not empty"):
@@ -129,10 +125,10 @@ def test_a_damaged_folder_gets_no_record(folders, log, tmp_path, monkeypatch) ->
 
 
 def test_the_demo_reusing_its_int8_model_writes_the_record_a_kill_left_out(folders, log, tmp_path,
-                                                                           monkeypatch) -> None:
+                                                                           killed_before_the_record) -> None:
     source, _ = folders
     target = tmp_path / "int8"
-    killed_before_the_record(lambda: demo._quantized(source, target), monkeypatch)
+    killed_before_the_record(records, lambda: demo._quantized(source, target))
     assert demo._quantized(source, target) == target
     [record] = log.records(event="compress.quantize")
     assert record.outputs == {"checkpoint": artifact(target)} and record.inputs == {"source": artifact(source)}

@@ -142,6 +142,26 @@ def test_a_teacher_with_another_vocabulary_is_refused(teacher, tmp_path):
         distill(teacher, recipe(tmp_path / "student", d_model=16, steps=2, vocab_size=48))
 
 
+def test_a_teacher_with_more_rows_than_tokens_teaches_a_student_of_its_size(tmp_path):
+    """A teacher's embedding may be padded past its tokenizer (Qwen2: 151,936 rows for 151,646 tokens).
+    The student gets the teacher's rows, since the KL runs over the teacher's whole vocabulary, and
+    learns the task as from an unpadded teacher."""
+    settings = recipe_dict(tmp_path / "teacher", d_model=32, steps=60)
+    settings["model"]["overrides"]["vocab_size"] = 40  # 8 rows no token of the data's 32 uses
+    padded = train(recipe_from_dict(settings, world_size=1)).checkpoint
+    result = distill(padded, recipe(tmp_path / "student", d_model=16, steps=100), temperature=2.0, alpha=1.0)
+    assert result.val_losses[-1][1] < 0.1 < math.log(32)
+    assert load_checkpoint(result.checkpoint).config.vocab_size == 40
+
+
+def test_a_teacher_reading_shorter_windows_than_the_data_is_refused_before_the_run_folder(teacher, tmp_path):
+    settings = recipe_dict(tmp_path / "student", d_model=16, steps=2)
+    settings["model"]["overrides"]["max_seq_len"] = settings["data"]["seq_len"] = 64
+    with pytest.raises(ValueError, match=r"^teacher: max_seq_len 32 is below data.seq_len 64; .*data.seq_len <= 32"):
+        distill(teacher, recipe_from_dict(settings, world_size=1))
+    assert not (tmp_path / "student").exists()
+
+
 def test_a_student_of_another_vocabulary_is_refused_before_its_run_folder_exists(teacher, tmp_path, capsys):
     file = tmp_path / "student.yaml"
     file.write_text(yaml.safe_dump(recipe_dict(tmp_path / "student", d_model=16, steps=2)))

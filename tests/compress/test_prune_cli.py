@@ -1,6 +1,7 @@
 """`heron compress prune` on a tiny checkpoint and a tiny shard folder:
 unstructured SparseGPT with recovery writes a sparse checkpoint heron.load
-reads; MLP-channel pruning writes a plain, smaller one."""
+reads; MLP-channel pruning writes a plain, smaller one (a packed one where the
+source was sparse: its zeros are kept)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ import torch
 import heron
 from compress_helpers import checkpoint_and_shards
 from heron.cli.main import main
-from heron.compress.prune_model import sparsity_of
+from heron.compress.prune_model import prunable_weights, sparsity_of
 from heron.compress.sparse_store import SPARSITY_FILE
 from heron.core import ModelConfig, MoEConfig, Transformer
 from heron.train.checkpoint import save_model_folder
@@ -53,6 +54,29 @@ def test_two_four_and_mlp_channels(folders, tmp_path, capsys):
                  "--calib-shards", str(shards), "--calib-batches", "1", "--seq-len", "16"]) == 0
     model, _ = heron.load(tmp_path / "ch")
     assert model.config.d_ff == 96 and not (tmp_path / "ch" / SPARSITY_FILE).exists()
+
+
+def test_structured_pruning_of_a_sparse_model_keeps_its_zeros_through_recovery(folders, tmp_path):
+    """Known answer: recovery moves no zero, so the model pruned of MLP channels and recovered has the zeros
+    of the one pruned the same way without recovery, exactly; both are stored packed, and the lineage
+    states the sparsity of the model saved."""
+    ckpt, shards = folders
+    assert main(["compress", "prune", str(ckpt), str(tmp_path / "sparse"), "--method", "magnitude",
+                 "--sparsity", "0.5"]) == 0
+    channels = ["--mlp-channels", "0.25", "--calib-shards", str(shards), "--calib-batches", "2",
+                "--calib-batch-size", "2", "--seq-len", "32"]
+    assert main(["compress", "prune", str(tmp_path / "sparse"), str(tmp_path / "plain"), *channels]) == 0
+    assert main(["compress", "prune", str(tmp_path / "sparse"), str(tmp_path / "recovered"), *channels,
+                 "--recover-steps", "3", "--recover-lr", "1e-2"]) == 0
+    (plain, _), (recovered, _) = heron.load(tmp_path / "plain"), heron.load(tmp_path / "recovered")
+    assert recovered.config.d_ff == 96 and sparsity_of(recovered) > 0.45
+    for (name, a), b in zip(prunable_weights(plain).items(), prunable_weights(recovered).values()):
+        assert torch.equal(a == 0, b == 0), name
+        assert not torch.equal(a, b), name  # recovery did train the weights it kept
+    for out, model in (("plain", plain), ("recovered", recovered)):
+        assert (tmp_path / out / SPARSITY_FILE).is_file()
+        lineage = json.loads((tmp_path / out / "lineage.json").read_text())
+        assert lineage["pruning"]["block_linear_sparsity"] == sparsity_of(model)
 
 
 def test_bad_requests_exit_2_naming_the_problem(folders, tmp_path, capsys):

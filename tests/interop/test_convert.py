@@ -209,6 +209,33 @@ def test_convert_refuses_an_existing_target_and_a_bad_source(hf_folder, tmp_path
     assert (hf_folder / "model.safetensors").read_bytes() == weights
 
 
+def test_an_import_killed_before_its_audit_record_gets_it_on_a_rerun(hf_folder, tmp_path, monkeypatch,
+                                                                     killed_before_the_record):
+    """The rerun writes the record the killed import tried to append, once; a folder imported from
+    another source is refused as any existing folder, with no record."""
+    from heron.govern.audit import LOG_ENV, AuditLog
+    from heron.govern.digest import artifact, json_value
+    from heron.interop import convert
+
+    monkeypatch.setenv(LOG_ENV, str(tmp_path / "audit.db"))
+    log, target = AuditLog.open(tmp_path / "audit.db"), tmp_path / "imported"
+    attempted = killed_before_the_record(convert, lambda: convert.import_hf(hf_folder, target))
+    other = shutil.copytree(hf_folder, tmp_path / "other-source")
+    with pytest.raises(FileExistsError, match="exists and is not empty"):
+        convert.import_hf(other, target)
+    assert log.records() == []
+    with pytest.raises(FileExistsError, match="exists .the audit record a kill left it without: now written."):
+        convert.import_hf(hf_folder, target)
+    [record] = log.records(event="convert.from_hf")
+    assert record.outputs == {"checkpoint": artifact(target)} and record.model_hash == attempted["model_hash"]
+    assert record.inputs == attempted["inputs"] and record.inputs["source"].path == str(hf_folder.resolve())
+    assert record.parameters == json_value(attempted["parameters"])
+    assert record.parameters["files"]["config.json"] == sha256_file(hf_folder / "config.json")
+    with pytest.raises(FileExistsError, match=f"{target}: exists; write to a new folder"):
+        convert.import_hf(hf_folder, target)
+    assert len(log.records()) == 1
+
+
 def test_convert_to_gguf_writes_a_llama_file(hf_folder, tmp_path, capsys):
     gguf = pytest.importorskip("gguf")
     target = tmp_path / "model.gguf"

@@ -161,6 +161,21 @@ def test_resume_refuses_a_different_run(recipe_factory) -> None:
     assert fresh.step == 2 and [p.name for p in list_checkpoints(fresh.out_dir)] == ["step_00000002"]
 
 
+def test_plain_training_refuses_to_resume_a_distillation(recipe_factory, tmp_path: Path) -> None:
+    """A run whose lineage names a teacher goes on only under it: plain training would write checkpoints
+    whose lineage had lost the teacher. Refused before anything in the folder changes."""
+    teacher = {"distillation": {"teacher": "runs/teacher/checkpoints/step_00000060", "alpha": 0.5}}
+    train(recipe_factory("run", train={"steps": 2}), lineage=teacher)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()}
+    with pytest.raises(RecipeError, match=r"^distillation: .*run holds a distillation run \(step_00000002's lineage "
+                                          r"records it\).* resume it with `heron compress distill`"):
+        train(recipe_factory("run", train={"steps": 4}))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir() if p.is_file()} == before
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["step_00000002"]
+    resumed = train(recipe_factory("run", train={"steps": 4}), lineage=teacher)  # under its teacher: resumed
+    assert resumed.step == 4 and load_checkpoint(resumed.checkpoint).lineage["distillation"] == teacher["distillation"]
+
+
 def test_lineage_records_the_run(recipe_factory) -> None:
     result = train(recipe_factory(train={"steps": 2}))
     lineage = load_checkpoint(result.checkpoint).lineage

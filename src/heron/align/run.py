@@ -39,7 +39,7 @@ from heron.compress.qlinear import is_quantized
 from heron.data.chat import read_chat_jsonl
 from heron.govern import EnergyMeter, EnergyReport
 from heron.govern.audit import record_event
-from heron.govern.audit_lineage import lacks_record
+from heron.govern.audit_lineage import record_if_missing
 from heron.govern.digest import LINEAGE_FILE, METRICS_FILE, model_hash
 from heron.govern.figures import new_figure, save_png
 from heron.store.atomic import is_partial_write
@@ -127,10 +127,7 @@ def record_finished_model(folder: Path) -> bool:
     A record that wrote the folder as it is, or before documents were written into it, counts.
     A model/ folder whose lineage records no alignment is no run's model: nothing to write."""
     alignment = _recorded_alignment(folder)
-    if alignment is None or not lacks_record(folder):
-        return False
-    _record_align(folder, alignment)
-    return True
+    return alignment is not None and record_if_missing(folder, lambda model: _record_align(model, alignment))
 
 
 def _recorded_alignment(folder: Path) -> dict[str, Any] | None:

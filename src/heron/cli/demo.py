@@ -47,7 +47,7 @@ from heron.data import ShardedTokens, load_shards
 from heron.generate import Generator, SamplingParams, perplexity
 from heron.govern.annex_iv import write_annex_iv
 from heron.govern.audit import audit_log, log_location
-from heron.govern.audit_lineage import lacks_record
+from heron.govern.audit_lineage import record_if_missing
 from heron.govern.card import write_model_card
 from heron.govern.digest import METRICS_FILE, TOKENIZER_FILE
 from heron.interpret.explain import ExplainSettings, explain
@@ -214,8 +214,7 @@ def _explain_slow_int8() -> None:
 def _quantized(source: Path, target: Path) -> Path:
     """`source` in int8 at `target`: reused when a previous run made it from the same source."""
     if _reuse(target, source, lambda lineage: lineage.get("quantized_from")):
-        if lacks_record(target):  # a kill came between the folder and its audit record
-            record_quantized(target)
+        record_if_missing(target, record_quantized)  # a kill came between the folder and its audit record
     else:
         settings = QuantizeCheckpointSettings(QuantizeSettings(scheme="int8", method="rtn"))
         quantize_checkpoint(source.resolve(), target, settings, progress=False)

@@ -36,6 +36,7 @@ comparable with any model's) and the energy record are the loop's own.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -177,7 +178,8 @@ def distill(teacher_dir: str | Path, recipe: TrainRecipe, *, temperature: float 
     """Train the student the recipe describes (its model section, its data, which
     must be tokenised with the teacher's tokenizer) from the teacher: any folder
     `heron.load` reads (a Heron checkpoint, quantised or pruned ones too, or a
-    Hugging Face model folder such as a LLaMA's).
+    Hugging Face model folder such as a LLaMA's). The student's vocabulary is the
+    teacher's, which may have more rows than the tokenizer has tokens.
 
     hidden_weight > 0 adds the hidden term; hidden_layers maps student layers to
     teacher layers (None: the uniform map)."""
@@ -190,15 +192,21 @@ def distill(teacher_dir: str | Path, recipe: TrainRecipe, *, temperature: float 
     if data_tokenizer is not None and teacher_fingerprint is not None and data_tokenizer() != teacher_fingerprint():
         raise ValueError(f"teacher: {teacher_dir}'s tokenizer is not the one the recipe's data ({recipe.data.shards}) "
                          "was tokenised with; tokenise the data with the teacher's tokenizer")
-    if teacher.config.vocab_size != data.vocab_size:
-        raise ValueError(f"teacher: vocabulary of {teacher.config.vocab_size} tokens, but the recipe's data "
+    vocab_size = teacher.config.vocab_size  # may exceed its tokenizer's (Qwen2: 151,936 rows for 151,646 tokens)
+    if data.vocab_size > vocab_size:
+        raise ValueError(f"teacher: vocabulary of {vocab_size} tokens, but the recipe's data "
                          f"({recipe.data.shards or 'synthetic'}) has {data.vocab_size}; tokenise the data with "
                          "the teacher's tokenizer")
-    student = model_config(recipe, data.vocab_size)
-    if student.vocab_size != teacher.config.vocab_size:  # the KL compares the two distributions token by token
-        raise ValueError(f"vocab_size: the student's is {student.vocab_size} (the recipe's model section), the "
-                         f"teacher's {teacher.config.vocab_size}; distillation needs the same vocabulary (leave "
-                         "model.overrides.vocab_size unset: the student takes the data's)")
+    pinned = recipe.model.overrides.get("vocab_size")
+    if pinned is not None and pinned != vocab_size:  # the KL compares the two distributions token by token
+        raise ValueError(f"vocab_size: the student's is {pinned} (the recipe's model section), the teacher's "
+                         f"{vocab_size}; distillation needs the same vocabulary (leave model.overrides.vocab_size "
+                         "unset: the student takes the teacher's)")
+    if teacher.config.max_seq_len < recipe.data.seq_len:  # the teacher reads each training window whole
+        raise ValueError(f"teacher: max_seq_len {teacher.config.max_seq_len} is below data.seq_len "
+                         f"{recipe.data.seq_len}; give the student windows the teacher can read (data.seq_len "
+                         f"<= {teacher.config.max_seq_len})")
+    student = model_config(recipe, vocab_size)
     if Path(recipe.out_dir).resolve().is_relative_to(Path(teacher_dir).resolve()):
         raise ValueError(f"out_dir: {recipe.out_dir} is inside the teacher {teacher_dir}; write the student's "
                          "run to a folder outside it")
@@ -213,6 +221,8 @@ def distill(teacher_dir: str | Path, recipe: TrainRecipe, *, temperature: float 
                                 "teacher_weights": weights_identity(teacher_dir)}}
     if resume:
         _check_same_distillation(recipe.out_dir, lineage["distillation"])
+    # The student is built to the teacher's vocabulary, which covers the data's (ids stay below either).
+    data = dataclasses.replace(data, vocab_size=vocab_size)
     return train(recipe, resume=resume, data=data, lineage=lineage, token_loss=objective)
 
 

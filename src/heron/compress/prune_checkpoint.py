@@ -3,8 +3,10 @@
 Steps, in this order, each optional: remove MoE experts, attention head
 groups, MLP channels (structured: the model gets smaller); then unstructured
 or N:M pruning of the block linears and routed MoE experts (stored packed,
-see sparse_store.py); then a short masked recovery fine-tune. Calibration
-and recovery batches are random windows of a shard folder's training split.
+see sparse_store.py); then a short masked recovery fine-tune. A source's own
+zeros (a model pruned before) stay zero through recovery and are stored packed
+too. Calibration and recovery batches are random windows of a shard folder's
+training split.
 """
 from __future__ import annotations
 
@@ -19,13 +21,13 @@ from heron.compress.prune import check_target
 from heron.compress.prune_model import METHODS, prune_model, recover, sparsity_of
 from heron.compress.prune_structured import prune_experts, prune_heads, prune_mlp_channels
 from heron.compress.qlinear import is_quantized
-from heron.compress.records import record_pruned, refuse_finished
+from heron.compress.records import made_from, record_pruned
 from heron.compress.sparse_store import save_sparse
 from heron.core.transformer import Transformer
 from heron.data import check_shards_fit, load_shards
 from heron.data.batches import PackedBatches
 from heron.govern import EnergyMeter
-from heron.train.checkpoint import require_new_folder, resolve_checkpoint, save_model_folder
+from heron.train.checkpoint import refuse_finished, require_new_folder, resolve_checkpoint, save_model_folder
 
 
 DEFAULT_METHOD = "wanda"
@@ -79,7 +81,7 @@ def prune_checkpoint(source: str | Path, target: str | Path, settings: PruneSett
     and write it to `target`; returns the report recorded in its lineage."""
     import heron  # heron.load: plain, quantised-free Heron checkpoints and HF folders alike
 
-    refuse_finished(target, source, "pruned_from", record_pruned)
+    refuse_finished(target, made_from("pruned_from", source), record_pruned)
     require_new_folder(target, source)
     meter = EnergyMeter().start()
     model, tokenizer = heron.load(source)
@@ -97,19 +99,18 @@ def prune_checkpoint(source: str | Path, target: str | Path, settings: PruneSett
         model = prune_heads(model, settings.heads, calibration)
     if settings.mlp_channels is not None:
         model = prune_mlp_channels(model, settings.mlp_channels, calibration)
-    masks: dict[str, torch.Tensor] = {}
     if settings.sparsity is not None or settings.nm is not None:
-        masks = prune_model(model, settings.method, sparsity=settings.sparsity, nm=settings.nm,
-                            calibration=calibration, progress=progress)
+        prune_model(model, settings.method, sparsity=settings.sparsity, nm=settings.nm, calibration=calibration,
+                    progress=progress)
     report: dict[str, Any] = {"settings": asdict(settings), "parameters_before": before,
-                              "parameters_after": sum(p.numel() for p in model.parameters()),
-                              "block_linear_sparsity": sparsity_of(model)}  # experts included
-    if settings.recover_steps:
-        losses = recover(model, recovery, settings.recover_steps, settings.recover_lr, masks=masks, progress=progress)
+                              "parameters_after": sum(p.numel() for p in model.parameters())}
+    if settings.recover_steps:  # masks=None: every zero stays zero, a sparse source's as well as those pruned now
+        losses = recover(model, recovery, settings.recover_steps, settings.recover_lr, progress=progress)
         report["recover_loss"] = {"first": losses[0], "last": losses[-1]}
+    report["block_linear_sparsity"] = sparsity_of(model)  # the saved model's, after recovery; experts included
     report["energy"] = meter.stop().to_dict()
     lineage = {"pruned_from": str(resolve_checkpoint(source).resolve()), "pruning": report}  # as quantized_from
-    if masks:
+    if report["block_linear_sparsity"] > 0:  # zeros pruned now or by an earlier pruning: stored packed
         save_sparse(target, model, tokenizer, lineage)
     else:
         save_model_folder(target, model, tokenizer=tokenizer, lineage=lineage)

@@ -13,10 +13,10 @@ from typing import Any
 from heron.compress.calibration import CalibrationSettings, calibration_windows
 from heron.compress.checkpoint import save_quantized
 from heron.compress.quantize import QuantizeSettings, quantize_model
-from heron.compress.records import record_quantized, refuse_finished
+from heron.compress.records import made_from, record_quantized
 from heron.data.shards import check_shards_fit, load_shards
 from heron.govern import EnergyMeter
-from heron.train.checkpoint import MODEL_FILE, require_new_folder, resolve_checkpoint
+from heron.train.checkpoint import MODEL_FILE, refuse_finished, require_new_folder, resolve_checkpoint
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ def quantize_checkpoint(source: str | Path, target: str | Path, settings: Quanti
     folder) and write it to `target`; returns the summary recorded in its lineage."""
     import heron  # heron.load sits above every layer
 
-    refuse_finished(target, source, "quantized_from", record_quantized)
+    refuse_finished(target, made_from("quantized_from", source), record_quantized)
     require_new_folder(target, source)
     meter = EnergyMeter().start()
     model, tokenizer = heron.load(source)

@@ -90,6 +90,15 @@ def lacks_record(folder: str | os.PathLike[str]) -> bool:
     return log is not None and not writers(log, folder_sha256(folder))
 
 
+def record_if_missing(folder: str | os.PathLike[str], record: Callable[[Path], object]) -> bool:
+    """Append with `record` the audit record of `folder` when it has none (`lacks_record`): a rerun
+    of the command that wrote it makes good what a kill after the folder left out. True when written."""
+    if not lacks_record(folder):
+        return False
+    record(Path(folder))
+    return True
+
+
 def format_lineage(steps: list[LineageStep], history: History) -> str:
     lines = []
     for depth, step in enumerate(steps):
@@ -117,4 +126,4 @@ def format_lineage(steps: list[LineageStep], history: History) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["LineageStep", "altered", "audit_lineage", "format_lineage", "lacks_record", "writers"]
+__all__ = ["LineageStep", "altered", "audit_lineage", "format_lineage", "lacks_record", "record_if_missing", "writers"]

@@ -12,13 +12,15 @@ from pathlib import Path
 
 from heron.core.transformer import Transformer
 from heron.govern.audit import record_event
-from heron.govern.digest import Artifact, model_hash
+from heron.govern.digest import LINEAGE_FILE, Artifact, model_hash
+from heron.govern.history import read_json
 from heron.interop.families import Family
 from heron.interop.files import WeightFiles
 from heron.interop.hf_folder import CONFIG_FILE, load_hf_config, load_hf_folder, read_hf_config, save_hf_folder
 from heron.tokenizer import Tokenizer
 from heron.train.checkpoint import (
     load_model_folder,
+    refuse_finished,
     require_new_folder,
     resolve_checkpoint,
     save_model_folder,
@@ -27,8 +29,11 @@ from heron.train.checkpoint import (
 
 
 def import_hf(source: str | Path, target: str | Path) -> Path:
-    """Convert a Hugging Face folder into a Heron checkpoint folder at `target`."""
-    source, target = Path(source), require_new_folder(target, source)
+    """Convert a Hugging Face folder into a Heron checkpoint folder at `target`. Run again after
+    a kill that came between the folder and its audit record, it writes that record."""
+    source = Path(source)
+    refuse_finished(target, lambda lineage: _imported_from(lineage) == str(source.resolve()), record_imported)
+    target = require_new_folder(target, source)
     family, _ = load_hf_config(source)
     model, tokenizer = load_hf_folder(source)
     # every file read, the tokenizer's templates and generation_config.json too, by its path in the folder
@@ -38,9 +43,22 @@ def import_hf(source: str | Path, target: str | Path) -> Path:
         "family": family.name, "files": {Path(os.path.relpath(f, source)).as_posix(): sha256_file(f) for f in read},
     }}
     folder = save_model_folder(target, model, tokenizer=tokenizer, lineage=lineage)
-    record_event("convert.from_hf", inputs={"source": Artifact.listing(source, lineage["source"]["files"])},
-                 outputs={"checkpoint": folder}, model_hash=model_hash(folder), parameters=lineage["source"])
+    record_imported(folder)
     return folder
+
+
+def record_imported(folder: Path) -> None:
+    """Append the `convert.from_hf` record of the imported checkpoint at `folder`, from its lineage:
+    the source folder named by the hashes of the files read from it."""
+    origin = read_json(folder / LINEAGE_FILE)["source"]
+    record_event("convert.from_hf", inputs={"source": Artifact.listing(origin["path"], origin["files"])},
+                 outputs={"checkpoint": folder}, model_hash=model_hash(folder), parameters=origin)
+
+
+def _imported_from(lineage: dict) -> str | None:
+    """The Hugging Face folder an imported checkpoint's lineage names; None for other checkpoints."""
+    origin = lineage.get("source")
+    return origin.get("path") if isinstance(origin, dict) and origin.get("kind") == "huggingface" else None
 
 
 def export_hf(checkpoint: str | Path, target: str | Path, family: str | None = None,
@@ -55,4 +73,4 @@ def export_hf(checkpoint: str | Path, target: str | Path, family: str | None = N
     return used
 
 
-__all__ = ["export_hf", "import_hf"]
+__all__ = ["export_hf", "import_hf", "record_imported"]

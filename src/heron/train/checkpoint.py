@@ -44,6 +44,7 @@ from heron.core.config import ModelConfig
 from heron.core.transformer import Transformer
 from heron.govern.digest import CONFIG_FILE, LINEAGE_FILE, MODEL_FILE, QUANTIZATION_FILE, SPARSITY_FILE
 from heron.govern.digest import file_sha256 as sha256_file
+from heron.govern.audit_lineage import record_if_missing
 from heron.govern.digest import model_hash
 from heron.store.atomic import fsync_path, process_alive, write_text_atomic
 from heron.tokenizer import Tokenizer, load_tokenizer
@@ -220,6 +221,27 @@ def require_new_folder(path: str | Path, source: str | Path | None = None) -> Pa
             if target.resolve().is_relative_to(folder):
                 raise ValueError(f"{target}: inside the source {source}; write to a folder outside it")
     return target
+
+
+def refuse_finished(target: str | Path, made_from_source: Callable[[dict[str, Any]], bool],
+                    record: Callable[[Path], object]) -> None:
+    """Return unless `target` is a complete checkpoint whose lineage `made_from_source` accepts
+    (the folder an earlier run of the same command finished); then raise the FileExistsError of
+    an existing folder, after appending with `record` the audit record a kill between the
+    folder and its record left out, if it has none (`record_if_missing`).
+
+    Called before `require_new_folder`, which refuses anything else already at `target`."""
+    folder = Path(target)
+    if not folder.is_dir():
+        return
+    try:
+        lineage = verify_checkpoint(folder)  # every file as its lineage records it: no record for a damaged folder
+    except CheckpointError:
+        return
+    if not made_from_source(lineage):
+        return
+    recorded = " (the audit record a kill left it without: now written)" if record_if_missing(folder, record) else ""
+    raise FileExistsError(f"{folder}: exists{recorded}; write to a new folder")
 
 
 @contextmanager
@@ -613,7 +635,7 @@ __all__ = [
     "Checkpoint", "CheckpointError", "RUN_MODEL_DIR", "atomic_folder", "base_lineage", "build_on_meta",
     "check_parameter_count", "check_weights", "checkpoint_name",
     "folder_files", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "load_model_folder",
-    "load_tokenizer_if_present", "load_weights", "point_latest", "remove_folder", "require_new_folder",
-    "require_replaceable", "resolve_checkpoint", "save_checkpoint", "save_model_folder", "sha256_file",
+    "load_tokenizer_if_present", "load_weights", "point_latest", "refuse_finished", "remove_folder",
+    "require_new_folder", "require_replaceable", "resolve_checkpoint", "save_checkpoint", "save_model_folder", "sha256_file",
     "sweep_partial", "tied_aliases", "verify_checkpoint", "weights_identity",
 ]

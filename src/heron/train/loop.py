@@ -23,7 +23,7 @@ import random
 import re
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -44,7 +44,7 @@ from heron.core.transformer import HeadLoss, Transformer
 from heron.data.batches import PackedBatches, eval_batches
 from heron.govern import EnergyMeter, EnergyReport
 from heron.govern.audit import record_event
-from heron.govern.audit_lineage import lacks_record
+from heron.govern.audit_lineage import record_if_missing
 from heron.govern.digest import METRICS_FILE, model_hash
 from heron.store.atomic import is_partial_write, write_text_atomic
 from heron.train import distributed as dist_
@@ -185,7 +185,7 @@ def train(recipe: TrainRecipe, *, resume: bool = True, data: TrainData | None = 
     ctx = dist_.setup(recipe.train.parallel, recipe.train.device)
     lock = _RunFolderLock(Path(recipe.out_dir))
     try:
-        run = _start(recipe, ctx, resume, data, objective, lock)
+        run = _start(recipe, ctx, resume, data, objective, lock, lineage or {})
         run.lineage_extra = dict(lineage or {})
         finished_before = run.step >= recipe.train.steps
         _loop(run, callbacks)
@@ -241,8 +241,8 @@ class _RunFolderLock:
 
 
 def _start(recipe: TrainRecipe, ctx: dist_.DistContext, resume: bool, data: TrainData | None,
-           objective: Objective, lock: _RunFolderLock) -> _Run:
-    """Validate, load data, build (or restore) model and optimizers."""
+           objective: Objective, lock: _RunFolderLock, lineage: Mapping[str, Any]) -> _Run:
+    """Validate, load data, build (or restore) model and optimizers; `lineage`: train()'s extra entries."""
     meter = EnergyMeter().start()
     _hold_existing_folder(lock, ctx, recipe)
     # Under parallel=none, $WORLD_SIZE catches a torchrun launch that would train N copies.
@@ -257,7 +257,7 @@ def _start(recipe: TrainRecipe, ctx: dist_.DistContext, resume: bool, data: Trai
     found = latest_checkpoint(out_dir) if resume else None
     ckpt = load_checkpoint(found) if found is not None else None
     if ckpt is not None:
-        _check_resumable(ckpt, recipe, data)
+        _check_resumable(ckpt, recipe, data, lineage)
         if ctx.is_main:
             _warn_of_changed_length(ckpt, recipe)
     if recipe.train.threads is not None:
@@ -392,8 +392,22 @@ def _prepare_out_dir(out_dir: Path, recipe: TrainRecipe, resume: bool) -> None:
     write_text_atomic(out_dir / RECIPE_FILE, yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
 
-def _check_resumable(ckpt: Checkpoint, recipe: TrainRecipe, data: TrainData) -> None:
-    """Refuse to continue a run whose model, data or batch stream would differ."""
+# Lineage entries an objective records through train(lineage=...), and the command that resumes such a run.
+RESUMED_BY = {"distillation": "heron compress distill"}
+
+
+def _check_resumable(ckpt: Checkpoint, recipe: TrainRecipe, data: TrainData, lineage: Mapping[str, Any]) -> None:
+    """Refuse to continue a run whose model, data or batch stream would differ, or (`lineage`:
+    the entries this training adds) one trained under an objective this training is not given:
+    its checkpoints would go on without it, their lineage no longer naming it (a teacher)."""
+    for entry, command in RESUMED_BY.items():
+        if entry in ckpt.lineage and entry not in lineage:
+            raise RecipeError(
+                f"{entry}: {recipe.out_dir} holds a {entry} run ({ckpt.path.name}'s lineage records it), which "
+                f"this training would continue without it, dropping it from the lineage; resume it with "
+                f"`{command}`, choose another out_dir, or pass --no-resume (resume=False) to delete that run's "
+                "checkpoints and metrics and start over"
+            )
     then = TrainRecipe.model_validate(ckpt.lineage["recipe"])
     fields = {
         "model": (then.model, recipe.model),
@@ -672,9 +686,9 @@ def _record_train(run: _Run, lineage: dict[str, Any]) -> None:
 def _record_finished_run(run: _Run) -> None:
     """A rerun of a finished run writes the audit record its last checkpoint lacks: a kill
     between that checkpoint and its record lost it (the log off, or holding it: nothing to do)."""
-    if run.last_checkpoint is None or not lacks_record(run.last_checkpoint):
-        return
-    _record_train(run, load_checkpoint(run.last_checkpoint, trainer_state=False).lineage)
+    if run.last_checkpoint is not None:
+        record_if_missing(run.last_checkpoint,
+                          lambda last: _record_train(run, load_checkpoint(last, trainer_state=False).lineage))
 
 
 def _lineage(run: _Run, energy: EnergyReport) -> dict[str, Any]:
