@@ -250,7 +250,7 @@ def test_a_resumed_run_takes_its_recipes_optimizer_settings_not_the_checkpoints(
         train(recipe_factory("run", train={"steps": 4}, optim=new))
     decay, no_decay = built[-1].param_groups
     for group, weight_decay in ((decay, 0.02), (no_decay, 0.0)):
-        assert (group["weight_decay"], group["betas"], group["eps"]) == (weight_decay, (0.5, 0.6), 1e-3)
+        assert (group["weight_decay"], tuple(group["betas"]), group["eps"]) == (weight_decay, (0.5, 0.6), 1e-3)
         assert not group["fused"]  # None: AdamW's own choice, never the fused kernel the first run asked for
     assert built[-1].state  # the moment estimates did carry over
 

@@ -23,8 +23,7 @@ import random
 import re
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -449,30 +448,29 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-@contextmanager
-def _recipe_settings_kept(optimizer: torch.optim.Optimizer) -> Iterator[None]:
-    """Loading an optimizer's state also puts back each group's saved settings (weight decay,
-    betas, eps, fused, ...); a resumed run follows its recipe's, which built `optimizer`: what
-    carries over from the checkpoint is the moment estimates and step counts."""
-    settings = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
-    yield
-    for group, own in zip(optimizer.param_groups, settings, strict=True):
-        group.update(own)
+def _with_recipe_settings(state: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """An optimizer state dict whose groups' settings (weight decay, betas, eps, fused, ...) are
+    `optimizer`'s, which the recipe built: a resumed run follows its recipe, and what carries over
+    from the checkpoint is the moment estimates and step counts. Set before loading, which would
+    otherwise put back the saved settings, and which places the step counts where the recipe's
+    kernel (fused or not) wants them."""
+    groups = [{**saved, **{key: value for key, value in own.items() if key != "params"}}
+              for saved, own in zip(state["param_groups"], optimizer.param_groups, strict=True)]
+    return {**state, "param_groups": groups}
 
 
 def _restore(run: _Run, ckpt: Checkpoint) -> None:
     state = ckpt.trainer_state
     if state is None or state.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{ckpt.path / STATE_FILE}: missing or of an unknown format; cannot resume from it")
-    with _recipe_settings_kept(run.optimizer):
-        dist_.load_optimizer_state(run.model, run.optimizer, state["optimizer"])
+    dist_.load_optimizer_state(run.model, run.optimizer, _with_recipe_settings(state["optimizer"], run.optimizer))
     if run.objective_optimizer is not None:
         if "objective" not in state:
             raise CheckpointError(f"{ckpt.path / STATE_FILE}: holds no state for the objective's own parameters "
                                   "(a run without them); resume with the objective it was trained with")
         run.objective.params.load_state_dict(state["objective"]["params"])
-        with _recipe_settings_kept(run.objective_optimizer):
-            run.objective_optimizer.load_state_dict(state["objective"]["optimizer"])
+        run.objective_optimizer.load_state_dict(_with_recipe_settings(state["objective"]["optimizer"],
+                                                                      run.objective_optimizer))
     set_rng_states(state["rng"])
     run.step, run.history, run.last_checkpoint = state["step"], list(state["history"]), ckpt.path
     if "energy" in ckpt.lineage:
