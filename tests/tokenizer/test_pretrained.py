@@ -259,6 +259,20 @@ def test_config_json_eos_ids_stand_in_for_a_missing_generation_config(tmp_path):
     assert load_tokenizer(source).stop_ids == (2,)
 
 
+def test_config_json_eos_ids_the_tokenizer_lacks_are_a_warning_not_a_refusal(tmp_path):
+    """config.json is the model's file, not the tokenizer's: an eos id past the tokenizer's vocabulary
+    (rows a checkpoint pads its embedding with) leaves the tokenizer loadable, stopping at its eos."""
+    source = write_folder(tmp_path / "source")
+    (source / "config.json").write_text(json.dumps({"model_type": "llama", "eos_token_id": [2, 10**6]}))
+    with pytest.warns(RuntimeWarning, match=r"eos_token_id \[2, 1000000\] is not token ids below .*; generation "
+                                            "stops at the tokenizer's eos token only"):
+        tokenizer = load_tokenizer(source)
+    assert tokenizer.stop_ids == (tokenizer.eos_id,)
+    (source / "generation_config.json").write_text('{"eos_token_id": 1000000}')  # the generation file stays strict
+    with pytest.raises(ValueError, match="generation_config.json: eos_token_id 1000000 is not token ids below"):
+        load_tokenizer(source)
+
+
 # ----- runaway templates ------------------------------------------------------------------------------------
 # A template is code from whoever published the model: Jinja's sandbox keeps it from Python's internals, and
 # Heron's limits (pretrained.py, TEMPLATE_*) from running on or filling memory. Each of these would take

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -314,7 +315,7 @@ class PretrainedTokenizer:
         generation, eos_ids = _generation_config(generation_file, tokenizer.get_vocab_size(True))
         if generation_file is None and (model_file := folder_file(folder, MODEL_CONFIG_FILE)) is not None:
             # transformers builds the generation config from config.json then, its eos_token_id list included
-            eos_ids = _eos_ids(model_file, _json_object(model_file, "settings"), tokenizer.get_vocab_size(True))
+            eos_ids = _model_config_eos_ids(model_file, tokenizer.get_vocab_size(True))
             read += [model_file] if eos_ids else []
         loaded = cls(tokenizer, config, template, eos_ids, generation)
         loaded.files = tuple(read)
@@ -355,6 +356,16 @@ def _eos_ids(file: Path, settings: dict[str, Any], vocab_size: int) -> list[int]
     if not isinstance(ids, list) or not all(type(i) is int and 0 <= i < vocab_size for i in ids):
         raise ValueError(f"{file}: eos_token_id {value!r} is not token ids below {vocab_size}")
     return ids
+
+
+def _model_config_eos_ids(file: Path, vocab_size: int) -> list[int]:
+    """config.json's eos_token_id, standing in for a missing generation_config.json. Not the
+    tokenizer's own file: ids it does not hold are a warning, and only the tokenizer's eos stops."""
+    try:
+        return _eos_ids(file, _json_object(file, "settings"), vocab_size)
+    except ValueError as err:
+        warnings.warn(f"{err}; generation stops at the tokenizer's eos token only", RuntimeWarning, stacklevel=4)
+        return []
 
 
 def load_tokenizer(folder: str | os.PathLike[str]) -> HeronTokenizer | PretrainedTokenizer:
