@@ -36,6 +36,10 @@ CONFIGS = {
     # tokenizer's, and a feed-forward width (80) that Q8_0's 32-value blocks do not divide.
     "llama3": ModelConfig(vocab_size=VOCAB + 20, **SMALL, head_dim=32, d_ff=80, rope_theta=500.0,
                           rope_scaling=RopeScaling(kind="llama3", factor=4.0, original_max_seq_len=16)),
+    # Three 32-wide heads on d_model 64, which LlamaConfig refuses (heads must divide hidden_size) and a
+    # GGUF file states as key_length: llama.cpp's llama runs it.
+    "odd_heads": ModelConfig(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=3, n_kv_heads=1, head_dim=32,
+                             max_seq_len=CONTEXT, d_ff=96),
     # Qwen2's biases, on q, k and v but not o: llama.cpp's llama reads each bias where the file has it.
     "qwen2": ModelConfig(vocab_size=VOCAB, **SMALL, d_ff=96, qkv_bias=True, out_bias=False),
     # Qwen3 (llama.cpp's qwen3 architecture): q and k normalised per head, heads wider than

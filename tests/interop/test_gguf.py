@@ -9,7 +9,6 @@ installed): each file loads, its logits match Heron's within a tolerance per
 type, and its tokenizer gives Heron's ids.
 """
 import json
-import re
 
 import gguf
 import numpy as np
@@ -22,7 +21,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from heron.core import AttentionPattern, MoEConfig, RopeScaling, Transformer
 from heron.core.rope import apply_rope, rope_tables
 from heron.interop import save_gguf
-from heron.interop.gguf import interleave_rope, qkv_in_blocks, stacked_experts
+from heron.interop.gguf import encode_tensor, interleave_rope, qkv_in_blocks, stacked_experts
 from heron.interop.gguf_tokenizer import LLAMA3_REGEX, QWEN2_REGEX, gguf_tokenizer_style
 from heron.tokenizer import SPECIAL_TOKENS, HeronTokenizer
 from heron.tokenizer.pretrained import PretrainedTokenizer
@@ -86,6 +85,16 @@ def test_qwen3_moe_metadata(exported):
     got = fields(exported["qwen3_moe", "f32"][1])
     want = {"general.architecture": "qwen3moe", "qwen3moe.expert_count": 4, "qwen3moe.expert_used_count": 2,
             "qwen3moe.expert_feed_forward_length": 32, "qwen3moe.attention.key_length": 32}
+    assert {key: got[key] for key in want} == want
+
+
+def test_heads_that_do_not_divide_d_model_go_in_with_their_own_width(exported):
+    """LlamaConfig refuses 3 heads on d_model 64 (Hugging Face export writes Mistral instead); a
+    GGUF file states the head width, so the llama architecture takes it as it is."""
+    got = fields(exported["odd_heads", "f32"][1])
+    want = {"general.architecture": "llama", "llama.embedding_length": 64, "llama.attention.head_count": 3,
+            "llama.attention.head_count_kv": 1, "llama.attention.key_length": 32,
+            "llama.attention.value_length": 32, "llama.rope.dimension_count": 32}
     assert {key: got[key] for key in want} == want
 
 
@@ -247,22 +256,76 @@ def model_with_weight(name: str, value: float) -> Transformer:
     return model
 
 
-@pytest.mark.parametrize(("dtype", "value", "config", "what"), [
-    ("f16", 1e5, "base", r"more than f16 holds \(65504\): past it a value .* write the file as f32 or q8_0 \(--type\)"),
-    ("q4_1", 1e5, "base", r"more than q4_1 holds \(65504\): past it a block's f16 minimum .* as f32 or q8_0 "),
-    ("q4_0", 1e6, "base", r"more than q4_0 holds \(524032\): past it a block's f16 scale .* as f32 or q8_0 "),
-    ("q8_0", 1e7, "base", r"more than q8_0 holds \(8\.31901e\+06\): past it a block's f16 scale .* as f32 \("),
+# The number each type keeps as f16 (gguf.quants): a value; Q8_0's scale 1e7 / 127; Q4_0's 1e6 / 8; Q4_1's
+# minimum, the block's smallest value, and its scale (max - min) / 15 (the block's others are within ±0.6).
+OVERFLOWS = {
+    "f16": ("f16", 1e5, "base", r"f16, a value would be 100000, .* as f32 or q8_0 \(--type\)$"),
+    "q4_1_minimum": ("q4_1", -1e5, "base",
+                     r"q4_1, a block's f16 minimum \(its smallest value\) would be -100000, .* as f32 or q8_0 "),
+    "q4_1_scale": ("q4_1", 1e6, "base",
+                   r"q4_1, a block's f16 scale \(\(its largest value - its smallest\) / 15\) would be 66666\.\d, "),
+    "q4_0": ("q4_0", 1e6, "base",
+             r"q4_0, a block's f16 scale \(its largest \|value\| / 8\) would be 125000, .* as f32 or q8_0 "),
+    "q8_0": ("q8_0", 1e7, "base",
+             r"q8_0, a block's f16 scale \(its largest \|value\| / 127\) would be 78740\.2, .* as f32 \(--type\)$"),
     # Rows of d_ff = 80 fill no blocks and fall back to f16, so q8_0 would not hold them either.
-    ("q8_0", 1e5, "llama3", r"more than f16 \(its rows fill no q8_0 blocks\) holds \(65504\): .* as f32 \("),
-], ids=["f16", "q4_1", "q4_0", "q8_0", "q8_0_rows_in_f16"])
-def test_refuses_a_weight_its_type_would_hold_as_inf(tokenizer, tmp_path, dtype, value, config, what):
+    "q8_0_rows_in_f16": ("q8_0", 1e5, "llama3",
+                         r"f16 \(its rows fill no q8_0 blocks\), a value would be 100000, .* as f32 \(--type\)$"),
+}
+
+
+@pytest.mark.parametrize("case", list(OVERFLOWS))
+def test_refuses_a_weight_its_type_would_hold_as_inf(tokenizer, tmp_path, case):
     """Past f16's largest number (65504), a weight, or a block's scale or minimum, would be inf in
     the file, and llama.cpp's logits NaN."""
+    dtype, value, config, what = OVERFLOWS[case]
     model = model_with_weight(config, value)
-    with pytest.raises(ValueError, match=rf"^blocks.0.mlp.down.weight \(blk.0.ffn_down.weight in the file\): its "
-                                         rf"largest \|value\|, {re.escape(f'{value:.6g}')}, is {what}"):
+    with pytest.raises(ValueError, match=r"^blocks.0.mlp.down.weight \(blk.0.ffn_down.weight in the file\): as "
+                                         + what) as refusal:
+        save_gguf(model, tokenizer, tmp_path / "model.gguf", dtype=dtype)
+    assert "beyond f16's range (±65504), so the file would hold inf and llama.cpp would compute NaN logits" in \
+        str(refusal.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_q4_1_holds_a_large_positive_weight_its_scale_and_minimum_keep_finite(tokenizer, tmp_path):
+    """Q4_1 keeps a block's minimum and (max - min) / 15: with 1e5 among values within ±0.6 both are
+    finite (about -0.6 and 6667), and the block dequantises to 1e5 within a grid step's f16 rounding."""
+    path = save_gguf(model_with_weight("base", 1e5), tokenizer, tmp_path / "model.gguf", dtype="q4_1")
+    down = next(t for t in gguf.GGUFReader(path).tensors if t.name == "blk.0.ffn_down.weight")
+    values = gguf.quants.dequantize(down.data, down.tensor_type)
+    assert down.tensor_type == Q.Q4_1 and np.isfinite(values).all()
+    assert values.flat[0] == pytest.approx(1e5, rel=1e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_refuses_a_weight_that_is_not_a_number_in_every_type(tokenizer, tmp_path, dtype, value):
+    """A NaN or inf weight makes llama.cpp's logits NaN in any type, f32 too: refused before the range check."""
+    model = model_with_weight("base", value)
+    with torch.no_grad():
+        model.blocks[0].mlp.down.weight[3, 5] = value
+    with pytest.raises(ValueError, match=rf"^blocks.0.mlp.down.weight \(blk.0.ffn_down.weight in the file\): 2 of its "
+                                         rf"values are not finite \(the first, at \(0, 0\), is {value}\); in any type"):
         save_gguf(model, tokenizer, tmp_path / "model.gguf", dtype=dtype)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_a_norm_that_is_not_a_number(tokenizer, tmp_path):
+    model = perturbed_model(CONFIGS["base"])
+    with torch.no_grad():
+        model.norm.weight[7] = float("nan")
+    with pytest.raises(ValueError, match=r"^norm.weight \(output_norm.weight in the file\): 1 of its values are not "
+                                         r"finite \(the first, at \(7,\), is nan\)"):
+        save_gguf(model, tokenizer, tmp_path / "model.gguf", dtype="f32")
+
+
+def test_encode_tensor_names_a_tensor_it_is_given_no_name_for():
+    """`name` is for save_gguf's refusals; a caller that gives none still encodes, and a refusal says "tensor"."""
+    data, qtype = encode_tensor(torch.ones(2, 32), Q.Q8_0)
+    assert qtype == Q.Q8_0 and data.shape == (2, 34)
+    with pytest.raises(ValueError, match=r"^tensor: as f16, a value would be 100000, "):
+        encode_tensor(torch.full((2, 3), 1e5), Q.F16)
 
 
 @pytest.mark.parametrize("dtype", ["f32", "q8_0"])
@@ -338,7 +401,8 @@ def test_a_failed_write_leaves_the_old_file_whole(tokenizer, tmp_path, monkeypat
 # test_gguf_quantized.py matches a Heron int4 model's own logits closely.
 TOLERANCES = {"f32": (1e-4, 1e-5), "f16": (5e-2, 5e-3), "q8_0": (1.0, 0.1), "q4_0": (5.0, 0.6), "q4_1": (5.0, 0.6)}
 LLAMA_RUNS = [("base", "f32"), ("base", "f16"), ("base", "q8_0"), ("base", "q4_0"), ("base", "q4_1"),
-              ("tied_linear", "f32"), ("llama3", "f32"), ("qwen2", "f32"), ("qwen3", "f32"), ("qwen3", "q8_0"),
+              ("tied_linear", "f32"), ("llama3", "f32"), ("odd_heads", "f32"), ("odd_heads", "q8_0"),
+              ("qwen2", "f32"), ("qwen3", "f32"), ("qwen3", "q8_0"),
               ("qwen3_moe", "f32"), ("moe", "f32"), ("moe", "q8_0")]
 
 

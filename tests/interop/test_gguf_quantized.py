@@ -173,6 +173,34 @@ def test_awq_input_scales_are_refused_naming_the_layer(tokenizer, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+# config, quantize_model arguments, one weight (an expert's is (expert, in, out)), its value -> the layer
+# refused and what overflows:
+# int8's row scale 1e7 / 127 = 78740.2 as Q8_0's d; int4's minimum -s * z (z = 15, s = 6668 in fp16) as Q4_1's m.
+SCALE_OVERFLOWS = {
+    "int8": ("base", dict(scheme="int8"), ("blocks.0.mlp.down.weight", (0, 0)), 1e7,
+             r"blocks\.0\.mlp\.down: as q8_0, a block's f16 scale would be 78740\.2, "),
+    "int4": ("base", dict(scheme="int4", group_size=32), ("blocks.0.mlp.down.weight", (0, 0)), -1e5,
+             r"blocks\.0\.mlp\.down: as q4_1, a block's f16 minimum would be -100020, "),
+    "int8-expert": ("moe", dict(scheme="int8"), ("blocks.1.mlp.down", (2, 0, 0)), 1e7,
+                    r"blocks\.1\.mlp\.experts_down\.2: as q8_0, a block's f16 scale would be 78740\.2, "),
+}
+
+
+@pytest.mark.parametrize("case", list(SCALE_OVERFLOWS))
+def test_a_block_scale_past_fp16s_range_is_refused_naming_the_layer(tokenizer, tmp_path, case):
+    """A scale or minimum past fp16's 65504 would be inf in the file (and llama.cpp's logits NaN):
+    refused as save_gguf refuses a float weight, in the same words."""
+    config, options, (weight, index), value, refusal = SCALE_OVERFLOWS[case]
+    model = perturbed_model(CONFIGS[config])
+    with torch.no_grad():
+        model.get_parameter(weight)[index] = value
+    quantize_model(model, progress=False, **options)
+    with pytest.raises(ValueError, match=f"^{refusal}beyond f16's range \\(±65504\\), so the file would hold inf "
+                                         "and llama.cpp would compute NaN logits; .* as f32 \\(--type f32\\)$"):
+        save_quantized_gguf(model, tokenizer, tmp_path / "model.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_convert_to_gguf_writes_a_quantised_checkpoints_own_codes(tokenizer, tmp_path, capsys):
     model = quantized("base", scheme="int4", group_size=32, symmetric=True)
     save_quantized(tmp_path / "ckpt", model, tokenizer=tokenizer)

@@ -19,7 +19,9 @@ llama.cpp's converter falls back, with a warning naming it
 each expert's rows of blocks stacked into llama.cpp's one tensor per layer
 and matrix (gate and up are the halves of each expert's up
 layer). AWQ's per-input-channel scale has no place in a llama.cpp file: such
-a model is refused, naming the layer.
+a model is refused, naming the layer; so is a layer whose block scale or
+minimum fp16 would hold as inf (an int8 row whose largest |weight| is past
+127 x 65504), as save_gguf refuses a float weight past its type's range.
 
     save_quantized_gguf(model, tokenizer, "model.gguf")   # heron convert to-gguf
 """
@@ -37,7 +39,7 @@ from heron.compress.qlinear import QuantEmbedding, QuantLinear
 from heron.compress.quant_moe import QuantMoE, is_expert_layer
 from heron.compress.schemes import Int4Grouped, Int8PerChannel, QParams, Scheme
 from heron.core.transformer import Transformer
-from heron.interop.gguf import save_gguf
+from heron.interop.gguf import f16_overflow, f16_overflow_error, save_gguf
 from heron.tokenizer.bpe import HeronTokenizer
 from heron.tokenizer.pretrained import PretrainedTokenizer
 
@@ -58,14 +60,17 @@ def ggml_type(scheme: Scheme, in_features: int) -> gguf.GGMLQuantizationType | N
     return None
 
 
-def ggml_blocks(codes: torch.Tensor, params: QParams, qtype: gguf.GGMLQuantizationType) -> torch.Tensor:
+def ggml_blocks(codes: torch.Tensor, params: QParams, qtype: gguf.GGMLQuantizationType, *,
+                name: str = "tensor") -> torch.Tensor:
     """(N, K) codes and their (N, G) parameters as (N, K / 32 * bytes per block)
-    uint8: each row's blocks in ggml's layout (d, [m], packed codes)."""
+    uint8: each row's blocks in ggml's layout (d, [m], packed codes). A scale or
+    minimum that fp16 would hold as inf is refused, naming the layer (`name`)
+    and the value, as save_gguf refuses a float weight (`f16_overflow_error`)."""
     N, K = codes.shape
     blocks = codes.reshape(N, K // BLOCK, BLOCK)  # (N, B, 32)
     per_group = K // params.scale.shape[1] // BLOCK  # blocks sharing one group's parameters
     scale = params.scale.repeat_interleave(per_group, dim=1)  # (N, B)
-    header = [_fp16_bytes(scale)]  # d
+    header = [_fp16_bytes(scale, name, f"as {qtype.name.lower()}, a block's f16 scale")]  # d
     if qtype == Q8_0:
         body = blocks.to(torch.int8).view(torch.uint8)
     else:  # Q4_0 / Q4_1: value j in the low nibble of byte j, value j + 16 in its high nibble
@@ -73,12 +78,16 @@ def ggml_blocks(codes: torch.Tensor, params: QParams, qtype: gguf.GGMLQuantizati
         body = nibbles[..., : BLOCK // 2] | (nibbles[..., BLOCK // 2:] << 4)
         if qtype == Q4_1:
             zero = params.zero.float().repeat_interleave(per_group, dim=1)
-            header.append(_fp16_bytes(-scale * zero))  # m
+            header.append(_fp16_bytes(-scale * zero, name, f"as {qtype.name.lower()}, a block's f16 minimum"))  # m
     return torch.cat([*header, body], dim=2).reshape(N, -1)
 
 
-def _fp16_bytes(values: torch.Tensor) -> torch.Tensor:
-    """(N, B) floats -> (N, B, 2) the bytes of their fp16 values, little-endian as ggml reads them."""
+def _fp16_bytes(values: torch.Tensor, name: str, what: str) -> torch.Tensor:
+    """(N, B) floats -> (N, B, 2) the bytes of their fp16 values, little-endian as ggml reads them;
+    ValueError where one would be inf (`what` it is, of layer `name`)."""
+    if (number := f16_overflow(values.float().numpy())) is not None:
+        raise f16_overflow_error(name, what, number, "its codes fit no GGUF block; write the model it was quantised "
+                                 "from instead, as f32 (--type f32)")
     return values.half().contiguous().view(torch.uint8).reshape(*values.shape, 2)
 
 
@@ -134,7 +143,7 @@ def gguf_weights(model: Transformer) -> tuple[dict[str, torch.Tensor], dict[str,
         if qtype is None:
             weights[f"{name}.weight"] = module.scheme.dequantize(codes, params)
         else:
-            weights[f"{name}.weight"], raw[f"{name}.weight"] = ggml_blocks(codes, params, qtype), qtype
+            weights[f"{name}.weight"], raw[f"{name}.weight"] = ggml_blocks(codes, params, qtype, name=name), qtype
     return weights, raw, stacked
 
 
@@ -156,8 +165,10 @@ def _expert_blocks(name: str, moe: QuantMoE, weights: dict[str, torch.Tensor]
     if up_type is None or down_type is None:
         weights[f"{name}.up"], weights[f"{name}.down"] = moe.dequantized()
         return {}
-    up_blocks = torch.stack([ggml_blocks(*layer.unpacked(), up_type) for layer in moe.experts_up])  # (E, width, b)
-    down_blocks = torch.stack([ggml_blocks(*layer.unpacked(), down_type) for layer in moe.experts_down])
+    up_blocks = torch.stack([ggml_blocks(*layer.unpacked(), up_type, name=f"{name}.experts_up.{e}")
+                             for e, layer in enumerate(moe.experts_up)])  # (E, width, b)
+    down_blocks = torch.stack([ggml_blocks(*layer.unpacked(), down_type, name=f"{name}.experts_down.{e}")
+                               for e, layer in enumerate(moe.experts_down)])
     ff, layer = moe.experts_down[0].in_features, int(name.split(".")[1])  # "blocks.{layer}.mlp"
     tensor = {kind: f"{gguf.TENSOR_NAMES[kind].format(bid=layer)}.weight" for kind in _EXPERT_TENSORS}
     return {tensor[_GATE]: (up_blocks[:, :ff], up_type), tensor[_UP]: (up_blocks[:, ff:], up_type),

@@ -41,6 +41,10 @@ class Family:
     # transformers' defaults for config.json keys that change the numbers when a folder leaves them out
     # (many Hub configs do): read in their place, so a short config means what transformers reads.
     hf_defaults: tuple[tuple[str, Any], ...] = ()
+    # What transformers' config class refuses though config.json and the weights would express it
+    # (LlamaConfig's whole heads): checked for a Hugging Face folder, not for a GGUF file made through
+    # the family, which states each size itself (`hf_config`'s for_transformers).
+    transformers_checks: tuple[Callable[[ModelConfig], HfConfig], ...] = ()
 
 
 # ----- weight tables -------------------------------------------------------------------------
@@ -587,9 +591,10 @@ _QWEN_DEFAULTS: tuple[tuple[str, Any], ...] = (
 LLAMA = Family(
     "llama", "llama", "LlamaForCausalLM", LLAMA_WEIGHTS, _LLAMA_FIELDS, _LLAMA_FIXED, _SILU,
     read=(read_rope, read_llama_bias),
-    write=(write_rope, write_llama_bias, whole_heads_only, dense_attention_only, dense_feed_forward_only),
+    write=(write_rope, write_llama_bias, dense_attention_only, dense_feed_forward_only),
     hf_defaults=(("tie_word_embeddings", False), ("rms_norm_eps", 1e-6), ("attention_bias", False),
                  ("mlp_bias", False), ("max_position_embeddings", 2048)),
+    transformers_checks=(whole_heads_only,),
 )
 MISTRAL = Family(
     "mistral", "mistral", "MistralForCausalLM", LLAMA_WEIGHTS, _LLAMA_FIELDS,
@@ -738,9 +743,11 @@ def family_config(family: Family, hf: HfConfig) -> ModelConfig:
     return _derive_sizes(config)
 
 
-def hf_config(family: Family, config: ModelConfig) -> HfConfig:
+def hf_config(family: Family, config: ModelConfig, *, for_transformers: bool = True) -> HfConfig:
     """The config.json dict that `family` needs for `config`; the ValueError names every
-    field the family cannot express, not only the first, so one try says all that must change."""
+    field the family cannot express, not only the first, so one try says all that must change.
+    for_transformers=False leaves out what only transformers' config class refuses
+    (`Family.transformers_checks`): for a GGUF file, whose values llama.cpp reads as they are."""
     problems = [f"{field}: {family.architecture} needs {value!r}, got {getattr(config, field)!r}"
                 for field, value in family.fixed if getattr(config, field) != value]
     out: HfConfig = {"architectures": [family.architecture], "model_type": family.model_type}
@@ -749,7 +756,7 @@ def hf_config(family: Family, config: ModelConfig) -> HfConfig:
                 "head_dim": config.resolved_head_dim}
     for field, key in family.fields:
         out[key] = resolved.get(field, getattr(config, field))
-    for write in family.write:
+    for write in family.write + (family.transformers_checks if for_transformers else ()):
         try:
             out.update(write(config))
         except ValueError as err:

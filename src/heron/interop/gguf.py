@@ -5,7 +5,9 @@ The file is built on the Hugging Face export, not on Heron's modules:
 `QWEN3_MOE` for a model with `qk_norm`, `GPT_NEOX` for LayerNorm with RoPE)
 decides whether the model is expressible (a ValueError names the field when
 it is not: sparse attention, router centring, ...) and its values fill
-llama.cpp's hyperparameters; `heron_to_hf` yields the tensors, renamed by
+llama.cpp's hyperparameters (what only transformers' config class refuses,
+LlamaConfig's heads that do not divide d_model, is not refused: the file
+states the head width itself); `heron_to_hf` yields the tensors, renamed by
 gguf-py's own name table for llama.cpp's architecture: `llama`, which runs
 Mixtral too, `qwen3`, `qwen3moe` or `gptneox`. What a Hugging Face family
 expresses and llama.cpp's architecture would not run as Heron does (a
@@ -29,10 +31,11 @@ llama.cpp's `convert_hf_to_gguf.py` does them:
 Tensor types follow the converter as well: 1-D tensors (norms, biases, rope
 factors) stay f32, and a matrix whose rows do not split into blocks of the
 file's quantisation falls back to f16. A weight past what its type keeps
-finite (f16's 65504, or a Q8_0 or Q4 block scale's) is refused, naming the
-tensor (`FINITE_LIMITS`). A caller may hand in matrices already
-encoded as rows of ggml blocks (`raw_types`): a quantised Heron model's codes
-(compress/gguf_export.py) go into the file as they are, not rounded twice.
+finite (a value, or a block's scale or minimum, past f16's 65504:
+`F16_NUMBERS`) is refused, naming the tensor, and so is a NaN or inf
+weight. A caller may hand in matrices already encoded as rows of ggml
+blocks (`raw_types`): a quantised Heron model's codes (compress/gguf_export.py)
+go into the file as they are, not rounded twice.
 
 The tokenizer goes in as a llama.cpp tokenizer model that tokenizes as its
 tokenizer.json does (interop/gguf_tokenizer.py); any other is refused.
@@ -80,18 +83,20 @@ FILE_TYPES: dict[str, tuple[gguf.LlamaFileType, gguf.GGMLQuantizationType]] = {
     "q4_1": (gguf.LlamaFileType.MOSTLY_Q4_1, Q4_1),
 }
 
-# type -> (the largest |weight| it keeps finite, the f16 number that overflows past it). Past
-# f16's 65504 a number becomes inf, and llama.cpp's logits NaN. A Q8_0 block's scale is its
-# largest |weight| / 127, a Q4_0 block's / 8 (gguf.quants, bit-exact with ggml-quants.c); Q4_1
-# keeps its block's minimum as it is, so f16's own limit holds (conservatively: for a block's
-# largest weight too).
+# type -> the numbers it keeps as f16: (what each is, blocks (n, block size) float32 -> (n,)), computed
+# as gguf.quants computes them (bit-exact with ggml-quants.c). One that f16 rounds past its largest
+# number, 65504, is inf in the file, and llama.cpp's logits NaN. A Q8_0 block's scale is its largest
+# |weight| / 127 and a Q4_0 block's / 8; Q4_1 keeps (max - min) / 15 and min, so it holds a large
+# positive weight (1e5 in a block of small ones) and not a large negative one.
 F16_MAX = float(np.finfo(np.float16).max)
-FINITE_LIMITS: dict[gguf.GGMLQuantizationType, tuple[float, str]] = {
-    F32: (float("inf"), "a value"),
-    F16: (F16_MAX, "a value"),
-    Q8_0: (127 * F16_MAX, "a block's f16 scale (its largest |value| / 127)"),
-    Q4_0: (8 * F16_MAX, "a block's f16 scale (its largest |value| / 8)"),
-    Q4_1: (F16_MAX, "a block's f16 minimum"),
+F16_NUMBERS: dict[gguf.GGMLQuantizationType, tuple[tuple[str, Callable[[np.ndarray], np.ndarray]], ...]] = {
+    F32: (),
+    F16: (("a value", lambda blocks: blocks[:, 0]),),  # blocks of one value
+    Q8_0: (("a block's f16 scale (its largest |value| / 127)", lambda blocks: np.abs(blocks).max(axis=1) / 127),),
+    Q4_0: (("a block's f16 scale (its largest |value| / 8)", lambda blocks: np.abs(blocks).max(axis=1) / 8),),
+    Q4_1: (("a block's f16 scale ((its largest value - its smallest) / 15)",
+            lambda blocks: (blocks.max(axis=1) - blocks.min(axis=1)) / 15),
+           ("a block's f16 minimum (its smallest value)", lambda blocks: blocks.min(axis=1))),
 }
 
 _W = gguf.GGUFWriter
@@ -142,7 +147,7 @@ def save_gguf(
     config = model.config
     family = family_of(config)
     try:
-        hf = hf_config(family, _one_attention_bias(config))
+        hf = hf_config(family, _one_attention_bias(config), for_transformers=False)  # the file states head_dim
     except ValueError as err:  # say which mapping a GGUF file goes through, and which ones exist
         raise ValueError(f"{err} (a GGUF file is written as llama.cpp's llama, qwen3, qwen3moe or gptneox "
                          f"architecture, through Hugging Face's {family.architecture} mapping)") from None
@@ -402,15 +407,15 @@ def stacked_experts(tensors: Iterator[tuple[str, torch.Tensor]],
 
 
 def encode_tensor(
-    tensor: torch.Tensor, matrix_type: gguf.GGMLQuantizationType, *, name: str
+    tensor: torch.Tensor, matrix_type: gguf.GGMLQuantizationType, *, name: str = "tensor"
 ) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
     """The data gguf writes for one tensor, and its ggml type.
 
     1-D tensors stay f32: llama.cpp's norm and bias kernels take f32. A
     matrix whose rows do not split into the type's blocks (32 values for
     Q8_0 and Q4_x) is written f16 instead, as convert_hf_to_gguf.py falls back.
-    A ValueError names the tensor (`name`) when a weight is past what its
-    type keeps finite (`FINITE_LIMITS`).
+    A ValueError names the tensor (`name`) when a weight is NaN or inf, or
+    past what its type keeps finite (`F16_NUMBERS`).
     """
     data = tensor.detach().to(device="cpu", dtype=torch.float32).numpy()
     qtype = F32 if data.ndim == 1 else matrix_type
@@ -422,19 +427,46 @@ def encode_tensor(
 
 def _check_finite(name: str, data: np.ndarray, qtype: gguf.GGMLQuantizationType,
                   matrix_type: gguf.GGMLQuantizationType) -> None:
-    """Refuse a tensor that `qtype` would hold as inf (`FINITE_LIMITS`), suggesting a type that holds it."""
-    largest = float(np.abs(data).max(initial=0.0))
-    limit, what = FINITE_LIMITS[qtype]
-    if not largest > limit:  # NaN weights pass, as before
+    """Refuse a tensor with a NaN or inf weight, which no type helps, or one that `qtype` would
+    hold as inf (`F16_NUMBERS`), suggesting the types that hold it."""
+    bad = ~np.isfinite(data)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{name}: {int(bad.sum())} of its values are not finite (the first, at {where}, is "
+                         f"{data[where]}); in any type llama.cpp would compute NaN logits: fix the model's weights")
+    found = _f16_overflow_in(data, qtype)
+    if found is None:
         return
+    what, number = found
     fell_back = qtype != matrix_type  # rows that fill no block fall back to f16 in any quantised type
     why = f" (its rows fill no {matrix_type.name.lower()} blocks)" if fell_back else ""
-    holds = [t.name.lower() for t in ((F32,) if fell_back else (F32, Q8_0))
-             if t != qtype and largest <= FINITE_LIMITS[t][0]]
-    raise ValueError(f"{name}: its largest |value|, {largest:.6g}, is more than {qtype.name.lower()}{why} holds "
-                     f"({limit:.6g}): past it {what} is more than f16's largest number, {F16_MAX:.0f}, so the file "
-                     f"would hold inf and llama.cpp would compute NaN logits; write the file as "
-                     f"{' or '.join(holds)} (--type)")
+    holds = [t.name.lower() for t in (F32, Q8_0) if t != qtype and not data.shape[-1] % gguf.GGML_QUANT_SIZES[t][0]
+             and _f16_overflow_in(data, t) is None]
+    raise f16_overflow_error(name, f"as {qtype.name.lower()}{why}, {what}", number,
+                             f"write the file as {' or '.join(holds)} (--type)")
+
+
+def _f16_overflow_in(data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> tuple[str, float] | None:
+    """(what, number) for the first of the numbers `qtype` keeps as f16 (`F16_NUMBERS`) that would be inf."""
+    blocks = data.reshape(-1, gguf.GGML_QUANT_SIZES[qtype][0])  # (n, block size): rows fill blocks
+    for what, numbers in F16_NUMBERS[qtype]:
+        if (number := f16_overflow(numbers(blocks))) is not None:
+            return what, number
+    return None
+
+
+def f16_overflow(numbers: np.ndarray) -> float | None:
+    """The first of `numbers` that f16 holds as inf (one that rounds past its 65504), or None."""
+    with np.errstate(over="ignore"):
+        overflows = np.isinf(numbers.astype(np.float16))
+    return float(numbers[overflows].flat[0]) if overflows.any() else None
+
+
+def f16_overflow_error(name: str, what: str, number: float, advice: str) -> ValueError:
+    """The refusal of a number `f16_overflow` found (`what` it is, in tensor `name`), for float
+    weights (`encode_tensor`) and a quantised model's scales (compress/gguf_export.py) alike."""
+    return ValueError(f"{name}: {what} would be {number:.6g}, beyond f16's range (±{F16_MAX:.0f}), so the file "
+                      f"would hold inf and llama.cpp would compute NaN logits; {advice}")
 
 
 # ----- file -------------------------------------------------------------------------------------
@@ -451,7 +483,7 @@ def _write_atomic(writer: gguf.GGUFWriter, target: Path) -> None:
 
 
 __all__ = [
-    "ARCHS", "FILE_TYPES", "FINITE_LIMITS", "HPARAMS", "LLAMA_CPP_CHECKS", "encode_tensor", "family_of", "gguf_tensors",
-    "interleave_rope", "neox_stand_ins", "rope_freq_factors",
+    "ARCHS", "F16_NUMBERS", "FILE_TYPES", "HPARAMS", "LLAMA_CPP_CHECKS", "encode_tensor", "f16_overflow",
+    "f16_overflow_error", "family_of", "gguf_tensors", "interleave_rope", "neox_stand_ins", "rope_freq_factors",
     "save_gguf", "stacked_experts",
 ]
