@@ -148,9 +148,11 @@ def _family_named(name: str) -> Family:
 
 
 def _token_ids(tokenizer: HeronTokenizer | PretrainedTokenizer | None) -> dict[str, int | list[int] | None]:
-    """config.json's special-token ids. eos_token_id lists every id an imported model stops at, as
-    transformers reads it where generation_config.json is missing. Without a tokenizer the ids are
-    null, not left out: a missing key reads as the family's default (LLaMA's eos 2, Phi-3's pad 32000)."""
+    """config.json's special-token ids. An imported tokenizer's eos_token_id lists every id its model
+    stops at (transformers reads it there where generation_config.json is missing); a Heron tokenizer's
+    is its `<|eos|>` (the generation_config.json written beside it lists `<|end|>` too). Without a
+    tokenizer the ids are null, not left out: a missing key reads as the family's default (LLaMA's
+    eos 2, Phi-3's pad 32000)."""
     if tokenizer is None:
         return {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     stop = tokenizer.generation_stop_ids if isinstance(tokenizer, PretrainedTokenizer) else tokenizer.stop_ids
