@@ -103,7 +103,7 @@ def run_alignment(method: str, recipe: AlignRecipe, *, resume: bool = True, rest
     if method in ("ppo", "grpo"):
         _plot_reward_kl(rows, out / PLOT_FILE, method)
     # No tokens: the objectives do not count what they process, so no joules per token here.
-    lineage = {"alignment": {"method": method, "base": str(Path(recipe.base).resolve()),
+    lineage = {"alignment": {"method": method, "base": str(resolve_checkpoint(recipe.base).resolve()),  # the step
                              "recipe": recipe.model_dump(), "final": rows[-1] if rows else {},
                              "energy": energy.report().to_dict()}}
     folder = save_model_folder(out / MODEL_DIR, trained, tokenizer=tokenizer, lineage=lineage)
