@@ -182,6 +182,31 @@ def test_a_moved_base_ends_the_history_and_is_said_to(tmp_path):
     assert f"The history starts from `{gone}`, which could not be read; its training data: {PROVIDER}" in text
 
 
+def test_a_parent_recorded_by_a_name_that_moves_on_ends_the_history(tmp_path, monkeypatch):
+    """Older Heron recorded a parent as typed: `run/checkpoints/latest`, or the run folder. Since the run
+    went on, that name leads to a later checkpoint than the one quantised: the history stops there,
+    saying why, rather than describe the later one as the parent. The step folder itself is followed."""
+    from heron.train.checkpoint import resolve_checkpoint
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    for step in (8, 12):
+        fake_checkpoint(checkpoints / f"step_{step:08d}", {"recipe": {"name": "tiny"}, "step": step})
+    (checkpoints / "latest").symlink_to("step_00000012")
+    monkeypatch.chdir(tmp_path)
+    later = f"(it now leads to {checkpoints / 'step_00000012'})"
+    for recorded, says in (("run/checkpoints/latest", later), (str(checkpoints / "latest"), later),
+                           (str(tmp_path / "run"), later), ("run/checkpoints/step_00000008", "")):
+        folder = fake_checkpoint(tmp_path / "q" / str(len(says)) / recorded.replace("/", "-"),
+                                 {"quantized_from": recorded})
+        history = read_history(folder, resolve=resolve_checkpoint)
+        assert [s.kind.name for s in history.stages] == ["quantization"] and history.unreadable == recorded
+        assert f"recorded as {recorded}, a relative path, a link or a run folder{' ' + says if says else ','}" \
+            in history.why_unreadable
+    exact = fake_checkpoint(tmp_path / "q" / "exact", {"quantized_from": str(checkpoints / "step_00000008")})
+    history = read_history(exact, resolve=resolve_checkpoint)
+    assert history.unreadable is None and [s.lineage["step"] for s in history.stages[1:]] == [8]
+
+
 def test_a_base_that_is_a_hugging_face_folder_is_an_origin_not_a_lost_checkpoint(tmp_path):
     """Quantising a Hugging Face folder directly (no import first) leaves a lineage whose
     parent has config.json and no lineage.json: third-party weights, not an unreadable stage."""

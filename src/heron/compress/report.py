@@ -30,6 +30,7 @@ from heron.govern import EnergyMeter, EnergyReport
 from heron.govern.energy import provenance
 from heron.govern.digest import CONFIG_FILE
 from heron.govern.figures import new_figure, save_png
+from heron.interop.convert import imported_from
 from heron.store.atomic import is_partial_write
 from heron.train.checkpoint import LINEAGE_FILE, STATE_FILE, CheckpointError, resolve_checkpoint
 
@@ -69,9 +70,8 @@ def _lineage(folder: Path) -> dict:
 
 
 def _imported_from(lineage: dict) -> Path | None:
-    """The Hugging Face folder an import converted, as interop/convert.py records it."""
-    source = lineage.get("source")
-    return Path(source["path"]) if isinstance(source, dict) and source.get("path") else None
+    source = imported_from(lineage)
+    return None if source is None else Path(source)
 
 
 def lineage_sources(folder: str | Path) -> list[Path]:

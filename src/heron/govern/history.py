@@ -200,7 +200,7 @@ def read_history(folder: str | os.PathLike[str], *, resolve: Callable[[Path], Pa
         if len(stages) >= MAX_STAGES:
             return History(tuple(stages), recorded, f"the history is longer than {MAX_STAGES} stages")
         try:
-            stage = read_stage(resolve(Path(recorded)))
+            stage = read_stage(_fixed_place(Path(recorded), resolve))
         except (OSError, ValueError) as err:
             if (model_type := hugging_face_model_type(Path(recorded))) is not None:
                 return History(tuple(stages), hugging_face=HuggingFaceOrigin(recorded, model_type))
@@ -210,6 +210,23 @@ def read_history(folder: str | os.PathLike[str], *, resolve: Callable[[Path], Pa
         seen.add(stage.path.resolve())
         stages.append(stage)
     return History(tuple(stages))
+
+
+def _fixed_place(recorded: Path, resolve: Callable[[Path], Path]) -> Path:
+    """The checkpoint folder a recorded parent path names, if it names one folder for good: an
+    absolute path with no link in it, which `resolve` takes as it is. Heron records parents so;
+    older versions recorded the path as typed, and a relative path, a `latest` link or a run
+    folder (whose newest checkpoint `resolve` takes) may lead elsewhere now than when the child
+    was made: a ValueError, so the history stops there instead of naming the wrong parent."""
+    found = resolve(recorded)
+    if recorded.is_absolute() and recorded.resolve() == recorded and found.resolve() == recorded:
+        return found
+    if not recorded.exists():
+        raise FileNotFoundError(f"{recorded}: no such checkpoint folder")
+    now = "" if found.resolve() == recorded.absolute() else f" (it now leads to {found.resolve()})"
+    raise ValueError(f"recorded as {recorded}, a relative path, a link or a run folder{now}, which names whatever "
+                     "checkpoint is there now, not necessarily the one this was made from (Heron records the "
+                     "checkpoint folder itself; this lineage is older)")
 
 
 # ----- data -------------------------------------------------------------------------------------

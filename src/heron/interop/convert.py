@@ -32,7 +32,7 @@ def import_hf(source: str | Path, target: str | Path) -> Path:
     """Convert a Hugging Face folder into a Heron checkpoint folder at `target`. Run again after
     a kill that came between the folder and its audit record, it writes that record."""
     source = Path(source)
-    refuse_finished(target, lambda lineage: _imported_from(lineage) == str(source.resolve()), record_imported)
+    refuse_finished(target, lambda lineage: imported_from(lineage) == str(source.resolve()), record_imported)
     target = require_new_folder(target, source)
     family, _ = load_hf_config(source)
     model, tokenizer = load_hf_folder(source)
@@ -55,7 +55,7 @@ def record_imported(folder: Path) -> None:
                  outputs={"checkpoint": folder}, model_hash=model_hash(folder), parameters=origin)
 
 
-def _imported_from(lineage: dict) -> str | None:
+def imported_from(lineage: dict) -> str | None:
     """The Hugging Face folder an imported checkpoint's lineage names; None for other checkpoints."""
     origin = lineage.get("source")
     return origin.get("path") if isinstance(origin, dict) and origin.get("kind") == "huggingface" else None
@@ -73,4 +73,4 @@ def export_hf(checkpoint: str | Path, target: str | Path, family: str | None = N
     return used
 
 
-__all__ = ["export_hf", "import_hf", "record_imported"]
+__all__ = ["export_hf", "import_hf", "imported_from", "record_imported"]
