@@ -131,7 +131,8 @@ def test_an_import_is_followed_both_ways(tmp_path):
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=128, d_model=32, n_layers=1, n_heads=2, max_seq_len=64))
     hf = save_model_folder(tmp_path / "hf", model)  # stands in for the Hugging Face folder: resolvable, no history
-    imported = save_model_folder(tmp_path / "imported", model, lineage={"source": {"kind": "huggingface", "path": str(hf)}})
+    imported = save_model_folder(tmp_path / "imported", model,
+                                 lineage={"source": {"kind": "huggingface", "path": str(hf)}})
     from_hf = save_model_folder(tmp_path / "from-hf", model, lineage={"quantized_from": str(hf)})
     from_import = save_model_folder(tmp_path / "from-import", model, lineage={"pruned_from": str(imported)})
     assert derives_from(imported, hf) and derives_from(from_import, hf) and derives_from(from_hf, imported)

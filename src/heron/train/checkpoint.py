@@ -636,6 +636,6 @@ __all__ = [
     "check_parameter_count", "check_weights", "checkpoint_name",
     "folder_files", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "load_model_folder",
     "load_tokenizer_if_present", "load_weights", "point_latest", "refuse_finished", "remove_folder",
-    "require_new_folder", "require_replaceable", "resolve_checkpoint", "save_checkpoint", "save_model_folder", "sha256_file",
-    "sweep_partial", "tied_aliases", "verify_checkpoint", "weights_identity",
+    "require_new_folder", "require_replaceable", "resolve_checkpoint", "save_checkpoint", "save_model_folder",
+    "sha256_file", "sweep_partial", "tied_aliases", "verify_checkpoint", "weights_identity",
 ]
