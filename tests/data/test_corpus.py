@@ -166,3 +166,30 @@ def test_pipes_and_sockets_in_a_folder_are_skipped_not_read(tmp_path, caplog):
     finally:
         server.close()
     assert "pipe.py: a special file" in caplog.text and "sock.py: a special file" in caplog.text
+
+
+def test_a_linked_folder_is_walked_and_a_link_back_up_is_left_out_with_a_warning(tmp_path, caplog) -> None:
+    """Links to folders are followed as links to files are; one to a folder on its own path
+    (directly, or through another link) would loop, and is named instead."""
+    make_tree(tmp_path / "corpus")
+    (tmp_path / "ext" / "deep").mkdir(parents=True)
+    (tmp_path / "ext" / "e.py").write_text("e = 1\n")
+    (tmp_path / "ext" / "deep" / "d.py").write_text("d = 1\n")
+    (tmp_path / "corpus" / "linked").symlink_to(tmp_path / "ext")
+    (tmp_path / "corpus" / "s").symlink_to(tmp_path / "corpus" / "pkg" / "sub")  # y.py's shorter key
+    (tmp_path / "corpus" / "pkg" / "up").symlink_to(tmp_path / "corpus")
+    (tmp_path / "ext" / "back").symlink_to(tmp_path / "corpus")  # a loop through two links
+    corpus = Corpus([tmp_path / "corpus"], extensions=[".py"])
+    assert corpus.keys == ["a.py", "b.py", "linked/deep/d.py", "linked/e.py", "pkg/z.py", "s/y.py"]
+    assert list(corpus)[2:4] == ["d = 1\n", "e = 1\n"]
+    assert "pkg/up: a link to" in caplog.text and "linked/back: a link to" in caplog.text
+    assert "would loop" in caplog.text
+
+
+def test_line_endings_are_read_as_the_file_has_them(tmp_path) -> None:
+    """The tokenizer is byte-level and the fingerprint hashes the bytes: "\\r\\n" and "\\r" stay."""
+    (tmp_path / "crlf.txt").write_bytes(b"\xef\xbb\xbfone\r\ntwo\rthree\r\n")
+    (tmp_path / "lf.txt").write_bytes(b"four\n")
+    corpus = Corpus([tmp_path])
+    assert list(corpus) == ["one\r\ntwo\rthree\r\n", "four\n"]
+    assert corpus.holds_carriage_returns() and not Corpus([tmp_path / "lf.txt"]).holds_carriage_returns()

@@ -9,6 +9,7 @@ from heron.data.shards import split_value, token_dtype, validation_keys
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from heron.tokenizer import HeronTokenizer, PretrainedTokenizer, load_tokenizer, train_tokenizer
+from heron.tokenizer.bpe import cuts_exact
 
 
 def write_docs(root, n: int, start: int = 0) -> None:
@@ -320,7 +321,7 @@ def test_the_fallback_validation_document_is_a_decodable_one(tmp_path, tok) -> N
     assert chosen == {runner_up}
     shards = prepare_shards(corpus, tok, tmp_path / "out", val_fraction=0.02, progress=False)
     assert shards.meta["val"]["documents"] == 1 and shards.meta["train"]["documents"] == 1
-    assert shards.meta["skipped_files"] == [str(tmp_path / "src" / smallest)]
+    assert shards.meta["skipped_files"] == [smallest]  # its key
 
 
 def test_a_running_preparations_temporary_folder_is_left_alone(tmp_path, tok) -> None:
@@ -374,3 +375,66 @@ def test_an_imported_models_tokenizer_makes_shards_and_carries_over(tmp_path, to
     other = prepare_shards(corpus, tok, tmp_path / "heron", progress=False)
     with pytest.raises(ValueError, match="made with another tokenizer than llama's"):
         check_shards_fit(other, "llama", vocab_size=imported.vocab_size, tokenizer=imported)
+
+
+def test_an_imported_tokenizer_asks_once_whether_it_may_cut_texts(tmp_path, monkeypatch) -> None:
+    """cuts_exact parses the whole tokenizer.json (~0.15 s for a 150k vocabulary): asked per
+    document, it made preparation cost that per file, however small."""
+    imported = imported_tokenizer(tmp_path / "llama")
+    calls = []
+    real = cuts_exact
+    monkeypatch.setattr("heron.tokenizer.pretrained.cuts_exact", lambda tokenizer: calls.append(1) or real(tokenizer))
+    (tmp_path / "src").mkdir()
+    write_docs(tmp_path / "src", 20)
+    prepare_shards(Corpus([tmp_path / "src"]), imported, tmp_path / "out", progress=False)
+    assert len(calls) == 1
+
+
+CRLF_FILES = {"crlf.txt": b"line one\r\nline two\rthree\r\n", "lf.txt": b"other file\n"}
+
+
+def test_line_endings_reach_the_shards_as_the_file_has_them(tmp_path, tok) -> None:
+    """The tokenizer is byte-level: "\\r\\n" and a lone "\\r" are tokens of the file, not "\\n"."""
+    (tmp_path / "src").mkdir()
+    for name, data in CRLF_FILES.items():
+        (tmp_path / "src" / name).write_bytes(data)
+    shards = prepare_shards(Corpus([tmp_path / "src"]), tok, tmp_path / "out", val_fraction=0, progress=False)
+    eos = tok.decode([tok.eos_id], skip_special=False)
+    texts = [data.decode("utf-8") for data in CRLF_FILES.values()]
+    assert tok.decode(np.asarray(shards.train).tolist(), skip_special=False) == "".join(t + eos for t in texts)
+    assert shards.meta["text"] == "UTF-8, a leading BOM dropped, line endings kept as in the file"
+
+
+def test_a_set_made_before_line_endings_were_kept_is_rebuilt_only_for_a_corpus_with_carriage_returns(
+        tmp_path, tok) -> None:
+    """Such a set read "\\r\\n" and "\\r" as "\\n", and its meta.json names no text rule: its tokens are
+    this code's for a corpus without "\\r" (the default stdlib corpus), not for one with."""
+    (tmp_path / "crlf").mkdir()
+    for name, data in CRLF_FILES.items():
+        (tmp_path / "crlf" / name).write_bytes(data)
+    (tmp_path / "lf").mkdir()
+    write_docs(tmp_path / "lf", 5)
+    for name in ("crlf", "lf"):
+        first = prepare_shards(Corpus([tmp_path / name]), tok, tmp_path / f"out_{name}", progress=False)
+        meta_file = tmp_path / f"out_{name}" / "meta.json"
+        meta = json.loads(meta_file.read_text())
+        del meta["text"]  # as the earlier code wrote it
+        meta_file.write_text(json.dumps(meta))
+        again = prepare_shards(Corpus([tmp_path / name]), tok, tmp_path / f"out_{name}", progress=False)
+        assert again.reused == (name == "lf")
+        assert np.array_equal(np.asarray(again.train), np.asarray(first.train))
+    meta = json.loads(meta_file.read_text()) | {"text": "another rule"}
+    meta_file.write_text(json.dumps(meta))
+    assert not prepare_shards(Corpus([tmp_path / "lf"]), tok, tmp_path / "out_lf", progress=False).reused
+
+
+def test_meta_names_skipped_files_by_key_whatever_the_working_directory(tmp_path, tok, monkeypatch) -> None:
+    (tmp_path / "c" / "d0").mkdir(parents=True)
+    write_docs(tmp_path / "c" / "d0", 6)
+    (tmp_path / "c" / "d0" / "zbad.txt").write_bytes(b"\xff\xfe bad")
+    monkeypatch.chdir(tmp_path)
+    above = prepare_shards(Corpus(["c"]), tok, tmp_path / "above", val_fraction=0.2, progress=False)
+    monkeypatch.chdir(tmp_path / "c")
+    prepare_shards(Corpus(["."]), tok, tmp_path / "inside", val_fraction=0.2, progress=False)
+    assert above.meta["skipped_files"] == ["d0/zbad.txt"]
+    assert (tmp_path / "above" / "meta.json").read_bytes() == (tmp_path / "inside" / "meta.json").read_bytes()

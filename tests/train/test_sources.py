@@ -1,6 +1,7 @@
 """Data sources: real shards (prepared from a corpus on first use) and synthetic streams."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,22 @@ def test_shards_of_another_corpus_or_vocabulary_are_refused_not_trained_on(tmp_p
     assert train(recipe_from_dict(raw, world_size=1)).step == 2
 
 
+def test_shards_an_older_heron_made_from_a_corpus_with_carriage_returns_are_refused(tmp_path: Path,
+                                                                                  corpus: Path) -> None:
+    """Such shards (their meta.json names no text rule) read "\\r\\n" as "\\n": the corpus's fingerprint
+    still matches, but their tokens are not its text as read now. Without "\\r" they stay usable."""
+    (corpus / "m0.py").write_bytes(CODE.replace("\n", "\r\n").encode() * 8)
+    train(recipe_from_dict(shard_recipe(tmp_path, corpus), world_size=1))
+    meta_file = tmp_path / "shards" / "meta.json"
+    meta_file.write_text(json.dumps({k: v for k, v in json.loads(meta_file.read_text()).items() if k != "text"}))
+    raw = shard_recipe(tmp_path, corpus)
+    raw["out_dir"] = str(tmp_path / "second")
+    with pytest.raises(RecipeError, match=r"data.corpus: .*shards holds shards an older Heron made from this corpus, "
+                                          r"reading its '\\r\\n' and '\\r' line endings as '\\n'"):
+        train(recipe_from_dict(raw, world_size=1))
+    assert not (tmp_path / "second").exists()
+
+
 def test_shards_are_prepared_only_into_a_new_or_empty_folder(tmp_path: Path, corpus: Path) -> None:
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "notes.txt").write_text("mine")
@@ -175,3 +192,17 @@ def test_shards_in_an_imported_models_ids_train_and_ship_its_tokenizer(tmp_path:
     result = train(recipe_from_dict(raw, world_size=1))
     _, shipped = load_model_folder(result.out_dir)
     assert isinstance(shipped, PretrainedTokenizer) and shipped.fingerprint() == imported.fingerprint()
+
+
+def test_an_empty_split_points_at_the_corpus_not_at_seq_len(tmp_path: Path) -> None:
+    """A corpus of one file has no validation document: no data.seq_len would mend that."""
+    folder = tmp_path / "one"
+    folder.mkdir()
+    (folder / "only.py").write_text(CODE * 8)
+    raw = shard_recipe(tmp_path, folder)
+    with pytest.raises(RecipeError, match=r"^data\.corpus: the validation split is empty: training needs both "
+                       r"\(add files, .*a corpus of one file cannot be split\)$"):
+        train(recipe_from_dict(raw, world_size=1))
+    del raw["data"]["corpus"]  # the shards as they are: the folder is named
+    with pytest.raises(RecipeError, match=r"^data\.shards: the validation split is empty"):
+        train(recipe_from_dict(raw, world_size=1))

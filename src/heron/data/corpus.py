@@ -47,10 +47,14 @@ class Corpus:
     walking a folder (None keeps all); files named directly or by a glob are
     taken as named. `keep`, when given, is asked about every file found and
     leaves out those it answers False for. Undecodable (non-UTF-8) files are
-    skipped while iterating; `skipped` lists those seen in the latest pass.
-    Dangling symlinks are left out with a warning. A file reached through two
-    sources (or a symlink) keeps its shortest key, then the smallest, so the
-    keys, hence the split and fingerprint, do not depend on the order of sources.
+    skipped while iterating; `skipped` lists those seen in the latest pass. A
+    document's text is its bytes decoded (a leading BOM dropped), line endings
+    as the file has them: the tokenizer is byte-level and the fingerprint hashes
+    the bytes. Symlinks to files and to folders are followed; dangling ones, and
+    a link to a folder that holds it (followed, it would loop), are left out with
+    a warning. A file reached through two sources (or a symlink) keeps its
+    shortest key, then the smallest, so the keys, hence the split and
+    fingerprint, do not depend on the order of sources.
     """
 
     def __init__(
@@ -100,9 +104,24 @@ class Corpus:
 
     def _walk(self, folder: Path, root: Path) -> list[Document]:
         found = []
-        for dirpath, dirnames, filenames in os.walk(folder):
+        # The real folders on each walked folder's own path, itself included: a link to one of them
+        # would loop. A folder reached twice otherwise (two links to it) is walked twice, and the
+        # dedup by resolved path keeps each file's shortest key, as for two links to a file.
+        on_path = {folder: frozenset({folder.resolve()})}
+        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+            here = Path(dirpath)
+            above = on_path.pop(here)
             # Pruning in place stops os.walk from descending; sorted for a stable walk.
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in self.exclude_dirs)
+            kept = []
+            for name in sorted(d for d in dirnames if not d.startswith(".") and d not in self.exclude_dirs):
+                real = (here / name).resolve()
+                if real in above:
+                    logger.warning("skipping %s: a link to %s, which holds it; followed, it would loop",
+                                   here / name, real)
+                    continue
+                on_path[here / name] = above | {real}
+                kept.append(name)
+            dirnames[:] = kept
             for name in sorted(filenames):
                 if name.startswith(".") or (self.extensions and not name.endswith(self.extensions)):
                     continue
@@ -149,6 +168,11 @@ class Corpus:
         """Whether the document(s) with this key are UTF-8 text (reads them)."""
         return any(_read_text(d.path) is not None for d in self.documents if d.key == key)
 
+    def holds_carriage_returns(self) -> bool:
+        r"""Whether any document's bytes hold a "\r": text read before line endings were kept
+        (shards made then) turned "\r\n" and "\r" into "\n", so differs for such a corpus."""
+        return any(b"\r" in doc.path.read_bytes() for doc in self.documents)
+
     def check_decodable(self) -> None:
         """After a pass over the texts: a ValueError if every file was skipped as undecodable."""
         if self.documents and len(self.skipped) == len(self.documents):
@@ -190,9 +214,10 @@ def _readable_file(path: Path) -> bool:
 
 
 def _read_text(path: Path) -> str | None:
-    """The file's text, None if it is not UTF-8. utf-8-sig: a BOM, as Windows editors write, is not text."""
+    r"""The file's text, None if it is not UTF-8. utf-8-sig: a BOM, as Windows editors write, is not text.
+    Line endings stay as they are ("\r\n", "\r"): read_text would turn them into "\n"."""
     try:
-        return path.read_text(encoding="utf-8-sig")
+        return path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError:
         return None
 

@@ -2,7 +2,7 @@
 
 Layout of a shard folder:
 
-    meta.json            what made the shards (tokenizer and corpus hashes, split rule) and token counts
+    meta.json            what made the shards (tokenizer and corpus hashes, split and text rules) and token counts
     tokenizer.json       the tokenizer that made them, so training on the folder can ship it
     train_000000.bin     raw token ids, little-endian uint16 (uint32 if the vocabulary exceeds 65536)
     val_000000.bin       ...
@@ -23,6 +23,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -52,6 +53,9 @@ SPLIT_RULE = (
     "key = document path relative to its corpus source; if no document qualifies, "
     "the one with the smallest value"
 )
+# How a document's text is read (corpus._read_text): stored in meta.json and compared on reuse,
+# as SPLIT_RULE is. Sets made before it was recorded are reused for a corpus without "\r" only.
+TEXT_RULE = "UTF-8, a leading BOM dropped, line endings kept as in the file"
 
 
 _TOKEN_DTYPES = ("uint16", "uint32")
@@ -298,9 +302,10 @@ def prepare_shards(
         "tokenizer_sha256": tokenizer.fingerprint(),
         "corpus_fingerprint": corpus.fingerprint(),
         "split": {"rule": SPLIT_RULE, "val_fraction": val_fraction, "seed": seed},
+        "text": TEXT_RULE,
         "shard_tokens": shard_tokens,
     }
-    reusable = _reusable(folder, inputs)
+    reusable = _reusable(folder, inputs, corpus)
     if reusable is not None:
         logger.info("reusing shards in %s: %s matches this corpus and tokenizer", folder, META_FILE)
         if _fingerprint_of(folder) != inputs["tokenizer_sha256"]:  # missing in old shard sets; or written over
@@ -324,7 +329,8 @@ def prepare_shards(
         for writer in writers.values():
             writer.close()
         meta = inputs | {s: writers[s].summary() for s in SPLITS}
-        meta["skipped_files"] = [str(p) for p in corpus.skipped]
+        keys = {doc.path: doc.key for doc in corpus.documents}  # a path as spelled depends on the working directory
+        meta["skipped_files"] = [keys[p] for p in corpus.skipped]
         tokenizer.save(Path(tmp))
         _install(Path(tmp), folder, meta, old_files)
     if corpus.skipped:
@@ -366,13 +372,21 @@ def _fingerprint_of(folder: Path) -> str | None:
         return None
 
 
-def _reusable(folder: Path, inputs: dict) -> ShardSet | None:
+def read_as_now(meta: dict[str, Any], corpus: Corpus) -> bool:
+    """Whether shards with this meta.json hold `corpus`'s text as it is read now (`TEXT_RULE`). A set
+    made before the rule was recorded read "\r\n" and "\r" as "\n": the same text, if no file holds "\r"."""
+    return meta.get("text") == TEXT_RULE or ("text" not in meta and not corpus.holds_carriage_returns())
+
+
+def _reusable(folder: Path, inputs: dict, corpus: Corpus) -> ShardSet | None:
     """The existing shards if their meta.json was made from exactly these inputs, else None."""
     try:
         meta = _read_meta(folder)
     except ValueError:
         return None  # unreadable metadata: rebuild over it
-    if meta is None or any(meta.get(k) != v for k, v in inputs.items()):
+    if meta is None or any(meta.get(k) != v for k, v in inputs.items() if k != "text"):
+        return None
+    if not read_as_now(meta, corpus):
         return None
     try:
         shards = load_shards(folder)

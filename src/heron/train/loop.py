@@ -293,8 +293,15 @@ def _warn_if_warmup_fills_the_run(recipe: TrainRecipe) -> None:
 
 
 def _check_data_fits(recipe: TrainRecipe, data: TrainData) -> None:
+    """Each split must hold an (x, y) window. An empty one is the corpus's or the split's doing,
+    which no seq_len mends: the error says so, in `heron data prepare`'s words."""
     need = recipe.data.seq_len + 1  # one (x, y) window
     for split, tokens in (("train", data.train), ("validation", data.val)):
+        if len(tokens) == 0:
+            field = ("data" if data.meta.get("source") != "shards"  # streams from train(data=...)
+                     else "data.corpus" if recipe.data.corpus is not None else "data.shards")
+            raise RecipeError(f"{field}: the {split} split is empty: training needs both (add files, or prepare the "
+                              "shards with another --val-fraction; a corpus of one file cannot be split)")
         if len(tokens) < need:
             raise RecipeError(f"data.seq_len: {recipe.data.seq_len} needs {need} tokens, the {split} split has {len(tokens)}")
 

@@ -19,7 +19,8 @@ import numpy as np
 
 from heron.data.batches import TokenStream
 from heron.data.corpus import Corpus, default_corpus
-from heron.data.shards import META_FILE, TOKENIZER_FILES, is_shard_file, load_shards, prepare_shards
+from heron.data.shards import (META_FILE, TOKENIZER_FILES, is_shard_file, load_shards, prepare_shards,
+                               read_as_now)
 from heron.tokenizer import Tokenizer, load_tokenizer
 from heron.tokenizer.bpe import TOKENIZER_FILE, HeronTokenizer, train_tokenizer
 from heron.train.recipe import DataSection, RecipeError, SyntheticData
@@ -166,8 +167,12 @@ def _check_made_from(section: DataSection, folder: Path) -> None:
     meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
     fix = (f"set data.shards to another folder (they are prepared there), delete {folder} to prepare it "
            "again, or set data.corpus to null to train on these shards as they are")
-    if meta.get("corpus_fingerprint") != _corpus(section).excluding(folder).fingerprint():
+    corpus = _corpus(section).excluding(folder)
+    if meta.get("corpus_fingerprint") != corpus.fingerprint():
         raise RecipeError(f"data.corpus: {folder} holds shards of another corpus than {section.corpus!r}; {fix}")
+    if not read_as_now(meta, corpus):
+        raise RecipeError(f"data.corpus: {folder} holds shards an older Heron made from this corpus, reading its "
+                          "'\\r\\n' and '\\r' line endings as '\\n' (they are kept now); " + fix)
     made_with = meta.get(VOCAB_REQUESTED, meta.get("vocab_size"))
     if section.tokenizer is None and made_with != section.vocab_size:
         raise RecipeError(f"data.vocab_size: {folder} holds shards made with a {made_with}-token tokenizer, "
