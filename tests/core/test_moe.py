@@ -453,6 +453,24 @@ def test_expert_hooks_carry_each_experts_rows_grouped_after_their_sizes():
     assert torch.equal(seen["hook_expert_in"], x[0, :2])
 
 
+@pytest.mark.parametrize("name", ["hook_expert_in", "hook_expert_post"])
+def test_an_expert_hook_may_return_a_broadcast_tensor(name):
+    """A mean ablation written a.mean(0).expand_as(a) (stride 0, as evaluate_sae writes it) runs
+    as its contiguous copy does, bit for bit: F.grouped_mm refuses stride-0 rows."""
+    layer = make_moe().eval()  # rows of 16 and 8 floats: the fused grouped_mm path
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
+    outputs = []
+    for copy_first in (False, True):
+        def mean(a: torch.Tensor, _name: str, copy_first: bool = copy_first) -> torch.Tensor:
+            broadcast = a.mean(0).expand_as(a)  # (A, width), stride 0 along A
+            return broadcast.contiguous() if copy_first else broadcast
+        with torch.no_grad(), attach_hooks(layer, {name: mean}):
+            outputs.append(layer(x))
+    assert torch.equal(outputs[0], outputs[1])
+    rows, w, counts = torch.randn(10, 8).mean(0).expand(10, 8), torch.randn(4, 8, 12), torch.tensor([3, 0, 6, 1])
+    assert torch.equal(grouped_matmul(rows, w, counts, fused=True), grouped_matmul(rows.contiguous(), w, counts))
+
+
 def test_router_entropy_hook_is_per_token():
     layer = make_moe()
     _, seen = run_hooked(layer, torch.randn(2, 5, 16), "hook_router_entropy")

@@ -136,3 +136,20 @@ def test_a_bf16_model_is_attributed_in_fp32():
     assert plain.scores.dtype == torch.float32 and torch.isfinite(plain.scores).all()
     integrated = integrated_gradients(model, ids, target=3, steps=16, tolerance=10.0)  # bf16 outputs: loose
     assert integrated.scores.dtype == torch.float32 and torch.isfinite(integrated.scores).all()
+
+
+def test_a_scalar_heads_score_is_attributed_as_target_0_and_token_targets_are_refused():
+    """A reward model (head "scalar") has one output: target 0 attributes its score, which the
+    scores add up to as for a logit; any token id is refused naming the head, not an IndexError."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, d_ff=64, max_seq_len=32,
+                                    head="scalar", tie_embeddings=False)).eval()
+    with torch.no_grad():
+        score = float(model(torch.tensor([IDS])).logits[0, -1, 0])
+    assert gradient_x_input(model, IDS, target=0).output == pytest.approx(score, abs=1e-6)
+    result = integrated_gradients(model, IDS, target=0, tolerance=1e-3)
+    assert result.output == pytest.approx(score, abs=1e-6)
+    assert float(result.scores.sum()) == pytest.approx(score - result.baseline_output, rel=1e-3)
+    for attribute in (gradient_x_input, integrated_gradients):
+        with pytest.raises(ValueError, match=r"^target: a model with head 'scalar' has one output.*target=0"):
+            attribute(model, IDS, target=7)

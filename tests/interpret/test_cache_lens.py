@@ -275,3 +275,23 @@ def test_dla_target_and_position_out_of_range_name_the_argument_and_its_range():
         direct_logit_attribution(model, cache, 3, position=8)
     assert torch.equal(direct_logit_attribution(model, cache, 3, position=-8).values,
                        direct_logit_attribution(model, cache, 3, position=0).values)
+
+
+# ----- a scalar head (a reward model) ------------------------------------------------
+
+
+def test_a_scalar_heads_score_is_target_0_and_token_targets_are_refused_naming_the_head():
+    """A reward model's one output is its score: attribution of target 0 splits it; a token
+    id, or probabilities over a one-output "vocabulary" (always 1), are refused."""
+    model = make_model(head="scalar", tie_embeddings=False)
+    output, cache = run_with_cache(model, make_ids(), [*resid_names(model), *dla_names(model)])
+    score = output.logits[:, -1, 0]  # (B,)
+    dla = direct_logit_attribution(model, cache, 0)
+    assert torch.allclose(dla.logit, score, atol=1e-5) and torch.allclose(dla.values.sum(-1), score, atol=1e-5)
+    for target in (7, torch.tensor([0, 7])):
+        with pytest.raises(ValueError, match=r"^target: a model with head 'scalar' has one output, its score, "
+                                             r"not a vocabulary .* pass target=0 .*\(got 7\)$"):
+            direct_logit_attribution(model, cache, target)
+    for target in (0, 7):
+        with pytest.raises(ValueError, match=r"^token_lens: a model with head 'scalar' .*logit_lens"):
+            token_lens(model, cache, target)

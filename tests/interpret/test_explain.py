@@ -90,6 +90,21 @@ def test_cli_on_a_checkpoint_and_clear_errors(tokenizer, tmp_path, capsys):
     assert (tmp_path / "ckpt" / "config.json").is_file()
 
 
+def test_a_reward_model_is_refused_before_any_work_naming_its_head_and_what_explains_its_score(
+        tokenizer, tmp_path, capsys):
+    """A scalar head (head="scalar") gives a score, not next-token logits: without --target the
+    report read it as a one-token vocabulary (p = 1.000 everywhere); with one, an IndexError."""
+    save_model_folder(tmp_path / "reward", model_for(head="scalar", tie_embeddings=False), tokenizer=tokenizer)
+    for target in ([], ["--target", " x"]):
+        argv = ["explain", str(tmp_path / "reward"), "--prompt", PROMPT, "--out", str(tmp_path / "out"), *target]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("heron explain: error: explain: a model with head 'scalar' gives one score per "
+                              "position, not next-token logits")
+        assert "direct_logit_attribution, integrated_gradients or gradient_x_input with target=0" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_too_many_ig_steps_are_refused_before_any_work(tmp_path, capsys):
     """1e11 Gauss-Legendre nodes would end in a MemoryError; the flag is named, no checkpoint is read."""
     with pytest.raises(ValueError, match="^ig_steps: expected a whole number from 1 to 1024"):

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import heron.interpret.sae as sae_module
 from heron.core import ModelConfig, Transformer
 from heron.interpret.sae import (
     SAESettings,
@@ -151,6 +152,64 @@ def test_top_activating_contexts_equal_brute_force():
             expected = [windows[w, q].item() if 0 <= q < 16 else -1 for q in range(p - c, p + c + 1)]
             assert top.tokens[j, slot].tolist() == expected
         assert (top.tokens[j, n:] == -1).all()
+
+
+def test_top_activating_contexts_at_a_per_head_hook_take_each_positions_highest_head():
+    """blocks.0.attn.hook_k is (B, KV, T, hd): a window's peak is over its heads and positions,
+    and the position reported is the position, not a head (max over axis 1 took heads for it)."""
+    model, windows, hook = make_model(), make_windows(n=11, T=16), "blocks.0.attn.hook_k"
+    acts = gather_activations(model, windows, hook)  # (N, KV, T, hd)
+    assert acts.shape == (11, 2, 16, 8)
+    sae = SparseAutoencoder(8, SAESettings(sparsity="topk", k=2, expansion=2))
+    sae.fit_input(acts.flatten(0, -2))
+    top = top_activating_contexts(model, sae, windows, hook, k=3, context=1, batch_size=4)
+    f = torch.cat([sae.encode(acts[i : i + 4]) for i in range(0, 11, 4)])  # (N, KV, T, m), batched as above
+    peak, position = f.amax(dim=1).max(dim=1)  # (N, m): the highest head at each position, then the position
+    for j in range(sae.n_features):
+        order = sorted((w for w in range(11) if peak[w, j] > 0), key=lambda w: (-peak[w, j], w))[:3]
+        assert top.windows[j, : len(order)].tolist() == order
+        assert torch.equal(top.values[j, : len(order)], peak[order, j])
+        assert top.positions[j, : len(order)].tolist() == position[order, j].tolist()
+    assert int(top.positions.max()) > 1  # positions, not the 2 heads
+
+
+def moe_model() -> Transformer:
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, max_seq_len=64, init_std=0.3,
+                         feed_forward=("moe",), moe={"n_experts": 4, "top_k": 2})
+    return Transformer(config).eval()
+
+
+def test_an_sae_on_a_moe_layers_expert_rows_trains_and_evaluates_but_has_no_contexts():
+    """hook_expert_in is (A, d), a row per token-to-expert assignment: training and the
+    evaluation's mean ablation (a broadcast tensor: it crashed F.grouped_mm) run; top contexts,
+    which need positions, are refused naming the hook and its shape."""
+    model, hook = moe_model(), "blocks.0.mlp.hook_expert_in"
+    settings = SAESettings(k=4, expansion=2, aux_k=8, steps=10, batch_size=64)
+    sae, metrics = train_sae_on_model(model, make_windows(n=10), hook, settings, progress=False)
+    assert metrics.tokens == 16 * 2  # one held-out window of 16 tokens, each sent to 2 experts
+    assert metrics.loss_mean is not None and metrics.l0 == 4.0
+    with pytest.raises(ValueError, match=r"^hook_name: 'blocks.0.mlp.hook_expert_in' gives activations of shape "
+                                         r"\(64, 32\) for windows of shape \(2, 16\), with no axis of positions"):
+        top_activating_contexts(model, sae, make_windows(n=2), hook)
+
+
+def test_a_reward_model_has_no_next_token_loss_to_measure_an_sae_by_and_is_refused_before_training(monkeypatch):
+    """A scalar head (head="scalar"): the refusal comes before any activation is gathered or
+    any step trained (it came after the whole training run), saying what trains one instead."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, max_seq_len=64,
+                                    head="scalar", tie_embeddings=False)).eval()
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("gathered activations before refusing")
+
+    monkeypatch.setattr(sae_module, "gather_activations", no_work)
+    refusal = r"a model with head 'scalar' gives one score per position, not next-token logits.*train_sae\("
+    with pytest.raises(ValueError, match="^train_sae_on_model: " + refusal):
+        train_sae_on_model(model, make_windows(n=10), HOOK, SAESettings(k=4, expansion=2), progress=False)
+    with pytest.raises(ValueError, match="^evaluate_sae: " + refusal):
+        evaluate_sae(model, SparseAutoencoder(32, SAESettings(k=4, expansion=2)), make_windows(n=2), HOOK)
 
 
 # ----- (5) saving, loading, resuming, settings ---------------------------------------

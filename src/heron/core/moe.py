@@ -121,7 +121,9 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, *,
         aligned = all(n * x.element_size() % 16 == 0 for n in w.shape[1:])
         fused = x.device.type == "cpu" and aligned and x.dtype in GROUPED_MM_DTYPES
     if fused:
-        return F.grouped_mm(x, w, offs=counts.cumsum(0).to(torch.int32))
+        # grouped_mm refuses a broadcast x (stride 0), which a hook may return at hook_expert_in or
+        # hook_expert_post (a mean ablation: a.mean(0).expand_as(a)); contiguous() is x itself otherwise.
+        return F.grouped_mm(x.contiguous(), w, offs=counts.cumsum(0).to(torch.int32))
     return torch.cat([rows @ we for rows, we in zip(x.split(counts.tolist()), w)])  # (A, M)
 
 

@@ -1,9 +1,10 @@
 """Which input tokens an output depends on: integrated gradients and gradient x input.
 
 The output is a scalar of the logits, by default the logit of `target` at
-`position`; attributions are over the token embeddings x (T, d) (learned
-positions, when the model has them, are added inside the model and stay put),
-summed over d to one score per token.
+`position` (for a scalar head, a reward model, target 0 is its score);
+attributions are over the token embeddings x (T, d) (learned positions, when
+the model has them, are added inside the model and stay put), summed over d
+to one score per token.
 
 - Gradient x input (Shrikumar et al. 2016): x_t · ∂F/∂x_t. One backward pass;
   exact only for models linear in x.
@@ -39,7 +40,7 @@ import torch
 
 from heron.core.modes import evaluating
 from heron.core.transformer import Transformer
-from heron.interpret.cache import check_position, check_tokens
+from heron.interpret.cache import check_position, check_target
 from heron.interpret.routing import moe_blocks
 
 # (logits (B, T, V)) -> (B,) the output to explain, per batch row
@@ -153,7 +154,7 @@ def _prepare(model: Transformer, ids: list[int] | torch.Tensor, target: int | No
     if (target is None) == (output is None):
         raise ValueError("target: give exactly one of target (a token id) or output (a function of the logits)")
     if target is not None:
-        check_tokens("target", target, model.config.vocab_size)
+        check_target("target", target, model)
         check_position("position", position, ids.numel())
         output = logit_of(target, position)
     return ids, output

@@ -153,6 +153,23 @@ def _dims(c: ModelConfig, batch: int, seq_len: int) -> _Dims:
     )
 
 
+# Sizes that are all different, so an axis of a shape from _SHAPES is known by its size.
+_DISTINCT = _Dims(B=2, T=3, d=5, H=7, KV=11, hd=13, ff=17, E=19, A=23, expert_ff=29)
+
+
+def position_axis(name: str) -> int | None:
+    """The axis of hook point `name`'s activation that runs over input positions, with
+    the batch first and features last: 1 for (B, T, ...), 2 for per-head (B, H, T, hd)
+    and the pattern's queries (B, H, T, S); None where no axis does (a MoE layer's
+    assignments (A, d) and counts (E,), the per-token entropy (B, T) with no features).
+    A name the table does not know is taken as (B, T, d), as `activation_bytes` does."""
+    block = _BLOCK.fullmatch(name)
+    shape = _SHAPES.get(block.group(2) if block else name, _SHAPES["hook_resid_post"])(_DISTINCT)
+    if len(shape) < 3 or shape[0] != _DISTINCT.B or _DISTINCT.T not in shape[1:-1]:
+        return None
+    return shape.index(_DISTINCT.T)
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     n = 1
     for size in shape:
@@ -250,6 +267,28 @@ def check_tokens(arg: str, tokens: int | torch.Tensor, vocab_size: int) -> None:
         raise ValueError(f"{arg}: token id {int(outside[0])} outside the vocabulary (0..{vocab_size - 1})")
 
 
+def check_next_token_head(what: str, model: nn.Module, instead: str) -> None:
+    """ValueError naming `what` for a model whose head gives no next-token logits
+    (head "scalar": one score per position, a reward or value model), saying what
+    works `instead`, rather than a report or metric built on a one-token vocabulary."""
+    head = getattr(getattr(model, "config", None), "head", "lm")
+    if head != "lm":
+        raise ValueError(f"{what}: a model with head {head!r} gives one score per position, not next-token "
+                         f"logits; {instead}")
+
+
+def check_target(arg: str, target: int | torch.Tensor, model: Transformer) -> None:
+    """check_tokens against what the model's head outputs: a token's logit (head
+    "lm"), or for head "scalar" its one output, the score, which is target 0."""
+    if model.config.head == "lm":
+        check_tokens(arg, target, model.config.vocab_size)
+        return
+    ids = torch.as_tensor(target)
+    if (ids != 0).any():
+        raise ValueError(f"{arg}: a model with head {model.config.head!r} has one output, its score, not a "
+                         f"vocabulary of next tokens; pass {arg}=0 to explain the score (got {int(ids[ids != 0][0])})")
+
+
 def check_position(arg: str, position: int, n_tokens: int) -> None:
     """ValueError naming `arg` when `position` does not index one of `n_tokens`
     (negative positions count from the end, as in Python)."""
@@ -301,6 +340,6 @@ def run_with_cache(
 
 
 __all__ = [
-    "ActivationCache", "activation_bytes", "check_budget", "check_position", "check_tokens",
-    "resid_names", "run_with_cache", "select_hooks",
+    "ActivationCache", "activation_bytes", "check_budget", "check_next_token_head", "check_position", "check_target",
+    "check_tokens", "position_axis", "resid_names", "run_with_cache", "select_hooks",
 ]

@@ -25,7 +25,7 @@ from heron.core.transformer import Transformer
 from heron.generate.text import TokenizerLike
 from heron.govern import EnergyMeter
 from heron.interpret.attribution import MAX_STEPS, ConvergenceError, gradient_x_input, integrated_gradients
-from heron.interpret.cache import ActivationCache, resid_names, run_with_cache
+from heron.interpret.cache import ActivationCache, check_next_token_head, resid_names, run_with_cache
 from heron.interpret.heads import attention_patterns, detect_heads, head_scores, plot_attention_patterns, repeated_tokens
 from heron.interpret.html import Section, Table, write_html
 from heron.interpret.lens import direct_logit_attribution, dla_names, logit_lens
@@ -42,6 +42,10 @@ TITLE = "Explanation"
 MARKER = "heron-explain.json"
 WRITER = "heron explain"
 MAX_IG_STEPS = MAX_STEPS // 4  # doubled twice while integrated gradients miss completeness
+# What explains a reward model's score, for the refusal: the report is about a next-token prediction.
+SCALAR_INSTEAD = ("the report explains a next-token prediction. For the score, call heron.interpret's "
+                  "direct_logit_attribution, integrated_gradients or gradient_x_input with target=0 (the score), "
+                  "and attention_patterns or detect_heads for its heads")
 
 
 @dataclass(frozen=True)
@@ -67,7 +71,9 @@ def explain(model: Transformer, tokenizer: TokenizerLike, settings: ExplainSetti
     The folder appears whole or not at all. It may be new, empty, or an earlier
     report, which it replaces; a folder holding any file an earlier report did not
     list in its MARKER is refused before any work (replacing it would delete them).
-    The model runs in eval mode and is left in the mode it was in."""
+    The model runs in eval mode and is left in the mode it was in. A model
+    without next-token logits (head "scalar") is refused before any work."""
+    check_next_token_head("explain", model, SCALAR_INSTEAD)
     target_dir = require_replaceable(out_dir, _not_from_a_report, WRITER)
     device = model.embed.weight.device  # ids where the model is: a CUDA model read CPU ids and failed
     ids = torch.tensor([_encode(tokenizer, settings.prompt, "prompt", model)], device=device)  # (1, T)

@@ -31,7 +31,9 @@ import torch
 from torch import nn
 
 from heron.core.transformer import Transformer
-from heron.interpret.cache import ActivationCache, check_position, check_tokens, resid_names
+from heron.interpret.cache import (
+    ActivationCache, check_next_token_head, check_position, check_target, check_tokens, resid_names,
+)
 
 
 def _reads(names: Callable[[Transformer], list[str]]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -78,7 +80,9 @@ class TokenLens:
 def token_lens(model: Transformer, cache: ActivationCache, target: int | torch.Tensor) -> TokenLens:
     """The logit lens for one token per position: `target` is a token id, or
     (B, T) ids (e.g. the next tokens of the input). Depth by depth, so only
-    one (B, T, V) block of logits is alive at a time."""
+    one (B, T, V) block of logits is alive at a time. A scalar head has no
+    tokens to give probabilities of: its score lens is logit_lens(...)[..., 0]."""
+    check_next_token_head("token_lens", model, "logit_lens(model, cache)[..., 0] is its score at every depth")
     check_tokens("target", target, model.config.vocab_size)
     logits, probs = [], []
     for depth in range(model.config.n_layers + 1):
@@ -139,9 +143,10 @@ def direct_logit_attribution(
     """Split the logit of `target` (an id, or (B,) ids) at `position`
     into the direct writes of each component (see the module docstring for
     the linearisation and what the sum equals). The cache needs
-    `dla_names(model)`. Computed in fp32 whatever the model's dtype."""
+    `dla_names(model)`. Computed in fp32 whatever the model's dtype. For a
+    scalar head (a reward model) target 0, its one output, splits the score."""
     c = model.config
-    check_tokens("target", target, c.vocab_size)
+    check_target("target", target, model)
     resid = cache.resid(c.n_layers)  # (B, T, d): the final residual stream
     check_position("position", position, resid.shape[1])
     x = resid[:, position]  # (B, d)

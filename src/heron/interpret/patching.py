@@ -45,6 +45,7 @@ POSITION_HOOKS = (
 _ALL = -1  # a case's position or head that means every one
 
 
+@torch.no_grad()
 def patch(model: Transformer, ids: torch.Tensor, patches: Mapping[str, Patch]) -> torch.Tensor:
     """Logits (B, T, V) of `model` on `ids` (B, T) with named activations replaced.
 
@@ -54,7 +55,10 @@ def patch(model: Transformer, ids: torch.Tensor, patches: Mapping[str, Patch]) -
     `activation[index]`, with `tensor[index]`. `index` is anything a tensor can
     be indexed with, or a bool mask with as many dimensions as the activation
     that broadcasts to it (True = patched; (B, T, 1) picks positions per row).
-    An empty `patches` is the plain forward, bit for bit. Runs in eval mode.
+    An empty `patches` is the plain forward, bit for bit. Runs in eval mode and
+    without gradients, as run_with_cache does: with gradients on, a quantised
+    layer takes its differentiable reference path, and its logits would differ
+    from run_with_cache's by rounding (~1e-7), not be equal.
     """
     fns = {name: _replacer(name, p) for name, p in patches.items()}
     with evaluating(model), attach_hooks(model, fns):

@@ -52,10 +52,14 @@ from heron.core.hooks import HookFn, attach_hooks
 from heron.core.modes import evaluating
 from heron.data.batches import PackedBatches, TokenStream, epoch_rows
 from heron.data.shards import load_shards
+from heron.interpret.cache import check_next_token_head, position_axis
 
 # Gao et al. 2024, appendix A: Adam with the default betas and a small epsilon.
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 6.25e-10
+# For a model without next-token loss (head "scalar"), which evaluate_sae measures SAEs by.
+NO_LOSS_INSTEAD = ("an SAE is measured by the next-token loss it recovers. Train one without that measure: "
+                   "train_sae(gather_activations(model, windows, hook_name).flatten(0, -2), settings)")
 HOLDOUT_FRACTION = 0.1  # of the windows, when train_sae_on_model is given no evaluation windows
 FIT_SAMPLE = 65536  # activations that set the input scale and b_dec's starting point
 _FIELD_TYPES = {"str": (str,), "int": (int,), "float": (int, float)}  # SAESettings annotations -> accepted types
@@ -455,6 +459,7 @@ def evaluate_sae(
     batch_size: int = 16,
 ) -> SAEMetrics:
     """L0, normalised MSE and the fraction of language-model loss recovered."""
+    check_next_token_head("evaluate_sae", model, NO_LOSS_INSTEAD)
     device = next(model.parameters()).device
     splice: HookFn = lambda a, _: sae(a)[0].to(a.dtype)  # noqa: E731
     ablations: dict[str, HookFn] = {"zero": lambda a, _: torch.zeros_like(a)}
@@ -503,7 +508,10 @@ def train_sae_on_model(
     progress: bool = True,
 ) -> tuple[SparseAutoencoder, SAEMetrics]:
     """Cache `hook_name`'s activations on `windows`, train an SAE on them and
-    measure it on held-out windows (mean ablation against the training mean)."""
+    measure it on held-out windows (mean ablation against the training mean).
+    The measure is next-token loss, so a model without one (head "scalar") is
+    refused before any training."""
+    check_next_token_head("train_sae_on_model", model, NO_LOSS_INSTEAD)
     if eval_windows is None:
         held = max(1, int(len(windows) * HOLDOUT_FRACTION))
         if held >= len(windows):
@@ -545,12 +553,19 @@ def top_activating_contexts(
     batch_size: int = 16,
 ) -> TopContexts:
     """One pass over `windows` with a running top-k per feature: each batch's
-    per-window peaks join the k best so far and one stable sort keeps the best k."""
+    per-window peaks join the k best so far and one stable sort keeps the best k.
+    At a per-head hook point (B, H, T, hd) a feature's activation at a position
+    is its highest over the heads. A hook point without an axis of positions (a
+    MoE layer's expert rows (A, d), one per token-to-expert assignment) is refused."""
     device, T = next(model.parameters()).device, windows.shape[1]
+    axis = position_axis(hook_name)
     best = torch.zeros(k, sae.n_features, device=device)  # (k, m)
     where = torch.full((k, sae.n_features), -1, dtype=torch.long, device=device)  # (k, m): window * T + position
     for start, ids in _batches(windows, batch_size):
-        f = sae.encode(capture(model, ids.to(device), hook_name))  # (B, T, m)
+        activation = capture(model, ids.to(device), hook_name)  # (B, T, d) or per head (B, H, T, hd)
+        _check_positions(hook_name, activation, axis, tuple(ids.shape))
+        f = sae.encode(activation).movedim(axis, 1)  # (B, T, ..., m)
+        f = f.reshape(len(ids), T, -1, f.shape[-1]).amax(dim=2)  # (B, T, m): the highest over heads
         peak, position = f.max(dim=1)  # (B, m) each
         flat = torch.arange(start, start + len(ids), device=device)[:, None] * T + position  # (B, m)
         # A stable sort, not topk: among equal peaks the earlier window stays first.
@@ -560,6 +575,18 @@ def top_activating_contexts(
     window = torch.where(fired, where // T, -1).T.cpu()  # (m, k)
     position = torch.where(fired, where % T, -1).T.cpu()  # (m, k)
     return TopContexts(best.T.cpu(), window, position, _context_tokens(windows.cpu(), window, position, context))
+
+
+def _check_positions(hook_name: str, activation: torch.Tensor, axis: int | None, ids: tuple[int, int]) -> None:
+    """ValueError naming the hook point and its shape when `activation` has no axis of the
+    windows' (B, T) positions at `axis` (`position_axis`) to say where a feature peaks."""
+    B, T = ids
+    if axis is not None and activation.dim() > axis + 1 and activation.shape[0] == B and activation.shape[axis] == T:
+        return
+    raise ValueError(f"hook_name: {hook_name!r} gives activations of shape {tuple(activation.shape)} for windows "
+                     f"of shape {ids}, with no axis of positions to find a feature's contexts by (a MoE layer's "
+                     "expert rows are token-to-expert assignments grouped by expert); top_activating_contexts "
+                     "needs a hook point laid out (B, T, d) or per head (B, H, T, hd)")
 
 
 def _context_tokens(windows: torch.Tensor, window: torch.Tensor, position: torch.Tensor, context: int) -> torch.Tensor:
