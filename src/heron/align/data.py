@@ -2,7 +2,7 @@
 
 Each row is a prompt rendered by the tokenizer's chat template up to the
 assistant's turn, followed by the reply's ids and its end-of-turn token, as
-the template renders the whole chat (`chat_turn_ids`), right-padded. Padding after the real
+the template renders the whole chat (`chat_turn_ids`), right-padded with PAD_ID. Padding after the real
 tokens never changes their logits under causal attention, so no attention
 mask is needed; `mask` marks the reply's tokens, the only ones any loss reads.
 """
@@ -16,6 +16,13 @@ import torch
 from heron.tokenizer import Tokenizer
 
 Messages = list[dict[str, str]]
+
+# Right padding (here and in rollouts): no loss, no real token's attention and no routing statistic
+# reads it, so any id the model's embedding holds will do, and 0 is one every model's holds. Not the
+# tokenizer's pad id: that may lie past the model's vocabulary (a Hugging Face tokenizer that gained
+# <|pad|> without its model's embedding growing), and the rows are made knowing the tokenizer alone.
+# generate/engine.py's left padding falls back to 0 for the same reason.
+PAD_ID = 0
 
 
 @dataclass(frozen=True)
@@ -63,8 +70,7 @@ def encode_replies(tokenizer: Tokenizer, prompts: Sequence[Messages], replies: S
         rows.append(head + tail)
         masks.append([0.0] * len(head) + [1.0] * len(tail))
     width = max(len(r) for r in rows)
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
     mask = torch.zeros(len(rows), width)
     for i, (r, m) in enumerate(zip(rows, masks)):
         ids[i, : len(r)] = torch.tensor(r)
@@ -148,4 +154,4 @@ def _reply_text(value: object, where: str) -> str:
     raise ValueError(f"{where}: the reply's text, or one assistant message, expected; got {value!r:.80}")
 
 
-__all__ = ["Replies", "RowTooLong", "as_messages", "encode_chats", "encode_pairs", "encode_replies"]
+__all__ = ["PAD_ID", "Replies", "RowTooLong", "as_messages", "encode_chats", "encode_pairs", "encode_replies"]

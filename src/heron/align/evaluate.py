@@ -7,6 +7,7 @@ import torch
 
 from heron.align.logprobs import sequence_logprobs
 from heron.align.rollout import rollout
+from heron.core.modes import evaluating
 from heron.core.transformer import Transformer
 from heron.tokenizer import Tokenizer
 
@@ -31,10 +32,14 @@ def judge_scores(judge: Callable[[Messages, str], float], prompts: Sequence[Mess
 def score_and_kl(policy: Transformer, reference: Transformer, tokenizer: Tokenizer, prompts: Sequence[Messages],
                  judge: Callable[[Messages, str], float], *, max_new_tokens: int = 32, seed: int = 0) -> tuple[float, float]:
     """(mean judge score, KL(policy || reference) in nats per reply) on replies sampled from the
-    policy; the KL is the k1 estimate, the mean over replies of sum_t log pi - log ref."""
+    policy; the KL is the k1 estimate, the mean over replies of sum_t log pi - log ref. Both
+    models score in eval mode, as the policy sampled: a MoE's routing then depends on no other
+    row, and its running router centre stays where it was."""
     run = rollout(policy, tokenizer, prompts, 1, max_new_tokens=max_new_tokens, seed=seed)
-    ours = sequence_logprobs(policy, run.replies.ids, run.replies.mask)
-    theirs = sequence_logprobs(reference, run.replies.ids, run.replies.mask)
+    real = run.replies.tokens()  # (B, T): a MoE's routing statistics leave the padding out
+    with evaluating(policy), evaluating(reference):
+        ours = sequence_logprobs(policy, run.replies.ids, run.replies.mask, token_mask=real)
+        theirs = sequence_logprobs(reference, run.replies.ids, run.replies.mask, token_mask=real)
     score = sum(judge(p, t) for p, t in zip(run.prompts, run.texts)) / len(run.texts)
     return score, float((ours - theirs).sum(1).mean())
 

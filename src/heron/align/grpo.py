@@ -5,7 +5,9 @@ scores them with any Python callable, normalises the scores within each
 group (no value model), and takes `inner_steps` gradient steps on the
 clipped surrogate with a k3 KL penalty to the reference (`losses.grpo_loss`).
 Given a `Resumable`, it saves its state as it goes and starts where a killed
-run stopped.
+run stopped. A Mixture-of-Experts policy is scored and trained under inference
+routing (`core.modes.inference_routing`), as it sampled and as the reference is
+scored: at the first step its old log-probabilities are the reference's exactly.
 """
 from __future__ import annotations
 
@@ -20,8 +22,10 @@ from tqdm import tqdm
 from heron.align.data import Messages
 from heron.align.logprobs import logprobs_and_aux, sequence_logprobs
 from heron.align.losses import grpo_advantages, grpo_loss, masked_mean
+from heron.align.objectives import routing_statistics
 from heron.align.resume import Resumable
 from heron.align.rollout import Reward, RewardModel, check_settings, prompt_batches, rollout, score_rollout
+from heron.core.modes import inference_routing
 from heron.core.transformer import Transformer
 from heron.tokenizer import Tokenizer
 
@@ -55,7 +59,8 @@ def grpo(policy: Transformer, reference: Transformer, tokenizer: Tokenizer, prom
     """Train `policy` in place; returns one metrics row for each step this call ran (`resume`:
     saves the state as it goes and restores a saved one): reward, KL to the reference,
     entropy (nats per token, the mean surprisal of the sampled tokens: a Monte Carlo
-    estimate of the policy's entropy), rollout tokens/s, ..."""
+    estimate of the policy's entropy), rollout tokens/s, a MoE policy's routing statistics
+    (`moe_*`, the mean over the inner steps), ..."""
     optimizer = torch.optim.AdamW(policy.parameters(), lr=settings.lr, betas=(0.9, 0.95), weight_decay=0.0)
     batches = prompt_batches(prompts, settings.prompts_per_step, settings.steps, settings.seed,
                              "grpo.prompts_per_step")
@@ -71,11 +76,16 @@ def grpo(policy: Transformer, reference: Transformer, tokenizer: Tokenizer, prom
         advantages = grpo_advantages(scores.view(settings.prompts_per_step, settings.group_size)).flatten()
         ids, mask = run.replies.ids, run.replies.mask[:, 1:]
         real = run.replies.tokens()  # (B, T): a MoE's routing statistics leave the padding out
-        with torch.no_grad():
+        with torch.no_grad(), inference_routing(policy, reference):  # as sampled (module note)
             old = sequence_logprobs(policy, ids, run.replies.mask, token_mask=real, temperature=temperature)
             ref = sequence_logprobs(reference, ids, run.replies.mask, token_mask=real, temperature=temperature)
+        routing: dict[str, float] = {}
         for _ in range(settings.inner_steps):
-            logprobs, aux = logprobs_and_aux(policy, ids, run.replies.mask, token_mask=real, temperature=temperature)
+            with inference_routing(policy):  # as `old` was scored
+                logprobs, aux = logprobs_and_aux(policy, ids, run.replies.mask, token_mask=real,
+                                                 temperature=temperature)
+            for name, value in routing_statistics(policy).items():
+                routing[name] = routing.get(name, 0.0) + float(value) / settings.inner_steps
             loss, stats = grpo_loss(logprobs, old, ref, advantages, mask, clip=settings.clip, beta=settings.beta)
             (loss + aux).backward()  # aux: a MoE policy's balancing losses, zero for a dense one
             torch.nn.utils.clip_grad_norm_(policy.parameters(), settings.clip_norm)
@@ -83,7 +93,7 @@ def grpo(policy: Transformer, reference: Transformer, tokenizer: Tokenizer, prom
             optimizer.zero_grad(set_to_none=True)
         row = {"step": step + 1, "loss": float(loss.detach()), "reward": float(scores.mean()), "kl": float(stats["kl"]),
                "entropy": float(masked_mean(-old, mask)),
-               "reply_tokens": float(mask.sum(1).mean()), "rollout_tokens_per_s": run.tokens_per_s}
+               "reply_tokens": float(mask.sum(1).mean()), "rollout_tokens_per_s": run.tokens_per_s, **routing}
         history.append(row)
         if on_step is not None:
             on_step(row)

@@ -9,7 +9,10 @@ the reference model's log-probabilities from a cache written once
 A Mixture-of-Experts model in training adds its auxiliary losses (load
 balancing, router z-loss) to every example's loss, as pre-training does, and
 reports its routing statistics (`moe_*`) beside the objective's metrics; a
-dense model's aux loss is zero and it reports none.
+dense model's aux loss is zero and it reports none. SFT and the reward model
+route as pre-training does; the DPO family, like PPO and GRPO, trains its
+policy under inference routing (`core.modes.inference_routing`), as its
+reference is scored, so at the first step the policy is its reference exactly.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from heron.align.data import Replies
 from heron.align.logprobs import logprobs_and_aux
 from heron.align.loop import Objective
 from heron.align.losses import bradley_terry_loss, dpo_loss, ipo_loss, kto_loss, orpo_loss, simpo_loss
+from heron.core.modes import inference_routing
 from heron.core.moe import moe_stats
 from heron.store.atomic import write_bytes_atomic
 
@@ -49,10 +53,15 @@ def _rewards_and_aux(reward_model: nn.Module, replies: Replies) -> tuple[torch.T
     return out.logits[torch.arange(len(replies)), replies.last, 0], out.aux_loss.float()  # (N,), ()
 
 
+def routing_statistics(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The routing statistics of `model`'s last forward (`moe_stats`), each () fp32 and
+    detached, as `moe_<name>`; {} for a dense model. PPO and GRPO log them per step."""
+    return {f"moe_{name}": value.detach().float() for name, value in moe_stats(model).items()}
+
+
 def routing_metrics(model: nn.Module, n: int) -> dict[str, torch.Tensor]:
-    """The routing statistics of `model`'s last forward (`moe_stats`) as `moe_<name>`
-    values for each of n examples; {} for a dense model."""
-    return {f"moe_{name}": value.detach().float().expand(n) for name, value in moe_stats(model).items()}
+    """`routing_statistics` as values for each of n examples."""
+    return {name: value.expand(n) for name, value in routing_statistics(model).items()}
 
 
 def sft_objective(model: nn.Module, replies: Replies) -> Objective:
@@ -95,7 +104,8 @@ def preference_objective(policy: nn.Module, chosen: Replies, rejected: Replies, 
 
     def objective(rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         both = chosen.take(rows).concat(rejected.take(rows))
-        total, mean, aux = reply_logprobs(policy, both)  # one forward, both sides
+        with inference_routing(policy):  # as the reference was scored (reference_logprobs)
+            total, mean, aux = reply_logprobs(policy, both)  # one forward, both sides
         (pc, pr), (mc, mr) = total.chunk(2), mean.chunk(2)
         if loss in NEEDS_REFERENCE:
             rc, rr = reference[0][rows], reference[1][rows]
@@ -122,7 +132,8 @@ def kto_objective(policy: nn.Module, replies: Replies, desirable: torch.Tensor, 
     the other objectives, its loss depends on how a batch is split: grad_accum changes z0
     (TRL's KTO, which estimates z0 per micro-batch too, behaves alike)."""
     def objective(rows: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        total, _, aux = reply_logprobs(policy, replies.take(rows))
+        with inference_routing(policy):  # as the reference was scored (reference_logprobs)
+            total, _, aux = reply_logprobs(policy, replies.take(rows))
         implied = total - reference[rows]
         losses = kto_loss(total, reference[rows], desirable[rows], implied.mean(), beta=beta,
                           desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
@@ -158,5 +169,5 @@ def cached_reference_logprobs(model: nn.Module, chosen: Replies, rejected: Repli
 
 __all__ = [
     "PREFERENCE_LOSSES", "cached_reference_logprobs", "kto_objective", "preference_objective", "reference_logprobs",
-    "reply_logprobs", "reward_objective", "rewards", "routing_metrics", "sft_objective",
+    "reply_logprobs", "reward_objective", "rewards", "routing_metrics", "routing_statistics", "sft_objective",
 ]

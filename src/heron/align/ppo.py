@@ -8,6 +8,11 @@ passes over the batch in minibatches optimise the clipped policy loss plus
 `value_coef` times the clipped value loss. The KL coefficient is fixed or
 adapted towards a target (`AdaptiveKLController`). Given a `Resumable`, it
 saves its state as it goes and starts where a killed run stopped.
+
+A Mixture-of-Experts policy (and value model) is scored and trained under
+inference routing (`core.modes.inference_routing`), as it sampled and as the
+reference is scored: at the first minibatch the ratio is exactly 1, and at the
+first step the KL to the reference exactly 0.
 """
 from __future__ import annotations
 
@@ -31,8 +36,10 @@ from heron.align.losses import (
     ppo_policy_loss,
     ppo_value_loss,
 )
+from heron.align.objectives import routing_statistics
 from heron.align.resume import Resumable
 from heron.align.rollout import Reward, RewardModel, check_settings, prompt_batches, rollout, score_rollout
+from heron.core.modes import inference_routing
 from heron.core.transformer import Transformer
 from heron.tokenizer import Tokenizer
 
@@ -91,7 +98,8 @@ def ppo(policy: Transformer, value_model: Transformer, reference: Transformer, t
     """Train `policy` and `value_model` in place; returns one metrics row for each step this call
     ran (`resume`: saves the state as it goes and restores a saved one): reward, KL
     (nats per reply), the KL coefficient, entropy (nats per token, the mean surprisal of the
-    sampled tokens), the losses, clip fraction and rollout tokens/s."""
+    sampled tokens), the losses, clip fraction, rollout tokens/s and a MoE policy's routing
+    statistics (`moe_*`, the mean over its updates)."""
     params = [{"params": list(policy.parameters()), "lr": settings.lr},
               {"params": list(value_model.parameters()), "lr": settings.value_lr or settings.lr}]
     optimizer = torch.optim.AdamW(params, betas=(0.9, 0.95), weight_decay=0.0)
@@ -108,7 +116,7 @@ def ppo(policy: Transformer, value_model: Transformer, reference: Transformer, t
                       temperature=temperature, seed=settings.seed * 100_003 + step)
         scores = score_rollout(reward, run)
         ids, mask = run.replies.ids, run.replies.mask[:, 1:]
-        with torch.no_grad():
+        with torch.no_grad(), inference_routing(policy, value_model, reference):  # as sampled (module note)
             real = run.replies.tokens()  # (B, T): a MoE's routing statistics leave the padding out
             old = sequence_logprobs(policy, ids, run.replies.mask, token_mask=real, temperature=temperature)
             ref = sequence_logprobs(reference, ids, run.replies.mask, token_mask=real, temperature=temperature)
@@ -123,9 +131,12 @@ def ppo(policy: Transformer, value_model: Transformer, reference: Transformer, t
         for _ in range(settings.epochs):
             for rows in torch.randperm(len(ids), generator=shuffle).split(settings.minibatch):
                 part, real_part = run.replies.mask[rows], real[rows]  # (b, T) each
-                logprobs, aux = logprobs_and_aux(policy, ids[rows], part, token_mask=real_part, temperature=temperature)
+                with inference_routing(policy, value_model):  # as `old` and `old_values` were scored
+                    logprobs, aux = logprobs_and_aux(policy, ids[rows], part, token_mask=real_part,
+                                                     temperature=temperature)
+                    routing = routing_statistics(policy)
+                    values, value_aux = values_and_aux(value_model, ids[rows], real_part)
                 policy_loss, stats = ppo_policy_loss(logprobs, old[rows], advantages[rows], mask[rows], settings.clip)
-                values, value_aux = values_and_aux(value_model, ids[rows], real_part)
                 value_loss = ppo_value_loss(values, old_values[rows], returns[rows], mask[rows], settings.value_clip)
                 # the aux losses: MoE models' balancing losses, zero for dense ones
                 (policy_loss + aux + settings.value_coef * value_loss + value_aux).backward()
@@ -135,6 +146,8 @@ def ppo(policy: Transformer, value_model: Transformer, reference: Transformer, t
                 sums["policy_loss"] += float(policy_loss.detach())
                 sums["value_loss"] += float(value_loss.detach())
                 sums["clip_fraction"] += float(stats["clip_fraction"])
+                for name, value in routing.items():
+                    sums[name] = sums.get(name, 0.0) + float(value)
                 updates += 1
         kl = float((kl_estimate(old, ref, "k1") * mask).sum(1).mean())  # nats per reply
         controller.update(kl, len(ids))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from heron.align.data import Messages, Replies
+from heron.align.data import PAD_ID, Messages, Replies
 from heron.align.objectives import rewards
 from heron.core.transformer import Transformer
 from heron.generate import Generator, SamplingParams
@@ -56,8 +56,7 @@ def rollout(policy: Transformer, tokenizer: Tokenizer, prompts: Sequence[Message
     policy.train(was_training)
     tails = [c.ids + ([c.stop_token] if c.stop_token is not None else []) for c in completions]
     width = max(len(h) + len(t) for h, t in zip(heads, tails))
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    ids = torch.full((len(heads), width), pad, dtype=torch.long)
+    ids = torch.full((len(heads), width), PAD_ID, dtype=torch.long)
     mask = torch.zeros(len(heads), width)
     for i, (head, tail) in enumerate(zip(heads, tails)):
         ids[i, : len(head) + len(tail)] = torch.tensor(head + tail)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,7 +36,9 @@ from heron.align.recipe import METHODS, AlignRecipe
 from heron.align.resume import ModuleBuffers, Resumable, read_state
 from heron.align.rollout import Reward, RewardModel
 from heron.align.synthetic import RepeatTask
+from heron.compress.prune_model import sparsity_of
 from heron.compress.qlinear import is_quantized
+from heron.compress.sparse_store import is_sparse_folder
 from heron.data.chat import read_chat_jsonl
 from heron.govern import EnergyMeter, EnergyReport
 from heron.govern.audit import record_event
@@ -78,6 +81,10 @@ def run_alignment(method: str, recipe: AlignRecipe, *, resume: bool = True, rest
     if is_quantized(model):
         raise ValueError(f"base: {recipe.base} is quantised; align the full-precision model, then quantise "
                          "the result")
+    if is_sparse_folder(recipe.base):  # trainable, unlike a quantised one, but its zeros do not stay zero
+        warnings.warn(f"base: {recipe.base} is pruned ({sparsity_of(model):.0%} of its block weights are zero); "
+                      "alignment trains every weight, so the aligned model is dense: prune it again afterwards "
+                      "(heron compress prune) for a sparse one", stacklevel=2)
     out.mkdir(parents=True, exist_ok=True)
     model.train()
     spec = recipe.data.task

@@ -6,6 +6,8 @@ from contextlib import contextmanager
 
 from torch import nn
 
+from heron.core.moe import MoE
+
 
 @contextmanager
 def evaluating(model: nn.Module) -> Iterator[None]:
@@ -26,4 +28,28 @@ def evaluating(model: nn.Module) -> Iterator[None]:
             model.train()
 
 
-__all__ = ["evaluating"]
+@contextmanager
+def inference_routing(*models: nn.Module) -> Iterator[None]:
+    """Run the `with` block with the models' MoE layers routing as in eval mode, and put
+    back the mode each was in; the rest of each model, and gradients, stay as they are.
+
+    Eval-mode routing is the model's inference (core/moe.py): nothing is dropped over
+    capacity, and a router that centres its input does so on its running mean, which
+    the block leaves where it is, rather than on the batch's. Alignment runs its policy
+    under it in training too (align/ppo.py, grpo.py, objectives.py): the policy it
+    optimises is then the one that sampled the replies and that the reference is
+    scored as, so PPO's first ratio is exactly 1 and DPO's first loss log 2, as in a
+    fine-tuning that freezes BatchNorm's statistics. The balancing losses still come
+    with every forward that has gradients on. A dense model has no MoE layer: nothing
+    changes."""
+    layers = [m for model in models for m in model.modules() if isinstance(m, MoE) and m.training]
+    for layer in layers:
+        layer.eval()
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.train()
+
+
+__all__ = ["evaluating", "inference_routing"]
