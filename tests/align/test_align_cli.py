@@ -2,6 +2,7 @@
 recipe, trains from the base checkpoint and writes a checkpoint with lineage and metrics;
 a bad recipe fails before any work, naming the field."""
 import json
+import re
 
 import pytest
 import yaml
@@ -173,3 +174,17 @@ def test_an_sft_chat_without_a_final_reply_is_named_by_its_file_line(base, tmp_p
     sft = {"data": {"file": str(tmp_path / "sft.jsonl"), "max_len": 64}, "fit": {"steps": 1, "batch_size": 2}}
     assert main(["align", "sft", str(recipe(tmp_path, base, "sft_line", **sft))]) == 2
     assert "sft.jsonl:4: the chat does not end with an assistant reply" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["too long", "reply alone"])
+def test_a_refused_sft_chat_is_named_by_its_file_line(base, tmp_path, capsys, kind):
+    """Blank lines before it: the bad chat is the file's second, on line 4, and is named so."""
+    chats = RepeatTask().sft_chats(2, seed=0)
+    bad = chats[1][:-1] + [{"role": "assistant", "content": "word " * 200}] if kind == "too long" else chats[1][-1:]
+    (tmp_path / "sft.jsonl").write_text("\n" + json.dumps({"messages": chats[0]}) + "\n\n"
+                                        + json.dumps({"messages": bad}) + "\n")
+    sft = {"data": {"file": str(tmp_path / "sft.jsonl"), "max_len": 64}, "fit": {"steps": 1, "batch_size": 2}}
+    assert main(["align", "sft", str(recipe(tmp_path, base, "sft_refused", **sft))]) == 2
+    said = {"too long": r"sft.jsonl:4 is \d+ tokens, more than max_len 64",
+            "reply alone": "sft.jsonl:4: the chat is an assistant reply alone; give the user"}[kind]
+    assert re.search(said, capsys.readouterr().err)

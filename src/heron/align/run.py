@@ -219,8 +219,11 @@ def _sft(model, tokenizer, recipe: AlignRecipe, task: RepeatTask | None, on_step
     for name, chat in zip(names, chats):
         if chat[-1]["role"] != "assistant":
             raise ValueError(f"data.file: {name}: the chat does not end with an assistant reply")
-    with _max_len_named():
-        data = encode_chats(tokenizer, chats, recipe.data.max_len)  # every assistant turn trained
+        if len(chat) == 1:
+            raise ValueError(f"data.file: {name}: the chat is an assistant reply alone; give the user (or system) "
+                             "turn it answers before it")
+    with _max_len_named():  # every assistant turn trained
+        data = encode_chats(tokenizer, chats, recipe.data.max_len, describe=lambda i: names[i])
     state.extra["buffers"] = ModuleBuffers(model)  # fit saves the parameters; a router's centre is a buffer
     fit(model.parameters(), sft_objective(model, data), len(data), recipe.fit_settings(), on_step, resume=state)
     return model
