@@ -79,6 +79,22 @@ def test_structured_pruning_of_a_sparse_model_keeps_its_zeros_through_recovery(f
         assert lineage["pruning"]["block_linear_sparsity"] == sparsity_of(model)
 
 
+def test_a_dense_models_stray_exact_zero_neither_makes_it_sparse_nor_stays_zero(folders, tmp_path):
+    """A dense source (a bf16 import may hold exact zeros) pruned of MLP channels and recovered is a dense
+    model: stored plainly, with its one zero trained like any weight."""
+    ckpt, shards = folders
+    model, tokenizer = heron.load(ckpt)
+    with torch.no_grad():
+        next(iter(prunable_weights(model).values()))[0, 0] = 0.0
+    save_model_folder(tmp_path / "dense", model, tokenizer=tokenizer)
+    assert main(["compress", "prune", str(tmp_path / "dense"), str(tmp_path / "out"), "--mlp-channels", "0.25",
+                 "--calib-shards", str(shards), "--calib-batches", "2", "--calib-batch-size", "2", "--seq-len", "32",
+                 "--recover-steps", "3", "--recover-lr", "1e-2"]) == 0
+    assert not (tmp_path / "out" / SPARSITY_FILE).exists()
+    pruned, _ = heron.load(tmp_path / "out")
+    assert sparsity_of(pruned) == 0 and next(iter(prunable_weights(pruned).values()))[0, 0] != 0
+
+
 def test_bad_requests_exit_2_naming_the_problem(folders, tmp_path, capsys):
     ckpt, shards = folders
     assert main(["compress", "prune", str(ckpt), str(tmp_path / "x"), "--heads", "0.1", "--calib-shards", str(shards),

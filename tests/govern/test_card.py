@@ -205,6 +205,10 @@ def test_a_parent_recorded_by_a_name_that_moves_on_ends_the_history(tmp_path, mo
     exact = fake_checkpoint(tmp_path / "q" / "exact", {"quantized_from": str(checkpoints / "step_00000008")})
     history = read_history(exact, resolve=resolve_checkpoint)
     assert history.unreadable is None and [s.lineage["step"] for s in history.stages[1:]] == [8]
+    (tmp_path / "run").rename(tmp_path / "moved")  # the disk moved, a link left where it was: the same folder
+    (tmp_path / "run").symlink_to(tmp_path / "moved")
+    history = read_history(exact, resolve=resolve_checkpoint)
+    assert history.unreadable is None and [s.lineage["step"] for s in history.stages[1:]] == [8]
 
 
 def test_a_base_that_is_a_hugging_face_folder_is_an_origin_not_a_lost_checkpoint(tmp_path):

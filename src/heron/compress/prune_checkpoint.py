@@ -22,7 +22,7 @@ from heron.compress.prune_model import METHODS, prune_model, recover, sparsity_o
 from heron.compress.prune_structured import prune_experts, prune_heads, prune_mlp_channels
 from heron.compress.qlinear import is_quantized
 from heron.compress.records import made_from, record_pruned
-from heron.compress.sparse_store import save_sparse
+from heron.compress.sparse_store import is_sparse_folder, save_sparse
 from heron.core.transformer import Transformer
 from heron.data import check_shards_fit, load_shards
 from heron.data.batches import PackedBatches
@@ -99,18 +99,22 @@ def prune_checkpoint(source: str | Path, target: str | Path, settings: PruneSett
         model = prune_heads(model, settings.heads, calibration)
     if settings.mlp_channels is not None:
         model = prune_mlp_channels(model, settings.mlp_channels, calibration)
-    if settings.sparsity is not None or settings.nm is not None:
+    unstructured = settings.sparsity is not None or settings.nm is not None
+    if unstructured:
         prune_model(model, settings.method, sparsity=settings.sparsity, nm=settings.nm, calibration=calibration,
                     progress=progress)
+    # Sparse: zeros pruned now or by an earlier pruning (not a dense source's stray exact zeros).
+    sparse = unstructured or is_sparse_folder(resolve_checkpoint(source))
     report: dict[str, Any] = {"settings": asdict(settings), "parameters_before": before,
                               "parameters_after": sum(p.numel() for p in model.parameters())}
-    if settings.recover_steps:  # masks=None: every zero stays zero, a sparse source's as well as those pruned now
-        losses = recover(model, recovery, settings.recover_steps, settings.recover_lr, progress=progress)
+    if settings.recover_steps:  # masks None: every zero stays zero; {}: a dense model trains every weight
+        losses = recover(model, recovery, settings.recover_steps, settings.recover_lr, progress=progress,
+                         masks=None if sparse else {})
         report["recover_loss"] = {"first": losses[0], "last": losses[-1]}
     report["block_linear_sparsity"] = sparsity_of(model)  # the saved model's, after recovery; experts included
     report["energy"] = meter.stop().to_dict()
     lineage = {"pruned_from": str(resolve_checkpoint(source).resolve()), "pruning": report}  # as quantized_from
-    if report["block_linear_sparsity"] > 0:  # zeros pruned now or by an earlier pruning: stored packed
+    if sparse:  # stored packed
         save_sparse(target, model, tokenizer, lineage)
     else:
         save_model_folder(target, model, tokenizer=tokenizer, lineage=lineage)

@@ -214,12 +214,13 @@ def read_history(folder: str | os.PathLike[str], *, resolve: Callable[[Path], Pa
 
 def _fixed_place(recorded: Path, resolve: Callable[[Path], Path]) -> Path:
     """The checkpoint folder a recorded parent path names, if it names one folder for good: an
-    absolute path with no link in it, which `resolve` takes as it is. Heron records parents so;
+    absolute path to the folder itself, which `resolve` takes as it is (folders above it may
+    since have become links: a moved disk still holds that folder). Heron records parents so;
     older versions recorded the path as typed, and a relative path, a `latest` link or a run
     folder (whose newest checkpoint `resolve` takes) may lead elsewhere now than when the child
     was made: a ValueError, so the history stops there instead of naming the wrong parent."""
     found = resolve(recorded)
-    if recorded.is_absolute() and recorded.resolve() == recorded and found.resolve() == recorded:
+    if recorded.is_absolute() and not recorded.is_symlink() and found.resolve() == recorded.resolve():
         return found
     if not recorded.exists():
         raise FileNotFoundError(f"{recorded}: no such checkpoint folder")
