@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -197,6 +198,12 @@ def distill(teacher_dir: str | Path, recipe: TrainRecipe, *, temperature: float 
         raise ValueError(f"teacher: vocabulary of {vocab_size} tokens, but the recipe's data "
                          f"({recipe.data.shards or 'synthetic'}) has {data.vocab_size}; tokenise the data with "
                          "the teacher's tokenizer")
+    compared = data_tokenizer is not None and teacher_fingerprint is not None
+    if data.vocab_size < vocab_size and not compared:  # padded rows, or another, smaller tokenizer's data
+        warnings.warn(f"teacher: {vocab_size} rows, the recipe's data ({recipe.data.shards or 'synthetic'}) "
+                      f"{data.vocab_size} tokens, and no tokenizer fingerprint on both sides to check they are "
+                      "the teacher's; distil only on data tokenised with the teacher's tokenizer",
+                      RuntimeWarning, stacklevel=2)
     pinned = recipe.model.overrides.get("vocab_size")
     if pinned is not None and pinned != vocab_size:  # the KL compares the two distributions token by token
         raise ValueError(f"vocab_size: the student's is {pinned} (the recipe's model section), the teacher's "
