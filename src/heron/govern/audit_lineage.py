@@ -82,18 +82,12 @@ def writers(log: AuditLog, sha256: str) -> list[Record]:
     return [found[seq] for seq in sorted(found, reverse=True)]
 
 
-def lacks_record(folder: str | os.PathLike[str]) -> bool:
-    """Whether the configured audit log is on and no record wrote `folder` as it is now (or as it was
-    before documents were written into it): what a kill between writing a model folder and
-    appending its record leaves."""
-    log = audit_log()
-    return log is not None and not writers(log, folder_sha256(folder))
-
-
 def record_if_missing(folder: str | os.PathLike[str], record: Callable[[Path], object]) -> bool:
-    """Append with `record` the audit record of `folder` when it has none (`lacks_record`): a rerun
-    of the command that wrote it makes good what a kill after the folder left out. True when written."""
-    if not lacks_record(folder):
+    """Append with `record` the audit record of `folder` when the log is on and no record wrote the
+    folder as it is now (or as it was before documents were written into it): a rerun of the
+    command that wrote it makes good what a kill after the folder left out. True when written."""
+    log = audit_log()
+    if log is None or writers(log, folder_sha256(folder)):
         return False
     record(Path(folder))
     return True
@@ -126,4 +120,4 @@ def format_lineage(steps: list[LineageStep], history: History) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["LineageStep", "altered", "audit_lineage", "format_lineage", "lacks_record", "record_if_missing", "writers"]
+__all__ = ["LineageStep", "altered", "audit_lineage", "format_lineage", "record_if_missing", "writers"]
