@@ -66,3 +66,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     row, which is all per-op overhead).
     """
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+
+
+def token_major(table: torch.Tensor) -> torch.Tensor:
+    """A `rope_for` table, (T, hd) or (B, 1, T, hd), shaped to broadcast over
+    (B, T, heads, hd) instead of (B, heads, T, hd)."""
+    return table.unsqueeze(-2) if table.dim() == 2 else table.transpose(1, 2)
