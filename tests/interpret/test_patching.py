@@ -204,6 +204,12 @@ def test_logit_diff_is_correct_minus_incorrect_at_the_position():
     assert torch.equal(logit_diff(0, 4, position=0)(logits), torch.tensor([-4.0, -4.0]))
 
 
+def test_logit_diff_on_a_scalar_heads_scores_says_there_is_no_vocabulary():
+    scores = torch.randn(2, 3, 1)  # (B, T, 1): a reward or value model's output
+    with pytest.raises(ValueError, match="one score per position.*use the score itself"):
+        logit_diff(0, 0)(scores)
+
+
 MASK = torch.ones(8, 1, dtype=torch.bool)  # 2 dimensions, for a (B, T, d) activation
 BAD_INPUTS = {  # call(model, clean, corrupted), the error, what its message names
     "lengths": (lambda m, c, x: patch_positions(m, c, x[:-1], METRIC), ValueError, "corrupted: 7 tokens"),

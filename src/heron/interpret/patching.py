@@ -97,6 +97,10 @@ def logit_diff(correct: int, incorrect: int, position: int = -1) -> Metric:
     default), one value per run: IOI's logit difference (Wang et al. 2022, section 3)."""
 
     def metric(logits: torch.Tensor) -> torch.Tensor:
+        if logits.shape[-1] == 1:  # not a vocabulary: a scalar head's one score per position
+            raise ValueError("logit_diff: the model gives one score per position (head 'scalar', a reward or "
+                             "value model), not next-token logits to take a difference of; use the score itself "
+                             "as the metric, e.g. lambda out: out[:, -1, 0]")
         check_tokens("logit_diff: correct", correct, logits.shape[-1])
         check_tokens("logit_diff: incorrect", incorrect, logits.shape[-1])
         check_position("logit_diff: position", position, logits.shape[1])

@@ -418,10 +418,14 @@ def gather_activations(
 
 @dataclass(frozen=True)
 class SAEMetrics:
-    """An SAE measured on held-out windows. Losses are mean next-token cross-entropy."""
+    """An SAE measured on held-out windows. Losses are mean next-token cross-entropy.
 
-    tokens: int
-    l0: float  # mean active features per token
+    `tokens`, `l0` and `normalized_mse` count the hook point's activation rows: one
+    per token on the residual stream or an MLP's output, one per (token, head) on a
+    per-head hook point such as `blocks.0.attn.hook_q`."""
+
+    tokens: int  # activation rows measured
+    l0: float  # mean active features per activation row
     normalized_mse: float  # E||x - x_hat||^2 / E||x - E x||^2
     loss_clean: float
     loss_sae: float  # the SAE's reconstruction spliced in at the hook point
