@@ -115,14 +115,19 @@ def _register_data(verbs: Verbs) -> None:
     p.set_defaults(handler=_lazy("commands", "data_prepare"))
 
 
+def _add_recipe_run_options(p: argparse.ArgumentParser, example: str, no_resume_help: str) -> None:
+    """--set KEY=VALUE overrides (`example` shows one) and --no-resume, for a command that runs a recipe."""
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a recipe field, e.g. --set {example} (repeatable)")
+    p.add_argument("--no-resume", action="store_true", help=no_resume_help)
+
+
 def _register_train(verbs: Verbs) -> None:
     shipped = ", ".join(shipped_recipes())
     p = verbs.add_parser("train", help=f"train from a recipe (a YAML file or a shipped name: {shipped})")
     p.add_argument("recipe", help="a recipe YAML file, or a shipped recipe's name")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe field, e.g. --set train.steps=100 (repeatable)")
-    p.add_argument("--no-resume", action="store_true",
-                   help="start over, deleting the run folder's checkpoints and metrics (default: resume from them)")
+    _add_recipe_run_options(p, "train.steps=100",
+                            "start over, deleting the run folder's checkpoints and metrics (default: resume from them)")
     p.set_defaults(handler=_lazy("commands", "train_recipe"))
 
 
@@ -279,10 +284,8 @@ def _register_align(verbs: Verbs) -> None:
                         "rejected replies (preference.loss: dpo, ipo, simpo or orpo); ppo, grpo: reinforcement "
                         "learning against a reward")
     p.add_argument("recipe", help="an alignment recipe (YAML), or a shipped one's name (task-sft, task-dpo)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe field, e.g. --set fit.steps=100 (repeatable)")
-    p.add_argument("--no-resume", action="store_true",
-                   help="start over instead of going on from a killed run's saved state (out_dir/state.pt)")
+    _add_recipe_run_options(p, "fit.steps=100",
+                            "start over instead of going on from a killed run's saved state (out_dir/state.pt)")
     p.set_defaults(handler=_lazy("commands", "align"))
 
 
