@@ -500,3 +500,91 @@ def test_special_tokens_named_only_in_special_tokens_map_are_read_as_transformer
                                                          theirs.pad_token_id) == (0, 2, 0)
     assert ours.apply_chat_template(CHAT[:1]) == theirs.apply_chat_template(CHAT[:1], tokenize=False)
     assert folder / "special_tokens_map.json" in ours.files  # hashed into a lineage with the rest
+
+
+# ----- added tokens' flags ----------------------------------------------------------------------------------
+
+PLAIN = {"special": False, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False}
+FLAG_TEXTS = ["Hello <x> there", "Hello<x>there", "a  <x>  b", "Hello <X> there", "<x>", "hello <x>there<|im_end|>"]
+
+
+def flagged_folder(folder: Path, in_json: dict, in_config: dict | None, lowercase: bool = False,
+                   config: dict = CONFIG) -> Path:
+    """write_folder's tokenizer with an added token <x> flagged `in_json` in tokenizer.json and, unless
+    None, `in_config` in tokenizer_config.json's added_tokens_decoder (<|im_end|> there as tokenizer.json has it)."""
+    write_folder(folder, config=None)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    x = len(spec["model"]["vocab"])
+    spec["added_tokens"].append({"id": x, "content": "<x>", **in_json})
+    if lowercase:  # so that `normalized` (matched in lowercased text or not) shows
+        spec["normalizer"] = {"type": "Lowercase"}
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    if in_config is not None:
+        config = {**config, "added_tokens_decoder": {"2": {"content": "<|im_end|>", **PLAIN, "special": True},
+                                                     str(x): {"content": "<x>", **in_config}}}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def assert_encodes_and_decodes_alike(ours: PretrainedTokenizer, theirs: object) -> None:
+    for text in FLAG_TEXTS:
+        ids = theirs.encode(text, add_special_tokens=False)
+        assert ours.encode(text, add_special_tokens=False) == ids, text
+        for skip in (True, False):
+            assert ours.decode(ids, skip_special=skip) == theirs.decode(ids, skip_special_tokens=skip), (text, skip)
+
+
+@pytest.mark.parametrize("in_json, in_config, lowercase", [
+    (PLAIN, {**PLAIN, "special": True}, False),  # decode skips it
+    ({**PLAIN, "special": True}, {**PLAIN, "lstrip": True}, False),  # tokenizers keeps a special token special
+    (PLAIN, {**PLAIN, "lstrip": True}, False),  # eats the spaces before it
+    (PLAIN, {**PLAIN, "rstrip": True}, False),  # and after it
+    ({**PLAIN, "lstrip": True, "rstrip": True}, PLAIN, False),  # and no longer
+    (PLAIN, {**PLAIN, "single_word": True}, False),  # not inside "Hello<x>there"
+    (PLAIN, {**PLAIN, "normalized": True}, True),  # matched in lowercased text: "<X>" is <x>
+    ({**PLAIN, "normalized": True}, PLAIN, True),
+    ({**PLAIN, "normalized": True}, {"content": "<x>", "special": True}, True),  # flags left out: the defaults
+], ids=["special", "special_stays", "lstrip", "rstrip", "strips_off", "single_word", "normalized", "not_normalized",
+        "defaults"])
+def test_added_tokens_decoder_flags_win_over_tokenizer_json_as_in_transformers(tmp_path, in_json, in_config,
+                                                                              lowercase):
+    """transformers adds tokenizer_config.json's added_tokens_decoder again over tokenizer.json's
+    added tokens, so where the two disagree its flags are the ones that tokenize; and a folder
+    Heron saves tokenizes so in transformers too."""
+    folder = flagged_folder(tmp_path / "flags", in_json, in_config, lowercase)
+    ours, theirs = load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder)
+    assert_encodes_and_decodes_alike(ours, theirs)
+    ours.save(tmp_path / "saved")
+    assert_encodes_and_decodes_alike(load_tokenizer(tmp_path / "saved"),
+                                     transformers.AutoTokenizer.from_pretrained(tmp_path / "saved"))
+    assert_encodes_and_decodes_alike(ours, transformers.AutoTokenizer.from_pretrained(tmp_path / "saved"))
+
+
+@pytest.mark.parametrize("in_config", [None, {**PLAIN, "normalized": True}], ids=["no_decoder", "decoder"])
+def test_a_named_special_token_is_special_whatever_its_added_token_says(tmp_path, in_config):
+    """transformers makes an added token that eos_token (or any named token) spells special, from
+    tokenizer_config.json's added_tokens_decoder or, without one, from tokenizer.json's list."""
+    folder = flagged_folder(tmp_path / "named", PLAIN, in_config, config={**CONFIG, "eos_token": "<x>"})
+    ours, theirs = load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder)
+    assert_encodes_and_decodes_alike(ours, theirs)
+    assert ours.decode(ours.encode("Hello<x>", add_special_tokens=False)) == "Hello"
+
+
+def test_an_empty_added_tokens_decoder_leaves_tokenizer_json_as_it_is(tmp_path):
+    folder = flagged_folder(tmp_path / "empty", PLAIN, None, config={**CONFIG, "eos_token": "<x>",
+                                                                     "added_tokens_decoder": {}})
+    ours, theirs = load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder)
+    assert_encodes_and_decodes_alike(ours, theirs)
+    assert ours.decode(ours.encode("Hello<x>", add_special_tokens=False)) == "Hello<x>"
+
+
+@pytest.mark.parametrize("decoder, complaint", [
+    ([], "added_tokens_decoder must be an object of token id -> added token, got list"),
+    ({"x": {"content": "<x>"}}, r"added_tokens_decoder\['x'\]: the key must be a token id"),
+    ({"5": "<x>"}, r"added_tokens_decoder\['5'\] must be an added token with its 'content', got '<x>'"),
+    ({"5": {"content": "<x>", "strip": True}}, r"\('<x>'\): unknown key 'strip'; an added token has 'content'"),
+    ({"5": {"content": "<x>", "lstrip": "yes"}}, r"\('<x>'\): lstrip must be true or false, got 'yes'"),
+])
+def test_a_broken_added_tokens_decoder_is_refused_by_entry(tmp_path, decoder, complaint):
+    with pytest.raises(ValueError, match=complaint):
+        load_tokenizer(write_folder(tmp_path / "bad", {**CONFIG, "added_tokens_decoder": decoder}))

@@ -18,7 +18,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from tokenizers import Tokenizer
+from tokenizers import AddedToken, Tokenizer
 
 from heron.store.atomic import write_text_atomic
 from heron.tokenizer.bpe import TOKENIZER_FILE, HeronTokenizer, checked_ids, cuts_exact, exact_pieces, plain_copy
@@ -35,6 +35,7 @@ SPECIAL_KEYS: tuple[str, ...] = ("bos_token", "eos_token", "pad_token", "unk_tok
 # `*_token` keys hold a token or a setting (Llama's "add_bos_token": true), which is no token.
 NAMED_TOKEN_KEYS: tuple[str, ...] = SPECIAL_KEYS + ("sep_token", "cls_token", "mask_token")
 REPLY_PROBE = "Heron probes where a reply ends"  # assistant content that no template changes
+ADDED_TOKEN_FLAGS: tuple[str, ...] = ("single_word", "lstrip", "rstrip", "normalized", "special")  # AddedToken's
 
 
 class PretrainedTokenizer:
@@ -306,6 +307,7 @@ class PretrainedTokenizer:
         if (map_file := folder_file(folder, SPECIAL_TOKENS_MAP_FILE)) is not None:  # older folders' special tokens
             read.append(map_file)
             config = _with_special_tokens_map(config, _json_object(map_file, "special tokens"))
+        tokenizer.add_tokens(_added_tokens(tokenizer, config))  # their flags win over tokenizer.json's
         template = None
         if (template_file := folder_file(folder, TEMPLATE_FILE)) is not None:
             read.append(template_file)
@@ -399,6 +401,53 @@ def _with_special_tokens_map(config: dict[str, Any], mapped: dict[str, Any]) -> 
     win, as transformers reads an older folder (bos and eos there only: a template's {{ bos_token }}
     rendered empty)."""
     return {**config, **{key: value for key, value in mapped.items() if key.endswith("_token")}}
+
+
+def _added_tokens(tokenizer: Tokenizer, config: dict[str, Any]) -> list[AddedToken]:
+    """The added tokens transformers' fast tokenizer adds again when it loads a folder
+    (TokenizersBackend.__init__, `tokens_to_add`), so that their flags win over tokenizer.json's:
+    tokenizer_config.json's added_tokens_decoder in id order (tokenizer.json's own added tokens
+    where the key is missing; none where it is {}), each made special where a named special
+    token (eos_token, ...) spells it. `tokenizers` never unmarks a special token (decode still
+    skips one re-added as not special), so such a token is written special too: a saved folder
+    then decodes as this one does."""
+    entries = (_added_tokens_decoder(config) if "added_tokens_decoder" in config
+               else sorted(tokenizer.get_added_tokens_decoder().items()))
+    named = {text for text in _special_tokens(config).values() if text is not None}
+    special = {token.content for token in tokenizer.get_added_tokens_decoder().values() if token.special}
+    tokens = []
+    for _, token in entries:
+        if not token.special and token.content in named:
+            token.special = True  # as transformers does; its `normalized` default follows (not special)
+        if not token.special and token.content in special:
+            token = AddedToken(token.content, single_word=token.single_word, lstrip=token.lstrip,
+                               rstrip=token.rstrip, normalized=token.normalized, special=True)
+        tokens.append(token)
+    return tokens
+
+
+def _added_tokens_decoder(config: dict[str, Any]) -> list[tuple[int, AddedToken]]:
+    """tokenizer_config.json's added_tokens_decoder ({"<id>": {"content": ..., <flag>: bool}}) as
+    (id, AddedToken) in id order; a flag left out takes AddedToken's default, as in transformers."""
+    value = config["added_tokens_decoder"]
+    if not isinstance(value, dict):
+        raise ValueError(f"{CONFIG_FILE}: added_tokens_decoder must be an object of token id -> added token, "
+                         f"got {type(value).__name__}")
+    tokens = []
+    for key, entry in value.items():
+        where = f"{CONFIG_FILE}: added_tokens_decoder[{key!r}]"
+        if not (isinstance(key, str) and key.isdigit()):
+            raise ValueError(f"{where}: the key must be a token id")
+        if not (isinstance(entry, dict) and isinstance(entry.get("content"), str)):
+            raise ValueError(f"{where} must be an added token with its 'content', got {entry!r:.80}")
+        flags = {flag: entry[flag] for flag in ADDED_TOKEN_FLAGS if flag in entry}
+        if unknown := sorted(set(entry) - set(flags) - {"content"}):
+            raise ValueError(f"{where} ({entry['content']!r}): unknown key {unknown[0]!r}; an added token "
+                             f"has 'content' and the flags {', '.join(ADDED_TOKEN_FLAGS)}")
+        if bad := next((flag for flag, on in flags.items() if not isinstance(on, bool)), None):
+            raise ValueError(f"{where} ({entry['content']!r}): {bad} must be true or false, got {flags[bad]!r}")
+        tokens.append((int(key), AddedToken(entry["content"], **flags)))
+    return sorted(tokens, key=lambda pair: pair[0])
 
 
 def _special_tokens(config: dict[str, Any]) -> dict[str, str | None]:
