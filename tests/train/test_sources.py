@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 from heron.data import Corpus, prepare_shards
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from heron.cli.main import main
 from heron.tokenizer import HeronTokenizer, PretrainedTokenizer, train_tokenizer
 from heron.train import load_model_folder, train
 from heron.train.recipe import RecipeError, SyntheticData, recipe_from_dict
@@ -111,6 +113,47 @@ def test_shards_of_another_corpus_or_vocabulary_are_refused_not_trained_on(tmp_p
     assert not (tmp_path / "second").exists()
     raw["data"]["corpus"] = None  # these shards as they are
     assert train(recipe_from_dict(raw, world_size=1)).step == 2
+
+
+def test_shards_made_before_a_corpus_took_in_its_linked_folders_are_refused_saying_what_differs(tmp_path: Path,
+                                                                                              corpus: Path) -> None:
+    """A link to a folder in a corpus folder is walked now (an older Heron left its files out): shards made
+    without them are another corpus's. The refusal says what meta.json can tell, the file counts, and
+    names the `heron data prepare` that rebuilds them so that training takes them."""
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for i in range(4):
+        (linked / f"n{i}.py").write_text(CODE.replace("Point", f"Line{i}") * 5)
+    (corpus / "lib").symlink_to(linked, target_is_directory=True)
+    older = Corpus([corpus], keep=lambda path: path.parent.name != "lib")  # what an older Heron read
+    shards = tmp_path / "shards"
+    tokenizer = train_tokenizer(older, 300, progress=False)
+    prepare_shards(older, tokenizer, shards, progress=False)
+    raw = shard_recipe(tmp_path, corpus)
+    raw["data"]["vocab_size"] = tokenizer.vocab_size  # the BPE stops short of 300 on this corpus
+    section = recipe_from_dict(raw, world_size=1).data
+    with pytest.raises(RecipeError) as refused:
+        resolve_data(section)
+    command = f"heron data prepare {corpus} --tokenizer {shards} --out {shards}"
+    assert (f"holds shards of another corpus than {[str(corpus)]!r}: they were made from 12 files, it holds 16 "
+            f"now, 4 of them in linked folders (an older Heron did not follow links to folders in a corpus folder); "
+            f"to rebuild them from the corpus as it is now, run {command}; or set data.shards") in str(refused.value)
+    assert main(shlex.split(command)[1:]) == 0
+    assert resolve_data(section).meta["corpus_fingerprint"] == Corpus([corpus]).fingerprint()
+
+
+def test_shards_of_as_many_files_as_the_corpus_are_refused_saying_files_changed(tmp_path: Path,
+                                                                               corpus: Path) -> None:
+    """The shards' tokenizer stopped at 297 tokens of the 300 asked for: rebuilt with it by `heron data
+    prepare`, they would be refused for data.vocab_size, so that is not offered."""
+    section = recipe_from_dict(shard_recipe(tmp_path, corpus), world_size=1).data
+    assert resolve_data(section).vocab_size == 297
+    (corpus / "m0.py").write_text(CODE)
+    with pytest.raises(RecipeError, match=r"made from 12 files, as many as it holds now, so files were renamed, "
+                                          r"replaced or changed \(or an older Heron keyed them otherwise\); "
+                                          r"set data.shards to another folder") as refused:
+        resolve_data(section)
+    assert "heron data prepare" not in str(refused.value)
 
 
 def test_shards_an_older_heron_made_from_a_corpus_with_carriage_returns_are_refused(tmp_path: Path,

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from heron.data import Corpus
+from heron.data import corpus as corpus_module
 from heron.tokenizer import load_tokenizer, train_tokenizer
 from heron.train import sources
 from heron.train.recipe import DataSection, recipe_from_dict
@@ -101,3 +102,47 @@ def test_a_users_own_tokenizer_in_the_shard_folder_is_used_not_replaced(tmp_path
     assert (tmp_path / "shards" / "tokenizer.json").read_bytes() == saved
     assert data.tokenizer.fingerprint() == mine.fingerprint() == data.meta["tokenizer_sha256"]
     assert "tokenizer_vocab_requested" not in data.meta  # as for a tokenizer the recipe names
+
+
+def test_a_tokenizer_an_older_heron_kept_under_another_text_rule_is_trained_again(tmp_path, corpus,
+                                                                                 monkeypatch) -> None:
+    """An older Heron read "\\r\\n" as "\\n" (read_text) and kept its tokenizer as .tokenizer-{vocab}-{corpus}.json:
+    the corpus's bytes, hence that name, are unchanged, but the text it learnt from is not the text read now."""
+    for i in range(12):
+        (corpus / f"m{i}.py").write_bytes((corpus / f"m{i}.py").read_bytes().replace(b"\n", b"\r\n"))
+    with monkeypatch.context() as patch:  # the older Heron's reading
+        patch.setattr(corpus_module, "_read_text", lambda path: path.read_text(encoding="utf-8-sig"))
+        older = train_tokenizer(Corpus([corpus]), 300, progress=False)
+    (tmp_path / "shards").mkdir()
+    older.save(tmp_path / "shards" / f".tokenizer-300-{Corpus([corpus]).fingerprint()[:16]}.json")
+    data = resolve_data(section(tmp_path, corpus, 300))
+    expected = train_tokenizer(Corpus([corpus]), 300, progress=False)
+    assert expected.fingerprint() != older.fingerprint()  # "\r\n" is text the older one never saw
+    assert data.tokenizer.fingerprint() == expected.fingerprint() == data.meta["tokenizer_sha256"]
+    assert not list((tmp_path / "shards").glob(".tokenizer-*"))  # the older Heron's kept one goes too
+
+
+def test_a_rerun_killed_before_its_shards_are_in_leaves_no_tokenizer_that_reads_as_the_users(tmp_path, corpus,
+                                                                                           monkeypatch) -> None:
+    """A kill in a rerun's install, before its first shard is moved in, must not leave the killed
+    preparation's tokenizer.json alone in the folder: the next run would take it for the user's own,
+    make the shards with it and record no request (a 300-token tokenizer for a recipe asking 280)."""
+    real_replace = os.replace
+
+    def killed_at(name: str):
+        def replace(src, dst, *args, **kwargs):
+            if Path(dst).name == name:
+                raise Killed
+            return real_replace(src, dst, *args, **kwargs)
+        return replace
+
+    for vocab_size, killed_moving in ((300, "meta.json"), (280, "train_000000.bin")):
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "replace", killed_at(killed_moving))
+            with pytest.raises(Killed):
+                resolve_data(section(tmp_path, corpus, vocab_size))
+    assert any(sources.is_shard_file(p.name) for p in (tmp_path / "shards").iterdir())
+    data = resolve_data(section(tmp_path, corpus, 280))
+    expected = train_tokenizer(Corpus([corpus]), 280, progress=False)
+    assert data.tokenizer.fingerprint() == expected.fingerprint() == data.meta["tokenizer_sha256"]
+    assert data.vocab_size == data.meta["tokenizer_vocab_requested"] == 280

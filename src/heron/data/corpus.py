@@ -173,6 +173,12 @@ class Corpus:
         (shards made then) turned "\r\n" and "\r" into "\n", so differs for such a corpus."""
         return any(b"\r" in doc.path.read_bytes() for doc in self.documents)
 
+    def in_linked_folders(self) -> list[str]:
+        """Keys of the documents reached through a link to a folder below their source (an older Heron's
+        walk of a corpus folder did not follow such links)."""
+        return [doc.key for doc in self.documents
+                if any(doc.path.parents[i].is_symlink() for i in range(len(Path(doc.key).parts) - 1))]
+
     def check_decodable(self) -> None:
         """After a pass over the texts: a ValueError if every file was skipped as undecodable."""
         if self.documents and len(self.skipped) == len(self.documents):

@@ -434,14 +434,18 @@ def _sweep_stale_temps(folder: Path) -> None:
 def _install(tmp: Path, folder: Path, meta: dict, old_files: list[Path]) -> None:
     """Move new shards and their tokenizer into place, deleting the old set's shard files (only those).
 
-    meta.json goes first-out and last-in, so it never describes half a set.
+    meta.json goes first-out and last-in, so it never describes half a set. The new shards go in
+    (over the old ones of the same name) before the old set's others go, so until meta.json is back
+    shard files lie beside any tokenizer.json an install put here: alone, after a kill, it would
+    read as the user's own (train/sources.py `_users_tokenizer`) and make the next set.
     """
     (folder / META_FILE).unlink(missing_ok=True)
+    new_files = [shard["file"] for split in SPLITS for shard in meta[split]["shards"]]
+    for name in new_files:
+        os.replace(tmp / name, folder / name)
     for old in old_files:
-        old.unlink(missing_ok=True)
-    for split in SPLITS:
-        for shard in meta[split]["shards"]:
-            os.replace(tmp / shard["file"], folder / shard["file"])
+        if old.name not in new_files:
+            old.unlink(missing_ok=True)
     for name in TOKENIZER_FILES:  # an imported tokenizer writes its tokenizer_config.json too
         if (tmp / name).is_file():
             os.replace(tmp / name, folder / name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,14 +20,17 @@ import numpy as np
 
 from heron.data.batches import TokenStream
 from heron.data.corpus import Corpus, default_corpus
-from heron.data.shards import (META_FILE, TOKENIZER_FILES, is_shard_file, load_shards, prepare_shards,
-                               read_as_now)
+from heron.data.shards import (META_FILE, SPLITS, TEXT_RULE, TOKENIZER_FILES, is_shard_file, load_shards,
+                               prepare_shards, read_as_now)
 from heron.tokenizer import Tokenizer, load_tokenizer
 from heron.tokenizer.bpe import TOKENIZER_FILE, HeronTokenizer, train_tokenizer
 from heron.train.recipe import DataSection, RecipeError, SyntheticData
 
 VOCAB_REQUESTED = "tokenizer_vocab_requested"  # meta.json key: the vocab_size the recipe asked for
-_KEPT_TOKENIZER = ".tokenizer-{vocab_size}-{corpus}.json"  # a tokenizer trained here, until its shards are in
+# A tokenizer trained here, until its shards are in, named for what it learnt from: the vocab size asked for,
+# the corpus's bytes and the text rule they were read under (the bytes alone do not fix the text).
+_KEPT_TOKENIZER = ".tokenizer-{vocab_size}-{corpus}-{text}.json"
+_KEPT_TOKENIZERS = ".tokenizer-*.json"  # every kept tokenizer: older Herons' names, without the text rule, too
 
 
 @dataclass(frozen=True)
@@ -136,7 +140,7 @@ def _prepare(section: DataSection, folder: Path) -> None:
     """Tokenise the named corpus into `folder` with data.tokenizer, or with a tokenizer trained here.
 
     prepare_shards installs the tokenizer beside the shards. Until then a trained one is kept
-    under a hidden name that records what it was trained for (vocab size, corpus fingerprint),
+    under a hidden name that records what it was trained for (vocab size, corpus fingerprint, text rule),
     so a rerun after a kill skips the training only for the same request: a tokenizer.json a
     killed install left (shard files lie beside it) says neither, and meta.json must name the
     request that made it. A tokenizer.json alone in the folder is the user's own: it is used.
@@ -145,7 +149,7 @@ def _prepare(section: DataSection, folder: Path) -> None:
     if section.tokenizer is not None or _users_tokenizer(folder):
         prepare_shards(corpus, _tokenizer(section, folder), folder, seed=section.split_seed)
         return
-    kept = folder / _KEPT_TOKENIZER.format(vocab_size=section.vocab_size, corpus=corpus.fingerprint()[:16])
+    kept = _kept_tokenizer(folder, section.vocab_size, corpus)
     if kept.is_file():
         tokenizer = HeronTokenizer.load(kept)
     else:
@@ -153,8 +157,16 @@ def _prepare(section: DataSection, folder: Path) -> None:
         tokenizer.save(kept)
     # A small corpus can stop the BPE short of vocab_size: the request is kept to check against.
     prepare_shards(corpus, tokenizer, folder, seed=section.split_seed, note={VOCAB_REQUESTED: section.vocab_size})
-    for leftover in folder.glob(_KEPT_TOKENIZER.format(vocab_size="*", corpus="*")):
+    for leftover in folder.glob(_KEPT_TOKENIZERS):
         leftover.unlink(missing_ok=True)
+
+
+def _kept_tokenizer(folder: Path, vocab_size: int, corpus: Corpus) -> Path:
+    r"""Where a tokenizer trained in `folder` for this request is kept until its shards are in. The name
+    holds the text rule (`TEXT_RULE`): one an older Heron kept, which read "\r\n" and "\r" as "\n" from
+    the same bytes, has another name, so it is trained again rather than reused."""
+    text = hashlib.sha256(TEXT_RULE.encode("utf-8")).hexdigest()[:8]
+    return folder / _KEPT_TOKENIZER.format(vocab_size=vocab_size, corpus=corpus.fingerprint()[:16], text=text)
 
 
 def _users_tokenizer(folder: Path) -> bool:
@@ -169,7 +181,10 @@ def _check_made_from(section: DataSection, folder: Path) -> None:
            "again, or set data.corpus to null to train on these shards as they are")
     corpus = _corpus(section).excluding(folder)
     if meta.get("corpus_fingerprint") != corpus.fingerprint():
-        raise RecipeError(f"data.corpus: {folder} holds shards of another corpus than {section.corpus!r}; {fix}")
+        command = _rebuild_command(section, folder, meta)
+        rebuild = "" if command is None else f"to rebuild them from the corpus as it is now, run {command}; or "
+        raise RecipeError(f"data.corpus: {folder} holds shards of another corpus than {section.corpus!r}"
+                          f"{_corpus_change(meta, corpus)}; {rebuild}{fix}")
     if not read_as_now(meta, corpus):
         raise RecipeError(f"data.corpus: {folder} holds shards an older Heron made from this corpus, reading its "
                           "'\\r\\n' and '\\r' line endings as '\\n' (they are kept now); " + fix)
@@ -177,6 +192,36 @@ def _check_made_from(section: DataSection, folder: Path) -> None:
     if section.tokenizer is None and made_with != section.vocab_size:
         raise RecipeError(f"data.vocab_size: {folder} holds shards made with a {made_with}-token tokenizer, "
                           f"not {section.vocab_size}; {fix}")
+
+
+def _corpus_change(meta: dict[str, Any], corpus: Corpus) -> str:
+    """What shards' meta.json can tell of how `corpus` differs from the one they were made from: it
+    records how many files that one had (documents per split, and undecodable ones skipped), not which."""
+    try:
+        then = sum(int(meta[split]["documents"]) for split in SPLITS) + len(meta.get("skipped_files", []))
+    except (KeyError, TypeError, ValueError):
+        return ""  # a meta.json Heron did not write
+    if then == len(corpus):
+        return (f": they were made from {then} files, as many as it holds now, so files were renamed, replaced or "
+                "changed (or an older Heron keyed them otherwise)")
+    linked = len(corpus.in_linked_folders()) if len(corpus) > then else 0
+    note = (f", {linked} of them in linked folders (an older Heron did not follow links to folders in a corpus "
+            "folder)") if linked else ""
+    return f": they were made from {then} files, it holds {len(corpus)} now{note}"
+
+
+def _rebuild_command(section: DataSection, folder: Path, meta: dict[str, Any]) -> str | None:
+    """The `heron data prepare` that rebuilds `folder` from the recipe's corpus with the tokenizer `_load` takes
+    (data.tokenizer, else the folder's); None if there is none, or if its size (meta.json's) is not data.vocab_size:
+    train would refuse the new shards too."""
+    if not _tokenizer_path(section, folder).is_file():
+        return None
+    if section.tokenizer is None and meta.get("vocab_size") != section.vocab_size:
+        return None
+    sources = [] if section.corpus == "default" else list(section.corpus)
+    seed = [] if section.split_seed == 0 else ["--seed", str(section.split_seed)]
+    return shlex.join(["heron", "data", "prepare", *sources, "--tokenizer", section.tokenizer or str(folder), *seed,
+                       "--out", str(folder)])
 
 
 def _check_room(folder: Path) -> None:
