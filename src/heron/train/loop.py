@@ -10,9 +10,12 @@ Invariants the tests hold it to:
   pure function of the step (optim.lr_at), and the checkpoint holds weights,
   optimizer state and RNG states.
 
-MoE models keep the third but not the first two: the load-balancing loss
-and expert capacity are computed per forward (as Switch does per device
-batch), so they depend on how the batch is split.
+MoE models keep the third; the first two only in part. Their batch
+statistics (the router-centring mean, the expert loads the balancing loss
+weighs) are summed over the processes, so N processes equal 1, but each
+accumulated micro-batch is centred and balanced on its own. Expert capacity
+(`capacity_factor`) is sized and its drops made per forward on each process,
+as Switch does per device batch, so with it neither holds.
 """
 from __future__ import annotations
 
