@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from heron.data import Corpus, prepare_shards
+from heron.data import corpus as corpus_module
+from heron.data.shards import TEXT_RULE
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from heron.cli.main import main
@@ -170,6 +172,32 @@ def test_shards_an_older_heron_made_from_a_corpus_with_carriage_returns_are_refu
                                           r"reading its '\\r\\n' and '\\r' line endings as '\\n'"):
         train(recipe_from_dict(raw, world_size=1))
     assert not (tmp_path / "second").exists()
+
+
+def test_shards_an_older_heron_made_from_a_corpus_with_carriage_returns_are_refused_offering_a_rebuild(
+        tmp_path: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The refusal names the `heron data prepare` that remakes them with their tokenizer, reading the
+    corpus as now, so that training takes them (as for shards of another corpus)."""
+    (corpus / "m0.py").write_bytes(CODE.replace("\n", "\r\n").encode() * 8)
+    shards = tmp_path / "shards"
+    with monkeypatch.context() as patch:  # the older Heron's reading, and its meta.json without a text rule
+        patch.setattr(corpus_module, "_read_text", lambda path: path.read_text(encoding="utf-8-sig"))
+        tokenizer = train_tokenizer(Corpus([corpus]), 300, progress=False)
+        prepare_shards(Corpus([corpus]), tokenizer, shards, progress=False)
+    meta_file = shards / "meta.json"
+    meta_file.write_text(json.dumps({k: v for k, v in json.loads(meta_file.read_text()).items() if k != "text"}))
+    raw = shard_recipe(tmp_path, corpus)
+    raw["data"]["vocab_size"] = tokenizer.vocab_size  # the BPE stops short of 300 on this corpus
+    section = recipe_from_dict(raw, world_size=1).data
+    with pytest.raises(RecipeError) as refused:
+        resolve_data(section)
+    command = f"heron data prepare {corpus} --tokenizer {shards} --out {shards}"
+    assert (f"reading its '\\r\\n' and '\\r' line endings as '\\n' (they are kept now); to rebuild them from "
+            f"the corpus as it is now, run {command}; or set data.shards") in str(refused.value)
+    assert main(shlex.split(command)[1:]) == 0
+    data = resolve_data(section)
+    assert data.meta["text"] == TEXT_RULE and data.tokenizer.fingerprint() == tokenizer.fingerprint()
+    assert "\r\n" in "".join(data.tokenizer.decode(list(tokens[:])) for tokens in (data.train, data.val))
 
 
 def test_shards_are_prepared_only_into_a_new_or_empty_folder(tmp_path: Path, corpus: Path) -> None:

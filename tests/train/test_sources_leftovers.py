@@ -146,3 +146,63 @@ def test_a_rerun_killed_before_its_shards_are_in_leaves_no_tokenizer_that_reads_
     expected = train_tokenizer(Corpus([corpus]), 280, progress=False)
     assert data.tokenizer.fingerprint() == expected.fingerprint() == data.meta["tokenizer_sha256"]
     assert data.vocab_size == data.meta["tokenizer_vocab_requested"] == 280
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_a_users_tokenizer_in_the_shard_folder_survives_a_kill_in_the_install(tmp_path, corpus, monkeypatch,
+                                                                              named) -> None:
+    """Killed after the shards are moved in, before meta.json: the user's tokenizer.json then lies beside
+    shard files, as a killed install of Heron's own would leave it. The rerun (data.tokenizer unset) must
+    still take it for the user's (a hidden mark names it) and make the shards with it, not train one over
+    it; so too when the killed run's data.tokenizer named that file."""
+    mine = train_tokenizer(Corpus([corpus]), 280, progress=False)
+    mine.save(tmp_path / "shards")
+    saved = (tmp_path / "shards" / "tokenizer.json").read_bytes()
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(dst).name == "meta.json":
+            raise Killed
+        return real_replace(src, dst, *args, **kwargs)
+
+    first = section(tmp_path, corpus, 300)
+    if named:
+        first = first.model_copy(update={"tokenizer": str(tmp_path / "shards" / "tokenizer.json")})
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", replace)
+        with pytest.raises(Killed):
+            resolve_data(first)
+    assert (tmp_path / "shards" / "train_000000.bin").is_file() and not (tmp_path / "shards" / "meta.json").exists()
+    data = resolve_data(section(tmp_path, corpus, 300))
+    assert (tmp_path / "shards" / "tokenizer.json").read_bytes() == saved
+    assert data.tokenizer.fingerprint() == mine.fingerprint() == data.meta["tokenizer_sha256"]
+    assert "tokenizer_vocab_requested" not in data.meta
+    assert [p.name for p in (tmp_path / "shards").iterdir() if p.name.startswith(".")] == []  # the mark goes too
+
+
+def test_a_tokenizer_heron_installed_over_a_marked_users_one_does_not_read_as_the_users(tmp_path, corpus,
+                                                                                      monkeypatch) -> None:
+    """The mark names the user's tokenizer by fingerprint: the user deletes it after a kill, and a preparation
+    of Heron's own (300 tokens) is killed in its install too. Its tokenizer.json, beside the old mark, is not the
+    user's: the next run asking 280 trains one of 280, and the mark goes with the kept tokenizers."""
+    train_tokenizer(Corpus([corpus]), 270, progress=False).save(tmp_path / "shards")
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(dst).name == "meta.json":
+            raise Killed
+        return real_replace(src, dst, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", replace)
+        with pytest.raises(Killed):
+            resolve_data(section(tmp_path, corpus, 300))  # with the user's
+        (tmp_path / "shards" / "tokenizer.json").unlink()
+        with pytest.raises(Killed):
+            resolve_data(section(tmp_path, corpus, 300))  # with one trained here
+    assert load_tokenizer(tmp_path / "shards").vocab_size > 280
+    data = resolve_data(section(tmp_path, corpus, 280))
+    expected = train_tokenizer(Corpus([corpus]), 280, progress=False)
+    assert data.tokenizer.fingerprint() == expected.fingerprint() == data.meta["tokenizer_sha256"]
+    assert data.vocab_size == data.meta["tokenizer_vocab_requested"] == 280
+    assert [p.name for p in (tmp_path / "shards").iterdir() if p.name.startswith(".")] == []

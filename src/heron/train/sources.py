@@ -31,6 +31,9 @@ VOCAB_REQUESTED = "tokenizer_vocab_requested"  # meta.json key: the vocab_size t
 # the corpus's bytes and the text rule they were read under (the bytes alone do not fix the text).
 _KEPT_TOKENIZER = ".tokenizer-{vocab_size}-{corpus}-{text}.json"
 _KEPT_TOKENIZERS = ".tokenizer-*.json"  # every kept tokenizer: older Herons' names, without the text rule, too
+# The fingerprint of the user's tokenizer.json in the shard folder, written while shards are made with it: killed
+# before meta.json is in, shard files lie beside it as beside a killed install's, and this says it is the user's.
+_USERS_TOKENIZER = ".users-tokenizer"
 
 
 @dataclass(frozen=True)
@@ -143,11 +146,17 @@ def _prepare(section: DataSection, folder: Path) -> None:
     under a hidden name that records what it was trained for (vocab size, corpus fingerprint, text rule),
     so a rerun after a kill skips the training only for the same request: a tokenizer.json a
     killed install left (shard files lie beside it) says neither, and meta.json must name the
-    request that made it. A tokenizer.json alone in the folder is the user's own: it is used.
+    request that made it. A tokenizer.json alone in the folder is the user's own: it is used, and
+    marked as the user's until meta.json is in, so a kill in the install cannot make it read as Heron's.
     """
     corpus = _corpus(section).excluding(folder)
     if section.tokenizer is not None or _users_tokenizer(folder):
-        prepare_shards(corpus, _tokenizer(section, folder), folder, seed=section.split_seed)
+        tokenizer = _tokenizer(section, folder)
+        mark = folder / _USERS_TOKENIZER
+        if _tokenizer_path(section, folder).resolve() == (folder / TOKENIZER_FILE).resolve():
+            mark.write_text(tokenizer.fingerprint() + "\n", encoding="utf-8")
+        prepare_shards(corpus, tokenizer, folder, seed=section.split_seed)
+        mark.unlink(missing_ok=True)
         return
     kept = _kept_tokenizer(folder, section.vocab_size, corpus)
     if kept.is_file():
@@ -157,7 +166,7 @@ def _prepare(section: DataSection, folder: Path) -> None:
         tokenizer.save(kept)
     # A small corpus can stop the BPE short of vocab_size: the request is kept to check against.
     prepare_shards(corpus, tokenizer, folder, seed=section.split_seed, note={VOCAB_REQUESTED: section.vocab_size})
-    for leftover in folder.glob(_KEPT_TOKENIZERS):
+    for leftover in [*folder.glob(_KEPT_TOKENIZERS), folder / _USERS_TOKENIZER]:  # a mark of a user's removed since
         leftover.unlink(missing_ok=True)
 
 
@@ -170,8 +179,20 @@ def _kept_tokenizer(folder: Path, vocab_size: int, corpus: Corpus) -> Path:
 
 
 def _users_tokenizer(folder: Path) -> bool:
-    """Whether `folder` holds a tokenizer.json that no killed install left: one with no shard files beside it."""
-    return (folder / TOKENIZER_FILE).is_file() and not any(is_shard_file(p.name) for p in folder.iterdir())
+    """Whether `folder` holds a tokenizer.json that no killed install of a tokenizer Heron trained left: one
+    with no shard files beside it, or the one a preparation killed while making shards with it marked as the
+    user's (the mark names its fingerprint: a tokenizer.json installed over it since is not the user's)."""
+    if not (folder / TOKENIZER_FILE).is_file():
+        return False
+    if not any(is_shard_file(p.name) for p in folder.iterdir()):
+        return True
+    mark = folder / _USERS_TOKENIZER
+    if not mark.is_file():
+        return False
+    try:
+        return mark.read_text(encoding="utf-8").strip() == load_tokenizer(folder).fingerprint()
+    except ValueError as err:
+        raise RecipeError(f"data.tokenizer: {err}") from None
 
 
 def _check_made_from(section: DataSection, folder: Path) -> None:
@@ -180,14 +201,14 @@ def _check_made_from(section: DataSection, folder: Path) -> None:
     fix = (f"set data.shards to another folder (they are prepared there), delete {folder} to prepare it "
            "again, or set data.corpus to null to train on these shards as they are")
     corpus = _corpus(section).excluding(folder)
+    command = _rebuild_command(section, folder, meta)  # for shards that are not the corpus as read now
+    rebuild = "" if command is None else f"to rebuild them from the corpus as it is now, run {command}; or "
     if meta.get("corpus_fingerprint") != corpus.fingerprint():
-        command = _rebuild_command(section, folder, meta)
-        rebuild = "" if command is None else f"to rebuild them from the corpus as it is now, run {command}; or "
         raise RecipeError(f"data.corpus: {folder} holds shards of another corpus than {section.corpus!r}"
                           f"{_corpus_change(meta, corpus)}; {rebuild}{fix}")
     if not read_as_now(meta, corpus):
         raise RecipeError(f"data.corpus: {folder} holds shards an older Heron made from this corpus, reading its "
-                          "'\\r\\n' and '\\r' line endings as '\\n' (they are kept now); " + fix)
+                          f"'\\r\\n' and '\\r' line endings as '\\n' (they are kept now); {rebuild}{fix}")
     made_with = meta.get(VOCAB_REQUESTED, meta.get("vocab_size"))
     if section.tokenizer is None and made_with != section.vocab_size:
         raise RecipeError(f"data.vocab_size: {folder} holds shards made with a {made_with}-token tokenizer, "
