@@ -21,7 +21,7 @@ from heron.align.data import encode_pairs
 from heron.align.evaluate import score_and_kl
 from heron.align.grpo import GRPOSettings, grpo
 from heron.align.heads import with_scalar_head
-from heron.align.objectives import preference_objective, reference_logprobs
+from heron.align.objectives import preference_objective, reference_logprobs, routing_statistics
 from heron.align.ppo import PPOSettings, ppo
 from heron.align.synthetic import RepeatTask
 from heron.core import ModelConfig, MoE, Transformer
@@ -109,6 +109,38 @@ def test_grpo_old_log_probs_are_the_reference_s_at_the_first_step(tokenizer, kin
     assert torch.equal(old, ref) and torch.equal(logprobs, old)
     assert rows[0]["kl"] == 0.0 and unchanged(before, policy)
     assert set(rows[0]) >= ROUTING and rows[0]["moe_dropped_fraction"] == 0.0
+
+
+@pytest.mark.parametrize("policy_kind", ["capacity", "dense"])
+def test_ppo_logs_the_value_model_s_routing_statistics_apart_from_the_policy_s(tokenizer, policy_kind, monkeypatch):
+    """The value model routes its own tokens under its own balancing losses: its statistics are
+    `value_moe_*`, the mean over the updates of those of its training forwards (a spy reads
+    them), beside the policy's `moe_*`, which a dense policy does not have."""
+    seen = []
+    forward = ppo_module.values_and_aux
+
+    def spy(value_model, ids, token_mask=None):
+        out = forward(value_model, ids, token_mask)
+        if torch.is_grad_enabled():  # an update's forward, not the scoring of `old_values`
+            seen.append({k: float(v) for k, v in routing_statistics(value_model).items()})
+        return out
+
+    monkeypatch.setattr(ppo_module, "values_and_aux", spy)
+    torch.manual_seed(0)
+    policy = (moe_model(tokenizer, policy_kind) if policy_kind != "dense" else
+              Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, n_layers=2, n_heads=4,
+                                      max_seq_len=MAX_LEN)).train())
+    value_model = with_scalar_head(moe_model(tokenizer, "centring"), seed=0)
+    rows = ppo(policy, value_model, copy.deepcopy(policy).eval(), tokenizer, TASK.prompts(8, 0), TASK.judge,
+               PPOSettings(steps=1, prompts_per_step=8, minibatch=4, epochs=1, max_new_tokens=4, progress=False))
+    value_names = {f"value_{name}" for name in ROUTING}
+    assert {k for k in rows[0] if "moe_" in k} == value_names | (ROUTING if policy_kind != "dense" else set())
+    assert len(seen) == 2
+    for name in ROUTING:
+        assert rows[0][f"value_{name}"] == pytest.approx(sum(s[name] for s in seen) / len(seen), rel=1e-6)
+    assert rows[0]["value_moe_balance_loss"] > 0
+    if policy_kind != "dense":
+        assert rows[0]["moe_balance_loss"] != rows[0]["value_moe_balance_loss"]
 
 
 def test_ppo_and_grpo_rows_of_a_dense_policy_hold_no_routing_statistics(tokenizer):

@@ -13,9 +13,10 @@ from heron.align.grpo import GRPOSettings, grpo
 from heron.align.heads import with_scalar_head
 from heron.align.objectives import cached_reference_logprobs
 from heron.align.ppo import PPOSettings, ppo
-from heron.align.rollout import Rollout, RewardModel, score_rollout
+from heron.align.rollout import Rollout, RewardModel, rollout, score_rollout
 from heron.align.synthetic import RepeatTask
 from heron.core import ModelConfig, Transformer
+from heron.generate import Generator
 from heron.tokenizer import train_tokenizer
 
 TASK = RepeatTask()
@@ -115,3 +116,19 @@ def test_ppo_shuffles_its_minibatches_by_the_seed_too(tokenizer, monkeypatch):
         ppo(model, with_scalar_head(model), policy(tokenizer).eval(), tokenizer, prompts(4), lambda _p, t: len(t),
             PPOSettings(steps=1, prompts_per_step=4, minibatch=2, max_new_tokens=4, seed=seed, progress=False))
     assert orders[0] != orders[1]
+
+
+@pytest.mark.parametrize("failure", ["generation", "too long"])
+def test_a_rollout_that_raises_hands_the_policy_back_in_its_mode(tokenizer, monkeypatch, failure):
+    """Generation stopped by an error (or Ctrl-C), or a rollout refused for its length: the
+    policy is back in train mode, the part its owner kept in eval still in eval."""
+    def stopped(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Generator, "complete", stopped)
+    model = policy(tokenizer).train()
+    model.blocks[0].attn.eval()
+    before = {name: m.training for name, m in model.named_modules()}
+    with pytest.raises(KeyboardInterrupt if failure == "generation" else ValueError):
+        rollout(model, tokenizer, prompts(2), 2, max_new_tokens=4 if failure == "generation" else MAX_LEN)
+    assert {name: m.training for name, m in model.named_modules()} == before

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from heron.compress.prune_model import prune_model, recover
-from heron.core import ModelConfig, MoEConfig, Transformer
+from heron.core import ModelConfig, MoE, MoEConfig, Transformer
+from heron.core.modes import evaluating, inference_routing
 from heron.generate import Generator, SamplingParams, perplexity
 from heron.interpret import (
     attention_patterns,
@@ -100,3 +101,51 @@ def test_a_recovery_fine_tune_hands_the_model_back_in_its_mode():
     assert not model.training
     recover(model.train(), [torch.arange(10)[None] % V], steps=1, lr=1e-3, progress=False)
     assert model.training
+
+
+def modes(model: Transformer) -> dict[str, bool]:
+    return {name: m.training for name, m in model.named_modules()}
+
+
+def test_evaluating_inside_inference_routing_leaves_the_routing_as_in_eval():
+    """After an inner `evaluating`, the rest of the enclosing block still routes as in eval
+    mode: its MoE layers stay in eval, and a forward there leaves the router centres put."""
+    model = moe_model_in_train_mode()
+    before = centres(model)
+    with inference_routing(model):
+        routing_modes = modes(model)
+        with evaluating(model):
+            assert not any(modes(model).values())
+        assert modes(model) == routing_modes
+        assert not any(m.training for m in model.modules() if isinstance(m, MoE))
+        with torch.no_grad():
+            model(IDS)
+    assert all(modes(model).values())
+    assert all(torch.equal(a, b) for a, b in zip(before, centres(model)))
+
+
+def test_inference_routing_inside_evaluating_leaves_the_model_in_eval():
+    model = moe_model_in_train_mode()
+    with evaluating(model):
+        with inference_routing(model):
+            pass
+        assert not any(modes(model).values())
+    assert all(modes(model).values())
+
+
+@pytest.mark.parametrize("kept", ["blocks.0", "blocks.1.mlp", "blocks.1.mlp.router"])
+def test_a_submodule_the_owner_kept_in_eval_stays_in_eval(kept):
+    """A whole block, a MoE layer, or one part of a MoE layer: `evaluating` and
+    `inference_routing`, alone and nested either way round, hand every module back in the
+    mode it was in."""
+    model = moe_model_in_train_mode()
+    model.get_submodule(kept).eval()
+    before = modes(model)
+    assert not before[kept] and before[""]
+    for enter in ([evaluating], [inference_routing], [evaluating, inference_routing],
+                  [inference_routing, evaluating]):
+        with enter[0](model):
+            if len(enter) > 1:
+                with enter[1](model):
+                    pass
+        assert modes(model) == before, enter

@@ -98,8 +98,8 @@ def ppo(policy: Transformer, value_model: Transformer, reference: Transformer, t
     """Train `policy` and `value_model` in place; returns one metrics row for each step this call
     ran (`resume`: saves the state as it goes and restores a saved one): reward, KL
     (nats per reply), the KL coefficient, entropy (nats per token, the mean surprisal of the
-    sampled tokens), the losses, clip fraction, rollout tokens/s and a MoE policy's routing
-    statistics (`moe_*`, the mean over its updates)."""
+    sampled tokens), the losses, clip fraction, rollout tokens/s, a MoE policy's routing
+    statistics (`moe_*`, the mean over its updates) and a MoE value model's (`value_moe_*`)."""
     params = [{"params": list(policy.parameters()), "lr": settings.lr},
               {"params": list(value_model.parameters()), "lr": settings.value_lr or settings.lr}]
     optimizer = torch.optim.AdamW(params, betas=(0.9, 0.95), weight_decay=0.0)
@@ -136,6 +136,8 @@ def ppo(policy: Transformer, value_model: Transformer, reference: Transformer, t
                                                      temperature=temperature)
                     routing = routing_statistics(policy)
                     values, value_aux = values_and_aux(value_model, ids[rows], real_part)
+                    # the value model routes its own tokens, under its own balancing losses
+                    routing |= {f"value_{name}": v for name, v in routing_statistics(value_model).items()}
                 policy_loss, stats = ppo_policy_loss(logprobs, old[rows], advantages[rows], mask[rows], settings.clip)
                 value_loss = ppo_value_loss(values, old_values[rows], returns[rows], mask[rows], settings.value_clip)
                 # the aux losses: MoE models' balancing losses, zero for dense ones

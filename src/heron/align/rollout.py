@@ -19,6 +19,7 @@ from torch import nn
 
 from heron.align.data import PAD_ID, Messages, Replies
 from heron.align.objectives import rewards
+from heron.core.modes import evaluating
 from heron.core.transformer import Transformer
 from heron.generate import Generator, SamplingParams
 from heron.tokenizer import Tokenizer
@@ -40,9 +41,8 @@ class Rollout:
 @torch.no_grad()
 def rollout(policy: Transformer, tokenizer: Tokenizer, prompts: Sequence[Messages], n: int, *,
             max_new_tokens: int, temperature: float = 1.0, seed: int = 0) -> Rollout:
-    """`n` sampled replies to each prompt, generated as one batch."""
-    was_training = policy.training
-    policy.eval()
+    """`n` sampled replies to each prompt, generated as one batch, in eval mode; the policy is
+    handed back in its mode even when generation raises."""
     heads = [tokenizer.chat_prompt_ids(p) for p in prompts for _ in range(n)]
     longest, room = max(map(len, heads)), policy.config.max_seq_len
     if longest + max_new_tokens > room:  # the scoring forward reads each whole row
@@ -51,9 +51,9 @@ def rollout(policy: Transformer, tokenizer: Tokenizer, prompts: Sequence[Message
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                             stop_token_ids=tokenizer.chat_stop_ids)
     start = time.perf_counter()
-    completions = Generator(policy, tokenizer).complete(heads, params)
+    with evaluating(policy):
+        completions = Generator(policy, tokenizer).complete(heads, params)
     seconds = time.perf_counter() - start
-    policy.train(was_training)
     tails = [c.ids + ([c.stop_token] if c.stop_token is not None else []) for c in completions]
     width = max(len(h) + len(t) for h, t in zip(heads, tails))
     ids = torch.full((len(heads), width), PAD_ID, dtype=torch.long)

@@ -1,7 +1,7 @@
 """Running a model for inference whatever mode its owner left it in."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from torch import nn
@@ -17,15 +17,10 @@ def evaluating(model: nn.Module) -> Iterator[None]:
     it: in train mode a forward is not the model's inference (MoE capacity drops) and
     changes the model (an MoE router's running mean, `router_center`), and a caller
     mid-training must get its model back in train mode. A model already in eval mode
-    is left alone, so a decoding step pays nothing for it."""
-    was_training = model.training
-    if was_training:
-        model.eval()
-    try:
+    is left alone, so a decoding step pays nothing for it. A submodule the owner kept in
+    eval mode, or an enclosing `inference_routing` put there, is handed back in eval mode."""
+    with _in_eval([model] if model.training else []):
         yield
-    finally:
-        if was_training:
-            model.train()
 
 
 @contextmanager
@@ -43,13 +38,28 @@ def inference_routing(*models: nn.Module) -> Iterator[None]:
     with every forward that has gradients on. A dense model has no MoE layer: nothing
     changes."""
     layers = [m for model in models for m in model.modules() if isinstance(m, MoE) and m.training]
-    for layer in layers:
-        layer.eval()
+    with _in_eval(layers):
+        yield
+
+
+@contextmanager
+def _in_eval(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Run the `with` block with `modules` (each in train mode) in eval mode, then put each
+    back in train mode and every submodule that was in eval mode back in eval mode. Restoring
+    the flags one by one, not `train()` alone, is what lets `evaluating` and
+    `inference_routing` nest either way round: `train()` would also switch on the MoE layers
+    an enclosing `inference_routing` had switched off, and the rest of its block would route
+    as in training."""
+    kept = [m for module in modules for m in module.modules() if not m.training]
+    for module in modules:
+        module.eval()
     try:
         yield
     finally:
-        for layer in layers:
-            layer.train()
+        for module in modules:
+            module.train()  # a Transformer's `train` also lays its weights out for training
+        for m in kept:
+            m.training = False  # this module alone: its submodules have their own entries
 
 
 __all__ = ["evaluating", "inference_routing"]
