@@ -195,6 +195,13 @@ def test_generate_from_a_missing_checkpoint_fails_clearly(tmp_path: Path, capsys
     assert "nope" in capsys.readouterr().err
 
 
+def test_the_demo_takes_no_resume_as_fresh_as_trainings_warnings_suggest() -> None:
+    # train's "nothing to train" warning, shown by a demo rerun, names --no-resume
+    assert build_parser().parse_args(["demo", "--no-resume"]).fresh
+    assert build_parser().parse_args(["demo", "--fresh"]).fresh
+    assert not build_parser().parse_args(["demo"]).fresh
+
+
 @pytest.mark.parametrize("flags, complaint", [
     (["--watermark-gamma", "1.5"], "--watermark-gamma: the green fraction must lie in (0, 1), got 1.5"),
     (["--watermark-key", ""], "--watermark-key: must not be empty"),

@@ -176,4 +176,7 @@ def test_bad_names_and_group_sizes_fail_naming_the_argument() -> None:
         get_scheme("int4", 7)
     with pytest.raises(ValueError, match="group_size: 128 does not divide the 288 input features of blocks.0.attn.qkv"):
         get_scheme("int4", 128).check(64, 288, "blocks.0.attn.qkv")
+    # every even divisor in range is offered, not only the round ones (48 works for 288 too)
+    with pytest.raises(ValueError, match=r"from 16 to 256: \[16, 18, 24, 32, 36, 48, 72, 96, 144\]"):
+        get_scheme("int4", 128).check(64, 288)
     assert get_scheme("int4").group_size == 128

@@ -281,7 +281,8 @@ def _register_align(verbs: Verbs) -> None:
                                        "--set preference.loss=...), ppo or grpo")
     p.add_argument("method", choices=["sft", "rm", "dpo", "ppo", "grpo"],
                    help="sft: supervised fine-tuning; rm: a reward model; dpo: a preference loss on chosen and "
-                        "rejected replies (preference.loss: dpo, ipo, simpo or orpo); ppo, grpo: reinforcement "
+                        "rejected replies (preference.loss: dpo, ipo, simpo or orpo; orpo with preference.sft_weight=0, "
+                        "its loss holding the NLL); ppo, grpo: reinforcement "
                         "learning against a reward")
     p.add_argument("recipe", help="an alignment recipe (YAML), or a shipped one's name (task-sft, task-dpo)")
     _add_recipe_run_options(p, "fit.steps=100",
@@ -312,8 +313,8 @@ def _register_demo(verbs: Verbs) -> None:
                    help="the shipped recipe to pre-train (default %(default)s; tiny: the dense model)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the demo's recipe (e.g. --set train.steps=50)")
-    p.add_argument("--fresh", action="store_true",
-                   help="start over: pre-train from scratch (deleting the run's checkpoints and metrics) and delete "
+    p.add_argument("--fresh", "--no-resume", dest="fresh", action="store_true",
+                   help="start over (--no-resume is the same): pre-train from scratch (deleting the run's checkpoints and metrics) and delete "
                         "the alignment and compression outputs (OUT/align, OUT/compress) instead of reusing them")
     p.set_defaults(handler=_lazy("demo", "run"))
 

@@ -145,8 +145,8 @@ class Int4Grouped:
 
     def check(self, out_features: int, in_features: int, where: str = "weight") -> None:
         if in_features % self.group_size:
-            divisors = [g for g in (32, 64, 96, 128, 192, 256) if in_features % g == 0]
-            hint = f"; divisors of {in_features} that work: {divisors}" if divisors else ""
+            divisors = [g for g in range(16, 257, 2) if in_features % g == 0]
+            hint = f"; even divisors of {in_features} from 16 to 256: {divisors}" if divisors else ""
             raise ValueError(
                 f"group_size: {self.group_size} does not divide the {in_features} input features of {where}{hint}"
             )
