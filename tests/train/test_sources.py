@@ -17,7 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from heron.cli.main import main
 from heron.tokenizer import HeronTokenizer, PretrainedTokenizer, train_tokenizer
 from heron.train import load_model_folder, train
-from heron.train.recipe import RecipeError, SyntheticData, recipe_from_dict
+from heron.train.recipe import DataSection, RecipeError, SyntheticData, recipe_from_dict
 from heron.train.sources import resolve_data, synthetic_data
 from train_helpers import SMALL_MODEL
 
@@ -117,6 +117,19 @@ def test_shards_of_another_corpus_or_vocabulary_are_refused_not_trained_on(tmp_p
     assert train(recipe_from_dict(raw, world_size=1)).step == 2
 
 
+def refusal_with_rebuild(tmp_path: Path, corpus: Path,
+                         vocab_size: int) -> tuple[DataSection, pytest.ExceptionInfo, str]:
+    """The data section of `shard_recipe` asking the tokenizer's own size (the BPE stops short of 300 on these
+    corpora), the RecipeError `resolve_data` refuses it with, and the rebuild command that refusal should offer."""
+    raw = shard_recipe(tmp_path, corpus)
+    raw["data"]["vocab_size"] = vocab_size
+    section = recipe_from_dict(raw, world_size=1).data
+    with pytest.raises(RecipeError) as refused:
+        resolve_data(section)
+    shards = Path(section.shards)
+    return section, refused, f"heron data prepare {corpus} --tokenizer {shards} --out {shards}"
+
+
 def test_shards_made_before_a_corpus_took_in_its_linked_folders_are_refused_saying_what_differs(tmp_path: Path,
                                                                                               corpus: Path) -> None:
     """A link to a folder in a corpus folder is walked now (an older Heron left its files out): shards made
@@ -131,12 +144,7 @@ def test_shards_made_before_a_corpus_took_in_its_linked_folders_are_refused_sayi
     shards = tmp_path / "shards"
     tokenizer = train_tokenizer(older, 300, progress=False)
     prepare_shards(older, tokenizer, shards, progress=False)
-    raw = shard_recipe(tmp_path, corpus)
-    raw["data"]["vocab_size"] = tokenizer.vocab_size  # the BPE stops short of 300 on this corpus
-    section = recipe_from_dict(raw, world_size=1).data
-    with pytest.raises(RecipeError) as refused:
-        resolve_data(section)
-    command = f"heron data prepare {corpus} --tokenizer {shards} --out {shards}"
+    section, refused, command = refusal_with_rebuild(tmp_path, corpus, tokenizer.vocab_size)
     assert (f"holds shards of another corpus than {[str(corpus)]!r}: they were made from 12 files, it holds 16 "
             f"now, 4 of them in linked folders (an older Heron did not follow links to folders in a corpus folder); "
             f"to rebuild them from the corpus as it is now, run {command}; or set data.shards") in str(refused.value)
@@ -186,12 +194,7 @@ def test_shards_an_older_heron_made_from_a_corpus_with_carriage_returns_are_refu
         prepare_shards(Corpus([corpus]), tokenizer, shards, progress=False)
     meta_file = shards / "meta.json"
     meta_file.write_text(json.dumps({k: v for k, v in json.loads(meta_file.read_text()).items() if k != "text"}))
-    raw = shard_recipe(tmp_path, corpus)
-    raw["data"]["vocab_size"] = tokenizer.vocab_size  # the BPE stops short of 300 on this corpus
-    section = recipe_from_dict(raw, world_size=1).data
-    with pytest.raises(RecipeError) as refused:
-        resolve_data(section)
-    command = f"heron data prepare {corpus} --tokenizer {shards} --out {shards}"
+    section, refused, command = refusal_with_rebuild(tmp_path, corpus, tokenizer.vocab_size)
     assert (f"reading its '\\r\\n' and '\\r' line endings as '\\n' (they are kept now); to rebuild them from "
             f"the corpus as it is now, run {command}; or set data.shards") in str(refused.value)
     assert main(shlex.split(command)[1:]) == 0

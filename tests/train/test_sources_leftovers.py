@@ -16,9 +16,20 @@ from heron.train.recipe import DataSection, recipe_from_dict
 from heron.train.sources import resolve_data
 from train_helpers import SMALL_MODEL
 
+_REPLACE = os.replace  # the real one, before any test patches it
+
 
 class Killed(BaseException):
     """Stands for SIGKILL: nothing after it runs, not even `except Exception` handlers."""
+
+
+def killed_moving(name: str):
+    """An os.replace that is killed (raises Killed) when it would move a file named `name` into place."""
+    def replace(src, dst, *args, **kwargs):
+        if Path(dst).name == name:
+            raise Killed
+        return _REPLACE(src, dst, *args, **kwargs)
+    return replace
 
 
 @pytest.fixture
@@ -73,15 +84,8 @@ def test_the_same_request_after_a_kill_skips_training_the_tokenizer_again(tmp_pa
 def test_a_preparation_killed_while_installing_its_shards_is_redone(tmp_path, corpus, monkeypatch) -> None:
     """prepare_shards' install removes meta.json, then moves shards and tokenizer in: killed before
     meta.json is back, the folder holds shard files and a tokenizer.json of an unknown request."""
-    real_replace = os.replace
-
-    def replace(src, dst, *args, **kwargs):
-        if Path(dst).name == "meta.json":
-            raise Killed
-        return real_replace(src, dst, *args, **kwargs)
-
     with monkeypatch.context() as patch:
-        patch.setattr(os, "replace", replace)
+        patch.setattr(os, "replace", killed_moving("meta.json"))
         with pytest.raises(Killed):
             resolve_data(section(tmp_path, corpus, 300))
     assert (tmp_path / "shards" / "train_000000.bin").is_file() and not (tmp_path / "shards" / "meta.json").exists()
@@ -127,18 +131,9 @@ def test_a_rerun_killed_before_its_shards_are_in_leaves_no_tokenizer_that_reads_
     """A kill in a rerun's install, before its first shard is moved in, must not leave the killed
     preparation's tokenizer.json alone in the folder: the next run would take it for the user's own,
     make the shards with it and record no request (a 300-token tokenizer for a recipe asking 280)."""
-    real_replace = os.replace
-
-    def killed_at(name: str):
-        def replace(src, dst, *args, **kwargs):
-            if Path(dst).name == name:
-                raise Killed
-            return real_replace(src, dst, *args, **kwargs)
-        return replace
-
-    for vocab_size, killed_moving in ((300, "meta.json"), (280, "train_000000.bin")):
+    for vocab_size, killed_at in ((300, "meta.json"), (280, "train_000000.bin")):
         with monkeypatch.context() as patch:
-            patch.setattr(os, "replace", killed_at(killed_moving))
+            patch.setattr(os, "replace", killed_moving(killed_at))
             with pytest.raises(Killed):
                 resolve_data(section(tmp_path, corpus, vocab_size))
     assert any(sources.is_shard_file(p.name) for p in (tmp_path / "shards").iterdir())
@@ -158,18 +153,11 @@ def test_a_users_tokenizer_in_the_shard_folder_survives_a_kill_in_the_install(tm
     mine = train_tokenizer(Corpus([corpus]), 280, progress=False)
     mine.save(tmp_path / "shards")
     saved = (tmp_path / "shards" / "tokenizer.json").read_bytes()
-    real_replace = os.replace
-
-    def replace(src, dst, *args, **kwargs):
-        if Path(dst).name == "meta.json":
-            raise Killed
-        return real_replace(src, dst, *args, **kwargs)
-
     first = section(tmp_path, corpus, 300)
     if named:
         first = first.model_copy(update={"tokenizer": str(tmp_path / "shards" / "tokenizer.json")})
     with monkeypatch.context() as patch:
-        patch.setattr(os, "replace", replace)
+        patch.setattr(os, "replace", killed_moving("meta.json"))
         with pytest.raises(Killed):
             resolve_data(first)
     assert (tmp_path / "shards" / "train_000000.bin").is_file() and not (tmp_path / "shards" / "meta.json").exists()
@@ -186,15 +174,8 @@ def test_a_tokenizer_heron_installed_over_a_marked_users_one_does_not_read_as_th
     of Heron's own (300 tokens) is killed in its install too. Its tokenizer.json, beside the old mark, is not the
     user's: the next run asking 280 trains one of 280, and the mark goes with the kept tokenizers."""
     train_tokenizer(Corpus([corpus]), 270, progress=False).save(tmp_path / "shards")
-    real_replace = os.replace
-
-    def replace(src, dst, *args, **kwargs):
-        if Path(dst).name == "meta.json":
-            raise Killed
-        return real_replace(src, dst, *args, **kwargs)
-
     with monkeypatch.context() as patch:
-        patch.setattr(os, "replace", replace)
+        patch.setattr(os, "replace", killed_moving("meta.json"))
         with pytest.raises(Killed):
             resolve_data(section(tmp_path, corpus, 300))  # with the user's
         (tmp_path / "shards" / "tokenizer.json").unlink()
