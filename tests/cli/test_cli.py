@@ -1,6 +1,7 @@
 """The CLI end to end on a generated corpus: tokenizer, shards, training,
 generation and evaluation, each through `heron <verb>`."""
 import io
+import re
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,12 @@ def test_a_device_torch_cannot_use_is_refused_before_loading(tmp_path: Path, cap
 def test_bad_recipe_field_is_named_and_exits_2(tmp_path: Path, capsys) -> None:
     assert main(["train", "test", "--set", "train.stepz=3", "--set", f"out_dir={tmp_path}"]) == 2
     assert "train.stepz" in capsys.readouterr().err
+
+
+def test_a_diverging_run_exits_2_naming_the_step(tmp_path: Path, capsys) -> None:
+    assert main(["train", "test", "--set", "optim.lr=1e39", "--set", "train.steps=3", "--set", "train.progress=false",
+                 "--set", "schedule.warmup_steps=0", "--set", f"out_dir={tmp_path}", "--set", "train.device=cpu"]) == 2
+    assert re.search(r"heron train: error: step \d+: .*(is (nan|inf)|NaN or infinite).*lower the learning rate", capsys.readouterr().err)
 
 
 def test_a_warning_prints_as_one_line_naming_the_verb(tmp_path: Path, capsys) -> None:

@@ -255,12 +255,20 @@ def test_a_resumed_run_takes_its_recipes_optimizer_settings_not_the_checkpoints(
     assert built[-1].state  # the moment estimates did carry over
 
 
-def test_a_diverging_run_stops_before_keeping_anything_of_it(recipe_factory, tmp_path: Path) -> None:
-    with pytest.raises(DivergedError, match=r"step \d+: the training loss is (nan|inf)"):
-        train(recipe_factory("diverged", optim={"lr": 1e30}, train={"steps": 8, "ckpt_every": 1}))
+@pytest.mark.parametrize("lr, caught", [(1e30, r"the (training loss|gradient norm) is (nan|inf)"),
+                                        (1e39, r"\d+ weight tensor\(s\) hold NaN or infinite values")])
+def test_a_diverging_run_stops_before_keeping_anything_of_it(recipe_factory, tmp_path: Path, lr, caught) -> None:
+    """1e30 overflows the next forward (caught before the update); 1e39 overflows the update
+    itself, past fp32's range (caught before the checkpoint). Either way every row and every
+    checkpoint kept is finite, and the latest checkpoint is a step the run did finish."""
+    with pytest.raises(DivergedError, match=rf"step \d+: {caught}"):
+        train(recipe_factory("diverged", optim={"lr": lr}, train={"steps": 8, "ckpt_every": 1, "eval_every": 0}))
     rows = read_metrics(tmp_path / "diverged")
-    assert all(math.isfinite(row["loss"]) for row in rows)
-    assert len(list_checkpoints(tmp_path / "diverged")) <= len(rows)  # none of the diverged step
+    assert rows and all(math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"]) for row in rows)
+    kept = list_checkpoints(tmp_path / "diverged")
+    assert {int(path.name.removeprefix("step_")) for path in kept} <= {row["step"] for row in rows}
+    for path in kept:
+        assert all(torch.isfinite(t).all() for t in load_checkpoint(path).state_dict.values())
 
 
 def test_a_parallel_run_without_a_launcher_is_named(recipe_factory) -> None:

@@ -506,11 +506,11 @@ def _loop(run: _Run, callbacks: Sequence[Callback]) -> None:
         run.meter.sample()  # RAPL counters wrap (every ~45 min at 100 W): read them every step
         speed = tokens_per_step / (time.perf_counter() - started)  # training alone: validation is not timed
         run.step += 1
-        check_finite_loss(run.step, loss)
         row = {"step": run.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                "tokens": run.step * tokens_per_step, **moe}
         if _due(run.step, t.eval_every, t.steps):
             row["val_loss"] = evaluate(run)
+            _check_finite_value(run.step, "validation loss", row["val_loss"])
         run.history.append(row)
         _record(run, row, speed, bar)
         if _due(run.step, t.ckpt_every, t.steps):
@@ -527,8 +527,28 @@ class DivergedError(ValueError):
 def check_finite_loss(step: int, loss: float) -> None:
     """Stop a run whose loss is NaN or infinite (a learning rate far too high, say) before its
     metrics row or a checkpoint of it is written: the last good checkpoint stays the latest."""
-    if not math.isfinite(loss):
-        raise DivergedError(f"step {step}: the training loss is {loss}; stopped before keeping anything of it "
+    _check_finite_value(step, "training loss", loss)
+
+
+def check_finite_update(step: int, loss: float, grad_norm: float) -> None:
+    """Call between clipping and `optimizer.step()`. An infinite gradient norm is not saved by
+    clipping (inf / inf is NaN), and one NaN gradient makes AdamW write NaN into every weight
+    it updates; stopping here keeps the weights as the last finite step left them."""
+    _check_finite_value(step, "training loss", loss)
+    _check_finite_value(step, "gradient norm", grad_norm)
+
+
+def check_finite_weights(step: int, state: dict[str, torch.Tensor]) -> None:
+    """Refuse to keep a state dict holding NaN or infinite weights (an update that overflowed)."""
+    bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise DivergedError(f"step {step}: {len(bad)} weight tensor(s) hold NaN or infinite values "
+                            f"(first: {bad[0]}); stopped before checkpointing them (lower the learning rate)")
+
+
+def _check_finite_value(step: int, name: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise DivergedError(f"step {step}: the {name} is {value}; stopped before keeping anything of it "
                             "(lower the learning rate, or clip gradients)")
 
 
@@ -572,27 +592,30 @@ def _train_step(run: _Run, batches: PackedBatches) -> tuple[float, float, float,
         loss_sum += token_loss.detach()
         for name, value in moe_stats(run.model).items():
             moe_sums[name] = moe_sums.get(name, 0) + value
-    norm = nn.utils.clip_grad_norm_(run.model.parameters(), t.clip_norm or float("inf"))
+    norm = dist_.grad_norm_value(nn.utils.clip_grad_norm_(run.model.parameters(), t.clip_norm or float("inf")))
+    loss = float(dist_.all_reduce_sum(loss_sum, ctx) / n_tokens)
+    check_finite_update(run.step + 1, loss, norm)  # the same values on every rank: all stop together
+    if run.objective_optimizer is not None:
+        _check_objective_gradients(run)
     run.optimizer.step()
     if run.objective_optimizer is not None:
-        _step_objective(run)
-    loss = dist_.all_reduce_sum(loss_sum, ctx) / n_tokens
-    return float(loss), dist_.grad_norm_value(norm), lr, _moe_metrics(run, moe_sums)
+        run.objective_optimizer.step()
+    return loss, norm, lr, _moe_metrics(run, moe_sums)
 
 
 def _optimizers(run: _Run) -> list[torch.optim.Optimizer]:
     return [run.optimizer] if run.objective_optimizer is None else [run.optimizer, run.objective_optimizer]
 
 
-def _step_objective(run: _Run) -> None:
-    """Step the objective's own parameters as the model's: gradients averaged over
-    processes (the model's are, by DDP or FSDP; these sit outside the wrapper),
-    clipped to the same norm on their own, then the update."""
+def _check_objective_gradients(run: _Run) -> None:
+    """Ready the objective's own parameters for their update as the model's: gradients averaged
+    over processes (the model's are, by DDP or FSDP; these sit outside the wrapper), clipped to
+    the same norm on their own, and refused when their norm is not finite."""
     params = [p for p in run.objective.params.parameters() if p.grad is not None]
     for p in params:
         p.grad = dist_.all_reduce_sum(p.grad, run.ctx) / run.ctx.world_size
-    nn.utils.clip_grad_norm_(params, run.recipe.train.clip_norm or float("inf"))
-    run.objective_optimizer.step()
+    norm = nn.utils.clip_grad_norm_(params, run.recipe.train.clip_norm or float("inf"))
+    _check_finite_value(run.step + 1, "objective's gradient norm", float(norm))
 
 
 def _moe_metrics(run: _Run, sums: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -665,6 +688,7 @@ def rank_rows(x: torch.Tensor, y: torch.Tensor, rank: int, world_size: int) -> t
 def _checkpoint(run: _Run) -> None:
     """Gather full state on every rank (a collective), write from rank 0 only."""
     model_state, optim_state = dist_.full_state_dicts(run.model, run.optimizer)
+    check_finite_weights(run.step, model_state)  # every rank holds the full state: all stop together
     run.last_checkpoint = run.out_dir / CHECKPOINTS_DIR / checkpoint_name(run.step)
     energy = _energy(run)  # a collective too
     if run.ctx.is_main:
@@ -733,4 +757,5 @@ def _energy(run: _Run) -> EnergyReport:
 
 
 __all__ = ["ActivationLoss", "Callback", "DivergedError", "Objective", "TokenLoss", "TrainResult", "check_finite_loss",
+           "check_finite_update", "check_finite_weights",
            "cross_entropy_sum", "evaluate", "train"]
