@@ -438,3 +438,42 @@ def test_meta_names_skipped_files_by_key_whatever_the_working_directory(tmp_path
     prepare_shards(Corpus(["."]), tok, tmp_path / "inside", val_fraction=0.2, progress=False)
     assert above.meta["skipped_files"] == ["d0/zbad.txt"]
     assert (tmp_path / "above" / "meta.json").read_bytes() == (tmp_path / "inside" / "meta.json").read_bytes()
+
+
+def write_shard_folder(folder, vocab_size: object, train: list[list[int]], val: list[int]):
+    """A shard folder made by hand, as load_shards reads it: `train` over several files, `val` in one;
+    no vocab_size in meta.json when it is None."""
+    folder.mkdir()
+    meta = {"format": 1, "dtype": "uint16", **({} if vocab_size is None else {"vocab_size": vocab_size})}
+    for split, files in (("train", train), ("val", [val])):
+        meta[split] = {"shards": []}
+        for i, ids in enumerate(files):
+            np.array(ids, dtype="<u2").tofile(folder / f"{split}_{i:06d}.bin")
+            meta[split]["shards"].append({"file": f"{split}_{i:06d}.bin", "tokens": len(ids)})
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_a_shard_holding_an_id_past_the_vocabulary_is_refused_at_load_naming_file_id_and_size(tmp_path) -> None:
+    """Else training fails deep in the embedding lookup ("index out of range in self"), or reads stray
+    memory on some backends. The id equal to vocab_size is the first one past it."""
+    bad = write_shard_folder(tmp_path / "bad", 50, [[1, 2, 3], [4, 50, 7, 9]], [5, 6])
+    with pytest.raises(ValueError, match=r"shard .*bad/train_000001\.bin holds token id 50, but meta\.json gives its "
+                       r"tokenizer a vocabulary of 50 .*heron data prepare"):
+        load_shards(bad)
+    good = load_shards(write_shard_folder(tmp_path / "good", 50, [[1, 2, 3], [4, 49, 7, 9]], [5, 0]))
+    assert np.asarray(good.train).tolist() == [1, 2, 3, 4, 49, 7, 9] and len(good.val) == 2
+
+
+def test_a_vocab_size_in_meta_that_is_no_count_is_refused(tmp_path) -> None:
+    with pytest.raises(ValueError, match="vocab_size '50' is not a count of tokens"):
+        load_shards(write_shard_folder(tmp_path / "out", "50", [[1, 2]], [3]))
+
+
+def test_without_a_vocab_size_in_meta_the_ids_are_checked_against_the_models(tmp_path) -> None:
+    """A hand-made folder records no vocabulary: check_shards_fit reads the ids themselves."""
+    shards = load_shards(write_shard_folder(tmp_path / "out", None, [[1, 2, 3]], [40, 63]))
+    check_shards_fit(shards, "tiny", vocab_size=64)
+    with pytest.raises(ValueError, match=r"shard .*out/val_000000\.bin holds token id 63, but tiny has a "
+                       r"vocabulary of 63 .*--tokenizer MODEL_FOLDER"):
+        check_shards_fit(shards, "tiny", vocab_size=63)

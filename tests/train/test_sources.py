@@ -280,3 +280,40 @@ def test_an_empty_split_points_at_the_corpus_not_at_seq_len(tmp_path: Path) -> N
     del raw["data"]["corpus"]  # the shards as they are: the folder is named
     with pytest.raises(RecipeError, match=r"^data\.shards: the validation split is empty"):
         train(recipe_from_dict(raw, world_size=1))
+
+
+def put_id_in_a_shard(shards: Path, name: str, token_id: int) -> None:
+    """Write `token_id` over the middle id of shard file `name`, as another set's file or damage would."""
+    ids = np.fromfile(shards / name, dtype="<u2")
+    ids[len(ids) // 2] = token_id
+    ids.tofile(shards / name)
+
+
+def test_shards_holding_an_id_past_their_vocabulary_fail_before_training_naming_file_id_and_size(
+        tmp_path: Path, corpus: Path) -> None:
+    """Else the embedding lookup fails mid-step with "index out of range in self" (or reads stray memory)."""
+    raw = shard_recipe(tmp_path, corpus)
+    assert resolve_data(recipe_from_dict(raw, world_size=1).data).vocab_size == 297  # prepares the shards
+    put_id_in_a_shard(tmp_path / "shards", "val_000000.bin", 297)
+    with pytest.raises(RecipeError, match=r"^data\.shards: shard .*shards/val_000000\.bin holds token id 297, but "
+                                          r"meta\.json gives its tokenizer a vocabulary of 297 .*heron data prepare"):
+        train(recipe_from_dict(raw, world_size=1))
+    assert not (tmp_path / "run").exists()
+    put_id_in_a_shard(tmp_path / "shards", "val_000000.bin", 296)  # the last id in the vocabulary trains
+    assert train(recipe_from_dict(raw, world_size=1)).step == 2
+
+
+def test_shards_whose_meta_gives_no_vocab_size_are_bounded_by_their_tokenizer(tmp_path: Path, corpus: Path) -> None:
+    """A hand-made meta.json: the tokenizer's size bounds the ids (it was a KeyError), and sizes the model."""
+    raw = shard_recipe(tmp_path, corpus)
+    resolve_data(recipe_from_dict(raw, world_size=1).data)
+    meta_file = tmp_path / "shards" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["vocab_size"]
+    meta_file.write_text(json.dumps(meta))
+    section = recipe_from_dict(raw | {"data": raw["data"] | {"corpus": None}}, world_size=1).data
+    assert resolve_data(section).vocab_size == 297
+    put_id_in_a_shard(tmp_path / "shards", "train_000000.bin", 297)
+    with pytest.raises(RecipeError, match=r"^data\.shards: shard .*shards/train_000000\.bin holds token id 297, but "
+                                          r"the tokenizer .*tokenizer\.json has a vocabulary of 297 .*heron data prepare"):
+        resolve_data(section)

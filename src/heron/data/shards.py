@@ -173,6 +173,24 @@ def check_shards_fit(shards: ShardSet, model: str, *, vocab_size: int, tokenizer
     if shard_vocab is not None and int(shard_vocab) > vocab_size:
         raise ValueError(f"{shards.path}: its tokenizer has {shard_vocab} tokens, but {model} has a vocabulary "
                          f"of {vocab_size}")
+    past = None if shard_vocab is not None else id_past_vocabulary(shards, vocab_size)  # else load_shards checked
+    if past is not None:
+        raise ValueError(f"shard {past[0]} holds token id {past[1]}, but {model} has a vocabulary of {vocab_size} "
+                         "(ids below it); tokenise the corpus with the model's tokenizer "
+                         "(heron data prepare SOURCES --tokenizer MODEL_FOLDER)")
+
+
+def id_past_vocabulary(shards: ShardSet, vocab_size: int) -> tuple[Path, int] | None:
+    """The first shard file holding a token id >= `vocab_size`, with the largest id in it; None if
+    every id is below. Read once at load, not per batch: past the vocabulary, an id fails deep in
+    the embedding lookup ("index out of range in self"), or reads stray memory on some backends.
+    A max over a memmap streams its pages and copies nothing, whatever the byte order."""
+    for split in SPLITS:
+        for shard, tokens in zip(shards.meta[split]["shards"], getattr(shards, split).shards):
+            largest = int(tokens.max()) if len(tokens) else -1
+            if largest >= vocab_size:
+                return shards.path / shard["file"], largest
+    return None
 
 
 def load_shards(path: str | os.PathLike[str]) -> ShardSet:
@@ -193,7 +211,14 @@ def load_shards(path: str | os.PathLike[str]) -> ShardSet:
                 raise ValueError(f"shard {file} is missing or not {expected} bytes as {META_FILE} says")
             arrays.append(np.memmap(file, dtype=dtype, mode="r"))
         splits[split] = ShardedTokens(arrays)
-    return ShardSet(path=folder, train=splits["train"], val=splits["val"], meta=meta)
+    shards = ShardSet(path=folder, train=splits["train"], val=splits["val"], meta=meta)
+    past = None if meta.get("vocab_size") is None else id_past_vocabulary(shards, meta["vocab_size"])
+    if past is not None:  # another set's file, or a damaged one: the model is sized to meta.json's vocab_size
+        raise ValueError(f"shard {past[0]} holds token id {past[1]}, but {META_FILE} gives its tokenizer a vocabulary "
+                         f"of {meta['vocab_size']} (ids below it), the size a model is built for: the file is not one "
+                         "that tokenizer made (another set's, or damaged); re-run `heron data prepare SOURCES "
+                         "--tokenizer MODEL_FOLDER --out NEW_FOLDER` with the model's tokenizer")
+    return shards
 
 
 def _read_meta(folder: Path) -> dict | None:
@@ -213,9 +238,13 @@ def _read_meta(folder: Path) -> dict | None:
 def _check_layout(meta: dict) -> None:
     """Refuse metadata that would have Heron read tokens as another type (`"O"`: Python objects,
     read from the file's bytes as pointers) or read, or delete on the next preparation, a
-    file outside the folder: a shard's name must be a bare file name."""
+    file outside the folder: a shard's name must be a bare file name. A vocab_size, where
+    given, must be a count: load_shards checks every id against it."""
     if meta.get("dtype") not in _TOKEN_DTYPES:
         raise ValueError(f"dtype {meta.get('dtype')!r} is not one of {', '.join(_TOKEN_DTYPES)}")
+    vocab_size = meta.get("vocab_size")  # absent from a hand-made folder; else the bound on every id
+    if vocab_size is not None and (type(vocab_size) is not int or vocab_size < 1):
+        raise ValueError(f"vocab_size {vocab_size!r} is not a count of tokens")
     for split in SPLITS:
         for shard in meta[split]["shards"]:
             name, tokens = shard["file"], shard["tokens"]

@@ -20,8 +20,8 @@ import numpy as np
 
 from heron.data.batches import TokenStream
 from heron.data.corpus import Corpus, default_corpus
-from heron.data.shards import (META_FILE, SPLITS, TEXT_RULE, TOKENIZER_FILES, is_shard_file, load_shards,
-                               prepare_shards, read_as_now)
+from heron.data.shards import (META_FILE, SPLITS, TEXT_RULE, TOKENIZER_FILES, ShardSet, id_past_vocabulary,
+                               is_shard_file, load_shards, prepare_shards, read_as_now)
 from heron.tokenizer import Tokenizer, load_tokenizer
 from heron.tokenizer.bpe import TOKENIZER_FILE, HeronTokenizer, train_tokenizer
 from heron.train.recipe import DataSection, RecipeError, SyntheticData
@@ -128,8 +128,22 @@ def _load(section: DataSection, folder: Path) -> TrainData:
         raise RecipeError(f"data.tokenizer: {_tokenizer_path(section, folder)} is not the tokenizer these shards were made with")
     meta = {"source": "shards", "path": str(folder), **{k: v for k, v in shards.meta.items() if k not in ("train", "val")},
             "train_tokens": len(shards.train), "val_tokens": len(shards.val)}
-    return TrainData(train=shards.train, val=shards.val, vocab_size=int(shards.meta["vocab_size"]),
-                     tokenizer=tokenizer, meta=meta)
+    vocab_size = _vocab_size(shards, tokenizer, _tokenizer_path(section, folder))
+    return TrainData(train=shards.train, val=shards.val, vocab_size=vocab_size, tokenizer=tokenizer, meta=meta)
+
+
+def _vocab_size(shards: ShardSet, tokenizer: Tokenizer, named: Path) -> int:
+    """The bound on the shards' ids, which sizes the model's embedding: meta.json's vocab_size (load_shards
+    checked every id against it), else, in a hand-made folder, the tokenizer's, checked here once: an id past
+    it would fail deep in the embedding lookup instead."""
+    if shards.meta.get("vocab_size") is not None:
+        return int(shards.meta["vocab_size"])
+    past = id_past_vocabulary(shards, tokenizer.vocab_size)
+    if past is not None:
+        raise RecipeError(f"data.shards: shard {past[0]} holds token id {past[1]}, but the tokenizer {named} has a "
+                          f"vocabulary of {tokenizer.vocab_size} (ids below it); make the shards again with it: "
+                          f"heron data prepare SOURCES --tokenizer {named} --out NEW_FOLDER")
+    return tokenizer.vocab_size
 
 
 def _corpus(section: DataSection) -> Corpus:
