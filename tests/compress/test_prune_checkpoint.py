@@ -1,13 +1,21 @@
 """PruneSettings: a bad request fails on construction, its error naming the
-field and the value (library errors name fields; the CLI maps them to flags)."""
+field and the value (library errors name fields; the CLI maps them to flags).
+prune_checkpoint: a model with a NaN or infinite weight is never written."""
 from __future__ import annotations
 
+import re
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
+import torch
 
-from heron.compress.prune_checkpoint import PruneSettings
+import heron
+from compress_helpers import checkpoint_and_shards
+from heron.compress.prune_checkpoint import PruneSettings, prune_checkpoint
 from heron.compress.calibration import CalibrationSettings
+from heron.train.checkpoint import save_model_folder
+from heron.train.loop import DivergedError
 
 SHARDS = {"calib_shards": "shards"}  # never read: construction only checks the settings
 
@@ -45,3 +53,33 @@ def test_the_calibration_fields_are_shared_and_keep_their_keywords():
     assert (recorded["calib_shards"], recorded["calib_batches"], recorded["seed"]) == ("s", 2, 3)
     with pytest.raises(TypeError):  # the calibration fields are keyword-only: no positional mix-ups
         PruneSettings("magnitude", 0.5, None, None, None, None, 0, 1e-5, "extra")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> tuple[Path, Path]:
+    return checkpoint_and_shards(tmp_path_factory.mktemp("prune_checkpoint"))
+
+
+@pytest.mark.parametrize("lr", [1e30, 1e39])
+def test_a_diverging_recovery_writes_nothing(folders, tmp_path, lr):
+    ckpt, shards = folders
+    settings = PruneSettings("magnitude", sparsity=0.5, calib_shards=str(shards), calib_batch_size=2, seq_len=16,
+                             recover_steps=3, recover_lr=lr)
+    with pytest.raises(DivergedError, match=r"step \d+: "):
+        prune_checkpoint(ckpt, tmp_path / "pruned", settings, progress=False)
+    assert not (tmp_path / "pruned").exists()
+
+
+def test_a_non_finite_model_is_refused_before_writing(folders, tmp_path):
+    """A source holding a NaN, pruned with no recovery: nothing is written and the error names
+    the target, the tensor and the source."""
+    ckpt, _ = folders
+    model, _ = heron.load(ckpt)
+    with torch.no_grad():
+        model.embed.weight[3, 5] = float("nan")  # the embedding: magnitude pruning leaves it as it is
+    save_model_folder(tmp_path / "nan_source", model)
+    target = tmp_path / "pruned"
+    with pytest.raises(DivergedError, match=rf"^{re.escape(str(target))}: not written; step 0: \d+ weight tensor\(s\) "
+                                            rf"hold NaN .*first: embed\.weight.*the source .*nan_source"):
+        prune_checkpoint(tmp_path / "nan_source", target, PruneSettings("magnitude", sparsity=0.5), progress=False)
+    assert not target.exists()

@@ -133,3 +133,22 @@ def test_calibration_and_recovery_batches_may_be_numpy_arrays():
     model = tiny()
     masks = prune_model(model, "wanda", sparsity=0.5, calibration=ids, progress=False)
     assert recover(model, [ids], steps=1, lr=1e-3, masks=masks, progress=False)[0] > 0
+
+
+@pytest.mark.parametrize("lr, steps, caught", [
+    (1e30, 3, r"step 2: the (training loss|gradient norm) is (nan|inf)"),  # the 2nd forward overflows
+    (1e39, 3, r"step 2: the (training loss|gradient norm) is (nan|inf)"),  # the 1st update overflows fp32
+    (1e39, 1, r"step 1: \d+ weight tensor\(s\) hold NaN or infinite values"),  # ... and no next step shows it
+])
+def test_a_diverging_recovery_raises_before_keeping_the_step(lr, steps, caught):
+    """Known answer: step 1 at lr 1e30 moves weights to ~1e30, still finite, and its loss is
+    finite; step 2's gradients are not, so that update is refused and every weight stays finite."""
+    from heron.train.loop import DivergedError
+
+    model = tiny()
+    masks = prune_model(model, "magnitude", sparsity=0.5, progress=False)
+    with pytest.raises(DivergedError, match=caught):
+        recover(model, token_batches(n=2, T=17), steps=steps, lr=lr, masks=masks, progress=False)
+    if lr == 1e30:
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not model.training  # handed back in the mode it was in, raised or not

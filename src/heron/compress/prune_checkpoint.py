@@ -28,6 +28,7 @@ from heron.data import check_shards_fit, load_shards
 from heron.data.batches import PackedBatches
 from heron.govern import EnergyMeter
 from heron.train.checkpoint import refuse_finished, require_new_folder, resolve_checkpoint, save_model_folder
+from heron.train.loop import DivergedError, check_finite_weights
 
 
 DEFAULT_METHOD = "wanda"
@@ -114,6 +115,7 @@ def prune_checkpoint(source: str | Path, target: str | Path, settings: PruneSett
     report["block_linear_sparsity"] = sparsity_of(model)  # the saved model's, after recovery; experts included
     report["energy"] = meter.stop().to_dict()
     lineage = {"pruned_from": str(resolve_checkpoint(source).resolve()), "pruning": report}  # as quantized_from
+    _refuse_non_finite(model, settings, source, target)
     if sparse:  # stored packed
         save_sparse(target, model, tokenizer, lineage)
     else:
@@ -133,6 +135,16 @@ def _refuse_no_op(model: Transformer, settings: PruneSettings, source: str | Pat
     if settings.experts is not None and n_experts is not None and settings.experts >= n_experts:
         raise ValueError(f"experts: {source} already has {n_experts} experts per MoE layer; keeping "
                          f"{settings.experts} would remove none (give fewer)")
+
+
+def _refuse_non_finite(model: Transformer, settings: PruneSettings, source: str | Path, target: str | Path) -> None:
+    """A DivergedError, naming the target, before a model holding NaN or infinite weights is
+    written: a recovery that overflowed (recover stops on one) or a source that held them."""
+    try:
+        check_finite_weights(settings.recover_steps, model.state_dict())
+    except DivergedError as err:
+        hint = "" if settings.recover_steps else f"; no recovery ran, so the source {source} holds them (check it)"
+        raise DivergedError(f"{target}: not written; {err}{hint}") from None
 
 
 def _batches(model: Transformer, settings: PruneSettings) -> tuple[list[torch.Tensor] | None, list[torch.Tensor]]:

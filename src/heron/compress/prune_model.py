@@ -47,6 +47,9 @@ from heron.compress.gptq import HessianAccumulator
 from heron.compress.prune import check_target, magnitude_mask, sparsegpt, wanda_mask
 from heron.core.modes import evaluating
 from heron.core.transformer import Transformer
+from heron.train.loop import check_finite_update, check_finite_weights
+from heron.train.optim import build_optimizer
+from heron.train.recipe import OptimSection
 
 Target = dict[str, object]  # {"sparsity": float | None, "nm": (n, m) | None}
 Sinks = list[Callable[[torch.Tensor], None]]  # one per matrix of a weight: (rows (n, K)) -> None
@@ -215,6 +218,10 @@ def recover(
     keep-mask of the parameter's shape}, as prune_model returns them ((E, K, N)
     for stacked experts); None: every weight prune_model prunes that is zero
     now stays zero. The model is handed back in the mode it was in.
+
+    A step whose loss or gradient norm is not finite, or an update that leaves
+    a weight non-finite (a learning rate far too high), raises DivergedError,
+    as pre-training does (train/loop.py), so no caller keeps or saves it.
     """
     if steps < 1 or lr <= 0:
         raise ValueError(f"steps, lr: expected positive values, got {steps}, {lr}")
@@ -227,23 +234,38 @@ def recover(
     for name, keep in masks.items():
         if keep.shape != params[name].shape:
             raise ValueError(f"masks: {name} has shape {tuple(keep.shape)}, its parameter {tuple(params[name].shape)}")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    # Pre-training's AdamW (fused where torch has it) at torch's default betas, with no decay:
+    # an overflowing update then shows as non-finite weights, which the check below refuses.
+    optimizer = build_optimizer(model, OptimSection(lr=lr, betas=(0.9, 0.999), weight_decay=0.0))
     was_training = model.training
     model.train()
     losses = []
     batches = islice(cycle([torch.as_tensor(b) for b in token_batches]), steps)  # tensors or arrays
-    for ids in tqdm(batches, total=steps, disable=not progress, desc="recover", unit="step"):
-        out = model(ids[:, :-1], targets=ids[:, 1:])  # the head loss: no whole logits (core/head_loss.py)
-        loss = out.loss / ids[:, 1:].numel()  # mean over tokens
-        optimizer.zero_grad(set_to_none=True)
-        (loss + out.aux_loss).backward()
-        optimizer.step()
-        with torch.no_grad():
-            for name, keep in masks.items():
-                params[name].mul_(keep)
-        losses.append(loss.item())
-    model.train(was_training)
+    try:
+        for step, ids in enumerate(tqdm(batches, total=steps, disable=not progress, desc="recover", unit="step"), 1):
+            losses.append(_recover_step(model, optimizer, ids, step))
+            with torch.no_grad():
+                for name, keep in masks.items():
+                    params[name].mul_(keep)
+        check_finite_weights(steps, model.state_dict())  # an overflowing last update: no next loss shows it
+    finally:
+        model.train(was_training)
     return losses
+
+
+def _recover_step(model: Transformer, optimizer: torch.optim.Optimizer, ids: torch.Tensor, step: int) -> float:
+    """One update on ids (B, T + 1); its mean token loss. A NaN or infinite loss or gradient
+    norm stops before `optimizer.step()`: one NaN gradient would make AdamW write NaN
+    into every weight it updates."""
+    out = model(ids[:, :-1], targets=ids[:, 1:])  # the head loss: no whole logits (core/head_loss.py)
+    loss = out.loss / ids[:, 1:].numel()  # mean over tokens
+    optimizer.zero_grad(set_to_none=True)
+    (loss + out.aux_loss).backward()
+    norm = nn.utils.clip_grad_norm_(model.parameters(), float("inf"))  # no clipping: the norm, for the check
+    value = loss.item()
+    check_finite_update(step, value, float(norm))
+    optimizer.step()
+    return value
 
 
 __all__ = ["METHODS", "SquareSum", "prunable_weights", "prune_model", "recover", "sparsity_of", "weight_matrices"]
