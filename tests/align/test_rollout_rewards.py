@@ -18,6 +18,7 @@ from heron.align.synthetic import RepeatTask
 from heron.core import ModelConfig, Transformer
 from heron.generate import Generator
 from heron.tokenizer import train_tokenizer
+from heron.train.loop import DivergedError
 
 TASK = RepeatTask()
 MAX_LEN = 48
@@ -42,8 +43,9 @@ def prompts(n: int):
 def test_a_reward_model_scores_the_sampled_ids_not_their_text_encoded_again(tokenizer):
     """Row 0 ends at its end token; row 1 was cut off at max_new_tokens and holds a byte token that is
     not UTF-8 alone (it decodes to U+FFFD, three tokens when encoded again): each is scored where it ends,
-    as sampled. Re-encoding the text scored row 1 with an end token it never sampled, or failed on length."""
-    reward_model = with_scalar_head(policy(tokenizer)).eval()
+    as sampled. Re-encoding the text scored row 1 with an end token it never sampled, or failed on length.
+    A reward model still training is scored in eval mode and handed back in train mode."""
+    reward_model = with_scalar_head(policy(tokenizer)).train()
     head = tokenizer.chat_prompt_ids(prompts(1)[0])
     byte = tokenizer.encode("é")[0]  # the first of the two bytes: not a character alone
     tails = [[5, 6, tokenizer.chat_stop_ids[0]], [7, byte]]
@@ -57,8 +59,9 @@ def test_a_reward_model_scores_the_sampled_ids_not_their_text_encoded_again(toke
     run = Rollout(prompts(1) * 2, [tokenizer.decode(t[:-1]) for t in tails[:1]] + [tokenizer.decode(tails[1])],
                   Replies(ids, mask, last), tokens=5, seconds=1.0)
     scores = score_rollout(RewardModel(reward_model), run)
+    assert reward_model.training
     with torch.no_grad():
-        out = reward_model(ids, token_mask=mask.bool() | (torch.arange(width) < len(head)))
+        out = reward_model.eval()(ids, token_mask=mask.bool() | (torch.arange(width) < len(head)))
     assert torch.allclose(scores, out.logits[torch.arange(2), last, 0], atol=1e-6)
     assert scores.dtype == torch.float32
 
@@ -89,6 +92,26 @@ def test_integer_rewards_train_and_a_nan_reward_stops_the_run_before_any_step(to
     assert any(not torch.equal(p, before[n]) for n, p in trained.state_dict().items())
     with pytest.raises(ValueError, match="a reward must be a finite number"):
         run(lambda _p, _t: float("nan"))
+
+
+@pytest.mark.parametrize("method", ["ppo", "grpo"])
+def test_a_diverging_run_stops_before_its_update_reaches_the_weights(tokenizer, method):
+    """lr 1e30, one update a step: step 1's makes the weights ~1e30, finite; the forward after
+    step 2's rollout overflows, and the run stops before step 2's update, which would make every
+    weight it touches NaN (PPO: the policy's and the value model's, under one optimiser)."""
+    model, rows = policy(tokenizer), []
+    value_model = with_scalar_head(model)  # PPO's; GRPO has none
+    with pytest.raises(DivergedError, match=r"step 2: the (training loss|gradient norm) is (nan|inf)"):
+        if method == "grpo":  # the replies' lengths differ within a group: advantages that are not all 0
+            grpo(model, policy(tokenizer).eval(), tokenizer, prompts(2), lambda _p, t: len(t) % 3,
+                 GRPOSettings(steps=3, prompts_per_step=2, group_size=4, max_new_tokens=4, lr=1e30, progress=False),
+                 on_step=rows.append)
+        else:
+            ppo(model, value_model, policy(tokenizer).eval(), tokenizer, prompts(2), lambda _p, t: len(t) % 3,
+                PPOSettings(steps=3, prompts_per_step=2, minibatch=2, epochs=1, max_new_tokens=4, lr=1e30,
+                            progress=False), on_step=rows.append)
+    assert [row["step"] for row in rows] == [1]
+    assert all(torch.isfinite(p).all() for module in (model, value_model) for p in module.parameters())
 
 
 def test_the_reference_cache_tells_configs_of_the_same_weights_apart(tokenizer, tmp_path):

@@ -83,8 +83,8 @@ def score_rollout(reward: Reward | RewardModel, run: Rollout) -> torch.Tensor:
     """(B,) float32 scores of the rollout's rows. A score that is not a finite number (a judge that
     failed and said NaN) is a ValueError naming its reply: one would make every weight NaN."""
     if isinstance(reward, RewardModel):
-        with torch.no_grad():
-            scores = rewards(reward.model.eval(), run.replies).float()
+        with evaluating(reward.model), torch.no_grad():  # the caller's model, handed back in its mode
+            scores = rewards(reward.model, run.replies).float()
     else:
         scores = torch.tensor([float(reward(p, t)) for p, t in zip(run.prompts, run.texts)], dtype=torch.float32)
     bad = (~torch.isfinite(scores)).nonzero().flatten()
