@@ -163,7 +163,8 @@ def test_every_default_heron_assumes_is_transformers_own():
         defaults = transformers.AutoConfig.for_model(family.model_type).to_dict()
         for key, value in family.hf_defaults:
             theirs = defaults[key] if key in defaults else defaults["rope_parameters"][key]
-            assert theirs == value, f"{family.name}.{key}: transformers {theirs!r}, Heron {value!r}"
+            ours = json.loads(json.dumps(value))  # as config.json holds it: GPT-Neo's tuples are lists there
+            assert theirs == ours, f"{family.name}.{key}: transformers {theirs!r}, Heron {value!r}"
 
 
 def logits_match_on(folder: Path) -> None:
@@ -320,3 +321,124 @@ def test_heads_that_do_not_divide_d_model_export_as_a_family_transformers_loads(
     with pytest.raises(ValueError, match="n_heads: LLaMA needs d_model a multiple of n_heads, got d_model=64, "
                                          "n_heads=3"):
         save_hf_folder(model, tmp_path / "llama", family="llama")
+
+
+# ----- config.json keys read as transformers reads them, where a key is left out or set ---------------------
+
+
+def saved_with(config, folder: Path, change=lambda c: None) -> Path:
+    """`folder` holding a random transformers model of `config`, its config.json then changed."""
+    random_hf_model(config).save_pretrained(folder)
+    rewrite_config(folder, change)
+    return folder
+
+
+def test_qwen3_moe_without_norm_topk_prob_is_refused_as_transformers_reads_false(tmp_path):
+    """Qwen3MoeConfig's norm_topk_prob defaults to False (the top-k softmax weights left as they
+    are), which Heron's router does not run: refused by name, not read as True."""
+    folder = saved_with(FAMILIES["qwen3_moe"](), tmp_path, lambda c: c.pop("norm_topk_prob"))
+    assert transformers.AutoConfig.from_pretrained(folder).norm_topk_prob is False
+    with pytest.raises(ValueError, match=r"norm_topk_prob: Heron implements True only, got False \(config.json "
+                                         r"leaves norm_topk_prob out: that is transformers' default for qwen3_moe\)"):
+        load_hf_model(folder)
+
+
+def mixtral_sliding() -> "transformers.MixtralConfig":
+    return transformers.MixtralConfig(**_LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2,
+                                      sliding_window=WINDOW)
+
+
+@pytest.mark.parametrize("config, change", [
+    # Qwen's switches mean nothing to these families: sliding_window alone slides every layer.
+    (FAMILIES["mistral"], lambda c: c.update(use_sliding_window=False)),
+    (FAMILIES["mistral"], lambda c: c.update(max_window_layers=1)),
+    (FAMILIES["phi3"], lambda c: c.update(use_sliding_window=False)),
+    (FAMILIES["phi3"], lambda c: c.update(max_window_layers=1)),
+    (FAMILIES["phi3"], lambda c: c.update(layer_types=["full_attention", "sliding_attention"])),
+    (mixtral_sliding, lambda c: c.update(use_sliding_window=False)),
+    (mixtral_sliding, lambda c: c.update(max_window_layers=1, layer_types=["full_attention", "sliding_attention"])),
+    # transformers reads a mistral config.json with layer_types as Ministral's: layer 0 full, layer 1 sliding.
+    (FAMILIES["mistral"], lambda c: c.update(layer_types=["full_attention", "sliding_attention"])),
+    # Qwen2 with use_sliding_window false: no layer slides, whatever sliding_window says.
+    (FAMILIES["qwen2"], lambda c: (c.pop("layer_types"), c.update(use_sliding_window=False))),
+], ids=["mistral-use_sliding_window", "mistral-max_window_layers", "phi3-use_sliding_window",
+        "phi3-max_window_layers", "phi3-layer_types", "mixtral-use_sliding_window", "mixtral-qwen_keys",
+        "mistral-layer_types", "qwen2-switched_off"])
+def test_sliding_window_keys_read_as_transformers_reads_them(config, change, tmp_path):
+    logits_match_on(saved_with(config(), tmp_path / "hf", change))  # 19 tokens: past the window of 8
+
+
+_LINEAR = {"rope_type": "linear", "factor": 2.0}
+
+
+@pytest.mark.parametrize("change", [
+    # Both spellings: transformers takes rope_scaling (`rope_scaling or rope_parameters`), rope_theta beside it.
+    lambda c: c.update(rope_scaling=_LINEAR, rope_theta=300.0),
+    lambda c: c.update(rope_scaling=_LINEAR),  # rope_parameters' theta of 500 goes with it: 10000.0
+    # The oldest key `type`, beside rope_type or alone, in either dict.
+    lambda c: c.update(rope_scaling={**_LINEAR, "type": "linear"}, rope_parameters=None, rope_theta=300.0),
+    lambda c: c.update(rope_parameters={**_LINEAR, "type": "linear", "rope_theta": 300.0}),
+    lambda c: c.update(rope_parameters={"type": "linear", "factor": 2.0, "rope_theta": 300.0}),
+    # rope_parameters without rope_theta: the top-level key, else 10000.0.
+    lambda c: c.update(rope_parameters=_LINEAR, rope_theta=300.0),
+    lambda c: c.update(rope_parameters=_LINEAR),
+], ids=["both", "both-no-theta", "type-and-rope_type-in-rope_scaling", "type-and-rope_type-in-rope_parameters",
+        "type-in-rope_parameters", "top-level-theta", "default-theta"])
+def test_rope_keys_read_as_transformers_reads_them(change, tmp_path):
+    logits_match_on(saved_with(FAMILIES["llama"](), tmp_path / "hf", change))
+
+
+def test_rope_type_and_type_that_differ_are_refused_naming_both(tmp_path):
+    """transformers reads rope_type (plain RoPE here); the older `type` says linear: ambiguous."""
+    folder = saved_with(FAMILIES["llama"](), tmp_path, lambda c: c.update(
+        rope_scaling={"type": "linear", "rope_type": "default", "factor": 2.0}, rope_theta=300.0))
+    with pytest.raises(ValueError, match="rope_scaling.type: 'linear' differs from rope_scaling.rope_type 'default'"):
+        load_hf_model(folder)
+
+
+def _without_original_max(config: dict) -> None:
+    del config["rope_parameters"]["original_max_position_embeddings"]
+
+
+@pytest.mark.parametrize("change", [
+    _without_original_max,  # max_position_embeddings (128) stands in, not the fixture's 16
+    lambda c: c.update(original_max_position_embeddings=32),  # a top-level key wins over rope_parameters' 16
+    lambda c: (_without_original_max(c), c.update(original_max_position_embeddings=32)),
+], ids=["absent", "top-level-beside", "top-level-only"])
+def test_llama3_original_max_position_embeddings_reads_as_transformers_reads_it(change, tmp_path):
+    logits_match_on(saved_with(FAMILIES["llama"](), tmp_path / "hf", change))
+
+
+def test_qwen3_without_head_dim_has_transformers_default_of_128(tmp_path):
+    """Qwen3Config's head_dim defaults to 128, not hidden_size // num_attention_heads (16 here)."""
+    config = transformers.Qwen3Config(**_LLAMA_LIKE)
+    folder = saved_with(config, tmp_path, lambda c: c.pop("head_dim"))
+    assert load_hf_model(folder).config.head_dim == 128
+    logits_match_on(folder)
+
+
+def gpt_neo(num_layers: int, **attention_types) -> "transformers.GPTNeoConfig":
+    """GPT-Neo; without attention_types, transformers' default: global and local in turn, 24 layers."""
+    return transformers.GPTNeoConfig(vocab_size=VOCAB, hidden_size=32, num_layers=num_layers, num_heads=4,
+                                     max_position_embeddings=128, window_size=WINDOW, **attention_types)
+
+
+def _without_attention_types(config: dict) -> None:
+    config.pop("attention_types")
+    config.pop("attention_layers", None)
+
+
+def test_gpt_neo_without_attention_types_has_transformers_default(tmp_path):
+    folder = saved_with(gpt_neo(24), tmp_path, _without_attention_types)
+    kinds = [load_hf_model(folder).config.attention_pattern(i).kind for i in range(24)]
+    assert kinds == ["dense", "sliding"] * 12
+    logits_match_on(folder)
+
+
+def test_gpt_neo_without_attention_types_and_other_than_24_layers_is_refused_by_name(tmp_path):
+    """transformers' default describes 24 layers; GPTNeoConfig refuses it for 2 as well."""
+    folder = saved_with(gpt_neo(2, attention_types=[[["global", "local"], 1]]), tmp_path, _without_attention_types)
+    with pytest.raises(ValueError, match=r"attention_types: describes 24 layers, num_layers is 2; give one kind per "
+                                         r"layer \(config.json leaves attention_types out: that is transformers' "
+                                         r"default for gpt_neo\)"):
+        load_hf_model(folder)

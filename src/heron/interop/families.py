@@ -195,26 +195,44 @@ ROPE_KEYS: dict[str, tuple[tuple[str, str], ...]] = {  # RopeScaling field -> ro
 }
 
 
+DEFAULT_ROPE_THETA = 10000.0  # PreTrainedConfig.default_theta; Mixtral's 1e6 comes in through its hf_defaults
+_ORIGINAL_MAX = "original_max_position_embeddings"
+
+
+def rope_dict(hf: HfConfig) -> tuple[dict[str, Any], str]:
+    """The RoPE dict transformers reads, and the key it sits under (errors name it). `rope_scaling`
+    wins where both are set: PreTrainedConfig.convert_rope_params_to_dict takes `rope_scaling or
+    rope_parameters`, dropping the other whole, its rope_theta too."""
+    if hf.get("rope_scaling"):
+        return dict(hf["rope_scaling"]), "rope_scaling"
+    return dict(hf.get("rope_parameters") or {}), "rope_parameters"
+
+
 def read_rope(hf: HfConfig) -> dict[str, Any]:
-    """rope_theta and rope_scaling from `rope_parameters` (transformers 5) or the
-    older top-level `rope_theta` and `rope_scaling` keys."""
-    params, where, kind_key = dict(hf.get("rope_parameters") or {}), "rope_parameters", "rope_type"
-    if not params:
-        where = "rope_scaling"  # errors name the keys as this config spells them
-        params = {"rope_theta": hf.get("rope_theta", 10000.0), **(hf.get("rope_scaling") or {})}
-        if "type" in params:  # the oldest spelling
-            params["rope_type"], kind_key = params.pop("type"), "type"
-        if "partial_rotary_factor" in hf:  # transformers 4 kept it beside rope_theta (Phi-3)
-            params["partial_rotary_factor"] = hf["partial_rotary_factor"]
-    kind = params.pop("rope_type", "default")
-    theta = params.pop("rope_theta", None)
+    """rope_theta and rope_scaling from `rope_parameters` (transformers 5) or the older
+    `rope_scaling`; a top-level `partial_rotary_factor` (transformers 4 kept it there: Phi-3)
+    fills in as transformers' convert_rope_params_to_dict fills it."""
+    params, where = rope_dict(hf)
+    if "partial_rotary_factor" in hf:
+        params.setdefault("partial_rotary_factor", hf["partial_rotary_factor"])
+    return rope_fields(params, where, hf)
+
+
+def rope_fields(params: dict[str, Any], where: str, hf: HfConfig) -> dict[str, Any]:
+    """rope_theta and rope_scaling of one RoPE dict (`where` names it in errors), the keys it
+    leaves out filled from the rest of config.json as transformers' standardize_rope_params does."""
+    params = {"rope_theta": hf.get("rope_theta", DEFAULT_ROPE_THETA), **params}
+    kind, kind_key = _rope_kind(params, where)
+    theta = params.pop("rope_theta")
     if theta is None:
-        raise ValueError("rope_parameters.rope_theta: missing")
+        raise ValueError(f"{where}.rope_theta: null; give the RoPE base (10000.0 in most configs)")
     if params.get("partial_rotary_factor", 1.0) == 1.0:
         params.pop("partial_rotary_factor", None)
     if kind == "default":
         scaling = None
     elif kind in ROPE_KEYS:
+        if kind == "llama3":
+            _fill_original_max(params, hf)
         missing = [key for _, key in ROPE_KEYS[kind] if key not in params]
         if missing:
             raise ValueError(f"{where}.{missing[0]}: required for rope_type {kind!r}")
@@ -224,6 +242,29 @@ def read_rope(hf: HfConfig) -> dict[str, Any]:
     if params:
         raise ValueError(f"{where}.{sorted(params)[0]}: not supported by Heron's RoPE")
     return {"rope_theta": float(theta), "rope_scaling": scaling}
+
+
+def _rope_kind(params: dict[str, Any], where: str) -> tuple[str, str]:
+    """The rope type, popped, and the key that gave it: `rope_type`, or the oldest spelling `type`.
+    transformers reads rope_type where both are set (standardize_rope_params), so two that
+    differ are refused: the file is ambiguous, and another reader may take `type`."""
+    legacy, kind = params.pop("type", None), params.pop("rope_type", None)
+    if legacy is not None and kind is not None and legacy != kind:
+        raise ValueError(f"{where}.type: {legacy!r} differs from {where}.rope_type {kind!r}; "
+                         "keep one of the two keys, or give both the same value")
+    if kind is None and legacy is not None:
+        return legacy, "type"
+    return kind or "default", "rope_type"
+
+
+def _fill_original_max(params: dict[str, Any], hf: HfConfig) -> None:
+    """Llama 3's pre-training length, as transformers' standardize_rope_params settles it: a
+    top-level `original_max_position_embeddings` wins, then the RoPE dict's, then
+    `max_position_embeddings` stands in for a dict that leaves it out."""
+    if _ORIGINAL_MAX in hf:
+        params[_ORIGINAL_MAX] = hf[_ORIGINAL_MAX]
+    elif "max_position_embeddings" in hf:
+        params.setdefault(_ORIGINAL_MAX, hf["max_position_embeddings"])
 
 
 def write_rope(config: ModelConfig) -> HfConfig:
@@ -257,19 +298,36 @@ def write_attention_bias(config: ModelConfig) -> HfConfig:
 
 
 def read_sliding(hf: HfConfig) -> dict[str, Any]:
-    """Mistral's `sliding_window` on every layer, or Qwen2-style `layer_types` (before those,
-    `max_window_layers`: the layers from that index on slide)."""
-    window = hf.get("sliding_window")
-    if hf.get("use_sliding_window") is False:
-        window = None
+    """Phi-3's and Mixtral's `sliding_window` on every layer, null for none: their transformers
+    models read no other key for it (not Qwen's `use_sliding_window` or `max_window_layers`)."""
+    return _sliding_layers(hf.get("sliding_window"), None)
+
+
+def read_mistral_sliding(hf: HfConfig) -> dict[str, Any]:
+    """Mistral's `sliding_window` on every layer, or on the layers `layer_types` names: transformers'
+    AutoConfig reads a mistral config.json that has `layer_types` as Ministral's, which slides those."""
+    return _sliding_layers(hf.get("sliding_window"), hf.get("layer_types"))
+
+
+def read_qwen_sliding(hf: HfConfig) -> dict[str, Any]:
+    """Qwen2's and Qwen3's window: `sliding_window` counts only with `use_sliding_window` set
+    (Qwen2Config drops it otherwise), on the layers `layer_types` names; before those, on the
+    layers from `max_window_layers` on."""
+    window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
     types = hf.get("layer_types")
-    if window is None:
-        if types and any(t != "full_attention" for t in types):
-            raise ValueError("layer_types: sliding layers without a sliding_window")
-        return {}
-    if not types and "max_window_layers" in hf:  # Qwen before layer_types: layers from this index on slide
+    if not types and window is not None:
         first = int(hf["max_window_layers"])
         types = ["sliding_attention" if i >= first else "full_attention" for i in range(int(hf["num_hidden_layers"]))]
+    return _sliding_layers(window, types)
+
+
+def _sliding_layers(window: int | None, types: list[str] | None) -> dict[str, Any]:
+    """The attention patterns of one window and, where given, each layer's type (none: every layer slides)."""
+    if window is None:
+        if types and any(t != "full_attention" for t in types):
+            raise ValueError("layer_types: sliding layers without a sliding_window; give sliding_window, "
+                             "or make every layer full_attention")
+        return {}
     if not types:
         return {"attention": (AttentionPattern(kind="sliding", window=int(window)),)}
     return {"attention": tuple(_layer_pattern(t, int(window), i) for i, t in enumerate(types))}
@@ -451,7 +509,8 @@ def read_gpt_neo_layers(hf: HfConfig) -> dict[str, Any]:
     local layers see the last `window_size` tokens, themselves included."""
     kinds = [kind for group, repeat in hf["attention_types"] for _ in range(repeat) for kind in group]
     if len(kinds) != hf["num_layers"]:
-        raise ValueError(f"attention_types: describes {len(kinds)} layers, num_layers is {hf['num_layers']}")
+        raise ValueError(f"attention_types: describes {len(kinds)} layers, num_layers is {hf['num_layers']}; "
+                         "give one kind per layer")
     local = AttentionPattern(kind="sliding", window=int(hf["window_size"]))
     patterns = []
     for i, kind in enumerate(kinds):
@@ -475,19 +534,17 @@ def read_neox_rope(hf: HfConfig) -> dict[str, Any]:
     """GPT-NeoX's and StableLM's RoPE: `rope_parameters` (with `partial_rotary_factor`),
     or the keys older configs carry: a top-level `partial_rotary_factor` (StableLM 2), or
     `rotary_pct` and `rotary_emb_base` (Pythia); transformers' default rotates a quarter."""
-    params = dict(hf.get("rope_parameters") or {})
+    params, where = rope_dict(hf)
     factor = float(params.pop("partial_rotary_factor",
                               hf.get("partial_rotary_factor", hf.get("rotary_pct", DEFAULT_PARTIAL_ROTARY))))
-    hf = {key: value for key, value in hf.items() if key != "partial_rotary_factor"}  # read here, not by read_rope
-    if not params and "rotary_emb_base" in hf:  # Pythia's name for rope_theta; rope_scaling beside it still counts
-        hf["rope_theta"] = hf["rotary_emb_base"]
+    if "rotary_emb_base" in hf:  # Pythia's name for rope_theta, filled in as GPTNeoXConfig fills it
+        params.setdefault("rope_theta", hf["rotary_emb_base"])
     head_dim = hf["hidden_size"] // hf["num_attention_heads"]
     rotary_dim = int(head_dim * factor)  # transformers' rounding
     if not 0 < rotary_dim <= head_dim or rotary_dim % 2:
-        raise ValueError(f"rope_parameters.partial_rotary_factor: {factor} of a {head_dim}-wide head rotates "
+        raise ValueError(f"{where}.partial_rotary_factor: {factor} of a {head_dim}-wide head rotates "
                          f"{rotary_dim} dims; Heron needs an even number from 2 to {head_dim}")
-    return {**read_rope({**hf, "rope_parameters": params}),  # empty: read_rope reads the older top-level keys
-            "rotary_dim": None if rotary_dim == head_dim else rotary_dim}
+    return {**rope_fields(params, where, hf), "rotary_dim": None if rotary_dim == head_dim else rotary_dim}
 
 
 def write_neox_rope(config: ModelConfig) -> HfConfig:
@@ -599,22 +656,22 @@ LLAMA = Family(
 MISTRAL = Family(
     "mistral", "mistral", "MistralForCausalLM", LLAMA_WEIGHTS, _LLAMA_FIELDS,
     _LLAMA_FIXED + (("qkv_bias", False), ("out_bias", False), ("mlp_bias", False)), _SILU,
-    read=(read_rope, read_sliding), write=(write_rope, write_sliding, dense_feed_forward_only),
+    read=(read_rope, read_mistral_sliding), write=(write_rope, write_sliding, dense_feed_forward_only),
     hf_defaults=(("tie_word_embeddings", False), ("rms_norm_eps", 1e-6), ("sliding_window", 4096),
                  ("max_position_embeddings", 131072)),
 )
 QWEN2 = Family(
     "qwen2", "qwen2", "Qwen2ForCausalLM", LLAMA_WEIGHTS, _LLAMA_FIELDS,
     _LLAMA_FIXED + (("qkv_bias", True), ("out_bias", False), ("mlp_bias", False)), _SILU,
-    read=(read_rope, read_sliding), write=(write_rope, write_layer_types, dense_feed_forward_only),
+    read=(read_rope, read_qwen_sliding), write=(write_rope, write_layer_types, dense_feed_forward_only),
     hf_defaults=_QWEN_DEFAULTS,
 )
 QWEN3 = Family(
     "qwen3", "qwen3", "Qwen3ForCausalLM", QWEN3_WEIGHTS, _LLAMA_FIELDS,
     _RMS_ROPE_SWIGLU + (("qk_norm", True), ("mlp_bias", False)), _SILU,
-    read=(read_rope, read_attention_bias, read_sliding),
+    read=(read_rope, read_attention_bias, read_qwen_sliding),
     write=(write_rope, write_attention_bias, write_layer_types, dense_feed_forward_only),
-    hf_defaults=_QWEN_DEFAULTS + (("attention_bias", False),),
+    hf_defaults=_QWEN_DEFAULTS + (("attention_bias", False), ("head_dim", 128)),
 )
 QWEN3_MOE = Family(
     "qwen3_moe", "qwen3_moe", "Qwen3MoeForCausalLM", QWEN3_MOE_WEIGHTS, _LLAMA_FIELDS, QWEN3.fixed,
@@ -622,7 +679,7 @@ QWEN3_MOE = Family(
     read=(read_rope, read_attention_bias, read_switched_sliding, read_qwen3_moe_experts),
     write=(write_rope, write_attention_bias, write_switched_sliding, write_qwen3_moe_experts),
     hf_defaults=(("tie_word_embeddings", False), ("rms_norm_eps", 1e-6), ("attention_bias", False),
-                 ("use_sliding_window", False), ("max_position_embeddings", 32768)),
+                 ("use_sliding_window", False), ("max_position_embeddings", 32768), ("norm_topk_prob", False)),
 )
 PHI3 = Family(
     "phi3", "phi3", "Phi3ForCausalLM", PHI3_WEIGHTS, _LLAMA_FIELDS,
@@ -667,7 +724,8 @@ GPT_NEO = Family(
            _unscaled_only, dense_feed_forward_only),
     ignored=MASK_BUFFERS,
     hf_defaults=(("tie_word_embeddings", True), ("layer_norm_epsilon", 1e-5), ("activation_function", "gelu_new"),
-                 ("max_position_embeddings", 2048), ("window_size", 256)),
+                 ("max_position_embeddings", 2048), ("window_size", 256),
+                 ("attention_types", ((("global", "local"), 12),))),
 )
 _NEOX_READ_ACT, _NEOX_WRITE_ACT = _activation("hidden_act")
 GPT_NEOX = Family(
@@ -724,7 +782,18 @@ WHOLE_NUMBERS = REQUIRED_SIZES + ("n_kv_heads", "head_dim", "d_ff", "max_seq_len
 def family_config(family: Family, hf: HfConfig) -> ModelConfig:
     """The ModelConfig of a config.json dict of `family`; ValueError names the field. A key
     the dict leaves out reads as transformers' default for the family (`hf_defaults`)."""
-    hf = {**dict(family.hf_defaults), **hf}
+    try:
+        return _read_config(family, {**dict(family.hf_defaults), **hf})
+    except ValueError as err:
+        key = str(err).split(":", 1)[0]
+        if key in dict(family.hf_defaults) and key not in hf:  # the value it names is not the file's
+            raise ValueError(f"{err} (config.json leaves {key} out: that is transformers' default for "
+                             f"{family.model_type})") from err
+        raise
+
+
+def _read_config(family: Family, hf: HfConfig) -> ModelConfig:
+    """family_config of a dict with the family's defaults filled in."""
     for key, value in family.hf_fixed:
         if key in hf and hf[key] != value:
             raise ValueError(f"{key}: Heron implements {value!r} only, got {hf[key]!r}")
