@@ -1,7 +1,9 @@
 """A killed alignment run goes on from its last saved state exactly as the unbroken run
 would have: the same metrics rows and, bit for bit, the same weights; a rerun under
 another recipe is refused, naming what changed."""
+import functools
 import json
+import math
 import shutil
 
 import pytest
@@ -11,11 +13,13 @@ import yaml
 
 from heron.align import resume as resume_module
 from heron.align.recipe import load_align_recipe
+from heron.align.resume import read_state
 from heron.align.run import PLOT_FILE, STATE_FILE, run_alignment
 from heron.cli.main import main
 from heron.core import ModelConfig, Transformer
 from heron.store.atomic import partial_path
 from heron.train.checkpoint import CheckpointError, save_model_folder
+from heron.train.loop import DivergedError
 
 TIMINGS = {"rollout_tokens_per_s"}  # measured, so they differ from run to run
 
@@ -229,3 +233,52 @@ def test_save_every_zero_saves_nothing(base, tmp_path, monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             run_alignment("sft", align_recipe(tmp_path, base, "run", "sft", save_every=0))
     assert not (tmp_path / "run" / STATE_FILE).exists()
+
+
+def tensors(value):
+    """Every floating tensor in a saved state's nested dicts and lists."""
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        yield value
+    elif isinstance(value, dict | list | tuple):
+        for item in value.values() if isinstance(value, dict) else value:
+            yield from tensors(item)
+
+
+def assert_all_kept_is_finite(out):
+    """Every metrics row, and the saved state (weights, optimiser, rows) if any, holds finite numbers only;
+    no model was written."""
+    assert all(math.isfinite(v) for row in rows(out) for v in row.values() if isinstance(v, float))
+    state = read_state(out / STATE_FILE)
+    if state is not None:
+        assert all(torch.isfinite(t).all() for t in tensors(state["parts"]))
+        assert all(math.isfinite(v) for row in state["rows"] for v in row.values() if isinstance(v, float))
+    assert not (out / "model").exists()
+
+
+@pytest.mark.parametrize("method, section", [
+    ("sft", {"fit": {"steps": 5, "batch_size": 4, "lr": 1e30}}),
+    ("dpo", {"fit": {"steps": 5, "batch_size": 4, "lr": 1e30}}),
+    ("ppo", {"ppo": {"steps": 5, "prompts_per_step": 4, "minibatch": 4, "epochs": 1, "lr": 1e30}})])
+def test_a_diverging_run_stops_before_keeping_anything_of_it(base, tmp_path, method, section):
+    """lr 1e30: step 1's update makes the weights ~1e30, still finite (and saved); the forward after it
+    overflows, and the run stops before that step's update (PPO: of the policy and the value model)."""
+    with pytest.raises(DivergedError, match=r"step 2: the (training loss|gradient norm) is (nan|inf)"):
+        run_alignment(method, align_recipe(tmp_path, base, "run", method, save_every=1, **section))
+    assert [row["step"] for row in rows(tmp_path / "run")] == [1]
+    assert read_state(tmp_path / "run" / STATE_FILE)["step"] == 1
+    assert_all_kept_is_finite(tmp_path / "run")
+
+
+@pytest.mark.parametrize("save_every", [1, 0])
+def test_an_update_that_overflows_the_weights_is_neither_saved_nor_written(base, tmp_path, monkeypatch, save_every):
+    """lr 1e39 is past fp32's range: align's AdamW refuses it itself (a RuntimeError), but the fused
+    kernel, train's, lets step 1's update make the weights infinite from a finite loss and gradient.
+    Neither the saved state (save_every 1) nor, with none saved, the final model may keep them."""
+    monkeypatch.setattr(torch.optim, "AdamW", functools.partial(torch.optim.AdamW, fused=True))
+    recipe = align_recipe(tmp_path, base, "run", "sft", save_every=save_every,
+                          fit={"steps": 1, "batch_size": 4, "lr": 1e39})
+    with pytest.raises(DivergedError, match=r"step 1: \d+ weight tensor\(s\) hold NaN or infinite values"):
+        run_alignment("sft", recipe)
+    assert [row["step"] for row in rows(tmp_path / "run")] == [1]
+    assert not (tmp_path / "run" / STATE_FILE).exists()
+    assert_all_kept_is_finite(tmp_path / "run")

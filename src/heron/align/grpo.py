@@ -28,6 +28,7 @@ from heron.align.rollout import Reward, RewardModel, check_settings, prompt_batc
 from heron.core.modes import inference_routing
 from heron.core.transformer import Transformer
 from heron.tokenizer import Tokenizer
+from heron.train.loop import check_finite_update
 
 
 @dataclass(frozen=True)
@@ -87,8 +88,10 @@ def grpo(policy: Transformer, reference: Transformer, tokenizer: Tokenizer, prom
             for name, value in routing_statistics(policy).items():
                 routing[name] = routing.get(name, 0.0) + float(value) / settings.inner_steps
             loss, stats = grpo_loss(logprobs, old, ref, advantages, mask, clip=settings.clip, beta=settings.beta)
-            (loss + aux).backward()  # aux: a MoE policy's balancing losses, zero for a dense one
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), settings.clip_norm)
+            total = loss + aux  # aux: a MoE policy's balancing losses, zero for a dense one
+            total.backward()
+            norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), settings.clip_norm)
+            check_finite_update(step + 1, float(total.detach()), float(norm))  # before AdamW spreads a NaN
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         row = {"step": step + 1, "loss": float(loss.detach()), "reward": float(scores.mean()), "kl": float(stats["kl"]),

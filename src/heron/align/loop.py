@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from heron.align.resume import Resumable
 from heron.data.batches import epoch_rows
-from heron.train.loop import check_finite_loss
+from heron.train.loop import check_finite_update
 
 # rows (b,) -> (losses (b,), {name: per-example values (b,)})
 Objective = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -71,11 +71,12 @@ def fit(params: Iterable[torch.nn.Parameter], objective: Objective, n_examples: 
             (losses.sum() / settings.batch_size).backward()
             for name, values in {"loss": losses, **metrics}.items():
                 sums[name] = sums.get(name, 0.0) + float(values.detach().sum())
-        norm = torch.nn.utils.clip_grad_norm_(params, settings.clip_norm)
+        norm = float(torch.nn.utils.clip_grad_norm_(params, settings.clip_norm))
+        # Before the update: a NaN gradient would make AdamW write NaN into every weight.
+        check_finite_update(step + 1, sums["loss"] / settings.batch_size, norm)
         optim.step()
         optim.zero_grad(set_to_none=True)
-        row = {"step": step + 1, **{k: v / settings.batch_size for k, v in sums.items()}, "grad_norm": float(norm)}
-        check_finite_loss(step + 1, row["loss"])
+        row = {"step": step + 1, **{k: v / settings.batch_size for k, v in sums.items()}, "grad_norm": norm}
         history.append(row)
         if on_step is not None:
             on_step(row)

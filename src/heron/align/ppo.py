@@ -42,6 +42,7 @@ from heron.align.rollout import Reward, RewardModel, check_settings, prompt_batc
 from heron.core.modes import inference_routing
 from heron.core.transformer import Transformer
 from heron.tokenizer import Tokenizer
+from heron.train.loop import check_finite_update
 
 
 @dataclass(frozen=True)
@@ -141,8 +142,12 @@ def ppo(policy: Transformer, value_model: Transformer, reference: Transformer, t
                 policy_loss, stats = ppo_policy_loss(logprobs, old[rows], advantages[rows], mask[rows], settings.clip)
                 value_loss = ppo_value_loss(values, old_values[rows], returns[rows], mask[rows], settings.value_clip)
                 # the aux losses: MoE models' balancing losses, zero for dense ones
-                (policy_loss + aux + settings.value_coef * value_loss + value_aux).backward()
-                torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], settings.clip_norm)
+                loss = policy_loss + aux + settings.value_coef * value_loss + value_aux
+                loss.backward()
+                norm = torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], settings.clip_norm)
+                # One norm over the policy's and the value model's gradients: a NaN in either stops the
+                # run before AdamW writes it into both (the update is one step of one optimiser).
+                check_finite_update(step + 1, float(loss.detach()), float(norm))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 sums["policy_loss"] += float(policy_loss.detach())

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from heron.align.grpo import GRPOSettings
 from heron.align.loop import FitSettings
@@ -123,10 +123,25 @@ def _settings(cls: type, values: dict[str, Any], section: str) -> Any:
     unknown = sorted(set(values) - known)
     if unknown:
         raise RecipeError(f"{section}.{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
+    typed = _typed(cls, values, section)
     try:
-        return cls(**values)
+        return cls(**typed)
     except (TypeError, ValueError) as err:
         raise _section_error(section, err, known) from err
+
+
+def _typed(cls: type, values: dict[str, Any], section: str) -> dict[str, Any]:
+    """`values` as the types of cls's fields, by pydantic's lax rules as the recipe's own sections
+    are: YAML 1.1 reads `1e-5` (no dot) as the string "1e-5", and 1e-05 is what the user meant;
+    "3" or 3.0 is the int 3, 3.5 no int. A value that is none of its type is a RecipeError naming it."""
+    types = get_type_hints(cls)
+    typed = {}
+    for name, value in values.items():
+        try:
+            typed[name] = TypeAdapter(types[name]).validate_python(value)
+        except ValidationError as err:
+            raise RecipeError(f"{section}.{name}: {err.errors()[0]['msg']} (got {value!r})") from None
+    return typed
 
 
 def _section_error(section: str, err: Exception, known: set[str]) -> RecipeError:

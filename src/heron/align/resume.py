@@ -22,6 +22,7 @@ from torch import nn
 
 from heron.store.atomic import write_file_atomic
 from heron.train.checkpoint import CheckpointError
+from heron.train.loop import check_finite_weights
 from heron.train.rng import rng_states, set_rng_states
 
 STATE_FORMAT = 1
@@ -72,8 +73,14 @@ class Resumable:
         self.rows.append(row)
         if self.every and step % self.every == 0:
             every_part = {**parts, **self.extra}
+            saved = {name: part.state_dict() for name, part in every_part.items()}
+            # An update can overflow with a finite loss and gradient (lr 1e39 is inf in fp32):
+            # the last good state stays the one a rerun resumes from.
+            check_finite_weights(step, {f"{name}.{key}": value for name, part in every_part.items()
+                                        if isinstance(part, (nn.Module, ModuleBuffers))
+                                        for key, value in saved[name].items()})
             state = {"format": STATE_FORMAT, "identity": self.identity, "step": step, "rows": self.rows,
-                     "rng": rng_states(), "parts": {name: part.state_dict() for name, part in every_part.items()}}
+                     "rng": rng_states(), "parts": saved}
             write_file_atomic(self.file, lambda f: torch.save(state, f))
 
 

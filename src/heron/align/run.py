@@ -49,6 +49,7 @@ from heron.store.atomic import is_partial_write
 from heron.store.jsonl import read_jsonl_objects
 from heron.train.checkpoint import (RUN_MODEL_DIR, is_leftover, resolve_checkpoint, save_model_folder, sha256_file,
                                     weights_identity)
+from heron.train.loop import check_finite_weights
 from heron.train.recipe import setting_changes
 
 PLOT_FILE, MODEL_DIR, CACHE_DIR = "reward_kl.png", RUN_MODEL_DIR, "cache"  # METRICS_FILE: a training run's name
@@ -113,6 +114,7 @@ def run_alignment(method: str, recipe: AlignRecipe, *, resume: bool = True, rest
     lineage = {"alignment": {"method": method, "base": str(resolve_checkpoint(recipe.base).resolve()),  # the step
                              "recipe": recipe.model_dump(), "final": rows[-1] if rows else {},
                              "energy": energy.report().to_dict()}}
+    check_finite_weights(len(rows), trained.state_dict())  # the last update may have overflowed
     folder = save_model_folder(out / MODEL_DIR, trained, tokenizer=tokenizer, lineage=lineage)
     state.file.unlink(missing_ok=True)  # the finished model holds all there is
     _record_align(folder, lineage["alignment"])

@@ -1,0 +1,44 @@
+"""Alignment recipes: numbers as YAML reads them, and errors that name the dotted field."""
+import pytest
+import yaml
+
+from heron.align.recipe import load_align_recipe
+from heron.train.recipe import RecipeError
+
+RECIPE = """\
+name: run
+out_dir: out
+base: base
+data: {task: {n: 8}}
+fit: {lr: 1e-5}
+preference: {beta: 1e-5}
+ppo: {lr: 1e-5, value_lr: 2e-5, steps: "3"}
+grpo: {lr: 1e-5, beta: 1e-2, inner_steps: 2.0}
+"""
+
+
+def test_numbers_yaml_reads_as_strings_are_numbers_of_the_fields_type(tmp_path):
+    """YAML 1.1 reads `1e-5` (no dot) as the string "1e-5": every section takes it as 1e-05."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(RECIPE)
+    assert isinstance(yaml.safe_load(RECIPE)["ppo"]["lr"], str)  # the trap itself
+    recipe = load_align_recipe(path)
+    ppo, grpo = recipe.ppo_settings(), recipe.grpo_settings()
+    assert (ppo.lr, ppo.value_lr, ppo.steps) == (1e-05, 2e-05, 3) and type(ppo.steps) is int
+    assert (grpo.lr, grpo.beta, grpo.inner_steps) == (1e-05, 1e-02, 2) and type(grpo.inner_steps) is int
+    assert (recipe.fit.lr, recipe.preference.beta) == (1e-05, 1e-05)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("ppo.lr=abc", r"ppo\.lr: Input should be a valid number.* \(got 'abc'\)"),
+    ("grpo.beta=abc", r"grpo\.beta: Input should be a valid number.* \(got 'abc'\)"),
+    ("ppo.value_lr=abc", r"ppo\.value_lr: Input should be a valid number.* \(got 'abc'\)"),
+    ("grpo.steps=2.5", r"grpo\.steps: Input should be a valid integer, got a number with a fractional part "
+                       r"\(got 2\.5\)"),
+    ("ppo.lr=-1e-5", r"ppo\.lr: must be > 0, got -1e-05"),  # converted first, then checked as before
+])
+def test_a_setting_that_is_not_a_number_is_refused_naming_the_field(tmp_path, override, message):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(RECIPE)
+    with pytest.raises(RecipeError, match=f"^{message}$"):
+        load_align_recipe(path, [override])
