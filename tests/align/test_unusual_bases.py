@@ -1,6 +1,7 @@
-"""Bases that differ from a freshly trained Heron checkpoint: a tokenizer whose pad token
-lies past the model's vocabulary, and a pruned (sparse) checkpoint."""
+"""Bases that differ from a freshly trained Heron checkpoint: a tokenizer whose pad token or
+other tokens lie past the model's vocabulary, and a pruned (sparse) checkpoint."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from heron.align.run import run_alignment
 from heron.align.synthetic import RepeatTask
 from heron.compress.prune_model import sparsity_of
 from heron.compress.sparse_store import save_sparse
+from heron.core import Transformer
+from heron.train.checkpoint import save_model_folder
 
 TASK = RepeatTask()
 MAX_LEN = 64
@@ -80,3 +83,25 @@ def test_a_pruned_base_is_aligned_with_a_warning_that_the_result_is_dense(base, 
         folder = run_alignment("sft", load_align_recipe(tmp_path / "sft.yaml"))
     aligned, _ = heron.load(folder)
     assert sparsity_of(model) == 0.5 and sparsity_of(aligned) < 0.25  # as the warning says, the zeros fill in
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo", "grpo"])
+def test_a_tokenizer_holding_ids_past_the_model_s_vocabulary_is_named_before_training(base, tmp_path, method):
+    """A base whose embedding stops short of its tokenizer (a Hugging Face tokenizer that gained
+    tokens its model never grew for): the row or prompt holding such a token is named with it,
+    before any step; it was an IndexError deep in the embedding lookup."""
+    model, tokenizer = heron.load(base)
+    chats = TASK.sft_chats(16, seed=0)
+    past = max(max(tokenizer.chat_turn_ids(c[:-1], c[-1]["content"])[0]) for c in chats)  # a prompt's token
+    torch.manual_seed(0)
+    short = Transformer(dataclasses.replace(model.config, vocab_size=past))
+    folder = save_model_folder(tmp_path / "short", short, tokenizer=tokenizer)
+    raw = {"name": method, "out_dir": str(tmp_path / method), "base": str(folder), "save_every": 0,
+           "data": {"task": {"n": 16}, "max_len": MAX_LEN}, "fit": {"steps": 1, "batch_size": 4},
+           "grpo": {"steps": 1, "prompts_per_step": 2, "group_size": 2, "max_new_tokens": 4}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    where = {"sft": r"chat \d+", "dpo": r"pair \d+ with its (chosen|rejected) reply", "grpo": r"data: prompt \d+"}
+    with pytest.raises(ValueError, match=rf"{where[method]}: token '.*' \(id \d+\) lies past the model's "
+                                         rf"vocabulary of {past}"):
+        run_alignment(method, load_align_recipe(tmp_path / "recipe.yaml"))
+    assert not (tmp_path / method / "metrics.jsonl").exists() or not (tmp_path / method / "metrics.jsonl").read_text()

@@ -54,9 +54,11 @@ class RowTooLong(ValueError):
 
 
 def encode_replies(tokenizer: Tokenizer, prompts: Sequence[Messages], replies: Sequence[str],
-                   max_len: int, describe: Callable[[int], str] = lambda i: f"row {i + 1}") -> Replies:
+                   max_len: int, describe: Callable[[int], str] = lambda i: f"row {i + 1}",
+                   vocab_size: int | None = None) -> Replies:
     """Tokenise prompt/reply rows; a row longer than max_len is a RowTooLong naming it
-    (`describe(i)` for row i, 0-based)."""
+    (`describe(i)` for row i, 0-based), one holding an id past the model's `vocab_size`
+    (where given) a ValueError naming it (`check_ids_fit`)."""
     if len(prompts) != len(replies):
         raise ValueError(f"replies: {len(replies)} for {len(prompts)} prompts")
     rows, masks = [], []
@@ -67,6 +69,8 @@ def encode_replies(tokenizer: Tokenizer, prompts: Sequence[Messages], replies: S
             raise ValueError(f"{describe(i)}: {err}") from None
         if len(head) + len(tail) > max_len:
             raise RowTooLong(f"{describe(i)} is {len(head) + len(tail)} tokens, more than max_len {max_len}")
+        if vocab_size is not None:
+            check_ids_fit(tokenizer, head + tail, vocab_size, describe(i))
         rows.append(head + tail)
         masks.append([0.0] * len(head) + [1.0] * len(tail))
     width = max(len(r) for r in rows)
@@ -78,8 +82,21 @@ def encode_replies(tokenizer: Tokenizer, prompts: Sequence[Messages], replies: S
     return Replies(ids, mask, torch.tensor([len(r) - 1 for r in rows]))
 
 
+def check_ids_fit(tokenizer: Tokenizer, ids: Sequence[int], vocab_size: int, where: str) -> None:
+    """A ValueError naming `where` and the token when an id lies past the model's vocabulary:
+    a Hugging Face tokenizer can hold tokens (a chat template's markers, most often) that its
+    model's embedding never grew for, and the embedding lookup would fail on them deep in
+    training with "index out of range"."""
+    past = max(ids, default=-1)
+    if past >= vocab_size:
+        raise ValueError(f"{where}: token {tokenizer.decode([past])!r} (id {past}) lies past the model's "
+                         f"vocabulary of {vocab_size}: its tokenizer holds tokens its embedding lacks; leave that "
+                         "text out, or align a model whose embedding covers its tokenizer")
+
+
 def encode_chats(tokenizer: Tokenizer, chats: Sequence[Messages], max_len: int,
-                 describe: Callable[[int], str] = lambda i: f"chat {i + 1}") -> Replies:
+                 describe: Callable[[int], str] = lambda i: f"chat {i + 1}", vocab_size: int | None = None
+                 ) -> Replies:
     """SFT rows: each chat whole, with every assistant turn's tokens (its end-of-turn included)
     in the mask, as data/chat.py trains chats, not only the last reply's.
 
@@ -87,7 +104,8 @@ def encode_chats(tokenizer: Tokenizer, chats: Sequence[Messages], max_len: int,
     reply lies where its own turn's prompt ends. That holds for Heron's template and for any
     template that renders a chat's start the same whatever follows; a ValueError names a chat
     where it does not."""
-    rows = encode_replies(tokenizer, [c[:-1] for c in chats], [c[-1]["content"] for c in chats], max_len, describe)
+    rows = encode_replies(tokenizer, [c[:-1] for c in chats], [c[-1]["content"] for c in chats], max_len, describe,
+                          vocab_size)
     mask = rows.mask.clone()
     for row, chat in enumerate(chats):
         ids = rows.ids[row].tolist()
@@ -121,7 +139,7 @@ def as_messages(prompt: str | Messages) -> Messages:
 
 
 def encode_pairs(tokenizer: Tokenizer, pairs: Sequence[dict], max_len: int,
-                 names: Sequence[str] | None = None) -> tuple[Replies, Replies]:
+                 names: Sequence[str] | None = None, vocab_size: int | None = None) -> tuple[Replies, Replies]:
     """(chosen, rejected) rows of prompt/chosen/rejected records (as `heron feedback export`
     writes them), row i of each from pair i. Extra keys (annotator, ids) are ignored. Errors
     name pair i as names[i] (a file's "pairs.jsonl:3"), else "pair i+1"."""
@@ -139,7 +157,8 @@ def encode_pairs(tokenizer: Tokenizer, pairs: Sequence[dict], max_len: int,
     prompts = [as_messages(p["prompt"]) for p in pairs]
     n = len(pairs)  # one padded width for both sides, so a batch can stack them
     both = encode_replies(tokenizer, prompts * 2, replies["chosen"] + replies["rejected"], max_len,
-                          describe=lambda i: f"{names[i % n]} with its {'chosen' if i < n else 'rejected'} reply")
+                          describe=lambda i: f"{names[i % n]} with its {'chosen' if i < n else 'rejected'} reply",
+                          vocab_size=vocab_size)
     return both.take(torch.arange(n)), both.take(torch.arange(n, 2 * n))
 
 
@@ -154,4 +173,5 @@ def _reply_text(value: object, where: str) -> str:
     raise ValueError(f"{where}: the reply's text, or one assistant message, expected; got {value!r:.80}")
 
 
-__all__ = ["PAD_ID", "Replies", "RowTooLong", "as_messages", "encode_chats", "encode_pairs", "encode_replies"]
+__all__ = ["PAD_ID", "Replies", "RowTooLong", "as_messages", "check_ids_fit", "encode_chats", "encode_pairs",
+           "encode_replies"]

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 import heron
-from heron.align.data import Messages, RowTooLong, as_messages, encode_chats, encode_pairs
+from heron.align.data import Messages, RowTooLong, as_messages, check_ids_fit, encode_chats, encode_pairs
 from heron.align.grpo import grpo
 from heron.align.heads import with_scalar_head
 from heron.align.loop import fit
@@ -225,20 +225,21 @@ def _sft(model, tokenizer, recipe: AlignRecipe, task: RepeatTask | None, on_step
             raise ValueError(f"data.file: {name}: the chat is an assistant reply alone; give the user (or system) "
                              "turn it answers before it")
     with _max_len_named():  # every assistant turn trained
-        data = encode_chats(tokenizer, chats, recipe.data.max_len, describe=lambda i: names[i])
+        data = encode_chats(tokenizer, chats, recipe.data.max_len, describe=lambda i: names[i],
+                            vocab_size=model.config.vocab_size)
     state.extra["buffers"] = ModuleBuffers(model)  # fit saves the parameters; a router's centre is a buffer
     fit(model.parameters(), sft_objective(model, data), len(data), recipe.fit_settings(), on_step, resume=state)
     return model
 
 
-def _pairs(tokenizer, recipe: AlignRecipe, task: RepeatTask | None):
+def _pairs(tokenizer, recipe: AlignRecipe, task: RepeatTask | None, vocab_size: int):
     if task:
         pairs, names = task.preference_pairs(recipe.data.task.n, recipe.data.task.seed), None
     else:
         lines = _jsonl_lines(recipe.data.file)
         pairs, names = [row for _, row in lines], [f"{recipe.data.file}:{number}" for number, _ in lines]
     with _max_len_named():
-        return encode_pairs(tokenizer, pairs, recipe.data.max_len, names)
+        return encode_pairs(tokenizer, pairs, recipe.data.max_len, names, vocab_size)
 
 
 @contextmanager
@@ -252,7 +253,7 @@ def _max_len_named() -> Iterator[None]:
 
 def _rm(model, tokenizer, recipe: AlignRecipe, task: RepeatTask | None, on_step: Callable,
         state: Resumable) -> torch.nn.Module:
-    chosen, rejected = _pairs(tokenizer, recipe, task)
+    chosen, rejected = _pairs(tokenizer, recipe, task, model.config.vocab_size)
     reward_model = with_scalar_head(model, seed=recipe.fit.seed).train()
     state.extra["buffers"] = ModuleBuffers(reward_model)
     fit(reward_model.parameters(), reward_objective(reward_model, chosen, rejected), len(chosen),
@@ -262,7 +263,7 @@ def _rm(model, tokenizer, recipe: AlignRecipe, task: RepeatTask | None, on_step:
 
 def _dpo(model, tokenizer, recipe: AlignRecipe, task: RepeatTask | None, on_step: Callable,
          state: Resumable) -> torch.nn.Module:
-    chosen, rejected = _pairs(tokenizer, recipe, task)
+    chosen, rejected = _pairs(tokenizer, recipe, task, model.config.vocab_size)
     p = recipe.preference
     reference = (cached_reference_logprobs(model, chosen, rejected, Path(recipe.out_dir) / CACHE_DIR)
                  if p.loss in NEEDS_REFERENCE else None)
@@ -296,13 +297,18 @@ def _reward(recipe: AlignRecipe, task: RepeatTask | None, tokenizer) -> Reward |
 
 
 def _rollout_prompts(recipe: AlignRecipe, task: RepeatTask | None, tokenizer, method: str,
-                     max_new_tokens: int) -> list[Messages]:
-    """The prompts PPO or GRPO samples from. A reward model scores the rollout's rows, which must
-    fit data.max_len, the rows it was trained on: the longest prompt and reply, end token included."""
-    prompts = _prompts(recipe, task)
+                     max_new_tokens: int, vocab_size: int) -> list[Messages]:
+    """The prompts PPO or GRPO samples from, each within the policy's vocabulary. A reward model
+    scores the rollout's rows, which must fit data.max_len, the rows it was trained on: the
+    longest prompt and reply, end token included."""
+    prompts, lengths = _prompts(recipe, task), []
+    for i, prompt in enumerate(prompts):
+        ids = tokenizer.chat_prompt_ids(prompt)
+        check_ids_fit(tokenizer, ids, vocab_size, f"data: prompt {i + 1}")
+        lengths.append(len(ids))
     if recipe.reward == "judge":  # the judge reads text: no row length to respect
         return prompts
-    longest = max(len(tokenizer.chat_prompt_ids(p)) for p in prompts)
+    longest = max(lengths)
     if longest + max_new_tokens + 1 > recipe.data.max_len:
         raise ValueError(f"data.max_len: {recipe.data.max_len} is less than the longest prompt ({longest} tokens) "
                          f"plus {method}.max_new_tokens ({max_new_tokens}) and the reply's end token")
@@ -312,7 +318,7 @@ def _rollout_prompts(recipe: AlignRecipe, task: RepeatTask | None, tokenizer, me
 def _ppo(model, tokenizer, recipe: AlignRecipe, task: RepeatTask | None, on_step: Callable,
          state: Resumable) -> torch.nn.Module:
     settings = recipe.ppo_settings()
-    prompts = _rollout_prompts(recipe, task, tokenizer, "ppo", settings.max_new_tokens)
+    prompts = _rollout_prompts(recipe, task, tokenizer, "ppo", settings.max_new_tokens, model.config.vocab_size)
     reference = copy.deepcopy(model).eval()
     value_model = with_scalar_head(model, seed=settings.seed)  # seeded: reruns agree
     ppo(model, value_model, reference, tokenizer, prompts, _reward(recipe, task, tokenizer), settings, on_step, state)
@@ -322,7 +328,7 @@ def _ppo(model, tokenizer, recipe: AlignRecipe, task: RepeatTask | None, on_step
 def _grpo(model, tokenizer, recipe: AlignRecipe, task: RepeatTask | None, on_step: Callable,
           state: Resumable) -> torch.nn.Module:
     settings = recipe.grpo_settings()
-    prompts = _rollout_prompts(recipe, task, tokenizer, "grpo", settings.max_new_tokens)
+    prompts = _rollout_prompts(recipe, task, tokenizer, "grpo", settings.max_new_tokens, model.config.vocab_size)
     reference = copy.deepcopy(model).eval()
     grpo(model, reference, tokenizer, prompts, _reward(recipe, task, tokenizer), settings, on_step, state)
     return model
