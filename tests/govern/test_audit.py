@@ -314,6 +314,22 @@ def test_a_checkpoint_whose_size_the_database_sorts_as_text_is_reported(tmp_path
     assert "checkpoint #2 (size 10, t) comes after checkpoints of more records" in report.reason
 
 
+def test_a_checkpoint_whose_size_is_no_number_is_reported_and_appends_go_on(tmp_path: Path) -> None:
+    """A size that is no number at all was a bare ValueError out of verify ("invalid literal for int()"),
+    and a TypeError out of every later append, after its record was written."""
+    log = AuditLog.open(tmp_path / "a.db")
+    for i in range(3):
+        log.append("event", actor="alice", parameters={"i": i})
+    with log.store.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE audit_checkpoints SET size = 'x' WHERE id = 2"))
+    report = log.verify()
+    assert (report.ok, report.checkpoint) == (False, "checkpoint #2"), report
+    assert report.reason == "damaged: checkpoint #2 has size 'x', not a whole number of records"
+    record = log.append("event", actor="alice", parameters={"i": 3})  # the damaged checkpoint is not extended
+    assert record.seq == 3 and [c["size"] for c in log.store.checkpoints()] == [1, "x", 3, 4]
+    assert verify_log(rows_of(log)).ok  # the records themselves are whole
+
+
 def test_a_record_rehashed_alone_breaks_the_link_of_the_next(tmp_path: Path) -> None:
     """No checkpoint to lean on: record 1 changed and its own hash recomputed holds by itself, so
     only record 2's prev_hash (still the old hash) gives it away."""

@@ -118,6 +118,18 @@ def test_tag_operator(engine):
     assert redact(SENTENCE) == "<PERSON> paid with <CREDIT_CARD> from <IP_ADDRESS>."  # the module's default engine
 
 
+def test_redacting_redacted_text_changes_nothing(engine):
+    """The name model took "IP_ADDRESS", "URL", "CREDIT_CARD" in a row of tags for names: "<<PERSON>>"."""
+    text = "Lena Fischer logged in from 192.168.1.20 and 2001:db8::1 and fe80::1ff:fe23:4567:890a and ::1 today"
+    once = engine.redact(text)
+    assert once == "<PERSON> logged in from <IP_ADDRESS> and <IP_ADDRESS> and <IP_ADDRESS> and <IP_ADDRESS> today"
+    assert engine.redact(once) == once
+    for entity in ENTITIES:
+        tags = f"Contact <{entity}>, or <{entity}> and <{entity}>."
+        assert engine.find(tags) == [] and engine.redact(tags) == tags, entity
+    assert found(engine, "<URL>Lena Fischer") == [("PERSON", "Lena Fischer")]  # beside a tag is still found
+
+
 def test_redact_operator(engine):
     assert engine.redact(SENTENCE, "redact") == " paid with  from ."
 

@@ -119,3 +119,19 @@ def test_what_callers_rely_on(tmp_path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(made.stat().st_mode) == 0o666 & ~umask  # not mkstemp's owner-only 0600
+
+
+def test_a_replaced_file_keeps_its_permissions(tmp_path: Path) -> None:
+    """Written in place a file keeps its mode; replaced by a temp it took the temp's (0666 less the
+    umask), so an export its owner had made private (0600) came back readable by everyone."""
+    target = tmp_path / "consent-export.json"
+    for mode in (0o600, 0o640, 0o755):
+        target.write_text("old\n")
+        target.chmod(mode)
+        write_text_atomic(target, "new\n")
+        assert target.read_text() == "new\n" and stat.S_IMODE(target.stat().st_mode) == mode, oct(mode)
+    target.chmod(0o600)
+    with atomic_path(target) as tmp:  # a writer that makes its own file by name (gguf, matplotlib)
+        tmp.unlink()
+        tmp.write_bytes(b"by name")
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600

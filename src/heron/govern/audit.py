@@ -277,8 +277,22 @@ class LogCheckpoint:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], id: int | None = None) -> LogCheckpoint:
-        return cls(size=int(data["size"]), root=data["root"], time=data["time"], signature=data.get("signature"),
-                   id=id)
+        """DamagedCheckpoint when its size is no whole number ("1_0" reads as 10, as Python reads it)."""
+        try:
+            size = int(data["size"])
+        except (TypeError, ValueError):
+            where = f"checkpoint #{id}" if id is not None else "external checkpoint"
+            raise DamagedCheckpoint(where, f"damaged: {where} has size {data['size']!r}, not a whole number of "
+                                           "records") from None
+        return cls(size=size, root=data["root"], time=data["time"], signature=data.get("signature"), id=id)
+
+
+class DamagedCheckpoint(ValueError):
+    """A stored checkpoint that cannot be read (`where` names it): verify reports the log not intact."""
+
+    def __init__(self, where: str, reason: str) -> None:
+        super().__init__(reason)
+        self.where = where
 
 
 def sign_checkpoint(checkpoint: LogCheckpoint, key: Ed25519PrivateKey) -> LogCheckpoint:
@@ -370,6 +384,16 @@ def verify_log(rows: Iterable[Row], checkpoints: Iterable[LogCheckpoint] = (), *
 
 def _verify(rows: Iterable[Row], checkpoints: Iterable[LogCheckpoint], erased: Collection[int] | None,
             public_key: Ed25519PublicKey | None) -> VerifyReport:
+    """`_verify_walk`, with a stored checkpoint that cannot be read (its size no number: read as
+    the walk reaches it) reported as the failure, not raised: a damaged log is not intact."""
+    try:
+        return _verify_walk(rows, checkpoints, erased, public_key)
+    except DamagedCheckpoint as err:
+        return VerifyReport(False, 0, 0, 0, checkpoint=err.where, reason=str(err))
+
+
+def _verify_walk(rows: Iterable[Row], checkpoints: Iterable[LogCheckpoint], erased: Collection[int] | None,
+                 public_key: Ed25519PublicKey | None) -> VerifyReport:
     """`verify_log` over checkpoints already in size order, taken one at a time as the records
     reach them (so a log's may stream from its database), each counted and its signature checked
     as it passes. A bad signature is still the failure reported, whatever the records hold."""
@@ -646,7 +670,7 @@ class AuditLog(Closing):
             frontier = [bytes.fromhex(h) for h in json.loads(last["frontier"])]
         except (TypeError, ValueError):
             return [], 0
-        if last["size"] == 0 or len(frontier) != bin(last["size"]).count("1") or \
+        if type(last["size"]) is not int or last["size"] == 0 or len(frontier) != bin(last["size"]).count("1") or \
                 frontier_root(frontier).hex() != last["root"]:
             return [], 0  # damaged: start over from the records
         return frontier, last["size"]
@@ -786,7 +810,8 @@ def record_event(event_type: str, *, actor: str | None = None,
 
 
 __all__ = [
-    "AuditLog", "LogCheckpoint", "ContentRef", "DEFAULT_LOG", "EVENT_ERASE", "GENESIS", "InclusionProof", "LOG_ENV",
+    "AuditLog", "DamagedCheckpoint", "LogCheckpoint", "ContentRef", "DEFAULT_LOG", "EVENT_ERASE", "GENESIS",
+    "InclusionProof", "LOG_ENV",
     "Record", "Redactor", "VerifyReport", "audit_log", "content_sha256", "log_location", "record_event",
     "record_fields", "record_hash", "sign_checkpoint", "signature_valid", "verify_log", "verify_proof",
 ]

@@ -27,6 +27,7 @@ when the first engine is built.
 from __future__ import annotations
 
 import math
+import re
 from bisect import bisect_left
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ STRUCTURED = ("EMAIL", "PHONE", "SSN", "CREDIT_CARD", "IBAN", "IP_ADDRESS", "URL
 KEEP_LAST_FOUR = frozenset({"CREDIT_CARD", "IBAN", "ACCOUNT", "SSN", "PHONE", "MRN"})
 SCORE_THRESHOLD = 0.4  # Presidio's scale: a bare pattern scores 0.3-0.6, a checksum or context word lifts it
 Operator = Literal["tag", "redact", "mask", "pseudonym"]
+# What the tag operator writes (`_operator_config`), `<EMAIL>`: text redacted before holds these, none personal.
+TYPE_TAG = re.compile("<(?:" + "|".join(ENTITIES) + ")>")
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,22 @@ class _PrefixMax:
         return best
 
 
+def outside_type_tags(text: str, spans: Iterable[Span]) -> list[Span]:
+    """The spans not inside one of the tag operator's own tags in `text`: redacting text that was
+    redacted before must leave it as it is, but the name model takes "URL" in "<URL> and <URL>"
+    for a name, which made "<<PERSON>> and <<PERSON>>"."""
+    tags = [m.span() for m in TYPE_TAG.finditer(text)]
+    if not tags:
+        return list(spans)
+    starts = [start for start, _ in tags]
+    kept = []
+    for s in spans:
+        i = bisect_left(starts, s.start + 1) - 1  # the last tag starting at or before the span
+        if not (i >= 0 and s.end <= tags[i][1]):
+            kept.append(s)
+    return kept
+
+
 def mask(entity: str, value: str, char: str = "*") -> str:
     """Letters and digits to `char`, separators kept; number-like types keep their last four."""
     keep = 4 if entity in KEEP_LAST_FOUR else 0
@@ -150,8 +169,8 @@ class PiiEngine:
     def find(self, text: str) -> list[Span]:
         """Personal data in `text`, non-overlapping, in text order."""
         results = self.analyzer.analyze(text, language="en", entities=list(self.entities))
-        return resolve_overlaps(Span(r.entity_type, r.start, r.end, round(r.score, 4), text[r.start:r.end])
-                                for r in results)
+        return resolve_overlaps(outside_type_tags(text, (
+            Span(r.entity_type, r.start, r.end, round(r.score, 4), text[r.start:r.end]) for r in results)))
 
     def redact(self, text: str, operator: Operator = "tag", *, scope: str = "", secret: bytes | str | None = None,
                spans: list[Span] | None = None) -> str:

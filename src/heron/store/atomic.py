@@ -2,10 +2,11 @@
 
 A write goes to a temporary sibling `.<name>.<12 hex digits>.partial`, made
 fresh (and created exclusively) for each write, so two processes writing the
-same file never write into one temp. When the writer is done the temp is
-fsynced, renamed onto the target (rename is atomic on POSIX) and the folder is
-fsynced, so that the rename itself survives a power cut (see "Ensuring data
-reaches disk", https://lwn.net/Articles/457667/). A write that fails removes
+same file never write into one temp. When the writer is done the temp takes
+the permission bits of the file it replaces (if any), is fsynced, renamed onto
+the target (rename is atomic on POSIX) and the folder is fsynced, so that the
+rename itself survives a power cut (see "Ensuring data reaches disk",
+https://lwn.net/Articles/457667/). A write that fails removes
 its temp; one that is killed leaves it, under a name `is_partial_write`
 recognises, and a reader of the target never sees half a file.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -73,11 +75,22 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     tmp = _reserve(target)
     try:
         yield tmp
+        _keep_mode(target, tmp)
         fsync_path(tmp)
         os.replace(tmp, target)
         fsync_path(target.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _keep_mode(target: Path, tmp: Path) -> None:
+    """Give the temp the permission bits of the file it replaces, as writing the file in place
+    would keep them: a file its owner had made private (0600) came back readable by everyone."""
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        return  # a new file: the temp's own mode, 0666 less the umask
+    os.chmod(tmp, mode)
 
 
 def _reserve(target: Path) -> Path:
