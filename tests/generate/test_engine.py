@@ -202,11 +202,25 @@ def test_a_hook_attached_while_decoding_sees_every_step_and_steers_it(model):
         ([[1]], SamplingParams(stop=["x"]), "stop"),
         ([1, 2, 3], GREEDY, "prompt_ids: expected a batch of prompts"),  # one prompt's ids, not a batch
         (torch.tensor([1, 2, 3]), GREEDY, "prompt_ids: a tensor of prompts is \\(B, P\\)"),
+        ([[[1, 2]]], GREEDY, "prompt_ids\\[0\\]: one prompt is a flat list of token ids, got shape \\(1, 2\\)"),
+        ([[4], [[1, 2], [3, 4]]], GREEDY, "prompt_ids\\[1\\]: one prompt is a flat list .* \\(2, 2\\)"),
     ],
 )
 def test_bad_requests_name_the_field(model, prompts, params, field):
     with pytest.raises(ValueError, match=f"^{field}"):
         Generator(model).generate_ids(prompts, params)
+
+
+def test_one_prompt_given_as_a_1_by_p_tensor_is_refused_naming_the_prompt(model, tokenizer):
+    with pytest.raises(ValueError, match="^prompt_ids\\[0\\]: one prompt is a flat list .* tensor\\[0\\]$"):
+        Generator(model, tokenizer).stream(torch.tensor([[5, 6, 7]]), GREEDY)
+
+
+def test_a_scalar_head_model_refuses_to_generate(make_model):
+    scorer = make_model(head="scalar", tie_embeddings=False)  # a reward model: one score per position
+    for params in (GREEDY, SamplingParams(max_new_tokens=4, seed=0)):
+        with pytest.raises(ValueError, match="^model: a model with head 'scalar' .* cannot generate"):
+            Generator(scorer).generate_ids([[5, 6, 7]], params)
 
 
 def test_a_tensor_of_prompts_is_a_batch_as_its_rows_are(model):

@@ -90,6 +90,19 @@ def test_bad_arguments_name_the_field(model, kwargs, field):
         perplexity(model, **args)
 
 
+@pytest.mark.parametrize("field, value", [("seq_len", 4.0), ("batch_size", 2.0), ("max_batches", 1.5),
+                                          ("seq_len", True)])
+def test_sizes_that_are_not_ints_are_refused_by_name(model, field, value):
+    args = dict(tokens=np.arange(20), seq_len=4, batch_size=2) | {field: value}
+    with pytest.raises(ValueError, match=f"^{field}: expected an int, got {value}$"):  # not a TypeError from range()
+        perplexity(model, **args)
+
+
+def test_numpy_int_sizes_are_ints(model):
+    tokens = np.arange(20)
+    assert perplexity(model, tokens, np.int64(4), np.int32(2), np.int64(1)) == perplexity(model, tokens, 4, 2, 1)
+
+
 def test_progress_bar_does_not_change_the_answer(model):
     tokens = np.arange(40) % VOCAB
     assert perplexity(model, tokens, 8, 2, progress=True) == perplexity(model, tokens, 8, 2)

@@ -80,7 +80,7 @@ def left_pad(
             raise ValueError(f"prompt_ids[{i}]: empty prompt; give at least one token (e.g. BOS)")
     width = max(lengths)
     pad_id = pad_id if 0 <= pad_id < vocab_size else 0
-    rows = [token_ids(f"prompt_ids[{i}]", p).tolist() for i, p in enumerate(prompts)]
+    rows = [_prompt_row(i, p) for i, p in enumerate(prompts)]
     ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long, device=device)  # (B, P)
     if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
         bad = next(i for i, r in enumerate(rows) if any(t < 0 or t >= vocab_size for t in r))
@@ -90,6 +90,16 @@ def left_pad(
     positions = torch.arange(width, device=device)
     mask = positions >= torch.tensor([width - n for n in lengths], device=device)[:, None]  # (B, P)
     return ids, mask
+
+
+def _prompt_row(index: int, prompt: Sequence[int] | torch.Tensor | np.ndarray) -> list[int]:
+    """One prompt's ids as a flat list. A nested one (a (1, P) tensor, as a tokenizer returns
+    for one prompt) is refused here: padded, it would reach the model as a 3-D batch."""
+    row = token_ids(f"prompt_ids[{index}]", prompt)
+    if row.dim() != 1:
+        raise ValueError(f"prompt_ids[{index}]: one prompt is a flat list of token ids, got shape "
+                         f"{tuple(row.shape)}; pass a (1, P) tensor's row, tensor[0]")
+    return row.tolist()
 
 
 class Decoder:
@@ -105,6 +115,9 @@ class Decoder:
         self, model: Transformer, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, pad_id: int = 0
     ) -> None:
         config = model.config
+        if config.head != "lm":  # its (B, T, 1) scores would "sample" token 0 every step, without a word
+            raise ValueError(f"model: a model with head {config.head!r} gives one score per position, not "
+                             "next-token logits, so it cannot generate; generate with a head 'lm' model")
         weight = next(model.parameters())  # the model's device and dtype (a quantised embed has no plain weight)
         ids, mask = left_pad(prompt_ids, pad_id, config.vocab_size, weight.device)
         B, P = ids.shape

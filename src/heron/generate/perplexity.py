@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -115,6 +116,13 @@ def _window(tokens: Sliceable, start: int, size: int, vocab_size: int) -> torch.
 
 
 def _check_sizes(seq_len: int, batch_size: int, max_batches: int | None, max_seq_len: int) -> None:
+    """Refuse bad sizes by name. A float (512.0 from a config) would otherwise fail in `range` or a
+    slice with a TypeError naming nothing, and True pass as 1; numpy ints are ints here."""
+    sizes = [("seq_len", seq_len), ("batch_size", batch_size)] + [("max_batches", max_batches)] * (
+        max_batches is not None)
+    for name, value in sizes:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"{name}: expected an int, got {value!r}")
     if not 1 <= seq_len <= max_seq_len:
         raise ValueError(f"seq_len: must be in [1, {max_seq_len}] (the model's max_seq_len), got {seq_len}")
     if batch_size < 1:
