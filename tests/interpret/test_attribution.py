@@ -113,6 +113,20 @@ def test_bad_arguments_name_themselves():
         gradient_x_input(model, [], target=1)
 
 
+
+def test_a_batch_of_prompts_and_tokens_outside_the_vocabulary_are_refused_naming_ids():
+    """Two rows flattened would be attributed as one joined prompt of 2T tokens; one row (1, T)
+    is the prompt (T,) itself. A token id past the vocabulary is named, not an IndexError."""
+    model = model_for()
+    one_row = gradient_x_input(model, torch.tensor([IDS]), target=1)
+    assert torch.equal(one_row.scores, gradient_x_input(model, IDS, target=1).scores)
+    for attribute in (gradient_x_input, integrated_gradients):
+        with pytest.raises(ValueError, match=r"^ids: expected one prompt, \(T,\) or \(1, T\), got \(2, 7\)"):
+            attribute(model, torch.tensor([IDS, IDS]), target=1)
+        for bad in (V, -1):
+            with pytest.raises(ValueError, match=rf"^ids: token id {bad} outside the vocabulary \(0..{V - 1}\)"):
+                attribute(model, IDS[:3] + [bad], target=1)
+
 def test_on_an_moe_model_the_error_says_top_k_routing_not_more_steps():
     """Top-1 routing switches experts along the path, so F jumps and no step count converges."""
     torch.manual_seed(0)

@@ -182,6 +182,22 @@ def test_token_lens_reads_one_token_of_the_full_lens():
     assert torch.allclose(single.probs[-1], output.logits.softmax(-1)[..., 5])
 
 
+
+def test_token_lens_takes_one_target_per_row_as_a_column_and_refuses_a_vector():
+    """A (B,) vector broadcast as one id per *position*: a confusing expand error when B != T,
+    and when B == T each row silently read the other rows' targets."""
+    model, ids = make_model(n_kv_heads=2), make_ids(batch=8, seq=8)  # B == T: broadcasting would not fail
+    _, cache = run_with_cache(model, ids, resid_names(model))
+    per_row = torch.arange(8)  # row b's token b
+    full = logit_lens(model, cache)  # (depths, B, T, V)
+    column = token_lens(model, cache, per_row[:, None])
+    assert torch.equal(column.logits, full[:, range(8), :, range(8)].transpose(0, 1))  # [d, b, t] = full[d, b, t, b]
+    with pytest.raises(ValueError, match=r"^target: expected a token id or \(8, 8\) ids, one per position, got "
+                                         r"shape \(8,\); for one token per row pass target\[:, None\]"):
+        token_lens(model, cache, per_row)
+    with pytest.raises(ValueError, match=r"^target: .* got shape \(2, 8, 1\)"):
+        token_lens(model, cache, torch.zeros(2, 8, 1, dtype=torch.long))
+
 # ----- direct logit attribution ------------------------------------------------------
 
 

@@ -271,6 +271,24 @@ def test_unknown_settings_key_and_oversized_k_are_named():
     assert SAESettings.from_dict(SAESettings(k=5).to_dict()) == SAESettings(k=5)
 
 
+
+def test_activations_no_sae_can_learn_from_are_refused_before_any_step():
+    """A NaN row made every weight NaN without an error, and all-zero activations (an
+    attention-only layer's hook_mlp_out) were a ZeroDivisionError in the input scale."""
+    settings = SAESettings(k=2, expansion=2, steps=3, batch_size=8)
+    x = torch.randn(20, 4, generator=torch.Generator().manual_seed(0))
+    x[7, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"^activations: row 7 holds NaN or inf \(1 of 20 rows do\)"):
+        train_sae(x, settings, progress=False)
+    with pytest.raises(ValueError, match=r"^activations: all 20 rows are zero.*hook_mlp_out"):
+        train_sae(torch.zeros(20, 4), settings, progress=False)
+    with pytest.raises(ValueError, match="^activations: no rows"):
+        train_sae(torch.zeros(0, 4), settings, progress=False)
+    attention_only = Transformer(ModelConfig(vocab_size=50, d_model=8, n_layers=1, n_heads=2, max_seq_len=16,
+                                             feed_forward=("none",))).eval()
+    with pytest.raises(ValueError, match="^activations: all .* rows are zero"):
+        train_sae_on_model(attention_only, make_windows(n=4, T=8), "blocks.0.hook_mlp_out", settings, progress=False)
+
 # ----- activations ----------------------------------------------------------------
 
 

@@ -40,7 +40,7 @@ import torch
 
 from heron.core.modes import evaluating
 from heron.core.transformer import Transformer
-from heron.interpret.cache import check_position, check_target
+from heron.interpret.cache import check_position, check_target, check_tokens
 from heron.interpret.routing import moe_blocks
 
 # (logits (B, T, V)) -> (B,) the output to explain, per batch row
@@ -148,9 +148,14 @@ def _not_converged(model: Transformer, steps: int) -> str:
 
 def _prepare(model: Transformer, ids: list[int] | torch.Tensor, target: int | None, position: int,
              output: Output | None) -> tuple[torch.Tensor, Output]:
-    ids = torch.as_tensor(ids, dtype=torch.long).flatten()  # (T,)
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    if ids.dim() > 2 or (ids.dim() == 2 and ids.shape[0] != 1):  # flattening rows would attribute one joined prompt
+        raise ValueError(f"ids: expected one prompt, (T,) or (1, T), got {tuple(ids.shape)}; attribute each "
+                         "row on its own")
+    ids = ids.flatten()  # (T,)
     if ids.numel() == 0:
         raise ValueError("ids: empty input")
+    check_tokens("ids", ids, model.config.vocab_size)  # not an IndexError from inside the embedding
     if (target is None) == (output is None):
         raise ValueError("target: give exactly one of target (a token id) or output (a function of the logits)")
     if target is not None:

@@ -79,18 +79,31 @@ class TokenLens:
 @torch.no_grad()
 def token_lens(model: Transformer, cache: ActivationCache, target: int | torch.Tensor) -> TokenLens:
     """The logit lens for one token per position: `target` is a token id, or
-    (B, T) ids (e.g. the next tokens of the input). Depth by depth, so only
-    one (B, T, V) block of logits is alive at a time. A scalar head has no
+    (B, T) ids (e.g. the next tokens of the input; (B, 1) for one per row).
+    Depth by depth, so only one (B, T, V) block of logits is alive at a time. A scalar head has no
     tokens to give probabilities of: its score lens is logit_lens(...)[..., 0]."""
     check_next_token_head("token_lens", model, "logit_lens(model, cache)[..., 0] is its score at every depth")
     check_tokens("target", target, model.config.vocab_size)
+    targets = _per_position(target, tuple(cache.resid(0).shape[:2]))  # (B, T)
     logits, probs = [], []
     for depth in range(model.config.n_layers + 1):
         full = _unembed(model, cache.resid(depth)).float()  # (B, T, V)
-        index = torch.as_tensor(target, device=full.device).expand(full.shape[:-1]).unsqueeze(-1)  # (B, T, 1)
+        index = targets.to(full.device).unsqueeze(-1)  # (B, T, 1)
         logits.append(full.gather(-1, index)[..., 0])
         probs.append(full.softmax(-1).gather(-1, index)[..., 0])
     return TokenLens(logits=torch.stack(logits), probs=torch.stack(probs))
+
+
+def _per_position(target: int | torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """(B, T) ids from one token id or ids shaped (B, T) (a size-1 axis broadcasts). A
+    1-D tensor is refused: broadcasting reads it as one id per position, so one id
+    per row (B,) failed on an unrelated expand, or, when B == T, was silently misread."""
+    ids = torch.as_tensor(target)
+    if ids.dim() == 0 or (ids.dim() == 2 and all(n in (1, size) for n, size in zip(ids.shape, shape))):
+        return ids.expand(shape)
+    B, T = shape
+    raise ValueError(f"target: expected a token id or ({B}, {T}) ids, one per position, got shape "
+                     f"{tuple(ids.shape)}; for one token per row pass target[:, None], shape ({B}, 1)")
 
 
 # ----- direct logit attribution ----------------------------------------------------

@@ -304,8 +304,7 @@ def train_sae(
     once per epoch, in an order fixed by (seed, epoch), so a resumed run sees
     the batches an unbroken one would and ends bit for bit the same.
     """
-    if activations.dim() != 2:
-        raise ValueError(f"activations: expected (N, d), got {tuple(activations.shape)}")
+    _check_activations(activations)
     sae = _starting_sae(activations, settings) if resume_from is None else _resumed_sae(resume_from, settings)
     optimizer = torch.optim.Adam(sae.parameters(), lr=settings.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
     if resume_from is not None and resume_from.optimizer_state:
@@ -327,6 +326,25 @@ def train_sae(
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}", dead=int(sae.dead_features().sum()))
     return SAETraining(sae, max(start, end), _adam_state(optimizer, sae))
+
+
+def _check_activations(activations: torch.Tensor) -> None:
+    """ValueError naming what no SAE can be trained on, before any step: a NaN or inf
+    row turns every weight NaN within a step, without an error; all-zero activations
+    (an attention-only layer's hook_mlp_out) leave no input scale to fit (E||x||^2 = 0);
+    no rows leave no batch to draw."""
+    if activations.dim() != 2:
+        raise ValueError(f"activations: expected (N, d), got {tuple(activations.shape)}")
+    if activations.shape[0] == 0:
+        raise ValueError("activations: no rows to train on")
+    finite = torch.isfinite(activations).all(-1)  # (N,)
+    if not finite.all():
+        row = int((~finite).nonzero()[0])
+        raise ValueError(f"activations: row {row} holds NaN or inf ({int((~finite).sum())} of {len(finite)} rows "
+                         "do); remove them, or gather activations from a model whose forward is finite")
+    if not activations.any():
+        raise ValueError(f"activations: all {len(activations)} rows are zero, nothing to reconstruct; choose a hook "
+                         "point that carries a signal (an attention-only layer's hook_mlp_out is always zero)")
 
 
 def _starting_sae(activations: torch.Tensor, settings: SAESettings) -> SparseAutoencoder:
