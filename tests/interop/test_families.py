@@ -442,3 +442,80 @@ def test_gpt_neo_without_attention_types_and_other_than_24_layers_is_refused_by_
                                          r"layer \(config.json leaves attention_types out: that is transformers' "
                                          r"default for gpt_neo\)"):
         load_hf_model(folder)
+
+
+# ----- Phi-3's rope types, as transformers' Phi3Config takes them -------------------------------------------
+
+_LLAMA3 = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+           "original_max_position_embeddings": 16}
+
+
+@pytest.mark.parametrize("change, complaint", [
+    (lambda c: c.update(rope_parameters={**_LINEAR, "rope_theta": 500.0}), "rope_parameters.rope_type: 'linear'"),
+    (lambda c: c.update(rope_parameters={**_LLAMA3, "rope_theta": 500.0}), "rope_parameters.rope_type: 'llama3'"),
+    (lambda c: c.update(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling.type: 'linear'"),
+], ids=["linear", "llama3", "legacy-type"])
+def test_phi3_rope_types_transformers_refuses_are_refused_by_name(change, complaint, tmp_path):
+    """Phi3Config.validate_rope takes default and longrope only: such a folder loads in no Phi-3 model."""
+    folder = saved_with(FAMILIES["phi3"](), tmp_path, change)
+    with pytest.raises(Exception, match="type field must be one of"):
+        transformers.AutoConfig.from_pretrained(folder)
+    with pytest.raises(ValueError, match=f"config.json: {complaint} is not a Phi-3 rope type"):
+        load_hf_model(folder)
+
+
+def test_a_heron_model_with_rope_scaling_is_not_written_as_phi3(tmp_path):
+    config = ModelConfig(vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, max_seq_len=64,
+                         rope_scaling={"kind": "linear", "factor": 2.0})
+    with pytest.raises(ValueError, match="rope_scaling: Phi-3 .transformers' Phi3Config. has no 'linear' rope scaling"):
+        save_hf_folder(Transformer(config), tmp_path / "out", family="phi3")
+    assert list(tmp_path.iterdir()) == []  # refused before anything is written
+
+
+# ----- GPT-NeoX's and StableLM's top-level RoPE keys, each read only by the config class that reads it ------
+
+@pytest.mark.parametrize("name, change", [
+    # GPTNeoXConfig fills rope_parameters from rotary_emb_base and rotary_pct alone.
+    ("gpt_neox", lambda c: c.update(rope_parameters=None, rope_theta=500.0)),  # 10000.0, as no rotary_emb_base
+    ("gpt_neox", lambda c: c.update(rope_parameters={"rope_type": "default", "partial_rotary_factor": 0.25},
+                                    rope_theta=500.0)),
+    ("gpt_neox", lambda c: c.update(rope_parameters=None, rotary_emb_base=500.0, partial_rotary_factor=0.5)),  # 0.25
+    ("gpt_neox", lambda c: c.update(rope_parameters=None, rotary_emb_base=500.0, partial_rotary_factor=0.5,
+                                    rotary_pct=0.25)),
+    # StableLmConfig reads rope_theta and partial_rotary_factor, never Pythia's names.
+    ("stablelm", lambda c: (c.pop("partial_rotary_factor", None),
+                            c.update(rope_parameters=None, rotary_emb_base=500.0, rotary_pct=0.5))),
+], ids=["neox-rope_theta", "neox-rope_theta-beside-rope_parameters", "neox-partial_rotary_factor",
+        "neox-partial_rotary_factor-beside-rotary_pct", "stablelm-pythia-keys"])
+def test_top_level_rope_keys_read_as_each_config_class_reads_them(name, change, tmp_path):
+    folder = saved_with(FAMILIES[name](), tmp_path / "hf", change)
+    theirs = transformers.AutoConfig.from_pretrained(folder).rope_parameters
+    ours = load_hf_model(folder).config
+    head_dim = 64 // 4
+    assert (ours.rope_theta, ours.rotary_dim or head_dim) == (
+        theirs["rope_theta"], int(head_dim * theirs["partial_rotary_factor"]))
+    logits_match_on(folder)
+
+
+# ----- Heron -> Hugging Face -> Heron: schedules come back as they went ---------------------------------------
+
+_SLIDING = {"kind": "sliding", "window": WINDOW}
+
+
+@pytest.mark.parametrize("changes, family", [
+    ({"attention": (_SLIDING,), "rope_scaling": {"kind": "linear", "factor": 2.0}}, "mistral"),
+    ({"attention": ({"kind": "dense"}, _SLIDING), "qkv_bias": True,
+      "rope_scaling": {"kind": "llama3", "factor": 4.0, "original_max_seq_len": 16}}, "qwen2"),
+    ({"attention": (_SLIDING,), "qk_norm": True}, "qwen3"),
+    ({"attention": ({"kind": "dense"}, _SLIDING), "norm": "layernorm", "positions": "learned", "mlp": "gelu_tanh",
+      "out_bias": True, "mlp_bias": True, "attn_scale": 1.0, "n_kv_heads": None, "tie_embeddings": True}, "gpt_neo"),
+    ({"feed_forward": ("dense", "moe"), "qk_norm": True,
+      "moe": {"n_experts": 4, "top_k": 2, "d_ff": 32, "z_loss_coef": 0.0}}, "qwen3_moe"),
+], ids=["mistral-sliding-linear", "qwen2-dense-sliding-llama3", "qwen3-sliding", "gpt_neo-global-local",
+        "qwen3_moe-dense-moe"])
+def test_a_schedule_over_four_layers_comes_back_as_it_went(changes, family, tmp_path):
+    """config.json lists each layer; Heron's schedule cycles. (dense, sliding) on four layers must
+    come back as (dense, sliding), not as four entries that compare unequal."""
+    config = ModelConfig(**{**dict(vocab_size=VOCAB, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=64,
+                                   tie_embeddings=False), **changes})
+    assert exports_with_the_same_logits_and_comes_back_exact(random_heron_model(config), tmp_path / "hf") == family

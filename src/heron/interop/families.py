@@ -275,6 +275,31 @@ def write_rope(config: ModelConfig) -> HfConfig:
     return {"rope_parameters": params}
 
 
+# Phi3Config.validate_rope's rope types; it reads the older "su" and "yarn" as longrope. Heron runs
+# none of the three, which read_rope refuses by name; linear and llama3 Phi3Config refuses itself.
+PHI3_ROPE_TYPES = ("default", "longrope", "su", "yarn")
+
+
+def read_phi3_rope(hf: HfConfig) -> dict[str, Any]:
+    """read_rope for Phi-3, refusing first the rope types transformers' Phi3Config refuses: a
+    config.json with linear or llama3 scaling loads in no Phi-3 model, so it has no numbers to match."""
+    params, where = rope_dict(hf)
+    kind, key = _rope_kind(params, where)
+    if kind not in PHI3_ROPE_TYPES:
+        raise ValueError(f"{where}.{key}: {kind!r} is not a Phi-3 rope type (transformers' Phi3Config takes "
+                         "default and longrope only, and refuses this config.json); set it to default, or give "
+                         "the model_type of the family the weights come from")
+    return read_rope(hf)
+
+
+def write_phi3_rope(config: ModelConfig) -> HfConfig:
+    """write_rope for Phi-3: transformers' Phi3Config refuses linear and llama3 scaling."""
+    if config.rope_scaling is not None:
+        raise ValueError(f"rope_scaling: Phi-3 (transformers' Phi3Config) has no {config.rope_scaling.kind!r} "
+                         "rope scaling, only default and longrope; export as llama or mistral")
+    return write_rope(config)
+
+
 def read_llama_bias(hf: HfConfig) -> dict[str, Any]:
     bias = bool(hf.get("attention_bias", False))
     return {"qkv_bias": bias, "out_bias": bias, "mlp_bias": bool(hf.get("mlp_bias", False))}
@@ -530,21 +555,32 @@ def write_gpt_neo_layers(config: ModelConfig) -> HfConfig:
 DEFAULT_PARTIAL_ROTARY = 0.25  # GPTNeoXConfig's and StableLmConfig's
 
 
-def read_neox_rope(hf: HfConfig) -> dict[str, Any]:
-    """GPT-NeoX's and StableLM's RoPE: `rope_parameters` (with `partial_rotary_factor`),
-    or the keys older configs carry: a top-level `partial_rotary_factor` (StableLM 2), or
-    `rotary_pct` and `rotary_emb_base` (Pythia); transformers' default rotates a quarter."""
-    params, where = rope_dict(hf)
-    factor = float(params.pop("partial_rotary_factor",
-                              hf.get("partial_rotary_factor", hf.get("rotary_pct", DEFAULT_PARTIAL_ROTARY))))
-    if "rotary_emb_base" in hf:  # Pythia's name for rope_theta, filled in as GPTNeoXConfig fills it
-        params.setdefault("rope_theta", hf["rotary_emb_base"])
-    head_dim = hf["hidden_size"] // hf["num_attention_heads"]
-    rotary_dim = int(head_dim * factor)  # transformers' rounding
-    if not 0 < rotary_dim <= head_dim or rotary_dim % 2:
-        raise ValueError(f"{where}.partial_rotary_factor: {factor} of a {head_dim}-wide head rotates "
-                         f"{rotary_dim} dims; Heron needs an even number from 2 to {head_dim}")
-    return {**rope_fields(params, where, hf), "rotary_dim": None if rotary_dim == head_dim else rotary_dim}
+def _partial_rope_reader(theta_key: str, factor_key: str) -> Callable[[HfConfig], dict[str, Any]]:
+    """The RoPE reader of a family that rotates part of each head: `rope_parameters` (with
+    `partial_rotary_factor`), its gaps filled from the top-level keys the family's config class
+    reads, `theta_key` for rope_theta and `factor_key` for the factor, and from nothing else: a
+    key the class ignores must not change Heron's numbers, or the logits are not transformers'."""
+    def read(hf: HfConfig) -> dict[str, Any]:
+        params, where = rope_dict(hf)
+        factor = float(params.pop("partial_rotary_factor", hf.get(factor_key, DEFAULT_PARTIAL_ROTARY)))
+        # set here, so rope_fields never falls back on a top-level rope_theta the class may ignore
+        params.setdefault("rope_theta", hf.get(theta_key, DEFAULT_ROPE_THETA))
+        head_dim = hf["hidden_size"] // hf["num_attention_heads"]
+        rotary_dim = int(head_dim * factor)  # transformers' rounding
+        if not 0 < rotary_dim <= head_dim or rotary_dim % 2:
+            raise ValueError(f"{where}.partial_rotary_factor: {factor} of a {head_dim}-wide head rotates "
+                             f"{rotary_dim} dims; Heron needs an even number from 2 to {head_dim}")
+        return {**rope_fields(params, where, hf), "rotary_dim": None if rotary_dim == head_dim else rotary_dim}
+
+    return read
+
+
+# GPTNeoXConfig.convert_rope_params_to_dict fills rope_parameters from Pythia's `rotary_emb_base` and
+# `rotary_pct` only: a top-level rope_theta or partial_rotary_factor is ignored (transformers 5).
+read_neox_rope = _partial_rope_reader("rotary_emb_base", "rotary_pct")
+# StableLmConfig goes through PreTrainedConfig's: top-level `rope_theta` and `partial_rotary_factor`
+# (StableLM 2's), never Pythia's names.
+read_stablelm_rope = _partial_rope_reader("rope_theta", "partial_rotary_factor")
 
 
 def write_neox_rope(config: ModelConfig) -> HfConfig:
@@ -684,7 +720,7 @@ QWEN3_MOE = Family(
 PHI3 = Family(
     "phi3", "phi3", "Phi3ForCausalLM", PHI3_WEIGHTS, _LLAMA_FIELDS,
     _LLAMA_FIXED + (("qkv_bias", False), ("out_bias", False), ("mlp_bias", False)), _SILU,
-    read=(read_rope, read_sliding), write=(write_rope, write_sliding, dense_feed_forward_only),
+    read=(read_phi3_rope, read_sliding), write=(write_phi3_rope, write_sliding, dense_feed_forward_only),
     hf_defaults=(("tie_word_embeddings", False), ("rms_norm_eps", 1e-5), ("max_position_embeddings", 4096)),
 )
 MIXTRAL = Family(
@@ -751,7 +787,7 @@ STABLELM = Family(
      ("qk_norm", False), ("out_bias", False), ("mlp_bias", False), ("parallel_residual", False)),
     # Its parallel-residual layers share one LayerNorm, and qk_layernorm is a LayerNorm per head: neither is Heron's.
     _SILU + (("use_parallel_residual", False), ("qk_layernorm", False)),
-    read=(read_neox_rope, read_qkv_bias),
+    read=(read_stablelm_rope, read_qkv_bias),
     write=(write_neox_rope, write_qkv_bias, default_head_dim_only, dense_attention_only, dense_feed_forward_only),
     hf_defaults=(("tie_word_embeddings", False), ("layer_norm_eps", 1e-5), ("use_qkv_bias", False),
                  ("max_position_embeddings", 4096)),
@@ -809,7 +845,7 @@ def _read_config(family: Family, hf: HfConfig) -> ModelConfig:
     for read in family.read:
         values.update(read(hf))
     config = ModelConfig(**values)
-    return _derive_sizes(config)
+    return _shortest_schedules(_derive_sizes(config))
 
 
 def hf_config(family: Family, config: ModelConfig, *, for_transformers: bool = True) -> HfConfig:
@@ -856,6 +892,24 @@ def _derive_sizes(config: ModelConfig) -> ModelConfig:
         if rule.resolved_expert_d_ff == config.moe.d_ff:
             config = rule
     return config
+
+
+SCHEDULES: tuple[tuple[str, Any], ...] = (("attention", DENSE), ("feed_forward", "dense"))  # field, default entry
+
+
+def _shortest_schedules(config: ModelConfig) -> ModelConfig:
+    """Per-layer schedules as their shortest cycle, and one of the default entry alone as ():
+    config.json spells out every layer, and a Heron model's (dense, sliding) over four layers
+    must come back as it went, not as four entries that compare unequal."""
+    changes: dict[str, tuple[Any, ...]] = {}
+    for field, default in SCHEDULES:
+        schedule = getattr(config, field)
+        if not schedule:
+            continue
+        period = next(p for p in range(1, len(schedule) + 1)
+                      if len(schedule) % p == 0 and schedule == schedule[:p] * (len(schedule) // p))
+        changes[field] = () if schedule[:period] == (default,) else schedule[:period]
+    return config.replace(**changes)
 
 
 __all__ = [
