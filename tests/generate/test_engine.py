@@ -297,3 +297,27 @@ def test_left_padding_is_not_a_seen_token_for_the_repetition_penalty(model):
     assert decoder.seen[0].nonzero().flatten().tolist() == sorted(set(long))
     rows = torch.stack(list(decode_steps(decoder, 8)), dim=1).tolist()  # (B, 8)
     assert rows == [reference_greedy(model, long, 8, penalty=1.8), alone]
+
+
+def test_a_model_in_train_mode_decodes_on_the_decode_layout_and_is_handed_back_for_training(make_model, monkeypatch):
+    """complete() holds a training model in eval mode for the whole completion: every step runs on
+    the few-row layout (core/linear.py), as an eval model's do, with the same tokens, and the model
+    comes back in train mode laid out for training. A step's own switch back to training had laid
+    the weights out for training under every step after the prefill."""
+    import heron.generate.engine as engine
+    from heron.core.linear import Linear, is_input_major
+
+    model = make_model()
+    wide = [m.weight for m in model.modules() if isinstance(m, Linear) and m.out_features > m.in_features]
+    layouts, sample_next = [], engine.sample_next
+
+    def recording(*args, **kwargs):
+        layouts.append([is_input_major(w) for w in wide])
+        return sample_next(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "sample_next", recording)
+    expected = Generator(model).complete([PROMPTS[0]], GREEDY)[0].ids
+    model.train()
+    assert Generator(model).complete([PROMPTS[0]], GREEDY)[0].ids == expected
+    assert wide and all(all(step) for step in layouts)  # every step of both runs input-major
+    assert model.training and not any(is_input_major(w) for w in wide)

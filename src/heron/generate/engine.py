@@ -267,9 +267,15 @@ class Generator:
         return frozenset(self.tokenizer.stop_ids) if self.tokenizer is not None else frozenset()
 
     def complete(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> list[Completion]:
-        """Continue a batch of tokenised prompts of any lengths."""
+        """Continue a batch of tokenised prompts of any lengths. A model in train mode (a policy
+        sampling its rollouts) is in eval mode for the whole completion and handed back after:
+        a step's own switch back to training would lay the weights out for training's products
+        (`Transformer.train`) under every later step, and walk every module twice a token."""
         self._check_stops(params)
-        decoder = Decoder(self.model, prompt_ids, params, self.pad_id)
+        with evaluating(self.model):
+            return self._complete(Decoder(self.model, prompt_ids, params, self.pad_id), params)
+
+    def _complete(self, decoder: Decoder, params: SamplingParams) -> list[Completion]:
         stop_ids = self.stop_token_ids(params)
         if not stop_ids and not params.stop:
             return self._complete_unchecked(decoder, params)
