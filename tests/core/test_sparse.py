@@ -160,6 +160,25 @@ def test_pattern_hook_sees_the_sparse_pattern():
     assert (hooked - model(ids).logits).abs().max() <= TOL
 
 
+def test_pattern_hook_under_a_ring_cache_gives_the_window_s_keys_in_position_order():
+    """Decoding past the window, the ring holds keys in slot order (token t in slot t % window);
+    the hooked pattern's columns are the held keys oldest first, the full forward's row there."""
+    model = sparse_model(SCHEDULES["sliding"])
+    window = SCHEDULES["sliding"][0].window
+    ids = torch.randint(0, 61, (1, 3 * window), generator=torch.Generator().manual_seed(6))
+    full, steps = {}, []
+    with torch.no_grad():
+        with model.hooks({"blocks.0.attn.hook_pattern": lambda x, name: full.update(p=x[0])}):
+            model(ids)
+        cache = KVCache.allocate(model.config, batch_size=1, max_len=ids.shape[1])
+        with model.hooks({"blocks.0.attn.hook_pattern": lambda x, name: steps.append(x[0, :, -1])}):
+            model(ids[:, :window + 1], cache=cache)
+            for t in range(window + 1, ids.shape[1]):
+                model(ids[:, t:t + 1], cache=cache)
+    for t, row in zip(range(window, ids.shape[1]), steps):  # (nh, held) each
+        torch.testing.assert_close(row[:, -window:], full["p"][:, t, t - window + 1:t + 1], rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.bfloat16, 1e-2), (torch.float16, 2e-3)])
 @pytest.mark.parametrize("name", SCHEDULES)
 def test_a_half_precision_model_keeps_its_dtype_and_the_fp32_logits(name, dtype, tol):

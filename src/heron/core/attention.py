@@ -49,7 +49,7 @@ class Attention(nn.Module):
         self.hook_q = HookPoint()  # (B, n_heads, T, hd), after qk_norm, before RoPE
         self.hook_k = HookPoint()  # (B, n_kv_heads, T, hd), after qk_norm, before RoPE
         self.hook_v = HookPoint()  # (B, n_kv_heads, T, hd)
-        self.hook_pattern = HookPoint()  # (B, n_heads, T, S): computed only when hooked
+        self.hook_pattern = HookPoint()  # (B, n_heads, T, S), keys in position order: computed only when hooked
         self.hook_z = HookPoint()  # (B, T, n_heads * hd): heads' outputs before `out`
 
     def forward(
@@ -122,6 +122,9 @@ class Attention(nn.Module):
             real = key_mask
         else:
             k, v, tokens = cache.update_sparse(self.layer, k, v)  # (B, nkv, S, hd), tokens (S,)
+            if self.hook_pattern.active:  # a ring holds keys in slot order: the pattern's in position order
+                order = tokens.argsort()
+                k, v, tokens = k[:, :, order], v[:, :, order], tokens[order]
             index = cache.token_index(past + T)  # (B or 1, past + T)
             query_index, key_index = index[:, past:], index[:, tokens]
             real = cache.key_mask[:, tokens] if cache.key_mask is not None else None
