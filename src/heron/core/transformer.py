@@ -327,3 +327,14 @@ def causal_padding_mask(past: int, T: int, key_mask: torch.Tensor | None, device
         return causal[None, None]
     visible = causal & (key_mask[:, None, :] | (key_pos == query_pos))  # (B, T, S)
     return visible.unsqueeze(1)
+
+
+def check_next_token_head(what: str, model: nn.Module, instead: str) -> None:
+    """ValueError naming `what` for a model whose head gives no next-token logits
+    (head "scalar": one score per position, a reward or value model), saying what
+    works `instead`, rather than a generation, report or metric built on a one-token
+    vocabulary (its scores would "sample" token 0 at every step)."""
+    head = getattr(getattr(model, "config", None), "head", "lm")
+    if head != "lm":
+        raise ValueError(f"{what}: a model with head {head!r} gives one score per position, not next-token "
+                         f"logits; {instead}")

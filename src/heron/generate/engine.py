@@ -25,7 +25,7 @@ from heron.core.kv_cache import KVCache
 from heron.core.modes import evaluating
 from heron.core.linear import set_decode_layout
 from heron.core.token_step import TokenStep
-from heron.core.transformer import Transformer
+from heron.core.transformer import Transformer, check_next_token_head
 from heron.generate.sampling import SamplingParams, presence_mask, sample_next
 from heron.generate.text import IncrementalDetokenizer, StopStringFilter, TokenizerLike, trim_at_stop
 
@@ -115,9 +115,7 @@ class Decoder:
         self, model: Transformer, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, pad_id: int = 0
     ) -> None:
         config = model.config
-        if config.head != "lm":  # its (B, T, 1) scores would "sample" token 0 every step, without a word
-            raise ValueError(f"model: a model with head {config.head!r} gives one score per position, not "
-                             "next-token logits, so it cannot generate; generate with a head 'lm' model")
+        check_next_token_head("model", model, "it cannot generate; generate with a head 'lm' model")
         weight = next(model.parameters())  # the model's device and dtype (a quantised embed has no plain weight)
         ids, mask = left_pad(prompt_ids, pad_id, config.vocab_size, weight.device)
         B, P = ids.shape

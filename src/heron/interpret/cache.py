@@ -26,7 +26,7 @@ from torch import nn
 from heron.core.config import ModelConfig
 from heron.core.hooks import hook_points, unknown_hook_hint
 from heron.core.modes import evaluating
-from heron.core.transformer import Transformer, TransformerOutput
+from heron.core.transformer import Transformer, TransformerOutput, check_next_token_head
 
 Selection = str | re.Pattern[str] | Sequence[str | re.Pattern[str]] | None
 
@@ -265,16 +265,6 @@ def check_tokens(arg: str, tokens: int | torch.Tensor, vocab_size: int) -> None:
     outside = ids[(ids < 0) | (ids >= vocab_size)]
     if outside.numel():
         raise ValueError(f"{arg}: token id {int(outside[0])} outside the vocabulary (0..{vocab_size - 1})")
-
-
-def check_next_token_head(what: str, model: nn.Module, instead: str) -> None:
-    """ValueError naming `what` for a model whose head gives no next-token logits
-    (head "scalar": one score per position, a reward or value model), saying what
-    works `instead`, rather than a report or metric built on a one-token vocabulary."""
-    head = getattr(getattr(model, "config", None), "head", "lm")
-    if head != "lm":
-        raise ValueError(f"{what}: a model with head {head!r} gives one score per position, not next-token "
-                         f"logits; {instead}")
 
 
 def check_target(arg: str, target: int | torch.Tensor, model: Transformer) -> None:
