@@ -69,6 +69,24 @@ def test_special_text_is_parsed_only_when_allowed(tok: HeronTokenizer) -> None:
     assert tok.decode([tok.bos_id, *tok.encode("hi")], skip_special=False) == "<|bos|>hi"
 
 
+@pytest.mark.parametrize("texts, complaint", [
+    (["a\ud800b"], "the text holds the surrogate code point U\\+D800 at character 1"),
+    (["fine", "x\udfff"], "text 1 holds the surrogate code point U\\+DFFF at character 1"),
+])
+def test_a_surrogate_code_point_is_refused_by_position(tok: HeronTokenizer, texts: list, complaint: str) -> None:
+    """UTF-8 cannot hold a lone surrogate (a JSON "\\ud800" escape without its pair): the error
+    says where it is and what to do, not the Rust side's 'TextInputSequence must be str'."""
+    with pytest.raises(ValueError, match=complaint + ".*replace it first"):
+        tok.encode_batch(texts, allow_special=False)
+    for allow_special in (True, False):
+        with pytest.raises(ValueError, match="surrogate code point"):
+            tok.encode(texts[-1], allow_special=allow_special)
+    with pytest.raises(ValueError, match="surrogate code point U\\+DC80"):
+        tok.encode_chat([{"role": "user", "content": "hi \udc80"}])
+    with pytest.raises(TypeError):  # not a string at all: the encoder's own error stands
+        tok.encode(None)  # type: ignore[arg-type]
+
+
 def test_training_is_deterministic() -> None:
     a = train_tokenizer(generated_texts(), vocab_size=350, progress=False)
     b = train_tokenizer(generated_texts(), vocab_size=350, progress=False)

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Encoding, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from heron.govern.digest import CONFIG_FILE, LINEAGE_FILE, TOKENIZER_FILE
 from heron.store.atomic import write_text_atomic
@@ -97,6 +97,40 @@ def checked_ids(ids: Iterable[int], vocab_size: int) -> list[int]:
     return ids
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")  # code points UTF-8 cannot encode (a JSON "\\ud800" without its pair)
+
+
+def refuse_surrogates(texts: Sequence[object]) -> None:
+    """Raise a ValueError naming the first surrogate code point in `texts`, if any: the Rust
+    encoder takes only UTF-8, and says of such a text no more than 'TextInputSequence must be str'."""
+    for i, text in enumerate(texts):
+        found = _SURROGATE.search(text) if isinstance(text, str) else None
+        if found is not None:
+            where = "the text" if len(texts) == 1 else f"text {i}"
+            raise ValueError(f"{where} holds the surrogate code point U+{ord(found.group()):04X} at character "
+                             f"{found.start()}, which UTF-8 cannot encode (a lone half of a surrogate pair); "
+                             "replace it first, e.g. text.encode('utf-8', 'replace').decode('utf-8')") from None
+
+
+def encoding_of(backend: Tokenizer, text: str, add_special_tokens: bool = False) -> Encoding:
+    """backend.encode(text), a text with a surrogate refused by name (`refuse_surrogates`)."""
+    try:
+        return backend.encode(text, add_special_tokens=add_special_tokens)
+    except TypeError:
+        refuse_surrogates([text])
+        raise
+
+
+def batch_ids(backend: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Many texts' ids at once, without added special tokens, on the Rust side, in parallel over
+    all cores; a text with a surrogate refused by name (`refuse_surrogates`)."""
+    try:
+        return [e.ids for e in backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+    except TypeError:
+        refuse_surrogates(texts)
+        raise
+
+
 def plain_copy(tokenizer: Tokenizer) -> Tokenizer:
     """A copy of `tokenizer` that encodes special-token text ("<|eos|>") as plain characters (a
     copy, not a toggle of the shared one, which would not be thread-safe)."""
@@ -156,13 +190,12 @@ class HeronTokenizer:
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False, allow_special: bool = True) -> list[int]:
         """Text -> ids. With allow_special=False, special-token text is encoded as plain bytes."""
         backend = self._tok if allow_special else self._plain
-        ids = backend.encode(text, add_special_tokens=False).ids
+        ids = encoding_of(backend, text).ids
         return [self.bos_id] * add_bos + ids + [self.eos_id] * add_eos
 
     def encode_batch(self, texts: Sequence[str], allow_special: bool = True) -> list[list[int]]:
         """Many texts at once on the Rust side, in parallel over all cores."""
-        backend = self._tok if allow_special else self._plain
-        return [e.ids for e in backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+        return batch_ids(self._tok if allow_special else self._plain, texts)
 
     def plain_pieces(self, text: str, max_chars: int) -> list[tuple[int, int]]:
         """(start, stop) of consecutive pieces of `text`, each at least `max_chars` long where the

@@ -316,7 +316,7 @@ def _environment() -> Any:
     raise_exception and strftime_now; with the limits above."""
 
     def raise_exception(message: str) -> None:
-        raise ChatTemplateError(f"chat template: {message}")
+        raise ChatTemplateError(message)  # the caller of render names the template
 
     def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
                separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:

@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,8 @@ from typing import Any
 from tokenizers import AddedToken, Tokenizer
 
 from heron.store.atomic import write_text_atomic
-from heron.tokenizer.bpe import TOKENIZER_FILE, HeronTokenizer, checked_ids, cuts_exact, exact_pieces, plain_copy
+from heron.tokenizer.bpe import (TOKENIZER_FILE, HeronTokenizer, batch_ids, checked_ids, cuts_exact, encoding_of,
+                                 exact_pieces, plain_copy)
 from heron.tokenizer.chat_template import ChatTemplateError, TemplateLimit, compiled
 
 CONFIG_FILE = "tokenizer_config.json"
@@ -105,14 +106,12 @@ class PretrainedTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True, allow_special: bool = True) -> list[int]:
         """Text -> ids, special tokens added as the tokenizer's post-processor says. With
         allow_special=False, special-token text ("<|eot_id|>") is encoded as plain characters."""
-        backend = self._tok if allow_special else self._plain
-        return backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return encoding_of(self._tok if allow_special else self._plain, text, add_special_tokens).ids
 
     def encode_batch(self, texts: Sequence[str], allow_special: bool = True) -> list[list[int]]:
         """Many texts at once on the Rust side, without the post-processor's special tokens (a
         document's ids, as shards hold them)."""
-        backend = self._tok if allow_special else self._plain
-        return [e.ids for e in backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+        return batch_ids(self._tok if allow_special else self._plain, texts)
 
     def plain_pieces(self, text: str, max_chars: int) -> list[tuple[int, int]]:
         """As HeronTokenizer.plain_pieces: pieces whose plain encodings join to the whole text's,
@@ -164,7 +163,10 @@ class PretrainedTokenizer:
         """The chat rendered as text by the model's own template. The template sees every special
         token (`eos_token`, `sep_token`, ...) and `variables`, which win over them, as in transformers."""
         name, text = self._picked_template(chat_template, variables.get("tools"))
-        template = compiled(text)
+        try:
+            template = compiled(text)
+        except ChatTemplateError as err:  # a tokenizer may hold several: every error names the one at fault
+            raise ChatTemplateError(f"chat template {name} does not parse: {err.__cause__}") from err
         _check_messages(messages)
         context = ({"tools": None, "documents": None}  # defined, as transformers passes them: `is not none` tests
                    | {key: text for key, text in self.special_tokens.items() if text is not None} | variables)
@@ -172,21 +174,22 @@ class PretrainedTokenizer:
             return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **context)
         except TemplateLimit as err:
             raise ChatTemplateError(f"chat template {name} hit a limit: {err}") from err
-        except ChatTemplateError:
-            raise
+        except ChatTemplateError as err:  # its raise_exception(message)
+            raise ChatTemplateError(f"chat template {name} refused the chat: {err}") from err
         except Exception as err:  # noqa: BLE001 - a template is foreign code: whatever it raises is its failure
-            raise ChatTemplateError(f"chat template failed: {type(err).__name__}: {err}") from err
+            raise ChatTemplateError(f"chat template failed: template {name} raised {type(err).__name__}: {err}") from err
 
     def chat_prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
         """Ids of a chat rendered up to the assistant's turn (the template writes
         its own special tokens, so none are added). The rendered text is encoded whole,
-        as transformers encodes it, so a message's content may not spell a special token:
-        it would become that control token (a user's "<|im_end|>" ending their turn)."""
+        as transformers encodes it, so no text of a message may spell a special token: it would
+        become that control token (a user's "<|im_end|>" ending their turn). Not its content only:
+        templates render a message's name, reasoning and tool calls too."""
         _check_messages(messages)
-        for i, message in enumerate(messages):
-            spelled = self._special_spelled(message.get("content"))
+        for where, text in _message_texts(messages, "messages"):
+            spelled = self._special_spelled(text)
             if spelled is not None:
-                raise ValueError(f"messages[{i}]['content'] spells the special token {spelled!r}, which the "
+                raise ValueError(f"{where} spells the special token {spelled!r}, which the "
                                  "chat template's text would turn into that control token; remove it")
         return self.encode(self.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
 
@@ -256,7 +259,7 @@ class PretrainedTokenizer:
         whole = self.apply_chat_template([*messages, {"role": "assistant", "content": reply}])
         if not whole.startswith(prompt):
             return head, self.reply_ids(reply)
-        encoding = self._tok.encode(whole, add_special_tokens=False)
+        encoding = encoding_of(self._tok, whole)
         ids = encoding.ids
         cut = next((i for i, (_, stop) in enumerate(encoding.offsets) if stop > len(prompt)), len(ids))
         end, tail = self._turn_end(), ids[cut:]
@@ -311,12 +314,12 @@ class PretrainedTokenizer:
         template = None
         if (template_file := folder_file(folder, TEMPLATE_FILE)) is not None:
             read.append(template_file)
-            template = template_file.read_text(encoding="utf-8")
+            template = _read_text(template_file)
         named_files = sorted((folder / EXTRA_TEMPLATES_DIR).glob("*.jinja"))  # transformers' named templates
         if extra := [f for f in named_files if folder_file(folder, f.relative_to(folder))]:
             read += extra
             named = _named_templates(config.get("chat_template"))
-            named.update({f.stem: f.read_text(encoding="utf-8") for f in extra})
+            named.update({f.stem: _read_text(f) for f in extra})
             config = {**config, "chat_template": [{"name": n, "template": t} for n, t in named.items()]}
         if (generation_file := folder_file(folder, GENERATION_CONFIG_FILE)) is not None:
             read.append(generation_file)
@@ -385,10 +388,18 @@ def load_tokenizer(folder: str | os.PathLike[str]) -> HeronTokenizer | Pretraine
     return HeronTokenizer.load(folder)
 
 
+def _read_text(file: Path) -> str:
+    """`file`'s text; a ValueError naming the file where it is not UTF-8 (Python's names only the byte)."""
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{file}: not UTF-8 text ({err}); save it as UTF-8") from err
+
+
 def _json_object(file: Path, holding: str) -> dict[str, Any]:
     """The JSON object in `file` (of `holding`, for the error); a ValueError naming the file else."""
     try:
-        value = json.loads(file.read_text(encoding="utf-8"))
+        value = json.loads(_read_text(file))
     except json.JSONDecodeError as err:
         raise ValueError(f"{file}: not valid JSON ({err})") from err
     if not isinstance(value, dict):
@@ -491,6 +502,19 @@ def _named_templates(value: Any) -> dict[str, str]:
                              f"of strings, got {entry!r:.80}")
         named[entry["name"]] = entry["template"]
     return named
+
+
+def _message_texts(value: Any, where: str) -> Iterator[tuple[str, str]]:
+    """(where, text) of every string in `value`, a chat's messages or part of one, found
+    through its dicts and lists; where as `messages[0]['content'][1]['text']`."""
+    if isinstance(value, str):
+        yield where, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _message_texts(item, f"{where}[{key!r}]")
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            yield from _message_texts(item, f"{where}[{i}]")
 
 
 def _check_messages(messages: object) -> None:
