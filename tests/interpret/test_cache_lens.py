@@ -142,6 +142,10 @@ def test_cache_helpers_stack_the_residual_stream_and_split_heads():
     heads = full.heads(1)  # (B, T, H, hd)
     assert heads.shape == (2, 8, 4, 8)
     assert torch.equal(heads[:, :, 2], full["blocks.1.attn.hook_z"][..., 16:24])
+    # A layer the model lacks was a KeyError suggesting other hook names.
+    for layer in (2, 5, -1):
+        with pytest.raises(IndexError, match=rf"^layer {layer} is outside the model's 2 layers \(valid: 0..1\)$"):
+            full.heads(layer)
 
 
 # ----- the logit lens --------------------------------------------------------------

@@ -109,5 +109,7 @@ def test_negative_layers_count_from_the_end_and_others_name_the_valid_range():
     assert list(last) == [1] and torch.equal(last[1], attention_patterns(model, ids, layers=[1])[1])
     with pytest.raises(ValueError, match=r"^layers: 2 is outside the model's 2 layers \(valid: -2..1\)"):
         attention_patterns(model, ids, layers=[0, 2])
+    with pytest.raises(ValueError, match=r"^layers: empty selection.*\(valid: -2..1\), or None for every layer$"):
+        attention_patterns(model, ids, layers=[])  # was {} without a word
     with pytest.raises(ValueError, match="^ids: empty input$"):
         attention_patterns(model, torch.zeros(1, 0, dtype=torch.long))

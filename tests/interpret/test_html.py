@@ -1,4 +1,6 @@
 """The report page (interpret/html.py): complete, escaped, and checked for missing files."""
+import re
+
 import pytest
 
 from heron.interpret.html import Section, Table, missing_files, write_html
@@ -28,6 +30,24 @@ def test_a_missing_image_is_refused_before_writing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_token_labels_show_whitespace_and_escape_what_fonts_cannot_draw():
+def test_an_image_outside_the_report_folder_is_refused_and_counts_as_missing(tmp_path):
+    """"../x.png" was written into the page and missing_files called the page complete,
+    though zipping the folder would leave the image behind."""
+    folder = tmp_path / "report"
+    (folder / "figs").mkdir(parents=True)
+    (tmp_path / "x.png").write_bytes(PNG)
+    (folder / "figs" / "y.png").write_bytes(PNG)
+    for image in ["../x.png", "figs/../../x.png", str(tmp_path / "x.png")]:
+        with pytest.raises(ValueError, match=rf"^images: {re.escape(image)} \(section 'A'\) is outside the "
+                                             rf"report folder {re.escape(str(folder))};"):
+            write_html(folder / "index.html", "t", [Section("A", "about", images=[image])])
+    assert not (folder / "index.html").exists()
+    inside = write_html(folder / "index.html", "t", [Section("A", "a", images=["figs/../figs/y.png"])])
+    assert missing_files(inside) == []
+    (folder / "hand.html").write_text(f'<img src="../x.png"><img src="{tmp_path / "x.png"}"><a href="#s0">')
+    assert missing_files(folder / "hand.html") == ["../x.png", str(tmp_path / "x.png")]
+
+
+
     assert token_label("a b\n\t\x1a") == "a·b⏎⇥\\x1a"
     assert token_label("") == "∅"

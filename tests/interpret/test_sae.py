@@ -245,6 +245,41 @@ def test_resumed_training_equals_an_unbroken_run(tmp_path):
         train_sae(x, settings.replace(lr=0.5), resume_from=load_sae(tmp_path / "half"), progress=False)
 
 
+def test_resuming_twice_from_one_training_equals_resuming_once_and_the_unbroken_run():
+    """Resuming advanced the given SAETraining's SAE in place but left its step and Adam
+    state behind, so a second resume from it started from a corrupt mix."""
+    x, _ = planted_dictionary(n=1000)
+    settings = SAESettings(k=3, expansion=2, steps=12, batch_size=128, lr_decay_fraction=0.5, dead_tokens=300)
+    unbroken = train_sae(x, settings, progress=False)
+    half = train_sae(x, settings, stop_at=6, progress=False)
+    weights = {n: v.clone() for n, v in half.sae.state_dict().items()}
+    adam = {n: v.clone() for n, v in half.optimizer_state.items()}
+    once = train_sae(x, settings, resume_from=half, progress=False)
+    twice = train_sae(x, settings, resume_from=half, progress=False)
+    assert half.step == 6 and once.step == twice.step == 12
+    assert all(torch.equal(half.sae.state_dict()[n], v) for n, v in weights.items())
+    assert all(torch.equal(half.optimizer_state[n], v) for n, v in adam.items())
+    for name, value in unbroken.sae.state_dict().items():
+        assert torch.equal(once.sae.state_dict()[name], value), name
+        assert torch.equal(twice.sae.state_dict()[name], value), name
+
+
+def test_float64_activations_train_a_float64_sae_that_saves_and_resumes_exactly(tmp_path):
+    """float64 activations were a RuntimeError (m1 and m2 dtypes differ) in the first step."""
+    x, _ = planted_dictionary(n=1000)
+    settings = SAESettings(k=3, expansion=2, steps=8, batch_size=128, dead_tokens=300)
+    fp32 = train_sae(x, settings, progress=False).sae
+    fp64 = train_sae(x.double(), settings, progress=False)
+    assert all(p.dtype == torch.float64 for p in fp64.sae.parameters())
+    for name, value in fp32.state_dict().items():  # same batches, same start: equal up to fp32 rounding
+        torch.testing.assert_close(fp64.sae.state_dict()[name].to(value.dtype), value, atol=1e-4, rtol=1e-4)
+    save_sae(tmp_path / "half", train_sae(x.double(), settings, stop_at=4, progress=False))
+    resumed = train_sae(x.double(), settings, resume_from=load_sae(tmp_path / "half"), progress=False)
+    for name, value in fp64.sae.state_dict().items():
+        assert torch.equal(resumed.sae.state_dict()[name], value), name
+    assert train_sae(x.bfloat16(), settings, stop_at=1, progress=False).sae.W_enc.dtype == torch.float32
+
+
 def test_dead_feature_accounting_counts_tokens_since_each_feature_fired():
     sae = SparseAutoencoder(4, SAESettings(sparsity="l1", expansion=1, dead_tokens=5))
     sae.count_firing(torch.tensor([[1.0, 0, 0, 0], [0, 2.0, 0, 0], [0, 0, 0, 0]]))  # 3 tokens

@@ -250,7 +250,12 @@ class ActivationCache(Mapping[str, torch.Tensor]):
         return torch.stack([self.resid(i) for i in range(self.config.n_layers + 1)])
 
     def heads(self, layer: int) -> torch.Tensor:
-        """(B, T, n_heads, head_dim): each head's output before `out`, from hook_z."""
+        """(B, T, n_heads, head_dim): each head's output before `out`, from hook_z.
+        A layer the model does not have is an IndexError with the valid range, as in
+        `resid`, rather than a KeyError suggesting other hook names."""
+        n = self.config.n_layers
+        if not 0 <= layer < n:
+            raise IndexError(f"layer {layer} is outside the model's {n} layers (valid: 0..{n - 1})")
         z = self[f"blocks.{layer}.attn.hook_z"]  # (B, T, nh * hd)
         return z.unflatten(-1, (self.config.n_heads, self.config.resolved_head_dim))
 

@@ -38,8 +38,12 @@ def attention_patterns(model: Transformer, ids: torch.Tensor,
                        layers: Sequence[int] | None = None) -> dict[int, torch.Tensor]:
     """{layer: (B, H, T, T) attention probabilities} on `ids` (B, T), every layer by
     default. A negative layer counts from the end, as in Python; the keys are the
-    layers' indices (layers=[-1] of a 4-layer model gives {3: ...})."""
+    layers' indices (layers=[-1] of a 4-layer model gives {3: ...}). An empty
+    `layers` is refused: it would return {} and every caller would show nothing."""
     n = model.config.n_layers
+    if layers is not None and len(layers) == 0:
+        raise ValueError(f"layers: empty selection; pass at least one layer index (valid: {-n}..{n - 1}), "
+                         "or None for every layer")
     outside = [i for i in layers or () if not -n <= i < n]
     if outside:
         raise ValueError(f"layers: {outside[0]} is outside the model's {n} layers (valid: {-n}..{n - 1})")

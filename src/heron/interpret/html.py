@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from heron.store.atomic import write_text_atomic
 
@@ -50,10 +50,15 @@ class Section:
 
 def write_html(path: str | os.PathLike[str], title: str, sections: Sequence[Section],
                facts: Sequence[tuple[str, str]] = ()) -> Path:
-    """Write the page atomically; returns its path. ValueError names an image that is not on disk."""
+    """Write the page atomically; returns its path. ValueError names an image that is not on
+    disk, or that is outside the page's folder (absolute, or climbing out with ".."): the
+    folder would no longer hold everything the page shows."""
     path = Path(path)
     for section in sections:
         for image in section.images:
+            if _leaves_folder(image):
+                raise ValueError(f"images: {image} (section {section.title!r}) is outside the report folder "
+                                 f"{path.parent}; copy it into that folder and give its path relative to it")
             if not (path.parent / image).is_file():
                 raise ValueError(f"images: {image} (section {section.title!r}) is not in {path.parent}")
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>",
@@ -87,12 +92,18 @@ def _cell(value: object) -> str:
     return f'<td class="text">{html.escape(str(value))}</td>'
 
 
+def _leaves_folder(ref: str) -> bool:
+    """True when `ref` names a path outside the folder it is relative to (absolute, or
+    climbing out with ".."), so that zipping the folder would leave the file behind."""
+    return PurePath(ref).is_absolute() or PurePath(os.path.normpath(ref)).parts[:1] == ("..",)
+
+
 def missing_files(page: str | os.PathLike[str]) -> list[str]:
-    """Every src or href of the page that is neither an in-page anchor nor a file beside it."""
+    """Every src or href of the page that is neither an in-page anchor nor a file inside
+    its folder (a file reached by an absolute path or "../" counts as missing)."""
     page = Path(page)
-    refs = re.findall(r'(?:src|href)="([^"]+)"', page.read_text(encoding="utf-8"))
-    return [html.unescape(r) for r in refs
-            if not r.startswith("#") and not (page.parent / html.unescape(r)).is_file()]
+    refs = [html.unescape(r) for r in re.findall(r'(?:src|href)="([^"]+)"', page.read_text(encoding="utf-8"))]
+    return [r for r in refs if not r.startswith("#") and (_leaves_folder(r) or not (page.parent / r).is_file())]
 
 
 __all__ = ["Section", "Table", "missing_files", "write_html"]

@@ -34,6 +34,7 @@ training tokens (Gao et al. 2024 count 10M tokens; our runs are smaller).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -303,9 +304,18 @@ def train_sae(
     Step s trains on rows epoch_rows(N, batch_size, s, seed): every activation
     once per epoch, in an order fixed by (seed, epoch), so a resumed run sees
     the batches an unbroken one would and ends bit for bit the same.
+
+    dtype: float64 activations train a float64 SAE; any other dtype (float32,
+    half precision) trains a float32 one, as half precision is too coarse for
+    Adam. Each batch is converted to the SAE's dtype, so a resumed SAE keeps the
+    dtype it began with.
+
+    `resume_from` is left as it was: training continues on a copy of its SAE and
+    Adam state, so resuming from it again gives the same run.
     """
     _check_activations(activations)
     sae = _starting_sae(activations, settings) if resume_from is None else _resumed_sae(resume_from, settings)
+    dtype = sae.W_enc.dtype
     optimizer = torch.optim.Adam(sae.parameters(), lr=settings.lr, betas=ADAM_BETAS, eps=ADAM_EPS)
     if resume_from is not None and resume_from.optimizer_state:
         _load_adam_state(optimizer, sae, resume_from.optimizer_state)
@@ -315,7 +325,7 @@ def train_sae(
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = sae_lr(step, settings)
-        x = activations[epoch_rows(len(activations), settings.batch_size, step, settings.seed)]  # (B, d)
+        x = activations[epoch_rows(len(activations), settings.batch_size, step, settings.seed)].to(dtype)  # (B, d)
         loss, f = sae.training_loss(x)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -347,20 +357,29 @@ def _check_activations(activations: torch.Tensor) -> None:
                          "point that carries a signal (an attention-only layer's hook_mlp_out is always zero)")
 
 
+def _training_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a fresh SAE trains in: float64 for float64 activations, else float32.
+    Half precision is too coarse for Adam's eps and the unit-norm decoder, and
+    float32 is what `gather_activations` returns."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _starting_sae(activations: torch.Tensor, settings: SAESettings) -> SparseAutoencoder:
-    sae = SparseAutoencoder(activations.shape[1], settings).to(activations.device)
+    dtype = _training_dtype(activations.dtype)
+    sae = SparseAutoencoder(activations.shape[1], settings).to(activations.device, dtype)
     sample = epoch_rows(len(activations), min(len(activations), FIT_SAMPLE), 0, settings.seed)
-    sae.fit_input(activations[sample])
+    sae.fit_input(activations[sample].to(dtype))
     return sae
 
 
 def _resumed_sae(resume: SAETraining, settings: SAESettings) -> SparseAutoencoder:
-    """The SAE to continue in place; other settings would not give the unbroken run."""
+    """A copy of resume's SAE to continue, so `resume` stays a valid starting point;
+    other settings would not give the unbroken run."""
     trained = resume.sae.settings
     for name, value in settings.to_dict().items():
         if value != getattr(trained, name):
             raise ValueError(f"{name}: resuming with {value!r}, but the SAE was trained with {getattr(trained, name)!r}")
-    return resume.sae
+    return copy.deepcopy(resume.sae)
 
 
 ADAM_KEYS = ("step", "exp_avg", "exp_avg_sq")
@@ -377,9 +396,11 @@ def _adam_state(optimizer: torch.optim.Adam, sae: SparseAutoencoder) -> dict[str
 
 
 def _load_adam_state(optimizer: torch.optim.Adam, sae: SparseAutoencoder, flat: dict[str, torch.Tensor]) -> None:
-    """The inverse of _adam_state; load_state_dict puts each tensor where Adam wants it."""
+    """The inverse of _adam_state; load_state_dict puts each tensor where Adam wants it.
+    Cloned: Adam may keep the given tensors and update them in place, which would
+    change the SAETraining they came from."""
     names = [name for name, _ in sae.named_parameters()]  # Adam numbers parameters in this order
-    state = {i: {key: flat[f"{name}.{key}"] for key in ADAM_KEYS} for i, name in enumerate(names)}
+    state = {i: {key: flat[f"{name}.{key}"].clone() for key in ADAM_KEYS} for i, name in enumerate(names)}
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 

@@ -61,7 +61,9 @@ def load_sae(path: str | Path, *, device: str | torch.device = "cpu") -> SAETrai
     if record.get("format") != FORMAT_VERSION:
         raise ValueError(f"{folder / SETTINGS_FILE}: format {record.get('format')!r}, expected {FORMAT_VERSION}")
     sae = SparseAutoencoder(record["d_in"], SAESettings.from_dict(record["settings"]), record["hook_name"])
-    sae.load_state_dict(safetensors.torch.load_file(folder / SAE_FILE), strict=True)
+    weights = safetensors.torch.load_file(folder / SAE_FILE)
+    sae.to(weights["W_enc"].dtype)  # a float64 SAE stays float64: load_state_dict would round it to float32
+    sae.load_state_dict(weights, strict=True)
     optimizer_file = folder / OPTIMIZER_FILE
     optimizer_state = safetensors.torch.load_file(optimizer_file) if optimizer_file.is_file() else {}
     return SAETraining(sae.to(device), record["step"], optimizer_state, record["metrics"])
