@@ -8,6 +8,9 @@ import pytest
 from heron.cli.commands import sampling_params
 from heron.cli.main import build_parser, main
 from heron.compress.distill_loss import check_settings
+from heron.core import ModelConfig, Transformer
+from heron.tokenizer import train_tokenizer
+from heron.train.checkpoint import save_model_folder
 
 
 def test_a_vocabulary_no_tokenizer_could_allocate_is_refused(tmp_path: Path, capsys) -> None:
@@ -52,3 +55,36 @@ def test_distillation_errors_name_the_flag_not_the_keyword(monkeypatch, capsys, 
     monkeypatch.setattr(importlib.import_module("heron.compress.distill"), "distill", distill)
     assert main(["compress", "distill", "teacher", "test", *flags]) == 2
     assert capsys.readouterr().err == f"heron compress: error: {complaint}\n"
+
+
+def test_data_prepare_into_the_folder_of_its_tokenizer_keeps_that_file_from_later_runs(tmp_path: Path,
+                                                                                       capsys) -> None:
+    """`heron data prepare SOURCES --tokenizer F/tokenizer.json --out F`, then with another tokenizer into F: that
+    one would be installed over the user's file beside the shards, so the second run is refused naming both."""
+    (tmp_path / "src").mkdir()
+    for i in range(6):
+        (tmp_path / "src" / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i}\n" * 20)
+    mine, other, out = tmp_path / "out" / "tokenizer.json", tmp_path / "other.json", tmp_path / "out"
+    for tok, vocab_size in ((mine, "270"), (other, "280")):
+        assert main(["tokenizer", "train", str(tmp_path / "src"), "--vocab-size", vocab_size, "--out", str(tok)]) == 0
+    saved = mine.read_bytes()
+    assert main(["data", "prepare", str(tmp_path / "src"), "--tokenizer", str(mine), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["data", "prepare", str(tmp_path / "src"), "--tokenizer", str(other), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith(f"heron data: error: {mine}: your own tokenizer, not {other}; ")
+    assert mine.read_bytes() == saved
+
+
+@pytest.mark.parametrize("verb, inside", [("to-gguf", "model.gguf"), ("to-gguf", "gguf/model.gguf"), ("to-hf", "hf")])
+def test_convert_refuses_a_target_inside_its_source_checkpoint_before_writing(tmp_path: Path, capsys, verb,
+                                                                             inside) -> None:
+    """A file written into the checkpoint folder changes what its lineage and audit hashes describe."""
+    tokenizer = train_tokenizer(["def f(a):\n    return a + 1\n" * 20], vocab_size=270, progress=False)
+    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, d_model=16, n_layers=1, n_heads=2,
+                                    max_seq_len=16))
+    checkpoint = save_model_folder(tmp_path / "ckpt", model, tokenizer=tokenizer)
+    before = sorted(str(p) for p in checkpoint.rglob("*"))
+    assert main(["convert", verb, str(checkpoint), str(checkpoint / inside)]) == 2
+    assert capsys.readouterr().err == (f"heron convert: error: {checkpoint / inside}: inside the source {checkpoint}; "
+                                       "write to a folder outside it\n")
+    assert sorted(str(p) for p in checkpoint.rglob("*")) == before

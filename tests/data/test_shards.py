@@ -233,6 +233,28 @@ def test_a_reuse_puts_back_the_folders_tokenizer_when_another_was_written_over_i
     assert again.reused and HeronTokenizer.load(tmp_path / "out").fingerprint() == tok.fingerprint()
 
 
+def test_a_users_tokenizer_in_the_out_folder_makes_the_shards_and_another_is_refused_not_written_over_it(
+        tmp_path, tok) -> None:
+    """`--tokenizer F/tokenizer.json --out F`: the shards are made with the user's file, which stays as it was.
+    Another tokenizer would be installed over it, so it is refused naming both files: before the shards (the
+    file alone in the folder) and after (the file marked as the user's beside them)."""
+    (tmp_path / "src").mkdir()
+    write_docs(tmp_path / "src", 12)
+    other = train_tokenizer(["completely different text " * 50], vocab_size=280, progress=False)
+    other.save(tmp_path / "other")
+    mine = tok.save(tmp_path / "out")
+    saved = mine.read_bytes()
+    for _ in range(2):
+        with pytest.raises(FileExistsError) as caught:
+            prepare_shards(Corpus([tmp_path / "src"]), other, tmp_path / "out", progress=False,
+                           tokenizer_source=tmp_path / "other")
+        assert str(caught.value).startswith(f"{mine}: your own tokenizer, not {tmp_path / 'other' / 'tokenizer.json'};")
+        assert mine.read_bytes() == saved
+        assert prepare_shards(Corpus([tmp_path / "src"]), tok, tmp_path / "out", progress=False,
+                              tokenizer_source=mine).meta["tokenizer_sha256"] == tok.fingerprint()
+        assert mine.read_bytes() == saved
+
+
 def test_what_a_killed_preparation_left_is_swept_by_the_next(tmp_path, tok) -> None:
     (tmp_path / "src").mkdir()
     write_docs(tmp_path / "src", 12)

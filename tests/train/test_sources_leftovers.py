@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from heron.cli.main import main
 from heron.data import Corpus
 from heron.data import corpus as corpus_module
 from heron.tokenizer import load_tokenizer, train_tokenizer
@@ -149,7 +150,7 @@ def test_a_users_tokenizer_in_the_shard_folder_survives_a_kill_in_the_install(tm
     """Killed after the shards are moved in, before meta.json: the user's tokenizer.json then lies beside
     shard files, as a killed install of Heron's own would leave it. The rerun (data.tokenizer unset) must
     still take it for the user's (a hidden mark names it) and make the shards with it, not train one over
-    it; so too when the killed run's data.tokenizer named that file."""
+    it; so too when the killed run's data.tokenizer named that file. The mark stays, for the runs after."""
     mine = train_tokenizer(Corpus([corpus]), 280, progress=False)
     mine.save(tmp_path / "shards")
     saved = (tmp_path / "shards" / "tokenizer.json").read_bytes()
@@ -165,7 +166,8 @@ def test_a_users_tokenizer_in_the_shard_folder_survives_a_kill_in_the_install(tm
     assert (tmp_path / "shards" / "tokenizer.json").read_bytes() == saved
     assert data.tokenizer.fingerprint() == mine.fingerprint() == data.meta["tokenizer_sha256"]
     assert "tokenizer_vocab_requested" not in data.meta
-    assert [p.name for p in (tmp_path / "shards").iterdir() if p.name.startswith(".")] == []  # the mark goes too
+    assert [p.name for p in (tmp_path / "shards").iterdir() if p.name.startswith(".")] == [".users-tokenizer"]
+    assert (tmp_path / "shards" / ".users-tokenizer").read_text().strip() == mine.fingerprint()
 
 
 def test_a_tokenizer_heron_installed_over_a_marked_users_one_does_not_read_as_the_users(tmp_path, corpus,
@@ -187,3 +189,45 @@ def test_a_tokenizer_heron_installed_over_a_marked_users_one_does_not_read_as_th
     assert data.tokenizer.fingerprint() == expected.fingerprint() == data.meta["tokenizer_sha256"]
     assert data.vocab_size == data.meta["tokenizer_vocab_requested"] == 280
     assert [p.name for p in (tmp_path / "shards").iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("killed", [False, True])
+def test_a_data_tokenizer_other_than_the_users_in_the_shard_folder_is_refused_not_installed_over_it(
+        tmp_path, corpus, monkeypatch, killed) -> None:
+    """The user's tokenizer.json in the shard folder (alone, or marked beside the shards of a preparation with
+    it that was killed) and data.tokenizer naming another: the shards made with that one would install it over
+    the user's, so the preparation is refused, naming both files, and the user's stays as it was."""
+    mine = train_tokenizer(Corpus([corpus]), 280, progress=False)
+    mine.save(tmp_path / "shards")
+    saved = (tmp_path / "shards" / "tokenizer.json").read_bytes()
+    if killed:
+        with monkeypatch.context() as patch:
+            patch.setattr(os, "replace", killed_moving("meta.json"))
+            with pytest.raises(Killed):
+                resolve_data(section(tmp_path, corpus, 300))  # with the user's
+    train_tokenizer(Corpus([corpus]), 300, progress=False).save(tmp_path / "other.json")
+    named = section(tmp_path, corpus, 300).model_copy(update={"tokenizer": str(tmp_path / "other.json")})
+    with pytest.raises(FileExistsError) as caught:
+        resolve_data(named)
+    assert str(caught.value).startswith(f"{tmp_path / 'shards' / 'tokenizer.json'}: your own tokenizer, not "
+                                        f"{tmp_path / 'other.json'}; ")
+    assert (tmp_path / "shards" / "tokenizer.json").read_bytes() == saved
+
+
+def test_a_users_tokenizer_survives_a_kill_in_heron_data_prepare_into_its_own_folder(tmp_path, corpus,
+                                                                                    monkeypatch) -> None:
+    """`heron data prepare SOURCES --tokenizer F/tokenizer.json --out F` killed in its install leaves shard files
+    beside the user's tokenizer.json, as a killed install of Heron's own would: marked as the user's, a recipe on F
+    (data.tokenizer unset, asking 300 tokens) makes the shards with it, not with a tokenizer trained over it."""
+    mine = train_tokenizer(Corpus([corpus]), 280, progress=False)
+    mine.save(tmp_path / "shards")
+    saved = (tmp_path / "shards" / "tokenizer.json").read_bytes()
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", killed_moving("meta.json"))
+        with pytest.raises(Killed):
+            main(["data", "prepare", str(corpus), "--tokenizer", str(tmp_path / "shards" / "tokenizer.json"),
+                  "--out", str(tmp_path / "shards")])
+    assert (tmp_path / "shards" / "train_000000.bin").is_file() and not (tmp_path / "shards" / "meta.json").exists()
+    data = resolve_data(section(tmp_path, corpus, 300))
+    assert (tmp_path / "shards" / "tokenizer.json").read_bytes() == saved
+    assert data.tokenizer.fingerprint() == mine.fingerprint() == data.meta["tokenizer_sha256"]

@@ -58,7 +58,7 @@ def data_prepare(args: argparse.Namespace) -> int:
     source = Path(args.tokenizer)  # a tokenizer.json, or a folder: Heron's, or a Hugging Face model's
     tokenizer = load_tokenizer(source) if source.is_dir() else HeronTokenizer.load(source)
     shards = prepare_shards(corpus_from(args.sources, args.ext), tokenizer, args.out,
-                            val_fraction=args.val_fraction, seed=args.seed)
+                            val_fraction=args.val_fraction, seed=args.seed, tokenizer_source=source)
     reused = "; reused: the corpus and tokenizer are those that made them" if shards.reused else ""
     print(f"shards: {shards.path} ({len(shards.train):,} train / {len(shards.val):,} validation tokens{reused})")
     for split, tokens in (("training", shards.train), ("validation", shards.val)):
@@ -206,9 +206,13 @@ def convert_to_hf(args: argparse.Namespace) -> int:
 def convert_to_gguf(args: argparse.Namespace) -> int:
     from heron.compress.gguf_export import dequantised_layers, save_quantized_gguf
     from heron.compress.qlinear import is_quantized
+    from heron.train.checkpoint import require_new_folder
 
     if args.target.exists():  # before loading: nothing is replaced, not even an older GGUF
         raise FileExistsError(f"{args.target}: exists; write the GGUF file to a new path")
+    # Nor written into the source (its folder, or the checkpoint a run folder names): that would change
+    # what the folder's lineage and audit hashes describe. The check to-hf makes of its folder, of a file here.
+    require_new_folder(args.target, args.checkpoint)
     model, tokenizer = heron.load(args.checkpoint)
     if tokenizer is None:
         raise CheckpointError(f"{args.checkpoint}: no tokenizer.json; a GGUF file carries the tokenizer")

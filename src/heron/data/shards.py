@@ -46,6 +46,9 @@ DEFAULT_SHARD_TOKENS = 1 << 26  # 64M tokens: 128 MB as uint16, well under any f
 _ENCODE_BATCH_CHARS = 4 << 20  # text handed to the Rust encoder per call: bounds memory, keeps all cores busy
 _PIECE_CHARS = 1 << 20  # a longer document goes to the encoder in pieces of about this size, several per batch
 _TMP_PREFIX = ".shards-"  # the temporary folder a preparation writes in, inside the shard folder: .shards-{pid}-...
+# The fingerprint of the user's own tokenizer.json in a shard folder (`users_tokenizer`): written before shards
+# are made with it and kept beside them, so no later preparation (nor a killed one's rerun) takes it for Heron's.
+USERS_TOKENIZER = ".users-tokenizer"
 # A "document" is a file that decodes (others are skipped). The text is stored in meta.json and
 # compared on reuse: rewording it would rebuild every shard set.
 SPLIT_RULE = (
@@ -301,12 +304,16 @@ def prepare_shards(
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     progress: bool = True,
     note: dict | None = None,
+    tokenizer_source: str | os.PathLike[str] | None = None,
 ) -> ShardSet:
     """Tokenise a corpus into train/val shard files in out_dir; reuse them if inputs are unchanged.
 
     Files under out_dir are no part of the corpus (an out_dir inside a corpus folder would
     otherwise take in its own shards and metadata on the next run). `note` adds keys to
     meta.json (what the caller asked for, to check later); shards are reused only if they match.
+    The tokenizer goes beside the shards, unless out_dir holds the user's own (`users_tokenizer`;
+    or `tokenizer_source`, where the tokenizer was read from, is that file): that one is kept and
+    marked, and a preparation with another tokenizer is refused rather than written over it.
 
     Parallelism: documents go to the Rust batch encoder (`encode_batch`),
     which spreads them over all cores with Rayon (cap it with the
@@ -334,16 +341,19 @@ def prepare_shards(
         "text": TEXT_RULE,
         "shard_tokens": shard_tokens,
     }
+    users = _keep_users_tokenizer(folder, tokenizer, tokenizer_source)
     reusable = _reusable(folder, inputs, corpus)
     if reusable is not None:
         logger.info("reusing shards in %s: %s matches this corpus and tokenizer", folder, META_FILE)
-        if _fingerprint_of(folder) != inputs["tokenizer_sha256"]:  # missing in old shard sets; or written over
+        _mark_users_tokenizer(folder, users)
+        if users is None and _fingerprint_of(folder) != inputs["tokenizer_sha256"]:  # missing in old sets, or damaged
             tokenizer.save(folder)
         return reusable
     val_keys = validation_keys(corpus.keys, val_fraction, seed, corpus.decodes)  # checks val_fraction: before mkdir
     old_files = _replaceable_files(folder)
     folder.mkdir(parents=True, exist_ok=True)
     _sweep_stale_temps(folder)
+    _mark_users_tokenizer(folder, users)  # before any shard goes in
     with tempfile.TemporaryDirectory(dir=folder, prefix=f"{_TMP_PREFIX}{os.getpid()}-") as tmp:
         writers = {s: _ShardWriter(Path(tmp), s, dtype, shard_tokens) for s in SPLITS}
         bar = tqdm(total=len(corpus), unit="doc", desc="tokenising", disable=not progress)
@@ -360,8 +370,9 @@ def prepare_shards(
         meta = inputs | {s: writers[s].summary() for s in SPLITS}
         keys = {doc.path: doc.key for doc in corpus.documents}  # a path as spelled depends on the working directory
         meta["skipped_files"] = [keys[p] for p in corpus.skipped]
-        tokenizer.save(Path(tmp))
-        _install(Path(tmp), folder, meta, old_files)
+        if users is None:
+            tokenizer.save(Path(tmp))
+        _install(Path(tmp), folder, meta, old_files, with_tokenizer=users is None)
     if corpus.skipped:
         logger.warning("skipped %d undecodable (non-UTF-8) files", len(corpus.skipped))
     return load_shards(folder)
@@ -399,6 +410,53 @@ def _fingerprint_of(folder: Path) -> str | None:
         return load_tokenizer(folder).fingerprint()
     except (OSError, ValueError):
         return None
+
+
+def users_tokenizer(folder: Path) -> str | None:
+    """The fingerprint of `folder`'s tokenizer.json if it is the user's own, None if there is none or it is
+    the one a preparation installed beside its shards (which the next one replaces with its shards).
+
+    It is the user's when nothing a preparation makes lies beside it (an install moves the shards in
+    before their tokenizer), or when the mark (`USERS_TOKENIZER`) names it: one written over a marked
+    one since is not. A ValueError, naming the file, if it is the user's and not a tokenizer Heron can read."""
+    if not (folder / TOKENIZER_FILE).is_file():
+        return None
+    if not (folder / META_FILE).is_file() and not any(is_shard_file(p.name) for p in folder.iterdir()):
+        return load_tokenizer(folder).fingerprint()
+    mark = folder / USERS_TOKENIZER
+    if not mark.is_file():
+        return None
+    found = load_tokenizer(folder).fingerprint()
+    return found if mark.read_text(encoding="utf-8").strip() == found else None
+
+
+def _mark_users_tokenizer(folder: Path, fingerprint: str | None) -> None:
+    """Mark `folder`'s tokenizer.json as the user's (its `fingerprint`), or with None remove a mark of one removed
+    since. Beside shard files an unmarked one would read as a killed install's, and be replaced by the next."""
+    if fingerprint is not None:
+        (folder / USERS_TOKENIZER).write_text(fingerprint + "\n", encoding="utf-8")
+    else:
+        (folder / USERS_TOKENIZER).unlink(missing_ok=True)
+
+
+def _keep_users_tokenizer(folder: Path, tokenizer: Tokenizer, source: str | os.PathLike[str] | None) -> str | None:
+    """The fingerprint to mark `folder`'s tokenizer.json with if it is the user's own (`users_tokenizer`, or
+    the `source` the tokenizer was read from), which the shards are then made with and which stays as it is;
+    None if it is not. Refused, naming both files, when it is another tokenizer than `tokenizer`: installing
+    that one beside the shards would replace it."""
+    file = folder / TOKENIZER_FILE
+    named = None if source is None else Path(source)
+    if named is not None and named.is_dir():  # a folder holding the tokenizer, as load_tokenizer reads it
+        named = named / TOKENIZER_FILE
+    if named is not None and file.is_file() and named.resolve() == file.resolve():
+        return _fingerprint_of(folder) or tokenizer.fingerprint()  # as `users_tokenizer` reads it back
+    users = users_tokenizer(folder)
+    if users is not None and users != tokenizer.fingerprint():
+        given = "the tokenizer given" if named is None else str(named)
+        raise FileExistsError(f"{file}: your own tokenizer, not {given}; making shards in {folder} with that one "
+                              f"would replace yours with it: prepare them in another folder, or move {file} out "
+                              "of it first")
+    return users
 
 
 def read_as_now(meta: dict[str, Any], corpus: Corpus) -> bool:
@@ -460,13 +518,14 @@ def _sweep_stale_temps(folder: Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
-def _install(tmp: Path, folder: Path, meta: dict, old_files: list[Path]) -> None:
-    """Move new shards and their tokenizer into place, deleting the old set's shard files (only those).
+def _install(tmp: Path, folder: Path, meta: dict, old_files: list[Path], *, with_tokenizer: bool = True) -> None:
+    """Move new shards and their tokenizer (unless `with_tokenizer` is False: the user's is there) into place,
+    deleting the old set's shard files (only those).
 
     meta.json goes first-out and last-in, so it never describes half a set. The new shards go in
     (over the old ones of the same name) before the old set's others go, so until meta.json is back
     shard files lie beside any tokenizer.json an install put here: alone, after a kill, it would
-    read as the user's own (train/sources.py `_users_tokenizer`) and make the next set.
+    read as the user's own (`users_tokenizer`) and make the next set.
     """
     (folder / META_FILE).unlink(missing_ok=True)
     new_files = [shard["file"] for split in SPLITS for shard in meta[split]["shards"]]
@@ -475,7 +534,7 @@ def _install(tmp: Path, folder: Path, meta: dict, old_files: list[Path]) -> None
     for old in old_files:
         if old.name not in new_files:
             old.unlink(missing_ok=True)
-    for name in TOKENIZER_FILES:  # an imported tokenizer writes its tokenizer_config.json too
+    for name in TOKENIZER_FILES if with_tokenizer else ():  # an imported tokenizer writes its config too
         if (tmp / name).is_file():
             os.replace(tmp / name, folder / name)
         else:

@@ -21,7 +21,7 @@ import numpy as np
 from heron.data.batches import TokenStream
 from heron.data.corpus import Corpus, default_corpus
 from heron.data.shards import (META_FILE, SPLITS, TEXT_RULE, TOKENIZER_FILES, ShardSet, id_past_vocabulary,
-                               is_shard_file, load_shards, prepare_shards, read_as_now)
+                               is_shard_file, load_shards, prepare_shards, read_as_now, users_tokenizer)
 from heron.tokenizer import Tokenizer, load_tokenizer
 from heron.tokenizer.bpe import TOKENIZER_FILE, HeronTokenizer, train_tokenizer
 from heron.train.recipe import DataSection, RecipeError, SyntheticData
@@ -31,9 +31,6 @@ VOCAB_REQUESTED = "tokenizer_vocab_requested"  # meta.json key: the vocab_size t
 # the corpus's bytes and the text rule they were read under (the bytes alone do not fix the text).
 _KEPT_TOKENIZER = ".tokenizer-{vocab_size}-{corpus}-{text}.json"
 _KEPT_TOKENIZERS = ".tokenizer-*.json"  # every kept tokenizer: older Herons' names, without the text rule, too
-# The fingerprint of the user's tokenizer.json in the shard folder, written while shards are made with it: killed
-# before meta.json is in, shard files lie beside it as beside a killed install's, and this says it is the user's.
-_USERS_TOKENIZER = ".users-tokenizer"
 
 
 @dataclass(frozen=True)
@@ -160,17 +157,14 @@ def _prepare(section: DataSection, folder: Path) -> None:
     under a hidden name that records what it was trained for (vocab size, corpus fingerprint, text rule),
     so a rerun after a kill skips the training only for the same request: a tokenizer.json a
     killed install left (shard files lie beside it) says neither, and meta.json must name the
-    request that made it. A tokenizer.json alone in the folder is the user's own: it is used, and
-    marked as the user's until meta.json is in, so a kill in the install cannot make it read as Heron's.
+    request that made it. A tokenizer.json of the user's own in the folder (`users_tokenizer`) is used;
+    prepare_shards marks it as the user's and refuses a data.tokenizer naming another, which would replace it.
     """
     corpus = _corpus(section).excluding(folder)
     if section.tokenizer is not None or _users_tokenizer(folder):
         tokenizer = _tokenizer(section, folder)
-        mark = folder / _USERS_TOKENIZER
-        if _tokenizer_path(section, folder).resolve() == (folder / TOKENIZER_FILE).resolve():
-            mark.write_text(tokenizer.fingerprint() + "\n", encoding="utf-8")
-        prepare_shards(corpus, tokenizer, folder, seed=section.split_seed)
-        mark.unlink(missing_ok=True)
+        prepare_shards(corpus, tokenizer, folder, seed=section.split_seed,
+                       tokenizer_source=_tokenizer_path(section, folder))
         return
     kept = _kept_tokenizer(folder, section.vocab_size, corpus)
     if kept.is_file():
@@ -180,7 +174,7 @@ def _prepare(section: DataSection, folder: Path) -> None:
         tokenizer.save(kept)
     # A small corpus can stop the BPE short of vocab_size: the request is kept to check against.
     prepare_shards(corpus, tokenizer, folder, seed=section.split_seed, note={VOCAB_REQUESTED: section.vocab_size})
-    for leftover in [*folder.glob(_KEPT_TOKENIZERS), folder / _USERS_TOKENIZER]:  # a mark of a user's removed since
+    for leftover in folder.glob(_KEPT_TOKENIZERS):  # (a stale mark of a user's tokenizer: prepare_shards removed it)
         leftover.unlink(missing_ok=True)
 
 
@@ -193,18 +187,10 @@ def _kept_tokenizer(folder: Path, vocab_size: int, corpus: Corpus) -> Path:
 
 
 def _users_tokenizer(folder: Path) -> bool:
-    """Whether `folder` holds a tokenizer.json that no killed install of a tokenizer Heron trained left: one
-    with no shard files beside it, or the one a preparation killed while making shards with it marked as the
-    user's (the mark names its fingerprint: a tokenizer.json installed over it since is not the user's)."""
-    if not (folder / TOKENIZER_FILE).is_file():
-        return False
-    if not any(is_shard_file(p.name) for p in folder.iterdir()):
-        return True
-    mark = folder / _USERS_TOKENIZER
-    if not mark.is_file():
-        return False
+    """Whether `folder` holds a tokenizer.json of the user's own (`users_tokenizer`), not one a killed install
+    of a tokenizer Heron trained left; a RecipeError if that file is not a tokenizer."""
     try:
-        return mark.read_text(encoding="utf-8").strip() == load_tokenizer(folder).fingerprint()
+        return users_tokenizer(folder) is not None
     except ValueError as err:
         raise RecipeError(f"data.tokenizer: {err}") from None
 
