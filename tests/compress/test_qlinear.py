@@ -71,6 +71,21 @@ def test_each_kernel_takes_inputs_of_any_rank(kernel: str, extras: bool) -> None
                 assert relative_error(y, ref) < TOLERANCE[kernel, "int8"], (kernel, shape)
 
 
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name + ("-symmetric" if getattr(s, "symmetric", False) else ""))
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_each_kernel_takes_strided_inputs_as_f_linear_does(scheme, kernel: str) -> None:
+    """A transposed view and every other row of a batch: aten's ops refused both
+    ("A must be contiguous"), though a Linear takes them."""
+    if not KERNELS[kernel].supports(scheme, 96, 128):
+        pytest.skip(f"{kernel} does not take {scheme.name}")
+    layer, w, _, _ = layer_for(scheme, kernel)
+    for x in [torch.randn(128, 5).T, torch.randn(6, 128)[::2], torch.randn(4, 3, 128)[:, 1]]:
+        assert not x.is_contiguous()
+        with torch.inference_mode():
+            y = layer(x)
+        assert relative_error(y, x.double() @ w.T) < TOLERANCE[kernel, scheme.name], (kernel, x.stride())
+
+
 @pytest.mark.parametrize("kernel", list(KERNELS))
 def test_the_decode_product_is_forward_bit_for_bit(kernel: str) -> None:
     """What a decoding step runs (core/token_step.py): the same numbers, with
@@ -199,3 +214,12 @@ def test_embedding_lookup_dequantises_the_rows_it_gathers(scheme) -> None:
     dequantised = scheme.dequantize(codes, params)
     assert torch.equal(embedding(ids), dequantised[ids])
     assert torch.equal(embedding.weight, dequantised)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name + ("-symmetric" if getattr(s, "symmetric", False) else ""))
+def test_embedding_lookup_of_no_ids_is_empty_as_nn_embedding_s(scheme) -> None:
+    """int4's unpack reshaped its nibbles to (N, -1), which no tensor of 0 rows can take."""
+    codes, params = quantize_rtn(torch.randn(50, 64, generator=torch.Generator().manual_seed(4)), scheme)
+    embedding = QuantEmbedding.from_codes(codes, params, scheme)
+    for ids in [torch.zeros(0, dtype=torch.long), torch.zeros(2, 0, dtype=torch.long)]:
+        assert embedding(ids).shape == torch.nn.Embedding(50, 64)(ids).shape == (*ids.shape, 64)

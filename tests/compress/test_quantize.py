@@ -125,6 +125,7 @@ def test_moe_blocks_quantise_attention_shared_expert_and_experts_and_keep_the_ro
     (dict(embeddings="int2"), "embeddings: unknown 'int2'"),
     (dict(method="gptq", calibration=torch.zeros(4)), "calibration: expected token ids"),
     (dict(method="gptq", calibration=token_ids(2, 8, 0), percdamp=2.0), "percdamp"),
+    (dict(method="awq", calibration=token_ids(2, 8, 0), awq_grid=1), "awq_grid: expected at least 2 points"),
 ])
 def test_bad_arguments_fail_before_any_work_naming_the_argument(kwargs, message) -> None:
     model = tiny_model()

@@ -2,6 +2,7 @@
 codes, parameters and packed bytes must match bit for bit."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +13,14 @@ F32 = torch.float32
 
 def f32(value: float) -> torch.Tensor:
     return torch.tensor(value, dtype=F32)
+
+
+def fp16_up(value: torch.Tensor) -> torch.Tensor:
+    """The smallest fp16 >= value, stepped with numpy's own nextafter, in [2^-24, 65504]."""
+    h = np.float16(float(value))
+    if float(h) < float(value):
+        h = np.nextafter(h, np.float16(np.inf))
+    return f32(float(h)).clamp(FP16_TINY, FP16_MAX)
 
 
 def reference_int8(w: torch.Tensor) -> tuple[list[list[int]], list[float]]:
@@ -26,7 +35,7 @@ def reference_int8(w: torch.Tensor) -> tuple[list[list[int]], list[float]]:
 
 
 def reference_int4(w: torch.Tensor, g: int) -> tuple[list[list[int]], list[list[float]], list[list[int]]]:
-    """Group by group: range [min(w, 0), max(w, 0)], fp16 scale (hi - lo) / 15, zero round(-lo / s)."""
+    """Group by group: range [min(w, 0), max(w, 0)], scale (hi - lo) / 15 rounded up to fp16, zero round(-lo / s)."""
     codes, scales, zeros = [], [], []
     for row in w:
         row_codes, row_scales, row_zeros = [], [], []
@@ -34,7 +43,7 @@ def reference_int4(w: torch.Tensor, g: int) -> tuple[list[list[int]], list[list[
             group = [float(v) for v in row[start:start + g]]
             lo, hi = f32(min(min(group), 0.0)), f32(max(max(group), 0.0))
             if hi > lo:
-                s = ((hi - lo) / 15).half().float().clamp(FP16_TINY, FP16_MAX)
+                s = fp16_up((hi - lo) / 15)
             else:
                 s = f32(1.0)
             z = int(torch.round(-lo / s).clamp(0, 15))
@@ -49,14 +58,14 @@ def reference_int4(w: torch.Tensor, g: int) -> tuple[list[list[int]], list[list[
 
 def reference_int4_symmetric(w: torch.Tensor, g: int) -> tuple[list[list[int]], list[list[float]]]:
     """llama.cpp's Q4_0 grid, group by group: m the value of largest |w|,
-    fp16 scale m / -8 (1 for a zero group), code = clamp(round(w / s) + 8, 0, 15)."""
+    scale m / -8 with |s| rounded up to fp16 (1 for a zero group), code = clamp(round(w / s) + 8, 0, 15)."""
     codes, scales = [], []
     for row in w:
         row_codes, row_scales = [], []
         for start in range(0, len(row), g):
             group = [f32(float(v)) for v in row[start:start + g]]
             m = max(group, key=lambda v: abs(float(v)))
-            s = (m / -8).half().float() if m != 0 else f32(1.0)
+            s = -fp16_up(m.abs() / 8) * m.sign() if m != 0 else f32(1.0)
             row_codes += [int((torch.round(v / s) + 8).clamp(0, 15)) for v in group]
             row_scales.append(float(s))
         codes.append(row_codes)
@@ -135,6 +144,36 @@ def test_symmetric_int4_keeps_a_tiny_groups_scale_and_zero_code() -> None:
     assert params.scale.item() == -(2.0 ** -24)
     assert codes.tolist() == [[5, 10, 8, 7]]  # round(w / scale) + 8
     assert torch.all((scheme.dequantize(codes, params) - w).abs() <= 2.0 ** -25)
+
+
+@pytest.mark.parametrize(("symmetric", "weight", "scale", "codes"), [
+    (False, 1.3e-6, 2.0**-23, [11, 0]),  # (hi - lo) / 15 = 1.45 x 2^-24: nearest fp16 2^-24 put 1.3e-6 at code 21
+    (True, 7e-7, -(2.0**-23), [2, 8]),  # m / 8 = 1.47 x 2^-24: nearest fp16 2^-24 put 7e-7 at code -4
+])
+def test_a_tiny_groups_subnormal_scale_is_rounded_up_so_its_largest_weight_fits(
+    symmetric: bool, weight: float, scale: float, codes: list[int]
+) -> None:
+    """fp16's subnormals are 2^-24 apart; a scale rounded down to one clipped the group's largest
+    weight to the last code, a third of its value lost. Rounded up, it is within half a step."""
+    scheme = Int4Grouped(group_size=2, symmetric=symmetric)
+    w = torch.tensor([[weight, 0.0]])
+    got_codes, params = quantize_rtn(w, scheme)
+    assert params.scale.item() == scale and got_codes.tolist() == [codes]
+    assert (scheme.dequantize(got_codes, params) - w).abs().max() <= 2.0**-24
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_every_weight_of_tiny_groups_is_within_half_a_step(symmetric: bool) -> None:
+    """Groups of range 1e-8 to 1e-3, where fp16 scales are subnormal or barely normal."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 32, generator=g) * torch.logspace(-8, -3, 64)[:, None]  # (N, K), one magnitude a row
+    scheme = Int4Grouped(group_size=8, symmetric=symmetric)
+    codes, params = quantize_rtn(w, scheme)
+    w_hat = scheme.dequantize(codes, params)
+    step = params.scale.abs().repeat_interleave(8, dim=1)
+    # Q4_0's grid reaches m, not -m: weights on the far side of zero from m may clip by a step.
+    m_side = w * -params.scale.sign().repeat_interleave(8, dim=1) >= 0 if symmetric else torch.ones_like(w) > 0
+    assert torch.all(((w - w_hat).abs() <= step / 2)[m_side])
 
 
 def test_int4_packs_two_codes_per_byte_low_nibble_first() -> None:

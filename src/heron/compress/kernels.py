@@ -91,11 +91,12 @@ def _aten_prepare(scheme: Scheme, codes: torch.Tensor, params: QParams) -> Any:
 
 
 def _aten_product(layout: Any) -> Product:
+    # Both ops refuse a strided x (a transposed view, a slice of rows) that F.linear takes: made contiguous.
     if layout[0] == "int8":
         int8_mm, (_, codes, scale) = torch.ops.aten._weight_int8pack_mm.default, layout
-        return lambda x: int8_mm(x, codes, scale)
+        return lambda x: int8_mm(x.contiguous(), codes, scale)
     int4_mm, (_, weight, scales_and_zeros, group) = torch.ops.aten._weight_int4pack_mm_for_cpu.default, layout
-    return lambda x: int4_mm(x, weight, group, scales_and_zeros)
+    return lambda x: int4_mm(x.contiguous(), weight, group, scales_and_zeros)
 
 
 # ----- fp16: fbgemm's fp16-weight GEMM ------------------------------------------------

@@ -82,9 +82,11 @@ class QuantizeSettings:
             raise ValueError(f"calibration: method {self.method!r} needs calibration token ids")
         if not 0 <= self.percdamp < 1:
             raise ValueError(f"percdamp: expected a value in [0, 1), got {self.percdamp}")
-        for name in ("block_size", "awq_grid", "awq_rows", "batch_size"):
+        for name in ("block_size", "awq_rows", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {getattr(self, name)}")
+        if self.awq_grid < 2:  # α = 0 and α = 1 at least (awq_quantize), said before any calibration work
+            raise ValueError(f"awq_grid: expected at least 2 points of [0, 1], got {self.awq_grid}")
         self.weight_scheme()  # an invalid group size names itself
 
     def weight_scheme(self) -> Scheme:

@@ -57,6 +57,16 @@ class Scheme(Protocol):
     def describe(self) -> dict[str, object]: ...
 
 
+def _fp16_at_least(x: torch.Tensor) -> torch.Tensor:
+    """The smallest fp16 value >= x (x >= 0), as float32, within [2^-24, 65504].
+    Why up, not to nearest: a scale below the exact one puts a group's extreme
+    weights past the last code, and fp16's subnormals (below 2^-14) are so
+    coarse that nearest can lose a third of a tiny group's largest weight."""
+    rounded = x.half()
+    rounded = torch.where(rounded.float() < x, torch.nextafter(rounded, torch.full_like(rounded, torch.inf)), rounded)
+    return rounded.float().clamp(FP16_TINY, FP16_MAX)
+
+
 def _expand(params: torch.Tensor, width: int) -> torch.Tensor:
     """(N, G) -> (N, width): each group's value repeated over its columns."""
     return params.repeat_interleave(width // params.shape[1], dim=1)
@@ -111,20 +121,24 @@ class Int4Grouped:
     """Asymmetric int4 over groups of `group_size` input columns, as GPTQ
     (Frantar et al. 2022) and AWQ (Lin et al. 2023) quantise.
 
-    Per group: lo = min(w, 0), hi = max(w, 0), s = (hi - lo) / 15 rounded to
+    Per group: lo = min(w, 0), hi = max(w, 0), s = (hi - lo) / 15 rounded up to
     fp16, z = clamp(round(-lo / s), 0, 15); code = clamp(round(w / s) + z, 0, 15),
     w ≈ s * (code - z). Why asymmetric: a group's weights are rarely centred,
     and a zero point spends all 16 levels on the range actually used (the
     GPTQ reference quantiser; the range always includes 0, so zero is exact).
     Why fp16 scales: 16 bits per 128 weights instead of 32 keeps the whole
     checkpoint under 0.16x fp32 with int8 embeddings; codes are computed
-    against the rounded scale, so the packed tensors are exact.
+    against the rounded scale, so the packed tensors are exact. Why rounded up
+    (`_fp16_at_least`): a scale rounded down leaves the group's extremes off
+    the grid, and for a tiny group (a subnormal fp16 scale, spacing 2^-24) by
+    several steps: up, every weight is within half a step of its value.
 
     With `symmetric`, every zero point is 8 and the scale is signed, as in
     llama.cpp's Q4_0: s = m / -8 for m the group's weight of largest |w|, so
     m lands on the grid's far end (code 0) and the eight levels on m's side
-    of zero cover it; codes and scales then go into a GGUF Q4_0 file
-    unchanged (compress/gguf_export.py). The asymmetric grid goes to Q4_1.
+    of zero cover it (|s| rounded up, as above); codes and scales then go into
+    a GGUF Q4_0 file unchanged (compress/gguf_export.py). The asymmetric grid
+    goes to Q4_1.
 
     Packed: qweight (N, K/2) uint8, column 2j in the low nibble and 2j+1 in
     the high one; scale (N, G) fp16; zero (N, G) uint8.
@@ -158,20 +172,18 @@ class Int4Grouped:
             return self._fit_symmetric(groups)
         lo = groups.amin(dim=2).clamp(max=0)  # (N, G)
         hi = groups.amax(dim=2).clamp(min=0)
-        scale = ((hi - lo) / 15).half().float().clamp(FP16_TINY, FP16_MAX)  # exactly representable in fp16
+        scale = _fp16_at_least((hi - lo) / 15)  # exactly representable in fp16
         scale = torch.where(hi > lo, scale, torch.ones_like(scale))  # an all-zero group: any scale, codes = z
         zero = torch.round(-lo / scale).clamp(0, 15)
         return QParams(scale, zero.to(torch.uint8))
 
     @staticmethod
     def _fit_symmetric(groups: torch.Tensor) -> QParams:
-        """Q4_0's grid for (N, G, g) groups: zero 8, scale m / -8 rounded to fp16."""
+        """Q4_0's grid for (N, G, g) groups: zero 8, scale m / -8 with |s| rounded up to fp16."""
         extreme = groups.gather(2, groups.abs().argmax(dim=2, keepdim=True)).squeeze(2)  # (N, G) signed
-        scale = (extreme / -8).half().float()
-        magnitude = scale.abs().clamp(FP16_TINY, FP16_MAX)
-        # The sign from the weight, not the rounded scale: a tiny group's scale rounds to 0 in fp16, sign 0.
+        magnitude = _fp16_at_least(extreme.abs() / 8)
         signed = torch.where(extreme > 0, -magnitude, magnitude)
-        scale = torch.where(extreme != 0, signed, torch.ones_like(scale))  # all-zero group: codes 8
+        scale = torch.where(extreme != 0, signed, torch.ones_like(magnitude))  # all-zero group: codes 8
         return QParams(scale, torch.full_like(scale, 8, dtype=torch.uint8))
 
     def quantize(self, w: torch.Tensor, params: QParams) -> torch.Tensor:
@@ -193,7 +205,8 @@ class Int4Grouped:
 
     def unpack(self, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, QParams]:
         packed = tensors["qweight"]  # (N, K/2)
-        codes = torch.stack((packed & 0x0F, packed >> 4), dim=2).reshape(packed.shape[0], -1)  # (N, K)
+        N, half = packed.shape  # N may be 0 (an embedding looking up no ids): reshape's -1 cannot say K then
+        codes = torch.stack((packed & 0x0F, packed >> 4), dim=2).reshape(N, 2 * half)  # (N, K)
         return codes, QParams(tensors["scale"].float(), tensors["zero"])
 
     def packed_specs(self, out_features: int, in_features: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
