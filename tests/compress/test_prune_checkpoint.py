@@ -30,6 +30,7 @@ SHARDS = {"calib_shards": "shards"}  # never read: construction only checks the 
     ({"heads": 1.5, **SHARDS}, r"heads: expected a fraction in \(0, 1\), got 1\.5"),
     ({"method": "magnitude", "sparsity": 1.0}, r"sparsity: expected a fraction in \[0, 1\), got 1\.0"),
     ({"method": "magnitude", "nm": (3, 2)}, r"nm: expected 0 < n <= m, got 3:2"),
+    ({"method": "magnitude", "nm": (4, 4)}, r"nm: 4:4 keeps every weight; give n < m"),  # a no-op called pruned
     ({"method": "magnitude", "sparsity": 0.5, "nm": (2, 4)},
      r"sparsity: give exactly one of sparsity or nm, got sparsity=0\.5 and nm=\(2, 4\)"),
     ({"method": "wanda", "sparsity": 0.5}, r"calib_shards: a shard folder of calibration windows is needed for "

@@ -125,6 +125,14 @@ def test_errors_name_what_is_wrong():
         prune_model(model, "magnitude", nm=(1, 3))
 
 
+def test_recovery_with_no_batches_is_refused_not_skipped():
+    """Cycling an empty list ran no step and returned [], the model handed back unrecovered."""
+    model = tiny()
+    with pytest.raises(ValueError, match=r"^token_batches: empty; 3 recovery steps need at least one"):
+        recover(model, [], steps=3, lr=1e-3, progress=False)
+    assert not model.training
+
+
 def test_calibration_and_recovery_batches_may_be_numpy_arrays():
     from heron.compress.calibration import calibration_batches
 

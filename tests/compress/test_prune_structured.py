@@ -14,7 +14,9 @@ from heron.compress.prune_structured import (
     prune_experts,
     prune_heads,
     prune_mlp_channels,
+    remove_experts,
     remove_head_groups,
+    remove_mlp_channels,
 )
 from heron.core import MoEConfig, Transformer
 from heron.train.checkpoint import save_model_folder
@@ -165,3 +167,33 @@ def test_bad_requests_fail_clearly():
         prune_mlp_channels(tiny(feed_forward=("moe",), moe=MoEConfig(n_experts=4)), 0.25)
     with pytest.raises(ValueError, match="calibration"):
         prune_experts(tiny_moe(), 4, None)
+
+
+@pytest.mark.parametrize("prune, message", [
+    # one key/value head (MQA): 0.6 of 1 rounded to all; keeping it anyway returned the model unchanged
+    (lambda: prune_heads(tiny(n_kv_heads=1), 0.6), r"^heads: each layer has only one, which must stay"),
+    # 0.9 of 2 groups rounds to both; keeping one anyway removed half of what was asked
+    (lambda: prune_heads(tiny(n_heads=4, n_kv_heads=2), 0.9), r"^heads: 0\.9 of 2 rounds to all 2 removed"),
+    (lambda: prune_mlp_channels(tiny(d_ff=128), 0.999, CALIB),
+     r"^mlp_channels: 0\.999 of 128 rounds to all 128 removed; at least one must stay \(give at most 0\.992\)$"),
+])
+def test_a_fraction_that_removes_every_part_is_refused_not_clamped(prune, message):
+    with pytest.raises(ValueError, match=message):
+        prune()
+
+
+@pytest.mark.parametrize("remove, message", [
+    (lambda: remove_mlp_channels(tiny(d_ff=32), {0: torch.tensor([0, 0, 5]), 1: torch.tensor([1, 2, 3])}),
+     r"^keep: layer 0 keeps channels \[0, 0, 5\]; expected 1 to 32 distinct indices in 0\.\.31$"),
+    (lambda: remove_mlp_channels(tiny(d_ff=32), {0: torch.tensor([0, 40]), 1: torch.tensor([1, 2])}),
+     r"^keep: layer 0 keeps channels \[0, 40\]"),  # was an IndexError about index 72 of the fused up
+    (lambda: remove_head_groups(tiny(n_heads=4), [torch.tensor([1, 2]), torch.tensor([3, 3])]),
+     r"^keep: layer 1 keeps key/value groups \[3, 3\]; expected 1 to 4 distinct"),
+    (lambda: remove_head_groups(tiny(n_heads=4), [torch.tensor([], dtype=torch.long)] * 2),
+     r"^keep: layer 0 keeps key/value groups \[\]"),
+    (lambda: remove_experts(tiny_moe(), {1: torch.tensor([0, 0, 1])}), r"^keep: layer 1 keeps experts \[0, 0, 1\]"),
+])
+def test_kept_indices_must_be_distinct_and_in_range(remove, message):
+    """A repeated index silently copied a channel, head group or expert (its output counted twice)."""
+    with pytest.raises(ValueError, match=message):
+        remove()

@@ -54,6 +54,8 @@ class PruneSettings(CalibrationSettings):
         unstructured = self.sparsity is not None or self.nm is not None
         if unstructured:
             check_target(self.sparsity, self.nm)
+            if self.nm is not None and self.nm[0] == self.nm[1]:  # as sparsity 0: nothing pruned, called pruned
+                raise ValueError(f"nm: {self.nm[0]}:{self.nm[1]} keeps every weight; give n < m")
         elif all(v is None for v in (self.mlp_channels, self.heads, self.experts)):
             raise ValueError("sparsity: nothing to prune; give sparsity, nm, mlp_channels, heads or experts")
         for name in ("mlp_channels", "heads"):  # 0 would copy the model and call it pruned

@@ -225,6 +225,9 @@ def recover(
     """
     if steps < 1 or lr <= 0:
         raise ValueError(f"steps, lr: expected positive values, got {steps}, {lr}")
+    batches = [torch.as_tensor(b) for b in token_batches]  # tensors or arrays
+    if not batches:  # cycling nothing would run no step and hand back an unrecovered model
+        raise ValueError(f"token_batches: empty; {steps} recovery steps need at least one (B, T + 1) batch")
     params = dict(model.named_parameters())
     if masks is None:
         masks = {name: weight != 0 for name, weight in prunable_weights(model).items()}
@@ -240,9 +243,9 @@ def recover(
     was_training = model.training
     model.train()
     losses = []
-    batches = islice(cycle([torch.as_tensor(b) for b in token_batches]), steps)  # tensors or arrays
     try:
-        for step, ids in enumerate(tqdm(batches, total=steps, disable=not progress, desc="recover", unit="step"), 1):
+        for step, ids in enumerate(tqdm(islice(cycle(batches), steps), total=steps, disable=not progress,
+                                        desc="recover", unit="step"), 1):
             losses.append(_recover_step(model, optimizer, ids, step))
             with torch.no_grad():
                 for name, keep in masks.items():

@@ -44,14 +44,33 @@ Calibration = torch.Tensor | Iterable[torch.Tensor] | None
 
 def keep_highest(scores: torch.Tensor, fraction: float, what: str = "fraction") -> torch.Tensor:
     """Sorted indices (n_keep,) of the parts to keep: all but the round(fraction * n)
-    lowest scores, at least one kept. A fraction that removes none is an error naming `what`."""
+    lowest scores. A fraction that rounds to none or to all of them removed is an error
+    naming `what`: keeping one part instead would prune less than asked, unsaid
+    (with one key/value head, nothing at all)."""
     if not 0 <= fraction < 1:
         raise ValueError(f"{what}: expected a value in [0, 1), got {fraction!r}")
     n = scores.numel()
+    if fraction > 0 and n == 1:
+        raise ValueError(f"{what}: each layer has only one, which must stay; nothing can be removed "
+                         f"(leave {what} unset)")
     if fraction > 0 and round(fraction * n) == 0:
         raise ValueError(f"{what}: {fraction:g} of {n} rounds to none removed; the smallest step here is {1 / n:.3g}")
-    n_keep = max(n - round(fraction * n), 1)
+    if round(fraction * n) >= n:
+        raise ValueError(f"{what}: {fraction:g} of {n} rounds to all {n} removed; at least one must stay "
+                         f"(give at most {(n - 1) / n:.3g})")
+    n_keep = n - round(fraction * n)
     return scores.argsort(descending=True, stable=True)[:n_keep].sort().values
+
+
+def _check_kept(keep: dict[int, torch.Tensor], n: int, parts: str) -> None:
+    """Each layer's kept indices must be distinct parts in range, at least one: a repeated
+    index would copy a part (its output counted twice), one out of range would fail deep
+    inside the slicing, an empty list would leave a layer with none."""
+    for layer, idx in keep.items():
+        values = idx.tolist()
+        if not values or len(set(values)) != len(values) or not all(0 <= j < n for j in values):
+            raise ValueError(f"keep: layer {layer} keeps {parts} {values}; expected 1 to {n} distinct indices "
+                             f"in 0..{n - 1}")
 
 
 def _rebuild(model: Transformer, config: ModelConfig, state: dict[str, torch.Tensor]) -> Transformer:
@@ -113,6 +132,7 @@ def remove_mlp_channels(model: Transformer, keep: dict[int, torch.Tensor]) -> Tr
     c, layers = model.config, _dense_layers(model)
     if sorted(keep) != layers or len({len(k) for k in keep.values()}) != 1:
         raise ValueError(f"keep: expected the same number of channels for each dense layer {layers}")
+    _check_kept(keep, c.resolved_d_ff, "channels")
     ff, new_ff = c.resolved_d_ff, len(next(iter(keep.values())))
     state = dict(model.state_dict())
     for i, idx in keep.items():
@@ -172,6 +192,7 @@ def remove_head_groups(model: Transformer, keep: Sequence[torch.Tensor]) -> Tran
     G = c.n_heads // n_kv
     if len(keep) != c.n_layers or len({len(k) for k in keep}) != 1:
         raise ValueError(f"keep: expected the same number of groups for each of the {c.n_layers} layers")
+    _check_kept(dict(enumerate(keep)), n_kv, "key/value groups")
     n_keep = len(keep[0])
     state = dict(model.state_dict())
     for i, groups in enumerate(keep):
@@ -216,6 +237,7 @@ def remove_experts(model: Transformer, keep: dict[int, torch.Tensor]) -> Transfo
     layers = [i for i, b in enumerate(model.blocks) if isinstance(b.mlp, MoE)]
     if sorted(keep) != layers or len({len(k) for k in keep.values()}) != 1:
         raise ValueError(f"keep: expected the same number of experts for each MoE layer {layers}")
+    _check_kept(keep, c.moe.n_experts, "experts")
     n_keep = len(next(iter(keep.values())))
     if n_keep < c.moe.top_k:
         raise ValueError(f"keep: {n_keep} experts cannot serve top_k={c.moe.top_k}")
