@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 
 from heron.models import build_model
@@ -194,6 +195,62 @@ def test_weights_that_do_not_fit_the_config_fail(tmp_path: Path) -> None:
     (folder / "lineage.json").write_text(json.dumps(lineage))
     with pytest.raises(CheckpointError, match=r"model\.safetensors: .*weight has shape \(32, 32\), model expects \(64, 64\)"):
         load_model_folder(folder)
+
+
+def rewrite_weights(folder: Path, edit) -> None:
+    """Change model.safetensors with `edit` and record its new hash, as a writer of another model would."""
+    file = folder / "model.safetensors"
+    weights = safetensors.torch.load_file(file)
+    edit(weights)
+    safetensors.torch.save_file(weights, file, metadata={"format": "pt"})
+    edit_manifest(folder, lambda files: files.update({"model.safetensors": {
+        "sha256": ckpt.sha256_file(file), "bytes": file.stat().st_size}}))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool])
+def test_a_tensor_of_another_kind_of_number_is_refused_naming_it(tmp_path: Path, dtype: torch.dtype) -> None:
+    """load_state_dict would copy int32 bits or booleans into float weights: a model of garbage, silently."""
+    folder = save_model_folder(tmp_path / "m", small_model())
+    rewrite_weights(folder, lambda w: w.update({"embed.weight": (w["embed.weight"].view(torch.int32) if
+                                                                dtype == torch.int32 else w["embed.weight"] > 0)}))
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: embed\.weight holds {dtype}, but the model's "
+                                              r"is torch\.float32 \(floating-point numbers\)"):
+        load_model_folder(folder)
+
+
+def test_weights_stored_in_half_precision_load_converted(tmp_path: Path) -> None:
+    folder = save_model_folder(tmp_path / "m", small_model())
+    rewrite_weights(folder, lambda w: w.update({name: value.bfloat16() for name, value in w.items()}))
+    loaded, _ = load_model_folder(folder)
+    expected = small_model().embed.weight.detach().bfloat16().float()
+    assert loaded.embed.weight.dtype == torch.float32 and torch.equal(loaded.embed.weight, expected)
+
+
+def damage_state(folder: Path) -> None:
+    (folder / "trainer_state.pt").write_bytes(b"not a pickle")
+
+
+def damage_state_and_its_hash(folder: Path) -> None:
+    damage_state(folder)
+    file = folder / "trainer_state.pt"
+    edit_manifest(folder, lambda files: files.update({file.name: {"sha256": ckpt.sha256_file(file),
+                                                                   "bytes": file.stat().st_size}}))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (damage_state, r"trainer_state\.pt: \d+ bytes, but lineage\.json records"),
+    (damage_state_and_its_hash, r"trainer_state\.pt: unreadable"),
+])
+def test_a_damaged_checkpoint_to_resume_from_says_how_to_go_on(tmp_path: Path, damage, message: str) -> None:
+    """Resuming reads the newest checkpoint: while it is damaged every restart fails, so the error says the ways out."""
+    save_checkpoint(tmp_path, 1, small_model(), keep_last=2, trainer_state={"step": 1})
+    newest = save_checkpoint(tmp_path, 2, small_model(), keep_last=2, trainer_state={"step": 2})
+    damage(newest)
+    ways_out = r".*; to resume from the checkpoint before it, move .*step_00000002 out of .*--no-resume \(resume=False\)"
+    with pytest.raises(CheckpointError, match="(?s)" + message + ways_out):  # (?s): torch's message spans lines
+        load_checkpoint(latest_checkpoint(tmp_path))
+    shutil.move(newest, tmp_path / "damaged")  # as the error says: the run goes on from step 1
+    assert load_checkpoint(latest_checkpoint(tmp_path)).trainer_state == {"step": 1}
 
 
 def test_not_a_checkpoint(tmp_path: Path) -> None:

@@ -108,6 +108,10 @@ def test_recipe_is_frozen(tmp_path: Path) -> None:
     (MINIMAL, ["optim.betas=[1.5, 0.95]"], "optim.betas.0: Input should be less than 1"),
     (MINIMAL, ["optim.lr=.inf"], "optim.lr: Input should be a finite number"),
     (MINIMAL, ["train.steps=[1"], "--set 'train.steps=[1': not valid YAML"),
+    # np.random.seed, which a run calls after preparing its data, takes 0 .. 2**32 - 1 only
+    (MINIMAL, ["train.seed=-1"], "train.seed: Input should be greater than or equal to 0"),
+    (MINIMAL, ["train.seed=4294967296"], "train.seed: Input should be less than 4294967296"),
+    (MINIMAL, ["data.synthetic.seed=-1"], "data.synthetic.seed: Input should be greater than or equal to 0"),
 ])
 def test_mistakes_name_the_field(tmp_path: Path, text: str, overrides: list[str], field: str) -> None:
     with pytest.raises(RecipeError, match=field.replace(".", r"\.").replace("[", r"\[")):
@@ -154,3 +158,21 @@ def test_a_recipe_file_that_is_not_text_is_named(tmp_path: Path) -> None:
     path.write_bytes(b"\x80\x81 not text")
     with pytest.raises(RecipeError, match=r"weights.bin: cannot read recipe: not UTF-8 text \(invalid start byte"):
         load_recipe(path)
+
+
+@pytest.mark.parametrize("text, overrides, key", [
+    (MINIMAL + "train:\n  steps: 3\ntrain:\n  batch_size: 4\n", [], "'train'"),  # would drop steps: 3
+    (MINIMAL + "optim:\n  lr: 0.1\n  lr: 0.001\n", [], "'lr'"),
+    (MINIMAL, ["model.overrides={d_model: 64, d_model: 32}"], "'d_model'"),
+])
+def test_a_key_given_twice_is_an_error_naming_it(tmp_path: Path, text: str, overrides: list[str], key: str) -> None:
+    """PyYAML keeps the last of a repeated key silently: a second `train:` section wiped the first."""
+    with pytest.raises(RecipeError, match=f"{key} is given twice in one mapping"):
+        load_recipe(write(tmp_path, text), overrides, world_size=1)
+
+
+def test_keys_a_yaml_merge_brings_in_may_be_overridden(tmp_path: Path) -> None:
+    """Not a repeated key: `<<` gives defaults that the mapping's own keys replace."""
+    recipe = load_recipe(write(tmp_path, MINIMAL), ["optim={<<: {lr: 0.1, eps: 1.0e-6}, lr: 0.002}"], world_size=1)
+    assert (recipe.optim.lr, recipe.optim.eps) == (0.002, 1e-6)
+    assert load_recipe(write(tmp_path, MINIMAL), ["train.seed=4294967295"], world_size=1).train.seed == 2**32 - 1

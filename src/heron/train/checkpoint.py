@@ -372,10 +372,19 @@ def load_checkpoint(path: str | Path, *, trainer_state: bool = True) -> Checkpoi
             return replace(_read_checkpoint(step_folder, trainer_state), path=folder)
         except (CheckpointError, OSError) as err:
             if not was_there or step_folder.exists():  # never there, or damaged: not deleted midway
+                if trainer_state and isinstance(err, CheckpointError):
+                    raise _how_to_go_on(err, step_folder) from err
                 raise
             failure = err
     raise CheckpointError(f"{folder}: removed by a newer save while it was read (the run is still saving); "
                           f"load {path} again") from failure
+
+
+def _how_to_go_on(err: CheckpointError, folder: Path) -> CheckpointError:
+    """`err` with the ways past it: a run resumes from its newest checkpoint, so a damaged one
+    would stop every restart until it is moved away or the run starts over."""
+    return CheckpointError(f"{err}; to resume from the checkpoint before it, move {folder} out of the run's "
+                           "checkpoints folder; to start over, pass --no-resume (resume=False)")
 
 
 def _read_checkpoint(folder: Path, trainer_state: bool) -> Checkpoint:
@@ -430,6 +439,20 @@ def check_weights(model: nn.Module, weights: dict[str, torch.Tensor], *, source:
     for name, value in weights.items():
         if value.shape != expected[name].shape:
             raise CheckpointError(f"{source}: {name} has shape {tuple(value.shape)}, model expects {tuple(expected[name].shape)}")
+        if _kind(value.dtype) != _kind(expected[name].dtype):
+            raise CheckpointError(f"{source}: {name} holds {value.dtype}, but the model's is {expected[name].dtype} "
+                                  f"({_kind(expected[name].dtype)} numbers); the file was written for another model "
+                                  "or altered: save or convert it again")
+
+
+def _kind(dtype: torch.dtype) -> str:
+    """What a dtype's numbers are. Copying between widths of one kind (bf16 into fp32) is a
+    conversion; copying across kinds (int32 bits into fp32) turns the weights into garbage."""
+    if dtype.is_floating_point:
+        return "floating-point"
+    if dtype.is_complex:
+        return "complex"
+    return "boolean" if dtype == torch.bool else "integer"
 
 
 def read_config(folder: Path) -> ModelConfig:

@@ -11,6 +11,8 @@ weights are allocated.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import suppress
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -22,6 +24,10 @@ from heron.core.config import ModelConfig
 
 class RecipeError(ValueError):
     """A recipe that cannot run; the message names the dotted field."""
+
+
+# numpy's global seeding (`np.random.seed`, which a run calls) takes 0 .. 2**32 - 1 only.
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
 
 
 class _Section(BaseModel):
@@ -51,7 +57,7 @@ class SyntheticData(_Section):
     kind: Literal["permutation"] = "permutation"
     vocab_size: int = Field(default=64, gt=1)
     n_tokens: int = Field(default=65536, gt=0)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class DataSection(_Section):
@@ -110,7 +116,7 @@ class TrainSection(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     parallel: Literal["none", "ddp", "fsdp"] = "none"
     threads: int | None = Field(default=None, gt=0)  # CPU threads for torch; None: torch's default
-    seed: int = 0
+    seed: Seed = 0
     eval_every: int = Field(default=100, ge=0)  # 0: only at the end
     eval_batches: int = Field(default=8, gt=0)
     ckpt_every: int = Field(default=200, ge=0)  # 0: only at the end
@@ -148,7 +154,7 @@ def read_recipe_yaml(path: str | Path, overrides: list[str] | tuple[str, ...] = 
     """A YAML recipe as a raw mapping, with `a.b=value` overrides applied (not yet validated)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = _load_yaml(path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as err:
         raise RecipeError(f"{path}: cannot read recipe: {err}") from err
     except UnicodeDecodeError as err:
@@ -158,6 +164,39 @@ def read_recipe_yaml(path: str | Path, overrides: list[str] | tuple[str, ...] = 
     for item in overrides:
         apply_override(raw, item)
     return raw
+
+
+class _RepeatedKey(yaml.constructor.ConstructorError):
+    """A mapping that gives one key twice."""
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error (see `_unique_keys_map`)."""
+
+
+def _unique_keys_map(loader: _RecipeLoader, node: yaml.MappingNode) -> Iterator[dict[Any, Any]]:
+    """A mapping, refusing a repeated key: PyYAML keeps the last silently, so a second `train:`
+    section would drop every setting of the first. Keys a `<<` merge brings in may be overridden."""
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        with suppress(TypeError):  # an unhashable key: construct_yaml_map says so
+            if key in seen:
+                raise _RepeatedKey(
+                    None, None, f"{key!r} is given twice in one mapping; keep one (only the last would count)",
+                    key_node.start_mark)
+            seen.add(key)
+    yield from loader.construct_yaml_map(node)
+
+
+_RecipeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_keys_map)
+
+
+def _load_yaml(text: str) -> Any:
+    """YAML text as Python values, safely, refusing repeated keys."""
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def recipe_from_dict(raw: dict[str, Any], *, world_size: int | None = None) -> TrainRecipe:
@@ -186,9 +225,11 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
             raise RecipeError(f"{path}: {where} is a value, not a section")
         node = child
     try:
-        node[keys[-1]] = yaml.safe_load(text)
+        node[keys[-1]] = _load_yaml(text)
     except yaml.YAMLError as err:
         problem = getattr(err, "problem", None) or err
+        if isinstance(err, _RepeatedKey):  # no quoting mends it
+            raise RecipeError(f"--set {item!r}: {problem}") from None
         raise RecipeError(f"--set {item!r}: not valid YAML ({problem}); quote a text value: "
                           f"--set '{path}=\"...\"'") from None
 
