@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from heron.core import ModelConfig, Transformer, attach_hooks, hook_points
 from heron.core.config import MoEConfig
 from heron.core.mlp import MLP
-from heron.core.moe import MoE, grouped_matmul, load_balancing_loss, router_z_loss, share_batch_statistics
+from heron.core.moe import MoE, expert_capacity, grouped_matmul, load_balancing_loss, router_z_loss, share_batch_statistics
 
 E = 4  # experts in the layer-level tests
 
@@ -57,7 +58,8 @@ def reference_moe(layer: MoE, x: torch.Tensor, counted: torch.Tensor | None = No
     keep = torch.ones(B * T, dtype=torch.bool) if counted is None else counted.reshape(B * T)
     capacity = math.inf
     if s.capacity_factor is not None and layer.training:
-        capacity = math.ceil(s.capacity_factor * int(keep.sum()) * s.top_k / s.n_experts)
+        # Exact: in floats 1.1 * 100 / 11 is 10.000000000000002, and ceil would give 11.
+        capacity = math.ceil(Fraction(str(s.capacity_factor)) * int(keep.sum()) * s.top_k / s.n_experts)
     center = torch.zeros(d)  # router centring: the batch's mean in training, the running mean in eval
     if s.router_centering:
         center = tokens.detach()[keep].mean(dim=0) if layer.training else layer.router_center
@@ -421,6 +423,34 @@ def test_padded_dispatch_with_capacity_matches_the_reference(case):
     with torch.no_grad():
         assert (layer(x, counted) - reference_moe(layer, x, counted)).abs().max().item() <= tolerance
         assert layer.last_stats["dropped_fraction"] > 0  # the case really drops something
+
+
+@pytest.mark.parametrize("tokens, k, experts, factor, slots", [
+    (100, 1, 11, 1.1, 10),  # 1.1 * 100 / 11: 10.000000000000002 in floats
+    (25, 2, 5, 1.1, 11),  # 1.1 * 25 * 2 / 5: 11.000000000000002
+    (25, 1, 4, 1.12, 7),  # 1.12 * 25 / 4: 7.000000000000001
+    (20, 2, 3, 1.0, 14),  # 40 / 3 rounds up
+    (8, 1, 4, 1.0, 2),
+    (1, 1, 8, 0.5, 1),  # a sliver of a slot is a slot
+])
+def test_expert_capacity_is_the_exact_ceiling_of_the_decimal_factor(tokens, k, experts, factor, slots):
+    assert expert_capacity(tokens, k, experts, factor) == slots
+
+
+def test_capacity_1_12_keeps_exactly_7_of_25_tokens_on_a_collapsed_expert():
+    """25 tokens all routed to expert 0, capacity factor 1.12 of 4 experts: 1.12 * 25 / 4 = 7
+    slots exactly (8 with the float product's rounding), so 18 drop."""
+    layer = collapsed_layer(top_k=1, capacity_factor=1.12).train()
+    x = torch.rand(1, 25, 16, generator=torch.Generator().manual_seed(3)) + 0.1
+    _, seen = run_hooked(layer, x, "hook_expert_dropped")
+    assert seen["hook_expert_dropped"].tolist() == [18, 0, 0, 0]
+
+
+@pytest.mark.parametrize("shape", [(2, 0, 16), (0, 3, 16)])
+def test_an_empty_input_is_refused_by_name_as_the_transformer_refuses_it(shape):
+    layer = make_moe()
+    with pytest.raises(ValueError, match=r"x: needs at least one row of at least one token"):
+        layer(torch.zeros(shape))
 
 
 def test_top2_loads_count_both_slots():

@@ -1,6 +1,8 @@
+import pytest
 import torch
 
-from heron.core.rope import apply_rope, rope_tables
+from heron.core.config import RopeScaling
+from heron.core.rope import apply_rope, rope_frequencies, rope_tables
 
 
 def test_apply_rope_is_rotate_half_on_plain_cos_and_sin_bit_for_bit():
@@ -26,3 +28,27 @@ def test_partial_rotary_rotates_its_dims_as_a_narrower_head_and_passes_the_rest_
     assert torch.equal(y[..., passed], x[..., passed])
     narrow = apply_rope(x[..., rotated], *rope_tables(length, rotary_dim, 10000.0, None))
     torch.testing.assert_close(y[..., rotated], narrow, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind, factor, low, high, original", [
+    ("linear", 1.5, None, None, None), ("linear", 8.0, None, None, None),
+    ("llama3", 2.0, 1.0, 4.0, 8192), ("llama3", 8.0, 1.0, 4.0, 8192),
+    ("llama3", 4.0, 2.0, 3.0, 64), ("llama3", 32.0, 0.5, 8.0, 16),  # all three bands at head_dim 64
+])
+def test_scaled_inverse_frequencies_equal_transformers(kind, factor, low, high, original):
+    """transformers' `ROPE_INIT_FUNCTIONS` (float32) as the reference, at several factors and bands."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    head_dim, theta = 64, 500000.0
+    params = {"rope_type": kind, "rope_theta": theta, "factor": factor}
+    scaling = RopeScaling(kind=kind, factor=factor)
+    if kind == "llama3":
+        params.update(low_freq_factor=low, high_freq_factor=high, original_max_position_embeddings=original)
+        scaling = RopeScaling(kind=kind, factor=factor, low_freq_factor=low, high_freq_factor=high,
+                              original_max_seq_len=original)
+    config = transformers.LlamaConfig(hidden_size=2 * head_dim, num_attention_heads=2, rope_parameters=params,
+                                      max_position_embeddings=int(factor * (original or 8192)))
+    want, _ = ROPE_INIT_FUNCTIONS[kind](config, "cpu")
+    got = rope_frequencies(head_dim, theta, scaling)
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-6, atol=0)

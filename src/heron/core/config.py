@@ -118,7 +118,8 @@ class MoEConfig:
     Fedus et al. 2022, Switch; Zoph et al. 2022, ST-MoE).
 
     capacity_factor None is dropless; otherwise an expert takes at most
-    ceil(capacity_factor * tokens * top_k / n_experts) tokens and drops the
+    ceil(capacity_factor * tokens * top_k / n_experts) tokens (exactly, on the
+    factor's decimal value: core/moe.py `expert_capacity`) and drops the
     rest (they pass through on the residual stream). Tokens here are those
     the routing statistics count: padding buys no capacity (core/moe.py).
 

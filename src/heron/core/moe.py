@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from fractions import Fraction
 from functools import partial
 
 import torch
@@ -92,8 +93,11 @@ def router_entropy(probs: torch.Tensor) -> torch.Tensor:
 
 
 def expert_capacity(n_tokens: int, top_k: int, n_experts: int, factor: float) -> int:
-    """Assignments an expert may take: ceil(factor * tokens * k / E) (Switch, eq. 3)."""
-    return math.ceil(factor * n_tokens * top_k / n_experts)
+    """Assignments an expert may take: ceil(factor * tokens * k / E) (Switch, eq. 3),
+    in exact rational arithmetic on the factor's decimal value (repr: 1.1 is 11/10).
+    Why: in floating point 1.1 * 100 / 11 is 10.000000000000002, which rounds up to
+    11 slots where the configured rule gives 10."""
+    return math.ceil(Fraction(repr(float(factor))) * n_tokens * top_k / n_experts)
 
 
 GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what F.grouped_mm takes
@@ -219,6 +223,8 @@ class MoE(nn.Module):
         statistics, the balancing losses and the centring mean count (False: padding,
         which is routed like any token but weighs nothing in them); None: every token."""
         B, T, d = x.shape
+        if B * T == 0:  # as Transformer.forward: routing and dispatch have no sense for no token
+            raise ValueError(f"x: needs at least one row of at least one token, got {tuple(x.shape)}")
         s = self.settings
         flat = x.reshape(B * T, d)  # (N, d)
         rows = None if counted is None else counted.reshape(B * T)  # (N,) bool

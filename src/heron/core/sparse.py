@@ -78,8 +78,9 @@ def allowed(
         return causal & ((i // p.block == j // p.block) | (j % p.block >= p.block - p.summary))
     if p.kind == "bigbird":
         qb, kb = i // p.block, j // p.block
-        if random_blocks is None:
-            random_blocks = _bigbird_random(p, int(torch.maximum(qb.max(), kb.max())) + 1).to(i.device)
+        if random_blocks is None:  # at least one block: padding alone has index -1, read as block 0 below
+            last = int(torch.maximum(qb.max(), kb.max()).clamp(min=0))
+            random_blocks = _bigbird_random(p, last + 1).to(i.device)
         random = random_blocks[qb.clamp(min=0), kb.clamp(min=0)]
         return causal & ((qb - kb <= p.local_blocks) | (kb < p.global_blocks) | random)
     raise ValueError(f"kind: unknown attention pattern {p.kind!r}")
