@@ -42,3 +42,34 @@ def test_a_setting_that_is_not_a_number_is_refused_naming_the_field(tmp_path, ov
     path.write_text(RECIPE)
     with pytest.raises(RecipeError, match=f"^{message}$"):
         load_align_recipe(path, [override])
+
+
+def test_one_number_spelled_two_ways_is_one_run_in_lineage_and_identity(tmp_path, monkeypatch):
+    """YAML's string "1e-5" and 0.00001 are the same learning rate: the recipe the lineage records
+    (`model_dump`) and the identity a resumed run must match hold the number 1e-05 for both."""
+    from heron.align import run
+
+    monkeypatch.setattr(run, "weights_identity", lambda path: "weights")  # no base on disk to hash
+    recipes = []
+    for spelling in ("1e-5", "0.00001"):
+        path = tmp_path / f"{spelling}.yaml"
+        path.write_text(f"name: run\nout_dir: out\nbase: base\ndata: {{task: {{n: 8}}}}\n"
+                        f"ppo: {{lr: {spelling}, steps: '3'}}\ngrpo: {{lr: {spelling}}}\n")
+        recipes.append(load_align_recipe(path))
+    lineages = [recipe.model_dump() for recipe in recipes]
+    assert lineages[0] == lineages[1]
+    assert lineages[0]["ppo"] == {"lr": 1e-05, "steps": 3} and type(lineages[0]["ppo"]["lr"]) is float
+    assert lineages[0]["grpo"] == {"lr": 1e-05} and type(lineages[0]["ppo"]["steps"]) is int
+    for method in ("ppo", "grpo"):
+        assert run._identity(method, recipes[0]) == run._identity(method, recipes[1])
+
+
+@pytest.mark.parametrize("field", ["fit.lr", "ppo.lr", "ppo.value_lr", "grpo.lr"])
+def test_a_learning_rate_past_fp32s_range_is_refused_naming_the_field(tmp_path, field):
+    """lr 1e39 is a finite float64 but no float32: every alignment optimiser's AdamW failed on its
+    first step with "value cannot be converted to type float without overflow"."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text(RECIPE)
+    with pytest.raises(RecipeError, match=rf"^{field.replace('.', '[.]')}: must be at most 3\.40282e\+37, "
+                                          r"got 1e\+39: .*give a usual learning rate"):
+        load_align_recipe(path, [f"{field}=1e39"])

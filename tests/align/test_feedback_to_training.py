@@ -85,3 +85,24 @@ def test_simpo_gets_its_papers_scale_and_a_margin_of_its_own():
     assert PreferenceSection(loss="simpo", beta=2.5, gamma=1.4).gamma == 1.4
     with pytest.raises(ValueError, match="gamma: SimPO's target margin; loss 'dpo' has none"):
         PreferenceSection(loss="dpo", gamma=1.0)
+
+
+@pytest.mark.parametrize("loss", ["simpo", "orpo"])
+def test_reference_free_losses_report_the_length_normalised_reward_they_optimise(monkeypatch, loss):
+    """A 4-token chosen reply at -1 nat a token (sum -4) against a 1-token rejected one at -2 (sum -2):
+    SimPO's reward beta * mean log pi (Meng et al. 2024, eq. 4) prefers the chosen reply, so with
+    beta 2 the rewards are -2 and -4, the margin 2, the accuracy 1. From the sums (-8 and -4) the
+    metrics said the opposite of what the loss was training."""
+    from heron.align import objectives
+    from heron.align.data import Replies
+
+    total, mean = t(-4.0, -2.0), t(-1.0, -2.0)  # (chosen, rejected) of the one pair
+    monkeypatch.setattr(objectives, "reply_logprobs", lambda model, replies: (total, mean, torch.zeros(())))
+    reply = Replies(torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2), torch.tensor([1]))
+    _, metrics = preference_objective(torch.nn.Linear(1, 1), reply, reply, loss, beta=2.0)(torch.arange(1))
+    assert {name: value.tolist() for name, value in metrics.items()} == {
+        "reward_chosen": [-2.0], "reward_rejected": [-4.0], "margin": [2.0], "accuracy": [1.0]}
+
+
+def t(*values):
+    return torch.tensor(values, dtype=torch.float32)

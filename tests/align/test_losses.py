@@ -170,6 +170,17 @@ def test_grpo_advantages_normalise_within_groups():
         grpo_advantages(t(1.0).view(1, 1))
 
 
+def test_grpo_advantages_of_a_group_scored_alike_are_zero_whatever_its_means_rounding():
+    """Equal rewards whose fp32 mean is not exact: (r - mean) is an ulp or so, std 0, and dividing by
+    eps alone gave 1e6 + 0.1 (mean 1/16 off) advantages of -625 each, seven 0.1s ones of -7e-5."""
+    rewards = torch.stack([torch.full((3,), 1e6 + 0.1), t(1, 0, 0)])  # (2, 3)
+    advantages = grpo_advantages(rewards)
+    assert advantages[0].tolist() == [0.0, 0.0, 0.0]
+    spread = 1 / math.sqrt(3) + 1e-4  # the sample std of (1, 0, 0), plus eps
+    assert advantages[1].tolist() == pytest.approx([2 / 3 / spread, -1 / 3 / spread, -1 / 3 / spread], rel=1e-5)
+    assert grpo_advantages(torch.full((1, 7), 0.1)).tolist() == [[0.0] * 7]
+
+
 def test_grpo_loss_by_hand():
     logp = torch.log(t(0.5, 0.5))[None]
     mask = torch.ones(1, 2)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from heron.align.data import Messages
 from heron.align.logprobs import logprobs_and_aux, sequence_logprobs
+from heron.align.loop import ADAMW_BETAS
 from heron.align.losses import grpo_advantages, grpo_loss, masked_mean
 from heron.align.objectives import routing_statistics
 from heron.align.resume import Resumable
@@ -48,7 +49,8 @@ class GRPOSettings:
 
     def __post_init__(self) -> None:
         check_settings(self, counts=("steps", "prompts_per_step", "group_size", "max_new_tokens", "inner_steps"),
-                       positive=("temperature", "lr", "clip", "clip_norm"), non_negative=("beta",))
+                       positive=("temperature", "lr", "clip", "clip_norm"), non_negative=("beta",),
+                       learning_rates=("lr",))
         if self.group_size < 2:  # advantages are normalised within a group (grpo_advantages)
             raise ValueError(f"group_size: a group needs at least 2 replies to compare, got {self.group_size}")
 
@@ -62,7 +64,7 @@ def grpo(policy: Transformer, reference: Transformer, tokenizer: Tokenizer, prom
     entropy (nats per token, the mean surprisal of the sampled tokens: a Monte Carlo
     estimate of the policy's entropy), rollout tokens/s, a MoE policy's routing statistics
     (`moe_*`, the mean over the inner steps), ..."""
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=settings.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=settings.lr, betas=ADAMW_BETAS, weight_decay=0.0)
     batches = prompt_batches(prompts, settings.prompts_per_step, settings.steps, settings.seed,
                              "grpo.prompts_per_step")
     parts = {"policy": policy, "optimizer": optimizer}

@@ -25,6 +25,22 @@ from heron.train.loop import check_finite_update
 # rows (b,) -> (losses (b,), {name: per-example values (b,)})
 Objective = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
+ADAMW_BETAS = (0.9, 0.95)  # every alignment optimiser's (fit's default, PPO's, GRPO's)
+FLOAT32_MAX = torch.finfo(torch.float32).max  # ~3.4e38
+
+
+def check_learning_rate(name: str, lr: float, beta1: float = ADAMW_BETAS[0], weight_decay: float = 0.0) -> None:
+    """A ValueError naming `name` when torch's AdamW could not take its first step in fp32: it
+    scales the step by lr / (1 - beta1) (Adam's bias correction at step 1, folded into the step
+    size) and decays each weight by 1 - lr * weight_decay; either past float32's largest number,
+    torch fails mid-step with "value cannot be converted to type float without overflow", which
+    names no setting."""
+    if lr / (1 - beta1) > FLOAT32_MAX or lr * weight_decay > FLOAT32_MAX:
+        largest = FLOAT32_MAX * min(1 - beta1, 1 / weight_decay if weight_decay else 1.0)
+        raise ValueError(f"{name}: must be at most {largest:.6g}, got {lr:g}: past it AdamW's first step size "
+                         "(lr / (1 - beta1)) or decay (lr * weight_decay) overflows float32; give a usual "
+                         "learning rate (1e-6 to 1e-3)")
+
 
 @dataclass(frozen=True)
 class FitSettings:
@@ -33,7 +49,7 @@ class FitSettings:
     grad_accum: int = 1
     lr: float = 1e-4
     weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[float, float] = ADAMW_BETAS
     clip_norm: float = 1.0
     seed: int = 0
     progress: bool = True
@@ -44,6 +60,7 @@ class FitSettings:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"grad_accum: {self.grad_accum} does not divide batch_size {self.batch_size}")
+        check_learning_rate("lr", self.lr, self.betas[0], self.weight_decay)
 
 
 def fit(params: Iterable[torch.nn.Parameter], objective: Objective, n_examples: int, settings: FitSettings,
@@ -85,4 +102,4 @@ def fit(params: Iterable[torch.nn.Parameter], objective: Objective, n_examples: 
     return history
 
 
-__all__ = ["FitSettings", "Objective", "fit"]
+__all__ = ["ADAMW_BETAS", "FitSettings", "Objective", "check_learning_rate", "fit"]

@@ -201,12 +201,15 @@ class AdaptiveKLController(_KLCoefficient):
 def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     """GRPO's outcome advantages (Shao et al. 2024, DeepSeekMath, sec. 4.1.2): rewards (G, n)
     for G prompts with n sampled completions each, normalised within each group:
-    (r - mean) / (std + eps). A group whose completions all score alike gets 0."""
+    (r - mean) / (std + eps). A group whose completions all score alike gets exactly 0: its mean
+    is rounded (seven 0.1s average to 0.1 plus an ulp; 1e6 + 0.1 in fp32 to 1/16 less), and that
+    rounding over std 0 + eps would hand every completion one large advantage of one sign."""
     if rewards.shape[1] < 2:
         raise ValueError(f"rewards: a group needs at least 2 completions, got shape {tuple(rewards.shape)}")
-    mean = rewards.mean(dim=1, keepdim=True)
-    std = rewards.std(dim=1, keepdim=True)
-    return (rewards - mean) / (std + eps)
+    mean = rewards.mean(dim=1, keepdim=True)  # (G, 1)
+    std = rewards.std(dim=1, keepdim=True)  # (G, 1)
+    alike = (rewards == rewards[:, :1]).all(dim=1, keepdim=True)  # (G, 1): nothing to prefer
+    return torch.where(alike, 0.0, (rewards - mean) / (std + eps))
 
 
 def grpo_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor,

@@ -90,7 +90,9 @@ def preference_objective(policy: nn.Module, chosen: Replies, rejected: Replies, 
     """One of the DPO family on (chosen, rejected) pairs. dpo and ipo need the reference's summed
     log-probs (chosen, rejected), each (N,); simpo and orpo use none. `beta` is each loss's
     strength: DPO's and SimPO's beta, IPO's tau, ORPO's lambda. Metrics: the implicit
-    rewards beta * (log pi - log ref) of both sides, their margin, and accuracy (margin > 0).
+    rewards of both sides, beta * (log pi - log ref) summed over the reply (dpo, ipo) or beta *
+    the mean log pi per token (simpo, orpo: what their losses compare), their margin, and
+    accuracy (margin > 0).
 
     sft_weight > 0 adds that multiple of the chosen reply's per-token negative log-likelihood
     (DPO+NLL, Pang et al. 2024, "Iterative Reasoning Preference Optimization", eq. 1). DPO
@@ -111,12 +113,14 @@ def preference_objective(policy: nn.Module, chosen: Replies, rejected: Replies, 
             rc, rr = reference[0][rows], reference[1][rows]
             losses = (dpo_loss(pc, pr, rc, rr, beta=beta, **loss_args) if loss == "dpo"
                       else ipo_loss(pc, pr, rc, rr, tau=beta, **loss_args))
+            good, bad = (beta * (pc - rc)).detach(), (beta * (pr - rr)).detach()
         else:
-            rc = rr = torch.zeros_like(pc)
             losses = (simpo_loss(mc, mr, beta=beta, **loss_args) if loss == "simpo"
                       else orpo_loss(mc, mr, -mc, lam=beta, **loss_args))
+            # SimPO's implicit reward (Meng et al. 2024, eq. 4), length-normalised as its loss reads it
+            # (ORPO's odds too): a sum would rank a long chosen reply below a short rejected one.
+            good, bad = (beta * mc).detach(), (beta * mr).detach()
         losses = losses - sft_weight * mc + aux
-        good, bad = (beta * (pc - rc)).detach(), (beta * (pr - rr)).detach()
         return losses, {"reward_chosen": good, "reward_rejected": bad, "margin": good - bad,
                         "accuracy": (good > bad).float(), **routing_metrics(policy, len(rows))}
 

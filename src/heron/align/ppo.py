@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from heron.align.data import Messages
 from heron.align.logprobs import logprobs_and_aux, sequence_logprobs
+from heron.align.loop import ADAMW_BETAS
 from heron.align.losses import (
     AdaptiveKLController,
     FixedKLController,
@@ -71,7 +72,8 @@ class PPOSettings:
         check_settings(self, counts=("steps", "prompts_per_step", "minibatch", "epochs", "max_new_tokens",
                                      "kl_horizon"),
                        positive=("temperature", "lr", "value_lr", "clip", "value_clip", "clip_norm", "kl_target"),
-                       non_negative=("value_coef", "kl_coef"), fractions=("gamma", "lam"))
+                       non_negative=("value_coef", "kl_coef"), fractions=("gamma", "lam"),
+                       learning_rates=("lr", "value_lr"))
         if self.prompts_per_step % self.minibatch:
             raise ValueError(f"minibatch: {self.minibatch} does not divide prompts_per_step {self.prompts_per_step}")
 
@@ -103,7 +105,7 @@ def ppo(policy: Transformer, value_model: Transformer, reference: Transformer, t
     statistics (`moe_*`, the mean over its updates) and a MoE value model's (`value_moe_*`)."""
     params = [{"params": list(policy.parameters()), "lr": settings.lr},
               {"params": list(value_model.parameters()), "lr": settings.value_lr or settings.lr}]
-    optimizer = torch.optim.AdamW(params, betas=(0.9, 0.95), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, betas=ADAMW_BETAS, weight_decay=0.0)
     controller = (AdaptiveKLController(settings.kl_coef, settings.kl_target, settings.kl_horizon)
                   if settings.kl_target is not None else FixedKLController(settings.kl_coef))
     batches = prompt_batches(prompts, settings.prompts_per_step, settings.steps, settings.seed, "ppo.prompts_per_step")

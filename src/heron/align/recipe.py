@@ -23,6 +23,7 @@ from heron.align.ppo import PPOSettings
 from heron.train.recipe import RecipeError, describe_validation_error, read_recipe_yaml
 
 METHODS = ("sft", "rm", "dpo", "ppo", "grpo")
+SETTINGS = {"ppo": PPOSettings, "grpo": GRPOSettings}  # the recipe sections that hold a settings class's fields
 
 
 class _Section(BaseModel):
@@ -108,6 +109,18 @@ class AlignRecipe(_Section):
     grpo: dict[str, Any] = Field(default_factory=dict)  # GRPOSettings fields
     save_every: int = Field(default=50, ge=0)  # steps between saved states a killed run resumes from; 0: none
 
+    @model_validator(mode="before")
+    @classmethod
+    def _typed_settings(cls, values: Any) -> Any:
+        """ppo and grpo held as their settings' types (`_checked`), not as YAML gave them: the
+        lineage and a run's resume identity dump the recipe, and a recipe saying 1e-5 (YAML's
+        string "1e-5") and one saying 0.00001 are one run, both recording the number 1e-05."""
+        if not isinstance(values, dict):
+            return values
+        typed = {section: _checked(settings, values[section], section)
+                 for section, settings in SETTINGS.items() if isinstance(values.get(section), dict)}
+        return {**values, **typed}
+
     def fit_settings(self) -> FitSettings:
         return FitSettings(**self.fit.model_dump(), progress=True)
 
@@ -119,15 +132,22 @@ class AlignRecipe(_Section):
 
 
 def _settings(cls: type, values: dict[str, Any], section: str) -> Any:
+    return cls(**_checked(cls, values, section))
+
+
+def _checked(cls: type, values: dict[str, Any], section: str) -> dict[str, Any]:
+    """`values` as the types of cls's fields (`_typed`), once cls accepts them (its ranges); a
+    RecipeError naming the dotted field when it does not, or when a field is unknown."""
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise RecipeError(f"{section}.{unknown[0]}: unknown field (known: {', '.join(sorted(known))})")
     typed = _typed(cls, values, section)
     try:
-        return cls(**typed)
+        cls(**typed)
     except (TypeError, ValueError) as err:
         raise _section_error(section, err, known) from err
+    return typed
 
 
 def _typed(cls: type, values: dict[str, Any], section: str) -> dict[str, Any]:
@@ -155,13 +175,20 @@ def load_align_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] =
     try:
         recipe = AlignRecipe.model_validate(read_recipe_yaml(path, overrides))
     except ValidationError as err:
-        raise RecipeError(describe_validation_error(err)) from None
+        raise RecipeError(_described(err)) from None
     try:
-        recipe.fit_settings()
+        recipe.fit_settings()  # ppo and grpo were checked as the recipe was (_typed_settings)
     except ValueError as err:
         raise _section_error("fit", err, {f.name for f in dataclasses.fields(FitSettings)}) from None
-    recipe.ppo_settings(), recipe.grpo_settings()  # every section checked before any work
     return recipe
+
+
+def _described(err: ValidationError) -> str:
+    """The message of a RecipeError a validator raised (`_checked`'s: it names the dotted field
+    already, and pydantic would prefix "Value error, "), else each problem by its dotted field."""
+    raised = [problem["ctx"]["error"] for problem in err.errors()
+              if isinstance(problem.get("ctx", {}).get("error"), RecipeError)]
+    return str(raised[0]) if raised else describe_validation_error(err)
 
 
 __all__ = ["METHODS", "AlignRecipe", "load_align_recipe"]

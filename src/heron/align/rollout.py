@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from heron.align.data import PAD_ID, Messages, Replies
+from heron.align.loop import check_learning_rate
 from heron.align.objectives import rewards
 from heron.core.modes import evaluating
 from heron.core.transformer import Transformer
@@ -108,9 +109,11 @@ def prompt_batches(prompts: Sequence[Messages], per_step: int, steps: int, seed:
 
 
 def check_settings(settings: object, *, counts: Sequence[str], positive: Sequence[str] = (),
-                   non_negative: Sequence[str] = (), fractions: Sequence[str] = ()) -> None:
+                   non_negative: Sequence[str] = (), fractions: Sequence[str] = (),
+                   learning_rates: Sequence[str] = ()) -> None:
     """The checks PPO's and GRPO's settings share: ValueError naming the first field that is not
-    finite, or out of its range (counts >= 1, positive > 0, non_negative >= 0, fractions in [0, 1])."""
+    finite, or out of its range (counts >= 1, positive > 0, non_negative >= 0, fractions in [0, 1],
+    learning_rates within what AdamW's fp32 update holds: `check_learning_rate`)."""
     for field in dataclasses.fields(settings):
         value = getattr(settings, field.name)
         if isinstance(value, float) and not math.isfinite(value):
@@ -122,6 +125,9 @@ def check_settings(settings: object, *, counts: Sequence[str], positive: Sequenc
             value = getattr(settings, name)
             if value is not None and not holds(value):
                 raise ValueError(f"{name}: must be {wanted}, got {value}")
+    for name in learning_rates:
+        if getattr(settings, name) is not None:
+            check_learning_rate(name, getattr(settings, name))
 
 
 __all__ = ["Rollout", "check_settings", "prompt_batches", "rollout"]
