@@ -65,7 +65,13 @@ class KVCache:
         """Bytes held for keys and values."""
         return sum(t.nbytes for t in self.keys + self.values)
 
-    def check_room(self, new_tokens: int) -> None:
+    def check_room(self, new_tokens: int, rows: int) -> None:
+        """ValueError unless `rows` new rows of `new_tokens` tokens fit: the cache's batch size (one
+        row written into a cache of several broadcasts into every row, silently; a bigbird layer
+        then even ran on) and its room. Once a forward, before any layer writes."""
+        if rows != self.batch_size:
+            raise ValueError(f"cache: allocated for a batch of {self.batch_size} rows, got an input of {rows}; "
+                             "allocate a KVCache for this batch size")
         if self.length + new_tokens > self.max_len:
             raise ValueError(
                 f"KV cache full: {self.length} cached + {new_tokens} new tokens > max_len {self.max_len}"
@@ -87,17 +93,8 @@ class KVCache:
         mask = self.key_mask[:, :end] if self.key_mask is not None else None
         return token_index(mask, end, self.keys[0].device)
 
-    def check_rows(self, k: torch.Tensor) -> None:
-        """ValueError unless k (B, n_kv, T, hd) has the cache's batch size. Why: writing one
-        row into a cache of several broadcasts it into every row, silently (a bigbird
-        layer then even ran on), and other mismatches failed deep inside attention."""
-        if k.shape[0] != self.keys[0].shape[0]:
-            raise ValueError(f"cache: allocated for a batch of {self.keys[0].shape[0]} rows, got an input of "
-                             f"{k.shape[0]}; allocate a KVCache for this batch size")
-
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's k, v (B, n_kv, T, hd) and return the filled prefix."""
-        self.check_rows(k)
         keys, values, T = self.keys[layer], self.values[layer], k.shape[2]
         keys.narrow(2, self.length, T).copy_(k)  # narrow, not indexing: one op, not four, a call
         values.narrow(2, self.length, T).copy_(v)
@@ -123,7 +120,6 @@ class KVCache:
         attends over the ring (slots >= span, so it loses nothing it needs);
         a chunk of several attends over the old ring plus itself, then the
         chunk's last `slots` tokens are written."""
-        self.check_rows(k)
         start, T = self.length, k.shape[2]
         ring_k, ring_v = self.keys[layer], self.values[layer]
         if T == 1:

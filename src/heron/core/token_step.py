@@ -149,7 +149,7 @@ class TokenStep:
     def __call__(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """(B, V) next-token logits after ids (B,), whose keys and values it writes into the cache."""
         model, past = self.model, cache.length
-        cache.check_room(1)
+        cache.check_room(1, ids.shape[0])
         cache.record_mask(None, 1)
         key_mask = cache.key_mask[:, : past + 1] if cache.key_mask is not None else None
         positions = model.default_positions(past, 1, key_mask, ids.device)  # (1,) or (B, 1)

@@ -216,7 +216,7 @@ class Transformer(nn.Module):
         token_mask = token_flags("token_mask", token_mask, B, T)
         past = cache.length if cache is not None else 0
         if cache is not None:
-            cache.check_room(T)
+            cache.check_room(T, B)
             cache.record_mask(attention_mask, T)
         key_mask = cache.key_mask[:, : past + T] if cache is not None and cache.key_mask is not None else attention_mask
         if past + T > self.config.max_seq_len:

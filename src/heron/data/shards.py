@@ -176,24 +176,23 @@ def check_shards_fit(shards: ShardSet, model: str, *, vocab_size: int, tokenizer
     if shard_vocab is not None and int(shard_vocab) > vocab_size:
         raise ValueError(f"{shards.path}: its tokenizer has {shard_vocab} tokens, but {model} has a vocabulary "
                          f"of {vocab_size}")
-    past = None if shard_vocab is not None else id_past_vocabulary(shards, vocab_size)  # else load_shards checked
-    if past is not None:
-        raise ValueError(f"shard {past[0]} holds token id {past[1]}, but {model} has a vocabulary of {vocab_size} "
-                         "(ids below it); tokenise the corpus with the model's tokenizer "
-                         "(heron data prepare SOURCES --tokenizer MODEL_FOLDER)")
+    if shard_vocab is None:  # else load_shards checked the ids against it
+        check_ids_below(shards, vocab_size, f"{model} has")
 
 
-def id_past_vocabulary(shards: ShardSet, vocab_size: int) -> tuple[Path, int] | None:
-    """The first shard file holding a token id >= `vocab_size`, with the largest id in it; None if
-    every id is below. Read once at load, not per batch: past the vocabulary, an id fails deep in
-    the embedding lookup ("index out of range in self"), or reads stray memory on some backends.
-    A max over a memmap streams its pages and copies nothing, whatever the byte order."""
+def check_ids_below(shards: ShardSet, vocab_size: int, owner: str, tokenizer: str = "MODEL_FOLDER") -> None:
+    """ValueError naming the first shard file holding a token id >= `vocab_size`, its largest id, and
+    whose vocabulary it is (`owner`: "tiny has"), with the command that makes the shards with
+    `tokenizer`. Read once at load, not per batch: past the vocabulary, an id fails deep in the
+    embedding lookup ("index out of range in self"), or reads stray memory on some backends. A
+    max over a memmap streams its pages and copies nothing, whatever the byte order."""
     for split in SPLITS:
         for shard, tokens in zip(shards.meta[split]["shards"], getattr(shards, split).shards):
             largest = int(tokens.max()) if len(tokens) else -1
             if largest >= vocab_size:
-                return shards.path / shard["file"], largest
-    return None
+                raise ValueError(f"shard {shards.path / shard['file']} holds token id {largest}, but {owner} a "
+                                 f"vocabulary of {vocab_size} (ids below it); make the shards with the model's "
+                                 f"tokenizer: heron data prepare SOURCES --tokenizer {tokenizer} --out NEW_FOLDER")
 
 
 def load_shards(path: str | os.PathLike[str]) -> ShardSet:
@@ -215,12 +214,8 @@ def load_shards(path: str | os.PathLike[str]) -> ShardSet:
             arrays.append(np.memmap(file, dtype=dtype, mode="r"))
         splits[split] = ShardedTokens(arrays)
     shards = ShardSet(path=folder, train=splits["train"], val=splits["val"], meta=meta)
-    past = None if meta.get("vocab_size") is None else id_past_vocabulary(shards, meta["vocab_size"])
-    if past is not None:  # another set's file, or a damaged one: the model is sized to meta.json's vocab_size
-        raise ValueError(f"shard {past[0]} holds token id {past[1]}, but {META_FILE} gives its tokenizer a vocabulary "
-                         f"of {meta['vocab_size']} (ids below it), the size a model is built for: the file is not one "
-                         "that tokenizer made (another set's, or damaged); re-run `heron data prepare SOURCES "
-                         "--tokenizer MODEL_FOLDER --out NEW_FOLDER` with the model's tokenizer")
+    if meta.get("vocab_size") is not None:  # a file past it is another set's, or damaged: models are sized to it
+        check_ids_below(shards, meta["vocab_size"], f"{META_FILE} gives its tokenizer")
     return shards
 
 

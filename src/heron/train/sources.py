@@ -20,7 +20,7 @@ import numpy as np
 
 from heron.data.batches import TokenStream
 from heron.data.corpus import Corpus, default_corpus
-from heron.data.shards import (META_FILE, SPLITS, TEXT_RULE, TOKENIZER_FILES, ShardSet, id_past_vocabulary,
+from heron.data.shards import (META_FILE, SPLITS, TEXT_RULE, TOKENIZER_FILES, ShardSet, check_ids_below,
                                is_shard_file, load_shards, prepare_shards, read_as_now, users_tokenizer)
 from heron.tokenizer import Tokenizer, load_tokenizer
 from heron.tokenizer.bpe import TOKENIZER_FILE, HeronTokenizer, train_tokenizer
@@ -135,11 +135,10 @@ def _vocab_size(shards: ShardSet, tokenizer: Tokenizer, named: Path) -> int:
     it would fail deep in the embedding lookup instead."""
     if shards.meta.get("vocab_size") is not None:
         return int(shards.meta["vocab_size"])
-    past = id_past_vocabulary(shards, tokenizer.vocab_size)
-    if past is not None:
-        raise RecipeError(f"data.shards: shard {past[0]} holds token id {past[1]}, but the tokenizer {named} has a "
-                          f"vocabulary of {tokenizer.vocab_size} (ids below it); make the shards again with it: "
-                          f"heron data prepare SOURCES --tokenizer {named} --out NEW_FOLDER")
+    try:
+        check_ids_below(shards, tokenizer.vocab_size, f"the tokenizer {named} has", tokenizer=str(named))
+    except ValueError as err:
+        raise RecipeError(f"data.shards: {err}") from None
     return tokenizer.vocab_size
 
 
