@@ -15,6 +15,16 @@ def test_unknown_field_is_named():
         ModelConfig.from_dict({**BASE, "n_layerz": 3})
 
 
+@pytest.mark.parametrize("data, message", [
+    ({"vocab_size": 100, "n_layers": 2}, "d_model: missing; ModelConfig needs d_model, n_heads"),
+    ({**BASE, "rope_scaling": [2.0]}, r"rope_scaling: expected a mapping such as \{kind: linear"),
+    ([BASE], "ModelConfig: expected a mapping of ModelConfig fields"),
+])
+def test_missing_fields_and_a_config_that_is_no_mapping_are_named(data, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_dict(data)
+
+
 def test_unknown_rope_scaling_field_is_named():
     with pytest.raises(ValueError, match="rope_scaling.fator"):
         ModelConfig.from_dict({**BASE, "rope_scaling": {"kind": "linear", "fator": 2.0}})

@@ -21,6 +21,7 @@ from heron.train.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     load_model_folder,
+    resolve_checkpoint,
     save_checkpoint,
     save_model_folder,
     verify_checkpoint,
@@ -121,6 +122,16 @@ def test_a_config_its_weights_cannot_fill_is_refused_before_the_model_is_made(tm
     (folder / "config.json").write_text(json.dumps(config))
     edit_manifest(folder, lambda files: files.update(config_json_record(folder)))  # rewritten with it
     with pytest.raises(CheckpointError, match=message):
+        load_model_folder(folder)
+
+
+def test_a_config_without_a_required_field_names_it(tmp_path: Path) -> None:
+    folder = save_model_folder(tmp_path / "m", small_model())
+    config = json.loads((folder / "config.json").read_text())
+    del config["d_model"]
+    (folder / "config.json").write_text(json.dumps(config))
+    edit_manifest(folder, lambda files: files.update(config_json_record(folder)))
+    with pytest.raises(CheckpointError, match=r"config\.json: d_model: missing; ModelConfig needs d_model"):
         load_model_folder(folder)
 
 
@@ -364,6 +375,24 @@ def test_a_live_writers_temp_folders_are_not_swept(tmp_path: Path) -> None:
     assert sorted(p.name for p in checkpoints.iterdir()) == [f".tmp-latest-{live}-0123abcd",
                                                              f".tmp-step_00000002-{live}-0123abcd",
                                                              "latest", "step_00000001"]
+
+
+@pytest.mark.parametrize("as_file", [False, True])
+def test_a_latest_pointer_left_naming_a_deleted_step_falls_back_to_the_newest_there(tmp_path: Path,
+                                                                                   as_file: bool) -> None:
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, small_model(step), keep_last=2, lineage={"step": step})
+    checkpoints = tmp_path / "checkpoints"
+    if as_file:  # where symlinks are not allowed the pointer is a file naming the step
+        (checkpoints / "latest").unlink()
+        (checkpoints / "latest").write_text("step_00000002\n")
+    shutil.rmtree(checkpoints / "step_00000002")  # the newest, deleted by hand
+    for path in (tmp_path, checkpoints, checkpoints / "latest"):
+        assert resolve_checkpoint(path) == checkpoints / "step_00000001"
+        assert load_checkpoint(path).lineage["step"] == 1
+    shutil.rmtree(checkpoints / "step_00000001")
+    with pytest.raises(CheckpointError, match=r"latest/config\.json: missing, and .*latest holds no checkpoints"):
+        load_checkpoint(checkpoints / "latest")
 
 
 def test_the_latest_checkpoint_deleted_while_it_is_read_is_read_again(tmp_path: Path, monkeypatch) -> None:

@@ -312,7 +312,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Build from a plain dict; unknown keys are errors that name the key."""
-        check_known_fields(cls, data, "")
+        check_fields(cls, data, "")
         return cls(**data)  # the constructor checks types and builds nested settings
 
     @classmethod
@@ -337,7 +337,7 @@ def _part(cls: type, value: Any, where: str, example: str) -> Any:
         return value
     if not isinstance(value, Mapping):
         raise ValueError(f"{where}: expected a mapping such as {example}, got {value!r}")
-    check_known_fields(cls, value, f"{where}.")
+    check_fields(cls, value, f"{where}.")
     try:
         _check_types(cls, value)
         return cls(**value)
@@ -345,12 +345,21 @@ def _part(cls: type, value: Any, where: str, example: str) -> Any:
         raise ValueError(f"{where}.{err}") from None
 
 
-def check_known_fields(cls: type, data: Mapping[str, Any], prefix: str = "") -> None:
-    """ValueError naming the first key of `data` that is not a field of dataclass `cls`."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
+def check_fields(cls: type, data: Mapping[str, Any], prefix: str = "") -> None:
+    """ValueError naming the first key of `data` that is not a field of dataclass `cls`, or the
+    fields without a default that `data` leaves out (the constructor's TypeError names neither
+    the file nor the setting)."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{prefix or cls.__name__}: expected a mapping of {cls.__name__} fields, got {data!r}")
+    fields = dataclasses.fields(cls)
+    known = {f.name for f in fields}
+    unknown = sorted(set(data) - known, key=str)
     if unknown:
         raise ValueError(f"{prefix}{unknown[0]}: unknown {cls.__name__} field (known: {', '.join(sorted(known))})")
+    missing = [f.name for f in fields if f.name not in data and f.init
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"{prefix}{missing[0]}: missing; {cls.__name__} needs {', '.join(missing)}")
 
 
 def _check_types(cls: type, values: Mapping[str, Any]) -> None:
@@ -394,4 +403,4 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 DENSE = AttentionPattern()
 
-__all__ = ["AttentionPattern", "DENSE", "MoEConfig", "ModelConfig", "RopeScaling", "check_known_fields"]
+__all__ = ["AttentionPattern", "DENSE", "MoEConfig", "ModelConfig", "RopeScaling", "check_fields"]

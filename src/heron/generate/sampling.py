@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from heron.core.config import check_known_fields
+from heron.core.config import check_fields
 
 from heron.govern.watermark import Watermark
 
@@ -98,7 +98,7 @@ class SamplingParams:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SamplingParams:
         """Build from plain data (a recipe, a CLI, a request); unknown keys are errors naming the key."""
-        check_known_fields(cls, data)
+        check_fields(cls, data)
         return cls(**data)
 
 

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from heron.core.config import check_known_fields
+from heron.core.config import check_fields
 from heron.core.head_loss import next_token_targets
 from heron.core.hooks import HookFn, attach_hooks
 from heron.core.modes import evaluating
@@ -113,7 +113,7 @@ class SAESettings:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SAESettings:
         """Build from a plain dict; unknown keys are errors that name the key."""
-        check_known_fields(cls, data)
+        check_fields(cls, data)
         return cls(**data)
 
 

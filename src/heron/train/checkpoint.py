@@ -624,24 +624,42 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """A model folder given itself, a run folder (its latest checkpoint; an alignment run's
     one model), a checkpoints folder, or `latest`."""
     path = Path(path)
+    if path.name == LATEST_FILE and os.path.lexists(path):  # the pointer itself; a link reads as its folder
+        target = _pointed_at(path)
+        if target is None:
+            return _newest(path.parent.parent, path)
+        return path if path.is_symlink() else target
     if (path / CONFIG_FILE).exists() or not path.exists():
         return path
-    if path.name == LATEST_FILE and path.is_file():  # a pointer file
-        return path.parent / path.read_text().strip()
     if path.is_file():
         raise CheckpointError(f"{path}: a file, not a checkpoint folder (a model is a folder with {CONFIG_FILE}; "
                               "GGUF files are written by `heron convert to-gguf`, not read)")
     for root in (path, path / CHECKPOINTS_DIR):
-        pointer = root / LATEST_FILE
-        if pointer.is_symlink():
-            return root / os.readlink(pointer)  # name the step folder itself
-        if pointer.is_file():
-            return root / pointer.read_text().strip()
+        target = _pointed_at(root / LATEST_FILE)
+        if target is not None:
+            return target
     if (path / RUN_MODEL_DIR / CONFIG_FILE).exists():
         return path / RUN_MODEL_DIR
-    latest = latest_checkpoint(path)
+    return _newest(path.parent if path.name == CHECKPOINTS_DIR else path, path)
+
+
+def _pointed_at(pointer: Path) -> Path | None:
+    """The step folder a `latest` pointer (a symlink or a file naming it) names, while that
+    folder is there; None without a pointer, or for one left naming a step deleted since (by
+    hand, or by another run's `keep_last`), which `resolve_checkpoint` passes over for listing."""
+    if pointer.is_symlink():
+        target = pointer.parent / os.readlink(pointer)  # the step folder itself, not the link
+    elif pointer.is_file():
+        target = pointer.parent / pointer.read_text().strip()
+    else:
+        return None
+    return target if (target / CONFIG_FILE).exists() else None
+
+
+def _newest(run: Path, asked: Path) -> Path:
+    latest = latest_checkpoint(run)
     if latest is None:
-        raise CheckpointError(f"{path / CONFIG_FILE}: missing, and {path} holds no checkpoints")
+        raise CheckpointError(f"{asked / CONFIG_FILE}: missing, and {asked} holds no checkpoints")
     return latest
 
 
