@@ -18,7 +18,8 @@ grpo: {lr: 1e-5, beta: 1e-2, inner_steps: 2.0}
 
 
 def test_numbers_yaml_reads_as_strings_are_numbers_of_the_fields_type(tmp_path):
-    """YAML 1.1 reads `1e-5` (no dot) as the string "1e-5": every section takes it as 1e-05."""
+    """YAML 1.1 (PyYAML's) reads `1e-5` (no dot) as the string "1e-5"; recipes read it as YAML
+    1.2 does, the float 1e-05, and a quoted number ("3") as a number of its field's type."""
     path = tmp_path / "recipe.yaml"
     path.write_text(RECIPE)
     assert isinstance(yaml.safe_load(RECIPE)["ppo"]["lr"], str)  # the trap itself
@@ -36,6 +37,8 @@ def test_numbers_yaml_reads_as_strings_are_numbers_of_the_fields_type(tmp_path):
     ("grpo.steps=2.5", r"grpo\.steps: Input should be a valid integer, got a number with a fractional part "
                        r"\(got 2\.5\)"),
     ("ppo.lr=-1e-5", r"ppo\.lr: must be > 0, got -1e-05"),  # converted first, then checked as before
+    ("ppo.steps=true", r"ppo\.steps: expected a number, not a boolean"),  # not one step
+    ("fit.lr=true", r"fit\.lr: Value error, expected a number, not a boolean \(got True\)"),
 ])
 def test_a_setting_that_is_not_a_number_is_refused_naming_the_field(tmp_path, override, message):
     path = tmp_path / "recipe.yaml"

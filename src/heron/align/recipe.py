@@ -15,22 +15,18 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Literal, get_type_hints
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import Field, TypeAdapter, ValidationError, model_validator
 
 from heron.align.grpo import GRPOSettings
 from heron.align.loop import FitSettings
 from heron.align.ppo import PPOSettings
-from heron.train.recipe import RecipeError, describe_validation_error, read_recipe_yaml
+from heron.train.recipe import RecipeError, RecipeSection, check_not_bool, describe_validation_error, read_recipe_yaml
 
 METHODS = ("sft", "rm", "dpo", "ppo", "grpo")
 SETTINGS = {"ppo": PPOSettings, "grpo": GRPOSettings}  # the recipe sections that hold a settings class's fields
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # `.inf` is YAML for infinity
-
-
-class TaskSection(_Section):
+class TaskSection(RecipeSection):
     """The synthetic say-the-word task (`align.synthetic.RepeatTask`)."""
 
     kind: Literal["repeat"] = "repeat"
@@ -40,7 +36,7 @@ class TaskSection(_Section):
     max_count: int = Field(default=5, gt=0)
 
 
-class DataSection(_Section):
+class DataSection(RecipeSection):
     task: TaskSection | None = None
     file: str | None = None  # JSONL: chats (sft), prompt/chosen/rejected (rm, dpo), {"prompt"} rows (ppo, grpo)
     max_len: int = Field(default=128, gt=1)
@@ -52,7 +48,7 @@ class DataSection(_Section):
         return self
 
 
-class FitSection(_Section):
+class FitSection(RecipeSection):
     steps: int = Field(default=300, gt=0)
     batch_size: int = Field(default=16, gt=0)
     grad_accum: int = Field(default=1, gt=0)
@@ -69,7 +65,7 @@ DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "orpo": 0.1}
 SIMPO_GAMMA = 0.5  # SimPO's target reward margin gamma, when the recipe names none
 
 
-class PreferenceSection(_Section):
+class PreferenceSection(RecipeSection):
     """`beta` is each loss's one strength: DPO's and SimPO's beta, IPO's tau, ORPO's lambda
     (unset: DEFAULT_BETA of the loss); `gamma` is SimPO's target margin, for SimPO alone.
     `sft_weight` is the NLL anchor on the chosen reply (Pang et al. 2024; 0 is pure DPO),
@@ -97,7 +93,7 @@ class PreferenceSection(_Section):
         return {**values, **{key: value for key, value in defaults.items() if values.get(key) is None}}
 
 
-class AlignRecipe(_Section):
+class AlignRecipe(RecipeSection):
     name: str
     out_dir: str
     base: str
@@ -113,8 +109,8 @@ class AlignRecipe(_Section):
     @classmethod
     def _typed_settings(cls, values: Any) -> Any:
         """ppo and grpo held as their settings' types (`_checked`), not as YAML gave them: the
-        lineage and a run's resume identity dump the recipe, and a recipe saying 1e-5 (YAML's
-        string "1e-5") and one saying 0.00001 are one run, both recording the number 1e-05."""
+        lineage and a run's resume identity dump the recipe, and a recipe saying "1e-5" (quoted,
+        a string) and one saying 0.00001 are one run, both recording the number 1e-05."""
         if not isinstance(values, dict):
             return values
         typed = {section: _checked(settings, values[section], section)
@@ -152,15 +148,18 @@ def _checked(cls: type, values: dict[str, Any], section: str) -> dict[str, Any]:
 
 def _typed(cls: type, values: dict[str, Any], section: str) -> dict[str, Any]:
     """`values` as the types of cls's fields, by pydantic's lax rules as the recipe's own sections
-    are: YAML 1.1 reads `1e-5` (no dot) as the string "1e-5", and 1e-05 is what the user meant;
-    "3" or 3.0 is the int 3, 3.5 no int. A value that is none of its type is a RecipeError naming it."""
+    are: a quoted "1e-5" is 1e-05, "3" or 3.0 the int 3, 3.5 no int, `true` no number. A value
+    that is none of its type is a RecipeError naming it."""
     types = get_type_hints(cls)
     typed = {}
     for name, value in values.items():
         try:
+            check_not_bool(types[name], value)
             typed[name] = TypeAdapter(types[name]).validate_python(value)
         except ValidationError as err:
             raise RecipeError(f"{section}.{name}: {err.errors()[0]['msg']} (got {value!r})") from None
+        except ValueError as err:
+            raise RecipeError(f"{section}.{name}: {err}") from None
     return typed
 
 

@@ -11,13 +11,15 @@ weights are allocated.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import suppress
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from heron.core.config import ModelConfig
 
@@ -30,14 +32,40 @@ class RecipeError(ValueError):
 Seed = Annotated[int, Field(ge=0, lt=2**32)]
 
 
-class _Section(BaseModel):
-    # Frozen and strict about keys; lax about scalar types on purpose: YAML 1.1
-    # reads `3e-4` (no dot) as a string, and "3e-4" -> 0.0003 is what the user meant.
-    # Numbers must be finite: `.inf` reads as a float in YAML, and an infinite rate trains to NaN.
+class RecipeSection(BaseModel):
+    """A section of a training or alignment recipe: frozen and strict about keys; lax about
+    scalar types ("3" is 3, a quoted "3e-4" is 0.0003) but for booleans given to numbers, which
+    pydantic would read as 1 and 0 (`check_not_bool`). Numbers must be finite: `.inf` reads
+    as a float in YAML, and an infinite rate trains to NaN."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        check_not_bool(cls.model_fields[info.field_name].annotation, value)
+        return value
 
-class ModelSection(_Section):
+
+def check_not_bool(annotation: Any, value: Any) -> None:
+    """ValueError for `true` or `false` given to a field of numbers only: pydantic's lax
+    rules (and Python's, bool being an int) read them as 1 and 0, so `--set train.steps=true`
+    ran one step."""
+    kinds = _kinds(annotation)
+    if isinstance(value, bool) and kinds & {int, float} and bool not in kinds:
+        raise ValueError("expected a number, not a boolean" + (" (null for none)" if type(None) in kinds else ""))
+
+
+def _kinds(annotation: Any) -> set[Any]:
+    """The plain types an annotation admits: int for Annotated[int, ...], {float, None} for float | None."""
+    if get_origin(annotation) is Annotated:
+        return _kinds(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, UnionType):
+        return set().union(*(_kinds(arg) for arg in get_args(annotation)))
+    return {annotation}
+
+
+class ModelSection(RecipeSection):
     """A preset from `heron.models.presets` plus field overrides.
 
     `vocab_size` follows the data's tokenizer unless an override pins it.
@@ -47,7 +75,7 @@ class ModelSection(_Section):
     overrides: dict[str, Any] = Field(default_factory=dict)
 
 
-class SyntheticData(_Section):
+class SyntheticData(RecipeSection):
     """Generated tokens with a known answer, for tests and smoke runs.
 
     kind="permutation": a fixed random permutation of the vocabulary, repeated;
@@ -60,7 +88,7 @@ class SyntheticData(_Section):
     seed: Seed = 0
 
 
-class DataSection(_Section):
+class DataSection(RecipeSection):
     """Where tokens come from: exactly one of `shards` or `synthetic`.
 
     With `corpus` set, a `shards` folder without shards is prepared first:
@@ -86,7 +114,7 @@ class DataSection(_Section):
         return self
 
 
-class OptimSection(_Section):
+class OptimSection(RecipeSection):
     """AdamW (Loshchilov & Hutter 2019); see optim.py for parameter groups."""
 
     lr: float = Field(default=3e-4, gt=0)
@@ -96,7 +124,7 @@ class OptimSection(_Section):
     fused: bool | None = None  # None: fused kernel where torch supports it
 
 
-class ScheduleSection(_Section):
+class ScheduleSection(RecipeSection):
     """Linear warm-up, then cosine decay to `min_lr_ratio * lr` (or constant)."""
 
     kind: Literal["cosine", "constant"] = "cosine"
@@ -104,7 +132,7 @@ class ScheduleSection(_Section):
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
 
 
-class TrainSection(_Section):
+class TrainSection(RecipeSection):
     """Loop settings. `batch_size` is global, in sequences, per optimizer step."""
 
     steps: int = Field(default=1000, gt=0)
@@ -125,7 +153,7 @@ class TrainSection(_Section):
     progress: bool = True
 
 
-class TrainRecipe(_Section):
+class TrainRecipe(RecipeSection):
     """A whole training run."""
 
     name: str = "run"
@@ -192,6 +220,11 @@ def _unique_keys_map(loader: _RecipeLoader, node: yaml.MappingNode) -> Iterator[
 
 
 _RecipeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_keys_map)
+# YAML 1.1 (PyYAML's) needs a dot in a float, so `1e-5` read as the string "1e-5", which the
+# pydantic sections took as a number but `model.overrides` (ModelConfig, strict) refused;
+# YAML 1.2 reads it as the float the user meant, and so do recipes.
+_RecipeLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                    list("-+0123456789"))
 
 
 def _load_yaml(text: str) -> Any:
@@ -329,7 +362,7 @@ def _short(value: Any, width: int = 48) -> str:
 
 
 __all__ = [
-    "DataSection", "ModelSection", "OptimSection", "RecipeError", "ScheduleSection",
-    "SyntheticData", "TrainRecipe", "TrainSection", "apply_override", "batch_plan",
+    "DataSection", "ModelSection", "OptimSection", "RecipeError", "RecipeSection", "ScheduleSection",
+    "SyntheticData", "TrainRecipe", "TrainSection", "apply_override", "batch_plan", "check_not_bool",
     "check_recipe", "load_recipe", "model_config", "recipe_from_dict", "setting_changes",
 ]
