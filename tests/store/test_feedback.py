@@ -166,6 +166,8 @@ GOOD = {"prompt": "p", "chosen": "a", "rejected": "b", "annotator": "alice"}
     ({"prompt": "p", "chosen": "a", "rejected": "b", "anotator": "x"}, r"bad\.jsonl:3: unknown key\(s\) \['anotator'\]"),
     ({"prompt": "p", "chosen": "a", "rejected": "b", "annotator": "  "}, "bad.jsonl:3: 'annotator' is empty"),
     ({"prompt": "p", "chosen": "a", "rejected": "a"}, "bad.jsonl:3: 'chosen' and 'rejected' are the same text"),
+    ({"prompt": "p", "chosen": "a", "rejected": [{"role": "assistant", "content": "a"}]},
+     "bad.jsonl:3: 'chosen' and 'rejected' are the same text"),
     ({"prompt": "p", "chosen": "a", "rejected": "b", "created_at": "2025-03-01T12:00:00"},
      "bad.jsonl:3: 'created_at' has no timezone"),
     ({"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"}, r"bad\.jsonl:3: 'prompt'\[0\] must be an object"),
@@ -221,6 +223,13 @@ def test_bad_calls_name_the_field(store: FeedbackStore) -> None:
         store.add_comparison(a.id, a.id + 1, annotator="")
     with pytest.raises(ValueError, match="ties are not recorded"):
         store.add_comparison(a.id, a.id, annotator="alice")
+    # two responses (two models', or the text and its one-message form) alike to training: a tie
+    # that `heron feedback export` would hand DPO, which refuses the whole file for it
+    for other in (store.add_response(prompt.id, "a", model="other"),
+                  store.add_response(prompt.id, [{"role": "assistant", "content": "a"}], model="m")):
+        with pytest.raises(ValueError, match=rf"responses {a.id} and {other.id} are the same text .*ties are not"):
+            store.add_comparison(a.id, other.id, annotator="alice")
+    assert store.pairs() == []
     with pytest.raises(ValueError, match="'score' must be a finite number"):
         store.add_rating(a.id, float("nan"), annotator="alice")
     with pytest.raises(ValueError, match="'model' is empty"):

@@ -31,7 +31,7 @@ from heron.store.jsonl import read_feedback_jsonl, write_jsonl_atomic
 from heron.store.records import (
     DEFAULT_SCALE, Comparison, Content, ImportCounts, PairInput, PreferencePair, Prompt, Rating, RatingInput,
     Response, check_content, check_name, check_note, check_score, check_time, content_digest, decode_content,
-    encode_content, utc_now,
+    encode_content, reply_text, utc_now,
 )
 from heron.store.schema import comparisons, metadata, prompts, ratings, responses
 from heron.store.stats import AnnotatorCounts, FeedbackStats, ModelRating, Verdict, pairwise_agreement
@@ -74,6 +74,9 @@ class FeedbackStore(EngineStore):
             if chosen.prompt_id != rejected.prompt_id:
                 raise ValueError(f"responses {chosen.id} and {rejected.id} answer different prompts "
                                  f"({chosen.prompt_id} and {rejected.prompt_id})")
+            if reply_text(decode_content(chosen.text)) == reply_text(decode_content(rejected.text)):
+                raise ValueError(f"responses {chosen.id} and {rejected.id} are the same text (from models "
+                                 f"{chosen.model!r} and {rejected.model!r}); ties are not recorded")
             return _comparison(conn, _insert(conn, comparisons, prompt_id=chosen.prompt_id, note=note,
                                              chosen_response_id=chosen.id, rejected_response_id=rejected.id,
                                              annotator=annotator, created_at=when))

@@ -112,7 +112,7 @@ class PairInput:
             object.__setattr__(self, field, check_name(getattr(self, field), field))
         object.__setattr__(self, "created_at", check_time(self.created_at, "created_at"))
         check_note(self.note)
-        if self.chosen == self.rejected:  # see FeedbackStore on ties
+        if reply_text(self.chosen) == reply_text(self.rejected):  # see FeedbackStore on ties
             raise ValueError("'chosen' and 'rejected' are the same text; ties are not recorded")
 
 
@@ -186,6 +186,12 @@ def check_content(value: object, field: str, *, reply: bool = False) -> Content:
                          f"from {', '.join(m['role'] for m in value)}")
     # Rebuilt in a fixed key order, so equal conversations encode to equal JSON.
     return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def reply_text(reply: Content) -> str:
+    """A checked reply's text, whichever form holds it (text, or one assistant message): the
+    text alignment trains on, so two replies alike here are a tie whatever their forms."""
+    return reply if isinstance(reply, str) else reply[0]["content"]
 
 
 def check_score(value: object, field: str) -> float:
