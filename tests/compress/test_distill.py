@@ -31,7 +31,7 @@ from heron.core import Transformer
 from heron.interop.convert import export_hf
 from heron.data.batches import eval_batches
 from heron.train import load_checkpoint, load_model_folder, synthetic_data, train
-from heron.train.checkpoint import latest_checkpoint
+from heron.train.checkpoint import CheckpointError, latest_checkpoint, save_model_folder
 from heron.train.loop import IGNORE_INDEX, Objective
 from heron.train.recipe import model_config, recipe_from_dict
 
@@ -135,6 +135,23 @@ def test_a_hugging_face_teacher_is_read_from_its_folder(teacher, tmp_path):
     from_heron = distill(teacher, recipe(tmp_path / "from-heron", d_model=16, steps=3))
     for a, b in zip(from_hf.history, from_heron.history):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_a_teacher_holding_nan_weights_is_refused_naming_it_and_its_tensor(teacher, tmp_path):
+    """Not trained from: the student's first loss would be NaN, blamed on its learning rate."""
+    model, tokenizer = heron.load(teacher)
+    with torch.no_grad():
+        model.blocks[1].mlp.down.weight[0, 0] = float("inf")
+    save_model_folder(tmp_path / "diverged", model, tokenizer=tokenizer)
+    with pytest.raises(CheckpointError, match=r"^teacher: .*diverged holds NaN or infinite weights in 1 tensor\(s\) "
+                                              r"\(first: blocks\.1\.mlp\.down\.weight\)"):
+        distill(tmp_path / "diverged", recipe(tmp_path / "student", d_model=16, steps=2))
+    assert not (tmp_path / "student").exists()
+    for scheme in ("int8", "int4"):  # nor quantised
+        with pytest.raises(CheckpointError, match=r"^source: .*diverged holds NaN or infinite weights"):
+            quantize_checkpoint(tmp_path / "diverged", tmp_path / scheme,
+                                QuantizeCheckpointSettings(QuantizeSettings(scheme)), progress=False)
+        assert not (tmp_path / scheme).exists()
 
 
 def test_a_teacher_with_another_vocabulary_is_refused(teacher, tmp_path):

@@ -1,6 +1,6 @@
 """PruneSettings: a bad request fails on construction, its error naming the
 field and the value (library errors name fields; the CLI maps them to flags).
-prune_checkpoint: a model with a NaN or infinite weight is never written."""
+prune_checkpoint: a source with a NaN or infinite weight is refused, and a recovery that diverges writes nothing."""
 from __future__ import annotations
 
 import re
@@ -14,7 +14,7 @@ import heron
 from compress_helpers import checkpoint_and_shards
 from heron.compress.prune_checkpoint import PruneSettings, prune_checkpoint
 from heron.compress.calibration import CalibrationSettings
-from heron.train.checkpoint import save_model_folder
+from heron.train.checkpoint import CheckpointError, save_model_folder
 from heron.train.loop import DivergedError
 
 SHARDS = {"calib_shards": "shards"}  # never read: construction only checks the settings
@@ -71,16 +71,16 @@ def test_a_diverging_recovery_writes_nothing(folders, tmp_path, lr):
     assert not (tmp_path / "pruned").exists()
 
 
-def test_a_non_finite_model_is_refused_before_writing(folders, tmp_path):
-    """A source holding a NaN, pruned with no recovery: nothing is written and the error names
-    the target, the tensor and the source."""
+def test_a_non_finite_source_is_refused_before_any_work(folders, tmp_path):
+    """A source holding a NaN (in the embedding, which magnitude pruning leaves as it is):
+    refused as it loads, naming the source and the tensor; nothing is written."""
     ckpt, _ = folders
     model, _ = heron.load(ckpt)
     with torch.no_grad():
         model.embed.weight[3, 5] = float("nan")  # the embedding: magnitude pruning leaves it as it is
     save_model_folder(tmp_path / "nan_source", model)
     target = tmp_path / "pruned"
-    with pytest.raises(DivergedError, match=rf"^{re.escape(str(target))}: not written; step 0: \d+ weight tensor\(s\) "
-                                            rf"hold NaN .*first: embed\.weight.*the source .*nan_source"):
+    with pytest.raises(CheckpointError, match=rf"^source: {re.escape(str(tmp_path / 'nan_source'))} holds NaN or "
+                                              r"infinite weights in \d tensor\(s\) \(first: embed\.weight\)"):
         prune_checkpoint(tmp_path / "nan_source", target, PruneSettings("magnitude", sparsity=0.5), progress=False)
     assert not target.exists()

@@ -50,7 +50,7 @@ from torch import nn
 from heron.compress.distill_loss import check_settings, linear_distillation_loss
 from heron.core.config import ModelConfig
 from heron.core.transformer import HeadLoss, Transformer
-from heron.train.checkpoint import LINEAGE_FILE, latest_checkpoint, resolve_checkpoint, weights_identity
+from heron.train.checkpoint import LINEAGE_FILE, check_finite_source, latest_checkpoint, resolve_checkpoint, weights_identity
 from heron.train.loop import IGNORE_INDEX, Objective, TrainResult, train
 from heron.train.recipe import TrainRecipe, model_config
 from heron.train.sources import resolve_data
@@ -187,6 +187,7 @@ def distill(teacher_dir: str | Path, recipe: TrainRecipe, *, temperature: float 
     import heron  # heron.load sits above every layer
 
     teacher, teacher_tokenizer = heron.load(teacher_dir)
+    check_finite_source(teacher, teacher_dir, "teacher")
     data = resolve_data(recipe.data)
     data_tokenizer = getattr(data.tokenizer, "fingerprint", None)
     teacher_fingerprint = getattr(teacher_tokenizer, "fingerprint", None)

@@ -27,7 +27,8 @@ from heron.core.transformer import Transformer
 from heron.data import check_shards_fit, load_shards
 from heron.data.batches import PackedBatches
 from heron.govern import EnergyMeter
-from heron.train.checkpoint import refuse_finished, require_new_folder, resolve_checkpoint, save_model_folder
+from heron.train.checkpoint import (check_finite_source, refuse_finished, require_new_folder, resolve_checkpoint,
+                                   save_model_folder)
 from heron.train.loop import DivergedError, check_finite_weights
 
 
@@ -90,6 +91,7 @@ def prune_checkpoint(source: str | Path, target: str | Path, settings: PruneSett
     model, tokenizer = heron.load(source)
     if is_quantized(model):
         raise ValueError(f"{source}: quantised; prune the full-precision model, then quantise the pruned one")
+    check_finite_source(model, source, "source")
     _refuse_no_op(model, settings, source)
     before = sum(p.numel() for p in model.parameters())
     if settings.calib_shards is not None:
@@ -117,7 +119,8 @@ def prune_checkpoint(source: str | Path, target: str | Path, settings: PruneSett
     report["block_linear_sparsity"] = sparsity_of(model)  # the saved model's, after recovery; experts included
     report["energy"] = meter.stop().to_dict()
     lineage = {"pruned_from": str(resolve_checkpoint(source).resolve()), "pruning": report}  # as quantized_from
-    _refuse_non_finite(model, settings, source, target)
+    if settings.recover_steps:
+        _refuse_diverged(model, settings, target)
     if sparse:  # stored packed
         save_sparse(target, model, tokenizer, lineage)
     else:
@@ -139,14 +142,14 @@ def _refuse_no_op(model: Transformer, settings: PruneSettings, source: str | Pat
                          f"{settings.experts} would remove none (give fewer)")
 
 
-def _refuse_non_finite(model: Transformer, settings: PruneSettings, source: str | Path, target: str | Path) -> None:
-    """A DivergedError, naming the target, before a model holding NaN or infinite weights is
-    written: a recovery that overflowed (recover stops on one) or a source that held them."""
+def _refuse_diverged(model: Transformer, settings: PruneSettings, target: str | Path) -> None:
+    """A DivergedError, naming the target, before a model whose recovery's last update overflowed
+    to NaN or infinite weights is written (recover stops on a non-finite loss or gradient, which
+    that update's result shows only in the weights)."""
     try:
         check_finite_weights(settings.recover_steps, model.state_dict())
     except DivergedError as err:
-        hint = "" if settings.recover_steps else f"; no recovery ran, so the source {source} holds them (check it)"
-        raise DivergedError(f"{target}: not written; {err}{hint}") from None
+        raise DivergedError(f"{target}: not written; {err}") from None
 
 
 def _batches(model: Transformer, settings: PruneSettings) -> tuple[list[torch.Tensor] | None, list[torch.Tensor]]:

@@ -16,7 +16,7 @@ from heron.compress.quantize import QuantizeSettings, quantize_model
 from heron.compress.records import made_from, record_quantized
 from heron.data.shards import check_shards_fit, load_shards
 from heron.govern import EnergyMeter
-from heron.train.checkpoint import MODEL_FILE, refuse_finished, require_new_folder, resolve_checkpoint
+from heron.train.checkpoint import MODEL_FILE, check_finite_source, refuse_finished, require_new_folder, resolve_checkpoint
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,7 @@ def quantize_checkpoint(source: str | Path, target: str | Path, settings: Quanti
     require_new_folder(target, source)
     meter = EnergyMeter().start()
     model, tokenizer = heron.load(source)
+    check_finite_source(model, source, "source")
     calibration = None
     if settings.quantize.method != "rtn":
         seq_len = min(settings.seq_len, model.config.max_seq_len)

@@ -445,6 +445,21 @@ def check_weights(model: nn.Module, weights: dict[str, torch.Tensor], *, source:
                                   "or altered: save or convert it again")
 
 
+def non_finite_weights(state: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the floating-point tensors of `state` holding NaN or infinite values."""
+    return [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+
+
+def check_finite_source(model: nn.Module, source: str | Path, role: str) -> None:
+    """CheckpointError naming the first NaN or infinite weight of a model loaded to be built on
+    (quantised, distilled from): everything made from it would be NaN, and the errors that would
+    stop the work later (a student's NaN loss at step 1) would blame its own learning rate."""
+    bad = non_finite_weights(model.state_dict())
+    if bad:
+        raise CheckpointError(f"{role}: {source} holds NaN or infinite weights in {len(bad)} tensor(s) (first: "
+                              f"{bad[0]}); a run that diverged saved them: use an earlier checkpoint of it")
+
+
 def _kind(dtype: torch.dtype) -> str:
     """What a dtype's numbers are. Copying between widths of one kind (bf16 into fp32) is a
     conversion; copying across kinds (int32 bits into fp32) turns the weights into garbage."""
@@ -674,9 +689,9 @@ def _heron_version() -> str:
 
 __all__ = [
     "Checkpoint", "CheckpointError", "RUN_MODEL_DIR", "atomic_folder", "base_lineage", "build_on_meta",
-    "check_parameter_count", "check_weights", "checkpoint_name",
+    "check_finite_source", "check_parameter_count", "check_weights", "checkpoint_name",
     "folder_files", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "load_model_folder",
-    "load_tokenizer_if_present", "load_weights", "point_latest", "refuse_finished", "remove_folder",
+    "load_tokenizer_if_present", "load_weights", "non_finite_weights", "point_latest", "refuse_finished", "remove_folder",
     "require_new_folder", "require_replaceable", "resolve_checkpoint", "save_checkpoint", "save_model_folder",
     "sha256_file", "sweep_partial", "tied_aliases", "verify_checkpoint", "weights_identity",
 ]

@@ -60,6 +60,7 @@ from heron.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     load_weights,
+    non_finite_weights,
     remove_folder,
     save_checkpoint,
     sweep_partial,
@@ -540,7 +541,7 @@ def check_finite_update(step: int, loss: float, grad_norm: float) -> None:
 
 def check_finite_weights(step: int, state: dict[str, torch.Tensor]) -> None:
     """Refuse to keep a state dict holding NaN or infinite weights (an update that overflowed)."""
-    bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    bad = non_finite_weights(state)
     if bad:
         raise DivergedError(f"step {step}: {len(bad)} weight tensor(s) hold NaN or infinite values "
                             f"(first: {bad[0]}); stopped before checkpointing them (lower the learning rate)")
