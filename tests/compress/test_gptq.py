@@ -25,7 +25,7 @@ def output_error(x: torch.Tensor, w: torch.Tensor, codes: torch.Tensor, params, 
 def test_hessian_is_twice_the_mean_outer_product_over_any_batching() -> None:
     x = torch.randn(37, 6)
     acc = HessianAccumulator(6)
-    for part in x.split([5, 20, 12]):
+    for part in x.split([0, 5, 0, 20, 12]):  # an empty batch first and between: no change
         acc.add(part.reshape(1, -1, 6))
     assert acc.rows == 37
     torch.testing.assert_close(acc.H, 2 * x.T @ x / 37, rtol=1e-5, atol=1e-6)

@@ -24,6 +24,8 @@ class HessianAccumulator:
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()  # (n, K)
         n = x.shape[0]
+        if n == 0:  # no rows (an expert routed no token of a batch) change no mean; first, they divided 0 by 0
+            return
         self.H *= self.rows / (self.rows + n)
         self.rows += n
         x = x * (2 / self.rows) ** 0.5
