@@ -109,6 +109,16 @@ def test_what_would_be_lost_or_cannot_run_is_refused_before_any_work(base, tmp_p
     assert "fit.lr: Input should be a finite number" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("file, complaint", [("missing.jsonl", "no such file"),
+                                             ("chats", "a folder; give the JSONL file")])
+def test_a_data_file_that_is_not_a_file_is_named_before_any_work(tmp_path, capsys, file, complaint):
+    """It was Python's OSError, naming no field, once the base was loaded and out_dir made."""
+    (tmp_path / "chats").mkdir()
+    data = {"data": {"file": str(tmp_path / file), "max_len": 64}}
+    assert main(["align", "sft", str(recipe(tmp_path, tmp_path / "no-base", "bad", **data))]) == 2
+    assert capsys.readouterr().err == f"heron align: error: data.file: {tmp_path / file}: {complaint}\n"
+    assert not (tmp_path / "bad").exists()
+
 def test_conversational_pairs_from_the_feedback_store_train_a_reward_model(base, tmp_path):
     """`heron feedback export` writes a chat's pair with messages: the prompt's turns, and each
     reply as one assistant message (TRL's conversational form)."""

@@ -1,6 +1,7 @@
 """`heron watermark detect` on text a tiny random model generated, through its tokenizer."""
 import argparse
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,18 @@ def test_a_setting_that_cannot_hold_is_refused_by_name(checkpoint, capsys, flag,
         heron_cli(["watermark", "detect", "x y", "--tokenizer", str(checkpoint), "--key", "k", flag, value])
     assert f"argument {flag}: {complaint}" in capsys.readouterr().err
 
+
+@pytest.mark.parametrize("config, complaint", [("[320]", "expected a JSON object, got list"),
+                                               ('{"vocab_size": 3', "not valid JSON"),
+                                               (b'\xff{}', "not UTF-8 text")])
+def test_a_checkpoint_config_that_cannot_be_read_is_named(checkpoint, tmp_path, config, complaint):
+    """A config.json that was not an object ended in a traceback (AttributeError), and invalid JSON named no file."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_bytes((checkpoint / "tokenizer.json").read_bytes())
+    (folder / "config.json").write_bytes(config if isinstance(config, bytes) else config.encode())
+    with pytest.raises(ValueError, match=f"^{re.escape(str(folder / 'config.json'))}: {complaint}"):
+        heron_cli(["watermark", "detect", "x y", "--tokenizer", str(folder), "--key", "k"])
 
 def test_generation_options_build_the_watermark():
     parser = argparse.ArgumentParser()

@@ -13,7 +13,7 @@ from heron.cli.main import main
 
 from heron.compress.report import VariantRow, checkpoint_bytes, derives_from, measure, pareto_front, write_report
 from heron.core import ModelConfig, Transformer
-from heron.data import Corpus, prepare_shards
+from heron.data import Corpus, load_shards, prepare_shards
 from heron.generate import perplexity
 from heron.govern.energy import provenance
 from heron.tokenizer import train_tokenizer
@@ -83,6 +83,17 @@ def test_a_short_context_model_is_scored_and_decoded_within_it(tmp_path):
     assert row.perplexity == perplexity(model.eval(), val, seq_len=24, batch_size=4, max_batches=2)
     assert row.decode_tokens_per_s > 0
 
+
+def test_shards_without_validation_tokens_are_named_before_any_model_is_loaded(tmp_path):
+    """perplexity's error named its own argument (`tokens: need at least 2 tokens ...`), once a model had loaded."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    np.arange(100, dtype="<u2").tofile(shards / "train_000000.bin")
+    train = {"tokens": 100, "shards": [{"file": "train_000000.bin", "tokens": 100}]}
+    (shards / "meta.json").write_text(json.dumps({"format": 1, "dtype": "uint16", "train": train,
+                                                  "val": {"tokens": 0, "shards": []}}))
+    with pytest.raises(ValueError, match=re.escape(f"{shards}: the validation split holds 0 tokens; nothing to score")):
+        measure([tmp_path / "no-model"], load_shards(shards))
 
 def test_a_run_folder_counts_the_checkpoint_it_loads_not_the_whole_run(tmp_path):
     torch.manual_seed(0)

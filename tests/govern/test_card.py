@@ -269,6 +269,13 @@ def test_evaluation_results_file_adds_model_index_results(trained, tmp_path):
         read_evaluations(results)
 
 
+def test_an_evaluation_results_file_that_is_not_utf8_is_named(tmp_path):
+    """The decoder's own message named neither the file nor the flag's argument."""
+    results = tmp_path / "eval.json"
+    results.write_bytes(b'\xff\xfe[{"task": "t"}]')
+    with pytest.raises(ValueError, match=re.escape(f"{results}: not UTF-8 text (invalid start byte at byte 0)")):
+        read_evaluations(results)
+
 # ----- Annex IV ---------------------------------------------------------------------------------------------
 
 

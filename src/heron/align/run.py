@@ -75,6 +75,11 @@ def run_alignment(method: str, recipe: AlignRecipe, *, resume: bool = True, rest
     if foreign or (out.exists() and not out.is_dir()):
         raise FileExistsError(f"out_dir: {out} holds {', '.join(foreign[:3]) or 'a file'}, not an alignment run's "
                               "files; choose another out_dir")
+    data = recipe.data.file
+    if data is not None and Path(data).is_dir():
+        raise IsADirectoryError(f"data.file: {data}: a folder; give the JSONL file")
+    if data is not None and not Path(data).is_file():
+        raise FileNotFoundError(f"data.file: {data}: no such file")
     meter = EnergyMeter().start()
     model, tokenizer = heron.load(recipe.base)
     if tokenizer is None:

@@ -12,12 +12,12 @@ reads that; given a bare tokenizer.json it uses the tokenizer's size, and
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from heron.cli.options import finite_float, positive_int, text_or_file
 from heron.govern.digest import CONFIG_FILE
+from heron.govern.history import read_json
 from heron.tokenizer import HeronTokenizer, Tokenizer, load_tokenizer
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ def tokenizer_and_vocab(path: Path) -> tuple[Tokenizer, int]:
     tokenizer = load_tokenizer(folder)
     config = folder / CONFIG_FILE
     if config.is_file():
-        data = json.loads(config.read_text(encoding="utf-8"))
+        data = read_json(config)
         size = data.get("vocab_size") or data.get("text_config", {}).get("vocab_size")
         if isinstance(size, int):
             return tokenizer, size

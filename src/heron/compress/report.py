@@ -151,6 +151,10 @@ def measure(folders: Sequence[str | Path], val_tokens: np.ndarray | ShardSet, *,
         raise ValueError(f"names: need one distinct name per folder, got {names}")
     shards = val_tokens if isinstance(val_tokens, ShardSet) else None
     val_tokens = shards.val if shards is not None else val_tokens
+    if len(val_tokens) < 2:  # before loading any model
+        where = f"{shards.path}: the validation split" if shards is not None else "val_tokens"
+        raise ValueError(f"{where} holds {len(val_tokens)} tokens; nothing to score (prepare the shards with more "
+                         "files, or a larger --val-fraction)")
     prompt = [int(t) for t in val_tokens[:16]]
     for folder in folders[1:]:
         if not derives_from(folder, folders[0]):

@@ -148,11 +148,13 @@ class History:
 
 
 def load_json(file: Path) -> Any:
-    """Any JSON value; invalid JSON is a ValueError naming the file and line."""
+    """Any JSON value; invalid JSON, or bytes that are not UTF-8, is a ValueError naming the file."""
     try:
         return json.loads(file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{file}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{file}: not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
 def read_json(file: Path) -> dict[str, Any]:
