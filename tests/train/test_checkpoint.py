@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -133,6 +134,17 @@ def test_a_config_without_a_required_field_names_it(tmp_path: Path) -> None:
     edit_manifest(folder, lambda files: files.update(config_json_record(folder)))
     with pytest.raises(CheckpointError, match=r"config\.json: d_model: missing; ModelConfig needs d_model"):
         load_model_folder(folder)
+
+
+def test_a_path_below_a_file_is_refused_naming_the_file(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("x")
+    target = tmp_path / "notes.txt" / "sub" / "model"
+    message = rf"{re.escape(str(target))}: {re.escape(str(tmp_path / 'notes.txt'))} is a file, so no folder"
+    with pytest.raises(FileExistsError, match=message):
+        ckpt.require_new_folder(target)  # what converters and compressors check before their work
+    with pytest.raises(FileExistsError, match=message):
+        save_model_folder(target, small_model())
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
 def config_json_record(folder: Path) -> dict:

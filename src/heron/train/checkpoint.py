@@ -214,6 +214,7 @@ def require_new_folder(path: str | Path, source: str | Path | None = None) -> Pa
     target = Path(path)
     if target.is_file():
         raise FileExistsError(f"{target}: is a file; give a folder path")
+    check_parents(target)
     if target.exists() and any(target.iterdir()):
         raise FileExistsError(f"{target}: exists and is not empty; write to a new folder")
     if source is not None:
@@ -221,6 +222,15 @@ def require_new_folder(path: str | Path, source: str | Path | None = None) -> Pa
             if target.resolve().is_relative_to(folder):
                 raise ValueError(f"{target}: inside the source {source}; write to a folder outside it")
     return target
+
+
+def check_parents(target: Path) -> None:
+    """FileExistsError naming the file among `target`'s parents, if one is a file: no folder can
+    be made below it (mkdir's bare "[Errno 17] File exists" names the file, not why, and a
+    compression found it only once its work was done)."""
+    existing = next((parent for parent in target.absolute().parents if parent.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise FileExistsError(f"{target}: {existing} is a file, so no folder can be made inside it; give another path")
 
 
 def refuse_finished(target: str | Path, made_from_source: Callable[[dict[str, Any]], bool],
@@ -249,6 +259,7 @@ def atomic_folder(target: Path) -> Iterator[Path]:
     """Yield a temp sibling folder; on success fsync it and rename it to `target`. What killed
     writes to the same target left beside it goes first (`sweep_partial`); a write of it still
     running in another process is left alone, and the last to finish wins."""
+    check_parents(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     sweep_partial(target.parent, target.name)
     tmp = target.parent / _hidden_name("tmp", target.name)
@@ -689,7 +700,7 @@ def _heron_version() -> str:
 
 __all__ = [
     "Checkpoint", "CheckpointError", "RUN_MODEL_DIR", "atomic_folder", "base_lineage", "build_on_meta",
-    "check_finite_source", "check_parameter_count", "check_weights", "checkpoint_name",
+    "check_finite_source", "check_parameter_count", "check_parents", "check_weights", "checkpoint_name",
     "folder_files", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "load_model_folder",
     "load_tokenizer_if_present", "load_weights", "non_finite_weights", "point_latest", "refuse_finished", "remove_folder",
     "require_new_folder", "require_replaceable", "resolve_checkpoint", "save_checkpoint", "save_model_folder",
