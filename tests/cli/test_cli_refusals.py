@@ -88,3 +88,11 @@ def test_convert_refuses_a_target_inside_its_source_checkpoint_before_writing(tm
     assert capsys.readouterr().err == (f"heron convert: error: {checkpoint / inside}: inside the source {checkpoint}; "
                                        "write to a folder outside it\n")
     assert sorted(str(p) for p in checkpoint.rglob("*")) == before
+
+
+def test_the_demo_refuses_a_recipe_of_generated_tokens_naming_the_way_out(tmp_path: Path, capsys) -> None:
+    """The shipped `test` recipe trains on a synthetic stream; the demo's stages need the corpus's shards."""
+    assert main(["demo", "--recipe", "test", "--out", str(tmp_path / "demo")]) == 2
+    assert ("--recipe test: trains on generated tokens (data.synthetic); the demo trains on the Python standard "
+            "library's shards") in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

@@ -54,6 +54,7 @@ from heron.interpret.explain import ExplainSettings, explain
 from heron.interpret.html import missing_files
 from heron.tokenizer import Tokenizer
 from heron.train import TrainRecipe, TrainResult, load_model_folder, load_recipe, train
+from heron.train.recipe import RecipeError, read_recipe_yaml
 from heron.train.checkpoint import remove_folder, verify_checkpoint
 from heron.train.report import PLOT_FILE
 
@@ -118,6 +119,11 @@ def _pretrain(args: argparse.Namespace, shards_dir: Path) -> tuple[TrainRecipe, 
     """Stages 1-3: the tokenizer, the shards and the pre-trained model (resumed unless --fresh)."""
     recipe_file = recipe_path(args.recipe)
     name = recipe_file.stem
+    data = read_recipe_yaml(recipe_file, args.overrides).get("data")
+    if isinstance(data, dict) and data.get("synthetic") is not None:
+        raise RecipeError(f"--recipe {args.recipe}: trains on generated tokens (data.synthetic); the demo trains on "
+                          "the Python standard library's shards: give a recipe that reads shards, such as tiny, "
+                          "tiny-moe or tiny-moe-sparse")
     recipe = load_recipe(recipe_file, [f"out_dir={args.out / name}", f"data.shards={shards_dir}", *args.overrides])
     _stage("1-3/10", f"tokenizer, shards and pre-training of the {name!r} model on the Python standard library")
     return recipe, train(recipe, resume=not args.fresh)
