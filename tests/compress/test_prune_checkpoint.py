@@ -13,7 +13,7 @@ import torch
 import heron
 from compress_helpers import checkpoint_and_shards
 from heron.compress.prune_checkpoint import PruneSettings, prune_checkpoint
-from heron.compress.calibration import CalibrationSettings
+from heron.compress.calibration import CalibrationSettings, calibration_windows
 from heron.train.checkpoint import CheckpointError, save_model_folder
 from heron.train.loop import DivergedError
 
@@ -84,3 +84,10 @@ def test_a_non_finite_source_is_refused_before_any_work(folders, tmp_path):
                                               r"infinite weights in \d tensor\(s\) \(first: embed\.weight\)"):
         prune_checkpoint(tmp_path / "nan_source", target, PruneSettings("magnitude", sparsity=0.5), progress=False)
     assert not target.exists()
+
+
+def test_calibration_shards_shorter_than_one_window_are_named(folders):
+    _, shards = folders  # 4,000 training tokens
+    with pytest.raises(ValueError, match=rf"^calib_shards: {re.escape(str(shards))}'s training split is too short to "
+                                         r"calibrate on \(need at least seq_len \+ 1 = 4097 tokens .*got 4000\)"):
+        calibration_windows(shards, 1, 2, 4096)

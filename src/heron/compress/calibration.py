@@ -87,7 +87,11 @@ def input_reader(block: nn.Module, suffix: str) -> nn.Module:
 def calibration_windows(shards: str | Path, batches: int, batch_size: int, seq_len: int,
                         seed: int = 0) -> list[torch.Tensor]:
     """`batches` (batch_size, seq_len) windows of token ids from a shard folder's training split."""
-    windows = PackedBatches(load_shards(shards).train, batch_size, seq_len, seed=seed)
+    try:
+        windows = PackedBatches(load_shards(shards).train, batch_size, seq_len, seed=seed)
+    except ValueError as err:  # a training split shorter than one window
+        raise ValueError(f"calib_shards: {shards}'s training split is too short to calibrate on ({err}); "
+                         "prepare more text, or give a shorter seq_len") from None
     return [windows.batch(step)[0] for step in range(batches)]
 
 
