@@ -7,11 +7,16 @@ compute x @ Ŵᵀ for the dequantised weight Ŵ, in fp32
 (relative errors against a float64 product, measured at 96x128 to 2816x512):
 
   aten     torch's weight-only CPU kernels `_weight_int8pack_mm` and
-           `_weight_int4pack_mm_for_cpu` (~4e-7). Vectorised for AVX-512 only:
-           on an AVX2 CPU they are scalar loops, 7-10x slower than the fp32
-           product at decode shapes, so they are the default on AVX-512 CPUs
-           only. int4 wants N % 16 == 0 and groups of 32, 64, 128 or 256, and
-           reads w = (q - 8) * s + z', so z' = (8 - z) * s is stored for our z.
+           `_weight_int4pack_mm_for_cpu` (~4e-7). Slow here on AVX2 and on
+           AVX-512 alike: on AVX2 7-10x slower than the fp32 product at decode
+           shapes; on an AVX-512 EPYC (torch 2.13, one thread, 2026-12-02) 9-17x
+           slower at one row (1536x512: int8 1.07 ms, int4 1.66, against 0.12
+           for fp32 and 0.07 and 0.09 for `fused`) and 40-60x at 1,024 rows
+           (1.2-1.4 s against 23-29 ms), which made GPTQ's calibration pass
+           through quantised blocks take two minutes a `small` block. Never a
+           default before `fused` and `fp16`. int4 wants N % 16 == 0 and groups
+           of 32, 64, 128 or 256, and reads w = (q - 8) * s + z', so
+           z' = (8 - z) * s is stored for our z.
   fp16     fbgemm's fp16-weight GEMM (`quantized.linear_dynamic_fp16`, the op
            behind quantize_dynamic's float16 mode; fp32 activations and
            accumulation). For int8 the layout holds the integer codes, exact
@@ -24,7 +29,7 @@ compute x @ Ŵᵀ for the dequantised weight Ŵ, in fp32
            codes as stored, one byte (int8) or half a byte (int4, groups of
            a multiple of 32) a weight, widens them to fp32 in registers and
            multiplies in fp32 (~2e-7), scaling each output row or group.
-           AVX2 and FMA CPUs. The default on AVX2 CPUs: decoding streams
+           AVX2 and FMA CPUs (AVX-512 ones too). The default: decoding streams
            weights, and no weight-only product torch ships reads fewer bytes
            of each here. int4 codes are repacked once into blocks of 32 inputs
            (low nibbles 0-15, high 16-31) that widen without shuffles.
@@ -205,9 +210,8 @@ KERNELS: dict[str, Kernel] = {
 
 
 def default_kernels() -> tuple[str, ...]:
-    """Kernels to try in order on this CPU (see the module docstring for why)."""
-    if torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
-        return ("aten", "fused", "fp16", "dequant")
+    """Kernels to try in order (see the module docstring for why): `aten` only where neither
+    `fused` nor `fp16` runs, since it was the slowest on AVX2 and AVX-512 CPUs alike."""
     return ("fused", "fp16", "aten", "dequant")
 
 
