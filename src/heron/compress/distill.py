@@ -50,7 +50,8 @@ from torch import nn
 from heron.compress.distill_loss import check_settings, linear_distillation_loss
 from heron.core.config import ModelConfig
 from heron.core.transformer import HeadLoss, Transformer
-from heron.train.checkpoint import LINEAGE_FILE, check_finite_source, latest_checkpoint, resolve_checkpoint, weights_identity
+from heron.train.checkpoint import (LINEAGE_FILE, check_finite_source, latest_checkpoint, resolve_checkpoint,
+                                   weights_identity)
 from heron.train.loop import IGNORE_INDEX, Objective, TrainResult, train
 from heron.train.recipe import TrainRecipe, model_config
 from heron.train.sources import resolve_data

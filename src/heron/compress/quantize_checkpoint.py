@@ -16,7 +16,8 @@ from heron.compress.quantize import QuantizeSettings, quantize_model
 from heron.compress.records import made_from, record_quantized
 from heron.data.shards import check_shards_fit, load_shards
 from heron.govern import EnergyMeter
-from heron.train.checkpoint import MODEL_FILE, check_finite_source, refuse_finished, require_new_folder, resolve_checkpoint
+from heron.train.checkpoint import (MODEL_FILE, check_finite_source, refuse_finished, require_new_folder,
+                                   resolve_checkpoint)
 
 
 @dataclass(frozen=True)

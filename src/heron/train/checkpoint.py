@@ -702,7 +702,7 @@ __all__ = [
     "Checkpoint", "CheckpointError", "RUN_MODEL_DIR", "atomic_folder", "base_lineage", "build_on_meta",
     "check_finite_source", "check_parameter_count", "check_parents", "check_weights", "checkpoint_name",
     "folder_files", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "load_model_folder",
-    "load_tokenizer_if_present", "load_weights", "non_finite_weights", "point_latest", "refuse_finished", "remove_folder",
-    "require_new_folder", "require_replaceable", "resolve_checkpoint", "save_checkpoint", "save_model_folder",
-    "sha256_file", "sweep_partial", "tied_aliases", "verify_checkpoint", "weights_identity",
+    "load_tokenizer_if_present", "load_weights", "non_finite_weights", "point_latest", "refuse_finished",
+    "remove_folder", "require_new_folder", "require_replaceable", "resolve_checkpoint", "save_checkpoint",
+    "save_model_folder", "sha256_file", "sweep_partial", "tied_aliases", "verify_checkpoint", "weights_identity",
 ]
