@@ -114,14 +114,16 @@ def test_grpo_beats_the_sft_model_on_the_judge(sft):
 
 def test_kto_learns_from_unpaired_feedback(sft, pairs):
     """The pairs taken apart: chosen replies marked desirable, rejected ones not, no pairing.
-    Measured here: win rate 0.75 against the SFT model (0.65 asserted, the task's target is DPO's)."""
+    Win rate against the SFT model, 0.65 asserted (the task's target is DPO's): 300 steps gave
+    0.75 on AVX2 hosts but 0.56 on an AVX-512 one, whose rounding trained another SFT model;
+    600 steps gave it 0.83 (2026-12-02)."""
     model, tokenizer = sft
     chosen, rejected = pairs
     replies_ = chosen.concat(rejected)
     desirable = torch.arange(len(replies_)) < len(chosen)
     policy = copy.deepcopy(model).train()
     fit(policy.parameters(), kto_objective(policy, replies_, desirable, reference_logprobs(model, replies_), beta=0.1),
-        len(replies_), FitSettings(steps=300, batch_size=32, lr=1e-3, progress=False))
+        len(replies_), FitSettings(steps=600, batch_size=32, lr=1e-3, progress=False))
     baseline, aligned = held_out_scores(model, policy, tokenizer)
     assert statistics.mean(aligned) > statistics.mean(baseline)
     assert win_rate(aligned, baseline) >= 0.65
