@@ -11,7 +11,7 @@ import torch
 
 import heron
 from heron.core import Transformer
-from heron.data import Corpus, check_shards_fit, default_corpus, load_shards, prepare_shards
+from heron.data import Corpus, check_shards_fit, check_val_scorable, default_corpus, load_shards, prepare_shards
 from heron.generate import Generator, SamplingParams, perplexity
 from heron.generate.perplexity import evaluated_windows
 from heron.govern import EnergyMeter
@@ -166,9 +166,7 @@ def evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"--seq-len: at most the model's max_seq_len {model.config.max_seq_len}, got {args.seq_len}")
     shards = load_shards(args.shards)
     check_shards_fit(shards, str(args.checkpoint), vocab_size=model.config.vocab_size, tokenizer=tokenizer)
-    if len(shards.val) < 2:
-        raise ValueError(f"{args.shards}: the validation split holds {len(shards.val)} tokens; nothing to score "
-                         "(prepare the shards with more files, or a larger --val-fraction)")
+    check_val_scorable(shards)
     seq_len = min(DEFAULT_EVAL_SEQ_LEN, model.config.max_seq_len) if args.seq_len is None else args.seq_len
     meter = EnergyMeter().start()
     ppl = perplexity(model, shards.val, seq_len=seq_len, batch_size=args.batch_size,

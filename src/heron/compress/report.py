@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 import heron
-from heron.data import ShardSet, check_shards_fit
+from heron.data import ShardSet, check_shards_fit, check_val_scorable
 from heron.generate import Decoder, SamplingParams, decode_steps, perplexity
 from heron.govern import EnergyMeter, EnergyReport
 from heron.govern.energy import provenance
@@ -151,10 +151,10 @@ def measure(folders: Sequence[str | Path], val_tokens: np.ndarray | ShardSet, *,
         raise ValueError(f"names: need one distinct name per folder, got {names}")
     shards = val_tokens if isinstance(val_tokens, ShardSet) else None
     val_tokens = shards.val if shards is not None else val_tokens
-    if len(val_tokens) < 2:  # before loading any model
-        where = f"{shards.path}: the validation split" if shards is not None else "val_tokens"
-        raise ValueError(f"{where} holds {len(val_tokens)} tokens; nothing to score (prepare the shards with more "
-                         "files, or a larger --val-fraction)")
+    if shards is not None:  # before loading any model
+        check_val_scorable(shards)
+    elif len(val_tokens) < 2:
+        raise ValueError(f"val_tokens: holds {len(val_tokens)} tokens; nothing to score")
     prompt = [int(t) for t in val_tokens[:16]]
     for folder in folders[1:]:
         if not derives_from(folder, folders[0]):

@@ -3,7 +3,8 @@
 from heron.data.batches import PackedBatches, eval_batches
 from heron.data.chat import ChatBatches, chat_examples_to_tensors, load_chat_jsonl
 from heron.data.corpus import Corpus, default_corpus
-from heron.data.shards import ShardedTokens, ShardSet, check_shards_fit, load_shards, prepare_shards
+from heron.data.shards import (ShardedTokens, ShardSet, check_shards_fit, check_val_scorable, load_shards,
+                               prepare_shards)
 
 __all__ = [
     "ChatBatches",
@@ -13,6 +14,7 @@ __all__ = [
     "ShardedTokens",
     "chat_examples_to_tensors",
     "check_shards_fit",
+    "check_val_scorable",
     "default_corpus",
     "eval_batches",
     "load_chat_jsonl",

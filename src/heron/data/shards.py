@@ -162,6 +162,13 @@ class ShardSet:
     reused: bool = False  # True when prepare_shards found matching shards and did no work
 
 
+def check_val_scorable(shards: ShardSet) -> None:
+    """ValueError naming the folder when its validation split holds too few tokens to score one."""
+    if len(shards.val) < 2:
+        raise ValueError(f"{shards.path}: the validation split holds {len(shards.val)} tokens; nothing to score "
+                         "(prepare the shards with more files, or a larger --val-fraction)")
+
+
 def check_shards_fit(shards: ShardSet, model: str, *, vocab_size: int, tokenizer: object | None = None) -> None:
     """Refuse shards that are not in `model`'s token ids: made with another tokenizer (where
     both record which: `tokenizer.fingerprint()` against the shards' metadata), or holding
