@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from heron.core.gemm import linear
 from heron.core.linear import MAX_ROWS, Linear, is_input_major, set_decode_layout
 
 
@@ -28,14 +29,14 @@ def test_is_input_major_reads_the_strides_as_t_is_contiguous_does():
             assert is_input_major(layout) == layout.t().is_contiguous(), (N, K, layout.stride())
 
 
-def test_training_and_many_rows_take_the_plain_path_bit_for_bit():
+def test_training_and_many_rows_take_the_gemm_path_bit_for_bit():
     torch.manual_seed(0)
     layer = Linear(32, 40, bias=False)
     x = torch.randn(4, 32, requires_grad=True)
-    assert torch.equal(layer(x), F.linear(x, layer.weight))  # autograd on: plain path
+    assert torch.equal(layer(x), linear(x, layer.weight))  # autograd on: the GEMM, not the blocks
     big = torch.randn(MAX_ROWS + 1, 32)
     with torch.inference_mode():
-        assert torch.equal(layer(big), F.linear(big, layer.weight))
+        assert torch.equal(layer(big), linear(big, layer.weight))
 
 
 def test_is_an_ordinary_linear_for_swapping():

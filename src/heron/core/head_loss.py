@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from heron.core.gemm import linear_into
 from heron.core.linear import Linear
 
 IGNORE_INDEX = -100  # targets to skip, as F.cross_entropy's default
@@ -216,7 +217,7 @@ def chunking(h: torch.Tensor, weight: torch.Tensor, share: int = 1) -> tuple[int
 
 def chunk_logits(h_c: torch.Tensor, weight: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
     """A chunk's logits (c, V) in fp32, made in `buffer`; a copy only below fp32."""
-    return torch.mm(h_c, weight.t(), out=buffer[: len(h_c)]).float()
+    return linear_into(h_c, weight, buffer[: len(h_c)]).float()
 
 
 def _shifted_exp(logits: torch.Tensor, y_c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -236,7 +237,7 @@ def add_grads(d_logits: torch.Tensor, h_c: torch.Tensor, weight: torch.Tensor,
     (c, d) and its share of the weight's into grad_w (V, d), fp32; either may be None."""
     d_logits = d_logits.to(h_c.dtype)
     if grad_h_c is not None:
-        torch.mm(d_logits, weight, out=grad_h_c)
+        linear_into(d_logits, weight.t(), grad_h_c)
     if grad_w is not None and h_c.dtype == torch.float32:
         grad_w.addmm_(d_logits.t(), h_c)
     elif grad_w is not None:  # accumulate in fp32 what the low-precision product rounds

@@ -1,4 +1,5 @@
-"""nn.Linear with faster paths for the few-row products of decoding."""
+"""nn.Linear with faster paths for the few-row products of decoding, and
+its GEMMs through the faster library here (core/gemm.py)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -6,6 +7,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from heron.core.gemm import linear
 
 SPLIT = 4  # weight blocks, one bmm batch entry (and thread task) each
 MAX_ROWS = 16  # inputs with more rows than this are GEMM-shaped: the plain path is best
@@ -15,7 +18,8 @@ K_SPLIT_ROWS = 2  # decoding this many rows or fewer lays wide weights out input
 class Linear(nn.Linear):
     """An `nn.Linear` (same parameters, same names) whose products with at
     most MAX_ROWS input rows, outside autograd, run as one bmm over SPLIT
-    blocks of the weight.
+    blocks of the weight; larger ones, and all under autograd, through the
+    GEMM `core.gemm.linear` chose for this CPU.
 
     Why: for x (1..16, K) @ W.T MKL picks sgemv / small-M sgemm, which on
     CPU stream W at about half the memory bandwidth; decoding reads every
@@ -35,8 +39,8 @@ class Linear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() // self.in_features > MAX_ROWS or torch.is_grad_enabled():  # training keeps F.linear's numbers
-            return super().forward(x)
+        if x.numel() // self.in_features > MAX_ROWS or torch.is_grad_enabled():  # training keeps the GEMM's numbers
+            return linear(x, self.weight, self.bias)
         return few_row_product(self.weight, self.bias)(x)
 
 
@@ -69,7 +73,7 @@ def decoding_product(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor
         return own() if own is not None else module.forward
     weight, bias = module.weight, module.bias
     few_rows = few_row_product(weight, bias)
-    return lambda x: few_rows(x) if x.numel() // x.shape[-1] <= MAX_ROWS else F.linear(x, weight, bias)
+    return lambda x: few_rows(x) if x.numel() // x.shape[-1] <= MAX_ROWS else linear(x, weight, bias)
 
 
 def is_input_major(w: torch.Tensor) -> bool:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from heron.core.config import ModelConfig
+from heron.core.gemm import linear
 from heron.core.hooks import HookPoint
 from heron.core.linear import MAX_ROWS, Linear, decoding_product
 
@@ -36,7 +37,7 @@ class MLP(nn.Module):
             # A layer swapped in for `up` (quantised, adapted) is always called as a module.
             gate, up = self.up.weight.chunk(2, dim=0)  # (d_ff, d) each
             gate_bias, up_bias = self.up.bias.chunk(2) if self.up.bias is not None else (None, None)
-            h = F.silu(F.linear(x, gate, gate_bias)) * F.linear(x, up, up_bias)  # (B, T, d_ff)
+            h = F.silu(linear(x, gate, gate_bias)) * linear(x, up, up_bias)  # (B, T, d_ff)
         else:
             h = activate(self.up(x), self.kind)  # (B, T, d_ff)
         return self.down(self.hook_post(h))  # (B, T, d)

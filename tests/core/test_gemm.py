@@ -1,0 +1,139 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from heron.core import gemm
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+@pytest.fixture
+def backend(monkeypatch, request):
+    """HERON_GEMM set to the test's parameter for the test alone (the choice is cached per process)."""
+    monkeypatch.setenv("HERON_GEMM", request.param)
+    gemm.gemm_backend.cache_clear()
+    yield request.param
+    gemm.gemm_backend.cache_clear()
+
+
+@pytest.fixture
+def cpu(monkeypatch):
+    """Pretend to run on a CPU of the given vendor and torch capability, HERON_GEMM unset."""
+    monkeypatch.delenv("HERON_GEMM", raising=False)
+
+    def pretend(vendor: str, capability: str) -> str:
+        monkeypatch.setattr(gemm, "cpu_vendor", lambda: vendor)
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        gemm.gemm_backend.cache_clear()
+        return gemm.gemm_backend()
+
+    yield pretend
+    gemm.gemm_backend.cache_clear()
+
+
+def test_onednn_only_on_amd_cpus_with_avx512_kernels(cpu):
+    expected_on_zen4 = "onednn" if torch.backends.mkldnn.is_available() else "mkl"
+    assert cpu("AuthenticAMD", "AVX512") == expected_on_zen4
+    assert cpu("AuthenticAMD", "AVX2") == "mkl"  # measured slower there
+    assert cpu("GenuineIntel", "AVX512") == "mkl"  # MKL's own CPUs
+    assert cpu("", "DEFAULT") == "mkl"
+
+
+def test_the_environment_overrides_the_cpu_and_a_bad_value_is_named(cpu, monkeypatch):
+    monkeypatch.setenv("HERON_GEMM", "MKL")
+    gemm.gemm_backend.cache_clear()
+    assert gemm.gemm_backend() == "mkl"
+    monkeypatch.setenv("HERON_GEMM", "openblas")
+    gemm.gemm_backend.cache_clear()
+    with pytest.raises(ValueError, match="HERON_GEMM='openblas'.*mkl, onednn"):
+        gemm.gemm_backend()
+
+
+def test_reads_the_vendor_from_proc_cpuinfo():
+    vendor = gemm.cpu_vendor()
+    assert isinstance(vendor, str)
+    try:
+        listed = open("/proc/cpuinfo").read()
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    assert vendor in listed
+
+
+def _operands(shape, bias: bool, input_major: bool):
+    generator = torch.Generator().manual_seed(sum(shape) + 7 * bias + 3 * input_major)
+    K, N = shape[-1], 24
+    x = torch.randn(*shape, generator=generator)
+    w = torch.randn(N, K, generator=generator)
+    if input_major:  # (K, N) in memory, as decoding lays wide weights out
+        w = w.t().contiguous().t()
+    b = torch.randn(N, generator=generator) if bias else None
+    return x, w, b
+
+
+@needs_onednn
+@pytest.mark.parametrize("backend", ["onednn", "mkl"], indirect=True)
+@pytest.mark.parametrize("shape", [(40, 16), (3, 17, 32), (2, 5, 8)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("input_major", [False, True])
+def test_product_and_gradients_equal_f_linear(backend, shape, bias, input_major):
+    x, w, b = _operands(shape, bias, input_major)
+    operands = (x, w) + ((b,) if bias else ())
+    leaves, reference = ([t.clone().requires_grad_() for t in operands] for _ in range(2))
+    grad_out = torch.randn(*shape[:-1], w.shape[0], generator=torch.Generator().manual_seed(1))
+
+    out = gemm.linear(*leaves) if bias else gemm.linear(*leaves, None)
+    expected = F.linear(*reference)
+    out.backward(grad_out)
+    expected.backward(grad_out)
+
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(leaves, reference):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-5)
+    if backend == "mkl":  # the default path is F.linear itself
+        assert torch.equal(out, expected)
+
+
+@needs_onednn
+@pytest.mark.parametrize("backend", ["onednn"], indirect=True)
+def test_onednn_gradient_of_a_non_contiguous_input_and_frozen_weight(backend):
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 40, generator=generator)[:, ::2].requires_grad_()  # strided (6, 20)
+    w = torch.randn(12, 20, generator=generator)  # frozen: no weight gradient is made
+    y = gemm.linear(x, w)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, torch.ones(6, 12) @ w, rtol=1e-5, atol=1e-5)
+    assert w.grad is None
+
+
+@needs_onednn
+@pytest.mark.parametrize("backend", ["onednn"], indirect=True)
+def test_onednn_is_repeatable_bit_for_bit_and_leaves_no_graph_outside_autograd(backend):
+    x, w, b = _operands((64, 48), True, False)
+    first = gemm.linear(x, w, b)
+    assert torch.equal(first, gemm.linear(x, w, b))
+    with torch.inference_mode():
+        assert torch.equal(gemm.linear(x, w, b), first)
+    assert first.grad_fn is None
+
+
+@needs_onednn
+@pytest.mark.parametrize("backend", ["onednn"], indirect=True)
+def test_other_dtypes_and_autocast_go_to_f_linear_unchanged(backend):
+    x, w, b = _operands((8, 16), True, False)
+    half = [t.to(torch.bfloat16) for t in (x, w, b)]
+    assert torch.equal(gemm.linear(*half), F.linear(*half))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = gemm.linear(x, w, b), F.linear(x, w, b)
+    assert got.dtype == want.dtype == torch.bfloat16
+    assert torch.equal(got, want)
+
+
+@needs_onednn
+@pytest.mark.parametrize("backend", ["onednn", "mkl"], indirect=True)
+def test_linear_into_writes_the_product_into_the_buffer(backend):
+    x, w, _ = _operands((10, 16), False, False)
+    buffer = torch.full((12, w.shape[0]), float("nan"))
+    got = gemm.linear_into(x, w, buffer[:10])
+    assert got.data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(buffer[:10], x @ w.t(), rtol=1e-5, atol=1e-5)
+    assert buffer[10:].isnan().all()
