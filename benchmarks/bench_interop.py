@@ -63,12 +63,15 @@ MIXTRAL_SHAPE = dict(vocab_size=32000, hidden_size=512, intermediate_size=1024, 
                      max_position_embeddings=1024, tie_word_embeddings=False)
 
 
-# What bounds the two speed keys, from torch.profiler runs on these shapes (2026-11-29).
+# What bounds the two speed keys, from torch.profiler runs on these shapes (2026-11-29; the forward 2026-12-02).
 LIMITS = [
-    "Forward at 4 x 512: both sides spend about 90% of the time in the same fp32 GEMMs (q/k/v, MLP, the "
-    "32000-wide head) at the same ~95 GFLOP/s, and attention in the same fused SDPA kernel, so the forward "
-    "runs at parity; 1.2x would need less arithmetic, not less overhead. (At 1 x 64, a 4096-wide gate+up product "
-    "was slower than two 2048-wide ones in MKL; Heron now splits it there and is at parity too.)",
+    "Forward at 4 x 512: both sides spend about 80% of the time in fp32 GEMMs (q/k/v, MLP, the 32000-wide head) "
+    "and about 10% in the same fused SDPA kernel, so the GEMM library decides. On AMD CPUs whose torch kernels are "
+    "AVX-512 Heron's go through oneDNN (heron/core/gemm.py), which ran these products at 145-203 GFLOP/s where "
+    "MKL, behind transformers' F.linear, ran 112-150 (a profile of two forwards: 4.6 s in oneDNN's products "
+    "against 6.0 s in MKL's). Elsewhere both sides use MKL and the forward runs at parity: 0.985x on an AVX2 "
+    "EPYC (2026-11-30), the figure to expect there. (At 1 x 64, a 4096-wide gate+up product was slower than two "
+    "2048-wide ones in MKL; Heron splits it there.)",
     "Decode on the Mixtral shape: a token streams ~183 MB of fp32 weights (2 of 8 experts x 8 layers, the head, "
     "attention). Heron reads them with few-row products over blocks of the input dimension (core/linear.py; the "
     "two chosen experts one by one, not grouped_mm over all eight): in a profiled step the products took 11.5 ms "

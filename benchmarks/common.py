@@ -30,6 +30,8 @@ from typing import TypeVar
 
 import torch
 
+from heron.core.gemm import gemm_backend
+
 HERE = Path(__file__).resolve().parent
 RESULTS_JSON = HERE / "results.json"
 RESULTS_MD = HERE / "RESULTS.md"
@@ -168,11 +170,16 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+GEMM_NAMES = {"mkl": "MKL", "onednn": "oneDNN"}
+
+
 def machine() -> dict[str, object]:
     import transformers
 
     return {
         "cpu": cpu_model(),
+        "cpu_kernels": torch.backends.cpu.get_cpu_capability(),  # AVX2 or AVX512: kernel speeds differ
+        "gemm": gemm_backend(),  # the library of Heron's fp32 CPU GEMMs (heron/core/gemm.py)
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -183,8 +190,9 @@ def machine() -> dict[str, object]:
 
 
 def machine_line(info: Mapping[str, object]) -> str:
-    return (f"{info['cpu']}, {info['cores']} cores, {info['threads']} torch thread{'s' if info['threads'] != 1 else ''}, torch {info['torch']}, "
-            f"transformers {info['transformers']}, load average {info['load_avg_1m']} at start")
+    kernels = f" ({info['cpu_kernels']}, Heron's GEMMs through {GEMM_NAMES[info['gemm']]})" if "gemm" in info else ""
+    return (f"{info['cpu']}{kernels}, {info['cores']} cores, {info['threads']} torch thread{'s' if info['threads'] != 1 else ''}, "
+            f"torch {info['torch']}, transformers {info['transformers']}, load average {info['load_avg_1m']} at start")
 
 
 # ----- process memory (Linux) -------------------------------------------------
