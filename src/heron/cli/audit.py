@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from heron.cli.options import add_overwrite, lasting_database, new_output, not_the_source
+from heron.cli.options import add_overwrite, existing_input, lasting_database, new_output, not_the_source
 from heron.govern.audit import AuditLog, LogCheckpoint, log_location, verify_log
 from heron.govern.audit_export import FORMATS, export_log, read_export
 from heron.govern.audit_keys import generate_keys, load_public_key, load_signing_key
@@ -78,7 +78,8 @@ def _open(args: argparse.Namespace) -> AuditLog:
 
 
 def verify(args: argparse.Namespace) -> int:
-    public_key = load_public_key(args.public_key) if args.public_key is not None else None
+    public_key = (load_public_key(existing_input(args.public_key, "--public-key", "public key"))
+                  if args.public_key is not None else None)
     anchors = [_read_anchor(file) for file in args.anchor]
     if args.log is not None and Path(args.log).suffix.lower() in EXPORT_SUFFIXES:
         rows, checkpoints = read_export(args.log)
@@ -94,6 +95,7 @@ def verify(args: argparse.Namespace) -> int:
 
 
 def _read_anchor(file: Path) -> LogCheckpoint:
+    existing_input(file, "--anchor", "checkpoint file")
     try:
         return LogCheckpoint.from_json(json.loads(file.read_text(encoding="utf-8")))
     except (OSError, ValueError, KeyError, TypeError) as err:  # unreadable, not JSON, or not a checkpoint's fields
@@ -145,7 +147,8 @@ def lineage(args: argparse.Namespace) -> int:
 
 
 def checkpoint(args: argparse.Namespace) -> int:
-    key = load_signing_key(args.sign_key) if args.sign_key is not None else None
+    key = (load_signing_key(existing_input(args.sign_key, "--sign-key", "private key"))
+           if args.sign_key is not None else None)
     if args.out is not None:  # before the checkpoint is stored: a bad --out leaves the log as it was
         if args.out.is_dir():
             raise IsADirectoryError(f"--out {args.out}: is a folder; name a file to write")

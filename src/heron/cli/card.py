@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from heron.cli.options import lasting_database
+from heron.cli.options import existing_input, lasting_database
 from heron.govern.annex_iv import write_annex_iv
 from heron.govern.audit import AuditLog, log_location
 from heron.govern.card import read_evaluations, write_model_card
@@ -39,6 +39,8 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
 
 def card(args: argparse.Namespace) -> int:
+    for file in args.evals:  # before the checkpoint is looked for (which loads torch)
+        existing_input(file, "--eval", "evaluation results file")
     folder = _resolve(args.checkpoint)
     evaluations = [result for file in args.evals for result in read_evaluations(file)]
     if args.annex_iv:

@@ -18,7 +18,7 @@ from heron.govern import EnergyMeter
 from heron.tokenizer import HeronTokenizer, Tokenizer, load_tokenizer, train_tokenizer
 from heron.tokenizer.bpe import replaceable_tokenizer_file
 from heron.interop.convert import export_hf, import_hf
-from heron.cli.options import ALIGN_RECIPES_DIR, recipe_path
+from heron.cli.options import ALIGN_RECIPES_DIR, existing_input, recipe_path
 from heron.cli.watermark import watermark_from_args
 from heron.interop.gguf import save_gguf
 from heron.train import CheckpointError, load_recipe, train
@@ -344,6 +344,8 @@ def compress_report(args: argparse.Namespace) -> int:
     from heron.compress.report import measure, report_folder, write_report
 
     report_folder(args.out)  # before measuring: a refused --out costs nothing
+    for folder in args.checkpoints:  # before the lineage checks warn, and before any model is measured
+        existing_input(folder, "checkpoints", "checkpoint", folder=True)
     rows = measure(args.checkpoints, load_shards(args.shards), seq_len=args.seq_len,
                    max_batches=args.max_batches, new_tokens=args.new_tokens)
     report = write_report(rows, args.out)

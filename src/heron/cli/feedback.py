@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from heron.cli.options import add_overwrite, lasting_database, new_output, not_the_source
+from heron.cli.options import add_overwrite, existing_input, lasting_database, new_output, not_the_source
 from heron.govern.consent import ConsentRegistry, check_key
 from heron.store import FeedbackStore, format_stats
 from heron.store.records import PreferencePair
@@ -47,6 +47,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
 
 def feedback_import(args: argparse.Namespace) -> int:
+    existing_input(args.file, "file", "JSONL file")  # before the store is opened (or made)
     with FeedbackStore.open(args.db) as store:
         counts = store.import_jsonl(args.file, annotator=args.annotator, source=args.source)
         skipped = (f"; skipped {counted(counts.already_stored, 'line')} repeating a stored or earlier judgement"
