@@ -58,6 +58,7 @@ from heron.core.transformer import Transformer
 from heron.govern.audit import record_event
 from heron.interop.families import (GPT_NEOX, LLAMA, MIXTRAL, QWEN3, QWEN3_MOE, Family, HfConfig, _in_context,
                                      hf_config)
+from heron.interop.finite import check_finite
 from heron.interop.gguf_tokenizer import add_tokenizer
 from heron.interop.tables import expand, heron_to_hf
 from heron.store.atomic import atomic_path
@@ -429,11 +430,8 @@ def _check_finite(name: str, data: np.ndarray, qtype: gguf.GGMLQuantizationType,
                   matrix_type: gguf.GGMLQuantizationType) -> None:
     """Refuse a tensor with a NaN or inf weight, which no type helps, or one that `qtype` would
     hold as inf (`F16_NUMBERS`), suggesting the types that hold it."""
-    bad = ~np.isfinite(data)
-    if bad.any():
-        where = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(f"{name}: {int(bad.sum())} of its values are not finite (the first, at {where}, is "
-                         f"{data[where]}); in any type llama.cpp would compute NaN logits: fix the model's weights")
+    no_type_helps = "in any type llama.cpp would compute NaN logits: fix the model's weights"
+    check_finite(name, torch.from_numpy(data), no_type_helps)
     found = _f16_overflow_in(data, qtype)
     if found is None:
         return

@@ -5,7 +5,9 @@ Heron model on the meta device (no memory, no random init), allocates it
 once, and copies the weights in tensor by tensor from `WeightFiles`: peak
 memory stays near one copy of the model. Export writes the family's
 `config.json`, `model.safetensors` in the names the Hub uses, and the
-tokenizer files, into a temporary folder renamed into place at the end.
+tokenizer files, into a temporary folder renamed into place at the end; a
+weight that is NaN or inf is refused before, as the GGUF writer refuses it
+(interop/finite.py).
 `transformers` is not needed for either direction.
 """
 from __future__ import annotations
@@ -23,7 +25,8 @@ from heron.core.transformer import Transformer
 from heron.govern.digest import CONFIG_FILE, LINEAGE_FILE, MODEL_FILE
 from heron.interop.families import EXPORT_ORDER, FAMILIES, Family, family_config, family_of, hf_config
 from heron.interop.files import WeightFiles
-from heron.interop.tables import heron_to_hf, load_into
+from heron.interop.finite import check_finite
+from heron.interop.tables import expand, heron_to_hf, load_into
 from heron.tokenizer.bpe import HeronTokenizer
 from heron.tokenizer.pretrained import PretrainedTokenizer
 from heron.train.checkpoint import (atomic_folder, build_on_meta, check_parameter_count, load_tokenizer_if_present,
@@ -114,7 +117,8 @@ def save_hf_folder(
     family: str | None = None,
 ) -> Family:
     """Write `model` (and its tokenizer) as a Hugging Face folder that
-    `from_pretrained` loads; returns the family used. The folder appears whole or not at all."""
+    `from_pretrained` loads; returns the family used. The folder appears whole or not at all.
+    A ValueError names a tensor that holds NaN or inf, before anything is written."""
     config = model.config
     chosen = _family_named(family) if family else export_family(config)
     hf = hf_config(chosen, config)
@@ -122,6 +126,7 @@ def save_hf_folder(
     hf["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     weights = dict(model.named_parameters())
     tensors = dict(heron_to_hf(weights, chosen.weights, config))
+    _check_finite_tensors(tensors, chosen, config)
     target = require_new_folder(folder)
     with atomic_folder(target) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(hf, indent=2), encoding="utf-8")
@@ -130,6 +135,17 @@ def save_hf_folder(
         if tokenizer is not None:
             _save_tokenizer(tokenizer, tmp)
     return chosen
+
+
+def _check_finite_tensors(tensors: dict[str, torch.Tensor], family: Family, config: ModelConfig) -> None:
+    """Refuse a folder's tensor holding NaN or inf (`check_finite`), named as save_gguf names one:
+    the Heron tensor it comes from, then its name in the folder."""
+    n_experts = 0 if config.moe is None else config.moe.n_experts
+    origin = {hf: heron for heron, _, parts in expand(family.weights, config.n_layers, n_experts)
+              for part in parts for hf in part.names}
+    for hf_name, tensor in tensors.items():
+        check_finite(f"{origin[hf_name]} ({hf_name} in the folder)", tensor,
+                     "a model loaded from the folder would compute NaN logits: fix the model's weights")
 
 
 def _readable_as_usual(file: Path) -> None:
