@@ -41,6 +41,30 @@ def test_bit_order_is_little_endian_row_major():
     assert bits.tolist() == [0b10000101, 0b1] and values.tolist() == [1, 2, 3, 4]
 
 
+def test_a_negative_zero_keeps_its_sign():
+    """-0.0 == 0, so a mask of `!= 0` would leave it out and bring it back as +0.0: it is stored."""
+    w = torch.tensor([[0.5, -0.0, 0.0, -1.25, 0.0], [-0.0, 0.0, 2.0, -0.0, 0.0], [0.0, 0.0, 0.0, 0.0, -3.0]])
+    bits, values = pack_sparse(w)
+    back = unpack_sparse(bits, values, tuple(w.shape))
+    assert torch.equal(back, w) and torch.equal(back.signbit(), w.signbit())
+    assert values.numel() == 7 and packed_bytes(w) == 2 + 7 * 4  # the 4 nonzeros and the 3 -0.0
+
+
+def test_negative_zeros_survive_a_saved_checkpoint_bit_for_bit(tmp_path):
+    model = tiny()
+    prune_model(model, "magnitude", sparsity=0.5, progress=False)
+    weight = model.blocks[0].mlp.up.weight
+    with torch.no_grad():
+        weight[tuple((weight == 0).nonzero()[:5].T)] = -0.0  # a few of the pruned zeros
+    save_sparse(tmp_path / "sparse", model)
+    loaded, _ = heron.load(tmp_path / "sparse")
+    want = model.state_dict()
+    for name, value in loaded.state_dict().items():
+        assert torch.equal(value, want[name]) and torch.equal(value.signbit(), want[name].signbit()), name
+    up = loaded.blocks[0].mlp.up.weight
+    assert int(((up == 0) & up.signbit()).sum()) == 5  # the -0.0 set above and no other
+
+
 def test_save_load_round_trip_is_exact_and_the_file_is_smaller(tmp_path):
     model = tiny()
     prune_model(model, "magnitude", sparsity=0.5, progress=False)

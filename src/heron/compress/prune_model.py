@@ -73,7 +73,7 @@ class SquareSum:
 
 def _wanda(w: torch.Tensor, stats: SquareSum, target: Target, **_: object) -> tuple[torch.Tensor, torch.Tensor]:
     keep = wanda_mask(w, stats.norms(), **target)
-    return w * keep, keep
+    return w.masked_fill(~keep, 0), keep  # +0.0 where pruned: `w * keep` leaves -0.0 (sparse_store)
 
 
 def _sparsegpt(w: torch.Tensor, stats: HessianAccumulator, target: Target, *, block_size: int = 128,
@@ -151,7 +151,7 @@ def prune_model(
 
 def _magnitude(weight: torch.Tensor, target: Target) -> torch.Tensor:
     keep = _stack([magnitude_mask(w, **target) for w in weight_matrices(weight)], weight)
-    weight.mul_(keep)
+    weight.masked_fill_(~keep, 0)  # +0.0, not `mul_`'s -0.0 for a negative weight
     return keep
 
 
@@ -179,7 +179,7 @@ def _calibrated(name: str, weight: torch.Tensor, feed_weight: Callable[[Sinks], 
         else:
             uncalibrated.append(e)
             keep = magnitude_mask(w, **target)
-            pruned = w * keep
+            pruned = w.masked_fill(~keep, 0)
         w.copy_(pruned)
         keeps.append(keep)
     if uncalibrated:
@@ -249,7 +249,7 @@ def recover(
             losses.append(_recover_step(model, optimizer, ids, step))
             with torch.no_grad():
                 for name, keep in masks.items():
-                    params[name].mul_(keep)
+                    params[name].masked_fill_(~keep, 0)
         check_finite_weights(steps, model.state_dict())  # an overflowing last update: no next loss shows it
     finally:
         model.train(was_training)

@@ -5,10 +5,10 @@ A weight W with many zeros, of any shape of two or more dimensions (a
 linear's (N, K), a MoE's stacked experts (E, K, N)), is stored as two tensors
 in model.safetensors:
 
-    {name}.sparse_mask    uint8 (ceil(numel / 8),): bit i of byte k is element 8k + i
-                          (row-major, last dimension fastest) != 0, little-endian bit order
+    {name}.sparse_mask    uint8 (ceil(numel / 8),): bit i of byte k is whether element 8k + i
+                          (row-major, last dimension fastest) is stored, little-endian bit order
                           as numpy.packbits(bitorder="little")
-    {name}.sparse_values  W's dtype (nnz,): the nonzero elements in row-major order
+    {name}.sparse_values  W's dtype (nnz,): the stored elements in row-major order
 
 so an fp32 weight costs 1/8 + 4 * density bytes per element: at 50% sparsity
 2.125 instead of 4, 47% less. A tensor is stored so only when that is smaller
@@ -17,6 +17,11 @@ re-ties it by name). sparsity.json names each such tensor with its shape,
 dtype and nonzero count; it is written inside the same atomic folder and
 hashed in lineage.json. `heron.load` restores the dense weights exactly, to
 the shape recorded there.
+
+An element is stored unless it is +0.0 (all its bits zero): -0.0 is stored
+too, so that the round trip is exact bit for bit (a mask of `!= 0` would
+bring it back as +0.0). prune_model writes its zeros as +0.0, so a pruned
+weight stores only its survivors.
 """
 from __future__ import annotations
 
@@ -48,13 +53,19 @@ _BITS = 2 ** torch.arange(8, dtype=torch.uint8)  # (8,) bit i of a byte
 
 
 def pack_sparse(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(bitmask uint8 (ceil(numel / 8),), nonzero values (nnz,)) of a tensor."""
+    """(bitmask uint8 (ceil(numel / 8),), stored values (nnz,)) of a tensor: every element but +0.0."""
     flat = w.detach().reshape(-1).cpu()  # (numel,)
-    nonzero = flat != 0
+    stored = stored_elements(flat)
     padded = torch.zeros(-(-flat.numel() // 8) * 8, dtype=torch.uint8)
-    padded[: flat.numel()] = nonzero.to(torch.uint8)
+    padded[: flat.numel()] = stored.to(torch.uint8)
     bits = (padded.view(-1, 8) * _BITS).sum(dim=1, dtype=torch.uint8)  # (ceil(numel/8),) bit i = element 8k + i
-    return bits, flat[nonzero].contiguous()
+    return bits, flat[stored].contiguous()
+
+
+def stored_elements(w: torch.Tensor) -> torch.Tensor:
+    """Bool mask (w's shape) of the elements the packed form keeps: all but +0.0. -0.0 is
+    kept, as its sign is lost otherwise (it is == 0; only signbit tells it apart)."""
+    return (w != 0) | torch.signbit(w)
 
 
 def unpack_sparse(bits: torch.Tensor, values: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -69,8 +80,8 @@ def unpack_sparse(bits: torch.Tensor, values: torch.Tensor, shape: tuple[int, ..
 
 
 def packed_bytes(w: torch.Tensor) -> int:
-    """Bytes of the packed form: the mask and the nonzero values."""
-    return -(-w.numel() // 8) + int((w != 0).sum()) * w.element_size()
+    """Bytes of the packed form: the mask and the stored values (`stored_elements`)."""
+    return -(-w.numel() // 8) + int(stored_elements(w).sum()) * w.element_size()
 
 
 def sparse_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
@@ -130,5 +141,5 @@ def load_sparse_folder(path: str | Path, *, device: str | torch.device = "cpu") 
 
 __all__ = [
     "SPARSITY_FILE", "is_sparse_folder", "load_sparse_folder", "pack_sparse", "packed_bytes", "save_sparse",
-    "sparse_state", "unpack_sparse",
+    "sparse_state", "stored_elements", "unpack_sparse",
 ]
