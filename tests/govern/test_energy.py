@@ -3,6 +3,7 @@ figure is checked against hand-computed values, none against the wall clock."""
 import json
 import os
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -98,6 +99,16 @@ def test_no_powercap_at_all_is_an_estimate(tmp_path: Path) -> None:
     assert not report.measured and report.joules == 2.0 * DEFAULT_WATTS_PER_CORE
     assert report.source == f"estimate: CPU time x {DEFAULT_WATTS_PER_CORE:g} W/core"
     assert report.unavailable == (f"rapl: no package domains (intel-rapl:N) under {tmp_path / 'none'}",)
+
+
+def test_cpu_time_is_finer_than_a_clock_tick() -> None:
+    """A millisecond of work shows, every time: counted in clock ticks (10 ms) most such
+    spans read zero, and a short decode then cost no joules."""
+    for _ in range(5):
+        start, spin = process_cpu_seconds(), time.process_time()
+        while time.process_time() - spin < 0.001:
+            pass
+        assert process_cpu_seconds() > start
 
 
 def test_estimate_is_cpu_time_times_watts_per_core(tmp_path: Path) -> None:

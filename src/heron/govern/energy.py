@@ -197,9 +197,14 @@ def _nvml_counter() -> _Counter:
 
 
 def process_cpu_seconds() -> float:
-    """User + system CPU time of this process (all its threads) and its waited-for children."""
+    """User + system CPU time of this process (all its threads) and its waited-for children.
+
+    The process's own time comes from `time.process_time` (the kernel's per-thread
+    accounting, to the nanosecond): `os.times` counts in clock ticks (10 ms here), which
+    made a short decode cost no CPU time and so no joules. Children are counted in ticks,
+    the only way the kernel reports them."""
     t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
+    return time.process_time() + t.children_user + t.children_system
 
 
 def _setting(name: str, value: float | None, env: str, default: float, *, zero_ok: bool) -> float:
