@@ -3,13 +3,9 @@ any work: not open()'s bare `[Errno 2] No such file or directory`, and no traceb
 from pathlib import Path
 
 import pytest
-import torch
 
 from heron.cli.main import main
-from heron.core import ModelConfig, Transformer
-from heron.data import Corpus, prepare_shards
 from heron.govern.audit import AuditLog
-from heron.tokenizer import train_tokenizer
 from heron.train.checkpoint import save_model_folder
 
 
@@ -52,20 +48,13 @@ def test_audit_with_a_missing_key_or_anchor_names_the_flag(tmp_path: Path, capsy
     assert err == f"heron audit: error: {complaint.format(tmp=tmp_path)}\n"
 
 
-def test_compress_report_refuses_a_missing_variant_before_any_warning_or_measuring(tmp_path: Path, capsys) -> None:
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(8):
-        (corpus / f"m{i}.py").write_text(f"def f{i}(a):\n    return a + {i}\n" * 20)
-    tokenizer = train_tokenizer([p.read_text() for p in corpus.iterdir()], vocab_size=280, progress=False)
-    shards = prepare_shards(Corpus([corpus]), tokenizer, tmp_path / "shards", val_fraction=0.5, progress=False)
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, d_model=16, n_layers=1, n_heads=2,
-                                    max_seq_len=32))
+def test_compress_report_refuses_a_missing_variant_before_any_warning_or_measuring(tmp_path: Path, capsys,
+                                                                                    code_model) -> None:
+    model, tokenizer, shards = code_model()
     reference = save_model_folder(tmp_path / "ref", model, tokenizer=tokenizer)
     missing, out = tmp_path / "int8", tmp_path / "report"
     for folders in ([reference, missing], [missing, reference]):
-        err = refusal(["compress", "report", *map(str, folders), "--shards", str(shards.path), "--out", str(out),
+        err = refusal(["compress", "report", *map(str, folders), "--shards", str(shards), "--out", str(out),
                        "--seq-len", "16", "--max-batches", "1", "--new-tokens", "2"], capsys)
         assert err == f"heron compress: error: checkpoints: no checkpoint at {missing}\n"  # no warning before it
         assert not out.exists()

@@ -13,10 +13,9 @@ from heron.cli.main import main
 
 from heron.compress.report import VariantRow, checkpoint_bytes, derives_from, measure, pareto_front, write_report
 from heron.core import ModelConfig, Transformer
-from heron.data import Corpus, load_shards, prepare_shards
+from heron.data import load_shards
 from heron.generate import perplexity
 from heron.govern.energy import provenance
-from heron.tokenizer import train_tokenizer
 from heron.train.checkpoint import save_model_folder
 
 torch.set_num_threads(1)
@@ -52,20 +51,12 @@ def test_report_rows_match_direct_measurements(tmp_path):
     assert (tmp_path / "report" / "pareto.png").stat().st_size > 0
 
 
-def test_the_cli_writes_the_report(tmp_path, capsys):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(20):
-        (corpus / f"m{i}.py").write_text(f"def f{i}(a):\n    return a + {i}\n" * 20)
-    tokenizer = train_tokenizer([p.read_text() for p in corpus.iterdir()], vocab_size=300, progress=False)
-    shards = prepare_shards(Corpus([corpus]), tokenizer, tmp_path / "shards", val_fraction=0.5, progress=False)
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=tokenizer.vocab_size, d_model=32, n_layers=1, n_heads=2,
-                                    max_seq_len=128))
+def test_the_cli_writes_the_report(tmp_path, capsys, code_model):
+    model, tokenizer, shards = code_model(d_model=32, max_seq_len=128)
     first = save_model_folder(tmp_path / "a" / "model", model, tokenizer=tokenizer)
     second = save_model_folder(tmp_path / "b" / "model", model, tokenizer=tokenizer,
                                lineage={"pruned_from": str(first.resolve())})
-    args = ["compress", "report", str(first), str(second), "--shards", str(shards.path), "--out",
+    args = ["compress", "report", str(first), str(second), "--shards", str(shards), "--out",
             str(tmp_path / "report"), "--seq-len", "16", "--max-batches", "1", "--new-tokens", "4"]
     assert main(args) == 0
     out, err = capsys.readouterr()
