@@ -136,6 +136,35 @@ def test_a_state_left_beside_a_finished_model_is_removed(base, tmp_path):
     assert not (tmp_path / "run" / STATE_FILE).exists()
 
 
+def failing_recipe(folder, base, out):
+    """An sft run into `out` that loads its base, then fails before step 1: its data file holds no chats."""
+    (folder / "empty.jsonl").write_text("\n\n")
+    return align_recipe(folder, base, "run", "sft", out_dir=str(out),
+                        data={"file": str(folder / "empty.jsonl"), "max_len": 64})
+
+
+def test_a_run_that_fails_before_writing_anything_leaves_no_out_dir(base, tmp_path):
+    """The folders the run made (out_dir, and a parent that was missing) and its empty metrics file go
+    again: a folder left behind would look like a run."""
+    out = tmp_path / "runs" / "run"
+    with pytest.raises(ValueError, match="empty.jsonl holds no chats"):
+        run_alignment("sft", failing_recipe(tmp_path, base, out))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_failed_run_keeps_an_out_dir_that_was_there_or_holds_a_state(base, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    with pytest.raises(ValueError, match="empty.jsonl holds no chats"):
+        run_alignment("sft", failing_recipe(tmp_path, base, out))
+    assert out.is_dir() and list(out.iterdir()) == []  # the folder stays; the empty metrics file this run made goes
+    out.rmdir()
+    killed_after(monkeypatch, 2)  # a new folder, left holding a killed run's state: kept, to resume from
+    with pytest.raises(KeyboardInterrupt):
+        run_alignment("sft", align_recipe(tmp_path, base, "run", "sft"))
+    assert (out / STATE_FILE).is_file() and [row["step"] for row in rows(out)] == [1, 2]
+
+
 def test_a_run_under_another_recipe_is_refused_naming_the_change(base, tmp_path, monkeypatch, capsys):
     with monkeypatch.context() as patch:
         killed_after(patch, 2)

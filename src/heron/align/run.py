@@ -91,39 +91,69 @@ def run_alignment(method: str, recipe: AlignRecipe, *, resume: bool = True, rest
         warnings.warn(f"base: {recipe.base} is pruned ({sparsity_of(model):.0%} of its block weights are zero); "
                       "alignment trains every weight, so the aligned model is dense: prune it again afterwards "
                       "(heron compress prune) for a sparse one", stacklevel=2)
+    with _out_dir(out):  # a run that fails before it writes anything leaves no folder that looks like one
+        model.train()
+        spec = recipe.data.task
+        try:
+            task = RepeatTask(target=spec.target, max_count=spec.max_count) if spec else None
+        except ValueError as err:
+            raise ValueError(f"data.task.{err}") from None
+        energy = _EnergySoFar(meter)
+        state = _resumable(method, recipe, resume, restart_other, energy)
+        log = (out / METRICS_FILE).open("w", encoding="utf-8")
+        log.writelines(json.dumps(row) + "\n" for row in state.rows)  # a resumed run's earlier steps
+
+        def on_step(row: dict[str, Any]) -> None:
+            meter.sample()  # RAPL counters wrap; read them every step
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+
+        try:
+            trained = _METHODS[method](model, tokenizer, recipe, task, on_step, state)
+        finally:
+            log.close()
+        rows = state.rows
+        if method in ("ppo", "grpo"):
+            _plot_reward_kl(rows, out / PLOT_FILE, method)
+        # No tokens: the objectives do not count what they process, so no joules per token here.
+        lineage = {"alignment": {"method": method, "base": str(resolve_checkpoint(recipe.base).resolve()),  # the step
+                                 "recipe": recipe.model_dump(), "final": rows[-1] if rows else {},
+                                 "energy": energy.report().to_dict()}}
+        check_finite_weights(len(rows), trained.state_dict())  # the last update may have overflowed
+        folder = save_model_folder(out / MODEL_DIR, trained, tokenizer=tokenizer, lineage=lineage)
+        state.file.unlink(missing_ok=True)  # the finished model holds all there is
+        _record_align(folder, lineage["alignment"])
+        return folder
+
+
+@contextmanager
+def _out_dir(out: Path) -> Iterator[None]:
+    """Make `out` (and its missing parents) for the run; if the run then fails before it has
+    written anything (a data file refused, a reward model that cannot be read, a Ctrl-C before
+    step 1), take away again what it made, so that no empty folder is left looking like a run:
+    the metrics file, if this run made it and it is still empty, then each folder it made, deepest
+    first, while it is empty. A folder that was there before, or that holds anything (a killed
+    run's state.pt, to resume from), stays."""
+    made = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
+    metrics_made = not (out / METRICS_FILE).exists()
     out.mkdir(parents=True, exist_ok=True)
-    model.train()
-    spec = recipe.data.task
     try:
-        task = RepeatTask(target=spec.target, max_count=spec.max_count) if spec else None
-    except ValueError as err:
-        raise ValueError(f"data.task.{err}") from None
-    energy = _EnergySoFar(meter)
-    state = _resumable(method, recipe, resume, restart_other, energy)
-    log = (out / METRICS_FILE).open("w", encoding="utf-8")
-    log.writelines(json.dumps(row) + "\n" for row in state.rows)  # a resumed run's earlier steps
+        yield
+    except BaseException:
+        _remove_unwritten(out / METRICS_FILE if metrics_made else None, made)
+        raise
 
-    def on_step(row: dict[str, Any]) -> None:
-        meter.sample()  # RAPL counters wrap; read them every step
-        log.write(json.dumps(row) + "\n")
-        log.flush()
 
+def _remove_unwritten(metrics: Path | None, made: list[Path]) -> None:
+    """Remove `metrics` if it is empty, then the `made` folders, deepest first, until one is not
+    empty. Best effort: the run's own error is what the user must see, not one of these."""
     try:
-        trained = _METHODS[method](model, tokenizer, recipe, task, on_step, state)
-    finally:
-        log.close()
-    rows = state.rows
-    if method in ("ppo", "grpo"):
-        _plot_reward_kl(rows, out / PLOT_FILE, method)
-    # No tokens: the objectives do not count what they process, so no joules per token here.
-    lineage = {"alignment": {"method": method, "base": str(resolve_checkpoint(recipe.base).resolve()),  # the step
-                             "recipe": recipe.model_dump(), "final": rows[-1] if rows else {},
-                             "energy": energy.report().to_dict()}}
-    check_finite_weights(len(rows), trained.state_dict())  # the last update may have overflowed
-    folder = save_model_folder(out / MODEL_DIR, trained, tokenizer=tokenizer, lineage=lineage)
-    state.file.unlink(missing_ok=True)  # the finished model holds all there is
-    _record_align(folder, lineage["alignment"])
-    return folder
+        if metrics is not None and metrics.is_file() and metrics.stat().st_size == 0:
+            metrics.unlink()
+        for folder in made:
+            folder.rmdir()  # refuses a folder that holds anything
+    except OSError:
+        pass
 
 
 def _record_align(folder: Path, alignment: dict[str, Any]) -> None:
