@@ -551,6 +551,26 @@ def test_location_and_record_event(tmp_path: Path, monkeypatch, data_file: Path)
     assert log_location("sqlite:///x.db") == "sqlite:///x.db"
 
 
+def test_a_missing_sign_key_file_is_named_with_its_variable(tmp_path: Path, monkeypatch, data_file: Path) -> None:
+    """$HERON_AUDIT_SIGN_KEY naming no file is refused naming the variable and the path, not with
+    open()'s bare `[Errno 2]` from inside whatever command was recording; nothing is recorded."""
+    monkeypatch.setenv(LOG_ENV, str(tmp_path / "here.db"))
+    missing = tmp_path / "keys" / "private.pem"
+    monkeypatch.setenv("HERON_AUDIT_SIGN_KEY", str(missing))
+    with pytest.raises(FileNotFoundError) as err:
+        record_event("x", inputs={"data": data_file})
+    assert str(err.value) == f"HERON_AUDIT_SIGN_KEY: no private key at {missing}"
+    monkeypatch.setenv("HERON_AUDIT_SIGN_KEY", str(tmp_path))
+    with pytest.raises(IsADirectoryError, match=r"^HERON_AUDIT_SIGN_KEY: .* is a folder"):
+        record_event("x", inputs={"data": data_file})
+    private, public = generate_keys(tmp_path / "keys")
+    monkeypatch.setenv("HERON_AUDIT_SIGN_KEY", str(private))
+    record = record_event("x", inputs={"data": data_file})
+    log = AuditLog.open(tmp_path / "here.db")
+    assert [r.seq for r in log.records()] == [record.seq] == [0]
+    assert log.verify(public_key=load_public_key(public)).ok  # the key the variable names signs
+
+
 def test_folder_hash_reuses_the_lineage_manifest(tmp_path: Path) -> None:
     folder = fake_checkpoint(tmp_path / "ckpt", {"recipe": {}})
     full = listing_sha256({p.relative_to(folder).as_posix(): file_sha256(p) for p in folder.rglob("*") if p.is_file()})

@@ -778,12 +778,25 @@ def audit_log(*, redact: Redactor | None = None) -> AuditLog | None:
         return None
     if location not in _STORES:
         _STORES[location] = AuditStore.open(location)
-    key_file = os.environ.get(SIGN_KEY_ENV)
     store_content = os.environ.get(CONTENT_ENV, "") in ("1", "on", "true")
     if redact is None:
         redact = _pii_redact() if store_content else identity
-    return AuditLog(_STORES[location], store_content=store_content, redact=redact,
-                    sign_key=load_signing_key(key_file) if key_file else None)
+    return AuditLog(_STORES[location], store_content=store_content, redact=redact, sign_key=_env_signing_key())
+
+
+def _env_signing_key() -> Ed25519PrivateKey | None:
+    """The private key $HERON_AUDIT_SIGN_KEY names, or None when it is unset. A path with no file
+    is refused naming the variable: any command that records reads it, and open()'s bare
+    `[Errno 2] No such file or directory` from deep inside that command says neither what nor where."""
+    key_file = os.environ.get(SIGN_KEY_ENV)
+    if not key_file:
+        return None
+    path = Path(key_file)
+    if not path.exists():
+        raise FileNotFoundError(f"{SIGN_KEY_ENV}: no private key at {path}")
+    if path.is_dir():
+        raise IsADirectoryError(f"{SIGN_KEY_ENV}: {path} is a folder; give the private key itself")
+    return load_signing_key(path)
 
 
 def _pii_redact() -> Redactor:
