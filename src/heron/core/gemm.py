@@ -26,17 +26,18 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("mkl", "onednn")
+GEMM_ENV = "HERON_GEMM"  # one of BACKENDS: overrides the choice made from the CPU
 
 
 @functools.cache
 def gemm_backend() -> str:
-    """"onednn" or "mkl": HERON_GEMM when set, else oneDNN on AMD CPUs that
-    torch runs with AVX-512 kernels, MKL elsewhere."""
-    chosen = os.environ.get("HERON_GEMM", "").strip().lower()
+    """The GEMM library, one of BACKENDS: $HERON_GEMM when set, else oneDNN on
+    AMD CPUs that torch runs with AVX-512 kernels, MKL elsewhere."""
+    chosen = os.environ.get(GEMM_ENV, "").strip().lower()
     if chosen and chosen not in BACKENDS:
-        raise ValueError(f"HERON_GEMM={chosen!r}: expected one of {', '.join(BACKENDS)}")
+        raise ValueError(f"{GEMM_ENV}={chosen!r}: expected one of {', '.join(BACKENDS)}")
     if chosen == "onednn" and not torch.backends.mkldnn.is_available():
-        raise ValueError("HERON_GEMM=onednn, but this torch build has no oneDNN")
+        raise ValueError(f"{GEMM_ENV}=onednn, but this torch build has no oneDNN")
     if chosen:
         return chosen
     on_amd_avx512 = cpu_vendor() == "AuthenticAMD" and torch.backends.cpu.get_cpu_capability() == "AVX512"
@@ -76,8 +77,9 @@ def linear_into(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> tor
 
 
 def _through_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (x.dtype == weight.dtype == torch.float32 and x.device.type == weight.device.type == "cpu"
-            and not torch.is_autocast_enabled("cpu") and is_plain(weight) and gemm_backend() == "onednn")
+    return (gemm_backend() == "onednn" and x.dtype == weight.dtype == torch.float32
+            and x.device.type == weight.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+            and is_plain(weight))
 
 
 def is_plain(weight: torch.Tensor) -> bool:
@@ -122,4 +124,4 @@ class _OneDnnLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-__all__ = ["BACKENDS", "cpu_vendor", "gemm_backend", "is_plain", "linear", "linear_into"]
+__all__ = ["BACKENDS", "GEMM_ENV", "cpu_vendor", "gemm_backend", "is_plain", "linear", "linear_into"]
