@@ -11,7 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from heron.cli.options import add_overwrite, existing_input, lasting_database, new_output, not_the_source
+from heron.cli.options import add_overwrite, lasting_database, new_output, not_the_source
+from heron.store.inputs import existing_input
 from heron.govern.audit import AuditLog, LogCheckpoint, log_location, verify_log
 from heron.govern.audit_export import FORMATS, export_log, read_export
 from heron.govern.audit_keys import generate_keys, load_public_key, load_signing_key

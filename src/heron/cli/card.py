@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from heron.cli.options import existing_input, lasting_database
+from heron.cli.options import lasting_database
+from heron.store.inputs import existing_input
 from heron.govern.annex_iv import write_annex_iv
 from heron.govern.audit import AuditLog, log_location
 from heron.govern.card import read_evaluations, write_model_card

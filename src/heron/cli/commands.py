@@ -18,7 +18,8 @@ from heron.govern import EnergyMeter
 from heron.tokenizer import HeronTokenizer, Tokenizer, load_tokenizer, train_tokenizer
 from heron.tokenizer.bpe import replaceable_tokenizer_file
 from heron.interop.convert import export_hf, import_hf
-from heron.cli.options import ALIGN_RECIPES_DIR, existing_input, recipe_path
+from heron.cli.options import ALIGN_RECIPES_DIR, recipe_path
+from heron.store.inputs import existing_input
 from heron.cli.watermark import watermark_from_args
 from heron.interop.gguf import save_gguf
 from heron.train import CheckpointError, load_recipe, train

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from heron.cli.options import add_overwrite, existing_input, lasting_database, new_output, not_the_source
+from heron.cli.options import add_overwrite, lasting_database, new_output, not_the_source
+from heron.store.inputs import existing_input
 from heron.govern.consent import ConsentRegistry, check_key
 from heron.store import FeedbackStore, format_stats
 from heron.store.records import PreferencePair

@@ -103,17 +103,6 @@ def text_or_file(argument: str) -> str:
     return argument
 
 
-def existing_input(path: Path, name: str, what: str = "file", *, folder: bool = False) -> Path:
-    """`path`, an input that the argument or flag `name` names, when something is there to read:
-    else refused before any work, naming both (`--eval: no evaluation results file at x.json`), not
-    as open()'s bare `[Errno 2] No such file or directory`. Unless `folder`, a folder is refused too."""
-    if not path.exists():
-        raise FileNotFoundError(f"{name}: no {what} at {path}")
-    if not folder and path.is_dir():
-        raise IsADirectoryError(f"{name}: {path} is a folder; give the {what} itself")
-    return path
-
-
 def not_the_source(out: Path, source: str | Path, what: str) -> Path:
     """`out`, unless it is the file `source` (a path or an sqlite:/// URL) names: an export
     written there would replace the very database it reads."""

@@ -83,6 +83,7 @@ from typing import TYPE_CHECKING, Any
 from heron.govern.audit_keys import load_signing_key, sign, signature_holds
 from heron.govern.digest import Artifact, ArtifactLike, artifact, canonical_json, json_value
 from heron.store.closing import Closing
+from heron.store.inputs import existing_input
 from heron.govern.merkle import EMPTY_ROOT, extend_frontier, frontier_root, inclusion_proof, verify_inclusion
 
 if TYPE_CHECKING:  # the store (SQLAlchemy) and Ed25519 (cryptography) load on first use
@@ -791,12 +792,7 @@ def _env_signing_key() -> Ed25519PrivateKey | None:
     key_file = os.environ.get(SIGN_KEY_ENV)
     if not key_file:
         return None
-    path = Path(key_file)
-    if not path.exists():
-        raise FileNotFoundError(f"{SIGN_KEY_ENV}: no private key at {path}")
-    if path.is_dir():
-        raise IsADirectoryError(f"{SIGN_KEY_ENV}: {path} is a folder; give the private key itself")
-    return load_signing_key(path)
+    return load_signing_key(existing_input(Path(key_file), SIGN_KEY_ENV, "private key"))
 
 
 def _pii_redact() -> Redactor:
