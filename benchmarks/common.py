@@ -30,7 +30,7 @@ from typing import TypeVar
 
 import torch
 
-from heron.core.gemm import gemm_backend
+from heron.core.gemm import cpu_family, gemm_backend, weight_gradient_backend
 
 HERE = Path(__file__).resolve().parent
 RESULTS_JSON = HERE / "results.json"
@@ -178,8 +178,10 @@ def machine() -> dict[str, object]:
 
     return {
         "cpu": cpu_model(),
+        "cpu_family": cpu_family(),  # AMD's 25 (Zen 3, 4) or 26 (Zen 5): GEMM libraries' speeds differ
         "cpu_kernels": torch.backends.cpu.get_cpu_capability(),  # AVX2 or AVX512: kernel speeds differ
         "gemm": gemm_backend(),  # the library of Heron's fp32 CPU GEMMs (heron/core/gemm.py)
+        "weight_gradient_gemm": weight_gradient_backend(),  # and of their weight gradients
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -190,7 +192,12 @@ def machine() -> dict[str, object]:
 
 
 def machine_line(info: Mapping[str, object]) -> str:
-    kernels = f" ({info['cpu_kernels']}, Heron's GEMMs through {GEMM_NAMES[info['gemm']]})" if "gemm" in info else ""
+    kernels = f" (family {info['cpu_family']}, {info['cpu_kernels']}"
+    if "gemm" in info:
+        kernels += f", Heron's GEMMs through {GEMM_NAMES[info['gemm']]}"
+        if info["weight_gradient_gemm"] != info["gemm"]:
+            kernels += f", their weight gradients through {GEMM_NAMES[info['weight_gradient_gemm']]}"
+    kernels += ")"
     return (f"{info['cpu']}{kernels}, {info['cores']} cores, {info['threads']} torch thread{'s' if info['threads'] != 1 else ''}, "
             f"torch {info['torch']}, transformers {info['transformers']}, load average {info['load_avg_1m']} at start")
 

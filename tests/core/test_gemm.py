@@ -7,56 +7,78 @@ from heron.core import gemm
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 
 
+CHOICES = (gemm.gemm_backend, gemm.weight_gradient_backend)  # cached per process
+ZEN4_DEFAULT = "onednn, mkl weight gradients"  # a `backend` no HERON_GEMM names: what a Zen 4 runs
+
+
+def _forget_choices() -> None:
+    for choice in CHOICES:
+        choice.cache_clear()
+
+
 @pytest.fixture
 def backend(monkeypatch, request):
-    """HERON_GEMM set to the test's parameter for the test alone (the choice is cached per process)."""
-    monkeypatch.setenv("HERON_GEMM", request.param)
-    gemm.gemm_backend.cache_clear()
+    """HERON_GEMM set to the test's parameter for the test alone; ZEN4_DEFAULT: oneDNN with
+    MKL's weight gradients."""
+    monkeypatch.setenv("HERON_GEMM", request.param.split(",")[0])
+    if request.param == ZEN4_DEFAULT:
+        monkeypatch.setattr(gemm, "weight_gradient_backend", lambda: "mkl")
+    _forget_choices()
     yield request.param
-    gemm.gemm_backend.cache_clear()
+    _forget_choices()
 
 
 @pytest.fixture
 def cpu(monkeypatch):
-    """Pretend to run on a CPU of the given vendor and torch capability, HERON_GEMM unset."""
+    """Pretend to run on a CPU of the given vendor, family and torch capability, HERON_GEMM
+    unset; returns the (forward, weight gradient) libraries chosen there."""
     monkeypatch.delenv("HERON_GEMM", raising=False)
 
-    def pretend(vendor: str, capability: str) -> str:
+    def pretend(vendor: str, capability: str, family: int = 25) -> tuple[str, str]:
         monkeypatch.setattr(gemm, "cpu_vendor", lambda: vendor)
+        monkeypatch.setattr(gemm, "cpu_family", lambda: family)
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-        gemm.gemm_backend.cache_clear()
-        return gemm.gemm_backend()
+        _forget_choices()
+        return gemm.gemm_backend(), gemm.weight_gradient_backend()
 
     yield pretend
-    gemm.gemm_backend.cache_clear()
+    _forget_choices()
 
 
-def test_onednn_only_on_amd_cpus_with_avx512_kernels(cpu):
-    expected_on_zen4 = "onednn" if torch.backends.mkldnn.is_available() else "mkl"
-    assert cpu("AuthenticAMD", "AVX512") == expected_on_zen4
-    assert cpu("AuthenticAMD", "AVX2") == "mkl"  # measured slower there
-    assert cpu("GenuineIntel", "AVX512") == "mkl"  # MKL's own CPUs
-    assert cpu("", "DEFAULT") == "mkl"
+def test_onednn_only_on_amd_cpus_with_avx512_kernels_weight_gradients_from_zen5(cpu):
+    onednn = "onednn" if torch.backends.mkldnn.is_available() else "mkl"
+    assert cpu("AuthenticAMD", "AVX512", family=25) == (onednn, "mkl")  # Zen 4: MKL's weight gradients faster
+    assert cpu("AuthenticAMD", "AVX512", family=26) == (onednn, onednn)  # Zen 5
+    assert cpu("AuthenticAMD", "AVX2", family=26) == ("mkl", "mkl")  # measured slower with AVX2 kernels
+    assert cpu("GenuineIntel", "AVX512", family=6) == ("mkl", "mkl")  # MKL's own CPUs
+    assert cpu("", "DEFAULT", family=0) == ("mkl", "mkl")
 
 
 def test_the_environment_overrides_the_cpu_and_a_bad_value_is_named(cpu, monkeypatch):
+    cpu("AuthenticAMD", "AVX512", family=26)
     monkeypatch.setenv("HERON_GEMM", "MKL")
-    gemm.gemm_backend.cache_clear()
-    assert gemm.gemm_backend() == "mkl"
+    _forget_choices()
+    assert (gemm.gemm_backend(), gemm.weight_gradient_backend()) == ("mkl", "mkl")
+    if torch.backends.mkldnn.is_available():
+        cpu("AuthenticAMD", "AVX512", family=25)
+        monkeypatch.setenv("HERON_GEMM", "onednn")
+        _forget_choices()
+        assert (gemm.gemm_backend(), gemm.weight_gradient_backend()) == ("onednn", "onednn")
     monkeypatch.setenv("HERON_GEMM", "openblas")
-    gemm.gemm_backend.cache_clear()
-    with pytest.raises(ValueError, match="HERON_GEMM='openblas'.*mkl, onednn"):
-        gemm.gemm_backend()
+    _forget_choices()
+    for choice in (gemm.gemm_backend, gemm.weight_gradient_backend):
+        with pytest.raises(ValueError, match="HERON_GEMM='openblas'.*mkl, onednn"):
+            choice()
 
 
-def test_reads_the_vendor_from_proc_cpuinfo():
-    vendor = gemm.cpu_vendor()
-    assert isinstance(vendor, str)
+def test_reads_the_vendor_and_family_from_proc_cpuinfo():
+    vendor, family = gemm.cpu_vendor(), gemm.cpu_family()
     try:
         listed = open("/proc/cpuinfo").read()
     except OSError:
         pytest.skip("no /proc/cpuinfo")
-    assert vendor in listed
+    assert isinstance(vendor, str) and vendor in listed
+    assert isinstance(family, int) and (family == 0 or f"cpu family\t: {family}\n" in listed)
 
 
 def _operands(shape, bias: bool, input_major: bool):
@@ -71,7 +93,7 @@ def _operands(shape, bias: bool, input_major: bool):
 
 
 @needs_onednn
-@pytest.mark.parametrize("backend", ["onednn", "mkl"], indirect=True)
+@pytest.mark.parametrize("backend", ["onednn", "mkl", ZEN4_DEFAULT], indirect=True)
 @pytest.mark.parametrize("shape", [(40, 16), (3, 17, 32), (2, 5, 8)])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("input_major", [False, True])
@@ -106,6 +128,26 @@ def test_onednn_gradient_of_a_non_contiguous_input_and_frozen_weight(backend):
 
 
 @needs_onednn
+@pytest.mark.parametrize("backend", ["onednn", ZEN4_DEFAULT], indirect=True)
+def test_the_weight_gradient_goes_to_the_chosen_library_plain_inputs_only(backend, monkeypatch):
+    calls = []
+    through_onednn = gemm._onednn_product
+    monkeypatch.setattr(gemm, "_onednn_product", lambda *args: calls.append(args) or through_onednn(*args))
+    generator = torch.Generator().manual_seed(11)
+    w = torch.randn(12, 20, generator=generator).requires_grad_()
+    wanted = 3 if backend == "onednn" else 2  # forward, input gradient and, where chosen, weight gradient
+    for x, through_weight_gradient in ((torch.randn(6, 20, generator=generator), wanted),
+                                       (torch.randn(6, 40, generator=generator)[:, ::2], 2)):  # gaps: MKL
+        calls.clear()
+        w.grad = None
+        x.requires_grad_()
+        gemm.linear(x, w).backward(torch.ones(6, 12))
+        assert len(calls) == through_weight_gradient
+        torch.testing.assert_close(w.grad, torch.ones(12, 6) @ x.detach(), rtol=1e-5, atol=1e-5)
+        assert w.grad.is_contiguous()
+
+
+@needs_onednn
 @pytest.mark.parametrize("backend", ["onednn"], indirect=True)
 def test_onednn_is_repeatable_bit_for_bit_and_leaves_no_graph_outside_autograd(backend):
     x, w, b = _operands((64, 48), True, False)
@@ -114,6 +156,12 @@ def test_onednn_is_repeatable_bit_for_bit_and_leaves_no_graph_outside_autograd(b
     with torch.inference_mode():
         assert torch.equal(gemm.linear(x, w, b), first)
     assert first.grad_fn is None
+    grads = []
+    for _ in range(2):  # resumed training repeats the unbroken run's gradients bit for bit
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        gemm.linear(*leaves).square().sum().backward()
+        grads.append([t.grad for t in leaves])
+    assert all(torch.equal(first, again) for first, again in zip(*grads))
 
 
 @needs_onednn

@@ -1,20 +1,26 @@
 """The library that runs the fp32 CPU matrix products of Heron's linear layers.
 
 torch sends `F.linear` and `mm` on the CPU to MKL. MKL is Intel's, and on
-AMD's AVX-512 CPUs (Zen 4) it is the slower of the two GEMMs torch ships:
-oneDNN's (`mkldnn::_linear_pointwise`, also in every x86 torch build) ran
-the forward products of Heron's layers (8,192 rows, widths of the `small`
-and LLaMA shapes; 2 threads of an EPYC with AVX-512, 2026-12-02) at 145-203
-GFLOP/s against MKL's 112-150, and the input gradient (gy @ W) at 168-193
-against 131-168. The weight gradient (gy.T @ x) stays with MKL everywhere:
-oneDNN's, given transposed inputs, ran 0.6-1.0x MKL's. On an AVX2 EPYC
-oneDNN was the slower (81-156 GFLOP/s against MKL's 127-175), and on Intel
-CPUs, MKL's own, it was never measured, so MKL stays there.
+AMD's AVX-512 CPUs it is the slower of the two GEMMs torch ships: oneDNN's
+(`mkldnn::_linear_pointwise`, also in every x86 torch build) ran the forward
+products of Heron's layers (8,192 rows, widths of the `small` and LLaMA
+shapes; 2 threads) at 145-203 GFLOP/s against MKL's 112-150 on a Zen 4 EPYC
+(2026-12-02), at 214-431 against 99-184 on a Zen 5 (2026-12-02, 2,048 and
+8,192 rows), and the input gradient (gy @ W) at 168-193 against 131-168 on
+the Zen 4. The weight gradient (gy.T @ x), whose operands oneDNN takes
+transposed, differs between the two: on the Zen 4 oneDNN's ran 0.6-1.0x
+MKL's, so it stays with MKL there; on the Zen 5 it ran at 285-376 GFLOP/s
+against MKL's 177-188 at the `small` and `base` training shapes (15
+interleaved rounds), so from Zen 5 on (AMD's CPU family 26) it goes to oneDNN
+too. On an AVX2 EPYC oneDNN was the slower (81-156 GFLOP/s against MKL's
+127-175), and on Intel CPUs, MKL's own, it was never measured, so MKL stays
+there.
 
 The choice is made once per process from the CPU, never by timing, so that
 two runs on one machine compute the same numbers (a resumed training run
-must continue bit for bit). `HERON_GEMM=onednn` or `HERON_GEMM=mkl`
-overrides it. The two libraries round differently (~1e-6 relative).
+must continue bit for bit). `HERON_GEMM=onednn` (every product, weight
+gradients included) or `HERON_GEMM=mkl` overrides it. The two libraries
+round differently (~1e-6 relative).
 """
 from __future__ import annotations
 
@@ -29,30 +35,67 @@ BACKENDS = ("mkl", "onednn")
 GEMM_ENV = "HERON_GEMM"  # one of BACKENDS: overrides the choice made from the CPU
 
 
+ZEN5_FAMILY = 26  # AMD's CPU family of Zen 5, the first whose weight gradients oneDNN runs faster
+
+
 @functools.cache
 def gemm_backend() -> str:
-    """The GEMM library, one of BACKENDS: $HERON_GEMM when set, else oneDNN on
-    AMD CPUs that torch runs with AVX-512 kernels, MKL elsewhere."""
+    """The GEMM library of forward and input-gradient products, one of BACKENDS:
+    $HERON_GEMM when set, else oneDNN on AMD CPUs that torch runs with AVX-512
+    kernels, MKL elsewhere."""
+    chosen = _chosen_in_environment()
+    if chosen:
+        return chosen
+    return "onednn" if _amd_avx512() and torch.backends.mkldnn.is_available() else "mkl"
+
+
+@functools.cache
+def weight_gradient_backend() -> str:
+    """The GEMM library of weight gradients (gy.T @ x), one of BACKENDS: $HERON_GEMM
+    when set, else oneDNN on AMD CPUs with AVX-512 kernels from Zen 5 on, MKL
+    elsewhere (Zen 4 included: module docstring)."""
+    chosen = _chosen_in_environment()
+    if chosen:
+        return chosen
+    from_zen5 = _amd_avx512() and cpu_family() >= ZEN5_FAMILY
+    return "onednn" if from_zen5 and torch.backends.mkldnn.is_available() else "mkl"
+
+
+def _chosen_in_environment() -> str:
+    """$HERON_GEMM checked, lower-cased; "" when unset."""
     chosen = os.environ.get(GEMM_ENV, "").strip().lower()
     if chosen and chosen not in BACKENDS:
         raise ValueError(f"{GEMM_ENV}={chosen!r}: expected one of {', '.join(BACKENDS)}")
     if chosen == "onednn" and not torch.backends.mkldnn.is_available():
         raise ValueError(f"{GEMM_ENV}=onednn, but this torch build has no oneDNN")
-    if chosen:
-        return chosen
-    on_amd_avx512 = cpu_vendor() == "AuthenticAMD" and torch.backends.cpu.get_cpu_capability() == "AVX512"
-    return "onednn" if on_amd_avx512 and torch.backends.mkldnn.is_available() else "mkl"
+    return chosen
+
+
+def _amd_avx512() -> bool:
+    return cpu_vendor() == "AuthenticAMD" and torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
 def cpu_vendor() -> str:
     """The CPU's vendor id as Linux reports it ("AuthenticAMD", "GenuineIntel"), "" where unknown."""
+    return _cpuinfo_field("vendor_id")
+
+
+def cpu_family() -> int:
+    """The CPU's family number as Linux reports it (AMD: 25 for Zen 3 and 4, 26 for Zen 5), 0 where unknown."""
+    family = _cpuinfo_field("cpu family")
+    return int(family) if family.isdigit() else 0
+
+
+def _cpuinfo_field(name: str) -> str:
+    """The first processor's `name` field in /proc/cpuinfo, "" where there is none."""
     try:
         text = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
         return ""
     for line in text.splitlines():
-        if line.startswith("vendor_id"):
-            return line.partition(":")[2].strip()
+        key, _, value = line.partition(":")
+        if key.strip() == name:
+            return value.strip()
     return ""
 
 
@@ -94,9 +137,19 @@ def _onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
+def _weight_gradient(grad_rows: torch.Tensor, x_rows: torch.Tensor) -> torch.Tensor:
+    """grad_rows (n, N).T @ x_rows (n, K): a weight's gradient (N, K), row-major, through
+    the library `weight_gradient_backend` chose. oneDNN takes x_rows.T as its weight,
+    which must be plain (`is_plain`); a view with gaps between rows goes to MKL."""
+    if weight_gradient_backend() == "onednn" and is_plain(x_rows.t()):
+        return _onednn_product(grad_rows.t(), x_rows.t(), None)
+    return grad_rows.t().mm(x_rows)
+
+
 class _OneDnnLinear(torch.autograd.Function):
     """oneDNN's product with its gradients: the input's through oneDNN as well,
-    the weight's and bias's through MKL (why: module docstring)."""
+    the weight's through the library `weight_gradient_backend` chose (why: module
+    docstring)."""
 
     @staticmethod
     def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -118,10 +171,11 @@ class _OneDnnLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:  # the forward took the weight, so its transpose is plain too
             grad_x = _onednn_product(grad, weight.t(), None)  # (..., K)
         if ctx.needs_input_grad[1]:
-            grad_w = grad_rows.t().mm(x.reshape(-1, K))  # (N, K)
+            grad_w = _weight_gradient(grad_rows, x.reshape(-1, K))  # (N, K)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_rows.sum(0)
         return grad_x, grad_w, grad_b
 
 
-__all__ = ["BACKENDS", "GEMM_ENV", "cpu_vendor", "gemm_backend", "is_plain", "linear", "linear_into"]
+__all__ = ["BACKENDS", "GEMM_ENV", "ZEN5_FAMILY", "cpu_family", "cpu_vendor", "gemm_backend", "is_plain", "linear",
+           "linear_into", "weight_gradient_backend"]
