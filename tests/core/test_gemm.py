@@ -210,3 +210,42 @@ def test_a_weight_with_gaps_between_rows_goes_to_f_linear(backend, monkeypatch):
     assert calls == []
     gemm.linear(x, input_major)  # the whole input-major weight is plain: oneDNN takes it
     assert len(calls) == 1
+
+
+@needs_onednn
+@pytest.mark.parametrize("backend", ["onednn"], indirect=True)
+def test_grouped_product_and_gradients_equal_a_loop_of_matmuls_an_empty_group_included(backend):
+    generator = torch.Generator().manual_seed(13)
+    sizes = [5, 0, 9, 2]
+    x = torch.randn(sum(sizes), 16, generator=generator, requires_grad=True)
+    w = torch.randn(len(sizes), 16, 24, generator=generator, requires_grad=True)
+    grad_out = torch.randn(sum(sizes), 24, generator=generator)
+    x_ref, w_ref = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+
+    assert gemm.grouped_through_onednn(x, w)
+    out = gemm.grouped_product(x, w, sizes)
+    expected = torch.cat([rows @ w_e for rows, w_e in zip(x_ref.split(sizes), w_ref)])
+    out.backward(grad_out)
+    expected.backward(grad_out)
+
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-5, atol=1e-5)
+    assert torch.equal(w.grad[1], torch.zeros(16, 24))  # the expert no row chose
+
+
+@needs_onednn
+@pytest.mark.parametrize("backend", ["onednn", "mkl", ZEN4_DEFAULT], indirect=True)
+def test_grouped_products_go_to_onednn_only_where_every_product_does(backend):
+    x, w = torch.randn(6, 16), torch.randn(3, 16, 8)
+    assert gemm.grouped_through_onednn(x, w) == (backend == "onednn")
+    assert not gemm.grouped_through_onednn(x.double(), w.double())
+    assert not gemm.grouped_through_onednn(x, w.transpose(1, 2).contiguous().transpose(1, 2))  # not stacked row-major
+
+
+@needs_onednn
+@pytest.mark.parametrize("backend", ["onednn"], indirect=True)
+def test_no_rows_give_a_zero_weight_gradient(backend):  # oneDNN refuses an empty sum; MKL takes it
+    x, w = torch.randn(0, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    gemm.linear(x, w).sum().backward()
+    assert torch.equal(w.grad, torch.zeros(4, 8)) and x.grad.shape == (0, 8)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from heron.core.config import ModelConfig
+from heron.core.gemm import grouped_product, grouped_through_onednn
 from heron.core.hooks import HookPoint
 from heron.core.linear import MAX_ROWS, few_row_product
 from heron.core.mlp import MLP, activate
@@ -106,8 +107,10 @@ GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what F.gro
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, *,
                    fused: bool | None = None) -> torch.Tensor:
     """Rows of x (A, K), grouped by expert in order, times their expert's w (E, K, M): (A, M).
-    counts (E,) rows per expert. fused None picks F.grouped_mm where it runs (CPU,
-    rows of K and M a multiple of 16 bytes), else a loop over the experts.
+    counts (E,) rows per expert. fused None picks a oneDNN product an expert where
+    core/gemm.py sends every product there (`grouped_through_onednn`), else
+    F.grouped_mm where it runs (CPU, rows of K and M a multiple of 16 bytes), else
+    a loop over the experts; True and False force the latter two.
 
     Why F.grouped_mm on CPU: with torch 2.13, at tiny-moe's shapes (8 experts,
     288 x 384, 4096 assignments, one thread, median of 15 interleaved runs) it
@@ -121,6 +124,8 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, *,
     token straight through its experts.
     """
     w = w.to(x.dtype)  # autocast has no rule for grouped_mm; cast as it would for a matmul
+    if fused is None and grouped_through_onednn(x, w):  # faster still where oneDNN runs every product (core/gemm.py)
+        return grouped_product(x, w, counts.tolist())
     if fused is None:
         aligned = all(n * x.element_size() % 16 == 0 for n in w.shape[1:])
         fused = x.device.type == "cpu" and aligned and x.dtype in GROUPED_MM_DTYPES
