@@ -93,6 +93,14 @@ CASES = {
 }
 
 
+def assert_rounding_close(got: torch.Tensor, want: torch.Tensor, name: str = "") -> None:
+    """Equal to fp32 rounding: within 1e-6 of the largest magnitude (at least 1e-6). The fast
+    path sums in another order (gates scale the hidden rows, not the outputs), and the
+    gradients here run to ~75, where a few ulps exceed an absolute 1e-5."""
+    tolerance = 1e-6 * max(1.0, want.abs().max().item())
+    assert (got - want).abs().max().item() <= tolerance, name
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_fast_path_matches_the_reference_forward_and_backward(case):
     settings = dict(CASES[case])
@@ -102,13 +110,12 @@ def test_fast_path_matches_the_reference_forward_and_backward(case):
     grad_out = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(2))
     x_fast, x_slow = x.clone().requires_grad_(), x.clone().requires_grad_()
     y_fast, y_slow = fast(x_fast), reference_moe(slow, x_slow)
-    tolerance = 1e-5 * settings.get("routed_scale", 1.0)  # rounding grows with the outputs
-    assert (y_fast - y_slow).abs().max().item() <= tolerance
+    assert_rounding_close(y_fast, y_slow)
     (y_fast * grad_out).sum().backward()
     (y_slow * grad_out).sum().backward()
-    assert (x_fast.grad - x_slow.grad).abs().max().item() <= tolerance
+    assert_rounding_close(x_fast.grad, x_slow.grad)
     for (name, p), q in zip(fast.named_parameters(), slow.parameters()):
-        assert (p.grad - q.grad).abs().max().item() <= tolerance, name
+        assert_rounding_close(p.grad, q.grad, name)
     if "capacity_factor" in settings:  # the case really drops something
         assert fast.last_stats["dropped_fraction"] > 0
 

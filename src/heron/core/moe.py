@@ -416,8 +416,10 @@ class MoE(nn.Module):
         rows = self.hook_expert_in(x.index_select(0, token))  # (A, d)
         h = self.hook_expert_post(activate(self._grouped_product("up", rows, kept), self.kind))  # (A, ff)
         # Gates in x's dtype, as `_decode` and transformers' Mixtral take them: fp32 gates on a bf16
-        # model's products would make y, and from it the residual stream, fp32.
-        out = self._grouped_product("down", h, kept) * weights.flatten().to(x.dtype)[order, None]  # (A, d)
+        # model's products would make y, and from it the residual stream, fp32. They scale h before
+        # the down product, which equals scaling its output (experts have no bias) and touches ff
+        # columns instead of d: tiny-moe's layer ran 1.07x as fast forward and backward (ff 192, d 288).
+        out = self._grouped_product("down", h * weights.flatten().to(x.dtype)[order, None], kept)  # (A, d)
         y = x.new_zeros(x.shape, dtype=out.dtype).index_add_(0, token, out)  # (N, d)
         return y, None if over is None else over.view(experts.shape)
 
