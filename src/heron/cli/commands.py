@@ -15,10 +15,10 @@ from heron.data import Corpus, check_shards_fit, check_val_scorable, default_cor
 from heron.generate import Generator, SamplingParams, perplexity
 from heron.generate.perplexity import evaluated_windows
 from heron.govern import EnergyMeter
-from heron.tokenizer import HeronTokenizer, Tokenizer, load_tokenizer, train_tokenizer
+from heron.tokenizer import SPECIAL_TOKENS, HeronTokenizer, Tokenizer, load_tokenizer, train_tokenizer
 from heron.tokenizer.bpe import replaceable_tokenizer_file
 from heron.interop.convert import export_hf, import_hf
-from heron.cli.options import ALIGN_RECIPES_DIR, recipe_path
+from heron.cli.options import ALIGN_RECIPES_DIR, as_flag, recipe_path
 from heron.store.inputs import existing_input
 from heron.cli.watermark import watermark_from_args
 from heron.interop.gguf import save_gguf
@@ -29,6 +29,7 @@ DEFAULT_EVAL_SEQ_LEN = 256  # tokens per scored window, unless the model's conte
 # Past the largest vocabularies in use (Gemma's 262k); the `tokenizers` trainer reserves room for the size asked
 # for, so a mistyped 1e12 aborts the process in Rust instead of failing.
 MAX_VOCAB_SIZE = 2**20
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # every byte, then the special tokens: train_tokenizer's floor
 
 
 def corpus_from(sources: list[str], extensions: list[str] | None) -> Corpus:
@@ -40,6 +41,9 @@ def corpus_from(sources: list[str], extensions: list[str] | None) -> Corpus:
 def tokenizer_train(args: argparse.Namespace) -> int:
     if args.vocab_size > MAX_VOCAB_SIZE:
         raise ValueError(f"--vocab-size: at most {MAX_VOCAB_SIZE:,}, got {args.vocab_size:,}")
+    if args.vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(f"--vocab-size: at least {MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special "
+                         f"tokens), got {args.vocab_size}")
     file = replaceable_tokenizer_file(args.out)  # before training: a refused --out costs nothing
     corpus = corpus_from(args.sources, args.ext).excluding(file)  # a rerun into the corpus must not learn it
     print(f"training a {args.vocab_size}-token BPE on {len(corpus)} files")
@@ -85,12 +89,15 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
                               top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=tuple(args.stop),
                               seed=args.seed, watermark=watermark_from_args(args))
     except ValueError as err:
-        field, sep, rest = str(err).partition(": ")
-        # A Watermark names its own fields (key, gamma, delta), which the --watermark-* flags set.
-        name = next((n for n in (field, f"watermark_{field}") if n in vars(args)), None)
-        if sep and name is not None:
-            raise ValueError(f"--{name.replace('_', '-')}: {rest}") from None
-        raise
+        raise sampling_flag(err, args) from None
+
+
+def sampling_flag(err: ValueError, args: argparse.Namespace) -> ValueError:
+    """An error of SamplingParams or its Watermark, `top_p: ...`, named as the flag the user typed: `--top-p: ...`
+    (a Watermark names its own fields, key, gamma and delta, which the --watermark-* flags set)."""
+    field, sep, rest = str(err).partition(": ")
+    name = next((n for n in (field, f"watermark_{field}") if n in vars(args)), None)
+    return ValueError(f"--{name.replace('_', '-')}: {rest}") if sep and name is not None else err
 
 
 def device_from(text: str) -> torch.device:
@@ -125,14 +132,19 @@ def prompt_from_stdin() -> str:
 
 
 def generate(args: argparse.Namespace) -> int:
+    params = sampling_params(args)  # before the model loads, and before a prompt is read from standard input
+    if args.system is not None and not args.chat:
+        raise ValueError("--system: a system turn belongs to a chat; add --chat")
     model, tokenizer = load_on(args.checkpoint, args.device)
     if tokenizer is None:
         raise CheckpointError(f"{args.checkpoint}: no tokenizer.json, so text cannot be generated")
+    if params.watermark is not None:  # γ against the model's vocabulary: checked before any token is sampled
+        try:
+            params.watermark.green_size(model.config.vocab_size)
+        except ValueError as err:
+            raise sampling_flag(err, args) from None
     texts = args.prompt or [prompt_from_stdin()]
-    params = sampling_params(args)
     generator = Generator(model, tokenizer)
-    if args.system is not None and not args.chat:
-        raise ValueError("--system: a system turn belongs to a chat; add --chat")
     if args.chat:  # each prompt is a user turn; the reply ends with the turn's end token
         system = [] if args.system is None else [{"role": "system", "content": args.system}]
         prompts = [tokenizer.chat_prompt_ids([*system, {"role": "user", "content": t}]) for t in texts]
@@ -241,16 +253,6 @@ def align(args: argparse.Namespace) -> int:
 # ----- compress ---------------------------------------------------------------------
 
 
-def as_flag(err: ValueError, args: argparse.Namespace, *settings: type, fields: tuple[str, ...] = ()) -> ValueError:
-    """An error of the settings classes (or naming one of `fields`), `calib_shards: ...`, named as the
-    flag that sets the field: `--calib-shards: ...` (the library names its fields; the user typed flags)."""
-    field, sep, rest = str(err).partition(": ")
-    names = {f.name for cls in settings for f in dataclasses.fields(cls)} | set(fields)
-    if sep and field in vars(args) and field in names:
-        return ValueError(f"--{field.replace('_', '-')}: {rest}")
-    return err
-
-
 def compress_prune(args: argparse.Namespace) -> int:
     from heron.compress.prune_checkpoint import PruneSettings, prune_checkpoint
 
@@ -310,14 +312,29 @@ def hidden_layers(text: str | None) -> dict[int, int] | None:
     return {i: int(entry) for i, entry in enumerate(entries) if entry != "_"}
 
 
+def distill_layers(args: argparse.Namespace) -> dict[int, int] | None:
+    """--hidden-layers as a layer map, after the checks distill() makes only once the teacher and the data
+    are loaded (but those of the layer numbers, which need both)."""
+    from heron.compress.distill import check_hidden_weight
+    from heron.compress.distill_loss import check_settings
+
+    check_settings(args.temperature, args.alpha)
+    check_hidden_weight(args.hidden_weight)
+    layers = hidden_layers(args.hidden_layers)
+    if layers is not None and args.hidden_weight == 0:
+        raise ValueError("hidden_layers: matches hidden states, which --hidden-weight 0 (the default) leaves out; "
+                         "add --hidden-weight above 0")
+    return layers
+
+
 def compress_distill(args: argparse.Namespace) -> int:
     from heron.compress.distill import distill
 
-    recipe = load_recipe(recipe_path(args.recipe), args.overrides)
     try:
+        layers = distill_layers(args)  # before the recipe's data and the teacher load
+        recipe = load_recipe(recipe_path(args.recipe), args.overrides)
         result = distill(args.teacher, recipe, temperature=args.temperature, alpha=args.alpha,
-                         hidden_weight=args.hidden_weight, hidden_layers=hidden_layers(args.hidden_layers),
-                         resume=not args.no_resume)
+                         hidden_weight=args.hidden_weight, hidden_layers=layers, resume=not args.no_resume)
     except ValueError as err:  # the keywords distill() names in its errors, each set by its flag
         raise as_flag(err, args, fields=("temperature", "alpha", "hidden_weight", "hidden_layers")) from None
     if result.is_main:
@@ -336,7 +353,10 @@ def explain(args: argparse.Namespace) -> int:
     model, tokenizer = heron.load(args.checkpoint)
     if tokenizer is None:
         raise CheckpointError(f"{args.checkpoint}: no tokenizer; explaining a prompt needs the model's tokenizer")
-    page = write_explanation(model, tokenizer, settings, args.out)
+    try:  # the library tokenises the prompts and the target, naming its fields: `prompt: '' encodes to no tokens`
+        page = write_explanation(model, tokenizer, settings, args.out)
+    except ValueError as err:
+        raise as_flag(err, args, ExplainSettings) from None
     print(f"wrote {page}")
     return 0
 

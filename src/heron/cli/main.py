@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from heron.cli.options import DEMO_RECIPE, n_of_m, positive_int, shipped_recipes
+from heron.cli.options import DEMO_RECIPE, fraction_below_one, n_of_m, positive_int, shipped_recipes
 
 Handler = Callable[[argparse.Namespace], int]
 Verbs = argparse._SubParsersAction  # what `add_subparsers` returns: each group's `register` adds its verbs to it
@@ -107,7 +107,7 @@ def _register_data(verbs: Verbs) -> None:
     p.add_argument("--tokenizer", type=Path, required=True,
                    help="tokenizer.json, or a folder holding it: Heron's, or an imported (Hugging Face) model's")
     p.add_argument("--ext", action="append", default=None, help="file extensions to read (repeatable)")
-    p.add_argument("--val-fraction", type=float, default=0.02,
+    p.add_argument("--val-fraction", type=fraction_below_one, default=0.02,
                    help="share of documents held out for validation (default %(default)g)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the train/validation split by document (default %(default)s)")

@@ -1,5 +1,5 @@
-"""What the CLI's verbs share before any work: shipped recipes, argument types, and
-reading a text argument or checking an output path.
+"""What the CLI's verbs share before any work: shipped recipes, argument types, naming
+a library's error by its flag, and reading a text argument or checking an output path.
 
 Standard library only, so that building the parser (`heron --help`, and the
 verbs that need no model: consent, audit, feedback) loads neither torch nor
@@ -8,6 +8,7 @@ the model code; the verbs' handlers import those when they run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -64,6 +65,25 @@ def finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
+
+
+def fraction_below_one(text: str) -> float:
+    """An argparse type: a share from 0 up to, not including, 1 (--val-fraction; the library checks it
+    only once the tokenizer is loaded, and names its keyword)."""
+    value = finite_float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value:g}")
+    return value
+
+
+def as_flag(err: ValueError, args: argparse.Namespace, *settings: type, fields: tuple[str, ...] = ()) -> ValueError:
+    """An error of the settings classes (or naming one of `fields`), `calib_shards: ...`, named as the
+    flag that sets the field: `--calib-shards: ...` (the library names its fields; the user typed flags)."""
+    field, sep, rest = str(err).partition(": ")
+    names = {f.name for cls in settings for f in dataclasses.fields(cls)} | set(fields)
+    if sep and field in vars(args) and field in names:
+        return ValueError(f"--{field.replace('_', '-')}: {rest}")
+    return err
 
 
 # How a file name given where text is also accepted usually ends: such an argument that names

@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from heron.cli.options import finite_float, positive_int, text_or_file
+from heron.cli.options import as_flag, finite_float, positive_int, text_or_file
 from heron.govern.digest import CONFIG_FILE
 from heron.govern.history import read_json
 from heron.tokenizer import HeronTokenizer, Tokenizer, load_tokenizer
@@ -84,12 +84,16 @@ def _watermark(key: str, **settings: float | None) -> Watermark:
 
 
 def detect_command(args: argparse.Namespace) -> int:
-    tokenizer, vocab_size = tokenizer_and_vocab(args.tokenizer)
-    vocab_size = vocab_size if args.vocab_size is None else checked_vocab_size(args.vocab_size, tokenizer,
-                                                                              vocab_size)
+    try:  # the Watermark names its fields (key, gamma): checked before the tokenizer loads, γ then against its size
+        watermark = _watermark(args.key, gamma=args.gamma)
+        tokenizer, vocab_size = tokenizer_and_vocab(args.tokenizer)
+        vocab_size = vocab_size if args.vocab_size is None else checked_vocab_size(args.vocab_size, tokenizer,
+                                                                                  vocab_size)
+        watermark.green_size(vocab_size)
+    except ValueError as err:
+        raise as_flag(err, args, fields=("key", "gamma")) from None
     from heron.govern.watermark import DEFAULT_Z_THRESHOLD, detect, p_value
 
-    watermark = _watermark(args.key, gamma=args.gamma)
     ids = tokenizer.encode(text_or_file(args.text))
     z_threshold = DEFAULT_Z_THRESHOLD if args.z_threshold is None else args.z_threshold
     result = detect(ids, watermark, vocab_size, z_threshold, ignore_repeated=not args.count_repeated)

@@ -85,12 +85,17 @@ def uniform_layer_map(student_layers: int, teacher_layers: int) -> dict[int, int
             for i in range(student_layers)}
 
 
+def check_hidden_weight(hidden_weight: float) -> None:
+    """A ValueError naming hidden_weight unless it is a finite number >= 0."""
+    if not (math.isfinite(hidden_weight) and hidden_weight >= 0):
+        raise ValueError(f"hidden_weight: must be a number >= 0, got {hidden_weight}")
+
+
 def check_hidden_settings(hidden_weight: float, hidden_layers: Mapping[int, int] | None, *,
                           student_layers: int, teacher_layers: int) -> dict[int, int]:
     """The layer map (student layer -> teacher layer) the settings ask for, or a
     ValueError naming the bad field and value. None means the uniform map."""
-    if not (math.isfinite(hidden_weight) and hidden_weight >= 0):
-        raise ValueError(f"hidden_weight: must be a number >= 0, got {hidden_weight}")
+    check_hidden_weight(hidden_weight)
     if hidden_layers is not None and hidden_weight == 0:
         raise ValueError(f"hidden_layers: {dict(hidden_layers)} given, but hidden_weight is 0, "
                          "so no hidden state is matched; set hidden_weight > 0")
@@ -248,5 +253,5 @@ def _check_same_distillation(out_dir: str | Path, now: Mapping[str, object]) -> 
                              f"{value!r}; give the same teacher and settings, or start over (--no-resume)")
 
 
-__all__ = ["check_hidden_settings", "distill", "distillation_objective", "hidden_state_loss", "teacher_states",
+__all__ = ["check_hidden_settings", "check_hidden_weight", "distill", "distillation_objective", "hidden_state_loss", "teacher_states",
            "uniform_layer_map"]
