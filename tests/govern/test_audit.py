@@ -571,6 +571,26 @@ def test_a_missing_sign_key_file_is_named_with_its_variable(tmp_path: Path, monk
     assert log.verify(public_key=load_public_key(public)).ok  # the key the variable names signs
 
 
+@pytest.mark.parametrize("bad, refusal", [("missing", FileNotFoundError), ("folder", IsADirectoryError),
+                                          ("malformed", ValueError)])
+def test_a_refused_sign_key_leaves_no_log_on_disk(tmp_path: Path, monkeypatch, data_file: Path, bad: str,
+                                                  refusal: type[Exception]) -> None:
+    """A bad $HERON_AUDIT_SIGN_KEY is refused before the log's database is made: a refused start
+    leaves no empty or half-made SQLite file (nor the folder made for it) behind."""
+    db = tmp_path / "runs" / "audit.db"
+    monkeypatch.setenv(LOG_ENV, str(db))
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    key = keys if bad == "folder" else keys / "private.pem"
+    if bad == "malformed":
+        key.write_text("-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
+    monkeypatch.setenv("HERON_AUDIT_SIGN_KEY", str(key))
+    with pytest.raises(refusal) as err:
+        record_event("x", inputs={"data": data_file})
+    assert str(err.value).startswith("HERON_AUDIT_SIGN_KEY: ") and str(key) in str(err.value)
+    assert not db.exists() and not db.parent.exists()
+
+
 def test_folder_hash_reuses_the_lineage_manifest(tmp_path: Path) -> None:
     folder = fake_checkpoint(tmp_path / "ckpt", {"recipe": {}})
     full = listing_sha256({p.relative_to(folder).as_posix(): file_sha256(p) for p in folder.rglob("*") if p.is_file()})

@@ -777,22 +777,27 @@ def audit_log(*, redact: Redactor | None = None) -> AuditLog | None:
     location = log_location()
     if location is None:
         return None
+    sign_key = _env_signing_key()  # before the store: a refused key leaves no new database file behind
     if location not in _STORES:
         _STORES[location] = AuditStore.open(location)
     store_content = os.environ.get(CONTENT_ENV, "") in ("1", "on", "true")
     if redact is None:
         redact = _pii_redact() if store_content else identity
-    return AuditLog(_STORES[location], store_content=store_content, redact=redact, sign_key=_env_signing_key())
+    return AuditLog(_STORES[location], store_content=store_content, redact=redact, sign_key=sign_key)
 
 
 def _env_signing_key() -> Ed25519PrivateKey | None:
-    """The private key $HERON_AUDIT_SIGN_KEY names, or None when it is unset. A path with no file
-    is refused naming the variable: any command that records reads it, and open()'s bare
-    `[Errno 2] No such file or directory` from deep inside that command says neither what nor where."""
+    """The private key $HERON_AUDIT_SIGN_KEY names, or None when it is unset. A path with no file,
+    a folder or a file that is no Ed25519 private key is refused naming the variable: any command
+    that records reads it, and open()'s bare `[Errno 2] No such file or directory` from deep inside
+    that command says neither what nor where."""
     key_file = os.environ.get(SIGN_KEY_ENV)
     if not key_file:
         return None
-    return load_signing_key(existing_input(Path(key_file), SIGN_KEY_ENV, "private key"))
+    try:
+        return load_signing_key(existing_input(Path(key_file), SIGN_KEY_ENV, "private key"))
+    except ValueError as err:  # load_signing_key's message names the path, not where it came from
+        raise ValueError(f"{SIGN_KEY_ENV}: {err}") from None
 
 
 def _pii_redact() -> Redactor:
