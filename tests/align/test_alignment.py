@@ -90,9 +90,11 @@ def test_dpo_beats_the_sft_model_on_the_judge(sft, pairs, tmp_path):
     chosen, rejected = pairs
     reference = cached_reference_logprobs(model, chosen, rejected, tmp_path)
     policy = copy.deepcopy(model).train()
+    # 400 steps: the GEMM libraries' rounding (core/gemm.py) trains another SFT model on each CPU kind, and
+    # 300 steps won 0.74-0.795 across MKL, oneDNN with MKL's weight gradients and oneDNN alone; 400: 0.78-0.82.
     history = fit(policy.parameters(),
                   preference_objective(policy, chosen, rejected, "dpo", beta=0.1, reference=reference, sft_weight=1.0),
-                  len(chosen), FitSettings(steps=300, batch_size=16, lr=3e-4, progress=False))
+                  len(chosen), FitSettings(steps=400, batch_size=16, lr=3e-4, progress=False))
     assert history[-1]["accuracy"] > 0.9 and history[-1]["margin"] > 0
     baseline, aligned = held_out_scores(model, policy, tokenizer)
     assert statistics.mean(aligned) > statistics.mean(baseline)
