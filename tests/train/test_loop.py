@@ -442,3 +442,27 @@ def test_no_resume_never_deletes_a_file_heron_did_not_write_in_checkpoints(recip
     with pytest.raises(RecipeError, match=re.escape(f"out_dir: {run} holds checkpoints/notes.txt, not a checkpoint")):
         train(recipe_factory("run", train={"steps": 2}), resume=False)
     assert (run / "checkpoints" / "notes.txt").read_text() == "mine" and latest_checkpoint(run).name == "step_00000002"
+
+
+def test_checkpoints_record_the_cpu_gemm_and_a_resume_under_another_warns(recipe_factory, monkeypatch) -> None:
+    """Where the fp32 products go through other libraries (core/gemm.py) than when a run was saved, it
+    rounds otherwise from the resume on: it goes on, but says that it will not repeat the unbroken run."""
+    from heron.core import gemm
+    from heron.train import loop
+    from heron.train.checkpoint import load_checkpoint
+
+    recipe = recipe_factory("run", train={"steps": 2})
+    train(recipe)
+    saved = load_checkpoint(latest_checkpoint(recipe.out_dir)).lineage["cpu_gemm"]
+    assert saved == gemm.cpu_gemm_libraries() and set(saved.values()) <= set(gemm.BACKENDS)
+    with warnings.catch_warnings(record=True) as caught:  # the same libraries: nothing said of them
+        warnings.simplefilter("always")
+        train(recipe_factory("run", train={"steps": 3}))  # (a longer run: that is said)
+    assert caught and not [w for w in caught if "libraries" in str(w.message)]
+    other = "mkl" if saved["products"] == "onednn" else "onednn"
+    monkeypatch.setattr(loop, "cpu_gemm_libraries", lambda: {"products": other, "weight_gradients": other})
+    with pytest.warns(UserWarning, match=rf"resuming .*run at step 3 on a CPU whose fp32 products go through other "
+                                         rf"libraries .*products {saved['products']} -> {other}.* will not repeat an "
+                                         rf"unbroken run bit for bit"):
+        resumed = train(recipe_factory("run", train={"steps": 4}))
+    assert resumed.step == 4

@@ -61,6 +61,12 @@ def weight_gradient_backend() -> str:
     return "onednn" if from_zen5 and torch.backends.mkldnn.is_available() else "mkl"
 
 
+def cpu_gemm_libraries() -> dict[str, str]:
+    """The libraries of fp32 CPU products, as a checkpoint's lineage records them: a run
+    resumed where they differ rounds otherwise, so it cannot repeat the unbroken run bit for bit."""
+    return {"products": gemm_backend(), "weight_gradients": weight_gradient_backend()}
+
+
 def _chosen_in_environment() -> str:
     """$HERON_GEMM checked, lower-cased; "" when unset."""
     chosen = os.environ.get(GEMM_ENV, "").strip().lower()
@@ -219,5 +225,6 @@ class _OneDnnLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-__all__ = ["BACKENDS", "GEMM_ENV", "ZEN5_FAMILY", "cpu_family", "cpu_vendor", "gemm_backend", "grouped_product",
+__all__ = ["BACKENDS", "GEMM_ENV", "ZEN5_FAMILY", "cpu_family", "cpu_gemm_libraries", "cpu_vendor", "gemm_backend",
+           "grouped_product",
            "grouped_through_onednn", "is_plain", "linear", "linear_into", "weight_gradient_backend"]

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from heron.core.config import ModelConfig
+from heron.core.gemm import cpu_gemm_libraries
 from heron.core.transformer import Transformer
 from heron.govern.digest import CONFIG_FILE, LINEAGE_FILE, MODEL_FILE, QUANTIZATION_FILE, SPARSITY_FILE
 from heron.govern.digest import file_sha256 as sha256_file
@@ -135,12 +136,13 @@ def _not_from_a_model_folder(folder: Path) -> set[str]:
 
 
 def base_lineage() -> dict[str, Any]:
-    """Versions every lineage records."""
+    """Versions every lineage records, and the libraries of the CPU's fp32 products (core/gemm.py)."""
     return {
         "format": FORMAT_VERSION,
         "heron_version": _heron_version(),
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
+        "cpu_gemm": cpu_gemm_libraries(),
     }
 
 

@@ -39,6 +39,7 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
+from heron.core.gemm import BACKENDS, GEMM_ENV, cpu_gemm_libraries
 from heron.core.head_loss import IGNORE_INDEX
 from heron.core.hooks import attach_hooks
 from heron.core.moe import moe_stats, share_batch_statistics
@@ -263,6 +264,7 @@ def _start(recipe: TrainRecipe, ctx: dist_.DistContext, resume: bool, data: Trai
         _check_resumable(ckpt, recipe, data, lineage)
         if ctx.is_main:
             _warn_of_changed_length(ckpt, recipe)
+            _warn_of_other_gemm(ckpt, recipe, ctx.device)
     if recipe.train.threads is not None:
         torch.set_num_threads(recipe.train.threads)
     _seed_everything(recipe.train.seed)
@@ -434,6 +436,20 @@ def _check_resumable(ckpt: Checkpoint, recipe: TrainRecipe, data: TrainData, lin
                 "out_dir, or pass --no-resume (resume=False) to delete that run's checkpoints and metrics and "
                 "start over"
             )
+
+
+def _warn_of_other_gemm(ckpt: Checkpoint, recipe: TrainRecipe, device: torch.device) -> None:
+    """A CPU run resumed where its products go through other libraries than when it was saved
+    goes on, but rounds otherwise from here: it will not repeat the unbroken run bit for bit."""
+    then, now = ckpt.lineage.get("cpu_gemm"), cpu_gemm_libraries()
+    if device.type != "cpu" or then is None or then == now:
+        return
+    shown = ", ".join(f"{part} {then.get(part)} -> {now[part]}" for part in now if then.get(part) != now[part])
+    same = then.get("products") if then.get("products") == then.get("weight_gradients") else None
+    fix = f"; set {GEMM_ENV}={same} to compute as it did" if same in BACKENDS else ""
+    warnings.warn(f"resuming {recipe.out_dir} at step {ckpt.lineage['step']} on a CPU whose fp32 products go through "
+                  f"other libraries than when it was saved ({shown}): it continues, but rounds otherwise, so it will "
+                  f"not repeat an unbroken run bit for bit{fix}", stacklevel=4)
 
 
 def _warn_of_changed_length(ckpt: Checkpoint, recipe: TrainRecipe) -> None:
