@@ -5,6 +5,9 @@ from pathlib import Path
 import pytest
 
 from heron.cli.main import main
+from heron.cli.options import RECIPES_DIR
+from heron.interpret import explain as explain_module
+from heron.tokenizer import load_tokenizer
 from heron.train.checkpoint import save_model_folder
 
 
@@ -98,4 +101,55 @@ def test_distill_checks_its_flags_before_loading_the_teacher(tmp_path: Path, cap
 def test_explain_names_a_prompt_of_no_tokens_by_its_flag(checkpoint, tmp_path: Path, capsys) -> None:
     assert main(["explain", str(checkpoint), "--prompt", "", "--out", str(tmp_path / "report")]) == 2
     assert capsys.readouterr().err == "heron explain: error: --prompt: '' encodes to no tokens\n"
+    assert not (tmp_path / "report").exists()
+
+
+def test_prune_without_a_pruning_flag_offers_the_flags(tmp_path: Path, capsys) -> None:
+    """PruneSettings said `--sparsity: nothing to prune; give sparsity, nm, mlp_channels, heads or experts`: its
+    fields, under a flag not given. Before the checkpoint (not there) is read."""
+    assert main(["compress", "prune", str(tmp_path / "no-checkpoint"), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == ("heron compress: error: nothing to prune; give --sparsity, --nm, --mlp-channels, "
+                                       "--heads or --experts\n")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, needs", [
+    (["--experts", "3"], "--experts 3"),
+    (["--sparsity", "0.5"], "--method wanda"),
+    (["--nm", "2:4", "--experts", "2"], "--method wanda and --experts 2"),
+    (["--method", "magnitude", "--sparsity", "0.5", "--recover-steps", "2"], "--recover-steps 2"),
+])
+def test_prune_names_what_needs_calib_shards_by_its_flags(tmp_path: Path, capsys, flags, needs) -> None:
+    """PruneSettings said `... needed for experts=3, got None`."""
+    assert main(["compress", "prune", str(tmp_path / "no-checkpoint"), str(tmp_path / "out"), *flags]) == 2
+    assert capsys.readouterr().err == ("heron compress: error: --calib-shards: a shard folder of calibration windows "
+                                       f"is needed for {needs}\n")
+
+
+def test_a_bad_set_value_is_named_as_the_set_the_user_typed(tmp_path: Path, capsys) -> None:
+    """pydantic's `train.steps: Input should be greater than 0 (got -1)` named no --set; a recipe file's own bad
+    field keeps its name, on the line of its own next to the --set's."""
+    assert main(["train", "test", "--set", "train.steps=-1"]) == 2
+    assert capsys.readouterr().err == "heron train: error: --set train.steps=-1: must be greater than 0\n"
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text((RECIPES_DIR / "test.yaml").read_text().replace("steps: 100", "steps: -1"))
+    assert main(["train", str(recipe)]) == 2
+    assert capsys.readouterr().err == "heron train: error: train.steps: Input should be greater than 0 (got -1)\n"
+    assert main(["train", str(recipe), "--set", "data.seq_len=0"]) == 2
+    assert capsys.readouterr().err == ("heron train: error: --set data.seq_len=0: must be greater than 0\n"
+                                       "train.steps: Input should be greater than 0 (got -1)\n")
+
+
+def test_explain_refuses_a_target_of_two_tokens_before_the_model_runs(checkpoint, tmp_path: Path, capsys,
+                                                                        monkeypatch) -> None:
+    """It was refused while the report was written, after the forward pass and its cache."""
+    def ran(*args, **kwargs):
+        raise AssertionError("the model ran")
+
+    monkeypatch.setattr(explain_module, "run_with_cache", ran)
+    n_tokens = len(load_tokenizer(checkpoint).encode("two tokens"))
+    argv = ["explain", str(checkpoint), "--prompt", "def ", "--target", "two tokens", "--out", str(tmp_path / "report")]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (f"heron explain: error: --target: 'two tokens' is {n_tokens} tokens; give text "
+                                       "that is exactly one token\n")
     assert not (tmp_path / "report").exists()

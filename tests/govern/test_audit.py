@@ -591,6 +591,23 @@ def test_a_refused_sign_key_leaves_no_log_on_disk(tmp_path: Path, monkeypatch, d
     assert not db.exists() and not db.parent.exists()
 
 
+def test_an_unreadable_sign_key_is_named_with_its_variable_and_leaves_no_log(tmp_path: Path, monkeypatch,
+                                                                             data_file: Path) -> None:
+    """A key file this user may not read raised open()'s bare `[Errno 13] Permission denied: '...'`,
+    naming the path but not the variable that pointed there."""
+    db = tmp_path / "runs" / "audit.db"
+    monkeypatch.setenv(LOG_ENV, str(db))
+    private, _ = generate_keys(tmp_path / "keys")
+    private.chmod(0)
+    if os.access(private, os.R_OK):
+        pytest.skip("this user (root) reads a file of mode 000")
+    monkeypatch.setenv("HERON_AUDIT_SIGN_KEY", str(private))
+    with pytest.raises(PermissionError) as err:
+        record_event("x", inputs={"data": data_file})
+    assert str(err.value) == f"HERON_AUDIT_SIGN_KEY: cannot read the private key at {private} (permission denied)"
+    assert not db.exists() and not db.parent.exists()
+
+
 def test_folder_hash_reuses_the_lineage_manifest(tmp_path: Path) -> None:
     folder = fake_checkpoint(tmp_path / "ckpt", {"recipe": {}})
     full = listing_sha256({p.relative_to(folder).as_posix(): file_sha256(p) for p in folder.rglob("*") if p.is_file()})

@@ -18,11 +18,11 @@ from heron.govern import EnergyMeter
 from heron.tokenizer import SPECIAL_TOKENS, HeronTokenizer, Tokenizer, load_tokenizer, train_tokenizer
 from heron.tokenizer.bpe import replaceable_tokenizer_file
 from heron.interop.convert import export_hf, import_hf
-from heron.cli.options import ALIGN_RECIPES_DIR, as_flag, recipe_path
+from heron.cli.options import ALIGN_RECIPES_DIR, as_flag, as_override, in_flags, recipe_path
 from heron.store.inputs import existing_input
 from heron.cli.watermark import watermark_from_args
 from heron.interop.gguf import save_gguf
-from heron.train import CheckpointError, load_recipe, train
+from heron.train import CheckpointError, TrainRecipe, load_recipe, train
 
 DEFAULT_NEW_TOKENS = 128  # heron generate, unless the model's context leaves less room
 DEFAULT_EVAL_SEQ_LEN = 256  # tokens per scored window, unless the model's context is shorter
@@ -73,8 +73,17 @@ def data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def recipe_from_args(args: argparse.Namespace) -> TrainRecipe:
+    """The recipe args.recipe names with the --set overrides; an error in a field a --set gave is named
+    as that --set (the library names the field, which a recipe file gives as well)."""
+    try:
+        return load_recipe(recipe_path(args.recipe), args.overrides)
+    except ValueError as err:
+        raise as_override(err, args.overrides) from None
+
+
 def train_recipe(args: argparse.Namespace) -> int:
-    recipe = load_recipe(recipe_path(args.recipe), args.overrides)
+    recipe = recipe_from_args(args)
     result = train(recipe, resume=not args.no_resume)
     if result.checkpoint is not None and result.is_main:  # under torchrun, one report for the run
         print(f"run folder: {result.out_dir}\ncheckpoint: {result.checkpoint}")
@@ -270,7 +279,7 @@ def compress_prune(args: argparse.Namespace) -> int:
         )
         report = prune_checkpoint(args.checkpoint, args.target, settings)
     except ValueError as err:
-        raise as_flag(err, args, PruneSettings) from None
+        raise in_flags(err, args, PruneSettings) from None
     print(f"wrote pruned checkpoint {args.target}: {report['parameters_before']:,} -> "
           f"{report['parameters_after']:,} parameters, block linears {report['block_linear_sparsity']:.1%} zeros")
     return 0
@@ -332,7 +341,7 @@ def compress_distill(args: argparse.Namespace) -> int:
 
     try:
         layers = distill_layers(args)  # before the recipe's data and the teacher load
-        recipe = load_recipe(recipe_path(args.recipe), args.overrides)
+        recipe = recipe_from_args(args)
         result = distill(args.teacher, recipe, temperature=args.temperature, alpha=args.alpha,
                          hidden_weight=args.hidden_weight, hidden_layers=layers, resume=not args.no_resume)
     except ValueError as err:  # the keywords distill() names in its errors, each set by its flag

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -76,14 +77,54 @@ def fraction_below_one(text: str) -> float:
     return value
 
 
+def flag_of(field: str) -> str:
+    """The flag that sets a settings field: calib_shards -> --calib-shards."""
+    return f"--{field.replace('_', '-')}"
+
+
 def as_flag(err: ValueError, args: argparse.Namespace, *settings: type, fields: tuple[str, ...] = ()) -> ValueError:
     """An error of the settings classes (or naming one of `fields`), `calib_shards: ...`, named as the
     flag that sets the field: `--calib-shards: ...` (the library names its fields; the user typed flags)."""
     field, sep, rest = str(err).partition(": ")
     names = {f.name for cls in settings for f in dataclasses.fields(cls)} | set(fields)
     if sep and field in vars(args) and field in names:
-        return ValueError(f"--{field.replace('_', '-')}: {rest}")
+        return ValueError(f"{flag_of(field)}: {rest}")
     return err
+
+
+def in_flags(err: ValueError, args: argparse.Namespace, *settings: type) -> ValueError:
+    """as_flag, and the fields the message goes on to name written as flags too: a setting `experts=3`
+    or `method 'wanda'` as `--experts 3`, `--method wanda`; a list `sparsity, nm or heads` as `--sparsity,
+    --nm or --heads`. A message that offers its own field (`sparsity: nothing to prune; give sparsity, ...`)
+    needs no flag before it, and `got None` (Python's word for a flag not given) goes."""
+    named = as_flag(err, args, *settings)
+    if named is err:
+        return err
+    flag, _, rest = str(named).partition(": ")
+    fields = "|".join(f.name for cls in settings for f in dataclasses.fields(cls) if f.name in vars(args))
+    setting = re.compile(rf"\b({fields})(?:=| ')(\([^)]*\)|[^\s,']+)'?")  # experts=3, nm=(2, 4), method 'wanda'
+    listed = re.compile(rf"(?<![-\w])(?:{fields})(?:(?:, | or | and )(?:{fields}))+\b")  # sparsity, nm or heads
+    rest = setting.sub(lambda m: f"{flag_of(m[1])} {m[2]}", rest)
+    rest = listed.sub(lambda m: re.sub(rf"\b({fields})\b", lambda f: flag_of(f[1]), m[0]), rest)
+    rest = rest.removesuffix(", got None")
+    return ValueError(rest if re.search(rf"{flag}(?![-\w])", rest) else f"{flag}: {rest}")
+
+
+def as_override(err: ValueError, overrides: list[str]) -> ValueError:
+    """A recipe's error about a field a --set gave, `train.steps: Input should be greater than 0 (got -1)`,
+    named as that --set: `--set train.steps=-1: must be greater than 0` (the value is the one typed: the
+    last --set of a field, the one that counts). Each line of a many-line error on its own; the others,
+    and any error of a recipe file's own field, keep the field's name."""
+    given = {item.partition("=")[0].strip(): item for item in overrides}
+    lines = []
+    for line in str(err).splitlines():
+        field, sep, reason = line.partition(": ")
+        if sep and field in given:
+            reason = re.sub(r" \(got .*\)$", "", re.sub(r"^Input should be ", "must be ", reason))
+            line = f"--set {given[field]}: {reason}"
+        lines.append(line)
+    text = "\n".join(lines)
+    return err if text == str(err) else ValueError(text)
 
 
 # How a file name given where text is also accepted usually ends: such an argument that names

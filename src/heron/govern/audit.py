@@ -788,14 +788,17 @@ def audit_log(*, redact: Redactor | None = None) -> AuditLog | None:
 
 def _env_signing_key() -> Ed25519PrivateKey | None:
     """The private key $HERON_AUDIT_SIGN_KEY names, or None when it is unset. A path with no file,
-    a folder or a file that is no Ed25519 private key is refused naming the variable: any command
-    that records reads it, and open()'s bare `[Errno 2] No such file or directory` from deep inside
-    that command says neither what nor where."""
+    a folder, a file this user may not read or one that is no Ed25519 private key is refused naming
+    the variable: any command that records reads it, and open()'s bare `[Errno 2] No such file or
+    directory` from deep inside that command says neither what nor where."""
     key_file = os.environ.get(SIGN_KEY_ENV)
     if not key_file:
         return None
     try:
         return load_signing_key(existing_input(Path(key_file), SIGN_KEY_ENV, "private key"))
+    except PermissionError:  # open()'s `[Errno 13] Permission denied: '...'` names the path alone
+        raise PermissionError(f"{SIGN_KEY_ENV}: cannot read the private key at {key_file} "
+                              "(permission denied)") from None
     except ValueError as err:  # load_signing_key's message names the path, not where it came from
         raise ValueError(f"{SIGN_KEY_ENV}: {err}") from None
 

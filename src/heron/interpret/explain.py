@@ -83,8 +83,9 @@ def explain(model: Transformer, tokenizer: TokenizerLike, settings: ExplainSetti
         if corrupted.shape != ids.shape:
             raise ValueError(f"corrupted: {corrupted.shape[1]} tokens, but the prompt has {ids.shape[1]}; patching "
                              "needs prompts of equal token length")
+    target = None if settings.target is None else _target_id(tokenizer, settings.target)  # before the work too
     with evaluating(model), atomic_folder(target_dir) as out:
-        _write_report(model, tokenizer, settings, ids, corrupted, out)
+        _write_report(model, tokenizer, settings, ids, corrupted, target, out)
         _write_marker(out)
     return target_dir / PAGE
 
@@ -118,12 +119,13 @@ def _report_before_the_marker(folder: Path) -> set[str]:
 
 
 def _write_report(model: Transformer, tokenizer: TokenizerLike, settings: ExplainSettings, ids: torch.Tensor,
-                  corrupted: torch.Tensor | None, out: Path) -> None:
+                  corrupted: torch.Tensor | None, target: int | None, out: Path) -> None:
+    """The report's page and figures in `out`, explaining `target` (None: the model's top prediction)."""
     meter = EnergyMeter().start()
     tokens = [tokenizer.decode([i]) for i in ids[0].tolist()]
     output, cache = run_with_cache(model, ids, [*resid_names(model), *dla_names(model)])  # one forward for both
     logits = output.logits[0, -1].float()  # (V,)
-    target = _target(tokenizer, settings.target, logits)
+    target = int(logits.argmax()) if target is None else target
     sections = [
         _prediction(tokenizer, logits, target),
         _lens(model, tokenizer, cache, tokens, out),
@@ -154,9 +156,8 @@ def _encode(tokenizer: TokenizerLike, text: str, field: str, model: Transformer)
     return ids
 
 
-def _target(tokenizer: TokenizerLike, text: str | None, logits: torch.Tensor) -> int:
-    if text is None:
-        return int(logits.argmax())
+def _target_id(tokenizer: TokenizerLike, text: str) -> int:
+    """The one token `text` encodes to: a longer target is refused before the model runs, not once it has."""
     ids = tokenizer.encode(text)
     bos = getattr(tokenizer, "bos_id", None)
     if len(ids) == 2 and ids[0] == bos:  # a tokenizer that adds BOS (LLaMA's)
