@@ -42,13 +42,13 @@ def test_every_method_writes_a_checkpoint_with_lineage_and_metrics(base, tmp_pat
                                             ppo={"steps": 1, "prompts_per_step": 16}))]) == 0
 
 
-@pytest.mark.parametrize("override, field", [
-    ("fit.stepz=3", "fit.stepz: unknown field"),
-    ("preference.loss=kto-ish", "preference.loss"),
+@pytest.mark.parametrize("override, field", [  # a field the --set gave is named as typed; another by its name
+    ("fit.stepz=3", "--set fit.stepz=3: unknown field"),
+    ("preference.loss=kto-ish", "--set preference.loss=kto-ish: "),
     ("ppo.prompts_per_step=10", "ppo.minibatch: 16 does not divide prompts_per_step 10"),
-    ("grpo.group=3", "grpo.group: unknown field"),
-    ("grpo.group_size=1", "grpo.group_size: a group needs at least 2 replies to compare, got 1"),
-    ("fit.grad_accum=3", "fit.grad_accum: 3 does not divide batch_size"),
+    ("grpo.group=3", "--set grpo.group=3: unknown field"),
+    ("grpo.group_size=1", "--set grpo.group_size=1: a group needs at least 2 replies to compare, got 1"),
+    ("fit.grad_accum=3", "--set fit.grad_accum=3: 3 does not divide batch_size"),
     ("data.file=x.jsonl", "data: Value error, set exactly one of data.task or data.file"),
 ])
 def test_a_bad_recipe_names_the_field_before_any_work(base, tmp_path, capsys, override, field):

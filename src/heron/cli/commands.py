@@ -5,7 +5,9 @@ import argparse
 import dataclasses
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -18,11 +20,11 @@ from heron.govern import EnergyMeter
 from heron.tokenizer import SPECIAL_TOKENS, HeronTokenizer, Tokenizer, load_tokenizer, train_tokenizer
 from heron.tokenizer.bpe import replaceable_tokenizer_file
 from heron.interop.convert import export_hf, import_hf
-from heron.cli.options import ALIGN_RECIPES_DIR, as_flag, as_override, in_flags, recipe_path
+from heron.cli.options import ALIGN_RECIPES_DIR, RECIPES_DIR, as_flag, as_override, in_flags, recipe_path
 from heron.store.inputs import existing_input
 from heron.cli.watermark import watermark_from_args
 from heron.interop.gguf import save_gguf
-from heron.train import CheckpointError, TrainRecipe, load_recipe, train
+from heron.train import CheckpointError, load_recipe, train
 
 DEFAULT_NEW_TOKENS = 128  # heron generate, unless the model's context leaves less room
 DEFAULT_EVAL_SEQ_LEN = 256  # tokens per scored window, unless the model's context is shorter
@@ -73,11 +75,13 @@ def data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def recipe_from_args(args: argparse.Namespace) -> TrainRecipe:
-    """The recipe args.recipe names with the --set overrides; an error in a field a --set gave is named
-    as that --set (the library names the field, which a recipe file gives as well)."""
+def recipe_from_args(args: argparse.Namespace, load: Callable[[Path, list[str]], Any] = load_recipe,
+                     shipped_in: Path = RECIPES_DIR) -> Any:
+    """The recipe args.recipe names (a file, or one shipped in `shipped_in`) read by `load` with the --set
+    overrides; an error in a field a --set gave is named as that --set (the library names the field, which
+    a recipe file gives as well)."""
     try:
-        return load_recipe(recipe_path(args.recipe), args.overrides)
+        return load(recipe_path(args.recipe, shipped_in), args.overrides)
     except ValueError as err:
         raise as_override(err, args.overrides) from None
 
@@ -253,7 +257,7 @@ def align(args: argparse.Namespace) -> int:
     from heron.align.recipe import load_align_recipe
     from heron.align.run import run_alignment
 
-    recipe = load_align_recipe(recipe_path(args.recipe, ALIGN_RECIPES_DIR), args.overrides)
+    recipe = recipe_from_args(args, load_align_recipe, ALIGN_RECIPES_DIR)
     folder = run_alignment(args.method, recipe, resume=not args.no_resume)
     print(f"wrote {args.method} checkpoint {folder} (metrics: {Path(recipe.out_dir) / 'metrics.jsonl'})")
     return 0
