@@ -157,7 +157,7 @@ def grouped_through_onednn(x: torch.Tensor, w: torch.Tensor) -> bool:
     every product, weight gradients included, goes through oneDNN (a loop of its
     products ran tiny-moe's experts 1.3-1.8x as fast as torch's `grouped_mm` on a
     Zen 5, 2026-12-02; no faster on a Zen 4)."""
-    return (weight_gradient_backend() == "onednn" and _through_onednn(x, w[0].t()) and w.is_contiguous())
+    return weight_gradient_backend() == "onednn" and _through_onednn(x, w[0].t()) and w.is_contiguous()
 
 
 def grouped_product(x: torch.Tensor, w: torch.Tensor, sizes: list[int]) -> torch.Tensor:
