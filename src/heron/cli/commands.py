@@ -20,7 +20,7 @@ from heron.govern import EnergyMeter
 from heron.tokenizer import SPECIAL_TOKENS, HeronTokenizer, Tokenizer, load_tokenizer, train_tokenizer
 from heron.tokenizer.bpe import replaceable_tokenizer_file
 from heron.interop.convert import export_hf, import_hf
-from heron.cli.options import ALIGN_RECIPES_DIR, RECIPES_DIR, as_flag, as_override, in_flags, recipe_path
+from heron.cli.options import ALIGN_RECIPES_DIR, RECIPES_DIR, as_flag, as_override, flag_of, in_flags, recipe_path
 from heron.store.inputs import existing_input
 from heron.cli.watermark import watermark_from_args
 from heron.interop.gguf import save_gguf
@@ -110,7 +110,7 @@ def sampling_flag(err: ValueError, args: argparse.Namespace) -> ValueError:
     (a Watermark names its own fields, key, gamma and delta, which the --watermark-* flags set)."""
     field, sep, rest = str(err).partition(": ")
     name = next((n for n in (field, f"watermark_{field}") if n in vars(args)), None)
-    return ValueError(f"--{name.replace('_', '-')}: {rest}") if sep and name is not None else err
+    return ValueError(f"{flag_of(name)}: {rest}") if sep and name is not None else err
 
 
 def device_from(text: str) -> torch.device:
