@@ -94,7 +94,8 @@ def _operands(shape, bias: bool, input_major: bool):
 
 @needs_onednn
 @pytest.mark.parametrize("backend", ["onednn", "mkl", ZEN4_DEFAULT], indirect=True)
-@pytest.mark.parametrize("shape", [(40, 16), (3, 17, 32), (2, 5, 8)])
+# rows: fewer than ROW_QUANTUM (MKL's alone), whole multiples (oneDNN's alone), and both
+@pytest.mark.parametrize("shape", [(40, 16), (3, 17, 32), (128, 8), (2, 37, 16)])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("input_major", [False, True])
 def test_product_and_gradients_equal_f_linear(backend, shape, bias, input_major):
@@ -136,21 +137,21 @@ def test_the_weight_gradient_goes_to_the_chosen_library_plain_inputs_only(backen
     generator = torch.Generator().manual_seed(11)
     w = torch.randn(12, 20, generator=generator).requires_grad_()
     wanted = 3 if backend == "onednn" else 2  # forward, input gradient and, where chosen, weight gradient
-    for x, through_weight_gradient in ((torch.randn(6, 20, generator=generator), wanted),
-                                       (torch.randn(6, 40, generator=generator)[:, ::2], 2)):  # gaps: MKL
+    for x, through_weight_gradient in ((torch.randn(70, 20, generator=generator), wanted),
+                                       (torch.randn(70, 40, generator=generator)[:, ::2], 2)):  # gaps: MKL
         calls.clear()
         w.grad = None
         x.requires_grad_()
-        gemm.linear(x, w).backward(torch.ones(6, 12))
+        gemm.linear(x, w).backward(torch.ones(70, 12))
         assert len(calls) == through_weight_gradient
-        torch.testing.assert_close(w.grad, torch.ones(12, 6) @ x.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(w.grad, torch.ones(12, 70) @ x.detach(), rtol=1e-5, atol=1e-5)
         assert w.grad.is_contiguous()
 
 
 @needs_onednn
 @pytest.mark.parametrize("backend", ["onednn"], indirect=True)
 def test_onednn_is_repeatable_bit_for_bit_and_leaves_no_graph_outside_autograd(backend):
-    x, w, b = _operands((64, 48), True, False)
+    x, w, b = _operands((100, 48), True, False)
     first = gemm.linear(x, w, b)
     assert torch.equal(first, gemm.linear(x, w, b))
     with torch.inference_mode():
@@ -179,12 +180,13 @@ def test_other_dtypes_and_autocast_go_to_f_linear_unchanged(backend):
 @needs_onednn
 @pytest.mark.parametrize("backend", ["onednn", "mkl"], indirect=True)
 def test_linear_into_writes_the_product_into_the_buffer(backend):
-    x, w, _ = _operands((10, 16), False, False)
-    buffer = torch.full((12, w.shape[0]), float("nan"))
-    got = gemm.linear_into(x, w, buffer[:10])
-    assert got.data_ptr() == buffer.data_ptr()
-    torch.testing.assert_close(buffer[:10], x @ w.t(), rtol=1e-5, atol=1e-5)
-    assert buffer[10:].isnan().all()
+    for rows in (10, 64, 70):  # MKL's rows, oneDNN's, both
+        x, w, _ = _operands((rows, 16), False, False)
+        buffer = torch.full((rows + 2, w.shape[0]), float("nan"))
+        got = gemm.linear_into(x, w, buffer[:rows])
+        assert got.data_ptr() == buffer.data_ptr()
+        torch.testing.assert_close(buffer[:rows], x @ w.t(), rtol=1e-5, atol=1e-5)
+        assert buffer[rows:].isnan().all()
 
 
 def test_is_plain_takes_row_major_and_input_major_weights_only():
@@ -205,7 +207,7 @@ def test_a_weight_with_gaps_between_rows_goes_to_f_linear(backend, monkeypatch):
     monkeypatch.setattr(gemm, "_onednn_product", lambda *args: calls.append(args) or through_onednn(*args))
     generator = torch.Generator().manual_seed(5)
     input_major = torch.randn(16, 8, generator=generator).t().contiguous().t()
-    x = torch.randn(20, 8, generator=generator)
+    x = torch.randn(64, 8, generator=generator)
     assert torch.equal(gemm.linear(x, input_major[:8]), F.linear(x, input_major[:8]))
     assert calls == []
     gemm.linear(x, input_major)  # the whole input-major weight is plain: oneDNN takes it
@@ -216,7 +218,7 @@ def test_a_weight_with_gaps_between_rows_goes_to_f_linear(backend, monkeypatch):
 @pytest.mark.parametrize("backend", ["onednn"], indirect=True)
 def test_grouped_product_and_gradients_equal_a_loop_of_matmuls_an_empty_group_included(backend):
     generator = torch.Generator().manual_seed(13)
-    sizes = [5, 0, 9, 2]
+    sizes = [70, 0, 64, 9]  # oneDNN's rows and MKL's, oneDNN's alone, none, MKL's alone
     x = torch.randn(sum(sizes), 16, generator=generator, requires_grad=True)
     w = torch.randn(len(sizes), 16, 24, generator=generator, requires_grad=True)
     grad_out = torch.randn(sum(sizes), 24, generator=generator)
@@ -249,3 +251,28 @@ def test_no_rows_give_a_zero_weight_gradient(backend):  # oneDNN refuses an empt
     x, w = torch.randn(0, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
     gemm.linear(x, w).sum().backward()
     assert torch.equal(w.grad, torch.zeros(4, 8)) and x.grad.shape == (0, 8)
+
+
+@needs_onednn
+@pytest.mark.parametrize("backend", ["onednn"], indirect=True)
+def test_onednn_sees_rows_in_whole_multiples_of_the_quantum_only(backend, monkeypatch):
+    # it builds and keeps a primitive a shape: row counts that vary (prefills, a MoE's experts) must not reach it
+    rows_seen = []
+    through_onednn = gemm._onednn_product
+    monkeypatch.setattr(gemm, "_onednn_product", lambda x, *rest: rows_seen.append(x.shape) or through_onednn(x, *rest))
+    generator = torch.Generator().manual_seed(17)
+    q = gemm.ROW_QUANTUM
+    w = torch.randn(12, 20, generator=generator, requires_grad=True)
+    for n in (1, q - 1, q, q + 1, 2 * q + 5):
+        rows_seen.clear()
+        x = torch.randn(n, 20, generator=generator, requires_grad=True)
+        gemm.linear(x, w).backward(torch.ones(n, 12))
+        bulk = n - n % q
+        # forward and input gradient take (bulk, K) rows; the weight gradient sums over bulk rows: (N, bulk)
+        assert rows_seen == ([(bulk, 20), (bulk, 12), (12, bulk)] if bulk else [])
+    rows_seen.clear()
+    sizes = [q + 3, 2 * q, 7]
+    x = torch.randn(sum(sizes), 20, generator=generator, requires_grad=True)
+    experts = torch.randn(3, 20, 8, generator=generator, requires_grad=True)
+    gemm.grouped_product(x, experts, sizes).sum().backward()
+    assert {dim for shape in rows_seen for dim in shape} <= {q, 2 * q, 8, 20}  # features and whole quanta only

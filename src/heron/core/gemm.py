@@ -21,6 +21,16 @@ two runs on one machine compute the same numbers (a resumed training run
 must continue bit for bit). `HERON_GEMM=onednn` (every product, weight
 gradients included) or `HERON_GEMM=mkl` overrides it. The two libraries
 round differently (~1e-6 relative).
+
+oneDNN builds a primitive for each problem shape it meets (~0.5-0.8 ms) and
+keeps the last 1,024, each holding memory (~0.7 MB for a 192 -> 256 product;
+Zen 5, 2026-12-02). Row counts that change from call to call, a MoE's rows
+per expert every step and prefills of every length, had it build one almost
+every call: 400 prefills of 200 lengths grew a `small` model's process from
+0.36 to 2.6 GB, and tiny-moe's experts trained no faster than through
+torch's `grouped_mm` while holding twice its memory. So oneDNN is given a
+product's rows in whole multiples of ROW_QUANTUM and MKL the rest (fewer than
+ROW_QUANTUM rows): the shapes oneDNN sees are few and repeat.
 """
 from __future__ import annotations
 
@@ -36,6 +46,7 @@ GEMM_ENV = "HERON_GEMM"  # one of BACKENDS: overrides the choice made from the C
 
 
 ZEN5_FAMILY = 26  # AMD's CPU family of Zen 5, the first whose weight gradients oneDNN runs faster
+ROW_QUANTUM = 64  # oneDNN takes rows in whole multiples of this, MKL the rest (module docstring)
 
 
 @functools.cache
@@ -113,7 +124,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return _OneDnnLinear.apply(x, weight, bias)
-    return _onednn_product(x, weight, bias)
+    return _rows_product(x, weight, bias)
 
 
 def linear_into(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -122,7 +133,12 @@ def linear_into(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> tor
     in (n x N more written, against the n x N x K multiply-adds saved)."""
     if not _through_onednn(x, weight):
         return torch.mm(x, weight.t(), out=out)
-    return out.copy_(_onednn_product(x, weight, None))
+    bulk = _onednn_rows(len(x))
+    if bulk:
+        out[:bulk].copy_(_onednn_product(x[:bulk], weight, None))
+    if bulk < len(x):
+        torch.mm(x[bulk:], weight.t(), out=out[bulk:])
+    return out
 
 
 def _through_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -143,13 +159,38 @@ def _onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
+def _onednn_rows(n: int) -> int:
+    """How many of n rows oneDNN takes: whole multiples of ROW_QUANTUM (module docstring)."""
+    return n - n % ROW_QUANTUM
+
+
+def _row_pieces(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> list[torch.Tensor]:
+    """x (n, K) @ weight (N, K).T (+ bias) in one or two blocks of rows: oneDNN's
+    (`_onednn_rows`), then MKL's for the rest, or for all of them when there are
+    fewer than ROW_QUANTUM."""
+    bulk = _onednn_rows(len(x))
+    pieces = [_onednn_product(x[:bulk], weight, bias)] if bulk else []
+    if bulk < len(x) or not pieces:
+        pieces.append(F.linear(x[bulk:], weight, bias))
+    return pieces
+
+
+def _rows_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias) for x (..., K), oneDNN's rows and MKL's joined (`_row_pieces`)."""
+    pieces = _row_pieces(x.reshape(-1, x.shape[-1]), weight, bias)
+    return (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).view(*x.shape[:-1], weight.shape[0])
+
+
 def _weight_gradient(grad_rows: torch.Tensor, x_rows: torch.Tensor) -> torch.Tensor:
     """grad_rows (n, N).T @ x_rows (n, K): a weight's gradient (N, K), row-major, through
-    the library `weight_gradient_backend` chose. oneDNN takes x_rows.T as its weight,
-    which must be plain (`is_plain`); a view with gaps between rows goes to MKL."""
-    if weight_gradient_backend() == "onednn" and is_plain(x_rows.t()) and len(x_rows) > 0:  # oneDNN takes no empty sum
-        return _onednn_product(grad_rows.t(), x_rows.t(), None)
-    return grad_rows.t().mm(x_rows)
+    the library `weight_gradient_backend` chose. oneDNN sums over `_onednn_rows` of the n
+    rows and MKL adds the rest; it takes x_rows.T as its weight, which must be plain
+    (`is_plain`): a view with gaps between rows goes to MKL, as do fewer than ROW_QUANTUM rows."""
+    bulk = _onednn_rows(len(x_rows))
+    if weight_gradient_backend() != "onednn" or not bulk or not is_plain(x_rows[:bulk].t()):
+        return grad_rows.t().mm(x_rows)
+    grad = _onednn_product(grad_rows[:bulk].t(), x_rows[:bulk].t(), None)
+    return grad if bulk == len(x_rows) else grad.addmm_(grad_rows[bulk:].t(), x_rows[bulk:])
 
 
 def grouped_through_onednn(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -162,18 +203,19 @@ def grouped_through_onednn(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 def grouped_product(x: torch.Tensor, w: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """Rows x (A, K) grouped by expert in order, sizes[e] rows each, times their expert's
-    w (E, K, M): (A, M), one oneDNN product a group, differentiable in x and w.
-    Only where `grouped_through_onednn` says so."""
+    w (E, K, M): (A, M), differentiable in x and w; each group's rows through oneDNN, but
+    for the last fewer than ROW_QUANTUM, which MKL takes (`_row_pieces`). Only where
+    `grouped_through_onednn` says so."""
     return _OneDnnGrouped.apply(x.contiguous(), w, sizes)
 
 
 class _OneDnnGrouped(torch.autograd.Function):
-    """`grouped_product` and its gradients, each a oneDNN product a group: the rows'
+    """`grouped_product` and its gradients, split by rows as `linear`'s are: the rows'
     g_e @ w_e.T, the weights' x_e.T @ g_e (zero for an expert without rows)."""
 
     @staticmethod
     def forward(x: torch.Tensor, w: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-        return torch.cat([_onednn_product(rows, w_e.t(), None) for rows, w_e in zip(x.split(sizes), w)])
+        return torch.cat([piece for rows, w_e in zip(x.split(sizes), w) for piece in _row_pieces(rows, w_e.t(), None)])
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 (autograd's signature)
@@ -187,10 +229,9 @@ class _OneDnnGrouped(torch.autograd.Function):
         grads = grad.contiguous().split(ctx.sizes)  # (sizes[e], M) each
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.cat([_onednn_product(g, w_e, None) for g, w_e in zip(grads, w)])  # (A, K)
+            grad_x = torch.cat([piece for g, w_e in zip(grads, w) for piece in _row_pieces(g, w_e, None)])  # (A, K)
         if ctx.needs_input_grad[1]:
-            grad_w = torch.stack([_onednn_product(rows.t(), g.t(), None) if len(rows) else w_e.new_zeros(w_e.shape)
-                                  for rows, g, w_e in zip(x.split(ctx.sizes), grads, w)])  # (E, K, M)
+            grad_w = torch.stack([_weight_gradient(rows, g) for rows, g in zip(x.split(ctx.sizes), grads)])  # (E, K, M)
         return grad_x, grad_w, None
 
 
@@ -201,7 +242,7 @@ class _OneDnnLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return _onednn_product(x, weight, bias)
+        return _rows_product(x, weight, bias)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001 (autograd's signature)
@@ -217,7 +258,7 @@ class _OneDnnLinear(torch.autograd.Function):
         grad_rows = grad.reshape(-1, N)  # (n, N)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:  # the forward took the weight, so its transpose is plain too
-            grad_x = _onednn_product(grad, weight.t(), None)  # (..., K)
+            grad_x = _rows_product(grad, weight.t(), None)  # (..., K)
         if ctx.needs_input_grad[1]:
             grad_w = _weight_gradient(grad_rows, x.reshape(-1, K))  # (N, K)
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -225,6 +266,6 @@ class _OneDnnLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-__all__ = ["BACKENDS", "GEMM_ENV", "ZEN5_FAMILY", "cpu_family", "cpu_gemm_libraries", "cpu_vendor", "gemm_backend",
+__all__ = ["BACKENDS", "GEMM_ENV", "ROW_QUANTUM", "ZEN5_FAMILY", "cpu_family", "cpu_gemm_libraries", "cpu_vendor", "gemm_backend",
            "grouped_product",
            "grouped_through_onednn", "is_plain", "linear", "linear_into", "weight_gradient_backend"]
