@@ -12,6 +12,7 @@ from heron.core import ModelConfig, Transformer
 from heron.core import head_loss
 from heron.core.head_loss import (IGNORE_INDEX, REDUCTIONS, fusable_weight, head_cross_entropy, linear_cross_entropy,
                                   next_token_targets)
+from heron.core.gemm import ROW_QUANTUM
 from heron.core.linear import Linear
 
 
@@ -294,3 +295,13 @@ def test_the_transformer_fuses_the_heads_fusable_weight_takes_and_no_other(small
         got = model(x, targets=x, reduction=reduction).loss
     assert len(fused_calls) == fusable
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("vocab", "share", "rows"), [(32000, 1, 512), (8192, 1, 2048), (8192, 3, 640), (50257, 2, 256)])
+def test_chunks_take_whole_quanta_of_rows_for_onednn(vocab, share, rows):
+    # 2**24 logits over 32,000 words is 524 rows: oneDNN would take 512 and MKL the other 12
+    h, weight = torch.empty(4096, 8), torch.empty(vocab, 8)
+    taken, buffer = head_loss.chunking(h, weight, share)
+    assert (taken, tuple(buffer.shape)) == (rows, (rows, vocab))
+    assert taken % ROW_QUANTUM == 0
+    assert head_loss.chunking(h[:100], weight, share)[0] == min(100, rows)  # fewer rows than a chunk: all of them

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from heron.core.gemm import linear_into
+from heron.core.gemm import ROW_QUANTUM, linear_into
 from heron.core.linear import Linear
 
 IGNORE_INDEX = -100  # targets to skip, as F.cross_entropy's default
@@ -211,7 +211,10 @@ def chunking(h: torch.Tensor, weight: torch.Tensor, share: int = 1) -> tuple[int
     """(rows a chunk takes, the buffer (rows, V) that each chunk's logits are made in, reused),
     for chunks of about CHUNK_ELEMENTS / share logits (a loss that holds `share` such
     tensors a chunk keeps its memory alike)."""
-    rows = max(1, min(h.shape[0], max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // share // weight.shape[0])))
+    rows = max(MIN_CHUNK_ROWS, CHUNK_ELEMENTS // share // weight.shape[0])
+    if rows > ROW_QUANTUM:  # whole quanta, so that oneDNN takes every row where it runs the head (core/gemm.py)
+        rows -= rows % ROW_QUANTUM
+    rows = max(1, min(h.shape[0], rows))
     return rows, torch.empty(rows, weight.shape[0], dtype=h.dtype, device=h.device)
 
 
