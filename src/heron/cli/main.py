@@ -54,8 +54,13 @@ def _add_device(parser: argparse.ArgumentParser) -> None:
 
 
 def _lazy(module: str, name: str) -> Handler:
-    """The handler `name` of heron.cli.`module`, imported when the verb runs."""
+    """The handler `name` of heron.cli.`module`, imported when the verb runs. These verbs
+    run models in a process that is Heron's, so the C library keeps the memory freed
+    tensors held for the next ones (core/allocator.py)."""
     def run(args: argparse.Namespace) -> int:
+        from heron.core.allocator import retain_freed_memory
+
+        retain_freed_memory()
         return getattr(importlib.import_module(f"heron.cli.{module}"), name)(args)
     return run
 

@@ -39,6 +39,7 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
+from heron.core.allocator import retain_freed_memory
 from heron.core.gemm import BACKENDS, GEMM_ENV, cpu_gemm_libraries
 from heron.core.head_loss import IGNORE_INDEX
 from heron.core.hooks import attach_hooks
@@ -267,6 +268,7 @@ def _start(recipe: TrainRecipe, ctx: dist_.DistContext, resume: bool, data: Trai
             _warn_of_other_gemm(ckpt, recipe, ctx.device)
     if recipe.train.threads is not None:
         torch.set_num_threads(recipe.train.threads)
+    retain_freed_memory()  # activations reuse freed memory instead of faulting fresh pages in each step
     _seed_everything(recipe.train.seed)
     model = Transformer(config)
     if ckpt is not None:
