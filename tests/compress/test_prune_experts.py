@@ -144,7 +144,9 @@ def test_sparsegpt_on_an_expert_is_sparsegpt_on_the_hessian_of_its_routed_tokens
             assert hessian.rows > 0
             w, keep = sparsegpt(original[name][e].T, hessian.H, sparsity=0.5)
             assert torch.equal(masks[name][e].T, keep), (name, e)
-            assert torch.equal(pruned[name][e].T, w), (name, e)
+            # the model's expert products may split their rows between oneDNN and MKL (core/gemm.py),
+            # the reference's `@` is MKL's alone: the down inputs, and so the weights, can differ in the last bit
+            torch.testing.assert_close(pruned[name][e].T, w, rtol=1e-6, atol=1e-7, msg=f"{name} {e}")
 
 
 def test_an_expert_routed_no_calibration_token_falls_back_to_magnitude_with_a_warning():
