@@ -113,6 +113,14 @@ def test_prune_without_a_pruning_flag_offers_the_flags(tmp_path: Path, capsys) -
     assert not (tmp_path / "out").exists()
 
 
+def test_prune_given_both_sparsity_and_nm_shows_them_as_typed(tmp_path: Path, capsys) -> None:
+    """The library's `nm=(2, 4)` came out as `--nm (2, 4)`, a tuple where 2:4 was typed."""
+    assert main(["compress", "prune", str(tmp_path / "no-checkpoint"), str(tmp_path / "out"),
+                 "--sparsity", "0.5", "--nm", "2:4"]) == 2
+    assert capsys.readouterr().err == ("heron compress: error: give exactly one of --sparsity or --nm, "
+                                       "got --sparsity 0.5 and --nm 2:4\n")
+
+
 @pytest.mark.parametrize("flags, needs", [
     (["--experts", "3"], "--experts 3"),
     (["--sparsity", "0.5"], "--method wanda"),

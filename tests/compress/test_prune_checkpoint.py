@@ -32,7 +32,7 @@ SHARDS = {"calib_shards": "shards"}  # never read: construction only checks the 
     ({"method": "magnitude", "nm": (3, 2)}, r"nm: expected 0 < n <= m, got 3:2"),
     ({"method": "magnitude", "nm": (4, 4)}, r"nm: 4:4 keeps every weight; give n < m"),  # a no-op called pruned
     ({"method": "magnitude", "sparsity": 0.5, "nm": (2, 4)},
-     r"sparsity: give exactly one of sparsity or nm, got sparsity=0\.5 and nm=\(2, 4\)"),
+     r"sparsity: give exactly one of sparsity or nm, got sparsity=0\.5 and nm=2:4"),
     ({"method": "wanda", "sparsity": 0.5}, r"calib_shards: a shard folder of calibration windows is needed for "
                                            r"method 'wanda', got None"),
     ({"experts": 2, "recover_steps": 3}, r"calib_shards: .* needed for experts=2 and recover_steps=3, got None"),

@@ -32,7 +32,8 @@ from heron.compress.gptq import inverse_cholesky_upper, without_dead_inputs
 def check_target(sparsity: float | None, nm: tuple[int, int] | None, in_features: int | None = None) -> None:
     """Exactly one of sparsity in [0, 1) or nm = (n, m) with 0 < n <= m dividing the inputs."""
     if (sparsity is None) == (nm is None):
-        raise ValueError(f"sparsity: give exactly one of sparsity or nm, got sparsity={sparsity!r} and nm={nm!r}")
+        given_nm = "None" if nm is None else ":".join(map(str, nm))  # as typed: 2:4
+        raise ValueError(f"sparsity: give exactly one of sparsity or nm, got sparsity={sparsity!r} and nm={given_nm}")
     if sparsity is not None and not 0 <= sparsity < 1:
         raise ValueError(f"sparsity: expected a fraction in [0, 1), got {sparsity!r}")
     if nm is not None:
