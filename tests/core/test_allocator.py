@@ -17,13 +17,13 @@ def _page_faults() -> int:
 def test_freed_memory_is_reused_instead_of_faulted_in_again():
     assert retain_freed_memory()
     faulted_in = []
-    for _ in range(8):
+    for _ in range(16):
         before = _page_faults()
         torch.ones(PAGES * 1024)  # float32: 64 MB, freed at once
         faulted_in.append(_page_faults() - before > PAGES // 2)
-    # glibc's default maps each afresh and faults all its pages in every time; kept, the memory
-    # is reused (the first one or two fault in: glibc may take two places in turn)
-    assert sum(faulted_in) <= 2, faulted_in
+    # glibc's default maps each afresh and faults all its pages in every time; kept, the memory is
+    # reused (some fault in still: aligned requests may take a fresh place at the heap's top a few times)
+    assert sum(faulted_in) <= 6, faulted_in
 
 
 def test_other_c_libraries_are_left_alone(monkeypatch):
