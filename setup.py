@@ -1,21 +1,27 @@
-"""Builds Heron's one compiled module; everything else is in pyproject.toml.
+"""Builds Heron's two compiled modules; everything else is in pyproject.toml.
 
-`heron.compress._fused` is the fused dequantise-and-multiply kernel for int8
-and int4 weights (src/heron/compress/csrc/fused.c, plain C and OpenMP, no torch
-headers). It is optional: where it does not build (no C compiler, no OpenMP),
-installation goes on and quantised linears use the other kernels
-(compress/kernels.py).
+Both are plain C and OpenMP, no torch headers, and optional: where one does not
+build (no C compiler, no OpenMP), installation goes on and Heron uses torch's
+kernels instead.
+
+- `heron.compress._fused`: the fused dequantise-and-multiply kernel for int8
+  and int4 weights (src/heron/compress/csrc/fused.c; else compress/kernels.py's
+  other kernels).
+- `heron.core._stream`: decoding's one- and two-row fp32 product over
+  input-major weights (src/heron/core/csrc/stream.c; else core/linear.py's
+  blocked bmm).
 """
 from setuptools import Extension, setup
 
+
+def openmp_c(name: str, source: str) -> Extension:
+    return Extension(name, sources=[source], extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"],
+                     optional=True)
+
+
 setup(
     ext_modules=[
-        Extension(
-            "heron.compress._fused",
-            sources=["src/heron/compress/csrc/fused.c"],
-            extra_compile_args=["-O3", "-fopenmp"],
-            extra_link_args=["-fopenmp"],
-            optional=True,
-        )
+        openmp_c("heron.compress._fused", "src/heron/compress/csrc/fused.c"),
+        openmp_c("heron.core._stream", "src/heron/core/csrc/stream.c"),
     ]
 )

@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from heron.core.gemm import linear
-from heron.core.linear import MAX_ROWS, Linear, is_input_major, set_decode_layout
+import heron.core.linear as linear_module
+from heron.core.linear import MAX_ROWS, Linear, is_input_major, set_decode_layout, streams
 
 
 @pytest.mark.parametrize("input_major", [False, True])
@@ -49,20 +50,26 @@ def _wide_model() -> torch.nn.Module:
     return build_model("test").eval()
 
 
-def test_decode_layout_moves_only_wide_weights_and_keeps_values():
+@pytest.mark.parametrize("kernel", [False, True])
+def test_decode_layout_moves_wide_weights_or_with_the_kernel_all_and_keeps_values(kernel, monkeypatch):
+    if kernel and not streams():
+        pytest.skip("Heron's streaming kernel is not built or does not run on this CPU")
+    if not kernel:
+        monkeypatch.setattr(linear_module, "_stream_kernel", lambda: None)
     model = _wide_model()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     moved = set_decode_layout(model, rows=1)
-    wide = [m for m in model.modules() if isinstance(m, Linear) and m.out_features > m.in_features]
-    assert moved == len(wide) > 0  # q/k/v, gate/up and the (tied) output head of every block
-    assert all(m.weight.t().is_contiguous() for m in wide)
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    wide = [m for m in linears if m.out_features > m.in_features]
+    laid_out = linears if kernel else wide  # the kernel reads every weight input-major; the blocks only wide ones
+    assert moved == len(laid_out) > len(wide) * kernel  # q/k/v, gate/up and the (tied) head; with it out and down
+    assert all(m.weight.t().is_contiguous() for m in laid_out)
     assert model.embed.weight is model.lm_head.weight  # still tied, moved together
-    assert all(m.weight.is_contiguous() for m in model.modules()
-               if isinstance(m, Linear) and m.out_features <= m.in_features)
+    assert all(m.weight.is_contiguous() for m in linears if m not in laid_out)
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
     assert set_decode_layout(model, rows=1) == 0  # idempotent
     assert set_decode_layout(model, rows=8) == moved  # more rows: back to row-major
-    assert all(m.weight.is_contiguous() for m in wide)
+    assert all(m.weight.is_contiguous() for m in linears)
 
 
 def test_decode_layout_keeps_logits_and_training():

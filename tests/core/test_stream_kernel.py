@@ -1,0 +1,78 @@
+"""Heron's streaming kernel (csrc/stream.c): decoding's one- and two-row fp32 product
+over input-major weights, against F.linear."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import heron.core.linear as linear_module
+from heron.core.linear import few_row_product, streamed_product, streams
+
+pytestmark = pytest.mark.skipif(not streams(), reason="Heron's streaming kernel is not built or does not run here")
+
+
+def _input_major(N: int, K: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(K, N, generator=generator).t()  # (N, K), laid out (K, N) as decoding lays it
+
+
+# K not a multiple of the four rows a pass takes, N not of the 16 floats a vector holds, 1 x 1 included
+@pytest.mark.parametrize(("N", "K"), [(1, 1), (17, 3), (40, 7), (100, 64), (33, 130), (2304, 768)])
+@pytest.mark.parametrize("shape", [(1,), (2,), (1, 1), (1, 2), (2, 1)])
+def test_one_or_two_rows_equal_f_linear(N, K, shape):
+    generator = torch.Generator().manual_seed(N * 1000 + K)
+    w = _input_major(N, K, generator)
+    x = torch.randn(*shape, K, generator=generator)
+    got = streamed_product(w)(x)
+    assert got.shape == (*shape, N)
+    # to fp32 rounding of sums of K terms of about 1 (the exact sums, in fp64, as reference)
+    torch.testing.assert_close(got, F.linear(x.double(), w.double()).float(), rtol=1e-5, atol=1e-5 * K**0.5)
+
+
+def test_repeats_bit_for_bit_and_reads_a_strided_input():
+    generator = torch.Generator().manual_seed(3)
+    w = _input_major(300, 96, generator)
+    x = torch.randn(2, 192, generator=generator)[:, ::2]  # (2, 96), not contiguous
+    product = streamed_product(w)
+    assert torch.equal(product(x), product(x))
+    torch.testing.assert_close(product(x), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_takes_input_major_fp32_cpu_weights_only():
+    generator = torch.Generator().manual_seed(5)
+    w = _input_major(24, 16, generator)
+    assert streamed_product(w) is not None
+    assert streamed_product(w.contiguous()) is None  # row-major: the blocks
+    assert streamed_product(w.double()) is None
+    assert streamed_product(torch.randn(16, 48, generator=generator)[:, ::2].t()) is None  # gaps between rows
+
+
+class _Counting:
+    """The kernel module, its calls counted."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.rows = kernel, []
+
+    def mm(self, x_ptr, M, *rest) -> None:
+        self.rows.append(M)
+        self.kernel.mm(x_ptr, M, *rest)
+
+
+def test_few_row_product_streams_one_or_two_rows_and_blocks_the_rest(monkeypatch):
+    counting = _Counting(linear_module._stream_kernel())
+    monkeypatch.setattr(linear_module, "_stream_kernel", lambda: counting)
+    generator = torch.Generator().manual_seed(7)
+    w, bias = _input_major(40, 32, generator), torch.randn(40, generator=generator)
+    product = few_row_product(w, bias)
+    for rows in (1, 2, 3, 8):
+        x = torch.randn(rows, 32, generator=generator)
+        torch.testing.assert_close(product(x), F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
+    assert counting.rows == [1, 2]  # 3 and 8 rows: the blocked bmm
+    with pytest.raises(RuntimeError, match="Double"):  # torch's own error, not a kernel reading fp64 as fp32
+        product(torch.randn(1, 32, dtype=torch.float64, generator=generator))
+    assert counting.rows == [1, 2]
+
+
+def test_the_kernel_refuses_rows_it_does_not_take():
+    kernel = linear_module._stream_kernel()
+    x, wt, y = torch.zeros(3, 4), torch.zeros(4, 5), torch.empty(3, 5)
+    with pytest.raises(ValueError, match="M must be 1 or 2"):
+        kernel.mm(x.data_ptr(), 3, y.data_ptr(), 1, wt.data_ptr(), 5, 4)
