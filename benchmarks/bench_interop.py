@@ -73,9 +73,10 @@ LIMITS = [
     "EPYC (2026-11-30), the figure to expect there. (At 1 x 64, a 4096-wide gate+up product was slower than two "
     "2048-wide ones in MKL; Heron splits it there.)",
     "Decode on the Mixtral shape: a token streams ~183 MB of fp32 weights (2 of 8 experts x 8 layers, the head, "
-    "attention). Heron reads them with few-row products over blocks of the input dimension (core/linear.py; the "
-    "two chosen experts one by one, not grouped_mm over all eight): in a profiled step the products took 11.5 ms "
-    "of a 24.7 ms token (~16 GB/s). The rest is small operations (norms, RoPE, cache writes, routing) at a few "
+    "attention). Heron reads them with its streaming kernel over input-major weights (core/csrc/stream.c; the "
+    "two chosen experts one by one, not grouped_mm over all eight): before it, with few-row products over blocks "
+    "of the input dimension (core/linear.py), the products took 11.5 ms of a 24.7 ms token (~16 GB/s) in a "
+    "profiled step. The rest is small operations (norms, RoPE, cache writes, routing) at a few "
     "microseconds each plus Python. A MoE layer decoding a token sends it straight through its two experts "
     "(MoE._decode), without batched dispatch's sort, gather and scatter: 0.83 ms a layer against 1.22 (median of "
     "15 alternating rounds). transformers pays the same weight stream at F.linear's ~8 GB/s plus its loop over "
