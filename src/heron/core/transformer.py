@@ -162,7 +162,7 @@ class Transformer(nn.Module):
                 module.reset_parameters(std, residual)
 
     def train(self, mode: bool = True) -> Transformer:
-        """Set training mode; training lays wide weights back out row-major
+        """Set training mode; training lays the weights back out row-major
         (a batch-1 decode may have made them input-major, core/linear.py),
         where a training step's products run ~8% faster."""
         if mode:
