@@ -266,6 +266,6 @@ class _OneDnnLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
-__all__ = ["BACKENDS", "GEMM_ENV", "ROW_QUANTUM", "ZEN5_FAMILY", "cpu_family", "cpu_gemm_libraries", "cpu_vendor", "gemm_backend",
-           "grouped_product",
-           "grouped_through_onednn", "is_plain", "linear", "linear_into", "weight_gradient_backend"]
+__all__ = ["BACKENDS", "GEMM_ENV", "ROW_QUANTUM", "ZEN5_FAMILY", "cpu_family", "cpu_gemm_libraries", "cpu_vendor",
+           "gemm_backend", "grouped_product", "grouped_through_onednn", "is_plain", "linear", "linear_into",
+           "weight_gradient_backend"]
