@@ -1,10 +1,13 @@
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from heron.core.gemm import linear
 import heron.core.linear as linear_module
-from heron.core.linear import MAX_ROWS, Linear, is_input_major, set_decode_layout, streams
+from heron.core.linear import (K_SPLIT_ROWS, MAX_ROWS, STREAM_ROWS, Linear, is_input_major, set_decode_layout,
+                               streams)
 
 
 @pytest.mark.parametrize("input_major", [False, True])
@@ -68,7 +71,8 @@ def test_decode_layout_moves_wide_weights_or_with_the_kernel_all_and_keeps_value
     assert all(m.weight.is_contiguous() for m in linears if m not in laid_out)
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
     assert set_decode_layout(model, rows=1) == 0  # idempotent
-    assert set_decode_layout(model, rows=8) == moved  # more rows: back to row-major
+    assert set_decode_layout(model, rows=STREAM_ROWS if kernel else K_SPLIT_ROWS) == 0  # as many rows as it serves
+    assert set_decode_layout(model, rows=STREAM_ROWS + 1) == moved  # more rows: back to row-major
     assert all(m.weight.is_contiguous() for m in linears)
 
 
@@ -97,3 +101,11 @@ def test_a_decode_laid_out_model_saves_and_loads(tmp_path):
     save_model_folder(tmp_path / "ckpt", model)
     loaded, _ = load_model_folder(tmp_path / "ckpt")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_the_streaming_kernel_is_built_where_it_can_be():
+    """setup.py builds it as an optional extension, and its tests skip where it is missing:
+    with a C compiler on an AVX2 or AVX-512 machine, a missing kernel means the build broke."""
+    if not torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512")) or shutil.which("cc") is None:
+        pytest.skip("no AVX2 or no C compiler: the streaming kernel is not expected here")
+    assert streams()

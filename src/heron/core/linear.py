@@ -14,7 +14,8 @@ from heron.core.gemm import linear
 
 SPLIT = 4  # weight blocks, one bmm batch entry (and thread task) each
 MAX_ROWS = 16  # inputs with more rows than this are GEMM-shaped: the plain path is best
-K_SPLIT_ROWS = 2  # decoding this many rows or fewer lays wide weights out input-major (every weight: `streams`)
+K_SPLIT_ROWS = 2  # decoding this many rows or fewer lays wide weights out input-major for the blocks
+STREAM_ROWS = 8  # rows the streaming kernel takes, and decoding lays every weight out for (`streams`)
 
 
 class Linear(nn.Linear):
@@ -40,11 +41,12 @@ class Linear(nn.Linear):
       blocks rounds differently from F.linear (~1e-6 in logits).
 
     Where Heron's own streaming kernel runs (`streams`: csrc/stream.c, built at
-    install, on a CPU with AVX-512F or AVX2), one or two rows times an
+    install, on a CPU with AVX-512F or AVX2), up to STREAM_ROWS rows times an
     input-major weight go through it instead: each thread reads one contiguous
     block of the weight's rows, which streamed the `base` preset's weights at
-    44-47 GB/s against the blocked bmm's 34-37 on the Zen 5 host, and decoding
-    lays every weight out input-major to use it (decoding steps 1.14-1.20x as fast).
+    44-47 GB/s against the blocked bmm's 34-37 on the Zen 5 host (one row;
+    1.4-1.6x the blocks at 8 rows), and decoding lays every weight out
+    input-major to use it (decoding steps 1.14-1.20x as fast at batch 1).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,7 +57,7 @@ class Linear(nn.Linear):
 
 def few_row_product(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
     """F.linear(., weight, bias) for inputs (..., K) of at most MAX_ROWS rows:
-    one or two fp32 rows through the streaming kernel where it takes the weight
+    up to STREAM_ROWS fp32 rows through the streaming kernel where it takes the weight
     (`streamed_product`), else one bmm over SPLIT blocks of the weight where its
     layout allows (why: `Linear`), else F.linear. The blocks are views of the
     weight made here, once, so a caller that multiplies by one weight many
@@ -70,9 +72,9 @@ def few_row_product(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable
     else:
         product = lambda x: F.linear(x, weight)  # noqa: E731
     streamed = streamed_product(weight)
-    if streamed is not None:  # one or two fp32 rows: the streaming kernel; more: the blocks
+    if streamed is not None:  # up to STREAM_ROWS fp32 rows: the streaming kernel; more: the blocks
         blocked = product
-        product = lambda x: (streamed(x) if x.numel() <= K_SPLIT_ROWS * K and x.dtype == torch.float32  # noqa: E731
+        product = lambda x: (streamed(x) if x.numel() <= STREAM_ROWS * K and x.dtype == torch.float32  # noqa: E731
                              else blocked(x))
     return product if bias is None else lambda x: product(x) + bias
 
@@ -88,13 +90,13 @@ def _stream_kernel() -> ModuleType | None:
 
 
 def streams() -> bool:
-    """Whether one or two rows times an input-major fp32 CPU weight go through Heron's
+    """Whether up to STREAM_ROWS rows times an input-major fp32 CPU weight go through Heron's
     streaming kernel here (`Linear`), so that decoding lays every weight out input-major."""
     return _stream_kernel() is not None
 
 
 def streamed_product(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """x (..., K) of one or two rows, fp32, times the input-major (N, K) `weight`, through
+    """x (..., K) of up to STREAM_ROWS rows, fp32, times the input-major (N, K) `weight`, through
     the streaming kernel (`Linear`): (..., N). None where the kernel does not take the
     weight (another layout, dtype or device, or no kernel here)."""
     kernel = _stream_kernel()
@@ -153,10 +155,11 @@ def output_block_product(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
 def set_decode_layout(model: nn.Module, rows: int) -> int:
     """Lay out the weight of every wide `Linear` on the CPU (more outputs than
     inputs), and of every one where Heron's streaming kernel runs (`streams`),
-    for products with `rows` input rows: input-major up to K_SPLIT_ROWS rows,
-    row-major (as built) above, where blocks of outputs over row-major weights
-    are faster (at 8 rows, 512 x 8192: 2.3 ms against 3.1 input-major).
-    Returns how many weights moved.
+    for products with `rows` input rows: input-major up to K_SPLIT_ROWS rows
+    (STREAM_ROWS with the kernel), row-major (as built) above, where blocks of
+    outputs over row-major weights are faster than blocks of inputs (at 8
+    rows, 512 x 8192: 2.3 ms against 3.1 input-major). Returns how many
+    weights moved.
 
     Values, shapes and parameters stay the same (a tied embedding moves with
     its output head; a lookup reads strided rows, as cheap for a few tokens);
@@ -165,7 +168,8 @@ def set_decode_layout(model: nn.Module, rows: int) -> int:
     weights back out row-major, where training's products are faster). A weight already laid out is left
     alone, so decoding calls this on every model it is given.
     """
-    input_major, every_weight = rows <= K_SPLIT_ROWS, streams()
+    every_weight = streams()
+    input_major = rows <= (STREAM_ROWS if every_weight else K_SPLIT_ROWS)
     moved = 0
     with torch.inference_mode(False), torch.no_grad():  # plain tensors: the model may train afterwards
         for module in model.modules():
