@@ -1,4 +1,4 @@
-"""Builds Heron's two compiled modules; everything else is in pyproject.toml.
+"""Builds Heron's three compiled modules; everything else is in pyproject.toml.
 
 Both are plain C and OpenMP, no torch headers, and optional: where one does not
 build (no C compiler, no OpenMP), installation goes on and Heron uses torch's
@@ -10,6 +10,9 @@ kernels instead.
 - `heron.core._stream`: decoding's one- and two-row fp32 product over
   input-major weights (src/heron/core/csrc/stream.c; else core/linear.py's
   blocked bmm).
+- `heron.core._step`: the small operations of a decoding step (attention for one
+  new token over the KV cache, RMSNorm, the embedding lookup), one call each
+  (src/heron/core/csrc/step.c; else core/token_step.py's torch ops).
 """
 from setuptools import Extension, setup
 
@@ -23,5 +26,6 @@ setup(
     ext_modules=[
         openmp_c("heron.compress._fused", "src/heron/compress/csrc/fused.c"),
         openmp_c("heron.core._stream", "src/heron/core/csrc/stream.c"),
+        openmp_c("heron.core._step", "src/heron/core/csrc/step.c"),
     ]
 )

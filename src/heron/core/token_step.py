@@ -14,6 +14,15 @@ equal `Transformer.forward`'s bit for bit (tests/core/test_token_step.py).
 The d_model-64 step fell to ~2.5 ms, the `small` one from ~10.2 to ~8.1 ms
 (interleaved, 2026-11-29).
 
+Where Heron's step kernels are built (core/step_kernels.py, csrc/step.c), a
+plain layer (RMSNorm, dense attention, SwiGLU, weights laid out for the
+streaming product) runs in one kernel call, and the other layers' attention
+between its products, their RMSNorms and the embedding lookup run through
+kernels too: the same arithmetic summed in another order, so the logits
+equal the forward's to fp32 rounding instead of bit for bit. On the Zen 5
+host the d_model-64 step fell from ~1.0 to ~0.6 ms with the separate
+kernels, the `small` one from ~4.4 to ~3.8 ms (lockstep, 2026-12-02).
+
 Heron's plain parts run flattened: `Linear`, RMSNorm, LayerNorm, dense
 attention (RoPE or not, qk_norm or not, any head grouping, SDPA over the KV cache) and the
 dense MLP; a MoE goes straight to its few-token path (`MoE.decode_step`),
@@ -42,6 +51,7 @@ from heron.core.mlp import MLP
 from heron.core.moe import MoE
 from heron.core.norms import RMSNorm, rms_norm
 from heron.core.rope import apply_rope
+from heron.core.step_kernels import LayerStep, attend_new_token, embedding_step, rms_norm_step
 from heron.core.transformer import Transformer, causal_padding_mask
 
 Part = Callable[[torch.Tensor], torch.Tensor]  # (B, 1, d_in) -> (B, 1, d_out)
@@ -49,12 +59,16 @@ Rope = tuple[torch.Tensor, torch.Tensor] | None
 
 
 def _norm(module: nn.Module) -> Part:
-    """Heron's RMSNorm or torch's LayerNorm as its arithmetic; anything else as its forward."""
+    """Heron's RMSNorm through the step kernel, or as its arithmetic without it; torch's
+    LayerNorm as its arithmetic; anything else as its forward."""
     if type(module) is nn.LayerNorm:
         shape, weight, bias, eps = module.normalized_shape, module.weight, module.bias, module.eps
         return lambda x: F.layer_norm(x, shape, weight, bias, eps)
     if type(module) is not RMSNorm or module.weight is None or module.eps is None:
         return module.forward
+    through_kernel = rms_norm_step(module)
+    if through_kernel is not None:
+        return through_kernel
     weight = module.weight
     eps, width = (torch.tensor(float(v), device=weight.device) for v in (module.eps, weight.shape[0]))
     return lambda x: rms_norm(x, weight, eps, width) if x.dtype == torch.float32 else module.forward(x)
@@ -74,10 +88,18 @@ class _DenseAttention:
     qk_norms: tuple[Part, Part] | None
 
     def __call__(self, x: torch.Tensor, rope: Rope, mask: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
-        """`Attention.forward` for T = 1 with a cache and no hooks: (B, 1, d)."""
+        """`Attention.forward` for T = 1 with a cache and no hooks: (B, 1, d).
+        Between the two products, the step kernel where it takes the layer (all but
+        qk_norm's), else torch's ops."""
         B = x.shape[0]
         n_q, n_kv, _ = self.heads
-        heads = self.qkv(x).view(B, -1, 1, self.head_dim)  # (B, nh + 2 nkv, 1, hd): one token, no transpose
+        qkv = self.qkv(x)  # (B, 1, (nh + 2 nkv) hd)
+        if self.qk_norms is None:
+            y = attend_new_token(qkv, (n_q, n_kv), self.head_dim, rope if self.use_rope else None, self.q_factor,
+                                 cache, self.layer)
+            if y is not None:
+                return self.out(y)
+        heads = qkv.view(B, -1, 1, self.head_dim)  # (B, nh + 2 nkv, 1, hd): one token, no transpose
         if self.qk_norms is not None:  # each normalised, then each rotated, as Attention does
             q, k, v = heads.split(self.heads, dim=1)
             q, k = self.qk_norms[0](q), self.qk_norms[1](k)
@@ -133,9 +155,10 @@ class TokenStep:
         self.model = model
         # Each module's hook tables (dicts that live as long as the module): `ready` reads them all.
         self.hook_tables = [t for m in model.modules() for t in (m._forward_hooks, m._forward_pre_hooks)]
-        self.layers = [(_norm(b.attn_norm), _attention(b.attn), None if b.mlp is None else _norm(b.mlp_norm),
-                        _feed_forward(b.mlp)) for b in model.blocks]
+        self.layers = [(LayerStep(b) if LayerStep.takes(b) else None, _norm(b.attn_norm), _attention(b.attn),
+                        None if b.mlp is None else _norm(b.mlp_norm), _feed_forward(b.mlp)) for b in model.blocks]
         self.norm, self.head = _norm(model.norm), decoding_product(model.lm_head)
+        self.embed = embedding_step(model.embed) or (lambda ids: model.embed.forward(ids[:, None]))
         self.parallel = model.config.parallel_residual
 
     def ready(self) -> bool:
@@ -152,13 +175,21 @@ class TokenStep:
         cache.check_room(1, ids.shape[0])
         cache.record_mask(None, 1)
         key_mask = cache.key_mask[:, : past + 1] if cache.key_mask is not None else None
-        positions = model.default_positions(past, 1, key_mask, ids.device)  # (1,) or (B, 1)
-        x = model.embed.forward(ids[:, None])  # (B, 1, d)
-        if model.pos_embed is not None:
-            x = x + model.pos_embed.forward(positions)
-        rope = model.rope_for(positions)
+        x = self.embed(ids)  # (B, 1, d)
+        if key_mask is None and model.pos_embed is None:  # RoPE's rows as views: no arange, no indexing (~50 us)
+            rope = None if model.config.positions != "rope" else (model.rope_cos.narrow(0, past, 1),
+                                                                  model.rope_sin.narrow(0, past, 1))  # (1, hd)
+        else:
+            positions = model.default_positions(past, 1, key_mask, ids.device)  # (1,) or (B, 1)
+            if model.pos_embed is not None:
+                x = x + model.pos_embed.forward(positions)
+            rope = model.rope_for(positions)
         mask = causal_padding_mask(past, 1, key_mask, ids.device) if key_mask is not None else None
-        for attn_norm, attention, mlp_norm, mlp in self.layers:
+        for whole, attn_norm, attention, mlp_norm, mlp in self.layers:
+            y = whole(x, rope, cache) if whole is not None else None  # a plain layer in one kernel call
+            if y is not None:
+                x = y
+                continue
             mid = x + attention(attn_norm(x), rope, mask, cache, key_mask)
             if mlp is not None:  # added in Block's order, so the sums round alike
                 mid = mid + mlp(mlp_norm(x if self.parallel else mid))

@@ -24,87 +24,8 @@
  * loaded, as in compress/csrc/fused.c. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#include <omp.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
 
-#define MAX_ROWS 8          /* rows of x: past 8 the partial sums outgrow the cache (below) */
-#define PREFETCH_AHEAD 1024 /* floats ahead of the ones being read (4 KB): 44-47 GB/s, 43-44 without */
-
-/* 16 floats at any float's address (unaligned loads and stores), read through float pointers */
-typedef float vec16 __attribute__((vector_size(64), aligned(4), may_alias));
-#define AT(p) (*(vec16 *)(p))
-#define AT_CONST(p) (*(const vec16 *)(p))
-
-/* acc (M, N) += x[:, k0:k1] @ Wt[k0:k1, :], four rows of Wt at a time. */
-#define ROWS_INTO(NAME, TARGET)                                                                              \
-    __attribute__((target(TARGET))) static void NAME(const float *x, int64_t M, int64_t K, const float *wt,  \
-                                                     int64_t N, int64_t k0, int64_t k1, float *acc) {        \
-        int64_t k = k0;                                                                                      \
-        for (; k + 4 <= k1; k += 4) {                                                                        \
-            const float *w0 = wt + k * N, *w1 = w0 + N, *w2 = w1 + N, *w3 = w2 + N;                          \
-            for (int64_t m = 0; m < M; m++) {                                                                \
-                const float *xm = x + m * K + k;                                                             \
-                const vec16 a = (vec16){} + xm[0], b = (vec16){} + xm[1], c = (vec16){} + xm[2],             \
-                            d = (vec16){} + xm[3];                                                           \
-                float *y = acc + m * N;                                                                      \
-                int64_t n = 0;                                                                               \
-                for (; n + 16 <= N; n += 16) {                                                               \
-                    if (m == 0) {                                                                            \
-                        __builtin_prefetch(w0 + n + PREFETCH_AHEAD);                                         \
-                        __builtin_prefetch(w1 + n + PREFETCH_AHEAD);                                         \
-                        __builtin_prefetch(w2 + n + PREFETCH_AHEAD);                                         \
-                        __builtin_prefetch(w3 + n + PREFETCH_AHEAD);                                         \
-                    }                                                                                        \
-                    vec16 s = AT(y + n);                                                                     \
-                    s += a * AT_CONST(w0 + n);                                                               \
-                    s += b * AT_CONST(w1 + n);                                                               \
-                    s += c * AT_CONST(w2 + n);                                                               \
-                    s += d * AT_CONST(w3 + n);                                                               \
-                    AT(y + n) = s;                                                                           \
-                }                                                                                            \
-                for (; n < N; n++) y[n] += xm[0] * w0[n] + xm[1] * w1[n] + xm[2] * w2[n] + xm[3] * w3[n];    \
-            }                                                                                                \
-        }                                                                                                    \
-        for (; k < k1; k++)                                                                                  \
-            for (int64_t m = 0; m < M; m++)                                                                  \
-                for (int64_t n = 0; n < N; n++) acc[m * N + n] += x[m * K + k] * wt[k * N + n];              \
-    }
-
-ROWS_INTO(rows_into_avx512, "avx512f")
-ROWS_INTO(rows_into_avx2, "avx2,fma")
-
-typedef void (*rows_into_fn)(const float *, int64_t, int64_t, const float *, int64_t, int64_t, int64_t, float *);
-
-static rows_into_fn pick(void) {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) return rows_into_avx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return rows_into_avx2;
-    return NULL;
-}
-
-/* y (M, N) = x (M, K) @ Wt (K, N); nonzero when the partial sums could not be allocated. */
-static int stream_mm(rows_into_fn rows_into, const float *x, int64_t M, const float *wt, int64_t N, int64_t K,
-                     float *y, int threads) {
-    float *partial = malloc(sizeof(float) * (size_t)threads * M * N);
-    if (partial == NULL) return 1;
-#pragma omp parallel num_threads(threads)
-    {
-        const int t = omp_get_thread_num(), T = omp_get_num_threads();
-        float *acc = partial + (int64_t)t * M * N;
-        memset(acc, 0, sizeof(float) * M * N);
-        rows_into(x, M, K, wt, N, K * t / T, K * (t + 1) / T, acc);
-#pragma omp barrier
-        for (int64_t i = M * N * t / T; i < M * N * (t + 1) / T; i++) { /* each thread sums a slice of y */
-            float s = 0;
-            for (int u = 0; u < T; u++) s += partial[(int64_t)u * M * N + i];
-            y[i] = s;
-        }
-    }
-    free(partial);
-    return 0;
-}
+#include "stream_mm.h"
 
 static rows_into_fn ROWS_INTO_HERE;
 

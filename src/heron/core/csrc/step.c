@@ -1,0 +1,430 @@
+/* The small operations of a decoding step, one call each: a dense attention
+ * layer's work between its two products (RoPE, the KV-cache write and
+ * attention over the cache, for one new token per row), RMSNorm, and the
+ * embedding lookup; and, for the plainest layers (RMSNorm, dense attention,
+ * SwiGLU, weights laid out for the streaming product of stream_mm.h), a whole
+ * Transformer layer in one call. core/token_step.py calls them.
+ *
+ * Why: a decoding step of the `small` preset (8 layers, d_model 512) read its
+ * 111 MB of weights in ~3.4 ms on the Zen 5 host and spent ~1 ms more on ~750
+ * aten calls of a few microseconds each. Attention alone, between the qkv and
+ * out products, took ~50 us a layer in ten calls, 33 us of them in
+ * `scaled_dot_product_attention`, whose flash kernel sets up blocks and
+ * threads for a query of one row. Here the same arithmetic for 8 heads of 64
+ * over ~100 cached keys is a few microseconds. With these kernels a layer
+ * still cost ~45 us in Python and torch's calls around ~10 us of kernels
+ * (the `small` model at d_model 64, whose weights cost next to nothing to
+ * read); `layer` runs the whole of it from C. What pruning and quantisation
+ * save in weights then shows in the step's time.
+ *
+ * Numbers: fp32 throughout, the same formulas as the torch ops they replace,
+ * summed in another order (within fp32 rounding of them, not bit for bit).
+ * Each kernel is compiled for x86-64-v4 (AVX-512), v3 (AVX2, FMA) and the
+ * baseline, and the loader picks the one this CPU runs (GCC's target_clones).
+ * Threads (OpenMP, the runtime torch loaded) share out the heads once the
+ * cache is long enough to be worth it, and the products' weights always. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "stream_mm.h"
+
+#define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define MAX_HEAD_DIM 512
+#define PARALLEL_WORK 65536 /* query heads x keys x head_dim below which one thread does it all */
+
+/* out = rope(x) * factor: x * cos + rotate_half(x) * signed_sin (core/rope.py), or x * factor
+ * without RoPE (cos NULL). */
+CLONES static void rotate(const float *x, const float *cos, const float *signed_sin, int64_t hd, float factor,
+                          float *out) {
+    if (cos == NULL) {
+        for (int64_t i = 0; i < hd; i++) out[i] = x[i] * factor;
+        return;
+    }
+    const int64_t half = hd / 2;
+    for (int64_t i = 0; i < half; i++) out[i] = (x[i] * cos[i] + x[i + half] * signed_sin[i]) * factor;
+    for (int64_t i = half; i < hd; i++) out[i] = (x[i] * cos[i] + x[i - half] * signed_sin[i]) * factor;
+}
+
+/* out (hd) = softmax(q . keys[j] * scale over the keys j with mask[j]) @ values; scores holds S floats. */
+CLONES static void attend_head(const float *q, const float *keys, const float *values, int64_t S, int64_t hd,
+                               float scale, const uint8_t *mask, float *scores, float *out) {
+    float top = -INFINITY;
+    for (int64_t j = 0; j < S; j++) {
+        if (mask != NULL && !mask[j]) continue;
+        const float *k = keys + j * hd;
+        float s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t i = 0; i < hd; i++) s += q[i] * k[i];
+        scores[j] = s * scale;
+        if (scores[j] > top) top = scores[j];
+    }
+    float total = 0;
+    for (int64_t j = 0; j < S; j++) {
+        scores[j] = (mask != NULL && !mask[j]) ? 0.0f : expf(scores[j] - top);
+        total += scores[j];
+    }
+    memset(out, 0, sizeof(float) * hd);
+    for (int64_t j = 0; j < S; j++) {
+        const float p = scores[j], *v = values + j * hd;
+#pragma omp simd
+        for (int64_t i = 0; i < hd; i++) out[i] += p * v[i];
+    }
+    const float inverse = 1.0f / total;
+    for (int64_t i = 0; i < hd; i++) out[i] *= inverse;
+}
+
+typedef struct {
+    const float *qkv;             /* (B, (nq + 2 nkv) hd): q heads, then k heads, then v heads */
+    int64_t B, nq, nkv, hd;
+    const float *cos, *sin;       /* RoPE rows (hd) for each row of the batch, `rope_stride` apart; NULL: none */
+    int64_t rope_stride;          /* 0: one position for every row */
+    float q_factor;               /* q's extra scale after RoPE (1 for none) */
+    float *keys, *values;         /* the layer's cache, (B, nkv, slots, hd) */
+    int64_t slots, length;        /* this token goes to slot `length`; attention sees slots 0..length */
+    const uint8_t *key_mask;      /* (B, mask_stride) bool, true = real token; NULL: every key is */
+    int64_t mask_stride;
+    float *out;                   /* (B, nq hd) */
+} Attention;
+
+/* Writes each row's rotated key and its value into the cache, then attends every query head
+ * over the cache's first length + 1 slots; nonzero when scratch memory could not be allocated. */
+static int attend(const Attention *a, int threads) {
+    const int64_t hd = a->hd, width = (a->nq + 2 * a->nkv) * hd, S = a->length + 1, group = a->nq / a->nkv;
+    for (int64_t b = 0; b < a->B; b++) {
+        const float *row = a->qkv + b * width;
+        const float *cos = a->cos ? a->cos + b * a->rope_stride : NULL, *sin = a->sin ? a->sin + b * a->rope_stride : NULL;
+        for (int64_t g = 0; g < a->nkv; g++) {
+            const int64_t slot = ((b * a->nkv + g) * a->slots + a->length) * hd;
+            rotate(row + (a->nq + g) * hd, cos, sin, hd, 1.0f, a->keys + slot);
+            memcpy(a->values + slot, row + (a->nq + a->nkv + g) * hd, sizeof(float) * hd);
+        }
+    }
+    const int parallel = a->B * a->nq * S * hd >= PARALLEL_WORK && threads > 1;
+    const int team = parallel ? threads : 1;
+    float *scratch = malloc(sizeof(float) * (size_t)team * (S + MAX_HEAD_DIM));
+    if (scratch == NULL) return 1;
+    const float scale = 1.0f / sqrtf((float)hd);
+#pragma omp parallel for num_threads(team) if (parallel) schedule(static)
+    for (int64_t bh = 0; bh < a->B * a->nq; bh++) {
+        const int64_t b = bh / a->nq, h = bh % a->nq, g = h / group;
+        float *scores = scratch + (int64_t)omp_get_thread_num() * (S + MAX_HEAD_DIM), *q = scores + S;
+        const float *cos = a->cos ? a->cos + b * a->rope_stride : NULL, *sin = a->sin ? a->sin + b * a->rope_stride : NULL;
+        rotate(a->qkv + b * width + h * hd, cos, sin, hd, a->q_factor, q);
+        const int64_t head = (b * a->nkv + g) * a->slots * hd;
+        attend_head(q, a->keys + head, a->values + head, S, hd, scale,
+                    a->key_mask ? a->key_mask + b * a->mask_stride : NULL, scores, a->out + (b * a->nq + h) * hd);
+    }
+    free(scratch);
+    return 0;
+}
+
+/* y (rows, width) = x / sqrt(mean(x^2) + eps) * weight, row by row. */
+CLONES static void rms_norm(const float *x, int64_t rows, int64_t width, const float *weight, float eps, float *y) {
+    for (int64_t r = 0; r < rows; r++, x += width, y += width) {
+        float s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t i = 0; i < width; i++) s += x[i] * x[i];
+        const float inverse = 1.0f / sqrtf(s / (float)width + eps);
+        for (int64_t i = 0; i < width; i++) y[i] = x[i] * inverse * weight[i];
+    }
+}
+
+/* Always inlined into the kernels, which carry their own targets; it returns a 32-byte vector,
+ * which GCC warns changes the ABI without AVX: a concern for calls it never makes. */
+#pragma GCC diagnostic ignored "-Wpsabi"
+#define VECTOR_INLINE static inline __attribute__((always_inline))
+
+/* Eight floats, in registers (v8f, v8i) and at any float's address in memory (V8F_AT). */
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef float v8f_unaligned __attribute__((vector_size(32), aligned(4), may_alias));
+#define V8F_AT(p) (*(v8f_unaligned *)(p))
+
+/* a where mask (all bits set), else b, lane by lane */
+#define SELECT8(mask, a, b) ((v8f)(((v8i)(a) & (mask)) | ((v8i)(b) & ~(mask))))
+
+/* e^x lane by lane for x at `at`: Cephes' expf, 2^n times a degree-6 polynomial on [-ln2/2, ln2/2], within
+ * 2 ulp. Written in vector types because GCC vectorises neither glibc's expf nor this in a loop. */
+VECTOR_INLINE v8f exp8(v8f_unaligned *at) {
+    v8f x = *at;
+    const v8f low = (v8f){} - 87.3f, high = (v8f){} + 88.7f;
+    x = SELECT8(x < low, low, x);
+    x = SELECT8(x > high, high, x);
+    const v8f t = x * 1.44269504088896341f + 0.5f;
+    v8f n = __builtin_convertvector(__builtin_convertvector(t, v8i), v8f); /* t rounded toward 0 ... */
+    n += __builtin_convertvector(n > t, v8f);                              /* ... then down: floor(t) */
+    const v8f r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    v8f p = (v8f){} + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    return p * (v8f)((__builtin_convertvector(n, v8i) + 127) << 23); /* 2^n from its exponent bits */
+}
+
+/* g (rows, ff) = silu(h[:, :ff]) * h[:, ff:] for h (rows, 2 ff): SwiGLU's gate and up halves,
+ * silu(x) = x / (1 + e^-x) as torch computes it. */
+CLONES static void swiglu(const float *h, int64_t rows, int64_t ff, float *g) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *gate = h + r * 2 * ff, *up = gate + ff;
+        float *out = g + r * ff;
+        int64_t i = 0;
+        for (; i + 8 <= ff; i += 8) {
+            v8f_unaligned x = V8F_AT(gate + i), minus_x = -x;
+            V8F_AT(out + i) = x / (1.0f + exp8(&minus_x)) * V8F_AT(up + i);
+        }
+        for (; i < ff; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+    }
+}
+
+/* y (rows, n) = a + b (+ bias (n), added to b first: a product's output and its bias) */
+static void add_rows(const float *a, const float *b, const float *bias, int64_t rows, int64_t n, float *y) {
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < n; i++) y[r * n + i] = a[r * n + i] + (bias ? b[r * n + i] + bias[i] : b[r * n + i]);
+}
+
+static void add_bias(float *y, const float *bias, int64_t rows, int64_t n) {
+    if (bias == NULL) return;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < n; i++) y[r * n + i] += bias[i];
+}
+
+static rows_into_fn ROWS_INTO_HERE;
+
+/* One Transformer layer's weights, each product's (K, N) transpose row-major (input-major). */
+typedef struct {
+    int64_t d, ff;                      /* model width; SwiGLU's hidden width (`up` gives gate, then up) */
+    const float *attn_norm, *mlp_norm;  /* RMSNorm gains (d) */
+    float attn_eps, mlp_eps;
+    const float *qkv, *qkv_bias, *out, *out_bias, *up, *up_bias, *down, *down_bias; /* biases may be NULL */
+    int parallel_residual;              /* the MLP reads the layer's input, not the attention's sum */
+} Layer;
+
+/* y (B, d) = the layer applied to x (B, d) for one new token per row, the attention's cache, RoPE
+ * rows and mask in `a` (its qkv and out are set here); nonzero when memory ran out. */
+static int run_layer(const Layer *L, const float *x, float *y, Attention *a, int threads) {
+    const int64_t B = a->B, d = L->d, ff = L->ff, width = (a->nq + 2 * a->nkv) * a->hd, z = a->nq * a->hd;
+    float *scratch = malloc(sizeof(float) * (size_t)B * (d + width + z + d + 3 * ff));
+    if (scratch == NULL) return 1;
+    float *h = scratch, *qkv = h + B * d, *heads = qkv + B * width, *product = heads + B * z, *up = product + B * d,
+          *gated = up + B * 2 * ff;
+    int failed = 0;
+    rms_norm(x, B, d, L->attn_norm, L->attn_eps, h);
+    failed |= stream_mm(ROWS_INTO_HERE, h, B, L->qkv, width, d, qkv, threads);
+    add_bias(qkv, L->qkv_bias, B, width);
+    a->qkv = qkv;
+    a->out = heads;
+    failed |= attend(a, threads);
+    failed |= stream_mm(ROWS_INTO_HERE, heads, B, L->out, d, z, product, threads);
+    add_rows(x, product, L->out_bias, B, d, y); /* y = x + attention */
+    rms_norm(L->parallel_residual ? x : y, B, d, L->mlp_norm, L->mlp_eps, h);
+    failed |= stream_mm(ROWS_INTO_HERE, h, B, L->up, 2 * ff, d, up, threads);
+    add_bias(up, L->up_bias, B, 2 * ff);
+    swiglu(up, B, ff, gated);
+    failed |= stream_mm(ROWS_INTO_HERE, gated, B, L->down, d, ff, product, threads);
+    add_rows(y, product, L->down_bias, B, d, y); /* y += mlp */
+    free(scratch);
+    return failed;
+}
+
+/* ---- Python bindings: addresses and sizes in, the caller checks shapes and dtypes ---- */
+
+static int ints(PyObject *const *args, Py_ssize_t n, int64_t *out) {
+    for (Py_ssize_t i = 0; i < n; i++) out[i] = PyLong_AsLongLong(args[i]);
+    return PyErr_Occurred() ? -1 : 0;
+}
+
+#define ATTEND_SIGNATURE                                                                                     \
+    "attend(qkv_ptr, B, n_q, n_kv, head_dim, cos_ptr, sin_ptr, rope_stride, keys_ptr, values_ptr, slots, " \
+    "length, key_mask_ptr, mask_stride, out_ptr, threads, q_factor)"
+
+static PyObject *py_attend(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    int64_t v[16];
+    if (nargs != 17) {
+        PyErr_SetString(PyExc_TypeError, ATTEND_SIGNATURE);
+        return NULL;
+    }
+    const double q_factor = PyFloat_AsDouble(args[16]);
+    if (ints(args, 16, v) || PyErr_Occurred()) return NULL;
+    const Attention a = {
+        .qkv = (const float *)(intptr_t)v[0], .B = v[1], .nq = v[2], .nkv = v[3], .hd = v[4],
+        .cos = (const float *)(intptr_t)v[5], .sin = (const float *)(intptr_t)v[6], .rope_stride = v[7],
+        .q_factor = (float)q_factor, .keys = (float *)(intptr_t)v[8], .values = (float *)(intptr_t)v[9],
+        .slots = v[10], .length = v[11], .key_mask = (const uint8_t *)(intptr_t)v[12], .mask_stride = v[13],
+        .out = (float *)(intptr_t)v[14],
+    };
+    const int threads = (int)v[15];
+    if (a.B < 1 || a.nkv < 1 || a.nq % a.nkv || a.hd < 1 || a.hd > MAX_HEAD_DIM || (a.cos && a.hd % 2) ||
+        a.length < 0 || a.length >= a.slots || threads < 1) {
+        PyErr_SetString(PyExc_ValueError, ATTEND_SIGNATURE ": needs B >= 1, n_q a multiple of n_kv >= 1, "
+                                          "head_dim 1 to 512 (even with RoPE), 0 <= length < slots, threads >= 1");
+        return NULL;
+    }
+    int failed;
+    Py_BEGIN_ALLOW_THREADS
+    failed = attend(&a, threads);
+    Py_END_ALLOW_THREADS
+    if (failed) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+#define LAYER_SIGNATURE                                                                                     \
+    "layer(weights, x_ptr, y_ptr, B, keys_ptr, values_ptr, slots, length, key_mask_ptr, mask_stride, cos_ptr, " \
+    "sin_ptr, rope_stride, threads)"
+#define LAYER_WEIGHTS                                                                                        \
+    "weights: (d, ff, n_q, n_kv, head_dim, attn_norm_ptr, mlp_norm_ptr, qkv_ptr, qkv_bias_ptr, out_ptr, "   \
+    "out_bias_ptr, up_ptr, up_bias_ptr, down_ptr, down_bias_ptr, parallel_residual, attn_eps, mlp_eps, "      \
+    "q_factor)"
+
+static PyObject *py_layer(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    int64_t w[16], v[13];
+    double f[3];
+    if (nargs != 14 || !PyTuple_Check(args[0]) || PyTuple_GET_SIZE(args[0]) != 19) {
+        PyErr_SetString(PyExc_TypeError, LAYER_SIGNATURE "; " LAYER_WEIGHTS);
+        return NULL;
+    }
+    PyObject *const *weights = &PyTuple_GET_ITEM(args[0], 0);
+    for (int i = 0; i < 3; i++) f[i] = PyFloat_AsDouble(weights[16 + i]);
+    if (ints(weights, 16, w) || ints(args + 1, 13, v)) return NULL;
+    const Layer L = {
+        .d = w[0], .ff = w[1], .attn_norm = (const float *)(intptr_t)w[5], .mlp_norm = (const float *)(intptr_t)w[6],
+        .qkv = (const float *)(intptr_t)w[7], .qkv_bias = (const float *)(intptr_t)w[8],
+        .out = (const float *)(intptr_t)w[9], .out_bias = (const float *)(intptr_t)w[10],
+        .up = (const float *)(intptr_t)w[11], .up_bias = (const float *)(intptr_t)w[12],
+        .down = (const float *)(intptr_t)w[13], .down_bias = (const float *)(intptr_t)w[14],
+        .parallel_residual = (int)w[15], .attn_eps = (float)f[0], .mlp_eps = (float)f[1],
+    };
+    Attention a = {
+        .B = v[2], .nq = w[2], .nkv = w[3], .hd = w[4], .q_factor = (float)f[2],
+        .keys = (float *)(intptr_t)v[3], .values = (float *)(intptr_t)v[4], .slots = v[5], .length = v[6],
+        .key_mask = (const uint8_t *)(intptr_t)v[7], .mask_stride = v[8],
+        .cos = (const float *)(intptr_t)v[9], .sin = (const float *)(intptr_t)v[10], .rope_stride = v[11],
+    };
+    const int threads = (int)v[12];
+    if (ROWS_INTO_HERE == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "layer: this CPU has neither AVX-512F nor AVX2 with FMA");
+        return NULL;
+    }
+    if (a.B < 1 || a.B > MAX_ROWS || L.d < 1 || L.ff < 1 || a.nkv < 1 || a.nq % a.nkv || a.hd < 1 ||
+        a.hd > MAX_HEAD_DIM || (a.cos && a.hd % 2) || a.length < 0 || a.length >= a.slots || threads < 1) {
+        PyErr_SetString(PyExc_ValueError, LAYER_SIGNATURE ": needs B 1 to 8, d and ff >= 1, n_q a multiple of "
+                                          "n_kv >= 1, head_dim 1 to 512 (even with RoPE), 0 <= length < slots, "
+                                          "threads >= 1");
+        return NULL;
+    }
+    int failed;
+    Py_BEGIN_ALLOW_THREADS
+    failed = run_layer(&L, (const float *)(intptr_t)v[0], (float *)(intptr_t)v[1], &a, threads);
+    Py_END_ALLOW_THREADS
+    if (failed) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+#define RMS_NORM_SIGNATURE "rms_norm(x_ptr, rows, width, weight_ptr, y_ptr, eps)"
+
+static PyObject *py_rms_norm(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    int64_t v[5];
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, RMS_NORM_SIGNATURE);
+        return NULL;
+    }
+    const double eps = PyFloat_AsDouble(args[5]);
+    if (ints(args, 5, v) || PyErr_Occurred()) return NULL;
+    if (v[1] < 1 || v[2] < 1) {
+        PyErr_SetString(PyExc_ValueError, RMS_NORM_SIGNATURE ": rows and width must be at least 1");
+        return NULL;
+    }
+    rms_norm((const float *)(intptr_t)v[0], v[1], v[2], (const float *)(intptr_t)v[3], (float)eps,
+             (float *)(intptr_t)v[4]);
+    Py_RETURN_NONE;
+}
+
+#define SWIGLU_SIGNATURE "swiglu(h_ptr, rows, ff, g_ptr)"
+
+static PyObject *py_swiglu(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    int64_t v[4];
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, SWIGLU_SIGNATURE);
+        return NULL;
+    }
+    if (ints(args, 4, v)) return NULL;
+    if (v[1] < 1 || v[2] < 1) {
+        PyErr_SetString(PyExc_ValueError, SWIGLU_SIGNATURE ": rows and ff must be at least 1");
+        return NULL;
+    }
+    swiglu((const float *)(intptr_t)v[0], v[1], v[2], (float *)(intptr_t)v[3]);
+    Py_RETURN_NONE;
+}
+
+#define EMBED_SIGNATURE "embed(ids_ptr, n, table_ptr, vocab, width, row_stride, column_stride, out_ptr)"
+
+/* out (n, width) = table[ids]: rows of a (vocab, width) fp32 table read through its strides
+ * (an output head's weight laid out input-major, tied to the embedding, has column stride vocab). */
+static PyObject *py_embed(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    int64_t v[8];
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, EMBED_SIGNATURE);
+        return NULL;
+    }
+    if (ints(args, 8, v)) return NULL;
+    const int64_t *ids = (const int64_t *)(intptr_t)v[0], n = v[1], vocab = v[3], width = v[4];
+    const float *table = (const float *)(intptr_t)v[2];
+    float *out = (float *)(intptr_t)v[7];
+    for (int64_t r = 0; r < n; r++) {
+        if (ids[r] < 0 || ids[r] >= vocab) {
+            PyErr_Format(PyExc_IndexError, "embed: token id %lld is out of range for a vocabulary of %lld",
+                         (long long)ids[r], (long long)vocab);
+            return NULL;
+        }
+        const float *row = table + ids[r] * v[5];
+        for (int64_t i = 0; i < width; i++) out[r * width + i] = row[i * v[6]];
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_supported(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    return PyBool_FromLong(ROWS_INTO_HERE != NULL);
+}
+
+static PyMethodDef METHODS[] = {
+    {"attend", (PyCFunction)(void (*)(void))py_attend, METH_FASTCALL,
+     ATTEND_SIGNATURE ": one new token per row of a dense attention layer: RoPE on q and k, k and v "
+                      "written to the cache at `length`, attention over slots 0..length; all fp32, contiguous."},
+    {"layer", (PyCFunction)(void (*)(void))py_layer, METH_FASTCALL,
+     LAYER_SIGNATURE ": y (B, d) = one RMSNorm, dense-attention, SwiGLU layer applied to x (B, d), one new "
+                     "token per row (the cache as `attend` takes it); " LAYER_WEIGHTS ", each product's weight "
+                     "input-major, all fp32 and contiguous."},
+    {"supported", py_supported, METH_NOARGS, "supported(): whether this CPU runs `layer` (AVX-512F, or AVX2 with FMA)."},
+    {"rms_norm", (PyCFunction)(void (*)(void))py_rms_norm, METH_FASTCALL,
+     RMS_NORM_SIGNATURE ": y = x / sqrt(mean(x^2) + eps) * weight over each row; contiguous fp32."},
+    {"swiglu", (PyCFunction)(void (*)(void))py_swiglu, METH_FASTCALL,
+     SWIGLU_SIGNATURE ": g (rows, ff) = silu(h[:, :ff]) * h[:, ff:] for h (rows, 2 ff), as `layer` applies it; "
+                      "contiguous fp32."},
+    {"embed", (PyCFunction)(void (*)(void))py_embed, METH_FASTCALL,
+     EMBED_SIGNATURE ": the table's rows for int64 ids, read through its strides; IndexError for an id out of "
+                     "range."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef MODULE = {
+    PyModuleDef_HEAD_INIT, .m_name = "_step", .m_size = -1, .m_methods = METHODS,
+};
+
+PyMODINIT_FUNC PyInit__step(void) {
+    ROWS_INTO_HERE = pick();
+    return PyModule_Create(&MODULE);
+}

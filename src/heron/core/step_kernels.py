@@ -1,0 +1,175 @@
+"""A decoding step's small operations through Heron's compiled kernels
+(csrc/step.c: why there), for core/token_step.py.
+
+Each function here returns None where the kernels were not built (no C
+compiler at install), and its callers then keep torch's ops. The kernels
+take fp32 CPU tensors only; each caller checks what it hands over, since a
+kernel reads raw memory and cannot check for itself.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from types import ModuleType
+
+import torch
+from torch import nn
+
+from heron.core.attention import Attention
+from heron.core.kv_cache import KVCache
+from heron.core.linear import STREAM_ROWS, Linear, is_input_major
+from heron.core.mlp import MLP
+from heron.core.norms import RMSNorm
+
+MAX_HEAD_DIM = 512  # the widest head the attention kernel takes (csrc/step.c)
+Rope = tuple[torch.Tensor, torch.Tensor] | None  # this step's RoPE rows: (1, hd), or (B, ..., hd) one a row
+
+
+@functools.cache
+def step_kernels() -> ModuleType | None:
+    """Heron's step kernels (csrc/step.c) where they were built, else None."""
+    try:
+        from heron.core import _step
+    except ImportError:
+        return None
+    return _step
+
+
+def _fp32_cpu(t: torch.Tensor) -> bool:
+    return t.dtype == torch.float32 and t.device.type == "cpu"
+
+
+def rms_norm_step(norm: RMSNorm) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """`norm`'s forward for fp32 inference through the kernel (other inputs through
+    the module); None without the kernels, or for a norm without a gain or eps."""
+    kernel = step_kernels()
+    weight, eps = norm.weight, norm.eps
+    if kernel is None or weight is None or eps is None or not _fp32_cpu(weight):
+        return None
+    width = weight.shape[0]
+
+    def normed(x: torch.Tensor) -> torch.Tensor:
+        if not _fp32_cpu(x) or x.shape[-1] != width:
+            return norm.forward(x)
+        rows = x.contiguous()
+        y = torch.empty_like(rows)
+        kernel.rms_norm(rows.data_ptr(), rows.numel() // width, width, weight.data_ptr(), y.data_ptr(), eps)
+        return y
+    return normed
+
+
+def embedding_step(embed: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """ids (B,) -> their rows (B, 1, d) of a plain `nn.Embedding`'s fp32 table through the
+    kernel, which reads the rows through the table's strides: a table tied to an output
+    head laid out input-major (core/linear.py) is read in place, where torch's lookup took
+    ~30 us for one 512-wide row of the `small` preset. Other ids (not int64) through the
+    module; None without the kernels or for another module."""
+    kernel = step_kernels()
+    if kernel is None or type(embed) is not nn.Embedding or embed.max_norm is not None:
+        return None
+    table = embed.weight
+
+    def rows(ids: torch.Tensor) -> torch.Tensor:
+        if ids.dtype != torch.int64 or not _fp32_cpu(table) or ids.device.type != "cpu":
+            return embed.forward(ids[:, None])
+        ids = ids.contiguous()
+        (vocab, width), (row_stride, column_stride) = table.shape, table.stride()
+        y = torch.empty(ids.shape[0], 1, width)
+        kernel.embed(ids.data_ptr(), ids.shape[0], table.data_ptr(), vocab, width, row_stride, column_stride,
+                     y.data_ptr())
+        return y
+    return rows
+
+
+def attend_new_token(
+    qkv: torch.Tensor,  # (B, 1, (n_q + 2 n_kv) hd): the qkv product's output
+    heads: tuple[int, int],  # n_q, n_kv
+    head_dim: int,
+    rope: Rope,
+    q_factor: float | None,
+    cache: KVCache,
+    layer: int,
+) -> torch.Tensor | None:
+    """A dense attention layer for one new token per row, from its qkv product to
+    the input of its out product (B, 1, n_q hd): RoPE on q and k, k and v written
+    into the cache at its length, attention over the cache (padding keys hidden),
+    as `Attention.forward` computes it to fp32 rounding. None where the kernel
+    cannot take it (no kernels, another dtype or device, too wide a head);
+    the caller then runs torch's ops. The caller advances the cache."""
+    kernel = step_kernels()
+    keys, values, key_mask = cache.keys[layer], cache.values[layer], cache.key_mask
+    if kernel is None or head_dim > MAX_HEAD_DIM or not (_fp32_cpu(qkv) and _fp32_cpu(keys)):
+        return None
+    n_q, n_kv = heads
+    B = qkv.shape[0]
+    qkv = qkv.contiguous()
+    cos = sin = None
+    if rope is not None:
+        cos, sin = (t.contiguous() for t in rope)
+        if not _fp32_cpu(cos):
+            return None
+    y = torch.empty(B, 1, n_q * head_dim)
+    kernel.attend(qkv.data_ptr(), B, n_q, n_kv, head_dim,
+                  0 if cos is None else cos.data_ptr(), 0 if sin is None else sin.data_ptr(),
+                  0 if cos is None or cos.numel() == head_dim else head_dim,
+                  keys.data_ptr(), values.data_ptr(), keys.shape[2], cache.length,
+                  0 if key_mask is None else key_mask.data_ptr(), 0 if key_mask is None else key_mask.shape[1],
+                  y.data_ptr(), torch.get_num_threads(), 1.0 if q_factor is None else q_factor)
+    return y
+
+
+class LayerStep:
+    """The whole of a plain `Block` for one new token per row in one kernel call (csrc/step.c:
+    why): x (B, 1, d) -> (B, 1, d), as `Block.forward` computes it to fp32 rounding, the keys
+    and values written into the cache as `attend_new_token` writes them. Plain (`takes`):
+    RMSNorm norms, dense attention without qk_norm, a SwiGLU MLP, every product a `Linear`
+    over an fp32 CPU weight laid out input-major (`set_decode_layout` with the streaming kernel).
+
+    A call returns None for more rows than the streaming kernel takes (STREAM_ROWS) or
+    another dtype, and the caller then runs the block's parts. It holds the weights as they
+    are when it is made, their memory read through raw addresses, as the rest of a
+    `TokenStep` does."""
+
+    def __init__(self, block: nn.Module) -> None:
+        attn, mlp, norms = block.attn, block.mlp, (block.attn_norm, block.mlp_norm)
+        products = (attn.qkv, attn.out, mlp.up, mlp.down)
+        transposed, biases = [m.weight.detach().t() for m in products], [m.bias for m in products]  # (K, N) row-major
+        self.held = [*transposed, *biases, *(n.weight for n in norms)]  # what the addresses below point into
+        product_at = [at for w, b in zip(transposed, biases) for at in (w.data_ptr(), 0 if b is None else b.data_ptr())]
+        n_q, n_kv, _ = attn.heads
+        self.weights = (attn.qkv.in_features, mlp.down.in_features, n_q, n_kv, attn.head_dim,
+                        norms[0].weight.data_ptr(), norms[1].weight.data_ptr(), *product_at,
+                        int(block.parallel), float(norms[0].eps), float(norms[1].eps),
+                        1.0 if attn.q_factor is None else attn.q_factor)
+        self.layer, self.head_dim, self.use_rope = attn.layer, attn.head_dim, attn.use_rope
+
+    @staticmethod
+    def takes(block: nn.Module) -> bool:
+        """Whether the block is plain (class note) and the kernels are here to run it."""
+        kernel = step_kernels()
+        attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
+        if (kernel is None or not kernel.supported() or type(attn) is not Attention or type(mlp) is not MLP
+                or attn.pattern is not None or attn.q_norm is not None or mlp.kind != "swiglu"
+                or attn.head_dim > MAX_HEAD_DIM):
+            return False
+        norms = (block.attn_norm, block.mlp_norm)
+        if not all(type(n) is RMSNorm and n.weight is not None and n.eps is not None and _fp32_cpu(n.weight)
+                   for n in norms):
+            return False
+        return all(type(m) is Linear and _fp32_cpu(m.weight) and is_input_major(m.weight)
+                   for m in (attn.qkv, attn.out, mlp.up, mlp.down))
+
+    def __call__(self, x: torch.Tensor, rope: Rope, cache: KVCache) -> torch.Tensor | None:
+        B = x.shape[0]
+        keys, values, key_mask = cache.keys[self.layer], cache.values[self.layer], cache.key_mask
+        if B > STREAM_ROWS or not (_fp32_cpu(x) and _fp32_cpu(keys)) or (self.use_rope and not _fp32_cpu(rope[0])):
+            return None
+        x = x.contiguous()
+        y = torch.empty_like(x)
+        cos, sin = (t.contiguous() for t in rope) if self.use_rope else (None, None)
+        step_kernels().layer(
+            self.weights, x.data_ptr(), y.data_ptr(), B, keys.data_ptr(), values.data_ptr(), keys.shape[2],
+            cache.length, 0 if key_mask is None else key_mask.data_ptr(), 0 if key_mask is None else key_mask.shape[1],
+            0 if cos is None else cos.data_ptr(), 0 if sin is None else sin.data_ptr(),
+            0 if cos is None or cos.numel() == self.head_dim else self.head_dim, torch.get_num_threads())
+        return y

@@ -1,0 +1,218 @@
+"""Heron's step kernels (csrc/step.c) against the torch ops they stand in for: attention
+for one new token over the KV cache, RMSNorm, the embedding lookup, and a whole plain
+layer in one call."""
+import copy
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from heron.core import ModelConfig, Transformer
+from heron.core.config import AttentionPattern, MoEConfig
+from heron.core.kv_cache import KVCache
+from heron.core.linear import MAX_ROWS, set_decode_layout, streams
+from heron.core.norms import RMSNorm
+from heron.core.rope import apply_rope, rope_tables
+from heron.core.step_kernels import LayerStep, attend_new_token, embedding_step, rms_norm_step, step_kernels
+
+built = pytest.mark.skipif(step_kernels() is None, reason="Heron's step kernels are not built here")
+
+
+def test_the_step_kernels_are_built_where_they_can_be():
+    """setup.py builds them as an optional extension, and their tests skip where it is missing:
+    with a C compiler, a missing module means the build broke."""
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler: the step kernels are not expected here")
+    assert step_kernels() is not None
+
+
+def _reference(qkv, heads, hd, rope, q_factor, keys, values, length, key_mask):
+    """The layer's torch ops for one new token: RoPE, the cache write, SDPA with padding hidden."""
+    B, (n_q, n_kv) = qkv.shape[0], heads
+    q, k, v = qkv.view(B, -1, 1, hd).split((n_q, n_kv, n_kv), dim=1)  # (B, heads, 1, hd)
+    if rope is not None:
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    if q_factor is not None:
+        q = q * q_factor
+    keys[:, :, length], values[:, :, length] = k[:, :, 0], v[:, :, 0]
+    mask = None if key_mask is None else key_mask[:, None, None, : length + 1]
+    y = F.scaled_dot_product_attention(q, keys[:, :, : length + 1], values[:, :, : length + 1], attn_mask=mask,
+                                       enable_gqa=n_q != n_kv)
+    return y.reshape(B, 1, n_q * hd)
+
+
+def _cache(B, n_kv, slots, hd, generator):
+    keys, values = (torch.randn(B, n_kv, slots, hd, generator=generator) for _ in range(2))
+    return KVCache([keys], [values], slots)
+
+
+@built
+@pytest.mark.parametrize(("B", "n_q", "n_kv", "hd"), [(1, 8, 8, 64), (3, 4, 2, 8), (2, 6, 1, 24), (1, 2, 2, 80)])
+@pytest.mark.parametrize("length", [0, 1, 37])
+@pytest.mark.parametrize("rope_rows", ["none", "shared", "per row"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_attention_for_one_new_token_equals_torch(B, n_q, n_kv, hd, length, rope_rows, padded):
+    generator = torch.Generator().manual_seed(B * 1000 + n_q * 100 + hd + length)
+    slots = length + 5  # slots past the new token's stay as they were
+    cache = _cache(B, n_kv, slots, hd, generator)
+    cache.length = length
+    reference_keys, reference_values = cache.keys[0].clone(), cache.values[0].clone()
+    qkv = torch.randn(B, 1, (n_q + 2 * n_kv) * hd, generator=generator)
+    cos, sin = rope_tables(64, hd, 10_000.0, None)
+    rope = None
+    if rope_rows == "shared":  # every row at one position: (1, hd) rows, as the step takes them
+        rope = cos[length : length + 1], sin[length : length + 1]
+    elif rope_rows == "per row":  # left padding puts rows at other positions: (B, 1, 1, hd)
+        at = torch.randint(0, 64, (B,), generator=generator)
+        rope = cos[at][:, None, None], sin[at][:, None, None]
+    if padded:
+        cache.key_mask = torch.rand(B, slots, generator=generator) > 0.4
+        cache.key_mask[:, length] = True  # the new token is real
+    q_factor = 0.7 if n_kv == 1 else None
+
+    got = attend_new_token(qkv, (n_q, n_kv), hd, rope, q_factor, cache, 0)
+    expected = _reference(qkv, (n_q, n_kv), hd, rope, q_factor, reference_keys, reference_values, length,
+                          cache.key_mask)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cache.keys[0], reference_keys, rtol=1e-6, atol=1e-6)  # rotated in the kernel
+    assert torch.equal(cache.values[0], reference_values)  # copied
+    assert cache.length == length  # the caller advances it
+
+
+@built
+def test_long_caches_share_the_heads_among_threads_with_the_same_numbers():
+    generator = torch.Generator().manual_seed(7)
+    B, n_q, n_kv, hd, length = 2, 8, 4, 64, 700  # past the work below which one thread does it all
+    cache = _cache(B, n_kv, length + 1, hd, generator)
+    cache.length = length
+    qkv = torch.randn(B, 1, (n_q + 2 * n_kv) * hd, generator=generator)
+    reference_keys, reference_values = cache.keys[0].clone(), cache.values[0].clone()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = attend_new_token(qkv, (n_q, n_kv), hd, None, None, cache, 0)
+        torch.set_num_threads(1)
+        one = attend_new_token(qkv, (n_q, n_kv), hd, None, None, cache, 0)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)  # each head is one thread's work either way
+    expected = _reference(qkv, (n_q, n_kv), hd, None, None, reference_keys, reference_values, length, None)
+    torch.testing.assert_close(two, expected, rtol=1e-5, atol=1e-6)
+
+
+@built
+def test_attention_leaves_other_dtypes_and_wide_heads_to_torch():
+    generator = torch.Generator().manual_seed(2)
+    cache = _cache(1, 2, 4, 8, generator)
+    qkv = torch.randn(1, 1, 6 * 8, generator=generator)
+    assert attend_new_token(qkv.double(), (2, 2), 8, None, None, cache, 0) is None
+    wide = _cache(1, 1, 4, 520, generator)
+    assert attend_new_token(torch.randn(1, 1, 3 * 520), (1, 1), 520, None, None, wide, 0) is None
+
+
+@built
+@pytest.mark.filterwarnings("ignore:Mismatch dtype between input and weight")  # torch's, for the bf16 input
+@pytest.mark.parametrize("shape", [(1, 1, 512), (3, 1, 40), (5, 7)])
+def test_rms_norm_equals_the_module(shape):
+    generator = torch.Generator().manual_seed(shape[-1])
+    norm = RMSNorm(shape[-1], eps=0.5)  # large enough to show in the numbers
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5, generator=generator)
+    x = torch.randn(*shape, generator=generator) * 3
+    with torch.inference_mode():
+        got, expected = rms_norm_step(norm)(x), norm(x)
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+        half = x.bfloat16()  # another dtype: the module's own forward
+        assert torch.equal(rms_norm_step(norm)(half), norm(half))
+
+
+@built
+@pytest.mark.parametrize("ff", [1, 8, 44, 1408])
+def test_swiglu_equals_torch_to_a_few_ulp_over_the_whole_float_range(ff):
+    """Its exponential is a polynomial of its own (csrc/step.c): held to ~3 ulp of torch's silu,
+    from gates where e^-x underflows to ones where it overflows."""
+    generator = torch.Generator().manual_seed(ff)
+    h = torch.randn(3, 2 * ff, generator=generator) * torch.tensor([1.0, 10.0, 60.0])[:, None]
+    h[0, :ff] = torch.linspace(-120, 120, ff)  # past both ends of the range the exponential clamps to
+    g = torch.empty(3, ff)
+    step_kernels().swiglu(h.data_ptr(), 3, ff, g.data_ptr())
+    gate, up = h.chunk(2, dim=-1)
+    torch.testing.assert_close(g, F.silu(gate) * up, rtol=4e-7, atol=1e-30)
+
+
+@built
+@pytest.mark.parametrize("layout", ["row-major", "input-major"])
+def test_embedding_lookup_equals_torch_bit_for_bit(layout):
+    generator = torch.Generator().manual_seed(4)
+    embed = nn.Embedding(50, 24)
+    with torch.no_grad():
+        embed.weight.normal_(generator=generator)
+        if layout == "input-major":  # a table tied to an output head laid out for decoding (core/linear.py)
+            embed.weight.data = embed.weight.data.t().contiguous().t()
+    ids = torch.tensor([3, 49, 0, 3])
+    lookup = embedding_step(embed)
+    assert torch.equal(lookup(ids), embed(ids[:, None]))
+    assert torch.equal(lookup(ids.int()), embed(ids.int()[:, None]))  # int32 ids: torch's lookup
+    with pytest.raises(IndexError, match="token id 50 is out of range for a vocabulary of 50"):
+        lookup(torch.tensor([1, 50]))
+    with pytest.raises(IndexError, match="token id -1"):
+        lookup(torch.tensor([-1]))
+
+
+def _plain_block(config_changes: dict, rows: int = 1) -> tuple[Transformer, nn.Module]:
+    model = Transformer(ModelConfig(**{**PLAIN, **config_changes})).eval()
+    set_decode_layout(model, rows)
+    return model, model.blocks[1]
+
+
+PLAIN = dict(vocab_size=64, d_model=128, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=44, max_seq_len=32)
+
+
+@built
+@pytest.mark.parametrize(("changes", "plain"), [
+    ({}, True), ({"qkv_bias": True, "mlp_bias": True, "parallel_residual": True, "positions": "learned"}, True),
+    ({"qk_norm": True}, False), ({"mlp": "gelu"}, False), ({"norm": "layernorm"}, False),
+    ({"attention": (AttentionPattern("sliding", window=4),)}, False),
+    ({"feed_forward": ("moe",), "moe": MoEConfig(n_experts=2)}, False),
+])
+def test_layer_step_takes_plain_blocks_only(changes, plain):
+    if not streams():
+        pytest.skip("no streaming kernel: no layer is plain")
+    _, block = _plain_block(changes)
+    assert LayerStep.takes(block) == plain
+    if plain:  # laid out for GEMMs, not for the streaming kernel: not plain either
+        set_decode_layout(block, rows=MAX_ROWS)
+        assert not LayerStep.takes(block)
+
+
+@built
+@pytest.mark.parametrize("rows", [1, 3])
+def test_a_layer_in_one_call_equals_the_block(rows):
+    """Gate pre-activations from -60 to 60 (SwiGLU's exponential over its whole range) and a
+    hidden width that is not a multiple of the kernel's eight lanes."""
+    torch.manual_seed(rows)
+    model, block = _plain_block({"qkv_bias": True, "out_bias": True, "mlp_bias": True}, rows)
+    with torch.no_grad():
+        block.mlp.up.weight.mul_(150)
+        for p in (block.attn.qkv.bias, block.attn.out.bias, block.mlp.up.bias, block.mlp.down.bias,
+                  block.attn_norm.weight, block.mlp_norm.weight):
+            p.uniform_(-1, 1)
+    cache = KVCache.allocate(model.config, rows, 32)
+    cache.length = 6
+    for t in cache.keys + cache.values:
+        t.normal_()
+    reference_cache = copy.deepcopy(cache)
+    x = torch.randn(rows, 1, 128)
+    rope = model.rope_cos[6:7], model.rope_sin[6:7]
+    with torch.inference_mode():
+        got = LayerStep(block)(x, rope, cache)
+        expected = block(x, rope, None, reference_cache)
+        gates = block.mlp.up(block.mlp_norm(x + block.attn(block.attn_norm(x), rope, None, copy.deepcopy(cache))))
+    assert gates[..., :44].abs().max() > 40  # the exponential's range was reached
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache.keys[1], reference_cache.keys[1], rtol=1e-6, atol=1e-6)
+    assert torch.equal(cache.values[1], reference_cache.values[1])
+    assert LayerStep(block)(torch.randn(MAX_ROWS + 1, 1, 128), rope, cache) is None  # past the kernel's rows
