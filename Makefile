@@ -13,7 +13,7 @@ LLAMA_CPP := llama-cpp-python==0.3.36
 # pip compiles the installed files one at a time (~80 s here); compileall -j 0 uses every
 # core (~55 s). A file that does not compile (torch ships one written for Python 3.12) is
 # left to the interpreter, as pip leaves it: hence the `|| true`.
-$(STAMP): pyproject.toml requirements.lock setup.py src/heron/compress/csrc/fused.c src/heron/core/csrc/*.c
+$(STAMP): pyproject.toml requirements.lock setup.py src/heron/compress/csrc/fused.c src/heron/core/csrc/*.c src/heron/core/csrc/*.h
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q --no-compile -r requirements.lock

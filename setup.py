@@ -17,15 +17,15 @@ kernels instead.
 from setuptools import Extension, setup
 
 
-def openmp_c(name: str, source: str) -> Extension:
-    return Extension(name, sources=[source], extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"],
-                     optional=True)
+def openmp_c(name: str, source: str, depends: tuple[str, ...] = ()) -> Extension:
+    return Extension(name, sources=[source], depends=list(depends), extra_compile_args=["-O3", "-fopenmp"],
+                     extra_link_args=["-fopenmp"], optional=True)
 
 
 setup(
     ext_modules=[
         openmp_c("heron.compress._fused", "src/heron/compress/csrc/fused.c"),
-        openmp_c("heron.core._stream", "src/heron/core/csrc/stream.c"),
-        openmp_c("heron.core._step", "src/heron/core/csrc/step.c"),
+        openmp_c("heron.core._stream", "src/heron/core/csrc/stream.c", ("src/heron/core/csrc/stream_mm.h",)),
+        openmp_c("heron.core._step", "src/heron/core/csrc/step.c", ("src/heron/core/csrc/stream_mm.h",)),
     ]
 )
