@@ -17,7 +17,7 @@ from torch import nn
 
 from heron.core.attention import Attention
 from heron.core.kv_cache import KVCache
-from heron.core.linear import STREAM_ROWS, Linear, is_input_major
+from heron.core.linear import STREAM_ROWS, Linear, is_input_major, streams
 from heron.core.mlp import MLP
 from heron.core.norms import RMSNorm
 
@@ -148,7 +148,7 @@ class LayerStep:
         """Whether the block is plain (class note) and the kernels are here to run it."""
         kernel = step_kernels()
         attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
-        if (kernel is None or not kernel.supported() or type(attn) is not Attention or type(mlp) is not MLP
+        if (kernel is None or not streams() or type(attn) is not Attention or type(mlp) is not MLP
                 or attn.pattern is not None or attn.q_norm is not None or mlp.kind != "swiglu"
                 or attn.head_dim > MAX_HEAD_DIM):
             return False

@@ -20,8 +20,10 @@ streaming product) runs in one kernel call, and the other layers' attention
 between its products, their RMSNorms and the embedding lookup run through
 kernels too: the same arithmetic summed in another order, so the logits
 equal the forward's to fp32 rounding instead of bit for bit. On the Zen 5
-host the d_model-64 step fell from ~1.0 to ~0.6 ms with the separate
-kernels, the `small` one from ~4.4 to ~3.8 ms (lockstep, 2026-12-02).
+host a `small` step's aten calls fell from ~750 to 30, and the step of the
+same model at d_model 64 from ~1.0 to ~0.45 ms; decoding the `small`
+checkpoints of benchmarks/bench_compress.py ran 1.20x as fast (lockstep,
+2026-12-02), 1.13x of it from running each plain layer in one call.
 
 Heron's plain parts run flattened: `Linear`, RMSNorm, LayerNorm, dense
 attention (RoPE or not, qk_norm or not, any head grouping, SDPA over the KV cache) and the

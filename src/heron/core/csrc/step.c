@@ -241,6 +241,17 @@ static int ints(PyObject *const *args, Py_ssize_t n, int64_t *out) {
     return PyErr_Occurred() ? -1 : 0;
 }
 
+/* A call's first n_ints arguments as integers into v; -1 with a TypeError naming the signature
+ * unless it was given `expected` arguments, or with the conversion's error. */
+static int unpack(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t expected, Py_ssize_t n_ints,
+                  const char *signature, int64_t *v) {
+    if (nargs != expected) {
+        PyErr_SetString(PyExc_TypeError, signature);
+        return -1;
+    }
+    return ints(args, n_ints, v);
+}
+
 #define ATTEND_SIGNATURE                                                                                     \
     "attend(qkv_ptr, B, n_q, n_kv, head_dim, cos_ptr, sin_ptr, rope_stride, keys_ptr, values_ptr, slots, " \
     "length, key_mask_ptr, mask_stride, out_ptr, threads, q_factor)"
@@ -248,12 +259,9 @@ static int ints(PyObject *const *args, Py_ssize_t n, int64_t *out) {
 static PyObject *py_attend(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     int64_t v[16];
-    if (nargs != 17) {
-        PyErr_SetString(PyExc_TypeError, ATTEND_SIGNATURE);
-        return NULL;
-    }
+    if (unpack(args, nargs, 17, 16, ATTEND_SIGNATURE, v)) return NULL;
     const double q_factor = PyFloat_AsDouble(args[16]);
-    if (ints(args, 16, v) || PyErr_Occurred()) return NULL;
+    if (PyErr_Occurred()) return NULL;
     const Attention a = {
         .qkv = (const float *)(intptr_t)v[0], .B = v[1], .nq = v[2], .nkv = v[3], .hd = v[4],
         .cos = (const float *)(intptr_t)v[5], .sin = (const float *)(intptr_t)v[6], .rope_stride = v[7],
@@ -334,12 +342,9 @@ static PyObject *py_layer(PyObject *self, PyObject *const *args, Py_ssize_t narg
 static PyObject *py_rms_norm(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     int64_t v[5];
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, RMS_NORM_SIGNATURE);
-        return NULL;
-    }
+    if (unpack(args, nargs, 6, 5, RMS_NORM_SIGNATURE, v)) return NULL;
     const double eps = PyFloat_AsDouble(args[5]);
-    if (ints(args, 5, v) || PyErr_Occurred()) return NULL;
+    if (PyErr_Occurred()) return NULL;
     if (v[1] < 1 || v[2] < 1) {
         PyErr_SetString(PyExc_ValueError, RMS_NORM_SIGNATURE ": rows and width must be at least 1");
         return NULL;
@@ -354,11 +359,7 @@ static PyObject *py_rms_norm(PyObject *self, PyObject *const *args, Py_ssize_t n
 static PyObject *py_swiglu(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     int64_t v[4];
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, SWIGLU_SIGNATURE);
-        return NULL;
-    }
-    if (ints(args, 4, v)) return NULL;
+    if (unpack(args, nargs, 4, 4, SWIGLU_SIGNATURE, v)) return NULL;
     if (v[1] < 1 || v[2] < 1) {
         PyErr_SetString(PyExc_ValueError, SWIGLU_SIGNATURE ": rows and ff must be at least 1");
         return NULL;
@@ -374,11 +375,7 @@ static PyObject *py_swiglu(PyObject *self, PyObject *const *args, Py_ssize_t nar
 static PyObject *py_embed(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     int64_t v[8];
-    if (nargs != 8) {
-        PyErr_SetString(PyExc_TypeError, EMBED_SIGNATURE);
-        return NULL;
-    }
-    if (ints(args, 8, v)) return NULL;
+    if (unpack(args, nargs, 8, 8, EMBED_SIGNATURE, v)) return NULL;
     const int64_t *ids = (const int64_t *)(intptr_t)v[0], n = v[1], vocab = v[3], width = v[4];
     const float *table = (const float *)(intptr_t)v[2];
     float *out = (float *)(intptr_t)v[7];
@@ -394,12 +391,6 @@ static PyObject *py_embed(PyObject *self, PyObject *const *args, Py_ssize_t narg
     Py_RETURN_NONE;
 }
 
-static PyObject *py_supported(PyObject *self, PyObject *unused) {
-    (void)self;
-    (void)unused;
-    return PyBool_FromLong(ROWS_INTO_HERE != NULL);
-}
-
 static PyMethodDef METHODS[] = {
     {"attend", (PyCFunction)(void (*)(void))py_attend, METH_FASTCALL,
      ATTEND_SIGNATURE ": one new token per row of a dense attention layer: RoPE on q and k, k and v "
@@ -407,8 +398,8 @@ static PyMethodDef METHODS[] = {
     {"layer", (PyCFunction)(void (*)(void))py_layer, METH_FASTCALL,
      LAYER_SIGNATURE ": y (B, d) = one RMSNorm, dense-attention, SwiGLU layer applied to x (B, d), one new "
                      "token per row (the cache as `attend` takes it); " LAYER_WEIGHTS ", each product's weight "
-                     "input-major, all fp32 and contiguous."},
-    {"supported", py_supported, METH_NOARGS, "supported(): whether this CPU runs `layer` (AVX-512F, or AVX2 with FMA)."},
+                     "input-major, all fp32 and contiguous; RuntimeError where the streaming product does not run "
+                     "(heron.core._stream.supported())."},
     {"rms_norm", (PyCFunction)(void (*)(void))py_rms_norm, METH_FASTCALL,
      RMS_NORM_SIGNATURE ": y = x / sqrt(mean(x^2) + eps) * weight over each row; contiguous fp32."},
     {"swiglu", (PyCFunction)(void (*)(void))py_swiglu, METH_FASTCALL,
