@@ -1,6 +1,6 @@
-"""Builds Heron's three compiled modules; everything else is in pyproject.toml.
+"""Builds Heron's four compiled modules; everything else is in pyproject.toml.
 
-Both are plain C and OpenMP, no torch headers, and optional: where one does not
+All are plain C and OpenMP, no torch headers, and optional: where one does not
 build (no C compiler, no OpenMP), installation goes on and Heron uses torch's
 kernels instead.
 
@@ -13,6 +13,9 @@ kernels instead.
 - `heron.core._step`: the small operations of a decoding step (attention for one
   new token over the KV cache, RMSNorm, the embedding lookup), one call each
   (src/heron/core/csrc/step.c; else core/token_step.py's torch ops).
+- `heron.core._activation`: SwiGLU's activation and its gradient in one pass
+  each, for training and prefill (src/heron/core/csrc/activation.c; else
+  torch's silu and products).
 """
 from setuptools import Extension, setup
 
@@ -26,6 +29,10 @@ setup(
     ext_modules=[
         openmp_c("heron.compress._fused", "src/heron/compress/csrc/fused.c"),
         openmp_c("heron.core._stream", "src/heron/core/csrc/stream.c", ("src/heron/core/csrc/stream_mm.h",)),
-        openmp_c("heron.core._step", "src/heron/core/csrc/step.c", ("src/heron/core/csrc/stream_mm.h",)),
+        openmp_c("heron.core._step", "src/heron/core/csrc/step.c",
+                 ("src/heron/core/csrc/stream_mm.h", "src/heron/core/csrc/vector_math.h",
+                  "src/heron/core/csrc/fastcall_args.h")),
+        openmp_c("heron.core._activation", "src/heron/core/csrc/activation.c",
+                 ("src/heron/core/csrc/vector_math.h", "src/heron/core/csrc/fastcall_args.h")),
     ]
 )

@@ -130,20 +130,6 @@ def test_rms_norm_equals_the_module(shape):
 
 
 @built
-@pytest.mark.parametrize("ff", [1, 8, 44, 1408])
-def test_swiglu_equals_torch_to_a_few_ulp_over_the_whole_float_range(ff):
-    """Its exponential is a polynomial of its own (csrc/step.c): held to ~3 ulp of torch's silu,
-    from gates where e^-x underflows to ones where it overflows."""
-    generator = torch.Generator().manual_seed(ff)
-    h = torch.randn(3, 2 * ff, generator=generator) * torch.tensor([1.0, 10.0, 60.0])[:, None]
-    h[0, :ff] = torch.linspace(-120, 120, ff)  # past both ends of the range the exponential clamps to
-    g = torch.empty(3, ff)
-    step_kernels().swiglu(h.data_ptr(), 3, ff, g.data_ptr())
-    gate, up = h.chunk(2, dim=-1)
-    torch.testing.assert_close(g, F.silu(gate) * up, rtol=4e-7, atol=1e-30)
-
-
-@built
 @pytest.mark.parametrize("layout", ["row-major", "input-major"])
 def test_embedding_lookup_equals_torch_bit_for_bit(layout):
     generator = torch.Generator().manual_seed(4)

@@ -11,6 +11,7 @@ from heron.core.config import ModelConfig
 from heron.core.gemm import linear
 from heron.core.hooks import HookPoint
 from heron.core.linear import MAX_ROWS, Linear, decoding_product
+from heron.core.swiglu import swiglu, swiglu_halves
 
 
 class MLP(nn.Module):
@@ -37,7 +38,7 @@ class MLP(nn.Module):
             # A layer swapped in for `up` (quantised, adapted) is always called as a module.
             gate, up = self.up.weight.chunk(2, dim=0)  # (d_ff, d) each
             gate_bias, up_bias = self.up.bias.chunk(2) if self.up.bias is not None else (None, None)
-            h = F.silu(linear(x, gate, gate_bias)) * linear(x, up, up_bias)  # (B, T, d_ff)
+            h = swiglu(linear(x, gate, gate_bias), linear(x, up, up_bias))  # (B, T, d_ff)
         else:
             h = activate(self.up(x), self.kind)  # (B, T, d_ff)
         return self.down(self.hook_post(h))  # (B, T, d)
@@ -55,8 +56,7 @@ def activate(h: torch.Tensor, kind: str) -> torch.Tensor:
     """The hidden activation of an `up` projection's output (..., width) -> (..., d_ff);
     for SwiGLU the width holds gate and up halves: silu(gate) * up."""
     if kind == "swiglu":
-        gate, up = h.chunk(2, dim=-1)  # (..., d_ff) each
-        return F.silu(gate) * up
+        return swiglu_halves(h)
     if kind == "gelu_tanh":
         return F.gelu(h, approximate="tanh")
     return F.gelu(h)

@@ -31,9 +31,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fastcall_args.h"
 #include "stream_mm.h"
+#include "vector_math.h"
 
-#define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #define MAX_HEAD_DIM 512
 #define PARALLEL_WORK 65536 /* query heads x keys x head_dim below which one thread does it all */
 
@@ -134,56 +135,6 @@ CLONES static void rms_norm(const float *x, int64_t rows, int64_t width, const f
     }
 }
 
-/* Always inlined into the kernels, which carry their own targets; it returns a 32-byte vector,
- * which GCC warns changes the ABI without AVX: a concern for calls it never makes. */
-#pragma GCC diagnostic ignored "-Wpsabi"
-#define VECTOR_INLINE static inline __attribute__((always_inline))
-
-/* Eight floats, in registers (v8f, v8i) and at any float's address in memory (V8F_AT). */
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-typedef float v8f_unaligned __attribute__((vector_size(32), aligned(4), may_alias));
-#define V8F_AT(p) (*(v8f_unaligned *)(p))
-
-/* a where mask (all bits set), else b, lane by lane */
-#define SELECT8(mask, a, b) ((v8f)(((v8i)(a) & (mask)) | ((v8i)(b) & ~(mask))))
-
-/* e^x lane by lane for x at `at`: Cephes' expf, 2^n times a degree-6 polynomial on [-ln2/2, ln2/2], within
- * 2 ulp. Written in vector types because GCC vectorises neither glibc's expf nor this in a loop. */
-VECTOR_INLINE v8f exp8(v8f_unaligned *at) {
-    v8f x = *at;
-    const v8f low = (v8f){} - 87.3f, high = (v8f){} + 88.7f;
-    x = SELECT8(x < low, low, x);
-    x = SELECT8(x > high, high, x);
-    const v8f t = x * 1.44269504088896341f + 0.5f;
-    v8f n = __builtin_convertvector(__builtin_convertvector(t, v8i), v8f); /* t rounded toward 0 ... */
-    n += __builtin_convertvector(n > t, v8f);                              /* ... then down: floor(t) */
-    const v8f r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    v8f p = (v8f){} + 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    return p * (v8f)((__builtin_convertvector(n, v8i) + 127) << 23); /* 2^n from its exponent bits */
-}
-
-/* g (rows, ff) = silu(h[:, :ff]) * h[:, ff:] for h (rows, 2 ff): SwiGLU's gate and up halves,
- * silu(x) = x / (1 + e^-x) as torch computes it. */
-CLONES static void swiglu(const float *h, int64_t rows, int64_t ff, float *g) {
-    for (int64_t r = 0; r < rows; r++) {
-        const float *gate = h + r * 2 * ff, *up = gate + ff;
-        float *out = g + r * ff;
-        int64_t i = 0;
-        for (; i + 8 <= ff; i += 8) {
-            v8f_unaligned x = V8F_AT(gate + i), minus_x = -x;
-            V8F_AT(out + i) = x / (1.0f + exp8(&minus_x)) * V8F_AT(up + i);
-        }
-        for (; i < ff; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
-    }
-}
-
 /* y (rows, n) = a + b (+ bias (n), added to b first: a product's output and its bias) */
 static void add_rows(const float *a, const float *b, const float *bias, int64_t rows, int64_t n, float *y) {
     for (int64_t r = 0; r < rows; r++)
@@ -227,7 +178,7 @@ static int run_layer(const Layer *L, const float *x, float *y, Attention *a, int
     rms_norm(L->parallel_residual ? x : y, B, d, L->mlp_norm, L->mlp_eps, h);
     failed |= stream_mm(ROWS_INTO_HERE, h, B, L->up, 2 * ff, d, up, threads);
     add_bias(up, L->up_bias, B, 2 * ff);
-    swiglu(up, B, ff, gated);
+    swiglu_rows(up, up + ff, 2 * ff, B, ff, gated);
     failed |= stream_mm(ROWS_INTO_HERE, gated, B, L->down, d, ff, product, threads);
     add_rows(y, product, L->down_bias, B, d, y); /* y += mlp */
     free(scratch);
@@ -235,22 +186,6 @@ static int run_layer(const Layer *L, const float *x, float *y, Attention *a, int
 }
 
 /* ---- Python bindings: addresses and sizes in, the caller checks shapes and dtypes ---- */
-
-static int ints(PyObject *const *args, Py_ssize_t n, int64_t *out) {
-    for (Py_ssize_t i = 0; i < n; i++) out[i] = PyLong_AsLongLong(args[i]);
-    return PyErr_Occurred() ? -1 : 0;
-}
-
-/* A call's first n_ints arguments as integers into v; -1 with a TypeError naming the signature
- * unless it was given `expected` arguments, or with the conversion's error. */
-static int unpack(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t expected, Py_ssize_t n_ints,
-                  const char *signature, int64_t *v) {
-    if (nargs != expected) {
-        PyErr_SetString(PyExc_TypeError, signature);
-        return -1;
-    }
-    return ints(args, n_ints, v);
-}
 
 #define ATTEND_SIGNATURE                                                                                     \
     "attend(qkv_ptr, B, n_q, n_kv, head_dim, cos_ptr, sin_ptr, rope_stride, keys_ptr, values_ptr, slots, " \
@@ -354,20 +289,6 @@ static PyObject *py_rms_norm(PyObject *self, PyObject *const *args, Py_ssize_t n
     Py_RETURN_NONE;
 }
 
-#define SWIGLU_SIGNATURE "swiglu(h_ptr, rows, ff, g_ptr)"
-
-static PyObject *py_swiglu(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    (void)self;
-    int64_t v[4];
-    if (unpack(args, nargs, 4, 4, SWIGLU_SIGNATURE, v)) return NULL;
-    if (v[1] < 1 || v[2] < 1) {
-        PyErr_SetString(PyExc_ValueError, SWIGLU_SIGNATURE ": rows and ff must be at least 1");
-        return NULL;
-    }
-    swiglu((const float *)(intptr_t)v[0], v[1], v[2], (float *)(intptr_t)v[3]);
-    Py_RETURN_NONE;
-}
-
 #define EMBED_SIGNATURE "embed(ids_ptr, n, table_ptr, vocab, width, row_stride, column_stride, out_ptr)"
 
 /* out (n, width) = table[ids]: rows of a (vocab, width) fp32 table read through its strides
@@ -402,9 +323,6 @@ static PyMethodDef METHODS[] = {
                      "(heron.core._stream.supported())."},
     {"rms_norm", (PyCFunction)(void (*)(void))py_rms_norm, METH_FASTCALL,
      RMS_NORM_SIGNATURE ": y = x / sqrt(mean(x^2) + eps) * weight over each row; contiguous fp32."},
-    {"swiglu", (PyCFunction)(void (*)(void))py_swiglu, METH_FASTCALL,
-     SWIGLU_SIGNATURE ": g (rows, ff) = silu(h[:, :ff]) * h[:, ff:] for h (rows, 2 ff), as `layer` applies it; "
-                      "contiguous fp32."},
     {"embed", (PyCFunction)(void (*)(void))py_embed, METH_FASTCALL,
      EMBED_SIGNATURE ": the table's rows for int64 ids, read through its strides; IndexError for an id out of "
                      "range."},
