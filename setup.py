@@ -27,8 +27,9 @@ def openmp_c(name: str, source: str, depends: tuple[str, ...] = ()) -> Extension
 
 setup(
     ext_modules=[
-        openmp_c("heron.compress._fused", "src/heron/compress/csrc/fused.c"),
-        openmp_c("heron.core._stream", "src/heron/core/csrc/stream.c", ("src/heron/core/csrc/stream_mm.h",)),
+        openmp_c("heron.compress._fused", "src/heron/compress/csrc/fused.c", ("src/heron/core/csrc/fastcall_args.h",)),
+        openmp_c("heron.core._stream", "src/heron/core/csrc/stream.c",
+                 ("src/heron/core/csrc/stream_mm.h", "src/heron/core/csrc/fastcall_args.h")),
         openmp_c("heron.core._step", "src/heron/core/csrc/step.c",
                  ("src/heron/core/csrc/stream_mm.h", "src/heron/core/csrc/vector_math.h",
                   "src/heron/core/csrc/fastcall_args.h")),

@@ -34,6 +34,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "../../core/csrc/fastcall_args.h"
+
 /* A quantised weight matrix (N, K): see the top of the file for each layout. */
 typedef struct {
     int bits;            /* 8 or 4 */
@@ -302,24 +304,21 @@ static int quantized_mm(const float *x, int64_t M, const QWeights *w, float *y, 
 
 static PyObject *py_mm(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 11) {
-        PyErr_SetString(PyExc_TypeError, MM_SIGNATURE);
-        return NULL;
-    }
-    const float *x = PyLong_AsVoidPtr(args[0]);
-    const int64_t M = PyLong_AsLongLong(args[1]);
-    float *y = PyLong_AsVoidPtr(args[2]);
-    const int threads = (int)PyLong_AsLong(args[3]);
+    int64_t v[11];
+    if (unpack(args, nargs, 11, 11, MM_SIGNATURE, v)) return NULL;
+    const float *x = (const float *)(intptr_t)v[0];
+    const int64_t M = v[1];
+    float *y = (float *)(intptr_t)v[2];
+    const int threads = (int)v[3];
     QWeights w = {
-        .bits = (int)PyLong_AsLong(args[4]),
-        .codes = PyLong_AsVoidPtr(args[5]),
-        .scale = PyLong_AsVoidPtr(args[6]),
-        .zero = PyLong_AsVoidPtr(args[7]),
-        .N = PyLong_AsLongLong(args[8]),
-        .K = PyLong_AsLongLong(args[9]),
-        .group = PyLong_AsLongLong(args[10]),
+        .bits = (int)v[4],
+        .codes = (const void *)(intptr_t)v[5],
+        .scale = (const float *)(intptr_t)v[6],
+        .zero = (const int32_t *)(intptr_t)v[7],
+        .N = v[8],
+        .K = v[9],
+        .group = v[10],
     };
-    if (PyErr_Occurred()) return NULL;
     if (M < 0 || w.N < 0 || w.K < 0 || threads < 1 || (w.bits != 8 && w.bits != 4) ||
         (w.bits == 4 && (w.zero == NULL || w.group < 32 || w.group % 32 || w.K % w.group))) {
         PyErr_SetString(PyExc_ValueError, MM_SIGNATURE ": M, N and K must be >= 0, threads >= 1, bits 8 or 4; "

@@ -1,5 +1,5 @@
 /* Arguments of a METH_FASTCALL binding that takes addresses and sizes as Python ints
- * (step.c, activation.c): the caller checks shapes and dtypes. */
+ * (core: step.c, activation.c, stream.c; compress/csrc/fused.c): the caller checks shapes and dtypes. */
 #ifndef HERON_FASTCALL_ARGS_H
 #define HERON_FASTCALL_ARGS_H
 

@@ -25,6 +25,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "fastcall_args.h"
 #include "stream_mm.h"
 
 static rows_into_fn ROWS_INTO_HERE;
@@ -33,17 +34,12 @@ static rows_into_fn ROWS_INTO_HERE;
 
 static PyObject *py_mm(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, MM_SIGNATURE);
-        return NULL;
-    }
-    const float *x = PyLong_AsVoidPtr(args[0]);
-    const int64_t M = PyLong_AsLongLong(args[1]);
-    float *y = PyLong_AsVoidPtr(args[2]);
-    const int threads = (int)PyLong_AsLong(args[3]);
-    const float *wt = PyLong_AsVoidPtr(args[4]);
-    const int64_t N = PyLong_AsLongLong(args[5]), K = PyLong_AsLongLong(args[6]);
-    if (PyErr_Occurred()) return NULL;
+    int64_t v[7];
+    if (unpack(args, nargs, 7, 7, MM_SIGNATURE, v)) return NULL;
+    const float *x = (const float *)(intptr_t)v[0], *wt = (const float *)(intptr_t)v[4];
+    float *y = (float *)(intptr_t)v[2];
+    const int64_t M = v[1], N = v[5], K = v[6];
+    const int threads = (int)v[3];
     if (ROWS_INTO_HERE == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "mm: this CPU has neither AVX-512F nor AVX2 with FMA");
         return NULL;
