@@ -12,13 +12,18 @@ checkpoint must exist) and prints:
   window of 128 tokens of the validation split, as bench_compress scores them).
 Writes nothing; benchmarks/NOTES.md quotes its output.
 
-    python benchmarks/probe_pruning.py
+    python benchmarks/probe_pruning.py [--source CHECKPOINT] [--short]
+
+--source probes another checkpoint of the `small` shape on the same shards
+(e.g. one of a longer training run); --short keeps magnitude per layer, Wanda
+with 16 batches and SparseGPT, the three that bench_compress compares.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import sys
+from pathlib import Path
 
 import torch
 
@@ -72,12 +77,15 @@ def random_prune(model: torch.nn.Module, sparsity: float) -> None:
 
 
 def main() -> None:
-    argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="Needs the model that "
-                            "benchmarks/bench_compress.py trains; writes nothing.").parse_args()
-    if not SOURCE.is_dir():
-        sys.exit(f"no model at {SOURCE}: run benchmarks/bench_compress.py first (it trains it)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="Needs the model that "
+                                     "benchmarks/bench_compress.py trains; writes nothing.")
+    parser.add_argument("--source", type=Path, default=SOURCE, help=f"checkpoint folder (default {SOURCE})")
+    parser.add_argument("--short", action="store_true", help="magnitude, Wanda and SparseGPT only")
+    args = parser.parse_args()
+    if not args.source.is_dir():
+        sys.exit(f"no model at {args.source}: run benchmarks/bench_compress.py first (it trains it)")
     setup_torch()
-    base, _ = heron.load(SOURCE)
+    base, _ = heron.load(args.source)
     val = load_shards(SHARDS).val
     kurt = sorted(kurtosis(layer.weight) for layer in block_linears(base).values())
     print(f"block weights' kurtosis: median {kurt[len(kurt) // 2]:.2f}, largest {kurt[-1]:.2f}")
@@ -98,6 +106,9 @@ def main() -> None:
         "sparsegpt, 16 calibration batches": lambda m: prune_model(
             m, "sparsegpt", sparsity=SPARSITY, calibration=calibration_windows(SHARDS, 16, 8, 128), progress=False),
     }
+    if args.short:
+        variants = {name: prune for name, prune in variants.items()
+                    if name in ("magnitude per layer", "wanda, 16 calibration batches", "sparsegpt, 16 calibration batches")}
     for name, prune in variants.items():
         model = copy.deepcopy(base)
         prune(model)
