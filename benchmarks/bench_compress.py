@@ -1,9 +1,12 @@
 """Compression of one ~30M model trained on the default corpus (issue 6), side by side.
 
 The model: the `small` preset at the demo's 4096-token vocabulary (27.8M
-parameters), trained on the Python standard library's shards for 1,500 steps
-of 8 x 128 tokens in runs/bench-compress/small (resumed if it is there; about
-an hour here on its own). Every variant is made from its last checkpoint with
+parameters), trained on the Python standard library's shards for 3,000 steps
+of 8 x 128 tokens (3.1M tokens, 1.1 passes over the 2.75M-token training
+split) in runs/bench-compress/small (resumed if it is there; about 75 minutes
+here on its own). Until 2026-12-03 it trained for 1,500 steps (0.56 passes),
+a model so far from trained that removing half its block weights by
+magnitude cost it only ~1.3% perplexity (benchmarks/NOTES.md). Every variant is made from its last checkpoint with
 Heron's own commands' functions and written as a checkpoint under
 runs/bench-compress/variants/ (reused when present):
 
@@ -81,7 +84,7 @@ class Plan:
     rounds: int
 
 
-FULL = Plan(RUNS, teacher_steps=1500, student_steps=600, eval_batches=None, calib_batches=16, rounds=15)
+FULL = Plan(RUNS, teacher_steps=3000, student_steps=600, eval_batches=None, calib_batches=16, rounds=15)
 SMOKE = Plan(HERE.parent / "runs" / "bench-compress-smoke", teacher_steps=4, student_steps=2, eval_batches=1,
              calib_batches=1, rounds=1)  # checks the script end to end in minutes; writes nothing
 

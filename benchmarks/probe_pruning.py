@@ -36,7 +36,7 @@ from heron.compress.prune_model import SquareSum, prune_model
 from heron.data import load_shards
 from heron.generate.perplexity import perplexity
 
-SOURCE = RUNS / "small" / "checkpoints" / "step_00001500"
+SOURCE = RUNS / "small" / "checkpoints" / "latest"
 SPARSITY = 0.5
 
 
