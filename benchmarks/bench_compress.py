@@ -6,9 +6,10 @@ of 8 x 128 tokens (3.1M tokens, 1.1 passes over the 2.75M-token training
 split) in runs/bench-compress/small (resumed if it is there; about 75 minutes
 here on its own). Until 2026-12-03 it trained for 1,500 steps (0.56 passes),
 a model so far from trained that removing half its block weights by
-magnitude cost it only ~1.3% perplexity (benchmarks/NOTES.md). Every variant is made from its last checkpoint with
-Heron's own commands' functions and written as a checkpoint under
-runs/bench-compress/variants/ (reused when present):
+magnitude cost it only ~1.3% perplexity (benchmarks/NOTES.md). Every variant
+is made from its last checkpoint with Heron's own commands' functions and
+written as a checkpoint under runs/bench-compress/variants/ (reused when
+present):
 
 - int8 per channel (round to nearest); int4, group 128, by RTN, GPTQ and AWQ
   (embedding and head int8);
