@@ -38,6 +38,7 @@ from heron.generate.perplexity import perplexity
 
 SOURCE = RUNS / "small" / "checkpoints" / "latest"
 SPARSITY = 0.5
+SHORT = ("magnitude per layer", "wanda, 16 calibration batches", "sparsegpt, 16 calibration batches")  # --short
 
 
 def magnitude_per_row(model: torch.nn.Module, sparsity: float) -> None:
@@ -107,8 +108,7 @@ def main() -> None:
             m, "sparsegpt", sparsity=SPARSITY, calibration=calibration_windows(SHARDS, 16, 8, 128), progress=False),
     }
     if args.short:
-        variants = {name: prune for name, prune in variants.items()
-                    if name in ("magnitude per layer", "wanda, 16 calibration batches", "sparsegpt, 16 calibration batches")}
+        variants = {name: variants[name] for name in SHORT}
     for name, prune in variants.items():
         model = copy.deepcopy(base)
         prune(model)
