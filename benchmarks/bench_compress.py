@@ -182,7 +182,8 @@ def main() -> None:
     folders = {"fp32": source, **variants(source, plan), **students(source, plan)}
     val = load_shards(SHARDS).val
     evaluation = dict(seq_len=128, batch_size=8, max_batches=plan.eval_batches)
-    listed = measure(list(folders.values()), val, names=list(folders), **evaluation, new_tokens=NEW_TOKENS)
+    listed = measure(list(folders.values()), val, names=list(folders), **evaluation, new_tokens=NEW_TOKENS,
+                     baselines=[folders["student-scratch"]])  # trained from scratch: no variant of the model
     by = {row.name: row for row in listed}
     report = write_report(listed, plan.runs / "report")
 

@@ -58,3 +58,7 @@ def test_compress_report_refuses_a_missing_variant_before_any_warning_or_measuri
                        "--seq-len", "16", "--max-batches", "1", "--new-tokens", "2"], capsys)
         assert err == f"heron compress: error: checkpoints: no checkpoint at {missing}\n"  # no warning before it
         assert not out.exists()
+    err = refusal(["compress", "report", str(reference), "--baseline", str(missing), "--shards", str(shards),
+                   "--out", str(out)], capsys)
+    assert err == f"heron compress: error: --baseline: no checkpoint at {missing}\n"
+    assert not out.exists()

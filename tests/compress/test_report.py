@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -56,12 +57,14 @@ def test_the_cli_writes_the_report(tmp_path, capsys, code_model):
     first = save_model_folder(tmp_path / "a" / "model", model, tokenizer=tokenizer)
     second = save_model_folder(tmp_path / "b" / "model", model, tokenizer=tokenizer,
                                lineage={"pruned_from": str(first.resolve())})
-    args = ["compress", "report", str(first), str(second), "--shards", str(shards), "--out",
-            str(tmp_path / "report"), "--seq-len", "16", "--max-batches", "1", "--new-tokens", "4"]
-    assert main(args) == 0
-    out, err = capsys.readouterr()
-    assert "| variant | size (MB)" in out and f"| {second} |" in out  # same folder names: whole paths
-    assert "warning" not in err  # the second is the first's variant
+    scratch = save_model_folder(tmp_path / "c" / "model", model, tokenizer=tokenizer)  # no lineage: a baseline
+    args = ["compress", "report", str(first), str(second), "--baseline", str(scratch), "--shards", str(shards),
+            "--out", str(tmp_path / "report"), "--seq-len", "16", "--max-batches", "1", "--new-tokens", "4"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second is the first's variant, the third a declared baseline
+        assert main(args) == 0
+    out, _ = capsys.readouterr()
+    assert "| variant | size (MB)" in out and f"| {second} |" in out and f"| {scratch} |" in out  # whole paths
     assert (tmp_path / "report" / "pareto.png").is_file()
 
 
@@ -125,6 +128,13 @@ def test_variants_are_traced_back_through_their_lineage(tmp_path):
     with pytest.warns(UserWarning) as caught:
         measure([reference, student, stranger], val, seq_len=16, batch_size=2, max_batches=1, new_tokens=2, rounds=1)
     assert [str(w.message).split(":")[0] for w in caught] == [str(stranger)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a declared baseline is measured without the lineage warning
+        rows = measure([reference, stranger], val, seq_len=16, batch_size=2, max_batches=1, new_tokens=2, rounds=1,
+                       baselines=[stranger])
+    assert [row.name for row in rows] == ["reference", "stranger"]
+    with pytest.raises(ValueError, match="baselines: .*gone not among the folders measured"):
+        measure([reference], val, baselines=[tmp_path / "gone"])
 
 
 def test_an_import_is_followed_both_ways(tmp_path):

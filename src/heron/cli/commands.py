@@ -380,8 +380,10 @@ def compress_report(args: argparse.Namespace) -> int:
     report_folder(args.out)  # before measuring: a refused --out costs nothing
     for folder in args.checkpoints:  # before the lineage checks warn, and before any model is measured
         existing_input(folder, "checkpoints", "checkpoint", folder=True)
-    rows = measure(args.checkpoints, load_shards(args.shards), seq_len=args.seq_len,
-                   max_batches=args.max_batches, new_tokens=args.new_tokens)
+    for folder in args.baseline:
+        existing_input(folder, "--baseline", "checkpoint", folder=True)
+    rows = measure(args.checkpoints + args.baseline, load_shards(args.shards), seq_len=args.seq_len,
+                   max_batches=args.max_batches, new_tokens=args.new_tokens, baselines=args.baseline)
     report = write_report(rows, args.out)
     print(report.read_text(encoding="utf-8"))
     return 0

@@ -268,6 +268,9 @@ def _register_distill(actions: Verbs) -> None:
 def _register_report(actions: Verbs) -> None:
     p = actions.add_parser("report", help="size, perplexity, decode speed and energy of variants; Pareto plot")
     p.add_argument("checkpoints", type=Path, nargs="+", help="the reference first, then its variants")
+    p.add_argument("--baseline", type=Path, action="append", default=[], metavar="CHECKPOINT",
+                   help="a checkpoint measured after the variants without being one of the reference's (a student "
+                        "trained from scratch, another model): no lineage warning (repeatable)")
     p.add_argument("--shards", type=Path, required=True, help="shard folder whose validation split is scored")
     p.add_argument("--out", type=Path, required=True,
                    help="folder for report.md, report.json and pareto.png: new, empty or an earlier report's "

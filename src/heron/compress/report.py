@@ -16,7 +16,7 @@ import json
 import statistics
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -133,10 +133,16 @@ def decode_speed(model: torch.nn.Module, prompt: list[int], *, new_tokens: int =
 
 def measure(folders: Sequence[str | Path], val_tokens: np.ndarray | ShardSet, *,
             names: Sequence[str] | None = None, seq_len: int = 128, batch_size: int = 8,
-            max_batches: int | None = 16, new_tokens: int = 64, rounds: int = 3) -> list[VariantRow]:
+            max_batches: int | None = 16, new_tokens: int = 64, rounds: int = 3,
+            baselines: Collection[str | Path] = ()) -> list[VariantRow]:
     """One row per checkpoint folder (named by `names`, else by the folder); the
     first is the reference for size ratios. `val_tokens` are the validation ids, or the
     shard set holding them, against whose tokenizer each model is then checked.
+
+    A folder whose lineage does not lead back to the reference gets a warning (a
+    report across unrelated models is usually a mistake), unless it is among
+    `baselines`: folders of `folders` compared without being variants, such as a
+    student trained from scratch beside a distilled one.
 
     Windows of `seq_len` and decoding of `new_tokens` are shortened to fit a
     model whose context is shorter (variants of one model share it).
@@ -155,9 +161,13 @@ def measure(folders: Sequence[str | Path], val_tokens: np.ndarray | ShardSet, *,
         check_val_scorable(shards)
     elif len(val_tokens) < 2:
         raise ValueError(f"val_tokens: holds {len(val_tokens)} tokens; nothing to score")
+    unknown = [str(b) for b in baselines if Path(b) not in {Path(f) for f in folders}]
+    if unknown:
+        raise ValueError(f"baselines: {', '.join(unknown)} not among the folders measured")
+    declared = {Path(b) for b in baselines}
     prompt = [int(t) for t in val_tokens[:16]]
     for folder in folders[1:]:
-        if not derives_from(folder, folders[0]):
+        if Path(folder) not in declared and not derives_from(folder, folders[0]):
             warnings.warn(f"{folder}: its lineage (quantized_from, pruned_from, distillation teacher) does not lead "
                           f"back to the reference {folders[0]}: not a variant of it", stacklevel=2)
     rows: list[VariantRow] = []
