@@ -9,7 +9,14 @@
 #include <string.h>
 
 #define MAX_ROWS 8          /* rows of x: past 8 the partial sums outgrow the cache (below) */
-#define PREFETCH_AHEAD 1024 /* floats ahead of the ones being read (4 KB): 44-47 GB/s, 43-44 without */
+/* Software prefetch reaches the floats PREFETCH_ROWS rows of Wt ahead of those being read, and at
+ * least PREFETCH_MIN floats (4 KB) ahead. On the Zen 5 host 4 KB ahead streamed 44-47 GB/s, 43-44
+ * without prefetch; on a Zen 4 (2026-12-03, two threads, 30 interleaved rounds) 4 KB ahead left the
+ * wide products slow: two rows ahead streamed 512 x 2752 at 25.9 GB/s against 23.6, 512 x 1536 at
+ * 25.3 against 23.6 and 512 x 4096 at 27.1 against 24.7 (512 wide: the same 4 KB, tied), where four
+ * rows ahead (the next group) did about as well and eight slightly worse. */
+#define PREFETCH_ROWS 2
+#define PREFETCH_MIN 1024
 
 /* 16 floats at any float's address (unaligned loads and stores), read through float pointers */
 typedef float vec16 __attribute__((vector_size(64), aligned(4), may_alias));
@@ -20,6 +27,7 @@ typedef float vec16 __attribute__((vector_size(64), aligned(4), may_alias));
 #define ROWS_INTO(NAME, TARGET)                                                                              \
     __attribute__((target(TARGET))) static void NAME(const float *x, int64_t M, int64_t K, const float *wt,  \
                                                      int64_t N, int64_t k0, int64_t k1, float *acc) {        \
+        const int64_t ahead = PREFETCH_ROWS * N > PREFETCH_MIN ? PREFETCH_ROWS * N : PREFETCH_MIN;           \
         int64_t k = k0;                                                                                      \
         for (; k + 4 <= k1; k += 4) {                                                                        \
             const float *w0 = wt + k * N, *w1 = w0 + N, *w2 = w1 + N, *w3 = w2 + N;                          \
@@ -31,10 +39,10 @@ typedef float vec16 __attribute__((vector_size(64), aligned(4), may_alias));
                 int64_t n = 0;                                                                               \
                 for (; n + 16 <= N; n += 16) {                                                               \
                     if (m == 0) {                                                                            \
-                        __builtin_prefetch(w0 + n + PREFETCH_AHEAD);                                         \
-                        __builtin_prefetch(w1 + n + PREFETCH_AHEAD);                                         \
-                        __builtin_prefetch(w2 + n + PREFETCH_AHEAD);                                         \
-                        __builtin_prefetch(w3 + n + PREFETCH_AHEAD);                                         \
+                        __builtin_prefetch(w0 + n + ahead);                                                 \
+                        __builtin_prefetch(w1 + n + ahead);                                                 \
+                        __builtin_prefetch(w2 + n + ahead);                                                 \
+                        __builtin_prefetch(w3 + n + ahead);                                                 \
                     }                                                                                        \
                     vec16 s = AT(y + n);                                                                     \
                     s += a * AT_CONST(w0 + n);                                                               \
