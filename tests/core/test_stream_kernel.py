@@ -14,8 +14,9 @@ def _input_major(N: int, K: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randn(K, N, generator=generator).t()  # (N, K), laid out (K, N) as decoding lays it
 
 
-# K not a multiple of the four rows a pass takes, N not of the 16 floats a vector holds, 1 x 1 included
-@pytest.mark.parametrize(("N", "K"), [(1, 1), (17, 3), (40, 7), (100, 64), (33, 130), (2304, 768)])
+# K not a multiple of the four rows a pass takes, N not of the 16 floats a vector holds, 1 x 1 included;
+# rows narrower than 2,048 (a pass reads one row of each quarter of a thread's block) and wider (four adjacent)
+@pytest.mark.parametrize(("N", "K"), [(1, 1), (17, 3), (40, 7), (100, 64), (33, 130), (2304, 768), (2051, 45)])
 @pytest.mark.parametrize("shape", [(1,), (2,), (1, 1), (1, 2), (2, 1), (3,), (2, 4), (8, 1)])
 def test_up_to_eight_rows_equal_f_linear(N, K, shape):
     generator = torch.Generator().manual_seed(N * 1000 + K)

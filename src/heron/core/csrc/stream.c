@@ -7,10 +7,11 @@
  * rows (MKL's small-M GEMM behind bmm and F.linear) read ~21 GB/s on one core
  * of the Zen 5 host, where a plain `sum` reads ~36; the blocked bmm of
  * core/linear.py reached 34-37 GB/s on two threads at the `base` preset's
- * layer shapes. Here each thread takes a contiguous block of Wt's K rows, so it
- * reads one stream from memory (with software prefetch), and adds x[m, k] *
- * Wt[k, :] for four rows k at a time into a partial y of its own, which stays
- * in cache; the threads' partials are summed at the end. Two threads streamed
+ * layer shapes. Here each thread takes a contiguous block of Wt's K rows, which it
+ * reads from memory with software prefetch, adding x[m, k] * Wt[k, :] for four
+ * rows k a pass (adjacent ones, or for narrow weights one from each quarter of
+ * the block: stream_mm.h) into a partial y of its own, which stays in cache;
+ * the threads' partials are summed at the end. Two threads streamed
  * those shapes at 44-47 GB/s (AVX-512) and 40-42 (AVX2), and decoding steps
  * ran 1.15x (`base`), 1.20x (`small`) and 1.14x (`tiny`) as fast (2026-12-02).
  * With more rows each pass over four weight rows (from cache) serves every row
