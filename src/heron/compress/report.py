@@ -161,10 +161,10 @@ def measure(folders: Sequence[str | Path], val_tokens: np.ndarray | ShardSet, *,
         check_val_scorable(shards)
     elif len(val_tokens) < 2:
         raise ValueError(f"val_tokens: holds {len(val_tokens)} tokens; nothing to score")
-    unknown = [str(b) for b in baselines if Path(b) not in {Path(f) for f in folders}]
-    if unknown:
-        raise ValueError(f"baselines: {', '.join(unknown)} not among the folders measured")
     declared = {Path(b) for b in baselines}
+    unknown = declared - {Path(f) for f in folders}
+    if unknown:
+        raise ValueError(f"baselines: {', '.join(sorted(map(str, unknown)))} not among the folders measured")
     prompt = [int(t) for t in val_tokens[:16]]
     for folder in folders[1:]:
         if Path(folder) not in declared and not derives_from(folder, folders[0]):
