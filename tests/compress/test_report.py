@@ -63,8 +63,9 @@ def test_the_cli_writes_the_report(tmp_path, capsys, code_model):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the second is the first's variant, the third a declared baseline
         assert main(args) == 0
-    out, _ = capsys.readouterr()
+    out, err = capsys.readouterr()
     assert "| variant | size (MB)" in out and f"| {second} |" in out and f"| {scratch} |" in out  # whole paths
+    assert "warning" not in err
     assert (tmp_path / "report" / "pareto.png").is_file()
 
 
