@@ -11,8 +11,9 @@ kernels instead.
   input-major weights (src/heron/core/csrc/stream.c; else core/linear.py's
   blocked bmm).
 - `heron.core._step`: the small operations of a decoding step (attention for one
-  new token over the KV cache, RMSNorm, the embedding lookup), one call each
-  (src/heron/core/csrc/step.c; else core/token_step.py's torch ops).
+  new token over the KV cache, RMSNorm, the embedding lookup), one call each,
+  and a plain layer in one call, its quantised products through `_fused`'s
+  (src/heron/core/csrc/step.c, product.h; else core/token_step.py's torch ops).
 - `heron.core._activation`: SwiGLU's activation and its gradient in one pass
   each, for training and prefill (src/heron/core/csrc/activation.c; else
   torch's silu and products).
@@ -27,12 +28,13 @@ def openmp_c(name: str, source: str, depends: tuple[str, ...] = ()) -> Extension
 
 setup(
     ext_modules=[
-        openmp_c("heron.compress._fused", "src/heron/compress/csrc/fused.c", ("src/heron/core/csrc/fastcall_args.h",)),
+        openmp_c("heron.compress._fused", "src/heron/compress/csrc/fused.c",
+                 ("src/heron/core/csrc/fastcall_args.h", "src/heron/core/csrc/product.h")),
         openmp_c("heron.core._stream", "src/heron/core/csrc/stream.c",
                  ("src/heron/core/csrc/stream_mm.h", "src/heron/core/csrc/fastcall_args.h")),
         openmp_c("heron.core._step", "src/heron/core/csrc/step.c",
                  ("src/heron/core/csrc/stream_mm.h", "src/heron/core/csrc/vector_math.h",
-                  "src/heron/core/csrc/fastcall_args.h")),
+                  "src/heron/core/csrc/product.h", "src/heron/core/csrc/fastcall_args.h")),
         openmp_c("heron.core._activation", "src/heron/core/csrc/activation.c",
                  ("src/heron/core/csrc/vector_math.h", "src/heron/core/csrc/fastcall_args.h")),
     ]

@@ -128,15 +128,29 @@ FUSED_SHAPES = {  # (out_features, in_features) per scheme, off every tile of th
 }
 
 
+@pytest.fixture(params=["avx2", "avx512"])
+def fused_tiles(request):
+    """Each set of the fused kernel's few-row tiles in turn: AVX-512 where the CPU runs it, else AVX2
+    (the module picks AVX-512 where it can, so an AVX-512 machine tests both)."""
+    fused = kernels._fused_module()
+    before = fused.avx512()
+    try:
+        fused.avx512(request.param == "avx512")
+    except ValueError:
+        pytest.skip("this CPU has no AVX-512F")
+    yield request.param
+    fused.avx512(before)
+
+
 @pytest.mark.skipif(not KERNELS["fused"].supports(Int8PerChannel(), 1, 1), reason="fused kernel not built or no AVX2")
 @pytest.mark.parametrize("scheme", [Int8PerChannel(), Int4Grouped(group_size=32), Int4Grouped(group_size=64, symmetric=True)],
                          ids=["int8", "int4-g32", "int4-g64-symmetric"])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 16, 17, 50, 101])
-def test_fused_kernel_at_shapes_off_its_tiles(scheme, rows: int) -> None:
+def test_fused_kernel_at_shapes_off_its_tiles(scheme, rows: int, fused_tiles: str) -> None:
     """Heron's C kernel (csrc/fused.c) tiles rows by 1-4 (in blocks of 4 up to
     16), then by 3 and 48; outputs by 1-4 and 32-row chunks; inputs by 8, 16,
     32 and 64: shapes that fill none of those exactly still give the
-    dequantised product."""
+    dequantised product, on either set of few-row tiles."""
     torch.manual_seed(rows)
     for out_features, in_features in FUSED_SHAPES[scheme.name]:
         if in_features % getattr(scheme, "group_size", 1):
@@ -150,6 +164,15 @@ def test_fused_kernel_at_shapes_off_its_tiles(scheme, rows: int) -> None:
             y = layer(x)
         ref = x.double() @ scheme.dequantize(codes, params).double().T
         assert relative_error(y, ref) < TOLERANCE["fused", scheme.name], (rows, out_features, in_features)
+
+
+@pytest.mark.skipif(not KERNELS["fused"].supports(Int8PerChannel(), 1, 1), reason="fused kernel not built or no AVX2")
+def test_the_avx512_tiles_are_used_where_the_cpu_has_them() -> None:
+    fused = kernels._fused_module()
+    if torch.backends.cpu.get_cpu_capability().startswith("AVX512"):  # torch's AVX512 needs AVX-512F and more
+        assert fused.avx512()
+    with pytest.raises(TypeError, match=r"avx512\(enable=None\)"):
+        fused.avx512(True, False)
 
 
 def test_fused_kernel_leaves_int4_groups_it_cannot_tile_to_another() -> None:

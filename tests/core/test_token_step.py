@@ -98,7 +98,7 @@ def _routing_stats(model: Transformer) -> list[dict[str, list[float]]]:
 
 
 @pytest.mark.parametrize("name", ["llama (rope, rmsnorm, swiglu, gqa, tied)", "attention-only, moe and dense layers"])
-def test_quantised_layers_run_as_their_own_modules(name):
+def test_quantised_models_step_to_the_forward_numbers(name):
     from heron.compress.quantize import quantize_model
 
     torch.manual_seed(0)

@@ -75,6 +75,9 @@ class Kernel:
     prepare: Callable[[Scheme, torch.Tensor, QParams], Any]  # (scheme, codes (N, K), params) -> layout
     product: Callable[[Any], Product]
     any_rank: bool = False
+    # (layout, input scale (K,) fp32 or None) -> the product offered to the core's whole-layer
+    # decoding kernel (core/step_kernels.py); None: this kernel offers none
+    offer: Callable[[Any, torch.Tensor | None], object] | None = None
 
 
 # ----- aten: torch's weight-only int8 / int4 CPU kernels ---------------------------
@@ -173,6 +176,16 @@ def _fused_product(layout: Any) -> Product:
     return product
 
 
+def _fused_offer(layout: Any, input_scale: torch.Tensor | None) -> object:
+    """The fused product, times `input_scale` first, as a capsule (core/csrc/product.h) that
+    holds the layout and the scale while the core's whole-layer kernel reads them."""
+    bits, codes, scale, zero, group = layout
+    n, k = codes.shape[0], codes.shape[1] * (2 if bits == 4 else 1)
+    return _fused_module().product((layout, input_scale), bits, codes.data_ptr(), scale.data_ptr(),
+                                   0 if zero is None else zero.data_ptr(),
+                                   0 if input_scale is None else input_scale.data_ptr(), n, k, group)
+
+
 # ----- dynamic: fbgemm int8 x int8 (activations quantised per tensor) --------------
 
 
@@ -201,7 +214,7 @@ def _dequant_prepare(scheme: Scheme, codes: torch.Tensor, params: QParams) -> An
 KERNELS: dict[str, Kernel] = {
     "aten": Kernel("aten", _aten_supports, _aten_prepare, _aten_product),
     "fp16": Kernel("fp16", lambda s, n, k: _fbgemm_available(), _fp16_prepare, _fp16_product, any_rank=True),
-    "fused": Kernel("fused", _fused_supports, _fused_prepare, _fused_product, any_rank=True),
+    "fused": Kernel("fused", _fused_supports, _fused_prepare, _fused_product, any_rank=True, offer=_fused_offer),
     "dynamic": Kernel("dynamic", lambda s, n, k: _fbgemm_available() and isinstance(s, Int8PerChannel),
                       _dynamic_prepare, _dynamic_product, any_rank=True),
     "dequant": Kernel("dequant", lambda s, n, k: True, _dequant_prepare, lambda w: lambda x: F.linear(x, w),

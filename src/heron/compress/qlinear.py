@@ -104,6 +104,20 @@ class QuantLinear(_Packed):
         kernel_product = self._kernel_product()
         return lambda x: kernel_product(x) if x.dtype == torch.float32 else self.forward(x)
 
+    def step_product(self) -> object | None:
+        """This layer's product, input scale included (not the bias), as the core's whole-layer
+        decoding kernel runs it (core/step_kernels.py, `offered_product`): a capsule holding the
+        kernel's layout as it is now. None where the layer is not on the CPU in fp32 or its
+        kernel offers none (only `fused` does)."""
+        scale = self.input_scale
+        if next(iter(self.packed().values())).device.type != "cpu" or (
+                scale is not None and scale.dtype != torch.float32):
+            return None
+        kernel, layout = self._kernel_layout()
+        if kernel.offer is None:
+            return None
+        return kernel.offer(layout, None if scale is None else scale.contiguous())
+
     def _kernel_product(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """x (..., K) fp32 on the CPU -> (x * input_scale) @ Ŵᵀ + bias through this CPU's kernel."""
         (kernel, layout), K, N = self._kernel_layout(), self.in_features, self.out_features

@@ -118,12 +118,38 @@ def attend_new_token(
     return y
 
 
+def offered_product(module: nn.Module) -> object | None:
+    """The product a layer other than `Linear` offers the whole-layer kernel: its `step_product()`
+    (a quantised linear's: compress/qlinear.py), a capsule csrc/product.h describes, which holds
+    the memory it reads; None where it offers none."""
+    own = getattr(module, "step_product", None)
+    return None if own is None else own()
+
+
+def _product_weights(module: nn.Module) -> tuple[object, list[torch.Tensor]] | None:
+    """A product of a layer as `LayerStep`'s kernel takes it: the address of a `Linear`'s fp32
+    weight laid out input-major (its (K, N) transpose row-major), or the product the module
+    offers; with the tensors that must outlive the call. None where it is neither."""
+    bias = module.bias
+    if bias is not None and not _fp32_cpu(bias):
+        return None
+    if type(module) is Linear:
+        if not (_fp32_cpu(module.weight) and is_input_major(module.weight)):
+            return None
+        transposed = module.weight.detach().t()
+        return transposed.data_ptr(), [transposed]
+    offered = offered_product(module)
+    return None if offered is None else (offered, [])
+
+
 class LayerStep:
     """The whole of a plain `Block` for one new token per row in one kernel call (csrc/step.c:
     why): x (B, 1, d) -> (B, 1, d), as `Block.forward` computes it to fp32 rounding, the keys
     and values written into the cache as `attend_new_token` writes them. Plain (`takes`):
-    RMSNorm norms, dense attention without qk_norm, a SwiGLU MLP, every product a `Linear`
-    over an fp32 CPU weight laid out input-major (`set_decode_layout` with the streaming kernel).
+    RMSNorm norms, dense attention without qk_norm, a SwiGLU MLP, every product either a
+    `Linear` over an fp32 CPU weight laid out input-major (`set_decode_layout` with the
+    streaming kernel) or a layer that offers its product to the kernel (`offered_product`:
+    a quantised linear).
 
     A call returns None for more rows than the streaming kernel takes (STREAM_ROWS) or
     another dtype, and the caller then runs the block's parts. It holds the weights as they
@@ -132,10 +158,10 @@ class LayerStep:
 
     def __init__(self, block: nn.Module) -> None:
         attn, mlp, norms = block.attn, block.mlp, (block.attn_norm, block.mlp_norm)
-        products = (attn.qkv, attn.out, mlp.up, mlp.down)
-        transposed, biases = [m.weight.detach().t() for m in products], [m.bias for m in products]  # (K, N) row-major
-        self.held = [*transposed, *biases, *(n.weight for n in norms)]  # what the addresses below point into
-        product_at = [at for w, b in zip(transposed, biases) for at in (w.data_ptr(), 0 if b is None else b.data_ptr())]
+        products = [_product_weights(m) for m in (attn.qkv, attn.out, mlp.up, mlp.down)]
+        biases = [m.bias for m in (attn.qkv, attn.out, mlp.up, mlp.down)]
+        self.held = [*(p for _, held in products for p in held), *biases, *(n.weight for n in norms)]
+        product_at = [at for (weights, _), b in zip(products, biases) for at in (weights, 0 if b is None else b.data_ptr())]
         n_q, n_kv, _ = attn.heads
         self.weights = (attn.qkv.in_features, mlp.down.in_features, n_q, n_kv, attn.head_dim,
                         norms[0].weight.data_ptr(), norms[1].weight.data_ptr(), *product_at,
@@ -156,8 +182,7 @@ class LayerStep:
         if not all(type(n) is RMSNorm and n.weight is not None and n.eps is not None and _fp32_cpu(n.weight)
                    for n in norms):
             return False
-        return all(type(m) is Linear and _fp32_cpu(m.weight) and is_input_major(m.weight)
-                   for m in (attn.qkv, attn.out, mlp.up, mlp.down))
+        return all(_product_weights(m) is not None for m in (attn.qkv, attn.out, mlp.up, mlp.down))
 
     def __call__(self, x: torch.Tensor, rope: Rope, cache: KVCache) -> torch.Tensor | None:
         B = x.shape[0]

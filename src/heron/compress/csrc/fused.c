@@ -18,7 +18,8 @@
  * already loaded, so both share one thread pool):
  *   - few rows (decoding, M <= 16): codes are widened to fp32 in registers
  *     and multiplied into up to 4 rows of x at a time: one pass over the
- *     weights from memory, one byte (int8) or half a byte (int4) a weight.
+ *     weights from memory, one byte (int8) or half a byte (int4) a weight,
+ *     16 codes an instruction on AVX-512 CPUs, 8 on AVX2 ones.
  *   - many rows (prefill): 4 weight rows at a time are dequantised once into a
  *     per-thread fp32 buffer and multiplied into blocks of 3 rows of x, a
  *     12-accumulator tile. At 64 and 512 rows this took 1.2-1.9x the time of
@@ -27,7 +28,11 @@
  *     16 rows widened into a transposed buffer, 2.5x with the codes repacked
  *     k-major in panels of 16 rows and widened on the fly.
  * The kernel functions carry their own target attribute, so importing the
- * module on a CPU without AVX2 is safe; callers check the CPU first. */
+ * module on a CPU without AVX2 is safe; callers check the CPU first.
+ *
+ * `product` offers the same product to the core's whole-layer decoding kernel
+ * (core/csrc/step.c, through core/csrc/product.h), so that a quantised layer
+ * decodes in one C call as an fp32 one does. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <immintrin.h>
@@ -35,6 +40,7 @@
 #include <stdlib.h>
 
 #include "../../core/csrc/fastcall_args.h"
+#include "../../core/csrc/product.h"
 
 /* A quantised weight matrix (N, K): see the top of the file for each layout. */
 typedef struct {
@@ -44,6 +50,8 @@ typedef struct {
     const int32_t *zero; /* int4 (N, K / group); NULL for int8 */
     int64_t N, K, group; /* group: int4 only, a multiple of 32 */
 } QWeights;
+
+static int AVX512_HERE; /* whether this CPU runs the AVX-512 tiles: set when the module loads */
 
 typedef void (*few_rows_fn)(const float *x, const QWeights *w, float *y, int64_t n0, int64_t n1);
 
@@ -79,9 +87,16 @@ INLINE void int8_codes_step(const float *x, const int MR, const int R, int64_t K
 }
 
 /* Bytes ahead of the codes being read at which the next cache lines are
- * requested: with hardware prefetch alone two threads streamed 11-14 GB/s of
- * codes from memory here, with this 15-19 GB/s (AMD EPYC, 2026-11-30). */
-#define PREFETCH_AHEAD 4096
+ * requested, into L2 (PREFETCH_INTO): with hardware prefetch alone two threads
+ * streamed 11-14 GB/s of codes from memory here, prefetching 4 KB ahead into
+ * L1 15-19 GB/s (AMD EPYC, 2026-11-30). Into L2, 8 KB ahead: 19-25 GB/s of
+ * int8 codes where L1 read 9-13 (Zen 4 EPYC, 2026-12-03, a C harness over 32
+ * copies of a `small` layer's four products, 101 MB; 4 KB into L2 11-17, 16
+ * KB 20-25): L1 has far fewer slots for lines on their way than L2, so
+ * prefetches into L1 stall the stream. int4, bound by its arithmetic, the same
+ * either way. */
+#define PREFETCH_AHEAD 8192
+#define PREFETCH_INTO _MM_HINT_T1
 
 INLINE void int8_codes_tile(const float *x, const int MR, const int R, int64_t K, const int8_t *w,
                        const float *scale, float *y, int64_t ldy, int64_t n) {
@@ -92,7 +107,7 @@ INLINE void int8_codes_tile(const float *x, const int MR, const int R, int64_t K
     const int64_t K64 = K & ~(int64_t)63, K16 = K & ~(int64_t)15;
     int64_t k = 0;
     for (; k < K64; k += 64) {  /* a cache line of each row per pass, and one prefetch of each */
-        for (int r = 0; r < R; r++) _mm_prefetch((const char *)(rows + r * K + k + PREFETCH_AHEAD), _MM_HINT_T0);
+        for (int r = 0; r < R; r++) _mm_prefetch((const char *)(rows + r * K + k + PREFETCH_AHEAD), PREFETCH_INTO);
         for (int j = 0; j < 64; j += 16) int8_codes_step(x + k + j, MR, R, K, rows + k + j, lo, hi);
     }
     for (; k < K16; k += 16) int8_codes_step(x + k, MR, R, K, rows + k, lo, hi);
@@ -134,7 +149,7 @@ INLINE void int4_codes_tile(const float *x, const int MR, const int R, int64_t K
         for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
             for (int r = 0; r < R; r++) {
                 const uint8_t *block = packed + (n + r) * row_bytes + k / 2;
-                if ((k & 127) == 0) _mm_prefetch((const char *)(block + PREFETCH_AHEAD), _MM_HINT_T0);
+                if ((k & 127) == 0) _mm_prefetch((const char *)(block + PREFETCH_AHEAD), PREFETCH_INTO);
                 __m256 v[4];
                 int4_widen32(block, z[r], v);
                 for (int m = 0; m < MR; m++) {
@@ -177,6 +192,107 @@ static const few_rows_fn INT8_FEW_ROWS_BY_M[FEW_ROWS_MAX + 1] = {
     NULL, int8_tile_few_rows_1, int8_tile_few_rows_2, int8_tile_few_rows_3, int8_tile_few_rows_4};
 static const few_rows_fn INT4_FEW_ROWS_BY_M[FEW_ROWS_MAX + 1] = {
     NULL, int4_tile_few_rows_1, int4_tile_few_rows_2, int4_tile_few_rows_3, int4_tile_few_rows_4};
+
+#pragma GCC pop_options
+
+/* ---- The few-rows tiles again for AVX-512 CPUs, 16 lanes wide ----
+ * Why: on the Zen 4 host the AVX2 tiles, once the codes came from L2 (PREFETCH_INTO), were bound by
+ * their arithmetic: ~20 G int8 codes and ~12 G int4 codes a second on one thread with the weights in
+ * cache, where here one instruction widens 16 codes, not 8. Over 32 copies of a `small` layer's
+ * products (a C harness, 2026-12-03, two threads) int8 streamed 21-25 GB/s of codes where the AVX2
+ * tiles read 15-21; int4, with its zero points also folded out of the codes (s * (sum x q - z * sum x)),
+ * 21 G weights a second against 13-17. Decoding the `small` int4 checkpoint ran as fast with the zero
+ * point subtracted from the codes as folded (lockstep), so it is subtracted, exactly, as the AVX2 tile does. */
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+
+/* 16 codes from memory to fp32: the load folds into the sign extension (vpmovsxbd zmm, m128). */
+INLINE __m512 widen16(const int8_t *codes) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)codes)));
+}
+
+/* int8, as int8_codes_step over 32 codes: two accumulators a (m, r), for codes 0-15 and 16-31. */
+INLINE void int8_codes_step_512(const float *x, const int MR, const int R, int64_t K, const int8_t *codes,
+                                __m512 lo[4][4], __m512 hi[4][4]) {
+    for (int r = 0; r < R; r++) {
+        __m512 a = widen16(codes + r * K), b = widen16(codes + r * K + 16);
+        for (int m = 0; m < MR; m++) {
+            lo[m][r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K), a, lo[m][r]);
+            hi[m][r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + 16), b, hi[m][r]);
+        }
+    }
+}
+
+INLINE void int8_tile_512(const float *x, const int MR, const int R, const QWeights *w, float *y, int64_t n) {
+    const int64_t K = w->K, K64 = K & ~(int64_t)63, K32 = K & ~(int64_t)31;
+    const int8_t *rows = (const int8_t *)w->codes + n * K;
+    __m512 lo[4][4], hi[4][4];
+    for (int m = 0; m < MR; m++)
+        for (int r = 0; r < R; r++) lo[m][r] = hi[m][r] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k < K64; k += 64) {
+        for (int r = 0; r < R; r++) _mm_prefetch((const char *)(rows + r * K + k + PREFETCH_AHEAD), PREFETCH_INTO);
+        int8_codes_step_512(x + k, MR, R, K, rows + k, lo, hi);
+        int8_codes_step_512(x + k + 32, MR, R, K, rows + k + 32, lo, hi);
+    }
+    for (; k < K32; k += 32) int8_codes_step_512(x + k, MR, R, K, rows + k, lo, hi);
+    for (int m = 0; m < MR; m++)
+        for (int r = 0; r < R; r++) {
+            const int8_t *row = rows + r * K;
+            float s = _mm512_reduce_add_ps(_mm512_add_ps(lo[m][r], hi[m][r]));
+            for (k = K32; k < K; k++) s += x[m * K + k] * (float)row[k];
+            y[m * w->N + n + r] = s * w->scale[n + r];
+        }
+}
+
+/* int4, as int4_codes_tile: each block of 32 inputs (16 bytes) widened 16 codes at a time, low
+ * nibbles then high, the group's zero point subtracted in integers (exact). */
+INLINE void int4_tile_512(const float *x, const int MR, const int R, const QWeights *w, float *y, int64_t n) {
+    const int64_t K = w->K, G = K / w->group, row_bytes = K / 2;
+    const __m128i nibble = _mm_set1_epi8(0x0F);
+    __m512 total[4][4];
+    for (int m = 0; m < MR; m++)
+        for (int r = 0; r < R; r++) total[m][r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        __m512 acc[4][4];
+        __m512i z[4];
+        for (int r = 0; r < R; r++) z[r] = _mm512_set1_epi32(w->zero[(n + r) * G + g]);
+        for (int m = 0; m < MR; m++)
+            for (int r = 0; r < R; r++) acc[m][r] = _mm512_setzero_ps();
+        for (int64_t k = g * w->group; k < (g + 1) * w->group; k += 32) {
+            for (int r = 0; r < R; r++) {
+                const uint8_t *block = (const uint8_t *)w->codes + (n + r) * row_bytes + k / 2;
+                if ((k & 127) == 0) _mm_prefetch((const char *)(block + PREFETCH_AHEAD), PREFETCH_INTO);
+                const __m128i q = _mm_loadu_si128((const __m128i *)block);
+                const __m128i low = _mm_and_si128(q, nibble), high = _mm_and_si128(_mm_srli_epi16(q, 4), nibble);
+                const __m512 a = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(low), z[r]));
+                const __m512 b = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(high), z[r]));
+                for (int m = 0; m < MR; m++) {
+                    acc[m][r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k), a, acc[m][r]);
+                    acc[m][r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * K + k + 16), b, acc[m][r]);
+                }
+            }
+        }
+        for (int m = 0; m < MR; m++)
+            for (int r = 0; r < R; r++)
+                total[m][r] = _mm512_fmadd_ps(acc[m][r], _mm512_set1_ps(w->scale[(n + r) * G + g]), total[m][r]);
+    }
+    for (int m = 0; m < MR; m++)
+        for (int r = 0; r < R; r++) y[m * w->N + n + r] = _mm512_reduce_add_ps(total[m][r]);
+}
+
+/* 2 x MR x R accumulators of the 32 vector registers, as the AVX2 tiles */
+FEW_ROWS(int8_tile_512, 1, 4) FEW_ROWS(int8_tile_512, 2, 3) FEW_ROWS(int8_tile_512, 3, 2) FEW_ROWS(int8_tile_512, 4, 1)
+FEW_ROWS(int4_tile_512, 1, 4) FEW_ROWS(int4_tile_512, 2, 3) FEW_ROWS(int4_tile_512, 3, 2) FEW_ROWS(int4_tile_512, 4, 1)
+
+static const few_rows_fn INT8_FEW_ROWS_512_BY_M[FEW_ROWS_MAX + 1] = {
+    NULL, int8_tile_512_few_rows_1, int8_tile_512_few_rows_2, int8_tile_512_few_rows_3, int8_tile_512_few_rows_4};
+static const few_rows_fn INT4_FEW_ROWS_512_BY_M[FEW_ROWS_MAX + 1] = {
+    NULL, int4_tile_512_few_rows_1, int4_tile_512_few_rows_2, int4_tile_512_few_rows_3, int4_tile_512_few_rows_4};
+
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
 
 /* Many rows: y[m, n + r] for m < MR, r < R from weight rows already widened into
  * wide (R, K), times scale[n + r] where a row scale is given (int8), else not (int4). */
@@ -269,7 +385,8 @@ static int quantized_mm(const float *x, int64_t M, const QWeights *w, float *y, 
     const int64_t chunks = (w->N + CHUNK - 1) / CHUNK;
     int failed = 0;
     if (M <= WIDEN_IN_REGISTERS_MAX) {
-        const few_rows_fn *table = w->bits == 8 ? INT8_FEW_ROWS_BY_M : INT4_FEW_ROWS_BY_M;
+        const few_rows_fn *table = w->bits == 8 ? (AVX512_HERE ? INT8_FEW_ROWS_512_BY_M : INT8_FEW_ROWS_BY_M)
+                                                : (AVX512_HERE ? INT4_FEW_ROWS_512_BY_M : INT4_FEW_ROWS_BY_M);
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t c = 0; c < chunks; c++) {
             const int64_t n0 = c * CHUNK, n1 = n0 + CHUNK < w->N ? n0 + CHUNK : w->N;
@@ -335,11 +452,103 @@ static PyObject *py_mm(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     Py_RETURN_NONE;
 }
 
+/* ---- The same product offered to the core's whole-layer decoding kernel (core/csrc/product.h) ---- */
+
+typedef struct {
+    HeronProduct base;        /* first: the core reads the product through it */
+    QWeights w;
+    const float *input_scale; /* (K,) multiplies x first (AWQ); NULL: none */
+    PyObject *keep;           /* holds the memory the addresses above point into */
+} FusedProduct;
+
+static int fused_run(const HeronProduct *self, const float *x, int64_t M, float *y, int threads) {
+    const FusedProduct *p = (const FusedProduct *)self;
+    if (p->input_scale == NULL) return quantized_mm(x, M, &p->w, y, threads);
+    const int64_t K = p->w.K;
+    float *scaled = malloc(sizeof(float) * (size_t)(M * K > 0 ? M * K : 1));
+    if (scaled == NULL) return 1;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < K; k++) scaled[m * K + k] = x[m * K + k] * p->input_scale[k];
+    const int failed = quantized_mm(scaled, M, &p->w, y, threads);
+    free(scaled);
+    return failed;
+}
+
+static void fused_product_free(PyObject *capsule) {
+    FusedProduct *p = PyCapsule_GetPointer(capsule, HERON_PRODUCT_CAPSULE);
+    if (p == NULL) return;
+    Py_XDECREF(p->keep);
+    free(p);
+}
+
+#define PRODUCT_SIGNATURE \
+    "product(keep, bits, codes_ptr, scale_ptr, zero_ptr, input_scale_ptr, N, K, group)"
+
+static PyObject *py_product(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    int64_t v[8];
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, PRODUCT_SIGNATURE);
+        return NULL;
+    }
+    if (ints(args + 1, 8, v)) return NULL;
+    const QWeights w = {
+        .bits = (int)v[0], .codes = (const void *)(intptr_t)v[1], .scale = (const float *)(intptr_t)v[2],
+        .zero = (const int32_t *)(intptr_t)v[3], .N = v[5], .K = v[6], .group = v[7],
+    };
+    if (w.N < 1 || w.K < 1 || (w.bits != 8 && w.bits != 4) ||
+        (w.bits == 4 && (w.zero == NULL || w.group < 32 || w.group % 32 || w.K % w.group))) {
+        PyErr_SetString(PyExc_ValueError, PRODUCT_SIGNATURE ": N and K must be >= 1, bits 8 or 4; int4 needs "
+                                          "zero points and a group of a multiple of 32 dividing K");
+        return NULL;
+    }
+    FusedProduct *p = malloc(sizeof(FusedProduct));
+    if (p == NULL) return PyErr_NoMemory();
+    *p = (FusedProduct){.base = {.run = fused_run, .N = w.N, .K = w.K}, .w = w,
+                        .input_scale = (const float *)(intptr_t)v[4], .keep = args[0]};
+    PyObject *capsule = PyCapsule_New(p, HERON_PRODUCT_CAPSULE, fused_product_free);
+    if (capsule == NULL) {
+        free(p);
+        return NULL;
+    }
+    Py_INCREF(args[0]);
+    return capsule;
+}
+
+#define AVX512_SIGNATURE "avx512(enable=None)"
+
+/* Whether the few-rows products run the AVX-512 tiles; `enable` True or False turns them on or off
+ * (to test both sets of tiles on one machine), True only where the CPU runs them. */
+static PyObject *py_avx512(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    if (nargs > 1) {
+        PyErr_SetString(PyExc_TypeError, AVX512_SIGNATURE);
+        return NULL;
+    }
+    if (nargs == 1 && args[0] != Py_None) {
+        const int enable = PyObject_IsTrue(args[0]);
+        if (enable < 0) return NULL;
+        if (enable && !__builtin_cpu_supports("avx512f")) {
+            PyErr_SetString(PyExc_ValueError, "avx512: this CPU has no AVX-512F");
+            return NULL;
+        }
+        AVX512_HERE = enable;
+    }
+    return PyBool_FromLong(AVX512_HERE);
+}
+
 static PyMethodDef METHODS[] = {
+    {"avx512", (PyCFunction)(void (*)(void))py_avx512, METH_FASTCALL,
+     AVX512_SIGNATURE ": whether few-row products run the AVX-512 tiles (on where the CPU has AVX-512F); "
+     "True or False turns them on or off, True only where the CPU runs them."},
     {"mm", (PyCFunction)(void (*)(void))py_mm, METH_FASTCALL,
      MM_SIGNATURE ": y = x @ Ŵᵀ for int8 (bits 8, codes (N, K), scale (N,), zero 0) or int4 (bits 4, "
      "codes packed (N, K/2) in blocks of 32, scale and int32 zero (N, K/group)); x and y contiguous fp32. The "
      "caller checks shapes and dtypes, and that the CPU has AVX2 and FMA."},
+    {"product", (PyCFunction)(void (*)(void))py_product, METH_FASTCALL,
+     PRODUCT_SIGNATURE ": mm's product, times a per-input scale first where input_scale_ptr is not 0, as a "
+     "capsule the core's whole-layer decoding kernel calls (core/csrc/product.h); it holds `keep`, which must "
+     "hold the memory the addresses point into."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -347,4 +556,8 @@ static struct PyModuleDef MODULE = {
     PyModuleDef_HEAD_INIT, .m_name = "_fused", .m_size = -1, .m_methods = METHODS,
 };
 
-PyMODINIT_FUNC PyInit__fused(void) { return PyModule_Create(&MODULE); }
+PyMODINIT_FUNC PyInit__fused(void) {
+    __builtin_cpu_init();
+    AVX512_HERE = __builtin_cpu_supports("avx512f");
+    return PyModule_Create(&MODULE);
+}

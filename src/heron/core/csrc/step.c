@@ -2,8 +2,11 @@
  * layer's work between its two products (RoPE, the KV-cache write and
  * attention over the cache, for one new token per row), RMSNorm, and the
  * embedding lookup; and, for the plainest layers (RMSNorm, dense attention,
- * SwiGLU, weights laid out for the streaming product of stream_mm.h), a whole
- * Transformer layer in one call. core/token_step.py calls them.
+ * SwiGLU), a whole Transformer layer in one call, each product either fp32
+ * weights laid out for the streaming product of stream_mm.h or one that
+ * another module offers (product.h: a quantised linear's, whose int8 `small`
+ * step fell from ~3.7 to ~3.0 ms on the Zen 4 host once its layers ran here
+ * rather than op by op). core/token_step.py calls them.
  *
  * Why: a decoding step of the `small` preset (8 layers, d_model 512) read its
  * 111 MB of weights in ~3.4 ms on the Zen 5 host and spent ~1 ms more on ~750
@@ -32,6 +35,7 @@
 #include <string.h>
 
 #include "fastcall_args.h"
+#include "product.h"
 #include "stream_mm.h"
 #include "vector_math.h"
 
@@ -149,12 +153,26 @@ static void add_bias(float *y, const float *bias, int64_t rows, int64_t n) {
 
 static rows_into_fn ROWS_INTO_HERE;
 
-/* One Transformer layer's weights, each product's (K, N) transpose row-major (input-major). */
+/* One of a layer's products: fp32 weights laid out input-major (their (K, N) transpose row-major)
+ * through the streaming product, or a product another module offers (a quantised linear's: product.h). */
+typedef struct {
+    const float *wt;            /* NULL where `offered` is set */
+    const HeronProduct *offered;
+    const float *bias;          /* (N), or NULL */
+} Product;
+
+/* y (M, N) = x (M, K) @ the product's weights (no bias); nonzero when memory ran out. */
+static int multiply(const Product *p, const float *x, int64_t M, int64_t N, int64_t K, float *y, int threads) {
+    if (p->offered != NULL) return p->offered->run(p->offered, x, M, y, threads);
+    return stream_mm(ROWS_INTO_HERE, x, M, p->wt, N, K, y, threads);
+}
+
+/* One Transformer layer's weights. */
 typedef struct {
     int64_t d, ff;                      /* model width; SwiGLU's hidden width (`up` gives gate, then up) */
     const float *attn_norm, *mlp_norm;  /* RMSNorm gains (d) */
     float attn_eps, mlp_eps;
-    const float *qkv, *qkv_bias, *out, *out_bias, *up, *up_bias, *down, *down_bias; /* biases may be NULL */
+    Product qkv, out, up, down;
     int parallel_residual;              /* the MLP reads the layer's input, not the attention's sum */
 } Layer;
 
@@ -168,19 +186,19 @@ static int run_layer(const Layer *L, const float *x, float *y, Attention *a, int
           *gated = up + B * 2 * ff;
     int failed = 0;
     rms_norm(x, B, d, L->attn_norm, L->attn_eps, h);
-    failed |= stream_mm(ROWS_INTO_HERE, h, B, L->qkv, width, d, qkv, threads);
-    add_bias(qkv, L->qkv_bias, B, width);
+    failed |= multiply(&L->qkv, h, B, width, d, qkv, threads);
+    add_bias(qkv, L->qkv.bias, B, width);
     a->qkv = qkv;
     a->out = heads;
     failed |= attend(a, threads);
-    failed |= stream_mm(ROWS_INTO_HERE, heads, B, L->out, d, z, product, threads);
-    add_rows(x, product, L->out_bias, B, d, y); /* y = x + attention */
+    failed |= multiply(&L->out, heads, B, d, z, product, threads);
+    add_rows(x, product, L->out.bias, B, d, y); /* y = x + attention */
     rms_norm(L->parallel_residual ? x : y, B, d, L->mlp_norm, L->mlp_eps, h);
-    failed |= stream_mm(ROWS_INTO_HERE, h, B, L->up, 2 * ff, d, up, threads);
-    add_bias(up, L->up_bias, B, 2 * ff);
+    failed |= multiply(&L->up, h, B, 2 * ff, d, up, threads);
+    add_bias(up, L->up.bias, B, 2 * ff);
     swiglu_rows(up, up + ff, 2 * ff, B, ff, gated);
-    failed |= stream_mm(ROWS_INTO_HERE, gated, B, L->down, d, ff, product, threads);
-    add_rows(y, product, L->down_bias, B, d, y); /* y += mlp */
+    failed |= multiply(&L->down, gated, B, d, ff, product, threads);
+    add_rows(y, product, L->down.bias, B, d, y); /* y += mlp */
     free(scratch);
     return failed;
 }
@@ -223,13 +241,32 @@ static PyObject *py_attend(PyObject *self, PyObject *const *args, Py_ssize_t nar
     "layer(weights, x_ptr, y_ptr, B, keys_ptr, values_ptr, slots, length, key_mask_ptr, mask_stride, cos_ptr, " \
     "sin_ptr, rope_stride, threads)"
 #define LAYER_WEIGHTS                                                                                        \
-    "weights: (d, ff, n_q, n_kv, head_dim, attn_norm_ptr, mlp_norm_ptr, qkv_ptr, qkv_bias_ptr, out_ptr, "   \
-    "out_bias_ptr, up_ptr, up_bias_ptr, down_ptr, down_bias_ptr, parallel_residual, attn_eps, mlp_eps, "      \
-    "q_factor)"
+    "weights: (d, ff, n_q, n_kv, head_dim, attn_norm_ptr, mlp_norm_ptr, qkv, qkv_bias_ptr, out, "           \
+    "out_bias_ptr, up, up_bias_ptr, down, down_bias_ptr, parallel_residual, attn_eps, mlp_eps, q_factor)"
+
+/* A product from its two entries of `weights`: its weights (the address of fp32 ones laid out input-major,
+ * or a capsule that offers the product: product.h) and its bias's address (0: none); -1 with an error set
+ * where neither, or where an offered product's shape is not the N x K the layer needs. */
+static int product_from(PyObject *const *entries, int64_t N, int64_t K, const char *name, Product *p) {
+    *p = (Product){.bias = (const float *)(intptr_t)PyLong_AsLongLong(entries[1])};
+    if (PyErr_Occurred()) return -1;
+    if (!PyCapsule_CheckExact(entries[0])) {
+        p->wt = (const float *)(intptr_t)PyLong_AsLongLong(entries[0]);
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    p->offered = PyCapsule_GetPointer(entries[0], HERON_PRODUCT_CAPSULE);
+    if (p->offered == NULL) return -1;
+    if (p->offered->N != N || p->offered->K != K) {
+        PyErr_Format(PyExc_ValueError, "layer: the %s product offered is %lld x %lld where the layer needs %lld x %lld",
+                     name, (long long)p->offered->N, (long long)p->offered->K, (long long)N, (long long)K);
+        return -1;
+    }
+    return 0;
+}
 
 static PyObject *py_layer(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    int64_t w[16], v[13];
+    int64_t w[7], parallel, v[13];
     double f[3];
     if (nargs != 14 || !PyTuple_Check(args[0]) || PyTuple_GET_SIZE(args[0]) != 19) {
         PyErr_SetString(PyExc_TypeError, LAYER_SIGNATURE "; " LAYER_WEIGHTS);
@@ -237,14 +274,10 @@ static PyObject *py_layer(PyObject *self, PyObject *const *args, Py_ssize_t narg
     }
     PyObject *const *weights = &PyTuple_GET_ITEM(args[0], 0);
     for (int i = 0; i < 3; i++) f[i] = PyFloat_AsDouble(weights[16 + i]);
-    if (ints(weights, 16, w) || ints(args + 1, 13, v)) return NULL;
-    const Layer L = {
+    if (ints(weights, 7, w) || ints(weights + 15, 1, &parallel) || ints(args + 1, 13, v)) return NULL;
+    Layer L = {
         .d = w[0], .ff = w[1], .attn_norm = (const float *)(intptr_t)w[5], .mlp_norm = (const float *)(intptr_t)w[6],
-        .qkv = (const float *)(intptr_t)w[7], .qkv_bias = (const float *)(intptr_t)w[8],
-        .out = (const float *)(intptr_t)w[9], .out_bias = (const float *)(intptr_t)w[10],
-        .up = (const float *)(intptr_t)w[11], .up_bias = (const float *)(intptr_t)w[12],
-        .down = (const float *)(intptr_t)w[13], .down_bias = (const float *)(intptr_t)w[14],
-        .parallel_residual = (int)w[15], .attn_eps = (float)f[0], .mlp_eps = (float)f[1],
+        .parallel_residual = (int)parallel, .attn_eps = (float)f[0], .mlp_eps = (float)f[1],
     };
     Attention a = {
         .B = v[2], .nq = w[2], .nkv = w[3], .hd = w[4], .q_factor = (float)f[2],
@@ -264,6 +297,12 @@ static PyObject *py_layer(PyObject *self, PyObject *const *args, Py_ssize_t narg
                                           "threads >= 1");
         return NULL;
     }
+    const int64_t qkv_width = (a.nq + 2 * a.nkv) * a.hd;
+    if (product_from(weights + 7, qkv_width, L.d, "qkv", &L.qkv) ||
+        product_from(weights + 9, L.d, a.nq * a.hd, "out", &L.out) ||
+        product_from(weights + 11, 2 * L.ff, L.d, "up", &L.up) ||
+        product_from(weights + 13, L.d, L.ff, "down", &L.down))
+        return NULL;
     int failed;
     Py_BEGIN_ALLOW_THREADS
     failed = run_layer(&L, (const float *)(intptr_t)v[0], (float *)(intptr_t)v[1], &a, threads);
@@ -318,9 +357,10 @@ static PyMethodDef METHODS[] = {
                       "written to the cache at `length`, attention over slots 0..length; all fp32, contiguous."},
     {"layer", (PyCFunction)(void (*)(void))py_layer, METH_FASTCALL,
      LAYER_SIGNATURE ": y (B, d) = one RMSNorm, dense-attention, SwiGLU layer applied to x (B, d), one new "
-                     "token per row (the cache as `attend` takes it); " LAYER_WEIGHTS ", each product's weight "
-                     "input-major, all fp32 and contiguous; RuntimeError where the streaming product does not run "
-                     "(heron.core._stream.supported())."},
+                     "token per row (the cache as `attend` takes it); " LAYER_WEIGHTS ", each product's weights "
+                     "the address of fp32 ones laid out input-major or a capsule offering the product "
+                     "(csrc/product.h), the rest fp32 and contiguous; RuntimeError where the streaming product "
+                     "does not run (heron.core._stream.supported())."},
     {"rms_norm", (PyCFunction)(void (*)(void))py_rms_norm, METH_FASTCALL,
      RMS_NORM_SIGNATURE ": y = x / sqrt(mean(x^2) + eps) * weight over each row; contiguous fp32."},
     {"embed", (PyCFunction)(void (*)(void))py_embed, METH_FASTCALL,
