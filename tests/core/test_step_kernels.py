@@ -12,7 +12,7 @@ from torch import nn
 from heron.core import ModelConfig, Transformer
 from heron.core.config import AttentionPattern, MoEConfig
 from heron.core.kv_cache import KVCache
-from heron.core.linear import MAX_ROWS, set_decode_layout, streams
+from heron.core.linear import MAX_ROWS, Linear, set_decode_layout, streams
 from heron.core.norms import RMSNorm
 from heron.core.rope import apply_rope, rope_tables
 from heron.core.step_kernels import LayerStep, attend_new_token, embedding_step, rms_norm_step, step_kernels
@@ -172,6 +172,22 @@ def test_layer_step_takes_plain_blocks_only(changes, plain):
     if plain:  # laid out for GEMMs, not for the streaming kernel: not plain either
         set_decode_layout(block, rows=MAX_ROWS)
         assert not LayerStep.takes(block)
+
+
+@built
+@pytest.mark.filterwarnings("ignore:torch.ao.quantization is deprecated", "ignore:torch.quantize_per_tensor")
+def test_blocks_of_torch_quantised_linears_are_not_plain():
+    """torch's dynamic int8 linears (`quantize_dynamic`; their `bias` is a method) offer the kernel
+    no product: the block runs in parts."""
+    if not streams():
+        pytest.skip("no streaming kernel: no layer is plain")
+    model, block = _plain_block({"qkv_bias": True})
+    for module in block.modules():
+        if type(module) is Linear:
+            module.__class__ = nn.Linear  # quantize_dynamic converts exact nn.Linears only
+    quantised = torch.ao.quantization.quantize_dynamic(block, {nn.Linear}, dtype=torch.qint8)
+    assert callable(quantised.attn.qkv.bias)
+    assert not LayerStep.takes(quantised)
 
 
 @built

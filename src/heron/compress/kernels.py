@@ -29,10 +29,14 @@ compute x @ Ŵᵀ for the dequantised weight Ŵ, in fp32
            codes as stored, one byte (int8) or half a byte (int4, groups of
            a multiple of 32) a weight, widens them to fp32 in registers and
            multiplies in fp32 (~2e-7), scaling each output row or group.
-           AVX2 and FMA CPUs (AVX-512 ones too). The default: decoding streams
+           AVX2 and FMA CPUs; on AVX-512 ones its few-row tiles widen 16 codes
+           an instruction. The default: decoding streams
            weights, and no weight-only product torch ships reads fewer bytes
            of each here. int4 codes are repacked once into blocks of 32 inputs
-           (low nibbles 0-15, high 16-31) that widen without shuffles.
+           (low nibbles 0-15, high 16-31) that widen without shuffles. The one
+           kernel that offers its product to the core's whole-layer decoding
+           kernel (`Kernel.offer`), so a quantised plain layer decodes in one
+           C call (core/step_kernels.py).
   dynamic  fbgemm's int8 GEMM, what quantize_dynamic runs: activations are
            quantised too (per tensor, 7 bits), ~1.5e-2 per layer, so the model
            is no longer weight-only. int8 only, by explicit choice.

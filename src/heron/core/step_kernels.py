@@ -121,7 +121,8 @@ def attend_new_token(
 def offered_product(module: nn.Module) -> object | None:
     """The product a layer other than `Linear` offers the whole-layer kernel: its `step_product()`
     (a quantised linear's: compress/qlinear.py), a capsule csrc/product.h describes, which holds
-    the memory it reads; None where it offers none."""
+    the memory it reads; None where it offers none. A layer that offers one has a `bias`, a
+    tensor or None, which the kernel adds."""
     own = getattr(module, "step_product", None)
     return None if own is None else own()
 
@@ -129,17 +130,20 @@ def offered_product(module: nn.Module) -> object | None:
 def _product_weights(module: nn.Module) -> tuple[object, list[torch.Tensor]] | None:
     """A product of a layer as `LayerStep`'s kernel takes it: the address of a `Linear`'s fp32
     weight laid out input-major (its (K, N) transpose row-major), or the product the module
-    offers; with the tensors that must outlive the call. None where it is neither."""
-    bias = module.bias
-    if bias is not None and not _fp32_cpu(bias):
-        return None
+    offers; with the tensors that must outlive the call. None where it is neither (torch's
+    quantised linears among them, whose `bias` is a method), or its bias is not fp32 on the CPU."""
     if type(module) is Linear:
         if not (_fp32_cpu(module.weight) and is_input_major(module.weight)):
             return None
         transposed = module.weight.detach().t()
-        return transposed.data_ptr(), [transposed]
-    offered = offered_product(module)
-    return None if offered is None else (offered, [])
+        weights, held = transposed.data_ptr(), [transposed]
+    else:
+        weights, held = offered_product(module), []
+        if weights is None:
+            return None
+    if module.bias is not None and not _fp32_cpu(module.bias):
+        return None
+    return weights, held
 
 
 class LayerStep:
