@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 
+from heron.compress import kernels
 from heron.compress.kernels import KERNELS
 from heron.compress.qlinear import QuantLinear, set_kernel
 from heron.compress.quantize import quantize_model, swap_module
@@ -103,6 +104,19 @@ def test_an_offered_product_of_the_wrong_shape_is_refused_by_name():
                     *step.weights[14:])
     with pytest.raises(ValueError, match="the down product offered is 256 x 96 where the layer needs 128 x 96"):
         step(torch.randn(1, 1, 128), (model.rope_cos[6:7], model.rope_sin[6:7]), _cache(model, 1))
+
+
+@runs_here
+def test_the_fused_kernel_refuses_to_offer_what_it_cannot_multiply():
+    fused = kernels._fused_module()
+    with pytest.raises(ValueError, match="bits 8 or 4"):
+        fused.product(None, 5, 1, 1, 0, 0, 8, 8, 0)
+    with pytest.raises(ValueError, match="a group of a multiple of 32 dividing K"):
+        fused.product(None, 4, 1, 1, 1, 0, 8, 64, 48)
+    with pytest.raises(ValueError, match="N and K must be >= 1"):
+        fused.product(None, 8, 1, 1, 0, 0, 0, 8, 0)
+    with pytest.raises(TypeError, match=r"product\(keep, bits, codes_ptr"):
+        fused.product(None, 8)
 
 
 @runs_here

@@ -145,12 +145,13 @@ def fused_tiles(request):
 @pytest.mark.skipif(not KERNELS["fused"].supports(Int8PerChannel(), 1, 1), reason="fused kernel not built or no AVX2")
 @pytest.mark.parametrize("scheme", [Int8PerChannel(), Int4Grouped(group_size=32), Int4Grouped(group_size=64, symmetric=True)],
                          ids=["int8", "int4-g32", "int4-g64-symmetric"])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 16, 17, 50, 101])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 16, 17, 50, 63, 64, 101])
 def test_fused_kernel_at_shapes_off_its_tiles(scheme, rows: int, fused_tiles: str) -> None:
     """Heron's C kernel (csrc/fused.c) tiles rows by 1-4 (in blocks of 4 up to
-    16), then by 3 and 48; outputs by 1-4 and 32-row chunks; inputs by 8, 16,
-    32 and 64: shapes that fill none of those exactly still give the
-    dequantised product, on either set of few-row tiles."""
+    16), then by 3 and 48, and from DEQUANTIZED_ROWS dequantises for the GEMM;
+    outputs by 1-4 and 32-row chunks; inputs by 8, 16, 32 and 64: shapes that
+    fill none of those exactly still give the dequantised product, on either
+    set of few-row tiles."""
     torch.manual_seed(rows)
     for out_features, in_features in FUSED_SHAPES[scheme.name]:
         if in_features % getattr(scheme, "group_size", 1):
@@ -164,6 +165,32 @@ def test_fused_kernel_at_shapes_off_its_tiles(scheme, rows: int, fused_tiles: st
             y = layer(x)
         ref = x.double() @ scheme.dequantize(codes, params).double().T
         assert relative_error(y, ref) < TOLERANCE["fused", scheme.name], (rows, out_features, in_features)
+
+
+@pytest.mark.skipif(not KERNELS["fused"].supports(Int8PerChannel(), 1, 1), reason="fused kernel not built or no AVX2")
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: s.name + ("-symmetric" if getattr(s, "symmetric", False) else ""))
+def test_the_fused_kernel_dequantises_as_the_scheme_does(scheme) -> None:
+    """Over many rows the product dequantises Ŵ for the GEMM: the scheme's own fp32 numbers, bit for
+    bit, for any span of output rows."""
+    torch.manual_seed(3)
+    codes, params = quantize_rtn(torch.randn(37, 128), scheme)
+    bits, packed, scale, zero, group = kernels._fused_prepare(scheme, codes, params)
+    weights = (bits, packed.data_ptr(), scale.data_ptr(), 0 if zero is None else zero.data_ptr(), 37, 128, group)
+    out = torch.full((37, 128), float("nan"))
+    kernels._fused_module().dequantize(*weights, 4, 37, out[4:].data_ptr(), 2)  # rows 4-36 only
+    assert torch.equal(out[4:], scheme.dequantize(codes, params)[4:]) and out[:4].isnan().all()
+    with pytest.raises(ValueError, match="0 <= n0 <= n1 <= N"):
+        kernels._fused_module().dequantize(*weights, 5, 38, out.data_ptr(), 1)
+
+
+@pytest.mark.skipif(not KERNELS["fused"].supports(Int8PerChannel(), 1, 1), reason="fused kernel not built or no AVX2")
+def test_many_rows_multiply_through_blocks_of_the_dequantised_weight(monkeypatch) -> None:
+    monkeypatch.setattr(kernels, "DEQUANTIZED_BLOCK", 5 * 128)  # five output rows a block, 96 rows in all
+    layer, w, b, s = layer_for(Int4Grouped(group_size=32), "fused", bias=True, input_scale=True)
+    x = torch.randn(2, 40, 128)
+    with torch.inference_mode():
+        y = layer(x)
+    assert relative_error(y, (x.double() * s.double()) @ w.T + b.double()) < TOLERANCE["fused", "int4"]
 
 
 @pytest.mark.skipif(not KERNELS["fused"].supports(Int8PerChannel(), 1, 1), reason="fused kernel not built or no AVX2")

@@ -26,7 +26,9 @@
  *     fbgemm's fp16-weight GEMM (about fp32's time). The usual 6 x 16 GEMM
  *     micro-kernel on k-major panels was slower (2026-11-30): 2.4-3.4x with
  *     16 rows widened into a transposed buffer, 2.5x with the codes repacked
- *     k-major in panels of 16 rows and widened on the fly.
+ *     k-major in panels of 16 rows and widened on the fly. compress/kernels.py
+ *     runs it up to 63 rows; from 64 it has `dequantize` write Ŵ in fp32 for
+ *     torch's GEMM, which beats this path by more than dequantising costs.
  * The kernel functions carry their own target attribute, so importing the
  * module on a CPU without AVX2 is safe; callers check the CPU first.
  *
@@ -416,7 +418,44 @@ static int quantized_mm(const float *x, int64_t M, const QWeights *w, float *y, 
     return failed;
 }
 
+/* out (n1 - n0, K) = Ŵ's rows n0 .. n1 - 1 in fp32, as the schemes' reference dequantises them
+ * (int8 codes * scale, int4 (q - zero) * scale: the same fp32 numbers), rows shared among threads. */
+static void dequantize(const QWeights *w, int64_t n0, int64_t n1, float *out, int threads) {
+    const int64_t K = w->K, G = w->bits == 4 ? K / w->group : 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = n0; n < n1; n++) {
+        float *row = out + (n - n0) * K;
+        if (w->bits == 8) {
+            const int8_t *codes = (const int8_t *)w->codes + n * K;
+            const __m256 s = _mm256_set1_ps(w->scale[n]);
+            int64_t k = 0;
+            for (; k + 8 <= K; k += 8) _mm256_storeu_ps(row + k, _mm256_mul_ps(widen8(codes + k), s));
+            for (; k < K; k++) row[k] = (float)codes[k] * w->scale[n];
+            continue;
+        }
+        const uint8_t *packed = (const uint8_t *)w->codes + n * (K / 2);
+        for (int64_t k = 0; k < K; k += 32) {
+            const int64_t g = n * G + k / w->group;
+            const __m256 s = _mm256_set1_ps(w->scale[g]);
+            __m256 v[4];
+            int4_widen32(packed + k / 2, _mm256_set1_epi32(w->zero[g]), v);
+            for (int i = 0; i < 4; i++) _mm256_storeu_ps(row + k + 8 * i, _mm256_mul_ps(v[i], s));
+        }
+    }
+}
+
 #pragma GCC pop_options
+
+/* -1 with a ValueError that names `signature` unless `w` is a layout the kernel takes. */
+static int check_weights(const QWeights *w, const char *signature) {
+    if (w->N < 0 || w->K < 0 || (w->bits != 8 && w->bits != 4) ||
+        (w->bits == 4 && (w->zero == NULL || w->group < 32 || w->group % 32 || w->K % w->group))) {
+        PyErr_Format(PyExc_ValueError, "%s: N and K must be >= 0, bits 8 or 4; int4 needs zero points and a group "
+                                       "of a multiple of 32 dividing K", signature);
+        return -1;
+    }
+    return 0;
+}
 
 #define MM_SIGNATURE "mm(x_ptr, M, y_ptr, threads, bits, codes_ptr, scale_ptr, zero_ptr, N, K, group)"
 
@@ -437,10 +476,9 @@ static PyObject *py_mm(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
         .K = v[9],
         .group = v[10],
     };
-    if (M < 0 || w.N < 0 || w.K < 0 || threads < 1 || (w.bits != 8 && w.bits != 4) ||
-        (w.bits == 4 && (w.zero == NULL || w.group < 32 || w.group % 32 || w.K % w.group))) {
-        PyErr_SetString(PyExc_ValueError, MM_SIGNATURE ": M, N and K must be >= 0, threads >= 1, bits 8 or 4; "
-                                          "int4 needs zero points and a group of a multiple of 32 dividing K");
+    if (check_weights(&w, MM_SIGNATURE)) return NULL;
+    if (M < 0 || threads < 1) {
+        PyErr_SetString(PyExc_ValueError, MM_SIGNATURE ": M must be >= 0 and threads >= 1");
         return NULL;
     }
     int failed = 0;
@@ -497,10 +535,9 @@ static PyObject *py_product(PyObject *self, PyObject *const *args, Py_ssize_t na
         .bits = (int)v[0], .codes = (const void *)(intptr_t)v[1], .scale = (const float *)(intptr_t)v[2],
         .zero = (const int32_t *)(intptr_t)v[3], .N = v[5], .K = v[6], .group = v[7],
     };
-    if (w.N < 1 || w.K < 1 || (w.bits != 8 && w.bits != 4) ||
-        (w.bits == 4 && (w.zero == NULL || w.group < 32 || w.group % 32 || w.K % w.group))) {
-        PyErr_SetString(PyExc_ValueError, PRODUCT_SIGNATURE ": N and K must be >= 1, bits 8 or 4; int4 needs "
-                                          "zero points and a group of a multiple of 32 dividing K");
+    if (check_weights(&w, PRODUCT_SIGNATURE)) return NULL;
+    if (w.N < 1 || w.K < 1) {
+        PyErr_SetString(PyExc_ValueError, PRODUCT_SIGNATURE ": N and K must be >= 1");
         return NULL;
     }
     FusedProduct *p = malloc(sizeof(FusedProduct));
@@ -514,6 +551,30 @@ static PyObject *py_product(PyObject *self, PyObject *const *args, Py_ssize_t na
     }
     Py_INCREF(args[0]);
     return capsule;
+}
+
+#define DEQUANTIZE_SIGNATURE \
+    "dequantize(bits, codes_ptr, scale_ptr, zero_ptr, N, K, group, n0, n1, out_ptr, threads)"
+
+static PyObject *py_dequantize(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    (void)self;
+    int64_t v[11];
+    if (unpack(args, nargs, 11, 11, DEQUANTIZE_SIGNATURE, v)) return NULL;
+    const QWeights w = {
+        .bits = (int)v[0], .codes = (const void *)(intptr_t)v[1], .scale = (const float *)(intptr_t)v[2],
+        .zero = (const int32_t *)(intptr_t)v[3], .N = v[4], .K = v[5], .group = v[6],
+    };
+    const int64_t n0 = v[7], n1 = v[8];
+    const int threads = (int)v[10];
+    if (check_weights(&w, DEQUANTIZE_SIGNATURE)) return NULL;
+    if (n0 < 0 || n1 < n0 || n1 > w.N || threads < 1) {
+        PyErr_SetString(PyExc_ValueError, DEQUANTIZE_SIGNATURE ": needs 0 <= n0 <= n1 <= N and threads >= 1");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    dequantize(&w, n0, n1, (float *)(intptr_t)v[9], threads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
 }
 
 #define AVX512_SIGNATURE "avx512(enable=None)"
@@ -539,6 +600,9 @@ static PyObject *py_avx512(PyObject *self, PyObject *const *args, Py_ssize_t nar
 }
 
 static PyMethodDef METHODS[] = {
+    {"dequantize", (PyCFunction)(void (*)(void))py_dequantize, METH_FASTCALL,
+     DEQUANTIZE_SIGNATURE ": Ŵ's rows n0 .. n1 - 1 as fp32 into out (n1 - n0, K), contiguous, as the schemes "
+     "dequantise them; the weights as `mm` takes them."},
     {"avx512", (PyCFunction)(void (*)(void))py_avx512, METH_FASTCALL,
      AVX512_SIGNATURE ": whether few-row products run the AVX-512 tiles (on where the CPU has AVX-512F); "
      "True or False turns them on or off, True only where the CPU runs them."},
