@@ -9,9 +9,11 @@ import torch
 from heron.compress import kernels
 from heron.compress.kernels import KERNELS
 from heron.compress.qlinear import QuantLinear, set_kernel
+from heron.compress.quant_moe import QuantMoE
 from heron.compress.quantize import quantize_model, swap_module
 from heron.compress.schemes import Int4Grouped, Int8PerChannel, quantize_rtn
 from heron.core import ModelConfig, Transformer
+from heron.core.config import MoEConfig
 from heron.core.kv_cache import KVCache
 from heron.core.linear import set_decode_layout, streams
 from heron.core.step_kernels import LayerStep, step_kernels
@@ -121,12 +123,15 @@ def test_the_fused_kernel_refuses_to_offer_what_it_cannot_multiply():
 
 @runs_here
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_a_quantised_model_decodes_through_whole_layer_steps(scheme):
-    """Every layer of an int8 or int4 model (embedding and head int8) runs in one kernel call, and
-    the decoded tokens and logits are the model forward's."""
+@pytest.mark.parametrize("feed_forward", ["dense", "moe"])
+def test_a_quantised_model_decodes_through_whole_layer_steps(scheme, feed_forward):
+    """Every layer of an int8 or int4 model (embedding and head int8; a MoE's experts too) runs in
+    one kernel call, and the decoded tokens and logits are the model forward's."""
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(**{**CONFIG, "d_model": 64, "n_layers": 3})).eval()
+    moe = dict(feed_forward=("moe",), moe=MoEConfig(n_experts=4, top_k=2, d_ff=64)) if feed_forward == "moe" else {}
+    model = Transformer(ModelConfig(**{**CONFIG, "d_model": 64, "n_layers": 3, "mlp_bias": False, **moe})).eval()
     model = quantize_model(model, scheme, group_size=32, progress=False)
+    assert (feed_forward == "moe") == isinstance(model.blocks[0].mlp, QuantMoE)
     set_decode_layout(model, 2)
     with torch.inference_mode():
         cache = KVCache.allocate(model.config, 2, 32)

@@ -12,7 +12,7 @@ from torch import nn
 from heron.core import ModelConfig, Transformer
 from heron.core.config import AttentionPattern, MoEConfig
 from heron.core.kv_cache import KVCache
-from heron.core.linear import MAX_ROWS, Linear, set_decode_layout, streams
+from heron.core.linear import MAX_ROWS, STREAM_ROWS, Linear, set_decode_layout, streams
 from heron.core.norms import RMSNorm
 from heron.core.rope import apply_rope, rope_tables
 from heron.core.step_kernels import LayerStep, attend_new_token, embedding_step, rms_norm_step, step_kernels
@@ -162,7 +162,9 @@ PLAIN = dict(vocab_size=64, d_model=128, n_layers=2, n_heads=2, n_kv_heads=1, d_
     ({}, True), ({"qkv_bias": True, "mlp_bias": True, "parallel_residual": True, "positions": "learned"}, True),
     ({"qk_norm": True}, False), ({"mlp": "gelu"}, False), ({"norm": "layernorm"}, False),
     ({"attention": (AttentionPattern("sliding", window=4),)}, False),
-    ({"feed_forward": ("moe",), "moe": MoEConfig(n_experts=2)}, False),
+    ({"feed_forward": ("moe",), "moe": MoEConfig(n_experts=2)}, True),
+    ({"feed_forward": ("moe",), "moe": MoEConfig(n_experts=2, shared_expert=True), "mlp_bias": True}, True),
+    ({"feed_forward": ("moe",), "moe": MoEConfig(n_experts=2), "mlp": "gelu"}, False),
 ])
 def test_layer_step_takes_plain_blocks_only(changes, plain):
     if not streams():
@@ -172,6 +174,42 @@ def test_layer_step_takes_plain_blocks_only(changes, plain):
     if plain:  # laid out for GEMMs, not for the streaming kernel: not plain either
         set_decode_layout(block, rows=MAX_ROWS)
         assert not LayerStep.takes(block)
+
+
+@built
+@pytest.mark.parametrize("rows", [1, 3, STREAM_ROWS])
+@pytest.mark.parametrize("moe", [
+    MoEConfig(n_experts=4, top_k=2),
+    MoEConfig(n_experts=5, top_k=1, d_ff=24),
+    MoEConfig(n_experts=4, top_k=3, shared_expert=True, router_centering=True, routed_scale=2.0),
+], ids=["top-2", "top-1", "top-3 shared, centred, scaled"])
+def test_a_moe_layer_in_one_call_equals_the_block(moe, rows):
+    """The router, the chosen experts (each once, on the rows that chose it) and a shared expert,
+    as the MoE's decoding path computes them, and the routing statistics it leaves."""
+    if not streams():
+        pytest.skip("no streaming kernel: no layer is plain")
+    torch.manual_seed(rows)
+    model, block = _plain_block({"feed_forward": ("moe",), "moe": moe, "mlp_bias": True}, rows)
+    with torch.no_grad():
+        block.mlp.router.weight.normal_(0, 0.5)  # routing away from near-ties
+        if block.mlp.router_center is not None:
+            block.mlp.router_center.normal_()
+    assert LayerStep.takes(block)
+    cache = KVCache.allocate(model.config, rows, 32)
+    cache.length = 6
+    for t in cache.keys + cache.values:
+        t.normal_()
+    reference_cache = copy.deepcopy(cache)
+    x, rope = torch.randn(rows, 1, 128), (model.rope_cos[6:7], model.rope_sin[6:7])
+    with torch.inference_mode():
+        got = LayerStep(block)(x, rope, cache)
+        stats = block.mlp.last_stats
+        expected = block(x, rope, None, reference_cache)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cache.keys[1], reference_cache.keys[1], rtol=1e-6, atol=1e-6)
+    for name, value in block.mlp.last_stats.items():
+        torch.testing.assert_close(stats[name], value, rtol=1e-5, atol=1e-6)
+    assert stats["load"].count_nonzero() > (1 if rows * moe.top_k > 1 else 0)  # more than one expert where it can
 
 
 @built

@@ -68,6 +68,18 @@ class QuantMoE(MoE):
     def _expert_product(self, which: str, e: int, x: torch.Tensor) -> torch.Tensor:
         return self._layers(which)[e](x)
 
+    def step_products(self) -> tuple[list[object], list[object], int, list[torch.Tensor]] | None:
+        """The experts' products as the core's whole-layer decoding kernel takes them
+        (core/step_kernels.py): each expert's up and down `QuantLinear.step_product()`, the
+        experts' hidden width, and nothing more to hold (the products hold their codes); None
+        where a layer offers none or has a bias, which the kernel would not add."""
+        layers = [*self.experts_up, *self.experts_down]
+        products = [layer.step_product() for layer in layers]
+        if any(p is None for p in products) or any(layer.bias is not None for layer in layers):
+            return None
+        n = len(self.experts_up)
+        return products[:n], products[n:], self.experts_down[0].in_features, []
+
     def _expert_products(self, which: str) -> list[Callable[[torch.Tensor], torch.Tensor]]:
         return [layer.decode_product() for layer in self._layers(which)]
 

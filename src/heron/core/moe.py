@@ -332,12 +332,18 @@ class MoE(nn.Module):
             scored = flat if center is None else flat - center.to(flat.dtype)  # as _router_input in eval
             probs = F.linear(scored, router).float().softmax(dim=-1)  # (N, E)
             weights, experts = route(probs, top_k, scale)  # (N, k), (N, k)
-            self._last = {"probs": probs.detach(), "experts": experts}
+            self.record_routing(probs, experts)
             y = self._decode(flat, weights, experts, lambda e, h: ups[e](h), lambda e, h: downs[e](h))
             y = y.view(B, T, d)  # (B, T, d)
             return y if shared is None else y + shared(x)
 
         return step
+
+    def record_routing(self, probs: torch.Tensor, experts: torch.Tensor) -> None:
+        """Keep a decoding step's routing, router probabilities (N, E) and chosen experts (N, k), for
+        `last_stats`, as `forward` keeps its own (a step computed elsewhere reports it here:
+        core/step_kernels.py)."""
+        self._last = {"probs": probs.detach(), "experts": experts}
 
     def _decode(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor,
                 up: ExpertProduct, down: ExpertProduct) -> torch.Tensor:

@@ -19,6 +19,7 @@ from heron.core.attention import Attention
 from heron.core.kv_cache import KVCache
 from heron.core.linear import STREAM_ROWS, Linear, is_input_major, streams
 from heron.core.mlp import MLP
+from heron.core.moe import MoE
 from heron.core.norms import RMSNorm
 
 MAX_HEAD_DIM = 512  # the widest head the attention kernel takes (csrc/step.c)
@@ -146,47 +147,98 @@ def _product_weights(module: nn.Module) -> tuple[object, list[torch.Tensor]] | N
     return weights, held
 
 
+def _expert_products(moe: MoE) -> tuple[list[object], list[object], int, list[torch.Tensor]] | None:
+    """A MoE's experts as `LayerStep`'s kernel takes them: each expert's up (d -> 2 ff) and down (ff -> d)
+    product (no bias), ff, and the tensors that must outlive the calls. A MoE that holds its experts
+    in another form offers them (`step_products()`, in this form: a quantised MoE's,
+    compress/quant_moe.py); core's stacked fp32 weights (E, K, N) are each expert's weight laid out
+    input-major already. None where neither."""
+    own = getattr(moe, "step_products", None)
+    if own is not None:
+        return own()
+    up, down = moe.up, moe.down
+    if not (_fp32_cpu(up) and _fp32_cpu(down) and up.is_contiguous() and down.is_contiguous()):
+        return None
+    return [w.data_ptr() for w in up], [w.data_ptr() for w in down], down.shape[1], [up, down]
+
+
+def _swiglu(mlp: nn.Module) -> bool:
+    return type(mlp) is MLP and mlp.kind == "swiglu"
+
+
+def _feed_forward_takes(mlp: nn.Module) -> bool:
+    """Whether the kernel runs this feed-forward: a SwiGLU MLP, or a MoE of SwiGLU experts (a shared
+    one too, or none), every product one it takes."""
+    if _swiglu(mlp):
+        return all(_product_weights(m) is not None for m in (mlp.up, mlp.down))
+    if not isinstance(mlp, MoE) or mlp.kind != "swiglu" or not _fp32_cpu(mlp.router.weight):
+        return False
+    shared = mlp.shared
+    if shared is not None and not (_swiglu(shared) and _feed_forward_takes(shared)):
+        return False
+    return _expert_products(mlp) is not None
+
+
 class LayerStep:
     """The whole of a plain `Block` for one new token per row in one kernel call (csrc/step.c:
     why): x (B, 1, d) -> (B, 1, d), as `Block.forward` computes it to fp32 rounding, the keys
     and values written into the cache as `attend_new_token` writes them. Plain (`takes`):
-    RMSNorm norms, dense attention without qk_norm, a SwiGLU MLP, every product either a
-    `Linear` over an fp32 CPU weight laid out input-major (`set_decode_layout` with the
-    streaming kernel) or a layer that offers its product to the kernel (`offered_product`:
+    RMSNorm norms, dense attention without qk_norm, a SwiGLU MLP or a MoE of SwiGLU experts
+    (`MoE.decode_step`'s numbers, its routing statistics left as it leaves them), every product
+    either a `Linear` over an fp32 CPU weight laid out input-major (`set_decode_layout` with
+    the streaming kernel) or a layer that offers its product to the kernel (`offered_product`:
     a quantised linear).
 
-    A call returns None for more rows than the streaming kernel takes (STREAM_ROWS) or
-    another dtype, and the caller then runs the block's parts. It holds the weights as they
-    are when it is made, their memory read through raw addresses, as the rest of a
-    `TokenStep` does."""
+    A call returns None for more rows than the streaming kernel takes (STREAM_ROWS), another
+    dtype, or a MoE that would not decode them (`MoE.decodes`), and the caller then runs the
+    block's parts. It holds the weights as they are when it is made, their memory read through
+    raw addresses, as the rest of a `TokenStep` does."""
 
     def __init__(self, block: nn.Module) -> None:
         attn, mlp, norms = block.attn, block.mlp, (block.attn_norm, block.mlp_norm)
-        products = [_product_weights(m) for m in (attn.qkv, attn.out, mlp.up, mlp.down)]
-        biases = [m.bias for m in (attn.qkv, attn.out, mlp.up, mlp.down)]
-        self.held = [*(p for _, held in products for p in held), *biases, *(n.weight for n in norms)]
+        self.moe = mlp if isinstance(mlp, MoE) else None
+        dense = () if self.moe is not None else (mlp.up, mlp.down)
+        products = [_product_weights(m) for m in (attn.qkv, attn.out, *dense)]
+        biases = [m.bias for m in (attn.qkv, attn.out, *dense)]
         product_at = [at for (weights, _), b in zip(products, biases) for at in (weights, 0 if b is None else b.data_ptr())]
+        self.held = [*(p for _, held in products for p in held), *biases, *(n.weight for n in norms)]
         n_q, n_kv, _ = attn.heads
-        self.weights = (attn.qkv.in_features, mlp.down.in_features, n_q, n_kv, attn.head_dim,
-                        norms[0].weight.data_ptr(), norms[1].weight.data_ptr(), *product_at,
+        ff = 1 if self.moe is not None else mlp.down.in_features  # a MoE's experts' widths are its own
+        self.weights = (attn.qkv.in_features, ff, n_q, n_kv, attn.head_dim,
+                        norms[0].weight.data_ptr(), norms[1].weight.data_ptr(), *product_at, *(0,) * (8 - len(product_at)),
                         int(block.parallel), float(norms[0].eps), float(norms[1].eps),
                         1.0 if attn.q_factor is None else attn.q_factor)
+        self.moe_weights = None if self.moe is None else self._moe_weights(self.moe)
         self.layer, self.head_dim, self.use_rope = attn.layer, attn.head_dim, attn.use_rope
+
+    def _moe_weights(self, moe: MoE) -> tuple:
+        """The kernel's MoE entries (csrc/step.c, LAYER_MOE) but the per-call outputs."""
+        ups, downs, ff, experts_held = _expert_products(moe)
+        shared, center, router = moe.shared, moe.router_center, moe.router.weight
+        self.held += [router, center, *experts_held]
+        shared_entries = (0, 0, 0, 0, 0)
+        if shared is not None:
+            (up, up_held), (down, down_held) = _product_weights(shared.up), _product_weights(shared.down)
+            self.held += [*up_held, *down_held, shared.up.bias, shared.down.bias]
+            bias_at = [0 if b is None else b.data_ptr() for b in (shared.up.bias, shared.down.bias)]
+            shared_entries = (shared.down.in_features, up, bias_at[0], down, bias_at[1])
+        return (moe.settings.n_experts, moe.settings.top_k, ff, router.data_ptr(),
+                0 if center is None else center.data_ptr(), float(moe.settings.routed_scale), tuple(ups), tuple(downs),
+                *shared_entries)
 
     @staticmethod
     def takes(block: nn.Module) -> bool:
         """Whether the block is plain (class note) and the kernels are here to run it."""
         kernel = step_kernels()
         attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
-        if (kernel is None or not streams() or type(attn) is not Attention or type(mlp) is not MLP
-                or attn.pattern is not None or attn.q_norm is not None or mlp.kind != "swiglu"
-                or attn.head_dim > MAX_HEAD_DIM):
+        if (kernel is None or not streams() or type(attn) is not Attention or mlp is None
+                or attn.pattern is not None or attn.q_norm is not None or attn.head_dim > MAX_HEAD_DIM):
             return False
         norms = (block.attn_norm, block.mlp_norm)
         if not all(type(n) is RMSNorm and n.weight is not None and n.eps is not None and _fp32_cpu(n.weight)
                    for n in norms):
             return False
-        return all(_product_weights(m) is not None for m in (attn.qkv, attn.out, mlp.up, mlp.down))
+        return all(_product_weights(m) is not None for m in (attn.qkv, attn.out)) and _feed_forward_takes(mlp)
 
     def __call__(self, x: torch.Tensor, rope: Rope, cache: KVCache) -> torch.Tensor | None:
         B = x.shape[0]
@@ -194,11 +246,20 @@ class LayerStep:
         if B > STREAM_ROWS or not (_fp32_cpu(x) and _fp32_cpu(keys)) or (self.use_rope and not _fp32_cpu(rope[0])):
             return None
         x = x.contiguous()
+        moe = None
+        if self.moe is not None:
+            if not self.moe.decodes(x.view(B, -1)):
+                return None
+            settings = self.moe.settings
+            probs, experts = torch.empty(B, settings.n_experts), torch.empty(B, settings.top_k, dtype=torch.int64)
+            moe = (*self.moe_weights, probs.data_ptr(), experts.data_ptr())
         y = torch.empty_like(x)
         cos, sin = (t.contiguous() for t in rope) if self.use_rope else (None, None)
         step_kernels().layer(
             self.weights, x.data_ptr(), y.data_ptr(), B, keys.data_ptr(), values.data_ptr(), keys.shape[2],
             cache.length, 0 if key_mask is None else key_mask.data_ptr(), 0 if key_mask is None else key_mask.shape[1],
             0 if cos is None else cos.data_ptr(), 0 if sin is None else sin.data_ptr(),
-            0 if cos is None or cos.numel() == self.head_dim else self.head_dim, torch.get_num_threads())
+            0 if cos is None or cos.numel() == self.head_dim else self.head_dim, torch.get_num_threads(), moe)
+        if moe is not None:
+            self.moe.record_routing(probs, experts)
         return y
