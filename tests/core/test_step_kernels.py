@@ -160,7 +160,7 @@ PLAIN = dict(vocab_size=64, d_model=128, n_layers=2, n_heads=2, n_kv_heads=1, d_
 @built
 @pytest.mark.parametrize(("changes", "plain"), [
     ({}, True), ({"qkv_bias": True, "mlp_bias": True, "parallel_residual": True, "positions": "learned"}, True),
-    ({"qk_norm": True}, False), ({"mlp": "gelu"}, False), ({"norm": "layernorm"}, False),
+    ({"qk_norm": True}, True), ({"mlp": "gelu"}, False), ({"norm": "layernorm"}, False),
     ({"attention": (AttentionPattern("sliding", window=4),)}, False),
     ({"feed_forward": ("moe",), "moe": MoEConfig(n_experts=2)}, True),
     ({"feed_forward": ("moe",), "moe": MoEConfig(n_experts=2, shared_expert=True), "mlp_bias": True}, True),
@@ -230,12 +230,17 @@ def test_blocks_of_torch_quantised_linears_are_not_plain():
 
 @built
 @pytest.mark.parametrize("rows", [1, 3])
-def test_a_layer_in_one_call_equals_the_block(rows):
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_a_layer_in_one_call_equals_the_block(rows, qk_norm):
     """Gate pre-activations from -60 to 60 (SwiGLU's exponential over its whole range) and a
-    hidden width that is not a multiple of the kernel's eight lanes."""
+    hidden width that is not a multiple of the kernel's eight lanes; with qk_norm, gains away from 1."""
     torch.manual_seed(rows)
-    model, block = _plain_block({"qkv_bias": True, "out_bias": True, "mlp_bias": True}, rows)
+    model, block = _plain_block({"qkv_bias": True, "out_bias": True, "mlp_bias": True, "qk_norm": qk_norm}, rows)
+    assert LayerStep.takes(block)
     with torch.no_grad():
+        if qk_norm:
+            block.attn.q_norm.weight.uniform_(0.5, 1.5)
+            block.attn.k_norm.weight.uniform_(0.5, 1.5)
         block.mlp.up.weight.mul_(150)
         for p in (block.attn.qkv.bias, block.attn.out.bias, block.mlp.up.bias, block.mlp.down.bias,
                   block.attn_norm.weight, block.mlp_norm.weight):
@@ -254,5 +259,5 @@ def test_a_layer_in_one_call_equals_the_block(rows):
     assert gates[..., :44].abs().max() > 40  # the exponential's range was reached
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cache.keys[1], reference_cache.keys[1], rtol=1e-6, atol=1e-6)
-    assert torch.equal(cache.values[1], reference_cache.values[1])
+    torch.testing.assert_close(cache.values[1], reference_cache.values[1], rtol=1e-6, atol=1e-6)
     assert LayerStep(block)(torch.randn(MAX_ROWS + 1, 1, 128), rope, cache) is None  # past the kernel's rows

@@ -187,7 +187,7 @@ class LayerStep:
     (`MoE.decode_step`'s numbers, its routing statistics left as it leaves them), every product
     either a `Linear` over an fp32 CPU weight laid out input-major (`set_decode_layout` with
     the streaming kernel) or a layer that offers its product to the kernel (`offered_product`:
-    a quantised linear).
+    a quantised linear). qk_norm's per-head RMSNorms (Qwen3) run there too.
 
     A call returns None for more rows than the streaming kernel takes (STREAM_ROWS), another
     dtype, or a MoE that would not decode them (`MoE.decodes`), and the caller then runs the
@@ -207,9 +207,16 @@ class LayerStep:
         self.weights = (attn.qkv.in_features, ff, n_q, n_kv, attn.head_dim,
                         norms[0].weight.data_ptr(), norms[1].weight.data_ptr(), *product_at, *(0,) * (8 - len(product_at)),
                         int(block.parallel), float(norms[0].eps), float(norms[1].eps),
-                        1.0 if attn.q_factor is None else attn.q_factor)
+                        1.0 if attn.q_factor is None else attn.q_factor, *self._qk_norms(attn))
         self.moe_weights = None if self.moe is None else self._moe_weights(self.moe)
         self.layer, self.head_dim, self.use_rope = attn.layer, attn.head_dim, attn.use_rope
+
+    def _qk_norms(self, attn: Attention) -> tuple[int, int, float]:
+        """The kernel's qk_norm entries: the q and k norms' gains and their eps, or none."""
+        if attn.q_norm is None:
+            return 0, 0, 0.0
+        self.held += [attn.q_norm.weight, attn.k_norm.weight]
+        return attn.q_norm.weight.data_ptr(), attn.k_norm.weight.data_ptr(), float(attn.q_norm.eps)
 
     def _moe_weights(self, moe: MoE) -> tuple:
         """The kernel's MoE entries (csrc/step.c, LAYER_MOE) but the per-call outputs."""
@@ -232,9 +239,13 @@ class LayerStep:
         kernel = step_kernels()
         attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
         if (kernel is None or not streams() or type(attn) is not Attention or mlp is None
-                or attn.pattern is not None or attn.q_norm is not None or attn.head_dim > MAX_HEAD_DIM):
+                or attn.pattern is not None or attn.head_dim > MAX_HEAD_DIM):
             return False
-        norms = (block.attn_norm, block.mlp_norm)
+        norms = [block.attn_norm, block.mlp_norm]
+        if attn.q_norm is not None:  # qk_norm (Qwen3): RMSNorms of one eps on every q and k head
+            norms += [attn.q_norm, attn.k_norm]
+            if attn.q_norm.eps != attn.k_norm.eps:
+                return False
         if not all(type(n) is RMSNorm and n.weight is not None and n.eps is not None and _fp32_cpu(n.weight)
                    for n in norms):
             return False
