@@ -160,11 +160,13 @@ PLAIN = dict(vocab_size=64, d_model=128, n_layers=2, n_heads=2, n_kv_heads=1, d_
 @built
 @pytest.mark.parametrize(("changes", "plain"), [
     ({}, True), ({"qkv_bias": True, "mlp_bias": True, "parallel_residual": True, "positions": "learned"}, True),
-    ({"qk_norm": True}, True), ({"mlp": "gelu"}, False), ({"norm": "layernorm"}, False),
+    ({"qk_norm": True}, True), ({"mlp": "gelu"}, True), ({"norm": "layernorm"}, True),
+    ({"norm": "layernorm", "mlp": "gelu_tanh", "positions": "learned", "parallel_residual": True}, True),
     ({"attention": (AttentionPattern("sliding", window=4),)}, False),
     ({"feed_forward": ("moe",), "moe": MoEConfig(n_experts=2)}, True),
     ({"feed_forward": ("moe",), "moe": MoEConfig(n_experts=2, shared_expert=True), "mlp_bias": True}, True),
-    ({"feed_forward": ("moe",), "moe": MoEConfig(n_experts=2), "mlp": "gelu"}, False),
+    ({"feed_forward": ("moe",), "moe": MoEConfig(n_experts=2), "mlp": "gelu"}, True),
+    ({"rotary_dim": 32}, True),  # partial rotary: RoPE's tables pass the other dims through
 ])
 def test_layer_step_takes_plain_blocks_only(changes, plain):
     if not streams():
@@ -230,17 +232,23 @@ def test_blocks_of_torch_quantised_linears_are_not_plain():
 
 @built
 @pytest.mark.parametrize("rows", [1, 3])
-@pytest.mark.parametrize("qk_norm", [False, True])
-def test_a_layer_in_one_call_equals_the_block(rows, qk_norm):
-    """Gate pre-activations from -60 to 60 (SwiGLU's exponential over its whole range) and a
-    hidden width that is not a multiple of the kernel's eight lanes; with qk_norm, gains away from 1."""
+@pytest.mark.parametrize("variant", [{}, {"qk_norm": True}, {"norm": "layernorm", "mlp": "gelu"},
+                                     {"norm": "layernorm", "mlp": "gelu_tanh", "parallel_residual": True, "rotary_dim": 16}],
+                         ids=["llama", "qk_norm", "layernorm-gelu", "neox (gelu_tanh, parallel, partial rotary)"])
+def test_a_layer_in_one_call_equals_the_block(rows, variant):
+    """Gate pre-activations from -60 to 60 (SwiGLU's exponential over its whole range; GELU's far
+    tails) and a hidden width that is not a multiple of the kernel's eight lanes; norms' gains and
+    biases away from 1 and 0."""
     torch.manual_seed(rows)
-    model, block = _plain_block({"qkv_bias": True, "out_bias": True, "mlp_bias": True, "qk_norm": qk_norm}, rows)
+    model, block = _plain_block({"qkv_bias": True, "out_bias": True, "mlp_bias": True, **variant}, rows)
     assert LayerStep.takes(block)
     with torch.no_grad():
-        if qk_norm:
-            block.attn.q_norm.weight.uniform_(0.5, 1.5)
-            block.attn.k_norm.weight.uniform_(0.5, 1.5)
+        for norm in (block.attn.q_norm, block.attn.k_norm):
+            if norm is not None:
+                norm.weight.uniform_(0.5, 1.5)
+        for norm in (block.attn_norm, block.mlp_norm):
+            if getattr(norm, "bias", None) is not None:
+                norm.bias.uniform_(-1, 1)
         block.mlp.up.weight.mul_(150)
         for p in (block.attn.qkv.bias, block.attn.out.bias, block.mlp.up.bias, block.mlp.down.bias,
                   block.attn_norm.weight, block.mlp_norm.weight):

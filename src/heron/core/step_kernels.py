@@ -162,29 +162,37 @@ def _expert_products(moe: MoE) -> tuple[list[object], list[object], int, list[to
     return [w.data_ptr() for w in up], [w.data_ptr() for w in down], down.shape[1], [up, down]
 
 
-def _swiglu(mlp: nn.Module) -> bool:
-    return type(mlp) is MLP and mlp.kind == "swiglu"
+ACTIVATIONS = {"swiglu": 0, "gelu": 1, "gelu_tanh": 2}  # core/mlp.py's kinds as the kernel numbers them
 
 
 def _feed_forward_takes(mlp: nn.Module) -> bool:
-    """Whether the kernel runs this feed-forward: a SwiGLU MLP, or a MoE of SwiGLU experts (a shared
-    one too, or none), every product one it takes."""
-    if _swiglu(mlp):
-        return all(_product_weights(m) is not None for m in (mlp.up, mlp.down))
-    if not isinstance(mlp, MoE) or mlp.kind != "swiglu" or not _fp32_cpu(mlp.router.weight):
+    """Whether the kernel runs this feed-forward: an MLP (SwiGLU or GELU), or a MoE of such experts (a
+    shared one too, or none), every product one it takes."""
+    if type(mlp) is MLP:
+        return mlp.kind in ACTIVATIONS and all(_product_weights(m) is not None for m in (mlp.up, mlp.down))
+    if not isinstance(mlp, MoE) or mlp.kind not in ACTIVATIONS or not _fp32_cpu(mlp.router.weight):
         return False
     shared = mlp.shared
-    if shared is not None and not (_swiglu(shared) and _feed_forward_takes(shared)):
+    if shared is not None and not (type(shared) is MLP and shared.kind == mlp.kind and _feed_forward_takes(shared)):
         return False
     return _expert_products(mlp) is not None
+
+
+def _norms_take(norms: list[nn.Module]) -> bool:
+    """Whether the kernel runs these norms of a layer: all Heron's RMSNorm, or all torch's LayerNorm
+    over the last dimension, with fp32 gains."""
+    if all(type(n) is RMSNorm for n in norms):
+        return all(n.weight is not None and n.eps is not None and _fp32_cpu(n.weight) for n in norms)
+    return all(type(n) is nn.LayerNorm and n.weight is not None and len(n.normalized_shape) == 1
+               and _fp32_cpu(n.weight) and (n.bias is None or _fp32_cpu(n.bias)) for n in norms)
 
 
 class LayerStep:
     """The whole of a plain `Block` for one new token per row in one kernel call (csrc/step.c:
     why): x (B, 1, d) -> (B, 1, d), as `Block.forward` computes it to fp32 rounding, the keys
     and values written into the cache as `attend_new_token` writes them. Plain (`takes`):
-    RMSNorm norms, dense attention without qk_norm, a SwiGLU MLP or a MoE of SwiGLU experts
-    (`MoE.decode_step`'s numbers, its routing statistics left as it leaves them), every product
+    RMSNorm or LayerNorm norms, dense attention, an MLP (SwiGLU or GELU) or a MoE of such
+    experts (`MoE.decode_step`'s numbers, its routing statistics left as it leaves them), every product
     either a `Linear` over an fp32 CPU weight laid out input-major (`set_decode_layout` with
     the streaming kernel) or a layer that offers its product to the kernel (`offered_product`:
     a quantised linear). qk_norm's per-head RMSNorms (Qwen3) run there too.
@@ -201,13 +209,16 @@ class LayerStep:
         products = [_product_weights(m) for m in (attn.qkv, attn.out, *dense)]
         biases = [m.bias for m in (attn.qkv, attn.out, *dense)]
         product_at = [at for (weights, _), b in zip(products, biases) for at in (weights, 0 if b is None else b.data_ptr())]
-        self.held = [*(p for _, held in products for p in held), *biases, *(n.weight for n in norms)]
+        norm_biases = [getattr(n, "bias", None) for n in norms]  # LayerNorm's (RMSNorm has none)
+        self.held = [*(p for _, held in products for p in held), *biases, *(n.weight for n in norms), *norm_biases]
         n_q, n_kv, _ = attn.heads
         ff = 1 if self.moe is not None else mlp.down.in_features  # a MoE's experts' widths are its own
         self.weights = (attn.qkv.in_features, ff, n_q, n_kv, attn.head_dim,
                         norms[0].weight.data_ptr(), norms[1].weight.data_ptr(), *product_at, *(0,) * (8 - len(product_at)),
                         int(block.parallel), float(norms[0].eps), float(norms[1].eps),
-                        1.0 if attn.q_factor is None else attn.q_factor, *self._qk_norms(attn))
+                        1.0 if attn.q_factor is None else attn.q_factor, *self._qk_norms(attn),
+                        int(type(norms[0]) is nn.LayerNorm), *(0 if b is None else b.data_ptr() for b in norm_biases),
+                        ACTIVATIONS[mlp.kind])
         self.moe_weights = None if self.moe is None else self._moe_weights(self.moe)
         self.layer, self.head_dim, self.use_rope = attn.layer, attn.head_dim, attn.use_rope
 
@@ -241,14 +252,13 @@ class LayerStep:
         if (kernel is None or not streams() or type(attn) is not Attention or mlp is None
                 or attn.pattern is not None or attn.head_dim > MAX_HEAD_DIM):
             return False
-        norms = [block.attn_norm, block.mlp_norm]
-        if attn.q_norm is not None:  # qk_norm (Qwen3): RMSNorms of one eps on every q and k head
-            norms += [attn.q_norm, attn.k_norm]
-            if attn.q_norm.eps != attn.k_norm.eps:
-                return False
-        if not all(type(n) is RMSNorm and n.weight is not None and n.eps is not None and _fp32_cpu(n.weight)
-                   for n in norms):
+        if not _norms_take([block.attn_norm, block.mlp_norm]):
             return False
+        if attn.q_norm is not None:  # qk_norm (Qwen3): RMSNorms of one eps on every q and k head
+            if attn.q_norm.eps != attn.k_norm.eps or not all(type(n) is RMSNorm for n in (attn.q_norm, attn.k_norm)):
+                return False
+            if not _norms_take([attn.q_norm, attn.k_norm]):
+                return False
         return all(_product_weights(m) is not None for m in (attn.qkv, attn.out)) and _feed_forward_takes(mlp)
 
     def __call__(self, x: torch.Tensor, rope: Rope, cache: KVCache) -> torch.Tensor | None:

@@ -1,10 +1,10 @@
 /* The small operations of a decoding step, one call each: a dense attention
  * layer's work between its two products (RoPE, the KV-cache write and
  * attention over the cache, for one new token per row), RMSNorm, and the
- * embedding lookup; and, for the plainest layers (RMSNorm, dense attention
- * with or without qk_norm, SwiGLU or a MoE of SwiGLU experts), a whole
- * Transformer layer in one call (a `small`-shaped qk_norm model's step 1.38x
- * as fast as in parts)
+ * embedding lookup; and, for plain layers (RMSNorm or LayerNorm, dense
+ * attention with or without qk_norm, an MLP with SwiGLU or GELU, or a MoE of
+ * such experts), a whole Transformer layer in one call (`small`-shaped steps
+ * 1.38x as fast as in parts with qk_norm, 1.24x GPT-2-style)
  * (a Mixtral-shaped step 1.33x as fast in fp32, 1.72x in int8, as the MoE's
  * routing and its experts' products left Python), each product either fp32
  * weights laid out for the streaming product of stream_mm.h or one that
@@ -98,6 +98,36 @@ CLONES static void rms_norm(const float *x, int64_t rows, int64_t width, const f
     }
 }
 
+/* y (rows, width) = (x - mean) / sqrt(var + eps) * weight + bias, row by row (torch's layer_norm: the
+ * biased variance; bias may be NULL). */
+CLONES static void layer_norm(const float *x, int64_t rows, int64_t width, const float *weight, const float *bias,
+                              float eps, float *y) {
+    for (int64_t r = 0; r < rows; r++, x += width, y += width) {
+        float sum = 0, squares = 0;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t i = 0; i < width; i++) sum += x[i];
+        const float mean = sum / (float)width;
+#pragma omp simd reduction(+ : squares)
+        for (int64_t i = 0; i < width; i++) squares += (x[i] - mean) * (x[i] - mean);
+        const float inverse = 1.0f / sqrtf(squares / (float)width + eps);
+        for (int64_t i = 0; i < width; i++) y[i] = (x[i] - mean) * inverse * weight[i] + (bias ? bias[i] : 0.0f);
+    }
+}
+
+/* A layer's norm: RMSNorm, or LayerNorm where `layer` says so. */
+typedef struct {
+    const float *weight, *bias; /* (d); bias LayerNorm's only, may be NULL */
+    float eps;
+    int layer;                  /* LayerNorm, not RMSNorm */
+} Norm;
+
+static void normalize(const Norm *n, const float *x, int64_t rows, int64_t width, float *y) {
+    if (n->layer)
+        layer_norm(x, rows, width, n->weight, n->bias, n->eps, y);
+    else
+        rms_norm(x, rows, width, n->weight, n->eps, y);
+}
+
 typedef struct {
     const float *qkv;             /* (B, (nq + 2 nkv) hd): q heads, then k heads, then v heads */
     int64_t B, nq, nkv, hd;
@@ -185,17 +215,37 @@ static int multiply(const Product *p, const float *x, int64_t M, int64_t N, int6
     return stream_mm(ROWS_INTO_HERE, x, M, p->wt, N, K, y, threads);
 }
 
-/* out (rows, d) = a SwiGLU MLP of h (rows, d): down(silu(gate) * up), `up` giving gate then up (2 ff
- * wide), each product's bias added to it; nonzero when memory ran out. */
-static int swiglu_mlp(const Product *up, const Product *down, const float *h, int64_t rows, int64_t d, int64_t ff,
-                      float *out, int threads) {
-    float *wide = malloc(sizeof(float) * (size_t)(rows * 3 * ff));
+enum { SWIGLU, GELU, GELU_TANH }; /* a feed-forward's activation (core/mlp.py's kinds) */
+
+/* The width of `up`'s output for hidden width ff: SwiGLU's holds gate, then up. */
+static int64_t up_width(int activation, int64_t ff) { return activation == SWIGLU ? 2 * ff : ff; }
+
+/* gelu over n values, in place: torch's F.gelu, exact (erf) or its tanh approximation. */
+static void gelu(float *h, int64_t n, int tanh_form) {
+    for (int64_t i = 0; i < n; i++) {
+        const float x = h[i];
+        h[i] = tanh_form ? 0.5f * x * (1.0f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)))
+                         : 0.5f * x * (1.0f + erff(x * 0.7071067811865476f));
+    }
+}
+
+/* out (rows, d) = an MLP of h (rows, d): down(act(up(h))), each product's bias added to it; nonzero
+ * when memory ran out. */
+static int feed_forward(int activation, const Product *up, const Product *down, const float *h, int64_t rows,
+                        int64_t d, int64_t ff, float *out, int threads) {
+    const int64_t width = up_width(activation, ff);
+    float *wide = malloc(sizeof(float) * (size_t)(rows * (width + ff)));
     if (wide == NULL) return 1;
-    float *gated = wide + rows * 2 * ff;
-    int failed = multiply(up, h, rows, 2 * ff, d, wide, threads);
-    add_bias(wide, up->bias, rows, 2 * ff);
-    swiglu_rows(wide, wide + ff, 2 * ff, rows, ff, gated);
-    failed |= multiply(down, gated, rows, d, ff, out, threads);
+    float *hidden = wide + rows * width;
+    int failed = multiply(up, h, rows, width, d, wide, threads);
+    add_bias(wide, up->bias, rows, width);
+    if (activation == SWIGLU) {
+        swiglu_rows(wide, wide + ff, 2 * ff, rows, ff, hidden);
+    } else {
+        gelu(wide, rows * ff, activation == GELU_TANH);
+        hidden = wide;
+    }
+    failed |= multiply(down, hidden, rows, d, ff, out, threads);
     add_bias(out, down->bias, rows, d);
     free(wide);
     return failed;
@@ -203,11 +253,12 @@ static int swiglu_mlp(const Product *up, const Product *down, const float *h, in
 
 /* A Mixture-of-Experts feed-forward (core/moe.py) for a few tokens, as `MoE.decode_step` computes it. */
 typedef struct {
+    int activation;               /* the experts' (and the shared expert's) */
     int64_t E, k, ff;             /* experts; experts a token; an expert's hidden width */
     const float *router;          /* (E, d) router weight */
     const float *center;          /* (d) subtracted from a token before routing (router centring), or NULL */
     float scale;                  /* the chosen experts' weights times this (the routed scale) */
-    const Product *up, *down;     /* E each: up (2 ff x d), down (d x ff), SwiGLU experts */
+    const Product *up, *down;     /* E each: up (up_width x d), down (d x ff) */
     int64_t shared_ff;            /* the shared expert's hidden width; 0: none */
     Product shared_up, shared_down;
     float *probs;                 /* out (B, E): each token's router probabilities */
@@ -265,12 +316,13 @@ static int moe_mlp(const MoE *m, const float *h, int64_t B, int64_t d, float *ou
                 if (m->experts[b * k + j] == e) tokens[n] = b, gates[n++] = weights[b * k + j];
         if (n == 0) continue;
         for (int64_t i = 0; i < n; i++) memcpy(rows + i * d, h + tokens[i] * d, sizeof(float) * d);
-        failed |= swiglu_mlp(&m->up[e], &m->down[e], rows, n, d, m->ff, expert_out, threads);
+        failed |= feed_forward(m->activation, &m->up[e], &m->down[e], rows, n, d, m->ff, expert_out, threads);
         for (int64_t i = 0; i < n; i++)
             for (int64_t c = 0; c < d; c++) out[tokens[i] * d + c] += expert_out[i * d + c] * gates[i];
     }
     if (m->shared_ff > 0) {
-        failed |= swiglu_mlp(&m->shared_up, &m->shared_down, h, B, d, m->shared_ff, expert_out, threads);
+        failed |= feed_forward(m->activation, &m->shared_up, &m->shared_down, h, B, d, m->shared_ff, expert_out,
+                               threads);
         for (int64_t i = 0; i < B * d; i++) out[i] += expert_out[i];
     }
     free(scratch);
@@ -279,9 +331,9 @@ static int moe_mlp(const MoE *m, const float *h, int64_t B, int64_t d, float *ou
 
 /* One Transformer layer's weights. */
 typedef struct {
-    int64_t d, ff;                      /* model width; SwiGLU's hidden width (`up` gives gate, then up) */
-    const float *attn_norm, *mlp_norm;  /* RMSNorm gains (d) */
-    float attn_eps, mlp_eps;
+    int64_t d, ff;                      /* model width; the MLP's hidden width (SwiGLU: `up` gives gate, then up) */
+    Norm attn_norm, mlp_norm;
+    int activation;                     /* the MLP's or the MoE's experts': SWIGLU, GELU or GELU_TANH */
     Product qkv, out, up, down;         /* up and down unused where `moe` is set */
     const MoE *moe;                     /* the feed-forward is this MoE; NULL: the dense SwiGLU MLP */
     int parallel_residual;              /* the MLP reads the layer's input, not the attention's sum */
@@ -295,7 +347,7 @@ static int run_layer(const Layer *L, const float *x, float *y, Attention *a, int
     if (scratch == NULL) return 1;
     float *h = scratch, *qkv = h + B * d, *heads = qkv + B * width, *product = heads + B * z;
     int failed = 0;
-    rms_norm(x, B, d, L->attn_norm, L->attn_eps, h);
+    normalize(&L->attn_norm, x, B, d, h);
     failed |= multiply(&L->qkv, h, B, width, d, qkv, threads);
     add_bias(qkv, L->qkv.bias, B, width);
     a->qkv = qkv;
@@ -303,9 +355,9 @@ static int run_layer(const Layer *L, const float *x, float *y, Attention *a, int
     failed |= attend(a, threads);
     failed |= multiply(&L->out, heads, B, d, z, product, threads);
     add_rows(x, product, L->out.bias, B, d, y); /* y = x + attention */
-    rms_norm(L->parallel_residual ? x : y, B, d, L->mlp_norm, L->mlp_eps, h);
+    normalize(&L->mlp_norm, L->parallel_residual ? x : y, B, d, h);
     failed |= L->moe != NULL ? moe_mlp(L->moe, h, B, d, product, threads)
-                             : swiglu_mlp(&L->up, &L->down, h, B, d, L->ff, product, threads);
+                             : feed_forward(L->activation, &L->up, &L->down, h, B, d, L->ff, product, threads);
     add_rows(y, product, NULL, B, d, y); /* y += mlp */
     free(scratch);
     return failed;
@@ -351,7 +403,9 @@ static PyObject *py_attend(PyObject *self, PyObject *const *args, Py_ssize_t nar
 #define LAYER_WEIGHTS                                                                                        \
     "weights: (d, ff, n_q, n_kv, head_dim, attn_norm_ptr, mlp_norm_ptr, qkv, qkv_bias_ptr, out, "           \
     "out_bias_ptr, up, up_bias_ptr, down, down_bias_ptr, parallel_residual, attn_eps, mlp_eps, q_factor, "     \
-    "q_norm_ptr, k_norm_ptr, qk_eps), the q and k norms' gains 0 for none"
+    "q_norm_ptr, k_norm_ptr, qk_eps, layer_norm, attn_norm_bias_ptr, mlp_norm_bias_ptr, activation), the q "  \
+    "and k norms' gains 0 for none, layer_norm 1 for LayerNorms (else RMSNorms), activation 0 SwiGLU, 1 GELU, "  \
+    "2 GELU (tanh)"
 #define LAYER_MOE                                                                                            \
     "moe: (n_experts, top_k, expert_ff, router_ptr, center_ptr, routed_scale, ups, downs, shared_ff, "       \
     "shared_up, shared_up_bias_ptr, shared_down, shared_down_bias_ptr, probs_ptr, experts_ptr), ups and "     \
@@ -379,7 +433,7 @@ static int product_from(PyObject *weights, PyObject *bias, int64_t N, int64_t K,
 
 /* The MoE of `layer`'s `moe` tuple (LAYER_MOE) into m, its experts' products into `experts` (2 E,
  * freed by the caller); -1 with an error set where it is not one. */
-static int moe_from(PyObject *entries, int64_t d, MoE *m, Product **experts) {
+static int moe_from(PyObject *entries, int64_t d, int activation, MoE *m, Product **experts) {
     int64_t v[6];
     if (!PyTuple_Check(entries) || PyTuple_GET_SIZE(entries) != 15) {
         PyErr_SetString(PyExc_TypeError, "layer: " LAYER_MOE);
@@ -388,7 +442,7 @@ static int moe_from(PyObject *entries, int64_t d, MoE *m, Product **experts) {
     PyObject *const *e = &PyTuple_GET_ITEM(entries, 0);
     const double scale = PyFloat_AsDouble(e[5]);
     if (ints(e, 5, v) || ints(e + 8, 1, v + 5) || PyErr_Occurred()) return -1;
-    *m = (MoE){.E = v[0], .k = v[1], .ff = v[2], .router = (const float *)(intptr_t)v[3],
+    *m = (MoE){.activation = activation, .E = v[0], .k = v[1], .ff = v[2], .router = (const float *)(intptr_t)v[3],
                .center = (const float *)(intptr_t)v[4], .scale = (float)scale, .shared_ff = v[5]};
     int64_t out[2];
     if (ints(e + 13, 2, out)) return -1;
@@ -408,10 +462,10 @@ static int moe_from(PyObject *entries, int64_t d, MoE *m, Product **experts) {
     m->up = *experts;
     m->down = *experts + m->E;
     for (int64_t i = 0; i < m->E; i++)
-        if (product_from(PyTuple_GET_ITEM(e[6], i), NULL, 2 * m->ff, d, "expert up", *experts + i) ||
+        if (product_from(PyTuple_GET_ITEM(e[6], i), NULL, up_width(activation, m->ff), d, "expert up", *experts + i) ||
             product_from(PyTuple_GET_ITEM(e[7], i), NULL, d, m->ff, "expert down", *experts + m->E + i))
             return -1;
-    if (m->shared_ff > 0 && (product_from(e[9], e[10], 2 * m->shared_ff, d, "shared up", &m->shared_up) ||
+    if (m->shared_ff > 0 && (product_from(e[9], e[10], up_width(activation, m->shared_ff), d, "shared up", &m->shared_up) ||
                              product_from(e[11], e[12], d, m->shared_ff, "shared down", &m->shared_down)))
         return -1;
     return 0;
@@ -421,21 +475,28 @@ static PyObject *py_layer(PyObject *self, PyObject *const *args, Py_ssize_t narg
     (void)self;
     int64_t w[7], parallel, v[13];
     double f[3];
-    if (nargs < 14 || nargs > 15 || !PyTuple_Check(args[0]) || PyTuple_GET_SIZE(args[0]) != 22) {
+    if (nargs < 14 || nargs > 15 || !PyTuple_Check(args[0]) || PyTuple_GET_SIZE(args[0]) != 26) {
         PyErr_SetString(PyExc_TypeError, LAYER_SIGNATURE "; " LAYER_WEIGHTS "; " LAYER_MOE);
         return NULL;
     }
     PyObject *const *weights = &PyTuple_GET_ITEM(args[0], 0);
-    int64_t qk_norms[2];
+    int64_t qk_norms[2], norms[4];
     for (int i = 0; i < 3; i++) f[i] = PyFloat_AsDouble(weights[16 + i]);
     const double qk_eps = PyFloat_AsDouble(weights[21]);
     if (ints(weights, 7, w) || ints(weights + 15, 1, &parallel) || ints(weights + 19, 2, qk_norms) ||
-        ints(args + 1, 13, v))
+        ints(weights + 22, 4, norms) || ints(args + 1, 13, v))
         return NULL;
     Layer L = {
-        .d = w[0], .ff = w[1], .attn_norm = (const float *)(intptr_t)w[5], .mlp_norm = (const float *)(intptr_t)w[6],
-        .parallel_residual = (int)parallel, .attn_eps = (float)f[0], .mlp_eps = (float)f[1],
+        .d = w[0], .ff = w[1], .parallel_residual = (int)parallel, .activation = (int)norms[3],
+        .attn_norm = {.weight = (const float *)(intptr_t)w[5], .bias = (const float *)(intptr_t)norms[1],
+                      .eps = (float)f[0], .layer = norms[0] != 0},
+        .mlp_norm = {.weight = (const float *)(intptr_t)w[6], .bias = (const float *)(intptr_t)norms[2],
+                     .eps = (float)f[1], .layer = norms[0] != 0},
     };
+    if (L.activation < SWIGLU || L.activation > GELU_TANH) {
+        PyErr_SetString(PyExc_ValueError, "layer: activation must be 0 (SwiGLU), 1 (GELU) or 2 (GELU, tanh)");
+        return NULL;
+    }
     Attention a = {
         .B = v[2], .nq = w[2], .nkv = w[3], .hd = w[4], .q_factor = (float)f[2],
         .keys = (float *)(intptr_t)v[3], .values = (float *)(intptr_t)v[4], .slots = v[5], .length = v[6],
@@ -463,12 +524,12 @@ static PyObject *py_layer(PyObject *self, PyObject *const *args, Py_ssize_t narg
     MoE moe;
     Product *experts = NULL;
     if (nargs == 15 && args[14] != Py_None) {
-        if (moe_from(args[14], L.d, &moe, &experts)) {
+        if (moe_from(args[14], L.d, L.activation, &moe, &experts)) {
             free(experts);
             return NULL;
         }
         L.moe = &moe;
-    } else if (product_from(weights[11], weights[12], 2 * L.ff, L.d, "up", &L.up) ||
+    } else if (product_from(weights[11], weights[12], up_width(L.activation, L.ff), L.d, "up", &L.up) ||
                product_from(weights[13], weights[14], L.d, L.ff, "down", &L.down)) {
         return NULL;
     }
