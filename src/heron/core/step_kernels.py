@@ -148,8 +148,8 @@ def _product_weights(module: nn.Module) -> tuple[object, list[torch.Tensor]] | N
 
 
 def _expert_products(moe: MoE) -> tuple[list[object], list[object], int, list[torch.Tensor]] | None:
-    """A MoE's experts as `LayerStep`'s kernel takes them: each expert's up (d -> 2 ff) and down (ff -> d)
-    product (no bias), ff, and the tensors that must outlive the calls. A MoE that holds its experts
+    """A MoE's experts as `LayerStep`'s kernel takes them: each expert's up (d -> 2 ff for SwiGLU, else
+    ff) and down (ff -> d) product (no bias), ff, and the tensors that must outlive the calls. A MoE that holds its experts
     in another form offers them (`step_products()`, in this form: a quantised MoE's,
     compress/quant_moe.py); core's stacked fp32 weights (E, K, N) are each expert's weight laid out
     input-major already. None where neither."""
