@@ -162,7 +162,9 @@ PLAIN = dict(vocab_size=64, d_model=128, n_layers=2, n_heads=2, n_kv_heads=1, d_
     ({}, True), ({"qkv_bias": True, "mlp_bias": True, "parallel_residual": True, "positions": "learned"}, True),
     ({"qk_norm": True}, True), ({"mlp": "gelu"}, True), ({"norm": "layernorm"}, True),
     ({"norm": "layernorm", "mlp": "gelu_tanh", "positions": "learned", "parallel_residual": True}, True),
-    ({"attention": (AttentionPattern("sliding", window=4),)}, False),
+    ({"attention": (AttentionPattern("sliding", window=4),)}, True),
+    ({"attention": (AttentionPattern("dilated", window=3, dilation=2),)}, True),
+    ({"attention": (AttentionPattern("strided", stride=4),)}, False),
     ({"feed_forward": ("moe",), "moe": MoEConfig(n_experts=2)}, True),
     ({"feed_forward": ("moe",), "moe": MoEConfig(n_experts=2, shared_expert=True), "mlp_bias": True}, True),
     ({"feed_forward": ("moe",), "moe": MoEConfig(n_experts=2), "mlp": "gelu"}, True),
@@ -212,6 +214,33 @@ def test_a_moe_layer_in_one_call_equals_the_block(moe, rows):
     for name, value in block.mlp.last_stats.items():
         torch.testing.assert_close(stats[name], value, rtol=1e-5, atol=1e-6)
     assert stats["load"].count_nonzero() > (1 if rows * moe.top_k > 1 else 0)  # more than one expert where it can
+
+
+@built
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("pattern", [AttentionPattern("sliding", window=4), AttentionPattern("dilated", window=3, dilation=2)],
+                         ids=["sliding", "dilated"])
+def test_a_windowed_layer_in_one_call_equals_the_block(pattern, rows):
+    """A sliding or dilated window over its ring cache, step after step past the ring's wrap, as the
+    block's sparse attention computes it; a left-padded batch (a window over real tokens) runs in parts."""
+    if not streams():
+        pytest.skip("no streaming kernel: no layer is plain")
+    torch.manual_seed(rows)
+    model, block = _plain_block({"attention": (pattern,)}, rows)
+    cache = KVCache.allocate(model.config, rows, 32)
+    assert cache.keys[1].shape[2] == pattern.span < cache.max_len  # a ring of the window's span
+    reference_cache = copy.deepcopy(cache)
+    step = LayerStep(block)
+    with torch.inference_mode():
+        for t in range(12):
+            x, rope = torch.randn(rows, 1, 128), (model.rope_cos[t : t + 1], model.rope_sin[t : t + 1])
+            got = step(x, rope, cache)
+            expected = block(x, rope, None, reference_cache)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+            cache.advance(1)
+            reference_cache.advance(1)
+        cache.key_mask = torch.ones(rows, 32, dtype=torch.bool)
+        assert step(x, rope, cache) is None
 
 
 @built

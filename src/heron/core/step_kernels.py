@@ -163,6 +163,7 @@ def _expert_products(moe: MoE) -> tuple[list[object], list[object], int, list[to
 
 
 ACTIVATIONS = {"swiglu": 0, "gelu": 1, "gelu_tanh": 2}  # core/mlp.py's kinds as the kernel numbers them
+WINDOWS = ("sliding", "dilated")  # the sparse patterns the kernel attends under (a window of recent keys)
 
 
 def _feed_forward_takes(mlp: nn.Module) -> bool:
@@ -191,7 +192,8 @@ class LayerStep:
     """The whole of a plain `Block` for one new token per row in one kernel call (csrc/step.c:
     why): x (B, 1, d) -> (B, 1, d), as `Block.forward` computes it to fp32 rounding, the keys
     and values written into the cache as `attend_new_token` writes them. Plain (`takes`):
-    RMSNorm or LayerNorm norms, dense attention, an MLP (SwiGLU or GELU) or a MoE of such
+    RMSNorm or LayerNorm norms, dense attention or a sliding or dilated window (its ring cache
+    too; a padded batch's windowed layers run in parts), an MLP (SwiGLU or GELU) or a MoE of such
     experts (`MoE.decode_step`'s numbers, its routing statistics left as it leaves them), every product
     either a `Linear` over an fp32 CPU weight laid out input-major (`set_decode_layout` with
     the streaming kernel) or a layer that offers its product to the kernel (`offered_product`:
@@ -218,9 +220,18 @@ class LayerStep:
                         int(block.parallel), float(norms[0].eps), float(norms[1].eps),
                         1.0 if attn.q_factor is None else attn.q_factor, *self._qk_norms(attn),
                         int(type(norms[0]) is nn.LayerNorm), *(0 if b is None else b.data_ptr() for b in norm_biases),
-                        ACTIVATIONS[mlp.kind])
+                        ACTIVATIONS[mlp.kind], *self._window(attn))
         self.moe_weights = None if self.moe is None else self._moe_weights(self.moe)
         self.layer, self.head_dim, self.use_rope = attn.layer, attn.head_dim, attn.use_rope
+        self.windowed = attn.pattern is not None
+
+    @staticmethod
+    def _window(attn: Attention) -> tuple[int, int]:
+        """The kernel's window entries: a sliding or dilated window's keys and dilation; 0 for dense."""
+        pattern = attn.pattern
+        if pattern is None:
+            return 0, 1
+        return pattern.window, pattern.dilation if pattern.kind == "dilated" else 1
 
     def _qk_norms(self, attn: Attention) -> tuple[int, int, float]:
         """The kernel's qk_norm entries: the q and k norms' gains and their eps, or none."""
@@ -250,7 +261,7 @@ class LayerStep:
         kernel = step_kernels()
         attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
         if (kernel is None or not streams() or type(attn) is not Attention or mlp is None
-                or attn.pattern is not None or attn.head_dim > MAX_HEAD_DIM):
+                or attn.head_dim > MAX_HEAD_DIM or (attn.pattern is not None and attn.pattern.kind not in WINDOWS)):
             return False
         if not _norms_take([block.attn_norm, block.mlp_norm]):
             return False
@@ -266,6 +277,8 @@ class LayerStep:
         keys, values, key_mask = cache.keys[self.layer], cache.values[self.layer], cache.key_mask
         if B > STREAM_ROWS or not (_fp32_cpu(x) and _fp32_cpu(keys)) or (self.use_rope and not _fp32_cpu(rope[0])):
             return None
+        if self.windowed and key_mask is not None:  # a window over real tokens of a padded batch: in parts
+            return None
         x = x.contiguous()
         moe = None
         if self.moe is not None:
@@ -280,7 +293,8 @@ class LayerStep:
             self.weights, x.data_ptr(), y.data_ptr(), B, keys.data_ptr(), values.data_ptr(), keys.shape[2],
             cache.length, 0 if key_mask is None else key_mask.data_ptr(), 0 if key_mask is None else key_mask.shape[1],
             0 if cos is None else cos.data_ptr(), 0 if sin is None else sin.data_ptr(),
-            0 if cos is None or cos.numel() == self.head_dim else self.head_dim, torch.get_num_threads(), moe)
+            0 if cos is None or cos.numel() == self.head_dim else self.head_dim, torch.get_num_threads(), moe,
+            int(keys.shape[2] != cache.max_len))  # a ring of the window's last keys
         if moe is not None:
             self.moe.record_routing(probs, experts)
         return y

@@ -15,8 +15,8 @@ The d_model-64 step fell to ~2.5 ms, the `small` one from ~10.2 to ~8.1 ms
 (interleaved, 2026-11-29).
 
 Where Heron's step kernels are built (core/step_kernels.py, csrc/step.c), a
-plain layer (RMSNorm or LayerNorm, dense attention with or without qk_norm,
-an MLP with SwiGLU or GELU or a MoE of such experts, its products fp32 weights laid out for the streaming product or
+plain layer (RMSNorm or LayerNorm, dense or sliding/dilated-window attention
+with or without qk_norm, an MLP with SwiGLU or GELU or a MoE of such experts, its products fp32 weights laid out for the streaming product or
 quantised ones that offer theirs to the kernel) runs in one kernel call, and
 the other layers' attention
 between its products, their RMSNorms and the embedding lookup run through

@@ -1,10 +1,11 @@
 /* The small operations of a decoding step, one call each: a dense attention
  * layer's work between its two products (RoPE, the KV-cache write and
  * attention over the cache, for one new token per row), RMSNorm, and the
- * embedding lookup; and, for plain layers (RMSNorm or LayerNorm, dense
- * attention with or without qk_norm, an MLP with SwiGLU or GELU, or a MoE of
- * such experts), a whole Transformer layer in one call (`small`-shaped steps
- * 1.38x as fast as in parts with qk_norm, 1.24x GPT-2-style)
+ * embedding lookup; and, for plain layers (RMSNorm or LayerNorm, dense or
+ * sliding/dilated-window attention with or without qk_norm, an MLP with SwiGLU
+ * or GELU, or a MoE of such experts), a whole Transformer layer in one call
+ * (`small`-shaped steps 1.38x as fast as in parts with qk_norm, 1.24x
+ * GPT-2-style, 1.39x with every other layer a sliding window)
  * (a Mixtral-shaped step 1.33x as fast in fp32, 1.72x in int8, as the MoE's
  * routing and its experts' products left Python), each product either fp32
  * weights laid out for the streaming product of stream_mm.h or one that
@@ -141,18 +142,23 @@ typedef struct {
     float *out;                   /* (B, nq hd) */
     const float *q_norm, *k_norm; /* (hd) RMSNorm gains of each q and k head before RoPE (qk_norm); NULL: none */
     float qk_eps;
+    int64_t window, dilation;     /* a sliding (dilation 1) or dilated window of this many keys; window 0: dense */
+    int ring;                     /* the cache is a ring of `slots` (a bounded window's: token t in slot t % slots) */
 } Attention;
 
 /* Writes each row's rotated key and its value into the cache, then attends every query head
  * over the cache's first length + 1 slots; nonzero when scratch memory could not be allocated. */
 static int attend(const Attention *a, int threads) {
-    const int64_t hd = a->hd, width = (a->nq + 2 * a->nkv) * hd, S = a->length + 1, group = a->nq / a->nkv;
+    const int64_t hd = a->hd, width = (a->nq + 2 * a->nkv) * hd, group = a->nq / a->nkv, length = a->length;
+    /* the slot this token goes to, and the slots filled once it is there */
+    const int64_t written = a->ring ? length % a->slots : length;
+    const int64_t S = a->ring && length + 1 > a->slots ? a->slots : length + 1;
     float normed[MAX_HEAD_DIM];
     for (int64_t b = 0; b < a->B; b++) {
         const float *row = a->qkv + b * width;
         const float *cos = a->cos ? a->cos + b * a->rope_stride : NULL, *sin = a->sin ? a->sin + b * a->rope_stride : NULL;
         for (int64_t g = 0; g < a->nkv; g++) {
-            const int64_t slot = ((b * a->nkv + g) * a->slots + a->length) * hd;
+            const int64_t slot = ((b * a->nkv + g) * a->slots + written) * hd;
             const float *k = row + (a->nq + g) * hd;
             if (a->k_norm != NULL) {
                 rms_norm(k, 1, hd, a->k_norm, a->qk_eps, normed);
@@ -162,11 +168,23 @@ static int attend(const Attention *a, int threads) {
             memcpy(a->values + slot, row + (a->nq + a->nkv + g) * hd, sizeof(float) * hd);
         }
     }
+    uint8_t *in_window = NULL; /* a windowed layer's keys the new token may see (no padding: the caller checks) */
+    if (a->window > 0) {
+        in_window = malloc((size_t)S);
+        if (in_window == NULL) return 1;
+        for (int64_t s = 0; s < S; s++) {
+            const int64_t token = a->ring ? s + (length - s) / a->slots * a->slots : s, distance = length - token;
+            in_window[s] = distance % a->dilation == 0 && distance / a->dilation < a->window;
+        }
+    }
     const int parallel = a->B * a->nq * S * hd >= PARALLEL_WORK && threads > 1;
     const int team = parallel ? threads : 1;
     const int64_t per_thread = S + 2 * MAX_HEAD_DIM; /* scores, then the rotated q, then the normalised one */
     float *scratch = malloc(sizeof(float) * (size_t)(team * per_thread));
-    if (scratch == NULL) return 1;
+    if (scratch == NULL) {
+        free(in_window);
+        return 1;
+    }
     const float scale = 1.0f / sqrtf((float)hd);
 #pragma omp parallel for num_threads(team) if (parallel) schedule(static)
     for (int64_t bh = 0; bh < a->B * a->nq; bh++) {
@@ -180,10 +198,11 @@ static int attend(const Attention *a, int threads) {
         }
         rotate(projected, cos, sin, hd, a->q_factor, q);
         const int64_t head = (b * a->nkv + g) * a->slots * hd;
-        attend_head(q, a->keys + head, a->values + head, S, hd, scale,
-                    a->key_mask ? a->key_mask + b * a->mask_stride : NULL, scores, a->out + (b * a->nq + h) * hd);
+        const uint8_t *mask = in_window != NULL ? in_window : a->key_mask ? a->key_mask + b * a->mask_stride : NULL;
+        attend_head(q, a->keys + head, a->values + head, S, hd, scale, mask, scores, a->out + (b * a->nq + h) * hd);
     }
     free(scratch);
+    free(in_window);
     return 0;
 }
 
@@ -399,13 +418,14 @@ static PyObject *py_attend(PyObject *self, PyObject *const *args, Py_ssize_t nar
 
 #define LAYER_SIGNATURE                                                                                     \
     "layer(weights, x_ptr, y_ptr, B, keys_ptr, values_ptr, slots, length, key_mask_ptr, mask_stride, cos_ptr, " \
-    "sin_ptr, rope_stride, threads, moe=None)"
+    "sin_ptr, rope_stride, threads, moe=None, ring=0)"
 #define LAYER_WEIGHTS                                                                                        \
     "weights: (d, ff, n_q, n_kv, head_dim, attn_norm_ptr, mlp_norm_ptr, qkv, qkv_bias_ptr, out, "           \
     "out_bias_ptr, up, up_bias_ptr, down, down_bias_ptr, parallel_residual, attn_eps, mlp_eps, q_factor, "     \
-    "q_norm_ptr, k_norm_ptr, qk_eps, layer_norm, attn_norm_bias_ptr, mlp_norm_bias_ptr, activation), the q "  \
-    "and k norms' gains 0 for none, layer_norm 1 for LayerNorms (else RMSNorms), activation 0 SwiGLU, 1 GELU, "  \
-    "2 GELU (tanh)"
+    "q_norm_ptr, k_norm_ptr, qk_eps, layer_norm, attn_norm_bias_ptr, mlp_norm_bias_ptr, activation, window, " \
+    "dilation), the q and k norms' gains 0 for none, layer_norm 1 for LayerNorms (else RMSNorms), activation 0 " \
+    "SwiGLU, 1 GELU, 2 GELU (tanh), window 0 for dense attention (else a sliding or dilated window, no "         \
+    "padding mask)"
 #define LAYER_MOE                                                                                            \
     "moe: (n_experts, top_k, expert_ff, router_ptr, center_ptr, routed_scale, ups, downs, shared_ff, "       \
     "shared_up, shared_up_bias_ptr, shared_down, shared_down_bias_ptr, probs_ptr, experts_ptr), ups and "     \
@@ -475,16 +495,17 @@ static PyObject *py_layer(PyObject *self, PyObject *const *args, Py_ssize_t narg
     (void)self;
     int64_t w[7], parallel, v[13];
     double f[3];
-    if (nargs < 14 || nargs > 15 || !PyTuple_Check(args[0]) || PyTuple_GET_SIZE(args[0]) != 26) {
+    if (nargs < 14 || nargs > 16 || !PyTuple_Check(args[0]) || PyTuple_GET_SIZE(args[0]) != 28) {
         PyErr_SetString(PyExc_TypeError, LAYER_SIGNATURE "; " LAYER_WEIGHTS "; " LAYER_MOE);
         return NULL;
     }
     PyObject *const *weights = &PyTuple_GET_ITEM(args[0], 0);
-    int64_t qk_norms[2], norms[4];
+    int64_t qk_norms[2], norms[4], windowed[2], ring = 0;
     for (int i = 0; i < 3; i++) f[i] = PyFloat_AsDouble(weights[16 + i]);
     const double qk_eps = PyFloat_AsDouble(weights[21]);
     if (ints(weights, 7, w) || ints(weights + 15, 1, &parallel) || ints(weights + 19, 2, qk_norms) ||
-        ints(weights + 22, 4, norms) || ints(args + 1, 13, v))
+        ints(weights + 22, 4, norms) || ints(weights + 26, 2, windowed) || ints(args + 1, 13, v) ||
+        (nargs == 16 && ints(args + 15, 1, &ring)))
         return NULL;
     Layer L = {
         .d = w[0], .ff = w[1], .parallel_residual = (int)parallel, .activation = (int)norms[3],
@@ -503,7 +524,7 @@ static PyObject *py_layer(PyObject *self, PyObject *const *args, Py_ssize_t narg
         .key_mask = (const uint8_t *)(intptr_t)v[7], .mask_stride = v[8],
         .cos = (const float *)(intptr_t)v[9], .sin = (const float *)(intptr_t)v[10], .rope_stride = v[11],
         .q_norm = (const float *)(intptr_t)qk_norms[0], .k_norm = (const float *)(intptr_t)qk_norms[1],
-        .qk_eps = (float)qk_eps,
+        .qk_eps = (float)qk_eps, .window = windowed[0], .dilation = windowed[1], .ring = ring != 0,
     };
     const int threads = (int)v[12];
     if (ROWS_INTO_HERE == NULL) {
@@ -511,10 +532,13 @@ static PyObject *py_layer(PyObject *self, PyObject *const *args, Py_ssize_t narg
         return NULL;
     }
     if (a.B < 1 || a.B > MAX_ROWS || L.d < 1 || L.ff < 1 || a.nkv < 1 || a.nq % a.nkv || a.hd < 1 ||
-        a.hd > MAX_HEAD_DIM || (a.cos && a.hd % 2) || a.length < 0 || a.length >= a.slots || threads < 1) {
+        a.hd > MAX_HEAD_DIM || (a.cos && a.hd % 2) || a.length < 0 || (!a.ring && a.length >= a.slots) ||
+        threads < 1 || a.window < 0 || (a.window > 0 && (a.dilation < 1 || a.key_mask != NULL)) ||
+        (a.ring && (a.window == 0 || a.slots < (a.window - 1) * a.dilation + 1))) {
         PyErr_SetString(PyExc_ValueError, LAYER_SIGNATURE ": needs B 1 to 8, d and ff >= 1, n_q a multiple of "
-                                          "n_kv >= 1, head_dim 1 to 512 (even with RoPE), 0 <= length < slots, "
-                                          "threads >= 1");
+                                          "n_kv >= 1, head_dim 1 to 512 (even with RoPE), 0 <= length < slots "
+                                          "(a ring: slots at least the window's span), threads >= 1, and a window "
+                                          "with dilation >= 1 and no padding mask");
         return NULL;
     }
     const int64_t qkv_width = (a.nq + 2 * a.nkv) * a.hd;
@@ -523,7 +547,7 @@ static PyObject *py_layer(PyObject *self, PyObject *const *args, Py_ssize_t narg
         return NULL;
     MoE moe;
     Product *experts = NULL;
-    if (nargs == 15 && args[14] != Py_None) {
+    if (nargs >= 15 && args[14] != Py_None) {
         if (moe_from(args[14], L.d, L.activation, &moe, &experts)) {
             free(experts);
             return NULL;
