@@ -15,6 +15,7 @@ from heron.core.kv_cache import KVCache
 from heron.core.linear import MAX_ROWS, STREAM_ROWS, Linear, set_decode_layout, streams
 from heron.core.norms import RMSNorm
 from heron.core.rope import apply_rope, rope_tables
+from heron.core.transformer import causal_padding_mask
 from heron.core.step_kernels import LayerStep, attend_new_token, embedding_step, rms_norm_step, step_kernels
 
 built = pytest.mark.skipif(step_kernels() is None, reason="Heron's step kernels are not built here")
@@ -220,27 +221,35 @@ def test_a_moe_layer_in_one_call_equals_the_block(moe, rows):
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("pattern", [AttentionPattern("sliding", window=4), AttentionPattern("dilated", window=3, dilation=2)],
                          ids=["sliding", "dilated"])
-def test_a_windowed_layer_in_one_call_equals_the_block(pattern, rows):
+@pytest.mark.parametrize("padded", [False, True])
+def test_a_windowed_layer_in_one_call_equals_the_block(pattern, rows, padded):
     """A sliding or dilated window over its ring cache, step after step past the ring's wrap, as the
-    block's sparse attention computes it; a left-padded batch (a window over real tokens) runs in parts."""
+    block's sparse attention computes it; in a left-padded batch the window counts each row's real
+    tokens, so a row's keys span more slots than the window (rows of 3, 1 and 0 pad tokens)."""
     if not streams():
         pytest.skip("no streaming kernel: no layer is plain")
     torch.manual_seed(rows)
     model, block = _plain_block({"attention": (pattern,)}, rows)
     cache = KVCache.allocate(model.config, rows, 32)
     assert cache.keys[1].shape[2] == pattern.span < cache.max_len  # a ring of the window's span
+    pads = [3, 1, 0][:rows] if padded else None
+    if pads is not None:
+        cache.key_mask = torch.arange(32)[None] >= torch.tensor(pads)[:, None]  # (rows, 32): pads first
     reference_cache = copy.deepcopy(cache)
     step = LayerStep(block)
     with torch.inference_mode():
         for t in range(12):
             x, rope = torch.randn(rows, 1, 128), (model.rope_cos[t : t + 1], model.rope_sin[t : t + 1])
+            mask = None
+            if pads is not None:  # as the model's step masks a padded batch: causal over the real keys so far
+                mask = causal_padding_mask(t, 1, cache.key_mask[:, : t + 1], "cpu")
             got = step(x, rope, cache)
-            expected = block(x, rope, None, reference_cache)
-            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+            expected = block(x, rope, mask, reference_cache, cache.key_mask[:, : t + 1] if pads is not None else None)
+            torch.testing.assert_close(got[torch.tensor([t >= p for p in pads]) if pads else slice(None)],
+                                       expected[torch.tensor([t >= p for p in pads]) if pads else slice(None)],
+                                       rtol=1e-5, atol=1e-5)
             cache.advance(1)
             reference_cache.advance(1)
-        cache.key_mask = torch.ones(rows, 32, dtype=torch.bool)
-        assert step(x, rope, cache) is None
 
 
 @built

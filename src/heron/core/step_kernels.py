@@ -192,8 +192,8 @@ class LayerStep:
     """The whole of a plain `Block` for one new token per row in one kernel call (csrc/step.c:
     why): x (B, 1, d) -> (B, 1, d), as `Block.forward` computes it to fp32 rounding, the keys
     and values written into the cache as `attend_new_token` writes them. Plain (`takes`):
-    RMSNorm or LayerNorm norms, dense attention or a sliding or dilated window (its ring cache
-    too; a padded batch's windowed layers run in parts), an MLP (SwiGLU or GELU) or a MoE of such
+    RMSNorm or LayerNorm norms, dense attention or a sliding or dilated window (over a row's
+    real tokens, its ring cache too), an MLP (SwiGLU or GELU) or a MoE of such
     experts (`MoE.decode_step`'s numbers, its routing statistics left as it leaves them), every product
     either a `Linear` over an fp32 CPU weight laid out input-major (`set_decode_layout` with
     the streaming kernel) or a layer that offers its product to the kernel (`offered_product`:
@@ -223,7 +223,6 @@ class LayerStep:
                         ACTIVATIONS[mlp.kind], *self._window(attn))
         self.moe_weights = None if self.moe is None else self._moe_weights(self.moe)
         self.layer, self.head_dim, self.use_rope = attn.layer, attn.head_dim, attn.use_rope
-        self.windowed = attn.pattern is not None
 
     @staticmethod
     def _window(attn: Attention) -> tuple[int, int]:
@@ -276,8 +275,6 @@ class LayerStep:
         B = x.shape[0]
         keys, values, key_mask = cache.keys[self.layer], cache.values[self.layer], cache.key_mask
         if B > STREAM_ROWS or not (_fp32_cpu(x) and _fp32_cpu(keys)) or (self.use_rope and not _fp32_cpu(rope[0])):
-            return None
-        if self.windowed and key_mask is not None:  # a window over real tokens of a padded batch: in parts
             return None
         x = x.contiguous()
         moe = None

@@ -168,14 +168,31 @@ static int attend(const Attention *a, int threads) {
             memcpy(a->values + slot, row + (a->nq + a->nkv + g) * hd, sizeof(float) * hd);
         }
     }
-    uint8_t *in_window = NULL; /* a windowed layer's keys the new token may see (no padding: the caller checks) */
+    /* A windowed layer: the slots each row's new token may see. The window is a rule on a row's real
+     * tokens (core/sparse.py, `token_index`): a key's distance is the number of real tokens from it up to,
+     * not including, the query, counted back from the query into `real_from` (offset k: token length - k). */
+    uint8_t *in_window = NULL;
+    int64_t *real_from = NULL;
     if (a->window > 0) {
-        in_window = malloc((size_t)S);
-        if (in_window == NULL) return 1;
-        for (int64_t s = 0; s < S; s++) {
-            const int64_t token = a->ring ? s + (length - s) / a->slots * a->slots : s, distance = length - token;
-            in_window[s] = distance % a->dilation == 0 && distance / a->dilation < a->window;
+        in_window = malloc((size_t)(a->B * S));
+        real_from = malloc(sizeof(int64_t) * (size_t)(length + 1));
+        if (in_window == NULL || real_from == NULL) {
+            free(in_window);
+            free(real_from);
+            return 1;
         }
+        for (int64_t b = 0; b < a->B; b++) {
+            const uint8_t *real = a->key_mask ? a->key_mask + b * a->mask_stride : NULL;
+            real_from[0] = 0;
+            for (int64_t k = 1; k <= length; k++) real_from[k] = real_from[k - 1] + (real ? real[length - k] : 1);
+            for (int64_t s = 0; s < S; s++) {
+                const int64_t token = a->ring ? s + (length - s) / a->slots * a->slots : s;
+                const int64_t distance = real_from[length - token];
+                in_window[b * S + s] = (real == NULL || real[token]) && distance % a->dilation == 0 &&
+                                       distance / a->dilation < a->window;
+            }
+        }
+        free(real_from);
     }
     const int parallel = a->B * a->nq * S * hd >= PARALLEL_WORK && threads > 1;
     const int team = parallel ? threads : 1;
@@ -198,7 +215,7 @@ static int attend(const Attention *a, int threads) {
         }
         rotate(projected, cos, sin, hd, a->q_factor, q);
         const int64_t head = (b * a->nkv + g) * a->slots * hd;
-        const uint8_t *mask = in_window != NULL ? in_window : a->key_mask ? a->key_mask + b * a->mask_stride : NULL;
+        const uint8_t *mask = in_window != NULL ? in_window + b * S : a->key_mask ? a->key_mask + b * a->mask_stride : NULL;
         attend_head(q, a->keys + head, a->values + head, S, hd, scale, mask, scores, a->out + (b * a->nq + h) * hd);
     }
     free(scratch);
@@ -424,8 +441,8 @@ static PyObject *py_attend(PyObject *self, PyObject *const *args, Py_ssize_t nar
     "out_bias_ptr, up, up_bias_ptr, down, down_bias_ptr, parallel_residual, attn_eps, mlp_eps, q_factor, "     \
     "q_norm_ptr, k_norm_ptr, qk_eps, layer_norm, attn_norm_bias_ptr, mlp_norm_bias_ptr, activation, window, " \
     "dilation), the q and k norms' gains 0 for none, layer_norm 1 for LayerNorms (else RMSNorms), activation 0 " \
-    "SwiGLU, 1 GELU, 2 GELU (tanh), window 0 for dense attention (else a sliding or dilated window, no "         \
-    "padding mask)"
+    "SwiGLU, 1 GELU, 2 GELU (tanh), window 0 for dense attention (else a sliding or dilated window over each " \
+    "row's real tokens)"
 #define LAYER_MOE                                                                                            \
     "moe: (n_experts, top_k, expert_ff, router_ptr, center_ptr, routed_scale, ups, downs, shared_ff, "       \
     "shared_up, shared_up_bias_ptr, shared_down, shared_down_bias_ptr, probs_ptr, experts_ptr), ups and "     \
@@ -533,12 +550,12 @@ static PyObject *py_layer(PyObject *self, PyObject *const *args, Py_ssize_t narg
     }
     if (a.B < 1 || a.B > MAX_ROWS || L.d < 1 || L.ff < 1 || a.nkv < 1 || a.nq % a.nkv || a.hd < 1 ||
         a.hd > MAX_HEAD_DIM || (a.cos && a.hd % 2) || a.length < 0 || (!a.ring && a.length >= a.slots) ||
-        threads < 1 || a.window < 0 || (a.window > 0 && (a.dilation < 1 || a.key_mask != NULL)) ||
+        threads < 1 || a.window < 0 || (a.window > 0 && a.dilation < 1) ||
         (a.ring && (a.window == 0 || a.slots < (a.window - 1) * a.dilation + 1))) {
         PyErr_SetString(PyExc_ValueError, LAYER_SIGNATURE ": needs B 1 to 8, d and ff >= 1, n_q a multiple of "
                                           "n_kv >= 1, head_dim 1 to 512 (even with RoPE), 0 <= length < slots "
                                           "(a ring: slots at least the window's span), threads >= 1, and a window "
-                                          "with dilation >= 1 and no padding mask");
+                                          "with dilation >= 1");
         return NULL;
     }
     const int64_t qkv_width = (a.nq + 2 * a.nkv) * a.hd;
