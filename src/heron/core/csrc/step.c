@@ -174,8 +174,9 @@ static int attend(const Attention *a, int threads) {
     uint8_t *in_window = NULL;
     int64_t *real_from = NULL;
     if (a->window > 0) {
+        const int64_t back = a->ring && a->slots - 1 < length ? a->slots - 1 : length; /* the oldest key held */
         in_window = malloc((size_t)(a->B * S));
-        real_from = malloc(sizeof(int64_t) * (size_t)(length + 1));
+        real_from = malloc(sizeof(int64_t) * (size_t)(back + 1));
         if (in_window == NULL || real_from == NULL) {
             free(in_window);
             free(real_from);
@@ -184,7 +185,7 @@ static int attend(const Attention *a, int threads) {
         for (int64_t b = 0; b < a->B; b++) {
             const uint8_t *real = a->key_mask ? a->key_mask + b * a->mask_stride : NULL;
             real_from[0] = 0;
-            for (int64_t k = 1; k <= length; k++) real_from[k] = real_from[k - 1] + (real ? real[length - k] : 1);
+            for (int64_t k = 1; k <= back; k++) real_from[k] = real_from[k - 1] + (real ? real[length - k] : 1);
             for (int64_t s = 0; s < S; s++) {
                 const int64_t token = a->ring ? s + (length - s) / a->slots * a->slots : s;
                 const int64_t distance = real_from[length - token];
