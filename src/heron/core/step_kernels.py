@@ -264,11 +264,10 @@ class LayerStep:
             return False
         if not _norms_take([block.attn_norm, block.mlp_norm]):
             return False
-        if attn.q_norm is not None:  # qk_norm (Qwen3): RMSNorms of one eps on every q and k head
-            if attn.q_norm.eps != attn.k_norm.eps or not all(type(n) is RMSNorm for n in (attn.q_norm, attn.k_norm)):
-                return False
-            if not _norms_take([attn.q_norm, attn.k_norm]):
-                return False
+        q_norm, k_norm = attn.q_norm, attn.k_norm  # qk_norm (Qwen3): RMSNorms of one eps on every q and k head
+        if q_norm is not None and not (type(q_norm) is RMSNorm and _norms_take([q_norm, k_norm])
+                                       and q_norm.eps == k_norm.eps):
+            return False
         return all(_product_weights(m) is not None for m in (attn.qkv, attn.out)) and _feed_forward_takes(mlp)
 
     def __call__(self, x: torch.Tensor, rope: Rope, cache: KVCache) -> torch.Tensor | None:
