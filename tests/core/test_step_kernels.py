@@ -165,7 +165,9 @@ PLAIN = dict(vocab_size=64, d_model=128, n_layers=2, n_heads=2, n_kv_heads=1, d_
     ({"norm": "layernorm", "mlp": "gelu_tanh", "positions": "learned", "parallel_residual": True}, True),
     ({"attention": (AttentionPattern("sliding", window=4),)}, True),
     ({"attention": (AttentionPattern("dilated", window=3, dilation=2),)}, True),
-    ({"attention": (AttentionPattern("strided", stride=4),)}, False),
+    ({"attention": (AttentionPattern("strided", stride=4),)}, True),
+    ({"attention": (AttentionPattern("fixed", block=4, summary=1),)}, True),
+    ({"attention": (AttentionPattern("bigbird", block=4),)}, True),
     ({"feed_forward": ("moe",), "moe": MoEConfig(n_experts=2)}, True),
     ({"feed_forward": ("moe",), "moe": MoEConfig(n_experts=2, shared_expert=True), "mlp_bias": True}, True),
     ({"feed_forward": ("moe",), "moe": MoEConfig(n_experts=2), "mlp": "gelu"}, True),
@@ -219,26 +221,33 @@ def test_a_moe_layer_in_one_call_equals_the_block(moe, rows):
 
 @built
 @pytest.mark.parametrize("rows", [1, 3])
-@pytest.mark.parametrize("pattern", [AttentionPattern("sliding", window=4), AttentionPattern("dilated", window=3, dilation=2)],
-                         ids=["sliding", "dilated"])
+@pytest.mark.parametrize("pattern", [
+    AttentionPattern("sliding", window=4), AttentionPattern("dilated", window=3, dilation=2),
+    AttentionPattern("strided", stride=3), AttentionPattern("fixed", block=4, summary=2),
+    AttentionPattern("bigbird", block=2, local_blocks=1, global_blocks=1, random_blocks=1),
+], ids=lambda p: p.kind)
 @pytest.mark.parametrize("padded", [False, True])
-def test_a_windowed_layer_in_one_call_equals_the_block(pattern, rows, padded):
-    """A sliding or dilated window over its ring cache, step after step past the ring's wrap, as the
-    block's sparse attention computes it; in a left-padded batch the window counts each row's real
-    tokens, so a row's keys span more slots than the window (rows of 3, 1 and 0 pad tokens)."""
+def test_a_sparse_layer_in_one_call_equals_the_block(pattern, rows, padded):
+    """A sliding or dilated window over its ring cache, step after step past the ring's wrap, and
+    the other patterns over the whole cache (the keys `KVCache.step_mask` picks), as the block's
+    sparse attention computes them; in a left-padded batch a pattern is a rule on each row's real
+    tokens, so a window's keys span more slots than the window (rows of 3, 1 and 0 pad tokens)."""
     if not streams():
         pytest.skip("no streaming kernel: no layer is plain")
     torch.manual_seed(rows)
     model, block = _plain_block({"attention": (pattern,)}, rows)
     cache = KVCache.allocate(model.config, rows, 32)
-    assert cache.keys[1].shape[2] == pattern.span < cache.max_len  # a ring of the window's span
+    if pattern.span is not None:
+        assert cache.keys[1].shape[2] == pattern.span < cache.max_len  # a ring of the window's span
+    else:
+        assert cache.keys[1].shape[2] == cache.max_len
     pads = [3, 1, 0][:rows] if padded else None
     if pads is not None:
         cache.key_mask = torch.arange(32)[None] >= torch.tensor(pads)[:, None]  # (rows, 32): pads first
     reference_cache = copy.deepcopy(cache)
     step = LayerStep(block)
     with torch.inference_mode():
-        for t in range(12):
+        for t in range(16):
             x, rope = torch.randn(rows, 1, 128), (model.rope_cos[t : t + 1], model.rope_sin[t : t + 1])
             mask = None
             if pads is not None:  # as the model's step masks a padded batch: causal over the real keys so far

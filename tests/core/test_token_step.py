@@ -35,6 +35,10 @@ CONFIGS = {
         **BASE, n_kv_heads=2, qkv_bias=True, out_bias=True, mlp_bias=True, parallel_residual=True, attn_scale=0.3),
     "sliding-window and dense layers": ModelConfig(
         **BASE, attention=(AttentionPattern("sliding", window=5), AttentionPattern(), AttentionPattern("sliding", window=5))),
+    "strided, bigbird and fixed layers (two strided: one step mask for both)": ModelConfig(
+        **{**BASE, "n_layers": 4}, attention=(
+            AttentionPattern("strided", stride=3), AttentionPattern("bigbird", block=2, random_blocks=2),
+            AttentionPattern("fixed", block=4, summary=1), AttentionPattern("strided", stride=3))),
 }
 
 

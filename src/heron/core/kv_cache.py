@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from heron.core.config import ModelConfig
-from heron.core.sparse import token_index
+from heron.core.config import AttentionPattern, ModelConfig
+from heron.core.sparse import allowed, token_index
 
 
 class KVCache:
@@ -31,6 +31,7 @@ class KVCache:
         self.length = 0
         self.key_mask: torch.Tensor | None = None
         self._max_len = max_len
+        self._step_masks: dict[tuple[AttentionPattern, int], torch.Tensor] = {}  # `step_mask`'s, this step's
 
     @classmethod
     def allocate(
@@ -79,6 +80,7 @@ class KVCache:
 
     def record_mask(self, new_mask: torch.Tensor | None, new_tokens: int) -> None:
         """Remember which of the new positions are real tokens (B, T) bool."""
+        self._step_masks.clear()
         if new_mask is None:
             if self.key_mask is not None:
                 self.key_mask[:, self.length : self.length + new_tokens] = True
@@ -92,6 +94,22 @@ class KVCache:
         tokens, the positions sparse patterns are rules on."""
         mask = self.key_mask[:, :end] if self.key_mask is not None else None
         return token_index(mask, end, self.keys[0].device)
+
+    def step_mask(self, pattern: AttentionPattern) -> torch.Tensor:
+        """(B or 1, length + 1) bool, contiguous: the slots 0..length of a whole-length cache that
+        the token at position `length` may attend to under `pattern` (its rule on real-token
+        indices, padding left out). Every layer of one pattern reads the same, so a step computes
+        it once; `record_mask` and `advance` start the next step's."""
+        key = (pattern, self.length)
+        mask = self._step_masks.get(key)
+        if mask is None:
+            end = self.length + 1
+            index = self.token_index(end)  # (B or 1, end)
+            mask = allowed(pattern, index[:, -1:], index)
+            if self.key_mask is not None:
+                mask = mask & self.key_mask[:, :end]
+            mask = self._step_masks[key] = mask.contiguous()
+        return mask
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's k, v (B, n_kv, T, hd) and return the filled prefix."""
@@ -138,6 +156,7 @@ class KVCache:
 
     def advance(self, new_tokens: int) -> None:
         self.length += new_tokens
+        self._step_masks.clear()
 
 
 def _ring_tokens(length: int, slots: int, device: torch.device) -> torch.Tensor:

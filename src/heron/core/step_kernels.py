@@ -192,8 +192,9 @@ class LayerStep:
     """The whole of a plain `Block` for one new token per row in one kernel call (csrc/step.c:
     why): x (B, 1, d) -> (B, 1, d), as `Block.forward` computes it to fp32 rounding, the keys
     and values written into the cache as `attend_new_token` writes them. Plain (`takes`):
-    RMSNorm or LayerNorm norms, dense attention or a sliding or dilated window (over a row's
-    real tokens, its ring cache too), an MLP (SwiGLU or GELU) or a MoE of such
+    RMSNorm or LayerNorm norms, dense attention, a sliding or dilated window (over a row's
+    real tokens, its ring cache too) or any other sparse pattern (the keys a step mask of the
+    cache picks: `KVCache.step_mask`), an MLP (SwiGLU or GELU) or a MoE of such
     experts (`MoE.decode_step`'s numbers, its routing statistics left as it leaves them), every product
     either a `Linear` over an fp32 CPU weight laid out input-major (`set_decode_layout` with
     the streaming kernel) or a layer that offers its product to the kernel (`offered_product`:
@@ -223,12 +224,15 @@ class LayerStep:
                         ACTIVATIONS[mlp.kind], *self._window(attn))
         self.moe_weights = None if self.moe is None else self._moe_weights(self.moe)
         self.layer, self.head_dim, self.use_rope = attn.layer, attn.head_dim, attn.use_rope
+        # strided, fixed or bigbird: the kernel attends to the keys of a step mask (KVCache.step_mask)
+        self.picked = attn.pattern if attn.pattern is not None and attn.pattern.kind not in WINDOWS else None
 
     @staticmethod
     def _window(attn: Attention) -> tuple[int, int]:
-        """The kernel's window entries: a sliding or dilated window's keys and dilation; 0 for dense."""
+        """The kernel's window entries: a sliding or dilated window's keys and dilation; 0 for the
+        others (dense, or a pattern whose keys `KVCache.step_mask` picks)."""
         pattern = attn.pattern
-        if pattern is None:
+        if pattern is None or pattern.kind not in WINDOWS:
             return 0, 1
         return pattern.window, pattern.dilation if pattern.kind == "dilated" else 1
 
@@ -260,7 +264,7 @@ class LayerStep:
         kernel = step_kernels()
         attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
         if (kernel is None or not streams() or type(attn) is not Attention or mlp is None
-                or attn.head_dim > MAX_HEAD_DIM or (attn.pattern is not None and attn.pattern.kind not in WINDOWS)):
+                or attn.head_dim > MAX_HEAD_DIM):
             return False
         if not _norms_take([block.attn_norm, block.mlp_norm]):
             return False
@@ -283,11 +287,14 @@ class LayerStep:
             settings = self.moe.settings
             probs, experts = torch.empty(B, settings.n_experts), torch.empty(B, settings.top_k, dtype=torch.int64)
             moe = (*self.moe_weights, probs.data_ptr(), experts.data_ptr())
+        if self.picked is not None:  # the keys the pattern lets this token see, padding left out
+            key_mask = cache.step_mask(self.picked)
         y = torch.empty_like(x)
         cos, sin = (t.contiguous() for t in rope) if self.use_rope else (None, None)
+        mask_stride = 0 if key_mask is None or key_mask.shape[0] == 1 else key_mask.shape[1]  # 0: one row for all
         step_kernels().layer(
             self.weights, x.data_ptr(), y.data_ptr(), B, keys.data_ptr(), values.data_ptr(), keys.shape[2],
-            cache.length, 0 if key_mask is None else key_mask.data_ptr(), 0 if key_mask is None else key_mask.shape[1],
+            cache.length, 0 if key_mask is None else key_mask.data_ptr(), mask_stride,
             0 if cos is None else cos.data_ptr(), 0 if sin is None else sin.data_ptr(),
             0 if cos is None or cos.numel() == self.head_dim else self.head_dim, torch.get_num_threads(), moe,
             int(keys.shape[2] != cache.max_len))  # a ring of the window's last keys

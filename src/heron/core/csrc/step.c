@@ -2,7 +2,8 @@
  * layer's work between its two products (RoPE, the KV-cache write and
  * attention over the cache, for one new token per row), RMSNorm, and the
  * embedding lookup; and, for plain layers (RMSNorm or LayerNorm, dense or
- * sliding/dilated-window attention with or without qk_norm, an MLP with SwiGLU
+ * sliding/dilated-window attention, or the keys a mask picks (strided, fixed,
+ * bigbird), with or without qk_norm, an MLP with SwiGLU
  * or GELU, or a MoE of such experts), a whole Transformer layer in one call
  * (`small`-shaped steps 1.38x as fast as in parts with qk_norm, 1.24x
  * GPT-2-style, 1.39x with every other layer a sliding window)
@@ -80,6 +81,7 @@ CLONES static void attend_head(const float *q, const float *keys, const float *v
     }
     memset(out, 0, sizeof(float) * hd);
     for (int64_t j = 0; j < S; j++) {
+        if (mask != NULL && !mask[j]) continue; /* a sparse pattern's step reads only the values it sees */
         const float p = scores[j], *v = values + j * hd;
 #pragma omp simd
         for (int64_t i = 0; i < hd; i++) out[i] += p * v[i];
@@ -137,7 +139,8 @@ typedef struct {
     float q_factor;               /* q's extra scale after RoPE (1 for none) */
     float *keys, *values;         /* the layer's cache, (B, nkv, slots, hd) */
     int64_t slots, length;        /* this token goes to slot `length`; attention sees slots 0..length */
-    const uint8_t *key_mask;      /* (B, mask_stride) bool, true = real token; NULL: every key is */
+    const uint8_t *key_mask;      /* (B, mask_stride) bool, true = a key this token may see (a real token, or
+                                   * a sparse pattern's pick); NULL: every key; mask_stride 0: one row for all */
     int64_t mask_stride;
     float *out;                   /* (B, nq hd) */
     const float *q_norm, *k_norm; /* (hd) RMSNorm gains of each q and k head before RoPE (qk_norm); NULL: none */
