@@ -24,7 +24,7 @@ from heron.align.logprobs import logprobs_and_aux, sequence_logprobs
 from heron.align.loop import ADAMW_BETAS
 from heron.align.losses import grpo_advantages, grpo_loss, masked_mean
 from heron.align.objectives import routing_statistics
-from heron.align.resume import Resumable
+from heron.align.resume import Resumable, record_step
 from heron.align.rollout import Reward, RewardModel, check_settings, prompt_batches, rollout, score_rollout
 from heron.core.modes import inference_routing
 from heron.core.transformer import Transformer
@@ -99,11 +99,7 @@ def grpo(policy: Transformer, reference: Transformer, tokenizer: Tokenizer, prom
         row = {"step": step + 1, "loss": float(loss.detach()), "reward": float(scores.mean()), "kl": float(stats["kl"]),
                "entropy": float(masked_mean(-old, mask)),
                "reply_tokens": float(mask.sum(1).mean()), "rollout_tokens_per_s": run.tokens_per_s, **routing}
-        history.append(row)
-        if on_step is not None:
-            on_step(row)
-        if resume is not None:
-            resume.step_done(step + 1, row, parts)
+        record_step(step + 1, row, history, on_step, resume, parts)
     return history
 
 

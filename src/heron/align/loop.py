@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from heron.align.resume import Resumable
+from heron.align.resume import Resumable, record_step
 from heron.data.batches import epoch_rows
 from heron.train.loop import check_finite_update
 
@@ -94,11 +94,7 @@ def fit(params: Iterable[torch.nn.Parameter], objective: Objective, n_examples: 
         optim.step()
         optim.zero_grad(set_to_none=True)
         row = {"step": step + 1, **{k: v / settings.batch_size for k, v in sums.items()}, "grad_norm": norm}
-        history.append(row)
-        if on_step is not None:
-            on_step(row)
-        if resume is not None:
-            resume.step_done(step + 1, row, parts)
+        record_step(step + 1, row, history, on_step, resume, parts)
     return history
 
 

@@ -38,7 +38,7 @@ from heron.align.losses import (
     ppo_value_loss,
 )
 from heron.align.objectives import routing_statistics
-from heron.align.resume import Resumable
+from heron.align.resume import Resumable, record_step
 from heron.align.rollout import Reward, RewardModel, check_settings, prompt_batches, rollout, score_rollout
 from heron.core.modes import inference_routing
 from heron.core.transformer import Transformer
@@ -164,11 +164,7 @@ def ppo(policy: Transformer, value_model: Transformer, reference: Transformer, t
                "entropy": float(masked_mean(-old, mask)),
                **{k: v / updates for k, v in sums.items()}, "reply_tokens": float(mask.sum(1).mean()),
                "rollout_tokens_per_s": run.tokens_per_s}
-        history.append(row)
-        if on_step is not None:
-            on_step(row)
-        if resume is not None:
-            resume.step_done(step + 1, row, parts)
+        record_step(step + 1, row, history, on_step, resume, parts)
     return history
 
 

@@ -12,7 +12,7 @@ on CPU. A rerun of another run is refused, naming what changed.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -116,4 +116,16 @@ def read_state(file: Path) -> dict[str, Any] | None:
     return state
 
 
-__all__ = ["ModuleBuffers", "Resumable", "Stateful", "read_state"]
+def record_step(step: int, row: dict[str, Any], history: list[dict[str, Any]],
+                on_step: Callable[[dict[str, Any]], None] | None, resume: Resumable | None,
+                parts: Mapping[str, Stateful]) -> None:
+    """An alignment loop's finished step `step`: its metrics row into the history, to the caller's
+    callback, and to the resumable state (`Resumable.step_done`) when the run has one."""
+    history.append(row)
+    if on_step is not None:
+        on_step(row)
+    if resume is not None:
+        resume.step_done(step, row, parts)
+
+
+__all__ = ["ModuleBuffers", "Resumable", "Stateful", "read_state", "record_step"]
