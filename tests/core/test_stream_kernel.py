@@ -14,11 +14,26 @@ def _input_major(N: int, K: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randn(K, N, generator=generator).t()  # (N, K), laid out (K, N) as decoding lays it
 
 
-# K not a multiple of the four rows a pass takes, N not of the 16 floats a vector holds, 1 x 1 included;
-# rows narrower than 2,048 (a pass reads one row of each quarter of a thread's block) and wider (four adjacent)
+@pytest.fixture(params=["avx512", "avx2"])
+def stream_body(request):
+    """Each body the kernel is compiled to (stream_mm.h), where this CPU runs it."""
+    from heron.core import _stream
+    before = _stream.avx512()
+    try:
+        _stream.avx512(request.param == "avx512")
+    except ValueError as err:  # this CPU lacks the instruction set
+        pytest.skip(str(err))
+    yield request.param
+    _stream.avx512(before)
+
+
+# K not a multiple of the four rows a pass takes nor of a tile's 64-row blocks, N not of the 16 or 32
+# floats a vector or a tile holds, 1 x 1 included; rows narrower than 2,048 (a pass reads one row of
+# each quarter of a thread's block) and wider (four adjacent); 6 to 8 rows: the register tiles
+# (AVX2's in groups of 4 rows, AVX-512's of 8)
 @pytest.mark.parametrize(("N", "K"), [(1, 1), (17, 3), (40, 7), (100, 64), (33, 130), (2304, 768), (2051, 45)])
-@pytest.mark.parametrize("shape", [(1,), (2,), (1, 1), (1, 2), (2, 1), (3,), (2, 4), (8, 1)])
-def test_up_to_eight_rows_equal_f_linear(N, K, shape):
+@pytest.mark.parametrize("shape", [(1,), (2,), (1, 1), (1, 2), (2, 1), (3,), (6,), (7,), (2, 4), (8, 1)])
+def test_up_to_eight_rows_equal_f_linear(N, K, shape, stream_body):
     generator = torch.Generator().manual_seed(N * 1000 + K)
     w = _input_major(N, K, generator)
     x = torch.randn(*shape, K, generator=generator)
