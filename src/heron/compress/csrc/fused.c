@@ -583,13 +583,10 @@ static PyObject *py_dequantize(PyObject *self, PyObject *const *args, Py_ssize_t
  * (to test both sets of tiles on one machine), True only where the CPU runs them. */
 static PyObject *py_avx512(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs > 1) {
-        PyErr_SetString(PyExc_TypeError, AVX512_SIGNATURE);
-        return NULL;
-    }
-    if (nargs == 1 && args[0] != Py_None) {
-        const int enable = PyObject_IsTrue(args[0]);
-        if (enable < 0) return NULL;
+    int enable;
+    const int given = optional_switch(args, nargs, AVX512_SIGNATURE, &enable);
+    if (given < 0) return NULL;
+    if (given) {
         if (enable && !__builtin_cpu_supports("avx512f")) {
             PyErr_SetString(PyExc_ValueError, "avx512: this CPU has no AVX-512F");
             return NULL;

@@ -22,4 +22,17 @@ static inline int unpack(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t exp
     return ints(args, n_ints, v);
 }
 
+/* An instruction-set switch's optional argument (`avx512(enable=None)` in stream.c and fused.c):
+ * 1 with *enable set when one was given (not None), 0 when none was, -1 with a TypeError naming
+ * the signature for more than one, or with the truth test's error. */
+static inline int optional_switch(PyObject *const *args, Py_ssize_t nargs, const char *signature, int *enable) {
+    if (nargs > 1) {
+        PyErr_SetString(PyExc_TypeError, signature);
+        return -1;
+    }
+    if (nargs == 0 || args[0] == Py_None) return 0;
+    *enable = PyObject_IsTrue(args[0]);
+    return *enable < 0 ? -1 : 1;
+}
+
 #endif

@@ -71,13 +71,10 @@ static PyObject *py_supported(PyObject *self, PyObject *unused) {
  * test both on one machine), each only where the CPU runs it. */
 static PyObject *py_avx512(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
-    if (nargs > 1) {
-        PyErr_SetString(PyExc_TypeError, AVX512_SIGNATURE);
-        return NULL;
-    }
-    if (nargs == 1 && args[0] != Py_None) {
-        const int enable = PyObject_IsTrue(args[0]);
-        if (enable < 0) return NULL;
+    int enable;
+    const int given = optional_switch(args, nargs, AVX512_SIGNATURE, &enable);
+    if (given < 0) return NULL;
+    if (given) {
         const int runs = enable ? __builtin_cpu_supports("avx512f")
                                 : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
         if (!runs) {
