@@ -577,22 +577,14 @@ static PyObject *py_dequantize(PyObject *self, PyObject *const *args, Py_ssize_t
     Py_RETURN_NONE;
 }
 
-#define AVX512_SIGNATURE "avx512(enable=None)"
-
-/* Whether the few-rows products run the AVX-512 tiles; `enable` True or False turns them on or off
- * (to test both sets of tiles on one machine), True only where the CPU runs them. */
+/* Whether the few-rows products run the AVX-512 tiles; `enable` True or False turns them on or off,
+ * each only where the CPU runs them. */
 static PyObject *py_avx512(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     int enable;
-    const int given = optional_switch(args, nargs, AVX512_SIGNATURE, &enable);
+    const int given = avx512_switch(args, nargs, &enable);
     if (given < 0) return NULL;
-    if (given) {
-        if (enable && !__builtin_cpu_supports("avx512f")) {
-            PyErr_SetString(PyExc_ValueError, "avx512: this CPU has no AVX-512F");
-            return NULL;
-        }
-        AVX512_HERE = enable;
-    }
+    if (given) AVX512_HERE = enable;
     return PyBool_FromLong(AVX512_HERE);
 }
 

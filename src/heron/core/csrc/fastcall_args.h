@@ -22,17 +22,27 @@ static inline int unpack(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t exp
     return ints(args, n_ints, v);
 }
 
-/* An instruction-set switch's optional argument (`avx512(enable=None)` in stream.c and fused.c):
- * 1 with *enable set when one was given (not None), 0 when none was, -1 with a TypeError naming
- * the signature for more than one, or with the truth test's error. */
-static inline int optional_switch(PyObject *const *args, Py_ssize_t nargs, const char *signature, int *enable) {
+#define AVX512_SIGNATURE "avx512(enable=None)"
+
+/* The argument of a module's AVX-512 switch (`avx512(enable=None)` in stream.c and fused.c, so that
+ * tests run both bodies on one machine): 1 with *enable set when one was given (not None) and this
+ * CPU runs that body (AVX-512F, or AVX2 with FMA), 0 when none was, -1 with the error set. */
+static inline int avx512_switch(PyObject *const *args, Py_ssize_t nargs, int *enable) {
     if (nargs > 1) {
-        PyErr_SetString(PyExc_TypeError, signature);
+        PyErr_SetString(PyExc_TypeError, AVX512_SIGNATURE);
         return -1;
     }
     if (nargs == 0 || args[0] == Py_None) return 0;
     *enable = PyObject_IsTrue(args[0]);
-    return *enable < 0 ? -1 : 1;
+    if (*enable < 0) return -1;
+    const int runs = *enable ? __builtin_cpu_supports("avx512f")
+                             : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (!runs) {
+        PyErr_SetString(PyExc_ValueError, *enable ? "avx512: this CPU has no AVX-512F"
+                                                  : "avx512: this CPU has no AVX2 with FMA");
+        return -1;
+    }
+    return 1;
 }
 
 #endif

@@ -65,25 +65,14 @@ static PyObject *py_supported(PyObject *self, PyObject *unused) {
     return PyBool_FromLong(ROWS_INTO_HERE != NULL);
 }
 
-#define AVX512_SIGNATURE "avx512(enable=None)"
-
-/* Whether `mm` runs the AVX-512 body; `enable` True or False switches to it or to the AVX2 one (to
- * test both on one machine), each only where the CPU runs it. */
+/* Whether `mm` runs the AVX-512 body; `enable` True or False switches to it or to the AVX2 one, each
+ * only where the CPU runs it. */
 static PyObject *py_avx512(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     (void)self;
     int enable;
-    const int given = optional_switch(args, nargs, AVX512_SIGNATURE, &enable);
+    const int given = avx512_switch(args, nargs, &enable);
     if (given < 0) return NULL;
-    if (given) {
-        const int runs = enable ? __builtin_cpu_supports("avx512f")
-                                : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-        if (!runs) {
-            PyErr_SetString(PyExc_ValueError, enable ? "avx512: this CPU has no AVX-512F"
-                                                     : "avx512: this CPU has no AVX2 with FMA");
-            return NULL;
-        }
-        ROWS_INTO_HERE = enable ? rows_into_avx512 : rows_into_avx2;
-    }
+    if (given) ROWS_INTO_HERE = enable ? rows_into_avx512 : rows_into_avx2;
     return PyBool_FromLong(ROWS_INTO_HERE == rows_into_avx512);
 }
 
