@@ -22,9 +22,10 @@ The engines, picked by kind, each built on one fused SDPA kernel call per part:
 
 Why our own blocked SDPA rather than FlexAttention on CPUs: there FlexAttention
 runs only under `torch.compile` (eager flex falls back to dense scores); it
-compiled for 4-10 s and built its block mask in about 3 s per shape, and then
-took 1.3-1.4x the windowed engine's time at 8k tokens (0.9-1.7x at 4k over
-runs); benchmarks/bench_sparse.py measures both side by side. Every new
+compiled for 4-26 s and built its block mask in 2-3 s per shape, and then
+took 1.2-1.5x the windowed engine's time at 8k tokens (1.18x on the Zen 4
+host, 2026-12-03; 0.9-1.7x at 4k over runs); benchmarks/bench_sparse.py
+measures both side by side. Every new
 sequence length would recompile, and the windowed engine needs no warm-up, so
 it is the one kept. The windowed engine is about 10x faster than dense causal
 SDPA at 16k tokens because SDPA's fused CPU kernel takes a broadcast mask at
