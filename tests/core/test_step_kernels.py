@@ -179,7 +179,7 @@ def test_layer_step_takes_plain_blocks_only(changes, plain):
     _, block = _plain_block(changes)
     assert LayerStep.takes(block) == plain
     if plain:  # laid out for GEMMs, not for the streaming kernel: not plain either
-        set_decode_layout(block, rows=MAX_ROWS)
+        set_decode_layout(block, rows=STREAM_ROWS + 1)
         assert not LayerStep.takes(block)
 
 
@@ -278,7 +278,7 @@ def test_blocks_of_torch_quantised_linears_are_not_plain():
 
 
 @built
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("rows", [1, 3, 12])  # 12: two groups of register tiles
 @pytest.mark.parametrize("variant", [{}, {"qk_norm": True}, {"norm": "layernorm", "mlp": "gelu"},
                                      {"norm": "layernorm", "mlp": "gelu_tanh", "parallel_residual": True, "rotary_dim": 16}],
                          ids=["llama", "qk_norm", "layernorm-gelu", "neox (gelu_tanh, parallel, partial rotary)"])

@@ -1,4 +1,4 @@
-"""Heron's streaming kernel (csrc/stream.c): decoding's few-row (up to 8) fp32 product
+"""Heron's streaming kernel (csrc/stream.c): decoding's few-row (up to 16) fp32 product
 over input-major weights, against F.linear."""
 import pytest
 import torch
@@ -29,11 +29,11 @@ def stream_body(request):
 
 # K not a multiple of the four rows a pass takes nor of a tile's 64-row blocks, N not of the 16 or 32
 # floats a vector or a tile holds, 1 x 1 included; rows narrower than 2,048 (a pass reads one row of
-# each quarter of a thread's block) and wider (four adjacent); 6 to 8 rows: the register tiles
-# (AVX2's in groups of 4 rows, AVX-512's of 8)
+# each quarter of a thread's block) and wider (four adjacent); from 6 rows: the register tiles
+# (AVX2's in groups of up to 4 rows, AVX-512's of up to 8; 9 rows: groups of 5 and 4 on AVX-512)
 @pytest.mark.parametrize(("N", "K"), [(1, 1), (17, 3), (40, 7), (100, 64), (33, 130), (2304, 768), (2051, 45)])
-@pytest.mark.parametrize("shape", [(1,), (2,), (1, 1), (1, 2), (2, 1), (3,), (6,), (7,), (2, 4), (8, 1)])
-def test_up_to_eight_rows_equal_f_linear(N, K, shape, stream_body):
+@pytest.mark.parametrize("shape", [(1,), (2,), (1, 1), (1, 2), (2, 1), (3,), (6,), (7,), (2, 4), (8, 1), (9,), (3, 4), (16,)])
+def test_up_to_sixteen_rows_equal_f_linear(N, K, shape, stream_body):
     generator = torch.Generator().manual_seed(N * 1000 + K)
     w = _input_major(N, K, generator)
     x = torch.randn(*shape, K, generator=generator)
@@ -72,23 +72,23 @@ class _Counting:
         self.kernel.mm(x_ptr, M, *rest)
 
 
-def test_few_row_product_streams_up_to_eight_rows_and_blocks_the_rest(monkeypatch):
+def test_few_row_product_streams_up_to_sixteen_rows_and_blocks_the_rest(monkeypatch):
     counting = _Counting(linear_module._stream_kernel())
     monkeypatch.setattr(linear_module, "_stream_kernel", lambda: counting)
     generator = torch.Generator().manual_seed(7)
     w, bias = _input_major(40, 32, generator), torch.randn(40, generator=generator)
     product = few_row_product(w, bias)
-    for rows in (1, 2, 8, 9, 16):
+    for rows in (1, 2, 8, 9, 16, 17):
         x = torch.randn(rows, 32, generator=generator)
         torch.testing.assert_close(product(x), F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
-    assert counting.rows == [1, 2, 8]  # 9 and 16 rows: the blocked bmm
+    assert counting.rows == [1, 2, 8, 9, 16]  # 17 rows: the blocked bmm
     with pytest.raises(RuntimeError, match="Double"):  # torch's own error, not a kernel reading fp64 as fp32
         product(torch.randn(1, 32, dtype=torch.float64, generator=generator))
-    assert counting.rows == [1, 2, 8]
+    assert counting.rows == [1, 2, 8, 9, 16]
 
 
 def test_the_kernel_refuses_rows_it_does_not_take():
     kernel = linear_module._stream_kernel()
-    x, wt, y = torch.zeros(9, 4), torch.zeros(4, 5), torch.empty(9, 5)
-    with pytest.raises(ValueError, match="M must be 1 to 8"):
-        kernel.mm(x.data_ptr(), 9, y.data_ptr(), 1, wt.data_ptr(), 5, 4)
+    x, wt, y = torch.zeros(17, 4), torch.zeros(4, 5), torch.empty(17, 5)
+    with pytest.raises(ValueError, match="M must be 1 to 16"):
+        kernel.mm(x.data_ptr(), 17, y.data_ptr(), 1, wt.data_ptr(), 5, 4)

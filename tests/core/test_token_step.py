@@ -48,7 +48,7 @@ def _prefilled(model: Transformer, prompts: torch.Tensor, mask: torch.Tensor | N
     return cache
 
 
-@pytest.mark.parametrize("batch", [1, 3, MAX_ROWS + 2])
+@pytest.mark.parametrize("batch", [1, 3, 12, MAX_ROWS + 2])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_steps_equal_the_model_forward(name, batch):
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ from heron.core.gemm import linear
 SPLIT = 4  # weight blocks, one bmm batch entry (and thread task) each
 MAX_ROWS = 16  # inputs with more rows than this are GEMM-shaped: the plain path is best
 K_SPLIT_ROWS = 2  # decoding this many rows or fewer lays wide weights out input-major for the blocks
-STREAM_ROWS = 8  # rows the streaming kernel takes, and decoding lays every weight out for (`streams`)
+STREAM_ROWS = 16  # rows the streaming kernel takes, and decoding lays every weight out for (`streams`)
 
 
 class Linear(nn.Linear):

@@ -166,7 +166,7 @@ class Transformer(nn.Module):
         (a batch-1 decode may have made them input-major, core/linear.py),
         where a training step's products run ~8% faster."""
         if mode:
-            set_decode_layout(self, rows=MAX_ROWS)
+            set_decode_layout(self, rows=MAX_ROWS + 1)  # GEMM-shaped products: row-major
         return super().train(mode)
 
     def hooks(self, fns: Mapping[str, HookFn] | list[tuple[str, HookFn]]) -> AbstractContextManager[None]:
