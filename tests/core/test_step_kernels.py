@@ -184,7 +184,7 @@ def test_layer_step_takes_plain_blocks_only(changes, plain):
 
 
 @built
-@pytest.mark.parametrize("rows", [1, 3, STREAM_ROWS])
+@pytest.mark.parametrize("rows", [1, 3, MAX_ROWS])  # a MoE decodes up to MAX_ROWS (MoE.decodes)
 @pytest.mark.parametrize("moe", [
     MoEConfig(n_experts=4, top_k=2),
     MoEConfig(n_experts=5, top_k=1, d_ff=24),
@@ -278,7 +278,7 @@ def test_blocks_of_torch_quantised_linears_are_not_plain():
 
 
 @built
-@pytest.mark.parametrize("rows", [1, 3, 12])  # 12: two groups of register tiles
+@pytest.mark.parametrize("rows", [1, 3, 12, 40])  # 12, 40: two and five groups of register tiles
 @pytest.mark.parametrize("variant", [{}, {"qk_norm": True}, {"norm": "layernorm", "mlp": "gelu"},
                                      {"norm": "layernorm", "mlp": "gelu_tanh", "parallel_residual": True, "rotary_dim": 16}],
                          ids=["llama", "qk_norm", "layernorm-gelu", "neox (gelu_tanh, parallel, partial rotary)"])
@@ -312,7 +312,9 @@ def test_a_layer_in_one_call_equals_the_block(rows, variant):
         expected = block(x, rope, None, reference_cache)
         gates = block.mlp.up(block.mlp_norm(x + block.attn(block.attn_norm(x), rope, None, copy.deepcopy(cache))))
     assert gates[..., :44].abs().max() > 40  # the exponential's range was reached
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # Past MAX_ROWS the block's products are GEMMs, which sum in another order than the few-row
+    # products: where the gates run to 60 the two fp32 roundings were 1.6e-5 apart at 40 rows.
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 if rows <= MAX_ROWS else 3e-5)
     torch.testing.assert_close(cache.keys[1], reference_cache.keys[1], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(cache.values[1], reference_cache.values[1], rtol=1e-6, atol=1e-6)
-    assert LayerStep(block)(torch.randn(MAX_ROWS + 1, 1, 128), rope, cache) is None  # past the kernel's rows
+    assert LayerStep(block)(torch.randn(STREAM_ROWS + 1, 1, 128), rope, cache) is None  # past the kernel's rows

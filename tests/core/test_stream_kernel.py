@@ -1,11 +1,11 @@
-"""Heron's streaming kernel (csrc/stream.c): decoding's few-row (up to 16) fp32 product
+"""Heron's streaming kernel (csrc/stream.c): decoding's few-row (up to 64) fp32 product
 over input-major weights, against F.linear."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import heron.core.linear as linear_module
-from heron.core.linear import few_row_product, streamed_product, streams
+from heron.core.linear import STREAM_ROWS, few_row_product, streamed_product, streams
 
 pytestmark = pytest.mark.skipif(not streams(), reason="Heron's streaming kernel is not built or does not run here")
 
@@ -32,8 +32,8 @@ def stream_body(request):
 # each quarter of a thread's block) and wider (four adjacent); from 6 rows: the register tiles
 # (AVX2's in groups of up to 4 rows, AVX-512's of up to 8; 9 rows: groups of 5 and 4 on AVX-512)
 @pytest.mark.parametrize(("N", "K"), [(1, 1), (17, 3), (40, 7), (100, 64), (33, 130), (2304, 768), (2051, 45)])
-@pytest.mark.parametrize("shape", [(1,), (2,), (1, 1), (1, 2), (2, 1), (3,), (6,), (7,), (2, 4), (8, 1), (9,), (3, 4), (16,)])
-def test_up_to_sixteen_rows_equal_f_linear(N, K, shape, stream_body):
+@pytest.mark.parametrize("shape", [(1,), (2,), (1, 1), (1, 2), (2, 1), (3,), (6,), (7,), (2, 4), (8, 1), (9,), (3, 4), (16,), (41,), (64,)])
+def test_up_to_sixty_four_rows_equal_f_linear(N, K, shape, stream_body):
     generator = torch.Generator().manual_seed(N * 1000 + K)
     w = _input_major(N, K, generator)
     x = torch.randn(*shape, K, generator=generator)
@@ -72,23 +72,23 @@ class _Counting:
         self.kernel.mm(x_ptr, M, *rest)
 
 
-def test_few_row_product_streams_up_to_sixteen_rows_and_blocks_the_rest(monkeypatch):
+def test_few_row_product_streams_up_to_stream_rows_and_blocks_the_rest(monkeypatch):
     counting = _Counting(linear_module._stream_kernel())
     monkeypatch.setattr(linear_module, "_stream_kernel", lambda: counting)
     generator = torch.Generator().manual_seed(7)
     w, bias = _input_major(40, 32, generator), torch.randn(40, generator=generator)
     product = few_row_product(w, bias)
-    for rows in (1, 2, 8, 9, 16, 17):
+    for rows in (1, 2, 8, 9, 16, STREAM_ROWS, STREAM_ROWS + 1):
         x = torch.randn(rows, 32, generator=generator)
         torch.testing.assert_close(product(x), F.linear(x, w, bias), rtol=1e-5, atol=1e-5)
-    assert counting.rows == [1, 2, 8, 9, 16]  # 17 rows: the blocked bmm
+    assert counting.rows == [1, 2, 8, 9, 16, STREAM_ROWS]  # more rows: the blocked bmm
     with pytest.raises(RuntimeError, match="Double"):  # torch's own error, not a kernel reading fp64 as fp32
         product(torch.randn(1, 32, dtype=torch.float64, generator=generator))
-    assert counting.rows == [1, 2, 8, 9, 16]
+    assert counting.rows == [1, 2, 8, 9, 16, STREAM_ROWS]
 
 
 def test_the_kernel_refuses_rows_it_does_not_take():
     kernel = linear_module._stream_kernel()
-    x, wt, y = torch.zeros(17, 4), torch.zeros(4, 5), torch.empty(17, 5)
-    with pytest.raises(ValueError, match="M must be 1 to 16"):
-        kernel.mm(x.data_ptr(), 17, y.data_ptr(), 1, wt.data_ptr(), 5, 4)
+    x, wt, y = torch.zeros(65, 4), torch.zeros(4, 5), torch.empty(65, 5)
+    with pytest.raises(ValueError, match="M must be 1 to 64"):
+        kernel.mm(x.data_ptr(), 65, y.data_ptr(), 1, wt.data_ptr(), 5, 4)

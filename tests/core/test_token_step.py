@@ -10,7 +10,7 @@ from torch import nn
 from heron.core import ModelConfig, Transformer
 from heron.core.config import AttentionPattern, MoEConfig
 from heron.core.kv_cache import KVCache
-from heron.core.linear import MAX_ROWS, set_decode_layout
+from heron.core.linear import STREAM_ROWS, set_decode_layout
 from heron.core.moe import MoE
 from heron.core.step_kernels import step_kernels
 from heron.core.token_step import TokenStep
@@ -48,7 +48,7 @@ def _prefilled(model: Transformer, prompts: torch.Tensor, mask: torch.Tensor | N
     return cache
 
 
-@pytest.mark.parametrize("batch", [1, 3, 12, MAX_ROWS + 2])
+@pytest.mark.parametrize("batch", [1, 3, 12, 40, STREAM_ROWS + 2])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_steps_equal_the_model_forward(name, batch):
     torch.manual_seed(0)

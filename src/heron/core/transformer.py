@@ -13,7 +13,7 @@ from heron.core.config import ModelConfig
 from heron.core.head_loss import head_cross_entropy
 from heron.core.hooks import HookFn, HookPoint, attach_hooks
 from heron.core.kv_cache import KVCache
-from heron.core.linear import MAX_ROWS, Linear, set_decode_layout
+from heron.core.linear import STREAM_ROWS, Linear, set_decode_layout
 from heron.core.mlp import MLP
 from heron.core.moe import MoE
 from heron.core.norms import make_norm
@@ -166,7 +166,7 @@ class Transformer(nn.Module):
         (a batch-1 decode may have made them input-major, core/linear.py),
         where a training step's products run ~8% faster."""
         if mode:
-            set_decode_layout(self, rows=MAX_ROWS + 1)  # GEMM-shaped products: row-major
+            set_decode_layout(self, rows=STREAM_ROWS + 1)  # more rows than any few-row product takes: row-major
         return super().train(mode)
 
     def hooks(self, fns: Mapping[str, HookFn] | list[tuple[str, HookFn]]) -> AbstractContextManager[None]:

@@ -556,7 +556,7 @@ static PyObject *py_layer(PyObject *self, PyObject *const *args, Py_ssize_t narg
         a.hd > MAX_HEAD_DIM || (a.cos && a.hd % 2) || a.length < 0 || (!a.ring && a.length >= a.slots) ||
         threads < 1 || a.window < 0 || (a.window > 0 && a.dilation < 1) ||
         (a.ring && (a.window == 0 || a.slots < (a.window - 1) * a.dilation + 1))) {
-        PyErr_SetString(PyExc_ValueError, LAYER_SIGNATURE ": needs B 1 to 16, d and ff >= 1, n_q a multiple of "
+        PyErr_SetString(PyExc_ValueError, LAYER_SIGNATURE ": needs B 1 to 64, d and ff >= 1, n_q a multiple of "
                                           "n_kv >= 1, head_dim 1 to 512 (even with RoPE), 0 <= length < slots "
                                           "(a ring: slots at least the window's span), threads >= 1, and a window "
                                           "with dilation >= 1");

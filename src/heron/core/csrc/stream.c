@@ -1,4 +1,4 @@
-/* Heron's few-row fp32 product for decoding: y (M, N) = x (M, K) @ Wᵀ for M <= 16
+/* Heron's few-row fp32 product for decoding: y (M, N) = x (M, K) @ Wᵀ for M <= 64
  * rows and a weight W (N, K) laid out input-major, i.e. Wt = Wᵀ (K, N) row-major
  * in memory, as core/linear.py's `set_decode_layout` lays weights out to decode.
  *
@@ -24,7 +24,8 @@
  * batches of 9, 12 and 16 rows decoded the `small` checkpoint of
  * bench_compress 1.70x, 1.55x and 1.52x as fast as through the blocked bmm
  * (and the layers in parts) before (Zen 4, 2026-12-03, 8 alternating rounds
- * of 48 steps, the same greedy tokens).
+ * of 48 steps, the same greedy tokens), and up to 63 rows faster than the
+ * GEMM (core/linear.py, STREAM_ROWS).
  *
  * One body, compiled for AVX-512F and for AVX2 with FMA through GCC's vector
  * extensions; the module picks one when it loads (`supported()` says whether
@@ -53,7 +54,7 @@ static PyObject *py_mm(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
         return NULL;
     }
     if (M < 1 || M > MAX_ROWS || N < 1 || K < 1 || threads < 1) {
-        PyErr_SetString(PyExc_ValueError, MM_SIGNATURE ": M must be 1 to 16, N and K at least 1, threads at least 1");
+        PyErr_SetString(PyExc_ValueError, MM_SIGNATURE ": M must be 1 to 64, N and K at least 1, threads at least 1");
         return NULL;
     }
     int failed;
@@ -86,7 +87,7 @@ static PyMethodDef METHODS[] = {
      AVX512_SIGNATURE ": whether `mm` runs its AVX-512 body (where the CPU has AVX-512F); True or False "
      "switches to it or to the AVX2 one, each only where the CPU runs it."},
     {"mm", (PyCFunction)(void (*)(void))py_mm, METH_FASTCALL,
-     MM_SIGNATURE ": y (M, N) = x (M, K) @ Wt (K, N) for M of 1 to 16, all contiguous fp32 on the CPU; the "
+     MM_SIGNATURE ": y (M, N) = x (M, K) @ Wt (K, N) for M of 1 to 64, all contiguous fp32 on the CPU; the "
      "caller checks shapes, dtypes and `supported()`."},
     {"supported", py_supported, METH_NOARGS, "supported(): whether this CPU runs `mm` (AVX-512F, or AVX2 with FMA)."},
     {NULL, NULL, 0, NULL},

@@ -8,7 +8,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define MAX_ROWS 16         /* rows of x (past 8 in register tiles of up to 8 rows each: below) */
+#define MAX_ROWS 64         /* rows of x (past 8 in register tiles of up to 8 rows each: below); core/linear.py's
+                               * STREAM_ROWS says how many decoding sends here */
 /* Which four rows of a thread's block of Wt a pass reads, and how far ahead it prefetches.
  * Rows at least SPLIT_N floats wide: four adjacent rows, prefetching two rows ahead. Narrower rows:
  * one row from each quarter of the block, prefetching SPLIT_AHEAD floats (8 KB) ahead in each.
