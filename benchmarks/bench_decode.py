@@ -1,7 +1,7 @@
 """Decode speed: Heron's generate layer vs transformers' `generate`, same weights.
 
 Greedy decoding of exactly N new tokens (no stop tokens) after a P-token
-prompt, at batch 1 and at batch 8 (prompts of different lengths, left-padded,
+prompt, at batch 1, 8 and 32 (prompts of different lengths, left-padded,
 with an attention mask on both sides). Speeds are end to end: B x N new tokens
 over the wall time of the whole call, prefill included, for both sides.
 
@@ -35,7 +35,7 @@ from heron.interop import to_transformers
 from heron.models.presets import build_model, parameter_count
 
 PROMPT, NEW = 32, 128
-BATCHES = (1, 8)
+BATCHES = (1, 8, 32)
 TARGETS = {("small", 1): 2.0, ("base", 1): 1.5}
 BANDWIDTH_TARGET = 0.6
 
@@ -49,9 +49,9 @@ FULL, QUICK = Plan(rounds=4), Plan(rounds=2)
 
 
 def prompts(batch: int, vocab: int) -> list[list[int]]:
-    """Batch 1: one P-token prompt. Larger: lengths P, P-2, ... so rows need padding."""
+    """Batch 1: one P-token prompt. Larger: lengths P, P-2, ..., P-14, P, ... so rows need padding."""
     g = torch.Generator().manual_seed(batch)
-    return [torch.randint(1, vocab, (PROMPT - 2 * i,), generator=g).tolist() for i in range(batch)]
+    return [torch.randint(1, vocab, (PROMPT - 2 * (i % 8),), generator=g).tolist() for i in range(batch)]
 
 
 class HeronRun:
