@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import heron.core.linear as linear_module
-from heron.core.linear import STREAM_ROWS, few_row_product, streamed_product, streams
+from heron.core.linear import (MAX_ROWS, STREAM_ROWS, Linear, few_row_product, set_decode_layout, streamed_product,
+                               streams)
 
 pytestmark = pytest.mark.skipif(not streams(), reason="Heron's streaming kernel is not built or does not run here")
 
@@ -32,7 +33,8 @@ def stream_body(request):
 # each quarter of a thread's block) and wider (four adjacent); from 6 rows: the register tiles
 # (AVX2's in groups of up to 4 rows, AVX-512's of up to 8; 9 rows: groups of 5 and 4 on AVX-512)
 @pytest.mark.parametrize(("N", "K"), [(1, 1), (17, 3), (40, 7), (100, 64), (33, 130), (2304, 768), (2051, 45)])
-@pytest.mark.parametrize("shape", [(1,), (2,), (1, 1), (1, 2), (2, 1), (3,), (6,), (7,), (2, 4), (8, 1), (9,), (3, 4), (16,), (41,), (64,)])
+@pytest.mark.parametrize("shape", [(1,), (2,), (1, 1), (1, 2), (2, 1), (3,), (6,), (7,), (2, 4), (8, 1), (9,), (3, 4),
+                                   (16,), (41,), (64,)])
 def test_up_to_sixty_four_rows_equal_f_linear(N, K, shape, stream_body):
     generator = torch.Generator().manual_seed(N * 1000 + K)
     w = _input_major(N, K, generator)
@@ -92,3 +94,24 @@ def test_the_kernel_refuses_rows_it_does_not_take():
     x, wt, y = torch.zeros(65, 4), torch.zeros(4, 5), torch.empty(65, 5)
     with pytest.raises(ValueError, match="M must be 1 to 64"):
         kernel.mm(x.data_ptr(), 65, y.data_ptr(), 1, wt.data_ptr(), 5, 4)
+
+
+def test_a_linear_streams_up_to_stream_rows_where_laid_out_for_it(monkeypatch):
+    """Past MAX_ROWS (a short prompt's prefill), a Linear laid out input-major streams up to
+    STREAM_ROWS rows; row-major, or under autograd, it keeps the GEMM."""
+    counting = _Counting(linear_module._stream_kernel())
+    monkeypatch.setattr(linear_module, "_stream_kernel", lambda: counting)
+    torch.manual_seed(11)
+    layer = Linear(32, 40)
+    x = torch.randn(STREAM_ROWS + 1, 32)
+    set_decode_layout(layer, rows=1)
+    with torch.no_grad():
+        for rows in (MAX_ROWS + 4, STREAM_ROWS, STREAM_ROWS + 1):
+            expected = F.linear(x[:rows], layer.weight, layer.bias)
+            torch.testing.assert_close(layer(x[:rows]), expected, rtol=1e-5, atol=1e-5)
+        assert counting.rows == [MAX_ROWS + 4, STREAM_ROWS]  # past STREAM_ROWS: the GEMM
+    layer(x[:MAX_ROWS + 4]).sum().backward()  # training: the GEMM's numbers
+    set_decode_layout(layer, rows=STREAM_ROWS + 1)  # row-major
+    with torch.no_grad():
+        layer(x[:MAX_ROWS + 4])
+    assert counting.rows == [MAX_ROWS + 4, STREAM_ROWS] and layer.weight.grad is not None

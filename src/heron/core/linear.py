@@ -13,21 +13,23 @@ from torch import nn
 from heron.core.gemm import ROW_QUANTUM, linear
 
 SPLIT = 4  # weight blocks, one bmm batch entry (and thread task) each
-MAX_ROWS = 16  # inputs with more rows than this are GEMM-shaped: the plain path is best (but `decoding_product`)
+MAX_ROWS = 16  # inputs with more rows than this are GEMM-shaped, where they do not stream (`few_rows`)
 K_SPLIT_ROWS = 2  # decoding this many rows or fewer lays wide weights out input-major for the blocks
 # Rows the streaming kernel takes, and decoding lays every weight out for (`streams`): fewer than
-# the GEMM gives oneDNN (ROW_QUANTUM, core/gemm.py); MKL, which takes fewer, is slower than it. A `small` checkpoint decoded 24, 48 and 60
-# rows 1.85x, 1.43x and 1.57x as fast as through the GEMM, a `base`-shaped model 32, 48 and 56 rows
-# 1.82x, 1.51x and 1.62x; at 64 rows, oneDNN's, 1.07x and 0.97x (Zen 4, 2026-12-03, one process,
-# 6 alternating rounds, the same greedy tokens).
+# the GEMM gives oneDNN (ROW_QUANTUM, core/gemm.py); MKL, which takes fewer, is slower than it. A
+# `small` checkpoint decoded 24, 48 and 60 rows 1.85x, 1.43x and 1.57x as fast as through the GEMM,
+# a `base`-shaped model 32, 48 and 56 rows 1.82x, 1.51x and 1.62x; at 64 rows, oneDNN's, 1.07x and
+# 0.97x (Zen 4, 2026-12-03, one process, 6 alternating rounds, the same greedy tokens). A 24- and a
+# 48-token prompt's prefill streamed ran 1.42x and 1.36x as fast.
 STREAM_ROWS = ROW_QUANTUM - 1
 
 
 class Linear(nn.Linear):
     """An `nn.Linear` (same parameters, same names) whose products with at
     most MAX_ROWS input rows, outside autograd, run as one bmm over SPLIT
-    blocks of the weight; larger ones, and all under autograd, through the
-    GEMM `core.gemm.linear` chose for this CPU.
+    blocks of the weight (up to STREAM_ROWS through the streaming kernel
+    where it takes them: `few_rows`); larger ones, and all under autograd,
+    through the GEMM `core.gemm.linear` chose for this CPU.
 
     Why: for x (1..16, K) @ W.T MKL picks sgemv / small-M sgemm, which on
     CPU stream W at about half the memory bandwidth; decoding reads every
@@ -55,9 +57,16 @@ class Linear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() // self.in_features > MAX_ROWS or torch.is_grad_enabled():  # training keeps the GEMM's numbers
-            return linear(x, self.weight, self.bias)
+        if torch.is_grad_enabled() or x.numel() // self.in_features > few_rows(self.weight, x.dtype):
+            return linear(x, self.weight, self.bias)  # training keeps the GEMM's numbers
         return few_row_product(self.weight, self.bias)(x)
+
+
+def few_rows(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> int:
+    """Up to how many rows of `dtype` a product with `weight` is faster through `few_row_product`
+    than through the GEMM: STREAM_ROWS where the streaming kernel takes them (`takes_stream`),
+    else MAX_ROWS."""
+    return STREAM_ROWS if dtype == torch.float32 and takes_stream(weight) else MAX_ROWS
 
 
 def few_row_product(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -100,13 +109,19 @@ def streams() -> bool:
     return _stream_kernel() is not None
 
 
+def takes_stream(weight: torch.Tensor) -> bool:
+    """Whether the streaming kernel runs here and takes `weight`: fp32 on the CPU, input-major."""
+    return (_stream_kernel() is not None and weight.dtype == torch.float32 and weight.device.type == "cpu"
+            and is_input_major(weight))
+
+
 def streamed_product(weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """x (..., K) of up to STREAM_ROWS rows, fp32, times the input-major (N, K) `weight`, through
     the streaming kernel (`Linear`): (..., N). None where the kernel does not take the
     weight (another layout, dtype or device, or no kernel here)."""
-    kernel = _stream_kernel()
-    if kernel is None or weight.dtype != torch.float32 or weight.device.type != "cpu" or not is_input_major(weight):
+    if not takes_stream(weight):
         return None
+    kernel = _stream_kernel()
     N, K = weight.shape
     wt = weight.t()  # (K, N), rows contiguous
 
@@ -128,10 +143,8 @@ def decoding_product(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor
         own = getattr(module, "decode_product", None)
         return own() if own is not None else module.forward
     weight, bias = module.weight, module.bias
-    few_rows = few_row_product(weight, bias)
-    # A decoding step's rows stream up to STREAM_ROWS (csrc/stream.c: faster than the GEMM there)
-    most = STREAM_ROWS if streamed_product(weight) is not None else MAX_ROWS
-    return lambda x: few_rows(x) if x.numel() // x.shape[-1] <= most else linear(x, weight, bias)
+    product, most = few_row_product(weight, bias), few_rows(weight)
+    return lambda x: product(x) if x.numel() // x.shape[-1] <= most else linear(x, weight, bias)
 
 
 def is_input_major(w: torch.Tensor) -> bool:

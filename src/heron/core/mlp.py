@@ -10,7 +10,7 @@ from torch import nn
 from heron.core.config import ModelConfig
 from heron.core.gemm import linear
 from heron.core.hooks import HookPoint
-from heron.core.linear import MAX_ROWS, Linear, decoding_product
+from heron.core.linear import MAX_ROWS, Linear, decoding_product, few_rows
 from heron.core.swiglu import swiglu, swiglu_halves
 
 
@@ -31,7 +31,8 @@ class MLP(nn.Module):
         self.hook_post = HookPoint()  # (B, T, d_ff): the hidden activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "swiglu" and isinstance(self.up, nn.Linear) and x.numel() // x.shape[-1] > MAX_ROWS:
+        rows = x.numel() // x.shape[-1]
+        if self.kind == "swiglu" and isinstance(self.up, nn.Linear) and rows > few_rows(self.up.weight, x.dtype):
             # Many rows: two products on the weight's halves (views, no copy). With MKL at
             # 64 rows, d 768, one 4096-wide product took 8.1 ms against 6.9 for two of 2048;
             # equal at 2048 rows and in training. Few rows (decoding): one fused product.
@@ -48,8 +49,9 @@ class MLP(nn.Module):
         products looked up once (core/token_step.py calls it every token, and a
         MoE's shared expert with it); more rows go to `forward`."""
         up, down, kind = decoding_product(self.up), decoding_product(self.down), self.kind
-        # Past MAX_ROWS rows forward splits SwiGLU's product in two (above): let it.
-        return lambda x: down(activate(up(x), kind)) if x.numel() // x.shape[-1] <= MAX_ROWS else self.forward(x)
+        # Past `few_rows` forward splits SwiGLU's product in two (above): let it.
+        most = few_rows(self.up.weight) if isinstance(self.up, nn.Linear) else MAX_ROWS
+        return lambda x: down(activate(up(x), kind)) if x.numel() // x.shape[-1] <= most else self.forward(x)
 
 
 def activate(h: torch.Tensor, kind: str) -> torch.Tensor:
