@@ -148,7 +148,7 @@ def fused_tiles(request):
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 16, 17, 50, 63, 64, 101])
 def test_fused_kernel_at_shapes_off_its_tiles(scheme, rows: int, fused_tiles: str) -> None:
     """Heron's C kernel (csrc/fused.c) tiles rows by 1-4 (in blocks of 4 up to
-    16), then by 3 and 48, and from DEQUANTIZED_ROWS dequantises for the GEMM;
+    63; int4 on AVX2 up to 16), then by 3 and 48, and from DEQUANTIZED_ROWS dequantises for the GEMM;
     outputs by 1-4 and 32-row chunks; inputs by 8, 16, 32 and 64: shapes that
     fill none of those exactly still give the dequantised product, on either
     set of few-row tiles."""

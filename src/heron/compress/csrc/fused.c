@@ -16,7 +16,7 @@
  *
  * Two paths, both parallel over output rows with OpenMP (the runtime torch
  * already loaded, so both share one thread pool):
- *   - few rows (decoding, M <= 16): codes are widened to fp32 in registers
+ *   - few rows (decoding; up to 63 rows, int4 on AVX2 16): codes are widened to fp32 in registers
  *     and multiplied into up to 4 rows of x at a time: one pass over the
  *     weights from memory, one byte (int8) or half a byte (int4) a weight,
  *     16 codes an instruction on AVX-512 CPUs, 8 on AVX2 ones.
@@ -383,17 +383,20 @@ static void many_rows(const float *x, int64_t M, const QWeights *w, float *y, in
 
 #define CHUNK 32 /* output rows per unit of parallel work */
 
-/* Up to this many rows, each chunk runs the few-rows tiles on 4 rows of x at a
- * time, its codes still in cache on the second pass; at 6-16 rows this took
- * 0.8-1.3x the time of fbgemm's fp16 product, the buffered path 1.1-1.6x
- * (2752 x 512 and 512 x 1376, 2026-11-30). */
-#define WIDEN_IN_REGISTERS_MAX 16
+/* Up to how many rows each chunk runs the few-rows tiles on 4 rows of x at a time, its codes
+ * still in cache on the next pass (past them, the buffered path). At 6-16 rows this took 0.8-1.3x
+ * the time of fbgemm's fp16 product, the buffered path 1.1-1.6x (2752 x 512 and 512 x 1376,
+ * AVX2, 2026-11-30). Up to 63 rows (all that reach this kernel, compress/kernels.py) the tiles
+ * beat the buffered path on the Zen 4 host (32 copies of a `small` layer's products, two threads,
+ * in-process A/B, 2026-12-03): the AVX-512 tiles 1.12-1.31x as fast for int8 and 1.19-1.32x for
+ * int4 at 17-63 rows; the AVX2 tiles 1.0-1.31x for int8, but 0.59-0.74x for int4. */
+static int64_t widen_in_registers_max(int bits) { return AVX512_HERE || bits == 8 ? 63 : 16; }
 
 /* y (M, N) = x (M, K) @ Ŵᵀ; nonzero when a thread's buffer could not be allocated. */
 static int quantized_mm(const float *x, int64_t M, const QWeights *w, float *y, int threads) {
     const int64_t chunks = (w->N + CHUNK - 1) / CHUNK;
     int failed = 0;
-    if (M <= WIDEN_IN_REGISTERS_MAX) {
+    if (M <= widen_in_registers_max(w->bits)) {
         const few_rows_fn *table = w->bits == 8 ? (AVX512_HERE ? INT8_FEW_ROWS_512_BY_M : INT8_FEW_ROWS_BY_M)
                                                 : (AVX512_HERE ? INT4_FEW_ROWS_512_BY_M : INT4_FEW_ROWS_BY_M);
 #pragma omp parallel for num_threads(threads) schedule(static)
