@@ -145,10 +145,10 @@ def fused_tiles(request):
 @pytest.mark.skipif(not KERNELS["fused"].supports(Int8PerChannel(), 1, 1), reason="fused kernel not built or no AVX2")
 @pytest.mark.parametrize("scheme", [Int8PerChannel(), Int4Grouped(group_size=32), Int4Grouped(group_size=64, symmetric=True)],
                          ids=["int8", "int4-g32", "int4-g64-symmetric"])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 16, 17, 50, 63, 64, 101])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8, 16, 17, 50, 63, 64, 101])
 def test_fused_kernel_at_shapes_off_its_tiles(scheme, rows: int, fused_tiles: str) -> None:
-    """Heron's C kernel (csrc/fused.c) tiles rows by 1-4 (in blocks of 4 up to
-    63; int4 on AVX2 up to 16), then by 3 and 48, and from DEQUANTIZED_ROWS dequantises for the GEMM;
+    """Heron's C kernel (csrc/fused.c) tiles rows by 1-4 (int8 on AVX-512 1-8; in blocks of 4 or 8 up
+    to 63, int4 on AVX2 up to 16), then by 3 and 48, and from DEQUANTIZED_ROWS dequantises for the GEMM;
     outputs by 1-4 and 32-row chunks; inputs by 8, 16, 32 and 64: shapes that
     fill none of those exactly still give the dequantised product, on either
     set of few-row tiles."""
