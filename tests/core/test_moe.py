@@ -555,6 +555,7 @@ def test_a_half_precision_model_dispatches_in_its_dtype(dtype):
         logits, dispatched = model.to(dtype)(ids).logits, layer.to(dtype)(x.to(dtype))
         decoded = torch.cat([layer(x[:, t : t + 8].to(dtype)) for t in range(0, 32, 8)], dim=1)  # 16 rows each
         assert not layer.decodes(x.reshape(64, 16)) and layer.decodes(x[:, :8].reshape(16, 16))
+        assert not layer.decodes(x[:, :16].reshape(32, 16).to(dtype))  # past MAX_ROWS only fp32 streams
     assert logits.dtype == dispatched.dtype == dtype
     eps = torch.finfo(dtype).eps  # seen: the paths within 6 eps of each other, 8 of fp32
     torch.testing.assert_close(logits.float(), wide, atol=16 * eps, rtol=16 * eps)

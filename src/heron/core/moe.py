@@ -308,9 +308,9 @@ class MoE(nn.Module):
     def decodes(self, x: torch.Tensor) -> bool:
         """A few tokens outside autograd in eval mode on CPU, no expert hook
         attached: `_decode` computes the same sum more directly. A few: up to
-        MAX_ROWS, or STREAM_ROWS where the experts' products stream (core/linear.py)."""
+        MAX_ROWS, or STREAM_ROWS of fp32 where the experts' products stream (core/linear.py)."""
         hooked = (self.hook_expert_load, self.hook_expert_dropped, self.hook_expert_in, self.hook_expert_post)
-        most = STREAM_ROWS if streams() else MAX_ROWS
+        most = STREAM_ROWS if streams() and x.dtype == torch.float32 else MAX_ROWS
         return (0 < x.shape[0] <= most and x.device.type == "cpu" and not self.training
                 and not torch.is_grad_enabled() and not any(hook.active for hook in hooked))
 
