@@ -47,6 +47,8 @@ KNOWN = [
                                                                     ("URL", "www.heron.dev")]),
     ("Born March 14, 1931; admitted 2024-03-14, discharged 03/18/2024 and 14-MAR-2024.",
      [("DATE", "March 14, 1931"), ("DATE", "2024-03-14"), ("DATE", "03/18/2024"), ("DATE", "14-MAR-2024")]),
+    ("Logged 2024-03-14T10:22:31Z, then 2024-03-15 08:05; build 2024-03-16T.",  # a timestamp is one date
+     [("DATE", "2024-03-14T10:22:31Z"), ("DATE", "2024-03-15 08:05"), ("DATE", "2024-03-16")]),
     ("A 93-year-old woman; age: 101.", [("AGE", "93"), ("AGE", "101")]),
     ("MRN: 00482913. Account no. 4829-1177-03.", [("MRN", "00482913"), ("ACCOUNT", "4829-1177-03")]),
     ("Ship to 1600 Pennsylvania Avenue, Washington, DC 20500.",
@@ -161,8 +163,9 @@ def test_operator_errors(engine):
 VALUES = [("PERSON", "Lena Fischer"), ("EMAIL", "lena@fischer.de"), ("PHONE", "(415) 555-0132"),
           ("SSN", "536-22-8741"), ("CREDIT_CARD", "4111 1111 1111 1111"), ("IBAN", "GB82 WEST 1234 5698 7654 32"),
           ("IP_ADDRESS", "203.0.113.7"), ("IP_ADDRESS", "2001:db8::1"), ("URL", "https://heron.dev/docs"),
-          ("DATE", "March 14, 1931"), ("DATE", "03/14/31"), ("AGE", "93"), ("MRN", "MR00482913"),
-          ("ACCOUNT", "4829-1177-03"), ("ADDRESS", "1600 Pennsylvania Avenue, Washington, DC 20500")]
+          ("DATE", "March 14, 1931"), ("DATE", "03/14/31"), ("DATE", "2024-03-14T10:22:31.5+02:00"), ("AGE", "93"),
+          ("MRN", "MR00482913"), ("ACCOUNT", "4829-1177-03"),
+          ("ADDRESS", "1600 Pennsylvania Avenue, Washington, DC 20500")]
 
 
 @pytest.mark.parametrize("entity, value", VALUES, ids=[f"{e}:{v}" for e, v in VALUES])

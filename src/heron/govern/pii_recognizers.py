@@ -197,13 +197,17 @@ _MONTH = (r"(?=[A-Z])(?i:jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|ju
           r"|sep(?:t(?:ember)?)?|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)\b\.?")
 _DAY = r"(?:0?[1-9]|[12]\d|3[01])(?:st|nd|rd|th)?"
 _YEAR = r"(?:19|20)\d{2}"
+# A time of day after an ISO date ("T" or one space, hh:mm, seconds, fraction, zone), so a timestamp is
+# one date, not a date and a dangling "T10:00".
+_ISO_TIME = r"(?:[T ](?:[01]\d|2[0-3]):[0-5]\d(?::[0-5]\d(?:\.\d+)?)?(?:Z|[+-](?:[01]\d|2[0-3]):?[0-5]\d)?(?![\d:]))?"
 
 
 class DateRecognizer(PatternRecognizer):
-    """Dates: ISO, numeric day/month/year in either order (one part <= 12), and month names."""
+    """Dates: ISO (with a time of day, if one follows), numeric day/month/year in either order (one
+    part <= 12), and month names."""
 
     PATTERNS = [
-        Pattern("iso", rf"(?<![\d.-]){_YEAR}([-/.])(?:0?[1-9]|1[0-2])\1(?:0?[1-9]|[12]\d|3[01])(?!\d)", 0.6),
+        Pattern("iso", rf"(?<![\d.-]){_YEAR}([-/.])(?:0?[1-9]|1[0-2])\1(?:0?[1-9]|[12]\d|3[01])(?!\d){_ISO_TIME}", 0.6),
         # "." only with a four-digit year: 1.2.10 is a version number.
         Pattern("numeric", rf"(?<![\d./-])\d{{1,2}}(?:([-/])\d{{1,2}}\1(?:{_YEAR}|\d{{2}})|\.\d{{1,2}}\.{_YEAR})"
                            r"(?![\d/-]|\.\d)", 0.5),

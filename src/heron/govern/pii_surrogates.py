@@ -14,8 +14,9 @@ range exists: emails and web sites at example.com/.org/.net (RFC 2606),
 IPv6 in 2001:db8::/32 (RFC 3849), IPv4 in the private 10.0.0.0/8 (RFC 1918),
 SSNs in area 9xx (never issued as SSNs). Cards keep their network's first
 digit and pass the Luhn check; IBANs keep their country and pass mod 97.
-Dates get a different day, month and year in the same written form; every
-day-or-month number becomes 1-12, so numeric dates stay valid in either order.
+Dates get a different day, month and year in the same written form (a
+timestamp's time of day another time); every day-or-month number becomes 1-12,
+so numeric dates stay valid in either order.
 """
 from __future__ import annotations
 
@@ -132,7 +133,19 @@ def _url(value: str, rng: random.Random) -> str:
     return (scheme.group() if scheme else "www." if value.lower().startswith("www.") else "") + host + path
 
 
+ISO_TIME = re.compile(r"(?<=\d)([T ])(\d{2}):(\d{2})(?::(\d{2})(\.\d+)?)?(Z|[+-][\d:]+)?$")  # after an ISO date
+
+
 def _date(value: str, rng: random.Random) -> str:
+    time = ISO_TIME.search(value)
+    if time:  # a timestamp: another date, and another time of day in the same form (the zone kept)
+        sep, _, _, seconds, fraction, zone = time.groups()
+        fake = f"{_date(value[:time.start()], rng)}{sep}{rng.randrange(24):02d}:{rng.randrange(60):02d}"
+        if seconds is not None:
+            fake += f":{rng.randrange(60):02d}"
+        if fraction is not None:
+            fake += "." + "".join(str(rng.randrange(10)) for _ in fraction[1:])
+        return fake + (zone or "")
     has_name = bool(re.search(r"[A-Za-z]{3}", value))
     short_year = not has_name and not re.search(r"\d{4}", value)  # 3/14/24: the last number is a year
     month = rng.randrange(12)
