@@ -1,5 +1,6 @@
 """The verbs that write a file from a database refuse an existing file unless --overwrite is given
-(feedback export, consent history --out, audit checkpoint --out), and never write over the database."""
+(feedback export, consent history --out, audit checkpoint --out, audit export), and never write over the
+database."""
 import json
 from pathlib import Path
 
@@ -50,4 +51,13 @@ def test_audit_checkpoint_refuses_an_existing_file_before_storing_the_checkpoint
     refused_then_replaced(["audit", "checkpoint", "--log", str(db), "--out", str(out)], out, capsys)
     assert json.loads(out.read_text())["root"]
     assert main(["audit", "checkpoint", "--log", str(db), "--out", str(db), "--overwrite"]) == 2
+    assert "is the audit log being read" in capsys.readouterr().err
+
+
+def test_audit_export_refuses_an_existing_file(tmp_path: Path, capsys) -> None:
+    db = tmp_path / "audit.db"
+    AuditLog.open(db).close()
+    for name in ("notes.json", "notes.csv"):
+        refused_then_replaced(["audit", "export", str(tmp_path / name), "--log", str(db)], tmp_path / name, capsys)
+    assert main(["audit", "export", str(db), "--log", str(db), "--format", "json", "--overwrite"]) == 2
     assert "is the audit log being read" in capsys.readouterr().err

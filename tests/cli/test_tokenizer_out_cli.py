@@ -62,3 +62,19 @@ def test_an_existing_file_that_is_not_a_folder_is_named(corpus: Path, tmp_path: 
     assert capsys.readouterr().err == (f"heron tokenizer: error: {notes}: exists and is not a folder; give a folder "
                                        "or a .json file\n")
     assert notes.read_text() == "mine"
+
+
+def test_a_shard_folder_keeps_the_tokenizer_its_shards_were_made_with(corpus: Path, tmp_path: Path, capsys) -> None:
+    """The README's own-corpus steps write the tokenizer into the shard folder; training another one into it
+    afterwards would leave shards whose ids no longer match it, which training then refuses."""
+    shards = tmp_path / "data"
+    assert train_into(corpus, shards / "tokenizer.json") == 0
+    assert main(["data", "prepare", str(corpus), "--tokenizer", str(shards / "tokenizer.json"),
+                 "--out", str(shards)]) == 0
+    before = (shards / "tokenizer.json").read_bytes()
+    capsys.readouterr()
+    for out in (shards, shards / "tokenizer.json"):
+        assert train_into(corpus, out) == 2
+        assert f"{shards}: holds shards (meta.json) made with its tokenizer.json" in capsys.readouterr().err
+    assert (shards / "tokenizer.json").read_bytes() == before
+    assert train_into(corpus, shards / "another.json") == 0  # another name leaves the shards' tokenizer alone

@@ -60,7 +60,20 @@ def test_detect_reads_text_from_the_argument_and_a_bare_tokenizer_json(checkpoin
     argv = ["watermark", "detect", text, "--tokenizer", str(checkpoint / "tokenizer.json"), "--key", "k3y",
             "--vocab-size", str(MODEL_VOCAB), "--z", "3.5"]
     assert heron_cli(argv) == 0
-    assert "verdict: not watermarked (p-value > 0.00023, the false-positive rate of z > 3.5)" in capsys.readouterr().out
+    assert "verdict: not watermarked (p-value > 0.0002326, the false-positive rate of z > 3.5)" \
+        in capsys.readouterr().out
+
+
+def test_a_p_value_just_past_the_threshold_reads_apart_from_it(checkpoint, monkeypatch, capsys):
+    """z 4.41 by the normal approximation, but the exact tail 3.223e-5 is just above z 4's 3.167e-5."""
+    from heron.govern import watermark
+
+    near = watermark.Detection(4.41, 40, 60, 3.223e-5, 4.0, False)
+    monkeypatch.setattr(watermark, "detect", lambda *args, **kwargs: near)
+    assert heron_cli(["watermark", "detect", "some text", "--tokenizer", str(checkpoint), "--key", "k3y"]) == 0
+    out = capsys.readouterr().out
+    assert "z 4.41 (normal approximation), p-value 3.223e-05 (exact binomial tail: the verdict's)" in out
+    assert "verdict: not watermarked (p-value > 3.167e-05, the false-positive rate of z > 4)" in out
 
 
 def test_a_text_too_short_to_score_gets_no_verdict(checkpoint, capsys):

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from heron.cli.options import add_overwrite, lasting_database, new_output, not_the_source
+from heron.cli.options import add_overwrite, lasting_database, new_output
 from heron.store.inputs import existing_input
 from heron.govern.audit import AuditLog, LogCheckpoint, log_location, verify_log
 from heron.govern.audit_export import FORMATS, export_log, read_export
@@ -38,6 +38,7 @@ def register(verbs: argparse._SubParsersAction) -> None:
     p.add_argument("file", type=Path, help="the file to write, or - for standard output")
     p.add_argument("--format", choices=FORMATS, default=None,
                    help="default: from the file's suffix (.json, .csv); json on standard output")
+    add_overwrite(p)
     _add_log(p)
     p.set_defaults(handler=export)
 
@@ -110,7 +111,7 @@ def export(args: argparse.Namespace) -> int:
             count = export_log(log, sys.stdout, args.format or "json")
         print(f"wrote {count} audit records to standard output", file=sys.stderr)
         return 0
-    not_the_source(args.file, _location(args), "audit log")
+    new_output(args.file, _location(args), "audit log", args.overwrite)
     fmt = args.format or EXPORT_SUFFIXES.get(args.file.suffix.lower())
     if fmt is None:
         raise ValueError(f"{args.file}: cannot tell the format from its suffix; end it in .json or .csv, "

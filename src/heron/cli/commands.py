@@ -13,12 +13,13 @@ import torch
 
 import heron
 from heron.core import Transformer
+from heron.data.shards import META_FILE
 from heron.data import Corpus, check_shards_fit, check_val_scorable, default_corpus, load_shards, prepare_shards
 from heron.generate import Generator, SamplingParams, perplexity
 from heron.generate.perplexity import evaluated_windows
 from heron.govern import EnergyMeter
 from heron.tokenizer import SPECIAL_TOKENS, HeronTokenizer, Tokenizer, load_tokenizer, train_tokenizer
-from heron.tokenizer.bpe import replaceable_tokenizer_file
+from heron.tokenizer.bpe import TOKENIZER_FILE, replaceable_tokenizer_file
 from heron.interop.convert import export_hf, import_hf
 from heron.cli.options import ALIGN_RECIPES_DIR, RECIPES_DIR, as_flag, as_override, flag_of, in_flags, recipe_path
 from heron.store.inputs import existing_input
@@ -47,6 +48,10 @@ def tokenizer_train(args: argparse.Namespace) -> int:
         raise ValueError(f"--vocab-size: at least {MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special "
                          f"tokens), got {args.vocab_size}")
     file = replaceable_tokenizer_file(args.out)  # before training: a refused --out costs nothing
+    if file.name == TOKENIZER_FILE and (file.parent / META_FILE).is_file():
+        raise FileExistsError(f"{file.parent}: holds shards ({META_FILE}) made with its {TOKENIZER_FILE}, which "
+                              "another tokenizer would orphan; write the tokenizer to another folder and prepare "
+                              "new shards with it")
     corpus = corpus_from(args.sources, args.ext).excluding(file)  # a rerun into the corpus must not learn it
     print(f"training a {args.vocab_size}-token BPE on {len(corpus)} files")
     tokenizer = train_tokenizer(corpus, args.vocab_size)

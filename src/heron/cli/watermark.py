@@ -101,13 +101,15 @@ def detect_command(args: argparse.Namespace) -> int:
     print(f"tokens {len(ids)}, scored {result.scored}"
           f"{'' if args.count_repeated else ' (distinct bigrams)'}, green {result.green} ({share:.1%}; "
           f"{watermark.green_size(vocab_size) / vocab_size:.1%} expected without a watermark)")
-    print(f"z {result.z:.2f}, p-value {result.p_value:.2g}")
+    # Four digits: near the threshold two would print the p-value and the rate it is held to alike.
+    print(f"z {result.z:.2f} (normal approximation), p-value {result.p_value:.4g} (exact binomial tail: "
+          "the verdict's)")
     if not result.scored:
         print("verdict: none: no token was scored (a text needs at least two tokens)")
         return 0
     verdict = "watermarked" if result.watermarked else "not watermarked"
     alpha = p_value(result.z_threshold)
-    print(f"verdict: {verdict} (p-value {'<=' if result.watermarked else '>'} {alpha:.2g}, the false-positive "
+    print(f"verdict: {verdict} (p-value {'<=' if result.watermarked else '>'} {alpha:.4g}, the false-positive "
           f"rate of z > {result.z_threshold:g})")
     return 0
 
