@@ -161,3 +161,14 @@ def test_explain_refuses_a_target_of_two_tokens_before_the_model_runs(checkpoint
     assert capsys.readouterr().err == (f"heron explain: error: --target: 'two tokens' is {n_tokens} tokens; give text "
                                        "that is exactly one token\n")
     assert not (tmp_path / "report").exists()
+
+
+@pytest.mark.parametrize("argv, option", [(["compress", "prune", "a", "b", "--nm", "-1:4"], "--nm"),
+                                          (["generate", "a", "--prompt", "x", "--stop", "---"], "--stop")])
+def test_a_value_that_begins_with_a_dash_gets_a_hint(argv: list[str], option: str, capsys) -> None:
+    """argparse reads "-1:4" and "---" as options and said only "expected one argument"."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.endswith(f"error: argument {option}: expected one argument (if its value begins "
+                                            f"with '-', join the two with '=': {option}=VALUE)\n")

@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 from heron.cli.options import DEMO_RECIPE, fraction_below_one, n_of_m, positive_int, shipped_recipes
 
@@ -77,8 +78,20 @@ def _is_busy_database(err: Exception) -> bool:
     return type(err).__name__ == "OperationalError" and "database is locked" in str(err)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, with a hint where it takes a value that begins with "-" for an option:
+    `--nm -1:4` or `--stop ---` otherwise reads "expected one argument" and no more. Subcommands'
+    parsers are of this class too (`add_subparsers` makes them of the parent's class)."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.endswith(": expected one argument"):
+            option = message.removeprefix("argument ").split(":")[0].split("/")[-1]  # "-o/--out" -> "--out"
+            message += f" (if its value begins with '-', join the two with '=': {option}=VALUE)"
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="heron", description="An open workbench for language models.")
+    parser = _Parser(prog="heron", description="An open workbench for language models.")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for register in (_register_tokenizer, _register_data, _register_train, _register_generate, _register_eval,
                      _register_convert, _register_compress, _register_align, _register_explain, _register_demo):
