@@ -795,6 +795,8 @@ def test_cli_refuses_what_is_not_a_log_or_an_anchor_and_never_exports_over_the_l
         err = capsys.readouterr().err
         assert f"--anchor {tmp_path / 'anchor.json'}: not a checkpoint" in err and complaint in err
     assert heron("audit", "verify", "--log", str(db), "--anchor", str(tmp_path)) == 2  # a folder: exit 2, not 1
+    assert heron("audit", "verify", "--log", str(tmp_path / "missing.csv")) == 2  # once a bare [Errno 2]
+    assert f"--log: no audit export at {tmp_path / 'missing.csv'}" in capsys.readouterr().err
     assert heron("audit", "export", str(tmp_path / "out.xml"), "--log", str(db)) == 2
     assert "out.xml: cannot tell the format from its suffix" in capsys.readouterr().err
     assert heron("audit", "export", str(tmp_path / "out.csv"), "--log", str(db)) == 0

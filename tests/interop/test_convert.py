@@ -198,7 +198,12 @@ def test_convert_refuses_an_existing_target_and_a_bad_source(hf_folder, tmp_path
     assert main(["convert", "to-hf", str(hf_folder), str(tmp_path / "taken")]) == 2
     assert (tmp_path / "taken" / "file").read_text() == "keep me"
     assert main(["convert", "from-hf", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
-    assert "no config.json" in capsys.readouterr().err
+    assert f"{tmp_path / 'missing'}: no such folder" in capsys.readouterr().err
+    assert main(["convert", "from-hf", str(hf_folder), str(tmp_path / "heron")]) == 0
+    assert main(["convert", "from-hf", str(tmp_path / "heron"), str(tmp_path / "out")]) == 2  # was "model_type: None"
+    assert f"{tmp_path / 'heron'}: a Heron checkpoint (lineage.json), not a Hugging Face folder" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
     config = (hf_folder / "config.json").read_text()
     assert main(["convert", "from-hf", str(hf_folder), str(hf_folder)]) == 2  # into the source itself
     assert "exists and is not empty" in capsys.readouterr().err

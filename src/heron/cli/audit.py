@@ -84,7 +84,7 @@ def verify(args: argparse.Namespace) -> int:
                   if args.public_key is not None else None)
     anchors = [_read_anchor(file) for file in args.anchor]
     if args.log is not None and Path(args.log).suffix.lower() in EXPORT_SUFFIXES:
-        rows, checkpoints = read_export(args.log)
+        rows, checkpoints = read_export(existing_input(Path(args.log), "--log", "audit export"))
         report = verify_log(rows, [*checkpoints, *anchors], public_key=public_key)
         if not checkpoints and not anchors:
             print(f"note: {args.log} holds no checkpoints (a CSV export never does), so records cut from its "

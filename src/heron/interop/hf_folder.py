@@ -48,7 +48,13 @@ def is_hf_folder(path: str | Path) -> bool:
 
 
 def read_hf_config(folder: str | Path) -> dict[str, Any]:
-    file = Path(folder) / CONFIG_FILE
+    folder = Path(folder)
+    file = folder / CONFIG_FILE
+    if not folder.is_dir():
+        raise (NotADirectoryError if folder.exists() else FileNotFoundError)(f"{folder}: no such folder")
+    if (folder / LINEAGE_FILE).is_file():  # its config.json is Heron's, which names no model_type
+        raise ValueError(f"{folder}: a Heron checkpoint ({LINEAGE_FILE}), not a Hugging Face folder; Heron loads it "
+                         "as it is (`heron convert to-hf` writes a Hugging Face folder from it)")
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no config.json; not a Hugging Face model folder")
     try:
