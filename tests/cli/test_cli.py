@@ -134,7 +134,8 @@ def test_shards_of_another_tokenizer_are_refused_even_at_the_same_vocabulary_siz
     (one_file / "a.py").write_text((corpus / "mod_0.py").read_text())
     assert main(["data", "prepare", str(one_file), "--tokenizer", str(tmp_path / "tok.json"),
                  "--out", str(tmp_path / "one-shards")]) == 0
-    assert "heron data: warning: the validation split is empty" in capsys.readouterr().err
+    assert "heron data: warning: the validation split is empty: training needs both, `heron eval` the validation one" \
+        in capsys.readouterr().err
     assert main(["eval", str(checkpoint), "--shards", str(tmp_path / "one-shards")]) == 2
     assert "one-shards: the validation split holds 0 tokens; nothing to score" in capsys.readouterr().err
 
@@ -246,7 +247,7 @@ def test_a_database_another_process_holds_is_one_line_not_a_traceback(tmp_path: 
         raise sa.exc.OperationalError("INSERT INTO ...", {}, sqlite3.OperationalError("database is locked"))
 
     (tmp_path / "in.jsonl").write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
-    monkeypatch.setattr(FeedbackStore, "import_jsonl", locked)
+    monkeypatch.setattr(FeedbackStore, "import_rows", locked)
     assert main(["feedback", "import", str(tmp_path / "in.jsonl"), "--db", str(tmp_path / "fb.db"),
                  "--annotator", "a"]) == 2
     assert "heron feedback: error: the database is busy" in capsys.readouterr().err

@@ -47,8 +47,13 @@ def test_a_bad_line_is_one_line_and_exit_2(tmp_path: Path, capsys) -> None:
     assert main(["feedback", "import", str(source), "--db", str(db), "--annotator", "alice"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "in.jsonl:2: 'chosen' is missing" in err
+    assert not db.exists()  # the file is read before the store is made: a bad one leaves no empty store
+    assert main(["feedback", "import", str(write_jsonl(tmp_path / "ok.jsonl", PAIRS[:1])), "--db", str(db),
+                 "--annotator", "alice"]) == 0
+    assert main(["feedback", "import", str(source), "--db", str(db), "--annotator", "alice"]) == 2
+    capsys.readouterr()
     assert main(["feedback", "stats", "--db", str(db)]) == 0
-    assert "comparisons         0" in capsys.readouterr().out
+    assert "comparisons         1" in capsys.readouterr().out  # all or nothing: the good first line did not land
 
 
 def test_export_from_a_missing_database_fails_clearly(tmp_path: Path, capsys) -> None:

@@ -75,8 +75,8 @@ def data_prepare(args: argparse.Namespace) -> int:
     print(f"shards: {shards.path} ({len(shards.train):,} train / {len(shards.val):,} validation tokens{reused})")
     for split, tokens in (("training", shards.train), ("validation", shards.val)):
         if len(tokens) == 0:
-            warnings.warn(f"the {split} split is empty: training and `heron eval` need both (add files, or change "
-                          "--val-fraction; a corpus of one file cannot be split)", stacklevel=1)
+            warnings.warn(f"the {split} split is empty: training needs both, `heron eval` the validation one "
+                          "(add files, or change --val-fraction; a corpus of one file cannot be split)", stacklevel=1)
     return 0
 
 

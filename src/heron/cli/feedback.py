@@ -16,7 +16,8 @@ from heron.cli.options import add_overwrite, lasting_database, new_output, not_t
 from heron.store.inputs import existing_input
 from heron.govern.consent import ConsentRegistry, check_key
 from heron.store import FeedbackStore, format_stats
-from heron.store.records import PreferencePair
+from heron.store.jsonl import read_feedback_jsonl
+from heron.store.records import PreferencePair, utc_now
 
 DEFAULT_PURPOSE = "training"  # the consent a feedback export needs unless --purpose names another
 
@@ -48,9 +49,11 @@ def register(verbs: argparse._SubParsersAction) -> None:
 
 
 def feedback_import(args: argparse.Namespace) -> int:
-    existing_input(args.file, "file", "JSONL file")  # before the store is opened (or made)
+    existing_input(args.file, "file", "JSONL file")
+    # Every line read and checked before the store is opened: a bad file must not leave a new, empty store.
+    rows = read_feedback_jsonl(args.file, annotator=args.annotator, now=utc_now())
     with FeedbackStore.open(args.db) as store:
-        counts = store.import_jsonl(args.file, annotator=args.annotator, source=args.source)
+        counts = store.import_rows(rows, source=args.source or args.file.name)
         skipped = (f"; skipped {counted(counts.already_stored, 'line')} repeating a stored or earlier judgement"
                    if counts.already_stored else "")
         print(f"imported {counted(counts.comparisons, 'comparison')} and {counted(counts.ratings, 'rating')} "
